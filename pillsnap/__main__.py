@@ -1,0 +1,3 @@
+from pillsnap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""`pillsnap` command line: one subcommand per concern, each module registering its own arguments.
+
+Command modules keep heavy imports (torch, ultralytics) inside their run functions so that
+`pillsnap --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module exposing register(subparsers); each registers a parser with a `func` default.
+COMMAND_MODULES = (
+    "pillsnap.data.cli",      # data synth | scan | cache
+    "pillsnap.train",         # train
+    "pillsnap.infer.cli",     # predict
+    "pillsnap.demo",          # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pillsnap", description="PillSnap: which drugs are in this photo?")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Console logging for command-line use (library code only uses getLogger)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    configure_logging(args.verbose)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

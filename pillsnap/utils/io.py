@@ -1,0 +1,86 @@
+"""Atomic file writes (temp file + os.replace) for JSON and checkpoints: a crash never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+CKPT_REQUIRED_KEYS = (
+    "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
+)
+CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step")
+CKPT_SCHEMA_VERSION = 1
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create `path` (and parents) if missing; return it as a Path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success move it into place, on error delete it."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as UTF-8 JSON (Korean unescaped), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; errors name the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Invalid JSON in {path}: {err}") from err
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line (a whole line per write, so a tailing reader never sees half a record)."""
+    ensure_dir(Path(path).parent)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+def save_ckpt(path: str | Path, obj: dict) -> None:
+    """Save a checkpoint of the Annex 8 schema atomically; refuses a dict missing a required key."""
+    missing = [k for k in CKPT_REQUIRED_KEYS if k not in obj]
+    extra = [k for k in obj if k not in CKPT_REQUIRED_KEYS + CKPT_OPTIONAL_KEYS]
+    if missing or extra:
+        raise ValueError(f"Checkpoint schema violation: missing {missing}, unexpected {extra}")
+    with atomic_path(path) as tmp:
+        torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
+
+
+def load_ckpt(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by save_ckpt; a missing or foreign file gives a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many unrelated types for a corrupt file
+        raise ValueError(f"Cannot read checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_REQUIRED_KEYS):
+        raise ValueError(f"{path} is not a PillSnap checkpoint (expected keys {list(CKPT_REQUIRED_KEYS)}).")
+    return ckpt
