@@ -8,8 +8,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf

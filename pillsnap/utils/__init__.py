@@ -1,11 +1,24 @@
 """Core utilities named by seed Part D §1 (`src/utils/core.py`), split by concern."""
 
 from pillsnap.utils.io import (
-    CKPT_REQUIRED_KEYS, append_jsonl, atomic_path, ensure_dir, load_ckpt, read_json, save_ckpt, save_json,
+    CKPT_REQUIRED_KEYS,
+    append_jsonl,
+    atomic_path,
+    ensure_dir,
+    load_ckpt,
+    read_json,
+    save_ckpt,
+    save_json,
 )
 from pillsnap.utils.logs import StepTimer, TBWriter, build_logger, get_git_sha
 from pillsnap.utils.torch_utils import (
-    COMPILE_MODES, cuda_mem_mb, cuda_mem_ratio, enable_tf32, resolve_device, select_amp_dtype, set_seed,
+    COMPILE_MODES,
+    cuda_mem_mb,
+    cuda_mem_ratio,
+    enable_tf32,
+    resolve_device,
+    select_amp_dtype,
+    set_seed,
     try_torch_compile,
 )
 

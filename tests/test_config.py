@@ -1,0 +1,115 @@
+"""Config loading: precedence, override errors with suggestions, type errors, required OOM keys, stage overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pillsnap.config import ConfigError, apply_stage_overrides, load_config, stage_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config.yaml"
+
+
+def write_cfg(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def minimal(**train) -> dict:
+    oom = {"max_retries": 4, "max_grad_accum": 8, "min_batch": 1, "cooldown_sec": 0, "escalate_to_fp16": True}
+    return {"train": {"oom": oom, **train}}
+
+
+def test_repo_config_loads_and_matches_defaults():
+    cfg = load_config(CONFIG, dotenv_path=None)
+    assert cfg.model.backbone == "tf_efficientnetv2_s"
+    assert list(cfg.train.interleave_ratio) == [1, 1]
+    assert cfg.data.progressive_validation.stage_4.max_classes == 5000
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    path = write_cfg(tmp_path, minimal(batch_size=64, lr=0.01))
+    cfg = load_config(path, ["train.batch_size=128"], dotenv_path=None)
+    assert cfg.train.batch_size == 128  # CLI wins
+    assert cfg.train.lr == 0.01  # file wins over defaults
+    assert cfg.train.epochs == 10  # default fills the rest
+
+
+def test_dotenv_fills_only_null_serving_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv("PILLSNAP_SERVING_API_KEY", raising=False)
+    env = tmp_path / ".env"
+    env.write_text("# secrets\nPILLSNAP_SERVING_API_KEY='s3cret'\nPILLSNAP_SERVING_PORT=9999\nOTHER=1\n")
+    cfg = load_config(write_cfg(tmp_path, minimal()), dotenv_path=env)
+    assert cfg.serving.api_key == "s3cret"
+    assert cfg.serving.port == 8000  # set in the config, so .env does not override it
+
+
+def test_unknown_override_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"train\.batchsize.*Did you mean 'train\.batch_size'"):
+        load_config(CONFIG, ["train.batchsize=128"], dotenv_path=None)
+
+
+def test_unknown_file_key_is_an_error(tmp_path):
+    data = minimal()
+    data["model"] = {"backbon": "resnet18"}
+    with pytest.raises(ConfigError, match="model.backbon.*model.backbone"):
+        load_config(write_cfg(tmp_path, data), dotenv_path=None)
+
+
+def test_type_error_names_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size' must be int, got str"):
+        load_config(CONFIG, ["train.batch_size=big"], dotenv_path=None)
+
+
+def test_float_key_accepts_int_but_bool_does_not_accept_int():
+    assert load_config(CONFIG, ["train.lr=1"], dotenv_path=None).train.lr == 1
+    with pytest.raises(ConfigError, match="train.deterministic"):
+        load_config(CONFIG, ["train.deterministic=3"], dotenv_path=None)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(CONFIG, ["train.batch_size"], dotenv_path=None)
+
+
+@pytest.mark.parametrize("missing", ["max_retries", "max_grad_accum", "min_batch", "cooldown_sec", "escalate_to_fp16"])
+def test_missing_oom_key_fails_naming_it(tmp_path, missing):
+    data = minimal()
+    del data["train"]["oom"][missing]
+    with pytest.raises(ConfigError, match=rf"train\.oom\.{missing}"):
+        load_config(write_cfg(tmp_path, data), dotenv_path=None)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="Cannot parse"):
+        load_config(bad)
+
+
+def test_stage_overrides_applied_without_mutating_input():
+    cfg = load_config(CONFIG, ["train.stage_overrides.stage_2={batch_size_override: 8, num_workers_override: 1}"],
+                      dotenv_path=None)
+    staged = apply_stage_overrides(cfg, 2)
+    assert staged.train.batch_size == 8 and staged.dataloader.num_workers == 1
+    assert cfg.train.batch_size == 32
+    staged3 = apply_stage_overrides(cfg, 3)
+    assert staged3.optimization.torch_compile == "max-autotune" and staged3.optimization.channels_last is True
+    assert apply_stage_overrides(cfg, 1) is cfg
+
+
+def test_unknown_stage_override_key():
+    with pytest.raises(ConfigError, match="compile_mod.*compile_mode"):
+        load_config(CONFIG, ["train.stage_overrides.stage_1={compile_mod: none}"], dotenv_path=None)
+
+
+def test_stage_settings():
+    cfg = load_config(CONFIG, ["data.progressive_validation.current_stage=2"], dotenv_path=None)
+    assert stage_settings(cfg).max_classes == 250
+    assert stage_settings(cfg, 1).max_samples == 5000
+    with pytest.raises(ValueError, match="stage_7"):
+        stage_settings(cfg, 7)
