@@ -1,0 +1,107 @@
+"""Report artefacts (seed D-9, src/evaluate.py): confusion matrix, ROC/PR curves, detection overlays, metrics.json.
+
+Plots use matplotlib's Agg backend (no display); metrics come from eval/metrics.py, never computed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pillsnap.utils import ensure_dir, save_json
+
+MAX_LABELED_CLASSES = 50  # beyond this, tick labels are unreadable; the matrix is still drawn
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], out_path: str | Path) -> Path:
+    """Row-normalised confusion matrix as PNG; class labels shown up to MAX_LABELED_CLASSES."""
+    cm = np.asarray(cm, dtype=float)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names):
+        raise ValueError(f"confusion matrix {cm.shape} does not match {len(class_names)} class names")
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    plt = _pyplot()
+    size = min(4 + 0.25 * len(class_names), 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if len(class_names) <= MAX_LABELED_CLASSES:
+        ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (row-normalised)")
+    out_path = Path(out_path)
+    ensure_dir(out_path.parent)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_roc_pr_curves(y_true_onehot: np.ndarray, y_prob: np.ndarray, out_dir: str | Path) -> list[Path]:
+    """Micro-averaged one-vs-rest ROC and PR curves (roc.png, pr.png) with AUC / AP in the legend."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    y_true = np.asarray(y_true_onehot).ravel()
+    scores = np.asarray(y_prob).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"y_true_onehot {np.shape(y_true_onehot)} and y_prob {np.shape(y_prob)} differ")
+    out_dir = ensure_dir(out_dir)
+    plt = _pyplot()
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    precision, recall, _ = precision_recall_curve(y_true, scores)
+    curves = [("roc.png", fpr, tpr, "false positive rate", "true positive rate", f"micro AUC={auc(fpr, tpr):.3f}"),
+              ("pr.png", recall, precision, "recall", "precision",
+               f"micro AP={average_precision_score(y_true, scores):.3f}")]
+    paths = []
+    for name, x, y, xlabel, ylabel, label in curves:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot(x, y, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="lower right" if name == "roc.png" else "lower left")
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def plot_detection_results(images: Sequence, predictions: Sequence[dict], out_dir: str | Path) -> list[Path]:
+    """Draw each prediction's boxes (`boxes` xyxy, optional `labels`/`scores`) on its PIL image; save PNGs."""
+    from PIL import ImageDraw
+
+    if len(images) != len(predictions):
+        raise ValueError(f"{len(images)} images but {len(predictions)} predictions")
+    out_dir = ensure_dir(out_dir)
+    paths = []
+    for i, (image, pred) in enumerate(zip(images, predictions, strict=True)):
+        canvas = image.convert("RGB").copy()
+        draw = ImageDraw.Draw(canvas)
+        labels = pred.get("labels") or [""] * len(pred["boxes"])
+        scores = pred.get("scores") or [None] * len(pred["boxes"])
+        for box, label, score in zip(pred["boxes"], labels, scores, strict=True):
+            draw.rectangle([float(v) for v in box], outline=(255, 0, 0), width=2)
+            text = f"{label} {score:.2f}" if score is not None else str(label)
+            draw.text((float(box[0]) + 2, float(box[1]) + 2), text.strip(), fill=(255, 0, 0))
+        path = out_dir / f"detection_{i:04d}.png"
+        canvas.save(path)
+        paths.append(path)
+    return paths
+
+
+def dump_metrics_json(metrics: dict, out_path: str | Path) -> Path:
+    """Write {detection: {...}, classification: {...}, ...} atomically (seed D-9 schema)."""
+    save_json(out_path, metrics)
+    return Path(out_path)
