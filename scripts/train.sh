@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Train PillSnap (seed Part D scripts/train.sh): checks the config, prepares exp_dir, logs to
+# {exp_dir}/logs/train.out|err, and explains the exit code.
+# Usage: bash scripts/train.sh [--cfg config.yaml] [--stage N] [--epochs N] [--batch-size N] [--resume] [key=value ...]
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+CFG="config.yaml"
+OVERRIDES=()
+
+usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --cfg) CFG="$2"; shift 2 ;;
+    --stage) OVERRIDES+=("data.progressive_validation.current_stage=$2"); shift 2 ;;
+    --epochs) OVERRIDES+=("train.epochs=$2"); shift 2 ;;
+    --batch-size) OVERRIDES+=("train.batch_size=$2"); shift 2 ;;
+    --resume) OVERRIDES+=("train.resume=last"); shift ;;
+    *=*) OVERRIDES+=("$1"); shift ;;
+    *) echo "train.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+[ -x "$PY" ] || { echo "train.sh: $PY missing; run: bash scripts/setup_venv.sh" >&2; exit 1; }
+cd "$ROOT"
+EXP_DIR="$("$PY" - "$CFG" "${OVERRIDES[@]}" <<'PY'
+import sys
+from pillsnap.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as err:
+    sys.exit(f"train.sh: config error: {err}")
+print(cfg.paths.exp_dir)
+print(f"stage={cfg.data.progressive_validation.current_stage} strategy={cfg.train.strategy} "
+      f"backbone={cfg.model.backbone} detector={cfg.model.detector} epochs={cfg.train.epochs} "
+      f"batch={cfg.train.batch_size} lr={cfg.train.lr}", file=sys.stderr)
+PY
+)" || exit 2
+
+for sub in logs tb reports checkpoints export; do mkdir -p "$EXP_DIR/$sub"; done
+echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
+
+"$PY" -m pillsnap.train --cfg "$CFG" "${OVERRIDES[@]}" \
+  > >(tee "$EXP_DIR/logs/train.out") 2> >(tee "$EXP_DIR/logs/train.err" >&2)
+rc=$?
+case $rc in
+  0) echo "train.sh: SUCCESS. Latest metrics: $EXP_DIR/reports/metrics.json" ;;
+  2) echo "train.sh: FAILED: configuration or input error (see the message above)" >&2 ;;
+  3) echo "train.sh: FAILED: OOM recovery exhausted; emergency checkpoint in $EXP_DIR/checkpoints" >&2 ;;
+  130) echo "train.sh: interrupted; resume with: bash scripts/train.sh --resume" >&2 ;;
+  *) echo "train.sh: FAILED with exit code $rc; see $EXP_DIR/logs/train.err" >&2 ;;
+esac
+exit $rc
