@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "pillsnap.train",         # train
     "pillsnap.infer.cli",     # predict
     "pillsnap.demo",          # demo
+    "pillsnap.serve.cli",     # serve
+    "pillsnap.monitor.cli",   # monitor
 )
 
 
