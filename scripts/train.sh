@@ -43,13 +43,14 @@ PY
 for sub in logs tb reports checkpoints export; do mkdir -p "$EXP_DIR/$sub"; done
 echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 
-"$PY" -m pillsnap.train --cfg "$CFG" "${OVERRIDES[@]}" \
-  > >(tee "$EXP_DIR/logs/train.out") 2> >(tee "$EXP_DIR/logs/train.err" >&2)
+# The trainer itself writes logs/train.out (INFO and up) and logs/train.err (warnings and errors).
+"$PY" -m pillsnap.train --cfg "$CFG" "${OVERRIDES[@]}"
 rc=$?
 case $rc in
   0) echo "train.sh: SUCCESS. Latest metrics: $EXP_DIR/reports/metrics.json" ;;
   2) echo "train.sh: FAILED: configuration or input error (see the message above)" >&2 ;;
   3) echo "train.sh: FAILED: OOM recovery exhausted; emergency checkpoint in $EXP_DIR/checkpoints" >&2 ;;
+  4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2 ;;
   130) echo "train.sh: interrupted; resume with: bash scripts/train.sh --resume" >&2 ;;
   *) echo "train.sh: FAILED with exit code $rc; see $EXP_DIR/logs/train.err" >&2 ;;
 esac
