@@ -210,3 +210,12 @@ def test_get_git_sha_outside_git(tmp_path):
 def test_ensure_dir(tmp_path):
     path = ensure_dir(tmp_path / "x" / "y")
     assert path.is_dir() and os.access(path, os.W_OK)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

@@ -1,29 +1,29 @@
-"""Core utilities named by seed Part D §1 (`src/utils/core.py`), split by concern."""
+"""Core utilities named by seed Part D §1 (`src/utils/core.py`), split by concern.
 
-from pillsnap.utils.io import (
-    CKPT_REQUIRED_KEYS,
-    append_jsonl,
-    atomic_path,
-    ensure_dir,
-    load_ckpt,
-    read_json,
-    save_ckpt,
-    save_json,
-)
-from pillsnap.utils.logs import StepTimer, TBWriter, build_logger, get_git_sha
-from pillsnap.utils.torch_utils import (
-    COMPILE_MODES,
-    cuda_mem_mb,
-    cuda_mem_ratio,
-    enable_tf32,
-    resolve_device,
-    select_amp_dtype,
-    set_seed,
-    try_torch_compile,
-)
+Names resolve lazily so that torch-free users (the data scan, the CLI's --help) do not import torch.
+"""
 
-__all__ = [
-    "CKPT_REQUIRED_KEYS", "COMPILE_MODES", "StepTimer", "TBWriter", "append_jsonl", "atomic_path", "build_logger",
-    "cuda_mem_mb", "cuda_mem_ratio", "enable_tf32", "ensure_dir", "get_git_sha", "load_ckpt", "read_json",
-    "resolve_device", "save_ckpt", "save_json", "select_amp_dtype", "set_seed", "try_torch_compile",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "pillsnap.utils.io": ("CKPT_REQUIRED_KEYS", "append_jsonl", "atomic_path", "ensure_dir", "load_ckpt",
+                          "read_json", "save_ckpt", "save_json"),
+    "pillsnap.utils.logs": ("StepTimer", "TBWriter", "build_logger", "get_git_sha"),
+    "pillsnap.utils.torch_utils": ("COMPILE_MODES", "cuda_mem_mb", "cuda_mem_ratio", "enable_tf32", "resolve_device",
+                                   "select_amp_dtype", "set_seed", "try_torch_compile"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'pillsnap.utils' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CKPT_REQUIRED_KEYS = (
     "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
 )
@@ -26,6 +24,12 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success move it into place, on error delete it."""
@@ -35,6 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -69,12 +74,16 @@ def save_ckpt(path: str | Path, obj: dict) -> None:
     extra = [k for k in obj if k not in CKPT_REQUIRED_KEYS + CKPT_OPTIONAL_KEYS]
     if missing or extra:
         raise ValueError(f"Checkpoint schema violation: missing {missing}, unexpected {extra}")
+    import torch  # lazily: JSON-only users (the data scan) should not pay for importing torch
+
     with atomic_path(path) as tmp:
         torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
 
 
-def load_ckpt(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_ckpt(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by save_ckpt; a missing or foreign file gives a clear error."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
