@@ -1,0 +1,46 @@
+"""Data layer: AI Hub format, synthetic generator, ingestion, stages/splits, datasets and loaders.
+
+Public names are re-exported lazily (PEP 562) so that `import pillsnap.data.cli` (and `pillsnap --help`)
+does not pay for torch/ultralytics imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "generate_dataset": "pillsnap.data.synth",
+    "scan_dataset": "pillsnap.data.scan",
+    "load_manifest": "pillsnap.data.scan",
+    "load_class_map": "pillsnap.data.scan",
+    "select_stage": "pillsnap.data.stages",
+    "stage_classes": "pillsnap.data.stages",
+    "read_image": "pillsnap.data.datasets",
+    "crop_box": "pillsnap.data.datasets",
+    "classification_transform": "pillsnap.data.datasets",
+    "safe_collate": "pillsnap.data.datasets",
+    "compute_class_weights": "pillsnap.data.datasets",
+    "ClassificationDataset": "pillsnap.data.datasets",
+    "build_dataloaders_twostage": "pillsnap.data.loaders",
+    "autotune_num_workers": "pillsnap.data.loaders",
+    "export_yolo": "pillsnap.data.yolo",
+    "build_detection_loader": "pillsnap.data.yolo",
+    "build_cache": "pillsnap.data.cache",
+    "CachedCrops": "pillsnap.data.cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pillsnap.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,139 @@
+"""Preprocessed crop cache: each single-pill row decoded, cropped and resized once into uint8 memory-mapped
+.npy shards, so that training reads a slice of a page-cached file instead of decoding a 976x1280 PNG.
+
+Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
+the index are decoded) and each shard is written to a temp file and moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from pillsnap.data.datasets import DECODE_ERRORS, crop_rows, pill_crop
+from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
+
+LOGGER = logging.getLogger(__name__)
+SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
+
+
+class CachedCrops:
+    """Read side of the cache: `get(label_path)` -> PIL RGB crop of size image_size (KeyError if absent)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta = read_json(self.root / "meta.json")
+        self.image_size = int(meta["image_size"])
+        index = pd.read_parquet(self.root / "index.parquet") if (self.root / "index.parquet").is_file() else None
+        self.index: dict[str, tuple[int, int]] = {} if index is None else {
+            k: (int(s), int(o)) for k, s, o in zip(index["key"], index["shard"], index["offset"], strict=True)}
+        self._shards: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def array(self, key: str) -> np.ndarray:
+        shard, offset = self.index[key]
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self.root / f"shard_{shard:05d}.npy", mmap_mode="r")
+        return self._shards[shard][offset]
+
+    def get(self, key: str) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(self.array(key)), "RGB")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps are reopened lazily in each DataLoader worker instead of being pickled.
+        return {**self.__dict__, "_shards": {}}
+
+
+def cache_root(cache_dir: str | Path, image_size: int, crop_margin: float) -> Path:
+    return Path(cache_dir) / f"crops_s{image_size}_m{crop_margin:g}"
+
+
+class _CropJob:
+    """Picklable worker: one manifest row -> uint8 [S, S, 3] crop, or None when it cannot be decoded."""
+
+    def __init__(self, image_size: int, crop_margin: float) -> None:
+        self.image_size, self.crop_margin = image_size, crop_margin
+
+    def __call__(self, row: Any) -> np.ndarray | None:
+        try:
+            crop = pill_crop(row, self.crop_margin)
+        except DECODE_ERRORS as err:
+            LOGGER.warning("cache: skipping undecodable %s: %s", row.image_path, err)
+            return None
+        return np.asarray(crop.resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
+    items = crop_rows(rows)
+    if workers <= 1 or len(items) < 64:
+        yield from map(job, items)
+        return
+    with get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(job, items, chunksize=16)
+
+
+def _write_shard(root: Path, shard: int, arrays: list[np.ndarray], size: int) -> None:
+    path = root / f"shard_{shard:05d}.npy"
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(arrays), size, size, 3))
+        for i, arr in enumerate(arrays):
+            out[i] = arr
+        out.flush()
+        del out
+
+
+def _save_index(root: Path, index: dict[str, tuple[int, int]]) -> None:
+    frame = pd.DataFrame({"key": list(index), "shard": [v[0] for v in index.values()],
+                          "offset": [v[1] for v in index.values()]})
+    with atomic_path(root / "index.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop_margin: float,
+                workers: int = 0, progress: bool = False) -> CachedCrops:
+    """Make sure every row (single-pill manifest rows) has a cached crop; returns the read side."""
+    root = ensure_dir(cache_root(cache_dir, image_size, crop_margin))
+    if not (root / "meta.json").is_file():
+        save_json(root / "meta.json", {"image_size": image_size, "crop_margin": crop_margin, "format": "npy"})
+    cache = CachedCrops(root)
+    missing = rows[~rows["label_path"].isin(cache.index)].drop_duplicates("label_path")
+    if missing.empty:
+        return cache
+    index = dict(cache.index)
+    shard = 1 + max((s for s, _ in index.values()), default=-1)
+    job, workers = _CropJob(image_size, crop_margin), workers or os.cpu_count() or 1
+    keys, arrays = [], []
+    for key, arr in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
+                         total=len(missing), desc="cache", unit="crop", disable=not progress):
+        if arr is not None:
+            keys.append(key)
+            arrays.append(arr)
+        if len(arrays) == SHARD_ROWS:
+            shard = _flush(root, shard, keys, arrays, index, image_size)
+    if arrays:
+        _flush(root, shard, keys, arrays, index, image_size)
+    LOGGER.info("cache %s: %d crops added (%d in all)", root, len(missing), len(index))
+    return CachedCrops(root)
+
+
+def _flush(root: Path, shard: int, keys: list[str], arrays: list[np.ndarray],
+           index: dict[str, tuple[int, int]], size: int) -> int:
+    _write_shard(root, shard, arrays, size)
+    index.update({k: (shard, i) for i, k in enumerate(keys)})
+    _save_index(root, index)  # after the shard: an index never points at a shard that is not there
+    keys.clear()
+    arrays.clear()
+    return shard + 1

@@ -1,0 +1,172 @@
+"""The one loader builder (seed D-3): classification and detection loaders for the current stage, plus the
+worker autotune of Annex 2. Test loaders are only built when the final evaluation asks (build_test=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pillsnap.data.datasets import ClassificationDataset, compute_class_weights, safe_collate
+from pillsnap.data.scan import load_class_map, load_manifest
+from pillsnap.data.stages import select_stage
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
+    """Mean seconds spent waiting for a batch, after `warmup` discarded batches (the loader is cycled)."""
+    iterator, waits = iter(loader), []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        try:
+            next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            next(iterator)
+        if i >= warmup:
+            waits.append(time.perf_counter() - start)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:  # persistent workers would otherwise outlive the trial
+        shutdown()
+    return sum(waits) / max(1, len(waits))
+
+
+def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequence[int], warmup: int, steps: int,
+                         tb: Any = None) -> int:
+    """Pick the worker count with the lowest mean data time (Annex 2); logged and written to TB perf/num_workers.
+
+    Candidates above the machine's core count are dropped (more workers than cores only adds contention);
+    ties go to the smaller count.
+    """
+    cores = os.cpu_count() or 1
+    tried = sorted({int(c) for c in candidates if 0 <= int(c) <= cores}) or [min(cores, max(0, min(candidates)))]
+    results: dict[int, float] = {}
+    for workers in tried:
+        results[workers] = _timed_batches(build_loader_fn(workers), warmup, steps)
+        LOGGER.info("autotune: num_workers=%d data_time=%.2f ms/batch", workers, results[workers] * 1000)
+        if tb is not None:
+            tb.add_scalar("perf/autotune_data_time_ms", results[workers] * 1000, workers)
+    best = min(tried, key=lambda w: results[w])
+    LOGGER.info("autotune: chose num_workers=%d (candidates %s, %d on this machine)", best, list(candidates), cores)
+    if tb is not None:
+        tb.add_scalar("perf/num_workers", best, 0)
+    return best
+
+
+def _classification_loader(dataset: ClassificationDataset, cfg: DictConfig, train: bool,
+                           num_workers: int) -> DataLoader:
+    dl = cfg.dataloader
+    batch_size = int(cfg.train.batch_size)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs = {"persistent_workers": bool(dl.persistent_workers), "prefetch_factor": int(dl.prefetch_factor)}
+    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=safe_collate,
+        pin_memory=bool(dl.pin_memory) and torch.cuda.is_available(), generator=generator,
+        # drop_last on a train set smaller than one batch would leave an epoch with no step at all
+        drop_last=train and bool(dl.drop_last) and len(dataset) >= batch_size, **kwargs,
+    )
+
+
+def _class_meta(rows: pd.DataFrame, manifest_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    names = sorted(rows.loc[rows["image_type"] == "single", "mapping_code"].unique())
+    full = load_class_map(manifest_dir)
+    # `index` is re-numbered to the stage's class order: it is the classifier's output index.
+    return names, {code: {**full.get(code, {"mapping_code": code}), "index": i} for i, code in enumerate(names)}
+
+
+def _cache_for(rows: pd.DataFrame, cfg: DictConfig) -> Any:
+    if not cfg.data.cache.enabled:
+        return None
+    if cfg.data.cache.format != "npy":
+        raise ValueError(f"data.cache.format={cfg.data.cache.format!r} is not supported: use 'npy' "
+                         "(memory-mapped uint8 shards)")
+    from pillsnap.data.cache import build_cache
+
+    return build_cache(rows, cfg.paths.cache_dir, int(cfg.model.image_size), float(cfg.data.crop_margin))
+
+
+def _yolo_dir(cfg: DictConfig) -> Path:
+    pv = cfg.data.progressive_validation
+    tag = f"stage_{pv.current_stage}" if pv.enabled else "all"
+    return Path(cfg.paths.cache_dir) / f"yolo_{tag}"
+
+
+def _detection_loaders(rows: pd.DataFrame, cfg: DictConfig, build_test: bool,
+                       num_workers: int) -> tuple[Any, Any, Any, Path | None]:
+    combos = rows[rows["image_type"] == "combination"]
+    if cfg.train.strategy == "classification" or combos.empty:
+        return None, None, None, None
+    from pillsnap.data.yolo import build_detection_loader, count_images, export_yolo
+
+    data_yaml = export_yolo(combos, _yolo_dir(cfg))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaders = []
+    for split in ("train", "val", "test"):
+        if (split == "test" and not build_test) or count_images(data_yaml, split) == 0:
+            loaders.append(None)
+            continue
+        loaders.append(build_detection_loader(data_yaml, split, int(cfg.model.det_image_size),
+                                              int(cfg.train.detection.batch_size), num_workers,
+                                              train=split == "train", device=device))
+    if loaders[0] is None:
+        return None, None, None, data_yaml
+    return loaders[0], loaders[1], loaders[2], data_yaml
+
+
+def _detection_sizes(data_yaml: Path | None) -> dict[str, int]:
+    from pillsnap.data.yolo import count_images
+
+    return {f"det_{s}": count_images(data_yaml, s) if data_yaml else 0 for s in ("train", "val", "test")}
+
+
+def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: Any = None) -> tuple[Any, ...]:
+    """(cls_train, cls_val, cls_test, det_train, det_val, det_test, meta) for the current stage.
+
+    Reads `paths.manifest_dir`; see docs/ARCHITECTURE.md for the batch formats and meta keys. Test loaders are
+    None unless `build_test`; detection loaders are None without combination photos or with
+    train.strategy=classification.
+    """
+    manifest_dir = Path(cfg.paths.manifest_dir)
+    rows = select_stage(load_manifest(manifest_dir), cfg)
+    class_names, class_map = _class_meta(rows, manifest_dir)
+    index = {code: i for i, code in enumerate(class_names)}
+    singles = rows[rows["image_type"] == "single"]
+    cache = _cache_for(singles, cfg)
+    size, margin = int(cfg.model.image_size), float(cfg.data.crop_margin)
+    datasets = {s: ClassificationDataset(singles[singles["split"] == s], index, size, s == "train", margin, cache)
+                for s in ("train", "val", "test")}
+    if not len(datasets["train"]):
+        raise ValueError(f"Stage {cfg.data.progressive_validation.current_stage} has no single-pill training rows "
+                         f"in {manifest_dir}: check the manifest splits and the stage sizes")
+    workers = int(cfg.dataloader.num_workers)
+    if cfg.dataloader.autotune_workers:
+        workers = autotune_num_workers(
+            lambda n: _classification_loader(datasets["train"], cfg, True, n), cfg.dataloader.autotune_candidates,
+            int(cfg.dataloader.autotune_warmup), int(cfg.dataloader.autotune_steps), tb=tb)
+    cls = {s: _classification_loader(d, cfg, s == "train", workers) if len(d) else None for s, d in datasets.items()}
+    if not build_test:
+        cls["test"] = None
+    det_train, det_val, det_test, data_yaml = _detection_loaders(rows, cfg, build_test, workers)
+    weights = None
+    if cfg.loss.use_class_weights:
+        weights = compute_class_weights(datasets["train"].labels, len(class_names))
+    meta = {
+        "num_classes": len(class_names), "class_names": class_names, "class_map": class_map,
+        "class_weights": weights, "yolo_data_yaml": str(data_yaml) if data_yaml else None,
+        "stage": int(cfg.data.progressive_validation.current_stage), "num_workers": workers,
+        "sizes": {f"cls_{s}": len(d) for s, d in datasets.items()} | _detection_sizes(data_yaml),
+    }
+    LOGGER.info("loaders: %d classes, sizes %s", meta["num_classes"], meta["sizes"])
+    return cls["train"], cls["val"], cls["test"], det_train, det_val, det_test, meta

@@ -1,0 +1,281 @@
+"""Ingestion (`pillsnap data scan`): AI Hub tree -> manifest.{parquet,csv}, class_map.json, scan_report.json.
+
+Streaming and parallel: label folders are chunked, each chunk is parsed in a worker process into one Parquet
+part (so memory stays bounded and a crashed scan resumes from the parts already written); the parts are then
+merged with a deterministic, class-stratified train/val/test split per photo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pillsnap.data.scan_walk import (
+    MANIFEST_SCHEMA,
+    SPLIT_KEY,
+    ChunkTask,
+    Discovery,
+    discover,
+    make_tasks,
+    process_chunk,
+)
+from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
+
+LOGGER = logging.getLogger(__name__)
+STATE_VERSION = 1
+COMBO_GROUP = "__combination__"  # combination photos are stratified as one group (their pills span classes)
+
+
+def _state_matches(state_path: Path, expected: dict[str, Any]) -> bool:
+    if not state_path.is_file():
+        return False
+    try:
+        state = read_json(state_path)
+    except ValueError:
+        return False
+    return all(state.get(k) == v for k, v in expected.items())
+
+
+def _prepare_parts(out_dir: Path, expected: dict[str, Any], resume: bool) -> Path:
+    parts = out_dir / "parts"
+    state_path = out_dir / "scan_state.json"
+    if not (resume and _state_matches(state_path, expected)) and parts.exists():
+        LOGGER.info("starting a fresh scan (no matching state in %s)", out_dir)
+        shutil.rmtree(parts)
+    ensure_dir(parts)
+    save_json(state_path, {**expected, "status": "running"})
+    return parts
+
+
+def _run_tasks(tasks: list[ChunkTask], parts: Path, pool: ProcessPoolExecutor | None, workers: int,
+               progress: bool, seed: int) -> None:
+    todo = [t for t in tasks if not (parts / f"part-{t.task_id}.json").is_file()]
+    done_files = sum(t.n_files for t in tasks) - sum(t.n_files for t in todo)
+    if done_files:
+        LOGGER.info("resuming: %d of %d chunks already done", len(tasks) - len(todo), len(tasks))
+    bar = tqdm(total=sum(t.n_files for t in tasks), initial=done_files, desc="scan", unit="file",
+               disable=not progress)
+    with bar:
+        if pool is None:
+            for task in todo:
+                process_chunk(task, str(parts), seed)
+                bar.update(task.n_files)
+            return
+        _run_pool(todo, parts, pool, bar, seed, 2 * workers)
+
+
+def _run_pool(todo: list[ChunkTask], parts: Path, pool: ProcessPoolExecutor, bar: tqdm, seed: int,
+              max_in_flight: int) -> None:
+    # A bounded number of chunks in flight (2 per worker): a submitted task list is not free.
+    pending: dict[Future, ChunkTask] = {}
+    queue = iter(todo)
+    while True:
+        while len(pending) < max_in_flight:
+            task = next(queue, None)
+            if task is None:
+                break
+            pending[pool.submit(process_chunk, task, str(parts), seed)] = task
+        if not pending:
+            return
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            fut.result()  # a crash in a worker is a bug, not a bad record: surface it
+            bar.update(pending.pop(fut).n_files)
+
+
+def _group_keys(frame: pd.DataFrame) -> pd.Series:
+    return frame["mapping_code"].where(frame["image_type"] == "single", COMBO_GROUP)
+
+
+def _split_counts(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
+    """(n_test, n_val) for a group of n photos; every group of >= 3 photos gets at least one of each."""
+    n_test = round(n * test_ratio)
+    n_val = round(n * val_ratio)
+    if n >= 3:
+        n_test = max(n_test, 1 if test_ratio > 0 else 0)
+        n_val = max(n_val, 1 if val_ratio > 0 else 0)
+    n_test = min(n_test, max(0, n - 1))
+    n_val = min(n_val, max(0, n - 1 - n_test))
+    return n_test, n_val
+
+
+def _split_cutoffs(part_files: list[Path], val_ratio: float, test_ratio: float) -> dict[str, tuple[int, int]]:
+    """Per group: photos whose hash ranks below the cutoffs go to test, then val (exact per-class shares)."""
+    hashes: dict[str, list[np.ndarray]] = defaultdict(list)
+    for path in part_files:
+        frame = pq.read_table(path, columns=["mapping_code", "image_type", SPLIT_KEY]).to_pandas()
+        for group, sub in frame.groupby(_group_keys(frame)):
+            hashes[group].append(sub[SPLIT_KEY].to_numpy())
+    cutoffs = {}
+    for group, chunks in hashes.items():
+        values = np.unique(np.concatenate(chunks))  # unique: the pills of one photo share its hash
+        n_test, n_val = _split_counts(len(values), val_ratio, test_ratio)
+        test_cut = int(values[n_test - 1]) if n_test else -1
+        val_cut = int(values[n_test + n_val - 1]) if n_val else test_cut
+        cutoffs[group] = (test_cut, val_cut)
+    return cutoffs
+
+
+_SPLITS = np.array(["train", "val", "test"], dtype=object)
+
+
+def _with_split(table: pa.Table, cutoffs: dict[str, tuple[int, int]]) -> pa.Table:
+    frame = table.select(["mapping_code", "image_type", SPLIT_KEY]).to_pandas()
+    groups = pd.Index(list(cutoffs))
+    cuts = np.array(list(cutoffs.values()), dtype=np.int64)[groups.get_indexer(_group_keys(frame))]
+    h = frame[SPLIT_KEY].to_numpy()
+    split = _SPLITS[np.where(h <= cuts[:, 0], 2, np.where(h <= cuts[:, 1], 1, 0))]
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
+    return table.drop_columns([SPLIT_KEY])
+
+
+def _merge(part_files: list[Path], out_dir: Path, cutoffs: dict[str, tuple[int, int]]) -> Counter:
+    splits: Counter = Counter()
+    with (atomic_path(out_dir / "manifest.parquet") as pq_tmp, atomic_path(out_dir / "manifest.csv") as csv_tmp,
+          pq.ParquetWriter(pq_tmp, MANIFEST_SCHEMA) as pq_writer, pacsv.CSVWriter(csv_tmp, MANIFEST_SCHEMA) as cw):
+        for path in part_files:
+            table = pq.read_table(path)
+            if not table.num_rows:
+                continue
+            table = _with_split(table, cutoffs)
+            names, counts = np.unique(table.column("split").to_numpy(zero_copy_only=False), return_counts=True)
+            splits.update({str(k): int(v) for k, v in zip(names, counts, strict=True)})
+            pq_writer.write_table(table)
+            cw.write_table(table)
+    return splits
+
+
+def _class_map(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    infos: dict[str, dict[str, Any]] = {}
+    for item in stats:  # chunk order is deterministic, so the first description of a class wins everywhere
+        for code, info in item["classes"].items():
+            infos.setdefault(code, info)
+    return {"classes": [{"index": i, **infos[code], "mapping_code": code} for i, code in enumerate(sorted(infos))]}
+
+
+def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
+    """Images in folders that have no label folder at all (folders with labels are counted by the workers)."""
+    total = 0
+    for folder, locations in found.image_folders.items():
+        if folder in labelled_folders:
+            continue
+        for loc in locations:
+            if loc.is_zip:
+                total += found.zip_image_counts.get((loc.container, folder), 0)
+            else:
+                names = os.listdir(os.path.join(loc.container, folder))
+                total += sum(1 for n in names if n.endswith(".png") and not n.endswith("index.png"))
+    return total
+
+
+SKIP_REASONS = ("bad_json", "bad_schema", "bad_field", "bad_code", "bad_file_name", "bbox_outside_image",
+                "bbox_zero_size", "missing_image", "file_name_mismatch", "code_not_in_folder", "unreadable")
+
+
+def _report(stats: list[dict[str, Any]], found: Discovery, splits: Counter, n_classes: int,
+            meta: dict[str, Any]) -> dict[str, Any]:
+    counts: Counter = Counter()
+    for item in stats:
+        counts.update(item["counts"])
+    skipped = {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
+    skipped.update({k: v for k, v in counts.items() if k not in skipped and k not in _NON_SKIP})
+    labelled = {f for item in stats for f in item["folders"]}
+    return {
+        **meta, "label_files": counts["label_files"], "records_kept": counts["kept"],
+        "records_skipped": sum(skipped.values()), "skipped": skipped,
+        "image_without_label": counts["image_without_label"] + _unlabelled_images(found, labelled),
+        "photos": {"single": counts["photos_single"], "combination": counts["photos_combination"]},
+        "incomplete_gt_photos": counts["incomplete_gt_photos"], "classes": n_classes,
+        "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
+    }
+
+
+_NON_SKIP = {"label_files", "kept", "image_without_label", "photos_single", "photos_combination",
+             "incomplete_gt_photos"}
+
+
+def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *, split_seed: int = 42,
+                 val_ratio: float = 0.15, test_ratio: float = 0.15, chunk_files: int = 2000,
+                 resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Scan an AI Hub tree into manifests under `out_dir`; returns the scan report (also scan_report.json).
+
+    `workers` = 0 uses every core, 1 parses in this process. Bad records are skipped and counted by reason.
+    With `resume`, chunks finished by an interrupted scan with the same settings are not parsed again.
+    """
+    if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
+        raise ValueError(f"val_ratio={val_ratio} and test_ratio={test_ratio} must be in [0, 1) with sum < 1")
+    start = time.perf_counter()
+    out_dir = ensure_dir(out_dir)
+    workers = workers or os.cpu_count() or 1
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork")) if workers > 1 else None
+    try:
+        report = _scan(data_root, out_dir, pool, workers, start, split_seed, val_ratio, test_ratio, chunk_files,
+                       resume, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return report
+
+
+def _scan(data_root: str | Path, out_dir: Path, pool: ProcessPoolExecutor | None, workers: int, start: float,
+          split_seed: int, val_ratio: float, test_ratio: float, chunk_files: int, resume: bool,
+          progress: bool) -> dict[str, Any]:
+    found = discover(data_root, pool)
+    if not found.label_folders:
+        raise ValueError(f"No AI Hub label folders (K-XXXXXX_json) found under {data_root} (zips or folders)")
+    tasks = make_tasks(found, chunk_files)
+    expected = {"version": STATE_VERSION, "data_root": str(Path(data_root).resolve()), "tasks": len(tasks),
+                "split_seed": split_seed,
+                "task_ids_hash": hashlib.sha1("".join(t.task_id for t in tasks).encode()).hexdigest()}
+    parts = _prepare_parts(out_dir, expected, resume)
+    _run_tasks(tasks, parts, pool, workers, progress, split_seed)
+    part_files = [parts / f"part-{t.task_id}.parquet" for t in tasks]
+    stats = [read_json(parts / f"part-{t.task_id}.json") for t in tasks]
+    splits = _merge(part_files, out_dir, _split_cutoffs(part_files, val_ratio, test_ratio))
+    class_map = _class_map(stats)
+    save_json(out_dir / "class_map.json", class_map)
+    seconds = time.perf_counter() - start
+    meta = {"data_root": expected["data_root"], "split_seed": split_seed, "val_ratio": val_ratio,
+            "test_ratio": test_ratio, "workers": workers, "chunks": len(tasks), "seconds": round(seconds, 2)}
+    report = _report(stats, found, splits, len(class_map["classes"]), meta)
+    report["files_per_second"] = round(report["label_files"] / max(seconds, 1e-9), 1)
+    save_json(out_dir / "scan_report.json", report)
+    save_json(out_dir / "scan_state.json", {**expected, "status": "complete"})
+    shutil.rmtree(parts)  # the merged manifest supersedes the parts
+    LOGGER.info("scan: %d labels, %d kept, %d skipped %s, %d classes, %.1fs", report["label_files"],
+                report["records_kept"], report["records_skipped"],
+                {k: v for k, v in report["skipped"].items() if v}, report["classes"], seconds)
+    return report
+
+
+def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
+    """The manifest written by scan_dataset (Parquet, falling back to CSV); error names the missing files."""
+    manifest_dir = Path(manifest_dir)
+    if (manifest_dir / "manifest.parquet").is_file():
+        return pq.read_table(manifest_dir / "manifest.parquet").to_pandas()
+    if (manifest_dir / "manifest.csv").is_file():
+        return pd.read_csv(manifest_dir / "manifest.csv", dtype={"photo_id": str})
+    raise FileNotFoundError(f"No manifest.parquet or manifest.csv in {manifest_dir}: run `pillsnap data scan` first")
+
+
+def load_class_map(manifest_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """class_map.json as {mapping_code: entry}."""
+    path = Path(manifest_dir) / "class_map.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No class_map.json in {manifest_dir}: run `pillsnap data scan` first")
+    return {entry["mapping_code"]: entry for entry in read_json(path)["classes"]}

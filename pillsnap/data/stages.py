@@ -1,0 +1,90 @@
+"""Progressive stage sampling (seed: stage 1-4), class-stratified, nested and deterministic.
+
+A class's rank and a photo's rank come from a salted hash, so stage k (more classes, larger quota) always
+contains stage k-1's classes and photos, and the same seed always gives the same stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from pillsnap.config import stage_settings
+
+LOGGER = logging.getLogger(__name__)
+
+
+def stable_hash(seed: int, values: Iterable[str]) -> np.ndarray:
+    """Deterministic 63-bit hash per string, salted by `seed` (63 bits so int64 keeps -1 free as a sentinel).
+
+    Vectorised SipHash (pandas.util.hash_array): the scan hashes every photo id, so this must be cheap.
+    """
+    key = hashlib.md5(str(seed).encode()).hexdigest()[:16]
+    array = np.asarray(list(values) if not isinstance(values, (np.ndarray, pd.Series)) else values, dtype=object)
+    if not len(array):
+        return np.zeros(0, dtype=np.int64)
+    return (pd.util.hash_array(array, hash_key=key) >> np.uint64(1)).astype(np.int64)
+
+
+def stage_classes(codes: Iterable[str], max_classes: int, seed: int) -> list[str]:
+    """The `max_classes` codes of lowest hash rank, sorted by code (nested: a prefix of one fixed ranking)."""
+    codes = sorted(set(codes))
+    if max_classes <= 0:
+        raise ValueError(f"max_classes must be positive, got {max_classes}")
+    ranked = [codes[i] for i in np.argsort(stable_hash(seed, codes), kind="stable")]
+    return sorted(ranked[:max_classes])
+
+
+def _take_per_group(frame: pd.DataFrame, keys: list[str], quota_of: pd.Series, seed: int) -> pd.DataFrame:
+    """Within each group, keep the `quota_of[group]` rows of lowest photo hash rank."""
+    ranked = frame.assign(_h=stable_hash(seed, frame["photo_id"])).sort_values(keys + ["_h"], kind="stable")
+    position = ranked.groupby(keys, sort=False).cumcount()
+    return ranked[position.to_numpy() < quota_of.loc[ranked.index].to_numpy()].drop(columns="_h")
+
+
+def _sample_singles(singles: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    # Each split keeps its share of the class quota, so val/test stay proportional and stratified.
+    class_size = singles.groupby("mapping_code")["photo_id"].transform("size")
+    split_size = singles.groupby(["mapping_code", "split"])["photo_id"].transform("size")
+    quota = np.ceil(per_class * split_size / class_size).clip(upper=split_size).astype(int)
+    return _take_per_group(singles, ["mapping_code", "split"], quota, seed)
+
+
+def _sample_combinations(combos: pd.DataFrame, classes: set[str], max_photos: int, seed: int) -> pd.DataFrame:
+    # Detection is class-agnostic: a combination photo serves the stage when any of its pills is a stage class.
+    hit = combos.groupby("photo_id")["mapping_code"].transform(lambda s: bool(classes & set(s)))
+    combos = combos[hit.astype(bool)]
+    photos = pd.Series(sorted(combos["photo_id"].unique()))
+    keep = set(photos.iloc[np.argsort(stable_hash(seed, photos), kind="stable")[:max_photos]])
+    return combos[combos["photo_id"].isin(keep)]
+
+
+def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = None) -> pd.DataFrame:
+    """Rows of `manifest` used by `stage` (default data.progressive_validation.current_stage).
+
+    Single-pill rows: `max_classes` classes, about `max_samples / max_classes` photos per class (split shares
+    kept). Combination rows: photos with at least one stage class, at most `max_samples` photos.
+    With progressive validation disabled every row is used.
+    """
+    if not cfg.data.progressive_validation.enabled:
+        return manifest.reset_index(drop=True)
+    settings = stage_settings(cfg, stage)
+    seed = int(cfg.data.split_seed)
+    singles = manifest[manifest["image_type"] == "single"]
+    if singles.empty:
+        raise ValueError("The manifest has no single-pill rows: nothing to classify")
+    classes = stage_classes(singles["mapping_code"], int(settings.max_classes), seed)
+    per_class = max(1, math.ceil(int(settings.max_samples) / len(classes)))
+    chosen = _sample_singles(singles[singles["mapping_code"].isin(classes)], per_class, seed)
+    combos = _sample_combinations(manifest[manifest["image_type"] == "combination"], set(classes),
+                                  int(settings.max_samples), seed)
+    LOGGER.info("stage %s: %d classes, %d single rows (<= %d per class), %d combination photos",
+                stage or cfg.data.progressive_validation.current_stage, len(classes), len(chosen), per_class,
+                combos["photo_id"].nunique())
+    return pd.concat([chosen, combos]).sort_index().reset_index(drop=True)

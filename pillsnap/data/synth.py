@@ -1,0 +1,312 @@
+"""Synthetic AI Hub data set: the real folder layout and label JSON, with drawn pill photos.
+
+Deterministic for a seed (each photo has its own seed, so parallel rendering does not change the bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pillsnap.data import aihub
+from pillsnap.data.synth_render import PhotoConditions, PillLook, render_photo
+
+LOGGER = logging.getLogger(__name__)
+ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
+SINGLE_DIR, COMBO_DIR = "단일경구약제 5000종", "경구약제조합 5000종"
+CLASSES_PER_ZIP = 50  # like the real TS_k_단일 zips (~50 drug codes each)
+COMBOS_PER_ZIP = 1000
+HARD_RATIO = 0.25  # share of classes that copy a neighbour's shape and colour, differing only by imprint
+SHAPE_WEIGHTS = {"원형": 30, "타원형": 20, "장방형": 20, "반원형": 3, "삼각형": 4, "사각형": 5, "마름모형": 4,
+                 "오각형": 4, "육각형": 4, "팔각형": 3, "기타": 3}
+_SYLLABLES = "가나다라마바사아자차카타파하고노도로모보소오조코토포호구누두루무부수우주쿠투푸후"
+_COMPANIES = ("한빛제약(주)", "대성약품(주)", "미래바이오(주)", "서해제약(주)", "청솔약품(주)", "동녘제약(주)")
+_IMPRINT_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
+
+
+@dataclass(frozen=True)
+class DrugClass:
+    code: str
+    look: PillLook
+    form: str
+    fields: dict  # class-level images[0] fields (dl_*, di_*, drug_shape, print_*, ...)
+
+
+@dataclass(frozen=True)
+class PhotoJob:
+    """One photo to render: which classes, which conditions, where it goes."""
+
+    index: int
+    classes: tuple[int, ...]
+    cond: PhotoConditions
+    stem: str
+    folder: str
+    zip_no: int
+    seed: int
+
+
+def _imprint(rng: random.Random) -> str:
+    return "".join(rng.choice(_IMPRINT_CHARS) for _ in range(rng.randint(2, 4)))
+
+
+def _random_look(rng: random.Random, form: str) -> PillLook:
+    shape = rng.choices(list(SHAPE_WEIGHTS), weights=list(SHAPE_WEIGHTS.values()))[0]
+    capsule = form in ("경질캡슐제", "연질캡슐제")
+    if capsule:
+        shape = "장방형"
+    colors = list(aihub.COLORS[:-1])
+    n_colors = 2 if capsule and rng.random() < 0.7 else 1
+    compact = shape in ("원형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형")
+    long_mm = rng.uniform(6.0, 11.0) if compact else rng.uniform(11.0, 19.0)
+    short_mm = long_mm if shape in ("원형", "사각형", "육각형", "팔각형") else long_mm * rng.uniform(0.42, 0.7)
+    return PillLook(
+        shape=shape, capsule=capsule, colors=tuple(rng.sample(colors, n_colors)),
+        print_front=_imprint(rng), print_back=_imprint(rng) if rng.random() < 0.5 else "",
+        line_front=rng.choice(aihub.LINES), line_back="", long_mm=long_mm, short_mm=short_mm,
+        base_angle=rng.uniform(0, 360),
+    )
+
+
+def _twin_look(rng: random.Random, twin: PillLook) -> PillLook:
+    """Same shape, colour and size as `twin`; only the imprint differs (a deliberately hard pair)."""
+    return replace(twin, print_front=_imprint(rng), print_back=_imprint(rng) if twin.print_back else "",
+                   base_angle=rng.uniform(0, 360))
+
+
+def _class_fields(code: str, look: PillLook, form: str, rng: random.Random) -> dict[str, Any]:
+    number = int(code[2:])
+    name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+    dose = rng.choice((5, 10, 20, 25, 50, 100, 200, 250, 500))
+    suffix = "캡슐" if look.capsule else "정"
+    edi = ",".join(str(rng.randint(600000000, 699999999)) for _ in range(rng.choice((1, 1, 2))))
+    return {
+        "dl_idx": str(number - 1), "dl_mapping_code": code,
+        # real names carry trailing U+00A0 now and then; keep that quirk so that cleaning is exercised
+        "dl_name": f"{name}{suffix} {dose}mg" + ("\u00a0" if rng.random() < 0.1 else ""),
+        "dl_name_en": f"Synth{number} {'Cap.' if look.capsule else 'Tab.'} {dose}mg",
+        "img_key": None, "dl_material": "합성성분", "dl_material_en": "Synthetic ingredient",
+        "dl_custom_shape": "경질캡슐" if look.capsule else "정제", "dl_company": rng.choice(_COMPANIES),
+        "dl_company_en": "Synthetic Pharm", "di_company_mf": "", "di_company_mf_en": "",
+        "item_seq": 200000000 + number, "di_item_permit_date": "20200101", "di_class_no": "[00000]합성",
+        "di_etc_otc_code": rng.choice(("전문의약품", "일반의약품")), "di_edi_code": edi, "chart": None,
+        "drug_shape": look.shape, "thick": round(rng.uniform(2.5, 7.0), 1), "leng_long": round(look.long_mm, 1),
+        "leng_short": round(look.short_mm, 1), "print_front": look.print_front, "print_back": look.print_back,
+        "color_class1": look.colors[0], "color_class2": look.colors[1] if len(look.colors) > 1 else "",
+        "line_front": look.line_front, "line_back": look.line_back, "img_regist_ts": "20200101",
+        "form_code_name": form, "mark_code_front_anal": "", "mark_code_back_anal": "", "mark_code_front_img": "",
+        "mark_code_back_img": "", "mark_code_front": "", "mark_code_back": "", "change_date": "20200101",
+    }
+
+
+def make_classes(num_classes: int, seed: int) -> list[DrugClass]:
+    """`num_classes` stable drug identities (codes ascending), some of them hard twins of their neighbour."""
+    rng = random.Random(f"classes:{seed}")
+    numbers = sorted(rng.sample(range(1, 45000), num_classes))
+    classes: list[DrugClass] = []
+    for number in numbers:
+        code = f"K-{number:06d}"
+        if classes and rng.random() < HARD_RATIO:
+            twin = classes[-1]
+            look, form = _twin_look(rng, twin.look), twin.form
+        else:
+            form = rng.choices(aihub.FORMS, weights=(40, 20, 15, 5, 10, 10))[0]
+            look = _random_look(rng, form)
+        classes.append(DrugClass(code, look, form, _class_fields(code, look, form, rng)))
+    return classes
+
+
+def _condition_grid() -> list[PhotoConditions]:
+    return [PhotoConditions(d, b, lc, la, lo) for b in aihub.BACK_COLOR for d in aihub.DRUG_DIR
+            for lc in ("1", "2") for la in aihub.CAMERA_LA for lo in aihub.CAMERA_LO]
+
+
+def _stem(folder: str, cond: PhotoConditions) -> str:
+    return f"{folder}_0_{cond.back_color}_{cond.drug_dir}_{cond.light_color}_{cond.camera_la}_{cond.camera_lo:03d}_200"
+
+
+def _photo_seed(seed: int, stem: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}:{stem}".encode()).digest()[:8], "little")
+
+
+def _single_jobs(classes: list[DrugClass], per_class: int, seed: int) -> Iterator[PhotoJob]:
+    grid = _condition_grid()
+    index = 0
+    for ci, drug in enumerate(classes):
+        # Most real photos use the light-grey background; the others appear less often.
+        weights = [6.0 if c.back_color == "2" else 1.0 for c in grid]
+        chosen = _weighted_sample(grid, weights, per_class, random.Random(f"single:{seed}:{drug.code}"))
+        for cond in chosen:
+            stem = _stem(drug.code, cond)
+            yield PhotoJob(index, (ci,), cond, stem, drug.code, ci // CLASSES_PER_ZIP + 1, _photo_seed(seed, stem))
+            index += 1
+
+
+def _weighted_sample(items: list, weights: list[float], k: int, rng: random.Random) -> list:
+    keyed = sorted(range(len(items)), key=lambda i: -rng.random() ** (1.0 / weights[i]))  # Efraimidis-Spirakis
+    return [items[i] for i in keyed[:k]]
+
+
+def _combo_jobs(classes: list[DrugClass], combo: int, seed: int, start: int) -> Iterator[PhotoJob]:
+    rng = random.Random(f"combo:{seed}")
+    grid = [c for c in _condition_grid() if c.back_color == "2"]
+    used: set[str] = set()
+    for n in range(combo):
+        k = min(len(classes), rng.choice((2, 3, 3, 4, 4)))
+        members = tuple(sorted(rng.sample(range(len(classes)), k)))
+        folder = "-".join([classes[members[0]].code] + [classes[i].code[2:] for i in members[1:]])
+        cond = rng.choice(grid)
+        while _stem(folder, cond) in used:
+            cond = rng.choice(grid)
+        stem = _stem(folder, cond)
+        used.add(stem)
+        yield PhotoJob(start + n, members, cond, stem, folder, n // COMBOS_PER_ZIP + 1, _photo_seed(seed, stem))
+
+
+def _label_fields(drug: DrugClass, job: PhotoJob, size: tuple[int, int]) -> dict[str, Any]:
+    cond = job.cond
+    return {
+        "file_name": f"{job.stem}.png", "width": size[0], "height": size[1], "imgfile": f"{job.stem}.png",
+        "drug_N": drug.code, "drug_S": aihub.DRUG_S["0"], "back_color": aihub.BACK_COLOR[cond.back_color],
+        "drug_dir": aihub.DRUG_DIR[cond.drug_dir], "light_color": aihub.LIGHT_COLOR[cond.light_color],
+        "camera_la": cond.camera_la, "camera_lo": cond.camera_lo, "size": 200, **drug.fields,
+    }
+
+
+_WORKER_CLASSES: list[DrugClass] = []
+
+
+def _render_job(job: PhotoJob, image_scale: float) -> tuple[PhotoJob, bytes, list[bytes]]:
+    looks = [_WORKER_CLASSES[i].look for i in job.classes]
+    png, boxes, size = render_photo(looks, job.cond, image_scale, job.seed)
+    labels = []
+    for ann_no, (ci, box) in enumerate(zip(job.classes, boxes, strict=True)):
+        fields = _label_fields(_WORKER_CLASSES[ci], job, size)
+        labels.append(aihub.dump_label(aihub.build_label(fields, box, job.index + 1, ann_no + 1)))
+    return job, png, labels
+
+
+def _init_worker(classes: list[DrugClass]) -> None:
+    global _WORKER_CLASSES
+    _WORKER_CLASSES = classes
+
+
+class _Writer:
+    """Writes images and labels into the extracted tree or into TS_/TL_ zips (members as in the real zips)."""
+
+    def __init__(self, out_dir: Path, zip_output: bool) -> None:
+        self.base = out_dir / ROOT_NAME / "01.데이터" / "1.Training"
+        self.zip_output = zip_output
+        self._zips: dict[Path, zipfile.ZipFile] = {}
+
+    def _container(self, kind: str, role: str, zip_no: int) -> Path:
+        top = "원천데이터" if role == "image" else "라벨링데이터"
+        prefix = "TS" if role == "image" else "TL"
+        tag = "단일" if kind == "single" else "조합"
+        return self.base / top / (SINGLE_DIR if kind == "single" else COMBO_DIR) / f"{prefix}_{zip_no}_{tag}"
+
+    def put(self, kind: str, role: str, zip_no: int, member: str, data: bytes) -> None:
+        container = self._container(kind, role, zip_no)
+        if self.zip_output:
+            path = container.with_suffix(".zip")
+            if path not in self._zips:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._zips[path] = zipfile.ZipFile(path, "w")
+            method = zipfile.ZIP_STORED if member.endswith(".png") else zipfile.ZIP_DEFLATED
+            self._zips[path].writestr(member, data, compress_type=method)
+            return
+        target = container / member
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    def close(self) -> None:
+        for zf in self._zips.values():
+            zf.close()
+
+
+def _store(writer: _Writer, classes: list[DrugClass], job: PhotoJob, png: bytes, labels: list[bytes],
+           index_written: set[str]) -> None:
+    kind = "combination" if len(job.classes) > 1 else "single"
+    writer.put(kind, "image", job.zip_no, f"{job.folder}/{job.stem}.png", png)
+    for ci, label in zip(job.classes, labels, strict=True):
+        sub = f"{job.folder}_json/{classes[ci].code}/" if kind == "combination" else f"{job.folder}_json/"
+        writer.put(kind, "label", job.zip_no, f"{sub}{job.stem}.json", label)
+    if kind == "combination" and job.folder not in index_written:
+        # Real combination folders also hold '*index.png' overview images that ingestion must skip.
+        writer.put(kind, "image", job.zip_no, f"{job.folder}/{job.folder}_index.png", png)
+        index_written.add(job.folder)
+
+
+def _check_args(num_classes: int, per_class: int, combo: int, image_scale: float) -> None:
+    grid = len(_condition_grid())
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 1 <= per_class <= grid:
+        raise ValueError(f"per_class must be in 1..{grid} (distinct photo conditions per class), got {per_class}")
+    if combo < 0 or (combo and num_classes < 2):
+        raise ValueError(f"combo={combo} needs combo >= 0 and at least 2 classes (got {num_classes})")
+    if not 0.02 <= image_scale <= 1.0:
+        raise ValueError(f"image_scale must be in [0.02, 1.0] (1.0 = real 976x1280 photos), got {image_scale}")
+
+
+def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, combo: int, seed: int = 0,
+                     zip_output: bool = False, image_scale: float = 0.25, workers: int = 0,
+                     progress: bool = True) -> dict[str, Any]:
+    """Write a synthetic AI Hub tree (single + combination photos, one label JSON per pill) under `out_dir`.
+
+    `image_scale` shrinks the 976x1280 photos (0.25 -> 244x320); label width/height/bbox describe the
+    written image. `workers` = 0 uses every core; 1 renders in this process. Returns a summary dict.
+    """
+    _check_args(num_classes, per_class, combo, image_scale)
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    classes = make_classes(num_classes, seed)
+    jobs = list(_single_jobs(classes, per_class, seed))
+    jobs += list(_combo_jobs(classes, combo, seed, len(jobs)))
+    writer, index_written = _Writer(out_dir, zip_output), set()
+    workers = workers or os.cpu_count() or 1
+    n_labels = 0
+    try:
+        for job, png, labels in tqdm(_rendered(jobs, classes, image_scale, workers), total=len(jobs),
+                                     desc="synth", unit="img", disable=not progress):
+            _store(writer, classes, job, png, labels, index_written)
+            n_labels += len(labels)
+    finally:
+        writer.close()
+    summary = {"root": str(out_dir), "num_classes": num_classes, "classes": [c.code for c in classes],
+               "single_images": num_classes * per_class, "combination_images": combo, "label_files": n_labels,
+               "image_scale": image_scale, "zip": zip_output, "seed": seed,
+               "seconds": round(time.perf_counter() - start, 2)}
+    LOGGER.info("synthetic data set: %d classes, %d single + %d combination photos in %.1fs under %s",
+                num_classes, summary["single_images"], combo, summary["seconds"], out_dir)
+    return summary
+
+
+def _rendered(jobs: list[PhotoJob], classes: list[DrugClass], image_scale: float,
+              workers: int) -> Iterator[tuple[PhotoJob, bytes, list[bytes]]]:
+    if workers <= 1 or len(jobs) < 16:
+        _init_worker(classes)
+        yield from (_render_job(job, image_scale) for job in jobs)
+        return
+    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(classes,)) as pool:
+        yield from pool.imap(_RenderJob(image_scale), jobs, chunksize=8)
+
+
+class _RenderJob:
+    """Picklable partial of _render_job (the pool needs a top-level callable)."""
+
+    def __init__(self, image_scale: float) -> None:
+        self.image_scale = image_scale
+
+    def __call__(self, job: PhotoJob) -> tuple[PhotoJob, bytes, list[bytes]]:
+        return _render_job(job, self.image_scale)

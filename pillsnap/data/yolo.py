@@ -1,0 +1,116 @@
+"""The one YOLO export (images + labels txt + data.yaml, one class `pill`) and detection loaders built with
+ultralytics' own dataset, augmentation and collate. Export is idempotent: unchanged files are not rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pillsnap.data.datasets import read_bytes
+from pillsnap.utils import atomic_path, ensure_dir
+
+LOGGER = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+NAMES = {0: "pill"}
+
+
+def _label_text(photo: pd.DataFrame) -> str:
+    lines = []
+    for row in photo.itertuples(index=False):
+        cx, cy = (row.bbox_x + row.bbox_w / 2) / row.width, (row.bbox_y + row.bbox_h / 2) / row.height
+        lines.append(f"0 {cx:.6f} {cy:.6f} {row.bbox_w / row.width:.6f} {row.bbox_h / row.height:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return True
+
+
+def _place_image(source: str, dest: Path) -> bool:
+    """Symlink a plain file (cheap); copy a zip member out once. Returns True when something was written."""
+    if source.startswith("zip:"):
+        if dest.is_file():
+            return False
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(read_bytes(source))
+        return True
+    if dest.is_symlink() and os.readlink(dest) == source:
+        return False
+    if dest.exists() or dest.is_symlink():
+        dest.unlink()
+    os.symlink(source, dest)
+    return True
+
+
+def _remove_stale(directory: Path, keep: set[str]) -> int:
+    removed = 0
+    for path in directory.iterdir():
+        if path.name not in keep and path.suffix in (".png", ".txt"):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _export_split(photos: pd.DataFrame, out_dir: Path, split: str) -> dict[str, int]:
+    images, labels = ensure_dir(out_dir / "images" / split), ensure_dir(out_dir / "labels" / split)
+    written = 0
+    names = set()
+    for photo_id, photo in photos.groupby("photo_id", sort=True):
+        names.add(photo_id)
+        written += _place_image(photo["image_path"].iloc[0], images / f"{photo_id}.png")
+        written += _write_if_changed(labels / f"{photo_id}.txt", _label_text(photo))
+    removed = _remove_stale(images, {f"{n}.png" for n in names}) + _remove_stale(labels, {f"{n}.txt" for n in names})
+    if written or removed:  # ultralytics' label cache would otherwise describe the previous export
+        (out_dir / "labels" / f"{split}.cache").unlink(missing_ok=True)
+    return {"photos": len(names), "written": written, "removed": removed}
+
+
+def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = False,
+                include_incomplete: bool = False) -> Path:
+    """Export the rows' photos (combination; optionally single) per split to YOLO format; returns data.yaml.
+
+    Photos flagged `incomplete_gt` are left out by default: their unlabelled pills would be taught as background.
+    """
+    out_dir = ensure_dir(Path(out_dir).resolve())
+    keep = rows["image_type"].eq("combination") | (include_single & rows["image_type"].eq("single"))
+    if not include_incomplete:
+        keep &= ~rows["incomplete_gt"].astype(bool)
+    rows = rows[keep]
+    summary = {s: _export_split(rows[rows["split"] == s], out_dir, s) for s in SPLITS}
+    data = {"path": str(out_dir), **{s: f"images/{s}" for s in SPLITS}, "nc": 1, "names": NAMES}
+    data_yaml = out_dir / "data.yaml"
+    _write_if_changed(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    LOGGER.info("YOLO export %s: %s", out_dir, summary)
+    return data_yaml
+
+
+def count_images(data_yaml: str | Path, split: str) -> int:
+    data = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
+    folder = Path(data["path"]) / data[split]
+    return sum(1 for p in folder.glob("*.png")) if folder.is_dir() else 0
+
+
+def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, batch_size: int, workers: int,
+                           train: bool, device: str = "cpu") -> Any:
+    """An ultralytics dataloader for one split of an export (batch = the ultralytics dict; mosaic etc. on train)."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+
+    data = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
+    data["channels"] = 3
+    ucfg = get_cfg(overrides={"imgsz": image_size, "batch": batch_size, "workers": workers, "single_cls": True,
+                              "task": "detect", "mode": "train", "cache": False, "plots": False})
+    dataset = build_yolo_dataset(ucfg, str(Path(data["path"]) / data[split]), batch_size, data,
+                                 mode="train" if train else "val", rect=not train, stride=32)
+    return build_dataloader(dataset, batch_size, workers, shuffle=train, rank=-1, drop_last=False,
+                            pin_memory=device.startswith("cuda"), device=device)

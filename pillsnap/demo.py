@@ -1,0 +1,171 @@
+"""`pillsnap demo`: the whole job in one command on the embedded default (synthetic AI Hub data, CPU-sized).
+
+generate data -> scan into manifests -> train classifier + detector (interleaved) -> validate -> export the
+detector to ONNX -> evaluate the two-stage pipeline on held-out photos -> print headline figures and paths.
+Every phase is skipped when its output already exists, so a re-run reuses what is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+LOGGER = logging.getLogger("pillsnap.demo")
+
+# Synthetic data and training sizes per profile. default: about 10 minutes on 2 CPU cores; tiny: about 1 minute.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {
+        "synth": {"num_classes": 8, "per_class": 60, "combo": 120, "image_scale": 0.25},
+        "overrides": [
+            "model.backbone=resnet18", "model.image_size=64", "model.detector=yolo11n", "model.det_image_size=160",
+            "train.epochs=20", "train.batch_size=32", "train.lr=2.0e-3", "train.warmup_steps=10",
+            "train.detection.batch_size=8", "train.detection.lr=2.0e-3", "train.ema.decay=0.9",
+            "train.step_log_interval=5", "train.early_stopping.patience=100", "dataloader.num_workers=0",
+            "optimization.channels_last=false",
+        ],
+    },
+    "tiny": {
+        "synth": {"num_classes": 4, "per_class": 10, "combo": 12, "image_scale": 0.15},
+        "overrides": [
+            "model.backbone=test_efficientnet", "model.image_size=32", "model.detector=yolo11n",
+            "model.det_image_size=96", "train.epochs=1", "train.batch_size=8", "train.lr=2.0e-3",
+            "train.warmup_steps=2", "train.detection.batch_size=4", "train.max_steps_per_epoch=3",
+            "train.ema.decay=0.5", "train.step_log_interval=1", "dataloader.num_workers=0",
+            "optimization.channels_last=false",
+        ],
+    },
+}
+DATA_MARKER = "synth_summary.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="generate data, train both models, evaluate, report",
+                                   description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="a ~1 minute profile (tests, smoke checks)")
+    parser.add_argument("--workdir", default="runs/demo", help="data, manifests and exp/ go here (default: runs/demo)")
+    parser.add_argument("--data-root", default=None, help="a real AI Hub tree: scan it instead of generating data")
+    parser.add_argument("--cfg", default="config.yaml", help="base config file (default: config.yaml)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra dotted config overrides")
+    parser.set_defaults(func=run)
+
+
+def demo_config(args: argparse.Namespace) -> Any:
+    """Base config < profile overrides < paths under --workdir < the user's overrides."""
+    from pillsnap.config import load_config
+
+    workdir = Path(args.workdir)
+    profile = PROFILES["tiny" if args.tiny else "default"]
+    paths = [f"paths.data_root={args.data_root or workdir / 'data'}", f"paths.manifest_dir={workdir / 'manifests'}",
+             f"paths.exp_dir={workdir / 'exp'}", f"paths.cache_dir={workdir / 'cache'}"]
+    overrides = [] if args.data_root else list(profile["overrides"])
+    cfg_path = args.cfg if Path(args.cfg).is_file() else None
+    return load_config(cfg_path, [*overrides, *paths, *args.overrides], dotenv_path=None)
+
+
+def phase(name: str) -> None:
+    LOGGER.info("\n=== %s ===", name)
+
+
+def ensure_data(cfg: Any, args: argparse.Namespace) -> None:
+    """Generate the synthetic set once (marker file), unless --data-root points at real data."""
+    from pillsnap.data import generate_dataset
+    from pillsnap.utils import save_json
+
+    root = Path(cfg.paths.data_root)
+    if args.data_root:
+        if not root.exists():
+            raise FileNotFoundError(f"--data-root {root} does not exist")
+        LOGGER.info("data: using %s", root)
+        return
+    if (root / DATA_MARKER).is_file():
+        LOGGER.info("data: reusing %s", root)
+        return
+    spec = PROFILES["tiny" if args.tiny else "default"]["synth"]
+    LOGGER.info("data: generating %s under %s", spec, root)
+    summary = generate_dataset(root, seed=int(cfg.train.seed), workers=1, **spec)
+    save_json(root / DATA_MARKER, summary)
+
+
+def ensure_manifests(cfg: Any) -> dict:
+    from pillsnap.data import scan_dataset
+    from pillsnap.utils import read_json
+
+    out = Path(cfg.paths.manifest_dir)
+    if (out / "manifest.parquet").is_file() and (out / "scan_report.json").is_file():
+        LOGGER.info("scan: reusing %s", out)
+        return read_json(out / "scan_report.json")
+    report = scan_dataset(cfg.paths.data_root, out, workers=int(cfg.data.scan_workers) or 1,
+                          split_seed=int(cfg.data.split_seed), val_ratio=float(cfg.data.val_ratio),
+                          test_ratio=float(cfg.data.test_ratio))
+    LOGGER.info("scan: %d records kept, %d skipped -> %s", report["records_kept"], report["records_skipped"], out)
+    return report
+
+
+def training_done(exp_dir: Path) -> bool:
+    from pillsnap.utils import read_json
+
+    metrics = exp_dir / "reports" / "metrics.json"
+    if not metrics.is_file() or not (exp_dir / "checkpoints" / "classification_best.pt").is_file():
+        return False
+    return read_json(metrics).get("status") in ("completed", "early_stopped")
+
+
+def ensure_trained(cfg: Any) -> int:
+    """Train unless a finished run is there; an interrupted run resumes from its last checkpoints."""
+    from pillsnap.engine.trainer import main as train_main
+
+    exp_dir = Path(cfg.paths.exp_dir)
+    if training_done(exp_dir):
+        LOGGER.info("train: reusing the finished run in %s", exp_dir)
+        return 0
+    if (exp_dir / "checkpoints" / "classification_last.pt").is_file():
+        cfg.train.resume = "last"
+        LOGGER.info("train: resuming the interrupted run in %s", exp_dir)
+    return int(train_main(cfg) or 0)
+
+
+def ensure_onnx(exp_dir: Path, device: str | None) -> Path | None:
+    """Export detection_best.pt to {exp_dir}/export/detector.onnx (once)."""
+    from pillsnap.models.detector import detector_settings, load_detector_for_inference
+    from pillsnap.models.export import export_detector_onnx
+
+    ckpt = exp_dir / "checkpoints" / "detection_best.pt"
+    out = exp_dir / "export" / "detector.onnx"
+    if not ckpt.is_file():
+        return None
+    if out.is_file() and out.stat().st_mtime >= ckpt.stat().st_mtime:
+        return out
+    model, snapshot = load_detector_for_inference(ckpt, device="cpu")
+    return export_detector_onnx(model, out, detector_settings(snapshot)[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from pillsnap.config import ConfigError
+
+    start = time.perf_counter()
+    try:
+        cfg = demo_config(args)
+        phase("1/5 data")
+        ensure_data(cfg, args)
+        phase("2/5 scan")
+        ensure_manifests(cfg)
+        phase("3/5 train (classifier + detector, interleaved)")
+        code = ensure_trained(cfg)
+        if code != 0:
+            LOGGER.error("demo: training ended with exit code %d; see %s/logs", code, cfg.paths.exp_dir)
+            return code
+        phase("4/5 export the detector to ONNX")
+        onnx_path = ensure_onnx(Path(cfg.paths.exp_dir), args.device)
+        phase("5/5 evaluate the pipeline on held-out photos")
+        from pillsnap.infer.report import evaluate_and_report, format_headline
+
+        summary = evaluate_and_report(cfg, onnx_path, args.device, start)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        LOGGER.error("demo: %s", err)
+        return 2
+    print(format_headline(summary), flush=True)
+    return 0

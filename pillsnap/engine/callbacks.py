@@ -1,0 +1,201 @@
+"""Side concerns of a training run (log line, TensorBoard, metrics.json, metrics JSONL stream, progress bar,
+memory watch) as callbacks on named events, so that the loop itself has no `if tb:` branches."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pillsnap.utils import TBWriter, append_jsonl, cuda_mem_ratio, save_json
+
+LOGGER = logging.getLogger(__name__)
+EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end", "on_epoch_end", "on_oom",
+          "on_train_end")
+# Task name -> TensorBoard tag prefix: classification owns the seed's bare tags (Annex 7).
+TB_PREFIX = {"classification": "", "detection": "det/"}
+
+
+def format_train_line(r: dict) -> str:
+    """Seed D-10 log line: `[train] e=1/10 s=20/300 loss=... lr=... data=...s comp=...s thr=.../s cuda=...MB`."""
+    return (f"[train] e={r['epoch']}/{r['max_epochs']} s={r['step']}/{r['steps']} loss={r['loss']:.4f} "
+            f"lr={r['lr']:.2e} data={r['data_time']:.3f}s comp={r['compute_time']:.3f}s "
+            f"thr={r['throughput']:.1f}/s cuda={r['cuda_mem']:.0f}MB")
+
+
+class Callback:
+    """Base class: every event is a no-op; subclasses override the ones they need."""
+
+    def on_train_start(self, info: dict) -> None: ...
+    def on_epoch_start(self, epoch: int, info: dict) -> None: ...
+    def on_step_end(self, record: dict) -> None: ...
+    def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None: ...
+    def on_epoch_end(self, epoch: int, summary: dict) -> None: ...
+    def on_oom(self, event: dict) -> None: ...
+    def on_train_end(self, summary: dict) -> None: ...
+
+
+class CallbackList:
+    """Dispatches an event to every callback in order."""
+
+    def __init__(self, callbacks: list[Callback] | None = None) -> None:
+        self.callbacks = list(callbacks or [])
+
+    def fire(self, event: str, *args: Any) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"Unknown callback event {event!r}; known: {EVENTS}")
+        for cb in self.callbacks:
+            getattr(cb, event)(*args)
+
+
+class LogLineCallback(Callback):
+    """The [train] line every train.step_log_interval steps, and one line per validation."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def on_step_end(self, record: dict) -> None:
+        if record["log"]:
+            prefix = "" if record["task"] == "classification" else f"({record['task']}) "
+            self.logger.info(prefix + format_train_line(record))
+
+    def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.logger.info("[val] %s e=%d %s", task, epoch, shown)
+
+    def on_oom(self, event: dict) -> None:
+        self.logger.warning("[oom] retry=%d action=%s state=%s", event["retries"], event["action"], event["state"])
+
+
+class TensorBoardCallback(Callback):
+    """Annex 7 tags: train/loss, train/lr, perf/*, val/*, oom/retries."""
+
+    def __init__(self, tb: TBWriter) -> None:
+        self.tb = tb
+
+    def on_step_end(self, record: dict) -> None:
+        if not record["log"]:
+            return
+        p, step = TB_PREFIX.get(record["task"], record["task"] + "/"), record["global_step"]
+        tags = {"train/loss": "loss", "train/lr": "lr", "perf/data_time": "data_time",
+                "perf/compute_time": "compute_time", "perf/throughput": "throughput", "perf/cuda_mem": "cuda_mem"}
+        self.tb.add_scalars({p + tag: record[key] for tag, key in tags.items()}, step)
+
+    def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
+        p = TB_PREFIX.get(task, task + "/")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "n":
+                self.tb.add_scalar(f"{p}val/{key}", value, epoch)
+        self.tb.flush()
+
+    def on_oom(self, event: dict) -> None:
+        self.tb.add_scalar("oom/retries", event["retries"], event["global_step"])
+        self.tb.add_scalar("perf/batch_size", event["state"]["batch_size"], event["global_step"])
+
+    def on_epoch_start(self, epoch: int, info: dict) -> None:
+        self.tb.add_scalar("perf/mem_ratio", info.get("mem_ratio", 0.0), epoch)
+        self.tb.add_scalar("perf/batch_size", info.get("batch_size", 0), epoch)
+
+    def on_train_end(self, summary: dict) -> None:
+        self.tb.flush()
+
+
+class MetricsFilesCallback(Callback):
+    """reports/metrics.json rewritten (atomically) each epoch; reports/metrics.jsonl appended for live dashboards."""
+
+    def __init__(self, exp_dir: str | Path) -> None:
+        self.json_path = Path(exp_dir) / "reports" / "metrics.json"
+        self.jsonl_path = Path(exp_dir) / "reports" / "metrics.jsonl"
+
+    def on_step_end(self, record: dict) -> None:
+        if record["log"]:
+            append_jsonl(self.jsonl_path, {"type": "step", **{k: v for k, v in record.items() if k != "log"}})
+
+    def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
+        append_jsonl(self.jsonl_path, {"type": "val", "task": task, "epoch": epoch, **metrics})
+
+    def on_epoch_end(self, epoch: int, summary: dict) -> None:
+        save_json(self.json_path, summary)
+        append_jsonl(self.jsonl_path, {"type": "epoch", "epoch": epoch})
+
+    def on_oom(self, event: dict) -> None:
+        append_jsonl(self.jsonl_path, {"type": "oom", **event})
+
+    def on_train_end(self, summary: dict) -> None:
+        save_json(self.json_path, summary)
+        append_jsonl(self.jsonl_path, {"type": "end", "status": summary.get("status")})
+
+
+class MemoryWatchCallback(Callback):
+    """Seed D-8 prevention: warn (oom/memory_warning) when CUDA memory use passes train.memory_warning_ratio."""
+
+    def __init__(self, ratio: float, tb: TBWriter, mem_ratio: Any = cuda_mem_ratio) -> None:
+        self.ratio, self.tb, self.mem_ratio = ratio, tb, mem_ratio
+
+    def on_epoch_start(self, epoch: int, info: dict) -> None:
+        used = self.mem_ratio()
+        info["mem_ratio"] = used
+        if used > self.ratio:
+            LOGGER.warning("oom/memory_warning: CUDA memory at %.0f%% (> %.0f%%) at epoch %d, batch %s",
+                           100 * used, 100 * self.ratio, epoch, info.get("batch_size"))
+            self.tb.add_scalar("oom/memory_warning", used, epoch)
+
+
+class ProfileCallback(Callback):
+    """Every train.profile_interval steps of a task: mean data/compute time, throughput, peak CUDA memory, RSS."""
+
+    def __init__(self, interval: int, logger: logging.Logger) -> None:
+        self.interval, self.logger = max(int(interval), 1), logger
+        self.window: dict[str, list[dict]] = {}
+
+    def on_step_end(self, record: dict) -> None:
+        window = self.window.setdefault(record["task"], [])
+        window.append(record)
+        if len(window) < self.interval:
+            return
+        import psutil
+
+        n = len(window)
+        data, comp = sum(r["data_time"] for r in window) / n, sum(r["compute_time"] for r in window) / n
+        imgs = sum(r["n"] for r in window)
+        peak = max(r["cuda_mem"] for r in window)
+        rss = psutil.Process().memory_info().rss / 2**20
+        self.logger.info("[profile] %s steps=%d data=%.4fs comp=%.4fs data_share=%.0f%% thr=%.1f/s cuda_peak=%.0fMB "
+                         "rss=%.0fMB", record["task"], n, data, comp, 100 * data / max(data + comp, 1e-12),
+                         imgs / max(n * (data + comp), 1e-12), peak, rss)
+        window.clear()
+
+
+class ProgressBarCallback(Callback):
+    """tqdm bar per epoch, only on an interactive terminal (never in logs or CI)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_epoch_start(self, epoch: int, info: dict) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=info["total_steps"], desc=f"epoch {epoch}/{info['max_epochs']}", leave=False,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(task=record["task"][:3], loss=f"{record['loss']:.3f}", refresh=False)
+
+    def on_epoch_end(self, epoch: int, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def default_callbacks(exp_dir: str | Path, logger: logging.Logger, tb: TBWriter, memory_ratio: float,
+                      profile_interval: int = 50) -> CallbackList:
+    """The callbacks of a rank-0 training run."""
+    # MemoryWatch first: it fills info["mem_ratio"] that the TensorBoard callback records.
+    cbs: list[Callback] = [MemoryWatchCallback(memory_ratio, tb), LogLineCallback(logger), TensorBoardCallback(tb),
+                           MetricsFilesCallback(exp_dir), ProfileCallback(profile_interval, logger)]
+    if sys.stderr.isatty():
+        cbs.append(ProgressBarCallback())
+    return CallbackList(cbs)

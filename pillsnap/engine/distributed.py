@@ -1,0 +1,97 @@
+"""DDP plumbing for `torchrun` (NCCL on GPU, gloo on CPU); a single process sees world_size 1 and no-ops."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def device_for(info: DistInfo, device: torch.device) -> torch.device:
+    """Each rank owns cuda:{local_rank}; CPU stays CPU."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (so that all ranks take the same early-stop/best decisions)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLoader | None:
+    """Rebuild a training loader with a DistributedSampler so each rank reads a disjoint shard."""
+    if loader is None or not info.enabled or isinstance(loader.sampler, DistributedSampler):
+        return loader
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
+        drop_last=loader.drop_last,
+    )
+    kwargs = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers}
+    if loader.pin_memory and torch.cuda.is_available():
+        kwargs_pin = {"pin_memory_device": f"cuda:{info.local_rank}"}  # pin straight for this rank's GPU
+    else:
+        kwargs_pin = {}
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn, **(kwargs if loader.num_workers > 0 else {}), **kwargs_pin,
+    )
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Overwrite `tensors` on every rank with rank 0's values (in place)."""
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)

@@ -1,0 +1,57 @@
+"""Early stopping (seed D-6) as a policy on plain values, plus the Stage 1 time-cap success rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+def new_early_stopping_state() -> dict:
+    """Initial state for early_stopping: no best yet, no bad epochs."""
+    return {"best": None, "bad_epochs": 0}
+
+
+def is_improvement(metric: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """True when `metric` beats `best` by more than `min_delta` in direction `mode` ("max" | "min")."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"early_stopping mode must be 'max' or 'min', got {mode!r}")
+    if metric is None or math.isnan(metric):
+        return False
+    if best is None:
+        return True
+    return metric > best + min_delta if mode == "max" else metric < best - min_delta
+
+
+def early_stopping(
+    state: dict, metric: float, mode: str = "max", patience: int = 7, min_delta: float = 0.0
+) -> tuple[bool, bool]:
+    """Record one epoch's `metric` in `state` (updated in place); return (stop, is_best).
+
+    stop is True once `patience` consecutive epochs passed without improvement.
+    """
+    improved = is_improvement(metric, state.get("best"), mode, min_delta)
+    if improved:
+        state["best"], state["bad_epochs"] = float(metric), 0
+    else:
+        state["bad_epochs"] = int(state.get("bad_epochs", 0)) + 1
+    return state["bad_epochs"] >= patience, improved
+
+
+def time_cap_reached(elapsed_s: float, time_limit_hours: float | None) -> bool:
+    """Whether the stage's wall-clock cap is spent (a missing or non-positive cap never triggers)."""
+    return bool(time_limit_hours) and time_limit_hours > 0 and elapsed_s >= time_limit_hours * 3600.0
+
+
+def time_cap_success(stage_cfg: Mapping[str, Any], samples_seen: int, classes_seen: int) -> dict:
+    """Seed rule "Stage 1 시간 캡 성공 판정": a time-capped run still passes when allowed and the minimums hold."""
+    min_samples = int(stage_cfg.get("min_samples_required", 0) or 0)
+    min_classes = int(stage_cfg.get("min_class_coverage", 0) or 0)
+    reasons = []
+    if not stage_cfg.get("allow_success_on_time_cap", False):
+        reasons.append("TIME_CAP_SUCCESS_NOT_ALLOWED")
+    if samples_seen < min_samples:
+        reasons.append(f"SAMPLES_{samples_seen}_BELOW_{min_samples}")
+    if classes_seen < min_classes:
+        reasons.append(f"CLASSES_{classes_seen}_BELOW_{min_classes}")
+    return {"success": not reasons, "samples_seen": samples_seen, "classes_seen": classes_seen, "reasons": reasons}

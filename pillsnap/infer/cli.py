@@ -1,0 +1,60 @@
+"""`pillsnap predict IMAGE... --exp EXP_DIR [--mode auto] [--json]`: the two-stage pipeline from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+LOGGER = logging.getLogger("pillsnap.predict")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="identify the pills in photos", description=__doc__)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image paths (or zip:<zip>!<member>)")
+    parser.add_argument("--exp", default=None, help="experiment dir with checkpoints/ (default: paths.exp_dir)")
+    parser.add_argument("--mode", choices=("single", "combo", "auto"), default=None,
+                        help="single | combo | auto (default: inference.mode)")
+    parser.add_argument("--conf", type=float, default=None,
+                        help="detector confidence (default: inference.conf_threshold)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, repeatable (e.g. --set inference.topk=3)")
+    parser.set_defaults(func=run)
+
+
+def format_result(result: dict) -> str:
+    """Human-readable lines for one prediction."""
+    conf = result["single_confidence"]
+    head = (f"{result['image']}: mode_used={result['mode_used']} pills={result['num_pills']} "
+            f"single_conf={'-' if conf is None else f'{conf:.3f}'} fallback={result['fallback_reason'] or '-'}")
+    lines = [head]
+    for i, pill in enumerate(result["pills"], start=1):
+        lines.append(f"  #{i} {pill['mapping_code']} {pill['name']} p={pill['probability']:.3f} bbox={pill['bbox']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pillsnap.config import ConfigError, load_config
+    from pillsnap.infer.pipeline import Predictor
+
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+        predictor = Predictor(args.exp or cfg.paths.exp_dir, cfg, args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        LOGGER.error("predict: %s", err)
+        return 2
+    results = []
+    for image in args.images:
+        try:
+            results.append(predictor.predict(image, mode=args.mode, conf_threshold=args.conf))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            LOGGER.error("predict: %s: %s", image, err)
+            results.append({"image": image, "error": str(err), "mode_used": None, "pills": []})
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(format_result(r) if "error" not in r else f"{r['image']}: ERROR {r['error']}" for r in results))
+    return 1 if any("error" in r for r in results) else 0

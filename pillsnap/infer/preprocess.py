@@ -1,0 +1,102 @@
+"""Image handling for inference: decoding, the single-photo crop, bbox+margin crops and the YOLO letterbox."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+LETTERBOX_FILL = (114, 114, 114)  # ultralytics' padding grey, so the detector sees what it trained on
+
+
+def load_image(image: Any) -> tuple[Image.Image, str | None]:
+    """(RGB PIL image, its name) from a path / 'zip:<zip>!<member>' string, a PIL image or an HxWx3 uint8 array."""
+    if isinstance(image, (str, Path)):
+        from pillsnap.data import read_image
+
+        text = str(image)
+        if not text.startswith("zip:") and not Path(text).is_file():
+            raise FileNotFoundError(f"Image not found: {text}")
+        return read_image(text).convert("RGB"), text
+    if isinstance(image, Image.Image):
+        return image.convert("RGB"), getattr(image, "filename", None) or None
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"array images must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        return Image.fromarray(image, "RGB"), None
+    raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def single_crop_box(size: tuple[int, int], fraction: float) -> tuple[int, int, int, int]:
+    """Centred square [x, y, w, h] with side `fraction` x the shorter side (1.0 = the whole image)."""
+    w, h = size
+    if fraction >= 1.0:
+        return 0, 0, w, h
+    side = max(1, int(round(min(w, h) * fraction)))
+    return (w - side) // 2, (h - side) // 2, side, side
+
+
+def crop_pill(image: Image.Image, box: Sequence[float], margin: float) -> Image.Image:
+    """The training crop of a pill box [x, y, w, h]: pillsnap.data.crop_box's square, grown by `margin`."""
+    from pillsnap.data import crop_box
+
+    x, y, w, h = (float(v) for v in box)
+    return image.crop(crop_box(image.width, image.height, (x, y, max(w, 1.0), max(h, 1.0)), margin))
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float, tuple[float, float]]:
+    """Resize the long side to `size`, pad to a square: ([1, 3, S, S] float in [0, 1], scale, (pad_x, pad_y))."""
+    w, h = image.size
+    scale = min(size / w, size / h)
+    new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    pad_x, pad_y = (size - new_w) / 2, (size - new_h) / 2
+    canvas = Image.new("RGB", (size, size), LETTERBOX_FILL)
+    canvas.paste(image.resize((new_w, new_h), Image.BILINEAR), (int(round(pad_x - 0.1)), int(round(pad_y - 0.1))))
+    array = np.asarray(canvas, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous(), scale, (pad_x, pad_y)
+
+
+def unletterbox_boxes(xyxy: np.ndarray, scale: float, pad: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """Letterboxed xyxy boxes -> [x, y, w, h] in original image pixels, clipped to the image."""
+    if len(xyxy) == 0:
+        return np.zeros((0, 4))
+    boxes = (np.asarray(xyxy, dtype=np.float64) - [pad[0], pad[1], pad[0], pad[1]]) / scale
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, size[0])
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, size[1])
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+
+
+def _background_model(small: np.ndarray) -> np.ndarray:
+    """Per-channel quadratic surface fitted to the border pixels: the plain backdrop with its lamp falloff."""
+    h, w, _ = small.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    border = np.zeros((h, w), dtype=bool)
+    border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
+    u, v = xs / max(w - 1, 1), ys / max(h - 1, 1)
+    design = np.stack([np.ones_like(u), u, v, u * u, v * v, u * v], -1)
+    coef, *_ = np.linalg.lstsq(design[border], small[border], rcond=None)
+    return design @ coef
+
+
+def locate_pill(image: Image.Image, work_px: int = 160,
+                min_fraction: float = 0.001) -> tuple[int, int, int, int] | None:
+    """[x, y, w, h] of what stands out from the plain background (AI Hub photos: one pill on a plain backdrop),
+    or None when nothing does. Cheap (no detector): lets single mode crop like the training crops."""
+    small = image.copy()
+    small.thumbnail((work_px, work_px))
+    arr = np.asarray(small, dtype=np.float32)
+    residual = np.abs(arr - _background_model(arr)).sum(-1)
+    spread = np.median(residual) + 3 * np.median(np.abs(residual - np.median(residual))) * 1.4826
+    mask = residual > max(30.0, 3 * spread)
+    if mask.sum() < max(4, min_fraction * mask.size):
+        return None
+    ys, xs = np.nonzero(mask)
+    # Percentiles, not min/max, so that a few noisy pixels do not stretch the box.
+    x0, x1 = np.percentile(xs, [0.5, 99.5])
+    y0, y1 = np.percentile(ys, [0.5, 99.5])
+    sx, sy = image.width / small.width, image.height / small.height
+    return int(x0 * sx), int(y0 * sy), max(1, int((x1 - x0 + 1) * sx)), max(1, int((y1 - y0 + 1) * sy))

@@ -1,0 +1,112 @@
+"""The demo's closing evaluation: held-out figures of the trained pipeline, saved and formatted for the console."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pillsnap.infer.evaluate import detection_map, evaluate_pipeline, photo_groups
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _progress(label: str) -> Any:
+    def report(done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            LOGGER.info("%s: %d/%d photos", label, done, total)
+    return report
+
+
+def _examples(predictor: Any, photos: list[dict]) -> list[dict]:
+    """predict_pipeline on the first held-out single photo and the first held-out combination photo."""
+    from pillsnap.infer.pipeline import predict_pipeline
+
+    picks = [next((p for p in photos if p["image_type"] == kind), None) for kind in ("single", "combination")]
+    out = []
+    for photo in filter(None, picks):
+        result = predict_pipeline(photo["image_path"], mode="auto", predictor=predictor)
+        out.append({"expected": photo["codes"], "image_type": photo["image_type"], "result": result})
+    return out
+
+
+def _detection_figures(predictor: Any, photos: list[dict], onnx_path: Path | None) -> dict:
+    figures = {"torch": detection_map(predictor, photos)} if predictor.has_detector else {}
+    if onnx_path is not None and predictor.has_detector:
+        from pillsnap.models.export import OnnxDetector
+
+        figures["onnx"] = detection_map(predictor, photos, forward=OnnxDetector(onnx_path))
+    return figures
+
+
+def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, started: float) -> dict:
+    """Evaluate on the test split (auto routing, single accuracy, all-pills-right on combinations, test mAP in
+    torch and ONNX); writes {exp_dir}/reports/demo_summary.json and returns the summary."""
+    from pillsnap.data import load_manifest
+    from pillsnap.data.stages import select_stage
+    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils import read_json, save_json
+
+    exp_dir = Path(cfg.paths.exp_dir)
+    photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
+    predictor = Predictor(exp_dir, cfg, device)
+    auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"))
+    combos = [p for p in photos if p["image_type"] != "single"]
+    combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo")) if predictor.has_detector else {}
+    summary = {
+        "validation": read_json(exp_dir / "reports" / "metrics.json"),
+        "test": {
+            "auto": {k: v for k, v in auto.items() if k != "outcomes"},
+            "combo_mode": {k: v for k, v in combo.items() if k != "outcomes"},
+            "detection": _detection_figures(predictor, photos, onnx_path),
+        },
+        "examples": _examples(predictor, photos),
+        "paths": {name: str(exp_dir / name) for name in ("checkpoints", "logs", "tb", "reports", "export",
+                                                         "hard_cases")},
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    summary["validation"].pop("history", None)
+    save_json(exp_dir / "reports" / "demo_summary.json", summary)
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _example_lines(example: dict) -> list[str]:
+    r = example["result"]
+    lines = [f"  {example['image_type']} photo {Path(r['image']).name}: expected {', '.join(example['expected'])}",
+             f"    -> mode_used={r['mode_used']} (fallback={r['fallback_reason'] or '-'}, "
+             f"single_conf={_fmt(r['single_confidence'])}), {r['num_pills']} pill(s):"]
+    for pill in r["pills"]:
+        lines.append(f"       {pill['mapping_code']} {pill['name']} p={pill['probability']:.2f} bbox={pill['bbox']}")
+    return lines
+
+
+def format_headline(summary: dict) -> str:
+    """The closing block the demo prints."""
+    val, test = summary["validation"], summary["test"]
+    cls, det = val.get("classification") or {}, val.get("detection") or {}
+    auto, combo, dmap = test["auto"], test["combo_mode"], test["detection"]
+    lines = [
+        "", "=== PillSnap demo: headline figures ===",
+        f"validation  classifier accuracy={_fmt(cls.get('accuracy'))} macro_F1={_fmt(cls.get('macro_f1'))} "
+        f"top5={_fmt(cls.get('top5'))} | detector mAP@0.5={_fmt(det.get('mAP@0.5'))} "
+        f"mAP@0.5:0.95={_fmt(det.get('mAP@0.5:0.95'))}",
+        f"test        auto routing accuracy={_fmt(auto.get('routing_accuracy'))} over {auto.get('num_photos')} photos"
+        f" | single-photo accuracy (auto)={_fmt(auto.get('single_accuracy'))}",
+        f"test        all pills right on combination photos: auto={_fmt(auto.get('combo_all_right_rate'))} "
+        f"combo mode={_fmt(combo.get('combo_all_right_rate'))} over {combo.get('num_combination', 0)} photos",
+        f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
+        f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",
+        "examples (predict_pipeline, mode=auto):",
+    ]
+    for example in summary["examples"]:
+        lines += _example_lines(example)
+    lines.append("where things are:")
+    lines += [f"  {name:<12}{path}" for name, path in summary["paths"].items()]
+    lines.append(f"  tensorboard --logdir {summary['paths']['tb']}")
+    lines.append(f"done in {summary['elapsed_s']:.0f} s")
+    return "\n".join(lines)

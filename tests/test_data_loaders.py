@@ -1,0 +1,127 @@
+"""Loaders: batch formats, meta, test loaders only on request, safe_collate, transform, weights, autotune."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pillsnap.data import (
+    ClassificationDataset,
+    autotune_num_workers,
+    build_dataloaders_twostage,
+    classification_transform,
+    compute_class_weights,
+    crop_box,
+    read_image,
+    safe_collate,
+)
+from pillsnap.data.scan import load_manifest
+
+
+def test_classification_batches_and_meta(synth_cfg):
+    cls_train, cls_val, cls_test, det_train, det_val, det_test, meta = build_dataloaders_twostage(synth_cfg)
+    x, y, info = next(iter(cls_train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(info) == {"image_path", "mapping_code"} and len(info["mapping_code"]) == 4
+    assert [meta["class_names"][i] for i in y.tolist()] == info["mapping_code"]
+    assert meta["num_classes"] == 6 and meta["class_names"] == sorted(meta["class_names"])
+    assert meta["class_map"][meta["class_names"][2]]["index"] == 2 and meta["class_weights"] is None
+    assert cls_test is None and det_test is None and cls_val is not None
+    assert meta["sizes"]["cls_train"] == 24 and meta["sizes"]["cls_val"] == 6
+    assert meta["yolo_data_yaml"].endswith("data.yaml") and meta["stage"] == 1
+    assert det_train is not None and len(det_train.dataset) == meta["sizes"]["det_train"]
+
+
+def test_detection_batch_is_the_ultralytics_dict(synth_cfg):
+    det_train = build_dataloaders_twostage(synth_cfg)[3]
+    batch = next(iter(det_train))
+    assert batch["img"].dtype == torch.uint8 and batch["img"].shape[1:] == (3, 64, 64)
+    assert batch["bboxes"].shape[1] == 4 and batch["bboxes"].max() <= 1.0
+    assert (batch["cls"] == 0).all() and len(batch["batch_idx"]) == len(batch["cls"])
+    assert {"im_file", "ori_shape", "resized_shape"} <= set(batch)
+
+
+def test_test_loaders_only_on_request_and_strategy_classification(synth_cfg):
+    out = build_dataloaders_twostage(synth_cfg, build_test=True)
+    assert out[2] is not None and len(out[2].dataset) == 6
+    cfg = OmegaConf.merge(synth_cfg, {"train": {"strategy": "classification"}, "loss": {"use_class_weights": True}})
+    out = build_dataloaders_twostage(cfg)
+    assert out[3] is None and out[4] is None and out[6]["yolo_data_yaml"] is None
+    assert out[6]["class_weights"].shape == (6,)
+
+
+def test_read_image_from_zip_and_error_names_path(synth_root, tmp_path):
+    png = next(synth_root.rglob("K-*_0_*.png"))
+    with zipfile.ZipFile(tmp_path / "TS_1.zip", "w") as zf:
+        zf.write(png, f"K-000001/{png.name}")
+    image = read_image(f"zip:{tmp_path / 'TS_1.zip'}!K-000001/{png.name}")
+    assert image.mode == "RGB" and image.size == Image.open(png).size
+    with pytest.raises(OSError, match="missing.png"):
+        read_image(str(tmp_path / "missing.png"))
+
+
+def test_safe_collate_drops_undecodable_samples(manifest_dir, tmp_path, caplog):
+    rows = load_manifest(manifest_dir)
+    rows = rows[rows.image_type == "single"].head(4).copy()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows.iloc[1, rows.columns.get_loc("image_path")] = str(broken)
+    ds = ClassificationDataset(rows, {c: i for i, c in enumerate(sorted(rows.mapping_code.unique()))}, 32, False)
+    batch = safe_collate([ds[i] for i in range(4)])
+    assert batch[0].shape == (3, 3, 32, 32) and str(broken) not in batch[2]["image_path"]
+    assert "broken.png" in caplog.text
+    assert safe_collate([None, None]) is None
+
+
+def test_classification_transform_is_normalised():
+    image = Image.new("RGB", (50, 70), (124, 116, 104))  # ~ ImageNet mean colour
+    x = classification_transform(48, train=False)(image)
+    assert x.shape == (3, 48, 48) and x.abs().max() < 0.05
+    y = classification_transform(48, train=True)(image)
+    assert y.shape == (3, 48, 48)
+
+
+def test_crop_box_is_square_with_margin_and_inside():
+    assert crop_box(100, 100, (40, 40, 20, 10), 0.5) == (30, 25, 70, 65)
+    left, top, right, bottom = crop_box(100, 120, (90, 0, 10, 30), 0.15)
+    assert right - left == bottom - top and left >= 0 and right <= 100 and top == 0
+
+
+def test_compute_class_weights():
+    w = compute_class_weights([0, 0, 0, 1, 2, 2], 4)
+    assert w[3] == 0 and w[1] > w[2] > w[0] and torch.isclose(w[:3].mean(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="labels"):
+        compute_class_weights([5], 4)
+
+
+class FakeLoader:
+    def __init__(self, delay_per_batch: float) -> None:
+        self.delay = delay_per_batch
+
+    def __iter__(self):
+        import time
+        for _ in range(3):
+            time.sleep(self.delay)
+            yield 0
+
+
+class FakeTB:
+    def __init__(self) -> None:
+        self.scalars: dict[str, list] = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((value, step))
+
+
+def test_autotune_picks_the_fastest_candidate(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    delays = {4: 0.004, 8: 0.0005, 12: 0.003, 32: 0.0}
+    tb = FakeTB()
+    best = autotune_num_workers(lambda n: FakeLoader(delays[n]), [4, 8, 12, 32], warmup=1, steps=4, tb=tb)
+    assert best == 8  # 32 exceeds the core count and is not tried
+    assert tb.scalars["perf/num_workers"] == [(8, 0)]
+    assert len(tb.scalars["perf/autotune_data_time_ms"]) == 3

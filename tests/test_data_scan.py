@@ -1,0 +1,240 @@
+"""Ingestion: manifests, class map, splits, bad records counted by reason, zips, resume, parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pillsnap.data import aihub, scan_walk
+from pillsnap.data.scan import load_class_map, load_manifest, scan_dataset
+
+REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "aihub_real_labels"
+W, H = 40, 50
+
+
+def label_bytes(stem: str, code: str, bbox=(5, 5, 10, 12), file_name: str | None = None) -> bytes:
+    fields = {k: "" for k in aihub.IMAGE_KEYS if k != "id"}
+    fields.update(file_name=file_name or f"{stem}.png", width=W, height=H, drug_N=code, dl_mapping_code=code,
+                  dl_name=f"약 {code}\u00a0", drug_shape="원형", color_class1="하양", di_edi_code="1,2")
+    return aihub.dump_label(aihub.build_label(fields, bbox, 1, 1))
+
+
+def png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (W, H), (120, 130, 140)).save(path)
+
+
+def write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def broken_root(tmp_path) -> Path:
+    """Hand-written tree with one record per bad-record reason, plus good single and combination records."""
+    root = tmp_path / "data"
+    img, lab = root / "원천데이터" / "TS_1_단일" / "K-000001", root / "라벨링데이터" / "TL_1_단일" / "K-000001_json"
+    stem = "K-000001_0_2_0_1_90_{:03d}_200"
+    for lo in (0, 20, 60, 80, 100, 120, 140):  # images; 40 is missing on purpose
+        png(img / f"{stem.format(lo)}.png")
+    png(img / "K-000001_index.png")
+    write(lab / f"{stem.format(0)}.json", label_bytes(stem.format(0), "K-000001"))
+    write(lab / f"{stem.format(20)}.json", label_bytes(stem.format(20), "K-000001")[:200])  # truncated
+    write(lab / f"{stem.format(40)}.json", label_bytes(stem.format(40), "K-000001"))  # no image
+    write(lab / f"{stem.format(60)}.json", label_bytes(stem.format(60), "K-000001", bbox=(35, 5, 10, 10)))
+    write(lab / f"{stem.format(80)}.json", label_bytes(stem.format(80), "K-000001", bbox=(5, 5, 0, 10)))
+    write(lab / f"{stem.format(120)}.json", label_bytes(stem.format(120), "K-12AB"))
+    write(lab / f"{stem.format(140)}.json", label_bytes(stem.format(140), "K-000001", file_name="other.png"))
+    write(lab / "notes.json", b"{}")  # not an AI Hub file name; image 100 has no label
+    combo = "K-000001-000002-000003"
+    cstem = f"{combo}_0_2_0_2_70_000_200"
+    png(root / "원천데이터" / "TS_1_조합" / combo / f"{cstem}.png")
+    clab = root / "라벨링데이터" / "TL_1_조합" / f"{combo}_json"
+    write(clab / "K-000001" / f"{cstem}.json", label_bytes(cstem, "K-000001", bbox=(1, 1, 10, 10)))
+    write(clab / "K-000002" / f"{cstem}.json", label_bytes(cstem, "K-000002", bbox=(20, 20, 10, 10)))
+    write(clab / "K-000009" / f"{cstem}.json", label_bytes(cstem, "K-000009", bbox=(5, 30, 5, 5)))
+    return root
+
+
+def test_every_bad_record_reason_is_counted(broken_root, tmp_path):
+    report = scan_dataset(broken_root, tmp_path / "out", workers=1, progress=False)
+    skipped = report["skipped"]
+    assert skipped["bad_json"] == 1 and skipped["missing_image"] == 1
+    assert skipped["bbox_outside_image"] == 1 and skipped["bbox_zero_size"] == 1
+    assert skipped["bad_code"] == 1 and skipped["bad_file_name"] == 1
+    assert skipped["file_name_mismatch"] == 1 and skipped["code_not_in_folder"] == 1
+    assert report["label_files"] == 11 and report["records_kept"] == 3 and report["records_skipped"] == 8
+    assert report["image_without_label"] == 1  # *index.png is not an image of the data set
+    assert report["photos"] == {"single": 1, "combination": 1} and report["incomplete_gt_photos"] == 1
+    manifest = load_manifest(tmp_path / "out")
+    combo = manifest[manifest["image_type"] == "combination"]
+    assert sorted(combo["mapping_code"]) == ["K-000001", "K-000002"] and combo["incomplete_gt"].all()
+    assert combo["split"].nunique() == 1 and combo["photo_id"].nunique() == 1
+    assert set(load_class_map(tmp_path / "out")) == {"K-000001", "K-000002"}  # no class from skipped records
+
+
+def test_manifest_columns_and_files(manifest_dir, synth_root):
+    manifest = load_manifest(manifest_dir)
+    for column in ("image_path", "label_path", "mapping_code", "image_type", "source", "split", "photo_id", "width",
+                   "height", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "incomplete_gt", "drug_dir", "back_color",
+                   "light_color", "camera_la", "camera_lo"):
+        assert column in manifest.columns
+    csv = pd.read_csv(manifest_dir / "manifest.csv")
+    assert len(csv) == len(manifest) and list(csv.columns) == list(manifest.columns)
+    assert set(manifest["image_type"]) == {"single", "combination"}
+    assert set(manifest["source"]) == {"TL_1_단일", "TL_1_조합"}
+    assert all(Path(p).is_file() for p in manifest["image_path"])
+    singles = manifest[manifest["image_type"] == "single"]
+    assert len(singles) == 36 and singles["photo_id"].is_unique
+    assert ((manifest["bbox_x"] + manifest["bbox_w"]) <= manifest["width"]).all()
+
+
+def test_splits_have_no_leakage_and_are_stratified(manifest_dir):
+    manifest = load_manifest(manifest_dir)
+    assert (manifest.groupby("photo_id")["split"].nunique() == 1).all()
+    singles = manifest[manifest["image_type"] == "single"]
+    per_class = singles.groupby(["mapping_code", "split"]).size().unstack(fill_value=0)
+    assert (per_class["train"] == 4).all() and (per_class["val"] == 1).all() and (per_class["test"] == 1).all()
+    combos = manifest[manifest["image_type"] == "combination"].drop_duplicates("photo_id")
+    assert set(combos["split"]) == {"train", "val", "test"}
+
+
+def test_split_depends_on_seed_only(synth_root, manifest_dir, tmp_path):
+    again = scan_dataset(synth_root, tmp_path / "again", workers=1, progress=False)
+    other = scan_dataset(synth_root, tmp_path / "other", workers=1, split_seed=7, progress=False)
+    base = load_manifest(manifest_dir).set_index("label_path")["split"]
+    assert load_manifest(tmp_path / "again").set_index("label_path")["split"].equals(base)
+    assert not load_manifest(tmp_path / "other").set_index("label_path")["split"].equals(base)
+    assert again["rows_per_split"] == load_manifest(manifest_dir)["split"].value_counts().to_dict()
+    saved = json.loads((tmp_path / "again" / "scan_report.json").read_text())
+    assert all(type(v) is int for v in saved["rows_per_split"].values())  # numbers, not numpy-as-str
+    assert other["records_kept"] == again["records_kept"]
+
+
+def test_class_map_and_report(manifest_dir):
+    classes = load_class_map(manifest_dir)
+    codes = list(classes)
+    assert codes == sorted(codes) and len(codes) == 6
+    entry = classes[codes[0]]
+    assert entry["index"] == 0 and entry["shape"] and entry["colors"] and entry["edi_codes"]
+    for key in ("name", "name_en", "company", "print_front", "print_back", "line_front", "line_back", "form"):
+        assert key in entry
+    assert not any(e["name"].endswith("\u00a0") for e in classes.values())
+
+
+def test_zipped_tree_gives_the_same_manifest(tmp_path):
+    from pillsnap.data.synth import generate_dataset
+
+    args = dict(num_classes=3, per_class=3, combo=2, seed=2, image_scale=0.05, workers=1, progress=False)
+    generate_dataset(tmp_path / "plain", **args)
+    generate_dataset(tmp_path / "zipped", zip_output=True, **args)
+    plain = scan_dataset(tmp_path / "plain", tmp_path / "m1", workers=1, progress=False)
+    zipped = scan_dataset(tmp_path / "zipped", tmp_path / "m2", workers=1, progress=False)
+    assert plain["records_kept"] == zipped["records_kept"] >= 9 + 2 * 2
+    a, b = load_manifest(tmp_path / "m1"), load_manifest(tmp_path / "m2")
+    assert b["image_path"].str.startswith("zip:").all() and ".zip!K-" in b["image_path"].iloc[0]
+    cols = ["photo_id", "mapping_code", "split", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+    assert a[cols].sort_values(cols).reset_index(drop=True).equals(b[cols].sort_values(cols).reset_index(drop=True))
+
+
+def test_parallel_scan_equals_serial(synth_root, manifest_dir, tmp_path):
+    report = scan_dataset(synth_root, tmp_path / "par", workers=2, chunk_files=5, progress=False)
+    assert report["chunks"] > 2
+    cols = ["label_path", "split", "bbox_x", "incomplete_gt"]
+    assert load_manifest(tmp_path / "par")[cols].sort_values("label_path").reset_index(drop=True).equals(
+        load_manifest(manifest_dir)[cols].sort_values("label_path").reset_index(drop=True))
+
+
+class MachineDown(RuntimeError):
+    pass
+
+
+def test_interrupted_scan_resumes_without_reparsing(synth_root, tmp_path, monkeypatch):
+    calls: list[str] = []
+    armed = [True]
+    real = scan_walk.process_chunk
+
+    def flaky(task, parts_dir, seed):
+        calls.append(task.task_id)
+        if armed[0] and len(calls) == 3:
+            armed[0] = False
+            raise MachineDown  # the machine went down mid-scan
+        return real(task, parts_dir, seed)
+
+    monkeypatch.setattr("pillsnap.data.scan.process_chunk", flaky)
+    with pytest.raises(MachineDown):
+        scan_dataset(synth_root, tmp_path / "m", workers=1, chunk_files=5, progress=False)
+    done = calls[:2]
+    calls.clear()
+    report = scan_dataset(synth_root, tmp_path / "m", workers=1, chunk_files=5, progress=False)
+    assert not set(done) & set(calls) and len(calls) == report["chunks"] - 2
+    assert report["records_kept"] == 36 + sum(1 for _ in synth_root.rglob("K-*-*_json/K-*/*.json"))
+    assert not (tmp_path / "m" / "parts").exists()
+
+
+def test_missing_root_and_empty_root_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_dataset(tmp_path / "nope", tmp_path / "out", workers=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No AI Hub label folders"):
+        scan_dataset(tmp_path / "empty", tmp_path / "out", workers=1)
+
+
+@pytest.mark.skipif(not REAL_LABELS.is_dir(), reason="shared/spec/aihub_real_labels not present")
+def test_real_combination_labels_scan(tmp_path):
+    """The 8 real labels in a zipped tree with blank 976x1280 photos: errors counted, gaps flagged."""
+    root = tmp_path / "real"
+    (root / "라벨링데이터").mkdir(parents=True)
+    (root / "원천데이터").mkdir()
+    with zipfile.ZipFile(root / "라벨링데이터" / "TL_2_조합.zip", "w") as zf:
+        for path in sorted(REAL_LABELS.rglob("*.json")):
+            zf.write(path, path.relative_to(REAL_LABELS).as_posix())
+    with zipfile.ZipFile(root / "원천데이터" / "TS_2_조합.zip", "w") as zf:
+        for folder in sorted(p.name[:-5] for p in REAL_LABELS.glob("*_json")):
+            stem = next((REAL_LABELS / f"{folder}_json").rglob("*.json")).stem
+            blank = tmp_path / "blank.png"
+            Image.new("RGB", (976, 1280), (200, 200, 200)).save(blank)
+            zf.write(blank, f"{folder}/{stem}.png")
+    report = scan_dataset(root, tmp_path / "out", workers=1, progress=False)
+    assert report["label_files"] == 8 and report["skipped"]["bbox_outside_image"] == 1
+    assert report["records_kept"] == 7 and report["photos"]["combination"] == 4
+    manifest = load_manifest(tmp_path / "out")
+    full = manifest[manifest["photo_id"].str.startswith("K-001900-016548-018110-021026")]
+    assert len(full) == 4 and not full["incomplete_gt"].any()
+    partial = manifest[~manifest["photo_id"].str.startswith("K-001900-016548-018110-021026")]
+    assert partial["incomplete_gt"].all() and set(partial["source"]) == {"TL_2_조합"}
+    names = load_class_map(tmp_path / "out")
+    assert names["K-016548"]["shape"] == "" and names["K-018110"]["edi_codes"][-1] == "E00210421"
+    shutil.rmtree(root)
+
+
+def test_zip_directory_reader_matches_zipfile(tmp_path):
+    from pillsnap.data.zipdir import read_central_directory, read_member
+
+    path = tmp_path / "TL_9_단일.zip"
+    path.write_bytes(b"prepended bytes " * 4)  # a zip appended to other data still reads
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("K-000001_json/a.json", "{\"약\": 1}" * 50, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("K-000001/a.png", b"\x89PNG", compress_type=zipfile.ZIP_STORED)
+        with zf.open("K-000001_json/big.json", "w", force_zip64=True) as fh:
+            fh.write(b"[1, 2]")
+    entries = read_central_directory(str(path))
+    with zipfile.ZipFile(path) as zf:
+        assert list(entries) == zf.namelist()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for name, entry in entries.items():
+                assert read_member(fd, entry, name) == zf.read(name)
+        finally:
+            os.close(fd)
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(zipfile.BadZipFile):
+        read_central_directory(str(corrupt))

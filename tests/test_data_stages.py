@@ -1,0 +1,85 @@
+"""Progressive stages: nested, class-stratified, deterministic; split shares kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pillsnap.config import load_config
+from pillsnap.data.stages import select_stage, stable_hash, stage_classes
+
+
+def fake_manifest(n_classes: int = 30, per_class: int = 20) -> pd.DataFrame:
+    rows = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            split = "test" if i < 3 else "val" if i < 6 else "train"
+            rows.append({"mapping_code": f"K-{c + 1:06d}", "photo_id": f"K-{c + 1:06d}_{i}", "split": split,
+                         "image_type": "single"})
+    for p in range(10):  # combination photos of 2 pills each
+        for c in (p, p + 10):
+            rows.append({"mapping_code": f"K-{c + 1:06d}", "photo_id": f"combo_{p}", "split": "train",
+                         "image_type": "combination"})
+    return pd.DataFrame(rows)
+
+
+def cfg_for(stage_sizes: dict[int, tuple[int, int]], seed: int = 42):
+    overrides = [f"data.split_seed={seed}"]
+    for stage, (samples, classes) in stage_sizes.items():
+        overrides += [f"data.progressive_validation.stage_{stage}.max_samples={samples}",
+                      f"data.progressive_validation.stage_{stage}.max_classes={classes}"]
+    return load_config(None, overrides, dotenv_path=None)
+
+
+def test_stable_hash_is_deterministic_and_seeded():
+    a = stable_hash(1, ["x", "y"])
+    assert a.dtype == np.int64 and (a >= 0).all()
+    assert (a == stable_hash(1, ["x", "y"])).all() and not (a == stable_hash(2, ["x", "y"])).all()
+
+
+def test_stage_classes_are_nested():
+    codes = [f"K-{i:06d}" for i in range(1, 200)]
+    small, big = stage_classes(codes, 10, 42), stage_classes(codes, 50, 42)
+    assert len(small) == 10 and len(big) == 50 and set(small) <= set(big)
+    assert small == sorted(small) and stage_classes(codes, 10, 7) != small
+    with pytest.raises(ValueError, match="max_classes"):
+        stage_classes(codes, 0, 42)
+
+
+def test_stages_are_nested_stratified_and_deterministic():
+    manifest = fake_manifest()
+    cfg = cfg_for({1: (50, 5), 2: (200, 20)})
+    s1, s2 = select_stage(manifest, cfg, 1), select_stage(manifest, cfg, 2)
+    s1_single, s2_single = s1[s1.image_type == "single"], s2[s2.image_type == "single"]
+    assert s1_single["mapping_code"].nunique() == 5 and s2_single["mapping_code"].nunique() == 20
+    assert set(s1_single["photo_id"]) <= set(s2_single["photo_id"])
+    counts = s1_single.groupby("mapping_code").size()
+    assert (counts == counts.iloc[0]).all() and counts.iloc[0] >= 10  # stratified: same quota per class
+    assert set(s1_single["split"]) == {"train", "val", "test"}
+    assert select_stage(manifest, cfg, 1).equals(s1)
+
+
+def test_split_shares_survive_sampling():
+    manifest = fake_manifest(per_class=40)
+    s = select_stage(manifest, cfg_for({1: (100, 5)}), 1)
+    shares = s[s.image_type == "single"]["split"].value_counts(normalize=True)
+    full = manifest[manifest.image_type == "single"]["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - full["train"]) < 0.1
+
+
+def test_combinations_follow_stage_classes():
+    manifest = fake_manifest()
+    s = select_stage(manifest, cfg_for({1: (100, 5)}), 1)
+    stage = set(s.loc[s.image_type == "single", "mapping_code"])
+    combos = s[s.image_type == "combination"]
+    for _, photo in combos.groupby("photo_id"):
+        assert stage & set(photo["mapping_code"]) and len(photo) == 2  # whole photos, never half
+    capped = select_stage(manifest, cfg_for({1: (2, 30)}), 1)
+    assert capped[capped.image_type == "combination"]["photo_id"].nunique() == 2
+
+
+def test_disabled_progressive_validation_uses_everything():
+    manifest = fake_manifest()
+    cfg = load_config(None, ["data.progressive_validation.enabled=false"], dotenv_path=None)
+    assert len(select_stage(manifest, cfg)) == len(manifest)

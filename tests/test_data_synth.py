@@ -1,0 +1,121 @@
+"""Synthetic generator: real layout and schema, determinism, label/image agreement, hard classes, combos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pillsnap.data import aihub
+from pillsnap.data.synth import generate_dataset, make_classes
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_matches_real_tree(synth_root):
+    base = synth_root / "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터" / "01.데이터" / "1.Training"
+    single_imgs = sorted((base / "원천데이터" / "단일경구약제 5000종" / "TS_1_단일").glob("K-*/*.png"))
+    single_labels = sorted((base / "라벨링데이터" / "단일경구약제 5000종" / "TL_1_단일").glob("K-*_json/*.json"))
+    combo_labels = sorted((base / "라벨링데이터" / "경구약제조합 5000종" / "TL_1_조합").glob("K-*_json/K-*/*.json"))
+    assert len(single_imgs) == 36 and len(single_labels) == 36
+    assert {p.parent.name for p in single_imgs} == {p.parent.name[:-5] for p in single_labels}
+    for label in combo_labels:  # one JSON per pill, in a folder named after that pill's code
+        info = aihub.parse_file_name(label.name)
+        assert label.parent.name in info.codes and label.parent.parent.name == f"{info.folder}_json"
+    index_pngs = list((base / "원천데이터" / "경구약제조합 5000종").rglob("*index.png"))
+    assert index_pngs, "combination folders carry index.png files like the real ones"
+
+
+def test_labels_describe_the_written_image(synth_root):
+    labels = sorted(synth_root.rglob("*.json"))
+    assert labels
+    for path in labels[:: max(1, len(labels) // 10)]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        assert tuple(data["images"][0]) == aihub.IMAGE_KEYS
+        rec = aihub.parse_label(data)
+        image_path = next(synth_root.rglob(rec.file_name))
+        image = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32)
+        assert (image.shape[1], image.shape[0]) == (rec.width, rec.height) == (122, 160)
+        x, y, w, h = rec.bbox
+        inside = image[y:y + h, x:x + w]
+        border = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3)])
+        # the pill differs from the plain background it sits on
+        assert np.abs(inside.mean((0, 1)) - border.mean(0)).max() > 4 or inside.std() > border.std() + 4
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+    args = dict(num_classes=3, per_class=2, combo=2, image_scale=0.06, workers=1, progress=False)
+    generate_dataset(tmp_path / "a", seed=5, **args)
+    generate_dataset(tmp_path / "b", seed=5, **args)
+    generate_dataset(tmp_path / "c", seed=6, **args)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
+
+
+def test_parallel_rendering_gives_the_same_bytes(tmp_path):
+    args = dict(num_classes=4, per_class=5, combo=2, seed=1, image_scale=0.05, progress=False)
+    generate_dataset(tmp_path / "one", workers=1, **args)
+    generate_dataset(tmp_path / "two", workers=2, **args)
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+
+
+def test_zip_output_has_real_member_layout(tmp_path):
+    summary = generate_dataset(tmp_path, 2, 2, 1, seed=0, zip_output=True, image_scale=0.05, workers=1,
+                               progress=False)
+    zips = {p.name: p for p in tmp_path.rglob("*.zip")}
+    assert set(zips) == {"TS_1_단일.zip", "TL_1_단일.zip", "TS_1_조합.zip", "TL_1_조합.zip"}
+    with zipfile.ZipFile(zips["TL_1_단일.zip"]) as zf:
+        names = zf.namelist()
+    code = summary["classes"][0]
+    assert any(n.startswith(f"{code}_json/{code}_0_") and n.endswith(".json") for n in names)
+    with zipfile.ZipFile(zips["TL_1_조합.zip"]) as zf:
+        assert all(n.count("/") == 2 for n in zf.namelist())  # <combo>_json/K-<pill>/<stem>.json
+
+
+def test_classes_are_stable_and_some_are_hard_twins():
+    classes = make_classes(40, seed=3)
+    assert [c.code for c in classes] == [c.code for c in make_classes(40, seed=3)]
+    assert [c.code for c in classes] == sorted(c.code for c in classes)
+    for c in classes:
+        assert aihub.CODE_RE.match(c.code) and c.fields["dl_idx"] == str(int(c.code[2:]) - 1)
+    twins = [(a, b) for a, b in zip(classes, classes[1:], strict=False)
+             if (a.look.shape, a.look.colors) == (b.look.shape, b.look.colors)]
+    assert twins, "some neighbouring classes share shape and colour"
+    assert all(a.look.print_front != b.look.print_front for a, b in twins)
+
+
+def test_combination_pills_are_distinct_classes_without_heavy_overlap(synth_root):
+    by_photo: dict[str, list] = {}
+    for path in synth_root.rglob("K-*-*_json/K-*/*.json"):
+        rec = aihub.load_label(path.read_bytes())
+        by_photo.setdefault(rec.file_name, []).append(rec)
+    assert len(by_photo) == 6
+    for recs in by_photo.values():
+        codes = [r.mapping_code for r in recs]
+        assert 2 <= len(codes) <= 4 and len(set(codes)) == len(codes)
+        assert len({r.image_id for r in recs}) == 1
+        for i, a in enumerate(recs):
+            for b in recs[i + 1:]:
+                ax, ay, aw, ah = a.bbox
+                bx, by, bw, bh = b.bbox
+                inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+                assert inter <= 0.35 * min(aw * ah, bw * bh)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(num_classes=0, per_class=1, combo=0), "num_classes"),
+    (dict(num_classes=2, per_class=5000, combo=0), "per_class"),
+    (dict(num_classes=1, per_class=1, combo=3), "combo"),
+    (dict(num_classes=2, per_class=1, combo=0, image_scale=3.0), "image_scale"),
+])
+def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_dataset(tmp_path, **kwargs)

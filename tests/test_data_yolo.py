@@ -1,0 +1,62 @@
+"""YOLO export: layout, normalised labels, idempotence, stale files, incomplete photos left out."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from pillsnap.data.scan import load_manifest
+from pillsnap.data.yolo import build_detection_loader, count_images, export_yolo
+
+
+def combos(manifest_dir):
+    manifest = load_manifest(manifest_dir)
+    return manifest[manifest.image_type == "combination"]
+
+
+def test_export_layout_and_labels(manifest_dir, tmp_path):
+    rows = combos(manifest_dir)
+    data_yaml = export_yolo(rows, tmp_path / "yolo")
+    data = yaml.safe_load(data_yaml.read_text())
+    assert data["names"] == {0: "pill"} and data["nc"] == 1 and data["train"] == "images/train"
+    total = sum(count_images(data_yaml, s) for s in ("train", "val", "test"))
+    assert total == rows["photo_id"].nunique()
+    photo = rows.iloc[0]
+    label = (tmp_path / "yolo" / "labels" / photo.split / f"{photo.photo_id}.txt").read_text().splitlines()
+    assert len(label) == (rows.photo_id == photo.photo_id).sum()
+    expected = (photo.bbox_x + photo.bbox_w / 2) / photo.width
+    assert any(abs(float(line.split()[1]) - expected) < 1e-5 for line in label)
+    image = tmp_path / "yolo" / "images" / photo.split / f"{photo.photo_id}.png"
+    assert image.is_symlink() and os.readlink(image) == photo.image_path
+
+
+def test_export_is_idempotent_and_removes_stale_files(manifest_dir, tmp_path):
+    rows = combos(manifest_dir)
+    data_yaml = export_yolo(rows, tmp_path / "yolo")
+    stamps = {p: p.lstat().st_mtime_ns for p in (tmp_path / "yolo").rglob("*") if p.is_file() or p.is_symlink()}
+    export_yolo(rows, tmp_path / "yolo")
+    assert stamps == {p: p.lstat().st_mtime_ns for p in (tmp_path / "yolo").rglob("*") if p.is_file() or p.is_symlink()}
+    one_photo = rows[rows.photo_id == rows.photo_id.iloc[0]]
+    export_yolo(one_photo, tmp_path / "yolo")
+    assert sum(count_images(data_yaml, s) for s in ("train", "val", "test")) == 1
+    assert len(list((tmp_path / "yolo" / "labels").rglob("*.txt"))) == 1
+
+
+def test_incomplete_photos_are_left_out(manifest_dir, tmp_path):
+    rows = combos(manifest_dir).copy()
+    first = rows.photo_id.iloc[0]
+    rows.loc[rows.photo_id == first, "incomplete_gt"] = True
+    export_yolo(rows, tmp_path / "yolo")
+    assert not list((tmp_path / "yolo").rglob(f"{first}.*"))
+    export_yolo(rows, tmp_path / "yolo2", include_incomplete=True)
+    assert list((tmp_path / "yolo2").rglob(f"{first}.txt"))
+
+
+def test_ultralytics_val_loader(manifest_dir, tmp_path):
+    rows = combos(manifest_dir).assign(split="val")
+    data_yaml = export_yolo(rows, tmp_path / "yolo")
+    loader = build_detection_loader(data_yaml, "val", 64, 2, 0, train=False)
+    batch = next(iter(loader))
+    assert batch["img"].shape[0] == 2 and batch["img"].shape[1] == 3
+    assert batch["bboxes"].shape[0] == len(batch["batch_idx"]) > 0

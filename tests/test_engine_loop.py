@@ -1,0 +1,90 @@
+"""The epoch loop with fake tasks: interleaving counts both tasks' steps, records feed the callbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_fakes import fake_build_loaders, make_cfg
+
+from pillsnap.engine import ClassificationTask, train_one_epoch_classification
+from pillsnap.engine.callbacks import Callback, CallbackList
+from pillsnap.engine.loop import EpochRunner
+
+
+class FakeTask:
+    """Just enough of the task contract for the loop: counts the steps it is given."""
+
+    def __init__(self, name: str, steps: int) -> None:
+        self.name, self.steps, self.calls = name, steps, 0
+        self.train_loader = list(range(steps + 5))
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def train_step(self, batch) -> dict:
+        self.calls += 1
+        return {"loss": 1.0, "lr": 0.1, "n": 2}
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.records = []
+
+    def on_step_end(self, record: dict) -> None:
+        self.records.append(record)
+
+
+def test_runner_interleaves_by_ratio_and_counts_each_task(tmp_path):
+    cfg = make_cfg(tmp_path, "train.interleave_ratio=[1,2]", "train.step_log_interval=3")
+    tasks = {"detection": FakeTask("detection", 4), "classification": FakeTask("classification", 8)}
+    rec = Recorder()
+    runner = EpochRunner(tasks, cfg, CallbackList([rec]), max_epochs=3)
+    out = runner.train_one_epoch(1, ["detection", "classification"])
+    assert tasks["detection"].calls == 4 and tasks["classification"].calls == 8
+    assert out["detection"]["steps"] == 4 and out["classification"]["steps"] == 8
+    assert [r["task"][0] for r in rec.records] == list("dccdccdccdcc")
+    assert runner.global_step == 12
+    cls_records = [r for r in rec.records if r["task"] == "classification"]
+    assert [r["step"] for r in cls_records] == list(range(1, 9)) and cls_records[-1]["steps"] == 8
+    assert [r["step"] for r in cls_records if r["log"]] == [3, 6, 8]
+    assert all(r["max_epochs"] == 3 and r["throughput"] > 0 for r in rec.records)
+
+
+def test_train_one_epoch_classification_steps_the_optimizer_per_accumulation(tmp_path):
+    torch.set_num_threads(1)
+    cfg = make_cfg(tmp_path, "train.grad_accum_steps=3", "train.max_steps_per_epoch=5")
+    train, val, *_, meta = fake_build_loaders(cfg)
+    task = ClassificationTask(cfg, train, val, meta, "cpu")
+    before = task.raw_model.conv_stem.weight.detach().clone()
+    out = train_one_epoch_classification(task, epoch=1, cfg=cfg)
+    assert out["steps"] == 5 and task.optimizer_steps == 1  # 5 micro-batches, accumulation 3
+    assert task.ema.decay == pytest.approx(2 / 11)  # EMA decay warm-up after one update (config decay 0.9)
+    assert task.samples_seen == 40 and not torch.equal(before, task.raw_model.conv_stem.weight)
+    metrics = task.validate(1)
+    assert {"loss", "accuracy", "macro_f1", "top5", "n"} <= set(metrics) and metrics["n"] == 16
+
+
+def test_memory_watch_warns_above_the_ratio(caplog):
+    from pillsnap.engine.callbacks import MemoryWatchCallback
+    from pillsnap.utils import TBWriter
+
+    tb = TBWriter(".", enabled=False)
+    info = {"batch_size": 8}
+    MemoryWatchCallback(0.8, tb, mem_ratio=lambda: 0.5).on_epoch_start(1, info)
+    assert info["mem_ratio"] == 0.5 and "memory_warning" not in caplog.text
+    MemoryWatchCallback(0.8, tb, mem_ratio=lambda: 0.93).on_epoch_start(2, info)
+    assert "oom/memory_warning: CUDA memory at 93%" in caplog.text
+
+
+def test_profile_line_every_interval(caplog):
+    import logging
+
+    from pillsnap.engine.callbacks import ProfileCallback
+
+    cb = ProfileCallback(3, logging.getLogger("pillsnap.test"))
+    record = {"task": "classification", "data_time": 0.01, "compute_time": 0.09, "n": 8, "cuda_mem": 0.0}
+    with caplog.at_level(logging.INFO, logger="pillsnap.test"):
+        for _ in range(7):
+            cb.on_step_end(record)
+    lines = [r.message for r in caplog.records if r.message.startswith("[profile]")]
+    assert len(lines) == 2 and "data_share=10%" in lines[0] and "thr=80.0/s" in lines[0]

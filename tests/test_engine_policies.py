@@ -1,0 +1,161 @@
+"""Pure engine policies: OOM machine, auto batch, early stopping, time cap, interleaving, LR schedule, log line."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from pillsnap.engine.callbacks import format_train_line
+from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_reached, time_cap_success
+from pillsnap.engine.interleave import interleave_schedule
+from pillsnap.engine.oom import FakeOOM, auto_find_batch_size, oom_recovery_state_machine
+from pillsnap.engine.optim import warmup_cosine_factor
+
+OOM_CFG = {"max_retries": 4, "max_grad_accum": 8, "min_batch": 1, "cooldown_sec": 0, "escalate_to_fp16": True}
+LINE = re.compile(r"^\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
+                  r"comp=\d+\.\d{3}s thr=\d+\.\d/s cuda=\d+MB$")
+
+
+def run_machine(state: dict, cfg: dict, n: int) -> list[dict]:
+    """Feed n consecutive OOMs through the state machine, applying each decision to `state`."""
+    decisions, retries = [], 0
+    for _ in range(n):
+        d = oom_recovery_state_machine(retries, state, cfg)
+        retries = d["retries"]
+        decisions.append(d)
+        if d["action"] == "amp_fp16":
+            state = d["next_state"]
+        elif d["action"] in ("microbatching", "global_batch_change"):
+            state = {**state, "batch_size": d["batch_size"], "grad_accum": d["grad_accum"]}
+    return decisions
+
+
+def test_oom_machine_goes_s1_then_s2_keeping_the_global_batch_then_gives_up():
+    decisions = run_machine({"batch_size": 32, "grad_accum": 1, "did_amp_escalate": False}, OOM_CFG, 5)
+    assert [d["action"] for d in decisions] == ["amp_fp16", "microbatching", "microbatching", "microbatching",
+                                                 "emergency_exit"]
+    assert [(d["batch_size"], d["grad_accum"]) for d in decisions[1:4]] == [(16, 2), (8, 4), (4, 8)]
+    assert all(d["batch_size"] * d["grad_accum"] == 32 for d in decisions[1:4])
+    assert decisions[-1]["save_checkpoint"] is True
+
+
+def test_oom_machine_s3_scales_lr_linearly_and_switches_to_by_samples():
+    cfg = {**OOM_CFG, "max_retries": 10, "max_grad_accum": 4, "escalate_to_fp16": False}
+    decisions = run_machine({"batch_size": 8, "grad_accum": 1}, cfg, 4)
+    assert [d["action"] for d in decisions] == ["microbatching", "microbatching", "global_batch_change",
+                                                 "emergency_exit"]
+    s3 = decisions[2]
+    assert (s3["batch_size"], s3["grad_accum"]) == (1, 4)
+    assert s3["lr_scale"] == pytest.approx(0.5) and s3["steps_per_epoch_ratio"] == pytest.approx(2.0)
+    assert s3["scheduler_mode"] == "by_samples" and s3["audit_log"] == {"G_old": 8, "G_new": 4, "lr_scale": 0.5}
+    # lr * wd * steps_per_epoch is unchanged, which is what "keep the per-epoch weight decay" asks.
+    assert s3["lr_scale"] * s3["wd_scale"] * s3["steps_per_epoch_ratio"] == pytest.approx(1.0)
+    assert "min_batch" in decisions[3]["reason"]
+
+
+def test_oom_machine_escalates_to_fp16_only_once():
+    state = {"batch_size": 4, "grad_accum": 1, "did_amp_escalate": True}
+    assert oom_recovery_state_machine(0, state, OOM_CFG)["action"] == "microbatching"
+
+
+def test_fake_oom_fires_once_per_listed_step(monkeypatch):
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "2, 5")
+    fake = FakeOOM.from_env()
+    fired = []
+    for step in range(8):
+        try:
+            fake.check(step)
+        except torch.OutOfMemoryError:
+            fired.append(step)
+    assert fired == [2, 5]
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "x")
+    with pytest.raises(ValueError, match="PILLSNAP_FAKE_OOM_STEPS"):
+        FakeOOM.from_env()
+
+
+def fake_step(limit: int):
+    tried = []
+
+    def step(bs: int) -> None:
+        tried.append(bs)
+        if bs > limit:
+            raise torch.OutOfMemoryError(f"bs {bs}")
+
+    return step, tried
+
+
+def test_auto_batch_halves_on_oom_then_searches_upwards():
+    step, tried = fake_step(limit=20)
+    assert auto_find_batch_size(step, init_bs=64, min_bs=1, max_bs=64, mem_ratio=lambda: 0.1) == 16
+    assert tried == [64, 32, 16, 32]
+    step, tried = fake_step(limit=100)
+    assert auto_find_batch_size(step, init_bs=8, max_bs=48, mem_ratio=lambda: 0.1) == 48
+    assert tried == [8, 16, 32, 48]
+
+
+def test_auto_batch_respects_headroom_and_fails_clearly():
+    step, tried = fake_step(limit=1000)
+    # Memory share grows with the batch: 64 would run but leave less than 12% headroom.
+    assert auto_find_batch_size(step, init_bs=8, max_bs=64, headroom=0.88, mem_ratio=lambda: tried[-1] / 40) == 32
+    step, _ = fake_step(limit=0)
+    with pytest.raises(RuntimeError, match="min_bs=2"):
+        auto_find_batch_size(step, init_bs=8, min_bs=2, mem_ratio=lambda: 0.1)
+
+
+def test_early_stopping_counts_patience_and_min_delta():
+    state = new_early_stopping_state()
+    results = [early_stopping(state, m, "max", patience=2, min_delta=0.01) for m in (0.5, 0.6, 0.605, 0.59)]
+    assert results == [(False, True), (False, True), (False, False), (True, False)]
+    assert state["best"] == 0.6
+    state = new_early_stopping_state()
+    assert early_stopping(state, 1.0, "min", 3)[1] and early_stopping(state, 0.5, "min", 3)[1]
+    assert not early_stopping(state, float("nan"), "min", 3)[1]
+    with pytest.raises(ValueError, match="mode"):
+        early_stopping(state, 1.0, "up", 3)
+
+
+def test_time_cap_rule_needs_permission_samples_and_classes():
+    stage = {"allow_success_on_time_cap": True, "min_samples_required": 100, "min_class_coverage": 5}
+    assert time_cap_success(stage, 100, 5)["success"]
+    verdict = time_cap_success(stage, 99, 4)
+    assert not verdict["success"] and len(verdict["reasons"]) == 2
+    assert not time_cap_success({**stage, "allow_success_on_time_cap": False}, 1000, 50)["success"]
+    assert time_cap_reached(3600.0, 1.0) and not time_cap_reached(3599.0, 1.0) and not time_cap_reached(1e9, None)
+
+
+@pytest.mark.parametrize(("ratio", "det", "cls"), [((1, 1), 10, 10), ((1, 3), 5, 20), ((2, 1), 7, 3), ((0, 1), 0, 4)])
+def test_interleave_schedule_respects_ratio_and_counts(ratio, det, cls):
+    names = list(interleave_schedule(det, cls, ratio))
+    assert Counter(names) == Counter({"detection": det, "classification": cls}) - Counter()
+    d, c = ratio
+    # While both tasks have steps left, position step % (d + c) < d is detection (seed D-1).
+    both = min(det // d if d else 0, cls // c) * (d + c)
+    assert all((n == "detection") == (i % (d + c) < d) for i, n in enumerate(names[:both]))
+
+
+def test_interleave_schedule_lets_the_remaining_task_finish_and_rejects_bad_ratios():
+    assert list(interleave_schedule(1, 3, (1, 1))) == ["detection", "classification", "classification",
+                                                         "classification"]
+    assert list(interleave_schedule(2, 0, (1, 1))) == ["detection", "detection"]
+    with pytest.raises(ValueError, match="interleave_ratio"):
+        list(interleave_schedule(1, 1, (0, 0)))
+
+
+def test_warmup_cosine_schedule_shape():
+    factors = [warmup_cosine_factor(s, 4, 20) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert math.isclose(warmup_cosine_factor(100, 4, 20), 0.0, abs_tol=1e-12)
+
+
+def test_train_line_has_the_seed_format():
+    record = {"epoch": 1, "max_epochs": 10, "step": 20, "steps": 300, "loss": 1.23456, "lr": 3e-4,
+              "data_time": 0.0123, "compute_time": 0.2, "throughput": 123.45, "cuda_mem": 1024.4}
+    line = format_train_line(record)
+    assert line == "[train] e=1/10 s=20/300 loss=1.2346 lr=3.00e-04 data=0.012s comp=0.200s thr=123.5/s cuda=1024MB"
+    assert LINE.match(line)

@@ -1,0 +1,190 @@
+"""trainer.main end to end on CPU with fake loaders: run files, checkpoint schema, log line, TB tags, resume, OOM."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine_fakes import NUM_CLASSES, fake_build_loaders, make_cfg
+
+from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main
+from pillsnap.utils import CKPT_REQUIRED_KEYS, load_ckpt
+
+LINE = re.compile(r"\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
+                  r"comp=\d+\.\d{3}s thr=\d+\.\d/s cuda=\d+MB$")
+TB_TAGS = {"train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput", "perf/cuda_mem",
+           "val/loss", "val/accuracy", "val/macro_f1", "val/top5"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def tb_tags(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in tb_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path):
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp), fake_build_loaders) == 0
+    ckpts = exp / "checkpoints"
+    for name in ("last.pt", "best.pt", "classification_last.pt", "classification_best.pt", "classes.json"):
+        assert (ckpts / name).is_file(), name
+    ckpt = load_ckpt(ckpts / "last.pt")
+    assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version"}
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12
+    assert ckpt["config_snapshot"]["model"]["num_classes"] == NUM_CLASSES
+    classes = json.loads((ckpts / "classes.json").read_text(encoding="utf-8"))
+    assert classes["class_names"] == [f"K-{i:06d}" for i in range(NUM_CLASSES)]
+    assert classes["class_map"]["K-000002"]["index"] == 2
+
+    metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["epoch"] == 2 and metrics["status"] == "completed" and len(metrics["history"]) == 2
+    assert set(metrics["classification"]) == {"accuracy", "macro_f1", "top5", "loss"}
+    stream = read_jsonl(exp / "reports" / "metrics.jsonl")
+    assert {r["type"] for r in stream} == {"step", "val", "epoch", "end"}
+    assert sum(r["type"] == "step" for r in stream) == 6  # every 2nd of 6 steps, two epochs
+
+    lines = [ln for ln in (exp / "logs" / "train.out").read_text(encoding="utf-8").splitlines() if "[train]" in ln]
+    assert len(lines) == 6 and all(LINE.search(ln) for ln in lines)
+    assert (exp / "logs" / "train.err").is_file()
+    assert tb_tags(exp / "tb") >= TB_TAGS
+
+
+def test_classifier_learns_the_fake_data(tmp_path):
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.epochs=4", "train.ema.enabled=false"), fake_build_loaders) == 0
+    metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["classification"]["accuracy"] >= 0.75  # chance is 0.25
+
+
+class Killed(Exception):
+    """Stands in for a process killed mid-epoch."""
+
+
+class KillingLoader:
+    """Delegates to a loader but raises Killed when the n-th batch of the run is requested."""
+
+    def __init__(self, loader, kill_at: int) -> None:
+        self.loader, self.kill_at, self.served = loader, kill_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.served += 1
+            if self.served == self.kill_at:
+                raise Killed(f"killed at batch {self.served}")
+            yield batch
+
+
+def killing_build(kill_at: int):
+    def build(cfg):
+        train, *rest = fake_build_loaders(cfg)
+        return (KillingLoader(train, kill_at), *rest)
+
+    return build
+
+
+def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_weights(tmp_path):
+    args = ("train.epochs=3", "train.deterministic=true", "train.ema.validate=both", "train.grad_accum_steps=2")
+    assert main(make_cfg(tmp_path / "straight", *args), fake_build_loaders) == 0
+    with pytest.raises(Killed):
+        main(make_cfg(tmp_path / "killed", *args), killing_build(kill_at=9))  # epoch 2, batch 3 of 6
+    assert load_ckpt(tmp_path / "killed" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert main(make_cfg(tmp_path / "killed", *args, "train.resume=last"), fake_build_loaders) == 0
+
+    straight = load_ckpt(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_ckpt(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert resumed["epoch"] == straight["epoch"] == 3 and resumed["global_step"] == straight["global_step"]
+    for key in ("model_state", "ema_state"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    assert straight["scheduler_state"]["last_epoch"] == resumed["scheduler_state"]["last_epoch"]
+    history = json.loads((tmp_path / "killed" / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and "raw_accuracy" in history[-1]["classification"]
+
+
+@pytest.mark.parametrize(("override", "named"), [("model.backbone=test_resnet", "'test_resnet'"),
+                                                 ("model.num_classes=9", "9 classes")])
+def test_resume_with_another_model_stops_with_a_friendly_error(tmp_path, caplog, override, named):
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.epochs=1"), fake_build_loaders) == 0
+    assert main(make_cfg(exp, "train.epochs=2", "train.resume=last", override), fake_build_loaders) == EXIT_CONFIG
+    err = (exp / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "Cannot resume" in err and "'test_efficientnet' and 4 classes" in err and named in err
+    assert main(make_cfg(exp, "train.resume=" + str(tmp_path / "nope.pt")), fake_build_loaders) == EXIT_CONFIG
+
+
+def test_injected_oom_is_recovered_and_the_run_finishes(tmp_path, monkeypatch):
+    # OOM #1 -> S1 fp16; #2 -> S2 bs 4 x2; #3 -> S2 bs 2 x4; #4 -> S3 bs 1 x4 (max_grad_accum=4), lr halved.
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "1,2,3,4")
+    exp = tmp_path / "exp"
+    # 64 px: at batch 1 the 32 px net would reach a 1x1 BatchNorm, which cannot train on one value.
+    cfg = make_cfg(exp, "train.oom.max_retries=5", "train.oom.max_grad_accum=4", "train.scheduler=none",
+                   "model.image_size=64")
+    assert main(cfg, fake_build_loaders) == 0
+    ooms = [r for r in read_jsonl(exp / "reports" / "metrics.jsonl") if r["type"] == "oom"]
+    applied = [(r["state"]["batch_size"], r["state"]["grad_accum"]) for r in ooms if r["action"] == "applied"]
+    assert applied == [(8, 1), (4, 2), (2, 4), (1, 4)]
+    assert [r["action"] for r in ooms if r["action"] != "applied"] == ["amp_fp16", "microbatching", "microbatching",
+                                                                       "global_batch_change"]
+    history = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert len(history) == 2 and history[-1]["classification"]["lr"] == pytest.approx(0.005)
+    assert "oom/retries" in tb_tags(exp / "tb")
+    assert "OOM Recovery S3" in (exp / "logs" / "train.err").read_text(encoding="utf-8")
+
+
+def test_oom_beyond_max_retries_writes_an_emergency_checkpoint_and_exits(tmp_path, monkeypatch):
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "0,1")
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.oom.max_retries=1"), fake_build_loaders) == EXIT_OOM
+    assert load_ckpt(exp / "checkpoints" / "classification_emergency.pt")["epoch"] == 0
+    assert json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))["status"] == "oom_emergency_exit"
+
+
+@pytest.mark.parametrize(("allow", "code"), [("true", 0), ("false", EXIT_TIME_CAP)])
+def test_stage_time_cap_stops_and_applies_the_success_rule(tmp_path, allow, code):
+    exp = tmp_path / "exp"
+    pv = "data.progressive_validation.stage_1."
+    cfg = make_cfg(exp, "train.epochs=5", f"{pv}time_limit_hours=1.0e-9", f"{pv}allow_success_on_time_cap={allow}",
+                   f"{pv}min_samples_required=8", f"{pv}min_class_coverage=2")
+    assert main(cfg, fake_build_loaders) == code
+    metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["status"] == "time_capped" and metrics["epoch"] == 1
+    verdict = metrics["stage"]["time_cap"]
+    assert verdict["samples_seen"] == 16 and verdict["success"] is (allow == "true")
+
+
+def test_resume_last_without_checkpoint_starts_fresh_and_empty_data_is_named(tmp_path):
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.epochs=1", "train.resume=last"), fake_build_loaders) == 0
+    assert "starts fresh" in (exp / "logs" / "train.err").read_text(encoding="utf-8")
+
+    def no_train(cfg):
+        return (None, *fake_build_loaders(cfg)[1:])
+
+    assert main(make_cfg(tmp_path / "empty"), no_train) == EXIT_CONFIG
+    assert "no single-pill training images" in (tmp_path / "empty" / "logs" / "train.err").read_text(encoding="utf-8")

@@ -1,0 +1,48 @@
+"""Classification metrics against sklearn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+
+from pillsnap.eval import evaluate_classification_metrics
+
+
+def random_case(seed: int, n: int = 200, k: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y_true] += 1.5  # better than chance, not perfect
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y_true, prob
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn(seed):
+    y_true, prob = random_case(seed)
+    y_pred = prob.argmax(1)
+    m = evaluate_classification_metrics(y_true, y_pred, prob, topk=(1, 3, 5))
+    labels = np.arange(prob.shape[1])
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert m["top1"] == pytest.approx(m["accuracy"])
+    assert m["top3"] == pytest.approx(top_k_accuracy_score(y_true, prob, k=3, labels=labels))
+    assert m["top5"] == pytest.approx(top_k_accuracy_score(y_true, prob, k=5, labels=labels))
+    assert m["confidence"] == pytest.approx(prob.max(1).mean()) and m["n"] == len(y_true)
+
+
+def test_topk_above_class_count_is_clipped_and_probs_are_optional():
+    y_true, prob = np.array([0, 1, 2]), np.eye(3)[[1, 1, 0]]
+    m = evaluate_classification_metrics(y_true, prob.argmax(1), prob, topk=(1, 5))
+    assert m["top1"] == pytest.approx(1 / 3) and m["top5"] == 1.0
+    m = evaluate_classification_metrics([0, 1], [0, 0])
+    assert "top5" not in m and m["accuracy"] == 0.5
+    assert evaluate_classification_metrics([], [])["n"] == 0
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="equal length"):
+        evaluate_classification_metrics([0, 1], [0])
+    with pytest.raises(ValueError, match="y_prob"):
+        evaluate_classification_metrics([0, 1], [0, 1], np.ones((3, 2)))

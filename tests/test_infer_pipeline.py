@@ -1,0 +1,154 @@
+"""Predictor / predict_pipeline / `pillsnap predict` on a fake experiment dir (untrained tiny models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pillsnap.cli import main as cli_main
+from pillsnap.config import config_to_dict, load_config
+from pillsnap.infer.pipeline import Predictor, predict_pipeline
+from pillsnap.infer.preprocess import letterbox, locate_pill, unletterbox_boxes
+from pillsnap.models.classifier import build_classification_model
+from pillsnap.models.detector import build_yolo_model
+from pillsnap.utils import save_ckpt, save_json
+
+CODES = ["K-000001", "K-000002", "K-000003"]
+
+
+def _cfg(exp_dir: Path, *overrides: str):
+    return load_config("config.yaml", [f"paths.exp_dir={exp_dir}", "model.backbone=test_efficientnet",
+                                       "model.num_classes=3", "model.image_size=32", "model.detector=yolo11n",
+                                       "model.det_image_size=64", *overrides], dotenv_path=None)
+
+
+def _ckpt(model: torch.nn.Module, cfg) -> dict:
+    return {"model_state": model.state_dict(), "optimizer_state": {}, "scheduler_state": {}, "scaler_state": {},
+            "epoch": 1, "best_metric": 0.0, "config_snapshot": config_to_dict(cfg)}
+
+
+def make_exp_dir(root: Path, with_detector: bool = True) -> Path:
+    cfg = _cfg(root)
+    ckpts = root / "checkpoints"
+    torch.manual_seed(0)
+    save_ckpt(ckpts / "classification_best.pt", _ckpt(build_classification_model("test_efficientnet", 3), cfg))
+    if with_detector:
+        save_ckpt(ckpts / "detection_best.pt", _ckpt(build_yolo_model("yolo11n", 1), cfg))
+    save_json(ckpts / "classes.json", {"class_names": CODES,
+                                       "class_map": {c: {"name": f"drug {i}"} for i, c in enumerate(CODES)}})
+    return root
+
+
+def pill_photo(path: Path, boxes: list[tuple[int, int, int, int]]) -> Path:
+    image = Image.new("RGB", (120, 160), (190, 190, 185))
+    draw = ImageDraw.Draw(image)
+    for x, y, w, h in boxes:
+        draw.ellipse((x, y, x + w, y + h), fill=(200, 40, 120))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exp_dir(tmp_path_factory) -> Path:
+    return make_exp_dir(tmp_path_factory.mktemp("exp"))
+
+
+@pytest.fixture()
+def predictor(exp_dir: Path) -> Predictor:
+    return Predictor(exp_dir, _cfg(exp_dir), device="cpu")
+
+
+def test_single_mode_answers_one_pill_with_topk(predictor: Predictor, tmp_path: Path) -> None:
+    photo = pill_photo(tmp_path / "one.png", [(45, 60, 30, 24)])
+    result = predictor.predict(photo, mode="single")
+    assert result["mode_used"] == "single" and result["fallback_reason"] is None
+    assert result["num_pills"] == 1 and len(result["pills"]) == 1
+    pill = result["pills"][0]
+    assert pill["mapping_code"] in CODES and pill["name"].startswith("drug")
+    probs = [c["probability"] for c in pill["topk"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert result["single_confidence"] == pytest.approx(probs[0])
+    # single mode crops the located pill, so its box sits around the drawn ellipse
+    x, y, w, h = pill["bbox"]
+    assert 30 <= x <= 50 and 45 <= y <= 65 and w < 60
+    assert predictor._detector is None  # lazy: single mode never loads the detector
+
+
+def test_auto_multi_object_hint_routes_to_combo_and_logs_hard_case(predictor: Predictor, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    boxes = np.array([[70, 100, 30, 24, 0.9], [10, 10, 30, 24, 0.8]], dtype=float)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+    predictor.settings.single_confidence_threshold = 0.0  # whatever the classifier says, it is "confident"
+    result = predictor.predict(photo, mode="auto")
+    assert (result["mode_used"], result["fallback_reason"]) == ("combo", "multi_object_hint")
+    assert [p["bbox"] for p in result["pills"]] == [[70, 100, 30, 24], [10, 10, 30, 24]]
+    assert [p["det_confidence"] for p in result["pills"]] == [0.9, 0.8]
+    assert result["hard_case"] == ["auto_fallback_to_combo"]
+    log = predictor.hard_cases.path_for_today()
+    record = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    assert record["reasons"] == ["auto_fallback_to_combo"] and len(record["pills"]) == 2
+
+
+def test_auto_low_confidence_uses_the_real_detector(predictor: Predictor, tmp_path: Path) -> None:
+    photo = pill_photo(tmp_path / "low.png", [(45, 60, 30, 24)])
+    predictor.settings.single_confidence_threshold = 1.01  # nothing is confident enough
+    result = predictor.predict(photo, mode="auto", conf_threshold=0.0001)
+    assert result["fallback_reason"] == "low_confidence"
+    assert predictor._detector is not None  # loaded on the first combo path
+    # an untrained detector finds some boxes at this threshold: the combo path answers with them
+    assert result["mode_used"] == "combo" and result["num_pills"] >= 1
+
+
+def test_combo_without_detector_is_a_clear_error(tmp_path: Path) -> None:
+    root = make_exp_dir(tmp_path, with_detector=False)
+    predictor = Predictor(root, _cfg(root), device="cpu")
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    with pytest.raises(FileNotFoundError, match="combo mode needs one"):
+        predictor.predict(photo, mode="combo")
+    predictor.settings.single_confidence_threshold = 1.01
+    assert predictor.predict(photo, mode="auto")["mode_used"] == "single"  # auto degrades to single
+
+
+def test_bad_inputs_are_named(predictor: Predictor, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="Image not found"):
+        predictor.predict(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        predictor.predict(np.zeros((8, 8, 3), dtype=np.uint8), mode="many")
+    with pytest.raises(FileNotFoundError, match="No classifier checkpoint"):
+        Predictor(tmp_path / "nothing", _cfg(tmp_path))
+
+
+def test_predict_pipeline_accepts_arrays(predictor: Predictor) -> None:
+    image = np.full((64, 48, 3), 180, dtype=np.uint8)
+    result = predict_pipeline(image, mode="single", predictor=predictor)
+    assert result["mode_used"] == "single" and result["image"] is None and result["num_pills"] == 1
+
+
+def test_cli_predict_json(exp_dir: Path, tmp_path: Path, capsys) -> None:
+    photos = [pill_photo(tmp_path / f"{i}.png", [(45, 60, 30, 24)]) for i in range(2)]
+    code = cli_main(["predict", *map(str, photos), "--exp", str(exp_dir), "--mode", "single", "--json",
+                     "--set", "inference.topk=2"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and len(out) == 2
+    assert all(r["mode_used"] == "single" and len(r["pills"]) == 1 for r in out)
+    assert all(len(r["pills"][0]["topk"]) == 2 for r in out)
+
+
+def test_cli_predict_missing_image_fails(exp_dir: Path, tmp_path: Path) -> None:
+    assert cli_main(["predict", str(tmp_path / "nope.png"), "--exp", str(exp_dir)]) == 1
+
+
+def test_letterbox_roundtrip_and_locate() -> None:
+    image = Image.new("RGB", (100, 200), (150, 150, 150))
+    tensor, scale, pad = letterbox(image, 64)
+    assert tensor.shape == (1, 3, 64, 64) and scale == pytest.approx(0.32)
+    box = np.array([[pad[0] + 3.2, pad[1] + 6.4, pad[0] + 16.0, pad[1] + 32.0]])
+    assert np.allclose(unletterbox_boxes(box, scale, pad, image.size), [[10, 20, 40, 80]], atol=1e-6)
+    assert locate_pill(image) is None  # a plain backdrop has no pill

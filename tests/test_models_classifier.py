@@ -1,0 +1,60 @@
+"""Classifier builder (timm, never downloading) and inference loading from training checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pillsnap.models import build_classification_model, load_classifier_for_inference
+from pillsnap.utils import save_ckpt
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_builds_any_timm_name_with_the_requested_head(backbone):
+    model = build_classification_model(backbone, num_classes=7).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_channels_last_model_accepts_channels_last_input():
+    model = build_classification_model("test_efficientnet", 3, channels_last=True).eval()
+    conv = next(p for p in model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert model(x).shape == (2, 3)
+
+
+def test_bad_requests_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="Unknown timm backbone 'efficientnet_nope'"):
+        build_classification_model("efficientnet_nope", 3)
+    with pytest.raises(ValueError, match="weights_path"):
+        build_classification_model("test_efficientnet", 3, pretrained=True)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_classification_model("test_efficientnet", 3, weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_classification_model("test_efficientnet", 0)
+
+
+def test_local_weights_load_except_a_head_of_another_size(tmp_path):
+    source = build_classification_model("test_efficientnet", 10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = build_classification_model("test_efficientnet", 4, pretrained=True, weights_path=tmp_path / "w.pth")
+    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
+    assert model.get_classifier().out_features == 4
+
+
+def write_ckpt(path, model, ema_model, validate):
+    snapshot = {"model": {"backbone": "test_efficientnet", "num_classes": 5}, "train": {"ema": {"validate": validate}}}
+    save_ckpt(path, {"model_state": model.state_dict(), "optimizer_state": {}, "scheduler_state": {},
+                     "scaler_state": {}, "epoch": 1, "best_metric": 0.5, "config_snapshot": snapshot,
+                     "ema_state": ema_model.state_dict()})
+
+
+@pytest.mark.parametrize(("validate", "expect_ema"), [("ema", True), ("both", True), ("raw", False)])
+def test_inference_loader_picks_ema_weights_when_they_were_validated(tmp_path, validate, expect_ema):
+    raw, ema = build_classification_model("test_efficientnet", 5), build_classification_model("test_efficientnet", 5)
+    write_ckpt(tmp_path / "best.pt", raw, ema, validate)
+    model, snapshot = load_classifier_for_inference(tmp_path / "best.pt")
+    expected = ema if expect_ema else raw
+    assert not model.training and snapshot["model"]["num_classes"] == 5
+    assert torch.equal(model.conv_stem.weight, expected.conv_stem.weight)
