@@ -57,6 +57,7 @@ def test_oversized_upload_413(client):
 
 
 def test_corrupt_and_empty_image_400(client):
+    import ultralytics  # noqa: F401  - it patches PIL.Image.open to pip-install pi-heif; decoding must not care
     resp = client.post("/predict", files={"file": ("x.png", b"not an image", "image/png")}, headers={"X-API-Key": "k"})
     assert resp.status_code == 400 and "not a readable image" in resp.json()["detail"]
     resp = client.post("/predict", files={"file": ("x.png", b"", "image/png")}, headers={"X-API-Key": "k"})

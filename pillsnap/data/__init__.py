@@ -17,6 +17,7 @@ _EXPORTS = {
     "select_stage": "pillsnap.data.stages",
     "stage_classes": "pillsnap.data.stages",
     "read_image": "pillsnap.data.datasets",
+    "decode_image": "pillsnap.data.datasets",
     "crop_box": "pillsnap.data.datasets",
     "classification_transform": "pillsnap.data.datasets",
     "safe_collate": "pillsnap.data.datasets",

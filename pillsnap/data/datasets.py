@@ -60,13 +60,21 @@ def _pil_open(fp: io.BytesIO) -> Image.Image:
     return opener(fp)
 
 
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode encoded image bytes as RGB; an undecodable image raises OSError naming `name`."""
+    try:
+        return _pil_open(io.BytesIO(data)).convert("RGB")
+    except DECODE_ERRORS as err:
+        raise OSError(f"Cannot read image {name}: {err}") from err
+
+
 def read_image(path: str) -> Image.Image:
     """Decode an image (plain path or `zip:<zip>!<member>`) as RGB; errors name the path."""
     try:
-        image = _pil_open(io.BytesIO(read_bytes(str(path))))
-        return image.convert("RGB")
+        data = read_bytes(str(path))
     except DECODE_ERRORS as err:
         raise OSError(f"Cannot read image {path}: {err}") from err
+    return decode_image(data, str(path))
 
 
 def crop_box(width: int, height: int, bbox: Sequence[int], margin: float) -> tuple[int, int, int, int]:

@@ -6,29 +6,28 @@ builds that callable from an experiment directory (pillsnap.infer.Predictor).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from pillsnap.data import decode_image
 
 LOGGER = logging.getLogger(__name__)
 PredictFn = Callable[[Image.Image, str], dict]
 MODES = ("auto", "single", "combo")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image; a clear 400 for anything that is not a decodable image."""
+def decode_upload(data: bytes, filename: str | None) -> Image.Image:
+    """Upload bytes -> RGB PIL image; a clear 400 for anything that is not a decodable image."""
     if not data:
         raise HTTPException(status_code=400, detail="Empty upload: send an image file in the 'file' field.")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return decode_image(data, filename or "upload")
+    except OSError as err:
         raise HTTPException(status_code=400, detail=f"Uploaded file is not a readable image: {err}") from err
-    return image.convert("RGB")
 
 
 def api_key_dependency(expected: str | None) -> Callable:
@@ -65,7 +64,7 @@ def create_app(predict: PredictFn, api_key: str | None = None, max_upload_mb: fl
         data = await file.read(limit + 1)
         if len(data) > limit:
             raise HTTPException(status_code=413, detail=f"Upload larger than {max_upload_mb} MB.")
-        image = decode_image(data)
+        image = decode_upload(data, file.filename)
         result = predict(image, mode)
         LOGGER.info("predict %s mode=%s -> %s, %d pill(s)", file.filename, mode, result.get("mode_used"),
                     len(result.get("pills", [])))
