@@ -103,6 +103,9 @@ def count_images(data_yaml: str | Path, split: str) -> int:
 def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, batch_size: int, workers: int,
                            train: bool, device: str = "cpu") -> Any:
     """An ultralytics dataloader for one split of an export (batch = the ultralytics dict; mosaic etc. on train)."""
+    from pillsnap.models.detector import ultralytics_offline
+
+    ultralytics_offline()  # before the first ultralytics import: no hub or DNS look-ups
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
 

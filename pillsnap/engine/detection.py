@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pillsnap.config import config_to_dict
-from pillsnap.engine.optim import warmup_cosine_factor
+from pillsnap.engine.optim import param_groups, warmup_cosine_factor
 from pillsnap.eval.detection_metrics import evaluate_detection_metrics
 from pillsnap.models.detector import build_yolo_model
 from pillsnap.models.export import postprocess_detections
@@ -91,13 +91,6 @@ def _loss_value(items: Any) -> float:
     return float(items.sum())
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Norm weights and biases are not decayed (as in ultralytics' build_optimizer).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class DetectionTask:
     """One-class pill detector trained step by step; see docs/ARCHITECTURE.md "Engine contract"."""
 
@@ -113,7 +106,8 @@ class DetectionTask:
         self.model = build_yolo_model(cfg.model.detector, num_classes=1, lazy_load=False,
                                       weights=cfg.model.detector_weights).to(self.device)
         self.accum = max(1, int(cfg.train.grad_accum_steps))
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, self.det_cfg.weight_decay), lr=self.det_cfg.lr)
+        groups = param_groups(self.model.parameters(), self.det_cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.det_cfg.lr)
         self.scheduler = self._build_scheduler()
         self._setup_amp()
         self.ema = self._build_ema()

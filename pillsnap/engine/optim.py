@@ -23,10 +23,10 @@ def build_criterion_classification(cfg: DictConfig, class_weights: torch.Tensor 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=float(cfg.loss.label_smoothing))
 
 
-def _param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    # Biases and norm scales (1-D tensors) are not decayed: decaying them only hurts accuracy.
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two optimizer groups: weights decayed, biases and norm scales (1-D tensors) not (decaying them only hurts)."""
     decay, no_decay = [], []
-    for _, p in params:
+    for p in params:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -39,7 +39,7 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
 
 def build_optimizer(cfg: DictConfig, named_params: Iterable[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
     """AdamW(train.lr, train.weight_decay), fused where the parameters live on CUDA."""
-    groups = _param_groups(named_params, float(cfg.train.weight_decay))
+    groups = param_groups((p for _, p in named_params), float(cfg.train.weight_decay))
     flat = [p for g in groups for p in g["params"]]
     fused = fused_supported(flat)
     LOGGER.info("AdamW lr=%.2e wd=%.3g fused=%s", cfg.train.lr, cfg.train.weight_decay, fused)
