@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 # subcommand -> module exposing register(subparsers); each registers a parser with a `func` default.
 COMMAND_MODULES = (
@@ -36,6 +37,17 @@ def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command at the process boundary: a config problem is one clear line and exit code 2."""
+    from pillsnap.config import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except ConfigError as err:
+        logging.getLogger("pillsnap").error("config error: %s", err)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     configure_logging(args.verbose)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pillsnap.config import ConfigError, load_config
+from pillsnap.config import load_config
 
 LOGGER = logging.getLogger("pillsnap.train")
 
@@ -24,11 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as err:
-        LOGGER.error("config error: %s", err)
-        return 2
+    cfg = load_config(args.cfg, args.overrides)
     if args.check:
         from omegaconf import OmegaConf
 
@@ -40,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pillsnap.cli import configure_logging
+    from pillsnap.cli import configure_logging, run_command
 
     parser = argparse.ArgumentParser(prog="python -m pillsnap.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
-    return run(args)
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

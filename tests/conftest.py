@@ -51,3 +51,14 @@ def synth_cfg(synth_root: Path, manifest_dir: Path, tmp_path: Path):
         "data.progressive_validation.stage_1.max_samples=1000",
         f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}",
     ], dotenv_path=None)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a training test on one torch thread (steadier on a shared 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,24 +36,15 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
 
     ckpt = exp / "checkpoints" / "classification_best.pt"
     before = ckpt.stat().st_mtime_ns
-    # The trainer's logger stops propagation at "pillsnap", so listen on the demo's logger itself.
-    demo_logger = logging.getLogger("pillsnap.demo")
-    demo_logger.addHandler(caplog.handler)
-    try:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pillsnap"):
         assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
-    finally:
-        demo_logger.removeHandler(caplog.handler)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "data: reusing" in messages and "scan: reusing" in messages and "train: reusing" in messages
     assert ckpt.stat().st_mtime_ns == before
 
 
 def test_demo_bad_data_root_is_named(tmp_path: Path, caplog) -> None:
-    demo_logger = logging.getLogger("pillsnap.demo")
-    demo_logger.addHandler(caplog.handler)
-    try:
-        code = cli_main(["demo", "--workdir", str(tmp_path), "--data-root", str(tmp_path / "missing")])
-    finally:
-        demo_logger.removeHandler(caplog.handler)
+    code = cli_main(["demo", "--workdir", str(tmp_path), "--data-root", str(tmp_path / "missing")])
     assert code == 2
     assert "does not exist" in caplog.text

@@ -12,13 +12,7 @@ from pillsnap.engine.trainer import main
 from pillsnap.models import load_classifier_for_inference
 from pillsnap.utils import load_ckpt, read_json
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_classification_run_on_synthetic_data(synth_cfg):

@@ -19,12 +19,7 @@ TB_TAGS = {"train/loss", "train/lr", "perf/data_time", "perf/compute_time", "per
            "val/loss", "val/accuracy", "val/macro_f1", "val/top5"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -6,8 +6,7 @@ does not pay for torch/ultralytics imports.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pillsnap._lazy import lazy_exports
 
 _EXPORTS = {
     "generate_dataset": "pillsnap.data.synth",
@@ -32,16 +31,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pillsnap.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,18 +1,23 @@
-"""Evaluation: metrics (arrays in, dict out), gates, reports."""
+"""Evaluation: metrics (arrays in, dict out), Go/No-Go gates and the advisor, report artefacts.
+
+Names resolve lazily: detection metrics and plotting pull in heavier libraries than most callers need.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pillsnap._lazy import lazy_exports
 
-from pillsnap.eval.metrics import evaluate_classification_metrics, topk_accuracy
+_EXPORTS = {
+    "evaluate_classification_metrics": "pillsnap.eval.metrics",
+    "topk_accuracy": "pillsnap.eval.metrics",
+    "evaluate_detection_metrics": "pillsnap.eval.detection_metrics",
+    "simple_stage_evaluation": "pillsnap.eval.gates",
+    "evaluate_and_recommend": "pillsnap.eval.gates",
+    "plot_confusion_matrix": "pillsnap.eval.reports",
+    "plot_roc_pr_curves": "pillsnap.eval.reports",
+    "plot_detection_results": "pillsnap.eval.reports",
+    "dump_metrics_json": "pillsnap.eval.reports",
+}
 
-__all__ = ["evaluate_classification_metrics", "evaluate_detection_metrics", "topk_accuracy"]
-
-
-def __getattr__(name: str) -> Any:
-    # detection_metrics pulls in heavier code and is owned by another module: import it on first use only.
-    if name == "evaluate_detection_metrics":
-        from pillsnap.eval.detection_metrics import evaluate_detection_metrics
-
-        return evaluate_detection_metrics
-    raise AttributeError(f"module 'pillsnap.eval' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

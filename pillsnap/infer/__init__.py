@@ -5,8 +5,7 @@ Names are re-exported lazily (PEP 562) so that `pillsnap --help` does not import
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pillsnap._lazy import lazy_exports
 
 _EXPORTS = {
     "Predictor": "pillsnap.infer.pipeline",
@@ -18,16 +17,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pillsnap.infer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,15 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pillsnap.config import ConfigError, load_config
+    from pillsnap.config import load_config
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.serve.app import create_app
 
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as err:
-        LOGGER.error("config error: %s", err)
-        return 2
+    cfg = load_config(args.cfg, args.overrides)
     predictor = Predictor(args.exp or cfg.paths.exp_dir, cfg)
     app = create_app(lambda image, mode: predictor.predict(image, mode), api_key=cfg.serving.api_key,
                      max_upload_mb=cfg.serving.max_upload_mb)

@@ -5,8 +5,7 @@ Names resolve lazily so that torch-free users (the data scan, the CLI's --help) 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pillsnap._lazy import lazy_exports
 
 _EXPORTS = {
     "pillsnap.utils.io": ("CKPT_REQUIRED_KEYS", "append_jsonl", "atomic_path", "ensure_dir", "load_ckpt",
@@ -17,13 +16,4 @@ _EXPORTS = {
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'pillsnap.utils' has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name]), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)

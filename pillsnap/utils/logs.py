@@ -15,7 +15,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
-    """Logger writing to the console and to {exp_dir}/logs/{name}.log; idempotent per name."""
+    """Logger that also writes to {exp_dir}/logs/{name}.log; idempotent per name.
+
+    Console output is the root logger's job (the CLI configures it once); only when nothing configured
+    logging does this add a console handler, so that library use still shows progress. Propagation stays
+    on, so pytest's caplog and user handlers keep seeing our records.
+    """
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     log_file = ensure_dir(Path(exp_dir) / "logs") / f"{name}.log"
@@ -24,11 +29,10 @@ def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(file_handler)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+    if not logging.getLogger().handlers and not any(type(h) is logging.StreamHandler for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
-    logger.propagate = False
     return logger
 
 
