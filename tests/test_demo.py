@@ -30,6 +30,8 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     # torch and ONNX go through the same NMS: the same mAP on the same photos
     assert summary["test"]["detection"]["onnx"]["mAP@0.5"] == pytest.approx(
         summary["test"]["detection"]["torch"]["mAP@0.5"], abs=1e-3)
+    assert summary["overlays"] and all(Path(p).stat().st_size > 0 for p in summary["overlays"])
+    assert (exp / "reports" / "confusion_matrix.png").is_file()
     kinds = [e["image_type"] for e in summary["examples"]]
     assert kinds == ["single", "combination"]
     assert all("mode_used" in e["result"] and e["result"]["pills"] is not None for e in summary["examples"])

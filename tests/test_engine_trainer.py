@@ -62,6 +62,8 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path):
     assert len(lines) == 6 and all(LINE.search(ln) for ln in lines)
     assert (exp / "logs" / "train.err").is_file()
     assert tb_tags(exp / "tb") >= TB_TAGS
+    for plot in ("confusion_matrix.png", "roc.png", "pr.png"):  # seed D-9 reports from the validated weights
+        assert (exp / "reports" / plot).stat().st_size > 0, plot
 
 
 def test_classifier_learns_the_fake_data(tmp_path):

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,11 +56,10 @@ def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 
 
 @torch.no_grad()
-def validate_classification(
+def predict_classification(
     model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device, channels_last: bool = False,
-    topk: tuple[int, ...] = (1, 5),
-) -> dict:
-    """fp32 pass over the validation loader (never the test loader): loss, accuracy, macro_f1, top-k, n."""
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """fp32 pass over `loader`: (y_true, y_prob, mean loss); empty arrays and nan loss for an empty loader."""
     was_training = model.training
     model.eval()
     losses, probs, targets = [], [], []
@@ -72,10 +72,21 @@ def validate_classification(
             targets.append(y.cpu())
     model.train(was_training)
     if not targets:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), float("nan")
+    y_true = torch.cat(targets).numpy()
+    return y_true, torch.cat(probs).numpy(), float(np.sum(losses) / len(y_true))
+
+
+def validate_classification(
+    model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device, channels_last: bool = False,
+    topk: tuple[int, ...] = (1, 5),
+) -> dict:
+    """fp32 pass over the validation loader (never the test loader): loss, accuracy, macro_f1, top-k, n."""
+    y_true, y_prob, loss = predict_classification(model, loader, criterion, device, channels_last)
+    if not len(y_true):
         return {"loss": float("nan"), "accuracy": 0.0, "macro_f1": 0.0, "n": 0}
-    y_prob, y_true = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     metrics = evaluate_classification_metrics(y_true, y_prob.argmax(axis=1), y_prob, topk)
-    return {"loss": float(np.sum(losses) / max(len(y_true), 1)), **metrics}
+    return {"loss": loss, **metrics}
 
 
 def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int:
@@ -304,6 +315,28 @@ class ClassificationTask:
         if mode == "both":
             metrics.update({f"raw_{k}": v for k, v in self._validate(self.raw_model).items()})
         return metrics
+
+    def write_reports(self, out_dir: Path) -> list[Path]:
+        """Seed D-9 artefacts from the validated weights on the val set: confusion matrix, ROC and PR curves."""
+        from sklearn.metrics import confusion_matrix
+
+        from pillsnap.eval.reports import plot_confusion_matrix, plot_roc_pr_curves
+
+        if self.val_loader is None:
+            return []
+        use_ema = self.ema is not None and str(self.cfg.train.ema.validate) != "raw"
+        model = self.ema.module if use_ema else self.raw_model
+        y_true, y_prob, _ = predict_classification(model, self.val_loader, self.criterion, self.device,
+                                                   self.channels_last)
+        if not len(y_true):
+            return []
+        labels = np.arange(self.num_classes)
+        cm = confusion_matrix(y_true, y_prob.argmax(axis=1), labels=labels)
+        names = list(self.meta.get("class_names") or [])
+        if len(names) != self.num_classes:  # e.g. model.num_classes set larger than the stage's classes
+            names = [str(i) for i in labels]
+        paths = [plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")]
+        return paths + plot_roc_pr_curves(np.eye(self.num_classes)[y_true], y_prob, out_dir)
 
     def config_snapshot(self) -> dict:
         snap = config_to_dict(self.cfg)

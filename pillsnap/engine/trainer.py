@@ -290,6 +290,9 @@ class Trainer:
             code = EXIT_OK if verdict["success"] else EXIT_TIME_CAP
         else:
             self.status = "early_stopped" if self.stopped else "completed"
+        if self.info.is_main and CLASSIFICATION in self.tasks:
+            plots = self.tasks[CLASSIFICATION].write_reports(self.exp_dir / "reports")
+            self.logger.info("reports: %s", ", ".join(p.name for p in plots) or "none (no validation data)")
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return code
 

@@ -40,6 +40,23 @@ def _detection_figures(predictor: Any, photos: list[dict], onnx_path: Path | Non
     return figures
 
 
+def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4) -> list[str]:
+    """Predicted boxes and K-codes drawn on the first `limit` held-out combination photos (reports/detections/)."""
+    from pillsnap.data import read_image
+    from pillsnap.eval.reports import plot_detection_results
+
+    combos = [p for p in photos if p["image_type"] != "single"][:limit]
+    if not combos or not predictor.has_detector:
+        return []
+    images = [read_image(p["image_path"]) for p in combos]
+    preds = []
+    for image in images:
+        pills = predictor.predict(image, mode="combo")["pills"]
+        preds.append({"boxes": [[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in pills)],
+                      "labels": [p["mapping_code"] for p in pills], "scores": [p["probability"] for p in pills]})
+    return [str(path) for path in plot_detection_results(images, preds, out_dir)]
+
+
 def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, started: float) -> dict:
     """Evaluate on the test split (auto routing, single accuracy, all-pills-right on combinations, test mAP in
     torch and ONNX); writes {exp_dir}/reports/demo_summary.json and returns the summary."""
@@ -62,6 +79,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
             "detection": _detection_figures(predictor, photos, onnx_path),
         },
         "examples": _examples(predictor, photos),
+        "overlays": _overlays(predictor, photos, exp_dir / "reports" / "detections"),
         "paths": {name: str(exp_dir / name) for name in ("checkpoints", "logs", "tb", "reports", "export",
                                                          "hard_cases")},
         "elapsed_s": round(time.perf_counter() - started, 1),
