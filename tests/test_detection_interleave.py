@@ -84,3 +84,15 @@ def test_trainer_sequential_trains_detection_after_classification(tmp_path: Path
         ["classification"], ["detection"]]
     det = load_ckpt(tmp_path / "checkpoints" / "detection_last.pt")
     assert det["epoch"] == 2 and det["scheduler_state"]["last_epoch"] == 2  # two detector optimizer steps
+
+
+def test_train_detection_stage_trains_only_the_detector(tmp_path: Path) -> None:
+    from pillsnap.engine.trainer import train_detection_stage
+
+    cfg = make_cfg(tmp_path, "model.detector=yolo11n", "model.det_image_size=64", "train.max_steps_per_epoch=2",
+                   "train.detection.epochs=1")
+    path = train_detection_stage(cfg, build_loaders=_loaders_with_detection)
+    assert path == tmp_path / "checkpoints" / "detection_best.pt" and path.is_file()
+    history = read_json(tmp_path / "reports" / "metrics.json")["history"]
+    assert [sorted(k for k in h if k in ("classification", "detection")) for h in history] == [["detection"]]
+    assert not (tmp_path / "reports" / "confusion_matrix.png").exists()  # the classifier did not train

@@ -6,6 +6,7 @@ interleaving) are pure functions in their own modules.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.config import apply_stage_overrides, stage_settings
 from pillsnap.engine import checkpointing as ck
@@ -290,9 +291,13 @@ class Trainer:
             code = EXIT_OK if verdict["success"] else EXIT_TIME_CAP
         else:
             self.status = "early_stopped" if self.stopped else "completed"
-        if self.info.is_main and CLASSIFICATION in self.tasks:
+        if self.info.is_main and any(CLASSIFICATION in active for active in self.plan):
             plots = self.tasks[CLASSIFICATION].write_reports(self.exp_dir / "reports")
             self.logger.info("reports: %s", ", ".join(p.name for p in plots) or "none (no validation data)")
+        if self.info.is_main and self.stage == 4 and self.status != "time_capped":
+            from pillsnap.eval.final import final_test_evaluation  # the test split, once, after the last stage
+
+            final_test_evaluation(self.cfg)
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return code
 
@@ -348,3 +353,26 @@ def main(cfg: DictConfig, build_loaders: Callable[[DictConfig], Loaders] | None 
     Under `torchrun` every rank runs this; only rank 0 writes files.
     """
     return run_training(cfg, build_loaders)[0]
+
+
+def _run_one_task(cfg: DictConfig, overrides: dict[str, Any], checkpoint: str, build_loaders: Any) -> Path:
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    code = main(cfg, build_loaders)
+    if code != EXIT_OK:
+        raise RuntimeError(f"training ended with exit code {code}; see {cfg.paths.exp_dir}/logs/train.err")
+    return Path(cfg.paths.exp_dir) / "checkpoints" / checkpoint
+
+
+def train_classification_stage(cfg: DictConfig, build_loaders: Callable[[DictConfig], Loaders] | None = None
+                               ) -> Path:
+    """Seed Part D name: train the classifier alone (strategy=classification); returns classification_best.pt."""
+    return _run_one_task(cfg, {"train.strategy": "classification"}, "classification_best.pt", build_loaders)
+
+
+def train_detection_stage(cfg: DictConfig, build_loaders: Callable[[DictConfig], Loaders] | None = None) -> Path:
+    """Seed Part D name: train the detector alone for train.detection.epochs (sequential plan with no
+    classification epochs); returns detection_best.pt."""
+    return _run_one_task(cfg, {"train.strategy": "sequential", "train.epochs": 0}, "detection_best.pt",
+                         build_loaders)

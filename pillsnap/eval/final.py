@@ -1,0 +1,80 @@
+"""Final test evaluation (seed Part D D-6): the only place the test split is ever loaded.
+
+Runs once after the last stage: best checkpoints on the test loaders, val-vs-test gap (overfitting check),
+business goals (single-pill macro-F1 ≥ 0.92, combination mAP@0.5 ≥ 0.85), a recommendation, and
+{exp_dir}/reports/final_test_results.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pillsnap.utils import read_json, resolve_device, save_json
+
+LOGGER = logging.getLogger(__name__)
+BUSINESS_GOALS = {"classification.macro_f1": 0.92, "detection.mAP@0.5": 0.85}
+
+
+def _test_classification(ckpt: Path, loader: Any, device: Any) -> dict:
+    from torch import nn
+
+    from pillsnap.engine.classification import validate_classification
+    from pillsnap.models.classifier import load_classifier_for_inference
+
+    model, _ = load_classifier_for_inference(ckpt, device=str(device))
+    return validate_classification(model, loader, nn.CrossEntropyLoss(), device)
+
+
+def _test_detection(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> dict:
+    from pillsnap.engine.detection import validate_detection
+    from pillsnap.models.detector import load_detector_for_inference
+
+    model, _ = load_detector_for_inference(ckpt, device=str(device))
+    det = cfg.train.detection
+    return validate_detection(model, loader, device, float(det.conf_threshold), float(det.iou_threshold))
+
+
+def _goals(test: dict) -> dict:
+    goals = {}
+    for path, target in BUSINESS_GOALS.items():
+        section, metric = path.split(".", 1)
+        value = test.get(section, {}).get(metric)
+        goals[path] = {"target": target, "value": value, "met": value is not None and value >= target}
+    goals["overall_target_met"] = all(g["met"] for g in goals.values())
+    return goals
+
+
+def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
+    """Evaluate classification_best.pt / detection_best.pt on the test split; write final_test_results.json."""
+    from pillsnap.data import build_dataloaders_twostage
+
+    exp_dir = Path(cfg.paths.exp_dir)
+    ckpts = exp_dir / "checkpoints"
+    if not (ckpts / "classification_best.pt").is_file():
+        raise FileNotFoundError(f"No classification_best.pt in {ckpts}: train before the final evaluation")
+    _, _, cls_test, _, _, det_test, _ = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
+    device = resolve_device()
+    test: dict[str, dict] = {"classification": _test_classification(ckpts / "classification_best.pt", cls_test,
+                                                                      device)}
+    if det_test is not None and (ckpts / "detection_best.pt").is_file():
+        test["detection"] = _test_detection(ckpts / "detection_best.pt", det_test, device, cfg)
+    metrics_path = exp_dir / "reports" / "metrics.json"
+    val = read_json(metrics_path) if metrics_path.is_file() else {}
+    gaps = {f"{section}.{k}": round(float(val[section][k]) - float(v), 4)
+            for section, block in test.items() for k, v in block.items()
+            if isinstance(v, float) and isinstance(val.get(section, {}).get(k), (int, float))}
+    goals = _goals(test)
+    ready = goals["overall_target_met"]
+    result = {"test_results": test, "val_minus_test": gaps, "business_goals": goals,
+              "recommendation": "READY_FOR_PRODUCTION" if ready else "NEEDS_IMPROVEMENT",
+              "ready_for_production": ready,
+              "improvements": [] if ready else [f"{k}: {g['value']} < {g['target']}" for k, g in goals.items()
+                                                if isinstance(g, dict) and not g["met"]]}
+    save_json(exp_dir / "reports" / "final_test_results.json", result)
+    LOGGER.info("final test evaluation: %s -> %s", result["recommendation"],
+                exp_dir / "reports" / "final_test_results.json")
+    return result
