@@ -9,10 +9,11 @@ from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.loop import train_one_epoch_classification
 from pillsnap.engine.oom import auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import build_criterion_classification, build_optimizer, build_scheduler
-from pillsnap.engine.trainer import main
+from pillsnap.engine.trainer import main, train_classification_stage, train_detection_stage
 
 __all__ = [
     "ClassificationTask", "ResumeMismatchError", "auto_find_batch_size", "build_criterion_classification",
     "build_optimizer", "build_scheduler", "early_stopping", "interleave_schedule", "main",
-    "oom_recovery_state_machine", "time_cap_success", "train_one_epoch_classification", "validate_classification",
+    "oom_recovery_state_machine", "time_cap_success", "train_classification_stage", "train_detection_stage",
+    "train_one_epoch_classification", "validate_classification",
 ]

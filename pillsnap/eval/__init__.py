@@ -17,6 +17,7 @@ _EXPORTS = {
     "plot_roc_pr_curves": "pillsnap.eval.reports",
     "plot_detection_results": "pillsnap.eval.reports",
     "dump_metrics_json": "pillsnap.eval.reports",
+    "final_test_evaluation": "pillsnap.eval.final",
 }
 
 __all__ = sorted(_EXPORTS)
