@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_engine_fakes import NUM_CLASSES, fake_build_loaders, make_cfg
 
-from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main
+from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main, run_training
 from pillsnap.utils import CKPT_REQUIRED_KEYS, load_ckpt
 
 LINE = re.compile(r"\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
@@ -44,7 +44,7 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path):
     for name in ("last.pt", "best.pt", "classification_last.pt", "classification_best.pt", "classes.json"):
         assert (ckpts / name).is_file(), name
     ckpt = load_ckpt(ckpts / "last.pt")
-    assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version"}
+    assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version", "oom_state"}
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12
     assert ckpt["config_snapshot"]["model"]["num_classes"] == NUM_CLASSES
     classes = json.loads((ckpts / "classes.json").read_text(encoding="utf-8"))
@@ -152,6 +152,16 @@ def test_injected_oom_is_recovered_and_the_run_finishes(tmp_path, monkeypatch):
     assert len(history) == 2 and history[-1]["classification"]["lr"] == pytest.approx(0.005)
     assert "oom/retries" in tb_tags(exp / "tb")
     assert "OOM Recovery S3" in (exp / "logs" / "train.err").read_text(encoding="utf-8")
+
+    # Resuming keeps what recovery chose instead of walking into the same OOMs again.
+    monkeypatch.delenv("PILLSNAP_FAKE_OOM_STEPS")
+    resumed = make_cfg(exp, "train.oom.max_retries=5", "train.oom.max_grad_accum=4", "train.scheduler=none",
+                       "model.image_size=64", "train.epochs=3", "train.resume=last")
+    code, trainer = run_training(resumed, fake_build_loaders)
+    assert code == 0
+    state = trainer.tasks["classification"].oom_state()
+    assert (state["batch_size"], state["grad_accum"], state["did_amp_escalate"]) == (1, 4, True)
+    assert trainer.tasks["classification"].sched_mode == "by_samples"
 
 
 def test_oom_beyond_max_retries_writes_an_emergency_checkpoint_and_exits(tmp_path, monkeypatch):

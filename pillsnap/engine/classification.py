@@ -266,6 +266,14 @@ class ClassificationTask:
             self._scale_hyperparams(float(decision["lr_scale"]), float(decision["wd_scale"]))
             self.sched_mode = "by_samples"
 
+    def _restore_oom_state(self, state: dict) -> None:
+        # A resumed run keeps what OOM recovery chose (batch split, accumulation, fp16, schedule by samples);
+        # the scaled lr / weight decay come back with the optimizer and scheduler states.
+        self.knobs.update({k: state[k] for k in ("batch_size", "grad_accum", "did_amp_escalate") if k in state})
+        self.sched_mode = str(state.get("sched_mode", self.sched_mode))
+        if self.knobs["did_amp_escalate"]:
+            self.apply_oom_decision({"action": "amp_fp16"})
+
     def _scale_hyperparams(self, lr_scale: float, wd_scale: float) -> None:
         self.scheduler.base_lrs = [lr * lr_scale for lr in self.scheduler.base_lrs]
         for group in self.optimizer.param_groups:
@@ -350,6 +358,7 @@ class ClassificationTask:
             "scheduler_state": self.scheduler.state_dict(), "scaler_state": self.scaler.state_dict(),
             "epoch": int(epoch), "best_metric": best_metric, "config_snapshot": self.config_snapshot(),
             "ema_state": None if self.ema is None else self.ema.module.state_dict(),
+            "oom_state": {**self.knobs, "sched_mode": self.sched_mode},
         }
 
     def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
@@ -358,6 +367,8 @@ class ClassificationTask:
         self.raw_model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        if ckpt.get("oom_state"):
+            self._restore_oom_state(ckpt["oom_state"])
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:

@@ -13,7 +13,7 @@ from typing import Any
 CKPT_REQUIRED_KEYS = (
     "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
 )
-CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step")
+CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state")
 CKPT_SCHEMA_VERSION = 1
 
 
