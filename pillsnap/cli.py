@@ -38,13 +38,16 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a command at the process boundary: a config problem is one clear line and exit code 2."""
+    """Run a command at the process boundary: a config problem or a missing file is one clear line, exit code 2."""
     from pillsnap.config import ConfigError
 
     try:
         return int(func(args) or 0)
     except ConfigError as err:
         logging.getLogger("pillsnap").error("config error: %s", err)
+        return 2
+    except FileNotFoundError as err:  # e.g. `pillsnap serve` on an experiment with no checkpoints
+        logging.getLogger("pillsnap").error("%s", err)
         return 2
 
 

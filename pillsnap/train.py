@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pillsnap.config import load_config
-
-LOGGER = logging.getLogger("pillsnap.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

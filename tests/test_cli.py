@@ -40,3 +40,9 @@ def test_python_m_train_checks_config():
     ok = subprocess.run([sys.executable, "-m", "pillsnap.train", "--cfg", "config.yaml", "--check",
                          "train.batch_size=128"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "batch_size: 128" in ok.stdout
+
+
+def test_missing_experiment_is_a_clear_exit_code_2(tmp_path, caplog):
+    code = main(["serve", "--cfg", str(ROOT / "config.yaml"), "--exp", str(tmp_path / "no_exp")])
+    assert code == 2
+    assert "No classifier checkpoint" in caplog.text

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state
-from pillsnap.utils import atomic_path, load_ckpt, read_json, save_ckpt, save_json
+from pillsnap.utils import atomic_path, read_json, save_ckpt, save_json
 
 LOGGER = logging.getLogger(__name__)
 # classification also writes the seed's plain last.pt / best.pt names.
@@ -60,10 +60,6 @@ def resume_source(resume: Any, ckpt_dir: str | Path, task: str) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"train.resume points to a missing checkpoint: {path}")
     return path
-
-
-def load_resume_checkpoint(path: Path, device: Any) -> dict:
-    return load_ckpt(path, map_location=device)
 
 
 def previous_history(metrics_json: Path, upto_epoch: int) -> list[dict]:

@@ -36,7 +36,7 @@ from pillsnap.engine.distributed import (
 from pillsnap.engine.early_stopping import early_stopping, time_cap_success
 from pillsnap.engine.interleave import CLASSIFICATION, DETECTION
 from pillsnap.engine.loop import EmergencyExit, EpochRunner
-from pillsnap.utils import TBWriter, build_logger, ensure_dir, resolve_device, set_seed
+from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, resolve_device, set_seed
 
 LOGGER = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP = 0, 2, 3, 4
@@ -171,7 +171,7 @@ class Trainer:
             path = ck.resume_source(self.cfg.train.resume, self.ckpt_dir, name)
             if path is None:
                 continue
-            ckpt = ck.load_resume_checkpoint(path, self.device)
+            ckpt = load_ckpt(path, map_location=self.device)
             if isinstance(task, ClassificationTask):
                 task.load_checkpoint_state(ckpt, origin=str(path))
             else:

@@ -19,14 +19,14 @@ LOGGER = logging.getLogger(__name__)
 BUSINESS_GOALS = {"classification.macro_f1": 0.92, "detection.mAP@0.5": 0.85}
 
 
-def _test_classification(ckpt: Path, loader: Any, device: Any) -> dict:
-    from torch import nn
-
+def _test_classification(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> dict:
     from pillsnap.engine.classification import validate_classification
+    from pillsnap.engine.optim import build_criterion_classification
     from pillsnap.models.classifier import load_classifier_for_inference
 
     model, _ = load_classifier_for_inference(ckpt, device=str(device))
-    return validate_classification(model, loader, nn.CrossEntropyLoss(), device)
+    # The validation criterion (label smoothing), so the val-minus-test loss gap compares like with like.
+    return validate_classification(model, loader, build_criterion_classification(cfg), device)
 
 
 def _test_detection(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> dict:
@@ -59,7 +59,7 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
     _, _, cls_test, _, _, det_test, _ = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
     device = resolve_device()
     test: dict[str, dict] = {"classification": _test_classification(ckpts / "classification_best.pt", cls_test,
-                                                                      device)}
+                                                                      device, cfg)}
     if det_test is not None and (ckpts / "detection_best.pt").is_file():
         test["detection"] = _test_detection(ckpts / "detection_best.pt", det_test, device, cfg)
     metrics_path = exp_dir / "reports" / "metrics.json"

@@ -24,10 +24,13 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; done once, at import, not per write
     os.umask(mask)
     return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 @contextmanager
@@ -39,7 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
