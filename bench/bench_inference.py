@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pillsnap.models.detector import build_yolo_model
-from pillsnap.models.export import OnnxDetector, export_detector_onnx, postprocess_detections, raw_detector_output
+from pillsnap.models.detector import build_yolo_model, postprocess_detections, raw_detector_output
+from pillsnap.models.export import OnnxDetector, export_detector_onnx
 
 
 def _photo(size: tuple[int, int] = (244, 320)) -> Image.Image:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pillsnap.config import load_config
+from pillsnap.data.loaders import Loaders
 from pillsnap.engine.callbacks import default_callbacks
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.loop import EpochRunner
@@ -61,8 +62,8 @@ def bare_epoch(cfg: object, loader: DataLoader, steps: int) -> float:
     set_seed(0)
     model = timm.create_model(str(cfg.model.backbone), num_classes=NUM_CLASSES)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.label_smoothing))
-    opt = build_optimizer(cfg, model.named_parameters())
-    sched = build_scheduler(cfg, opt, steps)
+    opt = build_optimizer(model.parameters(), float(cfg.train.lr), float(cfg.train.weight_decay))
+    sched = build_scheduler(str(cfg.train.scheduler), opt, steps, int(cfg.train.warmup_steps))
     seen, start = 0, CLOCK()
     for i, (x, y, _) in enumerate(loader):
         if i == steps:
@@ -82,11 +83,11 @@ def our_epoch(cfg: object, loader: DataLoader, steps: int, exp_dir: Path) -> flo
     set_seed(0)
     meta = {"num_classes": NUM_CLASSES, "class_weights": None}
     tb = TBWriter(exp_dir)
-    task = ClassificationTask(cfg, loader, None, meta, "cpu", tb=tb)
+    task = ClassificationTask(cfg, loader, None, meta, "cpu")
     import logging
 
     callbacks = default_callbacks(exp_dir, logging.getLogger("bench"), tb, 0.8)
-    runner = EpochRunner({"classification": task}, cfg, callbacks)
+    runner = EpochRunner({"classification": task}, cfg, callbacks=callbacks)
     cfg.train.max_steps_per_epoch = steps
     start = CLOCK()
     runner.train_one_epoch(1, ["classification"])
@@ -119,7 +120,7 @@ def rss_check(args: argparse.Namespace, tmp: Path) -> tuple[float, float]:
     meta = {"num_classes": NUM_CLASSES, "class_names": [f"K-{i:06d}" for i in range(NUM_CLASSES)],
             "class_map": {}, "class_weights": None}
     cfg = make_cfg(tmp / "rss", args, epochs=6)
-    train_main(cfg, lambda _cfg: (probe, val, None, None, None, None, meta))
+    train_main(cfg, lambda _cfg: Loaders(probe, val, None, None, None, None, meta))
     # probe.rss[k] is taken when epoch k+1 starts, i.e. after epoch k: [2] = after epoch 2, [5] = after epoch 5.
     return probe.rss[2], probe.rss[5]
 

@@ -116,7 +116,7 @@ def training_done(exp_dir: Path) -> bool:
 
 def ensure_trained(cfg: Any) -> int:
     """Train unless a finished run is there; an interrupted run resumes from its last checkpoints."""
-    from pillsnap.engine.trainer import main as train_main
+    from pillsnap.train import train
 
     exp_dir = Path(cfg.paths.exp_dir)
     if training_done(exp_dir):
@@ -125,7 +125,7 @@ def ensure_trained(cfg: Any) -> int:
     if (exp_dir / "checkpoints" / "classification_last.pt").is_file():
         cfg.train.resume = "last"
         LOGGER.info("train: resuming the interrupted run in %s", exp_dir)
-    return int(train_main(cfg) or 0)
+    return train(cfg)
 
 
 def ensure_onnx(exp_dir: Path, device: str | None) -> Path | None:

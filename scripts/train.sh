@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train PillSnap (seed Part D scripts/train.sh): checks the config, prepares exp_dir, logs to
+# Train PillSnap (the design's scripts/train.sh): checks the config, prepares exp_dir, logs to
 # {exp_dir}/logs/train.out|err, and explains the exit code.
 # Usage: bash scripts/train.sh [--cfg config.yaml] [--stage N] [--epochs N] [--batch-size N] [--resume] [key=value ...]
 set -uo pipefail

@@ -29,6 +29,14 @@ def test_repo_config_loads_and_matches_defaults():
     assert cfg.data.progressive_validation.stage_4.max_classes == 5000
 
 
+def test_repo_config_is_the_packaged_defaults_byte_for_byte():
+    """One source of defaults: the packaged default.yaml (what an installed wheel reads) and the repo's config.yaml
+    (what users edit and the README documents) must not drift apart."""
+    from pillsnap.config.loader import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.read_bytes() == CONFIG.read_bytes()
+
+
 def test_precedence_cli_over_file_over_defaults(tmp_path):
     path = write_cfg(tmp_path, minimal(batch_size=64, lr=0.01))
     cfg = load_config(path, ["train.batch_size=128"], dotenv_path=None)

@@ -1,14 +1,16 @@
-"""ONNX export of the detector and the shared NMS: torch and onnxruntime give the same boxes (seed D-6)."""
+"""ONNX export of the detector and the shared NMS: torch and onnxruntime give the same boxes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from test_detection_task import fake_det_batch, tiny_cfg
+from fakes import fake_det_batch
+from test_detection_task import tiny_cfg
 
 from pillsnap.engine.detection import DetectionTask, prepare_batch, validate_detection
-from pillsnap.models.export import OnnxDetector, export_detector_onnx, postprocess_detections, raw_detector_output
+from pillsnap.models.detector import postprocess_detections, raw_detector_output
+from pillsnap.models.export import OnnxDetector, export_detector_onnx
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import fake_det_batch
 
 from pillsnap.config import load_config
 from pillsnap.engine.detection import DetectionTask, batch_targets, split_batch
 from pillsnap.models.detector import build_yolo_model, load_detector_for_inference
 from pillsnap.utils import load_ckpt, save_ckpt
-
-
-def fake_det_batch(rng: np.random.Generator, batch_size: int = 4, size: int = 64) -> dict:
-    """An ultralytics-style batch: bright rectangles ("pills") on a grey background, one class."""
-    imgs = np.full((batch_size, 3, size, size), 110, dtype=np.uint8)
-    cls, boxes, idx = [], [], []
-    for b in range(batch_size):
-        for _ in range(int(rng.integers(1, 4))):
-            w, h = rng.integers(size // 6, size // 3, size=2)
-            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-            imgs[b, :, y:y + h, x:x + w] = rng.integers(180, 255, size=(3, 1, 1))
-            boxes.append([(x + w / 2) / size, (y + h / 2) / size, w / size, h / size])
-            cls.append([0.0])
-            idx.append(b)
-    return {"img": torch.from_numpy(imgs), "cls": torch.tensor(cls), "bboxes": torch.tensor(boxes, dtype=torch.float32),
-            "batch_idx": torch.tensor(idx, dtype=torch.float32), "im_file": [f"{i}.png" for i in range(batch_size)],
-            "ori_shape": [(size, size)] * batch_size, "resized_shape": [(size, size)] * batch_size}
 
 
 def tiny_cfg(*overrides: str):
@@ -69,20 +53,19 @@ def test_train_step_updates_weights_and_reports(batches) -> None:
     task = DetectionTask(tiny_cfg("train.ema.enabled=false"), train, val, "cpu")
     before = [p.detach().clone() for p in task.model.parameters()]
     out = task.train_step(train[0])
-    assert set(out) == {"loss", "lr", "n"} and out["n"] == 4
-    assert math.isfinite(out["loss"]) and out["loss"] > 0
+    assert out.n == 4 and math.isfinite(out.loss) and out.loss > 0
     changed = sum(not torch.equal(a, b) for a, b in zip(before, task.model.parameters(), strict=True))
     assert changed > 0
-    assert task.global_step == 1 and task.steps_per_epoch() == 3
+    assert task.optimizer_steps == 1 and task.steps_per_epoch() == 3
 
 
 def test_grad_accumulation_steps_every_second_batch(batches) -> None:
     train, val = batches
     task = DetectionTask(tiny_cfg("train.grad_accum_steps=2"), train, val, "cpu")
     task.train_step(train[0])
-    assert task.global_step == 0
+    assert task.optimizer_steps == 0
     task.train_step(train[1])
-    assert task.global_step == 1
+    assert task.optimizer_steps == 1
 
 
 def test_validate_and_checkpoint_roundtrip(batches, tmp_path) -> None:
@@ -99,23 +82,14 @@ def test_validate_and_checkpoint_roundtrip(batches, tmp_path) -> None:
 
     resumed = DetectionTask(cfg, train, val, "cpu")
     resumed.load_checkpoint_state(load_ckpt(path))
-    assert resumed.global_step == 1
+    assert resumed.optimizer_steps == 1 and resumed.samples_seen == 4
     for a, b in zip(task.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     model, snapshot = load_detector_for_inference(path)
     assert snapshot["model"]["detector"] == "yolo11n" and not model.training
-    ema_weights = task.ema.ema.state_dict()
+    ema_weights = task.ema.module.state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, ema_weights[key])
-
-
-@pytest.fixture()
-def one_thread():
-    # Two threads per process on a shared 2-core machine spin against each other; one is steadier.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -127,7 +101,7 @@ def test_short_training_learns_boxes(one_thread) -> None:
     val = [fake_det_batch(rng, 8) for _ in range(1)]
     cfg = tiny_cfg("train.epochs=9", "train.detection.lr=0.003", "train.warmup_steps=5", "train.ema.enabled=false")
     task = DetectionTask(cfg, train, val, "cpu")
-    losses = [task.train_step(b)["loss"] for _ in range(9) for b in train]
+    losses = [task.train_step(b).loss for _ in range(9) for b in train]
     assert np.mean(losses[-8:]) < np.mean(losses[8:16])
     assert task.validate(9)["mAP@0.5"] > 0.1
 
@@ -158,6 +132,7 @@ def test_oom_is_recovered_by_chunking_the_batch(batches) -> None:
 
     task.model.loss = flaky_loss
     runner = EpochRunner({"detection": task}, task.cfg)
-    out = runner._guarded_step("detection", train[0])
-    assert seen == [4, 2, 2] and out["n"] == 4 and math.isfinite(out["loss"])
-    assert task.knobs["batch_size"] == 2 and task.global_step == 1
+    out = runner.guarded_step("detection", train[0])
+    assert seen == [4, 2, 2] and out.n == 4 and math.isfinite(out.loss)
+    # S2 keeps the global batch: two chunks of 2, one optimizer step.
+    assert (task.knobs.batch_size, task.knobs.grad_accum) == (2, 2) and task.optimizer_steps == 1

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pillsnap.engine.trainer import main
 from pillsnap.models import load_classifier_for_inference
+from pillsnap.train import train as main
 from pillsnap.utils import load_ckpt, read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from test_engine_fakes import fake_build_loaders, make_cfg
+from fakes import fake_build_loaders, make_cfg
 
-from pillsnap.engine import ClassificationTask, train_one_epoch_classification
+from pillsnap.engine import ClassificationTask, StepOutput
 from pillsnap.engine.callbacks import Callback, CallbackList
-from pillsnap.engine.loop import EpochRunner
+from pillsnap.engine.loop import EpochRunner, RunState
 
 
 class FakeTask:
@@ -21,9 +20,9 @@ class FakeTask:
     def steps_per_epoch(self) -> int:
         return self.steps
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch) -> StepOutput:
         self.calls += 1
-        return {"loss": 1.0, "lr": 0.1, "n": 2}
+        return StepOutput(1.0, 0.1, 2)
 
 
 class Recorder(Callback):
@@ -38,28 +37,30 @@ def test_runner_interleaves_by_ratio_and_counts_each_task(tmp_path):
     cfg = make_cfg(tmp_path, "train.interleave_ratio=[1,2]", "train.step_log_interval=3")
     tasks = {"detection": FakeTask("detection", 4), "classification": FakeTask("classification", 8)}
     rec = Recorder()
-    runner = EpochRunner(tasks, cfg, CallbackList([rec]), max_epochs=3)
+    state = RunState(global_step=100)
+    runner = EpochRunner(tasks, cfg, state, CallbackList([rec]), max_epochs=3)
     out = runner.train_one_epoch(1, ["detection", "classification"])
     assert tasks["detection"].calls == 4 and tasks["classification"].calls == 8
     assert out["detection"]["steps"] == 4 and out["classification"]["steps"] == 8
     assert [r["task"][0] for r in rec.records] == list("dccdccdccdcc")
-    assert runner.global_step == 12
+    assert state.global_step == 112 and rec.records[0]["global_step"] == 101  # the run's counter, not a task's
     cls_records = [r for r in rec.records if r["task"] == "classification"]
     assert [r["step"] for r in cls_records] == list(range(1, 9)) and cls_records[-1]["steps"] == 8
     assert [r["step"] for r in cls_records if r["log"]] == [3, 6, 8]
     assert all(r["max_epochs"] == 3 and r["throughput"] > 0 for r in rec.records)
 
 
-def test_train_one_epoch_classification_steps_the_optimizer_per_accumulation(tmp_path):
-    torch.set_num_threads(1)
+def test_classification_epoch_steps_the_optimizer_per_accumulation(tmp_path, one_thread):
     cfg = make_cfg(tmp_path, "train.grad_accum_steps=3", "train.max_steps_per_epoch=5")
-    train, val, *_, meta = fake_build_loaders(cfg)
-    task = ClassificationTask(cfg, train, val, meta, "cpu")
+    loaders = fake_build_loaders(cfg)
+    task = ClassificationTask(cfg, loaders.cls_train, loaders.cls_val, loaders.meta, "cpu")
     before = task.raw_model.conv_stem.weight.detach().clone()
-    out = train_one_epoch_classification(task, epoch=1, cfg=cfg)
+    out = EpochRunner({"classification": task}, cfg).train_one_epoch(1, ["classification"])["classification"]
     assert out["steps"] == 5 and task.optimizer_steps == 1  # 5 micro-batches, accumulation 3
-    assert task.ema.decay == pytest.approx(2 / 11)  # EMA decay warm-up after one update (config decay 0.9)
     assert task.samples_seen == 40 and not torch.equal(before, task.raw_model.conv_stem.weight)
+    # The EMA warms up its own decay: after the first update it equals the weights, not the random init.
+    assert torch.equal(task.ema.module.conv_stem.weight, task.raw_model.conv_stem.weight)
+    assert 0.0 < task.ema.get_decay(3) < 0.9 == task.ema.get_decay(1000)
     metrics = task.validate(1)
     assert {"loss", "accuracy", "macro_f1", "top5", "n"} <= set(metrics) and metrics["n"] == 16
 

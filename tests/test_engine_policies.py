@@ -12,7 +12,7 @@ import torch
 from pillsnap.engine.callbacks import format_train_line
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_reached, time_cap_success
 from pillsnap.engine.interleave import interleave_schedule
-from pillsnap.engine.oom import FakeOOM, auto_find_batch_size, oom_recovery_state_machine
+from pillsnap.engine.oom import FakeOOM, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import warmup_cosine_factor
 
 OOM_CFG = {"max_retries": 4, "max_grad_accum": 8, "min_batch": 1, "cooldown_sec": 0, "escalate_to_fp16": True}
@@ -20,50 +20,48 @@ LINE = re.compile(r"^\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2
                   r"comp=\d+\.\d{3}s thr=\d+\.\d/s cuda=\d+MB$")
 
 
-def run_machine(state: dict, cfg: dict, n: int) -> list[dict]:
+def run_machine(state: dict, cfg: dict, n: int) -> list[OomDecision]:
     """Feed n consecutive OOMs through the state machine, applying each decision to `state`."""
     decisions, retries = [], 0
     for _ in range(n):
         d = oom_recovery_state_machine(retries, state, cfg)
-        retries = d["retries"]
+        retries = d.retries
         decisions.append(d)
-        if d["action"] == "amp_fp16":
-            state = d["next_state"]
-        elif d["action"] in ("microbatching", "global_batch_change"):
-            state = {**state, "batch_size": d["batch_size"], "grad_accum": d["grad_accum"]}
+        if d.action == "amp_fp16":
+            state = {**state, "did_amp_escalate": True}
+        elif d.action in ("microbatching", "global_batch_change"):
+            state = {**state, "batch_size": d.batch_size, "grad_accum": d.grad_accum}
     return decisions
 
 
 def test_oom_machine_goes_s1_then_s2_keeping_the_global_batch_then_gives_up():
     decisions = run_machine({"batch_size": 32, "grad_accum": 1, "did_amp_escalate": False}, OOM_CFG, 5)
-    assert [d["action"] for d in decisions] == ["amp_fp16", "microbatching", "microbatching", "microbatching",
-                                                 "emergency_exit"]
-    assert [(d["batch_size"], d["grad_accum"]) for d in decisions[1:4]] == [(16, 2), (8, 4), (4, 8)]
-    assert all(d["batch_size"] * d["grad_accum"] == 32 for d in decisions[1:4])
-    assert decisions[-1]["save_checkpoint"] is True
+    assert [d.action for d in decisions] == ["amp_fp16", "microbatching", "microbatching", "microbatching",
+                                             "emergency_exit"]
+    assert [(d.batch_size, d.grad_accum) for d in decisions[1:4]] == [(16, 2), (8, 4), (4, 8)]
+    assert all(d.batch_size * d.grad_accum == 32 for d in decisions[1:4])
+    assert decisions[-1].describe().startswith("OOM Recovery: giving up after 4 retries")
 
 
-def test_oom_machine_s3_scales_lr_linearly_and_switches_to_by_samples():
+def test_oom_machine_s3_scales_lr_linearly():
     cfg = {**OOM_CFG, "max_retries": 10, "max_grad_accum": 4, "escalate_to_fp16": False}
     decisions = run_machine({"batch_size": 8, "grad_accum": 1}, cfg, 4)
-    assert [d["action"] for d in decisions] == ["microbatching", "microbatching", "global_batch_change",
-                                                 "emergency_exit"]
+    assert [d.action for d in decisions] == ["microbatching", "microbatching", "global_batch_change",
+                                             "emergency_exit"]
     s3 = decisions[2]
-    assert (s3["batch_size"], s3["grad_accum"]) == (1, 4)
-    assert s3["lr_scale"] == pytest.approx(0.5) and s3["steps_per_epoch_ratio"] == pytest.approx(2.0)
-    assert s3["scheduler_mode"] == "by_samples" and s3["audit_log"] == {"G_old": 8, "G_new": 4, "lr_scale": 0.5}
-    # lr * wd * steps_per_epoch is unchanged, which is what "keep the per-epoch weight decay" asks.
-    assert s3["lr_scale"] * s3["wd_scale"] * s3["steps_per_epoch_ratio"] == pytest.approx(1.0)
-    assert "min_batch" in decisions[3]["reason"]
+    assert (s3.batch_size, s3.grad_accum) == (1, 4) and s3.lr_scale == pytest.approx(0.5)
+    assert s3.describe() == "OOM Recovery S3: global batch -> 4 lr_scale=0.5000 by-samples scheduling"
+    assert "min_batch" in decisions[3].reason
 
 
 def test_oom_machine_escalates_to_fp16_only_once():
     state = {"batch_size": 4, "grad_accum": 1, "did_amp_escalate": True}
-    assert oom_recovery_state_machine(0, state, OOM_CFG)["action"] == "microbatching"
+    assert oom_recovery_state_machine(0, state, OOM_CFG).action == "microbatching"
 
 
-def test_fake_oom_fires_once_per_listed_step(monkeypatch):
+def test_fake_oom_fires_once_per_listed_step_and_above_a_batch(monkeypatch):
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "2, 5")
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "8,16")
     fake = FakeOOM.from_env()
     fired = []
     for step in range(8):
@@ -72,38 +70,63 @@ def test_fake_oom_fires_once_per_listed_step(monkeypatch):
         except torch.OutOfMemoryError:
             fired.append(step)
     assert fired == [2, 5]
+    fake.check_batch(8, fp16=False)
+    fake.check_batch(16, fp16=True)
+    for bs, fp16 in ((9, False), (17, True)):
+        with pytest.raises(torch.OutOfMemoryError):
+            fake.check_batch(bs, fp16)
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "x")
     with pytest.raises(ValueError, match="PILLSNAP_FAKE_OOM_STEPS"):
         FakeOOM.from_env()
 
 
-def fake_step(limit: int):
+def fake_trial(limit: int, fp16_limit: int | None = None):
+    """A trial step that runs out of memory above `limit` images (`fp16_limit` under fp16)."""
     tried = []
 
-    def step(bs: int) -> None:
-        tried.append(bs)
-        if bs > limit:
+    def trial(bs: int, fp16: bool) -> None:
+        tried.append((bs, fp16))
+        if bs > (fp16_limit if fp16 and fp16_limit is not None else limit):
             raise torch.OutOfMemoryError(f"bs {bs}")
 
-    return step, tried
+    return trial, tried
 
 
-def test_auto_batch_halves_on_oom_then_searches_upwards():
-    step, tried = fake_step(limit=20)
-    assert auto_find_batch_size(step, init_bs=64, min_bs=1, max_bs=64, mem_ratio=lambda: 0.1) == 16
-    assert tried == [64, 32, 16, 32]
-    step, tried = fake_step(limit=100)
-    assert auto_find_batch_size(step, init_bs=8, max_bs=48, mem_ratio=lambda: 0.1) == 48
-    assert tried == [8, 16, 32, 48]
+def test_auto_batch_halves_on_oom_and_raises_accumulation_to_keep_the_global_batch():
+    trial, tried = fake_trial(limit=20)
+    choice = auto_find_batch_size(trial, init_bs=64, min_bs=1, max_bs=64, max_grad_accum=8, mem_ratio=lambda: 0.1,
+                                  empty_cache=lambda: None)
+    assert (choice.batch_size, choice.grad_accum, choice.force_fp16) == (16, 4, False)
+    assert [bs for bs, _ in tried] == [64, 32, 16]  # no upward search after an OOM at the starting size
+    assert [r for *_, r in choice.trials] == ["oom", "oom", "fits"]
 
 
-def test_auto_batch_respects_headroom_and_fails_clearly():
-    step, tried = fake_step(limit=1000)
+def test_auto_batch_searches_upwards_when_the_start_fits():
+    trial, tried = fake_trial(limit=100)
+    choice = auto_find_batch_size(trial, init_bs=8, max_bs=48, mem_ratio=lambda: 0.1, empty_cache=lambda: None)
+    assert (choice.batch_size, choice.grad_accum) == (48, 1) and [bs for bs, _ in tried] == [8, 16, 32, 48]
+
+
+def test_auto_batch_forces_fp16_before_giving_up():
+    trial, tried = fake_trial(limit=0, fp16_limit=4)
+    choice = auto_find_batch_size(trial, init_bs=8, min_bs=2, amp_force_fp16=True, max_grad_accum=8,
+                                  mem_ratio=lambda: 0.1, empty_cache=lambda: None)
+    assert (choice.batch_size, choice.grad_accum, choice.force_fp16) == (4, 2, True)
+    assert tried == [(8, False), (4, False), (2, False), (8, True), (4, True)]
+
+
+def test_auto_batch_respects_headroom_empties_the_cache_and_fails_clearly():
+    trial, tried = fake_trial(limit=1000)
+    emptied = []
     # Memory share grows with the batch: 64 would run but leave less than 12% headroom.
-    assert auto_find_batch_size(step, init_bs=8, max_bs=64, headroom=0.88, mem_ratio=lambda: tried[-1] / 40) == 32
-    step, _ = fake_step(limit=0)
+    choice = auto_find_batch_size(trial, init_bs=8, max_bs=64, headroom=0.88, mem_ratio=lambda: tried[-1][0] / 40,
+                                  empty_cache=lambda: emptied.append(1))
+    assert choice.batch_size == 32 and choice.trials[-1] == (64, False, "over headroom")
+    assert len(emptied) == len(tried)
+    trial, _ = fake_trial(limit=0)
     with pytest.raises(RuntimeError, match="min_bs=2"):
-        auto_find_batch_size(step, init_bs=8, min_bs=2, mem_ratio=lambda: 0.1)
+        auto_find_batch_size(trial, init_bs=8, min_bs=2, amp_force_fp16=True, mem_ratio=lambda: 0.1,
+                             empty_cache=lambda: None)
 
 
 def test_early_stopping_counts_patience_and_min_delta():
@@ -132,7 +155,7 @@ def test_interleave_schedule_respects_ratio_and_counts(ratio, det, cls):
     names = list(interleave_schedule(det, cls, ratio))
     assert Counter(names) == Counter({"detection": det, "classification": cls}) - Counter()
     d, c = ratio
-    # While both tasks have steps left, position step % (d + c) < d is detection (seed D-1).
+    # While both tasks have steps left, position step % (d + c) < d is detection.
     both = min(det // d if d else 0, cls // c) * (d + c)
     assert all((n == "detection") == (i % (d + c) < d) for i, n in enumerate(names[:both]))
 
@@ -153,7 +176,7 @@ def test_warmup_cosine_schedule_shape():
     assert math.isclose(warmup_cosine_factor(100, 4, 20), 0.0, abs_tol=1e-12)
 
 
-def test_train_line_has_the_seed_format():
+def test_train_line_has_the_design_format():
     record = {"epoch": 1, "max_epochs": 10, "step": 20, "steps": 300, "loss": 1.23456, "lr": 3e-4,
               "data_time": 0.0123, "compute_time": 0.2, "throughput": 123.45, "cuda_mem": 1024.4}
     line = format_train_line(record)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_fakes import NUM_CLASSES, fake_build_loaders, make_cfg
+from fakes import NUM_CLASSES, fake_build_loaders, make_cfg
 
 from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main, run_training
+from pillsnap.train import train
 from pillsnap.utils import CKPT_REQUIRED_KEYS, load_ckpt
 
 LINE = re.compile(r"\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
@@ -37,14 +38,26 @@ def tb_tags(tb_dir: Path) -> set[str]:
     return tags
 
 
-def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path):
+def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path, monkeypatch):
+    import os
+
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (saved.append(str(f)), real_save(obj, f, *a, **k)))
     exp = tmp_path / "exp"
-    assert main(make_cfg(exp), fake_build_loaders) == 0
+    assert train(make_cfg(exp), fake_build_loaders) == 0
+    assert len(saved) == 2  # one serialization per epoch for the one task: aliases are links, not copies
     ckpts = exp / "checkpoints"
     for name in ("last.pt", "best.pt", "classification_last.pt", "classification_best.pt", "classes.json"):
         assert (ckpts / name).is_file(), name
+    assert os.path.samefile(ckpts / "last.pt", ckpts / "classification_last.pt")
+    assert os.path.samefile(ckpts / "best.pt", ckpts / "classification_best.pt")
+    best_epoch = load_ckpt(ckpts / "best.pt")["epoch"]
+    assert os.path.samefile(ckpts / "best.pt", ckpts / "last.pt") == (best_epoch == 2)
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(
+        ["best.pt", "last.pt", "classification_best.pt", "classification_last.pt", "classes.json"])
     ckpt = load_ckpt(ckpts / "last.pt")
-    assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version", "oom_state"}
+    assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version", "oom_state", "task_state"}
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12
     assert ckpt["config_snapshot"]["model"]["num_classes"] == NUM_CLASSES
     classes = json.loads((ckpts / "classes.json").read_text(encoding="utf-8"))
@@ -62,7 +75,7 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path):
     assert len(lines) == 6 and all(LINE.search(ln) for ln in lines)
     assert (exp / "logs" / "train.err").is_file()
     assert tb_tags(exp / "tb") >= TB_TAGS
-    for plot in ("confusion_matrix.png", "roc.png", "pr.png"):  # seed D-9 reports from the validated weights
+    for plot in ("confusion_matrix.png", "roc.png", "pr.png"):  # the design's reports from the validated weights
         assert (exp / "reports" / plot).stat().st_size > 0, plot
 
 
@@ -99,8 +112,8 @@ class KillingLoader:
 
 def killing_build(kill_at: int):
     def build(cfg):
-        train, *rest = fake_build_loaders(cfg)
-        return (KillingLoader(train, kill_at), *rest)
+        loaders = fake_build_loaders(cfg)
+        return loaders._replace(cls_train=KillingLoader(loaders.cls_train, kill_at))
 
     return build
 
@@ -191,7 +204,7 @@ def test_resume_last_without_checkpoint_starts_fresh_and_empty_data_is_named(tmp
     assert "starts fresh" in (exp / "logs" / "train.err").read_text(encoding="utf-8")
 
     def no_train(cfg):
-        return (None, *fake_build_loaders(cfg)[1:])
+        return fake_build_loaders(cfg)._replace(cls_train=None)
 
     assert main(make_cfg(tmp_path / "empty"), no_train) == EXIT_CONFIG
     assert "no single-pill training images" in (tmp_path / "empty" / "logs" / "train.err").read_text(encoding="utf-8")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pillsnap.engine.trainer import main
 from pillsnap.eval.final import final_test_evaluation
+from pillsnap.train import train as main
 from pillsnap.utils import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Stage-specific hardware overrides (seed D-13): a stage is a config entry, never a module."""
+"""Stage-specific hardware overrides (the design's per-stage settings): a stage is a config entry, never a module."""
 
 from __future__ import annotations
 

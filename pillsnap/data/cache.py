@@ -18,8 +18,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pillsnap.data.datasets import DECODE_ERRORS, crop_rows, pill_crop
+from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
+from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them

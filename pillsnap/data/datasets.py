@@ -1,12 +1,8 @@
-"""Image reading (files and `zip:` members), pill crops, the classification transform and dataset, safe_collate."""
+"""Pill crops, the classification transform and dataset, safe_collate (image reading: pillsnap.utils.images)."""
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import sys
-import zipfile
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,76 +10,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
+
+from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
+from pillsnap.utils.images import DECODE_ERRORS, read_image
 
 LOGGER = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODE_ERRORS = (OSError, UnidentifiedImageError, zipfile.BadZipFile, KeyError, ValueError, EOFError)
-
-_ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
-
-
-def _zip_file(path: str) -> zipfile.ZipFile:
-    # Keyed by pid: a ZipFile inherited through fork shares its file offset with the parent (corrupt reads).
-    key = (os.getpid(), path)
-    if key not in _ZIPS:
-        _ZIPS[key] = zipfile.ZipFile(path)
-    return _ZIPS[key]
-
-
-def split_zip_path(path: str) -> tuple[str, str]:
-    """`zip:<zip path>!<member>` -> (zip path, member)."""
-    body = path[len("zip:"):]
-    zip_path, sep, member = body.partition(".zip!")
-    if not sep or not member:
-        raise ValueError(f"Bad zip image path {path!r}: expected zip:<file>.zip!<member>")
-    return zip_path + ".zip", member
-
-
-def read_bytes(path: str) -> bytes:
-    """Raw bytes of a file or of a `zip:<zip>!<member>` entry."""
-    if path.startswith("zip:"):
-        zip_path, member = split_zip_path(path)
-        return _zip_file(zip_path).read(member)
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def _pil_open(fp: io.BytesIO) -> Image.Image:
-    # ultralytics replaces PIL.Image.open with a wrapper that tries to pip-install pi-heif when a file is not
-    # identified; a corrupt pill photo must simply fail (and be dropped), so use PIL's own opener.
-    patches = sys.modules.get("ultralytics.utils.patches")
-    opener = getattr(patches, "_image_open", None) or Image.open
-    return opener(fp)
-
-
-def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode encoded image bytes as RGB; an undecodable image raises OSError naming `name`."""
-    try:
-        return _pil_open(io.BytesIO(data)).convert("RGB")
-    except DECODE_ERRORS as err:
-        raise OSError(f"Cannot read image {name}: {err}") from err
-
-
-def read_image(path: str) -> Image.Image:
-    """Decode an image (plain path or `zip:<zip>!<member>`) as RGB; errors name the path."""
-    try:
-        data = read_bytes(str(path))
-    except DECODE_ERRORS as err:
-        raise OSError(f"Cannot read image {path}: {err}") from err
-    return decode_image(data, str(path))
 
 
 def crop_box(width: int, height: int, bbox: Sequence[int], margin: float) -> tuple[int, int, int, int]:
     """Square crop (left, top, right, bottom) around `bbox` = (x, y, w, h), grown by `margin` x its size per side
     and shifted (not shrunk) to stay inside the image where possible; square so resizing keeps the pill's shape."""
-    x, y, w, h = bbox
+    cx, cy, w, h = xyxy_to_cxcywh(xywh_to_xyxy(bbox)).tolist()
     side = int(round(max(w, h) * (1 + 2 * margin)))
     side = max(1, min(side, width, height))
-    cx, cy = x + w / 2, y + h / 2
     left = int(round(min(max(cx - side / 2, 0), width - side)))
     top = int(round(min(max(cy - side / 2, 0), height - side)))
     return left, top, left + side, top + side

@@ -1,5 +1,5 @@
-"""The one loader builder (seed D-3): classification and detection loaders for the current stage, plus the
-worker autotune of Annex 2. Test loaders are only built when the final evaluation asks (build_test=True).
+"""The one loader builder: classification and detection loaders for the current stage, plus the worker autotune.
+Test loaders are only built when the final evaluation asks (build_test=True).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -21,6 +21,19 @@ from pillsnap.data.scan import load_class_map, load_manifest
 from pillsnap.data.stages import select_stage
 
 LOGGER = logging.getLogger(__name__)
+
+
+class Loaders(NamedTuple):
+    """The loaders of one stage. Test loaders are None unless asked for; detection loaders are None without
+    combination photos or with train.strategy=classification. See docs/ARCHITECTURE.md for batches and meta."""
+
+    cls_train: Any
+    cls_val: Any
+    cls_test: Any
+    det_train: Any
+    det_val: Any
+    det_test: Any
+    meta: dict
 
 
 def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
@@ -43,7 +56,7 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
 
 def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequence[int], warmup: int, steps: int,
                          tb: Any = None) -> int:
-    """Pick the worker count with the lowest mean data time (Annex 2); logged and written to TB perf/num_workers.
+    """Pick the worker count with the lowest mean data time; logged and written to TB perf/num_workers.
 
     Candidates above the machine's core count are dropped (more workers than cores only adds contention);
     ties go to the smaller count.
@@ -131,13 +144,8 @@ def _detection_sizes(data_yaml: Path | None) -> dict[str, int]:
     return {f"det_{s}": count_images(data_yaml, s) if data_yaml else 0 for s in ("train", "val", "test")}
 
 
-def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: Any = None) -> tuple[Any, ...]:
-    """(cls_train, cls_val, cls_test, det_train, det_val, det_test, meta) for the current stage.
-
-    Reads `paths.manifest_dir`; see docs/ARCHITECTURE.md for the batch formats and meta keys. Test loaders are
-    None unless `build_test`; detection loaders are None without combination photos or with
-    train.strategy=classification.
-    """
+def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: Any = None) -> Loaders:
+    """The current stage's Loaders, read from `paths.manifest_dir` (the test split only with `build_test`)."""
     manifest_dir = Path(cfg.paths.manifest_dir)
     rows = select_stage(load_manifest(manifest_dir), cfg)
     class_names, class_map = _class_meta(rows, manifest_dir)
@@ -169,4 +177,4 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
         "sizes": {f"cls_{s}": len(d) for s, d in datasets.items()} | _detection_sizes(data_yaml),
     }
     LOGGER.info("loaders: %d classes, sizes %s", meta["num_classes"], meta["sizes"])
-    return cls["train"], cls["val"], cls["test"], det_train, det_val, det_test, meta
+    return Loaders(cls["train"], cls["val"], cls["test"], det_train, det_val, det_test, meta)

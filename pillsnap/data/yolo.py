@@ -9,11 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from pillsnap.data.datasets import read_bytes
 from pillsnap.utils import atomic_path, ensure_dir
+from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
+from pillsnap.utils.images import read_bytes
+from pillsnap.utils.offline import ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -21,11 +24,11 @@ NAMES = {0: "pill"}
 
 
 def _label_text(photo: pd.DataFrame) -> str:
-    lines = []
-    for row in photo.itertuples(index=False):
-        cx, cy = (row.bbox_x + row.bbox_w / 2) / row.width, (row.bbox_y + row.bbox_h / 2) / row.height
-        lines.append(f"0 {cx:.6f} {cy:.6f} {row.bbox_w / row.width:.6f} {row.bbox_h / row.height:.6f}")
-    return "\n".join(lines) + "\n"
+    """YOLO label lines: class 0 and the box as centre and size, each divided by the image width or height."""
+    xywh = photo[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(dtype=np.float64)
+    image_size = photo[["width", "height", "width", "height"]].to_numpy(dtype=np.float64)
+    boxes = xyxy_to_cxcywh(xywh_to_xyxy(xywh)) / image_size
+    return "".join(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for cx, cy, w, h in boxes)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -103,8 +106,6 @@ def count_images(data_yaml: str | Path, split: str) -> int:
 def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, batch_size: int, workers: int,
                            train: bool, device: str = "cpu") -> Any:
     """An ultralytics dataloader for one split of an export (batch = the ultralytics dict; mosaic etc. on train)."""
-    from pillsnap.models.detector import ultralytics_offline
-
     ultralytics_offline()  # before the first ultralytics import: no hub or DNS look-ups
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset

@@ -13,12 +13,12 @@ from pillsnap.utils import TBWriter, append_jsonl, cuda_mem_ratio, save_json
 LOGGER = logging.getLogger(__name__)
 EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end", "on_epoch_end", "on_oom",
           "on_train_end")
-# Task name -> TensorBoard tag prefix: classification owns the seed's bare tags (Annex 7).
+# Task name -> TensorBoard tag prefix: classification owns the design's bare tags (train/loss, val/accuracy...).
 TB_PREFIX = {"classification": "", "detection": "det/"}
 
 
 def format_train_line(r: dict) -> str:
-    """Seed D-10 log line: `[train] e=1/10 s=20/300 loss=... lr=... data=...s comp=...s thr=.../s cuda=...MB`."""
+    """The design's log line: `[train] e=1/10 s=20/300 loss=... lr=... data=...s comp=...s thr=.../s cuda=...MB`."""
     return (f"[train] e={r['epoch']}/{r['max_epochs']} s={r['step']}/{r['steps']} loss={r['loss']:.4f} "
             f"lr={r['lr']:.2e} data={r['data_time']:.3f}s comp={r['compute_time']:.3f}s "
             f"thr={r['throughput']:.1f}/s cuda={r['cuda_mem']:.0f}MB")
@@ -69,7 +69,7 @@ class LogLineCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """Annex 7 tags: train/loss, train/lr, perf/*, val/*, oom/retries."""
+    """The design's tags: train/loss, train/lr, perf/*, val/*, oom/retries."""
 
     def __init__(self, tb: TBWriter) -> None:
         self.tb = tb
@@ -128,7 +128,7 @@ class MetricsFilesCallback(Callback):
 
 
 class MemoryWatchCallback(Callback):
-    """Seed D-8 prevention: warn (oom/memory_warning) when CUDA memory use passes train.memory_warning_ratio."""
+    """Prevention before recovery: warn (oom/memory_warning) when CUDA memory use passes train.memory_warning_ratio."""
 
     def __init__(self, ratio: float, tb: TBWriter, mem_ratio: Any = cuda_mem_ratio) -> None:
         self.ratio, self.tb, self.mem_ratio = ratio, tb, mem_ratio

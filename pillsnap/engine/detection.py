@@ -1,36 +1,31 @@
-"""Detection task for the trainer: a step-level YOLO11 train step (ultralytics model + loss, our loop) and validation.
-
-Owning the step (instead of calling `YOLO.train()` per epoch) is what lets the trainer interleave detection and
-classification optimizer steps at mini-batch level (seed D-1/D-5). Each task keeps its own optimizer, scheduler,
-AMP scaler and EMA.
-"""
+"""The detection task: a one-class YOLO11 pill detector trained step by step (ultralytics' model and loss, our
+loop), so that its optimizer steps interleave with the classifier's at mini-batch level."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from pillsnap.config import config_to_dict
-from pillsnap.engine.optim import param_groups, warmup_cosine_factor
-from pillsnap.eval.detection_metrics import evaluate_detection_metrics
-from pillsnap.models.detector import build_yolo_model
-from pillsnap.models.export import postprocess_detections
-from pillsnap.utils import enable_tf32, select_amp_dtype
+from pillsnap.engine.oom import BatchChoice
+from pillsnap.engine.task import ResumeMismatchError, Task
+from pillsnap.metrics import evaluate_detection_metrics
+from pillsnap.models.detector import build_yolo_model, postprocess_detections
+from pillsnap.utils.boxes import cxcywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
-# ultralytics' own trainer clips detector gradients at 10: its loss is summed over the batch, so gradient norms
-# run far above the classifier's, and train.grad_clip (1.0, tuned for the classifier) would throttle learning.
-DET_GRAD_CLIP = 10.0
+# ultralytics' own trainer clips at 10 the gradient of a loss summed over the images of the accumulation window;
+# our loss is the mean over the global batch, so the same clip is 10 / global batch.
+ULTRALYTICS_GRAD_CLIP = 10.0
 EMPTY_METRICS = {"mAP@0.5": 0.0, "mAP@0.5:0.95": 0.0, "precision": 0.0, "recall": 0.0}
 
 
 def prepare_batch(batch: dict, device: torch.device) -> dict:
-    """Move an ultralytics batch dict to `device`, images as float in [0, 1]."""
+    """An ultralytics batch dict moved to `device`, images as float in [0, 1]."""
     out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     img = out["img"]
     out["img"] = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
@@ -38,30 +33,22 @@ def prepare_batch(batch: dict, device: torch.device) -> dict:
 
 
 def batch_targets(batch: dict) -> list[torch.Tensor]:
-    """Per-image ground truth [M, 5] (x1, y1, x2, y2, cls) in input pixels from normalised xywh `bboxes`."""
+    """Per-image ground truth [M, 5] (x1, y1, x2, y2, cls) in input pixels from normalised centre-xywh `bboxes`."""
     h, w = batch["img"].shape[-2:]
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    boxes = batch["bboxes"].detach().float().cpu() * scale
-    xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+    boxes = cxcywh_to_xyxy(batch["bboxes"].detach().float().cpu() * torch.tensor([w, h, w, h], dtype=torch.float32))
     cls = batch["cls"].detach().float().cpu().view(-1, 1)
     idx = batch["batch_idx"].detach().cpu().view(-1)
-    return [torch.cat([xyxy[idx == i], cls[idx == i]], 1) for i in range(batch["img"].shape[0])]
+    return [torch.cat([boxes[idx == i], cls[idx == i]], 1) for i in range(batch["img"].shape[0])]
 
 
 @torch.no_grad()
-def validate_detection(
-    forward: Callable[[torch.Tensor], Any],
-    loader: Iterable[dict],
-    device: torch.device,
-    conf_threshold: float,
-    iou_threshold: float,
-) -> dict:
+def validate_detection(forward: Callable[[torch.Tensor], Any], loader: Iterable[dict], device: torch.device,
+                       conf_threshold: float, iou_threshold: float) -> dict:
     """mAP/P/R of `forward` (images -> raw output, torch model or ONNX session) over `loader` via the shared NMS."""
     predictions, targets = [], []
     for batch in loader:
         batch = prepare_batch(batch, device)
-        raw = forward(batch["img"])
-        predictions.extend(postprocess_detections(raw, conf_threshold, iou_threshold))
+        predictions.extend(postprocess_detections(forward(batch["img"]), conf_threshold, iou_threshold))
         targets.extend(batch_targets(batch))
     if not targets:
         return dict(EMPTY_METRICS, num_images=0)
@@ -84,171 +71,82 @@ def split_batch(batch: dict, size: int) -> list[dict]:
     return chunks
 
 
-def _loss_value(items: Any) -> float:
-    """Per-image loss (box + cls + dfl) from ultralytics' detached loss items (a tensor or, in 8.4, a dict)."""
-    if isinstance(items, dict):
-        return float(sum(float(v) for v in items.values()))
-    return float(items.sum())
+def random_detection_batch(batch_size: int, size: int, device: torch.device) -> dict:
+    """Random images with two random boxes each, in the ultralytics batch format (for auto batch trials)."""
+    n = 2 * batch_size
+    centre, wh = torch.rand(n, 2) * 0.6 + 0.2, torch.rand(n, 2) * 0.2 + 0.1
+    return {"img": torch.rand(batch_size, 3, size, size, device=device), "cls": torch.zeros(n, 1, device=device),
+            "bboxes": torch.cat([centre, wh], 1).to(device),
+            "batch_idx": torch.arange(batch_size).repeat_interleave(2).float().to(device)}
 
 
-class DetectionTask:
-    """One-class pill detector trained step by step; see docs/ARCHITECTURE.md "Engine contract"."""
+class DetectionTask(Task):
+    """The one-class pill detector; everything else comes from Task."""
 
-    name = "detection"
-    monitor = "mAP@0.5"
+    name: ClassVar[str] = "detection"
 
-    def __init__(self, cfg: Any, train_loader: Any, val_loader: Any, device: Any, logger: logging.Logger | None = None,
-                 tb: Any = None) -> None:
-        self.cfg, self.det_cfg = cfg, cfg.train.detection
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.device = torch.device(device)
-        self.logger, self.tb = logger or LOGGER, tb
-        self.model = build_yolo_model(cfg.model.detector, num_classes=1, lazy_load=False,
-                                      weights=cfg.model.detector_weights).to(self.device)
-        self.accum = max(1, int(cfg.train.grad_accum_steps))
-        groups = param_groups(self.model.parameters(), self.det_cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.det_cfg.lr)
-        self.scheduler = self._build_scheduler()
-        self._setup_amp()
-        self.ema = self._build_ema()
-        self.micro_step = 0
-        self.global_step = 0
-        # OOM recovery knobs (engine/oom.py): the loader's batch is split into chunks of knobs["batch_size"].
-        self.knobs = {"batch_size": int(self.det_cfg.batch_size), "grad_accum": self.accum, "did_amp_escalate": False}
+    def __init__(self, cfg: DictConfig, train_loader: Any, val_loader: Any, device: Any,
+                 batch_choice: BatchChoice | None = None) -> None:
+        super().__init__(cfg, cfg.train.detection, train_loader, val_loader, device, batch_choice)
 
-    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        epochs = self.det_cfg.epochs if self.cfg.train.strategy == "sequential" else self.cfg.train.epochs
-        total = max(1, int(epochs) * math.ceil(self.steps_per_epoch() / self.accum))
-        if self.cfg.train.scheduler not in ("cosine", "none"):
-            raise ValueError(f"train.scheduler must be 'cosine' or 'none', got {self.cfg.train.scheduler!r}")
-        if self.cfg.train.scheduler == "none":
-            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        warmup = min(int(self.cfg.train.warmup_steps), total)
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine_factor(s, warmup, total))
+    def build_model(self) -> nn.Module:
+        return build_yolo_model(self.cfg.model.detector, num_classes=1, weights=self.cfg.model.detector_weights)
 
-    def _setup_amp(self) -> None:
-        cuda = self.device.type == "cuda"
-        if cuda:
-            enable_tf32(bool(self.det_cfg.tf32))
-        self.amp = bool(self.det_cfg.amp) and cuda  # CPU runs fp32
-        self.amp_dtype = select_amp_dtype(self.cfg.train.classification.amp_dtype, self.device) if self.amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+    def to_device(self, batch: dict) -> dict:
+        return prepare_batch(batch, self.device)
 
-    def _build_ema(self) -> Any:
-        if not self.cfg.train.ema.enabled:
+    def batch_len(self, batch: dict) -> int:
+        return int(batch["img"].shape[0])
+
+    def split(self, batch: dict, size: int) -> list[dict]:
+        return split_batch(batch, size)
+
+    def chunk_loss(self, chunk: dict) -> torch.Tensor:
+        # A dict input makes the DetectionModel return its loss (through DDP's forward when wrapped);
+        # ultralytics' loss is the per-image loss times the images, summed over box, cls and dfl.
+        loss, _ = self.model(chunk)
+        return loss.sum() / chunk["img"].shape[0]
+
+    def on_batch_trained(self, batch: dict) -> None:
+        return None  # nothing per batch: the time-cap rule counts the classifier's classes
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return validate_detection(model, self.val_loader, self.device, float(self.section.conf_threshold),
+                                  float(self.section.iou_threshold))
+
+    def empty_metrics(self) -> dict:
+        return dict(EMPTY_METRICS, num_images=0)
+
+    def random_batch(self, batch_size: int) -> dict:
+        return random_detection_batch(batch_size, int(self.cfg.model.det_image_size), self.device)
+
+    def grad_clip(self) -> float | None:
+        if self.cfg.train.grad_clip is None:
             return None
-        from ultralytics.utils.torch_utils import ModelEMA
+        return ULTRALYTICS_GRAD_CLIP / (self.knobs.batch_size * self.knobs.grad_accum)
 
-        return ModelEMA(self.model, decay=float(self.cfg.train.ema.decay))
+    def lr_and_weight_decay(self) -> tuple[float, float]:
+        return float(self.section.lr), float(self.section.weight_decay)
+
+    def configured_batch_size(self) -> int:
+        return int(self.section.batch_size)
+
+    def epochs(self) -> int:
+        sequential = str(self.cfg.train.strategy) == "sequential"
+        return int(self.section.epochs if sequential else self.cfg.train.epochs)
 
     @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+    def monitor(self) -> str:
+        return "mAP@0.5"
 
-    def steps_per_epoch(self) -> int:
-        steps = len(self.train_loader) if self.train_loader is not None else 0
-        cap = self.cfg.train.max_steps_per_epoch
-        return min(steps, int(cap)) if cap else steps
+    @property
+    def mode(self) -> str:
+        return "max"
 
-    def train_step(self, batch: dict) -> dict:
-        """Forward + backward on one loader batch (in OOM chunks if recovery asked for them); the optimizer
-        steps when accumulation completes."""
-        self.model.train()
-        batch = prepare_batch(batch, self.device)
-        n, losses = int(batch["img"].shape[0]), []
-        for chunk in split_batch(batch, int(self.knobs["batch_size"])):
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                loss, items = self.model.loss(chunk)
-            # ultralytics' loss is ~ per-image loss x images: summing the chunks' sums gives the batch's.
-            self.scaler.scale(loss.sum() / self.accum).backward()
-            losses.append(_loss_value(items) * chunk["img"].shape[0] / n)
-        self.micro_step += 1
-        if self.micro_step % self.accum == 0:
-            self._optimizer_step()
-        return {"loss": float(sum(losses)), "lr": self.lr, "n": n}
-
-    def oom_state(self) -> dict:
-        """Plain values for engine.oom.oom_recovery_state_machine."""
-        return dict(self.knobs)
-
-    def reset_after_oom(self) -> None:
-        """Drop the partial accumulation (graph and grads) so the failed batch can be replayed."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.micro_step -= self.micro_step % self.accum
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def apply_oom_decision(self, decision: dict) -> None:
-        """S1: fp16 autocast once; S2/S3: smaller chunks. The loader's batch (the global batch) is kept, so the
-        schedules and learning rate stay as they are."""
-        action = decision["action"]
-        if action == "amp_fp16":
-            self.knobs["did_amp_escalate"] = True
-            if self.amp:
-                self.amp_dtype = torch.float16
-                self.scaler = torch.amp.GradScaler("cuda", enabled=True)
-            return
-        if action not in ("microbatching", "global_batch_change"):
-            raise ValueError(f"Cannot apply OOM action {action!r}")
-        self.knobs["batch_size"] = max(1, int(decision["batch_size"]))
-        self.knobs["grad_accum"] = int(decision["grad_accum"])  # bookkeeping for the state machine's next call
-        self.logger.warning("detection: OOM recovery, splitting each batch into chunks of %d images",
-                            self.knobs["batch_size"])
-
-    def _optimizer_step(self) -> None:
-        if self.cfg.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), DET_GRAD_CLIP)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=bool(self.cfg.train.zero_grad_set_to_none))
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.global_step += 1
-
-    def eval_model(self) -> nn.Module:
-        """The weights validated and saved as best: EMA when enabled and train.ema.validate is ema/both."""
-        if self.ema is not None and self.cfg.train.ema.validate in ("ema", "both"):
-            return self.ema.ema
-        return self.model
-
-    def validate(self, epoch: int) -> dict:
-        if self.val_loader is None:
-            return dict(EMPTY_METRICS, num_images=0)
-        model = self.eval_model().eval()
-        metrics = validate_detection(model, self.val_loader, self.device, float(self.det_cfg.conf_threshold),
-                                     float(self.det_cfg.iou_threshold))
-        self.model.train()
-        return metrics  # the trainer's callbacks log it and write TensorBoard (det/ prefix)
-
-    def checkpoint_state(self, epoch: int, best_metric: float) -> dict:
-        return {
-            "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict(),
-            "ema_state": self.ema.ema.state_dict() if self.ema is not None else None,
-            "epoch": epoch,
-            "best_metric": best_metric,
-            "global_step": self.global_step,
-            "config_snapshot": config_to_dict(self.cfg),
-        }
-
-    def load_checkpoint_state(self, ckpt: dict) -> None:
-        """Resume: weights, optimizer, scheduler, scaler and EMA; a different detector gives a clear error."""
-        try:
-            self.model.load_state_dict(ckpt["model_state"])
-        except RuntimeError as err:
-            raise ValueError(
-                f"detection checkpoint does not fit model.detector={self.cfg.model.detector}: {err}") from err
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        self.scheduler.load_state_dict(ckpt["scheduler_state"])
-        if ckpt.get("scaler_state"):
-            self.scaler.load_state_dict(ckpt["scaler_state"])
-        if self.ema is not None and ckpt.get("ema_state"):
-            self.ema.ema.load_state_dict(ckpt["ema_state"])
-        # The trainer stores its run-wide step as global_step; this task's own optimizer steps are the scheduler's.
-        self.global_step = int(self.scheduler.last_epoch)
-        if self.ema is not None:
-            self.ema.updates = self.global_step  # keeps the EMA warm-up ramp where it was
+    def check_compatible(self, ckpt: dict, origin: str) -> None:
+        old = (ckpt.get("config_snapshot") or {}).get("model", {}).get("detector")
+        if old != str(self.cfg.model.detector):
+            raise ResumeMismatchError(
+                f"Cannot resume from {origin}: it holds detector '{old}', but this run uses model.detector="
+                f"'{self.cfg.model.detector}'. Resume with the original detector, or start fresh with "
+                "train.resume=null (or another paths.exp_dir).")

@@ -1,4 +1,4 @@
-"""Early stopping (seed D-6) as a policy on plain values, plus the Stage 1 time-cap success rule."""
+"""Early stopping as a policy on plain values, plus the Stage 1 time-cap success rule."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def time_cap_reached(elapsed_s: float, time_limit_hours: float | None) -> bool:
 
 
 def time_cap_success(stage_cfg: Mapping[str, Any], samples_seen: int, classes_seen: int) -> dict:
-    """Seed rule "Stage 1 시간 캡 성공 판정": a time-capped run still passes when allowed and the minimums hold."""
+    """The design's Stage 1 time-cap rule: a time-capped run still passes when allowed and the minimums hold."""
     min_samples = int(stage_cfg.get("min_samples_required", 0) or 0)
     min_classes = int(stage_cfg.get("min_class_coverage", 0) or 0)
     reasons = []

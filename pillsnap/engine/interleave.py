@@ -1,4 +1,4 @@
-"""Interleaving of detection and classification steps (seed D-1/D-5): `step % (d + c) < d` -> detection."""
+"""Interleaving of detection and classification steps (the design's rule): `step % (d + c) < d` -> detection."""
 
 from __future__ import annotations
 

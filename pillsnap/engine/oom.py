@@ -1,7 +1,7 @@
-"""OOM policies: the recovery state machine (seed D-8 / Annex 6), auto batch search (Annex 1), fake OOM injection.
+"""Out-of-memory policies: the recovery state machine, the auto batch search, and fake OOM injection.
 
-Policies are pure: plain values in, a decision dict out. The trainer applies decisions, sleeps the
-cooldown, and catches only torch.OutOfMemoryError.
+Policies are pure: plain values in, a decision out. The tasks apply decisions; the loop sleeps the cooldown and
+catches only torch.OutOfMemoryError.
 """
 
 from __future__ import annotations
@@ -10,135 +10,183 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 LOGGER = logging.getLogger(__name__)
-# Comma-separated classification micro-step numbers (0-based, counted over the whole run) at which a
+# Comma-separated micro-step numbers (0-based, counted per task over the whole run) at which a
 # torch.OutOfMemoryError is raised once each: exercises the recovery path on CPU.
 FAKE_OOM_ENV = "PILLSNAP_FAKE_OOM_STEPS"
+# "N" or "N,M": auto batch trials above N images (above M under fp16) raise torch.OutOfMemoryError, as a GPU of
+# that size would: exercises the batch search on CPU.
+FAKE_OOM_BATCH_ENV = "PILLSNAP_FAKE_OOM_MAX_BATCH"
+ACTIONS = ("amp_fp16", "microbatching", "global_batch_change", "emergency_exit")
 
 
-def oom_recovery_state_machine(retries: int, current_state: Mapping[str, Any], oom_cfg: Mapping[str, Any]) -> dict:
+@dataclass(frozen=True)
+class OomDecision:
+    """What to do after an OOM. batch_size/grad_accum are the new knobs for the two re-batching actions."""
+
+    action: str
+    retries: int
+    batch_size: int = 0
+    grad_accum: int = 0
+    lr_scale: float = 1.0  # global_batch_change: the learning rate follows the global batch (linear rule)
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One log line (the wording of the design's recovery log)."""
+        if self.action == "amp_fp16":
+            return "OOM Recovery S1: escalating AMP to fp16 (schedules preserved)"
+        if self.action == "microbatching":
+            return (f"OOM Recovery S2: micro-batching bs={self.batch_size} accum={self.grad_accum} "
+                    "(global batch preserved)")
+        if self.action == "global_batch_change":
+            return (f"OOM Recovery S3: global batch -> {self.batch_size * self.grad_accum} "
+                    f"lr_scale={self.lr_scale:.4f} by-samples scheduling")
+        return f"OOM Recovery: giving up after {self.retries - 1} retries ({self.reason or 'max_retries'})"
+
+
+def oom_recovery_state_machine(retries: int, current_state: Mapping[str, Any], oom_cfg: Mapping[str, Any]
+                               ) -> OomDecision:
     """Decide the next recovery step after an OOM.
 
     current_state: {"batch_size", "grad_accum", "did_amp_escalate"}; oom_cfg: the train.oom section.
-    Returns {"action", "retries", ...}: "emergency_exit" after max_retries; S1 "amp_fp16" once;
-    S2 "microbatching" (global batch kept); S3 "global_batch_change" (linear LR scaling, by-samples schedule).
+    Order: give up after max_retries; S1 switch autocast to fp16 once; S2 halve the micro-batch and raise
+    accumulation so the global batch is kept; S3 (accumulation capped) a smaller global batch with the learning
+    rate scaled linearly and the schedule stepped by samples.
     """
     retries += 1
     if retries > int(oom_cfg["max_retries"]):
-        return {"action": "emergency_exit", "save_checkpoint": True, "retries": retries}
+        return OomDecision("emergency_exit", retries)
+    if oom_cfg.get("escalate_to_fp16") and not current_state.get("did_amp_escalate"):
+        return OomDecision("amp_fp16", retries)
     bs, accum = int(current_state["batch_size"]), int(current_state["grad_accum"])
     min_bs, max_accum = int(oom_cfg["min_batch"]), int(oom_cfg["max_grad_accum"])
     g_old = bs * accum
-    if oom_cfg.get("escalate_to_fp16") and not current_state.get("did_amp_escalate"):
-        return {"action": "amp_fp16", "preserve_schedules": True, "retries": retries,
-                "next_state": {**current_state, "did_amp_escalate": True}}
     bs_new = max(bs // 2, min_bs)
-    if accum < max_accum:
-        accum_new = min(math.ceil(g_old / bs_new), max_accum)
-        if bs_new * accum_new == g_old and (bs_new, accum_new) != (bs, accum):
-            return {"action": "microbatching", "batch_size": bs_new, "grad_accum": accum_new,
-                    "preserve_schedules": True, "replay_batch": True, "retries": retries}
-    accum_new = min(max_accum, math.ceil(g_old / bs_new))
+    accum_new = min(math.ceil(g_old / bs_new), max_accum)
     g_new = bs_new * accum_new
+    if g_new == g_old and (bs_new, accum_new) != (bs, accum):
+        return OomDecision("microbatching", retries, bs_new, accum_new)
     if g_new >= g_old:
         # Nothing smaller is allowed (min_batch and max_grad_accum reached): recovery cannot help.
-        return {"action": "emergency_exit", "save_checkpoint": True, "retries": retries,
-                "reason": f"min_batch={min_bs} and max_grad_accum={max_accum} reached"}
-    lr_scale = g_new / g_old
-    steps_ratio = g_old / g_new
-    return {
-        "action": "global_batch_change", "batch_size": bs_new, "grad_accum": accum_new, "lr_scale": lr_scale,
-        # AdamW decays by lr*wd per step: with the linear LR rule and steps_ratio x more steps the per-epoch
-        # decay is already kept, so wd_scale is 1 (the seed's G_old/G_new would double the total decay).
-        "wd_scale": 1.0 / (lr_scale * steps_ratio), "steps_per_epoch_ratio": steps_ratio,
-        "scheduler_mode": "by_samples", "replay_batch": True, "retries": retries,
-        "audit_log": {"G_old": g_old, "G_new": g_new, "lr_scale": lr_scale},
-    }
+        return OomDecision("emergency_exit", retries, reason=f"min_batch={min_bs} and max_grad_accum={max_accum} "
+                                                             "reached")
+    return OomDecision("global_batch_change", retries, bs_new, accum_new, lr_scale=g_new / g_old)
 
 
-def describe_decision(decision: Mapping[str, Any]) -> str:
-    """One log line for a recovery decision."""
-    action = decision["action"]
-    if action == "amp_fp16":
-        return "OOM Recovery S1: escalating AMP to fp16 (schedules preserved)"
-    if action == "microbatching":
-        return (f"OOM Recovery S2: micro-batching bs={decision['batch_size']} accum={decision['grad_accum']} "
-                "(global batch preserved)")
-    if action == "global_batch_change":
-        audit = decision["audit_log"]
-        return (f"OOM Recovery S3: global batch {audit['G_old']}->{audit['G_new']} lr_scale={audit['lr_scale']:.4f} "
-                "by-samples scheduling")
-    return f"OOM Recovery: giving up after {decision['retries'] - 1} retries ({decision.get('reason', 'max_retries')})"
+@dataclass(frozen=True)
+class BatchChoice:
+    """The result of the auto batch search: micro-batch, accumulation, whether fp16 was forced, and the trials."""
+
+    batch_size: int
+    grad_accum: int = 1
+    force_fp16: bool = False
+    trials: list[tuple[int, bool, str]] = field(default_factory=list)  # (batch, fp16, "fits"|"oom"|"over headroom")
 
 
-def _fits(fn_train_step: Callable[[int], Any], bs: int, headroom: float, mem_ratio: Callable[[], float]) -> bool:
+def _try(trial: Callable[[int, bool], Any], bs: int, fp16: bool, headroom: float, mem_ratio: Callable[[], float],
+         empty_cache: Callable[[], None], log: list) -> bool:
     try:
-        fn_train_step(bs)
+        trial(bs, fp16)
     except torch.OutOfMemoryError:
-        LOGGER.info("auto batch: bs=%d -> OOM", bs)
+        empty_cache()
+        log.append((bs, fp16, "oom"))
+        LOGGER.info("auto batch: bs=%d fp16=%s -> OOM", bs, fp16)
         return False
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     ratio = mem_ratio()
-    LOGGER.info("auto batch: bs=%d fits (memory %.0f%%)", bs, 100 * ratio)
-    return ratio <= headroom
+    empty_cache()
+    fits = ratio <= headroom
+    log.append((bs, fp16, "fits" if fits else "over headroom"))
+    LOGGER.info("auto batch: bs=%d fp16=%s -> memory %.0f%% (%s)", bs, fp16, 100 * ratio,
+                "fits" if fits else f"over the {100 * headroom:.0f}% headroom")
+    return fits
 
 
 def auto_find_batch_size(
-    fn_train_step: Callable[[int], Any],
+    trial: Callable[[int, bool], Any],
     init_bs: int,
     min_bs: int = 1,
     max_bs: int | None = None,
     amp_force_fp16: bool = False,
     headroom: float = 0.88,
+    max_grad_accum: int = 1,
     mem_ratio: Callable[[], float] | None = None,
-) -> int:
-    """Largest batch in [min_bs, max_bs] for which `fn_train_step(bs)` runs without OOM within `headroom` (Annex 1).
+    empty_cache: Callable[[], None] | None = None,
+) -> BatchChoice:
+    """The largest batch that `trial(bs, fp16)` runs without OOM within `headroom` of device memory.
 
-    Halves from `init_bs` until a batch fits, then doubles while it still fits (bounded by max_bs,
-    default init_bs*4). `amp_force_fp16` is recorded for the caller's log: fn_train_step owns precision.
+    From `init_bs`: on OOM empty the cache and halve down to `min_bs`; when even that fails and `amp_force_fp16`
+    allows it, force fp16 and search again from `init_bs`. A batch that fits at `init_bs` is doubled while it
+    fits (up to `max_bs`, default 4 x init_bs). A batch below `init_bs` gets accumulation (up to
+    `max_grad_accum`) so the global batch stays near `init_bs`. Raises RuntimeError when nothing fits.
     """
     from pillsnap.utils import cuda_mem_ratio
 
     mem_ratio = mem_ratio or cuda_mem_ratio
+    empty_cache = empty_cache or (torch.cuda.empty_cache if torch.cuda.is_available() else (lambda: None))
     max_bs = max_bs or init_bs * 4
-    bs = max(min(init_bs, max_bs), min_bs)
-    while not _fits(fn_train_step, bs, headroom, mem_ratio):
-        if bs <= min_bs:
-            raise RuntimeError(f"auto batch: even min_bs={min_bs} does not fit (amp_force_fp16={amp_force_fp16})")
-        bs = max(bs // 2, min_bs)
-    while bs < max_bs:
-        trial = min(bs * 2, max_bs)
-        if not _fits(fn_train_step, trial, headroom, mem_ratio):
-            break
-        bs = trial
-    LOGGER.info("auto batch: chose bs=%d (range %d..%d, fp16=%s)", bs, min_bs, max_bs, amp_force_fp16)
-    return bs
+    start = max(min(init_bs, max_bs), min_bs)
+    log: list[tuple[int, bool, str]] = []
+    for fp16 in (False, True) if amp_force_fp16 else (False,):
+        bs = start
+        while not _try(trial, bs, fp16, headroom, mem_ratio, empty_cache, log):
+            if bs <= min_bs:
+                break
+            bs = max(bs // 2, min_bs)
+        else:
+            if bs == start:
+                while bs < max_bs and _try(trial, min(bs * 2, max_bs), fp16, headroom, mem_ratio, empty_cache, log):
+                    bs = min(bs * 2, max_bs)
+            accum = min(max(math.ceil(init_bs / bs), 1), max(max_grad_accum, 1))
+            LOGGER.info("auto batch: chose bs=%d grad_accum=%d fp16=%s after %d trials", bs, accum, fp16, len(log))
+            return BatchChoice(bs, accum, fp16, log)
+    raise RuntimeError(f"auto batch: even min_bs={min_bs} does not fit (fp16 tried: {amp_force_fp16}); "
+                       "lower model.image_size or use a smaller model")
 
 
 class FakeOOM:
-    """Raises torch.OutOfMemoryError at chosen micro-step numbers, once each (test and drill hook)."""
+    """Raises torch.OutOfMemoryError at chosen micro-steps (once each) or above a batch size (drill hooks)."""
 
-    def __init__(self, steps: set[int] | None = None) -> None:
+    def __init__(self, steps: set[int] | None = None, max_batch: tuple[int, int] | None = None) -> None:
         self.steps = set(steps or ())
+        self.max_batch = max_batch
 
     @classmethod
     def from_env(cls) -> FakeOOM:
-        raw = os.environ.get(FAKE_OOM_ENV, "").strip()
-        try:
-            steps = {int(s) for s in raw.split(",") if s.strip()}
-        except ValueError as err:
-            raise ValueError(f"{FAKE_OOM_ENV} must be comma-separated integers, got {raw!r}") from err
-        if steps:
-            LOGGER.warning("Fake OOM injection armed at classification micro-steps %s", sorted(steps))
-        return cls(steps)
+        return cls(_int_set(FAKE_OOM_ENV), _batch_limits(FAKE_OOM_BATCH_ENV))
 
     def check(self, step: int) -> None:
         if step in self.steps:
             self.steps.discard(step)
             raise torch.OutOfMemoryError(f"fake CUDA out of memory injected at micro-step {step}")
+
+    def check_batch(self, batch_size: int, fp16: bool) -> None:
+        if self.max_batch and batch_size > self.max_batch[1 if fp16 else 0]:
+            raise torch.OutOfMemoryError(f"fake CUDA out of memory: batch {batch_size} (fp16={fp16})")
+
+
+def _ints(name: str) -> list[int]:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return [int(s) for s in raw.split(",") if s.strip()]
+    except ValueError as err:
+        raise ValueError(f"{name} must be comma-separated integers, got {raw!r}") from err
+
+
+def _int_set(name: str) -> set[int]:
+    steps = set(_ints(name))
+    if steps:
+        LOGGER.warning("Fake OOM injection armed at micro-steps %s", sorted(steps))
+    return steps
+
+
+def _batch_limits(name: str) -> tuple[int, int] | None:
+    limits = _ints(name)
+    if not limits:
+        return None
+    LOGGER.warning("Fake OOM injection armed for auto batch trials above %s", limits)
+    return limits[0], limits[-1]

@@ -1,4 +1,4 @@
-"""Loss, optimizer and LR schedule for the classifier (seed D-3)."""
+"""Loss, optimizer and learning-rate schedule: one builder of each, shared by both tasks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 LOGGER = logging.getLogger(__name__)
+SCHEDULERS = ("cosine", "none")
+# Device types with fused AdamW kernels in torch >= 2.4 (CPU included).
+FUSED_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu"})
 
 
 def build_criterion_classification(cfg: DictConfig, class_weights: torch.Tensor | None = None) -> nn.Module:
@@ -32,18 +35,20 @@ def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def fused_supported(params: list[torch.Tensor]) -> bool:
-    """Fused AdamW needs every parameter on CUDA in a floating dtype."""
-    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+def optimizer_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's fastest implementation for these parameters: fused where every parameter is a floating tensor on a
+    device with fused kernels (CUDA, and CPU since torch 2.4), else foreach (one kernel per group, not per tensor)."""
+    devices = {p.device.type for p in params}
+    fused_ok = bool(params) and all(p.is_floating_point() for p in params) and devices <= FUSED_DEVICES
+    return {"fused": True} if fused_ok else {"foreach": True}
 
 
-def build_optimizer(cfg: DictConfig, named_params: Iterable[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    """AdamW(train.lr, train.weight_decay), fused where the parameters live on CUDA."""
-    groups = param_groups((p for _, p in named_params), float(cfg.train.weight_decay))
-    flat = [p for g in groups for p in g["params"]]
-    fused = fused_supported(flat)
-    LOGGER.info("AdamW lr=%.2e wd=%.3g fused=%s", cfg.train.lr, cfg.train.weight_decay, fused)
-    return torch.optim.AdamW(groups, lr=float(cfg.train.lr), fused=fused or None)
+def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with decay on weights only, in its fastest implementation for where the parameters live."""
+    groups = param_groups(params, float(weight_decay))
+    impl = optimizer_implementation([p for g in groups for p in g["params"]])
+    LOGGER.info("AdamW lr=%.2e wd=%.3g %s", lr, weight_decay, next(iter(impl)))
+    return torch.optim.AdamW(groups, lr=float(lr), **impl)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -55,15 +60,14 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(
-    cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """train.scheduler: "cosine" (warmup_steps linear warmup) or "none"; stepped once per optimizer step."""
-    kind = str(cfg.train.scheduler)
+def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """train.scheduler: "cosine" (linear warmup, then cosine to 0 at `total_steps`) or "none"; stepped once per
+    optimizer step."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"train.scheduler must be one of {SCHEDULERS}, got {kind!r}")
     if kind == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if kind != "cosine":
-        raise ValueError(f"train.scheduler must be 'cosine' or 'none', got {kind!r}")
-    total = max(int(cfg.train.epochs) * max(steps_per_epoch, 1), 1)
-    warmup = min(int(cfg.train.warmup_steps), total)
+    total = max(int(total_steps), 1)
+    warmup = min(int(warmup_steps), total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, warmup, total))

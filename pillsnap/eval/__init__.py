@@ -1,6 +1,7 @@
-"""Evaluation: metrics (arrays in, dict out), Go/No-Go gates and the advisor, report artefacts.
+"""Evaluation: the final test-split run over checkpoints, Go/No-Go gates and the advisor, report artefacts.
 
-Names resolve lazily: detection metrics and plotting pull in heavier libraries than most callers need.
+The metrics themselves (arrays in, dict out) live in pillsnap.metrics, below the training engine.
+Names resolve lazily: plotting and the test run pull in heavier libraries than most callers need.
 """
 
 from __future__ import annotations
@@ -8,9 +9,6 @@ from __future__ import annotations
 from pillsnap._lazy import lazy_exports
 
 _EXPORTS = {
-    "evaluate_classification_metrics": "pillsnap.eval.metrics",
-    "topk_accuracy": "pillsnap.eval.metrics",
-    "evaluate_detection_metrics": "pillsnap.eval.detection_metrics",
     "simple_stage_evaluation": "pillsnap.eval.gates",
     "evaluate_and_recommend": "pillsnap.eval.gates",
     "plot_confusion_matrix": "pillsnap.eval.reports",

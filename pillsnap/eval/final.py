@@ -1,4 +1,4 @@
-"""Final test evaluation (seed Part D D-6): the only place the test split is ever loaded.
+"""Final test evaluation: the only place the test split is ever loaded.
 
 Runs once after the last stage: best checkpoints on the test loaders, val-vs-test gap (overfitting check),
 business goals (single-pill macro-F1 ≥ 0.92, combination mAP@0.5 ≥ 0.85), a recommendation, and
@@ -56,7 +56,8 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
     ckpts = exp_dir / "checkpoints"
     if not (ckpts / "classification_best.pt").is_file():
         raise FileNotFoundError(f"No classification_best.pt in {ckpts}: train before the final evaluation")
-    _, _, cls_test, _, _, det_test, _ = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
+    loaders = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
+    cls_test, det_test = loaders.cls_test, loaders.det_test
     device = resolve_device()
     test: dict[str, dict] = {"classification": _test_classification(ckpts / "classification_best.pt", cls_test,
                                                                       device, cfg)}

@@ -1,6 +1,6 @@
-"""Stage Go/No-Go gate (seed D-12) and the optimisation advisor (seed D-14): pure functions of plain values.
+"""Stage Go/No-Go gate and the optimisation advisor of the design: pure functions of plain values.
 
-The seed's advisor waits for terminal input; ours returns the recommendation and options so that the CLI,
+The design's advisor waits for terminal input; ours returns the recommendation and options so that the CLI,
 a report or the dashboard can present them, and never blocks a training job.
 """
 
@@ -20,7 +20,7 @@ STAGE_TARGETS: dict[int, dict[str, float]] = {
         "min_eval_samples": 10000, "max_acc_drop": 0.01, "epsilon_acc": 0.002},
 }
 
-# Seed D-14 performance targets per stage ("metric path" -> minimum).
+# The design's performance targets per stage ("metric path" -> minimum).
 PERFORMANCE_TARGETS: dict[int, dict[str, float]] = {
     1: {"detection.mAP_0.5": 0.30, "classification.accuracy": 0.40},
     2: {"detection.mAP_0.5": 0.50, "detection.mAP_0.5_0.95": 0.35, "classification.accuracy": 0.60,
@@ -70,7 +70,7 @@ def calculate_performance_score(results: dict, stage: int) -> float:
 
 
 def generate_optimization_suggestions(results: dict, stage: int) -> list[str]:
-    """Concrete knobs to turn, from what the results show (seed D-14)."""
+    """Concrete knobs to turn, from what the results show."""
     suggestions = []
     targets = PERFORMANCE_TARGETS[stage]
     if results.get("gpu_memory_gb", 0) > 14:

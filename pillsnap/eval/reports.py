@@ -1,6 +1,6 @@
-"""Report artefacts (seed D-9, src/evaluate.py): confusion matrix, ROC/PR curves, detection overlays, metrics.json.
+"""Report artefacts of an evaluation: confusion matrix, ROC/PR curves, detection overlays, metrics.json.
 
-Plots use matplotlib's Agg backend (no display); metrics come from eval/metrics.py, never computed here.
+Plots use matplotlib's Agg backend (no display); metrics come from pillsnap.metrics, never computed here.
 """
 
 from __future__ import annotations
@@ -102,6 +102,23 @@ def plot_detection_results(images: Sequence, predictions: Sequence[dict], out_di
 
 
 def dump_metrics_json(metrics: dict, out_path: str | Path) -> Path:
-    """Write {detection: {...}, classification: {...}, ...} atomically (seed D-9 schema)."""
+    """Write metrics.json atomically: one block per task, {detection: {...}, classification: {...}, ...}."""
     save_json(out_path, metrics)
     return Path(out_path)
+
+
+def write_classification_reports(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
+                                 out_dir: str | Path) -> list[Path]:
+    """confusion_matrix.png, roc.png and pr.png from validation labels and probabilities ([] when empty)."""
+    from sklearn.metrics import confusion_matrix
+
+    if not len(y_true):
+        return []
+    num_classes = y_prob.shape[1]
+    labels = np.arange(num_classes)
+    names = list(class_names)
+    if len(names) != num_classes:  # e.g. model.num_classes set larger than the stage's classes
+        names = [str(i) for i in labels]
+    cm = confusion_matrix(y_true, y_prob.argmax(axis=1), labels=labels)
+    paths = [plot_confusion_matrix(cm, names, Path(out_dir) / "confusion_matrix.png")]
+    return paths + plot_roc_pr_curves(np.eye(num_classes)[y_true], y_prob, out_dir)

@@ -11,6 +11,7 @@ _EXPORTS = {
     "Predictor": "pillsnap.infer.pipeline",
     "get_predictor": "pillsnap.infer.pipeline",
     "predict_pipeline": "pillsnap.infer.pipeline",
+    "INFERENCE_MODES": "pillsnap.infer.gating",
     "GatingDecision": "pillsnap.infer.gating",
     "decide_route": "pillsnap.infer.gating",
     "hard_case_reasons": "pillsnap.infer.gating",

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from pillsnap.infer.gating import INFERENCE_MODES  # pure Python, so `pillsnap --help` stays torch-free
+
 LOGGER = logging.getLogger("pillsnap.predict")
 
 
@@ -13,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="identify the pills in photos", description=__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image paths (or zip:<zip>!<member>)")
     parser.add_argument("--exp", default=None, help="experiment dir with checkpoints/ (default: paths.exp_dir)")
-    parser.add_argument("--mode", choices=("single", "combo", "auto"), default=None,
-                        help="single | combo | auto (default: inference.mode)")
+    parser.add_argument("--mode", choices=INFERENCE_MODES, default=None,
+                        help=f"{' | '.join(INFERENCE_MODES)} (default: inference.mode)")
     parser.add_argument("--conf", type=float, default=None,
                         help="detector confidence (default: inference.conf_threshold)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per image")

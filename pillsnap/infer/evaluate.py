@@ -2,7 +2,7 @@
 
 Figures: auto routing accuracy (single photos -> single, combination photos -> combo), single-photo top-1
 accuracy, the "all pills in the photo right" rate on combination photos, and detector mAP on the same photos
-through the torch model and, when given, its ONNX export (one shared NMS, seed D-6).
+through the torch model and, when given, its ONNX export (both through the one shared NMS, so they compare).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pillsnap.eval.detection_metrics import evaluate_detection_metrics
 from pillsnap.infer.preprocess import load_image
+from pillsnap.metrics.detection import evaluate_detection_metrics
+from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ def detection_map(predictor: Any, photos: list[dict], forward: Callable | None =
             continue
         image, _ = load_image(photo["image_path"])
         dets = predictor.detect(image, conf_threshold, forward=forward)
-        boxes = dets[:, :4].copy()
-        boxes[:, 2:] += boxes[:, :2]
-        predictions.append({"boxes": boxes, "scores": dets[:, 4], "labels": np.zeros(len(dets))})
-        gt = photo["boxes"].copy()
-        gt[:, 2:] += gt[:, :2]
-        targets.append({"boxes": gt, "labels": np.zeros(len(gt))})
+        predictions.append({"boxes": xywh_to_xyxy(dets[:, :4]), "scores": dets[:, 4], "labels": np.zeros(len(dets))})
+        targets.append({"boxes": xywh_to_xyxy(photo["boxes"]), "labels": np.zeros(len(photo["boxes"]))})
     return evaluate_detection_metrics(predictions, targets)

@@ -1,10 +1,16 @@
-"""Routing policy of `auto` mode and the hard-case rule (seed D-3), as pure functions of plain values."""
+"""Routing policy of `auto` mode and the hard-case rule, as pure functions of plain values.
+
+Also the one list of inference modes, which the predictor, `pillsnap predict` and the HTTP API all check against;
+this module imports nothing heavy, so the CLI and the API can import it at start-up.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-MODES = ("single", "combo", "auto")
+# single: classify the whole photo as one pill; combo: detect pills, classify each; auto: single, falling back to
+# combo when the photo does not look like one pill (decide_route).
+INFERENCE_MODES = ("single", "combo", "auto")
 LOW_CONFIDENCE, MULTI_OBJECT_HINT, MANUAL_COMBO = "low_confidence", "multi_object_hint", "manual_combo"
 
 
@@ -22,8 +28,8 @@ class GatingDecision:
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
     return mode
 
 
@@ -57,8 +63,9 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
 
 def hard_case_reasons(mode: str, mode_used: str, single_confidence: float | None, num_pills: int,
                       single_conf_below: float = 0.30) -> list[str]:
-    """Seed D-3 hard-case conditions: (single & confidence < 0.30) | (auto routed to combo) | a suspected
-    misroute (the combo path found at most one pill). Empty list = not a hard case."""
+    """Why a prediction is a hard case worth reviewing: a single-pill answer with confidence below
+    `single_conf_below`, an auto photo that fell back to combo, or a suspected misroute (the combo path found at
+    most one pill). Empty list = not a hard case."""
     reasons = []
     if mode_used == "single" and single_confidence is not None and single_confidence < single_conf_below:
         reasons.append("low_single_confidence")

@@ -17,7 +17,7 @@ THUMBNAIL_PX = 160
 
 
 class HardCaseLog:
-    """Appends hard cases for weekly review (seed D-9); thumbnails are optional small JPEGs beside the log."""
+    """Appends hard cases for weekly review; thumbnails are optional small JPEGs beside the log."""
 
     def __init__(self, exp_dir: str | Path, thumbnails: bool = False) -> None:
         self.root = Path(exp_dir) / "hard_cases"

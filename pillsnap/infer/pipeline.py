@@ -20,6 +20,7 @@ from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
 from pillsnap.utils import read_json, resolve_device
+from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
@@ -86,7 +87,7 @@ class Predictor:
 
     @property
     def detector(self) -> torch.nn.Module:
-        """The detector, loaded on first use (seed D-3: lazy loading)."""
+        """The detector, loaded on first use: a predictor that only sees single-pill photos never pays for it."""
         if self._detector is None:
             if self.detector_path is None:
                 raise FileNotFoundError(f"No detector checkpoint in {self.exp_dir / 'checkpoints'} "
@@ -119,7 +120,7 @@ class Predictor:
         """Pill boxes [N, 5] (x, y, w, h in image pixels, confidence), left to right, via the shared NMS.
 
         `forward` (letterboxed images -> raw output) replaces the torch detector, e.g. an OnnxDetector."""
-        from pillsnap.models.export import postprocess_detections, raw_detector_output
+        from pillsnap.models.detector import postprocess_detections, raw_detector_output
 
         model = self.detector  # also sets det_image_size from the checkpoint
         tensor, scale, pad = letterbox(image, self.det_image_size)
@@ -139,7 +140,7 @@ class Predictor:
             crop = crop_pill(image, box, self.crop_margin)
         else:
             box = single_crop_box(image.size, float(self.settings.single_crop))
-            crop = image.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
+            crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
         return self._pill(box, self.classify([crop])[0], None)
 
     def _combo(self, image: Image.Image, dets: np.ndarray) -> list[dict]:

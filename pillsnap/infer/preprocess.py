@@ -10,14 +10,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pillsnap.utils.boxes import xyxy_to_xywh
+from pillsnap.utils.images import read_image
+
 LETTERBOX_FILL = (114, 114, 114)  # ultralytics' padding grey, so the detector sees what it trained on
 
 
 def load_image(image: Any) -> tuple[Image.Image, str | None]:
     """(RGB PIL image, its name) from a path / 'zip:<zip>!<member>' string, a PIL image or an HxWx3 uint8 array."""
     if isinstance(image, (str, Path)):
-        from pillsnap.data import read_image
-
         text = str(image)
         if not text.startswith("zip:") and not Path(text).is_file():
             raise FileNotFoundError(f"Image not found: {text}")
@@ -67,7 +68,7 @@ def unletterbox_boxes(xyxy: np.ndarray, scale: float, pad: tuple[float, float], 
     boxes = (np.asarray(xyxy, dtype=np.float64) - [pad[0], pad[1], pad[0], pad[1]]) / scale
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, size[0])
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, size[1])
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    return xyxy_to_xywh(boxes)
 
 
 def _background_model(small: np.ndarray) -> np.ndarray:

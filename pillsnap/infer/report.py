@@ -7,7 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pillsnap.infer.evaluate import detection_map, evaluate_pipeline, photo_groups
+from pillsnap.utils.boxes import xywh_to_xyxy
+from pillsnap.utils.images import read_image
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,7 +46,6 @@ def _detection_figures(predictor: Any, photos: list[dict], onnx_path: Path | Non
 
 def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4) -> list[str]:
     """Predicted boxes and K-codes drawn on the first `limit` held-out combination photos (reports/detections/)."""
-    from pillsnap.data import read_image
     from pillsnap.eval.reports import plot_detection_results
 
     combos = [p for p in photos if p["image_type"] != "single"][:limit]
@@ -52,7 +55,8 @@ def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4)
     preds = []
     for image in images:
         pills = predictor.predict(image, mode="combo")["pills"]
-        preds.append({"boxes": [[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in pills)],
+        boxes = xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], dtype=np.float64).reshape(-1, 4))
+        preds.append({"boxes": boxes.tolist(),
                       "labels": [p["mapping_code"] for p in pills], "scores": [p["probability"] for p in pills]})
     return [str(path) for path in plot_detection_results(images, preds, out_dir)]
 

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from pillsnap.utils import load_ckpt
+from pillsnap.utils.io import select_inference_state
 
 LOGGER = logging.getLogger(__name__)
-EMA_VALIDATE_MODES = ("ema", "raw", "both")
-
 
 def _load_backbone_weights(model: nn.Module, weights_path: str | Path) -> None:
     """Load a local timm state_dict, skipping the classifier head when its class count differs."""
@@ -54,14 +53,6 @@ def build_classification_model(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def select_inference_state(ckpt: dict) -> dict:
-    """EMA weights when the run validated them (train.ema.validate in {ema, both}), else the raw weights."""
-    mode = ((ckpt.get("config_snapshot") or {}).get("train", {}).get("ema", {}) or {}).get("validate", "ema")
-    if ckpt.get("ema_state") is not None and mode in ("ema", "both"):
-        return ckpt["ema_state"]
-    return ckpt["model_state"]
 
 
 def load_classifier_for_inference(ckpt_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -1,37 +1,27 @@
-"""The pill detector: an ultralytics YOLO11 DetectionModel built from its YAML, one class ("pill"), fully offline.
+"""The pill detector: an ultralytics YOLO11 DetectionModel built from its YAML, one class ("pill"), fully offline,
+and the one NMS postprocess that turns its raw output (torch or ONNX) into boxes.
 
 Only ultralytics' model and loss are used; the step loop is ours (engine/detection.py) so that detection and
 classification steps can interleave. Nothing here downloads: no weights, fonts, settings sync or AMP check.
+
+Validation mAP, inference and the ONNX check all go through `postprocess_detections`, so torch and ONNX
+figures come from the same NMS.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from pillsnap.utils.offline import ultralytics_offline
+
 LOGGER = logging.getLogger(__name__)
 PILL_CLASS_NAMES = {0: "pill"}
-
-
-def ultralytics_offline() -> None:
-    """Make ultralytics network-free before (and after) it is imported: no hub, no events, no settings sync."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-    from ultralytics.utils import LOGGER as YOLO_LOGGER
-    from ultralytics.utils import SETTINGS
-
-    # Its INFO chatter ("Overriding model.yaml nc=80 ...") would drown our progress lines; warnings still show.
-    YOLO_LOGGER.setLevel(logging.WARNING)
-    if SETTINGS.get("sync"):
-        try:
-            SETTINGS.update(sync=False)
-        except OSError as err:  # a read-only settings dir must not stop training; YOLO_OFFLINE already blocks sync
-            LOGGER.debug("cannot persist ultralytics sync=False: %s", err)
 
 
 def _model_yaml(model_size: str) -> str:
@@ -72,14 +62,12 @@ def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> i
 def build_yolo_model(
     model_size: str = "yolo11m",
     num_classes: int = 1,
-    lazy_load: bool = True,
     weights: str | Path | None = None,
 ) -> nn.Module:
     """Build an ultralytics DetectionModel from `{model_size}.yaml` with `num_classes` classes.
 
-    `weights` is an optional local .pt whose matching tensors initialise the model. `lazy_load` keeps the
-    agreed signature: laziness at inference lives in infer.Predictor (inference.lazy_load_detector); with
-    lazy_load=False the model is also fused-ready (``model.args`` set) for immediate training.
+    `weights` is an optional local .pt whose matching tensors initialise the model. (Loading the detector only when
+    needed at inference is infer.Predictor's job: inference.lazy_load_detector.)
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -93,8 +81,34 @@ def build_yolo_model(
     model.names = dict(PILL_CLASS_NAMES) if num_classes == 1 else {i: str(i) for i in range(num_classes)}
     if weights:
         load_matching_weights(model, _state_dict_from_file(Path(weights)))
-    LOGGER.debug("built %s (nc=%d, lazy_load=%s)", model_size, num_classes, lazy_load)
+    LOGGER.debug("built %s (nc=%d)", model_size, num_classes)
     return model
+
+
+def raw_detector_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Raw head output [B, 4+nc, A] (xywh in input pixels, class scores) of an eval-mode DetectionModel."""
+    out = model(images)
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def postprocess_detections(
+    raw: torch.Tensor | np.ndarray | tuple,
+    conf_threshold: float,
+    iou_threshold: float,
+    max_det: int = 300,
+) -> list[torch.Tensor]:
+    """NMS over raw [B, 4+nc, A] output (torch or numpy): per image an [N, 6] float tensor (x1,y1,x2,y2,conf,cls)."""
+    ultralytics_offline()
+    from ultralytics.utils.nms import non_max_suppression
+
+    if isinstance(raw, (list, tuple)):  # an eval-mode DetectionModel returns (decoded, per-level features)
+        raw = raw[0]
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(raw)
+    if raw.ndim != 3:
+        raise ValueError(f"raw detector output must be [B, 4+nc, anchors], got shape {tuple(raw.shape)}")
+    out = non_max_suppression(raw.float(), conf_thres=conf_threshold, iou_thres=iou_threshold, max_det=max_det)
+    return [det[:, :6].cpu() for det in out]
 
 
 def detector_settings(config_snapshot: dict[str, Any]) -> tuple[str, int]:
@@ -104,13 +118,13 @@ def detector_settings(config_snapshot: dict[str, Any]) -> tuple[str, int]:
 
 
 def load_detector_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """(detector in eval mode on `device`, config_snapshot) from a detection checkpoint (EMA weights when saved)."""
+    """(detector in eval mode on `device`, config_snapshot) from a detection checkpoint (the validated weights)."""
     from pillsnap.utils import load_ckpt
+    from pillsnap.utils.io import select_inference_state
 
     ckpt = load_ckpt(ckpt_path)
     snapshot = ckpt.get("config_snapshot") or {}
     model_size, _ = detector_settings(snapshot)
-    model = build_yolo_model(model_size, num_classes=1, lazy_load=False)
-    state = ckpt.get("ema_state") or ckpt["model_state"]
-    model.load_state_dict(state)
+    model = build_yolo_model(model_size, num_classes=1)
+    model.load_state_dict(select_inference_state(ckpt))
     return model.to(device).eval(), snapshot

@@ -1,7 +1,7 @@
-"""Detector export to ONNX and the ONE NMS postprocess shared by torch and ONNX outputs (seed D-6).
+"""Detector export to ONNX, and an onnxruntime detector with the torch detector's call shape.
 
-Validation mAP, inference and the ONNX check all go through `postprocess_detections`, so torch and ONNX
-figures come from the same NMS.
+The ONNX model returns the same raw head output as the torch one; both go through the one NMS,
+pillsnap.models.detector.postprocess_detections, so torch and ONNX figures are comparable.
 """
 
 from __future__ import annotations
@@ -15,36 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pillsnap.models.detector import ultralytics_offline
-
 LOGGER = logging.getLogger(__name__)
 ONNX_INPUT, ONNX_OUTPUT = "images", "output0"
-
-
-def raw_detector_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Raw head output [B, 4+nc, A] (xywh in input pixels, class scores) of an eval-mode DetectionModel."""
-    out = model(images)
-    return out[0] if isinstance(out, (list, tuple)) else out
-
-
-def postprocess_detections(
-    raw: torch.Tensor | np.ndarray | tuple,
-    conf_threshold: float,
-    iou_threshold: float,
-    max_det: int = 300,
-) -> list[torch.Tensor]:
-    """NMS over raw [B, 4+nc, A] output (torch or numpy): per image an [N, 6] float tensor (x1,y1,x2,y2,conf,cls)."""
-    ultralytics_offline()
-    from ultralytics.utils.nms import non_max_suppression
-
-    if isinstance(raw, (list, tuple)):  # an eval-mode DetectionModel returns (decoded, per-level features)
-        raw = raw[0]
-    if isinstance(raw, np.ndarray):
-        raw = torch.from_numpy(raw)
-    if raw.ndim != 3:
-        raise ValueError(f"raw detector output must be [B, 4+nc, anchors], got shape {tuple(raw.shape)}")
-    out = non_max_suppression(raw.float(), conf_thres=conf_threshold, iou_thres=iou_threshold, max_det=max_det)
-    return [det[:, :6].cpu() for det in out]
 
 
 def export_detector_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:

@@ -1,5 +1,18 @@
-"""Live monitoring of training runs (metrics stream, dashboard)."""
+"""Live monitoring of training runs (metrics stream, dashboard).
 
-from pillsnap.monitor.stream import MetricsFollower, read_new_records, summarize
+Names resolve lazily (PEP 562), like the other packages the `pillsnap` command line reaches, so that
+`pillsnap --help` imports only the command modules.
+"""
 
-__all__ = ["MetricsFollower", "read_new_records", "summarize"]
+from __future__ import annotations
+
+from pillsnap._lazy import lazy_exports
+
+_EXPORTS = {
+    "MetricsFollower": "pillsnap.monitor.stream",
+    "read_new_records": "pillsnap.monitor.stream",
+    "summarize": "pillsnap.monitor.stream",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,16 @@
-"""HTTP serving of predictions."""
+"""HTTP serving of predictions.
 
-from pillsnap.serve.app import create_app
+`create_app` resolves lazily (PEP 562): `pillsnap.serve.cli` sits under this package, and `pillsnap --help`
+must not import FastAPI just to list the serve command.
+"""
 
-__all__ = ["create_app"]
+from __future__ import annotations
+
+from pillsnap._lazy import lazy_exports
+
+_EXPORTS = {
+    "create_app": "pillsnap.serve.app",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,11 +13,11 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from pillsnap.data import decode_image
+from pillsnap.infer.gating import INFERENCE_MODES  # pure Python: no model code is imported
+from pillsnap.utils.images import decode_image
 
 LOGGER = logging.getLogger(__name__)
 PredictFn = Callable[[Image.Image, str], dict]
-MODES = ("auto", "single", "combo")
 
 
 def decode_upload(data: bytes, filename: str | None) -> Image.Image:
@@ -59,8 +59,8 @@ def create_app(predict: PredictFn, api_key: str | None = None, max_upload_mb: fl
 
     @app.post("/predict", dependencies=[Depends(api_key_dependency(api_key))])
     async def predict_endpoint(file: UploadFile = File(...), mode: str = Form("auto")) -> dict:
-        if mode not in MODES:
-            raise HTTPException(status_code=422, detail=f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in INFERENCE_MODES:
+            raise HTTPException(status_code=422, detail=f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
         data = await file.read(limit + 1)
         if len(data) > limit:
             raise HTTPException(status_code=413, detail=f"Upload larger than {max_upload_mb} MB.")

@@ -1,6 +1,8 @@
-"""Core utilities named by seed Part D §1 (`src/utils/core.py`), split by concern.
+"""Core utilities, one module per concern: files and checkpoints (io), logging (logs), torch settings
+(torch_utils), image reading (images), box formats (boxes) and keeping ultralytics offline (offline).
 
-Names resolve lazily so that torch-free users (the data scan, the CLI's --help) do not import torch.
+The lowest layer: nothing here imports another part of pillsnap. Names resolve lazily so that torch-free
+users (the data scan, the CLI's --help, the HTTP app's image decoding) do not import torch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ _EXPORTS = {
     "pillsnap.utils.logs": ("StepTimer", "TBWriter", "build_logger", "get_git_sha"),
     "pillsnap.utils.torch_utils": ("COMPILE_MODES", "cuda_mem_mb", "cuda_mem_ratio", "enable_tf32", "resolve_device",
                                    "select_amp_dtype", "set_seed", "try_torch_compile"),
+    "pillsnap.utils.images": ("DECODE_ERRORS", "decode_image", "read_bytes", "read_image", "split_zip_path"),
+    "pillsnap.utils.boxes": ("cxcywh_to_xyxy", "xywh_to_xyxy", "xyxy_to_cxcywh", "xyxy_to_xywh"),
+    "pillsnap.utils.offline": ("ultralytics_offline",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

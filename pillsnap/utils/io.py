@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file + os.replace) for JSON and checkpoints: a crash never leaves half a file."""
+"""Atomic file writes (temp file, fsync, os.replace, fsync of the folder) for JSON and checkpoints: a crash or a
+power cut never leaves half a file under the final name."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 CKPT_REQUIRED_KEYS = (
     "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
 )
-CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state")
+CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state", "task_state")
 CKPT_SCHEMA_VERSION = 1
 
 
@@ -33,9 +34,22 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's) data to disk: without it a rename can outlive the bytes it names."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the file itself was flushed
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success move it into place, on error delete it."""
+    """Yield a temp path (`.<name>.*.tmp`) beside `path`; on success flush it and move it into place, on error
+    delete it. A kill in between leaves only the temp file, which the next run may delete."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,7 +57,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file normal permissions
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -72,7 +88,7 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def save_ckpt(path: str | Path, obj: dict) -> None:
-    """Save a checkpoint of the Annex 8 schema atomically; refuses a dict missing a required key."""
+    """Save a checkpoint of the design's schema atomically; refuses a dict missing a required key."""
     missing = [k for k in CKPT_REQUIRED_KEYS if k not in obj]
     extra = [k for k in obj if k not in CKPT_REQUIRED_KEYS + CKPT_OPTIONAL_KEYS]
     if missing or extra:
@@ -97,3 +113,11 @@ def load_ckpt(path: str | Path, map_location: Any = "cpu") -> dict:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_REQUIRED_KEYS):
         raise ValueError(f"{path} is not a PillSnap checkpoint (expected keys {list(CKPT_REQUIRED_KEYS)}).")
     return ckpt
+
+
+def select_inference_state(ckpt: dict) -> dict:
+    """The weights a checkpoint's run validated: EMA when saved and train.ema.validate is ema/both, else raw."""
+    mode = ((ckpt.get("config_snapshot") or {}).get("train", {}).get("ema", {}) or {}).get("validate", "ema")
+    if ckpt.get("ema_state") is not None and mode in ("ema", "both"):
+        return ckpt["ema_state"]
+    return ckpt["model_state"]

@@ -1,4 +1,4 @@
-"""Device, precision, reproducibility and compile helpers (seed Part D Annex 3)."""
+"""Device, precision, reproducibility and compile helpers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ COMPILE_MODES = ("none", "reduce-overhead", "max-autotune")
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; deterministic=True trades speed for repeatable kernels (D-11)."""
+    """Seed Python, NumPy and torch; deterministic=True trades speed for repeatable kernels."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

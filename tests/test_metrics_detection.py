@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pillsnap.eval.detection_metrics import box_iou_xyxy, evaluate_detection_metrics
+from pillsnap.metrics.detection import box_iou_xyxy, evaluate_detection_metrics
 
 
 def _random_case(rng: np.random.Generator, n_images: int, n_classes: int) -> tuple[list, list]:

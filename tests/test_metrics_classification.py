@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 
-from pillsnap.eval import evaluate_classification_metrics
+from pillsnap.metrics import evaluate_classification_metrics
 
 
 def random_case(seed: int, n: int = 200, k: int = 12) -> tuple[np.ndarray, np.ndarray]:

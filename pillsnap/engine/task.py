@@ -1,0 +1,419 @@
+"""The task contract: what the trainer and the step loop may ask of a model being trained.
+
+`Task` owns everything that is the same for every model: precision, optimizer, schedule, gradient scaler, EMA,
+accumulation, OOM recovery, auto batch, validation of raw/EMA weights, checkpoint state and replica sync.
+A subclass (classification, detection) only says how to build its model, move and split a batch, compute a
+chunk's loss and evaluate weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+from pillsnap.config import config_to_dict
+from pillsnap.engine.distributed import broadcast_tensors
+from pillsnap.engine.oom import BatchChoice, FakeOOM, OomDecision, auto_find_batch_size
+from pillsnap.engine.optim import build_optimizer, build_scheduler
+from pillsnap.utils import enable_tf32, select_amp_dtype, try_torch_compile
+
+LOGGER = logging.getLogger(__name__)
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was trained with another model (backbone, class count or detector) than this run."""
+
+
+class StepOutput(NamedTuple):
+    """What one train_step reports: mean loss per sample, learning rate after the step, samples in the batch."""
+
+    loss: float
+    lr: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast on or off and its dtype; loss scaling is needed only for fp16 (bf16 has fp32's exponent range)."""
+
+    autocast: bool
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def scaled(self) -> bool:
+        return self.autocast and self.dtype == torch.float16
+
+    def __str__(self) -> str:
+        return f"autocast {str(self.dtype).removeprefix('torch.')}" if self.autocast else "fp32"
+
+    def context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.autocast)
+
+
+def resolve_precision(section: DictConfig, device: torch.device, cpu_amp: bool) -> Precision:
+    """A task's precision from its own config section (amp, amp_dtype, tf32).
+
+    Autocast runs on CUDA; on CPU only with train.cpu_amp (slower than fp32 for convolutions there, but it runs
+    the GPU's mixed-precision code path on any machine).
+    """
+    if device.type == "cuda":
+        enable_tf32(bool(section.tf32))
+    if not section.amp or (device.type != "cuda" and not cpu_amp):
+        return Precision(False)
+    return Precision(True, select_amp_dtype(str(section.amp_dtype), device))
+
+
+@dataclass
+class OomKnobs:
+    """The knobs OOM recovery turns. A loader batch is split into chunks of `batch_size`; the optimizer steps every
+    `grad_accum` chunks. Global batch = batch_size x grad_accum (for every task)."""
+
+    batch_size: int
+    grad_accum: int
+    did_amp_escalate: bool = False
+
+
+class Task(ABC):
+    """A model in training. Subclasses set `name` and implement the abstract methods below."""
+
+    name: ClassVar[str]
+    compile_model: ClassVar[bool] = False  # optimization.torch_compile applies to this task's model
+
+    def __init__(self, cfg: DictConfig, section: DictConfig, train_loader: Any, val_loader: Any, device: Any,
+                 batch_choice: BatchChoice | None = None) -> None:
+        self.cfg, self.section = cfg, section
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.device = torch.device(device)
+        self.precision = resolve_precision(section, self.device, bool(cfg.train.cpu_amp))
+        self.raw_model = self.build_model().to(self.device)
+        self.model = self._wrap(self.raw_model)
+        self.optimizer = build_optimizer(self.raw_model.parameters(), *self.lr_and_weight_decay())
+        loader_bs = int(getattr(train_loader, "batch_size", None) or self.configured_batch_size())
+        self.knobs = OomKnobs(loader_bs, max(1, int(cfg.train.grad_accum_steps)))
+        if batch_choice is not None:
+            self.knobs.grad_accum = batch_choice.grad_accum
+            if batch_choice.force_fp16:
+                self._escalate_to_fp16()
+        self.global_batch_at_start = self.knobs.batch_size * self.knobs.grad_accum
+        opt_steps = self.epochs() * math.ceil(self.steps_per_epoch() / self.knobs.grad_accum)
+        self.scheduler = build_scheduler(str(cfg.train.scheduler), self.optimizer, opt_steps,
+                                         int(cfg.train.warmup_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
+        self.ema = self._build_ema()
+        self.fake_oom = FakeOOM.from_env()
+        self.sched_mode = "steps"  # "by_samples" after an OOM changed the global batch
+        self.micro_step = self.optimizer_steps = self.samples_seen = 0
+        self._window_chunks = self._window_samples = 0
+        self._sched_credit = 0.0
+        LOGGER.info("%s: precision %s, global batch %d (%d x %d)", self.name, self.precision,
+                    self.global_batch_at_start, self.knobs.batch_size, self.knobs.grad_accum)
+
+    # ---- what a task must say ----------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model to train, on the CPU."""
+
+    @abstractmethod
+    def to_device(self, batch: Any) -> Any:
+        """A loader batch moved to the task's device, in the model's input format."""
+
+    @abstractmethod
+    def batch_len(self, batch: Any) -> int:
+        """Samples (images) in a batch."""
+
+    @abstractmethod
+    def split(self, batch: Any, size: int) -> list[Any]:
+        """Chunks of at most `size` samples of a device batch."""
+
+    @abstractmethod
+    def chunk_loss(self, chunk: Any) -> torch.Tensor:
+        """Mean loss per sample of a chunk, computed through `self.model` (so DDP sees the forward)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict:
+        """Validation metrics of `model` (eval mode, no grad) over the validation loader."""
+
+    @abstractmethod
+    def empty_metrics(self) -> dict:
+        """The metrics reported when there is nothing to validate."""
+
+    @abstractmethod
+    def random_batch(self, batch_size: int) -> Any:
+        """A device batch of random inputs with the real shapes, for the auto batch trials."""
+
+    @abstractmethod
+    def lr_and_weight_decay(self) -> tuple[float, float]:
+        """Peak learning rate and weight decay from the task's config."""
+
+    @abstractmethod
+    def configured_batch_size(self) -> int:
+        """The loader batch size the config asks for."""
+
+    @abstractmethod
+    def epochs(self) -> int:
+        """Epochs this task trains in the run (sets the length of the schedule)."""
+
+    @property
+    @abstractmethod
+    def monitor(self) -> str:
+        """The validation metric that picks the best checkpoint and drives early stopping."""
+
+    @property
+    @abstractmethod
+    def mode(self) -> str:
+        """"max" or "min" for `monitor`."""
+
+    @abstractmethod
+    def check_compatible(self, ckpt: dict, origin: str) -> None:
+        """Raise ResumeMismatchError when a checkpoint holds another model than this run builds (before loading it)."""
+
+    def grad_clip(self) -> float | None:
+        """Max gradient norm at an optimizer step (None: no clipping)."""
+        clip = self.cfg.train.grad_clip
+        return float(clip) if clip else None
+
+    @abstractmethod
+    def on_batch_trained(self, batch: Any) -> None:
+        """Bookkeeping after a whole loader batch was trained (e.g. classes seen)."""
+
+    def config_snapshot(self) -> dict:
+        return config_to_dict(self.cfg)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP when a process group is up (gradients all-reduced on backward), then torch.compile if asked."""
+        if dist.is_available() and dist.is_initialized():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        mode = str(self.cfg.optimization.torch_compile)
+        if not self.compile_model or mode == "none":
+            return model
+        # Compile now on a dummy batch in eval mode so a failure falls back to eager here, without touching BN stats.
+        model.eval()
+        with torch.no_grad(), self.precision.context(self.device):
+            compiled = try_torch_compile(model, mode, self.compile_example())
+        model.train()
+        return compiled
+
+    def compile_example(self) -> Any:
+        """An input that triggers compilation; only tasks with compile_model=True need one."""
+        raise NotImplementedError(f"{self.name} does not support torch.compile")
+
+    def _build_ema(self) -> Any:
+        """timm's ModelEmaV3 with its own decay warm-up (a short run would otherwise validate the random init)."""
+        ema_cfg = self.cfg.train.ema
+        if not ema_cfg.enabled:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.raw_model, decay=float(ema_cfg.decay), use_warmup=True)
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_loader) if self.train_loader is not None else 0
+        cap = self.cfg.train.max_steps_per_epoch
+        return min(n, int(cap)) if cap else n
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _sync_context(self) -> contextlib.AbstractContextManager:
+        # DDP all-reduces on every backward; skip it for all but the last chunk of an accumulation window.
+        last = self._window_chunks + 1 >= self.knobs.grad_accum
+        no_sync = getattr(self.model, "no_sync", None)  # a DDP wrapper's, when there is one
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def train_step(self, batch: Any) -> StepOutput:
+        """One loader batch, in chunks of knobs.batch_size; the optimizer steps every knobs.grad_accum chunks."""
+        self.model.train()
+        batch = self.to_device(batch)
+        n = self.batch_len(batch)
+        global_batch = self.knobs.batch_size * self.knobs.grad_accum
+        total = torch.zeros((), device=self.device)
+        for chunk in self.split(batch, self.knobs.batch_size):
+            m = self.batch_len(chunk)
+            self.fake_oom.check(self.micro_step)
+            self.micro_step += 1
+            with self._sync_context():
+                with self.precision.context(self.device):
+                    loss = self.chunk_loss(chunk)
+                # Each chunk weighs by its share of the global batch, so accumulated grads equal the batch mean.
+                self.scaler.scale(loss * (m / global_batch)).backward()
+            total += loss.detach().float() * m
+            self._window_chunks += 1
+            self._window_samples += m
+            if self._window_chunks >= self.knobs.grad_accum:
+                self._optimizer_step()
+        self.samples_seen += n
+        self.on_batch_trained(batch)
+        return StepOutput(float(total.item()) / max(n, 1), self.lr, n)
+
+    def _optimizer_step(self) -> None:
+        clip = self.grad_clip()
+        if clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=bool(self.cfg.train.zero_grad_set_to_none))
+        self._step_scheduler(self._window_samples)
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update(self.raw_model, step=self.optimizer_steps)
+        self._window_chunks = self._window_samples = 0
+
+    def _step_scheduler(self, samples: int) -> None:
+        if self.sched_mode == "steps":
+            self.scheduler.step()
+            return
+        # After an OOM shrank the global batch: one schedule step per original global batch of samples, so the
+        # schedule still ends where the epochs end.
+        self._sched_credit += samples / self.global_batch_at_start
+        while self._sched_credit >= 1.0 - 1e-9:
+            self.scheduler.step()
+            self._sched_credit -= 1.0
+
+    # ---- OOM recovery --------------------------------------------------------------------------------------------
+    def oom_state(self) -> dict:
+        """Plain values for oom_recovery_state_machine."""
+        return asdict(self.knobs)
+
+    def reset_after_oom(self) -> None:
+        """Drop the partial accumulation window (its graph and grads) so the failed batch can be replayed."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window_chunks = self._window_samples = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def apply_oom_decision(self, decision: OomDecision) -> None:
+        """S1: fp16 autocast; S2: smaller chunks, same global batch; S3: smaller global batch, scaled lr."""
+        if decision.action == "amp_fp16":
+            self._escalate_to_fp16()
+            return
+        if decision.action not in ("microbatching", "global_batch_change"):
+            raise ValueError(f"Cannot apply OOM action {decision.action!r}")
+        self.knobs.batch_size, self.knobs.grad_accum = decision.batch_size, decision.grad_accum
+        if decision.action == "global_batch_change":
+            self._scale_lr(decision.lr_scale)
+            self.sched_mode = "by_samples"
+
+    def _escalate_to_fp16(self) -> None:
+        self.knobs.did_amp_escalate = True
+        if self.precision.autocast and self.precision.dtype != torch.float16:
+            self.precision = replace(self.precision, dtype=torch.float16)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=True)
+
+    def _scale_lr(self, scale: float) -> None:
+        self.scheduler.base_lrs = [lr * scale for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= scale
+            group["initial_lr"] = group.get("initial_lr", group["lr"]) * scale
+
+    # ---- auto batch ---------------------------------------------------------------------------------------------
+    def _trial(self, batch_size: int, fp16: bool) -> None:
+        self.fake_oom.check_batch(batch_size, fp16)
+        precision = Precision(True, torch.float16) if fp16 and self.precision.autocast else self.precision
+        with precision.context(self.device):
+            loss = self.chunk_loss(self.random_batch(batch_size))
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def find_batch_size(self, max_bs: int, headroom: float) -> BatchChoice:
+        """Auto batch search on random inputs through this task's own loss; weights and BN stats are restored."""
+        saved = copy.deepcopy(self.raw_model.state_dict())
+        oom = self.cfg.train.oom
+        try:
+            return auto_find_batch_size(
+                self._trial, self.configured_batch_size(), int(oom.min_batch), max_bs,
+                amp_force_fp16=bool(oom.escalate_to_fp16) and self.precision.autocast, headroom=headroom,
+                max_grad_accum=int(oom.max_grad_accum))
+        finally:
+            self.raw_model.load_state_dict(saved)
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The weights validated and saved as best: EMA unless train.ema.validate is "raw" (or EMA is off)."""
+        if self.ema is not None and str(self.cfg.train.ema.validate) != "raw":
+            return self.ema.module
+        return self.raw_model
+
+    @contextlib.contextmanager
+    def _evaluating(self, model: nn.Module) -> Iterator[nn.Module]:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):  # validation runs in fp32
+                yield model
+        finally:
+            model.train(was_training)
+
+    def validate(self, epoch: int) -> dict:
+        """Metrics of the weights named by train.ema.validate (ema | raw | both: raw ones prefixed raw_)."""
+        if self.val_loader is None:
+            LOGGER.warning("%s: no validation loader (empty val split): metrics are empty", self.name)
+            return self.empty_metrics()
+        with self._evaluating(self.eval_model()) as model:
+            metrics = self.evaluate(model)
+        if self.ema is not None and str(self.cfg.train.ema.validate) == "both":
+            with self._evaluating(self.raw_model) as model:
+                metrics.update({f"raw_{k}": v for k, v in self.evaluate(model).items()})
+        return metrics
+
+    # ---- checkpoints and replicas ------------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int, best_metric: float | None) -> dict:
+        """The checkpoint schema's keys for this task (the trainer adds the run's global_step)."""
+        return {
+            "model_state": self.raw_model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(), "scaler_state": self.scaler.state_dict(),
+            "epoch": int(epoch), "best_metric": best_metric, "config_snapshot": self.config_snapshot(),
+            "ema_state": None if self.ema is None else self.ema.module.state_dict(),
+            "oom_state": {**asdict(self.knobs), "sched_mode": self.sched_mode, "sched_credit": self._sched_credit},
+            "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
+                           "micro_step": self.micro_step},
+        }
+
+    def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
+        """Restore weights, optimizer, schedule, scaler, EMA, OOM knobs and counters (refusing another model)."""
+        self.check_compatible(ckpt, origin)
+        self.raw_model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        self._restore_oom_state(ckpt.get("oom_state") or {})
+        if ckpt.get("scaler_state") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler_state"])
+        if self.ema is not None and ckpt.get("ema_state") is not None:
+            self.ema.module.load_state_dict(ckpt["ema_state"])
+        counters = ckpt.get("task_state") or {}
+        self.optimizer_steps = int(counters.get("optimizer_steps", 0))
+        self.samples_seen = int(counters.get("samples_seen", 0))
+        self.micro_step = int(counters.get("micro_step", 0))
+
+    def _restore_oom_state(self, state: dict) -> None:
+        # A resumed run keeps what OOM recovery chose; the scaled lr comes back with the optimizer and scheduler.
+        for key in ("batch_size", "grad_accum"):
+            if key in state:
+                setattr(self.knobs, key, int(state[key]))
+        self.sched_mode = str(state.get("sched_mode", self.sched_mode))
+        self._sched_credit = float(state.get("sched_credit", 0.0))
+        if state.get("did_amp_escalate"):
+            self._escalate_to_fp16()
+
+    def sync_replicas(self) -> None:
+        """DDP syncs gradients, not BatchNorm statistics or EMA buffers: give every rank rank 0's (end of epoch)."""
+        tensors = list(self.raw_model.buffers())
+        if self.ema is not None:
+            tensors += list(self.ema.module.state_dict().values())
+        broadcast_tensors([t for t in tensors if t.is_floating_point() or t.dtype == torch.long])

@@ -1,0 +1,98 @@
+"""Shared fakes for the engine tests: a learnable colour-coded classification set, easy detection batches, and
+CPU-sized configs, all in the loader contract's formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from pillsnap.config import load_config
+from pillsnap.data.loaders import Loaders
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+
+
+class ColourDataset(Dataset):
+    """Class k is a noisy image whose channel means encode k: learnable in a few steps by a tiny model."""
+
+    def __init__(self, n_per_class: int, size: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.tensor([[1, -1, 0], [-1, 1, 0], [0, -1, 1], [1, 1, -1]], dtype=torch.float32)
+        self.y = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+        noise = torch.randn(len(self.y), 3, size, size, generator=g)
+        self.x = noise * 0.5 + codes[self.y][:, :, None, None]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        return self.x[i], int(self.y[i]), f"img_{i}.png"
+
+
+def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    xs, ys, paths = zip(*items, strict=True)
+    info = {"image_path": list(paths), "mapping_code": [f"K-{y:06d}" for y in ys]}
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), info
+
+
+def fake_meta() -> dict:
+    names = [f"K-{i:06d}" for i in range(NUM_CLASSES)]
+    return {"num_classes": NUM_CLASSES, "class_names": names, "class_weights": None, "stage": 1,
+            "class_map": {c: {"index": i, "mapping_code": c, "name": f"drug {i}"} for i, c in enumerate(names)}}
+
+
+def fake_build_loaders(cfg: DictConfig) -> Loaders:
+    """Classification loaders only, at model.image_size, batch train.batch_size (48 train, 16 val images)."""
+    size = int(cfg.model.image_size)
+    train = DataLoader(ColourDataset(12, size, seed=1), batch_size=int(cfg.train.batch_size), shuffle=True,
+                       drop_last=True, collate_fn=collate, num_workers=0)
+    val = DataLoader(ColourDataset(4, size, seed=2), batch_size=8, shuffle=False, collate_fn=collate)
+    return Loaders(train, val, None, None, None, None, fake_meta())
+
+
+def fake_det_batch(rng: np.random.Generator, batch_size: int = 4, size: int = 64) -> dict:
+    """An ultralytics-style batch: bright rectangles ("pills") on a grey background, one class."""
+    imgs = np.full((batch_size, 3, size, size), 110, dtype=np.uint8)
+    cls, boxes, idx = [], [], []
+    for b in range(batch_size):
+        for _ in range(int(rng.integers(1, 4))):
+            w, h = rng.integers(size // 6, size // 3, size=2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            imgs[b, :, y:y + h, x:x + w] = rng.integers(180, 255, size=(3, 1, 1))
+            boxes.append([(x + w / 2) / size, (y + h / 2) / size, w / size, h / size])
+            cls.append([0.0])
+            idx.append(b)
+    return {"img": torch.from_numpy(imgs), "cls": torch.tensor(cls), "bboxes": torch.tensor(boxes, dtype=torch.float32),
+            "batch_idx": torch.tensor(idx, dtype=torch.float32), "im_file": [f"{i}.png" for i in range(batch_size)],
+            "ori_shape": [(size, size)] * batch_size, "resized_shape": [(size, size)] * batch_size}
+
+
+def batch_loader(batches: list[dict]) -> DataLoader:
+    """A DataLoader that serves ready-made detection batches (so DDP can shard it like a real one)."""
+    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
+
+
+def loaders_with_detection(cfg: DictConfig, det_batches: int = 3) -> Loaders:
+    """fake_build_loaders plus detection loaders of `det_batches` fake batches of 2 images at 64 px."""
+    loaders = fake_build_loaders(cfg)
+    rng = np.random.default_rng(3)
+    train = batch_loader([fake_det_batch(rng, 2) for _ in range(det_batches)])
+    return loaders._replace(det_train=train, det_val=batch_loader([fake_det_batch(rng, 2)]))
+
+
+def make_cfg(exp_dir: Path, *overrides: str) -> DictConfig:
+    """The repo config shrunk to a CPU-sized run (tiny timm model, 32 px, 2 epochs; yolo11n at 64 px)."""
+    base = [
+        f"paths.exp_dir={exp_dir}", "model.backbone=test_efficientnet", "model.image_size=32",
+        "train.strategy=classification", "train.epochs=2", "train.batch_size=8", "train.warmup_steps=2",
+        "train.step_log_interval=2", "train.oom.cooldown_sec=0", "train.ema.decay=0.9", "train.lr=0.01",
+        "dataloader.num_workers=0", "train.early_stopping.patience=50", "model.detector=yolo11n",
+        "model.det_image_size=64", "train.detection.batch_size=2",
+    ]
+    return load_config(ROOT / "config.yaml", [*base, *overrides], dotenv_path=None)
+

@@ -1,0 +1,143 @@
+"""The task contract and the GPU code paths, run on CPU through the same code: autocast (bf16, fp16), the
+gradient scaler, fused AdamW, S1 escalation, auto batch with injected OOMs, torch.compile in training."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from fakes import fake_build_loaders, fake_det_batch, loaders_with_detection, make_cfg
+
+from pillsnap.engine import ClassificationTask, DetectionTask, OomDecision, Task
+from pillsnap.engine.optim import optimizer_implementation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def classification_task(tmp_path, *overrides: str) -> ClassificationTask:
+    cfg = make_cfg(tmp_path, *overrides)
+    loaders = fake_build_loaders(cfg)
+    return ClassificationTask(cfg, loaders.cls_train, loaders.cls_val, loaders.meta, "cpu")
+
+
+def detection_task(tmp_path, *overrides: str) -> DetectionTask:
+    cfg = make_cfg(tmp_path, *overrides)
+    loaders = loaders_with_detection(cfg)
+    return DetectionTask(cfg, loaders.det_train, loaders.det_val, "cpu")
+
+
+def first_batch(task: Task):
+    return next(iter(task.train_loader))
+
+
+def conv_output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """Record the output dtype of every Conv2d forward from now on."""
+    seen: list[torch.dtype] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_both_tasks_implement_the_whole_contract():
+    for cls in (ClassificationTask, DetectionTask):
+        assert issubclass(cls, Task) and not inspect.isabstract(cls), cls
+
+
+@pytest.mark.parametrize("make", [classification_task, detection_task])
+def test_bf16_autocast_on_cpu_trains_in_bf16_and_validates_in_fp32(tmp_path, make):
+    section = "classification" if make is classification_task else "detection"
+    task = make(tmp_path, "train.cpu_amp=true", f"train.{section}.amp_dtype=bf16", "train.ema.validate=raw")
+    assert task.precision.autocast and task.precision.dtype == torch.bfloat16 and not task.scaler.is_enabled()
+    seen = conv_output_dtypes(task.raw_model)
+    out = task.train_step(first_batch(task))
+    assert math.isfinite(out.loss) and set(seen) == {torch.bfloat16}
+    seen.clear()
+    task.validate(1)
+    assert set(seen) == {torch.float32}  # validation is fp32 whatever the training precision
+
+
+@pytest.mark.parametrize("make", [classification_task, detection_task])
+def test_fp16_on_cpu_uses_the_gradient_scaler_which_skips_a_step_with_inf_gradients(tmp_path, make):
+    section = "classification" if make is classification_task else "detection"
+    task = make(tmp_path, "train.cpu_amp=true", f"train.{section}.amp_dtype=fp16", "train.ema.enabled=false")
+    assert task.scaler.is_enabled() and task.scaler._device == "cpu"
+    scale = task.scaler.get_scale()
+    weight = next(p for p in task.raw_model.parameters() if p.ndim == 4)
+    before = weight.detach().clone()
+    hook = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    task.train_step(first_batch(task))
+    hook.remove()
+    assert torch.equal(before, weight) and task.scaler.get_scale() == scale / 2  # skipped, then scaled down
+    for _ in range(16):  # fp16 gradients may overflow at the starting scale: it shrinks until a step is taken
+        task.train_step(first_batch(task))
+        if not torch.equal(before, weight):
+            break
+    assert not torch.equal(before, weight) and task.scaler.get_scale() <= scale / 2
+
+
+def test_s1_escalation_turns_bf16_into_fp16_with_a_scaler_on_cpu(tmp_path):
+    task = classification_task(tmp_path, "train.cpu_amp=true", "train.classification.amp_dtype=bf16")
+    task.apply_oom_decision(OomDecision("amp_fp16", 1))
+    assert task.precision.dtype == torch.float16 and task.scaler.is_enabled() and task.knobs.did_amp_escalate
+    seen = conv_output_dtypes(task.raw_model)
+    assert math.isfinite(task.train_step(first_batch(task)).loss) and set(seen) == {torch.float16}
+
+
+def test_adamw_picks_fused_kernels_where_they_exist_and_foreach_elsewhere(tmp_path):
+    assert optimizer_implementation([torch.zeros(2, requires_grad=True)]) == {"fused": True}
+    assert optimizer_implementation([torch.zeros(2, device="meta")]) == {"foreach": True}
+    assert optimizer_implementation([]) == {"foreach": True}
+    task = classification_task(tmp_path)
+    assert task.optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("make", [classification_task, detection_task])
+def test_auto_batch_with_injected_ooms_halves_then_forces_fp16_and_raises_accumulation(tmp_path, monkeypatch, make):
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "0,4")  # nothing fits in fp32, 4 images in fp16
+    section = "classification" if make is classification_task else "detection"
+    task = make(tmp_path, "train.cpu_amp=true", f"train.{section}.amp_dtype=bf16", "train.batch_size=8",
+                "train.detection.batch_size=8", "train.oom.min_batch=2")
+    before = {k: v.clone() for k, v in task.raw_model.state_dict().items()}
+    choice = task.find_batch_size(max_bs=16, headroom=0.88)
+    assert (choice.batch_size, choice.grad_accum, choice.force_fp16) == (4, 2, True)
+    assert [(bs, fp16, r) for bs, fp16, r in choice.trials] == [
+        (8, False, "oom"), (4, False, "oom"), (2, False, "oom"), (8, True, "oom"), (4, True, "fits")]
+    for key, value in task.raw_model.state_dict().items():  # the trials ran real steps; the weights are restored
+        assert torch.equal(value, before[key]), key
+
+
+def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
+    from pillsnap.engine.trainer import run_training
+
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "4")
+    cfg = make_cfg(tmp_path, "train.classification.auto_batch_tune=true", "train.epochs=1", "train.batch_size=8")
+    code, trainer = run_training(cfg, fake_build_loaders)
+    task = trainer.tasks["classification"]
+    assert code == 0 and (task.knobs.batch_size, task.knobs.grad_accum) == (4, 2)
+    assert task.train_loader.batch_size == 4 and trainer.cfg.train.batch_size == 4
+    assert task.global_batch_at_start == 8  # the global batch the config asked for is kept
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_under_bf16_autocast_on_cpu(tmp_path, caplog):
+    from pillsnap.engine.trainer import run_training
+
+    cfg = make_cfg(tmp_path, "optimization.torch_compile=reduce-overhead", "train.cpu_amp=true",
+                   "train.classification.amp_dtype=bf16", "train.epochs=1", "train.max_steps_per_epoch=3",
+                   "optimization.channels_last=false")
+    code, trainer = run_training(cfg, fake_build_loaders)
+    task = trainer.tasks["classification"]
+    assert code == 0 and "falling back to eager" not in caplog.text
+    assert isinstance(task.model, torch._dynamo.eval_frame.OptimizedModule)
+    history = trainer.history[-1]["classification"]
+    assert np.isfinite(history["train_loss"]) and history["steps"] == 3
+
+
+def test_fake_detection_batches_match_the_loader_contract():
+    batch = fake_det_batch(np.random.default_rng(0), 3)
+    assert batch["img"].dtype == torch.uint8 and batch["img"].shape == (3, 3, 64, 64)
+    assert batch["bboxes"].shape[1] == 4 and len(batch["cls"]) == len(batch["batch_idx"])
