@@ -50,8 +50,7 @@ def test_ratio_two_to_one_with_real_detection_steps() -> None:
     assert det.optimizer_steps == 4  # four real optimizer steps of the detector
 
 
-def test_trainer_interleaved_writes_both_checkpoints_and_resumes(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
+def test_trainer_interleaved_writes_both_checkpoints_and_resumes(tmp_path: Path, one_thread) -> None:
     overrides = ["train.strategy=interleaved", "train.max_steps_per_epoch=3"]
     cfg = make_cfg(tmp_path, *overrides, "train.epochs=1")
     assert train_main(cfg, build_loaders=loaders_with_detection) == 0
@@ -128,9 +127,10 @@ def dying_apply(monkeypatch, die_on_call: int) -> None:
     monkeypatch.setattr(CheckpointStore, "_apply", apply)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", ["before_the_commit_point", "after_the_commit_point"])
-def test_a_kill_between_the_two_saves_resumes_both_tasks_at_one_epoch(tmp_path: Path, monkeypatch, kill) -> None:
-    torch.set_num_threads(1)
+def test_a_kill_between_the_two_saves_resumes_both_tasks_at_one_epoch(tmp_path: Path, monkeypatch, kill,
+                                                                       one_thread) -> None:
     args = ["train.strategy=interleaved", "train.max_steps_per_epoch=2", "train.deterministic=true",
             "train.epochs=3"]
     assert train_main(make_cfg(tmp_path / "straight", *args), loaders_with_detection) == 0

@@ -23,7 +23,7 @@ def test_classification_run_on_synthetic_data(synth_cfg):
     exp = cfg.paths.exp_dir
     assert main(cfg) == 0
     metrics = read_json(f"{exp}/reports/metrics.json")
-    assert metrics["epoch"] == 2 and set(metrics["classification"]) == {"accuracy", "macro_f1", "top5", "loss"}
+    assert metrics["epoch"] == 2 and set(metrics["classification"]) == {"acc", "macro_f1", "top5", "val_loss"}
     classes = read_json(f"{exp}/checkpoints/classes.json")
     assert len(classes["class_names"]) == 6 and all(c.startswith("K-") for c in classes["class_names"])
     model, snapshot = load_classifier_for_inference(f"{exp}/checkpoints/best.pt")

@@ -62,7 +62,7 @@ def test_classification_epoch_steps_the_optimizer_per_accumulation(tmp_path, one
     assert torch.equal(task.ema.module.conv_stem.weight, task.raw_model.conv_stem.weight)
     assert 0.0 < task.ema.get_decay(3) < 0.9 == task.ema.get_decay(1000)
     metrics = task.validate(1)
-    assert {"loss", "accuracy", "macro_f1", "top5", "n"} <= set(metrics) and metrics["n"] == 16
+    assert {"val_loss", "acc", "macro_f1", "top5", "n"} <= set(metrics) and metrics["n"] == 16
 
 
 def test_memory_watch_warns_above_the_ratio(caplog):

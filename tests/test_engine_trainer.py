@@ -66,9 +66,10 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path, monkeypatch):
 
     metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["epoch"] == 2 and metrics["status"] == "completed" and len(metrics["history"]) == 2
-    assert set(metrics["classification"]) == {"accuracy", "macro_f1", "top5", "loss"}
+    assert set(metrics["classification"]) == {"acc", "macro_f1", "top5", "val_loss"}
     stream = read_jsonl(exp / "reports" / "metrics.jsonl")
-    assert {r["type"] for r in stream} == {"step", "val", "epoch", "end"}
+    assert {r["type"] for r in stream} == {"start", "step", "val", "epoch", "end"}
+    assert all(r["time"] > 1.7e9 for r in stream) and stream[0]["type"] == "start" and stream[0]["stage"] == 1
     assert sum(r["type"] == "step" for r in stream) == 6  # every 2nd of 6 steps, two epochs
 
     lines = [ln for ln in (exp / "logs" / "train.out").read_text(encoding="utf-8").splitlines() if "[train]" in ln]
@@ -83,7 +84,7 @@ def test_classifier_learns_the_fake_data(tmp_path):
     exp = tmp_path / "exp"
     assert main(make_cfg(exp, "train.epochs=4", "train.ema.enabled=false"), fake_build_loaders) == 0
     metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["classification"]["accuracy"] >= 0.75  # chance is 0.25
+    assert metrics["classification"]["acc"] >= 0.75  # chance is 0.25
 
 
 class Killed(Exception):
@@ -134,7 +135,7 @@ def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_weights(tmp_path)
             assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
     assert straight["scheduler_state"]["last_epoch"] == resumed["scheduler_state"]["last_epoch"]
     history = json.loads((tmp_path / "killed" / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and "raw_accuracy" in history[-1]["classification"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and "raw_acc" in history[-1]["classification"]
 
 
 @pytest.mark.parametrize(("override", "named"), [("model.backbone=test_resnet", "'test_resnet'"),

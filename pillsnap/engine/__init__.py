@@ -6,7 +6,8 @@ from pillsnap.engine.early_stopping import early_stopping, time_cap_success
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import BatchChoice, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import build_criterion_classification, build_optimizer, build_scheduler
-from pillsnap.engine.task import Precision, ResumeMismatchError, StepOutput, Task
+from pillsnap.engine.precision import Precision
+from pillsnap.engine.task import ResumeMismatchError, StepOutput, Task
 from pillsnap.engine.trainer import main, run_training
 
 __all__ = [

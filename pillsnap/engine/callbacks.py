@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end"
           "on_train_end")
 # Task name -> TensorBoard tag prefix: classification owns the design's bare tags (train/loss, val/accuracy...).
 TB_PREFIX = {"classification": "", "detection": "det/"}
+# Metric key -> TensorBoard tag, where the design spells them differently (the dict says acc, the tag val/accuracy).
+TB_VAL_TAGS = {"acc": "val/accuracy", "val_loss": "val/loss"}
 
 
 def format_train_line(r: dict) -> str:
@@ -86,7 +89,7 @@ class TensorBoardCallback(Callback):
         p = TB_PREFIX.get(task, task + "/")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "n":
-                self.tb.add_scalar(f"{p}val/{key}", value, epoch)
+                self.tb.add_scalar(p + TB_VAL_TAGS.get(key, f"val/{key}"), value, epoch)
         self.tb.flush()
 
     def on_oom(self, event: dict) -> None:
@@ -102,29 +105,36 @@ class TensorBoardCallback(Callback):
 
 
 class MetricsFilesCallback(Callback):
-    """reports/metrics.json rewritten (atomically) each epoch; reports/metrics.jsonl appended for live dashboards."""
+    """reports/metrics.json rewritten (atomically) each epoch; reports/metrics.jsonl appended for live dashboards.
+    Every JSONL record carries `type` and `time` (Unix seconds)."""
 
     def __init__(self, exp_dir: str | Path) -> None:
         self.json_path = Path(exp_dir) / "reports" / "metrics.json"
         self.jsonl_path = Path(exp_dir) / "reports" / "metrics.jsonl"
 
+    def _append(self, kind: str, record: dict) -> None:
+        append_jsonl(self.jsonl_path, {"type": kind, "time": round(time.time(), 3), **record})
+
+    def on_train_start(self, info: dict) -> None:
+        self._append("start", info)
+
     def on_step_end(self, record: dict) -> None:
         if record["log"]:
-            append_jsonl(self.jsonl_path, {"type": "step", **{k: v for k, v in record.items() if k != "log"}})
+            self._append("step", {k: v for k, v in record.items() if k != "log"})
 
     def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
-        append_jsonl(self.jsonl_path, {"type": "val", "task": task, "epoch": epoch, **metrics})
+        self._append("val", {"task": task, "epoch": epoch, **metrics})
 
     def on_epoch_end(self, epoch: int, summary: dict) -> None:
         save_json(self.json_path, summary)
-        append_jsonl(self.jsonl_path, {"type": "epoch", "epoch": epoch})
+        self._append("epoch", {"epoch": epoch})
 
     def on_oom(self, event: dict) -> None:
-        append_jsonl(self.jsonl_path, {"type": "oom", **event})
+        self._append("oom", event)
 
     def on_train_end(self, summary: dict) -> None:
         save_json(self.json_path, summary)
-        append_jsonl(self.jsonl_path, {"type": "end", "status": summary.get("status")})
+        self._append("end", {"status": summary.get("status")})
 
 
 class MemoryWatchCallback(Callback):

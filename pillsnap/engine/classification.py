@@ -17,7 +17,7 @@ from pillsnap.metrics import evaluate_classification_metrics
 from pillsnap.models.classifier import build_classification_model
 
 LOGGER = logging.getLogger(__name__)
-EMPTY_METRICS = {"loss": float("nan"), "accuracy": 0.0, "macro_f1": 0.0, "n": 0}
+EMPTY_METRICS = {"val_loss": float("nan"), "acc": 0.0, "macro_f1": 0.0, "n": 0}
 
 
 def resolve_num_classes(cfg: DictConfig, meta: dict) -> int:
@@ -57,11 +57,11 @@ def predict_classification(model: nn.Module, loader: Any, criterion: nn.Module, 
 
 def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
                             channels_last: bool = False, topk: tuple[int, ...] = (1, 5)) -> dict:
-    """fp32 pass over a loader (the validation one while training): loss, accuracy, macro_f1, top-k, n."""
+    """fp32 pass over a loader (the validation one while training): val_loss, acc, macro_f1, top-k, confidence, n."""
     y_true, y_prob, loss = predict_classification(model, loader, criterion, device, channels_last)
     if not len(y_true):
         return dict(EMPTY_METRICS)
-    return {"loss": loss, **evaluate_classification_metrics(y_true, y_prob.argmax(axis=1), y_prob, topk)}
+    return {"val_loss": loss, **evaluate_classification_metrics(y_true, y_prob.argmax(axis=1), y_prob, topk)}
 
 
 class ClassificationTask(Task):

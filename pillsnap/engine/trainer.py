@@ -237,7 +237,7 @@ class Trainer:
 
     def summary(self, epoch: int) -> dict:
         """reports/metrics.json: latest metrics per task, history, stage/time-cap verdict, status."""
-        latest = {CLASSIFICATION: ("accuracy", "macro_f1", "top5", "loss"),
+        latest = {CLASSIFICATION: ("acc", "macro_f1", "top5", "val_loss"),
                   DETECTION: ("mAP@0.5", "mAP@0.5:0.95", "precision", "recall")}
         out: dict[str, Any] = {"epoch": epoch, "status": self.status}
         for name, keys in latest.items():
@@ -257,7 +257,8 @@ class Trainer:
         """Train all planned epochs (or until early stop / time cap / OOM give-up); returns the exit code."""
         if self.info.is_main:
             ck.write_classes_json(self.store.dir, self.meta)
-        self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan)})
+        self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
+                                               "start_epoch": self.start_epoch})
         epoch = self.start_epoch
         try:
             for epoch in range(self.start_epoch + 1, len(self.plan) + 1):

@@ -114,7 +114,7 @@ def format_headline(summary: dict) -> str:
     auto, combo, dmap = test["auto"], test["combo_mode"], test["detection"]
     lines = [
         "", "=== PillSnap demo: headline figures ===",
-        f"validation  classifier accuracy={_fmt(cls.get('accuracy'))} macro_F1={_fmt(cls.get('macro_f1'))} "
+        f"validation  classifier accuracy={_fmt(cls.get('acc'))} macro_F1={_fmt(cls.get('macro_f1'))} "
         f"top5={_fmt(cls.get('top5'))} | detector mAP@0.5={_fmt(det.get('mAP@0.5'))} "
         f"mAP@0.5:0.95={_fmt(det.get('mAP@0.5:0.95'))}",
         f"test        auto routing accuracy={_fmt(auto.get('routing_accuracy'))} over {auto.get('num_photos')} photos"

@@ -28,7 +28,8 @@ def evaluate_classification_metrics(
     y_prob: np.ndarray | None = None,
     topk: Sequence[int] = (1, 5),
 ) -> dict:
-    """accuracy, macro_f1 (over classes present in y_true or y_pred, as sklearn), top{k} for each k, confidence, n.
+    """acc (accuracy), macro_f1 (over classes present in y_true or y_pred, as sklearn), top{k} for each k,
+    confidence, n.
 
     top{k} and confidence (mean top-1 probability) need `y_prob`; without it they are omitted.
     """
@@ -37,9 +38,9 @@ def evaluate_classification_metrics(
     _check_inputs(y_true, y_pred, y_prob)
     n = int(y_true.shape[0])
     if n == 0:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0}
+        return {"acc": 0.0, "macro_f1": 0.0, "n": 0}
     out = {
-        "accuracy": float((y_true == y_pred).mean()),
+        "acc": float((y_true == y_pred).mean()),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "n": n,
     }
