@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
+import os
 from collections.abc import Callable
 
 # subcommand -> module exposing register(subparsers); each registers a parser with a `func` default.
 COMMAND_MODULES = (
     "pillsnap.data.cli",      # data synth | scan | cache
     "pillsnap.train",         # train
+    "pillsnap.eval.cli",      # evaluate
     "pillsnap.infer.cli",     # predict
     "pillsnap.demo",          # demo
     "pillsnap.serve.cli",     # serve
@@ -25,16 +26,26 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pillsnap", description="PillSnap: which drugs are in this photo?")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_logging_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
-def configure_logging(verbose: bool = False) -> None:
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    from pillsnap.utils.logs import LOG_LEVELS
+
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (= --log-level DEBUG)")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                        help="log level of every logger (default: INFO, or $PILLSNAP_LOG_LEVEL)")
+
+
+def configure_logging(verbose: bool = False, level: str | None = None) -> None:
     """Console logging for command-line use (library code only uses getLogger)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    from pillsnap.utils.logs import LOG_LEVEL_ENV, set_log_level
+
+    set_log_level("DEBUG" if verbose else level or os.environ.get(LOG_LEVEL_ENV) or "INFO")
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.log_level)
     return run_command(args.func, args)
 
 

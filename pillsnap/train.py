@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--only", choices=sorted(ONLY), default=None,
                         help="train one model alone (default: what train.strategy says)")
+    parser.add_argument("--yes", action="store_true",
+                        help="stage evaluation: take the advisor's first option without asking")
+    parser.add_argument("--choice", type=int, default=None, metavar="N",
+                        help="stage evaluation: take the advisor's option N")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=128")
 
 
@@ -48,15 +52,36 @@ def write_reports(trainer: Any) -> list[Path]:
     return paths
 
 
-def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None) -> int:
-    """Train per `cfg`, write the reports, and run the final test evaluation after stage 4; returns the exit code
-    (0 ok, 2 config/resume error, 3 OOM give-up, 4 time cap failed)."""
-    from pillsnap.engine.trainer import EXIT_OK, run_training
+def link_stage_checkpoints(trainer: Any) -> list[Path]:
+    """stage{N}_{task}_best.pt: the stage's best checkpoints under the names the stage scripts use (hard links)."""
+    from pillsnap.engine.checkpointing import ckpt_path, link_or_copy
+
+    linked = []
+    for task in trainer.tasks:
+        best = ckpt_path(trainer.store.dir, task, "best")
+        if best.is_file():
+            alias = trainer.store.dir / f"stage{trainer.stage}_{task}_best.pt"
+            link_or_copy(best, alias)
+            linked.append(alias)
+    return linked
+
+
+def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: int | None = None,
+          assume_yes: bool = False) -> int:
+    """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
+    (train.stage_evaluation) and, after stage 4, run the final test evaluation. Returns the exit code (0 ok, 2
+    config/resume error, 3 OOM give-up, 4 time cap failed)."""
+    from pillsnap.engine.trainer import EXIT_OK, EXIT_TIME_CAP, run_training
 
     code, trainer = run_training(cfg, build_loaders)
     if trainer is None or not trainer.info.is_main:
         return code
     write_reports(trainer)
+    link_stage_checkpoints(trainer)
+    if code in (EXIT_OK, EXIT_TIME_CAP) and trainer.cfg.train.stage_evaluation:
+        from pillsnap.eval.stage_eval import evaluate_stage
+
+        evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
     if code == EXIT_OK and trainer.stage == 4 and trainer.status != "time_capped":
         from pillsnap.eval.final import final_test_evaluation  # the test split, once, after the last stage
 
@@ -101,16 +126,17 @@ def run(args: argparse.Namespace) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    return train(only(cfg, args.only) if args.only else cfg)
+    return train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pillsnap.cli import configure_logging, run_command
+    from pillsnap.cli import add_logging_arguments, configure_logging, run_command
 
     parser = argparse.ArgumentParser(prog="python -m pillsnap.train", description=__doc__)
     add_arguments(parser)
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(args.verbose, args.log_level)
     return run_command(run, args)
 
 

@@ -48,7 +48,7 @@ def synth_cfg(synth_root: Path, manifest_dir: Path, tmp_path: Path):
         "model.backbone=resnet18", "model.image_size=32", "model.detector=yolo11n", "model.det_image_size=64",
         "train.batch_size=4", "train.detection.batch_size=2", "train.epochs=1", "train.detection.epochs=1",
         "dataloader.num_workers=0", "dataloader.persistent_workers=false", "dataloader.pin_memory=false",
-        "data.progressive_validation.stage_1.max_samples=1000",
+        "data.progressive_validation.stage_1.max_samples=1000", "train.stage_evaluation=false",
         f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}",
     ], dotenv_path=None)
 

@@ -92,7 +92,7 @@ def make_cfg(exp_dir: Path, *overrides: str) -> DictConfig:
         "train.strategy=classification", "train.epochs=2", "train.batch_size=8", "train.warmup_steps=2",
         "train.step_log_interval=2", "train.oom.cooldown_sec=0", "train.ema.decay=0.9", "train.lr=0.01",
         "dataloader.num_workers=0", "train.early_stopping.patience=50", "model.detector=yolo11n",
-        "model.det_image_size=64", "train.detection.batch_size=2",
+        "model.det_image_size=64", "train.detection.batch_size=2", "train.stage_evaluation=false",
     ]
     return load_config(ROOT / "config.yaml", [*base, *overrides], dotenv_path=None)
 

@@ -23,7 +23,7 @@ class FakeClassificationTask:
     name, monitor = "classification", "macro_f1"
 
     def __init__(self, steps: int, order: list[str]) -> None:
-        self.train_loader = [None] * steps
+        self.train_loader = [0] * steps
         self.order = order
 
     def steps_per_epoch(self) -> int:

@@ -89,3 +89,12 @@ def test_profile_line_every_interval(caplog):
             cb.on_step_end(record)
     lines = [r.message for r in caplog.records if r.message.startswith("[profile]")]
     assert len(lines) == 2 and "data_share=10%" in lines[0] and "thr=80.0/s" in lines[0]
+
+
+def test_a_batch_with_no_readable_sample_is_skipped_not_fatal(tmp_path, caplog):
+    cfg = make_cfg(tmp_path, "train.step_log_interval=1")
+    task = FakeTask("classification", 3)
+    task.train_loader = [0, None, 0, 0]  # safe_collate gives None when every sample of a batch failed to decode
+    out = EpochRunner({"classification": task}, cfg).train_one_epoch(1, ["classification"])
+    assert task.calls == 2 and out["classification"]["steps"] == 2
+    assert "skipped a batch with no readable sample" in caplog.text

@@ -55,7 +55,8 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path, monkeypatch):
     best_epoch = load_ckpt(ckpts / "best.pt")["epoch"]
     assert os.path.samefile(ckpts / "best.pt", ckpts / "last.pt") == (best_epoch == 2)
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(
-        ["best.pt", "last.pt", "classification_best.pt", "classification_last.pt", "classes.json"])
+        ["best.pt", "last.pt", "classification_best.pt", "classification_last.pt", "classes.json",
+         "stage1_classification_best.pt"])
     ckpt = load_ckpt(ckpts / "last.pt")
     assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version", "oom_state", "task_state"}
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12
@@ -209,3 +210,17 @@ def test_resume_last_without_checkpoint_starts_fresh_and_empty_data_is_named(tmp
 
     assert main(make_cfg(tmp_path / "empty"), no_train) == EXIT_CONFIG
     assert "no single-pill training images" in (tmp_path / "empty" / "logs" / "train.err").read_text(encoding="utf-8")
+
+
+def test_resuming_a_finished_run_with_more_epochs_follows_the_longer_schedule(tmp_path):
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.epochs=2"), fake_build_loaders) == 0
+    history = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert history[-1]["classification"]["lr"] == 0.0  # a finished cosine ends at 0
+    assert main(make_cfg(exp, "train.epochs=4", "train.resume=last"), fake_build_loaders) == 0
+    steps = [r for r in read_jsonl(exp / "reports" / "metrics.jsonl") if r["type"] == "step" and r["epoch"] > 2]
+    lrs = [r["lr"] for r in steps]
+    # The schedule is rebuilt for 4 epochs: the added epochs restart where the longer cosine is, then decay to 0.
+    assert lrs[0] > 0.001 and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] == 0.0
+    history = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pillsnap.metrics.names import tb_val_tag
 from pillsnap.utils import TBWriter, append_jsonl, cuda_mem_ratio, save_json
 
 LOGGER = logging.getLogger(__name__)
@@ -16,8 +17,6 @@ EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end"
           "on_train_end")
 # Task name -> TensorBoard tag prefix: classification owns the design's bare tags (train/loss, val/accuracy...).
 TB_PREFIX = {"classification": "", "detection": "det/"}
-# Metric key -> TensorBoard tag, where the design spells them differently (the dict says acc, the tag val/accuracy).
-TB_VAL_TAGS = {"acc": "val/accuracy", "val_loss": "val/loss"}
 
 
 def format_train_line(r: dict) -> str:
@@ -89,7 +88,7 @@ class TensorBoardCallback(Callback):
         p = TB_PREFIX.get(task, task + "/")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "n":
-                self.tb.add_scalar(p + TB_VAL_TAGS.get(key, f"val/{key}"), value, epoch)
+                self.tb.add_scalar(p + tb_val_tag(key), value, epoch)
         self.tb.flush()
 
     def on_oom(self, event: dict) -> None:

@@ -99,6 +99,9 @@ class EpochRunner:
         for name in schedule:
             batch = next(iters[name])
             timer.data_done()
+            if batch is None:  # every sample of the batch was undecodable (safe_collate said which): nothing to learn
+                self.logger.warning("%s: skipped a batch with no readable sample (epoch %d)", name, epoch)
+                continue
             out = self.guarded_step(name, batch)
             timer.compute_done()
             done[name] += 1

@@ -361,6 +361,7 @@ class Task(ABC):
         self.raw_model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        self._follow_schedule()
         self._restore_oom_state(ckpt.get("oom_state") or {})
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
@@ -370,6 +371,15 @@ class Task(ABC):
         self.optimizer_steps = int(counters.get("optimizer_steps", 0))
         self.samples_seen = int(counters.get("samples_seen", 0))
         self.micro_step = int(counters.get("micro_step", 0))
+
+    def _follow_schedule(self) -> None:
+        """Set the rate the schedule gives at the resumed step. The schedule is rebuilt from the config, so a run
+        resumed with more epochs follows the longer warmup+cosine (never the finished run's final rate of 0);
+        an exact resume gets the same rate it stopped at."""
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(step)
 
     def _restore_oom_state(self, state: dict) -> None:
         # A resumed run keeps what OOM recovery chose; the scaled lr comes back with the optimizer and scheduler.

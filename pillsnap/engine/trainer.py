@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ from pillsnap.engine.interleave import CLASSIFICATION, DETECTION
 from pillsnap.engine.loop import EmergencyExit, EpochRunner, RunState
 from pillsnap.engine.oom import FAKE_OOM_BATCH_ENV, BatchChoice
 from pillsnap.engine.task import ResumeMismatchError, Task
-from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, resolve_device, set_seed
+from pillsnap.metrics.names import CLASSIFICATION_KEYS, DETECTION_KEYS
+from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, memory_snapshot, resolve_device, set_seed
+from pillsnap.utils.io import save_text
+from pillsnap.utils.logs import streams_are_logs
 
 LOGGER = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP = 0, 2, 3, 4
@@ -63,10 +67,11 @@ def seed_epoch(seed: int, epoch: int, loaders: list[Any]) -> None:
 
 @contextmanager
 def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
-    """Console + logs/pillsnap.log + logs/train.out (INFO) + logs/train.err (WARNING); handlers removed at the end."""
+    """Console + logs/pillsnap.log + logs/train.out (INFO) + logs/train.err (WARNING); handlers removed at the end.
+    Under scripts/train.sh the process's own streams are written to train.out/err, so no handlers are added."""
     logger = build_logger(exp_dir) if enabled else logging.getLogger("pillsnap")
     added = []
-    if enabled:
+    if enabled and not streams_are_logs():
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         for name, level in (("train.out", logging.INFO), ("train.err", logging.WARNING)):
             handler = logging.FileHandler(exp_dir / "logs" / name, encoding="utf-8")
@@ -110,6 +115,7 @@ class Trainer:
         self.stage = int(cfg.data.progressive_validation.current_stage)
         self.stage_cfg = stage_settings(cfg)
         self.state = RunState()
+        self.auto_batch: dict[str, dict] = {}  # what the auto batch search chose, per task
         self.tasks = self._build_tasks(build_loaders)
         self.plan = self._epoch_plan()
         self.runner = EpochRunner(self.tasks, cfg, self.state, self.callbacks, logger, info,
@@ -163,6 +169,8 @@ class Trainer:
             self.tb.add_scalar(f"{TB_PREFIX[name]}perf/auto_batch_found", choice.batch_size, 0)
             self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", name, batch_key,
                              choice.batch_size, choice.grad_accum, choice.force_fp16)
+            self.auto_batch[name] = {"batch_size": choice.batch_size, "grad_accum": choice.grad_accum,
+                                     "force_fp16": choice.force_fp16, "trials": len(choice.trials)}
             choices[name] = choice
         return choices
 
@@ -212,7 +220,7 @@ class Trainer:
     def end_epoch(self, epoch: int, active: list[str], train: dict, val: dict) -> None:
         """Early stopping per task, the epoch's history record and metrics.json, then one checkpoint generation."""
         es = self.cfg.train.early_stopping
-        record: dict[str, Any] = {"epoch": epoch, "elapsed_s": self.elapsed()}
+        record: dict[str, Any] = {"epoch": epoch, "elapsed_s": self.elapsed(), **memory_snapshot()}
         saves = []
         for name in active:
             task = self.tasks[name]
@@ -237,8 +245,7 @@ class Trainer:
 
     def summary(self, epoch: int) -> dict:
         """reports/metrics.json: latest metrics per task, history, stage/time-cap verdict, status."""
-        latest = {CLASSIFICATION: ("acc", "macro_f1", "top5", "val_loss"),
-                  DETECTION: ("mAP@0.5", "mAP@0.5:0.95", "precision", "recall")}
+        latest = {CLASSIFICATION: CLASSIFICATION_KEYS, DETECTION: DETECTION_KEYS}
         out: dict[str, Any] = {"epoch": epoch, "status": self.status}
         for name, keys in latest.items():
             last = next((h[name] for h in reversed(self.history) if name in h), None)
@@ -246,6 +253,10 @@ class Trainer:
                 out[name] = {k: last.get(k) for k in keys}
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
+        out["system"] = {"device": str(self.device), **memory_snapshot()}
+        out["batch"] = {name: {**asdict(task.knobs), "samples_seen": task.samples_seen}
+                        for name, task in self.tasks.items()}
+        out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
             cls = self.tasks[CLASSIFICATION]
             out["stage"]["time_cap"] = time_cap_success(self.stage_cfg, cls.samples_seen, len(cls.classes_seen))
@@ -330,6 +341,8 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
     if info.is_main:
         for sub in ("logs", "tb", "reports", "checkpoints", "export"):
             ensure_dir(exp_dir / sub)
+        # The resolved config of the run, for `pillsnap evaluate` and for people (also inside every checkpoint).
+        save_text(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     barrier(info)
     tb = TBWriter(exp_dir, enabled=info.is_main)
     try:

@@ -12,9 +12,9 @@ from pillsnap._lazy import lazy_exports
 _EXPORTS = {
     "pillsnap.utils.io": ("CKPT_REQUIRED_KEYS", "append_jsonl", "atomic_path", "ensure_dir", "load_ckpt",
                           "read_json", "save_ckpt", "save_json"),
-    "pillsnap.utils.logs": ("StepTimer", "TBWriter", "build_logger", "get_git_sha"),
-    "pillsnap.utils.torch_utils": ("COMPILE_MODES", "cuda_mem_mb", "cuda_mem_ratio", "enable_tf32", "resolve_device",
-                                   "select_amp_dtype", "set_seed", "try_torch_compile"),
+    "pillsnap.utils.logs": ("LOG_LEVELS", "StepTimer", "TBWriter", "build_logger", "get_git_sha", "set_log_level"),
+    "pillsnap.utils.torch_utils": ("COMPILE_MODES", "cuda_mem_mb", "cuda_mem_ratio", "enable_tf32", "memory_snapshot",
+                                   "resolve_device", "select_amp_dtype", "set_seed", "try_torch_compile"),
     "pillsnap.utils.images": ("DECODE_ERRORS", "decode_image", "read_bytes", "read_image", "split_zip_path"),
     "pillsnap.utils.boxes": ("cxcywh_to_xyxy", "xywh_to_xyxy", "xyxy_to_cxcywh", "xyxy_to_xywh"),
     "pillsnap.utils.offline": ("ultralytics_offline",),

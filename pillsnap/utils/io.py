@@ -65,10 +65,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def save_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as UTF-8 JSON (Korean unescaped), atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    save_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str))
 
 
 def read_json(path: str | Path) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,52 @@ from typing import Any
 from pillsnap.utils.io import ensure_dir
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The chosen level travels in the environment, so that every logger of this process and of the processes it
+# starts (DDP ranks, loader workers, scripts) follows --log-level / -v.
+LOG_LEVEL_ENV = "PILLSNAP_LOG_LEVEL"
+# Set by scripts/train.sh, which writes the process's stdout and stderr to logs/train.out and train.err: progress
+# then goes to stdout and warnings, errors and tracebacks to stderr, and the trainer adds no file handlers of its own.
+STREAMS_ARE_LOGS_ENV = "PILLSNAP_STREAMS_ARE_LOGS"
+
+
+def streams_are_logs() -> bool:
+    return os.environ.get(STREAMS_ARE_LOGS_ENV) == "1"
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def _console_handlers() -> list[logging.Handler]:
+    if not streams_are_logs():
+        return [logging.StreamHandler(sys.stderr)]
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_BelowWarning())
+    err.setLevel(logging.WARNING)
+    return [out, err]
+
+
+def log_level() -> int:
+    """The level set by set_log_level (or PILLSNAP_LOG_LEVEL), INFO by default."""
+    name = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
+    return logging.getLevelName(name) if name in LOG_LEVELS else logging.INFO
+
+
+def set_log_level(level: str) -> None:
+    """Console logging at `level` for the root logger and PillSnap's loggers (and, via the environment, for the
+    processes this one starts). Library code only calls getLogger; the CLI calls this once."""
+    level = level.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {LOG_LEVELS}, got {level!r}")
+    os.environ[LOG_LEVEL_ENV] = level
+    handlers = _console_handlers()
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=handlers)
+    logging.getLogger().setLevel(level)
+    logging.getLogger("pillsnap").setLevel(level)
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
@@ -22,7 +69,7 @@ def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
     on, so pytest's caplog and user handlers keep seeing our records.
     """
     logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(log_level())
     log_file = ensure_dir(Path(exp_dir) / "logs") / f"{name}.log"
     have = {getattr(h, "baseFilename", None) for h in logger.handlers}
     if str(log_file.resolve()) not in have:

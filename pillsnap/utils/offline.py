@@ -16,8 +16,10 @@ def ultralytics_offline() -> None:
     from ultralytics.utils import LOGGER as YOLO_LOGGER
     from ultralytics.utils import SETTINGS
 
-    # Its INFO chatter ("Overriding model.yaml nc=80 ...") would drown our progress lines; warnings still show.
-    YOLO_LOGGER.setLevel(logging.WARNING)
+    # Its INFO chatter ("Overriding model.yaml nc=80 ...") would drown our progress lines; warnings still show,
+    # and everything does at --log-level DEBUG.
+    debug = os.environ.get("PILLSNAP_LOG_LEVEL", "").upper() == "DEBUG"
+    YOLO_LOGGER.setLevel(logging.DEBUG if debug else logging.WARNING)
     if SETTINGS.get("sync"):
         try:
             SETTINGS.update(sync=False)

@@ -85,6 +85,18 @@ def cuda_mem_ratio() -> float:
     return torch.cuda.memory_reserved() / total
 
 
+def memory_snapshot() -> dict[str, float]:
+    """Process memory now and at its peak (RSS), and the CUDA allocator's peak, in MB (0.0 without CUDA)."""
+    import resource
+
+    import psutil
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mb": round(peak_rss, 1),
+            "peak_cuda_mem_mb": round(cuda_peak, 1)}
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """'cuda' when available unless `device` says otherwise."""
     if device:

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Stage 3 two-stage training: classifier + detector, interleaved, after pre-flight checks (manifest, disk, GPU).
+# Works for any stage (--stage N); logs go to {exp_dir}/logs/train.out|err; the stage ends with its evaluation.
+# Usage: bash scripts/stage3/train_stage3_two_stage.sh [options] [key=value ...]
+#   --epochs N           classification epochs (default 18)
+#   --batch-size N       classifier batch size          --det-batch-size N  detector batch size
+#   --lr LR              classifier peak learning rate
+#   --resume             continue from the last checkpoints (more --epochs than the run had: extend it)
+#   --checkpoint PATH    resume the classifier from this checkpoint file
+#   --stage N            stage to train (default 3)     --cfg FILE          config file (default config.yaml)
+#   --yes | --choice N   answer the end-of-stage advisor without being asked
+#   --log-level LEVEL    DEBUG | INFO | WARNING | ERROR
+#   --min-free-gb N      pre-flight: free disk needed at exp_dir (default 10)
+#   --skip-checks        skip the pre-flight checks
+#   -h, --help           this help
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+CFG="$ROOT/config.yaml"
+STAGE=3
+EPOCHS=18
+MIN_FREE_GB="${PILLSNAP_MIN_FREE_GB:-10}"
+CHECKS=1
+PASS=()
+OVERRIDES=()
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "train_stage3: $1 needs a value (see --help)" >&2; exit 2; }; }
+fail() { echo "train_stage3: PRE-FLIGHT FAILED: $1" >&2; echo "  fix: $2" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --epochs) need "$@"; EPOCHS="$2"; shift 2 ;;
+    --batch-size) need "$@"; OVERRIDES+=("train.batch_size=$2"); shift 2 ;;
+    --det-batch-size) need "$@"; OVERRIDES+=("train.detection.batch_size=$2"); shift 2 ;;
+    --lr) need "$@"; OVERRIDES+=("train.lr=$2"); shift 2 ;;
+    --stage) need "$@"; STAGE="$2"; shift 2 ;;
+    --cfg) need "$@"; CFG="$(cd "$(dirname "$2")" 2>/dev/null && pwd)/$(basename "$2")"; shift 2 ;;
+    --min-free-gb) need "$@"; MIN_FREE_GB="$2"; shift 2 ;;
+    --skip-checks) CHECKS=0; shift ;;
+    --resume|--yes|-v|--verbose) PASS+=("$1"); shift ;;
+    --checkpoint|--choice|--log-level) need "$@"; PASS+=("$1" "$2"); shift 2 ;;
+    *=*) OVERRIDES+=("$1"); shift ;;
+    *) echo "train_stage3: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+OVERRIDES=("data.progressive_validation.current_stage=$STAGE" "train.epochs=$EPOCHS" "${OVERRIDES[@]}")
+
+[ -x "$PY" ] || fail "$PY is missing" "bash scripts/setup_venv.sh"
+[ -f "$CFG" ] || fail "config file $CFG not found" "pass --cfg path/to/config.yaml"
+cd "$ROOT"
+
+if [ "$CHECKS" = 1 ]; then
+  echo "train_stage3: pre-flight checks (stage $STAGE)"
+  "$PY" "$HERE/validate_stage3_manifest.py" --cfg "$CFG" --stage "$STAGE" "${OVERRIDES[@]}" \
+    || fail "the stage $STAGE manifest is missing or invalid (see the FAIL lines above)" \
+            "pillsnap data scan --data-root ROOT --out MANIFEST_DIR, then pillsnap data manifest --stage $STAGE"
+  EXP_DIR="$("$PY" -c 'import sys
+from pillsnap.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir)' "$CFG" "${OVERRIDES[@]}")" \
+    || fail "the config does not load" "run: python -m pillsnap.train --cfg $CFG --check"
+  mkdir -p "$EXP_DIR"
+  FREE_GB=$(df -Pk "$EXP_DIR" | awk 'NR==2 {print int($4 / 1048576)}')
+  [ "$FREE_GB" -ge "$MIN_FREE_GB" ] \
+    || fail "only ${FREE_GB} GB free at $EXP_DIR (need ${MIN_FREE_GB} GB for checkpoints and logs)" \
+            "free disk space, set paths.exp_dir=... on a larger disk, or lower --min-free-gb"
+  echo "OK   disk: ${FREE_GB} GB free at $EXP_DIR"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    GPU_FREE_MB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1 | tr -d ' ')
+    [ "${GPU_FREE_MB:-0}" -ge 4096 ] \
+      || fail "the GPU has ${GPU_FREE_MB:-0} MB free (need 4096 MB)" \
+              "stop other GPU jobs (nvidia-smi lists them) or lower --batch-size / --det-batch-size"
+    echo "OK   GPU: ${GPU_FREE_MB} MB free"
+  else
+    echo "NOTE GPU: none found (nvidia-smi absent): training runs on the CPU, slowly"
+  fi
+fi
+
+exec bash "$ROOT/scripts/train.sh" --cfg "$CFG" "${PASS[@]}" "${OVERRIDES[@]}"

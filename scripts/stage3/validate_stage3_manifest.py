@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Check that a stage's manifest is fit to train on: the manifest and its columns, drug codes, the stage's train
+and val rows, val classes seen in training, image files on disk, and the per-stage manifest_{train,val}.csv.
+Each failure says how to fix it. Exit code 0 when every check passes, 1 otherwise, 2 on a config error.
+
+Usage: python scripts/stage3/validate_stage3_manifest.py [--cfg config.yaml] [--stage 3] [--json] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--stage", type=int, default=3, choices=(1, 2, 3, 4), help="stage to check (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    args = parser.parse_args(argv)
+
+    from pillsnap.config import ConfigError, load_config
+    from pillsnap.data.manifest_check import check_stage_manifest
+
+    try:
+        cfg = load_config(args.cfg, [*args.overrides, f"data.progressive_validation.current_stage={args.stage}"])
+    except ConfigError as err:
+        print(f"validate_stage3_manifest: config error: {err}", file=sys.stderr)
+        return 2
+    findings = check_stage_manifest(cfg, args.stage)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in findings], ensure_ascii=False, indent=2))
+    else:
+        print(f"stage {args.stage} manifest in {cfg.paths.manifest_dir}:")
+        print("\n".join(f.line() for f in findings))
+    failed = [f for f in findings if not f.ok]
+    print(f"{len(findings) - len(failed)} of {len(findings)} checks passed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The Stage 3 scripts on demo-sized data: --help everywhere, the manifest validator, pre-flight failures that
+say how to fix them, a short run through run_stage3_with_logs.sh with its logs and stage evaluation, and a crash
+whose traceback reaches logs/train.err."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SYNTH_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE3 = REPO / "scripts" / "stage3"
+pytestmark = pytest.mark.skipif(not (REPO / ".venv" / "bin" / "python").is_file(),
+                                reason="the scripts run the project's .venv (bash scripts/setup_venv.sh)")
+
+
+def tiny(synth_root: Path, manifest_dir: Path, exp: Path) -> list[str]:
+    return [f"paths.data_root={synth_root}", f"paths.manifest_dir={manifest_dir}", f"paths.exp_dir={exp}",
+            f"paths.cache_dir={exp.parent / 'cache'}", "model.backbone=test_efficientnet", "model.image_size=32",
+            "model.detector=yolo11n", "model.det_image_size=64", "train.batch_size=4",
+            "train.detection.batch_size=2", "train.max_steps_per_epoch=2", "dataloader.num_workers=0",
+            "dataloader.persistent_workers=false", "dataloader.pin_memory=false",
+            f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}",
+            "data.progressive_validation.stage_1.max_samples=1000"]
+
+
+def run(*cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PILLSNAP_LOG_LEVEL", None)
+    return subprocess.run(list(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("script", "words"), [
+    ("train_stage3_two_stage.sh", ("--epochs", "default 18", "--det-batch-size", "--checkpoint", "--resume")),
+    ("run_stage3_with_logs.sh", ("--log-level",)),
+    ("validate_stage3_manifest.py", ("--stage", "fix")),
+])
+def test_every_script_has_help(script, words):
+    cmd = ("bash", str(STAGE3 / script)) if script.endswith(".sh") else (sys.executable, str(STAGE3 / script))
+    proc = run(*cmd, "--help")
+    assert proc.returncode == 0 and all(w in proc.stdout for w in words), proc.stdout
+
+
+def test_the_validator_passes_a_good_manifest_and_explains_a_missing_one(manifest_dir, tmp_path):
+    ok = run(sys.executable, str(STAGE3 / "validate_stage3_manifest.py"), "--stage", "1",
+             f"paths.manifest_dir={manifest_dir}", f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}")
+    assert ok.returncode == 0 and "FAIL" not in ok.stdout and "OK   splits: train" in ok.stdout
+    missing = run(sys.executable, str(STAGE3 / "validate_stage3_manifest.py"), "--stage", "3", "--json",
+                  f"paths.manifest_dir={tmp_path / 'none'}")
+    findings = json.loads(missing.stdout)
+    assert missing.returncode == 1 and findings[0]["ok"] is False and "pillsnap data scan" in findings[0]["fix"]
+
+
+def test_pre_flight_stops_with_the_fix(synth_root, tmp_path):
+    proc = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--stage", "1",
+               *tiny(synth_root, tmp_path / "no_manifest", tmp_path / "exp"))
+    assert proc.returncode == 2
+    assert "PRE-FLIGHT FAILED" in proc.stderr and "fix: pillsnap data scan" in proc.stderr
+    proc = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--min-free-gb", "100000000",
+               *tiny(synth_root, tmp_path / "no_manifest", tmp_path / "exp"), "--skip-checks", "--bogus")
+    assert proc.returncode == 2 and "unknown argument '--bogus'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_short_stage_run_with_logs_and_its_evaluation(synth_root, manifest_dir, tmp_path):
+    exp = tmp_path / "exp"
+    proc = run("bash", str(STAGE3 / "run_stage3_with_logs.sh"), "--log-level", "DEBUG", "--stage", "1",
+               "--epochs", "1", "--yes", "--min-free-gb", "0", *tiny(synth_root, manifest_dir, exp))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = (exp / "logs" / "train.out").read_text(encoding="utf-8")
+    assert "[train] e=1/1" in out and "Stage 1 evaluation:" in out
+    assert "built yolo11n" in out  # a DEBUG line of pillsnap.models: the level reached every logger
+    assert (exp / "logs" / "train.err").is_file()
+    sessions = list((exp / "logs").glob("stage3_*.log"))
+    assert len(sessions) == 1 and "pre-flight checks (stage 1)" in sessions[0].read_text(encoding="utf-8")
+    report = json.loads((exp / "reports" / "stage_1_evaluation.json").read_text(encoding="utf-8"))
+    assert report["status"] in ("GO", "NO_GO") and report["reasons"] and report["choice"]["how"] == "--yes"
+    assert "train.sh: SUCCESS. Latest metrics: " + str(exp / "reports" / "metrics.json") in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_crash_traceback_reaches_train_err(synth_root, manifest_dir, tmp_path):
+    exp = tmp_path / "exp"
+    proc = run("bash", str(REPO / "scripts" / "train.sh"), *tiny(synth_root, manifest_dir, exp),
+               "train.epochs=1", "train.strategy=classification", "train.interleave_ratio=[0,0]")
+    assert proc.returncode == 1 and "see " + str(exp / "logs" / "train.err") in proc.stderr
+    err = (exp / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "Traceback (most recent call last)" in err and "interleave_ratio" in err
