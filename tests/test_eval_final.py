@@ -22,11 +22,11 @@ def test_final_evaluation_after_training(synth_cfg):
     saved = read_json(Path(exp) / "reports" / "final_test_results.json")
     assert saved["recommendation"] == result["recommendation"]
     cls = result["test_results"]["classification"]
-    assert cls["n"] > 0 and 0.0 <= cls["acc"] <= 1.0
+    assert cls["n"] > 0 and 0.0 <= cls["accuracy"] <= 1.0
     goal = result["business_goals"]["classification.macro_f1"]
     assert goal["target"] == 0.92 and goal["met"] == (cls["macro_f1"] >= 0.92)
     assert result["ready_for_production"] == result["business_goals"]["overall_target_met"]
-    assert "classification.acc" in result["val_minus_test"]
+    assert "classification.accuracy" in result["val_minus_test"]
 
 
 def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg):

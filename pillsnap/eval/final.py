@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pillsnap.metrics.names import final_test_name
 from pillsnap.utils import read_json, resolve_device, save_json
 
 LOGGER = logging.getLogger(__name__)
@@ -70,7 +71,10 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
             if isinstance(v, float) and isinstance(val.get(section, {}).get(k), (int, float))}
     goals = _goals(test)
     ready = goals["overall_target_met"]
-    result = {"test_results": test, "val_minus_test": gaps, "business_goals": goals,
+    # The file speaks the design's names (accuracy, mAP_0.5); everything inside PillSnap says acc, mAP@0.5.
+    named = {section: {final_test_name(k): v for k, v in block.items()} for section, block in test.items()}
+    gaps = {f"{key.split('.', 1)[0]}.{final_test_name(key.split('.', 1)[1])}": v for key, v in gaps.items()}
+    result = {"test_results": named, "val_minus_test": gaps, "business_goals": goals,
               "recommendation": "READY_FOR_PRODUCTION" if ready else "NEEDS_IMPROVEMENT",
               "ready_for_production": ready,
               "improvements": [] if ready else [f"{k}: {g['value']} < {g['target']}" for k, g in goals.items()
