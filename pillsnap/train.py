@@ -52,6 +52,17 @@ def write_reports(trainer: Any) -> list[Path]:
     return paths
 
 
+def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict | None:
+    """Temperature and unknown-pill threshold of the best classifier, fit on the validation split."""
+    from pillsnap.eval.calibration import calibrate_classifier
+
+    if "classification" not in trainer.tasks or trainer.tasks["classification"].val_loader is None:
+        return None
+    if not any("classification" in epoch for epoch in trainer.plan):
+        return None
+    return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders)
+
+
 def link_stage_checkpoints(trainer: Any) -> list[Path]:
     """stage{N}_{task}_best.pt: the stage's best checkpoints under the names the stage scripts use (hard links)."""
     from pillsnap.engine.checkpointing import ckpt_path, link_or_copy
@@ -77,6 +88,7 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     if trainer is None or not trainer.info.is_main:
         return code
     write_reports(trainer)
+    calibrate(trainer, build_loaders)
     link_stage_checkpoints(trainer)
     if code in (EXIT_OK, EXIT_TIME_CAP) and trainer.cfg.train.stage_evaluation:
         from pillsnap.eval.stage_eval import evaluate_stage

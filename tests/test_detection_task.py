@@ -36,8 +36,27 @@ def test_build_yolo_model_one_class_offline() -> None:
 def test_bad_detector_name_and_missing_weights_are_named(tmp_path) -> None:
     with pytest.raises(ValueError, match="YOLO yaml"):
         build_yolo_model("resnet18")
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_yolo_model("yolo11n", weights=tmp_path / "missing.pt")
+
+
+def test_detector_weights_by_asset_name_fall_back_offline(monkeypatch, caplog):
+    from ultralytics.utils import downloads
+
+    def offline(name, *args, **kwargs):  # what ultralytics raises with no network and nothing cached
+        raise ConnectionError(f"Download failure for {name}: no internet")
+
+    monkeypatch.setattr(downloads, "attempt_download_asset", offline)
+    model = build_yolo_model("yolo11n", weights="yolo11n.pt")
+    assert model.names == {0: "pill"} and "could not fetch yolo11n.pt" in caplog.text
+
+
+def test_detector_weights_from_a_local_file_load_what_fits(tmp_path):
+    source = build_yolo_model("yolo11n", num_classes=3)  # a head of another size: skipped
+    torch.save({"model": source}, tmp_path / "yolo.pt")
+    model = build_yolo_model("yolo11n", weights=tmp_path / "yolo.pt")
+    first = next(iter(source.state_dict()))
+    assert torch.equal(model.state_dict()[first], source.state_dict()[first])
 
 
 def test_batch_targets_to_pixels() -> None:

@@ -27,8 +27,6 @@ def test_channels_last_model_accepts_channels_last_input():
 def test_bad_requests_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="Unknown timm backbone 'efficientnet_nope'"):
         build_classification_model("efficientnet_nope", 3)
-    with pytest.raises(ValueError, match="weights_path"):
-        build_classification_model("test_efficientnet", 3, pretrained=True)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_classification_model("test_efficientnet", 3, weights_path=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="num_classes"):
@@ -41,6 +39,23 @@ def test_local_weights_load_except_a_head_of_another_size(tmp_path):
     model = build_classification_model("test_efficientnet", 4, pretrained=True, weights_path=tmp_path / "w.pth")
     assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
     assert model.get_classifier().out_features == 4
+
+
+def test_pretrained_weights_offline_fall_back_to_random_init_with_a_warning(monkeypatch, caplog):
+    import huggingface_hub.constants
+
+    # As on a machine with no network and an empty cache (and so that this test never downloads anything).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = build_classification_model("resnet18", 4, pretrained=True)
+    assert model.get_classifier().out_features == 4
+    assert "could not fetch pretrained resnet18 weights" in caplog.text and "model.weights_path" in caplog.text
+
+
+def test_a_local_weights_file_that_does_not_fit_is_named(tmp_path):
+    torch.save(build_classification_model("test_resnet", 10).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="does not fit backbone 'test_efficientnet'"):
+        build_classification_model("test_efficientnet", 4, weights_path=tmp_path / "other.pth")
 
 
 def write_ckpt(path, model, ema_model, validate):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from pillsnap.utils import ensure_dir, save_json
 MAX_LABELED_CLASSES = 50  # beyond this, tick labels are unreadable; the matrix is still drawn
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot, imported on first use with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +33,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], out_path: 
         raise ValueError(f"confusion matrix {cm.shape} does not match {len(class_names)} class names")
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    plt = _pyplot()
+    plt = pyplot()
     size = min(4 + 0.25 * len(class_names), 20)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -58,7 +60,7 @@ def plot_roc_pr_curves(y_true_onehot: np.ndarray, y_prob: np.ndarray, out_dir: s
     if y_true.shape != scores.shape:
         raise ValueError(f"y_true_onehot {np.shape(y_true_onehot)} and y_prob {np.shape(y_prob)} differ")
     out_dir = ensure_dir(out_dir)
-    plt = _pyplot()
+    plt = pyplot()
     fpr, tpr, _ = roc_curve(y_true, scores)
     precision, recall, _ = precision_recall_curve(y_true, scores)
     curves = [("roc.png", fpr, tpr, "false positive rate", "true positive rate", f"micro AUC={auc(fpr, tpr):.3f}"),

@@ -1,4 +1,5 @@
-"""Classifier construction (any timm backbone, never downloading) and loading a trained one for inference."""
+"""Classifier construction (any timm backbone, ImageNet weights through timm's own loader from the hub or a local
+file, with an offline fallback) and loading a trained one for inference."""
 
 from __future__ import annotations
 
@@ -13,20 +14,6 @@ from pillsnap.utils.io import select_inference_state
 
 LOGGER = logging.getLogger(__name__)
 
-def _load_backbone_weights(model: nn.Module, weights_path: str | Path) -> None:
-    """Load a local timm state_dict, skipping the classifier head when its class count differs."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights_path does not exist: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = model.state_dict()
-    # The head of an ImageNet checkpoint has 1000 outputs: drop shape mismatches instead of failing.
-    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing, _ = model.load_state_dict(kept, strict=False)
-    LOGGER.info("Loaded %d/%d tensors from %s (%d left at init)", len(kept), len(state), path, len(missing))
-
-
 def build_classification_model(
     backbone: str,
     num_classes: int,
@@ -34,24 +21,56 @@ def build_classification_model(
     pretrained: bool = False,
     weights_path: str | Path | None = None,
 ) -> nn.Module:
-    """timm model `backbone` with a `num_classes` head.
+    """timm model `backbone` with a fresh `num_classes` head.
 
-    `pretrained=True` never downloads: it requires `weights_path` (a local timm state_dict).
+    Pretrained backbones come through timm's own loader (the ImageNet head is dropped for ours): `weights_path`, a
+    local timm/ImageNet weights file, always wins; else `pretrained=True` fetches the model's weights from the hub
+    (or its local cache). Offline, with nothing cached, the model starts from random weights with a warning that
+    says how to get them (run once online, or give model.weights_path).
     """
     import timm
 
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if pretrained and not weights_path:
-        raise ValueError("model.pretrained=true needs model.weights_path (a local file); downloads are disabled.")
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:5]
         raise ValueError(f"Unknown timm backbone {backbone!r}. Similar names: {close}")
-    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
     if weights_path:
-        _load_backbone_weights(model, weights_path)
+        model = _from_local_file(backbone, num_classes, Path(weights_path))
+    elif pretrained:
+        model = _from_hub(backbone, num_classes)
+    else:
+        model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _from_local_file(backbone: str, num_classes: int, path: Path) -> nn.Module:
+    import timm
+
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights_path does not exist: {path}")
+    try:
+        model = timm.create_model(backbone, pretrained=True, num_classes=num_classes,
+                                  pretrained_cfg_overlay={"file": str(path)})
+    except RuntimeError as err:  # timm's strict load names the keys that do not fit
+        raise ValueError(f"model.weights_path {path} does not fit backbone {backbone!r}: {err}") from err
+    LOGGER.info("classifier: %s backbone weights from %s (head: %d classes, fresh)", backbone, path, num_classes)
+    return model
+
+
+def _from_hub(backbone: str, num_classes: int) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
+    except OSError as err:  # offline, blocked, or nothing in the cache (huggingface_hub raises OSError subclasses)
+        LOGGER.warning("classifier: could not fetch pretrained %s weights (%s: %s). Training starts from random "
+                       "weights. To use them, run once with network access (they are cached) or download them "
+                       "and set model.weights_path.", backbone, type(err).__name__, str(err).splitlines()[0][:200])
+        return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+    LOGGER.info("classifier: pretrained %s weights loaded (head: %d classes, fresh)", backbone, num_classes)
     return model
 
 

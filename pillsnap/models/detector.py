@@ -35,7 +35,7 @@ def _model_yaml(model_size: str) -> str:
 def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a local ultralytics .pt ({'model': DetectionModel, 'ema': ...}) or a PillSnap checkpoint."""
     if not path.is_file():
-        raise FileNotFoundError(f"Detector weights not found: {path} (nothing is downloaded; give a local .pt)")
+        raise FileNotFoundError(f"Detector weights not found: {path}")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and "ema_state" in obj and obj["ema_state"]:
         return obj["ema_state"]
@@ -48,6 +48,28 @@ def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj.float().state_dict()
     raise ValueError(f"{path} holds no detector weights (expected an ultralytics .pt or a PillSnap checkpoint)")
+
+
+def fetch_detector_weights(spec: str | Path) -> Path | None:
+    """A local path to the weights `spec` names: an existing file as is; an ultralytics asset name (yolo11m.pt)
+    through ultralytics' own downloader (cached in its weights folder). None, with a warning saying what to do,
+    when it cannot be had (offline and not cached): the detector then starts from random weights."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.parent != Path(".") or path.suffix != ".pt":
+        raise FileNotFoundError(f"Detector weights not found: {path} (give a local .pt, or an ultralytics asset "
+                                "name such as yolo11m.pt to download it once)")
+    ultralytics_offline()
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    try:
+        return Path(attempt_download_asset(path.name))
+    except (OSError, ConnectionError, RuntimeError) as err:  # offline or blocked: ultralytics raises these
+        LOGGER.warning("detector: could not fetch %s (%s: %s). Training starts from random weights. Download it "
+                       "once with network access, or set model.detector_weights to a local file.", path.name,
+                       type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+        return None
 
 
 def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
@@ -79,8 +101,9 @@ def build_yolo_model(
     # The loss reads its box/cls/dfl gains from model.args (normally set by ultralytics' trainer).
     model.args = get_cfg()
     model.names = dict(PILL_CLASS_NAMES) if num_classes == 1 else {i: str(i) for i in range(num_classes)}
-    if weights:
-        load_matching_weights(model, _state_dict_from_file(Path(weights)))
+    source = fetch_detector_weights(weights) if weights else None
+    if source is not None:
+        load_matching_weights(model, _state_dict_from_file(source))
     LOGGER.debug("built %s (nc=%d)", model_size, num_classes)
     return model
 
