@@ -1,62 +1,345 @@
-"""Metrics stream follower and dashboard: partial lines wait, malformed lines are skipped, summary is right."""
+"""Monitor without a browser: the stream follower (partial lines, missing, truncated and replaced files), the state
+the dashboard shows (per-task series, ETA, resume and restart, OOM, stage evaluation), the app over HTTP and
+WebSocket, the system probe and the terminal table."""
+
+from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import sys
+import types
+from collections import namedtuple
 
+import pytest
 from fastapi.testclient import TestClient
 
-from pillsnap.monitor import MetricsFollower, read_new_records, summarize
-from pillsnap.monitor.dashboard import create_dashboard
+from pillsnap.monitor.dashboard import STATIC_DIR, create_dashboard
+from pillsnap.monitor.live import LiveRun
+from pillsnap.monitor.state import MonitorState, Table
+from pillsnap.monitor.stream import StreamFollower, read_new_records
+from pillsnap.monitor.system import SystemProbe, nvml_reader, smi_reader
+from pillsnap.monitor.terminal import render
 
 
 def write(path, *records, tail=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
         fh.write(tail)
 
 
+def start(t=0.0, start_epoch=0, tasks=("classification", "detection"), epochs=4, stage=2):
+    return {"type": "start", "time": t, "tasks": list(tasks), "epochs": epochs, "stage": stage,
+            "start_epoch": start_epoch}
+
+
+def step(t, epoch, i, steps=10, task="classification", epochs=4, loss=1.0, **extra):
+    return {"type": "step", "time": t, "task": task, "epoch": epoch, "max_epochs": epochs, "step": i, "steps": steps,
+            "global_step": (epoch - 1) * steps + i, "loss": loss, "lr": 1e-3, "n": 8, "data_time": 0.01,
+            "compute_time": 0.09, "throughput": 80.0, "cuda_mem": 0.0, **extra}
+
+
+def val(t, epoch, task="classification", **metrics):
+    return {"type": "val", "time": t, "task": task, "epoch": epoch, "n": 16, **metrics}
+
+
+# ---------- stream ----------
+
 def test_incremental_read_leaves_partial_line(tmp_path):
     path = tmp_path / "m.jsonl"
     write(path, {"type": "step", "loss": 1.0}, tail='{"type": "st')
     records, offset = read_new_records(path)
     assert [r["loss"] for r in records] == [1.0]
-    write(path, tail='ep", "loss": 0.5}\nnot json\n')
+    write(path, tail='ep", "loss": 0.5}\nnot json\n[1, 2]\n')
     more, offset2 = read_new_records(path, offset)
     assert [r["loss"] for r in more] == [0.5] and offset2 == path.stat().st_size
     assert read_new_records(tmp_path / "missing.jsonl", 7) == ([], 7)
 
 
-def test_summarize():
-    records = [
-        {"type": "step", "task": "classification", "global_step": 1, "loss": 2.0},
-        {"type": "step", "task": "detection", "global_step": 2, "loss": 5.0},
-        {"type": "step", "task": "classification", "global_step": 3, "loss": 1.5},
-        {"type": "val", "task": "classification", "epoch": 1, "accuracy": 0.4},
-        {"type": "oom", "retries": 1},
-        {"type": "epoch", "epoch": 1},
-    ]
-    s = summarize(records)
-    assert s["status"] == "running" and s["epoch"] == 1 and s["oom_events"] == 1
-    assert s["last_step"]["classification"]["loss"] == 1.5
-    assert s["loss_history"]["classification"] == [[1, 2.0], [3, 1.5]]
-    assert s["last_val"]["classification"] == {"epoch": 1, "accuracy": 0.4}
-    assert summarize(records + [{"type": "end", "status": "completed"}])["status"] == "completed"
-    assert summarize([])["status"] == "waiting"
+def test_follower_waits_for_a_missing_file_then_reads_it(tmp_path):
+    path = tmp_path / "reports" / "metrics.jsonl"
+    follower = StreamFollower(path)
+    assert follower.poll() == ([], False)
+    write(path, start())
+    chunk = follower.poll()
+    assert [r["type"] for r in chunk.records] == ["start"] and not chunk.reset
+    assert follower.poll() == ([], False)
 
 
-def test_follower_bounded(tmp_path):
-    path = tmp_path / "m.jsonl"
-    write(path, *[{"type": "step", "loss": float(i)} for i in range(10)])
-    follower = MetricsFollower(path, max_records=4)
-    assert len(follower.poll()) == 10
-    assert [r["loss"] for r in follower.records] == [6.0, 7.0, 8.0, 9.0]
+def test_follower_starts_over_when_the_file_is_truncated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write(path, start(), step(1, 1, 1), step(2, 1, 2))
+    follower = StreamFollower(path)
+    assert len(follower.poll().records) == 3
+    with open(path, "w", encoding="utf-8") as fh:  # same inode, shorter: truncated in place
+        fh.write(json.dumps(start(stage=3)) + "\n")
+    chunk = follower.poll()
+    assert chunk.reset and [r.get("stage") for r in chunk.records] == [3]
 
 
-def test_dashboard_serves_page_and_summary(tmp_path):
-    reports = tmp_path / "reports"
-    reports.mkdir()
+def test_follower_starts_over_when_the_file_is_replaced(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write(path, start())
+    follower = StreamFollower(path)
+    follower.poll()
+    new = tmp_path / "new.jsonl"
+    write(new, start(stage=4), step(1, 1, 1), step(2, 1, 2))  # longer than the old file: only the inode tells
+    os.replace(new, path)
+    chunk = follower.poll()
+    assert chunk.reset and len(chunk.records) == 3 and chunk.records[0]["stage"] == 4
+    path.unlink()
+    assert follower.poll() == ([], False)  # gone (a run being set up): nothing new, nothing reset
+
+
+# ---------- state ----------
+
+def test_state_builds_per_task_series_and_validation_history():
+    state = MonitorState()
+    assert state.snapshot()["run"]["status"] == "waiting" and state.snapshot()["tasks"] == {}
+    state.apply_all([start(), step(10, 1, 5, loss=2.0), step(11, 1, 2, steps=4, task="detection", loss=5.0),
+                     step(20, 1, 10, loss=1.5), val(21, 1, val_loss=1.2, acc=0.4, macro_f1=0.3, top5=0.9),
+                     val(22, 1, task="detection", **{"mAP@0.5": 0.2, "num_images": 7}), {"type": "epoch", "epoch": 1},
+                     step(30, 2, 5, loss=1.0), val(40, 2, val_loss=1.0, acc=0.6, macro_f1=0.25, top5=0.95)])
+    snap = state.snapshot()
+    cls, det = snap["tasks"]["classification"], snap["tasks"]["detection"]
+    assert snap["run"]["stage"] == 2 and snap["run"]["epoch"] == 1 and snap["run"]["status"] == "running"
+    assert cls["train"]["x"] == [0.5, 1.0, 1.5] and cls["train"]["loss"] == [2.0, 1.5, 1.0]
+    assert det["train"]["x"] == [0.5] and det["train"]["loss"] == [5.0]
+    assert cls["val"]["epoch"] == [1, 2] and cls["val"]["acc"] == [0.4, 0.6] and "n" not in cls["val"]
+    assert det["val"]["mAP@0.5"] == [0.2] and "num_images" not in det["val"]
+    assert cls["best"] == {"metric": "macro_f1", "value": 0.3, "epoch": 1}  # best follows macro-F1, not accuracy
+    assert cls["last"]["loss"] == 1.0 and cls["epoch"] == 2 and cls["step"] == 5 and cls["progress"] == 1.5
+
+
+def test_eta_from_the_pace_since_the_first_step():
+    state = MonitorState()
+    state.apply_all([start(t=0), step(100, 1, 1), step(190, 1, 10)])  # 0.9 epoch in 90 s: 100 s per epoch
+    snap = state.snapshot()
+    assert snap["tasks"]["classification"]["eta"] == pytest.approx(300.0)  # 3 of 4 epochs left
+    state.apply_all([step(150, 1, 5, task="detection"), step(160, 1, 10, task="detection")])  # 10 s per 0.5 epoch
+    assert state.snapshot()["tasks"]["detection"]["eta"] == pytest.approx(60.0)
+    assert state.snapshot()["run"]["eta"] == pytest.approx(300.0)  # interleaved: the slowest task decides
+    state.apply({"type": "end", "time": 200, "status": "early_stopped"})
+    assert state.snapshot()["run"]["eta"] is None and state.snapshot()["run"]["status"] == "early_stopped"
+
+
+def test_eta_unknown_until_two_steps_and_zero_when_finished():
+    state = MonitorState()
+    state.apply_all([start(epochs=1), step(5, 1, 3, epochs=1)])
+    assert state.snapshot()["tasks"]["classification"]["eta"] is None
+    state.apply(val(9, 1, acc=0.5))
+    task = state.snapshot()["tasks"]["classification"]
+    assert task["finished"] and task["eta"] == 0.0
+
+
+def test_resume_drops_the_redone_epoch_and_restarts_the_eta_clock():
+    state = MonitorState()
+    state.apply_all([start(t=0), step(10, 1, 10, loss=3.0), val(11, 1, acc=0.3), {"type": "epoch", "epoch": 1},
+                     step(20, 2, 5, loss=2.0), val(21, 2, acc=0.99)])  # epoch 2 killed before its checkpoint
+    state.apply_all([start(t=1000, start_epoch=1), step(1010, 2, 2, loss=2.5)])
+    snap = state.snapshot()
+    cls = snap["tasks"]["classification"]
+    assert snap["run"]["resumes"] == 1 and snap["run"]["start_epoch"] == 1 and snap["run"]["status"] == "running"
+    assert cls["train"]["loss"] == [3.0, 2.5] and cls["val"]["epoch"] == [1]
+    assert cls["eta"] is None  # one step since the resume: no pace yet (the downtime is not a pace)
+    state.apply(step(1020, 2, 4))
+    assert state.snapshot()["tasks"]["classification"]["eta"] == pytest.approx((4 - 1.4) * 10 / 0.2)
+
+
+def test_a_fresh_start_in_the_same_file_forgets_the_previous_run():
+    state = MonitorState()
+    state.apply_all([start(stage=1), step(1, 1, 1, task="detection"), {"type": "oom", "task": "detection"},
+                     {"type": "stage_evaluation", "stage": 1, "status": "GO"}, {"type": "end", "status": "completed"}])
+    state.apply(start(stage=2, tasks=("classification",)))
+    snap = state.snapshot()
+    assert snap["run"]["stage"] == 2 and list(snap["tasks"]) == ["classification"]
+    assert snap["oom"] == [] and snap["evaluation"] is None and snap["run"]["status"] == "running"
+
+
+def test_oom_events_evaluation_and_unknown_records():
+    state = MonitorState()
+    version = state.version
+    state.apply_all([start(), step(1, 1, 3, task="detection"),
+                     {"type": "oom", "time": 2, "task": "detection", "retries": 1, "global_step": 3,
+                      "action": "microbatching", "state": {"batch_size": 4, "grad_accum": 2}},
+                     {"type": "something_new", "time": 3},
+                     {"type": "stage_evaluation", "time": 4, "stage": 2, "status": "NO_GO",
+                      "recommendation": "RECOMMEND_OPTIMIZE", "reasons": ["mAP@0.5 0.00 < 0.30"]}])
+    snap = state.snapshot()
+    assert snap["oom"][0]["action"] == "microbatching" and snap["oom"][0]["epoch"] == 1
+    assert snap["evaluation"]["status"] == "NO_GO" and snap["evaluation"]["reasons"] == ["mAP@0.5 0.00 < 0.30"]
+    assert state.version > version and snap["records"] == 4  # the unknown record was ignored, not counted
+
+
+def test_nan_loss_is_shown_as_text_and_a_gap_and_the_snapshot_is_strict_json():
+    state = MonitorState()
+    state.apply_all([start(), step(1, 1, 1, loss=1.0), step(2, 1, 2, loss=math.nan)])
+    snap = state.snapshot()
+    cls = snap["tasks"]["classification"]
+    assert cls["last"]["loss"] == "nan" and cls["train"]["loss"] == [1.0, None]
+    json.dumps(snap, allow_nan=False)  # a NaN would make the browser's JSON.parse fail
+
+
+def test_table_thins_evenly_and_stays_bounded():
+    table = Table(("x", "epoch"), max_rows=8)
+    for i in range(100):
+        table.append({"x": float(i), "epoch": 1 + i // 50})
+    xs = table.columns["x"]
+    assert len(xs) <= 8 and xs[0] == 0.0
+    gaps = {b - a for a, b in zip(xs, xs[1:], strict=False)}
+    assert len(gaps) == 1  # evenly spaced after thinning
+    table.drop_after_epoch(1)
+    assert all(x < 50 for x in table.columns["x"])
+
+
+# ---------- evaluation file ----------
+
+def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_path):
+    stream = tmp_path / "reports" / "metrics.jsonl"
+    write(stream, start(t=100, stage=3))
+    live = LiveRun(tmp_path)
+    live.refresh()
+    assert live.snapshot()["evaluation"] is None
+    (tmp_path / "reports" / "stage_2_evaluation.json").write_text(json.dumps({"status": "GO"}))  # another stage's
+    live.refresh()
+    assert live.snapshot()["evaluation"] is None
+    evaluation = tmp_path / "reports" / "stage_3_evaluation.json"
+    evaluation.write_text(json.dumps({"stage": 3, "status": "GO", "recommendation": "RECOMMEND_PROCEED",
+                                      "reasons": ["all mandatory checks passed"]}))
+    os.utime(evaluation, (200, 200))
+    version = live.state.version
+    assert live.refresh() > version
+    assert live.snapshot()["evaluation"]["status"] == "GO"
+    write(stream, {"type": "stage_evaluation", "time": 300, "stage": 3, "status": "NO_GO", "reasons": []})
+    live.refresh()
+    shown = live.snapshot()["evaluation"]
+    assert shown["status"] == "NO_GO" and shown["reasons"] == []  # the stream's record is newer...
+    assert shown["recommendation"] == "RECOMMEND_PROCEED"  # ...and the file fills in what it lacks
+    os.utime(evaluation, (400, 400))  # `pillsnap evaluate` rewrote the file later
+    live.refresh()
+    assert live.snapshot()["evaluation"]["status"] == "GO"
+
+
+# ---------- app ----------
+
+def test_app_serves_an_offline_page_and_the_state(tmp_path):
     client = TestClient(create_dashboard(tmp_path))
-    assert "PillSnap training monitor" in client.get("/").text
-    assert client.get("/api/summary").json()["status"] == "waiting"
-    write(reports / "metrics.jsonl", {"type": "val", "task": "detection", "epoch": 2, "mAP@0.5": 0.3})
-    assert client.get("/api/summary").json()["last_val"]["detection"]["mAP@0.5"] == 0.3
+    html = client.get("/").text
+    assert "PillSnap training monitor" in html and 'id="connection"' in html
+    for name in re.findall(r'(?:src|href)="static/([^"]+)"', html):
+        assert client.get(f"/static/{name}").status_code == 200
+    for path in STATIC_DIR.iterdir():  # no CDN: nothing is fetched from another host
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"(src|href)=\"(https?:)?//", text) and "cdn" not in text.lower(), path.name
+    snap = client.get("/api/state").json()
+    assert snap["run"]["status"] == "waiting" and snap["stream_exists"] is False
+    write(tmp_path / "reports" / "metrics.jsonl", start(), val(5, 1, task="detection", **{"mAP@0.5": 0.3}))
+    assert client.get("/api/state").json()["tasks"]["detection"]["last_val"]["mAP@0.5"] == 0.3
+    assert client.get("/api/health").json()["app"] == "pillsnap-monitor"
+
+
+def test_websocket_pushes_state_system_and_new_records(tmp_path):
+    client = TestClient(create_dashboard(tmp_path, poll_s=0.05, system_s=0.05))
+    stream = tmp_path / "reports" / "metrics.jsonl"
+    with client.websocket_connect("/ws") as ws:
+        kinds = {}
+        while len(kinds) < 2:
+            msg = ws.receive_json()
+            kinds[msg["kind"]] = msg["data"]
+        assert kinds["state"]["run"]["status"] == "waiting" and "cpu_percent" in kinds["system"]
+        write(stream, start(), step(1, 1, 1, loss=0.4321))
+        for _ in range(200):  # bounded: the state arrives within a few polls
+            msg = ws.receive_json()
+            if msg["kind"] == "state" and msg["data"]["tasks"]:
+                break
+        assert msg["data"]["tasks"]["classification"]["last"]["loss"] == 0.4321
+
+
+# ---------- system probe and terminal ----------
+
+def test_system_probe_reports_cpu_ram_disk_and_says_why_there_is_no_gpu(tmp_path):
+    probe = SystemProbe(tmp_path / "not" / "yet", min_interval=0)
+    probe._gpu_checked, probe._gpu_reader = True, None
+    sample = probe.sample()
+    assert 0 <= sample["cpu_percent"] <= 100 and sample["ram_total_gb"] > 0 and sample["disk"]["free_gb"] >= 0
+    assert sample["gpus"] == [] and "no NVIDIA GPU" in sample["gpu_note"]
+    probe._gpu_reader = lambda: [{"index": 0, "name": "H200", "mem_percent": 50.0}]
+    assert probe.sample()["gpus"][0]["name"] == "H200" and probe.sample()["gpu_note"] is None
+
+
+def test_terminal_table_shows_each_task(tmp_path):
+    from rich.console import Console
+
+    state = MonitorState()
+    state.apply_all([start(), step(100, 1, 1), step(190, 1, 10, loss=0.25), val(191, 1, acc=0.75, macro_f1=0.5)])
+    snap = {**state.snapshot(), "exp": "exp"}
+    console = Console(width=160, record=True)
+    console.print(render(snap))
+    text = console.export_text()
+    assert "classification" in text and "0.25" in text and "acc=0.750" in text and "Go/No-Go pending" in text
+    console.print(render({**MonitorState().snapshot(), "exp": "exp"}))
+    assert "waiting for the first step" in console.export_text()
+
+
+def test_cpu_percent_is_measured_between_samples_whatever_thread_takes_them(tmp_path, monkeypatch):
+    import threading
+
+    from pillsnap.monitor import system
+
+    Times = namedtuple("Times", "user system idle iowait")
+    readings = iter([Times(10, 0, 10, 0), Times(25, 0, 14, 1)])  # 20 s of CPU time, 5 of them idle or waiting
+    monkeypatch.setattr(system.psutil, "cpu_times", lambda: next(readings))
+    probe = SystemProbe(tmp_path, min_interval=0)
+    probe._gpu_checked = True
+    result = []
+    worker = threading.Thread(target=lambda: result.append(probe.sample()["cpu_percent"]))
+    worker.start()
+    worker.join()
+    assert result == [75.0]
+
+
+def test_gpu_memory_through_nvidia_smi(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '0, NVIDIA H200, 71680, 143771, 97'\necho '1, NVIDIA H200, 0, 143771, [N/A]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    gpus = smi_reader()()
+    assert [g["name"] for g in gpus] == ["NVIDIA H200"] * 2
+    assert gpus[0]["mem_percent"] == pytest.approx(49.9, abs=0.1)
+    assert gpus[0]["mem_total_gb"] == pytest.approx(140.4, abs=0.01)
+    assert gpus[0]["util_percent"] == 97.0 and gpus[1]["util_percent"] is None
+
+
+def test_gpu_memory_through_nvml_and_no_driver(monkeypatch):
+    class NVMLError(Exception):
+        pass
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: b"NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 * 1024**3, total=8 * 1024**3),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=55))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert nvml_reader()() == [{"index": 0, "name": "NVIDIA H200", "mem_used_gb": 2.0, "mem_total_gb": 8.0,
+                                "mem_percent": 25.0, "util_percent": 55}]
+
+    def no_driver():
+        raise NVMLError("Driver Not Loaded")
+
+    monkeypatch.setattr(fake, "nvmlInit", no_driver)
+    assert nvml_reader() is None
+
+
+def test_exp_defaults_to_the_configs_exp_dir(tmp_path):
+    import argparse
+
+    from pillsnap.monitor.cli import resolve_exp
+
+    cfg = tmp_path / "config.yaml"
+    oom = "  oom: {max_retries: 4, max_grad_accum: 8, min_batch: 1, cooldown_sec: 0, escalate_to_fp16: true}\n"
+    cfg.write_text(f"paths:\n  exp_dir: {tmp_path / 'runs' / 'stage3'}\ntrain:\n{oom}")
+    assert resolve_exp(argparse.Namespace(exp=None, cfg=str(cfg))) == tmp_path / "runs" / "stage3"
+    assert resolve_exp(argparse.Namespace(exp="elsewhere", cfg=str(cfg))).name == "elsewhere"

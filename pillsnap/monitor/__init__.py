@@ -9,9 +9,13 @@ from __future__ import annotations
 from pillsnap._lazy import lazy_exports
 
 _EXPORTS = {
-    "MetricsFollower": "pillsnap.monitor.stream",
+    "Chunk": "pillsnap.monitor.stream",
+    "LiveRun": "pillsnap.monitor.live",
+    "MonitorState": "pillsnap.monitor.state",
+    "StreamFollower": "pillsnap.monitor.stream",
+    "SystemProbe": "pillsnap.monitor.system",
+    "create_dashboard": "pillsnap.monitor.dashboard",
     "read_new_records": "pillsnap.monitor.stream",
-    "summarize": "pillsnap.monitor.stream",
 }
 
 __all__ = sorted(_EXPORTS)

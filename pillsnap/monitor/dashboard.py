@@ -1,30 +1,86 @@
-"""Live training dashboard: a FastAPI app serving one self-contained page (no CDN: works offline)
-that polls /api/summary and draws loss curves and the latest metrics."""
+"""The live dashboard: a FastAPI app serving one page (HTML, CSS and JS shipped in this package, so it works
+offline) and pushing the run's state over a WebSocket whenever the metrics stream grows, plus a system sample
+every few seconds (which doubles as the heartbeat behind the page's "live" indicator)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
-from pillsnap.monitor.stream import MetricsFollower
+from pillsnap.monitor.daemon import APP_NAME
+from pillsnap.monitor.live import LiveRun
+from pillsnap.monitor.system import SystemProbe
 
-PAGE_PATH = Path(__file__).with_name("dashboard.html")
+LOGGER = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).with_name("static")
 
 
-def create_dashboard(exp_dir: str | Path) -> FastAPI:
-    """Dashboard app following {exp_dir}/reports/metrics.jsonl."""
-    follower = MetricsFollower(Path(exp_dir) / "reports" / "metrics.jsonl")
-    app = FastAPI(title="PillSnap monitor")
+def dumps(message: dict) -> str:
+    return json.dumps(message, allow_nan=False, separators=(",", ":"))
+
+
+async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s: float, system_s: float) -> None:
+    """Send the state whenever it changed (checked every `poll_s`) and a system sample every `system_s`."""
+    loop = asyncio.get_running_loop()
+    sent_version, next_system = None, 0.0
+    while True:
+        version = await asyncio.to_thread(live.refresh)  # file reads off the event loop
+        if version != sent_version:
+            await ws.send_text(dumps({"kind": "state", "data": await asyncio.to_thread(live.snapshot)}))
+            sent_version = version
+        if loop.time() >= next_system:
+            await ws.send_text(dumps({"kind": "system", "data": await asyncio.to_thread(probe.sample)}))
+            next_system = loop.time() + system_s
+        await asyncio.sleep(poll_s)
+
+
+async def until_closed(ws: WebSocket) -> None:
+    """Returns when the page goes away (the page sends nothing else that matters)."""
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            await ws.receive_text()
+
+
+def create_dashboard(exp_dir: str | Path, poll_s: float = 1.0, system_s: float = 2.0) -> FastAPI:
+    """Dashboard app following {exp_dir}/reports/metrics.jsonl (which need not exist yet)."""
+    live = LiveRun(exp_dir)
+    probe = SystemProbe(exp_dir)
+    app = FastAPI(title="PillSnap monitor", docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE_PATH.read_text(encoding="utf-8")
+        return (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/api/summary")
-    def summary() -> dict:
-        follower.poll()
-        return follower.summary()
+    @app.get("/api/health")
+    def health() -> dict:
+        return {"app": APP_NAME, "exp": str(Path(exp_dir).resolve())}
+
+    @app.get("/api/state")
+    def state() -> dict:
+        live.refresh()
+        return live.snapshot()
+
+    @app.get("/api/system")
+    def system() -> dict:
+        return probe.sample()
+
+    @app.websocket("/ws")
+    async def updates(ws: WebSocket) -> None:
+        await ws.accept()
+        sender = asyncio.create_task(push_updates(ws, live, probe, poll_s, system_s))
+        closed = asyncio.create_task(until_closed(ws))
+        done, pending = await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if sender in done and not isinstance(sender.exception(), WebSocketDisconnect | type(None)):
+            LOGGER.error("dashboard update stream failed", exc_info=sender.exception())
 
     return app

@@ -1,10 +1,13 @@
-"""Read the training metrics stream ({exp_dir}/reports/metrics.jsonl) incrementally and summarise it."""
+"""Follow the training metrics stream ({exp_dir}/reports/metrics.jsonl) incrementally, like `tail -F`: whole lines
+only, a file that does not exist yet, and a file truncated or replaced when a run restarts."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 LOGGER = logging.getLogger(__name__)
 
@@ -12,55 +15,64 @@ LOGGER = logging.getLogger(__name__)
 def read_new_records(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     """Records appended since byte `offset`, and the new offset. A trailing partial line is left for next time."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except FileNotFoundError:
         return [], offset
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        chunk = fh.read()
     end = chunk.rfind(b"\n") + 1  # only whole lines; a writer may be mid-line
+    return parse_lines(chunk[:end], path), offset + end
+
+
+def parse_lines(chunk: bytes, path: Path) -> list[dict]:
+    """JSON objects of `chunk`'s lines; a malformed line is logged and skipped, never fatal to the dashboard."""
     records = []
-    for line in chunk[:end].splitlines():
+    for line in chunk.splitlines():
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             LOGGER.warning("skipping malformed metrics line in %s: %.80r", path, line)
-    return records, offset + end
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
-def summarize(records: list[dict]) -> dict:
-    """Latest step and validation per task, epoch, OOM count and run status."""
-    summary: dict = {"status": "running" if records else "waiting", "epoch": None, "oom_events": 0,
-                     "last_step": {}, "last_val": {}, "loss_history": {}}
-    for rec in records:
-        kind, task = rec.get("type"), rec.get("task", "classification")
-        if kind == "step":
-            summary["last_step"][task] = rec
-            summary["loss_history"].setdefault(task, []).append([rec.get("global_step"), rec.get("loss")])
-        elif kind == "val":
-            summary["last_val"][task] = {k: v for k, v in rec.items() if k not in ("type", "task")}
-        elif kind == "epoch":
-            summary["epoch"] = rec.get("epoch")
-        elif kind == "oom":
-            summary["oom_events"] += 1
-        elif kind == "end":
-            summary["status"] = rec.get("status") or "finished"
-    return summary
+class Chunk(NamedTuple):
+    """What one poll found: the new records, and whether the file was replaced or truncated first (then the
+    records are the new file's from its start, and whatever was built from the old file is stale)."""
+
+    records: list[dict]
+    reset: bool
 
 
-class MetricsFollower:
-    """Keeps every record seen so far from one stream; `poll()` reads what was appended since."""
+class StreamFollower:
+    """Reads what was appended to one metrics stream since the last `poll()`."""
 
-    def __init__(self, path: str | Path, max_records: int = 20000) -> None:
-        self.path, self.offset, self.max_records = Path(path), 0, max_records
-        self.records: list[dict] = []
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file being read
 
-    def poll(self) -> list[dict]:
-        new, self.offset = read_new_records(self.path, self.offset)
-        self.records.extend(new)
-        del self.records[: max(0, len(self.records) - self.max_records)]  # bounded memory on long runs
-        return new
+    def poll(self) -> Chunk:
+        reset = self._check_replaced()
+        records, self.offset = read_new_records(self.path, self.offset)
+        return Chunk(records, reset)
 
-    def summary(self) -> dict:
-        return summarize(self.records)
+    def _check_replaced(self) -> bool:
+        """True when the file is no longer the one read so far: another inode (a new run wrote a new file), or
+        shorter than what was read (truncated). Starts over from byte 0 then."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # not there (yet, or again): keep waiting, keep what was shown
+        identity = (stat.st_dev, stat.st_ino)
+        replaced = self._identity is not None and (identity != self._identity or stat.st_size < self.offset)
+        self._identity = identity
+        if replaced:
+            LOGGER.info("metrics stream %s was replaced or truncated; reading it from the start", self.path)
+            self.offset = 0
+        return replaced

@@ -1,0 +1,87 @@
+"""One followed run: the metrics stream and the stage evaluation file of an experiment, folded into a
+MonitorState. Shared by the web dashboard and the terminal table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from pillsnap.monitor.state import MonitorState, clean
+from pillsnap.monitor.stream import StreamFollower
+
+LOGGER = logging.getLogger(__name__)
+
+
+def stream_path(exp_dir: str | Path) -> Path:
+    return Path(exp_dir) / "reports" / "metrics.jsonl"
+
+
+def evaluation_path(exp_dir: str | Path, stage: int | None) -> Path | None:
+    """reports/stage_{stage}_evaluation.json; with no stage known yet, the newest such file."""
+    reports = Path(exp_dir) / "reports"
+    if stage is not None:
+        return reports / f"stage_{stage}_evaluation.json"
+    found = sorted(reports.glob("stage_*_evaluation.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class LiveRun:
+    """Thread-safe: the web server refreshes from worker threads while pages read snapshots."""
+
+    def __init__(self, exp_dir: str | Path, max_rows: int = 400) -> None:
+        self.exp_dir = Path(exp_dir)
+        self.follower = StreamFollower(stream_path(exp_dir))
+        self.state = MonitorState(max_rows)
+        self._lock = threading.Lock()
+        self._file_eval: tuple[Path, float, dict] | None = None  # path, mtime, content of the evaluation file
+
+    def refresh(self) -> int:
+        """Read what is new; returns the state's version (unchanged when nothing is)."""
+        with self._lock:
+            chunk = self.follower.poll()
+            self.state.apply_all(chunk.records, reset=chunk.reset)
+            if self._read_evaluation_file():
+                self.state.version += 1
+            return self.state.version
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            snap = self.state.snapshot()
+            snap["evaluation"] = self._latest_evaluation(snap["evaluation"])
+        return {**snap, "exp": self.exp_dir.name, "exp_path": str(self.exp_dir.resolve()),
+                "stream": str(self.follower.path), "stream_exists": self.follower.path.is_file(),
+                "server_time": time.time()}
+
+    def _read_evaluation_file(self) -> bool:
+        """Re-read the stage's evaluation file when it appeared or changed; True if so."""
+        path = evaluation_path(self.exp_dir, self.state.run["stage"])
+        try:
+            mtime = os.stat(path).st_mtime if path is not None else None
+        except FileNotFoundError:
+            mtime = None
+        if mtime is None:
+            changed, self._file_eval = self._file_eval is not None, None
+            return changed
+        if self._file_eval is not None and self._file_eval[:2] == (path, mtime):
+            return False
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:  # mid-write or hand-edited: try again next refresh
+            LOGGER.debug("cannot read %s yet: %s", path, err)
+            return False
+        self._file_eval = (path, mtime, clean({**content, "source": str(path), "time": mtime}))
+        return True
+
+    def _latest_evaluation(self, from_stream: dict | None) -> dict | None:
+        """The newer of the stream's stage_evaluation record and the evaluation file (`pillsnap evaluate` may
+        rewrite the file long after the run); for the same stage the older fills in what the newer lacks (the
+        file has the advisor's suggestions and the choice made, the record does not)."""
+        from_file = self._file_eval[2] if self._file_eval else None
+        candidates = sorted((e for e in (from_stream, from_file) if e), key=lambda e: e.get("time") or 0)
+        if len(candidates) == 2 and candidates[0].get("stage") == candidates[1].get("stage"):
+            return {**candidates[0], **candidates[1]}
+        return candidates[-1] if candidates else None

@@ -1,0 +1,244 @@
+"""What the dashboard shows, built from metrics-stream records: per-task training series and validation history,
+progress and ETA, OOM events, the run's status and its stage evaluation. Plain values in, plain dict out; no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+TRAIN_COLUMNS = ("x", "epoch", "loss", "lr", "throughput", "data_time", "compute_time", "cuda_mem")
+NOT_METRICS = {"type", "time", "task", "epoch", "n", "num_images", "num_targets", "num_predictions"}
+# The validation metric a task's "best" badge follows: the first one present (the trainer's defaults).
+BEST_METRIC = {"classification": ("macro_f1", "acc"), "detection": ("mAP@0.5",)}
+MAX_OOM_EVENTS = 50
+
+
+def clean(value: object) -> object:
+    """A JSON-safe copy: numbers to 6 significant digits (smaller payloads), NaN/inf as text (JSON has none; a
+    NaN loss must still show), dicts and lists cleaned item by item."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if not math.isfinite(value):
+        return str(value)
+    return short(value) if isinstance(value, float) else value
+
+
+def short(value: float) -> float:
+    """6 significant digits, but never coarser than a millisecond (Unix times are ~1.8e9)."""
+    return round(value, 3) if abs(value) >= 1e5 else float(f"{value:.6g}")
+
+
+def finite_or_none(value: object) -> float | None:
+    """A chart point: a finite number, else a gap."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return short(float(value))
+
+
+def progress_of(step: dict) -> float:
+    """Epochs done at this step record, e.g. 2.5 half-way through epoch 3."""
+    return (step.get("epoch", 1) - 1) + step.get("step", 0) / max(step.get("steps") or 1, 1)
+
+
+class Table:
+    """Columns that share one row index, thinned by half whenever they pass `max_rows`, so a week-long run still
+    ships a few hundred points per chart; after thinning only every `stride`-th new row is kept, so the density
+    stays even along the x axis."""
+
+    def __init__(self, columns: tuple[str, ...], max_rows: int) -> None:
+        self.columns: dict[str, list] = {c: [] for c in columns}
+        self.max_rows, self.stride, self._seen = max_rows, 1, 0
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def append(self, row: dict) -> None:
+        self._seen += 1
+        if (self._seen - 1) % self.stride:
+            return
+        for name, values in self.columns.items():
+            values.append(finite_or_none(row.get(name)))
+        if len(self) > self.max_rows:
+            for values in self.columns.values():
+                del values[1::2]
+            self.stride *= 2
+
+    def copy(self) -> dict[str, list]:
+        """The columns as new lists: a snapshot is serialised while the next records may already be arriving."""
+        return {name: list(values) for name, values in self.columns.items()}
+
+    def drop_after_epoch(self, epoch: int) -> None:
+        """Forget rows of epochs after `epoch` (a resumed run redoes them)."""
+        keep = [i for i, e in enumerate(self.columns["epoch"]) if e is None or e <= epoch]
+        for name, values in self.columns.items():
+            self.columns[name] = [values[i] for i in keep]
+
+
+@dataclass
+class TaskState:
+    """One task's view: the latest step, the training series, one validation record per epoch."""
+
+    name: str
+    max_rows: int
+    train: Table = field(init=False)
+    val: dict[int, dict] = field(default_factory=dict)
+    last_step: dict | None = None
+    anchor: tuple[float, float] | None = None  # (time, progress) of the first step since the run (re)started
+
+    def __post_init__(self) -> None:
+        self.train = Table(TRAIN_COLUMNS, self.max_rows)
+
+    def add_step(self, record: dict) -> None:
+        progress = progress_of(record)
+        self.last_step = record
+        if self.anchor is None and "time" in record:
+            self.anchor = (record["time"], progress)
+        self.train.append({**record, "x": progress})
+
+    def add_val(self, record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if k not in NOT_METRICS and isinstance(v, (int, float))}
+        self.val[int(record.get("epoch", len(self.val) + 1))] = {**metrics, "time": record.get("time")}
+
+    def rewind(self, epoch: int) -> None:
+        """A resume from `epoch`: drop what came after it and restart the ETA clock."""
+        self.train.drop_after_epoch(epoch)
+        self.val = {e: v for e, v in self.val.items() if e <= epoch}
+        self.anchor = None
+        if self.last_step is not None and self.last_step.get("epoch", 0) > epoch:
+            self.last_step = None
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.last_step.get("max_epochs") if self.last_step else None
+
+    def finished(self) -> bool:
+        return bool(self.max_epochs) and max(self.val, default=0) >= self.max_epochs
+
+    def eta(self) -> float | None:
+        """Seconds left, from this task's average pace since its first step of this run: the pace includes
+        validation once an epoch has ended (so the first epoch's ETA is a little optimistic)."""
+        if self.finished():
+            return 0.0
+        if self.last_step is None or self.anchor is None or not self.max_epochs:
+            return None
+        done, elapsed = progress_of(self.last_step) - self.anchor[1], self.last_step.get("time", 0) - self.anchor[0]
+        if done <= 0 or elapsed <= 0:
+            return None
+        return max(0.0, (self.max_epochs - progress_of(self.last_step)) * elapsed / done)
+
+    def best(self) -> dict | None:
+        for metric in BEST_METRIC.get(self.name, ()):
+            scored = [(v[metric], e) for e, v in self.val.items() if isinstance(v.get(metric), (int, float))]
+            if scored:
+                value, epoch = max(scored)
+                return {"metric": metric, "value": clean(value), "epoch": epoch}
+        return None
+
+    def snapshot(self) -> dict:
+        last = self.last_step or {}
+        epochs = sorted(self.val)
+        names = sorted({k for v in self.val.values() for k in v if k != "time"})
+        return {
+            "name": self.name, "epoch": last.get("epoch"), "max_epochs": last.get("max_epochs"),
+            "step": last.get("step"), "steps": last.get("steps"), "global_step": last.get("global_step"),
+            "progress": clean(progress_of(last)) if last else None, "eta": clean(self.eta()),
+            "finished": self.finished(), "last": clean(last),
+            "train": self.train.copy(),
+            "val": {"epoch": epochs, **{k: [finite_or_none(self.val[e].get(k)) for e in epochs] for k in names}},
+            "last_val": clean(self.val[epochs[-1]]) if epochs else None,
+            "best": self.best(),
+        }
+
+
+class MonitorState:
+    """Everything the dashboard shows, updated one record at a time; `version` changes whenever it does."""
+
+    def __init__(self, max_rows: int = 400) -> None:
+        self.max_rows = max_rows
+        self.version = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the stream was replaced, or a new run (not a resume) started."""
+        self.tasks: dict[str, TaskState] = {}
+        self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
+                          "start_epoch": None, "started": None, "ended": None, "last_time": None, "resumes": 0}
+        self.oom: list[dict] = []
+        self.evaluation: dict | None = None
+        self.records = 0
+        self.version += 1
+
+    def apply_all(self, records: list[dict], reset: bool = False) -> None:
+        if reset:
+            self.reset()
+        for record in records:
+            self.apply(record)
+
+    def apply(self, record: dict) -> None:
+        handler = getattr(self, "_on_" + str(record.get("type")), None)
+        if handler is None:
+            return  # a record type this dashboard does not know yet: ignore it, do not fail
+        handler(record)
+        self.records += 1
+        if isinstance(record.get("time"), (int, float)):
+            self.run["last_time"] = max(self.run["last_time"] or 0, record["time"])
+        self.version += 1
+
+    def task(self, name: str) -> TaskState:
+        if name not in self.tasks:
+            self.tasks[name] = TaskState(name, self.max_rows)
+        return self.tasks[name]
+
+    def _on_start(self, record: dict) -> None:
+        start_epoch = int(record.get("start_epoch") or 0)
+        if start_epoch == 0:
+            self.reset()  # a fresh run appends to the same file: its history is not this run's
+        else:
+            self.run["resumes"] += 1
+            for task in self.tasks.values():
+                task.rewind(start_epoch)
+        self.run.update(status="running", stage=record.get("stage"), tasks=list(record.get("tasks", [])),
+                        epochs=record.get("epochs"), start_epoch=start_epoch, started=record.get("time"),
+                        ended=None, epoch=start_epoch or None)
+        for name in self.run["tasks"]:
+            self.task(name)
+
+    def _on_step(self, record: dict) -> None:
+        self.task(record.get("task", "classification")).add_step(record)
+        if self.run["status"] == "waiting":
+            self.run["status"] = "running"  # a stream whose start record was cut off
+
+    def _on_val(self, record: dict) -> None:
+        self.task(record.get("task", "classification")).add_val(record)
+
+    def _on_epoch(self, record: dict) -> None:
+        self.run["epoch"] = record.get("epoch")
+
+    def _on_oom(self, record: dict) -> None:
+        task = self.tasks.get(record.get("task", ""))
+        epoch = task.last_step.get("epoch") if task and task.last_step else None
+        self.oom.append({**record, "epoch": epoch})
+        del self.oom[:-MAX_OOM_EVENTS]
+
+    def _on_end(self, record: dict) -> None:
+        self.run.update(status=record.get("status") or "finished", ended=record.get("time"))
+
+    def _on_stage_evaluation(self, record: dict) -> None:
+        self.evaluation = {**record, "source": "stream"}
+
+    def eta(self) -> float | None:
+        """The run's: tasks are interleaved, so it ends with its slowest task."""
+        if self.run["status"] != "running":
+            return None
+        etas = [t.eta() for t in self.tasks.values() if t.last_step is not None]
+        return max(etas) if etas and None not in etas else None
+
+    def snapshot(self) -> dict:
+        return {"version": self.version, "records": self.records,
+                "run": clean({**self.run, "eta": self.eta()}),
+                "tasks": {name: task.snapshot() for name, task in self.tasks.items()},
+                "oom": clean(self.oom), "evaluation": clean(self.evaluation)}

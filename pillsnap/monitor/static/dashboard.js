@@ -1,0 +1,345 @@
+// The dashboard page: one WebSocket to the monitor server, which pushes the run's state ("state") whenever the
+// metrics stream grows and a machine sample ("system") every few seconds; this file only renders them.
+"use strict";
+
+const TASKS = {
+  classification: {
+    label: "Classification", accent: "#58a6ff", valTitle: "Validation (%)",
+    metrics: [["acc", "Accuracy", "#3fb950"], ["macro_f1", "Macro-F1", "#58a6ff"], ["top5", "Top-5", "#bc8cff"]],
+  },
+  detection: {
+    label: "Detection", accent: "#ffa657", valTitle: "Validation (%)",
+    metrics: [["mAP@0.5", "mAP@0.5", "#ffa657"], ["mAP@0.5:0.95", "mAP@0.5:0.95", "#f778ba"],
+              ["precision", "Precision", "#3fb950"], ["recall", "Recall", "#39c5cf"]],
+  },
+};
+const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "completed", early_stopped: "early stop",
+                     time_capped: "time cap", oom_emergency_exit: "OOM exit", finished: "finished"};
+const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
+                     global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};
+const STALE_AFTER_S = 120;      // no record for this long while running: say so
+const SERVER_SILENT_S = 10;     // no message from the server for this long: the link is stale
+
+const $ = id => document.getElementById(id);
+const esc = text => String(text).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+const page = {state: null, system: null, skew: 0, lastMessage: 0, panels: {}, history: {cpu: [], ram: [], gpu: []}};
+const serverNow = () => Date.now() / 1000 - page.skew;
+
+// ---------- connection ----------
+function connect(attempt = 0) {
+  const url = new URL("ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(url);
+  ws.onopen = () => { attempt = 0; page.lastMessage = Date.now(); setConnection("live", "live"); };
+  ws.onmessage = event => {
+    page.lastMessage = Date.now();
+    const msg = JSON.parse(event.data);
+    if (msg.kind === "state") onState(msg.data);
+    else if (msg.kind === "system") onSystem(msg.data);
+    if ($("connection").dataset.state !== "live") setConnection("live", "live");
+  };
+  ws.onclose = () => {
+    const wait = Math.min(10, 2 ** attempt);
+    setConnection("reconnecting", `reconnecting in ${wait} s…`);
+    setTimeout(() => connect(attempt + 1), wait * 1000);
+  };
+}
+
+function setConnection(state, text) {
+  const el = $("connection");
+  el.dataset.state = state;
+  el.querySelector("span").textContent = text;
+}
+
+// ---------- state ----------
+function onState(state) {
+  page.skew = Date.now() / 1000 - state.server_time;
+  page.state = state;
+  $("exp-name").textContent = "experiment: " + state.exp;
+  $("exp-name").title = state.exp_path;
+  $("stream-path").textContent = state.stream;
+  $("stream-missing").style.display = state.stream_exists ? "none" : "";
+  $("foot-stream").textContent = "following " + state.stream;
+  $("foot-records").textContent = `${state.records.toLocaleString("en")} records`;
+  renderEvaluation(state.evaluation);
+  renderOom(state.oom);
+  renderTasks(state);
+  tick();
+}
+
+// Everything that depends on the clock (ages, elapsed, ETA countdown): also re-run every second.
+function tick() {
+  const s = page.state;
+  if (s) {
+    renderRun(s);
+    for (const [name, panel] of Object.entries(page.panels)) if (s.tasks[name]) renderTaskEta(panel, s.tasks[name]);
+  }
+  if (page.lastMessage && Date.now() - page.lastMessage > SERVER_SILENT_S * 1000 && $("connection").dataset.state === "live") {
+    setConnection("stale", `no word from the server for ${Fmt.dur((Date.now() - page.lastMessage) / 1000)}`);
+  }
+}
+
+function renderRun(s) {
+  const run = s.run, now = serverNow();
+  const status = $("run-status");
+  status.textContent = STATUS_TEXT[run.status] || run.status;
+  status.className = "badge " + run.status;
+  const age = run.last_time ? now - run.last_time : null;
+  const updated = $("run-updated");
+  updated.textContent = run.last_time ? "last record " + Fmt.ago(age) : "no records yet";
+  updated.classList.toggle("warn", run.status === "running" && age > STALE_AFTER_S);
+  if (run.status === "running" && age > STALE_AFTER_S) updated.textContent += " — is the trainer alive?";
+  $("run-stage").textContent = run.stage ? "Stage " + run.stage : "—";
+  $("run-resumes").textContent = run.resumes ? `resumed ×${run.resumes} (from epoch ${run.start_epoch})` :
+    (run.tasks.length ? run.tasks.map(t => (TASKS[t] || {label: t}).label).join(" + ") : "");
+  const current = Math.max(0, ...Object.values(s.tasks).map(t => t.epoch || 0));
+  const total = run.epochs || Math.max(0, ...Object.values(s.tasks).map(t => t.max_epochs || 0));
+  $("run-epoch").textContent = current ? `${current} / ${total || "?"}` : "—";
+  $("run-epoch-sub").textContent = run.epoch ? `${run.epoch} completed` : (current ? "first epoch" : "");
+  const end = run.ended || (run.status === "running" ? now : run.last_time);
+  $("run-elapsed").textContent = run.started ? Fmt.dur(end - run.started) : "—";
+  $("run-started").textContent = run.started ? "started " + Fmt.clock(run.started) : "";
+  renderEta(run, now);
+}
+
+function renderEta(run, now) {
+  let eta = null, sub = "";
+  if (run.status === "running" && isNum(run.eta)) {
+    eta = Math.max(0, run.eta - (now - run.last_time));
+    sub = "finishes ≈ " + Fmt.clock(now + eta);
+  } else if (run.status === "running") sub = "after a few steps";
+  else if (run.ended) sub = "ended " + Fmt.clock(run.ended);
+  $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.ended ? "done" : "—");
+  $("run-finish").textContent = sub;
+}
+
+// ---------- tasks ----------
+function renderTasks(state) {
+  const names = Object.keys(state.tasks);
+  $("empty-run").style.display = names.length ? "none" : "";
+  for (const name of names) {
+    if (!page.panels[name]) page.panels[name] = makePanel(name);
+    updatePanel(page.panels[name], state.tasks[name]);
+  }
+  for (const name of Object.keys(page.panels)) {
+    if (!state.tasks[name]) { page.panels[name].root.remove(); delete page.panels[name]; }
+  }
+}
+
+function taskInfo(name) {
+  return TASKS[name] || {label: name, accent: "#8b98a8", valTitle: "Validation", metrics: []};
+}
+
+function makePanel(name) {
+  const info = taskInfo(name);
+  const root = $("task-template").content.firstElementChild.cloneNode(true);
+  root.id = "task-" + name;
+  root.style.setProperty("--accent", info.accent);
+  root.querySelector(".task-name").textContent = info.label;
+  root.querySelector(".val-title").textContent = info.valTitle;
+  const order = Object.keys(TASKS);
+  const before = [...$("tasks").querySelectorAll(".task")].find(el => order.indexOf(el.id.slice(5)) > order.indexOf(name));
+  $("tasks").insertBefore(root, before || null);
+  const chart = (key, opts) => new PillCharts.LineChart(root.querySelector(`[data-chart="${key}"]`), opts);
+  const epochAxis = {xLabel: "epoch", xFormat: Fmt.epochTick};
+  return {
+    name, root,
+    loss: chart("loss", {...epochAxis, yLabel: "loss", yFormat: Fmt.tick, tipFormat: v => Fmt.num(v), logToggle: true,
+                         emptyText: "waiting for the first step…"}),
+    val: chart("val", {...epochAxis, yLabel: "%", yFormat: Fmt.tick, tipFormat: v => v.toFixed(1) + " %", yCeil: 100, yClamp: [0, 100],
+                       emptyText: "no validation yet (after epoch 1)"}),
+    lr: chart("lr", {...epochAxis, yLabel: "learning rate", yFormat: Fmt.expTick, tipFormat: Fmt.lr,
+                     yFloor: 0, emptyText: "waiting for the first step…"}),
+    thr: chart("throughput", {...epochAxis, yLabel: "images / s", yFormat: Fmt.tick, tipFormat: v => Fmt.rate(v) + " img/s",
+                              yFloor: 0, emptyText: "waiting for the first step…"}),
+    time: chart("time", {...epochAxis, yLabel: "ms per step", yFormat: Fmt.tick, tipFormat: v => v.toFixed(1) + " ms",
+                         yFloor: 0, emptyText: "waiting for the first step…"}),
+  };
+}
+
+function updatePanel(panel, t) {
+  const root = panel.root;
+  root.querySelector(".task-where").textContent = t.epoch ?
+    `epoch ${t.epoch} / ${t.max_epochs} · step ${t.step} / ${t.steps}` : "waiting for the first step…";
+  renderTaskEta(panel, t);
+  // Steps are logged every few steps, so a finished task's last record may stop short of 100 %.
+  const epochFrac = t.finished ? 1 : (t.steps ? t.step / t.steps : 0);
+  const runFrac = t.finished ? 1 : (t.max_epochs ? (t.progress || 0) / t.max_epochs : 0);
+  root.querySelector(".epoch-fill").style.width = (100 * epochFrac).toFixed(1) + "%";
+  root.querySelector(".run-fill").style.width = (100 * runFrac).toFixed(1) + "%";
+  root.querySelector(".epoch-pct").textContent = t.epoch ? Math.round(100 * epochFrac) + " %" : "";
+  root.querySelector(".run-pct").textContent = t.epoch ? Math.round(100 * runFrac) + " %" : "";
+  root.querySelector(".kpis").replaceChildren(...kpis(t).map(k => kpiEl(t.name, k)));
+  updateCharts(panel, t);
+}
+
+// Counts down between updates; frozen once the run is no longer running.
+function renderTaskEta(panel, t) {
+  const eta = panel.root.querySelector(".task-eta"), running = page.state.run.status === "running";
+  if (t.finished) eta.innerHTML = `<span class="muted">finished</span>`;
+  else if (isNum(t.eta) && running) {
+    const left = Math.max(0, t.eta - (serverNow() - (t.last.time || serverNow())));
+    eta.innerHTML = `<span class="muted">ETA</span> ${Fmt.dur(left)}`;
+  } else eta.innerHTML = `<span class="muted">${running ? "ETA after a few steps" : "stopped"}</span>`;
+}
+
+// The headline numbers of a task: training first, then validation, then speed.
+function kpis(t) {
+  const last = t.last || {}, lv = t.last_val || {}, info = taskInfo(t.name);
+  const out = [{key: "loss", label: "train loss", value: Fmt.num(last.loss), bad: typeof last.loss === "string",
+                hint: last.global_step ? `global step ${last.global_step}` : ""}];
+  if ("val_loss" in lv) out.push({key: "val_loss", label: "val loss", value: Fmt.num(lv.val_loss), hint: `epoch ${lastValEpoch(t)}`});
+  for (const [key, label] of info.metrics) {
+    if (!(key in lv)) continue;
+    const best = t.best && t.best.metric === key ? t.best : null;
+    out.push({key, label, value: Fmt.pct(lv[key]), best: !!best,
+              hint: best ? `best ${Fmt.pct(best.value)} @ e${best.epoch}` : `epoch ${lastValEpoch(t)}`});
+  }
+  if (!t.last_val) out.push({key: "val", label: "validation", value: "—", hint: "after epoch 1"});
+  out.push({key: "lr", label: "learning rate", value: Fmt.lr(last.lr)});
+  out.push({key: "throughput", label: "throughput", value: Fmt.rate(last.throughput), unit: "img/s"});
+  const total = (last.data_time || 0) + (last.compute_time || 0);
+  out.push({key: "data_share", label: "data wait", value: total ? Math.round(100 * last.data_time / total) : "—",
+            unit: total ? "%" : "", hint: total ? `${Fmt.ms(last.data_time)} of ${Fmt.ms(total)}` : ""});
+  if (last.cuda_mem > 0) out.push({key: "cuda_mem", label: "CUDA memory", value: Fmt.mb(last.cuda_mem), hint: "allocated by trainer"});
+  return out;
+}
+
+function lastValEpoch(t) { return t.val.epoch[t.val.epoch.length - 1]; }
+
+function kpiEl(task, k) {
+  const el = document.createElement("div");
+  el.className = "kpi" + (k.bad ? " bad" : "") + (k.best ? " best" : "");
+  el.innerHTML = `<div class="lab"></div><div class="val" id="kpi-${task}-${k.key.replace(/[^A-Za-z0-9_]/g, "-")}"></div><div class="hint"></div>`;
+  el.querySelector(".lab").textContent = k.label;
+  el.querySelector(".val").textContent = k.value;
+  if (k.unit && k.value !== "—") el.querySelector(".val").insertAdjacentHTML("beforeend", `<small>${k.unit}</small>`);
+  el.querySelector(".hint").textContent = k.hint || "";
+  return el;
+}
+
+function updateCharts(panel, t) {
+  const tr = t.train, info = taskInfo(t.name), val = t.val;
+  const xMax = Math.max(1, Math.ceil(Math.max(t.progress || 0, ...val.epoch, ...tr.x.filter(isNum)) - 1e-9));
+  const domain = [0, xMax];
+  const loss = [{name: "train (raw)", color: info.accent, x: tr.x, y: tr.loss, width: 1.2, faint: true, hideLegend: true},
+                {name: "train", color: info.accent, x: tr.x, y: PillCharts.smooth(tr.loss, 0.6), width: 2.2}];
+  if (val.val_loss) loss.push({name: "validation", color: "#f778ba", x: val.epoch, y: val.val_loss, dots: true});
+  panel.loss.update(loss, domain);
+  const pct = ys => ys.map(v => (isNum(v) ? 100 * v : null));
+  const metrics = [];
+  for (const [key, label, color] of info.metrics) {
+    if (val[key]) metrics.push({name: label, color, x: val.epoch, y: pct(val[key]), dots: true});
+    if (val["raw_" + key]) metrics.push({name: label + " (raw weights)", color, x: val.epoch, y: pct(val["raw_" + key]), faint: true});
+  }
+  panel.val.update(metrics, domain);
+  panel.lr.update([{name: "learning rate", color: "#d29922", x: tr.x, y: tr.lr, hideLegend: true}], domain);
+  panel.thr.update([{name: "images / s", color: "#39c5cf", x: tr.x, y: tr.throughput, hideLegend: true}], domain);
+  const ms = ys => ys.map(v => (isNum(v) ? 1000 * v : null));
+  const total = tr.data_time.map((d, i) => (isNum(d) && isNum(tr.compute_time[i]) ? 1000 * (d + tr.compute_time[i]) : null));
+  // Lightly smoothed: per-step timings jitter, and what matters is the share of the step spent waiting for data.
+  const sm = ys => PillCharts.smooth(ys, 0.5);
+  panel.time.update([{name: "compute", color: "#388bfd", x: tr.x, y: sm(total), fill: true, tipY: ms(tr.compute_time)},
+                     {name: "data loading", color: "#f0883e", x: tr.x, y: sm(ms(tr.data_time)), fill: true}], domain);
+}
+
+// ---------- side panels ----------
+function renderEvaluation(ev) {
+  const card = $("gonogo-card"), badge = $("gonogo"), sub = $("gonogo-sub"), box = $("evaluation");
+  if (!ev) {
+    card.className = "card gonogo";
+    badge.className = "badge";
+    badge.textContent = "pending";
+    sub.textContent = "decided when the stage run ends";
+    box.innerHTML = `<p class="muted">Pending: the Go/No-Go decision and its reasons appear when the stage run ends.</p>`;
+    return;
+  }
+  const status = String(ev.status || "unknown");
+  card.className = "card gonogo " + status;
+  badge.className = "badge " + status;
+  badge.textContent = status.replace("_", "-");
+  sub.textContent = (ev.recommendation || "").replaceAll("_", " ").toLowerCase();
+  box.replaceChildren();
+  const head = box.appendChild(document.createElement("div"));
+  head.className = "eval-head";
+  head.innerHTML = `<span class="badge ${status}"></span><div><div class="rec"></div><div class="muted when"></div></div>`;
+  head.querySelector(".badge").textContent = status.replace("_", "-");
+  head.querySelector(".rec").textContent = (ev.recommendation || "").replaceAll("_", " ");
+  head.querySelector(".when").textContent = `stage ${ev.stage ?? "?"} · ${Fmt.clock(ev.time)}`;
+  const score = ev.performance_score ?? ev.advisor?.performance_score;
+  if (isNum(score)) addLine(box, "score", `performance score ${score.toFixed(3)}`);
+  const reasons = ev.reasons && ev.reasons.length ? ev.reasons : ["all checks and targets met"];
+  addList(box, "reasons", reasons);
+  const suggestions = (ev.advisor?.suggestions || []).slice(0, 3);
+  if (suggestions.length) { addLine(box, "sub-head", "Suggestions"); addList(box, "reasons muted", suggestions); }
+  if (ev.choice?.text) addLine(box, "choice", `Chosen: ${ev.choice.text} (${ev.choice.how || "recorded"})`);
+}
+
+function addLine(box, cls, text) {
+  const el = box.appendChild(document.createElement("div"));
+  el.className = cls;
+  el.textContent = text;
+}
+
+function addList(box, cls, items) {
+  const list = box.appendChild(document.createElement("ul"));
+  list.className = cls;
+  for (const item of items) list.appendChild(document.createElement("li")).textContent = item;
+}
+
+function renderOom(events) {
+  const count = $("oom-count");
+  count.textContent = events.length;
+  count.className = "count" + (events.length ? " some" : "");
+  if (!events.length) { $("oom").innerHTML = `<p class="ok">No out-of-memory events.</p>`; return; }
+  const list = document.createElement("ul");
+  list.className = "oom-list";
+  for (const e of [...events].reverse()) {
+    const li = list.appendChild(document.createElement("li"));
+    if (e.action === "emergency_exit") li.className = "fatal";
+    const st = e.state || {};
+    const knobs = st.batch_size ? ` · batch ${st.batch_size} × accum ${st.grad_accum || 1}` : "";
+    li.innerHTML = `<div><b></b> <span class="what"></span></div><div class="when"></div>`;
+    li.querySelector("b").textContent = (TASKS[e.task] || {label: e.task || "?"}).label;
+    li.querySelector(".what").textContent = OOM_ACTIONS[e.action] || e.action || "";
+    li.querySelector(".when").textContent =
+      `${Fmt.clock(e.time)} · step ${e.global_step ?? "?"} · retry ${e.retries ?? "?"}${knobs}`;
+  }
+  $("oom").replaceChildren(list);
+}
+
+function onSystem(sys) {
+  page.system = sys;
+  const keep = (arr, v) => { arr.push(v); if (arr.length > 150) arr.shift(); };
+  keep(page.history.cpu, sys.cpu_percent);
+  keep(page.history.ram, sys.ram_percent);
+  keep(page.history.gpu, sys.gpus.length ? Math.max(...sys.gpus.map(g => g.mem_percent || 0)) : null);
+  const parts = [meter("CPU", sys.cpu_percent, `${sys.cpu_count} cores · load ${sys.load_1m}`, "", page.history.cpu),
+                 meter("RAM", sys.ram_percent, `${Fmt.gb(sys.ram_used_gb)} / ${Fmt.gb(sys.ram_total_gb)} GB`, "", page.history.ram)];
+  for (const g of sys.gpus) {
+    parts.push(meter(`GPU ${g.index} memory`, g.mem_percent, `${Fmt.gb(g.mem_used_gb)} / ${Fmt.gb(g.mem_total_gb)} GB`,
+                     `${esc(g.name)}${isNum(g.util_percent) ? " · util " + g.util_percent + " %" : ""}`,
+                     sys.gpus.length === 1 ? page.history.gpu : null, "gpu-" + g.index));
+  }
+  if (!sys.gpus.length) parts.push(`<p class="muted small">GPU: ${esc(sys.gpu_note || "none found")}</p>`);
+  if (sys.disk) parts.push(meter("Disk (experiment)", sys.disk.percent, `${Fmt.gb(sys.disk.free_gb)} GB free`,
+                                 `of ${Fmt.gb(sys.disk.total_gb)} GB`, null));
+  $("system").innerHTML = parts.join("");
+}
+
+function meter(name, pct, detail, extra, history, id) {
+  const cls = pct >= 95 ? "full" : pct >= 80 ? "hot" : "";
+  const spark = history ? sparkline(history) : "";
+  return `<div class="meter" ${id ? `id="${id}"` : ""}><div class="meter-top"><span class="name">${name}</span>
+    <span class="num">${Fmt.pct100(pct)}</span></div><div class="bar"><div class="fill ${cls}" style="width:${Math.min(100, pct || 0)}%"></div></div>
+    <div class="detail"><span>${detail}</span><span>${extra}</span></div>${spark}</div>`;
+}
+
+function sparkline(values) {
+  const pts = values.map((v, i) => (isNum(v) ? `${(i / 149 * 300).toFixed(1)},${(26 - v / 100 * 24).toFixed(1)}` : null)).filter(Boolean);
+  return pts.length < 2 ? "" : `<svg class="spark" viewBox="0 0 300 27" preserveAspectRatio="none">
+    <polyline points="${pts.join(" ")}" fill="none" stroke="#58a6ff" stroke-width="1.5" vector-effect="non-scaling-stroke"/></svg>`;
+}
+
+connect();
+setInterval(tick, 1000);

@@ -1,0 +1,47 @@
+"""`pillsnap monitor --terminal`: the dashboard's snapshot as a rich table, for a shell without a browser."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+VAL_SHOWN = {"classification": ("acc", "macro_f1", "top5"), "detection": ("mAP@0.5", "mAP@0.5:0.95", "recall")}
+
+
+def duration(seconds: float | None) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "—"
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def number(value: object, spec: str = ".4g") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value if value is not None else "—")
+
+
+def title(snap: dict) -> str:
+    run, evaluation = snap["run"], snap["evaluation"]
+    age = time.time() - run["last_time"] if run["last_time"] else None
+    decision = evaluation.get("status", "?") if evaluation else "pending"
+    return (f"PillSnap {snap['exp']}: {run['status']}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
+            f"Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
+
+
+def render(snap: dict) -> Table:
+    table = Table(title=title(snap))
+    for col in ("task", "epoch", "step", "loss", "lr", "img/s", "data %", "validation", "ETA"):
+        table.add_column(col, justify="left" if col in ("task", "validation") else "right")
+    for name, task in snap["tasks"].items():
+        last, val = task["last"], task["last_val"] or {}
+        total = (last.get("data_time") or 0) + (last.get("compute_time") or 0)
+        shown = " ".join(f"{k}={number(val[k], '.3f')}" for k in VAL_SHOWN.get(name, ()) if k in val)
+        table.add_row(name, f"{task['epoch'] or '—'}/{task['max_epochs'] or '—'}",
+                      f"{task['step'] or '—'}/{task['steps'] or '—'}", number(last.get("loss")),
+                      number(last.get("lr"), ".2e"), number(last.get("throughput"), ".1f"),
+                      f"{100 * last['data_time'] / total:.0f}" if total else "—", shown or "—",
+                      "done" if task["finished"] else duration(task["eta"]))
+    if not snap["tasks"]:
+        table.add_row("waiting for the first step…", *[""] * 8)
+    return table

@@ -1,0 +1,224 @@
+"""The dashboard in a real headless Chromium: the page loads, says it is live, and shows a value appended to the
+metrics stream after it opened; a realistic run renders every panel (and, with PILLSNAP_DASHBOARD_SCREENSHOT=path,
+is saved as the screenshot in docs/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = 30_000  # generous: two shared cores
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def append(path: Path, *records: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    """A dashboard server on a free port, in a thread, following tmp_path/exp (which has no stream yet)."""
+    import uvicorn
+
+    from pillsnap.monitor.dashboard import create_dashboard
+
+    exp = tmp_path / "stage3"
+    exp.mkdir()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_dashboard(exp, poll_s=0.2), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the dashboard server did not start"
+    yield exp, f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def page(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1600, "height": 1000})
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda err: errors.append(f"{err}\n{err.stack}"))
+        yield tab
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_page_connects_and_shows_an_appended_value(dashboard, page):
+    exp, url = dashboard
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#connection').dataset.state === 'live'", timeout=WAIT_MS)
+    assert "live" in page.inner_text("#connection")
+    assert "Waiting for the first step" in page.inner_text("#empty-run")
+    assert page.is_visible("#stream-missing")  # the stream does not exist yet, and the page says so
+
+    stream = exp / "reports" / "metrics.jsonl"
+    now = time.time()
+    append(stream, {"type": "start", "time": now, "tasks": ["classification"], "epochs": 3, "stage": 2,
+                    "start_epoch": 0},
+           {"type": "step", "time": now + 1, "task": "classification", "epoch": 1, "max_epochs": 3, "step": 4,
+            "steps": 10, "global_step": 4, "loss": 0.87654, "lr": 1e-3, "n": 8, "data_time": 0.01,
+            "compute_time": 0.09, "throughput": 80.0, "cuda_mem": 0.0})
+    page.wait_for_function("document.querySelector('#kpi-classification-loss')?.textContent === '0.8765'",
+                           timeout=WAIT_MS)
+    assert page.inner_text("#run-stage") == "Stage 2"
+    assert page.inner_text("#run-status").lower() == "running"
+    assert "epoch 1 / 3" in page.inner_text("#task-classification .task-where")
+
+    append(stream, {"type": "val", "time": now + 2, "task": "classification", "epoch": 1, "val_loss": 0.5,
+                    "acc": 0.6789, "macro_f1": 0.61, "top5": 0.95, "n": 16})
+    page.wait_for_function("document.querySelector('#kpi-classification-acc')?.textContent === '67.9 %'",
+                           timeout=WAIT_MS)
+    append(stream, {"type": "stage_evaluation", "time": now + 3, "stage": 2, "status": "NO_GO",
+                    "recommendation": "RECOMMEND_OPTIMIZE", "reasons": ["accuracy 0.68 below the target 0.80"]})
+    page.wait_for_function("document.querySelector('#gonogo').textContent === 'NO-GO'", timeout=WAIT_MS)
+    assert "accuracy 0.68 below the target 0.80" in page.inner_text("#evaluation")
+
+
+def test_page_survives_the_stream_being_replaced(dashboard, page):
+    exp, url = dashboard
+    stream = exp / "reports" / "metrics.jsonl"
+    append(stream, *synthetic_run(time.time() - 600, epochs=4, done_epochs=1.5, stage=1))
+    page.goto(url)
+    page.wait_for_selector("#task-detection", timeout=WAIT_MS)
+    replacement = stream.with_suffix(".new")
+    append(replacement, {"type": "start", "time": time.time(), "tasks": ["classification"], "epochs": 2,
+                         "stage": 4, "start_epoch": 0})
+    os.replace(replacement, stream)  # a new run's file, smaller than what the page had read
+    page.wait_for_function("document.querySelector('#run-stage').textContent === 'Stage 4'", timeout=WAIT_MS)
+    page.wait_for_selector("#task-detection", state="detached", timeout=WAIT_MS)
+
+
+def test_realistic_run_renders_every_panel(dashboard, page, tmp_path):
+    exp, url = dashboard
+    append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time(), epochs=18, done_epochs=8.45, stage=3))
+    page.goto(url)
+    page.wait_for_function("document.querySelectorAll('.task').length === 2", timeout=WAIT_MS)
+    page.wait_for_function("document.querySelector('#system .meter') !== null", timeout=WAIT_MS)
+    assert page.inner_text("#run-epoch") == "9 / 18"
+    assert page.inner_text("#oom-count") == "1"
+    assert "micro-batching" in page.inner_text("#oom")
+    for task in ("classification", "detection"):
+        # five charts, each with axes labelled and at least one drawn line
+        assert page.locator(f"#task-{task} .chart svg path").count() >= 5
+        labels = page.locator(f"#task-{task} .axis text.label").all_text_contents()
+        assert labels.count("epoch") == 5 and "loss" in labels and "images / s" in labels
+    assert "%" in page.inner_text("#kpi-detection-mAP-0-5")
+    loss_chart = page.locator('#task-classification [data-chart="loss"]')
+    loss_chart.locator("svg").hover()  # the read-out names the epoch and each line's value there
+    assert loss_chart.locator(".tip").is_visible() and "epoch" in loss_chart.locator(".tip").inner_text()
+    loss_chart.locator("button.toggle").click()
+    assert "loss (log)" in loss_chart.locator(".axis text.label").all_text_contents()
+    page.mouse.move(0, 0)
+    loss_chart.locator("button.toggle").click()
+    target = os.environ.get("PILLSNAP_DASHBOARD_SCREENSHOT") or str(tmp_path / "dashboard.png")
+    page.wait_for_timeout(500)  # let the bars' width transition finish
+    page.screenshot(path=target, full_page=True)
+    assert Path(target).stat().st_size > 50_000
+
+
+# ---------- a realistic synthetic stream (a Stage-3-like GPU run), as the trainer writes it ----------
+
+def lr_at(progress: float, epochs: int, base: float, warmup: float = 0.5) -> float:
+    if progress < warmup:
+        return base * progress / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (epochs - warmup)))
+
+
+def step_record(task: str, t: float, epoch: int, step: int, steps: int, gstep: int, epochs: int,
+                rng: random.Random) -> dict:
+    p = epoch - 1 + step / steps
+    if task == "classification":
+        loss = 0.55 + 6.3 * math.exp(-p / 1.6) + rng.gauss(0, 0.09)
+        thr, mem, base_lr, n = rng.gauss(372, 9), 14_820 + rng.gauss(0, 40), 2e-3, 128
+    else:
+        loss = 1.7 + 3.1 * math.exp(-p / 2.5) + rng.gauss(0, 0.12)
+        thr, mem, base_lr, n = rng.gauss(46, 2.5), 19_400 + rng.gauss(0, 60), 1e-3, 16
+    data = max(0.002, rng.gauss(0.018, 0.004)) + (0.09 if rng.random() < 0.04 else 0.0)
+    return {"type": "step", "time": round(t, 3), "task": task, "epoch": epoch, "max_epochs": epochs, "step": step,
+            "steps": steps, "global_step": gstep, "loss": loss, "lr": lr_at(p, epochs, base_lr), "n": n,
+            "data_time": data, "compute_time": n / thr - data * 0.2, "throughput": thr, "cuda_mem": mem}
+
+
+def val_records(t: float, epoch: int, rng: random.Random) -> list[dict]:
+    acc = 0.86 - 0.7 * math.exp(-epoch / 2.8) + rng.gauss(0, 0.008)
+    m50 = 0.52 - 0.48 * math.exp(-epoch / 3.5) + rng.gauss(0, 0.01)
+    return [{"type": "val", "time": round(t, 3), "task": "classification", "epoch": epoch,
+             "val_loss": 0.45 + 2.6 * math.exp(-epoch / 2.0), "acc": acc, "macro_f1": acc - 0.035,
+             "top1": acc, "top5": min(0.995, acc + 0.1), "confidence": acc - 0.05, "n": 18525},
+            {"type": "val", "time": round(t + 40, 3), "task": "detection", "epoch": epoch, "mAP@0.5": m50,
+             "mAP@0.5:0.95": m50 * 0.62, "precision": m50 + 0.18, "recall": m50 + 0.08, "num_images": 926}]
+
+
+def synthetic_run(end: float, epochs: int, done_epochs: float, stage: int, log_every: int = 10) -> list[dict]:
+    """An interleaved classification + detection run (one detection step after every fourth classification step),
+    logged every `log_every` steps of each task, with one OOM recovery, cut off `done_epochs` into `epochs`; its
+    last record is at time `end`."""
+    rng = random.Random(0)
+    cls_steps, det_steps, step_s, val_s = 637, 160, 0.36, 95
+    records: list[dict] = [{"type": "start", "time": 0.0, "tasks": ["classification", "detection"],
+                            "epochs": epochs, "stage": stage, "start_epoch": 0}]
+    t, gstep = 30.0, 0
+    for epoch in range(1, int(done_epochs) + 2):
+        for i in range(1, cls_steps + 1):
+            if epoch - 1 + i / cls_steps > done_epochs:
+                break
+            t += step_s
+            gstep += 1
+            if i % log_every == 0:
+                records.append(step_record("classification", t, epoch, i, cls_steps, gstep, epochs, rng))
+            if i % 4 == 0 and i // 4 <= det_steps:
+                t += step_s * 2.4
+                gstep += 1
+                if (i // 4) % log_every == 0:
+                    records.append(step_record("detection", t, epoch, i // 4, det_steps, gstep, epochs, rng))
+            if epoch == 3 and i == 200:
+                records.append({"type": "oom", "time": t, "task": "detection", "retries": 1, "global_step": gstep,
+                                "action": "microbatching",
+                                "state": {"batch_size": 8, "grad_accum": 2, "did_amp_escalate": True}})
+        else:
+            records += val_records(t + 5, epoch, rng)
+            t += val_s
+            records.append({"type": "epoch", "time": t, "epoch": epoch})
+    shift = end - t
+    return [{**r, "time": round(r["time"] + shift, 3)} for r in records]
+
+
+def test_synthetic_run_is_what_the_trainer_writes():
+    records = synthetic_run(1000.0, epochs=3, done_epochs=3, stage=1)
+    assert records[-1]["time"] == pytest.approx(1000.0) and records[0]["type"] == "start"
+    assert {r["type"] for r in records} == {"start", "step", "val", "epoch", "oom"}
+    assert all(r1["time"] <= r2["time"] for r1, r2 in zip(records, records[1:], strict=False) if r2["type"] == "step")
