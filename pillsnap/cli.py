@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "pillsnap.train",         # train
     "pillsnap.eval.cli",      # evaluate
     "pillsnap.infer.cli",     # predict
+    "pillsnap.infer.export",  # export
     "pillsnap.demo",          # demo
     "pillsnap.serve.cli",     # serve
     "pillsnap.monitor.cli",   # monitor

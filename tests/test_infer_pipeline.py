@@ -95,14 +95,40 @@ def test_auto_multi_object_hint_routes_to_combo_and_logs_hard_case(predictor: Pr
     assert record["reasons"] == ["auto_fallback_to_combo"] and len(record["pills"]) == 2
 
 
-def test_auto_low_confidence_uses_the_real_detector(predictor: Predictor, tmp_path: Path) -> None:
+def test_auto_consults_the_real_detector_on_every_photo(predictor: Predictor, tmp_path: Path) -> None:
     photo = pill_photo(tmp_path / "low.png", [(45, 60, 30, 24)])
-    predictor.settings.single_confidence_threshold = 1.01  # nothing is confident enough
+    predictor.settings.single_confidence_threshold = 0.0  # even a "confident" whole-photo answer is checked
     result = predictor.predict(photo, mode="auto", conf_threshold=0.0001)
-    assert result["fallback_reason"] == "low_confidence"
-    assert predictor._detector is not None  # loaded on the first combo path
-    # an untrained detector finds some boxes at this threshold: the combo path answers with them
-    assert result["mode_used"] == "combo" and result["num_pills"] >= 1
+    assert predictor._detector is not None and result["num_detections"] > 1  # an untrained detector sees many
+    assert (result["mode_used"], result["fallback_reason"]) == ("combo", "multi_object_hint")
+    assert result["num_pills"] == result["num_detections"]
+
+
+def test_one_detected_pill_must_agree_with_the_whole_photo_answer(predictor: Predictor, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    photo = pill_photo(tmp_path / "one.png", [(45, 60, 30, 24)])
+    located = predictor.predict(photo, mode="single")["pills"][0]["bbox"]
+    same_place = np.array([[*located, 0.9]], dtype=float)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: same_place)
+    predictor.settings.single_confidence_threshold = 0.0
+    result = predictor.predict(photo, mode="auto")
+    assert (result["mode_used"], result["num_detections"], result["flags"]) == ("single", 1, [])
+    predictor.settings.single_confidence_threshold = 1.01  # agreeing, but not confident: the combo path answers
+    assert predictor.predict(photo, mode="auto")["fallback_reason"] == "low_confidence"
+    elsewhere = np.array([[0, 0, 20, 20, 0.9]], dtype=float)  # one box, but not where the whole-photo pill is
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: elsewhere)
+    predictor.settings.single_confidence_threshold = 0.0
+    result = predictor.predict(photo, mode="auto")
+    assert (result["mode_used"], result["fallback_reason"]) == ("combo", "detector_disagrees")
+    record = json.loads(predictor.hard_cases.path_for_today().read_text(encoding="utf-8").splitlines()[-1])
+    assert record["reasons"][0] == "detector_disagrees" and record["num_detections"] == 1
+
+
+def test_no_detected_pill_is_flagged(predictor: Predictor, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.zeros((0, 5)))
+    result = predictor.predict(pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)]), mode="auto")
+    assert result["mode_used"] == "single" and result["flags"] == ["no_pill_detected"]
+    assert "no_pill_detected" in result["hard_case"]
 
 
 def test_combo_without_detector_is_a_clear_error(tmp_path: Path) -> None:
@@ -152,3 +178,24 @@ def test_letterbox_roundtrip_and_locate() -> None:
     box = np.array([[pad[0] + 3.2, pad[1] + 6.4, pad[0] + 16.0, pad[1] + 32.0]])
     assert np.allclose(unletterbox_boxes(box, scale, pad, image.size), [[10, 20, 40, 80]], atol=1e-6)
     assert locate_pill(image) is None  # a plain backdrop has no pill
+
+
+def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshold(tmp_path: Path) -> None:
+    from pillsnap.models.export import file_sha256
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    ckpts = root / "checkpoints"
+    calibration = {"temperature": 1000.0, "unknown_threshold": 0.5,
+                   "classifier_sha256": file_sha256(ckpts / "classification_best.pt")}
+    save_json(ckpts / "calibration.json", calibration)
+    predictor = Predictor(root, _cfg(root), device="cpu")
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    result = predictor.predict(photo, mode="single")
+    pill = result["pills"][0]
+    assert result["calibrated"] is True
+    assert all(c["probability"] == pytest.approx(1 / 3, abs=0.01) for c in pill["topk"])  # T=1000 flattens
+    assert pill["unknown"] is True and pill["mapping_code"] is None and "below 0.50" in pill["unknown_reason"]
+    assert pill["topk"][0]["mapping_code"] in CODES  # the nearest known drugs are still given
+    save_json(ckpts / "calibration.json", {**calibration, "classifier_sha256": "stale"})
+    stale = Predictor(root, _cfg(root), device="cpu").predict(photo, mode="single")
+    assert stale["calibrated"] is False and stale["pills"][0]["unknown"] is False

@@ -4,7 +4,6 @@ accuracy against classes held out of training), and store them beside the model 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,19 +21,12 @@ from pillsnap.metrics.calibration import (
     rejection_threshold,
     reliability_bins,
 )
+from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
 UNKNOWN_RULE = "top-1 calibrated probability below the threshold: answered as an unknown pill"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Any
 
 from pillsnap.infer.gating import INFERENCE_MODES  # pure Python, so `pillsnap --help` stays torch-free
 
@@ -38,9 +39,31 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
+def load_photo(path: str, limits: Any) -> Any:
+    """The photo at `path` through the shared decoder (size limits, EXIF orientation, every PIL mode)."""
+    from pathlib import Path
+
+    from pillsnap.utils.images import read_image
+
+    if not path.startswith("zip:") and not Path(path).is_file():
+        raise FileNotFoundError(f"Image not found: {path}")
+    return read_image(path, limits)
+
+
+def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any) -> dict:
+    """One photo's result, or its own error entry: a bad file never costs the other files their answers."""
+    try:
+        image = load_photo(path, limits)
+        return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path)
+    except (ValueError, OSError) as err:  # OSError covers a missing file and every ImageError of the decoder
+        LOGGER.error("predict: %s: %s", path, err)
+        return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
+
+
 def run(args: argparse.Namespace) -> int:
     from pillsnap.config import ConfigError, load_config
     from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils.images import ImageLimits
 
     try:
         cfg = load_config(args.cfg, args.overrides)
@@ -48,13 +71,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("predict: %s", err)
         return 2
-    results = []
-    for image in args.images:
-        try:
-            results.append(predictor.predict(image, mode=args.mode, conf_threshold=args.conf))
-        except (FileNotFoundError, ValueError, OSError) as err:
-            LOGGER.error("predict: %s: %s", image, err)
-            results.append({"image": image, "error": str(err), "mode_used": None, "pills": []})
+    limits = ImageLimits(int(cfg.serving.max_image_pixels), int(cfg.serving.min_image_side))
+    results = [predict_one(predictor, image, args, limits) for image in args.images]
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:

@@ -36,12 +36,17 @@ def photo_groups(manifest: pd.DataFrame, split: str = "test") -> list[dict]:
     return photos
 
 
-def _photo_outcome(photo: dict, result: dict) -> dict:
-    predicted = sorted(p["mapping_code"] for p in result["pills"])
+UNKNOWN = "unknown"  # how an "unknown pill" answer (mapping_code null) and a pill of an untrained class compare
+
+
+def _photo_outcome(photo: dict, result: dict, known: set[str] | None) -> dict:
+    """Right means the same pills: a pill of a class the classifier never learnt is right only as "unknown"."""
+    predicted = sorted(p["mapping_code"] or UNKNOWN for p in result["pills"])
+    expected = sorted(c if known is None or c in known else UNKNOWN for c in photo["codes"])
     expected_mode = "single" if photo["image_type"] == "single" else "combo"
     return {"image_path": photo["image_path"], "image_type": photo["image_type"], "mode_used": result["mode_used"],
-            "routed_right": result["mode_used"] == expected_mode, "expected": photo["codes"], "predicted": predicted,
-            "all_right": Counter(predicted) == Counter(photo["codes"]), "fallback_reason": result["fallback_reason"]}
+            "routed_right": result["mode_used"] == expected_mode, "expected": expected, "predicted": predicted,
+            "all_right": Counter(predicted) == Counter(expected), "fallback_reason": result["fallback_reason"]}
 
 
 def _rate(values: list[bool]) -> float | None:
@@ -49,11 +54,12 @@ def _rate(values: list[bool]) -> float | None:
 
 
 def evaluate_pipeline(predictor: Any, photos: list[dict], mode: str = "auto",
-                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run `predictor.predict` on every photo in `mode`; returns rates and the per-photo outcomes."""
+                      progress: Callable[[int, int], None] | None = None, known: set[str] | None = None) -> dict:
+    """Run `predictor.predict` on every photo in `mode`; returns rates and the per-photo outcomes. `known`: the
+    classifier's classes (pills of other classes are right when answered as unknown)."""
     outcomes = []
     for i, photo in enumerate(photos, start=1):
-        outcomes.append(_photo_outcome(photo, predictor.predict(photo["image_path"], mode=mode)))
+        outcomes.append(_photo_outcome(photo, predictor.predict(photo["image_path"], mode=mode), known))
         if progress is not None:
             progress(i, len(photos))
     singles = [o for o in outcomes if o["image_type"] == "single"]

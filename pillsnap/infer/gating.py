@@ -8,23 +8,29 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# single: classify the whole photo as one pill; combo: detect pills, classify each; auto: single, falling back to
-# combo when the photo does not look like one pill (decide_route).
+# single: classify the whole photo as one pill; combo: detect pills, classify each; auto: the detector looks at every
+# photo and the answer is single only when it sees one pill that agrees with the whole-photo answer (decide_route).
 INFERENCE_MODES = ("single", "combo", "auto")
 LOW_CONFIDENCE, MULTI_OBJECT_HINT, MANUAL_COMBO = "low_confidence", "multi_object_hint", "manual_combo"
+DETECTOR_DISAGREES = "detector_disagrees"  # one pill detected, but not the one the whole-photo answer names/places
+NO_PILL_DETECTED = "no_pill_detected"  # flag: the detector saw no pill; the whole-photo answer stands, flagged
+DETECTOR_UNAVAILABLE = "detector_unavailable"  # flag: no trained detector, so nothing could hide-check the photo
 
 
 @dataclass(frozen=True)
 class GatingDecision:
-    """Where a photo goes and why. gating_score: how much the photo looks like one pill, in [0, 1]."""
+    """Where a photo goes and why. gating_score: how much the photo looks like one pill, in [0, 1]; flags: what the
+    answer must say about how it was reached (no pill detected, no detector)."""
 
     mode_used: str
     fallback_reason: str | None
     gating_score: float
     single_confidence: float | None
+    num_detections: int | None = None
+    flags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "flags": list(self.flags)}  # a list, as JSON gives it back
 
 
 def check_mode(mode: str) -> str:
@@ -41,32 +47,44 @@ def gating_score(single_confidence: float | None, num_detections: int | None) ->
     return score
 
 
-def decide_route(mode: str, single_confidence: float | None, num_detections: int | None,
-                 threshold: float) -> GatingDecision:
-    """single/combo are taken as asked; auto falls back to combo when the whole-image classification is
-    below `threshold` (low_confidence) or the detector saw more than one pill (multi_object_hint).
+def decide_route(mode: str, single_confidence: float | None, num_detections: int | None, threshold: float,
+                 detector_agrees: bool | None = None) -> GatingDecision:
+    """single/combo are taken as asked. auto never hides a pill: more than one detected pill -> combo
+    (multi_object_hint); one detected pill that disagrees with the whole-photo answer -> combo (detector_disagrees);
+    a whole-photo answer below `threshold` -> combo (low_confidence); otherwise single. No detected pill keeps the
+    whole-photo answer with the no_pill_detected flag.
 
-    num_detections is None when the detector was not consulted (or is unavailable).
+    num_detections is None when the detector is unavailable (flagged); detector_agrees is None when not checked.
     """
     check_mode(mode)
     score = gating_score(single_confidence, num_detections)
-    if mode == "single":
-        return GatingDecision("single", None, score, single_confidence)
-    if mode == "combo":
-        return GatingDecision("combo", MANUAL_COMBO, score, single_confidence)
-    if single_confidence is not None and single_confidence < threshold:
-        return GatingDecision("combo", LOW_CONFIDENCE, score, single_confidence)
+    flags = (DETECTOR_UNAVAILABLE,) if num_detections is None else (NO_PILL_DETECTED,) if num_detections == 0 else ()
+
+    def route(mode_used: str, reason: str | None) -> GatingDecision:
+        return GatingDecision(mode_used, reason, score, single_confidence, num_detections, flags)
+
+    if mode in ("single", "combo"):
+        return route(mode, None if mode == "single" else MANUAL_COMBO)
     if num_detections is not None and num_detections > 1:
-        return GatingDecision("combo", MULTI_OBJECT_HINT, score, single_confidence)
-    return GatingDecision("single", None, score, single_confidence)
+        return route("combo", MULTI_OBJECT_HINT)
+    if num_detections == 1 and detector_agrees is False:
+        return route("combo", DETECTOR_DISAGREES)
+    if single_confidence is not None and single_confidence < threshold and num_detections != 0:
+        return route("combo", LOW_CONFIDENCE)
+    return route("single", None)
 
 
 def hard_case_reasons(mode: str, mode_used: str, single_confidence: float | None, num_pills: int,
-                      single_conf_below: float = 0.30) -> list[str]:
+                      single_conf_below: float = 0.30, decision: GatingDecision | None = None) -> list[str]:
     """Why a prediction is a hard case worth reviewing: a single-pill answer with confidence below
-    `single_conf_below`, an auto photo that fell back to combo, or a suspected misroute (the combo path found at
-    most one pill). Empty list = not a hard case."""
+    `single_conf_below`, an auto photo that fell back to combo, a suspected misroute (the combo path found at
+    most one pill), the detector disagreeing with the whole-photo answer, or no pill detected.
+    Empty list = not a hard case."""
     reasons = []
+    if decision is not None and decision.fallback_reason == DETECTOR_DISAGREES:
+        reasons.append(DETECTOR_DISAGREES)
+    if decision is not None and NO_PILL_DETECTED in decision.flags:
+        reasons.append(NO_PILL_DETECTED)
     if mode_used == "single" and single_confidence is not None and single_confidence < single_conf_below:
         reasons.append("low_single_confidence")
     if mode == "auto" and mode_used == "combo":

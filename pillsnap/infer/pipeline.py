@@ -1,6 +1,9 @@
-"""Two-stage inference: classify a whole single-pill photo, or detect pills and classify each crop; `auto` gates.
+"""Two-stage inference: classify a whole single-pill photo, or detect pills and classify each crop; `auto` gates
+with the detector's view of every photo, so that no pill is hidden. Probabilities are temperature-calibrated when
+the run was calibrated, and a pill below the calibrated threshold is answered as unknown (mapping_code null).
 
-`Predictor` holds the models (classifier at start, detector lazily when `inference.lazy_load_detector`);
+`Predictor` holds the models (classifier at start, detector lazily when `inference.lazy_load_detector`), run by
+torch or, with `inference.backend: onnx`, by onnxruntime from `{exp_dir}/export/` (`pillsnap export`);
 `predict_pipeline` is the thin functional entry point over a cached Predictor.
 """
 
@@ -25,10 +28,22 @@ from pillsnap.utils.boxes import xywh_to_xyxy
 LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
 DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
+BACKENDS = ("torch", "onnx")
+AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def find_checkpoints(exp_dir: str | Path) -> tuple[Path, Path | None]:
+    """(classifier, detector or None) checkpoints of an experiment, best before last; no classifier is an error."""
+    ckpt_dir = Path(exp_dir) / "checkpoints"
+    cls_path = _first_existing(ckpt_dir, CLASSIFIER_CKPTS)
+    if cls_path is None:
+        raise FileNotFoundError(f"No classifier checkpoint in {ckpt_dir} (looked for "
+                                f"{', '.join(CLASSIFIER_CKPTS)}); train first (pillsnap train / pillsnap demo)")
+    return cls_path, _first_existing(ckpt_dir, DETECTOR_CKPTS)
 
 
 def _default_cfg() -> Any:
@@ -41,32 +56,71 @@ class Predictor:
     """Loaded models + settings for one experiment directory ({exp_dir}/checkpoints/*.pt, classes.json)."""
 
     def __init__(self, exp_dir: str | Path, cfg: Any = None, device: str | None = None) -> None:
-        from pillsnap.models.classifier import load_classifier_for_inference
-
         self.exp_dir = Path(exp_dir)
         self.cfg = cfg if cfg is not None else _default_cfg()
         self.settings = self.cfg.inference
         self.device = resolve_device(device)
+        self.backend = str(self.settings.backend)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"inference.backend must be one of {BACKENDS}, got {self.backend!r}")
         ckpt_dir = self.exp_dir / "checkpoints"
-        cls_path = _first_existing(ckpt_dir, CLASSIFIER_CKPTS)
-        if cls_path is None:
-            raise FileNotFoundError(f"No classifier checkpoint in {ckpt_dir} (looked for "
-                                    f"{', '.join(CLASSIFIER_CKPTS)}); train first (pillsnap train / pillsnap demo)")
-        self.classifier, snapshot = load_classifier_for_inference(cls_path, device=str(self.device))
+        self.classifier_path, self.detector_path = find_checkpoints(self.exp_dir)
+        self.export: dict | None = None  # export.json when the onnx backend runs
+        image_size = self._load_classifier()
         self.class_names, self.class_map = self._load_classes(ckpt_dir / "classes.json")
-        self._check_classes(cls_path)
+        self._check_classes(self.classifier_path, image_size)
+        self.calibration = self._load_calibration()
         from pillsnap.data import classification_transform
 
-        self.transform = classification_transform(int(snapshot["model"]["image_size"]), train=False)
-        self.crop_margin = float(snapshot.get("data", {}).get("crop_margin", self.cfg.data.crop_margin))
-        self.detector_path = _first_existing(ckpt_dir, DETECTOR_CKPTS)
-        self._detector: torch.nn.Module | None = None
+        self.transform = classification_transform(image_size, train=False)
+        self._detector: Any = None
         self.det_image_size = 640
         self.hard_cases = HardCaseLog(self.exp_dir, bool(self.settings.hard_cases.thumbnails))
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
-        LOGGER.info("predictor: classifier %s (%d classes), detector %s", cls_path.name, len(self.class_names),
-                    self.detector_path.name if self.detector_path else "none")
+        LOGGER.info("predictor (%s): classifier %s (%d classes), detector %s", self.backend, self.classifier_path.name,
+                    len(self.class_names), self.detector_path.name if self.detector_path else "none")
+
+    def _load_classifier(self) -> int:
+        """Load the classifier for the configured backend; sets crop_margin, returns the input size."""
+        if self.backend == "onnx":
+            from pillsnap.models.export import EXPORT_DIR, OnnxClassifier, read_export_meta
+
+            export_dir = self.exp_dir / EXPORT_DIR
+            self.export = read_export_meta(export_dir, {"classifier": self.classifier_path,
+                                                        "detector": self.detector_path})
+            entry = self.export["classifier"]
+            self.classifier = OnnxClassifier(export_dir / entry["file"], self.device)
+            self.crop_margin = float(entry["crop_margin"])
+            return int(entry["image_size"])
+        from pillsnap.models.classifier import load_classifier_for_inference
+
+        self.classifier, snapshot = load_classifier_for_inference(self.classifier_path, device=str(self.device))
+        self.crop_margin = float(snapshot.get("data", {}).get("crop_margin", self.cfg.data.crop_margin))
+        return int(snapshot["model"]["image_size"])
+
+    def _load_calibration(self) -> dict | None:
+        """Temperature and unknown-pill threshold fit for these weights at the end of training (None: raw softmax,
+        no unknown answers, said once in the log)."""
+        if not self.settings.calibration:
+            return None
+        from pillsnap.eval.calibration import load_calibration
+
+        calibration = load_calibration(self.exp_dir / "checkpoints", self.classifier_path)
+        if calibration is None:
+            LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered "
+                        "as unknown", self.classifier_path.name)
+        elif float(self.settings.unknown_keep_correct) <= 0:
+            calibration = {**calibration, "unknown_threshold": 0.0}  # unknown answers turned off at inference
+        return calibration
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    @property
+    def unknown_threshold(self) -> float:
+        return float(self.calibration["unknown_threshold"]) if self.calibration else 0.0
 
     @staticmethod
     def _load_classes(path: Path) -> tuple[list[str], dict]:
@@ -75,8 +129,9 @@ class Predictor:
         data = read_json(path)
         return list(data["class_names"]), dict(data.get("class_map") or {})
 
-    def _check_classes(self, cls_path: Path) -> None:
-        out_features = self.classifier(torch.zeros(1, 3, 32, 32, device=self.device)).shape[-1]
+    @torch.no_grad()
+    def _check_classes(self, cls_path: Path, image_size: int) -> None:
+        out_features = self.classifier(torch.zeros(1, 3, image_size, image_size, device=self.device)).shape[-1]
         if out_features != len(self.class_names):
             raise ValueError(f"{cls_path} predicts {out_features} classes but classes.json lists "
                              f"{len(self.class_names)}: they come from different runs")
@@ -86,26 +141,54 @@ class Predictor:
         return self.detector_path is not None
 
     @property
-    def detector(self) -> torch.nn.Module:
-        """The detector, loaded on first use: a predictor that only sees single-pill photos never pays for it."""
+    def detector(self) -> Any:
+        """The detector (a torch module or an OnnxDetector), loaded on first use: a predictor that only sees
+        single-pill photos never pays for it."""
         if self._detector is None:
             if self.detector_path is None:
                 raise FileNotFoundError(f"No detector checkpoint in {self.exp_dir / 'checkpoints'} "
                                         f"(looked for {', '.join(DETECTOR_CKPTS)}): combo mode needs one")
-            from pillsnap.models.detector import detector_settings, load_detector_for_inference
-
-            self._detector, snapshot = load_detector_for_inference(self.detector_path, device=str(self.device))
-            self.det_image_size = detector_settings(snapshot)[1]
-            LOGGER.info("predictor: detector %s loaded (%d px)", self.detector_path.name, self.det_image_size)
+            self._detector, self.det_image_size = self._load_detector()
+            LOGGER.info("predictor: detector %s loaded (%s, %d px)", self.detector_path.name, self.backend,
+                        self.det_image_size)
         return self._detector
+
+    def _load_detector(self) -> tuple[Any, int]:
+        if self.export is not None:
+            from pillsnap.models.export import EXPORT_DIR, OnnxDetector
+
+            entry = self.export["detector"]
+            return OnnxDetector(self.exp_dir / EXPORT_DIR / entry["file"], self.device), int(entry["image_size"])
+        from pillsnap.models.detector import detector_settings, load_detector_for_inference
+
+        model, snapshot = load_detector_for_inference(self.detector_path, device=str(self.device))
+        return model, detector_settings(snapshot)[1]
+
+    def model_files(self) -> dict[str, Path]:
+        """The files the models are (or will be, for a lazy detector) loaded from, by role."""
+        files = {"classifier": self.classifier_path, "detector": self.detector_path}
+        if self.export is not None:
+            from pillsnap.models.export import EXPORT_DIR
+
+            files = {role: path and self.exp_dir / EXPORT_DIR / self.export[role]["file"]
+                     for role, path in files.items()}
+        return {role: path for role, path in files.items() if path is not None}
+
+    def warm_up(self) -> None:
+        """Load every model and run each once on a blank photo, so that the first real request does not pay for
+        it (no hard-case record is written)."""
+        blank = Image.new("RGB", (256, 256), (128, 128, 128))
+        self.classify([blank])
+        if self.has_detector:
+            self.detect(blank, float(self.settings.conf_threshold))
 
     @torch.no_grad()
     def classify(self, crops: list[Image.Image]) -> list[dict]:
-        """Top-k (mapping_code, name, probability) for each crop, best first."""
+        """Top-k (mapping_code, name, probability) for each crop, best first; probabilities calibrated."""
         if not crops:
             return []
         x = torch.stack([self.transform(c) for c in crops]).to(self.device)
-        probs = torch.softmax(self.classifier(x).float(), dim=-1).cpu()
+        probs = torch.softmax(self.classifier(x).float() / self.temperature, dim=-1).cpu()
         k = min(int(self.settings.topk), probs.shape[-1])
         values, indices = probs.topk(k, dim=-1)
         return [[self._candidate(int(i), float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)]
@@ -113,7 +196,9 @@ class Predictor:
 
     def _candidate(self, index: int, prob: float) -> dict:
         code = self.class_names[index]
-        return {"mapping_code": code, "name": (self.class_map.get(code) or {}).get("name", ""), "probability": prob}
+        entry = self.class_map.get(code) or {}
+        return {"mapping_code": code, "name": entry.get("name", ""), "edi_codes": list(entry.get("edi_codes") or []),
+                "probability": prob}
 
     @torch.no_grad()
     def detect(self, image: Image.Image, conf_threshold: float, forward: Any = None) -> np.ndarray:
@@ -131,21 +216,42 @@ class Predictor:
         return out[np.argsort(out[:, 0], kind="stable")]
 
     def _pill(self, bbox: Any, topk: list[dict], det_conf: float | None) -> dict:
-        return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk}
+        """One pill's answer: the top candidate, or "unknown" (mapping_code null, the nearest known candidates in
+        topk) when its calibrated probability is below the threshold chosen on validation data."""
+        pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
+                "unknown": False, "unknown_reason": None}
+        if topk[0]["probability"] < self.unknown_threshold:
+            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=(
+                f"top-1 probability {topk[0]['probability']:.2f} is below {self.unknown_threshold:.2f}: not one of "
+                f"the {len(self.class_names)} known drugs, or too unclear to name; nearest candidates in topk"))
+        return pill
 
     def _single(self, image: Image.Image) -> dict:
         """Classify the photo as one pill: crop it like training when it stands out, else a centred square."""
         box = locate_pill(image) if self.settings.single_locate else None
-        if box is not None:
+        located = box is not None
+        if located:
             crop = crop_pill(image, box, self.crop_margin)
         else:
             box = single_crop_box(image.size, float(self.settings.single_crop))
             crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
-        return self._pill(box, self.classify([crop])[0], None)
+        return {**self._pill(box, self.classify([crop])[0], None), "located": located}
 
     def _combo(self, image: Image.Image, dets: np.ndarray) -> list[dict]:
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
         return [self._pill(d[:4], topk, float(d[4])) for d, topk in zip(dets, self.classify(crops), strict=True)]
+
+    def _agrees(self, image: Image.Image, single: dict, det: np.ndarray) -> bool:
+        """Does the one detected pill confirm the whole-photo answer: the same drug in its crop, and (where the
+        single path located the pill) the same place? One box around several pills fails the place test."""
+        from pillsnap.metrics.detection import box_iou_xyxy
+
+        crop_answer = self._combo(image, det[None])[0]
+        same_drug = crop_answer["topk"][0]["mapping_code"] == single["topk"][0]["mapping_code"]
+        if not single.get("located"):
+            return same_drug
+        iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
+        return bool(same_drug and iou >= AGREEMENT_IOU)
 
     def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None) -> tuple[GatingDecision, list]:
         threshold = float(self.settings.single_confidence_threshold)
@@ -153,7 +259,9 @@ class Predictor:
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
-        decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold)
+        one_box = mode == "auto" and dets is not None and len(dets) == 1
+        agrees = self._agrees(image, single, dets[0]) if one_box else None
+        decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold, agrees)
         if decision.mode_used == "single":
             return decision, [single]
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
@@ -164,26 +272,33 @@ class Predictor:
             return replace(decision, mode_used="single"), [single]
         return decision, pills
 
-    def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None) -> dict:
-        """Predict the pills in one photo (path, zip:<zip>!<member>, PIL image or HxWx3 uint8 array)."""
+    def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
+                name: str | None = None) -> dict:
+        """Predict the pills in one photo (path, zip:<zip>!<member>, PIL image or HxWx3 uint8 array).
+
+        `name` is what the result and its hard-case record call the image (e.g. where the API kept an upload);
+        by default the path, or None for in-memory images."""
         start = time.perf_counter()
         mode = check_mode(mode or str(self.settings.mode))
         conf = float(self.settings.conf_threshold if conf_threshold is None else conf_threshold)
-        img, name = load_image(image)
+        img, loaded_name = load_image(image)
+        name = name or loaded_name
         single = self._single(img) if mode in ("single", "auto") else None
         decision, pills = self._route(img, mode, conf, single)
         LOGGER.debug("gating: %s mode=%s single_conf=%s -> %s (%s), %d pill(s)", name or "<image>", mode,
                     "n/a" if single is None else f"{single['probability']:.3f}", decision.mode_used,
                     decision.fallback_reason or "-", len(pills))
+        pills = [{k: v for k, v in p.items() if k != "located"} for p in pills]
         result = {"image": name, "mode": mode, **decision.to_dict(), "num_pills": len(pills), "pills": pills,
-                  "image_size": list(img.size), "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
-        self._log_hard_case(result, img)
+                  "calibrated": self.calibration is not None, "image_size": list(img.size),
+                  "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
+        self._log_hard_case(result, img, decision)
         return result
 
-    def _log_hard_case(self, result: dict, image: Image.Image) -> None:
+    def _log_hard_case(self, result: dict, image: Image.Image, decision: GatingDecision) -> None:
         hard = self.settings.hard_cases
         reasons = hard_case_reasons(result["mode"], result["mode_used"], result["single_confidence"],
-                                    result["num_pills"], float(hard.single_confidence_below))
+                                    result["num_pills"], float(hard.single_confidence_below), decision)
         result["hard_case"] = reasons
         if reasons and hard.enabled:
             self.hard_cases.write(result, reasons, image)

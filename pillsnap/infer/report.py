@@ -72,11 +72,15 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     exp_dir = Path(cfg.paths.exp_dir)
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
     predictor = Predictor(exp_dir, cfg, device)
-    auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"))
+    known = set(predictor.class_names)
+    auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"), known)
     combos = [p for p in photos if p["image_type"] != "single"]
-    combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo")) if predictor.has_detector else {}
+    combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
+    calibration = exp_dir / "reports" / "calibration.json"
     summary = {
         "validation": read_json(exp_dir / "reports" / "metrics.json"),
+        "calibration": {k: v for k, v in read_json(calibration).items() if not k.startswith("bins_")}
+        if calibration.is_file() else {},
         "test": {
             "auto": {k: v for k, v in auto.items() if k != "outcomes"},
             "combo_mode": {k: v for k, v in combo.items() if k != "outcomes"},
@@ -107,6 +111,19 @@ def _example_lines(example: dict) -> list[str]:
     return lines
 
 
+def _calibration_lines(cal: dict) -> list[str]:
+    if not cal:
+        return ["calibration not fitted (no validation split)"]
+    lines = [f"validation  calibration: temperature={cal['temperature']:.2f} ECE {_fmt(cal['ece_before'])} -> "
+             f"{_fmt(cal['ece_after'])}; unknown pill below p={cal['unknown_threshold']:.3f}"]
+    unknown = cal.get("unknown_eval")
+    if unknown:
+        lines.append(f"held-out    unknown-pill AUROC={_fmt(unknown['auroc'])} over {unknown['held_out_classes']} "
+                     f"classes never trained | coverage={_fmt(unknown['coverage'])} accuracy answered="
+                     f"{_fmt(unknown['accuracy_answered'])} unknowns rejected={_fmt(unknown['unknown_rejected'])}")
+    return lines
+
+
 def format_headline(summary: dict) -> str:
     """The closing block the demo prints."""
     val, test = summary["validation"], summary["test"]
@@ -123,8 +140,9 @@ def format_headline(summary: dict) -> str:
         f"combo mode={_fmt(combo.get('combo_all_right_rate'))} over {combo.get('num_combination', 0)} photos",
         f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
         f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",
-        "examples (predict_pipeline, mode=auto):",
     ]
+    lines += _calibration_lines(summary.get("calibration") or {})
+    lines.append("examples (predict_pipeline, mode=auto):")
     for example in summary["examples"]:
         lines += _example_lines(example)
     lines.append("where things are:")

@@ -1,11 +1,15 @@
-"""Detector export to ONNX, and an onnxruntime detector with the torch detector's call shape.
+"""ONNX export of the classifier and the detector (dynamic batch), and onnxruntime models with the torch models'
+call shapes.
 
-The ONNX model returns the same raw head output as the torch one; both go through the one NMS,
-pillsnap.models.detector.postprocess_detections, so torch and ONNX figures are comparable.
+The ONNX detector returns the same raw head output as the torch one; both go through the one NMS,
+pillsnap.models.detector.postprocess_detections, so torch and ONNX figures are comparable. `{exp_dir}/export/`
+holds classifier.onnx, detector.onnx, export.json (what the runtime needs: input sizes, class count, the
+checksums of the checkpoints they came from) and parity.json (written by `pillsnap export`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -17,36 +21,126 @@ from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 ONNX_INPUT, ONNX_OUTPUT = "images", "output0"
+CLASSIFIER_OUTPUT = "logits"
+EXPORT_DIR = "export"
+CLASSIFIER_ONNX, DETECTOR_ONNX = "classifier.onnx", "detector.onnx"
+EXPORT_META, PARITY_REPORT = "export.json", "parity.json"
 
 
-def export_detector_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:
-    """Export an eval-mode detector to ONNX (dynamic batch) with torch.onnx; returns the written path."""
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_name: str = ONNX_OUTPUT,
+                opset: int = 17) -> Path:
+    """Export an image model ([B, 3, S, S] in) to ONNX with a dynamic batch axis; returns the written path."""
     from pillsnap.utils import atomic_path
 
     model = model.eval()
     dummy = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp, warnings.catch_warnings():
+    with atomic_path(out_path) as tmp, warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; it still works.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, dummy, str(tmp), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], opset_version=opset,
-            dynamo=False, dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            model, dummy, str(tmp), input_names=[ONNX_INPUT], output_names=[output_name], opset_version=opset,
+            dynamo=False, dynamic_axes={ONNX_INPUT: {0: "batch"}, output_name: {0: "batch"}},
         )
-    LOGGER.info("exported detector to %s", out_path)
+    LOGGER.info("exported %s to %s", type(model).__name__, out_path)
     return out_path
 
 
-class OnnxDetector:
-    """onnxruntime session with the same call shape as the torch detector: images in, raw output out."""
+def export_detector_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:
+    """Export an eval-mode detector (raw head output [B, 4+nc, A]) to ONNX, dynamic batch."""
+    return export_onnx(model, out_path, image_size, ONNX_OUTPUT, opset)
 
-    def __init__(self, onnx_path: str | Path) -> None:
+
+def export_classifier_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:
+    """Export an eval-mode classifier (logits [B, C]) to ONNX, dynamic batch."""
+    return export_onnx(model, out_path, image_size, CLASSIFIER_OUTPUT, opset)
+
+
+def onnx_providers(device: str | torch.device = "cpu") -> list[str]:
+    """CUDA first when asked for and available in this onnxruntime build, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    wanted = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else []
+    return [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """An onnxruntime session over one exported image model: images in (torch or numpy), the first output out.
+    session.run is thread-safe, so one instance serves every API worker."""
+
+    def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu", kind: str = "model") -> None:
         import onnxruntime as ort
 
-        if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f"ONNX detector not found: {onnx_path}")
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX {kind} not found: {self.path}; write it with `pillsnap export --exp EXP`")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's workers spin after each run by default, burning the cores that torch (preprocessing, NMS)
+        # and the other requests need next; waiting on a condition costs microseconds instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = torch.get_num_threads()  # one thread budget for both runtimes
+        self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def image_size(self) -> int:
+        """The square input size the graph was traced at."""
+        return int(self.session.get_inputs()[0].shape[-1])
+
+    def run(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        array: Any = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(array, np.float32)})[0]
+
+
+class OnnxDetector(OnnxModel):
+    """Same call shape as the torch detector: letterboxed images in, raw output (numpy) out."""
+
+    def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu") -> None:
+        super().__init__(onnx_path, device, kind="detector")
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        array: Any = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(array, dtype=np.float32)})[0]
+        return self.run(images)
+
+
+class OnnxClassifier(OnnxModel):
+    """Same call shape as the torch classifier: normalised crops in, logits (a torch tensor) out."""
+
+    def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu") -> None:
+        super().__init__(onnx_path, device, kind="classifier")
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.run(images))
+
+
+def read_export_meta(export_dir: str | Path, checkpoints: dict[str, Path | None]) -> dict:
+    """`{export_dir}/export.json`, checked against the checkpoints it must come from ({"classifier": path,
+    "detector": path or None}): a missing or stale export is an error that names `pillsnap export`."""
+    from pillsnap.utils import read_json
+
+    export_dir = Path(export_dir)
+    meta_path = export_dir / EXPORT_META
+    rerun = f"run `pillsnap export --exp {export_dir.parent}` (or set inference.backend=torch)"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"inference.backend=onnx needs the ONNX export, but {meta_path} is missing: {rerun}")
+    meta = read_json(meta_path)
+    for role, ckpt in checkpoints.items():
+        if ckpt is None:
+            continue
+        entry = meta.get(role)
+        if not entry or not (export_dir / entry["file"]).is_file():
+            raise FileNotFoundError(f"The ONNX export in {export_dir} has no {role} model: {rerun}")
+        if entry.get("checkpoint_sha256") != file_sha256(ckpt):
+            raise ValueError(f"{export_dir / entry['file']} was exported from another {role} checkpoint than "
+                             f"{ckpt} (it has changed since): {rerun}")
+    return meta

@@ -1,73 +1,206 @@
-"""HTTP prediction API (FastAPI), split LitServe-style: decode request -> predict -> encode response.
+"""HTTP prediction API (FastAPI). The app knows nothing of models: it is given a PredictionService (the model side)
+and wires HTTP around it: guards, endpoints, errors, metrics, the web page and the offline docs.
 
-The app knows nothing of models: it is given a `predict(image, mode) -> dict` callable. `pillsnap serve`
-builds that callable from an experiment directory (pillsnap.infer.Predictor).
+GET /, /docs, /openapi.json, /health, /ready, /version, /metrics; POST /v1/predict, /v1/predict/batch and the
+older /predict. `pillsnap serve` builds the service from an experiment directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse
-from PIL import Image
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from pillsnap.infer.gating import INFERENCE_MODES  # pure Python: no model code is imported
-from pillsnap.utils.images import decode_image
+from pillsnap.serve.auth import KeyChecker
+from pillsnap.serve.docs import render_docs
+from pillsnap.serve.errors import RequestRejected, install_error_handlers, request_id_of
+from pillsnap.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from pillsnap.serve.metrics import ServeMetrics
+from pillsnap.serve.runner import InferenceRunner
+from pillsnap.serve.schemas import ERROR_RESPONSES, BatchPrediction, Health, Prediction, Ready, Version
+from pillsnap.serve.service import PredictionService, Upload, build_info, safe_filename
+from pillsnap.serve.settings import ServeSettings
 
 LOGGER = logging.getLogger(__name__)
-PredictFn = Callable[[Image.Image, str], dict]
+PAGE_FILE = Path(__file__).with_name("page.html")
+PUBLIC_PATHS = frozenset({"/", "/docs", "/openapi.json", "/health", "/ready", "/version", "/metrics"})
+# The page and the docs load nothing from elsewhere; the policy makes a browser enforce it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
+                "X-Content-Type-Options": "nosniff"}
+Mode = Enum("Mode", {m: m for m in INFERENCE_MODES}, type=str)  # the one list of modes, as an OpenAPI enum
 
 
-def decode_upload(data: bytes, filename: str | None) -> Image.Image:
-    """Upload bytes -> RGB PIL image; a clear 400 for anything that is not a decodable image."""
-    if not data:
-        raise HTTPException(status_code=400, detail="Empty upload: send an image file in the 'file' field.")
-    try:
-        return decode_image(data, filename or "upload")
-    except OSError as err:
-        raise HTTPException(status_code=400, detail=f"Uploaded file is not a readable image: {err}") from err
+class AppState:
+    """What the endpoints share: the model side, the worker pool, metrics, limits."""
+
+    def __init__(self, service: PredictionService, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.service, self.settings, self.metrics = service, settings, metrics
+        self.runner = InferenceRunner(settings.workers, settings.max_queue, metrics)
+        self.setup_error: str | None = None
+
+    async def setup(self) -> None:
+        """Load the models on a worker thread: the server answers /health meanwhile and /ready says when."""
+        if self.service.ready:
+            self.metrics.ready.set(1)
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.service.setup)
+        except Exception as err:  # a process boundary: whatever broke, /ready must say so instead of hanging
+            self.setup_error = f"{type(err).__name__}: {err}"
+            LOGGER.error("loading the models failed: %s", self.setup_error, exc_info=err)
+            return
+        self.metrics.ready.set(1)
+
+    async def run_job(self, endpoint: str, fn: Callable[..., Any], *args: Any) -> Any:
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.metrics.inference.labels(endpoint).observe(time.perf_counter() - start)
+
+        return await self.runner.run(timed)
 
 
-def api_key_dependency(expected: str | None) -> Callable:
-    """FastAPI dependency that checks X-API-Key when a key is configured."""
+def create_app(service: PredictionService, settings: ServeSettings | None = None, api_key: str | None = None,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The API over `service`; `api_key` None = no auth. Models load in the background at start-up."""
+    state = AppState(service, settings or ServeSettings(), metrics or ServeMetrics())
+    background: set[asyncio.Task] = set()
 
-    def check(x_api_key: str | None = Header(default=None)) -> None:
-        if expected and x_api_key != expected:
-            raise HTTPException(status_code=401, detail="Missing or wrong X-API-Key header.")
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(state.setup())
+        background.add(task)
+        task.add_done_callback(background.discard)
+        yield
+        state.runner.shutdown()
 
-    return check
+    app = FastAPI(title="PillSnap", version=build_info()["version"], lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Which drugs are in this photo? Send a photo, get each pill's box, "
+                  "its drug code and name, and the top candidates. When the server has an API key, the POST "
+                  "endpoints need it in the X-API-Key header (or Authorization: Bearer); errors are JSON with "
+                  "detail, error and request_id.")
+    app.state.pillsnap = state
+    install_error_handlers(app)
+    _add_pages(app, api_key is not None, state.settings)
+    _add_status_routes(app, state)
+    _add_predict_routes(app, state)
+    route_paths = frozenset(route.path for route in app.routes)
+    # Added innermost first: the request id wraps everything, auth runs before the body guard reads anything.
+    app.add_middleware(BodyLimitMiddleware, limit_for=state.settings.body_limit,
+                       timeout_s=state.settings.upload_timeout_s)
+    app.add_middleware(ApiKeyMiddleware, checker=KeyChecker(api_key), public_paths=PUBLIC_PATHS)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics, route_paths=route_paths)
+    return app
 
 
-def create_app(predict: PredictFn, api_key: str | None = None, max_upload_mb: float = 10) -> FastAPI:
-    """Build the API: GET /health, POST /predict (multipart 'file', optional form 'mode')."""
-    app = FastAPI(title="PillSnap", description="Which drugs are in this photo?")
-    limit = int(max_upload_mb * 2**20)
+def _add_pages(app: FastAPI, auth: bool, settings: ServeSettings) -> None:
+    page = (PAGE_FILE.read_text(encoding="utf-8").replace("{{AUTH}}", "true" if auth else "false")
+            .replace("{{MAX_MB}}", f"{settings.max_upload_mb:g}"))
+    docs: list[str] = []
 
-    @app.middleware("http")
-    async def reject_oversized(request: Request, call_next):
-        # Refuse on the declared size before reading the body; the handler re-checks the bytes it got.
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
-            return JSONResponse(status_code=413, content={"detail": f"Upload larger than {max_upload_mb} MB."})
-        return await call_next(request)
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
-    @app.get("/health")
-    def health() -> dict:
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        if not docs:
+            docs.append(render_docs(app.openapi()))
+        return HTMLResponse(docs[0], headers=PAGE_HEADERS)
+
+
+def _add_status_routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/health", response_model=Health, summary="Liveness: the process answers")
+    async def health() -> dict:
         return {"status": "ok"}
 
-    @app.post("/predict", dependencies=[Depends(api_key_dependency(api_key))])
-    async def predict_endpoint(file: UploadFile = File(...), mode: str = Form("auto")) -> dict:
-        if mode not in INFERENCE_MODES:
-            raise HTTPException(status_code=422, detail=f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise HTTPException(status_code=413, detail=f"Upload larger than {max_upload_mb} MB.")
-        image = decode_upload(data, file.filename)
-        result = predict(image, mode)
-        LOGGER.info("predict %s mode=%s -> %s, %d pill(s)", file.filename, mode, result.get("mode_used"),
-                    len(result.get("pills", [])))
-        return {"filename": file.filename, **result}
+    @app.get("/ready", response_model=Ready, summary="Readiness: the models are loaded and warmed up",
+             responses={503: {"model": Ready, "description": "still loading, or loading failed"}})
+    async def ready() -> Any:
+        if state.service.ready:
+            return {"ready": True, "detail": "models loaded"}
+        detail = f"loading failed: {state.setup_error}" if state.setup_error else "loading the models"
+        return JSONResponse({"ready": False, "detail": detail}, status_code=503)
 
-    return app
+    @app.get("/version", response_model=Version, summary="Code version, models (with checksums), class count")
+    async def version() -> dict:
+        return {**build_info(), **state.service.info}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+async def _read_upload(file: UploadFile, request: Request, settings: ServeSettings, index: int | None = None) -> Upload:
+    data = await file.read(settings.max_file_bytes + 1)
+    name = safe_filename(file.filename)
+    if len(data) > settings.max_file_bytes:
+        raise RequestRejected(413, f"Photo {name!r} is larger than {settings.max_upload_mb:g} MiB "
+                                   f"(serving.max_upload_mb); send a smaller one", "too_large")
+    rid = request_id_of(request.scope)
+    return Upload(data, name, rid, rid if index is None else f"{rid}-{index}")
+
+
+def _encode(result: dict, upload: Upload) -> dict:
+    """The pipeline's result as the API answers it: the server-side image path is replaced by the client's name."""
+    if "error" in result:
+        return result
+    body = {key: value for key, value in result.items() if key != "image"}
+    return {**body, "request_id": upload.request_id, "filename": upload.filename}
+
+
+def _add_predict_routes(app: FastAPI, state: AppState) -> None:
+    file_field = File(..., description="the photo (JPEG, PNG, WebP, AVIF, BMP, TIFF or GIF)")
+    mode_field = Form(Mode("auto"), description="single | combo | auto")
+
+    async def predict_one(request: Request, file: UploadFile, mode: Any) -> dict:
+        upload = await _read_upload(file, request, state.settings)
+        result = await state.run_job("predict", state.service.predict, upload, Mode(mode).value)
+        state.metrics.predictions.labels(result["mode_used"]).inc()
+        return _encode(result, upload)
+
+    @app.post("/v1/predict", response_model=Prediction, responses=ERROR_RESPONSES,
+              summary="Identify the pills in one photo")
+    async def predict_v1(request: Request, file: UploadFile = file_field, mode: Mode = mode_field) -> dict:
+        return await predict_one(request, file, mode)
+
+    @app.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, deprecated=True,
+              summary="Identify the pills in one photo (use /v1/predict)")
+    async def predict_legacy(request: Request, file: UploadFile = file_field, mode: Mode = mode_field) -> dict:
+        return await predict_one(request, file, mode)
+
+    @app.post("/v1/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
+              summary="Identify the pills in several photos; a bad photo gets its own error entry")
+    async def predict_batch(request: Request, files: list[UploadFile] = File(..., description="the photos"),
+                            mode: Mode = mode_field) -> dict:
+        limit = state.settings.max_batch_files
+        if len(files) > limit:
+            raise RequestRejected(413, f"{len(files)} files in one batch; at most {limit} (serving.max_batch_files)",
+                                  "too_many_files")
+        slots: list[Upload | dict] = []
+        for index, file in enumerate(files):
+            try:
+                slots.append(await _read_upload(file, request, state.settings, index))
+            except RequestRejected as err:
+                slots.append({"filename": safe_filename(file.filename), "status": err.status, "error": err.code,
+                              "detail": err.message})
+        uploads = [slot for slot in slots if isinstance(slot, Upload)]
+        results = iter(await state.run_job("predict_batch", state.service.predict_many, uploads, Mode(mode).value))
+        answers = [_encode(next(results), slot) if isinstance(slot, Upload) else slot for slot in slots]
+        for answer in answers:
+            if "error" not in answer:
+                state.metrics.predictions.labels(answer["mode_used"]).inc()
+        return {"request_id": request_id_of(request.scope), "results": answers}

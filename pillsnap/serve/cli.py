@@ -1,35 +1,66 @@
-"""`pillsnap serve`: the prediction API over a trained experiment (checkpoints under --exp)."""
+"""`pillsnap serve`: the prediction API and web page over a trained experiment (checkpoints under --exp).
+
+The API key comes from $PILLSNAP_API_KEY (or that line in .env) or the file named by serving.api_key_file; there
+is deliberately no command-line option for it, since `ps` shows every argument.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import Any
 
 LOGGER = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="HTTP prediction API", description=__doc__)
+    parser = subparsers.add_parser("serve", help="HTTP prediction API and web page", description=__doc__)
     parser.add_argument("--exp", default=None, help="experiment directory (default: paths.exp_dir of the config)")
-    parser.add_argument("--cfg", default="config.yaml", help="config file (serving.* keys; .env fills serving.api_key)")
+    parser.add_argument("--cfg", default="config.yaml", help="config file (serving.* and inference.* keys)")
     parser.add_argument("--host", default=None, help="bind address (default: serving.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: serving.port)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.set_defaults(func=run)
+
+
+def build_service(exp_dir: Path, cfg: Any, device: str | None = None) -> Any:
+    """The model side for `exp_dir`: a PredictionService that loads a Predictor when set up."""
+    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.serve.service import PredictionService
+    from pillsnap.serve.settings import ServeSettings
+
+    settings = ServeSettings.from_config(cfg.serving)
+    uploads = exp_dir / "hard_cases" / "uploads" if cfg.inference.hard_cases.enabled else None
+    return PredictionService(lambda: Predictor(exp_dir, cfg, device), settings.image_limits, uploads)
+
+
+def warn_without_key(host: str, port: int) -> None:
+    banner = "!" * 78
+    LOGGER.warning("%s\nNO API KEY: anyone who can reach http://%s:%d can use this API. Set PILLSNAP_API_KEY "
+                   "(environment or .env) or serving.api_key_file.\n%s", banner, host, port, banner)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pillsnap.config import load_config
-    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.infer.pipeline import find_checkpoints
     from pillsnap.serve.app import create_app
+    from pillsnap.serve.auth import resolve_api_key
+    from pillsnap.serve.settings import ServeSettings
 
     cfg = load_config(args.cfg, args.overrides)
-    predictor = Predictor(args.exp or cfg.paths.exp_dir, cfg)
-    app = create_app(lambda image, mode: predictor.predict(image, mode), api_key=cfg.serving.api_key,
-                     max_upload_mb=cfg.serving.max_upload_mb)
+    exp_dir = Path(args.exp or cfg.paths.exp_dir)
+    find_checkpoints(exp_dir)  # fail now, not in the background, when there is nothing to serve
+    settings = ServeSettings.from_config(cfg.serving)
+    api_key = resolve_api_key(cfg.serving)
     host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
-    LOGGER.info("PillSnap API on http://%s:%d (auth: %s)", host, port, "X-API-Key" if cfg.serving.api_key else "off")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if api_key is None:
+        warn_without_key(host, port)
+    app = create_app(build_service(exp_dir, cfg, args.device), settings, api_key)
+    LOGGER.info("PillSnap on http://%s:%d (page /, docs /docs; auth %s; %d worker(s), queue %d; backend %s)", host,
+                port, "X-API-Key" if api_key else "OFF", settings.workers, settings.max_queue, cfg.inference.backend)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)
     return 0

@@ -1,22 +1,66 @@
-"""Image I/O shared by training data, inference and serving: raw bytes of a file or a `zip:` member, and decoding.
+"""Image I/O shared by training data, inference and serving: raw bytes of a file or a `zip:` member, and the one
+decoder (size limits checked before any pixel is decoded, EXIF orientation applied, every PIL mode made RGB).
 
-Kept torch-free (PIL and the standard library only) so that the HTTP app and the data scan can read images
+Kept torch-free (PIL, numpy and the standard library only) so that the HTTP app and the data scan can read images
 without paying for torch.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
+import struct
 import sys
 import zipfile
+from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+LOGGER = logging.getLogger(__name__)
 
 # Everything a missing, truncated or corrupt image (or zip member) can raise while being read or decoded.
 DECODE_ERRORS = (OSError, UnidentifiedImageError, zipfile.BadZipFile, KeyError, ValueError, EOFError)
 
+# Formats a photo arrives in. Naming them keeps PIL from handing an upload to a plugin that shells out
+# (EPS runs Ghostscript) or parses exotic containers nobody photographs pills with.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "TIFF", "GIF")  # JPEG covers phones' multi-picture MPO
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+TRANSPARENT_BACKDROP = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
+
 _ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+class ImageError(OSError):
+    """An image that cannot be used: undecodable, of an unsupported format or mode. An OSError, so that callers
+    that drop unreadable samples (DECODE_ERRORS) keep doing so."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the limit: refused from the header, before the pixels are decoded."""
+
+
+class ImageTooSmall(ImageError):
+    """Too few pixels to hold a recognisable pill."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the decoder accepts and how it turns photos. max_pixels bounds the decoded memory (about 3 bytes a pixel,
+    12 for 16-bit images while they are rescaled); min_side refuses thumbnails in which no pill can be seen;
+    upright applies the EXIF orientation (photos from people), which labelled data must not get: its boxes are in
+    the stored pixel frame."""
+
+    max_pixels: int = 50_000_000
+    min_side: int = 1
+    upright: bool = True
+
+
+DEFAULT_LIMITS = ImageLimits()
 
 
 def _zip_file(path: str) -> zipfile.ZipFile:
@@ -50,21 +94,93 @@ def _pil_open(fp: io.BytesIO) -> Image.Image:
     # identified; a corrupt pill photo must simply fail (and be dropped), so use PIL's own opener.
     patches = sys.modules.get("ultralytics.utils.patches")
     opener = getattr(patches, "_image_open", None) or Image.open
-    return opener(fp)
+    return opener(fp, formats=PHOTO_FORMATS)
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode encoded image bytes as RGB; an undecodable image raises OSError naming `name`."""
+def _clean(err: BaseException) -> str:
+    # PIL names the buffer it read ("<_io.BytesIO object at 0x7f...>"); a client has no use for an address.
+    return _OBJECT_REPR.sub("the data", str(err)) or type(err).__name__
+
+
+def check_image_size(size: tuple[int, int], name: str, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """Raise ImageTooLarge / ImageTooSmall when a (width, height) falls outside `limits`."""
+    width, height = size
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(f"Image {name} is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the "
+                            f"{limits.max_pixels / 1e6:g} megapixel limit; send it resized (e.g. 4000 px on the long "
+                            f"side) or raise serving.max_image_pixels")
+    if min(width, height) < limits.min_side:
+        raise ImageTooSmall(f"Image {name} is {width}x{height}: too small to hold a pill (the shorter side must be "
+                            f"at least {limits.min_side} px); send the original photo, not a thumbnail")
+
+
+def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
+    """Turn the pixels the way the camera's EXIF orientation says, so that boxes are in the frame people see."""
     try:
-        return _pil_open(io.BytesIO(data)).convert("RGB")
-    except DECODE_ERRORS as err:
-        raise OSError(f"Cannot read image {name}: {err}") from err
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large photo without the tag
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error) as err:  # a corrupt EXIF block
+        LOGGER.warning("ignoring the unreadable EXIF orientation of %s: %s", name, _clean(err))
+    return image
 
 
-def read_image(path: str) -> Image.Image:
-    """Decode an image (plain path or `zip:<zip>!<member>`) as RGB; errors name the path."""
+def _rescale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """High bit-depth grey -> 0..255. 16-bit modes use their full range; 32-bit int and float images have no
+    declared range, so 8-bit-looking values are kept and anything else is stretched from min to max."""
+    values = array.astype(np.float32)
+    if mode.startswith("I;16"):
+        return (values / 257.0).round().astype(np.uint8)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        return (values * 255.0).round().astype(np.uint8)
+    if low >= 0.0 and high <= 255.0:
+        return values.round().astype(np.uint8)
+    if low >= 0.0 and high <= 65535.0:
+        return (values / 257.0).round().astype(np.uint8)
+    return ((values - low) / max(high - low, 1e-12) * 255.0).round().astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. PIL's own convert("RGB") clips 16-bit grey to white and drops alpha onto
+    black; here 16-bit and float images are rescaled and transparent pixels are laid on a white backdrop."""
+    mode = image.mode
+    if mode in HIGH_DEPTH_MODES:
+        return Image.fromarray(_rescale_to_uint8(np.asarray(image), mode), "L").convert("RGB")
+    if mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKDROP, 255))
+        return Image.alpha_composite(backdrop, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
+    image = _pil_open(io.BytesIO(data))
+    check_image_size(image.size, name, limits)  # from the header: nothing is decoded yet
+    image.load()
+    return to_rgb(_apply_orientation(image, name) if limits.upright else image)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode encoded image bytes as upright 8-bit RGB.
+
+    Raises ImageTooLarge / ImageTooSmall outside `limits` (checked before decoding), else ImageError naming
+    `name` for anything that is not a readable photo."""
+    try:
+        return _decode(data, name, limits)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own ceiling, above any sane max_pixels
+        raise ImageTooLarge(f"Image {name} is too large to decode: {_clean(err)}") from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"Cannot read image {name}: not a supported image file ({', '.join(PHOTO_FORMATS)}); "
+                         f"convert it, e.g. to JPEG") from err
+    except (*DECODE_ERRORS, SyntaxError, struct.error) as err:
+        raise ImageError(f"Cannot read image {name}: {_clean(err)}") from err
+
+
+def read_image(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode an image (plain path or `zip:<zip>!<member>`) as upright RGB; errors name the path."""
     try:
         data = read_bytes(str(path))
     except DECODE_ERRORS as err:
-        raise OSError(f"Cannot read image {path}: {err}") from err
-    return decode_image(data, str(path))
+        raise ImageError(f"Cannot read image {path}: {_clean(err)}") from err
+    return decode_image(data, str(path), limits)

@@ -1,0 +1,93 @@
+"""Response shapes of the API, for the OpenAPI document and to pin the contract.
+
+`extra="allow"`: a field the pipeline adds passes through before this file names it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mapping_code: str = Field(description="drug code, K- and 6 digits")
+    name: str = Field(description="drug name")
+    edi_codes: list[str] = Field(default_factory=list, description="insurance (EDI) codes of the drug")
+    probability: float = Field(description="classifier probability, temperature-calibrated when the answer says "
+                                           "calibrated: true")
+
+
+class Pill(Candidate):
+    mapping_code: str | None = Field(description="drug code, K- and 6 digits; null for an unknown pill")
+    bbox: list[int] = Field(description="[x, y, w, h] in pixels of the upright photo (EXIF orientation applied)")
+    det_confidence: float | None = Field(description="detector confidence; null for a single-pill answer")
+    topk: list[Candidate] = Field(description="the best candidates; for an unknown pill, the nearest known drugs")
+    unknown: bool = Field(False, description="true when the pill is not confidently one of the known drugs")
+    unknown_reason: str | None = Field(None, description="why the pill is answered as unknown")
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    filename: str
+    mode: str = Field(description="the mode asked for: single | combo | auto")
+    mode_used: str = Field(description="the path taken: single | combo")
+    fallback_reason: str | None = Field(description="why auto went to combo (null when it did not)")
+    gating_score: float
+    single_confidence: float | None = Field(description="top-1 probability of the whole-photo classification")
+    num_detections: int | None = Field(None, description="pills the detector saw (null: no detector)")
+    flags: list[str] = Field(default_factory=list, description="no_pill_detected | detector_unavailable")
+    calibrated: bool = Field(False, description="probabilities are temperature-calibrated")
+    num_pills: int
+    image_size: list[int] = Field(description="[width, height] of the upright photo")
+    elapsed_ms: float = Field(description="pipeline time, decoding excluded")
+    hard_case: list[str] = Field(default_factory=list, description="why this answer deserves review (if it does)")
+    pills: list[Pill]
+
+
+class FileError(BaseModel):
+    filename: str
+    status: int = Field(description="the HTTP status this photo alone would have got")
+    error: str
+    detail: str
+
+
+class BatchPrediction(BaseModel):
+    request_id: str
+    results: list[Prediction | FileError] = Field(description="one entry per uploaded file, in upload order")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what went wrong and what to do about it")
+    error: str = Field(description="stable machine-readable code")
+    request_id: str = Field(description="also in the X-Request-ID header and the server log")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    detail: str
+
+
+class Version(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    package: str
+    version: str
+    git_sha: str
+    api: str
+    backend: str | None = None
+    num_classes: int | None = None
+    models: dict = Field(default_factory=dict, description="role -> file, sha256, bytes")
+    calibration: dict | None = Field(None, description="null until calibration lands")
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "unreadable or empty photo", 401: "missing or wrong API key", 408: "upload too slow",
+    413: "body or photo too large", 422: "photo too small, or invalid form fields", 503: "busy or still loading",
+}.items()}

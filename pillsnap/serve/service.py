@@ -1,0 +1,152 @@
+"""The model side of the API, LitServe-style (setup -> decode request -> predict -> encode), with no HTTP in it:
+load and warm up the predictor, decode uploads with the one shared decoder, predict, keep the upload of every hard
+case so that its record points at a file someone can look at.
+
+Everything here runs on an InferenceRunner worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pillsnap.serve.errors import RequestRejected, image_error_status
+from pillsnap.utils.images import ImageError, ImageLimits, decode_image
+
+LOGGER = logging.getLogger(__name__)
+GIT_SHA_ENV = "PILLSNAP_GIT_SHA"  # set in images built without .git
+UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded photo: its bytes, the client's file name, the request it came with, and the name under which
+    it is kept if it turns out a hard case (the request id, plus its place in a batch)."""
+
+    data: bytes
+    filename: str
+    request_id: str
+    key: str
+
+
+class PredictorLike(Protocol):
+    """What the service needs of pillsnap.infer.Predictor (tests pass stand-ins)."""
+
+    backend: str
+    class_names: list[str]
+
+    def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
+                name: str | None = None) -> dict: ...
+
+    def warm_up(self) -> None: ...
+
+    def model_files(self) -> dict[str, Path]: ...
+
+
+class NotReady(RequestRejected):
+    def __init__(self) -> None:
+        super().__init__(503, "The models are still loading; retry shortly (GET /ready says when)", "not_ready")
+
+
+class PredictionService:
+    """Holds the predictor once `setup()` has loaded it; `predict` turns one upload into one result dict."""
+
+    def __init__(self, load_predictor: Callable[[], PredictorLike], limits: ImageLimits,
+                 uploads_dir: Path | None = None) -> None:
+        self._load_predictor = load_predictor
+        self.limits = limits
+        self.uploads_dir = uploads_dir  # None: hard cases are not logged, so uploads are never kept
+        self.predictor: PredictorLike | None = None
+        self.info: dict = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.predictor is not None
+
+    def setup(self) -> None:
+        """Load the models, run them once, fingerprint them (slow: call it from a worker thread)."""
+        start = time.perf_counter()
+        predictor = self._load_predictor()
+        predictor.warm_up()
+        self.info = describe_models(predictor)
+        self.predictor = predictor
+        LOGGER.info("models ready in %.1f s (%s backend, %d classes)", time.perf_counter() - start,
+                    predictor.backend, len(predictor.class_names))
+
+    def predict(self, upload: Upload, mode: str) -> dict:
+        """Decode, predict, keep the upload when the answer is a hard case. Raises ImageError for a photo the
+        decoder refuses and RequestRejected for an empty one."""
+        if self.predictor is None:
+            raise NotReady()
+        if not upload.data:
+            raise RequestRejected(400, f"Empty upload {upload.filename!r}: send the photo's bytes in the form field",
+                                  "empty_upload")
+        image = decode_image(upload.data, repr(upload.filename), self.limits)
+        reference = self._upload_path(upload)
+        result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename)
+        if reference is not None and result.get("hard_case"):
+            self._keep(reference, upload.data)
+        return result
+
+    def predict_many(self, uploads: list[Upload], mode: str) -> list[dict]:
+        """One result per upload; a refused photo gets its own error entry and the others are still answered."""
+        return [self._predict_or_error(upload, mode) for upload in uploads]
+
+    def _predict_or_error(self, upload: Upload, mode: str) -> dict:
+        try:
+            return self.predict(upload, mode)
+        except ImageError as err:
+            status, code = image_error_status(err)
+            return {"filename": upload.filename, "status": status, "error": code, "detail": str(err)}
+        except RequestRejected as err:
+            return {"filename": upload.filename, "status": err.status, "error": err.code, "detail": err.message}
+
+    def _upload_path(self, upload: Upload) -> Path | None:
+        if self.uploads_dir is None:
+            return None
+        suffix = Path(upload.filename).suffix.lower()
+        return self.uploads_dir / f"{upload.key}{suffix if suffix in UPLOAD_SUFFIXES else '.img'}"
+
+    def _keep(self, path: Path, data: bytes) -> None:
+        from pillsnap.utils import atomic_path, ensure_dir
+
+        ensure_dir(path.parent)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        LOGGER.debug("kept hard-case upload %s", path)
+
+
+def describe_models(predictor: PredictorLike) -> dict:
+    """What /version reports about the models: backend, class count, each file with its SHA-256, and the
+    calibration (temperature, unknown-pill threshold; null when the run was not calibrated)."""
+    from pillsnap.models.export import file_sha256
+
+    files = predictor.model_files()
+    return {"backend": predictor.backend, "device": str(getattr(predictor, "device", "cpu")),
+            "num_classes": len(predictor.class_names),
+            "models": {role: {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                       for role, path in files.items()},
+            "calibration": getattr(predictor, "calibration", None)}
+
+
+def build_info() -> dict:
+    """Package version and git SHA of the running code."""
+    import pillsnap
+    from pillsnap.utils.logs import get_git_sha
+
+    sha = os.environ.get(GIT_SHA_ENV) or get_git_sha(Path(pillsnap.__file__).resolve().parent)
+    return {"package": "pillsnap", "version": pillsnap.__version__, "git_sha": sha, "api": "v1",
+            "python": platform.python_version()}
+
+
+def safe_filename(name: str | None) -> str:
+    """The client's file name without any folder part or control characters (it is echoed back and logged)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    return re.sub(r"[\x00-\x1f\x7f]", "", base)[:200] or "upload"

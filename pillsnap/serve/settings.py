@@ -1,0 +1,50 @@
+"""What the HTTP layer enforces, read once from the `serving` section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pillsnap.utils.images import ImageLimits
+
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file bytes
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and pool sizes of the API (see the `serving` keys of config.yaml)."""
+
+    max_upload_mb: float = 10
+    max_batch_files: int = 8
+    upload_timeout_s: float = 30.0
+    image_limits: ImageLimits = field(default_factory=lambda: ImageLimits(min_side=32))
+    workers: int = 1
+    max_queue: int = 16
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    def body_limit(self, path: str) -> int:
+        """Most bytes a request body to `path` may carry: one photo, or max_batch_files photos for a batch."""
+        files = self.max_batch_files if path.rstrip("/").endswith("/batch") else 1
+        return files * self.max_file_bytes + MULTIPART_SLACK
+
+    @classmethod
+    def from_config(cls, serving: Any) -> ServeSettings:
+        limits = ImageLimits(max_pixels=int(serving.max_image_pixels), min_side=int(serving.min_image_side))
+        settings = cls(max_upload_mb=float(serving.max_upload_mb), max_batch_files=int(serving.max_batch_files),
+                       upload_timeout_s=float(serving.upload_timeout_s), image_limits=limits,
+                       workers=int(serving.workers), max_queue=int(serving.max_queue))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        from pillsnap.config import ConfigError
+
+        if self.workers < 1 or self.max_queue < self.workers:
+            raise ConfigError(f"serving.workers must be >= 1 and serving.max_queue >= serving.workers, got "
+                              f"workers={self.workers}, max_queue={self.max_queue}")
+        if self.max_upload_mb <= 0 or self.upload_timeout_s <= 0 or self.max_batch_files < 1:
+            raise ConfigError("serving.max_upload_mb, serving.upload_timeout_s and serving.max_batch_files must be "
+                              "positive")
