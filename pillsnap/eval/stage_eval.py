@@ -144,22 +144,15 @@ def _pipeline_latency(cfg: DictConfig, exp_dir: Path) -> float | None:
     return p95_ms(_time_calls(lambda image: predictor.predict(image, "auto"), images))
 
 
-def _export_classifier_onnx(model: Any, out: Path, size: int) -> None:
-    # INTEGRATION NOTE: replaced by models.export's classifier export once it exists.
-    import torch
-
-    torch.onnx.export(model.eval(), torch.zeros(1, 3, size, size), str(out), dynamo=False, opset_version=17)
-
-
 def _onnx_exports(cls_ckpt: Path, det_ckpt: Path | None) -> bool:
     """Both trained models export to ONNX (into a temporary folder: this is a check, not the export command)."""
     from pillsnap.models.classifier import load_classifier_for_inference
     from pillsnap.models.detector import detector_settings, load_detector_for_inference
-    from pillsnap.models.export import export_detector_onnx
+    from pillsnap.models.export import export_classifier_onnx, export_detector_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         model, snapshot = load_classifier_for_inference(cls_ckpt)
-        _export_classifier_onnx(model, Path(tmp) / "classifier.onnx", int(snapshot["model"]["image_size"]))
+        export_classifier_onnx(model, Path(tmp) / "classifier.onnx", int(snapshot["model"]["image_size"]))
         if det_ckpt is not None:
             model, snapshot = load_detector_for_inference(det_ckpt)
             export_detector_onnx(model, Path(tmp) / "detector.onnx", detector_settings(snapshot)[1])
