@@ -12,12 +12,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_LABELS = REPO_ROOT.parent / "shared" / "spec" / "aihub_real_labels"
 
-SYNTH_CLASSES, SYNTH_PER_CLASS, SYNTH_COMBOS = 6, 6, 6
+SYNTH_CLASSES, SYNTH_PER_CLASS, SYNTH_COMBOS = 6, 6, 9
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 classes x 6 single photos + 6 combination photos, 122x160 px, extracted AI Hub layout."""
+    """6 classes x 6 single photos + 9 combination photos (3 combinations x 3 camera angles), 122x160 px, extracted
+    AI Hub layout."""
     from pillsnap.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("synth") / "data"

@@ -21,7 +21,7 @@ def run(argv: list[str]) -> int:
     return args.func(args)
 
 
-@pytest.mark.parametrize("sub", [[], ["synth"], ["scan"], ["cache"]])
+@pytest.mark.parametrize("sub", [[], ["synth"], ["scan"], ["manifest"], ["cache"]])
 def test_help(sub, capsys):
     with pytest.raises(SystemExit) as exc:
         parser().parse_args(["data", *sub, "--help"])
@@ -42,7 +42,8 @@ def test_synth_then_scan_then_cache(tmp_path, capsys, monkeypatch):
     assert report["records_kept"] >= 12 + 4 and report["classes"] == 3
     assert run(["data", "cache", "--workers", "1", "paths.manifest_dir=m", "paths.cache_dir=c",
                 "model.image_size=16"]) == 0
-    assert json.loads(capsys.readouterr().out)["crops"] == 12
+    # single-pill photos and, with data.combo_crops (the default), the soundly boxed pills of combinations
+    assert json.loads(capsys.readouterr().out)["crops"] == report["records_kept"] > 12
 
 
 def test_cache_rejects_unknown_override(tmp_path, monkeypatch):
@@ -51,3 +52,31 @@ def test_cache_rejects_unknown_override(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="model.image_sise"):
         run(["data", "cache", "model.image_sise=16"])
+
+
+def test_manifest_writes_the_stage_train_and_val_rows(manifest_dir, tmp_path, capsys):
+    import pandas as pd
+
+    from pillsnap.data.scan import load_manifest
+
+    assert run(["data", "manifest", "--stage", "2", "--out", str(tmp_path / "stage"),
+                f"paths.manifest_dir={manifest_dir}", "data.progressive_validation.stage_2.max_classes=3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["manifest_train.csv", "manifest_val.csv"]
+    full = pd.read_csv(manifest_dir / "manifest.csv", nrows=1)
+    for split, line in zip(("train", "val"), lines, strict=True):
+        rows = pd.read_csv(tmp_path / "stage" / f"manifest_{split}.csv")
+        assert list(rows.columns) == list(full.columns) and (rows["split"] == split).all()
+        assert f"{len(rows)} rows" in line and str(tmp_path / "stage" / f"manifest_{split}.csv") in line
+    stage_codes = set(pd.read_csv(tmp_path / "stage" / "manifest_train.csv").query("image_type == 'single'")
+                      ["mapping_code"])
+    assert len(stage_codes) == 3 < load_manifest(manifest_dir)["mapping_code"].nunique()
+
+
+def test_manifest_without_a_scan_is_one_line_exit_2(tmp_path, monkeypatch, caplog):
+    from pillsnap.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["data", "manifest", f"paths.manifest_dir={tmp_path / 'none'}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= 40]
+    assert len(errors) == 1 and "pillsnap data scan" in errors[0] and "\n" not in errors[0]

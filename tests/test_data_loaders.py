@@ -31,7 +31,13 @@ def test_classification_batches_and_meta(synth_cfg):
     assert meta["num_classes"] == 6 and meta["class_names"] == sorted(meta["class_names"])
     assert meta["class_map"][meta["class_names"][2]]["index"] == 2 and meta["class_weights"] is None
     assert cls_test is None and det_test is None and cls_val is not None
-    assert meta["sizes"]["cls_train"] == 24 and meta["sizes"]["cls_val"] == 6
+    manifest = load_manifest(synth_cfg.paths.manifest_dir)
+    sound = manifest[manifest["box_issue"] == ""]
+    for split in ("train", "val"):  # single-pill crops plus the combination pills (data.combo_crops)
+        assert meta["sizes"][f"cls_{split}"] == (sound["split"] == split).sum()
+        combos = sound[(sound["split"] == split) & (sound["image_type"] == "combination")]
+        assert meta["sizes"][f"cls_{split}_from_combinations"] == len(combos)
+    assert meta["sizes"]["cls_train_from_combinations"] > 0
     assert meta["yolo_data_yaml"].endswith("data.yaml") and meta["stage"] == 1
     assert det_train is not None and len(det_train.dataset) == meta["sizes"]["det_train"]
 
@@ -47,7 +53,9 @@ def test_detection_batch_is_the_ultralytics_dict(synth_cfg):
 
 def test_test_loaders_only_on_request_and_strategy_classification(synth_cfg):
     out = build_dataloaders_twostage(synth_cfg, build_test=True)
-    assert out[2] is not None and len(out[2].dataset) == 6
+    manifest = load_manifest(synth_cfg.paths.manifest_dir)
+    test_rows = (manifest["split"] == "test") & (manifest["box_issue"] == "")
+    assert out[2] is not None and len(out[2].dataset) == test_rows.sum()
     cfg = OmegaConf.merge(synth_cfg, {"train": {"strategy": "classification"}, "loss": {"use_class_weights": True}})
     out = build_dataloaders_twostage(cfg)
     assert out[3] is None and out[4] is None and out[6]["yolo_data_yaml"] is None

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pillsnap.data import aihub, scan_walk
+from pillsnap.data import aihub, scan_chunk
 from pillsnap.data.scan import load_class_map, load_manifest, scan_dataset
 
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "aihub_real_labels"
@@ -99,9 +99,11 @@ def test_manifest_columns_and_files(manifest_dir, synth_root):
 def test_splits_have_no_leakage_and_are_stratified(manifest_dir):
     manifest = load_manifest(manifest_dir)
     assert (manifest.groupby("photo_id")["split"].nunique() == 1).all()
+    assert (manifest.groupby("split_group")["split"].nunique() == 1).all()  # no near-duplicates across splits
     singles = manifest[manifest["image_type"] == "single"]
     per_class = singles.groupby(["mapping_code", "split"]).size().unstack(fill_value=0)
-    assert (per_class["train"] == 4).all() and (per_class["val"] == 1).all() and (per_class["test"] == 1).all()
+    # 6 photos per class in sweeps of 1-2 photos: about one photo each for test and val, never none
+    assert (per_class["val"] >= 1).all() and (per_class["test"] >= 1).all() and (per_class["train"] >= 3).all()
     combos = manifest[manifest["image_type"] == "combination"].drop_duplicates("photo_id")
     assert set(combos["split"]) == {"train", "val", "test"}
 
@@ -159,7 +161,7 @@ class MachineDown(RuntimeError):
 def test_interrupted_scan_resumes_without_reparsing(synth_root, tmp_path, monkeypatch):
     calls: list[str] = []
     armed = [True]
-    real = scan_walk.process_chunk
+    real = scan_chunk.process_chunk
 
     def flaky(task, parts_dir, seed):
         calls.append(task.task_id)

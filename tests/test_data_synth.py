@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SYNTH_COMBOS
 from PIL import Image
 
 from pillsnap.data import aihub
@@ -97,7 +98,7 @@ def test_combination_pills_are_distinct_classes_without_heavy_overlap(synth_root
     for path in synth_root.rglob("K-*-*_json/K-*/*.json"):
         rec = aihub.load_label(path.read_bytes())
         by_photo.setdefault(rec.file_name, []).append(rec)
-    assert len(by_photo) == 6
+    assert len(by_photo) == SYNTH_COMBOS
     for recs in by_photo.values():
         codes = [r.mapping_code for r in recs]
         assert 2 <= len(codes) <= 4 and len(set(codes)) == len(codes)
@@ -119,3 +120,71 @@ def test_combination_pills_are_distinct_classes_without_heavy_overlap(synth_root
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_dataset(tmp_path, **kwargs)
+
+
+def test_synthetic_boxes_match_the_real_box_sizes(tmp_path):
+    """Box width/height percentiles of combination pills near the real ones (shared/spec/real_photo_stats.md)."""
+    from pillsnap.data.synth_render import box_stats
+
+    scale = 0.1
+    generate_dataset(tmp_path, 60, 1, 90, seed=11, image_scale=scale, workers=1, progress=False)
+    boxes = [aihub.load_label(p.read_bytes()).bbox for p in tmp_path.rglob("K-*-*_json/K-*/*.json")]
+    stats = box_stats(boxes, scale)
+    real = {"width": [180, 209, 242, 295, 408], "height": [167, 199, 231, 403, 497]}
+    for name in ("width", "height"):
+        for got, want in zip(stats[name], real[name], strict=True):
+            assert abs(got - want) <= 0.3 * want, (name, stats[name], real[name])
+
+
+def test_combination_shots_keep_their_arrangement(synth_root):
+    shots: dict[str, dict[int, dict[str, tuple]]] = {}
+    for path in synth_root.rglob("K-*-*_json/K-*/*.json"):
+        rec = aihub.load_label(path.read_bytes())
+        info = aihub.parse_file_name(rec.file_name)
+        shots.setdefault(info.folder, {}).setdefault(info.camera_la, {})[rec.mapping_code] = rec.bbox
+    assert all(len(angles) >= 2 for angles in shots.values())  # every combination at several elevations
+    for angles in shots.values():
+        first, *others = angles.values()
+        for other in others:
+            for code, (x, _, w, _) in other.items():
+                assert abs((x + w / 2) - (first[code][0] + first[code][2] / 2)) <= 0.05 * 122  # same place
+
+
+def test_class_looks_follow_the_real_distributions():
+    looks = [c.look for c in make_classes(400, seed=5)]
+    tests = {"white": lambda lk: lk.colors[0] == "하양",
+             "round_oval_oblong": lambda lk: lk.shape in ("원형", "타원형", "장방형"),
+             "imprint": lambda lk: bool(lk.print_front), "score_line": lambda lk: lk.line_front == "-",
+             "two_tone_capsule": lambda lk: lk.capsule == "hard" and len(lk.colors) == 2}
+    share = {key: np.mean([fn(look) for look in looks]) for key, fn in tests.items()}
+    assert 0.25 <= share["white"] <= 0.42 and share["round_oval_oblong"] >= 0.9 and share["imprint"] >= 0.9
+    assert 0.04 <= share["score_line"] <= 0.2 and share["two_tone_capsule"] > 0
+    pale = np.mean([np.mean(look.rgb[0]) > 150 for look in looks])
+    assert pale >= 0.75  # most real pills are white or pale
+
+
+def test_debossed_imprints_are_relief_not_ink():
+    from dataclasses import replace
+
+    from pillsnap.data.synth_pill import draw_pill
+
+    look = next(c.look for c in make_classes(60, seed=2) if not c.look.ink and not c.look.capsule)
+    plain, marked = replace(look, print_front="", line_front=""), replace(look, print_front="AB8", line_front="-")
+    albedo_plain, height_plain = draw_pill(plain, False, 0.5)
+    albedo_marked, height_marked = draw_pill(marked, False, 0.5)
+    assert np.array_equal(np.asarray(albedo_plain), np.asarray(albedo_marked))  # no ink
+    engraved = np.asarray(height_plain) - np.asarray(height_marked)
+    assert engraved.max() > 0.5 and engraved.min() >= -1e-3  # cut into the surface, never raised
+
+
+def test_synthetic_photos_pass_the_label_checks_and_sit_on_the_real_backdrop(manifest_dir, synth_root):
+    report = json.loads((manifest_dir / "scan_report.json").read_text(encoding="utf-8"))
+    checks = report["label_checks"]
+    assert checks["overlapping_boxes"] == checks["box_count_above_pills"] == checks["attribute_mismatch"] == 0
+    assert report["incomplete_gt_photos"] == 0
+    borders = []
+    for path in sorted(synth_root.rglob("K-*-*/*_0_2_*_200.png")):
+        image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        borders.append(np.median(np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3)]), axis=0))
+    median = np.median(borders, axis=0)
+    assert np.abs(median - np.array([90, 100, 140])).max() < 25, median  # the real blue-grey backdrop

@@ -209,7 +209,7 @@ def test_resume_last_without_checkpoint_starts_fresh_and_empty_data_is_named(tmp
         return fake_build_loaders(cfg)._replace(cls_train=None)
 
     assert main(make_cfg(tmp_path / "empty"), no_train) == EXIT_CONFIG
-    assert "no single-pill training images" in (tmp_path / "empty" / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "no classification training crops" in (tmp_path / "empty" / "logs" / "train.err").read_text(encoding="utf-8")
 
 
 def test_resuming_a_finished_run_with_more_epochs_follows_the_longer_schedule(tmp_path):

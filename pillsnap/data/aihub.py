@@ -31,11 +31,17 @@ DRUG_DIR = {"0": "앞면", "1": "뒷면"}
 LIGHT_COLOR = {"0": "백색", "1": "주광색", "2": "주백색"}
 CAMERA_LA = (60, 70, 75, 90)
 CAMERA_LO = tuple(range(0, 360, 20))
+# JSON text -> file-name code, for checking a label's attributes against its file name (the source of truth).
+TEXT_TO_CODE = {
+    "drug_dir": {v: k for k, v in DRUG_DIR.items()},
+    "back_color": {v: k for k, v in BACK_COLOR.items()},
+    "light_color": {v: k for k, v in LIGHT_COLOR.items()},
+}
 
 SHAPES = ("원형", "타원형", "장방형", "반원형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형", "기타")
 COLORS = ("하양", "노랑", "주황", "분홍", "빨강", "갈색", "연두", "초록", "청록", "파랑", "남색", "자주", "보라",
           "회색", "검정", "투명")
-FORMS = ("필름코팅정", "나정", "경질캡슐제", "연질캡슐제", "서방정", "저작정")
+FORMS = ("필름코팅정", "나정", "경질캡슐제", "연질캡슐제", "서방정", "저작정", "장용성필름코팅정", "다층정")
 LINES = ("", "-", "+")
 
 CODE_RE = re.compile(r"^K-\d{6}$")
@@ -95,6 +101,7 @@ class LabelRecord:
     camera_la: int
     camera_lo: int
     info: dict[str, Any] = field(default_factory=dict)  # class-level display metadata (see class_info)
+    n_boxes: int = 1  # annotations in the file: a label describes one pill, so more than one is a broken label
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,9 +147,50 @@ def _split_list(value: Any) -> list[str]:
     return [p for p in (clean_text(x) for x in clean_text(value).split(",")) if p]
 
 
+def parse_colors(image: dict[str, Any]) -> list[str]:
+    """`color_class1` and `color_class2` as one list of colours, in order, without repeats.
+
+    Real labels put several colours in one field ("노랑, 투명"), so each field is a comma-separated list.
+    """
+    colors: list[str] = []
+    for key in ("color_class1", "color_class2"):
+        colors += [c for c in _split_list(image.get(key)) if c not in colors]
+    return colors
+
+
+def has_multi_valued_color(image: dict[str, Any]) -> bool:
+    """True when a colour field holds several colours (counted by the scan; parsed by parse_colors)."""
+    first, second = image.get("color_class1"), image.get("color_class2")
+    return (type(first) is str and "," in first) or (type(second) is str and "," in second)
+
+
+def attribute_mismatches(rec: LabelRecord, info: FileNameInfo) -> list[str]:
+    """Photo attributes where the label JSON disagrees with its file name (the file name is the truth).
+
+    A JSON text outside the known vocabulary cannot be compared and is not reported.
+    """
+    wrong = []
+    if rec.camera_la != info.camera_la:
+        wrong.append("camera_la")
+    if rec.camera_lo != info.camera_lo:
+        wrong.append("camera_lo")
+    for name, to_code in TEXT_TO_CODE.items():
+        code = to_code.get(getattr(rec, name))
+        if code is not None and code != getattr(info, name):
+            wrong.append(name)
+    return wrong
+
+
+def file_name_attributes(info: FileNameInfo, rec: LabelRecord) -> tuple[str, str, str, int, int]:
+    """(drug_dir, back_color, light_color, camera_la, camera_lo) to keep: the file name's codes as text (the
+    JSON's text for a code we have no name for), and its camera angles."""
+    return (DRUG_DIR.get(info.drug_dir) or rec.drug_dir, BACK_COLOR.get(info.back_color) or rec.back_color,
+            LIGHT_COLOR.get(info.light_color) or rec.light_color, info.camera_la, info.camera_lo)
+
+
 def class_info(image: dict[str, Any]) -> dict[str, Any]:
     """Class-level display metadata of one label's images[0] (the class map entry without its index)."""
-    colors = [c for c in (clean_text(image.get("color_class1")), clean_text(image.get("color_class2"))) if c]
+    colors = parse_colors(image)
     return {
         "mapping_code": clean_text(image.get("dl_mapping_code") or image.get("drug_N")),
         "name": clean_text(image.get("dl_name")),
@@ -203,6 +251,7 @@ def parse_label(data: Any, with_info: bool = True) -> LabelRecord:
         light_color=clean_text(image.get("light_color")),
         camera_la=_as_int(image.get("camera_la") or 0, "camera_la"),
         camera_lo=_as_int(image.get("camera_lo") or 0, "camera_lo"), info=class_info(image) if with_info else {},
+        n_boxes=len(data["annotations"]),
     )
 
 

@@ -1,4 +1,4 @@
-"""Preprocessed crop cache: each single-pill row decoded, cropped and resized once into uint8 memory-mapped
+"""Preprocessed crop cache: each classifier row (a pill) decoded, cropped and resized once into uint8 memory-mapped
 .npy shards, so that training reads a slice of a page-cached file instead of decoding a 976x1280 PNG.
 
 Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
@@ -105,7 +105,7 @@ def _save_index(root: Path, index: dict[str, tuple[int, int]]) -> None:
 
 def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop_margin: float,
                 workers: int = 0, progress: bool = False) -> CachedCrops:
-    """Make sure every row (single-pill manifest rows) has a cached crop; returns the read side."""
+    """Make sure every row (the classifier's manifest rows) has a cached crop; returns the read side."""
     root = ensure_dir(cache_root(cache_dir, image_size, crop_margin))
     if not (root / "meta.json").is_file():
         save_json(root / "meta.json", {"image_size": image_size, "crop_margin": crop_margin, "format": "npy"})

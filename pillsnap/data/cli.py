@@ -1,4 +1,5 @@
-"""`pillsnap data synth | scan | cache`: generate synthetic AI Hub data, ingest a tree, build the crop cache."""
+"""`pillsnap data synth | scan | manifest | cache`: generate synthetic AI Hub data, ingest a tree, write a stage's
+manifests, build the crop cache."""
 
 from __future__ import annotations
 
@@ -33,25 +34,55 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from pillsnap.data.scan import scan_dataset
+    from pillsnap.data.scan import ScanError, scan_dataset
 
     cfg = _load_cfg(args)
     workers = args.workers if args.workers is not None else int(cfg.data.scan_workers)
-    report = scan_dataset(args.data_root or cfg.paths.data_root, args.out or cfg.paths.manifest_dir, workers,
-                          split_seed=int(cfg.data.split_seed), val_ratio=float(cfg.data.val_ratio),
-                          test_ratio=float(cfg.data.test_ratio), resume=not args.no_resume)
+    try:
+        report = scan_dataset(args.data_root or cfg.paths.data_root, args.out or cfg.paths.manifest_dir, workers,
+                              split_seed=int(cfg.data.split_seed), val_ratio=float(cfg.data.val_ratio),
+                              test_ratio=float(cfg.data.test_ratio), resume=not args.no_resume)
+    except ScanError as err:  # nothing usable: one line that says what was found and what was expected
+        LOGGER.error("scan failed: %s", err)
+        return 2
     _print(report)
+    return 0
+
+
+def _manifest_summary(rows: Any, path: Path) -> str:
+    photos = rows.drop_duplicates("photo_id")["image_type"].value_counts()
+    return (f"{path.name}: {len(rows)} rows, {int(photos.sum())} photos "
+            f"({int(photos.get('single', 0))} single, {int(photos.get('combination', 0))} combination), "
+            f"{rows['mapping_code'].nunique()} classes -> {path}")
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from pillsnap.data.scan import load_manifest, write_manifest_csv
+    from pillsnap.data.stages import select_stage
+
+    cfg = _load_cfg(args)
+    stage = args.stage if args.stage is not None else int(cfg.data.progressive_validation.current_stage)
+    try:
+        rows = select_stage(load_manifest(cfg.paths.manifest_dir), cfg, stage)
+    except ValueError as err:  # an unknown stage, or nothing to classify
+        LOGGER.error("data manifest: %s", err)
+        return 2
+    out = Path(args.out or cfg.paths.manifest_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        part = rows[rows["split"] == split]
+        print(_manifest_summary(part, write_manifest_csv(part, out / f"manifest_{split}.csv")))
     return 0
 
 
 def run_cache(args: argparse.Namespace) -> int:
     from pillsnap.data.cache import build_cache
     from pillsnap.data.scan import load_manifest
-    from pillsnap.data.stages import select_stage
+    from pillsnap.data.stages import classification_rows, select_stage
 
     cfg = _load_cfg(args)
-    rows = select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
-    cache = build_cache(rows[rows["image_type"] == "single"], cfg.paths.cache_dir, int(cfg.model.image_size),
+    rows = classification_rows(select_stage(load_manifest(cfg.paths.manifest_dir), cfg))
+    cache = build_cache(rows, cfg.paths.cache_dir, int(cfg.model.image_size),
                         float(cfg.data.crop_margin), workers=args.workers)
     _print({"cache_dir": str(cache.root), "crops": len(cache), "image_size": cache.image_size})
     return 0
@@ -77,8 +108,11 @@ def _add_synth(sub: Any) -> None:
 
 def _add_scan(sub: Any) -> None:
     p = sub.add_parser("scan", help="ingest an AI Hub tree into manifests",
-                       description="Parse labels (zips or folders), join images, write manifest.{parquet,csv}, "
-                                   "class_map.json and scan_report.json. Resumes an interrupted scan.")
+                       description="Parse labels (zips or folders; the AI Hub layout or the competition's "
+                                   "train_images/ + train_annotations/), check them, join images, split by groups of "
+                                   "near-duplicate photos, write manifest.{parquet,csv}, class_map.json and "
+                                   "scan_report.json. Resumes an interrupted scan. Exits 2 with a diagnosis when "
+                                   "no record is kept.")
     _cfg_args(p)
     p.add_argument("--data-root", default=None, help="AI Hub root (default: paths.data_root)")
     p.add_argument("--out", default=None, help="manifest folder (default: paths.manifest_dir)")
@@ -87,9 +121,22 @@ def _add_scan(sub: Any) -> None:
     p.set_defaults(func=run_scan)
 
 
+def _add_manifest(sub: Any) -> None:
+    p = sub.add_parser("manifest", help="write a stage's train and val manifests (CSV)",
+                       description="Select a stage's rows from the scanned manifest (paths.manifest_dir) and write "
+                                   "manifest_train.csv and manifest_val.csv (the columns of manifest.csv), one "
+                                   "summary line per file. Run `pillsnap data scan` first.")
+    _cfg_args(p)
+    p.add_argument("--stage", type=int, default=None,
+                   help="stage 1-4 (default: data.progressive_validation.current_stage)")
+    p.add_argument("--out", default=None, help="output folder (default: paths.manifest_dir)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. paths.manifest_dir=runs/x/manifests")
+    p.set_defaults(func=run_manifest)
+
+
 def _add_cache(sub: Any) -> None:
     p = sub.add_parser("cache", help="build the uint8 crop cache for the current stage",
-                       description="Decode, crop and resize the stage's single-pill photos once into memory-mapped "
+                       description="Decode, crop and resize the stage's classifier pills once into memory-mapped "
                                    "shards under paths.cache_dir (used when data.cache.enabled=true).")
     _cfg_args(p)
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
@@ -98,11 +145,12 @@ def _add_cache(sub: Any) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add `data` with sub-commands synth, scan and cache."""
-    data = subparsers.add_parser("data", help="synthetic data, ingestion, cache",
-                                 description="Data commands: synth, scan, cache.")
+    """Add `data` with sub-commands synth, scan, manifest and cache."""
+    data = subparsers.add_parser("data", help="synthetic data, ingestion, stage manifests, cache",
+                                 description="Data commands: synth, scan, manifest, cache.")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     _add_synth(sub)
     _add_scan(sub)
+    _add_manifest(sub)
     _add_cache(sub)
     data.set_defaults(func=lambda _args: (data.print_help(), 2)[1])

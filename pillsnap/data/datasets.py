@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
-from pillsnap.utils.images import DECODE_ERRORS, read_image
+from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, read_image
 
 LOGGER = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +47,8 @@ def classification_transform(image_size: int, train: bool) -> Callable[[Image.Im
 
 
 # The manifest columns a crop needs; a module-level namedtuple so that rows pickle into worker processes.
+# Label boxes are in the photo's stored pixel frame (the frame the annotators' JSON sizes describe): no EXIF turn.
+LABELLED = ImageLimits(upright=False)
 CropRow = namedtuple("CropRow", ["image_path", "label_path", "mapping_code", "bbox_x", "bbox_y", "bbox_w", "bbox_h"])
 
 
@@ -56,13 +58,14 @@ def crop_rows(rows: pd.DataFrame) -> list[CropRow]:
 
 def pill_crop(row: Any, margin: float) -> Image.Image:
     """Decode the row's photo and crop it to the row's pill (manifest columns)."""
-    image = read_image(row.image_path)
+    image = read_image(row.image_path, LABELLED)
     box = crop_box(image.width, image.height, (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h), margin)
     return image.crop(box)
 
 
 class ClassificationDataset(Dataset):
-    """Single-pill crops from manifest rows -> (x, y, info); a sample that fails to decode becomes None.
+    """Pill crops from manifest rows (single-pill photos or pills of combination photos) -> (x, y, info); a sample
+    that fails to decode becomes None.
 
     `cache` (pillsnap.data.cache.CachedCrops) serves pre-cropped, pre-resized uint8 crops instead of PNGs.
     """

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from pillsnap.data.datasets import ClassificationDataset, compute_class_weights, safe_collate
 from pillsnap.data.scan import load_class_map, load_manifest
-from pillsnap.data.stages import select_stage
+from pillsnap.data.stages import classification_rows, select_stage
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _classification_loader(dataset: ClassificationDataset, cfg: DictConfig, trai
 
 
 def _class_meta(rows: pd.DataFrame, manifest_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    names = sorted(rows.loc[rows["image_type"] == "single", "mapping_code"].unique())
+    """Class names and class map of the classifier rows (a class seen only in combination photos included)."""
+    names = sorted(rows["mapping_code"].unique())
     full = load_class_map(manifest_dir)
     # `index` is re-numbered to the stage's class order: it is the classifier's output index.
     return names, {code: {**full.get(code, {"mapping_code": code}), "index": i} for i, code in enumerate(names)}
@@ -144,20 +145,42 @@ def _detection_sizes(data_yaml: Path | None) -> dict[str, int]:
     return {f"det_{s}": count_images(data_yaml, s) if data_yaml else 0 for s in ("train", "val", "test")}
 
 
+def _classification_datasets(rows: pd.DataFrame, class_names: list[str],
+                             cfg: DictConfig) -> dict[str, ClassificationDataset]:
+    index = {code: i for i, code in enumerate(class_names)}
+    cache = _cache_for(rows, cfg)
+    size, margin = int(cfg.model.image_size), float(cfg.data.crop_margin)
+    return {s: ClassificationDataset(rows[rows["split"] == s], index, size, s == "train", margin, cache)
+            for s in ("train", "val", "test")}
+
+
+def _no_training_rows(cfg: DictConfig, manifest_dir: Path) -> ValueError:
+    stage = cfg.data.progressive_validation.current_stage
+    return ValueError(f"Stage {stage} has no classifier training rows in {manifest_dir} (single-pill photos, or "
+                      f"combination pills with data.combo_crops=true): check the manifest splits and the stage "
+                      f"sizes (data.progressive_validation.stage_{stage})")
+
+
+def _sizes(datasets: dict[str, ClassificationDataset], rows: pd.DataFrame, data_yaml: Path | None) -> dict[str, int]:
+    from_combos = rows[rows["image_type"] == "combination"]
+    return ({f"cls_{s}": len(d) for s, d in datasets.items()}
+            | {f"cls_{s}_from_combinations": int((from_combos["split"] == s).sum()) for s in ("train", "val", "test")}
+            | _detection_sizes(data_yaml))
+
+
 def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: Any = None) -> Loaders:
-    """The current stage's Loaders, read from `paths.manifest_dir` (the test split only with `build_test`)."""
+    """The current stage's Loaders, read from `paths.manifest_dir` (the test split only with `build_test`).
+
+    The classifier trains on single-pill crops and, with `data.combo_crops`, on the soundly boxed pills of
+    combination photos, so a stage without single-pill photos still trains both models.
+    """
     manifest_dir = Path(cfg.paths.manifest_dir)
     rows = select_stage(load_manifest(manifest_dir), cfg)
-    class_names, class_map = _class_meta(rows, manifest_dir)
-    index = {code: i for i, code in enumerate(class_names)}
-    singles = rows[rows["image_type"] == "single"]
-    cache = _cache_for(singles, cfg)
-    size, margin = int(cfg.model.image_size), float(cfg.data.crop_margin)
-    datasets = {s: ClassificationDataset(singles[singles["split"] == s], index, size, s == "train", margin, cache)
-                for s in ("train", "val", "test")}
+    cls_rows = classification_rows(rows)
+    class_names, class_map = _class_meta(cls_rows, manifest_dir)
+    datasets = _classification_datasets(cls_rows, class_names, cfg)
     if not len(datasets["train"]):
-        raise ValueError(f"Stage {cfg.data.progressive_validation.current_stage} has no single-pill training rows "
-                         f"in {manifest_dir}: check the manifest splits and the stage sizes")
+        raise _no_training_rows(cfg, manifest_dir)
     workers = int(cfg.dataloader.num_workers)
     if cfg.dataloader.autotune_workers:
         workers = autotune_num_workers(
@@ -174,7 +197,7 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
         "num_classes": len(class_names), "class_names": class_names, "class_map": class_map,
         "class_weights": weights, "yolo_data_yaml": str(data_yaml) if data_yaml else None,
         "stage": int(cfg.data.progressive_validation.current_stage), "num_workers": workers,
-        "sizes": {f"cls_{s}": len(d) for s, d in datasets.items()} | _detection_sizes(data_yaml),
+        "sizes": _sizes(datasets, cls_rows, data_yaml),
     }
     LOGGER.info("loaders: %d classes, sizes %s", meta["num_classes"], meta["sizes"])
     return Loaders(cls["train"], cls["val"], cls["test"], det_train, det_val, det_test, meta)

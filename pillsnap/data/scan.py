@@ -2,7 +2,7 @@
 
 Streaming and parallel: label folders are chunked, each chunk is parsed in a worker process into one Parquet
 part (so memory stays bounded and a crashed scan resumes from the parts already written); the parts are then
-merged with a deterministic, class-stratified train/val/test split per photo.
+merged with a deterministic train/val/test split of whole groups of near-duplicate photos (splits.py).
 """
 
 from __future__ import annotations
@@ -12,33 +12,31 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pillsnap.data.scan_walk import (
-    MANIFEST_SCHEMA,
-    SPLIT_KEY,
-    ChunkTask,
-    Discovery,
-    discover,
-    make_tasks,
-    process_chunk,
-)
+from pillsnap.data.scan_checks import PHOTO_REASONS
+from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
+from pillsnap.data.scan_layout import diagnose, layout_of
+from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, make_tasks
+from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
-STATE_VERSION = 1
-COMBO_GROUP = "__combination__"  # combination photos are stratified as one group (their pills span classes)
+STATE_VERSION = 2  # 2: label checks, split groups, AI Hub partition columns
+
+
+class ScanError(ValueError):
+    """A scan that cannot give a usable manifest; the message is the one-line diagnosis."""
 
 
 def _state_matches(state_path: Path, expected: dict[str, Any]) -> bool:
@@ -98,53 +96,7 @@ def _run_pool(todo: list[ChunkTask], parts: Path, pool: ProcessPoolExecutor, bar
             bar.update(pending.pop(fut).n_files)
 
 
-def _group_keys(frame: pd.DataFrame) -> pd.Series:
-    return frame["mapping_code"].where(frame["image_type"] == "single", COMBO_GROUP)
-
-
-def _split_counts(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
-    """(n_test, n_val) for a group of n photos; every group of >= 3 photos gets at least one of each."""
-    n_test = round(n * test_ratio)
-    n_val = round(n * val_ratio)
-    if n >= 3:
-        n_test = max(n_test, 1 if test_ratio > 0 else 0)
-        n_val = max(n_val, 1 if val_ratio > 0 else 0)
-    n_test = min(n_test, max(0, n - 1))
-    n_val = min(n_val, max(0, n - 1 - n_test))
-    return n_test, n_val
-
-
-def _split_cutoffs(part_files: list[Path], val_ratio: float, test_ratio: float) -> dict[str, tuple[int, int]]:
-    """Per group: photos whose hash ranks below the cutoffs go to test, then val (exact per-class shares)."""
-    hashes: dict[str, list[np.ndarray]] = defaultdict(list)
-    for path in part_files:
-        frame = pq.read_table(path, columns=["mapping_code", "image_type", SPLIT_KEY]).to_pandas()
-        for group, sub in frame.groupby(_group_keys(frame)):
-            hashes[group].append(sub[SPLIT_KEY].to_numpy())
-    cutoffs = {}
-    for group, chunks in hashes.items():
-        values = np.unique(np.concatenate(chunks))  # unique: the pills of one photo share its hash
-        n_test, n_val = _split_counts(len(values), val_ratio, test_ratio)
-        test_cut = int(values[n_test - 1]) if n_test else -1
-        val_cut = int(values[n_test + n_val - 1]) if n_val else test_cut
-        cutoffs[group] = (test_cut, val_cut)
-    return cutoffs
-
-
-_SPLITS = np.array(["train", "val", "test"], dtype=object)
-
-
-def _with_split(table: pa.Table, cutoffs: dict[str, tuple[int, int]]) -> pa.Table:
-    frame = table.select(["mapping_code", "image_type", SPLIT_KEY]).to_pandas()
-    groups = pd.Index(list(cutoffs))
-    cuts = np.array(list(cutoffs.values()), dtype=np.int64)[groups.get_indexer(_group_keys(frame))]
-    h = frame[SPLIT_KEY].to_numpy()
-    split = _SPLITS[np.where(h <= cuts[:, 0], 2, np.where(h <= cuts[:, 1], 1, 0))]
-    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
-    return table.drop_columns([SPLIT_KEY])
-
-
-def _merge(part_files: list[Path], out_dir: Path, cutoffs: dict[str, tuple[int, int]]) -> Counter:
+def _merge(part_files: list[Path], out_dir: Path, splits_of: pd.Series) -> Counter:
     splits: Counter = Counter()
     with (atomic_path(out_dir / "manifest.parquet") as pq_tmp, atomic_path(out_dir / "manifest.csv") as csv_tmp,
           pq.ParquetWriter(pq_tmp, MANIFEST_SCHEMA) as pq_writer, pacsv.CSVWriter(csv_tmp, MANIFEST_SCHEMA) as cw):
@@ -152,12 +104,19 @@ def _merge(part_files: list[Path], out_dir: Path, cutoffs: dict[str, tuple[int, 
             table = pq.read_table(path)
             if not table.num_rows:
                 continue
-            table = _with_split(table, cutoffs)
-            names, counts = np.unique(table.column("split").to_numpy(zero_copy_only=False), return_counts=True)
-            splits.update({str(k): int(v) for k, v in zip(names, counts, strict=True)})
+            table = with_split(table, splits_of)
+            _count_splits(table, splits)
             pq_writer.write_table(table)
             cw.write_table(table)
     return splits
+
+
+def _count_splits(table: pa.Table, splits: Counter) -> None:
+    """Rows per split, and photos per image type and split (keys "single:train", ...)."""
+    frame = table.select(["split", "image_type", "photo_id"]).to_pandas()
+    splits.update(frame["split"].value_counts().to_dict())
+    photos = frame.drop_duplicates("photo_id").groupby(["image_type", "split"]).size()
+    splits.update({f"{kind}:{split}": int(n) for (kind, split), n in photos.items()})
 
 
 def _class_map(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,8 +134,8 @@ def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
         if folder in labelled_folders:
             continue
         for loc in locations:
-            if loc.is_zip:
-                total += found.zip_image_counts.get((loc.container, folder), 0)
+            if loc.is_zip or loc.flat:
+                total += found.image_counts.get((loc.container, folder), 0)
             else:
                 names = os.listdir(os.path.join(loc.container, folder))
                 total += sum(1 for n in names if n.endswith(".png") and not n.endswith("index.png"))
@@ -185,28 +144,48 @@ def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
 
 SKIP_REASONS = ("bad_json", "bad_schema", "bad_field", "bad_code", "bad_file_name", "bbox_outside_image",
                 "bbox_zero_size", "missing_image", "file_name_mismatch", "code_not_in_folder", "unreadable")
+# Counters of the workers that are not skip reasons (kept records, photos, label checks).
+_NON_SKIP = {"label_files", "kept", "image_without_label", "photos_single", "photos_combination",
+             "incomplete_gt_photos", "box_issue_rows", "attribute_mismatch", "multi_valued_colour", *PHOTO_REASONS}
 
 
-def _report(stats: list[dict[str, Any]], found: Discovery, splits: Counter, n_classes: int,
-            meta: dict[str, Any]) -> dict[str, Any]:
+def _total_counts(stats: list[dict[str, Any]]) -> Counter:
     counts: Counter = Counter()
     for item in stats:
         counts.update(item["counts"])
+    return counts
+
+
+def _skipped(counts: Counter) -> dict[str, int]:
     skipped = {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
-    skipped.update({k: v for k, v in counts.items() if k not in skipped and k not in _NON_SKIP})
-    labelled = {f for item in stats for f in item["folders"]}
+    skipped.update({k: v for k, v in counts.items()
+                    if k not in skipped and k not in _NON_SKIP and not k.startswith("attribute_mismatch:")})
+    return skipped
+
+
+def _label_checks(counts: Counter) -> dict[str, Any]:
+    """Label quality checks: photos per photo-level reason, rows or label files for the others."""
+    fields = {k.partition(":")[2]: v for k, v in sorted(counts.items()) if k.startswith("attribute_mismatch:")}
+    return {**{reason: counts.get(reason, 0) for reason in PHOTO_REASONS},
+            "attribute_mismatch": counts.get("attribute_mismatch", 0), "attribute_mismatch_by_field": fields,
+            "multi_valued_colour": counts.get("multi_valued_colour", 0),
+            "left_out_of_detection_photos": counts.get("incomplete_gt_photos", 0),
+            "left_out_of_classification_rows": counts.get("box_issue_rows", 0)}
+
+
+def _report(counts: Counter, found: Discovery, labelled: set[str], splits: Counter, n_classes: int,
+            meta: dict[str, Any]) -> dict[str, Any]:
+    skipped = _skipped(counts)
     return {
-        **meta, "label_files": counts["label_files"], "records_kept": counts["kept"],
-        "records_skipped": sum(skipped.values()), "skipped": skipped,
+        **meta, "layout": layout_of(found), "label_files": counts["label_files"], "records_kept": counts["kept"],
+        "records_skipped": sum(skipped.values()), "skipped": skipped, "label_checks": _label_checks(counts),
         "image_without_label": counts["image_without_label"] + _unlabelled_images(found, labelled),
         "photos": {"single": counts["photos_single"], "combination": counts["photos_combination"]},
         "incomplete_gt_photos": counts["incomplete_gt_photos"], "classes": n_classes,
         "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
+        "photos_per_split": {kind: {k: splits.get(f"{kind}:{k}", 0) for k in ("train", "val", "test")}
+                             for kind in ("single", "combination")},
     }
-
-
-_NON_SKIP = {"label_files", "kept", "image_without_label", "photos_single", "photos_combination",
-             "incomplete_gt_photos"}
 
 
 def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *, split_seed: int = 42,
@@ -214,8 +193,9 @@ def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *
                  resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Scan an AI Hub tree into manifests under `out_dir`; returns the scan report (also scan_report.json).
 
-    `workers` = 0 uses every core, 1 parses in this process. Bad records are skipped and counted by reason.
-    With `resume`, chunks finished by an interrupted scan with the same settings are not parsed again.
+    `workers` = 0 uses every core, 1 parses in this process. Bad records are skipped and counted by reason,
+    label checks flag records (label_checks). With `resume`, chunks finished by an interrupted scan with the same
+    settings are not parsed again. Raises ScanError, a one-line diagnosis, when nothing could be kept.
     """
     if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
         raise ValueError(f"val_ratio={val_ratio} and test_ratio={test_ratio} must be in [0, 1) with sum < 1")
@@ -236,8 +216,9 @@ def _scan(data_root: str | Path, out_dir: Path, pool: ProcessPoolExecutor | None
           split_seed: int, val_ratio: float, test_ratio: float, chunk_files: int, resume: bool,
           progress: bool) -> dict[str, Any]:
     found = discover(data_root, pool)
+    LOGGER.info("scan: %s layout under %s", layout_of(found)["name"], data_root)
     if not found.label_folders:
-        raise ValueError(f"No AI Hub label folders (K-XXXXXX_json) found under {data_root} (zips or folders)")
+        raise ScanError(diagnose(str(data_root), found) + " (No AI Hub label folders K-XXXXXX_json were found.)")
     tasks = make_tasks(found, chunk_files)
     expected = {"version": STATE_VERSION, "data_root": str(Path(data_root).resolve()), "tasks": len(tasks),
                 "split_seed": split_seed,
@@ -246,21 +227,45 @@ def _scan(data_root: str | Path, out_dir: Path, pool: ProcessPoolExecutor | None
     _run_tasks(tasks, parts, pool, workers, progress, split_seed)
     part_files = [parts / f"part-{t.task_id}.parquet" for t in tasks]
     stats = [read_json(parts / f"part-{t.task_id}.json") for t in tasks]
-    splits = _merge(part_files, out_dir, _split_cutoffs(part_files, val_ratio, test_ratio))
+    counts = _total_counts(stats)
+    meta = {"data_root": expected["data_root"], "split_seed": split_seed, "val_ratio": val_ratio,
+            "test_ratio": test_ratio, "workers": workers, "chunks": len(tasks)}
+    labelled = {f for item in stats for f in item["folders"]}
+    if not counts["kept"]:
+        _fail_empty(data_root, out_dir, found, counts, labelled, meta)
+    splits_of, meta["split"] = assign_splits(collect_groups(part_files), val_ratio, test_ratio)
+    splits = _merge(part_files, out_dir, splits_of)
     class_map = _class_map(stats)
     save_json(out_dir / "class_map.json", class_map)
     seconds = time.perf_counter() - start
-    meta = {"data_root": expected["data_root"], "split_seed": split_seed, "val_ratio": val_ratio,
-            "test_ratio": test_ratio, "workers": workers, "chunks": len(tasks), "seconds": round(seconds, 2)}
-    report = _report(stats, found, splits, len(class_map["classes"]), meta)
+    report = _report(counts, found, labelled, splits, len(class_map["classes"]), {**meta, "seconds": round(seconds, 2)})
     report["files_per_second"] = round(report["label_files"] / max(seconds, 1e-9), 1)
     save_json(out_dir / "scan_report.json", report)
     save_json(out_dir / "scan_state.json", {**expected, "status": "complete"})
     shutil.rmtree(parts)  # the merged manifest supersedes the parts
+    _log_report(report, seconds)
+    return report
+
+
+def _fail_empty(data_root: str | Path, out_dir: Path, found: Discovery, counts: Counter, labelled: set[str],
+                meta: dict[str, Any]) -> None:
+    """No record kept: the report (with the diagnosis) is written, the manifest is not, and the scan fails."""
+    text = diagnose(str(data_root), found, Counter(_skipped(counts)))
+    report = _report(counts, found, labelled, Counter(), 0, meta)
+    save_json(out_dir / "scan_report.json", {**report, "diagnosis": text})
+    raise ScanError(text)
+
+
+def _log_report(report: dict[str, Any], seconds: float) -> None:
     LOGGER.info("scan: %d labels, %d kept, %d skipped %s, %d classes, %.1fs", report["label_files"],
                 report["records_kept"], report["records_skipped"],
                 {k: v for k, v in report["skipped"].items() if v}, report["classes"], seconds)
-    return report
+    checks = report["label_checks"]
+    flagged = {k: v for k, v in checks.items() if v and not isinstance(v, dict)}
+    if flagged:
+        LOGGER.info("scan: label checks %s; photos with broken or missing boxes are left out of detection "
+                    "training, pills with a doubtful box out of classification", flagged)
+    LOGGER.info("scan: photos per split %s (split groups: %s)", report["photos_per_split"], report["split"])
 
 
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
@@ -269,8 +274,17 @@ def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
     if (manifest_dir / "manifest.parquet").is_file():
         return pq.read_table(manifest_dir / "manifest.parquet").to_pandas()
     if (manifest_dir / "manifest.csv").is_file():
-        return pd.read_csv(manifest_dir / "manifest.csv", dtype={"photo_id": str})
+        text = {c: str for c in ("photo_id", "box_issue", "split_group", "aihub_part")}
+        return pd.read_csv(manifest_dir / "manifest.csv", dtype=text, keep_default_na=False)
     raise FileNotFoundError(f"No manifest.parquet or manifest.csv in {manifest_dir}: run `pillsnap data scan` first")
+
+
+def write_manifest_csv(rows: pd.DataFrame, path: str | Path) -> Path:
+    """Write manifest rows as a CSV with manifest.csv's columns and formatting (extra columns are dropped)."""
+    table = pa.Table.from_pandas(rows[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
+    with atomic_path(Path(path)) as tmp:
+        pacsv.write_csv(table, tmp)
+    return Path(path)
 
 
 def load_class_map(manifest_dir: str | Path) -> dict[str, dict[str, Any]]:

@@ -65,26 +65,52 @@ def _sample_combinations(combos: pd.DataFrame, classes: set[str], max_photos: in
     return combos[combos["photo_id"].isin(keep)]
 
 
-def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = None) -> pd.DataFrame:
-    """Rows of `manifest` used by `stage` (default data.progressive_validation.current_stage).
+def classification_candidates(manifest: pd.DataFrame, cfg: DictConfig) -> pd.Series:
+    """Rows that can train or test the classifier: single-pill rows and, with `data.combo_crops`, the pills of
+    combination photos; in both cases only pills whose own box is sound (`box_issue` empty)."""
+    kinds = ["single", "combination"] if bool(cfg.data.combo_crops) else ["single"]
+    sound = manifest["box_issue"].fillna("").eq("") if "box_issue" in manifest else True
+    return manifest["image_type"].isin(kinds) & sound
 
+
+def classification_rows(stage_rows: pd.DataFrame) -> pd.DataFrame:
+    """The stage's classifier rows (select_stage marks them in `stage_class`)."""
+    return stage_rows[stage_rows["stage_class"]]
+
+
+def _no_classification_rows(cfg: DictConfig, manifest: pd.DataFrame) -> ValueError:
+    if not bool(cfg.data.combo_crops) and (manifest["image_type"] == "combination").any():
+        return ValueError("The manifest has no single-pill rows and data.combo_crops=false: set "
+                          "data.combo_crops=true so that the pills of combination photos train the classifier")
+    return ValueError("The manifest has no soundly boxed pill to classify: check scan_report.json "
+                      "(skipped records, label_checks) and rerun `pillsnap data scan`")
+
+
+def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = None) -> pd.DataFrame:
+    """Rows of `manifest` used by `stage` (default data.progressive_validation.current_stage), with a bool column
+    `stage_class`: the row is one of the stage's classifier rows (see classification_candidates).
+
+    Classes are drawn from the classifier candidates (so a class seen only in combination photos can be one).
     Single-pill rows: `max_classes` classes, about `max_samples / max_classes` photos per class (split shares
-    kept). Combination rows: photos with at least one stage class, at most `max_samples` photos.
-    With progressive validation disabled every row is used.
+    kept). Combination rows: photos with at least one stage class, at most `max_samples` photos; their pills of
+    stage classes classify when `data.combo_crops` is on. With progressive validation disabled every row is used.
     """
+    candidates = classification_candidates(manifest, cfg)
+    if not candidates.any():
+        raise _no_classification_rows(cfg, manifest)
     if not cfg.data.progressive_validation.enabled:
-        return manifest.reset_index(drop=True)
+        return manifest.assign(stage_class=candidates.to_numpy()).reset_index(drop=True)
     settings = stage_settings(cfg, stage)
     seed = int(cfg.data.split_seed)
-    singles = manifest[manifest["image_type"] == "single"]
-    if singles.empty:
-        raise ValueError("The manifest has no single-pill rows: nothing to classify")
-    classes = stage_classes(singles["mapping_code"], int(settings.max_classes), seed)
+    classes = stage_classes(manifest.loc[candidates, "mapping_code"], int(settings.max_classes), seed)
     per_class = max(1, math.ceil(int(settings.max_samples) / len(classes)))
-    chosen = _sample_singles(singles[singles["mapping_code"].isin(classes)], per_class, seed)
+    singles = manifest[(manifest["image_type"] == "single") & manifest["mapping_code"].isin(classes)]
+    chosen = _sample_singles(singles, per_class, seed)
     combos = _sample_combinations(manifest[manifest["image_type"] == "combination"], set(classes),
                                   int(settings.max_samples), seed)
     LOGGER.info("stage %s: %d classes, %d single rows (<= %d per class), %d combination photos",
                 stage or cfg.data.progressive_validation.current_stage, len(classes), len(chosen), per_class,
                 combos["photo_id"].nunique())
-    return pd.concat([chosen, combos]).sort_index().reset_index(drop=True)
+    rows = pd.concat([chosen, combos]).sort_index()
+    stage_class = candidates.loc[rows.index] & rows["mapping_code"].isin(classes)
+    return rows.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)

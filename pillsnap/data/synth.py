@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -20,16 +21,36 @@ from typing import Any
 from tqdm import tqdm
 
 from pillsnap.data import aihub
-from pillsnap.data.synth_render import PhotoConditions, PillLook, render_photo
+from pillsnap.data.synth_pill import PillLook
+from pillsnap.data.synth_render import PhotoConditions, render_photo
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
 SINGLE_DIR, COMBO_DIR = "단일경구약제 5000종", "경구약제조합 5000종"
 CLASSES_PER_ZIP = 50  # like the real TS_k_단일 zips (~50 drug codes each)
 COMBOS_PER_ZIP = 1000
+COMBO_ANGLES = (70, 75, 90)  # camera elevations of the real combination photos
 HARD_RATIO = 0.25  # share of classes that copy a neighbour's shape and colour, differing only by imprint
-SHAPE_WEIGHTS = {"원형": 30, "타원형": 20, "장방형": 20, "반원형": 3, "삼각형": 4, "사각형": 5, "마름모형": 4,
-                 "오각형": 4, "육각형": 4, "팔각형": 3, "기타": 3}
+# Class distributions of the 73 real classes of the competition subset (shared/spec/real_photo_stats.md).
+SHAPE_WEIGHTS = {"타원형": 29, "원형": 24, "장방형": 16, "반원형": 0.4, "삼각형": 0.4, "사각형": 0.5,
+                 "마름모형": 0.4, "오각형": 0.4, "육각형": 0.4, "팔각형": 0.3, "기타": 0.2}
+COLOR_WEIGHTS = {"하양": 24, "노랑": 14, "분홍": 13, "갈색": 8, "주황": 5, "빨강": 3, "초록": 2, "연두": 1, "파랑": 1,
+                 "청록": 0.3, "남색": 0.3, "자주": 0.3, "보라": 0.3, "회색": 0.3, "검정": 0.1, "투명": 0.2}
+FORM_WEIGHTS = {"필름코팅정": 45, "나정": 11, "서방정": 5, "연질캡슐제": 4, "경질캡슐제": 3, "장용성필름코팅정": 2,
+                "다층정": 1}
+# Shades per colour name: real pills are mostly white or off-white, and most coloured ones are pale.
+SHADES = {
+    "하양": ((247, 247, 243), (242, 240, 232), (236, 233, 222), (244, 245, 247), (238, 236, 228)),
+    "노랑": ((244, 232, 170), (240, 220, 130), (232, 200, 92), (246, 238, 196)),
+    "분홍": ((242, 208, 210), (234, 180, 190), (224, 156, 172), (246, 222, 220)),
+    "갈색": ((176, 128, 88), (150, 100, 66), (196, 156, 116), (122, 76, 48)),
+    "주황": ((242, 176, 108), (234, 146, 78), (246, 200, 150)),
+    "빨강": ((204, 76, 74), (180, 56, 62), (216, 110, 98)),
+    "초록": ((112, 164, 112), (84, 142, 100)), "연두": ((196, 218, 148), (174, 204, 124)),
+    "파랑": ((124, 164, 216), (96, 134, 202)), "청록": ((80, 170, 168),), "남색": ((64, 74, 132),),
+    "자주": ((156, 70, 126),), "보라": ((156, 118, 196),), "회색": ((176, 176, 176),), "검정": ((52, 52, 56),),
+    "투명": ((226, 230, 218),),
+}
 _SYLLABLES = "가나다라마바사아자차카타파하고노도로모보소오조코토포호구누두루무부수우주쿠투푸후"
 _COMPANIES = ("한빛제약(주)", "대성약품(주)", "미래바이오(주)", "서해제약(주)", "청솔약품(주)", "동녘제약(주)")
 _IMPRINT_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
@@ -54,34 +75,69 @@ class PhotoJob:
     folder: str
     zip_no: int
     seed: int
+    layout_seed: int  # shared by the shots of one combination (same arrangement at every camera angle)
 
 
 def _imprint(rng: random.Random) -> str:
-    return "".join(rng.choice(_IMPRINT_CHARS) for _ in range(rng.randint(2, 4)))
+    return "".join(rng.choice(_IMPRINT_CHARS) for _ in range(rng.randint(2, 5)))
+
+
+def _pick(rng: random.Random, weights: dict[str, float]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def _shade(rng: random.Random, color: str) -> tuple[int, int, int]:
+    base = rng.choice(SHADES[color])
+    return tuple(max(0, min(255, c + rng.randint(-6, 6))) for c in base)  # type: ignore[return-value]
+
+
+def _size_mm(rng: random.Random, shape: str, capsule: str) -> tuple[float, float]:
+    """(long, short) in mm: round 6.5-12 mm, oval 11-19 mm, caplets 15-22 mm (fitted to the real box sizes)."""
+    if capsule == "hard":
+        long_mm = rng.uniform(16.0, 22.0)
+        return long_mm, long_mm * rng.uniform(0.34, 0.42)
+    if shape in ("원형", "사각형", "육각형", "팔각형", "오각형", "삼각형", "마름모형"):
+        side = rng.uniform(7.0, 12.0)
+        return side, side if shape != "마름모형" else side * rng.uniform(0.7, 0.85)
+    if shape == "장방형":
+        long_mm = rng.uniform(15.0, 22.0)
+        return long_mm, long_mm * rng.uniform(0.38, 0.5)
+    long_mm = rng.uniform(10.0, 17.0) if shape != "반원형" else rng.uniform(8.0, 11.0)
+    return long_mm, long_mm * rng.uniform(0.55, 0.75)
+
+
+def _colors(rng: random.Random, capsule: str, form: str) -> tuple[str, ...]:
+    first = _pick(rng, COLOR_WEIGHTS)
+    if (capsule == "hard" and rng.random() < 0.7) or form == "다층정":  # two-tone capsule, two-layer tablet
+        return first, _pick(rng, {k: v for k, v in COLOR_WEIGHTS.items() if k != first})
+    return (first,)
 
 
 def _random_look(rng: random.Random, form: str) -> PillLook:
-    shape = rng.choices(list(SHAPE_WEIGHTS), weights=list(SHAPE_WEIGHTS.values()))[0]
-    capsule = form in ("경질캡슐제", "연질캡슐제")
+    capsule = {"경질캡슐제": "hard", "연질캡슐제": "soft"}.get(form, "")
+    shape = _pick(rng, SHAPE_WEIGHTS)
     if capsule:
-        shape = "장방형"
-    colors = list(aihub.COLORS[:-1])
-    n_colors = 2 if capsule and rng.random() < 0.7 else 1
-    compact = shape in ("원형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형")
-    long_mm = rng.uniform(6.0, 11.0) if compact else rng.uniform(11.0, 19.0)
-    short_mm = long_mm if shape in ("원형", "사각형", "육각형", "팔각형") else long_mm * rng.uniform(0.42, 0.7)
+        shape = "장방형" if capsule == "hard" or rng.random() < 0.3 else "타원형"
+    colors = _colors(rng, capsule, form)
+    long_mm, short_mm = _size_mm(rng, shape, capsule)
+    mark = not capsule and rng.random() < 0.18
+    text = _imprint(rng) if rng.random() < 0.97 else ""
     return PillLook(
-        shape=shape, capsule=capsule, colors=tuple(rng.sample(colors, n_colors)),
-        print_front=_imprint(rng), print_back=_imprint(rng) if rng.random() < 0.5 else "",
-        line_front=rng.choice(aihub.LINES), line_back="", long_mm=long_mm, short_mm=short_mm,
-        base_angle=rng.uniform(0, 360),
+        shape=shape, capsule=capsule, colors=colors, rgb=tuple(_shade(rng, c) for c in colors),
+        print_front=("마크 " + text).strip() if mark else text,
+        print_back=_imprint(rng) if rng.random() < 0.45 else "", mark_front=mark,
+        line_front="-" if not capsule and rng.random() < 0.1 else "", line_back="",
+        ink=bool(capsule) or rng.random() < 0.08,
+        gloss={"soft": 1.0, "hard": 0.6}.get(capsule, 0.1 if form == "나정" else 0.35),
+        long_mm=long_mm, short_mm=short_mm, base_angle=rng.uniform(0, 360),
     )
 
 
 def _twin_look(rng: random.Random, twin: PillLook) -> PillLook:
     """Same shape, colour and size as `twin`; only the imprint differs (a deliberately hard pair)."""
-    return replace(twin, print_front=_imprint(rng), print_back=_imprint(rng) if twin.print_back else "",
-                   base_angle=rng.uniform(0, 360))
+    text = _imprint(rng)
+    return replace(twin, print_front=("마크 " + text) if twin.mark_front else text,
+                   print_back=_imprint(rng) if twin.print_back else "", base_angle=rng.uniform(0, 360))
 
 
 def _class_fields(code: str, look: PillLook, form: str, rng: random.Random) -> dict[str, Any]:
@@ -96,13 +152,16 @@ def _class_fields(code: str, look: PillLook, form: str, rng: random.Random) -> d
         "dl_name": f"{name}{suffix} {dose}mg" + ("\u00a0" if rng.random() < 0.1 else ""),
         "dl_name_en": f"Synth{number} {'Cap.' if look.capsule else 'Tab.'} {dose}mg",
         "img_key": None, "dl_material": "합성성분", "dl_material_en": "Synthetic ingredient",
-        "dl_custom_shape": "경질캡슐" if look.capsule else "정제", "dl_company": rng.choice(_COMPANIES),
+        "dl_custom_shape": {"hard": "경질캡슐", "soft": "연질캡슐"}.get(look.capsule, "정제"),
+        "dl_company": rng.choice(_COMPANIES),
         "dl_company_en": "Synthetic Pharm", "di_company_mf": "", "di_company_mf_en": "",
         "item_seq": 200000000 + number, "di_item_permit_date": "20200101", "di_class_no": "[00000]합성",
         "di_etc_otc_code": rng.choice(("전문의약품", "일반의약품")), "di_edi_code": edi, "chart": None,
         "drug_shape": look.shape, "thick": round(rng.uniform(2.5, 7.0), 1), "leng_long": round(look.long_mm, 1),
         "leng_short": round(look.short_mm, 1), "print_front": look.print_front, "print_back": look.print_back,
-        "color_class1": look.colors[0], "color_class2": look.colors[1] if len(look.colors) > 1 else "",
+        # soft capsules are labelled like the real ones now and then: two colours in one field ("노랑, 투명")
+        "color_class1": f"{look.colors[0]}, 투명" if look.capsule == "soft" and number % 2 else look.colors[0],
+        "color_class2": look.colors[1] if len(look.colors) > 1 else "",
         "line_front": look.line_front, "line_back": look.line_back, "img_regist_ts": "20200101",
         "form_code_name": form, "mark_code_front_anal": "", "mark_code_back_anal": "", "mark_code_front_img": "",
         "mark_code_back_img": "", "mark_code_front": "", "mark_code_back": "", "change_date": "20200101",
@@ -120,7 +179,7 @@ def make_classes(num_classes: int, seed: int) -> list[DrugClass]:
             twin = classes[-1]
             look, form = _twin_look(rng, twin.look), twin.form
         else:
-            form = rng.choices(aihub.FORMS, weights=(40, 20, 15, 5, 10, 10))[0]
+            form = _pick(rng, FORM_WEIGHTS)
             look = _random_look(rng, form)
         classes.append(DrugClass(code, look, form, _class_fields(code, look, form, rng)))
     return classes
@@ -148,7 +207,8 @@ def _single_jobs(classes: list[DrugClass], per_class: int, seed: int) -> Iterato
         chosen = _weighted_sample(grid, weights, per_class, random.Random(f"single:{seed}:{drug.code}"))
         for cond in chosen:
             stem = _stem(drug.code, cond)
-            yield PhotoJob(index, (ci,), cond, stem, drug.code, ci // CLASSES_PER_ZIP + 1, _photo_seed(seed, stem))
+            photo_seed = _photo_seed(seed, stem)
+            yield PhotoJob(index, (ci,), cond, stem, drug.code, ci // CLASSES_PER_ZIP + 1, photo_seed, photo_seed)
             index += 1
 
 
@@ -157,20 +217,40 @@ def _weighted_sample(items: list, weights: list[float], k: int, rng: random.Rand
     return [items[i] for i in keyed[:k]]
 
 
+def _combination_sets(classes: list[DrugClass], count: int, rng: random.Random) -> list[tuple[tuple[int, ...], str]]:
+    """`count` combinations of 3-4 distinct classes (fewer when there are fewer classes), distinct where possible."""
+    sets: list[tuple[tuple[int, ...], str]] = []
+    for _ in range(count):
+        for _attempt in range(20):
+            k = min(len(classes), rng.choice((3, 4)))
+            members = tuple(sorted(rng.sample(range(len(classes)), k)))
+            folder = "-".join([classes[members[0]].code] + [classes[i].code[2:] for i in members[1:]])
+            if all(folder != f for _, f in sets):
+                break
+        sets.append((members, folder))
+    return sets
+
+
 def _combo_jobs(classes: list[DrugClass], combo: int, seed: int, start: int) -> Iterator[PhotoJob]:
+    """`combo` photos: each combination is shot at up to three elevations (70, 75, 90 degrees, like the real ones)
+    with the pills in the same places; a set too small for three combinations per shot takes fewer shots."""
     rng = random.Random(f"combo:{seed}")
-    grid = [c for c in _condition_grid() if c.back_color == "2"]
+    n_sets = max(math.ceil(combo / len(COMBO_ANGLES)), min(combo, 3))
+    sets = _combination_sets(classes, n_sets, rng)
+    base = [PhotoConditions("1" if rng.random() < 0.2 else "0", "2", "2" if rng.random() < 0.8 else "1", 70, 0)
+            for _ in sets]
     used: set[str] = set()
     for n in range(combo):
-        k = min(len(classes), rng.choice((2, 3, 3, 4, 4)))
-        members = tuple(sorted(rng.sample(range(len(classes)), k)))
-        folder = "-".join([classes[members[0]].code] + [classes[i].code[2:] for i in members[1:]])
-        cond = rng.choice(grid)
-        while _stem(folder, cond) in used:
-            cond = rng.choice(grid)
+        members, folder = sets[n % n_sets]
+        cond = replace(base[n % n_sets], camera_la=COMBO_ANGLES[(n // n_sets) % len(COMBO_ANGLES)])
+        while _stem(folder, cond) in used:  # a repeated combination (few classes): another side or light
+            cond = replace(cond, drug_dir=rng.choice("01"), light_color=rng.choice("12"),
+                           camera_lo=rng.choice(aihub.CAMERA_LO))
         stem = _stem(folder, cond)
         used.add(stem)
-        yield PhotoJob(start + n, members, cond, stem, folder, n // COMBOS_PER_ZIP + 1, _photo_seed(seed, stem))
+        zip_no = (n % n_sets) * len(COMBO_ANGLES) // COMBOS_PER_ZIP + 1  # all shots of a combination in one zip
+        yield PhotoJob(start + n, members, cond, stem, folder, zip_no, _photo_seed(seed, stem),
+                       _photo_seed(seed, f"{folder}:{cond.drug_dir}:{cond.light_color}"))
 
 
 def _label_fields(drug: DrugClass, job: PhotoJob, size: tuple[int, int]) -> dict[str, Any]:
@@ -188,7 +268,7 @@ _WORKER_CLASSES: list[DrugClass] = []
 
 def _render_job(job: PhotoJob, image_scale: float) -> tuple[PhotoJob, bytes, list[bytes]]:
     looks = [_WORKER_CLASSES[i].look for i in job.classes]
-    png, boxes, size = render_photo(looks, job.cond, image_scale, job.seed)
+    png, boxes, size = render_photo(looks, job.cond, image_scale, job.seed, job.layout_seed)
     labels = []
     for ann_no, (ci, box) in enumerate(zip(job.classes, boxes, strict=True)):
         fields = _label_fields(_WORKER_CLASSES[ci], job, size)
@@ -284,7 +364,8 @@ def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, comb
     finally:
         writer.close()
     summary = {"root": str(out_dir), "num_classes": num_classes, "classes": [c.code for c in classes],
-               "single_images": num_classes * per_class, "combination_images": combo, "label_files": n_labels,
+               "single_images": num_classes * per_class, "combination_images": combo,
+               "combinations": len({job.folder for job in jobs if len(job.classes) > 1}), "label_files": n_labels,
                "image_scale": image_scale, "zip": zip_output, "seed": seed,
                "seconds": round(time.perf_counter() - start, 2)}
     LOGGER.info("synthetic data set: %d classes, %d single + %d combination photos in %.1fs under %s",

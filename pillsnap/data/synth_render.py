@@ -1,6 +1,8 @@
-"""Pill drawing for the synthetic generator: one stable look per class, photo-like variation per image.
+"""Photos of the synthetic generator: backdrop, pill placement, soft shadows, light colour and sensor noise.
 
-Pure functions of (class identity, photo conditions, rng) so that workers render in parallel deterministically.
+Pure functions of (class looks, photo conditions, seeds), so that workers render in parallel deterministically.
+The targets are the measured statistics of real AI Hub photos (shared/spec/real_photo_stats.md): a matte
+blue-grey backdrop, evenly lit; pills 170-500 px on 976x1280, spread over the frame and not touching.
 """
 
 from __future__ import annotations
@@ -11,38 +13,16 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageFilter
+
+from pillsnap.data.synth_pill import PX_PER_MM, PillLook, draw_pill, place, shade_sprite
 
 FULL_W, FULL_H = 976, 1280  # size of every real AI Hub photo (portrait)
-PX_PER_MM = 20.0  # a 10 mm tablet spans ~200 px in the real 976x1280 photos
-SUPERSAMPLE = 2  # draw pills at 2x then downsample: cheap anti-aliasing
-
-RGB = {
-    "하양": (238, 238, 232), "노랑": (238, 212, 84), "주황": (236, 146, 62), "분홍": (238, 170, 188),
-    "빨강": (196, 52, 52), "갈색": (138, 92, 54), "연두": (172, 208, 102), "초록": (62, 148, 74),
-    "청록": (44, 148, 148), "파랑": (62, 102, 198), "남색": (42, 52, 118), "자주": (148, 42, 110),
-    "보라": (128, 82, 168), "회색": (150, 150, 150), "검정": (42, 42, 42), "투명": (214, 222, 206),
-}
-BACKGROUND = {"0": (38, 38, 42), "1": (62, 92, 150), "2": (200, 200, 197)}
-LIGHT_TINT = {"0": (1.0, 1.0, 1.0), "1": (0.95, 1.0, 1.07), "2": (1.05, 1.0, 0.93)}
-# drawing primitive per drug_shape; capsules are drawn from the form, not the shape
-POLYGON_SIDES = {"삼각형": 3, "사각형": 4, "마름모형": 4, "오각형": 5, "육각형": 6, "팔각형": 8}
-
-
-@dataclass(frozen=True)
-class PillLook:
-    """What a class looks like: everything needed to draw it (fixed per class)."""
-
-    shape: str
-    capsule: bool
-    colors: tuple[str, ...]
-    print_front: str
-    print_back: str
-    line_front: str
-    line_back: str
-    long_mm: float
-    short_mm: float
-    base_angle: float
+# Backdrops by file-name code. "2" (연회색 배경 in the labels) is the matte blue-grey of the real photos, median
+# border RGB (90, 100, 140); 0 and 1 are our own darker and bluer variants.
+BACKGROUND = {"0": (52, 56, 66), "1": (70, 88, 140), "2": (90, 100, 140)}
+ALT_BACKGROUND = (128, 143, 146)  # one real photo's greener grey: a few photos use it
+LIGHT_TINT = {"0": (1.0, 1.0, 1.0), "1": (0.97, 1.0, 1.04), "2": (1.03, 1.0, 0.96)}  # neutral, daylight, warm
 
 
 @dataclass(frozen=True)
@@ -56,99 +36,35 @@ class PhotoConditions:
     camera_lo: int
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    # Pillow's bundled scalable font: nothing is downloaded or read from the system.
-    return ImageFont.load_default(size=max(6, size))
-
-
-def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, int(c * factor))) for c in rgb)  # type: ignore[return-value]
-
-
-def _polygon(sides: int, w: float, h: float, diamond: bool) -> list[tuple[float, float]]:
-    start = 0.0 if diamond else -math.pi / 2 + (math.pi / sides if sides % 2 == 0 else 0.0)
-    return [(w / 2 + w / 2 * math.cos(start + 2 * math.pi * i / sides),
-             h / 2 + h / 2 * math.sin(start + 2 * math.pi * i / sides)) for i in range(sides)]
-
-
-def _draw_body(draw: ImageDraw.ImageDraw, look: PillLook, w: int, h: int) -> None:
-    body = RGB[look.colors[0]]
-    edge = _shade(body, 0.75)
-    box = (1, 1, w - 2, h - 2)
-    if look.capsule:
-        draw.rounded_rectangle(box, radius=h // 2, fill=body, outline=edge, width=2)
-        if len(look.colors) > 1:  # second colour on the other half of the capsule
-            half = Image.new("L", (w, h), 0)
-            ImageDraw.Draw(half).rounded_rectangle(box, radius=h // 2, fill=255)
-            half.paste(0, (0, 0, w // 2, h))
-            draw.bitmap((0, 0), half, fill=RGB[look.colors[1]])
-            draw.line((w // 2, 2, w // 2, h - 3), fill=_shade(edge, 0.9), width=2)
-    elif look.shape in ("원형", "타원형", "기타"):
-        draw.ellipse(box, fill=body, outline=edge, width=2)
-    elif look.shape == "장방형":
-        draw.rounded_rectangle(box, radius=h // 3, fill=body, outline=edge, width=2)
-    elif look.shape == "반원형":
-        draw.chord((1, 1, w - 2, 2 * h - 3), 180, 360, fill=body, outline=edge, width=2)
-    else:
-        sides = POLYGON_SIDES.get(look.shape, 6)
-        draw.polygon(_polygon(sides, w - 3, h - 3, look.shape == "마름모형"), fill=body, outline=edge)
-
-
-def _draw_marks(draw: ImageDraw.ImageDraw, look: PillLook, w: int, h: int, back: bool) -> None:
-    text, line = (look.print_back, look.line_back) if back else (look.print_front, look.line_front)
-    ink = _shade(RGB[look.colors[-1] if look.capsule else look.colors[0]], 0.45)
-    if line in ("-", "+"):
-        draw.line((w // 2, h // 6, w // 2, h - h // 6), fill=ink, width=2)
-        if line == "+":
-            draw.line((w // 6, h // 2, w - w // 6, h // 2), fill=ink, width=2)
-    if text:
-        font = _font(int(h * 0.34))
-        draw.text((w / 2, h / 2), text, fill=ink, font=font, anchor="mm")
-
-
-def draw_pill(look: PillLook, back: bool, scale: float) -> Image.Image:
-    """RGBA tile of one pill, long axis horizontal, at `scale` x the real photo resolution."""
-    w = max(8, int(look.long_mm * PX_PER_MM * scale * SUPERSAMPLE))
-    h = max(8, int(look.short_mm * PX_PER_MM * scale * SUPERSAMPLE))
-    tile = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(tile)
-    _draw_body(draw, look, w, h)
-    # A soft specular highlight so the pill reads as a 3-D object under a lamp.
-    draw.ellipse((w * 0.2, h * 0.15, w * 0.45, h * 0.4), fill=(255, 255, 255, 60))
-    _draw_marks(draw, look, w, h, back)
-    return tile
-
-
-def place_pill(tile: Image.Image, angle: float, camera_la: int, zoom: float) -> Image.Image:
-    """Rotate (azimuth), foreshorten (camera elevation) and downsample a supersampled pill tile."""
-    rotated = tile.rotate(angle, resample=Image.BICUBIC, expand=True)
-    squash = math.sin(math.radians(camera_la))
-    w = max(2, int(rotated.width * zoom / SUPERSAMPLE))
-    h = max(2, int(rotated.height * zoom * squash / SUPERSAMPLE))
-    return rotated.resize((w, h), Image.BILINEAR)
-
-
-def background(cond: PhotoConditions, size: tuple[int, int], rng: random.Random) -> np.ndarray:
-    """Float HxWx3 background: base colour with a lamp falloff gradient."""
-    w, h = size
-    base = np.array(BACKGROUND.get(cond.back_color, BACKGROUND["2"]), dtype=np.float32)
-    base *= rng.uniform(0.9, 1.08)
-    ys = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
-    xs = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
-    cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7)
-    falloff = 1.0 - 0.18 * ((xs - cx) ** 2 + (ys - cy) ** 2)
-    return falloff[..., None] * base
+def background(cond: PhotoConditions, size: tuple[int, int], rng: random.Random,
+               session: random.Random | None = None) -> Image.Image:
+    """The backdrop: its colour (drawn from `session`, shared by the shots of one combination), a faint light
+    falloff (real backdrops are evenly lit) and the photo's own exposure. The falloff is smooth, so it is computed
+    on a coarse grid and resized (a full-size float image per photo costs more than the pills)."""
+    session = session or rng
+    base = BACKGROUND.get(cond.back_color, BACKGROUND["2"])
+    if cond.back_color == "2" and session.random() < 0.1:
+        base = ALT_BACKGROUND
+    base = np.array(base, dtype=np.float32) * session.uniform(0.92, 1.08) + np.array(
+        [session.uniform(-3, 3) for _ in range(3)], dtype=np.float32)
+    ys = np.linspace(-1.0, 1.0, 20, dtype=np.float32)[:, None]
+    xs = np.linspace(-1.0, 1.0, 16, dtype=np.float32)[None, :]
+    cx, cy = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)
+    falloff = (1.0 - 0.06 * ((xs - cx) ** 2 + (ys - cy) ** 2)) * rng.uniform(0.97, 1.03)
+    coarse = np.clip(falloff[..., None] * base, 0, 255).astype(np.uint8)
+    return Image.fromarray(coarse, "RGB").resize(size, Image.BILINEAR)
 
 
 def finish(canvas: Image.Image, cond: PhotoConditions, rng: random.Random, scale: float) -> bytes:
-    """Light colour, brightness, blur and sensor noise; returns PNG bytes."""
-    if rng.random() < 0.6:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2) * max(scale * 4, 0.5)))
-    arr = np.asarray(canvas, dtype=np.float32)
-    tint = np.array(LIGHT_TINT.get(cond.light_color, (1.0, 1.0, 1.0)), dtype=np.float32) * rng.uniform(0.85, 1.12)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(1.0, 5.0), arr.shape[:2])
-    arr = arr * tint + noise[..., None].astype(np.float32)
-    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    """Light colour, exposure, a little lens blur and sensor noise; returns PNG bytes."""
+    if rng.random() < 0.5:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * max(scale * 3, 0.4)))
+    arr = np.asarray(canvas, dtype=np.float32)  # a fresh array: modified in place below
+    arr *= np.array(LIGHT_TINT.get(cond.light_color, (1.0, 1.0, 1.0)), dtype=np.float32) * rng.uniform(0.92, 1.08)
+    noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(arr.shape[:2], dtype=np.float32)
+    noise *= rng.uniform(1.0, 3.0)
+    arr += noise[..., None]
+    out = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "RGB")
     buf = io.BytesIO()
     out.save(buf, format="PNG", compress_level=1)  # speed over size: synthetic data is regenerated at will
     return buf.getvalue()
@@ -159,50 +75,25 @@ def _opaque_bbox(sprite: Image.Image) -> tuple[int, int, int, int]:
     return alpha.getbbox() or (0, 0, sprite.width, sprite.height)
 
 
+def _blurred_alpha(sprite: Image.Image, radius: float, strength: float) -> tuple[Image.Image, int]:
+    """The sprite's alpha, padded so that the blur can spread past the sprite's edges, blurred and scaled."""
+    pad = int(radius * 3) + 1
+    alpha = Image.new("L", (sprite.width + 2 * pad, sprite.height + 2 * pad), 0)
+    alpha.paste(sprite.getchannel("A"), (pad, pad))
+    return alpha.filter(ImageFilter.GaussianBlur(radius)).point(lambda a: a * strength), pad
+
+
 def _shadow(canvas: Image.Image, sprite: Image.Image, pos: tuple[int, int]) -> None:
-    alpha = sprite.getchannel("A").filter(ImageFilter.GaussianBlur(2)).point(lambda a: a * 0.35)
-    canvas.paste((0, 0, 0), (pos[0] + 2, pos[1] + 3), alpha)
+    """A soft shadow below the pill, light from above and a little to the top."""
+    size = max(sprite.size)
+    mask, pad = _blurred_alpha(sprite, max(0.8, size * 0.05), 0.5)
+    canvas.paste((6, 8, 16), (pos[0] - pad + round(size * 0.02), pos[1] - pad + round(size * 0.045)), mask)
 
 
-def _overlaps(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]], limit: float) -> bool:
+def _overlaps(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]], gap: int) -> bool:
     x, y, w, h = box
-    for bx, by, bw, bh in boxes:
-        ix = max(0, min(x + w, bx + bw) - max(x, bx))
-        iy = max(0, min(y + h, by + bh) - max(y, by))
-        if ix * iy > limit * min(w * h, bw * bh):
-            return True
-    return False
-
-
-def _position(sprite_size: tuple[int, int], size: tuple[int, int], centre: bool, rng: random.Random) -> tuple[int, int]:
-    sw, sh = sprite_size
-    w, h = size
-    if centre:  # single-pill photos: the pill sits near the centre, like the real ones
-        return (int((w - sw) / 2 + rng.uniform(-0.08, 0.08) * w), int((h - sh) / 2 + rng.uniform(-0.08, 0.08) * h))
-    return rng.randint(2, max(2, w - sw - 2)), rng.randint(2, max(2, h - sh - 2))
-
-
-def render_photo(looks: list[PillLook], cond: PhotoConditions, scale: float,
-                 seed: int) -> tuple[bytes, list[tuple[int, int, int, int]], tuple[int, int]]:
-    """Render one photo of `looks` (1 = single, 2-4 = combination); returns PNG bytes, one bbox per pill, size."""
-    rng = random.Random(seed)
-    size = (max(32, round(FULL_W * scale)), max(32, round(FULL_H * scale)))
-    canvas = Image.fromarray(np.clip(background(cond, size, rng), 0, 255).astype(np.uint8), "RGB")
-    boxes: list[tuple[int, int, int, int]] = []
-    for look in looks:
-        tile = draw_pill(look, cond.drug_dir == "1", scale)
-        angle = look.base_angle + cond.camera_lo + rng.uniform(-12, 12)
-        sprite = place_pill(tile, angle, cond.camera_la, rng.uniform(0.88, 1.12))
-        x0, y0, x1, y1 = _opaque_bbox(sprite)
-        for _ in range(50):  # rejection sampling keeps combination pills from heavy overlap
-            px, py = _position(sprite.size, size, len(looks) == 1, rng)
-            box = (px + x0, py + y0, x1 - x0, y1 - y0)
-            if not _overlaps(box, boxes, 0.1):
-                break
-        _shadow(canvas, sprite, (px, py))
-        canvas.paste(sprite, (px, py), sprite)
-        boxes.append(_clip_box(box, size))
-    return finish(canvas, cond, rng, scale), boxes, size
+    return any(x < bx + bw + gap and bx < x + w + gap and y < by + bh + gap and by < y + h + gap
+               for bx, by, bw, bh in boxes)
 
 
 def _clip_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -210,3 +101,106 @@ def _clip_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[in
     x0, y0 = max(0, x), max(0, y)
     x1, y1 = min(size[0], x + w), min(size[1], y + h)
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def _combo_angle(look: PillLook, layout: random.Random) -> float:
+    # Pills placed by hand in a portrait frame: caplets and capsules mostly lie along the long side of the photo,
+    # rounder pills any way, half of them roughly across it (fitted to the real box widths and heights).
+    if look.short_mm < look.long_mm * 0.55 and layout.random() < 0.8:
+        return 90.0 + layout.uniform(-15, 15)
+    if layout.random() < 0.5:
+        return layout.uniform(-40, 40)
+    return layout.uniform(0, 360)
+
+
+def _sprite(look: PillLook, cond: PhotoConditions, scale: float, angle: float,
+            rng: random.Random) -> Image.Image:
+    albedo, height = draw_pill(look, cond.drug_dir == "1", scale)
+    small_albedo, small_height = place(albedo, height, angle, cond.camera_la, rng.uniform(0.95, 1.05))
+    return shade_sprite(small_albedo, small_height, look.gloss, rng.uniform(0.95, 1.05))
+
+
+def _single_position(sprite: Image.Image, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
+    # Single-pill photos: the pill sits near the centre, like the real ones.
+    w, h = size
+    return (int((w - sprite.width) / 2 + rng.uniform(-0.08, 0.08) * w),
+            int((h - sprite.height) / 2 + rng.uniform(-0.08, 0.08) * h))
+
+
+def _nominal_box(look: PillLook, angle: float, scale: float) -> tuple[float, float]:
+    """Width and height of the pill's box seen from straight above (no camera tilt), in photo pixels."""
+    w, h = look.long_mm * PX_PER_MM * scale * 1.06, look.short_mm * PX_PER_MM * scale * 1.06  # + zoom and jitter
+    c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+    return w * c + h * s, w * s + h * c
+
+
+def _try_layout(looks: list[PillLook], size: tuple[int, int], scale: float,
+                layout: random.Random) -> list[tuple[float, float, float]] | None:
+    w, h = size
+    margin, gap = 0.03 * w, 0.02 * w
+    placed: list[tuple[int, int, int, int]] = []
+    out = []
+    for look in looks:
+        angle = _combo_angle(look, layout)
+        bw, bh = _nominal_box(look, angle, scale)
+        for _ in range(40):
+            cx = layout.uniform(margin + bw / 2, max(margin + bw / 2, w - margin - bw / 2))
+            cy = layout.uniform(margin + bh / 2, max(margin + bh / 2, h - margin - bh / 2))
+            box = (int(cx - bw / 2), int(cy - bh / 2), int(bw), int(bh))
+            if not _overlaps(box, placed, int(gap)):
+                break
+        else:
+            return None
+        placed.append(box)
+        out.append((angle, cx, cy))
+    return out
+
+
+def combo_layout(looks: list[PillLook], size: tuple[int, int], scale: float,
+                 layout: random.Random) -> list[tuple[float, float, float]]:
+    """(angle, centre x, centre y) per pill: spread over the frame by rejection sampling, never touching (a gap of
+    2 % of the width). It depends on the looks and the layout seed only, so every shot of a combination agrees."""
+    for _ in range(50):  # a crowded start leaves no room for the last pill: start again
+        out = _try_layout(looks, size, scale, layout)
+        if out is not None:
+            return out
+    # Pills too large for the frame (never with real sizes): a column, each pill in its own band, no overlap.
+    band = size[1] / len(looks)
+    return [(0.0, size[0] / 2, band * (i + 0.5)) for i in range(len(looks))]
+
+
+def render_photo(looks: list[PillLook], cond: PhotoConditions, scale: float, seed: int,
+                 layout_seed: int | None = None) -> tuple[bytes, list[tuple[int, int, int, int]], tuple[int, int]]:
+    """Render one photo of `looks` (1 = single, 2-4 = combination); returns PNG bytes, one bbox per pill, size.
+
+    `layout_seed` fixes where and how the pills lie, so that the shots of one combination at several camera
+    elevations show the same arrangement (as the real ones do); `seed` varies everything else.
+    """
+    rng = random.Random(seed)
+    size = (max(32, round(FULL_W * scale)), max(32, round(FULL_H * scale)))
+    layout = random.Random(seed if layout_seed is None else layout_seed)
+    # a single pill is centred once its size is known
+    placements = [None] if len(looks) == 1 else combo_layout(looks, size, scale, layout)
+    canvas = background(cond, size, rng, layout)
+    boxes: list[tuple[int, int, int, int]] = []
+    for look, placement in zip(looks, placements, strict=True):
+        if placement is None:
+            sprite = _sprite(look, cond, scale, look.base_angle + cond.camera_lo + rng.uniform(-12, 12), rng)
+            pos = _single_position(sprite, size, rng)
+        else:
+            angle, cx, cy = placement
+            sprite = _sprite(look, cond, scale, angle + rng.uniform(-2, 2), rng)
+            pos = (round(cx - sprite.width / 2), round(cy - sprite.height / 2))
+        _shadow(canvas, sprite, pos)
+        canvas.paste(sprite, pos, sprite)
+        x0, y0, x1, y1 = _opaque_bbox(sprite)
+        boxes.append(_clip_box((pos[0] + x0, pos[1] + y0, x1 - x0, y1 - y0), size))
+    return finish(canvas, cond, rng, scale), boxes, size
+
+
+def box_stats(boxes: list[tuple[int, int, int, int]], scale: float) -> dict[str, list[float]]:
+    """Box width and height percentiles (5, 25, 50, 75, 95) at the real photo resolution."""
+    arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale
+    return {name: [round(float(v)) for v in np.percentile(arr[:, col], (5, 25, 50, 75, 95))]
+            for name, col in (("width", 2), ("height", 3))} if len(arr) else {}
+

@@ -78,15 +78,23 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str) -> dict[str, 
     return {"photos": len(names), "written": written, "removed": removed}
 
 
+def _log_left_out(rows: pd.DataFrame) -> None:
+    if not rows.empty:
+        LOGGER.info("YOLO export: %d photos left out of detection: a pill without a box, or boxes that overlap or "
+                    "outnumber the pills (label_checks in scan_report.json)", rows["photo_id"].nunique())
+
+
 def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = False,
                 include_incomplete: bool = False) -> Path:
     """Export the rows' photos (combination; optionally single) per split to YOLO format; returns data.yaml.
 
-    Photos flagged `incomplete_gt` are left out by default: their unlabelled pills would be taught as background.
+    Photos flagged `incomplete_gt` are left out by default: an unlabelled pill would be taught as background, a
+    copied box as a pill where there is none.
     """
     out_dir = ensure_dir(Path(out_dir).resolve())
     keep = rows["image_type"].eq("combination") | (include_single & rows["image_type"].eq("single"))
     if not include_incomplete:
+        _log_left_out(rows[keep & rows["incomplete_gt"].astype(bool)])
         keep &= ~rows["incomplete_gt"].astype(bool)
     rows = rows[keep]
     summary = {s: _export_split(rows[rows["split"] == s], out_dir, s) for s in SPLITS}

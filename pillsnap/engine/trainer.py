@@ -129,7 +129,8 @@ class Trainer:
     def _build_tasks(self, build_loaders: BuildLoaders) -> dict[str, Task]:
         loaders = build_loaders(self.cfg)
         if loaders.cls_train is None or len(loaders.cls_train) == 0:
-            raise ValueError(f"stage {self.stage} has no single-pill training images: check paths.manifest_dir "
+            raise ValueError(f"stage {self.stage} has no classification training crops (single-pill photos, or "
+                             "combination pills with data.combo_crops=true): check paths.manifest_dir "
                              f"({self.cfg.paths.manifest_dir}) and data.progressive_validation.stage_{self.stage}")
         names = [CLASSIFICATION]
         if loaders.det_train is not None and str(self.cfg.train.strategy) != "classification":

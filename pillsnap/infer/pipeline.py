@@ -242,16 +242,16 @@ class Predictor:
         return [self._pill(d[:4], topk, float(d[4])) for d, topk in zip(dets, self.classify(crops), strict=True)]
 
     def _agrees(self, image: Image.Image, single: dict, det: np.ndarray) -> bool:
-        """Does the one detected pill confirm the whole-photo answer: the same drug in its crop, and (where the
-        single path located the pill) the same place? One box around several pills fails the place test."""
+        """Does the one detected pill confirm the whole-photo answer? Where the single path located its pill: the
+        same place (one box around several pills, or a pill the detector missed, fails). Where it could not and
+        classified a centred square: the same drug in the detected crop."""
         from pillsnap.metrics.detection import box_iou_xyxy
 
+        if single.get("located"):
+            iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
+            return bool(iou >= AGREEMENT_IOU)
         crop_answer = self._combo(image, det[None])[0]
-        same_drug = crop_answer["topk"][0]["mapping_code"] == single["topk"][0]["mapping_code"]
-        if not single.get("located"):
-            return same_drug
-        iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
-        return bool(same_drug and iou >= AGREEMENT_IOU)
+        return crop_answer["topk"][0]["mapping_code"] == single["topk"][0]["mapping_code"]
 
     def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None) -> tuple[GatingDecision, list]:
         threshold = float(self.settings.single_confidence_threshold)

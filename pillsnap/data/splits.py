@@ -1,0 +1,103 @@
+"""The train/val/test split of the scan: whole split groups of near-duplicate photos, AI Hub's partition honoured.
+
+A split group (`split_group`, see scan_chunk.split_group) is a combination with all its camera angles and shots,
+or one single-pill sweep. Groups are drawn within strata (a class for single-pill photos, all combinations
+together) in the order of a salted hash, so the split is deterministic for `data.split_seed`. Where the data holds
+AI Hub's own `Validation` photos of a kind (single or combination), those groups are the test split of that kind
+and val is drawn from the `Training` groups; otherwise test and val are both drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pillsnap.data.scan_chunk import SPLIT_KEY
+
+LOGGER = logging.getLogger(__name__)
+COMBO_STRATUM = "__combination__"  # combination photos are one stratum (their pills span classes)
+SPLITS = np.array(["train", "val", "test"], dtype=object)
+TRAIN, VAL, TEST = 0, 1, 2
+_COLUMNS = ["mapping_code", "image_type", "photo_id", "aihub_part", SPLIT_KEY]
+
+
+def _part_groups(path: Path) -> pd.DataFrame:
+    """One row per split group of one part: stratum, image type, photos, photos from AI Hub Validation."""
+    frame = pq.read_table(path, columns=_COLUMNS).to_pandas().drop_duplicates("photo_id")
+    frame["stratum"] = frame["mapping_code"].where(frame["image_type"] == "single", COMBO_STRATUM)
+    frame["aihub_val"] = frame["aihub_part"] == "Validation"
+    return frame.groupby(SPLIT_KEY).agg(stratum=("stratum", "first"), image_type=("image_type", "first"),
+                                        photos=("photo_id", "size"), aihub_val=("aihub_val", "sum"))
+
+
+def collect_groups(part_files: list[Path]) -> pd.DataFrame:
+    """Split groups over all parts (a group can span parts: one class in a Training and a Validation zip)."""
+    frames = [_part_groups(p) for p in part_files]
+    frames = [f for f in frames if len(f)] or [pd.DataFrame(columns=["stratum", "image_type", "photos", "aihub_val"])]
+    groups = pd.concat(frames)
+    return groups.groupby(level=0).agg(stratum=("stratum", "first"), image_type=("image_type", "first"),
+                                       photos=("photos", "sum"), aihub_val=("aihub_val", "sum"))
+
+
+def _take(photos: np.ndarray, target: int, min_groups: int, max_groups: int) -> int:
+    """How many leading groups hold `target` photos (at least `min_groups`, at most `max_groups`)."""
+    needed = int(np.searchsorted(np.cumsum(photos), target) + 1) if target > 0 else 0
+    return max(0, min(max(needed, min_groups), max_groups))
+
+
+def _draw(photos: np.ndarray, ratios: tuple[float, float]) -> np.ndarray:
+    """Split codes for groups in hash order: test first, then val, by photo share; every stratum of >= 3 groups
+    gets at least one group of each non-zero share, and train keeps at least one group."""
+    codes = np.full(len(photos), TRAIN, dtype=np.int8)
+    n, total, start = len(photos), int(photos.sum()), 0
+    for code, ratio in ((TEST, ratios[1]), (VAL, ratios[0])):
+        k = _take(photos[start:], round(total * ratio), 1 if n >= 3 and ratio > 0 else 0, n - start - 1)
+        codes[start:start + k] = code
+        start += k
+    return codes
+
+
+def _assign_stratum(group: pd.DataFrame, honour: bool, val_ratio: float,
+                    test_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(group hashes, split codes) of one stratum."""
+    group = group.sort_index()  # the salted hash order
+    if not honour:
+        return group.index.to_numpy(), _draw(group["photos"].to_numpy(), (val_ratio, test_ratio))
+    held = (2 * group["aihub_val"] >= group["photos"]).to_numpy()  # mostly AI Hub Validation photos
+    codes = np.where(held, TEST, TRAIN).astype(np.int8)
+    codes[~held] = _draw(group["photos"].to_numpy()[~held], (val_ratio, 0.0))
+    return group.index.to_numpy(), codes
+
+
+def assign_splits(groups: pd.DataFrame, val_ratio: float, test_ratio: float) -> tuple[pd.Series, dict]:
+    """Split code (0 train, 1 val, 2 test) per split group hash, and a summary of the rule applied."""
+    keys, codes, honoured = [], [], {}
+    for kind, of_kind in groups.groupby("image_type"):
+        honour = bool(of_kind["aihub_val"].sum() > 0)
+        honoured[str(kind)] = honour
+        for _, group in of_kind.groupby("stratum"):
+            k, c = _assign_stratum(group, honour, val_ratio, test_ratio)
+            keys.append(k)
+            codes.append(c)
+    series = pd.Series(np.concatenate(codes) if codes else np.zeros(0, np.int8),
+                       index=np.concatenate(keys) if keys else np.zeros(0, np.int64))
+    moved = int(groups.loc[series.index[series.to_numpy() != TEST], "aihub_val"].sum()) if len(series) else 0
+    summary = {"groups": int(len(groups)), "aihub_validation_is_test": honoured,
+               "aihub_validation_photos_not_in_test": moved}
+    if moved:
+        LOGGER.warning("split: %d AI Hub Validation photos share a split group with more Training photos and "
+                       "follow their group out of the test split", moved)
+    return series, summary
+
+
+def with_split(table: pa.Table, splits: pd.Series) -> pa.Table:
+    """Fill the `split` column of a part from its groups' split codes and drop the group hash."""
+    keys = table.column(SPLIT_KEY).to_numpy()
+    codes = splits.to_numpy()[splits.index.get_indexer(keys)]
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(SPLITS[codes], pa.string()))
+    return table.drop_columns([SPLIT_KEY])

@@ -1,0 +1,79 @@
+"""The grouped split: a combination (every camera angle and shot) or a single-pill sweep never straddles
+train/val/test; AI Hub's own Validation partition is the test split where the data has one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from aihub_trees import move_combinations
+
+from pillsnap.data.scan import load_manifest, scan_dataset
+from pillsnap.data.splits import TEST, TRAIN, VAL, _draw, assign_splits
+from pillsnap.data.synth import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def shots_root(tmp_path_factory) -> object:
+    """8 classes, 30 combination photos (10 combinations x 3 camera elevations), 6 single photos per class."""
+    root = tmp_path_factory.mktemp("shots") / "data"
+    generate_dataset(root, 8, 6, 30, seed=3, image_scale=0.05, workers=1, progress=False)
+    return root
+
+
+def test_no_combination_and_no_sweep_straddles_splits(shots_root, tmp_path):
+    report = scan_dataset(shots_root, tmp_path / "m", workers=1, progress=False)
+    manifest = load_manifest(tmp_path / "m")
+    combos = manifest[manifest["image_type"] == "combination"]
+    assert (combos.groupby("split_group")["camera_la"].nunique() == 3).all()  # every combination at 3 angles
+    assert (combos.groupby("split_group")["split"].nunique() == 1).all()  # ... and all of them in one split
+    assert set(combos["split"]) == {"train", "val", "test"}
+    singles = manifest[manifest["image_type"] == "single"]
+    assert (singles.groupby("split_group")["split"].nunique() == 1).all()
+    sweep = singles["split_group"].str.split("_")
+    assert (sweep.str[0] == singles["mapping_code"]).all() and (sweep.str[-1].astype(int) == singles["camera_la"]).all()
+    assert report["split"]["aihub_validation_is_test"] == {"single": False, "combination": False}
+    per_split = report["photos_per_split"]["combination"]
+    assert sum(per_split.values()) == 30 and per_split["test"] % 3 == 0 and per_split["val"] % 3 == 0
+
+
+def test_aihub_validation_partition_is_the_test_split(shots_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shots_root, root)
+    folders = sorted({p.parent.name for p in root.rglob("K-*-*/K-*_0_*.png")})
+    held = folders[:3]
+    move_combinations(root, held, "2.Validation")
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    manifest = load_manifest(tmp_path / "m")
+    combos = manifest[manifest["image_type"] == "combination"]
+    assert set(combos.loc[combos["aihub_part"] == "Validation", "split_group"]) == set(held)
+    assert (combos.loc[combos["aihub_part"] == "Validation", "split"] == "test").all()
+    assert (combos.loc[combos["aihub_part"] == "Training", "split"] != "test").all()
+    assert set(combos.loc[combos["aihub_part"] == "Training", "split"]) == {"train", "val"}
+    assert report["split"]["aihub_validation_is_test"] == {"single": False, "combination": True}
+    singles = manifest[manifest["image_type"] == "single"]  # no single-pill Validation photos: drawn as usual
+    assert set(singles["split"]) == {"train", "val", "test"}
+
+
+def groups(rows: list[tuple[int, str, int, int]]) -> pd.DataFrame:
+    """(hash, stratum, photos, AI Hub Validation photos) -> the frame assign_splits takes."""
+    frame = pd.DataFrame(rows, columns=["key", "stratum", "photos", "aihub_val"]).set_index("key")
+    return frame.assign(image_type="combination")
+
+
+def test_a_group_follows_most_of_its_photos_across_the_aihub_partition():
+    frame = groups([(1, "c", 3, 1), (2, "c", 3, 2), (3, "c", 3, 0), (4, "c", 3, 0), (5, "c", 3, 0)])
+    splits, summary = assign_splits(frame, 0.2, 0.2)
+    assert splits[2] == TEST and splits[1] != TEST  # 2 of 3 in Validation -> test; 1 of 3 -> stays out
+    assert summary["aihub_validation_photos_not_in_test"] == 1
+
+
+def test_draw_gives_exact_shares_for_single_photo_groups_and_keeps_train():
+    codes = _draw(np.ones(20, dtype=int), (0.15, 0.15))
+    assert (codes == TEST).sum() == 3 and (codes == VAL).sum() == 3 and (codes == TRAIN).sum() == 14
+    assert list(codes[:3]) == [TEST] * 3  # lowest hashes first
+    small = _draw(np.array([5, 5, 5]), (0.15, 0.15))
+    assert sorted(small.tolist()) == [TRAIN, VAL, TEST]  # at least one group each, train keeps one
+    assert _draw(np.array([4, 4]), (0.15, 0.15)).tolist().count(TRAIN) >= 1
