@@ -199,3 +199,33 @@ def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshol
     save_json(ckpts / "calibration.json", {**calibration, "classifier_sha256": "stale"})
     stale = Predictor(root, _cfg(root), device="cpu").predict(photo, mode="single")
     assert stale["calibrated"] is False and stale["pills"][0]["unknown"] is False
+
+
+def test_hints_rerank_the_candidates_and_a_contradicted_answer_says_so(tmp_path: Path) -> None:
+    from pillsnap.infer.matching import Hints
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    looks = {"K-000001": (["빨강"], "장방형"), "K-000002": (["하양"], "원형"), "K-000003": (["노랑"], "타원형")}
+    save_json(root / "checkpoints" / "classes.json", {"class_names": CODES, "class_map": {
+        c: {"name": f"drug {i}", "colors": looks[c][0], "shape": looks[c][1]} for i, c in enumerate(CODES)}})
+    predictor = Predictor(root, _cfg(root, "inference.imprint.enabled=false"), device="cpu")
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    plain = predictor.predict(photo, mode="single")["pills"][0]
+    assert plain["ranking_changed"] is False and plain["imprint_read"] is None and plain["hints_conflict"] is False
+
+    result = predictor.predict(photo, mode="single", hints=Hints.parse(color="white", shape="round"))
+    pill = result["pills"][0]
+    assert pill["mapping_code"] == "K-000002" and pill["hints_conflict"] is False  # the untrained model is unsure
+    assert pill["topk"][0]["hint_match"] == {"imprint": None, "color": "match", "shape": "match"}
+    assert pill["ranking_changed"] == (plain["mapping_code"] != "K-000002")
+    assert result["hints"] == {"imprint": "", "colors": ["하양"], "shape": "원형"}
+    against = predictor.predict(photo, mode="single", hints=Hints.parse(color="blue"))["pills"][0]
+    assert against["hints_conflict"] is True and against["conflicts"] == ["color"]
+
+
+def test_cli_predict_takes_hints_and_names_an_unknown_word(exp_dir: Path, tmp_path: Path, capsys) -> None:
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    assert cli_main(["predict", str(photo), "--exp", str(exp_dir), "--mode", "single", "--json",
+                     "--color", "white", "--set", "inference.imprint.enabled=false"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["hints"]["colors"] == ["하양"]
+    assert cli_main(["predict", str(photo), "--exp", str(exp_dir), "--shape", "star-ish"]) == 2

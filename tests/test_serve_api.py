@@ -41,8 +41,8 @@ class FakePredictor:
     def model_files(self) -> dict[str, Path]:
         return self.files
 
-    def predict(self, image: Image.Image, mode=None, conf_threshold=None, name=None) -> dict:
-        self.seen.append({"size": image.size, "mode": mode, "name": name, "pixels": np.asarray(image)})
+    def predict(self, image: Image.Image, mode=None, conf_threshold=None, name=None, hints=None) -> dict:
+        self.seen.append({"size": image.size, "mode": mode, "name": name, "pixels": np.asarray(image), "hints": hints})
         if self.gate is not None:
             assert self.gate.wait(timeout=60), "test gate never opened"
         if self.fail is not None:
@@ -108,6 +108,18 @@ def test_predict_v1_answers_with_request_id_and_the_unknown_flag(client, fake) -
     assert pill["bbox"] == [0, 0, 64, 48] and pill["edi_codes"] == ["A123"]
     assert pill["unknown"] is False and pill["unknown_reason"] is None  # the schema's defaults when not given
     assert "image" not in body  # the server-side name of the upload is not echoed
+
+
+def test_hints_reach_the_predictor_and_an_unknown_word_is_a_422(client, fake) -> None:
+    resp = client.post("/v1/predict", files=photo(), data={"imprint": "BSP", "color": "white", "shape": "round"},
+                       headers=KEY)
+    assert resp.status_code == 200
+    hints = fake.seen[-1]["hints"]
+    assert hints.imprint == "BSP" and hints.colors and hints.shape  # parsed to the labels' vocabulary
+    bad = client.post("/v1/predict", files=photo(), data={"color": "plaid"}, headers=KEY)
+    assert bad.status_code == 422 and bad.json()["error"] == "bad_hint" and "plaid" in bad.json()["detail"]
+    client.post("/v1/predict", files=photo(), headers=KEY)
+    assert fake.seen[-1]["hints"] is None  # no hint given: none passed on
 
 
 def test_legacy_predict_still_works(client) -> None:

@@ -15,6 +15,9 @@ _EXPORTS = {
     "GatingDecision": "pillsnap.infer.gating",
     "decide_route": "pillsnap.infer.gating",
     "hard_case_reasons": "pillsnap.infer.gating",
+    "Hints": "pillsnap.infer.matching",
+    "rerank": "pillsnap.infer.matching",
+    "ImprintReader": "pillsnap.infer.imprint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"{' | '.join(INFERENCE_MODES)} (default: inference.mode)")
     parser.add_argument("--conf", type=float, default=None,
                         help="detector confidence (default: inference.conf_threshold)")
+    parser.add_argument("--imprint", default=None, help="hint: the text printed or engraved on the pill (either side)")
+    parser.add_argument("--color", default=None, help="hint: the pill's colour(s), e.g. white or 하양, 'white, red'")
+    parser.add_argument("--shape", default=None, help="hint: the pill's shape, e.g. round, oval, 원형")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -50,11 +53,11 @@ def load_photo(path: str, limits: Any) -> Any:
     return read_image(path, limits)
 
 
-def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any) -> dict:
+def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any, hints: Any = None) -> dict:
     """One photo's result, or its own error entry: a bad file never costs the other files their answers."""
     try:
         image = load_photo(path, limits)
-        return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path)
+        return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path, hints=hints)
     except (ValueError, OSError) as err:  # OSError covers a missing file and every ImageError of the decoder
         LOGGER.error("predict: %s: %s", path, err)
         return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
@@ -62,17 +65,19 @@ def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any
 
 def run(args: argparse.Namespace) -> int:
     from pillsnap.config import ConfigError, load_config
+    from pillsnap.infer.matching import Hints
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.utils.images import ImageLimits
 
     try:
+        hints = Hints.parse(args.imprint, args.color, args.shape)
         cfg = load_config(args.cfg, args.overrides)
         predictor = Predictor(args.exp or cfg.paths.exp_dir, cfg, args.device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("predict: %s", err)
         return 2
     limits = ImageLimits(int(cfg.serving.max_image_pixels), int(cfg.serving.min_image_side))
-    results = [predict_one(predictor, image, args, limits) for image in args.images]
+    results = [predict_one(predictor, image, args, limits, None if hints.empty() else hints) for image in args.images]
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:

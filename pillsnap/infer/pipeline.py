@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
+from pillsnap.infer.matching import Hints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
 from pillsnap.utils import read_json, resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
@@ -70,6 +72,8 @@ class Predictor:
         self.class_names, self.class_map = self._load_classes(ckpt_dir / "classes.json")
         self._check_classes(self.classifier_path, image_size)
         self.calibration = self._load_calibration()
+        imprint = self.settings.imprint
+        self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads))
         from pillsnap.data import classification_transform
 
         self.transform = classification_transform(image_size, train=False)
@@ -215,18 +219,27 @@ class Predictor:
         out = np.concatenate([boxes, dets[:, 4:5]], 1) if len(dets) else np.zeros((0, 5))
         return out[np.argsort(out[:, 0], kind="stable")]
 
-    def _pill(self, bbox: Any, topk: list[dict], det_conf: float | None) -> dict:
-        """One pill's answer: the top candidate, or "unknown" (mapping_code null, the nearest known candidates in
-        topk) when its calibrated probability is below the threshold chosen on validation data."""
+    def _pills(self, crops: list[Image.Image], boxes: Any, det_confs: list[float | None],
+               hints: Hints | None) -> list[dict]:
+        return [self._pill(crop, box, topk, conf, hints)
+                for crop, box, topk, conf in zip(crops, boxes, self.classify(crops), det_confs, strict=True)]
+
+    def _pill(self, crop: Image.Image, bbox: Any, topk: list[dict], det_conf: float | None,
+              hints: Hints | None) -> dict:
+        """One pill's answer: the best candidate after the imprint and the hints had their say, or "unknown"
+        (mapping_code null, the nearest known candidates in topk) when the classifier's calibrated probability is
+        below the threshold chosen on validation data and no imprint confirmed a candidate."""
+        best = max(c["probability"] for c in topk)
+        topk, evidence = self.evidence.apply(crop, topk, hints)
         pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
-                "unknown": False, "unknown_reason": None}
-        if topk[0]["probability"] < self.unknown_threshold:
+                **evidence, "unknown": False, "unknown_reason": None}
+        if best < self.unknown_threshold and not topk[0].get("imprint_match"):
             pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=(
-                f"top-1 probability {topk[0]['probability']:.2f} is below {self.unknown_threshold:.2f}: not one of "
-                f"the {len(self.class_names)} known drugs, or too unclear to name; nearest candidates in topk"))
+                f"top-1 probability {best:.2f} is below {self.unknown_threshold:.2f}: not one of the "
+                f"{len(self.class_names)} known drugs, or too unclear to name; nearest candidates in topk"))
         return pill
 
-    def _single(self, image: Image.Image) -> dict:
+    def _single(self, image: Image.Image, hints: Hints | None) -> dict:
         """Classify the photo as one pill: crop it like training when it stands out, else a centred square."""
         box = locate_pill(image) if self.settings.single_locate else None
         located = box is not None
@@ -235,11 +248,12 @@ class Predictor:
         else:
             box = single_crop_box(image.size, float(self.settings.single_crop))
             crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
-        return {**self._pill(box, self.classify([crop])[0], None), "located": located}
+        pill = self._pills([crop], [box], [None], hints)[0]
+        return {**pill, "located": located, "classifier_top": max(pill["topk"], key=lambda c: c["probability"])}
 
-    def _combo(self, image: Image.Image, dets: np.ndarray) -> list[dict]:
+    def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None) -> list[dict]:
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
-        return [self._pill(d[:4], topk, float(d[4])) for d, topk in zip(dets, self.classify(crops), strict=True)]
+        return self._pills(crops, dets[:, :4], [float(c) for c in dets[:, 4]], hints)
 
     def _agrees(self, image: Image.Image, single: dict, det: np.ndarray) -> bool:
         """Does the one detected pill confirm the whole-photo answer? Where the single path located its pill: the
@@ -250,12 +264,13 @@ class Predictor:
         if single.get("located"):
             iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
             return bool(iou >= AGREEMENT_IOU)
-        crop_answer = self._combo(image, det[None])[0]
-        return crop_answer["topk"][0]["mapping_code"] == single["topk"][0]["mapping_code"]
+        crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)])[0][0]
+        return crop_top["mapping_code"] == single["classifier_top"]["mapping_code"]
 
-    def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None) -> tuple[GatingDecision, list]:
+    def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None,
+               hints: Hints | None) -> tuple[GatingDecision, list]:
         threshold = float(self.settings.single_confidence_threshold)
-        conf_single = single["probability"] if single else None
+        conf_single = single["classifier_top"]["probability"] if single else None
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
@@ -267,31 +282,32 @@ class Predictor:
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
             return replace(decision, mode_used="single"), [single]
-        pills = self._combo(image, dets)
+        pills = self._combo(image, dets, hints)
         if mode == "auto" and not pills:
             return replace(decision, mode_used="single"), [single]
         return decision, pills
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
-                name: str | None = None) -> dict:
+                name: str | None = None, hints: Hints | None = None) -> dict:
         """Predict the pills in one photo (path, zip:<zip>!<member>, PIL image or HxWx3 uint8 array).
 
         `name` is what the result and its hard-case record call the image (e.g. where the API kept an upload);
-        by default the path, or None for in-memory images."""
+        by default the path, or None for in-memory images. `hints` (what the user sees on the pill: imprint,
+        colour, shape) re-rank every pill's candidates; an answer they contradict says so (hints_conflict)."""
         start = time.perf_counter()
         mode = check_mode(mode or str(self.settings.mode))
         conf = float(self.settings.conf_threshold if conf_threshold is None else conf_threshold)
         img, loaded_name = load_image(image)
         name = name or loaded_name
-        single = self._single(img) if mode in ("single", "auto") else None
-        decision, pills = self._route(img, mode, conf, single)
+        single = self._single(img, hints) if mode in ("single", "auto") else None
+        decision, pills = self._route(img, mode, conf, single, hints)
         LOGGER.debug("gating: %s mode=%s single_conf=%s -> %s (%s), %d pill(s)", name or "<image>", mode,
-                    "n/a" if single is None else f"{single['probability']:.3f}", decision.mode_used,
-                    decision.fallback_reason or "-", len(pills))
-        pills = [{k: v for k, v in p.items() if k != "located"} for p in pills]
+                     "n/a" if single is None else f"{decision.single_confidence:.3f}", decision.mode_used,
+                     decision.fallback_reason or "-", len(pills))
+        pills = [{k: v for k, v in p.items() if k not in ("located", "classifier_top")} for p in pills]
         result = {"image": name, "mode": mode, **decision.to_dict(), "num_pills": len(pills), "pills": pills,
-                  "calibrated": self.calibration is not None, "image_size": list(img.size),
-                  "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
+                  "calibrated": self.calibration is not None, "hints": None if hints is None else hints.to_dict(),
+                  "image_size": list(img.size), "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
         self._log_hard_case(result, img, decision)
         return result
 

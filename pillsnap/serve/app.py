@@ -20,6 +20,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from pillsnap.infer.gating import INFERENCE_MODES  # pure Python: no model code is imported
+from pillsnap.infer.matching import Hints  # pure Python too
 from pillsnap.serve.auth import KeyChecker
 from pillsnap.serve.docs import render_docs
 from pillsnap.serve.errors import RequestRejected, install_error_handlers, request_id_of
@@ -162,30 +163,46 @@ def _encode(result: dict, upload: Upload) -> dict:
     return {**body, "request_id": upload.request_id, "filename": upload.filename}
 
 
+def parse_hints(imprint: str | None, color: str | None, shape: str | None) -> Hints | None:
+    """The user's hints, or None when none was given; a word the matcher does not know is a 422 naming it."""
+    try:
+        hints = Hints.parse(imprint, color, shape)
+    except ValueError as err:
+        raise RequestRejected(422, str(err), "bad_hint") from err
+    return None if hints.empty() else hints
+
+
 def _add_predict_routes(app: FastAPI, state: AppState) -> None:
     file_field = File(..., description="the photo (JPEG, PNG, WebP, AVIF, BMP, TIFF or GIF)")
     mode_field = Form(Mode("auto"), description="single | combo | auto")
+    imprint_field = Form(None, description="hint: the text printed or engraved on the pill (either side)")
+    color_field = Form(None, description="hint: colour(s), e.g. white, 하양, 'white, red'")
+    shape_field = Form(None, description="hint: shape, e.g. round, oval, 원형")
 
-    async def predict_one(request: Request, file: UploadFile, mode: Any) -> dict:
+    async def predict_one(request: Request, file: UploadFile, mode: Any, hints: Any) -> dict:
         upload = await _read_upload(file, request, state.settings)
-        result = await state.run_job("predict", state.service.predict, upload, Mode(mode).value)
+        result = await state.run_job("predict", state.service.predict, upload, Mode(mode).value, hints)
         state.metrics.predictions.labels(result["mode_used"]).inc()
         return _encode(result, upload)
 
     @app.post("/v1/predict", response_model=Prediction, responses=ERROR_RESPONSES,
               summary="Identify the pills in one photo")
-    async def predict_v1(request: Request, file: UploadFile = file_field, mode: Mode = mode_field) -> dict:
-        return await predict_one(request, file, mode)
+    async def predict_v1(request: Request, file: UploadFile = file_field, mode: Mode = mode_field,
+                         imprint: str | None = imprint_field, color: str | None = color_field,
+                         shape: str | None = shape_field) -> dict:
+        return await predict_one(request, file, mode, parse_hints(imprint, color, shape))
 
     @app.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, deprecated=True,
               summary="Identify the pills in one photo (use /v1/predict)")
     async def predict_legacy(request: Request, file: UploadFile = file_field, mode: Mode = mode_field) -> dict:
-        return await predict_one(request, file, mode)
+        return await predict_one(request, file, mode, None)
 
     @app.post("/v1/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
               summary="Identify the pills in several photos; a bad photo gets its own error entry")
     async def predict_batch(request: Request, files: list[UploadFile] = File(..., description="the photos"),
-                            mode: Mode = mode_field) -> dict:
+                            mode: Mode = mode_field, imprint: str | None = imprint_field,
+                            color: str | None = color_field, shape: str | None = shape_field) -> dict:
+        hints = parse_hints(imprint, color, shape)
         limit = state.settings.max_batch_files
         if len(files) > limit:
             raise RequestRejected(413, f"{len(files)} files in one batch; at most {limit} (serving.max_batch_files)",
@@ -198,7 +215,8 @@ def _add_predict_routes(app: FastAPI, state: AppState) -> None:
                 slots.append({"filename": safe_filename(file.filename), "status": err.status, "error": err.code,
                               "detail": err.message})
         uploads = [slot for slot in slots if isinstance(slot, Upload)]
-        results = iter(await state.run_job("predict_batch", state.service.predict_many, uploads, Mode(mode).value))
+        results = iter(await state.run_job("predict_batch", state.service.predict_many, uploads, Mode(mode).value,
+                                           hints))
         answers = [_encode(next(results), slot) if isinstance(slot, Upload) else slot for slot in slots]
         for answer in answers:
             if "error" not in answer:

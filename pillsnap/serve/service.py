@@ -43,7 +43,7 @@ class PredictorLike(Protocol):
     class_names: list[str]
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
-                name: str | None = None) -> dict: ...
+                name: str | None = None, hints: Any = None) -> dict: ...
 
     def warm_up(self) -> None: ...
 
@@ -80,7 +80,7 @@ class PredictionService:
         LOGGER.info("models ready in %.1f s (%s backend, %d classes)", time.perf_counter() - start,
                     predictor.backend, len(predictor.class_names))
 
-    def predict(self, upload: Upload, mode: str) -> dict:
+    def predict(self, upload: Upload, mode: str, hints: Any = None) -> dict:
         """Decode, predict, keep the upload when the answer is a hard case. Raises ImageError for a photo the
         decoder refuses and RequestRejected for an empty one."""
         if self.predictor is None:
@@ -90,18 +90,19 @@ class PredictionService:
                                   "empty_upload")
         image = decode_image(upload.data, repr(upload.filename), self.limits)
         reference = self._upload_path(upload)
-        result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename)
+        result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename,
+                                        hints=hints)
         if reference is not None and result.get("hard_case"):
             self._keep(reference, upload.data)
         return result
 
-    def predict_many(self, uploads: list[Upload], mode: str) -> list[dict]:
+    def predict_many(self, uploads: list[Upload], mode: str, hints: Any = None) -> list[dict]:
         """One result per upload; a refused photo gets its own error entry and the others are still answered."""
-        return [self._predict_or_error(upload, mode) for upload in uploads]
+        return [self._predict_or_error(upload, mode, hints) for upload in uploads]
 
-    def _predict_or_error(self, upload: Upload, mode: str) -> dict:
+    def _predict_or_error(self, upload: Upload, mode: str, hints: Any = None) -> dict:
         try:
-            return self.predict(upload, mode)
+            return self.predict(upload, mode, hints)
         except ImageError as err:
             status, code = image_error_status(err)
             return {"filename": upload.filename, "status": status, "error": code, "detail": str(err)}

@@ -1,0 +1,332 @@
+"""Read a pill's imprint from its crop with RapidOCR (PP-OCRv4 detection + recognition ONNX models, shipped
+inside the `rapidocr-onnxruntime` wheel, so it works offline).
+
+The detector runs once, for its text map; the crop is then turned so that the text (or, failing that, the pill's
+long axis) runs left to right, and its text lines are recognised at that turn and the opposite one, then at the
+two cross turns only when needed, each group in one batch. The reading that best fits a candidate's imprint
+(without candidates: the most confident one) wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pillsnap.infer.matching import imprint_similarity, normalize_imprint
+
+LOGGER = logging.getLogger(__name__)
+_ENGINES: dict[tuple[int, int], Any] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ImprintRead:
+    """One crop's reading. `text` is what was recognised (lines joined by spaces, "" when nothing was);
+    `score` the recogniser's mean confidence in [0, 1]; `angle` the counter-clockwise turn in degrees that
+    made it readable; `matched` / `similarity` the candidate imprint it fits best, when candidates were given."""
+
+    text: str
+    score: float
+    angle: float
+    seconds: float
+    text_found: bool  # the detector marked text on the pill (else the pill's central band was read)
+    matched: str | None = None
+    similarity: float | None = None
+
+    @property
+    def normalized(self) -> str:
+        return normalize_imprint(self.text)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "normalized": self.normalized}
+
+
+@dataclass(frozen=True)
+class ReaderSettings:
+    """How the reader works. The defaults were chosen on rotated synthetic pill crops (bench/bench_imprint.py):
+    a larger work size or recogniser width cost more and read no better."""
+
+    work_px: int = 480  # the crop's long side before detection; the detector's cost grows with its square
+    rec_width: int = 160  # lines are padded to at least this width (imprints are short: 2-8 characters)
+    text_threshold: float = 0.3  # text-map probability that marks a text pixel
+    max_lines: int = 3  # lines recognised at most
+    unclip: float = 1.6  # a line's box grows around its text pixels as the detector's own boxes do
+    min_line_score: float = 0.3  # a line read with less confidence is dropped
+    stop_similarity: float = 0.9  # with candidates: a reading that fits one this well ends the search early
+    stop_score: float = 0.95  # without candidates: a reading this confident ends the search early
+    threads: int = 0  # ONNX Runtime threads (0: the machine's cores, at most 4)
+
+
+def rapidocr_available() -> bool:
+    """Whether the OCR engine can be imported (callers skip reading, with a warning, when it cannot)."""
+    import importlib.util
+
+    return importlib.util.find_spec("rapidocr_onnxruntime") is not None
+
+
+class RapidOcrModels:
+    """RapidOCR's detection network, used for its per-pixel text map (the reader finds lines itself, in the
+    pill's frame), and its line recogniser. Anything with the same two methods can stand in for it.
+
+    Uses RapidOCR's `text_det.infer` and `text_rec`, which are not its documented API: pyproject pins the 1.4
+    series, and this class is the only place that touches them."""
+
+    def __init__(self, threads: int = 0, rec_width: int = 160) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+            from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH, root_dir
+            from rapidocr_onnxruntime.utils import read_yaml
+        except ImportError as err:
+            raise ImportError("imprint reading needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime") from err
+        # rec_img_shape: lines are padded to at least this width; imprints are 2-8 characters, so 160 px rather
+        # than the default 320 (made for document lines) halves recognition time. rec_batch_num 16: every line
+        # at every turn goes through in one call.
+        self._ocr = RapidOCR(rec_batch_num=16, rec_img_shape=[3, 48, rec_width], intra_op_num_threads=1)
+        # Our own sessions: ONNX Runtime's thread pool spins for a while after each run by default, and in a
+        # process that also runs torch it takes the cores from the classifier (measured on 2 cores: resnet18 at
+        # 64 px went from 21 ms to 680 ms per crop next to a spinning reader).
+        paths = read_yaml(DEFAULT_CFG_PATH)
+        self._ocr.text_det.infer.session = _session(root_dir / paths["Det"]["model_path"], threads)
+        self._ocr.text_rec.session.session = _session(root_dir / paths["Rec"]["model_path"], threads)
+
+    def text_map(self, bgr: np.ndarray) -> np.ndarray:
+        """Text probability per pixel, HxW float in [0, 1] (the detector's shrunk text kernels)."""
+        import cv2
+
+        h, w = bgr.shape[:2]
+        size = (max(32, round(w / 32) * 32), max(32, round(h / 32) * 32))  # the network wants multiples of 32
+        x = (cv2.resize(bgr, size).astype(np.float32) / 255.0 - 0.5) / 0.5
+        prob = self._ocr.text_det.infer(x.transpose(2, 0, 1)[None])[0][0, 0]
+        return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    def recognise(self, patches: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """(text, confidence) for each BGR line image."""
+        if not patches:
+            return []
+        results, _ = self._ocr.text_rec(list(patches))
+        return [(str(text), float(score)) for text, score, *_ in results]
+
+
+def _session(path: Any, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Always an explicit count: with 0, ONNX Runtime pins one thread to each core, and next to torch's threads
+    # that made the classifier 10x slower.
+    opts.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def get_models(threads: int = 0, rec_width: int = 160) -> RapidOcrModels:
+    """The OCR models, loaded once per setting and shared by every reader of the process (~0.5 s to load)."""
+    with _ENGINE_LOCK:
+        key = (threads, rec_width)
+        if key not in _ENGINES:
+            _ENGINES[key] = RapidOcrModels(threads, rec_width)
+        return _ENGINES[key]
+
+
+# ---- geometry ------------------------------------------------------------------------------------------------
+
+def foreground_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that differ from the plain backdrop, whose colour is taken from the crop's border."""
+    border = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3),
+                             rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)]).astype(np.float32)
+    distance = np.linalg.norm(rgb.astype(np.float32) - np.median(border, axis=0), axis=-1)
+    return distance > max(30.0, 0.5 * float(np.percentile(distance, 95)))
+
+
+def principal_axis(mask: np.ndarray) -> tuple[float, float]:
+    """(angle, elongation) of a mask: the long axis' counter-clockwise angle from the x axis in degrees, in
+    [0, 180), and the ratio of the long to the short spread (1 for a disc)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 10:
+        return 0.0, 1.0
+    cov = np.cov(np.stack([xs, -ys]).astype(np.float64))  # y flipped: angles counter-clockwise as seen
+    values, vectors = np.linalg.eigh(cov)
+    vx, vy = vectors[:, 1]
+    elongation = math.sqrt(max(values[1], 1e-9) / max(values[0], 1e-9))
+    return math.degrees(math.atan2(vy, vx)) % 180.0, elongation
+
+
+def reading_axis(text: np.ndarray, pill: np.ndarray) -> float:
+    """Where the text runs: along the text itself when its pixels are clearly longer than high (the only axis a
+    round pill offers), else along the pill's long axis, else the crop's x axis."""
+    angle, elongation = principal_axis(text)
+    if text.sum() >= 30 and elongation >= 1.3:
+        return angle
+    angle, elongation = principal_axis(pill)
+    return angle if elongation >= 1.15 else 0.0
+
+
+def central_band(pill: np.ndarray, angle: float) -> np.ndarray:
+    """The middle of the pill along `angle`, where imprints sit: read when the detector marks no text."""
+    ys, xs = np.nonzero(pill)
+    if len(xs) < 10:
+        return np.ones_like(pill, dtype=bool)
+    theta = math.radians(angle)
+    along, across = np.array([math.cos(theta), -math.sin(theta)]), np.array([math.sin(theta), math.cos(theta)])
+    yy, xx = np.mgrid[0:pill.shape[0], 0:pill.shape[1]]
+    pts = np.stack([xx - xs.mean(), yy - ys.mean()], -1)
+    on = np.stack([xs - xs.mean(), ys - ys.mean()], 1)
+    half_long = np.percentile(np.abs(on @ along), 95) * 0.7
+    half_short = np.percentile(np.abs(on @ across), 95) * 0.3
+    return (np.abs(pts @ along) <= half_long) & (np.abs(pts @ across) <= half_short)
+
+
+def turn(image: np.ndarray, angle: float, nearest: bool = False) -> np.ndarray:
+    """`image` turned `angle` degrees counter-clockwise, on a canvas grown to hold all of it."""
+    import cv2
+
+    h, w = image.shape[:2]
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    cos, sin = abs(rot[0, 0]), abs(rot[0, 1])
+    size = (int(round(h * sin + w * cos)), int(round(h * cos + w * sin)))
+    rot[:, 2] += np.array(size) / 2 - np.array([w / 2, h / 2])
+    if nearest:  # a mask: nothing outside it
+        return cv2.warpAffine(image, rot, size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+    return cv2.warpAffine(image, rot, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def text_lines(text: np.ndarray, max_lines: int = 3, unclip: float = 1.6) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of each line of upright text pixels, top to bottom, grown like the detector's own boxes
+    (by unclip x area / perimeter: its text kernels are shrunk). Lines split by a thin gap are joined."""
+    runs: list[list[int]] = []
+    for y0, y1 in _row_runs(text.any(axis=1)):
+        if runs and y0 - runs[-1][1] < 0.3 * max(y1 - y0, runs[-1][1] - runs[-1][0]):
+            runs[-1][1] = y1
+        else:
+            runs.append([y0, y1])
+    boxes = []
+    for y0, y1 in runs:
+        cols = np.flatnonzero(text[y0:y1].any(axis=0))
+        if len(cols) and (y1 - y0) * (cols[-1] + 1 - cols[0]) >= 12:
+            boxes.append((int(cols[0]), y0, int(cols[-1]) + 1, y1))
+    boxes = sorted(sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:max_lines], key=lambda b: b[1])
+    return [_grow(b, unclip, text.shape) for b in boxes]
+
+
+def _grow(box: tuple[int, int, int, int], unclip: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    d = unclip * w * h / (2 * (w + h))
+    return (max(0, math.floor(x0 - d)), max(0, math.floor(y0 - d)),
+            min(shape[1], math.ceil(x1 + d)), min(shape[0], math.ceil(y1 + d)))
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Reading:
+    text: str
+    score: float
+    angle: float
+    fit: float = 0.0
+    matched: str | None = None
+    similarity: float | None = None
+
+
+def _work_image(crop: Image.Image, work_px: int) -> np.ndarray:
+    """The crop as RGB with its long side at `work_px`: small crops are enlarged, so that engraved strokes are a
+    few pixels wide for the detector, and large ones shrunk, which bounds the cost."""
+    crop = crop.convert("RGB")
+    scale = work_px / max(crop.size)
+    if abs(scale - 1.0) > 0.05:
+        size = (max(8, round(crop.width * scale)), max(8, round(crop.height * scale)))
+        crop = crop.resize(size, Image.BICUBIC if scale > 1 else Image.BILINEAR)
+    return np.asarray(crop)
+
+
+class ImprintReader:
+    """Reads imprints on pill crops. The OCR models load on the first read and are shared by every reader of the
+    process; `models` replaces them (any object with RapidOcrModels' `text_map` and `recognise`)."""
+
+    def __init__(self, settings: ReaderSettings | None = None, models: Any = None) -> None:
+        self.settings = settings or ReaderSettings()
+        self._models = models
+
+    @property
+    def models(self) -> Any:
+        if self._models is None:
+            self._models = get_models(self.settings.threads, self.settings.rec_width)
+        return self._models
+
+    def read(self, crop: Image.Image, candidates: Sequence[str] = ()) -> ImprintRead:
+        """Read the imprint on one pill crop (the pill on its plain backdrop, as the pipeline crops it).
+
+        `candidates`: imprints of the classes in the running (e.g. the top-k's print_front/print_back); the
+        reading that fits one of them best wins, and a close fit ends the search early."""
+        start = time.perf_counter()
+        rgb = _work_image(crop, self.settings.work_px)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        pill = foreground_mask(rgb)
+        text = (self.models.text_map(bgr) > self.settings.text_threshold) & pill
+        found = bool(text.sum() >= 12)
+        axis = reading_axis(text, pill)
+        targets = [c for c in dict.fromkeys(normalize_imprint(c) for c in candidates) if c]
+        best = self._search(bgr, text if found else central_band(pill, axis), -axis, targets)
+        seconds = time.perf_counter() - start
+        LOGGER.debug("imprint: %r (score %.2f, turn %.0f, text found: %s) in %.0f ms", best.text, best.score,
+                     best.angle, found, seconds * 1000)
+        return ImprintRead(best.text, round(best.score, 4), round(best.angle % 360.0, 1), round(seconds, 4),
+                           found, best.matched, None if best.similarity is None else round(best.similarity, 4))
+
+    def _search(self, bgr: np.ndarray, text: np.ndarray, base: float, targets: list[str]) -> _Reading:
+        """The reading axis and its opposite first; the two cross turns only when that was not conclusive."""
+        best = _Reading("", 0.0, base)
+        for turns in ((base, base + 180.0), (base + 90.0, base + 270.0)):
+            for reading in self._recognise(bgr, text, turns, targets):
+                if reading.fit > best.fit:
+                    best = reading
+            if self._conclusive(best, targets):
+                break
+        return best
+
+    def _conclusive(self, best: _Reading, targets: list[str]) -> bool:
+        if targets:
+            return (best.similarity or 0.0) >= self.settings.stop_similarity
+        return best.score >= self.settings.stop_score
+
+    def _recognise(self, bgr: np.ndarray, text: np.ndarray, turns: Sequence[float],
+                   targets: list[str]) -> list[_Reading]:
+        """One recognition call for every line at every turn; one reading per turn."""
+        lines: list[list[np.ndarray]] = []
+        for angle in turns:
+            image, mask = turn(bgr, angle), turn(text.astype(np.uint8), angle, nearest=True) > 0
+            boxes = text_lines(mask, self.settings.max_lines, self.settings.unclip)
+            lines.append([image[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes])
+        results = iter(self.models.recognise([p for group in lines for p in group]))
+        return [self._reading([next(results) for _ in group], angle, targets)
+                for group, angle in zip(lines, turns, strict=True)]
+
+    def _reading(self, parts: Sequence[tuple[str, float]], angle: float, targets: list[str]) -> _Reading:
+        kept = [(text.strip(), score) for text, score in parts
+                if score >= self.settings.min_line_score and normalize_imprint(text)]
+        if not kept:
+            return _Reading("", 0.0, angle)
+        text = " ".join(t for t, _ in kept)
+        score = sum(s * len(t) for t, s in kept) / sum(len(t) for t, _ in kept)
+        if not targets:
+            return _Reading(text, score, angle, fit=score)
+        similarity, matched = max((imprint_similarity(text, t), t) for t in targets)
+        # the fit to a candidate decides; the recogniser's confidence breaks ties and rules when nothing fits
+        return _Reading(text, score, angle, 0.75 * similarity + 0.25 * score, matched, similarity)
