@@ -71,15 +71,23 @@ def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
     return DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=safe_collate)
 
 
-def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path) -> Path:
-    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path,
+                     eces: tuple[float, float] | None = None) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (marker area: photos in the bin), before and after
+    temperature scaling; the legend gives each curve's ECE."""
     from pillsnap.eval.reports import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
-    for bins, label, marker in ((before, "raw softmax", "o"), (after, f"temperature {temperature:.2f}", "s")):
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker, label=label)
+    labels = ["raw softmax", f"temperature {temperature:.2f}"]
+    if eces is not None:
+        labels = [f"{label} (ECE {ece:.3f})" for label, ece in zip(labels, eces, strict=True)]
+    total = max(sum(b["count"] for b in before), 1)
+    for bins, label, marker in ((before, labels[0], "o"), (after, labels[1], "s")):
+        x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        line = ax.plot(x, y, linewidth=1, label=label)[0]
+        ax.scatter(x, y, s=[20 + 400 * b["count"] / total for b in bins], marker=marker, color=line.get_color())
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
@@ -123,7 +131,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         report["unknown_eval"]["held_out_classes"] = len({r.mapping_code for r in held_out.dataset.rows})
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
-    plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png")
+    plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png",
+                     (report["ece_before"], report["ece_after"]))
     LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown below p=%.3f%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
                 threshold, _unknown_line(report.get("unknown_eval")))
