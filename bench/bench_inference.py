@@ -1,8 +1,8 @@
 """Inference latency: detector torch vs ONNX Runtime (same letterboxed input, same NMS), and the pipeline's
-single vs combo vs auto paths on one photo.
+single, combo and auto paths (auto with and without imprint reading) on one photo.
 
-Baselines are measured in the same run: the ONNX figure is a ratio to torch, the combo/auto figures ratios to
-single. Runs alternate and medians are compared (the machine is shared).
+Baselines are measured in the same run: the ONNX figure is a ratio to torch, the pipeline figures ratios to the plain
+classifier call on the same photo. Runs alternate and medians are compared (the machine is shared).
 
     .venv/bin/python bench/bench_inference.py [--size 160 --rounds 7 --reps 10] [--exp runs/demo/exp --photo P]
 """
@@ -63,21 +63,29 @@ def bench_detector(size: int, rounds: int, reps: int) -> None:
 
 
 def bench_pipeline(exp: str, photo: str, rounds: int, reps: int) -> None:
-    """single vs combo vs auto on one photo with a trained experiment (e.g. the demo's)."""
+    """The plain classifier call on the photo (the baseline), then single / combo / auto on the same photo with a
+    trained experiment (e.g. the demo's), auto both with and without imprint reading."""
     from pillsnap.config import load_config
     from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils.images import read_image
 
     cfg = load_config("config.yaml", ["inference.hard_cases.enabled=false"], dotenv_path=None)
     predictor = Predictor(exp, cfg, "cpu")
-    times: dict[str, list[float]] = {m: [] for m in ("single", "combo", "auto")}
-    for mode in times:
-        predictor.predict(photo, mode=mode)  # warm-up (loads the detector)
+    no_ocr = Predictor(exp, load_config("config.yaml", ["inference.hard_cases.enabled=false",
+                                                        "inference.imprint.enabled=false"], dotenv_path=None), "cpu")
+    image = read_image(photo)
+    runs = {"classifier": lambda: predictor.classify([image]),
+            **{mode: (lambda m=mode: predictor.predict(image, mode=m)) for mode in ("single", "combo", "auto")},
+            "auto, no imprint reading": lambda: no_ocr.predict(image, mode="auto")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up (loads the detector and the OCR models)
     for _ in range(rounds):
-        for mode in times:
-            times[mode].append(_median_ms(lambda m=mode: predictor.predict(photo, mode=m), reps))
-    base = statistics.median(times["single"])
-    for mode, values in times.items():
-        print(f"pipeline {mode:<6} {statistics.median(values):7.1f} ms/photo  ratio to single = "
+        for name, run in runs.items():
+            times[name].append(_median_ms(run, reps))
+    base = statistics.median(times["classifier"])
+    for name, values in times.items():
+        print(f"pipeline {name:<25} {statistics.median(values):7.1f} ms/photo  ratio to the classifier call = "
               f"{statistics.median(values) / base:.2f}x")
 
 
