@@ -14,10 +14,13 @@ def test_manual_modes_are_taken_as_asked() -> None:
     assert combo.mode_used == "combo" and combo.fallback_reason == "manual_combo"
 
 
-def test_auto_low_confidence_falls_back_to_combo() -> None:
-    d = decide_route("auto", 0.49, 1, threshold=0.5, detector_agrees=True)
+def test_auto_low_confidence_falls_back_to_combo_unless_the_detector_confirmed_the_pill() -> None:
+    d = decide_route("auto", 0.49, 1, threshold=0.5)  # one box, agreement not checked
     assert (d.mode_used, d.fallback_reason, d.single_confidence) == ("combo", "low_confidence", 0.49)
     assert d.num_detections == 1 and d.flags == ()
+    assert decide_route("auto", 0.49, None, threshold=0.5).fallback_reason == "low_confidence"  # no detector
+    confirmed = decide_route("auto", 0.2, 1, threshold=0.5, detector_agrees=True)
+    assert (confirmed.mode_used, confirmed.fallback_reason) == ("single", None)
 
 
 def test_auto_multi_object_hint_falls_back_even_when_confident() -> None:

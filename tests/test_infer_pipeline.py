@@ -113,8 +113,8 @@ def test_one_detected_pill_must_agree_with_the_whole_photo_answer(predictor: Pre
     predictor.settings.single_confidence_threshold = 0.0
     result = predictor.predict(photo, mode="auto")
     assert (result["mode_used"], result["num_detections"], result["flags"]) == ("single", 1, [])
-    predictor.settings.single_confidence_threshold = 1.01  # agreeing, but not confident: the combo path answers
-    assert predictor.predict(photo, mode="auto")["fallback_reason"] == "low_confidence"
+    predictor.settings.single_confidence_threshold = 1.01  # not confident, but the detector confirmed the pill
+    assert predictor.predict(photo, mode="auto")["mode_used"] == "single"
     elsewhere = np.array([[0, 0, 20, 20, 0.9]], dtype=float)  # one box, but not where the whole-photo pill is
     monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: elsewhere)
     predictor.settings.single_confidence_threshold = 0.0

@@ -51,8 +51,10 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
                  detector_agrees: bool | None = None) -> GatingDecision:
     """single/combo are taken as asked. auto never hides a pill: more than one detected pill -> combo
     (multi_object_hint); one detected pill that disagrees with the whole-photo answer -> combo (detector_disagrees);
-    a whole-photo answer below `threshold` -> combo (low_confidence); otherwise single. No detected pill keeps the
-    whole-photo answer with the no_pill_detected flag.
+    a whole-photo answer below `threshold` that the detector did not confirm -> combo (low_confidence); otherwise
+    single. A pill the detector confirmed stays single however unsure the classifier is: another crop of the same
+    pill would not know more, and the calibrated probability (or the unknown answer) says how sure it is. No
+    detected pill keeps the whole-photo answer with the no_pill_detected flag.
 
     num_detections is None when the detector is unavailable (flagged); detector_agrees is None when not checked.
     """
@@ -69,7 +71,8 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
         return route("combo", MULTI_OBJECT_HINT)
     if num_detections == 1 and detector_agrees is False:
         return route("combo", DETECTOR_DISAGREES)
-    if single_confidence is not None and single_confidence < threshold and num_detections != 0:
+    unconfirmed = num_detections is None or (num_detections == 1 and detector_agrees is not True)
+    if single_confidence is not None and single_confidence < threshold and unconfirmed:
         return route("combo", LOW_CONFIDENCE)
     return route("single", None)
 
