@@ -67,32 +67,42 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
     cls_thr = [r["throughput"] for r in steps if r.get("task") == "classification" and r.get("throughput")]
     losses = [r.get("loss") for r in steps] + [(summary.get("classification") or {}).get("val_loss")]
     rss = [h.get("rss_mb") for h in summary.get("history", []) if h.get("rss_mb")]
+    growth = rss[-1] / rss[1] if len(rss) >= 3 else None  # epoch 2 on: the first epoch still allocates
     system = summary.get("system") or {}
     batch = (summary.get("batch") or {}).get("classification") or {}
+    batch_size = batch.get("batch_size") or 0
     return {
         "throughput_img_s": float(np.median(cls_thr)) if cls_thr else None,
         "data_loading_s": float(np.mean([r["data_time"] for r in steps])) if steps else None,
         "repeated_oom": sum(1 for r in stream if r.get("type") == "oom" and r.get("action") != "applied"),
         "nan_loss": any(isinstance(v, float) and math.isnan(v) for v in losses if v is not None),
-        "memory_growth": rss[-1] / rss[1] if len(rss) >= 3 else None,
+        "memory_growth": growth, "memory_stable": growth is None or growth <= MEMORY_GROWTH_LIMIT,
         "peak_rss_mb": system.get("peak_rss_mb"),
         "gpu_memory_gb": (system.get("peak_cuda_mem_mb") or 0) / 1024 if "cuda" in str(system.get("device")) else None,
-        "batch_size": batch.get("batch_size"), "global_batch": (batch.get("batch_size") or 0) * (batch.get("grad_accum")
-                                                                                                  or 1),
+        "batch_size": batch.get("batch_size"), "global_batch": batch_size * (batch.get("grad_accum") or 1),
         "samples_seen": batch.get("samples_seen"),
     }
 
 
 # ---- what the stage needs measured now ----------------------------------------------------------------------------
-def _classifier_figures(cfg: DictConfig, ckpt: Path, loaders: Any) -> dict:
+def _load_models(cls_ckpt: Path, det_ckpt: Path | None) -> dict:
+    """Both best checkpoints, loaded once for every measurement; a failure here is the loading check failing."""
+    from pillsnap.models.classifier import load_classifier_for_inference
+    from pillsnap.models.detector import load_detector_for_inference
+
+    models = {"classifier": _safely("classifier loading", lambda: load_classifier_for_inference(cls_ckpt), None)}
+    if det_ckpt is not None:
+        models["detector"] = _safely("detector loading", lambda: load_detector_for_inference(det_ckpt), None)
+    return models
+
+
+def _classifier_figures(model: Any, loaders: Any) -> dict:
     import torch
     from sklearn.metrics import f1_score, recall_score
 
     from pillsnap.engine.classification import predict_classification
-    from pillsnap.models.classifier import load_classifier_for_inference
 
-    model, _ = load_classifier_for_inference(ckpt)
-    out: dict[str, Any] = {"loaded": True}
+    out: dict[str, Any] = {}
     if loaders.cls_val is None:
         return out
     y_true, y_prob, _ = predict_classification(model, loaders.cls_val, torch.nn.CrossEntropyLoss(),
@@ -110,15 +120,14 @@ def _classifier_figures(cfg: DictConfig, ckpt: Path, loaders: Any) -> dict:
     return out
 
 
-def _detector_figures(cfg: DictConfig, ckpt: Path, loaders: Any) -> dict:
+def _detector_figures(cfg: DictConfig, model: Any, loaders: Any) -> dict:
     import torch
 
     from pillsnap.engine.detection import prepare_batch
-    from pillsnap.models.detector import load_detector_for_inference, postprocess_detections
+    from pillsnap.models.detector import postprocess_detections
 
-    model, _ = load_detector_for_inference(ckpt)
     if loaders.det_val is None:
-        return {"loaded": True}
+        return {}
     det = cfg.train.detection
     images = [img[None] for batch in loaders.det_val for img in prepare_batch(batch, torch.device("cpu"))["img"]]
 
@@ -126,16 +135,21 @@ def _detector_figures(cfg: DictConfig, ckpt: Path, loaders: Any) -> dict:
         return postprocess_detections(model(x), float(det.conf_threshold), float(det.iou_threshold))
 
     with torch.no_grad():
-        return {"loaded": True, "inference_time_ms": p95_ms(_time_calls(detect, images))}
+        return {"inference_time_ms": p95_ms(_time_calls(detect, images))}
 
 
-def _pipeline_latency(cfg: DictConfig, exp_dir: Path) -> float | None:
-    """p95 of the whole auto-mode pipeline (decode, classify, detect when routed) on the stage's val photos."""
-    from pillsnap.data import load_manifest, read_image
+def _stage_rows(cfg: DictConfig) -> Any:
+    from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
+
+    return select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
+
+
+def _pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any) -> float | None:
+    """p95 of the whole auto-mode pipeline (decode, classify, detect when routed) on the stage's val photos."""
+    from pillsnap.data import read_image
     from pillsnap.infer.pipeline import Predictor
 
-    rows = select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
     photos = rows[rows["split"] == "val"].drop_duplicates("photo_id")["image_path"].tolist()
     if not photos:
         return None
@@ -144,17 +158,18 @@ def _pipeline_latency(cfg: DictConfig, exp_dir: Path) -> float | None:
     return p95_ms(_time_calls(lambda image: predictor.predict(image, "auto"), images))
 
 
-def _onnx_exports(cls_ckpt: Path, det_ckpt: Path | None) -> bool:
-    """Both trained models export to ONNX (into a temporary folder: this is a check, not the export command)."""
-    from pillsnap.models.classifier import load_classifier_for_inference
-    from pillsnap.models.detector import detector_settings, load_detector_for_inference
+def _onnx_exports(models: dict) -> bool:
+    """Every loaded model exports to ONNX (into a temporary folder: this is a check, not the export command)."""
+    from pillsnap.models.detector import detector_settings
     from pillsnap.models.export import export_classifier_onnx, export_detector_onnx
 
+    if any(loaded is None for loaded in models.values()):
+        return False
     with tempfile.TemporaryDirectory() as tmp:
-        model, snapshot = load_classifier_for_inference(cls_ckpt)
+        model, snapshot = models["classifier"]
         export_classifier_onnx(model, Path(tmp) / "classifier.onnx", int(snapshot["model"]["image_size"]))
-        if det_ckpt is not None:
-            model, snapshot = load_detector_for_inference(det_ckpt)
+        if "detector" in models:
+            model, snapshot = models["detector"]
             export_detector_onnx(model, Path(tmp) / "detector.onnx", detector_settings(snapshot)[1])
     return True
 
@@ -180,12 +195,8 @@ def _tensorboard_logged(exp_dir: Path) -> bool:
     return False
 
 
-def _class_balance(cfg: DictConfig) -> bool:
+def _class_balance(rows: Any) -> bool:
     """The stage's training classes are within 10:1 of each other (largest over smallest class)."""
-    from pillsnap.data import load_manifest
-    from pillsnap.data.stages import select_stage
-
-    rows = select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
     counts = rows[rows["split"] == "train"]["mapping_code"].value_counts()
     return bool(len(counts)) and bool(counts.max() / counts.min() <= 10)
 
@@ -201,33 +212,36 @@ def _corruption_rate(cfg: DictConfig) -> float:
 
 
 # ---- the results the decision reads ---------------------------------------------------------------------------------
-def _mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, cls: dict, det: dict | None,
-                      onnx_ok: bool) -> dict[str, bool | None]:
-    """Every check the design names; the stage's own are picked in collect_results. None: cannot be checked here."""
-    status = summary.get("status")
-    time_cap = (summary.get("stage") or {}).get("time_cap") or {}
-    stage_cfg = cfg.data.progressive_validation[f"stage_{int(cfg.data.progressive_validation.current_stage)}"]
-    samples = run["samples_seen"] or 0
-    memory_ok = run["memory_growth"] is None or run["memory_growth"] <= MEMORY_GROWTH_LIMIT
+def _mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, models: dict,
+                      onnx_ok: Callable[[], bool], rows: Any) -> dict[str, bool | None]:
+    """The current stage's mandatory checks (None: not something a training run can check). Each design check is
+    a function, so only the stage's own run: parsing TensorBoard files or re-reading the manifest costs time."""
     import psutil
 
-    ram_mb = psutil.virtual_memory().total / 2**20
-    return {
-        "pipeline_complete": status in ("completed", "early_stopped") or bool(time_cap.get("success")),
-        "classification_model_loading": bool(cls.get("loaded")),
-        "detection_model_loading": bool(det and det.get("loaded")),
+    status = summary.get("status")
+    time_cap = (summary.get("stage") or {}).get("time_cap") or {}
+    stage = int(cfg.data.progressive_validation.current_stage)
+    enough_samples = (run["samples_seen"] or 0) >= int(cfg.data.progressive_validation[f"stage_{stage}"]
+                                                       .min_samples_required)
+    finished = status in ("completed", "early_stopped")
+    checks: dict[str, Callable[[], bool | None]] = {
+        "pipeline_complete": lambda: finished or bool(time_cap.get("success")),
+        "classification_model_loading": lambda: models["classifier"] is not None,
+        "detection_model_loading": lambda: models.get("detector") is not None,
         "onnx_conversion_success": onnx_ok,
-        "auto_batch_tuning_success": bool(summary.get("auto_batch")),
-        "tensorboard_logging": _safely("tensorboard check", lambda: _tensorboard_logged(exp_dir), False),
-        "class_balance_verification": _safely("class balance", lambda: _class_balance(cfg), False),
-        "memory_optimization_working": (run["peak_rss_mb"] or 0) < 0.9 * ram_mb,
-        "scalability_test_pass": samples >= int(stage_cfg.min_samples_required),
-        "multi_batch_processing": run["global_batch"] >= 32,
-        "memory_leak_test": run["memory_growth"] is not None and memory_ok,
-        "stability_test_pass": status in ("completed", "early_stopped") and not run["nan_loss"],
-        "full_dataset_processing": samples >= int(stage_cfg.min_samples_required),
-        "production_api_deployment": None, "cloudflare_tunnel_setup": None, "automated_monitoring": None,
+        "auto_batch_tuning_success": lambda: bool(summary.get("auto_batch")),
+        "tensorboard_logging": lambda: _safely("tensorboard check", lambda: _tensorboard_logged(exp_dir), False),
+        "class_balance_verification": lambda: _safely("class balance", lambda: _class_balance(rows), False),
+        "memory_optimization_working": lambda: (run["peak_rss_mb"] or 0) < 0.9 * psutil.virtual_memory().total / 2**20,
+        "scalability_test_pass": lambda: enough_samples,
+        "multi_batch_processing": lambda: run["global_batch"] >= 32,
+        "memory_leak_test": lambda: run["memory_growth"] is not None and run["memory_stable"],
+        "stability_test_pass": lambda: finished and not run["nan_loss"],
+        "full_dataset_processing": lambda: enough_samples,
+        "production_api_deployment": lambda: None, "cloudflare_tunnel_setup": lambda: None,
+        "automated_monitoring": lambda: None,
     }
+    return {name: checks[name]() for name in stage_criteria(stage).mandatory_checks}
 
 
 def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callable[[DictConfig], Any] | None = None
@@ -244,30 +258,32 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
     summary = read_json(summary_path)
     run = run_figures(summary, _read_stream(exp_dir / "reports" / "metrics.jsonl"))
     loaders = (build_loaders or build_dataloaders_twostage)(cfg)
-    cls = _safely("classifier measurement", lambda: _classifier_figures(cfg, ckpts / "classification_best.pt",
-                                                                       loaders), {})
     det_ckpt = ckpts / "detection_best.pt" if (ckpts / "detection_best.pt").is_file() else None
-    det = _safely("detector measurement", lambda: _detector_figures(cfg, det_ckpt, loaders), {}) if det_ckpt else None
-    onnx_ok = _safely("ONNX export", lambda: _onnx_exports(ckpts / "classification_best.pt", det_ckpt), False)
-    latency = _safely("pipeline latency", lambda: _pipeline_latency(cfg, exp_dir), None)
-    memory_stable = run["memory_growth"] is None or run["memory_growth"] <= MEMORY_GROWTH_LIMIT
-    checks = _mandatory_checks(cfg, exp_dir, summary, run, cls, det, onnx_ok)
-    criteria = stage_criteria(int(cfg.data.progressive_validation.current_stage))
+    models = _load_models(ckpts / "classification_best.pt", det_ckpt)
+    cls = _safely("classifier measurement", lambda: _classifier_figures(models["classifier"][0], loaders),
+                  {}) if models["classifier"] else {}
+    det = _safely("detector measurement", lambda: _detector_figures(cfg, models["detector"][0], loaders),
+                  {}) if models.get("detector") else {}
+    rows = _safely("stage rows", lambda: _stage_rows(cfg), None)
+    latency = _safely("pipeline latency", lambda: _pipeline_latency(cfg, exp_dir, rows), None) if rows is not None \
+        else None
+    checks = _mandatory_checks(cfg, exp_dir, summary, run, models,
+                               lambda: _safely("ONNX export", lambda: _onnx_exports(models), False), rows)
     detection = {k: (summary.get("detection") or {}).get(k) for k in DETECTION_KEYS} if det_ckpt else {}
     return {
         "classification": {**(summary.get("classification") or {}),
                            **{k: cls.get(k) for k in ("per_class_min_f1", "per_class_min_acc", "inference_time_ms")}},
-        "detection": {**detection, "inference_time_ms": (det or {}).get("inference_time_ms")},
+        "detection": {**detection, "inference_time_ms": det.get("inference_time_ms")},
         "system": {"gpu_memory_gb": run["gpu_memory_gb"], "data_loading_s": run["data_loading_s"],
                    "peak_rss_mb": run["peak_rss_mb"]},
         "optimization": {"batch_size_achieved": run["batch_size"], "throughput_img_s": run["throughput_img_s"]},
         "scalability": {"multi_batch_size": run["batch_size"]},
         "production": {"inference_latency_ms": latency},
-        "mandatory_checks": {name: checks[name] for name in criteria.mandatory_checks},
+        "mandatory_checks": checks,
         "latency_p95_ms": latency if latency is not None else math.inf,
         "n_eval_samples": cls.get("n_eval_samples", 0), "class_coverage": cls.get("class_coverage", 0.0),
         "no_crashes": summary.get("status") != "oom_emergency_exit" and not run["nan_loss"],
-        "memory_stable": memory_stable, "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"],
+        "memory_stable": run["memory_stable"], "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"],
         "data_corruption_rate": _corruption_rate(cfg), "time_cap": (summary.get("stage") or {}).get("time_cap"),
         "run_status": summary.get("status"),
     }
