@@ -16,6 +16,7 @@ import yaml
 from pillsnap.utils import atomic_path, ensure_dir
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
 from pillsnap.utils.images import read_bytes
+from pillsnap.utils.io import save_text
 from pillsnap.utils.offline import ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ def _label_text(photo: pd.DataFrame) -> str:
 def _write_if_changed(path: Path, text: str) -> bool:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    save_text(path, text)
     return True
 
 
