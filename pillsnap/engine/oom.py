@@ -22,7 +22,6 @@ FAKE_OOM_ENV = "PILLSNAP_FAKE_OOM_STEPS"
 # "N" or "N,M": auto batch trials above N images (above M under fp16) raise torch.OutOfMemoryError, as a GPU of
 # that size would: exercises the batch search on CPU.
 FAKE_OOM_BATCH_ENV = "PILLSNAP_FAKE_OOM_MAX_BATCH"
-ACTIONS = ("amp_fp16", "microbatching", "global_batch_change", "emergency_exit")
 
 
 @dataclass(frozen=True)

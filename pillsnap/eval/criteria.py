@@ -1,6 +1,6 @@
 """What each stage must show, kept as data in one place: the Go/No-Go thresholds, the mandatory checks and the
-performance targets of stages 1-4 (the design's values, written with PillSnap's metric paths; see
-pillsnap.metrics.names.DESIGN_CRITERIA_NAMES for the design's spelling)."""
+performance targets of stages 1-4 (the design's values, written with PillSnap's metric paths; docs/DESIGN_MAP.md
+gives the design's spelling of each)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,6 @@ from typing import Any
 
 from pillsnap.eval.criteria import EXTERNAL_CHECKS, TIME_CAP_CHECKS, stage_criteria
 
-RECOMMENDATIONS = ("RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP", "CRITICAL_FAILURE")
-
 
 def metric(results: dict | None, path: str) -> float | None:
     """results["section"]["key"] for path "section.key" (keys may contain dots: mAP@0.5); None when absent."""
@@ -112,8 +110,9 @@ def _verdict(recommendation: str, reason: str, stage: int, score: float, reasons
 
 
 def evaluate_and_recommend(stage: int, results: dict) -> dict:
-    """The advisor: recommendation (RECOMMENDATIONS), the reason code, the score, every reason behind it, the
-    suggestions and the user's options. Never asks anything itself (see eval/stage_eval.py)."""
+    """The advisor: the recommendation (RECOMMEND_PROCEED | SUGGEST_OPTIMIZE | WARN_STOP | CRITICAL_FAILURE), the
+    reason code, the score, every reason behind it, the suggestions and the user's options. Never asks anything
+    itself (see eval/stage_eval.py)."""
     criteria = stage_criteria(stage)
     critical = _critical(results)
     if critical:

@@ -14,18 +14,6 @@ TB_VAL_TAGS = {"acc": "val/accuracy", "val_loss": "val/loss"}
 # Metric key -> field name of final_test_results.json (the design's final evaluation example).
 FINAL_TEST_NAMES = {"acc": "accuracy", "mAP@0.5": "mAP_0.5", "mAP@0.5:0.95": "mAP_0.5_0.95"}
 
-# The design's name in the stage criteria -> our metric path ("section.key"). Criteria are written with our
-# paths; this table lets a criterion quoted from the design be read as ours.
-DESIGN_CRITERIA_NAMES = {
-    "classification.accuracy": "classification.acc",
-    "classification.top5_accuracy": "classification.top5",
-    "detection.mAP_0.5": "detection.mAP@0.5",
-    "detection.mAP_0.5_0.95": "detection.mAP@0.5:0.95",
-    "detection.precision_0.5": "detection.precision",
-    "detection.recall_0.5": "detection.recall",
-}
-
-
 def tb_val_tag(key: str) -> str:
     """The TensorBoard tag (without the task prefix) of a validation metric."""
     return TB_VAL_TAGS.get(key, f"val/{key}")
