@@ -16,7 +16,7 @@ from collections.abc import Callable
 COMMAND_MODULES = (
     "pillsnap.data.cli",      # data synth | scan | cache
     "pillsnap.train",         # train
-    "pillsnap.eval.cli",      # evaluate
+    "pillsnap.eval.cli",      # evaluate, calibrate
     "pillsnap.infer.cli",     # predict
     "pillsnap.infer.export",  # export
     "pillsnap.demo",          # demo

@@ -60,7 +60,7 @@ def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict 
         return None
     if not any("classification" in epoch for epoch in trainer.plan):
         return None
-    return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders)
+    return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders, device=trainer.device)
 
 
 def link_stage_checkpoints(trainer: Any) -> list[Path]:

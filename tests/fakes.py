@@ -3,6 +3,8 @@ CPU-sized configs, all in the loader contract's formats."""
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,14 @@ class ColourDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         return self.x[i], int(self.y[i]), f"img_{i}.png"
+
+    def evaluation_view(self, per_class: int | None = None, seed: int = 0) -> ColourDataset:
+        """Unaugmented already; the first `per_class` images of each class."""
+        view = copy.copy(self)
+        if per_class is not None:
+            keep = torch.cat([torch.nonzero(self.y == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
+            view.x, view.y = self.x[keep], self.y[keep]
+        return view
 
 
 def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -17,6 +17,7 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
     assert "headline figures" in out and "auto routing accuracy" in out and "tensorboard --logdir" in out
+    assert "without imprint reading" in out and "unknown-pill AUROC" in out
 
     exp = workdir / "exp"
     for rel in ("checkpoints/classification_best.pt", "checkpoints/detection_best.pt", "checkpoints/classes.json",
@@ -27,6 +28,8 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     auto = summary["test"]["auto"]
     assert auto["num_photos"] > 0 and 0.0 <= auto["routing_accuracy"] <= 1.0
     assert set(summary["test"]["detection"]) == {"torch", "onnx"}
+    assert summary["test"]["auto_without_imprint_reading"]["num_photos"] == auto["num_photos"]
+    assert set(summary["calibration"]["unknown_eval_by_rule"]) == {"feature_distance", "probability"}
     # torch and ONNX go through the same NMS: the same mAP on the same photos
     assert summary["test"]["detection"]["onnx"]["mAP@0.5"] == pytest.approx(
         summary["test"]["detection"]["torch"]["mAP@0.5"], abs=1e-3)
@@ -38,12 +41,14 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
 
     ckpt = exp / "checkpoints" / "classification_best.pt"
     before = ckpt.stat().st_mtime_ns
+    (exp / "checkpoints" / "calibration.json").unlink()  # e.g. a run trained by an older PillSnap
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pillsnap"):
         assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "data: reusing" in messages and "scan: reusing" in messages and "train: reusing" in messages
     assert ckpt.stat().st_mtime_ns == before
+    assert (exp / "checkpoints" / "calibration.json").is_file()  # calibrated again, not trained again
 
 
 def test_demo_bad_data_root_is_named(tmp_path: Path, caplog) -> None:

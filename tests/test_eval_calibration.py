@@ -1,5 +1,6 @@
 """Calibration at the end of training on the synthetic fixture, with two classes held out of the stage: the stored
-temperature and threshold, the reliability diagram, the held-out report, and refusal of stale calibration."""
+temperature and thresholds, the class Gaussians, the reliability diagram, the held-out report, the unknown answer
+for photos of the held-out classes, and refusal of stale calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import json
 import pytest
 from test_stage_eval import run_cfg
 
-from pillsnap.eval.calibration import CALIBRATION_FILE, calibrate_classifier, load_calibration
+from pillsnap.cli import main as cli_main
+from pillsnap.data import load_manifest
+from pillsnap.eval.calibration import CALIBRATION_FILE, FEATURES_FILE, calibrate_classifier, load_calibration
+from pillsnap.infer.pipeline import Predictor
 from pillsnap.train import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
@@ -16,20 +20,43 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     exp = tmp_path / "exp"
-    cfg = run_cfg(synth_root, manifest_dir, exp, "train.strategy=classification", "train.epochs=2",
+    cfg = run_cfg(synth_root, manifest_dir, exp, "train.strategy=classification", "train.epochs=6", "train.lr=3e-3",
+                  "train.warmup_steps=2",
                   "train.max_steps_per_epoch=null", "data.progressive_validation.stage_1.max_classes=4",
                   "train.stage_evaluation=false")
     assert train(cfg) == 0  # the run ends with the calibration
     stored = json.loads((exp / "checkpoints" / CALIBRATION_FILE).read_text(encoding="utf-8"))
     report = json.loads((exp / "reports" / "calibration.json").read_text(encoding="utf-8"))
-    assert 0.05 <= stored["temperature"] <= 20 and 0 <= stored["unknown_threshold"] <= 1
+    assert 0.05 <= stored["temperature"] <= 20 and stored["unknown_rule"] == "feature_distance"
+    thresholds = stored["unknown_thresholds"]
+    assert 0 <= thresholds["probability"] <= 1 and thresholds["feature_distance"] > 0
+    assert stored["unknown_threshold"] == thresholds["feature_distance"]
+    assert (exp / "checkpoints" / FEATURES_FILE).is_file()
     assert report["nll_after"] <= report["nll_before"] + 1e-9  # fit on these very photos: never worse
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
     unknown = report["unknown_eval"]
     assert unknown["held_out_classes"] == 2 and unknown["unknown"] > 0 and 0.0 <= unknown["auroc"] <= 1.0
+    assert report["unknown_eval_by_rule"]["feature_distance"] == unknown
+    assert set(report["unknown_eval_by_rule"]) == {"feature_distance", "probability"}
     assert load_calibration(exp / "checkpoints", exp / "checkpoints" / "classification_best.pt") == stored
 
+    # Through the predictor: photos of the held-out classes are answered "unknown" far more often than photos of
+    # the known classes (whose validation answers set the threshold).
+    predictor = Predictor(exp, cfg, device="cpu")
+    manifest = load_manifest(manifest_dir)
+    singles = manifest[manifest["image_type"] == "single"]
+    held_out = singles[~singles["mapping_code"].isin(predictor.class_names)]["image_path"].unique()[:12]
+    known = singles[singles["mapping_code"].isin(predictor.class_names) & (singles["split"] == "val")]
+    rate = {name: sum(p["unknown"] for path in paths for p in predictor.predict(path, mode="single")["pills"])
+            / len(paths) for name, paths in (("held_out", held_out), ("known", known["image_path"].unique()[:12]))}
+    assert rate["held_out"] >= rate["known"] + 0.3, rate
+
+    (exp / "checkpoints" / CALIBRATION_FILE).unlink()  # `pillsnap calibrate` fits it again from the run's config
+    assert cli_main(["calibrate", "--exp", str(exp), "--device", "cpu"]) == 0
+    assert json.loads((exp / "checkpoints" / CALIBRATION_FILE).read_text(encoding="utf-8")) == stored
+    assert cli_main(["calibrate", "--exp", str(tmp_path / "nothing")]) == 2
+
     again = calibrate_classifier(cfg, exp, keep_correct=0.0)  # 0 turns the unknown answer off
-    assert again["unknown_threshold"] == 0.0 and again["unknown_eval"]["unknown_rejected"] == 0.0
+    assert again["unknown_threshold"] is None and again["unknown_eval"]["unknown_rejected"] == 0.0
     (exp / "checkpoints" / "classification_best.pt").write_bytes(b"other weights")
     assert load_calibration(exp / "checkpoints", exp / "checkpoints" / "classification_best.pt") is None

@@ -179,7 +179,7 @@ def test_rerank_of_nothing():
 def test_should_read_when_the_contenders_imprints_differ():
     twins = _cands(("K-000001", 0.6), ("K-000002", 0.35))
     assert should_read_imprint(twins, CLASS_MAP)
-    assert not should_read_imprint(_cands(("K-000001", 0.98), ("K-000002", 0.01)), CLASS_MAP)  # one contender
+    assert not should_read_imprint(_cands(("K-000001", 0.995), ("K-000002", 0.005)), CLASS_MAP)  # one contender
     same = {"A": {"print_front": "BSP"}, "B": {"print_front": "bsp"}}
     assert not should_read_imprint(_cands(("A", 0.5), ("B", 0.5)), same)
     plain = {"A": {"print_front": ""}, "B": {"print_front": "마크"}}

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from pillsnap.cli import main as cli_main
 from pillsnap.config import config_to_dict, load_config
 from pillsnap.infer.pipeline import Predictor, predict_pipeline
-from pillsnap.infer.preprocess import letterbox, locate_pill, unletterbox_boxes
+from pillsnap.infer.preprocess import crop_pill, letterbox, locate_pill, unletterbox_boxes
 from pillsnap.models.classifier import build_classification_model
 from pillsnap.models.detector import build_yolo_model
 from pillsnap.utils import save_ckpt, save_json
@@ -180,15 +180,28 @@ def test_letterbox_roundtrip_and_locate() -> None:
     assert locate_pill(image) is None  # a plain backdrop has no pill
 
 
-def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshold(tmp_path: Path) -> None:
+def _calibration(ckpts: Path, **thresholds: float | None) -> dict:
     from pillsnap.models.export import file_sha256
 
+    return {"temperature": 1.0, "unknown_thresholds": {"probability": None, "feature_distance": None, **thresholds},
+            "classifier_sha256": file_sha256(ckpts / "classification_best.pt")}
+
+
+def pill_photo_of(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (120, 160), (190, 190, 185))
+    x, y = int(rng.integers(30, 50)), int(rng.integers(50, 80))
+    ImageDraw.Draw(image).ellipse((x, y, x + 34, y + 26), fill=tuple(int(c + rng.integers(-12, 12)) for c in colour))
+    image.save(path)
+    return path
+
+
+def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshold(tmp_path: Path) -> None:
     root = make_exp_dir(tmp_path / "exp", with_detector=False)
     ckpts = root / "checkpoints"
-    calibration = {"temperature": 1000.0, "unknown_threshold": 0.5,
-                   "classifier_sha256": file_sha256(ckpts / "classification_best.pt")}
+    calibration = {**_calibration(ckpts, probability=0.5), "temperature": 1000.0}
     save_json(ckpts / "calibration.json", calibration)
-    predictor = Predictor(root, _cfg(root), device="cpu")
+    predictor = Predictor(root, _cfg(root, "inference.unknown_rule=probability"), device="cpu")
     photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
     result = predictor.predict(photo, mode="single")
     pill = result["pills"][0]
@@ -197,8 +210,39 @@ def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshol
     assert pill["unknown"] is True and pill["mapping_code"] is None and "below 0.50" in pill["unknown_reason"]
     assert pill["topk"][0]["mapping_code"] in CODES  # the nearest known drugs are still given
     save_json(ckpts / "calibration.json", {**calibration, "classifier_sha256": "stale"})
-    stale = Predictor(root, _cfg(root), device="cpu").predict(photo, mode="single")
+    stale_predictor = Predictor(root, _cfg(root, "inference.unknown_rule=probability"), device="cpu")
+    stale = stale_predictor.predict(photo, mode="single")
     assert stale["calibrated"] is False and stale["pills"][0]["unknown"] is False
+
+
+def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(tmp_path: Path) -> None:
+    """Class Gaussians fit on the features of green pills: another green pill is answered, a magenta one (a
+    drug the model never saw) is unknown, with the nearest known drugs still listed."""
+    from pillsnap.metrics.novelty import ClassGaussians
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    ckpts = root / "checkpoints"
+    save_json(ckpts / "calibration.json", _calibration(ckpts))
+    predictor = Predictor(root, _cfg(root, "inference.imprint.enabled=false"), device="cpu")
+    greens = [pill_photo_of(tmp_path / f"g{i}.png", (40, 160, 60), i) for i in range(24)]
+    with torch.no_grad():
+        crops = [crop_pill(im, locate_pill(im), predictor.crop_margin) for im in map(Image.open, greens[:20])]
+        x = torch.stack([predictor.transform(c.convert("RGB")) for c in crops])
+        features = predictor.classifier(x)[1].numpy()
+    gaussians = ClassGaussians.fit(features, np.arange(20) % 3)
+    gaussians.save(ckpts / "unknown_features.npz")
+    threshold = float(gaussians.score(features).max()) * 1.5
+    save_json(ckpts / "calibration.json", _calibration(ckpts, feature_distance=threshold))
+    predictor = Predictor(root, _cfg(root, "inference.imprint.enabled=false"), device="cpu")
+    assert predictor.unknown.rule == "feature_distance" and predictor.unknown.active
+    known = [predictor.predict(p, mode="single")["pills"][0] for p in greens[20:]]
+    assert all(not pill["unknown"] and pill["unknown_score"] <= threshold for pill in known)
+    stranger = predictor.predict(pill_photo_of(tmp_path / "m.png", (200, 40, 120), 99), mode="single")["pills"][0]
+    assert stranger["unknown"] is True and stranger["mapping_code"] is None and stranger["unknown_score"] > threshold
+    assert "farther from every one of the 3 known drugs" in stranger["unknown_reason"]
+    assert [c["mapping_code"] in CODES for c in stranger["topk"]] == [True] * 3
+    (ckpts / "unknown_features.npz").unlink()  # the rule cannot run without its file: off, and said so
+    assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
 
 
 def test_hints_rerank_the_candidates_and_a_contradicted_answer_says_so(tmp_path: Path) -> None:

@@ -1,16 +1,14 @@
-"""Calibration metrics: temperature scaling lowers NLL on a held-out split, ECE and reliability bins, the
-unknown-pill threshold and its report."""
+"""Calibration metrics: temperature scaling lowers NLL on a held-out split, ECE and reliability bins."""
 
 import numpy as np
 import pytest
 
 from pillsnap.metrics.calibration import (
     calibrated_probs,
+    ece_sampling_floor,
     expected_calibration_error,
     fit_temperature,
     nll,
-    rejection_report,
-    rejection_threshold,
     reliability_bins,
 )
 
@@ -44,15 +42,11 @@ def test_ece_and_reliability_bins_on_a_known_case():
     assert expected_calibration_error(probs, y, n_bins=10) == pytest.approx((2 * 0.4 + 2 * 0.4) / 4)
 
 
-def test_the_unknown_threshold_keeps_the_asked_share_and_is_judged_on_held_out_classes():
-    rng = np.random.default_rng(2)
-    known = np.eye(4)[rng.integers(0, 4, 500)] * 0.7 + 0.075  # confident, right
-    y = known.argmax(axis=1)
-    known += rng.uniform(0, 0.05, known.shape)
-    known /= known.sum(axis=1, keepdims=True)
-    unknown = rng.dirichlet(np.ones(4), 200)  # diffuse answers
-    threshold = rejection_threshold(known, y, keep_correct=0.95)
-    report = rejection_report(known, y, unknown, threshold)
-    assert report["coverage"] == pytest.approx(0.95, abs=0.01) and report["accuracy_answered"] == 1.0
-    assert report["auroc"] > 0.9 and report["unknown_rejected"] > 0.5
-    assert rejection_threshold(known, (y + 1) % 4) == 0.0  # nothing right: nothing to keep
+def test_the_ece_floor_is_what_sampling_alone_gives_and_shrinks_with_more_photos():
+    rng = np.random.default_rng(5)
+    small, large = (np.stack([c := rng.uniform(0.4, 1.0, n), 1 - c], 1) for n in (120, 2000))
+    floor_small, floor_large = ece_sampling_floor(small), ece_sampling_floor(large)
+    assert 0.04 < floor_small < 0.12 and floor_large < floor_small / 2
+    # a model that is right exactly as often as it claims measures about the floor
+    y = (rng.uniform(size=len(large)) >= large[:, 0]).astype(int)
+    assert expected_calibration_error(large, y) == pytest.approx(floor_large, abs=0.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import namedtuple
 from collections.abc import Callable, Sequence
@@ -78,8 +79,18 @@ class ClassificationDataset(Dataset):
         self.rows = crop_rows(rows)  # plain tuples: DataFrame.iloc per sample costs more than a cached crop
         self.labels = np.array([class_to_idx[r.mapping_code] for r in self.rows], dtype=np.int64)
         self.transform = classification_transform(image_size, train)
-        self.crop_margin = crop_margin
-        self.cache = cache
+        self.image_size, self.crop_margin, self.cache = image_size, crop_margin, cache
+
+    def evaluation_view(self, per_class: int | None = None, seed: int = 0) -> ClassificationDataset:
+        """The same crops without augmentation; at most `per_class` of each class, drawn with `seed`."""
+        view = copy.copy(self)
+        view.transform = classification_transform(self.image_size, train=False)
+        if per_class is not None:
+            rng = np.random.default_rng(seed)
+            keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(self.labels == c))[:per_class]
+                                           for c in np.unique(self.labels)]))
+            view.rows, view.labels = [self.rows[i] for i in keep], self.labels[keep]
+        return view
 
     def __len__(self) -> int:
         return len(self.rows)

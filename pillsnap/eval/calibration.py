@@ -14,50 +14,92 @@ from omegaconf import DictConfig
 
 from pillsnap.metrics.calibration import (
     calibrated_probs,
+    ece_sampling_floor,
     expected_calibration_error,
     fit_temperature,
     nll,
+    reliability_bins,
+)
+from pillsnap.metrics.novelty import (
+    UNKNOWN_RULES,
+    ClassGaussians,
+    check_unknown_rule,
     rejection_report,
     rejection_threshold,
-    reliability_bins,
+    unknown_scores,
 )
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
-UNKNOWN_RULE = "top-1 calibrated probability below the threshold: answered as an unknown pill"
+FEATURES_FILE = "unknown_features.npz"  # beside it: the class Gaussians the feature_distance rule measures against
 
 
 def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | None:
-    """The calibration stored for `classifier`, or None when there is none or it was fit for other weights."""
+    """The calibration stored for `classifier`, or None when there is none, it was fit for other weights, or an
+    older PillSnap wrote it (each said once in the log)."""
     path = Path(ckpt_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
     stored = read_json(path)
     if stored.get("classifier_sha256") != file_sha256(classifier):
         LOGGER.warning("%s was fit for other classifier weights: probabilities are shown uncalibrated "
-                       "(recalibrate with pillsnap evaluate or by training)", path)
+                       "(recalibrate: pillsnap calibrate --exp EXP)", path)
+        return None
+    if not isinstance(stored.get("unknown_thresholds"), dict):
+        LOGGER.warning("%s was written by an older PillSnap: probabilities are shown uncalibrated and no pill is "
+                       "answered as unknown (recalibrate: pillsnap calibrate --exp EXP)", path)
         return None
     return stored
 
 
-def _log_probs(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
+def load_unknown_rule(ckpt_dir: str | Path, calibration: dict, rule: str) -> tuple[float | None, Any]:
+    """(threshold, ClassGaussians or None) of `rule` from a loaded calibration; threshold None: the rule is off
+    (unknown_keep_correct was 0, or the feature file is missing, which is said in the log)."""
+    threshold = calibration["unknown_thresholds"].get(check_unknown_rule(rule))
+    if rule != "feature_distance" or threshold is None:
+        return threshold, None
+    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
+    if not path.is_file():
+        LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is missing: no pill is answered as "
+                       "unknown (recalibrate: pillsnap calibrate --exp EXP, or set inference.unknown_rule=probability)",
+                       path)
+        return None, None
+    return threshold, ClassGaussians.load(path)
+
+
+def _outputs(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, log-probabilities, pre-logit features) of a WithFeatures model over a loader, in fp32."""
     import torch
 
-    from pillsnap.engine.classification import predict_classification
+    labels, log_probs, features = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            if batch is None:  # every photo of the batch failed to decode
+                continue
+            logits, feats = model(batch[0].to(device))
+            labels.append(batch[1].numpy())
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1).cpu().numpy())
+            features.append(feats.float().cpu().numpy())
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(labels), np.concatenate(log_probs), np.concatenate(features)
 
-    y_true, y_prob, _ = predict_classification(model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
-    # Log-probabilities scale like logits: softmax(log p / T) == softmax(logits / T).
-    return y_true, np.log(np.clip(y_prob, 1e-12, 1.0))
+
+def _loader(dataset: Any, cfg: DictConfig) -> Any:
+    from torch.utils.data import DataLoader
+
+    from pillsnap.data.datasets import safe_collate
+
+    return DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=safe_collate,
+                      num_workers=int(cfg.dataloader.num_workers))
 
 
 def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
     """Single-pill photos of manifest classes the classifier never saw (None when the stage used them all)."""
-    from torch.utils.data import DataLoader
-
     from pillsnap.data import load_manifest
-    from pillsnap.data.datasets import ClassificationDataset, safe_collate
+    from pillsnap.data.datasets import ClassificationDataset
 
     try:
         rows = load_manifest(cfg.paths.manifest_dir)
@@ -67,8 +109,8 @@ def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
     if rows.empty:
         return None
     index = dict.fromkeys(rows["mapping_code"].unique(), 0)  # labels are unused: these classes have no index
-    dataset = ClassificationDataset(rows, index, int(cfg.model.image_size), False, float(cfg.data.crop_margin))
-    return DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=safe_collate)
+    return _loader(ClassificationDataset(rows, index, int(cfg.model.image_size), False, float(cfg.data.crop_margin)),
+                   cfg)
 
 
 def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path,
@@ -101,41 +143,66 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
 
 
 def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callable[[DictConfig], Any] | None = None,
-                         keep_correct: float | None = None) -> dict:
-    """Fit and store the calibration of EXP's classification_best.pt; returns the report (also in reports/)."""
+                         keep_correct: float | None = None, device: Any = None) -> dict:
+    """Fit and store the calibration of EXP's classification_best.pt; returns the report (also in reports/).
+
+    The temperature is fit on the validation split. The class Gaussians of the feature_distance rule are fit on up
+    to inference.unknown_fit_per_class training crops per class (without augmentation). Each unknown-pill rule's
+    threshold keeps `keep_correct` of the right validation answers, and both rules are measured on the classes
+    held out of the stage; inference uses the one inference.unknown_rule names."""
     from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.models.classifier import load_classifier_for_inference
+    from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
+    from pillsnap.utils import resolve_device
 
     exp_dir = Path(exp_dir)
+    device = resolve_device(None if device is None else str(device))
     ckpt = exp_dir / "checkpoints" / "classification_best.pt"
     loaders = (build_loaders or build_dataloaders_twostage)(cfg)
     if loaders.cls_val is None:
         raise ValueError("no validation split to calibrate on: raise data.val_ratio")
     keep = float(cfg.inference.unknown_keep_correct if keep_correct is None else keep_correct)
-    model, _ = load_classifier_for_inference(ckpt)
-    y_true, log_p = _log_probs(model, loaders.cls_val)
+    rule = check_unknown_rule(str(cfg.inference.unknown_rule))
+    model = WithFeatures(load_classifier_for_inference(ckpt, device)[0]).eval()
+    y_true, log_p, features = _outputs(model, loaders.cls_val, device)
     temperature = fit_temperature(log_p, y_true)
     raw, cal = calibrated_probs(log_p, 1.0), calibrated_probs(log_p, temperature)
-    threshold = rejection_threshold(cal, y_true, keep) if keep > 0 else 0.0
-    stored = {"temperature": temperature, "unknown_threshold": threshold, "unknown_rule": UNKNOWN_RULE,
-              "unknown_keep_correct": keep, "classifier_sha256": file_sha256(ckpt), "n_val": int(len(y_true))}
+
+    fit_view = loaders.cls_train.dataset.evaluation_view(int(cfg.inference.unknown_fit_per_class),
+                                                         int(cfg.train.seed))
+    fit_labels, _, fit_features = _outputs(model, _loader(fit_view, cfg), device)
+    gaussians = ClassGaussians.fit(fit_features, fit_labels)
+    gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE)
+    correct = cal.argmax(axis=1) == y_true
+    val_scores = {name: unknown_scores(name, cal, gaussians.score(features)) for name in UNKNOWN_RULES}
+    thresholds = {name: rejection_threshold(scores, correct, keep) if keep > 0 else None
+                  for name, scores in val_scores.items()}
+    stored = {"temperature": temperature, "unknown_rule": rule, "unknown_threshold": thresholds[rule],
+              "unknown_thresholds": thresholds, "unknown_rule_description": UNKNOWN_RULES[rule],
+              "unknown_keep_correct": keep, "features_file": FEATURES_FILE, "classifier_sha256": file_sha256(ckpt),
+              "n_val": int(len(y_true)), "n_features_fit": int(len(fit_labels))}
     report = {**stored, "nll_before": nll(log_p, y_true), "nll_after": nll(log_p, y_true, temperature),
               "ece_before": expected_calibration_error(raw, y_true),
-              "ece_after": expected_calibration_error(cal, y_true),
+              "ece_after": expected_calibration_error(cal, y_true), "ece_sampling_floor": ece_sampling_floor(cal),
               "bins_before": reliability_bins(raw, y_true), "bins_after": reliability_bins(cal, y_true)}
     held_out = _held_out_loader(cfg, set(loaders.meta["class_names"]))
     if held_out is not None:
-        _, unknown_log_p = _log_probs(model, held_out)
-        report["unknown_eval"] = rejection_report(cal, y_true, calibrated_probs(unknown_log_p, temperature),
-                                                  threshold)
-        report["unknown_eval"]["held_out_classes"] = len({r.mapping_code for r in held_out.dataset.rows})
+        _, unknown_log_p, unknown_features = _outputs(model, held_out, device)
+        unknown_probs = calibrated_probs(unknown_log_p, temperature)
+        by_rule = {}
+        for name in UNKNOWN_RULES:
+            threshold = float("inf") if thresholds[name] is None else thresholds[name]
+            by_rule[name] = rejection_report(val_scores[name], correct, unknown_scores(
+                name, unknown_probs, gaussians.score(unknown_features)), threshold)
+            by_rule[name].update(threshold=thresholds[name],
+                                 held_out_classes=len({r.mapping_code for r in held_out.dataset.rows}))
+        report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
     plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png",
                      (report["ece_before"], report["ece_after"]))
-    LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown below p=%.3f%s",
+    LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
-                threshold, _unknown_line(report.get("unknown_eval")))
+                rule, _unknown_line(report.get("unknown_eval")))
     return report
 
 

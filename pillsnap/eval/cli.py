@@ -1,5 +1,6 @@
 """`pillsnap evaluate --exp EXP --stage N`: the end-of-stage evaluation (Go/No-Go gate, stage criteria, advisor)
-of a trained experiment, written to EXP/reports/stage_N_evaluation.json.
+of a trained experiment, written to EXP/reports/stage_N_evaluation.json. `pillsnap calibrate --exp EXP`: fit the
+calibration of its best classifier again (temperature, unknown-pill rules), as training does at its end.
 
 The advisor asks which option to take only on an interactive terminal; --yes, --choice N, no terminal or CI never
 block, and the report records what was chosen and how.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_choice_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,20 +30,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.set_defaults(func=run)
 
+    calibrate = subparsers.add_parser(
+        "calibrate", help="fit the best classifier's temperature and unknown-pill rules again",
+        description="Fit EXP/checkpoints/classification_best.pt's temperature on the validation split and both "
+                    "unknown-pill rules (feature distance, probability), measured on the classes held out of the "
+                    "stage; writes EXP/checkpoints/calibration.json, unknown_features.npz and "
+                    "EXP/reports/calibration.json, reliability.png. Training does this at its end.")
+    calibrate.add_argument("--exp", required=True, help="experiment directory (paths.exp_dir of the run)")
+    calibrate.add_argument("--cfg", default=None,
+                           help="config file (default: EXP/config.yaml, the run's resolved config)")
+    calibrate.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    calibrate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    calibrate.set_defaults(func=run_calibrate)
 
-def run(args: argparse.Namespace) -> int:
+
+def _run_config(exp: Path, cfg_file: str | None, overrides: list[str]) -> Any:
     from pillsnap.config import load_config
-    from pillsnap.eval.stage_eval import evaluate_stage, format_decision
 
-    exp = Path(args.exp)
-    cfg_path = Path(args.cfg) if args.cfg else exp / "config.yaml"
+    cfg_path = Path(cfg_file) if cfg_file else exp / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: give --cfg, or train the experiment first "
                                 "(a run writes its resolved config to EXP/config.yaml)")
-    overrides = [f"paths.exp_dir={exp}", *args.overrides]
+    return load_config(cfg_path, [f"paths.exp_dir={exp}", *overrides], dotenv_path=None)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pillsnap.eval.calibration import calibrate_classifier
+
+    exp = Path(args.exp)
+    if not (exp / "checkpoints" / "classification_best.pt").is_file():
+        raise FileNotFoundError(f"{exp / 'checkpoints' / 'classification_best.pt'} not found: train first")
+    report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
+    print(f"temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; "
+          f"unknown pills by {report['unknown_rule']} -> {exp / 'checkpoints' / 'calibration.json'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from pillsnap.eval.stage_eval import evaluate_stage, format_decision
+
+    exp = Path(args.exp)
+    overrides = list(args.overrides)
     if args.stage is not None:
         overrides.append(f"data.progressive_validation.current_stage={args.stage}")
-    cfg = load_config(cfg_path, overrides, dotenv_path=None)
+    cfg = _run_config(exp, args.cfg, overrides)
     report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes)
     print(format_decision(report))
     print(f"chosen: {report['choice']['text']} ({report['choice']['how']})")

@@ -143,7 +143,7 @@ def classifier_parity(out_dir: Path, entry: dict, photos: list, samples: int) ->
     onnx = OnnxClassifier(out_dir / entry["file"])
     with torch.no_grad():
         ref = model(x).float()
-    batched, single = onnx(x), torch.cat([onnx(x[i:i + 1]) for i in range(len(x))])
+    batched, single = onnx(x)[0], torch.cat([onnx(x[i:i + 1])[0] for i in range(len(x))])
     diff = max(float((batched - ref).abs().max()), float((single - ref).abs().max()))
     agree = float((batched.argmax(-1) == ref.argmax(-1)).float().mean())
     return {"inputs": len(x), "batch_sizes": [1, len(x)], "max_abs_logit_diff": diff, "top1_agreement": agree,

@@ -56,6 +56,9 @@ class ReaderSettings:
     a larger work size or recogniser width cost more and read no better."""
 
     work_px: int = 480  # the crop's long side before detection; the detector's cost grows with its square
+    # Local contrast (CLAHE on lightness, 4 x 4 tiles) before reading: debossed imprints on pale pills are shallow
+    # shading. On the demo's validation crops it raised exact reads from 51 % to 65 %. 0 turns it off.
+    contrast_clip: float = 6.0
     rec_width: int = 160  # lines are padded to at least this width (imprints are short: 2-8 characters)
     text_threshold: float = 0.3  # text-map probability that marks a text pixel
     max_lines: int = 3  # lines recognised at most
@@ -245,10 +248,22 @@ class _Reading:
     similarity: float | None = None
 
 
-def _work_image(crop: Image.Image, work_px: int) -> np.ndarray:
-    """The crop as RGB with its long side at `work_px`: small crops are enlarged, so that engraved strokes are a
-    few pixels wide for the detector, and large ones shrunk, which bounds the cost."""
+def local_contrast(rgb: np.ndarray, clip: float, tiles: int = 4) -> np.ndarray:
+    """CLAHE on the lightness channel: engraved and printed strokes stand out from the pill's shading."""
+    import cv2
+
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def _work_image(crop: Image.Image, work_px: int, contrast_clip: float = 0.0) -> np.ndarray:
+    """The crop as RGB (local contrast raised when `contrast_clip` > 0) with its long side at `work_px`: small
+    crops are enlarged, so that engraved strokes are a few pixels wide for the detector, and large ones shrunk,
+    which bounds the cost."""
     crop = crop.convert("RGB")
+    if contrast_clip > 0:
+        crop = Image.fromarray(local_contrast(np.asarray(crop), contrast_clip))
     scale = work_px / max(crop.size)
     if abs(scale - 1.0) > 0.05:
         size = (max(8, round(crop.width * scale)), max(8, round(crop.height * scale)))
@@ -276,7 +291,7 @@ class ImprintReader:
         `candidates`: imprints of the classes in the running (e.g. the top-k's print_front/print_back); the
         reading that fits one of them best wins, and a close fit ends the search early."""
         start = time.perf_counter()
-        rgb = _work_image(crop, self.settings.work_px)
+        rgb = _work_image(crop, self.settings.work_px, self.settings.contrast_clip)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         pill = foreground_mask(rgb)
         text = (self.models.text_map(bgr) > self.settings.text_threshold) & pill

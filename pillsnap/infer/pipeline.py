@@ -1,6 +1,7 @@
 """Two-stage inference: classify a whole single-pill photo, or detect pills and classify each crop; `auto` gates
 with the detector's view of every photo, so that no pill is hidden. Probabilities are temperature-calibrated when
-the run was calibrated, and a pill below the calibrated threshold is answered as unknown (mapping_code null).
+the run was calibrated, and a pill the calibrated unknown-pill rule rejects is answered as unknown (mapping_code
+null).
 
 `Predictor` holds the models (classifier at start, detector lazily when `inference.lazy_load_detector`), run by
 torch or, with `inference.backend: onnx`, by onnxruntime from `{exp_dir}/export/` (`pillsnap export`);
@@ -24,6 +25,7 @@ from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
+from pillsnap.infer.unknown import Classified, UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
@@ -72,6 +74,7 @@ class Predictor:
         self.class_names, self.class_map = self._load_classes(ckpt_dir / "classes.json")
         self._check_classes(self.classifier_path, image_size)
         self.calibration = self._load_calibration()
+        self.unknown = self._unknown_rule()
         imprint = self.settings.imprint
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads))
         from pillsnap.data import classification_transform
@@ -97,14 +100,15 @@ class Predictor:
             self.classifier = OnnxClassifier(export_dir / entry["file"], self.device)
             self.crop_margin = float(entry["crop_margin"])
             return int(entry["image_size"])
-        from pillsnap.models.classifier import load_classifier_for_inference
+        from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
 
-        self.classifier, snapshot = load_classifier_for_inference(self.classifier_path, device=str(self.device))
+        model, snapshot = load_classifier_for_inference(self.classifier_path, device=str(self.device))
+        self.classifier = WithFeatures(model).eval()
         self.crop_margin = float(snapshot.get("data", {}).get("crop_margin", self.cfg.data.crop_margin))
         return int(snapshot["model"]["image_size"])
 
     def _load_calibration(self) -> dict | None:
-        """Temperature and unknown-pill threshold fit for these weights at the end of training (None: raw softmax,
+        """Temperature and unknown-pill rule fit for these weights at the end of training (None: raw softmax,
         no unknown answers, said once in the log)."""
         if not self.settings.calibration:
             return None
@@ -114,17 +118,27 @@ class Predictor:
         if calibration is None:
             LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered "
                         "as unknown", self.classifier_path.name)
-        elif float(self.settings.unknown_keep_correct) <= 0:
-            calibration = {**calibration, "unknown_threshold": 0.0}  # unknown answers turned off at inference
         return calibration
 
     @property
     def temperature(self) -> float:
         return float(self.calibration["temperature"]) if self.calibration else 1.0
 
-    @property
-    def unknown_threshold(self) -> float:
-        return float(self.calibration["unknown_threshold"]) if self.calibration else 0.0
+    def _unknown_rule(self) -> UnknownAnswer:
+        """The configured unknown-pill rule with the threshold calibrated for it (off without calibration, with
+        inference.unknown_keep_correct at 0, or where the export lacks the features the rule needs)."""
+        from pillsnap.eval.calibration import load_unknown_rule
+
+        rule = str(self.settings.unknown_rule)
+        if self.calibration is None or float(self.settings.unknown_keep_correct) <= 0:
+            return UnknownAnswer(rule, None)
+        threshold, gaussians = load_unknown_rule(self.exp_dir / "checkpoints", self.calibration, rule)
+        if rule == "feature_distance" and self.export is not None and len(self.classifier.output_names) < 2:
+            LOGGER.warning("the ONNX classifier in %s has no features output (exported by an older PillSnap): no "
+                           "pill is answered as unknown; run `pillsnap export --exp %s`", self.classifier.path,
+                           self.exp_dir)
+            threshold = None
+        return UnknownAnswer(rule, threshold, gaussians)
 
     @staticmethod
     def _load_classes(path: Path) -> tuple[list[str], dict]:
@@ -135,7 +149,7 @@ class Predictor:
 
     @torch.no_grad()
     def _check_classes(self, cls_path: Path, image_size: int) -> None:
-        out_features = self.classifier(torch.zeros(1, 3, image_size, image_size, device=self.device)).shape[-1]
+        out_features = self.classifier(torch.zeros(1, 3, image_size, image_size, device=self.device))[0].shape[-1]
         if out_features != len(self.class_names):
             raise ValueError(f"{cls_path} predicts {out_features} classes but classes.json lists "
                              f"{len(self.class_names)}: they come from different runs")
@@ -187,16 +201,20 @@ class Predictor:
             self.detect(blank, float(self.settings.conf_threshold))
 
     @torch.no_grad()
-    def classify(self, crops: list[Image.Image]) -> list[dict]:
-        """Top-k (mapping_code, name, probability) for each crop, best first; probabilities calibrated."""
+    def classify(self, crops: list[Image.Image]) -> list[Classified]:
+        """Each crop's top-k (mapping_code, name, probability; best first, probabilities calibrated) and how
+        unknown it looks under the run's unknown-pill rule."""
         if not crops:
             return []
         x = torch.stack([self.transform(c) for c in crops]).to(self.device)
-        probs = torch.softmax(self.classifier(x).float() / self.temperature, dim=-1).cpu()
+        logits, features = self.classifier(x)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+        scores = self.unknown.scores(probs.numpy(), None if features is None else features.float().cpu().numpy())
         k = min(int(self.settings.topk), probs.shape[-1])
         values, indices = probs.topk(k, dim=-1)
-        return [[self._candidate(int(i), float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)]
-                for vs, ids in zip(values, indices, strict=True)]
+        return [Classified([self._candidate(int(i), float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)],
+                           score)
+                for vs, ids, score in zip(values, indices, scores, strict=True)]
 
     def _candidate(self, index: int, prob: float) -> dict:
         code = self.class_names[index]
@@ -221,22 +239,20 @@ class Predictor:
 
     def _pills(self, crops: list[Image.Image], boxes: Any, det_confs: list[float | None],
                hints: Hints | None) -> list[dict]:
-        return [self._pill(crop, box, topk, conf, hints)
-                for crop, box, topk, conf in zip(crops, boxes, self.classify(crops), det_confs, strict=True)]
+        return [self._pill(crop, box, answer, conf, hints)
+                for crop, box, answer, conf in zip(crops, boxes, self.classify(crops), det_confs, strict=True)]
 
-    def _pill(self, crop: Image.Image, bbox: Any, topk: list[dict], det_conf: float | None,
+    def _pill(self, crop: Image.Image, bbox: Any, answer: Classified, det_conf: float | None,
               hints: Hints | None) -> dict:
         """One pill's answer: the best candidate after the imprint and the hints had their say, or "unknown"
-        (mapping_code null, the nearest known candidates in topk) when the classifier's calibrated probability is
-        below the threshold chosen on validation data and no imprint confirmed a candidate."""
-        best = max(c["probability"] for c in topk)
-        topk, evidence = self.evidence.apply(crop, topk, hints)
+        (mapping_code null, the nearest known candidates in topk) when the unknown-pill rule chosen on validation
+        data says so and no imprint confirmed a candidate."""
+        topk, evidence = self.evidence.apply(crop, answer.topk, hints)
         pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
-                **evidence, "unknown": False, "unknown_reason": None}
-        if best < self.unknown_threshold and not topk[0].get("imprint_match"):
-            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=(
-                f"top-1 probability {best:.2f} is below {self.unknown_threshold:.2f}: not one of the "
-                f"{len(self.class_names)} known drugs, or too unclear to name; nearest candidates in topk"))
+                **evidence, "unknown": False, "unknown_score": answer.unknown_score, "unknown_reason": None}
+        reason = self.unknown.reason(answer, len(self.class_names))
+        if reason and not topk[0].get("imprint_match"):
+            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason)
         return pill
 
     def _single(self, image: Image.Image, hints: Hints | None) -> dict:
@@ -264,7 +280,7 @@ class Predictor:
         if single.get("located"):
             iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
             return bool(iou >= AGREEMENT_IOU)
-        crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)])[0][0]
+        crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)])[0].topk[0]
         return crop_top["mapping_code"] == single["classifier_top"]["mapping_code"]
 
     def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None,

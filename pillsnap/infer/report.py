@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -62,8 +63,9 @@ def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4)
 
 
 def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, started: float) -> dict:
-    """Evaluate on the test split (auto routing, single accuracy, all-pills-right on combinations, test mAP in
-    torch and ONNX); writes {exp_dir}/reports/demo_summary.json and returns the summary."""
+    """Evaluate on the test split (auto routing, single accuracy, all-pills-right on combinations, each with and
+    without imprint reading; test mAP in torch and ONNX); writes {exp_dir}/reports/demo_summary.json and returns the
+    summary."""
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
     from pillsnap.infer.pipeline import Predictor
@@ -76,6 +78,10 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"), known)
     combos = [p for p in photos if p["image_type"] != "single"]
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
+    without_ocr = copy.deepcopy(cfg)
+    without_ocr.inference.imprint.enabled = False
+    plain = evaluate_pipeline(Predictor(exp_dir, without_ocr, device), photos, "auto",
+                              _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
     summary = {
         "validation": read_json(exp_dir / "reports" / "metrics.json"),
@@ -84,6 +90,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
         "test": {
             "auto": {k: v for k, v in auto.items() if k != "outcomes"},
             "combo_mode": {k: v for k, v in combo.items() if k != "outcomes"},
+            "auto_without_imprint_reading": {k: v for k, v in plain.items() if k != "outcomes"},
             "detection": _detection_figures(predictor, photos, onnx_path),
         },
         "examples": _examples(predictor, photos),
@@ -115,12 +122,15 @@ def _calibration_lines(cal: dict) -> list[str]:
     if not cal:
         return ["calibration not fitted (no validation split)"]
     lines = [f"validation  calibration: temperature={cal['temperature']:.2f} ECE {_fmt(cal['ece_before'])} -> "
-             f"{_fmt(cal['ece_after'])}; unknown pill below p={cal['unknown_threshold']:.3f}"]
-    unknown = cal.get("unknown_eval")
+             f"{_fmt(cal['ece_after'])} over {cal['n_val']} crops (a perfectly calibrated model: "
+             f"{_fmt(cal.get('ece_sampling_floor'))}); unknown pill by {cal['unknown_rule']}"]
+    unknown, by_rule = cal.get("unknown_eval"), cal.get("unknown_eval_by_rule") or {}
     if unknown:
+        others = ", ".join(f"{name} {_fmt(r['auroc'])}" for name, r in by_rule.items() if name != cal["unknown_rule"])
         lines.append(f"held-out    unknown-pill AUROC={_fmt(unknown['auroc'])} over {unknown['held_out_classes']} "
-                     f"classes never trained | coverage={_fmt(unknown['coverage'])} accuracy answered="
-                     f"{_fmt(unknown['accuracy_answered'])} unknowns rejected={_fmt(unknown['unknown_rejected'])}")
+                     f"classes never trained{f' (by {others})' if others else ''} | coverage="
+                     f"{_fmt(unknown['coverage'])} accuracy answered={_fmt(unknown['accuracy_answered'])} unknowns "
+                     f"rejected={_fmt(unknown['unknown_rejected'])}")
     return lines
 
 
@@ -129,14 +139,17 @@ def format_headline(summary: dict) -> str:
     val, test = summary["validation"], summary["test"]
     cls, det = val.get("classification") or {}, val.get("detection") or {}
     auto, combo, dmap = test["auto"], test["combo_mode"], test["detection"]
+    plain = test.get("auto_without_imprint_reading") or {}
     lines = [
         "", "=== PillSnap demo: headline figures ===",
         f"validation  classifier accuracy={_fmt(cls.get('acc'))} macro_F1={_fmt(cls.get('macro_f1'))} "
         f"top5={_fmt(cls.get('top5'))} | detector mAP@0.5={_fmt(det.get('mAP@0.5'))} "
         f"mAP@0.5:0.95={_fmt(det.get('mAP@0.5:0.95'))}",
         f"test        auto routing accuracy={_fmt(auto.get('routing_accuracy'))} over {auto.get('num_photos')} photos"
-        f" | single-photo accuracy (auto)={_fmt(auto.get('single_accuracy'))}",
+        f" | single-photo accuracy (auto)={_fmt(auto.get('single_accuracy'))} "
+        f"({_fmt(plain.get('single_accuracy'))} without imprint reading)",
         f"test        all pills right on combination photos: auto={_fmt(auto.get('combo_all_right_rate'))} "
+        f"({_fmt(plain.get('combo_all_right_rate'))} without imprint reading) "
         f"combo mode={_fmt(combo.get('combo_all_right_rate'))} over {combo.get('num_combination', 0)} photos",
         f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
         f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",

@@ -14,6 +14,7 @@ from pillsnap.utils.io import select_inference_state
 
 LOGGER = logging.getLogger(__name__)
 
+
 def build_classification_model(
     backbone: str,
     num_classes: int,
@@ -84,3 +85,17 @@ def load_classifier_for_inference(ckpt_path: str | Path, device: str | torch.dev
     model = build_classification_model(model_cfg["backbone"], int(model_cfg["num_classes"]))
     model.load_state_dict(select_inference_state(ckpt))
     return model.to(device).eval(), snapshot
+
+
+class WithFeatures(nn.Module):
+    """A timm classifier that answers (logits, pre-logit features): the features are what the "unknown pill"
+    rule measures distances on. timm's own split (`forward_head(..., pre_logits=True)`, then the classifier)
+    gives the same logits as the plain forward of an eval-mode model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features

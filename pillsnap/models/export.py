@@ -21,7 +21,7 @@ from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 ONNX_INPUT, ONNX_OUTPUT = "images", "output0"
-CLASSIFIER_OUTPUT = "logits"
+CLASSIFIER_OUTPUTS = ("logits", "features")  # features: what the "unknown pill" rule measures distances on
 EXPORT_DIR = "export"
 CLASSIFIER_ONNX, DETECTOR_ONNX = "classifier.onnx", "detector.onnx"
 EXPORT_META, PARITY_REPORT = "export.json", "parity.json"
@@ -36,9 +36,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_name: str = ONNX_OUTPUT,
+def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_names: tuple[str, ...] = (ONNX_OUTPUT,),
                 opset: int = 17) -> Path:
-    """Export an image model ([B, 3, S, S] in) to ONNX with a dynamic batch axis; returns the written path."""
+    """Export an image model ([B, 3, S, S] in; one output, or a tuple named by `output_names`) to ONNX with a
+    dynamic batch axis; returns the written path."""
     from pillsnap.utils import atomic_path
 
     model = model.eval()
@@ -48,8 +49,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_
         # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; it still works.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, dummy, str(tmp), input_names=[ONNX_INPUT], output_names=[output_name], opset_version=opset,
-            dynamo=False, dynamic_axes={ONNX_INPUT: {0: "batch"}, output_name: {0: "batch"}},
+            model, dummy, str(tmp), input_names=[ONNX_INPUT], output_names=list(output_names), opset_version=opset,
+            dynamo=False, dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *output_names)},
         )
     LOGGER.info("exported %s to %s", type(model).__name__, out_path)
     return out_path
@@ -57,12 +58,15 @@ def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_
 
 def export_detector_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:
     """Export an eval-mode detector (raw head output [B, 4+nc, A]) to ONNX, dynamic batch."""
-    return export_onnx(model, out_path, image_size, ONNX_OUTPUT, opset)
+    return export_onnx(model, out_path, image_size, (ONNX_OUTPUT,), opset)
 
 
 def export_classifier_onnx(model: nn.Module, out_path: str | Path, image_size: int, opset: int = 17) -> Path:
-    """Export an eval-mode classifier (logits [B, C]) to ONNX, dynamic batch."""
-    return export_onnx(model, out_path, image_size, CLASSIFIER_OUTPUT, opset)
+    """Export an eval-mode timm classifier to ONNX, dynamic batch, with two outputs: logits [B, C] and its
+    pre-logit features [B, D]."""
+    from pillsnap.models.classifier import WithFeatures
+
+    return export_onnx(WithFeatures(model).eval(), out_path, image_size, CLASSIFIER_OUTPUTS, opset)
 
 
 def onnx_providers(device: str | torch.device = "cpu") -> list[str]:
@@ -91,16 +95,18 @@ class OnnxModel:
         options.intra_op_num_threads = torch.get_num_threads()  # one thread budget for both runtimes
         self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def image_size(self) -> int:
         """The square input size the graph was traced at."""
         return int(self.session.get_inputs()[0].shape[-1])
 
-    def run(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    def run(self, images: torch.Tensor | np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """The named outputs (default: all) for a batch of images."""
         array: Any = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(array, np.float32)})[0]
+        return self.session.run(outputs or self.output_names,
+                                {self.input_name: np.ascontiguousarray(array, np.float32)})
 
 
 class OnnxDetector(OnnxModel):
@@ -110,17 +116,19 @@ class OnnxDetector(OnnxModel):
         super().__init__(onnx_path, device, kind="detector")
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.run(images)
+        return self.run(images)[0]
 
 
 class OnnxClassifier(OnnxModel):
-    """Same call shape as the torch classifier: normalised crops in, logits (a torch tensor) out."""
+    """Same call shape as the torch classifier wrapped in WithFeatures: normalised crops in, (logits, features)
+    out as torch tensors; features are None for an export made before they were an output."""
 
     def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu") -> None:
         super().__init__(onnx_path, device, kind="classifier")
 
-    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.run(images))
+    def __call__(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = [torch.from_numpy(o) for o in self.run(images)]
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 def read_export_meta(export_dir: str | Path, checkpoints: dict[str, Path | None]) -> dict:

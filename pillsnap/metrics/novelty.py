@@ -1,0 +1,119 @@
+"""How far a pill's features lie from every known drug: the "unknown pill" score.
+
+One Gaussian per class with a covariance shared by all classes (Lee et al., NeurIPS 2018), fit on the classifier's
+pre-logit features of training crops. The score is the squared Mahalanobis distance to the nearest class mean. A
+softmax spreads probability over the known classes only, so a pill of a new colour or shape can still get a
+confident known answer; its features, though, sit far from every class the model was trained on. The shared
+covariance is shrunk towards a scaled identity (Ledoit-Wolf), which keeps it invertible with fewer crops than
+feature dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassGaussians:
+    """Class means and the whitening of the shared covariance, kept in whitened space: `means` [C, D'] are the
+    class means times `whiten` [D, D'], so a distance is one matrix product and a nearest-mean search."""
+
+    means: np.ndarray
+    whiten: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray) -> ClassGaussians:
+        """Fit on features [N, D] with class labels [N]: one mean per class present, one shared covariance."""
+        from sklearn.covariance import LedoitWolf
+
+        features, labels = np.asarray(features, np.float64), np.asarray(labels)
+        classes, index = np.unique(labels, return_inverse=True)
+        if len(features) < 2 or len(classes) < 1:
+            raise ValueError(f"need at least two feature rows to fit class Gaussians, got {len(features)}")
+        means = np.stack([features[index == i].mean(0) for i in range(len(classes))])
+        precision = LedoitWolf().fit(features - means[index]).precision_
+        # precision = W W^T  ->  (x - m)^T P (x - m) = |(x - m) W|^2
+        eigval, eigvec = np.linalg.eigh((precision + precision.T) / 2)
+        whiten = eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+        return cls((means @ whiten).astype(np.float32), whiten.astype(np.float32))
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each row of `features` [N, D] to every class mean: [N, C]."""
+        z = np.asarray(features, np.float32) @ self.whiten
+        return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ self.means.T
+                          + (self.means * self.means).sum(1)[None], 0.0)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Distance to the nearest known class, per row: larger is more likely an unknown pill."""
+        return self.distances(features).min(axis=1)
+
+    def save(self, path: str | Path) -> Path:
+        from pillsnap.utils import atomic_path
+
+        path = Path(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, means=self.means, whiten=self.whiten)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClassGaussians:
+        with np.load(path) as data:
+            return cls(data["means"], data["whiten"])
+
+
+# The rules an "unknown pill" answer can follow. Each turns a crop's answer into a score where higher means more
+# likely unknown; the threshold is a score.
+UNKNOWN_RULES = {
+    "feature_distance": "the pill's features lie farther from every known drug (squared Mahalanobis distance to the "
+                        "nearest class mean) than the threshold: answered as an unknown pill",
+    "probability": "one minus the top-1 calibrated probability is above the threshold (the probability is below "
+                   "one minus it): answered as an unknown pill",
+}
+
+
+def check_unknown_rule(name: str) -> str:
+    if name not in UNKNOWN_RULES:
+        raise ValueError(f"unknown-pill rule must be one of {sorted(UNKNOWN_RULES)}, got {name!r}")
+    return name
+
+
+def unknown_scores(rule: str, probs: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
+    """Per row, how unknown each answer looks under `rule` (higher: more likely not a known drug). `probs` [N, C]
+    are calibrated probabilities; `distances` [N] the ClassGaussians scores (feature_distance needs them)."""
+    if check_unknown_rule(rule) == "probability":
+        return 1.0 - np.asarray(probs).max(axis=1)
+    if distances is None:
+        raise ValueError("the feature_distance rule needs feature distances")
+    return np.asarray(distances, np.float64)
+
+
+def rejection_threshold(scores: np.ndarray, correct: np.ndarray, keep_correct: float = 0.95) -> float:
+    """The score above which an answer becomes "unknown pill": the level that keeps `keep_correct` of the
+    validation answers that were right (chosen on known classes only, since unknowns are not in val). inf when
+    nothing was right or keep_correct is 1 or more: nothing is rejected."""
+    scores, correct = np.asarray(scores, np.float64), np.asarray(correct, bool)
+    if not correct.any() or keep_correct >= 1.0:
+        return float("inf")
+    return float(np.quantile(scores[correct], keep_correct))
+
+
+def rejection_report(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray,
+                     threshold: float) -> dict:
+    """How a rule does on known classes and on classes held out of training: AUROC of unknown-vs-known by score,
+    coverage and accuracy of the answered known photos, share of unknowns rejected."""
+    from sklearn.metrics import roc_auc_score
+
+    known, unknown = np.asarray(known_scores, np.float64), np.asarray(unknown_scores, np.float64)
+    correct = np.asarray(known_correct, bool)
+    answered = known <= threshold
+    auroc = None
+    if len(known) and len(unknown):
+        auroc = float(roc_auc_score(np.r_[np.zeros(len(known)), np.ones(len(unknown))], np.r_[known, unknown]))
+    return {"auroc": auroc, "threshold": threshold, "known": int(len(known)), "unknown": int(len(unknown)),
+            "coverage": float(answered.mean()) if len(answered) else 0.0,
+            "accuracy_answered": float(correct[answered].mean()) if answered.any() else 0.0,
+            "accuracy_all": float(correct.mean()) if len(correct) else 0.0,
+            "unknown_rejected": float((unknown > threshold).mean()) if len(unknown) else None}
