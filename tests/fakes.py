@@ -4,7 +4,6 @@ CPU-sized configs, all in the loader contract's formats."""
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 
 import numpy as np
