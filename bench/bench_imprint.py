@@ -10,6 +10,7 @@ first try, RapidOCR's own full pipeline at 8 rotations, is timed on the first `-
 
     .venv/bin/python bench/bench_imprint.py [--classes 30 --angles 4 --scale 0.5 --threads 1 --naive 10]
                                             [--baselines resnet18:64,tf_efficientnetv2_s:384] [--exp runs/demo/exp]
+                                            [--contrast-clip 6]
 """
 
 from __future__ import annotations
@@ -181,13 +182,15 @@ def main() -> None:
                         help="backbone:size list: the demo's classifier and the production one")
     parser.add_argument("--naive", type=int, default=10, help="crops to time the first try on (0: skip)")
     parser.add_argument("--exp", default=None, help="use this experiment's classifier as the baseline instead")
+    parser.add_argument("--contrast-clip", type=float, default=ReaderSettings.contrast_clip,
+                        help="the reader's local-contrast clip (0: off; default: the reader's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     samples = make_samples(args.classes, args.angles, args.scale, args.seed)
     specs = [None] if args.exp else args.baselines.split(",")
     baselines = [make_baseline(spec, args.classes, args.exp) for spec in specs]
-    reader = ImprintReader(ReaderSettings(threads=args.threads))
+    reader = ImprintReader(ReaderSettings(threads=args.threads, contrast_clip=args.contrast_clip))
     reader.read(samples[0].crop)  # loads the OCR models
     for _, call in baselines:
         call(samples[0].crop)

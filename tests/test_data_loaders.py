@@ -133,3 +133,28 @@ def test_autotune_picks_the_fastest_candidate(monkeypatch):
     assert best == 8  # 32 exceeds the core count and is not tried
     assert tb.scalars["perf/num_workers"] == [(8, 0)]
     assert len(tb.scalars["perf/autotune_data_time_ms"]) == 3
+
+
+def test_the_detector_also_sees_single_pill_photos_in_train_and_val_only(synth_cfg):
+    from pillsnap.data.loaders import detection_singles
+    from pillsnap.data.yolo import count_images
+
+    manifest = load_manifest(synth_cfg.paths.manifest_dir)
+    picked = detection_singles(manifest, 1.0, seed=0)
+    assert set(picked["image_type"]) == {"single"} and set(picked["split"]) <= {"train", "val"}
+    for split in ("train", "val"):
+        combos = manifest[(manifest["split"] == split) & (manifest["image_type"] == "combination")]
+        singles = manifest[(manifest["split"] == split) & (manifest["image_type"] == "single")]
+        wanted = min(combos["image_path"].nunique(), singles["image_path"].nunique())
+        assert picked.loc[picked["split"] == split, "image_path"].nunique() == wanted
+    assert picked.equals(detection_singles(manifest, 1.0, seed=0))  # the same photos every time
+    assert detection_singles(manifest, 0.0, seed=0).empty
+
+    data_yaml = build_dataloaders_twostage(synth_cfg)[6]["yolo_data_yaml"]
+    combos = manifest[manifest["image_type"] == "combination"]
+    sound = combos[~combos["incomplete_gt"].astype(bool)]
+    share = float(synth_cfg.data.detection_singles)
+    expected = sound[sound["split"] == "train"]["image_path"].nunique() + int(round(
+        share * combos[combos["split"] == "train"]["image_path"].nunique()))
+    assert count_images(data_yaml, "train") == expected
+    assert count_images(data_yaml, "test") == sound[sound["split"] == "test"]["image_path"].nunique()

@@ -117,6 +117,22 @@ def _yolo_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir) / f"yolo_{tag}"
 
 
+def detection_singles(rows: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """Single-pill photos for the detector's train and val splits: `share` times as many as the split's combination
+    photos, drawn with `seed`. `auto` runs the detector on every photo, single ones included, so it must learn that
+    one pill is one box (a detector that never saw a single-pill photo finds extra pills in some of them). The test
+    split stays combination photos only, so its mAP compares across runs."""
+    chosen = []
+    for split in ("train", "val"):
+        in_split = rows[rows["split"] == split]
+        photos = in_split.loc[in_split["image_type"] == "single", "image_path"].drop_duplicates()
+        wanted = int(round(share * in_split.loc[in_split["image_type"] == "combination", "image_path"].nunique()))
+        if wanted > 0 and len(photos):
+            picked = photos.sample(n=min(wanted, len(photos)), random_state=seed)
+            chosen.append(in_split[in_split["image_path"].isin(picked)])
+    return pd.concat(chosen) if chosen else rows.iloc[:0]
+
+
 def _detection_loaders(rows: pd.DataFrame, cfg: DictConfig, build_test: bool,
                        num_workers: int) -> tuple[Any, Any, Any, Path | None]:
     combos = rows[rows["image_type"] == "combination"]
@@ -124,7 +140,8 @@ def _detection_loaders(rows: pd.DataFrame, cfg: DictConfig, build_test: bool,
         return None, None, None, None
     from pillsnap.data.yolo import build_detection_loader, count_images, export_yolo
 
-    data_yaml = export_yolo(combos, _yolo_dir(cfg))
+    singles = detection_singles(rows, float(cfg.data.detection_singles), int(cfg.data.split_seed))
+    data_yaml = export_yolo(pd.concat([combos, singles]), _yolo_dir(cfg), include_single=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaders = []
     for split in ("train", "val", "test"):
