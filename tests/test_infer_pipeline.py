@@ -209,6 +209,11 @@ def test_calibration_scales_probabilities_and_answers_unknown_below_the_threshol
     assert all(c["probability"] == pytest.approx(1 / 3, abs=0.01) for c in pill["topk"])  # T=1000 flattens
     assert pill["unknown"] is True and pill["mapping_code"] is None and "below 0.50" in pill["unknown_reason"]
     assert pill["topk"][0]["mapping_code"] in CODES  # the nearest known drugs are still given
+    # a calibration written before there were two rules: its temperature and probability threshold still count
+    save_json(ckpts / "calibration.json", {"temperature": 1000.0, "unknown_threshold": 0.5,
+                                           "classifier_sha256": calibration["classifier_sha256"]})
+    old = Predictor(root, _cfg(root, "inference.unknown_rule=probability"), device="cpu").predict(photo, mode="single")
+    assert old["calibrated"] is True and old["pills"][0]["unknown"] is True
     save_json(ckpts / "calibration.json", {**calibration, "classifier_sha256": "stale"})
     stale_predictor = Predictor(root, _cfg(root, "inference.unknown_rule=probability"), device="cpu")
     stale = stale_predictor.predict(photo, mode="single")
@@ -219,6 +224,7 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     """Class Gaussians fit on the features of green pills: another green pill is answered, a magenta one (a
     drug the model never saw) is unknown, with the nearest known drugs still listed."""
     from pillsnap.metrics.novelty import ClassGaussians
+    from pillsnap.models.export import file_sha256
 
     root = make_exp_dir(tmp_path / "exp", with_detector=False)
     ckpts = root / "checkpoints"
@@ -230,9 +236,10 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
         x = torch.stack([predictor.transform(c.convert("RGB")) for c in crops])
         features = predictor.classifier(x)[1].numpy()
     gaussians = ClassGaussians.fit(features, np.arange(20) % 3)
-    gaussians.save(ckpts / "unknown_features.npz")
+    features_sha256 = file_sha256(gaussians.save(ckpts / "unknown_features.npz"))
     threshold = float(gaussians.score(features).max()) * 1.5
-    save_json(ckpts / "calibration.json", _calibration(ckpts, feature_distance=threshold))
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts, feature_distance=threshold),
+                                           "features_sha256": features_sha256})
     predictor = Predictor(root, _cfg(root, "inference.imprint.enabled=false"), device="cpu")
     assert predictor.unknown.rule == "feature_distance" and predictor.unknown.active
     known = [predictor.predict(p, mode="single")["pills"][0] for p in greens[20:]]
@@ -241,6 +248,8 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     assert stranger["unknown"] is True and stranger["mapping_code"] is None and stranger["unknown_score"] > threshold
     assert "farther from every one of the 3 known drugs" in stranger["unknown_reason"]
     assert [c["mapping_code"] in CODES for c in stranger["topk"]] == [True] * 3
+    ClassGaussians.fit(features[:10], np.arange(10) % 2).save(ckpts / "unknown_features.npz")  # not the one fit
+    assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
     (ckpts / "unknown_features.npz").unlink()  # the rule cannot run without its file: off, and said so
     assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
 

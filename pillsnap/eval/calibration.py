@@ -47,24 +47,29 @@ def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | Non
         LOGGER.warning("%s was fit for other classifier weights: probabilities are shown uncalibrated "
                        "(recalibrate: pillsnap calibrate --exp EXP)", path)
         return None
-    if not isinstance(stored.get("unknown_thresholds"), dict):
-        LOGGER.warning("%s was written by an older PillSnap: probabilities are shown uncalibrated and no pill is "
-                       "answered as unknown (recalibrate: pillsnap calibrate --exp EXP)", path)
-        return None
+    if not isinstance(stored.get("unknown_thresholds"), dict):  # written before there were two rules
+        old = float(stored.get("unknown_threshold") or 0.0)
+        stored["unknown_thresholds"] = {"probability": 1.0 - old if old > 0 else None, "feature_distance": None}
+        LOGGER.warning("%s was written by an older PillSnap: its temperature and top-1 probability threshold are used; "
+                       "for the feature-distance rule recalibrate (pillsnap calibrate --exp EXP)", path)
     return stored
 
 
-def load_unknown_rule(ckpt_dir: str | Path, calibration: dict, rule: str) -> tuple[float | None, Any]:
+def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
+                      rule: str) -> tuple[float | None, ClassGaussians | None]:
     """(threshold, ClassGaussians or None) of `rule` from a loaded calibration; threshold None: the rule is off
-    (unknown_keep_correct was 0, or the feature file is missing, which is said in the log)."""
+    (unknown_keep_correct was 0, or the feature file is missing or not the one fit with these thresholds, which is
+    said in the log)."""
     threshold = calibration["unknown_thresholds"].get(check_unknown_rule(rule))
     if rule != "feature_distance" or threshold is None:
         return threshold, None
     path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    if not path.is_file():
-        LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is missing: no pill is answered as "
+    problem = "missing" if not path.is_file() else (
+        "not the file fit with these thresholds" if file_sha256(path) != calibration.get("features_sha256") else None)
+    if problem:
+        LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is %s: no pill is answered as "
                        "unknown (recalibrate: pillsnap calibrate --exp EXP, or set inference.unknown_rule=probability)",
-                       path)
+                       path, problem)
         return None, None
     return threshold, ClassGaussians.load(path)
 
@@ -85,6 +90,11 @@ def _outputs(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarr
     if not labels:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(labels), np.concatenate(log_probs), np.concatenate(features)
+
+
+def _finite(value: float) -> float | None:
+    """None for an infinite threshold (nothing is rejected): JSON has no infinity."""
+    return value if np.isfinite(value) else None
 
 
 def _loader(dataset: Any, cfg: DictConfig) -> Any:
@@ -171,10 +181,9 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
                                                          int(cfg.train.seed))
     fit_labels, _, fit_features = _outputs(model, _loader(fit_view, cfg), device)
     gaussians = ClassGaussians.fit(fit_features, fit_labels)
-    gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE)
     correct = cal.argmax(axis=1) == y_true
     val_scores = {name: unknown_scores(name, cal, gaussians.score(features)) for name in UNKNOWN_RULES}
-    thresholds = {name: rejection_threshold(scores, correct, keep) if keep > 0 else None
+    thresholds = {name: _finite(rejection_threshold(scores, correct, keep)) if keep > 0 else None
                   for name, scores in val_scores.items()}
     stored = {"temperature": temperature, "unknown_rule": rule, "unknown_threshold": thresholds[rule],
               "unknown_thresholds": thresholds, "unknown_rule_description": UNKNOWN_RULES[rule],
@@ -196,6 +205,9 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
             by_rule[name].update(threshold=thresholds[name],
                                  held_out_classes=len({r.mapping_code for r in held_out.dataset.rows}))
         report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
+    # The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's hash.
+    stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
+    report["features_sha256"] = stored["features_sha256"]
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
     plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png",

@@ -9,6 +9,7 @@ block, and the report records what was chosen and how.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     exp = Path(args.exp)
     if not (exp / "checkpoints" / "classification_best.pt").is_file():
         raise FileNotFoundError(f"{exp / 'checkpoints' / 'classification_best.pt'} not found: train first")
-    report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
+    try:
+        report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
+    except ValueError as err:  # no validation split, an unknown inference.unknown_rule, too few training crops
+        logging.getLogger("pillsnap").error("calibrate: %s", err)
+        return 2
     print(f"temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; "
           f"unknown pills by {report['unknown_rule']} -> {exp / 'checkpoints' / 'calibration.json'}")
     return 0

@@ -33,6 +33,9 @@ LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
 DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 BACKENDS = ("torch", "onnx")
+# A pill the unknown-pill rule rejects is still named when its imprint reads as a candidate's this closely: an
+# imprint is what identifies a drug. Stricter than the re-ranking's match (0.6): overruling a rejection needs more.
+UNKNOWN_OVERRIDE_SIMILARITY = 0.9
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
 
@@ -251,7 +254,7 @@ class Predictor:
         pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
                 **evidence, "unknown": False, "unknown_score": answer.unknown_score, "unknown_reason": None}
         reason = self.unknown.reason(answer, len(self.class_names))
-        if reason and not topk[0].get("imprint_match"):
+        if reason and float(topk[0].get("imprint_similarity") or 0.0) < UNKNOWN_OVERRIDE_SIMILARITY:
             pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason)
         return pill
 

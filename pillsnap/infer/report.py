@@ -80,6 +80,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
     without_ocr = copy.deepcopy(cfg)
     without_ocr.inference.imprint.enabled = False
+    without_ocr.inference.hard_cases.enabled = False  # the first pass logged them
     plain = evaluate_pipeline(Predictor(exp_dir, without_ocr, device), photos, "auto",
                               _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"

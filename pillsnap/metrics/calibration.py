@@ -34,7 +34,10 @@ def calibrated_probs(log_probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> list[dict]:
     """Equal-width confidence bins of the top-1 answer: count, mean confidence and accuracy per non-empty bin."""
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y_true
+    return _bins(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
+
+
+def _bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> list[dict]:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
     bins = []
@@ -50,8 +53,11 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     """ECE: the count-weighted gap between confidence and accuracy over the reliability bins."""
     if len(y_true) == 0:
         return 0.0
-    bins = reliability_bins(probs, y_true, n_bins)
-    return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(y_true))
+    return _ece(reliability_bins(probs, y_true, n_bins))
+
+
+def _ece(bins: list[dict]) -> float:
+    return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / sum(b["count"] for b in bins))
 
 
 def ece_sampling_floor(probs: np.ndarray, n_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
@@ -62,7 +68,5 @@ def ece_sampling_floor(probs: np.ndarray, n_bins: int = 15, draws: int = 200, se
     if len(confidence) == 0:
         return 0.0
     rng = np.random.default_rng(seed)
-    two_class = np.stack([confidence, 1.0 - confidence], axis=1)  # only the top-1 probability matters to ECE
-    eces = [expected_calibration_error(two_class, (rng.uniform(size=len(confidence)) >= confidence).astype(int),
-                                       n_bins) for _ in range(draws)]
+    eces = [_ece(_bins(confidence, rng.uniform(size=len(confidence)) < confidence, n_bins)) for _ in range(draws)]
     return float(np.median(eces))

@@ -25,6 +25,9 @@ class Pill(Candidate):
     topk: list[Candidate] = Field(description="the best candidates; for an unknown pill, the nearest known drugs")
     unknown: bool = Field(False, description="true when the pill is not confidently one of the known drugs")
     unknown_reason: str | None = Field(None, description="why the pill is answered as unknown")
+    unknown_score: float | None = Field(None, description="how unlike every known drug the pill looks under the "
+                                                          "run's unknown-pill rule (above its threshold: unknown); "
+                                                          "null when the rule is off")
 
 
 class Prediction(BaseModel):

@@ -125,8 +125,9 @@ class PredictionService:
 
 
 def describe_models(predictor: PredictorLike) -> dict:
-    """What /version reports about the models: backend, class count, each file with its SHA-256, and the
-    calibration (temperature, unknown-pill threshold; null when the run was not calibrated)."""
+    """What /version reports about the models: backend, class count, each file with its SHA-256, the calibration
+    (temperature, unknown-pill thresholds; null when the run was not calibrated) and the unknown-pill rule in force
+    (its threshold is null and `active` false when it is off)."""
     from pillsnap.models.export import file_sha256
 
     files = predictor.model_files()
@@ -134,7 +135,14 @@ def describe_models(predictor: PredictorLike) -> dict:
             "num_classes": len(predictor.class_names),
             "models": {role: {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
                        for role, path in files.items()},
-            "calibration": getattr(predictor, "calibration", None)}
+            "calibration": getattr(predictor, "calibration", None),
+            "unknown_rule": _unknown_rule(getattr(predictor, "unknown", None))}
+
+
+def _unknown_rule(unknown: Any) -> dict | None:
+    if unknown is None:
+        return None
+    return {"rule": unknown.rule, "threshold": unknown.threshold, "active": unknown.active}
 
 
 def build_info() -> dict:
