@@ -47,3 +47,17 @@ def test_no_read_when_the_contenders_share_an_imprint_or_reading_is_off():
     off = Evidence(CLASS_MAP, read_imprints=False)
     assert off.apply(Image.new("RGB", (32, 32)), topk(("K-000001", 0.5), ("K-000002", 0.45)), None)[1][
         "imprint_read"] is None
+
+
+def test_an_unreadable_imprint_between_look_alikes_says_so_until_the_user_types_it():
+    from pillsnap.infer.matching import Hints
+
+    twins = topk(("K-000001", 0.55), ("K-000002", 0.40))
+    ev, _ = evidence("")  # a plain side up: nothing to read
+    candidates, fields = ev.apply(Image.new("RGB", (32, 32)), twins, None)
+    assert fields["imprint_unresolved"] is True and candidates[0]["mapping_code"] == "K-000001"
+    assert ev.apply(Image.new("RGB", (32, 32)), twins, Hints.parse(imprint="dgth"))[1]["imprint_unresolved"] is False
+    ev, _ = evidence("GTH")  # read, and it matches one of them
+    assert ev.apply(Image.new("RGB", (32, 32)), twins, None)[1]["imprint_unresolved"] is False
+    assert Evidence(CLASS_MAP, read_imprints=False).apply(Image.new("RGB", (32, 32)), twins, None)[1][
+        "imprint_unresolved"] is False  # not read at all: nothing is claimed about the imprint

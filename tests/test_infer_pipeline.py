@@ -282,3 +282,21 @@ def test_cli_predict_takes_hints_and_names_an_unknown_word(exp_dir: Path, tmp_pa
                      "--color", "white", "--set", "inference.imprint.enabled=false"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["hints"]["colors"] == ["하양"]
     assert cli_main(["predict", str(photo), "--exp", str(exp_dir), "--shape", "star-ish"]) == 2
+
+
+def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
+    from pillsnap.infer.cli import format_result
+
+    near = [{"mapping_code": c, "name": c, "probability": p} for c, p in (("K-000002", 0.6), ("K-000001", 0.3))]
+    result = {"image": "p.png", "mode_used": "combo", "num_pills": 2, "single_confidence": None,
+              "fallback_reason": "multi_object_hint", "pills": [
+                  {"mapping_code": None, "name": "", "probability": 0.6, "bbox": [1, 2, 3, 4], "unknown": True,
+                   "unknown_reason": "not a known drug", "topk": near, "imprint_read": None},
+                  {"mapping_code": "K-000001", "name": "drug 1", "probability": 0.3, "bbox": [5, 6, 7, 8],
+                   "unknown": False, "topk": near, "imprint_read": "", "imprint_unresolved": True,
+                   "ranking_changed": False}]}
+    lines = format_result(result).splitlines()
+    assert lines[1].startswith("  #1 unknown pill (nearest known: K-000002, K-000001)")
+    assert "why unknown: not a known drug" in lines[2]
+    assert lines[3].startswith("  #2 K-000001 drug 1 p=0.300") and lines[4].endswith("imprint read: nothing legible")
+    assert "photograph the other side" in lines[5]

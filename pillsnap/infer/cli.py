@@ -38,8 +38,31 @@ def format_result(result: dict) -> str:
             f"single_conf={'-' if conf is None else f'{conf:.3f}'} fallback={result['fallback_reason'] or '-'}")
     lines = [head]
     for i, pill in enumerate(result["pills"], start=1):
-        lines.append(f"  #{i} {pill['mapping_code']} {pill['name']} p={pill['probability']:.3f} bbox={pill['bbox']}")
+        lines.append(f"  #{i} {_answer(pill)} bbox={pill['bbox']}")
+        lines += [f"     {note}" for note in _notes(pill)]
     return "\n".join(lines)
+
+
+def _answer(pill: dict) -> str:
+    if pill.get("unknown"):
+        nearest = ", ".join(c["mapping_code"] for c in pill["topk"][:3])
+        return f"unknown pill (nearest known: {nearest})"
+    return f"{pill['mapping_code']} {pill['name']} p={pill['probability']:.3f}"
+
+
+def _notes(pill: dict) -> list[str]:
+    """What a person should know about one answer, one line each."""
+    notes = [f"why unknown: {pill['unknown_reason']}"] if pill.get("unknown") else []
+    if pill.get("imprint_read") is not None:
+        changed = " (it changed the answer)" if pill.get("ranking_changed") else ""
+        read = repr(pill["imprint_read"]) if pill["imprint_read"] else "nothing legible"
+        notes.append(f"imprint read: {read}{changed}")
+    if pill.get("imprint_unresolved"):
+        notes.append("look-alike drugs differ only by their imprint, which could not be read here: photograph the "
+                     "other side, or give the imprint with --imprint")
+    if pill.get("hints_conflict"):
+        notes.append(f"this answer contradicts your hint ({', '.join(pill['conflicts'])})")
+    return notes
 
 
 def load_photo(path: str, limits: Any) -> Any:

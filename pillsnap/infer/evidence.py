@@ -9,10 +9,11 @@ from typing import Any
 
 from PIL import Image
 
-from pillsnap.infer.matching import Hints, candidate_imprints, rerank, should_read_imprint
+from pillsnap.infer.matching import Hints, candidate_imprints, normalize_imprint, rerank, should_read_imprint
 
 LOGGER = logging.getLogger(__name__)
-NO_EVIDENCE = {"imprint_read": None, "ranking_changed": False, "hints_conflict": False, "conflicts": []}
+NO_EVIDENCE = {"imprint_read": None, "imprint_unresolved": False, "ranking_changed": False, "hints_conflict": False,
+               "conflicts": []}
 
 
 class Evidence:
@@ -42,13 +43,20 @@ class Evidence:
         return None if reader is None else reader.read(crop, candidate_imprints(topk, self.class_map))
 
     def apply(self, crop: Image.Image, topk: list[dict], hints: Hints | None) -> tuple[list[dict], dict]:
-        """(candidates best first, answer fields: imprint_read, ranking_changed, hints_conflict, conflicts and,
-        when read, imprint {text, score, angle, seconds, ...})."""
+        """(candidates best first, answer fields: imprint_read, imprint_unresolved, ranking_changed,
+        hints_conflict, conflicts and, when read, imprint {text, score, angle, seconds, ...}).
+
+        `imprint_unresolved`: the contenders look alike and differ by imprint, but what was read matches none of
+        them (a plain side up, or an unreadable imprint) and the user gave no imprint: the answer between them is
+        the classifier's guess, and the other side of the pill, or its imprint typed in, would settle it."""
         read = self._read(crop, topk)
         if read is None and (hints is None or hints.empty()):
             return topk, dict(NO_EVIDENCE)
         reranked = rerank(topk, self.class_map, read.text if read else None, read.score if read else 1.0, hints)
         fields = reranked.flags()
+        typed = hints is not None and bool(normalize_imprint(hints.imprint))
+        fields["imprint_unresolved"] = bool(read is not None and not typed and not any(
+            c.get("imprint_match") for c in reranked.candidates))
         if read is not None:
             fields["imprint"] = read.to_dict()
         return reranked.candidates, fields

@@ -28,6 +28,13 @@ class Pill(Candidate):
     unknown_score: float | None = Field(None, description="how unlike every known drug the pill looks under the "
                                                           "run's unknown-pill rule (above its threshold: unknown); "
                                                           "null when the rule is off")
+    imprint_read: str | None = Field(None, description="what the imprint reader read on the pill; null when it "
+                                                       "was not read (the contenders' imprints do not differ)")
+    imprint_unresolved: bool = Field(False, description="look-alike candidates differ only by an imprint that "
+                                                        "could not be read: the other side, or the imprint typed "
+                                                        "in, would settle it")
+    ranking_changed: bool = Field(False, description="the imprint or the hints changed the classifier's answer")
+    hints_conflict: bool = Field(False, description="the answer contradicts a hint the user gave")
 
 
 class Prediction(BaseModel):
