@@ -102,6 +102,7 @@ def make_cfg(exp_dir: Path, *overrides: str) -> DictConfig:
         "train.step_log_interval=2", "train.oom.cooldown_sec=0", "train.ema.decay=0.9", "train.lr=0.01",
         "dataloader.num_workers=0", "train.early_stopping.patience=50", "model.detector=yolo11n",
         "model.det_image_size=64", "train.detection.batch_size=2", "train.stage_evaluation=false",
+        "inference.imprint.enabled=false",  # colour blocks have no imprint to read
     ]
     return load_config(ROOT / "config.yaml", [*base, *overrides], dotenv_path=None)
 

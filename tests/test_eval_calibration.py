@@ -34,6 +34,8 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     assert (exp / "checkpoints" / FEATURES_FILE).is_file()
     assert report["nll_after"] <= report["nll_before"] + 1e-9  # fit on these very photos: never worse
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
+    answers = report["answers"]  # the final answers, after the imprint evidence, on every validation crop
+    assert answers["n"] == report["n_val"] and 0 <= answers["accuracy"] <= 1 and 0 <= answers["ece"] <= 1
     unknown = report["unknown_eval"]
     assert unknown["held_out_classes"] == 2 and unknown["unknown"] > 0 and 0.0 <= unknown["auroc"] <= 1.0
     assert report["unknown_eval_by_rule"]["feature_distance"] == unknown

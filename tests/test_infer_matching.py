@@ -138,7 +138,17 @@ def test_imprint_read_fixes_the_twin_the_classifier_got_wrong():
     assert out.changed and out.candidates[0]["mapping_code"] == "K-000001"
     assert out.candidates[0]["imprint_match"] and out.candidates[0]["classifier_rank"] == 1
     assert out.imprint_read == "BSF" and not out.hints_conflict
-    assert sum(c["rerank_score"] for c in out.candidates) == pytest.approx(1.0, abs=1e-3)
+    assert sum(c["probability"] for c in out.candidates) == pytest.approx(1.0, abs=1e-6)  # nothing left outside
+    assert [c["classifier_probability"] for c in out.candidates] == [0.40, 0.55, 0.05]
+    assert 0.9 < out.candidates[0]["probability"] < 0.95  # a near miss (BSF for BSP): fairly, not fully, sure
+
+
+def test_the_posterior_keeps_what_the_classifier_left_outside_the_candidates():
+    cands = _cands(("K-000002", 0.5), ("K-000001", 0.3))  # 0.2 on classes not listed
+    plain = rerank(cands, CLASS_MAP)
+    assert [c["probability"] for c in plain.candidates] == pytest.approx([0.5, 0.3])  # no evidence: unchanged
+    typed = rerank(cands, CLASS_MAP, hints=Hints.parse(imprint="ZZ9"))  # matches neither: both lose to the rest
+    assert sum(c["probability"] for c in typed.candidates) < 0.01 and typed.hints_conflict
 
 
 def test_garbage_or_unsure_reads_leave_the_ranking_alone():

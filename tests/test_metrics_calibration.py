@@ -5,6 +5,7 @@ import pytest
 
 from pillsnap.metrics.calibration import (
     calibrated_probs,
+    ece_of,
     ece_sampling_floor,
     expected_calibration_error,
     fit_temperature,
@@ -44,9 +45,10 @@ def test_ece_and_reliability_bins_on_a_known_case():
 
 def test_the_ece_floor_is_what_sampling_alone_gives_and_shrinks_with_more_photos():
     rng = np.random.default_rng(5)
-    small, large = (np.stack([c := rng.uniform(0.4, 1.0, n), 1 - c], 1) for n in (120, 2000))
+    small, large = rng.uniform(0.2, 1.0, 120), rng.uniform(0.2, 1.0, 2000)
     floor_small, floor_large = ece_sampling_floor(small), ece_sampling_floor(large)
     assert 0.04 < floor_small < 0.12 and floor_large < floor_small / 2
-    # a model that is right exactly as often as it claims measures about the floor
-    y = (rng.uniform(size=len(large)) >= large[:, 0]).astype(int)
-    assert expected_calibration_error(large, y) == pytest.approx(floor_large, abs=0.02)
+    # answers right exactly as often as they claim measure about the floor, whatever their probability
+    right = rng.uniform(size=len(large)) < large
+    assert ece_of(large, right) == pytest.approx(floor_large, abs=0.02)
+    assert ece_of(large, ~right) > 0.2  # ... and wrong ones do not

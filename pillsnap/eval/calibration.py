@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from pillsnap.metrics.calibration import (
     calibrated_probs,
+    ece_of,
     ece_sampling_floor,
     expected_calibration_error,
     fit_temperature,
@@ -92,6 +93,39 @@ def _outputs(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(labels), np.concatenate(log_probs), np.concatenate(features)
 
 
+ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
+
+
+def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
+                       topk: int, threads: int = 0, limit: int = ANSWER_CROPS) -> dict | None:
+    """How well the probability of the final answers means what it says: the first `limit` validation crops go
+    through the pipeline's evidence step (the imprint read where the contenders' imprints differ, then the
+    posterior of infer/matching.py), and their top answers' accuracy and ECE are measured. None without the
+    imprint reader (rapidocr-onnxruntime)."""
+    import torch
+
+    from pillsnap.infer.evidence import Evidence
+
+    evidence = Evidence(class_map, read_imprints=True, threads=threads)
+    if evidence.reader() is None:
+        return None
+    confidence, correct = [], []
+    device = next(model.parameters()).device
+    for index in range(min(limit, len(dataset))):
+        x, label, _ = dataset[index]
+        with torch.no_grad():
+            probs = torch.softmax(model(x[None].to(device))[0].float() / temperature, -1)[0].cpu()
+        values, indices = probs.topk(min(topk, len(class_names)))
+        candidates = [{"mapping_code": class_names[i], "probability": float(p)}
+                      for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+        ranked, _ = evidence.apply(dataset.load_crop(index), candidates, None)
+        confidence.append(ranked[0]["probability"])
+        correct.append(ranked[0]["mapping_code"] == class_names[label])
+    confidence_arr, correct_arr = np.asarray(confidence), np.asarray(correct)
+    return {"n": int(len(correct)), "accuracy": float(correct_arr.mean()),
+            "ece": ece_of(confidence_arr, correct_arr), "ece_sampling_floor": ece_sampling_floor(confidence_arr)}
+
+
 def _finite(value: float) -> float | None:
     """None for an infinite threshold (nothing is rejected): JSON has no infinity."""
     return value if np.isfinite(value) else None
@@ -159,7 +193,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     The temperature is fit on the validation split. The class Gaussians of the feature_distance rule are fit on up
     to inference.unknown_fit_per_class training crops per class (without augmentation). Each unknown-pill rule's
     threshold keeps `keep_correct` of the right validation answers, and both rules are measured on the classes
-    held out of the stage; inference uses the one inference.unknown_rule names."""
+    held out of the stage; inference uses the one inference.unknown_rule names. With inference.imprint.enabled,
+    `answers` measures the final answers (after the imprint evidence) on up to ANSWER_CROPS validation crops."""
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
@@ -191,7 +226,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
               "n_val": int(len(y_true)), "n_features_fit": int(len(fit_labels))}
     report = {**stored, "nll_before": nll(log_p, y_true), "nll_after": nll(log_p, y_true, temperature),
               "ece_before": expected_calibration_error(raw, y_true),
-              "ece_after": expected_calibration_error(cal, y_true), "ece_sampling_floor": ece_sampling_floor(cal),
+              "ece_after": expected_calibration_error(cal, y_true),
+              "ece_sampling_floor": ece_sampling_floor(cal.max(axis=1)),
               "bins_before": reliability_bins(raw, y_true), "bins_after": reliability_bins(cal, y_true)}
     held_out = _held_out_loader(cfg, set(loaders.meta["class_names"]))
     if held_out is not None:
@@ -205,6 +241,10 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
             by_rule[name].update(threshold=thresholds[name],
                                  held_out_classes=len({r.mapping_code for r in held_out.dataset.rows}))
         report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
+    if cfg.inference.imprint.enabled:
+        report["answers"] = answer_calibration(
+            model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
+            dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads))
     # The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's hash.
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]

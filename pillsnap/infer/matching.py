@@ -305,17 +305,22 @@ def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read
     """Re-rank the classifier's top-k (dicts with `mapping_code`, `probability`, best first) with an imprint
     read (`read`, the reader's text; `read_score`, its confidence in [0, 1]) and the user's hints.
 
-    Each returned candidate is a copy with `classifier_rank`, `rerank_score` (softmax of the fused log-scores
-    over these candidates: an ordering, not a calibrated probability), and when given, `imprint_similarity` /
-    `imprint_match` and `hint_match` ({"imprint", "color", "shape"}: "match" | "near" | "mismatch" | None).
-    An empty read counts as no read."""
+    Each returned candidate is a copy whose `probability` is the posterior given the evidence: the classifier's
+    probability times each piece of evidence's odds, renormalised together with the probability the classifier
+    left outside these candidates (which no evidence speaks for). The classifier's own stays in
+    `classifier_probability`; `classifier_rank` is its place in the classifier's order; when given,
+    `imprint_similarity` / `imprint_match` and `hint_match` ({"imprint", "color", "shape"}: "match" | "near" |
+    "mismatch" | None). Give calibrated probabilities: the evidence weights are log-odds. An empty read counts as
+    no read."""
     if not candidates:
         return Reranked([], False, (), read)
     read = read if read and normalize_imprint(read) else None
     scored = [_scored(i, c, class_map.get(str(c.get("mapping_code"))) or {}, read, read_score, hints, weights)
               for i, c in enumerate(candidates)]
-    for (_, out), p in zip(scored, _softmax([s for s, _ in scored]), strict=True):
-        out["rerank_score"] = round(p, 4)
+    rest = 1.0 - sum(float(c.get("probability", 0.0)) for c in candidates)
+    posterior = _softmax([s for s, _ in scored] + ([math.log(rest)] if rest > 1e-9 else []))
+    for (_, out), p in zip(scored, posterior, strict=False):
+        out["classifier_probability"], out["probability"] = out.get("probability", 0.0), p
     ranked = [out for _, out in sorted(scored, key=lambda so: -so[0])]  # stable: ties keep the classifier's order
     verdicts = ranked[0].get("hint_match") or {}
     conflicts = tuple(k for k, v in verdicts.items() if v == "mismatch")

@@ -1,5 +1,6 @@
 """Two-stage inference: classify a whole single-pill photo, or detect pills and classify each crop; `auto` gates
-with the detector's view of every photo, so that no pill is hidden. Probabilities are temperature-calibrated when
+with the detector's view of every photo, so that no pill is hidden. A pill's probability is the classifier's,
+updated by its imprint and the user's hints where they speak (infer/evidence.py). Probabilities are calibrated when
 the run was calibrated, and a pill the calibrated unknown-pill rule rejects is answered as unknown (mapping_code
 null).
 
@@ -252,7 +253,8 @@ class Predictor:
         data says so and no imprint confirmed a candidate."""
         topk, evidence = self.evidence.apply(crop, answer.topk, hints)
         pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
-                **evidence, "unknown": False, "unknown_score": answer.unknown_score, "unknown_reason": None}
+                **evidence, "unknown": False, "unknown_score": answer.unknown_score, "unknown_reason": None,
+                "classifier_top": answer.topk[0]}
         reason = self.unknown.reason(answer, len(self.class_names))
         if reason and float(topk[0].get("imprint_similarity") or 0.0) < UNKNOWN_OVERRIDE_SIMILARITY:
             pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason)
@@ -267,8 +269,7 @@ class Predictor:
         else:
             box = single_crop_box(image.size, float(self.settings.single_crop))
             crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
-        pill = self._pills([crop], [box], [None], hints)[0]
-        return {**pill, "located": located, "classifier_top": max(pill["topk"], key=lambda c: c["probability"])}
+        return {**self._pills([crop], [box], [None], hints)[0], "located": located}
 
     def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None) -> list[dict]:
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]

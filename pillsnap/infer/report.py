@@ -125,6 +125,11 @@ def _calibration_lines(cal: dict) -> list[str]:
     lines = [f"validation  calibration: temperature={cal['temperature']:.2f} ECE {_fmt(cal['ece_before'])} -> "
              f"{_fmt(cal['ece_after'])} over {cal['n_val']} crops (a perfectly calibrated model: "
              f"{_fmt(cal.get('ece_sampling_floor'))}); unknown pill by {cal['unknown_rule']}"]
+    answers = cal.get("answers")
+    if answers:
+        lines.append(f"validation  answers after the imprint evidence: accuracy={_fmt(answers['accuracy'])} "
+                     f"ECE={_fmt(answers['ece'])} over {answers['n']} crops (a perfectly calibrated model: "
+                     f"{_fmt(answers['ece_sampling_floor'])})")
     unknown, by_rule = cal.get("unknown_eval"), cal.get("unknown_eval_by_rule") or {}
     if unknown:
         others = ", ".join(f"{name} {_fmt(r['auroc'])}" for name, r in by_rule.items() if name != cal["unknown_rule"])

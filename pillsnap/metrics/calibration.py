@@ -53,20 +53,25 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     """ECE: the count-weighted gap between confidence and accuracy over the reliability bins."""
     if len(y_true) == 0:
         return 0.0
-    return _ece(reliability_bins(probs, y_true, n_bins))
+    return ece_of(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
 
 
-def _ece(bins: list[dict]) -> float:
-    return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / sum(b["count"] for b in bins))
+def ece_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of answers given as their stated probabilities and whether each was right."""
+    if len(confidence) == 0:
+        return 0.0
+    bins = _bins(np.asarray(confidence, np.float64), np.asarray(correct, bool), n_bins)
+    return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(confidence))
 
 
-def ece_sampling_floor(probs: np.ndarray, n_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
-    """The ECE a perfectly calibrated model would still show on a split this size: the median over `draws`
-    simulated splits whose answers are right with exactly their stated top-1 probability. On a small validation
-    split (a hundred or so crops) it is several hundredths, so a measured ECE near it is within sampling noise."""
-    confidence = np.asarray(probs).max(axis=1)
+def ece_sampling_floor(confidence: np.ndarray, n_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would still show on a split this size, from the answers' stated
+    probabilities (1-D): the median over `draws` simulated splits whose answers are right with exactly those
+    probabilities. On a small validation split (a hundred or so crops) it is several hundredths, so a measured
+    ECE near it is within sampling noise."""
+    confidence = np.asarray(confidence, np.float64)
     if len(confidence) == 0:
         return 0.0
     rng = np.random.default_rng(seed)
-    eces = [_ece(_bins(confidence, rng.uniform(size=len(confidence)) < confidence, n_bins)) for _ in range(draws)]
-    return float(np.median(eces))
+    return float(np.median([ece_of(confidence, rng.uniform(size=len(confidence)) < confidence, n_bins)
+                            for _ in range(draws)]))

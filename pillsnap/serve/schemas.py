@@ -14,8 +14,11 @@ class Candidate(BaseModel):
     mapping_code: str = Field(description="drug code, K- and 6 digits")
     name: str = Field(description="drug name")
     edi_codes: list[str] = Field(default_factory=list, description="insurance (EDI) codes of the drug")
-    probability: float = Field(description="classifier probability, temperature-calibrated when the answer says "
-                                           "calibrated: true")
+    probability: float = Field(description="probability of this drug: the classifier's (temperature-calibrated when "
+                                           "the answer says calibrated: true), updated by the imprint read and the "
+                                           "hints where they speak")
+    classifier_probability: float | None = Field(None, description="the classifier's own probability, where the "
+                                                                   "imprint or hints updated it")
 
 
 class Pill(Candidate):
