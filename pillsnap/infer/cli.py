@@ -38,12 +38,13 @@ def format_result(result: dict) -> str:
             f"single_conf={'-' if conf is None else f'{conf:.3f}'} fallback={result['fallback_reason'] or '-'}")
     lines = [head]
     for i, pill in enumerate(result["pills"], start=1):
-        lines.append(f"  #{i} {_answer(pill)} bbox={pill['bbox']}")
+        lines.append(f"  #{i} {answer_text(pill)} bbox={pill['bbox']}")
         lines += [f"     {note}" for note in _notes(pill)]
     return "\n".join(lines)
 
 
-def _answer(pill: dict) -> str:
+def answer_text(pill: dict) -> str:
+    """One pill's answer in words: the drug and its probability, or "unknown pill" with the nearest known drugs."""
     if pill.get("unknown"):
         nearest = ", ".join(c["mapping_code"] for c in pill["topk"][:3])
         return f"unknown pill (nearest known: {nearest})"

@@ -114,8 +114,10 @@ def _example_lines(example: dict) -> list[str]:
     lines = [f"  {example['image_type']} photo {Path(r['image']).name}: expected {', '.join(example['expected'])}",
              f"    -> mode_used={r['mode_used']} (fallback={r['fallback_reason'] or '-'}, "
              f"single_conf={_fmt(r['single_confidence'])}), {r['num_pills']} pill(s):"]
+    from pillsnap.infer.cli import answer_text
+
     for pill in r["pills"]:
-        lines.append(f"       {pill['mapping_code']} {pill['name']} p={pill['probability']:.2f} bbox={pill['bbox']}")
+        lines.append(f"       {answer_text(pill)} bbox={pill['bbox']}")
     return lines
 
 
