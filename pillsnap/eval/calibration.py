@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.metrics.calibration import (
+    bins_of,
     calibrated_probs,
     ece_of,
     ece_sampling_floor,
@@ -123,7 +124,8 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
         correct.append(ranked[0]["mapping_code"] == class_names[label])
     confidence_arr, correct_arr = np.asarray(confidence), np.asarray(correct)
     return {"n": int(len(correct)), "accuracy": float(correct_arr.mean()),
-            "ece": ece_of(confidence_arr, correct_arr), "ece_sampling_floor": ece_sampling_floor(confidence_arr)}
+            "ece": ece_of(confidence_arr, correct_arr), "ece_sampling_floor": ece_sampling_floor(confidence_arr),
+            "bins": bins_of(confidence_arr, correct_arr)}
 
 
 def _finite(value: float) -> float | None:
@@ -158,9 +160,11 @@ def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
 
 
 def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path,
-                     eces: tuple[float, float] | None = None) -> Path:
+                     eces: tuple[float, float] | None = None, answers: dict | None = None,
+                     floor: float | None = None) -> Path:
     """Reliability diagram: accuracy against confidence per bin (marker area: photos in the bin), before and after
-    temperature scaling; the legend gives each curve's ECE."""
+    temperature scaling and, when measured, of the final answers after the imprint evidence; the legend gives each
+    curve's ECE, the title the ECE sampling alone would give a perfectly calibrated model on this many crops."""
     from pillsnap.eval.reports import pyplot
 
     plt = pyplot()
@@ -170,7 +174,10 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     if eces is not None:
         labels = [f"{label} (ECE {ece:.3f})" for label, ece in zip(labels, eces, strict=True)]
     total = max(sum(b["count"] for b in before), 1)
-    for bins, label, marker in ((before, labels[0], "o"), (after, labels[1], "s")):
+    curves = [(before, labels[0], "o"), (after, labels[1], "s")]
+    if answers and answers.get("bins"):
+        curves.append((answers["bins"], f"answers after the imprint evidence (ECE {answers['ece']:.3f})", "^"))
+    for bins, label, marker in curves:
         x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
         line = ax.plot(x, y, linewidth=1, label=label)[0]
         ax.scatter(x, y, s=[20 + 400 * b["count"] / total for b in bins], marker=marker, color=line.get_color())
@@ -178,8 +185,11 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title("Reliability on the validation split")
-    ax.legend(loc="upper left")
+    title = f"Reliability on the validation split ({total} crops)"
+    if floor is not None:
+        title += f"\nECE of a perfectly calibrated model this size: about {floor:.2f}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)  # below the diagonal on the right: where few bins fall
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
@@ -251,7 +261,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
     plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png",
-                     (report["ece_before"], report["ece_after"]))
+                     (report["ece_before"], report["ece_after"]), report.get("answers"), report["ece_sampling_floor"])
     LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
                 rule, _unknown_line(report.get("unknown_eval")))

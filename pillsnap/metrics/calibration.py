@@ -34,10 +34,11 @@ def calibrated_probs(log_probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> list[dict]:
     """Equal-width confidence bins of the top-1 answer: count, mean confidence and accuracy per non-empty bin."""
-    return _bins(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
+    return bins_of(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
 
 
-def _bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> list[dict]:
+def bins_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> list[dict]:
+    """Equal-width bins of answers given as their stated probabilities and whether each was right."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
     bins = []
@@ -60,7 +61,7 @@ def ece_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> flo
     """ECE of answers given as their stated probabilities and whether each was right."""
     if len(confidence) == 0:
         return 0.0
-    bins = _bins(np.asarray(confidence, np.float64), np.asarray(correct, bool), n_bins)
+    bins = bins_of(np.asarray(confidence, np.float64), np.asarray(correct, bool), n_bins)
     return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(confidence))
 
 
