@@ -48,6 +48,7 @@ def test_export_writes_both_models_with_dynamic_batch_and_parity(exported: Path)
         assert meta[role]["checkpoint_sha256"] == file_sha256(exported / "checkpoints" / ckpt)
     assert parity["ok"] and parity["classifier"]["top1_agreement"] == 1.0
     assert parity["classifier"]["max_abs_logit_diff"] < 1e-3 and parity["classifier"]["batch_sizes"] == [1, 4]
+    assert parity["classifier"]["max_rel_feature_diff"] < 1e-4  # the features output the unknown rule reads
     checks = parity["detector"]["thresholds"]
     assert parity["detector"]["same_boxes"] and any(c["boxes_torch"] > 0 for c in checks.values())
 

@@ -15,6 +15,7 @@ LOGGER = logging.getLogger("pillsnap.export")
 # Float32 through two runtimes: kernels differ in summation order, so logits agree to ~1e-5 and boxes to a
 # fraction of a pixel. These bounds are far above that noise and far below a real mismatch.
 MAX_LOGIT_DIFF, MAX_BOX_DIFF_PX = 1e-2, 1.0
+MAX_FEATURE_DIFF = 1e-3  # relative to the largest feature: the unknown-pill distances must agree too
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,11 +131,12 @@ def _inputs(photos: list, samples: int, size: int, to_tensor: Any) -> Any:
 
 
 def classifier_parity(out_dir: Path, entry: dict, photos: list, samples: int) -> dict:
-    """Logits of the checkpoint and of classifier.onnx on the same crops, one by one and as one batch."""
+    """Logits of the checkpoint and of classifier.onnx on the same crops, one by one and as one batch, and the
+    features the unknown-pill rule measures (relative to their largest magnitude)."""
     import torch
 
     from pillsnap.data import classification_transform
-    from pillsnap.models.classifier import load_classifier_for_inference
+    from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.models.export import OnnxClassifier
 
     model, _ = load_classifier_for_inference(out_dir.parent / "checkpoints" / entry["checkpoint"], device="cpu")
@@ -142,12 +144,16 @@ def classifier_parity(out_dir: Path, entry: dict, photos: list, samples: int) ->
     x = _inputs(photos, samples, entry["image_size"], lambda p: transform(p).unsqueeze(0))
     onnx = OnnxClassifier(out_dir / entry["file"])
     with torch.no_grad():
-        ref = model(x).float()
-    batched, single = onnx(x)[0], torch.cat([onnx(x[i:i + 1])[0] for i in range(len(x))])
+        ref, ref_features = (out.float() for out in WithFeatures(model).eval()(x))
+    (batched, features), single = onnx(x), torch.cat([onnx(x[i:i + 1])[0] for i in range(len(x))])
     diff = max(float((batched - ref).abs().max()), float((single - ref).abs().max()))
     agree = float((batched.argmax(-1) == ref.argmax(-1)).float().mean())
+    feature_diff = None if features is None else float(
+        (features - ref_features).abs().max() / ref_features.abs().max().clamp_min(1e-6))
     return {"inputs": len(x), "batch_sizes": [1, len(x)], "max_abs_logit_diff": diff, "top1_agreement": agree,
-            "max_abs_logit": float(ref.abs().max()), "ok": diff <= MAX_LOGIT_DIFF and agree == 1.0}
+            "max_abs_logit": float(ref.abs().max()), "max_rel_feature_diff": feature_diff,
+            "ok": diff <= MAX_LOGIT_DIFF and agree == 1.0 and feature_diff is not None
+            and feature_diff <= MAX_FEATURE_DIFF}
 
 
 def detector_parity(out_dir: Path, entry: dict, photos: list, samples: int, settings: Any) -> dict:
