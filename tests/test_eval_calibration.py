@@ -57,6 +57,7 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     assert cli_main(["calibrate", "--exp", str(exp), "--device", "cpu"]) == 0
     assert json.loads((exp / "checkpoints" / CALIBRATION_FILE).read_text(encoding="utf-8")) == stored
     assert cli_main(["calibrate", "--exp", str(tmp_path / "nothing")]) == 2
+    assert cli_main(["calibrate", "--exp", str(exp), "inference.unknown_rule=entropy"]) == 2  # one line, no traceback
 
     again = calibrate_classifier(cfg, exp, keep_correct=0.0)  # 0 turns the unknown answer off
     assert again["unknown_threshold"] is None and again["unknown_eval"]["unknown_rejected"] == 0.0

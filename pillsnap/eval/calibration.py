@@ -210,13 +210,13 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     from pillsnap.utils import resolve_device
 
     exp_dir = Path(exp_dir)
+    rule = check_unknown_rule(str(cfg.inference.unknown_rule))  # a typo fails before any work
     device = resolve_device(None if device is None else str(device))
     ckpt = exp_dir / "checkpoints" / "classification_best.pt"
     loaders = (build_loaders or build_dataloaders_twostage)(cfg)
     if loaders.cls_val is None:
         raise ValueError("no validation split to calibrate on: raise data.val_ratio")
     keep = float(cfg.inference.unknown_keep_correct if keep_correct is None else keep_correct)
-    rule = check_unknown_rule(str(cfg.inference.unknown_rule))
     model = WithFeatures(load_classifier_for_inference(ckpt, device)[0]).eval()
     y_true, log_p, features = _outputs(model, loaders.cls_val, device)
     temperature = fit_temperature(log_p, y_true)
