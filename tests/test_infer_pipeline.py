@@ -300,3 +300,5 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
     assert "why unknown: not a known drug" in lines[2]
     assert lines[3].startswith("  #2 K-000001 drug 1 p=0.300") and lines[4].endswith("imprint read: nothing legible")
     assert "photograph the other side" in lines[5]
+    sure = {**result["pills"][1], "probability": 0.99997, "imprint_unresolved": False}
+    assert "p=>0.999" in format_result({**result, "pills": [sure]})  # a posterior is never shown as certainty

@@ -48,7 +48,8 @@ def answer_text(pill: dict) -> str:
     if pill.get("unknown"):
         nearest = ", ".join(c["mapping_code"] for c in pill["topk"][:3])
         return f"unknown pill (nearest known: {nearest})"
-    return f"{pill['mapping_code']} {pill['name']} p={pill['probability']:.3f}"
+    p = pill["probability"]
+    return f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
 
 
 def _notes(pill: dict) -> list[str]:
