@@ -113,13 +113,14 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     confidence, correct = [], []
     device = next(model.parameters()).device
     for index in range(min(limit, len(dataset))):
-        x, label, _ = dataset[index]
+        crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: the model and the reader
         with torch.no_grad():
-            probs = torch.softmax(model(x[None].to(device))[0].float() / temperature, -1)[0].cpu()
+            logits = model(dataset.transform(crop)[None].to(device))[0]
+        probs = torch.softmax(logits.float() / temperature, -1)[0].cpu()
         values, indices = probs.topk(min(topk, len(class_names)))
         candidates = [{"mapping_code": class_names[i], "probability": float(p)}
                       for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
-        ranked, _ = evidence.apply(dataset.load_crop(index), candidates, None)
+        ranked, _ = evidence.apply(crop, candidates, None)
         confidence.append(ranked[0]["probability"])
         correct.append(ranked[0]["mapping_code"] == class_names[label])
     confidence_arr, correct_arr = np.asarray(confidence), np.asarray(correct)
@@ -227,7 +228,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     fit_labels, _, fit_features = _outputs(model, _loader(fit_view, cfg), device)
     gaussians = ClassGaussians.fit(fit_features, fit_labels)
     correct = cal.argmax(axis=1) == y_true
-    val_scores = {name: unknown_scores(name, cal, gaussians.score(features)) for name in UNKNOWN_RULES}
+    val_distances = gaussians.score(features)
+    val_scores = {name: unknown_scores(name, cal, val_distances) for name in UNKNOWN_RULES}
     thresholds = {name: _finite(rejection_threshold(scores, correct, keep)) if keep > 0 else None
                   for name, scores in val_scores.items()}
     stored = {"temperature": temperature, "unknown_rule": rule, "unknown_threshold": thresholds[rule],
@@ -243,13 +245,14 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     if held_out is not None:
         _, unknown_log_p, unknown_features = _outputs(model, held_out, device)
         unknown_probs = calibrated_probs(unknown_log_p, temperature)
+        unknown_distances = gaussians.score(unknown_features)
+        held_out_classes = len({r.mapping_code for r in held_out.dataset.rows})
         by_rule = {}
         for name in UNKNOWN_RULES:
             threshold = float("inf") if thresholds[name] is None else thresholds[name]
-            by_rule[name] = rejection_report(val_scores[name], correct, unknown_scores(
-                name, unknown_probs, gaussians.score(unknown_features)), threshold)
-            by_rule[name].update(threshold=thresholds[name],
-                                 held_out_classes=len({r.mapping_code for r in held_out.dataset.rows}))
+            by_rule[name] = rejection_report(val_scores[name], correct,
+                                             unknown_scores(name, unknown_probs, unknown_distances), threshold)
+            by_rule[name].update(threshold=thresholds[name], held_out_classes=held_out_classes)
         report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
     if cfg.inference.imprint.enabled:
         report["answers"] = answer_calibration(

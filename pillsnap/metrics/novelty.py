@@ -31,7 +31,7 @@ class ClassGaussians:
 
         features, labels = np.asarray(features, np.float64), np.asarray(labels)
         classes, index = np.unique(labels, return_inverse=True)
-        if len(features) < 2 or len(classes) < 1:
+        if len(features) < 2:
             raise ValueError(f"need at least two feature rows to fit class Gaussians, got {len(features)}")
         means = np.stack([features[index == i].mean(0) for i in range(len(classes))])
         precision = LedoitWolf().fit(features - means[index]).precision_
