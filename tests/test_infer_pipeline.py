@@ -250,6 +250,14 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     assert [c["mapping_code"] in CODES for c in stranger["topk"]] == [True] * 3
     ClassGaussians.fit(features[:10], np.arange(10) % 2).save(ckpts / "unknown_features.npz")  # not the one fit
     assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
+    class ReadButMatchedNothing:  # the evidence step read an imprint no candidate has
+        def apply(self, crop, topk, hints):
+            return topk, {"imprint_read": "HC078", "imprint_unresolved": True, "ranking_changed": False}
+
+    predictor.evidence = ReadButMatchedNothing()
+    stranger = predictor.predict(tmp_path / "m.png", mode="single")["pills"][0]
+    assert stranger["unknown"] is True and stranger["imprint_unresolved"] is False  # unknown says it, not look-alikes
+    assert predictor.predict(greens[20], mode="single")["pills"][0]["imprint_unresolved"] is True
     (ckpts / "unknown_features.npz").unlink()  # the rule cannot run without its file: off, and said so
     assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
 

@@ -60,8 +60,8 @@ def _notes(pill: dict) -> list[str]:
         read = repr(pill["imprint_read"]) if pill["imprint_read"] else "nothing legible"
         notes.append(f"imprint read: {read}{changed}")
     if pill.get("imprint_unresolved"):
-        notes.append("look-alike drugs differ only by their imprint, which could not be read here: photograph the "
-                     "other side, or give the imprint with --imprint")
+        notes.append("look-alike drugs differ only by their imprint, and what was read here matches none of them: "
+                     "photograph the other side, or give the imprint with --imprint")
     if pill.get("hints_conflict"):
         notes.append(f"this answer contradicts your hint ({', '.join(pill['conflicts'])})")
     return notes

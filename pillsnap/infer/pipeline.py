@@ -257,7 +257,9 @@ class Predictor:
                 "classifier_top": answer.topk[0]}
         reason = self.unknown.reason(answer, len(self.class_names))
         if reason and float(topk[0].get("imprint_similarity") or 0.0) < UNKNOWN_OVERRIDE_SIMILARITY:
-            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason)
+            # an imprint that matches no known drug is what an unknown pill has: not a look-alike left unresolved
+            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason,
+                        imprint_unresolved=False)
         return pill
 
     def _single(self, image: Image.Image, hints: Hints | None) -> dict:
