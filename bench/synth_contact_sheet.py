@@ -1,5 +1,5 @@
 """Contact sheet of synthetic photos (default docs/synth_contact_sheet.png), to compare by eye with the real-photo
-statistics in shared/spec/real_photo_stats.md.
+statistics in docs/REAL_DATA.md.
 
     .venv/bin/python bench/synth_contact_sheet.py [--out docs/synth_contact_sheet.png] [--scale 0.3] [--seed 0]
 

@@ -28,7 +28,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "train.epochs=20", "train.batch_size=32", "train.lr=2.0e-3", "train.warmup_steps=10",
             "train.detection.batch_size=8", "train.detection.lr=2.0e-3", "train.ema.decay=0.9",
             "train.step_log_interval=5", "train.early_stopping.patience=100", "dataloader.num_workers=0",
-            "optimization.channels_last=false",
+            "optimization.channels_last=false", "model.pretrained=false",
         ],
     },
     "tiny": {
@@ -39,7 +39,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model.det_image_size=96", "train.epochs=1", "train.batch_size=8", "train.lr=2.0e-3",
             "train.warmup_steps=2", "train.detection.batch_size=4", "train.max_steps_per_epoch=3",
             "train.ema.decay=0.5", "train.step_log_interval=1", "dataloader.num_workers=0",
-            "optimization.channels_last=false",
+            "optimization.channels_last=false", "model.pretrained=false",
         ],
     },
 }
@@ -59,14 +59,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def demo_config(args: argparse.Namespace) -> Any:
-    """Base config < profile overrides < paths under --workdir < the user's overrides."""
+    """Base config < profile overrides < paths under --workdir < the user's overrides.
+
+    The default profile's sizes apply to generated data only (with --data-root, a real tree, the config's own models
+    train); --tiny always means the tiny models, whatever the data. Both profiles start from random weights: the
+    demo never waits on the network."""
     from pillsnap.config import load_config
 
     workdir = Path(args.workdir)
     profile = PROFILES["tiny" if args.tiny else "default"]
     paths = [f"paths.data_root={args.data_root or workdir / 'data'}", f"paths.manifest_dir={workdir / 'manifests'}",
              f"paths.exp_dir={workdir / 'exp'}", f"paths.cache_dir={workdir / 'cache'}"]
-    overrides = [] if args.data_root else list(profile["overrides"])
+    overrides = list(profile["overrides"]) if args.tiny or not args.data_root else ["model.pretrained=false"]
     cfg_path = args.cfg if Path(args.cfg).is_file() else None
     return load_config(cfg_path, [*overrides, *paths, *args.overrides], dotenv_path=None)
 
@@ -136,7 +140,8 @@ def ensure_trained(cfg: Any) -> int:
 def ensure_calibrated(cfg: Any) -> None:
     """Calibrate the trained classifier unless a calibration fit for these very weights is there (training writes
     one; a run trained by an older PillSnap, or interrupted after training, may lack it)."""
-    from pillsnap.eval.calibration import calibrate_classifier, load_calibration
+    from pillsnap.eval.calibration import calibrate_classifier
+    from pillsnap.infer.artefacts import load_calibration
 
     ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
     if load_calibration(ckpt_dir, ckpt_dir / "classification_best.pt") is None:
@@ -177,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         phase("4/5 export the detector to ONNX")
         onnx_path = ensure_onnx(Path(cfg.paths.exp_dir), args.device)
         phase("5/5 evaluate the pipeline on held-out photos")
-        from pillsnap.infer.report import evaluate_and_report, format_headline
+        from pillsnap.eval.pipeline_report import evaluate_and_report, format_headline
 
         summary = evaluate_and_report(cfg, onnx_path, args.device, start)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 LOGGER = logging.getLogger(__name__)
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM (engine.trainer.EXIT_INTERRUPTED)
 ONLY = {"classification": {"train.strategy": "classification"},
         # sequential with no classification epochs: the detector alone, for train.detection.epochs
         "detection": {"train.strategy": "sequential", "train.epochs": 0}}
@@ -35,20 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the classifier and detector", description=__doc__)
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, prog="pillsnap train")
+
+
+def probability_tasks(trainer: Any) -> list[Any]:
+    """The trained tasks whose validation gives class probabilities (the classifier): reports and calibration."""
+    return [task for name, task in trainer.tasks.items() if task.spec.class_probabilities and trainer.trains(name)]
 
 
 def write_reports(trainer: Any) -> list[Path]:
     """Confusion matrix and ROC/PR curves of the validated classifier weights, into reports/."""
     from pillsnap.eval.reports import write_classification_reports
 
-    task = trainer.tasks.get("classification")
-    if task is None or not any("classification" in epoch for epoch in trainer.plan):
-        return []
-    y_true, y_prob = task.predict_val()
-    paths = write_classification_reports(y_true, y_prob, list(task.meta.get("class_names") or []),
-                                         trainer.exp_dir / "reports")
-    LOGGER.info("reports: %s", ", ".join(p.name for p in paths) or "none (no validation data)")
+    paths: list[Path] = []
+    for task in probability_tasks(trainer):
+        y_true, y_prob = task.predict_val()
+        paths += write_classification_reports(y_true, y_prob, task.class_names(), trainer.exp_dir / "reports")
+        LOGGER.info("reports: %s", ", ".join(p.name for p in paths) or "none (no validation data)")
     return paths
 
 
@@ -56,9 +61,7 @@ def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict 
     """Temperature and unknown-pill threshold of the best classifier, fit on the validation split."""
     from pillsnap.eval.calibration import calibrate_classifier
 
-    if "classification" not in trainer.tasks or trainer.tasks["classification"].val_loader is None:
-        return None
-    if not any("classification" in epoch for epoch in trainer.plan):
+    if not any(task.val_loader is not None for task in probability_tasks(trainer)):
         return None
     return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders, device=trainer.device)
 
@@ -81,23 +84,25 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
           assume_yes: bool = False) -> int:
     """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
     (train.stage_evaluation) and, after stage 4, run the final test evaluation. Returns the exit code (0 ok, 2
-    config/resume error, 3 OOM give-up, 4 time cap failed)."""
-    from pillsnap.engine.trainer import EXIT_OK, EXIT_TIME_CAP, run_training
+    config/resume error, 3 OOM give-up, 4 time cap failed, 130 interrupted)."""
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_TIME_CAP, run_logging, run_training
 
     code, trainer = run_training(cfg, build_loaders)
-    if trainer is None or not trainer.info.is_main:
+    if trainer is None or not trainer.info.is_main or code == EXIT_INTERRUPTED:
         return code
-    write_reports(trainer)
-    calibrate(trainer, build_loaders)
-    link_stage_checkpoints(trainer)
-    if code in (EXIT_OK, EXIT_TIME_CAP) and trainer.cfg.train.stage_evaluation:
-        from pillsnap.eval.stage_eval import evaluate_stage
+    # The run's log files again: the calibration and the stage decision belong in logs/pillsnap.log too.
+    with run_logging(trainer.exp_dir, True):
+        write_reports(trainer)
+        calibrate(trainer, build_loaders)
+        link_stage_checkpoints(trainer)
+        if code in (EXIT_OK, EXIT_TIME_CAP) and trainer.cfg.train.stage_evaluation:
+            from pillsnap.eval.stage_eval import evaluate_stage
 
-        evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
-    if code == EXIT_OK and trainer.stage == 4 and trainer.status != "time_capped":
-        from pillsnap.eval.final import final_test_evaluation  # the test split, once, after the last stage
+            evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
+        if code == EXIT_OK and trainer.stage == 4 and trainer.status != "time_capped":
+            from pillsnap.eval.final import final_test_evaluation  # the test split, once, after the last stage
 
-        final_test_evaluation(trainer.cfg)
+            final_test_evaluation(trainer.cfg)
     return code
 
 
@@ -129,6 +134,15 @@ def train_detection_stage(cfg: Any, build_loaders: Callable[[Any], Any] | None =
     return _train_one(cfg, "detection", "detection_best.pt", build_loaders)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues an interrupted run from its last checkpoints."""
+    parts = [*str(getattr(args, "prog", "python -m pillsnap.train")).split(), "--cfg", args.cfg]
+    if args.only:
+        parts += ["--only", args.only]
+    parts += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=last"]
+    return shlex.join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from pillsnap.config import load_config
 
@@ -138,7 +152,18 @@ def run(args: argparse.Namespace) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    return train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
+    try:
+        code = train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
+    except KeyboardInterrupt:
+        # After training (reports, calibration, stage evaluation): the checkpoints are complete, so resuming would
+        # only say "already trained". The steps that were cut short are run on their own instead.
+        exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
+        LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
+                       "--exp %s --stage %d", exp, exp, stage)
+        return INTERRUPTED
+    if code == INTERRUPTED:
+        LOGGER.warning("interrupted; resume with: %s", resume_command(args))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pillsnap.train", description=__doc__)
     add_arguments(parser)
+    parser.set_defaults(prog="python -m pillsnap.train")
     add_logging_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.log_level)

@@ -4,23 +4,33 @@
 # Usage: bash scripts/train.sh [--cfg config.yaml] [--stage N] [--epochs N] [--batch-size N] [--resume]
 #                              [--checkpoint PATH] [--yes | --choice N] [--log-level LEVEL] [key=value ...]
 #   --resume           continue from the last checkpoints (more --epochs than the run had: extend it)
-#   --checkpoint PATH  resume the classifier from this checkpoint file
+#   --checkpoint PATH  resume from this checkpoint file (the classifier's; the detector's file beside it too)
 #   --yes, --choice N  answer the end-of-stage advisor without being asked
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ARGS=("$@")  # as given, for the exact resume command after an interruption
 PY="$ROOT/.venv/bin/python"
 CFG="config.yaml"
 OVERRIDES=()
 EXTRA=()
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+resume_command() {  # this command line again, continuing from the last checkpoints instead of where it began
+  local out=() skip=0 a
+  for a in "${ARGS[@]}"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$a" in --checkpoint) skip=1 ;; --resume|train.resume=*) ;; *) out+=("$a") ;; esac
+  done
+  printf '%q ' bash scripts/train.sh "${out[@]}"; printf -- '--resume\n'
+}
 need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "train.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --cfg) need "$@"; CFG="$2"; shift 2 ;;
+    --cfg) need "$@"; [ -f "$2" ] || { echo "train.sh: --cfg $2: no such file" >&2; exit 2; }
+           CFG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;  # absolute: the script cds to the root
     --stage) need "$@"; OVERRIDES+=("data.progressive_validation.current_stage=$2"); shift 2 ;;
     --epochs) need "$@"; OVERRIDES+=("train.epochs=$2"); shift 2 ;;
     --batch-size) need "$@"; OVERRIDES+=("train.batch_size=$2"); shift 2 ;;
@@ -38,7 +48,7 @@ done
 
 [ -x "$PY" ] || { echo "train.sh: $PY missing; run: bash scripts/setup_venv.sh" >&2; exit 1; }
 cd "$ROOT"
-EXP_DIR="$("$PY" - "$CFG" "${OVERRIDES[@]}" <<'PY'
+RESOLVED="$("$PY" - "$CFG" "${OVERRIDES[@]}" <<'PY'
 import sys
 from pillsnap.config import ConfigError, load_config
 try:
@@ -46,28 +56,45 @@ try:
 except ConfigError as err:
     sys.exit(f"train.sh: config error: {err}")
 print(cfg.paths.exp_dir)
+print(cfg.data.progressive_validation.current_stage)
 print(f"stage={cfg.data.progressive_validation.current_stage} strategy={cfg.train.strategy} "
       f"backbone={cfg.model.backbone} detector={cfg.model.detector} epochs={cfg.train.epochs} "
       f"batch={cfg.train.batch_size} lr={cfg.train.lr} resume={cfg.train.resume}", file=sys.stderr)
 PY
 )" || exit 2
+EXP_DIR="$(sed -n 1p <<<"$RESOLVED")"
+STAGE="$(sed -n 2p <<<"$RESOLVED")"
+START="$(date +%s)"
 
 for sub in logs tb reports checkpoints export; do mkdir -p "$EXP_DIR/$sub"; done
 echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 
 # The process's own streams are the logs: progress on stdout, warnings/errors/tracebacks on stderr, each shown
-# live and appended to its file, so a crash's traceback lands in train.err too.
+# live and appended to its file, so a crash's traceback lands in train.err too. The tee processes ignore Ctrl-C
+# and SIGTERM (they are in the same process group): they end when Python closes the streams, so the run's last
+# lines (status, resume hint) still reach the files and the console.
 export PILLSNAP_STREAMS_ARE_LOGS=1
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
-  > >(tee -a "$EXP_DIR/logs/train.out") 2> >(tee -a "$EXP_DIR/logs/train.err" >&2)
+  > >(trap '' INT TERM; exec tee -a "$EXP_DIR/logs/train.out") \
+  2> >(trap '' INT TERM; exec tee -a "$EXP_DIR/logs/train.err" >&2)
 rc=$?
 wait  # let the tee processes flush before the summary line
+# The last line says one thing: how training ended and, when the stage was evaluated, its decision and the next
+# step, read from the evaluation this run wrote (an older file belongs to another run).
+verdict() {
+  "$PY" - "$EXP_DIR" "$STAGE" "$START" <<'PY' || echo "train.sh: training finished; see $EXP_DIR/reports"
+import sys
+from pillsnap.eval.stage_eval import finished_line
+print("train.sh: " + finished_line(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+PY
+}
 case $rc in
-  0) echo "train.sh: SUCCESS. Latest metrics: $EXP_DIR/reports/metrics.json" ;;
+  0) echo "train.sh: latest metrics: $EXP_DIR/reports/metrics.json"; verdict ;;
   2) echo "train.sh: FAILED: configuration or input error (see the message above)" >&2 ;;
   3) echo "train.sh: FAILED: OOM recovery exhausted; emergency checkpoint in $EXP_DIR/checkpoints" >&2 ;;
-  4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2 ;;
-  130) echo "train.sh: interrupted; resume with: bash scripts/train.sh --resume" >&2 ;;
+  4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2
+     verdict ;;
+  130) echo "train.sh: interrupted; resume with: $(resume_command)" >&2 ;;
   *) echo "train.sh: FAILED with exit code $rc; see $EXP_DIR/logs/train.err" >&2 ;;
 esac
 exit $rc

@@ -5,9 +5,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite never touches the network: pretrained weights come from the local cache or the models start from
+# random init at once (set before huggingface_hub is imported, and inherited by the scripts the tests start).
+# A data root exported for real runs must not leak into the tests' configs either.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("PILLSNAP_DATA_ROOT", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_LABELS = REPO_ROOT.parent / "shared" / "spec" / "aihub_real_labels"
@@ -47,7 +54,8 @@ def synth_cfg(synth_root: Path, manifest_dir: Path, tmp_path: Path):
         f"paths.data_root={synth_root}", f"paths.manifest_dir={manifest_dir}",
         f"paths.exp_dir={tmp_path / 'exp'}", f"paths.cache_dir={tmp_path / 'cache'}",
         "model.backbone=resnet18", "model.image_size=32", "model.detector=yolo11n", "model.det_image_size=64",
-        "train.batch_size=4", "train.detection.batch_size=2", "train.epochs=1", "train.detection.epochs=1",
+        "model.pretrained=false", "train.batch_size=4", "train.detection.batch_size=2", "train.epochs=1",
+        "train.detection.epochs=1",
         "dataloader.num_workers=0", "dataloader.persistent_workers=false", "dataloader.pin_memory=false",
         "data.progressive_validation.stage_1.max_samples=1000", "train.stage_evaluation=false",
         f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}",

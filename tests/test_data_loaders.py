@@ -158,3 +158,29 @@ def test_the_detector_also_sees_single_pill_photos_in_train_and_val_only(synth_c
         share * combos[combos["split"] == "train"]["image_path"].nunique()))
     assert count_images(data_yaml, "train") == expected
     assert count_images(data_yaml, "test") == sound[sound["split"] == "test"]["image_path"].nunique()
+
+
+def test_evaluation_view_draws_up_to_per_class_rows_of_every_class_once():
+    """The calibration fits its class Gaussians on `evaluation_view(per_class)` of the training crops; at the last
+    stage that is 5,000 classes over ~350,000 rows, drawn in one shuffle and sort instead of a mask per class."""
+    import numpy as np
+    import pandas as pd
+
+    from pillsnap.data.datasets import ClassificationDataset
+
+    rng = np.random.default_rng(0)
+    codes = [f"K-{i:06d}" for i in rng.integers(0, 40, 900)] + ["K-000999"]  # one class with a single row
+    rows = pd.DataFrame({"image_path": [f"/p/{i}.png" for i in range(len(codes))], "mapping_code": codes,
+                         "label_path": [f"/l/{i}.json" for i in range(len(codes))], "bbox_x": 0, "bbox_y": 0,
+                         "bbox_w": 4, "bbox_h": 4})
+    index = {c: i for i, c in enumerate(sorted(set(codes)))}
+    dataset = ClassificationDataset(rows, index, 32, train=True)
+    view = dataset.evaluation_view(per_class=5, seed=1)
+    counts, full = np.bincount(view.labels, minlength=len(index)), np.bincount(dataset.labels, minlength=len(index))
+    assert (counts == np.minimum(full, 5)).all()
+    paths = [r.image_path for r in view.rows]
+    assert len(set(paths)) == len(paths) and paths == sorted(paths, key=lambda p: int(p[3:-4]))  # manifest order
+    assert all(index[r.mapping_code] == label for r, label in zip(view.rows, view.labels, strict=True))
+    assert [r.image_path for r in dataset.evaluation_view(5, seed=1).rows] == paths  # deterministic by seed
+    assert [r.image_path for r in dataset.evaluation_view(5, seed=2).rows] != paths
+    assert len(dataset.evaluation_view().rows) == len(codes)

@@ -188,3 +188,31 @@ def test_synthetic_photos_pass_the_label_checks_and_sit_on_the_real_backdrop(man
         borders.append(np.median(np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3)]), axis=0))
     median = np.median(borders, axis=0)
     assert np.abs(median - np.array([90, 100, 140])).max() < 25, median  # the real blue-grey backdrop
+
+
+def test_placeholder_photos_keep_the_layout_and_labels_of_rendered_ones(tmp_path):
+    """Scale rehearsals write hundreds of thousands of rows without drawing pills: the same members and label JSON
+    as a rendered set (only the photo, its size and the boxes differ), boxes inside the photo and never
+    overlapping, so the scan keeps every label and flags nothing."""
+    from pillsnap.data.scan import scan_dataset
+
+    args = {"num_classes": 5, "per_class": 4, "combo": 6, "seed": 3, "zip_output": True, "workers": 1,
+            "progress": False}
+    generate_dataset(tmp_path / "drawn", image_scale=0.05, **args)
+    summary = generate_dataset(tmp_path / "flat", image_scale=0.04, placeholder_images=True, **args)
+    drawn, flat = (sorted((tmp_path / kind).rglob("*.zip")) for kind in ("drawn", "flat"))
+    assert [p.relative_to(tmp_path / "drawn") for p in drawn] == [p.relative_to(tmp_path / "flat") for p in flat]
+    for a, b in zip(drawn, flat, strict=True):
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            assert za.namelist() == zb.namelist()
+            for name in (n for n in za.namelist() if n.endswith(".json")):
+                la, lb = json.loads(za.read(name)), json.loads(zb.read(name))
+                image = lb["images"][0]
+                assert list(la["images"][0]) == list(image)  # the same keys in the same order
+                assert {k: v for k, v in la["images"][0].items() if k not in ("width", "height")} == \
+                    {k: v for k, v in image.items() if k not in ("width", "height")}
+                x, y, w, h = lb["annotations"][0]["bbox"]
+                assert w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
+    report = scan_dataset(tmp_path / "flat", tmp_path / "manifests", workers=1, progress=False)
+    assert report["records_kept"] == summary["label_files"] and report["records_skipped"] == 0
+    assert report["incomplete_gt_photos"] == 0

@@ -60,3 +60,21 @@ def test_ultralytics_val_loader(manifest_dir, tmp_path):
     batch = next(iter(loader))
     assert batch["img"].shape[0] == 2 and batch["img"].shape[1] == 3
     assert batch["bboxes"].shape[0] == len(batch["batch_idx"]) > 0
+
+
+def test_label_lines_of_interleaved_rows_group_by_photo_in_row_order(tmp_path):
+    """The export builds every photo's label in one pass over arrays (a DataFrame per photo took minutes at the
+    full data set's size): rows of different photos interleaved and unsorted still give each photo its own lines,
+    pills in row order, and each photo its own image."""
+    import pandas as pd
+
+    from pillsnap.data.yolo import _label_texts
+
+    rows = pd.DataFrame({"photo_id": ["b", "a", "b", "c", "a"], "image_path": ["/b", "/a", "/b", "/c", "/a"],
+                         "bbox_x": [0, 10, 20, 5, 40], "bbox_y": [0, 10, 20, 5, 0], "bbox_w": [10, 20, 30, 10, 10],
+                         "bbox_h": [10, 20, 30, 10, 20], "width": [100] * 5, "height": [200] * 5})
+    texts = _label_texts(rows)
+    assert [(p, path) for p, path, _ in texts] == [("a", "/a"), ("b", "/b"), ("c", "/c")]
+    assert texts[0][2] == "0 0.200000 0.100000 0.200000 0.100000\n0 0.450000 0.050000 0.100000 0.100000\n"
+    assert texts[1][2].splitlines()[1] == "0 0.350000 0.175000 0.300000 0.150000"
+    assert _label_texts(rows.iloc[:0]) == []

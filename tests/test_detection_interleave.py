@@ -10,7 +10,7 @@ import torch
 from fakes import fake_det_batch, loaders_with_detection, make_cfg
 from test_detection_task import tiny_cfg
 
-from pillsnap.engine import StepOutput
+from pillsnap.engine import ClassificationTask, StepOutput
 from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.loop import EpochRunner
 from pillsnap.engine.trainer import main as train_main
@@ -20,7 +20,7 @@ from pillsnap.utils import load_ckpt, read_json
 class FakeClassificationTask:
     """Counts its steps; the detection side is the real DetectionTask."""
 
-    name, monitor = "classification", "macro_f1"
+    name, monitor, spec = "classification", "macro_f1", ClassificationTask.spec
 
     def __init__(self, steps: int, order: list[str]) -> None:
         self.train_loader = [0] * steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from fakes import fake_build_loaders, make_cfg
 
-from pillsnap.engine import ClassificationTask, StepOutput
+from pillsnap.engine import ClassificationTask, DetectionTask, StepOutput
 from pillsnap.engine.callbacks import Callback, CallbackList
 from pillsnap.engine.loop import EpochRunner, RunState
 
@@ -15,6 +15,7 @@ class FakeTask:
 
     def __init__(self, name: str, steps: int) -> None:
         self.name, self.steps, self.calls = name, steps, 0
+        self.spec = {"detection": DetectionTask.spec, "classification": ClassificationTask.spec}[name]
         self.train_loader = list(range(steps + 5))
 
     def steps_per_epoch(self) -> int:

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from pillsnap.engine.callbacks import format_train_line
+from pillsnap.engine.classification import ClassificationTask
+from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_reached, time_cap_success
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import FakeOOM, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import warmup_cosine_factor
+from pillsnap.engine.spec import TaskSpec, interleave_shares
 
 OOM_CFG = {"max_retries": 4, "max_grad_accum": 8, "min_batch": 1, "cooldown_sec": 0, "escalate_to_fp16": True}
 LINE = re.compile(r"^\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
@@ -150,9 +153,17 @@ def test_time_cap_rule_needs_permission_samples_and_classes():
     assert time_cap_reached(3600.0, 1.0) and not time_cap_reached(3599.0, 1.0) and not time_cap_reached(1e9, None)
 
 
+SPECS = [DetectionTask.spec, ClassificationTask.spec]
+
+
+def two_task_schedule(det: int, cls: int, ratio: tuple[int, int]) -> list[str]:
+    shares = interleave_shares(SPECS, list(ratio))
+    return list(interleave_schedule({"detection": det, "classification": cls}, shares))
+
+
 @pytest.mark.parametrize(("ratio", "det", "cls"), [((1, 1), 10, 10), ((1, 3), 5, 20), ((2, 1), 7, 3), ((0, 1), 0, 4)])
 def test_interleave_schedule_respects_ratio_and_counts(ratio, det, cls):
-    names = list(interleave_schedule(det, cls, ratio))
+    names = two_task_schedule(det, cls, ratio)
     assert Counter(names) == Counter({"detection": det, "classification": cls}) - Counter()
     d, c = ratio
     # While both tasks have steps left, position step % (d + c) < d is detection.
@@ -161,11 +172,21 @@ def test_interleave_schedule_respects_ratio_and_counts(ratio, det, cls):
 
 
 def test_interleave_schedule_lets_the_remaining_task_finish_and_rejects_bad_ratios():
-    assert list(interleave_schedule(1, 3, (1, 1))) == ["detection", "classification", "classification",
-                                                         "classification"]
-    assert list(interleave_schedule(2, 0, (1, 1))) == ["detection", "detection"]
+    assert two_task_schedule(1, 3, (1, 1)) == ["detection", "classification", "classification", "classification"]
+    assert two_task_schedule(2, 0, (1, 1)) == ["detection", "detection"]
+    assert two_task_schedule(2, 1, (0, 1)) == ["classification", "detection", "detection"]  # a zero share: the tail
     with pytest.raises(ValueError, match="interleave_ratio"):
-        list(interleave_schedule(1, 1, (0, 0)))
+        interleave_shares(SPECS, [0, 0])
+    with pytest.raises(ValueError, match="interleave_ratio"):
+        interleave_shares(SPECS, [1])
+
+
+def test_interleave_schedule_takes_a_task_the_ratio_does_not_name():
+    shares = interleave_shares([*SPECS, TaskSpec("regression")], [2, 1])
+    assert list(shares) == ["detection", "classification", "regression"] and shares["regression"] == 1
+    names = list(interleave_schedule({"classification": 3, "detection": 4, "regression": 2}, shares))
+    assert names == ["detection", "detection", "classification", "regression", "detection", "detection",
+                     "classification", "regression", "classification"]
 
 
 def test_warmup_cosine_schedule_shape():

@@ -11,7 +11,8 @@ from test_stage_eval import run_cfg
 
 from pillsnap.cli import main as cli_main
 from pillsnap.data import load_manifest
-from pillsnap.eval.calibration import CALIBRATION_FILE, FEATURES_FILE, calibrate_classifier, load_calibration
+from pillsnap.eval.calibration import calibrate_classifier
+from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calibration
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.train import train
 
@@ -30,7 +31,7 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     assert 0.05 <= stored["temperature"] <= 20 and stored["unknown_rule"] == "feature_distance"
     thresholds = stored["unknown_thresholds"]
     assert 0 <= thresholds["probability"] <= 1 and thresholds["feature_distance"] > 0
-    assert stored["unknown_threshold"] == thresholds["feature_distance"]
+    assert "unknown_threshold" not in stored  # the one-threshold format of older runs is read, no longer written
     assert (exp / "checkpoints" / FEATURES_FILE).is_file()
     assert report["nll_after"] <= report["nll_before"] + 1e-9  # fit on these very photos: never worse
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
@@ -60,6 +61,24 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     assert cli_main(["calibrate", "--exp", str(exp), "inference.unknown_rule=entropy"]) == 2  # one line, no traceback
 
     again = calibrate_classifier(cfg, exp, keep_correct=0.0)  # 0 turns the unknown answer off
-    assert again["unknown_threshold"] is None and again["unknown_eval"]["unknown_rejected"] == 0.0
+    assert again["unknown_thresholds"] == {"probability": None, "feature_distance": None}
+    assert again["unknown_eval"]["unknown_rejected"] == 0.0
     (exp / "checkpoints" / "classification_best.pt").write_bytes(b"other weights")
     assert load_calibration(exp / "checkpoints", exp / "checkpoints" / "classification_best.pt") is None
+
+
+def test_held_out_sample_is_bounded_and_spread_over_classes(synth_cfg, monkeypatch):
+    """The unknown-pill rules are measured on a bounded sample of held-out crops, every held-out class in it: at
+    Stage 1 of the real data the classes outside the stage have ~490,000 single-pill photos."""
+    from pillsnap.eval import calibration
+
+    rows = load_manifest(synth_cfg.paths.manifest_dir)
+    singles = rows[rows["image_type"] == "single"]
+    known = set(sorted(singles["mapping_code"].unique())[:2])
+    held_out = singles[~singles["mapping_code"].isin(known)]
+    monkeypatch.setattr(calibration, "HELD_OUT_CROPS", held_out["mapping_code"].nunique() * 2)
+    loader = calibration._held_out_loader(synth_cfg, known)
+    codes = [r.mapping_code for r in loader.dataset.rows]
+    assert len(codes) == calibration.HELD_OUT_CROPS < len(held_out)
+    assert set(codes) == set(held_out["mapping_code"]) and not set(codes) & known
+    assert all(codes.count(code) == 2 for code in set(codes))

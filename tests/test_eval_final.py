@@ -44,3 +44,15 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg):
 def test_final_evaluation_needs_a_trained_model(synth_cfg):
     with pytest.raises(FileNotFoundError, match="classification_best.pt"):
         final_test_evaluation(synth_cfg)
+
+
+def test_the_goals_are_the_criteria_targets():
+    """The final verdict is judged against eval/criteria.py's BUSINESS_GOALS, the one home of the targets."""
+    from pillsnap.eval import final
+    from pillsnap.eval.criteria import BUSINESS_GOALS
+
+    assert not hasattr(final, "BUSINESS_GOALS") or final.BUSINESS_GOALS is BUSINESS_GOALS  # not a second copy
+    goals = final._goals({"classification": {"macro_f1": 0.95}, "detection": {"mAP@0.5": 0.5}})
+    assert set(goals) - {"overall_target_met"} == set(BUSINESS_GOALS)
+    assert goals["classification.macro_f1"]["met"] is True and goals["detection.mAP@0.5"]["met"] is False
+    assert goals["overall_target_met"] is False and goals["detection.mAP@0.5"]["target"] == 0.85

@@ -5,13 +5,14 @@ import math
 
 import pytest
 
-from pillsnap.eval.criteria import STAGES, Target, stage_criteria
+from pillsnap.eval.criteria import ADVISOR, BUSINESS_GOALS, STAGES, StageCriteria, Target, stage_criteria
 from pillsnap.eval.gates import (
     calculate_performance_score,
     evaluate_and_recommend,
     metric,
     simple_stage_evaluation,
     stage_decision,
+    verdict_line,
 )
 
 STAGE1_CHECKS = {c: True for c in STAGES[1].mandatory_checks}
@@ -46,6 +47,8 @@ def test_all_checks_pass_and_the_stage_is_go():
     ({"class_coverage": 0.1}, "COVERAGE_TOO_LOW"),
     ({"classification": {"acc": 0.70}}, "ACC_BELOW_TARGET"),
     ({"no_crashes": False}, "CRASH_DETECTED"),
+    ({"run_status": "interrupted"}, "RUN_NOT_FINISHED"),
+    ({"run_status": "running"}, "RUN_NOT_FINISHED"),
     ({"memory_stable": False}, "MEMORY_UNSTABLE"),
 ])
 def test_each_gate_reason(change, reason):
@@ -121,7 +124,10 @@ def test_a_time_capped_stage_1_meeting_the_rule_is_go_on_its_own_checks():
     capped = with_(PASSING, classification={"acc": 0.1}, n_eval_samples=5, time_cap={"success": True})
     decision = stage_decision(1, capped)
     assert decision["status"] == "GO" and "time cap" in decision["rule"]
-    assert "ACC_BELOW_TARGET" in decision["reasons"]  # still reported
+    assert decision["recommendation"] == "RECOMMEND_PROCEED" and decision["reason"] == "time_cap_rule"
+    assert "ACC_BELOW_TARGET" in decision["go_no_go"]["reasons"]  # still reported, with the figures
+    assert any(r.startswith("ACC_BELOW_TARGET: classification.acc 0.1 ") for r in decision["reasons"])
+    assert stage_decision(1, with_(capped, nan_loss=True))["status"] == "NO_GO"  # a critical failure still stops
     failed_load = with_(capped, mandatory_checks={**STAGE1_CHECKS, "classification_model_loading": False})
     assert stage_decision(1, failed_load)["status"] == "NO_GO"
     assert stage_decision(2, with_(capped, mandatory_checks={}))["status"] == "NO_GO"  # the rule is stage 1's
@@ -132,3 +138,135 @@ def test_every_stage_has_checks_and_targets_as_data():
         criteria = stage_criteria(stage)
         assert len(criteria.mandatory_checks) == 4 and criteria.targets
         assert all("." in t.path and not math.isnan(t.threshold) for t in criteria.targets)
+
+
+# ---- device-aware targets, one verdict, reasons with their numbers ------------------------------------------------
+ON_CPU = with_(PASSING, device="cpu", latency_p95_ms=806.0,
+               classification={"inference_time_ms": 7.6}, detection={"inference_time_ms": 120.0})
+
+
+def test_a_cpu_run_with_gpu_targets_reports_latency_as_not_comparable_and_passes_the_gate():
+    go, reasons = simple_stage_evaluation(1, ON_CPU)
+    assert go and reasons == []
+    decision = stage_decision(1, ON_CPU)
+    assert decision["status"] == "GO" and decision["recommendation"] == "RECOMMEND_PROCEED"
+    notes = {n["path"]: n for n in decision["not_comparable"]}
+    assert notes["latency_p95_ms"] == {"path": "latency_p95_ms", "value": 806.0, "threshold": 220,
+                                       "target_device": "cuda", "device": "cpu"}
+    assert notes["detection.inference_time_ms"]["value"] == 120.0 and notes["detection.inference_time_ms"][
+        "device"] == "cpu"
+    # Neither scored nor "unmeasured": reported apart, with the figure and the device.
+    assert "detection.inference_time_ms" not in decision["advisor"]["unmeasured"]
+    assert not any("inference_time_ms" in r for r in decision["reasons"])
+    on_gpu = with_(ON_CPU, device="cuda:0")
+    assert simple_stage_evaluation(1, on_gpu) == (False, ["LATENCY_P95_TOO_HIGH"])
+    assert stage_decision(1, on_gpu)["status"] == "NO_GO"
+
+
+def test_a_cpu_run_still_fails_on_accuracy():
+    short = with_(ON_CPU, classification={"acc": 0.70})
+    decision = stage_decision(1, short)
+    assert decision["status"] == "NO_GO"
+    assert "ACC_BELOW_TARGET: classification.acc 0.7 (target >= 0.78, 0.778 with hysteresis)" in decision["reasons"]
+
+
+def test_the_same_checkpoints_on_a_loaded_machine_get_the_same_decision():
+    # The figures of two real CPU evaluations of the same checkpoints, idle and under load.
+    idle = with_(ON_CPU, latency_p95_ms=806.0, classification={"inference_time_ms": 7.6})
+    busy = with_(ON_CPU, latency_p95_ms=4398.0, classification={"inference_time_ms": 93.0})
+    first, second = stage_decision(1, idle), stage_decision(1, busy)
+    keys = ("status", "recommendation", "reason", "action", "reasons")
+    assert [first[k] for k in keys] == [second[k] for k in keys]
+    assert first["advisor"]["performance_score"] == second["advisor"]["performance_score"]
+
+
+def test_a_failed_gate_turns_proceed_into_optimize_with_what_to_change():
+    few = with_(PASSING, n_eval_samples=500)
+    assert evaluate_and_recommend(1, few)["recommendation"] == "RECOMMEND_PROCEED"  # the score alone
+    decision = stage_decision(1, few)
+    assert decision["status"] == "NO_GO" and decision["recommendation"] == "SUGGEST_OPTIMIZE"
+    assert decision["reason"] == "go_no_go_failed" and decision["advisor"]["recommendation"] == "SUGGEST_OPTIMIZE"
+    assert decision["advisor"]["score_recommendation"] == "RECOMMEND_PROCEED"
+    assert decision["reasons"] == ["NOT_ENOUGH_SAMPLES: 500 validation samples evaluated (need >= 2000, the design "
+                                   "asks 2000)"]
+    assert "data.val_ratio" in decision["suggestions"][0] and "data.val_ratio" in decision["action"]
+    assert decision["advisor"]["user_options"][0] == "[1] Apply the suggestions and retry"
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"n_eval_samples": 10}, {"classification": {"acc": 0.3}}, {"detection": {"mAP@0.5": 0.0}},
+    {"nan_loss": True}, {"time_cap": {"success": True}, "classification": {"acc": 0.1}},
+    {"mandatory_checks": {**STAGE1_CHECKS, "onnx_conversion_success": False}}, {"device": "cpu"},
+    {"classification": {"acc": 0.79}, "detection": {"mAP@0.5": 0.2}},
+])
+def test_one_verdict_everywhere(change):
+    decision = stage_decision(1, with_(PASSING, **change))
+    go = decision["status"] == "GO"
+    assert go == (decision["recommendation"] == "RECOMMEND_PROCEED") == (decision["advisor"]["recommendation"]
+                                                                         == "RECOMMEND_PROCEED")
+    assert decision["action"].startswith("proceed to stage 2") == go
+    if not go:
+        assert decision["suggestions"] and decision["suggestions"][0] in decision["action"]
+    assert verdict_line(decision) == (f"stage 1 decision {decision['status']} ({decision['recommendation']}); "
+                                      f"next step: {decision['action']}")
+
+
+def test_suggest_optimize_always_names_what_to_change():
+    # Only a target with no knob of its own is short: the verdict still says what to change.
+    odd = {"classification": {"acc": 0.95, "macro_f1": 0.9, "top5": 0.99, "per_class_min_acc": 0.9},
+           "production": {"api_uptime": 0.5}, "detection": {"mAP@0.5": 0.9},
+           "mandatory_checks": {"full_dataset_processing": True}}
+    decision = stage_decision(4, odd)
+    assert decision["recommendation"] == "SUGGEST_OPTIMIZE" and decision["suggestions"]
+
+
+def test_a_real_stage_1_split_can_meet_the_sample_floor():
+    # 5,000 stage-1 photos with 15 % held out give ~750 validation crops, never the design's 2,000: every crop of the
+    # split must then be evaluated, and fewer still fails.
+    whole = with_(PASSING, n_eval_samples=812, n_eval_available=812)
+    assert simple_stage_evaluation(1, whole) == (True, [])
+    part = with_(PASSING, n_eval_samples=700, n_eval_available=812)
+    assert simple_stage_evaluation(1, part) == (False, ["NOT_ENOUGH_SAMPLES"])
+    assert "need >= 812" in stage_decision(1, part)["reasons"][0]
+    big = with_(PASSING, n_eval_samples=2500, n_eval_available=9000)
+    assert simple_stage_evaluation(1, big)[0]  # a large split: the design's 2,000 is the floor
+
+
+def test_stage_3_follows_its_own_detection_floor():
+    stage3 = {"classification": {"acc": 0.86, "macro_f1": 0.75, "top5": 0.95, "per_class_min_f1": 0.4},
+              "detection": {"mAP@0.5": 0.35, "mAP@0.5:0.95": 0.2, "recall": 0.6, "precision": 0.6},
+              "scalability": {"multi_batch_size": 64}, "mandatory_checks": {c: True for c in
+                                                                             STAGES[3].mandatory_checks},
+              "latency_p95_ms": 120, "n_eval_samples": 18525, "class_coverage": 0.9, "no_crashes": True,
+              "memory_stable": True, "device": "cuda:0"}
+    decision = stage_decision(3, stage3)
+    assert decision["status"] == "GO", decision["reasons"]
+    assert "TARGET_NOT_MET: detection.mAP@0.5:0.95 0.2 (target >= 0.5)" in decision["reasons"]  # still on record
+    assert stage_decision(3, with_(stage3, detection={"mAP@0.5": 0.1}))["status"] == "NO_GO"
+
+
+def test_criteria_are_built_by_keyword_and_the_advisor_numbers_live_with_them():
+    with pytest.raises(TypeError):
+        StageCriteria(0.78, 220, 0.2, 2000, 0.02, 0.002, (), ())  # type: ignore[misc]
+    assert ADVISOR.max_oom_recoveries == 5 and ADVISOR.gpu_memory_high_gb == 14
+    at_limit = with_(PASSING, repeated_oom=ADVISOR.max_oom_recoveries)
+    assert evaluate_and_recommend(1, at_limit)["recommendation"] != "CRITICAL_FAILURE"
+    assert BUSINESS_GOALS == {"classification.macro_f1": 0.92, "detection.mAP@0.5": 0.85}
+    hot = with_(PASSING, system={"gpu_memory_gb": ADVISOR.gpu_memory_high_gb + 1})
+    assert any("batch_size" in s for s in evaluate_and_recommend(1, hot)["suggestions"])
+
+
+def test_figures_the_training_run_recorded_are_judged_on_its_device():
+    """Throughput and batch size come from the training stream: a GPU run evaluated on a CPU box keeps them
+    comparable, and a CPU run evaluated where CUDA exists does not hold its CPU throughput to a GPU target."""
+    from pillsnap.eval.gates import not_comparable, performance_ratios
+
+    stage = next(s for s in (1, 2, 3, 4) if any(t.path == "optimization.throughput_img_s" and t.device
+                                                 for t in stage_criteria(s).targets))
+    gpu_trained = with_(ON_CPU, training_device="cuda:0", optimization={"throughput_img_s": 1.0})
+    assert "optimization.throughput_img_s" in performance_ratios(gpu_trained, stage)
+    assert "optimization.throughput_img_s" not in {n["path"] for n in not_comparable(gpu_trained, stage)}
+    cpu_trained = with_(ON_CPU, device="cuda:0", training_device="cpu", optimization={"throughput_img_s": 1.0})
+    assert "optimization.throughput_img_s" not in performance_ratios(cpu_trained, stage)
+    note = next(n for n in not_comparable(cpu_trained, stage) if n["path"] == "optimization.throughput_img_s")
+    assert note["device"] == "cpu"

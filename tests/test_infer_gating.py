@@ -62,13 +62,36 @@ def test_gating_score_without_single_confidence() -> None:
 
 
 def test_hard_case_conditions() -> None:
-    assert hard_case_reasons("single", "single", 0.2, 1) == ["low_single_confidence"]
-    assert hard_case_reasons("single", "single", 0.9, 1) == []
-    assert hard_case_reasons("auto", "combo", 0.9, 3) == ["auto_fallback_to_combo"]
-    assert hard_case_reasons("auto", "combo", 0.4, 1) == ["auto_fallback_to_combo", "misroute_suspected"]
-    assert hard_case_reasons("combo", "combo", None, 0) == ["no_pill_found"]
-    assert hard_case_reasons("auto", "single", 0.29, 1, single_conf_below=0.3) == ["low_single_confidence"]
+    pill = {"unknown": False, "imprint_unresolved": False, "hints_conflict": False}
+    confident, unsure = decide_route("single", 0.9, None, threshold=0.5), decide_route("single", 0.2, None, 0.5)
+    assert hard_case_reasons(confident, [pill]) == []
+    assert hard_case_reasons(unsure, [pill]) == ["low_single_confidence"]
+    assert hard_case_reasons(decide_route("auto", 0.29, 1, 0.5, True), [pill], single_conf_below=0.3) == \
+        ["low_single_confidence"]
     disagree = decide_route("auto", 0.9, 1, threshold=0.5, detector_agrees=False)
-    assert hard_case_reasons("auto", "combo", 0.9, 1, decision=disagree)[0] == "detector_disagrees"
+    assert hard_case_reasons(disagree, [pill]) == ["detector_disagrees"]
     nothing = decide_route("auto", 0.9, 0, threshold=0.5)
-    assert hard_case_reasons("auto", "single", 0.9, 1, decision=nothing) == ["no_pill_detected"]
+    assert hard_case_reasons(nothing, [pill]) == ["no_pill_detected"]
+    assert hard_case_reasons(decide_route("combo", None, 0, threshold=0.5), []) == ["no_pill_detected"]
+
+
+def test_routine_routing_is_not_a_hard_case() -> None:
+    """A photo of several pills going to combo is what auto is for: it used to be logged (with its upload kept)
+    as auto_fallback_to_combo, 306 of 419 records in one session."""
+    pills = [{"unknown": False, "imprint_unresolved": False, "hints_conflict": False}] * 3
+    for mode in ("auto", "combo"):
+        for confidence in (0.95, 0.1):  # the whole-photo confidence means nothing for a photo of several pills
+            assert hard_case_reasons(decide_route(mode, confidence, 3, threshold=0.5), pills) == []
+    no_detector = decide_route("auto", 0.9, None, threshold=0.5)
+    assert no_detector.flags == ("detector_unavailable",) and hard_case_reasons(no_detector, pills[:1]) == []
+
+
+def test_a_pill_that_may_be_wrong_makes_a_hard_case() -> None:
+    routine = decide_route("auto", 0.9, 3, threshold=0.5)
+    plain = {"unknown": False, "imprint_unresolved": False, "hints_conflict": False}
+    for field, reason in (("unknown", "unknown_pill"), ("imprint_unresolved", "imprint_unresolved"),
+                          ("hints_conflict", "hints_conflict")):
+        assert hard_case_reasons(routine, [plain, {**plain, field: True}, plain]) == [reason]
+    odd = {"unknown": True, "imprint_unresolved": False, "hints_conflict": True}
+    assert hard_case_reasons(decide_route("auto", 0.9, 0, threshold=0.5), [odd]) == \
+        ["no_pill_detected", "unknown_pill", "hints_conflict"]

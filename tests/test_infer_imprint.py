@@ -16,12 +16,12 @@ from pillsnap.infer.imprint import (
     ImprintRead,
     ImprintReader,
     central_band,
-    foreground_mask,
     get_models,
     principal_axis,
     text_lines,
     turn,
 )
+from pillsnap.infer.preprocess import locate_pill, pill_mask
 
 BACKDROP, PILL, INK, MARK = (90, 100, 140), (240, 238, 230), (40, 40, 40), (230, 30, 30)
 
@@ -70,14 +70,37 @@ class FakeModels:
 @pytest.mark.parametrize("angle", [0, 35, 90, 150, 220, 300])
 def test_principal_axis_of_a_turned_pill(angle):
     rgb = np.asarray(_pill_crop(angle))
-    axis, elongation = principal_axis(foreground_mask(rgb))
+    axis, elongation = principal_axis(pill_mask(rgb))
     assert abs((axis - angle + 90) % 180 - 90) < 3 and elongation > 1.7
 
 
-def test_foreground_mask_finds_the_pill_not_the_backdrop():
-    mask = foreground_mask(np.asarray(_pill_crop(20)))
+def test_pill_mask_finds_the_pill_not_the_backdrop():
+    mask = pill_mask(np.asarray(_pill_crop(20)))
     area = math.pi * 80 * 40
     assert abs(mask.sum() - area) / area < 0.1 and not mask[:5].any()
+
+
+def lamp_falloff(image: Image.Image, levels: float) -> np.ndarray:
+    """The backdrop darkened by up to `levels` from left to right, as a lamp to one side lights it."""
+    rgb = np.asarray(image).astype(np.float32)
+    backdrop = (rgb == np.asarray(BACKDROP, np.float32)).all(-1, keepdims=True)
+    ramp = np.linspace(0.0, levels, rgb.shape[1], dtype=np.float32)[None, :, None]
+    return np.where(backdrop, rgb - ramp, rgb).clip(0, 255).astype(np.uint8)
+
+
+def test_one_segmentation_for_crops_and_photos_follows_the_lamps_falloff():
+    """The reader's crops and single mode's whole photos go through the same pill_mask. On a photo, where the
+    pill is small, a backdrop that darkens by 40 levels across (a lamp's falloff) is not a pill: measured from one
+    flat backdrop colour its far side would be, and the located box would stretch across the photo."""
+    photo = Image.new("RGB", (640, 480), BACKDROP)
+    photo.paste(_pill_crop(0, size=200), (220, 140))  # the crop's own backdrop is the photo's
+    lit = lamp_falloff(photo, 40.0)
+    area = math.pi * 80 * 40
+    assert abs(pill_mask(lit).sum() - area) / area < 0.1
+    x, y, w, h = locate_pill(Image.fromarray(lit))
+    assert abs(w - 160) < 12 and abs(h - 80) < 12 and abs(x + w / 2 - 320) < 8
+    crop = pill_mask(lamp_falloff(_pill_crop(20), 40.0))  # and on a crop: the darkened side is no pill either
+    assert not crop[:, -30:].any() and not crop[:, :30].any() and abs(crop.sum() - area) / area < 0.15
 
 
 def test_text_lines_top_to_bottom_and_joined_across_thin_gaps():
@@ -95,7 +118,7 @@ def test_text_lines_top_to_bottom_and_joined_across_thin_gaps():
 def test_turn_and_central_band():
     image = np.zeros((40, 100, 3), dtype=np.uint8)
     assert turn(image, 90).shape == (100, 40, 3)
-    pill = foreground_mask(np.asarray(_pill_crop(0)))
+    pill = pill_mask(np.asarray(_pill_crop(0)))
     band = central_band(pill, 0.0)
     assert band.any() and (band & ~pill).sum() < 0.05 * band.sum()
 
@@ -167,7 +190,8 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
     scale reads worse; see bench/bench_imprint.py). Measured here: 16 of 16 told apart, and 12 of the 16
     classifier errors fixed; on 64 crops (8 pairs x 4 azimuths) 63 and 53 (83 %). The bars: 12 of 16 has a 4 %
     chance under guessing (1 in 2); without a read, rerank fixes none."""
-    from pillsnap.infer.matching import class_imprint_similarity, rerank
+    from pillsnap.infer.answer import rerank
+    from pillsnap.infer.matching import class_imprint_similarity
 
     pytest.importorskip("rapidocr_onnxruntime")  # not installed on Python 3.13+ (no wheel)
     reader = ImprintReader()

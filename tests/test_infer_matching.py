@@ -8,23 +8,23 @@ import random
 import pytest
 from conftest import REAL_LABELS
 
+from pillsnap.data.aihub import COLORS, SHAPES
+from pillsnap.infer.answer import THRESHOLDS, rerank, should_read_imprint
 from pillsnap.infer.matching import (
+    _COLOR_WORDS,
+    _SHAPE_WORDS,
     COLOR_SYNONYMS,
-    IMPRINT_ACCEPT,
     SHAPE_SYNONYMS,
     Hints,
-    RerankWeights,
     candidate_imprints,
     class_imprint_similarity,
     imprint_similarity,
     normalize_imprint,
     parse_colors,
     parse_shape,
-    rerank,
-    should_read_imprint,
 )
 
-FLOOR = RerankWeights().imprint_floor
+FLOOR, IMPRINT_ACCEPT = THRESHOLDS.imprint_floor, THRESHOLDS.imprint_accept
 CLASS_MAP = {  # two look-alike twins (same shape and colour, different imprint) and a third pill
     "K-000001": {"print_front": "BSP", "print_back": "5", "colors": ["하양"], "shape": "장방형"},
     "K-000002": {"print_front": "DGTH", "print_back": "", "colors": ["하양"], "shape": "장방형"},
@@ -102,6 +102,12 @@ def test_unknown_hint_words_name_the_vocabulary():
         parse_colors("plaid")
     with pytest.raises(ValueError, match="unknown shape 'star'.*원형"):
         parse_shape("star")
+
+
+def test_the_hint_vocabulary_is_the_label_vocabulary():
+    """One home for the label words (pillsnap.data.aihub): the hint tables add people's words, never a value."""
+    assert tuple(COLOR_SYNONYMS) == COLORS and tuple(SHAPE_SYNONYMS) == SHAPES
+    assert set(_COLOR_WORDS) <= set(COLORS) and set(_SHAPE_WORDS) <= set(SHAPES)
 
 
 def test_label_vocabulary_parses_to_itself():

@@ -79,20 +79,25 @@ def test_single_mode_answers_one_pill_with_topk(predictor: Predictor, tmp_path: 
     assert predictor._detector is None  # lazy: single mode never loads the detector
 
 
-def test_auto_multi_object_hint_routes_to_combo_and_logs_hard_case(predictor: Predictor, tmp_path: Path,
-                                                                    monkeypatch) -> None:
+def _records(predictor: Predictor) -> int:
+    log = predictor.hard_cases.path_for_today()
+    return len(log.read_text(encoding="utf-8").splitlines()) if log.exists() else 0
+
+
+def test_auto_multi_object_hint_routes_to_combo_without_a_hard_case(predictor: Predictor, tmp_path: Path,
+                                                                     monkeypatch) -> None:
     photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
     boxes = np.array([[70, 100, 30, 24, 0.9], [10, 10, 30, 24, 0.8]], dtype=float)
     monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
     predictor.settings.single_confidence_threshold = 0.0  # whatever the classifier says, it is "confident"
+    before = _records(predictor)
     result = predictor.predict(photo, mode="auto")
     assert (result["mode_used"], result["fallback_reason"]) == ("combo", "multi_object_hint")
     assert [p["bbox"] for p in result["pills"]] == [[70, 100, 30, 24], [10, 10, 30, 24]]
     assert [p["det_confidence"] for p in result["pills"]] == [0.9, 0.8]
-    assert result["hard_case"] == ["auto_fallback_to_combo"]
-    log = predictor.hard_cases.path_for_today()
-    record = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
-    assert record["reasons"] == ["auto_fallback_to_combo"] and len(record["pills"]) == 2
+    # Routine routing, and no pill that may be wrong (no unknown rule here, no imprint read): not a hard case.
+    assert not any(p["unknown"] or p["imprint_unresolved"] for p in result["pills"])
+    assert result["hard_case"] == [] and _records(predictor) == before
 
 
 def test_auto_consults_the_real_detector_on_every_photo(predictor: Predictor, tmp_path: Path) -> None:
@@ -138,7 +143,16 @@ def test_combo_without_detector_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="combo mode needs one"):
         predictor.predict(photo, mode="combo")
     predictor.settings.single_confidence_threshold = 1.01
-    assert predictor.predict(photo, mode="auto")["mode_used"] == "single"  # auto degrades to single
+    result = predictor.predict(photo, mode="auto")
+    assert result["mode_used"] == "single" and result["flags"] == ["detector_unavailable"]  # auto degrades
+    assert predictor.predict(photo, mode="single")["flags"] == ["detector_unavailable"]
+
+
+def test_single_mode_with_a_detector_is_not_flagged_detector_unavailable(predictor: Predictor,
+                                                                         tmp_path: Path) -> None:
+    predictor.warm_up()  # the server loads every model before its first answer
+    result = predictor.predict(pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)]), mode="single")
+    assert predictor._detector is not None and result["num_detections"] is None and result["flags"] == []
 
 
 def test_bad_inputs_are_named(predictor: Predictor, tmp_path: Path) -> None:
@@ -250,9 +264,11 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     assert [c["mapping_code"] in CODES for c in stranger["topk"]] == [True] * 3
     ClassGaussians.fit(features[:10], np.arange(10) % 2).save(ckpts / "unknown_features.npz")  # not the one fit
     assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
+    from pillsnap.infer.imprint import ImprintRead
+
     class ReadButMatchedNothing:  # the evidence step read an imprint no candidate has
-        def apply(self, crop, topk, hints):
-            return topk, {"imprint_read": "HC078", "imprint_unresolved": True, "ranking_changed": False}
+        def read(self, crop, topk):
+            return ImprintRead("HC078", 0.9, 0.0, 0.01, True)
 
     predictor.evidence = ReadButMatchedNothing()
     stranger = predictor.predict(tmp_path / "m.png", mode="single")["pills"][0]
@@ -310,3 +326,32 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
     assert "photograph the other side" in lines[5]
     sure = {**result["pills"][1], "probability": 0.99997, "imprint_unresolved": False}
     assert "p=>0.999" in format_result({**result, "pills": [sure]})  # a posterior is never shown as certainty
+
+
+def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """Routing looks at the classifier alone: a photo routed to combo is not read as a whole first."""
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    boxes = np.array([[70, 100, 30, 24, 0.9], [10, 10, 30, 24, 0.8]], dtype=float)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+    predictor.settings.single_confidence_threshold = 0.0
+    crops = []
+
+    class CountingReader:
+        def read(self, crop, topk):
+            crops.append(crop.size)
+            return None
+
+    monkeypatch.setattr(predictor, "evidence", CountingReader())
+    result = predictor.predict(photo, mode="auto")
+    assert result["mode_used"] == "combo" and len(crops) == 2  # the two detected pills, not the whole photo
+    crops.clear()
+    assert predictor.predict(photo, mode="single")["num_pills"] == 1 and len(crops) == 1
+
+
+def test_predict_pipeline_defaults_come_from_the_config(predictor: Predictor, monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(predictor, "predict", lambda image, mode=None, conf_threshold=None: seen.update(
+        mode=mode, conf=conf_threshold) or {})
+    predict_pipeline(np.zeros((8, 8, 3), dtype=np.uint8), predictor=predictor)
+    assert seen == {"mode": None, "conf": None}  # None: the predictor takes inference.mode / conf_threshold

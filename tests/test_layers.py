@@ -4,8 +4,12 @@ Lowest first:
   0  pillsnap/_lazy.py, config/, utils/            (plain helpers, no model code)
   1  data/, models/, metrics/                      (data and models must not import each other)
   2  engine/                                       (training)
-  3  eval/, infer/                                 (runs over trained checkpoints)
-  4  serve/, monitor/, demo.py, train.py, cli.py   (entry points)
+  3  infer/                                        (the pipeline over trained checkpoints, and the files fit for it)
+  4  eval/                                         (measures the models and the pipeline: runs infer, never run by it)
+  5  serve/, monitor/, demo.py, train.py, cli.py   (entry points)
+
+No two packages may import each other either, even on one layer (data and models, say): a cycle between
+packages makes both one unit that can only be understood, tested and changed together.
 
 Every import counts, wherever it is written: module level, inside functions (lazy imports), under
 TYPE_CHECKING, `importlib.import_module("pillsnap....")` with a literal name, and the module names in the
@@ -32,14 +36,14 @@ LAYERS: dict[str, tuple[int, str]] = {
     "pillsnap.models": (1, "models"),
     "pillsnap.metrics": (1, "metrics"),
     "pillsnap.engine": (2, "engine"),
-    "pillsnap.eval": (3, "eval"),
     "pillsnap.infer": (3, "infer"),
-    "pillsnap.serve": (4, "serve"),
-    "pillsnap.monitor": (4, "monitor"),
-    "pillsnap.demo": (4, "demo"),
-    "pillsnap.train": (4, "train"),
-    "pillsnap.cli": (4, "cli"),
-    "pillsnap.__main__": (4, "cli"),  # `python -m pillsnap` runs the command line
+    "pillsnap.eval": (4, "eval"),
+    "pillsnap.serve": (5, "serve"),
+    "pillsnap.monitor": (5, "monitor"),
+    "pillsnap.demo": (5, "demo"),
+    "pillsnap.train": (5, "train"),
+    "pillsnap.cli": (5, "cli"),
+    "pillsnap.__main__": (5, "cli"),  # `python -m pillsnap` runs the command line
 }
 # Same-layer groups that must still not import each other (either direction).
 FORBIDDEN_PAIRS = {("data", "models"), ("models", "data")}
@@ -175,3 +179,41 @@ def test_export_tables_count_as_imports(tmp_path, monkeypatch) -> None:
     init.write_text('_EXPORTS = {"read_image": "pillsnap.data.datasets", "pillsnap.utils.io": ("x",)}\n')
     monkeypatch.setitem(globals(), "PACKAGE_DIR", tmp_path / "pillsnap")
     assert sorted(name for _, name in imported_modules(init)) == ["pillsnap.data.datasets", "pillsnap.utils.io"]
+
+
+def package_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Group -> the other groups it imports (the top-level package or module under pillsnap)."""
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        _, own = layer_of(module_name(path))
+        targets = {layer_of(target) for _, target in imported_modules(path)}
+        graph.setdefault(own, set()).update(group for _, group in filter(None, targets) if group != own)
+    return graph
+
+
+def package_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle between groups, each once, as the path that closes it (depth-first from each group)."""
+    cycles: set[tuple[str, ...]] = set()
+
+    def walk(path: list[str]) -> None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == path[0]:
+                start = path.index(min(path))
+                cycles.add(tuple(path[start:] + path[:start]))
+            elif nxt not in path:
+                walk([*path, nxt])
+
+    for group in sorted(graph):
+        walk([group])
+    return [[*cycle, cycle[0]] for cycle in sorted(cycles)]
+
+
+def test_no_cycle_between_packages() -> None:
+    cycles = package_cycles(package_graph(package_modules()))
+    assert not cycles, "packages that import each other: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_sees_a_cycle_through_three_packages() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert package_cycles(graph) == [["a", "b", "c", "a"]]
+    assert package_cycles({"a": {"b"}, "b": set()}) == []

@@ -1,4 +1,5 @@
-"""Classifier builder (timm, never downloading) and inference loading from training checkpoints."""
+"""Classifier builder (timm; pretrained weights fetched fast or not at all) and inference loading from training
+checkpoints."""
 
 from __future__ import annotations
 
@@ -50,6 +51,43 @@ def test_pretrained_weights_offline_fall_back_to_random_init_with_a_warning(monk
     model = build_classification_model("resnet18", 4, pretrained=True)
     assert model.get_classifier().out_features == 4
     assert "could not fetch pretrained resnet18 weights" in caplog.text and "model.weights_path" in caplog.text
+
+
+def test_pretrained_is_the_default():
+    from pillsnap.config import load_config
+
+    assert load_config(None, dotenv_path=None).model.pretrained is True
+
+
+@pytest.fixture
+def silent_hub(monkeypatch, tmp_path):
+    """A hub that accepts connections and never answers (a blocked network), an empty weights cache, and the
+    offline switch off: the case where a download would otherwise wait on its timeouts."""
+    import socket
+
+    import huggingface_hub.constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    yield
+    server.close()
+
+
+def test_pretrained_with_the_hub_unreachable_starts_at_once_from_random_init(silent_hub, caplog):
+    import time
+
+    start = time.perf_counter()
+    model = build_classification_model("resnet18", 4, pretrained=True)
+    elapsed = time.perf_counter() - start
+    assert model.get_classifier().out_features == 4
+    assert elapsed < 7.0, f"waited {elapsed:.1f} s on an unreachable hub"
+    assert "could not fetch pretrained resnet18 weights (offline: http://127.0.0.1:" in caplog.text
+    assert "training from random init" in caplog.text
 
 
 def test_a_local_weights_file_that_does_not_fit_is_named(tmp_path):

@@ -20,7 +20,7 @@ from pillsnap.monitor.live import LiveRun
 from pillsnap.monitor.state import MonitorState, Table
 from pillsnap.monitor.stream import StreamFollower, read_new_records
 from pillsnap.monitor.system import SystemProbe, nvml_reader, smi_reader
-from pillsnap.monitor.terminal import render
+from pillsnap.monitor.terminal import render, title
 
 
 def write(path, *records, tail=""):
@@ -208,7 +208,7 @@ def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_pat
     assert live.snapshot()["evaluation"] is None
     evaluation = tmp_path / "reports" / "stage_3_evaluation.json"
     evaluation.write_text(json.dumps({"stage": 3, "status": "GO", "recommendation": "RECOMMEND_PROCEED",
-                                      "reasons": ["all mandatory checks passed"]}))
+                                      "reasons": ["all mandatory checks passed"], "results": {"device": "cpu"}}))
     os.utime(evaluation, (200, 200))
     version = live.state.version
     assert live.refresh() > version
@@ -217,7 +217,8 @@ def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_pat
     live.refresh()
     shown = live.snapshot()["evaluation"]
     assert shown["status"] == "NO_GO" and shown["reasons"] == []  # the stream's record is newer...
-    assert shown["recommendation"] == "RECOMMEND_PROCEED"  # ...and the file fills in what it lacks
+    assert shown["results"] == {"device": "cpu"}  # ...the file fills in the details it lacks...
+    assert "recommendation" not in shown  # ...but never half a verdict: no "proceed" from the older evaluation
     os.utime(evaluation, (400, 400))  # `pillsnap evaluate` rewrote the file later
     live.refresh()
     assert live.snapshot()["evaluation"]["status"] == "GO"
@@ -282,6 +283,8 @@ def test_terminal_table_shows_each_task(tmp_path):
     assert "classification" in text and "0.25" in text and "acc=0.750" in text and "Go/No-Go pending" in text
     console.print(render({**MonitorState().snapshot(), "exp": "exp"}))
     assert "waiting for the first step" in console.export_text()
+    decided = {**snap, "evaluation": {"status": "NO_GO", "recommendation": "SUGGEST_OPTIMIZE"}}
+    assert "Go/No-Go NO_GO (SUGGEST_OPTIMIZE)" in title(decided)
 
 
 def test_cpu_percent_is_measured_between_samples_whatever_thread_takes_them(tmp_path, monkeypatch):

@@ -103,9 +103,18 @@ def test_page_connects_and_shows_an_appended_value(dashboard, page):
     page.wait_for_function("document.querySelector('#kpi-classification-acc')?.textContent === '67.9 %'",
                            timeout=WAIT_MS)
     append(stream, {"type": "stage_evaluation", "time": now + 3, "stage": 2, "status": "NO_GO",
-                    "recommendation": "RECOMMEND_OPTIMIZE", "reasons": ["accuracy 0.68 below the target 0.80"]})
+                    "recommendation": "SUGGEST_OPTIMIZE", "action": "optimise and retrain stage 2: raise train.epochs",
+                    "reasons": ["ACC_BELOW_TARGET: classification.acc 0.68 (target >= 0.82)"],
+                    "suggestions": ["raise train.epochs"],
+                    "not_comparable": [{"path": "latency_p95_ms", "value": 806.0, "threshold": 220,
+                                        "target_device": "cuda", "device": "cpu"}]})
     page.wait_for_function("document.querySelector('#gonogo').textContent === 'NO-GO'", timeout=WAIT_MS)
-    assert "accuracy 0.68 below the target 0.80" in page.inner_text("#evaluation")
+    shown = page.inner_text("#evaluation")
+    assert "ACC_BELOW_TARGET: classification.acc 0.68 (target >= 0.82)" in shown
+    # One verdict: the badge, the recommendation under it and the next step agree.
+    assert page.inner_text("#gonogo-sub") == "suggest optimize"
+    assert "Next step: optimise and retrain stage 2: raise train.epochs" in shown
+    assert "latency_p95_ms 806 on cpu (the target 220 is for cuda)" in shown
 
 
 def test_page_survives_the_stream_being_replaced(dashboard, page):

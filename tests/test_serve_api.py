@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pillsnap.config import ConfigError, load_config
+from pillsnap.infer.hard_cases import KeptFiles
 from pillsnap.serve.app import create_app
 from pillsnap.serve.auth import KeyChecker, resolve_api_key
 from pillsnap.serve.service import PredictionService
@@ -68,7 +69,7 @@ def photo(name: str = "a.png", data: bytes | None = None) -> dict:
 def make_app(predictor: FakePredictor | None = None, api_key: str | None = "k", ready: bool = True,
              uploads_dir: Path | None = None, **settings):
     predictor = predictor or FakePredictor()
-    service = PredictionService(lambda: predictor, ImageLimits(min_side=32), uploads_dir)
+    service = PredictionService(lambda: predictor, ImageLimits(min_side=32), uploads_dir and KeptFiles(uploads_dir))
     if ready:
         service.setup()
     return create_app(service, ServeSettings(**settings), api_key=api_key)
@@ -140,6 +141,25 @@ def test_batch_answers_each_file_and_isolates_bad_ones(fake) -> None:
     assert [(r.get("status"), r.get("error")) for r in results[1:]] == [
         (400, "image_unreadable"), (422, "image_too_small"), (400, "empty_upload")]
     assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"
+
+
+class CrashOnName(FakePredictor):
+    def predict(self, image: Image.Image, mode=None, conf_threshold=None, name=None, hints=None) -> dict:
+        if name == "crash.png":
+            raise RuntimeError("a bug the photo exposed")
+        return super().predict(image, mode, conf_threshold, name, hints)
+
+
+def test_one_photo_that_breaks_the_model_costs_the_batch_nothing(caplog) -> None:
+    files = [("files", ("crash.png", png_bytes(), "image/png")), ("files", ("good.png", png_bytes(), "image/png"))]
+    with TestClient(make_app(CrashOnName())) as client:
+        resp = client.post("/v1/predict/batch", files=files, headers=KEY)
+    assert resp.status_code == 200
+    crash, good = resp.json()["results"]
+    assert (crash["filename"], crash["status"], crash["error"]) == ("crash.png", 500, "internal_error")
+    assert "a bug" not in crash["detail"] and resp.json()["request_id"] in crash["detail"]
+    assert good["filename"] == "good.png" and good["pills"]
+    assert any(r.exc_info and "a bug the photo exposed" in str(r.exc_info[1]) for r in caplog.records)
 
 
 def test_auth_missing_wrong_bearer_and_public_paths(client) -> None:
@@ -319,9 +339,9 @@ def test_hard_case_uploads_are_kept_and_referenced(tmp_path) -> None:
     fake = FakePredictor(hard_case=["low_single_confidence"])
     with TestClient(make_app(fake, uploads_dir=tmp_path / "uploads")) as client:
         data = png_bytes(color=(1, 2, 3))
-        resp = client.post("/v1/predict", files=photo("pill.PNG", data), headers=KEY)
-    kept = tmp_path / "uploads" / f"{resp.json()['request_id']}.png"
-    assert fake.seen[-1]["name"] == str(kept)  # the hard-case record points at the kept upload
+        assert client.post("/v1/predict", files=photo("pill.PNG", data), headers=KEY).status_code == 200
+    [kept] = (tmp_path / "uploads").iterdir()  # named by the server (test_serve_hardcases.py)
+    assert kept.suffix == ".png" and fake.seen[-1]["name"] == str(kept)  # the record points at the kept upload
     assert kept.read_bytes() == data
 
 

@@ -19,10 +19,10 @@ MULTIPART = "multipart/form-data; boundary=xyz"
 
 
 class Server:
-    """uvicorn in a thread on 127.0.0.1, an ephemeral port."""
+    """uvicorn in a thread on 127.0.0.1, an ephemeral port; `options` go to uvicorn.Config."""
 
-    def __init__(self, app) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    def __init__(self, app, **options) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, features
 from test_infer_pipeline import make_exp_dir, pill_photo
 from test_serve_api import KEY, FakePredictor, make_app
-from test_utils_images import png_bomb
+from test_utils_images import corrupt_avif, png_bomb
 
 from pillsnap.cli import main as cli_main
 
@@ -83,6 +84,71 @@ def test_junk_gets_400_without_internals(api) -> None:
     assert "0x" not in resp.text and "Traceback" not in resp.text
 
 
+@pytest.fixture
+def broken_photo(monkeypatch) -> bytes:
+    """Bytes PIL identifies but its plugin fails to decode with RuntimeError("Failed to decode frame 0"): a real
+    corrupt AVIF where this Pillow reads AVIF, else any photo whose decoding is made to fail that way."""
+    if features.check("avif"):
+        return corrupt_avif()
+    from pillsnap.utils import images
+
+    marker, original = b"\x00\x00\x00 ftypavif broken", images._pil_open
+
+    def pil_open(fp: io.BytesIO) -> Image.Image:
+        if fp.getvalue().startswith(marker):
+            raise RuntimeError("Failed to decode frame 0")
+        return original(fp)
+
+    monkeypatch.setattr(images, "_pil_open", pil_open)
+    return marker
+
+
+def test_a_corrupt_avif_gets_400_naming_the_file(api, broken_photo: bytes) -> None:
+    client, fake = api
+    resp = post(client, "broken.avif", broken_photo)
+    assert resp.status_code == 400 and resp.json()["error"] == "image_unreadable" and fake.seen == []
+    assert "broken.avif" in resp.json()["detail"] and "Traceback" not in resp.text
+
+
+def test_a_corrupt_avif_in_a_batch_gets_its_own_entry(api, broken_photo: bytes) -> None:
+    client, _ = api
+    files = [("files", ("good.png", encoded(Image.new("RGB", (64, 64))), "image/png")),
+             ("files", ("broken.avif", broken_photo, "image/avif"))]
+    resp = client.post("/v1/predict/batch", files=files, headers=KEY)
+    assert resp.status_code == 200
+    good, broken = resp.json()["results"]
+    assert good["filename"] == "good.png" and len(good["pills"]) == 1
+    assert (broken["filename"], broken["status"], broken["error"]) == ("broken.avif", 400, "image_unreadable")
+    assert "broken.avif" in broken["detail"]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("imprint", "A" * 1_000_000, "imprint hint is 1000000 characters long; at most 32"),
+    ("imprint", "AB\x00<script>", "imprint hint has characters no imprint has"),
+    ("color", "white," * 100, "color hint is 600 characters long; at most 64"),
+    ("shape", "round " * 20, "shape hint is 120 characters long; at most 64"),
+])
+def test_oversized_or_odd_hints_are_refused_before_any_work(api, field: str, value: str, named: str) -> None:
+    client, fake = api
+    start = time.perf_counter()
+    resp = client.post("/v1/predict", files={"file": ("a.png", encoded(Image.new("RGB", (64, 64))), "image/png")},
+                       data={field: value}, headers=KEY)
+    batch = client.post("/v1/predict/batch", files=[("files", ("a.png", encoded(Image.new("RGB", (64, 64)))))],
+                        data={field: value}, headers=KEY)
+    assert time.perf_counter() - start < 5  # the old server spent 68 s matching a 1,000,000-character imprint
+    for answer in (resp, batch):
+        assert answer.status_code == 422 and answer.json()["error"] == "bad_hint"
+        assert named in answer.json()["detail"] and len(answer.content) < 1000  # the hint is not echoed back
+    assert fake.seen == []
+
+
+def test_real_imprints_and_vocabulary_words_pass(api) -> None:
+    client, fake = api
+    resp = client.post("/v1/predict", files={"file": ("a.png", encoded(Image.new("RGB", (64, 64))), "image/png")},
+                       data={"imprint": "마크 A1-2.5", "color": "light green, 하양", "shape": "타원형"}, headers=KEY)
+    assert resp.status_code == 200 and fake.seen[-1]["hints"].imprint == "마크 A1-2.5"
+
+
 @pytest.fixture(scope="module")
 def exp_dir(tmp_path_factory) -> Path:
     return make_exp_dir(tmp_path_factory.mktemp("exp"))
@@ -108,6 +174,25 @@ def test_predict_cli_reports_bad_files_and_answers_the_rest(exp_dir: Path, tmp_p
     assert all(r["pills"] == [] and r["mode_used"] is None for r in results[1:5])
 
 
+def test_predict_cli_answers_the_good_file_next_to_a_corrupt_avif(exp_dir: Path, tmp_path: Path, capsys,
+                                                                  broken_photo: bytes) -> None:
+    good = pill_photo(tmp_path / "good.png", [(45, 60, 30, 24)])
+    broken = tmp_path / "broken.avif"
+    broken.write_bytes(broken_photo)
+    code = cli_main(["predict", str(good), str(broken), "--exp", str(exp_dir), "--mode", "single"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert lines[0].startswith(f"{good}: mode_used=single pills=1") and lines[1].strip().startswith("#1 K-")
+    assert lines[-1].startswith(f"{broken}: ERROR Cannot read image {broken}")
+
+
+def test_predict_cli_refuses_an_oversized_imprint_in_one_line(exp_dir: Path, tmp_path: Path, caplog) -> None:
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    assert cli_main(["predict", str(photo), "--exp", str(exp_dir), "--imprint", "A" * 100_000]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "predict: imprint hint is 100000 characters long; at most 32 are accepted"]
+
+
 def test_hard_case_record_points_at_the_kept_upload(exp_dir: Path, tmp_path: Path) -> None:
     """Real models: every single-pill answer is a hard case here, so its record must name a file holding the
     exact bytes the client sent."""
@@ -127,5 +212,6 @@ def test_hard_case_record_points_at_the_kept_upload(exp_dir: Path, tmp_path: Pat
     assert resp.status_code == 200 and "low_single_confidence" in resp.json()["hard_case"]
     log = next((run_dir / "hard_cases").glob("*.jsonl"))
     record = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
-    assert record["image"] == str(run_dir / "hard_cases" / "uploads" / f"{resp.json()['request_id']}.png")
+    assert Path(record["image"]).parent == run_dir / "hard_cases" / "uploads" and record["image"].endswith(".png")
+    assert record["request_id"] == resp.json()["request_id"]
     assert Path(record["image"]).read_bytes() == data

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (REPO / ".venv" / "bin" / "python").is_file(
 def tiny(synth_root: Path, manifest_dir: Path, exp: Path) -> list[str]:
     return [f"paths.data_root={synth_root}", f"paths.manifest_dir={manifest_dir}", f"paths.exp_dir={exp}",
             f"paths.cache_dir={exp.parent / 'cache'}", "model.backbone=test_efficientnet", "model.image_size=32",
-            "model.detector=yolo11n", "model.det_image_size=64", "train.batch_size=4",
+            "model.detector=yolo11n", "model.det_image_size=64", "model.pretrained=false", "train.batch_size=4",
             "train.detection.batch_size=2", "train.max_steps_per_epoch=2", "dataloader.num_workers=0",
             "dataloader.persistent_workers=false", "dataloader.pin_memory=false",
             f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}",
@@ -80,7 +80,9 @@ def test_a_short_stage_run_with_logs_and_its_evaluation(synth_root, manifest_dir
     assert len(sessions) == 1 and "pre-flight checks (stage 1)" in sessions[0].read_text(encoding="utf-8")
     report = json.loads((exp / "reports" / "stage_1_evaluation.json").read_text(encoding="utf-8"))
     assert report["status"] in ("GO", "NO_GO") and report["reasons"] and report["choice"]["how"] == "--yes"
-    assert "train.sh: SUCCESS. Latest metrics: " + str(exp / "reports" / "metrics.json") in proc.stdout
+    assert "train.sh: latest metrics: " + str(exp / "reports" / "metrics.json") in proc.stdout
+    assert f"train.sh: training finished; stage 1 decision {report['status']} ({report['recommendation']}); " \
+           f"next step: {report['action']}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
-"""One place where configuration is merged and validated: defaults < config file < dotted overrides.
+"""One place where configuration is merged and validated: defaults < config file < $PILLSNAP_DATA_ROOT < dotted
+overrides. Stage overrides never replace a key given on the command line.
 
-`.env` only fills `serving.*` keys that the merged config leaves null (API keys stay out of YAML).
+`.env` only fills `serving.*` keys that the merged config leaves null (API keys stay out of YAML). Every `paths.*`
+value comes out absolute: relative ones resolve against the working directory (a config file's own relative paths
+against `paths_base` when given), so a run's saved config works from any directory.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pillsnap.config.stage import STAGE_OVERRIDE_TARGETS, drop_overridden
+
 LOGGER = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 REQUIRED_OOM_KEYS = ("max_retries", "max_grad_accum", "min_batch", "cooldown_sec", "escalate_to_fp16")
-STAGE_OVERRIDE_KEYS = ("batch_size_override", "compile_mode", "memory_format", "num_workers_override")
+STAGE_OVERRIDE_KEYS = tuple(STAGE_OVERRIDE_TARGETS)
 ENV_PREFIX = "PILLSNAP_SERVING_"
+# The data root of the machine (as the Stage 3 guide exports it); an explicit paths.data_root=... still wins.
+DATA_ROOT_ENV = "PILLSNAP_DATA_ROOT"
 
 
 class ConfigError(ValueError):
@@ -166,15 +173,42 @@ def _apply_dotenv(cfg: DictConfig, env: dict[str, str]) -> None:
             cfg.serving[key] = value
 
 
+def _data_root_from_env(cli: DictConfig) -> DictConfig:
+    root = os.environ.get(DATA_ROOT_ENV)
+    if not root or OmegaConf.select(cli, "paths.data_root") is not None:
+        return OmegaConf.create()
+    LOGGER.info("paths.data_root=%s (from $%s)", root, DATA_ROOT_ENV)
+    return OmegaConf.create({"paths": {"data_root": root}})
+
+
+def _absolute_paths(cfg: DictConfig, cli: DictConfig, paths_base: Path) -> None:
+    """Make every paths.* value absolute: command-line values against the working directory, the rest against
+    `paths_base`."""
+    for key, value in cfg.paths.items():
+        if value is None or Path(str(value)).expanduser().is_absolute():
+            cfg.paths[key] = None if value is None else str(Path(str(value)).expanduser())
+            continue
+        base = Path.cwd() if OmegaConf.select(cli, f"paths.{key}") is not None else paths_base
+        cfg.paths[key] = str(Path(os.path.normpath(base.absolute() / str(value))))
+
+
+def _dotted(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        keys.extend(_dotted(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"])
+    return keys
+
+
 def load_config(
     cfg_path: str | Path | None = None,
     overrides: Iterable[str] = (),
     dotenv_path: str | Path | None = ".env",
+    paths_base: str | Path | None = None,
 ) -> DictConfig:
-    """Merge defaults < `cfg_path` < dotted `overrides` (< nothing), fill serving keys from .env, validate.
+    """Merge defaults < `cfg_path` < $PILLSNAP_DATA_ROOT < dotted `overrides`, fill serving keys from .env, validate.
 
-    Raises ConfigError naming the offending key (unknown key with a suggestion, wrong type,
-    missing train.oom key).
+    Relative `paths.*` from the file resolve against `paths_base` (default: the working directory). Raises
+    ConfigError naming the offending key (unknown key with a suggestion, wrong type, missing train.oom key).
     """
     defaults = _read_yaml(DEFAULT_CONFIG)
     layers = [defaults]
@@ -185,11 +219,13 @@ def load_config(
         layers.append(user)
     cli = _parse_overrides(overrides)
     _check_known(cli, defaults, "command-line overrides")
-    layers.append(cli)
+    layers += [_data_root_from_env(cli), cli]
     cfg = OmegaConf.merge(*layers)
     _check_types(cfg, defaults)
     _check_oom_section(cfg, "the merged config")
     _check_stage_overrides(cfg)
+    drop_overridden(cfg, _dotted(cli))
+    _absolute_paths(cfg, cli, Path(paths_base) if paths_base is not None else Path.cwd())
     if dotenv_path is not None:
         _apply_dotenv(cfg, {**read_dotenv(dotenv_path), **_environ_serving()})
     return cfg

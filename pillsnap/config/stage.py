@@ -1,13 +1,34 @@
-"""Stage-specific hardware overrides (the design's per-stage settings): a stage is a config entry, never a module."""
+"""Stage-specific hardware overrides (the design's per-stage settings): a stage is a config entry, never a module.
+
+A setting the user gave on the command line is never replaced by a stage override: the loader drops those
+overrides (`drop_overridden`) before anything applies them, so the saved config shows what really ran.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 LOGGER = logging.getLogger(__name__)
+
+# stage override key -> the config key it sets
+STAGE_OVERRIDE_TARGETS = {
+    "batch_size_override": "train.batch_size",
+    "compile_mode": "optimization.torch_compile",
+    "memory_format": "optimization.channels_last",
+    "num_workers_override": "dataloader.num_workers",
+}
+
+
+def _converted(key: str, value: object) -> object:
+    if key == "memory_format":
+        return value == "channels_last"
+    if key == "compile_mode":
+        return str(value)
+    return int(value)  # type: ignore[call-overload]
 
 
 def apply_stage_overrides(cfg: DictConfig, current_stage: int) -> DictConfig:
@@ -18,20 +39,31 @@ def apply_stage_overrides(cfg: DictConfig, current_stage: int) -> DictConfig:
         return cfg
     cfg = copy.deepcopy(cfg)
     applied = []
-    if "batch_size_override" in overrides:
-        cfg.train.batch_size = int(overrides.batch_size_override)
-        applied.append(f"batch_size: {cfg.train.batch_size}")
-    if "compile_mode" in overrides:
-        cfg.optimization.torch_compile = str(overrides.compile_mode)
-        applied.append(f"torch_compile: {cfg.optimization.torch_compile}")
-    if "memory_format" in overrides:
-        cfg.optimization.channels_last = overrides.memory_format == "channels_last"
-        applied.append(f"channels_last: {cfg.optimization.channels_last}")
-    if "num_workers_override" in overrides:
-        cfg.dataloader.num_workers = int(overrides.num_workers_override)
-        applied.append(f"num_workers: {cfg.dataloader.num_workers}")
+    for key, target in STAGE_OVERRIDE_TARGETS.items():
+        if key in overrides:
+            OmegaConf.update(cfg, target, _converted(key, overrides[key]))
+            applied.append(f"{target.rsplit('.', 1)[1]}: {OmegaConf.select(cfg, target)}")
     LOGGER.info("Stage %d overrides applied: %s", current_stage, ", ".join(applied))
     return cfg
+
+
+def drop_overridden(cfg: DictConfig, explicit: Iterable[str]) -> list[str]:
+    """Remove, in place, every stage override whose target key is in `explicit` (the command line's dotted keys),
+    so an explicit setting beats the stage's; returns what was dropped as 'stage_k.key' strings."""
+    explicit = set(explicit)
+    dropped = []
+    for stage, overrides in (cfg.train.get("stage_overrides") or {}).items():
+        for key in [k for k in (overrides or {}) if STAGE_OVERRIDE_TARGETS.get(str(k)) in explicit]:
+            if f"train.stage_overrides.{stage}.{key}" in explicit:
+                continue  # the stage override itself came from the command line
+            del overrides[key]
+            dropped.append(f"{stage}.{key}")
+    current = f"stage_{cfg.data.progressive_validation.current_stage}."
+    skipped = [d for d in dropped if d.startswith(current)]
+    if skipped:
+        LOGGER.info("Stage overrides skipped (set on the command line): %s", ", ".join(
+            f"{d} -> {STAGE_OVERRIDE_TARGETS[d.split('.', 1)[1]]}" for d in skipped))
+    return dropped
 
 
 def stage_settings(cfg: DictConfig, stage: int | None = None) -> DictConfig:

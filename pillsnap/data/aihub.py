@@ -1,7 +1,7 @@
 """The AI Hub oral-drug data format: file names, folder patterns, label JSON parsing and writing, vocabularies.
 
 Everything else in `pillsnap.data` reads or writes the format through this module only, so that the
-synthetic generator and the real data set go through the same parser (see shared/spec/aihub_format.md).
+synthetic generator and the real data set go through the same parser (see docs/REAL_DATA.md).
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ TEXT_TO_CODE = {
     "light_color": {v: k for k, v in LIGHT_COLOR.items()},
 }
 
-SHAPES = ("원형", "타원형", "장방형", "반원형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형", "기타")
-COLORS = ("하양", "노랑", "주황", "분홍", "빨강", "갈색", "연두", "초록", "청록", "파랑", "남색", "자주", "보라",
+# The label vocabulary (drug_shape, color_class1/2, form_code_name: the MFDS pill-identification scheme), the one
+# home of these words: the synthetic generator draws from it and the hint parser (pillsnap.infer.matching) maps
+# people's words onto it. Most frequent first among the real classes, which the generator's weights follow.
+SHAPES = ("타원형", "원형", "장방형", "반원형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형", "기타")
+COLORS = ("하양", "노랑", "분홍", "갈색", "주황", "빨강", "초록", "연두", "파랑", "청록", "남색", "자주", "보라",
           "회색", "검정", "투명")
-FORMS = ("필름코팅정", "나정", "경질캡슐제", "연질캡슐제", "서방정", "저작정", "장용성필름코팅정", "다층정")
-LINES = ("", "-", "+")
+FORMS = ("필름코팅정", "나정", "서방정", "연질캡슐제", "경질캡슐제", "장용성필름코팅정", "다층정", "저작정")
 
 CODE_RE = re.compile(r"^K-\d{6}$")
-SINGLE_DIR_RE = re.compile(r"^K-\d{6}$")
-COMBO_DIR_RE = re.compile(r"^K-\d{6}(?:-\d{6}){2,3}$")
 IMAGE_DIR_RE = re.compile(r"^K-\d{6}(?:-\d{6}){0,3}$")
 LABEL_DIR_RE = re.compile(r"^(K-\d{6}(?:-\d{6}){0,3})_json$")
 STEM_RE = re.compile(r"^(K-\d{6}(?:-\d{6}){0,3})_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)$")

@@ -57,6 +57,7 @@ def _manifest_summary(rows: Any, path: Path) -> str:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
+    from pillsnap.data.manifest_check import stage_manifest_dir
     from pillsnap.data.scan import load_manifest, write_manifest_csv
     from pillsnap.data.stages import select_stage
 
@@ -67,7 +68,7 @@ def run_manifest(args: argparse.Namespace) -> int:
     except ValueError as err:  # an unknown stage, or nothing to classify
         LOGGER.error("data manifest: %s", err)
         return 2
-    out = Path(args.out or cfg.paths.manifest_dir)
+    out = Path(args.out) if args.out else stage_manifest_dir(cfg.paths.manifest_dir, stage)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         part = rows[rows["split"] == split]
@@ -124,12 +125,13 @@ def _add_scan(sub: Any) -> None:
 def _add_manifest(sub: Any) -> None:
     p = sub.add_parser("manifest", help="write a stage's train and val manifests (CSV)",
                        description="Select a stage's rows from the scanned manifest (paths.manifest_dir) and write "
-                                   "manifest_train.csv and manifest_val.csv (the columns of manifest.csv), one "
-                                   "summary line per file. Run `pillsnap data scan` first.")
+                                   "manifest_train.csv and manifest_val.csv (the columns of manifest.csv) into "
+                                   "paths.manifest_dir/stageN/, one summary line per file. Run `pillsnap data "
+                                   "scan` first.")
     _cfg_args(p)
     p.add_argument("--stage", type=int, default=None,
                    help="stage 1-4 (default: data.progressive_validation.current_stage)")
-    p.add_argument("--out", default=None, help="output folder (default: paths.manifest_dir)")
+    p.add_argument("--out", default=None, help="output folder (default: paths.manifest_dir/stageN)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. paths.manifest_dir=runs/x/manifests")
     p.set_defaults(func=run_manifest)
 

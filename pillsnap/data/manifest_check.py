@@ -65,6 +65,12 @@ def _files(stage_rows: pd.DataFrame) -> Finding:
                    "the data moved since the scan: rescan, or fix paths.data_root")
 
 
+def stage_manifest_dir(manifest_dir: str | Path, stage: int) -> Path:
+    """Where `pillsnap data manifest --stage N` writes the stage's manifest_{train,val}.csv: one folder per stage
+    (the design's artifacts/stage3/), so writing one stage's files never spoils another stage's pre-flight."""
+    return Path(manifest_dir) / f"stage{int(stage)}"
+
+
 def _stage_files(manifest_dir: Path, stage_rows: pd.DataFrame) -> list[Finding]:
     findings = []
     for split in ("train", "val"):
@@ -99,4 +105,6 @@ def check_stage_manifest(cfg: DictConfig, stage: int | None = None) -> list[Find
         return [*findings, Finding(False, "stage selection", str(err), "check data.progressive_validation")]
     findings += [_codes(rows), Finding(len(stage_rows) > 0, "stage rows", f"{len(stage_rows)} rows selected",
                                        "check data.progressive_validation.stage_N sizes")]
-    return findings + _splits(stage_rows) + [_files(stage_rows)] + _stage_files(manifest_dir, stage_rows)
+    stage_dir = stage_manifest_dir(manifest_dir, cfg.data.progressive_validation.current_stage if stage is None
+                                   else stage)
+    return findings + _splits(stage_rows) + [_files(stage_rows)] + _stage_files(stage_dir, stage_rows)

@@ -6,6 +6,7 @@ Deterministic for a seed (each photo has its own seed, so parallel rendering doe
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -14,15 +15,17 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from pillsnap.data import aihub
 from pillsnap.data.synth_pill import PillLook
-from pillsnap.data.synth_render import PhotoConditions, render_photo
+from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
@@ -31,13 +34,11 @@ CLASSES_PER_ZIP = 50  # like the real TS_k_단일 zips (~50 drug codes each)
 COMBOS_PER_ZIP = 1000
 COMBO_ANGLES = (70, 75, 90)  # camera elevations of the real combination photos
 HARD_RATIO = 0.25  # share of classes that copy a neighbour's shape and colour, differing only by imprint
-# Class distributions of the 73 real classes of the competition subset (shared/spec/real_photo_stats.md).
-SHAPE_WEIGHTS = {"타원형": 29, "원형": 24, "장방형": 16, "반원형": 0.4, "삼각형": 0.4, "사각형": 0.5,
-                 "마름모형": 0.4, "오각형": 0.4, "육각형": 0.4, "팔각형": 0.3, "기타": 0.2}
-COLOR_WEIGHTS = {"하양": 24, "노랑": 14, "분홍": 13, "갈색": 8, "주황": 5, "빨강": 3, "초록": 2, "연두": 1, "파랑": 1,
-                 "청록": 0.3, "남색": 0.3, "자주": 0.3, "보라": 0.3, "회색": 0.3, "검정": 0.1, "투명": 0.2}
-FORM_WEIGHTS = {"필름코팅정": 45, "나정": 11, "서방정": 5, "연질캡슐제": 4, "경질캡슐제": 3, "장용성필름코팅정": 2,
-                "다층정": 1}
+# Class distributions of the 73 real classes of the competition subset (docs/REAL_DATA.md).
+# Weights in the order of the label vocabulary (pillsnap.data.aihub); no chewable tablet (저작정, last) among them.
+SHAPE_WEIGHTS = dict(zip(aihub.SHAPES, (29, 24, 16, 0.4, 0.4, 0.5, 0.4, 0.4, 0.4, 0.3, 0.2), strict=True))
+COLOR_WEIGHTS = dict(zip(aihub.COLORS, (24, 14, 13, 8, 5, 3, 2, 1, 1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.1, 0.2), strict=True))
+FORM_WEIGHTS = dict(zip(aihub.FORMS, (45, 11, 5, 4, 3, 2, 1, 0), strict=True))
 # Shades per colour name: real pills are mostly white or off-white, and most coloured ones are pale.
 SHADES = {
     "하양": ((247, 247, 243), (242, 240, 232), (236, 233, 222), (244, 245, 247), (238, 236, 228)),
@@ -220,14 +221,16 @@ def _weighted_sample(items: list, weights: list[float], k: int, rng: random.Rand
 def _combination_sets(classes: list[DrugClass], count: int, rng: random.Random) -> list[tuple[tuple[int, ...], str]]:
     """`count` combinations of 3-4 distinct classes (fewer when there are fewer classes), distinct where possible."""
     sets: list[tuple[tuple[int, ...], str]] = []
+    seen: set[str] = set()  # a set, not a scan of `sets`: thousands of combinations at the full data set's scale
     for _ in range(count):
         for _attempt in range(20):
             k = min(len(classes), rng.choice((3, 4)))
             members = tuple(sorted(rng.sample(range(len(classes)), k)))
             folder = "-".join([classes[members[0]].code] + [classes[i].code[2:] for i in members[1:]])
-            if all(folder != f for _, f in sets):
+            if folder not in seen:
                 break
         sets.append((members, folder))
+        seen.add(folder)
     return sets
 
 
@@ -274,6 +277,27 @@ def _render_job(job: PhotoJob, image_scale: float) -> tuple[PhotoJob, bytes, lis
         fields = _label_fields(_WORKER_CLASSES[ci], job, size)
         labels.append(aihub.dump_label(aihub.build_label(fields, box, job.index + 1, ann_no + 1)))
     return job, png, labels
+
+
+@lru_cache(maxsize=4)
+def _placeholder_png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 100, 140)).save(buf, "PNG")  # the real backdrop's blue-grey
+    return buf.getvalue()
+
+
+def _placeholder_job(job: PhotoJob, image_scale: float) -> tuple[PhotoJob, bytes, list[bytes]]:
+    """A flat photo with the pills' boxes on a 2x2 grid, and the same labels as a rendered photo: the real layout
+    and label JSON at scale without rendering (rehearsals of hundreds of thousands of rows)."""
+    size = (max(8, round(FULL_W * image_scale)), max(8, round(FULL_H * image_scale)))
+    cell_w, cell_h = size[0] // 2, size[1] // 2
+    labels = []
+    for ann_no, ci in enumerate(job.classes):
+        x, y = (ann_no % 2) * cell_w, (ann_no // 2) * cell_h
+        box = (x + cell_w // 8, y + cell_h // 8, max(1, cell_w * 3 // 4), max(1, cell_h * 3 // 4))
+        fields = _label_fields(_WORKER_CLASSES[ci], job, size)
+        labels.append(aihub.dump_label(aihub.build_label(fields, box, job.index + 1, ann_no + 1)))
+    return job, _placeholder_png(size), labels
 
 
 def _init_worker(classes: list[DrugClass]) -> None:
@@ -341,11 +365,13 @@ def _check_args(num_classes: int, per_class: int, combo: int, image_scale: float
 
 def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, combo: int, seed: int = 0,
                      zip_output: bool = False, image_scale: float = 0.25, workers: int = 0,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, placeholder_images: bool = False) -> dict[str, Any]:
     """Write a synthetic AI Hub tree (single + combination photos, one label JSON per pill) under `out_dir`.
 
     `image_scale` shrinks the 976x1280 photos (0.25 -> 244x320); label width/height/bbox describe the
-    written image. `workers` = 0 uses every core; 1 renders in this process. Returns a summary dict.
+    written image. `workers` = 0 uses every core; 1 renders in this process. `placeholder_images` writes flat
+    photos with the boxes on a grid instead of drawing pills (same layout and labels, for scale rehearsals; always
+    in this process). Returns a summary dict.
     """
     _check_args(num_classes, per_class, combo, image_scale)
     start = time.perf_counter()
@@ -357,7 +383,9 @@ def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, comb
     workers = workers or os.cpu_count() or 1
     n_labels = 0
     try:
-        for job, png, labels in tqdm(_rendered(jobs, classes, image_scale, workers), total=len(jobs),
+        made = (_placeholders(jobs, classes, image_scale) if placeholder_images
+                else _rendered(jobs, classes, image_scale, workers))
+        for job, png, labels in tqdm(made, total=len(jobs),
                                      desc="synth", unit="img", disable=not progress):
             _store(writer, classes, job, png, labels, index_written)
             n_labels += len(labels)
@@ -366,11 +394,17 @@ def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, comb
     summary = {"root": str(out_dir), "num_classes": num_classes, "classes": [c.code for c in classes],
                "single_images": num_classes * per_class, "combination_images": combo,
                "combinations": len({job.folder for job in jobs if len(job.classes) > 1}), "label_files": n_labels,
-               "image_scale": image_scale, "zip": zip_output, "seed": seed,
+               "image_scale": image_scale, "zip": zip_output, "seed": seed, "placeholder_images": placeholder_images,
                "seconds": round(time.perf_counter() - start, 2)}
     LOGGER.info("synthetic data set: %d classes, %d single + %d combination photos in %.1fs under %s",
                 num_classes, summary["single_images"], combo, summary["seconds"], out_dir)
     return summary
+
+
+def _placeholders(jobs: list[PhotoJob], classes: list[DrugClass],
+                  image_scale: float) -> Iterator[tuple[PhotoJob, bytes, list[bytes]]]:
+    _init_worker(classes)
+    return (_placeholder_job(job, image_scale) for job in jobs)
 
 
 def _rendered(jobs: list[PhotoJob], classes: list[DrugClass], image_scale: float,

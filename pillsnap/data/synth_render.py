@@ -1,7 +1,7 @@
 """Photos of the synthetic generator: backdrop, pill placement, soft shadows, light colour and sensor noise.
 
 Pure functions of (class looks, photo conditions, seeds), so that workers render in parallel deterministically.
-The targets are the measured statistics of real AI Hub photos (shared/spec/real_photo_stats.md): a matte
+The targets are the measured statistics of real AI Hub photos (docs/REAL_DATA.md): a matte
 blue-grey backdrop, evenly lit; pills 170-500 px on 976x1280, spread over the frame and not touching.
 """
 

@@ -24,12 +24,18 @@ SPLITS = ("train", "val", "test")
 NAMES = {0: "pill"}
 
 
-def _label_text(photo: pd.DataFrame) -> str:
-    """YOLO label lines: class 0 and the box as centre and size, each divided by the image width or height."""
-    xywh = photo[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(dtype=np.float64)
-    image_size = photo[["width", "height", "width", "height"]].to_numpy(dtype=np.float64)
-    boxes = xyxy_to_cxcywh(xywh_to_xyxy(xywh)) / image_size
-    return "".join(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for cx, cy, w, h in boxes)
+def _label_texts(photos: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(photo_id, image_path, YOLO label lines) per photo, sorted by photo id: class 0 and each box as centre and
+    size divided by the image width or height, the pills in row order. One pass over arrays: a DataFrame per photo
+    cost ~2 ms, minutes at the full data set's ~100,000 photos."""
+    photos = photos.sort_values("photo_id", kind="stable")
+    xywh = photos[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(dtype=np.float64)
+    image_size = photos[["width", "height", "width", "height"]].to_numpy(dtype=np.float64)
+    boxes = (xyxy_to_cxcywh(xywh_to_xyxy(xywh)) / image_size).tolist() if len(photos) else []
+    lines = [f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for cx, cy, w, h in boxes]
+    ids, paths = photos["photo_id"].tolist(), photos["image_path"].tolist()
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]] + [len(ids)]
+    return [(ids[a], paths[a], "".join(lines[a:b])) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -68,10 +74,10 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str) -> dict[str, 
     images, labels = ensure_dir(out_dir / "images" / split), ensure_dir(out_dir / "labels" / split)
     written = 0
     names = set()
-    for photo_id, photo in photos.groupby("photo_id", sort=True):
+    for photo_id, image_path, text in _label_texts(photos):
         names.add(photo_id)
-        written += _place_image(photo["image_path"].iloc[0], images / f"{photo_id}.png")
-        written += _write_if_changed(labels / f"{photo_id}.txt", _label_text(photo))
+        written += _place_image(image_path, images / f"{photo_id}.png")
+        written += _write_if_changed(labels / f"{photo_id}.txt", text)
     removed = _remove_stale(images, {f"{n}.png" for n in names}) + _remove_stale(labels, {f"{n}.txt" for n in names})
     if written or removed:  # ultralytics' label cache would otherwise describe the previous export
         (out_dir / "labels" / f"{split}.cache").unlink(missing_ok=True)

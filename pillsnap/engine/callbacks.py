@@ -6,17 +6,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pillsnap.engine.spec import TaskSpec, lookup
 from pillsnap.metrics.names import tb_val_tag
 from pillsnap.utils import TBWriter, append_jsonl, cuda_mem_ratio, save_json
 
 LOGGER = logging.getLogger(__name__)
 EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end", "on_epoch_end", "on_oom",
           "on_train_end")
-# Task name -> TensorBoard tag prefix: classification owns the design's bare tags (train/loss, val/accuracy...).
-TB_PREFIX = {"classification": "", "detection": "det/"}
 
 
 def format_train_line(r: dict) -> str:
@@ -52,15 +52,15 @@ class CallbackList:
 
 
 class LogLineCallback(Callback):
-    """The [train] line every train.step_log_interval steps, and one line per validation."""
+    """The [train] line every train.step_log_interval steps (after the task's log_prefix), and one line per
+    validation."""
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
+    def __init__(self, logger: logging.Logger, specs: Mapping[str, TaskSpec] | None = None) -> None:
+        self.logger, self.specs = logger, dict(specs or {})
 
     def on_step_end(self, record: dict) -> None:
         if record["log"]:
-            prefix = "" if record["task"] == "classification" else f"({record['task']}) "
-            self.logger.info(prefix + format_train_line(record))
+            self.logger.info(lookup(self.specs, record["task"]).log + format_train_line(record))
 
     def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -71,21 +71,21 @@ class LogLineCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """The design's tags: train/loss, train/lr, perf/*, val/*, oom/retries."""
+    """The design's tags: train/loss, train/lr, perf/*, val/*, oom/retries, under each task's tb_prefix."""
 
-    def __init__(self, tb: TBWriter) -> None:
-        self.tb = tb
+    def __init__(self, tb: TBWriter, specs: Mapping[str, TaskSpec] | None = None) -> None:
+        self.tb, self.specs = tb, dict(specs or {})
 
     def on_step_end(self, record: dict) -> None:
         if not record["log"]:
             return
-        p, step = TB_PREFIX.get(record["task"], record["task"] + "/"), record["global_step"]
+        p, step = lookup(self.specs, record["task"]).tb, record["global_step"]
         tags = {"train/loss": "loss", "train/lr": "lr", "perf/data_time": "data_time",
                 "perf/compute_time": "compute_time", "perf/throughput": "throughput", "perf/cuda_mem": "cuda_mem"}
         self.tb.add_scalars({p + tag: record[key] for tag, key in tags.items()}, step)
 
     def on_validation_end(self, task: str, epoch: int, metrics: dict) -> None:
-        p = TB_PREFIX.get(task, task + "/")
+        p = lookup(self.specs, task).tb
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "n":
                 self.tb.add_scalar(p + tb_val_tag(key), value, epoch)
@@ -200,10 +200,11 @@ class ProgressBarCallback(Callback):
 
 
 def default_callbacks(exp_dir: str | Path, logger: logging.Logger, tb: TBWriter, memory_ratio: float,
-                      profile_interval: int = 50) -> CallbackList:
-    """The callbacks of a rank-0 training run."""
+                      profile_interval: int = 50, specs: Mapping[str, TaskSpec] | None = None) -> CallbackList:
+    """The callbacks of a rank-0 training run; `specs` (task name -> TaskSpec) give log and TensorBoard prefixes."""
     # MemoryWatch first: it fills info["mem_ratio"] that the TensorBoard callback records.
-    cbs: list[Callback] = [MemoryWatchCallback(memory_ratio, tb), LogLineCallback(logger), TensorBoardCallback(tb),
+    cbs: list[Callback] = [MemoryWatchCallback(memory_ratio, tb), LogLineCallback(logger, specs),
+                           TensorBoardCallback(tb, specs),
                            MetricsFilesCallback(exp_dir), ProfileCallback(profile_interval, logger)]
     if sys.stderr.isatty():
         cbs.append(ProgressBarCallback())

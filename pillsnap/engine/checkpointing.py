@@ -1,11 +1,11 @@
 """Run files the trainer owns: checkpoints committed one generation at a time, classes.json, and resume.
 
-A generation is every checkpoint file one epoch writes (the classifier's and the detector's, last and best).
+A generation is every checkpoint file one epoch writes (every task's, last and best).
 Commit protocol: each state is serialized once to a staged file; then a journal naming the moves and links is
 written atomically (the commit point); then the staged files are renamed into place and `best` and the plain
 `last.pt`/`best.pt` names are hard-linked. A kill before the journal leaves the previous generation intact (the
 staged files are deleted at the next start); a kill after it is completed at the next start. Either way resume
-sees the classifier and detector of one and the same epoch.
+sees every task at one and the same epoch.
 """
 
 from __future__ import annotations
@@ -13,25 +13,27 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state
+from pillsnap.engine.spec import TaskSpec
 from pillsnap.utils import read_json, save_ckpt, save_json
 from pillsnap.utils.io import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 JOURNAL = ".commit.json"
-# The classifier is also reachable under the plain last.pt / best.pt names (hard links, not copies).
-ALIASES = {"classification": {"last": "last.pt", "best": "best.pt"}}
 
 
 class Save(NamedTuple):
-    """One task's state in a generation: written once under kinds[0], linked under the other kinds."""
+    """One task's state in a generation: written once under kinds[0], linked under the other kinds and under the
+    aliases of those kinds (the task spec's checkpoint_aliases, e.g. last.pt / best.pt)."""
 
     task: str
     kinds: tuple[str, ...]
     state: dict
+    aliases: Mapping[str, str] = {}
 
 
 def ckpt_path(ckpt_dir: str | Path, task: str, kind: str) -> Path:
@@ -72,7 +74,7 @@ class CheckpointStore:
                 target = ckpt_path(self.dir, save.task, kind)
                 if target != first:
                     links.append([first.name, target.name])
-                alias = ALIASES.get(save.task, {}).get(kind)
+                alias = save.aliases.get(kind)
                 if alias:
                     links.append([target.name, alias])
         save_json(self.dir / JOURNAL, {"epoch": epoch, "moves": moves, "links": links})
@@ -109,21 +111,38 @@ def write_classes_json(ckpt_dir: str | Path, meta: dict) -> Path:
     return path
 
 
-def resume_source(resume: Any, ckpt_dir: str | Path, task: str) -> Path | None:
-    """Checkpoint for `task`: train.resume=last -> its last checkpoint; a path -> that file (classification only)."""
+def checkpoint_beside(given: Path, task: str, specs: Sequence[TaskSpec]) -> Path | None:
+    """`task`'s checkpoint of the same generation as `given`: the file named like `given` with its task's name
+    replaced ({t}_{kind}.pt, stage{N}_{t}_best.pt; an alias such as best.pt stands for its task's file). A file
+    that names no task belongs to the task with aliases (the one the plain last.pt/best.pt name)."""
+    name = given.name
+    for spec in specs:
+        for kind, alias in spec.checkpoint_aliases.items():
+            if name == alias:
+                name = f"{spec.name}_{kind}.pt"
+    owner = next((s.name for s in specs if s.name in name), None)
+    if owner is None:
+        primary = next((s for s in specs if s.checkpoint_aliases), specs[0])
+        return given if task == primary.name else None
+    return given.with_name(name.replace(owner, task, 1))
+
+
+def resume_source(resume: Any, ckpt_dir: str | Path, task: str, specs: Sequence[TaskSpec]) -> Path | None:
+    """Checkpoint for `task`: train.resume=last -> its last checkpoint; a path -> that file's generation (the
+    checkpoint of each task beside it). None (with a warning) when the task has none: it starts fresh."""
     if not resume:
         return None
     if str(resume) == "last":
-        path = ckpt_path(ckpt_dir, task, "last")
-        if not path.is_file():
-            LOGGER.warning("train.resume=last: no %s, %s starts fresh", path, task)
-            return None
-        return path
-    path = Path(str(resume))
-    if task != "classification":
+        path: Path | None = ckpt_path(ckpt_dir, task, "last")
+    else:
+        given = Path(str(resume))
+        if not given.is_file():
+            raise FileNotFoundError(f"train.resume points to a missing checkpoint: {given}")
+        path = checkpoint_beside(given, task, specs)
+    if path is None or not path.is_file():
+        LOGGER.warning("train.resume=%s: no %s checkpoint (%s), %s starts fresh", resume, task,
+                       path or "none beside it", task)
         return None
-    if not path.is_file():
-        raise FileNotFoundError(f"train.resume points to a missing checkpoint: {path}")
     return path
 
 
@@ -143,3 +162,14 @@ def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: st
         if value is not None:
             early_stopping(state, float(value), mode, patience=10**9, min_delta=min_delta)
     return state
+
+
+def saved_peak_lr(ckpt: dict) -> float | None:
+    """The configured peak lr a checkpoint was trained with. Checkpoints from before it was recorded: the
+    schedule's base lr, unless OOM recovery had scaled it (then unknown)."""
+    recorded = (ckpt.get("task_state") or {}).get("peak_lr")
+    if recorded is not None:
+        return float(recorded)
+    if (ckpt.get("oom_state") or {}).get("sched_mode") == "by_samples":
+        return None
+    return float(ckpt["scheduler_state"]["base_lrs"][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,8 +13,10 @@ from torch import nn
 
 from pillsnap.engine.oom import BatchChoice
 from pillsnap.engine.optim import build_criterion_classification
+from pillsnap.engine.spec import TaskSpec
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.metrics import evaluate_classification_metrics
+from pillsnap.metrics.names import CLASSIFICATION_KEYS
 from pillsnap.models.classifier import build_classification_model
 
 LOGGER = logging.getLogger(__name__)
@@ -65,9 +68,13 @@ def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module,
 
 
 class ClassificationTask(Task):
-    """The pill classifier with its criterion; everything else comes from Task."""
+    """The pill classifier with its criterion; everything else comes from Task. It owns the design's bare names:
+    last.pt/best.pt, unprefixed TensorBoard tags and log line; its samples and classes drive the time-cap rule."""
 
-    name: ClassVar[str] = "classification"
+    spec: ClassVar[TaskSpec] = TaskSpec(
+        "classification", config_section="train.classification", batch_key="train.batch_size", tb_prefix="",
+        log_prefix="", checkpoint_aliases={"last": "last.pt", "best": "best.pt"}, summary_keys=CLASSIFICATION_KEYS,
+        ratio_index=1, counts_for_time_cap=True, class_probabilities=True)
     compile_model: ClassVar[bool] = True
 
     def __init__(self, cfg: DictConfig, train_loader: Any, val_loader: Any, meta: dict, device: Any,
@@ -75,9 +82,19 @@ class ClassificationTask(Task):
         self.meta = meta
         self.num_classes = resolve_num_classes(cfg, meta)
         self.channels_last = bool(cfg.optimization.channels_last)
-        self.classes_seen: set[int] = set()
+        self.criterion = build_criterion_classification(cfg, meta.get("class_weights")).to(torch.device(device))
         super().__init__(cfg, cfg.train.classification, train_loader, val_loader, device, batch_choice)
-        self.criterion = build_criterion_classification(cfg, meta.get("class_weights")).to(self.device)
+
+    @classmethod
+    def from_loaders(cls, cfg: DictConfig, loaders: Any, device: Any, batch_choice: BatchChoice | None = None,
+                     shard: Callable[[Any], Any] = lambda loader: loader) -> ClassificationTask:
+        """Every run trains the classifier, so a stage without training crops is an error that names them."""
+        if loaders.cls_train is None or len(loaders.cls_train) == 0:
+            stage = int(cfg.data.progressive_validation.current_stage)
+            raise ValueError(f"stage {stage} has no classification training crops (single-pill photos, or "
+                             "combination pills with data.combo_crops=true): check paths.manifest_dir "
+                             f"({cfg.paths.manifest_dir}) and data.progressive_validation.stage_{stage}")
+        return cls(cfg, shard(loaders.cls_train), loaders.cls_val, loaders.meta, device, batch_choice)
 
     # ---- the contract ---------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -110,9 +127,6 @@ class ClassificationTask(Task):
         size = int(self.cfg.model.image_size)
         x = to_input(torch.randn(batch_size, 3, size, size), self.device, self.channels_last)
         return x, torch.randint(0, self.num_classes, (batch_size,), device=self.device)
-
-    def compile_example(self) -> torch.Tensor:
-        return self.random_batch(2)[0]
 
     def lr_and_weight_decay(self) -> tuple[float, float]:
         return float(self.cfg.train.lr), float(self.cfg.train.weight_decay)
@@ -147,6 +161,9 @@ class ClassificationTask(Task):
                 "model.backbone / stage, or start fresh with train.resume=null (or another paths.exp_dir).")
 
     # ---- reports ---------------------------------------------------------------------------------------------------
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
     def predict_val(self) -> tuple[np.ndarray, np.ndarray]:
         """(y_true, y_prob) of the validated weights on the validation split (empty without one)."""
         if self.val_loader is None:

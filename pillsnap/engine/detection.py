@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pillsnap.engine.oom import BatchChoice
+from pillsnap.engine.spec import TaskSpec
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.metrics import evaluate_detection_metrics
+from pillsnap.metrics.names import DETECTION_KEYS
 from pillsnap.models.detector import build_yolo_model, postprocess_detections
 from pillsnap.utils.boxes import cxcywh_to_xyxy
 
@@ -83,14 +85,27 @@ def random_detection_batch(batch_size: int, size: int, device: torch.device) -> 
 class DetectionTask(Task):
     """The one-class pill detector; everything else comes from Task."""
 
-    name: ClassVar[str] = "detection"
+    spec: ClassVar[TaskSpec] = TaskSpec(
+        "detection", config_section="train.detection", batch_key="train.detection.batch_size", tb_prefix="det/",
+        log_prefix="(detection) ", summary_keys=DETECTION_KEYS, ratio_index=0)
 
     def __init__(self, cfg: DictConfig, train_loader: Any, val_loader: Any, device: Any,
                  batch_choice: BatchChoice | None = None) -> None:
         super().__init__(cfg, cfg.train.detection, train_loader, val_loader, device, batch_choice)
 
+    @classmethod
+    def wanted(cls, cfg: DictConfig, loaders: Any) -> bool:
+        """Trained when the stage has combination photos, unless train.strategy=classification."""
+        return loaders.det_train is not None and str(cfg.train.strategy) != "classification"
+
+    @classmethod
+    def from_loaders(cls, cfg: DictConfig, loaders: Any, device: Any, batch_choice: BatchChoice | None = None,
+                     shard: Callable[[Any], Any] = lambda loader: loader) -> DetectionTask:
+        return cls(cfg, shard(loaders.det_train), loaders.det_val, device, batch_choice)
+
     def build_model(self) -> nn.Module:
-        return build_yolo_model(self.cfg.model.detector, num_classes=1, weights=self.cfg.model.detector_weights)
+        return build_yolo_model(self.cfg.model.detector, num_classes=1, weights=self.cfg.model.detector_weights,
+                                pretrained=bool(self.cfg.model.pretrained))
 
     def to_device(self, batch: dict) -> dict:
         return prepare_batch(batch, self.device)
@@ -107,9 +122,6 @@ class DetectionTask(Task):
         loss, _ = self.model(chunk)
         return loss.sum() / chunk["img"].shape[0]
 
-    def on_batch_trained(self, batch: dict) -> None:
-        return None  # nothing per batch: the time-cap rule counts the classifier's classes
-
     def evaluate(self, model: nn.Module) -> dict:
         return validate_detection(model, self.val_loader, self.device, float(self.section.conf_threshold),
                                   float(self.section.iou_threshold))
@@ -120,9 +132,8 @@ class DetectionTask(Task):
     def random_batch(self, batch_size: int) -> dict:
         return random_detection_batch(batch_size, int(self.cfg.model.det_image_size), self.device)
 
-    def grad_clip(self) -> float | None:
-        if self.cfg.train.grad_clip is None:
-            return None
+    def clip_norm(self, configured: float) -> float:
+        # ultralytics' own norm for its loss scale, whatever train.grad_clip (which only switches clipping on/off)
         return ULTRALYTICS_GRAD_CLIP / (self.knobs.batch_size * self.knobs.grad_accum)
 
     def lr_and_weight_decay(self) -> tuple[float, float]:

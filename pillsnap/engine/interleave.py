@@ -1,27 +1,27 @@
-"""Interleaving of detection and classification steps (the design's rule): `step % (d + c) < d` -> detection."""
+"""Interleaving of the tasks' steps (the design's rule for two tasks: `step % (d + c) < d` -> detection)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
-DETECTION, CLASSIFICATION = "detection", "classification"
+from collections.abc import Iterator, Mapping
 
 
-def interleave_schedule(det_steps: int, cls_steps: int, ratio: Sequence[int] = (1, 1)) -> Iterator[str]:
-    """Yield task names, `d` detection steps then `c` classification steps, repeated.
+def interleave_schedule(steps: Mapping[str, int], shares: Mapping[str, int]) -> Iterator[str]:
+    """Yield task names: each task's share of consecutive steps, in the order of `shares`, repeated.
 
-    When one task has no steps left the other one continues alone, so exactly `det_steps`
-    detection and `cls_steps` classification names are produced.
+    When the task whose turn it is has no steps left, the next one in order that has steps takes the slot, so
+    exactly steps[name] names are produced for every task (a task with a zero share gets the leftover tail).
     """
-    if len(ratio) != 2 or min(ratio) < 0 or sum(ratio) < 1:
-        raise ValueError(f"train.interleave_ratio must be [det>=0, cls>=0] with a positive sum, got {ratio}")
-    d, c = int(ratio[0]), int(ratio[1])
-    # A zero share for a task that still has steps would starve it: give it the leftover tail instead.
-    step, left = 0, {DETECTION: det_steps, CLASSIFICATION: cls_steps}
-    while left[DETECTION] > 0 or left[CLASSIFICATION] > 0:
-        wanted = DETECTION if step % (d + c) < d else CLASSIFICATION
-        other = CLASSIFICATION if wanted == DETECTION else DETECTION
-        name = wanted if left[wanted] > 0 else other
+    if set(steps) - set(shares):
+        raise ValueError(f"no interleave share for {sorted(set(steps) - set(shares))}")
+    order = [name for name in shares if name in steps]
+    left = {name: int(steps[name]) for name in order}
+    if not order:
+        return
+    cycle = [name for name in order for _ in range(max(int(shares[name]), 0))] or order
+    step = 0
+    while any(left.values()):
+        wanted = order.index(cycle[step % len(cycle)])
+        name = next(n for n in order[wanted:] + order[:wanted] if left[n] > 0)
         left[name] -= 1
         step += 1
         yield name

@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from pillsnap.engine.callbacks import CallbackList
 from pillsnap.engine.distributed import DistInfo, broadcast_object
 from pillsnap.engine.early_stopping import time_cap_reached
-from pillsnap.engine.interleave import CLASSIFICATION, DETECTION, interleave_schedule
+from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import oom_recovery_state_machine
+from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
 from pillsnap.utils import StepTimer, cuda_mem_mb
 
@@ -27,14 +28,16 @@ class EmergencyExit(RuntimeError):
 @dataclass
 class RunState:
     """What belongs to the run rather than to a task: the step counter over all tasks, the stage clock, and the
-    OOM retries per task."""
+    OOM retries per task. `clock_offset` is the stage time earlier runs spent, so a resumed run's time cap counts
+    the whole stage."""
 
     global_step: int = 0
     started: float = field(default_factory=time.monotonic)
     oom_retries: dict[str, int] = field(default_factory=dict)
+    clock_offset: float = 0.0
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return self.clock_offset + time.monotonic() - self.started
 
 
 def record_due(step: int, steps: int, cfg: DictConfig) -> bool:
@@ -94,8 +97,8 @@ class EpochRunner:
         iters = {name: iter(self.tasks[name].train_loader) for name in active}
         done, loss_sum = dict.fromkeys(active, 0), dict.fromkeys(active, 0.0)
         timer = StepTimer()
-        schedule = interleave_schedule(steps.get(DETECTION, 0), steps.get(CLASSIFICATION, 0),
-                                       list(self.cfg.train.interleave_ratio))
+        ratio = list(self.cfg.train.interleave_ratio)
+        schedule = interleave_schedule(steps, interleave_shares([spec_of(self.tasks[n]) for n in active], ratio))
         for name in schedule:
             batch = next(iters[name])
             timer.data_done()

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
@@ -23,11 +23,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pillsnap.config import config_to_dict
+from pillsnap.engine.checkpointing import saved_peak_lr
+from pillsnap.engine.compiling import compile_for_training
 from pillsnap.engine.distributed import broadcast_tensors
 from pillsnap.engine.oom import BatchChoice, FakeOOM, OomDecision, auto_find_batch_size
 from pillsnap.engine.optim import build_optimizer, build_scheduler
 from pillsnap.engine.precision import Precision, resolve_precision
-from pillsnap.utils import try_torch_compile
+from pillsnap.engine.spec import TaskSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,10 +57,21 @@ class OomKnobs:
 
 
 class Task(ABC):
-    """A model in training. Subclasses set `name` and implement the abstract methods below."""
+    """A model in training. A subclass declares `spec` (its TaskSpec) and implements the abstract methods below.
 
-    name: ClassVar[str]
+    Construction order, the one rule for subclasses: set your own fields first, then call `super().__init__()`
+    last. The base builds the model, optimizer, schedule, EMA and (if asked) the compiled model through the hooks,
+    and those may read any field the subclass set.
+    """
+
+    spec: ClassVar[TaskSpec]
+    name: ClassVar[str]  # = spec.name
     compile_model: ClassVar[bool] = False  # optimization.torch_compile applies to this task's model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name = cls.spec.name
 
     def __init__(self, cfg: DictConfig, section: DictConfig, train_loader: Any, val_loader: Any, device: Any,
                  batch_choice: BatchChoice | None = None) -> None:
@@ -67,7 +80,7 @@ class Task(ABC):
         self.device = torch.device(device)
         self.precision = resolve_precision(section, self.device, bool(cfg.train.cpu_amp))
         self.raw_model = self.build_model().to(self.device)
-        self.model = self._wrap(self.raw_model)
+        self.model = self._distribute(self.raw_model)
         self.optimizer = build_optimizer(self.raw_model.parameters(), *self.lr_and_weight_decay())
         loader_bs = int(getattr(train_loader, "batch_size", None) or self.configured_batch_size())
         self.knobs = OomKnobs(loader_bs, max(1, int(cfg.train.grad_accum_steps)))
@@ -76,18 +89,30 @@ class Task(ABC):
             if batch_choice.force_fp16:
                 self._escalate_to_fp16()
         self.global_batch_at_start = self.knobs.batch_size * self.knobs.grad_accum
-        opt_steps = self.epochs() * math.ceil(self.steps_per_epoch() / self.knobs.grad_accum)
-        self.scheduler = build_scheduler(str(cfg.train.scheduler), self.optimizer, opt_steps,
-                                         int(cfg.train.warmup_steps))
+        self.build_schedule(self.epochs())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
         self.ema = self._build_ema()
         self.fake_oom = FakeOOM.from_env()
         self.sched_mode = "steps"  # "by_samples" after an OOM changed the global batch
         self.micro_step = self.optimizer_steps = self.samples_seen = 0
+        self.classes_seen: set[int] = set()  # filled by tasks whose batches carry class labels
         self._window_chunks = self._window_samples = 0
         self._sched_credit = 0.0
+        self.model = compile_for_training(self, self.model)
         LOGGER.info("%s: precision %s, global batch %d (%d x %d)", self.name, self.precision,
                     self.global_batch_at_start, self.knobs.batch_size, self.knobs.grad_accum)
+
+    # ---- how the trainer finds and builds a task ---------------------------------------------------------------
+    @classmethod
+    def wanted(cls, cfg: DictConfig, loaders: Any) -> bool:
+        """Whether this run trains the task (given the config and the stage's loaders)."""
+        return True
+
+    @classmethod
+    @abstractmethod
+    def from_loaders(cls, cfg: DictConfig, loaders: Any, device: Any, batch_choice: BatchChoice | None = None,
+                     shard: Callable[[Any], Any] = lambda loader: loader) -> Task:
+        """The task built from the stage's loaders; `shard` wraps its training loader for distributed runs."""
 
     # ---- what a task must say ----------------------------------------------------------------------------------
     @abstractmethod
@@ -149,37 +174,47 @@ class Task(ABC):
         """Raise ResumeMismatchError when a checkpoint holds another model than this run builds (before loading it)."""
 
     def grad_clip(self) -> float | None:
-        """Max gradient norm at an optimizer step (None: no clipping)."""
+        """Max gradient norm at an optimizer step (None: no clipping). train.grad_clip null or 0 turns clipping
+        off for every task; a task with its own norm overrides clip_norm."""
         clip = self.cfg.train.grad_clip
-        return float(clip) if clip else None
+        return self.clip_norm(float(clip)) if clip else None
 
-    @abstractmethod
-    def on_batch_trained(self, batch: Any) -> None:
-        """Bookkeeping after a whole loader batch was trained (e.g. classes seen)."""
+    def clip_norm(self, configured: float) -> float:
+        """The norm this task clips at when clipping is on (default: train.grad_clip itself)."""
+        return configured
+
+    def on_batch_trained(self, batch: Any) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
+        """Bookkeeping after a whole loader batch was trained (e.g. the classes seen); none by default."""
+
+    def predict_val(self) -> tuple[Any, Any]:
+        """(y_true, y_prob) of the validated weights on the validation split, for tasks whose spec says
+        class_probabilities (the report plots and calibration use them)."""
+        raise NotImplementedError(f"{self.name}: its validation gives no class probabilities")
+
+    def class_names(self) -> list[str]:
+        """Class names in index order (for tasks whose spec says class_probabilities)."""
+        return []
 
     def config_snapshot(self) -> dict:
         return config_to_dict(self.cfg)
 
     # ---- construction ------------------------------------------------------------------------------------------
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """DDP when a process group is up (gradients all-reduced on backward), then torch.compile if asked."""
+    def _distribute(self, model: nn.Module) -> nn.Module:
+        """DDP when a process group is up (gradients all-reduced on backward)."""
         if dist.is_available() and dist.is_initialized():
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        mode = str(self.cfg.optimization.torch_compile)
-        if not self.compile_model or mode == "none":
-            return model
-        # Compile now on a dummy batch in eval mode so a failure falls back to eager here, without touching BN stats.
-        model.eval()
-        with torch.no_grad(), self.precision.context(self.device):
-            compiled = try_torch_compile(model, mode, self.compile_example())
-        model.train()
-        return compiled
+            return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
 
-    def compile_example(self) -> Any:
-        """An input that triggers compilation; only tasks with compile_model=True need one."""
-        raise NotImplementedError(f"{self.name} does not support torch.compile")
+    def build_schedule(self, epochs: int) -> None:
+        """The lr schedule over `epochs` of this task's optimizer steps (warmup + cosine, or constant)."""
+        opt_steps = epochs * math.ceil(self.steps_per_epoch() / self.knobs.grad_accum)
+        for group in self.optimizer.param_groups:  # a rebuilt schedule starts from the configured peak again
+            group.pop("initial_lr", None)
+            group["lr"] = self.lr_and_weight_decay()[0]
+        self.scheduler = build_scheduler(str(self.cfg.train.scheduler), self.optimizer, opt_steps,
+                                         int(self.cfg.train.warmup_steps))
 
     def _build_ema(self) -> Any:
         """timm's ModelEmaV3 with its own decay warm-up (a short run would otherwise validate the random init)."""
@@ -352,25 +387,49 @@ class Task(ABC):
             "ema_state": None if self.ema is None else self.ema.module.state_dict(),
             "oom_state": {**asdict(self.knobs), "sched_mode": self.sched_mode, "sched_credit": self._sched_credit},
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
-                           "micro_step": self.micro_step},
+                           "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
+                           "classes_seen": sorted(self.classes_seen)},
         }
 
     def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
-        """Restore weights, optimizer, schedule, scaler, EMA, OOM knobs and counters (refusing another model)."""
+        """Restore weights, optimizer, schedule, scaler, EMA, OOM knobs and counters (refusing another model).
+        A peak learning rate configured differently from the checkpoint's applies from the resumed step on."""
         self.check_compatible(ckpt, origin)
         self.raw_model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        counters = ckpt.get("task_state") or {}
+        self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()
         self._restore_oom_state(ckpt.get("oom_state") or {})
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:
             self.ema.module.load_state_dict(ckpt["ema_state"])
-        counters = ckpt.get("task_state") or {}
         self.optimizer_steps = int(counters.get("optimizer_steps", 0))
         self.samples_seen = int(counters.get("samples_seen", 0))
         self.micro_step = int(counters.get("micro_step", 0))
+        self.classes_seen = set(counters.get("classes_seen", ()))
+
+    def _apply_configured_lr(self, saved_peak: float | None) -> None:
+        """The optimizer and schedule come back with the checkpoint's peak lr; when the config now asks for another
+        peak (e.g. --lr on resume), rescale to it, keeping any OOM recovery scaling."""
+        peak = self.lr_and_weight_decay()[0]
+        if saved_peak is None or math.isclose(peak, float(saved_peak), rel_tol=1e-9, abs_tol=0.0):
+            return
+        scale = peak / float(saved_peak) if saved_peak else 1.0
+        self.scheduler.base_lrs = [lr * scale for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group.get("initial_lr", group["lr"]) * scale
+        # The run's config is the truth for every setting, lr included; a resume without the earlier --lr goes back
+        # to the config's, so say so loudly.
+        LOGGER.warning("%s: peak lr %.2e from the config replaces the checkpoint's %.2e (to keep that one, resume "
+                       "with --lr / train.lr=%.2e)", self.name, peak, float(saved_peak), float(saved_peak))
+
+    @property
+    def peak_lr(self) -> float:
+        """The schedule's peak learning rate in force (the configured one, times any OOM recovery scaling)."""
+        return float(self.scheduler.base_lrs[0])
 
     def _follow_schedule(self) -> None:
         """Set the rate the schedule gives at the resumed step. The schedule is rebuilt from the config, so a run

@@ -6,10 +6,13 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
@@ -22,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.config import apply_stage_overrides, stage_settings
 from pillsnap.engine import checkpointing as ck
-from pillsnap.engine.callbacks import TB_PREFIX, Callback, CallbackList, default_callbacks
+from pillsnap.engine.callbacks import Callback, CallbackList, default_callbacks
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.distributed import (
@@ -35,20 +38,18 @@ from pillsnap.engine.distributed import (
     shard_loader,
 )
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
-from pillsnap.engine.interleave import CLASSIFICATION, DETECTION
 from pillsnap.engine.loop import EmergencyExit, EpochRunner, RunState
 from pillsnap.engine.oom import FAKE_OOM_BATCH_ENV, BatchChoice
 from pillsnap.engine.task import ResumeMismatchError, Task
-from pillsnap.metrics.names import CLASSIFICATION_KEYS, DETECTION_KEYS
 from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, memory_snapshot, resolve_device, set_seed
 from pillsnap.utils.io import save_text
 from pillsnap.utils.logs import streams_are_logs
 
 LOGGER = logging.getLogger(__name__)
-EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP = 0, 2, 3, 4
-# Per task: the config section with its auto batch keys, and the key of its loader batch size.
-AUTO_BATCH = {CLASSIFICATION: ("train.classification", "train.batch_size"),
-              DETECTION: ("train.detection", "train.detection.batch_size")}
+EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+# The tasks a run may train, in the order of a sequential run; each decides from the config and loaders whether
+# it trains (Task.wanted).
+DEFAULT_TASKS: tuple[type[Task], ...] = (ClassificationTask, DetectionTask)
 BuildLoaders = Callable[[DictConfig], Any]  # cfg -> pillsnap.data.Loaders
 
 
@@ -100,8 +101,10 @@ class Trainer:
     """One training run over the tasks that the config and loaders call for."""
 
     def __init__(self, cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
-                 build_loaders: BuildLoaders, extra_callbacks: list[Callback] | None = None) -> None:
+                 build_loaders: BuildLoaders, extra_callbacks: list[Callback] | None = None,
+                 task_types: Sequence[type[Task]] = DEFAULT_TASKS) -> None:
         self.cfg, self.info, self.logger, self.tb = cfg, info, logger, tb
+        self.specs = {t.spec.name: t.spec for t in task_types}
         self.exp_dir = Path(cfg.paths.exp_dir)
         self.store = ck.CheckpointStore(self.exp_dir / "checkpoints")
         if info.is_main:
@@ -110,99 +113,144 @@ class Trainer:
         self.callbacks = CallbackList()
         if info.is_main:
             self.callbacks = default_callbacks(self.exp_dir, logger, tb, float(cfg.train.memory_warning_ratio),
-                                               int(cfg.train.profile_interval))
+                                               int(cfg.train.profile_interval), self.specs)
             self.callbacks.callbacks.extend(extra_callbacks or [])
         self.stage = int(cfg.data.progressive_validation.current_stage)
         self.stage_cfg = stage_settings(cfg)
         self.state = RunState()
         self.auto_batch: dict[str, dict] = {}  # what the auto batch search chose, per task
-        self.tasks = self._build_tasks(build_loaders)
+        self.tasks = self._build_tasks(build_loaders, task_types)
         self.plan = self._epoch_plan()
         self.runner = EpochRunner(self.tasks, cfg, self.state, self.callbacks, logger, info,
                                   self.stage_cfg.get("time_limit_hours"), len(self.plan))
         self.start_epoch, self.history = 0, []
+        self.epoch_done = 0  # the last epoch whose checkpoints are committed
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.stopped: set[str] = set()
         self.status = "running"
 
     # ---- build ------------------------------------------------------------------------------------------------------
-    def _build_tasks(self, build_loaders: BuildLoaders) -> dict[str, Task]:
+    def _build_tasks(self, build_loaders: BuildLoaders, task_types: Sequence[type[Task]]) -> dict[str, Task]:
         loaders = build_loaders(self.cfg)
-        if loaders.cls_train is None or len(loaders.cls_train) == 0:
-            raise ValueError(f"stage {self.stage} has no classification training crops (single-pill photos, or "
-                             "combination pills with data.combo_crops=true): check paths.manifest_dir "
-                             f"({self.cfg.paths.manifest_dir}) and data.progressive_validation.stage_{self.stage}")
-        names = [CLASSIFICATION]
-        if loaders.det_train is not None and str(self.cfg.train.strategy) != "classification":
-            names.append(DETECTION)
-        choices = self._auto_batch(names, loaders)
+        types = [t for t in task_types if t.wanted(self.cfg, loaders)]
+        choices = self._auto_batch(types, loaders)
         if choices:
             loaders = build_loaders(self.cfg)  # rebuilt with the batch sizes the search chose
         self.meta = loaders.meta
-        tasks = {name: self._make_task(name, loaders, choices.get(name)) for name in names}
-        self.logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", names, self.cfg.train.strategy, self.stage,
-                         self.device)
+        tasks = {t.spec.name: self._make_task(t, loaders, self.cfg, choices.get(t.spec.name)) for t in types}
+        self.logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", list(tasks), self.cfg.train.strategy,
+                         self.stage, self.device)
         return tasks
 
-    def _make_task(self, name: str, loaders: Any, choice: BatchChoice | None = None) -> Task:
+    def _make_task(self, task_type: type[Task], loaders: Any, cfg: DictConfig,
+                   choice: BatchChoice | None = None) -> Task:
         seed = int(self.cfg.train.seed)
-        if name == CLASSIFICATION:
-            return ClassificationTask(self.cfg, shard_loader(loaders.cls_train, self.info, seed), loaders.cls_val,
-                                      loaders.meta, self.device, choice)
-        return DetectionTask(self.cfg, shard_loader(loaders.det_train, self.info, seed), loaders.det_val,
-                             self.device, choice)
+        return task_type.from_loaders(cfg, loaders, self.device, choice,
+                                      shard=lambda loader: shard_loader(loader, self.info, seed))
 
-    def _auto_batch(self, names: list[str], loaders: Any) -> dict[str, BatchChoice]:
+    def _auto_batch(self, types: list[type[Task]], loaders: Any) -> dict[str, BatchChoice]:
         """The auto batch search for each task that asks for it; the chosen sizes are written into the config."""
-        wanted = [n for n in names if OmegaConf.select(self.cfg, AUTO_BATCH[n][0]).auto_batch_tune]
+        sections = {t: OmegaConf.select(self.cfg, t.spec.config_section) if t.spec.config_section else None
+                    for t in types}
+        wanted = [t for t in types if sections[t] is not None and sections[t].get("auto_batch_tune")]
         if wanted and self.device.type != "cuda" and not os.environ.get(FAKE_OOM_BATCH_ENV):
             self.logger.info("auto batch measures GPU memory; on %s the configured batch sizes are kept",
                              self.device)
             return {}
+        # The probe trains uncompiled: every trial size would otherwise be a fresh compilation.
+        probe_cfg = copy.deepcopy(self.cfg)
+        probe_cfg.optimization.torch_compile = "none"
         choices = {}
-        for name in wanted:
-            section_key, batch_key = AUTO_BATCH[name]
-            task = self._make_task(name, loaders)
-            choice = task.find_batch_size(int(OmegaConf.select(self.cfg, section_key).auto_batch_max),
+        for task_type in wanted:
+            spec = task_type.spec
+            task = self._make_task(task_type, loaders, probe_cfg)
+            choice = task.find_batch_size(int(sections[task_type].auto_batch_max),
                                           float(self.cfg.train.auto_batch_vram_headroom))
             del task
-            OmegaConf.update(self.cfg, batch_key, choice.batch_size)
-            self.tb.add_scalar(f"{TB_PREFIX[name]}perf/auto_batch_found", choice.batch_size, 0)
-            self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", name, batch_key,
+            OmegaConf.update(self.cfg, spec.batch_key, choice.batch_size)
+            self.tb.add_scalar(f"{spec.tb}perf/auto_batch_found", choice.batch_size, 0)
+            self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", spec.name, spec.batch_key,
                              choice.batch_size, choice.grad_accum, choice.force_fp16)
-            self.auto_batch[name] = {"batch_size": choice.batch_size, "grad_accum": choice.grad_accum,
-                                     "force_fp16": choice.force_fp16, "trials": len(choice.trials)}
-            choices[name] = choice
+            self.auto_batch[spec.name] = {"batch_size": choice.batch_size, "grad_accum": choice.grad_accum,
+                                          "force_fp16": choice.force_fp16, "trials": len(choice.trials)}
+            choices[spec.name] = choice
         return choices
 
     def _epoch_plan(self) -> list[list[str]]:
-        """Tasks trained in each epoch: all of them together, or (sequential) classification then detection."""
-        cls_epochs = int(self.cfg.train.epochs)
-        if str(self.cfg.train.strategy) == "sequential" and DETECTION in self.tasks:
-            return [[CLASSIFICATION]] * cls_epochs + [[DETECTION]] * int(self.cfg.train.detection.epochs)
-        return [list(self.tasks)] * cls_epochs
+        """Tasks trained in each epoch: all together while each has epochs left, or (train.strategy=sequential)
+        one task after the other, each for its own epochs."""
+        epochs = {name: task.epochs() for name, task in self.tasks.items()}
+        if str(self.cfg.train.strategy) == "sequential":
+            return [[name] for name, n in epochs.items() for _ in range(n)]
+        return [[name for name, n in epochs.items() if n > i] for i in range(max(epochs.values(), default=0))]
+
+    def trains(self, name: str) -> bool:
+        """Whether the plan trains task `name` in any epoch."""
+        return any(name in epoch for epoch in self.plan)
 
     # ---- resume -----------------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        """train.resume: restore every task that has a checkpoint; the epochs after the newest one are (re)done."""
+        """train.resume: restore every task that has a checkpoint (train.resume=last: its last one; a path: the
+        checkpoints of that file's generation); the epochs after the newest one are (re)done, and the stage clock
+        goes on from the time the earlier runs spent."""
         epochs = {}
-        for name, task in self.tasks.items():
-            path = ck.resume_source(self.cfg.train.resume, self.store.dir, name)
-            if path is None:
-                continue
-            ckpt = load_ckpt(path, map_location=self.device)
+        specs = [task.spec for task in self.tasks.values()]
+        found = {}
+        for name in self.tasks:
+            path = ck.resume_source(self.cfg.train.resume, self.store.dir, name, specs)
+            if path is not None:
+                found[name] = (path, load_ckpt(path, map_location=self.device))
+        for name, (path, ckpt) in self._same_generation(found).items():
+            task = self.tasks[name]
             task.load_checkpoint_state(ckpt, origin=str(path))
             epochs[name] = int(ckpt["epoch"])
             self.state.global_step = max(self.state.global_step, int(ckpt.get("global_step") or 0))
-            self.logger.info("resumed %s from %s (epoch %d, best %s)", name, path, ckpt["epoch"], ckpt["best_metric"])
+            self.logger.info("resumed %s from %s (epoch %d, best %s); peak lr %.2e, lr now %.2e", name, path,
+                             ckpt["epoch"], ckpt["best_metric"], task.peak_lr, task.lr)
         if not epochs:
             return
-        self.start_epoch = max(epochs.values())
+        self.start_epoch = self.epoch_done = max(epochs.values())
         self.history = ck.previous_history(self.exp_dir / "reports" / "metrics.json", self.start_epoch)
+        self.state.clock_offset = float(self.history[-1].get("elapsed_s") or 0.0) if self.history else 0.0
         es = self.cfg.train.early_stopping
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
                                                            float(es.min_delta))
+            if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
+                self.es_state[name] = new_early_stopping_state()
+                self._start_fresh(name, task)
+
+    def _same_generation(self, found: dict[str, tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
+        """The checkpoints to restore: with train.resume=PATH, the tasks' files of that file's epoch only.
+
+        `best` files of two tasks are rarely of one epoch; restoring both would give one task a schedule and an
+        early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
+        (with a warning naming both epochs); last.pt or train.resume=last keep every task."""
+        if str(self.cfg.train.resume) == "last" or len(found) < 2:
+            return found
+        given = Path(str(self.cfg.train.resume)).resolve()
+        anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
+        if anchor is None:
+            return found
+        kept = {}
+        for name, (path, ckpt) in found.items():
+            if int(ckpt["epoch"]) == int(anchor["epoch"]):
+                kept[name] = (path, ckpt)
+            else:
+                self.logger.warning("%s is from epoch %d, not epoch %d like %s: %s starts fresh (resume from the "
+                                    "last checkpoints, or their last files, to keep every task)", path,
+                                    int(ckpt["epoch"]), int(anchor["epoch"]), given.name, name)
+        return kept
+
+    def _start_fresh(self, name: str, task: Task) -> None:
+        """A task with no checkpoint in a resumed run: its schedule spans the epochs it has left, not all of them."""
+        left = sum(name in epoch for epoch in self.plan[self.start_epoch:])
+        task.build_schedule(left)
+        self.logger.info("%s starts fresh: its schedule spans its %d remaining epoch(s)", name, left)
+
+    def already_trained(self) -> bool:
+        """A resumed run whose checkpoints are already at the last planned epoch."""
+        return self.start_epoch > 0 and self.start_epoch >= len(self.plan)
 
     # ---- validation, checkpoints, stopping --------------------------------------------------------------------------
     def validate(self, epoch: int, active: list[str]) -> dict[str, dict]:
@@ -233,25 +281,26 @@ class Trainer:
                 self.logger.info("early stopping %s at epoch %d (%s best %.4f)", name, epoch, task.monitor,
                                  self.es_state[name]["best"])
             record[name] = {**val[name], **train[name], "lr": task.lr}
-            saves.append(ck.Save(name, ("last", "best") if is_best else ("last",), self._state(name, epoch)))
+            saves.append(ck.Save(name, ("last", "best") if is_best else ("last",), self._state(name, epoch),
+                                 task.spec.checkpoint_aliases))
         self.history.append(record)
         # metrics.json before the checkpoints: a kill in between leaves a history that resume cuts back to the
         # committed epoch, never a committed epoch missing from the history.
         self.callbacks.fire("on_epoch_end", epoch, self.summary(epoch))
         if self.info.is_main:
             self.store.commit(epoch, saves)
+        self.epoch_done = epoch
 
     def elapsed(self) -> float:
         return round(self.state.elapsed(), 2)
 
     def summary(self, epoch: int) -> dict:
         """reports/metrics.json: latest metrics per task, history, stage/time-cap verdict, status."""
-        latest = {CLASSIFICATION: CLASSIFICATION_KEYS, DETECTION: DETECTION_KEYS}
         out: dict[str, Any] = {"epoch": epoch, "status": self.status}
-        for name, keys in latest.items():
+        for name, task in self.tasks.items():
             last = next((h[name] for h in reversed(self.history) if name in h), None)
             if last is not None:
-                out[name] = {k: last.get(k) for k in keys}
+                out[name] = {k: last.get(k) for k in task.spec.summary_keys}
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
         out["system"] = {"device": str(self.device), **memory_snapshot()}
@@ -259,10 +308,15 @@ class Trainer:
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
-            cls = self.tasks[CLASSIFICATION]
-            out["stage"]["time_cap"] = time_cap_success(self.stage_cfg, cls.samples_seen, len(cls.classes_seen))
+            out["stage"]["time_cap"] = self.time_cap_verdict()
         out["history"] = self.history
         return out
+
+    def time_cap_verdict(self) -> dict:
+        """The stage's time-cap success rule over the samples and classes of the tasks that count for it."""
+        counted = [task for task in self.tasks.values() if task.spec.counts_for_time_cap]
+        classes: set[int] = set().union(*(task.classes_seen for task in counted))
+        return time_cap_success(self.stage_cfg, sum(task.samples_seen for task in counted), len(classes))
 
     # ---- the run ----------------------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -282,13 +336,15 @@ class Trainer:
                     break
         except EmergencyExit as err:
             return self._emergency(epoch, str(err))
+        except KeyboardInterrupt:
+            return self._interrupted(epoch)
         return self._finish(epoch)
 
     def _run_epoch(self, epoch: int, active: list[str]) -> None:
         seed_epoch(int(self.cfg.train.seed), epoch, [self.tasks[t].train_loader for t in active])
         self.callbacks.fire("on_epoch_start", epoch, {
             "total_steps": sum(self.tasks[t].steps_per_epoch() for t in active), "max_epochs": len(self.plan),
-            "batch_size": self.tasks[CLASSIFICATION].knobs.batch_size})
+            "batch_size": self.tasks[active[0]].knobs.batch_size})
         train = self.runner.train_one_epoch(epoch, active)
         if self.info.enabled:
             for name in active:
@@ -321,6 +377,16 @@ class Trainer:
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return EXIT_OOM
 
+    def _interrupted(self, epoch: int) -> int:
+        """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""
+        self.status = "interrupted"
+        # An interrupt between metrics.json and the checkpoint commit leaves the uncommitted epoch in the history.
+        self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
+        self.logger.warning("interrupted during epoch %d; the checkpoints hold epoch %d, where train.resume=last "
+                            "(--resume) continues", epoch, self.epoch_done)
+        self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
+        return EXIT_INTERRUPTED
+
 
 def _prepare_cfg(cfg: DictConfig) -> DictConfig:
     cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
@@ -328,13 +394,32 @@ def _prepare_cfg(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
-                 callbacks: list[Callback] | None = None) -> tuple[int, Trainer | None]:
-    """Run training per `cfg`; returns (exit code, the Trainer or None when it could not start).
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a `kill`, a scheduler's stop) ends the run the way Ctrl-C does: status, logs and resume hint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    Exit codes: 0 ok, 2 config/resume error, 3 OOM give-up, 4 time cap failed. `build_loaders(cfg)` defaults to
-    pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults. Under `torchrun` every
-    rank runs this; only rank 0 writes files.
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
+                 callbacks: list[Callback] | None = None,
+                 task_types: Sequence[type[Task]] = DEFAULT_TASKS) -> tuple[int, Trainer | None]:
+    """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
+
+    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error, 3 OOM give-up, 4 time
+    cap failed, 130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to
+    pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
+    Task classes the run may train. Under `torchrun` every rank runs this; only rank 0 writes files.
     """
     info = init_distributed()
     cfg = _prepare_cfg(cfg)
@@ -347,18 +432,31 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
     barrier(info)
     tb = TBWriter(exp_dir, enabled=info.is_main)
     try:
-        with run_logging(exp_dir, info.is_main) as logger:
-            try:
-                trainer = Trainer(cfg, info, logger, tb, build_loaders or partial(default_build_loaders, tb=tb),
-                                  callbacks)
-                trainer.resume()
-            except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
-                logger.error("cannot start training: %s", err)
-                return EXIT_CONFIG, None
-            return trainer.fit(), trainer
+        with sigterm_as_interrupt(), run_logging(exp_dir, info.is_main) as logger:
+            return _start_and_fit(cfg, info, logger, tb, build_loaders or partial(default_build_loaders, tb=tb),
+                                  callbacks, task_types)
     finally:
         tb.close()
         cleanup(info)
+
+
+def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
+                   build_loaders: BuildLoaders, callbacks: list[Callback] | None,
+                   task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
+    try:
+        trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
+        trainer.resume()
+    except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
+        logger.error("cannot start training: %s", err)
+        return EXIT_CONFIG, None
+    except KeyboardInterrupt:
+        logger.warning("interrupted before training started")
+        return EXIT_INTERRUPTED, None
+    if trainer.already_trained():
+        logger.warning("already trained to epoch %d; raise --epochs (train.epochs=%s now) to continue",
+                       trainer.start_epoch, cfg.train.epochs)
+        return EXIT_OK, None
+    return trainer.fit(), trainer
 
 
 def main(cfg: DictConfig, build_loaders: BuildLoaders | None = None) -> int:

@@ -1,6 +1,7 @@
 """Calibrating a trained classifier at the end of training: fit the temperature on the validation split, choose the
 "unknown pill" threshold there, measure both (ECE before and after, a reliability diagram; AUROC, coverage and
-accuracy against classes held out of training), and store them beside the model for inference."""
+accuracy against classes held out of training), and store them beside the model for inference, where
+pillsnap.infer.artefacts reads them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
 from pillsnap.metrics.calibration import (
     bins_of,
     calibrated_probs,
@@ -31,53 +33,17 @@ from pillsnap.metrics.novelty import (
     unknown_scores,
 )
 from pillsnap.models.export import file_sha256
-from pillsnap.utils import read_json, save_json
+from pillsnap.utils import save_json
 
 LOGGER = logging.getLogger(__name__)
-CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
-FEATURES_FILE = "unknown_features.npz"  # beside it: the class Gaussians the feature_distance rule measures against
 
 
-def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | None:
-    """The calibration stored for `classifier`, or None when there is none, it was fit for other weights, or an
-    older PillSnap wrote it (each said once in the log)."""
-    path = Path(ckpt_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    stored = read_json(path)
-    if stored.get("classifier_sha256") != file_sha256(classifier):
-        LOGGER.warning("%s was fit for other classifier weights: probabilities are shown uncalibrated "
-                       "(recalibrate: pillsnap calibrate --exp EXP)", path)
-        return None
-    if not isinstance(stored.get("unknown_thresholds"), dict):  # written before there were two rules
-        old = float(stored.get("unknown_threshold") or 0.0)
-        stored["unknown_thresholds"] = {"probability": 1.0 - old if old > 0 else None, "feature_distance": None}
-        LOGGER.warning("%s was written by an older PillSnap: its temperature and top-1 probability threshold are used; "
-                       "for the feature-distance rule recalibrate (pillsnap calibrate --exp EXP)", path)
-    return stored
+def _outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = True,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, log-probabilities, pre-logit features) of a WithFeatures model over a loader, in fp32.
 
-
-def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
-                      rule: str) -> tuple[float | None, ClassGaussians | None]:
-    """(threshold, ClassGaussians or None) of `rule` from a loaded calibration; threshold None: the rule is off
-    (unknown_keep_correct was 0, or the feature file is missing or not the one fit with these thresholds, which is
-    said in the log)."""
-    threshold = calibration["unknown_thresholds"].get(check_unknown_rule(rule))
-    if rule != "feature_distance" or threshold is None:
-        return threshold, None
-    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    problem = "missing" if not path.is_file() else (
-        "not the file fit with these thresholds" if file_sha256(path) != calibration.get("features_sha256") else None)
-    if problem:
-        LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is %s: no pill is answered as "
-                       "unknown (recalibrate: pillsnap calibrate --exp EXP, or set inference.unknown_rule=probability)",
-                       path, problem)
-        return None, None
-    return threshold, ClassGaussians.load(path)
-
-
-def _outputs(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, log-probabilities, pre-logit features) of a WithFeatures model over a loader, in fp32."""
+    keep_log_probs=False returns an empty [N, 0] array instead: with 5,000 classes the log-probabilities of the
+    training crops the class Gaussians are fit on would take gigabytes and nothing reads them."""
     import torch
 
     labels, log_probs, features = [], [], []
@@ -87,42 +53,46 @@ def _outputs(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarr
                 continue
             logits, feats = model(batch[0].to(device))
             labels.append(batch[1].numpy())
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1).cpu().numpy())
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1).cpu().numpy() if keep_log_probs
+                             else np.zeros((len(logits), 0), np.float32))
             features.append(feats.float().cpu().numpy())
     if not labels:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(labels), np.concatenate(log_probs), np.concatenate(features)
 
 
+# Forward passes only, no gradients: a batch this size fits any device at the classifier's input size.
+EVAL_BATCH = 64
 ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
 
 
 def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
                        topk: int, threads: int = 0, limit: int = ANSWER_CROPS) -> dict | None:
-    """How well the probability of the final answers means what it says: the first `limit` validation crops go
-    through the pipeline's evidence step (the imprint read where the contenders' imprints differ, then the
-    posterior of infer/matching.py), and their top answers' accuracy and ECE are measured. None without the
-    imprint reader (rapidocr-onnxruntime)."""
+    """How well the probability of the final answers means what it says: the first `limit` validation crops get
+    the pipeline's answer (the imprint read where the contenders' imprints differ, then the posterior of
+    pillsnap.infer.answer; the unknown-pill rule is measured apart), and their top answers' accuracy and ECE are
+    measured. None without the imprint reader (rapidocr-onnxruntime)."""
     import torch
 
+    from pillsnap.infer.answer import Classified, UnknownRule, classifier_candidates, decide_answer
     from pillsnap.infer.evidence import Evidence
 
     evidence = Evidence(class_map, read_imprints=True, threads=threads)
     if evidence.reader() is None:
         return None
+    no_unknown = UnknownRule("probability", None, len(class_names))
     confidence, correct = [], []
     device = next(model.parameters()).device
     for index in range(min(limit, len(dataset))):
         crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: the model and the reader
         with torch.no_grad():
             logits = model(dataset.transform(crop)[None].to(device))[0]
-        probs = torch.softmax(logits.float() / temperature, -1)[0].cpu()
-        values, indices = probs.topk(min(topk, len(class_names)))
-        candidates = [{"mapping_code": class_names[i], "probability": float(p)}
-                      for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
-        ranked, _ = evidence.apply(crop, candidates, None)
-        confidence.append(ranked[0]["probability"])
-        correct.append(ranked[0]["mapping_code"] == class_names[label])
+        probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
+        candidates = classifier_candidates(probs, topk, class_names, class_map)[0]
+        answer = decide_answer(Classified(candidates, None), class_map, evidence.read(crop, candidates), None,
+                               no_unknown)
+        confidence.append(answer.candidates[0]["probability"])
+        correct.append(answer.candidates[0]["mapping_code"] == class_names[label])
     confidence_arr, correct_arr = np.asarray(confidence), np.asarray(correct)
     return {"n": int(len(correct)), "accuracy": float(correct_arr.mean()),
             "ece": ece_of(confidence_arr, correct_arr), "ece_sampling_floor": ece_sampling_floor(confidence_arr),
@@ -139,12 +109,18 @@ def _loader(dataset: Any, cfg: DictConfig) -> Any:
 
     from pillsnap.data.datasets import safe_collate
 
-    return DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=safe_collate,
+    return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, collate_fn=safe_collate,
                       num_workers=int(cfg.dataloader.num_workers))
 
 
+# Held-out crops the unknown-pill rules are measured on. Early stages of the real data leave thousands of classes
+# out; a bounded sample spread over them measures AUROC as well as all of them would, in minutes instead of hours.
+HELD_OUT_CROPS = 2000
+
+
 def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
-    """Single-pill photos of manifest classes the classifier never saw (None when the stage used them all)."""
+    """Single-pill photos of manifest classes the classifier never saw (None when the stage used them all): at most
+    HELD_OUT_CROPS, spread evenly over those classes."""
     from pillsnap.data import load_manifest
     from pillsnap.data.datasets import ClassificationDataset
 
@@ -155,6 +131,9 @@ def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
     rows = rows[(rows["image_type"] == "single") & ~rows["mapping_code"].isin(known)]
     if rows.empty:
         return None
+    per_class = max(1, HELD_OUT_CROPS // rows["mapping_code"].nunique())
+    rows = rows.sample(frac=1.0, random_state=int(cfg.train.seed)).groupby("mapping_code", sort=False).head(per_class)
+    rows = rows.head(HELD_OUT_CROPS)
     index = dict.fromkeys(rows["mapping_code"].unique(), 0)  # labels are unused: these classes have no index
     return _loader(ClassificationDataset(rows, index, int(cfg.model.image_size), False, float(cfg.data.crop_margin)),
                    cfg)
@@ -221,26 +200,29 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     model = WithFeatures(load_classifier_for_inference(ckpt, device)[0]).eval()
     y_true, log_p, features = _outputs(model, loaders.cls_val, device)
     temperature = fit_temperature(log_p, y_true)
-    raw, cal = calibrated_probs(log_p, 1.0), calibrated_probs(log_p, temperature)
+    raw = calibrated_probs(log_p, 1.0)
+    before = {"ece_before": expected_calibration_error(raw, y_true), "bins_before": reliability_bins(raw, y_true)}
+    del raw  # one [N, C] array at a time: at 5,000 classes each is gigabytes
+    cal = calibrated_probs(log_p, temperature)
 
     fit_view = loaders.cls_train.dataset.evaluation_view(int(cfg.inference.unknown_fit_per_class),
                                                          int(cfg.train.seed))
-    fit_labels, _, fit_features = _outputs(model, _loader(fit_view, cfg), device)
+    fit_labels, _, fit_features = _outputs(model, _loader(fit_view, cfg), device, keep_log_probs=False)
     gaussians = ClassGaussians.fit(fit_features, fit_labels)
     correct = cal.argmax(axis=1) == y_true
     val_distances = gaussians.score(features)
     val_scores = {name: unknown_scores(name, cal, val_distances) for name in UNKNOWN_RULES}
     thresholds = {name: _finite(rejection_threshold(scores, correct, keep)) if keep > 0 else None
                   for name, scores in val_scores.items()}
-    stored = {"temperature": temperature, "unknown_rule": rule, "unknown_threshold": thresholds[rule],
-              "unknown_thresholds": thresholds, "unknown_rule_description": UNKNOWN_RULES[rule],
+    # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
+    stored = {"temperature": temperature, "unknown_rule": rule, "unknown_thresholds": thresholds,
+              "unknown_rule_description": UNKNOWN_RULES[rule],
               "unknown_keep_correct": keep, "features_file": FEATURES_FILE, "classifier_sha256": file_sha256(ckpt),
               "n_val": int(len(y_true)), "n_features_fit": int(len(fit_labels))}
     report = {**stored, "nll_before": nll(log_p, y_true), "nll_after": nll(log_p, y_true, temperature),
-              "ece_before": expected_calibration_error(raw, y_true),
-              "ece_after": expected_calibration_error(cal, y_true),
+              "ece_before": before["ece_before"], "ece_after": expected_calibration_error(cal, y_true),
               "ece_sampling_floor": ece_sampling_floor(cal.max(axis=1)),
-              "bins_before": reliability_bins(raw, y_true), "bins_after": reliability_bins(cal, y_true)}
+              "bins_before": before["bins_before"], "bins_after": reliability_bins(cal, y_true)}
     held_out = _held_out_loader(cfg, set(loaders.meta["class_names"]))
     if held_out is not None:
         _, unknown_log_p, unknown_features = _outputs(model, held_out, device)

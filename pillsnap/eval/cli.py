@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stage to evaluate (default: the run's data.progressive_validation.current_stage)")
     parser.add_argument("--cfg", default=None,
                         help="config file (default: EXP/config.yaml, the run's resolved config)")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N: where latencies are measured (default: the device the run "
+                             "trained on, when this machine has it)")
     add_choice_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.set_defaults(func=run)
@@ -46,13 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_config(exp: Path, cfg_file: str | None, overrides: list[str]) -> Any:
-    from pillsnap.config import load_config
+    from pillsnap.config import load_run_config
 
-    cfg_path = Path(cfg_file) if cfg_file else exp / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: give --cfg, or train the experiment first "
-                                "(a run writes its resolved config to EXP/config.yaml)")
-    return load_config(cfg_path, [f"paths.exp_dir={exp}", *overrides], dotenv_path=None)
+    # the run's own config (EXP/config.yaml unless --cfg), from any directory; both commands read the manifests
+    return load_run_config(exp, overrides, cfg_file, required=("manifest_dir",))
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -72,14 +72,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pillsnap.eval.gates import verdict_line
     from pillsnap.eval.stage_eval import evaluate_stage, format_decision
 
     exp = Path(args.exp)
+    if args.choice is not None and not 1 <= args.choice <= 3:  # every verdict offers three options
+        logging.getLogger("pillsnap").error("evaluate: --choice must be 1, 2 or 3, got %d", args.choice)
+        return 2
     overrides = list(args.overrides)
     if args.stage is not None:
         overrides.append(f"data.progressive_validation.current_stage={args.stage}")
     cfg = _run_config(exp, args.cfg, overrides)
-    report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes)
+    try:
+        report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
+    except ValueError as err:  # another stage's run, an unusable --device, a bad --choice
+        logging.getLogger("pillsnap").error("evaluate: %s", err)
+        return 2
     print(format_decision(report))
     print(f"chosen: {report['choice']['text']} ({report['choice']['how']})")
+    print(verdict_line(report))
     return 0

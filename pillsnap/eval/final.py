@@ -1,7 +1,8 @@
-"""Final test evaluation: the only place the test split is ever loaded.
+"""Final test evaluation of the checkpoints: the one place training loads the test split (the demo's end-to-end
+figures, pillsnap.eval.pipeline_report, read its photos too, after training is over).
 
-Runs once after the last stage: best checkpoints on the test loaders, val-vs-test gap (overfitting check),
-business goals (single-pill macro-F1 ≥ 0.92, combination mAP@0.5 ≥ 0.85), a recommendation, and
+Runs once after the last stage: best checkpoints on the test loaders, val-vs-test gap (overfitting check), the
+business goals (pillsnap.eval.criteria.BUSINESS_GOALS), a recommendation, and
 {exp_dir}/reports/final_test_results.json.
 """
 
@@ -13,11 +14,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pillsnap.eval.criteria import BUSINESS_GOALS
 from pillsnap.metrics.names import final_test_name
 from pillsnap.utils import read_json, resolve_device, save_json
 
 LOGGER = logging.getLogger(__name__)
-BUSINESS_GOALS = {"classification.macro_f1": 0.92, "detection.mAP@0.5": 0.85}
 
 
 def _test_classification(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> dict:

@@ -1,19 +1,23 @@
 """The stage decision as pure functions of plain values: the simple Go/No-Go gate, the performance score against
-the stage's targets, the optimisation advisor, and the two combined.
+the stage's targets, the optimisation advisor, and the one verdict that reconciles them.
 
 `results` is nested by section with PillSnap's metric keys (see eval/stage_eval.py for how a run fills it):
 {"classification": {"acc": ...}, "detection": {"mAP@0.5": ...}, "system": {...}, "optimization": {...},
-"mandatory_checks": {"pipeline_complete": True, ...}, "latency_p95_ms": ..., "n_eval_samples": ...,
-"class_coverage": ..., "no_crashes": ..., "memory_stable": ..., "repeated_oom": ..., "nan_loss": ...,
-"data_corruption_rate": ..., "time_cap": {"success": ...} or None}.
+"advanced": {...}, "mandatory_checks": {"pipeline_complete": True, ...}, "latency_p95_ms": ..., "n_eval_samples": ...,
+"n_eval_available": ..., "class_coverage": ..., "no_crashes": ..., "memory_stable": ..., "repeated_oom": ...,
+"nan_loss": ..., "data_corruption_rate": ..., "time_cap": {"success": ...} or None, "device": "cpu" | "cuda:0"}.
+A figure whose target holds for another device class than `device` is "not comparable": reported with its value
+and device, and left out of both the gate and the score.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from pillsnap.eval.criteria import EXTERNAL_CHECKS, TIME_CAP_CHECKS, stage_criteria
+from pillsnap.eval.criteria import ADVISOR, EXTERNAL_CHECKS, TIME_CAP_CHECKS, StageCriteria, stage_criteria
+from pillsnap.eval.suggestions import FALLBACK, action_for, suggestions_for
 
 
 def metric(results: dict | None, path: str) -> float | None:
@@ -24,31 +28,107 @@ def metric(results: dict | None, path: str) -> float | None:
     return None if value is None else float(value)
 
 
-def simple_stage_evaluation(stage: int, results: dict, baseline: dict | None = None) -> tuple[bool, list[str]]:
-    """The simple gate: (go, reasons), one reason code per failed check (latency, samples, coverage, regression
-    against `baseline`, accuracy with hysteresis, crashes, memory)."""
+# ---- the simple gate ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateCheck:
+    """One check of the simple gate: its reason code, whether it passed, and what was measured against what."""
+
+    code: str
+    ok: bool
+    detail: str
+    comparable: bool = True
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+def _latency_check(t: StageCriteria, results: dict) -> GateCheck:
+    device = results.get("device")
+    p95 = float(results.get("latency_p95_ms", math.inf) or math.inf)
+    detail = f"pipeline p95 {p95:.4g} ms on {device or 'an unrecorded device'} (target <= {t.max_latency_ms:g} ms"
+    if device is not None and device.split(":")[0] != t.latency_device:
+        return GateCheck("LATENCY_P95_TOO_HIGH", True, detail + f" on {t.latency_device})", comparable=False)
+    return GateCheck("LATENCY_P95_TOO_HIGH", p95 <= t.max_latency_ms, detail + ")")
+
+
+def required_samples(t: StageCriteria, results: dict) -> int:
+    """The design's sample floor, or every crop of the validation split when the split holds fewer (a real stage 1
+    or 2 split is smaller than the design's figure: see docs/DESIGN_MAP.md)."""
+    available = results.get("n_eval_available")
+    return t.min_eval_samples if available is None else min(t.min_eval_samples, int(available))
+
+
+# How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.
+FINISHED_STATUSES = ("completed", "early_stopped", "time_capped")
+
+
+def gate_checks(stage: int, results: dict, baseline: dict | None = None) -> list[GateCheck]:
+    """Every check of the simple gate, passed or not."""
     t = stage_criteria(stage)
     acc = metric(results, "classification.acc") or 0.0
     base = metric(baseline, "classification.acc")
-    checks = {
-        "LATENCY_P95_TOO_HIGH": float(results.get("latency_p95_ms", math.inf)) <= t.max_latency_ms,
-        "NOT_ENOUGH_SAMPLES": int(results.get("n_eval_samples", 0)) >= t.min_eval_samples,
-        "COVERAGE_TOO_LOW": float(results.get("class_coverage", 0.0)) >= t.min_coverage,
-        "REGRESSION_TOO_LARGE": base is None or acc >= base - t.max_acc_drop,
-        "ACC_BELOW_TARGET": acc >= t.min_accuracy - t.epsilon_acc,  # hysteresis: a hair below still passes
-        "CRASH_DETECTED": bool(results.get("no_crashes", False)),
-        "MEMORY_UNSTABLE": bool(results.get("memory_stable", False)),
-    }
-    reasons = [reason for reason, ok in checks.items() if not ok]
-    return not reasons, reasons
+    n, need = int(results.get("n_eval_samples", 0)), required_samples(t, results)
+    coverage = float(results.get("class_coverage", 0.0))
+    floor = t.min_accuracy - t.epsilon_acc  # hysteresis: a hair below still passes
+    return [
+        _latency_check(t, results),
+        GateCheck("NOT_ENOUGH_SAMPLES", n >= need, f"{n} validation samples evaluated (need >= {need}, the design "
+                                                   f"asks {t.min_eval_samples})"),
+        GateCheck("COVERAGE_TOO_LOW", coverage >= t.min_coverage,
+                  f"class coverage {coverage:.3g} (target >= {t.min_coverage:g})"),
+        GateCheck("REGRESSION_TOO_LARGE", base is None or acc >= base - t.max_acc_drop,
+                  f"classification.acc {acc:.4g} vs previous {base if base is None else f'{base:.4g}'} "
+                  f"(at most {t.max_acc_drop:g} lower)"),
+        GateCheck("ACC_BELOW_TARGET", acc >= floor,
+                  f"classification.acc {acc:.4g} (target >= {t.min_accuracy:g}, {floor:g} with hysteresis)"),
+        GateCheck("CRASH_DETECTED", bool(results.get("no_crashes", False)),
+                  f"run status {results.get('run_status', 'unknown')}, NaN loss {bool(results.get('nan_loss'))}"),
+        GateCheck("RUN_NOT_FINISHED", results.get("run_status") in (None, *FINISHED_STATUSES),
+                  f"run status {results.get('run_status')} (a stage is judged on a run that ended: "
+                  f"{', '.join(FINISHED_STATUSES)})"),
+        GateCheck("MEMORY_UNSTABLE", bool(results.get("memory_stable", False)),
+                  f"RSS growth {results.get('memory_growth')} (at most {ADVISOR.memory_growth_limit:g}x)"),
+    ]
+
+
+def simple_stage_evaluation(stage: int, results: dict, baseline: dict | None = None) -> tuple[bool, list[str]]:
+    """The design's simple gate: (go, reason codes of the failed checks). A latency measured on another device
+    class than the target's is not comparable and fails nothing."""
+    failed = [c.code for c in gate_checks(stage, results, baseline) if not c.ok]
+    return not failed, failed
+
+
+# ---- the advisor ----------------------------------------------------------------------------------------------------
+# Figures the training run recorded (throughput, batch sizes, memory) were measured on the device it trained on,
+# which need not be the one the evaluation runs on.
+RUN_RECORDED = ("optimization.", "scalability.multi_batch_size", "system.")
+
+
+def measured_on(results: dict, path: str) -> str | None:
+    """The device a figure of the results was measured on."""
+    if path.startswith(RUN_RECORDED) and results.get("training_device"):
+        return results["training_device"]
+    return results.get("device")
+
+
+def not_comparable(results: dict, stage: int) -> list[dict]:
+    """Measured figures whose targets hold for another device class, with value, threshold and both devices."""
+    out = []
+    for target in stage_criteria(stage).targets:
+        value, device = metric(results, target.path), measured_on(results, target.path)
+        if value is not None and not target.comparable(device):
+            out.append({"path": target.path, "value": value, "threshold": target.threshold,
+                        "target_device": target.device, "device": device})
+    return out
 
 
 def performance_ratios(results: dict, stage: int) -> dict[str, float]:
-    """Achievement in [0, 1] of each target the results measure (unmeasured targets are left out)."""
+    """Achievement in [0, 1] of each target the results measure comparably (the rest are left out)."""
     ratios = {}
     for target in stage_criteria(stage).targets:
         value = metric(results, target.path)
-        if value is not None and not math.isnan(value):
+        if value is not None and not math.isnan(value) and target.comparable(measured_on(results, target.path)):
             ratios[target.path] = target.ratio(value)
     return ratios
 
@@ -60,39 +140,29 @@ def calculate_performance_score(results: dict, stage: int) -> float:
 
 
 def generate_optimization_suggestions(results: dict, stage: int) -> list[str]:
-    """Concrete knobs to turn, from what the results show."""
-    suggestions = []
+    """Concrete knobs to turn, from what the results show (see eval/suggestions.py)."""
     ratios = performance_ratios(results, stage)
-    if (metric(results, "system.gpu_memory_gb") or 0) > 14:
-        suggestions.append("Reduce train.batch_size or model.image_size (GPU memory use is high)")
-    if ratios.get("detection.mAP@0.5", 1.0) < 0.8:
-        suggestions.append("Tune the detector: train.detection.lr, more detection steps (train.interleave_ratio), "
-                           "more train.detection.epochs")
-        suggestions.append("Strengthen data augmentation or add combination photos")
-    if ratios.get("classification.acc", 1.0) < 0.8:
-        suggestions.append("Regularise the classifier (loss.label_smoothing, train.ema.enabled) and train longer")
-        suggestions.append("Counter class imbalance (loss.use_class_weights=true)")
-    if (metric(results, "system.data_loading_s") or 0) > 3:
-        suggestions.append("Tune dataloader.num_workers (dataloader.autotune_workers=true)")
-        suggestions.append("Enable the preprocessed cache (data.cache.enabled=true)")
-    return suggestions
+    unmet = [path for path, ratio in ratios.items() if ratio < 1.0]
+    return suggestions_for(results, unmet, ratios, [])
 
 
 def _critical(results: dict) -> list[str]:
     reasons = []
-    if int(results.get("repeated_oom", 0)) > 5:
-        reasons.append(f"REPEATED_OOM ({results['repeated_oom']} recoveries)")
+    if int(results.get("repeated_oom", 0)) > ADVISOR.max_oom_recoveries:
+        reasons.append(f"REPEATED_OOM: {results['repeated_oom']} recoveries (at most {ADVISOR.max_oom_recoveries})")
     if results.get("nan_loss"):
-        reasons.append("NAN_LOSS")
-    if float(results.get("data_corruption_rate", 0.0)) > 0.01:
-        reasons.append(f"DATA_CORRUPTION ({100 * results['data_corruption_rate']:.1f}% of records unreadable)")
+        reasons.append("NAN_LOSS: a training or validation loss was NaN")
+    rate = float(results.get("data_corruption_rate", 0.0))
+    if rate > ADVISOR.max_corruption_rate:
+        reasons.append(f"DATA_CORRUPTION: {100 * rate:.1f}% of label files unreadable "
+                       f"(at most {100 * ADVISOR.max_corruption_rate:g}%)")
     return reasons
 
 
 def _options(recommendation: str, stage: int) -> list[str]:
+    proceed = f"[1] Proceed to stage {stage + 1}" if stage < 4 else "[1] Run the final test evaluation"
     return {
-        "RECOMMEND_PROCEED": [f"[1] Proceed to stage {stage + 1}", "[2] Optimise further at this stage",
-                              "[3] Write a detailed report"],
+        "RECOMMEND_PROCEED": [proceed, "[2] Optimise further at this stage", "[3] Write a detailed report"],
         "SUGGEST_OPTIMIZE": ["[1] Apply the suggestions and retry", "[2] Proceed anyway (risky)",
                              "[3] Debug mode (rerun with -v)"],
         "WARN_STOP": ["[1] Apply strong optimisation and retry", "[2] Revisit the architecture",
@@ -103,10 +173,20 @@ def _options(recommendation: str, stage: int) -> list[str]:
 
 
 def _verdict(recommendation: str, reason: str, stage: int, score: float, reasons: list[str],
-             suggestions: list[str], unmeasured: list[str]) -> dict:
+             suggestions: list[str], unmeasured: list[str], incomparable: list[dict]) -> dict:
     return {"recommendation": recommendation, "reason": reason, "performance_score": round(score, 4),
             "reasons": reasons, "suggestions": suggestions, "unmeasured": unmeasured,
-            "user_options": _options(recommendation, stage)}
+            "not_comparable": incomparable, "user_options": _options(recommendation, stage)}
+
+
+def _score_recommendation(score: float, weak: bool) -> tuple[str, str]:
+    if score >= 1.0:
+        return "RECOMMEND_PROCEED", "all_targets_met"
+    if score >= ADVISOR.proceed_score and not weak:
+        return "RECOMMEND_PROCEED", "sufficient_performance"
+    if score >= ADVISOR.optimize_score:
+        return "SUGGEST_OPTIMIZE", "quality_target_far_below" if weak else "performance_below_target"
+    return "WARN_STOP", "performance_too_low"
 
 
 def evaluate_and_recommend(stage: int, results: dict) -> dict:
@@ -114,51 +194,82 @@ def evaluate_and_recommend(stage: int, results: dict) -> dict:
     reason code, the score, every reason behind it, the suggestions and the user's options. Never asks anything
     itself (see eval/stage_eval.py)."""
     criteria = stage_criteria(stage)
+    incomparable = not_comparable(results, stage)
     critical = _critical(results)
     if critical:
         return _verdict("CRITICAL_FAILURE", "critical_failure", stage, 0.0, critical,
-                        ["Inspect logs/train.err and the scan report before retrying"], [])
+                        suggestions_for(results, [], {}, critical), [], incomparable)
     checks = results.get("mandatory_checks") or {}
     failed = [f"MANDATORY_CHECK_FAILED: {c}" for c in criteria.mandatory_checks
               if c not in EXTERNAL_CHECKS and checks.get(c) is not True]
     unverified = [f"UNVERIFIED: {c} (not something a training run can check)" for c in criteria.mandatory_checks
                   if c in EXTERNAL_CHECKS and checks.get(c) is not True]
-    score = calculate_performance_score(results, stage)
-    suggestions = generate_optimization_suggestions(results, stage)
     measured = performance_ratios(results, stage)
-    unmeasured = [t.path for t in criteria.targets if t.path not in measured]
+    score = sum(measured.values()) / len(measured) if measured else 0.0
+    skipped = {item["path"] for item in incomparable}
+    unmeasured = [t.path for t in criteria.targets if t.path not in measured and t.path not in skipped]
     unmet = [t for t in criteria.targets if measured.get(t.path, 1.0) < 1.0]
     reasons = failed + [f"TARGET_NOT_MET: {t.describe(metric(results, t.path))}" for t in unmet] + unverified
+    suggestions = suggestions_for(results, [t.path for t in unmet], measured, failed)
     if failed:
-        return _verdict("WARN_STOP", "mandatory_check_failed", stage, score, reasons, suggestions, unmeasured)
-    dead = [t for t in unmet if t.quality and measured[t.path] == 0.0]
-    weak = [t for t in unmet if t.quality and measured[t.path] < 0.5]
-    if dead:
-        return _verdict("WARN_STOP", "model_not_learning", stage, score, reasons, suggestions, unmeasured)
-    if score >= 1.0:
-        return _verdict("RECOMMEND_PROCEED", "all_targets_met", stage, score, reasons, suggestions, unmeasured)
-    if score >= 0.7 and not weak:
-        return _verdict("RECOMMEND_PROCEED", "sufficient_performance", stage, score, reasons, suggestions,
-                        unmeasured)
-    if score >= 0.5:
-        reason = "quality_target_far_below" if weak else "performance_below_target"
-        return _verdict("SUGGEST_OPTIMIZE", reason, stage, score, reasons, suggestions, unmeasured)
-    return _verdict("WARN_STOP", "performance_too_low", stage, score, reasons, suggestions, unmeasured)
+        return _verdict("WARN_STOP", "mandatory_check_failed", stage, score, reasons, suggestions, unmeasured,
+                        incomparable)
+    if any(t.quality and measured[t.path] == 0.0 for t in unmet):
+        return _verdict("WARN_STOP", "model_not_learning", stage, score, reasons, suggestions, unmeasured,
+                        incomparable)
+    weak = any(t.quality and measured[t.path] < ADVISOR.weak_share for t in unmet)
+    recommendation, reason = _score_recommendation(score, weak)
+    return _verdict(recommendation, reason, stage, score, reasons, suggestions, unmeasured, incomparable)
+
+
+# ---- the one verdict ------------------------------------------------------------------------------------------------
+def _time_cap_go(stage: int, results: dict, advice: dict) -> bool:
+    """The design's time-cap rule: a time-capped stage 1 that processed its minimum samples and classes counts as a
+    success on its own checks (pipeline complete, classifier loads), unless the run failed critically."""
+    checks = results.get("mandatory_checks") or {}
+    return (stage == 1 and bool((results.get("time_cap") or {}).get("success"))
+            and advice["recommendation"] != "CRITICAL_FAILURE"
+            and all(checks.get(c) is True for c in TIME_CAP_CHECKS))
 
 
 def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> dict:
-    """GO when the simple gate passes and the advisor recommends proceeding. A time-capped stage 1 that meets the
-    time-cap rule is GO on its own mandatory checks; its metrics are still reported."""
-    go, gate_reasons = simple_stage_evaluation(stage, results, baseline)
+    """One verdict: GO exactly when the recommendation is RECOMMEND_PROCEED. The advisor's recommendation stands
+    unless the simple gate fails, which turns a score-based "proceed" into SUGGEST_OPTIMIZE naming what to change;
+    a time-capped stage 1 meeting the time-cap rule proceeds on its own checks. Every reason carries its value and
+    threshold; `action` is the one next step."""
+    checks = gate_checks(stage, results, baseline)
+    gate_failed = [c for c in checks if not c.ok]
     advice = evaluate_and_recommend(stage, results)
-    time_cap = results.get("time_cap") or {}
-    checks = results.get("mandatory_checks") or {}
-    if stage == 1 and time_cap.get("success"):
-        status = "GO" if all(checks.get(c) is True for c in TIME_CAP_CHECKS) else "NO_GO"
+    recommendation, reason, suggestions = advice["recommendation"], advice["reason"], list(advice["suggestions"])
+    if _time_cap_go(stage, results, advice):
+        recommendation, reason = "RECOMMEND_PROCEED", "time_cap_rule"
         rule = "time cap reached with the minimum samples and classes: the stage counts as a success"
     else:
-        status = "GO" if go and advice["recommendation"] == "RECOMMEND_PROCEED" else "NO_GO"
         rule = "GO needs the simple gate to pass and the advisor to recommend proceeding"
-    return {"stage": stage, "status": status, "rule": rule, "recommendation": advice["recommendation"],
-            "reasons": gate_reasons + advice["reasons"], "go_no_go": {"go": go, "reasons": gate_reasons},
-            "advisor": advice}
+        if gate_failed and recommendation == "RECOMMEND_PROCEED":
+            recommendation, reason = "SUGGEST_OPTIMIZE", "go_no_go_failed"
+    if recommendation != "RECOMMEND_PROCEED":
+        gate_advice = suggestions_for(results, [], {}, [c.code for c in gate_failed])
+        # What stopped the stage comes first: the gate when the score alone would have proceeded.
+        ordered = gate_advice + suggestions if reason == "go_no_go_failed" else suggestions + gate_advice
+        suggestions = list(dict.fromkeys(ordered)) or [FALLBACK]
+    status = "GO" if recommendation == "RECOMMEND_PROCEED" else "NO_GO"
+    verdict = {**advice, "recommendation": recommendation, "reason": reason, "suggestions": suggestions,
+               "user_options": _options(recommendation, stage), "score_recommendation": advice["recommendation"]}
+    criteria = stage_criteria(stage)
+    gate_notes = [{"path": "latency_p95_ms", "value": results.get("latency_p95_ms"),
+                   "threshold": criteria.max_latency_ms, "target_device": criteria.latency_device,
+                   "device": results.get("device")} for c in checks if not c.comparable]
+    return {"stage": stage, "status": status, "rule": rule, "recommendation": recommendation, "reason": reason,
+            "action": action_for(status, recommendation, stage, suggestions),
+            "reasons": [c.reason for c in gate_failed] + advice["reasons"], "suggestions": suggestions,
+            "not_comparable": gate_notes + advice["not_comparable"],
+            "go_no_go": {"go": not gate_failed, "reasons": [c.code for c in gate_failed],
+                         "details": [c.reason for c in gate_failed]},
+            "advisor": verdict}
+
+
+def verdict_line(decision: dict) -> str:
+    """The one line every surface prints: decision, recommendation, next step."""
+    return (f"stage {decision['stage']} decision {decision['status']} ({decision['recommendation']}); "
+            f"next step: {decision.get('action') or '-'}")

@@ -14,6 +14,7 @@ import numpy as np
 from pillsnap.utils import ensure_dir, save_json
 
 MAX_LABELED_CLASSES = 50  # beyond this, tick labels are unreadable; the matrix is still drawn
+MAX_CURVE_NEGATIVES = 2_000_000  # micro ROC/PR: past this many negative scores a weighted sample stands in
 
 
 def pyplot() -> Any:
@@ -51,21 +52,50 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], out_path: 
     return out_path
 
 
-def plot_roc_pr_curves(y_true_onehot: np.ndarray, y_prob: np.ndarray, out_dir: str | Path) -> list[Path]:
-    """Micro-averaged one-vs-rest ROC and PR curves (roc.png, pr.png) with AUC / AP in the legend."""
+def micro_ovr_scores(y_true: np.ndarray, y_prob: np.ndarray, max_negatives: int = MAX_CURVE_NEGATIVES,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, scores, weights) of the micro-averaged one-vs-rest problem without building the N x C one-hot.
+
+    Every row's true-class score is a positive; the other N x (C - 1) scores are negatives. Past `max_negatives`
+    (a 5,000-class validation split has hundreds of millions) a uniform random sample of them stands in, each
+    weighted by how many negatives it represents, so the curves and areas estimate the full ones at bounded memory.
+    """
+    y_true, y_prob = np.asarray(y_true, dtype=np.int64), np.asarray(y_prob)
+    if y_prob.ndim != 2 or y_true.shape != (y_prob.shape[0],):
+        raise ValueError(f"y_true {y_true.shape} and y_prob {y_prob.shape} differ: one class index per row")
+    n, c = y_prob.shape
+    rows = np.arange(n)
+    positives = y_prob[rows, y_true]
+    total_negatives = n * (c - 1)
+    if total_negatives <= max_negatives:
+        mask = np.ones(y_prob.shape, dtype=bool)
+        mask[rows, y_true] = False
+        negatives, weight = y_prob[mask], 1.0
+    else:
+        rng = np.random.default_rng(seed)
+        pick_rows = rng.integers(0, n, max_negatives)
+        pick_cols = rng.integers(0, c - 1, max_negatives)
+        pick_cols += pick_cols >= y_true[pick_rows]  # skip the true class: every pick is a negative
+        negatives, weight = y_prob[pick_rows, pick_cols], total_negatives / max_negatives
+    labels = np.concatenate([np.ones(n, dtype=np.int8), np.zeros(len(negatives), dtype=np.int8)])
+    weights = np.concatenate([np.ones(n), np.full(len(negatives), weight)])
+    return labels, np.concatenate([positives, negatives]), weights
+
+
+def plot_roc_pr_curves(y_true: np.ndarray, y_prob: np.ndarray, out_dir: str | Path) -> list[Path]:
+    """Micro-averaged one-vs-rest ROC and PR curves (roc.png, pr.png) with AUC / AP in the legend.
+
+    `y_true` holds one class index per row of `y_prob`."""
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
-    y_true = np.asarray(y_true_onehot).ravel()
-    scores = np.asarray(y_prob).ravel()
-    if y_true.shape != scores.shape:
-        raise ValueError(f"y_true_onehot {np.shape(y_true_onehot)} and y_prob {np.shape(y_prob)} differ")
+    y_true, scores, weights = micro_ovr_scores(y_true, y_prob)
     out_dir = ensure_dir(out_dir)
     plt = pyplot()
-    fpr, tpr, _ = roc_curve(y_true, scores)
-    precision, recall, _ = precision_recall_curve(y_true, scores)
+    fpr, tpr, _ = roc_curve(y_true, scores, sample_weight=weights)
+    precision, recall, _ = precision_recall_curve(y_true, scores, sample_weight=weights)
     curves = [("roc.png", fpr, tpr, "false positive rate", "true positive rate", f"micro AUC={auc(fpr, tpr):.3f}"),
               ("pr.png", recall, precision, "recall", "precision",
-               f"micro AP={average_precision_score(y_true, scores):.3f}")]
+               f"micro AP={average_precision_score(y_true, scores, sample_weight=weights):.3f}")]
     paths = []
     for name, x, y, xlabel, ylabel, label in curves:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -123,4 +153,4 @@ def write_classification_reports(y_true: np.ndarray, y_prob: np.ndarray, class_n
         names = [str(i) for i in labels]
     cm = confusion_matrix(y_true, y_prob.argmax(axis=1), labels=labels)
     paths = [plot_confusion_matrix(cm, names, Path(out_dir) / "confusion_matrix.png")]
-    return paths + plot_roc_pr_curves(np.eye(num_classes)[y_true], y_prob, out_dir)
+    return paths + plot_roc_pr_curves(y_true, y_prob, out_dir)

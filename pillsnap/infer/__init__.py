@@ -1,4 +1,5 @@
-"""Inference: the two-stage pipeline (pipeline.py), auto-mode gating (gating.py) and `pillsnap predict` (cli.py).
+"""Inference: the two-stage pipeline (pipeline.py), auto-mode gating (gating.py), a pill's answer (answer.py), the
+files fit for the classifier (artefacts.py) and `pillsnap predict` (cli.py). Nothing here imports pillsnap.eval.
 
 Names are re-exported lazily (PEP 562) so that `pillsnap --help` does not import torch.
 """
@@ -16,7 +17,11 @@ _EXPORTS = {
     "decide_route": "pillsnap.infer.gating",
     "hard_case_reasons": "pillsnap.infer.gating",
     "Hints": "pillsnap.infer.matching",
-    "rerank": "pillsnap.infer.matching",
+    "AnswerThresholds": "pillsnap.infer.answer",
+    "PillAnswer": "pillsnap.infer.answer",
+    "decide_answer": "pillsnap.infer.answer",
+    "rerank": "pillsnap.infer.answer",
+    "load_calibration": "pillsnap.infer.artefacts",
     "ImprintReader": "pillsnap.infer.imprint",
 }
 

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--color", default=None, help="hint: the pill's colour(s), e.g. white or 하양, 'white, red'")
     parser.add_argument("--shape", default=None, help="hint: the pill's shape, e.g. round, oval, 원형")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
-    parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--cfg", default=None, help="config file (default: EXP/config.yaml, else ./config.yaml)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, repeatable (e.g. --set inference.topk=3)")
@@ -89,15 +89,15 @@ def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from pillsnap.config import ConfigError, load_config
+    from pillsnap.config import ConfigError, load_cli_config
     from pillsnap.infer.matching import Hints
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.utils.images import ImageLimits
 
     try:
         hints = Hints.parse(args.imprint, args.color, args.shape)
-        cfg = load_config(args.cfg, args.overrides)
-        predictor = Predictor(args.exp or cfg.paths.exp_dir, cfg, args.device)
+        cfg = load_cli_config(args.exp, args.cfg, args.overrides)
+        predictor = Predictor(cfg.paths.exp_dir, cfg, args.device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("predict: %s", err)
         return 2

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export the classifier and detector to ONNX (+ parity report)",
                                    description=__doc__)
     parser.add_argument("--exp", default=None, help="experiment directory (default: paths.exp_dir of the config)")
-    parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--cfg", default=None, help="config file (default: EXP/config.yaml, else ./config.yaml)")
     parser.add_argument("--images", nargs="*", default=None, metavar="IMAGE",
                         help="photos for the parity check (default: validation photos from the manifest, else noise)")
     parser.add_argument("--samples", type=int, default=8, help="photos (or noise images) in the parity check")
@@ -33,10 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pillsnap.config import load_config
+    from pillsnap.config import load_cli_config
 
-    cfg = load_config(args.cfg, args.overrides)
-    exp_dir = Path(args.exp or cfg.paths.exp_dir)
+    cfg = load_cli_config(args.exp, args.cfg, args.overrides)
+    exp_dir = Path(cfg.paths.exp_dir)
     report = export_experiment(exp_dir, cfg, args.images, args.samples, args.opset)
     for role in ("classifier", "detector"):
         if report.get(role):

@@ -6,6 +6,7 @@ this module imports nothing heavy, so the CLI and the API can import it at start
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 # single: classify the whole photo as one pill; combo: detect pills, classify each; auto: the detector looks at every
@@ -15,6 +16,10 @@ LOW_CONFIDENCE, MULTI_OBJECT_HINT, MANUAL_COMBO = "low_confidence", "multi_objec
 DETECTOR_DISAGREES = "detector_disagrees"  # one pill detected, but not the one the whole-photo answer names/places
 NO_PILL_DETECTED = "no_pill_detected"  # flag: the detector saw no pill; the whole-photo answer stands, flagged
 DETECTOR_UNAVAILABLE = "detector_unavailable"  # flag: no trained detector, so nothing could hide-check the photo
+LOW_SINGLE_CONFIDENCE = "low_single_confidence"  # hard case: a single answer below hard_cases.single_confidence_below
+# Hard cases read off the answered pills: (reason, the pill's field that says so).
+PILL_HARD_CASES = (("unknown_pill", "unknown"), ("imprint_unresolved", "imprint_unresolved"),
+                   ("hints_conflict", "hints_conflict"))
 
 
 @dataclass(frozen=True)
@@ -77,21 +82,19 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
     return route("single", None)
 
 
-def hard_case_reasons(mode: str, mode_used: str, single_confidence: float | None, num_pills: int,
-                      single_conf_below: float = 0.30, decision: GatingDecision | None = None) -> list[str]:
-    """Why a prediction is a hard case worth reviewing: a single-pill answer with confidence below
-    `single_conf_below`, an auto photo that fell back to combo, a suspected misroute (the combo path found at
-    most one pill), the detector disagreeing with the whole-photo answer, or no pill detected.
-    Empty list = not a hard case."""
+def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single_conf_below: float = 0.30) -> list[str]:
+    """Why a prediction deserves review; empty = it does not. Only answers that may be wrong count: the detector
+    disagreeing with the whole-photo answer, no pill detected, a single answer below `single_conf_below`, a pill
+    answered unknown, an imprint read that settles nothing (imprint_unresolved), the user's hints contradicting the
+    answer. Routing as designed is not one: a photo of several pills going to combo (multi_object_hint) or a combo
+    the user asked for is what those paths are for, and a detector that is simply absent would flag every photo."""
     reasons = []
-    if decision is not None and decision.fallback_reason == DETECTOR_DISAGREES:
+    if decision.fallback_reason == DETECTOR_DISAGREES:
         reasons.append(DETECTOR_DISAGREES)
-    if decision is not None and NO_PILL_DETECTED in decision.flags:
+    if NO_PILL_DETECTED in decision.flags:
         reasons.append(NO_PILL_DETECTED)
-    if mode_used == "single" and single_confidence is not None and single_confidence < single_conf_below:
-        reasons.append("low_single_confidence")
-    if mode == "auto" and mode_used == "combo":
-        reasons.append("auto_fallback_to_combo")
-    if mode_used == "combo" and num_pills <= 1:
-        reasons.append("misroute_suspected" if num_pills == 1 else "no_pill_found")
+    low = decision.single_confidence is not None and decision.single_confidence < single_conf_below
+    if decision.mode_used == "single" and low:
+        reasons.append(LOW_SINGLE_CONFIDENCE)
+    reasons += [reason for reason, field in PILL_HARD_CASES if any(pill.get(field) for pill in pills)]
     return reasons

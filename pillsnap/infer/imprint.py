@@ -21,9 +21,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pillsnap.infer.answer import THRESHOLDS
 from pillsnap.infer.matching import imprint_similarity, normalize_imprint
+from pillsnap.infer.preprocess import pill_mask
 
 LOGGER = logging.getLogger(__name__)
+# RapidOCR's recogniser reads lines scaled to this height (its model's input), padded to ReaderSettings.rec_width.
+REC_HEIGHT = 48
+REC_BATCH = 16  # lines recognised per call: all of a search step's (max_lines 3 x 2 turns) fit in one
+DET_STRIDE = 32  # the text detector's input sides must be multiples of its stride
 _ENGINES: dict[tuple[int, int], Any] = {}
 _ENGINE_LOCK = threading.Lock()
 
@@ -64,7 +70,8 @@ class ReaderSettings:
     max_lines: int = 3  # lines recognised at most
     unclip: float = 1.6  # a line's box grows around its text pixels as the detector's own boxes do
     min_line_score: float = 0.3  # a line read with less confidence is dropped
-    stop_similarity: float = 0.9  # with candidates: a reading that fits one this well ends the search early
+    # with candidates: a reading that fits one this well ends the search early (the answer policy's conclusive read)
+    stop_similarity: float = THRESHOLDS.conclusive_read
     stop_score: float = 0.95  # without candidates: a reading this confident ends the search early
     threads: int = 0  # ONNX Runtime threads (0: the machine's cores, at most 4)
 
@@ -83,7 +90,7 @@ class RapidOcrModels:
     Uses RapidOCR's `text_det.infer` and `text_rec`, which are not its documented API: pyproject pins the 1.4
     series, and this class is the only place that touches them."""
 
-    def __init__(self, threads: int = 0, rec_width: int = 160) -> None:
+    def __init__(self, threads: int = 0, rec_width: int = ReaderSettings.rec_width) -> None:
         try:
             from rapidocr_onnxruntime import RapidOCR
             from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH, root_dir
@@ -91,9 +98,8 @@ class RapidOcrModels:
         except ImportError as err:
             raise ImportError("imprint reading needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime") from err
         # rec_img_shape: lines are padded to at least this width; imprints are 2-8 characters, so 160 px rather
-        # than the default 320 (made for document lines) halves recognition time. rec_batch_num 16: every line
-        # at every turn goes through in one call.
-        self._ocr = RapidOCR(rec_batch_num=16, rec_img_shape=[3, 48, rec_width], intra_op_num_threads=1)
+        # than the default 320 (made for document lines) halves recognition time.
+        self._ocr = RapidOCR(rec_batch_num=REC_BATCH, rec_img_shape=[3, REC_HEIGHT, rec_width], intra_op_num_threads=1)
         # Our own sessions: ONNX Runtime's thread pool spins for a while after each run by default, and in a
         # process that also runs torch it takes the cores from the classifier (measured on 2 cores: resnet18 at
         # 64 px went from 21 ms to 680 ms per crop next to a spinning reader).
@@ -106,8 +112,8 @@ class RapidOcrModels:
         import cv2
 
         h, w = bgr.shape[:2]
-        size = (max(32, round(w / 32) * 32), max(32, round(h / 32) * 32))  # the network wants multiples of 32
-        x = (cv2.resize(bgr, size).astype(np.float32) / 255.0 - 0.5) / 0.5
+        size = tuple(max(DET_STRIDE, round(side / DET_STRIDE) * DET_STRIDE) for side in (w, h))
+        x = (cv2.resize(bgr, size).astype(np.float32) / 255.0 - 0.5) / 0.5  # the network's input scaling, to [-1, 1]
         prob = self._ocr.text_det.infer(x.transpose(2, 0, 1)[None])[0][0, 0]
         return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -133,7 +139,7 @@ def _session(path: Any, threads: int) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def get_models(threads: int = 0, rec_width: int = 160) -> RapidOcrModels:
+def get_models(threads: int = 0, rec_width: int = ReaderSettings.rec_width) -> RapidOcrModels:
     """The OCR models, loaded once per setting and shared by every reader of the process (~0.5 s to load)."""
     with _ENGINE_LOCK:
         key = (threads, rec_width)
@@ -143,20 +149,26 @@ def get_models(threads: int = 0, rec_width: int = 160) -> RapidOcrModels:
 
 
 # ---- geometry ------------------------------------------------------------------------------------------------
-
-def foreground_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels that differ from the plain backdrop, whose colour is taken from the crop's border."""
-    border = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3),
-                             rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)]).astype(np.float32)
-    distance = np.linalg.norm(rgb.astype(np.float32) - np.median(border, axis=0), axis=-1)
-    return distance > max(30.0, 0.5 * float(np.percentile(distance, 95)))
-
+# Pixel counts are at the reader's work size (ReaderSettings.work_px, 480 px on the long side), where a 2-character
+# imprint covers a few hundred text pixels.
+MIN_MASK_PIXELS = 10  # fewer pixels than this have no meaningful spread: no axis, no band
+TEXT_FOUND_PIXELS = 12  # text-map pixels on the pill that count as text found; fewer are specks
+# The text's own axis is trusted only for this much text, clearly longer than high (a 2+ character line is; one
+# glyph or a logo is not): on a round pill it is the only axis there is.
+TEXT_AXIS_PIXELS, TEXT_ELONGATION = 30, 1.3
+PILL_ELONGATION = 1.15  # a pill at least this much longer than wide is read along its long axis (a disc has none)
+EXTENT_PERCENTILE = 95  # a mask's half-extent along an axis, robust to a few stray pixels
+# Where imprints sit when the detector marks no text: the middle 70 % of the pill's length and 30 % of its width,
+# away from the rim's shading.
+BAND_ALONG, BAND_ACROSS = 0.7, 0.3
+LINE_GAP = 0.3  # text rows split by a gap under this share of the taller line are one line (Hangul, a score line)
+MIN_LINE_AREA = 12  # a line box smaller than this many pixels is a speck, not a character
 
 def principal_axis(mask: np.ndarray) -> tuple[float, float]:
     """(angle, elongation) of a mask: the long axis' counter-clockwise angle from the x axis in degrees, in
     [0, 180), and the ratio of the long to the short spread (1 for a disc)."""
     ys, xs = np.nonzero(mask)
-    if len(xs) < 10:
+    if len(xs) < MIN_MASK_PIXELS:
         return 0.0, 1.0
     cov = np.cov(np.stack([xs, -ys]).astype(np.float64))  # y flipped: angles counter-clockwise as seen
     values, vectors = np.linalg.eigh(cov)
@@ -169,24 +181,24 @@ def reading_axis(text: np.ndarray, pill: np.ndarray) -> float:
     """Where the text runs: along the text itself when its pixels are clearly longer than high (the only axis a
     round pill offers), else along the pill's long axis, else the crop's x axis."""
     angle, elongation = principal_axis(text)
-    if text.sum() >= 30 and elongation >= 1.3:
+    if text.sum() >= TEXT_AXIS_PIXELS and elongation >= TEXT_ELONGATION:
         return angle
     angle, elongation = principal_axis(pill)
-    return angle if elongation >= 1.15 else 0.0
+    return angle if elongation >= PILL_ELONGATION else 0.0
 
 
 def central_band(pill: np.ndarray, angle: float) -> np.ndarray:
     """The middle of the pill along `angle`, where imprints sit: read when the detector marks no text."""
     ys, xs = np.nonzero(pill)
-    if len(xs) < 10:
+    if len(xs) < MIN_MASK_PIXELS:
         return np.ones_like(pill, dtype=bool)
     theta = math.radians(angle)
     along, across = np.array([math.cos(theta), -math.sin(theta)]), np.array([math.sin(theta), math.cos(theta)])
     yy, xx = np.mgrid[0:pill.shape[0], 0:pill.shape[1]]
     pts = np.stack([xx - xs.mean(), yy - ys.mean()], -1)
     on = np.stack([xs - xs.mean(), ys - ys.mean()], 1)
-    half_long = np.percentile(np.abs(on @ along), 95) * 0.7
-    half_short = np.percentile(np.abs(on @ across), 95) * 0.3
+    half_long = np.percentile(np.abs(on @ along), EXTENT_PERCENTILE) * BAND_ALONG
+    half_short = np.percentile(np.abs(on @ across), EXTENT_PERCENTILE) * BAND_ACROSS
     return (np.abs(pts @ along) <= half_long) & (np.abs(pts @ across) <= half_short)
 
 
@@ -215,14 +227,14 @@ def text_lines(text: np.ndarray, max_lines: int = 3, unclip: float = 1.6) -> lis
     (by unclip x area / perimeter: its text kernels are shrunk). Lines split by a thin gap are joined."""
     runs: list[list[int]] = []
     for y0, y1 in _row_runs(text.any(axis=1)):
-        if runs and y0 - runs[-1][1] < 0.3 * max(y1 - y0, runs[-1][1] - runs[-1][0]):
+        if runs and y0 - runs[-1][1] < LINE_GAP * max(y1 - y0, runs[-1][1] - runs[-1][0]):
             runs[-1][1] = y1
         else:
             runs.append([y0, y1])
     boxes = []
     for y0, y1 in runs:
         cols = np.flatnonzero(text[y0:y1].any(axis=0))
-        if len(cols) and (y1 - y0) * (cols[-1] + 1 - cols[0]) >= 12:
+        if len(cols) and (y1 - y0) * (cols[-1] + 1 - cols[0]) >= MIN_LINE_AREA:
             boxes.append((int(cols[0]), y0, int(cols[-1]) + 1, y1))
     boxes = sorted(sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:max_lines], key=lambda b: b[1])
     return [_grow(b, unclip, text.shape) for b in boxes]
@@ -238,6 +250,12 @@ def _grow(box: tuple[int, int, int, int], unclip: float, shape: tuple[int, ...])
 
 # ---- reading -------------------------------------------------------------------------------------------------
 
+# A reading's fit to the candidates: how well it matches one decides, the recogniser's confidence breaks ties and
+# rules when nothing matches.
+FIT_SIMILARITY, FIT_SCORE = 0.75, 0.25
+CONTRAST_TILES = 4  # CLAHE tiles per side: each a quarter of the crop, holding strokes and the pill around them
+
+
 @dataclass(frozen=True)
 class _Reading:
     text: str
@@ -248,13 +266,17 @@ class _Reading:
     similarity: float | None = None
 
 
-def local_contrast(rgb: np.ndarray, clip: float, tiles: int = 4) -> np.ndarray:
+def local_contrast(rgb: np.ndarray, clip: float, tiles: int = CONTRAST_TILES) -> np.ndarray:
     """CLAHE on the lightness channel: engraved and printed strokes stand out from the pill's shading."""
     import cv2
 
     lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
     lab[:, :, 0] = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(lab[:, :, 0])
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+RESIZE_TOLERANCE = 0.05  # a crop within 5 % of the work size is read as it is: resampling it would only blur
+MIN_WORK_SIDE = 8  # a sliver of a crop still gets a few pixels across
 
 
 def _work_image(crop: Image.Image, work_px: int, contrast_clip: float = 0.0) -> np.ndarray:
@@ -265,8 +287,8 @@ def _work_image(crop: Image.Image, work_px: int, contrast_clip: float = 0.0) -> 
     if contrast_clip > 0:
         crop = Image.fromarray(local_contrast(np.asarray(crop), contrast_clip))
     scale = work_px / max(crop.size)
-    if abs(scale - 1.0) > 0.05:
-        size = (max(8, round(crop.width * scale)), max(8, round(crop.height * scale)))
+    if abs(scale - 1.0) > RESIZE_TOLERANCE:
+        size = (max(MIN_WORK_SIDE, round(crop.width * scale)), max(MIN_WORK_SIDE, round(crop.height * scale)))
         crop = crop.resize(size, Image.BICUBIC if scale > 1 else Image.BILINEAR)
     return np.asarray(crop)
 
@@ -293,9 +315,9 @@ class ImprintReader:
         start = time.perf_counter()
         rgb = _work_image(crop, self.settings.work_px, self.settings.contrast_clip)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        pill = foreground_mask(rgb)
+        pill = pill_mask(rgb)
         text = (self.models.text_map(bgr) > self.settings.text_threshold) & pill
-        found = bool(text.sum() >= 12)
+        found = bool(text.sum() >= TEXT_FOUND_PIXELS)
         axis = reading_axis(text, pill)
         targets = [c for c in dict.fromkeys(normalize_imprint(c) for c in candidates) if c]
         best = self._search(bgr, text if found else central_band(pill, axis), -axis, targets)
@@ -343,5 +365,4 @@ class ImprintReader:
         if not targets:
             return _Reading(text, score, angle, fit=score)
         similarity, matched = max((imprint_similarity(text, t), t) for t in targets)
-        # the fit to a candidate decides; the recogniser's confidence breaks ties and rules when nothing fits
-        return _Reading(text, score, angle, 0.75 * similarity + 0.25 * score, matched, similarity)
+        return _Reading(text, score, angle, FIT_SIMILARITY * similarity + FIT_SCORE * score, matched, similarity)

@@ -1,8 +1,8 @@
 """Two-stage inference: classify a whole single-pill photo, or detect pills and classify each crop; `auto` gates
-with the detector's view of every photo, so that no pill is hidden. A pill's probability is the classifier's,
-updated by its imprint and the user's hints where they speak (infer/evidence.py). Probabilities are calibrated when
-the run was calibrated, and a pill the calibrated unknown-pill rule rejects is answered as unknown (mapping_code
-null).
+with the detector's view of every photo, so that no pill is hidden. Routing looks at the classifier alone; only the
+pills then answered are read (OCR, infer/evidence.py) and given their final answer (infer/answer.py: the imprint
+and the user's hints re-rank the candidates, and a pill the calibrated unknown-pill rule rejects is answered as
+unknown, mapping_code null). Probabilities are calibrated when the run was calibrated.
 
 `Predictor` holds the models (classifier at start, detector lazily when `inference.lazy_load_detector`), run by
 torch or, with `inference.backend: onnx`, by onnxruntime from `{exp_dir}/export/` (`pillsnap export`);
@@ -15,18 +15,19 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pillsnap.infer.answer import THRESHOLDS, Classified, classifier_candidates, decide_answer
 from pillsnap.infer.evidence import Evidence
-from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
+from pillsnap.infer.gating import DETECTOR_UNAVAILABLE, GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
-from pillsnap.infer.unknown import Classified, UnknownAnswer
+from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
@@ -34,9 +35,7 @@ LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
 DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 BACKENDS = ("torch", "onnx")
-# A pill the unknown-pill rule rejects is still named when its imprint reads as a candidate's this closely: an
-# imprint is what identifies a drug. Stricter than the re-ranking's match (0.6): overruling a rejection needs more.
-UNKNOWN_OVERRIDE_SIMILARITY = 0.9
+WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
 
@@ -54,10 +53,24 @@ def find_checkpoints(exp_dir: str | Path) -> tuple[Path, Path | None]:
     return cls_path, _first_existing(ckpt_dir, DETECTOR_CKPTS)
 
 
-def _default_cfg() -> Any:
+def _default_cfg(exp_dir: str | Path | None = None) -> Any:
+    """The run's own config (from any working directory) when there is a run; else ./config.yaml or the defaults."""
     from pillsnap.config import load_config
+    from pillsnap.config.run import load_run_config
 
+    if exp_dir is not None:
+        return load_run_config(exp_dir, dotenv_path=None)
     return load_config("config.yaml" if Path("config.yaml").is_file() else None, dotenv_path=None)
+
+
+class WholePhoto(NamedTuple):
+    """The single path's view of a photo before any evidence: the crop, its box [x, y, w, h], whether the pill was
+    located on the backdrop (else a centred square) and the classifier's output."""
+
+    crop: Image.Image
+    box: Any
+    located: bool
+    classified: Classified
 
 
 class Predictor:
@@ -65,7 +78,7 @@ class Predictor:
 
     def __init__(self, exp_dir: str | Path, cfg: Any = None, device: str | None = None) -> None:
         self.exp_dir = Path(exp_dir)
-        self.cfg = cfg if cfg is not None else _default_cfg()
+        self.cfg = cfg if cfg is not None else _default_cfg(exp_dir)
         self.settings = self.cfg.inference
         self.device = resolve_device(device)
         self.backend = str(self.settings.backend)
@@ -80,13 +93,14 @@ class Predictor:
         self.calibration = self._load_calibration()
         self.unknown = self._unknown_rule()
         imprint = self.settings.imprint
-        self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads))
+        self.thresholds = THRESHOLDS
+        self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds)
         from pillsnap.data import classification_transform
 
         self.transform = classification_transform(image_size, train=False)
         self._detector: Any = None
-        self.det_image_size = 640
-        self.hard_cases = HardCaseLog(self.exp_dir, bool(self.settings.hard_cases.thumbnails))
+        self.det_image_size = 0  # the detector's input size, read from its checkpoint when it loads
+        self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
         LOGGER.info("predictor (%s): classifier %s (%d classes), detector %s", self.backend, self.classifier_path.name,
@@ -116,7 +130,7 @@ class Predictor:
         no unknown answers, said once in the log)."""
         if not self.settings.calibration:
             return None
-        from pillsnap.eval.calibration import load_calibration
+        from pillsnap.infer.artefacts import load_calibration
 
         calibration = load_calibration(self.exp_dir / "checkpoints", self.classifier_path)
         if calibration is None:
@@ -131,7 +145,7 @@ class Predictor:
     def _unknown_rule(self) -> UnknownAnswer:
         """The configured unknown-pill rule with the threshold calibrated for it (off without calibration, with
         inference.unknown_keep_correct at 0, or where the export lacks the features the rule needs)."""
-        from pillsnap.eval.calibration import load_unknown_rule
+        from pillsnap.infer.artefacts import load_unknown_rule
 
         rule = str(self.settings.unknown_rule)
         if self.calibration is None or float(self.settings.unknown_keep_correct) <= 0:
@@ -199,7 +213,7 @@ class Predictor:
     def warm_up(self) -> None:
         """Load every model and run each once on a blank photo, so that the first real request does not pay for
         it (no hard-case record is written)."""
-        blank = Image.new("RGB", (256, 256), (128, 128, 128))
+        blank = Image.new("RGB", (WARM_UP_PX, WARM_UP_PX), (128, 128, 128))
         self.classify([blank])
         if self.has_detector:
             self.detect(blank, float(self.settings.conf_threshold))
@@ -214,17 +228,8 @@ class Predictor:
         logits, features = self.classifier(x)
         probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
         scores = self.unknown.scores(probs.numpy(), None if features is None else features.float().cpu().numpy())
-        k = min(int(self.settings.topk), probs.shape[-1])
-        values, indices = probs.topk(k, dim=-1)
-        return [Classified([self._candidate(int(i), float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)],
-                           score)
-                for vs, ids, score in zip(values, indices, scores, strict=True)]
-
-    def _candidate(self, index: int, prob: float) -> dict:
-        code = self.class_names[index]
-        entry = self.class_map.get(code) or {}
-        return {"mapping_code": code, "name": entry.get("name", ""), "edi_codes": list(entry.get("edi_codes") or []),
-                "probability": prob}
+        tops = classifier_candidates(probs.numpy(), int(self.settings.topk), self.class_names, self.class_map)
+        return [Classified(topk, score) for topk, score in zip(tops, scores, strict=True)]
 
     @torch.no_grad()
     def detect(self, image: Image.Image, conf_threshold: float, forward: Any = None) -> np.ndarray:
@@ -241,29 +246,17 @@ class Predictor:
         out = np.concatenate([boxes, dets[:, 4:5]], 1) if len(dets) else np.zeros((0, 5))
         return out[np.argsort(out[:, 0], kind="stable")]
 
-    def _pills(self, crops: list[Image.Image], boxes: Any, det_confs: list[float | None],
-               hints: Hints | None) -> list[dict]:
-        return [self._pill(crop, box, answer, conf, hints)
-                for crop, box, answer, conf in zip(crops, boxes, self.classify(crops), det_confs, strict=True)]
+    def _answer(self, crop: Image.Image, bbox: Any, classified: Classified, det_conf: float | None,
+                hints: Hints | None) -> dict:
+        """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
+        read = self.evidence.read(crop, classified.topk)
+        answer = decide_answer(classified, self.class_map, read, hints,
+                               self.unknown.for_answer(len(self.class_names)), self.thresholds)
+        return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
-    def _pill(self, crop: Image.Image, bbox: Any, answer: Classified, det_conf: float | None,
-              hints: Hints | None) -> dict:
-        """One pill's answer: the best candidate after the imprint and the hints had their say, or "unknown"
-        (mapping_code null, the nearest known candidates in topk) when the unknown-pill rule chosen on validation
-        data says so and no imprint confirmed a candidate."""
-        topk, evidence = self.evidence.apply(crop, answer.topk, hints)
-        pill = {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **topk[0], "topk": topk,
-                **evidence, "unknown": False, "unknown_score": answer.unknown_score, "unknown_reason": None,
-                "classifier_top": answer.topk[0]}
-        reason = self.unknown.reason(answer, len(self.class_names))
-        if reason and float(topk[0].get("imprint_similarity") or 0.0) < UNKNOWN_OVERRIDE_SIMILARITY:
-            # an imprint that matches no known drug is what an unknown pill has: not a look-alike left unresolved
-            pill.update(mapping_code=None, name="", edi_codes=[], unknown=True, unknown_reason=reason,
-                        imprint_unresolved=False)
-        return pill
-
-    def _single(self, image: Image.Image, hints: Hints | None) -> dict:
-        """Classify the photo as one pill: crop it like training when it stands out, else a centred square."""
+    def _whole_photo(self, image: Image.Image) -> WholePhoto:
+        """The photo as one pill, classified: cropped like training when the pill stands out, else a centred
+        square."""
         box = locate_pill(image) if self.settings.single_locate else None
         located = box is not None
         if located:
@@ -271,43 +264,50 @@ class Predictor:
         else:
             box = single_crop_box(image.size, float(self.settings.single_crop))
             crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
-        return {**self._pills([crop], [box], [None], hints)[0], "located": located}
+        return WholePhoto(crop, box, located, self.classify([crop])[0])
+
+    def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:
+        return [self._answer(whole.crop, whole.box, whole.classified, None, hints)]
 
     def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None) -> list[dict]:
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
-        return self._pills(crops, dets[:, :4], [float(c) for c in dets[:, 4]], hints)
+        return [self._answer(crop, box, classified, float(conf), hints)
+                for crop, box, classified, conf in zip(crops, dets[:, :4], self.classify(crops), dets[:, 4],
+                                                       strict=True)]
 
-    def _agrees(self, image: Image.Image, single: dict, det: np.ndarray) -> bool:
+    def _agrees(self, image: Image.Image, whole: WholePhoto, det: np.ndarray) -> bool:
         """Does the one detected pill confirm the whole-photo answer? Where the single path located its pill: the
         same place (one box around several pills, or a pill the detector missed, fails). Where it could not and
         classified a centred square: the same drug in the detected crop."""
         from pillsnap.metrics.detection import box_iou_xyxy
 
-        if single.get("located"):
-            iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([single["bbox"]], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
+        if whole.located:
+            iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([whole.box], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
             return bool(iou >= AGREEMENT_IOU)
         crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)])[0].topk[0]
-        return crop_top["mapping_code"] == single["classifier_top"]["mapping_code"]
+        return crop_top["mapping_code"] == whole.classified.topk[0]["mapping_code"]
 
-    def _route(self, image: Image.Image, mode: str, conf: float, single: dict | None,
+    def _route(self, image: Image.Image, mode: str, conf: float, whole: WholePhoto | None,
                hints: Hints | None) -> tuple[GatingDecision, list]:
+        """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path."""
         threshold = float(self.settings.single_confidence_threshold)
-        conf_single = single["classifier_top"]["probability"] if single else None
+        conf_single = whole.classified.topk[0]["probability"] if whole else None
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
         one_box = mode == "auto" and dets is not None and len(dets) == 1
-        agrees = self._agrees(image, single, dets[0]) if one_box else None
+        agrees = self._agrees(image, whole, dets[0]) if one_box else None
         decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold, agrees)
+        if self.has_detector:  # no detections because single mode never asked, not because there is no detector
+            decision = replace(decision, flags=tuple(f for f in decision.flags if f != DETECTOR_UNAVAILABLE))
         if decision.mode_used == "single":
-            return decision, [single]
+            return decision, self._single(whole, hints)
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
-            return replace(decision, mode_used="single"), [single]
-        pills = self._combo(image, dets, hints)
-        if mode == "auto" and not pills:
-            return replace(decision, mode_used="single"), [single]
-        return decision, pills
+            return replace(decision, mode_used="single"), self._single(whole, hints)
+        if mode == "auto" and not len(dets):
+            return replace(decision, mode_used="single"), self._single(whole, hints)
+        return decision, self._combo(image, dets, hints)
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
                 name: str | None = None, hints: Hints | None = None) -> dict:
@@ -321,12 +321,11 @@ class Predictor:
         conf = float(self.settings.conf_threshold if conf_threshold is None else conf_threshold)
         img, loaded_name = load_image(image)
         name = name or loaded_name
-        single = self._single(img, hints) if mode in ("single", "auto") else None
-        decision, pills = self._route(img, mode, conf, single, hints)
+        whole = self._whole_photo(img) if mode in ("single", "auto") else None
+        decision, pills = self._route(img, mode, conf, whole, hints)
         LOGGER.debug("gating: %s mode=%s single_conf=%s -> %s (%s), %d pill(s)", name or "<image>", mode,
-                     "n/a" if single is None else f"{decision.single_confidence:.3f}", decision.mode_used,
+                     "n/a" if whole is None else f"{decision.single_confidence:.3f}", decision.mode_used,
                      decision.fallback_reason or "-", len(pills))
-        pills = [{k: v for k, v in p.items() if k not in ("located", "classifier_top")} for p in pills]
         result = {"image": name, "mode": mode, **decision.to_dict(), "num_pills": len(pills), "pills": pills,
                   "calibrated": self.calibration is not None, "hints": None if hints is None else hints.to_dict(),
                   "image_size": list(img.size), "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
@@ -335,8 +334,7 @@ class Predictor:
 
     def _log_hard_case(self, result: dict, image: Image.Image, decision: GatingDecision) -> None:
         hard = self.settings.hard_cases
-        reasons = hard_case_reasons(result["mode"], result["mode_used"], result["single_confidence"],
-                                    result["num_pills"], float(hard.single_confidence_below), decision)
+        reasons = hard_case_reasons(decision, result["pills"], float(hard.single_confidence_below))
         result["hard_case"] = reasons
         if reasons and hard.enabled:
             self.hard_cases.write(result, reasons, image)
@@ -347,7 +345,7 @@ _PREDICTORS: dict[tuple[str, str], Predictor] = {}
 
 def get_predictor(exp_dir: str | Path | None = None, cfg: Any = None, device: str | None = None) -> Predictor:
     """A Predictor per (exp_dir, device), built once and reused (models load once per process)."""
-    cfg = cfg if cfg is not None else _default_cfg()
+    cfg = cfg if cfg is not None else _default_cfg(exp_dir)
     exp_dir = Path(exp_dir or cfg.paths.exp_dir).resolve()
     key = (str(exp_dir), str(resolve_device(device)))
     if key not in _PREDICTORS:
@@ -355,10 +353,12 @@ def get_predictor(exp_dir: str | Path | None = None, cfg: Any = None, device: st
     return _PREDICTORS[key]
 
 
-def predict_pipeline(image: Any, mode: str = "auto", conf_threshold: float = 0.3, *, exp_dir: str | Path | None = None,
-                     predictor: Predictor | None = None, cfg: Any = None, device: str | None = None) -> dict:
+def predict_pipeline(image: Any, mode: str | None = None, conf_threshold: float | None = None, *,
+                     exp_dir: str | Path | None = None, predictor: Predictor | None = None, cfg: Any = None,
+                     device: str | None = None) -> dict:
     """Predict one photo: dict with mode_used, gating fields (gating_score, single_confidence, fallback_reason)
-    and `pills` (bbox [x, y, w, h], top-1 mapping_code/name/probability and `topk`). Models come from
-    `predictor`, or a cached Predictor for `exp_dir` (default: cfg.paths.exp_dir)."""
+    and `pills` (bbox [x, y, w, h], top-1 mapping_code/name/probability and `topk`). `mode` and `conf_threshold`
+    default to the config's (inference.mode, inference.conf_threshold). Models come from `predictor`, or a cached
+    Predictor for `exp_dir` (default: cfg.paths.exp_dir)."""
     predictor = predictor or get_predictor(exp_dir, cfg, device)
     return predictor.predict(image, mode=mode, conf_threshold=conf_threshold)

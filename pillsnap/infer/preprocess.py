@@ -1,17 +1,20 @@
-"""Image handling for inference: decoding, the single-photo crop, bbox+margin crops and the YOLO letterbox."""
+"""Image handling for inference: decoding, the single-photo crop, bbox+margin crops, the YOLO letterbox and the one
+pill-against-backdrop segmentation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pillsnap.utils.boxes import xyxy_to_xywh
 from pillsnap.utils.images import read_image
+
+if TYPE_CHECKING:
+    import torch
 
 LETTERBOX_FILL = (114, 114, 114)  # ultralytics' padding grey, so the detector sees what it trained on
 
@@ -51,6 +54,8 @@ def crop_pill(image: Image.Image, box: Sequence[float], margin: float) -> Image.
 
 def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float, tuple[float, float]]:
     """Resize the long side to `size`, pad to a square: ([1, 3, S, S] float in [0, 1], scale, (pad_x, pad_y))."""
+    import torch  # here, so that the segmentation below (used by the imprint reader) does not load torch
+
     w, h = image.size
     scale = min(size / w, size / h)
     new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
@@ -71,29 +76,47 @@ def unletterbox_boxes(xyxy: np.ndarray, scale: float, pad: tuple[float, float], 
     return xyxy_to_xywh(boxes)
 
 
-def _background_model(small: np.ndarray) -> np.ndarray:
-    """Per-channel quadratic surface fitted to the border pixels: the plain backdrop with its lamp falloff."""
-    h, w, _ = small.shape
+# Pill against backdrop, the one segmentation of the package: single mode's locate_pill on whole photos and the
+# imprint reader on crops. AI Hub photos put pills on a plain backdrop, and the frame of a photo or of a crop (grown
+# by a margin around the pill) shows only backdrop.
+BORDER_PX = 2  # the frame taken as backdrop
+MIN_CONTRAST = 30.0  # RGB distance from the backdrop below which a pixel is backdrop, whatever the rest
+# A pill pixel is at least this share of the strongest contrasts (the 95th percentile, robust to specks) away from
+# the backdrop: on a crop, where the pill is much of the picture, it drops the shadow around the pill; on a whole
+# photo the percentile falls on the backdrop and MIN_CONTRAST rules.
+CONTRAST_SHARE, CONTRAST_PERCENTILE = 0.5, 95
+MIN_PILL_PIXELS = 4  # fewer pixels standing out are noise, not a pill
+
+
+def backdrop_distance(rgb: np.ndarray) -> np.ndarray:
+    """Per pixel, the RGB distance from the backdrop, a per-channel plane fit to the frame: it follows the lamp's
+    falloff across a photo (a flat colour does not), and unlike a curved surface it cannot bulge inside a crop,
+    whose frame is close to the pill."""
+    arr = np.asarray(rgb, dtype=np.float32)
+    h, w, _ = arr.shape
     ys, xs = np.mgrid[0:h, 0:w]
     border = np.zeros((h, w), dtype=bool)
-    border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
-    u, v = xs / max(w - 1, 1), ys / max(h - 1, 1)
-    design = np.stack([np.ones_like(u), u, v, u * u, v * v, u * v], -1)
-    coef, *_ = np.linalg.lstsq(design[border], small[border], rcond=None)
-    return design @ coef
+    border[:BORDER_PX], border[-BORDER_PX:], border[:, :BORDER_PX], border[:, -BORDER_PX:] = True, True, True, True
+    design = np.stack([np.ones((h, w)), xs / max(w - 1, 1), ys / max(h - 1, 1)], -1)
+    coef, *_ = np.linalg.lstsq(design[border], arr[border], rcond=None)
+    return np.linalg.norm(arr - design @ coef, axis=-1)
+
+
+def pill_mask(rgb: np.ndarray) -> np.ndarray:
+    """HxW bool: the pixels of the pill(s) in an RGB photo or crop on a plain backdrop."""
+    distance = backdrop_distance(rgb)
+    return distance > max(MIN_CONTRAST, CONTRAST_SHARE * float(np.percentile(distance, CONTRAST_PERCENTILE)))
 
 
 def locate_pill(image: Image.Image, work_px: int = 160,
                 min_fraction: float = 0.001) -> tuple[int, int, int, int] | None:
     """[x, y, w, h] of what stands out from the plain background (AI Hub photos: one pill on a plain backdrop),
-    or None when nothing does. Cheap (no detector): lets single mode crop like the training crops."""
+    or None when nothing does (fewer than `min_fraction` of the pixels). Cheap (no detector, the photo shrunk to
+    `work_px`): lets single mode crop like the training crops."""
     small = image.copy()
     small.thumbnail((work_px, work_px))
-    arr = np.asarray(small, dtype=np.float32)
-    residual = np.abs(arr - _background_model(arr)).sum(-1)
-    spread = np.median(residual) + 3 * np.median(np.abs(residual - np.median(residual))) * 1.4826
-    mask = residual > max(30.0, 3 * spread)
-    if mask.sum() < max(4, min_fraction * mask.size):
+    mask = pill_mask(np.asarray(small))
+    if mask.sum() < max(MIN_PILL_PIXELS, min_fraction * mask.size):
         return None
     ys, xs = np.nonzero(mask)
     # Percentiles, not min/max, so that a few noisy pixels do not stretch the box.

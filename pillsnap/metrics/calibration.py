@@ -8,15 +8,21 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+CHUNK_ROWS = 4096  # rows per block of the [N, classes] arrays (bounds the temporaries at thousands of classes)
 
 
-def nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+def nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float = 1.0, chunk: int = CHUNK_ROWS) -> float:
     """Mean negative log-likelihood of `y_true` under softmax(log_probs / temperature).
 
-    `log_probs` may be logits or log-probabilities: dividing either by T gives the same softmax.
+    `log_probs` may be logits or log-probabilities: dividing either by T gives the same softmax. Computed in blocks
+    of `chunk` rows: the temperature search calls it some 30 times, and whole-array temporaries of a validation
+    split at 5,000 classes are gigabytes each.
     """
-    scaled = log_softmax(log_probs / temperature, axis=1)
-    return float(-scaled[np.arange(len(y_true)), y_true].mean())
+    total = 0.0
+    for start in range(0, len(y_true), chunk):
+        scaled = log_softmax(log_probs[start:start + chunk] / temperature, axis=1)
+        total += float(scaled[np.arange(len(scaled)), y_true[start:start + chunk]].sum())
+    return -total / len(y_true) if len(y_true) else float("nan")
 
 
 def fit_temperature(log_probs: np.ndarray, y_true: np.ndarray) -> float:
@@ -28,8 +34,13 @@ def fit_temperature(log_probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def calibrated_probs(log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    return softmax(log_probs / temperature, axis=1)
+def calibrated_probs(log_probs: np.ndarray, temperature: float, chunk: int = CHUNK_ROWS) -> np.ndarray:
+    """softmax(log_probs / temperature), filled in blocks of `chunk` rows (no whole-array temporaries)."""
+    log_probs = np.asarray(log_probs)
+    out = np.empty(log_probs.shape, np.result_type(log_probs.dtype, np.float32))
+    for start in range(0, len(log_probs), chunk):
+        out[start:start + chunk] = softmax(log_probs[start:start + chunk] / temperature, axis=1)
+    return out
 
 
 def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+CHUNK_ROWS = 4096  # feature rows per block when fitting and scoring (bounds memory at thousands of classes)
 
 @dataclass(frozen=True)
 class ClassGaussians:
@@ -25,19 +26,24 @@ class ClassGaussians:
     whiten: np.ndarray
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray) -> ClassGaussians:
-        """Fit on features [N, D] with class labels [N]: one mean per class present, one shared covariance."""
-        from sklearn.covariance import LedoitWolf
+    def fit(cls, features: np.ndarray, labels: np.ndarray, chunk: int = CHUNK_ROWS) -> ClassGaussians:
+        """Fit on features [N, D] with class labels [N]: one mean per class present, one shared covariance.
 
-        features, labels = np.asarray(features, np.float64), np.asarray(labels)
-        classes, index = np.unique(labels, return_inverse=True)
+        Streams `features` in blocks of `chunk` rows and keeps only per-class sums and the D x D scatter of the
+        residuals: at 5,000 classes the calibration fits on some 350,000 crops, where float64 copies of the whole
+        array (and a per-class mask over all of it) cost gigabytes and minutes.
+        """
+        features, labels = np.asarray(features), np.asarray(labels)
         if len(features) < 2:
             raise ValueError(f"need at least two feature rows to fit class Gaussians, got {len(features)}")
-        means = np.stack([features[index == i].mean(0) for i in range(len(classes))])
-        precision = LedoitWolf().fit(features - means[index]).precision_
-        # precision = W W^T  ->  (x - m)^T P (x - m) = |(x - m) W|^2
-        eigval, eigvec = np.linalg.eigh((precision + precision.T) / 2)
-        whiten = eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+        classes, index = np.unique(labels, return_inverse=True)
+        means = _class_sums(features, index, len(classes), chunk) / np.bincount(index)[:, None]
+        scatter, fourth = _residual_moments(features, index, means, chunk)
+        covariance = _ledoit_wolf(scatter, fourth, len(features))
+        # precision = W W^T with W = V diag(1/sqrt(eigval)), so (x - m)^T P (x - m) = |(x - m) W|^2
+        eigval, eigvec = np.linalg.eigh(covariance)
+        cutoff = eigval.max() * len(eigval) * np.finfo(np.float64).eps  # pinvh's: null directions weigh nothing
+        whiten = eigvec * np.where(eigval > cutoff, 1.0 / np.sqrt(np.clip(eigval, cutoff, None)), 0.0)
         return cls((means @ whiten).astype(np.float32), whiten.astype(np.float32))
 
     def distances(self, features: np.ndarray) -> np.ndarray:
@@ -46,9 +52,14 @@ class ClassGaussians:
         return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ self.means.T
                           + (self.means * self.means).sum(1)[None], 0.0)
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Distance to the nearest known class, per row: larger is more likely an unknown pill."""
-        return self.distances(features).min(axis=1)
+    def score(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
+        """Distance to the nearest known class, per row: larger is more likely an unknown pill. In blocks of `chunk`
+        rows: the [N, C] distance matrix of a whole validation split is gigabytes at 5,000 classes."""
+        features = np.asarray(features)
+        out = np.empty(len(features), np.float32)
+        for start in range(0, len(features), chunk):
+            out[start:start + chunk] = self.distances(features[start:start + chunk]).min(axis=1)
+        return out
 
     def save(self, path: str | Path) -> Path:
         from pillsnap.utils import atomic_path
@@ -62,6 +73,43 @@ class ClassGaussians:
     def load(cls, path: str | Path) -> ClassGaussians:
         with np.load(path) as data:
             return cls(data["means"], data["whiten"])
+
+
+def _class_sums(features: np.ndarray, index: np.ndarray, n_classes: int, chunk: int) -> np.ndarray:
+    """Per-class sums of the feature rows [C, D] in float64 (a sparse one-hot product per block of rows)."""
+    from scipy import sparse
+
+    sums = np.zeros((n_classes, features.shape[1]), np.float64)
+    for start in range(0, len(features), chunk):
+        rows = index[start:start + chunk]
+        onehot = sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(n_classes, len(rows)))
+        sums += onehot @ features[start:start + chunk].astype(np.float64)
+    return sums
+
+
+def _residual_moments(features: np.ndarray, index: np.ndarray, means: np.ndarray,
+                      chunk: int) -> tuple[np.ndarray, float]:
+    """Scatter sum(r r^T) [D, D] and sum(|r|^4) of the residuals r = x - mean of x's class."""
+    scatter, fourth = np.zeros((features.shape[1],) * 2, np.float64), 0.0
+    for start in range(0, len(features), chunk):
+        resid = features[start:start + chunk].astype(np.float64) - means[index[start:start + chunk]]
+        scatter += resid.T @ resid
+        fourth += float(((resid * resid).sum(1) ** 2).sum())
+    return scatter, fourth
+
+
+def _ledoit_wolf(scatter: np.ndarray, fourth: float, n: int) -> np.ndarray:
+    """sklearn's LedoitWolf covariance (residuals are centred by construction), from the streamed moments."""
+    p = scatter.shape[0]
+    emp_cov = scatter / n
+    mu = float(np.trace(emp_cov)) / p
+    delta_ = float((emp_cov ** 2).sum())
+    delta = (delta_ - 2.0 * mu * np.trace(emp_cov) + p * mu ** 2) / p
+    beta = min((fourth / n - delta_) / (p * n), delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    shrunk = (1.0 - shrinkage) * emp_cov
+    shrunk.flat[:: p + 1] += shrinkage * mu
+    return shrunk
 
 
 # The rules an "unknown pill" answer can follow. Each turns a crop's answer into a score where higher means more

@@ -3,7 +3,9 @@ file, with an offline fallback) and loading a trained one for inference."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from pillsnap.utils import load_ckpt
 from pillsnap.utils.io import select_inference_state
+from pillsnap.utils.offline import offline_reason
 
 LOGGER = logging.getLogger(__name__)
 
@@ -25,9 +28,10 @@ def build_classification_model(
     """timm model `backbone` with a fresh `num_classes` head.
 
     Pretrained backbones come through timm's own loader (the ImageNet head is dropped for ours): `weights_path`, a
-    local timm/ImageNet weights file, always wins; else `pretrained=True` fetches the model's weights from the hub
-    (or its local cache). Offline, with nothing cached, the model starts from random weights with a warning that
-    says how to get them (run once online, or give model.weights_path).
+    local timm/ImageNet weights file, always wins (a missing one is an error); else `pretrained=True` fetches the
+    model's weights from the hub (or its local cache). Offline (HF_HUB_OFFLINE=1, or the hub silent for a few
+    seconds) with nothing cached, the model starts from random weights at once, with a warning that says how to
+    get them (run once online, or give model.weights_path).
     """
     import timm
 
@@ -61,15 +65,32 @@ def _from_local_file(backbone: str, num_classes: int, path: Path) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _hub_cache_only(on: bool) -> Iterator[None]:
+    """huggingface_hub reads its offline switch at call time: set, a cached file still loads and nothing waits."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = before or on
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
 def _from_hub(backbone: str, num_classes: int) -> nn.Module:
+    import huggingface_hub.constants as hub
     import timm
 
+    offline = offline_reason(hub.ENDPOINT)
     try:
-        model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
-    except OSError as err:  # offline, blocked, or nothing in the cache (huggingface_hub raises OSError subclasses)
-        LOGGER.warning("classifier: could not fetch pretrained %s weights (%s: %s). Training starts from random "
-                       "weights. To use them, run once with network access (they are cached) or download them "
-                       "and set model.weights_path.", backbone, type(err).__name__, str(err).splitlines()[0][:200])
+        with _hub_cache_only(offline is not None):
+            model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
+    except OSError as err:  # offline with nothing cached, or blocked (huggingface_hub raises OSError subclasses)
+        reason = offline or f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        LOGGER.warning("classifier: could not fetch pretrained %s weights (%s; none cached): training from random "
+                       "init. To use them, run once with network access (they are cached) or download them and set "
+                       "model.weights_path.", backbone, reason)
         return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
     LOGGER.info("classifier: pretrained %s weights loaded (head: %d classes, fresh)", backbone, num_classes)
     return model

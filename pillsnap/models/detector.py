@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pillsnap.utils.offline import ultralytics_offline
+from pillsnap.utils.offline import offline_reason, ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
 PILL_CLASS_NAMES = {0: "pill"}
+ASSETS_HOST = "https://github.com"  # ultralytics' COCO weights (yolo11m.pt) are GitHub release assets
 
 
 def _model_yaml(model_size: str) -> str:
@@ -61,14 +62,24 @@ def fetch_detector_weights(spec: str | Path) -> Path | None:
         raise FileNotFoundError(f"Detector weights not found: {path} (give a local .pt, or an ultralytics asset "
                                 "name such as yolo11m.pt to download it once)")
     ultralytics_offline()
+    from ultralytics.utils import SETTINGS
     from ultralytics.utils.downloads import attempt_download_asset
 
+    cached = Path(SETTINGS["weights_dir"]) / path.name
+    if cached.is_file():
+        return cached
+    offline = offline_reason(ASSETS_HOST)
     try:
-        return Path(attempt_download_asset(path.name))
+        if offline:
+            raise ConnectionError(offline)
+        # Into ultralytics' weights folder (a bare name would land in the working directory, where a run started
+        # elsewhere never finds it again).
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        return Path(attempt_download_asset(str(cached), retry=1))
     except (OSError, ConnectionError, RuntimeError) as err:  # offline or blocked: ultralytics raises these
-        LOGGER.warning("detector: could not fetch %s (%s: %s). Training starts from random weights. Download it "
+        LOGGER.warning("detector: could not fetch %s (%s; none cached): training from random init. Download it "
                        "once with network access, or set model.detector_weights to a local file.", path.name,
-                       type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                       str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         return None
 
 
@@ -85,14 +96,18 @@ def build_yolo_model(
     model_size: str = "yolo11m",
     num_classes: int = 1,
     weights: str | Path | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """Build an ultralytics DetectionModel from `{model_size}.yaml` with `num_classes` classes.
 
-    `weights` is an optional local .pt whose matching tensors initialise the model. (Loading the detector only when
-    needed at inference is infer.Predictor's job: inference.lazy_load_detector.)
+    `weights` (a local .pt, or an asset name such as yolo11m.pt) initialises the matching tensors; without it,
+    `pretrained` takes ultralytics' COCO weights of the same model (`{model_size}.pt`), or random init offline.
+    (Loading the detector only when needed at inference is infer.Predictor's job: inference.lazy_load_detector.)
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if weights is None and pretrained:
+        weights = f"{Path(_model_yaml(model_size)).stem}.pt"
     ultralytics_offline()
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel

@@ -14,6 +14,9 @@ from pillsnap.monitor.state import MonitorState, clean
 from pillsnap.monitor.stream import StreamFollower
 
 LOGGER = logging.getLogger(__name__)
+# What one evaluation decided: shown together, from one evaluation.
+VERDICT_KEYS = frozenset({"status", "recommendation", "reason", "action", "rule", "reasons", "suggestions",
+                          "not_comparable", "performance_score", "choice", "advisor", "go_no_go"})
 
 
 def stream_path(exp_dir: str | Path) -> Path:
@@ -78,10 +81,12 @@ class LiveRun:
 
     def _latest_evaluation(self, from_stream: dict | None) -> dict | None:
         """The newer of the stream's stage_evaluation record and the evaluation file (`pillsnap evaluate` may
-        rewrite the file long after the run); for the same stage the older fills in what the newer lacks (the
-        file has the advisor's suggestions and the choice made, the record does not)."""
+        rewrite the file long after the run). The verdict is the newer one's alone, never half of each (a NO-GO
+        badge over an older "proceed"); for the same stage the older fills in only the details (measured results,
+        criteria) the newer lacks."""
         from_file = self._file_eval[2] if self._file_eval else None
         candidates = sorted((e for e in (from_stream, from_file) if e), key=lambda e: e.get("time") or 0)
         if len(candidates) == 2 and candidates[0].get("stage") == candidates[1].get("stage"):
-            return {**candidates[0], **candidates[1]}
+            details = {k: v for k, v in candidates[0].items() if k not in VERDICT_KEYS}
+            return {**details, **candidates[1]}
         return candidates[-1] if candidates else None

@@ -24,7 +24,10 @@ def number(value: object, spec: str = ".4g") -> str:
 def title(snap: dict) -> str:
     run, evaluation = snap["run"], snap["evaluation"]
     age = time.time() - run["last_time"] if run["last_time"] else None
-    decision = evaluation.get("status", "?") if evaluation else "pending"
+    decision = "pending"
+    if evaluation:  # the one verdict: decision and recommendation of the same evaluation
+        decision = evaluation.get("status", "?") + (f" ({evaluation['recommendation']})"
+                                                    if evaluation.get("recommendation") else "")
     return (f"PillSnap {snap['exp']}: {run['status']}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
             f"Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
 

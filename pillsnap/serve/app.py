@@ -25,8 +25,9 @@ from pillsnap.serve.auth import KeyChecker
 from pillsnap.serve.docs import render_docs
 from pillsnap.serve.errors import RequestRejected, install_error_handlers, request_id_of
 from pillsnap.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from pillsnap.serve.limits import UploadBudget, UploadBudgetMiddleware
 from pillsnap.serve.metrics import ServeMetrics
-from pillsnap.serve.runner import InferenceRunner
+from pillsnap.serve.runner import ClientGone, InferenceRunner
 from pillsnap.serve.schemas import ERROR_RESPONSES, BatchPrediction, Health, Prediction, Ready, Version
 from pillsnap.serve.service import PredictionService, Upload, build_info, safe_filename
 from pillsnap.serve.settings import ServeSettings
@@ -39,14 +40,16 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' b
                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
                 "X-Content-Type-Options": "nosniff"}
 Mode = Enum("Mode", {m: m for m in INFERENCE_MODES}, type=str)  # the one list of modes, as an OpenAPI enum
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request"; only the metrics and the log see it
 
 
 class AppState:
-    """What the endpoints share: the model side, the worker pool, metrics, limits."""
+    """What the endpoints share: the model side, the worker pool, the upload byte budget, metrics, limits."""
 
     def __init__(self, service: PredictionService, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.service, self.settings, self.metrics = service, settings, metrics
         self.runner = InferenceRunner(settings.workers, settings.max_queue, metrics)
+        self.budget = UploadBudget(settings.max_inflight_upload_bytes, metrics)
         self.setup_error: str | None = None
 
     async def setup(self) -> None:
@@ -62,7 +65,9 @@ class AppState:
             return
         self.metrics.ready.set(1)
 
-    async def run_job(self, endpoint: str, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run_job(self, endpoint: str, request: Request, fn: Callable[..., Any], *args: Any,
+                      admitted: bool = False) -> Any:
+        """fn(*args) on a worker, timed; dropped (ClientGone, counted) when the client has left by then."""
         def timed() -> Any:
             start = time.perf_counter()
             try:
@@ -70,7 +75,11 @@ class AppState:
             finally:
                 self.metrics.inference.labels(endpoint).observe(time.perf_counter() - start)
 
-        return await self.runner.run(timed)
+        try:
+            return await self.runner.run(timed, gone=request.is_disconnected, admitted=admitted)
+        except ClientGone:
+            self.metrics.cancelled.labels(endpoint).inc()
+            raise
 
 
 def create_app(service: PredictionService, settings: ServeSettings | None = None, api_key: str | None = None,
@@ -94,11 +103,18 @@ def create_app(service: PredictionService, settings: ServeSettings | None = None
                   "detail, error and request_id.")
     app.state.pillsnap = state
     install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the access log and metrics do
+
     _add_pages(app, api_key is not None, state.settings)
     _add_status_routes(app, state)
     _add_predict_routes(app, state)
     route_paths = frozenset(route.path for route in app.routes)
-    # Added innermost first: the request id wraps everything, auth runs before the body guard reads anything.
+    # Added innermost first: the request id wraps everything, auth runs before the body guard reads anything, and
+    # only an allowed body of an allowed size is counted against the upload budget.
+    app.add_middleware(UploadBudgetMiddleware, budget=state.budget)
     app.add_middleware(BodyLimitMiddleware, limit_for=state.settings.body_limit,
                        timeout_s=state.settings.upload_timeout_s)
     app.add_middleware(ApiKeyMiddleware, checker=KeyChecker(api_key), public_paths=PUBLIC_PATHS)
@@ -145,14 +161,15 @@ def _add_status_routes(app: FastAPI, state: AppState) -> None:
         return Response(body, media_type=content_type)
 
 
-async def _read_upload(file: UploadFile, request: Request, settings: ServeSettings, index: int | None = None) -> Upload:
+async def _read_upload(file: UploadFile, request: Request, settings: ServeSettings) -> Upload:
     data = await file.read(settings.max_file_bytes + 1)
+    await file.close()  # frees its spooled temp file now rather than when the answer has been sent
     name = safe_filename(file.filename)
     if len(data) > settings.max_file_bytes:
         raise RequestRejected(413, f"Photo {name!r} is larger than {settings.max_upload_mb:g} MiB "
                                    f"(serving.max_upload_mb); send a smaller one", "too_large")
     rid = request_id_of(request.scope)
-    return Upload(data, name, rid, rid if index is None else f"{rid}-{index}")
+    return Upload(data, name, rid)
 
 
 def _encode(result: dict, upload: Upload) -> dict:
@@ -181,7 +198,7 @@ def _add_predict_routes(app: FastAPI, state: AppState) -> None:
 
     async def predict_one(request: Request, file: UploadFile, mode: Any, hints: Any) -> dict:
         upload = await _read_upload(file, request, state.settings)
-        result = await state.run_job("predict", state.service.predict, upload, Mode(mode).value, hints)
+        result = await state.run_job("predict", request, state.service.predict, upload, Mode(mode).value, hints)
         state.metrics.predictions.labels(result["mode_used"]).inc()
         return _encode(result, upload)
 
@@ -208,17 +225,25 @@ def _add_predict_routes(app: FastAPI, state: AppState) -> None:
             raise RequestRejected(413, f"{len(files)} files in one batch; at most {limit} (serving.max_batch_files)",
                                   "too_many_files")
         slots: list[Upload | dict] = []
-        for index, file in enumerate(files):
+        for file in files:
             try:
-                slots.append(await _read_upload(file, request, state.settings, index))
+                slots.append(await _read_upload(file, request, state.settings))
             except RequestRejected as err:
                 slots.append({"filename": safe_filename(file.filename), "status": err.status, "error": err.code,
                               "detail": err.message})
-        uploads = [slot for slot in slots if isinstance(slot, Upload)]
-        results = iter(await state.run_job("predict_batch", state.service.predict_many, uploads, Mode(mode).value,
-                                           hints))
+        results = iter(await _predict_each(state, request, [s for s in slots if isinstance(s, Upload)], mode, hints))
         answers = [_encode(next(results), slot) if isinstance(slot, Upload) else slot for slot in slots]
         for answer in answers:
             if "error" not in answer:
                 state.metrics.predictions.labels(answer["mode_used"]).inc()
         return {"request_id": request_id_of(request.scope), "results": answers}
+
+
+async def _predict_each(state: AppState, request: Request, uploads: list[Upload], mode: Any, hints: Any) -> list[dict]:
+    """A batch as one job per photo: a client that leaves mid-batch stops it at the next photo, and a single-photo
+    request waits for one photo of a batch, not for all of it."""
+    results: list[dict] = []
+    for upload in uploads:
+        results += await state.run_job("predict_batch", request, state.service.predict_many, [upload],
+                                       Mode(mode).value, hints, admitted=bool(results))
+    return results

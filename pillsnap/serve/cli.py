@@ -17,7 +17,8 @@ LOGGER = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="HTTP prediction API and web page", description=__doc__)
     parser.add_argument("--exp", default=None, help="experiment directory (default: paths.exp_dir of the config)")
-    parser.add_argument("--cfg", default="config.yaml", help="config file (serving.* and inference.* keys)")
+    parser.add_argument("--cfg", default=None, help="config file (serving.* and inference.* keys; default: "
+                        "EXP/config.yaml with --exp, else ./config.yaml)")
     parser.add_argument("--host", default=None, help="bind address (default: serving.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: serving.port)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -27,12 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_service(exp_dir: Path, cfg: Any, device: str | None = None) -> Any:
     """The model side for `exp_dir`: a PredictionService that loads a Predictor when set up."""
+    from pillsnap.infer.hard_cases import upload_store
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.serve.service import PredictionService
     from pillsnap.serve.settings import ServeSettings
 
     settings = ServeSettings.from_config(cfg.serving)
-    uploads = exp_dir / "hard_cases" / "uploads" if cfg.inference.hard_cases.enabled else None
+    uploads = upload_store(exp_dir, cfg.inference.hard_cases)  # None when hard cases are off
     return PredictionService(lambda: Predictor(exp_dir, cfg, device), settings.image_limits, uploads)
 
 
@@ -45,14 +47,15 @@ def warn_without_key(host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pillsnap.config import load_config
+    from pillsnap.config import load_cli_config
     from pillsnap.infer.pipeline import find_checkpoints
     from pillsnap.serve.app import create_app
     from pillsnap.serve.auth import resolve_api_key
+    from pillsnap.serve.limits import uvicorn_limits
     from pillsnap.serve.settings import ServeSettings
 
-    cfg = load_config(args.cfg, args.overrides)
-    exp_dir = Path(args.exp or cfg.paths.exp_dir)
+    cfg = load_cli_config(args.exp, args.cfg, args.overrides, dotenv_path=".env")
+    exp_dir = Path(cfg.paths.exp_dir)
     find_checkpoints(exp_dir)  # fail now, not in the background, when there is nothing to serve
     settings = ServeSettings.from_config(cfg.serving)
     api_key = resolve_api_key(cfg.serving)
@@ -62,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(build_service(exp_dir, cfg, args.device), settings, api_key)
     LOGGER.info("PillSnap on http://%s:%d (page /, docs /docs; auth %s; %d worker(s), queue %d; backend %s)", host,
                 port, "X-API-Key" if api_key else "OFF", settings.workers, settings.max_queue, cfg.inference.backend)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10,
+                **uvicorn_limits(settings))
     return 0

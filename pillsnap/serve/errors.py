@@ -44,8 +44,9 @@ def image_error_status(err: ImageError) -> tuple[int, str]:
 
 
 def new_request_id(incoming: str | None = None) -> str:
-    """The caller's X-Request-ID when it is a short plain token (so logs can be joined), else a fresh one."""
-    if incoming and len(incoming) <= 64 and all(c.isalnum() or c in "-_." for c in incoming):
+    """The caller's X-Request-ID when it is a short plain token, [A-Za-z0-9._-]{1,64} (so logs can be joined),
+    else a fresh one. ASCII only: str.isalnum also passes letters of every script, which a header would mangle."""
+    if incoming and len(incoming) <= 64 and incoming.isascii() and all(c.isalnum() or c in "-_." for c in incoming):
         return incoming
     return uuid.uuid4().hex
 

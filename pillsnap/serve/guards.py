@@ -21,6 +21,18 @@ from pillsnap.serve.errors import REQUEST_ID_HEADER, new_request_id, send_error
 from pillsnap.serve.metrics import ServeMetrics
 
 LOGGER = logging.getLogger("pillsnap.serve.access")
+# Metric labels for the method: any other token a client sends counts as "other", or each would add a series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def log_safe(text: str) -> str:
+    """`text` from a client, fit for one log line: every character that is not printable (newline, carriage
+    return, ESC and the other C0/C1 controls, Unicode line separators, bidi overrides) and the backslash itself
+    are written as Python escapes. Otherwise `/health%0A2026-12-04 INFO ...` would log a second, forged line, and
+    an escape sequence would drive the terminal of whoever reads the log."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class RequestContextMiddleware:
@@ -56,9 +68,11 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.dec()
             elapsed, route = time.perf_counter() - start, self._route(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
-            LOGGER.info("%s %s %d %.1f ms request_id=%s", scope["method"], scope["path"], status, elapsed * 1000, rid)
+            LOGGER.info("%s %s %d %.1f ms request_id=%s", log_safe(scope["method"]), log_safe(scope["path"]), status,
+                        elapsed * 1000, rid)
 
 
 class ApiKeyMiddleware:

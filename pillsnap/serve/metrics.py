@@ -23,6 +23,12 @@ class ServeMetrics:
                                    ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
         self.predictions = Counter("pillsnap_predictions", "Photos answered, by the path the pipeline took",
                                    ["mode_used"], registry=reg)
+        self.cancelled = Counter("pillsnap_inference_cancelled", "Prediction jobs dropped because the client left "
+                                 "before a worker took them", ["endpoint"], registry=reg)
+        self.upload_bytes = Gauge("pillsnap_upload_bytes_in_flight", "Request body bytes held against "
+                                  "serving.max_inflight_upload_mb", registry=reg)
+        self.budget_refusals = Counter("pillsnap_upload_budget_refusals", "Requests refused with 503 because the "
+                                       "upload byte budget was taken", registry=reg)
         self.ready = Gauge("pillsnap_models_ready", "1 once the models are loaded and warmed up", registry=reg)
 
     def render(self) -> tuple[bytes, str]:

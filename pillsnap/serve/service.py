@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pillsnap.infer.hard_cases import KeptFiles, for_request  # PIL only: no model code
 from pillsnap.serve.errors import RequestRejected, image_error_status
 from pillsnap.utils.images import ImageError, ImageLimits, decode_image
 
@@ -27,13 +28,12 @@ UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded photo: its bytes, the client's file name, the request it came with, and the name under which
-    it is kept if it turns out a hard case (the request id, plus its place in a batch)."""
+    """One uploaded photo: its bytes, the client's file name and the (sanitised) id of the request it came with.
+    Neither names a kept file: the store makes its own names, so a reused request id overwrites nothing."""
 
     data: bytes
     filename: str
     request_id: str
-    key: str
 
 
 class PredictorLike(Protocol):
@@ -59,10 +59,10 @@ class PredictionService:
     """Holds the predictor once `setup()` has loaded it; `predict` turns one upload into one result dict."""
 
     def __init__(self, load_predictor: Callable[[], PredictorLike], limits: ImageLimits,
-                 uploads_dir: Path | None = None) -> None:
+                 uploads: KeptFiles | None = None) -> None:
         self._load_predictor = load_predictor
         self.limits = limits
-        self.uploads_dir = uploads_dir  # None: hard cases are not logged, so uploads are never kept
+        self.uploads = uploads  # None: hard cases are not logged, so uploads are never kept
         self.predictor: PredictorLike | None = None
         self.info: dict = {}
 
@@ -90,10 +90,11 @@ class PredictionService:
                                   "empty_upload")
         image = decode_image(upload.data, repr(upload.filename), self.limits)
         reference = self._upload_path(upload)
-        result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename,
-                                        hints=hints)
-        if reference is not None and result.get("hard_case"):
-            self._keep(reference, upload.data)
+        with for_request(upload.request_id):  # the hard-case record names the request
+            result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename,
+                                            hints=hints)
+        if reference is not None and self.uploads is not None and result.get("hard_case"):
+            self.uploads.keep(reference, upload.data)
         return result
 
     def predict_many(self, uploads: list[Upload], mode: str, hints: Any = None) -> list[dict]:
@@ -108,20 +109,17 @@ class PredictionService:
             return {"filename": upload.filename, "status": status, "error": code, "detail": str(err)}
         except RequestRejected as err:
             return {"filename": upload.filename, "status": err.status, "error": err.code, "detail": err.message}
+        except Exception as err:  # one photo's boundary in a batch: it must not cost the other photos their answers
+            LOGGER.error("request %s: %s failed: %s", upload.request_id, upload.filename, type(err).__name__,
+                         exc_info=err)
+            return {"filename": upload.filename, "status": 500, "error": "internal_error",
+                    "detail": f"Internal error; the server log has the details under request id {upload.request_id}"}
 
     def _upload_path(self, upload: Upload) -> Path | None:
-        if self.uploads_dir is None:
+        if self.uploads is None:
             return None
         suffix = Path(upload.filename).suffix.lower()
-        return self.uploads_dir / f"{upload.key}{suffix if suffix in UPLOAD_SUFFIXES else '.img'}"
-
-    def _keep(self, path: Path, data: bytes) -> None:
-        from pillsnap.utils import atomic_path, ensure_dir
-
-        ensure_dir(path.parent)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-        LOGGER.debug("kept hard-case upload %s", path)
+        return self.uploads.new_path(suffix if suffix in UPLOAD_SUFFIXES else ".img")
 
 
 def describe_models(predictor: PredictorLike) -> dict:
@@ -156,6 +154,7 @@ def build_info() -> dict:
 
 
 def safe_filename(name: str | None) -> str:
-    """The client's file name without any folder part or control characters (it is echoed back and logged)."""
+    """The client's file name without any folder part or non-printable character (it is echoed back and logged:
+    C1 controls, U+0085 and U+2028 break or drive a log line as well as a newline or ESC does)."""
     base = re.split(r"[\\/]", name or "")[-1]
-    return re.sub(r"[\x00-\x1f\x7f]", "", base)[:200] or "upload"
+    return "".join(c for c in base if c.isprintable())[:200] or "upload"

@@ -20,10 +20,18 @@ class ServeSettings:
     image_limits: ImageLimits = field(default_factory=lambda: ImageLimits(min_side=32))
     workers: int = 1
     max_queue: int = 16
+    max_inflight_upload_mb: float = 180
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 512
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_inflight_upload_bytes(self) -> int:
+        return int(self.max_inflight_upload_mb * 2**20)
 
     def body_limit(self, path: str) -> int:
         """Most bytes a request body to `path` may carry: one photo, or max_batch_files photos for a batch."""
@@ -35,7 +43,10 @@ class ServeSettings:
         limits = ImageLimits(max_pixels=int(serving.max_image_pixels), min_side=int(serving.min_image_side))
         settings = cls(max_upload_mb=float(serving.max_upload_mb), max_batch_files=int(serving.max_batch_files),
                        upload_timeout_s=float(serving.upload_timeout_s), image_limits=limits,
-                       workers=int(serving.workers), max_queue=int(serving.max_queue))
+                       workers=int(serving.workers), max_queue=int(serving.max_queue),
+                       max_inflight_upload_mb=float(serving.max_inflight_upload_mb),
+                       header_timeout_s=float(serving.header_timeout_s), keep_alive_s=int(serving.keep_alive_s),
+                       max_connections=int(serving.max_connections))
         settings.check()
         return settings
 
@@ -48,3 +59,10 @@ class ServeSettings:
         if self.max_upload_mb <= 0 or self.upload_timeout_s <= 0 or self.max_batch_files < 1:
             raise ConfigError("serving.max_upload_mb, serving.upload_timeout_s and serving.max_batch_files must be "
                               "positive")
+        if min(self.header_timeout_s, self.keep_alive_s, self.max_connections) <= 0:
+            raise ConfigError("serving.header_timeout_s, serving.keep_alive_s and serving.max_connections must be "
+                              "positive")
+        batch = self.body_limit("/v1/predict/batch")
+        if self.max_inflight_upload_bytes < batch:  # else a full batch could never be accepted
+            raise ConfigError(f"serving.max_inflight_upload_mb ({self.max_inflight_upload_mb:g}) must hold one full "
+                              f"batch: at least {batch / 2**20:.1f} (max_batch_files x max_upload_mb + slack)")

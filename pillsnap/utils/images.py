@@ -23,6 +23,11 @@ LOGGER = logging.getLogger(__name__)
 
 # Everything a missing, truncated or corrupt image (or zip member) can raise while being read or decoded.
 DECODE_ERRORS = (OSError, UnidentifiedImageError, zipfile.BadZipFile, KeyError, ValueError, EOFError)
+# What PIL's format plugins raise on damaged bytes besides OSError: the AVIF and WebP decoders raise RuntimeError
+# ("Failed to decode frame 0"), header parsers SyntaxError, struct.error, IndexError, TypeError or an arithmetic
+# error on nonsense fields. Each is "this file is not a readable photo", never a server fault.
+PIL_DECODE_ERRORS = (*DECODE_ERRORS, RuntimeError, SyntaxError, struct.error, IndexError, TypeError,
+                     ZeroDivisionError, OverflowError)
 
 # Formats a photo arrives in. Naming them keeps PIL from handing an upload to a plugin that shells out
 # (EPS runs Ghostscript) or parses exotic containers nobody photographs pills with.
@@ -173,7 +178,7 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAU
     except UnidentifiedImageError as err:
         raise ImageError(f"Cannot read image {name}: not a supported image file ({', '.join(PHOTO_FORMATS)}); "
                          f"convert it, e.g. to JPEG") from err
-    except (*DECODE_ERRORS, SyntaxError, struct.error) as err:
+    except PIL_DECODE_ERRORS as err:
         raise ImageError(f"Cannot read image {name}: {_clean(err)}") from err
 
 

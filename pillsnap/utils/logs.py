@@ -20,6 +20,10 @@ LOG_LEVEL_ENV = "PILLSNAP_LOG_LEVEL"
 # Set by scripts/train.sh, which writes the process's stdout and stderr to logs/train.out and train.err: progress
 # then goes to stdout and warnings, errors and tracebacks to stderr, and the trainer adds no file handlers of its own.
 STREAMS_ARE_LOGS_ENV = "PILLSNAP_STREAMS_ARE_LOGS"
+# Third-party loggers whose DEBUG lines bury ours (PIL alone logs every PNG chunk it reads: most of a DEBUG log);
+# they stay at WARNING whatever --log-level says.
+QUIET_LOGGERS = ("PIL", "matplotlib", "urllib3", "fsspec", "filelock", "httpx", "httpcore", "asyncio", "h5py",
+                 "multipart", "python_multipart", "numexpr", "graphviz", "git")
 
 
 def streams_are_logs() -> bool:
@@ -59,6 +63,8 @@ def set_log_level(level: str) -> None:
     logging.basicConfig(level=level, handlers=handlers)
     logging.getLogger().setLevel(level)
     logging.getLogger("pillsnap").setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:

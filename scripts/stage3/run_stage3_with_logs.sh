@@ -18,7 +18,9 @@ while [ $# -gt 0 ]; do
     -h|--help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --log-level) [ $# -ge 2 ] || { echo "run_stage3_with_logs: --log-level needs a value" >&2; exit 2; }
                  LEVEL="$(echo "$2" | tr '[:lower:]' '[:upper:]')"; shift 2 ;;
-    --cfg) CFG="$2"; ARGS+=("$1" "$2"); shift 2 ;;
+    --cfg) [ $# -ge 2 ] || { echo "run_stage3_with_logs: --cfg needs a value" >&2; exit 2; }
+           case "$2" in /*) CFG="$2" ;; *) CFG="$PWD/$2" ;; esac  # absolute before the cd below
+           ARGS+=("$1" "$CFG"); shift 2 ;;
     *=*) KEYS+=("$1"); ARGS+=("$1"); shift ;;
     *) ARGS+=("$1"); shift ;;
   esac

@@ -6,13 +6,14 @@
 #   --batch-size N       classifier batch size          --det-batch-size N  detector batch size
 #   --lr LR              classifier peak learning rate
 #   --resume             continue from the last checkpoints (more --epochs than the run had: extend it)
-#   --checkpoint PATH    resume the classifier from this checkpoint file
+#   --checkpoint PATH    resume from this checkpoint file (the detector from its file beside it)
 #   --stage N            stage to train (default 3)     --cfg FILE          config file (default config.yaml)
 #   --yes | --choice N   answer the end-of-stage advisor without being asked
 #   --log-level LEVEL    DEBUG | INFO | WARNING | ERROR
 #   --min-free-gb N      pre-flight: free disk needed at exp_dir (default 10)
 #   --skip-checks        skip the pre-flight checks
 #   -h, --help           this help
+#   File paths (--cfg, --checkpoint) are relative to where you run it; key=value paths to the repository root.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,9 +27,11 @@ CHECKS=1
 PASS=()
 OVERRIDES=()
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "train_stage3: $1 needs a value (see --help)" >&2; exit 2; }; }
 fail() { echo "train_stage3: PRE-FLIGHT FAILED: $1" >&2; echo "  fix: $2" >&2; exit 2; }
+# File arguments are made absolute here, before the script moves to the repository root.
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,11 +41,13 @@ while [ $# -gt 0 ]; do
     --det-batch-size) need "$@"; OVERRIDES+=("train.detection.batch_size=$2"); shift 2 ;;
     --lr) need "$@"; OVERRIDES+=("train.lr=$2"); shift 2 ;;
     --stage) need "$@"; STAGE="$2"; shift 2 ;;
-    --cfg) need "$@"; CFG="$(cd "$(dirname "$2")" 2>/dev/null && pwd)/$(basename "$2")"; shift 2 ;;
+    --cfg) need "$@"; CFG="$(absolute "$2")"; shift 2 ;;
     --min-free-gb) need "$@"; MIN_FREE_GB="$2"; shift 2 ;;
     --skip-checks) CHECKS=0; shift ;;
     --resume|--yes|-v|--verbose) PASS+=("$1"); shift ;;
-    --checkpoint|--choice|--log-level) need "$@"; PASS+=("$1" "$2"); shift 2 ;;
+    --checkpoint) need "$@"; [ -f "$2" ] || { echo "train_stage3: --checkpoint $2: no such file" >&2; exit 2; }
+                  PASS+=("$1" "$(absolute "$2")"); shift 2 ;;
+    --choice|--log-level) need "$@"; PASS+=("$1" "$2"); shift 2 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) echo "train_stage3: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac

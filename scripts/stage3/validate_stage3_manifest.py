@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--cfg", default=None,
+                        help="config file (default: the repository's config.yaml, its paths relative to the root)")
     parser.add_argument("--stage", type=int, default=3, choices=(1, 2, 3, 4), help="stage to check (default: 3)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -25,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from pillsnap.data.manifest_check import check_stage_manifest
 
     try:
-        cfg = load_config(args.cfg, [*args.overrides, f"data.progressive_validation.current_stage={args.stage}"])
+        overrides = [*args.overrides, f"data.progressive_validation.current_stage={args.stage}"]
+        cfg = load_config(args.cfg or ROOT / "config.yaml", overrides, paths_base=None if args.cfg else ROOT)
     except ConfigError as err:
         print(f"validate_stage3_manifest: config error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ const TASKS = {
   },
 };
 const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "completed", early_stopped: "early stop",
-                     time_capped: "time cap", oom_emergency_exit: "OOM exit", finished: "finished"};
+                     time_capped: "time cap", oom_emergency_exit: "OOM exit", interrupted: "interrupted",
+                     finished: "finished"};
 const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
                      global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};
 const STALE_AFTER_S = 120;      // no record for this long while running: say so
@@ -266,11 +267,16 @@ function renderEvaluation(ev) {
   head.querySelector(".badge").textContent = status.replace("_", "-");
   head.querySelector(".rec").textContent = (ev.recommendation || "").replaceAll("_", " ");
   head.querySelector(".when").textContent = `stage ${ev.stage ?? "?"} · ${Fmt.clock(ev.time)}`;
+  // One verdict: the badge, the recommendation and the next step all come from the same evaluation.
+  if (ev.action) addLine(box, "next", `Next step: ${ev.action}`);
   const score = ev.performance_score ?? ev.advisor?.performance_score;
   if (isNum(score)) addLine(box, "score", `performance score ${score.toFixed(3)}`);
   const reasons = ev.reasons && ev.reasons.length ? ev.reasons : ["all checks and targets met"];
   addList(box, "reasons", reasons);
-  const suggestions = (ev.advisor?.suggestions || []).slice(0, 3);
+  const notes = (ev.not_comparable || []).filter(n => isNum(n.value)).map(n =>
+    `${n.path} ${Fmt.num(n.value)} on ${n.device} (the target ${n.threshold} is for ${n.target_device})`);
+  if (notes.length) { addLine(box, "sub-head", "Not comparable on this device"); addList(box, "reasons muted", notes); }
+  const suggestions = (ev.suggestions || ev.advisor?.suggestions || []).slice(0, 3);
   if (suggestions.length) { addLine(box, "sub-head", "Suggestions"); addList(box, "reasons muted", suggestions); }
   if (ev.choice?.text) addLine(box, "choice", `Chosen: ${ev.choice.text} (${ev.choice.how || "recorded"})`);
 }

@@ -1,4 +1,5 @@
-"""The demo's closing evaluation: held-out figures of the trained pipeline, saved and formatted for the console."""
+"""The demo's closing evaluation: held-out figures of the trained pipeline on the test split's photos (after
+training is over), saved and formatted for the console."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pillsnap.infer.evaluate import detection_map, evaluate_pipeline, photo_groups
+from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
 

@@ -1,0 +1,60 @@
+"""torch.compile for a task's model, announced and warmed up when the task is built, with eager as the fallback."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pillsnap.utils import try_torch_compile
+
+if TYPE_CHECKING:
+    from pillsnap.engine.task import Task
+
+LOGGER = logging.getLogger(__name__)
+
+
+def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
+    """`model` compiled per optimization.torch_compile when the task supports it, warmed up now on one training
+    chunk of random inputs: a failing backend falls back to eager here (with a warning) instead of in the middle of
+    an epoch, and the long first compile is announced instead of looking like a hang."""
+    mode = str(task.cfg.optimization.torch_compile)
+    if not task.compile_model or mode == "none":
+        return model
+    LOGGER.info("compiling the %s model with torch.compile(mode=%s): the first steps take longer (minutes for "
+                "max-autotune)", task.name, mode)
+    start = time.monotonic()
+    compiled = try_torch_compile(model, mode)
+    if compiled is model:
+        return model
+    try:
+        warm_up(task, compiled)
+    except torch.OutOfMemoryError as err:  # the training loop's OOM recovery deals with memory, not the compiler
+        LOGGER.warning("%s: the compile warm-up ran out of memory (%s); compiling at the first steps instead",
+                       task.name, err)
+        return compiled
+    except Exception as err:  # compile backends fail in many ways (no C++ compiler, unsupported op); eager works
+        LOGGER.warning("%s: torch.compile(mode=%s) failed in its warm-up, training eager instead: %s",
+                       task.name, mode, err)
+        return model
+    LOGGER.info("%s: torch.compile warm-up done in %.1f s", task.name, time.monotonic() - start)
+    return compiled
+
+
+def warm_up(task: Task, model: nn.Module) -> None:
+    """One forward and backward of a training chunk through `model`; weights, BatchNorm statistics and gradients
+    are restored, so the warm-up leaves no trace in training."""
+    saved = copy.deepcopy(task.raw_model.state_dict())
+    eager, task.model = task.model, model  # chunk_loss runs through task.model
+    try:
+        with task.precision.context(task.device):
+            loss = task.chunk_loss(task.random_batch(task.knobs.batch_size))
+        loss.backward()
+    finally:
+        task.model = eager
+        task.optimizer.zero_grad(set_to_none=True)
+        task.raw_model.load_state_dict(saved)

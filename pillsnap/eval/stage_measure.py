@@ -1,0 +1,264 @@
+"""The figures a stage evaluation needs that training does not record: what the run's files say (throughput, data
+time, OOM, NaN, memory, loss variance), and what is measured now on the best checkpoints (per-class floors over the
+validation split, streamed; latencies on a bounded sample, on the evaluation's device; ONNX export) and the
+mandatory checks built from them. eval/stage_eval.py assembles them into the decision's input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pillsnap.eval.criteria import ADVISOR, GPU, stage_criteria
+from pillsnap.eval.latency import SAMPLES, loader_items, measure, passes, take
+from pillsnap.utils import read_json
+
+LOGGER = logging.getLogger(__name__)
+PIPELINE_SAMPLES = 10  # photos timed through the whole pipeline (each one a detector and several classifier calls)
+
+
+def read_stream(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the rest still counts
+    return records
+
+
+def safely(name: str, fn: Callable[[], Any], default: Any) -> Any:
+    """Run one measurement; a failure is a finding of the evaluation (logged with its cause), not a crash."""
+    try:
+        return fn()
+    except Exception as err:  # any failure here is reported as the check failing, with its traceback at debug
+        LOGGER.warning("stage evaluation: %s failed: %s: %s", name, type(err).__name__, err)
+        LOGGER.debug("traceback of the failed %s", name, exc_info=True)
+        return default
+
+
+# ---- what the run recorded ------------------------------------------------------------------------------------------
+def loss_variance(steps: list[dict]) -> float | None:
+    """Variance of the classifier's logged training loss over its last epoch (the design's convergence figure)."""
+    cls = [r for r in steps if r.get("task", "classification") == "classification"]
+    last = max((r.get("epoch", 0) for r in cls), default=None)
+    losses = [r["loss"] for r in cls if r.get("epoch", 0) == last and isinstance(r.get("loss"), (int, float))
+              and math.isfinite(r["loss"])]
+    return float(np.var(losses)) if len(losses) >= 2 else None
+
+
+def memory_peak_over_avg(steps: list[dict], history: list[dict]) -> float | None:
+    """Peak over average memory: CUDA memory at the logged steps on a GPU, RSS per epoch otherwise."""
+    usage = [r["cuda_mem"] for r in steps if (r.get("cuda_mem") or 0) > 0]
+    usage = usage or [h["rss_mb"] for h in history if h.get("rss_mb")]
+    return float(max(usage) / np.mean(usage)) if usage else None
+
+
+def run_figures(summary: dict, stream: list[dict]) -> dict:
+    """Figures from reports/metrics.json and metrics.jsonl: training throughput, data time, OOM, NaN, memory."""
+    steps = [r for r in stream if r.get("type") == "step"]
+    cls_thr = [r["throughput"] for r in steps if r.get("task") == "classification" and r.get("throughput")]
+    losses = [r.get("loss") for r in steps] + [(summary.get("classification") or {}).get("val_loss")]
+    history = summary.get("history", [])
+    rss = [h.get("rss_mb") for h in history if h.get("rss_mb")]
+    growth = rss[-1] / rss[1] if len(rss) >= 3 else None  # epoch 2 on: the first epoch still allocates
+    system = summary.get("system") or {}
+    batch = (summary.get("batch") or {}).get("classification") or {}
+    batch_size = batch.get("batch_size") or 0
+    return {
+        "throughput_img_s": float(np.median(cls_thr)) if cls_thr else None,
+        "data_loading_s": float(np.mean([r["data_time"] for r in steps])) if steps else None,
+        "repeated_oom": sum(1 for r in stream if r.get("type") == "oom" and r.get("action") != "applied"),
+        "nan_loss": any(isinstance(v, float) and math.isnan(v) for v in losses if v is not None),
+        "memory_growth": growth, "memory_stable": growth is None or growth <= ADVISOR.memory_growth_limit,
+        "peak_rss_mb": system.get("peak_rss_mb"),
+        "gpu_memory_gb": (system.get("peak_cuda_mem_mb") or 0) / 1024 if "cuda" in str(system.get("device")) else None,
+        "batch_size": batch.get("batch_size"), "global_batch": batch_size * (batch.get("grad_accum") or 1),
+        "samples_seen": batch.get("samples_seen"),
+        "loss_variance": loss_variance(steps), "memory_peak_over_avg": memory_peak_over_avg(steps, history),
+    }
+
+
+# ---- what the stage needs measured now ----------------------------------------------------------------------------
+def load_models(cls_ckpt: Path, det_ckpt: Path | None, device: Any) -> dict:
+    """Both best checkpoints on `device`, loaded once for every measurement; a failure is the loading check
+    failing."""
+    from pillsnap.models.classifier import load_classifier_for_inference
+    from pillsnap.models.detector import load_detector_for_inference
+
+    models = {"classifier": safely("classifier loading", lambda: load_classifier_for_inference(cls_ckpt, str(device)),
+                                   None)}
+    if det_ckpt is not None:
+        models["detector"] = safely("detector loading", lambda: load_detector_for_inference(det_ckpt, str(device)),
+                                    None)
+    return models
+
+
+def _predictions(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted classes over the whole loader, one batch in memory at a time."""
+    import torch
+
+    y_true, y_pred = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch[0].to(device))
+            y_pred.append(logits.argmax(dim=1).cpu().numpy())
+            y_true.append(np.asarray(batch[1]))
+    return (np.concatenate(y_true), np.concatenate(y_pred)) if y_true else (np.zeros(0, int), np.zeros(0, int))
+
+
+def classifier_figures(model: Any, loaders: Any, device: Any) -> dict:
+    """Per-class floors, samples and coverage over the validation split; latency per crop on a bounded sample."""
+    import torch
+    from sklearn.metrics import f1_score, recall_score
+
+    if loaders.cls_val is None:
+        return {}
+    y_true, y_pred = _predictions(model, loaders.cls_val, device)
+    present = np.unique(y_true)
+    out: dict[str, Any] = {"n_eval_samples": len(y_true), "n_eval_available": len(loaders.cls_val.dataset),
+                           "class_coverage": len(present) / max(int(loaders.meta["num_classes"]), 1)}
+    if len(present):
+        out["per_class_min_f1"] = float(f1_score(y_true, y_pred, labels=present, average=None,
+                                                 zero_division=0).min())
+        out["per_class_min_acc"] = float(recall_score(y_true, y_pred, labels=present, average=None,
+                                                      zero_division=0).min())
+    crops = take(loader_items(loaders.cls_val, lambda batch: (x[None].to(device) for x in batch[0])), SAMPLES)
+    with torch.no_grad():
+        out["latency"] = measure(model, crops, device, passes(device, GPU))
+    return out
+
+
+def detector_figures(cfg: DictConfig, model: Any, loaders: Any, device: Any) -> dict:
+    """Latency per photo, NMS included, on a bounded sample of the validation photos."""
+    import torch
+
+    from pillsnap.engine.detection import prepare_batch
+    from pillsnap.models.detector import postprocess_detections
+
+    if loaders.det_val is None:
+        return {}
+    det = cfg.train.detection
+
+    def photos(batch: dict) -> Any:
+        return (img[None] for img in prepare_batch(batch, torch.device(device))["img"])
+
+    def detect(x: torch.Tensor) -> list:
+        return postprocess_detections(model(x), float(det.conf_threshold), float(det.iou_threshold))
+
+    images = take(loader_items(loaders.det_val, photos), SAMPLES)
+    with torch.no_grad():
+        return {"latency": measure(detect, images, device, passes(device, GPU))}
+
+
+def stage_rows(cfg: DictConfig) -> Any:
+    from pillsnap.data import load_manifest
+    from pillsnap.data.stages import select_stage
+
+    return select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
+
+
+def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> Any:
+    """The whole auto-mode pipeline (decode, classify, detect when routed) on a few of the stage's val photos."""
+    from pillsnap.data import read_image
+    from pillsnap.infer.pipeline import Predictor
+
+    photos = rows[rows["split"] == "val"].drop_duplicates("photo_id")["image_path"].head(PIPELINE_SAMPLES).tolist()
+    if not photos:
+        return None
+    predictor = Predictor(exp_dir, cfg, device=str(device))
+    images = [read_image(p) for p in photos]
+    return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU))
+
+
+def onnx_exports(models: dict) -> bool:
+    """Every loaded model exports to ONNX (into a temporary folder: this is a check, not the export command)."""
+    from pillsnap.models.detector import detector_settings
+    from pillsnap.models.export import export_classifier_onnx, export_detector_onnx
+
+    if any(loaded is None for loaded in models.values()):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        model, snapshot = models["classifier"]
+        export_classifier_onnx(model, Path(tmp) / "classifier.onnx", int(snapshot["model"]["image_size"]))
+        if "detector" in models:
+            model, snapshot = models["detector"]
+            export_detector_onnx(model, Path(tmp) / "detector.onnx", detector_settings(snapshot)[1])
+    return True
+
+
+def tensorboard_logged(exp_dir: Path) -> bool:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in (exp_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            return True
+    return False
+
+
+def class_imbalance(rows: Any) -> float | None:
+    """Largest over smallest training class of the stage."""
+    counts = rows[rows["split"] == "train"]["mapping_code"].value_counts()
+    return float(counts.max() / counts.min()) if len(counts) else None
+
+
+def corruption_rate(cfg: DictConfig) -> float:
+    path = Path(cfg.paths.manifest_dir) / "scan_report.json"
+    if not path.is_file():
+        return 0.0
+    report = read_json(path)
+    skipped = report.get("skipped") or {}
+    bad = sum(int(skipped.get(k, 0)) for k in ("bad_json", "unreadable", "missing_image"))
+    return bad / max(int(report.get("label_files", 0)), 1)
+
+
+def auto_batch_ok(cfg: DictConfig, summary: dict, run: dict) -> bool:
+    """The search found a batch when it ran; with it off (the default) the configured batch trained whole: the
+    global batch was not cut by OOM fallbacks (micro-batching keeps it). See docs/DESIGN_MAP.md."""
+    if summary.get("auto_batch"):
+        return all((found or {}).get("batch_size") for found in summary["auto_batch"].values())
+    return bool(run["global_batch"]) and run["global_batch"] >= int(cfg.train.batch_size)
+
+
+def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, models: dict,
+                     onnx_ok: Callable[[], bool], imbalance: float | None) -> dict[str, bool | None]:
+    """The current stage's mandatory checks (None: not something a training run can check). Each design check is
+    a function, so only the stage's own run: parsing TensorBoard files costs time."""
+    import psutil
+
+    status = summary.get("status")
+    time_cap = (summary.get("stage") or {}).get("time_cap") or {}
+    stage = int(cfg.data.progressive_validation.current_stage)
+    enough_samples = (run["samples_seen"] or 0) >= int(cfg.data.progressive_validation[f"stage_{stage}"]
+                                                       .min_samples_required)
+    finished = status in ("completed", "early_stopped")
+    ram_mb = psutil.virtual_memory().total / 2**20
+    checks: dict[str, Callable[[], bool | None]] = {
+        "pipeline_complete": lambda: finished or bool(time_cap.get("success")),
+        "classification_model_loading": lambda: models["classifier"] is not None,
+        "detection_model_loading": lambda: models.get("detector") is not None,
+        "onnx_conversion_success": onnx_ok,
+        "auto_batch_tuning_success": lambda: auto_batch_ok(cfg, summary, run),
+        "tensorboard_logging": lambda: safely("tensorboard check", lambda: tensorboard_logged(exp_dir), False),
+        "class_balance_verification": lambda: imbalance is not None and imbalance <= ADVISOR.max_class_imbalance,
+        "memory_optimization_working": lambda: (run["peak_rss_mb"] or 0) < ADVISOR.max_ram_share * ram_mb,
+        "scalability_test_pass": lambda: enough_samples,
+        "multi_batch_processing": lambda: run["global_batch"] >= ADVISOR.multi_batch_size,
+        "memory_leak_test": lambda: run["memory_growth"] is not None and run["memory_stable"],
+        "stability_test_pass": lambda: finished and not run["nan_loss"],
+        "full_dataset_processing": lambda: enough_samples,
+        "production_api_deployment": lambda: None, "cloudflare_tunnel_setup": lambda: None,
+        "automated_monitoring": lambda: None,
+    }
+    return {name: checks[name]() for name in stage_criteria(stage).mandatory_checks}

@@ -1,0 +1,112 @@
+"""What to change, for each thing a stage evaluation can find: an unmet target, a failed gate check, a failed
+mandatory check or a critical failure maps to the config keys or commands that address it, and the verdict to one
+next step. Plain text in, plain text out."""
+
+from __future__ import annotations
+
+from pillsnap.eval.criteria import ADVISOR
+
+_DETECTOR = "Tune the detector: train.detection.lr, more detection steps (train.interleave_ratio), more " \
+            "train.detection.epochs"
+_AUGMENT = "Strengthen data augmentation or add combination photos"
+_CLASSIFIER = "Regularise the classifier (loss.label_smoothing, train.ema.enabled) and train longer (train.epochs)"
+_IMBALANCE = "Counter class imbalance (loss.use_class_weights=true)"
+_LATENCY = "Speed up inference: serve the ONNX export (pillsnap export) in fp16, or a smaller model.backbone / " \
+           "model.image_size"
+_BATCH = "Raise train.batch_size (or train.classification.auto_batch_tune=true on a GPU)"
+_THROUGHPUT = "Raise throughput: train.classification.amp, optimization.channels_last, optimization.torch_compile, " \
+              "dataloader.num_workers"
+_LOADER = "Tune dataloader.num_workers (dataloader.autotune_workers=true)"
+_CACHE = "Enable the preprocessed cache (data.cache.enabled=true)"
+_MEMORY = "Memory grew across epochs: lower dataloader.num_workers and dataloader.prefetch_factor"
+_CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr, prefer bf16 " \
+         "(train.classification.amp_dtype=bf16)"
+
+# By the start of a target's path: the first match names the knobs.
+_BY_TARGET = (
+    ("detection.inference_time_ms", (_LATENCY,)), ("classification.inference_time_ms", (_LATENCY,)),
+    ("production.inference_latency_ms", (_LATENCY,)), ("scalability.api_response_time_ms", (_LATENCY,)),
+    ("detection.", (_DETECTOR,)), ("classification.", (_CLASSIFIER, _IMBALANCE)),
+    ("system.gpu_memory_gb", ("Reduce train.batch_size or model.image_size (GPU memory use is high)",)),
+    ("system.data_loading_s", (_LOADER, _CACHE)),
+    ("optimization.batch_size_achieved", (_BATCH,)), ("scalability.multi_batch_size", (_BATCH,)),
+    ("optimization.throughput_img_s", (_THROUGHPUT,)), ("production.throughput_img_s", (_THROUGHPUT,)),
+    ("advanced.class_imbalance_ratio", (_IMBALANCE,)),
+    ("advanced.loss_variance", ("Steady the training loss: lower train.lr or lengthen train.warmup_steps",)),
+    ("advanced.memory_peak_over_avg", ("Even out memory use: a train.batch_size that needs no OOM fallback, "
+                                       "and data.cache.enabled=true for decoding",)),
+    ("scalability.memory_stable_hours", ("Run the stage long enough to show memory stays flat",)),
+    ("production.api_uptime", ("Keep the API up: run pillsnap serve under a supervisor that restarts it",)),
+)
+# When nothing more specific applies, a verdict short of GO still names what to change.
+FALLBACK = "Train longer (train.epochs) and compare each target in the report's reasons"
+
+_BY_CODE = {
+    "LATENCY_P95_TOO_HIGH": (_LATENCY,),
+    "NOT_ENOUGH_SAMPLES": ("Evaluate more validation crops: raise data.val_ratio or the stage's "
+                           "data.progressive_validation.stage_N.max_samples",),
+    "COVERAGE_TOO_LOW": ("Give every class of the stage validation photos: raise data.val_ratio",),
+    "REGRESSION_TOO_LARGE": ("Accuracy fell against the stage's previous evaluation: retrain from its best "
+                             "checkpoint (bash scripts/train.sh --checkpoint PATH) or lower train.lr",),
+    "ACC_BELOW_TARGET": (_CLASSIFIER, _IMBALANCE),
+    "RUN_NOT_FINISHED": ("Let the run finish: resume it (bash scripts/train.sh --resume), then evaluate",),
+    "CRASH_DETECTED": (_CRASH,), "MEMORY_UNSTABLE": (_MEMORY,), "NAN_LOSS": (_CRASH,),
+    "REPEATED_OOM": ("Lower train.batch_size or model.image_size so training needs no OOM recovery",),
+    "DATA_CORRUPTION": ("Fix or remove the unreadable label files listed by pillsnap data scan "
+                        "(scan_report.json), then rescan",),
+    "pipeline_complete": ("Let the run finish: read logs/train.err for what stopped it",),
+    "classification_model_loading": ("checkpoints/classification_best.pt does not load: retrain the stage",),
+    "detection_model_loading": ("checkpoints/detection_best.pt does not load or is missing: train the detector "
+                                "(train.strategy=interleaved)",),
+    "onnx_conversion_success": ("ONNX export failed: run pillsnap export -v to see why",),
+    "auto_batch_tuning_success": ("Set train.classification.auto_batch_tune=true on a GPU, or a train.batch_size "
+                                  "that trains without OOM fallbacks",),
+    "tensorboard_logging": ("No train/loss in EXP/tb: install tensorboard and rerun",),
+    "class_balance_verification": (_IMBALANCE,),
+    "memory_optimization_working": ("Peak RSS came close to the machine's RAM: lower dataloader.num_workers or "
+                                    "disable data.cache",),
+    "scalability_test_pass": ("Train on the stage's min_samples_required: more train.epochs or a longer "
+                              "time_limit_hours",),
+    "full_dataset_processing": ("Train on the stage's min_samples_required: more train.epochs or a longer "
+                                "time_limit_hours",),
+    "multi_batch_processing": (f"Train with a global batch of at least {ADVISOR.multi_batch_size} "
+                               "(train.batch_size x gradient accumulation)",),
+    "memory_leak_test": (_MEMORY,), "stability_test_pass": (_CRASH,),
+}
+
+
+def _code(reason: str) -> str:
+    """"MANDATORY_CHECK_FAILED: onnx_conversion_success" -> the check; "REPEATED_OOM: 6 ..." -> REPEATED_OOM."""
+    head, _, rest = reason.partition(":")
+    return rest.strip() if head == "MANDATORY_CHECK_FAILED" else head.strip()
+
+
+def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], reasons: list[str]) -> list[str]:
+    """The knobs for every reason code and unmet target path, without repeats, in the order found."""
+    out: list[str] = []
+    for reason in reasons:
+        out += _BY_CODE.get(_code(reason), ())
+    for path in unmet:
+        found = next((tips for prefix, tips in _BY_TARGET if path.startswith(prefix)), ())
+        out += found
+        if path.startswith("detection.") and ratios.get(path, 1.0) < ADVISOR.suggest_share and found == (_DETECTOR,):
+            out.append(_AUGMENT)
+    gpu = ((results.get("system") or {}).get("gpu_memory_gb")) or 0
+    if gpu > ADVISOR.gpu_memory_high_gb:
+        out.append("Reduce train.batch_size or model.image_size (GPU memory use is high)")
+    if ((results.get("system") or {}).get("data_loading_s") or 0) > ADVISOR.data_loading_slow_s:
+        out += [_LOADER, _CACHE]
+    return list(dict.fromkeys(out))
+
+
+def action_for(status: str, recommendation: str, stage: int, suggestions: list[str]) -> str:
+    """The one next step of a verdict."""
+    if status == "GO":
+        return (f"proceed to stage {stage + 1} (bash scripts/train.sh --stage {stage + 1})" if stage < 4
+                else "stage 4 passed: read reports/final_test_results.json, the final test evaluation")
+    first = suggestions[0] if suggestions else FALLBACK
+    if recommendation == "CRITICAL_FAILURE":
+        return f"fix the failure, then retrain stage {stage}: {first}"
+    if recommendation == "WARN_STOP":
+        return f"stop and fix what the reasons name before retraining stage {stage}: {first}"
+    return f"optimise and retrain stage {stage}: {first}"

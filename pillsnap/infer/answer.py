@@ -1,0 +1,307 @@
+"""A pill's final answer, decided in one place. The classifier's top-k is re-ranked by the evidence (the imprint
+read, the user's hints) into a posterior, the unknown-pill rule may withhold the name, and the answer's fields are
+filled. Pure functions over frozen inputs: no OCR, no torch, so every rule here is tested without a model.
+
+Every threshold is a field of AnswerThresholds, with its reason; the evidence weights are RerankWeights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from pillsnap.infer.matching import (
+    Hints,
+    class_imprint_similarity,
+    class_imprints,
+    color_agreement,
+    imprint_similarity,
+    normalize_imprint,
+    shape_agreement,
+)
+
+if TYPE_CHECKING:
+    from pillsnap.infer.imprint import ImprintRead
+
+
+@dataclass(frozen=True)
+class AnswerThresholds:
+    """The thresholds of a pill's answer. The first five are on the one imprint-similarity scale of
+    pillsnap.infer.matching.imprint_similarity (0: nothing alike, 1: the same imprint), lowest first."""
+
+    # Similarity that counts as no evidence at all: two unrelated 3-5 character strings rarely score above 0.5
+    # (2 % of random pairs), so a garbage read cannot reorder the classifier's answer.
+    imprint_floor: float = 0.5
+    # A read at least this similar to an imprint is taken as that imprint: OCR's near misses of real imprints
+    # ("BSF" for "BSP": 0.67, "GTH" for "DGTH") pass, 0.5 % of random pairs do.
+    imprint_accept: float = 0.6
+    # Two classes' imprints this similar look the same to the reader, so a read cannot tell them apart and none
+    # is made. Above the accept level: imprints a near miss could confuse are still worth reading.
+    same_imprint: float = 0.8
+    # A pill the unknown-pill rule rejects is still named when its imprint reads this close to the top candidate's:
+    # an imprint is what identifies a drug, but overruling a rejection needs more than accepting a read does.
+    unknown_override: float = 0.9
+    # The reader stops turning the crop once a reading fits a candidate this well: such a read already overrules
+    # the unknown-pill rule, and the two cross turns would double the reading time for nothing.
+    conclusive_read: float = 0.9
+    # A read is made only when the top-1 and another of the top `read_top_n` candidates holding at least
+    # `read_min_probability` differ by imprint: below that the classifier has ruled a candidate out. Chosen with
+    # RerankWeights.imprint on the demo's validation crops.
+    read_top_n: int = 3
+    read_min_probability: float = 0.01
+
+
+@dataclass(frozen=True)
+class RerankWeights:
+    """Log-odds each piece of evidence adds to a candidate's log-probability."""
+
+    # A perfect OCR match, scaled by the recogniser's confidence. Strong, because the classifier cannot see an
+    # imprint and its preference between look-alike twins is close to a guess: chosen on the demo's validation
+    # crops, where 10 (with read_min_probability 0.01) was right for 0.858 against 0.756 for 4.
+    imprint: float = 10.0
+    hint_imprint: float = 12.0  # what the user typed is trusted more than OCR
+    color: float = 2.5
+    shape: float = 2.0
+
+
+THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
+
+
+class Classified(NamedTuple):
+    """One crop through the classifier: its candidates best first (dicts with mapping_code, name, edi_codes and the
+    calibrated probability) and how unknown it looks under the run's rule (higher: less like any known drug; None
+    when the rule is off)."""
+
+    topk: tuple[dict, ...]
+    unknown_score: float | None
+
+
+@dataclass(frozen=True)
+class UnknownRule:
+    """What the answer needs of the unknown-pill rule: its name, the threshold calibrated for it (None: off) and how
+    many drugs are known (for the reason it gives)."""
+
+    rule: str
+    threshold: float | None
+    num_known: int
+
+
+def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
+                          class_map: Mapping[str, Mapping] | None = None) -> list[tuple[dict, ...]]:
+    """Each row's top-k candidates from probabilities [N, C], best first (ties keep the class order): mapping_code,
+    name, edi_codes (from the class map) and probability. The one top-k of inference and calibration."""
+    probs = np.asarray(probs, dtype=np.float32)
+    k = min(int(k), probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [tuple(_candidate(class_names[i], float(row[i]), class_map) for i in idx) for row, idx in zip(probs, order,
+                                                                                                         strict=True)]
+
+
+def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] | None) -> dict:
+    entry = (class_map or {}).get(code) or {}
+    return {"mapping_code": code, "name": entry.get("name", ""), "edi_codes": list(entry.get("edi_codes") or []),
+            "probability": probability}
+
+
+# ---- when to read ----------------------------------------------------------------------------------------------
+
+def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping],
+                        thresholds: AnswerThresholds = THRESHOLDS) -> bool:
+    """Whether OCR can change the answer: the top-1 and another contender (AnswerThresholds.read_top_n,
+    read_min_probability) have imprints that differ (similarity below same_imprint, or one has text and the other
+    none). When the contenders share an imprint, or only one is in the running, a read cannot tell them apart."""
+    contenders = [c for c in candidates[:thresholds.read_top_n]
+                  if float(c.get("probability", 0.0)) >= thresholds.read_min_probability]
+    if len(contenders) < 2:
+        return False
+    sides = [class_imprints(class_map.get(str(c.get("mapping_code"))) or {}) for c in contenders]
+    return any(_imprints_differ(sides[0], other, thresholds.same_imprint) for other in sides[1:])
+
+
+def _imprints_differ(a: tuple[str, ...], b: tuple[str, ...], same_above: float) -> bool:
+    """Two classes' imprints differ when some side of one has no look-alike side on the other: twins that share
+    a back imprint ("5") but not the front can still be told apart when the front faces the camera."""
+    def covered(xs: tuple[str, ...], ys: tuple[str, ...]) -> bool:
+        return all(any(imprint_similarity(x, y) >= same_above for y in ys) for x in xs)
+
+    return not (covered(a, b) and covered(b, a))
+
+
+# ---- re-ranking ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reranked:
+    """Candidates best first, each with what matched; whether the top answer changed, and which hints the
+    top answer contradicts (`conflicts`: "imprint", "color", "shape")."""
+
+    candidates: list[dict]
+    changed: bool
+    conflicts: tuple[str, ...] = ()
+    imprint_read: str | None = None
+
+    @property
+    def hints_conflict(self) -> bool:
+        return bool(self.conflicts)
+
+    def flags(self) -> dict:
+        """The answer-level fields: imprint_read, ranking_changed, hints_conflict, conflicts."""
+        return {"imprint_read": self.imprint_read, "ranking_changed": self.changed,
+                "hints_conflict": self.hints_conflict, "conflicts": list(self.conflicts)}
+
+
+def _strength(similarity: float, floor: float) -> float:
+    """Similarity above the floor, rescaled to [0, 1]."""
+    return max(0.0, similarity - floor) / max(1e-6, 1.0 - floor)
+
+
+def _verdict(agreement: int | None) -> str | None:
+    return None if agreement is None else {1: "match", 0: "near", -1: "mismatch"}[agreement]
+
+
+def _imprint_hint_agreement(text: str, entry: Mapping, t: AnswerThresholds) -> int | None:
+    if not normalize_imprint(text):
+        return None
+    sim = class_imprint_similarity(text, entry)
+    return 1 if sim >= t.imprint_accept else (0 if sim > t.imprint_floor else -1)
+
+
+def _hint_terms(hints: Hints, entry: Mapping, w: RerankWeights,
+                t: AnswerThresholds) -> tuple[dict[str, str | None], float]:
+    """Per-hint verdicts for one class and the log-odds they add."""
+    agreements = {"imprint": _imprint_hint_agreement(hints.imprint, entry, t),
+                  "color": color_agreement(hints.colors, entry), "shape": shape_agreement(hints.shape, entry)}
+    if agreements["imprint"] is not None:  # graded, so a near miss of a typed imprint still ranks above a miss
+        sim = class_imprint_similarity(hints.imprint, entry)
+        logit = w.hint_imprint * (2.0 * _strength(sim, t.imprint_floor) - 1.0)
+    else:
+        logit = 0.0
+    logit += w.color * (agreements["color"] or 0) + w.shape * (agreements["shape"] or 0)
+    return {k: _verdict(v) for k, v in agreements.items()}, logit
+
+
+def _scored(rank: int, cand: Mapping, entry: Mapping, read: str | None, read_score: float,
+            hints: Hints | None, w: RerankWeights, t: AnswerThresholds) -> tuple[float, dict]:
+    out = dict(cand)
+    logit = math.log(max(float(cand.get("probability", 0.0)), 1e-12))
+    out["classifier_rank"] = rank
+    if read is not None:
+        sim = class_imprint_similarity(read, entry)
+        out["imprint_similarity"], out["imprint_match"] = round(sim, 3), sim >= t.imprint_accept
+        logit += w.imprint * max(0.0, min(1.0, read_score)) * _strength(sim, t.imprint_floor)
+    if hints is not None and not hints.empty():
+        out["hint_match"], hint_logit = _hint_terms(hints, entry, w, t)
+        logit += hint_logit
+    return logit, out
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read: str | None = None,
+           read_score: float = 1.0, hints: Hints | None = None, weights: RerankWeights = WEIGHTS,
+           thresholds: AnswerThresholds = THRESHOLDS) -> Reranked:
+    """Re-rank the classifier's top-k (dicts with `mapping_code`, `probability`, best first) with an imprint
+    read (`read`, the reader's text; `read_score`, its confidence in [0, 1]) and the user's hints.
+
+    Each returned candidate is a copy whose `probability` is the posterior given the evidence: the classifier's
+    probability times each piece of evidence's odds, renormalised together with the probability the classifier
+    left outside these candidates (which no evidence speaks for). The classifier's own stays in
+    `classifier_probability`; `classifier_rank` is its place in the classifier's order; when given,
+    `imprint_similarity` / `imprint_match` and `hint_match` ({"imprint", "color", "shape"}: "match" | "near" |
+    "mismatch" | None). Give calibrated probabilities: the evidence weights are log-odds. An empty read counts as
+    no read."""
+    if not candidates:
+        return Reranked([], False, (), read)
+    read = read if read and normalize_imprint(read) else None
+    scored = [_scored(i, c, class_map.get(str(c.get("mapping_code"))) or {}, read, read_score, hints, weights,
+                      thresholds) for i, c in enumerate(candidates)]
+    rest = 1.0 - sum(float(c.get("probability", 0.0)) for c in candidates)
+    posterior = _softmax([s for s, _ in scored] + ([math.log(rest)] if rest > 1e-9 else []))
+    for (_, out), p in zip(scored, posterior, strict=False):
+        out["classifier_probability"], out["probability"] = out.get("probability", 0.0), p
+    ranked = [out for _, out in sorted(scored, key=lambda so: -so[0])]  # stable: ties keep the classifier's order
+    verdicts = ranked[0].get("hint_match") or {}
+    conflicts = tuple(k for k, v in verdicts.items() if v == "mismatch")
+    changed = ranked[0].get("mapping_code") != candidates[0].get("mapping_code")
+    return Reranked(ranked, changed, conflicts, read)
+
+
+# ---- the answer ------------------------------------------------------------------------------------------------
+
+def unknown_reason(rule: UnknownRule, score: float | None) -> str | None:
+    """Why a pill with this unknown-pill score is answered "unknown pill", or None when it is not."""
+    if score is None or rule.threshold is None or score <= rule.threshold:
+        return None
+    if rule.rule == "probability":
+        return (f"top-1 probability {1 - score:.2f} is below {1 - rule.threshold:.2f}: not one of the "
+                f"{rule.num_known} known drugs, or too unclear to name; nearest candidates in topk")
+    return (f"its look is farther from every one of the {rule.num_known} known drugs (distance {score:.0f}) than "
+            f"the right validation answers (up to {rule.threshold:.0f}): not a known drug; nearest candidates in topk")
+
+
+@dataclass(frozen=True)
+class PillAnswer:
+    """One pill's final answer. `candidates`: best first after the evidence (the classifier's own when no
+    evidence spoke); `unknown_reason` set: the name is withheld and the candidates are the nearest known drugs.
+
+    `imprint_unresolved`: the contenders look alike and differ by imprint, but what was read matches none of them
+    (a plain side up, or an unreadable imprint) and the user typed no imprint: the choice between them is the
+    classifier's guess, and the other side of the pill, or its imprint typed in, would settle it. Never said of an
+    unknown pill: an imprint that matches no known drug is what an unknown pill has."""
+
+    candidates: tuple[dict, ...]
+    unknown_score: float | None
+    unknown_reason: str | None = None
+    read: ImprintRead | None = None
+    imprint_read: str | None = None
+    imprint_unresolved: bool = False
+    ranking_changed: bool = False
+    conflicts: tuple[str, ...] = ()
+
+    @property
+    def unknown(self) -> bool:
+        return self.unknown_reason is not None
+
+    def to_dict(self) -> dict:
+        """The answer's fields of a pill in predict's result (the API's and `pillsnap predict --json`'s)."""
+        top = dict(self.candidates[0])
+        if self.unknown:
+            top.update(mapping_code=None, name="", edi_codes=[])
+        fields = {**top, "topk": [dict(c) for c in self.candidates], "imprint_read": self.imprint_read,
+                  "imprint_unresolved": self.imprint_unresolved, "ranking_changed": self.ranking_changed,
+                  "hints_conflict": bool(self.conflicts), "conflicts": list(self.conflicts)}
+        if self.read is not None:
+            fields["imprint"] = self.read.to_dict()
+        return {**fields, "unknown": self.unknown, "unknown_score": self.unknown_score,
+                "unknown_reason": self.unknown_reason}
+
+
+def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
+                  hints: Hints | None, unknown: UnknownRule, thresholds: AnswerThresholds = THRESHOLDS,
+                  weights: RerankWeights = WEIGHTS) -> PillAnswer:
+    """One pill's answer from its classifier output, its imprint read (None: not read), the user's hints and the
+    unknown-pill rule: the evidence re-ranks the candidates; a pill the rule rejects is answered "unknown" unless
+    its imprint reads as the top candidate's (AnswerThresholds.unknown_override)."""
+    hints = None if hints is None or hints.empty() else hints
+    topk = tuple(dict(c) for c in classified.topk)
+    if read is None and hints is None:
+        ranked = Reranked(list(topk), False)
+    else:
+        ranked = rerank(topk, class_map, read.text if read else None, read.score if read else 1.0, hints, weights,
+                        thresholds)
+    candidates = tuple(ranked.candidates)
+    reason = unknown_reason(unknown, classified.unknown_score)
+    if reason and float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override:
+        reason = None
+    typed = hints is not None and bool(normalize_imprint(hints.imprint))
+    unresolved = (read is not None and not typed and reason is None
+                  and not any(c.get("imprint_match") for c in candidates))
+    return PillAnswer(candidates, classified.unknown_score, reason, read, ranked.imprint_read, unresolved,
+                      ranked.changed, ranked.conflicts)

@@ -1,0 +1,63 @@
+"""The files fit for a classifier at the end of training that inference reads: calibration.json (temperature and
+unknown-pill thresholds) and unknown_features.npz (the class Gaussians of the feature_distance rule). Each is bound
+to the weights it was fit on by a hash: a stale file is reported and skipped, never silently used.
+
+pillsnap.eval.calibration fits and writes them; this module only reads them, so inference needs nothing from eval.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
+from pillsnap.models.export import file_sha256
+from pillsnap.utils import read_json
+
+LOGGER = logging.getLogger(__name__)
+CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
+FEATURES_FILE = "unknown_features.npz"  # beside it: the class Gaussians the feature_distance rule measures against
+
+
+def _upgrade(stored: dict, path: Path) -> dict:
+    """A calibration written before there were two unknown-pill rules kept one top-1 probability threshold
+    (`unknown_threshold`, the probability below which a pill was unknown); it becomes the probability rule's
+    threshold (scores are 1 - probability), and the feature-distance rule stays off until recalibrated."""
+    old = float(stored.get("unknown_threshold") or 0.0)
+    stored["unknown_thresholds"] = {"probability": 1.0 - old if old > 0 else None, "feature_distance": None}
+    LOGGER.warning("%s was written by an older PillSnap: its temperature and top-1 probability threshold are used; "
+                   "for the feature-distance rule recalibrate (pillsnap calibrate --exp EXP)", path)
+    return stored
+
+
+def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | None:
+    """The calibration stored for `classifier`, or None when there is none or it was fit for other weights (said
+    once in the log). One written by an older PillSnap is read in today's form."""
+    path = Path(ckpt_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    stored = read_json(path)
+    if stored.get("classifier_sha256") != file_sha256(classifier):
+        LOGGER.warning("%s was fit for other classifier weights: probabilities are shown uncalibrated "
+                       "(recalibrate: pillsnap calibrate --exp EXP)", path)
+        return None
+    return stored if isinstance(stored.get("unknown_thresholds"), dict) else _upgrade(stored, path)
+
+
+def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
+                      rule: str) -> tuple[float | None, ClassGaussians | None]:
+    """(threshold, ClassGaussians or None) of `rule` from a loaded calibration; threshold None: the rule is off
+    (unknown_keep_correct was 0, or the feature file is missing or not the one fit with these thresholds, which is
+    said in the log)."""
+    threshold = calibration["unknown_thresholds"].get(check_unknown_rule(rule))
+    if rule != "feature_distance" or threshold is None:
+        return threshold, None
+    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
+    problem = "missing" if not path.is_file() else (
+        "not the file fit with these thresholds" if file_sha256(path) != calibration.get("features_sha256") else None)
+    if problem:
+        LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is %s: no pill is answered as "
+                       "unknown (recalibrate: pillsnap calibrate --exp EXP, or set inference.unknown_rule=probability)",
+                       path, problem)
+        return None, None
+    return threshold, ClassGaussians.load(path)

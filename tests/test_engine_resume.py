@@ -1,0 +1,251 @@
+"""What a resumed, interrupted or compiled run owes its user: the lr asked for, every task restored from a given
+checkpoint, a clear word when there is nothing left to train, one stage clock, and a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import fake_build_loaders, loaders_with_detection, make_cfg
+from torch import nn
+
+from pillsnap.engine import ClassificationTask, DetectionTask
+from pillsnap.engine.checkpointing import checkpoint_beside
+from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+from pillsnap.train import resume_command, train
+from pillsnap.utils import load_ckpt, save_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SPECS = [ClassificationTask.spec, DetectionTask.spec]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_an_lr_given_on_resume_is_the_one_in_force(tmp_path):
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=2", "train.scheduler=none"), fake_build_loaders)[0] == 0
+    code, trainer = run_training(make_cfg(exp, "train.epochs=3", "train.scheduler=none", "train.lr=0.002",
+                                          "train.resume=last"), fake_build_loaders)
+    assert code == 0 and trainer.start_epoch == 2
+    history = read_json(exp / "reports" / "metrics.json")["history"]
+    assert [h["classification"]["lr"] for h in history] == pytest.approx([0.01, 0.01, 0.002])
+    task = trainer.tasks["classification"]
+    assert task.peak_lr == pytest.approx(0.002) and task.lr == pytest.approx(0.002)
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["task_state"]["peak_lr"] == pytest.approx(0.002)
+    assert "peak lr 2.00e-03" in (exp / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+    assert "peak lr 2.00e-03 from the config replaces the checkpoint's 1.00e-02" in \
+        (exp / "logs" / "train.err").read_text(encoding="utf-8")
+
+
+def test_checkpoint_beside_names_each_tasks_file_of_the_generation(tmp_path):
+    d = tmp_path
+    assert checkpoint_beside(d / "classification_best.pt", "detection", SPECS) == d / "detection_best.pt"
+    assert checkpoint_beside(d / "best.pt", "detection", SPECS) == d / "detection_best.pt"
+    assert checkpoint_beside(d / "last.pt", "classification", SPECS) == d / "classification_last.pt"
+    assert checkpoint_beside(d / "stage3_detection_best.pt", "classification", SPECS) == \
+        d / "stage3_classification_best.pt"
+    assert checkpoint_beside(d / "mine.pt", "classification", SPECS) == d / "mine.pt"
+    assert checkpoint_beside(d / "mine.pt", "detection", SPECS) is None
+
+
+def test_checkpoint_path_restores_every_task_and_keeps_the_schedule(tmp_path):
+    overrides = ("train.strategy=interleaved", "train.max_steps_per_epoch=2", "train.warmup_steps=0")
+    first = tmp_path / "first"
+    assert run_training(make_cfg(first, *overrides, "train.epochs=1"), loaders_with_detection)[0] == 0
+    given = first / "checkpoints" / "best.pt"
+    code, trainer = run_training(make_cfg(tmp_path / "second", *overrides, "train.epochs=2",
+                                          f"train.resume={given}"), loaders_with_detection)
+    assert code == 0 and trainer.start_epoch == 1
+    det = load_ckpt(tmp_path / "second" / "checkpoints" / "detection_last.pt")
+    # Two epochs of two steps on one schedule: the detector went on from its checkpoint, not from scratch.
+    assert det["epoch"] == 2 and det["scheduler_state"]["last_epoch"] == 4
+    assert det["task_state"]["optimizer_steps"] == 4 and det["global_step"] == 8
+
+
+def test_a_checkpoint_path_restores_only_the_tasks_of_its_epoch(tmp_path, caplog):
+    """best files of two tasks are rarely of one epoch: the given file's epoch decides, and a task whose file is of
+    another epoch starts fresh (with a warning) instead of training on a schedule its weights never saw."""
+    import shutil
+
+    overrides = ("train.strategy=interleaved", "train.max_steps_per_epoch=2", "train.warmup_steps=0")
+    first, gen = tmp_path / "first", tmp_path / "gen"
+    gen.mkdir()
+    assert run_training(make_cfg(first, *overrides, "train.epochs=1"), loaders_with_detection)[0] == 0
+    shutil.copy(first / "checkpoints" / "classification_last.pt", gen / "classification_best.pt")  # epoch 1
+    assert run_training(make_cfg(first, *overrides, "train.epochs=2", "train.resume=last"),
+                        loaders_with_detection)[0] == 0
+    shutil.copy(first / "checkpoints" / "detection_last.pt", gen / "detection_best.pt")  # epoch 2
+    with caplog.at_level(logging.WARNING):
+        code, trainer = run_training(make_cfg(tmp_path / "third", *overrides, "train.epochs=2",
+                                              f"train.resume={gen / 'classification_best.pt'}"),
+                                     loaders_with_detection)
+    assert code == 0 and trainer.start_epoch == 1
+    assert "is from epoch 2, not epoch 1" in caplog.text and "detection starts fresh" in caplog.text
+    det = load_ckpt(tmp_path / "third" / "checkpoints" / "detection_last.pt")
+    cls = load_ckpt(tmp_path / "third" / "checkpoints" / "classification_last.pt")
+    assert det["task_state"]["optimizer_steps"] == 2  # one epoch from scratch, not three
+    assert cls["task_state"]["optimizer_steps"] == 4  # its epoch-1 state, then epoch 2
+
+
+def test_a_run_already_at_its_epochs_says_so_and_exits_0(tmp_path, caplog):
+    exp = tmp_path / "exp"
+    assert train(make_cfg(exp, "train.epochs=1"), fake_build_loaders) == 0
+    before = read_json(exp / "reports" / "metrics.json")
+    with caplog.at_level(logging.WARNING):
+        assert train(make_cfg(exp, "train.epochs=1", "train.resume=last"), fake_build_loaders) == 0
+    assert "already trained to epoch 1; raise --epochs" in caplog.text
+    assert read_json(exp / "reports" / "metrics.json") == before  # nothing trained, nothing rewritten
+
+
+def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0
+    metrics = read_json(exp / "reports" / "metrics.json")
+    metrics["history"][-1]["elapsed_s"] = 1000.0  # the first run "took" 1000 s of the stage
+    save_json(exp / "reports" / "metrics.json", metrics)
+    cap = "data.progressive_validation.stage_1.time_limit_hours=0.25"  # 900 s: already spent before the resume
+    code, trainer = run_training(make_cfg(exp, "train.epochs=3", "train.resume=last", cap), fake_build_loaders)
+    metrics = read_json(exp / "reports" / "metrics.json")
+    assert metrics["status"] == "time_capped" and metrics["epoch"] == 2
+    assert metrics["stage"]["elapsed_s"] >= 1000.0 and metrics["history"][-1]["elapsed_s"] >= 1000.0
+
+
+class InterruptingLoader:
+    """Delegates to a loader; the n-th batch of the run stops the process (Ctrl-C, or a SIGTERM sent to itself)."""
+
+    def __init__(self, loader, at: int, how: str) -> None:
+        self.loader, self.at, self.how, self.served = loader, at, how, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.served += 1
+            if self.served == self.at:
+                if self.how == "sigterm":  # what the kernel would run on a SIGTERM, without risking the test process
+                    handler = signal.getsignal(signal.SIGTERM)
+                    assert callable(handler), "SIGTERM would kill the process without a word"
+                    handler(signal.SIGTERM, None)
+                raise KeyboardInterrupt
+            yield batch
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_run_is_marked_logged_and_resumable(tmp_path, how):
+    def build(cfg):
+        loaders = fake_build_loaders(cfg)
+        return loaders._replace(cls_train=InterruptingLoader(loaders.cls_train, 9, how))  # epoch 2, batch 3
+
+    exp = tmp_path / "exp"
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code, trainer = run_training(make_cfg(exp, "train.epochs=3", "train.step_log_interval=1"), build)
+    except KeyboardInterrupt:  # would otherwise stop the whole pytest session
+        pytest.fail("the interruption escaped run_training")
+    assert code == EXIT_INTERRUPTED == 130 and trainer.status == "interrupted"
+    metrics = read_json(exp / "reports" / "metrics.json")
+    assert metrics["status"] == "interrupted" and metrics["epoch"] == 1 and len(metrics["history"]) == 1
+    log = (exp / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "interrupted during epoch 2; the checkpoints hold epoch 1" in log
+    out = (exp / "logs" / "train.out").read_text(encoding="utf-8")
+    assert "e=2/3 s=2/6" in out  # the last step line before the stop reached the file
+    assert not [h for h in logging.getLogger("pillsnap").handlers if str(exp) in str(getattr(h, "baseFilename", ""))]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert run_training(make_cfg(exp, "train.epochs=3", "train.resume=last"), fake_build_loaders)[0] == 0
+
+
+def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, caplog):
+    args = argparse.Namespace(prog="pillsnap train", cfg="my cfg.yaml", only=None, check=False, choice=None,
+                              yes=False, overrides=["train.epochs=5", "train.resume=/x/best.pt"])
+    assert resume_command(args) == "pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last"
+
+    import pillsnap.config
+    import pillsnap.train
+
+    monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: None)
+    monkeypatch.setattr(pillsnap.train, "train", lambda *a, **k: 130)
+    assert pillsnap.train.run(args) == 130
+    assert "resume with: pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last" in caplog.text
+
+
+def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypatch, caplog):
+    """Ctrl-C during the calibration or the stage evaluation: the checkpoints are complete, so a resume would only
+    say "already trained"; the hint names the commands that finish the cut-short steps."""
+    from omegaconf import OmegaConf
+
+    import pillsnap.config
+    import pillsnap.train
+
+    args = argparse.Namespace(prog="pillsnap train", cfg="c.yaml", only=None, check=False, choice=None, yes=False,
+                              overrides=[])
+    cfg = OmegaConf.create({"paths": {"exp_dir": "/runs/x"}, "data": {"progressive_validation": {"current_stage": 2}}})
+    monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: cfg)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pillsnap.train, "train", interrupted)
+    assert pillsnap.train.run(args) == 130
+    assert "pillsnap calibrate --exp /runs/x && pillsnap evaluate --exp /runs/x --stage 2" in caplog.text
+    assert "train.resume=last" not in caplog.text
+
+
+def test_grad_clip_0_turns_clipping_off_for_every_task(tmp_path):
+    from test_detection_task import tiny_cfg
+
+    cfg = make_cfg(tmp_path, "train.grad_clip=0")
+    loaders = fake_build_loaders(cfg)
+    assert ClassificationTask(cfg, loaders.cls_train, None, loaders.meta, "cpu").grad_clip() is None
+    assert DetectionTask(tiny_cfg("train.grad_clip=0"), [], None, "cpu").grad_clip() is None
+    assert DetectionTask(tiny_cfg("train.grad_clip=1.0"), [], None, "cpu").grad_clip() > 0
+
+
+class FakeCompiled(nn.Module):
+    """Stands in for torch.compile's module: counts training-mode calls, or fails like a broken backend."""
+
+    def __init__(self, model: nn.Module, fail: bool) -> None:
+        super().__init__()
+        self.model, self.fail, self.training_calls = model, fail, 0
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("backend compiler failed: no C++ compiler")
+        self.training_calls += int(self.model.training)
+        return self.model(x)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_compile_is_announced_warmed_up_and_falls_back_to_eager(tmp_path, monkeypatch, caplog, fail):
+    import pillsnap.engine.compiling as compiling
+
+    made = []
+    monkeypatch.setattr(compiling, "try_torch_compile",
+                        lambda model, mode, *rest: made.append(FakeCompiled(model, fail)) or made[-1])
+    cfg = make_cfg(tmp_path, "optimization.torch_compile=max-autotune", "train.ema.enabled=false")
+    loaders = fake_build_loaders(cfg)
+    torch.manual_seed(0)
+    reference = ClassificationTask(make_cfg(tmp_path, "train.ema.enabled=false"), loaders.cls_train, None,
+                                   loaders.meta, "cpu")
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO):
+        task = ClassificationTask(cfg, loaders.cls_train, None, loaders.meta, "cpu")
+    assert "compiling the classification model with torch.compile(mode=max-autotune)" in caplog.text
+    if fail:
+        assert task.model is task.raw_model and "training eager instead" in caplog.text
+    else:
+        assert task.model is made[0] and made[0].training_calls == 1  # the training graph compiled up front
+        assert "warm-up done" in caplog.text
+    for name, tensor in reference.raw_model.state_dict().items():  # the warm-up left weights and BN stats alone
+        assert torch.equal(tensor, task.raw_model.state_dict()[name]), name
+    assert all(p.grad is None for p in task.raw_model.parameters())
