@@ -4,6 +4,7 @@ CPU-sized configs, all in the loader contract's formats."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,24 @@ def make_cfg(exp_dir: Path, *overrides: str) -> DictConfig:
     ]
     return load_config(ROOT / "config.yaml", [*base, *overrides], dotenv_path=None)
 
+
+
+class StoppingLoader:
+    """Delegates to a loader; when the n-th batch of the run is requested, calls `stop(n)` (which raises: a kill,
+    Ctrl-C, a SIGTERM) instead of yielding it."""
+
+    def __init__(self, loader, at: int, stop: Callable[[int], None]) -> None:
+        self.loader, self.at, self.stop, self.served = loader, at, stop, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.served += 1
+            if self.served == self.at:
+                self.stop(self.served)
+            yield batch

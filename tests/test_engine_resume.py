@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import fake_build_loaders, loaders_with_detection, make_cfg
+from fakes import StoppingLoader, fake_build_loaders, loaders_with_detection, make_cfg
 from torch import nn
 
 from pillsnap.engine import ClassificationTask, DetectionTask
@@ -117,35 +117,24 @@ def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
     assert metrics["stage"]["elapsed_s"] >= 1000.0 and metrics["history"][-1]["elapsed_s"] >= 1000.0
 
 
-class InterruptingLoader:
-    """Delegates to a loader; the n-th batch of the run stops the process (Ctrl-C, or a SIGTERM sent to itself)."""
+def interrupt(how: str):
+    """Ctrl-C, or a SIGTERM sent to the run (what the kernel would run, without risking the test process)."""
 
-    def __init__(self, loader, at: int, how: str) -> None:
-        self.loader, self.at, self.how, self.served = loader, at, how, 0
+    def stop(batch: int) -> None:
+        if how == "sigterm":
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), "SIGTERM would kill the process without a word"
+            handler(signal.SIGTERM, None)
+        raise KeyboardInterrupt
 
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.served += 1
-            if self.served == self.at:
-                if self.how == "sigterm":  # what the kernel would run on a SIGTERM, without risking the test process
-                    handler = signal.getsignal(signal.SIGTERM)
-                    assert callable(handler), "SIGTERM would kill the process without a word"
-                    handler(signal.SIGTERM, None)
-                raise KeyboardInterrupt
-            yield batch
+    return stop
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupted_run_is_marked_logged_and_resumable(tmp_path, how):
     def build(cfg):
         loaders = fake_build_loaders(cfg)
-        return loaders._replace(cls_train=InterruptingLoader(loaders.cls_train, 9, how))  # epoch 2, batch 3
+        return loaders._replace(cls_train=StoppingLoader(loaders.cls_train, 9, interrupt(how)))  # epoch 2, batch 3
 
     exp = tmp_path / "exp"
     before = signal.getsignal(signal.SIGTERM)

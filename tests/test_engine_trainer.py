@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import NUM_CLASSES, fake_build_loaders, make_cfg
+from fakes import NUM_CLASSES, StoppingLoader, fake_build_loaders, make_cfg
 
 from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main, run_training
 from pillsnap.train import train
@@ -92,30 +92,14 @@ class Killed(Exception):
     """Stands in for a process killed mid-epoch."""
 
 
-class KillingLoader:
-    """Delegates to a loader but raises Killed when the n-th batch of the run is requested."""
-
-    def __init__(self, loader, kill_at: int) -> None:
-        self.loader, self.kill_at, self.served = loader, kill_at, 0
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.served += 1
-            if self.served == self.kill_at:
-                raise Killed(f"killed at batch {self.served}")
-            yield batch
+def kill(batch: int) -> None:
+    raise Killed(f"killed at batch {batch}")
 
 
 def killing_build(kill_at: int):
     def build(cfg):
         loaders = fake_build_loaders(cfg)
-        return loaders._replace(cls_train=KillingLoader(loaders.cls_train, kill_at))
+        return loaders._replace(cls_train=StoppingLoader(loaders.cls_train, kill_at, kill))
 
     return build
 
