@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 LOGGER = logging.getLogger(__name__)
-INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM (engine.trainer.EXIT_INTERRUPTED)
 ONLY = {"classification": {"train.strategy": "classification"},
         # sequential with no classification epochs: the detector alone, for train.detection.epochs
         "detection": {"train.strategy": "sequential", "train.epochs": 0}}
@@ -152,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED
+
     try:
         code = train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
     except KeyboardInterrupt:
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
         LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
                        "--exp %s --stage %d", exp, exp, stage)
-        return INTERRUPTED
-    if code == INTERRUPTED:
+        return EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))
     return code
 

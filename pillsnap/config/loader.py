@@ -192,13 +192,6 @@ def _absolute_paths(cfg: DictConfig, cli: DictConfig, paths_base: Path) -> None:
         cfg.paths[key] = str(Path(os.path.normpath(base.absolute() / str(value))))
 
 
-def _dotted(cfg: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in cfg.items():
-        keys.extend(_dotted(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"])
-    return keys
-
-
 def load_config(
     cfg_path: str | Path | None = None,
     overrides: Iterable[str] = (),
@@ -224,7 +217,7 @@ def load_config(
     _check_types(cfg, defaults)
     _check_oom_section(cfg, "the merged config")
     _check_stage_overrides(cfg)
-    drop_overridden(cfg, _dotted(cli))
+    drop_overridden(cfg, _leaf_keys(cli))
     _absolute_paths(cfg, cli, Path(paths_base) if paths_base is not None else Path.cwd())
     if dotenv_path is not None:
         _apply_dotenv(cfg, {**read_dotenv(dotenv_path), **_environ_serving()})

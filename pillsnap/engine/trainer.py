@@ -40,6 +40,7 @@ from pillsnap.engine.distributed import (
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
 from pillsnap.engine.loop import EmergencyExit, EpochRunner, RunState
 from pillsnap.engine.oom import FAKE_OOM_BATCH_ENV, BatchChoice
+from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, memory_snapshot, resolve_device, set_seed
 from pillsnap.utils.io import save_text
@@ -104,7 +105,7 @@ class Trainer:
                  build_loaders: BuildLoaders, extra_callbacks: list[Callback] | None = None,
                  task_types: Sequence[type[Task]] = DEFAULT_TASKS) -> None:
         self.cfg, self.info, self.logger, self.tb = cfg, info, logger, tb
-        self.specs = {t.spec.name: t.spec for t in task_types}
+        self.specs = specs_by_name(t.spec for t in task_types)
         self.exp_dir = Path(cfg.paths.exp_dir)
         self.store = ck.CheckpointStore(self.exp_dir / "checkpoints")
         if info.is_main:

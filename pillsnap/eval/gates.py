@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pillsnap.eval.criteria import ADVISOR, EXTERNAL_CHECKS, TIME_CAP_CHECKS, StageCriteria, stage_criteria
+from pillsnap.eval.criteria import ADVISOR, EXTERNAL_CHECKS, TIME_CAP_CHECKS, StageCriteria, Target, stage_criteria
 from pillsnap.eval.suggestions import FALLBACK, action_for, suggestions_for
 
 
@@ -43,11 +43,16 @@ class GateCheck:
         return f"{self.code}: {self.detail}"
 
 
+def latency_target(t: StageCriteria) -> Target:
+    """The gate's pipeline p95 as a Target, so it is compared across devices like every other target."""
+    return Target("latency_p95_ms", t.max_latency_ms, higher_is_better=False, device=t.latency_device)
+
+
 def _latency_check(t: StageCriteria, results: dict) -> GateCheck:
     device = results.get("device")
     p95 = float(results.get("latency_p95_ms", math.inf) or math.inf)
     detail = f"pipeline p95 {p95:.4g} ms on {device or 'an unrecorded device'} (target <= {t.max_latency_ms:g} ms"
-    if device is not None and device.split(":")[0] != t.latency_device:
+    if device is not None and not latency_target(t).comparable(device):
         return GateCheck("LATENCY_P95_TOO_HIGH", True, detail + f" on {t.latency_device})", comparable=False)
     return GateCheck("LATENCY_P95_TOO_HIGH", p95 <= t.max_latency_ms, detail + ")")
 
@@ -112,14 +117,18 @@ def measured_on(results: dict, path: str) -> str | None:
     return results.get("device")
 
 
+def _note(target: Target, value: float | None, device: str | None) -> dict:
+    return {"path": target.path, "value": value, "threshold": target.threshold, "target_device": target.device,
+            "device": device}
+
+
 def not_comparable(results: dict, stage: int) -> list[dict]:
     """Measured figures whose targets hold for another device class, with value, threshold and both devices."""
     out = []
     for target in stage_criteria(stage).targets:
         value, device = metric(results, target.path), measured_on(results, target.path)
         if value is not None and not target.comparable(device):
-            out.append({"path": target.path, "value": value, "threshold": target.threshold,
-                        "target_device": target.device, "device": device})
+            out.append(_note(target, value, device))
     return out
 
 
@@ -133,17 +142,13 @@ def performance_ratios(results: dict, stage: int) -> dict[str, float]:
     return ratios
 
 
-def calculate_performance_score(results: dict, stage: int) -> float:
-    """Mean achievement over the measured targets (0 when none is measured)."""
-    ratios = performance_ratios(results, stage)
+def _mean_ratio(ratios: dict[str, float]) -> float:
     return sum(ratios.values()) / len(ratios) if ratios else 0.0
 
 
-def generate_optimization_suggestions(results: dict, stage: int) -> list[str]:
-    """Concrete knobs to turn, from what the results show (see eval/suggestions.py)."""
-    ratios = performance_ratios(results, stage)
-    unmet = [path for path, ratio in ratios.items() if ratio < 1.0]
-    return suggestions_for(results, unmet, ratios, [])
+def calculate_performance_score(results: dict, stage: int) -> float:
+    """Mean achievement over the measured targets (0 when none is measured)."""
+    return _mean_ratio(performance_ratios(results, stage))
 
 
 def _critical(results: dict) -> list[str]:
@@ -205,7 +210,7 @@ def evaluate_and_recommend(stage: int, results: dict) -> dict:
     unverified = [f"UNVERIFIED: {c} (not something a training run can check)" for c in criteria.mandatory_checks
                   if c in EXTERNAL_CHECKS and checks.get(c) is not True]
     measured = performance_ratios(results, stage)
-    score = sum(measured.values()) / len(measured) if measured else 0.0
+    score = _mean_ratio(measured)
     skipped = {item["path"] for item in incomparable}
     unmeasured = [t.path for t in criteria.targets if t.path not in measured and t.path not in skipped]
     unmet = [t for t in criteria.targets if measured.get(t.path, 1.0) < 1.0]
@@ -256,10 +261,8 @@ def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> d
     status = "GO" if recommendation == "RECOMMEND_PROCEED" else "NO_GO"
     verdict = {**advice, "recommendation": recommendation, "reason": reason, "suggestions": suggestions,
                "user_options": _options(recommendation, stage), "score_recommendation": advice["recommendation"]}
-    criteria = stage_criteria(stage)
-    gate_notes = [{"path": "latency_p95_ms", "value": results.get("latency_p95_ms"),
-                   "threshold": criteria.max_latency_ms, "target_device": criteria.latency_device,
-                   "device": results.get("device")} for c in checks if not c.comparable]
+    gate_notes = [_note(latency_target(stage_criteria(stage)), results.get("latency_p95_ms"), results.get("device"))
+                  for c in checks if not c.comparable]
     return {"stage": stage, "status": status, "rule": rule, "recommendation": recommendation, "reason": reason,
             "action": action_for(status, recommendation, stage, suggestions),
             "reasons": [c.reason for c in gate_failed] + advice["reasons"], "suggestions": suggestions,

@@ -42,6 +42,8 @@ def evaluation_device(summary: dict, requested: str | None = None) -> Any:
     """`requested`, else the device the run trained on when this machine has it, else the best one here."""
     import torch
 
+    from pillsnap.utils import resolve_device
+
     if requested:
         try:
             device = torch.device(requested)
@@ -56,7 +58,7 @@ def evaluation_device(summary: dict, requested: str | None = None) -> Any:
     if trained.startswith("cuda"):
         LOGGER.warning("the run trained on %s but this machine has no CUDA device: latencies are measured on the "
                        "CPU and reported as not comparable to the GPU targets", trained)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device()
 
 
 @contextmanager

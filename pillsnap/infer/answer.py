@@ -162,23 +162,16 @@ def _verdict(agreement: int | None) -> str | None:
     return None if agreement is None else {1: "match", 0: "near", -1: "mismatch"}[agreement]
 
 
-def _imprint_hint_agreement(text: str, entry: Mapping, t: AnswerThresholds) -> int | None:
-    if not normalize_imprint(text):
-        return None
-    sim = class_imprint_similarity(text, entry)
-    return 1 if sim >= t.imprint_accept else (0 if sim > t.imprint_floor else -1)
-
-
 def _hint_terms(hints: Hints, entry: Mapping, w: RerankWeights,
                 t: AnswerThresholds) -> tuple[dict[str, str | None], float]:
     """Per-hint verdicts for one class and the log-odds they add."""
-    agreements = {"imprint": _imprint_hint_agreement(hints.imprint, entry, t),
-                  "color": color_agreement(hints.colors, entry), "shape": shape_agreement(hints.shape, entry)}
-    if agreements["imprint"] is not None:  # graded, so a near miss of a typed imprint still ranks above a miss
+    agreements = {"imprint": None, "color": color_agreement(hints.colors, entry),
+                  "shape": shape_agreement(hints.shape, entry)}
+    logit = 0.0
+    if normalize_imprint(hints.imprint):  # one similarity (its cost grows with the text) gives verdict and weight
         sim = class_imprint_similarity(hints.imprint, entry)
-        logit = w.hint_imprint * (2.0 * _strength(sim, t.imprint_floor) - 1.0)
-    else:
-        logit = 0.0
+        agreements["imprint"] = 1 if sim >= t.imprint_accept else (0 if sim > t.imprint_floor else -1)
+        logit = w.hint_imprint * (2.0 * _strength(sim, t.imprint_floor) - 1.0)  # graded: a near miss ranks above
     logit += w.color * (agreements["color"] or 0) + w.shape * (agreements["shape"] or 0)
     return {k: _verdict(v) for k, v in agreements.items()}, logit
 

@@ -53,7 +53,7 @@ def gating_score(single_confidence: float | None, num_detections: int | None) ->
 
 
 def decide_route(mode: str, single_confidence: float | None, num_detections: int | None, threshold: float,
-                 detector_agrees: bool | None = None) -> GatingDecision:
+                 detector_agrees: bool | None = None, has_detector: bool | None = None) -> GatingDecision:
     """single/combo are taken as asked. auto never hides a pill: more than one detected pill -> combo
     (multi_object_hint); one detected pill that disagrees with the whole-photo answer -> combo (detector_disagrees);
     a whole-photo answer below `threshold` that the detector did not confirm -> combo (low_confidence); otherwise
@@ -61,11 +61,14 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
     pill would not know more, and the calibrated probability (or the unknown answer) says how sure it is. No
     detected pill keeps the whole-photo answer with the no_pill_detected flag.
 
-    num_detections is None when the detector is unavailable (flagged); detector_agrees is None when not checked.
+    num_detections is None when the detector did not run; detector_agrees is None when not checked. has_detector
+    says whether one exists (None: it exists exactly when it ran); only a missing detector is flagged, not one that
+    single mode never asked.
     """
     check_mode(mode)
     score = gating_score(single_confidence, num_detections)
-    flags = (DETECTOR_UNAVAILABLE,) if num_detections is None else (NO_PILL_DETECTED,) if num_detections == 0 else ()
+    unavailable = num_detections is None if has_detector is None else not has_detector
+    flags = (DETECTOR_UNAVAILABLE,) if unavailable else (NO_PILL_DETECTED,) if num_detections == 0 else ()
 
     def route(mode_used: str, reason: str | None) -> GatingDecision:
         return GatingDecision(mode_used, reason, score, single_confidence, num_detections, flags)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pillsnap.infer.answer import THRESHOLDS, Classified, classifier_candidates, decide_answer
 from pillsnap.infer.evidence import Evidence
-from pillsnap.infer.gating import DETECTOR_UNAVAILABLE, GatingDecision, check_mode, decide_route, hard_case_reasons
+from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
@@ -55,12 +55,9 @@ def find_checkpoints(exp_dir: str | Path) -> tuple[Path, Path | None]:
 
 def _default_cfg(exp_dir: str | Path | None = None) -> Any:
     """The run's own config (from any working directory) when there is a run; else ./config.yaml or the defaults."""
-    from pillsnap.config import load_config
-    from pillsnap.config.run import load_run_config
+    from pillsnap.config.run import load_cli_config
 
-    if exp_dir is not None:
-        return load_run_config(exp_dir, dotenv_path=None)
-    return load_config("config.yaml" if Path("config.yaml").is_file() else None, dotenv_path=None)
+    return load_cli_config(exp_dir, None, dotenv_path=None)
 
 
 class WholePhoto(NamedTuple):
@@ -92,6 +89,7 @@ class Predictor:
         self._check_classes(self.classifier_path, image_size)
         self.calibration = self._load_calibration()
         self.unknown = self._unknown_rule()
+        self.unknown_rule = self.unknown.for_answer(len(self.class_names))  # what each pill's answer applies
         imprint = self.settings.imprint
         self.thresholds = THRESHOLDS
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds)
@@ -251,7 +249,7 @@ class Predictor:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
         answer = decide_answer(classified, self.class_map, read, hints,
-                               self.unknown.for_answer(len(self.class_names)), self.thresholds)
+                               self.unknown_rule, self.thresholds)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:
@@ -297,15 +295,12 @@ class Predictor:
             dets = self.detect(image, conf)
         one_box = mode == "auto" and dets is not None and len(dets) == 1
         agrees = self._agrees(image, whole, dets[0]) if one_box else None
-        decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold, agrees)
-        if self.has_detector:  # no detections because single mode never asked, not because there is no detector
-            decision = replace(decision, flags=tuple(f for f in decision.flags if f != DETECTOR_UNAVAILABLE))
+        decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold, agrees,
+                                has_detector=self.has_detector)
         if decision.mode_used == "single":
             return decision, self._single(whole, hints)
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
-            return replace(decision, mode_used="single"), self._single(whole, hints)
-        if mode == "auto" and not len(dets):
             return replace(decision, mode_used="single"), self._single(whole, hints)
         return decision, self._combo(image, dets, hints)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -66,11 +67,12 @@ def error_response(request: Request, status: int, message: str, code: str | None
     return JSONResponse(error_body(status, message, rid, code), status_code=status, headers=headers)
 
 
-async def send_error(scope: Scope, send: Send, status: int, message: str, code: str | None = None) -> None:
+async def send_error(scope: Scope, send: Send, status: int, message: str, code: str | None = None,
+                     extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Answer straight from ASGI middleware (before the app has read anything)."""
     body = json.dumps(error_body(status, message, request_id_of(scope), code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+               *extra_headers, (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

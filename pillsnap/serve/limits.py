@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pillsnap.serve.errors import error_body, request_id_of
+from pillsnap.serve.errors import send_error
 from pillsnap.serve.metrics import ServeMetrics
 from pillsnap.serve.settings import ServeSettings
 
@@ -106,11 +105,7 @@ class UploadBudgetMiddleware:
 async def send_busy(scope: Scope, send: Send, message: str) -> None:
     """503 upload_budget with Retry-After, straight from middleware; the connection is closed, since the body the
     client may still be sending is never read."""
-    body = json.dumps(error_body(503, message, request_id_of(scope), "upload_budget")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"retry-after", str(BUDGET_RETRY_AFTER_S).encode()), (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(scope, send, 503, message, "upload_budget", [(b"retry-after", str(BUDGET_RETRY_AFTER_S).encode())])
 
 
 def header_timeout_protocol(timeout_s: float) -> type:

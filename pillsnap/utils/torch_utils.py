@@ -49,22 +49,18 @@ def enable_tf32(flag: bool) -> None:
     torch.set_float32_matmul_precision("high" if flag else "highest")
 
 
-def try_torch_compile(model: nn.Module, mode: str, example_input: torch.Tensor | None = None) -> nn.Module:
+def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
     """torch.compile with one of COMPILE_MODES; on failure warn and return the eager model.
 
-    Compilation is lazy, so errors usually surface at the first call: pass `example_input`
-    to compile eagerly here (one no-grad forward) and fall back before training starts.
+    Compilation is lazy, so errors usually surface at the first call: engine/compiling.py warms the compiled
+    model up on a training chunk and falls back there.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"torch_compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "none":
         return model
     try:
-        compiled = torch.compile(model, mode=mode)
-        if example_input is not None:
-            with torch.no_grad():
-                compiled(example_input)
-        return compiled
+        return torch.compile(model, mode=mode)
     except Exception as err:  # compile backends fail in many ways; eager always works
         LOGGER.warning("torch.compile(mode=%s) failed, falling back to eager: %s", mode, err)
         return model
