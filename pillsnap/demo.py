@@ -115,12 +115,13 @@ def ensure_manifests(cfg: Any) -> dict:
 
 
 def training_done(exp_dir: Path) -> bool:
+    from pillsnap.eval.gates import COMPLETED_STATUSES
     from pillsnap.utils import read_json
 
     metrics = exp_dir / "reports" / "metrics.json"
     if not metrics.is_file() or not (exp_dir / "checkpoints" / "classification_best.pt").is_file():
         return False
-    return read_json(metrics).get("status") in ("completed", "early_stopped")
+    return read_json(metrics).get("status") in COMPLETED_STATUSES
 
 
 def ensure_trained(cfg: Any) -> int:

@@ -65,7 +65,8 @@ def required_samples(t: StageCriteria, results: dict) -> int:
 
 
 # How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.
-FINISHED_STATUSES = ("completed", "early_stopped", "time_capped")
+COMPLETED_STATUSES = ("completed", "early_stopped")  # trained all it meant to
+FINISHED_STATUSES = (*COMPLETED_STATUSES, "time_capped")
 
 
 def gate_checks(stage: int, results: dict, baseline: dict | None = None) -> list[GateCheck]:

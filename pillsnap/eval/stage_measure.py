@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.eval.criteria import ADVISOR, GPU, stage_criteria
+from pillsnap.eval.gates import COMPLETED_STATUSES
 from pillsnap.eval.latency import SAMPLES, loader_items, measure, passes, take
 from pillsnap.utils import read_json
 
@@ -242,7 +243,7 @@ def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, m
     stage = int(cfg.data.progressive_validation.current_stage)
     enough_samples = (run["samples_seen"] or 0) >= int(cfg.data.progressive_validation[f"stage_{stage}"]
                                                        .min_samples_required)
-    finished = status in ("completed", "early_stopped")
+    finished = status in COMPLETED_STATUSES
     ram_mb = psutil.virtual_memory().total / 2**20
     checks: dict[str, Callable[[], bool | None]] = {
         "pipeline_complete": lambda: finished or bool(time_cap.get("success")),

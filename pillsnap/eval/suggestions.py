@@ -22,12 +22,15 @@ _MEMORY = "Memory grew across epochs: lower dataloader.num_workers and dataloade
 _CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr, prefer bf16 " \
          "(train.classification.amp_dtype=bf16)"
 
+_GPU_MEMORY = "Reduce train.batch_size or model.image_size (GPU memory use is high)"
+_MIN_SAMPLES = "Train on the stage's min_samples_required: more train.epochs or a longer time_limit_hours"
+
 # By the start of a target's path: the first match names the knobs.
 _BY_TARGET = (
     ("detection.inference_time_ms", (_LATENCY,)), ("classification.inference_time_ms", (_LATENCY,)),
     ("production.inference_latency_ms", (_LATENCY,)), ("scalability.api_response_time_ms", (_LATENCY,)),
     ("detection.", (_DETECTOR,)), ("classification.", (_CLASSIFIER, _IMBALANCE)),
-    ("system.gpu_memory_gb", ("Reduce train.batch_size or model.image_size (GPU memory use is high)",)),
+    ("system.gpu_memory_gb", (_GPU_MEMORY,)),
     ("system.data_loading_s", (_LOADER, _CACHE)),
     ("optimization.batch_size_achieved", (_BATCH,)), ("scalability.multi_batch_size", (_BATCH,)),
     ("optimization.throughput_img_s", (_THROUGHPUT,)), ("production.throughput_img_s", (_THROUGHPUT,)),
@@ -65,10 +68,8 @@ _BY_CODE = {
     "class_balance_verification": (_IMBALANCE,),
     "memory_optimization_working": ("Peak RSS came close to the machine's RAM: lower dataloader.num_workers or "
                                     "disable data.cache",),
-    "scalability_test_pass": ("Train on the stage's min_samples_required: more train.epochs or a longer "
-                              "time_limit_hours",),
-    "full_dataset_processing": ("Train on the stage's min_samples_required: more train.epochs or a longer "
-                                "time_limit_hours",),
+    "scalability_test_pass": (_MIN_SAMPLES,),
+    "full_dataset_processing": (_MIN_SAMPLES,),
     "multi_batch_processing": (f"Train with a global batch of at least {ADVISOR.multi_batch_size} "
                                "(train.batch_size x gradient accumulation)",),
     "memory_leak_test": (_MEMORY,), "stability_test_pass": (_CRASH,),
@@ -93,7 +94,7 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
             out.append(_AUGMENT)
     gpu = ((results.get("system") or {}).get("gpu_memory_gb")) or 0
     if gpu > ADVISOR.gpu_memory_high_gb:
-        out.append("Reduce train.batch_size or model.image_size (GPU memory use is high)")
+        out.append(_GPU_MEMORY)
     if ((results.get("system") or {}).get("data_loading_s") or 0) > ADVISOR.data_loading_slow_s:
         out += [_LOADER, _CACHE]
     return list(dict.fromkeys(out))
