@@ -11,7 +11,7 @@ from test_stage_eval import run_cfg
 
 from pillsnap.cli import main as cli_main
 from pillsnap.data import load_manifest
-from pillsnap.eval.calibration import calibrate_classifier
+from pillsnap.eval.calibration import EVIDENCE_SCALES, calibrate_classifier
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calibration
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.train import train
@@ -37,6 +37,12 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
     answers = report["answers"]  # the final answers, after the imprint evidence, on every validation crop
     assert answers["n"] == report["n_val"] and 0 <= answers["accuracy"] <= 1 and 0 <= answers["ece"] <= 1
+    sets = stored["prediction_sets"]  # the conformal scores of the named validation answers, both methods
+    assert set(sets["scores"]) == {"aps", "lac"} and sets["n"] + sets["withheld_unknown"] == answers["n"]
+    assert all(len(v) == sets["n"] for v in sets["scores"].values()) and sets["imprint_reading"] is True
+    assert report["prediction_sets"]["method"] == "lac" and report["prediction_sets"]["coverage"] == 0.95
+    assert stored["evidence_scale"] in EVIDENCE_SCALES or stored["evidence_scale"] == 1.0  # 1.0: nothing was read
+    assert answers["evidence_scale"] == stored["evidence_scale"] and answers["unscaled"]["n"] == answers["n"]
     unknown = report["unknown_eval"]
     assert unknown["held_out_classes"] == 2 and unknown["unknown"] > 0 and 0.0 <= unknown["auroc"] <= 1.0
     assert report["unknown_eval_by_rule"]["feature_distance"] == unknown
@@ -53,6 +59,14 @@ def test_calibration_with_held_out_classes(synth_root, manifest_dir, tmp_path):
     rate = {name: sum(p["unknown"] for path in paths for p in predictor.predict(path, mode="single")["pills"])
             / len(paths) for name, paths in (("held_out", held_out), ("known", known["image_path"].unique()[:12]))}
     assert rate["held_out"] >= rate["known"] + 0.3, rate
+    pills = [p for path in held_out for p in predictor.predict(path, mode="single")["pills"]]
+    assert predictor.set_rule is not None and predictor.set_rule.method == "lac"
+    for pill in pills:  # an unknown pill names no drug: no probability, an empty set; a named one has its set
+        if pill["unknown"]:
+            assert pill["probability"] is None and pill["prediction_set"] == [] and pill["sure"] is False
+        else:
+            assert pill["prediction_set"][0]["mapping_code"] == pill["mapping_code"]
+            assert pill["sure"] == (len(pill["prediction_set"]) == 1)
 
     (exp / "checkpoints" / CALIBRATION_FILE).unlink()  # `pillsnap calibrate` fits it again from the run's config
     assert cli_main(["calibrate", "--exp", str(exp), "--device", "cpu"]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups
+from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups, set_figures, with_sets
 
 
 def _manifest() -> pd.DataFrame:
@@ -14,16 +14,28 @@ def _manifest() -> pd.DataFrame:
             ("c.png", "combination", "K-000001"), ("c.png", "combination", "K-000002"),
             ("d.png", "single", "K-000002")]
     return pd.DataFrame([{"image_path": p, "image_type": t, "mapping_code": c, "split": "test" if p != "d.png"
-                          else "val", "bbox_x": 0, "bbox_y": 0, "bbox_w": 10, "bbox_h": 10} for p, t, c in rows])
+                          else "val", "bbox_x": 40 * (c == "K-000002"), "bbox_y": 0, "bbox_w": 10, "bbox_h": 10}
+                         for p, t, c in rows])
+
+
+def _pill(code: str | None, box_x: int, members: list[str] | None = None) -> dict:
+    members = [code] if members is None and code else members or []
+    return {"mapping_code": code, "unknown": code is None, "bbox": [box_x, 1, 10, 10],
+            "prediction_set": [{"mapping_code": m} for m in members],
+            "topk": [(c, p) for c, p in zip(["K-000001", "K-000002"], [0.6, 0.4], strict=True)]}
 
 
 class FakePredictor:
-    answers = {"a.png": ("single", ["K-000001"]), "b.png": ("single", [None]),
-               "c.png": ("combo", ["K-000002", "K-000001"])}
+    """Answers in the pipeline's shape; c.png's pills come right to left (the boxes say which is which)."""
+
+    answers = {"a.png": ("single", [_pill("K-000001", 0, ["K-000001", "K-000002"])]),
+               "b.png": ("single", [_pill(None, 0)]),
+               "c.png": ("combo", [_pill("K-000002", 41), _pill("K-000001", 1)])}
 
     def predict(self, path, mode="auto"):
-        mode_used, codes = self.answers[path]
-        return {"mode_used": mode_used, "fallback_reason": None, "pills": [{"mapping_code": c} for c in codes]}
+        mode_used, pills = self.answers[path]
+        return {"mode_used": mode_used, "fallback_reason": None,
+                "pills": [{**p, "topk": [{"mapping_code": c, "probability": q} for c, q in p["topk"]]} for p in pills]}
 
 
 def test_photo_groups_keep_one_entry_per_photo_of_the_split():
@@ -40,3 +52,20 @@ def test_figures_count_an_unknown_answer_right_only_for_an_unlearnt_class():
     assert figures["single_accuracy"] == 1.0  # b.png's K-000009 was never learnt: "unknown" is right
     assert evaluate_pipeline(FakePredictor(), photos, "auto", known=known | {"K-000009"})[
         "single_accuracy"] == pytest.approx(0.5)
+
+
+class MissingPredictor(FakePredictor):
+    answers = {**FakePredictor.answers, "c.png": ("combo", [_pill("K-000002", 41), _pill("K-000002", 1)])}
+
+
+def test_set_figures_match_pills_by_box_and_count_an_empty_set_right_for_an_unlearnt_drug():
+    photos = photo_groups(_manifest(), "test")
+    sets = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["prediction_sets"]
+    # a.png: {K-000001, K-000002} holds K-000001; c.png: K-000002 at x=41 matches its own box (covered), the pill at
+    # x=1 is K-000001 answered {K-000002} (missed); b.png: an unlearnt drug given an empty set
+    assert (sets["known_pills"], sets["named"], sets["coverage"]) == (3, 3, pytest.approx(2 / 3))
+    assert sets["mean_set_size"] == pytest.approx(4 / 3) and sets["sure_share"] == pytest.approx(2 / 3)
+    assert sets["sure_accuracy"] == 0.5 and sets["unknown_empty"] == 1.0 and sets["unknown_pills"] == 1
+    outcomes = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["outcomes"]
+    redrawn = set_figures(with_sets(outcomes, "lac", 0.7))  # 1 - 0.4 <= 0.7: both candidates in every set
+    assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 2.0

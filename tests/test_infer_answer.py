@@ -25,7 +25,8 @@ CLASS_MAP = {"K-000001": {"print_front": "BSP", "print_back": "5"}, "K-000002": 
 OFF = UnknownRule("probability", None, 3)
 # What every answer says, evidence or not: the keys serve/ and `pillsnap predict --json` give.
 ANSWER_KEYS = {"mapping_code", "name", "edi_codes", "probability", "topk", "imprint_read", "imprint_unresolved",
-               "ranking_changed", "hints_conflict", "conflicts", "unknown", "unknown_score", "unknown_reason"}
+               "ranking_changed", "hints_conflict", "conflicts", "unknown", "unknown_score", "unknown_reason",
+               "prediction_set", "set_coverage", "sure", "narrow_by", "set_note"}
 
 
 def classified(*pairs: tuple[str, float], score: float | None = None) -> Classified:

@@ -326,6 +326,12 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
     assert "photograph the other side" in lines[5]
     sure = {**result["pills"][1], "probability": 0.99997, "imprint_unresolved": False}
     assert "p=>0.999" in format_result({**result, "pills": [sure]})  # a posterior is never shown as certainty
+    sets = {**sure, "prediction_set": near, "set_coverage": 0.95, "sure": False,
+            "set_note": "one of K-000002 or K-000001 (at 95% confidence): photograph the other side of the pill"}
+    lines = format_result({**result, "pills": [sets, {**sure, "prediction_set": near[:1], "sure": True,
+                                                       "set_coverage": 0.95}]}).splitlines()
+    assert lines[1].endswith("[one of 2 at 95%] bbox=[5, 6, 7, 8]") and lines[2].strip().startswith("set: one of")
+    assert [line for line in lines if line.startswith("  #2")][0].endswith("[sure at 95%] bbox=[5, 6, 7, 8]")
 
 
 def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, tmp_path: Path,

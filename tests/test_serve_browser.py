@@ -108,7 +108,7 @@ def _pill(code: str | None, probability: float, bbox: list[int], unknown: bool =
     topk = [{"mapping_code": c, "name": f"drug {c[-1]}", "edi_codes": [], "probability": p}
             for c, p in zip(order, (probability, (1 - probability) * 0.7, (1 - probability) * 0.3), strict=True)]
     return {**topk[0], "mapping_code": code, "name": "" if unknown else topk[0]["name"], "bbox": bbox,
-            "det_confidence": 0.9, "topk": topk, "unknown": unknown,
+            "probability": None if unknown else probability, "det_confidence": 0.9, "topk": topk, "unknown": unknown,
             "unknown_reason": "top-1 probability 0.81 is below 0.90" if unknown else None}
 
 
@@ -150,3 +150,20 @@ def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tm
     assert not HUNDRED.search(page.locator("#results").inner_text()) and not HUNDRED.search(text)
     assert page.locator(".review").count() == 0  # several pills going to combo is routine, not a hard case
     page.screenshot(path=str(tmp_path / "combo.png"), full_page=True)
+
+
+def test_prediction_sets_say_sure_or_name_every_drug_left_open(page, tmp_path: Path) -> None:
+    sure, twins = _pill("K-000001", 0.9991, [5, 10, 30, 24]), _pill("K-000002", 0.58, [60, 30, 34, 26])
+    sure.update(prediction_set=[{k: sure[k] for k in ("mapping_code", "name", "probability")}], set_coverage=0.95,
+                sure=True, narrow_by=[])
+    twins.update(prediction_set=[{k: c[k] for k in ("mapping_code", "name", "probability")} for c in twins["topk"][:2]],
+                 set_coverage=0.95, sure=False, narrow_by=["other_side", "imprint"])
+    _show(page, tmp_path, _answer([sure, twins], []))
+    cards = page.locator(".pill").all_inner_texts()
+    assert "Sure: the only drug left at 95 % confidence." in cards[0].replace("\u00a0", " ")
+    assert "Not sure" not in cards[0]
+    open_set = page.locator(".pill >> nth=1").locator(".set.open").inner_text()
+    assert "one of 2 drugs" in open_set and "drug 2" in open_set and "drug 1" in open_set
+    assert "photograph the other side of the pill, or type its imprint in the hint field" in open_set
+    assert not HUNDRED.search(open_set)
+    page.screenshot(path=str(tmp_path / "sets.png"), full_page=True)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
+from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.metrics.calibration import (
     bins_of,
     calibrated_probs,
@@ -24,6 +26,7 @@ from pillsnap.metrics.calibration import (
     nll,
     reliability_bins,
 )
+from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity
 from pillsnap.metrics.novelty import (
     UNKNOWN_RULES,
     ClassGaussians,
@@ -66,37 +69,127 @@ EVAL_BATCH = 64
 ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
 
 
-def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
-                       topk: int, threads: int = 0, limit: int = ANSWER_CROPS) -> dict | None:
-    """How well the probability of the final answers means what it says: the first `limit` validation crops get
-    the pipeline's answer (the imprint read where the contenders' imprints differ, then the posterior of
-    pillsnap.infer.answer; the unknown-pill rule is measured apart), and their top answers' accuracy and ECE are
-    measured. None without the imprint reader (rapidocr-onnxruntime)."""
+class ValAnswer(NamedTuple):
+    """One validation crop as inference sees it before the answer: the classifier's output, the imprint read (None:
+    not read) and the right drug."""
+
+    classified: Any
+    read: Any
+    truth: str
+
+
+def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
+                 threads: int, limit: int, reading: bool, unknown: UnknownAnswer) -> list[ValAnswer]:
+    """The first `limit` validation crops through the classifier and, where the contenders' imprints differ, the
+    reader (the costly part, done once; the answers are then pure functions of these)."""
     import torch
 
-    from pillsnap.infer.answer import Classified, UnknownRule, classifier_candidates, decide_answer
+    from pillsnap.infer.answer import Classified, classifier_candidates
     from pillsnap.infer.evidence import Evidence
 
-    evidence = Evidence(class_map, read_imprints=True, threads=threads)
-    if evidence.reader() is None:
-        return None
-    no_unknown = UnknownRule("probability", None, len(class_names))
-    confidence, correct = [], []
+    evidence = Evidence(class_map, read_imprints=reading, threads=threads)
     device = next(model.parameters()).device
+    out = []
     for index in range(min(limit, len(dataset))):
         crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: the model and the reader
         with torch.no_grad():
-            logits = model(dataset.transform(crop)[None].to(device))[0]
+            logits, feats = model(dataset.transform(crop)[None].to(device))
         probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
+        score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
         candidates = classifier_candidates(probs, topk, class_names, class_map)[0]
-        answer = decide_answer(Classified(candidates, None), class_map, evidence.read(crop, candidates), None,
-                               no_unknown)
-        confidence.append(answer.candidates[0]["probability"])
-        correct.append(answer.candidates[0]["mapping_code"] == class_names[label])
-    confidence_arr, correct_arr = np.asarray(confidence), np.asarray(correct)
-    return {"n": int(len(correct)), "accuracy": float(correct_arr.mean()),
-            "ece": ece_of(confidence_arr, correct_arr), "ece_sampling_floor": ece_sampling_floor(confidence_arr),
-            "bins": bins_of(confidence_arr, correct_arr)}
+        out.append(ValAnswer(Classified(candidates, score), evidence.read(crop, candidates) if reading else None,
+                             class_names[label]))
+    return out
+
+
+EVIDENCE_SCALES = np.round(np.exp(np.linspace(np.log(0.25), np.log(2.0), 13)), 3)  # 0.25 ... 2.0
+
+
+def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
+    """The factor on the imprint read's weight (RerankWeights.imprint) that minimises the negative log-likelihood
+    of the right drug over the validation answers where a read was made, like the temperature does for the
+    classifier: the weight was chosen for accuracy, this makes the posterior it gives mean what it says. 1.0 when
+    no read was made. A right drug outside the candidates gets the probability the candidates leave."""
+    from pillsnap.infer.answer import WEIGHTS, rerank
+
+    read = [item for item in items if item.read is not None]
+    if not read:
+        return 1.0
+
+    def nll_at(scale: float) -> float:
+        weights = replace(WEIGHTS, imprint=WEIGHTS.imprint * scale)
+        total = 0.0
+        for item in read:
+            ranked = rerank(item.classified.topk, class_map, item.read.text, item.read.score, None, weights)
+            p = {c["mapping_code"]: c["probability"] for c in ranked.candidates}
+            rest = 1.0 - sum(p.values())
+            total -= np.log(max(p.get(item.truth, rest), 1e-12))
+        return total / len(read)
+
+    return float(min(EVIDENCE_SCALES, key=nll_at))
+
+
+def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
+                       topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
+                       unknown: UnknownAnswer | None = None) -> dict:
+    """The final answers on the first `limit` validation crops, as inference makes them (the imprint read where the
+    contenders' imprints differ, then the posterior of pillsnap.infer.answer).
+
+    Returns `evidence_scale` (fit_evidence_scale; 1.0 without reads), `answers` (the top answers' accuracy and ECE
+    at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
+    `read_imprints` off) and `prediction_sets`: each answer named by the unknown-pill rule `unknown` (a pill it
+    withholds claims no drug, its set is empty) scored under every conformal method (pillsnap.metrics.conformal),
+    so that inference sets its threshold for whatever coverage it is configured with."""
+    from pillsnap.infer.answer import WEIGHTS, decide_answer
+    from pillsnap.infer.evidence import Evidence
+
+    reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
+    unknown = unknown or UnknownAnswer("probability", None)
+    rule = unknown.for_answer(len(class_names))
+    items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads, limit, reading, unknown)
+    scale = fit_evidence_scale(items, class_map)
+
+    def answered(weights: Any) -> list:
+        return [decide_answer(item.classified, class_map, item.read, None, rule, weights=weights) for item in items]
+
+    answers = answered(replace(WEIGHTS, imprint=WEIGHTS.imprint * scale))
+    set_scores: dict[str, list[float | None]] = {method: [] for method in SET_METHODS}
+    for answer, item in zip(answers, items, strict=True):
+        if answer.unknown:
+            continue
+        codes = [c["mapping_code"] for c in answer.candidates]
+        where = codes.index(item.truth) if item.truth in codes else None
+        probabilities = [c["probability"] for c in answer.candidates]
+        for method, scores in set_scores.items():
+            value = nonconformity(method, probabilities, where)
+            scores.append(round(value, 9) if np.isfinite(value) else None)  # JSON has no infinity
+    figures = None
+    if reading:
+        figures = {**_answer_figures(answers, items), "evidence_scale": scale,
+                   "unscaled": {k: v for k, v in _answer_figures(answered(WEIGHTS), items).items() if k != "bins"}}
+    sets = {"scores": set_scores, "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
+            "imprint_reading": reading, "unknown_rule": unknown.rule if unknown.active else None}
+    return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets}
+
+
+def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
+    """Accuracy and ECE of the top answers (the unknown-pill rule aside: every answer's top candidate counts)."""
+    confidence = np.asarray([a.candidates[0]["probability"] for a in answers])
+    correct = np.asarray([a.candidates[0]["mapping_code"] == item.truth for a, item in zip(answers, items,
+                                                                                          strict=True)])
+    return {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None,
+            "ece": ece_of(confidence, correct), "ece_sampling_floor": ece_sampling_floor(confidence),
+            "bins": bins_of(confidence, correct)}
+
+
+def set_summary(sets: dict, method: str, coverage: float) -> dict:
+    """The calibrated set rule at `coverage` and what it gives on the calibration answers themselves (coverage
+    there is at least `coverage` by construction: the honest figure is on held-out photos)."""
+    scores = [np.inf if s is None else s for s in sets["scores"][method]]
+    threshold = conformal_threshold(scores, coverage) if scores else np.inf
+    return {"method": method, "coverage": coverage, "threshold": _finite(threshold), "n": sets["n"],
+            "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
+            "calibration_coverage": float(np.mean(np.asarray(scores) <= threshold)) if scores else None}
 
 
 def _finite(value: float) -> float | None:
@@ -236,10 +329,19 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
                                              unknown_scores(name, unknown_probs, unknown_distances), threshold)
             by_rule[name].update(threshold=thresholds[name], held_out_classes=held_out_classes)
         report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
-    if cfg.inference.imprint.enabled:
-        report["answers"] = answer_calibration(
-            model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
-            dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads))
+    # The answers inference gives, the unknown-pill rule in force: their accuracy and ECE after the imprint
+    # evidence, and the scores the prediction sets are calibrated on.
+    outcome = answer_calibration(
+        model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
+        dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads),
+        read_imprints=bool(cfg.inference.imprint.enabled),
+        unknown=UnknownAnswer(rule, thresholds[rule], gaussians) if keep > 0 else None)
+    if outcome["answers"] is not None:
+        report["answers"] = outcome["answers"]
+    stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
+    stored["prediction_sets"] = outcome["prediction_sets"]
+    report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),
+                                            float(cfg.inference.prediction_set.coverage))
     # The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's hash.
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]
@@ -250,6 +352,11 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
                 rule, _unknown_line(report.get("unknown_eval")))
+    sets = report["prediction_sets"]
+    LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: threshold %s",
+                sets["method"], sets["coverage"], sets["n"],
+                "none (too few answers: every candidate is in the set)" if sets["threshold"] is None
+                else f"{sets['threshold']:.4f}")
     return report
 
 

@@ -46,7 +46,87 @@ def _photo_outcome(photo: dict, result: dict, known: set[str] | None) -> dict:
     expected_mode = "single" if photo["image_type"] == "single" else "combo"
     return {"image_path": photo["image_path"], "image_type": photo["image_type"], "mode_used": result["mode_used"],
             "routed_right": result["mode_used"] == expected_mode, "expected": expected, "predicted": predicted,
-            "all_right": Counter(predicted) == Counter(expected), "fallback_reason": result["fallback_reason"]}
+            "all_right": Counter(predicted) == Counter(expected), "fallback_reason": result["fallback_reason"],
+            "pills": _pill_outcomes(photo, result, known)}
+
+
+MATCH_IOU = 0.5  # a labelled pill and an answered one are the same pill when their boxes overlap this much
+
+
+def _pill_outcomes(photo: dict, result: dict, known: set[str] | None) -> list[dict]:
+    """Per labelled pill: the answer given for it (matched by box; a photo of one pill answered with one pill is
+    matched whatever the box) and what its prediction set did. `answered`: a pill was matched; `named`: it was
+    answered by name (not unknown); `covered`: a known drug inside its set, or an unknown one with an empty set."""
+    from pillsnap.metrics.detection import box_iou_xyxy
+
+    pills = result["pills"]
+    if len(photo["codes"]) == 1 and len(pills) == 1:
+        match = {0: 0}
+    else:
+        match = {}
+        if pills and len(photo["codes"]):
+            iou = box_iou_xyxy(xywh_to_xyxy(np.asarray(photo["boxes"], float)),
+                               xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], float)))
+            for flat in np.argsort(-iou, axis=None):  # greedy, best overlap first
+                g, d = np.unravel_index(flat, iou.shape)
+                if iou[g, d] < MATCH_IOU:
+                    break
+                if g not in match and d not in match.values():
+                    match[int(g)] = int(d)
+    outcomes = []
+    for g, code in enumerate(photo["codes"]):
+        is_known = known is None or code in known
+        pill = pills[match[g]] if g in match else None
+        members = None if pill is None or pill.get("prediction_set") is None else [
+            m["mapping_code"] for m in pill["prediction_set"]]
+        named = pill is not None and not pill.get("unknown")
+        outcomes.append({
+            "code": code, "known": is_known, "answered": pill is not None, "named": named,
+            "right": named and pill["mapping_code"] == code if is_known else pill is not None and not named,
+            "set": members, "covered": None if members is None else (code in members if is_known else not members),
+            "topk": [] if pill is None else [(c["mapping_code"], c["probability"]) for c in pill.get("topk", [])]})
+    return outcomes
+
+
+def with_sets(outcomes: list[dict], method: str, threshold: float) -> list[dict]:
+    """The outcomes with each named pill's set drawn again from its candidates under another set rule (the
+    candidates' probabilities are the answer's own, so this is the set that rule would have given)."""
+    from pillsnap.metrics.conformal import set_size
+
+    redrawn = []
+    for outcome in outcomes:
+        pills = []
+        for pill in outcome.get("pills", []):
+            if pill["named"] and pill["set"] is not None:
+                codes = [code for code, _ in pill["topk"]]
+                members = codes[:set_size(method, [p for _, p in pill["topk"]], threshold)]
+                pill = {**pill, "set": members, "covered": pill["code"] in members}
+            pills.append(pill)
+        redrawn.append({**outcome, "pills": pills})
+    return redrawn
+
+
+def set_figures(outcomes: list[dict]) -> dict:
+    """What the prediction sets did on the labelled pills of these photo outcomes (None where answers carry no
+    set). `coverage`: a known drug answered by name has it in its set (the guarantee's own terms); `coverage_all`:
+    of every known pill, a withheld or missed one counting as not covered; `sure_share` / `sure_accuracy`: one-drug
+    sets among the named answers, and how often that drug is right; `unknown_empty`: pills of untrained drugs
+    given an empty set."""
+    pills = [p for o in outcomes for p in o.get("pills", [])]
+    known = [p for p in pills if p["known"]]
+    if not known or all(p["set"] is None for p in pills if p["answered"]):
+        return {}
+    named = [p for p in known if p["named"] and p["set"] is not None]
+    sure = [p for p in named if len(p["set"]) == 1]
+    unknown = [p for p in pills if not p["known"] and p["answered"] and p["set"] is not None]
+    return {"pills": len(pills), "known_pills": len(known), "named": len(named),
+            "coverage": _rate([p["covered"] for p in named]),
+            "coverage_all": _rate([bool(p["covered"]) for p in known]),
+            "mean_set_size": float(np.mean([len(p["set"]) for p in named])) if named else None,
+            "sure_share": _rate([len(p["set"]) == 1 for p in named]),
+            "sure_accuracy": _rate([p["right"] for p in sure]),
+            "withheld_known": _rate([p["answered"] and not p["named"] for p in known]),
+            "unknown_pills": len(unknown), "unknown_empty": _rate([p["covered"] for p in unknown])}
 
 
 def _rate(values: list[bool]) -> float | None:
@@ -70,6 +150,7 @@ def evaluate_pipeline(predictor: Any, photos: list[dict], mode: str = "auto",
         "routing_accuracy": _rate([o["routed_right"] for o in outcomes]),
         "single_accuracy": _rate([o["all_right"] for o in singles]),
         "combo_all_right_rate": _rate([o["all_right"] for o in combos]),
+        "prediction_sets": set_figures(outcomes),
         "outcomes": outcomes,
     }
 

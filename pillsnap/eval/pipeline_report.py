@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups
+from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups, set_figures, with_sets
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
 
@@ -59,7 +59,8 @@ def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4)
         pills = predictor.predict(image, mode="combo")["pills"]
         boxes = xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], dtype=np.float64).reshape(-1, 4))
         preds.append({"boxes": boxes.tolist(),
-                      "labels": [p["mapping_code"] for p in pills], "scores": [p["probability"] for p in pills]})
+                      "labels": [p["mapping_code"] or "unknown" for p in pills],
+                      "scores": [p["probability"] for p in pills]})
     return [str(path) for path in plot_detection_results(images, preds, out_dir)]
 
 
@@ -85,6 +86,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     plain = evaluate_pipeline(Predictor(exp_dir, without_ocr, device), photos, "auto",
                               _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
+    auto["prediction_sets_by_method"] = _sets_by_method(predictor, auto["outcomes"])
     summary = {
         "validation": read_json(exp_dir / "reports" / "metrics.json"),
         "calibration": {k: v for k, v in read_json(calibration).items() if not k.startswith("bins_")}
@@ -104,6 +106,24 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     summary["validation"].pop("history", None)
     save_json(exp_dir / "reports" / "demo_summary.json", summary)
     return summary
+
+
+def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
+    """The test pills' set figures under each conformal method at the configured coverage, from the same answers
+    (what choosing the other inference.prediction_set.method would have given)."""
+    from pillsnap.infer.artefacts import load_set_rule
+    from pillsnap.metrics.conformal import SET_METHODS
+
+    if predictor.set_rule is None:
+        return {}
+    coverage, reading = predictor.set_rule.coverage, bool(predictor.settings.imprint.enabled)
+    by_method = {}
+    for method in SET_METHODS:
+        threshold, _ = load_set_rule(predictor.calibration, method, coverage, reading)
+        by_method[method] = {"threshold": threshold if threshold is not None and threshold < float("inf") else None,
+                             **set_figures(with_sets(outcomes, method, float("inf") if threshold is None
+                                                     else threshold))}
+    return by_method
 
 
 def _fmt(value: Any) -> str:
@@ -143,6 +163,23 @@ def _calibration_lines(cal: dict) -> list[str]:
     return lines
 
 
+def _set_lines(auto: dict, calibrated: dict) -> list[str]:
+    sets = auto.get("prediction_sets") or {}
+    if not sets:
+        return ["test        prediction sets: none (no calibrated set scores; pillsnap calibrate --exp EXP)"]
+    others = ", ".join(f"{method}: coverage {_fmt(f.get('coverage'))} mean size {_fmt(f.get('mean_set_size'))} sure "
+                       f"{_fmt(f.get('sure_share'))}" for method, f in (auto.get("prediction_sets_by_method") or {})
+                       .items() if method != calibrated.get("method"))
+    return [f"test        prediction sets ({calibrated.get('method')}, {_fmt(calibrated.get('coverage'))} asked, "
+            f"calibrated on {calibrated.get('n')} validation answers): coverage={_fmt(sets['coverage'])} over "
+            f"{sets['named']} pills named ({_fmt(sets['coverage_all'])} of all {sets['known_pills']} known pills, "
+            f"{_fmt(sets['withheld_known'])} withheld as unknown) | mean set size={_fmt(sets['mean_set_size'])}",
+            f"test        sure (one-drug) answers: share={_fmt(sets['sure_share'])} accuracy="
+            f"{_fmt(sets['sure_accuracy'])} | pills of untrained drugs with an empty set: "
+            f"{_fmt(sets['unknown_empty'])} of {sets['unknown_pills']}" + (f" | other method {others}" if others
+                                                                          else "")]
+
+
 def format_headline(summary: dict) -> str:
     """The closing block the demo prints."""
     val, test = summary["validation"], summary["test"]
@@ -163,7 +200,12 @@ def format_headline(summary: dict) -> str:
         f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
         f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",
     ]
+    lines += _set_lines(auto, (summary.get("calibration") or {}).get("prediction_sets") or {})
     lines += _calibration_lines(summary.get("calibration") or {})
+    if "enrolment" in summary:
+        from pillsnap.eval.enrol_eval import format_enrolment
+
+        lines += format_enrolment(summary["enrolment"])
     lines.append("examples (predict_pipeline, mode=auto):")
     for example in summary["examples"]:
         lines += _example_lines(example)

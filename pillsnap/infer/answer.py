@@ -23,6 +23,7 @@ from pillsnap.infer.matching import (
     normalize_imprint,
     shape_agreement,
 )
+from pillsnap.metrics.conformal import check_set_method, set_size
 
 if TYPE_CHECKING:
     from pillsnap.infer.imprint import ImprintRead
@@ -88,6 +89,23 @@ class UnknownRule:
     rule: str
     threshold: float | None
     num_known: int
+
+
+@dataclass(frozen=True)
+class SetRule:
+    """The prediction-set rule calibrated for these weights: the conformal score (pillsnap.metrics.conformal), the
+    coverage asked for and the threshold calibrated for it (infinity: too few calibration answers for that coverage,
+    every candidate is in the set)."""
+
+    method: str
+    coverage: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        check_set_method(self.method)
+
+    def size(self, candidates: Sequence[Mapping]) -> int:
+        return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold)
 
 
 def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
@@ -226,7 +244,7 @@ def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read
     return Reranked(ranked, changed, conflicts, read)
 
 
-# ---- the answer ------------------------------------------------------------------------------------------------
+# ---- the unknown-pill rule -------------------------------------------------------------------------------------
 
 def unknown_reason(rule: UnknownRule, score: float | None) -> str | None:
     """Why a pill with this unknown-pill score is answered "unknown pill", or None when it is not."""
@@ -239,10 +257,74 @@ def unknown_reason(rule: UnknownRule, score: float | None) -> str | None:
             f"the right validation answers (up to {rule.threshold:.0f}): not a known drug; nearest candidates in topk")
 
 
+# ---- what is left open ----------------------------------------------------------------------------------------
+
+NARROWERS = {  # what would shrink a prediction set, in the order a person would try them
+    "other_side": "photograph the other side of the pill",
+    "imprint": "type the imprint you see (--imprint)",
+    "color": "give its colour (--color)",
+    "shape": "give its shape (--shape)",
+}
+
+
+def narrow_by(members: Sequence[Mapping], class_map: Mapping[str, Mapping], hints: Hints | None,
+              thresholds: AnswerThresholds = THRESHOLDS) -> tuple[str, ...]:
+    """What would tell the drugs of a set apart (keys of NARROWERS): their imprints differ (the other side, or the
+    imprint typed in), their colours or their shapes differ, and the user has not already said so. Empty when
+    nothing a person sees on the pill separates them."""
+    entries = [class_map.get(str(m.get("mapping_code"))) or {} for m in members]
+    pairs = [(a, b) for i, a in enumerate(entries) for b in entries[i + 1:]]
+    typed = hints is not None and bool(normalize_imprint(hints.imprint))
+    out = []
+    if any(_imprints_differ(class_imprints(a), class_imprints(b), thresholds.same_imprint) for a, b in pairs):
+        out += ["other_side"] + ([] if typed else ["imprint"])
+    if (hints is None or not hints.colors) and any(
+            set(a.get("colors") or ()) != set(b.get("colors") or ()) for a, b in pairs):
+        out.append("color")
+    if (hints is None or not hints.shape) and any(a.get("shape") != b.get("shape") for a, b in pairs):
+        out.append("shape")
+    return tuple(out)
+
+
+def set_note(members: Sequence[Mapping], narrowers: Sequence[str], coverage: float) -> str | None:
+    """The set in words for a person, or None for a sure (one-drug) answer."""
+    if len(members) < 2:
+        return None
+    names = " or ".join(f"{m['mapping_code']} {m.get('name') or ''}".strip() for m in members)
+    how = "; ".join(NARROWERS[n] for n in narrowers) or "nothing on the pill tells them apart: check the package"
+    return f"one of {names} (at {coverage:.0%} confidence): {how}"
+
+
+# ---- the answer ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PredictionSet:
+    """The drugs a pill may be at the calibrated coverage, best first (empty for an unknown pill), and what would
+    shrink the set (keys of NARROWERS)."""
+
+    members: tuple[dict, ...]
+    coverage: float
+    narrow_by: tuple[str, ...] = ()
+
+    @property
+    def sure(self) -> bool:
+        return len(self.members) == 1
+
+    def to_dict(self) -> dict:
+        members = [{k: m.get(k) for k in ("mapping_code", "name", "probability")} for m in self.members]
+        return {"prediction_set": members, "set_coverage": self.coverage, "sure": self.sure,
+                "narrow_by": list(self.narrow_by), "set_note": set_note(self.members, self.narrow_by, self.coverage)}
+
+
+NO_SET = {"prediction_set": None, "set_coverage": None, "sure": None, "narrow_by": [], "set_note": None}
+
+
 @dataclass(frozen=True)
 class PillAnswer:
     """One pill's final answer. `candidates`: best first after the evidence (the classifier's own when no
-    evidence spoke); `unknown_reason` set: the name is withheld and the candidates are the nearest known drugs.
+    evidence spoke); `unknown_reason` set: the name (and its probability) is withheld and the candidates are the
+    nearest known drugs. `prediction_set`: the drugs it may be at the calibrated coverage (None without a
+    calibrated set rule; empty for an unknown pill).
 
     `imprint_unresolved`: the contenders look alike and differ by imprint, but what was read matches none of them
     (a plain side up, or an unreadable imprint) and the user typed no imprint: the choice between them is the
@@ -257,6 +339,7 @@ class PillAnswer:
     imprint_unresolved: bool = False
     ranking_changed: bool = False
     conflicts: tuple[str, ...] = ()
+    prediction_set: PredictionSet | None = None
 
     @property
     def unknown(self) -> bool:
@@ -265,23 +348,36 @@ class PillAnswer:
     def to_dict(self) -> dict:
         """The answer's fields of a pill in predict's result (the API's and `pillsnap predict --json`'s)."""
         top = dict(self.candidates[0])
-        if self.unknown:
-            top.update(mapping_code=None, name="", edi_codes=[])
+        if self.unknown:  # no drug is named, so no probability is stated either
+            top.update(mapping_code=None, name="", edi_codes=[], probability=None, classifier_probability=None)
         fields = {**top, "topk": [dict(c) for c in self.candidates], "imprint_read": self.imprint_read,
                   "imprint_unresolved": self.imprint_unresolved, "ranking_changed": self.ranking_changed,
-                  "hints_conflict": bool(self.conflicts), "conflicts": list(self.conflicts)}
+                  "hints_conflict": bool(self.conflicts), "conflicts": list(self.conflicts),
+                  **(self.prediction_set.to_dict() if self.prediction_set else NO_SET)}
         if self.read is not None:
             fields["imprint"] = self.read.to_dict()
         return {**fields, "unknown": self.unknown, "unknown_score": self.unknown_score,
                 "unknown_reason": self.unknown_reason}
 
 
+def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, class_map: Mapping[str, Mapping],
+                   hints: Hints | None, thresholds: AnswerThresholds = THRESHOLDS) -> PredictionSet:
+    """The answer's set under `rule`: empty for an unknown pill (no known drug is claimed), else the candidates the
+    rule keeps, with what would tell them apart."""
+    if unknown:
+        return PredictionSet((), rule.coverage)
+    members = tuple(candidates[:rule.size(candidates)])
+    narrowers = narrow_by(members, class_map, hints, thresholds) if len(members) > 1 else ()
+    return PredictionSet(members, rule.coverage, narrowers)
+
+
 def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
                   hints: Hints | None, unknown: UnknownRule, thresholds: AnswerThresholds = THRESHOLDS,
-                  weights: RerankWeights = WEIGHTS) -> PillAnswer:
+                  weights: RerankWeights = WEIGHTS, set_rule: SetRule | None = None) -> PillAnswer:
     """One pill's answer from its classifier output, its imprint read (None: not read), the user's hints and the
     unknown-pill rule: the evidence re-ranks the candidates; a pill the rule rejects is answered "unknown" unless
-    its imprint reads as the top candidate's (AnswerThresholds.unknown_override)."""
+    its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With a calibrated `set_rule`,
+    the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
     topk = tuple(dict(c) for c in classified.topk)
     if read is None and hints is None:
@@ -296,5 +392,7 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     typed = hints is not None and bool(normalize_imprint(hints.imprint))
     unresolved = (read is not None and not typed and reason is None
                   and not any(c.get("imprint_match") for c in candidates))
+    pset = None if set_rule is None else prediction_set(candidates, reason is not None, set_rule, class_map, hints,
+                                                        thresholds)
     return PillAnswer(candidates, classified.unknown_score, reason, read, ranked.imprint_read, unresolved,
-                      ranked.changed, ranked.conflicts)
+                      ranked.changed, ranked.conflicts, pset)

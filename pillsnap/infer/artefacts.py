@@ -61,3 +61,21 @@ def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
                        path, problem)
         return None, None
     return threshold, ClassGaussians.load(path)
+
+
+def load_set_rule(calibration: dict | None, method: str, coverage: float,
+                  imprint_reading: bool) -> tuple[float | None, str | None]:
+    """(threshold, None) of the prediction-set rule `method` at `coverage` from a loaded calibration, or (None, why
+    there is none). The scores were measured on answers made with or without imprint reading; answers made the
+    other way have other probabilities, so their sets would not keep the coverage."""
+    from pillsnap.metrics.conformal import check_set_method, conformal_threshold
+
+    stored = (calibration or {}).get("prediction_sets")
+    if not stored:
+        return None, "the calibration has no prediction-set scores (recalibrate: pillsnap calibrate --exp EXP)"
+    if bool(stored.get("imprint_reading")) != bool(imprint_reading):
+        return None, (f"the prediction sets were calibrated with imprint reading "
+                      f"{'on' if stored.get('imprint_reading') else 'off'} and it is now "
+                      f"{'on' if imprint_reading else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
+    scores = stored["scores"][check_set_method(method)]
+    return conformal_threshold([float("inf") if s is None else float(s) for s in scores], coverage), None

@@ -49,12 +49,18 @@ def answer_text(pill: dict) -> str:
         nearest = ", ".join(c["mapping_code"] for c in pill["topk"][:3])
         return f"unknown pill (nearest known: {nearest})"
     p = pill["probability"]
-    return f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
+    text = f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
+    if pill.get("sure") is not None:  # a calibrated prediction set: sure, or how many drugs are left open
+        level = f"{pill['set_coverage']:.0%}"
+        text += f" [sure at {level}]" if pill["sure"] else f" [one of {len(pill['prediction_set'])} at {level}]"
+    return text
 
 
 def _notes(pill: dict) -> list[str]:
     """What a person should know about one answer, one line each."""
     notes = [f"why unknown: {pill['unknown_reason']}"] if pill.get("unknown") else []
+    if pill.get("set_note"):
+        notes.append(f"set: {pill['set_note']}")
     if pill.get("imprint_read") is not None:
         changed = " (it changed the answer)" if pill.get("ranking_changed") else ""
         read = repr(pill["imprint_read"]) if pill["imprint_read"] else "nothing legible"

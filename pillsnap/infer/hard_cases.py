@@ -171,7 +171,9 @@ class HardCaseLog:
             "reasons": reasons, "image": result.get("image"), "request_id": _REQUEST_ID.get(),
             **{k: result.get(k) for k in ("mode", "mode_used", "gating_score", "single_confidence",
                                           "fallback_reason", "num_detections")},
-            "pills": [{"bbox": p["bbox"], "mapping_code": p["mapping_code"], "probability": p["probability"]}
+            "pills": [{"bbox": p["bbox"], "mapping_code": p["mapping_code"], "probability": p["probability"],
+                       "prediction_set": None if p.get("prediction_set") is None
+                       else [m["mapping_code"] for m in p["prediction_set"]]}
                       for p in result.get("pills", [])],
         }
         if self.thumbnails is not None and image is not None:

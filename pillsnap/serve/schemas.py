@@ -21,8 +21,26 @@ class Candidate(BaseModel):
                                                                    "imprint or hints updated it")
 
 
+class SetMember(BaseModel):
+    mapping_code: str = Field(description="drug code, K- and 6 digits")
+    name: str = Field(description="drug name")
+    probability: float = Field(description="its probability in the answer")
+
+
 class Pill(Candidate):
     mapping_code: str | None = Field(description="drug code, K- and 6 digits; null for an unknown pill")
+    probability: float | None = Field(description="probability of the named drug (see Candidate); null for an "
+                                                  "unknown pill, which names none")
+    prediction_set: list[SetMember] | None = Field(
+        None, description="the drugs the pill may be, best first, holding the right one at `set_coverage` (a "
+                          "conformal guarantee over pills answered by name, calibrated on validation answers); one "
+                          "drug: a sure answer; empty for an unknown pill; null when the run has no calibrated sets")
+    set_coverage: float | None = Field(None, description="the coverage the set is calibrated for (e.g. 0.95)")
+    sure: bool | None = Field(None, description="the set holds exactly one drug; null without a calibrated set")
+    narrow_by: list[str] = Field(default_factory=list, description="what would shrink the set: other_side (photograph "
+                                                                   "the other side) | imprint | color | shape (give "
+                                                                   "that hint)")
+    set_note: str | None = Field(None, description="the set in words when it holds several drugs")
     bbox: list[int] = Field(description="[x, y, w, h] in pixels of the upright photo (EXIF orientation applied)")
     det_confidence: float | None = Field(description="detector confidence; null for a single-pill answer")
     topk: list[Candidate] = Field(description="the best candidates; for an unknown pill, the nearest known drugs")
@@ -105,3 +123,39 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for sta
     400: "unreadable or empty photo", 401: "missing or wrong API key", 408: "upload too slow",
     413: "body or photo too large", 422: "photo too small, or invalid form fields", 503: "busy or still loading",
 }.items()}
+
+
+class EnrolledDrug(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mapping_code: str = Field(description="drug code, K- and 6 digits")
+    name: str = Field(description="drug name, as answers show it")
+    print_front: str | None = Field(None, description="imprint on the front, as given")
+    print_back: str | None = Field(None, description="imprint on the back, as given")
+    colors: list[str] = Field(default_factory=list, description="colours, label words (하양, 노랑, ...)")
+    shape: str | None = Field(None, description="shape, a label word (원형, 타원형, ...)")
+    n_photos: int = Field(description="photos it was enrolled from")
+    enrolled_at: str | None = Field(None, description="when, UTC ISO 8601")
+
+
+class EnrolList(BaseModel):
+    drugs: list[EnrolledDrug] = Field(description="the enrolled drugs, in the order they were enrolled")
+    stale: str | None = Field(None, description="set when the enrolments were made for other classifier weights: "
+                                                "they are listed but not answered, and why")
+
+
+class Enrolment(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mapping_code: str
+    name: str
+    n_photos: int
+    replaced: bool = Field(description="an enrolled drug of this code was enrolled again (replace: true)")
+    look_alike: dict | None = Field(None, description="with force: true, the existing drug the photos look like")
+    crops: list[dict] = Field(description="per photo, how its pill was found")
+    elapsed_s: float
+
+
+class EnrolRemoved(BaseModel):
+    removed: str = Field(description="the code removed")
+    name: str

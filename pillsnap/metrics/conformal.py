@@ -1,0 +1,78 @@
+"""Prediction sets with a coverage guarantee: split conformal prediction over a classifier's answers.
+
+Each calibration answer gets a nonconformity score from its candidates' probabilities (best first) and the true
+class. The threshold is the ceil((n + 1) * coverage)-th smallest of n such scores; a new answer's set holds every
+candidate whose score would be at most that threshold. When calibration and new answers are exchangeable, the set
+holds the right class with probability at least `coverage` (Angelopoulos & Bates, "A gentle introduction to
+conformal prediction and distribution-free uncertainty quantification", 2021). Arrays and plain values only.
+
+Two scores:
+- "aps" (adaptive prediction sets, Romano et al. 2020, without the random tie-break): the probability mass of the
+  candidates down to and including the right one. Sets grow where the answer is spread over several candidates.
+- "lac" (least ambiguous classifier, Sadinle et al. 2019): one minus the right candidate's probability. The
+  smallest sets on average, less adaptive.
+The top candidate is always in the set: a set is never empty because the threshold is tight (that only adds
+coverage). A right class outside the candidates scores infinity: no threshold covers it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+SET_METHODS = {
+    "aps": "the candidates' probability mass down to the right one (sets adapt to how spread the answer is)",
+    "lac": "one minus the right candidate's probability (smallest sets on average)",
+}
+
+
+def check_set_method(name: str) -> str:
+    if name not in SET_METHODS:
+        raise ValueError(f"prediction-set method must be one of {sorted(SET_METHODS)}, got {name!r}")
+    return name
+
+
+def candidate_scores(method: str, probabilities: Sequence[float]) -> np.ndarray:
+    """The score each candidate (probabilities best first) would have if it were the right one."""
+    p = np.asarray(probabilities, np.float64)
+    return np.cumsum(p) if check_set_method(method) == "aps" else 1.0 - p
+
+
+def nonconformity(method: str, probabilities: Sequence[float], true_index: int | None) -> float:
+    """One calibration answer's score: `true_index` is the right class's place among the candidates (None: not
+    among them, infinity)."""
+    if true_index is None or true_index >= len(probabilities):
+        return math.inf
+    return float(candidate_scores(method, probabilities)[true_index])
+
+
+def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
+    """The threshold that gives sets of at least `coverage` on answers exchangeable with these: the
+    ceil((n + 1) * coverage)-th smallest score; infinity (every candidate in every set) when there are too few
+    scores for that coverage."""
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"coverage must be between 0 and 1, got {coverage}")
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rank = math.ceil((len(ordered) + 1) * coverage)
+    return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
+
+
+def set_size(method: str, probabilities: Sequence[float], threshold: float) -> int:
+    """How many of the candidates (probabilities best first) the set holds: those scoring at most `threshold`,
+    and always the top one. With APS the scores grow down the list, so the set is a prefix; with LAC too, since
+    the candidates come best first."""
+    if not len(probabilities):
+        return 0
+    inside = candidate_scores(method, probabilities) <= threshold
+    return max(1, int(np.argmin(inside)) if not inside.all() else len(inside))
+
+
+def coverage_report(covered: Sequence[bool], sizes: Sequence[int]) -> dict:
+    """Empirical coverage and set sizes of answers given as (right class in its set?, set size)."""
+    covered_arr, sizes_arr = np.asarray(covered, bool), np.asarray(sizes, np.int64)
+    if not len(covered_arr):
+        return {"n": 0, "coverage": None, "mean_set_size": None, "sure_share": None}
+    return {"n": int(len(covered_arr)), "coverage": float(covered_arr.mean()),
+            "mean_set_size": float(sizes_arr.mean()), "sure_share": float((sizes_arr == 1).mean())}

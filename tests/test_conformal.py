@@ -1,0 +1,152 @@
+"""Prediction sets: the coverage guarantee on synthetic splits at several levels, the set rule of an answer (sure,
+open between look-alikes, empty for an unknown pill) and what the set tells a person."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pillsnap.infer.answer import Classified, SetRule, UnknownRule, decide_answer, narrow_by
+from pillsnap.infer.artefacts import load_set_rule
+from pillsnap.infer.imprint import ImprintRead
+from pillsnap.infer.matching import Hints
+from pillsnap.metrics.conformal import (
+    SET_METHODS,
+    conformal_threshold,
+    coverage_report,
+    nonconformity,
+    set_size,
+)
+
+
+def _split(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers whose probabilities are right by construction (each label drawn from its own row), from sharp to
+    spread, sorted best first; returns (probabilities [n, classes], the right class's place in each row)."""
+    rng = np.random.default_rng(seed)
+    sharpness = rng.choice([0.05, 0.3, 2.0], size=n)
+    probs = np.stack([rng.dirichlet(np.full(classes, a)) for a in sharpness])
+    labels = np.array([rng.choice(classes, p=row) for row in probs])
+    order = np.argsort(-probs, axis=1, kind="stable")
+    place = np.argmax(order == labels[:, None], axis=1)
+    return np.take_along_axis(probs, order, axis=1), place
+
+
+@pytest.mark.parametrize("method", sorted(SET_METHODS))
+@pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
+def test_sets_cover_the_right_class_at_the_level_asked(method: str, coverage: float) -> None:
+    probs, place = _split(4000, 8, seed=int(coverage * 100))
+    scores = [nonconformity(method, row, int(k)) for row, k in zip(probs[:2000], place[:2000], strict=True)]
+    threshold = conformal_threshold(scores, coverage)
+    sizes = [set_size(method, row, threshold) for row in probs[2000:]]
+    covered = [int(k) < size for k, size in zip(place[2000:], sizes, strict=True)]
+    report = coverage_report(covered, sizes)
+    # 2,000 held-out answers: the binomial standard error at 0.9 is 0.0067, so 0.02 is three of them
+    assert report["coverage"] >= coverage - 0.02, report
+    # not by putting everything in every set (the top candidate, always in, adds some coverage on sharp answers)
+    assert report["coverage"] <= coverage + 0.12 and 1.0 <= report["mean_set_size"] < 6, report
+
+
+def test_aps_sets_grow_where_the_answer_is_spread() -> None:
+    probs, place = _split(4000, 8, seed=3)
+    scores = [nonconformity("aps", row, int(k)) for row, k in zip(probs, place, strict=True)]
+    threshold = conformal_threshold(scores, 0.9)
+    sharp = probs[:, 0] > 0.9
+    sizes = np.array([set_size("aps", row, threshold) for row in probs])
+    assert sizes[sharp].mean() + 1 < sizes[~sharp].mean()
+
+
+def test_threshold_rank_and_too_few_answers() -> None:
+    scores = [0.1, 0.4, 0.2, 0.3]
+    assert conformal_threshold(scores, 0.7) == 0.4  # ceil(5 * 0.7) = 4th smallest
+    assert conformal_threshold(scores, 0.5) == 0.3  # ceil(5 * 0.5) = 3rd smallest
+    assert math.isinf(conformal_threshold(scores, 0.9))  # 4 answers cannot certify 0.9: every candidate
+    assert math.isinf(nonconformity("aps", [0.7, 0.2], None))  # the right class was not among the candidates
+    assert set_size("aps", [0.99, 0.01], 0.5) == 1  # the top candidate is always in the set
+    assert set_size("lac", [0.5, 0.3, 0.2], math.inf) == 3
+    with pytest.raises(ValueError, match="coverage"):
+        conformal_threshold(scores, 1.0)
+    with pytest.raises(ValueError, match="aps"):
+        set_size("raps", [1.0], 0.5)
+
+
+CLASS_MAP = {
+    "K-000001": {"name": "Twin A", "print_front": "AB", "print_back": "5", "colors": ["하양"], "shape": "원형"},
+    "K-000002": {"name": "Twin B", "print_front": "XY", "print_back": "5", "colors": ["하양"], "shape": "원형"},
+    "K-000003": {"name": "Other", "print_front": "QQ", "print_back": "", "colors": ["분홍"], "shape": "타원형"},
+}
+
+
+def _classified(*probabilities: float, score: float | None = None) -> Classified:
+    codes = list(CLASS_MAP)
+    return Classified(tuple({"mapping_code": codes[i], "name": CLASS_MAP[codes[i]]["name"], "edi_codes": [],
+                             "probability": p} for i, p in enumerate(probabilities)), score)
+
+
+RULE = UnknownRule("feature_distance", 100.0, 3)
+SETS = SetRule("lac", 0.95, 0.6)  # candidates holding at least 0.4 are in the set
+
+
+def test_a_confident_answer_is_sure_and_look_alikes_stay_open() -> None:
+    """A two-way split between twins is kept open (LAC: each holds more than 1 - threshold); APS at a threshold
+    below the pair's mass would keep only the first, which is why LAC is the default for answers this peaked."""
+    sure = decide_answer(_classified(0.9996, 0.0003, 0.0001), CLASS_MAP, None, None, RULE, set_rule=SETS).to_dict()
+    assert sure["sure"] is True and [m["mapping_code"] for m in sure["prediction_set"]] == ["K-000001"]
+    assert sure["set_note"] is None and sure["set_coverage"] == 0.95
+    # the back side "5" was read: both twins carry it, so the set keeps both and says what would settle it
+    read = ImprintRead("5", 0.9, 0.0, 0.1, True)
+    twins = decide_answer(_classified(0.55, 0.44, 0.01), CLASS_MAP, read, None, RULE, set_rule=SETS).to_dict()
+    assert [m["mapping_code"] for m in twins["prediction_set"]] == ["K-000001", "K-000002"]
+    assert twins["sure"] is False and twins["narrow_by"] == ["other_side", "imprint"]
+    assert "K-000001 Twin A or K-000002 Twin B" in twins["set_note"] and "other side" in twins["set_note"]
+    aps = decide_answer(_classified(0.55, 0.44, 0.01), CLASS_MAP, read, None, RULE,
+                        set_rule=SetRule("aps", 0.95, 0.9995)).to_dict()
+    assert len(aps["prediction_set"]) == 1  # the pair holds 0.99999 > 0.9995
+    # a typed imprint is not asked for again; a different colour is something the user can give
+    typed = narrow_by(twins["prediction_set"], CLASS_MAP, Hints(imprint="5"))
+    assert typed == ("other_side",)
+    assert narrow_by([{"mapping_code": "K-000001"}, {"mapping_code": "K-000003"}], CLASS_MAP, None) == (
+        "other_side", "imprint", "color", "shape")
+
+
+def test_an_unknown_pill_has_an_empty_set_and_no_probability() -> None:
+    answer = decide_answer(_classified(0.68, 0.2, 0.12, score=500.0), CLASS_MAP, None, None, RULE, set_rule=SETS)
+    pill = answer.to_dict()
+    assert pill["unknown"] is True and pill["mapping_code"] is None
+    assert pill["probability"] is None and pill["classifier_probability"] is None
+    assert pill["prediction_set"] == [] and pill["sure"] is False
+    assert pill["topk"][0]["probability"] == 0.68  # the nearest known drugs keep theirs
+    # without a calibrated set rule the answer says so with null, not an empty set
+    plain = decide_answer(_classified(0.9, 0.05, 0.05), CLASS_MAP, None, None, RULE).to_dict()
+    assert plain["prediction_set"] is None and plain["sure"] is None
+
+
+def test_set_rule_from_a_calibration_is_refused_when_reading_differs() -> None:
+    calibration = {"prediction_sets": {"scores": {"aps": [0.5, 0.9, None, 0.7], "lac": [0.1, 0.2, None, 0.3]},
+                                       "imprint_reading": True, "n": 4}}
+    threshold, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=True)
+    assert problem is None and threshold == 0.9  # 3rd smallest of 4
+    threshold, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=False)
+    assert threshold is None and "imprint reading on" in problem
+    assert load_set_rule({}, "aps", 0.9, True)[1].startswith("the calibration has no prediction-set scores")
+
+
+def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
+    """Twins told apart only by the front imprint: where the read always names the right twin the fit trusts it
+    more than where it names the wrong twin a third of the time."""
+    from pillsnap.eval.calibration import ValAnswer, fit_evidence_scale
+
+    def items(wrong_every: int) -> list[ValAnswer]:
+        out = []
+        for i in range(30):
+            truth = "K-000001" if i % 2 else "K-000002"
+            other = "K-000002" if truth == "K-000001" else "K-000001"
+            said = other if wrong_every and i % wrong_every == 0 else truth
+            out.append(ValAnswer(_classified(0.5, 0.49, 0.01), ImprintRead(CLASS_MAP[said]["print_front"], 0.9, 0.0,
+                                                                            0.1, True), truth))
+        return out
+
+    trusting, doubting = fit_evidence_scale(items(0), CLASS_MAP), fit_evidence_scale(items(3), CLASS_MAP)
+    assert trusting == 2.0 and doubting < 1.0, (trusting, doubting)
+    assert fit_evidence_scale([ValAnswer(_classified(0.9, 0.1), None, "K-000001")], CLASS_MAP) == 1.0
