@@ -270,3 +270,14 @@ def test_figures_the_training_run_recorded_are_judged_on_its_device():
     assert "optimization.throughput_img_s" not in performance_ratios(cpu_trained, stage)
     note = next(n for n in not_comparable(cpu_trained, stage) if n["path"] == "optimization.throughput_img_s")
     assert note["device"] == "cpu"
+
+
+def test_a_run_the_time_cap_stopped_short_is_told_so_not_to_read_train_err():
+    capped = with_(PASSING, mandatory_checks={**STAGE1_CHECKS, "pipeline_complete": False}, run_status="time_capped",
+                   time_cap={"success": False, "reasons": ["CLASSES_8_BELOW_30"]})
+    decision = stage_decision(1, capped)
+    assert decision["status"] == "NO_GO"
+    tips = " ".join(decision["suggestions"])
+    assert "time cap stopped training (CLASSES_8_BELOW_30 when it did)" in tips and "train.err" not in tips
+    crashed = with_(capped, run_status="crashed")
+    assert "read logs/train.err" in " ".join(stage_decision(1, crashed)["suggestions"])

@@ -76,6 +76,14 @@ _BY_CODE = {
 }
 
 
+def _time_cap_tip(time_cap: dict) -> str:
+    """A run stopped by the stage's wall-clock cap before the minimums that make a capped run count were met."""
+    unmet = ", ".join(time_cap.get("reasons") or []) or "the stage's minimums"
+    return (f"The stage's time cap stopped training ({unmet} when it did): raise "
+            "data.progressive_validation.stage_N.time_limit_hours, or train where steps are faster (a GPU, a "
+            "machine not shared with other jobs)")
+
+
 def _code(reason: str) -> str:
     """"MANDATORY_CHECK_FAILED: onnx_conversion_success" -> the check; "REPEATED_OOM: 6 ..." -> REPEATED_OOM."""
     head, _, rest = reason.partition(":")
@@ -86,7 +94,11 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
     """The knobs for every reason code and unmet target path, without repeats, in the order found."""
     out: list[str] = []
     for reason in reasons:
-        out += _BY_CODE.get(_code(reason), ())
+        code = _code(reason)
+        if code == "pipeline_complete" and results.get("run_status") == "time_capped":
+            out.append(_time_cap_tip(results.get("time_cap") or {}))
+            continue
+        out += _BY_CODE.get(code, ())
     for path in unmet:
         found = next((tips for prefix, tips in _BY_TARGET if path.startswith(prefix)), ())
         out += found
