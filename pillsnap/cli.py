@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "pillsnap.train",         # train
     "pillsnap.eval.cli",      # evaluate, calibrate
     "pillsnap.infer.cli",     # predict
+    "pillsnap.infer.enrol_cli",  # enrol
     "pillsnap.infer.export",  # export
     "pillsnap.demo",          # demo
     "pillsnap.serve.cli",     # serve

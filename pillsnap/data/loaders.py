@@ -150,10 +150,17 @@ def _detection_loaders(rows: pd.DataFrame, cfg: DictConfig, build_test: bool,
             continue
         loaders.append(build_detection_loader(data_yaml, split, int(cfg.model.det_image_size),
                                               int(cfg.train.detection.batch_size), num_workers,
-                                              train=split == "train", device=device))
+                                              train=split == "train", device=device,
+                                              augment=detection_augment(cfg)))
     if loaders[0] is None:
         return None, None, None, data_yaml
     return loaders[0], loaders[1], loaders[2], data_yaml
+
+
+def detection_augment(cfg: DictConfig) -> dict[str, Any]:
+    """train.detection.augment as plain values (ultralytics' names), {} when the config has none."""
+    section = cfg.train.detection.get("augment") or {}
+    return {str(key): value for key, value in section.items()}
 
 
 def _detection_sizes(data_yaml: Path | None) -> dict[str, int]:

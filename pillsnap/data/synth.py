@@ -24,8 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pillsnap.data import aihub
-from pillsnap.data.synth_pill import PillLook
-from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo
+from pillsnap.data.synth_pill import LOGO_STYLES, LOGO_WORD, SCORE_WORD, PillLook, imprint_parts
+from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo, style_of
+from pillsnap.data.synth_style import PhotoStyle
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
@@ -55,6 +56,7 @@ SHADES = {
 _SYLLABLES = "가나다라마바사아자차카타파하고노도로모보소오조코토포호구누두루무부수우주쿠투푸후"
 _COMPANIES = ("한빛제약(주)", "대성약품(주)", "미래바이오(주)", "서해제약(주)", "청솔약품(주)", "동녘제약(주)")
 _IMPRINT_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
+MARK_SHARE, LOGO_ONLY_SHARE, SCORE_SHARE = 0.18, 0.35, 0.1  # of tablet classes (real: 13 and 7 of 73 classes)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,42 @@ class PhotoJob:
     layout_seed: int  # shared by the shots of one combination (same arrangement at every camera angle)
 
 
-def _imprint(rng: random.Random) -> str:
-    return "".join(rng.choice(_IMPRINT_CHARS) for _ in range(rng.randint(2, 5)))
+def _imprint(rng: random.Random, low: int = 2, high: int = 5) -> str:
+    return "".join(rng.choice(_IMPRINT_CHARS) for _ in range(rng.randint(low, high)))
+
+
+def _front_label(rng: random.Random, kind: str) -> str:
+    """A front imprint label of one kind, written as the real labels write it: "" (plain), "text", "logo"
+    ("마크": the logo alone), "logo_text" ("마크213" or "마크 A1") or "score" ("I분할선Y": a score line between
+    characters)."""
+    if kind == "logo":
+        return LOGO_WORD
+    if kind == "logo_text":
+        return LOGO_WORD + rng.choice(("", " ")) + _imprint(rng, 1, 4)
+    if kind == "score":
+        text = _imprint(rng, 2, 4)
+        cut = len(text) // 2
+        return text[:cut] + SCORE_WORD + text[cut:]
+    return _imprint(rng) if kind == "text" else ""
+
+
+def _front_kind(label: str) -> str:
+    """The kind (_front_label) of a front label."""
+    logo, pieces = imprint_parts(label)
+    if logo:
+        return "logo_text" if pieces else "logo"
+    return "score" if len(pieces) > 1 else ("text" if pieces else "")
+
+
+def _pick_front_kind(rng: random.Random, capsule: str) -> str:
+    """Real classes: a logo on 13 of 73 (the logo alone on about a third of them, the text then on the back), a
+    score line between front characters on 7 of 73; 97 % carry a front imprint. Capsules are printed: text only."""
+    roll = rng.random()
+    if not capsule and roll < MARK_SHARE:
+        return "logo" if rng.random() < LOGO_ONLY_SHARE else "logo_text"
+    if not capsule and roll < MARK_SHARE + SCORE_SHARE:
+        return "score"
+    return "text" if rng.random() < 0.97 else ""
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -121,13 +157,13 @@ def _random_look(rng: random.Random, form: str) -> PillLook:
         shape = "장방형" if capsule == "hard" or rng.random() < 0.3 else "타원형"
     colors = _colors(rng, capsule, form)
     long_mm, short_mm = _size_mm(rng, shape, capsule)
-    mark = not capsule and rng.random() < 0.18
-    text = _imprint(rng) if rng.random() < 0.97 else ""
+    kind = _pick_front_kind(rng, capsule)
+    # a logo alone on the front leaves the text to the back, as on the real pills that carry one
+    back = _imprint(rng) if kind == "logo" or rng.random() < 0.45 else ""
     return PillLook(
         shape=shape, capsule=capsule, colors=colors, rgb=tuple(_shade(rng, c) for c in colors),
-        print_front=("마크 " + text).strip() if mark else text,
-        print_back=_imprint(rng) if rng.random() < 0.45 else "", mark_front=mark,
-        line_front="-" if not capsule and rng.random() < 0.1 else "", line_back="",
+        print_front=_front_label(rng, kind), print_back=back, logo=rng.randrange(len(LOGO_STYLES)),
+        line_front="-" if kind == "score" else "", line_back="",
         ink=bool(capsule) or rng.random() < 0.08,
         gloss={"soft": 1.0, "hard": 0.6}.get(capsule, 0.1 if form == "나정" else 0.35),
         long_mm=long_mm, short_mm=short_mm, base_angle=rng.uniform(0, 360),
@@ -135,10 +171,11 @@ def _random_look(rng: random.Random, form: str) -> PillLook:
 
 
 def _twin_look(rng: random.Random, twin: PillLook) -> PillLook:
-    """Same shape, colour and size as `twin`; only the imprint differs (a deliberately hard pair)."""
-    text = _imprint(rng)
-    return replace(twin, print_front=("마크 " + text) if twin.mark_front else text,
-                   print_back=_imprint(rng) if twin.print_back else "", base_angle=rng.uniform(0, 360))
+    """Same shape, colour, size and logo as `twin`, imprints of the same kind; only their text differs (a
+    deliberately hard pair: with a logo-only front, only the back tells them apart)."""
+    front = _front_label(rng, _front_kind(twin.print_front))
+    return replace(twin, print_front=front, print_back=_imprint(rng) if twin.print_back else "",
+                   base_angle=rng.uniform(0, 360))
 
 
 def _class_fields(code: str, look: PillLook, form: str, rng: random.Random) -> dict[str, Any]:
@@ -254,6 +291,15 @@ def _combo_jobs(classes: list[DrugClass], combo: int, seed: int, start: int) -> 
         zip_no = (n % n_sets) * len(COMBO_ANGLES) // COMBOS_PER_ZIP + 1  # all shots of a combination in one zip
         yield PhotoJob(start + n, members, cond, stem, folder, zip_no, _photo_seed(seed, stem),
                        _photo_seed(seed, f"{folder}:{cond.drug_dir}:{cond.light_color}"))
+
+
+def dataset_styles(num_classes: int, per_class: int, combo: int, seed: int = 0) -> dict[str, PhotoStyle]:
+    """The photo style (backdrop, dish, light, blur, noise, JPEG) of every photo generate_dataset writes for these
+    arguments, by file stem: what each photo got, without a side file next to the AI Hub layout."""
+    classes = make_classes(num_classes, seed)
+    jobs = [*_single_jobs(classes, per_class, seed), *_combo_jobs(classes, combo, seed, 0)]
+    return {job.stem: style_of([classes[i].look for i in job.classes], job.cond, job.seed, job.layout_seed)
+            for job in jobs}
 
 
 def _label_fields(drug: DrugClass, job: PhotoJob, size: tuple[int, int]) -> dict[str, Any]:

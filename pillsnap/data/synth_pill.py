@@ -20,6 +20,11 @@ POLYGON_SIDES = {"삼각형": 3, "사각형": 4, "마름모형": 4, "오각형":
 LIGHT = np.array([-0.35, -0.6, 1.0]) / np.linalg.norm([-0.35, -0.6, 1.0])  # from the top, a little left
 HALF = (LIGHT + np.array([0.0, 0.0, 1.0])) / np.linalg.norm(LIGHT + np.array([0.0, 0.0, 1.0]))
 _FLAT = 0.55 + 0.5 * LIGHT[2]  # the shade of a flat, level surface: shading is relative to it
+# How the labels write what is not letters: a logo ("마크213", "마크 A1", "마크") and a score line between characters
+# ("I분할선Y"). The drawing follows the label text, so any real label's print_front / print_back can be drawn.
+LOGO_WORD, SCORE_WORD = "마크", "분할선"
+# Emblems a logo is drawn as: simple outlines, deliberately not letters (a real logo is a company's device).
+LOGO_STYLES = ("ring_bar", "triangle", "diamond_dot", "crescent", "double_ring", "chevron", "square_ring", "leaf")
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class PillLook:
     rgb: tuple[tuple[int, int, int], ...]  # this class's shade of each colour
     print_front: str
     print_back: str
-    mark_front: bool  # a logo ("마크" in the label) is engraved on the front
+    logo: int  # which emblem (LOGO_STYLES) a side labelled with "마크" carries
     line_front: str  # "" | "-" | "+" score line
     line_back: str
     ink: bool  # imprint printed in ink (capsules, a few tablets) rather than debossed
@@ -69,41 +74,98 @@ def _shape_mask(look: PillLook, w: int, h: int) -> Image.Image:
     return mask
 
 
+def imprint_parts(label: str) -> tuple[bool, tuple[str, ...]]:
+    """(logo, text pieces) of a print_front / print_back label: "마크 A1" -> (True, ("A1",)), "I분할선Y" ->
+    (False, ("I", "Y")), "마크" -> (True, ()). Pieces are split at score lines; spaces inside a piece stay."""
+    text = label or ""
+    logo = LOGO_WORD in text
+    pieces = (p.strip() for p in text.replace(LOGO_WORD, " ").split(SCORE_WORD))
+    return logo, tuple(p for p in pieces if p)
+
+
 def _albedo(look: PillLook, mask: Image.Image, back: bool) -> Image.Image:
     w, h = mask.size
     albedo = Image.new("RGB", (w, h), look.rgb[0])
     if len(look.rgb) > 1:  # a two-tone capsule (cap and body) or a two-layer tablet
         split = int(w * (0.46 if look.capsule else 0.5))
         albedo.paste(look.rgb[1], (split, 0, w, h))
-    if look.ink:
-        text = look.print_back if back else look.print_front
-        if text and not text.startswith("마크"):
-            ink = (38, 38, 44) if sum(look.rgb[0]) > 300 else (235, 235, 230)
-            ImageDraw.Draw(albedo).text((w / 2, h / 2), text, fill=ink, font=_font(int(h * 0.3)), anchor="mm")
+    text = " ".join(imprint_parts(look.print_back if back else look.print_front)[1])
+    if look.ink and text:  # printed capsules carry their words only (no logo is printed)
+        ink = (38, 38, 44) if sum(look.rgb[0]) > 300 else (235, 235, 230)
+        ImageDraw.Draw(albedo).text((w / 2, h / 2), text, fill=ink, font=_font(int(h * 0.3)), anchor="mm")
     albedo.putalpha(mask)
     return albedo
+
+
+def _logo(draw: ImageDraw.ImageDraw, style: str, cx: float, cy: float, r: float, stroke: int) -> None:
+    """One emblem of radius `r` around (cx, cy), engraved as outlines."""
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if style == "ring_bar":
+        draw.ellipse(box, outline=255, width=stroke)
+        draw.line((cx - r * 0.6, cy, cx + r * 0.6, cy), fill=255, width=stroke)
+    elif style == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r * 0.9, cy + r * 0.7), (cx - r * 0.9, cy + r * 0.7)], outline=255,
+                     width=stroke)
+    elif style == "diamond_dot":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], outline=255, width=stroke)
+        draw.ellipse((cx - r * 0.2, cy - r * 0.2, cx + r * 0.2, cy + r * 0.2), fill=255)
+    elif style == "crescent":
+        draw.arc(box, 40, 320, fill=255, width=stroke)
+        draw.arc((cx - r * 0.5, cy - r * 0.6, cx + r * 0.7, cy + r * 0.6), 60, 300, fill=255, width=stroke)
+    elif style == "double_ring":
+        draw.ellipse(box, outline=255, width=stroke)
+        draw.ellipse((cx - r * 0.5, cy - r * 0.5, cx + r * 0.5, cy + r * 0.5), outline=255, width=stroke)
+    elif style == "chevron":
+        for dy in (-0.35, 0.35):
+            draw.line([(cx - r, cy + r * (dy + 0.3)), (cx, cy + r * (dy - 0.3)), (cx + r, cy + r * (dy + 0.3))],
+                      fill=255, width=stroke, joint="curve")
+    elif style == "square_ring":
+        draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), outline=255, width=stroke)
+        draw.ellipse((cx - r * 0.4, cy - r * 0.4, cx + r * 0.4, cy + r * 0.4), outline=255, width=stroke)
+    else:  # leaf: two arcs meeting at the tips, a vein between them
+        draw.chord((cx - r, cy - r * 0.55, cx + r, cy + r * 0.55), 0, 360, outline=255, width=stroke)
+        draw.line((cx - r * 0.8, cy, cx + r * 0.8, cy), fill=255, width=max(1, stroke // 2 + 1))
+
+
+def _engrave_text(draw: ImageDraw.ImageDraw, pieces: tuple[str, ...], box: tuple[float, float, float, float],
+                  size: int, stroke: int) -> None:
+    """The text pieces across `box` (x0, y0, x1, y1); between two pieces, a score line cut across the pill."""
+    x0, y0, x1, y1 = box
+    cy = (y0 + y1) / 2
+    if len(pieces) == 1:
+        draw.text(((x0 + x1) / 2, cy), pieces[0], fill=255, font=_font(size), anchor="mm")
+        return
+    step = (x1 - x0) / len(pieces)
+    for i, piece in enumerate(pieces):
+        draw.text((x0 + step * (i + 0.5), cy), piece, fill=255, font=_font(size), anchor="mm")
+        if i:
+            draw.line((x0 + step * i, y0, x0 + step * i, y1), fill=255, width=2 * stroke)
 
 
 def _engraving(look: PillLook, w: int, h: int, back: bool) -> Image.Image:
     """Where the pill is engraved: imprint letters, a logo, score lines (white = deepest)."""
     groove = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(groove)
-    text = look.print_back if back else look.print_front
+    logo, pieces = imprint_parts(look.print_back if back else look.print_front)
     line = look.line_back if back else look.line_front
     stroke = max(1, h // 28)
-    if line in ("-", "+"):
+    if line in ("-", "+") and len(pieces) < 2:  # a score line on its own (one between pieces is drawn with them)
         draw.line((w // 2, h // 8, w // 2, h - h // 8), fill=255, width=2 * stroke)
-        if line == "+":
-            draw.line((w // 8, h // 2, w - w // 8, h // 2), fill=255, width=2 * stroke)
-    if not look.ink and not back and look.mark_front:  # a logo: a ring with a bar, left of the text
-        r = h * 0.16
-        cx = w / 2 - (w * 0.22 if text.removeprefix("마크").strip() else 0)
-        draw.ellipse((cx - r, h / 2 - r, cx + r, h / 2 + r), outline=255, width=stroke)
-        draw.line((cx - r * 0.6, h / 2, cx + r * 0.6, h / 2), fill=255, width=stroke)
-        text = text.removeprefix("마크").strip()
-    if text and not look.ink and not text.startswith("마크"):
-        x = w / 2 + (w * 0.1 if look.mark_front and not back else 0)
-        draw.text((x, h / 2), text, fill=255, font=_font(int(h * 0.3)), anchor="mm")
+    if line == "+":
+        draw.line((w // 8, h // 2, w - w // 8, h // 2), fill=255, width=2 * stroke)
+    if look.ink:
+        logo, pieces = False, ()
+    size = int(h * 0.3)
+    if logo:  # beside the text on a long pill, above it on a round one, alone in the middle
+        r, wide = h * 0.16, w >= 1.3 * h
+        cx, cy = (w / 2 - w * 0.22, h / 2) if pieces and wide else (w / 2, h * 0.3 if pieces else h / 2)
+        _logo(draw, LOGO_STYLES[look.logo % len(LOGO_STYLES)], cx, cy, r, stroke)
+        text_box = ((w * 0.4, h * 0.2, w * 0.9, h * 0.8) if wide else (w * 0.15, h * 0.5, w * 0.85, h * 0.85))
+        size = int(h * (0.3 if wide else 0.24))
+    else:
+        text_box = (w * 0.12, h / 8, w * 0.88, h - h / 8)
+    if pieces:
+        _engrave_text(draw, pieces, text_box, size, stroke)
     if look.capsule == "hard":  # the seam where cap and body meet
         seam = int(w * 0.46)
         draw.line((seam, 0, seam, h), fill=160, width=stroke)

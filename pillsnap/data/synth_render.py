@@ -1,4 +1,5 @@
-"""Photos of the synthetic generator: backdrop, pill placement, soft shadows, light colour and sensor noise.
+"""Photos of the synthetic generator: pill placement, soft shadows, and the photo's style (synth_style.py: backdrop,
+dish, light, blur, noise, JPEG) around them.
 
 Pure functions of (class looks, photo conditions, seeds), so that workers render in parallel deterministically.
 The targets are the measured statistics of real AI Hub photos (docs/REAL_DATA.md): a matte
@@ -7,7 +8,6 @@ blue-grey backdrop, evenly lit; pills 170-500 px on 976x1280, spread over the fr
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -16,13 +16,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from pillsnap.data.synth_pill import PX_PER_MM, PillLook, draw_pill, place, shade_sprite
+from pillsnap.data.synth_style import PhotoStyle, StyleShares, draw_dish, finish, photo_style
 
 FULL_W, FULL_H = 976, 1280  # size of every real AI Hub photo (portrait)
-# Backdrops by file-name code. "2" (연회색 배경 in the labels) is the matte blue-grey of the real photos, median
-# border RGB (90, 100, 140); 0 and 1 are our own darker and bluer variants.
-BACKGROUND = {"0": (52, 56, 66), "1": (70, 88, 140), "2": (90, 100, 140)}
-ALT_BACKGROUND = (128, 143, 146)  # one real photo's greener grey: a few photos use it
-LIGHT_TINT = {"0": (1.0, 1.0, 1.0), "1": (0.97, 1.0, 1.04), "2": (1.03, 1.0, 0.96)}  # neutral, daylight, warm
 
 
 @dataclass(frozen=True)
@@ -36,38 +32,12 @@ class PhotoConditions:
     camera_lo: int
 
 
-def background(cond: PhotoConditions, size: tuple[int, int], rng: random.Random,
-               session: random.Random | None = None) -> Image.Image:
-    """The backdrop: its colour (drawn from `session`, shared by the shots of one combination), a faint light
-    falloff (real backdrops are evenly lit) and the photo's own exposure. The falloff is smooth, so it is computed
-    on a coarse grid and resized (a full-size float image per photo costs more than the pills)."""
-    session = session or rng
-    base = BACKGROUND.get(cond.back_color, BACKGROUND["2"])
-    if cond.back_color == "2" and session.random() < 0.1:
-        base = ALT_BACKGROUND
-    base = np.array(base, dtype=np.float32) * session.uniform(0.92, 1.08) + np.array(
-        [session.uniform(-3, 3) for _ in range(3)], dtype=np.float32)
-    ys = np.linspace(-1.0, 1.0, 20, dtype=np.float32)[:, None]
-    xs = np.linspace(-1.0, 1.0, 16, dtype=np.float32)[None, :]
-    cx, cy = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)
-    falloff = (1.0 - 0.06 * ((xs - cx) ** 2 + (ys - cy) ** 2)) * rng.uniform(0.97, 1.03)
-    coarse = np.clip(falloff[..., None] * base, 0, 255).astype(np.uint8)
-    return Image.fromarray(coarse, "RGB").resize(size, Image.BILINEAR)
-
-
-def finish(canvas: Image.Image, cond: PhotoConditions, rng: random.Random, scale: float) -> bytes:
-    """Light colour, exposure, a little lens blur and sensor noise; returns PNG bytes."""
-    if rng.random() < 0.5:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * max(scale * 3, 0.4)))
-    arr = np.asarray(canvas, dtype=np.float32)  # a fresh array: modified in place below
-    arr *= np.array(LIGHT_TINT.get(cond.light_color, (1.0, 1.0, 1.0)), dtype=np.float32) * rng.uniform(0.92, 1.08)
-    noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(arr.shape[:2], dtype=np.float32)
-    noise *= rng.uniform(1.0, 3.0)
-    arr += noise[..., None]
-    out = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "RGB")
-    buf = io.BytesIO()
-    out.save(buf, format="PNG", compress_level=1)  # speed over size: synthetic data is regenerated at will
-    return buf.getvalue()
+def background(style: PhotoStyle, size: tuple[int, int]) -> Image.Image:
+    """The backdrop in its colour, and the style's dish on it (light and falloff come at the end, over all)."""
+    canvas = Image.new("RGB", size, tuple(int(np.clip(c, 0, 255)) for c in style.backdrop))
+    if style.dish is not None:
+        draw_dish(canvas, style.dish)
+    return canvas
 
 
 def _opaque_bbox(sprite: Image.Image) -> tuple[int, int, int, int]:
@@ -169,19 +139,30 @@ def combo_layout(looks: list[PillLook], size: tuple[int, int], scale: float,
     return [(0.0, size[0] / 2, band * (i + 0.5)) for i in range(len(looks))]
 
 
+def style_of(looks: list[PillLook], cond: PhotoConditions, seed: int, layout_seed: int | None = None,
+             shares: StyleShares | None = None) -> PhotoStyle:
+    """The photometric style render_photo gives these arguments (backdrop, dish, light, blur, noise, JPEG); other
+    `shares` of variety (synth_style.HARD_SHARES, PLAIN_SHARES) for a style to pass to render_photo."""
+    scene_seed = seed if layout_seed is None else layout_seed
+    return photo_style(cond.back_color, cond.light_color, len(looks), seed, scene_seed, shares)
+
+
 def render_photo(looks: list[PillLook], cond: PhotoConditions, scale: float, seed: int,
-                 layout_seed: int | None = None) -> tuple[bytes, list[tuple[int, int, int, int]], tuple[int, int]]:
+                 layout_seed: int | None = None, style: PhotoStyle | None = None,
+                 ) -> tuple[bytes, list[tuple[int, int, int, int]], tuple[int, int]]:
     """Render one photo of `looks` (1 = single, 2-4 = combination); returns PNG bytes, one bbox per pill, size.
 
-    `layout_seed` fixes where and how the pills lie, so that the shots of one combination at several camera
-    elevations show the same arrangement (as the real ones do); `seed` varies everything else.
+    `layout_seed` fixes where and how the pills lie, and the scene (backdrop, dish), so that the shots of one
+    combination at several camera elevations show the same arrangement (as the real ones do); `seed` varies
+    everything else. `style` (default: style_of the same arguments) sets the photometric look.
     """
     rng = random.Random(seed)
     size = (max(32, round(FULL_W * scale)), max(32, round(FULL_H * scale)))
     layout = random.Random(seed if layout_seed is None else layout_seed)
+    style = style or style_of(looks, cond, seed, layout_seed)
     # a single pill is centred once its size is known
     placements = [None] if len(looks) == 1 else combo_layout(looks, size, scale, layout)
-    canvas = background(cond, size, rng, layout)
+    canvas = background(style, size)
     boxes: list[tuple[int, int, int, int]] = []
     for look, placement in zip(looks, placements, strict=True):
         if placement is None:
@@ -195,7 +176,7 @@ def render_photo(looks: list[PillLook], cond: PhotoConditions, scale: float, see
         canvas.paste(sprite, pos, sprite)
         x0, y0, x1, y1 = _opaque_bbox(sprite)
         boxes.append(_clip_box((pos[0] + x0, pos[1] + y0, x1 - x0, y1 - y0), size))
-    return finish(canvas, cond, rng, scale), boxes, size
+    return finish(canvas, style, scale, rng.getrandbits(32)), boxes, size
 
 
 def box_stats(boxes: list[tuple[int, int, int, int]], scale: float) -> dict[str, list[float]]:

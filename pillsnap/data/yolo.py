@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +118,42 @@ def count_images(data_yaml: str | Path, split: str) -> int:
     return sum(1 for p in folder.glob("*.png")) if folder.is_dir() else 0
 
 
-def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, batch_size: int, workers: int,
-                           train: bool, device: str = "cpu") -> Any:
-    """An ultralytics dataloader for one split of an export (batch = the ultralytics dict; mosaic etc. on train)."""
-    ultralytics_offline()  # before the first ultralytics import: no hub or DNS look-ups
+def _hyp(image_size: int, batch_size: int, workers: int, augment: Mapping[str, Any] | None) -> Any:
+    """ultralytics' training arguments for its dataset: our sizes and the detection augmentation (train.detection.
+    augment, in ultralytics' names; close_mosaic is applied by the step loop, not the dataset)."""
     from ultralytics.cfg import get_cfg
+
+    extra = {k: v for k, v in (augment or {}).items() if k != "close_mosaic"}
+    return get_cfg(overrides={"imgsz": image_size, "batch": batch_size, "workers": workers, "single_cls": True,
+                              "task": "detect", "mode": "train", "cache": False, "plots": False, **extra})
+
+
+def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, batch_size: int, workers: int,
+                           train: bool, device: str = "cpu", augment: Mapping[str, Any] | None = None) -> Any:
+    """An ultralytics dataloader for one split of an export (batch = the ultralytics dict; on train, ultralytics'
+    augmentation as `augment` sets it: HSV, flips, scale, translate, mosaic)."""
+    ultralytics_offline()  # before the first ultralytics import: no hub or DNS look-ups
     from ultralytics.data import build_dataloader, build_yolo_dataset
 
     data = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
     data["channels"] = 3
-    ucfg = get_cfg(overrides={"imgsz": image_size, "batch": batch_size, "workers": workers, "single_cls": True,
-                              "task": "detect", "mode": "train", "cache": False, "plots": False})
+    ucfg = _hyp(image_size, batch_size, workers, augment if train else None)
     dataset = build_yolo_dataset(ucfg, str(Path(data["path"]) / data[split]), batch_size, data,
                                  mode="train" if train else "val", rect=not train, stride=32)
     return build_dataloader(dataset, batch_size, workers, shuffle=train, rank=-1, drop_last=False,
                             pin_memory=device.startswith("cuda"), device=device)
+
+
+def close_mosaic(loader: Any, augment: Mapping[str, Any] | None = None) -> bool:
+    """Stop mosaic (and mixup, copy-paste) in a training loader from now on, as ultralytics' own trainer does for
+    its last `close_mosaic` epochs; False when the loader has no mosaic to stop."""
+    dataset = getattr(loader, "dataset", None)
+    # ultralytics marks a closed dataset with mosaic=False (the attribute is absent before)
+    if not getattr(dataset, "augment", False) or getattr(dataset, "mosaic", True) is False:
+        return False
+    ultralytics_offline()
+    dataset.mosaic = False
+    dataset.close_mosaic(hyp=_hyp(int(dataset.imgsz), 1, 0, augment))
+    if hasattr(loader, "reset"):  # worker processes hold their own copy of the dataset: restart them
+        loader.reset()
+    return True

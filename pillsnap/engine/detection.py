@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pillsnap.data.yolo import close_mosaic
 from pillsnap.engine.oom import BatchChoice
 from pillsnap.engine.spec import TaskSpec
 from pillsnap.engine.task import ResumeMismatchError, Task
@@ -91,7 +92,17 @@ class DetectionTask(Task):
 
     def __init__(self, cfg: DictConfig, train_loader: Any, val_loader: Any, device: Any,
                  batch_choice: BatchChoice | None = None) -> None:
+        self.epochs_trained = 0  # this task's own epochs (the run's epoch numbers differ under sequential)
         super().__init__(cfg, cfg.train.detection, train_loader, val_loader, device, batch_choice)
+        self._close_mosaic_when_due()
+
+    def _close_mosaic_when_due(self) -> None:
+        """ultralytics' close_mosaic: the last N epochs see whole photos, as inference does (our loop applies it;
+        ultralytics' own trainer, which would, is not used)."""
+        augment = self.section.get("augment") or {}
+        left = self.epochs() - self.epochs_trained
+        if left <= int(augment.get("close_mosaic", 0)) and close_mosaic(self.train_loader, augment):
+            LOGGER.info("detection: mosaic off for the last %d epoch(s)", left)
 
     @classmethod
     def wanted(cls, cfg: DictConfig, loaders: Any) -> bool:
@@ -121,6 +132,23 @@ class DetectionTask(Task):
         # ultralytics' loss is the per-image loss times the images, summed over box, cls and dfl.
         loss, _ = self.model(chunk)
         return loss.sum() / chunk["img"].shape[0]
+
+    def validate(self, epoch: int) -> dict:
+        # called once at the end of each epoch this task trained
+        self.epochs_trained += 1
+        self._close_mosaic_when_due()
+        return super().validate(epoch)
+
+    def checkpoint_state(self, epoch: int, best_metric: float | None) -> dict:
+        state = super().checkpoint_state(epoch, best_metric)
+        state["task_state"]["epochs_trained"] = self.epochs_trained
+        return state
+
+    def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
+        super().load_checkpoint_state(ckpt, origin)
+        # older checkpoints lack the count: the run's epoch is the task's own one unless the strategy is sequential
+        self.epochs_trained = int((ckpt.get("task_state") or {}).get("epochs_trained", ckpt.get("epoch", 0)))
+        self._close_mosaic_when_due()
 
     def evaluate(self, model: nn.Module) -> dict:
         return validate_detection(model, self.val_loader, self.device, float(self.section.conf_threshold),

@@ -3,8 +3,9 @@ inside the `rapidocr-onnxruntime` wheel, so it works offline).
 
 The detector runs once, for its text map; the crop is then turned so that the text (or, failing that, the pill's
 long axis) runs left to right, and its text lines are recognised at that turn and the opposite one, then at the
-two cross turns only when needed, each group in one batch. The reading that best fits a candidate's imprint
-(without candidates: the most confident one) wins.
+two cross turns and the four diagonals only when needed, each group in one batch. A score line is found in the
+relief and erased first (the text runs across it). The reading that best fits a candidate's imprint (without
+candidates: the most confident one) wins.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.infer.answer import THRESHOLDS
-from pillsnap.infer.matching import imprint_similarity, normalize_imprint
+from pillsnap.infer.matching import imprint_key, imprint_similarity, normalize_imprint
 from pillsnap.infer.preprocess import pill_mask
 
 LOGGER = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class ImprintRead:
 @dataclass(frozen=True)
 class ReaderSettings:
     """How the reader works. The defaults were chosen on rotated synthetic pill crops (bench/bench_imprint.py):
-    a larger work size or recogniser width cost more and read no better."""
+    a larger work size or recogniser width cost more and read no better. The diagonal turns, score lines and
+    stroke rows on crops drawn from real label fields (bench/reader_real_labels.py)."""
 
     work_px: int = 480  # the crop's long side before detection; the detector's cost grows with its square
     # Local contrast (CLAHE on lightness, 4 x 4 tiles) before reading: debossed imprints on pale pills are shallow
@@ -74,6 +76,13 @@ class ReaderSettings:
     stop_similarity: float = THRESHOLDS.conclusive_read
     stop_score: float = 0.95  # without candidates: a reading this confident ends the search early
     threads: int = 0  # ONNX Runtime threads (0: the machine's cores, at most 4)
+    # How many of TURN_GROUPS may be tried. The third (diagonal turns) found the right imprint among 3 candidates
+    # for 3 more of 90 real-label crops but cost 37 % more time per read (bench/reader_real_labels.py), and reading
+    # is nearly all of the pipeline's time: off by default.
+    turn_groups: int = 2
+    score_lines: bool = True  # find a score line, read across it with its groove erased
+    # a detector line box that is a blob (BLOB_ASPECT) is cut into lines again along the relief strokes' rows
+    stroke_lines: bool = True
 
 
 def rapidocr_available() -> bool:
@@ -248,11 +257,88 @@ def _grow(box: tuple[int, int, int, int], unclip: float, shape: tuple[int, ...])
             min(shape[1], math.ceil(x1 + d)), min(shape[0], math.ceil(y1 + d)))
 
 
+# ---- score lines ---------------------------------------------------------------------------------------------
+# A score line is a straight groove across the whole face through the middle, with the imprint's characters on
+# either side ("I분할선Y"): the text runs across it. Found on the plain work image (local contrast makes the rim
+# and the noise look like lines too), among the straight segments of its relief strokes.
+SCORE_MIN_LENGTH = 0.6  # of the pill's short extent: a score line spans the face (letters are shorter)
+SCORE_MAX_OFFSET = 0.08  # of the short extent: how far from the pill's centre it may pass
+SCORE_MIN_TURN = 60.0  # degrees from a long pill's long axis: a score line is cut across it
+SCORE_LONG_PILL = 1.3  # elongation from which a pill has a long axis (a tilted camera squashes a disc by ~1.1)
+SCORE_WIDTH = 0.1  # of the short extent: the groove erased before reading, with its shading
+SCORE_EXTEND = 0.3  # the found segment is extended by this share of its length at each end, to the rim
+STROKE_GROW = 9  # pixels: strokes are grown by this much to join a character's parts into one line
+# A detector line box this much taller than wide (for its width) is a blob over a logo and letters, or letters
+# and a score line, not one line of text: its lines are cut again from the relief strokes' rows.
+BLOB_ASPECT = 0.6
+RELIEF_KERNEL = 0.05  # of the work size: wider than a stroke, narrower than a character
+RIM_ERODE = 0.06  # of the work size: the rim's shading is not a groove
+
+
+def relief_strokes(rgb: np.ndarray, pill: np.ndarray) -> np.ndarray:
+    """HxW bool: the engraved (or printed) strokes inside the pill, as bright or dark detail narrower than
+    RELIEF_KERNEL (morphological top-hat and black-hat of the lightness), away from the rim."""
+    import cv2
+
+    n = max(rgb.shape[:2])
+    light = cv2.GaussianBlur(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)[:, :, 0], (0, 0), 2)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(n * RELIEF_KERNEL) | 1,) * 2)
+    detail = np.maximum(cv2.morphologyEx(light, cv2.MORPH_TOPHAT, kernel),
+                        cv2.morphologyEx(light, cv2.MORPH_BLACKHAT, kernel))
+    rim = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(n * RIM_ERODE) | 1,) * 2)
+    inner = cv2.erode(pill.astype(np.uint8), rim) > 0
+    if inner.sum() < MIN_MASK_PIXELS:
+        return inner
+    return (detail > 0.6 * np.percentile(detail[inner], 97)) & inner
+
+
+def find_score_line(strokes: np.ndarray, pill: np.ndarray) -> tuple[float, tuple[int, int, int, int], float] | None:
+    """(angle, segment x0 y0 x1 y1, the pill's short extent) of a score line among the relief strokes
+    (relief_strokes), or None: the longest straight stroke segment that spans the face (SCORE_MIN_LENGTH)
+    through its centre (SCORE_MAX_OFFSET), across a long pill's long axis (SCORE_MIN_TURN). Angles
+    counter-clockwise from the x axis, in [0, 180)."""
+    import cv2
+
+    ys, xs = np.nonzero(pill)
+    if len(xs) < MIN_MASK_PIXELS:
+        return None
+    short = float(min(np.ptp(xs), np.ptp(ys)))
+    segments = cv2.HoughLinesP(strokes.astype(np.uint8) * 255, 2, np.pi / 90, threshold=max(1, int(short * 0.25)),
+                               minLineLength=int(short * SCORE_MIN_LENGTH), maxLineGap=int(short * 0.06))
+    pill_angle, elongation = principal_axis(pill)
+    best = None
+    for x0, y0, x1, y1 in ([] if segments is None else segments.reshape(-1, 4).tolist()):
+        length = math.hypot(x1 - x0, y1 - y0)
+        offset = abs((x1 - x0) * (y0 - ys.mean()) - (x0 - xs.mean()) * (y1 - y0)) / max(length, 1.0)
+        angle = math.degrees(math.atan2(-(y1 - y0), x1 - x0)) % 180.0
+        turn_from_axis = abs((angle - pill_angle + 90.0) % 180.0 - 90.0)
+        if offset > SCORE_MAX_OFFSET * short or (elongation >= SCORE_LONG_PILL and turn_from_axis < SCORE_MIN_TURN):
+            continue
+        if best is None or length > best[0]:
+            best = (length, angle, (x0, y0, x1, y1))
+    return None if best is None else (best[1], best[2], short)
+
+
+def erase_line(bgr: np.ndarray, segment: tuple[int, int, int, int], width: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image with a score line's groove painted over from its surroundings (the segment extended to the rim),
+    and the mask of what was kept: the recogniser sees "I Y", not a tall bar between two letters."""
+    import cv2
+
+    x0, y0, x1, y1 = segment
+    dx, dy = (x1 - x0) * SCORE_EXTEND, (y1 - y0) * SCORE_EXTEND
+    line = np.zeros(bgr.shape[:2], np.uint8)
+    cv2.line(line, (round(x0 - dx), round(y0 - dy)), (round(x1 + dx), round(y1 + dy)), 255, max(1, round(width)))
+    return cv2.inpaint(bgr, line, 5, cv2.INPAINT_TELEA), line == 0
+
+
 # ---- reading -------------------------------------------------------------------------------------------------
 
 # A reading's fit to the candidates: how well it matches one decides, the recogniser's confidence breaks ties and
 # rules when nothing matches.
 FIT_SIMILARITY, FIT_SCORE = 0.75, 0.25
+# Turns tried, relative to the reading axis, a group at a time until a reading is conclusive: the axis and its
+# opposite, the cross turns, then the diagonals (a logo beside the text, or a score line, can tilt the axis).
+TURN_GROUPS = ((0.0, 180.0), (90.0, 270.0), (45.0, 225.0, 135.0, 315.0))
 CONTRAST_TILES = 4  # CLAHE tiles per side: each a quarter of the crop, holding strokes and the pill around them
 
 
@@ -293,6 +379,13 @@ def _work_image(crop: Image.Image, work_px: int, contrast_clip: float = 0.0) -> 
     return np.asarray(crop)
 
 
+def _widen(box: tuple[int, int, int, int], text: np.ndarray) -> tuple[int, int, int, int]:
+    """A line box stretched to the text pixels across its rows (stroke rows can miss a faint character)."""
+    x0, y0, x1, y1 = box
+    cols = np.flatnonzero(text[y0:y1].any(axis=0))
+    return (min(x0, int(cols[0])), y0, max(x1, int(cols[-1]) + 1), y1) if len(cols) else box
+
+
 class ImprintReader:
     """Reads imprints on pill crops. The OCR models load on the first read and are shared by every reader of the
     process; `models` replaces them (any object with RapidOcrModels' `text_map` and `recognise`)."""
@@ -317,21 +410,50 @@ class ImprintReader:
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         pill = pill_mask(rgb)
         text = (self.models.text_map(bgr) > self.settings.text_threshold) & pill
+        bgr, text, rows, axis = self._relief(crop, bgr, text, pill)
         found = bool(text.sum() >= TEXT_FOUND_PIXELS)
-        axis = reading_axis(text, pill)
-        targets = [c for c in dict.fromkeys(normalize_imprint(c) for c in candidates) if c]
-        best = self._search(bgr, text if found else central_band(pill, axis), -axis, targets)
+        targets = [c for c in dict.fromkeys(imprint_key(c) for c in candidates) if c]
+        region = text if found else central_band(pill, axis)
+        best = self._search(bgr, region, rows if found else None, -axis, targets)
         seconds = time.perf_counter() - start
         LOGGER.debug("imprint: %r (score %.2f, turn %.0f, text found: %s) in %.0f ms", best.text, best.score,
                      best.angle, found, seconds * 1000)
+        matched = None if best.matched is None else normalize_imprint(best.matched)  # "*A1" (a logo, A1) as "A1"
         return ImprintRead(best.text, round(best.score, 4), round(best.angle % 360.0, 1), round(seconds, 4),
-                           found, best.matched, None if best.similarity is None else round(best.similarity, 4))
+                           found, matched, None if best.similarity is None else round(best.similarity, 4))
 
-    def _search(self, bgr: np.ndarray, text: np.ndarray, base: float, targets: list[str]) -> _Reading:
-        """The reading axis and its opposite first; the two cross turns only when that was not conclusive."""
+    def _relief(self, crop: Image.Image, bgr: np.ndarray, text: np.ndarray,
+                pill: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+        """The image, the text pixels, where the lines' rows are (None: the text pixels') and the reading axis,
+        from the relief: a score line erased (the text then runs across it), and the detector's text region
+        narrowed to its strokes for the rows, so that a logo and the letters (which the detector marks as one
+        blob) fall on separate, tight lines once the crop is turned."""
+        if not (self.settings.score_lines or self.settings.stroke_lines):
+            return bgr, text, None, reading_axis(text, pill)
+        import cv2
+
+        plain = _work_image(crop, self.settings.work_px)
+        plain_pill = pill_mask(plain)  # the contrast-raised mask lost a third of the reads on the real-label bench
+        strokes = relief_strokes(plain, plain_pill)
+        score = find_score_line(strokes, plain_pill) if self.settings.score_lines else None
+        if score is not None:  # the detector marked the groove as text too: it looks again without it
+            bgr, keep = erase_line(bgr, score[1], SCORE_WIDTH * score[2])
+            text = (self.models.text_map(bgr) > self.settings.text_threshold) & pill & keep
+            strokes &= keep
+        rows = None
+        if self.settings.stroke_lines:
+            grown = cv2.dilate(strokes.astype(np.uint8), np.ones((STROKE_GROW, STROKE_GROW), np.uint8)) > 0
+            rows = text & grown if (text & grown).sum() >= TEXT_FOUND_PIXELS else None
+        return bgr, text, rows, reading_axis(text, pill) if score is None else (score[0] + 90.0) % 180.0
+
+    def _search(self, bgr: np.ndarray, text: np.ndarray, rows: np.ndarray | None, base: float,
+                targets: list[str]) -> _Reading:
+        """The reading axis and its opposite first; the next group of TURN_GROUPS only when that was not
+        conclusive."""
         best = _Reading("", 0.0, base)
-        for turns in ((base, base + 180.0), (base + 90.0, base + 270.0)):
-            for reading in self._recognise(bgr, text, turns, targets):
+        for turns in TURN_GROUPS[:self.settings.turn_groups]:
+            turns = tuple(base + t for t in turns)
+            for reading in self._recognise(bgr, text, rows, turns, targets):
                 if reading.fit > best.fit:
                     best = reading
             if self._conclusive(best, targets):
@@ -343,13 +465,17 @@ class ImprintReader:
             return (best.similarity or 0.0) >= self.settings.stop_similarity
         return best.score >= self.settings.stop_score
 
-    def _recognise(self, bgr: np.ndarray, text: np.ndarray, turns: Sequence[float],
+    def _recognise(self, bgr: np.ndarray, text: np.ndarray, rows: np.ndarray | None, turns: Sequence[float],
                    targets: list[str]) -> list[_Reading]:
-        """One recognition call for every line at every turn; one reading per turn."""
+        """One recognition call for every line at every turn; one reading per turn. The lines' rows come from
+        `rows` when given, their width from the text pixels in those rows."""
         lines: list[list[np.ndarray]] = []
         for angle in turns:
             image, mask = turn(bgr, angle), turn(text.astype(np.uint8), angle, nearest=True) > 0
             boxes = text_lines(mask, self.settings.max_lines, self.settings.unclip)
+            if rows is not None and any(y1 - y0 > BLOB_ASPECT * (x1 - x0) for x0, y0, x1, y1 in boxes):
+                row_mask = turn(rows.astype(np.uint8), angle, nearest=True) > 0
+                boxes = [_widen(b, mask) for b in text_lines(row_mask, self.settings.max_lines, self.settings.unclip)]
             lines.append([image[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes])
         results = iter(self.models.recognise([p for group in lines for p in group]))
         return [self._reading([next(results) for _ in group], angle, targets)

@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from pillsnap.data.aihub import COLORS, SHAPES
 
 # Words the labels write inside `print_front`/`print_back` that are not letters on the pill: "마크" is a logo,
-# "분할선" a score line ("마크213", "I분할선Y"). OCR never reads them, so they must not count against a read.
-LABEL_MARKERS = ("마크", "분할선")
+# "분할선" a score line ("마크213", "I분할선Y"). OCR never reads them as such: a logo is read as nothing or as a
+# stray letter or two ("O213"), a score line as nothing, "|", "-" or an "I"/"1" between the characters.
+LOGO_WORD, SCORE_WORD = "마크", "분할선"
+LABEL_MARKERS = (LOGO_WORD, SCORE_WORD)
+# In an imprint key (imprint_key) a logo stands as LOGO_KEY and a score line as SCORE_KEY: the matcher may skip
+# either for free, read a logo as any one character cheaply and a score line as a stroke-like character.
+LOGO_KEY, SCORE_KEY = "*", "|"
+LOGO_READ_COST = 0.3
+SCORE_READ_COST = 0.15
+SCORE_LIKE = "I1LJT!7"  # what a recogniser makes of a straight groove between two characters
 _KEEP = re.compile(r"[0-9A-Z\uac00-\ud7a3]")  # ASCII letters, digits and Hangul syllables; OCR noise goes
+_KEY_KEEP = re.compile(r"[0-9A-Z\uac00-\ud7a3*|]")
 
 # Characters a recogniser mistakes for each other on engraved, low-contrast imprints. A substitution inside a
 # group costs CONFUSION_COST instead of 1, so "B5P" still reads as "BSP" without rewriting the read.
@@ -82,21 +91,47 @@ def normalize_imprint(text: str | None) -> str:
     return "".join(_KEEP.findall(text))
 
 
+def imprint_key(label: str | None) -> str:
+    """A label's imprint as the matcher compares it: normalize_imprint's letters with each logo as LOGO_KEY and
+    each score line as SCORE_KEY, in place ("마크 A1" -> "*A1", "I분할선Y" -> "I|Y"); "" when nothing on the side
+    is readable (a plain side, or a logo alone: OCR has nothing to read there)."""
+    text = (label or "").upper().replace(LOGO_WORD, LOGO_KEY).replace(SCORE_WORD, SCORE_KEY)
+    key = "".join(_KEY_KEEP.findall(text))
+    return key if normalize_imprint(key) else ""
+
+
+def logo_only(label: str | None) -> bool:
+    """Whether a side's label is a logo with nothing readable ("마크"): a side that counts as unreadable."""
+    return LOGO_WORD in (label or "") and not normalize_imprint(label)
+
+
+def _indel_cost(ch: str) -> float:
+    return 0.0 if ch in (LOGO_KEY, SCORE_KEY) else 1.0
+
+
 def _sub_cost(a: str, b: str) -> float:
     if a == b:
         return 0.0
+    if LOGO_KEY in (a, b):
+        return LOGO_READ_COST
+    if SCORE_KEY in (a, b):
+        return SCORE_READ_COST if (b if a == SCORE_KEY else a) in SCORE_LIKE else 1.0
     group = _GROUP_OF.get(a)
     return CONFUSION_COST if group is not None and group == _GROUP_OF.get(b) else 1.0
 
 
 def _edit_rows(short: str, long: str, free_ends: bool) -> list[float]:
     """Last row of the weighted edit distance of `short` against `long`; with free_ends, `short` may start
-    anywhere in `long` (a semi-global alignment: "GTH" inside "DGTH" costs nothing)."""
-    prev = [0.0] * (len(long) + 1) if free_ends else [float(j) for j in range(len(long) + 1)]
-    for i, a in enumerate(short, 1):
-        row = [float(i)] + [0.0] * len(long)
+    anywhere in `long` (a semi-global alignment: "GTH" inside "DGTH" costs nothing). Logo and score-line keys
+    cost nothing to skip."""
+    prev = [0.0] * (len(long) + 1)
+    if not free_ends:
         for j, b in enumerate(long, 1):
-            row[j] = min(prev[j] + 1.0, row[j - 1] + 1.0, prev[j - 1] + _sub_cost(a, b))
+            prev[j] = prev[j - 1] + _indel_cost(b)
+    for a in short:
+        row = [prev[0] + _indel_cost(a)] + [0.0] * len(long)
+        for j, b in enumerate(long, 1):
+            row[j] = min(prev[j] + _indel_cost(a), row[j - 1] + _indel_cost(b), prev[j - 1] + _sub_cost(a, b))
         prev = row
     return prev
 
@@ -107,37 +142,52 @@ def edit_distance(a: str, b: str) -> float:
     return _edit_rows(short, long, free_ends=False)[-1]
 
 
+def _readable_len(key: str) -> int:
+    return len(key) - key.count(LOGO_KEY) - key.count(SCORE_KEY)
+
+
 def imprint_similarity(read: str | None, imprint: str | None) -> float:
-    """How well a read matches one imprint, in [0, 1], both normalised first; 0 when either is empty.
+    """How well a read matches one imprint, in [0, 1]; 0 when either has nothing readable. The read is
+    normalised (normalize_imprint), the imprint keyed (imprint_key: a logo or a score line in it is skipped for
+    free, or matched cheaply by what OCR makes of it).
 
     The better of a whole-string match (1 - distance / longer length) and a partial match (the shorter string
     found inside the longer one, discounted by how much of the longer it covers): OCR often drops or adds a
     character at the ends ("GTH" for "DGTH") or reads a logo as a letter ("OUU" for "마크 UU")."""
-    a, b = normalize_imprint(read), normalize_imprint(imprint)
+    a, b = normalize_imprint(read), imprint_key(imprint)
     if not a or not b:
         return 0.0
-    short, long = sorted((a, b), key=len)
-    whole = 1.0 - edit_distance(a, b) / len(long)
-    if len(short) < 2:  # one character found inside a longer imprint proves little
+    longest = max(len(a), _readable_len(b))
+    whole = 1.0 - edit_distance(a, b) / longest
+    short, long = sorted((a, b), key=_readable_len)
+    n_short = _readable_len(short)
+    if n_short < 2:  # one character found inside a longer imprint proves little
         return max(0.0, whole)
-    partial = 1.0 - min(_edit_rows(short, long, free_ends=True)) / len(short)
-    return max(0.0, whole, partial * (0.5 + 0.5 * len(short) / len(long)))
+    partial = 1.0 - min(_edit_rows(short, long, free_ends=True)) / n_short
+    return max(0.0, whole, partial * (0.5 + 0.5 * n_short / longest))
 
 
 def class_imprints(entry: Mapping) -> tuple[str, ...]:
-    """The normalised, non-empty imprints of a class's two sides."""
-    sides = (normalize_imprint(entry.get("print_front")), normalize_imprint(entry.get("print_back")))
+    """The readable sides of a class, as imprint keys (imprint_key): a plain side and a side with a logo alone
+    are left out (nothing there for OCR to read, so a read that matches nothing may come from them)."""
+    sides = (imprint_key(entry.get("print_front")), imprint_key(entry.get("print_back")))
     return tuple(s for s in sides if s)
 
 
+def has_unreadable_side(entry: Mapping) -> bool:
+    """Whether one side of a class carries nothing OCR can read (plain, or a logo alone): with that side up, a
+    read that matches none of the class's imprints is what the class would give, not evidence against it."""
+    return len(class_imprints(entry)) < 2
+
+
 def candidate_imprints(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> list[str]:
-    """The distinct imprints of the candidates' classes, both sides: what to give the reader."""
+    """The distinct readable imprints (keys) of the candidates' classes, both sides: what to give the reader."""
     sides = (side for c in candidates for side in class_imprints(class_map.get(str(c.get("mapping_code"))) or {}))
     return list(dict.fromkeys(sides))
 
 
 def class_imprint_similarity(read: str | None, entry: Mapping) -> float:
-    """Best similarity of a read with either side of a class (which side faced the camera is unknown)."""
+    """Best similarity of a read with either readable side of a class (which side faced the camera is unknown)."""
     return max((imprint_similarity(read, side) for side in class_imprints(entry)), default=0.0)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pillsnap.infer.answer import THRESHOLDS, Classified, classifier_candidates, decide_answer
+from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, Classified, SetRule, classifier_candidates, decide_answer
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
@@ -91,7 +91,12 @@ class Predictor:
         self.unknown = self._unknown_rule()
         self.unknown_rule = self.unknown.for_answer(len(self.class_names))  # what each pill's answer applies
         imprint = self.settings.imprint
+        self.set_rule = self._set_rule(bool(imprint.enabled))
         self.thresholds = THRESHOLDS
+        # the imprint read's weight, scaled where calibration fit it so that the answers' probabilities mean what
+        # they say (pillsnap.eval.calibration.fit_evidence_scale)
+        scale = float((self.calibration or {}).get("evidence_scale") or 1.0)
+        self.weights = replace(WEIGHTS, imprint=WEIGHTS.imprint * scale)
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds)
         from pillsnap.data import classification_transform
 
@@ -101,6 +106,7 @@ class Predictor:
         self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
+        self.refresh_enrolment()
         LOGGER.info("predictor (%s): classifier %s (%d classes), detector %s", self.backend, self.classifier_path.name,
                     len(self.class_names), self.detector_path.name if self.detector_path else "none")
 
@@ -155,6 +161,24 @@ class Predictor:
                            self.exp_dir)
             threshold = None
         return UnknownAnswer(rule, threshold, gaussians)
+
+    def _set_rule(self, imprint_reading: bool) -> SetRule | None:
+        """The prediction-set rule at inference.prediction_set.coverage, from the scores calibrated for these
+        weights (None without them: answers carry no set, said once in the log)."""
+        from pillsnap.infer.artefacts import load_set_rule
+        from pillsnap.metrics.conformal import check_set_method
+
+        settings = self.settings.prediction_set
+        method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
+        if not 0.0 < coverage < 1.0:
+            raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
+        if self.calibration is None:
+            return None
+        threshold, problem = load_set_rule(self.calibration, method, coverage, imprint_reading)
+        if problem:
+            LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
+            return None
+        return SetRule(method, coverage, threshold)
 
     @staticmethod
     def _load_classes(path: Path) -> tuple[list[str], dict]:
@@ -216,17 +240,55 @@ class Predictor:
         if self.has_detector:
             self.detect(blank, float(self.settings.conf_threshold))
 
+    def refresh_enrolment(self) -> bool:
+        """Pick up drugs enrolled or removed since the last call (pillsnap enrol, the API; infer/enrolment.py):
+        classify calls it, so a served model answers them without a restart. One stat per call; the store is
+        read again only when it was committed since. True when the enrolled drugs changed."""
+        from pillsnap.infer.enrolment import load_space, store_stamp
+
+        ckpt_dir = self.exp_dir / "checkpoints"
+        stamp = store_stamp(ckpt_dir)
+        if stamp == getattr(self, "_enrol_stamp", False):
+            return False
+        if not hasattr(self, "trained"):  # (class names, class map, unknown rule) as trained, before any enrolment
+            self.trained = (list(self.class_names), dict(self.class_map), self.unknown)
+            self.enrolled = None
+        if stamp is not None and not hasattr(self, "classifier_sha256"):
+            from pillsnap.models.export import file_sha256
+
+            self.classifier_sha256 = file_sha256(self.classifier_path)
+        names, class_map, unknown = self.trained
+        space, drugs = load_space(ckpt_dir, self.classifier_path, self.calibration,
+                                  getattr(self, "classifier_sha256", None))
+        # The class map first: a classify on another thread that already sees the new drugs finds their names.
+        self.class_map = {**class_map, **{d["mapping_code"]: d for d in drugs}}
+        self.evidence.class_map = self.class_map
+        self.enrolled, self._enrol_stamp = space, stamp
+        self.class_names = names + [d["mapping_code"] for d in drugs]
+        self.unknown_rule = unknown.for_answer(len(self.class_names))
+        if drugs:
+            LOGGER.info("predictor: %d enrolled drug(s) answered: %s", len(drugs),
+                        ", ".join(d["mapping_code"] for d in drugs))
+        return True
+
     @torch.no_grad()
     def classify(self, crops: list[Image.Image]) -> list[Classified]:
         """Each crop's top-k (mapping_code, name, probability; best first, probabilities calibrated) and how
-        unknown it looks under the run's unknown-pill rule."""
+        unknown it looks under the run's unknown-pill rule; enrolled drugs among them (infer/enrolment.py)."""
         if not crops:
             return []
+        self.refresh_enrolment()
+        space = self.enrolled  # read once: a reload on another thread swaps it whole
         x = torch.stack([self.transform(c) for c in crops]).to(self.device)
         logits, features = self.classifier(x)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
-        scores = self.unknown.scores(probs.numpy(), None if features is None else features.float().cpu().numpy())
-        tops = classifier_candidates(probs.numpy(), int(self.settings.topk), self.class_names, self.class_map)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
+        feats = None if features is None else features.float().cpu().numpy()
+        names, distances = self.trained[0], None
+        if space is not None and feats is not None:
+            probs, distances = space.merge(probs, feats)
+            names = names + list(space.codes)
+        scores = self.unknown.scores(probs, feats, distances)
+        tops = classifier_candidates(probs, int(self.settings.topk), names, self.class_map)
         return [Classified(topk, score) for topk, score in zip(tops, scores, strict=True)]
 
     @torch.no_grad()
@@ -248,8 +310,8 @@ class Predictor:
                 hints: Hints | None) -> dict:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
-        answer = decide_answer(classified, self.class_map, read, hints,
-                               self.unknown_rule, self.thresholds)
+        answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rule, self.thresholds,
+                               self.weights, self.set_rule)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:

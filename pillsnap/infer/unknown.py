@@ -27,11 +27,14 @@ class UnknownAnswer:
     def active(self) -> bool:
         return self.threshold is not None and (self.rule != "feature_distance" or self.gaussians is not None)
 
-    def scores(self, probs: np.ndarray, features: np.ndarray | None) -> list[float | None]:
-        """Per crop, from calibrated probabilities [N, C] and pre-logit features [N, D] (None: not available)."""
+    def scores(self, probs: np.ndarray, features: np.ndarray | None,
+               distances: np.ndarray | None = None) -> list[float | None]:
+        """Per crop, from calibrated probabilities [N, C] and pre-logit features [N, D] (None: not available).
+        `distances` [N], when given, are the feature distances already measured (to enrolled drugs too)."""
         if not self.active or (self.rule == "feature_distance" and features is None):
             return [None] * len(probs)
-        distances = self.gaussians.score(features) if self.rule == "feature_distance" else None
+        if self.rule == "feature_distance" and distances is None:
+            distances = self.gaussians.score(features)
         return [float(v) for v in unknown_scores(self.rule, probs, distances)]
 
     def for_answer(self, num_known: int) -> UnknownRule:

@@ -2,7 +2,8 @@
 and wires HTTP around it: guards, endpoints, errors, metrics, the web page and the offline docs.
 
 GET /, /docs, /openapi.json, /health, /ready, /version, /metrics; POST /v1/predict, /v1/predict/batch and the
-older /predict. `pillsnap serve` builds the service from an experiment directory.
+older /predict; POST, GET /v1/enrol and DELETE /v1/enrol/{code} (serve/enrol.py).
+`pillsnap serve` builds the service from an experiment directory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pillsnap.infer.gating import INFERENCE_MODES  # pure Python: no model code 
 from pillsnap.infer.matching import Hints  # pure Python too
 from pillsnap.serve.auth import KeyChecker
 from pillsnap.serve.docs import render_docs
+from pillsnap.serve.enrol import add_enrol_routes
 from pillsnap.serve.errors import RequestRejected, install_error_handlers, request_id_of
 from pillsnap.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from pillsnap.serve.limits import UploadBudget, UploadBudgetMiddleware
@@ -111,6 +113,7 @@ def create_app(service: PredictionService, settings: ServeSettings | None = None
     _add_pages(app, api_key is not None, state.settings)
     _add_status_routes(app, state)
     _add_predict_routes(app, state)
+    add_enrol_routes(app, state, _read_upload)
     route_paths = frozenset(route.path for route in app.routes)
     # Added innermost first: the request id wraps everything, auth runs before the body guard reads anything, and
     # only an allowed body of an allowed size is counted against the upload budget.

@@ -34,8 +34,10 @@ class ServeSettings:
         return int(self.max_inflight_upload_mb * 2**20)
 
     def body_limit(self, path: str) -> int:
-        """Most bytes a request body to `path` may carry: one photo, or max_batch_files photos for a batch."""
-        files = self.max_batch_files if path.rstrip("/").endswith("/batch") else 1
+        """Most bytes a request body to `path` may carry: one photo, or max_batch_files photos for a batch or an
+        enrolment."""
+        path = path.rstrip("/")
+        files = self.max_batch_files if path.endswith("/batch") or path == "/v1/enrol" else 1  # enrol: 3-10 photos
         return files * self.max_file_bytes + MULTIPART_SLACK
 
     @classmethod

@@ -1,0 +1,173 @@
+"""The imprint reader on pill crops drawn from REAL label fields: the reader of git HEAD against the working
+tree's, on the same crops in the same run.
+
+The label JSONs under ../shared/spec/aihub_real_labels (real AI Hub combination labels, read at run time, never
+copied) give each pill's imprints as the real data writes them ("마크213", "I분할선Y", "TYLENOLER"), its shape,
+size in mm, colours and form. Each readable side is drawn by the generator's own pill renderer (debossed, or
+printed on a capsule) in its label colour and two other common ones, at several azimuths, camera elevations and
+real crop sizes (170-500 px), and cut at its box like the real crops. Per crop: a blind read (exact after
+normalisation) and a read given three candidate imprints (the truth and two others of the real labels; right when
+the truth is the unique best match above the similarity floor), and the time per read.
+
+    .venv/bin/python bench/reader_real_labels.py [--variants 3 --threads 1 --seed 0 --labels DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from PIL import Image
+
+from pillsnap.data.synth import SHADES
+from pillsnap.data.synth_pill import PillLook
+from pillsnap.data.synth_render import PhotoConditions, render_photo
+from pillsnap.infer.answer import THRESHOLDS
+from pillsnap.infer.matching import class_imprint_similarity, normalize_imprint
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = REPO.parent / "shared" / "spec" / "aihub_real_labels"
+OTHER_COLORS = ("하양", "노랑", "분홍")  # the commonest real colours: each pill is also drawn in two of them
+ELEVATIONS = (70, 75, 90)  # the real combination photos' camera elevations
+SCALES = (0.9, 1.0, 1.2)  # around the real resolution: crops of 170-500 px
+
+
+@dataclass
+class Crop:
+    image: Image.Image
+    truth: str  # the label text of the side facing the camera
+    others: tuple[str, ...]  # two other real imprints: the wrong candidates
+
+
+def real_labels(folder: Path) -> list[dict]:
+    """images[0] of every real label with imprint fields, one per drug code."""
+    out: dict[str, dict] = {}
+    for path in sorted(folder.rglob("*.json")):
+        image = json.loads(path.read_text(encoding="utf-8"))["images"][0]
+        if image.get("print_front") is not None and image.get("drug_shape"):
+            out.setdefault(image["dl_mapping_code"], image)
+    return list(out.values())
+
+
+def look_of(label: dict, color: str, rng: random.Random) -> PillLook:
+    """The generator's pill look for a real label, in `color`."""
+    form = label.get("form_code_name") or ""
+    capsule = "soft" if "연질캡슐" in form else ("hard" if "경질캡슐" in form else "")
+    colors = (color,) + ((label["color_class2"],) if label.get("color_class2") in SHADES else ())
+    return PillLook(
+        shape=label["drug_shape"], capsule=capsule, colors=colors, rgb=tuple(rng.choice(SHADES[c]) for c in colors),
+        print_front=label.get("print_front") or "", print_back=label.get("print_back") or "", logo=rng.randrange(8),
+        line_front=label.get("line_front") or "", line_back=label.get("line_back") or "", ink=bool(capsule),
+        gloss={"soft": 1.0, "hard": 0.6}.get(capsule, 0.1 if form == "나정" else 0.35),
+        long_mm=float(label["leng_long"]), short_mm=float(label["leng_short"]), base_angle=0.0)
+
+
+def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
+    rng = random.Random(seed)
+    sides = [(label, back) for label in labels for back in (False, True)
+             if normalize_imprint(label.get("print_back" if back else "print_front"))]
+    texts = sorted({label.get("print_back" if back else "print_front") for label, back in sides})
+    crops = []
+    for label, back in sides:
+        truth = label["print_back" if back else "print_front"]
+        colors = [label["color_class1"]] + rng.sample([c for c in OTHER_COLORS if c != label["color_class1"]], 2)
+        for color in colors:
+            for k in range(variants):
+                cond = PhotoConditions("1" if back else "0", "2", rng.choice("12"), rng.choice(ELEVATIONS),
+                                       (k * 360 // variants + rng.randrange(0, 360 // variants)) % 360)
+                look = look_of(label, color if color in SHADES else "하양", rng)
+                png, boxes, _ = render_photo([look], cond, rng.choice(SCALES), seed=rng.getrandbits(32))
+                x, y, w, h = boxes[0]
+                image = Image.open(io.BytesIO(png)).convert("RGB").crop((x, y, x + w, y + h))
+                others = tuple(rng.sample([t for t in texts if normalize_imprint(t) != normalize_imprint(truth)], 2))
+                crops.append(Crop(image, truth, others))
+    return crops
+
+
+def head_reader_module() -> ModuleType:
+    """pillsnap/infer/imprint.py as it is in git HEAD (with HEAD's matching.py), loaded as a temporary module."""
+    modules = {}
+    for name in ("matching", "imprint"):
+        source = subprocess.run(["git", "show", f"HEAD:pillsnap/infer/{name}.py"], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout
+        source = source.replace("from pillsnap.infer.matching import", "from _head_matching import")
+        spec = importlib.util.spec_from_loader(f"_head_{name}", loader=None)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"_head_{name}"] = module
+        exec(compile(source, f"HEAD:pillsnap/infer/{name}.py", "exec"), module.__dict__)  # noqa: S102
+        modules[name] = module
+    return modules["imprint"]
+
+
+def _right(read: str, truth: str, candidates: list[str]) -> bool:
+    """The truth is the unique best match of the read, above the floor (the same yardstick for both readers)."""
+    sims = [class_imprint_similarity(read, {"print_front": c}) for c in candidates]
+    best = max(sims)
+    return best > THRESHOLDS.imprint_floor and sims.count(best) == 1 and sims[candidates.index(truth)] == best
+
+
+def measure(reader: object, crops: list[Crop]) -> dict:
+    exact = right = 0
+    seconds: list[float] = []
+    misses = []
+    for crop in crops:
+        start = time.perf_counter()
+        blind = reader.read(crop.image)
+        candidates = [crop.truth, *crop.others]
+        given = reader.read(crop.image, candidates)
+        seconds.append((time.perf_counter() - start) / 2)
+        ok = normalize_imprint(blind.text) == normalize_imprint(crop.truth)
+        exact += ok
+        right += _right(given.text, crop.truth, candidates)
+        if not ok:
+            misses.append(f"{normalize_imprint(crop.truth)}:{blind.text!r}")
+    return {"exact": exact, "right3": right, "n": len(crops), "ms": 1000 * statistics.median(seconds),
+            "misses": misses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labels", type=Path, default=LABELS)
+    parser.add_argument("--variants", type=int, default=3, help="azimuth / size / elevation draws per side and colour")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (1: less noise on a shared host)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-misses", action="store_true")
+    args = parser.parse_args()
+    if not args.labels.is_dir():
+        print(f"skipped: no real labels at {args.labels} (they are kept outside the project)")
+        return
+    labels = real_labels(args.labels)
+    crops = make_crops(labels, args.variants, args.seed)
+    sizes = sorted(max(c.image.size) for c in crops)
+    print(f"{len(crops)} crops from {len(labels)} real labels, long side {sizes[0]}-{sizes[-1]} px")
+    from pillsnap.infer import imprint
+
+    head = head_reader_module()
+    readers = {"before (HEAD)": head.ImprintReader(head.ReaderSettings(threads=args.threads)),
+               "after": imprint.ImprintReader(imprint.ReaderSettings(threads=args.threads))}
+    results = {}
+    for name, reader in readers.items():
+        reader.read(crops[0].image)  # loads the OCR models
+        results[name] = measure(reader, crops)
+    before, after = results["before (HEAD)"], results["after"]
+    for name, r in results.items():
+        print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
+              f"{r['right3']:3d}/{r['n']} = {r['right3'] / r['n']:.3f}   {r['ms']:.0f} ms per read (median)")
+        if args.show_misses:
+            print("   misses:", " ".join(r["misses"]))
+    print(f"ratio after/before: exact {after['exact'] / max(1, before['exact']):.2f}x, right among 3 "
+          f"{after['right3'] / max(1, before['right3']):.2f}x, time per read {after['ms'] / before['ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

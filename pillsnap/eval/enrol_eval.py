@@ -1,0 +1,190 @@
+"""How well drugs enrolled after training are answered (pillsnap.infer.enrol): the classes held out of training are
+enrolled from a few of their single-pill photos each, then the pipeline answers their remaining photos, and the
+known drugs' test photos are answered again, before and after, by the same predictor in the same run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups
+
+LOGGER = logging.getLogger(__name__)
+ENROL_PHOTOS = 5  # photos each held-out drug is enrolled from: the issue's figure
+
+
+def _known_pill_accuracy(outcomes: list[dict], known: set[str]) -> float | None:
+    """Share of the pills of trained drugs on combination photos answered by their own name."""
+    pills = [p for o in outcomes if o["image_type"] != "single" for p in o["pills"] if p["code"] in known]
+    return float(np.mean([p["right"] for p in pills])) if pills else None
+
+
+def _figures(result: dict, known: set[str]) -> dict:
+    return {"single_accuracy": result["single_accuracy"], "combo_all_right_rate": result["combo_all_right_rate"],
+            "known_pill_accuracy": _known_pill_accuracy(result["outcomes"], known)}
+
+
+def known_crops(manifest: Any, trained: set[str], margin: float, limit: int = 400) -> list[tuple[Any, str, str]]:
+    """(crop, code, image_type) of the test split's labelled pills of trained drugs, cut at their labelled boxes:
+    the classifier's view without the detector or the routing in between (at most `limit`)."""
+    from pillsnap.infer.preprocess import crop_pill
+    from pillsnap.utils.images import read_image
+
+    rows = manifest[(manifest["split"] == "test") & manifest["mapping_code"].isin(trained)].head(limit)
+    crops, images = [], {}
+    for row in rows.itertuples():
+        if row.image_path not in images:
+            images = {row.image_path: read_image(str(row.image_path)).convert("RGB")}  # rows come grouped by photo
+        box = (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h)
+        crops.append((crop_pill(images[row.image_path], box, margin), str(row.mapping_code), str(row.image_type)))
+    return crops
+
+
+def crop_figures(predictor: Any, crops: list[tuple[Any, str, str]], batch: int = 32) -> dict:
+    """Per image type: top-1 accuracy of the classifier's answer (enrolled drugs included) on the crops, and the
+    share the unknown-pill rule would withhold."""
+    right: dict[str, list[bool]] = {}
+    withheld: dict[str, list[bool]] = {}
+    threshold = predictor.unknown_rule.threshold
+    for start in range(0, len(crops), batch):
+        chunk = crops[start:start + batch]
+        for (_, code, kind), out in zip(chunk, predictor.classify([c for c, _, _ in chunk]), strict=True):
+            right.setdefault(kind, []).append(out.topk[0]["mapping_code"] == code)
+            withheld.setdefault(kind, []).append(threshold is not None and out.unknown_score is not None
+                                                 and out.unknown_score > threshold)
+    return {kind: {"crops": len(v), "accuracy": float(np.mean(v)), "unknown": float(np.mean(withheld[kind]))}
+            for kind, v in right.items()}
+
+
+def _plan(manifest: Any, trained: set[str], per_drug: int, seed: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Per held-out drug: (the single-pill photos to enrol from, drawn from its train split when it has enough;
+    its other single-pill photos, which are answered afterwards)."""
+    rows = manifest[(manifest["image_type"] == "single") & ~manifest["mapping_code"].isin(trained)]
+    plan = {}
+    for code, group in rows.groupby("mapping_code", sort=True):
+        group = group.sample(frac=1.0, random_state=seed)
+        pool = group[group["split"] == "train"] if (group["split"] == "train").sum() >= per_drug else group
+        chosen = list(pool["image_path"].astype(str)[:per_drug])
+        plan[str(code)] = (chosen, sorted(set(group["image_path"].astype(str)) - set(chosen)))
+    return plan
+
+
+def _enrol_all(predictor: Any, plan: dict, class_map: dict) -> list[dict]:
+    """Enrol every planned drug with the attributes its label gives (what a pharmacist reads off the box); photos
+    that look like a known drug are enrolled anyway and say so."""
+    from pillsnap.infer.enrol import DrugInfo, enrol
+    from pillsnap.infer.enrolment import EnrolmentError
+
+    done = []
+    for code, (chosen, _) in plan.items():
+        entry = class_map.get(code) or {}
+        info = DrugInfo.parse(code, entry.get("name") or code, entry.get("print_front"), entry.get("print_back"),
+                              ", ".join(entry.get("colors") or []), entry.get("shape"))
+        start = time.perf_counter()
+        try:
+            report = enrol(predictor, info, chosen, replace=True)
+        except EnrolmentError as err:
+            if err.kind != "look_alike":
+                raise
+            LOGGER.info("enrol %s: %s", code, err)
+            report = enrol(predictor, info, chosen, replace=True, force=True)
+        done.append({**report, "seconds": round(time.perf_counter() - start, 2)})
+        LOGGER.info("enrolled %s (%s) from %d photos in %.1f s", code, info.name, len(chosen), done[-1]["seconds"])
+    return done
+
+
+def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENROL_PHOTOS,
+                       keep: bool = False) -> dict | None:
+    """Enrol the manifest's held-out drugs into EXP from `per_drug` photos each and measure; None when the run
+    trained on every drug. The enrolments are removed afterwards unless `keep`, so that the experiment answers as
+    trained (and a rerun measures the same thing)."""
+    from pillsnap.data import load_manifest
+    from pillsnap.data.stages import select_stage
+    from pillsnap.infer.enrol import remove
+    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils import read_json
+
+    manifest = load_manifest(cfg.paths.manifest_dir)
+    predictor = Predictor(cfg.paths.exp_dir, cfg, device)
+    trained = set(predictor.trained[0])
+    plan = _plan(manifest, trained, per_drug, int(cfg.train.seed))
+    if not plan:
+        return None
+    class_map_path = Path(cfg.paths.manifest_dir) / "class_map.json"
+    class_map = {c["mapping_code"]: c for c in read_json(class_map_path)["classes"]} if class_map_path.is_file() else {}
+    test = photo_groups(select_stage(manifest, cfg), "test")
+    before = evaluate_pipeline(predictor, test, "auto", None, trained)
+    crops = known_crops(manifest, trained, predictor.crop_margin)
+    crops_before = crop_figures(predictor, crops)
+    enrolled = _enrol_all(predictor, plan, class_map)
+    try:
+        codes = trained | set(plan)
+        after = evaluate_pipeline(predictor, test, "auto", None, codes)
+        others = {p for _, paths in plan.values() for p in paths}
+        rest = photo_groups(manifest[manifest["image_path"].astype(str).isin(others)].assign(split="any"), "any")
+        answered = evaluate_pipeline(predictor, rest, "auto", None, codes)
+        crops_after = crop_figures(predictor, crops)
+    finally:
+        if not keep:
+            for code in plan:
+                remove(cfg.paths.exp_dir, code)
+    return {**_summary(enrolled, answered, before, after, trained),
+            "known_crops_before": crops_before, "known_crops_after": crops_after}
+
+
+def _summary(enrolled: list[dict], answered: dict, before: dict, after: dict, trained: set[str]) -> dict:
+    pills = [p for o in answered["outcomes"] for p in o["pills"]]
+    per_drug = []
+    for drug in enrolled:
+        mine = [p for p in pills if p["code"] == drug["mapping_code"]]
+        per_drug.append({"mapping_code": drug["mapping_code"], "name": drug["name"], "n_photos": drug["n_photos"],
+                         "seconds": drug["seconds"], "look_alike": drug["look_alike"], "answered_photos": len(mine),
+                         "accuracy": float(np.mean([p["right"] for p in mine])) if mine else None,
+                         "unknown_share": float(np.mean([p["answered"] and not p["named"] for p in mine]))
+                         if mine else None})
+    known_before, known_after = _figures(before, trained), _figures(after, trained)
+    return {"per_drug": per_drug, "drugs": len(enrolled), "photos_per_drug": enrolled[0]["n_photos"],
+            "remaining_photos": len(pills),
+            "accuracy": float(np.mean([p["right"] for p in pills])) if pills else None,
+            "unknown_share": float(np.mean([p["answered"] and not p["named"] for p in pills])) if pills else None,
+            "mean_top_probability": _mean_top(pills),
+            "enrol_seconds_max": max(d["seconds"] for d in enrolled),
+            "known_before": known_before, "known_after": known_after,
+            "known_drop": {k: None if known_before[k] is None or known_after[k] is None
+                           else round(known_before[k] - known_after[k], 4) for k in known_before}}
+
+
+def _mean_top(pills: list[dict]) -> float | None:
+    """Mean probability of the answers given by name: beside the accuracy, whether it means what it says."""
+    tops = [p["topk"][0][1] for p in pills if p["named"] and p["topk"]]
+    return float(np.mean(tops)) if tops else None
+
+
+def format_enrolment(figures: dict | None) -> list[str]:
+    """The closing lines the demo prints about enrolment."""
+    if not figures:
+        return ["enrolment   no held-out drugs to enrol (the run trained on every drug)"]
+    if "skipped" in figures:
+        return [f"enrolment   not measured: {figures['skipped']}"]
+
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    before, after = figures["known_before"], figures["known_after"]
+    return [
+        f"enrolment   {figures['drugs']} held-out drugs enrolled from {figures['photos_per_drug']} photos each "
+        f"(at most {figures['enrol_seconds_max']:.1f} s each): accuracy on their {figures['remaining_photos']} "
+        f"other photos={fmt(figures['accuracy'])}, answered unknown={fmt(figures['unknown_share'])}",
+        f"enrolment   known drugs before -> after: single-photo accuracy {fmt(before['single_accuracy'])} -> "
+        f"{fmt(after['single_accuracy'])}, known pills on combination photos {fmt(before['known_pill_accuracy'])} -> "
+        f"{fmt(after['known_pill_accuracy'])}, all pills right on combination photos "
+        f"{fmt(before['combo_all_right_rate'])} -> {fmt(after['combo_all_right_rate'])} (held-out pills: "
+        "unknown before, by name after)",
+        "enrolment   known drugs' labelled crops (classifier only) before -> after: " + ", ".join(
+            f"{kind} accuracy {fmt(figures['known_crops_before'][kind]['accuracy'])} -> {fmt(stats['accuracy'])}, "
+            f"withheld as unknown {fmt(figures['known_crops_before'][kind]['unknown'])} -> {fmt(stats['unknown'])}"
+            for kind, stats in (figures.get("known_crops_after") or {}).items())]

@@ -1,0 +1,280 @@
+"""Drugs enrolled after training, from a few photos: their stored form and how inference answers them.
+
+An enrolled drug is one more class mean in the space of the unknown-pill rule's class Gaussians
+(pillsnap.metrics.novelty.ClassGaussians: the classifier's pre-logit features, whitened by the shared covariance).
+A crop's squared distances to the trained and the enrolled means give the enrolled drugs a probability (a Gaussian
+discriminant posterior); the classifier's own probabilities of the trained drugs are scaled down by what the
+enrolled drugs take, so the top-k stays one distribution. The unknown-pill score becomes the distance to the
+nearest trained or enrolled mean, and the drug's class-map entry joins the imprint evidence and the hints.
+
+The store, in the experiment's checkpoints/ beside the classifier it was made for:
+  1. the means are written to a new `enrolment_features-<hash>.npz` (atomically);
+  2. `enrolment.json` is replaced atomically, naming that file, its SHA-256 and the classifier's SHA-256: this is
+     the commit point, so a kill before it leaves the previous enrolments whole;
+  3. feature files no longer named are deleted.
+Writers hold `enrolment.lock` for the whole read-modify-write, so the server and the CLI never lose each other's
+drugs. A store made for other classifier weights is stale: inference skips it (said in the log) and the enrol
+command refuses to add to it until its drugs are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pillsnap.metrics.novelty import ClassGaussians
+from pillsnap.models.export import file_sha256
+from pillsnap.utils import atomic_path, read_json, save_json
+
+LOGGER = logging.getLogger(__name__)
+ENROLMENT_FILE = "enrolment.json"
+FEATURES_PREFIX = "enrolment_features-"
+LOCK_FILE = "enrolment.lock"
+STORE_VERSION = 1
+# Softness of the enrolled drugs' posterior, as a share of the unknown-pill threshold (a squared distance): the
+# discriminant's own exp(-d/2) gives 0 or 1 at the distances these features have, which is sure of itself even
+# when wrong; a softness near the threshold itself spreads probability over drugs that are plainly not it.
+# bench/enrol_bench.py prints the answers' mean probability beside their accuracy.
+POSTERIOR_SOFTNESS = 0.02
+# A drug's photos spread like the trained drugs' right answers when their leave-one-out distances average this
+# share of the threshold; a drug whose photos spread more (a two-tone capsule, a shiny coating) has its distances
+# scaled down by how much more, for the unknown-pill score only (ranking uses the plain distance).
+SPREAD_REFERENCE = 0.5
+
+
+class EnrolmentError(ValueError):
+    """Bad input to an enrolment, or a stale store: the message names the problem and the fix; nothing changed.
+    `kind` says which (the API's error code): bad_field, photo_count, bad_photo, no_pill, trained_class,
+    already_enrolled, look_alike, not_enrolled, stale, not_calibrated, no_features, store_broken."""
+
+    def __init__(self, message: str, kind: str = "bad_field") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class StaleEnrolment(EnrolmentError):
+    """The store was made for other classifier weights."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "stale")
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """The enrolled drugs as stored: class-map entries (with `n_photos`, `spread`, `photos`) and their raw feature
+    means [E, D] (the classifier's pre-logit features, not whitened: a recalibration of the same weights keeps them
+    usable; `spread` stays the one measured against the calibration of the day)."""
+
+    drugs: tuple[dict, ...] = ()
+    means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    @property
+    def codes(self) -> list[str]:
+        return [d["mapping_code"] for d in self.drugs]
+
+    def find(self, code: str) -> int | None:
+        return next((i for i, d in enumerate(self.drugs) if d["mapping_code"] == code), None)
+
+    def with_drug(self, entry: dict, mean: np.ndarray) -> Enrolled:
+        """A copy with `entry` added, or replacing the drug of the same code."""
+        index = self.find(entry["mapping_code"])
+        rows = list(self.means) if len(self.drugs) else []
+        drugs = list(self.drugs)
+        if index is None:
+            drugs.append(entry)
+            rows.append(mean)
+        else:
+            drugs[index], rows[index] = entry, mean
+        return Enrolled(tuple(drugs), np.asarray(rows, np.float32))
+
+    def without(self, code: str) -> Enrolled:
+        keep = [i for i, d in enumerate(self.drugs) if d["mapping_code"] != code]
+        means = self.means[keep] if keep else np.zeros((0, self.means.shape[-1]), np.float32)
+        return Enrolled(tuple(self.drugs[i] for i in keep), means)
+
+
+# ---- the store --------------------------------------------------------------------------------------------------
+
+def store_stamp(ckpt_dir: str | Path) -> tuple[int, int, int] | None:
+    """What changes whenever the store is committed (enrolment.json replaced): None when there is none."""
+    try:
+        st = os.stat(Path(ckpt_dir) / ENROLMENT_FILE)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str | None = None) -> Enrolled:
+    """The enrolled drugs of `classifier` (none when there is no store). StaleEnrolment when the store was made for
+    other weights; EnrolmentError when its feature file is missing or not the one it names."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / ENROLMENT_FILE
+    if not path.is_file():
+        return Enrolled()
+    stored = read_json(path)
+    codes = ", ".join(d.get("mapping_code", "?") for d in stored.get("drugs", []))
+    if stored.get("classifier_sha256") != (classifier_sha or file_sha256(classifier)):
+        raise StaleEnrolment(f"{path} was made for other classifier weights (the model was retrained since): its "
+                             f"drugs ({codes}) are not answered; enrol them again from their photos after removing "
+                             f"them (pillsnap enrol --exp EXP --remove CODE)")
+    features = ckpt_dir / str(stored.get("features_file", ""))
+    if not stored.get("drugs"):
+        return Enrolled()
+    if not features.is_file() or file_sha256(features) != stored.get("features_sha256"):
+        raise EnrolmentError(f"{features} is missing or not the file {path} names: remove {path} and enrol again",
+                             "store_broken")
+    with np.load(features) as data:
+        means, codes_stored = np.asarray(data["means"], np.float32), [str(c) for c in data["codes"]]
+    if codes_stored != [d["mapping_code"] for d in stored["drugs"]]:
+        raise EnrolmentError(f"{features} and {path} list different drugs: remove {path} and enrol again",
+                             "store_broken")
+    return Enrolled(tuple(stored["drugs"]), means)
+
+
+def write_store(ckpt_dir: str | Path, classifier_sha: str, enrolled: Enrolled) -> Path:
+    """Commit `enrolled` (the protocol at the top of this module); returns enrolment.json's path."""
+    ckpt_dir = Path(ckpt_dir)
+    staged = ckpt_dir / f"{FEATURES_PREFIX}staged.npz"
+    with atomic_path(staged) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, codes=np.asarray(enrolled.codes, dtype=str), means=enrolled.means)
+    digest = file_sha256(staged)
+    features = ckpt_dir / f"{FEATURES_PREFIX}{digest[:16]}.npz"
+    os.replace(staged, features)
+    save_json(ckpt_dir / ENROLMENT_FILE, {"version": STORE_VERSION, "classifier_sha256": classifier_sha,
+                                          "features_file": features.name, "features_sha256": digest,
+                                          "drugs": list(enrolled.drugs)})
+    for old in ckpt_dir.glob(f"{FEATURES_PREFIX}*.npz"):  # after the commit: files no store names any more
+        if old != features:
+            old.unlink(missing_ok=True)
+    return ckpt_dir / ENROLMENT_FILE
+
+
+@contextmanager
+def store_lock(ckpt_dir: str | Path) -> Iterator[None]:
+    """Hold the store's lock (an flock: released by the kernel if the holder dies)."""
+    with open(Path(ckpt_dir) / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- answering -------------------------------------------------------------------------------------------------
+
+def leave_one_out_distances(whitened: np.ndarray) -> np.ndarray:
+    """Each whitened feature row's squared distance to the mean of the other rows [N] (N >= 2)."""
+    n = len(whitened)
+    others = (whitened.sum(0, keepdims=True) - whitened) / (n - 1)
+    return ((whitened - others) ** 2).sum(1)
+
+
+def drug_spread(whitened: np.ndarray, threshold: float | None) -> float:
+    """How much wider than a trained drug's right answers this drug's photos spread (>= 1): the unknown-pill score
+    divides its distances by it. 1 without a threshold (no unknown answers to scale)."""
+    if threshold is None or len(whitened) < 2:
+        return 1.0
+    return max(1.0, float(leave_one_out_distances(whitened).mean()) / (SPREAD_REFERENCE * threshold))
+
+
+@dataclass(frozen=True)
+class EnrolledSpace:
+    """The trained class Gaussians with the enrolled drugs' means added: what classify needs to answer them."""
+
+    gaussians: ClassGaussians  # the trained classes, from the calibration
+    codes: tuple[str, ...]
+    means: np.ndarray  # [E, D'] whitened
+    n_photos: np.ndarray  # [E]
+    spread: np.ndarray  # [E]
+    softness: float  # the posterior's temperature, a squared distance
+
+    @classmethod
+    def build(cls, gaussians: ClassGaussians, enrolled: Enrolled, threshold: float | None) -> EnrolledSpace:
+        n = np.asarray([d["n_photos"] for d in enrolled.drugs], np.float64)
+        spread = np.asarray([float(d.get("spread", 1.0)) for d in enrolled.drugs], np.float64)
+        softness = POSTERIOR_SOFTNESS * (threshold if threshold else 1.0 / POSTERIOR_SOFTNESS)
+        return cls(gaussians, tuple(enrolled.codes), (enrolled.means @ gaussians.whiten).astype(np.float32), n,
+                   spread, float(softness))
+
+    def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(trained [N, C], enrolled [N, E]) squared distances; an enrolled drug's are divided by 1 + 1/n, the
+        extra spread of a mean estimated from n photos, so that a far trained mean and a near enrolled one
+        compare fairly."""
+        whole = ClassGaussians(np.concatenate([self.gaussians.means, self.means]), self.gaussians.whiten)
+        d = whole.distances(features)
+        c = len(self.gaussians.means)
+        return d[:, :c], d[:, c:] / (1.0 + 1.0 / self.n_photos)[None]
+
+    def merge(self, probs: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [N, C+E], unknown-pill distances [N]) from the classifier's calibrated probabilities
+        [N, C] and the crops' features [N, D]."""
+        trained, enrolled = self.distances(features)
+        return merge_posterior(probs, trained, enrolled, self.softness), np.minimum(
+            trained.min(1), (enrolled / self.spread[None]).min(1))
+
+
+def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray, softness: float) -> np.ndarray:
+    """[N, C+E]: the discriminant posterior softmax(-d / (2 softness)) over trained and enrolled means gives each
+    enrolled drug its probability; the classifier's probabilities of the trained drugs share what is left."""
+    logits = -np.concatenate([trained, enrolled], 1).astype(np.float64) / (2.0 * softness)
+    logits -= logits.max(1, keepdims=True)
+    q = np.exp(logits)
+    q /= q.sum(1, keepdims=True)
+    q_enrolled = q[:, trained.shape[1]:]
+    rest = 1.0 - q_enrolled.sum(1, keepdims=True)
+    return np.concatenate([np.asarray(probs, np.float64) * rest, q_enrolled], 1).astype(np.float32)
+
+
+def class_map_entry(code: str, name: str, attrs: Mapping[str, object]) -> dict:
+    """An enrolled drug's class-map entry, in class_map.json's fields (what the evidence and hints read)."""
+    return {"mapping_code": code, "name": name, "name_en": "", "company": "", "edi_codes": [],
+            "shape": attrs.get("shape") or "", "colors": list(attrs.get("colors") or ()),
+            "print_front": attrs.get("print_front") or "", "print_back": attrs.get("print_back") or "",
+            "line_front": "", "line_back": "", "form": "", "enrolled": True}
+
+
+def summary(drugs: Sequence[Mapping]) -> list[dict]:
+    """The list the CLI and the API show: code, name, imprints, colours, shape, photos, when."""
+    keys = ("mapping_code", "name", "print_front", "print_back", "colors", "shape", "n_photos", "enrolled_at")
+    return [{k: d.get(k) for k in keys} for d in drugs]
+
+
+
+def trained_gaussians(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[ClassGaussians | None, float | None]:
+    """(the trained class Gaussians, the feature-distance threshold) of a loaded calibration, whatever rule is in
+    force; (None, None) without a calibration or when its feature file is missing or not the one it names."""
+    from pillsnap.infer.artefacts import FEATURES_FILE
+
+    if calibration is None:
+        return None, None
+    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
+    if not path.is_file() or file_sha256(path) != calibration.get("features_sha256"):
+        return None, None
+    threshold = (calibration.get("unknown_thresholds") or {}).get("feature_distance")
+    return ClassGaussians.load(path), None if threshold is None else float(threshold)
+
+
+def load_space(ckpt_dir: str | Path, classifier: str | Path, calibration: Mapping | None,
+               classifier_sha: str | None = None) -> tuple[EnrolledSpace | None, tuple[dict, ...]]:
+    """What inference answers enrolled drugs with, and their entries; (None, ()) when none are enrolled, or (said
+    in the log) the store is stale or the run has no class Gaussians to place them among."""
+    try:
+        enrolled = read_store(ckpt_dir, classifier, classifier_sha)
+    except EnrolmentError as err:
+        LOGGER.warning("%s", err)
+        return None, ()
+    if not enrolled.drugs:
+        return None, ()
+    gaussians, threshold = trained_gaussians(ckpt_dir, calibration)
+    if gaussians is None:
+        LOGGER.warning("%d enrolled drug(s) in %s are not answered: they need the calibration's class Gaussians "
+                       "(pillsnap calibrate --exp EXP)", len(enrolled.drugs), ckpt_dir)
+        return None, ()
+    return EnrolledSpace.build(gaussians, enrolled, threshold), enrolled.drugs

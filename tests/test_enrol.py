@@ -1,0 +1,282 @@
+"""Enrolling a new drug without retraining (pillsnap.infer.enrol / enrolment, `pillsnap enrol`): enrol, answer by
+name, list, remove, a restart, a served predictor picking it up, and every bad input refused with nothing changed.
+
+The experiment is the untrained tiny one of test_infer_pipeline, given a calibration: class Gaussians fit on its
+own features of three colours of pill, so that a pill of a fourth colour is a new drug to it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_infer_pipeline import CODES, _cfg, make_exp_dir
+
+from pillsnap.cli import main as cli_main
+from pillsnap.infer.enrol import DrugInfo, enrol, listing, look_alike, remove
+from pillsnap.infer.enrolment import ENROLMENT_FILE, EnrolmentError, merge_posterior
+from pillsnap.infer.pipeline import Predictor
+from pillsnap.infer.preprocess import crop_pill, locate_pill
+from pillsnap.metrics.novelty import ClassGaussians
+from pillsnap.models.export import file_sha256
+from pillsnap.utils import save_json
+
+TRAINED_COLOURS = [(200, 40, 120), (40, 160, 60), (40, 60, 200)]  # K-000001..3
+NEW_COLOUR, NEW_CODE = (230, 200, 30), "K-900001"
+
+
+def pill(path: Path, colour: tuple[int, int, int], seed: int, shape: str = "ellipse") -> Path:
+    """A pill of `colour` on a plain backdrop, its place, size and shade varied by `seed`."""
+    rnd = random.Random(seed)
+    image = Image.new("RGB", (120, 160), (190, 190, 185))
+    x, y, w, h = rnd.randint(20, 50), rnd.randint(30, 80), rnd.randint(28, 40), rnd.randint(22, 32)
+    fill = tuple(min(255, max(0, c + rnd.randint(-12, 12))) for c in colour)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "ellipse" else draw.rectangle)((x, y, x + w, y + h), fill=fill)
+    image.save(path)
+    return path
+
+
+def calibrate(exp_dir: Path, photo_dir: Path) -> None:
+    """What `pillsnap calibrate` leaves for the feature_distance rule: class Gaussians over the classifier's
+    features of the trained colours, and a calibration.json naming the weights and the feature file."""
+    predictor = Predictor(exp_dir, _cfg(exp_dir), device="cpu")
+    feats, labels = [], []
+    for label, colour in enumerate(TRAINED_COLOURS):
+        for seed in range(12):
+            image = Image.open(pill(photo_dir / f"fit_{label}_{seed}.png", colour, 1000 + seed)).convert("RGB")
+            crop = crop_pill(image, locate_pill(image), predictor.crop_margin)
+            with torch.no_grad():
+                feats.append(predictor.classifier(predictor.transform(crop)[None])[1][0].numpy())
+            labels.append(label)
+    gaussians = ClassGaussians.fit(np.stack(feats), np.asarray(labels))
+    ckpt = exp_dir / "checkpoints"
+    gaussians.save(ckpt / "unknown_features.npz")
+    threshold = float(np.quantile(gaussians.score(np.stack(feats)), 0.95)) * 2
+    save_json(ckpt / "calibration.json", {
+        "temperature": 1.0, "unknown_rule": "feature_distance",
+        "unknown_thresholds": {"feature_distance": threshold, "probability": None}, "unknown_keep_correct": 0.95,
+        "features_file": "unknown_features.npz", "features_sha256": file_sha256(ckpt / "unknown_features.npz"),
+        "classifier_sha256": file_sha256(ckpt / "classification_best.pt")})
+
+
+@pytest.fixture(scope="module")
+def base_exp(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("enrol_exp")
+    exp = make_exp_dir(root / "exp", with_detector=False)
+    calibrate(exp, root)
+    return exp
+
+
+@pytest.fixture()
+def exp_dir(base_exp: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test: enrolments write into the experiment."""
+    return Path(shutil.copytree(base_exp, tmp_path / "exp"))
+
+
+@pytest.fixture()
+def predictor(exp_dir: Path) -> Predictor:
+    return Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+
+
+def photos(folder: Path, colour: tuple[int, int, int], seeds: range, shape: str = "rectangle") -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    return [pill(folder / f"p{seed}.png", colour, seed, shape) for seed in seeds]
+
+
+def new_drug() -> DrugInfo:
+    return DrugInfo.parse(NEW_CODE, "새약 10mg", "NEW", "10", "yellow", "square")
+
+
+def store_state(exp_dir: Path) -> bytes | None:
+    path = exp_dir / "checkpoints" / ENROLMENT_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
+def answer(predictor: Predictor, photo: Path) -> dict:
+    return predictor.predict(photo, mode="single")["pills"][0]
+
+
+def test_enrolled_drug_is_answered_by_name_with_its_attributes(predictor: Predictor, tmp_path: Path) -> None:
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    before = answer(predictor, pill(tmp_path / "probe.png", NEW_COLOUR, 99, "rectangle"))
+    assert before["mapping_code"] in (CODES + [None])  # not answerable before
+    report = enrol(predictor, new_drug(), new)
+    assert (report["mapping_code"], report["n_photos"], report["replaced"]) == (NEW_CODE, 5, False)
+    assert all(c["pill"] == "located on the backdrop" for c in report["crops"])
+    after = answer(predictor, tmp_path / "probe.png")
+    assert (after["mapping_code"], after["name"], after["unknown"]) == (NEW_CODE, "새약 10mg", False)
+    probs = [c["probability"] for c in after["topk"]]
+    assert sum(probs) <= 1.0 + 1e-5 and probs == sorted(probs, reverse=True)
+    entry = predictor.class_map[NEW_CODE]  # joins the matching: imprints, colours and shape as label words
+    assert (entry["print_front"], entry["print_back"], entry["colors"], entry["shape"]) == ("NEW", "10", ["노랑"],
+                                                                                            "사각형")
+    known = answer(predictor, pill(tmp_path / "known.png", TRAINED_COLOURS[1], 77))
+    assert known["mapping_code"] != NEW_CODE  # a trained drug's photo is not taken by the new one
+
+
+def test_list_remove_and_restart(exp_dir: Path, predictor: Predictor, tmp_path: Path) -> None:
+    enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))
+    probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
+    restarted = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+    assert answer(restarted, probe)["mapping_code"] == NEW_CODE and NEW_CODE in restarted.class_names
+    listed = listing(exp_dir)
+    assert listed["stale"] is None and [d["mapping_code"] for d in listed["drugs"]] == [NEW_CODE]
+    assert listed["drugs"][0]["n_photos"] == 5
+    assert remove(exp_dir, NEW_CODE) == {"removed": NEW_CODE, "name": "새약 10mg"}
+    assert listing(exp_dir)["drugs"] == []
+    assert answer(restarted, probe)["mapping_code"] != NEW_CODE  # the running one drops it on its next photo
+    assert NEW_CODE not in restarted.class_names and restarted.class_names == CODES
+    with pytest.raises(EnrolmentError, match="K-900001 is not enrolled"):
+        remove(exp_dir, NEW_CODE)
+
+
+def test_a_running_predictor_picks_up_an_enrolment_made_elsewhere(exp_dir: Path, predictor: Predictor,
+                                                                  tmp_path: Path) -> None:
+    served = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+    probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
+    assert answer(served, probe)["mapping_code"] != NEW_CODE
+    enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))  # e.g. the CLI, another process
+    assert answer(served, probe)["mapping_code"] == NEW_CODE
+
+
+@pytest.mark.parametrize(("case", "kind", "message"), [
+    ("trained", "trained_class", "K-000002 is a trained class (drug 1)"),
+    ("too_few", "photo_count", "2 photo(s) given: enrolling needs 3 to 10"),
+    ("no_pill", "no_pill", "blank.png: no pill found"),
+    ("corrupt", "bad_photo", "corrupt.png cannot be read as an image"),
+    ("missing", "bad_photo", "gone.png: no such file"),
+    ("bad_code", "bad_field", "code 'X-1' is not a drug code"),
+    ("bad_colour", "bad_field", "unknown colour 'plaid'"),
+])
+def test_bad_input_is_refused_and_changes_nothing(predictor: Predictor, exp_dir: Path, tmp_path: Path, case: str,
+                                                  kind: str, message: str) -> None:
+    good = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    info, batch = new_drug(), list(good)
+    if case == "trained":
+        info = DrugInfo.parse("K-000002", "dup")
+    elif case == "too_few":
+        batch = good[:2]
+    elif case == "no_pill":
+        Image.new("RGB", (120, 160), (190, 190, 185)).save(tmp_path / "blank.png")
+        batch[2] = tmp_path / "blank.png"
+    elif case == "corrupt":
+        (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        batch[1] = tmp_path / "corrupt.png"
+    elif case == "missing":
+        batch[4] = tmp_path / "gone.png"
+    before = store_state(exp_dir)
+    with pytest.raises(EnrolmentError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        if case == "bad_code":
+            DrugInfo.parse("X-1", "x")
+        elif case == "bad_colour":
+            DrugInfo.parse(NEW_CODE, "x", color="plaid")
+        enrol(predictor, info, batch)
+    assert err.value.kind == kind and store_state(exp_dir) == before and NEW_CODE not in predictor.class_names
+
+
+def test_combination_photo_gives_the_pill_least_like_any_known_drug(predictor: Predictor, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """Several pills on a photo go to the detector, and the new drug is the one no known drug is near."""
+    combos = []
+    for seed in range(5):
+        image = Image.open(pill(tmp_path / f"c{seed}.png", NEW_COLOUR, seed, "rectangle")).convert("RGB")
+        ImageDraw.Draw(image).ellipse((70, 110, 105, 140), fill=TRAINED_COLOURS[0])  # a known drug beside it
+        image.save(tmp_path / f"c{seed}.png")
+        combos.append(tmp_path / f"c{seed}.png")
+
+    def detect(image: Image.Image, conf: float, forward: object = None) -> np.ndarray:
+        known_box = [70, 110, 36, 31, 0.9]
+        box = locate_pill(image.crop((0, 0, 68, 160)))  # the new pill: left of the known one
+        return np.array([known_box, [*box, 0.8]], dtype=float)
+
+    monkeypatch.setattr(Predictor, "has_detector", property(lambda self: True))
+    monkeypatch.setattr(predictor, "detect", detect)
+    report = enrol(predictor, new_drug(), combos)
+    assert all(c["pill"].startswith("detected, 2 of 2 pills") for c in report["crops"])
+    assert answer(predictor, pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle"))["mapping_code"] == NEW_CODE
+
+
+def test_already_enrolled_needs_replace(predictor: Predictor, exp_dir: Path, tmp_path: Path) -> None:
+    enrol(predictor, new_drug(), photos(tmp_path / "a", NEW_COLOUR, range(5)))
+    before = store_state(exp_dir)
+    again = photos(tmp_path / "b", NEW_COLOUR, range(20, 24))
+    with pytest.raises(EnrolmentError, match="already enrolled .*--replace") as err:
+        enrol(predictor, new_drug(), again)
+    assert err.value.kind == "already_enrolled" and store_state(exp_dir) == before
+    report = enrol(predictor, new_drug(), again, replace=True)
+    assert report["replaced"] and [d["n_photos"] for d in listing(exp_dir)["drugs"]] == [4]
+
+
+def test_look_alike_photos_need_force_and_say_which_drug(predictor: Predictor, exp_dir: Path,
+                                                         tmp_path: Path) -> None:
+    same = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    enrol(predictor, new_drug(), same)
+    before = store_state(exp_dir)
+    twin = DrugInfo.parse("K-900002", "twin")
+    with pytest.raises(EnrolmentError, match=r"look like K-900001 \(새약 10mg\): \d of 5 lie nearer") as err:
+        enrol(predictor, twin, same)
+    assert err.value.kind == "look_alike" and store_state(exp_dir) == before
+    report = enrol(predictor, twin, same, force=True)
+    assert report["look_alike"]["mapping_code"] == NEW_CODE
+    assert [d["mapping_code"] for d in listing(exp_dir)["drugs"]] == [NEW_CODE, "K-900002"]
+
+
+def test_look_alike_rule() -> None:
+    own = np.array([10.0, 10.0, 10.0, 10.0])
+    assert look_alike(own, np.array([20.0, 30, 5, 40]), np.zeros(4, int), ["K-1"], {}) is None
+    found = look_alike(own, np.array([5.0, 6, 7, 40]), np.array([1, 1, 0, 1]), ["K-1", "K-2"], {"K-2": {"name": "b"}})
+    assert found == {"mapping_code": "K-2", "name": "b", "photos_nearer": 2, "photos": 4, "distance": 5.5,
+                     "own_distance": 10.0}
+
+
+def test_merged_probabilities_stay_one_distribution() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
+    trained = np.array([[100.0, 200, 300], [400.0, 500, 600]])
+    enrolled = np.array([[900.0], [50.0]])
+    merged = merge_posterior(probs, trained, enrolled, softness=20.0)
+    assert merged.shape == (2, 4) and np.allclose(merged.sum(1), 1.0)
+    assert merged[0].argmax() == 0 and merged[0, 3] < 1e-6  # far enrolled mean: the classifier's answer stands
+    assert merged[1].argmax() == 3 and merged[1, :3].sum() < 1e-3  # nearest by far: the enrolled drug
+
+
+def test_stale_enrolment_is_refused_with_a_clear_message(predictor: Predictor, exp_dir: Path, tmp_path: Path,
+                                                         caplog) -> None:
+    enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))
+    store = exp_dir / "checkpoints" / ENROLMENT_FILE
+    stored = json.loads(store.read_text(encoding="utf-8"))
+    stored["classifier_sha256"] = "0" * 64  # as if the classifier had been retrained since
+    store.write_text(json.dumps(stored), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        restarted = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+    assert NEW_CODE not in restarted.class_names
+    assert any("made for other classifier weights" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EnrolmentError, match="made for other classifier weights") as err:
+        enrol(restarted, DrugInfo.parse("K-900003", "x"), photos(tmp_path / "other", (250, 120, 20), range(5)))
+    assert err.value.kind == "stale"
+    assert "other classifier weights" in listing(exp_dir)["stale"]
+    remove(exp_dir, NEW_CODE)  # the way out: a stale drug can be removed
+    assert listing(exp_dir)["drugs"] == []
+
+
+def test_enrol_cli(exp_dir: Path, tmp_path: Path, capsys, caplog) -> None:
+    new = [str(p) for p in photos(tmp_path / "new", NEW_COLOUR, range(5))]
+    base = ["enrol", "--exp", str(exp_dir)]
+    assert cli_main([*base, "--code", NEW_CODE, "--name", "새약", "--color", "노랑", *new]) == 0
+    assert f"enrolled {NEW_CODE} 새약 from 5 photos" in capsys.readouterr().out
+    assert cli_main([*base, "--list", "--json"]) == 0
+    assert [d["mapping_code"] for d in json.loads(capsys.readouterr().out)["drugs"]] == [NEW_CODE]
+    caplog.clear()
+    assert cli_main([*base, "--code", NEW_CODE, "--name", "again", *new]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "already enrolled" in errors[0]
+    assert cli_main([*base, "--code", "K-900009", "--name", "x", str(tmp_path / "nope.png"), *new[:3]]) == 2
+    assert cli_main([*base, "--list", "--remove", NEW_CODE]) == 2  # one action at a time
+    assert cli_main([*base, "--remove", NEW_CODE]) == 0
+    assert f"removed {NEW_CODE}" in capsys.readouterr().out

@@ -1,0 +1,101 @@
+"""POST /v1/enrol, GET /v1/enrol and DELETE /v1/enrol/{code} on a real (tiny, calibrated) experiment: behind the API
+key, 4xx JSON for bad input with nothing changed, and the served model answering the new drug at once."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_enrol import NEW_CODE, NEW_COLOUR, base_exp, exp_dir, photos, pill, store_state  # noqa: F401 - fixtures
+from test_infer_pipeline import _cfg
+
+from pillsnap.infer.pipeline import Predictor
+from pillsnap.serve.app import create_app
+from pillsnap.serve.service import PredictionService
+from pillsnap.serve.settings import ServeSettings
+from pillsnap.utils.images import ImageLimits
+
+KEY = {"X-API-Key": "k"}
+
+
+@pytest.fixture()
+def client(exp_dir: Path):  # noqa: F811 - the fixture imported above
+    def load() -> Predictor:
+        return Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+
+    service = PredictionService(load, ImageLimits(min_side=32))
+    service.setup()
+    with TestClient(create_app(service, ServeSettings(), api_key="k")) as test_client:
+        yield test_client
+
+
+def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("photos", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def form(**extra: str) -> dict:
+    return {"code": NEW_CODE, "name": "새약 10mg", "imprint_front": "NEW", "color": "yellow", **extra}
+
+
+def test_every_enrol_endpoint_needs_the_key(client: TestClient, exp_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    for response in (client.post("/v1/enrol", files=upload(new), data=form()), client.get("/v1/enrol"),
+                     client.delete(f"/v1/enrol/{NEW_CODE}"),
+                     client.get("/v1/enrol", headers={"X-API-Key": "wrong"})):
+        assert response.status_code == 401 and response.json()["error"]
+    assert store_state(exp_dir) is None
+
+
+def test_enrol_answer_list_remove(client: TestClient, tmp_path: Path) -> None:
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    made = client.post("/v1/enrol", files=upload(new), data=form(), headers=KEY)
+    assert made.status_code == 200, made.text
+    body = made.json()
+    assert (body["mapping_code"], body["n_photos"], body["replaced"]) == (NEW_CODE, 5, False)
+    assert [c["photo"] for c in body["crops"]] == [p.name for p in new]
+    probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
+    answer = client.post("/v1/predict", files={"file": ("probe.png", probe.read_bytes(), "image/png")},
+                         data={"mode": "single"}, headers=KEY).json()
+    assert answer["pills"][0]["mapping_code"] == NEW_CODE and answer["pills"][0]["name"] == "새약 10mg"
+    listed = client.get("/v1/enrol", headers=KEY).json()
+    assert listed["stale"] is None and [d["mapping_code"] for d in listed["drugs"]] == [NEW_CODE]
+    assert listed["drugs"][0]["colors"] == ["노랑"]
+    assert client.delete(f"/v1/enrol/{NEW_CODE}", headers=KEY).json() == {"removed": NEW_CODE, "name": "새약 10mg"}
+    again = client.post("/v1/predict", files={"file": ("probe.png", probe.read_bytes(), "image/png")},
+                        data={"mode": "single"}, headers=KEY).json()
+    assert again["pills"][0]["mapping_code"] != NEW_CODE
+    gone = client.delete(f"/v1/enrol/{NEW_CODE}", headers=KEY)
+    assert gone.status_code == 404 and gone.json()["error"] == "not_enrolled"
+
+
+def test_bad_enrolments_are_4xx_json_and_change_nothing(client: TestClient, exp_dir: Path,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a photo")
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 160), (190, 190, 185)).save(buf, format="PNG")
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(buf.getvalue())
+    cases = [
+        (upload(new[:2]), form(), 422, "photo_count"),
+        (upload(new), form(code="K-000001"), 409, "trained_class"),
+        (upload(new), form(code="nope"), 422, "bad_field"),
+        (upload(new), form(shape="blob"), 422, "bad_field"),
+        (upload([*new[:4], junk]), form(), 400, "image_unreadable"),
+        (upload([*new[:4], blank]), form(), 422, "no_pill"),
+    ]
+    for files, data, status, error in cases:
+        response = client.post("/v1/enrol", files=files, data=data, headers=KEY)
+        assert (response.status_code, response.json()["error"]) == (status, error), response.text
+        assert response.json()["detail"] and store_state(exp_dir) is None
+    assert client.post("/v1/enrol", files=upload(new), data=form(), headers=KEY).status_code == 200
+    before = store_state(exp_dir)
+    for data, error in ((form(), "already_enrolled"), (form(code="K-900002"), "look_alike")):
+        response = client.post("/v1/enrol", files=upload(new), data=data, headers=KEY)
+        assert (response.status_code, response.json()["error"]) == (409, error)
+        assert store_state(exp_dir) == before
+    assert client.post("/v1/enrol", files=upload(new), data=form(replace="true"), headers=KEY).json()["replaced"]
