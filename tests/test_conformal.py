@@ -150,3 +150,18 @@ def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
     trusting, doubting = fit_evidence_scale(items(0), CLASS_MAP), fit_evidence_scale(items(3), CLASS_MAP)
     assert trusting == 2.0 and doubting < 1.0, (trusting, doubting)
     assert fit_evidence_scale([ValAnswer(_classified(0.9, 0.1), None, "K-000001")], CLASS_MAP) == 1.0
+
+
+def test_each_crop_source_answers_under_its_own_unknown_threshold() -> None:
+    """A detector's crop of a combination photo lies farther from the class means than a single-pill crop: the
+    same distance is unknown on a single-pill photo and named on a combination photo when the calibration fit a
+    threshold per source; without per-source thresholds both use the one."""
+    from pillsnap.infer.unknown import UnknownAnswer
+
+    unknown = UnknownAnswer("probability", 0.5, None, {"single": 0.2, "combination": 0.6})
+    classified = _classified(0.6, 0.3, 0.1, score=0.4)
+    single = decide_answer(classified, CLASS_MAP, None, None, unknown.for_answer(3, "single"))
+    combo = decide_answer(classified, CLASS_MAP, None, None, unknown.for_answer(3, "combination"))
+    assert single.unknown and not combo.unknown
+    assert unknown.for_answer(3).threshold == 0.5  # no source: the threshold over all crops
+    assert UnknownAnswer("probability", 0.5).for_answer(3, "single").threshold == 0.5

@@ -67,6 +67,12 @@ def test_calibration_with_held_out_classes(tmp_path):
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
     answers = report["answers"]  # the final answers, after the imprint evidence, on every validation crop
     assert answers["n"] == report["n_val"] and 0 <= answers["accuracy"] <= 1 and 0 <= answers["ece"] <= 1
+    # one threshold per crop source: this run's crops are all single-pill photos (combo crops off), so the single
+    # threshold is the one over all crops and the combination source, with no answers, falls back to it
+    by_source = stored["unknown_thresholds_by_source"]
+    assert by_source["single"] == thresholds and by_source["combination"] == thresholds
+    assert report["unknown_eval"]["known_crops"] == "single"
+    assert report["unknown_eval_all_crops"]["known_crops"] == "all"
     sets = stored["prediction_sets"]  # the conformal scores of the named validation answers, both methods
     assert set(sets["scores"]) == {"aps", "lac"} and sets["n"] + sets["withheld_unknown"] == answers["n"]
     assert all(len(v) == sets["n"] for v in sets["scores"].values()) and sets["imprint_reading"] is True
@@ -121,7 +127,7 @@ def test_held_out_sample_is_bounded_and_spread_over_classes(synth_cfg, monkeypat
     known = set(sorted(singles["mapping_code"].unique())[:2])
     held_out = singles[~singles["mapping_code"].isin(known)]
     monkeypatch.setattr(calibration, "HELD_OUT_CROPS", held_out["mapping_code"].nunique() * 2)
-    loader = calibration._held_out_loader(synth_cfg, known)
+    loader = calibration._held_out_loader(synth_cfg, known, rows)
     codes = [r.mapping_code for r in loader.dataset.rows]
     assert len(codes) == calibration.HELD_OUT_CROPS < len(held_out)
     assert set(codes) == set(held_out["mapping_code"]) and not set(codes) & known

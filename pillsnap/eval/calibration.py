@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
-from pillsnap.infer.unknown import UnknownAnswer
+from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import (
     bins_of,
     calibrated_probs,
@@ -76,10 +76,12 @@ class ValAnswer(NamedTuple):
     classified: Any
     read: Any
     truth: str
+    source: str | None = None  # single | combination (pillsnap.infer.unknown.CROP_SOURCES); None: not known
 
 
 def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
-                 threads: int, limit: int, reading: bool, unknown: UnknownAnswer) -> list[ValAnswer]:
+                 threads: int, limit: int, reading: bool, unknown: UnknownAnswer,
+                 sources: np.ndarray | None = None) -> list[ValAnswer]:
     """The first `limit` validation crops through the classifier and, where the contenders' imprints differ, the
     reader (the costly part, done once; the answers are then pure functions of these)."""
     import torch
@@ -98,7 +100,7 @@ def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list
         score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
         candidates = classifier_candidates(probs, topk, class_names, class_map)[0]
         out.append(ValAnswer(Classified(candidates, score), evidence.read(crop, candidates) if reading else None,
-                             class_names[label]))
+                             class_names[label], None if sources is None else str(sources[index])))
     return out
 
 
@@ -131,7 +133,7 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
 
 def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
                        topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
-                       unknown: UnknownAnswer | None = None) -> dict:
+                       unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None) -> dict:
     """The final answers on the first `limit` validation crops, as inference makes them (the imprint read where the
     contenders' imprints differ, then the posterior of pillsnap.infer.answer).
 
@@ -145,12 +147,13 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
 
     reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
     unknown = unknown or UnknownAnswer("probability", None)
-    rule = unknown.for_answer(len(class_names))
-    items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads, limit, reading, unknown)
+    items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads, limit, reading, unknown,
+                         sources)
     scale = fit_evidence_scale(items, class_map)
 
     def answered(weights: Any) -> list:
-        return [decide_answer(item.classified, class_map, item.read, None, rule, weights=weights) for item in items]
+        return [decide_answer(item.classified, class_map, item.read, None,
+                              unknown.for_answer(len(class_names), item.source), weights=weights) for item in items]
 
     answers = answered(replace(WEIGHTS, imprint=WEIGHTS.imprint * scale))
     set_scores: dict[str, list[float | None]] = {method: [] for method in SET_METHODS}
@@ -211,17 +214,39 @@ def _loader(dataset: Any, cfg: DictConfig) -> Any:
 HELD_OUT_CROPS = 2000
 
 
-def _held_out_loader(cfg: DictConfig, known: set[str]) -> Any:
-    """Single-pill photos of manifest classes the classifier never saw (None when the stage used them all): at most
-    HELD_OUT_CROPS, spread evenly over those classes."""
+MIN_SOURCE_RIGHT = 20  # right validation answers of a crop source below which it takes the threshold over all
+
+
+def _thresholds(val_scores: dict[str, np.ndarray], correct: np.ndarray, keep: float) -> dict[str, float | None]:
+    """Each rule's threshold keeping `keep` of the right answers (None: off, or nothing to reject)."""
+    return {name: _finite(rejection_threshold(scores, correct, keep)) if keep > 0 else None
+            for name, scores in val_scores.items()}
+
+
+def _manifest(cfg: DictConfig) -> Any:
     from pillsnap.data import load_manifest
-    from pillsnap.data.datasets import ClassificationDataset
 
     try:
-        rows = load_manifest(cfg.paths.manifest_dir)
+        return load_manifest(cfg.paths.manifest_dir)
     except FileNotFoundError:
         return None
-    rows = rows[(rows["image_type"] == "single") & ~rows["mapping_code"].isin(known)]
+
+
+def crop_sources(dataset: Any, manifest: Any) -> np.ndarray | None:
+    """Per crop of a ClassificationDataset: "single" (a single-pill photo) or "combination" (a pill cut from a
+    combination photo), from the manifest's image_type; None without a manifest or manifest rows."""
+    if manifest is None or not hasattr(dataset, "rows"):
+        return None
+    single = set(manifest.loc[manifest["image_type"] == "single", "image_path"])
+    return np.array(["single" if row.image_path in single else "combination" for row in dataset.rows])
+
+
+def _held_out_loader(cfg: DictConfig, known: set[str], manifest: Any) -> Any:
+    """Single-pill photos of manifest classes the classifier never saw (None when the stage used them all): at most
+    HELD_OUT_CROPS, spread evenly over those classes."""
+    from pillsnap.data.datasets import ClassificationDataset
+
+    rows = manifest[(manifest["image_type"] == "single") & ~manifest["mapping_code"].isin(known)]
     if rows.empty:
         return None
     per_class = max(1, HELD_OUT_CROPS // rows["mapping_code"].nunique())
@@ -305,10 +330,16 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     correct = cal.argmax(axis=1) == y_true
     val_distances = gaussians.score(features)
     val_scores = {name: unknown_scores(name, cal, val_distances) for name in UNKNOWN_RULES}
-    thresholds = {name: _finite(rejection_threshold(scores, correct, keep)) if keep > 0 else None
-                  for name, scores in val_scores.items()}
+    thresholds = _thresholds(val_scores, correct, keep)
+    manifest = _manifest(cfg)
+    sources = crop_sources(loaders.cls_val.dataset, manifest)
+    by_source = None if sources is None else {
+        source: _thresholds({k: v[sources == source] for k, v in val_scores.items()}, correct[sources == source],
+                            keep) if (correct & (sources == source)).sum() >= MIN_SOURCE_RIGHT else dict(thresholds)
+        for source in CROP_SOURCES}
     # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
     stored = {"temperature": temperature, "unknown_rule": rule, "unknown_thresholds": thresholds,
+              "unknown_thresholds_by_source": by_source,
               "unknown_rule_description": UNKNOWN_RULES[rule],
               "unknown_keep_correct": keep, "features_file": FEATURES_FILE, "classifier_sha256": file_sha256(ckpt),
               "n_val": int(len(y_true)), "n_features_fit": int(len(fit_labels))}
@@ -316,32 +347,45 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
               "ece_before": before["ece_before"], "ece_after": expected_calibration_error(cal, y_true),
               "ece_sampling_floor": ece_sampling_floor(cal.max(axis=1)),
               "bins_before": before["bins_before"], "bins_after": reliability_bins(cal, y_true)}
-    held_out = _held_out_loader(cfg, set(loaders.meta["class_names"]))
+    held_out = None if manifest is None else _held_out_loader(cfg, set(loaders.meta["class_names"]), manifest)
     if held_out is not None:
         _, unknown_log_p, unknown_features = _outputs(model, held_out, device)
         unknown_probs = calibrated_probs(unknown_log_p, temperature)
         unknown_distances = gaussians.score(unknown_features)
         held_out_classes = len({r.mapping_code for r in held_out.dataset.rows})
+        # The held-out photos are single-pill photos: they are compared with the known drugs' single-pill crops,
+        # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
+        single = np.ones(len(correct), bool) if sources is None else sources == "single"
+        single_thresholds = thresholds if by_source is None else by_source["single"]
         by_rule = {}
         for name in UNKNOWN_RULES:
-            threshold = float("inf") if thresholds[name] is None else thresholds[name]
-            by_rule[name] = rejection_report(val_scores[name], correct,
-                                             unknown_scores(name, unknown_probs, unknown_distances), threshold)
-            by_rule[name].update(threshold=thresholds[name], held_out_classes=held_out_classes)
+            held = unknown_scores(name, unknown_probs, unknown_distances)
+            threshold = float("inf") if single_thresholds[name] is None else single_thresholds[name]
+            by_rule[name] = rejection_report(val_scores[name][single], correct[single], held, threshold)
+            by_rule[name].update(threshold=single_thresholds[name], held_out_classes=held_out_classes,
+                                 known_crops="single")
+        overall = float("inf") if thresholds[rule] is None else thresholds[rule]
+        report["unknown_eval_all_crops"] = {
+            **rejection_report(val_scores[rule], correct, unknown_scores(rule, unknown_probs, unknown_distances),
+                               overall), "threshold": thresholds[rule], "known_crops": "all"}
         report["unknown_eval"], report["unknown_eval_by_rule"] = by_rule[rule], by_rule
     # The answers inference gives, the unknown-pill rule in force: their accuracy and ECE after the imprint
     # evidence, and the scores the prediction sets are calibrated on.
-    outcome = answer_calibration(
-        model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
-        dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads),
-        read_imprints=bool(cfg.inference.imprint.enabled),
-        unknown=UnknownAnswer(rule, thresholds[rule], gaussians) if keep > 0 else None)
+    outcome = {"answers": None, "evidence_scale": 1.0, "prediction_sets": None}
+    if hasattr(loaders.cls_val.dataset, "load_crop"):  # photos to answer (not a tensor-only data set)
+        outcome = answer_calibration(
+            model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
+            dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads),
+            read_imprints=bool(cfg.inference.imprint.enabled),
+            unknown=UnknownAnswer(rule, thresholds[rule], gaussians, None if by_source is None else {
+                source: values[rule] for source, values in by_source.items()}) if keep > 0 else None, sources=sources)
     if outcome["answers"] is not None:
         report["answers"] = outcome["answers"]
     stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
-    stored["prediction_sets"] = outcome["prediction_sets"]
-    report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),
-                                            float(cfg.inference.prediction_set.coverage))
+    if outcome["prediction_sets"] is not None:
+        stored["prediction_sets"] = outcome["prediction_sets"]
+        report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),
+                                                float(cfg.inference.prediction_set.coverage))
     # The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's hash.
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]
@@ -352,11 +396,12 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
                 rule, _unknown_line(report.get("unknown_eval")))
-    sets = report["prediction_sets"]
-    LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: threshold %s",
-                sets["method"], sets["coverage"], sets["n"],
-                "none (too few answers: every candidate is in the set)" if sets["threshold"] is None
-                else f"{sets['threshold']:.4f}")
+    sets = report.get("prediction_sets")
+    if sets:
+        LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: "
+                    "threshold %s", sets["method"], sets["coverage"], sets["n"],
+                    "none (too few answers: every candidate is in the set)" if sets["threshold"] is None
+                    else f"{sets['threshold']:.4f}")
     return report
 
 

@@ -49,10 +49,10 @@ def crop_figures(predictor: Any, crops: list[tuple[Any, str, str]], batch: int =
     share the unknown-pill rule would withhold."""
     right: dict[str, list[bool]] = {}
     withheld: dict[str, list[bool]] = {}
-    threshold = predictor.unknown_rule.threshold
     for start in range(0, len(crops), batch):
         chunk = crops[start:start + batch]
         for (_, code, kind), out in zip(chunk, predictor.classify([c for c, _, _ in chunk]), strict=True):
+            threshold = predictor.unknown_rules["single" if kind == "single" else "combination"].threshold
             right.setdefault(kind, []).append(out.topk[0]["mapping_code"] == code)
             withheld.setdefault(kind, []).append(threshold is not None and out.unknown_score is not None
                                                  and out.unknown_score > threshold)

@@ -156,8 +156,11 @@ def _calibration_lines(cal: dict) -> list[str]:
     unknown, by_rule = cal.get("unknown_eval"), cal.get("unknown_eval_by_rule") or {}
     if unknown:
         others = ", ".join(f"{name} {_fmt(r['auroc'])}" for name, r in by_rule.items() if name != cal["unknown_rule"])
+        every = cal.get("unknown_eval_all_crops") or {}
+        against = (f" against known single-pill crops (every validation crop: {_fmt(every.get('auroc'))})"
+                   if every else "")
         lines.append(f"held-out    unknown-pill AUROC={_fmt(unknown['auroc'])} over {unknown['held_out_classes']} "
-                     f"classes never trained{f' (by {others})' if others else ''} | coverage="
+                     f"classes never trained{against}{f' (by {others})' if others else ''} | coverage="
                      f"{_fmt(unknown['coverage'])} accuracy answered={_fmt(unknown['accuracy_answered'])} unknowns "
                      f"rejected={_fmt(unknown['unknown_rejected'])}")
     return lines

@@ -44,6 +44,15 @@ def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | Non
     return stored if isinstance(stored.get("unknown_thresholds"), dict) else _upgrade(stored, path)
 
 
+def unknown_thresholds_by_source(calibration: dict, rule: str) -> dict[str, float | None] | None:
+    """The rule's threshold per crop source (single, combination) from a loaded calibration; None when it was
+    written before there were per-source thresholds (the one threshold then holds for every crop)."""
+    by_source = calibration.get("unknown_thresholds_by_source")
+    if not isinstance(by_source, dict):
+        return None
+    return {source: thresholds.get(check_unknown_rule(rule)) for source, thresholds in by_source.items()}
+
+
 def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
                       rule: str) -> tuple[float | None, ClassGaussians | None]:
     """(threshold, ClassGaussians or None) of `rule` from a loaded calibration; threshold None: the rule is off

@@ -21,13 +21,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, Classified, SetRule, classifier_candidates, decide_answer
+from pillsnap.infer.answer import (
+    THRESHOLDS,
+    WEIGHTS,
+    Classified,
+    SetRule,
+    UnknownRule,
+    classifier_candidates,
+    decide_answer,
+)
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
-from pillsnap.infer.unknown import UnknownAnswer
+from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
@@ -89,7 +97,7 @@ class Predictor:
         self._check_classes(self.classifier_path, image_size)
         self.calibration = self._load_calibration()
         self.unknown = self._unknown_rule()
-        self.unknown_rule = self.unknown.for_answer(len(self.class_names))  # what each pill's answer applies
+        self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         imprint = self.settings.imprint
         self.set_rule = self._set_rule(bool(imprint.enabled))
         self.thresholds = THRESHOLDS
@@ -149,18 +157,22 @@ class Predictor:
     def _unknown_rule(self) -> UnknownAnswer:
         """The configured unknown-pill rule with the threshold calibrated for it (off without calibration, with
         inference.unknown_keep_correct at 0, or where the export lacks the features the rule needs)."""
-        from pillsnap.infer.artefacts import load_unknown_rule
+        from pillsnap.infer.artefacts import load_unknown_rule, unknown_thresholds_by_source
 
         rule = str(self.settings.unknown_rule)
         if self.calibration is None or float(self.settings.unknown_keep_correct) <= 0:
             return UnknownAnswer(rule, None)
         threshold, gaussians = load_unknown_rule(self.exp_dir / "checkpoints", self.calibration, rule)
+        by_source = unknown_thresholds_by_source(self.calibration, rule) if threshold is not None else None
         if rule == "feature_distance" and self.export is not None and len(self.classifier.output_names) < 2:
             LOGGER.warning("the ONNX classifier in %s has no features output (exported by an older PillSnap): no "
                            "pill is answered as unknown; run `pillsnap export --exp %s`", self.classifier.path,
                            self.exp_dir)
             threshold = None
-        return UnknownAnswer(rule, threshold, gaussians)
+        return UnknownAnswer(rule, threshold, gaussians, by_source)
+
+    def _answer_rules(self, unknown: UnknownAnswer) -> dict[str, UnknownRule]:
+        return {source: unknown.for_answer(len(self.class_names), source) for source in CROP_SOURCES}
 
     def _set_rule(self, imprint_reading: bool) -> SetRule | None:
         """The prediction-set rule at inference.prediction_set.coverage, from the scores calibrated for these
@@ -265,7 +277,7 @@ class Predictor:
         self.evidence.class_map = self.class_map
         self.enrolled, self._enrol_stamp = space, stamp
         self.class_names = names + [d["mapping_code"] for d in drugs]
-        self.unknown_rule = unknown.for_answer(len(self.class_names))
+        self.unknown_rules = self._answer_rules(unknown)
         if drugs:
             LOGGER.info("predictor: %d enrolled drug(s) answered: %s", len(drugs),
                         ", ".join(d["mapping_code"] for d in drugs))
@@ -310,8 +322,9 @@ class Predictor:
                 hints: Hints | None) -> dict:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
-        answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rule, self.thresholds,
-                               self.weights, self.set_rule)
+        rule = self.unknown_rules["single" if det_conf is None else "combination"]
+        answer = decide_answer(classified, self.class_map, read, hints, rule, self.thresholds, self.weights,
+                               self.set_rule)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:

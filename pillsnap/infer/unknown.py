@@ -19,6 +19,10 @@ class UnknownAnswer:
     rule: str
     threshold: float | None
     gaussians: ClassGaussians | None = None
+    # Thresholds fit on each crop source's validation answers (CROP_SOURCES), where the calibration had them: a
+    # detector's crop of a combination photo (varied backdrops, dishes, falloff) lies farther from the class means
+    # than a single-pill photo's crop, so one threshold for both would let single-photo unknowns through.
+    by_source: dict[str, float | None] | None = None
 
     def __post_init__(self) -> None:
         check_unknown_rule(self.rule)
@@ -37,6 +41,13 @@ class UnknownAnswer:
             distances = self.gaussians.score(features)
         return [float(v) for v in unknown_scores(self.rule, probs, distances)]
 
-    def for_answer(self, num_known: int) -> UnknownRule:
-        """What the answer policy needs of this rule (its threshold None when the rule cannot run)."""
-        return UnknownRule(self.rule, self.threshold if self.active else None, num_known)
+    def for_answer(self, num_known: int, source: str | None = None) -> UnknownRule:
+        """What the answer policy needs of this rule for a crop from `source` (one of CROP_SOURCES; None: the
+        threshold over all crops); its threshold None when the rule cannot run."""
+        threshold = self.threshold
+        if source is not None and self.by_source and source in self.by_source:
+            threshold = self.by_source[source]
+        return UnknownRule(self.rule, threshold if self.active else None, num_known)
+
+
+CROP_SOURCES = ("single", "combination")  # a whole single-pill photo's crop; a detector's crop of a combination
