@@ -242,7 +242,7 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
     images = [_decode(photo) for photo in photos]  # every photo readable before any work on one
     ckpt_dir = predictor.exp_dir / "checkpoints"
     with store_lock(ckpt_dir):
-        existing = read_store(ckpt_dir, predictor.classifier_path, _classifier_sha(predictor))
+        existing = read_store(ckpt_dir, predictor.classifier_path, predictor.classifier_sha256)
         index = _check_code(existing, info.code, replace)
         neighbours = Neighbours(gaussians, existing, predictor.trained[0], info.code)
         features, whitened, found, found_by = _measure(predictor, images, photos, neighbours, gaussians)
@@ -251,7 +251,7 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
         entry = {**info.entry(), "n_photos": len(photos), "spread": round(drug_spread(whitened, threshold), 4),
                  "photos": [p.label for p in photos],
                  "enrolled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_store(ckpt_dir, _classifier_sha(predictor), existing.with_drug(entry, features.mean(0)))
+        write_store(ckpt_dir, predictor.classifier_sha256, existing.with_drug(entry, features.mean(0)))
     predictor.refresh_enrolment()
     return {"mapping_code": info.code, "name": info.name, "n_photos": len(photos), "replaced": index is not None,
             "look_alike": found, "crops": [{"photo": p.label, "pill": how} for p, how in zip(photos, found_by,
@@ -259,12 +259,6 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
             "elapsed_s": round(time.perf_counter() - start, 2)}
 
 
-def _classifier_sha(predictor: Any) -> str:
-    if not hasattr(predictor, "classifier_sha256"):
-        from pillsnap.models.export import file_sha256
-
-        predictor.classifier_sha256 = file_sha256(predictor.classifier_path)
-    return predictor.classifier_sha256
 
 
 def stored_sha(ckpt_dir: Path) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -114,6 +115,10 @@ class Predictor:
         self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
+        # (class names, class map, unknown rule) as trained; enrolled drugs (infer/enrolment.py) join them
+        self.trained = (list(self.class_names), dict(self.class_map), self.unknown)
+        self.enrolled: Any = None
+        self._enrol_stamp: Any = False  # the enrolment store's stamp when last read (False: never read)
         self.refresh_enrolment()
         LOGGER.info("predictor (%s): classifier %s (%d classes), detector %s", self.backend, self.classifier_path.name,
                     len(self.class_names), self.detector_path.name if self.detector_path else "none")
@@ -149,6 +154,13 @@ class Predictor:
             LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered "
                         "as unknown", self.classifier_path.name)
         return calibration
+
+    @cached_property
+    def classifier_sha256(self) -> str:
+        """The classifier file's SHA-256, hashed once (what calibration and enrolments are bound to)."""
+        from pillsnap.models.export import file_sha256
+
+        return file_sha256(self.classifier_path)
 
     @property
     def temperature(self) -> float:
@@ -260,18 +272,11 @@ class Predictor:
 
         ckpt_dir = self.exp_dir / "checkpoints"
         stamp = store_stamp(ckpt_dir)
-        if stamp == getattr(self, "_enrol_stamp", False):
+        if stamp == self._enrol_stamp:
             return False
-        if not hasattr(self, "trained"):  # (class names, class map, unknown rule) as trained, before any enrolment
-            self.trained = (list(self.class_names), dict(self.class_map), self.unknown)
-            self.enrolled = None
-        if stamp is not None and not hasattr(self, "classifier_sha256"):
-            from pillsnap.models.export import file_sha256
-
-            self.classifier_sha256 = file_sha256(self.classifier_path)
         names, class_map, unknown = self.trained
         space, drugs = load_space(ckpt_dir, self.classifier_path, self.calibration,
-                                  getattr(self, "classifier_sha256", None))
+                                  None if stamp is None else self.classifier_sha256)
         # The class map first: a classify on another thread that already sees the new drugs finds their names.
         self.class_map = {**class_map, **{d["mapping_code"]: d for d in drugs}}
         self.evidence.class_map = self.class_map
