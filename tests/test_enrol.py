@@ -280,3 +280,19 @@ def test_enrol_cli(exp_dir: Path, tmp_path: Path, capsys, caplog) -> None:
     assert cli_main([*base, "--list", "--remove", NEW_CODE]) == 2  # one action at a time
     assert cli_main([*base, "--remove", NEW_CODE]) == 0
     assert f"removed {NEW_CODE}" in capsys.readouterr().out
+
+
+def test_the_demo_lines_say_what_obeying_the_look_alike_check_keeps():
+    from pillsnap.eval.enrol_eval import format_enrolment
+
+    known = {"single_accuracy": 0.8, "combo_all_right_rate": 0.5, "known_pill_accuracy": 0.9}
+    figures = {"drugs": 2, "photos_per_drug": 5, "enrol_seconds_max": 0.3, "remaining_photos": 20, "accuracy": 0.9,
+               "unknown_share": 0.05, "known_before": known, "known_after": {**known, "single_accuracy": 0.7},
+               "known_crops_before": {}, "known_crops_after": {},
+               "look_alike_check_obeyed": {"refused": ["K-000007"],
+                                           "known_after": {**known, "single_accuracy": 0.79}}}
+    lines = format_enrolment(figures)
+    assert "single-photo accuracy 0.800 -> 0.700" in lines[1]
+    assert lines[-1].startswith("enrolment   with the look-alike check obeyed (K-000007 refused, not forced)")
+    assert "known single-photo accuracy 0.800 -> 0.790" in lines[-1]
+    assert not any("obeyed" in line for line in format_enrolment({**figures, "look_alike_check_obeyed": None}))

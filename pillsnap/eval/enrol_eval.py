@@ -121,6 +121,7 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
     crops = known_crops(manifest, trained, predictor.crop_margin)
     crops_before = crop_figures(predictor, crops)
     enrolled = _enrol_all(predictor, plan, class_map)
+    removed: set[str] = set()
     try:
         codes = trained | set(plan)
         after = evaluate_pipeline(predictor, test, "auto", None, codes)
@@ -128,12 +129,22 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
         rest = photo_groups(manifest[manifest["image_path"].astype(str).isin(others)].assign(split="any"), "any")
         answered = evaluate_pipeline(predictor, rest, "auto", None, codes)
         crops_after = crop_figures(predictor, crops)
+        # The same known photos with the look-alike check obeyed: the drugs it objected to (enrolled above with
+        # --force) taken out again, as a user who does not force would have them.
+        flagged = [d["mapping_code"] for d in enrolled if d.get("look_alike")]
+        checked = None
+        if flagged and not keep:  # kept enrolments stay as they were forced
+            for code in flagged:
+                remove(cfg.paths.exp_dir, code)
+                removed.add(code)
+            result = evaluate_pipeline(predictor, test, "auto", None, codes - set(flagged))
+            checked = {"refused": flagged, "known_after": _figures(result, trained)}
     finally:
         if not keep:
-            for code in plan:
+            for code in sorted(set(plan) - removed):
                 remove(cfg.paths.exp_dir, code)
     return {**_summary(enrolled, answered, before, after, trained),
-            "known_crops_before": crops_before, "known_crops_after": crops_after}
+            "known_crops_before": crops_before, "known_crops_after": crops_after, "look_alike_check_obeyed": checked}
 
 
 def _summary(enrolled: list[dict], answered: dict, before: dict, after: dict, trained: set[str]) -> dict:
@@ -187,4 +198,15 @@ def format_enrolment(figures: dict | None) -> list[str]:
         "enrolment   known drugs' labelled crops (classifier only) before -> after: " + ", ".join(
             f"{kind} accuracy {fmt(figures['known_crops_before'][kind]['accuracy'])} -> {fmt(stats['accuracy'])}, "
             f"withheld as unknown {fmt(figures['known_crops_before'][kind]['unknown'])} -> {fmt(stats['unknown'])}"
-            for kind, stats in (figures.get("known_crops_after") or {}).items())]
+            for kind, stats in (figures.get("known_crops_after") or {}).items())] + _checked_line(figures, fmt)
+
+
+def _checked_line(figures: dict, fmt: Any) -> list[str]:
+    checked = figures.get("look_alike_check_obeyed")
+    if not checked:
+        return []
+    before, after = figures["known_before"], checked["known_after"]
+    return [f"enrolment   with the look-alike check obeyed ({', '.join(checked['refused'])} refused, not forced): "
+            f"known single-photo accuracy {fmt(before['single_accuracy'])} -> {fmt(after['single_accuracy'])}, "
+            f"known pills on combination photos {fmt(before['known_pill_accuracy'])} -> "
+            f"{fmt(after['known_pill_accuracy'])}"]
