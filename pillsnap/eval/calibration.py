@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +25,13 @@ from pillsnap.metrics.calibration import (
     nll,
     reliability_bins,
 )
-from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity
+from pillsnap.metrics.conformal import (
+    SET_METHODS,
+    conformal_threshold,
+    nonconformity,
+    scores_from_json,
+    scores_to_json,
+)
 from pillsnap.metrics.novelty import (
     UNKNOWN_RULES,
     ClassGaussians,
@@ -119,7 +124,7 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
         return 1.0
 
     def nll_at(scale: float) -> float:
-        weights = replace(WEIGHTS, imprint=WEIGHTS.imprint * scale)
+        weights = WEIGHTS.with_read_scaled(scale)
         total = 0.0
         for item in read:
             ranked = rerank(item.classified.topk, class_map, item.read.text, item.read.score, None, weights)
@@ -155,8 +160,8 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
         return [decide_answer(item.classified, class_map, item.read, None,
                               unknown.for_answer(len(class_names), item.source), weights=weights) for item in items]
 
-    answers = answered(replace(WEIGHTS, imprint=WEIGHTS.imprint * scale))
-    set_scores: dict[str, list[float | None]] = {method: [] for method in SET_METHODS}
+    answers = answered(WEIGHTS.with_read_scaled(scale))
+    set_scores: dict[str, list[float]] = {method: [] for method in SET_METHODS}
     for answer, item in zip(answers, items, strict=True):
         if answer.unknown:
             continue
@@ -164,13 +169,13 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
         where = codes.index(item.truth) if item.truth in codes else None
         probabilities = [c["probability"] for c in answer.candidates]
         for method, scores in set_scores.items():
-            value = nonconformity(method, probabilities, where)
-            scores.append(round(value, 9) if np.isfinite(value) else None)  # JSON has no infinity
+            scores.append(nonconformity(method, probabilities, where))
     figures = None
     if reading:
         figures = {**_answer_figures(answers, items), "evidence_scale": scale,
                    "unscaled": {k: v for k, v in _answer_figures(answered(WEIGHTS), items).items() if k != "bins"}}
-    sets = {"scores": set_scores, "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
+    sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
+            "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
             "imprint_reading": reading, "unknown_rule": unknown.rule if unknown.active else None}
     return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets}
 
@@ -188,11 +193,11 @@ def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
 def set_summary(sets: dict, method: str, coverage: float) -> dict:
     """The calibrated set rule at `coverage` and what it gives on the calibration answers themselves (coverage
     there is at least `coverage` by construction: the honest figure is on held-out photos)."""
-    scores = [np.inf if s is None else s for s in sets["scores"][method]]
-    threshold = conformal_threshold(scores, coverage) if scores else np.inf
+    scores = scores_from_json(sets["scores"][method])
+    threshold = conformal_threshold(scores, coverage) if len(scores) else np.inf
     return {"method": method, "coverage": coverage, "threshold": _finite(threshold), "n": sets["n"],
             "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
-            "calibration_coverage": float(np.mean(np.asarray(scores) <= threshold)) if scores else None}
+            "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None}
 
 
 def _finite(value: float) -> float | None:

@@ -118,11 +118,10 @@ def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
         return {}
     coverage, reading = predictor.set_rule.coverage, bool(predictor.settings.imprint.enabled)
     by_method = {}
-    for method in SET_METHODS:
+    for method in SET_METHODS:  # the predictor's own set rule loaded, so every method's scores are there
         threshold, _ = load_set_rule(predictor.calibration, method, coverage, reading)
-        by_method[method] = {"threshold": threshold if threshold is not None and threshold < float("inf") else None,
-                             **set_figures(with_sets(outcomes, method, float("inf") if threshold is None
-                                                     else threshold))}
+        by_method[method] = {"threshold": threshold if np.isfinite(threshold) else None,
+                             **set_figures(with_sets(outcomes, method, threshold))}
     return by_method
 
 

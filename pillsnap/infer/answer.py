@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -67,6 +67,10 @@ class RerankWeights:
     hint_imprint: float = 12.0  # what the user typed is trusted more than OCR
     color: float = 2.5
     shape: float = 2.0
+
+    def with_read_scaled(self, factor: float) -> RerankWeights:
+        """These weights with the imprint read's scaled by `factor` (the calibrated evidence scale)."""
+        return replace(self, imprint=self.imprint * factor)
 
 
 THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()

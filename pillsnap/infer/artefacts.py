@@ -8,6 +8,7 @@ pillsnap.eval.calibration fits and writes them; this module only reads them, so 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
@@ -30,14 +31,15 @@ def _upgrade(stored: dict, path: Path) -> dict:
     return stored
 
 
-def load_calibration(ckpt_dir: str | Path, classifier: str | Path) -> dict | None:
-    """The calibration stored for `classifier`, or None when there is none or it was fit for other weights (said
-    once in the log). One written by an older PillSnap is read in today's form."""
+def load_calibration(ckpt_dir: str | Path, classifier: str | Path, classifier_sha256: str | None = None) -> dict | None:
+    """The calibration stored for `classifier` (whose SHA-256 is hashed here unless given), or None when there is
+    none or it was fit for other weights (said once in the log). One written by an older PillSnap is read in
+    today's form."""
     path = Path(ckpt_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
     stored = read_json(path)
-    if stored.get("classifier_sha256") != file_sha256(classifier):
+    if stored.get("classifier_sha256") != (classifier_sha256 or file_sha256(classifier)):
         LOGGER.warning("%s was fit for other classifier weights: probabilities are shown uncalibrated "
                        "(recalibrate: pillsnap calibrate --exp EXP)", path)
         return None
@@ -61,15 +63,24 @@ def load_unknown_rule(ckpt_dir: str | Path, calibration: dict,
     threshold = calibration["unknown_thresholds"].get(check_unknown_rule(rule))
     if rule != "feature_distance" or threshold is None:
         return threshold, None
-    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    problem = "missing" if not path.is_file() else (
-        "not the file fit with these thresholds" if file_sha256(path) != calibration.get("features_sha256") else None)
+    gaussians, path, problem = load_class_gaussians(ckpt_dir, calibration)
     if problem:
         LOGGER.warning("inference.unknown_rule=feature_distance needs %s, which is %s: no pill is answered as "
                        "unknown (recalibrate: pillsnap calibrate --exp EXP, or set inference.unknown_rule=probability)",
                        path, problem)
         return None, None
-    return threshold, ClassGaussians.load(path)
+    return threshold, gaussians
+
+
+def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[ClassGaussians | None, Path, str | None]:
+    """(the class Gaussians the calibration was fit with, their file, None), or (None, the file, what is wrong with
+    it: missing, or not the file the calibration names by hash)."""
+    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
+    if not path.is_file():
+        return None, path, "missing"
+    if file_sha256(path) != calibration.get("features_sha256"):
+        return None, path, "not the file fit with these thresholds"
+    return ClassGaussians.load(path), path, None
 
 
 def load_set_rule(calibration: dict | None, method: str, coverage: float,
@@ -77,7 +88,7 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float,
     """(threshold, None) of the prediction-set rule `method` at `coverage` from a loaded calibration, or (None, why
     there is none). The scores were measured on answers made with or without imprint reading; answers made the
     other way have other probabilities, so their sets would not keep the coverage."""
-    from pillsnap.metrics.conformal import check_set_method, conformal_threshold
+    from pillsnap.metrics.conformal import check_set_method, conformal_threshold, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
     if not stored:
@@ -86,5 +97,4 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float,
         return None, (f"the prediction sets were calibrated with imprint reading "
                       f"{'on' if stored.get('imprint_reading') else 'off'} and it is now "
                       f"{'on' if imprint_reading else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
-    scores = stored["scores"][check_set_method(method)]
-    return conformal_threshold([float("inf") if s is None else float(s) for s in scores], coverage), None
+    return conformal_threshold(scores_from_json(stored["scores"][check_set_method(method)]), coverage), None

@@ -35,6 +35,7 @@ from pillsnap.infer.enrolment import (
 )
 from pillsnap.infer.matching import check_hint_text, parse_colors, parse_shape
 from pillsnap.infer.preprocess import crop_pill, load_image, locate_pill, pill_mask
+from pillsnap.metrics.novelty import ClassGaussians
 from pillsnap.utils import read_json
 
 # The issue's range: fewer than 3 photos say too little about how a drug looks; past 10 a retraining is due.
@@ -159,13 +160,12 @@ class Neighbours:
         means = [gaussians.means] + ([enrolled.means[keep] @ gaussians.whiten] if keep else [])
         n = np.asarray([enrolled.drugs[i]["n_photos"] for i in keep], np.float64)
         self.scale = np.concatenate([np.ones(len(gaussians.means)), 1.0 + 1.0 / n])
-        self.means, self.whiten = np.concatenate(means).astype(np.float32), gaussians.whiten
+        self.space = ClassGaussians(np.concatenate(means).astype(np.float32), gaussians.whiten)
         self.codes = trained + [enrolled.codes[i] for i in keep]
 
     def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index of the nearest existing drug, its distance) per row."""
-        z = np.asarray(features, np.float32) @ self.whiten
-        d = ((z[:, None, :] - self.means[None]) ** 2).sum(-1) / self.scale[None]
+        d = self.space.distances(features) / self.scale[None]
         return d.argmin(1), d.min(1)
 
 

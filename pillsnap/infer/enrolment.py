@@ -250,15 +250,15 @@ def summary(drugs: Sequence[Mapping]) -> list[dict]:
 def trained_gaussians(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[ClassGaussians | None, float | None]:
     """(the trained class Gaussians, the feature-distance threshold) of a loaded calibration, whatever rule is in
     force; (None, None) without a calibration or when its feature file is missing or not the one it names."""
-    from pillsnap.infer.artefacts import FEATURES_FILE
+    from pillsnap.infer.artefacts import load_class_gaussians
 
     if calibration is None:
         return None, None
-    path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    if not path.is_file() or file_sha256(path) != calibration.get("features_sha256"):
+    gaussians, _, problem = load_class_gaussians(ckpt_dir, calibration)
+    if problem:
         return None, None
     threshold = (calibration.get("unknown_thresholds") or {}).get("feature_distance")
-    return ClassGaussians.load(path), None if threshold is None else float(threshold)
+    return gaussians, None if threshold is None else float(threshold)
 
 
 def load_space(ckpt_dir: str | Path, classifier: str | Path, calibration: Mapping | None,

@@ -105,7 +105,7 @@ class Predictor:
         # the imprint read's weight, scaled where calibration fit it so that the answers' probabilities mean what
         # they say (pillsnap.eval.calibration.fit_evidence_scale)
         scale = float((self.calibration or {}).get("evidence_scale") or 1.0)
-        self.weights = replace(WEIGHTS, imprint=WEIGHTS.imprint * scale)
+        self.weights = WEIGHTS.with_read_scaled(scale)
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds)
         from pillsnap.data import classification_transform
 
@@ -115,8 +115,8 @@ class Predictor:
         self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
-        # (class names, class map, unknown rule) as trained; enrolled drugs (infer/enrolment.py) join them
-        self.trained = (list(self.class_names), dict(self.class_map), self.unknown)
+        # (class names, class map) as trained; enrolled drugs (infer/enrolment.py) join them
+        self.trained = (list(self.class_names), dict(self.class_map))
         self.enrolled: Any = None
         self._enrol_stamp: Any = False  # the enrolment store's stamp when last read (False: never read)
         self.refresh_enrolment()
@@ -149,7 +149,7 @@ class Predictor:
             return None
         from pillsnap.infer.artefacts import load_calibration
 
-        calibration = load_calibration(self.exp_dir / "checkpoints", self.classifier_path)
+        calibration = load_calibration(self.exp_dir / "checkpoints", self.classifier_path, self.classifier_sha256)
         if calibration is None:
             LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered "
                         "as unknown", self.classifier_path.name)
@@ -274,7 +274,7 @@ class Predictor:
         stamp = store_stamp(ckpt_dir)
         if stamp == self._enrol_stamp:
             return False
-        names, class_map, unknown = self.trained
+        names, class_map = self.trained
         space, drugs = load_space(ckpt_dir, self.classifier_path, self.calibration,
                                   None if stamp is None else self.classifier_sha256)
         # The class map first: a classify on another thread that already sees the new drugs finds their names.
@@ -282,7 +282,7 @@ class Predictor:
         self.evidence.class_map = self.class_map
         self.enrolled, self._enrol_stamp = space, stamp
         self.class_names = names + [d["mapping_code"] for d in drugs]
-        self.unknown_rules = self._answer_rules(unknown)
+        self.unknown_rules = self._answer_rules(self.unknown)
         if drugs:
             LOGGER.info("predictor: %d enrolled drug(s) answered: %s", len(drugs),
                         ", ".join(d["mapping_code"] for d in drugs))

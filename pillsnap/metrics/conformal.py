@@ -48,6 +48,17 @@ def nonconformity(method: str, probabilities: Sequence[float], true_index: int |
     return float(candidate_scores(method, probabilities)[true_index])
 
 
+def scores_to_json(scores: Sequence[float]) -> list[float | None]:
+    """Scores as calibration.json stores them: JSON has no infinity, so a right class outside the candidates is
+    null."""
+    return [round(float(s), 9) if math.isfinite(s) else None for s in scores]
+
+
+def scores_from_json(stored: Sequence[float | None]) -> np.ndarray:
+    """The scores stored by scores_to_json, null read back as infinity."""
+    return np.asarray([math.inf if s is None else float(s) for s in stored], np.float64)
+
+
 def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
     """The threshold that gives sets of at least `coverage` on answers exchangeable with these: the
     ceil((n + 1) * coverage)-th smallest score; infinity (every candidate in every set) when there are too few
