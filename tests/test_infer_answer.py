@@ -18,7 +18,7 @@ from pillsnap.infer.answer import (
     decide_answer,
 )
 from pillsnap.infer.imprint import ImprintRead
-from pillsnap.infer.matching import Hints
+from pillsnap.infer.matching import Hints, KnownImprints
 
 CLASS_MAP = {"K-000001": {"print_front": "BSP", "print_back": "5"}, "K-000002": {"print_front": "DGTH"},
              "K-000003": {"print_front": "PE"}}
@@ -127,3 +127,80 @@ def test_classifier_candidates_is_the_one_top_k():
                         "probability": pytest.approx(0.6)}
     assert [c["mapping_code"] for c in second] == ["K-000001", "K-000002"]  # a tie keeps the class order
     assert len(classifier_candidates(probs, 10, names)[0]) == 3  # k is clipped to the class count
+
+
+# ---- an imprint like no known drug's ---------------------------------------------------------------------------
+
+KNOWN = KnownImprints(CLASS_MAP)
+SURE = classified(("K-000002", 0.97), ("K-000001", 0.02), ("K-000003", 0.01))
+
+
+def test_a_legible_imprint_like_none_of_the_candidates_answers_unknown_with_its_reason():
+    answer = decide_answer(SURE, CLASS_MAP, read("XWZ", 0.9), None, OFF, known=KNOWN)
+    out = answer.to_dict()
+    assert answer.unknown and answer.imprint_foreign and out["mapping_code"] is None and out["probability"] is None
+    assert "'XWZ'" in out["unknown_reason"] and "none of the imprints of the 3 drugs" in out["unknown_reason"]
+    assert out["imprint_unresolved"] is False  # an unknown pill is never "unresolved between twins"
+    # without the known imprints (the check off) the same read leaves the classifier's answer named
+    assert decide_answer(SURE, CLASS_MAP, read("XWZ", 0.9), None, OFF).to_dict()["mapping_code"] == "K-000002"
+
+
+@pytest.mark.parametrize("text,score", [("GTH", 0.9),   # a near miss of the top drug's imprint
+                                        ("B5P", 0.9),   # another known drug's imprint, misread
+                                        ("X", 0.99),    # one character: part of almost any imprint
+                                        ("XWZ", 0.3),   # the recogniser itself is unsure
+                                        ("", 0.0)])     # nothing read
+def test_reads_that_are_no_evidence_against_the_known_drugs_leave_the_name(text, score):
+    answer = decide_answer(SURE, CLASS_MAP, read(text, score), None, OFF, known=KNOWN)
+    assert not answer.unknown and not answer.imprint_foreign
+
+
+def test_a_drug_without_its_imprint_on_record_is_never_rejected_by_its_imprint():
+    class_map = {**CLASS_MAP, "K-000004": {"print_front": "", "print_back": ""}}  # e.g. enrolled without imprints
+    top = classified(("K-000004", 0.9), ("K-000002", 0.1))
+    assert not decide_answer(top, class_map, read("XWZ"), None, OFF, known=KnownImprints(class_map)).unknown
+
+
+def test_a_typed_imprint_like_no_known_drugs_answers_unknown_and_outranks_the_read():
+    typed = Hints(imprint="QQQ")
+    answer = decide_answer(SURE, CLASS_MAP, read("DGTH"), typed, OFF, known=KNOWN)
+    assert answer.unknown and "typed in, 'QQQ'" in answer.unknown_reason
+    assert not decide_answer(SURE, CLASS_MAP, read("XWZ"), Hints(imprint="DGTH"), OFF, known=KNOWN).unknown
+
+
+def test_the_foreign_imprint_thresholds_are_the_answer_policys():
+    strict = AnswerThresholds(foreign_read_chars=4)
+    assert not decide_answer(SURE, CLASS_MAP, read("XWZ"), None, OFF, strict, known=KNOWN).unknown
+    assert decide_answer(SURE, CLASS_MAP, read("XWZQ"), None, OFF, strict, known=KNOWN).unknown
+
+
+def test_an_imprint_of_a_known_drug_it_does_not_look_like_is_named_in_the_reason():
+    class_map = {**CLASS_MAP, "K-000004": {"print_front": "QRX"}}
+    top = classified(("K-000002", 0.9), ("K-000001", 0.1))  # K-000004 is not among the candidates
+    answer = decide_answer(top, class_map, read("QRX"), None, OFF, known=KnownImprints(class_map))
+    assert answer.unknown and "K-000004's ('QRX')" in answer.unknown_reason
+
+
+def test_known_imprints_find_the_closest_and_stop_at_enough():
+    closest = KNOWN.closest("GTH")
+    assert closest.code == "K-000002" and closest.imprint == "DGTH" and closest.similarity >= 0.6
+    assert KNOWN.closest("").code is None and KNOWN.closest("XWZ").similarity < 0.5
+    assert KNOWN.closest("PE", enough=0.1).similarity >= 0.1  # stops at the first enough-alike imprint
+    assert len(KnownImprints({"K-1": {"print_front": "AB"}, "K-2": {"print_front": "AB"}})) == 1  # one per imprint
+
+
+def test_the_unknown_report_ranks_a_foreign_imprint_above_any_distance():
+    from pillsnap.eval.calibration import ValAnswer, answers_unknown_report
+
+    def answer(score, foreign=False):
+        return PillAnswer(({"mapping_code": "K-000001", "probability": 0.9},), score,
+                          "withheld" if foreign or score > 10 else None, imprint_foreign=foreign)
+
+    known = [answer(1.0), answer(2.0), answer(3.0), answer(20.0)]
+    items = [ValAnswer(None, None, "K-000001", source) for source in ("single", "single", "single", "combination")]
+    held = [answer(2.5, foreign=True), answer(0.5)]
+    report = answers_unknown_report(known, items, held)
+    assert (report["known"], report["unknown"]) == (3, 2)  # the combination crop is not a single-pill photo
+    assert report["auroc"] == pytest.approx(0.5)  # the foreign one above all three known, the other below all
+    assert report["unknown_rejected"] == 0.5 and report["unknown_rejected_by_imprint"] == 0.5
+    assert report["known_rejected"] == 0.0

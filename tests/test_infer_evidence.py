@@ -56,3 +56,13 @@ def test_the_reader_stops_at_the_policys_conclusive_read():
     reader = ev.reader()
     if reader is not None:  # rapidocr installed: the settings carry the policy's threshold (nothing loads yet)
         assert reader.settings.stop_similarity == 0.75
+
+
+def test_the_unknown_check_reads_every_pill_whose_top_drug_has_an_imprint_on_record():
+    ev, reader = evidence("BSP", check_unknown=True)
+    # the contenders share an imprint, yet the read is made: it is checked against every known drug
+    assert ev.read(CROP, topk(("K-000001", 0.5), ("K-000003", 0.45))).text == "BSP" and len(reader.calls) == 1
+    assert ev.read(CROP, topk(("K-000002", 0.99))).text == "BSP" and len(reader.calls) == 2  # one contender too
+    plain = Evidence({"K-000009": {"print_front": "", "print_back": "마크"}}, read_imprints=True, check_unknown=True)
+    plain._reader = FakeReader("XY")
+    assert plain.read(CROP, topk(("K-000009", 0.9))) is None  # nothing on record to hold a read against

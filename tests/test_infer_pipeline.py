@@ -361,3 +361,35 @@ def test_predict_pipeline_defaults_come_from_the_config(predictor: Predictor, mo
         mode=mode, conf=conf_threshold) or {})
     predict_pipeline(np.zeros((8, 8, 3), dtype=np.uint8), predictor=predictor)
     assert seen == {"mode": None, "conf": None}  # None: the predictor takes inference.mode / conf_threshold
+
+
+def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_config_key(tmp_path: Path) -> None:
+    """inference.imprint.unknown_check: every pill is read, and a legible imprint like none of the candidates'
+    answers "unknown pill"; with the key off the same read leaves the drug named (and unresolved)."""
+    from pillsnap.infer.imprint import ImprintRead
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    save_json(root / "checkpoints" / "classes.json", {"class_names": CODES, "class_map": {
+        c: {"name": f"drug {i}", "print_front": imprint} for i, (c, imprint) in enumerate(zip(CODES, ("AB1", "CD2",
+                                                                                              "EF3"), strict=True))}})
+    photo = pill_photo(tmp_path / "one.png", [(40, 60, 40, 30)])
+
+    class Reads:  # stands in for the reader: a confident, legible read no known drug carries
+        def __init__(self, text: str) -> None:
+            self.text, self.calls = text, 0
+
+        def read(self, crop, topk):
+            self.calls += 1
+            return ImprintRead(self.text, 0.95, 0.0, 0.01, True)
+
+    answers = {}
+    for on in (True, False):
+        predictor = Predictor(root, _cfg(root, f"inference.imprint.unknown_check={str(on).lower()}"), device="cpu")
+        assert (predictor.known_imprints is not None) is on and predictor.evidence.check_unknown is on
+        predictor.evidence = Reads("XYZ")
+        answers[on] = predictor.predict(photo, mode="single")["pills"][0]
+    assert answers[True]["unknown"] is True and answers[True]["mapping_code"] is None
+    assert "'XYZ'" in answers[True]["unknown_reason"] and answers[True]["prediction_set"] in (None, [])
+    assert answers[False]["unknown"] is False and answers[False]["imprint_unresolved"] is True
+    predictor.evidence = Reads("CD2")  # a known drug's imprint: named, whatever the classifier's order
+    assert predictor.predict(photo, mode="single")["pills"][0]["mapping_code"] == "K-000002"

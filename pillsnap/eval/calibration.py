@@ -86,15 +86,16 @@ class ValAnswer(NamedTuple):
 
 def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
                  threads: int, limit: int, reading: bool, unknown: UnknownAnswer,
-                 sources: np.ndarray | None = None) -> list[ValAnswer]:
-    """The first `limit` validation crops through the classifier and, where the contenders' imprints differ, the
-    reader (the costly part, done once; the answers are then pure functions of these)."""
+                 sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
+    """The first `limit` crops of `dataset` through the classifier and, where inference would read (the
+    contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on record), the reader (the
+    costly part, done once; the answers are then pure functions of these)."""
     import torch
 
     from pillsnap.infer.answer import Classified, classifier_candidates
     from pillsnap.infer.evidence import Evidence
 
-    evidence = Evidence(class_map, read_imprints=reading, threads=threads)
+    evidence = Evidence(class_map, read_imprints=reading, threads=threads, check_unknown=check_unknown)
     device = next(model.parameters()).device
     out = []
     for index in range(min(limit, len(dataset))):
@@ -138,7 +139,8 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
 
 def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
                        topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
-                       unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None) -> dict:
+                       unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None,
+                       check_unknown: bool = False, held_out: Any = None) -> dict:
     """The final answers on the first `limit` validation crops, as inference makes them (the imprint read where the
     contenders' imprints differ, then the posterior of pillsnap.infer.answer).
 
@@ -146,21 +148,36 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
     `read_imprints` off) and `prediction_sets`: each answer named by the unknown-pill rule `unknown` (a pill it
     withholds claims no drug, its set is empty) scored under every conformal method (pillsnap.metrics.conformal),
-    so that inference sets its threshold for whatever coverage it is configured with."""
+    so that inference sets its threshold for whatever coverage it is configured with. With `check_unknown` (every
+    pill read, a legible imprint like no known drug's answered "unknown"), `unknown_answers` measures the answers
+    on the single-pill photos of drugs held out of training (`held_out`, a crop data set) against the known
+    single-pill answers (answers_unknown_report)."""
     from pillsnap.infer.answer import WEIGHTS, decide_answer
     from pillsnap.infer.evidence import Evidence
+    from pillsnap.infer.matching import KnownImprints
 
     reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
+    check_unknown = check_unknown and reading
+    known = KnownImprints(class_map) if check_unknown else None
     unknown = unknown or UnknownAnswer("probability", None)
     items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads, limit, reading, unknown,
-                         sources)
+                         sources, check_unknown)
     scale = fit_evidence_scale(items, class_map)
 
-    def answered(weights: Any) -> list:
+    def answered(weights: Any, items: list[ValAnswer] = items, known: Any = known) -> list:
         return [decide_answer(item.classified, class_map, item.read, None,
-                              unknown.for_answer(len(class_names), item.source), weights=weights) for item in items]
+                              unknown.for_answer(len(class_names), item.source), weights=weights, known=known)
+                for item in items]
 
     answers = answered(WEIGHTS.with_read_scaled(scale))
+    unknown_answers = None
+    if held_out is not None and len(held_out) and check_unknown:
+        held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads, len(held_out),
+                                  reading, unknown, np.full(len(held_out), "single"), check_unknown)
+        weights = WEIGHTS.with_read_scaled(scale)
+        unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
+        unknown_answers["without_imprint_check"] = answers_unknown_report(
+            answered(weights, known=None), items, answered(weights, held_items, known=None))
     set_scores: dict[str, list[float]] = {method: [] for method in SET_METHODS}
     for answer, item in zip(answers, items, strict=True):
         if answer.unknown:
@@ -177,7 +194,28 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
             "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
             "imprint_reading": reading, "unknown_rule": unknown.rule if unknown.active else None}
-    return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets}
+    return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets, "unknown_answers": unknown_answers}
+
+
+def answers_unknown_report(known: list, items: list[ValAnswer], held: list) -> dict:
+    """The unknown-pill decision of the final answers: the known drugs' single-pill answers (`known`, with their
+    `items`; every answer where the source is not known) against the held-out drugs' (`held`). `known_rejected` /
+    `unknown_rejected`: the shares answered "unknown pill"; `unknown_rejected_by_imprint`: the held-out share the
+    imprint check answered so (and the distance rule alone would not). `auroc` ranks the answers by the imprint
+    check first (a foreign imprint is more telling than any distance), then by the unknown-pill score."""
+    from sklearn.metrics import roc_auc_score
+
+    single = [a for a, item in zip(known, items, strict=True) if item.source in (None, "single")]
+    ranked = single + held
+    values = [a.unknown_score for a in ranked if a.unknown_score is not None and np.isfinite(a.unknown_score)]
+    top = (max(values) if values else 0.0) + 1.0
+    scores = np.array([(a.unknown_score or 0.0) + (top if a.imprint_foreign else 0.0) for a in ranked])
+    labels = np.r_[np.zeros(len(single)), np.ones(len(held))]
+    auroc = float(roc_auc_score(labels, scores)) if len(single) and len(held) else None
+    return {"auroc": auroc, "known": len(single), "unknown": len(held),
+            "known_rejected": float(np.mean([a.unknown for a in single])) if single else None,
+            "unknown_rejected": float(np.mean([a.unknown for a in held])) if held else None,
+            "unknown_rejected_by_imprint": float(np.mean([a.imprint_foreign for a in held])) if held else None}
 
 
 def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
@@ -381,11 +419,14 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         outcome = answer_calibration(
             model, loaders.cls_val.dataset, temperature, list(loaders.meta["class_names"]),
             dict(loaders.meta.get("class_map") or {}), int(cfg.inference.topk), int(cfg.inference.imprint.threads),
-            read_imprints=bool(cfg.inference.imprint.enabled),
+            read_imprints=bool(cfg.inference.imprint.enabled), check_unknown=bool(cfg.inference.imprint.unknown_check),
+            held_out=None if held_out is None else held_out.dataset,
             unknown=UnknownAnswer(rule, thresholds[rule], gaussians, None if by_source is None else {
                 source: values[rule] for source, values in by_source.items()}) if keep > 0 else None, sources=sources)
     if outcome["answers"] is not None:
         report["answers"] = outcome["answers"]
+    if outcome.get("unknown_answers") is not None:
+        report["unknown_eval_answers"] = outcome["unknown_answers"]
     stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]

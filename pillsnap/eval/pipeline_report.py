@@ -162,6 +162,15 @@ def _calibration_lines(cal: dict) -> list[str]:
                      f"classes never trained{against}{f' (by {others})' if others else ''} | coverage="
                      f"{_fmt(unknown['coverage'])} accuracy answered={_fmt(unknown['accuracy_answered'])} unknowns "
                      f"rejected={_fmt(unknown['unknown_rejected'])}")
+    final = cal.get("unknown_eval_answers")
+    if final:
+        plain = final.get("without_imprint_check") or {}
+        lines.append(f"held-out    unknown pills, final answers (imprint read and held against the drugs each looks "
+                     f"like): AUROC={_fmt(final['auroc'])} unknowns rejected={_fmt(final['unknown_rejected'])} (by the "
+                     f"imprint {_fmt(final['unknown_rejected_by_imprint'])}) known pills rejected="
+                     f"{_fmt(final['known_rejected'])} over {final['known']} known and {final['unknown']} held-out "
+                     f"single photos | without the imprint check: AUROC={_fmt(plain.get('auroc'))} rejected="
+                     f"{_fmt(plain.get('unknown_rejected'))} known rejected={_fmt(plain.get('known_rejected'))}")
     return lines
 
 

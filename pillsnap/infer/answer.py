@@ -16,6 +16,7 @@ import numpy as np
 
 from pillsnap.infer.matching import (
     Hints,
+    KnownImprints,
     class_imprint_similarity,
     class_imprints,
     color_agreement,
@@ -54,6 +55,11 @@ class AnswerThresholds:
     # RerankWeights.imprint on the demo's validation crops.
     read_top_n: int = 3
     read_min_probability: float = 0.01
+    # An imprint counts against the drugs a pill looks like (it is answered "unknown") only when it is legible: at
+    # least this many characters (one character fits a part of almost any imprint), read with at least this
+    # confidence (the recogniser's own), and none of the candidates' imprints as alike as imprint_floor.
+    foreign_read_chars: int = 2
+    foreign_read_score: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,14 @@ def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] |
 # ---- when to read ----------------------------------------------------------------------------------------------
 
 def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping],
-                        thresholds: AnswerThresholds = THRESHOLDS) -> bool:
+                        thresholds: AnswerThresholds = THRESHOLDS, check_unknown: bool = False) -> bool:
     """Whether OCR can change the answer: the top-1 and another contender (AnswerThresholds.read_top_n,
     read_min_probability) have imprints that differ (similarity below same_imprint, or one has text and the other
-    none). When the contenders share an imprint, or only one is in the running, a read cannot tell them apart."""
+    none). When the contenders share an imprint, or only one is in the running, a read cannot tell them apart.
+    With `check_unknown`, also whenever the top-1's imprint is on record: a read unlike every known drug's imprint
+    answers the pill "unknown" (foreign_imprint)."""
+    if check_unknown and candidates and class_imprints(class_map.get(str(candidates[0].get("mapping_code"))) or {}):
+        return True
     contenders = [c for c in candidates[:thresholds.read_top_n]
                   if float(c.get("probability", 0.0)) >= thresholds.read_min_probability]
     if len(contenders) < 2:
@@ -261,6 +271,39 @@ def unknown_reason(rule: UnknownRule, score: float | None) -> str | None:
             f"the right validation answers (up to {rule.threshold:.0f}): not a known drug; nearest candidates in topk")
 
 
+def foreign_imprint(read: ImprintRead | None, hints: Hints | None, candidates: Sequence[Mapping],
+                    class_map: Mapping[str, Mapping], known: KnownImprints | None = None,
+                    thresholds: AnswerThresholds = THRESHOLDS) -> str | None:
+    """Why a pill is answered "unknown pill" by its imprint, or None. The imprint typed in, else the one read (when
+    legible: AnswerThresholds.foreign_read_chars, foreign_read_score), is like none of the candidates' imprints
+    (below imprint_floor, what unrelated strings reach): the drugs the pill looks like are not what it says it is.
+    Held against the candidates, not every known drug: among thousands of short imprints almost any read is like
+    one of them by chance (bench/unknown_imprint_check.py). With `known`, the reason names a known drug whose
+    imprint the read does match (it may be that drug, photographed unlike its training photos). Never said when
+    the top candidate's imprints are not on record (an enrolled drug given without them)."""
+    top = class_map.get(str(candidates[0].get("mapping_code"))) if candidates else None
+    if not top or not class_imprints(top):
+        return None
+    typed = normalize_imprint(hints.imprint) if hints is not None else ""
+    if typed:
+        text, said = typed, f"the imprint typed in, {typed!r},"
+    elif read is not None and read.score >= thresholds.foreign_read_score:
+        text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
+    else:
+        return None
+    if len(text) < thresholds.foreign_read_chars:
+        return None
+    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
+    if any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
+        return None
+    reason = (f"{said} is like none of the imprints of the {len(candidates)} drugs it looks like: not one of them; "
+              f"nearest candidates in topk")
+    match = known.closest(text, thresholds.imprint_accept) if known is not None else None
+    if match is not None and match.similarity >= thresholds.imprint_accept:
+        reason += f"; the imprint is {match.code}'s ({match.imprint!r}), which it does not look like"
+    return reason
+
+
 # ---- what is left open ----------------------------------------------------------------------------------------
 
 NARROWERS = {  # what would shrink a prediction set, in the order a person would try them
@@ -344,6 +387,7 @@ class PillAnswer:
     ranking_changed: bool = False
     conflicts: tuple[str, ...] = ()
     prediction_set: PredictionSet | None = None
+    imprint_foreign: bool = False  # answered "unknown" because its imprint is like no known drug's
 
     @property
     def unknown(self) -> bool:
@@ -377,11 +421,14 @@ def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, cla
 
 def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
                   hints: Hints | None, unknown: UnknownRule, thresholds: AnswerThresholds = THRESHOLDS,
-                  weights: RerankWeights = WEIGHTS, set_rule: SetRule | None = None) -> PillAnswer:
+                  weights: RerankWeights = WEIGHTS, set_rule: SetRule | None = None,
+                  known: KnownImprints | None = None) -> PillAnswer:
     """One pill's answer from its classifier output, its imprint read (None: not read), the user's hints and the
     unknown-pill rule: the evidence re-ranks the candidates; a pill the rule rejects is answered "unknown" unless
-    its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With a calibrated `set_rule`,
-    the answer carries its prediction set."""
+    its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With `known` (every known drug's
+    imprints: the imprint check on), a pill whose legible imprint is like none of its candidates' is answered
+    "unknown" too (foreign_imprint).
+    With a calibrated `set_rule`, the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
     topk = tuple(dict(c) for c in classified.topk)
     if read is None and hints is None:
@@ -393,10 +440,14 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     reason = unknown_reason(unknown, classified.unknown_score)
     if reason and float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override:
         reason = None
+    foreign = False
+    if reason is None and known is not None:
+        reason = foreign_imprint(read, hints, candidates, class_map, known, thresholds)
+        foreign = reason is not None
     typed = hints is not None and bool(normalize_imprint(hints.imprint))
     unresolved = (read is not None and not typed and reason is None
                   and not any(c.get("imprint_match") for c in candidates))
     pset = None if set_rule is None else prediction_set(candidates, reason is not None, set_rule, class_map, hints,
                                                         thresholds)
     return PillAnswer(candidates, classified.unknown_score, reason, read, ranked.imprint_read, unresolved,
-                      ranked.changed, ranked.conflicts, pset)
+                      ranked.changed, ranked.conflicts, pset, foreign)

@@ -16,12 +16,14 @@ LOGGER = logging.getLogger(__name__)
 
 
 class Evidence:
-    """Per predictor: the class map, whether to read imprints, and the reader (loaded on the first read)."""
+    """Per predictor: the class map, whether to read imprints (and whether every pill whose top candidate has an
+    imprint on record, to check it against the known drugs: `check_unknown`), and the reader (loaded on the first
+    read)."""
 
     def __init__(self, class_map: Mapping[str, Mapping], read_imprints: bool, threads: int = 0,
-                 thresholds: AnswerThresholds = THRESHOLDS) -> None:
+                 thresholds: AnswerThresholds = THRESHOLDS, check_unknown: bool = False) -> None:
         self.class_map, self.read_imprints, self.threads = class_map, read_imprints, threads
-        self.thresholds = thresholds
+        self.thresholds, self.check_unknown = thresholds, check_unknown
         self._reader: Any = None
 
     def reader(self) -> Any:
@@ -40,8 +42,9 @@ class Evidence:
 
     def read(self, crop: Image.Image, topk: Sequence[Mapping]) -> Any:
         """The ImprintRead of `crop` given its classifier candidates, or None when reading is off or cannot change
-        the answer (the contenders' imprints do not differ)."""
-        if not self.read_imprints or not should_read_imprint(topk, self.class_map, self.thresholds):
+        the answer (the contenders' imprints do not differ, and the unknown-pill check is off)."""
+        if not self.read_imprints or not should_read_imprint(topk, self.class_map, self.thresholds,
+                                                             self.check_unknown):
             return None
         reader = self.reader()
         return None if reader is None else reader.read(crop, candidate_imprints(topk, self.class_map))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pillsnap.data.aihub import COLORS, SHAPES
 
@@ -189,6 +190,56 @@ def candidate_imprints(candidates: Sequence[Mapping], class_map: Mapping[str, Ma
 def class_imprint_similarity(read: str | None, entry: Mapping) -> float:
     """Best similarity of a read with either readable side of a class (which side faced the camera is unknown)."""
     return max((imprint_similarity(read, side) for side in class_imprints(entry)), default=0.0)
+
+
+
+class Closest(NamedTuple):
+    """The known imprint a read is most like: its drug (None when no known drug has a readable imprint), the
+    imprint key and the similarity."""
+
+    code: str | None
+    imprint: str
+    similarity: float
+
+
+class KnownImprints:
+    """Every known drug's readable imprints, to find the drug whose imprint a read is (the answer policy names it
+    when a pill's imprint is unlike the drugs it looks like).
+
+    A look at all of them costs about 12 us per distinct imprint (about 0.1 s at 5,000 drugs, against 0.2 s for
+    the read itself), so `closest` stops at the first imprint at least `enough`-alike and remembers what it found
+    for a read it has seen."""
+
+    CACHE = 4096  # reads remembered; cleared whole when full
+
+    def __init__(self, class_map: Mapping[str, Mapping]) -> None:
+        self.sides: dict[str, str] = {}  # imprint key -> the first drug that carries it
+        for code, entry in class_map.items():
+            for side in class_imprints(entry):
+                self.sides.setdefault(side, str(code))
+        self._cache: dict[tuple[str, float], Closest] = {}
+
+    def __len__(self) -> int:
+        return len(self.sides)
+
+    def closest(self, read: str | None, enough: float = 1.0) -> Closest:
+        """The known imprint most like `read` (normalised by normalize_imprint), or the first at least `enough`
+        alike."""
+        text = normalize_imprint(read)
+        key = (text, enough)
+        if key in self._cache:
+            return self._cache[key]
+        best = Closest(None, "", 0.0)
+        for side, code in self.sides.items() if text else ():
+            sim = imprint_similarity(text, side)
+            if sim > best.similarity:
+                best = Closest(code, side, sim)
+                if sim >= enough:
+                    break
+        if len(self._cache) >= self.CACHE:
+            self._cache.clear()
+        self._cache[key] = best
+        return best
 
 
 # ---- hints ---------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pillsnap.infer.answer import (
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
-from pillsnap.infer.matching import Hints
+from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
@@ -106,7 +106,12 @@ class Predictor:
         # they say (pillsnap.eval.calibration.fit_evidence_scale)
         scale = float((self.calibration or {}).get("evidence_scale") or 1.0)
         self.weights = WEIGHTS.with_read_scaled(scale)
-        self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds)
+        # with imprint.unknown_check, every pill is read and a legible imprint like no known drug's answers
+        # "unknown pill" (answer.foreign_imprint), against these imprints (set again when enrolments change)
+        self.check_imprints = bool(imprint.enabled) and bool(imprint.unknown_check)
+        self.known_imprints: KnownImprints | None = None
+        self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds,
+                                 self.check_imprints)
         from pillsnap.data import classification_transform
 
         self.transform = classification_transform(image_size, train=False)
@@ -280,6 +285,7 @@ class Predictor:
         # The class map first: a classify on another thread that already sees the new drugs finds their names.
         self.class_map = {**class_map, **{d["mapping_code"]: d for d in drugs}}
         self.evidence.class_map = self.class_map
+        self.known_imprints = KnownImprints(self.class_map) if self.check_imprints else None
         self.enrolled, self._enrol_stamp = space, stamp
         self.class_names = names + [d["mapping_code"] for d in drugs]
         self.unknown_rules = self._answer_rules(self.unknown)
@@ -329,7 +335,7 @@ class Predictor:
         read = self.evidence.read(crop, classified.topk)
         rule = self.unknown_rules["single" if det_conf is None else "combination"]
         answer = decide_answer(classified, self.class_map, read, hints, rule, self.thresholds, self.weights,
-                               self.set_rule)
+                               self.set_rule, self.known_imprints)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:
