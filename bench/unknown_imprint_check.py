@@ -100,7 +100,7 @@ def pipeline_part(exp: str, n_photos: int, rounds: int) -> None:
     from pillsnap.config.run import load_run_config
     from pillsnap.data import load_manifest
     from pillsnap.infer.pipeline import Predictor
-    from pillsnap.utils.images import decode_image
+    from pillsnap.infer.preprocess import load_image
 
     torch.set_num_threads(1)
     predictors = {}
@@ -111,7 +111,7 @@ def pipeline_part(exp: str, n_photos: int, rounds: int) -> None:
     manifest = load_manifest(predictors["on"].cfg.paths.manifest_dir)
     paths = sorted(manifest.loc[manifest["split"] == "test", "image_path"].unique())
     paths = paths[:: max(1, len(paths) // n_photos)][:n_photos]
-    images = [decode_image(p) for p in paths]
+    images = [load_image(p)[0] for p in paths]
     times: dict[str, list[float]] = {"on": [], "off": []}
     unknown: dict[str, int] = {}
     for round_ in range(rounds + 1):  # round 0 warms up
