@@ -7,7 +7,8 @@ size in mm, colours and form. Each readable side is drawn by the generator's own
 printed on a capsule) in its label colour and two other common ones, at several azimuths, camera elevations and
 real crop sizes (170-500 px), and cut at its box like the real crops. Per crop: a blind read (exact after
 normalisation) and a read given three candidate imprints (the truth and two others of the real labels; right when
-the truth is the unique best match above the similarity floor), and the time per read.
+the truth is the unique best match above the similarity floor, under each version's own matching), and the time
+per read.
 
     .venv/bin/python bench/reader_real_labels.py [--variants 3 --threads 1 --seed 0 --labels DIR]
 """
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -109,14 +111,15 @@ def head_reader_module() -> ModuleType:
     return modules["imprint"]
 
 
-def _right(read: str, truth: str, candidates: list[str]) -> bool:
-    """The truth is the unique best match of the read, above the floor (the same yardstick for both readers)."""
-    sims = [class_imprint_similarity(read, {"print_front": c}) for c in candidates]
+def _right(read: str, truth: str, candidates: list[str], similarity: Callable = class_imprint_similarity) -> bool:
+    """The truth is the unique best match of the read, above the floor, under `similarity` (each version's own
+    matching: the answer policy picks the candidate its matching ranks first)."""
+    sims = [similarity(read, {"print_front": c}) for c in candidates]
     best = max(sims)
     return best > THRESHOLDS.imprint_floor and sims.count(best) == 1 and sims[candidates.index(truth)] == best
 
 
-def measure(reader: object, crops: list[Crop]) -> dict:
+def measure(reader: object, crops: list[Crop], similarity: Callable = class_imprint_similarity) -> dict:
     exact = right = 0
     seconds: list[float] = []
     misses = []
@@ -128,7 +131,7 @@ def measure(reader: object, crops: list[Crop]) -> dict:
         seconds.append((time.perf_counter() - start) / 2)
         ok = normalize_imprint(blind.text) == normalize_imprint(crop.truth)
         exact += ok
-        right += _right(given.text, crop.truth, candidates)
+        right += _right(given.text, crop.truth, candidates, similarity)
         if not ok:
             misses.append(f"{normalize_imprint(crop.truth)}:{blind.text!r}")
     return {"exact": exact, "right3": right, "n": len(crops), "ms": 1000 * statistics.median(seconds),
@@ -156,9 +159,11 @@ def main() -> None:
     readers = {"before (HEAD)": head.ImprintReader(head.ReaderSettings(threads=args.threads)),
                "after": imprint.ImprintReader(imprint.ReaderSettings(threads=args.threads))}
     results = {}
+    similarity = {"before (HEAD)": sys.modules["_head_matching"].class_imprint_similarity,
+                  "after": class_imprint_similarity}
     for name, reader in readers.items():
         reader.read(crops[0].image)  # loads the OCR models
-        results[name] = measure(reader, crops)
+        results[name] = measure(reader, crops, similarity[name])
     before, after = results["before (HEAD)"], results["after"]
     for name, r in results.items():
         print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "

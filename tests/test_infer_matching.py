@@ -47,6 +47,7 @@ def test_normalize_imprint(label, expected):
 @pytest.mark.parametrize(("read", "imprint"), [
     ("BSF", "BSP"), ("GTH", "DGTH"), ("B5P", "BSP"), ("O6JR", "06JR"), ("17S34", "T7S34"), ("OUU", "마크 UU"),
     ("ckd 250", "CKD250"), ("TYLENOLER", "TYLENOL ER"),
+    ("70", "마크76"), ("YO", "Y9"), ("DSP", "BSP"), ("1B0", "1B8"), ("95", "55"),  # loops and curves, B for D
 ])
 def test_near_misses_are_accepted(read, imprint):
     assert imprint_similarity(read, imprint) >= IMPRINT_ACCEPT
@@ -55,6 +56,9 @@ def test_near_misses_are_accepted(read, imprint):
 def test_confusable_characters_cost_less_than_others():
     assert imprint_similarity("B5P", "BSP") > imprint_similarity("BXP", "BSP")
     assert imprint_similarity("0I", "O1") > imprint_similarity("QX", "O1")
+    # a character in two groups is cheap with both ("6" with "G" and with "0"), not with what neither group holds
+    assert imprint_similarity("G6", "66") == imprint_similarity("06", "66") > imprint_similarity("X6", "66")
+    assert imprint_similarity("7X", "76") < IMPRINT_ACCEPT <= imprint_similarity("70", "76")
 
 
 @pytest.mark.parametrize(("read", "imprint"), [("XYZ", "BSP"), ("1", "T1A3"), ("", "BSP"), ("BSP", "마크"),

@@ -29,10 +29,13 @@ _KEEP = re.compile(r"[0-9A-Z\uac00-\ud7a3]")  # ASCII letters, digits and Hangul
 _KEY_KEEP = re.compile(r"[0-9A-Z\uac00-\ud7a3*|]")
 
 # Characters a recogniser mistakes for each other on engraved, low-contrast imprints. A substitution inside a
-# group costs CONFUSION_COST instead of 1, so "B5P" still reads as "BSP" without rewriting the read.
-CONFUSABLE_GROUPS = ("O0DQC", "I1LJT7", "S5", "B83", "Z2", "G6", "UV", "EF", "PR", "MN", "A4")
+# group costs CONFUSION_COST instead of 1, so "B5P" still reads as "BSP" without rewriting the read. A character
+# may be in several groups. The digits drawn in loops and curves ("O0689", "569") and B/D are what the reader
+# makes of debossed imprints on crops drawn from the real labels (bench/reader_real_labels.py: "5" read as "9" or
+# "0", "30" as "8", "BSP" as "DSP"), and of the demo's ("76" read as "70", "Y9" as "YO").
+CONFUSABLE_GROUPS = ("O0DQC", "I1LJT7", "S5", "B83", "Z2", "G6", "UV", "EF", "PR", "MN", "A4", "O0689", "569", "BD")
 CONFUSION_COST = 0.35
-_GROUP_OF = {ch: i for i, group in enumerate(CONFUSABLE_GROUPS) for ch in group}
+_CONFUSABLE = {(a, b) for group in CONFUSABLE_GROUPS for a in group for b in group if a != b}
 
 # The words people use for each colour and shape of the label vocabulary (MFDS pill-identification scheme, as AI Hub
 # labels write it: pillsnap.data.aihub.COLORS / SHAPES), besides the label word itself.
@@ -117,8 +120,7 @@ def _sub_cost(a: str, b: str) -> float:
         return LOGO_READ_COST
     if SCORE_KEY in (a, b):
         return SCORE_READ_COST if (b if a == SCORE_KEY else a) in SCORE_LIKE else 1.0
-    group = _GROUP_OF.get(a)
-    return CONFUSION_COST if group is not None and group == _GROUP_OF.get(b) else 1.0
+    return CONFUSION_COST if (a, b) in _CONFUSABLE else 1.0
 
 
 def _edit_rows(short: str, long: str, free_ends: bool) -> list[float]:
