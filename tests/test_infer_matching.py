@@ -62,7 +62,7 @@ def test_confusable_characters_cost_less_than_others():
 
 
 @pytest.mark.parametrize(("read", "imprint"), [("XYZ", "BSP"), ("1", "T1A3"), ("", "BSP"), ("BSP", "마크"),
-                                               ("NLW", "MN")])
+                                               ("NLW", "MN"), ("CO", "HC")])  # not "inside" one as long
 def test_unrelated_or_empty_reads_stay_below_the_floor(read, imprint):
     assert imprint_similarity(read, imprint) <= FLOOR
 

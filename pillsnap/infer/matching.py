@@ -164,7 +164,9 @@ def imprint_similarity(read: str | None, imprint: str | None) -> float:
     whole = 1.0 - edit_distance(a, b) / longest
     short, long = sorted((a, b), key=_readable_len)
     n_short = _readable_len(short)
-    if n_short < 2:  # one character found inside a longer imprint proves little
+    # One character found inside a longer imprint proves little; and a string is not found "inside" one as long as
+    # itself: there the partial match would only shift it over the end ("CO" against "HC" would score 0.5).
+    if n_short < 2 or n_short == _readable_len(long):
         return max(0.0, whole)
     partial = 1.0 - min(_edit_rows(short, long, free_ends=True)) / n_short
     return max(0.0, whole, partial * (0.5 + 0.5 * n_short / longest))
