@@ -122,7 +122,7 @@ def _right(read: str, truth: str, candidates: list[str], similarity: Callable = 
 def measure(reader: object, crops: list[Crop], similarity: Callable = class_imprint_similarity) -> dict:
     exact = right = 0
     seconds: list[float] = []
-    misses = []
+    misses, misses3 = [], []
     for crop in crops:
         start = time.perf_counter()
         blind = reader.read(crop.image)
@@ -131,11 +131,14 @@ def measure(reader: object, crops: list[Crop], similarity: Callable = class_impr
         seconds.append((time.perf_counter() - start) / 2)
         ok = normalize_imprint(blind.text) == normalize_imprint(crop.truth)
         exact += ok
-        right += _right(given.text, crop.truth, candidates, similarity)
+        picked = _right(given.text, crop.truth, candidates, similarity)
+        right += picked
         if not ok:
             misses.append(f"{normalize_imprint(crop.truth)}:{blind.text!r}")
+        if not picked:
+            misses3.append(f"{normalize_imprint(crop.truth)}:{given.text!r}({'/'.join(crop.others)})")
     return {"exact": exact, "right3": right, "n": len(crops), "ms": 1000 * statistics.median(seconds),
-            "misses": misses}
+            "misses": misses, "misses3": misses3}
 
 
 def main() -> None:
@@ -169,7 +172,8 @@ def main() -> None:
         print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
               f"{r['right3']:3d}/{r['n']} = {r['right3'] / r['n']:.3f}   {r['ms']:.0f} ms per read (median)")
         if args.show_misses:
-            print("   misses:", " ".join(r["misses"]))
+            print("   blind misses:", " ".join(r["misses"]))
+            print("   misses among 3 (truth:read(others)):", " ".join(r["misses3"]))
     print(f"ratio after/before: exact {after['exact'] / max(1, before['exact']):.2f}x, right among 3 "
           f"{after['right3'] / max(1, before['right3']):.2f}x, time per read {after['ms'] / before['ms']:.2f}x")
 

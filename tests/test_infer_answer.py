@@ -26,7 +26,7 @@ OFF = UnknownRule("probability", None, 3)
 # What every answer says, evidence or not: the keys serve/ and `pillsnap predict --json` give.
 ANSWER_KEYS = {"mapping_code", "name", "edi_codes", "probability", "topk", "imprint_read", "imprint_unresolved",
                "ranking_changed", "hints_conflict", "conflicts", "unknown", "unknown_score", "unknown_reason",
-               "prediction_set", "set_coverage", "sure", "narrow_by", "set_note"}
+               "prediction_set", "set_coverage", "sure", "narrow_by", "set_note", "unknown_by"}
 
 
 def classified(*pairs: tuple[str, float], score: float | None = None) -> Classified:
@@ -141,6 +141,7 @@ def test_a_legible_imprint_like_none_of_the_candidates_answers_unknown_with_its_
     assert answer.unknown and answer.imprint_foreign and out["mapping_code"] is None and out["probability"] is None
     assert "'XWZ'" in out["unknown_reason"] and "none of the imprints of the 3 drugs" in out["unknown_reason"]
     assert out["imprint_unresolved"] is False  # an unknown pill is never "unresolved between twins"
+    assert out["unknown_by"] == "imprint" and out["unknown_reason"].endswith("nearest candidates in topk")
     # without the known imprints (the check off) the same read leaves the classifier's answer named
     assert decide_answer(SURE, CLASS_MAP, read("XWZ", 0.9), None, OFF).to_dict()["mapping_code"] == "K-000002"
 
@@ -178,7 +179,7 @@ def test_an_imprint_of_a_known_drug_it_does_not_look_like_is_named_in_the_reason
     class_map = {**CLASS_MAP, "K-000004": {"print_front": "QRX"}}
     top = classified(("K-000002", 0.9), ("K-000001", 0.1))  # K-000004 is not among the candidates
     answer = decide_answer(top, class_map, read("QRX"), None, OFF, known=KnownImprints(class_map))
-    assert answer.unknown and "K-000004's ('QRX')" in answer.unknown_reason
+    assert answer.unknown and "the imprint of K-000004, 'QRX'," in answer.unknown_reason
 
 
 def test_known_imprints_find_the_closest_and_stop_at_enough():

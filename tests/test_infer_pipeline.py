@@ -332,6 +332,9 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
                                                        "set_coverage": 0.95}]}).splitlines()
     assert lines[1].endswith("[one of 2 at 95%] bbox=[5, 6, 7, 8]") and lines[2].strip().startswith("set: one of")
     assert [line for line in lines if line.startswith("  #2")][0].endswith("[sure at 95%] bbox=[5, 6, 7, 8]")
+    # a set of several already says what would settle it: the unresolved imprint does not say it again
+    unresolved = format_result({**result, "pills": [{**sets, "imprint_unresolved": True}]})
+    assert unresolved.count("photograph the other side") == 1 and "set: one of" in unresolved
 
 
 def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, tmp_path: Path,

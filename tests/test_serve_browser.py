@@ -109,7 +109,8 @@ def _pill(code: str | None, probability: float, bbox: list[int], unknown: bool =
             for c, p in zip(order, (probability, (1 - probability) * 0.7, (1 - probability) * 0.3), strict=True)]
     return {**topk[0], "mapping_code": code, "name": "" if unknown else topk[0]["name"], "bbox": bbox,
             "probability": None if unknown else probability, "det_confidence": 0.9, "topk": topk, "unknown": unknown,
-            "unknown_reason": "top-1 probability 0.81 is below 0.90" if unknown else None}
+            "unknown_reason": "top-1 probability 0.81 is below 0.90" if unknown else None,
+            "unknown_by": "look" if unknown else None}
 
 
 def _answer(pills: list[dict], hard_case: list[str]) -> dict:
@@ -138,6 +139,16 @@ def test_unknown_pill_card_names_no_drug_and_no_probability(page, tmp_path: Path
     assert "%" not in card.inner_text() and card.locator(".bar").count() == 0
     assert "81.1" not in text
     assert "does not look like any drug" in page.locator(".review").inner_text()  # a hard case: the note, in words
+    assert card.locator(".why").inner_text() == "It looks unlike every known drug."
+
+
+def test_an_unknown_pill_by_its_imprint_says_what_was_read(page, tmp_path: Path) -> None:
+    pill = {**_pill(None, 0.9, [40, 55, 40, 34], unknown=True), "unknown_by": "imprint", "imprint_read": "D4F",
+            "unknown_reason": "its imprint reads 'D4F' (confidence 0.94) and is like none of the imprints of the 3 "
+                              "drugs it looks like: not one of them; nearest candidates in topk"}
+    _show(page, tmp_path, _answer([pill], ["unknown_pill"]))
+    why = page.locator(".pill.unknown .why").inner_text()
+    assert why == "Its imprint reads “D4F”: none of the drugs it looks like carries it." and "%" not in why
 
 
 def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tmp_path: Path) -> None:

@@ -296,12 +296,11 @@ def foreign_imprint(read: ImprintRead | None, hints: Hints | None, candidates: S
     entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
     if any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
         return None
-    reason = (f"{said} is like none of the imprints of the {len(candidates)} drugs it looks like: not one of them; "
-              f"nearest candidates in topk")
     match = known.closest(text, thresholds.imprint_accept) if known is not None else None
-    if match is not None and match.similarity >= thresholds.imprint_accept:
-        reason += f"; the imprint is {match.code}'s ({match.imprint!r}), which it does not look like"
-    return reason
+    whose = (f" (it is the imprint of {match.code}, {match.imprint!r}, a drug it does not look like)"
+             if match is not None and match.similarity >= thresholds.imprint_accept else "")
+    return (f"{said} is like none of the imprints of the {len(candidates)} drugs it looks like{whose}: not one of "
+            f"them; nearest candidates in topk")
 
 
 # ---- what is left open ----------------------------------------------------------------------------------------
@@ -404,8 +403,9 @@ class PillAnswer:
                   **(self.prediction_set.to_dict() if self.prediction_set else NO_SET)}
         if self.read is not None:
             fields["imprint"] = self.read.to_dict()
+        unknown_by = ("imprint" if self.imprint_foreign else "look") if self.unknown else None
         return {**fields, "unknown": self.unknown, "unknown_score": self.unknown_score,
-                "unknown_reason": self.unknown_reason}
+                "unknown_reason": self.unknown_reason, "unknown_by": unknown_by}
 
 
 def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, class_map: Mapping[str, Mapping],

@@ -65,7 +65,8 @@ def _notes(pill: dict) -> list[str]:
         changed = " (it changed the answer)" if pill.get("ranking_changed") else ""
         read = repr(pill["imprint_read"]) if pill["imprint_read"] else "nothing legible"
         notes.append(f"imprint read: {read}{changed}")
-    if pill.get("imprint_unresolved") and pill.get("sure") is not True:  # a sure set has settled it anyway
+    # a sure set has settled it; a set of several says what would settle it (set_note): said once
+    if pill.get("imprint_unresolved") and pill.get("sure") is None:
         notes.append("look-alike drugs differ only by their imprint, and what was read here matches none of them: "
                      "photograph the other side, or give the imprint with --imprint")
     if pill.get("hints_conflict"):

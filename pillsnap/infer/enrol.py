@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pillsnap.infer.enrolment import (
@@ -98,9 +97,7 @@ def as_photos(items: Sequence[Any]) -> list[Photo]:
 
 def _features(predictor: Any, crops: Sequence[Image.Image]) -> np.ndarray:
     """The classifier's pre-logit features of the crops [N, D]."""
-    x = torch.stack([predictor.transform(c) for c in crops]).to(predictor.device)
-    with torch.no_grad():
-        features = predictor.classifier(x)[1]
+    features = predictor.forward(crops)[1]
     if features is None:
         raise EnrolmentError("this classifier gives no features (an ONNX export by an older PillSnap): enrol with "
                              "inference.backend=torch, or run pillsnap export again", "no_features")

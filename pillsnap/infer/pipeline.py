@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -295,6 +296,13 @@ class Predictor:
         return True
 
     @torch.no_grad()
+    def forward(self, crops: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier's logits [N, C] and pre-logit features [N, D] (None: this backend gives none) of the crops,
+        each transformed as the classifier was evaluated in training."""
+        x = torch.stack([self.transform(c) for c in crops]).to(self.device)
+        return self.classifier(x)
+
+    @torch.no_grad()
     def classify(self, crops: list[Image.Image]) -> list[Classified]:
         """Each crop's top-k (mapping_code, name, probability; best first, probabilities calibrated) and how
         unknown it looks under the run's unknown-pill rule; enrolled drugs among them (infer/enrolment.py)."""
@@ -302,8 +310,7 @@ class Predictor:
             return []
         self.refresh_enrolment()
         space = self.enrolled  # read once: a reload on another thread swaps it whole
-        x = torch.stack([self.transform(c) for c in crops]).to(self.device)
-        logits, features = self.classifier(x)
+        logits, features = self.forward(crops)
         probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
         feats = None if features is None else features.float().cpu().numpy()
         names, distances = self.trained[0], None

@@ -46,11 +46,14 @@ class Pill(Candidate):
     topk: list[Candidate] = Field(description="the best candidates; for an unknown pill, the nearest known drugs")
     unknown: bool = Field(False, description="true when the pill is not confidently one of the known drugs")
     unknown_reason: str | None = Field(None, description="why the pill is answered as unknown")
+    unknown_by: str | None = Field(None, description="what withheld the name: look (unlike every known drug, by "
+                                                     "the run's unknown-pill rule) | imprint (a legible imprint that "
+                                                     "none of the drugs it looks like carries); null when named")
     unknown_score: float | None = Field(None, description="how unlike every known drug the pill looks under the "
                                                           "run's unknown-pill rule (above its threshold: unknown); "
                                                           "null when the rule is off")
     imprint_read: str | None = Field(None, description="what the imprint reader read on the pill; null when it "
-                                                       "was not read (the contenders' imprints do not differ)")
+                                                       "was not read (reading off, or nothing a read could change)")
     imprint_unresolved: bool = Field(False, description="look-alike candidates differ only by an imprint that "
                                                         "could not be read: the other side, or the imprint typed "
                                                         "in, would settle it")
