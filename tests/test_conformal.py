@@ -130,6 +130,13 @@ def test_set_rule_from_a_calibration_is_refused_when_reading_differs() -> None:
     threshold, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=False)
     assert threshold is None and "imprint reading on" in problem
     assert load_set_rule({}, "aps", 0.9, True)[1].startswith("the calibration has no prediction-set scores")
+    # the imprint check withholds answers and reads every pill: sets calibrated without it (older files: no key)
+    # are refused with it on, and the other way round; with reading off the check cannot run and is not asked
+    threshold, problem = load_set_rule(calibration, "aps", 0.5, True, imprint_check=True)
+    assert threshold is None and "imprint check (inference.imprint.unknown_check) off and it is now on" in problem
+    checked = {"prediction_sets": {**calibration["prediction_sets"], "imprint_check": True}}
+    assert load_set_rule(checked, "aps", 0.5, True, imprint_check=True) == (0.9, None)
+    assert load_set_rule(checked, "aps", 0.5, True, imprint_check=False)[0] is None
 
 
 def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:

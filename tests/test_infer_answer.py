@@ -129,7 +129,7 @@ def test_classifier_candidates_is_the_one_top_k():
     assert len(classifier_candidates(probs, 10, names)[0]) == 3  # k is clipped to the class count
 
 
-# ---- an imprint like no known drug's ---------------------------------------------------------------------------
+# ---- the imprint check: an imprint none of the candidates carries -----------------------------------------------
 
 KNOWN = KnownImprints(CLASS_MAP)
 SURE = classified(("K-000002", 0.97), ("K-000001", 0.02), ("K-000003", 0.01))
@@ -138,7 +138,8 @@ SURE = classified(("K-000002", 0.97), ("K-000001", 0.02), ("K-000003", 0.01))
 def test_a_legible_imprint_like_none_of_the_candidates_answers_unknown_with_its_reason():
     answer = decide_answer(SURE, CLASS_MAP, read("XWZ", 0.9), None, OFF, known=KNOWN)
     out = answer.to_dict()
-    assert answer.unknown and answer.imprint_foreign and out["mapping_code"] is None and out["probability"] is None
+    assert answer.unknown and answer.unknown_by == "imprint" and out["mapping_code"] is None
+    assert out["probability"] is None
     assert "'XWZ'" in out["unknown_reason"] and "none of the imprints of the 3 drugs" in out["unknown_reason"]
     assert out["imprint_unresolved"] is False  # an unknown pill is never "unresolved between twins"
     assert out["unknown_by"] == "imprint" and out["unknown_reason"].endswith("nearest candidates in topk")
@@ -153,7 +154,7 @@ def test_a_legible_imprint_like_none_of_the_candidates_answers_unknown_with_its_
                                         ("", 0.0)])     # nothing read
 def test_reads_that_are_no_evidence_against_the_known_drugs_leave_the_name(text, score):
     answer = decide_answer(SURE, CLASS_MAP, read(text, score), None, OFF, known=KNOWN)
-    assert not answer.unknown and not answer.imprint_foreign
+    assert not answer.unknown and answer.unknown_by is None
 
 
 def test_a_drug_without_its_imprint_on_record_is_never_rejected_by_its_imprint():
@@ -171,8 +172,9 @@ def test_a_typed_imprint_like_no_known_drugs_answers_unknown_and_outranks_the_re
 
 def test_the_foreign_imprint_thresholds_are_the_answer_policys():
     strict = AnswerThresholds(foreign_read_chars=4)
-    assert not decide_answer(SURE, CLASS_MAP, read("XWZ"), None, OFF, strict, known=KNOWN).unknown
-    assert decide_answer(SURE, CLASS_MAP, read("XWZQ"), None, OFF, strict, known=KNOWN).unknown
+    both_sides = classified(("K-000001", 0.97), ("K-000003", 0.03))  # BSP / 5: no blank side
+    assert not decide_answer(both_sides, CLASS_MAP, read("XWZ"), None, OFF, strict, known=KNOWN).unknown
+    assert decide_answer(both_sides, CLASS_MAP, read("XWZQ"), None, OFF, strict, known=KNOWN).unknown
 
 
 def test_an_imprint_of_a_known_drug_it_does_not_look_like_is_named_in_the_reason():
@@ -180,6 +182,13 @@ def test_an_imprint_of_a_known_drug_it_does_not_look_like_is_named_in_the_reason
     top = classified(("K-000002", 0.9), ("K-000001", 0.1))  # K-000004 is not among the candidates
     answer = decide_answer(top, class_map, read("QRX"), None, OFF, known=KnownImprints(class_map))
     assert answer.unknown and "the imprint of K-000004, 'QRX'," in answer.unknown_reason
+    near = {**class_map, "K-000005": {"print_front": "QRY"}}  # a near miss first in the map: the exact one named
+    near = {"K-000005": near["K-000005"], **class_map}
+    answer = decide_answer(top, near, read("QRX"), None, OFF, known=KnownImprints(near))
+    assert "the imprint of K-000004" in answer.unknown_reason
+    one = classified(("K-000002", 1.0))
+    assert "imprints of the drug it looks like" in decide_answer(one, CLASS_MAP, read("XWZ"), None, OFF,
+                                                                 known=KNOWN).unknown_reason
 
 
 def test_known_imprints_find_the_closest_and_stop_at_enough():
@@ -195,7 +204,8 @@ def test_the_unknown_report_ranks_a_foreign_imprint_above_any_distance():
 
     def answer(score, foreign=False):
         return PillAnswer(({"mapping_code": "K-000001", "probability": 0.9},), score,
-                          "withheld" if foreign or score > 10 else None, imprint_foreign=foreign)
+                          "withheld" if foreign or score > 10 else None,
+                          unknown_by="imprint" if foreign else ("look" if score > 10 else None))
 
     known = [answer(1.0), answer(2.0), answer(3.0), answer(20.0)]
     items = [ValAnswer(None, None, "K-000001", source) for source in ("single", "single", "single", "combination")]
@@ -205,3 +215,32 @@ def test_the_unknown_report_ranks_a_foreign_imprint_above_any_distance():
     assert report["auroc"] == pytest.approx(0.5)  # the foreign one above all three known, the other below all
     assert report["unknown_rejected"] == 0.5 and report["unknown_rejected_by_imprint"] == 0.5
     assert report["known_rejected"] == 0.0
+    # an infinite or missing score (a rule that could not run) ranks, and an imprint still outranks it
+    odd = answers_unknown_report([answer(1.0), answer(float("inf"))], items[:2],
+                                 [answer(2.0, foreign=True), PillAnswer(({"mapping_code": "K-000001"},), None)])
+    assert odd["auroc"] == pytest.approx(0.5)
+
+
+def test_a_typed_imprint_is_held_only_against_the_one_pill_of_a_photo():
+    typed = Hints(imprint="QQQ")  # typed for another pill of a photo of several: this one's read is what counts
+    assert not decide_answer(SURE, CLASS_MAP, read("DGTH"), typed, OFF, known=KNOWN, one_pill=False).unknown
+    assert decide_answer(SURE, CLASS_MAP, read("XWZ"), typed, OFF, known=KNOWN, one_pill=False).unknown
+
+
+def test_a_side_ocr_cannot_read_needs_a_stronger_read_to_count_against_the_drug():
+    # a logo-only back, a score-line back, or one side not on record (an enrolled drug given its front only)
+    for back in ("마크", "분할선", ""):
+        class_map = {"K-000009": {"print_front": "AB12", "print_back": back}, **CLASS_MAP}
+        top = classified(("K-000009", 0.95), ("K-000003", 0.05))
+        known = KnownImprints(class_map)
+        for stray in (read("OU", 0.9), read("11", 0.95), read("XWZ", 0.6)):  # what OCR makes of a logo or groove
+            assert not decide_answer(top, class_map, stray, None, OFF, known=known).unknown, (back, stray)
+        assert decide_answer(top, class_map, read("XWZ", 0.9), None, OFF, known=known).unknown_by == "imprint"
+
+
+def test_a_read_made_only_for_the_check_leaves_nothing_unresolved():
+    alone = classified(("K-000002", 0.999), ("K-000001", 0.0005), ("K-000003", 0.0005))  # no contender
+    answer = decide_answer(alone, CLASS_MAP, read("Q", 0.9), None, OFF, known=KNOWN)
+    assert not answer.unknown and answer.imprint_unresolved is False
+    # where the contenders differ by imprint, a read that matches none of them still leaves the question open
+    assert decide_answer(TWINS, CLASS_MAP, read("Q", 0.9), None, OFF, known=KNOWN).imprint_unresolved is True

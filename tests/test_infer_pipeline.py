@@ -271,6 +271,8 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
             return ImprintRead("HC078", 0.9, 0.0, 0.01, True)
 
     predictor.evidence = ReadButMatchedNothing()
+    # look-alikes that differ by imprint (and the read matches none of them): unresolved, unless the pill is unknown
+    predictor.class_map = {c: {"name": c, "print_front": f"X{i}"} for i, c in enumerate(CODES)}
     stranger = predictor.predict(tmp_path / "m.png", mode="single")["pills"][0]
     assert stranger["unknown"] is True and stranger["imprint_unresolved"] is False  # unknown says it, not look-alikes
     assert predictor.predict(greens[20], mode="single")["pills"][0]["imprint_unresolved"] is True
@@ -385,14 +387,15 @@ def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_con
             self.calls += 1
             return ImprintRead(self.text, 0.95, 0.0, 0.01, True)
 
-    answers = {}
+    answers, predictors = {}, {}
     for on in (True, False):
         predictor = Predictor(root, _cfg(root, f"inference.imprint.unknown_check={str(on).lower()}"), device="cpu")
         assert (predictor.known_imprints is not None) is on and predictor.evidence.check_unknown is on
         predictor.evidence = Reads("XYZ")
-        answers[on] = predictor.predict(photo, mode="single")["pills"][0]
+        answers[on], predictors[on] = predictor.predict(photo, mode="single")["pills"][0], predictor
     assert answers[True]["unknown"] is True and answers[True]["mapping_code"] is None
-    assert "'XYZ'" in answers[True]["unknown_reason"] and answers[True]["prediction_set"] in (None, [])
-    assert answers[False]["unknown"] is False and answers[False]["imprint_unresolved"] is True
-    predictor.evidence = Reads("CD2")  # a known drug's imprint: named, whatever the classifier's order
-    assert predictor.predict(photo, mode="single")["pills"][0]["mapping_code"] == "K-000002"
+    assert "'XYZ'" in answers[True]["unknown_reason"] and answers[True]["unknown_by"] == "imprint"
+    assert answers[True]["prediction_set"] in (None, [])
+    assert answers[False]["unknown"] is False and answers[False]["unknown_by"] is None
+    predictors[True].evidence = Reads("CD2")  # a known drug's imprint: named, whatever the classifier's order
+    assert predictors[True].predict(photo, mode="single")["pills"][0]["mapping_code"] == "K-000002"

@@ -149,6 +149,11 @@ def test_an_unknown_pill_by_its_imprint_says_what_was_read(page, tmp_path: Path)
     _show(page, tmp_path, _answer([pill], ["unknown_pill"]))
     why = page.locator(".pill.unknown .why").inner_text()
     assert why == "Its imprint reads “D4F”: none of the drugs it looks like carries it." and "%" not in why
+    typed = {**_answer([{**pill, "det_confidence": None}], ["unknown_pill"]),
+             "hints": {"imprint": "QQQ", "colors": [], "shape": None}}
+    page.reload()
+    _show(page, tmp_path, typed)  # a one-pill photo: the imprint typed in is what was held against the drugs
+    assert page.locator(".pill.unknown .why").inner_text().startswith("You typed the imprint “QQQ”")
 
 
 def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tmp_path: Path) -> None:

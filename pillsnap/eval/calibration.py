@@ -148,8 +148,9 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
     `read_imprints` off) and `prediction_sets`: each answer named by the unknown-pill rule `unknown` (a pill it
     withholds claims no drug, its set is empty) scored under every conformal method (pillsnap.metrics.conformal),
-    so that inference sets its threshold for whatever coverage it is configured with. With `check_unknown` (every
-    pill read, a legible imprint like no known drug's answered "unknown"), `unknown_answers` measures the answers
+    so that inference sets its threshold for whatever coverage it is configured with. With `check_unknown` (the
+    imprint check: every pill read, a legible imprint like none of its candidates' answered "unknown"),
+    `unknown_answers` measures the answers
     on the single-pill photos of drugs held out of training (`held_out`, a crop data set) against the known
     single-pill answers (answers_unknown_report)."""
     from pillsnap.infer.answer import WEIGHTS, decide_answer
@@ -165,6 +166,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     scale = fit_evidence_scale(items, class_map)
 
     def answered(weights: Any, items: list[ValAnswer] = items, known: Any = known) -> list:
+        # `known` set: the imprint check on (the answers of inference.imprint.unknown_check)
         return [decide_answer(item.classified, class_map, item.read, None,
                               unknown.for_answer(len(class_names), item.source), weights=weights, known=known)
                 for item in items]
@@ -172,12 +174,15 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     answers = answered(WEIGHTS.with_read_scaled(scale))
     unknown_answers = None
     if held_out is not None and len(held_out) and check_unknown:
-        held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads, len(held_out),
-                                  reading, unknown, np.full(len(held_out), "single"), check_unknown)
+        n_held = min(len(held_out), limit)  # the held-out reads never fit a candidate: every turn is tried
+        held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads, n_held,
+                                  reading, unknown, np.full(n_held, "single"), check_unknown)
         weights = WEIGHTS.with_read_scaled(scale)
         unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
+        # Inference without the check: the same reads, kept only where the contenders differ by imprint
         unknown_answers["without_imprint_check"] = answers_unknown_report(
-            answered(weights, known=None), items, answered(weights, held_items, known=None))
+            answered(weights, _gated(items, class_map), None), items,
+            answered(weights, _gated(held_items, class_map), None))
     set_scores: dict[str, list[float]] = {method: [] for method in SET_METHODS}
     for answer, item in zip(answers, items, strict=True):
         if answer.unknown:
@@ -193,8 +198,17 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
                    "unscaled": {k: v for k, v in _answer_figures(answered(WEIGHTS), items).items() if k != "bins"}}
     sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
             "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
-            "imprint_reading": reading, "unknown_rule": unknown.rule if unknown.active else None}
+            "imprint_reading": reading, "imprint_check": check_unknown,
+            "unknown_rule": unknown.rule if unknown.active else None}
     return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets, "unknown_answers": unknown_answers}
+
+
+def _gated(items: list[ValAnswer], class_map: dict) -> list[ValAnswer]:
+    """The items with the reads inference makes without the imprint check: only where the contenders differ."""
+    from pillsnap.infer.answer import should_read_imprint
+
+    return [item if item.read is None or should_read_imprint(item.classified.topk, class_map)
+            else item._replace(read=None) for item in items]
 
 
 def answers_unknown_report(known: list, items: list[ValAnswer], held: list) -> dict:
@@ -207,15 +221,18 @@ def answers_unknown_report(known: list, items: list[ValAnswer], held: list) -> d
 
     single = [a for a, item in zip(known, items, strict=True) if item.source in (None, "single")]
     ranked = single + held
-    values = [a.unknown_score for a in ranked if a.unknown_score is not None and np.isfinite(a.unknown_score)]
-    top = (max(values) if values else 0.0) + 1.0
-    scores = np.array([(a.unknown_score or 0.0) + (top if a.imprint_foreign else 0.0) for a in ranked])
+    raw = np.array([np.nan if a.unknown_score is None else a.unknown_score for a in ranked], np.float64)
+    finite = raw[np.isfinite(raw)]
+    top = (float(finite.max()) if finite.size else 0.0) + 1.0  # above every score: no distance outranks an imprint
+    raw = np.nan_to_num(raw, nan=0.0, posinf=top, neginf=-top)
+    scores = raw + np.array([top + 1.0 if a.unknown_by == "imprint" else 0.0 for a in ranked])
     labels = np.r_[np.zeros(len(single)), np.ones(len(held))]
     auroc = float(roc_auc_score(labels, scores)) if len(single) and len(held) else None
     return {"auroc": auroc, "known": len(single), "unknown": len(held),
             "known_rejected": float(np.mean([a.unknown for a in single])) if single else None,
             "unknown_rejected": float(np.mean([a.unknown for a in held])) if held else None,
-            "unknown_rejected_by_imprint": float(np.mean([a.imprint_foreign for a in held])) if held else None}
+            "unknown_rejected_by_imprint": float(np.mean([a.unknown_by == "imprint" for a in held])) if held
+            else None}
 
 
 def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
@@ -345,7 +362,9 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     to inference.unknown_fit_per_class training crops per class (without augmentation). Each unknown-pill rule's
     threshold keeps `keep_correct` of the right validation answers, and both rules are measured on the classes
     held out of the stage; inference uses the one inference.unknown_rule names. With inference.imprint.enabled,
-    `answers` measures the final answers (after the imprint evidence) on up to ANSWER_CROPS validation crops."""
+    `answers` measures the final answers (after the imprint evidence) on up to ANSWER_CROPS validation crops, and
+    with inference.imprint.unknown_check too, `unknown_eval_answers` the final answers' unknown-pill decision on the
+    held-out drugs' photos (answers_unknown_report)."""
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device

@@ -20,6 +20,7 @@ from pillsnap.infer.matching import (
     class_imprint_similarity,
     class_imprints,
     color_agreement,
+    has_unreadable_side,
     imprint_similarity,
     normalize_imprint,
     shape_agreement,
@@ -60,6 +61,11 @@ class AnswerThresholds:
     # confidence (the recogniser's own), and none of the candidates' imprints as alike as imprint_floor.
     foreign_read_chars: int = 2
     foreign_read_score: float = 0.5
+    # When the top drug has a side OCR cannot read (plain, a logo or a score line alone, or not on record: an enrolled
+    # drug given one imprint), a read may come from that side, where OCR makes a stray letter or two of a logo or a
+    # groove: such a read counts only with at least this many characters at this confidence.
+    foreign_read_chars_blank_side: int = 3
+    foreign_read_score_blank_side: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,9 @@ def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, M
     """Whether OCR can change the answer: the top-1 and another contender (AnswerThresholds.read_top_n,
     read_min_probability) have imprints that differ (similarity below same_imprint, or one has text and the other
     none). When the contenders share an imprint, or only one is in the running, a read cannot tell them apart.
-    With `check_unknown`, also whenever the top-1's imprint is on record: a read unlike every known drug's imprint
-    answers the pill "unknown" (foreign_imprint)."""
-    if check_unknown and candidates and class_imprints(class_map.get(str(candidates[0].get("mapping_code"))) or {}):
+    With `check_unknown` (the imprint check), also whenever the top-1 has an imprint on record: a legible read like
+    none of the candidates' imprints answers the pill "unknown" (foreign_imprint)."""
+    if check_unknown and class_imprints(_top_entry(candidates, class_map)):
         return True
     contenders = [c for c in candidates[:thresholds.read_top_n]
                   if float(c.get("probability", 0.0)) >= thresholds.read_min_probability]
@@ -152,6 +158,11 @@ def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, M
         return False
     sides = [class_imprints(class_map.get(str(c.get("mapping_code"))) or {}) for c in contenders]
     return any(_imprints_differ(sides[0], other, thresholds.same_imprint) for other in sides[1:])
+
+
+def _top_entry(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> Mapping:
+    """The class-map entry of the top candidate ({} when there is none)."""
+    return (class_map.get(str(candidates[0].get("mapping_code"))) or {}) if candidates else {}
 
 
 def _imprints_differ(a: tuple[str, ...], b: tuple[str, ...], same_above: float) -> bool:
@@ -271,36 +282,40 @@ def unknown_reason(rule: UnknownRule, score: float | None) -> str | None:
             f"the right validation answers (up to {rule.threshold:.0f}): not a known drug; nearest candidates in topk")
 
 
-def foreign_imprint(read: ImprintRead | None, hints: Hints | None, candidates: Sequence[Mapping],
+def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[Mapping],
                     class_map: Mapping[str, Mapping], known: KnownImprints | None = None,
                     thresholds: AnswerThresholds = THRESHOLDS) -> str | None:
-    """Why a pill is answered "unknown pill" by its imprint, or None. The imprint typed in, else the one read (when
-    legible: AnswerThresholds.foreign_read_chars, foreign_read_score), is like none of the candidates' imprints
-    (below imprint_floor, what unrelated strings reach): the drugs the pill looks like are not what it says it is.
-    Held against the candidates, not every known drug: among thousands of short imprints almost any read is like
-    one of them by chance (bench/unknown_imprint_check.py). With `known`, the reason names a known drug whose
-    imprint the read does match (it may be that drug, photographed unlike its training photos). Never said when
-    the top candidate's imprints are not on record (an enrolled drug given without them)."""
-    top = class_map.get(str(candidates[0].get("mapping_code"))) if candidates else None
-    if not top or not class_imprints(top):
+    """Why a pill is answered "unknown pill" by its imprint, or None. The imprint `typed` in (normalised; "" when
+    none), else the one read when legible (AnswerThresholds.foreign_read_chars, foreign_read_score; stricter when
+    the top drug has a side OCR cannot read), is like none of the candidates' imprints (below imprint_floor, what
+    unrelated strings reach): the drugs the pill looks like do not carry it. Held against the candidates, not every
+    known drug: among thousands of short imprints almost any read is like one of them by chance
+    (bench/unknown_imprint_check.py). With `known`, the reason names the known drug whose imprint it is, if any (it
+    may be that drug, photographed unlike its training photos). Never said when the top drug has no imprint on
+    record (an enrolled drug given without them)."""
+    top = _top_entry(candidates, class_map)
+    if not class_imprints(top):
         return None
-    typed = normalize_imprint(hints.imprint) if hints is not None else ""
+    blank_side = has_unreadable_side(top)
+    chars = thresholds.foreign_read_chars_blank_side if blank_side else thresholds.foreign_read_chars
     if typed:
         text, said = typed, f"the imprint typed in, {typed!r},"
-    elif read is not None and read.score >= thresholds.foreign_read_score:
+    elif read is not None and read.score >= (thresholds.foreign_read_score_blank_side if blank_side
+                                             else thresholds.foreign_read_score):
         text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
     else:
         return None
-    if len(text) < thresholds.foreign_read_chars:
+    if len(text) < (thresholds.foreign_read_chars if typed else chars):
         return None
     entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
     if any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
         return None
-    match = known.closest(text, thresholds.imprint_accept) if known is not None else None
+    match = known.closest(text) if known is not None else None
     whose = (f" (it is the imprint of {match.code}, {match.imprint!r}, a drug it does not look like)"
              if match is not None and match.similarity >= thresholds.imprint_accept else "")
-    return (f"{said} is like none of the imprints of the {len(candidates)} drugs it looks like{whose}: not one of "
-            f"them; nearest candidates in topk")
+    drugs = "the drug" if len(candidates) == 1 else f"the {len(candidates)} drugs"
+    return (f"{said} is like none of the imprints of {drugs} it looks like{whose}: not one of them; nearest "
+            f"candidates in topk")
 
 
 # ---- what is left open ----------------------------------------------------------------------------------------
@@ -386,7 +401,7 @@ class PillAnswer:
     ranking_changed: bool = False
     conflicts: tuple[str, ...] = ()
     prediction_set: PredictionSet | None = None
-    imprint_foreign: bool = False  # answered "unknown" because its imprint is like no known drug's
+    unknown_by: str | None = None  # what withheld the name: "look" (the unknown-pill rule) | "imprint" | None
 
     @property
     def unknown(self) -> bool:
@@ -403,9 +418,8 @@ class PillAnswer:
                   **(self.prediction_set.to_dict() if self.prediction_set else NO_SET)}
         if self.read is not None:
             fields["imprint"] = self.read.to_dict()
-        unknown_by = ("imprint" if self.imprint_foreign else "look") if self.unknown else None
         return {**fields, "unknown": self.unknown, "unknown_score": self.unknown_score,
-                "unknown_reason": self.unknown_reason, "unknown_by": unknown_by}
+                "unknown_reason": self.unknown_reason, "unknown_by": self.unknown_by}
 
 
 def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, class_map: Mapping[str, Mapping],
@@ -422,12 +436,13 @@ def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, cla
 def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
                   hints: Hints | None, unknown: UnknownRule, thresholds: AnswerThresholds = THRESHOLDS,
                   weights: RerankWeights = WEIGHTS, set_rule: SetRule | None = None,
-                  known: KnownImprints | None = None) -> PillAnswer:
+                  known: KnownImprints | None = None, one_pill: bool = True) -> PillAnswer:
     """One pill's answer from its classifier output, its imprint read (None: not read), the user's hints and the
     unknown-pill rule: the evidence re-ranks the candidates; a pill the rule rejects is answered "unknown" unless
-    its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With `known` (every known drug's
-    imprints: the imprint check on), a pill whose legible imprint is like none of its candidates' is answered
-    "unknown" too (foreign_imprint).
+    its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With the imprint check on
+    (`known`: every known drug's imprints, to name the one a foreign imprint belongs to), a pill whose legible
+    imprint is like none of its candidates' is answered "unknown" too (foreign_imprint); an imprint typed in is
+    held against the pill only when the photo shows `one_pill` (on a photo of several it may describe another).
     With a calibrated `set_rule`, the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
     topk = tuple(dict(c) for c in classified.topk)
@@ -440,14 +455,17 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     reason = unknown_reason(unknown, classified.unknown_score)
     if reason and float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override:
         reason = None
-    foreign = False
+    typed = normalize_imprint(hints.imprint) if hints is not None else ""
+    unknown_by = "look" if reason else None
     if reason is None and known is not None:
-        reason = foreign_imprint(read, hints, candidates, class_map, known, thresholds)
-        foreign = reason is not None
-    typed = hints is not None and bool(normalize_imprint(hints.imprint))
+        reason = foreign_imprint(read, typed if one_pill else "", candidates, class_map, known, thresholds)
+        unknown_by = "imprint" if reason else None
+    # look-alike contenders that differ by imprint, and a read that matched none of them (a read made only for the
+    # imprint check, with no such contenders, leaves nothing unresolved)
     unresolved = (read is not None and not typed and reason is None
+                  and should_read_imprint(classified.topk, class_map, thresholds)
                   and not any(c.get("imprint_match") for c in candidates))
     pset = None if set_rule is None else prediction_set(candidates, reason is not None, set_rule, class_map, hints,
                                                         thresholds)
     return PillAnswer(candidates, classified.unknown_score, reason, read, ranked.imprint_read, unresolved,
-                      ranked.changed, ranked.conflicts, pset, foreign)
+                      ranked.changed, ranked.conflicts, pset, unknown_by)

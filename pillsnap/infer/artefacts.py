@@ -83,11 +83,12 @@ def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[Cl
     return ClassGaussians.load(path), path, None
 
 
-def load_set_rule(calibration: dict | None, method: str, coverage: float,
-                  imprint_reading: bool) -> tuple[float | None, str | None]:
+def load_set_rule(calibration: dict | None, method: str, coverage: float, imprint_reading: bool,
+                  imprint_check: bool = False) -> tuple[float | None, str | None]:
     """(threshold, None) of the prediction-set rule `method` at `coverage` from a loaded calibration, or (None, why
-    there is none). The scores were measured on answers made with or without imprint reading; answers made the
-    other way have other probabilities, so their sets would not keep the coverage."""
+    there is none). The scores were measured on answers made with or without imprint reading, and with reading on,
+    with or without the imprint check (every pill read, some withheld); answers made the other way have other
+    probabilities, so their sets would not keep the coverage."""
     from pillsnap.metrics.conformal import check_set_method, conformal_threshold, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
@@ -97,4 +98,8 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float,
         return None, (f"the prediction sets were calibrated with imprint reading "
                       f"{'on' if stored.get('imprint_reading') else 'off'} and it is now "
                       f"{'on' if imprint_reading else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
+    if imprint_reading and bool(stored.get("imprint_check")) != bool(imprint_check):  # older files: no check
+        return None, (f"the prediction sets were calibrated with the imprint check (inference.imprint.unknown_check) "
+                      f"{'on' if stored.get('imprint_check') else 'off'} and it is now "
+                      f"{'on' if imprint_check else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
     return conformal_threshold(scores_from_json(stored["scores"][check_set_method(method)]), coverage), None

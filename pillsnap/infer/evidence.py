@@ -17,8 +17,7 @@ LOGGER = logging.getLogger(__name__)
 
 class Evidence:
     """Per predictor: the class map, whether to read imprints (and whether every pill whose top candidate has an
-    imprint on record, to check it against the known drugs: `check_unknown`), and the reader (loaded on the first
-    read)."""
+    imprint on record, for the imprint check: `check_unknown`), and the reader (loaded on the first read)."""
 
     def __init__(self, class_map: Mapping[str, Mapping], read_imprints: bool, threads: int = 0,
                  thresholds: AnswerThresholds = THRESHOLDS, check_unknown: bool = False) -> None:

@@ -196,7 +196,6 @@ def class_imprint_similarity(read: str | None, entry: Mapping) -> float:
     return max((imprint_similarity(read, side) for side in class_imprints(entry)), default=0.0)
 
 
-
 class Closest(NamedTuple):
     """The known imprint a read is most like: its drug (None when no known drug has a readable imprint), the
     imprint key and the similarity."""
@@ -231,8 +230,9 @@ class KnownImprints:
         alike."""
         text = normalize_imprint(read)
         key = (text, enough)
-        if key in self._cache:
-            return self._cache[key]
+        hit = self._cache.get(key)  # one lookup: another thread may clear the cache between two
+        if hit is not None:  # what was found before answers either way: at least `enough`, or the best of all
+            return hit
         best = Closest(None, "", 0.0)
         for side, code in self.sides.items() if text else ():
             sim = imprint_similarity(text, side)

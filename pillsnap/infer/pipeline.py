@@ -101,18 +101,19 @@ class Predictor:
         self.unknown = self._unknown_rule()
         self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         imprint = self.settings.imprint
+        self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = self._set_rule(bool(imprint.enabled))
         self.thresholds = THRESHOLDS
         # the imprint read's weight, scaled where calibration fit it so that the answers' probabilities mean what
         # they say (pillsnap.eval.calibration.fit_evidence_scale)
         scale = float((self.calibration or {}).get("evidence_scale") or 1.0)
         self.weights = WEIGHTS.with_read_scaled(scale)
-        # with imprint.unknown_check, every pill is read and a legible imprint like no known drug's answers
-        # "unknown pill" (answer.foreign_imprint), against these imprints (set again when enrolments change)
-        self.check_imprints = bool(imprint.enabled) and bool(imprint.unknown_check)
+        # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
+        # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
+        # is (set again when enrolments change)
         self.known_imprints: KnownImprints | None = None
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds,
-                                 self.check_imprints)
+                                 self.check_unknown)
         from pillsnap.data import classification_transform
 
         self.transform = classification_transform(image_size, train=False)
@@ -204,7 +205,7 @@ class Predictor:
             raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
         if self.calibration is None:
             return None
-        threshold, problem = load_set_rule(self.calibration, method, coverage, imprint_reading)
+        threshold, problem = load_set_rule(self.calibration, method, coverage, imprint_reading, self.check_unknown)
         if problem:
             LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
             return None
@@ -286,7 +287,7 @@ class Predictor:
         # The class map first: a classify on another thread that already sees the new drugs finds their names.
         self.class_map = {**class_map, **{d["mapping_code"]: d for d in drugs}}
         self.evidence.class_map = self.class_map
-        self.known_imprints = KnownImprints(self.class_map) if self.check_imprints else None
+        self.known_imprints = KnownImprints(self.class_map) if self.check_unknown else None
         self.enrolled, self._enrol_stamp = space, stamp
         self.class_names = names + [d["mapping_code"] for d in drugs]
         self.unknown_rules = self._answer_rules(self.unknown)
@@ -342,7 +343,7 @@ class Predictor:
         read = self.evidence.read(crop, classified.topk)
         rule = self.unknown_rules["single" if det_conf is None else "combination"]
         answer = decide_answer(classified, self.class_map, read, hints, rule, self.thresholds, self.weights,
-                               self.set_rule, self.known_imprints)
+                               self.set_rule, self.known_imprints, one_pill=det_conf is None)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:
