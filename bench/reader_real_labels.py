@@ -11,6 +11,7 @@ the truth is the unique best match above the similarity floor, under each versio
 per read.
 
     .venv/bin/python bench/reader_real_labels.py [--variants 3 --threads 1 --seed 0 --labels DIR]
+        [--baseline-ref HEAD] [--show-misses]
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
     return crops
 
 
-def head_reader_module() -> ModuleType:
-    """pillsnap/infer/imprint.py as it is in git HEAD (with HEAD's matching.py), loaded as a temporary module."""
+def head_reader_module(ref: str = "HEAD") -> ModuleType:
+    """pillsnap/infer/imprint.py as it is at git `ref` (with that matching.py), loaded as a temporary module."""
     modules = {}
     for name in ("matching", "imprint"):
-        source = subprocess.run(["git", "show", f"HEAD:pillsnap/infer/{name}.py"], cwd=REPO, check=True,
+        source = subprocess.run(["git", "show", f"{ref}:pillsnap/infer/{name}.py"], cwd=REPO, check=True,
                                 capture_output=True, text=True).stdout
         source = source.replace("from pillsnap.infer.matching import", "from _head_matching import")
         spec = importlib.util.spec_from_loader(f"_head_{name}", loader=None)
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (1: less noise on a shared host)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show-misses", action="store_true")
+    parser.add_argument("--baseline-ref", default="HEAD", help="git revision of the 'before' reader and matching")
     args = parser.parse_args()
     if not args.labels.is_dir():
         print(f"skipped: no real labels at {args.labels} (they are kept outside the project)")
@@ -158,7 +160,7 @@ def main() -> None:
     print(f"{len(crops)} crops from {len(labels)} real labels, long side {sizes[0]}-{sizes[-1]} px")
     from pillsnap.infer import imprint
 
-    head = head_reader_module()
+    head = head_reader_module(args.baseline_ref)
     readers = {"before (HEAD)": head.ImprintReader(head.ReaderSettings(threads=args.threads)),
                "after": imprint.ImprintReader(imprint.ReaderSettings(threads=args.threads))}
     results = {}
