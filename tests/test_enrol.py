@@ -296,3 +296,28 @@ def test_the_demo_lines_say_what_obeying_the_look_alike_check_keeps():
     assert lines[-1].startswith("enrolment   with the look-alike check obeyed (K-000007 refused, not forced)")
     assert "known single-photo accuracy 0.800 -> 0.790" in lines[-1]
     assert not any("obeyed" in line for line in format_enrolment({**figures, "look_alike_check_obeyed": None}))
+
+
+def test_the_imprint_check_knows_an_enrolled_drugs_imprints(exp_dir: Path, predictor: Predictor,
+                                                            tmp_path: Path) -> None:
+    """A served predictor with the imprint check picks up an enrolled drug's imprints with the drug: its photos
+    reading its imprint are named, a read none of its look-alikes carries is an unknown pill."""
+    from pillsnap.infer.imprint import ImprintRead
+
+    served = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.unknown_check=true"), device="cpu")
+    assert served.check_unknown and "NEW" not in served.known_imprints.sides
+
+    class Reads:  # stands in for the reader
+        text = "NEW"
+
+        def read(self, crop, topk):
+            return ImprintRead(self.text, 0.95, 0.0, 0.01, True)
+
+    served.evidence = Reads()
+    probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
+    enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))
+    named = answer(served, probe)  # the enrolment is picked up on this photo, with its imprints
+    assert served.known_imprints.sides.get("NEW") == NEW_CODE and named["mapping_code"] == NEW_CODE
+    Reads.text = "QJX"
+    stranger = answer(served, probe)
+    assert stranger["unknown_by"] == "imprint" and stranger["mapping_code"] is None

@@ -69,3 +69,21 @@ def test_set_figures_match_pills_by_box_and_count_an_empty_set_right_for_an_unle
     outcomes = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["outcomes"]
     redrawn = set_figures(with_sets(outcomes, "lac", 0.7))  # 1 - 0.4 <= 0.7: both candidates in every set
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 2.0
+
+
+def test_the_headline_says_what_the_imprint_check_adds_and_what_it_costs():
+    from pillsnap.eval.pipeline_report import _calibration_lines
+
+    cal = {"temperature": 0.7, "ece_before": 0.09, "ece_after": 0.06, "n_val": 127, "ece_sampling_floor": 0.08,
+           "unknown_rule": "feature_distance",
+           "unknown_eval_answers": {"auroc": 0.9, "known": 76, "unknown": 120, "known_rejected": 0.0,
+                                    "unknown_rejected": 0.792, "unknown_rejected_by_imprint": 0.283,
+                                    "without_imprint_check": {"auroc": 0.757, "unknown_rejected": 0.508,
+                                                              "known_rejected": 0.026}}}
+    line = [x for x in _calibration_lines(cal) if "final answers" in x][0]
+    assert "AUROC=0.900 unknowns rejected=0.792 (by the imprint 0.283) known pills rejected=0.000" in line
+    assert "without the imprint check: AUROC=0.757 rejected=0.508 known rejected=0.026" in line
+    cal["unknown_eval_answers"]["auroc"] = None  # one class of photos missing: said, not a crash
+    assert "AUROC=n/a" in [x for x in _calibration_lines(cal) if "final answers" in x][0]
+    del cal["unknown_eval_answers"]  # the check off: no line
+    assert not [x for x in _calibration_lines(cal) if "final answers" in x]
