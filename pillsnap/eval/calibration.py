@@ -150,9 +150,8 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     withholds claims no drug, its set is empty) scored under every conformal method (pillsnap.metrics.conformal),
     so that inference sets its threshold for whatever coverage it is configured with. With `check_unknown` (the
     imprint check: every pill read, a legible imprint like none of its candidates' answered "unknown"),
-    `unknown_answers` measures the answers
-    on the single-pill photos of drugs held out of training (`held_out`, a crop data set) against the known
-    single-pill answers (answers_unknown_report)."""
+    `unknown_answers` measures the answers on the single-pill photos of drugs held out of training (`held_out`, a
+    crop data set) against the known single-pill answers (answers_unknown_report)."""
     from pillsnap.infer.answer import WEIGHTS, decide_answer
     from pillsnap.infer.evidence import Evidence
     from pillsnap.infer.matching import KnownImprints
@@ -171,13 +170,13 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
                               unknown.for_answer(len(class_names), item.source), weights=weights, known=known)
                 for item in items]
 
-    answers = answered(WEIGHTS.with_read_scaled(scale))
+    weights = WEIGHTS.with_read_scaled(scale)
+    answers = answered(weights)
     unknown_answers = None
     if held_out is not None and len(held_out) and check_unknown:
         n_held = min(len(held_out), limit)  # the held-out reads never fit a candidate: every turn is tried
         held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads, n_held,
                                   reading, unknown, np.full(n_held, "single"), check_unknown)
-        weights = WEIGHTS.with_read_scaled(scale)
         unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
         # Inference without the check: the same reads, kept only where the contenders differ by imprint
         unknown_answers["without_imprint_check"] = answers_unknown_report(

@@ -120,8 +120,6 @@ def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
     by_method = {}
     for method in SET_METHODS:  # the predictor's own set rule loaded, so every method's scores are there
         threshold, _ = load_set_rule(predictor.calibration, method, coverage, reading, predictor.check_unknown)
-        if threshold is None:
-            continue
         by_method[method] = {"threshold": threshold if np.isfinite(threshold) else None,
                              **set_figures(with_sets(outcomes, method, threshold))}
     return by_method

@@ -296,16 +296,15 @@ def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[M
     top = _top_entry(candidates, class_map)
     if not class_imprints(top):
         return None
-    blank_side = has_unreadable_side(top)
-    chars = thresholds.foreign_read_chars_blank_side if blank_side else thresholds.foreign_read_chars
     if typed:
-        text, said = typed, f"the imprint typed in, {typed!r},"
-    elif read is not None and read.score >= (thresholds.foreign_read_score_blank_side if blank_side
-                                             else thresholds.foreign_read_score):
-        text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
+        text, said, chars = typed, f"the imprint typed in, {typed!r},", thresholds.foreign_read_chars
     else:
-        return None
-    if len(text) < (thresholds.foreign_read_chars if typed else chars):
+        chars, score = ((thresholds.foreign_read_chars_blank_side, thresholds.foreign_read_score_blank_side)
+                        if has_unreadable_side(top) else (thresholds.foreign_read_chars, thresholds.foreign_read_score))
+        if read is None or read.score < score:
+            return None
+        text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
+    if len(text) < chars:
         return None
     entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
     if any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
