@@ -141,13 +141,21 @@ def ensure_trained(cfg: Any) -> int:
 
 def ensure_calibrated(cfg: Any) -> None:
     """Calibrate the trained classifier unless a calibration fit for these very weights is there (training writes
-    one; a run trained by an older PillSnap, or interrupted after training, may lack it)."""
-    from pillsnap.eval.calibration import calibrate_classifier
+    one; a run trained by an older PillSnap, or interrupted after training, may lack it), and the box check unless
+    it was measured for this very detector."""
+    from pillsnap.eval.box_calibration import refresh_box_check
+    from pillsnap.eval.calibration import calibrate_classifier, load_manifest_if_any
     from pillsnap.infer.artefacts import load_calibration
+    from pillsnap.models.export import file_sha256
 
     ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
-    if load_calibration(ckpt_dir, ckpt_dir / "classification_best.pt") is None:
+    calibration = load_calibration(ckpt_dir, ckpt_dir / "classification_best.pt")
+    if calibration is None:
         calibrate_classifier(cfg, cfg.paths.exp_dir)
+        return
+    detector = ckpt_dir / "detection_best.pt"
+    if detector.is_file() and (calibration.get("box_check") or {}).get("detector_sha256") != file_sha256(detector):
+        refresh_box_check(cfg, cfg.paths.exp_dir, load_manifest_if_any(cfg))
 
 
 def ensure_onnx(exp_dir: Path, device: str | None) -> Path | None:

@@ -57,12 +57,18 @@ def write_reports(trainer: Any) -> list[Path]:
 
 
 def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict | None:
-    """Temperature and unknown-pill threshold of the best classifier, fit on the validation split."""
-    from pillsnap.eval.calibration import calibrate_classifier
+    """Temperature and unknown-pill threshold of the best classifier, fit on the validation split (with the box
+    check of the detector). A run that trained only the detector calibrates its box check again, into the
+    classifier's calibration."""
+    from pillsnap.eval.calibration import calibrate_classifier, load_manifest_if_any
 
-    if not any(task.val_loader is not None for task in probability_tasks(trainer)):
-        return None
-    return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders, device=trainer.device)
+    if any(task.val_loader is not None for task in probability_tasks(trainer)):
+        return calibrate_classifier(trainer.cfg, trainer.exp_dir, build_loaders, device=trainer.device)
+    if trainer.trains("detection"):
+        from pillsnap.eval.box_calibration import refresh_box_check
+
+        refresh_box_check(trainer.cfg, trainer.exp_dir, load_manifest_if_any(trainer.cfg), trainer.device)
+    return None
 
 
 def link_stage_checkpoints(trainer: Any) -> list[Path]:

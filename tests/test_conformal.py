@@ -48,6 +48,26 @@ def test_sets_cover_the_right_class_at_the_level_asked(method: str, coverage: fl
     assert report["coverage"] <= coverage + 0.12 and 1.0 <= report["mean_set_size"] < 6, report
 
 
+def test_filled_sets_keep_the_guarantee_and_a_sure_answer_is_right_as_often_as_its_probability_says() -> None:
+    """LAC's lone drugs include answers at probability 0.5-0.9, right only that often; filled to the coverage, a
+    one-drug set carries at least the coverage in probability, and, the probabilities being right by construction,
+    is right at least that often. The sets only grow, so the coverage holds."""
+    probs, place = _split(6000, 8, seed=7)
+    scores = [nonconformity("lac", row, int(k)) for row, k in zip(probs[:2000], place[:2000], strict=True)]
+    threshold = conformal_threshold(scores, 0.9)
+    plain = np.array([set_size("lac", row, threshold) for row in probs[2000:]])
+    filled = np.array([set_size("lac", row, threshold, fill_to=0.9) for row in probs[2000:]])
+    right = place[2000:] == 0
+    assert (filled >= plain).all() and np.mean(place[2000:] < filled) >= 0.9 - 0.02
+    assert probs[2000:][filled == 1, 0].min() >= 0.9 and right[filled == 1].mean() >= 0.9 - 0.02
+    # what it fixes: LAC's lone drugs below the level (94 of them here) are right only as often as they say
+    low = (plain == 1) & (probs[2000:, 0] < 0.9)
+    assert low.sum() > 50 and right[low].mean() < 0.9 - 0.03 and not ((filled == 1) & (probs[2000:, 0] < 0.9)).any()
+    assert set_size("lac", [0.6, 0.3, 0.1], 0.5, fill_to=0.95) == 3  # 0.6 + 0.3 < 0.95: the third is needed
+    assert set_size("lac", [0.6, 0.35, 0.05], 0.5, fill_to=0.95) == 2
+    assert set_size("lac", [0.5, 0.2], 0.5, fill_to=0.95) == 2  # never reached: every candidate
+
+
 def test_aps_sets_grow_where_the_answer_is_spread() -> None:
     probs, place = _split(4000, 8, seed=3)
     scores = [nonconformity("aps", row, int(k)) for row, k in zip(probs, place, strict=True)]
@@ -108,6 +128,17 @@ def test_a_confident_answer_is_sure_and_look_alikes_stay_open() -> None:
     assert typed == ("other_side",)
     assert narrow_by([{"mapping_code": "K-000001"}, {"mapping_code": "K-000003"}], CLASS_MAP, None) == (
         "other_side", "imprint", "color", "shape")
+
+
+def test_a_lone_drug_below_the_coverage_is_not_sure_when_sets_are_filled() -> None:
+    lone = _classified(0.62, 0.25, 0.13)  # LAC keeps only the first (0.25 < 0.4)
+    plain = decide_answer(lone, CLASS_MAP, None, None, RULE, set_rule=SETS).to_dict()
+    assert plain["sure"] is True  # sure at 95 % with a probability of 0.62: what filling prevents
+    filled = decide_answer(lone, CLASS_MAP, None, None, RULE, set_rule=SetRule("lac", 0.95, 0.6, fill=True)).to_dict()
+    assert filled["sure"] is False and [m["mapping_code"] for m in filled["prediction_set"]] == list(CLASS_MAP)[:3]
+    sharp = decide_answer(_classified(0.97, 0.02, 0.01), CLASS_MAP, None, None, RULE,
+                          set_rule=SetRule("lac", 0.95, 0.6, fill=True)).to_dict()
+    assert sharp["sure"] is True
 
 
 def test_an_unknown_pill_has_an_empty_set_and_no_probability() -> None:

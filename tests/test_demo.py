@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pillsnap.cli import main as cli_main
+from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json
 
 
@@ -30,6 +31,14 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     assert set(summary["test"]["detection"]) == {"torch", "onnx"}
     assert summary["test"]["auto_without_imprint_reading"]["num_photos"] == auto["num_photos"]
     assert set(summary["calibration"]["unknown_eval_by_rule"]) == {"feature_distance", "probability"}
+    # the box check, calibrated for this very detector on the validation combination photos, and what it did
+    box_check = read_json(exp / "checkpoints" / "calibration.json")["box_check"]
+    assert box_check["detector_sha256"] == file_sha256(exp / "checkpoints" / "detection_best.pt")
+    assert box_check["photos"] > 0 and box_check["pill_confidences"] == sorted(box_check["pill_confidences"])
+    threshold = summary["calibration"]["box_check"]["conf_threshold"]  # the bound is drawn from the pills it keeps
+    assert summary["calibration"]["box_check"]["pills"] == sum(c >= threshold for c in box_check["pill_confidences"])
+    doubted = auto["doubted_boxes"]
+    assert f"{doubted['no_pill']} on no labelled pill, {doubted['pill']} on a labelled pill" in out
     # torch and ONNX go through the same NMS: the same mAP on the same photos
     assert summary["test"]["detection"]["onnx"]["mAP@0.5"] == pytest.approx(
         summary["test"]["detection"]["torch"]["mAP@0.5"], abs=1e-3)

@@ -156,6 +156,20 @@ def test_an_unknown_pill_by_its_imprint_says_what_was_read(page, tmp_path: Path)
     assert page.locator(".pill.unknown .why").inner_text().startswith("You typed the imprint “QQQ”")
 
 
+def test_a_box_that_may_hold_no_pill_says_so_and_names_no_drug(page, tmp_path: Path) -> None:
+    rim = {**_pill(None, 0.92, [60, 30, 34, 26], unknown=True), "unknown_by": "box", "det_confidence": 0.35,
+           "hints_conflict": True, "conflicts": ["color"],
+           "unknown_reason": "the detector is less sure of this box (confidence 0.350) than it was of every one of "
+                             "the 66 pills on the validation photos (bound 0.526, ...): it may hold no pill"}
+    _show(page, tmp_path, _answer([_pill("K-000001", 0.99, [5, 10, 30, 24]), rim], ["maybe_no_pill"]))
+    card = page.locator(".pill.unknown")
+    assert card.locator(".name").inner_text() == "Maybe not a pill" and "dish's rim" in card.inner_text()
+    assert "Unknown pill" not in card.inner_text() and "%" not in card.inner_text()
+    assert "If it is a pill, the nearest known drugs" in card.inner_text() and "drug 1" in card.inner_text()
+    assert "disagrees with your hint" not in card.inner_text()  # no drug is named, so nothing contradicts a hint
+    assert "may hold no pill at all" in page.locator(".review").inner_text()
+
+
 def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tmp_path: Path) -> None:
     pills = [_pill("K-000001", 0.99996, [5, 10, 30, 24]), _pill("K-000002", 0.9994, [60, 30, 34, 26]),
              _pill("K-000003", 0.42, [30, 100, 40, 30])]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import DictConfig
 
+from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import (
@@ -282,7 +283,7 @@ def _thresholds(val_scores: dict[str, np.ndarray], correct: np.ndarray, keep: fl
             for name, scores in val_scores.items()}
 
 
-def _manifest(cfg: DictConfig) -> Any:
+def load_manifest_if_any(cfg: DictConfig) -> Any:
     from pillsnap.data import load_manifest
 
     try:
@@ -363,7 +364,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     held out of the stage; inference uses the one inference.unknown_rule names. With inference.imprint.enabled,
     `answers` measures the final answers (after the imprint evidence) on up to ANSWER_CROPS validation crops, and
     with inference.imprint.unknown_check too, `unknown_eval_answers` the final answers' unknown-pill decision on the
-    held-out drugs' photos (answers_unknown_report)."""
+    held-out drugs' photos (answers_unknown_report). With a detector, `box_check` holds its confidences in the
+    labelled pills of the validation combination photos (pillsnap.eval.box_calibration)."""
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
@@ -392,7 +394,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     val_distances = gaussians.score(features)
     val_scores = {name: unknown_scores(name, cal, val_distances) for name in UNKNOWN_RULES}
     thresholds = _thresholds(val_scores, correct, keep)
-    manifest = _manifest(cfg)
+    manifest = load_manifest_if_any(cfg)
     sources = crop_sources(loaders.cls_val.dataset, manifest)
     by_source = None if sources is None else {
         source: _thresholds({k: v[sources == source] for k, v in val_scores.items()}, correct[sources == source],
@@ -450,6 +452,10 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         stored["prediction_sets"] = outcome["prediction_sets"]
         report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),
                                                 float(cfg.inference.prediction_set.coverage))
+    boxes = calibrate_boxes(cfg, exp_dir, manifest, device)  # the detector's confidences, for the box check
+    if boxes is not None:
+        stored["box_check"] = boxes
+        report["box_check"] = box_summary(boxes, cfg.inference)
     # The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's hash.
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]
@@ -460,6 +466,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
                 temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
                 rule, _unknown_line(report.get("unknown_eval")))
+    if report.get("box_check"):
+        LOGGER.info("calibration: %s", box_line(report["box_check"]))
     sets = report.get("prediction_sets")
     if sets:
         LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: "

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.infer.preprocess import load_image
-from pillsnap.metrics.detection import evaluate_detection_metrics
+from pillsnap.metrics.detection import evaluate_detection_metrics, match_boxes
 from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
@@ -37,42 +37,47 @@ def photo_groups(manifest: pd.DataFrame, split: str = "test") -> list[dict]:
 
 
 UNKNOWN = "unknown"  # how an "unknown pill" answer (mapping_code null) and a pill of an untrained class compare
+NO_PILL = "no pill"  # how a box answered "maybe no pill" compares: like nothing that was labelled
 
 
 def _photo_outcome(photo: dict, result: dict, known: set[str] | None) -> dict:
-    """Right means the same pills: a pill of a class the classifier never learnt is right only as "unknown"."""
-    predicted = sorted(p["mapping_code"] or UNKNOWN for p in result["pills"])
+    """Right means the same pills: a pill of a class the classifier never learnt is right only as "unknown". A box
+    the answer itself says may hold no pill (unknown_by "box") claims no pill: where it holds no labelled pill it
+    is left out, and a labelled pill in it was not answered (NO_PILL: wrong for a known and an unknown drug)."""
+    match = _match(photo, result["pills"])
+    found = set(match.values())
+    pills = [p for d, p in enumerate(result["pills"]) if d in found or p.get("unknown_by") != BOX_DOUBT]
+    predicted = sorted(NO_PILL if p.get("unknown_by") == BOX_DOUBT else p["mapping_code"] or UNKNOWN for p in pills)
     expected = sorted(c if known is None or c in known else UNKNOWN for c in photo["codes"])
     expected_mode = "single" if photo["image_type"] == "single" else "combo"
+    doubted = [d in found for d, p in enumerate(result["pills"]) if p.get("unknown_by") == BOX_DOUBT]
     return {"image_path": photo["image_path"], "image_type": photo["image_type"], "mode_used": result["mode_used"],
             "routed_right": result["mode_used"] == expected_mode, "expected": expected, "predicted": predicted,
             "all_right": Counter(predicted) == Counter(expected), "fallback_reason": result["fallback_reason"],
-            "pills": _pill_outcomes(photo, result, known)}
+            "doubted_boxes": {"pill": sum(doubted), "no_pill": len(doubted) - sum(doubted)},
+            "pills": _pill_outcomes(photo, result, known, match)}
 
 
 MATCH_IOU = 0.5  # a labelled pill and an answered one are the same pill when their boxes overlap this much
+BOX_DOUBT = "box"  # unknown_by of a box the detector is too unsure of to claim a pill (pillsnap.infer.box_check)
 
 
-def _pill_outcomes(photo: dict, result: dict, known: set[str] | None) -> list[dict]:
-    """Per labelled pill: the answer given for it (matched by box; a photo of one pill answered with one pill is
-    matched whatever the box) and what its prediction set did. `answered`: a pill was matched; `named`: it was
-    answered by name (not unknown); `covered`: a known drug inside its set, or an unknown one with an empty set."""
-    from pillsnap.metrics.detection import box_iou_xyxy
-
-    pills = result["pills"]
+def _match(photo: dict, pills: list[dict]) -> dict[int, int]:
+    """{labelled pill: answered pill} by box (a photo of one pill answered with one pill is matched whatever the
+    box: the single path's box is where it looked, not a detection)."""
     if len(photo["codes"]) == 1 and len(pills) == 1:
-        match = {0: 0}
-    else:
-        match = {}
-        if pills and len(photo["codes"]):
-            iou = box_iou_xyxy(xywh_to_xyxy(np.asarray(photo["boxes"], float)),
-                               xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], float)))
-            for flat in np.argsort(-iou, axis=None):  # greedy, best overlap first
-                g, d = np.unravel_index(flat, iou.shape)
-                if iou[g, d] < MATCH_IOU:
-                    break
-                if g not in match and d not in match.values():
-                    match[int(g)] = int(d)
+        return {0: 0}
+    if not pills or not len(photo["codes"]):
+        return {}
+    return match_boxes(xywh_to_xyxy(np.asarray(photo["boxes"], float)),
+                       xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], float)), MATCH_IOU)
+
+
+def _pill_outcomes(photo: dict, result: dict, known: set[str] | None, match: dict[int, int]) -> list[dict]:
+    """Per labelled pill: the answer given for it (`match`) and what its prediction set did. `answered`: a pill was
+    matched; `named`: it was answered by name (not unknown); `covered`: a known drug inside its set, or an unknown
+    one with an empty set; `doubted`: its box was answered "maybe no pill" (never right, never covered)."""
+    pills = result["pills"]
     outcomes = []
     for g, code in enumerate(photo["codes"]):
         is_known = known is None or code in known
@@ -80,17 +85,20 @@ def _pill_outcomes(photo: dict, result: dict, known: set[str] | None) -> list[di
         members = None if pill is None or pill.get("prediction_set") is None else [
             m["mapping_code"] for m in pill["prediction_set"]]
         named = pill is not None and not pill.get("unknown")
+        doubted = pill is not None and pill.get("unknown_by") == BOX_DOUBT
+        covered = None if members is None else (code in members if is_known else not members and not doubted)
         outcomes.append({
-            "code": code, "known": is_known, "answered": pill is not None, "named": named,
-            "right": named and pill["mapping_code"] == code if is_known else pill is not None and not named,
-            "set": members, "covered": None if members is None else (code in members if is_known else not members),
+            "code": code, "known": is_known, "answered": pill is not None, "named": named, "doubted": doubted,
+            "right": named and pill["mapping_code"] == code if is_known else pill is not None and not named
+            and not doubted, "set": members, "covered": covered,
             "topk": [] if pill is None else [(c["mapping_code"], c["probability"]) for c in pill.get("topk", [])]})
     return outcomes
 
 
-def with_sets(outcomes: list[dict], method: str, threshold: float) -> list[dict]:
+def with_sets(outcomes: list[dict], method: str, threshold: float, fill_to: float | None = None) -> list[dict]:
     """The outcomes with each named pill's set drawn again from its candidates under another set rule (the
-    candidates' probabilities are the answer's own, so this is the set that rule would have given)."""
+    candidates' probabilities are the answer's own, so this is the set that rule would have given); `fill_to`:
+    filled to that probability mass (pillsnap.infer.answer.SetRule)."""
     from pillsnap.metrics.conformal import set_size
 
     redrawn = []
@@ -99,7 +107,7 @@ def with_sets(outcomes: list[dict], method: str, threshold: float) -> list[dict]
         for pill in outcome.get("pills", []):
             if pill["named"] and pill["set"] is not None:
                 codes = [code for code, _ in pill["topk"]]
-                members = codes[:set_size(method, [p for _, p in pill["topk"]], threshold)]
+                members = codes[:set_size(method, [p for _, p in pill["topk"]], threshold, fill_to)]
                 pill = {**pill, "set": members, "covered": pill["code"] in members}
             pills.append(pill)
         redrawn.append({**outcome, "pills": pills})
@@ -118,7 +126,7 @@ def set_figures(outcomes: list[dict]) -> dict:
         return {}
     named = [p for p in known if p["named"] and p["set"] is not None]
     sure = [p for p in named if len(p["set"]) == 1]
-    unknown = [p for p in pills if not p["known"] and p["answered"] and p["set"] is not None]
+    unknown = [p for p in pills if not p["known"] and p["answered"] and not p.get("doubted") and p["set"] is not None]
     return {"pills": len(pills), "known_pills": len(known), "named": len(named),
             "coverage": _rate([p["covered"] for p in named]),
             "coverage_all": _rate([bool(p["covered"]) for p in known]),
@@ -151,6 +159,9 @@ def evaluate_pipeline(predictor: Any, photos: list[dict], mode: str = "auto",
         "single_accuracy": _rate([o["all_right"] for o in singles]),
         "combo_all_right_rate": _rate([o["all_right"] for o in combos]),
         "prediction_sets": set_figures(outcomes),
+        # on photos with every pill labelled: elsewhere a doubted box may hold a pill nobody labelled
+        "doubted_boxes": {kind: sum(o["doubted_boxes"][kind] for o, p in zip(outcomes, photos, strict=True)
+                                    if not p["incomplete_gt"]) for kind in ("pill", "no_pill")},
         "outcomes": outcomes,
     }
 

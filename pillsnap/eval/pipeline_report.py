@@ -59,7 +59,8 @@ def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4)
         pills = predictor.predict(image, mode="combo")["pills"]
         boxes = xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], dtype=np.float64).reshape(-1, 4))
         preds.append({"boxes": boxes.tolist(),
-                      "labels": [p["mapping_code"] or "unknown" for p in pills],
+                      "labels": [p["mapping_code"] or ("no pill?" if p.get("unknown_by") == "box" else "unknown")
+                                 for p in pills],
                       "scores": [p["probability"] for p in pills]})
     return [str(path) for path in plot_detection_results(images, preds, out_dir)]
 
@@ -116,12 +117,17 @@ def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
 
     if predictor.set_rule is None:
         return {}
-    coverage, reading = predictor.set_rule.coverage, bool(predictor.settings.imprint.enabled)
+    rule, reading = predictor.set_rule, bool(predictor.settings.imprint.enabled)
     by_method = {}
     for method in SET_METHODS:  # the predictor's own set rule loaded, so every method's scores are there
-        threshold, _ = load_set_rule(predictor.calibration, method, coverage, reading, predictor.check_unknown)
-        by_method[method] = {"threshold": threshold if np.isfinite(threshold) else None,
-                             **set_figures(with_sets(outcomes, method, threshold))}
+        threshold, _ = load_set_rule(predictor.calibration, method, rule.coverage, reading, predictor.check_unknown)
+        shown = threshold if np.isfinite(threshold) else None
+        by_method[method] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
+                                                                         rule.coverage if rule.fill else None))}
+        # the other choice of inference.prediction_set.fill_to_coverage, on the same answers
+        key = f"{method} {'not filled' if rule.fill else f'filled to {rule.coverage:.2f}'}"
+        by_method[key] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
+                                                                      None if rule.fill else rule.coverage))}
     return by_method
 
 
@@ -178,17 +184,29 @@ def _set_lines(auto: dict, calibrated: dict) -> list[str]:
     sets = auto.get("prediction_sets") or {}
     if not sets:
         return ["test        prediction sets: none (no calibrated set scores; pillsnap calibrate --exp EXP)"]
-    others = ", ".join(f"{method}: coverage {_fmt(f.get('coverage'))} mean size {_fmt(f.get('mean_set_size'))} sure "
-                       f"{_fmt(f.get('sure_share'))}" for method, f in (auto.get("prediction_sets_by_method") or {})
-                       .items() if method != calibrated.get("method"))
+    others = "; ".join(f"{method}: coverage {_fmt(f.get('coverage'))} mean size {_fmt(f.get('mean_set_size'))} sure "
+                       f"{_fmt(f.get('sure_share'))} right {_fmt(f.get('sure_accuracy'))}"
+                       for method, f in (auto.get("prediction_sets_by_method") or {}).items()
+                       if method != calibrated.get("method"))
     return [f"test        prediction sets ({calibrated.get('method')}, {_fmt(calibrated.get('coverage'))} asked, "
             f"calibrated on {calibrated.get('n')} validation answers): coverage={_fmt(sets['coverage'])} over "
             f"{sets['named']} pills named ({_fmt(sets['coverage_all'])} of all {sets['known_pills']} known pills, "
             f"{_fmt(sets['withheld_known'])} withheld as unknown) | mean set size={_fmt(sets['mean_set_size'])}",
             f"test        sure (one-drug) answers: share={_fmt(sets['sure_share'])} accuracy="
             f"{_fmt(sets['sure_accuracy'])} | pills of untrained drugs with an empty set: "
-            f"{_fmt(sets['unknown_empty'])} of {sets['unknown_pills']}" + (f" | other method {others}" if others
-                                                                          else "")]
+            f"{_fmt(sets['unknown_empty'])} of {sets['unknown_pills']}"
+            + (f" | other rules, same answers: {others}" if others else "")]
+
+
+def _box_lines(auto: dict, check: dict | None) -> list[str]:
+    """The box check on the test photos: the boxes answered "maybe no pill", and whether each held a pill."""
+    if not check:
+        return []
+    doubted = auto.get("doubted_boxes") or {}
+    bound = "none: too few validation pills" if check.get("bound") is None else f"{check['bound']:.3f}"
+    return [f"test        boxes answered 'maybe no pill' (detector confidence below {bound}, from {check['pills']} "
+            f"validation pills at miss rate {check['miss_rate']:.0%}): {doubted.get('no_pill', 0)} on no labelled "
+            f"pill, {doubted.get('pill', 0)} on a labelled pill (photos with every pill labelled)"]
 
 
 def format_headline(summary: dict) -> str:
@@ -211,6 +229,7 @@ def format_headline(summary: dict) -> str:
         f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
         f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",
     ]
+    lines += _box_lines(auto, (summary.get("calibration") or {}).get("box_check"))
     lines += _set_lines(auto, (summary.get("calibration") or {}).get("prediction_sets") or {})
     lines += _calibration_lines(summary.get("calibration") or {})
     if "enrolment" in summary:

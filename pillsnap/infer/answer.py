@@ -111,17 +111,24 @@ class UnknownRule:
 class SetRule:
     """The prediction-set rule calibrated for these weights: the conformal score (pillsnap.metrics.conformal), the
     coverage asked for and the threshold calibrated for it (infinity: too few calibration answers for that coverage,
-    every candidate is in the set)."""
+    every candidate is in the set).
+
+    With `fill`, a set also holds candidates, best first, until their probabilities add up to the coverage: the
+    conformal set holds the right drug that often over all answers, but a lone drug at probability 0.6 is not one a
+    person should read as sure. Filled, a one-drug ("sure") set is one whose own probability is at least the
+    coverage, and the guarantee stands (the sets only grow)."""
 
     method: str
     coverage: float
     threshold: float
+    fill: bool = False
 
     def __post_init__(self) -> None:
         check_set_method(self.method)
 
     def size(self, candidates: Sequence[Mapping]) -> int:
-        return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold)
+        return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold,
+                        self.coverage if self.fill else None)
 
 
 def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
@@ -400,7 +407,8 @@ class PillAnswer:
     ranking_changed: bool = False
     conflicts: tuple[str, ...] = ()
     prediction_set: PredictionSet | None = None
-    unknown_by: str | None = None  # what withheld the name: "look" (the unknown-pill rule) | "imprint" | None
+    # what withheld the name: "look" (the unknown-pill rule) | "imprint" | "box" (it may hold no pill) | None
+    unknown_by: str | None = None
 
     @property
     def unknown(self) -> bool:
@@ -435,14 +443,17 @@ def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, cla
 def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
                   hints: Hints | None, unknown: UnknownRule, thresholds: AnswerThresholds = THRESHOLDS,
                   weights: RerankWeights = WEIGHTS, set_rule: SetRule | None = None,
-                  known: KnownImprints | None = None, one_pill: bool = True) -> PillAnswer:
+                  known: KnownImprints | None = None, one_pill: bool = True,
+                  box_doubt: str | None = None) -> PillAnswer:
     """One pill's answer from its classifier output, its imprint read (None: not read), the user's hints and the
     unknown-pill rule: the evidence re-ranks the candidates; a pill the rule rejects is answered "unknown" unless
     its imprint reads as the top candidate's (AnswerThresholds.unknown_override). With the imprint check on
     (`known`: every known drug's imprints, to name the one a foreign imprint belongs to), a pill whose legible
     imprint is like none of its candidates' is answered "unknown" too (foreign_imprint); an imprint typed in is
     held against the pill only when the photo shows `one_pill` (on a photo of several it may describe another).
-    With a calibrated `set_rule`, the answer carries its prediction set."""
+    A detector box that may hold no pill (`box_doubt`, its reason: pillsnap.infer.box_check) is named as no drug
+    either, before the other rules, unless its imprint reads as the top candidate's: a pill's imprint on it is
+    what proves it a pill. With a calibrated `set_rule`, the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
     topk = tuple(dict(c) for c in classified.topk)
     if read is None and hints is None:
@@ -451,11 +462,12 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
         ranked = rerank(topk, class_map, read.text if read else None, read.score if read else 1.0, hints, weights,
                         thresholds)
     candidates = tuple(ranked.candidates)
-    reason = unknown_reason(unknown, classified.unknown_score)
-    if reason and float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override:
-        reason = None
+    conclusive = float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override
+    reason, unknown_by = (box_doubt, "box") if box_doubt and not conclusive else (None, None)
+    if reason is None and not conclusive:
+        reason = unknown_reason(unknown, classified.unknown_score)
+        unknown_by = "look" if reason else None
     typed = normalize_imprint(hints.imprint) if hints is not None else ""
-    unknown_by = "look" if reason else None
     if reason is None and known is not None:
         reason = foreign_imprint(read, typed if one_pill else "", candidates, class_map, known, thresholds)
         unknown_by = "imprint" if reason else None

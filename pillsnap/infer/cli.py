@@ -44,10 +44,12 @@ def format_result(result: dict) -> str:
 
 
 def answer_text(pill: dict) -> str:
-    """One pill's answer in words: the drug and its probability, or "unknown pill" with the nearest known drugs."""
+    """One pill's answer in words: the drug and its probability, or "unknown pill" (or "maybe no pill", a box the
+    detector doubts) with the nearest known drugs."""
     if pill.get("unknown"):
         nearest = ", ".join(c["mapping_code"] for c in pill["topk"][:3])
-        return f"unknown pill (nearest known: {nearest})"
+        what = "maybe no pill" if pill.get("unknown_by") == "box" else "unknown pill"
+        return f"{what} (nearest known: {nearest})"
     p = pill["probability"]
     text = f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
     if pill.get("sure") is not None:  # a calibrated prediction set: sure, or how many drugs are left open
@@ -58,7 +60,8 @@ def answer_text(pill: dict) -> str:
 
 def _notes(pill: dict) -> list[str]:
     """What a person should know about one answer, one line each."""
-    notes = [f"why unknown: {pill['unknown_reason']}"] if pill.get("unknown") else []
+    why = "why no name" if pill.get("unknown_by") == "box" else "why unknown"
+    notes = [f"{why}: {pill['unknown_reason']}"] if pill.get("unknown") else []
     if pill.get("set_note"):
         notes.append(f"set: {pill['set_note']}")
     if pill.get("imprint_read") is not None:

@@ -20,6 +20,7 @@ LOW_SINGLE_CONFIDENCE = "low_single_confidence"  # hard case: a single answer be
 # Hard cases read off the answered pills: (reason, the pill's field that says so).
 PILL_HARD_CASES = (("unknown_pill", "unknown"), ("imprint_unresolved", "imprint_unresolved"),
                    ("hints_conflict", "hints_conflict"))
+MAYBE_NO_PILL = "maybe_no_pill"  # hard case: a detector box that may hold no pill (pillsnap.infer.box_check)
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,11 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
 
 def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single_conf_below: float = 0.30) -> list[str]:
     """Why a prediction deserves review; empty = it does not. Only answers that may be wrong count: the detector
-    disagreeing with the whole-photo answer, no pill detected, a single answer below `single_conf_below`, a pill
-    answered unknown, an imprint read that settles nothing (imprint_unresolved), the user's hints contradicting the
-    answer. Routing as designed is not one: a photo of several pills going to combo (multi_object_hint) or a combo
-    the user asked for is what those paths are for, and a detector that is simply absent would flag every photo."""
+    disagreeing with the whole-photo answer, no pill detected, a single answer below `single_conf_below`, a box
+    that may hold no pill, a pill answered unknown, an imprint read that settles nothing (imprint_unresolved), the
+    user's hints contradicting the answer. Routing as designed is not one: a photo of several pills going to combo
+    (multi_object_hint) or a combo the user asked for is what those paths are for, and a detector that is simply
+    absent would flag every photo."""
     reasons = []
     if decision.fallback_reason == DETECTOR_DISAGREES:
         reasons.append(DETECTOR_DISAGREES)
@@ -99,5 +101,9 @@ def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single
     low = decision.single_confidence is not None and decision.single_confidence < single_conf_below
     if decision.mode_used == "single" and low:
         reasons.append(LOW_SINGLE_CONFIDENCE)
+    doubted = [pill.get("unknown_by") == "box" for pill in pills]
+    if any(doubted):  # a doubted box is its own case: whether it holds a pill at all, not which drug it is
+        reasons.append(MAYBE_NO_PILL)
+    pills = [pill for pill, box in zip(pills, doubted, strict=True) if not box]
     reasons += [reason for reason, field in PILL_HARD_CASES if any(pill.get(field) for pill in pills)]
     return reasons

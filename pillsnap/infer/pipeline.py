@@ -32,6 +32,7 @@ from pillsnap.infer.answer import (
     classifier_candidates,
     decide_answer,
 )
+from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
@@ -119,6 +120,7 @@ class Predictor:
         self.transform = classification_transform(image_size, train=False)
         self._detector: Any = None
         self.det_image_size = 0  # the detector's input size, read from its checkpoint when it loads
+        self.box_settings = check_box_settings(self.settings.get("box_check") or {})  # (enabled, miss rate)
         self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
@@ -169,6 +171,14 @@ class Predictor:
 
         return file_sha256(self.classifier_path)
 
+    @cached_property
+    def box_check(self) -> BoxCheck | None:
+        """Whether a detector box holds a pill at all (infer/box_check.py), set up on the first photo of several
+        pills: the detector file is hashed once. None without a detector, when off, or not calibrated for it."""
+        if self.detector_path is None:
+            return None
+        return box_check_for(self.calibration, self.detector_path, *self.box_settings)
+
     @property
     def temperature(self) -> float:
         return float(self.calibration["temperature"]) if self.calibration else 1.0
@@ -209,7 +219,7 @@ class Predictor:
         if problem:
             LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
             return None
-        return SetRule(method, coverage, threshold)
+        return SetRule(method, coverage, threshold, fill=bool(settings.get("fill_to_coverage", True)))
 
     @staticmethod
     def _load_classes(path: Path) -> tuple[list[str], dict]:
@@ -270,6 +280,7 @@ class Predictor:
         self.classify([blank])
         if self.has_detector:
             self.detect(blank, float(self.settings.conf_threshold))
+            self.box_check  # noqa: B018 - hash the detector now, and say now if its boxes go unchecked
 
     def refresh_enrolment(self) -> bool:
         """Pick up drugs enrolled or removed since the last call (pillsnap enrol, the API; infer/enrolment.py):
@@ -338,12 +349,12 @@ class Predictor:
         return out[np.argsort(out[:, 0], kind="stable")]
 
     def _answer(self, crop: Image.Image, bbox: Any, classified: Classified, det_conf: float | None,
-                hints: Hints | None) -> dict:
+                hints: Hints | None, box_doubt: str | None = None) -> dict:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
         rule = self.unknown_rules["single" if det_conf is None else "combination"]
         answer = decide_answer(classified, self.class_map, read, hints, rule, self.thresholds, self.weights,
-                               self.set_rule, self.known_imprints, one_pill=det_conf is None)
+                               self.set_rule, self.known_imprints, one_pill=det_conf is None, box_doubt=box_doubt)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:
@@ -361,9 +372,12 @@ class Predictor:
     def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:
         return [self._answer(whole.crop, whole.box, whole.classified, None, hints)]
 
-    def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None) -> list[dict]:
+    def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None, conf_threshold: float) -> list[dict]:
+        """Each detected pill's answer; a box the detector is too unsure of may hold no pill (infer/box_check.py)."""
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
-        return [self._answer(crop, box, classified, float(conf), hints)
+        check = self.box_check
+        return [self._answer(crop, box, classified, float(conf), hints,
+                             None if check is None else check.doubt(float(conf), conf_threshold))
                 for crop, box, classified, conf in zip(crops, dets[:, :4], self.classify(crops), dets[:, 4],
                                                        strict=True)]
 
@@ -396,7 +410,7 @@ class Predictor:
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
             return replace(decision, mode_used="single"), self._single(whole, hints)
-        return decision, self._combo(image, dets, hints)
+        return decision, self._combo(image, dets, hints, conf)
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
                 name: str | None = None, hints: Hints | None = None) -> dict:

@@ -70,14 +70,34 @@ def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
     return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
 
 
-def set_size(method: str, probabilities: Sequence[float], threshold: float) -> int:
+def lower_bound(scores: Sequence[float], miss_rate: float) -> float:
+    """A one-sided conformal bound: a new score exchangeable with these falls below it with probability at most
+    `miss_rate`. The floor((n + 1) * miss_rate)-th smallest score; minus infinity (nothing falls below) when there
+    are too few scores for that rate."""
+    if not 0.0 < miss_rate < 1.0:
+        raise ValueError(f"miss rate must be between 0 and 1, got {miss_rate}")
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rank = math.floor((len(ordered) + 1) * miss_rate)
+    return float(ordered[rank - 1]) if rank >= 1 else -math.inf
+
+
+def set_size(method: str, probabilities: Sequence[float], threshold: float, fill_to: float | None = None) -> int:
     """How many of the candidates (probabilities best first) the set holds: those scoring at most `threshold`,
     and always the top one. With APS the scores grow down the list, so the set is a prefix; with LAC too, since
-    the candidates come best first."""
+    the candidates come best first. `fill_to`: at least as many as it takes for their probabilities to add up to
+    it (mass_size)."""
     if not len(probabilities):
         return 0
     inside = candidate_scores(method, probabilities) <= threshold
-    return max(1, int(np.argmin(inside)) if not inside.all() else len(inside))
+    size = max(1, int(np.argmin(inside)) if not inside.all() else len(inside))
+    return size if fill_to is None else max(size, mass_size(probabilities, fill_to))
+
+
+def mass_size(probabilities: Sequence[float], level: float) -> int:
+    """How many of the candidates (probabilities best first) it takes for their probabilities to add up to
+    `level`; all of them when they never do."""
+    reached = np.flatnonzero(np.cumsum(np.asarray(probabilities, np.float64)) >= level - 1e-12)
+    return int(reached[0]) + 1 if len(reached) else len(probabilities)
 
 
 def coverage_report(covered: Sequence[bool], sizes: Sequence[int]) -> dict:

@@ -64,6 +64,35 @@ def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def match_boxes(truth_xyxy: np.ndarray, found_xyxy: np.ndarray, min_iou: float = 0.5) -> dict[int, int]:
+    """One-to-one matching of labelled boxes to found ones, best overlap first: {truth index: found index} for
+    the pairs that overlap at least `min_iou`."""
+    iou = box_iou_xyxy(np.asarray(truth_xyxy, float).reshape(-1, 4), np.asarray(found_xyxy, float).reshape(-1, 4))
+    match: dict[int, int] = {}
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        t, f = np.unravel_index(flat, iou.shape)
+        if iou[t, f] < min_iou:
+            break
+        if t not in match and f not in match.values():
+            match[int(t)] = int(f)
+    return match
+
+
+def match_in_confidence_order(truth_xyxy: np.ndarray, found_xyxy: np.ndarray, confidences: np.ndarray,
+                              min_iou: float = 0.5) -> set[int]:
+    """The found boxes that hold a labelled box, matched as COCO does: most confident first, each to the
+    best-overlapping labelled box still free (at least `min_iou`). Matched this way, the boxes a detection
+    threshold keeps are matched as they would be had the detector run at that threshold."""
+    iou = box_iou_xyxy(np.asarray(truth_xyxy, float).reshape(-1, 4), np.asarray(found_xyxy, float).reshape(-1, 4))
+    free, matched = np.ones(iou.shape[0], bool), set()
+    for f in np.argsort(-np.asarray(confidences, float), kind="stable"):
+        overlaps = np.where(free, iou[:, f], -1.0) if iou.shape[0] else iou[:, f]
+        if len(overlaps) and overlaps.max() >= min_iou:
+            free[int(overlaps.argmax())] = False
+            matched.add(int(f))
+    return matched
+
+
 def _match_image(ious: np.ndarray, n_gt: int) -> np.ndarray:
     """COCO greedy matching: [T, D] bool, det d is a true positive at IoU threshold t (dets sorted by score)."""
     matched = np.zeros((len(IOU_THRESHOLDS), ious.shape[0]), dtype=bool)

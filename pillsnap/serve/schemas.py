@@ -36,7 +36,9 @@ class Pill(Candidate):
                           "conformal guarantee over pills answered by name, calibrated on validation answers); one "
                           "drug: a sure answer; empty for an unknown pill; null when the run has no calibrated sets")
     set_coverage: float | None = Field(None, description="the coverage the set is calibrated for (e.g. 0.95)")
-    sure: bool | None = Field(None, description="the set holds exactly one drug; null without a calibrated set")
+    sure: bool | None = Field(None, description="the set holds exactly one drug (with sets filled to the coverage, "
+                                                "the default, one at least that probable); null without a "
+                                                "calibrated set")
     narrow_by: list[str] = Field(default_factory=list, description="what would shrink the set: other_side (photograph "
                                                                    "the other side) | imprint | color | shape (give "
                                                                    "that hint)")
@@ -44,11 +46,14 @@ class Pill(Candidate):
     bbox: list[int] = Field(description="[x, y, w, h] in pixels of the upright photo (EXIF orientation applied)")
     det_confidence: float | None = Field(description="detector confidence; null for a single-pill answer")
     topk: list[Candidate] = Field(description="the best candidates; for an unknown pill, the nearest known drugs")
-    unknown: bool = Field(False, description="true when the pill is not confidently one of the known drugs")
+    unknown: bool = Field(False, description="true when no drug is named: the pill is not confidently one of the "
+                                             "known drugs, or the box may hold no pill (unknown_by)")
     unknown_reason: str | None = Field(None, description="why the pill is answered as unknown")
     unknown_by: str | None = Field(None, description="what withheld the name: look (unlike every known drug, by "
                                                      "the run's unknown-pill rule) | imprint (a legible imprint that "
-                                                     "none of the drugs it looks like carries); null when named")
+                                                     "none of the drugs it looks like carries) | box (the detector "
+                                                     "is less sure the box holds a pill than of nearly every "
+                                                     "validation pill: it may hold none); null when named")
     unknown_score: float | None = Field(None, description="how unlike every known drug the pill looks under the "
                                                           "run's unknown-pill rule (above its threshold: unknown); "
                                                           "null when the rule is off")

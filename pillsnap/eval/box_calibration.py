@@ -1,0 +1,129 @@
+"""Calibrating the box check (pillsnap.infer.box_check): the detector's confidence in each labelled pill of the
+validation combination photos, bound to the detector's weights by their hash and stored in calibration.json."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pillsnap.eval.pipeline_eval import MATCH_IOU, photo_groups
+from pillsnap.infer.preprocess import load_image
+from pillsnap.metrics.detection import match_in_confidence_order
+from pillsnap.utils.boxes import xywh_to_xyxy
+
+LOGGER = logging.getLogger(__name__)
+BOX_CHECK_PHOTOS = 500  # validation combination photos measured at most (about 4 pills each)
+CONF_FLOOR = 0.01  # boxes kept: below any useful detection threshold, so that the threshold can change later
+
+
+def box_confidences(detect: Callable[[Any, float], np.ndarray], photos: list[dict],
+                    limit: int = BOX_CHECK_PHOTOS) -> dict:
+    """The detector's confidences (`detect(image, floor)` -> [N, 5] xywh + confidence) on up to `limit` of the
+    combination photos with every pill labelled: those of the boxes that hold a labelled pill (IoU MATCH_IOU,
+    matched most confident first) and those of the others (boxes on no labelled pill, or a second box on one),
+    each ascending."""
+    pills, others, used = [], [], 0
+    for photo in photos:
+        if photo["image_type"] == "single" or photo["incomplete_gt"]:
+            continue
+        if used >= limit:
+            break
+        image, _ = load_image(photo["image_path"])
+        dets = detect(image, CONF_FLOOR)
+        found = match_in_confidence_order(xywh_to_xyxy(photo["boxes"]), xywh_to_xyxy(dets[:, :4]), dets[:, 4],
+                                          MATCH_IOU)
+        for d, confidence in enumerate(dets[:, 4]):
+            (pills if d in found else others).append(round(float(confidence), 5))
+        used += 1
+    return {"photos": used, "match_iou": MATCH_IOU, "conf_floor": CONF_FLOOR, "pill_confidences": sorted(pills),
+            "other_confidences": sorted(others)}
+
+
+def validation_combinations(manifest: Any, limit: int, seed: int = 0) -> list[dict]:
+    """Up to `limit` of the manifest's validation combination photos with every pill labelled, drawn at random
+    (`seed`) and grouped as photo_groups groups them: the real data's validation split holds far more than are
+    needed, and grouping all of them would cost minutes."""
+    rows = manifest[(manifest["split"] == "val") & (manifest["image_type"] != "single")]
+    if "incomplete_gt" in rows:
+        rows = rows[~rows.groupby("image_path")["incomplete_gt"].transform("any").astype(bool)]
+    paths = rows["image_path"].drop_duplicates()
+    chosen = set(paths.sample(n=min(limit, len(paths)), random_state=seed)) if len(paths) else set()
+    return photo_groups(rows[rows["image_path"].isin(chosen)], "val")
+
+
+def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = None) -> dict | None:
+    """The box check's calibration for EXP's detector on the manifest's validation combination photos, with the
+    detector's SHA-256. None without a detector or such photos, and (said in the log) when the detector or a photo
+    cannot be read: the box check is then off, and the rest of the calibration is kept."""
+    from omegaconf import OmegaConf
+
+    from pillsnap.infer.box_check import check_box_settings
+    from pillsnap.infer.pipeline import Predictor, find_checkpoints
+    from pillsnap.models.export import file_sha256
+
+    check_box_settings(cfg.inference.get("box_check") or {})  # a wrong setting is the user's to fix, said as such
+    detector = find_checkpoints(exp_dir)[1]
+    photos = [] if manifest is None else validation_combinations(manifest, BOX_CHECK_PHOTOS, int(cfg.train.seed))
+    if detector is None or not photos:
+        return None
+    run_cfg = OmegaConf.merge(cfg, {"inference": {"backend": "torch", "calibration": False,
+                                                  "hard_cases": {"enabled": False}}})
+    try:
+        predictor = Predictor(exp_dir, run_cfg, None if device is None else str(device))
+        stored = box_confidences(predictor.detect, photos)
+    except (OSError, RuntimeError, ValueError, KeyError, AttributeError, TypeError) as err:
+        LOGGER.warning("calibration: the box check is not calibrated, so detector boxes are not checked for holding "
+                       "a pill (%s: %s)", type(err).__name__, err)
+        return None
+    stored["detector_sha256"] = file_sha256(detector)
+    LOGGER.info("calibration: detector confidences of %d labelled pills (and %d other boxes) on %d validation "
+                "combination photos", len(stored["pill_confidences"]), len(stored["other_confidences"]),
+                stored["photos"])
+    return stored
+
+
+def refresh_box_check(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = None) -> bool:
+    """Calibrate the box check again into the classifier's stored calibration (and its report), the rest kept:
+    for a detector trained or replaced after the classifier was calibrated. False when there is no calibration to
+    add it to, or no box check could be calibrated."""
+    from pillsnap.infer.artefacts import CALIBRATION_FILE
+    from pillsnap.utils import read_json, save_json
+
+    stored_path, report_path = (Path(exp_dir) / folder / CALIBRATION_FILE for folder in ("checkpoints", "reports"))
+    if not stored_path.is_file():
+        return False
+    boxes = calibrate_boxes(cfg, exp_dir, manifest, device)
+    if boxes is None:
+        return False
+    save_json(stored_path, {**read_json(stored_path), "box_check": boxes})
+    summary = box_summary(boxes, cfg.inference)
+    if report_path.is_file():
+        save_json(report_path, {**read_json(report_path), "box_check": summary})
+    LOGGER.info("calibration: %s", box_line(summary))
+    return True
+
+
+def box_summary(stored: dict, inference: Any) -> dict:
+    """The box check as inference will apply it (inference.box_check.miss_rate at inference.conf_threshold), on
+    the validation boxes themselves."""
+    from pillsnap.infer.box_check import BoxCheck, describe
+
+    check = BoxCheck(tuple(stored["pill_confidences"]), float(inference.box_check.miss_rate))
+    return {"photos": stored["photos"], "detector_sha256": stored["detector_sha256"],
+            **describe(check, float(inference.conf_threshold), stored["other_confidences"])}
+
+
+def box_line(summary: dict) -> str:
+    """The box check's calibration in one log line."""
+    if summary["bound"] is None:
+        return (f"box check: {summary['pills']} validation pills are too few for a miss rate of "
+                f"{summary['miss_rate']:.0%}: no box is doubted")
+    others = ("no other boxes" if not summary["other_boxes"] else
+              f"{summary['other_boxes_doubted']:.0%} of the {summary['other_boxes']} boxes on no labelled pill")
+    return (f"box check: a box below detector confidence {summary['bound']:.3f} may hold no pill (from "
+            f"{summary['pills']} validation pills at miss rate {summary['miss_rate']:.0%}); it doubts "
+            f"{summary['pills_doubted']:.0%} of those pills and {others}")

@@ -1,0 +1,274 @@
+"""The box check: a detector box the detector is less sure of than of nearly every labelled validation pill may
+hold no pill. The conformal bound's guarantee, the answer it gives, how the evaluation and the hard-case log count
+it, its calibration and how a predictor loads it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_infer_answer import CLASS_MAP, OFF, TWINS, classified, read
+from test_infer_pipeline import _calibration, _cfg, make_exp_dir, pill_photo
+
+from pillsnap.eval.box_calibration import box_confidences, box_line, box_summary
+from pillsnap.eval.pipeline_eval import _photo_outcome
+from pillsnap.infer.answer import SetRule, UnknownRule, decide_answer
+from pillsnap.infer.box_check import BoxCheck, check_box_settings, describe, load_box_check
+from pillsnap.infer.cli import answer_text
+from pillsnap.infer.gating import decide_route, hard_case_reasons
+from pillsnap.infer.pipeline import Predictor
+from pillsnap.metrics.conformal import lower_bound
+from pillsnap.models.export import file_sha256
+from pillsnap.utils import save_json
+
+
+@pytest.mark.parametrize("miss_rate", [0.02, 0.05, 0.2])
+def test_the_bound_doubts_a_real_pill_at_most_the_miss_rate_of_the_time(miss_rate):
+    """Calibration and new confidences drawn alike (a skewed law, like a detector's): over many draws, the share of
+    new pills below the bound stays within the miss rate (the guarantee is on average over calibration draws)."""
+    rng = np.random.default_rng(0)
+    below = []
+    for _ in range(400):
+        calibration, new = rng.beta(8, 2, 150), rng.beta(8, 2, 200)
+        below.append(np.mean(new < lower_bound(calibration, miss_rate)))
+    assert np.mean(below) <= miss_rate + 0.005
+    assert np.mean(below) >= miss_rate / 2  # and it is not a bound so low that it never doubts anything
+
+
+def test_the_bound_is_the_rank_the_miss_rate_allows_and_none_when_too_few():
+    scores = np.arange(1, 100) / 100  # 99 scores: 0.01 ... 0.99
+    assert lower_bound(scores, 0.02) == pytest.approx(0.02)  # floor(100 * 0.02) = the 2nd smallest
+    assert lower_bound(scores[:40], 0.02) == -math.inf  # floor(41 * 0.02) = 0: too few to doubt any box
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        lower_bound(scores, 0.0)
+
+
+PILLS = tuple(np.round(np.linspace(0.5, 0.99, 99), 4))  # the detector's confidences in 99 validation pills
+
+
+def test_the_bound_is_drawn_from_the_pills_the_detection_threshold_keeps():
+    check = BoxCheck(PILLS, 0.02)
+    bound, pills = check.bound(0.3)
+    assert (bound, pills) == (PILLS[1], 99)
+    higher, kept = check.bound(0.75)  # fewer pills pass a higher threshold: the bound is drawn from those
+    assert kept == sum(c >= 0.75 for c in PILLS) and higher > bound
+    assert check.doubt(0.4, 0.3).startswith("the detector is less sure of this box (confidence 0.400) than it was "
+                                            "of all but 1 of the 99 pills")  # the bound is the 2nd lowest
+    assert "every one of the 50 pills" in BoxCheck(PILLS[-50:], 0.02).doubt(0.4, 0.3)  # the lowest
+    assert check.doubt(0.9, 0.3) is None and check.doubt(None, 0.3) is None  # None: a whole-photo answer
+    assert BoxCheck(PILLS[:20], 0.02).doubt(0.01, 0.0) is None  # too few pills: nothing is doubted
+
+
+def test_settings_are_checked_and_a_stale_or_missing_calibration_is_named():
+    assert check_box_settings({}) == (True, 0.02)
+    assert check_box_settings({"enabled": False, "miss_rate": 0.1}) == (False, 0.1)
+    for bad in ({"miss_rate": 0}, {"miss_rate": 1.5}, {"miss_rate": "often"}, {"enabled": "maybe"}):
+        with pytest.raises(ValueError, match="inference.box_check"):
+            check_box_settings(bad)
+    stored = {"box_check": {"detector_sha256": "abc", "pill_confidences": [0.9, 0.6, 0.7]}}
+    check, problem = load_box_check(stored, "abc", 0.05)
+    assert problem is None and check.pill_confidences == (0.6, 0.7, 0.9)  # kept sorted
+    assert "other detector weights" in load_box_check(stored, "other", 0.05)[1]
+    assert "recalibrate" in load_box_check({"temperature": 1.0}, "abc", 0.05)[1]
+
+
+DOUBT = "the detector is less sure of this box (confidence 0.350) than it was of every one of the 66 pills"
+
+
+def test_a_doubted_box_names_no_drug_unless_its_imprint_proves_it_a_pill():
+    rule = SetRule("lac", 0.95, 0.5)
+    answer = decide_answer(TWINS, CLASS_MAP, None, None, OFF, set_rule=rule, box_doubt=DOUBT).to_dict()
+    assert answer["unknown"] is True and answer["unknown_by"] == "box" and answer["unknown_reason"] == DOUBT
+    assert answer["mapping_code"] is None and answer["probability"] is None and answer["prediction_set"] == []
+    assert answer["topk"][0]["mapping_code"] == "K-000002"  # the nearest drugs are still given
+    assert answer_text(answer).startswith("maybe no pill (nearest known: K-000002")
+    # an imprint read as the top candidate's is a pill's imprint: the box holds a pill, and it is named
+    proven = decide_answer(TWINS, CLASS_MAP, read("DGTH", 0.95), None, OFF, set_rule=rule, box_doubt=DOUBT)
+    assert proven.unknown is False and proven.candidates[0]["mapping_code"] == "K-000002"
+    # the box check comes before the unknown-pill rule: what is doubted is the pill, not the drug
+    looks_unknown, rule_on = classified(("K-000002", 0.55), ("K-000001", 0.40), score=0.9), UnknownRule(
+        "probability", 0.1, 3)
+    assert decide_answer(looks_unknown, CLASS_MAP, None, None, rule_on, box_doubt=DOUBT).unknown_by == "box"
+    assert decide_answer(looks_unknown, CLASS_MAP, None, None, rule_on).unknown_by == "look"
+
+
+def _result(pills: list[dict]) -> dict:
+    return {"mode_used": "combo", "fallback_reason": "multi_object_hint", "pills": pills}
+
+
+def _pill(code: str | None, bbox: list[int], unknown_by: str | None = None) -> dict:
+    return {"mapping_code": code, "bbox": bbox, "unknown": code is None, "unknown_by": unknown_by, "topk": [],
+            "prediction_set": None}
+
+
+def test_the_evaluation_leaves_out_a_doubted_box_that_holds_no_labelled_pill():
+    photo = {"image_path": "p.png", "image_type": "combination", "codes": ["K-1", "K-2"],
+             "boxes": np.array([[0, 0, 10, 10], [50, 50, 10, 10]], float), "incomplete_gt": False}
+    rim = _pill(None, [100, 100, 20, 5], "box")
+    outcome = _photo_outcome(photo, _result([_pill("K-1", [0, 0, 10, 10]), _pill("K-2", [50, 50, 10, 10]), rim]),
+                             None)
+    assert outcome["all_right"] is True and outcome["doubted_boxes"] == {"pill": 0, "no_pill": 1}
+    # named as a drug, the same box is a wrong extra pill; doubted on a labelled pill, that pill was not named
+    named_rim = _photo_outcome(photo, _result([_pill("K-1", [0, 0, 10, 10]), _pill("K-2", [50, 50, 10, 10]),
+                                               _pill("K-3", [100, 100, 20, 5])]), None)
+    assert named_rim["all_right"] is False
+    on_a_pill = _photo_outcome(photo, _result([_pill("K-1", [0, 0, 10, 10]), _pill(None, [50, 50, 10, 10], "box")]),
+                               None)
+    assert on_a_pill["all_right"] is False and on_a_pill["doubted_boxes"] == {"pill": 1, "no_pill": 0}
+    assert on_a_pill["pills"][1]["answered"] and not on_a_pill["pills"][1]["right"]
+    # a drug the classifier never learnt is right only as "unknown pill", never as "maybe no pill"
+    held_out = _photo_outcome(photo, _result([_pill("K-1", [0, 0, 10, 10]), _pill(None, [50, 50, 10, 10], "box")]),
+                              {"K-1"})
+    assert held_out["all_right"] is False and not held_out["pills"][1]["right"]
+    said_unknown = _photo_outcome(photo, _result([_pill("K-1", [0, 0, 10, 10]),
+                                                  _pill(None, [50, 50, 10, 10], "look")]), {"K-1"})
+    assert said_unknown["all_right"] is True and said_unknown["pills"][1]["right"]
+
+
+def test_a_doubted_box_is_its_own_hard_case():
+    decision = decide_route("combo", None, 2, threshold=0.5)
+    pills = [_pill("K-1", [0, 0, 1, 1]), _pill(None, [0, 0, 1, 1], "box")]
+    assert hard_case_reasons(decision, pills) == ["maybe_no_pill"]  # not "a pill unlike every known drug"
+    assert hard_case_reasons(decision, [*pills, _pill(None, [0, 0, 1, 1], "look")]) == ["maybe_no_pill",
+                                                                                       "unknown_pill"]
+
+
+def test_calibration_keeps_the_confidences_of_the_boxes_on_labelled_pills(tmp_path: Path):
+    image = tmp_path / "combo.png"
+    Image.new("RGB", (100, 100)).save(image)
+    photos = [{"image_path": str(image), "image_type": "combination", "codes": ["K-1", "K-2"],
+               "boxes": np.array([[0, 0, 20, 20], [50, 50, 20, 20]], float), "incomplete_gt": False},
+              {"image_path": str(image), "image_type": "single", "codes": ["K-1"],
+               "boxes": np.array([[0, 0, 20, 20]], float), "incomplete_gt": False},
+              {"image_path": str(image), "image_type": "combination", "codes": ["K-1"],
+               "boxes": np.array([[0, 0, 20, 20]], float), "incomplete_gt": True}]  # a pill without a label
+    # the labelled pill at (50, 50) has two boxes: the one inference would keep (0.7) and a fainter one that
+    # overlaps it a little more (0.05); matched most confident first, the 0.7 is the pill's and the 0.05 another
+    found = np.array([[1, 1, 20, 20, 0.9], [53, 50, 20, 20, 0.7], [50, 50, 20, 21, 0.05], [80, 0, 15, 5, 0.2]],
+                     float)
+    calls = []
+
+    def detect(img, floor):
+        calls.append(floor)
+        return found
+
+    stored = box_confidences(detect, photos)
+    assert calls == [0.01] and stored["photos"] == 1  # single photos and incompletely labelled ones are skipped
+    assert stored["pill_confidences"] == [0.7, 0.9] and stored["other_confidences"] == [0.05, 0.2]
+    summary = box_summary({**stored, "detector_sha256": "abc"},
+                          _cfg(tmp_path, "inference.box_check.miss_rate=0.4").inference)
+    assert summary["bound"] == 0.7 and summary["pills"] == 2 and summary["other_boxes"] == 0  # 0.2 < threshold 0.3
+    assert "below detector confidence 0.700" in box_line(summary)
+    assert describe(BoxCheck((0.7, 0.9), 0.02), 0.3)["bound"] is None  # too few pills: JSON gets null, not -inf
+    assert "too few" in box_line({**summary, "bound": None})
+
+
+def test_a_predictor_doubts_a_box_under_the_bound_calibrated_for_its_detector(tmp_path: Path, monkeypatch, caplog):
+    root = make_exp_dir(tmp_path / "exp")
+    ckpts = root / "checkpoints"
+    box_check = {"detector_sha256": file_sha256(ckpts / "detection_best.pt"), "pill_confidences": list(PILLS)}
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "box_check": box_check})
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    boxes = np.array([[10, 10, 30, 24, 0.9], [70, 100, 30, 24, 0.4], [40, 60, 30, 24, 0.55]], dtype=float)
+
+    def answers(*overrides: str, conf_threshold: float | None = None) -> dict:
+        predictor = Predictor(root, _cfg(root, *overrides), device="cpu")
+        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+        return predictor.predict(photo, mode="combo", conf_threshold=conf_threshold)
+
+    def doubted(result: dict) -> list[bool]:
+        return [p["unknown_by"] == "box" for p in result["pills"]]
+
+    result = answers()
+    assert doubted(result) == [False, True, False]  # the bound: 0.505 (2nd lowest of 99 pills from 0.50 to 0.99)
+    assert "(confidence 0.400)" in result["pills"][1]["unknown_reason"] and result["hard_case"] == ["maybe_no_pill"]
+    assert result["pills"][1]["mapping_code"] is None and result["pills"][1]["topk"]
+    assert doubted(answers("inference.box_check.enabled=false")) == [False, False, False]
+    assert doubted(answers("inference.box_check.miss_rate=0.5")) == [False, True, True]  # the bound: the median
+    # a higher detection threshold in the request: the bound is drawn from the pills that threshold keeps
+    assert doubted(answers(conf_threshold=0.75)) == [False, True, True]
+    with pytest.raises(ValueError, match="miss_rate"):
+        Predictor(root, _cfg(root, "inference.box_check.miss_rate=2"), device="cpu")
+    # measured for other detector weights: no box is doubted, and the log says why and what to do
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "box_check": {**box_check, "detector_sha256": "x"}})
+    with caplog.at_level(logging.WARNING, logger="pillsnap"):
+        assert answers()["pills"][1]["unknown"] is False
+    assert "other detector weights" in caplog.text and "pillsnap calibrate" in caplog.text
+
+
+def test_a_detector_that_cannot_be_run_leaves_the_box_check_off_and_the_rest_calibrated(tmp_path: Path, caplog):
+    import pandas as pd
+
+    from pillsnap.eval.box_calibration import calibrate_boxes
+
+    root = make_exp_dir(tmp_path / "exp")
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    manifest = pd.DataFrame({"image_path": [str(photo)] * 2, "image_type": ["combination"] * 2, "split": ["val"] * 2,
+                             "mapping_code": ["K-000001", "K-000002"], "bbox_x": [10, 70], "bbox_y": [10, 100],
+                             "bbox_w": [30, 30], "bbox_h": [24, 24]})
+    cfg = _cfg(root)
+    stored = calibrate_boxes(cfg, root, manifest, "cpu")  # an untrained detector: it runs, whatever it finds
+    detector = root / "checkpoints" / "detection_best.pt"
+    assert stored["photos"] == 1 and stored["detector_sha256"] == file_sha256(detector)
+    assert calibrate_boxes(cfg, root, manifest[manifest["split"] == "test"], "cpu") is None  # no validation photos
+    detector.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="pillsnap"):
+        assert calibrate_boxes(cfg, root, manifest, "cpu") is None
+    assert "box check is not calibrated" in caplog.text and "detection_best.pt" in caplog.text
+
+
+def test_the_validation_photos_are_a_bounded_draw_of_fully_labelled_combinations():
+    import pandas as pd
+
+    from pillsnap.eval.box_calibration import validation_combinations
+
+    rows = []
+    for i in range(30):  # 30 validation combinations of 2 pills; photo 0 has a pill without a usable label
+        rows += [{"image_path": f"c{i}.png", "image_type": "combination", "split": "val", "mapping_code": f"K-{j}",
+                  "bbox_x": 0, "bbox_y": 0, "bbox_w": 5, "bbox_h": 5, "incomplete_gt": i == 0 and j == 1}
+                 for j in range(2)]
+    rows += [{"image_path": "s.png", "image_type": "single", "split": "val", "mapping_code": "K-0", "bbox_x": 0,
+              "bbox_y": 0, "bbox_w": 5, "bbox_h": 5, "incomplete_gt": False},
+             {"image_path": "t.png", "image_type": "combination", "split": "test", "mapping_code": "K-0",
+              "bbox_x": 0, "bbox_y": 0, "bbox_w": 5, "bbox_h": 5, "incomplete_gt": False}]
+    manifest = pd.DataFrame(rows)
+    every = validation_combinations(manifest, 100)
+    assert sorted(p["image_path"] for p in every) == sorted(f"c{i}.png" for i in range(1, 30))
+    assert all(len(p["codes"]) == 2 for p in every)
+    drawn = validation_combinations(manifest, 10, seed=3)
+    again = validation_combinations(manifest, 10, seed=3)
+    assert len(drawn) == 10 and [p["image_path"] for p in drawn] == [p["image_path"] for p in again]
+    assert validation_combinations(manifest[manifest["split"] == "test"], 10) == []
+
+
+def test_a_detector_newer_than_the_calibration_gets_its_box_check_and_the_rest_is_kept(tmp_path: Path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from pillsnap.demo import ensure_calibrated
+    from pillsnap.eval.box_calibration import refresh_box_check
+
+    root = make_exp_dir(tmp_path / "exp")
+    ckpts = root / "checkpoints"
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    manifest = pd.DataFrame({"image_path": [str(photo)] * 2, "image_type": ["combination"] * 2, "split": ["val"] * 2,
+                             "mapping_code": ["K-000001", "K-000002"], "bbox_x": [10, 70], "bbox_y": [10, 100],
+                             "bbox_w": [30, 30], "bbox_h": [24, 24]})
+    cfg = _cfg(root)
+    assert refresh_box_check(cfg, root, manifest, "cpu") is False  # no calibration to add it to
+    calibration = {**_calibration(ckpts), "box_check": {"detector_sha256": "an older detector"}}
+    save_json(ckpts / "calibration.json", calibration)
+    monkeypatch.setattr("pillsnap.eval.calibration.load_manifest_if_any", lambda cfg: manifest)
+    ensure_calibrated(cfg)  # the demo's re-run: the classifier's calibration stands, the box check is redone
+    stored = json.loads((ckpts / "calibration.json").read_text(encoding="utf-8"))
+    assert stored["box_check"]["detector_sha256"] == file_sha256(ckpts / "detection_best.pt")
+    assert {k: v for k, v in stored.items() if k != "box_check"} == {k: v for k, v in calibration.items()
+                                                                    if k != "box_check"}
+    before = (ckpts / "calibration.json").stat().st_mtime_ns
+    ensure_calibrated(cfg)  # measured for this very detector: nothing to do
+    assert (ckpts / "calibration.json").stat().st_mtime_ns == before
