@@ -15,7 +15,7 @@ from test_infer_answer import CLASS_MAP, OFF, TWINS, classified, read
 from test_infer_pipeline import _calibration, _cfg, make_exp_dir, pill_photo
 
 from pillsnap.eval.box_calibration import box_confidences, box_line, box_summary
-from pillsnap.eval.pipeline_eval import _photo_outcome
+from pillsnap.eval.pipeline_eval import _photo_outcome, set_figures, with_sets
 from pillsnap.infer.answer import SetRule, UnknownRule, decide_answer
 from pillsnap.infer.box_check import BoxCheck, check_box_settings, describe, load_box_check
 from pillsnap.infer.cli import answer_text
@@ -56,11 +56,15 @@ def test_the_bound_is_drawn_from_the_pills_the_detection_threshold_keeps():
     assert (bound, pills) == (PILLS[1], 99)
     higher, kept = check.bound(0.75)  # fewer pills pass a higher threshold: the bound is drawn from those
     assert kept == sum(c >= 0.75 for c in PILLS) and higher > bound
-    assert check.doubt(0.4, 0.3).startswith("the detector is less sure of this box (confidence 0.400) than it was "
-                                            "of all but 1 of the 99 pills")  # the bound is the 2nd lowest
-    assert "every one of the 50 pills" in BoxCheck(PILLS[-50:], 0.02).doubt(0.4, 0.3)  # the lowest
+    assert check.doubt(0.502, 0.3).startswith("the detector is less sure of this box (confidence 0.502) than it was "
+                                              "of 98 of the 99 pills")  # the bound is the 2nd lowest
+    assert "of every one of the 99 pills" in check.doubt(0.4, 0.3) and "at most 2.0% of real pills" in check.doubt(
+        0.4, 0.3)
     assert check.doubt(0.9, 0.3) is None and check.doubt(None, 0.3) is None  # None: a whole-photo answer
     assert BoxCheck(PILLS[:20], 0.02).doubt(0.01, 0.0) is None  # too few pills: nothing is doubted
+    # a detection threshold below the calibration's floor: the bound stays the floor's (nothing below was counted)
+    floored = BoxCheck(PILLS, 0.02, conf_floor=0.6)
+    assert floored.bound(0.0) == floored.bound(0.6) and floored.doubt(0.55, 0.0) is not None
 
 
 def test_settings_are_checked_and_a_stale_or_missing_calibration_is_named():
@@ -184,6 +188,10 @@ def test_a_predictor_doubts_a_box_under_the_bound_calibrated_for_its_detector(tm
         return [p["unknown_by"] == "box" for p in result["pills"]]
 
     result = answers()
+    from pillsnap.serve.service import describe_models
+
+    served = describe_models(Predictor(root, _cfg(root), device="cpu"))  # what /version says of the check
+    assert served["box_check"] == {"active": True, "miss_rate": 0.02, "bound": PILLS[1], "pills": 99}
     assert doubted(result) == [False, True, False]  # the bound: 0.505 (2nd lowest of 99 pills from 0.50 to 0.99)
     assert "(confidence 0.400)" in result["pills"][1]["unknown_reason"] and result["hard_case"] == ["maybe_no_pill"]
     assert result["pills"][1]["mapping_code"] is None and result["pills"][1]["topk"]
@@ -272,3 +280,59 @@ def test_a_detector_newer_than_the_calibration_gets_its_box_check_and_the_rest_i
     before = (ckpts / "calibration.json").stat().st_mtime_ns
     ensure_calibrated(cfg)  # measured for this very detector: nothing to do
     assert (ckpts / "calibration.json").stat().st_mtime_ns == before
+
+
+def test_auto_routes_on_the_boxes_it_is_sure_of_and_shows_the_others_beside(tmp_path: Path, monkeypatch):
+    root = make_exp_dir(tmp_path / "exp")
+    ckpts = root / "checkpoints"
+    box_check = {"detector_sha256": file_sha256(ckpts / "detection_best.pt"), "pill_confidences": list(PILLS)}
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "box_check": box_check})
+    photo = pill_photo(tmp_path / "one.png", [(45, 60, 30, 24)])
+    predictor = Predictor(root, _cfg(root), device="cpu")
+    predictor.settings.single_confidence_threshold = 0.0
+    located = predictor.predict(photo, mode="single")["pills"][0]["bbox"]
+    on_pill, faint_on_pill, elsewhere = [*located, 0.9], [located[0] + 2, located[1] + 2, 12, 10, 0.45], \
+        [90, 130, 20, 20, 0.4]
+
+    def answer(*boxes: list) -> dict:
+        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(boxes, float))
+        return predictor.predict(photo, mode="auto")
+
+    # one sure box on the pill and two faint ones: one pill, answered whole; the faint box elsewhere beside it
+    result = answer(on_pill, faint_on_pill, elsewhere)
+    assert (result["mode_used"], result["num_detections"], result["num_doubted"]) == ("single", 3, 2)
+    assert [p["unknown_by"] for p in result["pills"]] == [None, "box"] and result["pills"][1]["bbox"] == [90, 130, 20,
+                                                                                                        20]
+    assert result["hard_case"] == ["maybe_no_pill"]
+    # only faint boxes: the whole-photo answer stands, flagged, and the faint box elsewhere is shown
+    faint = answer(elsewhere)
+    assert faint["mode_used"] == "single" and faint["flags"] == ["no_sure_pill_detected"]
+    assert faint["pills"][0]["det_confidence"] is None and faint["pills"][1]["unknown_by"] == "box"
+    assert faint["hard_case"][:2] == ["no_sure_pill_detected", "maybe_no_pill"]
+    # two sure boxes: several pills, and the faint one is answered among them
+    several = answer(on_pill, [5, 5, 20, 20, 0.8], elsewhere)
+    assert several["mode_used"] == "combo" and [p["unknown_by"] for p in several["pills"]] == [None, None, "box"]
+    assert several["num_doubted"] == 1
+    combo = predictor.predict(photo, mode="combo")  # combo mode answers every box, doubted or not
+    assert combo["num_doubted"] == 1 and combo["num_detections"] == 3
+
+
+def test_sets_are_filled_as_configured_and_the_evaluation_redraws_them_alike(tmp_path: Path):
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    ckpts = root / "checkpoints"
+    sets = {"scores": {"lac": [0.1] * 50, "aps": [0.5] * 50}, "n": 50, "withheld_unknown": 0,
+            "imprint_reading": False, "imprint_check": False}
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "prediction_sets": sets})
+    overrides = ("inference.imprint.enabled=false",)
+    filled = Predictor(root, _cfg(root, *overrides), device="cpu").set_rule
+    plain = Predictor(root, _cfg(root, *overrides, "inference.prediction_set.fill_to_coverage=false"),
+                      device="cpu").set_rule
+    assert filled.fill is True and plain.fill is False and filled.threshold == plain.threshold
+    lone = [{"mapping_code": c, "probability": p} for c, p in (("K-1", 0.7), ("K-2", 0.2), ("K-3", 0.1))]
+    assert (plain.size(lone), filled.size(lone)) == (1, 3)  # LAC keeps 0.7 alone; 0.95 needs all three
+    outcome = [{"pills": [{"code": "K-2", "known": True, "answered": True, "named": True, "right": False,
+                           "set": ["K-1"], "covered": False, "topk": [(c["mapping_code"], c["probability"])
+                                                                      for c in lone]}]}]
+    assert set_figures(with_sets(outcome, "lac", 0.1))["coverage"] == 0.0
+    redrawn = set_figures(with_sets(outcome, "lac", 0.1, fill_to=0.95))
+    assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 3.0 and redrawn["sure_share"] == 0.0

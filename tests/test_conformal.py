@@ -139,6 +139,13 @@ def test_a_lone_drug_below_the_coverage_is_not_sure_when_sets_are_filled() -> No
     sharp = decide_answer(_classified(0.97, 0.02, 0.01), CLASS_MAP, None, None, RULE,
                           set_rule=SetRule("lac", 0.95, 0.6, fill=True)).to_dict()
     assert sharp["sure"] is True
+    # one candidate only (inference.topk=1): filling cannot reach the coverage, so one drug left is still not sure
+    only = decide_answer(_classified(0.7), CLASS_MAP, None, None, RULE,
+                         set_rule=SetRule("lac", 0.95, 0.6, fill=True)).to_dict()
+    assert only["sure"] is False and len(only["prediction_set"]) == 1 and "not 95% probable" in only["set_note"]
+    from pillsnap.infer.cli import answer_text
+
+    assert answer_text(only).endswith("p=0.700 [not sure at 95%]")
 
 
 def test_an_unknown_pill_has_an_empty_set_and_no_probability() -> None:

@@ -26,21 +26,26 @@ def box_confidences(detect: Callable[[Any, float], np.ndarray], photos: list[dic
     combination photos with every pill labelled: those of the boxes that hold a labelled pill (IoU MATCH_IOU,
     matched most confident first) and those of the others (boxes on no labelled pill, or a second box on one),
     each ascending."""
-    pills, others, used = [], [], 0
+    pills, others, used, unreadable = [], [], 0, 0
     for photo in photos:
         if photo["image_type"] == "single" or photo["incomplete_gt"]:
             continue
         if used >= limit:
             break
-        image, _ = load_image(photo["image_path"])
+        try:
+            image, _ = load_image(photo["image_path"])
+        except (OSError, ValueError) as err:  # one bad photo is skipped and counted, not the end of the check
+            LOGGER.warning("calibration: box check: skipped %s (%s)", photo["image_path"], err)
+            unreadable += 1
+            continue
         dets = detect(image, CONF_FLOOR)
-        found = match_in_confidence_order(xywh_to_xyxy(photo["boxes"]), xywh_to_xyxy(dets[:, :4]), dets[:, 4],
-                                          MATCH_IOU)
+        found = set(match_in_confidence_order(xywh_to_xyxy(photo["boxes"]), xywh_to_xyxy(dets[:, :4]), dets[:, 4],
+                                              MATCH_IOU).values())
         for d, confidence in enumerate(dets[:, 4]):
             (pills if d in found else others).append(round(float(confidence), 5))
         used += 1
-    return {"photos": used, "match_iou": MATCH_IOU, "conf_floor": CONF_FLOOR, "pill_confidences": sorted(pills),
-            "other_confidences": sorted(others)}
+    return {"photos": used, "unreadable_photos": unreadable, "match_iou": MATCH_IOU, "conf_floor": CONF_FLOOR,
+            "pill_confidences": sorted(pills), "other_confidences": sorted(others)}
 
 
 def validation_combinations(manifest: Any, limit: int, seed: int = 0) -> list[dict]:
@@ -75,7 +80,7 @@ def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = 
     try:
         predictor = Predictor(exp_dir, run_cfg, None if device is None else str(device))
         stored = box_confidences(predictor.detect, photos)
-    except (OSError, RuntimeError, ValueError, KeyError, AttributeError, TypeError) as err:
+    except (OSError, RuntimeError, ValueError) as err:  # the detector cannot be loaded or run
         LOGGER.warning("calibration: the box check is not calibrated, so detector boxes are not checked for holding "
                        "a pill (%s: %s)", type(err).__name__, err)
         return None
@@ -112,7 +117,8 @@ def box_summary(stored: dict, inference: Any) -> dict:
     the validation boxes themselves."""
     from pillsnap.infer.box_check import BoxCheck, describe
 
-    check = BoxCheck(tuple(stored["pill_confidences"]), float(inference.box_check.miss_rate))
+    check = BoxCheck(tuple(stored["pill_confidences"]), float(inference.box_check.miss_rate),
+                     float(stored.get("conf_floor") or 0.0))
     return {"photos": stored["photos"], "detector_sha256": stored["detector_sha256"],
             **describe(check, float(inference.conf_threshold), stored["other_confidences"])}
 
@@ -122,7 +128,7 @@ def box_line(summary: dict) -> str:
     if summary["bound"] is None:
         return (f"box check: {summary['pills']} validation pills are too few for a miss rate of "
                 f"{summary['miss_rate']:.0%}: no box is doubted")
-    others = ("no other boxes" if not summary["other_boxes"] else
+    others = ("no other box at the detection threshold" if not summary["other_boxes"] else
               f"{summary['other_boxes_doubted']:.0%} of the {summary['other_boxes']} boxes on no labelled pill")
     return (f"box check: a box below detector confidence {summary['bound']:.3f} may hold no pill (from "
             f"{summary['pills']} validation pills at miss rate {summary['miss_rate']:.0%}); it doubts "

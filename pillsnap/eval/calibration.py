@@ -247,7 +247,8 @@ def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
 
 def set_summary(sets: dict, method: str, coverage: float) -> dict:
     """The calibrated set rule at `coverage` and what it gives on the calibration answers themselves (coverage
-    there is at least `coverage` by construction: the honest figure is on held-out photos)."""
+    there is at least `coverage` by construction: the honest figure is on held-out photos). The conformal sets
+    before inference.prediction_set.fill_to_coverage fills them: filled, they only grow."""
     scores = scores_from_json(sets["scores"][method])
     threshold = conformal_threshold(scores, coverage) if len(scores) else np.inf
     return {"method": method, "coverage": coverage, "threshold": _finite(threshold), "n": sets["n"],

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.infer.preprocess import load_image
-from pillsnap.metrics.detection import evaluate_detection_metrics, match_boxes
+from pillsnap.metrics.detection import evaluate_detection_metrics, match_boxes, match_in_confidence_order
 from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
@@ -63,14 +63,19 @@ BOX_DOUBT = "box"  # unknown_by of a box the detector is too unsure of to claim 
 
 
 def _match(photo: dict, pills: list[dict]) -> dict[int, int]:
-    """{labelled pill: answered pill} by box (a photo of one pill answered with one pill is matched whatever the
-    box: the single path's box is where it looked, not a detection)."""
-    if len(photo["codes"]) == 1 and len(pills) == 1:
-        return {0: 0}
+    """{labelled pill: answered pill} by box. A photo of one pill answered by the whole-photo path (its answer
+    first, with no detector confidence) is matched whatever the box: that box is where it looked, not a detection.
+    Detected boxes are matched most confident first (COCO), others by the best overlap first."""
     if not pills or not len(photo["codes"]):
         return {}
-    return match_boxes(xywh_to_xyxy(np.asarray(photo["boxes"], float)),
-                       xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], float)), MATCH_IOU)
+    if len(photo["codes"]) == 1 and pills[0].get("det_confidence") is None:
+        return {0: 0}
+    truth = xywh_to_xyxy(np.asarray(photo["boxes"], float))
+    found = xywh_to_xyxy(np.asarray([p["bbox"] for p in pills], float))
+    confidences = [p.get("det_confidence") for p in pills]
+    if all(c is not None for c in confidences):
+        return match_in_confidence_order(truth, found, np.asarray(confidences, float), MATCH_IOU)
+    return match_boxes(truth, found, MATCH_IOU)
 
 
 def _pill_outcomes(photo: dict, result: dict, known: set[str] | None, match: dict[int, int]) -> list[dict]:
@@ -133,7 +138,8 @@ def set_figures(outcomes: list[dict]) -> dict:
             "mean_set_size": float(np.mean([len(p["set"]) for p in named])) if named else None,
             "sure_share": _rate([len(p["set"]) == 1 for p in named]),
             "sure_accuracy": _rate([p["right"] for p in sure]),
-            "withheld_known": _rate([p["answered"] and not p["named"] for p in known]),
+            "withheld_known": _rate([p["answered"] and not p["named"] and not p.get("doubted") for p in known]),
+            "doubted_known": _rate([bool(p.get("doubted")) for p in known]),
             "unknown_pills": len(unknown), "unknown_empty": _rate([p["covered"] for p in unknown])}
 
 

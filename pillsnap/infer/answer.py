@@ -372,15 +372,22 @@ class PredictionSet:
     members: tuple[dict, ...]
     coverage: float
     narrow_by: tuple[str, ...] = ()
+    # False when a filled set could not reach the coverage (too few candidates): one drug left is then not sure
+    reached: bool = True
 
     @property
     def sure(self) -> bool:
-        return len(self.members) == 1
+        return len(self.members) == 1 and self.reached
 
     def to_dict(self) -> dict:
         members = [{k: m.get(k) for k in ("mapping_code", "name", "probability")} for m in self.members]
+        note = set_note(self.members, self.narrow_by, self.coverage)
+        if len(self.members) == 1 and not self.reached:
+            only = self.members[0]
+            note = (f"{only['mapping_code']} {only.get('name') or ''}".strip() + f" is the only candidate left, but "
+                    f"not {self.coverage:.0%} probable: check the package")
         return {"prediction_set": members, "set_coverage": self.coverage, "sure": self.sure,
-                "narrow_by": list(self.narrow_by), "set_note": set_note(self.members, self.narrow_by, self.coverage)}
+                "narrow_by": list(self.narrow_by), "set_note": note}
 
 
 NO_SET = {"prediction_set": None, "set_coverage": None, "sure": None, "narrow_by": [], "set_note": None}
@@ -437,7 +444,8 @@ def prediction_set(candidates: Sequence[dict], unknown: bool, rule: SetRule, cla
         return PredictionSet((), rule.coverage)
     members = tuple(candidates[:rule.size(candidates)])
     narrowers = narrow_by(members, class_map, hints, thresholds) if len(members) > 1 else ()
-    return PredictionSet(members, rule.coverage, narrowers)
+    mass = sum(float(m.get("probability") or 0.0) for m in members)
+    return PredictionSet(members, rule.coverage, narrowers, reached=not rule.fill or mass >= rule.coverage - 1e-12)
 
 
 def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read: ImprintRead | None,
@@ -462,7 +470,8 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
         ranked = rerank(topk, class_map, read.text if read else None, read.score if read else 1.0, hints, weights,
                         thresholds)
     candidates = tuple(ranked.candidates)
-    conclusive = float(candidates[0].get("imprint_similarity") or 0.0) >= thresholds.unknown_override
+    conclusive = bool(candidates) and float(candidates[0].get("imprint_similarity") or 0.0) >= \
+        thresholds.unknown_override
     reason, unknown_by = (box_doubt, "box") if box_doubt and not conclusive else (None, None)
     if reason is None and not conclusive:
         reason = unknown_reason(unknown, classified.unknown_score)
@@ -478,5 +487,6 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
                   and not any(c.get("imprint_match") for c in candidates))
     pset = None if set_rule is None else prediction_set(candidates, reason is not None, set_rule, class_map, hints,
                                                         thresholds)
+    conflicts = () if unknown_by == "box" else ranked.conflicts  # a box that may hold no pill names nothing
     return PillAnswer(candidates, classified.unknown_score, reason, read, ranked.imprint_read, unresolved,
-                      ranked.changed, ranked.conflicts, pset, unknown_by)
+                      ranked.changed, conflicts, pset, unknown_by)

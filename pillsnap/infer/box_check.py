@@ -31,6 +31,7 @@ class BoxCheck:
 
     pill_confidences: tuple[float, ...]
     miss_rate: float
+    conf_floor: float = 0.0  # the lowest confidence calibration kept: below it, pills were not counted
 
     def __post_init__(self) -> None:
         if not 0.0 < self.miss_rate < 1.0:
@@ -38,8 +39,10 @@ class BoxCheck:
 
     def bound(self, conf_threshold: float) -> tuple[float, int]:
         """(the confidence below which a box is doubted, the validation pills it was drawn from): the pills a
-        detection threshold of `conf_threshold` keeps. Minus infinity when they are too few for the miss rate."""
-        kept = self.pill_confidences[bisect.bisect_left(self.pill_confidences, conf_threshold):]
+        detection threshold of `conf_threshold` keeps (no lower than the calibration's floor: below it nothing was
+        counted, and a box there is doubted). Minus infinity when they are too few for the miss rate."""
+        start = bisect.bisect_left(self.pill_confidences, max(conf_threshold, self.conf_floor))
+        kept = self.pill_confidences[start:]
         return lower_bound(kept, self.miss_rate), len(kept)
 
     def doubt(self, confidence: float | None, conf_threshold: float) -> str | None:
@@ -49,12 +52,11 @@ class BoxCheck:
         bound, pills = self.bound(conf_threshold)
         if confidence >= bound:
             return None
-        below = math.floor((pills + 1) * self.miss_rate) - 1  # validation pills the bound itself lets fall below it
-        than = f"every one of the {pills}" if below == 0 else f"all but {below} of the {pills}"
+        above = pills - bisect.bisect_right(self.pill_confidences[len(self.pill_confidences) - pills:], confidence)
+        than = f"every one of the {pills}" if above == pills else f"{above} of the {pills}"
         return (f"the detector is less sure of this box (confidence {confidence:.3f}) than it was of {than} pills "
-                f"on the validation photos (bound {bound:.3f}, which about {self.miss_rate:.0%} of real pills fall "
-                f"below at most): it may hold no pill (a dish's rim, a shadow, a reflection); nearest candidates "
-                f"in topk")
+                f"on the validation photos (below {bound:.3f}, where at most {self.miss_rate:.1%} of real pills "
+                f"fall): it may hold no pill (a dish's rim, a shadow, a reflection); nearest candidates in topk")
 
 
 def load_box_check(calibration: Mapping | None, detector_sha256: str, miss_rate: float,
@@ -66,7 +68,8 @@ def load_box_check(calibration: Mapping | None, detector_sha256: str, miss_rate:
     if stored.get("detector_sha256") != detector_sha256:
         return None, ("the calibration's detector confidences were measured for other detector weights "
                       "(recalibrate: pillsnap calibrate --exp EXP)")
-    return BoxCheck(tuple(sorted(float(c) for c in stored.get("pill_confidences") or ())), miss_rate), None
+    return BoxCheck(tuple(sorted(float(c) for c in stored.get("pill_confidences") or ())), miss_rate,
+                    float(stored.get("conf_floor") or 0.0)), None
 
 
 def check_box_settings(settings: Mapping) -> tuple[bool, float]:

@@ -54,7 +54,9 @@ def answer_text(pill: dict) -> str:
     text = f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
     if pill.get("sure") is not None:  # a calibrated prediction set: sure, or how many drugs are left open
         level = f"{pill['set_coverage']:.0%}"
-        text += f" [sure at {level}]" if pill["sure"] else f" [one of {len(pill['prediction_set'])} at {level}]"
+        size = len(pill["prediction_set"])
+        text += f" [sure at {level}]" if pill["sure"] else f" [not sure at {level}]" if size == 1 else \
+            f" [one of {size} at {level}]"
     return text
 
 

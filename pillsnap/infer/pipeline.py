@@ -48,6 +48,14 @@ DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
+SAME_PILL_SHARE = 0.5  # a doubted box lying this much inside the whole-photo answer's box is a faint box of that pill
+
+
+def _share_inside(box: np.ndarray, outer: np.ndarray) -> float:
+    """The share of xyxy `box`'s area inside xyxy `outer`."""
+    w = max(0.0, min(box[2], outer[2]) - max(box[0], outer[0]))
+    h = max(0.0, min(box[3], outer[3]) - max(box[1], outer[1]))
+    return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -213,13 +221,16 @@ class Predictor:
         method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
         if not 0.0 < coverage < 1.0:
             raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
+        fill = settings.get("fill_to_coverage", True)
+        if not isinstance(fill, bool):
+            raise ValueError(f"inference.prediction_set.fill_to_coverage must be true or false, got {fill!r}")
         if self.calibration is None:
             return None
         threshold, problem = load_set_rule(self.calibration, method, coverage, imprint_reading, self.check_unknown)
         if problem:
             LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
             return None
-        return SetRule(method, coverage, threshold, fill=bool(settings.get("fill_to_coverage", True)))
+        return SetRule(method, coverage, threshold, fill=fill)
 
     @staticmethod
     def _load_classes(path: Path) -> tuple[list[str], dict]:
@@ -372,14 +383,19 @@ class Predictor:
     def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:
         return [self._answer(whole.crop, whole.box, whole.classified, None, hints)]
 
-    def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None, conf_threshold: float) -> list[dict]:
-        """Each detected pill's answer; a box the detector is too unsure of may hold no pill (infer/box_check.py)."""
+    def _doubts(self, dets: np.ndarray | None, conf_threshold: float) -> list[str | None]:
+        """Per detected box, why it may hold no pill (infer/box_check.py), or None."""
+        if dets is None or not len(dets) or self.box_check is None:
+            return [None] * (0 if dets is None else len(dets))
+        return [self.box_check.doubt(float(conf), conf_threshold) for conf in dets[:, 4]]
+
+    def _combo(self, image: Image.Image, dets: np.ndarray, hints: Hints | None,
+               doubts: Sequence[str | None]) -> list[dict]:
+        """Each detected box's answer; `doubts`: why a box may hold no pill (None: it holds one)."""
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
-        check = self.box_check
-        return [self._answer(crop, box, classified, float(conf), hints,
-                             None if check is None else check.doubt(float(conf), conf_threshold))
-                for crop, box, classified, conf in zip(crops, dets[:, :4], self.classify(crops), dets[:, 4],
-                                                       strict=True)]
+        return [self._answer(crop, box, classified, float(conf), hints, doubt)
+                for crop, box, classified, conf, doubt in zip(crops, dets[:, :4], self.classify(crops), dets[:, 4],
+                                                              doubts, strict=True)]
 
     def _agrees(self, image: Image.Image, whole: WholePhoto, det: np.ndarray) -> bool:
         """Does the one detected pill confirm the whole-photo answer? Where the single path located its pill: the
@@ -395,22 +411,39 @@ class Predictor:
 
     def _route(self, image: Image.Image, mode: str, conf: float, whole: WholePhoto | None,
                hints: Hints | None) -> tuple[GatingDecision, list]:
-        """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path."""
+        """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path. Auto
+        routes on the boxes the detector is sure of: a box that may hold no pill (the box check) does not make a
+        photo one of several, and is answered beside the whole-photo answer, never hidden."""
         threshold = float(self.settings.single_confidence_threshold)
         conf_single = whole.classified.topk[0]["probability"] if whole else None
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
-        one_box = mode == "auto" and dets is not None and len(dets) == 1
-        agrees = self._agrees(image, whole, dets[0]) if one_box else None
-        decision = decide_route(mode, conf_single, None if dets is None else len(dets), threshold, agrees,
+        doubts = self._doubts(dets, conf)
+        sure = dets if dets is None or mode != "auto" else dets[[doubt is None for doubt in doubts]]
+        one_box = mode == "auto" and sure is not None and len(sure) == 1
+        agrees = self._agrees(image, whole, sure[0]) if one_box else None
+        decision = decide_route(mode, conf_single, None if sure is None else len(sure), threshold, agrees,
                                 has_detector=self.has_detector)
+        doubted = sum(doubt is not None for doubt in doubts)  # auto counted only the others
+        decision = decision.with_doubted(doubted) if mode == "auto" else replace(decision, num_doubted=doubted)
         if decision.mode_used == "single":
-            return decision, self._single(whole, hints)
+            return decision, self._single(whole, hints) + self._beside(image, whole, dets, doubts, hints)
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
             return replace(decision, mode_used="single"), self._single(whole, hints)
-        return decision, self._combo(image, dets, hints, conf)
+        return decision, self._combo(image, dets, hints, doubts)
+
+    def _beside(self, image: Image.Image, whole: WholePhoto, dets: np.ndarray | None, doubts: Sequence[str | None],
+                hints: Hints | None) -> list[dict]:
+        """Beside a whole-photo answer: the boxes that may hold no pill, less those lying mostly on the pill it
+        answered (a faint second box of that very pill)."""
+        if dets is None:
+            return []
+        pill = xywh_to_xyxy(np.asarray(whole.box, float))
+        keep = [i for i, doubt in enumerate(doubts)
+                if doubt is not None and _share_inside(xywh_to_xyxy(dets[i, :4]), pill) < SAME_PILL_SHARE]
+        return self._combo(image, dets[keep], hints, [doubts[i] for i in keep]) if keep else []
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
                 name: str | None = None, hints: Hints | None = None) -> dict:

@@ -79,18 +79,19 @@ def match_boxes(truth_xyxy: np.ndarray, found_xyxy: np.ndarray, min_iou: float =
 
 
 def match_in_confidence_order(truth_xyxy: np.ndarray, found_xyxy: np.ndarray, confidences: np.ndarray,
-                              min_iou: float = 0.5) -> set[int]:
-    """The found boxes that hold a labelled box, matched as COCO does: most confident first, each to the
+                              min_iou: float = 0.5) -> dict[int, int]:
+    """{truth index: found index}, matched as COCO does: the found boxes most confident first, each to the
     best-overlapping labelled box still free (at least `min_iou`). Matched this way, the boxes a detection
     threshold keeps are matched as they would be had the detector run at that threshold."""
     iou = box_iou_xyxy(np.asarray(truth_xyxy, float).reshape(-1, 4), np.asarray(found_xyxy, float).reshape(-1, 4))
-    free, matched = np.ones(iou.shape[0], bool), set()
-    for f in np.argsort(-np.asarray(confidences, float), kind="stable"):
-        overlaps = np.where(free, iou[:, f], -1.0) if iou.shape[0] else iou[:, f]
-        if len(overlaps) and overlaps.max() >= min_iou:
-            free[int(overlaps.argmax())] = False
-            matched.add(int(f))
-    return matched
+    free, match = np.ones(iou.shape[0], bool), {}
+    for f in np.argsort(-np.asarray(confidences, float), kind="stable") if iou.shape[0] else ():
+        overlaps = np.where(free, iou[:, f], -1.0)
+        if overlaps.max() >= min_iou:
+            t = int(overlaps.argmax())
+            free[t] = False
+            match[t] = int(f)
+    return match
 
 
 def _match_image(ious: np.ndarray, n_gt: int) -> np.ndarray:

@@ -124,8 +124,8 @@ class PredictionService:
 
 def describe_models(predictor: PredictorLike) -> dict:
     """What /version reports about the models: backend, class count, each file with its SHA-256, the calibration
-    (temperature, unknown-pill thresholds; null when the run was not calibrated) and the unknown-pill rule in force
-    (its threshold is null and `active` false when it is off)."""
+    (temperature, unknown-pill thresholds; null when the run was not calibrated), the unknown-pill rule in force
+    (its threshold is null and `active` false when it is off), the prediction-set rule and the box check."""
     from pillsnap.models.export import file_sha256
 
     files = predictor.model_files()
@@ -134,7 +134,26 @@ def describe_models(predictor: PredictorLike) -> dict:
             "models": {role: {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
                        for role, path in files.items()},
             "calibration": getattr(predictor, "calibration", None),
-            "unknown_rule": _unknown_rule(getattr(predictor, "unknown", None))}
+            "unknown_rule": _unknown_rule(getattr(predictor, "unknown", None)),
+            "prediction_set": _set_rule(getattr(predictor, "set_rule", None)),
+            "box_check": _box_check(predictor)}
+
+
+def _set_rule(rule: Any) -> dict | None:
+    """The prediction-set rule in force (null: answers carry no set)."""
+    if rule is None:
+        return None
+    return {"method": rule.method, "coverage": rule.coverage, "filled_to_coverage": rule.fill}
+
+
+def _box_check(predictor: Any) -> dict:
+    """Whether detector boxes are checked for holding a pill, and the bound at the configured detection threshold."""
+    check = getattr(predictor, "box_check", None) if getattr(predictor, "has_detector", False) else None
+    if check is None:
+        return {"active": False}
+    bound, pills = check.bound(float(predictor.settings.conf_threshold))
+    return {"active": True, "miss_rate": check.miss_rate, "bound": bound if bound > float("-inf") else None,
+            "pills": pills}
 
 
 def _unknown_rule(unknown: Any) -> dict | None:
