@@ -168,6 +168,7 @@ def test_a_box_that_may_hold_no_pill_says_so_and_names_no_drug(page, tmp_path: P
     assert "If it is a pill, the nearest known drugs" in card.inner_text() and "drug 1" in card.inner_text()
     assert "disagrees with your hint" not in card.inner_text()  # no drug is named, so nothing contradicts a hint
     assert "may hold no pill at all" in page.locator(".review").inner_text()
+    assert "pills 1 + 1 maybe not" in page.locator("#results").inner_text()
 
 
 def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tmp_path: Path) -> None:
