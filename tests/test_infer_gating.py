@@ -95,3 +95,8 @@ def test_a_pill_that_may_be_wrong_makes_a_hard_case() -> None:
     odd = {"unknown": True, "imprint_unresolved": False, "hints_conflict": True}
     assert hard_case_reasons(decide_route("auto", 0.9, 0, threshold=0.5), [odd]) == \
         ["no_pill_detected", "unknown_pill", "hints_conflict"]
+    # an unresolved imprint that the pill's sure (one-drug) set settled anyway is not a case; an open set's is
+    unresolved = {**plain, "imprint_unresolved": True}
+    assert hard_case_reasons(routine, [{**unresolved, "sure": True}]) == []
+    assert hard_case_reasons(routine, [{**unresolved, "sure": False}]) == ["imprint_unresolved"]
+    assert hard_case_reasons(routine, [{**unresolved, "sure": None}]) == ["imprint_unresolved"]  # no calibrated sets

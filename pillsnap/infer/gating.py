@@ -97,6 +97,12 @@ def decide_route(mode: str, single_confidence: float | None, num_detections: int
     return route("single", None)
 
 
+def _says(pill: Mapping, field: str) -> bool:
+    """Whether a pill's answer raises this hard case: an unresolved imprint that a sure (one-drug) prediction set
+    settled anyway is not one (the answer shows it as sure)."""
+    return bool(pill.get(field)) and not (field == "imprint_unresolved" and pill.get("sure") is True)
+
+
 def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single_conf_below: float = 0.30) -> list[str]:
     """Why a prediction deserves review; empty = it does not. Only answers that may be wrong count: the detector
     disagreeing with the whole-photo answer, no pill detected, a single answer below `single_conf_below`, a box
@@ -115,5 +121,5 @@ def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single
     if any(doubted):  # a doubted box is its own case: whether it holds a pill at all, not which drug it is
         reasons.append(MAYBE_NO_PILL)
     pills = [pill for pill, box in zip(pills, doubted, strict=True) if not box]
-    reasons += [reason for reason, field in PILL_HARD_CASES if any(pill.get(field) for pill in pills)]
+    reasons += [reason for reason, field in PILL_HARD_CASES if any(_says(pill, field) for pill in pills)]
     return reasons
