@@ -282,7 +282,7 @@ def test_a_detector_newer_than_the_calibration_gets_its_box_check_and_the_rest_i
     assert (ckpts / "calibration.json").stat().st_mtime_ns == before
 
 
-def test_auto_routes_on_the_boxes_it_is_sure_of_and_shows_the_others_beside(tmp_path: Path, monkeypatch):
+def test_auto_counts_distinct_pills_and_never_folds_faint_ones_into_one_answer(tmp_path: Path, monkeypatch):
     root = make_exp_dir(tmp_path / "exp")
     ckpts = root / "checkpoints"
     box_check = {"detector_sha256": file_sha256(ckpts / "detection_best.pt"), "pill_confidences": list(PILLS)}
@@ -298,21 +298,31 @@ def test_auto_routes_on_the_boxes_it_is_sure_of_and_shows_the_others_beside(tmp_
         monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(boxes, float))
         return predictor.predict(photo, mode="auto")
 
-    # one sure box on the pill and two faint ones: one pill, answered whole; the faint box elsewhere beside it
-    result = answer(on_pill, faint_on_pill, elsewhere)
-    assert (result["mode_used"], result["num_detections"], result["num_doubted"]) == ("single", 3, 2)
-    assert [p["unknown_by"] for p in result["pills"]] == [None, "box"] and result["pills"][1]["bbox"] == [90, 130, 20,
-                                                                                                        20]
-    assert result["hard_case"] == ["maybe_no_pill"]
-    # only faint boxes: the whole-photo answer stands, flagged, and the faint box elsewhere is shown
+    # one sure box on the pill and a faint second box of it: one pill, answered whole
+    result = answer(on_pill, faint_on_pill)
+    assert (result["mode_used"], result["num_detections"], result["num_doubted"]) == ("single", 2, 1)
+    assert len(result["pills"]) == 1 and result["hard_case"] == []
+    # ... and a faint box elsewhere: maybe a second pill, so several, every box answered, the faint ones doubted
+    several = answer(on_pill, faint_on_pill, elsewhere)
+    assert several["mode_used"] == "combo" and [p["unknown_by"] for p in several["pills"]] == [None, "box", "box"]
+    # two faint boxes apart (a weak detector's two real pills): several, both shown, never one whole-photo answer
+    two_faint = answer([5, 5, 20, 20, 0.45], elsewhere)
+    assert two_faint["mode_used"] == "combo" and [p["unknown_by"] for p in two_faint["pills"]] == ["box", "box"]
+    # a big sure box and a small faint pill touching it: two pills
+    touching = answer(on_pill, [located[0] + located[2] - 4, located[1], 14, 12, 0.4])
+    assert touching["mode_used"] == "combo" and len(touching["pills"]) == 2
+    # only a faint box away from the pill (a dish's rim; the detector missed the pill): the whole-photo answer
+    # stands, flagged, and the box is answered beside it
     faint = answer(elsewhere)
     assert faint["mode_used"] == "single" and faint["flags"] == ["no_sure_pill_detected"]
     assert faint["pills"][0]["det_confidence"] is None and faint["pills"][1]["unknown_by"] == "box"
     assert faint["hard_case"][:2] == ["no_sure_pill_detected", "maybe_no_pill"]
-    # two sure boxes: several pills, and the faint one is answered among them
-    several = answer(on_pill, [5, 5, 20, 20, 0.8], elsewhere)
-    assert several["mode_used"] == "combo" and [p["unknown_by"] for p in several["pills"]] == [None, None, "box"]
-    assert several["num_doubted"] == 1
+    # a faint box on the pill itself confirms the whole-photo answer
+    confirmed = answer([*located, 0.45])
+    assert confirmed["mode_used"] == "single" and len(confirmed["pills"]) == 1 and confirmed["flags"] == []
+    two_sure = answer(on_pill, [5, 5, 20, 20, 0.8], elsewhere)
+    assert two_sure["mode_used"] == "combo" and [p["unknown_by"] for p in two_sure["pills"]] == [None, None, "box"]
+    assert two_sure["num_doubted"] == 1
     combo = predictor.predict(photo, mode="combo")  # combo mode answers every box, doubted or not
     assert combo["num_doubted"] == 1 and combo["num_detections"] == 3
 

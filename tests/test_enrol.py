@@ -203,28 +203,35 @@ def test_combination_photo_gives_the_pill_least_like_any_known_drug(predictor: P
     assert answer(predictor, pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle"))["mapping_code"] == NEW_CODE
 
 
-def test_a_box_that_may_hold_no_pill_is_never_the_drug_enrolled(predictor: Predictor, tmp_path: Path,
+def test_a_box_that_may_hold_no_pill_is_never_enrolled_as_the_drug(predictor: Predictor, tmp_path: Path,
                                                                  monkeypatch) -> None:
-    """A dish's rim boxed faintly is "least like any known drug" too: the box check keeps it out of the choice."""
+    """A dish's rim boxed faintly is "least like any known drug" too: chosen, the photo is refused, not enrolled
+    as the drug; the new pill boxed surely is chosen and enrolled."""
     from pillsnap.infer.box_check import BoxCheck
 
     combos = []
     for seed in range(5):
         image = Image.open(pill(tmp_path / f"c{seed}.png", NEW_COLOUR, seed, "rectangle")).convert("RGB")
         ImageDraw.Draw(image).ellipse((70, 110, 105, 140), fill=TRAINED_COLOURS[0])
-        ImageDraw.Draw(image).rectangle((95, 5, 118, 30), fill=(250, 250, 250))  # something white in a corner
         image.save(tmp_path / f"c{seed}.png")
         combos.append(tmp_path / f"c{seed}.png")
 
+    new_pill_conf = 0.8
+
     def detect(image: Image.Image, conf: float, forward: object = None) -> np.ndarray:
         box = locate_pill(image.crop((0, 0, 68, 160)))
-        return np.array([[70, 110, 36, 31, 0.9], [*box, 0.8], [95, 5, 24, 26, 0.35]], dtype=float)
+        return np.array([[70, 110, 36, 31, 0.9], [*box, new_pill_conf]], dtype=float)
 
     monkeypatch.setattr(Predictor, "has_detector", property(lambda self: True))
     monkeypatch.setattr(predictor, "detect", detect)
     monkeypatch.setattr(predictor, "box_check", BoxCheck(tuple(np.linspace(0.5, 0.99, 99)), 0.02))
+    new_pill_conf = 0.35  # the new drug's pill boxed faintly: the choice is refused, not made among the others
+    with pytest.raises(EnrolmentError, match="may be no pill"):
+        enrol(predictor, new_drug(), combos)
+    assert NEW_CODE not in predictor.class_names
+    new_pill_conf = 0.8
     report = enrol(predictor, new_drug(), combos)
-    assert all(c["pill"].startswith("detected, 2 of 2 pills") for c in report["crops"])  # the corner is not counted
+    assert all(c["pill"].startswith("detected, 2 of 2 pills") for c in report["crops"])
     assert answer(predictor, pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle"))["mapping_code"] == NEW_CODE
 
 

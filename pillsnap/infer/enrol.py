@@ -129,18 +129,22 @@ def _blobs(image: Image.Image, work_px: int = 160) -> int:
 
 def _pill_crop(predictor: Any, image: Image.Image, photo: Photo, nearest: Any) -> tuple[Image.Image, str]:
     """The pill of a photo: one pill standing out from a plain backdrop is cut like the training crops; otherwise
-    the detector's pills (not the boxes that may hold no pill), and of several (a combination photo) the one least
-    like any known drug; where the detector finds none, whatever stands out from the backdrop."""
+    the detector's pills, and of several (a combination photo) the one least like any known drug, refused when that
+    is a box that may hold no pill (a dish's rim is unlike every drug too); where the detector finds none, whatever
+    stands out from the backdrop."""
     box = locate_pill(image) if _blobs(image) == 1 else None
     if box is not None:
         return crop_pill(image, box, predictor.crop_margin), "located on the backdrop"
     threshold = float(predictor.settings.conf_threshold)
     dets = predictor.detect(image, threshold) if predictor.has_detector else np.zeros((0, 5))
-    if len(dets) and predictor.box_check is not None:  # a box that may hold no pill (a dish's rim) is no drug's
-        dets = dets[[predictor.box_check.doubt(float(d[4]), threshold) is None for d in dets]]
     if len(dets) >= 2:
         crops = [crop_pill(image, d[:4], predictor.crop_margin) for d in dets]
         pick = int(np.argmax(nearest(_features(predictor, crops))[1]))
+        check = predictor.box_check
+        if check is not None and check.doubt(float(dets[pick, 4]), threshold):  # a dish's rim is unlike any drug too
+            raise EnrolmentError(f"photo {photo.label}: what looks least like any known drug there may be no pill "
+                                 f"(the detector is unsure of its box, confidence {dets[pick, 4]:.2f}); photograph "
+                                 "the new drug on its own", "no_pill")
         return crops[pick], f"detected, {pick + 1} of {len(dets)} pills (the one least like any known drug)"
     if len(dets) == 1:
         return crop_pill(image, dets[0][:4], predictor.crop_margin), "detected"

@@ -7,7 +7,7 @@ this module imports nothing heavy, so the CLI and the API can import it at start
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 # single: classify the whole photo as one pill; combo: detect pills, classify each; auto: the detector looks at every
 # photo and the answer is single only when it sees one pill that agrees with the whole-photo answer (decide_route).
@@ -15,8 +15,8 @@ INFERENCE_MODES = ("single", "combo", "auto")
 LOW_CONFIDENCE, MULTI_OBJECT_HINT, MANUAL_COMBO = "low_confidence", "multi_object_hint", "manual_combo"
 DETECTOR_DISAGREES = "detector_disagrees"  # one pill detected, but not the one the whole-photo answer names/places
 NO_PILL_DETECTED = "no_pill_detected"  # flag: the detector saw no pill; the whole-photo answer stands, flagged
-# flag: auto saw only boxes that may hold no pill (the box check): the whole-photo answer stands, flagged, and the
-# boxes elsewhere on the photo are shown beside it
+# flag: auto saw one pill, a box that may hold no pill (the box check) away from the whole-photo pill: that answer
+# stands, flagged, and the box is answered beside it
 NO_SURE_PILL = "no_sure_pill_detected"
 DETECTOR_UNAVAILABLE = "detector_unavailable"  # flag: no trained detector, so nothing could hide-check the photo
 LOW_SINGLE_CONFIDENCE = "low_single_confidence"  # hard case: a single answer below hard_cases.single_confidence_below
@@ -28,8 +28,9 @@ MAYBE_NO_PILL = "maybe_no_pill"  # hard case: a detector box that may hold no pi
 
 @dataclass(frozen=True)
 class GatingDecision:
-    """Where a photo goes and why. gating_score: how much the photo looks like one pill, in [0, 1]; flags: what the
-    answer must say about how it was reached (no pill detected, no detector)."""
+    """Where a photo goes and why. gating_score: how much the photo looks like one pill, in [0, 1] (from the distinct
+    pills auto counted, which may be fewer than `num_detections`, the boxes found); flags: what the answer must say
+    about how it was reached (no pill detected, no pill the detector is sure of, no detector)."""
 
     mode_used: str
     fallback_reason: str | None
@@ -37,14 +38,7 @@ class GatingDecision:
     single_confidence: float | None
     num_detections: int | None = None
     flags: tuple[str, ...] = ()
-    num_doubted: int = 0  # of the detections, boxes that may hold no pill: auto routes on the others
-
-    def with_doubted(self, doubted: int) -> GatingDecision:
-        """This decision, reached on the boxes the detector is sure of, with the `doubted` others counted in."""
-        if not doubted:
-            return self
-        flags = tuple(NO_SURE_PILL if f == NO_PILL_DETECTED else f for f in self.flags)
-        return replace(self, num_detections=(self.num_detections or 0) + doubted, num_doubted=doubted, flags=flags)
+    num_doubted: int = 0  # of the detections, boxes that may hold no pill (the box check)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "flags": list(self.flags)}  # a list, as JSON gives it back

@@ -34,7 +34,7 @@ from pillsnap.infer.answer import (
 )
 from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
-from pillsnap.infer.gating import GatingDecision, check_mode, decide_route, hard_case_reasons
+from pillsnap.infer.gating import NO_SURE_PILL, GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
@@ -48,7 +48,7 @@ DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
-SAME_PILL_SHARE = 0.5  # a doubted box lying this much inside the whole-photo answer's box is a faint box of that pill
+SAME_PILL_SHARE = 0.5  # a doubted box lying this much inside another counted box is a faint second box of that pill
 
 
 def _share_inside(box: np.ndarray, outer: np.ndarray) -> float:
@@ -56,6 +56,18 @@ def _share_inside(box: np.ndarray, outer: np.ndarray) -> float:
     w = max(0.0, min(box[2], outer[2]) - max(box[0], outer[0]))
     h = max(0.0, min(box[3], outer[3]) - max(box[1], outer[1]))
     return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
+
+
+def _distinct(dets: np.ndarray, doubts: Sequence[str | None]) -> list[int]:
+    """The boxes that are distinct pills: every box the detector is sure of, then the boxes that may hold no pill
+    (most confident first) unless one lies mostly (SAME_PILL_SHARE) inside a box counted before: a faint second box
+    of that pill. Nothing is hidden by this: it only counts pills for routing."""
+    boxes = xywh_to_xyxy(np.asarray(dets[:, :4], float))
+    counted = [i for i, doubt in enumerate(doubts) if doubt is None]
+    for i in sorted((i for i, doubt in enumerate(doubts) if doubt is not None), key=lambda i: -dets[i, 4]):
+        if all(_share_inside(boxes[i], boxes[k]) < SAME_PILL_SHARE for k in counted):
+            counted.append(i)
+    return counted
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -411,39 +423,36 @@ class Predictor:
 
     def _route(self, image: Image.Image, mode: str, conf: float, whole: WholePhoto | None,
                hints: Hints | None) -> tuple[GatingDecision, list]:
-        """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path. Auto
-        routes on the boxes the detector is sure of: a box that may hold no pill (the box check) does not make a
-        photo one of several, and is answered beside the whole-photo answer, never hidden."""
+        """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path.
+
+        Auto routes on the distinct pills the detector saw (_distinct): a faint second box of a pill does not
+        make a photo one of several. A photo of several goes to combo, where every box is answered (a box that may
+        hold no pill as "maybe no pill"). When the one pill seen is a box that may hold none, away from the
+        whole-photo pill, the whole-photo answer stands, flagged, and the box is answered beside it."""
         threshold = float(self.settings.single_confidence_threshold)
         conf_single = whole.classified.topk[0]["probability"] if whole else None
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
         doubts = self._doubts(dets, conf)
-        sure = dets if dets is None or mode != "auto" else dets[[doubt is None for doubt in doubts]]
-        one_box = mode == "auto" and sure is not None and len(sure) == 1
-        agrees = self._agrees(image, whole, sure[0]) if one_box else None
-        decision = decide_route(mode, conf_single, None if sure is None else len(sure), threshold, agrees,
+        seen = None if dets is None else _distinct(dets, doubts) if mode == "auto" else list(range(len(dets)))
+        one_box = mode == "auto" and seen is not None and len(seen) == 1
+        agrees = self._agrees(image, whole, dets[seen[0]]) if one_box else None
+        decision = decide_route(mode, conf_single, None if seen is None else len(seen), threshold, agrees,
                                 has_detector=self.has_detector)
-        doubted = sum(doubt is not None for doubt in doubts)  # auto counted only the others
-        decision = decision.with_doubted(doubted) if mode == "auto" else replace(decision, num_doubted=doubted)
+        decision = replace(decision, num_detections=None if dets is None else len(dets),
+                           num_doubted=sum(doubt is not None for doubt in doubts))
         if decision.mode_used == "single":
-            return decision, self._single(whole, hints) + self._beside(image, whole, dets, doubts, hints)
+            return decision, self._single(whole, hints)
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer
             LOGGER.warning("auto: %s but no detector checkpoint; answering single", decision.fallback_reason)
             return replace(decision, mode_used="single"), self._single(whole, hints)
+        if one_box and doubts[seen[0]] is not None and agrees is False:
+            faint = seen[0]  # a dish's rim, most likely: the pill the whole photo shows is answered, the box beside
+            decision = replace(decision, mode_used="single", fallback_reason=None,
+                               flags=(*decision.flags, NO_SURE_PILL))
+            return decision, self._single(whole, hints) + self._combo(image, dets[[faint]], hints, [doubts[faint]])
         return decision, self._combo(image, dets, hints, doubts)
-
-    def _beside(self, image: Image.Image, whole: WholePhoto, dets: np.ndarray | None, doubts: Sequence[str | None],
-                hints: Hints | None) -> list[dict]:
-        """Beside a whole-photo answer: the boxes that may hold no pill, less those lying mostly on the pill it
-        answered (a faint second box of that very pill)."""
-        if dets is None:
-            return []
-        pill = xywh_to_xyxy(np.asarray(whole.box, float))
-        keep = [i for i, doubt in enumerate(doubts)
-                if doubt is not None and _share_inside(xywh_to_xyxy(dets[i, :4]), pill) < SAME_PILL_SHARE]
-        return self._combo(image, dets[keep], hints, [doubts[i] for i in keep]) if keep else []
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
                 name: str | None = None, hints: Hints | None = None) -> dict:

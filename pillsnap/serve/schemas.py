@@ -76,13 +76,15 @@ class Prediction(BaseModel):
     fallback_reason: str | None = Field(description="why auto went to combo (null when it did not)")
     gating_score: float
     single_confidence: float | None = Field(description="top-1 probability of the whole-photo classification")
-    num_detections: int | None = Field(None, description="pills the detector saw (null: no detector)")
-    num_doubted: int = Field(0, description="of those, boxes that may hold no pill (the box check); auto routes on "
-                                            "the others and answers these beside, as 'maybe no pill'")
+    num_detections: int | None = Field(None, description="boxes the detector found (null: no detector)")
+    num_doubted: int = Field(0, description="of those, boxes that may hold no pill (the box check), answered as "
+                                            "'maybe no pill'; auto counts one lying mostly inside another box as "
+                                            "that pill's second box")
     flags: list[str] = Field(default_factory=list, description="no_pill_detected (auto: the detector saw no pill) | "
-                                                                "no_sure_pill_detected (auto: only boxes that may "
-                                                                "hold no pill) | detector_unavailable (the run has "
-                                                                "no detector)")
+                                                                "no_sure_pill_detected (auto: the one box found may "
+                                                                "hold no pill and is not where the whole-photo pill "
+                                                                "is; that answer stands, the box beside it) | "
+                                                                "detector_unavailable (the run has no detector)")
     calibrated: bool = Field(False, description="probabilities are temperature-calibrated")
     num_pills: int
     image_size: list[int] = Field(description="[width, height] of the upright photo")
