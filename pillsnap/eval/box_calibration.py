@@ -117,8 +117,7 @@ def box_summary(stored: dict, inference: Any) -> dict:
     the validation boxes themselves."""
     from pillsnap.infer.box_check import BoxCheck, describe
 
-    check = BoxCheck(tuple(stored["pill_confidences"]), float(inference.box_check.miss_rate),
-                     float(stored.get("conf_floor") or 0.0))
+    check = BoxCheck.from_stored(stored, float(inference.box_check.miss_rate))
     return {"photos": stored["photos"], "detector_sha256": stored["detector_sha256"],
             **describe(check, float(inference.conf_threshold), stored["other_confidences"])}
 

@@ -37,12 +37,21 @@ class BoxCheck:
         if not 0.0 < self.miss_rate < 1.0:
             raise ValueError(f"inference.box_check.miss_rate must be between 0 and 1, got {self.miss_rate}")
 
+    @classmethod
+    def from_stored(cls, stored: Mapping, miss_rate: float) -> BoxCheck:
+        """The check from calibration.json's `box_check` (pillsnap.eval.box_calibration), at `miss_rate`."""
+        return cls(tuple(sorted(float(c) for c in stored.get("pill_confidences") or ())), miss_rate,
+                   float(stored.get("conf_floor") or 0.0))
+
+    def kept(self, conf_threshold: float) -> tuple[float, ...]:
+        """The validation pills (ascending) that a detection threshold of `conf_threshold` keeps, no lower than the
+        calibration's floor (below it nothing was counted)."""
+        return self.pill_confidences[bisect.bisect_left(self.pill_confidences, max(conf_threshold, self.conf_floor)):]
+
     def bound(self, conf_threshold: float) -> tuple[float, int]:
-        """(the confidence below which a box is doubted, the validation pills it was drawn from): the pills a
-        detection threshold of `conf_threshold` keeps (no lower than the calibration's floor: below it nothing was
-        counted, and a box there is doubted). Minus infinity when they are too few for the miss rate."""
-        start = bisect.bisect_left(self.pill_confidences, max(conf_threshold, self.conf_floor))
-        kept = self.pill_confidences[start:]
+        """(the confidence below which a box is doubted, the validation pills it was drawn from: `kept`). Minus
+        infinity when they are too few for the miss rate; a box below the calibration's floor is doubted."""
+        kept = self.kept(conf_threshold)
         return lower_bound(kept, self.miss_rate), len(kept)
 
     def doubt(self, confidence: float | None, conf_threshold: float) -> str | None:
@@ -52,7 +61,7 @@ class BoxCheck:
         bound, pills = self.bound(conf_threshold)
         if confidence >= bound:
             return None
-        above = pills - bisect.bisect_right(self.pill_confidences[len(self.pill_confidences) - pills:], confidence)
+        above = pills - bisect.bisect_right(self.kept(conf_threshold), confidence)
         than = f"every one of the {pills}" if above == pills else f"{above} of the {pills}"
         return (f"the detector is less sure of this box (confidence {confidence:.3f}) than it was of {than} pills "
                 f"on the validation photos (below {bound:.3f}, where at most {self.miss_rate:.1%} of real pills "
@@ -68,8 +77,7 @@ def load_box_check(calibration: Mapping | None, detector_sha256: str, miss_rate:
     if stored.get("detector_sha256") != detector_sha256:
         return None, ("the calibration's detector confidences were measured for other detector weights "
                       "(recalibrate: pillsnap calibrate --exp EXP)")
-    return BoxCheck(tuple(sorted(float(c) for c in stored.get("pill_confidences") or ())), miss_rate,
-                    float(stored.get("conf_floor") or 0.0)), None
+    return BoxCheck.from_stored(stored, miss_rate), None
 
 
 def check_box_settings(settings: Mapping) -> tuple[bool, float]:
@@ -102,8 +110,8 @@ def describe(check: BoxCheck, conf_threshold: float, other_confidences: Sequence
     most the miss rate, by construction) and, of the other boxes (on no labelled pill), how many the threshold
     keeps and the share it doubts."""
     bound, pills = check.bound(conf_threshold)
-    kept = [c for c in check.pill_confidences if c >= conf_threshold]
-    others = [c for c in other_confidences if c >= conf_threshold]
+    kept = check.kept(conf_threshold)
+    others = [c for c in other_confidences if c >= max(conf_threshold, check.conf_floor)]
     def doubted(confidences: list[float]) -> float | None:
         return sum(c < bound for c in confidences) / len(confidences) if confidences else None
 

@@ -83,31 +83,35 @@ def match_in_confidence_order(truth_xyxy: np.ndarray, found_xyxy: np.ndarray, co
     """{truth index: found index}, matched as COCO does: the found boxes most confident first, each to the
     best-overlapping labelled box still free (at least `min_iou`). Matched this way, the boxes a detection
     threshold keeps are matched as they would be had the detector run at that threshold."""
-    iou = box_iou_xyxy(np.asarray(truth_xyxy, float).reshape(-1, 4), np.asarray(found_xyxy, float).reshape(-1, 4))
-    free, match = np.ones(iou.shape[0], bool), {}
-    for f in np.argsort(-np.asarray(confidences, float), kind="stable") if iou.shape[0] else ():
-        overlaps = np.where(free, iou[:, f], -1.0)
-        if overlaps.max() >= min_iou:
-            t = int(overlaps.argmax())
-            free[t] = False
-            match[t] = int(f)
-    return match
+    order = np.argsort(-np.asarray(confidences, float), kind="stable")
+    found = np.asarray(found_xyxy, float).reshape(-1, 4)[order]
+    matches = _greedy_match(box_iou_xyxy(found, np.asarray(truth_xyxy, float).reshape(-1, 4)), min_iou)
+    return {t: int(order[f]) for f, t in enumerate(matches) if t >= 0}
 
 
-def _match_image(ious: np.ndarray, n_gt: int) -> np.ndarray:
+def _greedy_match(ious: np.ndarray, min_iou: float) -> list[int]:
+    """COCO's greedy matching: the found boxes (rows of `ious` [D, G], most confident first) each take the
+    best-overlapping labelled box still free, at least `min_iou` (of equal overlaps, the later). The labelled
+    index per found box, -1 for none."""
+    taken = np.zeros(ious.shape[1], dtype=bool)
+    matches = []
+    for d in range(ious.shape[0]):
+        best, best_iou = -1, min(min_iou, 1 - 1e-10)
+        for g in range(ious.shape[1]):
+            if taken[g] or ious[d, g] < best_iou:
+                continue
+            best, best_iou = g, ious[d, g]
+        if best >= 0:
+            taken[best] = True
+        matches.append(best)
+    return matches
+
+
+def _match_image(ious: np.ndarray) -> np.ndarray:
     """COCO greedy matching: [T, D] bool, det d is a true positive at IoU threshold t (dets sorted by score)."""
     matched = np.zeros((len(IOU_THRESHOLDS), ious.shape[0]), dtype=bool)
     for t_idx, thr in enumerate(IOU_THRESHOLDS):
-        gt_taken = np.zeros(n_gt, dtype=bool)
-        for d in range(ious.shape[0]):
-            best, best_iou = -1, min(thr, 1 - 1e-10)
-            for g in range(n_gt):
-                if gt_taken[g] or ious[d, g] < best_iou:
-                    continue
-                best, best_iou = g, ious[d, g]
-            if best >= 0:
-                gt_taken[best] = True
-                matched[t_idx, d] = True
+        matched[t_idx] = np.asarray(_greedy_match(ious, thr), dtype=int) >= 0
     return matched
 
 
@@ -123,7 +127,7 @@ def _class_records(predictions: list, targets: list, cls: int) -> tuple[np.ndarr
         dets, det_scores = p_boxes[keep][order], p_scores[keep][order]
         n_gt += len(gt)
         scores.append(det_scores)
-        tps.append(_match_image(box_iou_xyxy(dets, gt), len(gt)))
+        tps.append(_match_image(box_iou_xyxy(dets, gt)))
     if not scores:
         return np.zeros(0), np.zeros((len(IOU_THRESHOLDS), 0), dtype=bool), 0
     return np.concatenate(scores), np.concatenate(tps, axis=1), n_gt

@@ -148,12 +148,13 @@ def _set_rule(rule: Any) -> dict | None:
 
 def _box_check(predictor: Any) -> dict:
     """Whether detector boxes are checked for holding a pill, and the bound at the configured detection threshold."""
+    from pillsnap.infer.box_check import describe
+
     check = getattr(predictor, "box_check", None) if getattr(predictor, "has_detector", False) else None
     if check is None:
         return {"active": False}
-    bound, pills = check.bound(float(predictor.settings.conf_threshold))
-    return {"active": True, "miss_rate": check.miss_rate, "bound": bound if bound > float("-inf") else None,
-            "pills": pills}
+    described = describe(check, float(predictor.settings.conf_threshold))
+    return {"active": True, **{key: described[key] for key in ("miss_rate", "bound", "pills")}}
 
 
 def _unknown_rule(unknown: Any) -> dict | None:
