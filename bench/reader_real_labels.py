@@ -8,7 +8,9 @@ printed on a capsule) in its label colour and two other common ones, at several 
 real crop sizes (170-500 px), and cut at its box like the real crops. Per crop: a blind read (exact after
 normalisation) and a read given three candidate imprints (the truth and two others of the real labels; right when
 the truth is the unique best match above the similarity floor, under each version's own matching), and the time
-per read.
+per read. For the working tree's reader also the answer policy's pick among the crop's three drugs (each with both
+sides as labelled, given to the reader as inference gives them, at equal classifier probabilities): by the read
+text alone and with the candidates' likelihoods (RerankWeights.likelihood).
 
     .venv/bin/python bench/reader_real_labels.py [--variants 3 --threads 1 --seed 0 --labels DIR]
         [--baseline-ref HEAD] [--show-misses]
@@ -35,8 +37,8 @@ from PIL import Image
 from pillsnap.data.synth import SHADES
 from pillsnap.data.synth_pill import PillLook
 from pillsnap.data.synth_render import PhotoConditions, render_photo
-from pillsnap.infer.answer import THRESHOLDS
-from pillsnap.infer.matching import class_imprint_similarity, normalize_imprint
+from pillsnap.infer.answer import THRESHOLDS, rerank
+from pillsnap.infer.matching import candidate_imprints, class_imprint_similarity, normalize_imprint
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = REPO.parent / "shared" / "spec" / "aihub_real_labels"
@@ -50,6 +52,7 @@ class Crop:
     image: Image.Image
     truth: str  # the label text of the side facing the camera
     others: tuple[str, ...]  # two other real imprints: the wrong candidates
+    drugs: tuple[dict, ...] = ()  # the drugs (both sides, as labelled) of the truth and the others, in that order
 
 
 def real_labels(folder: Path) -> list[dict]:
@@ -80,6 +83,9 @@ def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
     sides = [(label, back) for label in labels for back in (False, True)
              if normalize_imprint(label.get("print_back" if back else "print_front"))]
     texts = sorted({label.get("print_back" if back else "print_front") for label, back in sides})
+    drug_of = {label.get("print_back" if back else "print_front"): {
+        "print_front": label.get("print_front") or "", "print_back": label.get("print_back") or ""}
+        for label, back in sides}
     crops = []
     for label, back in sides:
         truth = label["print_back" if back else "print_front"]
@@ -93,7 +99,7 @@ def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
                 x, y, w, h = boxes[0]
                 image = Image.open(io.BytesIO(png)).convert("RGB").crop((x, y, x + w, y + h))
                 others = tuple(rng.sample([t for t in texts if normalize_imprint(t) != normalize_imprint(truth)], 2))
-                crops.append(Crop(image, truth, others))
+                crops.append(Crop(image, truth, others, tuple(drug_of[t] for t in (truth, *others))))
     return crops
 
 
@@ -120,8 +126,24 @@ def _right(read: str, truth: str, candidates: list[str], similarity: Callable = 
     return best > THRESHOLDS.imprint_floor and sims.count(best) == 1 and sims[candidates.index(truth)] == best
 
 
-def measure(reader: object, crops: list[Crop], similarity: Callable = class_imprint_similarity) -> dict:
-    exact = right = 0
+def policy_picks(reader: object, crop: Crop) -> tuple[bool, bool]:
+    """Whether the answer policy ranks the right drug first among the crop's three drugs (equal classifier
+    probabilities, the reader given both sides of each as inference gives them): by the read text alone, and with
+    the candidates' likelihoods too."""
+    class_map = {f"D{i}": drug for i, drug in enumerate(crop.drugs)}
+    candidates = [{"mapping_code": code, "probability": 1 / 3} for code in class_map]
+    read = reader.read(crop.image, candidate_imprints(candidates, class_map))
+    out = []
+    for likelihoods in (None, read.likelihoods):
+        top = rerank(candidates, class_map, read.text, read.score, likelihoods=likelihoods,
+                     read_likelihood=read.read_likelihood).candidates
+        out.append(top[0]["mapping_code"] == "D0" and top[0]["probability"] > top[1]["probability"])
+    return out[0], out[1]
+
+
+def measure(reader: object, crops: list[Crop], similarity: Callable = class_imprint_similarity,
+            policy: bool = False) -> dict:
+    exact = right = by_text = by_likelihood = 0
     seconds: list[float] = []
     misses, misses3 = [], []
     for crop in crops:
@@ -138,8 +160,12 @@ def measure(reader: object, crops: list[Crop], similarity: Callable = class_impr
             misses.append(f"{normalize_imprint(crop.truth)}:{blind.text!r}")
         if not picked:
             misses3.append(f"{normalize_imprint(crop.truth)}:{given.text!r}({'/'.join(crop.others)})")
+        if policy:
+            text_only, with_likelihoods = policy_picks(reader, crop)
+            by_text += text_only
+            by_likelihood += with_likelihoods
     return {"exact": exact, "right3": right, "n": len(crops), "ms": 1000 * statistics.median(seconds),
-            "misses": misses, "misses3": misses3}
+            "misses": misses, "misses3": misses3, "policy": (by_text, by_likelihood) if policy else None}
 
 
 def main() -> None:
@@ -168,7 +194,7 @@ def main() -> None:
                   "after": class_imprint_similarity}
     for name, reader in readers.items():
         reader.read(crops[0].image)  # loads the OCR models
-        results[name] = measure(reader, crops, similarity[name])
+        results[name] = measure(reader, crops, similarity[name], policy=name == "after")
     before, after = results["before (HEAD)"], results["after"]
     for name, r in results.items():
         print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
@@ -178,6 +204,11 @@ def main() -> None:
             print("   misses among 3 (truth:read(others)):", " ".join(r["misses3"]))
     print(f"ratio after/before: exact {after['exact'] / max(1, before['exact']):.2f}x, right among 3 "
           f"{after['right3'] / max(1, before['right3']):.2f}x, time per read {after['ms'] / before['ms']:.2f}x")
+    text_only, with_likelihoods = after["policy"]
+    n = after["n"]
+    print(f"answer policy, right drug first among the crop's 3 drugs (both sides given; equal look): read text "
+          f"alone {text_only}/{n} = {text_only / n:.3f}, with the candidates' likelihoods {with_likelihoods}/{n} = "
+          f"{with_likelihoods / n:.3f} ({with_likelihoods / max(1, text_only):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,26 @@ def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
     assert fit_evidence_scale([ValAnswer(_classified(0.9, 0.1), None, "K-000001")], CLASS_MAP) == 1.0
 
 
+def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:
+    """Reads too garbled to match either twin's imprint ("Q"), whose likelihoods always favour the right twin by
+    2 nats: the fit trusts them fully; without the likelihoods the reads say nothing, every scale fits alike and
+    the smallest is kept."""
+    from pillsnap.eval.calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
+
+    def items(likelihoods: bool) -> list[ValAnswer]:
+        out = []
+        for i in range(30):
+            truth = "K-000001" if i % 2 else "K-000002"
+            other = "K-000002" if truth == "K-000001" else "K-000001"
+            values = {CLASS_MAP[truth]["print_front"]: -3.0, CLASS_MAP[other]["print_front"]: -5.0, "5": -9.0}
+            read = ImprintRead("Q", 0.9, 0.0, 0.1, True, likelihoods=values if likelihoods else None)
+            out.append(ValAnswer(_classified(0.5, 0.49, 0.01), read, truth))
+        return out
+
+    assert fit_evidence_scale(items(True), CLASS_MAP) == EVIDENCE_SCALES[-1]
+    assert fit_evidence_scale(items(False), CLASS_MAP) == EVIDENCE_SCALES[0]
+
+
 def test_each_crop_source_answers_under_its_own_unknown_threshold() -> None:
     """A detector's crop of a combination photo lies farther from the class means than a single-pill crop: the
     same distance is unknown on a single-pill photo and named on a combination photo when the calibration fit a

@@ -4,12 +4,14 @@ unknown-pill rule in, one frozen answer out. No model, no OCR."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
 from pillsnap.infer.answer import (
     THRESHOLDS,
+    WEIGHTS,
     AnswerThresholds,
     Classified,
     PillAnswer,
@@ -244,3 +246,48 @@ def test_a_read_made_only_for_the_check_leaves_nothing_unresolved():
     assert not answer.unknown and answer.imprint_unresolved is False
     # where the contenders differ by imprint, a read that matches none of them still leaves the question open
     assert decide_answer(TWINS, CLASS_MAP, read("Q", 0.9), None, OFF, known=KNOWN).imprint_unresolved is True
+
+
+TWIN_CLASSES = {"K-000011": {"print_front": "마크 F7", "print_back": "Y4A"},
+                "K-000012": {"print_front": "마크76", "print_back": "HC"}}
+
+
+def test_a_stray_read_with_likelihoods_neither_names_a_twin_nor_settles_it():
+    """A one-letter stray read under which no twin's imprint is plausible (far below what the recogniser reads
+    itself): the answer is the one without the likelihoods, not sure, and still unresolved."""
+    from pillsnap.infer.answer import SetRule
+
+    twins = classified(("K-000012", 0.48), ("K-000011", 0.48), ("K-000003", 0.04))
+    class_map = {**CLASS_MAP, **TWIN_CLASSES}
+    rule = SetRule("lac", 0.95, 0.9, fill=True)
+    stray = ImprintRead("X", 0.3, 0.0, 0.01, True, likelihoods={"F7": -31.0, "Y4A": -35.0, "76": -40.0,
+                                                                "HC": -38.0, "PE": -30.0}, read_likelihood=-1.0)
+    bare = dataclasses.replace(stray, likelihoods=None, read_likelihood=None)
+    out = decide_answer(twins, class_map, stray, None, OFF, set_rule=rule).to_dict()
+    without = decide_answer(twins, class_map, bare, None, OFF, set_rule=rule).to_dict()
+    assert [(c["mapping_code"], c["probability"]) for c in out["topk"]] == [
+        (c["mapping_code"], pytest.approx(c["probability"])) for c in without["topk"]]
+    assert [c.get("imprint_likelihood") for c in out["topk"]] == [-37.0, -30.0, None]  # measured, capped alike
+    for key in ("prediction_set", "sure", "imprint_unresolved", "ranking_changed", "unknown"):
+        assert out[key] == without[key], key
+    assert not out["sure"] and out["imprint_unresolved"] and not out["ranking_changed"]
+
+
+def test_a_garbled_read_tells_the_twins_apart_by_their_likelihoods():
+    """"D F" read from the F7 twin (like neither imprint): F7 is 3 nats below the recogniser's own reading, the
+    76 twin's sides beyond the nats counted (likelihood_cap), so the F7 twin is named."""
+    twins = classified(("K-000012", 0.5), ("K-000011", 0.45), ("K-000003", 0.05))
+    class_map = {**CLASS_MAP, **TWIN_CLASSES}
+    read = ImprintRead("D F", 0.47, 0.0, 0.01, True, likelihoods={"F7": -4.0, "Y4A": -15.7, "76": -11.7,
+                                                                  "HC": -12.6}, read_likelihood=-1.0)
+    out = decide_answer(twins, class_map, read, None, OFF).to_dict()
+    assert out["mapping_code"] == "K-000011" and out["ranking_changed"]
+    without = decide_answer(twins, class_map, dataclasses.replace(read, likelihoods=None), None, OFF).to_dict()
+    assert without["mapping_code"] == "K-000012"  # the text alone ("D F") is like neither imprint
+
+    def odds(answer: dict) -> float:
+        p = {c["mapping_code"]: c["probability"] for c in answer["topk"]}
+        return p["K-000011"] / p["K-000012"]
+
+    gained = WEIGHTS.likelihood * (WEIGHTS.likelihood_cap - 3.0)
+    assert odds(out) / odds(without) == pytest.approx(math.exp(gained), rel=1e-3)

@@ -15,7 +15,9 @@ from PIL import Image, ImageDraw
 from pillsnap.infer.imprint import (
     ImprintRead,
     ImprintReader,
+    LineRead,
     central_band,
+    ctc_log_likelihoods,
     get_models,
     principal_axis,
     text_lines,
@@ -189,13 +191,15 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
     """4 twin pairs x 2 pills x 2 azimuths = 16 rotated crops at half the real photo size (the demo's quarter
     scale reads worse; see bench/bench_imprint.py). Measured here: 16 of 16 told apart, and 12 of the 16
     classifier errors fixed; on 64 crops (8 pairs x 4 azimuths) 63 and 53 (83 %). The bars: 12 of 16 has a 4 %
-    chance under guessing (1 in 2); without a read, rerank fixes none."""
-    from pillsnap.infer.answer import rerank
+    chance under guessing (1 in 2); without a read, rerank fixes none. The candidates' likelihoods favour the
+    truth on every crop where both twins have two readable sides (8 of 8 measured; the other pairs have a plain
+    back, where they cannot say)."""
+    from pillsnap.infer.answer import likelihood_gaps, rerank
     from pillsnap.infer.matching import class_imprint_similarity
 
     pytest.importorskip("rapidocr_onnxruntime")  # not installed on Python 3.13+ (no wheel)
     reader = ImprintReader()
-    right = fixed = 0
+    right = fixed = measurable = favoured = 0
     for a, b in _twin_pairs(4):
         class_map = {c.code: {"print_front": c.look.print_front, "print_back": c.look.print_back} for c in (a, b)}
         imprints = [t for e in class_map.values() for t in e.values() if t]
@@ -204,6 +208,10 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
                 read = reader.read(_rendered_crop(truth.look, camera_lo + 17 * (truth is b), 0.5), imprints)
                 sims = [class_imprint_similarity(read.text, class_map[c.code]) for c in (truth, other)]
                 right += sims[0] > sims[1]
+                gaps = likelihood_gaps([class_map[truth.code], class_map[other.code]], read.likelihoods)
+                if None not in gaps:
+                    measurable += 1
+                    favoured += gaps[0] == 0.0 > gaps[1]
                 # the classifier is fooled by the twin (0.6 against 0.4): does the read put it right?
                 cands = [{"mapping_code": other.code, "probability": 0.6},
                          {"mapping_code": truth.code, "probability": 0.4}]
@@ -211,3 +219,99 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
                 fixed += top["mapping_code"] == truth.code
     assert right >= 12, f"{right}/16 twins told apart"
     assert fixed >= 10, f"{fixed}/16 classifier errors fixed by the read"
+    assert measurable >= 6 and favoured >= measurable - 1, f"likelihoods favour the truth {favoured}/{measurable}"
+
+
+# ---- the candidates' likelihoods ------------------------------------------------------------------------------
+
+def _brute_force(probs: np.ndarray, label: list[int]) -> float:
+    """P(label) under CTC by listing every path: repeats merged, then blanks (0) dropped."""
+    import itertools
+
+    total = 0.0
+    for path in itertools.product(range(probs.shape[1]), repeat=len(probs)):
+        merged = [c for i, c in enumerate(path) if i == 0 or c != path[i - 1]]
+        if [c for c in merged if c] == label:
+            total += float(np.prod([probs[t, c] for t, c in enumerate(path)]))
+    return math.log(total) if total else -math.inf
+
+
+def test_ctc_likelihood_sums_every_alignment():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=5)  # 5 frames over blank + 3 characters
+    labels = [[], [1], [1, 2], [1, 1], [3, 2, 1], [2, 2, 2]]
+    got = ctc_log_likelihoods(probs, labels)
+    assert got == pytest.approx([_brute_force(probs, label) for label in labels], abs=1e-4)
+    # a character the recogniser does not know (index -1), or more than the frames can spell: impossible
+    assert ctc_log_likelihoods(probs, [[1, -1], [1, 1, 1, 1, 1]]) == [-math.inf] * 2
+
+
+CHARS = {c: i + 1 for i, c in enumerate("AB12ZIBV9")}
+
+
+class ProbModels(FakeModels):
+    """FakeModels whose lines carry frame probabilities spelling their text (each character over two frames, a
+    blank between), and the likelihoods CTC gives them."""
+
+    def recognise(self, patches):
+        out = []
+        for text, score in super().recognise(patches):
+            frames = [0] + [k for c in text for k in (CHARS[c], CHARS[c], 0)]
+            probs = np.full((len(frames) + 4, len(CHARS) + 1), 0.02)
+            probs[np.arange(len(frames)), frames] = 0.8
+            probs[len(frames):, 0] = 0.8
+            out.append(LineRead(text, score, probs / probs.sum(1, keepdims=True)))
+        return out
+
+    def log_likelihoods(self, lines, texts):
+        return ctc_log_likelihoods(np.concatenate(lines), [[CHARS.get(c, -1) for c in t] for t in texts])
+
+
+def test_candidates_likelihoods_from_the_lines_read():
+    read = ImprintReader(models=ProbModels()).read(_pill_crop(35), candidates=["마크 AB12", "AB", "ZIBV", "가나"])
+    likelihoods = read.likelihoods
+    # one value per imprint the recogniser can spell (the logo word dropped; Hangul it cannot spell: none)
+    assert set(likelihoods) == {"AB12", "AB", "ZIBV"}
+    # "AB" is spelled only by leaving out characters the frames show; each imprint counts at its own best turn, so
+    # "ZIBV", what the stand-in reads upside down, is as likely as "AB12" (the pill's orientation is unknown)
+    assert likelihoods["AB12"] == likelihoods["ZIBV"] > likelihoods["AB"] + 10
+    assert read.read_likelihood == likelihoods["AB12"]  # what it reads itself is the candidate
+    assert ImprintReader(models=ProbModels()).read(_pill_crop(35), ["XY9"]).read_likelihood == likelihoods["AB12"]
+    assert ImprintReader(models=ProbModels()).read(_pill_crop(35)).likelihoods is None  # no candidates: none
+    assert ImprintReader(models=FakeModels()).read(_pill_crop(35), ["AB12"]).likelihoods == {}  # no probabilities
+
+
+def _frames(models, spelled: str) -> np.ndarray:
+    """Frame probabilities (the real recogniser's columns) putting 0.9 on each character of `spelled` in turn,
+    a blank between, 0.1 spread over the rest."""
+    index = models._index
+    width = len(models._ocr.text_rec.postprocess_op.character)
+    path = [0] + [k for c in spelled for k in (index[c], 0)]
+    probs = np.full((len(path), width), 0.1 / (width - 1))
+    probs[np.arange(len(path)), path] = 0.9
+    return probs
+
+
+@pytest.mark.parametrize("spelled", ["co", "ＣＯ", "C O"])
+def test_a_characters_forms_count_as_one(spelled):
+    """Lower case and full-width forms are the same imprint character, and a space is nothing between them."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    models = get_models(threads=1)
+    same, other = models.log_likelihoods([_frames(models, spelled)], ["CO", "C0"])
+    assert same > -1.0 and other < same - 5
+
+
+def test_recognise_reads_as_rapidocr_does():
+    """RapidOcrModels.recognise (which keeps each line's frame probabilities) against RapidOCR's own recogniser on
+    the same line images."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    models = get_models(threads=1)
+    lines = []
+    for text, width in (("AB12", 160), ("TYLENOL", 300), ("5", 60)):
+        line = Image.new("RGB", (width, 48), (235, 235, 230))
+        ImageDraw.Draw(line).text((8, 8), text, fill=(30, 30, 30), font_size=30)
+        lines.append(np.asarray(line)[:, :, ::-1].copy())
+    ours = models.recognise(lines)
+    theirs, _ = models._ocr.text_rec(lines)
+    assert [(r.text, round(r.score, 4)) for r in ours] == [(t, round(float(c), 4)) for t, c, *_ in theirs]
+    assert ours[0].text == "AB12" and all(r.probs.shape[1] == len(models._index) + 1 for r in ours)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
 from conftest import REAL_LABELS
 
 from pillsnap.data.aihub import COLORS, SHAPES
-from pillsnap.infer.answer import THRESHOLDS, rerank, should_read_imprint
+from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, likelihood_gaps, rerank, should_read_imprint
 from pillsnap.infer.matching import (
     _COLOR_WORDS,
     _SHAPE_WORDS,
@@ -215,3 +216,81 @@ def test_candidate_imprints_and_flags():
     assert candidate_imprints(cands, CLASS_MAP) == ["BSP", "5", "PE"]
     flags = rerank(cands, CLASS_MAP, read="PE", hints=Hints.parse(shape="round")).flags()
     assert flags == {"imprint_read": "PE", "ranking_changed": True, "hints_conflict": False, "conflicts": []}
+
+
+# ---- the candidates' likelihoods as evidence ------------------------------------------------------------------
+
+TWIN_MAP = {"K-000011": {"print_front": "마크 F7", "print_back": "Y4A"},
+            "K-000012": {"print_front": "마크76", "print_back": "HC"},
+            "K-000013": {"print_front": "KEF", "print_back": ""},  # a plain back
+            "K-000014": {"print_front": "가나", "print_back": "AB"},  # Hangul: the recogniser cannot spell it
+            "K-000015": {"print_front": "PE", "print_back": "마크"},  # a logo alone on the back
+            "K-000016": {"print_front": "PE", "print_back": "", "enrolled": True}}  # back not on record
+# "F" read from an "F7" side: the recogniser's probabilities of each candidate imprint on its lines (ln)
+F7_LINES = {"F7": -4.0, "Y4A": -17.9, "76": -11.7, "HC": -8.7, "KEF": -9.0, "AB": -12.0, "PE": -7.0}
+
+
+def test_likelihood_gaps_count_the_likelier_side_and_say_nothing_for_a_side_ocr_cannot_read():
+    gaps = likelihood_gaps(list(TWIN_MAP.values()), F7_LINES)
+    # the 76 twin's likelier side is HC (-8.7)
+    assert gaps[:2] == [pytest.approx(0.0), pytest.approx(-4.7)]
+    # a plain side, Hangul, a logo alone, an enrolled drug's side not on record: the lines cannot say
+    assert gaps[2:] == [None, None, None, None]
+    assert likelihood_gaps(list(TWIN_MAP.values()), None) == [None] * 6
+    assert likelihood_gaps(list(TWIN_MAP.values()), {}) == [None] * 6
+
+
+def test_likelihoods_tell_twins_apart_where_the_read_is_garbled():
+    cands = _cands(("K-000012", 0.6), ("K-000011", 0.4))
+    # "F" is like neither imprint (below the similarity floor): the text alone leaves the classifier's order
+    by_text = rerank(cands, TWIN_MAP, read="F", read_score=0.5)
+    assert not by_text.changed and by_text.candidates[0]["mapping_code"] == "K-000012"
+    out = rerank(cands, TWIN_MAP, read="F", read_score=0.5, likelihoods=F7_LINES)
+    assert out.changed and out.candidates[0]["mapping_code"] == "K-000011"
+    assert [c["imprint_likelihood"] for c in out.candidates] == [0.0, -4.7]
+    odds = out.candidates[0]["probability"] / out.candidates[1]["probability"]
+    assert odds == pytest.approx(0.4 / 0.6 * math.exp(WEIGHTS.likelihood * 4.7), rel=1e-3)
+    # an empty read's likelihoods are no evidence: lines with nothing legible favour the shorter imprint
+    assert rerank(cands, TWIN_MAP, read="", likelihoods=F7_LINES).candidates == rerank(cands, TWIN_MAP).candidates
+
+
+def test_a_likelihood_counts_up_to_its_cap():
+    cands = _cands(("K-000012", 0.6), ("K-000011", 0.4))
+    far = rerank(cands, TWIN_MAP, read="F", read_score=0.5, likelihoods={**F7_LINES, "HC": -300.0, "76": -400.0})
+    odds = far.candidates[0]["probability"] / far.candidates[1]["probability"]
+    assert odds == pytest.approx(0.4 / 0.6 * math.exp(WEIGHTS.likelihood * WEIGHTS.likelihood_cap), rel=1e-3)
+
+
+def test_likelihoods_far_below_the_recognisers_own_reading_say_nothing():
+    """A stray read ("X") under which every candidate imprint is impossible: without a reference the less
+    impossible twin would take every counted nat of evidence and be sure; measured against the recogniser's own
+    reading both are as far off as the cap allows, and nothing moves."""
+    cands = _cands(("K-000012", 0.48), ("K-000011", 0.48))
+    stray = {"F7": -31.0, "Y4A": -35.0, "76": -40.0, "HC": -38.0}
+    plain = rerank(cands, TWIN_MAP, read="X", read_score=0.3)
+    out = rerank(cands, TWIN_MAP, read="X", read_score=0.3, likelihoods=stray, read_likelihood=-1.0)
+    assert [c["probability"] for c in out.candidates] == pytest.approx([c["probability"] for c in plain.candidates])
+    assert [c["imprint_likelihood"] for c in out.candidates] == [-37.0, -30.0] and not out.changed
+
+
+def test_likelihoods_move_probability_only_among_the_candidates_they_measure():
+    cands = _cands(("K-000011", 0.5), ("K-000013", 0.3), ("K-000012", 0.15))  # K-000013 has a plain back
+    values = {"F7": -10.0, "Y4A": -12.0, "76": -9.0, "HC": -4.0, "KEF": -25.0}
+    out = rerank(cands, TWIN_MAP, read="X", read_score=0.3, likelihoods=values, read_likelihood=-1.0)
+    p = {c["mapping_code"]: c["probability"] for c in out.candidates}
+    plain = {c["mapping_code"]: c["probability"] for c in rerank(cands, TWIN_MAP, read="X", read_score=0.3).candidates}
+    assert p["K-000013"] == pytest.approx(plain["K-000013"])  # its plain side may be up: untouched
+    assert p["K-000011"] + p["K-000012"] == pytest.approx(plain["K-000011"] + plain["K-000012"])
+    # HC is 3 nats below the own reading, F7's side 9 (counted down to likelihood_cap, 8)
+    gained = WEIGHTS.likelihood * (min(9.0, WEIGHTS.likelihood_cap) - 3.0)
+    assert p["K-000012"] / p["K-000011"] == pytest.approx(0.15 / 0.5 * math.exp(gained), rel=1e-3)
+    assert "imprint_likelihood" not in out.candidates[[c["mapping_code"] for c in out.candidates].index("K-000013")]
+
+
+def test_a_read_that_matched_a_candidate_decides_without_the_likelihoods():
+    cands = _cands(("K-000012", 0.6), ("K-000011", 0.4))
+    # "F7" matches the F7 twin; likelihoods favouring the other twin are not counted on top
+    out = rerank(cands, TWIN_MAP, read="F7", read_score=0.9, likelihoods={**F7_LINES, "76": -1.0, "F7": -6.0},
+                 read_likelihood=-0.5)
+    assert out.candidates[0]["mapping_code"] == "K-000011" and "imprint_likelihood" not in out.candidates[0]
+    assert out.candidates == rerank(cands, TWIN_MAP, read="F7", read_score=0.9).candidates

@@ -114,11 +114,12 @@ def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list
 EVIDENCE_SCALES = np.round(np.exp(np.linspace(np.log(0.25), np.log(2.0), 13)), 3)  # 0.25 ... 2.0
 
 
-def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
-    """The factor on the imprint read's weight (RerankWeights.imprint) that minimises the negative log-likelihood
-    of the right drug over the validation answers where a read was made, like the temperature does for the
-    classifier: the weight was chosen for accuracy, this makes the posterior it gives mean what it says. 1.0 when
-    no read was made. A right drug outside the candidates gets the probability the candidates leave."""
+def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None) -> float:
+    """The factor on the imprint read's weights (RerankWeights.imprint and .likelihood; of `base`, by default the
+    policy's) that minimises the negative log-likelihood of the right drug over the validation answers where a read
+    was made, like the temperature does for the classifier: the weights were chosen for accuracy, this makes the
+    posterior they give mean what it says. 1.0 when no read was made. A right drug outside the candidates gets the
+    probability the candidates leave."""
     from pillsnap.infer.answer import WEIGHTS, rerank
 
     read = [item for item in items if item.read is not None]
@@ -126,10 +127,11 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict) -> float:
         return 1.0
 
     def nll_at(scale: float) -> float:
-        weights = WEIGHTS.with_read_scaled(scale)
+        weights = (base or WEIGHTS).with_read_scaled(scale)
         total = 0.0
         for item in read:
-            ranked = rerank(item.classified.topk, class_map, item.read.text, item.read.score, None, weights)
+            ranked = rerank(item.classified.topk, class_map, item.read.text, item.read.score, None, weights,
+                            likelihoods=item.read.likelihoods, read_likelihood=item.read.read_likelihood)
             p = {c["mapping_code"]: c["probability"] for c in ranked.candidates}
             rest = 1.0 - sum(p.values())
             total -= np.log(max(p.get(item.truth, rest), 1e-12))
@@ -368,6 +370,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     held-out drugs' photos (answers_unknown_report). With a detector, `box_check` holds its confidences in the
     labelled pills of the validation combination photos (pillsnap.eval.box_calibration)."""
     from pillsnap.data import build_dataloaders_twostage
+    from pillsnap.infer.answer import WEIGHTS
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
 
@@ -449,6 +452,9 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     if outcome.get("unknown_answers") is not None:
         report["unknown_eval_answers"] = outcome["unknown_answers"]
     stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
+    # the weights the scale and the sets were fit with: an older calibration, fit without the candidates'
+    # likelihoods, is answered without them (pillsnap.infer.pipeline)
+    stored["likelihood_weight"] = WEIGHTS.likelihood
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]
         report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),

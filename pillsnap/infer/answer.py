@@ -76,13 +76,21 @@ class RerankWeights:
     # imprint and its preference between look-alike twins is close to a guess: chosen on the demo's validation
     # crops, where 10 (with read_min_probability 0.01) was right for 0.858 against 0.756 for 4.
     imprint: float = 10.0
+    # Per nat by which a candidate's imprint is less likely on the lines read than what the recogniser reads there
+    # itself (its own probabilities: ImprintRead.likelihoods, .read_likelihood), counted down to `likelihood_cap`
+    # nats: beyond that an imprint is not on the lines, whichever it is. Only beside a legible read that matched
+    # no candidate: it tells candidates apart where the read is garbled ("F" for "F7" against "76"). Chosen on the
+    # demo's validation answers (bench/reader_likelihoods.py: cap 8 fit better than 6, 10 no better); the
+    # calibrated evidence scale applies to it as to `imprint`.
+    likelihood: float = 1.0
+    likelihood_cap: float = 8.0
     hint_imprint: float = 12.0  # what the user typed is trusted more than OCR
     color: float = 2.5
     shape: float = 2.0
 
     def with_read_scaled(self, factor: float) -> RerankWeights:
         """These weights with the imprint read's scaled by `factor` (the calibrated evidence scale)."""
-        return replace(self, imprint=self.imprint * factor)
+        return replace(self, imprint=self.imprint * factor, likelihood=self.likelihood * factor)
 
 
 THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
@@ -226,6 +234,22 @@ def _hint_terms(hints: Hints, entry: Mapping, w: RerankWeights,
     return {k: _verdict(v) for k, v in agreements.items()}, logit
 
 
+def likelihood_gaps(entries: Sequence[Mapping], likelihoods: Mapping[str, float] | None,
+                    reference: float | None = None) -> list[float | None]:
+    """Per class: by how many nats its imprint (its likelier side) is less likely on the lines read than the
+    `reference` (the recogniser's own reading, ImprintRead.read_likelihood) or the likeliest class, whichever is
+    likelier, from the reader's `likelihoods`. None where the read cannot say: a side OCR cannot read (plain, marks
+    alone, or not on record: the lines may be a groove's strokes or a stray letter, and counting a plain side as
+    "nothing read" cost the demo's answers), or an imprint the recogniser cannot spell."""
+    values: list[float | None] = []
+    for entry in entries:
+        texts = [normalize_imprint(side) for side in class_imprints(entry)]
+        measurable = likelihoods and texts and not has_unreadable_side(entry) and all(t in likelihoods for t in texts)
+        values.append(max(likelihoods[t] for t in texts) if measurable else None)
+    top = max([v for v in values if v is not None] + ([reference] if reference is not None else []), default=None)
+    return [None if v is None else v - top for v in values]
+
+
 def _scored(rank: int, cand: Mapping, entry: Mapping, read: str | None, read_score: float,
             hints: Hints | None, w: RerankWeights, t: AnswerThresholds) -> tuple[float, dict]:
     out = dict(cand)
@@ -241,6 +265,30 @@ def _scored(rank: int, cand: Mapping, entry: Mapping, read: str | None, read_sco
     return logit, out
 
 
+def _with_likelihoods(scored: list[tuple[float, dict]], entries: Sequence[Mapping], likelihoods: Mapping[str, float],
+                      reference: float | None, w: RerankWeights) -> list[tuple[float, dict]]:
+    """The candidates' likelihoods (likelihood_gaps, each counted down to -likelihood_cap) moving probability among
+    the candidates they can measure only: those keep their total, the others and the rest keep theirs. Spoken
+    only where the read text matched no candidate: a read that did already says which it is."""
+    if any(out.get("imprint_match") for _, out in scored):
+        return scored
+    gaps = likelihood_gaps(entries, likelihoods, reference)
+    measured = [i for i, gap in enumerate(gaps) if gap is not None]
+    if len(measured) < 2:
+        return scored
+    moved = {i: scored[i][0] + w.likelihood * max(gaps[i], -w.likelihood_cap) for i in measured}
+    shift = _logsumexp([scored[i][0] for i in measured]) - _logsumexp(list(moved.values()))
+    out = list(scored)
+    for i, logit in moved.items():
+        out[i] = (logit + shift, {**scored[i][1], "imprint_likelihood": round(gaps[i], 2)})
+    return out
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
 def _softmax(logits: list[float]) -> list[float]:
     top = max(logits)
     exps = [math.exp(v - top) for v in logits]
@@ -249,22 +297,28 @@ def _softmax(logits: list[float]) -> list[float]:
 
 def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read: str | None = None,
            read_score: float = 1.0, hints: Hints | None = None, weights: RerankWeights = WEIGHTS,
-           thresholds: AnswerThresholds = THRESHOLDS) -> Reranked:
+           thresholds: AnswerThresholds = THRESHOLDS, likelihoods: Mapping[str, float] | None = None,
+           read_likelihood: float | None = None) -> Reranked:
     """Re-rank the classifier's top-k (dicts with `mapping_code`, `probability`, best first) with an imprint
-    read (`read`, the reader's text; `read_score`, its confidence in [0, 1]) and the user's hints.
+    read (`read`, the reader's text; `read_score`, its confidence in [0, 1]; `likelihoods` and `read_likelihood`,
+    what the recogniser's probabilities say of the candidates and of its own reading: ImprintRead) and the user's
+    hints.
 
     Each returned candidate is a copy whose `probability` is the posterior given the evidence: the classifier's
     probability times each piece of evidence's odds, renormalised together with the probability the classifier
     left outside these candidates (which no evidence speaks for). The classifier's own stays in
     `classifier_probability`; `classifier_rank` is its place in the classifier's order; when given,
-    `imprint_similarity` / `imprint_match` and `hint_match` ({"imprint", "color", "shape"}: "match" | "near" |
-    "mismatch" | None). Give calibrated probabilities: the evidence weights are log-odds. An empty read counts as
-    no read."""
+    `imprint_similarity` / `imprint_match`, `imprint_likelihood` (likelihood_gaps) and `hint_match` ({"imprint",
+    "color", "shape"}: "match" | "near" | "mismatch" | None). Give calibrated probabilities: the evidence weights
+    are log-odds. An empty read counts as no read."""
     if not candidates:
         return Reranked([], False, (), read)
     read = read if read and normalize_imprint(read) else None
-    scored = [_scored(i, c, class_map.get(str(c.get("mapping_code"))) or {}, read, read_score, hints, weights,
-                      thresholds) for i, c in enumerate(candidates)]
+    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
+    scored = [_scored(i, c, entry, read, read_score, hints, weights, thresholds)
+              for i, (c, entry) in enumerate(zip(candidates, entries, strict=True))]
+    if read is not None and likelihoods:  # lines that read as nothing legible say little: no evidence
+        scored = _with_likelihoods(scored, entries, likelihoods, read_likelihood, weights)
     rest = 1.0 - sum(float(c.get("probability", 0.0)) for c in candidates)
     posterior = _softmax([s for s, _ in scored] + ([math.log(rest)] if rest > 1e-9 else []))
     for (_, out), p in zip(scored, posterior, strict=False):
@@ -468,7 +522,7 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
         ranked = Reranked(list(topk), False)
     else:
         ranked = rerank(topk, class_map, read.text if read else None, read.score if read else 1.0, hints, weights,
-                        thresholds)
+                        thresholds, read.likelihoods if read else None, read.read_likelihood if read else None)
     candidates = tuple(ranked.candidates)
     conclusive = bool(candidates) and float(candidates[0].get("imprint_similarity") or 0.0) >= \
         thresholds.unknown_override

@@ -16,8 +16,8 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -39,7 +39,12 @@ _ENGINE_LOCK = threading.Lock()
 class ImprintRead:
     """One crop's reading. `text` is what was recognised (lines joined by spaces, "" when nothing was);
     `score` the recogniser's mean confidence in [0, 1]; `angle` the counter-clockwise turn in degrees that
-    made it readable; `matched` / `similarity` the candidate imprint it fits best, when candidates were given."""
+    made it readable; `matched` / `similarity` the candidate imprint it fits best, when candidates were given.
+    `likelihoods`, when candidates were given: for each candidate imprint (normalised) the recogniser can spell,
+    the natural log of the probability that the lines read say exactly it (the best line, or the lines together,
+    at the best turn for it). A garbled read still says which candidate the strokes fit: "F" is far likelier
+    under "F7" than under "76". `read_likelihood`: the same for the recogniser's own reading, what the candidates
+    are measured against (a candidate far below it is not on the pill)."""
 
     text: str
     score: float
@@ -48,6 +53,8 @@ class ImprintRead:
     text_found: bool  # the detector marked text on the pill (else the pill's central band was read)
     matched: str | None = None
     similarity: float | None = None
+    likelihoods: dict[str, float] | None = None
+    read_likelihood: float | None = None
 
     @property
     def normalized(self) -> str:
@@ -92,9 +99,20 @@ def rapidocr_available() -> bool:
     return importlib.util.find_spec("rapidocr_onnxruntime") is not None
 
 
+class LineRead(NamedTuple):
+    """One text line as the recogniser reads it: the text, its mean confidence and the per-frame character
+    probabilities (frames x characters), from which the likelihood of any other text follows (None from a
+    recogniser that gives none)."""
+
+    text: str
+    score: float
+    probs: np.ndarray | None = None
+
+
 class RapidOcrModels:
     """RapidOCR's detection network, used for its per-pixel text map (the reader finds lines itself, in the
-    pill's frame), and its line recogniser. Anything with the same two methods can stand in for it.
+    pill's frame), and its line recogniser. Anything with `text_map` and `recognise` can stand in for it
+    (`log_likelihoods` too, for the candidates' likelihoods).
 
     Uses RapidOCR's `text_det.infer` and `text_rec`, which are not its documented API: pyproject pins the 1.4
     series, and this class is the only place that touches them."""
@@ -115,6 +133,9 @@ class RapidOcrModels:
         paths = read_yaml(DEFAULT_CFG_PATH)
         self._ocr.text_det.infer.session = _session(root_dir / paths["Det"]["model_path"], threads)
         self._ocr.text_rec.session.session = _session(root_dir / paths["Rec"]["model_path"], threads)
+        characters = self._ocr.text_rec.postprocess_op.character  # index 0 is CTC's blank
+        self._index = {c: i for i, c in enumerate(characters) if i}
+        self._forms_of: dict[str, list[int]] = {}
 
     def text_map(self, bgr: np.ndarray) -> np.ndarray:
         """Text probability per pixel, HxW float in [0, 1] (the detector's shrunk text kernels)."""
@@ -126,12 +147,64 @@ class RapidOcrModels:
         prob = self._ocr.text_det.infer(x.transpose(2, 0, 1)[None])[0][0, 0]
         return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
 
-    def recognise(self, patches: Sequence[np.ndarray]) -> list[tuple[str, float]]:
-        """(text, confidence) for each BGR line image."""
-        if not patches:
-            return []
-        results, _ = self._ocr.text_rec(list(patches))
-        return [(str(text), float(score)) for text, score, *_ in results]
+    def recognise(self, patches: Sequence[np.ndarray]) -> list[LineRead]:
+        """Each BGR line image read, in batches of REC_BATCH: the lines are scaled to the recogniser's height and
+        padded to the widest line's width (or rec_width), as RapidOCR does."""
+        rec, out = self._ocr.text_rec, []
+        _, height, width = rec.rec_image_shape
+        for start in range(0, len(patches), REC_BATCH):
+            batch = patches[start:start + REC_BATCH]
+            ratio = max(width / height, *(p.shape[1] / p.shape[0] for p in batch))
+            probs = rec.session(np.stack([rec.resize_norm_img(p, ratio) for p in batch]).astype(np.float32))[0]
+            texts = rec.postprocess_op(probs)
+            out += [LineRead(str(text), float(score), p) for (text, score, *_), p in zip(texts, probs, strict=True)]
+        return out
+
+    def log_likelihoods(self, lines: Sequence[np.ndarray], texts: Sequence[str]) -> list[float]:
+        """ln P(text | lines) for each text: CTC's probability that the lines' frames (joined in order) spell
+        exactly it, summed over every alignment. A character's upper- and lower-case and full-width forms count
+        as one and a space as nothing, as imprints are compared; -inf for a text with a character the recogniser
+        does not know (Hangul)."""
+        probs = np.concatenate(lines)
+        chars = sorted({c for t in texts for c in t if self._forms(c)})
+        columns = [probs[:, 0] + probs[:, self._index[" "]]] + [probs[:, self._forms(c)].sum(1) for c in chars]
+        where = {c: k + 1 for k, c in enumerate(chars)}
+        return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, -1) for c in t] for t in texts])
+
+    def _forms(self, char: str) -> list[int]:
+        """The recogniser's columns for every form of a character: upper and lower case, full width."""
+        if char not in self._forms_of:
+            forms = {char, char.upper(), char.lower()}
+            forms |= {chr(ord(f) + 0xFEE0) for f in forms if "!" <= f <= "~"}  # ASCII's full-width forms
+            self._forms_of[char] = sorted(self._index[f] for f in forms if f in self._index)
+        return self._forms_of[char]
+
+
+def ctc_log_likelihoods(probs: np.ndarray, labels: Sequence[Sequence[int]]) -> list[float]:
+    """ln P(labels | frames) under CTC (blank at index 0) for each label sequence, by torch's CTC loss over the
+    frames' probabilities (frames x characters); the empty sequence is every frame blank. A sequence with a
+    character index below 1, or longer than the frames allow, is impossible: -inf."""
+    import torch
+
+    log_blank = float(np.log(np.maximum(probs[:, 0], 1e-12)).sum())
+    out = [log_blank if not seq else -math.inf for seq in labels]
+    ok = [i for i, seq in enumerate(labels) if seq and min(seq) > 0 and len(seq) <= len(probs)]
+    if not ok:
+        return out
+    # only the columns the sequences use (and the blank) take part: CTC never looks at the others
+    columns = sorted({0, *(c for i in ok for c in labels[i])})
+    where = {c: k for k, c in enumerate(columns)}
+    log_probs = torch.from_numpy(np.log(np.maximum(probs[:, columns], 1e-12))).float()
+    n = len(ok)
+    targets = torch.zeros((n, max(len(labels[i]) for i in ok)), dtype=torch.long)
+    for row, i in enumerate(ok):
+        targets[row, :len(labels[i])] = torch.tensor([where[c] for c in labels[i]])
+    losses = torch.nn.functional.ctc_loss(
+        log_probs[:, None, :].expand(-1, n, -1), targets, torch.full((n,), len(probs), dtype=torch.long),
+        torch.tensor([len(labels[i]) for i in ok]), blank=0, reduction="none", zero_infinity=False)
+    for row, i in enumerate(ok):
+        out[i] = -float(losses[row])
+    return out
 
 
 def _session(path: Any, threads: int) -> Any:
@@ -350,6 +423,8 @@ class _Reading:
     fit: float = 0.0
     matched: str | None = None
     similarity: float | None = None
+    likelihoods: dict[str, float] | None = None
+    read_likelihood: float | None = None
 
 
 def local_contrast(rgb: np.ndarray, clip: float, tiles: int = CONTRAST_TILES) -> np.ndarray:
@@ -420,7 +495,8 @@ class ImprintReader:
                      best.angle, found, seconds * 1000)
         matched = None if best.matched is None else normalize_imprint(best.matched)  # "*A1" (a logo, A1) as "A1"
         return ImprintRead(best.text, round(best.score, 4), round(best.angle % 360.0, 1), round(seconds, 4),
-                           found, matched, None if best.similarity is None else round(best.similarity, 4))
+                           found, matched, None if best.similarity is None else round(best.similarity, 4),
+                           best.likelihoods, best.read_likelihood)
 
     def _relief(self, crop: Image.Image, bgr: np.ndarray, text: np.ndarray,
                 pill: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
@@ -449,16 +525,22 @@ class ImprintReader:
     def _search(self, bgr: np.ndarray, text: np.ndarray, rows: np.ndarray | None, base: float,
                 targets: list[str]) -> _Reading:
         """The reading axis and its opposite first; the next group of TURN_GROUPS only when that was not
-        conclusive."""
-        best = _Reading("", 0.0, base)
+        conclusive. The candidates' likelihoods are each one's best over the turns tried."""
+        best, likelihoods, own = _Reading("", 0.0, base), {}, -math.inf
         for turns in TURN_GROUPS[:self.settings.turn_groups]:
             turns = tuple(base + t for t in turns)
             for reading in self._recognise(bgr, text, rows, turns, targets):
                 if reading.fit > best.fit:
                     best = reading
+                for imprint, value in (reading.likelihoods or {}).items():
+                    likelihoods[imprint] = max(value, likelihoods.get(imprint, -math.inf))
+                own = max(own, reading.read_likelihood if reading.read_likelihood is not None else -math.inf)
             if self._conclusive(best, targets):
                 break
-        return best
+        if not targets:
+            return best
+        return replace(best, likelihoods={k: round(v, 2) for k, v in likelihoods.items()},
+                       read_likelihood=round(own, 2) if np.isfinite(own) else None)
 
     def _conclusive(self, best: _Reading, targets: list[str]) -> bool:
         if targets:
@@ -481,14 +563,36 @@ class ImprintReader:
         return [self._reading([next(results) for _ in group], angle, targets)
                 for group, angle in zip(lines, turns, strict=True)]
 
-    def _reading(self, parts: Sequence[tuple[str, float]], angle: float, targets: list[str]) -> _Reading:
-        kept = [(text.strip(), score) for text, score in parts
+    def _reading(self, parts: Sequence[tuple], angle: float, targets: list[str]) -> _Reading:
+        likelihoods, own = self._likelihoods(parts, targets)
+        kept = [(text.strip(), score) for text, score, *_ in parts
                 if score >= self.settings.min_line_score and normalize_imprint(text)]
         if not kept:
-            return _Reading("", 0.0, angle)
+            return _Reading("", 0.0, angle, likelihoods=likelihoods, read_likelihood=own)
         text = " ".join(t for t, _ in kept)
         score = sum(s * len(t) for t, s in kept) / sum(len(t) for t, _ in kept)
         if not targets:
             return _Reading(text, score, angle, fit=score)
         similarity, matched = max((imprint_similarity(text, t), t) for t in targets)
-        return _Reading(text, score, angle, FIT_SIMILARITY * similarity + FIT_SCORE * score, matched, similarity)
+        return _Reading(text, score, angle, FIT_SIMILARITY * similarity + FIT_SCORE * score, matched, similarity,
+                        likelihoods, own)
+
+    def _likelihoods(self, parts: Sequence[tuple], targets: list[str]) -> tuple[dict[str, float], float | None]:
+        """ln P(imprint | lines) of each candidate imprint at one turn, and that of the recogniser's own reading
+        of the same lines when it read something (what the candidates are measured against: a candidate far
+        below it is not there):
+        the best over each run of adjacent lines (an imprint may be one line, or two beside a logo's or a groove's
+        strokes). Empty without candidates, lines, or a recogniser that gives probabilities."""
+        texts = list(dict.fromkeys(t for t in map(normalize_imprint, targets) if t))
+        lines = [(part[0], part[2]) for part in parts if len(part) > 2 and part[2] is not None]
+        if not texts or not lines or not hasattr(self.models, "log_likelihoods"):
+            return {}, None
+        best, own = np.full(len(texts), -np.inf), -math.inf
+        for start in range(len(lines)):
+            for stop in range(start + 1, len(lines) + 1):
+                group = lines[start:stop]
+                said = "".join("".join(text.split()) for text, _ in group)  # "" (lines read as nothing) is not one
+                *values, mine = self.models.log_likelihoods([probs for _, probs in group], [*texts, said])
+                best, own = np.maximum(best, values), max(own, mine if said else -math.inf)
+        return ({t: float(v) for t, v in zip(texts, best, strict=True) if np.isfinite(v)},
+                own if np.isfinite(own) else None)

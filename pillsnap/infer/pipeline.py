@@ -125,10 +125,16 @@ class Predictor:
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = self._set_rule(bool(imprint.enabled))
         self.thresholds = THRESHOLDS
-        # the imprint read's weight, scaled where calibration fit it so that the answers' probabilities mean what
-        # they say (pillsnap.eval.calibration.fit_evidence_scale)
-        scale = float((self.calibration or {}).get("evidence_scale") or 1.0)
-        self.weights = WEIGHTS.with_read_scaled(scale)
+        # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
+        # what they say (pillsnap.eval.calibration.fit_evidence_scale); a calibration made before the candidates'
+        # likelihoods counted was fit without them, and its answers are made without them
+        calibration = self.calibration or {}
+        scale = float(calibration.get("evidence_scale") or 1.0)
+        likelihood = float(calibration.get("likelihood_weight", 0.0 if calibration else WEIGHTS.likelihood))
+        if calibration and "likelihood_weight" not in calibration and imprint.enabled:
+            LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
+                           "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
+        self.weights = replace(WEIGHTS, likelihood=likelihood).with_read_scaled(scale)
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
         # is (set again when enrolments change)
