@@ -12,6 +12,7 @@ from test_stage_eval import run_cfg
 from pillsnap.cli import main as cli_main
 from pillsnap.data import load_manifest
 from pillsnap.eval.calibration import EVIDENCE_SCALES, calibrate_classifier
+from pillsnap.infer.answer import WEIGHTS
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calibration
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.train import train
@@ -78,6 +79,7 @@ def test_calibration_with_held_out_classes(tmp_path):
     assert all(len(v) == sets["n"] for v in sets["scores"].values()) and sets["imprint_reading"] is True
     assert report["prediction_sets"]["method"] == "lac" and report["prediction_sets"]["coverage"] == 0.95
     assert stored["evidence_scale"] in EVIDENCE_SCALES or stored["evidence_scale"] == 1.0  # 1.0: nothing was read
+    assert (stored["likelihood_weight"], stored["likelihood_cap"]) == (WEIGHTS.likelihood, WEIGHTS.likelihood_cap)
     assert answers["evidence_scale"] == stored["evidence_scale"] and answers["unscaled"]["n"] == answers["n"]
     unknown = report["unknown_eval"]
     assert unknown["held_out_classes"] == 2 and unknown["unknown"] > 0 and 0.0 <= unknown["auroc"] <= 1.0

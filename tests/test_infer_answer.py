@@ -291,3 +291,32 @@ def test_a_garbled_read_tells_the_twins_apart_by_their_likelihoods():
 
     gained = WEIGHTS.likelihood * (WEIGHTS.likelihood_cap - 3.0)
     assert odds(out) / odds(without) == pytest.approx(math.exp(gained), rel=1e-3)
+
+
+def test_likelihoods_say_nothing_where_the_classifier_ruled_the_look_alikes_out():
+    """A read made only for the imprint check (the F7 twin at 0.985, its look-alike below read_min_probability):
+    the likelihoods have nothing to choose between, and at weight 0 (a calibration made without them) they are
+    not counted either."""
+    read = ImprintRead("D F", 0.47, 0.0, 0.01, True, likelihoods={"F7": -11.7, "Y4A": -15.7, "76": -4.0,
+                                                                  "HC": -12.6}, read_likelihood=-1.0)
+    bare = dataclasses.replace(read, likelihoods=None, read_likelihood=None)
+    class_map = {**CLASS_MAP, **TWIN_CLASSES}
+    sure = classified(("K-000011", 0.985), ("K-000012", 0.005), ("K-000003", 0.005))
+    known = KnownImprints(class_map)
+    assert decide_answer(sure, class_map, read, None, OFF, known=known).to_dict()["topk"] == \
+        decide_answer(sure, class_map, bare, None, OFF, known=known).to_dict()["topk"]
+    twins = classified(("K-000011", 0.5), ("K-000012", 0.45), ("K-000003", 0.05))
+    off = dataclasses.replace(WEIGHTS, likelihood=0.0)
+    assert decide_answer(twins, class_map, read, None, OFF, weights=off).to_dict()["topk"] == \
+        decide_answer(twins, class_map, bare, None, OFF, weights=off).to_dict()["topk"]
+    assert decide_answer(twins, class_map, read, None, OFF).to_dict()["mapping_code"] == "K-000012"
+
+
+def test_likelihoods_that_are_not_numbers_are_left_out():
+    twins = classified(("K-000011", 0.5), ("K-000012", 0.45), ("K-000003", 0.05))
+    class_map = {**CLASS_MAP, **TWIN_CLASSES}
+    read = ImprintRead("D F", 0.47, 0.0, 0.01, True, likelihoods={"F7": -math.inf, "Y4A": math.nan, "76": -4.0,
+                                                                  "HC": -5.0}, read_likelihood=math.nan)
+    out = decide_answer(twins, class_map, read, None, OFF).to_dict()
+    assert all(math.isfinite(c["probability"]) for c in out["topk"])
+    assert [c.get("imprint_likelihood") for c in out["topk"]] == [None, None, None]  # only one twin measured

@@ -191,15 +191,13 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
     """4 twin pairs x 2 pills x 2 azimuths = 16 rotated crops at half the real photo size (the demo's quarter
     scale reads worse; see bench/bench_imprint.py). Measured here: 16 of 16 told apart, and 12 of the 16
     classifier errors fixed; on 64 crops (8 pairs x 4 azimuths) 63 and 53 (83 %). The bars: 12 of 16 has a 4 %
-    chance under guessing (1 in 2); without a read, rerank fixes none. The candidates' likelihoods favour the
-    truth on every crop where both twins have two readable sides (8 of 8 measured; the other pairs have a plain
-    back, where they cannot say)."""
-    from pillsnap.infer.answer import likelihood_gaps, rerank
+    chance under guessing (1 in 2); without a read, rerank fixes none."""
+    from pillsnap.infer.answer import rerank
     from pillsnap.infer.matching import class_imprint_similarity
 
     pytest.importorskip("rapidocr_onnxruntime")  # not installed on Python 3.13+ (no wheel)
     reader = ImprintReader()
-    right = fixed = measurable = favoured = 0
+    right = fixed = 0
     for a, b in _twin_pairs(4):
         class_map = {c.code: {"print_front": c.look.print_front, "print_back": c.look.print_back} for c in (a, b)}
         imprints = [t for e in class_map.values() for t in e.values() if t]
@@ -208,10 +206,6 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
                 read = reader.read(_rendered_crop(truth.look, camera_lo + 17 * (truth is b), 0.5), imprints)
                 sims = [class_imprint_similarity(read.text, class_map[c.code]) for c in (truth, other)]
                 right += sims[0] > sims[1]
-                gaps = likelihood_gaps([class_map[truth.code], class_map[other.code]], read.likelihoods)
-                if None not in gaps:
-                    measurable += 1
-                    favoured += gaps[0] == 0.0 > gaps[1]
                 # the classifier is fooled by the twin (0.6 against 0.4): does the read put it right?
                 cands = [{"mapping_code": other.code, "probability": 0.6},
                          {"mapping_code": truth.code, "probability": 0.4}]
@@ -219,7 +213,6 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
                 fixed += top["mapping_code"] == truth.code
     assert right >= 12, f"{right}/16 twins told apart"
     assert fixed >= 10, f"{fixed}/16 classifier errors fixed by the read"
-    assert measurable >= 6 and favoured >= measurable - 1, f"likelihoods favour the truth {favoured}/{measurable}"
 
 
 # ---- the candidates' likelihoods ------------------------------------------------------------------------------
@@ -292,7 +285,7 @@ def _frames(models, spelled: str) -> np.ndarray:
     return probs
 
 
-@pytest.mark.parametrize("spelled", ["co", "ＣＯ", "C O"])
+@pytest.mark.parametrize("spelled", ["co", "ＣＯ", "C O", "C\u3000O"])
 def test_a_characters_forms_count_as_one(spelled):
     """Lower case and full-width forms are the same imprint character, and a space is nothing between them."""
     pytest.importorskip("rapidocr_onnxruntime")

@@ -399,3 +399,21 @@ def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_con
     assert answers[False]["unknown"] is False and answers[False]["unknown_by"] is None
     predictors[True].evidence = Reads("CD2")  # a known drug's imprint: named, whatever the classifier's order
     assert predictors[True].predict(photo, mode="single")["pills"][0]["mapping_code"] == "K-000002"
+
+
+def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_path: Path, caplog) -> None:
+    """The evidence scale and the prediction sets were fit with the weights the calibration records: one that
+    records none was fit without the candidates' likelihoods, and the predictor leaves them out (and says so)."""
+    from pillsnap.infer.answer import WEIGHTS
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    ckpts = root / "checkpoints"
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5})
+    with caplog.at_level("WARNING"):
+        old = Predictor(root, _cfg(root), device="cpu")
+    assert old.weights.likelihood == 0.0 and old.weights.imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    assert "predates the candidates' likelihoods" in caplog.text
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5, "likelihood_weight": 2.0,
+                                           "likelihood_cap": 5.0})
+    fitted = Predictor(root, _cfg(root), device="cpu")
+    assert (fitted.weights.likelihood, fitted.weights.likelihood_cap) == (1.0, 5.0)  # 2.0 at the scale 0.5

@@ -454,7 +454,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
     # the weights the scale and the sets were fit with: an older calibration, fit without the candidates'
     # likelihoods, is answered without them (pillsnap.infer.pipeline)
-    stored["likelihood_weight"] = WEIGHTS.likelihood
+    stored["likelihood_weight"], stored["likelihood_cap"] = WEIGHTS.likelihood, WEIGHTS.likelihood_cap
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]
         report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),

@@ -241,12 +241,16 @@ def likelihood_gaps(entries: Sequence[Mapping], likelihoods: Mapping[str, float]
     likelier, from the reader's `likelihoods`. None where the read cannot say: a side OCR cannot read (plain, marks
     alone, or not on record: the lines may be a groove's strokes or a stray letter, and counting a plain side as
     "nothing read" cost the demo's answers), or an imprint the recogniser cannot spell."""
+    finite = {t: v for t, v in (likelihoods or {}).items() if math.isfinite(v)}
     values: list[float | None] = []
     for entry in entries:
         texts = [normalize_imprint(side) for side in class_imprints(entry)]
-        measurable = likelihoods and texts and not has_unreadable_side(entry) and all(t in likelihoods for t in texts)
-        values.append(max(likelihoods[t] for t in texts) if measurable else None)
-    top = max([v for v in values if v is not None] + ([reference] if reference is not None else []), default=None)
+        measurable = texts and not has_unreadable_side(entry) and all(t in finite for t in texts)
+        values.append(max(finite[t] for t in texts) if measurable else None)
+    known = [v for v in values if v is not None]
+    if reference is not None and math.isfinite(reference):
+        known.append(reference)
+    top = max(known, default=None)
     return [None if v is None else v - top for v in values]
 
 
@@ -317,7 +321,10 @@ def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read
     entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
     scored = [_scored(i, c, entry, read, read_score, hints, weights, thresholds)
               for i, (c, entry) in enumerate(zip(candidates, entries, strict=True))]
-    if read is not None and likelihoods:  # lines that read as nothing legible say little: no evidence
+    # Lines that read as nothing legible say little, and where the classifier has ruled out every look-alike that
+    # differs by imprint (a read made only for the imprint check) they have nothing to choose between
+    if read is not None and likelihoods and weights.likelihood > 0 and should_read_imprint(candidates, class_map,
+                                                                                         thresholds):
         scored = _with_likelihoods(scored, entries, likelihoods, read_likelihood, weights)
     rest = 1.0 - sum(float(c.get("probability", 0.0)) for c in candidates)
     posterior = _softmax([s for s, _ in scored] + ([math.log(rest)] if rest > 1e-9 else []))
@@ -455,9 +462,10 @@ class PillAnswer:
     calibrated set rule; empty for an unknown pill).
 
     `imprint_unresolved`: the contenders look alike and differ by imprint, but what was read matches none of them
-    (a plain side up, or an unreadable imprint) and the user typed no imprint: the choice between them is the
-    classifier's guess, and the other side of the pill, or its imprint typed in, would settle it. Never said of an
-    unknown pill: an imprint that matches no known drug is what an unknown pill has."""
+    (a plain side up, or an unreadable imprint) and the user typed no imprint: the choice between them rests on the
+    classifier and, at most, on how likely the recogniser finds each imprint on the lines it could not read
+    (RerankWeights.likelihood), and the other side of the pill, or its imprint typed in, would settle it. Never said
+    of an unknown pill: an imprint that matches no known drug is what an unknown pill has."""
 
     candidates: tuple[dict, ...]
     unknown_score: float | None

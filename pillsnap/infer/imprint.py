@@ -135,6 +135,7 @@ class RapidOcrModels:
         self._ocr.text_rec.session.session = _session(root_dir / paths["Rec"]["model_path"], threads)
         characters = self._ocr.text_rec.postprocess_op.character  # index 0 is CTC's blank
         self._index = {c: i for i, c in enumerate(characters) if i}
+        self._spaces = [i for c, i in self._index.items() if c.isspace()]  # " " and the ideographic space
         self._forms_of: dict[str, list[int]] = {}
 
     def text_map(self, bgr: np.ndarray) -> np.ndarray:
@@ -163,11 +164,11 @@ class RapidOcrModels:
     def log_likelihoods(self, lines: Sequence[np.ndarray], texts: Sequence[str]) -> list[float]:
         """ln P(text | lines) for each text: CTC's probability that the lines' frames (joined in order) spell
         exactly it, summed over every alignment. A character's upper- and lower-case and full-width forms count
-        as one and a space as nothing, as imprints are compared; -inf for a text with a character the recogniser
-        does not know (Hangul)."""
+        as one and a space (of any width) as nothing, as imprints are compared; -inf for a text with a character
+        the recogniser does not know (Hangul)."""
         probs = np.concatenate(lines)
         chars = sorted({c for t in texts for c in t if self._forms(c)})
-        columns = [probs[:, 0] + probs[:, self._index[" "]]] + [probs[:, self._forms(c)].sum(1) for c in chars]
+        columns = [probs[:, [0, *self._spaces]].sum(1)] + [probs[:, self._forms(c)].sum(1) for c in chars]
         where = {c: k + 1 for k, c in enumerate(chars)}
         return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, -1) for c in t] for t in texts])
 

@@ -131,10 +131,11 @@ class Predictor:
         calibration = self.calibration or {}
         scale = float(calibration.get("evidence_scale") or 1.0)
         likelihood = float(calibration.get("likelihood_weight", 0.0 if calibration else WEIGHTS.likelihood))
+        cap = float(calibration.get("likelihood_cap", WEIGHTS.likelihood_cap))
         if calibration and "likelihood_weight" not in calibration and imprint.enabled:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
                            "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
-        self.weights = replace(WEIGHTS, likelihood=likelihood).with_read_scaled(scale)
+        self.weights = replace(WEIGHTS, likelihood=likelihood, likelihood_cap=cap).with_read_scaled(scale)
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
         # is (set again when enrolments change)
