@@ -7,7 +7,9 @@ several weights against without them (weight 0), on the same reads in the same r
    right drug over the crops read.
 2. The reader's time per crop with the likelihoods worked out and without (the same reader, the likelihoods'
    recogniser method hidden), alternating crop by crop.
-3. The pipeline in auto mode over the test photos with the weight in force and with 0 (the run's calibration for
+3. The final answers' unknown-pill decision (the run's calibration, the imprint check on) on the known validation
+   crops and the held-out drugs' photos, with the imprint check's likelihood path and without it.
+4. The pipeline in auto mode over the test photos with the weight in force and with 0 (the run's calibration for
    both, alternating photo by photo): single-photo accuracy and all pills right on the combination photos.
 
     .venv/bin/python bench/reader_likelihoods.py --exp runs/demo/exp [--limit 256] [--weights 0.5 1 2] [--caps 6]
@@ -67,6 +69,54 @@ def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[floa
                                "right_all": (right_read + right_unread) / max(len(items), 1),
                                "nll_read": nll / max(len(read), 1)}
     out["timing"] = reader_time(dataset, items, class_map, min(len(items), 40))
+    out["unknown"] = unknown_pills(cfg, exp, model, loaders, limit)
+    return out
+
+
+def unknown_pills(cfg, exp: Path, model, loaders, limit: int) -> dict:
+    """The final answers' unknown-pill decision (the run's calibration and unknown rule, the imprint check on) on
+    the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
+    (AnswerThresholds.foreign_likelihood_gap) and without it."""
+    from pillsnap.eval.calibration import (
+        _held_out_loader,
+        _val_answers,
+        answers_unknown_report,
+        crop_sources,
+        load_manifest_if_any,
+    )
+    from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, decide_answer
+    from pillsnap.infer.matching import KnownImprints
+    from pillsnap.infer.unknown import ClassGaussians, UnknownAnswer
+
+    cal = json.loads((exp / "checkpoints" / "calibration.json").read_text())
+    rule = cal["unknown_rule"]
+    by_source = {source: values[rule] for source, values in (cal.get("unknown_thresholds_by_source") or {}).items()}
+    unknown = UnknownAnswer(rule, cal["unknown_thresholds"][rule],
+                            ClassGaussians.load(exp / "checkpoints" / cal["features_file"]), by_source or None)
+    names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
+    manifest = load_manifest_if_any(cfg)
+    held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
+    if held is None:
+        return {}
+    dataset, temperature = loaders.cls_val.dataset, float(cal["temperature"])
+    known_items = _val_answers(model, dataset, temperature, names, class_map, int(cfg.inference.topk), 1, limit, True,
+                               unknown, crop_sources(dataset, manifest), check_unknown=True)
+    n_held = min(len(held.dataset), limit)
+    held_items = _val_answers(model, held.dataset, temperature, names, class_map, int(cfg.inference.topk), 1, n_held,
+                              True, unknown, np.full(n_held, "single"), check_unknown=True)
+    weights = dataclasses.replace(WEIGHTS, likelihood=float(cal.get("likelihood_weight", 0.0))).with_read_scaled(
+        float(cal.get("evidence_scale") or 1.0))
+    imprints = KnownImprints(class_map)
+
+    def answered(items, thresholds):
+        return [decide_answer(item.classified, class_map, item.read, None, unknown.for_answer(len(names), item.source),
+                              thresholds, weights, known=imprints) for item in items]
+
+    out = {}
+    for name, thresholds in (("with", THRESHOLDS), ("without", dataclasses.replace(THRESHOLDS,
+                                                                                   foreign_likelihood_gap=np.inf))):
+        out[name] = answers_unknown_report(answered(known_items, thresholds), known_items,
+                                           answered(held_items, thresholds))
     return out
 
 
@@ -143,15 +193,24 @@ def main() -> None:
               f"{f['right_read']:.3f} of those read ({f['right_read'] / max(base['right_read'], 1e-9):.3f}x), "
               f"{f['right_all']:.3f} of all | NLL {f['nll_read']:.3f} "
               f"({f['nll_read'] / max(base['nll_read'], 1e-9):.3f}x)")
+    u = val.get("unknown") or {}
+    if u:
+        w, wo = u["with"], u["without"]
+        print(f"  unknown pills, final answers ({w['known']} known single-pill crops, {w['unknown']} held-out photos): "
+              f"held-out rejected {w['unknown_rejected']:.3f} vs {wo['unknown_rejected']:.3f} without the likelihood "
+              f"path ({w['unknown_rejected'] / max(wo['unknown_rejected'], 1e-9):.2f}x), by the imprint "
+              f"{w['unknown_rejected_by_imprint']:.3f} vs {wo['unknown_rejected_by_imprint']:.3f} | known rejected "
+              f"{w['known_rejected']:.3f} vs {wo['known_rejected']:.3f} | AUROC {w['auroc']:.3f} vs {wo['auroc']:.3f}")
     t = val["timing"]
     print(f"  reader per crop (median): with likelihoods {t['with']:.0f} ms, without {t['without']:.0f} ms "
           f"({t['with'] / t['without']:.2f}x)")
     if args.skip_photos:
         return
     photos = test_photos(cfg, exp, WEIGHTS.likelihood, args.split)
+    check = "; the imprint check, with its likelihood path, on for both" if cfg.inference.imprint.unknown_check else ""
     on, off = photos["on"], photos["off"]
     print(f"{photos['photos']} {args.split} photos, auto mode: likelihood weight {WEIGHTS.likelihood} vs 0 (the run's "
-          f"calibration for both)")
+          f"calibration for both{check})")
     print(f"  single photos right {on['single']:.3f} vs {off['single']:.3f} | all pills right on "
           f"{on['n_combos']} combinations {on['combos']:.3f} vs {off['combos']:.3f} "
           f"({on['combos'] / max(off['combos'], 1e-9):.2f}x)")

@@ -320,3 +320,34 @@ def test_likelihoods_that_are_not_numbers_are_left_out():
     out = decide_answer(twins, class_map, read, None, OFF).to_dict()
     assert all(math.isfinite(c["probability"]) for c in out["topk"])
     assert [c.get("imprint_likelihood") for c in out["topk"]] == [None, None, None]  # only one twin measured
+
+
+def test_an_imprint_the_recogniser_reads_surely_and_no_candidate_fits_is_foreign():
+    """"8" read at 0.99 from a drug never trained ("C0"): one character is too little for the text to be held
+    against anything, but the recogniser finds every candidate imprint 12 nats or more below what it reads."""
+    class_map = {**CLASS_MAP, **TWIN_CLASSES}
+    twins = classified(("K-000011", 0.6), ("K-000012", 0.35), ("K-000003", 0.05))
+    values = {"F7": -18.9, "Y4A": -26.0, "76": -12.3, "HC": -16.3, "PE": -20.0}
+    sure = ImprintRead("8", 0.99, 0.0, 0.01, True, likelihoods=values, read_likelihood=-0.03)
+    known = KnownImprints(class_map)
+    out = decide_answer(twins, class_map, sure, None, OFF, known=known).to_dict()
+    assert out["unknown"] and out["unknown_by"] == "imprint" and out["probability"] is None
+    assert "'8' (confidence 0.99)" in out["unknown_reason"] and "2,981x less likely" in out["unknown_reason"]
+    far = dataclasses.replace(sure, likelihoods={k: -5000.0 for k in values})  # lines that spell nothing like them
+    assert decide_answer(twins, class_map, far, None, OFF, known=known).unknown_by == "imprint"
+    for unsure in (dataclasses.replace(sure, score=0.6),  # read without confidence
+                   dataclasses.replace(sure, likelihoods={**values, "76": -6.0}),  # one candidate fits well enough
+                   dataclasses.replace(sure, likelihoods={**values, "PE": -1.0}),  # a third one, not the top
+                   dataclasses.replace(sure, likelihoods={**values, "76": -8.03}),  # exactly 8 nats: not more
+                   dataclasses.replace(sure, likelihoods={k: v for k, v in values.items() if k != "PE"}),  # unmeasured
+                   dataclasses.replace(sure, text="7G"),  # like the "76" twin as text: a near miss, not foreign
+                   dataclasses.replace(sure, read_likelihood=None),
+                   dataclasses.replace(sure, text="")):  # nothing legible read
+        assert not decide_answer(twins, class_map, unsure, None, OFF, known=known).unknown, unsure
+    # an imprint typed in outranks the read: "76" is the second twin's
+    typed = decide_answer(twins, class_map, sure, Hints.parse(imprint="76"), OFF, known=known)
+    assert not typed.unknown and typed.candidates[0]["mapping_code"] == "K-000012"
+    # the top drug has a plain back: the lines may come from it, and the likelihoods cannot say
+    plain = {**class_map, "K-000011": {"print_front": "마크 F7", "print_back": ""}}
+    assert not decide_answer(twins, plain, sure, None, OFF, known=KnownImprints(plain)).unknown
+    assert not decide_answer(twins, class_map, sure, None, OFF).unknown  # the imprint check off

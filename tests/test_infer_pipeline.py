@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -404,7 +405,7 @@ def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_con
 def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_path: Path, caplog) -> None:
     """The evidence scale and the prediction sets were fit with the weights the calibration records: one that
     records none was fit without the candidates' likelihoods, and the predictor leaves them out (and says so)."""
-    from pillsnap.infer.answer import WEIGHTS
+    from pillsnap.infer.answer import THRESHOLDS, WEIGHTS
 
     root = make_exp_dir(tmp_path / "exp", with_detector=False)
     ckpts = root / "checkpoints"
@@ -412,8 +413,10 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     with caplog.at_level("WARNING"):
         old = Predictor(root, _cfg(root), device="cpu")
     assert old.weights.likelihood == 0.0 and old.weights.imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    assert old.thresholds.foreign_likelihood_gap == math.inf  # its sets were calibrated without that path
     assert "predates the candidates' likelihoods" in caplog.text
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5, "likelihood_weight": 2.0,
                                            "likelihood_cap": 5.0})
     fitted = Predictor(root, _cfg(root), device="cpu")
     assert (fitted.weights.likelihood, fitted.weights.likelihood_cap) == (1.0, 5.0)  # 2.0 at the scale 0.5
+    assert fitted.thresholds.foreign_likelihood_gap == THRESHOLDS.foreign_likelihood_gap

@@ -66,6 +66,13 @@ class AnswerThresholds:
     # groove: such a read counts only with at least this many characters at this confidence.
     foreign_read_chars_blank_side: int = 3
     foreign_read_score_blank_side: float = 0.8
+    # Or, by the recogniser's own probabilities: it reads something with at least this confidence, like none of the
+    # candidates' imprints as text, and finds every readable side of every candidate more than this many nats
+    # (3,000x) less likely on those lines than what it reads. This catches a one-character read ("8" for "C0"),
+    # which the text cannot hold against anything. On the demo, no known single-pill validation crop was rejected
+    # with it (bench/reader_likelihoods.py).
+    foreign_likelihood_score: float = 0.8
+    foreign_likelihood_gap: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -359,11 +366,28 @@ def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[M
     unrelated strings reach): the drugs the pill looks like do not carry it. Held against the candidates, not every
     known drug: among thousands of short imprints almost any read is like one of them by chance
     (bench/unknown_imprint_check.py). With `known`, the reason names the known drug whose imprint it is, if any (it
-    may be that drug, photographed unlike its training photos). Never said when the top drug has no imprint on
-    record (an enrolled drug given without them)."""
+    may be that drug, photographed unlike its training photos). Or, for a read, by the recogniser's own
+    probabilities: every candidate imprint is far less likely on the lines than what it reads with confidence
+    (AnswerThresholds.foreign_likelihood_score, foreign_likelihood_gap). Never said when the top drug has no imprint
+    on record (an enrolled drug given without them)."""
     top = _top_entry(candidates, class_map)
     if not class_imprints(top):
         return None
+    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
+    drugs = "the drug" if len(candidates) == 1 else f"the {len(candidates)} drugs"
+    by_text = _foreign_by_text(read, typed, top, entries, drugs, known, thresholds)
+    if by_text is not None or typed:
+        return by_text
+    if not _foreign_by_likelihood(read, entries, thresholds):
+        return None
+    return (f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}), and the recogniser finds every "
+            f"imprint of {drugs} it looks like more than {math.exp(thresholds.foreign_likelihood_gap):,.0f}x less "
+            f"likely there than what it reads: not one of them; nearest candidates in topk")
+
+
+def _foreign_by_text(read: ImprintRead | None, typed: str, top: Mapping, entries: Sequence[Mapping], drugs: str,
+                     known: KnownImprints | None, thresholds: AnswerThresholds) -> str | None:
+    """foreign_imprint's reason when the typed or legible read imprint is like none of the `entries`' imprints."""
     if typed:
         text, said, chars = typed, f"the imprint typed in, {typed!r},", thresholds.foreign_read_chars
     else:
@@ -372,17 +396,31 @@ def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[M
         if read is None or read.score < score:
             return None
         text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
-    if len(text) < chars:
-        return None
-    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
-    if any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
+    if len(text) < chars or any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
         return None
     match = known.closest(text) if known is not None else None
     whose = (f" (it is the imprint of {match.code}, {match.imprint!r}, a drug it does not look like)"
              if match is not None and match.similarity >= thresholds.imprint_accept else "")
-    drugs = "the drug" if len(candidates) == 1 else f"the {len(candidates)} drugs"
     return (f"{said} is like none of the imprints of {drugs} it looks like{whose}: not one of them; nearest "
             f"candidates in topk")
+
+
+def _foreign_by_likelihood(read: ImprintRead | None, entries: Sequence[Mapping], thresholds: AnswerThresholds) -> bool:
+    """Whether the read is confident, like none of the candidates' imprints as text (a near miss like "GTH" for
+    "DGTH" costs CTC a dropped character's worth of nats), and every readable side of every candidate is more than
+    foreign_likelihood_gap nats below what the recogniser reads. Never when the top drug has a side OCR cannot read
+    (the lines may come from it) or a side the recogniser cannot spell."""
+    if read is None or not read.normalized or read.score < thresholds.foreign_likelihood_score:
+        return False
+    if read.read_likelihood is None or not math.isfinite(read.read_likelihood) or has_unreadable_side(entries[0]):
+        return False
+    if any(class_imprint_similarity(read.normalized, entry) >= thresholds.imprint_floor for entry in entries):
+        return False
+    likelihoods = read.likelihoods or {}
+    sides = [normalize_imprint(side) for entry in entries for side in class_imprints(entry)]
+    if not all(math.isfinite(likelihoods.get(side, math.nan)) for side in sides):
+        return False
+    return max(likelihoods[side] for side in sides) < read.read_likelihood - thresholds.foreign_likelihood_gap
 
 
 # ---- what is left open ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ torch or, with `inference.backend: onnx`, by onnxruntime from `{exp_dir}/export/
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -132,9 +133,12 @@ class Predictor:
         scale = float(calibration.get("evidence_scale") or 1.0)
         likelihood = float(calibration.get("likelihood_weight", 0.0 if calibration else WEIGHTS.likelihood))
         cap = float(calibration.get("likelihood_cap", WEIGHTS.likelihood_cap))
-        if calibration and "likelihood_weight" not in calibration and imprint.enabled:
-            LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
-                           "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
+        if calibration and "likelihood_weight" not in calibration:
+            if imprint.enabled:
+                LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
+                               "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
+            # its prediction sets were calibrated on answers the imprint check made by the text alone
+            self.thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf)
         self.weights = replace(WEIGHTS, likelihood=likelihood, likelihood_cap=cap).with_read_scaled(scale)
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
