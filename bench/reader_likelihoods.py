@@ -40,17 +40,17 @@ def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[floa
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.eval.calibration import _val_answers, crop_sources, fit_evidence_scale, load_manifest_if_any
     from pillsnap.infer.answer import WEIGHTS, rerank
-    from pillsnap.infer.unknown import UnknownAnswer
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
 
     loaders = build_dataloaders_twostage(cfg)
     model = WithFeatures(load_classifier_for_inference(exp / "checkpoints" / "classification_best.pt", "cpu")[0])
-    temperature = float(json.loads((exp / "checkpoints" / "calibration.json").read_text())["temperature"])
+    cal = json.loads((exp / "checkpoints" / "calibration.json").read_text())
+    unknown = run_unknown_rule(exp, cal)
     names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
-    dataset = loaders.cls_val.dataset
-    sources = crop_sources(dataset, load_manifest_if_any(cfg))
-    items = _val_answers(model.eval(), dataset, temperature, names, class_map, int(cfg.inference.topk), 1, limit,
-                         True, UnknownAnswer("probability", None), sources, check_unknown=True)
+    dataset, manifest = loaders.cls_val.dataset, load_manifest_if_any(cfg)
+    # read once, as inference reads with the imprint check on; the re-ranking below ignores the unknown-pill rule
+    items = _val_answers(model.eval(), dataset, float(cal["temperature"]), names, class_map, int(cfg.inference.topk),
+                         1, limit, True, unknown, crop_sources(dataset, manifest), check_unknown=True)
     read = [item for item in items if item.read is not None]
     out = {"crops": len(items), "read": len(read), "by_weight": {}}
     for w, cap in [(0.0, WEIGHTS.likelihood_cap)] + [(w, c) for w in weights if w for c in caps]:
@@ -69,43 +69,37 @@ def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[floa
                                "right_all": (right_read + right_unread) / max(len(items), 1),
                                "nll_read": nll / max(len(read), 1)}
     out["timing"] = reader_time(dataset, items, class_map, min(len(items), 40))
-    out["unknown"] = unknown_pills(cfg, exp, model, loaders, limit)
+    out["unknown"] = unknown_pills(cfg, model, loaders, manifest, cal, unknown, items, limit)
     return out
 
 
-def unknown_pills(cfg, exp: Path, model, loaders, limit: int) -> dict:
+def run_unknown_rule(exp: Path, cal: dict):
+    """The run's calibrated unknown-pill rule, as inference applies it."""
+    from pillsnap.infer.unknown import ClassGaussians, UnknownAnswer
+
+    rule = cal["unknown_rule"]
+    by_source = {source: values[rule] for source, values in (cal.get("unknown_thresholds_by_source") or {}).items()}
+    return UnknownAnswer(rule, cal["unknown_thresholds"][rule],
+                         ClassGaussians.load(exp / "checkpoints" / cal["features_file"]), by_source or None)
+
+
+def unknown_pills(cfg, model, loaders, manifest, cal: dict, unknown, known_items: list, limit: int) -> dict:
     """The final answers' unknown-pill decision (the run's calibration and unknown rule, the imprint check on) on
     the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
     (AnswerThresholds.foreign_likelihood_gap) and without it."""
-    from pillsnap.eval.calibration import (
-        _held_out_loader,
-        _val_answers,
-        answers_unknown_report,
-        crop_sources,
-        load_manifest_if_any,
-    )
-    from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, decide_answer
+    from pillsnap.eval.calibration import _held_out_loader, _val_answers, answers_unknown_report
+    from pillsnap.infer.answer import calibrated_evidence, decide_answer
     from pillsnap.infer.matching import KnownImprints
-    from pillsnap.infer.unknown import ClassGaussians, UnknownAnswer
 
-    cal = json.loads((exp / "checkpoints" / "calibration.json").read_text())
-    rule = cal["unknown_rule"]
-    by_source = {source: values[rule] for source, values in (cal.get("unknown_thresholds_by_source") or {}).items()}
-    unknown = UnknownAnswer(rule, cal["unknown_thresholds"][rule],
-                            ClassGaussians.load(exp / "checkpoints" / cal["features_file"]), by_source or None)
     names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
-    manifest = load_manifest_if_any(cfg)
     held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
     if held is None:
         return {}
-    dataset, temperature = loaders.cls_val.dataset, float(cal["temperature"])
-    known_items = _val_answers(model, dataset, temperature, names, class_map, int(cfg.inference.topk), 1, limit, True,
-                               unknown, crop_sources(dataset, manifest), check_unknown=True)
     n_held = min(len(held.dataset), limit)
-    held_items = _val_answers(model, held.dataset, temperature, names, class_map, int(cfg.inference.topk), 1, n_held,
-                              True, unknown, np.full(n_held, "single"), check_unknown=True)
-    weights = dataclasses.replace(WEIGHTS, likelihood=float(cal.get("likelihood_weight", 0.0))).with_read_scaled(
-        float(cal.get("evidence_scale") or 1.0))
+    held_items = _val_answers(model, held.dataset, float(cal["temperature"]), names, class_map,
+                              int(cfg.inference.topk), 1, n_held, True, unknown, np.full(n_held, "single"),
+                              check_unknown=True)
+    weights, thresholds = calibrated_evidence(cal)
     imprints = KnownImprints(class_map)
 
     def answered(items, thresholds):
@@ -113,10 +107,9 @@ def unknown_pills(cfg, exp: Path, model, loaders, limit: int) -> dict:
                               thresholds, weights, known=imprints) for item in items]
 
     out = {}
-    for name, thresholds in (("with", THRESHOLDS), ("without", dataclasses.replace(THRESHOLDS,
-                                                                                   foreign_likelihood_gap=np.inf))):
-        out[name] = answers_unknown_report(answered(known_items, thresholds), known_items,
-                                           answered(held_items, thresholds))
+    for name, chosen in (("with", thresholds), ("without", dataclasses.replace(thresholds,
+                                                                             foreign_likelihood_gap=np.inf))):
+        out[name] = answers_unknown_report(answered(known_items, chosen), known_items, answered(held_items, chosen))
     return out
 
 

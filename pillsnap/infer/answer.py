@@ -103,6 +103,20 @@ class RerankWeights:
 THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
 
 
+def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, AnswerThresholds]:
+    """The evidence weights and thresholds a calibration's evidence scale and prediction sets were fit with, the
+    weights scaled by its `evidence_scale`. One made before the candidates' likelihoods counted (no
+    `likelihood_weight`) was fit without them: its answers are made without them, in the re-ranking and in the
+    imprint check. Without a calibration, the policy's own."""
+    calibration = calibration or {}
+    stale = bool(calibration) and "likelihood_weight" not in calibration
+    likelihood = 0.0 if stale else float(calibration.get("likelihood_weight", WEIGHTS.likelihood))
+    weights = replace(WEIGHTS, likelihood=likelihood,
+                      likelihood_cap=float(calibration.get("likelihood_cap", WEIGHTS.likelihood_cap)))
+    thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
+    return weights.with_read_scaled(float(calibration.get("evidence_scale") or 1.0)), thresholds
+
+
 class Classified(NamedTuple):
     """One crop through the classifier: its candidates best first (dicts with mapping_code, name, edi_codes and the
     calibrated probability) and how unknown it looks under the run's rule (higher: less like any known drug; None
@@ -396,13 +410,18 @@ def _foreign_by_text(read: ImprintRead | None, typed: str, top: Mapping, entries
         if read is None or read.score < score:
             return None
         text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
-    if len(text) < chars or any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries):
+    if len(text) < chars or _like_a_candidate(text, entries, thresholds):
         return None
     match = known.closest(text) if known is not None else None
     whose = (f" (it is the imprint of {match.code}, {match.imprint!r}, a drug it does not look like)"
              if match is not None and match.similarity >= thresholds.imprint_accept else "")
     return (f"{said} is like none of the imprints of {drugs} it looks like{whose}: not one of them; nearest "
             f"candidates in topk")
+
+
+def _like_a_candidate(text: str, entries: Sequence[Mapping], thresholds: AnswerThresholds) -> bool:
+    """Whether an imprint is like one of the candidates' (imprint_floor): then it is no evidence against them."""
+    return any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries)
 
 
 def _foreign_by_likelihood(read: ImprintRead | None, entries: Sequence[Mapping], thresholds: AnswerThresholds) -> bool:
@@ -414,7 +433,7 @@ def _foreign_by_likelihood(read: ImprintRead | None, entries: Sequence[Mapping],
         return False
     if read.read_likelihood is None or not math.isfinite(read.read_likelihood) or has_unreadable_side(entries[0]):
         return False
-    if any(class_imprint_similarity(read.normalized, entry) >= thresholds.imprint_floor for entry in entries):
+    if _like_a_candidate(read.normalized, entries, thresholds):
         return False
     likelihoods = read.likelihoods or {}
     sides = [normalize_imprint(side) for entry in entries for side in class_imprints(entry)]

@@ -12,7 +12,6 @@ torch or, with `inference.backend: onnx`, by onnxruntime from `{exp_dir}/export/
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,11 +24,10 @@ import torch
 from PIL import Image
 
 from pillsnap.infer.answer import (
-    THRESHOLDS,
-    WEIGHTS,
     Classified,
     SetRule,
     UnknownRule,
+    calibrated_evidence,
     classifier_candidates,
     decide_answer,
 )
@@ -125,21 +123,12 @@ class Predictor:
         imprint = self.settings.imprint
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = self._set_rule(bool(imprint.enabled))
-        self.thresholds = THRESHOLDS
         # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
-        # what they say (pillsnap.eval.calibration.fit_evidence_scale); a calibration made before the candidates'
-        # likelihoods counted was fit without them, and its answers are made without them
-        calibration = self.calibration or {}
-        scale = float(calibration.get("evidence_scale") or 1.0)
-        likelihood = float(calibration.get("likelihood_weight", 0.0 if calibration else WEIGHTS.likelihood))
-        cap = float(calibration.get("likelihood_cap", WEIGHTS.likelihood_cap))
-        if calibration and "likelihood_weight" not in calibration:
-            if imprint.enabled:
-                LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
-                               "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
-            # its prediction sets were calibrated on answers the imprint check made by the text alone
-            self.thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf)
-        self.weights = replace(WEIGHTS, likelihood=likelihood, likelihood_cap=cap).with_read_scaled(scale)
+        # what they say (pillsnap.eval.calibration.fit_evidence_scale), and the thresholds its sets were fit with
+        self.weights, self.thresholds = calibrated_evidence(self.calibration)
+        if self.calibration and "likelihood_weight" not in self.calibration and imprint.enabled:
+            LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
+                           "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
         # is (set again when enrolments change)
