@@ -420,3 +420,6 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     fitted = Predictor(root, _cfg(root), device="cpu")
     assert (fitted.weights.likelihood, fitted.weights.likelihood_cap) == (1.0, 5.0)  # 2.0 at the scale 0.5
     assert fitted.thresholds.foreign_likelihood_gap == THRESHOLDS.foreign_likelihood_gap
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": "heavy"})
+    with pytest.raises(ValueError, match="calibration.json: likelihood_weight must be a number, got 'heavy'"):
+        Predictor(root, _cfg(root), device="cpu")

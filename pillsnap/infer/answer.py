@@ -109,12 +109,21 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     `likelihood_weight`) was fit without them: its answers are made without them, in the re-ranking and in the
     imprint check. Without a calibration, the policy's own."""
     calibration = calibration or {}
+
+    def number(key: str, default: float) -> float:
+        value = calibration.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"calibration.json: {key} must be a number, got {value!r} (recalibrate: pillsnap "
+                             f"calibrate --exp EXP)")
+        return float(value)
+
     stale = bool(calibration) and "likelihood_weight" not in calibration
-    likelihood = 0.0 if stale else float(calibration.get("likelihood_weight", WEIGHTS.likelihood))
-    weights = replace(WEIGHTS, likelihood=likelihood,
-                      likelihood_cap=float(calibration.get("likelihood_cap", WEIGHTS.likelihood_cap)))
+    weights = replace(WEIGHTS, likelihood=0.0 if stale else number("likelihood_weight", WEIGHTS.likelihood),
+                      likelihood_cap=number("likelihood_cap", WEIGHTS.likelihood_cap))
     thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
-    return weights.with_read_scaled(float(calibration.get("evidence_scale") or 1.0)), thresholds
+    return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
 
 
 class Classified(NamedTuple):
