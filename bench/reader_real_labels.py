@@ -7,7 +7,9 @@ size in mm, colours and form. Each readable side is drawn by the generator's own
 printed on a capsule) in its label colour and two other common ones, at several azimuths, camera elevations and
 real crop sizes (170-500 px), and cut at its box like the real crops. Per crop: a blind read (exact after
 normalisation) and a read given three candidate imprints (the truth and two others of the real labels; right when
-the truth is the unique best match above the similarity floor, under each version's own matching), and the time
+the reader's own pick, `matched`: by the read text where the truth is its unique best match above the similarity
+floor under each version's own matching, or by the candidates' likelihoods where the reader picked by them; the
+text-alone figure is printed beside it), and the time
 per read. For the working tree's reader also the answer policy's pick among the crop's three drugs (each with both
 sides as labelled, given to the reader as inference gives them, at equal classifier probabilities): by the read
 text alone and with the candidates' likelihoods (RerankWeights.likelihood).
@@ -126,6 +128,14 @@ def _right(read: str, truth: str, candidates: list[str], similarity: Callable = 
     return best > THRESHOLDS.imprint_floor and sims.count(best) == 1 and sims[candidates.index(truth)] == best
 
 
+def _picked(read: object, truth: str, candidates: list[str], similarity: Callable) -> bool:
+    """The reader's own pick (`matched`) is the truth: by the likelihoods where it picked by them (strictly
+    likeliest by construction), else as `_right` (a reader without `matched_by` picks by the text alone)."""
+    if getattr(read, "matched_by", None) == "likelihood":
+        return read.matched == normalize_imprint(truth)
+    return _right(read.text, truth, candidates, similarity)
+
+
 def policy_picks(reader: object, crop: Crop) -> tuple[bool, bool]:
     """Whether the answer policy ranks the right drug first among the crop's three drugs (equal classifier
     probabilities, the reader given both sides of each as inference gives them): by the read text alone, and with
@@ -143,7 +153,7 @@ def policy_picks(reader: object, crop: Crop) -> tuple[bool, bool]:
 
 def measure(reader: object, crops: list[Crop], similarity: Callable = class_imprint_similarity,
             policy: bool = False) -> dict:
-    exact = right = by_text = by_likelihood = 0
+    exact = right = by_read_text = by_text = by_likelihood = 0
     seconds: list[float] = []
     misses, misses3 = [], []
     for crop in crops:
@@ -154,8 +164,9 @@ def measure(reader: object, crops: list[Crop], similarity: Callable = class_impr
         seconds.append((time.perf_counter() - start) / 2)
         ok = normalize_imprint(blind.text) == normalize_imprint(crop.truth)
         exact += ok
-        picked = _right(given.text, crop.truth, candidates, similarity)
+        picked = _picked(given, crop.truth, candidates, similarity)
         right += picked
+        by_read_text += _right(given.text, crop.truth, candidates, similarity)
         if not ok:
             misses.append(f"{normalize_imprint(crop.truth)}:{blind.text!r}")
         if not picked:
@@ -164,8 +175,9 @@ def measure(reader: object, crops: list[Crop], similarity: Callable = class_impr
             text_only, with_likelihoods = policy_picks(reader, crop)
             by_text += text_only
             by_likelihood += with_likelihoods
-    return {"exact": exact, "right3": right, "n": len(crops), "ms": 1000 * statistics.median(seconds),
-            "misses": misses, "misses3": misses3, "policy": (by_text, by_likelihood) if policy else None}
+    return {"exact": exact, "right3": right, "right3_text": by_read_text, "n": len(crops),
+            "ms": 1000 * statistics.median(seconds), "misses": misses, "misses3": misses3,
+            "policy": (by_text, by_likelihood) if policy else None}
 
 
 def main() -> None:
@@ -198,7 +210,9 @@ def main() -> None:
     before, after = results["before (HEAD)"], results["after"]
     for name, r in results.items():
         print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
-              f"{r['right3']:3d}/{r['n']} = {r['right3'] / r['n']:.3f}   {r['ms']:.0f} ms per read (median)")
+              f"{r['right3']:3d}/{r['n']} = {r['right3'] / r['n']:.3f} "
+              f"(by the read text alone {r['right3_text']:3d})   "
+              f"{r['ms']:.0f} ms per read (median)")
         if args.show_misses:
             print("   blind misses:", " ".join(r["misses"]))
             print("   misses among 3 (truth:read(others)):", " ".join(r["misses3"]))

@@ -19,6 +19,7 @@ from pillsnap.infer.imprint import (
     central_band,
     ctc_log_likelihoods,
     get_models,
+    pick_candidate,
     principal_axis,
     text_lines,
     turn,
@@ -250,7 +251,7 @@ class ProbModels(FakeModels):
         out = []
         for text, score in super().recognise(patches):
             frames = [0] + [k for c in text for k in (CHARS[c], CHARS[c], 0)]
-            probs = np.full((len(frames) + 4, len(CHARS) + 1), 0.02)
+            probs = np.full((len(frames) + 4, max(CHARS.values()) + 1), 0.02)
             probs[np.arange(len(frames)), frames] = 0.8
             probs[len(frames):, 0] = 0.8
             out.append(LineRead(text, score, probs / probs.sum(1, keepdims=True)))
@@ -272,6 +273,45 @@ def test_candidates_likelihoods_from_the_lines_read():
     assert ImprintReader(models=ProbModels()).read(_pill_crop(35), ["XY9"]).read_likelihood == likelihoods["AB12"]
     assert ImprintReader(models=ProbModels()).read(_pill_crop(35)).likelihoods is None  # no candidates: none
     assert ImprintReader(models=FakeModels()).read(_pill_crop(35), ["AB12"]).likelihoods == {}  # no probabilities
+
+
+def test_the_reader_picks_by_the_text_else_by_the_likelihoods():
+    """The candidate a read fits: the text decides where it matches one; where it matches none, the strictly
+    likeliest candidate on the lines; never by the likelihoods while a candidate could not be measured."""
+    reader = ImprintReader(models=ProbModels())
+    by_text = reader.read(_pill_crop(35), ["AB", "2B"])  # "AB12" is like "AB" as text (0.75)
+    assert (by_text.matched, by_text.matched_by) == ("AB", "text")
+    by_strokes = reader.read(_pill_crop(35), ["9", "A2"])  # like neither as text; no "9" in the strokes
+    assert (by_strokes.matched, by_strokes.matched_by) == ("A2", "likelihood")
+    assert by_strokes.likelihoods["A2"] > by_strokes.likelihoods["9"]
+    assert by_strokes.similarity == 0.5  # still the read text's similarity to what was picked
+    # "Y" read from "I|Y": like none as text, likeliest "IY"; the text alone would have kept its own best fit, "5"
+    likelihoods = {"IY": -2.7, "5": -5.1, "213": -14.1}
+    assert pick_candidate("Y", "5", 0.3, likelihoods, ["I|Y", "5", "*213"]) == ("IY", 0.5, "likelihood")
+    # a good text match stands, whatever the likelihoods say
+    assert pick_candidate("IY", "I|Y", 1.0, {"IY": -9.0, "5": -1.0}, ["I|Y", "5"]) == ("IY", 1.0, "text")
+    # an unspellable candidate (Hangul) might be the truth: the text's own best fit, however weak
+    assert pick_candidate("Y", "5", 0.3, likelihoods, ["I|Y", "5", "가나"]) == ("5", 0.3, "text")
+    # a tie says nothing, and -inf counts as not measured
+    assert pick_candidate("Y", "5", 0.3, {"IY": -3.0, "5": -3.0}, ["I|Y", "5"])[2] == "text"
+    assert pick_candidate("", None, None, {"IY": -3.0, "5": -math.inf}, ["I|Y", "5"]) == (None, None, None)
+    assert pick_candidate("", None, None, {"IY": -3.0, "5": -9.0}, ["I|Y", "5"]) == ("IY", None, "likelihood")
+    # a logo-only side has nothing to measure and cannot be picked, by the text or the likelihoods
+    assert pick_candidate("", None, None, {"IY": -3.0, "5": -9.0}, ["I|Y", "5", "*"]) == ("IY", None, "likelihood")
+
+
+def test_lines_read_as_nothing_give_no_likelihoods():
+    """On frames the recogniser reads as blank, a candidate's likelihood says only how few characters it has (a
+    one-character imprint would beat every longer one): such lines are not evidence."""
+
+    class Blank(ProbModels):  # finds the text bar, reads it as nothing at every turn
+        @staticmethod
+        def _red(bgr):
+            return np.zeros(bgr.shape[:2], bool)
+
+    read = ImprintReader(models=Blank()).read(_pill_crop(35), ["A", "AB12"])
+    assert read.text == "" and read.likelihoods == {} and read.read_likelihood is None
+    assert (read.matched, read.matched_by) == (None, None)
 
 
 def _frames(models, spelled: str) -> np.ndarray:

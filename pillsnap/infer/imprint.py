@@ -40,6 +40,10 @@ class ImprintRead:
     """One crop's reading. `text` is what was recognised (lines joined by spaces, "" when nothing was);
     `score` the recogniser's mean confidence in [0, 1]; `angle` the counter-clockwise turn in degrees that
     made it readable; `matched` / `similarity` the candidate imprint it fits best, when candidates were given.
+    `matched_by` says which evidence picked `matched`: "text" when the read is like it as text (imprint_accept),
+    else "likelihood", the candidate the recogniser's probabilities find strictly likeliest on the lines, when every
+    candidate with characters could be measured ("Y" read from "I|Y" picks "IY" over "5" and "213" although
+    it matches none of them as text); `similarity` stays the read text's similarity to `matched`.
     `likelihoods`, when candidates were given: for each candidate imprint (normalised) the recogniser can spell,
     the natural log of the probability that the lines read say exactly it (the best line, or the lines together,
     at the best turn for it). A garbled read still says which candidate the strokes fit: "F" is far likelier
@@ -55,6 +59,7 @@ class ImprintRead:
     similarity: float | None = None
     likelihoods: dict[str, float] | None = None
     read_likelihood: float | None = None
+    matched_by: str | None = None
 
     @property
     def normalized(self) -> str:
@@ -462,6 +467,26 @@ def _widen(box: tuple[int, int, int, int], text: np.ndarray) -> tuple[int, int, 
     return (min(x0, int(cols[0])), y0, max(x1, int(cols[-1]) + 1), y1) if len(cols) else box
 
 
+def pick_candidate(text: str, matched: str | None, similarity: float | None, likelihoods: dict[str, float] | None,
+                   targets: Sequence[str]) -> tuple[str | None, float | None, str | None]:
+    """(imprint, text similarity, "text" | "likelihood") of the candidate a read fits best, normalised ("*A1", a
+    logo and A1, as "A1"): the one its text is like (imprint_accept or better); else the one the recogniser's
+    probabilities find strictly likeliest on the lines, when every candidate that has characters was measured (an
+    unspellable one, in Hangul, could be the truth); else the text's best fit, however weak. On crops drawn from
+    the real label fields the likelihoods pick the right imprint among three where the text is garbled ("Y" for
+    "I|Y", "" for "HT") far more often than the text does (bench/reader_real_labels.py)."""
+    if matched is not None and (similarity or 0.0) >= THRESHOLDS.imprint_accept:
+        return normalize_imprint(matched), similarity, "text"
+    keys = {normalize_imprint(t): t for t in targets if normalize_imprint(t)}
+    ranked = sorted(((k, v) for k, v in (likelihoods or {}).items() if math.isfinite(v)), key=lambda kv: -kv[1])
+    if ranked and set(keys) <= {k for k, _ in ranked} and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
+        imprint = ranked[0][0]
+        return imprint, imprint_similarity(text, keys[imprint]) if normalize_imprint(text) else None, "likelihood"
+    if matched is None:
+        return None, None, None
+    return normalize_imprint(matched), similarity, "text"
+
+
 class ImprintReader:
     """Reads imprints on pill crops. The OCR models load on the first read and are shared by every reader of the
     process; `models` replaces them (any object with RapidOcrModels' `text_map` and `recognise`)."""
@@ -494,10 +519,11 @@ class ImprintReader:
         seconds = time.perf_counter() - start
         LOGGER.debug("imprint: %r (score %.2f, turn %.0f, text found: %s) in %.0f ms", best.text, best.score,
                      best.angle, found, seconds * 1000)
-        matched = None if best.matched is None else normalize_imprint(best.matched)  # "*A1" (a logo, A1) as "A1"
+        matched, similarity, matched_by = pick_candidate(best.text, best.matched, best.similarity, best.likelihoods,
+                                                         targets)
         return ImprintRead(best.text, round(best.score, 4), round(best.angle % 360.0, 1), round(seconds, 4),
-                           found, matched, None if best.similarity is None else round(best.similarity, 4),
-                           best.likelihoods, best.read_likelihood)
+                           found, matched, None if similarity is None else round(similarity, 4),
+                           best.likelihoods, best.read_likelihood, matched_by)
 
     def _relief(self, crop: Image.Image, bgr: np.ndarray, text: np.ndarray,
                 pill: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
@@ -592,8 +618,10 @@ class ImprintReader:
         for start in range(len(lines)):
             for stop in range(start + 1, len(lines) + 1):
                 group = lines[start:stop]
-                said = "".join("".join(text.split()) for text, _ in group)  # "" (lines read as nothing) is not one
+                said = "".join("".join(text.split()) for text, _ in group)
+                if not said:  # lines read as nothing say only how few characters a candidate has
+                    continue
                 *values, mine = self.models.log_likelihoods([probs for _, probs in group], [*texts, said])
-                best, own = np.maximum(best, values), max(own, mine if said else -math.inf)
+                best, own = np.maximum(best, values), max(own, mine)
         return ({t: float(v) for t, v in zip(texts, best, strict=True) if np.isfinite(v)},
                 own if np.isfinite(own) else None)
