@@ -122,12 +122,12 @@ def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
     for method in SET_METHODS:  # the predictor's own set rule loaded, so every method's scores are there
         threshold, _ = load_set_rule(predictor.calibration, method, rule.coverage, reading, predictor.check_unknown)
         shown = threshold if np.isfinite(threshold) else None
-        by_method[method] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
-                                                                         rule.coverage if rule.fill else None))}
-        # the other choice of inference.prediction_set.fill_to_coverage, on the same answers
-        key = f"{method} {'not filled' if rule.fill else f'filled to {rule.coverage:.2f}'}"
-        by_method[key] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
-                                                                      None if rule.fill else rule.coverage))}
+        # the configured inference.prediction_set.fill_to_coverage, then the other choice, on the same answers
+        for fill in (rule.fill, not rule.fill):
+            other = f"filled to {rule.coverage:.2f}" if fill else "not filled"
+            key = method if fill == rule.fill else f"{method} {other}"
+            by_method[key] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
+                                                                          rule.coverage if fill else None))}
     return by_method
 
 
