@@ -7,9 +7,9 @@ size in mm, colours and form. Each readable side is drawn by the generator's own
 printed on a capsule) in its label colour and two other common ones, at several azimuths, camera elevations and
 real crop sizes (170-500 px), and cut at its box like the real crops. Per crop: a blind read (exact after
 normalisation) and a read given three candidate imprints (the truth and two others of the real labels; right when
-the reader's own pick, `matched`: by the read text where the truth is its unique best match above the similarity
-floor under each version's own matching, or by the candidates' likelihoods where the reader picked by them; the
-text-alone figure is printed beside it), and the time
+the reader's own pick, `matched`, is the truth, under each version's own rule: the text's best fit before
+the candidates' likelihoods, by them where the text is like none since; beside it the same reads scored by the text
+alone, right when the truth is the read's unique best match above the similarity floor), and the time
 per read. For the working tree's reader also the answer policy's pick among the crop's three drugs (each with both
 sides as labelled, given to the reader as inference gives them, at equal classifier probabilities): by the read
 text alone and with the candidates' likelihoods (RerankWeights.likelihood).
@@ -128,12 +128,9 @@ def _right(read: str, truth: str, candidates: list[str], similarity: Callable = 
     return best > THRESHOLDS.imprint_floor and sims.count(best) == 1 and sims[candidates.index(truth)] == best
 
 
-def _picked(read: object, truth: str, candidates: list[str], similarity: Callable) -> bool:
-    """The reader's own pick (`matched`) is the truth: by the likelihoods where it picked by them (strictly
-    likeliest by construction), else as `_right` (a reader without `matched_by` picks by the text alone)."""
-    if getattr(read, "matched_by", None) == "likelihood":
-        return read.matched == normalize_imprint(truth)
-    return _right(read.text, truth, candidates, similarity)
+def _picked(read: object, truth: str) -> bool:
+    """The reader's own pick (`matched`, each version's own rule) is the truth."""
+    return read.matched is not None and normalize_imprint(read.matched) == normalize_imprint(truth)
 
 
 def policy_picks(reader: object, crop: Crop) -> tuple[bool, bool]:
@@ -164,7 +161,7 @@ def measure(reader: object, crops: list[Crop], similarity: Callable = class_impr
         seconds.append((time.perf_counter() - start) / 2)
         ok = normalize_imprint(blind.text) == normalize_imprint(crop.truth)
         exact += ok
-        picked = _picked(given, crop.truth, candidates, similarity)
+        picked = _picked(given, crop.truth)
         right += picked
         by_read_text += _right(given.text, crop.truth, candidates, similarity)
         if not ok:

@@ -296,8 +296,14 @@ def test_the_reader_picks_by_the_text_else_by_the_likelihoods():
     assert pick_candidate("Y", "5", 0.3, {"IY": -3.0, "5": -3.0}, ["I|Y", "5"])[2] == "text"
     assert pick_candidate("", None, None, {"IY": -3.0, "5": -math.inf}, ["I|Y", "5"]) == (None, None, None)
     assert pick_candidate("", None, None, {"IY": -3.0, "5": -9.0}, ["I|Y", "5"]) == ("IY", None, "likelihood")
-    # a logo-only side has nothing to measure and cannot be picked, by the text or the likelihoods
-    assert pick_candidate("", None, None, {"IY": -3.0, "5": -9.0}, ["I|Y", "5", "*"]) == ("IY", None, "likelihood")
+    # a logo-only side has nothing the recogniser can measure, and could be the truth, like a Hangul imprint
+    assert pick_candidate("", None, None, {"IY": -3.0, "5": -9.0}, ["I|Y", "5", "*"]) == (None, None, None)
+    # a likelihood for something that is not a candidate is no reason to pick it, or anything
+    assert pick_candidate("", None, None, {"ZZ": -1.0, "IY": -3.0, "5": -4.0}, ["I|Y", "5"])[0] == "IY"
+    assert pick_candidate("Y", None, None, {"IY": -1.0}, []) == (None, None, None)
+    # two candidates alike once normalised ("*A1", a logo and A1, and "A1"): one imprint, its best similarity
+    for order in (["*A1", "A1", "B7"], ["A1", "*A1", "B7"]):
+        assert pick_candidate("XA", None, None, {"A1": -2.0, "B7": -5.0}, order) == ("A1", 0.35, "likelihood")
 
 
 def test_lines_read_as_nothing_give_no_likelihoods():

@@ -40,10 +40,11 @@ class ImprintRead:
     """One crop's reading. `text` is what was recognised (lines joined by spaces, "" when nothing was);
     `score` the recogniser's mean confidence in [0, 1]; `angle` the counter-clockwise turn in degrees that
     made it readable; `matched` / `similarity` the candidate imprint it fits best, when candidates were given.
-    `matched_by` says which evidence picked `matched`: "text" when the read is like it as text (imprint_accept),
-    else "likelihood", the candidate the recogniser's probabilities find strictly likeliest on the lines, when every
-    candidate with characters could be measured ("Y" read from "I|Y" picks "IY" over "5" and "213" although
-    it matches none of them as text); `similarity` stays the read text's similarity to `matched`.
+    `matched_by` says which evidence picked `matched` (pick_candidate): "text" when the read is like it as text
+    (imprint_accept), else "likelihood", the candidate the recogniser's probabilities find strictly likeliest on
+    the lines, when every candidate could be measured ("Y" read from "I|Y" picks "IY" over "5" and "213" although
+    it matches none of them as text); `similarity` stays the read text's similarity to `matched`. A choice among
+    the candidates, not evidence that the imprint is there.
     `likelihoods`, when candidates were given: for each candidate imprint (normalised) the recogniser can spell,
     the natural log of the probability that the lines read say exactly it (the best line, or the lines together,
     at the best turn for it). A garbled read still says which candidate the strokes fit: "F" is far likelier
@@ -471,17 +472,26 @@ def pick_candidate(text: str, matched: str | None, similarity: float | None, lik
                    targets: Sequence[str]) -> tuple[str | None, float | None, str | None]:
     """(imprint, text similarity, "text" | "likelihood") of the candidate a read fits best, normalised ("*A1", a
     logo and A1, as "A1"): the one its text is like (imprint_accept or better); else the one the recogniser's
-    probabilities find strictly likeliest on the lines, when every candidate that has characters was measured (an
-    unspellable one, in Hangul, could be the truth); else the text's best fit, however weak. On crops drawn from
-    the real label fields the likelihoods pick the right imprint among three where the text is garbled ("Y" for
-    "I|Y", "" for "HT") far more often than the text does (bench/reader_real_labels.py)."""
+    probabilities find strictly likeliest on the lines, when every candidate was measured (one the recogniser
+    cannot spell, a Hangul imprint or a logo alone, could be the truth); else the text's best fit, however weak.
+
+    Either way it is a choice among the candidates, not evidence that the imprint is there. On lines that show
+    little, CTC rightly finds a one-character imprint the likeliest to have been missed, so a pill with no imprint
+    at all is still "matched" to the shortest candidate: the answer policy weighs the likelihoods per drug itself
+    and leaves a drug with a plain side out of them. On crops drawn from the real label fields the likelihoods pick
+    the right imprint among three a little more often than the text does (bench/reader_real_labels.py)."""
     if matched is not None and (similarity or 0.0) >= THRESHOLDS.imprint_accept:
         return normalize_imprint(matched), similarity, "text"
-    keys = {normalize_imprint(t): t for t in targets if normalize_imprint(t)}
-    ranked = sorted(((k, v) for k, v in (likelihoods or {}).items() if math.isfinite(v)), key=lambda kv: -kv[1])
-    if ranked and set(keys) <= {k for k, _ in ranked} and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
-        imprint = ranked[0][0]
-        return imprint, imprint_similarity(text, keys[imprint]) if normalize_imprint(text) else None, "likelihood"
+    keys: dict[str, list[str]] = {}
+    for target in targets:
+        keys.setdefault(normalize_imprint(target), []).append(target)
+    measured = sorted(((k, v) for k, v in (likelihoods or {}).items() if k in keys and math.isfinite(v)),
+                      key=lambda kv: -kv[1])
+    if keys and "" not in keys and set(keys) == {k for k, _ in measured} and (
+            len(measured) == 1 or measured[0][1] > measured[1][1]):
+        imprint = measured[0][0]
+        read = max(imprint_similarity(text, t) for t in keys[imprint]) if normalize_imprint(text) else None
+        return imprint, read, "likelihood"
     if matched is None:
         return None, None, None
     return normalize_imprint(matched), similarity, "text"
