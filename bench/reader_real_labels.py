@@ -105,17 +105,26 @@ def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
     return crops
 
 
+HEAD_MODULES = ("matching", "ocr", "imprint_geometry", "imprint")  # the reader's modules, each after those it uses
+
+
 def head_reader_module(ref: str = "HEAD") -> ModuleType:
-    """pillsnap/infer/imprint.py as it is at git `ref` (with that matching.py), loaded as a temporary module."""
-    modules = {}
-    for name in ("matching", "imprint"):
-        source = subprocess.run(["git", "show", f"{ref}:pillsnap/infer/{name}.py"], cwd=REPO, check=True,
-                                capture_output=True, text=True).stdout
-        source = source.replace("from pillsnap.infer.matching import", "from _head_matching import")
+    """pillsnap/infer/imprint.py as it is at git `ref`, with the reader's other modules as they are there (those
+    that exist at `ref`: before the split the OCR and the geometry lived in imprint.py), loaded as temporary
+    modules."""
+    modules: dict[str, ModuleType] = {}
+    for name in HEAD_MODULES:
+        shown = subprocess.run(["git", "show", f"{ref}:pillsnap/infer/{name}.py"], cwd=REPO, capture_output=True,
+                               text=True)
+        if shown.returncode:
+            continue
+        source = shown.stdout
+        for loaded in modules:
+            source = source.replace(f"from pillsnap.infer.{loaded} import", f"from _head_{loaded} import")
         spec = importlib.util.spec_from_loader(f"_head_{name}", loader=None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"_head_{name}"] = module
-        exec(compile(source, f"HEAD:pillsnap/infer/{name}.py", "exec"), module.__dict__)  # noqa: S102
+        exec(compile(source, f"{ref}:pillsnap/infer/{name}.py", "exec"), module.__dict__)  # noqa: S102
         modules[name] = module
     return modules["imprint"]
 

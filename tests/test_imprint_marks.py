@@ -207,7 +207,7 @@ def _rendered(look) -> np.ndarray:
 
 
 def test_reader_finds_a_score_line_across_the_text_and_none_on_letters(looks):
-    from pillsnap.infer.imprint import find_score_line, relief_strokes
+    from pillsnap.infer.imprint_geometry import find_score_line, relief_strokes
     from pillsnap.infer.preprocess import pill_mask
 
     base = next(lk for lk in looks if not lk.ink and not lk.capsule and lk.shape == "원형")

@@ -12,18 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pillsnap.infer.imprint import (
-    ImprintRead,
-    ImprintReader,
-    LineRead,
-    central_band,
-    ctc_log_likelihoods,
-    get_models,
-    pick_candidate,
-    principal_axis,
-    text_lines,
-    turn,
-)
+from pillsnap.infer.imprint import ImprintRead, ImprintReader, pick_candidate
+from pillsnap.infer.imprint_geometry import central_band, principal_axis, text_lines, turn
+from pillsnap.infer.ocr import LineRead, ctc_log_likelihoods, get_models
 from pillsnap.infer.preprocess import locate_pill, pill_mask
 
 BACKDROP, PILL, INK, MARK = (90, 100, 140), (240, 238, 230), (40, 40, 40), (230, 30, 30)
@@ -150,7 +141,8 @@ def test_nothing_to_read():
 
 
 def test_importing_the_modules_loads_no_ocr_and_no_torch():
-    code = ("import sys, pillsnap.infer.imprint, pillsnap.infer.matching; "
+    code = ("import sys, pillsnap.infer.imprint, pillsnap.infer.imprint_geometry, pillsnap.infer.ocr, "
+            "pillsnap.infer.matching; "
             "print([m for m in ('rapidocr_onnxruntime', 'onnxruntime', 'cv2', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

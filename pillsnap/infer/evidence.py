@@ -28,7 +28,8 @@ class Evidence:
     def reader(self) -> Any:
         """The imprint reader, or None (with one warning) when rapidocr-onnxruntime is not installed."""
         if self._reader is None:
-            from pillsnap.infer.imprint import ImprintReader, ReaderSettings, rapidocr_available
+            from pillsnap.infer.imprint import ImprintReader, ReaderSettings
+            from pillsnap.infer.ocr import rapidocr_available
 
             if not rapidocr_available():
                 LOGGER.warning("imprint reading is on (inference.imprint.enabled) but rapidocr-onnxruntime is not "
