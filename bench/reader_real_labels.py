@@ -108,25 +108,32 @@ def make_crops(labels: list[dict], variants: int, seed: int) -> list[Crop]:
 HEAD_MODULES = ("matching", "ocr", "imprint_geometry", "imprint")  # the reader's modules, each after those it uses
 
 
-def head_reader_module(ref: str = "HEAD") -> ModuleType:
-    """pillsnap/infer/imprint.py as it is at git `ref`, with the reader's other modules as they are there (those
-    that exist at `ref`: before the split the OCR and the geometry lived in imprint.py), loaded as temporary
-    modules."""
+def head_reader_modules(ref: str = "HEAD") -> dict[str, ModuleType]:
+    """The reader's modules as they are at git `ref` ({name: module}; before the split the OCR and the geometry
+    lived in imprint.py, so only the modules that exist there), loaded as temporary `_head_*` modules that import
+    each other, never the working tree's. A ref git does not know stops the bench with one line saying so."""
+    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=REPO,
+                      capture_output=True).returncode:
+        raise SystemExit(f"--baseline-ref {ref!r}: not a commit of this repository")
+    for stale in [name for name in sys.modules if name.startswith("_head_")]:
+        del sys.modules[stale]  # a ref loaded before: its modules must not stand in for this one's
     modules: dict[str, ModuleType] = {}
     for name in HEAD_MODULES:
-        shown = subprocess.run(["git", "show", f"{ref}:pillsnap/infer/{name}.py"], cwd=REPO, capture_output=True,
-                               text=True)
-        if shown.returncode:
+        path = f"{ref}:pillsnap/infer/{name}.py"
+        there = subprocess.run(["git", "cat-file", "-e", path], cwd=REPO, capture_output=True).returncode == 0
+        if not there and name in ("ocr", "imprint_geometry"):
             continue
-        source = shown.stdout
+        source = subprocess.run(["git", "show", path], cwd=REPO, check=True, capture_output=True, text=True).stdout
         for loaded in modules:
             source = source.replace(f"from pillsnap.infer.{loaded} import", f"from _head_{loaded} import")
+        left = [m for m in HEAD_MODULES if m in modules and f"from pillsnap.infer.{m} import" in source]
+        assert not left, f"{path} imports {left} in a way the loader does not rewrite"
         spec = importlib.util.spec_from_loader(f"_head_{name}", loader=None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"_head_{name}"] = module
-        exec(compile(source, f"{ref}:pillsnap/infer/{name}.py", "exec"), module.__dict__)  # noqa: S102
+        exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102
         modules[name] = module
-    return modules["imprint"]
+    return modules
 
 
 def _right(read: str, truth: str, candidates: list[str], similarity: Callable = class_imprint_similarity) -> bool:
@@ -204,18 +211,20 @@ def main() -> None:
     print(f"{len(crops)} crops from {len(labels)} real labels, long side {sizes[0]}-{sizes[-1]} px")
     from pillsnap.infer import imprint
 
-    head = head_reader_module(args.baseline_ref)
-    readers = {"before (HEAD)": head.ImprintReader(head.ReaderSettings(threads=args.threads)),
+    head_modules = head_reader_modules(args.baseline_ref)
+    head = head_modules["imprint"]
+    label = f"before ({args.baseline_ref})"
+    readers = {label: head.ImprintReader(head.ReaderSettings(threads=args.threads)),
                "after": imprint.ImprintReader(imprint.ReaderSettings(threads=args.threads))}
     results = {}
-    similarity = {"before (HEAD)": sys.modules["_head_matching"].class_imprint_similarity,
+    similarity = {label: head_modules["matching"].class_imprint_similarity,
                   "after": class_imprint_similarity}
     for name, reader in readers.items():
         reader.read(crops[0].image)  # loads the OCR models
         results[name] = measure(reader, crops, similarity[name], policy=name == "after")
-    before, after = results["before (HEAD)"], results["after"]
+    before, after = results[label], results["after"]
     for name, r in results.items():
-        print(f"{name:<14} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
+        print(f"{name:<{len(label)}} exact blind {r['exact']:3d}/{r['n']} = {r['exact'] / r['n']:.3f}   right among 3 "
               f"{r['right3']:3d}/{r['n']} = {r['right3'] / r['n']:.3f} "
               f"(by the read text alone {r['right3_text']:3d})   "
               f"{r['ms']:.0f} ms per read (median)")

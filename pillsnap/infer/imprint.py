@@ -190,7 +190,8 @@ def pick_candidate(text: str, matched: str | None, similarity: float | None, lik
 
 class ImprintReader:
     """Reads imprints on pill crops. The OCR models load on the first read and are shared by every reader of the
-    process; `models` replaces them (any object with RapidOcrModels' `text_map` and `recognise`)."""
+    process; `models` replaces them (any object with pillsnap.infer.ocr.RapidOcrModels' `text_map` and
+    `recognise`)."""
 
     def __init__(self, settings: ReaderSettings | None = None, models: Any = None) -> None:
         self.settings = settings or ReaderSettings()

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-# Pixel counts are at the reader's work size (ReaderSettings.work_px, 480 px on the long side), where a 2-character
-# imprint covers a few hundred text pixels.
+# Pixel counts are at the reader's work size (pillsnap.infer.imprint.ReaderSettings.work_px, 480 px on the long
+# side), where a 2-character imprint covers a few hundred text pixels.
 MIN_MASK_PIXELS = 10  # fewer pixels than this have no meaningful spread: no axis, no band
 TEXT_FOUND_PIXELS = 12  # text-map pixels on the pill that count as text found; fewer are specks
 # The text's own axis is trusted only for this much text, clearly longer than high (a 2+ character line is; one

@@ -12,13 +12,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# RapidOCR's recogniser reads lines scaled to this height (its model's input), padded to REC_WIDTH.
-REC_HEIGHT = 48
-REC_BATCH = 16  # lines recognised per call: all of a search step's (max_lines 3 x 2 turns) fit in one
+# RapidOCR's recogniser reads lines scaled to this height (its model's input), padded to at least a width
+# (rec_width; REC_WIDTH by default: imprints are short, 2-8 characters).
+REC_HEIGHT, REC_WIDTH = 48, 160
+# lines recognised per call: all of one step of the reader's search (pillsnap.infer.imprint: ReaderSettings.max_lines
+# 3 at each of 2 turns) fit in one
+REC_BATCH = 16
 DET_STRIDE = 32  # the text detector's input sides must be multiples of its stride
 _ENGINES: dict[tuple[int, int], Any] = {}
 _ENGINE_LOCK = threading.Lock()
-REC_WIDTH = 160  # lines are padded to at least this width (imprints are short: 2-8 characters)
 
 
 def rapidocr_available() -> bool:
