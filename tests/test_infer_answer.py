@@ -123,12 +123,25 @@ def test_thresholds_sit_on_one_scale_in_order():
 def test_classifier_candidates_is_the_one_top_k():
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]], dtype=np.float32)
     names = ["K-000001", "K-000002", "K-000003"]
-    first, second = classifier_candidates(probs, 2, names, {"K-000002": {"name": "two", "edi_codes": ["E1"]}})
+    (first, first_reserve), (second, _) = classifier_candidates(probs, 2, names,
+                                                                 {"K-000002": {"name": "two", "edi_codes": ["E1"]}})
     assert [c["mapping_code"] for c in first] == ["K-000002", "K-000003"]
     assert first[0] == {"mapping_code": "K-000002", "name": "two", "edi_codes": ["E1"],
                         "probability": pytest.approx(0.6)}
     assert [c["mapping_code"] for c in second] == ["K-000001", "K-000002"]  # a tie keeps the class order
-    assert len(classifier_candidates(probs, 10, names)[0]) == 3  # k is clipped to the class count
+    assert [c["mapping_code"] for c in first_reserve] == ["K-000001"]  # what a conclusive read may bring back
+    top, reserve = classifier_candidates(probs, 10, names)[0]
+    assert len(top) == 3 and reserve == ()  # k is clipped to the class count
+
+
+def test_the_reserve_holds_the_drugs_after_the_top_k_the_classifier_has_not_ruled_out():
+    probs = np.array([[0.5, 0.3, 0.15, 0.04, 0.0095, 0.0005]], dtype=np.float32)
+    names = [f"K-00000{i}" for i in range(6)]
+    _, reserve = classifier_candidates(probs, 2, names)[0]
+    assert [c["mapping_code"] for c in reserve] == ["K-000002", "K-000003", "K-000004"]  # not 0.0005 < 0.001
+    limited = AnswerThresholds(recall_max=2, recall_min_probability=0.01)
+    assert [c["mapping_code"] for c in classifier_candidates(probs, 2, names, None, limited)[0][1]] == \
+        ["K-000002", "K-000003"]
 
 
 # ---- the imprint check: an imprint none of the candidates carries -----------------------------------------------
@@ -191,6 +204,32 @@ def test_an_imprint_of_a_known_drug_it_does_not_look_like_is_named_in_the_reason
     one = classified(("K-000002", 1.0))
     assert "imprints of the drug it looks like" in decide_answer(one, CLASS_MAP, read("XWZ"), None, OFF,
                                                                  known=KNOWN).unknown_reason
+
+
+def test_a_conclusive_read_brings_back_a_look_alike_ranked_below_the_top_k():
+    """The drug whose imprint is read, ranked 4th by a classifier that keeps 3, comes back and is named; one the
+    classifier ruled out by its look (not in the reserve) is not, and neither a weak read nor a near miss recalls."""
+    class_map = {**CLASS_MAP, "K-000004": {"print_front": "KEF"}}
+    (top, reserve), = classifier_candidates(np.array([[0.6, 0.3, 0.0925, 0.0075]]), 3,
+                                            ["K-000002", "K-000001", "K-000003", "K-000004"], class_map)
+    pill = Classified(top, None, reserve)
+    answer = decide_answer(pill, class_map, read("KEF", 0.99), None, OFF, known=KnownImprints(class_map))
+    out = answer.to_dict()
+    assert out["mapping_code"] == "K-000004" and not answer.unknown and out["ranking_changed"]
+    assert out["topk"][0]["recalled_by_imprint"] is True and len(out["topk"]) == 4
+    assert out["topk"][0]["classifier_probability"] == pytest.approx(0.0075)
+    # a rule that withholds the look is overruled as by any conclusive read of the top candidate
+    far = decide_answer(pill._replace(unknown_score=250.0), class_map, read("KEF", 0.99), None,
+                        UnknownRule("feature_distance", 100.0, 3))
+    assert not far.unknown and far.to_dict()["mapping_code"] == "K-000004"
+    # not in the reserve (the classifier left it less than recall_min_probability): the read is foreign
+    ruled_out = decide_answer(Classified(top, None), class_map, read("KEF", 0.99), None, OFF,
+                              known=KnownImprints(class_map))
+    assert ruled_out.unknown and "the imprint of K-000004" in ruled_out.unknown_reason
+    # unsure (a held-out pill's "HC" at 0.57 would name a known "HC"), a near miss, one character
+    for weak in (read("KEF", 0.57), read("KE", 0.99), read("K", 0.99)):
+        assert decide_answer(pill, class_map, weak, None, OFF).to_dict()["mapping_code"] != "K-000004"
+    assert decide_answer(pill, class_map, None, None, OFF).candidates == top  # no read: the top-k as it was
 
 
 def test_known_imprints_find_the_closest_and_stop_at_enough():

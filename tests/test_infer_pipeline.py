@@ -423,3 +423,30 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": "heavy"})
     with pytest.raises(ValueError, match="calibration.json: likelihood_weight must be a number, got 'heavy'"):
         Predictor(root, _cfg(root), device="cpu")
+
+
+def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_path: Path) -> None:
+    """The predictor keeps aside the drugs after its top-k that the classifier has not ruled out, and a sure read of
+    one's imprint brings it back as the answer, marked recalled_by_imprint, through predict and its JSON."""
+    from pillsnap.infer.imprint import ImprintRead
+
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    save_json(root / "checkpoints" / "classes.json", {"class_names": CODES, "class_map": {
+        c: {"name": f"drug {i}", "print_front": imprint} for i, (c, imprint) in enumerate(zip(CODES, ("AB1", "CD2",
+                                                                                              "EF3"), strict=True))}})
+    photo = pill_photo(tmp_path / "one.png", [(40, 60, 40, 30)])
+    predictor = Predictor(root, _cfg(root, "inference.topk=1"), device="cpu")
+    classified = predictor.classify([Image.open(photo).convert("RGB")])[0]
+    assert len(classified.topk) == 1 and len(classified.reserve) == 2  # an untrained model rules nothing out
+    last = classified.reserve[-1]["mapping_code"]
+    imprint = {"K-000001": "AB1", "K-000002": "CD2", "K-000003": "EF3"}[last]
+
+    class Reads:
+        def read(self, crop, topk):
+            return ImprintRead(imprint, 0.97, 0.0, 0.01, True)
+
+    predictor.evidence = Reads()
+    pill = predictor.predict(photo, mode="single")["pills"][0]
+    assert pill["mapping_code"] == last and pill["unknown"] is False
+    assert pill["topk"][0]["recalled_by_imprint"] is True and len(pill["topk"]) == 2
+    json.dumps(pill)  # the answer stays JSON

@@ -105,9 +105,10 @@ def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list
             logits, feats = model(dataset.transform(crop)[None].to(device))
         probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
         score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
-        candidates = classifier_candidates(probs, topk, class_names, class_map)[0]
-        out.append(ValAnswer(Classified(candidates, score), evidence.read(crop, candidates) if reading else None,
-                             class_names[label], None if sources is None else str(sources[index])))
+        candidates, reserve = classifier_candidates(probs, topk, class_names, class_map)[0]
+        read = evidence.read(crop, candidates) if reading else None
+        out.append(ValAnswer(Classified(candidates, score, reserve), read, class_names[label],
+                             None if sources is None else str(sources[index])))
     return out
 
 
@@ -120,7 +121,7 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
     was made, like the temperature does for the classifier: the weights were chosen for accuracy, this makes the
     posterior they give mean what it says. 1.0 when no read was made. A right drug outside the candidates gets the
     probability the candidates leave."""
-    from pillsnap.infer.answer import WEIGHTS, rerank
+    from pillsnap.infer.answer import WEIGHTS, answer_candidates, rerank
 
     read = [item for item in items if item.read is not None]
     if not read:
@@ -130,7 +131,8 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
         weights = (base or WEIGHTS).with_read_scaled(scale)
         total = 0.0
         for item in read:
-            ranked = rerank(item.classified.topk, class_map, item.read.text, item.read.score, None, weights,
+            ranked = rerank(answer_candidates(item.classified, item.read, class_map), class_map, item.read.text,
+                            item.read.score, None, weights,
                             likelihoods=item.read.likelihoods, read_likelihood=item.read.read_likelihood)
             p = {c["mapping_code"]: c["probability"] for c in ranked.candidates}
             rest = 1.0 - sum(p.values())

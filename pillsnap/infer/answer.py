@@ -73,6 +73,17 @@ class AnswerThresholds:
     # with it (bench/reader_likelihoods.py).
     foreign_likelihood_score: float = 0.8
     foreign_likelihood_gap: float = 8.0
+    # A drug the classifier ranked below the top-k comes back as a candidate when the imprint is read surely as its
+    # own: at least foreign_read_chars characters, at least this confidence, as alike as conclusive_read. Among
+    # thousands of look-alike white tablets the right one can rank below the top-k, and its imprint is what tells it
+    # apart; but its look argues against it, so the read must be near-certain (the demo's validation reads that
+    # brought one back were at 0.99-1.00; a held-out pill's "HC" at 0.57 would have been named as the known "HC").
+    recall_read_score: float = 0.9
+    # Only a drug the classifier left at least this probability (the demo's look-alikes outside the top-5 hold
+    # 0.002-0.008, drugs of another look 1e-6 or less): one it has ruled out by its look is not named because it
+    # shares the imprint.
+    recall_min_probability: float = 0.001
+    recall_max: int = 20  # drugs kept aside per pill at most (Classified.reserve)
 
 
 @dataclass(frozen=True)
@@ -128,11 +139,13 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
 
 class Classified(NamedTuple):
     """One crop through the classifier: its candidates best first (dicts with mapping_code, name, edi_codes and the
-    calibrated probability) and how unknown it looks under the run's rule (higher: less like any known drug; None
-    when the rule is off)."""
+    calibrated probability), how unknown it looks under the run's rule (higher: less like any known drug; None
+    when the rule is off) and `reserve`, the drugs beyond the top-k a conclusive imprint read may bring back
+    (classifier_candidates; recalled_candidates)."""
 
     topk: tuple[dict, ...]
     unknown_score: float | None
+    reserve: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,14 +183,42 @@ class SetRule:
 
 
 def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
-                          class_map: Mapping[str, Mapping] | None = None) -> list[tuple[dict, ...]]:
+                          class_map: Mapping[str, Mapping] | None = None,
+                          thresholds: AnswerThresholds = THRESHOLDS) -> list[tuple[tuple[dict, ...], tuple[dict, ...]]]:
     """Each row's top-k candidates from probabilities [N, C], best first (ties keep the class order): mapping_code,
-    name, edi_codes (from the class map) and probability. The one top-k of inference and calibration."""
+    name, edi_codes (from the class map) and probability; and its reserve, the drugs after them holding at least
+    recall_min_probability (at most recall_max), which a conclusive imprint read may bring back. The one top-k of
+    inference and calibration."""
     probs = np.asarray(probs, dtype=np.float32)
     k = min(int(k), probs.shape[-1])
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [tuple(_candidate(class_names[i], float(row[i]), class_map) for i in idx) for row, idx in zip(probs, order,
-                                                                                                         strict=True)]
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k + thresholds.recall_max]
+    out = []
+    for row, idx in zip(probs, order, strict=True):
+        top = tuple(_candidate(class_names[i], float(row[i]), class_map) for i in idx[:k])
+        reserve = tuple(_candidate(class_names[i], float(row[i]), class_map) for i in idx[k:]
+                        if row[i] >= thresholds.recall_min_probability)
+        out.append((top, reserve))
+    return out
+
+
+def recalled_candidates(read: ImprintRead | None, reserve: Sequence[Mapping], class_map: Mapping[str, Mapping],
+                        thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
+    """The drugs of a pill's reserve (Classified.reserve) whose imprint the read is: read surely (foreign_read_chars,
+    recall_read_score) and as like one of its imprints as conclusive_read. Each is marked `recalled_by_imprint`."""
+    if read is None or read.score < thresholds.recall_read_score or \
+            len(read.normalized) < thresholds.foreign_read_chars:
+        return ()
+    return tuple({**c, "recalled_by_imprint": True} for c in reserve
+                 if class_imprint_similarity(read.text, class_map.get(str(c.get("mapping_code"))) or {})
+                 >= thresholds.conclusive_read)
+
+
+def answer_candidates(classified: Classified, read: ImprintRead | None, class_map: Mapping[str, Mapping],
+                      thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
+    """The candidates a pill's answer weighs: the classifier's top-k, then any drug of its reserve the imprint read
+    brings back (recalled_candidates). Copies: the answer adds to them."""
+    return tuple(dict(c) for c in classified.topk) + recalled_candidates(read, classified.reserve, class_map,
+                                                                          thresholds)
 
 
 def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] | None) -> dict:
@@ -591,7 +632,7 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     either, before the other rules, unless its imprint reads as the top candidate's: a pill's imprint on it is
     what proves it a pill. With a calibrated `set_rule`, the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
-    topk = tuple(dict(c) for c in classified.topk)
+    topk = answer_candidates(classified, read, class_map, thresholds)
     if read is None and hints is None:
         ranked = Reranked(list(topk), False)
     else:

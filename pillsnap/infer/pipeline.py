@@ -353,8 +353,8 @@ class Predictor:
             probs, distances = space.merge(probs, feats)
             names = names + list(space.codes)
         scores = self.unknown.scores(probs, feats, distances)
-        tops = classifier_candidates(probs, int(self.settings.topk), names, self.class_map)
-        return [Classified(topk, score) for topk, score in zip(tops, scores, strict=True)]
+        tops = classifier_candidates(probs, int(self.settings.topk), names, self.class_map, self.thresholds)
+        return [Classified(topk, score, reserve) for (topk, reserve), score in zip(tops, scores, strict=True)]
 
     @torch.no_grad()
     def detect(self, image: Image.Image, conf_threshold: float, forward: Any = None) -> np.ndarray:

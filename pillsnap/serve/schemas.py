@@ -19,6 +19,9 @@ class Candidate(BaseModel):
                                            "hints where they speak")
     classifier_probability: float | None = Field(None, description="the classifier's own probability, where the "
                                                                    "imprint or hints updated it")
+    recalled_by_imprint: bool | None = Field(None, description="true for a drug the classifier ranked below the "
+                                                               "top-k that the imprint read brought back: the read "
+                                                               "is its imprint")
 
 
 class SetMember(BaseModel):
