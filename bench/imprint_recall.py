@@ -9,7 +9,13 @@ answer.recalled_candidates) against the top-k alone, on the same reads and answe
    so that no drug is kept aside), photo by photo alternating: single-photo accuracy and all pills right on the
    combination photos.
 
+4. With `--scale` (no model): drugs drawn by the synthetic generator, 5,000 known and 500 others, each pill's
+   candidates its 5 look-alikes among the known drugs (same shape and colours first) and its reserve the next 20,
+   its own imprint read right at 0.95: how often an unseen drug's pill is named as a known drug by a recall (the
+   risk: a shared or near imprint), and how often a known drug ranked 6th-25th comes back and is named.
+
     .venv/bin/python bench/imprint_recall.py --exp runs/demo/exp [--limit 256] [--skip-photos]
+    .venv/bin/python bench/imprint_recall.py --scale [--known 5000 --unseen 500]
 """
 
 from __future__ import annotations
@@ -67,37 +73,92 @@ def answers(cfg, exp: Path, limit: int) -> dict:
 
 
 def test_photos(cfg, exp: Path, split: str) -> dict:
+    from reader_likelihoods import alternate
+
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
-    from pillsnap.eval.pipeline_eval import _photo_outcome, photo_groups
+    from pillsnap.eval.pipeline_eval import photo_groups
     from pillsnap.infer.pipeline import Predictor
 
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), split)
     on, off = Predictor(str(exp), cfg, "cpu"), Predictor(str(exp), cfg, "cpu")
     off.thresholds = dataclasses.replace(off.thresholds, recall_min_probability=2.0)  # nothing kept aside
-    known = set(on.class_names)
-    outcomes: dict[str, list[dict]] = {"with": [], "without": []}
-    for i, photo in enumerate(photos):
-        for name, predictor in ((("with", on), ("without", off)) if i % 2 else (("without", off), ("with", on))):
-            outcomes[name].append(_photo_outcome(photo, predictor.predict(photo["image_path"], mode="auto"), known))
-    out = {"photos": len(photos)}
-    for name, rows in outcomes.items():
-        labelled = [o for o, p in zip(rows, photos, strict=True) if not p["incomplete_gt"]]
-        single = [o["all_right"] for o in rows if o["image_type"] == "single"]
-        combos = [o["all_right"] for o in labelled if o["image_type"] != "single"]
-        out[name] = {"single": float(np.mean(single)), "combos": float(np.mean(combos)), "n_combos": len(combos)}
-    return out
+    return {"photos": len(photos), **alternate(photos, {"with": on, "without": off})}
+
+
+def scale(known_n: int, unseen_n: int, seed: int = 0) -> dict:
+    import random
+
+    from unknown_imprint_check import look_alikes, readable
+
+    from pillsnap.data.synth import make_classes
+    from pillsnap.infer.answer import Classified, UnknownRule, decide_answer
+    from pillsnap.infer.imprint import ImprintRead
+    from pillsnap.infer.matching import KnownImprints
+
+    rng = random.Random(seed)
+    classes = make_classes(known_n + unseen_n, seed)
+    rng.shuffle(classes)
+    unseen, known = classes[:unseen_n], classes[unseen_n:]
+    class_map = {c.code: c.fields for c in known}
+    index, off = KnownImprints(class_map), UnknownRule("probability", None, len(known))
+    top_p, reserve_p = (0.5, 0.2, 0.1, 0.05, 0.05), 0.005
+
+    def answer(ranked: list, text: str, keep: bool = True) -> tuple[str | None, bool]:
+        cands = [{"mapping_code": c.code, "name": "", "edi_codes": [], "probability": p}
+                 for c, p in zip(ranked, top_p + (reserve_p,) * 20, strict=False)]
+        out = decide_answer(Classified(tuple(cands[:5]), None, tuple(cands[5:]) if keep else ()), class_map,
+                            ImprintRead(text, 0.95, 0.0, 0.0, True), None, off, known=index)
+        top = out.candidates[0] if out.candidates else {}
+        return (None if out.unknown else top.get("mapping_code")), bool(top.get("recalled_by_imprint"))
+
+    false = tried = 0
+    for drug in unseen:
+        texts = readable(drug)
+        if not texts:
+            continue
+        named, recalled = answer(look_alikes(drug, known, 25, rng), rng.choice(texts))
+        tried += 1
+        false += recalled and named is not None
+    back = named_right = named_without = sampled = 0
+    for drug in rng.sample(known, min(unseen_n, len(known))):
+        texts = readable(drug)
+        if not texts:
+            continue
+        ranked = [c for c in look_alikes(drug, known, 25, rng) if c.code != drug.code][:24]
+        ranked.insert(rng.randrange(5, 25), drug)  # the right drug ranked 6th to 25th
+        text = rng.choice(texts)
+        named, recalled = answer(ranked, text)
+        sampled += 1
+        back += recalled
+        named_right += named == drug.code
+        named_without += answer(ranked, text, keep=False)[0] == drug.code
+    return {"unseen": tried, "false_recall": false / max(tried, 1), "known": sampled,
+            "brought_back": back / max(sampled, 1), "named_right": named_right / max(sampled, 1),
+            "named_without": named_without / max(sampled, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp", type=Path, required=True)
+    parser.add_argument("--exp", type=Path)
     parser.add_argument("--limit", type=int, default=256, help="validation crops and held-out photos at most")
     parser.add_argument("--split", default="test")
     parser.add_argument("--skip-photos", action="store_true", help="only the answers on crops")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (e.g. paths.manifest_dir=...)")
+    parser.add_argument("--scale", action="store_true", help="only the synthetic part at the design's scale")
+    parser.add_argument("--known", type=int, default=5000)
+    parser.add_argument("--unseen", type=int, default=500)
     args = parser.parse_args()
+    if args.scale:
+        out = scale(args.known, args.unseen)
+        print(f"{args.known} known drugs, each pill's reserve its 6th-25th look-alikes, its imprint read right: "
+              f"{out['unseen']} unseen drugs named as a known one by a recall {out['false_recall']:.3f}; "
+              f"{out['known']} known drugs ranked 6th-25th brought back {out['brought_back']:.3f}, named "
+              f"{out['named_right']:.3f} vs {out['named_without']:.3f} with the top-k alone")
+        return
+    if args.exp is None:
+        parser.error("--exp is required unless --scale")
     from pillsnap.config.run import load_cli_config
 
     torch.set_num_threads(1)

@@ -134,7 +134,7 @@ def reader_time(dataset, items, class_map: dict, n: int) -> dict:
 def test_photos(cfg, exp: Path, weight: float, split: str) -> dict:
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
-    from pillsnap.eval.pipeline_eval import _photo_outcome, photo_groups
+    from pillsnap.eval.pipeline_eval import photo_groups
     from pillsnap.infer.answer import WEIGHTS
     from pillsnap.infer.pipeline import Predictor
 
@@ -143,12 +143,21 @@ def test_photos(cfg, exp: Path, weight: float, split: str) -> dict:
     scale = on.weights.imprint / WEIGHTS.imprint  # the run's evidence scale, kept for both
     on.weights = dataclasses.replace(on.weights, likelihood=weight * scale)
     off.weights = dataclasses.replace(off.weights, likelihood=0.0)
-    known = set(on.class_names)
-    outcomes: dict[str, list[dict]] = {"on": [], "off": []}
+    return {"photos": len(photos), **alternate(photos, {"on": on, "off": off})}
+
+
+def alternate(photos: list[dict], predictors: dict) -> dict:
+    """Two predictors ({name: Predictor}) over the same photos in auto mode, which goes first alternating photo by
+    photo: per predictor, single-photo accuracy and all pills right on the fully labelled combination photos."""
+    from pillsnap.eval.pipeline_eval import _photo_outcome
+
+    (first, a), (second, b) = predictors.items()
+    known = set(a.class_names)
+    outcomes: dict[str, list[dict]] = {first: [], second: []}
     for i, photo in enumerate(photos):
-        for name, predictor in ((("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on))):
+        for name, predictor in (((first, a), (second, b)) if i % 2 else ((second, b), (first, a))):
             outcomes[name].append(_photo_outcome(photo, predictor.predict(photo["image_path"], mode="auto"), known))
-    out = {"photos": len(photos)}
+    out = {}
     for name, rows in outcomes.items():
         labelled = [o for o, p in zip(rows, photos, strict=True) if not p["incomplete_gt"]]
         single = [o["all_right"] for o in rows if o["image_type"] == "single"]

@@ -217,6 +217,20 @@ def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:
     assert fit_evidence_scale(items(False), CLASS_MAP) == EVIDENCE_SCALES[0]
 
 
+def test_the_evidence_scale_is_fit_on_the_candidates_the_answer_weighs() -> None:
+    """A drug below the top-k that a sure read brings back is among the candidates the fit scores (as the answer
+    weighs it): read right every time, the fit trusts the read fully; kept out of the reserve, the right drug sits
+    in the mass the candidates leave, which no scale changes, and the smallest scale is kept."""
+    from pillsnap.eval.calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
+
+    reserve = ({"mapping_code": "K-000003", "name": "Other", "edi_codes": [], "probability": 0.01},)
+    items = [ValAnswer(_classified(0.6, 0.39)._replace(reserve=reserve), ImprintRead("QQ", 0.95, 0.0, 0.1, True),
+                       "K-000003") for _ in range(10)]
+    assert fit_evidence_scale(items, CLASS_MAP) == EVIDENCE_SCALES[-1]
+    bare = [item._replace(classified=item.classified._replace(reserve=())) for item in items]
+    assert fit_evidence_scale(bare, CLASS_MAP) == EVIDENCE_SCALES[0]
+
+
 def test_each_crop_source_answers_under_its_own_unknown_threshold() -> None:
     """A detector's crop of a combination photo lies farther from the class means than a single-pill crop: the
     same distance is unknown on a single-pill photo and named on a combination photo when the calibration fit a

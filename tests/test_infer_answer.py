@@ -218,10 +218,21 @@ def test_a_conclusive_read_brings_back_a_look_alike_ranked_below_the_top_k():
     assert out["mapping_code"] == "K-000004" and not answer.unknown and out["ranking_changed"]
     assert out["topk"][0]["recalled_by_imprint"] is True and len(out["topk"]) == 4
     assert out["topk"][0]["classifier_probability"] == pytest.approx(0.0075)
-    # a rule that withholds the look is overruled as by any conclusive read of the top candidate
+    # unlike a conclusive read of a top-k drug, it never overrules the unknown-pill rule or the box check: the
+    # pill's look argues against the drug brought back
     far = decide_answer(pill._replace(unknown_score=250.0), class_map, read("KEF", 0.99), None,
                         UnknownRule("feature_distance", 100.0, 3))
-    assert not far.unknown and far.to_dict()["mapping_code"] == "K-000004"
+    assert far.unknown and far.unknown_by == "look" and far.candidates[0]["mapping_code"] == "K-000004"
+    doubted = decide_answer(pill, class_map, read("KEF", 0.99), None, OFF, box_doubt="may hold no pill")
+    assert doubted.unknown and doubted.unknown_by == "box"
+    assert not decide_answer(pill._replace(unknown_score=250.0), class_map, read("DGTH", 0.99), None,
+                             UnknownRule("feature_distance", 100.0, 3)).unknown  # a top-k drug's does
+    # a near miss of a top-k drug's imprint is that drug, not another printed as it was read
+    near = {**CLASS_MAP, "K-000004": {"print_front": "BSF"}}
+    (near_top, near_reserve), = classifier_candidates(np.array([[0.7, 0.2, 0.097, 0.003]]), 3,
+                                                      ["K-000001", "K-000002", "K-000003", "K-000004"], near)
+    answer = decide_answer(Classified(near_top, None, near_reserve), near, read("BSF", 0.95), None, OFF)
+    assert answer.to_dict()["mapping_code"] == "K-000001" and len(answer.candidates) == 3
     # not in the reserve (the classifier left it less than recall_min_probability): the read is foreign
     ruled_out = decide_answer(Classified(top, None), class_map, read("KEF", 0.99), None, OFF,
                               known=KnownImprints(class_map))

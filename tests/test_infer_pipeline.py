@@ -338,6 +338,10 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
     # a set of several already says what would settle it: the unresolved imprint does not say it again
     unresolved = format_result({**result, "pills": [{**sets, "imprint_unresolved": True}]})
     assert unresolved.count("photograph the other side") == 1 and "set: one of" in unresolved
+    back = [{**near[1], "mapping_code": "K-000003", "recalled_by_imprint": True}, *near]
+    recalled = format_result({**result, "pills": [{**sure, "topk": back, "imprint_read": "KEF"}]})
+    assert "imprint read: 'KEF'" in recalled and "brought back by its imprint from below the top candidates: " \
+        "K-000003" in recalled
 
 
 def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, tmp_path: Path,
@@ -425,7 +429,7 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
         Predictor(root, _cfg(root), device="cpu")
 
 
-def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_path: Path) -> None:
+def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_path: Path, caplog) -> None:
     """The predictor keeps aside the drugs after its top-k that the classifier has not ruled out, and a sure read of
     one's imprint brings it back as the answer, marked recalled_by_imprint, through predict and its JSON."""
     from pillsnap.infer.imprint import ImprintRead
@@ -450,3 +454,13 @@ def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_p
     assert pill["mapping_code"] == last and pill["unknown"] is False
     assert pill["topk"][0]["recalled_by_imprint"] is True and len(pill["topk"]) == 2
     json.dumps(pill)  # the answer stays JSON
+    # a calibration fit before the recall (its scale and sets weighed the top-k alone) keeps nothing aside
+    ckpts = root / "checkpoints"
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 1.0, "likelihood_cap": 8.0})
+    crop = Image.open(photo).convert("RGB")
+    with caplog.at_level("WARNING"):
+        old = Predictor(root, _cfg(root, "inference.topk=1"), device="cpu")
+    assert old.classify([crop])[0].reserve == () and "predates drugs below the top-k" in caplog.text
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 1.0, "likelihood_cap": 8.0,
+                                           "imprint_recall": True})
+    assert len(Predictor(root, _cfg(root, "inference.topk=1"), device="cpu").classify([crop])[0].reserve) == 2

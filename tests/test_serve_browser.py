@@ -174,10 +174,12 @@ def test_a_box_that_may_hold_no_pill_says_so_and_names_no_drug(page, tmp_path: P
 def test_confidences_never_read_100_and_a_routine_combo_is_no_hard_case(page, tmp_path: Path) -> None:
     pills = [_pill("K-000001", 0.99996, [5, 10, 30, 24]), _pill("K-000002", 0.9994, [60, 30, 34, 26]),
              _pill("K-000003", 0.42, [30, 100, 40, 30])]
+    pills[0]["topk"][0]["recalled_by_imprint"] = True  # ranked below the top-k, brought back by its imprint
     text = _show(page, tmp_path, _answer(pills, []))
     confidences = page.locator(".pill .confidence").all_inner_texts()
     assert confidences == ["confidence > 99.9\u00a0%", "confidence 99.9\u00a0%", "confidence 42.0\u00a0%"]
-    page.click("text=top 3 candidates >> nth=0")
+    page.click("text=3 candidates >> nth=0")
+    assert "drug 1 (by its imprint)" in page.locator("#results").inner_text()
     assert not HUNDRED.search(page.locator("#results").inner_text()) and not HUNDRED.search(text)
     assert page.locator(".review").count() == 0  # several pills going to combo is routine, not a hard case
     page.screenshot(path=str(tmp_path / "combo.png"), full_page=True)

@@ -457,6 +457,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     # the weights the scale and the sets were fit with: an older calibration, fit without the candidates'
     # likelihoods, is answered without them (pillsnap.infer.pipeline)
     stored["likelihood_weight"], stored["likelihood_cap"] = WEIGHTS.likelihood, WEIGHTS.likelihood_cap
+    stored["imprint_recall"] = True  # fit with drugs below the top-k brought back by their imprint
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]
         report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),

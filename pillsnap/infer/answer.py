@@ -78,10 +78,14 @@ class AnswerThresholds:
     # thousands of look-alike white tablets the right one can rank below the top-k, and its imprint is what tells it
     # apart; but its look argues against it, so the read must be near-certain (the demo's validation reads that
     # brought one back were at 0.99-1.00; a held-out pill's "HC" at 0.57 would have been named as the known "HC").
+    # Only where the read is like none of the top-k's imprints (imprint_accept): a near miss of a top-k drug's
+    # ("BSF" for "BSP") is that drug, not another one printed "BSF". A drug brought back never overrules the
+    # unknown-pill rule or the box check, which a conclusive read of a top-k drug does.
     recall_read_score: float = 0.9
-    # Only a drug the classifier left at least this probability (the demo's look-alikes outside the top-5 hold
-    # 0.002-0.008, drugs of another look 1e-6 or less): one it has ruled out by its look is not named because it
-    # shares the imprint.
+    # Only a drug the classifier left at least this probability. This is no look filter: the classifier's tail is
+    # not calibrated, and on the demo drugs of another colour or shape held up to 0.05 beyond the top-5 (median
+    # 0.002); it only bounds the reserve. The look is guarded by the unknown-pill rule, which a recall never
+    # overrules.
     recall_min_probability: float = 0.001
     recall_max: int = 20  # drugs kept aside per pill at most (Classified.reserve)
 
@@ -118,7 +122,8 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     """The evidence weights and thresholds a calibration's evidence scale and prediction sets were fit with, the
     weights scaled by its `evidence_scale`. One made before the candidates' likelihoods counted (no
     `likelihood_weight`) was fit without them: its answers are made without them, in the re-ranking and in the
-    imprint check. Without a calibration, the policy's own."""
+    imprint check. One made before drugs below the top-k could be brought back by their imprint (no
+    `imprint_recall: true`) is answered with the top-k alone. Without a calibration, the policy's own."""
     calibration = calibration or {}
 
     def number(key: str, default: float) -> float:
@@ -134,6 +139,8 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     weights = replace(WEIGHTS, likelihood=0.0 if stale else number("likelihood_weight", WEIGHTS.likelihood),
                       likelihood_cap=number("likelihood_cap", WEIGHTS.likelihood_cap))
     thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
+    if calibration and calibration.get("imprint_recall") is not True:  # fit before recall: no drug is kept aside
+        thresholds = replace(thresholds, recall_min_probability=math.inf)
     return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
 
 
@@ -201,14 +208,18 @@ def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
     return out
 
 
-def recalled_candidates(read: ImprintRead | None, reserve: Sequence[Mapping], class_map: Mapping[str, Mapping],
+def recalled_candidates(read: ImprintRead | None, classified: Classified, class_map: Mapping[str, Mapping],
                         thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
     """The drugs of a pill's reserve (Classified.reserve) whose imprint the read is: read surely (foreign_read_chars,
-    recall_read_score) and as like one of its imprints as conclusive_read. Each is marked `recalled_by_imprint`."""
+    recall_read_score), like none of the top-k's imprints (imprint_accept) and as like one of the drug's as
+    conclusive_read. Each is marked `recalled_by_imprint`."""
     if read is None or read.score < thresholds.recall_read_score or \
-            len(read.normalized) < thresholds.foreign_read_chars:
+            len(read.normalized) < thresholds.foreign_read_chars or not classified.reserve:
         return ()
-    return tuple({**c, "recalled_by_imprint": True} for c in reserve
+    if any(class_imprint_similarity(read.text, class_map.get(str(c.get("mapping_code"))) or {})
+           >= thresholds.imprint_accept for c in classified.topk):
+        return ()
+    return tuple({**c, "recalled_by_imprint": True} for c in classified.reserve
                  if class_imprint_similarity(read.text, class_map.get(str(c.get("mapping_code"))) or {})
                  >= thresholds.conclusive_read)
 
@@ -217,8 +228,7 @@ def answer_candidates(classified: Classified, read: ImprintRead | None, class_ma
                       thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
     """The candidates a pill's answer weighs: the classifier's top-k, then any drug of its reserve the imprint read
     brings back (recalled_candidates). Copies: the answer adds to them."""
-    return tuple(dict(c) for c in classified.topk) + recalled_candidates(read, classified.reserve, class_map,
-                                                                          thresholds)
+    return tuple(dict(c) for c in classified.topk) + recalled_candidates(read, classified, class_map, thresholds)
 
 
 def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] | None) -> dict:
@@ -639,8 +649,10 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
         ranked = rerank(topk, class_map, read.text if read else None, read.score if read else 1.0, hints, weights,
                         thresholds, read.likelihoods if read else None, read.read_likelihood if read else None)
     candidates = tuple(ranked.candidates)
+    # a conclusive read of a top-k drug overrules the unknown-pill rule and the box check; one of a drug brought
+    # back from below the top-k does not: the pill's look argues against that drug
     conclusive = bool(candidates) and float(candidates[0].get("imprint_similarity") or 0.0) >= \
-        thresholds.unknown_override
+        thresholds.unknown_override and not candidates[0].get("recalled_by_imprint")
     reason, unknown_by = (box_doubt, "box") if box_doubt and not conclusive else (None, None)
     if reason is None and not conclusive:
         reason = unknown_reason(unknown, classified.unknown_score)

@@ -70,6 +70,9 @@ def _notes(pill: dict) -> list[str]:
         changed = " (it changed the answer)" if pill.get("ranking_changed") else ""
         read = repr(pill["imprint_read"]) if pill["imprint_read"] else "nothing legible"
         notes.append(f"imprint read: {read}{changed}")
+        recalled = [c["mapping_code"] for c in pill.get("topk") or () if c.get("recalled_by_imprint")]
+        if recalled:
+            notes.append(f"brought back by its imprint from below the top candidates: {', '.join(recalled)}")
     # a sure set has settled it; a set of several says what would settle it (set_note): said once
     if pill.get("imprint_unresolved") and pill.get("sure") is None:
         notes.append("look-alike drugs differ only by their imprint, and what was read here matches none of them: "

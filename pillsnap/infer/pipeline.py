@@ -129,6 +129,9 @@ class Predictor:
         if self.calibration and "likelihood_weight" not in self.calibration and imprint.enabled:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
                            "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
+        elif self.calibration and self.calibration.get("imprint_recall") is not True and imprint.enabled:
+            LOGGER.warning("predictor: the calibration predates drugs below the top-k brought back by their imprint; "
+                           "answers weigh the top-k alone (recalibrate: pillsnap calibrate --exp EXP)")
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
         # is (set again when enrolments change)
