@@ -464,3 +464,6 @@ def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_p
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 1.0, "likelihood_cap": 8.0,
                                            "imprint_recall": True})
     assert len(Predictor(root, _cfg(root, "inference.topk=1"), device="cpu").classify([crop])[0].reserve) == 2
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 1.0, "imprint_recall": "yes"})
+    with pytest.raises(ValueError, match="calibration.json: imprint_recall must be true or false, got 'yes'"):
+        Predictor(root, _cfg(root), device="cpu")

@@ -126,13 +126,13 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
     read = [item for item in items if item.read is not None]
     if not read:
         return 1.0
+    candidates = [answer_candidates(item.classified, item.read, class_map) for item in read]  # as the answer weighs
 
     def nll_at(scale: float) -> float:
         weights = (base or WEIGHTS).with_read_scaled(scale)
         total = 0.0
-        for item in read:
-            ranked = rerank(answer_candidates(item.classified, item.read, class_map), class_map, item.read.text,
-                            item.read.score, None, weights,
+        for item, weighed in zip(read, candidates, strict=True):
+            ranked = rerank(weighed, class_map, item.read.text, item.read.score, None, weights,
                             likelihoods=item.read.likelihoods, read_likelihood=item.read.read_likelihood)
             p = {c["mapping_code"]: c["probability"] for c in ranked.candidates}
             rest = 1.0 - sum(p.values())

@@ -125,6 +125,7 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     imprint check. One made before drugs below the top-k could be brought back by their imprint (no
     `imprint_recall: true`) is answered with the top-k alone. Without a calibration, the policy's own."""
     calibration = calibration or {}
+    missing = fit_without(calibration)
 
     def number(key: str, default: float) -> float:
         value = calibration.get(key)
@@ -135,13 +136,26 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
                              f"calibrate --exp EXP)")
         return float(value)
 
-    stale = bool(calibration) and "likelihood_weight" not in calibration
+    stale = "likelihoods" in missing
     weights = replace(WEIGHTS, likelihood=0.0 if stale else number("likelihood_weight", WEIGHTS.likelihood),
                       likelihood_cap=number("likelihood_cap", WEIGHTS.likelihood_cap))
     thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
-    if calibration and calibration.get("imprint_recall") is not True:  # fit before recall: no drug is kept aside
+    if "recall" in missing:  # no drug is kept aside
         thresholds = replace(thresholds, recall_min_probability=math.inf)
     return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
+
+
+def fit_without(calibration: Mapping | None) -> tuple[str, ...]:
+    """The evidence a calibration was fit without, and so is answered without (calibrated_evidence):
+    "likelihoods" (no `likelihood_weight`: the candidates' likelihoods) and "recall" (no `imprint_recall: true`:
+    drugs below the top-k brought back by their imprint). Nothing without a calibration: the policy's own."""
+    if not calibration:
+        return ()
+    if not isinstance(calibration.get("imprint_recall", False), bool):
+        raise ValueError(f"calibration.json: imprint_recall must be true or false, got "
+                         f"{calibration['imprint_recall']!r} (recalibrate: pillsnap calibrate --exp EXP)")
+    return tuple(name for name, fit in (("likelihoods", "likelihood_weight" in calibration),
+                                        ("recall", calibration.get("imprint_recall") is True)) if not fit)
 
 
 class Classified(NamedTuple):
@@ -216,12 +230,11 @@ def recalled_candidates(read: ImprintRead | None, classified: Classified, class_
     if read is None or read.score < thresholds.recall_read_score or \
             len(read.normalized) < thresholds.foreign_read_chars or not classified.reserve:
         return ()
-    if any(class_imprint_similarity(read.text, class_map.get(str(c.get("mapping_code"))) or {})
-           >= thresholds.imprint_accept for c in classified.topk):
+    if _like_any(read.text, _entries(classified.topk, class_map), thresholds.imprint_accept):
         return ()
-    return tuple({**c, "recalled_by_imprint": True} for c in classified.reserve
-                 if class_imprint_similarity(read.text, class_map.get(str(c.get("mapping_code"))) or {})
-                 >= thresholds.conclusive_read)
+    return tuple({**c, "recalled_by_imprint": True}
+                 for c, entry in zip(classified.reserve, _entries(classified.reserve, class_map), strict=True)
+                 if _like_any(read.text, [entry], thresholds.conclusive_read))
 
 
 def answer_candidates(classified: Classified, read: ImprintRead | None, class_map: Mapping[str, Mapping],
@@ -252,13 +265,18 @@ def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, M
                   if float(c.get("probability", 0.0)) >= thresholds.read_min_probability]
     if len(contenders) < 2:
         return False
-    sides = [class_imprints(class_map.get(str(c.get("mapping_code"))) or {}) for c in contenders]
+    sides = [class_imprints(entry) for entry in _entries(contenders, class_map)]
     return any(_imprints_differ(sides[0], other, thresholds.same_imprint) for other in sides[1:])
 
 
 def _top_entry(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> Mapping:
     """The class-map entry of the top candidate ({} when there is none)."""
-    return (class_map.get(str(candidates[0].get("mapping_code"))) or {}) if candidates else {}
+    return _entries(candidates[:1], class_map)[0] if candidates else {}
+
+
+def _entries(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> list[Mapping]:
+    """The candidates' class-map entries ({} for a drug not in the map)."""
+    return [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
 
 
 def _imprints_differ(a: tuple[str, ...], b: tuple[str, ...], same_above: float) -> bool:
@@ -399,7 +417,7 @@ def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read
     if not candidates:
         return Reranked([], False, (), read)
     read = read if read and normalize_imprint(read) else None
-    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
+    entries = _entries(candidates, class_map)
     scored = [_scored(i, c, entry, read, read_score, hints, weights, thresholds)
               for i, (c, entry) in enumerate(zip(candidates, entries, strict=True))]
     # Lines that read as nothing legible say little, and where the classifier has ruled out every look-alike that
@@ -447,7 +465,7 @@ def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[M
     top = _top_entry(candidates, class_map)
     if not class_imprints(top):
         return None
-    entries = [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
+    entries = _entries(candidates, class_map)
     drugs = "the drug" if len(candidates) == 1 else f"the {len(candidates)} drugs"
     by_text = _foreign_by_text(read, typed, top, entries, drugs, known, thresholds)
     if by_text is not None or typed:
@@ -470,7 +488,7 @@ def _foreign_by_text(read: ImprintRead | None, typed: str, top: Mapping, entries
         if read is None or read.score < score:
             return None
         text, said = read.normalized, f"its imprint reads {read.normalized!r} (confidence {read.score:.2f}) and"
-    if len(text) < chars or _like_a_candidate(text, entries, thresholds):
+    if len(text) < chars or _like_any(text, entries, thresholds.imprint_floor):
         return None
     match = known.closest(text) if known is not None else None
     whose = (f" (it is the imprint of {match.code}, {match.imprint!r}, a drug it does not look like)"
@@ -479,9 +497,10 @@ def _foreign_by_text(read: ImprintRead | None, typed: str, top: Mapping, entries
             f"candidates in topk")
 
 
-def _like_a_candidate(text: str, entries: Sequence[Mapping], thresholds: AnswerThresholds) -> bool:
-    """Whether an imprint is like one of the candidates' (imprint_floor): then it is no evidence against them."""
-    return any(class_imprint_similarity(text, entry) >= thresholds.imprint_floor for entry in entries)
+def _like_any(text: str, entries: Sequence[Mapping], level: float) -> bool:
+    """Whether an imprint is at least `level` like one of the entries' (imprint_floor: then it is no evidence
+    against them)."""
+    return any(class_imprint_similarity(text, entry) >= level for entry in entries)
 
 
 def _foreign_by_likelihood(read: ImprintRead | None, entries: Sequence[Mapping], thresholds: AnswerThresholds) -> bool:
@@ -493,7 +512,7 @@ def _foreign_by_likelihood(read: ImprintRead | None, entries: Sequence[Mapping],
         return False
     if read.read_likelihood is None or not math.isfinite(read.read_likelihood) or has_unreadable_side(entries[0]):
         return False
-    if _like_a_candidate(read.normalized, entries, thresholds):
+    if _like_any(read.normalized, entries, thresholds.imprint_floor):
         return False
     likelihoods = read.likelihoods or {}
     sides = [normalize_imprint(side) for entry in entries for side in class_imprints(entry)]

@@ -30,6 +30,7 @@ from pillsnap.infer.answer import (
     calibrated_evidence,
     classifier_candidates,
     decide_answer,
+    fit_without,
 )
 from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
@@ -126,10 +127,11 @@ class Predictor:
         # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
         # what they say (pillsnap.eval.calibration.fit_evidence_scale), and the thresholds its sets were fit with
         self.weights, self.thresholds = calibrated_evidence(self.calibration)
-        if self.calibration and "likelihood_weight" not in self.calibration and imprint.enabled:
+        missing = fit_without(self.calibration) if imprint.enabled else ()
+        if "likelihoods" in missing:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
                            "answers are made without them (recalibrate: pillsnap calibrate --exp EXP)")
-        elif self.calibration and self.calibration.get("imprint_recall") is not True and imprint.enabled:
+        elif "recall" in missing:
             LOGGER.warning("predictor: the calibration predates drugs below the top-k brought back by their imprint; "
                            "answers weigh the top-k alone (recalibrate: pillsnap calibrate --exp EXP)")
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
