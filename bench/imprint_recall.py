@@ -33,7 +33,13 @@ def answers(cfg, exp: Path, limit: int) -> dict:
     from reader_likelihoods import run_unknown_rule
 
     from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.eval.calibration import _held_out_loader, _val_answers, crop_sources, load_manifest_if_any
+    from pillsnap.eval.calibration import (
+        _held_out_loader,
+        _val_answers,
+        crop_sources,
+        load_manifest_if_any,
+        spread_sample,
+    )
     from pillsnap.infer.answer import calibrated_evidence, decide_answer
     from pillsnap.infer.matching import KnownImprints
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
@@ -46,14 +52,16 @@ def answers(cfg, exp: Path, limit: int) -> dict:
     weights, thresholds = calibrated_evidence(cal)
     known = KnownImprints(class_map)
     sets = {"validation": _val_answers(model.eval(), loaders.cls_val.dataset, float(cal["temperature"]), names,
-                                       class_map, int(cfg.inference.topk), 1, limit, True, unknown,
+                                       class_map, int(cfg.inference.topk), 1,
+                                       spread_sample(len(loaders.cls_val.dataset), limit, int(cfg.train.seed)), True,
+                                       unknown,
                                        crop_sources(loaders.cls_val.dataset, manifest), check_unknown=True)}
     held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
     if held is not None:
-        n = min(len(held.dataset), limit)
+        n = len(held.dataset)
         sets["held-out"] = _val_answers(model, held.dataset, float(cal["temperature"]), names, class_map,
-                                        int(cfg.inference.topk), 1, n, True, unknown, np.full(n, "single"),
-                                        check_unknown=True)
+                                        int(cfg.inference.topk), 1, spread_sample(n, limit, int(cfg.train.seed)),
+                                        True, unknown, np.full(n, "single"), check_unknown=True)
     out = {}
     for name, items in sets.items():
         out[name] = {}

@@ -38,7 +38,13 @@ class _WithoutLikelihoods:
 
 def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
     from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.eval.calibration import _val_answers, crop_sources, fit_evidence_scale, load_manifest_if_any
+    from pillsnap.eval.calibration import (
+        _val_answers,
+        crop_sources,
+        fit_evidence_scale,
+        load_manifest_if_any,
+        spread_sample,
+    )
     from pillsnap.infer.answer import WEIGHTS, rerank
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
 
@@ -50,7 +56,8 @@ def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[floa
     dataset, manifest = loaders.cls_val.dataset, load_manifest_if_any(cfg)
     # read once, as inference reads with the imprint check on; the re-ranking below ignores the unknown-pill rule
     items = _val_answers(model.eval(), dataset, float(cal["temperature"]), names, class_map, int(cfg.inference.topk),
-                         1, limit, True, unknown, crop_sources(dataset, manifest), check_unknown=True)
+                         1, spread_sample(len(dataset), limit, int(cfg.train.seed)), True, unknown,
+                         crop_sources(dataset, manifest), check_unknown=True)
     read = [item for item in items if item.read is not None]
     out = {"crops": len(items), "read": len(read), "by_weight": {}}
     for w, cap in [(0.0, WEIGHTS.likelihood_cap)] + [(w, c) for w in weights if w for c in caps]:
@@ -87,7 +94,7 @@ def unknown_pills(cfg, model, loaders, manifest, cal: dict, unknown, known_items
     """The final answers' unknown-pill decision (the run's calibration and unknown rule, the imprint check on) on
     the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
     (AnswerThresholds.foreign_likelihood_gap) and without it."""
-    from pillsnap.eval.calibration import _held_out_loader, _val_answers, answers_unknown_report
+    from pillsnap.eval.calibration import _held_out_loader, _val_answers, answers_unknown_report, spread_sample
     from pillsnap.infer.answer import calibrated_evidence, decide_answer
     from pillsnap.infer.matching import KnownImprints
 
@@ -95,10 +102,10 @@ def unknown_pills(cfg, model, loaders, manifest, cal: dict, unknown, known_items
     held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
     if held is None:
         return {}
-    n_held = min(len(held.dataset), limit)
+    n_held = len(held.dataset)
     held_items = _val_answers(model, held.dataset, float(cal["temperature"]), names, class_map,
-                              int(cfg.inference.topk), 1, n_held, True, unknown, np.full(n_held, "single"),
-                              check_unknown=True)
+                              int(cfg.inference.topk), 1, spread_sample(n_held, limit, int(cfg.train.seed)), True,
+                              unknown, np.full(n_held, "single"), check_unknown=True)
     weights, thresholds = calibrated_evidence(cal)
     imprints = KnownImprints(class_map)
 

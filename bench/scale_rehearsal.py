@@ -188,9 +188,25 @@ def phase_calibration(shape: dict) -> dict:
     thresholds = [rejection_threshold(unknown_scores(r, probs, distances), correct, 0.95)
                   for r in ("feature_distance", "probability")]
     ece = expected_calibration_error(probs, val_labels)
+    work_s = time.perf_counter() - start
     return {"items": len(fit_labels) + len(val_labels), "fit_rows": len(fit_labels), "val_rows": len(val_labels),
-            "classes": len(codes), "work_s": round(time.perf_counter() - start, 2),
-            "temperature": round(temperature, 3), "ece": round(ece, 4), "thresholds": [round(t, 2) for t in thresholds]}
+            "classes": len(codes), "work_s": round(work_s, 2),
+            "temperature": round(temperature, 3), "ece": round(ece, 4), "thresholds": [round(t, 2) for t in thresholds],
+            "answer_sample": answer_sample_spread(val, int(cfg.train.seed))}
+
+
+def answer_sample_spread(val: Any, seed: int) -> dict:
+    """The validation crops calibration answers through the reader (the evidence scale and the prediction sets are
+    fit on them): ANSWER_CROPS drawn by `spread_sample` against the split's first ANSWER_CROPS, the data set's
+    order being the stage manifest's. Per draw: drugs covered and the share of single-photo crops."""
+    from pillsnap.eval.calibration import ANSWER_CROPS, spread_sample
+
+    def spread(rows: Any) -> dict:
+        return {"crops": len(rows), "drugs": int(rows["mapping_code"].nunique()),
+                "single_share": round(float((rows["image_type"] == "single").mean()), 3)}
+
+    return {"split": spread(val), "first": spread(val.iloc[:ANSWER_CROPS]),
+            "drawn": spread(val.iloc[spread_sample(len(val), ANSWER_CROPS, seed)])}
 
 
 def phase_stage_eval(shape: dict) -> dict:

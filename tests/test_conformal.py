@@ -244,3 +244,62 @@ def test_each_crop_source_answers_under_its_own_unknown_threshold() -> None:
     assert single.unknown and not combo.unknown
     assert unknown.for_answer(3).threshold == 0.5  # no source: the threshold over all crops
     assert UnknownAnswer("probability", 0.5).for_answer(3, "single").threshold == 0.5
+
+
+class _OrderedCrops:
+    """A validation data set listed as the manifest lists one: every crop of drug A, then every crop of drug B."""
+
+    def __init__(self, per_class: int) -> None:
+        self.labels = np.repeat([0, 1], per_class)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_crop(self, index: int):
+        from PIL import Image
+
+        return Image.new("RGB", (8, 8), (200, 200, 200))
+
+    def transform(self, crop):
+        import torch
+
+        return torch.zeros(3, 8, 8)
+
+
+class _SaysDrugA:
+    """A classifier that names drug A for every crop, at 0.99."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def __call__(self, x):
+        import torch
+
+        logits = torch.tensor([[math.log(0.99), math.log(0.01)]]).repeat(len(x), 1)
+        return logits, torch.zeros(len(x), 4)
+
+
+def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> None:
+    """Calibration answers a bounded number of validation crops. Drawn from the head of a data set in the
+    manifest's order they would all be drug A's, which this classifier names right: every score would be low,
+    and the sets would claim a coverage they do not have on drug B."""
+    from pillsnap.eval.calibration import answer_calibration, spread_sample
+
+    crops = _OrderedCrops(per_class=50)
+    out = answer_calibration(_SaysDrugA(), crops, 1.0, ["K-000001", "K-000002"], {}, topk=2, limit=20,
+                             read_imprints=False, seed=3)
+    scores = out["prediction_sets"]["scores"]["lac"]
+    assert out["prediction_sets"]["n"] == len(scores) == 20
+    wrong = sum(score > 0.5 for score in scores)  # drug B's crops: the right drug holds 0.01
+    assert 5 <= wrong <= 15, scores  # about half, as in the whole set (a hypergeometric draw)
+    again = answer_calibration(_SaysDrugA(), crops, 1.0, ["K-000001", "K-000002"], {}, topk=2, limit=20,
+                               read_imprints=False, seed=3)
+    assert again["prediction_sets"]["scores"] == out["prediction_sets"]["scores"]  # the seed fixes the draw
+    chosen = spread_sample(100, 20, seed=3)
+    assert len(set(chosen.tolist())) == 20 and list(chosen) == sorted(chosen) and chosen.max() < 100
+    assert list(spread_sample(7, 20, seed=3)) == list(range(7))  # fewer than the limit: every crop, in order

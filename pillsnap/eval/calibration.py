@@ -75,6 +75,16 @@ EVAL_BATCH = 64
 ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
 
 
+def spread_sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of `limit` of `n` items drawn at random with `seed` (all of them when n <= limit). A data set
+    lists its crops in the manifest's order, the combination photos' pills first and the single photos grouped by
+    drug: its first few hundred crops at Stage 4 would be combination crops of the lowest codes only, and prediction
+    sets fit on them hold no guarantee for the other photos."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 class ValAnswer(NamedTuple):
     """One validation crop as inference sees it before the answer: the classifier's output, the imprint read (None:
     not read) and the right drug."""
@@ -86,9 +96,9 @@ class ValAnswer(NamedTuple):
 
 
 def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
-                 threads: int, limit: int, reading: bool, unknown: UnknownAnswer,
+                 threads: int, indices: np.ndarray, reading: bool, unknown: UnknownAnswer,
                  sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
-    """The first `limit` crops of `dataset` through the classifier and, where inference would read (the
+    """The crops of `dataset` at `indices` through the classifier and, where inference would read (the
     contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on record), the reader (the
     costly part, done once; the answers are then pure functions of these)."""
     import torch
@@ -99,7 +109,7 @@ def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list
     evidence = Evidence(class_map, read_imprints=reading, threads=threads, check_unknown=check_unknown)
     device = next(model.parameters()).device
     out = []
-    for index in range(min(limit, len(dataset))):
+    for index in (int(i) for i in indices):
         crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: the model and the reader
         with torch.no_grad():
             logits, feats = model(dataset.transform(crop)[None].to(device))
@@ -145,9 +155,10 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
 def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
                        topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
                        unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None,
-                       check_unknown: bool = False, held_out: Any = None) -> dict:
-    """The final answers on the first `limit` validation crops, as inference makes them (the imprint read where the
-    contenders' imprints differ, then the posterior of pillsnap.infer.answer).
+                       check_unknown: bool = False, held_out: Any = None, seed: int = 0) -> dict:
+    """The final answers on `limit` validation crops drawn at random with `seed` (spread_sample; all of them when
+    there are fewer), as inference makes them (the imprint read where the contenders' imprints differ, then the
+    posterior of pillsnap.infer.answer).
 
     Returns `evidence_scale` (fit_evidence_scale; 1.0 without reads), `answers` (the top answers' accuracy and ECE
     at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
@@ -165,8 +176,8 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     check_unknown = check_unknown and reading
     known = KnownImprints(class_map) if check_unknown else None
     unknown = unknown or UnknownAnswer("probability", None)
-    items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads, limit, reading, unknown,
-                         sources, check_unknown)
+    items = _val_answers(model, dataset, temperature, class_names, class_map, topk, threads,
+                         spread_sample(len(dataset), limit, seed), reading, unknown, sources, check_unknown)
     scale = fit_evidence_scale(items, class_map)
 
     def answered(weights: Any, items: list[ValAnswer] = items, known: Any = known) -> list:
@@ -179,9 +190,10 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     answers = answered(weights)
     unknown_answers = None
     if held_out is not None and len(held_out) and check_unknown:
-        n_held = min(len(held_out), limit)  # the held-out reads never fit a candidate: every turn is tried
-        held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads, n_held,
-                                  reading, unknown, np.full(n_held, "single"), check_unknown)
+        # the held-out reads never fit a candidate: every turn is tried
+        held_items = _val_answers(model, held_out, temperature, class_names, class_map, topk, threads,
+                                  spread_sample(len(held_out), limit, seed), reading, unknown,
+                                  np.full(len(held_out), "single"), check_unknown)
         unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
         # Inference without the check: the same reads, kept only where the contenders differ by imprint
         unknown_answers["without_imprint_check"] = answers_unknown_report(
@@ -448,7 +460,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
             read_imprints=bool(cfg.inference.imprint.enabled), check_unknown=bool(cfg.inference.imprint.unknown_check),
             held_out=None if held_out is None else held_out.dataset,
             unknown=UnknownAnswer(rule, thresholds[rule], gaussians, None if by_source is None else {
-                source: values[rule] for source, values in by_source.items()}) if keep > 0 else None, sources=sources)
+                source: values[rule] for source, values in by_source.items()}) if keep > 0 else None, sources=sources,
+            seed=int(cfg.train.seed))
     if outcome["answers"] is not None:
         report["answers"] = outcome["answers"]
     if outcome.get("unknown_answers") is not None:

@@ -28,13 +28,16 @@ def _figures(result: dict, known: set[str]) -> dict:
             "known_pill_accuracy": _known_pill_accuracy(result["outcomes"], known)}
 
 
-def known_crops(manifest: Any, trained: set[str], margin: float, limit: int = 400) -> list[tuple[Any, str, str]]:
+def known_crops(manifest: Any, trained: set[str], margin: float, limit: int = 400,
+                seed: int = 0) -> list[tuple[Any, str, str]]:
     """(crop, code, image_type) of the test split's labelled pills of trained drugs, cut at their labelled boxes:
-    the classifier's view without the detector or the routing in between (at most `limit`)."""
+    the classifier's view without the detector or the routing in between (at most `limit`, drawn at random with
+    `seed`: the manifest lists the combination photos first and the single photos grouped by drug)."""
     from pillsnap.infer.preprocess import crop_pill
     from pillsnap.utils.images import read_image
 
-    rows = manifest[(manifest["split"] == "test") & manifest["mapping_code"].isin(trained)].head(limit)
+    rows = manifest[(manifest["split"] == "test") & manifest["mapping_code"].isin(trained)]
+    rows = rows.sample(n=min(limit, len(rows)), random_state=seed).sort_index()  # the manifest's order: by photo
     crops, images = [], {}
     for row in rows.itertuples():
         if row.image_path not in images:
@@ -118,7 +121,7 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
     class_map = {c["mapping_code"]: c for c in read_json(class_map_path)["classes"]} if class_map_path.is_file() else {}
     test = photo_groups(select_stage(manifest, cfg), "test")
     before = evaluate_pipeline(predictor, test, "auto", None, trained)
-    crops = known_crops(manifest, trained, predictor.crop_margin)
+    crops = known_crops(manifest, trained, predictor.crop_margin, seed=int(cfg.train.seed))
     crops_before = crop_figures(predictor, crops)
     enrolled = _enrol_all(predictor, plan, class_map)
     removed: set[str] = set()

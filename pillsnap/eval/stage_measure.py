@@ -173,7 +173,9 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     from pillsnap.data import read_image
     from pillsnap.infer.pipeline import Predictor
 
-    photos = rows[rows["split"] == "val"].drop_duplicates("photo_id")["image_path"].head(PIPELINE_SAMPLES).tolist()
+    # drawn at random: the split lists the combination photos first, and the first few would time only their path
+    photos = rows[rows["split"] == "val"].drop_duplicates("photo_id")["image_path"]
+    photos = photos.sample(n=min(PIPELINE_SAMPLES, len(photos)), random_state=int(cfg.train.seed)).tolist()
     if not photos:
         return None
     predictor = Predictor(exp_dir, cfg, device=str(device))
