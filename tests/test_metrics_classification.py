@@ -46,3 +46,29 @@ def test_bad_shapes_are_named():
         evaluate_classification_metrics([0, 1], [0])
     with pytest.raises(ValueError, match="y_prob"):
         evaluate_classification_metrics([0, 1], [0, 1], np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("classes", [3, 12])
+def test_validation_pass_keeps_vectors_and_matches_the_full_probabilities(classes):
+    """The per-epoch validation keeps only vectors per batch (at Stage 4 the [N, classes] probabilities are
+    gigabytes); its figures are those of the whole probability matrix, top-5 clipped to the class count."""
+    import torch
+    from torch import nn
+
+    from pillsnap.engine.classification import predict_classification, validate_classification
+
+    torch.manual_seed(classes)
+    x, y = torch.randn(50, 8), torch.randint(0, classes, (50,))
+    batches = [(x[i:i + 7], y[i:i + 7]) for i in range(0, 50, 7)]  # a last short batch
+    model = nn.Linear(8, classes).train()
+    criterion = nn.CrossEntropyLoss()
+    got = validate_classification(model, batches, criterion, torch.device("cpu"), topk=(1, 5))
+    assert model.training  # its mode is given back
+    y_true, prob, loss = predict_classification(model, batches, criterion, torch.device("cpu"))
+    want = evaluate_classification_metrics(y_true, prob.argmax(1), prob, topk=(1, 5))
+    assert set(got) == {"val_loss", *want}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    assert got["val_loss"] == pytest.approx(loss) == pytest.approx(criterion(model(x), y).item())
+    assert (got["top5"] == 1.0) == (classes <= 5)
+    assert validate_classification(model, [], criterion, torch.device("cpu"))["n"] == 0

@@ -239,6 +239,24 @@ def test_the_runs_figures_include_the_advanced_metrics():
     assert on_cpu["memory_peak_over_avg"] == pytest.approx(105 / np.mean([100, 104, 105]))
 
 
+def test_class_balance_counts_the_drugs_the_classifier_trains_on(synth_cfg):
+    """A stage keeps every pill of its combination photos, drugs outside the stage among them (a pill or two each):
+    counted with them, any real stage's balance check would fail."""
+    from pillsnap.data import load_manifest
+    from pillsnap.data.stages import select_stage
+
+    cfg = synth_cfg.copy()
+    cfg.data.progressive_validation.stage_1.max_classes = 3
+    rows = select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
+    train_rows = rows[rows["split"] == "train"]
+    outside = train_rows[~train_rows["stage_class"]]
+    assert len(outside) and not set(outside["mapping_code"]) & set(train_rows[train_rows["stage_class"]]
+                                                                    ["mapping_code"])
+    counts = train_rows[train_rows["stage_class"]]["mapping_code"].value_counts()
+    assert len(counts) == 3
+    assert stage_measure.class_imbalance(rows) == pytest.approx(counts.max() / counts.min())
+
+
 def test_auto_batch_success_when_the_search_ran_or_the_configured_batch_trained_whole(synth_cfg):
     run = {"global_batch": 4}
     assert stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {}}, run)  # off (the default), batch 4 kept

@@ -211,7 +211,12 @@ def tensorboard_logged(exp_dir: Path) -> bool:
 
 
 def class_imbalance(rows: Any) -> float | None:
-    """Largest over smallest training class of the stage."""
+    """Largest over smallest training class of the stage, counted over the rows the classifier trains on: the
+    stage's rows also hold every pill of its combination photos, drugs outside the stage among them, one or two
+    pills each, which would make any real stage look wildly unbalanced."""
+    from pillsnap.data.stages import classification_rows
+
+    rows = classification_rows(rows)
     counts = rows[rows["split"] == "train"]["mapping_code"].value_counts()
     return float(counts.max() / counts.min()) if len(counts) else None
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import f1_score
 
 
+def topk_hits(y_true: np.ndarray, y_prob: np.ndarray, k: int) -> np.ndarray:
+    """Per row, whether the true class is among the k highest scores (k is clipped to the class count). Scores of
+    any dtype, never copied to float64: at 75,000 x 5,000 a float64 copy alone is 3 GB."""
+    k = min(k, y_prob.shape[1])
+    topk = np.argpartition(y_prob, kth=y_prob.shape[1] - k, axis=1)[:, -k:]
+    return (topk == np.asarray(y_true)[:, None]).any(axis=1)
+
+
 def topk_accuracy(y_true: np.ndarray, y_prob: np.ndarray, k: int) -> float:
     """Share of rows whose true class is among the k highest probabilities (k is clipped to the class count)."""
-    k = min(k, y_prob.shape[1])
-    topk = np.argpartition(-y_prob, kth=k - 1, axis=1)[:, :k]
-    return float((topk == y_true[:, None]).any(axis=1).mean())
+    return float(topk_hits(y_true, y_prob, k).mean())
 
 
 def _check_inputs(y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray | None) -> None:
@@ -34,8 +40,21 @@ def evaluate_classification_metrics(
     top{k} and confidence (mean top-1 probability) need `y_prob`; without it they are omitted.
     """
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    y_prob = None if y_prob is None else np.asarray(y_prob, dtype=np.float64)
+    y_prob = None if y_prob is None else np.asarray(y_prob)
     _check_inputs(y_true, y_pred, y_prob)
+    if y_prob is None or not len(y_true):
+        return metrics_from_hits(y_true, y_pred)
+    return metrics_from_hits(y_true, y_pred, {int(k): topk_hits(y_true, y_prob, int(k)) for k in topk},
+                             y_prob.max(axis=1))
+
+
+def metrics_from_hits(y_true: np.ndarray, y_pred: np.ndarray, hits: Mapping[int, np.ndarray] | None = None,
+                      confidence: np.ndarray | None = None) -> dict:
+    """evaluate_classification_metrics' figures from vectors of length N: the labels, the top-1 classes, per k
+    whether the true class is in the top k (`hits`), and the top-1 probabilities (`confidence`); a validation pass
+    can keep these per batch instead of the [N, classes] probabilities."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    _check_inputs(y_true, y_pred, None)
     n = int(y_true.shape[0])
     if n == 0:
         return {"acc": 0.0, "macro_f1": 0.0, "n": 0}
@@ -44,8 +63,8 @@ def evaluate_classification_metrics(
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "n": n,
     }
-    if y_prob is not None:
-        for k in topk:
-            out[f"top{k}"] = topk_accuracy(y_true, y_prob, int(k))
-        out["confidence"] = float(y_prob.max(axis=1).mean())
+    for k, hit in (hits or {}).items():
+        out[f"top{k}"] = float(np.mean(hit))
+    if confidence is not None:
+        out["confidence"] = float(np.mean(confidence, dtype=np.float64))
     return out
