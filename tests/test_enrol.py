@@ -353,3 +353,27 @@ def test_the_imprint_check_knows_an_enrolled_drugs_imprints(exp_dir: Path, predi
     Reads.text = "QJX"
     stranger = answer(served, probe)
     assert stranger["unknown_by"] == "imprint" and stranger["mapping_code"] is None
+
+
+def test_the_enrolment_measure_is_bounded_on_a_real_sized_data_set() -> None:
+    """`pillsnap demo --data-root <real tree>` measures enrolment on the drugs a stage left out: on the real data
+    that is thousands of drugs and millions of photos, so a bounded random draw of them is enrolled and answered."""
+    import pandas as pd
+
+    from pillsnap.eval.enrol_eval import _plan
+
+    rows = [{"mapping_code": f"K-{d:06d}", "image_type": "single", "split": "train" if i < 70 else "test",
+             "image_path": f"/data/K-{d:06d}/{i}.png"} for d in range(60) for i in range(100)]
+    manifest = pd.DataFrame(rows)
+    trained = {f"K-{d:06d}" for d in range(10)}
+    plan = _plan(manifest, trained, per_drug=5, seed=0, drugs=20, answered=60)
+    assert len(plan) == 20 and not set(plan) & trained
+    for code, (chosen, others) in plan.items():
+        assert len(chosen) == 5 and all(p.startswith(f"/data/{code}/") and int(p.split("/")[-1][:-4]) < 70
+                                        for p in chosen)  # enrolled from its training photos
+        assert len(others) == 60 and not set(others) & set(chosen) and len(set(others)) == 60
+    assert _plan(manifest, trained, per_drug=5, seed=0, drugs=20, answered=60) == plan  # the seed fixes the draw
+    assert set(_plan(manifest, trained, per_drug=5, seed=1, drugs=20, answered=60)) != set(plan)
+    few = _plan(manifest[manifest["mapping_code"] < "K-000013"], trained, per_drug=5, seed=0, drugs=20, answered=200)
+    assert sorted(few) == ["K-000010", "K-000011", "K-000012"]  # fewer than the bound: every one, every photo
+    assert all(len(others) == 95 for _, others in few.values())

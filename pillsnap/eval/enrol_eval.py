@@ -15,6 +15,10 @@ from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups
 
 LOGGER = logging.getLogger(__name__)
 ENROL_PHOTOS = 5  # photos each held-out drug is enrolled from: the issue's figure
+# At most this many held-out drugs are enrolled, drawn at random, and at most this many of each one's other photos
+# answered: a real data set's first stage leaves ~4,950 drugs and 2.3 M photos out of training, days of answers.
+ENROL_DRUGS = 20
+ANSWERED_PER_DRUG = 60
 
 
 def _known_pill_accuracy(outcomes: list[dict], known: set[str]) -> float | None:
@@ -63,16 +67,23 @@ def crop_figures(predictor: Any, crops: list[tuple[Any, str, str]], batch: int =
             for kind, v in right.items()}
 
 
-def _plan(manifest: Any, trained: set[str], per_drug: int, seed: int) -> dict[str, tuple[list[str], list[str]]]:
-    """Per held-out drug: (the single-pill photos to enrol from, drawn from its train split when it has enough;
-    its other single-pill photos, which are answered afterwards)."""
+def _plan(manifest: Any, trained: set[str], per_drug: int, seed: int, drugs: int = ENROL_DRUGS,
+          answered: int = ANSWERED_PER_DRUG) -> dict[str, tuple[list[str], list[str]]]:
+    """Per held-out drug (at most `drugs`, drawn at random with `seed`): (the single-pill photos to enrol from,
+    drawn from its train split when it has enough; up to `answered` of its other single-pill photos, which are
+    answered afterwards)."""
     rows = manifest[(manifest["image_type"] == "single") & ~manifest["mapping_code"].isin(trained)]
+    codes = sorted(rows["mapping_code"].astype(str).unique())
+    if len(codes) > drugs:
+        codes = sorted(np.random.default_rng(seed).choice(codes, size=drugs, replace=False).tolist())
+        rows = rows[rows["mapping_code"].isin(codes)]
     plan = {}
     for code, group in rows.groupby("mapping_code", sort=True):
         group = group.sample(frac=1.0, random_state=seed)
         pool = group[group["split"] == "train"] if (group["split"] == "train").sum() >= per_drug else group
         chosen = list(pool["image_path"].astype(str)[:per_drug])
-        plan[str(code)] = (chosen, sorted(set(group["image_path"].astype(str)) - set(chosen)))
+        others = [path for path in dict.fromkeys(group["image_path"].astype(str)) if path not in chosen]
+        plan[str(code)] = (chosen, sorted(others[:answered]))
     return plan
 
 
