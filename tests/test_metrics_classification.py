@@ -72,3 +72,25 @@ def test_validation_pass_keeps_vectors_and_matches_the_full_probabilities(classe
     assert got["val_loss"] == pytest.approx(loss) == pytest.approx(criterion(model(x), y).item())
     assert (got["top5"] == 1.0) == (classes <= 5)
     assert validate_classification(model, [], criterion, torch.device("cpu"))["n"] == 0
+
+
+def test_shrunken_rates_measure_the_worst_class_not_the_noise():
+    from pillsnap.metrics.classification import shrunken_rates
+
+    rng = np.random.default_rng(0)
+    crops = np.full(2000, 15)
+    right = rng.binomial(crops, 0.95)  # every class truly at 0.95
+    shrunk = shrunken_rates(right, crops)
+    assert (right / crops).min() < 0.75 < 0.93 < shrunk.min() <= shrunk.max() < 0.97
+    # 40 classes truly at 0.5, measured on 15 crops like the rest: the floor finds them
+    truth = np.r_[np.full(1960, 0.95), np.full(40, 0.5)]
+    right = rng.binomial(crops, truth)
+    shrunk = shrunken_rates(right, crops)
+    assert shrunk.min() < 0.8 and np.argsort(shrunk)[:20].min() >= 1960 - 20  # the bad classes are the lowest
+    assert np.all(np.diff(shrunk[np.argsort(right / crops)]) >= -1e-12)  # the order of the observed rates is kept
+    # a class with many crops keeps its own rate; one with none gets the overall rate; all right stays at 1
+    rates = shrunken_rates(np.array([14, 15, 13, 500, 0]), np.array([15, 15, 15, 1000, 0]))
+    assert abs(rates[3] - 0.5) < 0.05 and rates[4] == pytest.approx(np.average([14 / 15, 1, 13 / 15, 0.5],
+                                                                                 weights=[15, 15, 15, 1000]))
+    assert shrunken_rates(np.array([5, 7]), np.array([5, 7])).tolist() == [1.0, 1.0]
+    assert np.isnan(shrunken_rates(np.array([0]), np.array([0]))).all()

@@ -28,6 +28,8 @@ from pillsnap.metrics.names import DETECTION_KEYS
 from pillsnap.utils import append_jsonl, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
+# the per-class floors: the lowest F1, the lowest accuracy after shrinkage (the one gated) and the lowest observed
+PER_CLASS_KEYS = ("per_class_min_f1", "per_class_min_acc", "per_class_min_acc_observed")
 
 
 class StageMismatchError(ValueError):
@@ -135,7 +137,7 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
                     "detection": det.get("latency") and det["latency"].as_dict(),
                     "pipeline": pipeline and pipeline.as_dict()},
         "classification": {**(summary.get("classification") or {}),
-                           **{k: cls.get(k) for k in ("per_class_min_f1", "per_class_min_acc")},
+                           **{k: cls.get(k) for k in PER_CLASS_KEYS},
                            "inference_time_ms": _latency_ms(cls)},
         "detection": {**detection, "inference_time_ms": _latency_ms(det)},
         "system": {"gpu_memory_gb": run["gpu_memory_gb"], "data_loading_s": run["data_loading_s"],

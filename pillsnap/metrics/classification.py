@@ -68,3 +68,26 @@ def metrics_from_hits(y_true: np.ndarray, y_pred: np.ndarray, hits: Mapping[int,
     if confidence is not None:
         out["confidence"] = float(np.mean(confidence, dtype=np.float64))
     return out
+
+
+def shrunken_rates(successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
+    """Each group's rate (a class's accuracy: right answers over its crops) shrunk toward the rate over all groups
+    by empirical Bayes: a beta prior fit to the groups by the method of moments, the binomial noise of each group's
+    count taken out of their spread; returns each group's posterior mean.
+
+    With a few crops per class the lowest observed accuracy measures the noise, not the worst class: at 5,000
+    classes of 15 crops each, a classifier right on 97 % of every class's photos shows a lowest class accuracy far
+    below 0.85, while the lowest shrunken rate stays near 0.97, and a few dozen classes truly at 0.6 still pull it
+    well below 0.85 (bench/per_class_floor.py). Groups with no trials get the overall rate."""
+    k, n = np.asarray(successes, np.float64), np.asarray(trials, np.float64)
+    seen = n > 0
+    if not seen.any():
+        return np.full(len(n), np.nan)
+    rate = k[seen] / n[seen]
+    mean = float(np.average(rate, weights=n[seen]))
+    noise = float(np.mean(mean * (1 - mean) / n[seen]))  # what binomial counts alone would spread the rates by
+    spread = float(np.average((rate - mean) ** 2, weights=n[seen])) - noise
+    if mean <= 0.0 or mean >= 1.0 or spread <= 0.0:  # no spread beyond the noise: every group at the overall rate
+        return np.full(len(n), mean)
+    strength = max(mean * (1 - mean) / spread - 1.0, 0.0)  # the prior's pseudo-count
+    return np.where(seen, (k + mean * strength) / np.maximum(n + strength, 1e-12), mean)
