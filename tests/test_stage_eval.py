@@ -293,3 +293,30 @@ def test_evaluating_another_stage_than_the_run_trained_is_refused(synth_cfg, tmp
     assert main(["evaluate", "--exp", str(exp), "--stage", "1", "--device", "tpu9"]) == 2
     assert main(["evaluate", "--exp", str(exp), "--choice", "7"]) == 2
     assert finished_line(exp, 2).startswith("training finished; stage 2 not evaluated")
+
+
+def test_the_pipeline_latency_is_the_splits_own_p95():
+    """Nine in ten photos show one pill: the pipeline is timed on as many photos of each kind, each weighted by its
+    kind's share, so the p95 is the split's whatever the draw (ten plain draws hold no combination photo a third of
+    the time, and the p95 of ten is their slowest)."""
+    import pandas as pd
+
+    from pillsnap.eval.latency import weighted_percentile
+
+    rows = pd.DataFrame({"split": "val", "photo_id": [f"p{i}" for i in range(100)],
+                         "image_type": ["single"] * 90 + ["combination"] * 10,
+                         "image_path": [f"/{'s' if i < 90 else 'c'}/{i}.png" for i in range(100)]})
+    photos, weights = stage_measure._pipeline_photos(rows, seed=0)
+    assert sum(p.startswith("/c/") for p in photos) == sum(p.startswith("/s/") for p in photos) == 5
+    assert sum(weights) == pytest.approx(1.0)
+    assert sum(w for p, w in zip(photos, weights, strict=True) if p.startswith("/c/")) == pytest.approx(0.1)
+    assert stage_measure._pipeline_photos(rows, seed=0) == (photos, weights)
+    # single photos take 50 ms, combination photos 200-240 ms: 10 % of the split is slower than 200 ms, so the
+    # split's p95 lies among the combination photos, its median among the single ones
+    times = [50.0 if p.startswith("/s/") else 200.0 + 10 * i for i, p in enumerate(photos)]
+    assert 200.0 <= weighted_percentile(times, weights, 95) <= 240.0
+    assert weighted_percentile(times, weights, 50) == 50.0
+    assert weighted_percentile([3.0, 1.0, 2.0], [1, 1, 1], 50) == 2.0
+    only_single = rows[rows["image_type"] == "single"]
+    photos, weights = stage_measure._pipeline_photos(only_single, seed=0)
+    assert len(photos) == stage_measure.PIPELINE_SAMPLES and sum(weights) == pytest.approx(1.0)

@@ -80,10 +80,20 @@ def passes(device: Any, target_device: str) -> tuple[int, int]:
     return (MIN_REPEATS, MAX_REPEATS) if torch.device(device).type == target_device else (1, 1)
 
 
+def weighted_percentile(values: Iterable[float], weights: Iterable[float], q: float) -> float:
+    """The q-th percentile of `values` where each stands for its weight's share of the population (the smallest
+    value whose cumulative share reaches q %)."""
+    values, weights = np.asarray(list(values), np.float64), np.asarray(list(weights), np.float64)
+    order = np.argsort(values, kind="stable")
+    share = np.cumsum(weights[order]) / weights.sum()
+    return float(values[order][min(int(np.searchsorted(share, q / 100 - 1e-12)), len(values) - 1)])
+
+
 def measure(fn: Callable[[Any], Any], inputs: list[Any], device: Any, repeats: tuple[int, int] = (MIN_REPEATS,
-            MAX_REPEATS), budget_s: float = BUDGET_S) -> Latency | None:
+            MAX_REPEATS), budget_s: float = BUDGET_S, weights: list[float] | None = None) -> Latency | None:
     """Time `fn` on each input (see the module docstring) over `repeats` (fewest, most) passes; None without
-    inputs."""
+    inputs. With `weights` (each input's share of the population it was drawn from, e.g. a stratified sample of
+    single and combination photos) the p95 and median are those of the population (weighted_percentile)."""
     if not inputs:
         return None
     fewest, most = repeats
@@ -102,5 +112,8 @@ def measure(fn: Callable[[Any], Any], inputs: list[Any], device: Any, repeats: t
             sync()
             times[i].append(time.perf_counter() - t0)
     medians = [statistics.median(t) * 1000 for t in times]
-    return Latency(round(float(np.percentile(medians, 95)), 3), round(statistics.median(medians), 3), len(inputs),
-                   len(times[0]), str(device))
+    if weights is not None:
+        p95, median = weighted_percentile(medians, weights, 95), weighted_percentile(medians, weights, 50)
+    else:
+        p95, median = float(np.percentile(medians, 95)), statistics.median(medians)
+    return Latency(round(p95, 3), round(median, 3), len(inputs), len(times[0]), str(device))
