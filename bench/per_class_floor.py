@@ -3,7 +3,7 @@ validation sizes, on simulated classifiers whose true per-class accuracies are k
 accuracy (the former figure) against the lowest empirical-Bayes shrunken accuracy (`metrics.classification.
 shrunken_rates`, the figure the gate reads now), the same draws in the same run.
 
-    .venv/bin/python bench/per_class_floor.py [--classes 5000 --crops 15 --draws 20]
+    .venv/bin/python bench/per_class_floor.py [--classes 5000 --crops 15 --draws 20] [--crops-range 3 27]
 
 Each scenario draws every class's right answers from a binomial of its crops and its true accuracy; the table gives
 the mean over the draws (and the range), and how often each figure passes 0.85.
@@ -36,13 +36,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=5000)
     parser.add_argument("--crops", type=int, default=15, help="validation crops per class (Stage 4: ~15)")
+    parser.add_argument("--crops-range", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                        help="crops per class drawn uniformly in [LOW, HIGH] instead of --crops for every class")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    crops = np.full(args.classes, args.crops)
-    print(f"{args.classes:,} classes x {args.crops} validation crops, {args.draws} draws, target {args.target}")
+    if args.crops_range:
+        low, high = args.crops_range
+        crops = rng.integers(low, high + 1, args.classes)  # combination crops fall on some drugs only
+        shape = f"{low}-{high} (mean {crops.mean():.1f})"
+    else:
+        crops, shape = np.full(args.classes, args.crops), str(args.crops)
+    print(f"{args.classes:,} classes x {shape} validation crops, {args.draws} draws, target {args.target}")
     print("| true accuracies | true lowest | lowest observed (before) | passes | lowest shrunken (now) | passes |")
     print("|---|---|---|---|---|---|")
     for name, truth in scenarios(args.classes, rng).items():

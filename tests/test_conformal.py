@@ -303,3 +303,18 @@ def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> N
     chosen = spread_sample(100, 20, seed=3)
     assert len(set(chosen.tolist())) == 20 and list(chosen) == sorted(chosen) and chosen.max() < 100
     assert list(spread_sample(7, 20, seed=3)) == list(range(7))  # fewer than the limit: every crop, in order
+
+
+def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
+    from pillsnap.eval.calibration import answer_calibration
+
+    class WithABrokenPhoto(_OrderedCrops):
+        def load_crop(self, index: int):
+            if index == 3:
+                raise OSError("image file is truncated")
+            return super().load_crop(index)
+
+    out = answer_calibration(_SaysDrugA(), WithABrokenPhoto(per_class=5), 1.0, ["K-000001", "K-000002"], {},
+                             topk=2, limit=20, read_imprints=False, seed=0)
+    assert out["prediction_sets"]["n"] == 9  # 10 crops, one left out
+    assert "undecodable validation crop" in caplog.text and "truncated" in caplog.text

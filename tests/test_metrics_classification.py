@@ -94,3 +94,18 @@ def test_shrunken_rates_measure_the_worst_class_not_the_noise():
                                                                                  weights=[15, 15, 15, 1000]))
     assert shrunken_rates(np.array([5, 7]), np.array([5, 7])).tolist() == [1.0, 1.0]
     assert np.isnan(shrunken_rates(np.array([0]), np.array([0]))).all()
+
+
+def test_shrunken_rates_find_weak_classes_whatever_their_crop_counts():
+    """Combination crops fall on some drugs only, so classes have unequal crop counts: the binomial noise taken
+    out of the spread is that of the crop-weighted spread, else the weak classes vanish into the overall rate."""
+    from pillsnap.metrics.classification import shrunken_rates
+
+    rng = np.random.default_rng(1)
+    crops = np.r_[np.full(2500, 5), np.full(2500, 25)]
+    truth = np.full(5000, 0.97)
+    truth[rng.choice(5000, 50, replace=False)] = 0.6
+    floors = [shrunken_rates(rng.binomial(crops, truth), crops).min() for _ in range(5)]
+    assert max(floors) < 0.8, floors
+    even = [shrunken_rates(rng.binomial(crops, 0.97), crops).min() for _ in range(5)]
+    assert min(even) > 0.93, even

@@ -18,6 +18,7 @@ from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.metrics.classification import metrics_from_hits
 from pillsnap.metrics.names import CLASSIFICATION_KEYS
 from pillsnap.models.classifier import build_classification_model
+from pillsnap.utils.arrays import RowFiller
 
 LOGGER = logging.getLogger(__name__)
 EMPTY_METRICS = {"val_loss": float("nan"), "acc": 0.0, "macro_f1": 0.0, "n": 0}
@@ -62,16 +63,17 @@ def predict_classification(model: nn.Module, loader: Any, criterion: nn.Module, 
                            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """fp32 pass over `loader`: (y_true, y_prob, mean loss); empty arrays and nan loss for an empty loader. The
     probabilities are [N, classes] (for the reports at the end of a run; validation keeps vectors only)."""
-    probs, targets = [], []
+    size = len(loader.dataset) if hasattr(loader, "dataset") else 1
+    probs, targets = RowFiller(size), RowFiller(size)  # filled in place: no second [N, classes] copy
 
     def keep(logits: torch.Tensor, y: torch.Tensor) -> None:
-        probs.append(torch.softmax(logits, dim=1).cpu())
-        targets.append(y.cpu())
+        probs.add(torch.softmax(logits, dim=1).cpu().numpy())
+        targets.add(y.cpu().numpy())
 
     total, rows = _val_pass(model, loader, criterion, device, channels_last, keep)
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), float("nan")
-    return torch.cat(targets).numpy(), torch.cat(probs).numpy(), total / rows
+    return targets.result((0,), np.int64), probs.result((0, 0)), total / rows
 
 
 def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
@@ -79,24 +81,26 @@ def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module,
     """fp32 pass over a loader (the validation one while training): val_loss, acc, macro_f1, top-k, confidence, n.
     Each batch leaves only vectors (label, top-1 class and probability, whether the label is in each top k): the
     [N, classes] probabilities of a Stage 4 validation split are 1.5 GB, and every epoch validates."""
-    # Python lists, not a tensor per batch: small tensors kept between each batch's [batch, classes] temporaries
-    # fragment the CPU heap (+1.2 GB at 30,000 x 5,000 on CPU, bench/val_metrics_memory.py)
-    kept: dict[str, list] = {"y": [], "pred": [], "conf": [], **{f"top{k}": [] for k in topk}}
+    # One small host copy per batch into a Python list (one device sync): small tensors kept between each batch's
+    # [batch, classes] temporaries fragment the CPU heap (+1.2 GB at 30,000 x 5,000, bench/val_metrics_memory.py)
+    kept: list[list[float]] = []
+    depth = max(topk, default=1)
 
     def keep(logits: torch.Tensor, y: torch.Tensor) -> None:
-        top = logits.max(dim=1)  # the top-1 probability without the [batch, classes] softmax
-        kept["conf"] += torch.exp(top.values - torch.logsumexp(logits, dim=1)).tolist()
-        kept["pred"] += top.indices.tolist()
-        kept["y"] += y.tolist()
-        ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
-        for k in topk:
-            kept[f"top{k}"] += (ranked[:, :k] == y[:, None]).any(dim=1).tolist()
+        ranked = logits.topk(min(depth, logits.shape[1]), dim=1)
+        # the top-1 probability without the [batch, classes] softmax; the top-1 class is the ranking's first, so
+        # acc and top1 agree even on tied logits
+        conf = torch.exp(ranked.values[:, 0] - torch.logsumexp(logits, dim=1))
+        hits = [(ranked.indices[:, :k] == y[:, None]).any(dim=1) for k in topk]
+        columns = [y, ranked.indices[:, 0], conf, *hits]
+        kept.extend(torch.stack([c.double() for c in columns], dim=1).cpu().tolist())
 
     total, rows = _val_pass(model, loader, criterion, device, channels_last, keep)
     if not rows:
         return dict(EMPTY_METRICS)
-    got = {name: np.asarray(values) for name, values in kept.items()}
-    metrics = metrics_from_hits(got["y"], got["pred"], {k: got[f"top{k}"] for k in topk}, got["conf"])
+    table = np.asarray(kept, dtype=np.float64)
+    metrics = metrics_from_hits(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64),
+                                {k: table[:, 3 + i] > 0.5 for i, k in enumerate(topk)}, table[:, 2])
     return {"val_loss": total / rows, **metrics}
 
 

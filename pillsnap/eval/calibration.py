@@ -43,6 +43,7 @@ from pillsnap.metrics.novelty import (
 )
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
+from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,31 +52,27 @@ def _outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = True,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, log-probabilities, pre-logit features) of a WithFeatures model over a loader, in fp32.
 
-    Filled into arrays of the data set's size as the batches come, not gathered and concatenated: at Stage 4 the
-    validation log-probabilities are 1.7 GB and the fit crops' features 1.8 GB, each held twice by a concatenation.
-    keep_log_probs=False returns an empty [N, 0] array instead: with 5,000 classes the log-probabilities of the
-    training crops the class Gaussians are fit on would take gigabytes and nothing reads them."""
+    Filled into arrays of the data set's size as the batches come (RowFiller), not gathered and concatenated: at
+    Stage 4 the validation log-probabilities are 1.7 GB and the fit crops' features 1.8 GB. Photos that failed to
+    decode leave fewer rows than the data set has. keep_log_probs=False returns an empty [N, 0] array instead: with
+    5,000 classes the log-probabilities of the training crops the class Gaussians are fit on would take gigabytes
+    and nothing reads them."""
     import torch
 
+    from pillsnap.utils.arrays import RowFiller
+
     size = len(loader.dataset)
-    labels, log_probs, features, filled = np.zeros(size, np.int64), None, None, 0
+    labels, log_probs, features = RowFiller(size), RowFiller(size), RowFiller(size)
     with torch.no_grad():
         for batch in loader:
             if batch is None:  # every photo of the batch failed to decode
                 continue
             logits, feats = model(batch[0].to(device))
-            if log_probs is None:
-                log_probs = np.zeros((size, logits.shape[1] if keep_log_probs else 0), np.float32)
-                features = np.zeros((size, feats.shape[1]), np.float32)
-            rows = slice(filled, filled + len(logits))
-            labels[rows] = batch[1].numpy()
-            if keep_log_probs:
-                log_probs[rows] = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
-            features[rows] = feats.float().cpu().numpy()
-            filled += len(logits)
-    if log_probs is None:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return labels[:filled], log_probs[:filled], features[:filled]  # fewer when photos failed to decode
+            labels.add(np.asarray(batch[1], np.int64))
+            log_probs.add(torch.log_softmax(logits.float(), dim=-1).cpu().numpy() if keep_log_probs
+                          else np.zeros((len(logits), 0), np.float32))
+            features.add(feats.float().cpu().numpy())
+    return labels.result((0,), np.int64), log_probs.result((0, 0)), features.result((0, 0))
 
 
 # Forward passes only, no gradients: a batch this size fits any device at the classifier's input size.
@@ -118,7 +115,11 @@ def _val_answers(model: Any, dataset: Any, temperature: float, class_names: list
     device = next(model.parameters()).device
     out = []
     for index in (int(i) for i in indices):
-        crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: the model and the reader
+        try:
+            crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: model and reader
+        except DECODE_ERRORS as err:
+            LOGGER.warning("calibration: skipping an undecodable validation crop (%s)", err)
+            continue
         with torch.no_grad():
             logits, feats = model(dataset.transform(crop)[None].to(device))
         probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
@@ -421,10 +422,15 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     val_scores = {name: unknown_scores(name, cal, val_distances) for name in UNKNOWN_RULES}
     thresholds = _thresholds(val_scores, correct, keep)
     manifest = load_manifest_if_any(cfg)
-    sources = crop_sources(loaders.cls_val.dataset, manifest)
-    by_source = None if sources is None else {
-        source: _thresholds({k: v[sources == source] for k, v in val_scores.items()}, correct[sources == source],
-                            keep) if (correct & (sources == source)).sum() >= MIN_SOURCE_RIGHT else dict(thresholds)
+    sources = crop_sources(loaders.cls_val.dataset, manifest)  # per crop of the data set (the answers index it)
+    scored = sources  # per crop scored: the same, unless photos failed to decode and left fewer
+    if sources is not None and len(sources) != len(y_true):
+        LOGGER.warning("calibration: %d of %d validation crops could not be decoded; one unknown-pill threshold "
+                       "serves both crop sources", len(sources) - len(y_true), len(sources))
+        scored = None
+    by_source = None if scored is None else {
+        source: _thresholds({k: v[scored == source] for k, v in val_scores.items()}, correct[scored == source],
+                            keep) if (correct & (scored == source)).sum() >= MIN_SOURCE_RIGHT else dict(thresholds)
         for source in CROP_SOURCES}
     # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
     stored = {"temperature": temperature, "unknown_rule": rule, "unknown_thresholds": thresholds,
@@ -444,7 +450,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         held_out_classes = len({r.mapping_code for r in held_out.dataset.rows})
         # The held-out photos are single-pill photos: they are compared with the known drugs' single-pill crops,
         # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
-        single = np.ones(len(correct), bool) if sources is None else sources == "single"
+        single = np.ones(len(correct), bool) if scored is None else scored == "single"
         single_thresholds = thresholds if by_source is None else by_source["single"]
         by_rule = {}
         for name in UNKNOWN_RULES:

@@ -85,7 +85,8 @@ def shrunken_rates(successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
         return np.full(len(n), np.nan)
     rate = k[seen] / n[seen]
     mean = float(np.average(rate, weights=n[seen]))
-    noise = float(np.mean(mean * (1 - mean) / n[seen]))  # what binomial counts alone would spread the rates by
+    # what binomial counts alone add to the crop-weighted spread: sum n * p(1-p)/n over sum n = p(1-p) groups/crops
+    noise = mean * (1 - mean) * seen.sum() / n[seen].sum()
     spread = float(np.average((rate - mean) ** 2, weights=n[seen])) - noise
     if mean <= 0.0 or mean >= 1.0 or spread <= 0.0:  # no spread beyond the noise: every group at the overall rate
         return np.full(len(n), mean)

@@ -1,5 +1,6 @@
 """Core utilities, one module per concern: files and checkpoints (io), logging (logs), torch settings
-(torch_utils), image reading (images), box formats (boxes) and keeping ultralytics offline (offline).
+(torch_utils), image reading (images), box formats (boxes), keeping ultralytics offline (offline) and arrays
+filled batch by batch (arrays).
 
 The lowest layer: nothing here imports another part of pillsnap. Names resolve lazily so that torch-free
 users (the data scan, the CLI's --help, the HTTP app's image decoding) do not import torch.
@@ -18,6 +19,7 @@ _EXPORTS = {
     "pillsnap.utils.images": ("DECODE_ERRORS", "decode_image", "read_bytes", "read_image", "split_zip_path"),
     "pillsnap.utils.boxes": ("cxcywh_to_xyxy", "xywh_to_xyxy", "xyxy_to_cxcywh", "xyxy_to_xywh"),
     "pillsnap.utils.offline": ("ultralytics_offline",),
+    "pillsnap.utils.arrays": ("RowFiller",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
