@@ -219,3 +219,22 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_row_filler_fills_in_place_grows_and_trims():
+    import numpy as np
+
+    from pillsnap.utils.arrays import RowFiller
+
+    filler = RowFiller(expected=5)
+    filler.add(np.ones((2, 3), np.float32))
+    first = filler.array
+    filler.add(np.full((2, 3), 2, np.float32))
+    assert filler.array is first and first.shape == (5, 3)  # one array of the expected size, written in place
+    filler.add(np.full((3, 3), 3, np.float32))  # more rows than expected (a sampler that repeats): it grows
+    out = filler.result()
+    assert out.shape == (7, 3) and out.dtype == np.float32 and out[:, 0].tolist() == [1, 1, 2, 2, 3, 3, 3]
+    short = RowFiller(expected=10)
+    short.add(np.arange(4))
+    assert short.result().tolist() == [0, 1, 2, 3]  # fewer rows came (photos that failed to decode): trimmed
+    assert RowFiller(3).result((0, 0)).shape == (0, 0)
