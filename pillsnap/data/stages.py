@@ -114,3 +114,19 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     rows = pd.concat([chosen, combos]).sort_index()
     stage_class = candidates.loc[rows.index] & rows["mapping_code"].isin(classes)
     return rows.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
+
+
+def sample_by_kind(photos: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Up to `n` rows of `photos` (one per photo), as many of each `image_type` drawn at random with `seed`, and
+    each row's weight: its kind's share of `photos` over the rows drawn of that kind (the weights sum to 1). Nine
+    in ten real photos show one pill: a plain draw of ten would hold no combination photo a third of the time, and
+    the manifest's first rows are combination photos only."""
+    kinds = [group for _, group in photos.groupby("image_type", sort=True)]
+    drawn, weights = [], []
+    for group in kinds:
+        chosen = group.sample(n=min(max(1, n // len(kinds)), len(group)), random_state=seed)
+        drawn.append(chosen)
+        weights += [len(group) / len(photos) / len(chosen)] * len(chosen)
+    if not drawn:
+        return photos.iloc[:0], np.zeros(0)
+    return pd.concat(drawn), np.asarray(weights)

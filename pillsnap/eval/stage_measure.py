@@ -191,17 +191,12 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
 
 def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float]]:
     """PIPELINE_SAMPLES validation photos, as many of each kind (single, combination) drawn at random, each
-    weighted by its kind's share of the split: the p95 is then the split's (nine in ten photos show one pill and
-    are faster; a plain draw of ten would hold no combination photo a third of the time)."""
+    weighted by its kind's share of the split (data.stages.sample_by_kind): the p95 is then the split's."""
+    from pillsnap.data.stages import sample_by_kind
+
     val = rows[rows["split"] == "val"].drop_duplicates("photo_id")
-    kinds = [group["image_path"] for _, group in val.groupby("image_type", sort=True)]
-    photos: list[str] = []
-    weights: list[float] = []
-    for paths in kinds:
-        chosen = paths.sample(n=min(max(1, PIPELINE_SAMPLES // len(kinds)), len(paths)), random_state=seed)
-        photos += chosen.astype(str).tolist()
-        weights += [len(paths) / len(val) / len(chosen)] * len(chosen)
-    return photos, weights
+    drawn, weights = sample_by_kind(val, PIPELINE_SAMPLES, seed)
+    return drawn["image_path"].astype(str).tolist(), weights.tolist()
 
 
 def onnx_exports(models: dict) -> bool:

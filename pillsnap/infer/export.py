@@ -104,8 +104,9 @@ def _export_detector(ckpt: Path, out_dir: Path, opset: int) -> dict:
 
 
 def _parity_photos(cfg: Any, images: list[str] | None, samples: int) -> tuple[list, str]:
-    """Photos to compare the runtimes on: the given files, else validation photos of the manifest (so that the
-    detector finds real pills), else none (seeded noise is used)."""
+    """Photos to compare the runtimes on: the given files, else validation photos of the manifest, as many single
+    as combination photos drawn at random (the detector finds real pills, the classifier sees both kinds), else
+    none (seeded noise is used)."""
     from pillsnap.utils.images import read_image
 
     if images:
@@ -114,9 +115,11 @@ def _parity_photos(cfg: Any, images: list[str] | None, samples: int) -> tuple[li
     if manifest.is_file():
         import pandas as pd
 
+        from pillsnap.data.stages import sample_by_kind
+
         frame = pd.read_parquet(manifest, columns=["image_path", "split", "image_type"])
-        frame = frame[frame["split"] == "val"].sort_values("image_type").drop_duplicates("image_path")
-        paths = list(frame["image_path"][:samples])
+        frame = frame[frame["split"] == "val"].drop_duplicates("image_path")
+        paths = list(sample_by_kind(frame, samples, int(cfg.train.seed))[0]["image_path"])  # both kinds
         if paths:
             return [read_image(p) for p in paths], f"{len(paths)} validation photos from {manifest}"
     return [], "seeded noise (no photos given and no manifest)"
