@@ -46,6 +46,25 @@ def test_synth_then_scan_then_cache(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["crops"] == report["records_kept"] > 12
 
 
+def test_a_cache_that_would_fill_the_disk_is_refused_before_a_byte_is_written(manifest_dir, tmp_path, monkeypatch,
+                                                                                caplog):
+    """At Stage 4, 500,000 crops of 384 px are 221 GB: a disk that fills mid-run fails the checkpoints beside it."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 50_000, 50_000))
+    monkeypatch.chdir(tmp_path)
+    assert run(["data", "cache", "--workers", "1", f"paths.manifest_dir={manifest_dir}", "paths.cache_dir=c",
+                "model.image_size=32"]) == 2
+    line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "crop cache needs" in line and "0.0 GB are free" in line and "data.cache.enabled=false" in line
+    assert "\n" not in line and not list((tmp_path / "c").rglob("shard_*.npy"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    assert run(["data", "cache", "--workers", "1", f"paths.manifest_dir={manifest_dir}", "paths.cache_dir=c",
+                "model.image_size=32"]) == 0 and list((tmp_path / "c").rglob("shard_*.npy"))
+
+
 def test_cache_rejects_unknown_override(tmp_path, monkeypatch):
     from pillsnap.config import ConfigError
 

@@ -113,6 +113,7 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     missing = rows[~rows["label_path"].isin(cache.index)].drop_duplicates("label_path")
     if missing.empty:
         return cache
+    check_space(root, len(missing), image_size)
     index = dict(cache.index)
     shard = 1 + max((s for s, _ in index.values()), default=-1)
     job, workers = _CropJob(image_size, crop_margin), workers or os.cpu_count() or 1
@@ -128,6 +129,27 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
         _flush(root, shard, keys, arrays, index, image_size)
     LOGGER.info("cache %s: %d crops added (%d in all)", root, len(missing), len(index))
     return CachedCrops(root)
+
+
+class CacheSpaceError(ValueError):
+    """The cache would not fit on its disk: raised before a byte is written."""
+
+
+SPACE_MARGIN = 1.05  # shard headers, the index, and room for the checkpoints that share the disk
+
+
+def check_space(root: Path, crops: int, image_size: int) -> None:
+    """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB, and a disk that
+    fills mid-run also fails the checkpoints and logs written beside it."""
+    import shutil
+
+    need = crops * image_size * image_size * 3 * SPACE_MARGIN
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise CacheSpaceError(
+            f"the crop cache needs {need / 1e9:,.1f} GB for {crops:,} crops of {image_size} px under {root}, but only "
+            f"{free / 1e9:,.1f} GB are free there: point paths.cache_dir at a larger disk, or train from the photos "
+            "(data.cache.enabled=false)")
 
 
 def _flush(root: Path, shard: int, keys: list[str], arrays: list[np.ndarray],
