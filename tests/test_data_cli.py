@@ -58,7 +58,8 @@ def test_a_cache_that_would_fill_the_disk_is_refused_before_a_byte_is_written(ma
     assert run(["data", "cache", "--workers", "1", f"paths.manifest_dir={manifest_dir}", "paths.cache_dir=c",
                 "model.image_size=32"]) == 2
     line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
-    assert "crop cache needs" in line and "0.0 GB are free" in line and "data.cache.enabled=false" in line
+    assert "crop cache (" in line and "needs 0.2 MB" in line and "0.1 MB are free" in line
+    assert "data.cache.enabled=false" in line
     assert "\n" not in line and not list((tmp_path / "c").rglob("shard_*.npy"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     assert run(["data", "cache", "--workers", "1", f"paths.manifest_dir={manifest_dir}", "paths.cache_dir=c",

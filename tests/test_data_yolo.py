@@ -78,3 +78,33 @@ def test_label_lines_of_interleaved_rows_group_by_photo_in_row_order(tmp_path):
     assert texts[0][2] == "0 0.200000 0.100000 0.200000 0.100000\n0 0.450000 0.050000 0.100000 0.100000\n"
     assert texts[1][2].splitlines()[1] == "0 0.350000 0.175000 0.300000 0.150000"
     assert _label_texts(rows.iloc[:0]) == []
+
+
+def test_photos_copied_out_of_zips_must_fit_on_the_disk(tmp_path, monkeypatch):
+    """Zipped photos are copied out (plain files are linked): an export whose copies would not fit is refused
+    before anything is written, with the size measured from the zips; photos already copied need nothing."""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+
+    from pillsnap.data.scan import scan_dataset
+    from pillsnap.data.synth import generate_dataset
+    from pillsnap.utils.io import DiskSpaceError
+
+    generate_dataset(tmp_path / "data", 3, 2, 3, seed=0, zip_output=True, image_scale=0.05, workers=1,
+                     progress=False)
+    scan_dataset(tmp_path / "data", tmp_path / "m", workers=1, progress=False)
+    rows = combos(tmp_path / "m")
+    assert rows["image_path"].str.startswith("zip:").all()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskSpaceError, match=r"detection export \(\d+ photos copied out of zips\) needs"):
+        export_yolo(rows, tmp_path / "yolo")
+    assert not list((tmp_path / "yolo").rglob("*.png"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    export_yolo(rows, tmp_path / "yolo")
+    copied = list((tmp_path / "yolo").rglob("*.png"))
+    assert len(copied) == rows["photo_id"].nunique() and not any(p.is_symlink() for p in copied)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    export_yolo(rows, tmp_path / "yolo")  # everything is there: nothing to copy, nothing to refuse

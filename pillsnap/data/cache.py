@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.images import DECODE_ERRORS
+from pillsnap.utils.io import check_free_space
 
 LOGGER = logging.getLogger(__name__)
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
@@ -131,25 +132,10 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     return CachedCrops(root)
 
 
-class CacheSpaceError(ValueError):
-    """The cache would not fit on its disk: raised before a byte is written."""
-
-
-SPACE_MARGIN = 1.05  # shard headers, the index, and room for the checkpoints that share the disk
-
-
 def check_space(root: Path, crops: int, image_size: int) -> None:
-    """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB, and a disk that
-    fills mid-run also fails the checkpoints and logs written beside it."""
-    import shutil
-
-    need = crops * image_size * image_size * 3 * SPACE_MARGIN
-    free = shutil.disk_usage(root).free
-    if need > free:
-        raise CacheSpaceError(
-            f"the crop cache needs {need / 1e9:,.1f} GB for {crops:,} crops of {image_size} px under {root}, but only "
-            f"{free / 1e9:,.1f} GB are free there: point paths.cache_dir at a larger disk, or train from the photos "
-            "(data.cache.enabled=false)")
+    """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB."""
+    check_free_space(root, crops * image_size * image_size * 3, f"the crop cache ({crops:,} crops of {image_size} px)",
+                     "point paths.cache_dir at a larger disk, or train from the photos (data.cache.enabled=false)")
 
 
 def _flush(root: Path, shard: int, keys: list[str], arrays: list[np.ndarray],

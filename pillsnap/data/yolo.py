@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import yaml
 
 from pillsnap.utils import atomic_path, ensure_dir
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
-from pillsnap.utils.images import read_bytes
-from pillsnap.utils.io import save_text
+from pillsnap.utils.images import read_bytes, split_zip_path
+from pillsnap.utils.io import check_free_space, save_text
 from pillsnap.utils.offline import ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
@@ -62,6 +63,28 @@ def _place_image(source: str, dest: Path) -> bool:
     return True
 
 
+def _check_copy_space(rows: pd.DataFrame, out_dir: Path) -> None:
+    """Photos inside zips are copied out (the others are linked): refuse an export whose copies would not fit on
+    the disk, measured from the zips' own directories before anything is written (a Stage 4 export of the zipped
+    real data copies tens of thousands of 976 x 1280 photos)."""
+    photos = rows.drop_duplicates("photo_id")
+    zipped = photos[photos["image_path"].astype(str).str.startswith("zip:")]
+    need = 0
+    by_zip: dict[str, list[str]] = {}
+    for photo_id, split, path in zip(zipped["photo_id"], zipped["split"], zipped["image_path"].astype(str),
+                                     strict=True):
+        if not (out_dir / "images" / split / f"{photo_id}.png").is_file():
+            archive, member = split_zip_path(path)
+            by_zip.setdefault(archive, []).append(member)
+    for archive, members in by_zip.items():
+        with zipfile.ZipFile(archive) as opened:
+            need += sum(opened.getinfo(member).file_size for member in members)
+    if need:
+        check_free_space(out_dir, need, f"the detection export ({sum(map(len, by_zip.values())):,} photos copied "
+                         "out of zips)", "point paths.cache_dir at a larger disk, or extract the zips once and scan "
+                         "the extracted tree (photos on disk are linked, not copied)")
+
+
 def _remove_stale(directory: Path, keep: set[str]) -> int:
     removed = 0
     for path in directory.iterdir():
@@ -104,6 +127,7 @@ def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = 
         _log_left_out(rows[keep & rows["incomplete_gt"].astype(bool)])
         keep &= ~rows["incomplete_gt"].astype(bool)
     rows = rows[keep]
+    _check_copy_space(rows, out_dir)
     summary = {s: _export_split(rows[rows["split"] == s], out_dir, s) for s in SPLITS}
     data = {"path": str(out_dir), **{s: f"images/{s}" for s in SPLITS}, "nc": 1, "names": NAMES}
     data_yaml = out_dir / "data.yaml"

@@ -65,6 +65,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+class DiskSpaceError(ValueError):
+    """What is about to be written would not fit on its disk: raised before a byte is written."""
+
+
+SPACE_MARGIN = 1.05  # headers, indexes, and room for the checkpoints and logs that share the disk
+
+
+def check_free_space(directory: str | Path, need: int, what: str, remedy: str) -> None:
+    """Refuse to start writing `need` bytes of `what` under `directory` when its disk has less free (with
+    SPACE_MARGIN to spare): a disk that fills mid-run also fails the checkpoints and logs written beside it."""
+    import shutil
+
+    need = int(need * SPACE_MARGIN)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise DiskSpaceError(f"{what} needs {_size(need)} under {directory}, but only {_size(free)} are free "
+                             f"there: {remedy}")
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
+
+
 def save_text(path: str | Path, text: str) -> None:
     """Write UTF-8 text atomically."""
     with atomic_path(path) as tmp:
