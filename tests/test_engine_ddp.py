@@ -53,3 +53,79 @@ def test_two_cpu_ranks_agree_on_both_models_and_only_rank0_writes(tmp_path):
     assert (tmp_path / "exp_rank0" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "exp_rank0" / "reports" / "metrics.json").is_file()
     assert not any(p.is_file() for p in (tmp_path / "exp_rank1").rglob("*"))
+
+
+class _LosesABatchOnRank1:
+    """fake collate, but on rank 1 the second batch of each epoch comes back empty (None): every photo of it
+    failed to decode."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, items):
+        from fakes import collate
+
+        self.calls += 1
+        if os.environ["RANK"] == "1" and self.calls % 3 == 2:  # 3 batches a rank per epoch
+            return None
+        return collate(items)
+
+
+def loaders_losing_a_batch(cfg):
+    from fakes import fake_build_loaders
+    from torch.utils.data import DataLoader
+
+    loaders = fake_build_loaders(cfg)
+    train = loaders.cls_train
+    return loaders._replace(cls_train=DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
+                                                 drop_last=True, collate_fn=_LosesABatchOnRank1(), num_workers=0))
+
+
+def lossy_worker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.trainer import run_training
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "TORCH_NCCL_BLOCKING_WAIT": "1"})
+    cfg = make_cfg(Path(root) / f"exp_rank{rank}", "train.epochs=2", "train.deterministic=true",
+                   "train.ddp_timeout_minutes=1")
+    code, trainer = run_training(cfg, loaders_losing_a_batch)
+    task = trainer.tasks["classification"]
+    torch.save({"code": code, "steps": trainer.state.global_step, "samples": task.samples_seen,
+                "state": task.raw_model.state_dict()}, Path(root) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_batch_lost_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """A rank whose batch held no readable photo skips the step; the others skip it with it, instead of waiting
+    for its gradients until the run times out (or stepping out of order)."""
+    mp.spawn(lossy_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["code"] == r1["code"] == 0
+    assert r0["steps"] == r1["steps"] == 4  # 3 classifier steps per epoch and rank, one skipped by both, 2 epochs
+    assert r0["samples"] == r1["samples"] == 32
+    for name, tensor in r0["state"].items():
+        assert torch.equal(tensor, r1["state"][name]), f"{name} differs between ranks"
+
+
+def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):
+    """Rank 0 validates alone between epochs while the others wait in a collective: NCCL's default 10 minutes
+    is shorter than a Stage 4 validation, so the process group gets train.ddp_timeout_minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pillsnap.config import load_config
+    from pillsnap.engine import distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    minutes = float(load_config(None, [], dotenv_path=None).train.ddp_timeout_minutes)
+    info = distributed.init_distributed(minutes)
+    assert info.rank == 1 and info.world_size == 2
+    assert seen["timeout"] == timedelta(minutes=minutes) >= timedelta(hours=1) and seen["backend"] == "gloo"

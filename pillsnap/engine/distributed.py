@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -29,8 +30,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); else single process."""
+def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
+    """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); else single process.
+    `timeout_minutes`: how long a collective waits for the other ranks (train.ddp_timeout_minutes) before the
+    run is stopped; rank 0 validates alone between epochs while the others wait, and at Stage 4 that outlasts
+    NCCL's default of 10 minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -39,7 +43,8 @@ def init_distributed() -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=float(timeout_minutes)))
         LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
@@ -54,6 +59,17 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def any_rank(info: DistInfo, flag: bool, device: Any) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer); the flag itself in a single process.
+    For decisions every rank must take together, such as skipping a step: a rank that skips alone leaves the
+    others waiting in the gradient all-reduce."""
+    if not info.enabled:
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def broadcast_object(info: DistInfo, obj: Any) -> Any:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from pillsnap.engine.callbacks import CallbackList
-from pillsnap.engine.distributed import DistInfo, broadcast_object
+from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import oom_recovery_state_machine
@@ -102,8 +102,11 @@ class EpochRunner:
         for name in schedule:
             batch = next(iters[name])
             timer.data_done()
-            if batch is None:  # every sample of the batch was undecodable (safe_collate said which): nothing to learn
-                self.logger.warning("%s: skipped a batch with no readable sample (epoch %d)", name, epoch)
+            # every sample of a batch undecodable (safe_collate said which): nothing to learn. Under DDP every rank
+            # skips the step together, else the others would wait for this rank's gradients
+            if any_rank(self.info, batch is None, self.tasks[name].device):
+                self.logger.warning("%s: skipped a batch with no readable sample%s (epoch %d)", name,
+                                    "" if batch is None else " on another rank", epoch)
                 continue
             out = self.guarded_step(name, batch)
             timer.compute_done()

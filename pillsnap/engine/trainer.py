@@ -422,7 +422,7 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
     pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
     Task classes the run may train. Under `torchrun` every rank runs this; only rank 0 writes files.
     """
-    info = init_distributed()
+    info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
     cfg = _prepare_cfg(cfg)
     exp_dir = Path(cfg.paths.exp_dir)
     if info.is_main:
