@@ -218,7 +218,7 @@ def test_real_combination_labels_scan(tmp_path):
 
 
 def test_zip_directory_reader_matches_zipfile(tmp_path):
-    from pillsnap.data.zipdir import read_central_directory, read_member
+    from pillsnap.utils.zips import read_central_directory, read_member
 
     path = tmp_path / "TL_9_단일.zip"
     path.write_bytes(b"prepended bytes " * 4)  # a zip appended to other data still reads

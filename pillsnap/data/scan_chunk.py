@@ -20,8 +20,8 @@ from pillsnap.data import aihub
 from pillsnap.data.scan_checks import PhotoCheck, check_photo
 from pillsnap.data.scan_walk import ChunkTask, Location, flat_image_folder, flat_member, is_image, split_member
 from pillsnap.data.stages import stable_hash
-from pillsnap.data.zipdir import ZipEntry, read_central_directory, read_member
 from pillsnap.utils import atomic_path, save_json
+from pillsnap.utils.zips import ZipEntry, read_central_directory, read_member
 
 LOGGER = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pillsnap.data import aihub
-from pillsnap.data.zipdir import read_central_directory
+from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
 ZIP_CHUNK_FACTOR = 16

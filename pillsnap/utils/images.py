@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import struct
 import sys
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pillsnap.utils.zips import ZipIndex
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 TRANSPARENT_BACKDROP = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
 
-_ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
+_ZIPS: dict[str, ZipIndex] = {}
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
@@ -68,12 +69,11 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
-def _zip_file(path: str) -> zipfile.ZipFile:
-    # Keyed by pid: a ZipFile inherited through fork shares its file offset with the parent (corrupt reads).
-    key = (os.getpid(), path)
-    if key not in _ZIPS:
-        _ZIPS[key] = zipfile.ZipFile(path)
-    return _ZIPS[key]
+def _zip_index(path: str) -> ZipIndex:
+    # One compact index per zip and process (reads use os.pread, so one inherited through fork stays correct).
+    if path not in _ZIPS:
+        _ZIPS[path] = ZipIndex(path)
+    return _ZIPS[path]
 
 
 def split_zip_path(path: str) -> tuple[str, str]:
@@ -89,7 +89,7 @@ def read_bytes(path: str) -> bytes:
     """Raw bytes of a file or of a `zip:<zip>!<member>` entry."""
     if path.startswith("zip:"):
         zip_path, member = split_zip_path(path)
-        return _zip_file(zip_path).read(member)
+        return _zip_index(zip_path).read(member)
     with open(path, "rb") as fh:
         return fh.read()
 

@@ -1,8 +1,11 @@
-"""Lean zip reading for ingestion: a zip's central directory as {name: entry}, and member bytes by offset.
+"""Lean zip reading: a zip's central directory as {name: entry}, member bytes by offset, and a compact index of a
+zip's members for reading photos out of it.
 
 zipfile builds a ZipInfo object per member (~10 us) and a ZipExtFile per read (~12 us); the label zips hold
 ~20-30K members of ~2.7 KB each, so that Python overhead outweighs the JSON parsing. Zip64 archives (the
-13-95 GB image zips) and anything unusual fall back to zipfile's own parsing.
+13-95 GB image zips) and anything unusual fall back to zipfile's own parsing. A ZipFile kept open also keeps every
+member's ZipInfo: the real training photos lie in ~90 zips of ~30,000 members, and every data-loader worker that
+kept them all open held gigabytes; ZipIndex keeps a zip's names and offsets in a few numpy arrays instead.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import struct
 import zipfile
 import zlib
 from typing import NamedTuple
+
+import numpy as np
 
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header (46 bytes)
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # local file header (30 bytes)
@@ -81,3 +86,35 @@ def read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
     if zlib.crc32(data) != entry.crc:
         raise zipfile.BadZipFile(f"CRC mismatch for {name}")
     return data
+
+
+class ZipIndex:
+    """A zip's members for reading them by name: the names sorted in one numpy bytes array, their entries' fields
+    in one int64 array (about 100 bytes a member where a ZipFile holds a ~500-byte ZipInfo and its strings), and one
+    descriptor read with os.pread, so the index may be shared across fork. A missing member raises KeyError, as
+    zipfile does; a damaged one zipfile.BadZipFile."""
+
+    def __init__(self, path: str) -> None:
+        entries = read_central_directory(path)
+        names = sorted(entries)
+        self.path = path
+        self.names = np.array([name.encode("utf-8") for name in names], dtype=bytes)
+        fields = [entries[name] for name in names]
+        self.fields = np.array(fields, dtype=np.int64).reshape(len(names), len(ZipEntry._fields))
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, name: str) -> bytes:
+        key = name.encode("utf-8")
+        at = int(np.searchsorted(self.names, key))
+        if at >= len(self.names) or self.names[at] != key:
+            raise KeyError(f"there is no item named {name!r} in the archive {self.path}")
+        entry = ZipEntry(*(int(v) for v in self.fields[at]))
+        if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # bzip2, lzma: zipfile's own
+            with zipfile.ZipFile(self.path) as opened:
+                return opened.read(name)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return read_member(self._fd, entry, name)

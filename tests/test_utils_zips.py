@@ -1,0 +1,58 @@
+"""The compact zip index photos are read through: every member as zipfile reads it, missing and damaged members
+as the errors a data loader drops, zip64 and other compressions, and reads after fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import zipfile
+
+import pytest
+
+from pillsnap.utils.images import read_bytes
+from pillsnap.utils.zips import ZipIndex
+
+MEMBERS = {"K-000001/a.png": b"\x89PNG" + bytes(range(256)) * 40, "K-000002/b.png": b"stored bytes",
+           "라벨/한글.json": "{\"이름\": 1}".encode(), "K-000003/c.png": b"x" * 5000}
+
+
+def _read_in_child(path: str, name: str, queue) -> None:
+    queue.put(read_bytes(f"zip:{path}!{name}"))
+
+
+def test_every_member_reads_as_zipfile_reads_it(tmp_path):
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, (name, data) in enumerate(MEMBERS.items()):
+            zf.writestr(name, data, compress_type=(zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2)[i % 3])
+    index = ZipIndex(str(path))
+    assert len(index) == len(MEMBERS)
+    for name, data in MEMBERS.items():
+        assert index.read(name) == data
+        assert read_bytes(f"zip:{path}!{name}") == data
+    with pytest.raises(KeyError, match="K-000009"):
+        index.read("K-000009/z.png")
+    # read in a forked child through the parent's index (os.pread: no shared file offset to corrupt)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    name = "K-000001/a.png"
+    child = ctx.Process(target=_read_in_child, args=(str(path), name, queue))
+    child.start()
+    assert queue.get(timeout=30) == MEMBERS[name] == read_bytes(f"zip:{path}!{name}")
+    child.join(30)
+
+
+def test_zip64_and_a_damaged_member(tmp_path):
+    path = tmp_path / "big.zip"
+    with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
+        for name, data in MEMBERS.items():
+            with zf.open(name, "w", force_zip64=True) as fh:
+                fh.write(data)
+    index = ZipIndex(str(path))
+    assert all(index.read(name) == data for name, data in MEMBERS.items())
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"stored bytes")
+    raw[at:at + 6] = b"STORED"
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(zipfile.BadZipFile, match="CRC"):
+        ZipIndex(str(damaged)).read("K-000002/b.png")
