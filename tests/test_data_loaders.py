@@ -184,3 +184,15 @@ def test_evaluation_view_draws_up_to_per_class_rows_of_every_class_once():
     assert [r.image_path for r in dataset.evaluation_view(5, seed=1).rows] == paths  # deterministic by seed
     assert [r.image_path for r in dataset.evaluation_view(5, seed=2).rows] != paths
     assert len(dataset.evaluation_view().rows) == len(codes)
+
+
+def test_loader_workers_are_capped_to_this_ranks_share_of_the_cores(monkeypatch):
+    from pillsnap.data import loaders
+
+    monkeypatch.setattr(loaders.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loaders._workers_for_this_rank(8) == 4 and loaders._workers_for_this_rank(2) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loaders._workers_for_this_rank(8) == 8 and loaders._workers_for_this_rank(0) == 0
+    monkeypatch.setattr(loaders.os, "cpu_count", lambda: None)
+    assert loaders._workers_for_this_rank(8) == 1

@@ -109,8 +109,8 @@ def test_a_batch_lost_on_one_rank_is_skipped_by_every_rank(tmp_path):
 
 
 def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):
-    """Rank 0 validates alone between epochs while the others wait in a collective: NCCL's default 10 minutes
-    is shorter than a Stage 4 validation, so the process group gets train.ddp_timeout_minutes."""
+    """Rank 0 validates alone between epochs while the others wait: NCCL's default 10 minutes is shorter than a
+    Stage 4 validation, so those waits go through a gloo group with train.ddp_timeout_minutes."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -118,9 +118,10 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):
     from pillsnap.config import load_config
     from pillsnap.engine import distributed
 
-    seen = {}
+    seen, group = {}, {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: group.update(kwargs) or "the wait group")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -128,4 +129,14 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):
     minutes = float(load_config(None, [], dotenv_path=None).train.ddp_timeout_minutes)
     info = distributed.init_distributed(minutes)
     assert info.rank == 1 and info.world_size == 2
-    assert seen["timeout"] == timedelta(minutes=minutes) >= timedelta(hours=1) and seen["backend"] == "gloo"
+    # the training collectives keep the backend's own timeout; the waits on rank 0 get the long one
+    assert "timeout" not in seen and seen["backend"] == "gloo"
+    assert group == {"backend": "gloo", "timeout": timedelta(minutes=minutes)} and minutes >= 60
+    waited = {}
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group: waited.update(group=group))
+    monkeypatch.setattr(dist, "barrier", lambda group: waited.update(barrier=group))
+    assert distributed.broadcast_object(info, {"acc": 0.9}) == {"acc": 0.9}
+    distributed.barrier(info)
+    assert waited == {"group": "the wait group", "barrier": "the wait group"}
+    distributed.cleanup(distributed.DistInfo())
+    assert distributed._WAIT_GROUP is None

@@ -320,3 +320,18 @@ def test_the_pipeline_latency_is_the_splits_own_p95():
     only_single = rows[rows["image_type"] == "single"]
     photos, weights = stage_measure._pipeline_photos(only_single, seed=0)
     assert len(photos) == stage_measure.PIPELINE_SAMPLES and sum(weights) == pytest.approx(1.0)
+
+
+def test_photos_by_kind_keep_to_the_number_asked_and_pass_on_unused_quota():
+    import pandas as pd
+
+    from pillsnap.data.stages import sample_by_kind
+
+    photos = pd.DataFrame({"image_type": ["single"] * 30 + ["combination"] * 2 + [None],
+                           "image_path": [f"/{i}.png" for i in range(33)]})
+    drawn, weights = sample_by_kind(photos, 8, seed=0)
+    kinds = drawn["image_type"].fillna("").tolist()
+    assert len(drawn) == 8 and kinds.count("combination") == 2 and kinds.count("") == 1  # the rest: single
+    assert weights.sum() == pytest.approx(1.0) and len(set(drawn["image_path"])) == 8
+    assert len(sample_by_kind(photos, 0, seed=0)[0]) == 0 and len(sample_by_kind(photos, 1, seed=0)[0]) == 1
+    assert len(sample_by_kind(photos.iloc[:0], 5, seed=0)[0]) == 0

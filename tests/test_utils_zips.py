@@ -56,3 +56,28 @@ def test_zip64_and_a_damaged_member(tmp_path):
     damaged.write_bytes(bytes(raw))
     with pytest.raises(zipfile.BadZipFile, match="CRC"):
         ZipIndex(str(damaged)).read("K-000002/b.png")
+
+
+def test_a_zip_cut_short_after_indexing_gives_the_error_loaders_drop(tmp_path):
+    """A member whose bytes are gone (a header past the end, a short read) is a damaged archive, never a
+    struct.error that would kill a loader worker."""
+    from pillsnap.utils.images import DECODE_ERRORS
+
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in MEMBERS.items():
+            zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED)
+    index = ZipIndex(str(path))
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 3)
+    errors = []
+    for name in MEMBERS:
+        try:
+            index.read(name)
+        except DECODE_ERRORS as err:
+            errors.append(type(err))
+    assert errors and set(errors) == {zipfile.BadZipFile}
+    index.close()
+    with pytest.raises(ValueError, match="closed"):
+        index.read("K-000001/a.png")

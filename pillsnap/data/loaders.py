@@ -54,6 +54,19 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
     return sum(waits) / max(1, len(waits))
 
 
+def _workers_for_this_rank(workers: int) -> int:
+    """dataloader.num_workers, at most this rank's share of the cores (torchrun's LOCAL_WORLD_SIZE ranks on one
+    machine; a stage override of 8 on a box of 16 cores and 4 GPUs would start 8 classification and 8 detection
+    workers on each rank, 64 processes on 16 cores)."""
+    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    cap = max((os.cpu_count() or 1) // ranks, 1)
+    if workers > cap:
+        LOGGER.info("dataloader.num_workers=%d capped to %d: %d cores for %d rank(s) on this machine", workers, cap,
+                    os.cpu_count() or 1, ranks)
+        return cap
+    return workers
+
+
 def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequence[int], warmup: int, steps: int,
                          tb: Any = None) -> int:
     """Pick the worker count with the lowest mean data time; logged and written to TB perf/num_workers.
@@ -205,7 +218,7 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
     datasets = _classification_datasets(cls_rows, class_names, cfg)
     if not len(datasets["train"]):
         raise _no_training_rows(cfg, manifest_dir)
-    workers = int(cfg.dataloader.num_workers)
+    workers = _workers_for_this_rank(int(cfg.dataloader.num_workers))
     if cfg.dataloader.autotune_workers:
         workers = autotune_num_workers(
             lambda n: _classification_loader(datasets["train"], cfg, True, n), cfg.dataloader.autotune_candidates,

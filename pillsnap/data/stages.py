@@ -117,16 +117,18 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
 
 
 def sample_by_kind(photos: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """Up to `n` rows of `photos` (one per photo), as many of each `image_type` drawn at random with `seed`, and
-    each row's weight: its kind's share of `photos` over the rows drawn of that kind (the weights sum to 1). Nine
-    in ten real photos show one pill: a plain draw of ten would hold no combination photo a third of the time, and
-    the manifest's first rows are combination photos only."""
-    kinds = [group for _, group in photos.groupby("image_type", sort=True)]
-    drawn, weights = [], []
-    for group in kinds:
-        chosen = group.sample(n=min(max(1, n // len(kinds)), len(group)), random_state=seed)
-        drawn.append(chosen)
-        weights += [len(group) / len(photos) / len(chosen)] * len(chosen)
+    """At most `n` rows of `photos` (one per photo), as many of each `image_type` drawn at random with `seed` (what
+    a kind with too few photos cannot use goes to the others), and each row's weight: its kind's share of `photos`
+    over the rows drawn of it, normalised over the kinds drawn (the weights sum to 1). Nine in ten real photos show
+    one pill: a plain draw of ten would hold no combination photo a third of the time, and the manifest's first
+    rows are combination photos only."""
+    kinds = [group for _, group in photos.groupby(photos["image_type"].fillna(""), sort=True)]
+    take, left = {}, max(int(n), 0)
+    for position, i in enumerate(sorted(range(len(kinds)), key=lambda k: len(kinds[k]))):
+        take[i] = min(len(kinds[i]), left // (len(kinds) - position))
+        left -= take[i]
+    drawn = [group.sample(n=take[i], random_state=seed) for i, group in enumerate(kinds) if take[i]]
     if not drawn:
         return photos.iloc[:0], np.zeros(0)
-    return pd.concat(drawn), np.asarray(weights)
+    weights = np.concatenate([np.full(take[i], len(group) / take[i]) for i, group in enumerate(kinds) if take[i]])
+    return pd.concat(drawn), weights / weights.sum()

@@ -30,11 +30,18 @@ class DistInfo:
         return self.rank == 0
 
 
+# The ranks' second group (gloo, host side) for waiting on work rank 0 does alone: validation, checkpoints. Its
+# timeout is train.ddp_timeout_minutes; the training collectives keep the backend's own (NCCL: 10 minutes), so a
+# real hang between steps still shows within minutes.
+_WAIT_GROUP: Any = None
+
+
 def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); else single process.
-    `timeout_minutes`: how long a collective waits for the other ranks (train.ddp_timeout_minutes) before the
-    run is stopped; rank 0 validates alone between epochs while the others wait, and at Stage 4 that outlasts
-    NCCL's default of 10 minutes."""
+    `timeout_minutes`: how long the other ranks wait for rank 0's lone work between epochs (a Stage 4 validation
+    outlasts NCCL's default 10 minutes, which would stop the run), through a second gloo group used by
+    `barrier` and `broadcast_object`."""
+    global _WAIT_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -43,8 +50,8 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=timedelta(minutes=float(timeout_minutes)))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(minutes=float(timeout_minutes)))
         LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
@@ -57,8 +64,10 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
 
 
 def barrier(info: DistInfo) -> None:
+    """Every rank waits here for the others (for as long as train.ddp_timeout_minutes: rank 0 may be writing
+    checkpoints)."""
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=_WAIT_GROUP)
 
 
 def any_rank(info: DistInfo, flag: bool, device: Any) -> bool:
@@ -77,7 +86,7 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     if not info.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)  # the others may wait a whole validation for it
     return box[0]
 
 
@@ -102,8 +111,10 @@ def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLo
 
 
 def cleanup(info: DistInfo) -> None:
+    global _WAIT_GROUP
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _WAIT_GROUP = None
 
 
 def broadcast_tensors(tensors: list[torch.Tensor]) -> None:

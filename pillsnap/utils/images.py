@@ -12,6 +12,7 @@ import logging
 import re
 import struct
 import sys
+import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 TRANSPARENT_BACKDROP = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
 
 _ZIPS: dict[str, ZipIndex] = {}
+_ZIPS_LOCK = threading.Lock()
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
@@ -70,10 +72,15 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def _zip_index(path: str) -> ZipIndex:
-    # One compact index per zip and process (reads use os.pread, so one inherited through fork stays correct).
-    if path not in _ZIPS:
-        _ZIPS[path] = ZipIndex(path)
-    return _ZIPS[path]
+    # One compact index per zip and process (reads use os.pread, so one inherited through fork stays correct);
+    # built under a lock, since the HTTP server's threads may ask for the same zip at once.
+    index = _ZIPS.get(path)
+    if index is None:
+        with _ZIPS_LOCK:
+            index = _ZIPS.get(path)
+            if index is None:
+                index = _ZIPS[path] = ZipIndex(path)
+    return index
 
 
 def split_zip_path(path: str) -> tuple[str, str]:

@@ -73,7 +73,16 @@ def read_central_directory(path: str) -> dict[str, ZipEntry]:
 
 
 def read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
-    """Bytes of one stored or deflated member via os.pread (safe on a descriptor shared across fork)."""
+    """Bytes of one stored or deflated member via os.pread (safe on a descriptor shared across fork); a damaged
+    archive (a header past its end, a short read, a broken deflate stream, a wrong CRC) raises zipfile.BadZipFile,
+    which the data loaders drop like any unreadable photo."""
+    try:
+        return _read_member(fd, entry, name)
+    except (struct.error, zlib.error) as err:
+        raise zipfile.BadZipFile(f"{name}: damaged member ({err})") from err
+
+
+def _read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
     if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or entry.flag_bits & 0x1:
         raise zipfile.BadZipFile(f"{name}: unsupported compression {entry.compress_type} or encryption")
     header = _LOCAL.unpack(os.pread(fd, _LOCAL.size, entry.header_offset))
@@ -81,6 +90,8 @@ def read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
         raise zipfile.BadZipFile(f"bad local header for {name}")
     start = entry.header_offset + _LOCAL.size + header[10] + header[11]  # + file name + extra field
     data = os.pread(fd, entry.compress_size, start)
+    if len(data) != entry.compress_size:
+        raise zipfile.BadZipFile(f"{name}: truncated ({len(data)} of {entry.compress_size} bytes)")
     if entry.compress_type == zipfile.ZIP_DEFLATED:
         data = zlib.decompress(data, -15)
     if zlib.crc32(data) != entry.crc:
@@ -101,7 +112,15 @@ class ZipIndex:
         self.names = np.array([name.encode("utf-8") for name in names], dtype=bytes)
         fields = [entries[name] for name in names]
         self.fields = np.array(fields, dtype=np.int64).reshape(len(names), len(ZipEntry._fields))
-        self._fd: int | None = None
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -116,5 +135,5 @@ class ZipIndex:
             with zipfile.ZipFile(self.path) as opened:
                 return opened.read(name)
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            raise ValueError(f"{self.path}: the zip index was closed")
         return read_member(self._fd, entry, name)
