@@ -104,7 +104,10 @@ class EpochRunner:
             timer.data_done()
             # every sample of a batch undecodable (safe_collate said which): nothing to learn. Under DDP every rank
             # skips the step together, else the others would wait for this rank's gradients
-            if any_rank(self.info, batch is None, self.tasks[name].device):
+            lost = batch is None
+            if self.info.enabled:
+                lost = any_rank(self.info, lost, self.tasks[name].device)
+            if lost:
                 self.logger.warning("%s: skipped a batch with no readable sample%s (epoch %d)", name,
                                     "" if batch is None else " on another rank", epoch)
                 continue
