@@ -281,3 +281,14 @@ def test_a_run_the_time_cap_stopped_short_is_told_so_not_to_read_train_err():
     assert "time cap stopped training (CLASSES_8_BELOW_30 when it did)" in tips and "train.err" not in tips
     crashed = with_(capped, run_status="crashed")
     assert "read logs/train.err" in " ".join(stage_decision(1, crashed)["suggestions"])
+
+
+def test_class_weights_are_suggested_only_where_the_classes_are_unbalanced():
+    """An accuracy shortfall names the classifier's knobs; class weights only when the stage's training classes
+    are measurably unbalanced (the demo's 8 drugs at 1.32 got "Counter class imbalance" before)."""
+    weights = "Counter class imbalance (loss.use_class_weights=true)"
+    for ratio, suggested in ((1.3, False), (ADVISOR.imbalance_worth_weighting + 0.5, True), (None, True)):
+        results = with_(PASSING, classification={"acc": 0.5}, advanced={"class_imbalance_ratio": ratio})
+        decision = stage_decision(1, results)
+        assert decision["status"] == "NO_GO" and decision["suggestions"]
+        assert (weights in decision["suggestions"]) == suggested, (ratio, decision["suggestions"])

@@ -66,6 +66,8 @@ class AdvisorLimits:
     max_corruption_rate: float = 0.01  # share of unreadable label files above which the data is not trusted
     memory_growth_limit: float = 1.10  # RSS at the last epoch over RSS at epoch 2: above this, memory leaks
     max_class_imbalance: float = 10.0  # largest over smallest training class of the stage
+    # below this ratio a shortfall in accuracy is not blamed on imbalance (class weights are not suggested)
+    imbalance_worth_weighting: float = 2.0
     max_ram_share: float = 0.9  # peak RSS over this share of the machine's RAM: memory optimisation failed
     multi_batch_size: int = 32  # the global batch a stage-3 run must train with
 

@@ -104,6 +104,9 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
         out += found
         if path.startswith("detection.") and ratios.get(path, 1.0) < ADVISOR.suggest_share and found == (_DETECTOR,):
             out.append(_AUGMENT)
+    ratio = (results.get("advanced") or {}).get("class_imbalance_ratio")
+    if ratio is not None and ratio < ADVISOR.imbalance_worth_weighting:  # balanced classes: weights change nothing
+        out = [tip for tip in out if tip != _IMBALANCE]
     gpu = ((results.get("system") or {}).get("gpu_memory_gb")) or 0
     if gpu > ADVISOR.gpu_memory_high_gb:
         out.append(_GPU_MEMORY)
