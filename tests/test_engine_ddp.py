@@ -140,3 +140,65 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):
     assert waited == {"group": "the wait group", "barrier": "the wait group"}
     distributed.cleanup(distributed.DistInfo())
     assert distributed._WAIT_GROUP is None
+
+
+class _Counted(torch.utils.data.Dataset):
+    """A data set that counts the crops this process reads from it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.read = inner, []
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.inner[index]
+
+
+def loaders_counting_validation(cfg):
+    from fakes import fake_build_loaders
+    from torch.utils.data import DataLoader
+
+    loaders = fake_build_loaders(cfg)
+    val = loaders.cls_val
+    counted = DataLoader(_Counted(val.dataset), batch_size=3, shuffle=False, collate_fn=val.collate_fn)
+    return loaders._replace(cls_val=counted)
+
+
+def sharing_worker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.classification import validate_classification
+    from pillsnap.engine.trainer import run_training
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    cfg = make_cfg(Path(root) / f"exp_rank{rank}", "train.epochs=1", "train.deterministic=true",
+                   "train.ema.validate=both")
+    code, trainer = run_training(cfg, loaders_counting_validation)
+    task = trainer.tasks["classification"]
+    full = torch.utils.data.DataLoader(task.val_loader.dataset.inner, batch_size=5,
+                                       collate_fn=task.val_loader.collate_fn)
+    alone = {"ema": validate_classification(task.eval_model(), full, task.criterion, torch.device("cpu")),
+             "raw": validate_classification(task.raw_model, full, task.criterion, torch.device("cpu"))}
+    torch.save({"code": code, "read": task.val_loader.dataset.read, "recorded": trainer.history[-1]["classification"],
+                "alone": alone}, Path(root) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_every_rank_validates_its_share_and_rank0_reports_the_whole_split(tmp_path):
+    """Under DDP each rank reads its own share of the validation split (no crop twice, none left out) and rank 0
+    reports the metrics of the whole split, the same as one process validating it alone."""
+    mp.spawn(sharing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["code"] == r1["code"] == 0
+    size = 16  # fakes: 4 validation images of each of 4 classes
+    for reads in (r0["read"], r1["read"]):  # per validation pass (EMA and raw weights): its share, once
+        assert len(reads) == 2 * (size // 2)
+    assert sorted(set(r0["read"]) | set(r1["read"])) == list(range(size)) and not set(r0["read"]) & set(r1["read"])
+    recorded = r0["recorded"]
+    for key, value in r0["alone"]["ema"].items():
+        assert recorded[key] == pytest.approx(value, abs=1e-6), key
+    for key, value in r0["alone"]["raw"].items():
+        assert recorded[f"raw_{key}"] == pytest.approx(value, abs=1e-6), key
+    assert recorded["n"] == size

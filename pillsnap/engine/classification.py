@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pillsnap.engine.distributed import current_info, eval_share, gather_to_main
 from pillsnap.engine.oom import BatchChoice
 from pillsnap.engine.optim import build_criterion_classification
 from pillsnap.engine.spec import TaskSpec
@@ -76,11 +77,23 @@ def predict_classification(model: nn.Module, loader: Any, criterion: nn.Module, 
     return targets.result((0,), np.int64), probs.result((0, 0)), total / rows
 
 
-def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
-                            channels_last: bool = False, topk: tuple[int, ...] = (1, 5)) -> dict:
-    """fp32 pass over a loader (the validation one while training): val_loss, acc, macro_f1, top-k, confidence, n.
-    Each batch leaves only vectors (label, top-1 class and probability, whether the label is in each top k): the
-    [N, classes] probabilities of a Stage 4 validation split are 1.5 GB, and every epoch validates."""
+class ValidationRows(NamedTuple):
+    """What a validation pass keeps: per crop [label, top-1 class, top-1 probability, hit in each top k], and the
+    summed loss. Passes over shares of a split (one per rank) add up (`joined`)."""
+
+    table: list[list[float]]
+    loss_sum: float
+
+    @staticmethod
+    def joined(parts: Sequence[ValidationRows]) -> ValidationRows:
+        return ValidationRows([row for part in parts for row in part.table], sum(part.loss_sum for part in parts))
+
+
+def validation_rows(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
+                    channels_last: bool = False, topk: tuple[int, ...] = (1, 5)) -> ValidationRows:
+    """fp32 pass over `loader` keeping per crop only its label, top-1 class and probability and whether the label
+    is in each top k: the [N, classes] probabilities of a Stage 4 validation split are 1.5 GB, and every epoch
+    validates."""
     # One small host copy per batch into a Python list (one device sync): small tensors kept between each batch's
     # [batch, classes] temporaries fragment the CPU heap (+1.2 GB at 30,000 x 5,000, bench/val_metrics_memory.py)
     kept: list[list[float]] = []
@@ -95,13 +108,25 @@ def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module,
         columns = [y, ranked.indices[:, 0], conf, *hits]
         kept.extend(torch.stack([c.double() for c in columns], dim=1).cpu().tolist())
 
-    total, rows = _val_pass(model, loader, criterion, device, channels_last, keep)
-    if not rows:
+    total, _ = _val_pass(model, loader, criterion, device, channels_last, keep)
+    return ValidationRows(kept, total)
+
+
+def validation_metrics(rows: ValidationRows, topk: tuple[int, ...] = (1, 5)) -> dict:
+    """val_loss, acc, macro_f1, top-k, confidence, n of the rows a validation pass kept."""
+    if not rows.table:
         return dict(EMPTY_METRICS)
-    table = np.asarray(kept, dtype=np.float64)
+    table = np.asarray(rows.table, dtype=np.float64)
     metrics = metrics_from_hits(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64),
                                 {k: table[:, 3 + i] > 0.5 for i, k in enumerate(topk)}, table[:, 2])
-    return {"val_loss": total / rows, **metrics}
+    return {"val_loss": rows.loss_sum / len(table), **metrics}
+
+
+def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
+                            channels_last: bool = False, topk: tuple[int, ...] = (1, 5)) -> dict:
+    """fp32 pass over a loader (the validation one while training): val_loss, acc, macro_f1, top-k, confidence, n
+    (validation_rows, then validation_metrics)."""
+    return validation_metrics(validation_rows(model, loader, criterion, device, channels_last, topk), topk)
 
 
 class ClassificationTask(Task):
@@ -111,12 +136,13 @@ class ClassificationTask(Task):
     spec: ClassVar[TaskSpec] = TaskSpec(
         "classification", config_section="train.classification", batch_key="train.batch_size", tb_prefix="",
         log_prefix="", checkpoint_aliases={"last": "last.pt", "best": "best.pt"}, summary_keys=CLASSIFICATION_KEYS,
-        ratio_index=1, counts_for_time_cap=True, class_probabilities=True)
+        ratio_index=1, counts_for_time_cap=True, class_probabilities=True, shared_validation=True)
     compile_model: ClassVar[bool] = True
 
     def __init__(self, cfg: DictConfig, train_loader: Any, val_loader: Any, meta: dict, device: Any,
                  batch_choice: BatchChoice | None = None) -> None:
         self.meta = meta
+        self._val_share: Any = None  # this rank's share of the validation split, under DDP
         self.num_classes = resolve_num_classes(cfg, meta)
         self.channels_last = bool(cfg.optimization.channels_last)
         self.criterion = build_criterion_classification(cfg, meta.get("class_weights")).to(torch.device(device))
@@ -155,7 +181,16 @@ class ClassificationTask(Task):
         self.classes_seen.update(batch[1].unique().tolist())
 
     def evaluate(self, model: nn.Module) -> dict:
-        return validate_classification(model, self.val_loader, self.criterion, self.device, self.channels_last)
+        """The validation metrics; under DDP each rank passes over its share of the split and rank 0 joins them
+        (the others return {}): one rank reading a Stage 4 split alone kept the other GPUs idle for minutes."""
+        info = current_info()
+        if not info.enabled:
+            return validate_classification(model, self.val_loader, self.criterion, self.device, self.channels_last)
+        if self._val_share is None:
+            self._val_share = eval_share(self.val_loader, info)
+        rows = validation_rows(model, self._val_share, self.criterion, self.device, self.channels_last)
+        parts = gather_to_main(info, rows)
+        return {} if parts is None else validation_metrics(ValidationRows.joined(parts))
 
     def empty_metrics(self) -> dict:
         return dict(EMPTY_METRICS)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 LOGGER = logging.getLogger(__name__)
 
@@ -88,6 +89,47 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)  # the others may wait a whole validation for it
     return box[0]
+
+
+def current_info() -> DistInfo:
+    """This process's place in the process group torchrun started (a single process when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather_to_main(info: DistInfo, obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others); [obj] in a single process."""
+    if not info.enabled:
+        return [obj]
+    parts: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, parts, dst=0, group=_WAIT_GROUP)
+    return parts
+
+
+class StridedSampler(Sampler[int]):
+    """Every world_size-th index from `rank`, in order, none repeated: each rank's share of an evaluation split
+    (DistributedSampler pads the shares to one length with repeated crops, which would count them twice)."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_share(loader: DataLoader, info: DistInfo) -> DataLoader:
+    """This rank's share of an evaluation loader (StridedSampler), with the loader's batch size, workers and
+    collate."""
+    kwargs = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} \
+        if loader.num_workers > 0 else {}
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=StridedSampler(len(loader.dataset), info.rank, info.world_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, **kwargs)
 
 
 def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLoader | None:

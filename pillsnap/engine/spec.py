@@ -26,6 +26,8 @@ class TaskSpec:
     ratio_index: its share is train.interleave_ratio[ratio_index]; None: one step per cycle, after the others.
     counts_for_time_cap: its samples and classes seen are what the stage time-cap rule counts.
     class_probabilities: its validation gives class probabilities, so reports and calibration apply to it.
+    shared_validation: under DDP every rank validates its share of the split (rank 0 joins them); else rank 0
+        validates alone while the others wait.
     """
 
     name: str
@@ -38,6 +40,7 @@ class TaskSpec:
     ratio_index: int | None = None
     counts_for_time_cap: bool = False
     class_probabilities: bool = False
+    shared_validation: bool = False
 
     @property
     def tb(self) -> str:

@@ -255,12 +255,16 @@ class Trainer:
 
     # ---- validation, checkpoints, stopping --------------------------------------------------------------------------
     def validate(self, epoch: int, active: list[str]) -> dict[str, dict]:
-        """Rank 0 validates (val loaders only); every rank receives the same metrics."""
+        """Rank 0 validates, with every rank when the task shares its validation (TaskSpec.shared_validation);
+        every rank receives the same metrics."""
         metrics = {}
-        if self.info.is_main:
-            for name in active:
-                metrics[name] = self.tasks[name].validate(epoch)
-                self.callbacks.fire("on_validation_end", name, epoch, metrics[name])
+        for name in active:
+            task = self.tasks[name]
+            if self.info.is_main or (self.info.enabled and task.spec.shared_validation):
+                result = task.validate(epoch)
+                if self.info.is_main:
+                    metrics[name] = result
+                    self.callbacks.fire("on_validation_end", name, epoch, result)
         return broadcast_object(self.info, metrics)
 
     def _state(self, name: str, epoch: int) -> dict:
