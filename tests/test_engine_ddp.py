@@ -32,6 +32,7 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
     tasks = trainer.tasks
     # Written by the test, not the library: each rank's final weights and the samples it trained on.
     torch.save({"code": code, "steps": trainer.state.global_step,
+                "detector_epochs": tasks["detection"].epochs_trained,
                 **{name: {"state": task.raw_model.state_dict(), "samples": task.samples_seen,
                           "ema": task.ema.module.state_dict()} for name, task in tasks.items()}},
                Path(root) / f"rank{rank}.pt")
@@ -46,6 +47,8 @@ def test_two_cpu_ranks_agree_on_both_models_and_only_rank0_writes(tmp_path):
     assert r0["steps"] == r1["steps"] == 10
     assert r0["classification"]["samples"] == r1["classification"]["samples"] == 48
     assert r0["detection"]["samples"] == r1["detection"]["samples"] == 8
+    # the detector's per-epoch schedule (mosaic closing) is kept by every rank, not only by the one that validates
+    assert r0["detector_epochs"] == r1["detector_epochs"] == 2
     for task in ("classification", "detection"):
         for key in ("state", "ema"):
             for name, tensor in r0[task][key].items():
@@ -157,13 +160,17 @@ class _Counted(torch.utils.data.Dataset):
 
 
 def loaders_counting_validation(cfg):
+    """The fake loaders with 15 validation crops (an odd split: shares of 8 and 7) read through a counter, and
+    class weights for the loss."""
     from fakes import fake_build_loaders
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     loaders = fake_build_loaders(cfg)
     val = loaders.cls_val
-    counted = DataLoader(_Counted(val.dataset), batch_size=3, shuffle=False, collate_fn=val.collate_fn)
-    return loaders._replace(cls_val=counted)
+    counted = DataLoader(_Counted(Subset(val.dataset, range(15))), batch_size=3, shuffle=False,
+                         collate_fn=val.collate_fn)
+    meta = {**loaders.meta, "class_weights": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    return loaders._replace(cls_val=counted, meta=meta)
 
 
 def sharing_worker(rank: int, world: int, port: int, root: str) -> None:
@@ -174,7 +181,7 @@ def sharing_worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     cfg = make_cfg(Path(root) / f"exp_rank{rank}", "train.epochs=1", "train.deterministic=true",
-                   "train.ema.validate=both")
+                   "train.ema.validate=both", "loss.use_class_weights=true")
     code, trainer = run_training(cfg, loaders_counting_validation)
     task = trainer.tasks["classification"]
     full = torch.utils.data.DataLoader(task.val_loader.dataset.inner, batch_size=5,
@@ -188,13 +195,14 @@ def sharing_worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.mark.slow
 def test_every_rank_validates_its_share_and_rank0_reports_the_whole_split(tmp_path):
     """Under DDP each rank reads its own share of the validation split (no crop twice, none left out) and rank 0
-    reports the metrics of the whole split, the same as one process validating it alone."""
+    reports the metrics of the whole split, the same as one process validating it alone: the class-weighted loss
+    too, on an odd split."""
     mp.spawn(sharing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 0
-    size = 16  # fakes: 4 validation images of each of 4 classes
-    for reads in (r0["read"], r1["read"]):  # per validation pass (EMA and raw weights): its share, once
-        assert len(reads) == 2 * (size // 2)
+    size = 15
+    for reads, share in ((r0["read"], 8), (r1["read"], 7)):  # per validation pass (EMA and raw weights): its share
+        assert len(reads) == 2 * share
     assert sorted(set(r0["read"]) | set(r1["read"])) == list(range(size)) and not set(r0["read"]) & set(r1["read"])
     recorded = r0["recorded"]
     for key, value in r0["alone"]["ema"].items():

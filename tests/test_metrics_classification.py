@@ -48,8 +48,8 @@ def test_bad_shapes_are_named():
         evaluate_classification_metrics([0, 1], [0, 1], np.ones((3, 2)))
 
 
-@pytest.mark.parametrize("classes", [3, 12])
-def test_validation_pass_keeps_vectors_and_matches_the_full_probabilities(classes):
+@pytest.mark.parametrize("classes,weighted", [(3, False), (12, False), (3, True)])
+def test_validation_pass_keeps_vectors_and_matches_the_full_probabilities(classes, weighted):
     """The per-epoch validation keeps only vectors per batch (at Stage 4 the [N, classes] probabilities are
     gigabytes); its figures are those of the whole probability matrix, top-5 clipped to the class count."""
     import torch
@@ -59,9 +59,10 @@ def test_validation_pass_keeps_vectors_and_matches_the_full_probabilities(classe
 
     torch.manual_seed(classes)
     x, y = torch.randn(50, 8), torch.randint(0, classes, (50,))
-    batches = [(x[i:i + 7], y[i:i + 7]) for i in range(0, 50, 7)]  # a last short batch
+    batches = [(x[i:i + 7], y[i:i + 7]) for i in range(0, 50, 7)] + [None]  # a last short batch; one unreadable
     model = nn.Linear(8, classes).train()
-    criterion = nn.CrossEntropyLoss()
+    # a class-weighted loss is a mean over the labels' weights: batching must not change it
+    criterion = nn.CrossEntropyLoss(weight=torch.arange(1.0, classes + 1) if weighted else None, label_smoothing=0.1)
     got = validate_classification(model, batches, criterion, torch.device("cpu"), topk=(1, 5))
     assert model.training  # its mode is given back
     y_true, prob, loss = predict_classification(model, batches, criterion, torch.device("cpu"))

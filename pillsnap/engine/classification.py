@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pillsnap.engine.distributed import current_info, eval_share, gather_to_main
+from pillsnap.engine.distributed import eval_share, gather_to_main
 from pillsnap.engine.oom import BatchChoice
 from pillsnap.engine.optim import build_criterion_classification
 from pillsnap.engine.spec import TaskSpec
@@ -41,23 +41,38 @@ def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torc
 
 @torch.no_grad()
 def _val_pass(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device, channels_last: bool,
-              keep: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[float, int]:
+              keep: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[float, float, int]:
     """fp32 pass over `loader` in eval mode, `keep(logits, labels)` called per batch (fp32 logits, on `device`);
-    returns (summed loss, rows)."""
+    returns (summed loss, summed weight, rows): the loss over the pass is their ratio whatever the batching (a
+    class-weighted mean is over the weights of the batch's labels, not its rows). Batches whose every photo failed
+    to decode (None) are skipped."""
     was_training = model.training
     model.eval()
-    total, rows = 0.0, 0
+    total, weight, rows = 0.0, 0.0, 0
     try:
         with torch.autocast(device.type, enabled=False):
             for batch in loader:
+                if batch is None:
+                    continue
                 x, y = to_input(batch[0], device, channels_last), batch[1].to(device)
                 logits = model(x).float()
-                total += criterion(logits, y).item() * len(y)
-                rows += len(y)
+                loss, mass = _loss_sum(criterion, logits, y)
+                total, weight, rows = total + loss, weight + mass, rows + len(y)
                 keep(logits, y)
     finally:
         model.train(was_training)
-    return total, rows
+    return total, weight, rows
+
+
+def _loss_sum(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(summed loss, summed weight) of a batch: per crop for a cross-entropy (its class weights counted), else the
+    batch mean times its rows."""
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        per_crop = nn.functional.cross_entropy(logits, y, weight=criterion.weight, reduction="none",
+                                               label_smoothing=criterion.label_smoothing)
+        mass = criterion.weight[y].sum() if criterion.weight is not None else torch.tensor(float(len(y)))
+        return float(per_crop.sum()), float(mass)
+    return criterion(logits, y).item() * len(y), float(len(y))
 
 
 def predict_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
@@ -71,22 +86,25 @@ def predict_classification(model: nn.Module, loader: Any, criterion: nn.Module, 
         probs.add(torch.softmax(logits, dim=1).cpu().numpy())
         targets.add(y.cpu().numpy())
 
-    total, rows = _val_pass(model, loader, criterion, device, channels_last, keep)
+    total, weight, rows = _val_pass(model, loader, criterion, device, channels_last, keep)
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), float("nan")
-    return targets.result((0,), np.int64), probs.result((0, 0)), total / rows
+    return targets.result((0,), np.int64), probs.result((0, 0)), total / weight
 
 
 class ValidationRows(NamedTuple):
-    """What a validation pass keeps: per crop [label, top-1 class, top-1 probability, hit in each top k], and the
-    summed loss. Passes over shares of a split (one per rank) add up (`joined`)."""
+    """What a validation pass keeps: per crop [label, top-1 class, top-1 probability, hit in each top k], the
+    summed loss and the summed weight it is a mean over. Passes over shares of a split (one per rank) add up
+    (`joined`)."""
 
     table: list[list[float]]
     loss_sum: float
+    weight_sum: float
 
     @staticmethod
     def joined(parts: Sequence[ValidationRows]) -> ValidationRows:
-        return ValidationRows([row for part in parts for row in part.table], sum(part.loss_sum for part in parts))
+        return ValidationRows([row for part in parts for row in part.table], sum(part.loss_sum for part in parts),
+                              sum(part.weight_sum for part in parts))
 
 
 def validation_rows(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
@@ -108,8 +126,8 @@ def validation_rows(model: nn.Module, loader: Any, criterion: nn.Module, device:
         columns = [y, ranked.indices[:, 0], conf, *hits]
         kept.extend(torch.stack([c.double() for c in columns], dim=1).cpu().tolist())
 
-    total, _ = _val_pass(model, loader, criterion, device, channels_last, keep)
-    return ValidationRows(kept, total)
+    total, weight, _ = _val_pass(model, loader, criterion, device, channels_last, keep)
+    return ValidationRows(kept, total, weight)
 
 
 def validation_metrics(rows: ValidationRows, topk: tuple[int, ...] = (1, 5)) -> dict:
@@ -119,7 +137,7 @@ def validation_metrics(rows: ValidationRows, topk: tuple[int, ...] = (1, 5)) -> 
     table = np.asarray(rows.table, dtype=np.float64)
     metrics = metrics_from_hits(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64),
                                 {k: table[:, 3 + i] > 0.5 for i, k in enumerate(topk)}, table[:, 2])
-    return {"val_loss": rows.loss_sum / len(table), **metrics}
+    return {"val_loss": rows.loss_sum / rows.weight_sum, **metrics}
 
 
 def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device,
@@ -183,7 +201,7 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module) -> dict:
         """The validation metrics; under DDP each rank passes over its share of the split and rank 0 joins them
         (the others return {}): one rank reading a Stage 4 split alone kept the other GPUs idle for minutes."""
-        info = current_info()
+        info = self.info
         if not info.enabled:
             return validate_classification(model, self.val_loader, self.criterion, self.device, self.channels_last)
         if self._val_share is None:

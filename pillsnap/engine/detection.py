@@ -133,11 +133,10 @@ class DetectionTask(Task):
         loss, _ = self.model(chunk)
         return loss.sum() / chunk["img"].shape[0]
 
-    def validate(self, epoch: int) -> dict:
-        # called once at the end of each epoch this task trained
+    def epoch_trained(self, epoch: int) -> None:
+        # on every rank: under DDP a mosaic closed by rank 0 alone left the others training on mosaics
         self.epochs_trained += 1
         self._close_mosaic_when_due()
-        return super().validate(epoch)
 
     def checkpoint_state(self, epoch: int, best_metric: float | None) -> dict:
         state = super().checkpoint_state(epoch, best_metric)

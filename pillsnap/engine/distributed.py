@@ -41,7 +41,7 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); else single process.
     `timeout_minutes`: how long the other ranks wait for rank 0's lone work between epochs (a Stage 4 validation
     outlasts NCCL's default 10 minutes, which would stop the run), through a second gloo group used by
-    `barrier` and `broadcast_object`."""
+    `barrier`, `broadcast_object` and `gather_to_main`."""
     global _WAIT_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -52,6 +52,7 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    if _WAIT_GROUP is None:  # also when another library started the process group
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(minutes=float(timeout_minutes)))
         LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
@@ -91,13 +92,6 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     return box[0]
 
 
-def current_info() -> DistInfo:
-    """This process's place in the process group torchrun started (a single process when there is none)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def gather_to_main(info: DistInfo, obj: Any) -> list[Any] | None:
     """Every rank's `obj`, in rank order, on rank 0 (None on the others); [obj] in a single process."""
     if not info.enabled:
@@ -124,12 +118,18 @@ class StridedSampler(Sampler[int]):
 def eval_share(loader: DataLoader, info: DistInfo) -> DataLoader:
     """This rank's share of an evaluation loader (StridedSampler), with the loader's batch size, workers and
     collate."""
-    kwargs = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} \
-        if loader.num_workers > 0 else {}
+    if loader.batch_size is None:
+        raise ValueError("a validation loader built on a batch_sampler cannot be shared between ranks")
+    kwargs: dict[str, Any] = {"prefetch_factor": loader.prefetch_factor,
+                              "persistent_workers": loader.persistent_workers,
+                              "multiprocessing_context": loader.multiprocessing_context} if loader.num_workers else {}
+    if loader.pin_memory and torch.cuda.is_available():
+        kwargs["pin_memory_device"] = f"cuda:{info.local_rank}"
     return DataLoader(loader.dataset, batch_size=loader.batch_size,
                       sampler=StridedSampler(len(loader.dataset), info.rank, info.world_size),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      worker_init_fn=loader.worker_init_fn, **kwargs)
+                      worker_init_fn=loader.worker_init_fn, timeout=loader.timeout, generator=loader.generator,
+                      **kwargs)
 
 
 def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLoader | None:

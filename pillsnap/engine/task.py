@@ -25,7 +25,7 @@ from torch import nn
 from pillsnap.config import config_to_dict
 from pillsnap.engine.checkpointing import saved_peak_lr
 from pillsnap.engine.compiling import compile_for_training
-from pillsnap.engine.distributed import broadcast_tensors
+from pillsnap.engine.distributed import DistInfo, broadcast_tensors
 from pillsnap.engine.oom import BatchChoice, FakeOOM, OomDecision, auto_find_batch_size
 from pillsnap.engine.optim import build_optimizer, build_scheduler
 from pillsnap.engine.precision import Precision, resolve_precision
@@ -96,6 +96,7 @@ class Task(ABC):
         self.sched_mode = "steps"  # "by_samples" after an OOM changed the global batch
         self.micro_step = self.optimizer_steps = self.samples_seen = 0
         self.classes_seen: set[int] = set()  # filled by tasks whose batches carry class labels
+        self.info = DistInfo()  # the run's ranks (the trainer sets them under torchrun)
         self._window_chunks = self._window_samples = 0
         self._sched_credit = 0.0
         self.model = compile_for_training(self, self.model)
@@ -449,6 +450,10 @@ class Task(ABC):
         self._sched_credit = float(state.get("sched_credit", 0.0))
         if state.get("did_amp_escalate"):
             self._escalate_to_fp16()
+
+    def epoch_trained(self, epoch: int) -> None:  # noqa: B027 (an optional hook, no-op by default)
+        """Called on every rank after each epoch this task trained, before validation (which may run on rank 0
+        alone): per-epoch schedule changes belong here, so that every replica makes them."""
 
     def sync_replicas(self) -> None:
         """DDP syncs gradients, not BatchNorm statistics or EMA buffers: give every rank rank 0's (end of epoch)."""

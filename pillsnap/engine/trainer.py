@@ -146,8 +146,10 @@ class Trainer:
     def _make_task(self, task_type: type[Task], loaders: Any, cfg: DictConfig,
                    choice: BatchChoice | None = None) -> Task:
         seed = int(self.cfg.train.seed)
-        return task_type.from_loaders(cfg, loaders, self.device, choice,
+        task = task_type.from_loaders(cfg, loaders, self.device, choice,
                                       shard=lambda loader: shard_loader(loader, self.info, seed))
+        task.info = self.info  # the run's ranks: a task that shares its validation gathers among them
+        return task
 
     def _auto_batch(self, types: list[type[Task]], loaders: Any) -> dict[str, BatchChoice]:
         """The auto batch search for each task that asks for it; the chosen sizes are written into the config."""
@@ -351,8 +353,9 @@ class Trainer:
             "total_steps": sum(self.tasks[t].steps_per_epoch() for t in active), "max_epochs": len(self.plan),
             "batch_size": self.tasks[active[0]].knobs.batch_size})
         train = self.runner.train_one_epoch(epoch, active)
-        if self.info.enabled:
-            for name in active:
+        for name in active:
+            self.tasks[name].epoch_trained(epoch)
+            if self.info.enabled:
                 self.tasks[name].sync_replicas()
         if self.runner.time_capped():
             self.status = "time_capped"
