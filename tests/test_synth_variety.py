@@ -175,9 +175,9 @@ def test_mosaic_closes_for_the_last_epochs_and_after_resume(manifest_dir, tmp_pa
     loader = _train_loader(manifest_dir, tmp_path, {"mosaic": 1.0})
     mosaic = next(t for t in _transforms(loader) if type(t).__name__ == "Mosaic")
     task = DetectionTask(cfg, loader, None, "cpu")
-    task.validate(1)
+    task.epoch_trained(1)  # on every rank, after each epoch the detector trained
     assert getattr(loader.dataset, "mosaic", True) is not False and mosaic.p == 1.0
-    task.validate(2)  # one epoch left: close_mosaic=1
+    task.epoch_trained(2)  # one epoch left: close_mosaic=1
     assert loader.dataset.mosaic is False
     assert all(type(t).__name__ != "Mosaic" or t.p == 0.0 for t in _transforms(loader))
     state = task.checkpoint_state(2, None)
