@@ -210,3 +210,20 @@ def test_every_rank_validates_its_share_and_rank0_reports_the_whole_split(tmp_pa
     for key, value in r0["alone"]["raw"].items():
         assert recorded[f"raw_{key}"] == pytest.approx(value, abs=1e-6), key
     assert recorded["n"] == size
+
+
+def test_joining_a_process_group_someone_else_started(monkeypatch):
+    """A process group another library started is joined as it is; the wait group is still made."""
+    import torch.distributed as dist
+
+    from pillsnap.engine import distributed
+
+    made = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: pytest.fail("started a second group"))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.update(kwargs) or "the wait group")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    info = distributed.init_distributed(30)
+    assert info.world_size == 2 and made["backend"] == "gloo" and distributed._WAIT_GROUP == "the wait group"
+    monkeypatch.setattr(distributed, "_WAIT_GROUP", None)

@@ -70,8 +70,8 @@ def _loss_sum(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tu
     if isinstance(criterion, nn.CrossEntropyLoss):
         per_crop = nn.functional.cross_entropy(logits, y, weight=criterion.weight, reduction="none",
                                                label_smoothing=criterion.label_smoothing)
-        mass = criterion.weight[y].sum() if criterion.weight is not None else torch.tensor(float(len(y)))
-        return float(per_crop.sum()), float(mass)
+        mass = float(criterion.weight[y].sum()) if criterion.weight is not None else float(len(y))
+        return float(per_crop.sum()), mass
     return criterion(logits, y).item() * len(y), float(len(y))
 
 

@@ -52,9 +52,9 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
     if _WAIT_GROUP is None:  # also when another library started the process group
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(minutes=float(timeout_minutes)))
-        LOGGER.info("DDP: rank %d/%d (local %d) on %s", rank, world, local_rank, backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
