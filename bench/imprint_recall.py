@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,38 +29,19 @@ import torch
 
 
 def answers(cfg, exp: Path, limit: int) -> dict:
-    from reader_likelihoods import run_unknown_rule
+    from reader_likelihoods import open_run, read_held_out, read_validation
 
-    from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.eval.calibration import (
-        _held_out_loader,
-        _val_answers,
-        crop_sources,
-        load_manifest_if_any,
-        spread_sample,
-    )
     from pillsnap.infer.answer import calibrated_evidence, decide_answer
     from pillsnap.infer.matching import KnownImprints
-    from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
 
-    loaders = build_dataloaders_twostage(cfg)
-    model = WithFeatures(load_classifier_for_inference(exp / "checkpoints" / "classification_best.pt", "cpu")[0])
-    cal = json.loads((exp / "checkpoints" / "calibration.json").read_text())
-    unknown, manifest = run_unknown_rule(exp, cal), load_manifest_if_any(cfg)
-    names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
-    weights, thresholds = calibrated_evidence(cal)
+    run = open_run(cfg, exp)
+    unknown, names, class_map = run.unknown, run.names, run.class_map
+    weights, thresholds = calibrated_evidence(run.cal)
     known = KnownImprints(class_map)
-    sets = {"validation": _val_answers(model.eval(), loaders.cls_val.dataset, float(cal["temperature"]), names,
-                                       class_map, int(cfg.inference.topk), 1,
-                                       spread_sample(len(loaders.cls_val.dataset), limit, int(cfg.train.seed)), True,
-                                       unknown,
-                                       crop_sources(loaders.cls_val.dataset, manifest), check_unknown=True)}
-    held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
+    sets = {"validation": read_validation(run, limit)[1]}
+    held = read_held_out(run, limit)
     if held is not None:
-        n = len(held.dataset)
-        sets["held-out"] = _val_answers(model, held.dataset, float(cal["temperature"]), names, class_map,
-                                        int(cfg.inference.topk), 1, spread_sample(n, limit, int(cfg.train.seed)),
-                                        True, unknown, np.full(n, "single"), check_unknown=True)
+        sets["held-out"] = held
     out = {}
     for name, items in sets.items():
         out[name] = {}

@@ -24,6 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,28 +37,67 @@ class _WithoutLikelihoods:
         self.text_map, self.recognise = models.text_map, models.recognise
 
 
-def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
+class Run(NamedTuple):
+    """A trained experiment as these benches read it: its loaders, classifier, calibration and unknown-pill rule."""
+
+    cfg: Any
+    loaders: Any
+    model: Any
+    cal: dict
+    unknown: Any
+    manifest: Any
+    names: list
+    class_map: dict
+
+
+def open_run(cfg, exp: Path) -> Run:
     from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.eval.calibration import (
-        _val_answers,
-        crop_sources,
-        fit_evidence_scale,
-        load_manifest_if_any,
-        spread_sample,
-    )
-    from pillsnap.infer.answer import WEIGHTS, rerank
+    from pillsnap.eval.calibration import load_manifest_if_any
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
 
     loaders = build_dataloaders_twostage(cfg)
     model = WithFeatures(load_classifier_for_inference(exp / "checkpoints" / "classification_best.pt", "cpu")[0])
     cal = json.loads((exp / "checkpoints" / "calibration.json").read_text())
-    unknown = run_unknown_rule(exp, cal)
-    names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
-    dataset, manifest = loaders.cls_val.dataset, load_manifest_if_any(cfg)
+    return Run(cfg, loaders, model.eval(), cal, run_unknown_rule(exp, cal), load_manifest_if_any(cfg),
+               list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {}))
+
+
+def read_answers(run: Run, dataset, limit: int, sources) -> tuple[np.ndarray, list]:
+    """The crops calibration would answer (spread_sample: `limit` drawn with train.seed), read once as inference
+    reads with the imprint check on; returns (their indices in `dataset`, the answers)."""
+    from pillsnap.eval.calibration import _val_answers, spread_sample
+
+    indices = spread_sample(len(dataset), limit, int(run.cfg.train.seed))
+    return indices, _val_answers(run.model, dataset, float(run.cal["temperature"]), run.names, run.class_map,
+                                 int(run.cfg.inference.topk), 1, indices, True, run.unknown, sources,
+                                 check_unknown=True)
+
+
+def read_validation(run: Run, limit: int) -> tuple[np.ndarray, list]:
+    from pillsnap.eval.calibration import crop_sources
+
+    dataset = run.loaders.cls_val.dataset
+    return read_answers(run, dataset, limit, crop_sources(dataset, run.manifest))
+
+
+def read_held_out(run: Run, limit: int) -> list | None:
+    """The answers on the photos of the drugs held out of training (None when the run trained on every one)."""
+    from pillsnap.eval.calibration import _held_out_loader
+
+    held = None if run.manifest is None else _held_out_loader(run.cfg, set(run.names), run.manifest)
+    if held is None:
+        return None
+    return read_answers(run, held.dataset, limit, np.full(len(held.dataset), "single"))[1]
+
+
+def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
+    from pillsnap.eval.calibration import fit_evidence_scale
+    from pillsnap.infer.answer import WEIGHTS, rerank
+
+    run = open_run(cfg, exp)
+    class_map = run.class_map
     # read once, as inference reads with the imprint check on; the re-ranking below ignores the unknown-pill rule
-    items = _val_answers(model.eval(), dataset, float(cal["temperature"]), names, class_map, int(cfg.inference.topk),
-                         1, spread_sample(len(dataset), limit, int(cfg.train.seed)), True, unknown,
-                         crop_sources(dataset, manifest), check_unknown=True)
+    indices, items = read_validation(run, limit)
     read = [item for item in items if item.read is not None]
     out = {"crops": len(items), "read": len(read), "by_weight": {}}
     for w, cap in [(0.0, WEIGHTS.likelihood_cap)] + [(w, c) for w in weights if w for c in caps]:
@@ -75,8 +115,8 @@ def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[floa
         out["by_weight"][(w, cap)] = {"scale": scale, "right_read": right_read / max(len(read), 1),
                                "right_all": (right_read + right_unread) / max(len(items), 1),
                                "nll_read": nll / max(len(read), 1)}
-    out["timing"] = reader_time(dataset, items, class_map, min(len(items), 40))
-    out["unknown"] = unknown_pills(cfg, model, loaders, manifest, cal, unknown, items, limit)
+    out["timing"] = reader_time(run.loaders.cls_val.dataset, indices, items, class_map, min(len(items), 40))
+    out["unknown"] = unknown_pills(run, items, limit)
     return out
 
 
@@ -90,22 +130,18 @@ def run_unknown_rule(exp: Path, cal: dict):
                          ClassGaussians.load(exp / "checkpoints" / cal["features_file"]), by_source or None)
 
 
-def unknown_pills(cfg, model, loaders, manifest, cal: dict, unknown, known_items: list, limit: int) -> dict:
+def unknown_pills(run: Run, known_items: list, limit: int) -> dict:
     """The final answers' unknown-pill decision (the run's calibration and unknown rule, the imprint check on) on
     the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
     (AnswerThresholds.foreign_likelihood_gap) and without it."""
-    from pillsnap.eval.calibration import _held_out_loader, _val_answers, answers_unknown_report, spread_sample
+    from pillsnap.eval.calibration import answers_unknown_report
     from pillsnap.infer.answer import calibrated_evidence, decide_answer
     from pillsnap.infer.matching import KnownImprints
 
-    names, class_map = list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {})
-    held = None if manifest is None else _held_out_loader(cfg, set(names), manifest)
-    if held is None:
+    held_items = read_held_out(run, limit)
+    if held_items is None:
         return {}
-    n_held = len(held.dataset)
-    held_items = _val_answers(model, held.dataset, float(cal["temperature"]), names, class_map,
-                              int(cfg.inference.topk), 1, spread_sample(n_held, limit, int(cfg.train.seed)), True,
-                              unknown, np.full(n_held, "single"), check_unknown=True)
+    names, class_map, cal, unknown = run.names, run.class_map, run.cal, run.unknown
     weights, thresholds = calibrated_evidence(cal)
     imprints = KnownImprints(class_map)
 
@@ -120,7 +156,9 @@ def unknown_pills(cfg, model, loaders, manifest, cal: dict, unknown, known_items
     return out
 
 
-def reader_time(dataset, items, class_map: dict, n: int) -> dict:
+def reader_time(dataset, indices, items, class_map: dict, n: int) -> dict:
+    """The reader's median time per crop with the likelihoods worked out and without, on the first `n` answered
+    crops (`indices` in `dataset`, `items` their answers), alternating."""
     from pillsnap.infer.imprint import ImprintReader, ReaderSettings
     from pillsnap.infer.matching import candidate_imprints
 
@@ -128,7 +166,7 @@ def reader_time(dataset, items, class_map: dict, n: int) -> dict:
     without = ImprintReader(ReaderSettings(threads=1), models=_WithoutLikelihoods(with_l.models))
     seconds: dict[str, list[float]] = {"with": [], "without": []}
     for index in range(n):
-        crop = dataset.load_crop(index)
+        crop = dataset.load_crop(int(indices[index]))
         targets = candidate_imprints(items[index].classified.topk, class_map)
         order = (("with", with_l), ("without", without)) if index % 2 else (("without", without), ("with", with_l))
         for name, reader in order:
