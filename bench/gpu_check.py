@@ -45,12 +45,13 @@ STEPS = (
     Step("auto_batch", 40, (), "train.classification.auto_batch_tune against real GPU memory, then a step at "
                                "the chosen batch"),
     Step("oom_recovery", 40, (), "a real CUDA OOM (huge batch, memory capped at 16 GB) recovered by the step loop"),
-    Step("ddp", 90, ("synthetic_data",), "torchrun --nproc_per_node=N interleaved run (skipped with one GPU)"),
+    Step("ddp", 150, ("synthetic_data",), "torchrun --nproc_per_node=N interleaved run, then an OOM on rank 1 "
+                                          "brought back by a torchrun restart (skipped with one GPU)"),
     Step("train_max_autotune", 200, ("synthetic_data",), "as train_reduce_overhead with torch.compile max-autotune "
                                                           "(gets what is left of the budget)"),
 )
 DRY_BUDGETS = {"environment": 30, "cuda_tests": 60, "synthetic_data": 30, "train_reduce_overhead": 60,
-               "latency": 60, "auto_batch": 45, "oom_recovery": 45, "ddp": 90, "train_max_autotune": 60}
+               "latency": 60, "auto_batch": 45, "oom_recovery": 45, "ddp": 150, "train_max_autotune": 60}
 GPU_BUDGET_S = 440  # of the device run's 8 minutes; the rest is the shell script's set-up
 MIN_START_S = 15  # a step is not started with less than this left
 # ...and a training step not with less than this (its compile alone takes longer)

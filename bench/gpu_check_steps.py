@@ -283,33 +283,75 @@ def step_latency(ctx: Ctx) -> dict:
     return out
 
 
+# The OOM drill of the DDP step: rank 1 runs out of memory (a fake OOM) at its 6th classifier step, in epoch 2 of
+# 4-step epochs, in the first attempt only; torchrun --max-restarts 1 must bring the run to its end.
+OOM_DRILL_ENV = "PILLSNAP_GPU_CHECK_OOM_DRILL"
+OOM_DRILL_STEP = "5"
+
+
 def ddp_rank(ctx: Ctx) -> None:
     """One torchrun rank of the DDP check; rank 0 writes what it saw."""
+    from pillsnap.engine.oom import FAKE_OOM_ENV
     from pillsnap.engine.trainer import run_training
 
-    cfg = ctx.cfg(ctx.work / "exp_ddp", "train.strategy=interleaved", "train.epochs=1",
-                  "train.max_steps_per_epoch=10", "optimization.torch_compile=none")
-    code, trainer = run_training(cfg)
+    drill = bool(os.environ.get(OOM_DRILL_ENV))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if drill and os.environ.get("LOCAL_RANK") == "1" and restarts == 0:
+        os.environ[FAKE_OOM_ENV] = OOM_DRILL_STEP
+    exp = ctx.work / ("exp_ddp_oom" if drill else "exp_ddp")
+    overrides = ["train.strategy=interleaved", "optimization.torch_compile=none", "train.oom.cooldown_sec=0"]
+    overrides += ["train.epochs=2", "train.max_steps_per_epoch=4"] if drill else ["train.epochs=1",
+                                                                                    "train.max_steps_per_epoch=10"]
+    code, trainer = run_training(ctx.cfg(exp, *overrides))
+    if drill:  # every rank's exit, per attempt (a rank stopped by torchrun writes nothing)
+        write_json(ctx.work / "results" / f"ddp_oom_attempt{restarts}_rank{os.environ.get('RANK')}.json",
+                   {"exit_code": code})
     if trainer is not None and trainer.info.is_main:
-        write_json(ctx.work / "results" / "ddp_rank0.json", {
+        write_json(ctx.work / "results" / ("ddp_oom_rank0.json" if drill else "ddp_rank0.json"), {
             "exit_code": code, "world_size": trainer.info.world_size, "global_steps": trainer.state.global_step,
-            "samples_rank0": {n: t.samples_seen for n, t in trainer.tasks.items()}})
+            "samples": {n: trainer.samples_seen(n) for n in trainer.tasks}, "restarts": restarts,
+            "start_epoch": trainer.start_epoch, "knobs": {n: t.oom_state() for n, t in trainer.tasks.items()}})
+
+
+def _torchrun(ctx: Ctx, procs: int, budget: float, drill: bool) -> tuple[dict, subprocess.CompletedProcess, float]:
+    name = "ddp_oom_rank0.json" if drill else "ddp_rank0.json"
+    for old in [ctx.work / "results" / name, *(ctx.work / "results").glob("ddp_oom_attempt*.json")]:
+        old.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           *(["--max-restarts=1"] if drill else []),
+           str(Path(__file__).with_name("gpu_check.py")), "--ddp-rank", "--step", "ddp", "--work", str(ctx.work),
+           "--budget-s", str(ctx.budget), *(["--dry-run"] if ctx.dry else [])]
+    env = {**os.environ, **({OOM_DRILL_ENV: "1"} if drill else {})}
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(budget, 5), env=env)
+    wall = round(time.monotonic() - t0, 1)
+    rank0 = ctx.work / "results" / name
+    return (json.loads(rank0.read_text(encoding="utf-8")) if rank0.is_file() else {}), proc, wall
 
 
 def step_ddp(ctx: Ctx) -> dict:
+    """An interleaved run on every GPU under torchrun; then the OOM drill: rank 1 runs out of memory, the run stops
+    with the recovery saved, torchrun restarts it once, and every rank resumes with the recovery applied. Its wall
+    time shows how long a stopped rank takes to bring the job down under NCCL (its watchdog: 10 minutes)."""
     import torch
 
     procs = torch.cuda.device_count() if ctx.device == "cuda" else 2
-    (ctx.work / "results" / "ddp_rank0.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           str(Path(__file__).with_name("gpu_check.py")), "--ddp-rank", "--step", "ddp", "--work", str(ctx.work),
-           "--budget-s", str(ctx.budget), *(["--dry-run"] if ctx.dry else [])]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(ctx.budget - 5, 5))
-    rank0 = ctx.work / "results" / "ddp_rank0.json"
-    out = json.loads(rank0.read_text(encoding="utf-8")) if rank0.is_file() else {}
-    out.update(processes=procs, torchrun_exit_code=proc.returncode)
+    out, proc, wall = _torchrun(ctx, procs, ctx.budget * 0.45, drill=False)
+    out.update(processes=procs, torchrun_exit_code=proc.returncode, wall_s=wall)
     out["ok"] = proc.returncode == 0 and out.get("exit_code") == 0 and out.get("world_size") == procs
-    out["summary"] = f"{procs} ranks, {out.get('global_steps')} steps, exit {out.get('exit_code')}"
     if not out["ok"]:
         out["log_tail"] = (proc.stdout + proc.stderr)[-TAIL:]
+    ctx.partial(out)
+    drill, proc, wall = _torchrun(ctx, procs, ctx.budget * 0.5 - 5, drill=True)
+    first = [json.loads(f.read_text(encoding="utf-8"))["exit_code"]
+             for f in sorted((ctx.work / "results").glob("ddp_oom_attempt0_rank*.json"))]
+    drill.update(torchrun_exit_code=proc.returncode, wall_s=wall, stopped_with_3=3 in first)
+    drill["ok"] = (proc.returncode == 0 and drill.get("exit_code") == 0 and drill.get("restarts") == 1
+                   and drill.get("start_epoch") == 1 and drill["stopped_with_3"])
+    if not drill["ok"]:
+        drill["log_tail"] = (proc.stdout + proc.stderr)[-TAIL:]
+    out["oom_restart"] = drill
+    out["summary"] = (f"{procs} ranks, {out.get('global_steps')} steps, exit {out.get('exit_code')}; OOM drill: "
+                      f"restarts {drill.get('restarts')}, exit {drill.get('exit_code')}, {wall} s")
+    out["ok"] = out["ok"] and drill["ok"]
     return out

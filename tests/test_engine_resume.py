@@ -113,7 +113,10 @@ def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
     cap = "data.progressive_validation.stage_1.time_limit_hours=0.25"  # 900 s: already spent before the resume
     code, trainer = run_training(make_cfg(exp, "train.epochs=3", "train.resume=last", cap), fake_build_loaders)
     metrics = read_json(exp / "reports" / "metrics.json")
-    assert metrics["status"] == "time_capped" and metrics["epoch"] == 2
+    # the cap was spent before the resume: nothing more is trained (training on to the first check would add
+    # samples to a verdict the earlier runs had already earned)
+    assert metrics["status"] == "time_capped" and metrics["epoch"] == 1 and len(metrics["history"]) == 1
+    assert trainer.tasks["classification"].samples_seen == 48 and code == 4
     assert metrics["stage"]["elapsed_s"] >= 1000.0 and metrics["history"][-1]["elapsed_s"] >= 1000.0
 
 

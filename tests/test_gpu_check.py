@@ -133,3 +133,9 @@ def test_ddp_step_runs_two_cpu_ranks_under_torchrun(tmp_path):
     res = json.loads((tmp_path / "results" / "ddp.json").read_text(encoding="utf-8"))
     assert res["ok"] is True, res
     assert res["world_size"] == 2 and res["processes"] == 2 and res["exit_code"] == 0
+    # the OOM drill: rank 1 stopped the run (exit 3), torchrun restarted it once, both ranks resumed epoch 1 with
+    # the recovery applied (S1, fp16 escalation, the first step of the state machine) and finished
+    drill = res["oom_restart"]
+    assert drill["stopped_with_3"] and drill["restarts"] == 1 and drill["start_epoch"] == 1
+    assert drill["exit_code"] == 0 and drill["torchrun_exit_code"] == 0
+    assert drill["knobs"]["classification"]["did_amp_escalate"] is True

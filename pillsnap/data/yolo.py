@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,9 +58,11 @@ def _place_image(source: str, dest: Path) -> bool:
         return True
     if dest.is_symlink() and os.readlink(dest) == source:
         return False
-    if dest.exists() or dest.is_symlink():
-        dest.unlink()
-    os.symlink(source, dest)
+    # made under a private name and moved into place: another process exporting the same photos at once (two
+    # commands, or ranks) finds either no link or a whole one, never a FileExistsError between check and link
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.lnk")
+    os.symlink(source, tmp)
+    os.replace(tmp, dest)
     return True
 
 

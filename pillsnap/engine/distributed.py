@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -90,6 +91,37 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)  # the others may wait a whole validation for it
     return box[0]
+
+
+def all_ranks(info: DistInfo, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank; [obj] in a single process."""
+    if not info.enabled:
+        return [obj]
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, obj, group=_WAIT_GROUP)
+    return parts
+
+
+@contextmanager
+def main_rank_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first, then the first rank of every other node, then all the others: for work that
+    writes files the ranks then read (the crop cache, the detection export, ultralytics' label cache). Ranks
+    writing them at once race: a symlink made by one rank between another's check and its own `os.symlink` stopped
+    that rank. Each node's first rank goes before the rest for nodes that do not share the folder. When a block
+    fails, the ranks after it are still let go (they meet the same error, unless it was that rank's own). The block
+    must run no collective of its own (the other ranks wait in ours): a library whose import runs one is imported
+    on every rank before."""
+    if not info.enabled:
+        yield
+        return
+    turn = 0 if info.is_main else 1 if info.local_rank == 0 else 2
+    for _ in range(turn):
+        barrier(info)
+    try:
+        yield
+    finally:
+        for _ in range(2 - turn):
+            barrier(info)
 
 
 def gather_to_main(info: DistInfo, obj: Any) -> list[Any] | None:

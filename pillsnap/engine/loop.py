@@ -13,7 +13,7 @@ from pillsnap.engine.callbacks import CallbackList
 from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
-from pillsnap.engine.oom import oom_recovery_state_machine
+from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
 from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
 from pillsnap.utils import StepTimer, cuda_mem_mb
@@ -22,7 +22,23 @@ LOGGER = logging.getLogger(__name__)
 
 
 class EmergencyExit(RuntimeError):
-    """OOM recovery gave up (max_retries, or nothing left to shrink)."""
+    """OOM recovery gave up (max_retries, or nothing left to shrink) on task `task`, after `retries` recoveries."""
+
+    def __init__(self, message: str, task: str = "", retries: int = 0) -> None:
+        super().__init__(message)
+        self.task, self.retries = task, retries
+
+
+class RankOutOfMemory(EmergencyExit):
+    """Under DDP, this rank ran out of memory in a step. It cannot replay the step alone: the other ranks are inside
+    the step's collectives (DDP's buffer broadcast, the gradient all-reduce), a retry would meet them out of order,
+    and a recovery one rank made alone (a scaled learning rate, fp16 with its own loss scaler) would part its
+    weights from theirs. So the run stops; the trainer saves `decision` for the restart, where every rank applies
+    it."""
+
+    def __init__(self, task: str, decision: OomDecision, made_for: dict, rank: int) -> None:
+        super().__init__(f"rank {rank} ran out of memory in a {task} step", task, decision.retries)
+        self.decision, self.made_for, self.rank = decision, made_for, rank
 
 
 @dataclass
@@ -69,13 +85,16 @@ class EpochRunner:
                 return task.train_step(batch)
             except torch.OutOfMemoryError as err:
                 retries = self.state.oom_retries.get(name, 0)
-                decision = oom_recovery_state_machine(retries, task.oom_state(), self.cfg.train.oom)
+                made_for = task.oom_state()
+                decision = oom_recovery_state_machine(retries, made_for, self.cfg.train.oom)
                 self.state.oom_retries[name] = decision.retries
                 self.logger.warning("%s: %s (%s)", name, decision.describe(), err)
                 task.reset_after_oom()
                 self._fire_oom(name, decision.action, decision.retries, task)
                 if decision.action == "emergency_exit":
-                    raise EmergencyExit(decision.describe()) from err
+                    raise EmergencyExit(decision.describe(), name, decision.retries) from err
+                if self.info.enabled:
+                    raise RankOutOfMemory(name, decision, made_for, self.info.rank) from err
                 time.sleep(float(self.cfg.train.oom.cooldown_sec))
                 task.apply_oom_decision(decision)
                 self._fire_oom(name, "applied", decision.retries, task)

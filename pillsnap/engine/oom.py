@@ -1,4 +1,5 @@
-"""Out-of-memory policies: the recovery state machine, the auto batch search, and fake OOM injection.
+"""Out-of-memory policies: the recovery state machine, the auto batch search, fake OOM injection, and the recovery
+a DDP run saves for its restart.
 
 Policies are pure: plain values in, a decision out. The tasks apply decisions; the loop sleeps the cooldown and
 catches only torch.OutOfMemoryError.
@@ -10,10 +11,13 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from pillsnap.utils.io import read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
 # Comma-separated micro-step numbers (0-based, counted per task over the whole run) at which a
@@ -75,6 +79,78 @@ def oom_recovery_state_machine(retries: int, current_state: Mapping[str, Any], o
         return OomDecision("emergency_exit", retries, reason=f"min_batch={min_bs} and max_grad_accum={max_accum} "
                                                              "reached")
     return OomDecision("global_batch_change", retries, bs_new, accum_new, lr_scale=g_new / g_old)
+
+
+# Under DDP a rank that runs out of memory cannot replay its step alone (see engine.loop.RankOutOfMemory): the run
+# stops, and where recovery had brought the knobs waits in this file, beside the checkpoints, for the restart to
+# apply on every rank.
+RECOVERY_FILE = "oom_recovery.json"
+
+
+@dataclass(frozen=True)
+class SavedRecovery:
+    """Where OOM recovery had brought a task's knobs when a DDP run stopped, relative to the checkpoint its restart
+    resumes: `made_for` are that checkpoint's knobs (epoch `epoch`; 0 before the first), `knobs` the ones to train
+    with, `lr_scale` the learning-rate scale they bring (all recoveries since that checkpoint together), `retries`
+    the recoveries so far (they count towards max_retries). Whole states, not single steps: a restart that runs out
+    of memory again before the next checkpoint saves the state both recoveries reached."""
+
+    task: str
+    made_for: dict[str, Any]
+    knobs: dict[str, Any]
+    lr_scale: float
+    retries: int
+    epoch: int
+    rank: int
+    gave_up: bool = False  # recovery gave up (max_retries, nothing left to shrink): a restart cannot mend it
+
+    def decisions(self) -> list[OomDecision]:
+        """The recovery steps that take knobs `made_for` to `knobs`: fp16 first, then one re-batching."""
+        steps = []
+        if self.knobs.get("did_amp_escalate") and not self.made_for.get("did_amp_escalate"):
+            steps.append(OomDecision("amp_fp16", self.retries))
+        bs, accum = int(self.knobs["batch_size"]), int(self.knobs["grad_accum"])
+        bs_was, accum_was = int(self.made_for["batch_size"]), int(self.made_for["grad_accum"])
+        if (bs, accum) != (bs_was, accum_was):
+            action = "microbatching" if bs * accum == bs_was * accum_was else "global_batch_change"
+            steps.append(OomDecision(action, self.retries, bs, accum, lr_scale=self.lr_scale))
+        return steps
+
+
+def recovered_state(decision: OomDecision, knobs: Mapping[str, Any], lr_scale: float) -> tuple[dict[str, Any], float]:
+    """The knobs and the learning-rate scale after `decision` is applied to `knobs` (reached with `lr_scale`)."""
+    after = dict(knobs)
+    if decision.action == "amp_fp16":
+        after["did_amp_escalate"] = True
+    elif decision.action in ("microbatching", "global_batch_change"):
+        after.update(batch_size=decision.batch_size, grad_accum=decision.grad_accum)
+    if decision.action == "global_batch_change":
+        lr_scale *= decision.lr_scale
+    return after, lr_scale
+
+
+def save_recovery(ckpt_dir: str | Path, saved: SavedRecovery) -> Path:
+    """Write (atomically) `saved` for its task, keeping any other task's."""
+    path = Path(ckpt_dir) / RECOVERY_FILE
+    tasks = read_json(path).get("tasks", {}) if path.is_file() else {}
+    tasks[saved.task] = {k: v for k, v in asdict(saved).items() if k != "task"}
+    save_json(path, {"tasks": tasks})
+    return path
+
+
+def load_recovery(ckpt_dir: str | Path) -> dict[str, SavedRecovery]:
+    """The saved states by task; {} when there is no file (ValueError naming the file when it is broken)."""
+    path = Path(ckpt_dir) / RECOVERY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {name: SavedRecovery(task=name, made_for=dict(entry["made_for"]), knobs=dict(entry["knobs"]),
+                                    lr_scale=float(entry["lr_scale"]), retries=int(entry["retries"]),
+                                    epoch=int(entry["epoch"]), rank=int(entry["rank"]),
+                                    gave_up=bool(entry.get("gave_up", False)))
+                for name, entry in read_json(path)["tasks"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not an OOM recovery file ({err!r}); delete it to start without it") from err
 
 
 @dataclass(frozen=True)

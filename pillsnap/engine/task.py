@@ -338,8 +338,13 @@ class Task(ABC):
         self.optimizer.zero_grad(set_to_none=True)
 
     def find_batch_size(self, max_bs: int, headroom: float) -> BatchChoice:
-        """Auto batch search on random inputs through this task's own loss; weights and BN stats are restored."""
+        """Auto batch search on random inputs through this task's own loss; weights and BN stats are restored.
+
+        The trials run on the bare model, not its DDP wrapper: each rank searches its own GPU alone (the trainer
+        then takes the smallest size any rank found), whereas wrapped trials all-reduce their gradients, and ranks
+        whose trials ran out of memory at different sizes would wait on each other for good."""
         saved = copy.deepcopy(self.raw_model.state_dict())
+        wrapped, self.model = self.model, self.raw_model
         oom = self.cfg.train.oom
         try:
             return auto_find_batch_size(
@@ -347,6 +352,7 @@ class Task(ABC):
                 amp_force_fp16=bool(oom.escalate_to_fp16) and self.precision.autocast, headroom=headroom,
                 max_grad_accum=int(oom.max_grad_accum))
         finally:
+            self.model = wrapped
             self.raw_model.load_state_dict(saved)
 
     # ---- validation ----------------------------------------------------------------------------------------------

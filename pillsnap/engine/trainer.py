@@ -30,21 +30,33 @@ from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.distributed import (
     DistInfo,
+    all_ranks,
     barrier,
     broadcast_object,
     cleanup,
     device_for,
     init_distributed,
+    main_rank_first,
     shard_loader,
 )
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
-from pillsnap.engine.loop import EmergencyExit, EpochRunner, RunState
-from pillsnap.engine.oom import FAKE_OOM_BATCH_ENV, BatchChoice
+from pillsnap.engine.loop import EmergencyExit, EpochRunner, RankOutOfMemory, RunState
+from pillsnap.engine.oom import (
+    FAKE_OOM_BATCH_ENV,
+    RECOVERY_FILE,
+    BatchChoice,
+    SavedRecovery,
+    load_recovery,
+    recovered_state,
+    save_recovery,
+)
+from pillsnap.engine.restart import settle_restart
 from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, memory_snapshot, resolve_device, set_seed
 from pillsnap.utils.io import save_text
 from pillsnap.utils.logs import streams_are_logs
+from pillsnap.utils.offline import ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -127,16 +139,29 @@ class Trainer:
         self.start_epoch, self.history = 0, []
         self.epoch_done = 0  # the last epoch whose checkpoints are committed
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
+        self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
         self.status = "running"
+        self.samples_over_ranks: dict[str, int] = {}  # under DDP: every rank's samples, summed (_share_counts)
+        self.recovery_read = False  # an OOM recovery file was read at start; rank 0 removes it after a commit
+        # per task: the knobs of the last committed checkpoint, and the lr scale OOM recovery applied since
+        self.recovery_base: dict[str, tuple[dict, float]] = {}
+        self._rebase_recovery()
 
     # ---- build ------------------------------------------------------------------------------------------------------
     def _build_tasks(self, build_loaders: BuildLoaders, task_types: Sequence[type[Task]]) -> dict[str, Task]:
-        loaders = build_loaders(self.cfg)
+        # rank 0 first: building the loaders may write the crop cache and the detection export the ranks share.
+        # Importing ultralytics runs a barrier of its own when a process group is up (its settings are made on
+        # rank 0 first), which would wait forever for ranks held at ours: every rank imports it before.
+        if self.info.enabled and str(self.cfg.train.strategy) != "classification":
+            ultralytics_offline()
+        with main_rank_first(self.info):
+            loaders = build_loaders(self.cfg)
         types = [t for t in task_types if t.wanted(self.cfg, loaders)]
         choices = self._auto_batch(types, loaders)
         if choices:
-            loaders = build_loaders(self.cfg)  # rebuilt with the batch sizes the search chose
+            with main_rank_first(self.info):
+                loaders = build_loaders(self.cfg)  # rebuilt with the batch sizes the search chose
         self.meta = loaders.meta
         tasks = {t.spec.name: self._make_task(t, loaders, self.cfg, choices.get(t.spec.name)) for t in types}
         self.logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", list(tasks), self.cfg.train.strategy,
@@ -167,8 +192,8 @@ class Trainer:
         for task_type in wanted:
             spec = task_type.spec
             task = self._make_task(task_type, loaders, probe_cfg)
-            choice = task.find_batch_size(int(sections[task_type].auto_batch_max),
-                                          float(self.cfg.train.auto_batch_vram_headroom))
+            choice = self._smallest_over_ranks(spec.name, task.find_batch_size(
+                int(sections[task_type].auto_batch_max), float(self.cfg.train.auto_batch_vram_headroom)))
             del task
             OmegaConf.update(self.cfg, spec.batch_key, choice.batch_size)
             self.tb.add_scalar(f"{spec.tb}perf/auto_batch_found", choice.batch_size, 0)
@@ -178,6 +203,19 @@ class Trainer:
                                           "force_fp16": choice.force_fp16, "trials": len(choice.trials)}
             choices[spec.name] = choice
         return choices
+
+    def _smallest_over_ranks(self, name: str, choice: BatchChoice) -> BatchChoice:
+        """Under DDP every rank must train at one batch size (a rank with more steps per epoch would wait for the
+        others' gradients at its last ones): the smallest any rank found, so that it fits on every GPU; fp16
+        forced wins a tie."""
+        found = all_ranks(self.info, choice)
+        chosen = min(found, key=lambda c: (c.batch_size, not c.force_fp16))
+        if len({(c.batch_size, c.force_fp16) for c in found}) > 1:
+            self.logger.warning("%s auto batch: the ranks found %s; every rank trains at %d (fp16 forced: %s), the "
+                                "smallest, so that it fits on every GPU", name,
+                                ", ".join(f"{c.batch_size}{' fp16' if c.force_fp16 else ''}" for c in found),
+                                chosen.batch_size, chosen.force_fp16)
+        return chosen
 
     def _epoch_plan(self) -> list[list[str]]:
         """Tasks trained in each epoch: all together while each has epochs left, or (train.strategy=sequential)
@@ -201,15 +239,22 @@ class Trainer:
         found = {}
         for name in self.tasks:
             path = ck.resume_source(self.cfg.train.resume, self.store.dir, name, specs)
+            if path is not None and self.resume_newer_than and path.stat().st_mtime < self.resume_newer_than:
+                self.logger.warning("%s was written before this torchrun job began (an older run's): %s starts "
+                                    "fresh", path, name)
+                continue
             if path is not None:
                 found[name] = (path, load_ckpt(path, map_location=self.device))
         for name, (path, ckpt) in self._same_generation(found).items():
             task = self.tasks[name]
             task.load_checkpoint_state(ckpt, origin=str(path))
+            if not self.info.is_main:  # the checkpoint counts every rank's samples; rank 0 carries them on
+                task.samples_seen = 0
             epochs[name] = int(ckpt["epoch"])
             self.state.global_step = max(self.state.global_step, int(ckpt.get("global_step") or 0))
             self.logger.info("resumed %s from %s (epoch %d, best %s); peak lr %.2e, lr now %.2e", name, path,
                              ckpt["epoch"], ckpt["best_metric"], task.peak_lr, task.lr)
+        self._rebase_recovery()
         if not epochs:
             return
         self.start_epoch = self.epoch_done = max(epochs.values())
@@ -270,8 +315,10 @@ class Trainer:
         return broadcast_object(self.info, metrics)
 
     def _state(self, name: str, epoch: int) -> dict:
-        return {**self.tasks[name].checkpoint_state(epoch, self.es_state[name]["best"]),
-                "global_step": self.state.global_step}
+        state = self.tasks[name].checkpoint_state(epoch, self.es_state[name]["best"])
+        # the samples of every rank: a resumed rank 0 carries them on, the other ranks count from 0 (resume)
+        state["task_state"] = {**state["task_state"], "samples_seen": self.samples_seen(name)}
+        return {**state, "global_step": self.state.global_step}
 
     def end_epoch(self, epoch: int, active: list[str], train: dict, val: dict) -> None:
         """Early stopping per task, the epoch's history record and metrics.json, then one checkpoint generation."""
@@ -296,7 +343,11 @@ class Trainer:
         self.callbacks.fire("on_epoch_end", epoch, self.summary(epoch))
         if self.info.is_main:
             self.store.commit(epoch, saves)
+            if self.recovery_read:  # the knobs it set are in the checkpoints now
+                (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
+                self.recovery_read = False
         self.epoch_done = epoch
+        self._rebase_recovery()
 
     def elapsed(self) -> float:
         return round(self.state.elapsed(), 2)
@@ -311,7 +362,7 @@ class Trainer:
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
         out["system"] = {"device": str(self.device), **memory_snapshot()}
-        out["batch"] = {name: {**asdict(task.knobs), "samples_seen": task.samples_seen}
+        out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
@@ -319,11 +370,28 @@ class Trainer:
         out["history"] = self.history
         return out
 
+    def samples_seen(self, name: str) -> int:
+        """The samples task `name` trained on, on every rank together (each rank counts its own shard)."""
+        return self.samples_over_ranks.get(name, self.tasks[name].samples_seen)
+
     def time_cap_verdict(self) -> dict:
         """The stage's time-cap success rule over the samples and classes of the tasks that count for it."""
-        counted = [task for task in self.tasks.values() if task.spec.counts_for_time_cap]
-        classes: set[int] = set().union(*(task.classes_seen for task in counted))
-        return time_cap_success(self.stage_cfg, sum(task.samples_seen for task in counted), len(classes))
+        counted = [name for name, task in self.tasks.items() if task.spec.counts_for_time_cap]
+        classes: set[int] = set().union(*(self.tasks[name].classes_seen for name in counted))
+        return time_cap_success(self.stage_cfg, sum(self.samples_seen(name) for name in counted), len(classes))
+
+    def _share_counts(self) -> None:
+        """Under DDP each rank counts the samples and classes of its own shard: sum the samples (for the time-cap
+        rule and metrics.json) and give every rank the union of the classes, which the checkpoint then keeps (a
+        resumed rank restores rank 0's). Before, the time-cap rule saw rank 0's share alone, a world size too
+        few, and could fail a stage that met its minimums."""
+        if not self.info.enabled:
+            return
+        parts = all_ranks(self.info, {name: (task.samples_seen, sorted(task.classes_seen))
+                                      for name, task in self.tasks.items()})
+        for name, task in self.tasks.items():
+            self.samples_over_ranks[name] = sum(part[name][0] for part in parts)
+            task.classes_seen = set().union(*(part[name][1] for part in parts))
 
     # ---- the run ----------------------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -333,6 +401,15 @@ class Trainer:
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
                                                "start_epoch": self.start_epoch})
         epoch = self.start_epoch
+        if self.start_epoch > 0 and self.runner.time_capped():
+            # A run that resumes a spent stage clock (say a torchrun restart after exit code 4) trains no more:
+            # training on until the first check would turn a failed time cap into a pass.
+            self.logger.warning("stage %d: its time cap (%s h) was spent by the runs this one resumes; nothing more "
+                                "is trained (raise data.progressive_validation.stage_%d.time_limit_hours to train "
+                                "on)", self.stage, self.stage_cfg.get("time_limit_hours"), self.stage)
+            self.status = "time_capped"
+            self._share_counts()
+            return self._finish(epoch)
         try:
             for epoch in range(self.start_epoch + 1, len(self.plan) + 1):
                 active = [t for t in self.plan[epoch - 1] if t not in self.stopped]
@@ -341,8 +418,10 @@ class Trainer:
                 self._run_epoch(epoch, active)
                 if self.status == "time_capped" or set(self.tasks) <= self.stopped:
                     break
+        except RankOutOfMemory as err:
+            return self._stop_for_restart(epoch, err)
         except EmergencyExit as err:
-            return self._emergency(epoch, str(err))
+            return self._emergency(epoch, err)
         except KeyboardInterrupt:
             return self._interrupted(epoch)
         return self._finish(epoch)
@@ -357,6 +436,7 @@ class Trainer:
             self.tasks[name].epoch_trained(epoch)
             if self.info.enabled:
                 self.tasks[name].sync_replicas()
+        self._share_counts()
         if self.runner.time_capped():
             self.status = "time_capped"
         self.end_epoch(epoch, active, train, self.validate(epoch, active))
@@ -373,8 +453,15 @@ class Trainer:
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return code
 
-    def _emergency(self, epoch: int, reason: str) -> int:
+    def _emergency(self, epoch: int, err: EmergencyExit) -> int:
         self.status = "oom_emergency_exit"
+        reason = str(err)
+        if self.info.enabled and err.task in self.recovery_base:
+            # a torchrun restart would only meet the same OOMs: it refuses to start instead (apply_saved_recovery)
+            made_for, lr_scale = self.recovery_base[err.task]
+            save_recovery(self.store.dir, SavedRecovery(err.task, made_for, self.tasks[err.task].oom_state(),
+                                                        lr_scale, err.retries, self.epoch_done, self.info.rank,
+                                                        gave_up=True))
         if self.info.is_main:
             # epoch-1: the interrupted epoch is incomplete, so a resume from here redoes it.
             done = max(epoch - 1, 0)
@@ -384,6 +471,62 @@ class Trainer:
         self.logger.error("training stopped: %s. Lower train.batch_size or model.image_size and resume.", reason)
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return EXIT_OOM
+
+    def _stop_for_restart(self, epoch: int, err: RankOutOfMemory) -> int:
+        """A rank ran out of memory under DDP: save where recovery brings its knobs, for the restart, and stop (exit
+        code 3). The other ranks' collective fails once this process leaves, and torchrun stops them."""
+        made_for, lr_scale = self.recovery_base[err.task]
+        knobs, lr_scale = recovered_state(err.decision, err.made_for, lr_scale)
+        path = save_recovery(self.store.dir, SavedRecovery(err.task, made_for, knobs, lr_scale, err.decision.retries,
+                                                           self.epoch_done, err.rank))
+        self.status = "oom_emergency_exit"
+        self.logger.error(
+            "%s: under DDP one rank cannot replay a step alone, so the run stops. Saved the recovery (%s) to %s: "
+            "every rank applies it when the run starts again from epoch %d's checkpoints. torchrun --max-restarts=N "
+            "restarts it by itself; by hand, run the same command with --resume last.",
+            err, err.decision.describe(), path, self.epoch_done)
+        self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
+        return EXIT_OOM
+
+    def _rebase_recovery(self) -> None:
+        """The knobs now in force are the ones a saved OOM recovery starts from (at the start, and after commits)."""
+        self.recovery_base = {name: (task.oom_state(), 1.0) for name, task in self.tasks.items()}
+
+    def apply_saved_recovery(self, resuming: bool) -> None:
+        """Every rank applies the OOM recovery saved when a DDP run stopped (RankOutOfMemory), for each task whose
+        state is the one it was saved from: a run that resumes (or a torchrun restart), at the epoch it was saved
+        at, with the knobs it was made for; one that gave up stops the start (ValueError). A task in another state
+        warns and leaves it, and rank 0 removes the file once a checkpoint is committed; a run that neither
+        resumes nor restarts removes it at once (a later restart of that run must not find it)."""
+        self._rebase_recovery()
+        saved_tasks = load_recovery(self.store.dir)
+        if saved_tasks and not resuming and self.info.is_main:
+            (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
+        for name, saved in saved_tasks.items():
+            self.recovery_read = True
+            task = self.tasks.get(name)
+            if task is None:
+                continue
+            why_not = ("this run neither resumes nor is a torchrun restart" if not resuming else
+                       f"it goes on from epoch {saved.epoch}, this run from epoch {self.start_epoch}"
+                       if saved.epoch != self.start_epoch else
+                       f"it was made for {saved.made_for}, the run has {task.oom_state()}"
+                       if task.oom_state() != saved.made_for else None)
+            if why_not:
+                self.logger.warning("%s: not applying the OOM recovery rank %d saved (%s): %s", name, saved.rank,
+                                    saved.knobs, why_not)
+                continue
+            if saved.gave_up:
+                raise ValueError(
+                    f"{name}: OOM recovery gave up on rank {saved.rank} after {saved.retries} retries, with "
+                    f"{saved.knobs}; a restart would run out of memory the same way. Lower train.batch_size or "
+                    f"model.image_size, or delete {self.store.dir / RECOVERY_FILE} to try again as it was")
+            for decision in saved.decisions():
+                task.apply_oom_decision(decision)
+                self.logger.warning("%s: applying the OOM recovery rank %d saved at epoch %d: %s", name, saved.rank,
+                                    saved.epoch, decision.describe())
+            self.state.oom_retries[name] = saved.retries
+            self.recovery_base[name] = (saved.made_for, saved.lr_scale)
 
     def _interrupted(self, epoch: int) -> int:
         """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""
@@ -424,7 +567,8 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
                  task_types: Sequence[type[Task]] = DEFAULT_TASKS) -> tuple[int, Trainer | None]:
     """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
 
-    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error, 3 OOM give-up, 4 time
+    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error, 3 OOM give-up (under DDP:
+    any OOM, its recovery saved for the restart), 4 time
     cap failed, 130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to
     pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
     Task classes the run may train. Under `torchrun` every rank runs this; only rank 0 writes files.
@@ -451,16 +595,20 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
 def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
                    build_loaders: BuildLoaders, callbacks: list[Callback] | None,
                    task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
+    restarted, job_started = settle_restart(cfg, info, logger)
     try:
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
+        if restarted and cfg.train.resume == "last":
+            trainer.resume_newer_than = job_started  # another task's last file may be an older run's
         trainer.resume()
+        trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
     except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
         logger.error("cannot start training: %s", err)
         return EXIT_CONFIG, None
     except KeyboardInterrupt:
         logger.warning("interrupted before training started")
         return EXIT_INTERRUPTED, None
-    if trainer.already_trained():
+    if trainer.already_trained() and not trainer.runner.time_capped():  # a spent clock: fit reports the verdict
         logger.warning("already trained to epoch %d; raise --epochs (train.epochs=%s now) to continue",
                        trainer.start_epoch, cfg.train.epochs)
         return EXIT_OK, None

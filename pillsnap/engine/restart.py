@@ -1,0 +1,80 @@
+"""What a torchrun restart resumes. torchrun --max-restarts starts every rank again after a failure (an OOM under
+DDP stops the run on purpose: engine.loop.RankOutOfMemory); each restart must go on from the checkpoints this job
+wrote, and from none an older run left in the folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pillsnap.engine import checkpointing as ck
+from pillsnap.engine.distributed import DistInfo, broadcast_object
+from pillsnap.utils.io import read_json, save_json
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this run's processes after a failure (--max-restarts): each restart must go on
+    from the checkpoints, not train over them from scratch."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+JOB_MARKER = "torchrun_job.json"  # beside the checkpoints: when this torchrun job first started, and its run id
+
+
+def mark_torchrun_job(ckpt_dir: Path) -> None:
+    """At a torchrun job's first start (rank 0): note when it began, so that its restarts can tell the checkpoints
+    it wrote from those an older run left in the folder (both written by this machine's clock)."""
+    save_json(ckpt_dir / JOB_MARKER, {"run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "started": time.time()})
+
+
+def torchrun_job_started(ckpt_dir: Path) -> float | None:
+    """When this torchrun job first started (its marker, same run id), or None when no marker of it is there."""
+    path = ckpt_dir / JOB_MARKER
+    try:
+        marker = read_json(path)
+        if marker.get("run_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+            return None
+        return float(marker["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_for_restart(resume: Any, ckpt_dir: Path, job_started: float | None) -> tuple[Any, str]:
+    """train.resume for a torchrun restart, and why: `last` when last checkpoints were written since the job began
+    (the restart goes on from them, whatever the first start resumed); otherwise what was configured, so that a
+    fresh run that failed before its first checkpoint starts fresh again rather than resuming files an older run
+    left in the folder (also when the job's start is unknown: then it wrote nothing yet)."""
+    if job_started is None:
+        return resume, f"no mark of this job's first start in {ckpt_dir}: train.resume={resume} as configured"
+    written = [p.stat().st_mtime for p in ckpt_dir.glob("*_last.pt")] if ckpt_dir.is_dir() else []
+    if written and max(written) >= job_started:
+        return "last", "resuming the last checkpoints this job wrote (train.resume=last), not starting over"
+    if written:
+        return resume, (f"the last checkpoints in {ckpt_dir} are older than this job: keeping train.resume="
+                        f"{resume} ({'a fresh start' if not resume else 'as configured'})")
+    return resume, f"no checkpoint written yet: train.resume={resume} as configured"
+
+
+def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> tuple[bool, float | None]:
+    """Before the trainer starts: on a torchrun restart, set cfg.train.resume as rank 0 decides (after completing
+    any checkpoint commit a kill left half done) and log why; at a job's first start, mark it. Returns (restarted,
+    when the job began, None when unknown)."""
+    ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
+    if not restarted_by_torchrun():
+        if "TORCHELASTIC_RUN_ID" in os.environ and info.is_main:
+            mark_torchrun_job(ckpt_dir)
+        return False, None
+    decided = None
+    if info.is_main:
+        ck.CheckpointStore(ckpt_dir).recover()
+        job_started = torchrun_job_started(ckpt_dir)
+        decided = (*resume_for_restart(cfg.train.resume, ckpt_dir, job_started), job_started)
+    resume, why, job_started = broadcast_object(info, decided)  # every rank resumes the same way
+    cfg.train.resume = resume
+    logger.warning("torchrun restart %s: %s", os.environ["TORCHELASTIC_RESTART_COUNT"], why)
+    return True, job_started
