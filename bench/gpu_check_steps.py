@@ -313,43 +313,64 @@ def ddp_rank(ctx: Ctx) -> None:
             "start_epoch": trainer.start_epoch, "knobs": {n: t.oom_state() for n, t in trainer.tasks.items()}})
 
 
-def _torchrun(ctx: Ctx, procs: int, budget: float, drill: bool) -> tuple[dict, subprocess.CompletedProcess, float]:
+def _torchrun(ctx: Ctx, procs: int, budget: float, drill: bool) -> tuple[dict, int | None, str, float]:
+    """Run the DDP check's torchrun job; (rank 0's report, torchrun's exit code or None on a time-out, its log,
+    wall seconds). On a time-out torchrun gets SIGTERM, which it passes to its ranks (they run in sessions of their
+    own, out of reach of the step's process-group kill), then SIGKILL."""
+    import shutil
+
     name = "ddp_oom_rank0.json" if drill else "ddp_rank0.json"
     for old in [ctx.work / "results" / name, *(ctx.work / "results").glob("ddp_oom_attempt*.json")]:
         old.unlink(missing_ok=True)
+    if drill:
+        shutil.rmtree(ctx.work / "exp_ddp_oom", ignore_errors=True)  # a fresh job, not the resume of an old one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            *(["--max-restarts=1"] if drill else []),
            str(Path(__file__).with_name("gpu_check.py")), "--ddp-rank", "--step", "ddp", "--work", str(ctx.work),
            "--budget-s", str(ctx.budget), *(["--dry-run"] if ctx.dry else [])]
-    env = {**os.environ, **({OOM_DRILL_ENV: "1"} if drill else {})}
+    # one rendezvous store per attempt: with torchrun's shared one, restarted ranks may never reconnect
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **({OOM_DRILL_ENV: "1"} if drill else {})}
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(budget, 5), env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        log, code = proc.communicate(timeout=max(budget, 5))[0], proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            log = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            log = proc.communicate()[0]
+        code = None
     wall = round(time.monotonic() - t0, 1)
     rank0 = ctx.work / "results" / name
-    return (json.loads(rank0.read_text(encoding="utf-8")) if rank0.is_file() else {}), proc, wall
+    return (json.loads(rank0.read_text(encoding="utf-8")) if rank0.is_file() else {}), code, log or "", wall
 
 
 def step_ddp(ctx: Ctx) -> dict:
     """An interleaved run on every GPU under torchrun; then the OOM drill: rank 1 runs out of memory, the run stops
-    with the recovery saved, torchrun restarts it once, and every rank resumes with the recovery applied. Its wall
-    time shows how long a stopped rank takes to bring the job down under NCCL (its watchdog: 10 minutes)."""
+    with the recovery saved, torchrun restarts it once, and every rank resumes with the recovery applied. The drill
+    must end within its share of the budget: a stopped rank that waited for NCCL's watchdog (10 minutes) before
+    torchrun could restart the job would time out and fail it."""
     import torch
 
     procs = torch.cuda.device_count() if ctx.device == "cuda" else 2
-    out, proc, wall = _torchrun(ctx, procs, ctx.budget * 0.45, drill=False)
-    out.update(processes=procs, torchrun_exit_code=proc.returncode, wall_s=wall)
-    out["ok"] = proc.returncode == 0 and out.get("exit_code") == 0 and out.get("world_size") == procs
+    out, code, log, wall = _torchrun(ctx, procs, ctx.budget * 0.45, drill=False)
+    out.update(processes=procs, torchrun_exit_code=code, wall_s=wall)
+    out["ok"] = code == 0 and out.get("exit_code") == 0 and out.get("world_size") == procs
     if not out["ok"]:
-        out["log_tail"] = (proc.stdout + proc.stderr)[-TAIL:]
+        out["log_tail"] = log[-TAIL:]
     ctx.partial(out)
-    drill, proc, wall = _torchrun(ctx, procs, ctx.budget * 0.5 - 5, drill=True)
+    drill, code, log, wall = _torchrun(ctx, procs, ctx.budget * 0.5 - 5, drill=True)
     first = [json.loads(f.read_text(encoding="utf-8"))["exit_code"]
              for f in sorted((ctx.work / "results").glob("ddp_oom_attempt0_rank*.json"))]
-    drill.update(torchrun_exit_code=proc.returncode, wall_s=wall, stopped_with_3=3 in first)
-    drill["ok"] = (proc.returncode == 0 and drill.get("exit_code") == 0 and drill.get("restarts") == 1
-                   and drill.get("start_epoch") == 1 and drill["stopped_with_3"])
+    start = {"batch_size": ctx.size.batch, "grad_accum": 1, "did_amp_escalate": False}
+    drill.update(torchrun_exit_code=code, wall_s=wall, timed_out=code is None, stopped_with_3=3 in first,
+                 recovered=drill.get("knobs", {}).get("classification") not in (None, start))
+    drill["ok"] = (code == 0 and drill.get("exit_code") == 0 and drill.get("restarts") == 1
+                   and drill.get("start_epoch") == 1 and drill["stopped_with_3"] and drill["recovered"])
     if not drill["ok"]:
-        drill["log_tail"] = (proc.stdout + proc.stderr)[-TAIL:]
+        drill["log_tail"] = log[-TAIL:]
     out["oom_restart"] = drill
     out["summary"] = (f"{procs} ranks, {out.get('global_steps')} steps, exit {out.get('exit_code')}; OOM drill: "
                       f"restarts {drill.get('restarts')}, exit {drill.get('exit_code')}, {wall} s")

@@ -90,10 +90,12 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
     (train.stage_evaluation) and, after stage 4, run the final test evaluation. Returns the exit code (0 ok, 2
     config/resume error, 3 OOM give-up, 4 time cap failed, 130 interrupted)."""
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_TIME_CAP, run_logging, run_training
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP, run_logging, run_training
 
     code, trainer = run_training(cfg, build_loaders)
     if trainer is None or not trainer.info.is_main or code == EXIT_INTERRUPTED:
+        return code
+    if code == EXIT_OOM and trainer.info.enabled:  # stopped for a torchrun restart: no reports on a full GPU
         return code
     # The run's log files again: the calibration and the stage decision belong in logs/pillsnap.log too.
     with run_logging(trainer.exp_dir, True):

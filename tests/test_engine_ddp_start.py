@@ -367,3 +367,46 @@ def test_a_restart_resumes_only_checkpoints_its_own_job_wrote(tmp_path):
     assert resume_for_restart(None, ckpt, 1000.0)[0] == "last"
     assert resume_for_restart("/runs/old/best.pt", ckpt, 1000.0)[0] == "last"
     assert resume_for_restart(None, ckpt, None)[0] is None  # no mark of the job's start: it wrote nothing yet
+
+
+@pytest.mark.parametrize(("backend", "abort", "expected"), [
+    ("nccl", True, "abort"), ("nccl", False, "destroy"), ("gloo", True, "destroy")])
+def test_a_rank_stopping_on_an_oom_aborts_its_nccl_communicators(monkeypatch, backend, abort, expected):
+    """NCCL's graceful teardown (destroy_process_group) flushes the collectives in flight: a rank leaving a broken
+    step would wait there until NCCL's watchdog ends it. A rank stopping on an OOM aborts them instead; a normal
+    end, and gloo, tear down as before."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from pillsnap.engine import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: calls.append("destroy"))
+    monkeypatch.setattr(distributed_c10d, "_abort_process_group", lambda group=None: calls.append("abort"))
+    distributed.cleanup(distributed.DistInfo(rank=1, world_size=2, local_rank=1), abort=abort)
+    assert calls == [expected]
+
+
+def test_a_job_started_with_resume_last_goes_on_resuming_on_restart(tmp_path, monkeypatch):
+    """A job started with train.resume=last resumes the older run's checkpoints, as asked; a restart before its own
+    first checkpoint resumes them again rather than judging them an older run's and starting fresh. Its first start
+    also warns that torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+
+    assert run_training(make_cfg(tmp_path / "exp", "train.epochs=1"), fake_build_loaders)[0] == 0  # the older run
+    older = tmp_path / "exp" / "checkpoints" / "classification_last.pt"
+    os.utime(older, (time.time() - 60, time.time() - 60))
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-3")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    cfg = ("train.epochs=2", "train.resume=last")
+    code, trainer = run_training(make_cfg(tmp_path / "exp", *cfg), interrupted_at_first_batch)
+    assert code == EXIT_INTERRUPTED and trainer.start_epoch == 1
+    log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text()
+    assert "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    code, trainer = run_training(make_cfg(tmp_path / "exp", *cfg), fake_build_loaders)
+    assert code == 0 and trainer.start_epoch == 1  # the older run's epoch 1, as the job was started to do

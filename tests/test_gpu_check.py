@@ -138,4 +138,4 @@ def test_ddp_step_runs_two_cpu_ranks_under_torchrun(tmp_path):
     drill = res["oom_restart"]
     assert drill["stopped_with_3"] and drill["restarts"] == 1 and drill["start_epoch"] == 1
     assert drill["exit_code"] == 0 and drill["torchrun_exit_code"] == 0
-    assert drill["knobs"]["classification"]["did_amp_escalate"] is True
+    assert drill["knobs"]["classification"]["did_amp_escalate"] is True and drill["recovered"]

@@ -184,10 +184,23 @@ def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLo
     )
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, abort: bool = False) -> None:
+    """Leave the process group. `abort`: this rank stops while the others may be inside a collective (an OOM under
+    DDP). NCCL's graceful teardown flushes the collectives in flight and waits for them, so a rank leaving a broken
+    step would wait until NCCL's watchdog ends it, and torchrun would restart the job only then; its communicators
+    are aborted instead (torch's experimental `_abort_process_group`, NCCL only). gloo just closes."""
     global _WAIT_GROUP
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        from torch.distributed import distributed_c10d
+
+        abort_all = getattr(distributed_c10d, "_abort_process_group", None)
+        if abort and dist.get_backend() == "nccl" and abort_all is not None:
+            try:
+                abort_all()
+            except Exception as err:  # leaving anyway: the process exits next
+                LOGGER.warning("aborting the NCCL communicators failed (%s); leaving without them", err)
+        else:
+            dist.destroy_process_group()
     _WAIT_GROUP = None
 
 

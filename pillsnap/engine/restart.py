@@ -60,21 +60,35 @@ def resume_for_restart(resume: Any, ckpt_dir: Path, job_started: float | None) -
     return resume, f"no checkpoint written yet: train.resume={resume} as configured"
 
 
+# torchrun's agent shares its rendezvous store with the ranks; on a restart a rank can read an address the previous
+# attempt left there and never connect (pytorch/pytorch#135712, #167288). One store per attempt avoids it; the
+# agent reads this variable, so it must be set for the torchrun command itself.
+SEPARATE_STORES_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
 def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> tuple[bool, float | None]:
     """Before the trainer starts: on a torchrun restart, set cfg.train.resume as rank 0 decides (after completing
-    any checkpoint commit a kill left half done) and log why; at a job's first start, mark it. Returns (restarted,
-    when the job began, None when unknown)."""
+    any checkpoint commit a kill left half done) and log why; at a job's first start, mark it (and warn when its
+    restarts could not reconnect). Returns (restarted, the time before which `last` files are an older run's: set
+    only when the restart resumes `last` of its own accord, not when the job was started with train.resume=last)."""
     ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
     if not restarted_by_torchrun():
         if "TORCHELASTIC_RUN_ID" in os.environ and info.is_main:
             mark_torchrun_job(ckpt_dir)
+            if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and \
+                    os.environ.get(SEPARATE_STORES_ENV) != "1":
+                logger.warning("torchrun --max-restarts: its restarts may never reconnect in this PyTorch (a "
+                               "restarted rank can read the previous attempt's address from the shared "
+                               "rendezvous store); launch with %s=1 torchrun ... (bench/torchrun_restart.py)",
+                               SEPARATE_STORES_ENV)
         return False, None
+    configured = cfg.train.resume
     decided = None
     if info.is_main:
         ck.CheckpointStore(ckpt_dir).recover()
         job_started = torchrun_job_started(ckpt_dir)
-        decided = (*resume_for_restart(cfg.train.resume, ckpt_dir, job_started), job_started)
+        decided = (*resume_for_restart(configured, ckpt_dir, job_started), job_started)
     resume, why, job_started = broadcast_object(info, decided)  # every rank resumes the same way
     cfg.train.resume = resume
     logger.warning("torchrun restart %s: %s", os.environ["TORCHELASTIC_RESTART_COUNT"], why)
-    return True, job_started
+    return True, job_started if resume == "last" and str(configured) != "last" else None

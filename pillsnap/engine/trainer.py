@@ -583,23 +583,27 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
         save_text(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     barrier(info)
     tb = TBWriter(exp_dir, enabled=info.is_main)
+    code: int | None = None
     try:
         with sigterm_as_interrupt(), run_logging(exp_dir, info.is_main) as logger:
-            return _start_and_fit(cfg, info, logger, tb, build_loaders or partial(default_build_loaders, tb=tb),
-                                  callbacks, task_types)
+            code, trainer = _start_and_fit(cfg, info, logger, tb,
+                                           build_loaders or partial(default_build_loaders, tb=tb), callbacks,
+                                           task_types)
+            return code, trainer
     finally:
         tb.close()
-        cleanup(info)
+        # A rank that stops on an OOM, an interrupt or an error may leave the others inside a collective: abort
+        # its communicators rather than flush them (the flush would wait for that collective).
+        cleanup(info, abort=code is None or code in (EXIT_OOM, EXIT_INTERRUPTED))
 
 
 def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
                    build_loaders: BuildLoaders, callbacks: list[Callback] | None,
                    task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
-    restarted, job_started = settle_restart(cfg, info, logger)
+    restarted, older_before = settle_restart(cfg, info, logger)
     try:
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
-        if restarted and cfg.train.resume == "last":
-            trainer.resume_newer_than = job_started  # another task's last file may be an older run's
+        trainer.resume_newer_than = older_before  # another task's last file may be an older run's
         trainer.resume()
         trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
     except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
