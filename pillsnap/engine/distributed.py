@@ -147,21 +147,26 @@ class StridedSampler(Sampler[int]):
         return len(self.indices)
 
 
+def _loader_over(loader: DataLoader, info: DistInfo, sampler: Sampler[int], **extra: Any) -> DataLoader:
+    """`loader` again over `sampler`: its data set, batch size, collate, workers (with their prefetch and
+    persistence) and pinning (straight into this rank's GPU), plus `extra` DataLoader arguments."""
+    workers: dict[str, Any] = ({"prefetch_factor": loader.prefetch_factor,
+                                "persistent_workers": loader.persistent_workers} if loader.num_workers else {})
+    if loader.pin_memory and torch.cuda.is_available():
+        workers["pin_memory_device"] = f"cuda:{info.local_rank}"
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, **workers, **extra)
+
+
 def eval_share(loader: DataLoader, info: DistInfo) -> DataLoader:
     """This rank's share of an evaluation loader (StridedSampler), with the loader's batch size, workers and
     collate."""
     if loader.batch_size is None:
         raise ValueError("a validation loader built on a batch_sampler cannot be shared between ranks")
-    kwargs: dict[str, Any] = {"prefetch_factor": loader.prefetch_factor,
-                              "persistent_workers": loader.persistent_workers,
-                              "multiprocessing_context": loader.multiprocessing_context} if loader.num_workers else {}
-    if loader.pin_memory and torch.cuda.is_available():
-        kwargs["pin_memory_device"] = f"cuda:{info.local_rank}"
-    return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                      sampler=StridedSampler(len(loader.dataset), info.rank, info.world_size),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      worker_init_fn=loader.worker_init_fn, timeout=loader.timeout, generator=loader.generator,
-                      **kwargs)
+    context = {"multiprocessing_context": loader.multiprocessing_context} if loader.num_workers else {}
+    return _loader_over(loader, info, StridedSampler(len(loader.dataset), info.rank, info.world_size),
+                        timeout=loader.timeout, generator=loader.generator, **context)
 
 
 def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLoader | None:
@@ -172,16 +177,7 @@ def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLo
         loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
         drop_last=loader.drop_last,
     )
-    kwargs = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers}
-    if loader.pin_memory and torch.cuda.is_available():
-        kwargs_pin = {"pin_memory_device": f"cuda:{info.local_rank}"}  # pin straight for this rank's GPU
-    else:
-        kwargs_pin = {}
-    return DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        worker_init_fn=loader.worker_init_fn, **(kwargs if loader.num_workers > 0 else {}), **kwargs_pin,
-    )
+    return _loader_over(loader, info, sampler, drop_last=loader.drop_last)
 
 
 def cleanup(info: DistInfo, abort: bool = False) -> None:

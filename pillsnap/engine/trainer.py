@@ -458,10 +458,8 @@ class Trainer:
         reason = str(err)
         if self.info.enabled and err.task in self.recovery_base:
             # a torchrun restart would only meet the same OOMs: it refuses to start instead (apply_saved_recovery)
-            made_for, lr_scale = self.recovery_base[err.task]
-            save_recovery(self.store.dir, SavedRecovery(err.task, made_for, self.tasks[err.task].oom_state(),
-                                                        lr_scale, err.retries, self.epoch_done, self.info.rank,
-                                                        gave_up=True))
+            self._save_recovery(err.task, self.tasks[err.task].oom_state(), self.recovery_base[err.task][1],
+                                err.retries, gave_up=True)
         if self.info.is_main:
             # epoch-1: the interrupted epoch is incomplete, so a resume from here redoes it.
             done = max(epoch - 1, 0)
@@ -472,13 +470,16 @@ class Trainer:
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return EXIT_OOM
 
+    def _save_recovery(self, task: str, knobs: dict, lr_scale: float, retries: int, gave_up: bool = False) -> Path:
+        """Save where OOM recovery brought `task`'s knobs (with `lr_scale`), from the last committed checkpoint's."""
+        return save_recovery(self.store.dir, SavedRecovery(task, self.recovery_base[task][0], knobs, lr_scale, retries,
+                                                           self.epoch_done, self.info.rank, gave_up))
+
     def _stop_for_restart(self, epoch: int, err: RankOutOfMemory) -> int:
         """A rank ran out of memory under DDP: save where recovery brings its knobs, for the restart, and stop (exit
-        code 3). The other ranks' collective fails once this process leaves, and torchrun stops them."""
-        made_for, lr_scale = self.recovery_base[err.task]
-        knobs, lr_scale = recovered_state(err.decision, err.made_for, lr_scale)
-        path = save_recovery(self.store.dir, SavedRecovery(err.task, made_for, knobs, lr_scale, err.decision.retries,
-                                                           self.epoch_done, err.rank))
+        code 3). The other ranks wait in their collective (under gloo it fails) until torchrun stops them."""
+        knobs, lr_scale = recovered_state(err.decision, err.made_for, self.recovery_base[err.task][1])
+        path = self._save_recovery(err.task, knobs, lr_scale, err.decision.retries)
         self.status = "oom_emergency_exit"
         self.logger.error(
             "%s: under DDP one rank cannot replay a step alone, so the run stops. Saved the recovery (%s) to %s: "
@@ -498,7 +499,6 @@ class Trainer:
         at, with the knobs it was made for; one that gave up stops the start (ValueError). A task in another state
         warns and leaves it, and rank 0 removes the file once a checkpoint is committed; a run that neither
         resumes nor restarts removes it at once (a later restart of that run must not find it)."""
-        self._rebase_recovery()
         saved_tasks = load_recovery(self.store.dir)
         if saved_tasks and not resuming and self.info.is_main:
             (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
@@ -568,10 +568,10 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
     """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
 
     Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error, 3 OOM give-up (under DDP:
-    any OOM, its recovery saved for the restart), 4 time
-    cap failed, 130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to
-    pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
-    Task classes the run may train. Under `torchrun` every rank runs this; only rank 0 writes files.
+    any OOM, its recovery saved for the restart), 4 time cap failed, 130 interrupted (Ctrl-C / SIGTERM).
+    `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0
+    defaults; `task_types` are the Task classes the run may train. Under `torchrun` every rank runs this; only rank 0
+    writes files (and a rank that runs out of memory, its recovery file).
     """
     info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
     cfg = _prepare_cfg(cfg)
