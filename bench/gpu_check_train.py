@@ -87,7 +87,9 @@ def run_figures(trainer: Any) -> dict:
                      "fused_adamw": bool(task.optimizer.defaults.get("fused")),
                      "batch_size": task.knobs.batch_size, "grad_accum": task.knobs.grad_accum}
     if torch.cuda.is_available():
-        out["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        from pillsnap.utils import CUDA_PEAKS
+
+        out["peak_cuda_gb"] = round(CUDA_PEAKS.peak_mb() * 2**20 / 1e9, 2)  # the training's, not the batch search's
     return out
 
 

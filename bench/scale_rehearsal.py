@@ -121,6 +121,8 @@ def phase_loaders(shape: dict) -> dict:
 def capped_loaders(cfg: Any, val_cap: int) -> Any:
     """The real loaders with the validation loader cut to `val_cap` crops spread over the split: a CPU cannot push
     a Stage 4 validation split (~75,000 crops) through the network within a rehearsal."""
+    import numpy as np
+
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.data.loaders import _classification_loader
 
@@ -129,7 +131,7 @@ def capped_loaders(cfg: Any, val_cap: int) -> Any:
         return loaders
     view = loaders.cls_val.dataset.evaluation_view()
     step = max(1, len(view) // val_cap)
-    view.rows, view.labels = view.rows[::step][:val_cap], view.labels[::step][:val_cap]
+    view = view.subset(np.arange(len(view))[::step][:val_cap])
     return loaders._replace(cls_val=_classification_loader(view, cfg, False, int(cfg.dataloader.num_workers)))
 
 

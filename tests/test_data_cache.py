@@ -58,3 +58,19 @@ def test_unknown_cache_format_is_a_clear_error(synth_cfg):
     cfg = OmegaConf.merge(synth_cfg, {"data": {"cache": {"enabled": True, "format": "lmdb"}}})
     with pytest.raises(ValueError, match="data.cache.format='lmdb'"):
         build_dataloaders_twostage(cfg)
+
+
+def test_a_subset_of_a_cached_dataset_reads_its_own_rows_crops(manifest_dir, tmp_path):
+    """The dataset looks its rows' cache slots up once; a subset (the evaluation view, the scale rehearsal's
+    capped validation) must carry them along with the rows, or it serves other rows' crops under these labels."""
+    from pillsnap.data.datasets import ClassificationDataset
+
+    rows = singles(manifest_dir).head(9)
+    cache = build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    index = {code: i for i, code in enumerate(sorted(rows["mapping_code"].unique()))}
+    dataset = ClassificationDataset(rows, index, 24, False, 0.15, cache)
+    part = dataset.subset(np.arange(9)[::3])
+    assert [r.label_path for r in part.rows] == list(rows["label_path"].iloc[::3])
+    for i, row in enumerate(part.rows):
+        assert np.array_equal(np.asarray(part.load_crop(i)), np.asarray(cache.get(row.label_path)))
+        assert part.labels[i] == index[row.mapping_code]

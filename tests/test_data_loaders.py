@@ -196,3 +196,32 @@ def test_loader_workers_are_capped_to_this_ranks_share_of_the_cores(monkeypatch)
     assert loaders._workers_for_this_rank(8) == 8 and loaders._workers_for_this_rank(0) == 0
     monkeypatch.setattr(loaders.os, "cpu_count", lambda: None)
     assert loaders._workers_for_this_rank(8) == 1
+
+
+def test_crop_table_rows_as_the_former_list_gave_them():
+    """The dataset's rows live in columns (no per-row Python objects for forked workers to copy); indexing answers
+    as a list of rows did: ints of every kind (samplers yield numpy ints and 0-d tensors), negative ones, slices,
+    index arrays, boolean masks, and a clear error for anything else."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pillsnap.data.datasets import CropRow, CropTable
+
+    frame = pd.DataFrame({"image_path": [f"/p/{i}.png" for i in range(5)],
+                          "label_path": [f"/l/{i}.json" for i in range(5)],
+                          "mapping_code": ["K-000001", None, "K-000003", "K-000004", "K-000005"],
+                          "bbox_x": [1, 2, 3, 4, 5], "bbox_y": 0.5, "bbox_w": 10, "bbox_h": 12}, index=[7, 3, 9, 1, 0])
+    table = CropTable.from_frame(frame)
+    assert table[1] == CropRow("/p/1.png", "/l/1.json", None, 2.0, 0.5, 10.0, 12.0)  # positional, like the list
+    assert table[-1].image_path == table[np.int64(4)].image_path == table[torch.tensor(4)].image_path == "/p/4.png"
+    paths = lambda t: [r.image_path for r in t]  # noqa: E731
+    assert paths(table[1:4:2]) == ["/p/1.png", "/p/3.png"] and paths(table[[4, -5]]) == ["/p/4.png", "/p/0.png"]
+    assert paths(table[np.array([True, False, True, False, False])]) == ["/p/0.png", "/p/2.png"]
+    assert table.column("mapping_code")[:2] == ["K-000001", None] and len(table) == 5 == len(list(table))
+    for bad, error in ((5, IndexError), (-6, IndexError), (np.array([5]), IndexError), (np.array([True]), IndexError),
+                       (np.array([0.5]), TypeError), ("a", TypeError)):
+        with pytest.raises(error):
+            table[bad]
+    empty = CropTable.from_frame(frame.iloc[:0])
+    assert len(empty) == 0 and list(empty) == [] and len(empty[[]]) == 0

@@ -78,6 +78,37 @@ def test_rank0_builds_the_shared_files_before_the_other_ranks_read_them(tmp_path
     assert builds[1]["start"] >= builds[0]["end"], builds
 
 
+def loaders_autotuned(cfg, root: str):
+    """The fake loaders; with dataloader.autotune_workers the "measurement" picks 3 workers (as the real autotune
+    sets meta["num_workers"]). Each build's rank and worker settings are appended to a file."""
+    loaders = fake_build_loaders(cfg)
+    tuned = bool(cfg.dataloader.autotune_workers)
+    loaders.meta["num_workers"] = 3 if tuned else int(cfg.dataloader.num_workers)
+    with open(Path(root) / "builds.jsonl", "a", encoding="utf-8") as out:
+        out.write(json.dumps({"rank": int(os.environ["RANK"]), "autotune": tuned,
+                              "num_workers": int(cfg.dataloader.num_workers)}) + "\n")
+    return loaders
+
+
+def autotune_worker(rank: int, world: int, port: int, root: str) -> None:
+    from functools import partial
+
+    from pillsnap.engine.trainer import run_training
+
+    start_rank(rank, world, port)
+    cfg = make_cfg(Path(root) / "exp", "train.epochs=1", "dataloader.autotune_workers=true")
+    code, trainer = run_training(cfg, partial(loaders_autotuned, root=root))
+    record(root, rank, code=code, workers=trainer.meta["num_workers"])
+
+
+def test_only_rank0_autotunes_the_workers_and_every_rank_uses_its_count(tmp_path):
+    run_ranks(autotune_worker, (2, free_port(), str(tmp_path)))
+    assert [outcome(tmp_path, r)["code"] for r in (0, 1)] == [0, 0]
+    assert [outcome(tmp_path, r)["workers"] for r in (0, 1)] == [3, 3]
+    builds = [json.loads(line) for line in (tmp_path / "builds.jsonl").read_text().splitlines()]
+    assert sorted((b["rank"], b["autotune"], b["num_workers"]) for b in builds) == [(0, True, 0), (1, False, 3)]
+
+
 def _export(rows, out: str, queue, start) -> None:
     from pillsnap.data.yolo import export_yolo
 

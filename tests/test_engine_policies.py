@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections import Counter
 
 import pytest
@@ -17,6 +18,7 @@ from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import FakeOOM, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import warmup_cosine_factor
 from pillsnap.engine.spec import TaskSpec, interleave_shares
+from pillsnap.utils import is_out_of_memory
 
 OOM_CFG = {"max_retries": 4, "max_grad_accum": 8, "min_batch": 1, "cooldown_sec": 0, "escalate_to_fp16": True}
 LINE = re.compile(r"^\[train\] e=\d+/\d+ s=\d+/\d+ loss=-?\d+\.\d{4} lr=\d\.\d{2}e[+-]\d{2} data=\d+\.\d{3}s "
@@ -38,12 +40,21 @@ def run_machine(state: dict, cfg: dict, n: int) -> list[OomDecision]:
 
 
 def test_oom_machine_goes_s1_then_s2_keeping_the_global_batch_then_gives_up():
-    decisions = run_machine({"batch_size": 32, "grad_accum": 1, "did_amp_escalate": False}, OOM_CFG, 5)
+    state = {"batch_size": 32, "grad_accum": 1, "did_amp_escalate": False, "fp16_saves_memory": True}
+    decisions = run_machine(state, OOM_CFG, 5)
     assert [d.action for d in decisions] == ["amp_fp16", "microbatching", "microbatching", "microbatching",
                                              "emergency_exit"]
     assert [(d.batch_size, d.grad_accum) for d in decisions[1:4]] == [(16, 2), (8, 4), (4, 8)]
     assert all(d.batch_size * d.grad_accum == 32 for d in decisions[1:4])
     assert decisions[-1].describe().startswith("OOM Recovery: giving up after 4 retries")
+
+
+def test_oom_machine_skips_s1_where_fp16_saves_no_memory():
+    # a task already in bf16 or fp16 autocast (activations already half size), or one that cannot autocast
+    state = {"batch_size": 32, "grad_accum": 1, "did_amp_escalate": False, "fp16_saves_memory": False}
+    decisions = run_machine(state, OOM_CFG, 2)
+    assert [(d.action, d.batch_size, d.grad_accum) for d in decisions] == [("microbatching", 16, 2),
+                                                                           ("microbatching", 8, 4)]
 
 
 def test_oom_machine_s3_scales_lr_linearly():
@@ -125,11 +136,61 @@ def test_auto_batch_respects_headroom_empties_the_cache_and_fails_clearly():
     choice = auto_find_batch_size(trial, init_bs=8, max_bs=64, headroom=0.88, mem_ratio=lambda: tried[-1][0] / 40,
                                   empty_cache=lambda: emptied.append(1))
     assert choice.batch_size == 32 and choice.trials[-1] == (64, False, "over headroom")
-    assert len(emptied) == len(tried)
+    assert len(emptied) == 2 * len(tried)  # before each trial (its own peak) and after it
     trial, _ = fake_trial(limit=0)
     with pytest.raises(RuntimeError, match="min_bs=2"):
         auto_find_batch_size(trial, init_bs=8, min_bs=2, amp_force_fp16=True, mem_ratio=lambda: 0.1,
                              empty_cache=lambda: None)
+
+
+def test_auto_batch_frees_a_failed_trial_before_the_next_one_is_measured():
+    """The cache is emptied where the failed trial's tensors can go: outside the except block, whose traceback
+    holds the trial's frames (emptied inside, the blocks stayed cached, and the next trial measured them)."""
+    alive_at_cleanup, refs = [], []
+
+    def trial(bs: int, fp16: bool) -> None:
+        activations = torch.zeros(bs, 4)
+        refs.append(weakref.ref(activations))
+        if bs > 4:
+            raise torch.OutOfMemoryError(f"bs {bs}")
+
+    def empty_cache() -> None:
+        alive_at_cleanup.append([ref() is not None for ref in refs])
+
+    choice = auto_find_batch_size(trial, init_bs=8, min_bs=1, max_bs=8, mem_ratio=lambda: 0.1,
+                                  empty_cache=empty_cache)
+    assert choice.batch_size == 4 and [r for *_, r in choice.trials] == ["oom", "fits"]
+    assert not any(any(alive) for alive in alive_at_cleanup)
+
+
+def test_auto_batch_counts_allocation_failures_outside_torchs_allocator_as_oom():
+    def trial(bs: int, fp16: bool) -> None:
+        if bs > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    def broken(bs: int, fp16: bool) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    choice = auto_find_batch_size(trial, init_bs=8, min_bs=1, max_bs=8, mem_ratio=lambda: 0.1,
+                                  empty_cache=lambda: None)
+    assert choice.batch_size == 2 and [r for *_, r in choice.trials] == ["oom", "oom", "fits"]
+    with pytest.raises(RuntimeError, match="mat1"):  # not an allocation: raised, not taken for an OOM
+        auto_find_batch_size(broken, init_bs=2, mem_ratio=lambda: 0.1, empty_cache=lambda: None)
+
+
+@pytest.mark.parametrize(("err", "oom"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    # "not supported" also names real bugs (non-contiguous input, limits): not taken for an OOM
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous "
+                  "input."), False),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000 bytes."), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x4 and 5x3)"), False),
+    (ValueError("CUDA out of memory"), False),
+])
+def test_is_out_of_memory_knows_allocation_failures_by_type_and_message(err, oom):
+    assert is_out_of_memory(err) is oom
 
 
 def test_early_stopping_counts_patience_and_min_delta():

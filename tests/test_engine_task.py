@@ -79,12 +79,59 @@ def test_fp16_on_cpu_uses_the_gradient_scaler_which_skips_a_step_with_inf_gradie
     assert not torch.equal(before, weight) and task.scaler.get_scale() <= scale / 2
 
 
-def test_s1_escalation_turns_bf16_into_fp16_with_a_scaler_on_cpu(tmp_path):
-    task = classification_task(tmp_path, "train.cpu_amp=true", "train.classification.amp_dtype=bf16")
+def test_s1_escalation_turns_fp32_into_fp16_autocast_with_a_scaler_on_cpu(tmp_path):
+    task = classification_task(tmp_path, "train.cpu_amp=true", "train.classification.amp=false")
+    assert not task.precision.autocast and task.fp16_saves_memory
     task.apply_oom_decision(OomDecision("amp_fp16", 1))
-    assert task.precision.dtype == torch.float16 and task.scaler.is_enabled() and task.knobs.did_amp_escalate
+    assert task.precision.autocast and task.precision.dtype == torch.float16 and task.scaler.is_enabled()
+    assert task.knobs.did_amp_escalate and not task.fp16_saves_memory
     seen = conv_output_dtypes(task.raw_model)
     assert math.isfinite(task.train_step(first_batch(task)).loss) and set(seen) == {torch.float16}
+
+
+def test_a_carried_fp16_escalation_leaves_a_task_that_cannot_autocast_in_fp32(tmp_path):
+    """A checkpoint or a restart's recovery from a run where S1 did nothing (a CPU without train.cpu_amp) carries
+    did_amp_escalate; applying it must not switch on an autocast the config does not allow."""
+    task = classification_task(tmp_path, "train.cpu_amp=false")
+    task.apply_oom_decision(OomDecision("amp_fp16", 1))
+    assert task.knobs.did_amp_escalate and not task.precision.autocast and not task.scaler.is_enabled()
+
+
+@pytest.mark.parametrize("overrides", [("train.cpu_amp=true", "train.classification.amp_dtype=bf16"),
+                                       ("train.cpu_amp=true", "train.classification.amp_dtype=fp16"),
+                                       ("train.cpu_amp=false",)])
+def test_fp16_saves_no_memory_in_16_bit_autocast_or_where_the_device_cannot_autocast(tmp_path, overrides):
+    assert not classification_task(tmp_path, *overrides).fp16_saves_memory
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_an_oom_inside_the_fp16_optimizer_step_can_be_replayed(tmp_path):
+    """The scaler unscaled the gradients for clipping, then the optimizer step ran out of memory (fused AdamW makes
+    its state at its first step): the replay used to stop on "unscale_() has already been called"."""
+    task = classification_task(tmp_path, "train.cpu_amp=true", "train.classification.amp_dtype=fp16",
+                               "train.grad_clip=1.0", "train.ema.enabled=false")
+    assert task.scaler.is_enabled() and task.grad_clip()
+    real_step, calls = task.optimizer.step, []
+
+    def step_once_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("fake CUDA out of memory in the optimizer step")
+        return real_step(*args, **kwargs)
+
+    task.optimizer.step = step_once_out_of_memory
+    batch = first_batch(task)
+    with pytest.raises(torch.OutOfMemoryError):
+        task.train_step(batch)
+    scale = task.scaler.get_scale()
+    task.reset_after_oom()
+    weight = next(p for p in task.raw_model.parameters() if p.ndim == 4)
+    before = weight.detach().clone()
+    for _ in range(16):  # the replay, then more steps until the scale lets one through (fp16 gradients overflow)
+        assert math.isfinite(task.train_step(batch).loss)
+        if not torch.equal(before, weight):
+            break
+    assert not torch.equal(before, weight) and task.scaler.get_scale() <= scale  # the scale was carried over
 
 
 def test_adamw_picks_fused_kernels_where_they_exist_and_foreach_elsewhere(tmp_path):
@@ -99,7 +146,7 @@ def test_adamw_picks_fused_kernels_where_they_exist_and_foreach_elsewhere(tmp_pa
 def test_auto_batch_with_injected_ooms_halves_then_forces_fp16_and_raises_accumulation(tmp_path, monkeypatch, make):
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "0,4")  # nothing fits in fp32, 4 images in fp16
     section = "classification" if make is classification_task else "detection"
-    task = make(tmp_path, "train.cpu_amp=true", f"train.{section}.amp_dtype=bf16", "train.batch_size=8",
+    task = make(tmp_path, "train.cpu_amp=true", f"train.{section}.amp=false", "train.batch_size=8",
                 "train.detection.batch_size=8", "train.oom.min_batch=2")
     before = {k: v.clone() for k, v in task.raw_model.state_dict().items()}
     choice = task.find_batch_size(max_bs=16, headroom=0.88)
@@ -108,6 +155,14 @@ def test_auto_batch_with_injected_ooms_halves_then_forces_fp16_and_raises_accumu
         (8, False, "oom"), (4, False, "oom"), (2, False, "oom"), (8, True, "oom"), (4, True, "fits")]
     for key, value in task.raw_model.state_dict().items():  # the trials ran real steps; the weights are restored
         assert torch.equal(value, before[key]), key
+
+
+def test_auto_batch_does_not_force_fp16_on_a_task_already_in_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "0,4")  # the fake "GPU" would take 4 images in fp16
+    task = classification_task(tmp_path, "train.cpu_amp=true", "train.classification.amp_dtype=bf16",
+                               "train.batch_size=8", "train.oom.min_batch=2")
+    with pytest.raises(RuntimeError, match="fp16 tried: False"):  # bf16 activations are fp16's size already
+        task.find_batch_size(max_bs=16, headroom=0.88)
 
 
 def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):

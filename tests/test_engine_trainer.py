@@ -10,6 +10,7 @@ import pytest
 import torch
 from fakes import NUM_CLASSES, StoppingLoader, fake_build_loaders, make_cfg
 
+from pillsnap.engine.precision import Precision
 from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main, run_training
 from pillsnap.train import train
 from pillsnap.utils import CKPT_REQUIRED_KEYS, load_ckpt
@@ -135,12 +136,14 @@ def test_resume_with_another_model_stops_with_a_friendly_error(tmp_path, caplog,
 
 
 def test_injected_oom_is_recovered_and_the_run_finishes(tmp_path, monkeypatch):
-    # OOM #1 -> S1 fp16; #2 -> S2 bs 4 x2; #3 -> S2 bs 2 x4; #4 -> S3 bs 1 x4 (max_grad_accum=4), lr halved.
+    # OOM #1 -> S1 fp16 autocast; #2 -> S2 bs 4 x2; #3 -> S2 bs 2 x4; #4 -> S3 bs 1 x4 (max_grad_accum=4), lr halved.
+    # The task trains in fp32 on a CPU that may autocast (train.cpu_amp), so that S1 has memory to save.
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "1,2,3,4")
     exp = tmp_path / "exp"
+    fp32 = ("train.cpu_amp=true", "train.classification.amp=false")
     # 64 px: at batch 1 the 32 px net would reach a 1x1 BatchNorm, which cannot train on one value.
     cfg = make_cfg(exp, "train.oom.max_retries=5", "train.oom.max_grad_accum=4", "train.scheduler=none",
-                   "model.image_size=64")
+                   "model.image_size=64", *fp32)
     assert main(cfg, fake_build_loaders) == 0
     ooms = [r for r in read_jsonl(exp / "reports" / "metrics.jsonl") if r["type"] == "oom"]
     applied = [(r["state"]["batch_size"], r["state"]["grad_accum"]) for r in ooms if r["action"] == "applied"]
@@ -155,11 +158,12 @@ def test_injected_oom_is_recovered_and_the_run_finishes(tmp_path, monkeypatch):
     # Resuming keeps what recovery chose instead of walking into the same OOMs again.
     monkeypatch.delenv("PILLSNAP_FAKE_OOM_STEPS")
     resumed = make_cfg(exp, "train.oom.max_retries=5", "train.oom.max_grad_accum=4", "train.scheduler=none",
-                       "model.image_size=64", "train.epochs=3", "train.resume=last")
+                       "model.image_size=64", "train.epochs=3", "train.resume=last", *fp32)
     code, trainer = run_training(resumed, fake_build_loaders)
     assert code == 0
     state = trainer.tasks["classification"].oom_state()
     assert (state["batch_size"], state["grad_accum"], state["did_amp_escalate"]) == (1, 4, True)
+    assert trainer.tasks["classification"].precision == Precision(True, torch.float16)
     assert trainer.tasks["classification"].sched_mode == "by_samples"
 
 

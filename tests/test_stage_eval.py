@@ -239,6 +239,16 @@ def test_the_runs_figures_include_the_advanced_metrics():
     assert on_cpu["memory_peak_over_avg"] == pytest.approx(105 / np.mean([100, 104, 105]))
 
 
+def test_memory_peak_over_average_is_taken_per_task():
+    """Interleaved steps of a detector needing 3 GB and a classifier needing 9.5 GB are not a spike: each task's
+    steps are held to its own mean (mixed, 9500 / 6250 = 1.52 failed Stage 2's 1.5)."""
+    steps = [{"type": "step", "task": task, "cuda_mem": mem}
+             for _ in range(10) for task, mem in (("detection", 3000.0), ("classification", 9500.0))]
+    assert stage_measure.memory_peak_over_avg(steps, []) == pytest.approx(1.0)
+    spiked = steps + [{"type": "step", "task": "classification", "cuda_mem": 19000.0}]
+    assert stage_measure.memory_peak_over_avg(spiked, []) == pytest.approx(19000 / np.mean([9500.0] * 10 + [19000]))
+
+
 def test_class_balance_counts_the_drugs_the_classifier_trains_on(synth_cfg):
     """A stage keeps every pill of its combination photos, drugs outside the stage among them (a pill or two each):
     counted with them, any real stage's balance check would fail."""

@@ -18,7 +18,6 @@ from pillsnap.utils import (
     TBWriter,
     append_jsonl,
     build_logger,
-    cuda_mem_mb,
     enable_tf32,
     ensure_dir,
     get_git_sha,
@@ -164,10 +163,39 @@ def test_try_torch_compile_modes_and_fallback(monkeypatch, caplog):
     assert "falling back to eager" in caplog.text
 
 
-def test_cuda_mem_mb_zero_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    assert cuda_mem_mb() == 0.0
+class FakeAllocator:
+    """torch.cuda's peak statistics, for a machine without a GPU: `use(mb)` allocates and frees at once."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    def use(self, mb: float) -> None:
+        self.peak = max(self.peak, mb)
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: self.peak * 2**20)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: setattr(self, "peak", 0.0))
+
+
+def test_cuda_peaks_per_step_window_and_over_the_run_after_a_reset(monkeypatch):
+    from pillsnap.utils.torch_utils import CudaPeaks
+
+    gpu = FakeAllocator()
+    gpu.install(monkeypatch)
+    peaks = CudaPeaks()
+    gpu.use(9000)  # the auto batch search's trials: not the run's
+    peaks.reset()
+    windows = []
+    for step_mb in (1200, 3100, 1300):  # one step's activations come and go
+        peaks.start_window()
+        gpu.use(step_mb)
+        windows.append(peaks.window_mb())
+        gpu.use(5000 if step_mb == 3100 else 0)  # a validation between two steps: the run's, not the next step's
+    assert windows == [1200, 3100, 1300]  # each step's own peak, not the largest so far
+    assert peaks.peak_mb() == 5000
+    gpu.use(6000)
+    assert peaks.peak_mb() == 6000  # the open window counts
 
 
 def test_tbwriter_writes_events(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,22 @@ class CachedCrops:
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
-    def array(self, key: str) -> np.ndarray:
-        shard, offset = self.index[key]
+    def slots(self, keys: Sequence[str]) -> np.ndarray:
+        """(shard, offset) of each key as an int array [n, 2]; (-1, -1) where the key has no crop. A dataset looks
+        its rows up once, so that its loader workers read array slots instead of this dict (see CropTable)."""
+        missing = (-1, -1)
+        return np.array([self.index.get(key, missing) for key in keys], dtype=np.int64).reshape(len(keys), 2)
+
+    def read(self, shard: int, offset: int) -> Image.Image:
+        """The crop at a slot from `slots`; KeyError for a key that had none."""
+        if shard < 0:
+            raise KeyError("no cached crop for this row (it could not be decoded when the cache was built)")
         if shard not in self._shards:
             self._shards[shard] = np.load(self.root / f"shard_{shard:05d}.npy", mmap_mode="r")
-        return self._shards[shard][offset]
+        return Image.fromarray(np.ascontiguousarray(self._shards[shard][offset]), "RGB")
 
     def get(self, key: str) -> Image.Image:
-        return Image.fromarray(np.ascontiguousarray(self.array(key)), "RGB")
+        return self.read(*self.index[key])
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps are reopened lazily in each DataLoader worker instead of being pickled.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
-from collections import namedtuple
-from collections.abc import Callable, Sequence
-from typing import Any
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -47,14 +49,94 @@ def classification_transform(image_size: int, train: bool) -> Callable[[Image.Im
     return T.Compose(steps)
 
 
-# The manifest columns a crop needs; a module-level namedtuple so that rows pickle into worker processes.
 # Label boxes are in the photo's stored pixel frame (the frame the annotators' JSON sizes describe): no EXIF turn.
 LABELLED = ImageLimits(upright=False)
-CropRow = namedtuple("CropRow", ["image_path", "label_path", "mapping_code", "bbox_x", "bbox_y", "bbox_w", "bbox_h"])
+
+
+class CropRow(NamedTuple):
+    """The manifest columns one crop needs."""
+
+    image_path: str
+    label_path: str
+    mapping_code: str
+    bbox_x: float
+    bbox_y: float
+    bbox_w: float
+    bbox_h: float
+
+
+_TEXT = ("image_path", "label_path", "mapping_code")
+_BOX = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
+
+
+class CropTable:
+    """Manifest rows for crops, kept column by column: the texts in Arrow arrays, the box in one float array.
+
+    DataLoader workers are forked from the trainer and share its memory until they write to it. Reading a row out
+    of a list of Python tuples writes to it (its reference count), so each worker ended up with its own copy of every
+    row it touched: about 400 MiB a worker for 500,000 rows, Stage 4's size (`bench/worker_memory.py`). Arrow and
+    numpy buffers hold no per-row objects, so nothing is copied. Indexing gives a CropRow; slices and index arrays
+    give a CropTable.
+    """
+
+    def __init__(self, texts: dict[str, pa.Array], boxes: np.ndarray) -> None:
+        self._texts, self._boxes = texts, boxes
+
+    @classmethod
+    def from_frame(cls, rows: pd.DataFrame) -> CropTable:
+        texts = {name: pa.array(rows[name].astype("string"), type=pa.large_string()) for name in _TEXT}
+        boxes = rows[list(_BOX)].to_numpy(dtype=np.float64).reshape(len(rows), len(_BOX))
+        return cls(texts, boxes)
+
+    def __len__(self) -> int:
+        return len(self._boxes)
+
+    @overload
+    def __getitem__(self, index: int) -> CropRow: ...
+    @overload
+    def __getitem__(self, index: slice | Sequence[int] | np.ndarray) -> CropTable: ...
+
+    def __getitem__(self, index: Any) -> CropRow | CropTable:
+        if isinstance(index, slice):
+            return self._take(np.arange(len(self))[index])
+        try:
+            i = operator.index(index)  # an int, a numpy integer, a 0-d integer tensor (as samplers yield)
+        except TypeError:
+            return self._take(self._positions(index))
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} of a table of {len(self)}")
+        i %= len(self)
+        return CropRow(*(self._texts[name][i].as_py() for name in _TEXT), *self._boxes[i].tolist())
+
+    def _positions(self, index: Any) -> np.ndarray:
+        """Row positions from integer indices (negative ones count from the end) or a boolean mask."""
+        picked = np.asarray(index)
+        if picked.dtype == bool:
+            if picked.shape != (len(self),):
+                raise IndexError(f"a boolean mask of shape {picked.shape} for a table of {len(self)} rows")
+            return np.flatnonzero(picked)
+        if picked.size and not np.issubdtype(picked.dtype, np.integer):
+            raise TypeError(f"rows are picked by integers or a boolean mask, not {picked.dtype}")
+        picked = picked.astype(np.int64).reshape(-1)
+        if picked.size and (picked.min() < -len(self) or picked.max() >= len(self)):
+            raise IndexError(f"rows {picked.min()}..{picked.max()} of a table of {len(self)}")
+        return picked % max(len(self), 1)
+
+    def _take(self, picked: np.ndarray) -> CropTable:
+        positions = pa.array(picked, pa.int64())
+        return CropTable({name: column.take(positions) for name, column in self._texts.items()}, self._boxes[picked])
+
+    def __iter__(self) -> Iterator[CropRow]:
+        columns = [self._texts[name].to_pylist() for name in _TEXT]
+        return map(CropRow._make, zip(*columns, *self._boxes.T.tolist(), strict=True))
+
+    def column(self, name: str) -> list[str]:
+        """One text column as a list (image_path, label_path or mapping_code)."""
+        return self._texts[name].to_pylist()
 
 
 def crop_rows(rows: pd.DataFrame) -> list[CropRow]:
-    return [CropRow(*t) for t in rows[list(CropRow._fields)].itertuples(index=False, name=None)]
+    return list(CropTable.from_frame(rows))
 
 
 def pill_crop(row: Any, margin: float) -> Image.Image:
@@ -76,28 +158,33 @@ class ClassificationDataset(Dataset):
         unknown = sorted(set(rows["mapping_code"]) - set(class_to_idx))
         if unknown:
             raise ValueError(f"Rows with codes missing from the class list: {unknown[:5]}")
-        self.rows = crop_rows(rows)  # plain tuples: DataFrame.iloc per sample costs more than a cached crop
-        self.labels = np.array([class_to_idx[r.mapping_code] for r in self.rows], dtype=np.int64)
+        self.rows = CropTable.from_frame(rows)
+        self.labels = rows["mapping_code"].map(class_to_idx).to_numpy(dtype=np.int64)
         self.transform = classification_transform(image_size, train)
         self.image_size, self.crop_margin, self.cache = image_size, crop_margin, cache
+        self.cache_slots = None if cache is None else cache.slots(self.rows.column("label_path"))
 
     def evaluation_view(self, per_class: int | None = None, seed: int = 0) -> ClassificationDataset:
         """The same crops without augmentation; at most `per_class` of each class, drawn with `seed`."""
-        view = copy.copy(self)
+        view = copy.copy(self) if per_class is None else self.subset(
+            _first_per_class(self.labels, per_class, np.random.default_rng(seed)))
         view.transform = classification_transform(self.image_size, train=False)
-        if per_class is not None:
-            keep = _first_per_class(self.labels, per_class, np.random.default_rng(seed))
-            view.rows, view.labels = [self.rows[i] for i in keep], self.labels[keep]
         return view
+
+    def subset(self, indices: np.ndarray | slice) -> ClassificationDataset:
+        """These rows only (positions or a slice), with their labels and cached-crop slots, the same transform."""
+        part = copy.copy(self)
+        part.rows, part.labels = self.rows[indices], self.labels[indices]
+        part.cache_slots = None if self.cache_slots is None else self.cache_slots[indices]
+        return part
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def load_crop(self, index: int) -> Image.Image:
-        row = self.rows[index]
         if self.cache is not None:
-            return self.cache.get(row.label_path)
-        return pill_crop(row, self.crop_margin)
+            return self.cache.read(*self.cache_slots[index].tolist())
+        return pill_crop(self.rows[index], self.crop_margin)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, dict[str, str]] | None:
         row = self.rows[index]
@@ -119,6 +206,16 @@ def _first_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generato
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, np.int64)
     rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
     return np.sort(order[rank < per_class])
+
+
+def worker_init(worker_id: int) -> None:
+    """First thing in a DataLoader worker: keep its garbage collector off the objects it inherited from the trainer.
+
+    A worker is forked with the trainer's memory shared, page by page, until either writes to a page. A full
+    collection writes to every object it examines, so each worker would soon hold its own copy of the trainer's
+    whole Python heap (torch, timm, the manifest's objects). Frozen objects are never examined; the worker's own
+    objects are collected as before. Freezing moves lists, not objects, so it costs nothing."""
+    gc.freeze()
 
 
 def safe_collate(batch: list[Any]) -> Any:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from pillsnap.data.datasets import ClassificationDataset, compute_class_weights, safe_collate
+from pillsnap.data.datasets import ClassificationDataset, compute_class_weights, safe_collate, worker_init
 from pillsnap.data.scan import load_class_map, load_manifest
 from pillsnap.data.stages import classification_rows, select_stage
 
@@ -54,15 +54,19 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
     return sum(waits) / max(1, len(waits))
 
 
-def _workers_for_this_rank(workers: int) -> int:
-    """dataloader.num_workers, at most this rank's share of the cores (torchrun's LOCAL_WORLD_SIZE ranks on one
-    machine; a stage override of 8 on a box of 16 cores and 4 GPUs would start 8 classification and 8 detection
-    workers on each rank, 64 processes on 16 cores)."""
+def _cores_for_this_rank() -> int:
+    """This rank's share of the machine's cores (torchrun starts LOCAL_WORLD_SIZE ranks on one machine)."""
     ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    cap = max((os.cpu_count() or 1) // ranks, 1)
+    return max((os.cpu_count() or 1) // ranks, 1)
+
+
+def _workers_for_this_rank(workers: int) -> int:
+    """dataloader.num_workers, at most this rank's share of the cores (a stage override of 8 on a box of 16 cores
+    and 4 GPUs would start 8 classification and 8 detection workers on each rank, 64 processes on 16 cores)."""
+    cap = _cores_for_this_rank()
     if workers > cap:
         LOGGER.info("dataloader.num_workers=%d capped to %d: %d cores for %d rank(s) on this machine", workers, cap,
-                    os.cpu_count() or 1, ranks)
+                    os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         return cap
     return workers
 
@@ -71,10 +75,10 @@ def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequ
                          tb: Any = None) -> int:
     """Pick the worker count with the lowest mean data time; logged and written to TB perf/num_workers.
 
-    Candidates above the machine's core count are dropped (more workers than cores only adds contention);
-    ties go to the smaller count.
+    Candidates above this rank's share of the cores are dropped (more workers than cores only adds contention; under
+    torchrun the other ranks' loaders share the machine); ties go to the smaller count.
     """
-    cores = os.cpu_count() or 1
+    cores = _cores_for_this_rank()
     tried = sorted({int(c) for c in candidates if 0 <= int(c) <= cores}) or [min(cores, max(0, min(candidates)))]
     results: dict[int, float] = {}
     for workers in tried:
@@ -83,7 +87,7 @@ def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequ
         if tb is not None:
             tb.add_scalar("perf/autotune_data_time_ms", results[workers] * 1000, workers)
     best = min(tried, key=lambda w: results[w])
-    LOGGER.info("autotune: chose num_workers=%d (candidates %s, %d on this machine)", best, list(candidates), cores)
+    LOGGER.info("autotune: chose num_workers=%d (candidates %s, %d cores for this rank)", best, list(candidates), cores)
     if tb is not None:
         tb.add_scalar("perf/num_workers", best, 0)
     return best
@@ -99,7 +103,7 @@ def _classification_loader(dataset: ClassificationDataset, cfg: DictConfig, trai
     generator = torch.Generator().manual_seed(int(cfg.train.seed))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=safe_collate,
-        pin_memory=bool(dl.pin_memory) and torch.cuda.is_available(), generator=generator,
+        pin_memory=bool(dl.pin_memory) and torch.cuda.is_available(), generator=generator, worker_init_fn=worker_init,
         # drop_last on a train set smaller than one batch would leave an epoch with no step at all
         drop_last=train and bool(dl.drop_last) and len(dataset) >= batch_size, **kwargs,
     )

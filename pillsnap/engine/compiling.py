@@ -7,10 +7,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
-from pillsnap.utils import try_torch_compile
+from pillsnap.utils import is_out_of_memory, try_torch_compile
 
 if TYPE_CHECKING:
     from pillsnap.engine.task import Task
@@ -33,11 +32,11 @@ def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
         return model
     try:
         warm_up(task, compiled)
-    except torch.OutOfMemoryError as err:  # the training loop's OOM recovery deals with memory, not the compiler
-        LOGGER.warning("%s: the compile warm-up ran out of memory (%s); compiling at the first steps instead",
-                       task.name, err)
-        return compiled
     except Exception as err:  # compile backends fail in many ways (no C++ compiler, unsupported op); eager works
+        if is_out_of_memory(err):  # the training loop's OOM recovery deals with memory, not the compiler
+            LOGGER.warning("%s: the compile warm-up ran out of memory (%s); compiling at the first steps instead",
+                           task.name, err)
+            return compiled
         LOGGER.warning("%s: torch.compile(mode=%s) failed in its warm-up, training eager instead: %s",
                        task.name, mode, err)
         return model

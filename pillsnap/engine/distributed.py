@@ -147,13 +147,13 @@ class StridedSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _loader_over(loader: DataLoader, info: DistInfo, sampler: Sampler[int], **extra: Any) -> DataLoader:
-    """`loader` again over `sampler`: its data set, batch size, collate, workers (with their prefetch and
-    persistence) and pinning (straight into this rank's GPU), plus `extra` DataLoader arguments."""
+def _loader_over(loader: DataLoader, sampler: Sampler[int], **extra: Any) -> DataLoader:
+    """`loader` again over `sampler`: its data set, batch size, collate, workers (with their prefetch, persistence
+    and start-up) and pinning, plus `extra` DataLoader arguments. Pinned batches go to the current device, which
+    is this rank's GPU (torch.cuda.set_device ran first); torch ignores `pin_memory_device` now, with a warning at
+    every epoch."""
     workers: dict[str, Any] = ({"prefetch_factor": loader.prefetch_factor,
                                 "persistent_workers": loader.persistent_workers} if loader.num_workers else {})
-    if loader.pin_memory and torch.cuda.is_available():
-        workers["pin_memory_device"] = f"cuda:{info.local_rank}"
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       worker_init_fn=loader.worker_init_fn, **workers, **extra)
@@ -165,7 +165,7 @@ def eval_share(loader: DataLoader, info: DistInfo) -> DataLoader:
     if loader.batch_size is None:
         raise ValueError("a validation loader built on a batch_sampler cannot be shared between ranks")
     context = {"multiprocessing_context": loader.multiprocessing_context} if loader.num_workers else {}
-    return _loader_over(loader, info, StridedSampler(len(loader.dataset), info.rank, info.world_size),
+    return _loader_over(loader, StridedSampler(len(loader.dataset), info.rank, info.world_size),
                         timeout=loader.timeout, generator=loader.generator, **context)
 
 
@@ -177,7 +177,7 @@ def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLo
         loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
         drop_last=loader.drop_last,
     )
-    return _loader_over(loader, info, sampler, drop_last=loader.drop_last)
+    return _loader_over(loader, sampler, drop_last=loader.drop_last)
 
 
 def cleanup(info: DistInfo, abort: bool = False) -> None:

@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
 from omegaconf import DictConfig
 
 from pillsnap.engine.callbacks import CallbackList
@@ -16,7 +15,7 @@ from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
 from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
-from pillsnap.utils import StepTimer, cuda_mem_mb
+from pillsnap.utils import CUDA_PEAKS, StepTimer, is_out_of_memory
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,24 +79,36 @@ class EpochRunner:
     def guarded_step(self, name: str, batch: object) -> StepOutput:
         """task.train_step with OOM recovery: decide (pure policy), log, cool down, apply, replay the batch."""
         task = self.tasks[name]
+        CUDA_PEAKS.start_window()  # the step record's cuda_mem: this step's own peak (its replays included)
         while True:
             try:
                 return task.train_step(batch)
-            except torch.OutOfMemoryError as err:
-                retries = self.state.oom_retries.get(name, 0)
-                made_for = task.oom_state()
-                decision = oom_recovery_state_machine(retries, made_for, self.cfg.train.oom)
-                self.state.oom_retries[name] = decision.retries
-                self.logger.warning("%s: %s (%s)", name, decision.describe(), err)
-                task.reset_after_oom()
-                self._fire_oom(name, decision.action, decision.retries, task)
-                if decision.action == "emergency_exit":
-                    raise EmergencyExit(decision.describe(), name, decision.retries) from err
-                if self.info.enabled:
-                    raise RankOutOfMemory(name, decision, made_for, self.info.rank) from err
-                time.sleep(float(self.cfg.train.oom.cooldown_sec))
-                task.apply_oom_decision(decision)
-                self._fire_oom(name, "applied", decision.retries, task)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                decision = self._decide_after_oom(name, task, err)
+            # Out of the except block, the failed step's tensors (its traceback held them) can be freed
+            task.reset_after_oom()
+            time.sleep(float(self.cfg.train.oom.cooldown_sec))
+            task.apply_oom_decision(decision)
+            self._fire_oom(name, "applied", decision.retries, task)
+
+    def _decide_after_oom(self, name: str, task: Task, err: BaseException) -> OomDecision:
+        """The state machine's decision, logged; raises where the run stops (gave up, or a rank under DDP)."""
+        retries = self.state.oom_retries.get(name, 0)
+        made_for = task.oom_state()
+        decision = oom_recovery_state_machine(retries, {**made_for, "fp16_saves_memory": task.fp16_saves_memory},
+                                              self.cfg.train.oom)
+        self.state.oom_retries[name] = decision.retries
+        self.logger.warning("%s: %s (%s)", name, decision.describe(), err)
+        self._fire_oom(name, decision.action, decision.retries, task)
+        if decision.action == "emergency_exit":
+            task.reset_after_oom()
+            raise EmergencyExit(decision.describe(), name, decision.retries) from err
+        if self.info.enabled:
+            task.reset_after_oom()
+            raise RankOutOfMemory(name, decision, made_for, self.info.rank) from err
+        return decision
 
     def _fire_oom(self, name: str, action: str, retries: int, task: Task) -> None:
         self.callbacks.fire("on_oom", {"task": name, "retries": retries, "global_step": self.state.global_step,
@@ -107,7 +118,7 @@ class EpochRunner:
         return {"task": name, "epoch": epoch, "max_epochs": self.max_epochs, "step": step, "steps": steps,
                 "global_step": self.state.global_step, "loss": out.loss, "lr": out.lr, "n": out.n,
                 "data_time": timer.data_time, "compute_time": timer.compute_time,
-                "throughput": out.n / max(timer.step_time, 1e-9), "cuda_mem": cuda_mem_mb(),
+                "throughput": out.n / max(timer.step_time, 1e-9), "cuda_mem": CUDA_PEAKS.window_mb(),
                 "log": record_due(step, steps, self.cfg)}
 
     def train_one_epoch(self, epoch: int, active: list[str]) -> dict:

@@ -2,7 +2,7 @@
 a DDP run saves for its restart.
 
 Policies are pure: plain values in, a decision out. The tasks apply decisions; the loop sleeps the cooldown and
-catches only torch.OutOfMemoryError.
+catches only out-of-memory errors (`utils.torch_utils.is_out_of_memory`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pillsnap.utils.io import read_json, save_json
+from pillsnap.utils.torch_utils import cuda_peak_ratio, is_out_of_memory, release_cuda_cache
 
 LOGGER = logging.getLogger(__name__)
 # Comma-separated micro-step numbers (0-based, counted per task over the whole run) at which a
@@ -56,15 +57,17 @@ def oom_recovery_state_machine(retries: int, current_state: Mapping[str, Any], o
                                ) -> OomDecision:
     """Decide the next recovery step after an OOM.
 
-    current_state: {"batch_size", "grad_accum", "did_amp_escalate"}; oom_cfg: the train.oom section.
-    Order: give up after max_retries; S1 switch autocast to fp16 once; S2 halve the micro-batch and raise
-    accumulation so the global batch is kept; S3 (accumulation capped) a smaller global batch with the learning
-    rate scaled linearly and the schedule stepped by samples.
+    current_state: {"batch_size", "grad_accum", "did_amp_escalate", "fp16_saves_memory"}; oom_cfg: the train.oom
+    section. Order: give up after max_retries; S1 train in fp16 autocast, once, where that saves memory (a task in
+    fp32 on a device that autocasts: bf16 and fp16 activations are the same size, so a task already in either
+    gains nothing); S2 halve the micro-batch and raise accumulation so the global batch is kept; S3 (accumulation
+    capped) a smaller global batch with the learning rate scaled linearly and the schedule stepped by samples.
     """
     retries += 1
     if retries > int(oom_cfg["max_retries"]):
         return OomDecision("emergency_exit", retries)
-    if oom_cfg.get("escalate_to_fp16") and not current_state.get("did_amp_escalate"):
+    if (oom_cfg.get("escalate_to_fp16") and not current_state.get("did_amp_escalate")
+            and current_state.get("fp16_saves_memory")):
         return OomDecision("amp_fp16", retries)
     bs, accum = int(current_state["batch_size"]), int(current_state["grad_accum"])
     min_bs, max_accum = int(oom_cfg["min_batch"]), int(oom_cfg["max_grad_accum"])
@@ -165,18 +168,22 @@ class BatchChoice:
 
 def _try(trial: Callable[[int, bool], Any], bs: int, fp16: bool, headroom: float, mem_ratio: Callable[[], float],
          empty_cache: Callable[[], None], log: list) -> bool:
+    empty_cache()  # each trial starts from an empty cache and its own peak: earlier trials' blocks are not its own
     try:
         trial(bs, fp16)
-    except torch.OutOfMemoryError:
-        empty_cache()
+        ratio: float | None = mem_ratio()
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        ratio = None  # cleaned up below: until this block ends, the traceback keeps the trial's tensors alive
+    empty_cache()
+    if ratio is None:
         log.append((bs, fp16, "oom"))
         LOGGER.info("auto batch: bs=%d fp16=%s -> OOM", bs, fp16)
         return False
-    ratio = mem_ratio()
-    empty_cache()
     fits = ratio <= headroom
     log.append((bs, fp16, "fits" if fits else "over headroom"))
-    LOGGER.info("auto batch: bs=%d fp16=%s -> memory %.0f%% (%s)", bs, fp16, 100 * ratio,
+    LOGGER.info("auto batch: bs=%d fp16=%s -> memory %.0f%% at its peak (%s)", bs, fp16, 100 * ratio,
                 "fits" if fits else f"over the {100 * headroom:.0f}% headroom")
     return fits
 
@@ -194,15 +201,16 @@ def auto_find_batch_size(
 ) -> BatchChoice:
     """The largest batch that `trial(bs, fp16)` runs without OOM within `headroom` of device memory.
 
-    From `init_bs`: on OOM empty the cache and halve down to `min_bs`; when even that fails and `amp_force_fp16`
-    allows it, force fp16 and search again from `init_bs`. A batch that fits at `init_bs` is doubled while it
-    fits (up to `max_bs`, default 4 x init_bs). A batch below `init_bs` gets accumulation (up to
-    `max_grad_accum`) so the global batch stays near `init_bs`. Raises RuntimeError when nothing fits.
-    """
-    from pillsnap.utils import cuda_mem_ratio
+    From `init_bs`: on OOM halve down to `min_bs`; when even that fails and `amp_force_fp16` allows it, force fp16
+    and search again from `init_bs`. A batch that fits at `init_bs` is doubled while it fits (up to `max_bs`,
+    default 4 x init_bs). A batch below `init_bs` gets accumulation (up to `max_grad_accum`) so the global batch
+    stays near `init_bs`. Raises RuntimeError when nothing fits.
 
-    mem_ratio = mem_ratio or cuda_mem_ratio
-    empty_cache = empty_cache or (torch.cuda.empty_cache if torch.cuda.is_available() else (lambda: None))
+    `empty_cache` runs before and after every trial (by default: free the cache, start a new peak) and
+    `mem_ratio` reads the trial's peak share of device memory (by default the peak reserved).
+    """
+    mem_ratio = mem_ratio or cuda_peak_ratio
+    empty_cache = empty_cache or release_cuda_cache
     max_bs = max_bs or init_bs * 4
     start = max(min(init_bs, max_bs), min_bs)
     log: list[tuple[int, bool, str]] = []

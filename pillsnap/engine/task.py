@@ -14,7 +14,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -30,6 +30,7 @@ from pillsnap.engine.oom import BatchChoice, FakeOOM, OomDecision, auto_find_bat
 from pillsnap.engine.optim import build_optimizer, build_scheduler
 from pillsnap.engine.precision import Precision, resolve_precision
 from pillsnap.engine.spec import TaskSpec
+from pillsnap.utils import release_cuda_cache
 
 LOGGER = logging.getLogger(__name__)
 
@@ -297,12 +298,28 @@ class Task(ABC):
         """Plain values for oom_recovery_state_machine."""
         return asdict(self.knobs)
 
+    @property
+    def fp16_saves_memory(self) -> bool:
+        """Whether fp16 autocast would shrink this task's activations: it trains in fp32 on a device that autocasts
+        (CUDA; CPU with train.cpu_amp). A task in bf16 or fp16 autocast already has half-size activations."""
+        return not self.precision.autocast and (self.device.type == "cuda" or bool(self.cfg.train.cpu_amp))
+
     def reset_after_oom(self) -> None:
-        """Drop the partial accumulation window (its graph and grads) so the failed batch can be replayed."""
+        """Drop the partial accumulation window (its graph and grads) so the failed batch can be replayed; call it
+        outside the `except` block, where the failed step's tensors can be freed."""
         self.optimizer.zero_grad(set_to_none=True)
         self._window_chunks = self._window_samples = 0
+        if self.scaler.is_enabled():
+            # An OOM inside the optimizer step can leave the scaler half-way through it (gradients unscaled, no
+            # step taken; a fused optimizer still holding the scale), and the replay's unscale_ would raise. A fresh
+            # scaler with the same scale and growth count starts the step clean.
+            fresh = torch.amp.GradScaler(self.device.type, enabled=True)
+            fresh.load_state_dict(self.scaler.state_dict())
+            self.scaler = fresh
+            for leftover in ("grad_scale", "found_inf"):
+                self.optimizer.__dict__.pop(leftover, None)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            release_cuda_cache()
 
     def apply_oom_decision(self, decision: OomDecision) -> None:
         """S1: fp16 autocast; S2: smaller chunks, same global batch; S3: smaller global batch, scaled lr."""
@@ -317,9 +334,11 @@ class Task(ABC):
             self.sched_mode = "by_samples"
 
     def _escalate_to_fp16(self) -> None:
+        """S1: fp16 autocast with loss scaling from here on, where that saves memory (the flag is kept either way: a
+        checkpoint or a restart's recovery may carry it from a run where it did nothing)."""
         self.knobs.did_amp_escalate = True
-        if self.precision.autocast and self.precision.dtype != torch.float16:
-            self.precision = replace(self.precision, dtype=torch.float16)
+        if self.fp16_saves_memory:
+            self.precision = Precision(True, torch.float16)
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=True)
 
     def _scale_lr(self, scale: float) -> None:
@@ -331,7 +350,7 @@ class Task(ABC):
     # ---- auto batch ---------------------------------------------------------------------------------------------
     def _trial(self, batch_size: int, fp16: bool) -> None:
         self.fake_oom.check_batch(batch_size, fp16)
-        precision = Precision(True, torch.float16) if fp16 and self.precision.autocast else self.precision
+        precision = Precision(True, torch.float16) if fp16 else self.precision
         with precision.context(self.device):
             loss = self.chunk_loss(self.random_batch(batch_size))
         loss.backward()
@@ -349,7 +368,7 @@ class Task(ABC):
         try:
             return auto_find_batch_size(
                 self._trial, self.configured_batch_size(), int(oom.min_batch), max_bs,
-                amp_force_fp16=bool(oom.escalate_to_fp16) and self.precision.autocast, headroom=headroom,
+                amp_force_fp16=bool(oom.escalate_to_fp16) and self.fp16_saves_memory, headroom=headroom,
                 max_grad_accum=int(oom.max_grad_accum))
         finally:
             self.model = wrapped

@@ -53,7 +53,17 @@ from pillsnap.engine.oom import (
 from pillsnap.engine.restart import settle_restart
 from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
-from pillsnap.utils import TBWriter, build_logger, ensure_dir, load_ckpt, memory_snapshot, resolve_device, set_seed
+from pillsnap.utils import (
+    CUDA_PEAKS,
+    TBWriter,
+    build_logger,
+    ensure_dir,
+    load_ckpt,
+    memory_snapshot,
+    release_cuda_cache,
+    resolve_device,
+    set_seed,
+)
 from pillsnap.utils.io import save_text
 from pillsnap.utils.logs import streams_are_logs
 from pillsnap.utils.offline import ultralytics_offline
@@ -155,18 +165,41 @@ class Trainer:
         # rank 0 first), which would wait forever for ranks held at ours: every rank imports it before.
         if self.info.enabled and str(self.cfg.train.strategy) != "classification":
             ultralytics_offline()
-        with main_rank_first(self.info):
-            loaders = build_loaders(self.cfg)
+        loaders = self._build_loaders(build_loaders)
         types = [t for t in task_types if t.wanted(self.cfg, loaders)]
         choices = self._auto_batch(types, loaders)
-        if choices:
+        if choices:  # rebuilt with the batch sizes the search chose, and the worker count already found
+            workers = int(loaders.meta.get("num_workers", self.cfg.dataloader.num_workers))
             with main_rank_first(self.info):
-                loaders = build_loaders(self.cfg)  # rebuilt with the batch sizes the search chose
+                loaders = build_loaders(self._with_workers(workers))
         self.meta = loaders.meta
         tasks = {t.spec.name: self._make_task(t, loaders, self.cfg, choices.get(t.spec.name)) for t in types}
+        CUDA_PEAKS.reset()  # the run's peak memory is its training's, not the batch search's trials
         self.logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", list(tasks), self.cfg.train.strategy,
                          self.stage, self.device)
         return tasks
+
+    def _build_loaders(self, build_loaders: BuildLoaders) -> Any:
+        """The stage's loaders on every rank, rank 0 first (main_rank_first). With dataloader.autotune_workers under
+        torchrun, rank 0 alone measures the worker counts and every other rank uses its choice: each rank measuring in
+        turn took as long again per rank, measured with the other ranks' loaders running, and could train with
+        another count."""
+        if not (self.info.enabled and self.cfg.dataloader.autotune_workers):
+            with main_rank_first(self.info):
+                return build_loaders(self.cfg)
+        with main_rank_first(self.info):
+            loaders = build_loaders(self.cfg) if self.info.is_main else None
+        workers = broadcast_object(self.info, None if loaders is None else int(loaders.meta["num_workers"]))
+        with main_rank_first(self.info):
+            if loaders is None:
+                loaders = build_loaders(self._with_workers(workers))
+        return loaders
+
+    def _with_workers(self, workers: int) -> DictConfig:
+        """The run's config with the loader worker count fixed at `workers` (no autotune): for rebuilding loaders."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.dataloader.num_workers, cfg.dataloader.autotune_workers = int(workers), False
+        return cfg
 
     def _make_task(self, task_type: type[Task], loaders: Any, cfg: DictConfig,
                    choice: BatchChoice | None = None) -> Task:
@@ -195,6 +228,7 @@ class Trainer:
             choice = self._smallest_over_ranks(spec.name, task.find_batch_size(
                 int(sections[task_type].auto_batch_max), float(self.cfg.train.auto_batch_vram_headroom)))
             del task
+            release_cuda_cache()  # the probe's weights, optimizer state and cached blocks are not the next one's
             OmegaConf.update(self.cfg, spec.batch_key, choice.batch_size)
             self.tb.add_scalar(f"{spec.tb}perf/auto_batch_found", choice.batch_size, 0)
             self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", spec.name, spec.batch_key,

@@ -324,7 +324,7 @@ def crop_sources(dataset: Any, manifest: Any) -> np.ndarray | None:
     if manifest is None or not hasattr(dataset, "rows"):
         return None
     single = set(manifest.loc[manifest["image_type"] == "single", "image_path"])
-    return np.array(["single" if row.image_path in single else "combination" for row in dataset.rows])
+    return np.array(["single" if path in single else "combination" for path in dataset.rows.column("image_path")])
 
 
 def _held_out_loader(cfg: DictConfig, known: set[str], manifest: Any) -> Any:
@@ -447,7 +447,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         _, unknown_log_p, unknown_features = _outputs(model, held_out, device)
         unknown_probs = calibrated_probs(unknown_log_p, temperature)
         unknown_distances = gaussians.score(unknown_features)
-        held_out_classes = len({r.mapping_code for r in held_out.dataset.rows})
+        held_out_classes = len(set(held_out.dataset.rows.column("mapping_code")))
         # The held-out photos are single-pill photos: they are compared with the known drugs' single-pill crops,
         # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
         single = np.ones(len(correct), bool) if scored is None else scored == "single"

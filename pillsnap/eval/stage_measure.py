@@ -58,9 +58,16 @@ def loss_variance(steps: list[dict]) -> float | None:
 
 
 def memory_peak_over_avg(steps: list[dict], history: list[dict]) -> float | None:
-    """Peak over average memory: CUDA memory at the logged steps on a GPU, RSS per epoch otherwise."""
-    usage = [r["cuda_mem"] for r in steps if (r.get("cuda_mem") or 0) > 0]
-    usage = usage or [h["rss_mb"] for h in history if h.get("rss_mb")]
+    """Peak over average memory. On a GPU, each step's peak CUDA memory, per task (the interleaved classifier and
+    detector steps need different amounts, as they should; a spike is a step far above its own task's mean), the
+    largest task's ratio; RSS per epoch otherwise."""
+    by_task: dict[str, list[float]] = {}
+    for r in steps:
+        if (r.get("cuda_mem") or 0) > 0:
+            by_task.setdefault(str(r.get("task")), []).append(float(r["cuda_mem"]))
+    if by_task:
+        return max(float(max(usage) / np.mean(usage)) for usage in by_task.values())
+    usage = [h["rss_mb"] for h in history if h.get("rss_mb")]
     return float(max(usage) / np.mean(usage)) if usage else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -37,7 +38,8 @@ def select_amp_dtype(policy: str = "auto", device: str | torch.device | None = N
         return torch.bfloat16
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only: older GPUs (V100, T4) "support" it by emulation, slower than fp16 or fp32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     LOGGER.info("AMP auto on %s: chose bfloat16 (CPU autocast supports bf16 only)", device_type)
     return torch.bfloat16
 
@@ -66,13 +68,6 @@ def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
         return model
 
 
-def cuda_mem_mb() -> float:
-    """Currently allocated CUDA memory in MB (0.0 without CUDA)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    return torch.cuda.memory_allocated() / 2**20
-
-
 def cuda_mem_ratio() -> float:
     """Reserved / total memory of the current CUDA device (0.0 without CUDA)."""
     if not torch.cuda.is_available():
@@ -81,16 +76,90 @@ def cuda_mem_ratio() -> float:
     return torch.cuda.memory_reserved() / total
 
 
+def cuda_peak_ratio() -> float:
+    """Peak reserved / total memory of the current CUDA device since the last `release_cuda_cache` (0.0 without
+    CUDA): what a piece of work needed at its worst, free blocks the allocator kept for later included."""
+    if not torch.cuda.is_available():
+        return 0.0
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return torch.cuda.max_memory_reserved() / total
+
+
+def release_cuda_cache() -> None:
+    """Hand the CUDA allocator's free blocks back to the device and start its peaks again (no-op without CUDA).
+
+    Collects garbage first, so that tensors kept alive only by reference cycles are freed too. Call it outside an
+    `except` block: until the block ends, the exception's traceback keeps the failed work's tensors alive.
+    """
+    if not torch.cuda.is_available():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+class CudaPeaks:
+    """Peak CUDA memory allocated, in MB: over a window (`start_window`, then `window_mb` reads the peak since) and
+    over the run (`run_mb`: every window and what ran between them). torch keeps one peak per device, so the process
+    has one meter, `CUDA_PEAKS`. 0.0 without CUDA."""
+
+    def __init__(self) -> None:
+        self.run_mb = 0.0
+
+    def reset(self) -> None:
+        """Start the run's peak again (after work that is not the run's own, such as the auto batch search)."""
+        self.run_mb = 0.0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def start_window(self) -> None:
+        """A new window from here (what came since the last one, a validation say, still counts for the run)."""
+        if torch.cuda.is_available():
+            self.run_mb = max(self.run_mb, torch.cuda.max_memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+
+    def window_mb(self) -> float:
+        """The peak since `start_window`."""
+        if not torch.cuda.is_available():
+            return 0.0
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        self.run_mb = max(self.run_mb, peak)
+        return peak
+
+    def peak_mb(self) -> float:
+        """The run's peak so far, the window still open included (does not start a new window)."""
+        if not torch.cuda.is_available():
+            return 0.0
+        return max(self.run_mb, torch.cuda.max_memory_allocated() / 2**20)
+
+
+CUDA_PEAKS = CudaPeaks()
+
+# Allocation failures outside PyTorch's caching allocator raise RuntimeError (or its subclass
+# torch.AcceleratorError), not torch.OutOfMemoryError: cuBLAS and cuDNN handles and workspaces, the CUDA runtime
+# itself, and the CPU allocator. (cuDNN's "not supported" is left out: it also names real bugs, which recovery
+# would hide behind smaller batches.)
+OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError whose message is one of an allocation that failed."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(message in str(err) for message in OOM_MESSAGES)
+
+
 def memory_snapshot() -> dict[str, float]:
-    """Process memory now and at its peak (RSS), and the CUDA allocator's peak, in MB (0.0 without CUDA)."""
+    """Process memory now and at its peak (RSS), and the run's peak of CUDA memory allocated (`CUDA_PEAKS`), in MB
+    (0.0 without CUDA)."""
     import resource
 
     import psutil
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     return {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mb": round(peak_rss, 1),
-            "peak_cuda_mem_mb": round(cuda_peak, 1)}
+            "peak_cuda_mem_mb": round(CUDA_PEAKS.peak_mb(), 1)}
 
 
 def resolve_device(device: str | None = None) -> torch.device:
