@@ -109,6 +109,28 @@ def test_only_rank0_autotunes_the_workers_and_every_rank_uses_its_count(tmp_path
     assert sorted((b["rank"], b["autotune"], b["num_workers"]) for b in builds) == [(0, True, 0), (1, False, 3)]
 
 
+def no_rows(cfg):
+    raise ValueError("Stage 1 has no classifier training rows")
+
+
+def failing_build_worker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.trainer import run_training
+
+    start_rank(rank, world, port)
+    cfg = make_cfg(Path(root) / "exp", "train.epochs=1", "dataloader.autotune_workers=true")
+    code, _ = run_training(cfg, no_rows)
+    record(root, rank, code=code, log=(Path(root) / "exp" / "logs" / "train.err").read_text(encoding="utf-8"))
+
+
+def test_a_build_that_fails_on_rank0_stops_every_rank_as_a_config_error(tmp_path):
+    """Only rank 0 builds while it measures the workers: the other ranks learn its error from it and stop the same
+    way (exit 2, "cannot start training"), instead of dying on a closed connection."""
+    run_ranks(failing_build_worker, (2, free_port(), str(tmp_path)))
+    assert [outcome(tmp_path, r)["code"] for r in (0, 1)] == [2, 2]
+    assert "cannot start training" in outcome(tmp_path, 0)["log"] and "no classifier training rows" in \
+        outcome(tmp_path, 0)["log"]
+
+
 def _export(rows, out: str, queue, start) -> None:
     from pillsnap.data.yolo import export_yolo
 

@@ -79,7 +79,7 @@ class EpochRunner:
     def guarded_step(self, name: str, batch: object) -> StepOutput:
         """task.train_step with OOM recovery: decide (pure policy), log, cool down, apply, replay the batch."""
         task = self.tasks[name]
-        CUDA_PEAKS.start_window()  # the step record's cuda_mem: this step's own peak (its replays included)
+        CUDA_PEAKS.start_window()  # the step record's cuda_mem: this step's own peak (after an OOM, the replay's)
         while True:
             try:
                 return task.train_step(batch)

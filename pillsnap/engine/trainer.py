@@ -6,6 +6,7 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 
 from __future__ import annotations
 
+import builtins
 import copy
 import logging
 import os
@@ -169,7 +170,7 @@ class Trainer:
         types = [t for t in task_types if t.wanted(self.cfg, loaders)]
         choices = self._auto_batch(types, loaders)
         if choices:  # rebuilt with the batch sizes the search chose, and the worker count already found
-            workers = int(loaders.meta.get("num_workers", self.cfg.dataloader.num_workers))
+            workers = _workers_of(loaders, self.cfg)
             with main_rank_first(self.info):
                 loaders = build_loaders(self._with_workers(workers))
         self.meta = loaders.meta
@@ -187,9 +188,16 @@ class Trainer:
         if not (self.info.enabled and self.cfg.dataloader.autotune_workers):
             with main_rank_first(self.info):
                 return build_loaders(self.cfg)
+        loaders, failure = None, None
         with main_rank_first(self.info):
-            loaders = build_loaders(self.cfg) if self.info.is_main else None
-        workers = broadcast_object(self.info, None if loaders is None else int(loaders.meta["num_workers"]))
+            if self.info.is_main:
+                try:
+                    loaders = build_loaders(self.cfg)
+                except Exception as err:  # the other ranks are told, and stop the same way (a config error: exit 2)
+                    failure = err
+        workers = broadcast_object(self.info, _failure_or_workers(failure, loaders, self.cfg))
+        if isinstance(workers, tuple):
+            raise failure or _as_builtin(*workers)
         with main_rank_first(self.info):
             if loaders is None:
                 loaders = build_loaders(self._with_workers(workers))
@@ -629,6 +637,27 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
         # A rank that stops on an OOM, an interrupt or an error may leave the others inside a collective: abort
         # its communicators rather than flush them (the flush would wait for that collective).
         cleanup(info, abort=code is None or code in (EXIT_OOM, EXIT_INTERRUPTED))
+
+
+def _workers_of(loaders: Any, cfg: DictConfig) -> int:
+    """The worker count the loaders were built with (the config's, for a build function that does not say)."""
+    return int(loaders.meta.get("num_workers", cfg.dataloader.num_workers))
+
+
+def _failure_or_workers(failure: BaseException | None, loaders: Any, cfg: DictConfig) -> int | tuple[str, str] | None:
+    """What rank 0 tells the others after its build: its worker count, or its error as (builtin class, message)."""
+    if failure is not None:
+        builtin = next(c for c in type(failure).__mro__ if getattr(builtins, c.__name__, None) is c)
+        return builtin.__name__, str(failure)
+    return None if loaders is None else _workers_of(loaders, cfg)
+
+
+def _as_builtin(name: str, message: str) -> BaseException:
+    """Rank 0's error again on another rank, as the builtin class it is (ValueError stays a config error)."""
+    cls = getattr(builtins, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    return cls(f"on rank 0: {message}")
 
 
 def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,

@@ -77,8 +77,9 @@ def cuda_mem_ratio() -> float:
 
 
 def cuda_peak_ratio() -> float:
-    """Peak reserved / total memory of the current CUDA device since the last `release_cuda_cache` (0.0 without
-    CUDA): what a piece of work needed at its worst, free blocks the allocator kept for later included."""
+    """Peak reserved / total memory of the current CUDA device since its peaks were last reset (`release_cuda_cache`,
+    a step's window; 0.0 without CUDA): what a piece of work needed at its worst, free blocks the allocator kept for
+    later included."""
     if not torch.cuda.is_available():
         return 0.0
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -100,8 +101,9 @@ def release_cuda_cache() -> None:
 
 class CudaPeaks:
     """Peak CUDA memory allocated, in MB: over a window (`start_window`, then `window_mb` reads the peak since) and
-    over the run (`run_mb`: every window and what ran between them). torch keeps one peak per device, so the process
-    has one meter, `CUDA_PEAKS`. 0.0 without CUDA."""
+    over the run (`run_mb`: every window and what ran between them, except an attempt that ran out of memory, whose
+    recovery starts the peaks again). torch keeps one peak per device, so the process has one meter, `CUDA_PEAKS`.
+    0.0 without CUDA."""
 
     def __init__(self) -> None:
         self.run_mb = 0.0
