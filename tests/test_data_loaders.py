@@ -225,3 +225,26 @@ def test_crop_table_rows_as_the_former_list_gave_them():
             table[bad]
     empty = CropTable.from_frame(frame.iloc[:0])
     assert len(empty) == 0 and list(empty) == [] and len(empty[[]]) == 0
+
+
+def frozen_in_worker(collate):
+    """`collate` run in the loader's worker, with how many objects that worker had frozen at the time."""
+    import gc
+
+    def wrapped(batch):
+        return collate(batch), gc.get_freeze_count()
+
+    return wrapped
+
+
+@pytest.mark.parametrize("kind", ["classification", "detection"])
+def test_loader_workers_freeze_what_they_inherit(synth_cfg, kind):
+    """A worker's garbage collector must not walk the trainer's objects (each page it writes to is copied into the
+    worker): the classification and detection loaders' workers freeze them when they start."""
+    cfg = OmegaConf.merge(synth_cfg, {"dataloader": {"num_workers": 1, "persistent_workers": False}})
+    loaders = build_dataloaders_twostage(cfg)
+    loader = loaders.cls_val if kind == "classification" else loaders.det_val
+    assert loader.num_workers == 1
+    loader.collate_fn = frozen_in_worker(loader.collate_fn)
+    batch, frozen = next(iter(loader))
+    assert batch is not None and frozen > 1000  # the inherited heap (torch, pandas, ...), not a handful of objects

@@ -8,7 +8,8 @@ import logging
 import os
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,20 @@ def build_detection_loader(data_yaml: str | Path, split: str, image_size: int, b
     ucfg = _hyp(image_size, batch_size, workers, augment if train else None)
     dataset = build_yolo_dataset(ucfg, str(Path(data["path"]) / data[split]), batch_size, data,
                                  mode="train" if train else "val", rect=not train, stride=32)
-    return build_dataloader(dataset, batch_size, workers, shuffle=train, rank=-1, drop_last=False,
-                            pin_memory=device.startswith("cuda"), device=device)
+    loader = build_dataloader(dataset, batch_size, workers, shuffle=train, rank=-1, drop_last=False,
+                              pin_memory=device.startswith("cuda"), device=device)
+    # its workers start at the first iteration: each seeds itself as ultralytics does, then freezes what it inherited
+    loader.worker_init_fn = partial(start_worker, loader.worker_init_fn)
+    return loader
+
+
+def start_worker(seed: Callable[[int], None] | None, worker_id: int) -> None:
+    """A detection loader worker's start: ultralytics' seeding, then `data.datasets.worker_init`."""
+    from pillsnap.data.datasets import worker_init
+
+    if seed is not None:
+        seed(worker_id)
+    worker_init(worker_id)
 
 
 def close_mosaic(loader: Any, augment: Mapping[str, Any] | None = None) -> bool:
