@@ -463,3 +463,31 @@ def test_a_job_started_with_resume_last_goes_on_resuming_on_restart(tmp_path, mo
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     code, trainer = run_training(make_cfg(tmp_path / "exp", *cfg), fake_build_loaders)
     assert code == 0 and trainer.start_epoch == 1  # the older run's epoch 1, as the job was started to do
+
+
+def step_vote_worker(rank: int, world: int, port: int, root: str) -> None:
+    from omegaconf import OmegaConf
+
+    from pillsnap.engine.distributed import cleanup, init_distributed
+    from pillsnap.engine.loop import EpochRunner
+
+    start_rank(rank, world, port)
+    info = init_distributed(timeout_minutes=0.05)  # the wait group gives up after 3 s
+    runner = EpochRunner({}, OmegaConf.create({}), info=info, time_limit_hours=1.0)
+    if rank == 1:
+        time.sleep(6)  # a rank slow between two steps (a loader that stalls, a slow file system)
+    try:
+        record(root, rank, capped=runner.time_capped("cpu"), error=None)
+    except RuntimeError as err:
+        record(root, rank, capped=None, error=str(err)[:200])
+    finally:
+        cleanup(info)
+
+
+def test_the_time_cap_vote_between_steps_waits_on_the_steps_own_clock(tmp_path):
+    """The vote between steps goes through the steps' own group (NCCL's timeout on GPUs), not the wait group, whose
+    timeout (train.ddp_timeout_minutes, two hours by default) is for rank 0's lone validation and checkpoints: a
+    rank stuck between steps must stop the run within the steps' timeout, and a slow one must not trip the other."""
+    run_ranks(step_vote_worker, (2, free_port(), str(tmp_path)), timeout=120)
+    assert [outcome(tmp_path, r)["error"] for r in (0, 1)] == [None, None]
+    assert outcome(tmp_path, 0)["capped"] is outcome(tmp_path, 1)["capped"] is False

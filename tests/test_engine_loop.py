@@ -15,6 +15,7 @@ class FakeTask:
 
     def __init__(self, name: str, steps: int) -> None:
         self.name, self.steps, self.calls = name, steps, 0
+        self.device = torch.device("cpu")
         self.spec = {"detection": DetectionTask.spec, "classification": ClassificationTask.spec}[name]
         self.train_loader = list(range(steps + 5))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from pillsnap.engine.callbacks import CallbackList
-from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
+from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object, rank0_flag
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
@@ -72,9 +72,14 @@ class EpochRunner:
         self.logger, self.info = logger or LOGGER, info or DistInfo()
         self.time_limit_hours, self.max_epochs = time_limit_hours, max_epochs
 
-    def time_capped(self) -> bool:
-        # Rank 0's clock decides, so that every rank leaves the epoch at the same step.
-        return bool(broadcast_object(self.info, time_cap_reached(self.state.elapsed(), self.time_limit_hours)))
+    def time_capped(self, device: object = None) -> bool:
+        """Whether the stage's clock has run out, by rank 0's clock, so that every rank leaves the epoch at the same
+        step. Between steps (`device`: the step's), asked through the steps' own group; elsewhere through the wait
+        group, since rank 0 may still be validating or saving."""
+        capped = time_cap_reached(self.state.elapsed(), self.time_limit_hours)
+        if device is not None:
+            return rank0_flag(self.info, capped, device)
+        return bool(broadcast_object(self.info, capped))
 
     def guarded_step(self, name: str, batch: object) -> StepOutput:
         """task.train_step with OOM recovery: decide (pure policy), log, cool down, apply, replay the batch."""
@@ -147,6 +152,6 @@ class EpochRunner:
             self.state.global_step += 1
             loss_sum[name] += out.loss
             self.callbacks.fire("on_step_end", self._step_record(name, epoch, done[name], steps[name], out, timer))
-            if record_due(done[name], steps[name], self.cfg) and self.time_capped():
+            if record_due(done[name], steps[name], self.cfg) and self.time_capped(self.tasks[name].device):
                 break
         return {name: {"train_loss": loss_sum[name] / max(done[name], 1), "steps": done[name]} for name in active}
