@@ -25,6 +25,7 @@ class FakeClassificationTask:
     def __init__(self, steps: int, order: list[str]) -> None:
         self.train_loader = [0] * steps
         self.order = order
+        self.device = torch.device("cpu")
 
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
