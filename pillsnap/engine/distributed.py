@@ -84,17 +84,6 @@ def any_rank(info: DistInfo, flag: bool, device: Any) -> bool:
     return bool(box.item())
 
 
-def rank0_flag(info: DistInfo, flag: bool, device: Any) -> bool:
-    """Rank 0's `flag` on every rank, through the training steps' own group (on GPUs NCCL, with its timeout): for
-    decisions taken between steps, where every rank is in step with the others. A rank stuck there then stops the
-    run within NCCL's minutes, not the wait group's hours."""
-    if not info.enabled:
-        return flag
-    box = torch.tensor([int(flag)], device=device)
-    dist.broadcast(box, src=0)
-    return bool(box.item())
-
-
 def broadcast_object(info: DistInfo, obj: Any) -> Any:
     """Rank 0's `obj` on every rank (so that all ranks take the same early-stop/best decisions)."""
     if not info.enabled:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from pillsnap.engine.callbacks import CallbackList
-from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object, rank0_flag
+from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
@@ -77,8 +77,8 @@ class EpochRunner:
         step. Between steps (`device`: the step's), asked through the steps' own group; elsewhere through the wait
         group, since rank 0 may still be validating or saving."""
         capped = time_cap_reached(self.state.elapsed(), self.time_limit_hours)
-        if device is not None:
-            return rank0_flag(self.info, capped, device)
+        if device is not None:  # only rank 0 votes: the answer is its clock's (the steps' group keeps NCCL's timeout)
+            return any_rank(self.info, capped and self.info.is_main, device)
         return bool(broadcast_object(self.info, capped))
 
     def guarded_step(self, name: str, batch: object) -> StepOutput:

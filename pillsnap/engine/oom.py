@@ -168,7 +168,6 @@ class BatchChoice:
 
 def _try(trial: Callable[[int, bool], Any], bs: int, fp16: bool, headroom: float, mem_ratio: Callable[[], float],
          empty_cache: Callable[[], None], log: list) -> bool:
-    empty_cache()  # each trial starts from an empty cache and its own peak: earlier trials' blocks are not its own
     try:
         trial(bs, fp16)
         ratio: float | None = mem_ratio()
@@ -176,7 +175,7 @@ def _try(trial: Callable[[int, bool], Any], bs: int, fp16: bool, headroom: float
         if not is_out_of_memory(err):
             raise
         ratio = None  # cleaned up below: until this block ends, the traceback keeps the trial's tensors alive
-    empty_cache()
+    empty_cache()  # the next trial starts from an empty cache and its own peak: this trial's blocks are not its own
     if ratio is None:
         log.append((bs, fp16, "oom"))
         LOGGER.info("auto batch: bs=%d fp16=%s -> OOM", bs, fp16)
@@ -206,11 +205,12 @@ def auto_find_batch_size(
     default 4 x init_bs). A batch below `init_bs` gets accumulation (up to `max_grad_accum`) so the global batch
     stays near `init_bs`. Raises RuntimeError when nothing fits.
 
-    `empty_cache` runs before and after every trial (by default: free the cache, start a new peak) and
-    `mem_ratio` reads the trial's peak share of device memory (by default the peak reserved).
+    `empty_cache` runs before the first trial and after every trial (by default: free the cache, start a new peak)
+    and `mem_ratio` reads the trial's peak share of device memory (by default the peak reserved).
     """
     mem_ratio = mem_ratio or cuda_peak_ratio
     empty_cache = empty_cache or release_cuda_cache
+    empty_cache()
     max_bs = max_bs or init_bs * 4
     start = max(min(init_bs, max_bs), min_bs)
     log: list[tuple[int, bool, str]] = []

@@ -195,12 +195,14 @@ class Trainer:
                     loaders = build_loaders(self.cfg)
                 except Exception as err:  # the other ranks are told, and stop the same way (a config error: exit 2)
                     failure = err
-        workers = broadcast_object(self.info, _failure_or_workers(failure, loaders, self.cfg))
-        if isinstance(workers, tuple):
-            raise failure or _as_builtin(*workers)
+        told = broadcast_object(self.info, _failure_or_workers(failure, loaders, self.cfg))
+        if failure is not None:
+            raise failure
+        if isinstance(told, tuple):  # rank 0's error
+            raise _as_builtin(*told)
         with main_rank_first(self.info):
             if loaders is None:
-                loaders = build_loaders(self._with_workers(workers))
+                loaders = build_loaders(self._with_workers(told))
         return loaders
 
     def _with_workers(self, workers: int) -> DictConfig:

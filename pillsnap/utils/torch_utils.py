@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -68,22 +69,22 @@ def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
         return model
 
 
-def cuda_mem_ratio() -> float:
-    """Reserved / total memory of the current CUDA device (0.0 without CUDA)."""
+def _share_of_device(reserved: Callable[[], int]) -> float:
     if not torch.cuda.is_available():
         return 0.0
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return torch.cuda.memory_reserved() / total
+    return reserved() / torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def cuda_mem_ratio() -> float:
+    """Reserved / total memory of the current CUDA device (0.0 without CUDA)."""
+    return _share_of_device(torch.cuda.memory_reserved)
 
 
 def cuda_peak_ratio() -> float:
     """Peak reserved / total memory of the current CUDA device since its peaks were last reset (`release_cuda_cache`,
     a step's window; 0.0 without CUDA): what a piece of work needed at its worst, free blocks the allocator kept for
     later included."""
-    if not torch.cuda.is_available():
-        return 0.0
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return torch.cuda.max_memory_reserved() / total
+    return _share_of_device(torch.cuda.max_memory_reserved)
 
 
 def release_cuda_cache() -> None:
@@ -108,6 +109,10 @@ class CudaPeaks:
     def __init__(self) -> None:
         self.run_mb = 0.0
 
+    @staticmethod
+    def _since_reset_mb() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
     def reset(self) -> None:
         """Start the run's peak again (after work that is not the run's own, such as the auto batch search)."""
         self.run_mb = 0.0
@@ -116,23 +121,19 @@ class CudaPeaks:
 
     def start_window(self) -> None:
         """A new window from here (what came since the last one, a validation say, still counts for the run)."""
+        self.run_mb = self.peak_mb()
         if torch.cuda.is_available():
-            self.run_mb = max(self.run_mb, torch.cuda.max_memory_allocated() / 2**20)
             torch.cuda.reset_peak_memory_stats()
 
     def window_mb(self) -> float:
         """The peak since `start_window`."""
-        if not torch.cuda.is_available():
-            return 0.0
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak = self._since_reset_mb()
         self.run_mb = max(self.run_mb, peak)
         return peak
 
     def peak_mb(self) -> float:
         """The run's peak so far, the window still open included (does not start a new window)."""
-        if not torch.cuda.is_available():
-            return 0.0
-        return max(self.run_mb, torch.cuda.max_memory_allocated() / 2**20)
+        return max(self.run_mb, self._since_reset_mb())
 
 
 CUDA_PEAKS = CudaPeaks()
