@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-freeze", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name in ("rows", "workers", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (the workers' memory is read after an epoch over the rows)")
     if args.child is not None:
         sys.path.insert(0, str(REPO))
         print(json.dumps(child(args.child or None, args.rows, args.workers, args.epochs, args.cache,
