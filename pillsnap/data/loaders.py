@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pillsnap.data.datasets import ClassificationDataset, compute_class_weights, safe_collate, worker_init
+from pillsnap.data.samplers import EpochSampler
 from pillsnap.data.scan import load_class_map, load_manifest
 from pillsnap.data.stages import classification_rows, select_stage
 
@@ -100,9 +101,11 @@ def _classification_loader(dataset: ClassificationDataset, cfg: DictConfig, trai
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs = {"persistent_workers": bool(dl.persistent_workers), "prefetch_factor": int(dl.prefetch_factor)}
-    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+    seed = int(cfg.train.seed)
+    generator = torch.Generator().manual_seed(seed)  # the workers' seeds; the order is the sampler's
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=safe_collate,
+        dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed=seed) if train else None,
+        num_workers=num_workers, collate_fn=safe_collate,
         pin_memory=bool(dl.pin_memory) and torch.cuda.is_available(), generator=generator, worker_init_fn=worker_init,
         # drop_last on a train set smaller than one batch would leave an epoch with no step at all
         drop_last=train and bool(dl.drop_last) and len(dataset) >= batch_size, **kwargs,

@@ -185,8 +185,8 @@ class ProgressBarCallback(Callback):
     def on_epoch_start(self, epoch: int, info: dict) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=info["total_steps"], desc=f"epoch {epoch}/{info['max_epochs']}", leave=False,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=info["total_steps"], initial=info.get("steps_done", 0),  # resumed inside the epoch
+                        desc=f"epoch {epoch}/{info['max_epochs']}", leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def on_step_end(self, record: dict) -> None:
         if self.bar is not None:

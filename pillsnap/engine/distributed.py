@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from pillsnap.data.samplers import EpochSampler
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -170,13 +172,13 @@ def eval_share(loader: DataLoader, info: DistInfo) -> DataLoader:
 
 
 def shard_loader(loader: DataLoader | None, info: DistInfo, seed: int) -> DataLoader | None:
-    """Rebuild a training loader with a DistributedSampler so each rank reads a disjoint shard."""
-    if loader is None or not info.enabled or isinstance(loader.sampler, DistributedSampler):
+    """Rebuild a training loader with an EpochSampler so each rank reads a disjoint shard."""
+    if loader is None or not info.enabled:
         return loader
-    sampler = DistributedSampler(
-        loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
-        drop_last=loader.drop_last,
-    )
+    if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == info.world_size:
+        return loader  # already sharded (a single process's EpochSampler has one replica: it is sharded here)
+    sampler = EpochSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank, seed=seed,
+                           drop_last=loader.drop_last)
     return _loader_over(loader, sampler, drop_last=loader.drop_last)
 
 

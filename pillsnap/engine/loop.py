@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 
-from omegaconf import DictConfig
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.engine.callbacks import CallbackList
 from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
@@ -55,6 +61,71 @@ class RunState:
         return self.clock_offset + time.monotonic() - self.started
 
 
+@dataclass
+class EpochProgress:
+    """How far a run has come inside an epoch: saved with a checkpoint written part-way through it, so that a
+    resume goes on from there instead of redoing the epoch. Per task: the batches drawn from its loader and the
+    sampler indices they took on all ranks together (a resume skips those, so a changed batch size or number of
+    ranks still lands on the same photo), the
+    steps trained and their summed loss (the epoch's mean train loss goes on); the stage clock; each rank's host
+    random states (the model's dropout and, without loader workers, the augmentation continue as they would have)."""
+
+    epoch: int
+    drawn: dict[str, int] = field(default_factory=dict)
+    indices: dict[str, int] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)
+    loss_sum: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    rng: list[dict] = field(default_factory=list)  # host_rng_states() of each rank, in rank order
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> EpochProgress:
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def rng_of(self, rank: int, world_size: int) -> dict:
+        """Rank `rank`'s random states; rank 0's when the run was saved with another number of ranks."""
+        if not self.rng:
+            return {}
+        return self.rng[rank] if len(self.rng) == world_size else self.rng[0]
+
+    @classmethod
+    def going_on(cls, epoch: int, tasks: list[str], saved: EpochProgress | None) -> EpochProgress:
+        """A fresh copy of `saved` (the epoch's position a resume starts at), or of the epoch's start, with every
+        task counted."""
+        progress = cls.from_dict(saved.as_dict()) if saved is not None and saved.epoch == epoch else cls(epoch)
+        for counts in (progress.drawn, progress.indices, progress.done):
+            counts.update({n: int(counts.get(n, 0)) for n in tasks})
+        progress.loss_sum.update({n: float(progress.loss_sum.get(n, 0.0)) for n in tasks})
+        return progress
+
+
+def host_rng_states() -> dict:
+    """Python's, numpy's and torch's random states (CUDA's where it is in use), as plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_host_rng(states: dict) -> None:
+    """Put back what host_rng_states saved (a part it lacks is left as it is)."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def record_due(step: int, steps: int, cfg: DictConfig) -> bool:
     """Log/check cadence: every train.step_log_interval steps and at the epoch's last step."""
     return step % max(int(cfg.train.step_log_interval), 1) == 0 or step == steps
@@ -65,12 +136,22 @@ class EpochRunner:
 
     def __init__(self, tasks: dict[str, Task], cfg: DictConfig, state: RunState | None = None,
                  callbacks: CallbackList | None = None, logger: logging.Logger | None = None,
-                 info: DistInfo | None = None, time_limit_hours: float | None = None, max_epochs: int = 1) -> None:
+                 info: DistInfo | None = None, time_limit_hours: float | None = None, max_epochs: int = 1,
+                 save_progress: Callable[[EpochProgress], None] | None = None) -> None:
         self.tasks, self.cfg = tasks, cfg
         self.state = state or RunState()
         self.callbacks = callbacks or CallbackList()
         self.logger, self.info = logger or LOGGER, info or DistInfo()
         self.time_limit_hours, self.max_epochs = time_limit_hours, max_epochs
+        # train.checkpoint_interval_minutes: a checkpoint inside the epoch once this long has passed since the last
+        # one (0: at epoch ends only). `save_progress` commits it (on every rank: it may share counts).
+        self.save_progress = save_progress
+        minutes = OmegaConf.select(cfg, "train.checkpoint_interval_minutes", default=0.0)
+        self.checkpoint_interval_s = 60.0 * float(minutes or 0.0)
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(f"train.checkpoint_interval_minutes={cfg.train.checkpoint_interval_minutes} is negative: "
+                             "give minutes between checkpoints inside an epoch, or 0 for epoch ends only")
+        self.last_checkpoint = time.monotonic()
 
     def time_capped(self, device: object = None) -> bool:
         """Whether the stage's clock has run out, by rank 0's clock, so that every rank leaves the epoch at the same
@@ -126,17 +207,75 @@ class EpochRunner:
                 "throughput": out.n / max(timer.step_time, 1e-9), "cuda_mem": CUDA_PEAKS.window_mb(),
                 "log": record_due(step, steps, self.cfg)}
 
-    def train_one_epoch(self, epoch: int, active: list[str]) -> dict:
-        """Interleave the active tasks' steps (train.interleave_ratio); returns mean train loss per task."""
-        steps = {name: self.tasks[name].steps_per_epoch() for name in active}
+    def checkpoint_due(self, device: object) -> bool:
+        """Whether a checkpoint inside the epoch is due, by rank 0's clock (asked of every rank between steps, like
+        the time cap)."""
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s
+        return any_rank(self.info, due and self.info.is_main, device)
+
+    def _checkpoint_inside(self, progress: EpochProgress, training: list[str], device: object) -> None:
+        """Save `progress` with the checkpoints when one is due, between optimizer steps only: a checkpoint holds no
+        accumulated gradients (the windows are the same on every rank). `training`: the tasks with steps left; a
+        task done with its epoch may hold a window open until the next one, and must not hold off the saves."""
+        if self.save_progress is None or self.checkpoint_interval_s <= 0:
+            return
+        if any(self.tasks[n].accumulating for n in training) or not self.checkpoint_due(device):
+            return
+        # this rank's random states; the trainer gathers every rank's
+        progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
+        self.save_progress(progress)
+        self.last_checkpoint = time.monotonic()
+
+    def _position(self, name: str, progress: EpochProgress) -> int:
+        """Start task `name`'s loader where `progress` left it; returns the steps left in the epoch. A loader whose
+        sampler can skip (EpochSampler) goes on in the epoch's own order, from this rank's share of the indices
+        the ranks had taken (the same photo with another batch size or number of ranks); any other (ultralytics'
+        detection loader, which prefetches across epochs) draws the steps left from a fresh pass."""
+        loader, steps = self.tasks[name].train_loader, self.tasks[name].steps_per_epoch()
+        taken = int(progress.indices.get(name, 0)) // self.info.world_size
+        if not taken:
+            return steps
+        batch_size = _batch_size(loader)
+        by_steps = max(steps - taken // batch_size, 0)
+        sampler = getattr(loader, "sampler", None)
+        if not hasattr(sampler, "skip"):
+            self.logger.info("%s: its loader cannot skip the %d samples it had drawn; the rest of the epoch is drawn "
+                             "from a fresh shuffle", name, taken)
+            return by_steps
+        sampler.skip(taken)
+        rest = max(len(sampler) - taken, 0)
+        return min(by_steps, rest // batch_size if loader.drop_last else -(-rest // batch_size))
+
+    def _schedule(self, active: list[str], left: dict[str, int], progress: EpochProgress) -> Iterator[str]:
+        """The order of the epoch's steps left: the rest of the whole epoch's order where the drawn steps are its
+        beginning (so a resumed run interleaves as the unbroken one would), else an order over the steps left."""
+        shares = interleave_shares([spec_of(self.tasks[n]) for n in active], list(self.cfg.train.interleave_ratio))
+        whole = {name: self.tasks[name].steps_per_epoch() for name in active}
+        drawn = sum(progress.drawn[n] for n in active)
+        if drawn and Counter(itertools.islice(interleave_schedule(whole, shares), drawn)) == \
+                Counter({n: progress.drawn[n] for n in active if progress.drawn[n]}) and \
+                all(whole[n] - progress.drawn[n] == left[n] for n in active):
+            return itertools.islice(interleave_schedule(whole, shares), drawn, None)
+        return interleave_schedule(left, shares)
+
+    def train_one_epoch(self, epoch: int, active: list[str], resume: EpochProgress | None = None) -> dict:
+        """Interleave the active tasks' steps (train.interleave_ratio); returns mean train loss per task. `resume`:
+        where a checkpoint saved inside this epoch left it (the epoch goes on from there)."""
+        progress = EpochProgress.going_on(epoch, active, resume)
+        self.last_checkpoint = time.monotonic()  # the last epoch's end was committed
+        left = {name: self._position(name, progress) for name in active}
+        steps = {name: progress.done[name] + left[name] for name in active}  # as the log line counts them
         iters = {name: iter(self.tasks[name].train_loader) for name in active}
-        done, loss_sum = dict.fromkeys(active, 0), dict.fromkeys(active, 0.0)
+        if resume is not None:  # after the loaders' start, which may draw a seed from them
+            restore_host_rng(progress.rng_of(self.info.rank, self.info.world_size))
         timer = StepTimer()
-        ratio = list(self.cfg.train.interleave_ratio)
-        schedule = interleave_schedule(steps, interleave_shares([spec_of(self.tasks[n]) for n in active], ratio))
-        for name in schedule:
+        todo = dict(left)
+        for name in self._schedule(active, left, progress):
+            todo[name] -= 1
             batch = next(iters[name])
             timer.data_done()
+            progress.drawn[name] += 1
+            progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
             # every sample of a batch undecodable (safe_collate said which): nothing to learn. Under DDP every rank
             # skips the step together, else the others would wait for this rank's gradients
             lost = batch is None
@@ -148,10 +287,20 @@ class EpochRunner:
                 continue
             out = self.guarded_step(name, batch)
             timer.compute_done()
-            done[name] += 1
+            progress.done[name] += 1
             self.state.global_step += 1
-            loss_sum[name] += out.loss
-            self.callbacks.fire("on_step_end", self._step_record(name, epoch, done[name], steps[name], out, timer))
-            if record_due(done[name], steps[name], self.cfg) and self.time_capped(self.tasks[name].device):
-                break
-        return {name: {"train_loss": loss_sum[name] / max(done[name], 1), "steps": done[name]} for name in active}
+            progress.loss_sum[name] += out.loss
+            step = progress.done[name]
+            self.callbacks.fire("on_step_end", self._step_record(name, epoch, step, steps[name], out, timer))
+            if record_due(step, steps[name], self.cfg):
+                if self.time_capped(self.tasks[name].device):
+                    break
+                if any(todo.values()):  # the epoch's last step needs none: its end is committed
+                    self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device)
+        return {name: {"train_loss": progress.loss_sum[name] / max(progress.done[name], 1),
+                       "steps": progress.done[name]} for name in active}
+
+
+def _batch_size(loader: object) -> int:
+    """The samples a loader's batch takes from its sampler (1 for a loader that batches nothing itself)."""
+    return max(int(getattr(loader, "batch_size", None) or 1), 1)

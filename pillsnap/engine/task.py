@@ -268,6 +268,11 @@ class Task(ABC):
         self.on_batch_trained(batch)
         return StepOutput(float(total.item()) / max(n, 1), self.lr, n)
 
+    @property
+    def accumulating(self) -> bool:
+        """Whether gradients of chunks since the last optimizer step are waiting (grad_accum > 1)."""
+        return self._window_chunks > 0
+
     def _optimizer_step(self) -> None:
         clip = self.grad_clip()
         if clip:

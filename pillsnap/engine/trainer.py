@@ -41,7 +41,7 @@ from pillsnap.engine.distributed import (
     shard_loader,
 )
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
-from pillsnap.engine.loop import EmergencyExit, EpochRunner, RankOutOfMemory, RunState
+from pillsnap.engine.loop import EmergencyExit, EpochProgress, EpochRunner, RankOutOfMemory, RunState
 from pillsnap.engine.oom import (
     FAKE_OOM_BATCH_ENV,
     RECOVERY_FILE,
@@ -146,9 +146,12 @@ class Trainer:
         self.tasks = self._build_tasks(build_loaders, task_types)
         self.plan = self._epoch_plan()
         self.runner = EpochRunner(self.tasks, cfg, self.state, self.callbacks, logger, info,
-                                  self.stage_cfg.get("time_limit_hours"), len(self.plan))
+                                  self.stage_cfg.get("time_limit_hours"), len(self.plan), self.save_progress)
         self.start_epoch, self.history = 0, []
         self.epoch_done = 0  # the last epoch whose checkpoints are committed
+        # where the committed checkpoints stand inside epoch epoch_done + 1 (None: at its start); a resume from them
+        # goes on from there
+        self.progress: EpochProgress | None = None
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
@@ -289,7 +292,8 @@ class Trainer:
                 continue
             if path is not None:
                 found[name] = (path, load_ckpt(path, map_location=self.device))
-        for name, (path, ckpt) in self._same_generation(found).items():
+        restored = self._same_generation(found)
+        for name, (path, ckpt) in restored.items():
             task = self.tasks[name]
             task.load_checkpoint_state(ckpt, origin=str(path))
             if not self.info.is_main:  # the checkpoint counts every rank's samples; rank 0 carries them on
@@ -301,9 +305,14 @@ class Trainer:
         self._rebase_recovery()
         if not epochs:
             return
+        self.tb.purge_from(self.state.global_step + 1)
         self.start_epoch = self.epoch_done = max(epochs.values())
         self.history = ck.previous_history(self.exp_dir / "reports" / "metrics.json", self.start_epoch)
         self.state.clock_offset = float(self.history[-1].get("elapsed_s") or 0.0) if self.history else 0.0
+        self.progress = self._resumed_progress({name: ckpt for name, (_, ckpt) in restored.items()})
+        if self.progress is not None:
+            self.state.clock_offset = float(self.progress.elapsed_s)
+            self.logger.info("resuming inside epoch %d, after %s", self.progress.epoch, _steps_text(self.progress))
         es = self.cfg.train.early_stopping
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
@@ -311,6 +320,21 @@ class Trainer:
             if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
                 self.es_state[name] = new_early_stopping_state()
                 self._start_fresh(name, task)
+
+    def _resumed_progress(self, ckpts: dict[str, dict]) -> EpochProgress | None:
+        """The position inside the next epoch that the restored checkpoints were saved at (see save_progress), when
+        every task it names was restored from one and the same save; else None (the epoch starts over)."""
+        saved = next((c["progress"] for c in ckpts.values() if c.get("progress")), None)
+        if saved is None:
+            return None
+        progress = EpochProgress.from_dict(saved)
+        whole = all(name in ckpts and _same_save(ckpts[name].get("progress"), saved) for name in progress.drawn)
+        if progress.epoch != self.start_epoch + 1 or not whole:
+            self.logger.warning("the checkpoints' position inside epoch %d is not theirs all (another save's, or "
+                                "of another epoch than %d): epoch %d starts over", progress.epoch,
+                                self.start_epoch + 1, self.start_epoch + 1)
+            return None
+        return progress
 
     def _same_generation(self, found: dict[str, tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
         """The checkpoints to restore: with train.resume=PATH, the tasks' files of that file's epoch only.
@@ -390,8 +414,29 @@ class Trainer:
             if self.recovery_read:  # the knobs it set are in the checkpoints now
                 (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
                 self.recovery_read = False
-        self.epoch_done = epoch
+        self.epoch_done, self.progress = epoch, None
         self._rebase_recovery()
+
+    def save_progress(self, progress: EpochProgress) -> None:
+        """A checkpoint inside an epoch (train.checkpoint_interval_minutes): every task training in it commits its
+        `last` checkpoint, still of the last whole epoch (`epoch` = epoch_done), with `progress`, where a resume
+        goes on. `best` is left alone: nothing was validated. Called on every rank at the same step."""
+        self._share_counts()
+        saved = EpochProgress.from_dict(progress.as_dict())  # a copy: the epoch goes on changing `progress`
+        saved.rng = all_ranks(self.info, progress.rng[0])  # each rank's own random states
+        if self.info.is_main:
+            where = {"progress": saved.as_dict()}
+            saves = [ck.Save(name, ("last",), {**self._state(name, self.epoch_done), **where},
+                             self.tasks[name].spec.checkpoint_aliases) for name in progress.drawn]
+            self.store.commit(self.epoch_done, saves)
+            if self.recovery_read:
+                (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
+                self.recovery_read = False
+            self.logger.info("checkpoint inside epoch %d saved, after %s (train.checkpoint_interval_minutes=%s)",
+                             progress.epoch, _steps_text(progress), self.cfg.train.checkpoint_interval_minutes)
+        self.progress = saved  # committed
+        self._rebase_recovery()
+        barrier(self.info)  # the other ranks wait for the save here (the wait group's timeout), not in a step's NCCL
 
     def elapsed(self) -> float:
         return round(self.state.elapsed(), 2)
@@ -459,7 +504,7 @@ class Trainer:
                 active = [t for t in self.plan[epoch - 1] if t not in self.stopped]
                 if not active:
                     continue
-                self._run_epoch(epoch, active)
+                self._run_epoch(epoch, active, self.progress)
                 if self.status == "time_capped" or set(self.tasks) <= self.stopped:
                     break
         except RankOutOfMemory as err:
@@ -470,12 +515,15 @@ class Trainer:
             return self._interrupted(epoch)
         return self._finish(epoch)
 
-    def _run_epoch(self, epoch: int, active: list[str]) -> None:
+    def _run_epoch(self, epoch: int, active: list[str], progress: EpochProgress | None = None) -> None:
         seed_epoch(int(self.cfg.train.seed), epoch, [self.tasks[t].train_loader for t in active])
+        if progress is not None and progress.epoch != epoch:
+            progress = None
         self.callbacks.fire("on_epoch_start", epoch, {
             "total_steps": sum(self.tasks[t].steps_per_epoch() for t in active), "max_epochs": len(self.plan),
-            "batch_size": self.tasks[active[0]].knobs.batch_size})
-        train = self.runner.train_one_epoch(epoch, active)
+            "batch_size": self.tasks[active[0]].knobs.batch_size,
+            "steps_done": sum(progress.drawn.get(t, 0) for t in active) if progress else 0})
+        train = self.runner.train_one_epoch(epoch, active, progress)
         for name in active:
             self.tasks[name].epoch_trained(epoch)
             if self.info.enabled:
@@ -527,9 +575,9 @@ class Trainer:
         self.status = "oom_emergency_exit"
         self.logger.error(
             "%s: under DDP one rank cannot replay a step alone, so the run stops. Saved the recovery (%s) to %s: "
-            "every rank applies it when the run starts again from epoch %d's checkpoints. torchrun --max-restarts=N "
+            "every rank applies it when the run starts again from the checkpoints (%s). torchrun --max-restarts=N "
             "restarts it by itself; by hand, run the same command with --resume last.",
-            err, err.decision.describe(), path, self.epoch_done)
+            err, err.decision.describe(), path, self._committed())
         self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
         return EXIT_OOM
 
@@ -572,13 +620,19 @@ class Trainer:
             self.state.oom_retries[name] = saved.retries
             self.recovery_base[name] = (saved.made_for, saved.lr_scale)
 
+    def _committed(self) -> str:
+        """What the committed checkpoints hold: 'epoch 3', or 'epoch 3 and 400 classification steps of epoch 4'."""
+        if self.progress is None:
+            return f"epoch {self.epoch_done}"
+        return f"epoch {self.epoch_done} and {_steps_text(self.progress)} of epoch {self.progress.epoch}"
+
     def _interrupted(self, epoch: int) -> int:
         """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""
         self.status = "interrupted"
         # An interrupt between metrics.json and the checkpoint commit leaves the uncommitted epoch in the history.
         self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
-        self.logger.warning("interrupted during epoch %d; the checkpoints hold epoch %d, where train.resume=last "
-                            "(--resume) continues", epoch, self.epoch_done)
+        self.logger.warning("interrupted during epoch %d; the checkpoints hold %s, where train.resume=last "
+                            "(--resume) continues", epoch, self._committed())
         self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
         return EXIT_INTERRUPTED
 
@@ -639,6 +693,17 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
         # A rank that stops on an OOM, an interrupt or an error may leave the others inside a collective: abort
         # its communicators rather than flush them (the flush would wait for that collective).
         cleanup(info, abort=code is None or code in (EXIT_OOM, EXIT_INTERRUPTED))
+
+
+def _same_save(a: dict | None, b: dict) -> bool:
+    """Whether two checkpoints' positions come from one save (the random states, tensors, left out of the compare:
+    each file holds its own copy)."""
+    return a is not None and {k: v for k, v in a.items() if k != "rng"} == {k: v for k, v in b.items() if k != "rng"}
+
+
+def _steps_text(progress: EpochProgress) -> str:
+    """'120 classification + 30 detection steps' (the batches each task had drawn)."""
+    return " + ".join(f"{n} {name}" for name, n in progress.drawn.items()) + " steps"
 
 
 def _workers_of(loaders: Any, cfg: DictConfig) -> int:

@@ -14,7 +14,8 @@ from typing import Any
 CKPT_REQUIRED_KEYS = (
     "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
 )
-CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state", "task_state")
+CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state", "task_state",
+                      "progress")
 CKPT_SCHEMA_VERSION = 1
 
 

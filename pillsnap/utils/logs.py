@@ -128,6 +128,16 @@ class TBWriter:
             return
         self._writer = SummaryWriter(log_dir=str(ensure_dir(self.log_dir)))
 
+    def purge_from(self, step: int) -> None:
+        """A resumed run goes on at `step`: TensorBoard hides what earlier runs logged at this step or later (the
+        work the resume redoes), instead of drawing both runs' points over each other."""
+        if self._writer is None or step <= 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=int(step))
+
     @property
     def active(self) -> bool:
         return self._writer is not None

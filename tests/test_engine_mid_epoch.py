@@ -1,0 +1,353 @@
+"""Checkpoints inside an epoch (train.checkpoint_interval_minutes): a run killed part-way through a long epoch goes
+on from its last save, and ends as the unbroken run would have; each epoch's order is the seed's and the epoch's."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from fakes import StoppingLoader, collate, fake_build_loaders, make_cfg
+from torch.utils.data import DataLoader, Dataset
+
+from pillsnap.data.samplers import EpochSampler
+from pillsnap.engine.distributed import DistInfo, shard_loader
+from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+from pillsnap.utils import load_ckpt, save_ckpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EVERY_LOG_STEP = "train.checkpoint_interval_minutes=1e-9"  # due at every check (every step_log_interval steps)
+
+
+class Jittered(Dataset):
+    """A random colour jitter drawn from torch's global generator, as a loader without workers draws augmentation."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y, path = self.data[i]
+        return x + 0.3 * torch.randn(3, 1, 1), y, path
+
+
+def epoch_sampler_loaders(cfg, stop_at: int | None = None):
+    """fake_build_loaders with the classification train loader on an EpochSampler, as the real builder makes it, over
+    jittered images; `stop_at`: a Ctrl-C when the run asks for that batch (counted over the run)."""
+    loaders = fake_build_loaders(cfg)
+    data = Jittered(loaders.cls_train.dataset)
+    train = DataLoader(data, batch_size=int(cfg.train.batch_size), sampler=EpochSampler(data, seed=int(cfg.train.seed)),
+                       drop_last=True, collate_fn=collate, num_workers=0)
+    if stop_at is not None:
+        train = StoppingLoader(train, stop_at, ctrl_c)
+    return loaders._replace(cls_train=train)
+
+
+def ctrl_c(batch: int) -> None:
+    raise KeyboardInterrupt
+
+
+def saved_positions(exp) -> list[tuple[int, int]]:
+    """(epoch, steps) of every checkpoint saved inside an epoch, from the run's log."""
+    text = (exp / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+    return [(int(e), int(n)) for e, n in re.findall(r"checkpoint inside epoch (\d+) saved, after (\d+) class", text)]
+
+
+def test_the_epoch_order_is_the_seeds_and_the_epochs_and_a_skip_lasts_for_its_epoch():
+    sampler = EpochSampler(range(20), seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    torch.manual_seed(0)  # the global generator, which torch's RandomSampler and the loader's worker seeds draw from
+    torch.rand(5)
+    assert list(sampler) == order and sorted(order) == list(range(20)) and order != list(range(20))
+    sampler.skip(7)
+    assert list(sampler) == order[7:]
+    assert list(sampler) == order[7:]  # a pass started and dropped (a loader's workers may) does not use it up
+    sampler.set_epoch(3)
+    assert list(sampler) != order and len(list(sampler)) == 20  # the next epoch is whole
+    sampler.set_epoch(2)
+    assert list(sampler) == order
+
+
+def test_a_single_process_epoch_sampler_is_sharded_under_torchrun():
+    data = list(range(10))
+    loader = DataLoader(data, batch_size=2, sampler=EpochSampler(data, seed=1))
+    shards = [shard_loader(loader, DistInfo(rank=r, world_size=2), seed=1) for r in (0, 1)]
+    assert [(s.sampler.num_replicas, s.sampler.rank) for s in shards] == [(2, 0), (2, 1)]
+    assert sorted(i for s in shards for i in s.sampler) == data
+    assert shard_loader(shards[1], DistInfo(rank=1, world_size=2), seed=1) is shards[1]  # already sharded
+
+
+def test_a_run_killed_inside_an_epoch_goes_on_from_its_last_save_and_ends_as_the_unbroken_run(tmp_path, caplog):
+    """48 images of batch 8: 6 steps an epoch. Saves every 2 steps; the kill asks for batch 11 (epoch 2, step 5),
+    so the last save holds 4 steps of epoch 2. The resumed run trains steps 5 and 6 alone."""
+    settings = ("train.epochs=2", EVERY_LOG_STEP)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_training(make_cfg(whole, *settings), epoch_sampler_loaders)[0] == 0
+    assert saved_positions(whole) == [(1, 2), (1, 4), (2, 2), (2, 4)]  # never at an epoch's last step
+
+    code, _ = run_training(make_cfg(broken, *settings), lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))
+    assert code == EXIT_INTERRUPTED
+    err = (broken / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "the checkpoints hold epoch 1 and 4 classification steps of epoch 2" in err
+    last = load_ckpt(broken / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["epoch"] == 2 and last["progress"]["done"] == {"classification": 4}
+    best = load_ckpt(broken / "checkpoints" / "best.pt")
+    assert "progress" not in best and best["epoch"] == 1  # nothing was validated inside the epoch
+
+    steps = []
+    with caplog.at_level(logging.INFO):
+        code, trainer = run_training(make_cfg(broken, *settings, "train.resume=last"), epoch_sampler_loaders,
+                                     callbacks=[StepLog(steps)])
+    assert code == 0 and "resuming inside epoch 2, after 4 classification steps" in caplog.text
+    assert steps == [(2, 5), (2, 6)]
+    mine, theirs = (load_ckpt(d / "checkpoints" / "last.pt") for d in (broken, whole))
+    assert mine["epoch"] == theirs["epoch"] == 2 and "progress" not in mine
+    for key in ("model_state", "ema_state"):
+        assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), key
+    assert mine["task_state"]["samples_seen"] == theirs["task_state"]["samples_seen"] == 96
+    assert mine["global_step"] == theirs["global_step"] == 12
+    history = [load_history(d) for d in (broken, whole)]
+    assert history[0] == pytest.approx(history[1])  # epoch 2's mean train loss counts the steps before the kill
+
+
+def load_history(exp) -> list[float]:
+    import json
+
+    metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    return [h["classification"]["train_loss"] for h in metrics["history"]]
+
+
+class StepLog:
+    def __init__(self, out: list) -> None:
+        self.out = out
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+    def on_step_end(self, record: dict) -> None:
+        self.out.append((record["epoch"], record["step"]))
+
+
+def test_checkpoints_inside_an_epoch_wait_for_the_accumulated_gradients(tmp_path):
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=1", "train.grad_accum_steps=2", "train.step_log_interval=1",
+                                 EVERY_LOG_STEP), epoch_sampler_loaders)[0] == 0
+    assert saved_positions(exp) == [(1, 2), (1, 4)]
+
+
+def test_a_loader_that_cannot_skip_trains_the_steps_left_from_a_fresh_pass(tmp_path, caplog):
+    """fake_build_loaders' loader shuffles with torch's RandomSampler: it cannot skip, so the resumed epoch draws its
+    2 steps left from a new pass, and says so."""
+    exp = tmp_path / "exp"
+
+    def build(cfg, stop=True):
+        loaders = fake_build_loaders(cfg)
+        return loaders._replace(cls_train=StoppingLoader(loaders.cls_train, 5, ctrl_c)) if stop else loaders
+
+    assert run_training(make_cfg(exp, "train.epochs=1", EVERY_LOG_STEP), build)[0] == EXIT_INTERRUPTED
+    steps = []
+    with caplog.at_level(logging.INFO):
+        code, trainer = run_training(make_cfg(exp, "train.epochs=1", EVERY_LOG_STEP, "train.resume=last"),
+                                     lambda cfg: build(cfg, stop=False), callbacks=[StepLog(steps)])
+    assert code == 0 and steps == [(1, 5), (1, 6)]
+    assert "cannot skip the 32 samples it had drawn" in caplog.text
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["task_state"]["samples_seen"] == 48
+
+
+def test_a_position_of_another_epoch_is_not_taken_and_a_best_file_starts_the_epoch_over(tmp_path, caplog):
+    exp = tmp_path / "exp"
+    settings = ("train.epochs=2", EVERY_LOG_STEP)
+    assert run_training(make_cfg(exp, *settings), lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))[0] == \
+        EXIT_INTERRUPTED
+    steps = []
+    code, trainer = run_training(make_cfg(exp, *settings, f"train.resume={exp / 'checkpoints' / 'best.pt'}"),
+                                 epoch_sampler_loaders, callbacks=[StepLog(steps)])
+    assert code == 0 and steps[0] == (2, 1) and len(steps) == 6
+
+    assert run_training(make_cfg(exp, "train.epochs=3", EVERY_LOG_STEP),
+                        lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))[0] == EXIT_INTERRUPTED
+    path = exp / "checkpoints" / "classification_last.pt"
+    ckpt = load_ckpt(path)
+    ckpt["progress"]["epoch"] = 3  # as if saved inside another epoch than the one after its own
+    save_ckpt(path, ckpt)
+    steps.clear()
+    with caplog.at_level(logging.WARNING):
+        code, _ = run_training(make_cfg(exp, "train.epochs=3", EVERY_LOG_STEP, "train.resume=last"),
+                               epoch_sampler_loaders, callbacks=[StepLog(steps)])
+    assert code == 0 and "epoch 2 starts over" in caplog.text and steps[0] == (2, 1)
+
+
+class _CtrlCAtBatch:
+    """fakes' collate, but the `at`-th batch a rank asks for is a Ctrl-C (on every rank at the same batch, as a
+    scheduler's SIGTERM reaches every rank)."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, items):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return collate(items)
+
+
+def ddp_loaders(cfg, stop_at: int | None = None):
+    """96 jittered images on an EpochSampler (6 steps a rank and epoch over 2 ranks, at batch 8)."""
+    from fakes import ColourDataset
+
+    loaders = fake_build_loaders(cfg)
+    data = Jittered(ColourDataset(24, int(cfg.model.image_size), seed=1))
+    train = DataLoader(data, batch_size=int(cfg.train.batch_size), sampler=EpochSampler(data, seed=int(cfg.train.seed)),
+                       drop_last=True, collate_fn=_CtrlCAtBatch(stop_at), num_workers=0)
+    return loaders._replace(cls_train=train)
+
+
+def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, resume: bool, out: str) -> None:
+    import os
+    from functools import partial
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    cfg = make_cfg(Path(exp), "train.epochs=2", "train.deterministic=true", "train.step_log_interval=1",
+                   EVERY_LOG_STEP, *(["train.resume=last"] if resume else []))
+    code, trainer = run_training(cfg, partial(ddp_loaders, stop_at=stop_at))
+    task = trainer.tasks["classification"]
+    torch.save({"code": code, "state": task.raw_model.state_dict(), "steps": trainer.state.global_step},
+               Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(tmp_path):
+    """Each rank draws its own shard; the saves come at the same steps on both (rank 0's clock decides), and the
+    resumed run, every rank skipping the indices its own shard had drawn, ends with the unbroken run's weights."""
+    import torch.multiprocessing as mp
+    from test_engine_ddp import free_port
+
+    def spawn(exp, name, stop_at=None, resume=False):
+        out = tmp_path / name
+        out.mkdir()
+        mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / exp), stop_at, resume, str(out)), nprocs=2,
+                 join=True)
+        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    whole = spawn("whole", "whole")
+    assert [r["code"] for r in whole] == [0, 0]
+    assert saved_positions(tmp_path / "whole") == [(1, n) for n in range(1, 6)] + [(2, n) for n in range(1, 6)]
+    broken = spawn("broken", "broken", stop_at=9)  # epoch 2, batch 3 on each rank
+    assert [r["code"] for r in broken] == [EXIT_INTERRUPTED] * 2
+    assert load_ckpt(tmp_path / "broken" / "checkpoints" / "last.pt")["progress"]["done"] == {"classification": 2}
+    # The same checkpoints resumed by one process: it skips the 32 images both ranks had taken and trains the 64
+    # left, 8 steps (the epoch's whole 96 images, none twice)
+    import shutil
+
+    shutil.copytree(tmp_path / "broken", tmp_path / "alone")
+    steps: list = []
+    code, trainer = run_training(make_cfg(tmp_path / "alone", "train.epochs=2", "train.step_log_interval=1",
+                                          EVERY_LOG_STEP, "train.resume=last"), ddp_loaders,
+                                 callbacks=[StepLog(steps)])
+    assert code == 0 and steps == [(2, n) for n in range(3, 11)]
+    assert trainer.tasks["classification"].samples_seen == 96 + 96
+    resumed = spawn("broken", "resumed", resume=True)
+    assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == whole[0]["steps"] == 12
+    for name, tensor in whole[0]["state"].items():
+        assert torch.equal(resumed[0]["state"][name], tensor), name
+        assert torch.equal(resumed[1]["state"][name], tensor), name
+
+
+def test_tensorboard_hides_the_steps_a_resume_redoes(tmp_path):
+    """Killed at epoch 2's fifth batch with checkpoints at epoch ends only: steps 7-10 were logged, then redone by
+    the resume. TensorBoard shows each step once, with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    settings = ("train.epochs=2", "train.checkpoint_interval_minutes=0")
+    assert run_training(make_cfg(exp, *settings), lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))[0] == \
+        EXIT_INTERRUPTED
+    losses: dict[int, float] = {}
+
+    class Losses(StepLog):
+        def on_step_end(self, record: dict) -> None:
+            losses[record["global_step"]] = record["loss"]
+
+    assert run_training(make_cfg(exp, *settings, "train.resume=last"), epoch_sampler_loaders,
+                        callbacks=[Losses([])])[0] == 0
+    events = EventAccumulator(str(exp / "tb"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in shown] == [2, 4, 6, 8, 10, 12]
+    assert [value for step, value in shown if step > 6] == pytest.approx([losses[s] for s in (8, 10, 12)])
+
+
+def test_a_changed_batch_size_goes_on_from_the_same_photo_and_the_stage_clock_from_the_save(tmp_path):
+    """Saved after 4 steps of 8 images (32 of epoch 2's 48 taken), resumed at batch 12: the 16 images left make one
+    whole batch (drop_last), so one step is trained, and the clock goes on from the save's."""
+    exp = tmp_path / "exp"
+    settings = ("train.epochs=2", EVERY_LOG_STEP)
+    assert run_training(make_cfg(exp, *settings), lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))[0] == \
+        EXIT_INTERRUPTED
+    saved = load_ckpt(exp / "checkpoints" / "last.pt")["progress"]
+    steps = []
+    code, trainer = run_training(make_cfg(exp, *settings, "train.resume=last", "train.batch_size=12"),
+                                 epoch_sampler_loaders, callbacks=[StepLog(steps)])
+    assert code == 0 and steps == [(2, 5)]
+    assert trainer.tasks["classification"].samples_seen == 48 + 32 + 12
+    assert trainer.state.clock_offset == pytest.approx(saved["elapsed_s"]) and saved["elapsed_s"] > 0
+
+
+def two_task_loaders(cfg, stop_at: int | None = None, det_batches: int = 4):
+    """epoch_sampler_loaders plus `det_batches` fake detection batches on an EpochSampler (one batch an index)."""
+    import numpy as np
+    from fakes import batch_loader, fake_det_batch
+
+    loaders = epoch_sampler_loaders(cfg, stop_at)
+    rng = np.random.default_rng(3)
+    batches = [fake_det_batch(rng, 2) for _ in range(det_batches)]
+    train = DataLoader(batches, batch_size=None, sampler=EpochSampler(batches, seed=5), num_workers=0)
+    return loaders._replace(det_train=train, det_val=batch_loader([fake_det_batch(rng, 2)]))
+
+
+@pytest.mark.slow
+def test_two_tasks_resumed_inside_an_epoch_go_on_in_the_unbroken_runs_order(tmp_path):
+    """Interleaved 1:1, 6 classifier and 4 detector steps an epoch, saves after every step. The kill asks for the
+    classifier's batch 9 (epoch 2's third): the last save is after the detector's third step, so the unbroken order
+    goes on with the classifier (an order started afresh would begin with the detector). The resumed run continues
+    that order and ends with both of the unbroken run's models."""
+    settings = ("train.epochs=2", "train.strategy=interleaved", "train.warmup_steps=0", "train.step_log_interval=1",
+                EVERY_LOG_STEP)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    order: list = []
+    assert run_training(make_cfg(whole, *settings), two_task_loaders, callbacks=[TaskLog(order)])[0] == 0
+    assert run_training(make_cfg(broken, *settings), lambda cfg: two_task_loaders(cfg, stop_at=9))[0] == \
+        EXIT_INTERRUPTED
+    progress = load_ckpt(broken / "checkpoints" / "detection_last.pt")["progress"]
+    assert progress["epoch"] == 2 and progress["drawn"] == {"classification": 2, "detection": 3}
+    resumed: list = []
+    assert run_training(make_cfg(broken, *settings, "train.resume=last"), two_task_loaders,
+                        callbacks=[TaskLog(resumed)])[0] == 0
+    assert resumed == order[-len(resumed):] and len(resumed) == 5 and resumed[0][1] == "classification"
+    for name in ("classification", "detection"):
+        mine, theirs = (load_ckpt(d / "checkpoints" / f"{name}_last.pt")["model_state"] for d in (broken, whole))
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+
+
+class TaskLog(StepLog):
+    def on_step_end(self, record: dict) -> None:
+        self.out.append((record["epoch"], record["task"], record["step"]))
+
+
+def test_a_task_done_with_its_epoch_does_not_hold_off_the_saves(tmp_path):
+    """grad_accum 2 and 3 detector steps: the detector ends its epoch with a window open. The classifier's steps
+    after it are still saved at (after its fourth step; before, saves stopped with the detector's last step)."""
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=1", "train.strategy=interleaved", "train.grad_accum_steps=2",
+                                 "train.step_log_interval=1", EVERY_LOG_STEP),
+                        lambda cfg: two_task_loaders(cfg, det_batches=3))[0] == 0
+    text = (exp / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+    saves = re.findall(r"checkpoint inside epoch 1 saved, after (\d+) classification \+ (\d+) detection", text)
+    assert ("4", "3") in saves and ("2", "2") in saves
