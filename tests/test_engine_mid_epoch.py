@@ -351,3 +351,49 @@ def test_a_task_done_with_its_epoch_does_not_hold_off_the_saves(tmp_path):
     text = (exp / "logs" / "pillsnap.log").read_text(encoding="utf-8")
     saves = re.findall(r"checkpoint inside epoch 1 saved, after (\d+) classification \+ (\d+) detection", text)
     assert ("4", "3") in saves and ("2", "2") in saves
+
+
+def test_cuda_random_states_are_given_back_to_torch_on_the_cpu(monkeypatch):
+    """A checkpoint loaded with map_location=cuda brings the saved CUDA random states to the GPU; torch's setter
+    takes CPU byte tensors only."""
+    from pillsnap.engine.loop import restore_host_rng
+
+    given = []
+
+    class OnTheGpu:  # stands for a CUDA tensor: what the setter needs is its .cpu() copy
+        def cpu(self):
+            return torch.zeros(16, dtype=torch.uint8)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", given.extend)
+    restore_host_rng({"cuda": [OnTheGpu(), OnTheGpu()]})
+    assert len(given) == 2 and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in given)
+
+
+def test_a_save_due_inside_an_accumulation_window_is_made_when_it_closes(tmp_path, monkeypatch):
+    """grad_accum 2 and a log step every 3 steps: the log steps 3 and 9 fall inside a window; their saves come one
+    step later (4, 10), with 12 steps an epoch. Before, a due save was dropped until a log step met a closed window."""
+    import pillsnap.engine.loop as loop
+
+    monkeypatch.setattr(loop, "record_due", lambda step, steps, cfg: step % 3 == 0 or step == steps)
+    exp = tmp_path / "exp"
+
+    def build(cfg):
+        from fakes import ColourDataset
+
+        loaders = fake_build_loaders(cfg)
+        data = ColourDataset(24, int(cfg.model.image_size), seed=1)
+        return loaders._replace(cls_train=DataLoader(data, batch_size=8, sampler=EpochSampler(data), drop_last=True,
+                                                     collate_fn=collate))
+
+    assert run_training(make_cfg(exp, "train.epochs=1", "train.grad_accum_steps=2", EVERY_LOG_STEP), build)[0] == 0
+    assert saved_positions(exp) == [(1, 4), (1, 6), (1, 10)]
+
+
+def test_positions_of_two_tasks_with_a_nan_loss_are_still_one_save():
+    from pillsnap.engine.trainer import _same_save
+
+    saved = {"epoch": 2, "loss_sum": {"detection": float("nan")}, "rng": [{"torch": torch.zeros(3)}]}
+    assert _same_save({**saved, "rng": [{"torch": torch.ones(3)}]}, saved)
+    assert not _same_save({**saved, "epoch": 3}, saved) and not _same_save(None, saved)

@@ -94,9 +94,10 @@ def test_calibration_with_held_out_classes(tmp_path):
     assert stored["prediction_sets"]["imprint_check"] is True
 
     # Through the predictor: photos of the held-out classes are answered "unknown" as often as the calibration
-    # measured on their crops (the predictor applies the calibrated rule), and that rule tells them from known
-    # crops. (This test once asked for 0.3 more unknown answers on held-out than on known photos: on this toy run
-    # of 18 steps, that held for about half of the training orders, across train.seed and sampler seeds.)
+    # measured its final answers (rule and imprint check) on them: the predictor applies the calibrated rule, and
+    # that rule tells them from known crops. (This test once asked for 0.3 more unknown answers on held-out than on
+    # known photos: on this toy run of 18 steps, that held for about half of the training orders, across
+    # train.seed and sampler seeds. The known photos' rate is not asserted: 4 photos here.)
     predictor = Predictor(exp, cfg, device="cpu")
     manifest = load_manifest(manifest_dir)
     singles = manifest[manifest["image_type"] == "single"]
@@ -105,7 +106,7 @@ def test_calibration_with_held_out_classes(tmp_path):
     rate = {name: sum(p["unknown"] for path in paths for p in predictor.predict(path, mode="single")["pills"])
             / len(paths) for name, paths in (("held_out", held_out), ("known", known["image_path"].unique()[:12]))}
     assert unknown["auroc"] >= 0.7, unknown
-    assert rate["held_out"] > 0 and abs(rate["held_out"] - unknown["unknown_rejected"]) <= 0.1, (rate, unknown)
+    assert rate["held_out"] > 0 and abs(rate["held_out"] - final["unknown_rejected"]) <= 0.1, (rate, final)
     pills = [p for path in held_out for p in predictor.predict(path, mode="single")["pills"]]
     assert predictor.set_rule is not None and predictor.set_rule.method == "lac"
     for pill in pills:  # an unknown pill names no drug: no probability, an empty set; a named one has its set

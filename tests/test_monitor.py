@@ -149,6 +149,18 @@ def test_resume_drops_the_redone_epoch_and_restarts_the_eta_clock():
     assert state.snapshot()["tasks"]["classification"]["eta"] == pytest.approx((4 - 1.4) * 10 / 0.2)
 
 
+def test_a_resume_inside_an_epoch_keeps_the_steps_before_its_save():
+    """Epoch 1 killed at step 7 of 10 after a save at step 4 (0.4 epochs): the resume (start_epoch 0, so not a
+    fresh run) keeps steps 1-4 and redoes 5-7."""
+    state = MonitorState()
+    state.apply_all([start(t=0), *(step(i, 1, i, loss=10.0 - i) for i in range(1, 8))])
+    resumed = {**start(t=100), "resumed_at": {"classification": 0.4}}
+    state.apply_all([resumed, step(105, 1, 5, loss=0.5)])
+    snap = state.snapshot()
+    assert snap["run"]["resumes"] == 1
+    assert snap["tasks"]["classification"]["train"]["loss"] == [9.0, 8.0, 7.0, 6.0, 0.5]
+
+
 def test_a_fresh_start_in_the_same_file_forgets_the_previous_run():
     state = MonitorState()
     state.apply_all([start(stage=1), step(1, 1, 1, task="detection"), {"type": "oom", "task": "detection"},

@@ -123,7 +123,8 @@ def restore_host_rng(states: dict) -> None:
     if "torch" in states:
         torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # a checkpoint loaded with map_location=cuda brings these to the GPU; torch takes them on the CPU only
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def record_due(step: int, steps: int, cfg: DictConfig) -> bool:
@@ -152,6 +153,7 @@ class EpochRunner:
             raise ValueError(f"train.checkpoint_interval_minutes={cfg.train.checkpoint_interval_minutes} is negative: "
                              "give minutes between checkpoints inside an epoch, or 0 for epoch ends only")
         self.last_checkpoint = time.monotonic()
+        self.save_pending = False  # a save came due with gradients half accumulated: it is made once they are not
 
     def time_capped(self, device: object = None) -> bool:
         """Whether the stage's clock has run out, by rank 0's clock, so that every rank leaves the epoch at the same
@@ -213,18 +215,24 @@ class EpochRunner:
         due = time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s
         return any_rank(self.info, due and self.info.is_main, device)
 
-    def _checkpoint_inside(self, progress: EpochProgress, training: list[str], device: object) -> None:
-        """Save `progress` with the checkpoints when one is due, between optimizer steps only: a checkpoint holds no
-        accumulated gradients (the windows are the same on every rank). `training`: the tasks with steps left; a
-        task done with its epoch may hold a window open until the next one, and must not hold off the saves."""
+    def _checkpoint_inside(self, progress: EpochProgress, training: list[str], device: object, vote: bool) -> None:
+        """Save `progress` with the checkpoints when one is due (asked of the ranks when `vote`: at log steps), between
+        optimizer steps only: a checkpoint holds no accumulated gradients, so a save due inside a window waits for
+        the step that closes it (the windows and the vote are the same on every rank). `training`: the tasks with
+        steps left; a task done with its epoch may hold a window open until the next one, and must not hold off
+        the saves."""
         if self.save_progress is None or self.checkpoint_interval_s <= 0:
             return
-        if any(self.tasks[n].accumulating for n in training) or not self.checkpoint_due(device):
+        if vote and not self.save_pending:
+            self.save_pending = self.checkpoint_due(device)
+        if not self.save_pending or any(self.tasks[n].accumulating for n in training):
             return
+        self.save_pending = False
         # this rank's random states; the trainer gathers every rank's
         progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
         self.save_progress(progress)
         self.last_checkpoint = time.monotonic()
+        self.save_pending = False  # a save came due with gradients half accumulated: it is made once they are not
 
     def _position(self, name: str, progress: EpochProgress) -> int:
         """Start task `name`'s loader where `progress` left it; returns the steps left in the epoch. A loader whose
@@ -235,6 +243,9 @@ class EpochRunner:
         taken = int(progress.indices.get(name, 0)) // self.info.world_size
         if not taken:
             return steps
+        # with another number of ranks the ranks together take a few fewer; count what they take, so that a later
+        # resume starts where this one left off
+        progress.indices[name] = taken * self.info.world_size
         batch_size = _batch_size(loader)
         by_steps = max(steps - taken // batch_size, 0)
         sampler = getattr(loader, "sampler", None)
@@ -262,7 +273,7 @@ class EpochRunner:
         """Interleave the active tasks' steps (train.interleave_ratio); returns mean train loss per task. `resume`:
         where a checkpoint saved inside this epoch left it (the epoch goes on from there)."""
         progress = EpochProgress.going_on(epoch, active, resume)
-        self.last_checkpoint = time.monotonic()  # the last epoch's end was committed
+        self.last_checkpoint, self.save_pending = time.monotonic(), False  # the last epoch's end was committed
         left = {name: self._position(name, progress) for name in active}
         steps = {name: progress.done[name] + left[name] for name in active}  # as the log line counts them
         iters = {name: iter(self.tasks[name].train_loader) for name in active}
@@ -292,11 +303,11 @@ class EpochRunner:
             progress.loss_sum[name] += out.loss
             step = progress.done[name]
             self.callbacks.fire("on_step_end", self._step_record(name, epoch, step, steps[name], out, timer))
-            if record_due(step, steps[name], self.cfg):
-                if self.time_capped(self.tasks[name].device):
-                    break
-                if any(todo.values()):  # the epoch's last step needs none: its end is committed
-                    self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device)
+            due = record_due(step, steps[name], self.cfg)
+            if due and self.time_capped(self.tasks[name].device):
+                break
+            if any(todo.values()):  # the epoch's last step needs none: its end is committed
+                self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)
         return {name: {"train_loss": progress.loss_sum[name] / max(progress.done[name], 1),
                        "steps": progress.done[name]} for name in active}
 

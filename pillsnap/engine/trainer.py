@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import json
 import logging
 import os
 import random
@@ -488,9 +489,9 @@ class Trainer:
         if self.info.is_main:
             ck.write_classes_json(self.store.dir, self.meta)
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
-                                               "start_epoch": self.start_epoch})
+                                               "start_epoch": self.start_epoch, "resumed_at": self._resumed_at()})
         epoch = self.start_epoch
-        if self.start_epoch > 0 and self.runner.time_capped():
+        if (self.start_epoch > 0 or self.progress is not None) and self.runner.time_capped():
             # A run that resumes a spent stage clock (say a torchrun restart after exit code 4) trains no more:
             # training on until the first check would turn a failed time cap into a pass.
             self.logger.warning("stage %d: its time cap (%s h) was spent by the runs this one resumes; nothing more "
@@ -620,6 +621,14 @@ class Trainer:
             self.state.oom_retries[name] = saved.retries
             self.recovery_base[name] = (saved.made_for, saved.lr_scale)
 
+    def _resumed_at(self) -> dict | None:
+        """Where inside its epoch the run goes on, per task, in epochs done (2.25: a quarter into epoch 3), for the
+        dashboard, which keeps the steps before it; None at an epoch's start."""
+        if self.progress is None:
+            return None
+        return {name: self.progress.epoch - 1 + n / max(self.tasks[name].steps_per_epoch(), 1)
+                for name, n in self.progress.drawn.items() if name in self.tasks}
+
     def _committed(self) -> str:
         """What the committed checkpoints hold: 'epoch 3', or 'epoch 3 and 400 classification steps of epoch 4'."""
         if self.progress is None:
@@ -698,7 +707,12 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
 def _same_save(a: dict | None, b: dict) -> bool:
     """Whether two checkpoints' positions come from one save (the random states, tensors, left out of the compare:
     each file holds its own copy)."""
-    return a is not None and {k: v for k, v in a.items() if k != "rng"} == {k: v for k, v in b.items() if k != "rng"}
+    if a is None:
+        return False
+    def text(p: dict) -> str:  # a NaN loss is not equal to itself, but reads the same
+        return json.dumps({k: v for k, v in p.items() if k != "rng"}, sort_keys=True)
+
+    return text(a) == text(b)
 
 
 def _steps_text(progress: EpochProgress) -> str:

@@ -71,9 +71,13 @@ class Table:
         """The columns as new lists: a snapshot is serialised while the next records may already be arriving."""
         return {name: list(values) for name, values in self.columns.items()}
 
-    def drop_after_epoch(self, epoch: int) -> None:
-        """Forget rows of epochs after `epoch` (a resumed run redoes them)."""
-        keep = [i for i, e in enumerate(self.columns["epoch"]) if e is None or e <= epoch]
+    def drop_after_epoch(self, epoch: int, upto: float | None = None) -> None:
+        """Forget rows of epochs after `epoch`, or after `upto` epochs done when the resume is inside an epoch (a
+        resumed run redoes them)."""
+        if upto is not None:
+            keep = [i for i, x in enumerate(self.columns["x"]) if x is None or x <= upto + 1e-9]
+        else:
+            keep = [i for i, e in enumerate(self.columns["epoch"]) if e is None or e <= epoch]
         for name, values in self.columns.items():
             self.columns[name] = [values[i] for i in keep]
 
@@ -103,12 +107,13 @@ class TaskState:
         metrics = {k: v for k, v in record.items() if k not in NOT_METRICS and isinstance(v, (int, float))}
         self.val[int(record.get("epoch", len(self.val) + 1))] = {**metrics, "time": record.get("time")}
 
-    def rewind(self, epoch: int) -> None:
-        """A resume from `epoch`: drop what came after it and restart the ETA clock."""
-        self.train.drop_after_epoch(epoch)
+    def rewind(self, epoch: int, upto: float | None = None) -> None:
+        """A resume from `epoch` (`upto`: from that many epochs done, inside the next one): drop what came after it
+        and restart the ETA clock."""
+        self.train.drop_after_epoch(epoch, upto)
         self.val = {e: v for e, v in self.val.items() if e <= epoch}
         self.anchor = None
-        if self.last_step is not None and self.last_step.get("epoch", 0) > epoch:
+        if self.last_step is not None and progress_of(self.last_step) > (epoch if upto is None else upto) + 1e-9:
             self.last_step = None
 
     @property
@@ -195,12 +200,13 @@ class MonitorState:
 
     def _on_start(self, record: dict) -> None:
         start_epoch = int(record.get("start_epoch") or 0)
-        if start_epoch == 0:
+        inside = record.get("resumed_at") or {}  # a resume inside epoch start_epoch + 1: epochs done per task
+        if start_epoch == 0 and not inside:
             self.reset()  # a fresh run appends to the same file: its history is not this run's
         else:
             self.run["resumes"] += 1
-            for task in self.tasks.values():
-                task.rewind(start_epoch)
+            for name, task in self.tasks.items():
+                task.rewind(start_epoch, inside.get(name))
         self.run.update(status="running", stage=record.get("stage"), tasks=list(record.get("tasks", [])),
                         epochs=record.get("epochs"), start_epoch=start_epoch, started=record.get("time"),
                         ended=None, epoch=start_epoch or None)
