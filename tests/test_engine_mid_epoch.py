@@ -397,3 +397,10 @@ def test_positions_of_two_tasks_with_a_nan_loss_are_still_one_save():
     saved = {"epoch": 2, "loss_sum": {"detection": float("nan")}, "rng": [{"torch": torch.zeros(3)}]}
     assert _same_save({**saved, "rng": [{"torch": torch.ones(3)}]}, saved)
     assert not _same_save({**saved, "epoch": 3}, saved) and not _same_save(None, saved)
+
+
+def test_a_negative_interval_is_refused_at_the_start_in_one_line(tmp_path, caplog):
+    code, trainer = run_training(make_cfg(tmp_path / "exp", "train.checkpoint_interval_minutes=-5"),
+                                 fake_build_loaders)
+    assert code == 2 and trainer is None
+    assert "train.checkpoint_interval_minutes=-5 is negative" in caplog.text
