@@ -66,9 +66,9 @@ class EpochProgress:
     """How far a run has come inside an epoch: saved with a checkpoint written part-way through it, so that a
     resume goes on from there instead of redoing the epoch. Per task: the batches drawn from its loader and the
     sampler indices they took on all ranks together (a resume skips those, so a changed batch size or number of
-    ranks still lands on the same photo), the
-    steps trained and their summed loss (the epoch's mean train loss goes on); the stage clock; each rank's host
-    random states (the model's dropout and, without loader workers, the augmentation continue as they would have)."""
+    ranks still lands on the same photo), the steps trained and their summed loss (the epoch's mean train loss goes
+    on); the stage clock; each rank's host random states (the model's dropout and, without loader workers, the
+    augmentation continue as they would have)."""
 
     epoch: int
     drawn: dict[str, int] = field(default_factory=dict)
@@ -232,7 +232,6 @@ class EpochRunner:
         progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
         self.save_progress(progress)
         self.last_checkpoint = time.monotonic()
-        self.save_pending = False  # a save came due with gradients half accumulated: it is made once they are not
 
     def _position(self, name: str, progress: EpochProgress) -> int:
         """Start task `name`'s loader where `progress` left it; returns the steps left in the epoch. A loader whose

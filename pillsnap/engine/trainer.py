@@ -705,14 +705,13 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
 
 
 def _same_save(a: dict | None, b: dict) -> bool:
-    """Whether two checkpoints' positions come from one save (the random states, tensors, left out of the compare:
-    each file holds its own copy)."""
-    if a is None:
-        return False
-    def text(p: dict) -> str:  # a NaN loss is not equal to itself, but reads the same
-        return json.dumps({k: v for k, v in p.items() if k != "rng"}, sort_keys=True)
+    """Whether two checkpoints' positions come from one save. Compared as JSON text: a NaN loss is not equal to
+    itself but reads the same; the random states (tensors, each file its own copy) are left out."""
+    return a is not None and _position_text(a) == _position_text(b)
 
-    return text(a) == text(b)
+
+def _position_text(progress: dict) -> str:
+    return json.dumps({k: v for k, v in progress.items() if k != "rng"}, sort_keys=True)
 
 
 def _steps_text(progress: EpochProgress) -> str:
