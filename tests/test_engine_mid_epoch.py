@@ -149,6 +149,8 @@ def test_a_loader_that_cannot_skip_trains_the_steps_left_from_a_fresh_pass(tmp_p
         return loaders._replace(cls_train=StoppingLoader(loaders.cls_train, 5, ctrl_c)) if stop else loaders
 
     assert run_training(make_cfg(exp, "train.epochs=1", EVERY_LOG_STEP), build)[0] == EXIT_INTERRUPTED
+    err = (exp / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "the checkpoints hold 4 classification steps of epoch 1, where" in err  # no "epoch 0"
     steps = []
     with caplog.at_level(logging.INFO):
         code, trainer = run_training(make_cfg(exp, "train.epochs=1", EVERY_LOG_STEP, "train.resume=last"),
@@ -356,7 +358,7 @@ def test_a_task_done_with_its_epoch_does_not_hold_off_the_saves(tmp_path):
 def test_cuda_random_states_are_given_back_to_torch_on_the_cpu(monkeypatch):
     """A checkpoint loaded with map_location=cuda brings the saved CUDA random states to the GPU; torch's setter
     takes CPU byte tensors only."""
-    from pillsnap.engine.loop import restore_host_rng
+    from pillsnap.utils import restore_host_rng
 
     given = []
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.engine.callbacks import CallbackList
@@ -21,7 +18,7 @@ from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
 from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
-from pillsnap.utils import CUDA_PEAKS, StepTimer, is_out_of_memory
+from pillsnap.utils import CUDA_PEAKS, StepTimer, host_rng_states, is_out_of_memory, restore_host_rng
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,31 +97,6 @@ class EpochProgress:
             counts.update({n: int(counts.get(n, 0)) for n in tasks})
         progress.loss_sum.update({n: float(progress.loss_sum.get(n, 0.0)) for n in tasks})
         return progress
-
-
-def host_rng_states() -> dict:
-    """Python's, numpy's and torch's random states (CUDA's where it is in use), as plain values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_host_rng(states: dict) -> None:
-    """Put back what host_rng_states saved (a part it lacks is left as it is)."""
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in states:
-        kind, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if "torch" in states:
-        torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        # a checkpoint loaded with map_location=cuda brings these to the GPU; torch takes them on the CPU only
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def record_due(step: int, steps: int, cfg: DictConfig) -> bool:
@@ -261,11 +233,11 @@ class EpochRunner:
         beginning (so a resumed run interleaves as the unbroken one would), else an order over the steps left."""
         shares = interleave_shares([spec_of(self.tasks[n]) for n in active], list(self.cfg.train.interleave_ratio))
         whole = {name: self.tasks[name].steps_per_epoch() for name in active}
-        drawn = sum(progress.drawn[n] for n in active)
-        if drawn and Counter(itertools.islice(interleave_schedule(whole, shares), drawn)) == \
-                Counter({n: progress.drawn[n] for n in active if progress.drawn[n]}) and \
-                all(whole[n] - progress.drawn[n] == left[n] for n in active):
-            return itertools.islice(interleave_schedule(whole, shares), drawn, None)
+        drawn = {n: progress.drawn[n] for n in active if progress.drawn[n]}
+        if drawn and all(whole[n] - progress.drawn[n] == left[n] for n in active):
+            order = interleave_schedule(whole, shares)
+            if Counter(itertools.islice(order, sum(drawn.values()))) == Counter(drawn):
+                return order  # what is left of it
         return interleave_schedule(left, shares)
 
     def train_one_epoch(self, epoch: int, active: list[str], resume: EpochProgress | None = None) -> dict:

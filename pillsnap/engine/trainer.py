@@ -309,10 +309,11 @@ class Trainer:
         self.tb.purge_from(self.state.global_step + 1)
         self.start_epoch = self.epoch_done = max(epochs.values())
         self.history = ck.previous_history(self.exp_dir / "reports" / "metrics.json", self.start_epoch)
-        self.state.clock_offset = float(self.history[-1].get("elapsed_s") or 0.0) if self.history else 0.0
         self.progress = self._resumed_progress({name: ckpt for name, (_, ckpt) in restored.items()})
+        # the stage clock goes on from the save inside the epoch, else from the last whole epoch's record
+        self.state.clock_offset = (float(self.progress.elapsed_s) if self.progress is not None else
+                                   float(self.history[-1].get("elapsed_s") or 0.0) if self.history else 0.0)
         if self.progress is not None:
-            self.state.clock_offset = float(self.progress.elapsed_s)
             self.logger.info("resuming inside epoch %d, after %s", self.progress.epoch, _steps_text(self.progress))
         es = self.cfg.train.early_stopping
         for name, task in self.tasks.items():
@@ -411,12 +412,16 @@ class Trainer:
         # committed epoch, never a committed epoch missing from the history.
         self.callbacks.fire("on_epoch_end", epoch, self.summary(epoch))
         if self.info.is_main:
-            self.store.commit(epoch, saves)
-            if self.recovery_read:  # the knobs it set are in the checkpoints now
-                (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
-                self.recovery_read = False
+            self._commit(epoch, saves)
         self.epoch_done, self.progress = epoch, None
         self._rebase_recovery()
+
+    def _commit(self, epoch: int, saves: list[ck.Save]) -> None:
+        """Rank 0 commits a generation; an OOM recovery file read at the start goes once its knobs are in it."""
+        self.store.commit(epoch, saves)
+        if self.recovery_read:
+            (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
+            self.recovery_read = False
 
     def save_progress(self, progress: EpochProgress) -> None:
         """A checkpoint inside an epoch (train.checkpoint_interval_minutes): every task training in it commits its
@@ -429,10 +434,7 @@ class Trainer:
             where = {"progress": saved.as_dict()}
             saves = [ck.Save(name, ("last",), {**self._state(name, self.epoch_done), **where},
                              self.tasks[name].spec.checkpoint_aliases) for name in progress.drawn]
-            self.store.commit(self.epoch_done, saves)
-            if self.recovery_read:
-                (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
-                self.recovery_read = False
+            self._commit(self.epoch_done, saves)
             self.logger.info("checkpoint inside epoch %d saved, after %s (train.checkpoint_interval_minutes=%s)",
                              progress.epoch, _steps_text(progress), self.cfg.train.checkpoint_interval_minutes)
         self.progress = saved  # committed
@@ -630,10 +632,12 @@ class Trainer:
                 for name, n in self.progress.drawn.items() if name in self.tasks}
 
     def _committed(self) -> str:
-        """What the committed checkpoints hold: 'epoch 3', or 'epoch 3 and 400 classification steps of epoch 4'."""
+        """What the committed checkpoints hold: 'epoch 3', 'epoch 3 and 400 classification steps of epoch 4', or
+        '400 classification steps of epoch 1'."""
         if self.progress is None:
             return f"epoch {self.epoch_done}"
-        return f"epoch {self.epoch_done} and {_steps_text(self.progress)} of epoch {self.progress.epoch}"
+        inside = f"{_steps_text(self.progress)} of epoch {self.progress.epoch}"
+        return f"epoch {self.epoch_done} and {inside}" if self.epoch_done else inside
 
     def _interrupted(self, epoch: int) -> int:
         """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""

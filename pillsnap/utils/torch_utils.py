@@ -29,6 +29,31 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def host_rng_states() -> dict:
+    """Python's, numpy's and torch's random states (CUDA's where it is in use), as plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_host_rng(states: dict) -> None:
+    """Put back what host_rng_states saved (a part it lacks is left as it is)."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        # a checkpoint loaded with map_location=cuda brings these to the GPU; torch takes them on the CPU only
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+
+
 def select_amp_dtype(policy: str = "auto", device: str | torch.device | None = None) -> torch.dtype:
     """Pick the autocast dtype: "auto" prefers bf16 where the device supports it, else fp16."""
     if policy not in ("auto", "fp16", "bf16"):
