@@ -157,7 +157,7 @@ def test_a_resume_inside_an_epoch_keeps_the_steps_before_its_save():
     resumed = {**start(t=100), "resumed_at": {"classification": 0.4}}
     state.apply_all([resumed, step(105, 1, 5, loss=0.5)])
     snap = state.snapshot()
-    assert snap["run"]["resumes"] == 1
+    assert snap["run"]["resumes"] == 1 and snap["run"]["inside_epoch"] == 1
     assert snap["tasks"]["classification"]["train"]["loss"] == [9.0, 8.0, 7.0, 6.0, 0.5]
 
 

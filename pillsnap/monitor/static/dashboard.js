@@ -91,7 +91,8 @@ function renderRun(s) {
   updated.classList.toggle("warn", run.status === "running" && age > STALE_AFTER_S);
   if (run.status === "running" && age > STALE_AFTER_S) updated.textContent += " — is the trainer alive?";
   $("run-stage").textContent = run.stage ? "Stage " + run.stage : "—";
-  $("run-resumes").textContent = run.resumes ? `resumed ×${run.resumes} (from epoch ${run.start_epoch})` :
+  const from = run.inside_epoch ? `in epoch ${run.inside_epoch}` : `from epoch ${run.start_epoch}`;
+  $("run-resumes").textContent = run.resumes ? `resumed ×${run.resumes} (${from})` :
     (run.tasks.length ? run.tasks.map(t => (TASKS[t] || {label: t}).label).join(" + ") : "");
   const current = Math.max(0, ...Object.values(s.tasks).map(t => t.epoch || 0));
   const total = run.epochs || Math.max(0, ...Object.values(s.tasks).map(t => t.max_epochs || 0));
