@@ -12,6 +12,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,20 @@ def link_stage_checkpoints(trainer: Any) -> list[Path]:
 def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: int | None = None,
           assume_yes: bool = False) -> int:
     """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
-    (train.stage_evaluation) and, after stage 4, run the final test evaluation. Returns the exit code (0 ok, 2
-    config/resume error, 3 OOM give-up, 4 time cap failed, 130 interrupted)."""
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP, run_logging, run_training
+    (train.stage_evaluation) and, after stage 4, run the final test evaluation, all while holding the experiment
+    folder. Returns the exit code (0 ok, 2 config/resume error or a folder another run holds, 3 OOM give-up, 4 time
+    cap failed, 130 interrupted). An interrupt after training raises KeyboardInterrupt (the checkpoints are whole)."""
+    from pillsnap.engine.trainer import run_training
 
-    code, trainer = run_training(cfg, build_loaders)
-    if trainer is None or not trainer.info.is_main or code == EXIT_INTERRUPTED:
+    return run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
+                                                          choice=choice, assume_yes=assume_yes))[0]
+
+
+def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
+                    assume_yes: bool) -> int:
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP, run_logging
+
+    if code == EXIT_INTERRUPTED:
         return code
     if code == EXIT_OOM and trainer.info.enabled:  # stopped for a torchrun restart: no reports on a full GPU
         return code

@@ -76,7 +76,17 @@ def test_memory_watch_warns_above_the_ratio(caplog):
     MemoryWatchCallback(0.8, tb, mem_ratio=lambda: 0.5).on_epoch_start(1, info)
     assert info["mem_ratio"] == 0.5 and "memory_warning" not in caplog.text
     MemoryWatchCallback(0.8, tb, mem_ratio=lambda: 0.93).on_epoch_start(2, info)
-    assert "oom/memory_warning: CUDA memory at 93%" in caplog.text
+    assert "oom/memory_warning: CUDA memory at 93% (> 80%, train.memory_warning_ratio)" in caplog.text
+    caplog.clear()
+    sized = MemoryWatchCallback(0.8, tb, mem_ratio=lambda: 0.86)
+    sized.sized_for(0.88)  # batches the auto batch search sized for 88% of the GPU
+    sized.on_epoch_start(3, info)
+    assert "memory_warning" not in caplog.text
+    sized.mem_ratio = lambda: 0.9
+    sized.on_epoch_start(4, info)
+    assert "CUDA memory at 90% (> 88%, the auto batch's train.auto_batch_vram_headroom)" in caplog.text
+    sized.sized_for(0.7)  # a headroom below the warning ratio leaves the ratio
+    assert sized.ratio == 0.88
 
 
 def test_profile_line_every_interval(caplog):

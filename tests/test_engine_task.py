@@ -166,6 +166,7 @@ def test_auto_batch_does_not_force_fp16_on_a_task_already_in_bf16(tmp_path, monk
 
 
 def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
+    from pillsnap.engine.callbacks import MemoryWatchCallback
     from pillsnap.engine.trainer import run_training
 
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "4")
@@ -175,6 +176,11 @@ def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
     assert code == 0 and (task.knobs.batch_size, task.knobs.grad_accum) == (4, 2)
     assert task.train_loader.batch_size == 4 and trainer.cfg.train.batch_size == 4
     assert task.global_batch_at_start == 8  # the global batch the config asked for is kept
+    # batches sized to fill 88% of the GPU are not warned about at 80% every epoch (the memory warning's limit)
+    watch = trainer.callbacks.of_type(MemoryWatchCallback)
+    assert [w.ratio for w in watch] == [0.88] and "auto_batch_vram_headroom" in watch[0].limit_name
+    assert [w.ratio for w in run_training(make_cfg(tmp_path / "fixed", "train.epochs=1"), fake_build_loaders)[1]
+            .callbacks.of_type(MemoryWatchCallback)] == [0.8]
 
 
 @pytest.mark.slow

@@ -8,13 +8,14 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pillsnap.engine.spec import TaskSpec, lookup
 from pillsnap.metrics.names import tb_val_tag
 from pillsnap.utils import TBWriter, append_jsonl, cuda_mem_ratio, save_json
 
 LOGGER = logging.getLogger(__name__)
+C = TypeVar("C", bound="Callback")
 EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end", "on_epoch_end", "on_oom",
           "on_train_end")
 
@@ -49,6 +50,9 @@ class CallbackList:
             raise ValueError(f"Unknown callback event {event!r}; known: {EVENTS}")
         for cb in self.callbacks:
             getattr(cb, event)(*args)
+
+    def of_type(self, kind: type[C]) -> list[C]:
+        return [cb for cb in self.callbacks if isinstance(cb, kind)]
 
 
 class LogLineCallback(Callback):
@@ -137,17 +141,26 @@ class MetricsFilesCallback(Callback):
 
 
 class MemoryWatchCallback(Callback):
-    """Prevention before recovery: warn (oom/memory_warning) when CUDA memory use passes train.memory_warning_ratio."""
+    """Prevention before recovery: warn (oom/memory_warning) at an epoch's start when the CUDA memory the allocator
+    holds (what the epochs before needed at their worst) passes train.memory_warning_ratio, or, where the auto
+    batch search sized the batches, the share it sized them for (`sized_for`)."""
 
     def __init__(self, ratio: float, tb: TBWriter, mem_ratio: Any = cuda_mem_ratio) -> None:
         self.ratio, self.tb, self.mem_ratio = ratio, tb, mem_ratio
+        self.limit_name = "train.memory_warning_ratio"
+
+    def sized_for(self, headroom: float) -> None:
+        """Batches that the auto batch search sized to `headroom` of the device fill it that far by design: warn
+        only beyond it (a warning at every epoch of a healthy run teaches people to ignore it)."""
+        if headroom > self.ratio:
+            self.ratio, self.limit_name = headroom, "the auto batch's train.auto_batch_vram_headroom"
 
     def on_epoch_start(self, epoch: int, info: dict) -> None:
         used = self.mem_ratio()
         info["mem_ratio"] = used
         if used > self.ratio:
-            LOGGER.warning("oom/memory_warning: CUDA memory at %.0f%% (> %.0f%%) at epoch %d, batch %s",
-                           100 * used, 100 * self.ratio, epoch, info.get("batch_size"))
+            LOGGER.warning("oom/memory_warning: CUDA memory at %.0f%% (> %.0f%%, %s) at epoch %d, batch %s",
+                           100 * used, 100 * self.ratio, self.limit_name, epoch, info.get("batch_size"))
             self.tb.add_scalar("oom/memory_warning", used, epoch)
 
 

@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.config import apply_stage_overrides, stage_settings
 from pillsnap.engine import checkpointing as ck
-from pillsnap.engine.callbacks import Callback, CallbackList, default_callbacks
+from pillsnap.engine.callbacks import Callback, CallbackList, MemoryWatchCallback, default_callbacks
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.distributed import (
@@ -67,6 +67,7 @@ from pillsnap.utils import (
     set_seed,
 )
 from pillsnap.utils.io import save_text
+from pillsnap.utils.locks import BusyError, file_lock
 from pillsnap.utils.logs import streams_are_logs
 from pillsnap.utils.offline import ultralytics_offline
 
@@ -174,6 +175,8 @@ class Trainer:
         types = [t for t in task_types if t.wanted(self.cfg, loaders)]
         choices = self._auto_batch(types, loaders)
         if choices:  # rebuilt with the batch sizes the search chose, and the worker count already found
+            for watch in self.callbacks.of_type(MemoryWatchCallback):
+                watch.sized_for(float(self.cfg.train.auto_batch_vram_headroom))
             workers = _workers_of(loaders, self.cfg)
             with main_rank_first(self.info):
                 loaders = build_loaders(self._with_workers(workers))
@@ -673,20 +676,56 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+RUN_LOCK = "run.lock"  # in the experiment folder: held by the one process that trains (or calibrates) into it
+
+
+@contextmanager
+def hold_experiment(exp_dir: str | Path) -> Iterator[None]:
+    """The experiment folder for this process alone (its run.lock); BusyError names the process that holds it.
+    Two runs writing one folder would interleave their checkpoints, logs and history."""
+    with file_lock(Path(exp_dir) / RUN_LOCK):
+        yield
+
+
 def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
                  callbacks: list[Callback] | None = None,
-                 task_types: Sequence[type[Task]] = DEFAULT_TASKS) -> tuple[int, Trainer | None]:
+                 task_types: Sequence[type[Task]] = DEFAULT_TASKS,
+                 after: Callable[[int, Trainer], int] | None = None) -> tuple[int, Trainer | None]:
     """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
 
-    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error, 3 OOM give-up (under DDP:
-    any OOM, its recovery saved for the restart), 4 time cap failed, 130 interrupted (Ctrl-C / SIGTERM).
-    `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0
-    defaults; `task_types` are the Task classes the run may train. Under `torchrun` every rank runs this; only rank 0
-    writes files (and a rank that runs out of memory, its recovery file).
+    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error or an experiment folder
+    another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart), 4 time cap failed,
+    130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage;
+    `callbacks` are added to the rank-0 defaults; `task_types` are the Task classes the run may train; `after(code,
+    trainer)`: rank 0's work once the process group is gone (reports, calibration, the stage decision), still
+    holding the folder and with SIGTERM still an interrupt; it returns the run's exit code. Under `torchrun` every
+    rank runs this; only rank 0 writes files (and a rank that runs out of memory, its recovery file).
     """
     info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
     cfg = _prepare_cfg(cfg)
     exp_dir = Path(cfg.paths.exp_dir)
+    with ExitStack() as held:
+        busy = None
+        if info.is_main:  # before anything is written: a refused run leaves the folder as the other run has it
+            try:
+                held.enter_context(hold_experiment(exp_dir))
+            except BusyError as err:
+                busy = str(err)
+        busy = broadcast_object(info, busy)
+        if busy is not None:
+            LOGGER.error("cannot start training: %s; wait for that run to end or stop it, or train into another "
+                         "folder (paths.exp_dir=...)", busy)
+            cleanup(info)
+            return EXIT_CONFIG, None
+        with sigterm_as_interrupt():
+            code, trainer = _train_in(exp_dir, cfg, info, build_loaders, callbacks, task_types)
+            if after is not None and trainer is not None and info.is_main:
+                code = after(code, trainer)
+            return code, trainer
+
+
+def _train_in(exp_dir: Path, cfg: DictConfig, info: DistInfo, build_loaders: BuildLoaders | None,
+              callbacks: list[Callback] | None, task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
     if info.is_main:
         for sub in ("logs", "tb", "reports", "checkpoints", "export"):
             ensure_dir(exp_dir / sub)
@@ -696,7 +735,7 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
     tb = TBWriter(exp_dir, enabled=info.is_main)
     code: int | None = None
     try:
-        with sigterm_as_interrupt(), run_logging(exp_dir, info.is_main) as logger:
+        with run_logging(exp_dir, info.is_main) as logger:
             code, trainer = _start_and_fit(cfg, info, logger, tb,
                                            build_loaders or partial(default_build_loaders, tb=tb), callbacks,
                                            task_types)

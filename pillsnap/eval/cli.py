@@ -56,15 +56,21 @@ def _run_config(exp: Path, cfg_file: str | None, overrides: list[str]) -> Any:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from pillsnap.engine.trainer import hold_experiment
     from pillsnap.eval.calibration import calibrate_classifier
+    from pillsnap.utils.locks import BusyError
 
     exp = Path(args.exp)
     if not (exp / "checkpoints" / "classification_best.pt").is_file():
         raise FileNotFoundError(f"{exp / 'checkpoints' / 'classification_best.pt'} not found: train first")
     try:
-        report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
+        with hold_experiment(exp):  # a training run into the folder writes its own calibration at its end
+            report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
     except ValueError as err:  # no validation split, an unknown inference.unknown_rule, too few training crops
         logging.getLogger("pillsnap").error("calibrate: %s", err)
+        return 2
+    except BusyError as err:
+        logging.getLogger("pillsnap").error("calibrate: %s; calibrate when it has ended", err)
         return 2
     print(f"temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; "
           f"unknown pills by {report['unknown_rule']} -> {exp / 'checkpoints' / 'calibration.json'}")

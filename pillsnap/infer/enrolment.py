@@ -19,7 +19,6 @@ command refuses to add to it until its drugs are removed.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from pillsnap.metrics.novelty import ClassGaussians
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import atomic_path, read_json, save_json
+from pillsnap.utils.locks import file_lock
 
 LOGGER = logging.getLogger(__name__)
 ENROLMENT_FILE = "enrolment.json"
@@ -158,13 +158,9 @@ def write_store(ckpt_dir: str | Path, classifier_sha: str, enrolled: Enrolled) -
 
 @contextmanager
 def store_lock(ckpt_dir: str | Path) -> Iterator[None]:
-    """Hold the store's lock (an flock: released by the kernel if the holder dies)."""
-    with open(Path(ckpt_dir) / LOCK_FILE, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Hold the store's lock for a read-modify-write, waiting for another writer to finish."""
+    with file_lock(Path(ckpt_dir) / LOCK_FILE, wait=True):
+        yield
 
 
 # ---- answering -------------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""One run per experiment folder. A second `pillsnap train` (a job started twice, a restart typed while the first
+still runs under nohup) would interleave its checkpoints, history and logs with the first's; it is refused before
+it writes anything, naming the run that holds the folder. The folder is held through the work after training
+(reports, calibration, stage decision), which a SIGTERM also ends as an interrupt. A killed holder leaves no
+stale lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakes import fake_build_loaders, make_cfg
+
+from pillsnap.engine.trainer import RUN_LOCK, run_training
+from pillsnap.utils.locks import BusyError, file_lock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOLDER = """
+import sys, time
+from pillsnap.utils.locks import file_lock
+with file_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_in_another_process(lock: Path) -> subprocess.Popen:
+    """A process that holds `lock` until killed (its command line names the lock file)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def folder_state(exp: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `exp` (except the lock) with its modification time and contents."""
+    return {str(p.relative_to(exp)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(exp.rglob("*"))
+            if p.is_file() and p.name != RUN_LOCK}
+
+
+def test_a_lock_names_its_holder_and_dies_with_it(tmp_path):
+    lock = tmp_path / "sub" / "x.lock"
+    holder = hold_in_another_process(lock)
+    try:
+        with pytest.raises(BusyError) as refused, file_lock(lock):
+            pass
+        message = str(refused.value)
+        assert f"{lock} is held by pid {holder.pid} on " in message and "since 20" in message
+        assert str(lock) in message.split(": ", 1)[1]  # the holder's command line
+    finally:
+        holder.kill()  # SIGKILL: no chance to unlock; the kernel drops the lock with the process
+        holder.wait()
+    with file_lock(lock):  # no stale lock
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_waiting_for_a_lock_queues_behind_its_holder(tmp_path):
+    lock = tmp_path / "x.lock"
+    holder = hold_in_another_process(lock)
+    try:
+        started = time.monotonic()
+        subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
+        with file_lock(lock, wait=True):
+            assert holder.poll() is not None  # it got the lock only once the holder was gone
+        assert time.monotonic() - started > 0.5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_on_a_held_folder_is_refused_before_it_writes(tmp_path, caplog):
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0
+    before = folder_state(exp)
+    holder = hold_in_another_process(exp / RUN_LOCK)
+    try:
+        with caplog.at_level(logging.ERROR):
+            code, trainer = run_training(make_cfg(exp, "train.epochs=2", "train.resume=last"), fake_build_loaders)
+        assert (code, trainer) == (2, None)
+        assert f"cannot start training: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
+        assert "paths.exp_dir" in caplog.text
+        assert folder_state(exp) == before  # not a byte: config.yaml, logs, TensorBoard, checkpoints
+
+        from pillsnap.cli import main
+
+        caplog.clear()  # `pillsnap calibrate` would overwrite the calibration the run writes at its end
+        with caplog.at_level(logging.ERROR):
+            assert main(["calibrate", "--exp", str(exp)]) == 2
+        assert f"calibrate: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
+        assert folder_state(exp) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, trainer = run_training(make_cfg(exp, "train.epochs=2", "train.resume=last"), fake_build_loaders)
+    assert code == 0 and trainer.start_epoch == 1  # the killed holder left nothing behind
+
+
+def test_the_folder_stays_held_through_the_work_after_training(tmp_path, monkeypatch):
+    import pillsnap.train
+
+    exp = tmp_path / "exp"
+    seen = []
+
+    def calibrate(trainer, build_loaders):
+        try:
+            with file_lock(exp / RUN_LOCK):
+                seen.append("free")
+        except BusyError as err:
+            seen.append(str(err))
+
+    monkeypatch.setattr(pillsnap.train, "calibrate", calibrate)
+    assert pillsnap.train.train(make_cfg(exp, "train.epochs=1"), fake_build_loaders) == 0
+    assert len(seen) == 1 and f"held by pid {os.getpid()}" in seen[0]
+    with file_lock(exp / RUN_LOCK):  # and given back at the end
+        pass
+
+
+def test_a_sigterm_after_training_is_an_interrupt_that_frees_the_folder(tmp_path, monkeypatch):
+    """A scheduler's stop during the calibration: before, the default SIGTERM action killed the process there
+    without a word; now `pillsnap train` gets KeyboardInterrupt and prints the commands that finish the work."""
+    import pillsnap.train
+
+    exp = tmp_path / "exp"
+
+    def calibrate(trainer, build_loaders):
+        handler = signal.getsignal(signal.SIGTERM)  # what the kernel would call (the test process is spared)
+        assert callable(handler), "a SIGTERM here would kill the process without a word"
+        handler(signal.SIGTERM, None)
+
+    monkeypatch.setattr(pillsnap.train, "calibrate", calibrate)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        pillsnap.train.train(make_cfg(exp, "train.epochs=1"), fake_build_loaders)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with file_lock(exp / RUN_LOCK):
+        pass
+
+
+def refused_rank(rank: int, world: int, port: int, root: str) -> None:
+    from test_engine_ddp_start import record, start_rank
+
+    start_rank(rank, world, port)
+    code, trainer = run_training(make_cfg(Path(root) / "exp", "train.epochs=1"), fake_build_loaders)
+    record(root, rank, code=code, trained=trainer is not None)
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_refused_ddp_run_stops_as_a_config_error(tmp_path):
+    """Only rank 0 takes the lock; the others learn from it that the folder is held and stop with it (exit 2)
+    instead of waiting for it in the first collective."""
+    from test_engine_ddp import free_port
+    from test_engine_ddp_start import outcome, run_ranks
+
+    holder = hold_in_another_process(tmp_path / "exp" / RUN_LOCK)
+    try:
+        run_ranks(refused_rank, (2, free_port(), str(tmp_path)), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [outcome(tmp_path, r) for r in (0, 1)] == [{"code": 2, "trained": False}] * 2
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [RUN_LOCK]
