@@ -23,8 +23,8 @@ from pillsnap.config import load_config
 from pillsnap.data.scan import scan_dataset
 from pillsnap.data.synth import generate_dataset
 from pillsnap.demo import PROFILES
+from pillsnap.engine import run_training
 from pillsnap.engine.detection import DetectionTask
-from pillsnap.engine.trainer import run_training
 
 
 def build_arm(work: Path, plain: bool, args: argparse.Namespace) -> tuple[Path, float]:

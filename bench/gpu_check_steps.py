@@ -291,8 +291,8 @@ OOM_DRILL_STEP = "5"
 
 def ddp_rank(ctx: Ctx) -> None:
     """One torchrun rank of the DDP check; rank 0 writes what it saw."""
+    from pillsnap.engine import run_training
     from pillsnap.engine.oom import FAKE_OOM_ENV
-    from pillsnap.engine.trainer import run_training
 
     drill = bool(os.environ.get(OOM_DRILL_ENV))
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

@@ -132,7 +132,7 @@ def train_run(ctx: Ctx, mode: str) -> dict:
     """A short interleaved run through run_training, stopped by the engine's own stage time cap."""
     import shutil
 
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine import run_training
 
     exp = ctx.work / f"exp_{mode.replace('-', '_')}"
     shutil.rmtree(exp, ignore_errors=True)
@@ -169,7 +169,7 @@ def train_run(ctx: Ctx, mode: str) -> dict:
 
 
 def step_auto_batch(ctx: Ctx) -> dict:
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine import run_training
 
     exp = ctx.work / "exp_auto_batch"
     if ctx.dry:  # the CPU analogue: trials above 2x the configured batch raise the engine's fake OOM
@@ -219,7 +219,7 @@ def memory_loaders(batches: int) -> Callable[[Any], Any]:
 def step_oom_recovery(ctx: Ctx) -> dict:
     import torch
 
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine import run_training
 
     if ctx.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory

@@ -54,7 +54,7 @@ def child(spec: dict) -> None:
     from pillsnap.config import load_config
     from pillsnap.data.loaders import Loaders
     from pillsnap.data.samplers import EpochSampler
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine import run_training
 
     torch.set_num_threads(1)
 

@@ -138,7 +138,7 @@ def capped_loaders(cfg: Any, val_cap: int) -> Any:
 def phase_train(shape: dict) -> dict:
     from functools import partial
 
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine import run_training
     from pillsnap.train import write_reports
 
     cfg = _cfg(shape)

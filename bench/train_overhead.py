@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pillsnap.config import load_config
 from pillsnap.data.loaders import Loaders
+from pillsnap.engine import main as train_main
 from pillsnap.engine.callbacks import default_callbacks
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.loop import EpochRunner
 from pillsnap.engine.optim import build_optimizer, build_scheduler
-from pillsnap.engine.trainer import main as train_main
 from pillsnap.utils import TBWriter, set_seed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -91,16 +91,31 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
     (train.stage_evaluation) and, after stage 4, run the final test evaluation, all while holding the experiment
     folder. Returns the exit code (0 ok, 2 config/resume error or a folder another run holds, 3 OOM give-up, 4 time
-    cap failed, 130 interrupted). An interrupt after training raises KeyboardInterrupt (the checkpoints are whole)."""
-    from pillsnap.engine.trainer import run_training
+    cap failed, 130 interrupted). An interrupt after training raises InterruptedAfterTraining (the checkpoints are
+    whole)."""
+    from pillsnap.engine.run import run_training
 
     return run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
                                                           choice=choice, assume_yes=assume_yes))[0]
 
 
+class InterruptedAfterTraining(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the work after training (reports, calibration, stage decision): the checkpoints
+    are whole, so a resume would only say "already trained"."""
+
+
 def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
                     assume_yes: bool) -> int:
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP, run_logging
+    try:
+        return _finish_run(code, trainer, build_loaders, choice, assume_yes)
+    except KeyboardInterrupt as err:
+        raise InterruptedAfterTraining(*err.args) from err
+
+
+def _finish_run(code: int, trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
+                assume_yes: bool) -> int:
+    from pillsnap.engine.run import run_logging
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP
 
     if code == EXIT_INTERRUPTED:
         return code
@@ -172,12 +187,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         code = train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
-    except KeyboardInterrupt:
-        # After training (reports, calibration, stage evaluation): the checkpoints are complete, so resuming would
-        # only say "already trained". The steps that were cut short are run on their own instead.
+    except InterruptedAfterTraining:  # the steps that were cut short are run on their own instead of a resume
         exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
         LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
                        "--exp %s --stage %d", exp, exp, stage)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # while the run was being set up, before the engine's own handling
+        LOGGER.warning("interrupted before training started; run the command again to train")
         return EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))

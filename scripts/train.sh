@@ -55,6 +55,15 @@ try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
 except ConfigError as err:
     sys.exit(f"train.sh: config error: {err}")
+# A folder another run holds: said here, before this run's output is appended to that run's log files.
+from pillsnap.engine.run import hold_experiment
+from pillsnap.utils.locks import BusyError
+try:
+    with hold_experiment(cfg.paths.exp_dir):
+        pass
+except BusyError as err:
+    sys.exit(f"train.sh: {err}; wait for that run to end or stop it, or train into another folder "
+             "(paths.exp_dir=...)")
 print(cfg.paths.exp_dir)
 print(cfg.data.progressive_validation.current_stage)
 print(f"stage={cfg.data.progressive_validation.current_stage} strategy={cfg.train.strategy} "

@@ -13,7 +13,7 @@ from test_detection_task import tiny_cfg
 from pillsnap.engine import ClassificationTask, StepOutput
 from pillsnap.engine.detection import DetectionTask
 from pillsnap.engine.loop import EpochRunner
-from pillsnap.engine.trainer import main as train_main
+from pillsnap.engine.run import main as train_main
 from pillsnap.utils import load_ckpt, read_json
 
 

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def worker(rank: int, world: int, port: int, root: str) -> None:
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     torch.set_num_threads(1)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -85,7 +85,7 @@ def loaders_losing_a_batch(cfg):
 
 
 def lossy_worker(rank: int, world: int, port: int, root: str) -> None:
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     torch.set_num_threads(1)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -175,7 +175,7 @@ def loaders_counting_validation(cfg):
 
 def sharing_worker(rank: int, world: int, port: int, root: str) -> None:
     from pillsnap.engine.classification import validate_classification
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     torch.set_num_threads(1)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),

@@ -61,7 +61,7 @@ def loaders_taking_turns(cfg, root: str):
 def turns_worker(rank: int, world: int, port: int, root: str) -> None:
     from functools import partial
 
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     start_rank(rank, world, port)
     cfg = make_cfg(Path(root) / "exp", "train.epochs=1")
@@ -93,7 +93,7 @@ def loaders_autotuned(cfg, root: str):
 def autotune_worker(rank: int, world: int, port: int, root: str) -> None:
     from functools import partial
 
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     start_rank(rank, world, port)
     cfg = make_cfg(Path(root) / "exp", "train.epochs=1", "dataloader.autotune_workers=true")
@@ -114,7 +114,7 @@ def no_rows(cfg):
 
 
 def failing_build_worker(rank: int, world: int, port: int, root: str) -> None:
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     start_rank(rank, world, port)
     cfg = make_cfg(Path(root) / "exp", "train.epochs=1", "dataloader.autotune_workers=true")
@@ -169,7 +169,7 @@ def test_processes_exporting_the_same_photos_at_once_all_succeed(manifest_dir, t
 # ---- one batch size for every rank ------------------------------------------------------------------------------
 def batch_worker(rank: int, world: int, port: int, root: str) -> None:
     from pillsnap.engine.oom import FAKE_OOM_BATCH_ENV
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     # rank 1's "GPU" holds 8 images, rank 0's 16: each rank's own search finds a different size
     start_rank(rank, world, port, **{FAKE_OOM_BATCH_ENV: "16" if rank == 0 else "8"})
@@ -196,7 +196,7 @@ def test_ranks_train_at_the_smallest_batch_any_rank_found(tmp_path):
 
 # ---- the time-cap rule counts every rank's samples --------------------------------------------------------------
 def time_cap_worker(rank: int, world: int, port: int, root: str) -> None:
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     start_rank(rank, world, port)
     stage = "data.progressive_validation.stage_1"
@@ -228,7 +228,7 @@ def test_a_resumed_run_whose_stage_clock_is_spent_trains_no_more(tmp_path):
     """torchrun restarts on every non-zero exit, 4 (time cap not met) included. A restart resumed the spent clock,
     trained on to the first check and passed the cap with the extra samples; it now reports the verdict again.
     Resumed in one process after two ranks, the count is the checkpoint's 32, not rank 0's 16."""
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     run_ranks(time_cap_worker, (2, free_port(), str(tmp_path)))
     stage = "data.progressive_validation.stage_1"
@@ -248,7 +248,7 @@ OOM_CFG = ("train.oom.escalate_to_fp16=false", "train.oom.max_grad_accum=1", "tr
 
 def oom_worker(rank: int, world: int, port: int, root: str, attempt: int, oom_at: str) -> None:
     from pillsnap.engine.oom import FAKE_OOM_ENV
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     env = {"TORCHELASTIC_RUN_ID": "oom-job", "TORCHELASTIC_RESTART_COUNT": str(attempt)}
     if rank == 1 and oom_at:
@@ -329,7 +329,8 @@ def test_a_recovery_file_left_in_the_folder_does_not_change_a_fresh_run(tmp_path
     keeps its configured batch and learning rate and says why; and the file is gone at once, so that a torchrun
     restart of that fresh run, stopped before its first checkpoint, does not apply it either."""
     from pillsnap.engine.oom import SavedRecovery, save_recovery
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+    from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED
 
     ckpt_dir = tmp_path / "exp" / "checkpoints"
     save_recovery(ckpt_dir, SavedRecovery("classification", KNOBS, {**KNOBS, "batch_size": 4}, 0.5, 1, 0, 1))
@@ -348,7 +349,8 @@ def test_a_recovery_that_gave_up_stops_the_restart_and_one_made_for_other_knobs_
     """A restart of a run whose OOM recovery gave up would only meet the same OOMs: it refuses to start (exit 2)
     and says what to change. A recovery made for other knobs (the run now has another batch) is not applied."""
     from pillsnap.engine.oom import SavedRecovery, save_recovery
-    from pillsnap.engine.trainer import EXIT_CONFIG, run_training
+    from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_CONFIG
 
     ckpt_dir = tmp_path / "exp" / "checkpoints"
     assert run_training(make_cfg(tmp_path / "exp", "train.epochs=1"), fake_build_loaders)[0] == 0
@@ -368,7 +370,8 @@ def test_a_recovery_that_gave_up_stops_the_restart_and_one_made_for_other_knobs_
 def test_a_restart_after_a_failed_time_cap_in_the_last_epoch_reports_it_again(tmp_path, monkeypatch):
     """The cap spent in the last planned epoch: a restart finds the run trained to its end, and used to exit 0
     ("already trained") where the run had failed its time cap (exit 4)."""
-    from pillsnap.engine.trainer import EXIT_TIME_CAP, run_training
+    from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_TIME_CAP
 
     stage = "data.progressive_validation.stage_1"
     cfg = make_cfg(tmp_path / "exp", "train.epochs=1", f"{stage}.time_limit_hours=1e-9",
@@ -386,7 +389,8 @@ def test_a_restart_does_not_resume_what_an_older_run_left_in_the_folder(tmp_path
     """An older run's checkpoints are in the folder; a new torchrun job starts fresh there and is stopped before
     its first checkpoint. Its restart starts fresh again (the job's mark says when it began), instead of resuming
     the older run's weights."""
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+    from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED
 
     assert run_training(make_cfg(tmp_path / "exp", "train.epochs=1"), fake_build_loaders)[0] == 0  # the older run
     older = tmp_path / "exp" / "checkpoints" / "classification_last.pt"
@@ -446,7 +450,8 @@ def test_a_job_started_with_resume_last_goes_on_resuming_on_restart(tmp_path, mo
     """A job started with train.resume=last resumes the older run's checkpoints, as asked; a restart before its own
     first checkpoint resumes them again rather than judging them an older run's and starting fresh. Its first start
     also warns that torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
-    from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+    from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_INTERRUPTED
 
     assert run_training(make_cfg(tmp_path / "exp", "train.epochs=1"), fake_build_loaders)[0] == 0  # the older run
     older = tmp_path / "exp" / "checkpoints" / "classification_last.pt"

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pillsnap.data.samplers import EpochSampler
 from pillsnap.engine.distributed import DistInfo, shard_loader
-from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+from pillsnap.engine.run import run_training
+from pillsnap.engine.trainer import EXIT_INTERRUPTED
 from pillsnap.utils import load_ckpt, save_ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

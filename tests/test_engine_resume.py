@@ -16,7 +16,8 @@ from torch import nn
 
 from pillsnap.engine import ClassificationTask, DetectionTask
 from pillsnap.engine.checkpointing import checkpoint_beside
-from pillsnap.engine.trainer import EXIT_INTERRUPTED, run_training
+from pillsnap.engine.run import run_training
+from pillsnap.engine.trainer import EXIT_INTERRUPTED
 from pillsnap.train import resume_command, train
 from pillsnap.utils import load_ckpt, save_json
 
@@ -184,13 +185,20 @@ def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypat
     cfg = OmegaConf.create({"paths": {"exp_dir": "/runs/x"}, "data": {"progressive_validation": {"current_stage": 2}}})
     monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: cfg)
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+    def interrupted(error):
+        def raise_it(*a, **k):
+            raise error
 
-    monkeypatch.setattr(pillsnap.train, "train", interrupted)
+        return raise_it
+
+    monkeypatch.setattr(pillsnap.train, "train", interrupted(pillsnap.train.InterruptedAfterTraining()))
     assert pillsnap.train.run(args) == 130
     assert "pillsnap calibrate --exp /runs/x && pillsnap evaluate --exp /runs/x --stage 2" in caplog.text
     assert "train.resume=last" not in caplog.text
+    caplog.clear()  # an interrupt while the run is set up is not one after training (nothing was trained)
+    monkeypatch.setattr(pillsnap.train, "train", interrupted(KeyboardInterrupt()))
+    assert pillsnap.train.run(args) == 130
+    assert "interrupted before training started" in caplog.text and "pillsnap calibrate" not in caplog.text
 
 
 def test_grad_clip_0_turns_clipping_off_for_every_task(tmp_path):

@@ -167,7 +167,7 @@ def test_auto_batch_does_not_force_fp16_on_a_task_already_in_bf16(tmp_path, monk
 
 def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
     from pillsnap.engine.callbacks import MemoryWatchCallback
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "4")
     cfg = make_cfg(tmp_path, "train.classification.auto_batch_tune=true", "train.epochs=1", "train.batch_size=8")
@@ -179,13 +179,18 @@ def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
     # batches sized to fill 88% of the GPU are not warned about at 80% every epoch (the memory warning's limit)
     watch = trainer.callbacks.of_type(MemoryWatchCallback)
     assert [w.ratio for w in watch] == [0.88] and "auto_batch_vram_headroom" in watch[0].limit_name
-    assert [w.ratio for w in run_training(make_cfg(tmp_path / "fixed", "train.epochs=1"), fake_build_loaders)[1]
-            .callbacks.of_type(MemoryWatchCallback)] == [0.8]
+    # a search that stopped at auto_batch_max, far from the headroom, keeps the warning at 80%
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "1000")
+    cfg = make_cfg(tmp_path / "roomy", "train.classification.auto_batch_tune=true", "train.epochs=1",
+                   "train.batch_size=8", "train.classification.auto_batch_max=16")
+    code, trainer = run_training(cfg, fake_build_loaders)
+    assert code == 0 and trainer.tasks["classification"].knobs.batch_size == 16
+    assert [w.ratio for w in trainer.callbacks.of_type(MemoryWatchCallback)] == [0.8]
 
 
 @pytest.mark.slow
 def test_torch_compile_trains_under_bf16_autocast_on_cpu(tmp_path, caplog):
-    from pillsnap.engine.trainer import run_training
+    from pillsnap.engine.run import run_training
 
     cfg = make_cfg(tmp_path, "optimization.torch_compile=reduce-overhead", "train.cpu_amp=true",
                    "train.classification.amp_dtype=bf16", "train.epochs=1", "train.max_steps_per_epoch=3",

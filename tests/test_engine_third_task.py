@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pillsnap.engine import ClassificationTask, DetectionTask, ResumeMismatchError, Task
 from pillsnap.engine.oom import BatchChoice
+from pillsnap.engine.run import run_training
 from pillsnap.engine.spec import TaskSpec
-from pillsnap.engine.trainer import run_training
 from pillsnap.utils import load_ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,8 @@ import torch
 from fakes import NUM_CLASSES, StoppingLoader, fake_build_loaders, make_cfg
 
 from pillsnap.engine.precision import Precision
-from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, main, run_training
+from pillsnap.engine.run import main, run_training
+from pillsnap.engine.trainer import EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP
 from pillsnap.train import train
 from pillsnap.utils import CKPT_REQUIRED_KEYS, load_ckpt
 

@@ -66,6 +66,9 @@ def test_set_figures_match_pills_by_box_and_count_an_empty_set_right_for_an_unle
     assert (sets["known_pills"], sets["named"], sets["coverage"]) == (3, 3, pytest.approx(2 / 3))
     assert sets["mean_set_size"] == pytest.approx(4 / 3) and sets["sure_share"] == pytest.approx(2 / 3)
     assert sets["sure_accuracy"] == 0.5 and sets["unknown_empty"] == 1.0 and sets["unknown_pills"] == 1
+    figures = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})
+    # c.png pill by pill: K-000002 right, K-000001 answered K-000002; the photo as a whole is wrong
+    assert figures["combo_pill_accuracy"] == 0.5 and figures["combo_all_right_rate"] == 0.0
     outcomes = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["outcomes"]
     redrawn = set_figures(with_sets(outcomes, "lac", 0.7))  # 1 - 0.4 <= 0.7: both candidates in every set
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 2.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fakes import fake_build_loaders, make_cfg
 
-from pillsnap.engine.trainer import RUN_LOCK, run_training
+from pillsnap.engine.run import RUN_LOCK, run_training
 from pillsnap.utils.locks import BusyError, file_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,6 +37,17 @@ def hold_in_another_process(lock: Path) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+FORKING_HOLDER = """
+import multiprocessing as mp, sys, time
+from pillsnap.utils.locks import file_lock
+with file_lock(sys.argv[1]):
+    child = mp.get_context("fork").Process(target=time.sleep, args=(600,))  # as a loader worker is started
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
 
 
 def folder_state(exp: Path) -> dict[str, tuple[int, bytes]]:
@@ -59,6 +70,49 @@ def test_a_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     with file_lock(lock):  # no stale lock
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """flock belongs to the open file, which a forked child shares: a loader worker outliving its killed trainer
+    kept the lock, and the restarted run was refused in the name of a dead process."""
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child still runs
+        with file_lock(lock):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_file_system_that_cannot_lock_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level(logging.WARNING), file_lock(tmp_path / "x.lock"):
+        ran.append(True)
+    assert ran and f"cannot lock {tmp_path / 'x.lock'} (No locks available): going on without it" in caplog.text
+
+
+def test_the_enrolment_store_waits_for_the_other_writer(tmp_path):
+    from pillsnap.infer.enrolment import LOCK_FILE, store_lock
+
+    holder = hold_in_another_process(tmp_path / LOCK_FILE)
+    try:
+        subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
+        with store_lock(tmp_path):  # queued, not refused: the server and the CLI each get their turn
+            assert holder.poll() is not None
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_waiting_for_a_lock_queues_behind_its_holder(tmp_path):
@@ -94,6 +148,10 @@ def test_a_second_run_on_a_held_folder_is_refused_before_it_writes(tmp_path, cap
         with caplog.at_level(logging.ERROR):
             assert main(["calibrate", "--exp", str(exp)]) == 2
         assert f"calibrate: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
+        caplog.clear()  # nor the stage decision it writes at its end
+        with caplog.at_level(logging.ERROR):
+            assert main(["evaluate", "--exp", str(exp), "--stage", "1", "--yes"]) == 2
+        assert f"evaluate: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
         assert folder_state(exp) == before
     finally:
         holder.kill()
@@ -136,7 +194,7 @@ def test_a_sigterm_after_training_is_an_interrupt_that_frees_the_folder(tmp_path
 
     monkeypatch.setattr(pillsnap.train, "calibrate", calibrate)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(pillsnap.train.InterruptedAfterTraining):
         pillsnap.train.train(make_cfg(exp, "train.epochs=1"), fake_build_loaders)
     assert signal.getsignal(signal.SIGTERM) is before
     with file_lock(exp / RUN_LOCK):
@@ -166,3 +224,26 @@ def test_every_rank_of_a_refused_ddp_run_stops_as_a_config_error(tmp_path):
         holder.wait()
     assert [outcome(tmp_path, r) for r in (0, 1)] == [{"code": 2, "trained": False}] * 2
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [RUN_LOCK]
+
+
+def test_a_job_refused_at_first_marks_itself_when_a_restart_gets_the_folder(tmp_path, monkeypatch):
+    """torchrun restarts a job that exit 2 refused. The first attempt to get the folder was a restart, and the
+    job's mark (when it began, written at the first attempt) was never made: a later OOM restart of that job then
+    found no mark and trained over its own checkpoints from scratch."""
+    from pillsnap.engine.restart import JOB_MARKER
+
+    exp = tmp_path / "exp"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    holder = hold_in_another_process(exp / RUN_LOCK)
+    try:
+        assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the holder is gone: this attempt trains
+    assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0
+    assert json.loads((exp / "checkpoints" / JOB_MARKER).read_text())["run_id"] == "job-7"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # a later restart of the job goes on from its files
+    code, trainer = run_training(make_cfg(exp, "train.epochs=2"), fake_build_loaders)
+    assert code == 0 and trainer.start_epoch == 1

@@ -93,3 +93,23 @@ def test_a_crash_traceback_reaches_train_err(synth_root, manifest_dir, tmp_path)
     assert proc.returncode == 1 and "see " + str(exp / "logs" / "train.err") in proc.stderr
     err = (exp / "logs" / "train.err").read_text(encoding="utf-8")
     assert "Traceback (most recent call last)" in err and "interleave_ratio" in err
+
+
+def test_train_sh_on_a_held_folder_stops_before_writing_to_its_logs(synth_root, manifest_dir, tmp_path):
+    """train.sh appends the run's output to logs/train.out and train.err: a run refused by the engine would already
+    have written its refusal into the other run's log; the script asks first."""
+    from test_run_lock import hold_in_another_process
+
+    exp = tmp_path / "exp"
+    (exp / "logs").mkdir(parents=True)
+    (exp / "logs" / "train.err").write_text("the running run's warnings\n", encoding="utf-8")
+    holder = hold_in_another_process(exp / "run.lock")
+    try:
+        proc = run("bash", str(REPO / "scripts" / "train.sh"), *tiny(synth_root, manifest_dir, exp), "train.epochs=1")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"train.sh: {exp / 'run.lock'} is held by pid {holder.pid}" in proc.stderr
+    assert (exp / "logs" / "train.err").read_text(encoding="utf-8") == "the running run's warnings\n"
+    assert not (exp / "logs" / "train.out").exists()

@@ -8,9 +8,9 @@ from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import BatchChoice, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import build_criterion_classification, build_optimizer, build_scheduler
 from pillsnap.engine.precision import Precision
+from pillsnap.engine.run import main, run_training
 from pillsnap.engine.spec import TaskSpec
 from pillsnap.engine.task import ResumeMismatchError, StepOutput, Task
-from pillsnap.engine.trainer import main, run_training
 
 __all__ = [
     "BatchChoice", "ClassificationTask", "DetectionTask", "OomDecision", "Precision", "ResumeMismatchError",

@@ -88,6 +88,8 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
         ck.CheckpointStore(ckpt_dir).recover()
         job_started = torchrun_job_started(ckpt_dir)
         decided = (*resume_for_restart(configured, ckpt_dir, job_started), job_started)
+        if job_started is None:  # the attempts before wrote nothing (refused at the folder's lock, say): this one
+            mark_torchrun_job(ckpt_dir)  # is the job's first to run, and its own restarts must find its mark
     resume, why, job_started = broadcast_object(info, decided)  # every rank resumes the same way
     cfg.train.resume = resume
     logger.warning("torchrun restart %s: %s", os.environ["TORCHELASTIC_RESTART_COUNT"], why)

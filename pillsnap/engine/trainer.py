@@ -1,4 +1,5 @@
-"""The training run: build the tasks, interleave their steps, validate, commit checkpoints, resume, stop.
+"""The training run: build the tasks, interleave their steps, validate, commit checkpoints, resume, stop (the
+process around it, its folder, signals and log files: engine/run.py).
 
 Side concerns hang on callbacks (engine/callbacks.py); policies (OOM recovery, early stopping, time cap,
 interleaving) are pure functions in their own modules. The trainer only speaks the Task contract.
@@ -6,27 +7,21 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 
 from __future__ import annotations
 
-import builtins
-import copy
 import json
 import logging
-import os
 import random
-import signal
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pillsnap.config import apply_stage_overrides, stage_settings
+from pillsnap.config import stage_settings
 from pillsnap.engine import checkpointing as ck
+from pillsnap.engine.build import BuildLoaders, TaskBuilder
 from pillsnap.engine.callbacks import Callback, CallbackList, MemoryWatchCallback, default_callbacks
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.detection import DetectionTask
@@ -35,48 +30,30 @@ from pillsnap.engine.distributed import (
     all_ranks,
     barrier,
     broadcast_object,
-    cleanup,
     device_for,
-    init_distributed,
-    main_rank_first,
-    shard_loader,
 )
 from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
 from pillsnap.engine.loop import EmergencyExit, EpochProgress, EpochRunner, RankOutOfMemory, RunState
 from pillsnap.engine.oom import (
-    FAKE_OOM_BATCH_ENV,
     RECOVERY_FILE,
-    BatchChoice,
     SavedRecovery,
     load_recovery,
     recovered_state,
     save_recovery,
 )
-from pillsnap.engine.restart import settle_restart
 from pillsnap.engine.spec import specs_by_name
-from pillsnap.engine.task import ResumeMismatchError, Task
+from pillsnap.engine.task import Task
 from pillsnap.utils import (
-    CUDA_PEAKS,
     TBWriter,
-    build_logger,
-    ensure_dir,
     load_ckpt,
     memory_snapshot,
-    release_cuda_cache,
     resolve_device,
-    set_seed,
 )
-from pillsnap.utils.io import save_text
-from pillsnap.utils.locks import BusyError, file_lock
-from pillsnap.utils.logs import streams_are_logs
-from pillsnap.utils.offline import ultralytics_offline
 
-LOGGER = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 # The tasks a run may train, in the order of a sequential run; each decides from the config and loaders whether
 # it trains (Task.wanted).
 DEFAULT_TASKS: tuple[type[Task], ...] = (ClassificationTask, DetectionTask)
-BuildLoaders = Callable[[DictConfig], Any]  # cfg -> pillsnap.data.Loaders
 
 
 def seed_epoch(seed: int, epoch: int, loaders: list[Any]) -> None:
@@ -90,37 +67,6 @@ def seed_epoch(seed: int, epoch: int, loaders: list[Any]) -> None:
             loader.sampler.set_epoch(epoch)
         if getattr(loader, "generator", None) is not None:
             loader.generator.manual_seed(s)
-
-
-@contextmanager
-def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
-    """Console + logs/pillsnap.log + logs/train.out (INFO) + logs/train.err (WARNING); handlers removed at the end.
-    Under scripts/train.sh the process's own streams are written to train.out/err, so no handlers are added."""
-    logger = build_logger(exp_dir) if enabled else logging.getLogger("pillsnap")
-    added = []
-    if enabled and not streams_are_logs():
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for name, level in (("train.out", logging.INFO), ("train.err", logging.WARNING)):
-            handler = logging.FileHandler(exp_dir / "logs" / name, encoding="utf-8")
-            handler.setLevel(level)
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-            added.append(handler)
-    try:
-        yield logger
-    finally:
-        logs_dir = str((exp_dir / "logs").resolve())
-        for handler in list(logger.handlers):
-            if handler in added or str(getattr(handler, "baseFilename", "")).startswith(logs_dir):
-                logger.removeHandler(handler)
-                handler.close()
-
-
-def default_build_loaders(cfg: DictConfig, tb: TBWriter | None = None) -> Any:
-    """pillsnap.data's loaders for the current stage (never the test split while training)."""
-    from pillsnap.data import build_dataloaders_twostage
-
-    return build_dataloaders_twostage(cfg, build_test=False, tb=tb)
 
 
 class Trainer:
@@ -144,8 +90,14 @@ class Trainer:
         self.stage = int(cfg.data.progressive_validation.current_stage)
         self.stage_cfg = stage_settings(cfg)
         self.state = RunState()
-        self.auto_batch: dict[str, dict] = {}  # what the auto batch search chose, per task
-        self.tasks = self._build_tasks(build_loaders, task_types)
+        built = TaskBuilder(cfg, info, self.device, logger, tb).build(build_loaders, task_types)
+        self.tasks, self.meta = built.tasks, built.meta
+        self.auto_batch = built.auto_batch  # what the auto batch search chose, per task
+        if built.memory_bound:  # batches sized to fill the GPU up to the headroom: the memory warning starts there
+            for watch in self.callbacks.of_type(MemoryWatchCallback):
+                watch.sized_for(float(cfg.train.auto_batch_vram_headroom))
+        logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", list(self.tasks), cfg.train.strategy,
+                    self.stage, self.device)
         self.plan = self._epoch_plan()
         self.runner = EpochRunner(self.tasks, cfg, self.state, self.callbacks, logger, info,
                                   self.stage_cfg.get("time_limit_hours"), len(self.plan), self.save_progress)
@@ -163,110 +115,6 @@ class Trainer:
         # per task: the knobs of the last committed checkpoint, and the lr scale OOM recovery applied since
         self.recovery_base: dict[str, tuple[dict, float]] = {}
         self._rebase_recovery()
-
-    # ---- build ------------------------------------------------------------------------------------------------------
-    def _build_tasks(self, build_loaders: BuildLoaders, task_types: Sequence[type[Task]]) -> dict[str, Task]:
-        # rank 0 first: building the loaders may write the crop cache and the detection export the ranks share.
-        # Importing ultralytics runs a barrier of its own when a process group is up (its settings are made on
-        # rank 0 first), which would wait forever for ranks held at ours: every rank imports it before.
-        if self.info.enabled and str(self.cfg.train.strategy) != "classification":
-            ultralytics_offline()
-        loaders = self._build_loaders(build_loaders)
-        types = [t for t in task_types if t.wanted(self.cfg, loaders)]
-        choices = self._auto_batch(types, loaders)
-        if choices:  # rebuilt with the batch sizes the search chose, and the worker count already found
-            for watch in self.callbacks.of_type(MemoryWatchCallback):
-                watch.sized_for(float(self.cfg.train.auto_batch_vram_headroom))
-            workers = _workers_of(loaders, self.cfg)
-            with main_rank_first(self.info):
-                loaders = build_loaders(self._with_workers(workers))
-        self.meta = loaders.meta
-        tasks = {t.spec.name: self._make_task(t, loaders, self.cfg, choices.get(t.spec.name)) for t in types}
-        CUDA_PEAKS.reset()  # the run's peak memory is its training's, not the batch search's trials
-        self.logger.info("tasks: %s (strategy=%s, stage=%d, device=%s)", list(tasks), self.cfg.train.strategy,
-                         self.stage, self.device)
-        return tasks
-
-    def _build_loaders(self, build_loaders: BuildLoaders) -> Any:
-        """The stage's loaders on every rank, rank 0 first (main_rank_first). With dataloader.autotune_workers under
-        torchrun, rank 0 alone measures the worker counts and every other rank uses its choice: each rank measuring in
-        turn took as long again per rank, measured with the other ranks' loaders running, and could train with
-        another count."""
-        if not (self.info.enabled and self.cfg.dataloader.autotune_workers):
-            with main_rank_first(self.info):
-                return build_loaders(self.cfg)
-        loaders, failure = None, None
-        with main_rank_first(self.info):
-            if self.info.is_main:
-                try:
-                    loaders = build_loaders(self.cfg)
-                except Exception as err:  # the other ranks are told, and stop the same way (a config error: exit 2)
-                    failure = err
-        told = broadcast_object(self.info, _failure_or_workers(failure, loaders, self.cfg))
-        if failure is not None:
-            raise failure
-        if isinstance(told, tuple):  # rank 0's error
-            raise _as_builtin(*told)
-        with main_rank_first(self.info):
-            if loaders is None:
-                loaders = build_loaders(self._with_workers(told))
-        return loaders
-
-    def _with_workers(self, workers: int) -> DictConfig:
-        """The run's config with the loader worker count fixed at `workers` (no autotune): for rebuilding loaders."""
-        cfg = copy.deepcopy(self.cfg)
-        cfg.dataloader.num_workers, cfg.dataloader.autotune_workers = int(workers), False
-        return cfg
-
-    def _make_task(self, task_type: type[Task], loaders: Any, cfg: DictConfig,
-                   choice: BatchChoice | None = None) -> Task:
-        seed = int(self.cfg.train.seed)
-        task = task_type.from_loaders(cfg, loaders, self.device, choice,
-                                      shard=lambda loader: shard_loader(loader, self.info, seed))
-        task.info = self.info  # the run's ranks: a task that shares its validation gathers among them
-        return task
-
-    def _auto_batch(self, types: list[type[Task]], loaders: Any) -> dict[str, BatchChoice]:
-        """The auto batch search for each task that asks for it; the chosen sizes are written into the config."""
-        sections = {t: OmegaConf.select(self.cfg, t.spec.config_section) if t.spec.config_section else None
-                    for t in types}
-        wanted = [t for t in types if sections[t] is not None and sections[t].get("auto_batch_tune")]
-        if wanted and self.device.type != "cuda" and not os.environ.get(FAKE_OOM_BATCH_ENV):
-            self.logger.info("auto batch measures GPU memory; on %s the configured batch sizes are kept",
-                             self.device)
-            return {}
-        # The probe trains uncompiled: every trial size would otherwise be a fresh compilation.
-        probe_cfg = copy.deepcopy(self.cfg)
-        probe_cfg.optimization.torch_compile = "none"
-        choices = {}
-        for task_type in wanted:
-            spec = task_type.spec
-            task = self._make_task(task_type, loaders, probe_cfg)
-            choice = self._smallest_over_ranks(spec.name, task.find_batch_size(
-                int(sections[task_type].auto_batch_max), float(self.cfg.train.auto_batch_vram_headroom)))
-            del task
-            release_cuda_cache()  # the probe's weights, optimizer state and cached blocks are not the next one's
-            OmegaConf.update(self.cfg, spec.batch_key, choice.batch_size)
-            self.tb.add_scalar(f"{spec.tb}perf/auto_batch_found", choice.batch_size, 0)
-            self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", spec.name, spec.batch_key,
-                             choice.batch_size, choice.grad_accum, choice.force_fp16)
-            self.auto_batch[spec.name] = {"batch_size": choice.batch_size, "grad_accum": choice.grad_accum,
-                                          "force_fp16": choice.force_fp16, "trials": len(choice.trials)}
-            choices[spec.name] = choice
-        return choices
-
-    def _smallest_over_ranks(self, name: str, choice: BatchChoice) -> BatchChoice:
-        """Under DDP every rank must train at one batch size (a rank with more steps per epoch would wait for the
-        others' gradients at its last ones): the smallest any rank found, so that it fits on every GPU; fp16
-        forced wins a tie."""
-        found = all_ranks(self.info, choice)
-        chosen = min(found, key=lambda c: (c.batch_size, not c.force_fp16))
-        if len({(c.batch_size, c.force_fp16) for c in found}) > 1:
-            self.logger.warning("%s auto batch: the ranks found %s; every rank trains at %d (fp16 forced: %s), the "
-                                "smallest, so that it fits on every GPU", name,
-                                ", ".join(f"{c.batch_size}{' fp16' if c.force_fp16 else ''}" for c in found),
-                                chosen.batch_size, chosen.force_fp16)
-        return chosen
 
     def _epoch_plan(self) -> list[list[str]]:
         """Tasks trained in each epoch: all together while each has epochs left, or (train.strategy=sequential)
@@ -653,100 +501,6 @@ class Trainer:
         return EXIT_INTERRUPTED
 
 
-def _prepare_cfg(cfg: DictConfig) -> DictConfig:
-    cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
-    set_seed(int(cfg.train.seed), bool(cfg.train.deterministic))
-    return cfg
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a `kill`, a scheduler's stop) ends the run the way Ctrl-C does: status, logs and resume hint."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-RUN_LOCK = "run.lock"  # in the experiment folder: held by the one process that trains (or calibrates) into it
-
-
-@contextmanager
-def hold_experiment(exp_dir: str | Path) -> Iterator[None]:
-    """The experiment folder for this process alone (its run.lock); BusyError names the process that holds it.
-    Two runs writing one folder would interleave their checkpoints, logs and history."""
-    with file_lock(Path(exp_dir) / RUN_LOCK):
-        yield
-
-
-def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
-                 callbacks: list[Callback] | None = None,
-                 task_types: Sequence[type[Task]] = DEFAULT_TASKS,
-                 after: Callable[[int, Trainer], int] | None = None) -> tuple[int, Trainer | None]:
-    """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
-
-    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error or an experiment folder
-    another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart), 4 time cap failed,
-    130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage;
-    `callbacks` are added to the rank-0 defaults; `task_types` are the Task classes the run may train; `after(code,
-    trainer)`: rank 0's work once the process group is gone (reports, calibration, the stage decision), still
-    holding the folder and with SIGTERM still an interrupt; it returns the run's exit code. Under `torchrun` every
-    rank runs this; only rank 0 writes files (and a rank that runs out of memory, its recovery file).
-    """
-    info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
-    cfg = _prepare_cfg(cfg)
-    exp_dir = Path(cfg.paths.exp_dir)
-    with ExitStack() as held:
-        busy = None
-        if info.is_main:  # before anything is written: a refused run leaves the folder as the other run has it
-            try:
-                held.enter_context(hold_experiment(exp_dir))
-            except BusyError as err:
-                busy = str(err)
-        busy = broadcast_object(info, busy)
-        if busy is not None:
-            LOGGER.error("cannot start training: %s; wait for that run to end or stop it, or train into another "
-                         "folder (paths.exp_dir=...)", busy)
-            cleanup(info)
-            return EXIT_CONFIG, None
-        with sigterm_as_interrupt():
-            code, trainer = _train_in(exp_dir, cfg, info, build_loaders, callbacks, task_types)
-            if after is not None and trainer is not None and info.is_main:
-                code = after(code, trainer)
-            return code, trainer
-
-
-def _train_in(exp_dir: Path, cfg: DictConfig, info: DistInfo, build_loaders: BuildLoaders | None,
-              callbacks: list[Callback] | None, task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
-    if info.is_main:
-        for sub in ("logs", "tb", "reports", "checkpoints", "export"):
-            ensure_dir(exp_dir / sub)
-        # The resolved config of the run, for `pillsnap evaluate` and for people (also inside every checkpoint).
-        save_text(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    barrier(info)
-    tb = TBWriter(exp_dir, enabled=info.is_main)
-    code: int | None = None
-    try:
-        with run_logging(exp_dir, info.is_main) as logger:
-            code, trainer = _start_and_fit(cfg, info, logger, tb,
-                                           build_loaders or partial(default_build_loaders, tb=tb), callbacks,
-                                           task_types)
-            return code, trainer
-    finally:
-        tb.close()
-        # A rank that stops on an OOM, an interrupt or an error may leave the others inside a collective: abort
-        # its communicators rather than flush them (the flush would wait for that collective).
-        cleanup(info, abort=code is None or code in (EXIT_OOM, EXIT_INTERRUPTED))
-
-
 def _same_save(a: dict | None, b: dict) -> bool:
     """Whether two checkpoints' positions come from one save. Compared as JSON text: a NaN loss is not equal to
     itself but reads the same; the random states (tensors, each file its own copy) are left out."""
@@ -760,51 +514,3 @@ def _position_text(progress: dict) -> str:
 def _steps_text(progress: EpochProgress) -> str:
     """'120 classification + 30 detection steps' (the batches each task had drawn)."""
     return " + ".join(f"{n} {name}" for name, n in progress.drawn.items()) + " steps"
-
-
-def _workers_of(loaders: Any, cfg: DictConfig) -> int:
-    """The worker count the loaders were built with (the config's, for a build function that does not say)."""
-    return int(loaders.meta.get("num_workers", cfg.dataloader.num_workers))
-
-
-def _failure_or_workers(failure: BaseException | None, loaders: Any, cfg: DictConfig) -> int | tuple[str, str] | None:
-    """What rank 0 tells the others after its build: its worker count, or its error as (builtin class, message)."""
-    if failure is not None:
-        builtin = next(c for c in type(failure).__mro__ if getattr(builtins, c.__name__, None) is c)
-        return builtin.__name__, str(failure)
-    return None if loaders is None else _workers_of(loaders, cfg)
-
-
-def _as_builtin(name: str, message: str) -> BaseException:
-    """Rank 0's error again on another rank, as the builtin class it is (ValueError stays a config error)."""
-    cls = getattr(builtins, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        cls = RuntimeError
-    return cls(f"on rank 0: {message}")
-
-
-def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
-                   build_loaders: BuildLoaders, callbacks: list[Callback] | None,
-                   task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
-    restarted, older_before = settle_restart(cfg, info, logger)
-    try:
-        trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
-        trainer.resume_newer_than = older_before  # another task's last file may be an older run's
-        trainer.resume()
-        trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
-    except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
-        logger.error("cannot start training: %s", err)
-        return EXIT_CONFIG, None
-    except KeyboardInterrupt:
-        logger.warning("interrupted before training started")
-        return EXIT_INTERRUPTED, None
-    if trainer.already_trained() and not trainer.runner.time_capped():  # a spent clock: fit reports the verdict
-        logger.warning("already trained to epoch %d; raise --epochs (train.epochs=%s now) to continue",
-                       trainer.start_epoch, cfg.train.epochs)
-        return EXIT_OK, None
-    return trainer.fit(), trainer
-
-
-def main(cfg: DictConfig, build_loaders: BuildLoaders | None = None) -> int:
-    """run_training's exit code alone."""
-    return run_training(cfg, build_loaders)[0]

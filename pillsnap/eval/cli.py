@@ -9,6 +9,7 @@ block, and the report records what was chosen and how.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _run_config(exp: Path, cfg_file: str | None, overrides: list[str]) -> Any:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from pillsnap.engine.trainer import hold_experiment
+    from pillsnap.engine.run import hold_experiment
     from pillsnap.eval.calibration import calibrate_classifier
     from pillsnap.utils.locks import BusyError
 
@@ -78,8 +79,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pillsnap.engine.run import hold_experiment
     from pillsnap.eval.gates import verdict_line
     from pillsnap.eval.stage_eval import evaluate_stage, format_decision
+    from pillsnap.utils.locks import BusyError
 
     exp = Path(args.exp)
     if args.choice is not None and not 1 <= args.choice <= 3:  # every verdict offers three options
@@ -88,11 +91,17 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.stage is not None:
         overrides.append(f"data.progressive_validation.current_stage={args.stage}")
-    cfg = _run_config(exp, args.cfg, overrides)
     try:
-        report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
+        # a training run into the folder evaluates its stage at its end (a folder that is not there: no lock file
+        # left behind, the config's own error follows)
+        with hold_experiment(exp) if exp.is_dir() else contextlib.nullcontext():
+            cfg = _run_config(exp, args.cfg, overrides)
+            report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
     except ValueError as err:  # another stage's run, an unusable --device, a bad --choice
         logging.getLogger("pillsnap").error("evaluate: %s", err)
+        return 2
+    except BusyError as err:
+        logging.getLogger("pillsnap").error("evaluate: %s; evaluate when it has ended", err)
         return 2
     print(format_decision(report))
     print(f"chosen: {report['choice']['text']} ({report['choice']['how']})")

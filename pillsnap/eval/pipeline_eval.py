@@ -164,6 +164,8 @@ def evaluate_pipeline(predictor: Any, photos: list[dict], mode: str = "auto",
         "routing_accuracy": _rate([o["routed_right"] for o in outcomes]),
         "single_accuracy": _rate([o["all_right"] for o in singles]),
         "combo_all_right_rate": _rate([o["all_right"] for o in combos]),
+        # the same photos pill by pill: every labelled pill counts once, an untrained drug right as "unknown"
+        "combo_pill_accuracy": _rate([p["right"] for o in combos for p in o["pills"]]),
         "prediction_sets": set_figures(outcomes),
         # on photos with every pill labelled: elsewhere a doubted box may hold a pill nobody labelled
         "doubted_boxes": {kind: sum(o["doubted_boxes"][kind] for o, p in zip(outcomes, photos, strict=True)

@@ -226,6 +226,9 @@ def format_headline(summary: dict) -> str:
         f"test        all pills right on combination photos: auto={_fmt(auto.get('combo_all_right_rate'))} "
         f"({_fmt(plain.get('combo_all_right_rate'))} without imprint reading) "
         f"combo mode={_fmt(combo.get('combo_all_right_rate'))} over {combo.get('num_combination', 0)} photos",
+        f"test        pills right on those photos, one by one: auto={_fmt(auto.get('combo_pill_accuracy'))} "
+        f"({_fmt(plain.get('combo_pill_accuracy'))} without imprint reading) "
+        f"combo mode={_fmt(combo.get('combo_pill_accuracy'))}",
         f"test        detector mAP@0.5 torch={_fmt((dmap.get('torch') or {}).get('mAP@0.5'))} "
         f"onnx={_fmt((dmap.get('onnx') or {}).get('mAP@0.5'))} (same NMS)",
     ]

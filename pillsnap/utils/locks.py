@@ -1,24 +1,45 @@
 """One writer at a time: an advisory lock on a file (flock), which the kernel drops when its holder exits or is
-killed, so a crashed process never leaves a stale lock behind.
+killed, so a crashed process leaves no stale lock behind on a local disk.
 
 `file_lock(path, wait=False)` refuses at once with `BusyError`, which names the holder (its pid, host, command
 and start time, written into the lock file by whoever holds it); `wait=True` queues behind the holder instead.
-On a shared network file system the lock holds across machines only where the file system supports it (Linux
-NFS v4 maps flock onto its byte-range locks).
+Processes forked while a lock is held (loader workers, pools) close their copy of it at once: a copy would keep
+the lock after its holder was killed, for as long as the child lived.
+
+On a network file system the lock is only as good as the file system's locking: Linux NFS clients turn flock
+into byte-range locks, which hold across machines, but a crashed client's lock lasts until its lease expires.
+Where the file system cannot lock at all, the block runs unlocked after a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+# flock's answers where the file system does not lock (NFS without its lock service, Lustre without flock)
+UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _forget_in_child() -> None:
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)  # the child's duplicate only: the parent's descriptor keeps the lock
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class BusyError(RuntimeError):
@@ -46,26 +67,53 @@ def file_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
     raise BusyError naming the holder instead of waiting for it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise BusyError(f"{path} is held by {holder_text(path)}") from None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # another user's lock file: reading is enough to lock it
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _lock(fd, path, wait):
+            yield
+            return
+        _HELD.add(fd)
         try:
             _write_holder(fd)
             yield
         finally:
+            _HELD.discard(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, path: Path, wait: bool) -> bool:
+    """Lock `fd`; False (after a warning) where the file system cannot lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise BusyError(f"{path} is held by {holder_text(path)}") from None
+    except OSError as err:
+        if err.errno not in UNSUPPORTED:
+            raise
+        LOGGER.warning("cannot lock %s (%s): going on without it, so nothing keeps a second process out",
+                       path, err.strerror)
+        return False
+    return True
+
+
+def _command() -> str:
+    """This process's command line as its user typed it ('python -m pillsnap.train ...' rather than 'train.py')."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    prog = [Path(sys.executable).name, "-m", name.removesuffix(".__main__")] if name else [Path(sys.argv[0]).name]
+    return shlex.join(prog + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
 
 
 def _write_holder(fd: int) -> None:
     """Who holds the lock, for the message of whoever is refused (the file itself stays: removing a lock file
     would let two processes lock two different files of one name)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "command": _command()}
+    with suppress(OSError):  # read-only: the lock holds all the same, its holder stays unnamed
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)

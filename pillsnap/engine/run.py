@@ -1,0 +1,193 @@
+"""The training process around a run: the experiment folder held for this process alone, the run's log files,
+SIGTERM as an interrupt, the process group joined and left, and the exit code.
+
+`run_training` is the engine's entry point (`pillsnap train` adds the work after training, pillsnap/train.py); the
+run itself (build, resume, epochs, checkpoints) is `Trainer` in engine/trainer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pillsnap.config import apply_stage_overrides
+from pillsnap.engine.build import BuildLoaders
+from pillsnap.engine.callbacks import Callback
+from pillsnap.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from pillsnap.engine.restart import settle_restart
+from pillsnap.engine.task import ResumeMismatchError, Task
+from pillsnap.engine.trainer import (
+    DEFAULT_TASKS,
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OOM,
+    Trainer,
+)
+from pillsnap.utils import TBWriter, build_logger, ensure_dir, set_seed
+from pillsnap.utils.io import save_text
+from pillsnap.utils.locks import BusyError, file_lock
+from pillsnap.utils.logs import streams_are_logs
+
+LOGGER = logging.getLogger(__name__)
+
+
+@contextmanager
+def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
+    """Console + logs/pillsnap.log + logs/train.out (INFO) + logs/train.err (WARNING); handlers removed at the end.
+    Under scripts/train.sh the process's own streams are written to train.out/err, so no handlers are added."""
+    logger = build_logger(exp_dir) if enabled else logging.getLogger("pillsnap")
+    added = []
+    if enabled and not streams_are_logs():
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for name, level in (("train.out", logging.INFO), ("train.err", logging.WARNING)):
+            handler = logging.FileHandler(exp_dir / "logs" / name, encoding="utf-8")
+            handler.setLevel(level)
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+            added.append(handler)
+    try:
+        yield logger
+    finally:
+        logs_dir = str((exp_dir / "logs").resolve())
+        for handler in list(logger.handlers):
+            if handler in added or str(getattr(handler, "baseFilename", "")).startswith(logs_dir):
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def default_build_loaders(cfg: DictConfig, tb: TBWriter | None = None) -> Any:
+    """pillsnap.data's loaders for the current stage (never the test split while training)."""
+    from pillsnap.data import build_dataloaders_twostage
+
+    return build_dataloaders_twostage(cfg, build_test=False, tb=tb)
+
+
+def _prepare_cfg(cfg: DictConfig) -> DictConfig:
+    cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
+    set_seed(int(cfg.train.seed), bool(cfg.train.deterministic))
+    return cfg
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a `kill`, a scheduler's stop) ends the run the way Ctrl-C does: status, logs and resume hint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+RUN_LOCK = "run.lock"  # in the experiment folder: held by the one process that trains (or calibrates) into it
+
+
+@contextmanager
+def hold_experiment(exp_dir: str | Path) -> Iterator[None]:
+    """The experiment folder for this process alone (its run.lock); BusyError names the process that holds it.
+    Two runs writing one folder would interleave their checkpoints, logs and history."""
+    with file_lock(Path(exp_dir) / RUN_LOCK):
+        yield
+
+
+def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
+                 callbacks: list[Callback] | None = None,
+                 task_types: Sequence[type[Task]] = DEFAULT_TASKS,
+                 after: Callable[[int, Trainer], int] | None = None) -> tuple[int, Trainer | None]:
+    """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
+
+    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error or an experiment folder
+    another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart), 4 time cap failed,
+    130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage;
+    `callbacks` are added to the rank-0 defaults; `task_types` are the Task classes the run may train; `after(code,
+    trainer)`: rank 0's work once the process group is gone (reports, calibration, the stage decision), still
+    holding the folder and with SIGTERM still an interrupt; it returns the run's exit code. Under `torchrun` every
+    rank runs this; only rank 0 writes files (and a rank that runs out of memory, its recovery file).
+    """
+    info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
+    cfg = _prepare_cfg(cfg)
+    exp_dir = Path(cfg.paths.exp_dir)
+    with ExitStack() as held:
+        busy = None
+        if info.is_main:  # before anything is written: a refused run leaves the folder as the other run has it
+            try:
+                held.enter_context(hold_experiment(exp_dir))
+            except BusyError as err:
+                busy = str(err)
+        busy = broadcast_object(info, busy)
+        if busy is not None:
+            if info.is_main:
+                LOGGER.error("cannot start training: %s; wait for that run to end or stop it, or train into "
+                             "another folder (paths.exp_dir=...)", busy)
+            cleanup(info)
+            return EXIT_CONFIG, None
+        with sigterm_as_interrupt():
+            code, trainer = _train_in(exp_dir, cfg, info, build_loaders, callbacks, task_types)
+            if after is not None and trainer is not None and info.is_main:
+                code = after(code, trainer)
+            return code, trainer
+
+
+def _train_in(exp_dir: Path, cfg: DictConfig, info: DistInfo, build_loaders: BuildLoaders | None,
+              callbacks: list[Callback] | None, task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
+    if info.is_main:
+        for sub in ("logs", "tb", "reports", "checkpoints", "export"):
+            ensure_dir(exp_dir / sub)
+        # The resolved config of the run, for `pillsnap evaluate` and for people (also inside every checkpoint).
+        save_text(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    barrier(info)
+    tb = TBWriter(exp_dir, enabled=info.is_main)
+    code: int | None = None
+    try:
+        with run_logging(exp_dir, info.is_main) as logger:
+            code, trainer = _start_and_fit(cfg, info, logger, tb,
+                                           build_loaders or partial(default_build_loaders, tb=tb), callbacks,
+                                           task_types)
+            return code, trainer
+    finally:
+        tb.close()
+        # A rank that stops on an OOM, an interrupt or an error may leave the others inside a collective: abort
+        # its communicators rather than flush them (the flush would wait for that collective).
+        cleanup(info, abort=code is None or code in (EXIT_OOM, EXIT_INTERRUPTED))
+
+
+def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
+                   build_loaders: BuildLoaders, callbacks: list[Callback] | None,
+                   task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
+    restarted, older_before = settle_restart(cfg, info, logger)
+    try:
+        trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
+        trainer.resume_newer_than = older_before  # another task's last file may be an older run's
+        trainer.resume()
+        trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
+    except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
+        logger.error("cannot start training: %s", err)
+        return EXIT_CONFIG, None
+    except KeyboardInterrupt:
+        logger.warning("interrupted before training started")
+        return EXIT_INTERRUPTED, None
+    if trainer.already_trained() and not trainer.runner.time_capped():  # a spent clock: fit reports the verdict
+        logger.warning("already trained to epoch %d; raise --epochs (train.epochs=%s now) to continue",
+                       trainer.start_epoch, cfg.train.epochs)
+        return EXIT_OK, None
+    return trainer.fit(), trainer
+
+
+def main(cfg: DictConfig, build_loaders: BuildLoaders | None = None) -> int:
+    """run_training's exit code alone."""
+    return run_training(cfg, build_loaders)[0]
