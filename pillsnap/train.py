@@ -192,10 +192,9 @@ def run(args: argparse.Namespace) -> int:
         LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
                        "--exp %s --stage %d", exp, exp, stage)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # while the run was being set up, before the engine's own handling
-        LOGGER.warning("interrupted before training started; run the command again to train")
-        return EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:
+    except KeyboardInterrupt:  # outside the engine's own handling (setting up, or a second Ctrl-C while it saves)
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:  # a resume with no checkpoints yet starts fresh, so the hint always holds
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))
     return code
 

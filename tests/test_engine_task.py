@@ -188,6 +188,18 @@ def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
     assert [w.ratio for w in trainer.callbacks.of_type(MemoryWatchCallback)] == [0.8]
 
 
+def test_memory_bound_reads_the_trials_at_the_chosen_precision():
+    from pillsnap.engine.build import memory_bound
+    from pillsnap.engine.oom import BatchChoice
+
+    assert memory_bound(BatchChoice(8, trials=[(8, False, "fits"), (16, False, "over headroom")]))
+    assert memory_bound(BatchChoice(4, trials=[(8, False, "oom"), (4, False, "fits")]))
+    assert not memory_bound(BatchChoice(16, trials=[(8, False, "fits"), (16, False, "fits")]))  # auto_batch_max
+    # nothing fitted in fp32; fp16 reached auto_batch_max: the fp32 OOMs say nothing of the fp16 batch
+    assert not memory_bound(BatchChoice(16, force_fp16=True, trials=[(8, False, "oom"), (4, False, "oom"),
+                                                                     (8, True, "fits"), (16, True, "fits")]))
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_under_bf16_autocast_on_cpu(tmp_path, caplog):
     from pillsnap.engine.run import run_training

@@ -358,3 +358,41 @@ def test_exp_defaults_to_the_configs_exp_dir(tmp_path):
     cfg.write_text(f"paths:\n  exp_dir: {tmp_path / 'runs' / 'stage3'}\ntrain:\n{oom}")
     assert resolve_exp(argparse.Namespace(exp=None, cfg=str(cfg))) == tmp_path / "runs" / "stage3"
     assert resolve_exp(argparse.Namespace(exp="elsewhere", cfg=str(cfg))).name == "elsewhere"
+
+
+def test_the_trainer_process_behind_a_running_stream(tmp_path):
+    """A run killed or crashed writes no end record: the stream says "running" for good. The process that held the
+    folder (its run.lock) tells a dead run from a quiet one (a long validation)."""
+    import socket
+    import subprocess
+    import time
+
+    from pillsnap.utils.locks import RUN_LOCK, file_lock
+
+    exp = tmp_path / "exp"
+    (exp / "reports").mkdir(parents=True)
+    (exp / "reports" / "metrics.jsonl").write_text(json.dumps(start(t=time.time())) + "\n", encoding="utf-8")
+    live = LiveRun(exp)
+
+    def seen() -> dict:
+        version = live.state.version
+        assert live.refresh() > version  # a change of the trainer is a new state (the page gets it pushed)
+        return live.snapshot()
+
+    assert seen()["trainer"] is None  # a run from before the lock: nothing to say
+    with file_lock(exp / RUN_LOCK):
+        trainer = seen()["trainer"]
+        assert trainer["pid"] == os.getpid() and trainer["alive"] is True
+    live.refresh()
+    assert live.snapshot()["trainer"]["alive"] is True  # let go, still running: the lock file names it still
+    gone = subprocess.run([sys.executable, "-c", "from pillsnap.utils.locks import file_lock\n"
+                           f"with file_lock({str(exp / RUN_LOCK)!r}): pass"], check=True)
+    assert gone.returncode == 0
+    snap = {**seen(), "exp": "exp"}
+    assert snap["trainer"]["alive"] is False and snap["run"]["status"] == "running"
+    assert f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)" in title(snap)
+    info = json.loads((exp / RUN_LOCK).read_text())
+    (exp / RUN_LOCK).write_text(json.dumps({**info, "pid": os.getpid(), "since_unix": 0.0}))
+    assert seen()["trainer"]["alive"] is False  # a pid another, newer process took over
+    (exp / RUN_LOCK).write_text(json.dumps({**info, "host": socket.gethostname() + "-other"}))
+    assert seen()["trainer"]["alive"] is None  # another machine's process: not seen from here

@@ -131,6 +131,35 @@ def test_page_survives_the_stream_being_replaced(dashboard, page):
     page.wait_for_selector("#task-detection", state="detached", timeout=WAIT_MS)
 
 
+def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
+    """Three minutes without a record: with the trainer's process alive (a long validation, a checkpoint) the page
+    says so instead of asking; once the process that held the folder has ended without an end record (a kill, a
+    crash), the run is "stopped", not "running", and its ETA stops counting down."""
+    import socket
+    import subprocess
+    import sys
+
+    exp, url = dashboard
+    append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time() - 180, epochs=4, done_epochs=1.5, stage=3))
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "since_unix": time.time(),
+              "command": "pillsnap train --cfg config.yaml"}
+    (exp / "run.lock").write_text(json.dumps(holder), encoding="utf-8")
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-updated').textContent.includes('trainer alive')",
+                           timeout=WAIT_MS)
+    assert page.inner_text("#run-updated").startswith("quiet for 3 m")
+    assert page.inner_text("#run-status").lower() == "running" and not page.is_visible("#run-alert")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (exp / "run.lock").write_text(json.dumps({**holder, "pid": int(dead.stdout)}), encoding="utf-8")
+    page.wait_for_function("document.querySelector('#run-status').textContent === 'stopped'", timeout=WAIT_MS)
+    alert = page.inner_text("#run-alert")
+    assert f"The trainer (pid {dead.stdout.strip()} on {socket.gethostname()}: pillsnap train --cfg config.yaml) " \
+           "has ended without an end record: it was killed or crashed" in alert and "train.resume=last" in alert
+    assert "ETA" not in page.inner_text("#task-classification .task-eta")
+    if os.environ.get("PILLSNAP_DASHBOARD_GONE_SCREENSHOT"):
+        page.screenshot(path=os.environ["PILLSNAP_DASHBOARD_GONE_SCREENSHOT"], full_page=False)
+
+
 def test_realistic_run_renders_every_panel(dashboard, page, tmp_path):
     exp, url = dashboard
     append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time(), epochs=18, done_epochs=8.45, stage=3))

@@ -102,6 +102,26 @@ def test_a_file_system_that_cannot_lock_warns_and_goes_on(tmp_path, monkeypatch,
     assert ran and f"cannot lock {tmp_path / 'x.lock'} (No locks available): going on without it" in caplog.text
 
 
+def test_another_users_lock_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A lock file this user cannot write (another user's, in a shared folder): its holder could not name itself
+    in it, and NFS locks need write access, so it is a refusal that says what to do (root skips file modes, so
+    the open is refused here by hand)."""
+    import errno
+
+    real_open = os.open
+
+    def denied(path, flags, *args):
+        if Path(path).name == "x.lock":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(BusyError, match=r"x.lock cannot be opened for writing \(Permission denied\): it belongs to "
+                                        r"another user; make it writable for you \(chmod g\+w\)"), \
+            file_lock(tmp_path / "x.lock"):
+        pass
+
+
 def test_the_enrolment_store_waits_for_the_other_writer(tmp_path):
     from pillsnap.infer.enrolment import LOCK_FILE, store_lock
 

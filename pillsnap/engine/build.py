@@ -57,8 +57,7 @@ class TaskBuilder:
                 loaders = build_loaders(self._with_workers(workers))
         tasks = {t.spec.name: self._make_task(t, loaders, self.cfg, choices.get(t.spec.name)) for t in types}
         CUDA_PEAKS.reset()  # the run's peak memory is its training's, not the batch search's trials
-        bound = any(outcome != "fits" for choice in choices.values() for *_, outcome in choice.trials)
-        return BuiltTasks(tasks, loaders.meta, chosen, bound)
+        return BuiltTasks(tasks, loaders.meta, chosen, any(map(memory_bound, choices.values())))
 
     def _build_loaders(self, build_loaders: BuildLoaders) -> Any:
         """The stage's loaders on every rank, rank 0 first (main_rank_first). With dataloader.autotune_workers under
@@ -141,6 +140,12 @@ class TaskBuilder:
                                 ", ".join(f"{c.batch_size}{' fp16' if c.force_fp16 else ''}" for c in found),
                                 chosen.batch_size, chosen.force_fp16)
         return chosen
+
+
+def memory_bound(choice: BatchChoice) -> bool:
+    """Whether memory is what stopped the search (a trial at the chosen precision ran out of memory or over the
+    headroom), rather than auto_batch_max; fp32 trials that failed before fp16 was forced say nothing of it."""
+    return any(outcome != "fits" for _, fp16, outcome in choice.trials if fp16 == choice.force_fp16)
 
 
 def _workers_of(loaders: Any, cfg: DictConfig) -> int:

@@ -34,7 +34,7 @@ from pillsnap.engine.trainer import (
 )
 from pillsnap.utils import TBWriter, build_logger, ensure_dir, set_seed
 from pillsnap.utils.io import save_text
-from pillsnap.utils.locks import BusyError, file_lock
+from pillsnap.utils.locks import RUN_LOCK, BusyError, file_lock
 from pillsnap.utils.logs import streams_are_logs
 
 LOGGER = logging.getLogger(__name__)
@@ -92,9 +92,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-RUN_LOCK = "run.lock"  # in the experiment folder: held by the one process that trains (or calibrates) into it
 
 
 @contextmanager

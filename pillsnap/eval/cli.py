@@ -79,6 +79,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pillsnap.config import ConfigError
     from pillsnap.engine.run import hold_experiment
     from pillsnap.eval.gates import verdict_line
     from pillsnap.eval.stage_eval import evaluate_stage, format_decision
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         with hold_experiment(exp) if exp.is_dir() else contextlib.nullcontext():
             cfg = _run_config(exp, args.cfg, overrides)
             report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
+    except ConfigError:
+        raise  # the command line's own "config error: ..." line
     except ValueError as err:  # another stage's run, an unusable --device, a bad --choice
         logging.getLogger("pillsnap").error("evaluate: %s", err)
         return 2

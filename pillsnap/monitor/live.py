@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pillsnap.monitor.state import MonitorState, clean
 from pillsnap.monitor.stream import StreamFollower
+from pillsnap.utils.locks import RUN_LOCK, holder_alive, read_holder
 
 LOGGER = logging.getLogger(__name__)
 # What one evaluation decided: shown together, from one evaluation.
@@ -32,6 +33,17 @@ def evaluation_path(exp_dir: str | Path, stage: int | None) -> Path | None:
     return found[-1] if found else None
 
 
+def trainer_process(exp_dir: str | Path) -> dict | None:
+    """The process that last held the folder (its run.lock: pid, host, command) and whether it still runs (None:
+    on another host). With a stream that says "running", a process gone means the run stopped without a word (a
+    kill, a crash); one alive means a quiet stretch (a long validation, a checkpoint) rather than a hung run."""
+    info = read_holder(Path(exp_dir) / RUN_LOCK)
+    if info is None:
+        return None
+    return {"pid": info["pid"], "host": info.get("host"), "command": info.get("command"),
+            "since": info.get("since_unix"), "alive": holder_alive(info)}
+
+
 class LiveRun:
     """Thread-safe: the web server refreshes from worker threads while pages read snapshots."""
 
@@ -41,6 +53,7 @@ class LiveRun:
         self.state = MonitorState(max_rows)
         self._lock = threading.Lock()
         self._file_eval: tuple[Path, float, dict] | None = None  # path, mtime, content of the evaluation file
+        self._trainer: dict | None = None  # trainer_process as of the last refresh
 
     def refresh(self) -> int:
         """Read what is new; returns the state's version (unchanged when nothing is)."""
@@ -49,15 +62,20 @@ class LiveRun:
             self.state.apply_all(chunk.records, reset=chunk.reset)
             if self._read_evaluation_file():
                 self.state.version += 1
+            trainer = trainer_process(self.exp_dir)
+            if trainer != self._trainer:  # its process ended (or another took the folder): a new state to push
+                self._trainer = trainer
+                self.state.version += 1
             return self.state.version
 
     def snapshot(self) -> dict:
+        """The state as of the last refresh."""
         with self._lock:
             snap = self.state.snapshot()
             snap["evaluation"] = self._latest_evaluation(snap["evaluation"])
         return {**snap, "exp": self.exp_dir.name, "exp_path": str(self.exp_dir.resolve()),
                 "stream": str(self.follower.path), "stream_exists": self.follower.path.is_file(),
-                "server_time": time.time()}
+                "trainer": self._trainer, "server_time": time.time()}
 
     def _read_evaluation_file(self) -> bool:
         """Re-read the stage's evaluation file when it appeared or changed; True if so."""

@@ -28,7 +28,10 @@ def title(snap: dict) -> str:
     if evaluation:  # the one verdict: decision and recommendation of the same evaluation
         decision = evaluation.get("status", "?") + (f" ({evaluation['recommendation']})"
                                                     if evaluation.get("recommendation") else "")
-    return (f"PillSnap {snap['exp']}: {run['status']}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
+    status, trainer = run["status"], snap.get("trainer")
+    if status == "running" and trainer and trainer.get("alive") is False:  # killed or crashed: no end record
+        status = f"stopped (the trainer, pid {trainer['pid']}, has ended without an end record)"
+    return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
             f"Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
 
 

@@ -22,7 +22,7 @@ _EXPORTS = {
     "pillsnap.utils.boxes": ("cxcywh_to_xyxy", "xywh_to_xyxy", "xyxy_to_cxcywh", "xyxy_to_xywh"),
     "pillsnap.utils.offline": ("ultralytics_offline",),
     "pillsnap.utils.arrays": ("RowFiller",),
-    "pillsnap.utils.locks": ("BusyError", "file_lock"),
+    "pillsnap.utils.locks": ("BusyError", "file_lock", "holder_alive", "read_holder"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -26,10 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
+
 LOGGER = logging.getLogger(__name__)
 # flock's answers where the file system does not lock (NFS without its lock service, Lustre without flock)
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _HELD: set[int] = set()  # the descriptors of the locks this process holds
+RUN_LOCK = "run.lock"  # in an experiment folder: held by the one process that trains (or calibrates) into it
 
 
 def _forget_in_child() -> None:
@@ -46,14 +49,35 @@ class BusyError(RuntimeError):
     """Another process holds the lock; the message names it."""
 
 
+def read_holder(path: str | Path) -> dict | None:
+    """What the last holder of a lock file wrote about itself (pid, host, since, since_unix, command); None when
+    there is no such file or nothing readable in it. The file stays after its holder lets go."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+
+
+def holder_alive(info: dict) -> bool | None:
+    """Whether the process that wrote `info` still runs: None when it ran on another host (or wrote no start
+    time), which this machine cannot see. A pid taken over by a newer process does not count."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("since_unix"), (int, float)):
+        return None
+    try:
+        process = psutil.Process(int(info["pid"]))
+        return process.create_time() <= info["since_unix"] + 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # zombies included
+        return False
+    except psutil.AccessDenied:  # another user's process of that pid: there, but not checked to be the holder
+        return True
+
+
 def holder_text(path: Path) -> str:
     """'pid 123 on host since 2026-12-06 01:02:03 UTC: pillsnap train --cfg x.yaml' from a lock file (as much as
     its holder wrote; 'another process' if it wrote nothing yet or the file is unreadable)."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        info = {}
-    if not isinstance(info, dict) or "pid" not in info:
+    info = read_holder(path)
+    if info is None:
         return "another process"
     text = f"pid {info['pid']} on {info.get('host', '?')}"
     if "since" in info:
@@ -68,9 +92,10 @@ def file_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:  # another user's lock file: reading is enough to lock it
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)  # group-writable where the umask allows (shared folders)
+    except PermissionError as err:  # its holder could not name itself in it, and NFS locks need write access
+        raise BusyError(f"{path} cannot be opened for writing ({err.strerror}): it belongs to another user; "
+                        "make it writable for you (chmod g+w) or remove it when no run is using the folder") from None
     try:
         if not _lock(fd, path, wait):
             yield
@@ -113,7 +138,7 @@ def _write_holder(fd: int) -> None:
     """Who holds the lock, for the message of whoever is refused (the file itself stays: removing a lock file
     would let two processes lock two different files of one name)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "command": _command()}
-    with suppress(OSError):  # read-only: the lock holds all the same, its holder stays unnamed
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "since_unix": time.time(),
+            "command": _command()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)

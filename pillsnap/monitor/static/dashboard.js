@@ -15,7 +15,7 @@ const TASKS = {
 };
 const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "completed", early_stopped: "early stop",
                      time_capped: "time cap", oom_emergency_exit: "OOM exit", interrupted: "interrupted",
-                     finished: "finished"};
+                     finished: "finished", gone: "stopped"};
 const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
                      global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};
 const STALE_AFTER_S = 120;      // no record for this long while running: say so
@@ -80,16 +80,28 @@ function tick() {
   }
 }
 
+// The stream says "running" but the process that held the folder has ended: killed or crashed, no end record.
+const trainerGone = s => s.run.status === "running" && !!s.trainer && s.trainer.alive === false;
+const isRunning = s => s.run.status === "running" && !trainerGone(s);
+
 function renderRun(s) {
-  const run = s.run, now = serverNow();
+  const run = s.run, now = serverNow(), trainer = s.trainer, gone = trainerGone(s);
   const status = $("run-status");
-  status.textContent = STATUS_TEXT[run.status] || run.status;
-  status.className = "badge " + run.status;
+  status.textContent = STATUS_TEXT[gone ? "gone" : run.status] || run.status;
+  status.className = "badge " + (gone ? "oom_emergency_exit" : run.status);
   const age = run.last_time ? now - run.last_time : null;
   const updated = $("run-updated");
   updated.textContent = run.last_time ? "last record " + Fmt.ago(age) : "no records yet";
-  updated.classList.toggle("warn", run.status === "running" && age > STALE_AFTER_S);
-  if (run.status === "running" && age > STALE_AFTER_S) updated.textContent += " — is the trainer alive?";
+  const quiet = run.status === "running" && age > STALE_AFTER_S, alive = !!trainer && trainer.alive === true;
+  updated.classList.toggle("warn", gone || (quiet && !alive));
+  updated.title = trainer ? `the trainer: pid ${trainer.pid} on ${trainer.host}, ${trainer.command || "?"}` : "";
+  if (quiet && alive) updated.textContent = `quiet for ${Fmt.dur(age)}; trainer alive`;  // validating or saving
+  else if (quiet && !gone) updated.textContent += " — is the trainer alive?";
+  const alert = $("run-alert");
+  alert.hidden = !gone;
+  if (gone) alert.textContent = `The trainer (pid ${trainer.pid} on ${trainer.host}: ${trainer.command || "?"}) ` +
+    `has ended without an end record: it was killed or crashed; its last record came ${Fmt.ago(age)}. ` +
+    "Its last checkpoints are where train.resume=last (--resume) goes on.";
   $("run-stage").textContent = run.stage ? "Stage " + run.stage : "—";
   const from = run.inside_epoch ? `in epoch ${run.inside_epoch}` : `from epoch ${run.start_epoch}`;
   $("run-resumes").textContent = run.resumes ? `resumed ×${run.resumes} (${from})` :
@@ -98,19 +110,20 @@ function renderRun(s) {
   const total = run.epochs || Math.max(0, ...Object.values(s.tasks).map(t => t.max_epochs || 0));
   $("run-epoch").textContent = current ? `${current} / ${total || "?"}` : "—";
   $("run-epoch-sub").textContent = run.epoch ? `${run.epoch} completed` : (current ? "first epoch" : "");
-  const end = run.ended || (run.status === "running" ? now : run.last_time);
+  const end = run.ended || (isRunning(s) ? now : run.last_time);
   $("run-elapsed").textContent = run.started ? Fmt.dur(end - run.started) : "—";
   $("run-started").textContent = run.started ? "started " + Fmt.clock(run.started) : "";
-  renderEta(run, now);
+  renderEta(run, now, isRunning(s));
 }
 
-function renderEta(run, now) {
+function renderEta(run, now, running) {
   let eta = null, sub = "";
-  if (run.status === "running" && isNum(run.eta)) {
+  if (running && isNum(run.eta)) {
     eta = Math.max(0, run.eta - (now - run.last_time));
     sub = "finishes ≈ " + Fmt.clock(now + eta);
-  } else if (run.status === "running") sub = "after a few steps";
+  } else if (running) sub = "after a few steps";
   else if (run.ended) sub = "ended " + Fmt.clock(run.ended);
+  else if (run.last_time) sub = "last step " + Fmt.clock(run.last_time);
   $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.ended ? "done" : "—");
   $("run-finish").textContent = sub;
 }
@@ -177,7 +190,7 @@ function updatePanel(panel, t) {
 
 // Counts down between updates; frozen once the run is no longer running.
 function renderTaskEta(panel, t) {
-  const eta = panel.root.querySelector(".task-eta"), running = page.state.run.status === "running";
+  const eta = panel.root.querySelector(".task-eta"), running = isRunning(page.state);
   if (t.finished) eta.innerHTML = `<span class="muted">finished</span>`;
   else if (isNum(t.eta) && running) {
     const left = Math.max(0, t.eta - (serverNow() - (t.last.time || serverNow())));
