@@ -59,7 +59,7 @@ except ConfigError as err:
 from pillsnap.engine.run import hold_experiment
 from pillsnap.utils.locks import BusyError
 try:
-    with hold_experiment(cfg.paths.exp_dir):
+    with hold_experiment(cfg.paths.exp_dir, "check"):
         pass
 except BusyError as err:
     sys.exit(f"train.sh: {err}; wait for that run to end or stop it, or train into another folder "

@@ -121,3 +121,67 @@ def test_stage_settings():
     assert stage_settings(cfg, 1).max_samples == 5000
     with pytest.raises(ValueError, match="stage_7"):
         stage_settings(cfg, 7)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.memory_warning_ratio=80", "train.memory_warning_ratio=80 is out of range: it must be > 0 and <= 1 "
+                                      "(a share above 0)"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range: it must be >= 1"),
+    ("train.detection.lr=-0.001", "train.detection.lr=-0.001 is out of range: it must be > 0"),
+    ("data.progressive_validation.current_stage=5", "current_stage=5 is out of range: it must be >= 1 and <= 4"),
+    ("data.progressive_validation.stage_3.max_classes=0", "stage_3.max_classes=0 is out of range: it must be >= 1"),
+    ("inference.prediction_set.coverage=1.0", "coverage=1.0 is out of range: it must be > 0 and < 1"),
+    ("train.ema.decay=1.0", "train.ema.decay=1.0 is out of range: it must be >= 0 and < 1 (a decay below 1)"),
+    ("serving.port=70000", "serving.port=70000 is out of range: it must be >= 0 and <= 65535 (a TCP port; 0: any "
+                           "free one)"),
+])
+def test_a_number_out_of_its_range_is_refused_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override], dotenv_path=None)
+
+
+def test_each_key_takes_its_own_range_not_a_lookalikes():
+    """`train.*lr` once took `train.detection.augment.fliplr` too, and a flip probability of 0 was refused."""
+    from pillsnap.config.ranges import POSITIVE, PROBABILITY, range_of
+
+    assert range_of("train.detection.augment.fliplr") is PROBABILITY and range_of("train.detection.lr") is POSITIVE
+    cfg = load_config(None, ["train.detection.augment.fliplr=0", "train.detection.augment.flipud=0"],
+                      dotenv_path=None)
+    assert cfg.train.detection.augment.fliplr == 0
+
+
+def test_numbers_whose_default_is_null_and_stage_overrides_are_checked_too(tmp_path):
+    from pillsnap.engine.run import run_training
+
+    with pytest.raises(ConfigError, match="train.max_steps_per_epoch=-3 is out of range"):
+        load_config(None, ["train.max_steps_per_epoch=-3"], dotenv_path=None)
+    with pytest.raises(ConfigError, match="stage_1.batch_size_override=-4 is out of range"):
+        load_config(None, ["train.stage_overrides.stage_1.batch_size_override=-4"], dotenv_path=None)
+    cfg = load_config(None, [f"paths.exp_dir={tmp_path / 'exp'}"], dotenv_path=None)
+    cfg.train.checkpoint_interval_minutes = -5  # changed after loading (a notebook, a script): checked at the start
+    with pytest.raises(ConfigError, match="train.checkpoint_interval_minutes=-5 is out of range"):
+        run_training(cfg)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_both_ends_of_a_range_and_null_are_accepted():
+    cfg = load_config(None, ["train.memory_warning_ratio=1", "train.epochs=0", "train.grad_clip=null",
+                             "data.progressive_validation.stage_1.time_limit_hours=0"], dotenv_path=None)
+    assert cfg.train.memory_warning_ratio == 1 and cfg.train.epochs == 0 and cfg.train.grad_clip is None
+
+
+def test_every_number_in_the_config_has_a_range_and_every_range_a_key():
+    """A new numeric setting gets its range here too (seeds excepted); a pattern that names no key is a typo."""
+    from fnmatch import fnmatchcase
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from pillsnap.config.loader import _leaf_keys
+    from pillsnap.config.ranges import RANGES, range_of
+
+    cfg = load_config(None, [], dotenv_path=None)
+    numbers = [k for k in _leaf_keys(cfg) if not isinstance(OmegaConf.select(cfg, k), DictConfig | bool | str)
+               and isinstance(OmegaConf.select(cfg, k), int | float)]
+    assert [k for k in numbers if range_of(k) is None and not k.endswith("seed")] == []
+    keys = _leaf_keys(cfg) + ["train.stage_overrides.stage_4.batch_size_override"]  # a key no default sets
+    assert [p for p, _ in RANGES if not any(fnmatchcase(k, p) for k in keys)] == []

@@ -402,8 +402,11 @@ def test_positions_of_two_tasks_with_a_nan_loss_are_still_one_save():
     assert not _same_save({**saved, "epoch": 3}, saved) and not _same_save(None, saved)
 
 
-def test_a_negative_interval_is_refused_at_the_start_in_one_line(tmp_path, caplog):
-    code, trainer = run_training(make_cfg(tmp_path / "exp", "train.checkpoint_interval_minutes=-5"),
-                                 fake_build_loaders)
-    assert code == 2 and trainer is None
-    assert "train.checkpoint_interval_minutes=-5 is negative" in caplog.text
+def test_a_negative_interval_is_refused_when_the_config_loads_in_one_line(tmp_path, caplog):
+    from pillsnap.cli import main
+    from pillsnap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.checkpoint_interval_minutes=-5 is out of range: it must be >= 0"):
+        make_cfg(tmp_path / "exp", "train.checkpoint_interval_minutes=-5")
+    assert main(["train", "--check", "train.checkpoint_interval_minutes=-5"]) == 2  # before anything is built
+    assert "config error: train.checkpoint_interval_minutes=-5 is out of range" in caplog.text

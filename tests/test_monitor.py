@@ -361,8 +361,9 @@ def test_exp_defaults_to_the_configs_exp_dir(tmp_path):
 
 
 def test_the_trainer_process_behind_a_running_stream(tmp_path):
-    """A run killed or crashed writes no end record: the stream says "running" for good. The process that held the
-    folder (its run.lock) tells a dead run from a quiet one (a long validation)."""
+    """A run killed or crashed writes no end record: the stream says "running" for good. The process that holds
+    the folder for training (its run.lock) tells a dead run from a quiet one (a long validation)."""
+    import signal
     import socket
     import subprocess
     import time
@@ -377,22 +378,31 @@ def test_the_trainer_process_behind_a_running_stream(tmp_path):
     def seen() -> dict:
         version = live.state.version
         assert live.refresh() > version  # a change of the trainer is a new state (the page gets it pushed)
-        return live.snapshot()
+        return {**live.snapshot(), "exp": "exp"}
 
-    assert seen()["trainer"] is None  # a run from before the lock: nothing to say
-    with file_lock(exp / RUN_LOCK):
+    assert live.snapshot()["trainer"] is None  # a run from before the lock: nothing to say
+    with file_lock(exp / RUN_LOCK, role="train"):
         trainer = seen()["trainer"]
         assert trainer["pid"] == os.getpid() and trainer["alive"] is True
-    live.refresh()
-    assert live.snapshot()["trainer"]["alive"] is True  # let go, still running: the lock file names it still
-    gone = subprocess.run([sys.executable, "-c", "from pillsnap.utils.locks import file_lock\n"
-                           f"with file_lock({str(exp / RUN_LOCK)!r}): pass"], check=True)
-    assert gone.returncode == 0
-    snap = {**seen(), "exp": "exp"}
-    assert snap["trainer"]["alive"] is False and snap["run"]["status"] == "running"
-    assert f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)" in title(snap)
+    snap = seen()  # let go without an end record (an exception in a notebook): the folder is no run's
+    assert snap["trainer"]["alive"] is False
+    assert f"stopped (the trainer, pid {os.getpid()}, has ended without an end record)" in title(snap)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pillsnap.utils.locks import file_lock\n"
+                               f"with file_lock({str(exp / RUN_LOCK)!r}, role='train'):\n"
+                               "    print('held', flush=True)\n    time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    trainer = seen()["trainer"]
+    assert trainer["pid"] == holder.pid and trainer["alive"] is True
+    holder.send_signal(signal.SIGKILL)  # killed: no word, no release
+    holder.wait()
+    assert seen()["trainer"]["alive"] is False
     info = json.loads((exp / RUN_LOCK).read_text())
-    (exp / RUN_LOCK).write_text(json.dumps({**info, "pid": os.getpid(), "since_unix": 0.0}))
-    assert seen()["trainer"]["alive"] is False  # a pid another, newer process took over
+    assert "released_unix" not in info
+    (exp / RUN_LOCK).write_text(json.dumps({**info, "pid": os.getpid()}))
+    assert live.refresh() and live.snapshot()["trainer"]["alive"] is False  # a pid a newer process took over
     (exp / RUN_LOCK).write_text(json.dumps({**info, "host": socket.gethostname() + "-other"}))
     assert seen()["trainer"]["alive"] is None  # another machine's process: not seen from here
+    (exp / RUN_LOCK).write_text(json.dumps({**info, "pid_ns": "pid:[1]"}))
+    assert seen()["trainer"]["alive"] is None  # another container's process ids
+    (exp / RUN_LOCK).write_text(json.dumps({**info, "role": "evaluate"}))
+    assert seen()["trainer"] is None  # `pillsnap evaluate` holds or held the folder: not a trainer

@@ -141,8 +141,8 @@ def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
 
     exp, url = dashboard
     append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time() - 180, epochs=4, done_epochs=1.5, stage=3))
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "since_unix": time.time(),
-              "command": "pillsnap train --cfg config.yaml"}
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "role": "train", "since": "now",
+              "since_unix": time.time(), "command": "pillsnap train --cfg config.yaml"}
     (exp / "run.lock").write_text(json.dumps(holder), encoding="utf-8")
     page.goto(url)
     page.wait_for_function("document.querySelector('#run-updated').textContent.includes('trainer alive')",
@@ -150,7 +150,7 @@ def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
     assert page.inner_text("#run-updated").startswith("quiet for 3 m")
     assert page.inner_text("#run-status").lower() == "running" and not page.is_visible("#run-alert")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (exp / "run.lock").write_text(json.dumps({**holder, "pid": int(dead.stdout)}), encoding="utf-8")
+    (exp / "run.lock").write_text(json.dumps({**holder, "pid": int(dead.stdout)}), encoding="utf-8")  # killed
     page.wait_for_function("document.querySelector('#run-status').textContent === 'stopped'", timeout=WAIT_MS)
     alert = page.inner_text("#run-alert")
     assert f"The trainer (pid {dead.stdout.strip()} on {socket.gethostname()}: pillsnap train --cfg config.yaml) " \

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pillsnap.config.ranges import out_of_range
 from pillsnap.config.stage import STAGE_OVERRIDE_TARGETS, drop_overridden
 
 LOGGER = logging.getLogger(__name__)
@@ -104,6 +105,15 @@ def _check_types(cfg: DictConfig, reference: DictConfig, prefix: str = "") -> No
             raise ConfigError(
                 f"Config key '{dotted}' must be {_type_name(default)}, got {_type_name(value)} {value!r}."
             )
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """ConfigError naming every number of `cfg` outside its range (pillsnap.config.ranges); also for a config
+    changed after loading (stage overrides, code)."""
+    values = {key: OmegaConf.select(cfg, key) for key in _leaf_keys(cfg)}
+    bad = out_of_range({key: value for key, value in values.items() if not isinstance(value, DictConfig)})
+    if bad:
+        raise ConfigError("; ".join(bad) + ".")
 
 
 def _check_oom_section(user_cfg: DictConfig, origin: str) -> None:
@@ -201,7 +211,8 @@ def load_config(
     """Merge defaults < `cfg_path` < $PILLSNAP_DATA_ROOT < dotted `overrides`, fill serving keys from .env, validate.
 
     Relative `paths.*` from the file resolve against `paths_base` (default: the working directory). Raises
-    ConfigError naming the offending key (unknown key with a suggestion, wrong type, missing train.oom key).
+    ConfigError naming the offending key (unknown key with a suggestion, wrong type, a number out of its range,
+    missing train.oom key).
     """
     defaults = _read_yaml(DEFAULT_CONFIG)
     layers = [defaults]
@@ -215,6 +226,7 @@ def load_config(
     layers += [_data_root_from_env(cli), cli]
     cfg = OmegaConf.merge(*layers)
     _check_types(cfg, defaults)
+    check_ranges(cfg)
     _check_oom_section(cfg, "the merged config")
     _check_stage_overrides(cfg)
     drop_overridden(cfg, _leaf_keys(cli))

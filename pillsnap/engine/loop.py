@@ -119,11 +119,8 @@ class EpochRunner:
         # train.checkpoint_interval_minutes: a checkpoint inside the epoch once this long has passed since the last
         # one (0: at epoch ends only). `save_progress` commits it (on every rank: it may share counts).
         self.save_progress = save_progress
-        minutes = OmegaConf.select(cfg, "train.checkpoint_interval_minutes", default=0.0)
+        minutes = OmegaConf.select(cfg, "train.checkpoint_interval_minutes", default=0.0)  # >= 0: config ranges
         self.checkpoint_interval_s = 60.0 * float(minutes or 0.0)
-        if self.checkpoint_interval_s < 0:
-            raise ValueError(f"train.checkpoint_interval_minutes={cfg.train.checkpoint_interval_minutes} is negative: "
-                             "give minutes between checkpoints inside an epoch, or 0 for epoch ends only")
         self.last_checkpoint = time.monotonic()
         self.save_pending = False  # a save came due with gradients half accumulated: it is made once they are not
 

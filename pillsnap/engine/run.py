@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pillsnap.config import apply_stage_overrides
+from pillsnap.config import apply_stage_overrides, check_ranges
 from pillsnap.engine.build import BuildLoaders
 from pillsnap.engine.callbacks import Callback
 from pillsnap.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
@@ -73,6 +73,7 @@ def default_build_loaders(cfg: DictConfig, tb: TBWriter | None = None) -> Any:
 
 def _prepare_cfg(cfg: DictConfig) -> DictConfig:
     cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
+    check_ranges(cfg)  # what the stage's overrides set, and a config changed after it was loaded
     set_seed(int(cfg.train.seed), bool(cfg.train.deterministic))
     return cfg
 
@@ -95,10 +96,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
-def hold_experiment(exp_dir: str | Path) -> Iterator[None]:
+def hold_experiment(exp_dir: str | Path, role: str = "train") -> Iterator[None]:
     """The experiment folder for this process alone (its run.lock); BusyError names the process that holds it.
-    Two runs writing one folder would interleave their checkpoints, logs and history."""
-    with file_lock(Path(exp_dir) / RUN_LOCK):
+    Two runs writing one folder would interleave their checkpoints, logs and history. `role` ("train",
+    "calibrate", "evaluate") tells the monitor which holder is a trainer."""
+    with file_lock(Path(exp_dir) / RUN_LOCK, role=role):
         yield
 
 

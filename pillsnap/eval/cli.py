@@ -65,7 +65,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if not (exp / "checkpoints" / "classification_best.pt").is_file():
         raise FileNotFoundError(f"{exp / 'checkpoints' / 'classification_best.pt'} not found: train first")
     try:
-        with hold_experiment(exp):  # a training run into the folder writes its own calibration at its end
+        with hold_experiment(exp, "calibrate"):  # a training run into the folder writes its calibration at its end
             report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
     except ValueError as err:  # no validation split, an unknown inference.unknown_rule, too few training crops
         logging.getLogger("pillsnap").error("calibrate: %s", err)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # a training run into the folder evaluates its stage at its end (a folder that is not there: no lock file
         # left behind, the config's own error follows)
-        with hold_experiment(exp) if exp.is_dir() else contextlib.nullcontext():
+        with hold_experiment(exp, "evaluate") if exp.is_dir() else contextlib.nullcontext():
             cfg = _run_config(exp, args.cfg, overrides)
             report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
     except ConfigError:

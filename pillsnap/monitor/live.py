@@ -38,7 +38,7 @@ def trainer_process(exp_dir: str | Path) -> dict | None:
     on another host). With a stream that says "running", a process gone means the run stopped without a word (a
     kill, a crash); one alive means a quiet stretch (a long validation, a checkpoint) rather than a hung run."""
     info = read_holder(Path(exp_dir) / RUN_LOCK)
-    if info is None:
+    if info is None or info.get("role") != "train":  # `pillsnap evaluate` or `calibrate` holds, or held, it
         return None
     return {"pid": info["pid"], "host": info.get("host"), "command": info.get("command"),
             "since": info.get("since_unix"), "alive": holder_alive(info)}

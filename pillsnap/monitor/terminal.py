@@ -21,6 +21,12 @@ def number(value: object, spec: str = ".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value if value is not None else "—")
 
 
+def trainer_gone(snap: dict) -> bool:
+    """The stream says "running" but the process that held the folder for training has ended (no end record)."""
+    trainer = snap.get("trainer")
+    return snap["run"]["status"] == "running" and bool(trainer) and trainer.get("alive") is False
+
+
 def title(snap: dict) -> str:
     run, evaluation = snap["run"], snap["evaluation"]
     age = time.time() - run["last_time"] if run["last_time"] else None
@@ -28,9 +34,9 @@ def title(snap: dict) -> str:
     if evaluation:  # the one verdict: decision and recommendation of the same evaluation
         decision = evaluation.get("status", "?") + (f" ({evaluation['recommendation']})"
                                                     if evaluation.get("recommendation") else "")
-    status, trainer = run["status"], snap.get("trainer")
-    if status == "running" and trainer and trainer.get("alive") is False:  # killed or crashed: no end record
-        status = f"stopped (the trainer, pid {trainer['pid']}, has ended without an end record)"
+    status = run["status"]
+    if trainer_gone(snap):  # killed or crashed: no end record
+        status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
     return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
             f"Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
 
@@ -47,7 +53,7 @@ def render(snap: dict) -> Table:
                       f"{task['step'] or '—'}/{task['steps'] or '—'}", number(last.get("loss")),
                       number(last.get("lr"), ".2e"), number(last.get("throughput"), ".1f"),
                       f"{100 * last['data_time'] / total:.0f}" if total else "—", shown or "—",
-                      "done" if task["finished"] else duration(task["eta"]))
+                      "done" if task["finished"] else "stopped" if trainer_gone(snap) else duration(task["eta"]))
     if not snap["tasks"]:
         table.add_row("waiting for the first step…", *[""] * 8)
     return table

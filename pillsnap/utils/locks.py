@@ -2,7 +2,9 @@
 killed, so a crashed process leaves no stale lock behind on a local disk.
 
 `file_lock(path, wait=False)` refuses at once with `BusyError`, which names the holder (its pid, host, command
-and start time, written into the lock file by whoever holds it); `wait=True` queues behind the holder instead.
+and start time, written into the lock file by whoever holds it, with its role and, once it lets go, when);
+`wait=True` queues behind the holder instead. `holder_alive` tells from that record whether the holder still
+holds the lock (the training monitor's question).
 Processes forked while a lock is held (loader workers, pools) close their copy of it at once: a copy would keep
 the lock after its holder was killed, for as long as the child lived.
 
@@ -25,8 +27,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-
-import psutil
 
 LOGGER = logging.getLogger(__name__)
 # flock's answers where the file system does not lock (NFS without its lock service, Lustre without flock)
@@ -60,17 +60,29 @@ def read_holder(path: str | Path) -> dict | None:
 
 
 def holder_alive(info: dict) -> bool | None:
-    """Whether the process that wrote `info` still runs: None when it ran on another host (or wrote no start
-    time), which this machine cannot see. A pid taken over by a newer process does not count."""
-    if info.get("host") != socket.gethostname() or not isinstance(info.get("since_unix"), (int, float)):
-        return None
-    try:
-        process = psutil.Process(int(info["pid"]))
-        return process.create_time() <= info["since_unix"] + 1.0 and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:  # zombies included
+    """Whether the process that wrote `info` still holds its lock: False once it let go (`released_unix`) or
+    ended; None where this machine cannot see it (another host, another container's process ids). The process is
+    told apart from a newer one that took its pid over by its start time in clock ticks since boot, which a step
+    of the wall clock does not move."""
+    if info.get("released_unix") is not None:
         return False
-    except psutil.AccessDenied:  # another user's process of that pid: there, but not checked to be the holder
+    here = _identity()
+    if info.get("host") != socket.gethostname() or info.get("pid_ns", here["pid_ns"]) != here["pid_ns"]:
+        return None
+    if info.get("boot_id", here["boot_id"]) != here["boot_id"]:
+        return False  # the machine was restarted since
+    pid = int(info["pid"])
+    state = _proc_state(pid)
+    if state is None:  # no /proc entry to read: gone, or hidden from this user (EPERM: there)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
+    status, start_ticks = state
+    return status != "Z" and start_ticks == info.get("start_ticks", start_ticks)
 
 
 def holder_text(path: Path) -> str:
@@ -86,9 +98,10 @@ def holder_text(path: Path) -> str:
 
 
 @contextmanager
-def file_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = False, role: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing, parent folders too) for the block. `wait=False`:
-    raise BusyError naming the holder instead of waiting for it."""
+    raise BusyError naming the holder instead of waiting for it. `role`: what the holder does, written beside its
+    pid (the monitor follows the "train" holder of an experiment folder); the file says when it was let go."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -101,11 +114,13 @@ def file_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
             yield
             return
         _HELD.add(fd)
+        info = _write_holder(fd, role)
         try:
-            _write_holder(fd)
             yield
         finally:
             _HELD.discard(fd)
+            with suppress(OSError):  # a full disk must not keep the lock
+                _rewrite(fd, {**info, "released_unix": time.time()})
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -126,6 +141,30 @@ def _lock(fd: int, path: Path, wait: bool) -> bool:
     return True
 
 
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of a process, from /proc (Linux); None without."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces and ")"
+    return fields[0], int(fields[19])
+
+
+def _identity() -> dict:
+    """This process's start (clock ticks since boot), the machine's boot and the process-id namespace, where
+    /proc has them (None elsewhere)."""
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    state = _proc_state(os.getpid())
+    return {"start_ticks": state[1] if state else None, "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", link=True)}
+
+
 def _command() -> str:
     """This process's command line as its user typed it ('python -m pillsnap.train ...' rather than 'train.py')."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -134,11 +173,16 @@ def _command() -> str:
     return shlex.join(prog + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
 
 
-def _write_holder(fd: int) -> None:
-    """Who holds the lock, for the message of whoever is refused (the file itself stays: removing a lock file
-    would let two processes lock two different files of one name)."""
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
+def _write_holder(fd: int, role: str | None) -> dict:
+    """Who holds the lock, for the message of whoever is refused and for the training monitor (the file itself
+    stays: removing a lock file would let two processes lock two different files of one name)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "role": role,
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "since_unix": time.time(),
-            "command": _command()}
+            "command": _command(), **_identity()}
+    _rewrite(fd, info)
+    return info
+
+
+def _rewrite(fd: int, info: dict) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)

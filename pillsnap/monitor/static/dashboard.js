@@ -19,6 +19,7 @@ const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "complet
 const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
                      global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};
 const STALE_AFTER_S = 120;      // no record for this long while running: say so
+const HUNG_AFTER_S = 3600;      // this long with the trainer alive: longer than a Stage 4 validation, a hang?
 const SERVER_SILENT_S = 10;     // no message from the server for this long: the link is stale
 
 const $ = id => document.getElementById(id);
@@ -93,9 +94,10 @@ function renderRun(s) {
   const updated = $("run-updated");
   updated.textContent = run.last_time ? "last record " + Fmt.ago(age) : "no records yet";
   const quiet = run.status === "running" && age > STALE_AFTER_S, alive = !!trainer && trainer.alive === true;
-  updated.classList.toggle("warn", gone || (quiet && !alive));
+  const hung = quiet && alive && age > HUNG_AFTER_S;
+  updated.classList.toggle("warn", gone || hung || (quiet && !alive));
   updated.title = trainer ? `the trainer: pid ${trainer.pid} on ${trainer.host}, ${trainer.command || "?"}` : "";
-  if (quiet && alive) updated.textContent = `quiet for ${Fmt.dur(age)}; trainer alive`;  // validating or saving
+  if (quiet && alive) updated.textContent = `quiet for ${Fmt.dur(age)}; trainer alive${hung ? ": hung?" : ""}`;
   else if (quiet && !gone) updated.textContent += " — is the trainer alive?";
   const alert = $("run-alert");
   alert.hidden = !gone;
