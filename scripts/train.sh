@@ -97,13 +97,30 @@ from pillsnap.eval.stage_eval import finished_line
 print("train.sh: " + finished_line(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
 PY
 }
+trained_before_interrupt() {  # this run's metrics.json says its training ended: the interrupt came after it
+  "$PY" - "$EXP_DIR" "$START" <<'PY'
+import json, os, sys
+path = os.path.join(sys.argv[1], "reports", "metrics.json")
+try:
+    fresh = os.stat(path).st_mtime >= float(sys.argv[2])
+    status = json.load(open(path, encoding="utf-8")).get("status")
+except (OSError, ValueError):
+    sys.exit(1)
+sys.exit(0 if fresh and status not in ("interrupted", "running") else 1)
+PY
+}
 case $rc in
   0) echo "train.sh: latest metrics: $EXP_DIR/reports/metrics.json"; verdict ;;
   2) echo "train.sh: FAILED: configuration or input error (see the message above)" >&2 ;;
   3) echo "train.sh: FAILED: OOM recovery exhausted; emergency checkpoint in $EXP_DIR/checkpoints" >&2 ;;
   4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2
      verdict ;;
-  130) echo "train.sh: interrupted; resume with: $(resume_command)" >&2 ;;
+  130) if trained_before_interrupt; then
+         # the checkpoints are whole: a resume would only say "already trained"; the run named what is left
+         echo "train.sh: interrupted after training; finish with the commands above" >&2
+       else
+         echo "train.sh: interrupted; resume with: $(resume_command)" >&2
+       fi ;;
   *) echo "train.sh: FAILED with exit code $rc; see $EXP_DIR/logs/train.err" >&2 ;;
 esac
 exit $rc

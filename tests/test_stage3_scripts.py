@@ -113,3 +113,29 @@ def test_train_sh_on_a_held_folder_stops_before_writing_to_its_logs(synth_root, 
     assert f"train.sh: {exp / 'run.lock'} is held by pid {holder.pid}" in proc.stderr
     assert (exp / "logs" / "train.err").read_text(encoding="utf-8") == "the running run's warnings\n"
     assert not (exp / "logs" / "train.out").exists()
+
+
+@pytest.mark.parametrize(("status", "said"), [
+    ("completed", "train.sh: interrupted after training; finish with the commands above"),
+    ("interrupted", "train.sh: interrupted; resume with: bash scripts/train.sh --cfg {cfg} --epochs 3 "
+                    "paths.exp_dir={exp} --resume"),
+])
+def test_train_sh_after_an_interrupt_says_resume_or_finish_as_the_run_did(tmp_path, status, said):
+    """Exit 130 both ways: interrupted in training (resume), or in the work after it, where the checkpoints are
+    whole and a resume would only say "already trained" (the run printed the commands that finish it). The run is
+    a stand-in for `python -m pillsnap.train` that writes its metrics.json and exits 130; the rest is the real
+    script."""
+    exp = tmp_path / "exp"
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "train.sh").write_text((REPO / "scripts" / "train.sh").read_text())
+    fake = root / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-m" ]; then\n'
+                    f'  echo \'{{"status": "{status}"}}\' > {exp}/reports/metrics.json; exit 130\nfi\n'
+                    f'exec {REPO / ".venv" / "bin" / "python"} "$@"\n')
+    fake.chmod(0o755)
+    proc = run("bash", str(root / "scripts" / "train.sh"), "--cfg", str(REPO / "config.yaml"), "--epochs", "3",
+               f"paths.exp_dir={exp}")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == said.format(cfg=REPO / "config.yaml", exp=exp)
