@@ -406,3 +406,23 @@ def test_the_trainer_process_behind_a_running_stream(tmp_path):
     assert seen()["trainer"]["alive"] is None  # another container's process ids
     (exp / RUN_LOCK).write_text(json.dumps({**info, "role": "evaluate"}))
     assert seen()["trainer"] is None  # `pillsnap evaluate` holds or held the folder: not a trainer
+
+
+def test_terminal_stops_following_a_run_whose_trainer_is_gone(tmp_path, monkeypatch):
+    """`pillsnap monitor --terminal` follows a running stream until it ends; a killed trainer never ends it."""
+    import time
+
+    import pillsnap.monitor.cli as monitor_cli
+    from pillsnap.utils.locks import RUN_LOCK, file_lock
+
+    exp = tmp_path / "exp"
+    (exp / "reports").mkdir(parents=True)
+    (exp / "reports" / "metrics.jsonl").write_text(json.dumps(start(t=time.time())) + "\n", encoding="utf-8")
+    with file_lock(exp / RUN_LOCK, role="train"):
+        pass  # let go without an end record
+
+    def kept_following(seconds):
+        raise AssertionError("the table kept following a run whose trainer has ended")
+
+    monkeypatch.setattr(monitor_cli.time, "sleep", kept_following)
+    assert monitor_cli.run_terminal(exp, 0.01) == 0

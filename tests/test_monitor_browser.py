@@ -160,6 +160,19 @@ def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
         page.screenshot(path=os.environ["PILLSNAP_DASHBOARD_GONE_SCREENSHOT"], full_page=False)
 
 
+def test_page_asks_whether_a_trainer_alive_but_silent_for_an_hour_hangs(dashboard, page):
+    import socket
+
+    exp, url = dashboard
+    append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time() - 3700, epochs=4, done_epochs=1.5, stage=4))
+    (exp / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "role": "train",
+                                              "since_unix": time.time(), "command": "pillsnap train"}))
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-updated').textContent.includes('hung?')", timeout=WAIT_MS)
+    assert page.inner_text("#run-updated").startswith("quiet for 1 h 01 m")
+    assert "warn" in page.get_attribute("#run-updated", "class")
+
+
 def test_realistic_run_renders_every_panel(dashboard, page, tmp_path):
     exp, url = dashboard
     append(exp / "reports" / "metrics.jsonl", *synthetic_run(time.time(), epochs=18, done_epochs=8.45, stage=3))

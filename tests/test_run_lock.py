@@ -176,6 +176,10 @@ def test_a_second_run_on_a_held_folder_is_refused_before_it_writes(tmp_path, cap
     finally:
         holder.kill()
         holder.wait()
+    caplog.clear()  # free again: evaluate gets as far as the run's config (these fake runs have no manifests)
+    with caplog.at_level(logging.ERROR):
+        assert main(["evaluate", "--exp", str(exp), "--stage", "1", "--yes"]) == 2
+    assert "config error: paths.manifest_dir" in caplog.text  # the command line's own line for a config error
     code, trainer = run_training(make_cfg(exp, "train.epochs=2", "train.resume=last"), fake_build_loaders)
     assert code == 0 and trainer.start_epoch == 1  # the killed holder left nothing behind
 
