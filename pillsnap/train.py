@@ -1,7 +1,10 @@
 """Training entry point: `python -m pillsnap.train --cfg config.yaml [dotted.key=value ...]` (= `pillsnap train`).
 
 Runs the engine, then what a finished run owes its user: the classifier's report plots from the validated
-weights and, after the last stage, the one evaluation on the test split.
+weights and, after the last stage, the one evaluation on the test split. One run per experiment folder: a second
+one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 2 a config error or a
+folder in use, 3 out of memory for good, 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or
+SIGTERM; the last lines say how to resume or finish).
 """
 
 from __future__ import annotations
