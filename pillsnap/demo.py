@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pillsnap.utils.locks import BusyError, file_lock
+
 LOGGER = logging.getLogger("pillsnap.demo")
 
 # Synthetic data and training sizes per profile. default: about 6 minutes on 2 CPU cores; tiny: about 1 minute.
@@ -45,6 +47,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 DATA_MARKER = "synth_summary.json"
+DEMO_LOCK = "demo.lock"  # in --workdir: one demo at a time writes its data, manifests, cache and exp/
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -198,26 +201,35 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         cfg = demo_config(args)
-        phase("1/6 data")
-        ensure_data(cfg, args)
-        phase("2/6 scan")
-        ensure_manifests(cfg)
-        phase("3/6 train (classifier + detector, interleaved)")
-        code = ensure_trained(cfg)
-        if code != 0:
-            LOGGER.error("demo: training ended with exit code %d; see %s/logs", code, cfg.paths.exp_dir)
-            return code
-        ensure_calibrated(cfg)
-        phase("4/6 export the detector to ONNX")
-        onnx_path = ensure_onnx(Path(cfg.paths.exp_dir), args.device)
-        phase("5/6 evaluate the pipeline on held-out photos")
-        from pillsnap.eval.pipeline_report import evaluate_and_report, format_headline
-
-        summary = evaluate_and_report(cfg, onnx_path, args.device, start)
-        phase("6/6 enrol the held-out drugs from 5 photos each (no retraining) and answer their other photos")
-        summary["enrolment"] = enrolment_figures(cfg, args.device)
+        with file_lock(Path(args.workdir) / DEMO_LOCK, role="demo"):  # data, manifests and cache are shared too
+            return _run(args, cfg, start)
+    except BusyError as err:
+        LOGGER.error("demo: %s: another demo is working in %s; wait for it, or give another --workdir", err,
+                     args.workdir)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("demo: %s", err)
         return 2
+
+
+def _run(args: argparse.Namespace, cfg: Any, start: float) -> int:
+    phase("1/6 data")
+    ensure_data(cfg, args)
+    phase("2/6 scan")
+    ensure_manifests(cfg)
+    phase("3/6 train (classifier + detector, interleaved)")
+    code = ensure_trained(cfg)
+    if code != 0:
+        LOGGER.error("demo: training ended with exit code %d; see %s/logs", code, cfg.paths.exp_dir)
+        return code
+    ensure_calibrated(cfg)
+    phase("4/6 export the detector to ONNX")
+    onnx_path = ensure_onnx(Path(cfg.paths.exp_dir), args.device)
+    phase("5/6 evaluate the pipeline on held-out photos")
+    from pillsnap.eval.pipeline_report import evaluate_and_report, format_headline
+
+    summary = evaluate_and_report(cfg, onnx_path, args.device, start)
+    phase("6/6 enrol the held-out drugs from 5 photos each (no retraining) and answer their other photos")
+    summary["enrolment"] = enrolment_figures(cfg, args.device)
     print(format_headline(summary), flush=True)
     return 0

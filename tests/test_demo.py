@@ -64,3 +64,20 @@ def test_demo_bad_data_root_is_named(tmp_path: Path, caplog) -> None:
     code = cli_main(["demo", "--workdir", str(tmp_path), "--data-root", str(tmp_path / "missing")])
     assert code == 2
     assert "does not exist" in caplog.text
+
+
+def test_a_second_demo_in_the_same_workdir_is_refused_before_it_writes(tmp_path: Path, caplog) -> None:
+    """Two demos in one --workdir would generate, scan and cache into the same folders at once."""
+    from test_run_lock import hold_in_another_process
+
+    from pillsnap.demo import DEMO_LOCK
+
+    holder = hold_in_another_process(tmp_path / DEMO_LOCK)
+    try:
+        assert cli_main(["demo", "--tiny", "--workdir", str(tmp_path)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{tmp_path / DEMO_LOCK} is held by pid {holder.pid}" in caplog.text
+    assert "another demo is working in" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEMO_LOCK]
