@@ -31,8 +31,9 @@ import torch
 def answers(cfg, exp: Path, limit: int) -> dict:
     from reader_likelihoods import open_run, read_held_out, read_validation
 
-    from pillsnap.infer.answer import calibrated_evidence, decide_answer
+    from pillsnap.infer.answer import decide_answer
     from pillsnap.infer.matching import KnownImprints
+    from pillsnap.infer.thresholds import calibrated_evidence
 
     run = open_run(cfg, exp)
     unknown, names, class_map = run.unknown, run.names, run.class_map

@@ -92,7 +92,8 @@ def read_held_out(run: Run, limit: int) -> list | None:
 
 def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
     from pillsnap.eval.calibration import fit_evidence_scale
-    from pillsnap.infer.answer import WEIGHTS, rerank
+    from pillsnap.infer.rerank import rerank
+    from pillsnap.infer.thresholds import WEIGHTS
 
     run = open_run(cfg, exp)
     class_map = run.class_map
@@ -135,8 +136,9 @@ def unknown_pills(run: Run, known_items: list, limit: int) -> dict:
     the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
     (AnswerThresholds.foreign_likelihood_gap) and without it."""
     from pillsnap.eval.calibration import answers_unknown_report
-    from pillsnap.infer.answer import calibrated_evidence, decide_answer
+    from pillsnap.infer.answer import decide_answer
     from pillsnap.infer.matching import KnownImprints
+    from pillsnap.infer.thresholds import calibrated_evidence
 
     held_items = read_held_out(run, limit)
     if held_items is None:
@@ -180,8 +182,8 @@ def test_photos(cfg, exp: Path, weight: float, split: str) -> dict:
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
     from pillsnap.eval.pipeline_eval import photo_groups
-    from pillsnap.infer.answer import WEIGHTS
     from pillsnap.infer.pipeline import Predictor
+    from pillsnap.infer.thresholds import WEIGHTS
 
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), split)
     on, off = Predictor(str(exp), cfg, "cpu"), Predictor(str(exp), cfg, "cpu")
@@ -226,7 +228,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from pillsnap.config.run import load_cli_config
-    from pillsnap.infer.answer import WEIGHTS
+    from pillsnap.infer.thresholds import WEIGHTS
 
     exp = args.exp.resolve()
     cfg = load_cli_config(str(exp), None, [f"paths.exp_dir={exp}", "inference.hard_cases.enabled=false",

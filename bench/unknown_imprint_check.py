@@ -26,9 +26,10 @@ import statistics
 import time
 
 from pillsnap.data.synth import make_classes
-from pillsnap.infer.answer import THRESHOLDS, foreign_imprint
+from pillsnap.infer.answer import foreign_imprint
 from pillsnap.infer.imprint import ImprintRead
 from pillsnap.infer.matching import KnownImprints, class_imprints
+from pillsnap.infer.thresholds import THRESHOLDS
 
 ALPHABET = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 

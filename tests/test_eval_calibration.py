@@ -12,9 +12,9 @@ from test_stage_eval import run_cfg
 from pillsnap.cli import main as cli_main
 from pillsnap.data import load_manifest
 from pillsnap.eval.calibration import EVIDENCE_SCALES, calibrate_classifier
-from pillsnap.infer.answer import WEIGHTS
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calibration
 from pillsnap.infer.pipeline import Predictor
+from pillsnap.infer.thresholds import WEIGHTS
 from pillsnap.train import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]

@@ -14,7 +14,6 @@ from PIL import Image
 
 from pillsnap.data.synth import make_classes
 from pillsnap.data.synth_pill import LOGO_STYLES, draw_pill, imprint_parts
-from pillsnap.infer.answer import THRESHOLDS, rerank, should_read_imprint
 from pillsnap.infer.matching import (
     Hints,
     candidate_imprints,
@@ -25,6 +24,8 @@ from pillsnap.infer.matching import (
     imprint_similarity,
     logo_only,
 )
+from pillsnap.infer.rerank import rerank, should_read_imprint
+from pillsnap.infer.thresholds import THRESHOLDS
 
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "aihub_real_labels"
 

@@ -9,18 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from pillsnap.infer.answer import (
-    THRESHOLDS,
-    WEIGHTS,
-    AnswerThresholds,
-    Classified,
-    PillAnswer,
-    UnknownRule,
-    classifier_candidates,
-    decide_answer,
-)
+from pillsnap.infer.answer import Classified, PillAnswer, UnknownRule, classifier_candidates, decide_answer
 from pillsnap.infer.imprint import ImprintRead
 from pillsnap.infer.matching import Hints, KnownImprints
+from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS, AnswerThresholds
 
 CLASS_MAP = {"K-000001": {"print_front": "BSP", "print_back": "5"}, "K-000002": {"print_front": "DGTH"},
              "K-000003": {"print_front": "PE"}}

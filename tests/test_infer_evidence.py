@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from pillsnap.infer.answer import AnswerThresholds
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.imprint import ImprintRead
+from pillsnap.infer.thresholds import AnswerThresholds
 
 CLASS_MAP = {"K-000001": {"print_front": "BSP", "print_back": ""}, "K-000002": {"print_front": "DGTH"},
              "K-000003": {"print_front": "BSP"}}

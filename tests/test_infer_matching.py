@@ -10,7 +10,6 @@ import pytest
 from conftest import REAL_LABELS
 
 from pillsnap.data.aihub import COLORS, SHAPES
-from pillsnap.infer.answer import THRESHOLDS, WEIGHTS, likelihood_gaps, rerank, should_read_imprint
 from pillsnap.infer.matching import (
     _COLOR_WORDS,
     _SHAPE_WORDS,
@@ -24,6 +23,8 @@ from pillsnap.infer.matching import (
     parse_colors,
     parse_shape,
 )
+from pillsnap.infer.rerank import likelihood_gaps, rerank, should_read_imprint
+from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS
 
 FLOOR, IMPRINT_ACCEPT = THRESHOLDS.imprint_floor, THRESHOLDS.imprint_accept
 CLASS_MAP = {  # two look-alike twins (same shape and colour, different imprint) and a third pill

@@ -409,7 +409,7 @@ def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_con
 def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_path: Path, caplog) -> None:
     """The evidence scale and the prediction sets were fit with the weights the calibration records: one that
     records none was fit without the candidates' likelihoods, and the predictor leaves them out (and says so)."""
-    from pillsnap.infer.answer import THRESHOLDS, WEIGHTS
+    from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS
 
     root = make_exp_dir(tmp_path / "exp", with_detector=False)
     ckpts = root / "checkpoints"

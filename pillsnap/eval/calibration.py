@@ -140,7 +140,9 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
     was made, like the temperature does for the classifier: the weights were chosen for accuracy, this makes the
     posterior they give mean what it says. 1.0 when no read was made. A right drug outside the candidates gets the
     probability the candidates leave."""
-    from pillsnap.infer.answer import WEIGHTS, answer_candidates, rerank
+    from pillsnap.infer.answer import answer_candidates
+    from pillsnap.infer.rerank import rerank
+    from pillsnap.infer.thresholds import WEIGHTS
 
     read = [item for item in items if item.read is not None]
     if not read:
@@ -177,9 +179,10 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     imprint check: every pill read, a legible imprint like none of its candidates' answered "unknown"),
     `unknown_answers` measures the answers on the single-pill photos of drugs held out of training (`held_out`, a
     crop data set) against the known single-pill answers (answers_unknown_report)."""
-    from pillsnap.infer.answer import WEIGHTS, decide_answer
+    from pillsnap.infer.answer import decide_answer
     from pillsnap.infer.evidence import Evidence
     from pillsnap.infer.matching import KnownImprints
+    from pillsnap.infer.thresholds import WEIGHTS
 
     reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
     check_unknown = check_unknown and reading
@@ -230,7 +233,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
 
 def _gated(items: list[ValAnswer], class_map: dict) -> list[ValAnswer]:
     """The items with the reads inference makes without the imprint check: only where the contenders differ."""
-    from pillsnap.infer.answer import should_read_imprint
+    from pillsnap.infer.rerank import should_read_imprint
 
     return [item if item.read is None or should_read_imprint(item.classified.topk, class_map)
             else item._replace(read=None) for item in items]
@@ -393,7 +396,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     held-out drugs' photos (answers_unknown_report). With a detector, `box_check` holds its confidences in the
     labelled pills of the validation combination photos (pillsnap.eval.box_calibration)."""
     from pillsnap.data import build_dataloaders_twostage
-    from pillsnap.infer.answer import WEIGHTS
+    from pillsnap.infer.thresholds import WEIGHTS
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
 

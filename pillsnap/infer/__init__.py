@@ -1,5 +1,6 @@
-"""Inference: the two-stage pipeline (pipeline.py), auto-mode gating (gating.py), a pill's answer (answer.py), the
-files fit for the classifier (artefacts.py) and `pillsnap predict` (cli.py). Nothing here imports pillsnap.eval.
+"""Inference: the two-stage pipeline (pipeline.py), auto-mode gating (gating.py), a pill's answer (answer.py, over
+rerank.py and thresholds.py), the files fit for the classifier (artefacts.py) and `pillsnap predict` (cli.py).
+Nothing here imports pillsnap.eval.
 
 Names are re-exported lazily (PEP 562) so that `pillsnap --help` does not import torch.
 """
@@ -17,10 +18,10 @@ _EXPORTS = {
     "decide_route": "pillsnap.infer.gating",
     "hard_case_reasons": "pillsnap.infer.gating",
     "Hints": "pillsnap.infer.matching",
-    "AnswerThresholds": "pillsnap.infer.answer",
+    "AnswerThresholds": "pillsnap.infer.thresholds",
     "PillAnswer": "pillsnap.infer.answer",
     "decide_answer": "pillsnap.infer.answer",
-    "rerank": "pillsnap.infer.answer",
+    "rerank": "pillsnap.infer.rerank",
     "load_calibration": "pillsnap.infer.artefacts",
     "ImprintReader": "pillsnap.infer.imprint",
 }

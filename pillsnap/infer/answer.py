@@ -1,15 +1,17 @@
-"""A pill's final answer, decided in one place. The classifier's top-k is re-ranked by the evidence (the imprint
-read, the user's hints) into a posterior, the unknown-pill rule may withhold the name, and the answer's fields are
-filled. Pure functions over frozen inputs: no OCR, no torch, so every rule here is tested without a model.
+"""A pill's final answer, decided in one place: its candidates (the classifier's top-k and the drugs an imprint
+read brings back), whether to read its imprint, the re-ranking by the evidence (pillsnap.infer.rerank), the
+unknown-pill rule that may withhold the name, the prediction set, and the answer's fields. Pure functions over
+frozen inputs: no OCR, no torch, so every rule here is tested without a model.
 
-Every threshold is a field of AnswerThresholds, with its reason; the evidence weights are RerankWeights.
+Every threshold is a field of AnswerThresholds, with its reason; the evidence weights are RerankWeights (both in
+pillsnap.infer.thresholds).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -17,145 +19,18 @@ import numpy as np
 from pillsnap.infer.matching import (
     Hints,
     KnownImprints,
+    class_entries,
     class_imprint_similarity,
     class_imprints,
-    color_agreement,
     has_unreadable_side,
-    imprint_similarity,
     normalize_imprint,
-    shape_agreement,
 )
+from pillsnap.infer.rerank import Reranked, imprints_differ, rerank, should_read_imprint, top_entry
+from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS, AnswerThresholds, RerankWeights
 from pillsnap.metrics.conformal import check_set_method, set_size
 
 if TYPE_CHECKING:
     from pillsnap.infer.imprint import ImprintRead
-
-
-@dataclass(frozen=True)
-class AnswerThresholds:
-    """The thresholds of a pill's answer. The first five are on the one imprint-similarity scale of
-    pillsnap.infer.matching.imprint_similarity (0: nothing alike, 1: the same imprint), lowest first."""
-
-    # Similarity that counts as no evidence at all: two unrelated 3-5 character strings rarely score above 0.5
-    # (2 % of random pairs), so a garbage read cannot reorder the classifier's answer.
-    imprint_floor: float = 0.5
-    # A read at least this similar to an imprint is taken as that imprint: OCR's near misses of real imprints
-    # ("BSF" for "BSP": 0.67, "GTH" for "DGTH") pass, 0.5 % of random pairs do.
-    imprint_accept: float = 0.6
-    # Two classes' imprints this similar look the same to the reader, so a read cannot tell them apart and none
-    # is made. Above the accept level: imprints a near miss could confuse are still worth reading.
-    same_imprint: float = 0.8
-    # A pill the unknown-pill rule rejects is still named when its imprint reads this close to the top candidate's:
-    # an imprint is what identifies a drug, but overruling a rejection needs more than accepting a read does.
-    unknown_override: float = 0.9
-    # The reader stops turning the crop once a reading fits a candidate this well: such a read already overrules
-    # the unknown-pill rule, and the two cross turns would double the reading time for nothing.
-    conclusive_read: float = 0.9
-    # A read is made only when the top-1 and another of the top `read_top_n` candidates holding at least
-    # `read_min_probability` differ by imprint: below that the classifier has ruled a candidate out. Chosen with
-    # RerankWeights.imprint on the demo's validation crops.
-    read_top_n: int = 3
-    read_min_probability: float = 0.01
-    # An imprint counts against the drugs a pill looks like (it is answered "unknown") only when it is legible: at
-    # least this many characters (one character fits a part of almost any imprint), read with at least this
-    # confidence (the recogniser's own), and none of the candidates' imprints as alike as imprint_floor.
-    foreign_read_chars: int = 2
-    foreign_read_score: float = 0.5
-    # When the top drug has a side OCR cannot read (plain, a logo or a score line alone, or not on record: an enrolled
-    # drug given one imprint), a read may come from that side, where OCR makes a stray letter or two of a logo or a
-    # groove: such a read counts only with at least this many characters at this confidence.
-    foreign_read_chars_blank_side: int = 3
-    foreign_read_score_blank_side: float = 0.8
-    # Or, by the recogniser's own probabilities: it reads something with at least this confidence, like none of the
-    # candidates' imprints as text, and finds every readable side of every candidate more than this many nats
-    # (3,000x) less likely on those lines than what it reads. This catches a one-character read ("8" for "C0"),
-    # which the text cannot hold against anything. On the demo, no known single-pill validation crop was rejected
-    # with it (bench/reader_likelihoods.py).
-    foreign_likelihood_score: float = 0.8
-    foreign_likelihood_gap: float = 8.0
-    # A drug the classifier ranked below the top-k comes back as a candidate when the imprint is read surely as its
-    # own: at least foreign_read_chars characters, at least this confidence, as alike as conclusive_read. Among
-    # thousands of look-alike white tablets the right one can rank below the top-k, and its imprint is what tells it
-    # apart; but its look argues against it, so the read must be near-certain (the demo's validation reads that
-    # brought one back were at 0.99-1.00; a held-out pill's "HC" at 0.57 would have been named as the known "HC").
-    # Only where the read is like none of the top-k's imprints (imprint_accept): a near miss of a top-k drug's
-    # ("BSF" for "BSP") is that drug, not another one printed "BSF". A drug brought back never overrules the
-    # unknown-pill rule or the box check, which a conclusive read of a top-k drug does.
-    recall_read_score: float = 0.9
-    # Only a drug the classifier left at least this probability. This is no look filter: the classifier's tail is
-    # not calibrated, and on the demo drugs of another colour or shape held up to 0.05 beyond the top-5 (median
-    # 0.002); it only bounds the reserve. The look is guarded by the unknown-pill rule, which a recall never
-    # overrules.
-    recall_min_probability: float = 0.001
-    recall_max: int = 20  # drugs kept aside per pill at most (Classified.reserve)
-
-
-@dataclass(frozen=True)
-class RerankWeights:
-    """Log-odds each piece of evidence adds to a candidate's log-probability."""
-
-    # A perfect OCR match, scaled by the recogniser's confidence. Strong, because the classifier cannot see an
-    # imprint and its preference between look-alike twins is close to a guess: chosen on the demo's validation
-    # crops, where 10 (with read_min_probability 0.01) was right for 0.858 against 0.756 for 4.
-    imprint: float = 10.0
-    # Per nat by which a candidate's imprint is less likely on the lines read than what the recogniser reads there
-    # itself (its own probabilities: ImprintRead.likelihoods, .read_likelihood), counted down to `likelihood_cap`
-    # nats: beyond that an imprint is not on the lines, whichever it is. Only beside a legible read that matched
-    # no candidate: it tells candidates apart where the read is garbled ("F" for "F7" against "76"). Chosen on the
-    # demo's validation answers (bench/reader_likelihoods.py: cap 8 fit better than 6, 10 no better); the
-    # calibrated evidence scale applies to it as to `imprint`.
-    likelihood: float = 1.0
-    likelihood_cap: float = 8.0
-    hint_imprint: float = 12.0  # what the user typed is trusted more than OCR
-    color: float = 2.5
-    shape: float = 2.0
-
-    def with_read_scaled(self, factor: float) -> RerankWeights:
-        """These weights with the imprint read's scaled by `factor` (the calibrated evidence scale)."""
-        return replace(self, imprint=self.imprint * factor, likelihood=self.likelihood * factor)
-
-
-THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
-
-
-def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, AnswerThresholds]:
-    """The evidence weights and thresholds a calibration's evidence scale and prediction sets were fit with, the
-    weights scaled by its `evidence_scale`. One made before the candidates' likelihoods counted (no
-    `likelihood_weight`) was fit without them: its answers are made without them, in the re-ranking and in the
-    imprint check. One made before drugs below the top-k could be brought back by their imprint (no
-    `imprint_recall: true`) is answered with the top-k alone. Without a calibration, the policy's own."""
-    calibration = calibration or {}
-    missing = fit_without(calibration)
-
-    def number(key: str, default: float) -> float:
-        value = calibration.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"calibration.json: {key} must be a number, got {value!r} (recalibrate: pillsnap "
-                             f"calibrate --exp EXP)")
-        return float(value)
-
-    stale = "likelihoods" in missing
-    weights = replace(WEIGHTS, likelihood=0.0 if stale else number("likelihood_weight", WEIGHTS.likelihood),
-                      likelihood_cap=number("likelihood_cap", WEIGHTS.likelihood_cap))
-    thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
-    if "recall" in missing:  # no drug is kept aside
-        thresholds = replace(thresholds, recall_min_probability=math.inf)
-    return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
-
-
-def fit_without(calibration: Mapping | None) -> tuple[str, ...]:
-    """The evidence a calibration was fit without, and so is answered without (calibrated_evidence):
-    "likelihoods" (no `likelihood_weight`: the candidates' likelihoods) and "recall" (no `imprint_recall: true`:
-    drugs below the top-k brought back by their imprint). Nothing without a calibration: the policy's own."""
-    if not calibration:
-        return ()
-    if not isinstance(calibration.get("imprint_recall", False), bool):
-        raise ValueError(f"calibration.json: imprint_recall must be true or false, got "
-                         f"{calibration['imprint_recall']!r} (recalibrate: pillsnap calibrate --exp EXP)")
-    return tuple(name for name, fit in (("likelihoods", "likelihood_weight" in calibration),
-                                        ("recall", calibration.get("imprint_recall") is True)) if not fit)
 
 
 class Classified(NamedTuple):
@@ -230,10 +105,10 @@ def recalled_candidates(read: ImprintRead | None, classified: Classified, class_
     if read is None or read.score < thresholds.recall_read_score or \
             len(read.normalized) < thresholds.foreign_read_chars or not classified.reserve:
         return ()
-    if _like_any(read.text, _entries(classified.topk, class_map), thresholds.imprint_accept):
+    if _like_any(read.text, class_entries(classified.topk, class_map), thresholds.imprint_accept):
         return ()
     return tuple({**c, "recalled_by_imprint": True}
-                 for c, entry in zip(classified.reserve, _entries(classified.reserve, class_map), strict=True)
+                 for c, entry in zip(classified.reserve, class_entries(classified.reserve, class_map), strict=True)
                  if _like_any(read.text, [entry], thresholds.conclusive_read))
 
 
@@ -248,192 +123,6 @@ def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] |
     entry = (class_map or {}).get(code) or {}
     return {"mapping_code": code, "name": entry.get("name", ""), "edi_codes": list(entry.get("edi_codes") or []),
             "probability": probability}
-
-
-# ---- when to read ----------------------------------------------------------------------------------------------
-
-def should_read_imprint(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping],
-                        thresholds: AnswerThresholds = THRESHOLDS, check_unknown: bool = False) -> bool:
-    """Whether OCR can change the answer: the top-1 and another contender (AnswerThresholds.read_top_n,
-    read_min_probability) have imprints that differ (similarity below same_imprint, or one has text and the other
-    none). When the contenders share an imprint, or only one is in the running, a read cannot tell them apart.
-    With `check_unknown` (the imprint check), also whenever the top-1 has an imprint on record: a legible read like
-    none of the candidates' imprints answers the pill "unknown" (foreign_imprint)."""
-    if check_unknown and class_imprints(_top_entry(candidates, class_map)):
-        return True
-    contenders = [c for c in candidates[:thresholds.read_top_n]
-                  if float(c.get("probability", 0.0)) >= thresholds.read_min_probability]
-    if len(contenders) < 2:
-        return False
-    sides = [class_imprints(entry) for entry in _entries(contenders, class_map)]
-    return any(_imprints_differ(sides[0], other, thresholds.same_imprint) for other in sides[1:])
-
-
-def _top_entry(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> Mapping:
-    """The class-map entry of the top candidate ({} when there is none)."""
-    return _entries(candidates[:1], class_map)[0] if candidates else {}
-
-
-def _entries(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> list[Mapping]:
-    """The candidates' class-map entries ({} for a drug not in the map)."""
-    return [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]
-
-
-def _imprints_differ(a: tuple[str, ...], b: tuple[str, ...], same_above: float) -> bool:
-    """Two classes' imprints differ when some side of one has no look-alike side on the other: twins that share
-    a back imprint ("5") but not the front can still be told apart when the front faces the camera."""
-    def covered(xs: tuple[str, ...], ys: tuple[str, ...]) -> bool:
-        return all(any(imprint_similarity(x, y) >= same_above for y in ys) for x in xs)
-
-    return not (covered(a, b) and covered(b, a))
-
-
-# ---- re-ranking ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Reranked:
-    """Candidates best first, each with what matched; whether the top answer changed, and which hints the
-    top answer contradicts (`conflicts`: "imprint", "color", "shape")."""
-
-    candidates: list[dict]
-    changed: bool
-    conflicts: tuple[str, ...] = ()
-    imprint_read: str | None = None
-
-    @property
-    def hints_conflict(self) -> bool:
-        return bool(self.conflicts)
-
-    def flags(self) -> dict:
-        """The answer-level fields: imprint_read, ranking_changed, hints_conflict, conflicts."""
-        return {"imprint_read": self.imprint_read, "ranking_changed": self.changed,
-                "hints_conflict": self.hints_conflict, "conflicts": list(self.conflicts)}
-
-
-def _strength(similarity: float, floor: float) -> float:
-    """Similarity above the floor, rescaled to [0, 1]."""
-    return max(0.0, similarity - floor) / max(1e-6, 1.0 - floor)
-
-
-def _verdict(agreement: int | None) -> str | None:
-    return None if agreement is None else {1: "match", 0: "near", -1: "mismatch"}[agreement]
-
-
-def _hint_terms(hints: Hints, entry: Mapping, w: RerankWeights,
-                t: AnswerThresholds) -> tuple[dict[str, str | None], float]:
-    """Per-hint verdicts for one class and the log-odds they add."""
-    agreements = {"imprint": None, "color": color_agreement(hints.colors, entry),
-                  "shape": shape_agreement(hints.shape, entry)}
-    logit = 0.0
-    if normalize_imprint(hints.imprint):  # one similarity (its cost grows with the text) gives verdict and weight
-        sim = class_imprint_similarity(hints.imprint, entry)
-        agreements["imprint"] = 1 if sim >= t.imprint_accept else (0 if sim > t.imprint_floor else -1)
-        logit = w.hint_imprint * (2.0 * _strength(sim, t.imprint_floor) - 1.0)  # graded: a near miss ranks above
-    logit += w.color * (agreements["color"] or 0) + w.shape * (agreements["shape"] or 0)
-    return {k: _verdict(v) for k, v in agreements.items()}, logit
-
-
-def likelihood_gaps(entries: Sequence[Mapping], likelihoods: Mapping[str, float] | None,
-                    reference: float | None = None) -> list[float | None]:
-    """Per class: by how many nats its imprint (its likelier side) is less likely on the lines read than the
-    `reference` (the recogniser's own reading, ImprintRead.read_likelihood) or the likeliest class, whichever is
-    likelier, from the reader's `likelihoods`. None where the read cannot say: a side OCR cannot read (plain, marks
-    alone, or not on record: the lines may be a groove's strokes or a stray letter, and counting a plain side as
-    "nothing read" cost the demo's answers), or an imprint the recogniser cannot spell."""
-    finite = {t: v for t, v in (likelihoods or {}).items() if math.isfinite(v)}
-    values: list[float | None] = []
-    for entry in entries:
-        texts = [normalize_imprint(side) for side in class_imprints(entry)]
-        measurable = texts and not has_unreadable_side(entry) and all(t in finite for t in texts)
-        values.append(max(finite[t] for t in texts) if measurable else None)
-    known = [v for v in values if v is not None]
-    if reference is not None and math.isfinite(reference):
-        known.append(reference)
-    top = max(known, default=None)
-    return [None if v is None else v - top for v in values]
-
-
-def _scored(rank: int, cand: Mapping, entry: Mapping, read: str | None, read_score: float,
-            hints: Hints | None, w: RerankWeights, t: AnswerThresholds) -> tuple[float, dict]:
-    out = dict(cand)
-    logit = math.log(max(float(cand.get("probability", 0.0)), 1e-12))
-    out["classifier_rank"] = rank
-    if read is not None:
-        sim = class_imprint_similarity(read, entry)
-        out["imprint_similarity"], out["imprint_match"] = round(sim, 3), sim >= t.imprint_accept
-        logit += w.imprint * max(0.0, min(1.0, read_score)) * _strength(sim, t.imprint_floor)
-    if hints is not None and not hints.empty():
-        out["hint_match"], hint_logit = _hint_terms(hints, entry, w, t)
-        logit += hint_logit
-    return logit, out
-
-
-def _with_likelihoods(scored: list[tuple[float, dict]], entries: Sequence[Mapping], likelihoods: Mapping[str, float],
-                      reference: float | None, w: RerankWeights) -> list[tuple[float, dict]]:
-    """The candidates' likelihoods (likelihood_gaps, each counted down to -likelihood_cap) moving probability among
-    the candidates they can measure only: those keep their total, the others and the rest keep theirs. Spoken
-    only where the read text matched no candidate: a read that did already says which it is."""
-    if any(out.get("imprint_match") for _, out in scored):
-        return scored
-    gaps = likelihood_gaps(entries, likelihoods, reference)
-    measured = [i for i, gap in enumerate(gaps) if gap is not None]
-    if len(measured) < 2:
-        return scored
-    moved = {i: scored[i][0] + w.likelihood * max(gaps[i], -w.likelihood_cap) for i in measured}
-    shift = _logsumexp([scored[i][0] for i in measured]) - _logsumexp(list(moved.values()))
-    out = list(scored)
-    for i, logit in moved.items():
-        out[i] = (logit + shift, {**scored[i][1], "imprint_likelihood": round(gaps[i], 2)})
-    return out
-
-
-def _logsumexp(values: list[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def _softmax(logits: list[float]) -> list[float]:
-    top = max(logits)
-    exps = [math.exp(v - top) for v in logits]
-    return [e / sum(exps) for e in exps]
-
-
-def rerank(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping], read: str | None = None,
-           read_score: float = 1.0, hints: Hints | None = None, weights: RerankWeights = WEIGHTS,
-           thresholds: AnswerThresholds = THRESHOLDS, likelihoods: Mapping[str, float] | None = None,
-           read_likelihood: float | None = None) -> Reranked:
-    """Re-rank the classifier's top-k (dicts with `mapping_code`, `probability`, best first) with an imprint
-    read (`read`, the reader's text; `read_score`, its confidence in [0, 1]; `likelihoods` and `read_likelihood`,
-    what the recogniser's probabilities say of the candidates and of its own reading: ImprintRead) and the user's
-    hints.
-
-    Each returned candidate is a copy whose `probability` is the posterior given the evidence: the classifier's
-    probability times each piece of evidence's odds, renormalised together with the probability the classifier
-    left outside these candidates (which no evidence speaks for). The classifier's own stays in
-    `classifier_probability`; `classifier_rank` is its place in the classifier's order; when given,
-    `imprint_similarity` / `imprint_match`, `imprint_likelihood` (likelihood_gaps) and `hint_match` ({"imprint",
-    "color", "shape"}: "match" | "near" | "mismatch" | None). Give calibrated probabilities: the evidence weights
-    are log-odds. An empty read counts as no read."""
-    if not candidates:
-        return Reranked([], False, (), read)
-    read = read if read and normalize_imprint(read) else None
-    entries = _entries(candidates, class_map)
-    scored = [_scored(i, c, entry, read, read_score, hints, weights, thresholds)
-              for i, (c, entry) in enumerate(zip(candidates, entries, strict=True))]
-    # Lines that read as nothing legible say little, and where the classifier has ruled out every look-alike that
-    # differs by imprint (a read made only for the imprint check) they have nothing to choose between
-    if read is not None and likelihoods and weights.likelihood > 0 and should_read_imprint(candidates, class_map,
-                                                                                         thresholds):
-        scored = _with_likelihoods(scored, entries, likelihoods, read_likelihood, weights)
-    rest = 1.0 - sum(float(c.get("probability", 0.0)) for c in candidates)
-    posterior = _softmax([s for s, _ in scored] + ([math.log(rest)] if rest > 1e-9 else []))
-    for (_, out), p in zip(scored, posterior, strict=False):
-        out["classifier_probability"], out["probability"] = out.get("probability", 0.0), p
-    ranked = [out for _, out in sorted(scored, key=lambda so: -so[0])]  # stable: ties keep the classifier's order
-    verdicts = ranked[0].get("hint_match") or {}
-    conflicts = tuple(k for k, v in verdicts.items() if v == "mismatch")
-    changed = ranked[0].get("mapping_code") != candidates[0].get("mapping_code")
-    return Reranked(ranked, changed, conflicts, read)
 
 
 # ---- the unknown-pill rule -------------------------------------------------------------------------------------
@@ -462,10 +151,10 @@ def foreign_imprint(read: ImprintRead | None, typed: str, candidates: Sequence[M
     probabilities: every candidate imprint is far less likely on the lines than what it reads with confidence
     (AnswerThresholds.foreign_likelihood_score, foreign_likelihood_gap). Never said when the top drug has no imprint
     on record (an enrolled drug given without them)."""
-    top = _top_entry(candidates, class_map)
+    top = top_entry(candidates, class_map)
     if not class_imprints(top):
         return None
-    entries = _entries(candidates, class_map)
+    entries = class_entries(candidates, class_map)
     drugs = "the drug" if len(candidates) == 1 else f"the {len(candidates)} drugs"
     by_text = _foreign_by_text(read, typed, top, entries, drugs, known, thresholds)
     if by_text is not None or typed:
@@ -540,7 +229,7 @@ def narrow_by(members: Sequence[Mapping], class_map: Mapping[str, Mapping], hint
     pairs = [(a, b) for i, a in enumerate(entries) for b in entries[i + 1:]]
     typed = hints is not None and bool(normalize_imprint(hints.imprint))
     out = []
-    if any(_imprints_differ(class_imprints(a), class_imprints(b), thresholds.same_imprint) for a, b in pairs):
+    if any(imprints_differ(class_imprints(a), class_imprints(b), thresholds.same_imprint) for a, b in pairs):
         out += ["other_side"] + ([] if typed else ["imprint"])
     if (hints is None or not hints.colors) and any(
             set(a.get("colors") or ()) != set(b.get("colors") or ()) for a, b in pairs):

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pillsnap.infer.answer import THRESHOLDS
 from pillsnap.infer.imprint_geometry import (
     BLOB_ASPECT,
     SCORE_WIDTH,
@@ -36,6 +35,7 @@ from pillsnap.infer.imprint_geometry import (
 from pillsnap.infer.matching import imprint_key, imprint_similarity, normalize_imprint
 from pillsnap.infer.ocr import REC_WIDTH, get_models
 from pillsnap.infer.preprocess import pill_mask
+from pillsnap.infer.thresholds import THRESHOLDS
 
 LOGGER = logging.getLogger(__name__)
 

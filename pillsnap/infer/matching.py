@@ -341,3 +341,8 @@ def shape_agreement(shape: str | None, entry: Mapping) -> int | None:
         return None
     have = [str(entry["shape"])] if entry.get("shape") else []
     return _agreement(shape, have, SHAPE_NEIGHBOURS)
+
+
+def class_entries(candidates: Sequence[Mapping], class_map: Mapping[str, Mapping]) -> list[Mapping]:
+    """The candidates' class-map entries ({} for a drug not in the map)."""
+    return [class_map.get(str(c.get("mapping_code"))) or {} for c in candidates]

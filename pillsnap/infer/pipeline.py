@@ -23,21 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pillsnap.infer.answer import (
-    Classified,
-    SetRule,
-    UnknownRule,
-    calibrated_evidence,
-    classifier_candidates,
-    decide_answer,
-    fit_without,
-)
+from pillsnap.infer.answer import Classified, SetRule, UnknownRule, classifier_candidates, decide_answer
 from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import NO_SURE_PILL, GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
+from pillsnap.infer.thresholds import calibrated_evidence, fit_without
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
