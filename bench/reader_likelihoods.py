@@ -92,7 +92,7 @@ def read_held_out(run: Run, limit: int) -> list | None:
 
 def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
     from pillsnap.eval.calibration import fit_evidence_scale
-    from pillsnap.infer.rerank import rerank
+    from pillsnap.infer.ranking import rerank
     from pillsnap.infer.thresholds import WEIGHTS
 
     run = open_run(cfg, exp)

@@ -40,7 +40,7 @@ from pillsnap.data.synth import SHADES
 from pillsnap.data.synth_pill import PillLook
 from pillsnap.data.synth_render import PhotoConditions, render_photo
 from pillsnap.infer.matching import candidate_imprints, class_imprint_similarity, normalize_imprint
-from pillsnap.infer.rerank import rerank
+from pillsnap.infer.ranking import rerank
 from pillsnap.infer.thresholds import THRESHOLDS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -201,12 +202,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         cfg = demo_config(args)
-        with file_lock(Path(args.workdir) / DEMO_LOCK, role="demo"):  # data, manifests and cache are shared too
+        with ExitStack() as held:
+            try:  # data, manifests and cache are shared too
+                held.enter_context(file_lock(Path(args.workdir) / DEMO_LOCK, role="demo"))
+            except BusyError as err:
+                LOGGER.error("demo: %s: another demo is working in %s; wait for it, or give another --workdir", err,
+                             args.workdir)
+                return 2
             return _run(args, cfg, start)
-    except BusyError as err:
-        LOGGER.error("demo: %s: another demo is working in %s; wait for it, or give another --workdir", err,
-                     args.workdir)
-        return 2
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("demo: %s", err)
         return 2

@@ -2,18 +2,21 @@
 
 Runs the engine, then what a finished run owes its user: the classifier's report plots from the validated
 weights and, after the last stage, the one evaluation on the test split. One run per experiment folder: a second
-one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 2 a config error or a
-folder in use, 3 out of memory for good, 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or
-SIGTERM; the last lines say how to resume or finish).
+one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 1 any other error, 2 a
+config, resume or input error or a folder in use, 3 out of memory (for good; under torchrun, a restart applies
+the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or SIGTERM; the last
+lines say how to resume, or how to finish the work after training).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -94,29 +97,32 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     """Train per `cfg`, then write the reports, link the stage's checkpoints, evaluate the stage
     (train.stage_evaluation) and, after stage 4, run the final test evaluation, all while holding the experiment
     folder. Returns the exit code (0 ok, 2 config/resume error or a folder another run holds, 3 OOM give-up, 4 time
-    cap failed, 130 interrupted). An interrupt after training raises InterruptedAfterTraining (the checkpoints are
-    whole)."""
+    cap failed, 130 interrupted). An interrupt in the work after training raises KeyboardInterrupt (the checkpoints
+    are whole: training_ended says so)."""
     from pillsnap.engine.run import run_training
 
     return run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
                                                           choice=choice, assume_yes=assume_yes))[0]
 
 
-class InterruptedAfterTraining(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during the work after training (reports, calibration, stage decision): the checkpoints
-    are whole, so a resume would only say "already trained"."""
+def training_ended(exp_dir: str | Path, since: float) -> bool:
+    """Whether a run interrupted now had already ended its training on its own: its reports/metrics.json, written
+    since `since`, says completed, early stop or time cap. Then the checkpoints are whole, a resume would only say
+    "already trained", and what is left is the work after training. scripts/train.sh asks the same."""
+    from pillsnap.eval.gates import FINISHED_STATUSES
+
+    path = Path(exp_dir) / "reports" / "metrics.json"
+    try:
+        if path.stat().st_mtime < since:
+            return False
+        status = json.loads(path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return False
+    return status in FINISHED_STATUSES
 
 
 def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
                     assume_yes: bool) -> int:
-    try:
-        return _finish_run(code, trainer, build_loaders, choice, assume_yes)
-    except KeyboardInterrupt as err:
-        raise InterruptedAfterTraining(*err.args) from err
-
-
-def _finish_run(code: int, trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
-                assume_yes: bool) -> int:
     from pillsnap.engine.run import run_logging
     from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP
 
@@ -188,16 +194,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from pillsnap.engine.trainer import EXIT_INTERRUPTED
 
+    started = time.time()
     try:
         code = train(only(cfg, args.only) if args.only else cfg, choice=args.choice, assume_yes=args.yes)
-    except InterruptedAfterTraining:  # the steps that were cut short are run on their own instead of a resume
-        exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
+    except KeyboardInterrupt:  # outside the training's own handling: after it, or while it was set up or saving
+        code = EXIT_INTERRUPTED
+    if code != EXIT_INTERRUPTED:
+        return code
+    exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
+    if training_ended(exp, started):  # the steps cut short are run on their own instead of a resume
         LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
                        "--exp %s --stage %d", exp, exp, stage)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # outside the engine's own handling (setting up, or a second Ctrl-C while it saves)
-        code = EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:  # a resume with no checkpoints yet starts fresh, so the hint always holds
+    else:  # a resume with no checkpoints yet starts fresh, so the hint always holds
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))
     return code
 

@@ -97,16 +97,11 @@ from pillsnap.eval.stage_eval import finished_line
 print("train.sh: " + finished_line(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
 PY
 }
-trained_before_interrupt() {  # this run's metrics.json says its training ended: the interrupt came after it
+trained_before_interrupt() {  # the run's own rule: its training had ended, the interrupt came in the work after it
   "$PY" - "$EXP_DIR" "$START" <<'PY'
-import json, os, sys
-path = os.path.join(sys.argv[1], "reports", "metrics.json")
-try:
-    fresh = os.stat(path).st_mtime >= float(sys.argv[2])
-    status = json.load(open(path, encoding="utf-8")).get("status")
-except (OSError, ValueError):
-    sys.exit(1)
-sys.exit(0 if fresh and status not in ("interrupted", "running") else 1)
+import sys
+from pillsnap.train import training_ended
+sys.exit(0 if training_ended(sys.argv[1], float(sys.argv[2])) else 1)
 PY
 }
 case $rc in

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def test_an_interrupted_run_is_marked_logged_and_resumable(tmp_path, how):
     assert run_training(make_cfg(exp, "train.epochs=3", "train.resume=last"), fake_build_loaders)[0] == 0
 
 
-def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, caplog):
+def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, caplog, tmp_path):
+    from omegaconf import OmegaConf
+
     args = argparse.Namespace(prog="pillsnap train", cfg="my cfg.yaml", only=None, check=False, choice=None,
                               yes=False, overrides=["train.epochs=5", "train.resume=/x/best.pt"])
     assert resume_command(args) == "pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last"
@@ -166,40 +169,49 @@ def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, 
     import pillsnap.config
     import pillsnap.train
 
-    monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: None)
+    cfg = OmegaConf.create({"paths": {"exp_dir": str(tmp_path)}, "data": {"progressive_validation": {
+        "current_stage": 1}}})
+    monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: cfg)
     monkeypatch.setattr(pillsnap.train, "train", lambda *a, **k: 130)
     assert pillsnap.train.run(args) == 130
     assert "resume with: pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last" in caplog.text
 
 
-def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypatch, caplog):
+def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypatch, caplog, tmp_path):
     """Ctrl-C during the calibration or the stage evaluation: the checkpoints are complete, so a resume would only
-    say "already trained"; the hint names the commands that finish the cut-short steps."""
+    say "already trained"; the hint names the commands that finish the cut-short steps. Told apart by the run's
+    own metrics.json: written by this run, with its training ended (training_ended)."""
     from omegaconf import OmegaConf
 
     import pillsnap.config
     import pillsnap.train
 
+    exp = tmp_path / "x"
     args = argparse.Namespace(prog="pillsnap train", cfg="c.yaml", only=None, check=False, choice=None, yes=False,
                               overrides=[])
-    cfg = OmegaConf.create({"paths": {"exp_dir": "/runs/x"}, "data": {"progressive_validation": {"current_stage": 2}}})
+    cfg = OmegaConf.create({"paths": {"exp_dir": str(exp)}, "data": {"progressive_validation": {"current_stage": 2}}})
     monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: cfg)
 
-    def interrupted(error):
-        def raise_it(*a, **k):
-            raise error
+    def interrupted_with(status):
+        def run_then_interrupt(*a, **k):
+            if status is not None:
+                save_json(exp / "reports" / "metrics.json", {"status": status})
+            raise KeyboardInterrupt
 
-        return raise_it
+        return run_then_interrupt
 
-    monkeypatch.setattr(pillsnap.train, "train", interrupted(pillsnap.train.InterruptedAfterTraining()))
+    monkeypatch.setattr(pillsnap.train, "train", interrupted_with("completed"))
     assert pillsnap.train.run(args) == 130
-    assert "pillsnap calibrate --exp /runs/x && pillsnap evaluate --exp /runs/x --stage 2" in caplog.text
+    assert f"pillsnap calibrate --exp {exp} && pillsnap evaluate --exp {exp} --stage 2" in caplog.text
     assert "train.resume=last" not in caplog.text
-    caplog.clear()  # an interrupt outside the work after training (setting up, a second Ctrl-C while saving)
-    monkeypatch.setattr(pillsnap.train, "train", interrupted(KeyboardInterrupt()))
-    assert pillsnap.train.run(args) == 130
-    assert "resume with: pillsnap train --cfg c.yaml train.resume=last" in caplog.text
-    assert "pillsnap calibrate" not in caplog.text
+    for status in ("interrupted", None):  # a second Ctrl-C while saving; one while setting up (an older file)
+        caplog.clear()
+        monkeypatch.setattr(pillsnap.train, "train", interrupted_with(status))
+        if status is None:
+            os.utime(exp / "reports" / "metrics.json", (1.0, 1.0))
+        assert pillsnap.train.run(args) == 130
+        assert "resume with: pillsnap train --cfg c.yaml train.resume=last" in caplog.text
+        assert "pillsnap calibrate" not in caplog.text
 
 
 def test_grad_clip_0_turns_clipping_off_for_every_task(tmp_path):

@@ -24,7 +24,7 @@ from pillsnap.infer.matching import (
     imprint_similarity,
     logo_only,
 )
-from pillsnap.infer.rerank import rerank, should_read_imprint
+from pillsnap.infer.ranking import rerank, should_read_imprint
 from pillsnap.infer.thresholds import THRESHOLDS
 
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "aihub_real_labels"

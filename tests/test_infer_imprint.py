@@ -186,7 +186,7 @@ def test_ocr_tells_look_alike_twins_apart_at_any_angle():
     classifier errors fixed; on 64 crops (8 pairs x 4 azimuths) 63 and 53 (83 %). The bars: 12 of 16 has a 4 %
     chance under guessing (1 in 2); without a read, rerank fixes none."""
     from pillsnap.infer.matching import class_imprint_similarity
-    from pillsnap.infer.rerank import rerank
+    from pillsnap.infer.ranking import rerank
 
     pytest.importorskip("rapidocr_onnxruntime")  # not installed on Python 3.13+ (no wheel)
     reader = ImprintReader()

@@ -23,7 +23,7 @@ from pillsnap.infer.matching import (
     parse_colors,
     parse_shape,
 )
-from pillsnap.infer.rerank import likelihood_gaps, rerank, should_read_imprint
+from pillsnap.infer.ranking import likelihood_gaps, rerank, should_read_imprint
 from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS
 
 FLOOR, IMPRINT_ACCEPT = THRESHOLDS.imprint_floor, THRESHOLDS.imprint_accept

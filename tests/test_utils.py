@@ -266,3 +266,21 @@ def test_row_filler_fills_in_place_grows_and_trims():
     short.add(np.arange(4))
     assert short.result().tolist() == [0, 1, 2, 3]  # fewer rows came (photos that failed to decode): trimmed
     assert RowFiller(3).result((0, 0)).shape == (0, 0)
+
+
+def test_every_lazy_export_is_the_object_it_names_not_a_module():
+    """A module named like one of its package's lazy exports shadows it once imported: `from pillsnap.infer import
+    rerank` gave the module infer/rerank.py, not the function, after the answer module was split."""
+    import importlib
+    import types
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "pillsnap"
+    packages = [f"pillsnap.{p.parent.name}" for p in root.glob("*/__init__.py") if "lazy_exports(" in p.read_text()]
+    assert packages
+    for name in packages:
+        package = importlib.import_module(name)
+        for export in package.__all__:
+            getattr(package, export)
+        for export in package.__all__:  # again: every submodule is imported by now
+            assert not isinstance(getattr(package, export), types.ModuleType), f"{name}.{export} is a module"

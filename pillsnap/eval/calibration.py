@@ -141,7 +141,7 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
     posterior they give mean what it says. 1.0 when no read was made. A right drug outside the candidates gets the
     probability the candidates leave."""
     from pillsnap.infer.answer import answer_candidates
-    from pillsnap.infer.rerank import rerank
+    from pillsnap.infer.ranking import rerank
     from pillsnap.infer.thresholds import WEIGHTS
 
     read = [item for item in items if item.read is not None]
@@ -233,7 +233,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
 
 def _gated(items: list[ValAnswer], class_map: dict) -> list[ValAnswer]:
     """The items with the reads inference makes without the imprint check: only where the contenders differ."""
-    from pillsnap.infer.rerank import should_read_imprint
+    from pillsnap.infer.ranking import should_read_imprint
 
     return [item if item.read is None or should_read_imprint(item.classified.topk, class_map)
             else item._replace(read=None) for item in items]

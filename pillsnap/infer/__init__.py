@@ -1,5 +1,5 @@
 """Inference: the two-stage pipeline (pipeline.py), auto-mode gating (gating.py), a pill's answer (answer.py, over
-rerank.py and thresholds.py), the files fit for the classifier (artefacts.py) and `pillsnap predict` (cli.py).
+ranking.py and thresholds.py), the files fit for the classifier (artefacts.py) and `pillsnap predict` (cli.py).
 Nothing here imports pillsnap.eval.
 
 Names are re-exported lazily (PEP 562) so that `pillsnap --help` does not import torch.
@@ -21,7 +21,7 @@ _EXPORTS = {
     "AnswerThresholds": "pillsnap.infer.thresholds",
     "PillAnswer": "pillsnap.infer.answer",
     "decide_answer": "pillsnap.infer.answer",
-    "rerank": "pillsnap.infer.rerank",
+    "rerank": "pillsnap.infer.ranking",
     "load_calibration": "pillsnap.infer.artefacts",
     "ImprintReader": "pillsnap.infer.imprint",
 }

@@ -1,5 +1,5 @@
 """A pill's final answer, decided in one place: its candidates (the classifier's top-k and the drugs an imprint
-read brings back), whether to read its imprint, the re-ranking by the evidence (pillsnap.infer.rerank), the
+read brings back), whether to read its imprint, the re-ranking by the evidence (pillsnap.infer.ranking), the
 unknown-pill rule that may withhold the name, the prediction set, and the answer's fields. Pure functions over
 frozen inputs: no OCR, no torch, so every rule here is tested without a model.
 
@@ -25,7 +25,7 @@ from pillsnap.infer.matching import (
     has_unreadable_side,
     normalize_imprint,
 )
-from pillsnap.infer.rerank import Reranked, imprints_differ, rerank, should_read_imprint, top_entry
+from pillsnap.infer.ranking import Reranked, imprints_differ, rerank, should_read_imprint, top_entry
 from pillsnap.infer.thresholds import THRESHOLDS, WEIGHTS, AnswerThresholds, RerankWeights
 from pillsnap.metrics.conformal import check_set_method, set_size
 
@@ -225,7 +225,7 @@ def narrow_by(members: Sequence[Mapping], class_map: Mapping[str, Mapping], hint
     """What would tell the drugs of a set apart (keys of NARROWERS): their imprints differ (the other side, or the
     imprint typed in), their colours or their shapes differ, and the user has not already said so. Empty when
     nothing a person sees on the pill separates them."""
-    entries = [class_map.get(str(m.get("mapping_code"))) or {} for m in members]
+    entries = class_entries(members, class_map)
     pairs = [(a, b) for i, a in enumerate(entries) for b in entries[i + 1:]]
     typed = hints is not None and bool(normalize_imprint(hints.imprint))
     out = []

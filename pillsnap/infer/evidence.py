@@ -1,5 +1,5 @@
 """The imprint evidence of a pill: its crop is read (OCR) only when the answer policy says a read can change the
-answer (pillsnap.infer.rerank.should_read_imprint), by a reader loaded on the first read."""
+answer (pillsnap.infer.ranking.should_read_imprint), by a reader loaded on the first read."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 
 from pillsnap.infer.matching import candidate_imprints
-from pillsnap.infer.rerank import should_read_imprint
+from pillsnap.infer.ranking import should_read_imprint
 from pillsnap.infer.thresholds import THRESHOLDS, AnswerThresholds
 
 LOGGER = logging.getLogger(__name__)

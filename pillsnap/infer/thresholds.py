@@ -1,6 +1,6 @@
 """The answer policy's numbers: the thresholds of a pill's answer and the weights of each piece of evidence, and the
 ones a calibration was fit with (calibrated_evidence). Used by the answer (pillsnap.infer.answer), the re-ranking
-(pillsnap.infer.rerank), the reader's early stop (pillsnap.infer.imprint) and the calibration."""
+(pillsnap.infer.ranking), the reader's early stop (pillsnap.infer.imprint) and the calibration."""
 
 from __future__ import annotations
 
