@@ -56,10 +56,10 @@ try:
 except ConfigError as err:
     sys.exit(f"train.sh: config error: {err}")
 # A folder another run holds: said here, before this run's output is appended to that run's log files.
-from pillsnap.engine.run import hold_experiment
-from pillsnap.utils.locks import BusyError
+from pathlib import Path
+from pillsnap.utils.locks import RUN_LOCK, BusyError, file_lock  # not the engine's: that imports torch
 try:
-    with hold_experiment(cfg.paths.exp_dir, "check"):
+    with file_lock(Path(cfg.paths.exp_dir) / RUN_LOCK, role="check"):
         pass
 except BusyError as err:
     sys.exit(f"train.sh: {err}; wait for that run to end or stop it, or train into another folder "

@@ -34,9 +34,10 @@ def evaluation_path(exp_dir: str | Path, stage: int | None) -> Path | None:
 
 
 def trainer_process(exp_dir: str | Path) -> dict | None:
-    """The process that last held the folder (its run.lock: pid, host, command) and whether it still runs (None:
-    on another host). With a stream that says "running", a process gone means the run stopped without a word (a
-    kill, a crash); one alive means a quiet stretch (a long validation, a checkpoint) rather than a hung run."""
+    """The training process that holds or last held the folder (its run.lock: pid, host, command) and whether it
+    still holds it (None: on another host or in another container; no entry: the last holder was not a trainer).
+    With a stream that says "running", one that let go or ended means the run stopped without a word (a kill, a
+    crash); one holding means a quiet stretch (a long validation, a checkpoint)."""
     info = read_holder(Path(exp_dir) / RUN_LOCK)
     if info is None or info.get("role") != "train":  # `pillsnap evaluate` or `calibrate` holds, or held, it
         return None

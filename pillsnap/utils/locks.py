@@ -32,7 +32,7 @@ LOGGER = logging.getLogger(__name__)
 # flock's answers where the file system does not lock (NFS without its lock service, Lustre without flock)
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _HELD: set[int] = set()  # the descriptors of the locks this process holds
-RUN_LOCK = "run.lock"  # in an experiment folder: held by the one process that trains (or calibrates) into it
+RUN_LOCK = "run.lock"  # in an experiment folder: held by the one process that trains, calibrates or evaluates
 
 
 def _forget_in_child() -> None:
@@ -79,7 +79,7 @@ def holder_alive(info: dict) -> bool | None:
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass  # there, and not ours to signal
         return True
     status, start_ticks = state
     return status != "Z" and start_ticks == info.get("start_ticks", start_ticks)
