@@ -65,16 +65,16 @@ def open_run(cfg, exp: Path) -> Run:
 def read_answers(run: Run, dataset, limit: int, sources) -> tuple[np.ndarray, list]:
     """The crops calibration would answer (spread_sample: `limit` drawn with train.seed), read once as inference
     reads with the imprint check on; returns (their indices in `dataset`, the answers)."""
-    from pillsnap.eval.calibration import _val_answers, spread_sample
+    from pillsnap.eval.answer_calibration import spread_sample, val_answers
 
     indices = spread_sample(len(dataset), limit, int(run.cfg.train.seed))
-    return indices, _val_answers(run.model, dataset, float(run.cal["temperature"]), run.names, run.class_map,
+    return indices, val_answers(run.model, dataset, float(run.cal["temperature"]), run.names, run.class_map,
                                  int(run.cfg.inference.topk), 1, indices, True, run.unknown, sources,
                                  check_unknown=True)
 
 
 def read_validation(run: Run, limit: int) -> tuple[np.ndarray, list]:
-    from pillsnap.eval.calibration import crop_sources
+    from pillsnap.eval.unknown_calibration import crop_sources
 
     dataset = run.loaders.cls_val.dataset
     return read_answers(run, dataset, limit, crop_sources(dataset, run.manifest))
@@ -82,16 +82,16 @@ def read_validation(run: Run, limit: int) -> tuple[np.ndarray, list]:
 
 def read_held_out(run: Run, limit: int) -> list | None:
     """The answers on the photos of the drugs held out of training (None when the run trained on every one)."""
-    from pillsnap.eval.calibration import _held_out_loader
+    from pillsnap.eval.unknown_calibration import held_out_loader
 
-    held = None if run.manifest is None else _held_out_loader(run.cfg, set(run.names), run.manifest)
+    held = None if run.manifest is None else held_out_loader(run.cfg, set(run.names), run.manifest)
     if held is None:
         return None
     return read_answers(run, held.dataset, limit, np.full(len(held.dataset), "single"))[1]
 
 
 def validation(cfg, exp: Path, limit: int, weights: list[float], caps: list[float]) -> dict:
-    from pillsnap.eval.calibration import fit_evidence_scale
+    from pillsnap.eval.answer_calibration import fit_evidence_scale
     from pillsnap.infer.ranking import rerank
     from pillsnap.infer.thresholds import WEIGHTS
 
@@ -135,7 +135,7 @@ def unknown_pills(run: Run, known_items: list, limit: int) -> dict:
     """The final answers' unknown-pill decision (the run's calibration and unknown rule, the imprint check on) on
     the known drugs' validation crops and the held-out drugs' photos, with the imprint check's likelihood path
     (AnswerThresholds.foreign_likelihood_gap) and without it."""
-    from pillsnap.eval.calibration import answers_unknown_report
+    from pillsnap.eval.answer_calibration import answers_unknown_report
     from pillsnap.infer.answer import decide_answer
     from pillsnap.infer.matching import KnownImprints
     from pillsnap.infer.thresholds import calibrated_evidence

@@ -201,7 +201,7 @@ def answer_sample_spread(val: Any, seed: int) -> dict:
     """The validation crops calibration answers through the reader (the evidence scale and the prediction sets are
     fit on them): ANSWER_CROPS drawn by `spread_sample` against the split's first ANSWER_CROPS, the data set's
     order being the stage manifest's. Per draw: drugs covered and the share of single-photo crops."""
-    from pillsnap.eval.calibration import ANSWER_CROPS, spread_sample
+    from pillsnap.eval.answer_calibration import ANSWER_CROPS, spread_sample
 
     def spread(rows: Any) -> dict:
         return {"crops": len(rows), "drugs": int(rows["mapping_code"].nunique()),

@@ -180,7 +180,7 @@ def test_set_rule_from_a_calibration_is_refused_when_reading_differs() -> None:
 def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
     """Twins told apart only by the front imprint: where the read always names the right twin the fit trusts it
     more than where it names the wrong twin a third of the time."""
-    from pillsnap.eval.calibration import ValAnswer, fit_evidence_scale
+    from pillsnap.eval.answer_calibration import ValAnswer, fit_evidence_scale
 
     def items(wrong_every: int) -> list[ValAnswer]:
         out = []
@@ -201,7 +201,7 @@ def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:
     """Reads too garbled to match either twin's imprint ("Q"), whose likelihoods always favour the right twin by
     2 nats: the fit trusts them fully; without the likelihoods the reads say nothing, every scale fits alike and
     the smallest is kept."""
-    from pillsnap.eval.calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
+    from pillsnap.eval.answer_calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
 
     def items(likelihoods: bool) -> list[ValAnswer]:
         out = []
@@ -221,7 +221,7 @@ def test_the_evidence_scale_is_fit_on_the_candidates_the_answer_weighs() -> None
     """A drug below the top-k that a sure read brings back is among the candidates the fit scores (as the answer
     weighs it): read right every time, the fit trusts the read fully; kept out of the reserve, the right drug sits
     in the mass the candidates leave, which no scale changes, and the smallest scale is kept."""
-    from pillsnap.eval.calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
+    from pillsnap.eval.answer_calibration import EVIDENCE_SCALES, ValAnswer, fit_evidence_scale
 
     reserve = ({"mapping_code": "K-000003", "name": "Other", "edi_codes": [], "probability": 0.01},)
     items = [ValAnswer(_classified(0.6, 0.39)._replace(reserve=reserve), ImprintRead("QQ", 0.95, 0.0, 0.1, True),
@@ -288,7 +288,7 @@ def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> N
     """Calibration answers a bounded number of validation crops. Drawn from the head of a data set in the
     manifest's order they would all be drug A's, which this classifier names right: every score would be low,
     and the sets would claim a coverage they do not have on drug B."""
-    from pillsnap.eval.calibration import answer_calibration, spread_sample
+    from pillsnap.eval.answer_calibration import answer_calibration, spread_sample
 
     crops = _OrderedCrops(per_class=50)
     out = answer_calibration(_SaysDrugA(), crops, 1.0, ["K-000001", "K-000002"], {}, topk=2, limit=20,
@@ -306,7 +306,7 @@ def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> N
 
 
 def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
-    from pillsnap.eval.calibration import answer_calibration
+    from pillsnap.eval.answer_calibration import answer_calibration
 
     class WithABrokenPhoto(_OrderedCrops):
         def load_crop(self, index: int):

@@ -11,7 +11,8 @@ from test_stage_eval import run_cfg
 
 from pillsnap.cli import main as cli_main
 from pillsnap.data import load_manifest
-from pillsnap.eval.calibration import EVIDENCE_SCALES, calibrate_classifier
+from pillsnap.eval.answer_calibration import EVIDENCE_SCALES
+from pillsnap.eval.calibration import calibrate_classifier
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calibration
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.infer.thresholds import WEIGHTS
@@ -132,14 +133,14 @@ def test_calibration_with_held_out_classes(tmp_path):
 def test_held_out_sample_is_bounded_and_spread_over_classes(synth_cfg, monkeypatch):
     """The unknown-pill rules are measured on a bounded sample of held-out crops, every held-out class in it: at
     Stage 1 of the real data the classes outside the stage have ~490,000 single-pill photos."""
-    from pillsnap.eval import calibration
+    from pillsnap.eval import unknown_calibration as calibration
 
     rows = load_manifest(synth_cfg.paths.manifest_dir)
     singles = rows[rows["image_type"] == "single"]
     known = set(sorted(singles["mapping_code"].unique())[:2])
     held_out = singles[~singles["mapping_code"].isin(known)]
     monkeypatch.setattr(calibration, "HELD_OUT_CROPS", held_out["mapping_code"].nunique() * 2)
-    loader = calibration._held_out_loader(synth_cfg, known, rows)
+    loader = calibration.held_out_loader(synth_cfg, known, rows)
     codes = [r.mapping_code for r in loader.dataset.rows]
     assert len(codes) == calibration.HELD_OUT_CROPS < len(held_out)
     assert set(codes) == set(held_out["mapping_code"]) and not set(codes) & known
@@ -152,7 +153,7 @@ def test_outputs_fill_arrays_of_the_data_sets_size_and_trim_what_failed_to_decod
     import numpy as np
     import torch
 
-    from pillsnap.eval.calibration import _outputs
+    from pillsnap.eval.outputs import model_outputs as _outputs
 
     def model(x):
         return x[:, :3] * 2.0, x[:, 3:]

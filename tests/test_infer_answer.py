@@ -244,7 +244,7 @@ def test_known_imprints_find_the_closest_and_stop_at_enough():
 
 
 def test_the_unknown_report_ranks_a_foreign_imprint_above_any_distance():
-    from pillsnap.eval.calibration import ValAnswer, answers_unknown_report
+    from pillsnap.eval.answer_calibration import ValAnswer, answers_unknown_report
 
     def answer(score, foreign=False):
         return PillAnswer(({"mapping_code": "K-000001", "probability": 0.9},), score,

@@ -154,3 +154,38 @@ def write_classification_reports(y_true: np.ndarray, y_prob: np.ndarray, class_n
     cm = confusion_matrix(y_true, y_prob.argmax(axis=1), labels=labels)
     paths = [plot_confusion_matrix(cm, names, Path(out_dir) / "confusion_matrix.png")]
     return paths + plot_roc_pr_curves(y_true, y_prob, out_dir)
+
+
+def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path,
+                     eces: tuple[float, float] | None = None, answers: dict | None = None,
+                     floor: float | None = None) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (marker area: photos in the bin), before and after
+    temperature scaling and, when measured, of the final answers after the imprint evidence; the legend gives each
+    curve's ECE, the title the ECE sampling alone would give a perfectly calibrated model on this many crops."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
+    labels = ["raw softmax", f"temperature {temperature:.2f}"]
+    if eces is not None:
+        labels = [f"{label} (ECE {ece:.3f})" for label, ece in zip(labels, eces, strict=True)]
+    total = max(sum(b["count"] for b in before), 1)
+    curves = [(before, labels[0], "o"), (after, labels[1], "s")]
+    if answers and answers.get("bins"):
+        curves.append((answers["bins"], f"answers after the imprint evidence (ECE {answers['ece']:.3f})", "^"))
+    for bins, label, marker in curves:
+        x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        line = ax.plot(x, y, linewidth=1, label=label)[0]
+        ax.scatter(x, y, s=[20 + 400 * b["count"] / total for b in bins], marker=marker, color=line.get_color())
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    title = f"Reliability on the validation split ({total} crops)"
+    if floor is not None:
+        title += f"\nECE of a perfectly calibrated model this size: about {floor:.2f}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)  # below the diagonal on the right: where few bins fall
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

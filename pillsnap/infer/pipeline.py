@@ -118,7 +118,7 @@ class Predictor:
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = self._set_rule(bool(imprint.enabled))
         # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
-        # what they say (pillsnap.eval.calibration.fit_evidence_scale), and the thresholds its sets were fit with
+        # what they say (pillsnap.eval.answer_calibration.fit_evidence_scale), and the thresholds its sets were fit with
         self.weights, self.thresholds = calibrated_evidence(self.calibration)
         missing = fit_without(self.calibration) if imprint.enabled else ()
         if "likelihoods" in missing:

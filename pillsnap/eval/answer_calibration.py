@@ -1,0 +1,234 @@
+"""The final answers on validation crops, as inference makes them (the imprint evidence and the unknown-pill rule
+in force): the imprint evidence's scale fit so that their probabilities mean what they say, their accuracy and ECE,
+the conformal scores the prediction sets are calibrated on, and their unknown-pill decision on drugs held out of
+training. pillsnap.eval.calibration stores what this fits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pillsnap.infer.unknown import UnknownAnswer
+from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
+from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity, scores_from_json, scores_to_json
+from pillsnap.utils.images import DECODE_ERRORS
+
+LOGGER = logging.getLogger(__name__)
+ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
+
+
+def spread_sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of `limit` of `n` items drawn at random with `seed` (all of them when n <= limit). A data set
+    lists its crops in the manifest's order, the combination photos' pills first and the single photos grouped by
+    drug: its first few hundred crops at Stage 4 would be combination crops of the lowest codes only, and prediction
+    sets fit on them hold no guarantee for the other photos."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+class ValAnswer(NamedTuple):
+    """One validation crop as inference sees it before the answer: the classifier's output, the imprint read (None:
+    not read) and the right drug."""
+
+    classified: Any
+    read: Any
+    truth: str
+    source: str | None = None  # single | combination (pillsnap.infer.unknown.CROP_SOURCES); None: not known
+
+
+def val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
+                 threads: int, indices: np.ndarray, reading: bool, unknown: UnknownAnswer,
+                 sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
+    """The crops of `dataset` at `indices` through the classifier and, where inference would read (the
+    contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on record), the reader (the
+    costly part, done once; the answers are then pure functions of these)."""
+    import torch
+
+    from pillsnap.infer.answer import Classified, classifier_candidates
+    from pillsnap.infer.evidence import Evidence
+
+    evidence = Evidence(class_map, read_imprints=reading, threads=threads, check_unknown=check_unknown)
+    device = next(model.parameters()).device
+    out = []
+    for index in (int(i) for i in indices):
+        try:
+            crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: model and reader
+        except DECODE_ERRORS as err:
+            LOGGER.warning("calibration: skipping an undecodable validation crop (%s)", err)
+            continue
+        with torch.no_grad():
+            logits, feats = model(dataset.transform(crop)[None].to(device))
+        probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
+        score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
+        candidates, reserve = classifier_candidates(probs, topk, class_names, class_map)[0]
+        read = evidence.read(crop, candidates) if reading else None
+        out.append(ValAnswer(Classified(candidates, score, reserve), read, class_names[label],
+                             None if sources is None else str(sources[index])))
+    return out
+
+
+EVIDENCE_SCALES = np.round(np.exp(np.linspace(np.log(0.25), np.log(2.0), 13)), 3)  # 0.25 ... 2.0
+
+
+def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None) -> float:
+    """The factor on the imprint read's weights (RerankWeights.imprint and .likelihood; of `base`, by default the
+    policy's) that minimises the negative log-likelihood of the right drug over the validation answers where a read
+    was made, like the temperature does for the classifier: the weights were chosen for accuracy, this makes the
+    posterior they give mean what it says. 1.0 when no read was made. A right drug outside the candidates gets the
+    probability the candidates leave."""
+    from pillsnap.infer.answer import answer_candidates
+    from pillsnap.infer.ranking import rerank
+    from pillsnap.infer.thresholds import WEIGHTS
+
+    read = [item for item in items if item.read is not None]
+    if not read:
+        return 1.0
+    candidates = [answer_candidates(item.classified, item.read, class_map) for item in read]  # as the answer weighs
+
+    def nll_at(scale: float) -> float:
+        weights = (base or WEIGHTS).with_read_scaled(scale)
+        total = 0.0
+        for item, weighed in zip(read, candidates, strict=True):
+            ranked = rerank(weighed, class_map, item.read.text, item.read.score, None, weights,
+                            likelihoods=item.read.likelihoods, read_likelihood=item.read.read_likelihood)
+            p = {c["mapping_code"]: c["probability"] for c in ranked.candidates}
+            rest = 1.0 - sum(p.values())
+            total -= np.log(max(p.get(item.truth, rest), 1e-12))
+        return total / len(read)
+
+    return float(min(EVIDENCE_SCALES, key=nll_at))
+
+def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
+                       topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
+                       unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None,
+                       check_unknown: bool = False, held_out: Any = None, seed: int = 0) -> dict:
+    """The final answers on `limit` validation crops drawn at random with `seed` (spread_sample; all of them when
+    there are fewer), as inference makes them (the imprint read where the contenders' imprints differ, then the
+    posterior of pillsnap.infer.answer).
+
+    Returns `evidence_scale` (fit_evidence_scale; 1.0 without reads), `answers` (the top answers' accuracy and ECE
+    at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
+    `read_imprints` off) and `prediction_sets`: each answer named by the unknown-pill rule `unknown` (a pill it
+    withholds claims no drug, its set is empty) scored under every conformal method (pillsnap.metrics.conformal),
+    so that inference sets its threshold for whatever coverage it is configured with. With `check_unknown` (the
+    imprint check: every pill read, a legible imprint like none of its candidates' answered "unknown"),
+    `unknown_answers` measures the answers on the single-pill photos of drugs held out of training (`held_out`, a
+    crop data set) against the known single-pill answers (answers_unknown_report)."""
+    from pillsnap.infer.answer import decide_answer
+    from pillsnap.infer.evidence import Evidence
+    from pillsnap.infer.matching import KnownImprints
+    from pillsnap.infer.thresholds import WEIGHTS
+
+    reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
+    check_unknown = check_unknown and reading
+    known = KnownImprints(class_map) if check_unknown else None
+    unknown = unknown or UnknownAnswer("probability", None)
+    items = val_answers(model, dataset, temperature, class_names, class_map, topk, threads,
+                        spread_sample(len(dataset), limit, seed), reading, unknown, sources, check_unknown)
+    scale = fit_evidence_scale(items, class_map)
+
+    def answered(weights: Any, items: list[ValAnswer] = items, known: Any = known) -> list:
+        # `known` set: the imprint check on (the answers of inference.imprint.unknown_check)
+        return [decide_answer(item.classified, class_map, item.read, None,
+                              unknown.for_answer(len(class_names), item.source), weights=weights, known=known)
+                for item in items]
+
+    weights = WEIGHTS.with_read_scaled(scale)
+    answers = answered(weights)
+    unknown_answers = None
+    if held_out is not None and len(held_out) and check_unknown:
+        # the held-out reads never fit a candidate: every turn is tried
+        held_items = val_answers(model, held_out, temperature, class_names, class_map, topk, threads,
+                                 spread_sample(len(held_out), limit, seed), reading, unknown,
+                                 np.full(len(held_out), "single"), check_unknown)
+        unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
+        # Inference without the check: the same reads, kept only where the contenders differ by imprint
+        unknown_answers["without_imprint_check"] = answers_unknown_report(
+            answered(weights, _gated(items, class_map), None), items,
+            answered(weights, _gated(held_items, class_map), None))
+    set_scores = _set_scores(answers, items)
+    figures = None
+    if reading:
+        figures = {**_answer_figures(answers, items), "evidence_scale": scale,
+                   "unscaled": {k: v for k, v in _answer_figures(answered(WEIGHTS), items).items() if k != "bins"}}
+    sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
+            "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
+            "imprint_reading": reading, "imprint_check": check_unknown,
+            "unknown_rule": unknown.rule if unknown.active else None}
+    return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets, "unknown_answers": unknown_answers}
+
+
+def _set_scores(answers: list, items: list[ValAnswer]) -> dict[str, list[float]]:
+    """Each answer named by the unknown-pill rule (a withheld pill claims no drug, its set is empty) scored under
+    every conformal method, from its candidates' probabilities and where the right drug stands among them."""
+    set_scores: dict[str, list[float]] = {method: [] for method in SET_METHODS}
+    for answer, item in zip(answers, items, strict=True):
+        if answer.unknown:
+            continue
+        codes = [c["mapping_code"] for c in answer.candidates]
+        where = codes.index(item.truth) if item.truth in codes else None
+        probabilities = [c["probability"] for c in answer.candidates]
+        for method, scores in set_scores.items():
+            scores.append(nonconformity(method, probabilities, where))
+    return set_scores
+
+
+def _gated(items: list[ValAnswer], class_map: dict) -> list[ValAnswer]:
+    """The items with the reads inference makes without the imprint check: only where the contenders differ."""
+    from pillsnap.infer.ranking import should_read_imprint
+
+    return [item if item.read is None or should_read_imprint(item.classified.topk, class_map)
+            else item._replace(read=None) for item in items]
+
+
+def answers_unknown_report(known: list, items: list[ValAnswer], held: list) -> dict:
+    """The unknown-pill decision of the final answers: the known drugs' single-pill answers (`known`, with their
+    `items`; every answer where the source is not known) against the held-out drugs' (`held`). `known_rejected` /
+    `unknown_rejected`: the shares answered "unknown pill"; `unknown_rejected_by_imprint`: the held-out share the
+    imprint check answered so (and the distance rule alone would not). `auroc` ranks the answers by the imprint
+    check first (a foreign imprint is more telling than any distance), then by the unknown-pill score."""
+    from sklearn.metrics import roc_auc_score
+
+    single = [a for a, item in zip(known, items, strict=True) if item.source in (None, "single")]
+    ranked = single + held
+    raw = np.array([np.nan if a.unknown_score is None else a.unknown_score for a in ranked], np.float64)
+    finite = raw[np.isfinite(raw)]
+    top = (float(finite.max()) if finite.size else 0.0) + 1.0  # above every score: no distance outranks an imprint
+    raw = np.nan_to_num(raw, nan=0.0, posinf=top, neginf=-top)
+    scores = raw + np.array([top + 1.0 if a.unknown_by == "imprint" else 0.0 for a in ranked])
+    labels = np.r_[np.zeros(len(single)), np.ones(len(held))]
+    auroc = float(roc_auc_score(labels, scores)) if len(single) and len(held) else None
+    return {"auroc": auroc, "known": len(single), "unknown": len(held),
+            "known_rejected": float(np.mean([a.unknown for a in single])) if single else None,
+            "unknown_rejected": float(np.mean([a.unknown for a in held])) if held else None,
+            "unknown_rejected_by_imprint": float(np.mean([a.unknown_by == "imprint" for a in held])) if held
+            else None}
+
+
+def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
+    """Accuracy and ECE of the top answers (the unknown-pill rule aside: every answer's top candidate counts)."""
+    confidence = np.asarray([a.candidates[0]["probability"] for a in answers])
+    correct = np.asarray([a.candidates[0]["mapping_code"] == item.truth for a, item in zip(answers, items,
+                                                                                          strict=True)])
+    return {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None,
+            "ece": ece_of(confidence, correct), "ece_sampling_floor": ece_sampling_floor(confidence),
+            "bins": bins_of(confidence, correct)}
+
+
+def set_summary(sets: dict, method: str, coverage: float) -> dict:
+    """The calibrated set rule at `coverage` and what it gives on the calibration answers themselves (coverage
+    there is at least `coverage` by construction: the honest figure is on held-out photos). The conformal sets
+    before inference.prediction_set.fill_to_coverage fills them: filled, they only grow."""
+    scores = scores_from_json(sets["scores"][method])
+    threshold = conformal_threshold(scores, coverage) if len(scores) else np.inf
+    return {"method": method, "coverage": coverage, "threshold": finite(threshold), "n": sets["n"],
+            "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
+            "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None}
+
+
+def finite(value: float) -> float | None:
+    """None for an infinite threshold (nothing is rejected): JSON has no infinity."""
+    return value if np.isfinite(value) else None
