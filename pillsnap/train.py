@@ -5,7 +5,8 @@ weights and, after the last stage, the one evaluation on the test split. One run
 one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 1 any other error, 2 a
 config, resume or input error or a folder in use, 3 out of memory (for good; under torchrun, a restart applies
 the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or SIGTERM; the last
-lines say how to resume, or how to finish the work after training).
+lines say how to resume, or how to finish the work after training). A final test evaluation after Stage 4 that
+fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap evaluate --final).
 """
 
 from __future__ import annotations
@@ -140,10 +141,43 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
 
             evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
         if code == EXIT_OK and trainer.stage == 4 and trainer.status != "time_capped":
-            from pillsnap.eval.final import final_test_evaluation  # the test split, once, after the last stage
-
-            final_test_evaluation(trainer.cfg)
+            code = _final_test(trainer)
     return code
+
+
+def _final_test(trainer: Any) -> int:
+    """The test split, once, after the last stage. Hours of photos at Stage 4: a photo or a device that fails it
+    costs the evaluation, not the run (its checkpoints are whole), and the log names the command that runs it
+    again."""
+    from pillsnap.engine.trainer import EXIT_OK
+    from pillsnap.eval.final import final_test_evaluation
+
+    try:
+        final_test_evaluation(trainer.cfg, device=str(trainer.device))
+    except Exception:  # whatever stopped it (a photo, the device), training is done and saved
+        LOGGER.exception("final test evaluation failed; the checkpoints are whole: run it again with: pillsnap "
+                         "evaluate --exp %s --final", trainer.exp_dir)
+        return 1
+    return EXIT_OK
+
+
+def finish_command(exp_dir: str | Path, stage: int) -> str:
+    """The commands that do the work after training of a run interrupted in it: the calibration (with a classifier
+    to calibrate), the stage's evaluation and, after a whole Stage 4, the final test evaluation."""
+    from pillsnap.eval.gates import COMPLETED_STATUSES
+
+    exp = Path(exp_dir)
+    steps = []
+    if (exp / "checkpoints" / "classification_best.pt").is_file():
+        steps.append(f"pillsnap calibrate --exp {shlex.quote(str(exp))}")
+    steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
+    try:
+        status = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        status = None
+    if stage == 4 and status in COMPLETED_STATUSES:  # not after the time cap: training does not test then either
+        steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --final")
+    return " && ".join(steps)
 
 
 def only(cfg: Any, model: str) -> Any:
@@ -203,8 +237,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
     if training_ended(exp, started):  # the steps cut short are run on their own instead of a resume
-        LOGGER.warning("interrupted after training; finish with: pillsnap calibrate --exp %s && pillsnap evaluate "
-                       "--exp %s --stage %d", exp, exp, stage)
+        LOGGER.warning("interrupted after training; finish with: %s", finish_command(exp, stage))
     else:  # a resume with no checkpoints yet starts fresh, so the hint always holds
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))
     return code

@@ -18,6 +18,11 @@ def test_final_evaluation_after_training(synth_cfg):
     exp = cfg.paths.exp_dir
 
     assert not (Path(exp) / "reports" / "final_test_results.json").exists()  # stage 1: the test split stays shut
+    # nor does the command open it for a Stage 1 run
+    from pillsnap.cli import main as cli
+
+    assert cli(["evaluate", "--exp", str(exp), "--final"]) == 2
+    assert not (Path(exp) / "reports" / "final_test_results.json").exists()
     result = final_test_evaluation(cfg)
     saved = read_json(Path(exp) / "reports" / "final_test_results.json")
     assert saved["recommendation"] == result["recommendation"]
@@ -29,7 +34,7 @@ def test_final_evaluation_after_training(synth_cfg):
     assert "classification.accuracy" in result["val_minus_test"]
 
 
-def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg):
+def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys):
     cfg = synth_cfg
     cfg.train.strategy = "classification"
     cfg.data.progressive_validation.current_stage = 4
@@ -38,7 +43,60 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg):
     cfg.data.progressive_validation.stage_4.max_classes = cfg.data.progressive_validation.stage_1.max_classes
     assert main(cfg) == 0
 
-    assert (Path(cfg.paths.exp_dir) / "reports" / "final_test_results.json").is_file()
+    results = Path(cfg.paths.exp_dir) / "reports" / "final_test_results.json"
+    assert results.is_file()
+    # interrupted or failed, it runs again on its own, from the run's saved config, from another directory
+    from pillsnap.cli import main as cli
+
+    first = read_json(results)
+    results.unlink()
+    monkeypatch.chdir(tmp_path)
+    assert cli(["evaluate", "--exp", str(cfg.paths.exp_dir), "--final", "--stage", "2"]) == 2
+    assert not results.exists()
+    assert cli(["evaluate", "--exp", str(cfg.paths.exp_dir), "--final", "--device", "cpu"]) == 0
+    again = read_json(results)
+    assert again["test_results"] == first["test_results"] and again["recommendation"] == first["recommendation"]
+    assert f"final test evaluation: {again['recommendation']}" in capsys.readouterr().out
+
+
+def test_a_failed_final_evaluation_costs_the_evaluation_not_the_run(tmp_path, monkeypatch, caplog):
+    """A photo or a device that fails the test split after Stage 4: exit 1, the log names the command that runs it
+    again; nothing is raised past the run, whose checkpoints are whole."""
+    from types import SimpleNamespace
+
+    from pillsnap import train
+
+    def broken(cfg, build_loaders=None, device=None):
+        raise OSError("test photo 1234.png: truncated")
+
+    monkeypatch.setattr("pillsnap.eval.final.final_test_evaluation", broken)
+    trainer = SimpleNamespace(cfg=None, device="cpu", exp_dir=tmp_path / "exp")
+    assert train._final_test(trainer) == 1
+    assert f"run it again with: pillsnap evaluate --exp {tmp_path / 'exp'} --final" in caplog.text
+    assert "truncated" in caplog.text  # what went wrong, with its traceback, in the run's log
+
+
+@pytest.mark.parametrize(("stage", "status", "classifier", "want"), [
+    (1, "completed", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 1"),
+    (4, "completed", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 4 && "
+                           "pillsnap evaluate --exp {e} --final"),
+    (4, "early_stopped", False, "pillsnap evaluate --exp {e} --stage 4 && pillsnap evaluate --exp {e} --final"),
+    (4, "time_capped", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 4"),
+])
+def test_the_work_left_after_an_interrupt_names_only_what_applies(tmp_path, stage, status, classifier, want):
+    """A detector-only run has no classifier to calibrate; the test split follows a Stage 4 run that trained all it
+    meant to (not one stopped by the time cap), as training itself does."""
+    import json
+
+    from pillsnap.train import finish_command
+
+    exp = tmp_path / "my exp"
+    (exp / "reports").mkdir(parents=True)
+    (exp / "checkpoints").mkdir()
+    (exp / "reports" / "metrics.json").write_text(json.dumps({"status": status}))
+    if classifier:
+        (exp / "checkpoints" / "classification_best.pt").write_bytes(b"weights")
+    assert finish_command(exp, stage) == want.format(e=f"'{exp}'")
 
 
 def test_final_evaluation_needs_a_trained_model(synth_cfg):

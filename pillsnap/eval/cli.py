@@ -1,6 +1,8 @@
 """`pillsnap evaluate --exp EXP --stage N`: the end-of-stage evaluation (Go/No-Go gate, stage criteria, advisor)
-of a trained experiment, written to EXP/reports/stage_N_evaluation.json. `pillsnap calibrate --exp EXP`: fit the
-calibration of its best classifier again (temperature, unknown-pill rules), as training does at its end.
+of a trained experiment, written to EXP/reports/stage_N_evaluation.json. `pillsnap evaluate --exp EXP --final`: the
+final test evaluation of a Stage 4 run's best checkpoints (EXP/reports/final_test_results.json), as training runs it
+after Stage 4: again, when that was interrupted or failed. `pillsnap calibrate --exp EXP`: fit the calibration of
+its best classifier again (temperature, unknown-pill rules), as training does at its end.
 
 The advisor asks which option to take only on an interactive terminal; --yes, --choice N, no terminal or CI never
 block, and the report records what was chosen and how.
@@ -31,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N: where latencies are measured (default: the device the run "
                              "trained on, when this machine has it)")
+    parser.add_argument("--final", action="store_true",
+                        help="the final test evaluation of a Stage 4 run instead (the test split, which training "
+                             "opens once after Stage 4): writes EXP/reports/final_test_results.json")
     add_choice_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.set_defaults(func=run)
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from pillsnap.utils.locks import BusyError
 
     exp = Path(args.exp)
+    if args.final:
+        return run_final(args)
     if args.choice is not None and not 1 <= args.choice <= 3:  # every verdict offers three options
         logging.getLogger("pillsnap").error("evaluate: --choice must be 1, 2 or 3, got %d", args.choice)
         return 2
@@ -109,4 +116,40 @@ def run(args: argparse.Namespace) -> int:
     print(format_decision(report))
     print(f"chosen: {report['choice']['text']} ({report['choice']['how']})")
     print(verdict_line(report))
+    return 0
+
+
+def run_final(args: argparse.Namespace) -> int:
+    """`pillsnap evaluate --final`: the test split, for a run whose config is at Stage 4 (the design keeps it shut
+    until then), holding the experiment folder like any evaluation."""
+    from pillsnap.engine.run import hold_experiment
+    from pillsnap.eval.final import final_test_evaluation
+    from pillsnap.utils.locks import BusyError
+
+    log = logging.getLogger("pillsnap")
+    exp = Path(args.exp)
+    if args.stage not in (None, 4):
+        log.error("evaluate --final: the test split is evaluated after Stage 4 only, not with --stage %d", args.stage)
+        return 2
+    if not (exp / "checkpoints" / "classification_best.pt").is_file():
+        log.error("evaluate --final: %s not found: train first", exp / "checkpoints" / "classification_best.pt")
+        return 2
+    try:
+        with hold_experiment(exp, "evaluate"):
+            cfg = _run_config(exp, args.cfg, list(args.overrides))
+            stage = int(cfg.data.progressive_validation.current_stage)
+            if stage != 4:
+                log.error("evaluate --final: %s is a Stage %d run: the test split is opened once, after Stage 4 "
+                          "(evaluate the stage with: pillsnap evaluate --exp %s)", exp, stage, exp)
+                return 2
+            result = final_test_evaluation(cfg, device=args.device)
+    except ValueError as err:  # an unusable --device
+        log.error("evaluate --final: %s", err)
+        return 2
+    except BusyError as err:
+        log.error("evaluate: %s; evaluate when it has ended", err)
+        return 2
+    print(f"final test evaluation: {result['recommendation']} -> {exp / 'reports' / 'final_test_results.json'}")
+    for line in result["improvements"]:
+        print(f"  {line}")
     return 0

@@ -50,8 +50,9 @@ def _goals(test: dict) -> dict:
     return goals
 
 
-def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
-    """Evaluate classification_best.pt / detection_best.pt on the test split; write final_test_results.json."""
+def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:
+    """Evaluate classification_best.pt / detection_best.pt on the test split; write final_test_results.json.
+    `device`: where (default: cuda when available)."""
     from pillsnap.data import build_dataloaders_twostage
 
     exp_dir = Path(cfg.paths.exp_dir)
@@ -60,7 +61,7 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None) -> dict:
         raise FileNotFoundError(f"No classification_best.pt in {ckpts}: train before the final evaluation")
     loaders = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
     cls_test, det_test = loaders.cls_test, loaders.det_test
-    device = resolve_device()
+    device = resolve_device(device)
     test: dict[str, dict] = {"classification": _test_classification(ckpts / "classification_best.pt", cls_test,
                                                                       device, cfg)}
     if det_test is not None and (ckpts / "detection_best.pt").is_file():
