@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from pillsnap.infer.imprint import ImprintRead, ImprintReader, pick_candidate
 from pillsnap.infer.imprint_geometry import central_band, principal_axis, text_lines, turn
-from pillsnap.infer.ocr import LineRead, ctc_log_likelihoods, get_models
+from pillsnap.infer.ocr import LineRead, RapidOcrModels, ctc_log_likelihoods, get_models
 from pillsnap.infer.preprocess import locate_pill, pill_mask
 
 BACKDROP, PILL, INK, MARK = (90, 100, 140), (240, 238, 230), (40, 40, 40), (230, 30, 30)
@@ -230,6 +230,32 @@ def test_ctc_likelihood_sums_every_alignment():
     assert got == pytest.approx([_brute_force(probs, label) for label in labels], abs=1e-4)
     # a character the recogniser does not know (index -1), or more than the frames can spell: impossible
     assert ctc_log_likelihoods(probs, [[1, -1], [1, 1, 1, 1, 1]]) == [-math.inf] * 2
+
+
+def _vocabulary_models(chars: str) -> RapidOcrModels:
+    """RapidOcrModels' likelihood methods over a small vocabulary (blank at 0, then `chars`), without its models."""
+    models = object.__new__(RapidOcrModels)
+    models._index = {c: i + 1 for i, c in enumerate(chars)}
+    models._spaces = [i for c, i in models._index.items() if c.isspace()]
+    models._forms_of = {}
+    return models
+
+
+def test_a_reading_counts_its_other_characters_as_any_other_character():
+    """The recogniser's own reading is measured as an imprint: a character outside the imprint alphabet (a dot, a
+    glyph read from a logo's strokes) counts as any such character, so a reading whose "something else" is split
+    over several glyphs still says what it says; a reading of imprint characters alone is measured exactly."""
+    chars = " AaB.司"
+    models = _vocabulary_models(chars)
+    probs = np.array([[0.1, 0.0, 0.8, 0.05, 0.0, 0.025, 0.025],   # A
+                      [0.1, 0.0, 0.0, 0.0, 0.0, 0.45, 0.45],      # "." or "司": something else, split
+                      [0.1, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0]])       # B
+    exact = models.log_likelihoods([probs], ["AB", "A.B"])
+    assert models.reading_log_likelihood([probs], "ab") == pytest.approx(exact[0])  # case as imprints compare
+    pooled = np.stack([probs[:, 0], probs[:, 2] + probs[:, 3], probs[:, 4], probs[:, 5] + probs[:, 6]], 1)
+    assert models.reading_log_likelihood([probs], "A.B") == pytest.approx(_brute_force(pooled, [1, 3, 2]), abs=1e-4)
+    assert models.reading_log_likelihood([probs], "A司B") == models.reading_log_likelihood([probs], "A.B")
+    assert models.reading_log_likelihood([probs], "A.B") > exact[1] + math.log(1.9)  # the glyphs' mass together
 
 
 CHARS = {c: i + 1 for i, c in enumerate("AB12ZIBV9")}

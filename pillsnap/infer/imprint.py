@@ -54,7 +54,8 @@ class ImprintRead:
     the natural log of the probability that the lines read say exactly it (the best line, or the lines together,
     at the best turn for it). A garbled read still says which candidate the strokes fit: "F" is far likelier
     under "F7" than under "76". `read_likelihood`: the same for the recogniser's own reading, what the candidates
-    are measured against (a candidate far below it is not on the pill)."""
+    are measured against (a candidate far below it is not on the pill), measured as an imprint: a character outside
+    the imprint alphabet counts as any such character (pillsnap.infer.ocr.RapidOcrModels.reading_log_likelihood)."""
 
     text: str
     score: float
@@ -323,7 +324,12 @@ class ImprintReader:
                 said = "".join("".join(text.split()) for text, _ in group)
                 if not said:  # lines read as nothing say only how few characters a candidate has
                     continue
-                *values, mine = self.models.log_likelihoods([probs for _, probs in group], [*texts, said])
+                frames = [probs for _, probs in group]
+                if hasattr(self.models, "reading_log_likelihood"):
+                    *values, = self.models.log_likelihoods(frames, texts)
+                    mine = self.models.reading_log_likelihood(frames, said)
+                else:
+                    *values, mine = self.models.log_likelihoods(frames, [*texts, said])
                 best, own = np.maximum(best, values), max(own, mine)
         return ({t: float(v) for t, v in zip(texts, best, strict=True) if np.isfinite(v)},
                 own if np.isfinite(own) else None)

@@ -19,6 +19,9 @@ REC_HEIGHT, REC_WIDTH = 48, 160
 # 3 at each of 2 turns) fit in one
 REC_BATCH = 16
 DET_STRIDE = 32  # the text detector's input sides must be multiples of its stride
+# The characters an imprint is compared in (pillsnap.infer.matching.normalize_imprint keeps these and Hangul, which
+# this recogniser does not know): a reading's other characters count as "something else" (reading_log_likelihood).
+IMPRINT_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ENGINES: dict[tuple[int, int], Any] = {}
 _ENGINE_LOCK = threading.Lock()
 
@@ -102,6 +105,22 @@ class RapidOcrModels:
         columns = [probs[:, [0, *self._spaces]].sum(1)] + [probs[:, self._forms(c)].sum(1) for c in chars]
         where = {c: k + 1 for k, c in enumerate(chars)}
         return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, -1) for c in t] for t in texts])
+
+    def reading_log_likelihood(self, lines: Sequence[np.ndarray], text: str) -> float:
+        """ln P(text | lines) for the recogniser's own reading of the lines, as an imprint: like log_likelihoods,
+        but a character outside IMPRINT_ALPHABET (a dot, a glyph read from a logo's strokes) counts as any such
+        character. What a reading says about an imprint is which imprint characters stand where, and that
+        something else stands between them; the recogniser spreads "something else" over thousands of glyphs, so
+        the likelihood of the exact string would sit far below what the lines say, and every candidate imprint
+        would look close to it."""
+        probs = np.concatenate(lines)
+        text = "".join(text.upper().split())
+        chars = sorted({c for c in text if c in IMPRINT_ALPHABET})
+        blank = probs[:, [0, *self._spaces]].sum(1)
+        imprint = probs[:, sorted({i for c in IMPRINT_ALPHABET for i in self._forms(c)})].sum(1)
+        columns = [blank] + [probs[:, self._forms(c)].sum(1) for c in chars] + [np.maximum(1.0 - blank - imprint, 0.0)]
+        where = {c: k + 1 for k, c in enumerate(chars)}
+        return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, len(chars) + 1) for c in text]])[0]
 
     def _forms(self, char: str) -> list[int]:
         """The recogniser's columns for every form of a character: upper and lower case, full width."""
