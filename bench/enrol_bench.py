@@ -4,6 +4,11 @@ test photos are answered before and after by the same predictor (the baseline of
 drug is compared with the time to answer one photo, and with a whole `pillsnap enrol` (models loaded first).
 
     .venv/bin/python bench/enrol_bench.py --exp runs/demo/exp [--photos 5 --threads 2]
+
+`--scale`: no experiment; what enrol() adds at the design's sizes (5,000 trained drugs, 1,280 features, the
+calibration's 2,000-crop probe, 20 drugs enrolled before): the measure of what a new drug would take from the
+trained drugs (pillsnap.infer.enrolment.taken_from_trained), against the unknown-pill score of the same crops
+against the same means (ClassGaussians.score, the baseline), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -46,6 +51,85 @@ def timings(cfg, photos: list[str]) -> dict:
             "load_and_enrol_s": round(loaded + enrolling, 3), "enrol_over_one_photo": round(enrolling / one_photo, 1)}
 
 
+def scale(threads: int) -> None:
+    """The cost measure at the design's sizes, against the unknown-pill score of the same crops."""
+    import resource
+
+    import numpy as np
+
+    from pillsnap.infer.enrolment import PROBE_CROPS, Enrolled, Probe, taken_from_trained
+    from pillsnap.metrics.novelty import ClassGaussians
+
+    rng = np.random.default_rng(0)
+    drugs, dims = 5000, 1280
+    gaussians = ClassGaussians(rng.normal(size=(drugs, dims)).astype(np.float32), np.eye(dims, dtype=np.float32) * 0.1)
+    probe = Probe(rng.normal(size=(PROBE_CROPS, dims)).astype(np.float32) * 10, rng.integers(0, drugs, PROBE_CROPS),
+                  rng.uniform(0.3, 1.0, PROBE_CROPS).astype(np.float32), rng.random(PROBE_CROPS) < 0.9)
+    before = Enrolled()
+    for k in range(20):
+        before = before.with_drug({"mapping_code": f"K-9{k:05d}", "n_photos": 5, "spread": 1.0},
+                                  rng.normal(size=dims).astype(np.float32) * 10)
+    after = before.with_drug({"mapping_code": "K-999999", "n_photos": 5, "spread": 1.0},
+                             rng.normal(size=dims).astype(np.float32) * 10)
+    start = time.perf_counter()
+    gaussians.score(probe.features)
+    baseline = time.perf_counter() - start
+    start = time.perf_counter()
+    taken_from_trained(probe, gaussians, before, after, "K-999999", 500.0)
+    measure = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"design sizes ({threads} threads): what a new drug takes from {drugs} trained drugs on {PROBE_CROPS} "
+          f"probe crops, 20 enrolled before: {measure:.2f} s = {measure / baseline:.1f}x the unknown-pill score of "
+          f"the same crops ({baseline:.2f} s); peak RSS {peak:.0f} MiB")
+
+
+def probe_against_test(cfg, photos: int) -> None:
+    """What enrol() measures a drug would take from the trained drugs, on the calibration's validation probe and on
+    a probe built the same way from the known drugs' test crops, against what enrolling it does to those test crops
+    (their classifier top-1, right before and taken by an enrolled drug after)."""
+    import numpy as np
+
+    from pillsnap.data import load_manifest
+    from pillsnap.eval.enrol_eval import _enrol_all, _plan, known_crops
+    from pillsnap.infer.enrol import remove
+    from pillsnap.infer.enrolment import Probe, load_probe, read_store, taken_from_trained, trained_gaussians
+    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils import read_json
+
+    manifest = load_manifest(cfg.paths.manifest_dir)
+    predictor = Predictor(cfg.paths.exp_dir, cfg, "cpu")
+    trained = list(predictor.trained[0])
+    crops = known_crops(manifest, set(trained), predictor.crop_margin, seed=int(cfg.train.seed))
+    images = [crop for crop, _, _ in crops]
+    before = predictor.classify(images)
+    logits, features = predictor.forward(images)
+    probs = torch.softmax(logits.float() / predictor.temperature, -1).numpy()
+    labels = np.array([trained.index(code) for _, code, _ in crops])
+    test_probe = Probe.from_validation(features.numpy(), labels, probs, np.arange(len(crops)))
+    ckpt = predictor.exp_dir / "checkpoints"
+    val_probe = load_probe(ckpt, predictor.calibration)
+    plan = _plan(manifest, set(trained), photos, int(cfg.train.seed))
+    class_map = {c["mapping_code"]: c for c in read_json(Path(cfg.paths.manifest_dir) / "class_map.json")["classes"]}
+    _enrol_all(predictor, plan, class_map)
+    try:
+        after = predictor.classify(images)
+        flips = sum(b.topk[0]["mapping_code"] == code and a.topk[0]["mapping_code"] != code
+                    for b, a, (_, code, _) in zip(before, after, crops, strict=True))
+        gaussians, threshold = trained_gaussians(ckpt, predictor.calibration)
+        store = read_store(ckpt, predictor.classifier_path)
+        probes = [(name, probe) for name, probe in (("validation probe", val_probe), ("test crops", test_probe))
+                  if probe is not None]
+        for code in store.codes:
+            counts = [(name, taken_from_trained(probe, gaussians, store.without(code), store, code, threshold).sum(),
+                       probe.right.sum()) for name, probe in probes]
+            print(f"{code}: " + "; ".join(f"{name} taken {int(k)} of {int(n)} right" for name, k, n in counts))
+        print(f"test crops answered right before and otherwise after enrolling them all: {flips} of "
+              f"{sum(b.topk[0]['mapping_code'] == code for b, (_, code, _) in zip(before, crops, strict=True))}")
+    finally:
+        for code in plan:
+            remove(cfg.paths.exp_dir, code)
+
+
 def ratio(after: float | None, before: float | None) -> str:
     return "n/a" if not before or after is None else f"{after / before:.3f}"
 
@@ -55,8 +139,12 @@ def main() -> None:
     parser.add_argument("--exp", default="runs/demo/exp")
     parser.add_argument("--photos", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", action="store_true", help="the cost measure at the design's sizes (no --exp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.scale:
+        scale(args.threads)
+        return
     from pillsnap.config import load_cli_config
     from pillsnap.data import load_manifest
     from pillsnap.eval.enrol_eval import _plan, evaluate_enrolment, format_enrolment
@@ -80,6 +168,7 @@ def main() -> None:
         manifest = load_manifest(cfg.paths.manifest_dir)
         trained = set(json.loads((exp / "checkpoints" / "classes.json").read_text())["class_names"])
         chosen = next(iter(_plan(manifest, trained, args.photos, 0).values()))[0]
+        probe_against_test(cfg, args.photos)
         times = timings(cfg, chosen)
         print(f"time ({args.threads} threads): enrol one drug {times['enrol_s']:.2f} s = "
               f"{times['enrol_over_one_photo']}x answering one photo ({times['answer_one_photo_s']:.2f} s); "

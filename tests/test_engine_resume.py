@@ -201,6 +201,8 @@ def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypat
         return run_then_interrupt
 
     monkeypatch.setattr(pillsnap.train, "train", interrupted_with("completed"))
+    (exp / "checkpoints").mkdir(parents=True)
+    (exp / "checkpoints" / "classification_best.pt").write_bytes(b"a classifier to calibrate")
     assert pillsnap.train.run(args) == 130
     assert f"pillsnap calibrate --exp {exp} && pillsnap evaluate --exp {exp} --stage 2" in caplog.text
     assert "train.resume=last" not in caplog.text

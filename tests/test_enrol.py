@@ -20,7 +20,15 @@ from test_infer_pipeline import CODES, _cfg, make_exp_dir
 
 from pillsnap.cli import main as cli_main
 from pillsnap.infer.enrol import DrugInfo, enrol, listing, look_alike, remove
-from pillsnap.infer.enrolment import ENROLMENT_FILE, EnrolmentError, merge_posterior
+from pillsnap.infer.enrolment import (
+    ENROLMENT_FILE,
+    PROBE_FILE,
+    Enrolled,
+    EnrolmentError,
+    Probe,
+    merge_posterior,
+    taken_from_trained,
+)
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.infer.preprocess import crop_pill, locate_pill
 from pillsnap.metrics.novelty import ClassGaussians
@@ -278,6 +286,71 @@ def test_merged_probabilities_stay_one_distribution() -> None:
     assert merged[1].argmax() == 3 and merged[1, :3].sum() < 1e-3  # nearest by far: the enrolled drug
 
 
+def test_what_an_enrolment_takes_from_the_trained_drugs() -> None:
+    """A probe crop answered right by the trained classifier is taken when the new drug's posterior beats what the
+    classifier's top drug keeps; a crop another enrolled drug already answered was not the trained drugs' to lose."""
+    gaussians = ClassGaussians(np.array([[0.0, 0.0], [100.0, 0.0]], np.float32), np.eye(2, dtype=np.float32))
+    features = np.array([[2.0, 0.0], [-2.0, 0.0], [2.0, 0.5], [100.0, 1.0]], np.float32)
+    probe = Probe(features, np.array([0, 0, 0, 1]), np.full(4, 0.9, np.float32), np.array([True, True, False, True]))
+
+    def drug(code: str, mean: list[float]) -> tuple[dict, np.ndarray]:
+        return {"mapping_code": code, "n_photos": 5, "spread": 1.0}, np.asarray(mean, np.float32)
+
+    near, far = drug("K-900001", [3.0, 0.0]), drug("K-900002", [50.0, 60.0])
+    taken = taken_from_trained(probe, gaussians, Enrolled(), Enrolled().with_drug(*near), "K-900001", 100.0)
+    # the second lies nearer its own drug's mean; the third lies at the new one but was answered wrong already
+    assert taken.tolist() == [True, False, False, False]
+    assert not taken_from_trained(probe, gaussians, Enrolled(), Enrolled().with_drug(*far), "K-900002", 100.0).any()
+    # with the near drug enrolled before, a second one beside it takes nothing the trained drugs still had
+    before = Enrolled().with_drug(*near)
+    twin = drug("K-900003", [3.0, 0.5])
+    assert not taken_from_trained(probe, gaussians, before, before.with_drug(*twin), "K-900003", 100.0).any()
+
+
+def _with_probe(exp_dir: Path, probe: Probe) -> None:
+    """The probe `pillsnap calibrate` writes, named in calibration.json by hash."""
+    ckpt = exp_dir / "checkpoints"
+    probe.save(ckpt / PROBE_FILE)
+    stored = json.loads((ckpt / "calibration.json").read_text(encoding="utf-8"))
+    stored.update(validation_probe_file=PROBE_FILE, validation_probe_sha256=file_sha256(ckpt / PROBE_FILE))
+    save_json(ckpt / "calibration.json", stored)
+
+
+def test_an_enrolment_that_takes_trained_drugs_answers_needs_force(exp_dir: Path, tmp_path: Path) -> None:
+    """Photos unlike every trained drug's mean pass the look-alike check; when the calibration's validation pills
+    of a trained drug look like them, the enrolment would answer those pills as the new drug: refused, with the
+    share and the drug named and nothing written, unless forced; the report says what was taken either way."""
+    predictor = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    def features(paths: list[Path]) -> np.ndarray:
+        crops = []
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            crops.append(crop_pill(image, locate_pill(image), predictor.crop_margin))
+        return predictor.forward(crops)[1].numpy()
+
+    lookers = features(photos(tmp_path / "lookers", NEW_COLOUR, range(20, 30)))  # "validation pills of K-000001"
+    calibrated = _cfg(exp_dir, "inference.imprint.enabled=false")
+    _with_probe(exp_dir, Probe(lookers, np.zeros(10, np.int64), np.full(10, 0.6, np.float32), np.ones(10, bool)))
+    predictor = Predictor(exp_dir, calibrated, device="cpu")
+    before = store_state(exp_dir)
+    with pytest.raises(EnrolmentError, match=r"enrolling K-900001 would take answers from the trained drugs: \d+ "
+                                             r"of the 10 validation pills .* of K-000001") as err:
+        enrol(predictor, new_drug(), new)
+    assert err.value.kind == "look_alike" and store_state(exp_dir) == before
+    report = enrol(predictor, new_drug(), new, force=True)
+    assert report["look_alike"] is None  # the photos stand apart from every trained mean
+    takes = report["takes_known"]
+    assert takes["of"] == 10 and takes["crops"] >= 2 and takes["mapping_code"] == "K-000001"
+    assert takes["share"] == pytest.approx(takes["crops"] / 10, abs=1e-4)
+    # a probe of K-000001's pills as they look: nothing taken, no force needed
+    remove(exp_dir, NEW_CODE)
+    own = features(photos(tmp_path / "own", TRAINED_COLOURS[0], range(40, 50), "ellipse"))
+    _with_probe(exp_dir, Probe(own, np.zeros(10, np.int64), np.full(10, 0.6, np.float32), np.ones(10, bool)))
+    predictor = Predictor(exp_dir, calibrated, device="cpu")
+    assert enrol(predictor, new_drug(), new)["takes_known"]["crops"] == 0
+
+
 def test_stale_enrolment_is_refused_with_a_clear_message(predictor: Predictor, exp_dir: Path, tmp_path: Path,
                                                          caplog) -> None:
     enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))
@@ -325,9 +398,14 @@ def test_the_demo_lines_say_what_obeying_the_look_alike_check_keeps():
                                            "known_after": {**known, "single_accuracy": 0.79}}}
     lines = format_enrolment(figures)
     assert "single-photo accuracy 0.800 -> 0.700" in lines[1]
-    assert lines[-1].startswith("enrolment   with the look-alike check obeyed (K-000007 refused, not forced)")
+    assert lines[-1].startswith("enrolment   with the look-alike checks obeyed (K-000007 refused, not forced)")
     assert "known single-photo accuracy 0.800 -> 0.790" in lines[-1]
     assert not any("obeyed" in line for line in format_enrolment({**figures, "look_alike_check_obeyed": None}))
+    assert not any("takes by its look" in line for line in lines)  # measured by no calibration probe: not said
+    measured = {**figures, "per_drug": [{"mapping_code": "K-000007", "takes_known": {"crops": 3, "of": 95}},
+                                        {"mapping_code": "K-000008", "takes_known": None}]}
+    said = [line for line in format_enrolment(measured) if "takes by its look" in line]
+    assert len(said) == 1 and said[0].endswith("(refused above 1% unless forced): K-000007 3 of 95")
 
 
 def test_the_imprint_check_knows_an_enrolled_drugs_imprints(exp_dir: Path, predictor: Predictor,

@@ -87,6 +87,17 @@ def test_calibration_with_held_out_classes(tmp_path):
     assert report["unknown_eval_by_rule"]["feature_distance"] == unknown
     assert set(report["unknown_eval_by_rule"]) == {"feature_distance", "probability"}
     assert load_calibration(exp / "checkpoints", exp / "checkpoints" / "classification_best.pt") == stored
+    # the validation crops an enrolment's cost to the trained drugs is measured on, named by hash
+    from pillsnap.infer.enrolment import Probe, load_probe
+
+    probe = load_probe(exp / "checkpoints", stored)
+    assert probe is not None and len(probe.labels) == report["n_val"] and probe.features.shape[1] > 0
+    assert ((probe.top > 0) & (probe.top <= 1)).all() and set(probe.labels.tolist()) <= set(range(4))
+    probe_path = exp / "checkpoints" / stored["validation_probe_file"]
+    saved = probe_path.read_bytes()
+    Probe(probe.features[:2], probe.labels[:2], probe.top[:2], probe.right[:2]).save(probe_path)
+    assert load_probe(exp / "checkpoints", stored) is None  # not the file the calibration names: not used
+    probe_path.write_bytes(saved)
     # The final answers on the same held-out photos with the imprint check (inference.imprint.unknown_check) and as
     # inference answers without it; the sets are bound to the check being on
     final, plain = report["unknown_eval_answers"], report["unknown_eval_answers"]["without_imprint_check"]

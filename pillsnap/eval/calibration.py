@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import DictConfig
 
-from pillsnap.eval.answer_calibration import answer_calibration, set_summary
+from pillsnap.eval.answer_calibration import answer_calibration, set_summary, spread_sample
 from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
 from pillsnap.eval.outputs import eval_loader, model_outputs
 from pillsnap.eval.unknown_calibration import (
@@ -26,6 +26,7 @@ from pillsnap.eval.unknown_calibration import (
     unknown_line,
 )
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
+from pillsnap.infer.enrolment import PROBE_CROPS, PROBE_FILE, Probe
 from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.metrics.calibration import (
     calibrated_probs,
@@ -166,7 +167,10 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     if boxes is not None:
         stored["box_check"] = boxes
         report["box_check"] = box_summary(boxes, cfg.inference)
-    _write(exp_dir, stored, report, rules.gaussians)
+    # what an enrolment would take from the trained drugs is measured on a sample of these validation crops
+    probe = Probe.from_validation(val.features, val.labels, val.probs,
+                                  spread_sample(len(val.labels), PROBE_CROPS, int(cfg.train.seed)))
+    _write(exp_dir, stored, report, rules.gaussians, probe)
     return report
 
 
@@ -204,13 +208,15 @@ def _answers(model: Any, loaders: Any, temperature: float, rule: str, rules: Unk
                                                 float(cfg.inference.prediction_set.coverage))
 
 
-def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians) -> None:
-    """The class Gaussians and the thresholds fit on them are written together, the JSON last, naming the file's
-    hash; then the report, its reliability diagram and the log's summary."""
+def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians, probe: Probe) -> None:
+    """The class Gaussians and the thresholds fit on them are written together with the enrolment probe, the JSON
+    last, naming the files' hashes; then the report, its reliability diagram and the log's summary."""
     from pillsnap.eval.reports import plot_reliability
 
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]
+    stored["validation_probe_file"] = PROBE_FILE
+    stored["validation_probe_sha256"] = file_sha256(probe.save(exp_dir / "checkpoints" / PROBE_FILE))
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
     temperature = stored["temperature"]

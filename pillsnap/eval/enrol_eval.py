@@ -87,9 +87,17 @@ def _plan(manifest: Any, trained: set[str], per_drug: int, seed: int, drugs: int
     return plan
 
 
+def refused_unforced(report: dict) -> bool:
+    """Whether enrol() refused this drug until forced: its photos look like an existing drug, or it takes more
+    than TAKEN_SHARE of the trained drugs' right validation answers."""
+    from pillsnap.infer.enrolment import TAKEN_SHARE
+
+    return bool(report.get("look_alike")) or (report.get("takes_known") or {}).get("share", 0.0) > TAKEN_SHARE
+
+
 def _enrol_all(predictor: Any, plan: dict, class_map: dict) -> list[dict]:
-    """Enrol every planned drug with the attributes its label gives (what a pharmacist reads off the box); photos
-    that look like a known drug are enrolled anyway and say so."""
+    """Enrol every planned drug with the attributes its label gives (what a pharmacist reads off the box); a drug
+    the look-alike checks refuse is enrolled anyway (forced) and says so."""
     from pillsnap.infer.enrol import DrugInfo, enrol
     from pillsnap.infer.enrolment import EnrolmentError
 
@@ -145,7 +153,7 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
         crops_after = crop_figures(predictor, crops)
         # The same known photos with the look-alike check obeyed: the drugs it objected to (enrolled above with
         # --force) taken out again, as a user who does not force would have them.
-        flagged = [d["mapping_code"] for d in enrolled if d.get("look_alike")]
+        flagged = [d["mapping_code"] for d in enrolled if refused_unforced(d)]
         checked = None
         if flagged and not keep:  # kept enrolments stay as they were forced
             for code in flagged:
@@ -167,7 +175,8 @@ def _summary(enrolled: list[dict], answered: dict, before: dict, after: dict, tr
     for drug in enrolled:
         mine = [p for p in pills if p["code"] == drug["mapping_code"]]
         per_drug.append({"mapping_code": drug["mapping_code"], "name": drug["name"], "n_photos": drug["n_photos"],
-                         "seconds": drug["seconds"], "look_alike": drug["look_alike"], "answered_photos": len(mine),
+                         "seconds": drug["seconds"], "look_alike": drug["look_alike"],
+                         "takes_known": drug.get("takes_known"), "answered_photos": len(mine),
                          "accuracy": float(np.mean([p["right"] for p in mine])) if mine else None,
                          "unknown_share": float(np.mean([p["answered"] and not p["named"] for p in mine]))
                          if mine else None})
@@ -212,7 +221,18 @@ def format_enrolment(figures: dict | None) -> list[str]:
         "enrolment   known drugs' labelled crops (classifier only) before -> after: " + ", ".join(
             f"{kind} accuracy {fmt(figures['known_crops_before'][kind]['accuracy'])} -> {fmt(stats['accuracy'])}, "
             f"withheld as unknown {fmt(figures['known_crops_before'][kind]['unknown'])} -> {fmt(stats['unknown'])}"
-            for kind, stats in (figures.get("known_crops_after") or {}).items())] + _checked_line(figures, fmt)
+            for kind, stats in (figures.get("known_crops_after") or {}).items())] + _taken_line(figures) + \
+        _checked_line(figures, fmt)
+
+
+def _taken_line(figures: dict) -> list[str]:
+    """What each drug takes from the trained drugs' right validation pills by its look, as enrol() measured it."""
+    measured = [(d["mapping_code"], d["takes_known"]) for d in figures.get("per_drug", []) if d.get("takes_known")]
+    if not measured:
+        return []
+    counts = ", ".join(f"{code} {taken['crops']} of {taken['of']}" for code, taken in measured)
+    return ["enrolment   the trained drugs' validation pills answered right that each enrolled drug takes by its look "
+            f"(refused above 1% unless forced): {counts}"]
 
 
 def _checked_line(figures: dict, fmt: Any) -> list[str]:
@@ -220,7 +240,7 @@ def _checked_line(figures: dict, fmt: Any) -> list[str]:
     if not checked:
         return []
     before, after = figures["known_before"], checked["known_after"]
-    return [f"enrolment   with the look-alike check obeyed ({', '.join(checked['refused'])} refused, not forced): "
+    return [f"enrolment   with the look-alike checks obeyed ({', '.join(checked['refused'])} refused, not forced): "
             f"known single-photo accuracy {fmt(before['single_accuracy'])} -> {fmt(after['single_accuracy'])}, "
             f"known pills on combination photos {fmt(before['known_pill_accuracy'])} -> "
             f"{fmt(after['known_pill_accuracy'])}"]

@@ -3,7 +3,8 @@ and how enrolled drugs are answered are in pillsnap.infer.enrolment.
 
 Every check runs before anything is written, so a refused enrolment changes nothing: a malformed code or attribute,
 a code that is a trained class or already enrolled (unless replace), too few or too many photos, a photo that
-cannot be read or holds no pill, and photos that look like an existing drug (unless force).
+cannot be read or holds no pill, photos that look like an existing drug, and a drug that would answer more than
+TAKEN_SHARE of the trained drugs' right validation answers as itself (both unless force).
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.infer.enrolment import (
+    TAKEN_SHARE,
     Enrolled,
     EnrolmentError,
     StaleEnrolment,
     class_map_entry,
     drug_spread,
     leave_one_out_distances,
+    load_probe,
     read_store,
     store_lock,
     summary,
+    taken_from_trained,
     trained_gaussians,
     write_store,
 )
@@ -255,12 +259,44 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
         entry = {**info.entry(), "n_photos": len(photos), "spread": round(drug_spread(whitened, threshold), 4),
                  "photos": [p.label for p in photos],
                  "enrolled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_store(ckpt_dir, predictor.classifier_sha256, existing.with_drug(entry, features.mean(0)))
+        after = existing.with_drug(entry, features.mean(0))
+        takes = takes_known(predictor, gaussians, existing.without(info.code), after, info.code, threshold)
+        if takes and takes["share"] > TAKEN_SHARE and not force:
+            raise EnrolmentError(_takes_message(info.code, takes), "look_alike")
+        write_store(ckpt_dir, predictor.classifier_sha256, after)
     predictor.refresh_enrolment()
     return {"mapping_code": info.code, "name": info.name, "n_photos": len(photos), "replaced": index is not None,
-            "look_alike": found, "crops": [{"photo": p.label, "pill": how} for p, how in zip(photos, found_by,
-                                                                                              strict=True)],
+            "look_alike": found, "takes_known": takes,
+            "crops": [{"photo": p.label, "pill": how} for p, how in zip(photos, found_by, strict=True)],
             "elapsed_s": round(time.perf_counter() - start, 2)}
+
+
+def takes_known(predictor: Any, gaussians: Any, before: Enrolled, after: Enrolled, code: str,
+                threshold: float | None) -> dict | None:
+    """What enrolling `code` would take from the trained drugs, on the calibration's probe of validation crops:
+    how many of those answered right now (`of`) it would answer as the new drug by their look (`crops`, `share`),
+    and the drug it takes most from (`mapping_code`, `name`, `drug_crops` of `drug_of`); None without a probe (a
+    calibration from before it)."""
+    probe = load_probe(predictor.exp_dir / "checkpoints", predictor.calibration)
+    if probe is None or not len(probe.labels):
+        return None
+    taken = taken_from_trained(probe, gaussians, before, after, code, threshold)
+    right = int(probe.right.sum())
+    out = {"crops": int(taken.sum()), "of": right, "share": round(float(taken.sum()) / max(right, 1), 4)}
+    if taken.any():
+        index = int(np.bincount(probe.labels[taken]).argmax())
+        drug = predictor.trained[0][index]
+        out.update(mapping_code=drug, name=(predictor.trained[1].get(drug) or {}).get("name", ""),
+                   drug_crops=int((taken & (probe.labels == index)).sum()),
+                   drug_of=int((probe.right & (probe.labels == index)).sum()))
+    return out
+
+
+def _takes_message(code: str, takes: dict) -> str:
+    return (f"enrolling {code} would take answers from the trained drugs: {takes['crops']} of the {takes['of']} "
+            f"validation pills they answer right ({takes['share']:.1%}; at most {TAKEN_SHARE:.0%}) would be answered "
+            f"as {code} by their look, {takes['drug_crops']} of {takes['drug_of']} of {takes['mapping_code']} "
+            f"({takes['name'] or 'no name'}); check the photos and the code, or enrol anyway with --force")
 
 
 

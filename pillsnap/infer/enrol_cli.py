@@ -85,6 +85,11 @@ def _show(result: dict, args: argparse.Namespace) -> None:
         if result["look_alike"]:
             found = result["look_alike"]
             print(f"  note: enrolled with --force although it looks like {found['mapping_code']} ({found['name']})")
+        takes = result.get("takes_known")
+        if takes and takes["crops"]:
+            print(f"  note: it takes {takes['crops']} of the {takes['of']} validation pills the trained drugs answer "
+                  f"right ({takes['share']:.1%}), {takes['drug_crops']} of {takes['drug_of']} of "
+                  f"{takes['mapping_code']} ({takes['name']})")
 
 
 def _act(args: argparse.Namespace, cfg: Any) -> dict:

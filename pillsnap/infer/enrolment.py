@@ -216,16 +216,91 @@ class EnrolledSpace:
             trained.min(1), (enrolled / self.spread[None]).min(1))
 
 
-def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray, softness: float) -> np.ndarray:
-    """[N, C+E]: the discriminant posterior softmax(-d / (2 softness)) over trained and enrolled means gives each
-    enrolled drug its probability; the classifier's probabilities of the trained drugs share what is left."""
+def enrolled_posterior(trained: np.ndarray, enrolled: np.ndarray, softness: float) -> np.ndarray:
+    """[N, E]: each enrolled drug's probability, its share of the discriminant posterior softmax(-d / (2 softness))
+    over the trained and enrolled means (squared distances [N, C] and [N, E])."""
     logits = -np.concatenate([trained, enrolled], 1).astype(np.float64) / (2.0 * softness)
     logits -= logits.max(1, keepdims=True)
     q = np.exp(logits)
     q /= q.sum(1, keepdims=True)
-    q_enrolled = q[:, trained.shape[1]:]
+    return q[:, trained.shape[1]:]
+
+
+def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray, softness: float) -> np.ndarray:
+    """[N, C+E]: the enrolled drugs' probabilities (enrolled_posterior); the classifier's probabilities of the
+    trained drugs share what is left."""
+    q_enrolled = enrolled_posterior(trained, enrolled, softness)
     rest = 1.0 - q_enrolled.sum(1, keepdims=True)
     return np.concatenate([np.asarray(probs, np.float64) * rest, q_enrolled], 1).astype(np.float32)
+
+
+# ---- what an enrolment would cost the trained drugs ---------------------------------------------------------------
+
+PROBE_FILE = "validation_probe.npz"  # in checkpoints/, named in calibration.json by hash
+PROBE_CROPS = 2000  # validation crops kept at most: ~10 MB of EfficientNetV2-S features
+# An enrolment may take at most this share of the trained drugs' right answers (on the probe): what a drug added
+# without retraining may cost the drugs the classifier was trained on.
+TAKEN_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Validation crops of the trained drugs as calibration saw them: their features [N, D] (raw, as enrolled
+    means are kept), their drug's index, the calibrated probability of the classifier's top drug and whether that
+    drug is the right one. What an enrolment would take from the trained drugs is measured on them."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    top: np.ndarray
+    right: np.ndarray
+
+    @classmethod
+    def from_validation(cls, features: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                        rows: np.ndarray) -> Probe:
+        """The validation crops at `rows`, from their features, labels and calibrated probabilities [N, C]."""
+        top = probs[rows].max(1)
+        return cls(np.asarray(features[rows], np.float32), np.asarray(labels[rows], np.int64),
+                   top.astype(np.float32), probs[rows].argmax(1) == labels[rows])
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, features=self.features, labels=self.labels, top=self.top, right=self.right)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
+        with np.load(path) as data:
+            return cls(data["features"], data["labels"], data["top"], data["right"].astype(bool))
+
+
+def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> Probe | None:
+    """The probe the calibration wrote, or None: a calibration from before it, or a file that is missing or not
+    the one the calibration names (said in the log)."""
+    name = (calibration or {}).get("validation_probe_file")
+    if not name:
+        return None
+    path = Path(ckpt_dir) / str(name)
+    if not path.is_file() or file_sha256(path) != calibration.get("validation_probe_sha256"):
+        LOGGER.warning("%s is missing or not the file the calibration names: an enrolment's cost to the trained "
+                       "drugs is not measured (pillsnap calibrate --exp EXP)", path)
+        return None
+    return Probe.load(path)
+
+
+def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled, after: Enrolled, code: str,
+                       threshold: float | None) -> np.ndarray:
+    """[N] bool: the probe's crops answered right by the trained classifier with the `before` enrolments that the
+    `after` enrolments would answer as `code` instead, by their look (the imprint is not read here): the new drug
+    takes more probability than the classifier's top drug keeps, and more than any other enrolled drug."""
+    right = probe.right.copy()
+    if before.drugs:
+        space = EnrolledSpace.build(gaussians, before, threshold)
+        q = enrolled_posterior(*space.distances(probe.features), space.softness)
+        right &= probe.top * (1.0 - q.sum(1)) >= q.max(1)
+    space = EnrolledSpace.build(gaussians, after, threshold)
+    q = enrolled_posterior(*space.distances(probe.features), space.softness)
+    new = q[:, after.find(code)]
+    return right & (new > probe.top * (1.0 - q.sum(1))) & (new >= q.max(1))
 
 
 def class_map_entry(code: str, name: str, attrs: Mapping[str, object]) -> dict:

@@ -169,6 +169,11 @@ class Enrolment(BaseModel):
     n_photos: int
     replaced: bool = Field(description="an enrolled drug of this code was enrolled again (replace: true)")
     look_alike: dict | None = Field(None, description="with force: true, the existing drug the photos look like")
+    takes_known: dict | None = Field(
+        None, description="what the drug takes from the trained drugs, on the calibration's validation pills: "
+                          "`crops` of the `of` answered right that it answers instead (`share`; over 1% needs force: "
+                          "true), most from `mapping_code` (`drug_crops` of `drug_of`); null for a calibration "
+                          "from before this measure")
     crops: list[dict] = Field(description="per photo, how its pill was found")
     elapsed_s: float
 
