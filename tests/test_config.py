@@ -1,5 +1,6 @@
 """Config loading: precedence, override errors with suggestions, type errors, required OOM keys, stage overrides."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,9 +135,12 @@ def test_stage_settings():
     ("train.ema.decay=1.0", "train.ema.decay=1.0 is out of range: it must be >= 0 and < 1 (a decay below 1)"),
     ("serving.port=70000", "serving.port=70000 is out of range: it must be >= 0 and <= 65535 (a TCP port; 0: any "
                            "free one)"),
+    # a list's numbers, each with its place
+    ("train.interleave_ratio=[1,-1]", "train.interleave_ratio[1]=-1 is out of range: it must be >= 0"),
+    ("dataloader.autotune_candidates=[4,-2,8]", "dataloader.autotune_candidates[1]=-2 is out of range"),
 ])
 def test_a_number_out_of_its_range_is_refused_naming_key_value_and_range(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override], dotenv_path=None)
 
 
@@ -174,14 +178,19 @@ def test_every_number_in_the_config_has_a_range_and_every_range_a_key():
     """A new numeric setting gets its range here too (seeds excepted); a pattern that names no key is a typo."""
     from fnmatch import fnmatchcase
 
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     from pillsnap.config.loader import _leaf_keys
     from pillsnap.config.ranges import RANGES, range_of
 
     cfg = load_config(None, [], dotenv_path=None)
-    numbers = [k for k in _leaf_keys(cfg) if not isinstance(OmegaConf.select(cfg, k), DictConfig | bool | str)
-               and isinstance(OmegaConf.select(cfg, k), int | float)]
+    def numeric(value: object) -> bool:
+        if isinstance(value, ListConfig):  # a list of numbers: each held to the key's range
+            return any(numeric(v) for v in value)
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    numbers = [k for k in _leaf_keys(cfg) if numeric(OmegaConf.select(cfg, k))]
+    assert {"train.interleave_ratio", "dataloader.autotune_candidates"} <= set(numbers)
     assert [k for k in numbers if range_of(k) is None and not k.endswith("seed")] == []
     keys = _leaf_keys(cfg) + ["train.stage_overrides.stage_4.batch_size_override"]  # a key no default sets
     assert [p for p, _ in RANGES if not any(fnmatchcase(k, p) for k in keys)] == []

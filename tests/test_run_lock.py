@@ -172,6 +172,11 @@ def test_a_second_run_on_a_held_folder_is_refused_before_it_writes(tmp_path, cap
         with caplog.at_level(logging.ERROR):
             assert main(["evaluate", "--exp", str(exp), "--stage", "1", "--yes"]) == 2
         assert f"evaluate: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
+        caplog.clear()  # nor the final test evaluation's report
+        with caplog.at_level(logging.ERROR):
+            assert main(["evaluate", "--exp", str(exp), "--final"]) == 2
+        assert f"evaluate --final: {exp / RUN_LOCK} is held by pid {holder.pid}" in caplog.text
+        assert "evaluate when it has ended" in caplog.text
         assert folder_state(exp) == before
     finally:
         holder.kill()

@@ -5,6 +5,7 @@ misbehaviour hours into a run. The type of every key is checked elsewhere (pills
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
@@ -71,6 +72,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("train.checkpoint_interval_minutes", Range(0, what="minutes between checkpoints inside an epoch; 0: at epoch "
                                                         "ends only")),
     ("train.step_log_interval", AT_LEAST_1),
+    ("train.interleave_ratio", Range(0, what="steps per task in each cycle")),
     ("train.profile_interval", AT_LEAST_1),
     ("train.auto_batch_vram_headroom", OPEN_SHARE),
     ("train.memory_warning_ratio", OPEN_SHARE),
@@ -127,12 +129,15 @@ def range_of(key: str) -> Range | None:
 
 def out_of_range(values: dict[str, object]) -> list[str]:
     """One message per numeric value outside its key's range, from {dotted key: value} (None and booleans are
-    not numbers here)."""
+    not numbers here); a list's numbers are each held to its key's range (train.interleave_ratio[1])."""
     bad = []
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, Sequence) and not \
+            isinstance(value, str) else [(key, value)]
         expected = range_of(key)
-        if expected is not None and not expected.holds(float(value)):
-            bad.append(f"{key}={value!r} is out of range: it must be {expected.text()}")
+        for name, item in items:
+            if expected is None or isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not expected.holds(float(item)):
+                bad.append(f"{name}={item!r} is out of range: it must be {expected.text()}")
     return bad

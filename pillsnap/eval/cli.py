@@ -54,6 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.set_defaults(func=run_calibrate)
 
 
+def _refused(command: str, err: Exception) -> int:
+    """Exit 2 with one line: an input the command cannot run with, or (BusyError) a folder another run holds."""
+    from pillsnap.utils.locks import BusyError
+
+    wait = f"; {command.split()[0]} when it has ended" if isinstance(err, BusyError) else ""
+    logging.getLogger("pillsnap").error("%s: %s%s", command, err, wait)
+    return 2
+
+
 def _run_config(exp: Path, cfg_file: str | None, overrides: list[str]) -> Any:
     from pillsnap.config import load_run_config
 
@@ -72,12 +81,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     try:
         with hold_experiment(exp, "calibrate"):  # a training run into the folder writes its calibration at its end
             report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
-    except ValueError as err:  # no validation split, an unknown inference.unknown_rule, too few training crops
-        logging.getLogger("pillsnap").error("calibrate: %s", err)
-        return 2
-    except BusyError as err:
-        logging.getLogger("pillsnap").error("calibrate: %s; calibrate when it has ended", err)
-        return 2
+    except (ValueError, BusyError) as err:  # no validation split, an unknown unknown_rule; a folder in use
+        return _refused("calibrate", err)
     print(f"temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; "
           f"unknown pills by {report['unknown_rule']} -> {exp / 'checkpoints' / 'calibration.json'}")
     return 0
@@ -107,12 +112,8 @@ def run(args: argparse.Namespace) -> int:
             report = evaluate_stage(cfg, exp, choice=args.choice, assume_yes=args.yes, device=args.device)
     except ConfigError:
         raise  # the command line's own "config error: ..." line
-    except ValueError as err:  # another stage's run, an unusable --device, a bad --choice
-        logging.getLogger("pillsnap").error("evaluate: %s", err)
-        return 2
-    except BusyError as err:
-        logging.getLogger("pillsnap").error("evaluate: %s; evaluate when it has ended", err)
-        return 2
+    except (ValueError, BusyError) as err:  # another stage's run, an unusable --device; a folder in use
+        return _refused("evaluate", err)
     print(format_decision(report))
     print(f"chosen: {report['choice']['text']} ({report['choice']['how']})")
     print(verdict_line(report))
@@ -143,12 +144,8 @@ def run_final(args: argparse.Namespace) -> int:
                           "(evaluate the stage with: pillsnap evaluate --exp %s)", exp, stage, exp)
                 return 2
             result = final_test_evaluation(cfg, device=args.device)
-    except ValueError as err:  # an unusable --device
-        log.error("evaluate --final: %s", err)
-        return 2
-    except BusyError as err:
-        log.error("evaluate: %s; evaluate when it has ended", err)
-        return 2
+    except (ValueError, BusyError) as err:  # an unusable --device; a folder in use
+        return _refused("evaluate --final", err)
     print(f"final test evaluation: {result['recommendation']} -> {exp / 'reports' / 'final_test_results.json'}")
     for line in result["improvements"]:
         print(f"  {line}")
