@@ -101,9 +101,18 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     cap failed, 130 interrupted). An interrupt in the work after training raises KeyboardInterrupt (the checkpoints
     are whole: training_ended says so)."""
     from pillsnap.engine.run import run_training
+    from pillsnap.engine.trainer import EXIT_OK
+    from pillsnap.eval.final import final_test_owed, final_test_written
 
-    return run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
-                                                          choice=choice, assume_yes=assume_yes))[0]
+    code, trainer = run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
+                                                                   choice=choice, assume_yes=assume_yes))
+    exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
+    if code == EXIT_OK and trainer is None and final_test_owed(exp, stage) is None and not final_test_written(exp):
+        # already trained, its final test never written: a torchrun restart after the test failed, or a rerun
+        LOGGER.error("this Stage 4 run has no final test evaluation yet: pillsnap evaluate --exp %s --final",
+                     shlex.quote(str(exp)))
+        return 1
+    return code
 
 
 def training_ended(exp_dir: str | Path, since: float) -> bool:
@@ -126,6 +135,7 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
                     assume_yes: bool) -> int:
     from pillsnap.engine.run import run_logging
     from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP
+    from pillsnap.eval.final import final_test_owed
 
     if code == EXIT_INTERRUPTED:
         return code
@@ -140,7 +150,7 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
             from pillsnap.eval.stage_eval import evaluate_stage
 
             evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
-        if code == EXIT_OK and trainer.stage == 4 and trainer.status != "time_capped":
+        if code == EXIT_OK and final_test_owed(trainer.exp_dir, trainer.stage) is None:
             code = _final_test(trainer)
     return code
 
@@ -156,7 +166,7 @@ def _final_test(trainer: Any) -> int:
         final_test_evaluation(trainer.cfg, device=str(trainer.device))
     except Exception:  # whatever stopped it (a photo, the device), training is done and saved
         LOGGER.exception("final test evaluation failed; the checkpoints are whole: run it again with: pillsnap "
-                         "evaluate --exp %s --final", trainer.exp_dir)
+                         "evaluate --exp %s --final", shlex.quote(str(trainer.exp_dir)))
         return 1
     return EXIT_OK
 
@@ -164,18 +174,14 @@ def _final_test(trainer: Any) -> int:
 def finish_command(exp_dir: str | Path, stage: int) -> str:
     """The commands that do the work after training of a run interrupted in it: the calibration (with a classifier
     to calibrate), the stage's evaluation and, after a whole Stage 4, the final test evaluation."""
-    from pillsnap.eval.gates import COMPLETED_STATUSES
+    from pillsnap.eval.final import final_test_owed, final_test_written
 
     exp = Path(exp_dir)
     steps = []
     if (exp / "checkpoints" / "classification_best.pt").is_file():
         steps.append(f"pillsnap calibrate --exp {shlex.quote(str(exp))}")
     steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
-    try:
-        status = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError):
-        status = None
-    if stage == 4 and status in COMPLETED_STATUSES:  # not after the time cap: training does not test then either
+    if final_test_owed(exp, stage) is None and not final_test_written(exp):
         steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --final")
     return " && ".join(steps)
 

@@ -34,7 +34,7 @@ def test_final_evaluation_after_training(synth_cfg):
     assert "classification.accuracy" in result["val_minus_test"]
 
 
-def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys):
+def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys, caplog):
     cfg = synth_cfg
     cfg.train.strategy = "classification"
     cfg.data.progressive_validation.current_stage = 4
@@ -50,13 +50,31 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
 
     first = read_json(results)
     results.unlink()
+    # a rerun (a torchrun restart after the test failed) finds the run trained, and its final test owed: exit 1
+    caplog.clear()
+    cfg.train.resume = "last"  # what a torchrun restart resumes from
+    assert main(cfg) == 1
+    assert f"no final test evaluation yet: pillsnap evaluate --exp {cfg.paths.exp_dir} --final" in caplog.text
     monkeypatch.chdir(tmp_path)
-    assert cli(["evaluate", "--exp", str(cfg.paths.exp_dir), "--final", "--stage", "2"]) == 2
+    exp = str(cfg.paths.exp_dir)
+    for refused in (["--stage", "2"], ["--device", "nonsense"], ["data.progressive_validation.current_stage=1"],
+                    ["--yes"]):
+        caplog.clear()
+        assert cli(["evaluate", "--exp", exp, "--final", *refused]) == 2, refused
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0], errors
     assert not results.exists()
-    assert cli(["evaluate", "--exp", str(cfg.paths.exp_dir), "--final", "--device", "cpu"]) == 0
+    assert cli(["evaluate", "--exp", exp, "--final", "--device", "cpu"]) == 0
     again = read_json(results)
     assert again["test_results"] == first["test_results"] and again["recommendation"] == first["recommendation"]
     assert f"final test evaluation: {again['recommendation']}" in capsys.readouterr().out
+    assert main(cfg) == 0  # trained, and tested: nothing owed
+    # a run stopped by its time cap is not tested, by training or by the command
+    metrics = Path(exp) / "reports" / "metrics.json"
+    metrics.write_text(metrics.read_text(encoding="utf-8").replace('"completed"', '"time_capped"'), encoding="utf-8")
+    caplog.clear()
+    assert cli(["evaluate", "--exp", exp, "--final"]) == 2
+    assert "status time_capped" in caplog.text
 
 
 def test_a_failed_final_evaluation_costs_the_evaluation_not_the_run(tmp_path, monkeypatch, caplog):
@@ -80,7 +98,7 @@ def test_a_failed_final_evaluation_costs_the_evaluation_not_the_run(tmp_path, mo
     (1, "completed", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 1"),
     (4, "completed", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 4 && "
                            "pillsnap evaluate --exp {e} --final"),
-    (4, "early_stopped", False, "pillsnap evaluate --exp {e} --stage 4 && pillsnap evaluate --exp {e} --final"),
+    (4, "early_stopped", False, "pillsnap evaluate --exp {e} --stage 4"),  # no classifier: nothing to test
     (4, "time_capped", True, "pillsnap calibrate --exp {e} && pillsnap evaluate --exp {e} --stage 4"),
 ])
 def test_the_work_left_after_an_interrupt_names_only_what_applies(tmp_path, stage, status, classifier, want):

@@ -256,6 +256,11 @@ def test_a_reading_counts_its_other_characters_as_any_other_character():
     assert models.reading_log_likelihood([probs], "A.B") == pytest.approx(_brute_force(pooled, [1, 3, 2]), abs=1e-4)
     assert models.reading_log_likelihood([probs], "A司B") == models.reading_log_likelihood([probs], "A.B")
     assert models.reading_log_likelihood([probs], "A.B") > exact[1] + math.log(1.9)  # the glyphs' mass together
+    # a run of other characters is one "something else" (CTC would need a blank between two of the same label),
+    # and a full-width letter is the letter
+    assert models.reading_log_likelihood([probs], "A司.B") == models.reading_log_likelihood([probs], "A.B")
+    assert models.reading_log_likelihood([probs], "ＡB") == pytest.approx(exact[0])
+    assert models.reading_log_likelihood([probs], "ß") == models.reading_log_likelihood([probs], ".")
 
 
 CHARS = {c: i + 1 for i, c in enumerate("AB12ZIBV9")}

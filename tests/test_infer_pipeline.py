@@ -421,8 +421,17 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     assert "predates the candidates' likelihoods" in caplog.text
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5, "likelihood_weight": 2.0,
                                            "likelihood_cap": 5.0})
-    fitted = Predictor(root, _cfg(root), device="cpu")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fitted = Predictor(root, _cfg(root), device="cpu")
     assert (fitted.weights.likelihood, fitted.weights.likelihood_cap) == (1.0, 5.0)  # 2.0 at the scale 0.5
+    assert "fit against the recogniser's reading as an exact string" in caplog.text  # no reading_reference
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 2.0, "imprint_recall": True,
+                                           "reading_reference": "imprint"})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Predictor(root, _cfg(root), device="cpu")
+    assert "reading" not in caplog.text and "predates" not in caplog.text  # fit as answered now
     assert fitted.thresholds.foreign_likelihood_gap == THRESHOLDS.foreign_likelihood_gap
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": "heavy"})
     with pytest.raises(ValueError, match="calibration.json: likelihood_weight must be a number, got 'heavy'"):

@@ -27,6 +27,7 @@ from pillsnap.eval.unknown_calibration import (
 )
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
 from pillsnap.infer.enrolment import PROBE_CROPS, PROBE_FILE, Probe
+from pillsnap.infer.thresholds import READING_REFERENCE
 from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.metrics.calibration import (
     calibrated_probs,
@@ -202,6 +203,8 @@ def _answers(model: Any, loaders: Any, temperature: float, rule: str, rules: Unk
     # likelihoods, is answered without them (pillsnap.infer.pipeline)
     stored["likelihood_weight"], stored["likelihood_cap"] = WEIGHTS.likelihood, WEIGHTS.likelihood_cap
     stored["imprint_recall"] = True  # fit with drugs below the top-k brought back by their imprint
+    # fit with the recogniser's own reading measured as an imprint (RapidOcrModels.reading_log_likelihood)
+    stored["reading_reference"] = READING_REFERENCE
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]
         report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),

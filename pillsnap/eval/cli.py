@@ -121,10 +121,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_final(args: argparse.Namespace) -> int:
-    """`pillsnap evaluate --final`: the test split, for a run whose config is at Stage 4 (the design keeps it shut
-    until then), holding the experiment folder like any evaluation."""
+    """`pillsnap evaluate --final`: the test split, for a run that owes it (pillsnap.eval.final.final_test_owed: a
+    Stage 4 run that trained all it meant to, by its own saved config), on the device asked for (checked before
+    anything loads), holding the experiment folder like any evaluation."""
     from pillsnap.engine.run import hold_experiment
-    from pillsnap.eval.final import final_test_evaluation
+    from pillsnap.eval.final import final_test_evaluation, final_test_owed, final_test_written
+    from pillsnap.eval.stage_eval import evaluation_device
     from pillsnap.utils.locks import BusyError
 
     log = logging.getLogger("pillsnap")
@@ -132,19 +134,30 @@ def run_final(args: argparse.Namespace) -> int:
     if args.stage not in (None, 4):
         log.error("evaluate --final: the test split is evaluated after Stage 4 only, not with --stage %d", args.stage)
         return 2
-    if not (exp / "checkpoints" / "classification_best.pt").is_file():
-        log.error("evaluate --final: %s not found: train first", exp / "checkpoints" / "classification_best.pt")
+    if args.yes or args.choice is not None or any(
+            o.split("=", 1)[0].strip() == "data.progressive_validation.current_stage" for o in args.overrides):
+        log.error("evaluate --final: --yes, --choice and a stage override do not apply: the final test has no "
+                  "advisor, and the run's stage is the one it trained")
+        return 2
+    try:
+        device = str(evaluation_device({}, args.device)) if args.device else None
+    except ValueError as err:  # not a device, or no CUDA here: said before anything loads
+        return _refused("evaluate --final", err)
+    if not exp.is_dir():
+        log.error("evaluate --final: %s: no such experiment folder", exp)
         return 2
     try:
         with hold_experiment(exp, "evaluate"):
             cfg = _run_config(exp, args.cfg, list(args.overrides))
-            stage = int(cfg.data.progressive_validation.current_stage)
-            if stage != 4:
-                log.error("evaluate --final: %s is a Stage %d run: the test split is opened once, after Stage 4 "
-                          "(evaluate the stage with: pillsnap evaluate --exp %s)", exp, stage, exp)
+            why = final_test_owed(exp, int(cfg.data.progressive_validation.current_stage))
+            if why is not None:
+                log.error("evaluate --final: %s: %s", exp, why)
                 return 2
-            result = final_test_evaluation(cfg, device=args.device)
-    except (ValueError, BusyError) as err:  # an unusable --device; a folder in use
+            if final_test_written(exp):
+                log.warning("evaluate --final: %s has its final test results already; evaluating the same "
+                            "checkpoints again", exp)
+            result = final_test_evaluation(cfg, device=device)
+    except BusyError as err:  # a config error has the command line's own line; anything else its traceback
         return _refused("evaluate --final", err)
     print(f"final test evaluation: {result['recommendation']} -> {exp / 'reports' / 'final_test_results.json'}")
     for line in result["improvements"]:

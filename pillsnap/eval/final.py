@@ -8,6 +8,7 @@ business goals (pillsnap.eval.criteria.BUSINESS_GOALS), a recommendation, and
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pillsnap.eval.criteria import BUSINESS_GOALS
+from pillsnap.eval.gates import COMPLETED_STATUSES
 from pillsnap.metrics.names import final_test_name
 from pillsnap.utils import read_json, resolve_device, save_json
 
@@ -48,6 +50,32 @@ def _goals(test: dict) -> dict:
         goals[path] = {"target": target, "value": value, "met": value is not None and value >= target}
     goals["overall_target_met"] = all(g["met"] for g in goals.values())
     return goals
+
+
+def final_test_owed(exp_dir: str | Path, stage: int) -> str | None:
+    """None when the run may have its final test evaluation: a Stage 4 run with a classifier that trained all it
+    meant to (completed or early stopped; not stopped by its time cap, whose minimums were not met, nor cut short);
+    else why not. Training, its hints and `pillsnap evaluate --final` ask the same."""
+    exp = Path(exp_dir)
+    try:
+        status = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        status = None
+    if stage != 4:
+        return f"it is a Stage {stage} run: the test split is opened once, after Stage 4"
+    if not (exp / "checkpoints" / "classification_best.pt").is_file():
+        return "it has no classifier (classification_best.pt) to test"
+    if status not in COMPLETED_STATUSES:
+        return (f"its training did not finish (status {status}): the test split follows a Stage 4 run that trained "
+                "all it meant to, not one stopped by its time cap or cut short")
+    return None
+
+
+def final_test_written(exp_dir: str | Path) -> bool:
+    """Whether the run's final test results were written after its training last ended."""
+    reports = Path(exp_dir) / "reports"
+    results, metrics = reports / "final_test_results.json", reports / "metrics.json"
+    return results.is_file() and metrics.is_file() and results.stat().st_mtime >= metrics.stat().st_mtime
 
 
 def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:

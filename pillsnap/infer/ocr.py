@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -108,19 +109,25 @@ class RapidOcrModels:
 
     def reading_log_likelihood(self, lines: Sequence[np.ndarray], text: str) -> float:
         """ln P(text | lines) for the recogniser's own reading of the lines, as an imprint: like log_likelihoods,
-        but a character outside IMPRINT_ALPHABET (a dot, a glyph read from a logo's strokes) counts as any such
-        character. What a reading says about an imprint is which imprint characters stand where, and that
-        something else stands between them; the recogniser spreads "something else" over thousands of glyphs, so
-        the likelihood of the exact string would sit far below what the lines say, and every candidate imprint
-        would look close to it."""
+        but a run of characters outside IMPRINT_ALPHABET (a dot, glyphs read from a logo's strokes) counts as
+        "something else" there, whichever glyphs. What a reading says about an imprint is which imprint characters
+        stand where, and that something else stands between them; the recogniser spreads "something else" over
+        thousands of glyphs, so the likelihood of the exact string would sit far below what the lines say, and
+        every candidate imprint would look close to it. A character is taken in its compatibility form ("Ａ" is A)."""
         probs = np.concatenate(lines)
-        text = "".join(text.upper().split())
-        chars = sorted({c for c in text if c in IMPRINT_ALPHABET})
+        labels: list[str | None] = []  # imprint characters, None for a run of others
+        for char in "".join(text.split()):
+            mapped = unicodedata.normalize("NFKC", char).upper()
+            mapped = mapped if len(mapped) == 1 and mapped in IMPRINT_ALPHABET else None
+            if mapped is not None or not labels or labels[-1] is not None:
+                labels.append(mapped)
+        chars = sorted({c for c in labels if c is not None})
         blank = probs[:, [0, *self._spaces]].sum(1)
         imprint = probs[:, sorted({i for c in IMPRINT_ALPHABET for i in self._forms(c)})].sum(1)
         columns = [blank] + [probs[:, self._forms(c)].sum(1) for c in chars] + [np.maximum(1.0 - blank - imprint, 0.0)]
         where = {c: k + 1 for k, c in enumerate(chars)}
-        return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, len(chars) + 1) for c in text]])[0]
+        other = len(chars) + 1
+        return ctc_log_likelihoods(np.stack(columns, 1), [[other if c is None else where[c] for c in labels]])[0]
 
     def _forms(self, char: str) -> list[int]:
         """The recogniser's columns for every form of a character: upper and lower case, full width."""

@@ -127,6 +127,9 @@ class Predictor:
         elif "recall" in missing:
             LOGGER.warning("predictor: the calibration predates drugs below the top-k brought back by their imprint; "
                            "answers weigh the top-k alone (recalibrate: pillsnap calibrate --exp EXP)")
+        if "reading" in missing:
+            LOGGER.warning("predictor: the calibration was fit against the recogniser's reading as an exact string; "
+                           "answers measure it as an imprint now (recalibrate: pillsnap calibrate --exp EXP)")
         # the imprint check (imprint.unknown_check): every pill is read, and a legible imprint like none of its
         # candidates' answers "unknown pill" (answer.foreign_imprint); every known drug's imprints name the one it
         # is (set again when enrolments change)

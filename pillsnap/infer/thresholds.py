@@ -123,14 +123,24 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
 
 
+# How the recogniser's own reading, which the candidates' likelihoods are measured against, is measured: "imprint"
+# (a run of characters outside 0-9A-Z as "something else": pillsnap.infer.ocr.RapidOcrModels.reading_log_likelihood).
+# A calibration without it was fit against the exact string; its answers are made the new way, and the log says so.
+READING_REFERENCE = "imprint"
+
+
 def fit_without(calibration: Mapping | None) -> tuple[str, ...]:
     """The evidence a calibration was fit without, and so is answered without (calibrated_evidence):
-    "likelihoods" (no `likelihood_weight`: the candidates' likelihoods) and "recall" (no `imprint_recall: true`:
-    drugs below the top-k brought back by their imprint). Nothing without a calibration: the policy's own."""
+    "likelihoods" (no `likelihood_weight`: the candidates' likelihoods), "recall" (no `imprint_recall: true`:
+    drugs below the top-k brought back by their imprint) and "reading" (no `reading_reference`: fit against the
+    recogniser's reading as an exact string; the only one answered the new way, said in the log). Nothing without a
+    calibration: the policy's own."""
     if not calibration:
         return ()
     if not isinstance(calibration.get("imprint_recall", False), bool):
         raise ValueError(f"calibration.json: imprint_recall must be true or false, got "
                          f"{calibration['imprint_recall']!r} (recalibrate: pillsnap calibrate --exp EXP)")
     return tuple(name for name, fit in (("likelihoods", "likelihood_weight" in calibration),
-                                        ("recall", calibration.get("imprint_recall") is True)) if not fit)
+                                        ("recall", calibration.get("imprint_recall") is True),
+                                        ("reading", calibration.get("reading_reference") == READING_REFERENCE))
+                 if not fit)
