@@ -6,9 +6,10 @@ drug is compared with the time to answer one photo, and with a whole `pillsnap e
     .venv/bin/python bench/enrol_bench.py --exp runs/demo/exp [--photos 5 --threads 2]
 
 `--scale`: no experiment; what enrol() adds at the design's sizes (5,000 trained drugs, 1,280 features, the
-calibration's 2,000-crop probe, 20 drugs enrolled before): the measure of what a new drug would take from the
-trained drugs (pillsnap.infer.enrolment.taken_from_trained), against the unknown-pill score of the same crops
-against the same means (ClassGaussians.score, the baseline), and the process's peak RSS.
+calibration's 10,000-crop probe, 2 per drug, 20 drugs enrolled before, the new drug a look-alike of one): the
+measure of what a new drug would take from the trained drugs (pillsnap.infer.enrolment.taken_from_trained),
+against the unknown-pill score of the same crops against the same means (ClassGaussians.score, the baseline), and
+the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -63,24 +64,28 @@ def scale(threads: int) -> None:
     rng = np.random.default_rng(0)
     drugs, dims = 5000, 1280
     gaussians = ClassGaussians(rng.normal(size=(drugs, dims)).astype(np.float32), np.eye(dims, dtype=np.float32) * 0.1)
-    probe = Probe(rng.normal(size=(PROBE_CROPS, dims)).astype(np.float32) * 10, rng.integers(0, drugs, PROBE_CROPS),
-                  rng.uniform(0.3, 1.0, PROBE_CROPS).astype(np.float32), rng.random(PROBE_CROPS) < 0.9)
+    labels = np.repeat(np.arange(drugs), PROBE_CROPS // drugs)  # 2 crops of each drug, near its mean
+    probe = Probe(gaussians.means[labels] + rng.normal(size=(len(labels), dims)).astype(np.float32),
+                  labels, rng.uniform(0.3, 1.0, len(labels)).astype(np.float32), rng.random(len(labels)) < 0.9)
     before = Enrolled()
     for k in range(20):
         before = before.with_drug({"mapping_code": f"K-9{k:05d}", "n_photos": 5, "spread": 1.0},
                                   rng.normal(size=dims).astype(np.float32) * 10)
+    # the new drug's mean on one trained drug's (in the whitened space: the whitening is 0.1 x identity)
     after = before.with_drug({"mapping_code": "K-999999", "n_photos": 5, "spread": 1.0},
-                             rng.normal(size=dims).astype(np.float32) * 10)
+                             gaussians.means[7] / 0.1 + rng.normal(size=dims).astype(np.float32))
     start = time.perf_counter()
-    gaussians.score(probe.features)
+    gaussians.score(probe.whitened / 0.1)  # the same crops, raw (the whitening is 0.1 x identity)
     baseline = time.perf_counter() - start
     start = time.perf_counter()
-    taken_from_trained(probe, gaussians, before, after, "K-999999", 500.0)
+    taken = taken_from_trained(probe, gaussians, before, after, "K-999999", 500.0)
     measure = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"design sizes ({threads} threads): what a new drug takes from {drugs} trained drugs on {PROBE_CROPS} "
           f"probe crops, 20 enrolled before: {measure:.2f} s = {measure / baseline:.1f}x the unknown-pill score of "
-          f"the same crops ({baseline:.2f} s); peak RSS {peak:.0f} MiB")
+          f"the same crops ({baseline:.2f} s); peak RSS {peak:.0f} MiB; taken {int(taken.sum())}, of them "
+          f"{int((probe.labels[taken] == 7).sum())} of the look-alike drug's "
+          f"{int(probe.right[probe.labels == 7].sum())} right")
 
 
 def probe_against_test(cfg, photos: int) -> None:
@@ -105,9 +110,10 @@ def probe_against_test(cfg, photos: int) -> None:
     logits, features = predictor.forward(images)
     probs = torch.softmax(logits.float() / predictor.temperature, -1).numpy()
     labels = np.array([trained.index(code) for _, code, _ in crops])
-    test_probe = Probe.from_validation(features.numpy(), labels, probs, np.arange(len(crops)))
     ckpt = predictor.exp_dir / "checkpoints"
-    val_probe = load_probe(ckpt, predictor.calibration)
+    gaussians, threshold = trained_gaussians(ckpt, predictor.calibration)
+    test_probe = Probe(features.numpy() @ gaussians.whiten, labels, probs.max(1), probs.argmax(1) == labels)
+    val_probe = load_probe(ckpt, predictor.calibration)[0]
     plan = _plan(manifest, set(trained), photos, int(cfg.train.seed))
     class_map = {c["mapping_code"]: c for c in read_json(Path(cfg.paths.manifest_dir) / "class_map.json")["classes"]}
     _enrol_all(predictor, plan, class_map)
@@ -115,7 +121,6 @@ def probe_against_test(cfg, photos: int) -> None:
         after = predictor.classify(images)
         flips = sum(b.topk[0]["mapping_code"] == code and a.topk[0]["mapping_code"] != code
                     for b, a, (_, code, _) in zip(before, after, crops, strict=True))
-        gaussians, threshold = trained_gaussians(ckpt, predictor.calibration)
         store = read_store(ckpt, predictor.classifier_path)
         probes = [(name, probe) for name, probe in (("validation probe", val_probe), ("test crops", test_probe))
                   if probe is not None]

@@ -322,12 +322,14 @@ def test_an_enrolment_that_takes_trained_drugs_answers_needs_force(exp_dir: Path
     share and the drug named and nothing written, unless forced; the report says what was taken either way."""
     predictor = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
     new = photos(tmp_path / "new", NEW_COLOUR, range(5))
-    def features(paths: list[Path]) -> np.ndarray:
+    whiten = ClassGaussians.load(exp_dir / "checkpoints" / "unknown_features.npz").whiten
+
+    def features(paths: list[Path]) -> np.ndarray:  # whitened, as calibration keeps the probe
         crops = []
         for path in paths:
             image = Image.open(path).convert("RGB")
             crops.append(crop_pill(image, locate_pill(image), predictor.crop_margin))
-        return predictor.forward(crops)[1].numpy()
+        return predictor.forward(crops)[1].numpy() @ whiten
 
     lookers = features(photos(tmp_path / "lookers", NEW_COLOUR, range(20, 30)))  # "validation pills of K-000001"
     calibrated = _cfg(exp_dir, "inference.imprint.enabled=false")
@@ -337,18 +339,42 @@ def test_an_enrolment_that_takes_trained_drugs_answers_needs_force(exp_dir: Path
     with pytest.raises(EnrolmentError, match=r"enrolling K-900001 would take answers from the trained drugs: \d+ "
                                              r"of the 10 validation pills .* of K-000001") as err:
         enrol(predictor, new_drug(), new)
-    assert err.value.kind == "look_alike" and store_state(exp_dir) == before
+    assert err.value.kind == "takes_known" and store_state(exp_dir) == before
     report = enrol(predictor, new_drug(), new, force=True)
     assert report["look_alike"] is None  # the photos stand apart from every trained mean
     takes = report["takes_known"]
-    assert takes["of"] == 10 and takes["crops"] >= 2 and takes["mapping_code"] == "K-000001"
-    assert takes["share"] == pytest.approx(takes["crops"] / 10, abs=1e-4)
+    assert takes["measured"] and takes["refused"] and takes["of"] == 10 and takes["crops"] >= 2
+    assert takes["mapping_code"] == "K-000001" and takes["share"] == pytest.approx(takes["crops"] / 10, abs=1e-4)
     # a probe of K-000001's pills as they look: nothing taken, no force needed
     remove(exp_dir, NEW_CODE)
     own = features(photos(tmp_path / "own", TRAINED_COLOURS[0], range(40, 50), "ellipse"))
     _with_probe(exp_dir, Probe(own, np.zeros(10, np.int64), np.full(10, 0.6, np.float32), np.ones(10, bool)))
     predictor = Predictor(exp_dir, calibrated, device="cpu")
-    assert enrol(predictor, new_drug(), new)["takes_known"]["crops"] == 0
+    takes = enrol(predictor, new_drug(), new)["takes_known"]
+    assert takes["measured"] and takes["crops"] == 0 and not takes["refused"]
+    # without a probe (a calibration from before it) nothing is measured, and the answer says why
+    remove(exp_dir, NEW_CODE)
+    (exp_dir / "checkpoints" / PROBE_FILE).write_bytes(b"not the probe")
+    takes = enrol(Predictor(exp_dir, calibrated, device="cpu"), new_drug(), new)["takes_known"]
+    assert takes == {"measured": False, "why": f"{exp_dir / 'checkpoints' / PROBE_FILE} is missing or not the file "
+                                               "the calibration names"}
+
+
+def test_the_refusal_rule_counts_two_crops_and_a_quarter_of_a_drug_or_one_percent() -> None:
+    from pillsnap.infer.enrolment import refuses
+
+    labels = np.repeat(np.arange(50), 4)  # 50 drugs, 4 probe crops each, all answered right: 200
+    probe = Probe(np.zeros((200, 2), np.float32), labels, np.ones(200, np.float32), np.ones(200, bool))
+
+    def taking(*rows: int) -> np.ndarray:
+        taken = np.zeros(200, bool)
+        taken[list(rows)] = True
+        return taken
+
+    assert not refuses(taking(0), probe)  # one pill: never
+    assert refuses(taking(0, 1), probe)  # half of one drug's
+    assert not refuses(taking(0, 4), probe)  # one of two drugs' each, 1% of all
+    assert refuses(taking(0, 4, 8), probe)  # 1.5% of all
 
 
 def test_stale_enrolment_is_refused_with_a_clear_message(predictor: Predictor, exp_dir: Path, tmp_path: Path,
@@ -402,10 +428,11 @@ def test_the_demo_lines_say_what_obeying_the_look_alike_check_keeps():
     assert "known single-photo accuracy 0.800 -> 0.790" in lines[-1]
     assert not any("obeyed" in line for line in format_enrolment({**figures, "look_alike_check_obeyed": None}))
     assert not any("takes by its look" in line for line in lines)  # measured by no calibration probe: not said
-    measured = {**figures, "per_drug": [{"mapping_code": "K-000007", "takes_known": {"crops": 3, "of": 95}},
-                                        {"mapping_code": "K-000008", "takes_known": None}]}
+    measured = {**figures, "per_drug": [
+        {"mapping_code": "K-000007", "takes_known": {"measured": True, "crops": 3, "of": 95}},
+        {"mapping_code": "K-000008", "takes_known": {"measured": False, "why": "no probe"}}]}
     said = [line for line in format_enrolment(measured) if "takes by its look" in line]
-    assert len(said) == 1 and said[0].endswith("(refused above 1% unless forced): K-000007 3 of 95")
+    assert len(said) == 1 and said[0].endswith("(the enrolment check's probe): K-000007 3 of 95")
 
 
 def test_the_imprint_check_knows_an_enrolled_drugs_imprints(exp_dir: Path, predictor: Predictor,

@@ -90,13 +90,13 @@ def test_calibration_with_held_out_classes(tmp_path):
     # the validation crops an enrolment's cost to the trained drugs is measured on, named by hash
     from pillsnap.infer.enrolment import Probe, load_probe
 
-    probe = load_probe(exp / "checkpoints", stored)
-    assert probe is not None and len(probe.labels) == report["n_val"] and probe.features.shape[1] > 0
+    probe, why = load_probe(exp / "checkpoints", stored)
+    assert why is None and len(probe.labels) == report["validation_probe_crops"] == report["n_val"]
     assert ((probe.top > 0) & (probe.top <= 1)).all() and set(probe.labels.tolist()) <= set(range(4))
     probe_path = exp / "checkpoints" / stored["validation_probe_file"]
     saved = probe_path.read_bytes()
-    Probe(probe.features[:2], probe.labels[:2], probe.top[:2], probe.right[:2]).save(probe_path)
-    assert load_probe(exp / "checkpoints", stored) is None  # not the file the calibration names: not used
+    Probe(probe.whitened[:2], probe.labels[:2], probe.top[:2], probe.right[:2]).save(probe_path)
+    assert load_probe(exp / "checkpoints", stored)[0] is None  # not the file the calibration names: not used
     probe_path.write_bytes(saved)
     # The final answers on the same held-out photos with the imprint check (inference.imprint.unknown_check) and as
     # inference answers without it; the sets are bound to the check being on
@@ -181,3 +181,34 @@ def test_outputs_fill_arrays_of_the_data_sets_size_and_trim_what_failed_to_decod
     assert log_p.shape == (8, 0) and feats.shape == (8, 2)
     empty = type("Loader", (), {"dataset": [], "__iter__": lambda self: iter([])})()
     assert [a.shape for a in _outputs(model, empty, "cpu")] == [(0,), (0, 0), (0, 0)]
+
+
+def test_the_probe_cuts_crops_as_inference_does(tmp_path):
+    """The enrolment probe's single-pill photos are cut as the single path cuts them (the pill located on its
+    backdrop, else a centred square), not at the labelled box the classifier's data set uses; a combination
+    photo's pill is cut at its box (the detector's box stands in for it)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from pillsnap.eval.probe import InferenceCrops
+    from pillsnap.infer.preprocess import single_photo_crop
+
+    photo = tmp_path / "single.png"
+    image = Image.new("RGB", (120, 160), (190, 190, 185))
+    ImageDraw.Draw(image).ellipse((30, 50, 80, 90), fill=(200, 40, 120))
+    image.save(photo)
+    boxed = Image.new("RGB", (7, 7), (0, 0, 0))
+
+    class Rows:
+        def __getitem__(self, index):
+            return type("Row", (), {"image_path": str(photo)})()
+
+    dataset = type("Set", (), {"rows": Rows(), "crop_margin": 0.15, "labels": np.array([3, 5]),
+                               "transform": staticmethod(lambda crop: crop),
+                               "load_crop": lambda self, index: boxed})()
+    crops = InferenceCrops(dataset, np.array([0, 1]), np.array([True, False]), locate=True, fraction=0.35)
+    cut, label, _ = crops[0]
+    want = single_photo_crop(Image.open(photo).convert("RGB"), 0.15, True, 0.35)[0]
+    assert label == 3 and cut.size == want.size and np.array_equal(np.asarray(cut), np.asarray(want))
+    assert cut.size != (120, 160) and cut.size != (7, 7)  # located: neither the whole photo nor the box crop
+    assert crops[1][0] is boxed and crops[1][1] == 5

@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import DictConfig
 
-from pillsnap.eval.answer_calibration import answer_calibration, set_summary, spread_sample
+from pillsnap.eval.answer_calibration import answer_calibration, set_summary
 from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
 from pillsnap.eval.outputs import eval_loader, model_outputs
+from pillsnap.eval.probe import build_probe
 from pillsnap.eval.unknown_calibration import (
     crop_sources,
     held_out_loader,
@@ -26,7 +27,7 @@ from pillsnap.eval.unknown_calibration import (
     unknown_line,
 )
 from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
-from pillsnap.infer.enrolment import PROBE_CROPS, PROBE_FILE, Probe
+from pillsnap.infer.enrolment import PROBE_FILE, Probe
 from pillsnap.infer.thresholds import READING_REFERENCE
 from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.metrics.calibration import (
@@ -168,9 +169,10 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     if boxes is not None:
         stored["box_check"] = boxes
         report["box_check"] = box_summary(boxes, cfg.inference)
-    # what an enrolment would take from the trained drugs is measured on a sample of these validation crops
-    probe = Probe.from_validation(val.features, val.labels, val.probs,
-                                  spread_sample(len(val.labels), PROBE_CROPS, int(cfg.train.seed)))
+    # what an enrolment would take from the trained drugs is measured on a few validation crops of each, as
+    # inference cuts them
+    probe = build_probe(model, loaders.cls_val.dataset, rules.sources, val.temperature, rules.gaussians, cfg, device)
+    report["validation_probe_crops"] = None if probe is None else int(len(probe.labels))
     _write(exp_dir, stored, report, rules.gaussians, probe)
     return report
 
@@ -211,15 +213,16 @@ def _answers(model: Any, loaders: Any, temperature: float, rule: str, rules: Unk
                                                 float(cfg.inference.prediction_set.coverage))
 
 
-def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians, probe: Probe) -> None:
+def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians, probe: Probe | None) -> None:
     """The class Gaussians and the thresholds fit on them are written together with the enrolment probe, the JSON
     last, naming the files' hashes; then the report, its reliability diagram and the log's summary."""
     from pillsnap.eval.reports import plot_reliability
 
     stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
     report["features_sha256"] = stored["features_sha256"]
-    stored["validation_probe_file"] = PROBE_FILE
-    stored["validation_probe_sha256"] = file_sha256(probe.save(exp_dir / "checkpoints" / PROBE_FILE))
+    if probe is not None:
+        stored["validation_probe_file"] = PROBE_FILE
+        stored["validation_probe_sha256"] = file_sha256(probe.save(exp_dir / "checkpoints" / PROBE_FILE))
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
     temperature = stored["temperature"]

@@ -88,11 +88,9 @@ def _plan(manifest: Any, trained: set[str], per_drug: int, seed: int, drugs: int
 
 
 def refused_unforced(report: dict) -> bool:
-    """Whether enrol() refused this drug until forced: its photos look like an existing drug, or it takes more
-    than TAKEN_SHARE of the trained drugs' right validation answers."""
-    from pillsnap.infer.enrolment import TAKEN_SHARE
-
-    return bool(report.get("look_alike")) or (report.get("takes_known") or {}).get("share", 0.0) > TAKEN_SHARE
+    """Whether enrol() refused this drug until forced: its photos look like an existing drug, or it takes too many
+    of the trained drugs' right validation answers (pillsnap.infer.enrolment.refuses)."""
+    return bool(report.get("look_alike")) or bool((report.get("takes_known") or {}).get("refused"))
 
 
 def _enrol_all(predictor: Any, plan: dict, class_map: dict) -> list[dict]:
@@ -110,7 +108,7 @@ def _enrol_all(predictor: Any, plan: dict, class_map: dict) -> list[dict]:
         try:
             report = enrol(predictor, info, chosen, replace=True)
         except EnrolmentError as err:
-            if err.kind != "look_alike":
+            if err.kind not in ("look_alike", "takes_known"):
                 raise
             LOGGER.info("enrol %s: %s", code, err)
             report = enrol(predictor, info, chosen, replace=True, force=True)
@@ -227,12 +225,13 @@ def format_enrolment(figures: dict | None) -> list[str]:
 
 def _taken_line(figures: dict) -> list[str]:
     """What each drug takes from the trained drugs' right validation pills by its look, as enrol() measured it."""
-    measured = [(d["mapping_code"], d["takes_known"]) for d in figures.get("per_drug", []) if d.get("takes_known")]
+    measured = [(d["mapping_code"], d["takes_known"]) for d in figures.get("per_drug", [])
+                if (d.get("takes_known") or {}).get("measured")]
     if not measured:
         return []
     counts = ", ".join(f"{code} {taken['crops']} of {taken['of']}" for code, taken in measured)
     return ["enrolment   the trained drugs' validation pills answered right that each enrolled drug takes by its look "
-            f"(refused above 1% unless forced): {counts}"]
+            f"(the enrolment check's probe): {counts}"]
 
 
 def _checked_line(figures: dict, fmt: Any) -> list[str]:

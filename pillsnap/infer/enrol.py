@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.infer.enrolment import (
+    TAKEN_MIN_CROPS,
     TAKEN_SHARE,
     Enrolled,
     EnrolmentError,
@@ -30,6 +31,7 @@ from pillsnap.infer.enrolment import (
     leave_one_out_distances,
     load_probe,
     read_store,
+    refuses,
     store_lock,
     summary,
     taken_from_trained,
@@ -261,8 +263,8 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
                  "enrolled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         after = existing.with_drug(entry, features.mean(0))
         takes = takes_known(predictor, gaussians, existing.without(info.code), after, info.code, threshold)
-        if takes and takes["share"] > TAKEN_SHARE and not force:
-            raise EnrolmentError(_takes_message(info.code, takes), "look_alike")
+        if takes.get("refused") and not force:
+            raise EnrolmentError(_takes_message(info.code, takes), "takes_known")
         write_store(ckpt_dir, predictor.classifier_sha256, after)
     predictor.refresh_enrolment()
     return {"mapping_code": info.code, "name": info.name, "n_photos": len(photos), "replaced": index is not None,
@@ -272,20 +274,21 @@ def enrol(predictor: Any, info: DrugInfo, photos: Sequence[Any], replace: bool =
 
 
 def takes_known(predictor: Any, gaussians: Any, before: Enrolled, after: Enrolled, code: str,
-                threshold: float | None) -> dict | None:
-    """What enrolling `code` would take from the trained drugs, on the calibration's probe of validation crops:
-    how many of those answered right now (`of`) it would answer as the new drug by their look (`crops`, `share`),
-    and the drug it takes most from (`mapping_code`, `name`, `drug_crops` of `drug_of`); None without a probe (a
-    calibration from before it)."""
-    probe = load_probe(predictor.exp_dir / "checkpoints", predictor.calibration)
+                threshold: float | None) -> dict:
+    """What enrolling `code` would take from the trained drugs, on the calibration's validation probe: how many of
+    its crops answered right now (`of`) it would answer as the new drug by their look (`crops`, `share`), the drug
+    it takes most from (`mapping_code`, `name`, `drug_crops` of `drug_of`) and whether that is too much (`refused`,
+    enrolment.refuses); `measured: false` with `why` when there is no probe to measure on."""
+    probe, why = load_probe(predictor.exp_dir / "checkpoints", predictor.calibration)
     if probe is None or not len(probe.labels):
-        return None
+        return {"measured": False, "why": why or "the probe is empty"}
     taken = taken_from_trained(probe, gaussians, before, after, code, threshold)
     right = int(probe.right.sum())
-    out = {"crops": int(taken.sum()), "of": right, "share": round(float(taken.sum()) / max(right, 1), 4)}
+    out = {"measured": True, "crops": int(taken.sum()), "of": right,
+           "share": round(float(taken.sum()) / max(right, 1), 4), "refused": refuses(taken, probe)}
     if taken.any():
         index = int(np.bincount(probe.labels[taken]).argmax())
-        drug = predictor.trained[0][index]
+        drug = predictor.trained[0][index] if index < len(predictor.trained[0]) else f"class {index}"
         out.update(mapping_code=drug, name=(predictor.trained[1].get(drug) or {}).get("name", ""),
                    drug_crops=int((taken & (probe.labels == index)).sum()),
                    drug_of=int((probe.right & (probe.labels == index)).sum()))
@@ -294,9 +297,10 @@ def takes_known(predictor: Any, gaussians: Any, before: Enrolled, after: Enrolle
 
 def _takes_message(code: str, takes: dict) -> str:
     return (f"enrolling {code} would take answers from the trained drugs: {takes['crops']} of the {takes['of']} "
-            f"validation pills they answer right ({takes['share']:.1%}; at most {TAKEN_SHARE:.0%}) would be answered "
-            f"as {code} by their look, {takes['drug_crops']} of {takes['drug_of']} of {takes['mapping_code']} "
-            f"({takes['name'] or 'no name'}); check the photos and the code, or enrol anyway with --force")
+            f"validation pills they answer right ({takes['share']:.1%}) would be answered as {code} by their look, "
+            f"{takes['drug_crops']} of {takes['drug_of']} of {takes['mapping_code']} ({takes['name'] or 'no name'}); "
+            f"an enrolment may take {TAKEN_MIN_CROPS - 1} of them, or more only while that is under a quarter of "
+            f"every drug's and {TAKEN_SHARE:.0%} of all; check the photos and the code, or enrol anyway with --force")
 
 
 

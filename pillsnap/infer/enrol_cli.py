@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--color", default=None, help="colour(s), e.g. white or 하양, 'white, red'")
     parser.add_argument("--shape", default=None, help="shape, e.g. round, oval, 원형")
     parser.add_argument("--replace", action="store_true", help="enrol again a drug that is already enrolled")
-    parser.add_argument("--force", action="store_true", help="enrol although the photos look like an existing drug")
+    parser.add_argument("--force", action="store_true",
+                        help="enrol although the photos look like an existing drug, or it would take answers from "
+                             "the trained drugs (more than the check allows)")
     parser.add_argument("--list", action="store_true", help="list the enrolled drugs")
     parser.add_argument("--remove", default=None, metavar="CODE", help="remove an enrolled drug")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -85,8 +87,8 @@ def _show(result: dict, args: argparse.Namespace) -> None:
         if result["look_alike"]:
             found = result["look_alike"]
             print(f"  note: enrolled with --force although it looks like {found['mapping_code']} ({found['name']})")
-        takes = result.get("takes_known")
-        if takes and takes["crops"]:
+        takes = result.get("takes_known") or {}
+        if takes.get("crops"):
             print(f"  note: it takes {takes['crops']} of the {takes['of']} validation pills the trained drugs answer "
                   f"right ({takes['share']:.1%}), {takes['drug_crops']} of {takes['drug_of']} of "
                   f"{takes['mapping_code']} ({takes['name']})")

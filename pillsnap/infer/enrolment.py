@@ -52,7 +52,7 @@ SPREAD_REFERENCE = 0.5
 class EnrolmentError(ValueError):
     """Bad input to an enrolment, or a stale store: the message names the problem and the fix; nothing changed.
     `kind` says which (the API's error code): bad_field, photo_count, bad_photo, no_pill, trained_class,
-    already_enrolled, look_alike, not_enrolled, stale, not_calibrated, no_features, store_broken."""
+    already_enrolled, look_alike, takes_known, not_enrolled, stale, not_calibrated, no_features, store_broken."""
 
     def __init__(self, message: str, kind: str = "bad_field") -> None:
         super().__init__(message)
@@ -237,70 +237,116 @@ def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray
 # ---- what an enrolment would cost the trained drugs ---------------------------------------------------------------
 
 PROBE_FILE = "validation_probe.npz"  # in checkpoints/, named in calibration.json by hash
-PROBE_CROPS = 2000  # validation crops kept at most: ~10 MB of EfficientNetV2-S features
-# An enrolment may take at most this share of the trained drugs' right answers (on the probe): what a drug added
-# without retraining may cost the drugs the classifier was trained on.
-TAKEN_SHARE = 0.01
+# Validation crops kept per trained drug: all of them up to PROBE_CROPS in all, at least PROBE_MIN_PER_DRUG each
+# (at 5,000 drugs: 2 each, 26 MB of EfficientNetV2-S features as float16)
+PROBE_CROPS, PROBE_MIN_PER_DRUG = 10_000, 2
+# An enrolment is refused (unless forced) when it would answer at least TAKEN_MIN_CROPS of the trained drugs'
+# right probe crops as itself and those are a quarter of one drug's, or 1 % of all: what a drug added without
+# retraining may cost the drugs the classifier was trained on.
+TAKEN_MIN_CROPS, TAKEN_DRUG_SHARE, TAKEN_SHARE = 2, 0.25, 0.01
+# Probe crops farther from the new drug's mean than from their own drug's by more than this many softnesses (2 x
+# ln 1e6) keep under a millionth of their probability for it: only the others are measured exactly.
+CANDIDATE_MARGIN = 2.0 * 13.8
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Validation crops of the trained drugs as calibration saw them: their features [N, D] (raw, as enrolled
-    means are kept), their drug's index, the calibrated probability of the classifier's top drug and whether that
+    """Validation crops of the trained drugs, cut as inference cuts them (a single-pill photo where its pill is
+    located, a combination photo's pill at its box): their whitened features [N, D'] (the calibration's class
+    Gaussians' space), their drug's index, the calibrated probability of the classifier's top drug and whether that
     drug is the right one. What an enrolment would take from the trained drugs is measured on them."""
 
-    features: np.ndarray
+    whitened: np.ndarray
     labels: np.ndarray
     top: np.ndarray
     right: np.ndarray
 
-    @classmethod
-    def from_validation(cls, features: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                        rows: np.ndarray) -> Probe:
-        """The validation crops at `rows`, from their features, labels and calibrated probabilities [N, C]."""
-        top = probs[rows].max(1)
-        return cls(np.asarray(features[rows], np.float32), np.asarray(labels[rows], np.int64),
-                   top.astype(np.float32), probs[rows].argmax(1) == labels[rows])
-
     def save(self, path: str | Path) -> Path:
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, features=self.features, labels=self.labels, top=self.top, right=self.right)
+            np.savez(fh, whitened=self.whitened.astype(np.float16), labels=self.labels, top=self.top,
+                     right=self.right)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
         with np.load(path) as data:
-            return cls(data["features"], data["labels"], data["top"], data["right"].astype(bool))
+            return cls(data["whitened"].astype(np.float32), data["labels"], data["top"], data["right"].astype(bool))
 
 
-def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> Probe | None:
-    """The probe the calibration wrote, or None: a calibration from before it, or a file that is missing or not
-    the one the calibration names (said in the log)."""
+def probe_rows(labels: np.ndarray, seed: int, total: int = PROBE_CROPS,
+               minimum: int = PROBE_MIN_PER_DRUG) -> np.ndarray:
+    """Sorted positions of the probe's crops among validation `labels`: up to max(minimum, total // drugs) of each
+    drug, drawn at random with `seed`."""
+    drugs = np.unique(labels)
+    per_drug = max(minimum, total // max(len(drugs), 1))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    counts: dict[int, int] = {}
+    keep = []
+    for index in order:
+        label = int(labels[index])
+        if counts.get(label, 0) < per_drug:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(index)
+    return np.sort(np.asarray(keep, np.int64))
+
+
+def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[Probe | None, str | None]:
+    """(the probe the calibration wrote, None), or (None, why not): a calibration from before it, or a file that is
+    missing or not the one the calibration names."""
     name = (calibration or {}).get("validation_probe_file")
     if not name:
-        return None
+        return None, "the calibration predates the probe"
     path = Path(ckpt_dir) / str(name)
     if not path.is_file() or file_sha256(path) != calibration.get("validation_probe_sha256"):
-        LOGGER.warning("%s is missing or not the file the calibration names: an enrolment's cost to the trained "
-                       "drugs is not measured (pillsnap calibrate --exp EXP)", path)
-        return None
-    return Probe.load(path)
+        return None, f"{path} is missing or not the file the calibration names"
+    return Probe.load(path), None
+
+
+def _squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:
+    return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ means.T + (means * means).sum(1)[None], 0.0)
 
 
 def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled, after: Enrolled, code: str,
                        threshold: float | None) -> np.ndarray:
     """[N] bool: the probe's crops answered right by the trained classifier with the `before` enrolments that the
     `after` enrolments would answer as `code` instead, by their look (the imprint is not read here): the new drug
-    takes more probability than the classifier's top drug keeps, and more than any other enrolled drug."""
-    right = probe.right.copy()
-    if before.drugs:
-        space = EnrolledSpace.build(gaussians, before, threshold)
-        q = enrolled_posterior(*space.distances(probe.features), space.softness)
-        right &= probe.top * (1.0 - q.sum(1)) >= q.max(1)
+    takes more probability than the classifier's top drug keeps, and more than any other enrolled drug (as
+    EnrolledSpace.merge gives it). Only the crops not far nearer their own drug than the new one are measured."""
     space = EnrolledSpace.build(gaussians, after, threshold)
-    q = enrolled_posterior(*space.distances(probe.features), space.softness)
+    new_mean = space.means[after.find(code)]
+    own = gaussians.means[probe.labels]
+    scale = 1.0 + 1.0 / float(space.n_photos[after.find(code)])  # as EnrolledSpace.distances scales it
+    d_new = ((probe.whitened - new_mean) ** 2).sum(1) / scale
+    d_own = ((probe.whitened - own) ** 2).sum(1)
+    rows = np.flatnonzero(probe.right & (d_new - d_own < CANDIDATE_MARGIN * space.softness))
+    taken = np.zeros(len(probe.labels), bool)
+    if not len(rows):
+        return taken
+    z, top = probe.whitened[rows], probe.top[rows]
+    right = np.ones(len(rows), bool)
+    trained = _squared_distances(z, gaussians.means)
+    if before.drugs:
+        prior = EnrolledSpace.build(gaussians, before, threshold)
+        q = enrolled_posterior(trained, _squared_distances(z, prior.means) / (1.0 + 1.0 / prior.n_photos)[None],
+                               prior.softness)
+        right = top * (1.0 - q.sum(1)) >= q.max(1)
+    q = enrolled_posterior(trained, _squared_distances(z, space.means) / (1.0 + 1.0 / space.n_photos)[None],
+                           space.softness)
     new = q[:, after.find(code)]
-    return right & (new > probe.top * (1.0 - q.sum(1))) & (new >= q.max(1))
+    taken[rows] = right & (new > top * (1.0 - q.sum(1))) & (new >= q.max(1))
+    return taken
+
+
+def refuses(taken: np.ndarray, probe: Probe) -> bool:
+    """Whether what an enrolment takes (taken_from_trained) is too much: at least TAKEN_MIN_CROPS crops, and a
+    quarter of one trained drug's right probe crops or 1 % of all of them."""
+    if taken.sum() < TAKEN_MIN_CROPS:
+        return False
+    if taken.sum() > TAKEN_SHARE * max(int(probe.right.sum()), 1):
+        return True
+    lost = np.bincount(probe.labels[taken], minlength=int(probe.labels.max()) + 1)
+    held = np.bincount(probe.labels[probe.right], minlength=len(lost))
+    return bool(((lost >= TAKEN_MIN_CROPS) & (lost >= TAKEN_DRUG_SHARE * np.maximum(held, 1))).any())
 
 
 def class_map_entry(code: str, name: str, attrs: Mapping[str, object]) -> dict:

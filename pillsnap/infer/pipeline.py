@@ -29,7 +29,7 @@ from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import NO_SURE_PILL, GatingDecision, check_mode, decide_route, hard_case_reasons
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints, KnownImprints
-from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, locate_pill, single_crop_box, unletterbox_boxes
+from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, single_photo_crop, unletterbox_boxes
 from pillsnap.infer.thresholds import calibrated_evidence, fit_without
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.utils import read_json, resolve_device
@@ -384,13 +384,8 @@ class Predictor:
     def _whole_photo(self, image: Image.Image) -> WholePhoto:
         """The photo as one pill, classified: cropped like training when the pill stands out, else a centred
         square."""
-        box = locate_pill(image) if self.settings.single_locate else None
-        located = box is not None
-        if located:
-            crop = crop_pill(image, box, self.crop_margin)
-        else:
-            box = single_crop_box(image.size, float(self.settings.single_crop))
-            crop = image.crop(tuple(xywh_to_xyxy(box).tolist()))
+        crop, box, located = single_photo_crop(image, self.crop_margin, bool(self.settings.single_locate),
+                                               float(self.settings.single_crop))
         return WholePhoto(crop, box, located, self.classify([crop])[0])
 
     def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:

@@ -44,6 +44,18 @@ def single_crop_box(size: tuple[int, int], fraction: float) -> tuple[int, int, i
     return (w - side) // 2, (h - side) // 2, side, side
 
 
+def single_photo_crop(image: Image.Image, margin: float, locate: bool = True,
+                      fraction: float = 1.0) -> tuple[Image.Image, Sequence[float], bool]:
+    """A single-pill photo's crop as inference cuts it: (crop, box [x, y, w, h], whether the pill was located).
+    Cropped like training when the pill stands out on its backdrop (locate_pill), else a centred square of
+    `fraction` of the shorter side."""
+    box = locate_pill(image) if locate else None
+    if box is not None:
+        return crop_pill(image, box, margin), box, True
+    x, y, w, h = square = single_crop_box(image.size, fraction)
+    return image.crop((x, y, x + w, y + h)), square, False
+
+
 def crop_pill(image: Image.Image, box: Sequence[float], margin: float) -> Image.Image:
     """The training crop of a pill box [x, y, w, h]: pillsnap.data.crop_box's square, grown by `margin`."""
     from pillsnap.data import crop_box

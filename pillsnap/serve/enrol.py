@@ -15,8 +15,8 @@ from pillsnap.serve.service import NotReady
 from pillsnap.utils.images import ImageError, decode_image
 
 # The status of each kind of refusal (pillsnap.infer.enrolment.EnrolmentError.kind); others are 422.
-STATUS = {"trained_class": 409, "already_enrolled": 409, "look_alike": 409, "stale": 409, "not_calibrated": 409,
-          "no_features": 409, "store_broken": 409, "not_enrolled": 404}
+STATUS = {"trained_class": 409, "already_enrolled": 409, "look_alike": 409, "takes_known": 409, "stale": 409,
+          "not_calibrated": 409, "no_features": 409, "store_broken": 409, "not_enrolled": 404}
 
 
 def _rejected(err: Exception) -> RequestRejected:
@@ -87,7 +87,8 @@ def add_enrol_routes(app: FastAPI, state: Any, read_upload: Callable[..., Any]) 
                        color: str | None = Form(None, description="colour(s), e.g. white, 하양"),
                        shape: str | None = Form(None, description="shape, e.g. round, 원형"),
                        replace: bool = Form(False, description="enrol again a drug already enrolled"),
-                       force: bool = Form(False, description="enrol although the photos look like an existing drug"),
+                       force: bool = Form(False, description="enrol although the photos look like an existing "
+                                                             "drug, or it would take the trained drugs' answers"),
                        ) -> dict:
         uploads = [await read_upload(file, request, state.settings) for file in photos]
         fields = {"code": code, "name": name, "imprint_front": imprint_front, "imprint_back": imprint_back,

@@ -170,10 +170,12 @@ class Enrolment(BaseModel):
     replaced: bool = Field(description="an enrolled drug of this code was enrolled again (replace: true)")
     look_alike: dict | None = Field(None, description="with force: true, the existing drug the photos look like")
     takes_known: dict | None = Field(
-        None, description="what the drug takes from the trained drugs, on the calibration's validation pills: "
-                          "`crops` of the `of` answered right that it answers instead (`share`; over 1% needs force: "
-                          "true), most from `mapping_code` (`drug_crops` of `drug_of`); null for a calibration "
-                          "from before this measure")
+        None, description="what the drug takes from the trained drugs, on the calibration's validation probe: "
+                          "`crops` of the `of` answered right that it answers instead by their look (`share`), most "
+                          "from `mapping_code` (`drug_crops` of `drug_of`); `refused`: too much (at least 2, and a "
+                          "quarter of one drug's or 1% of all: 409 takes_known without force: true); `measured: "
+                          "false` and `why` when the calibration has no probe (made before it, or its file is not "
+                          "the one it names)")
     crops: list[dict] = Field(description="per photo, how its pill was found")
     elapsed_s: float
 
