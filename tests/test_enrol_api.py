@@ -100,3 +100,37 @@ def test_bad_enrolments_are_4xx_json_and_change_nothing(client: TestClient, exp_
         assert (response.status_code, response.json()["error"]) == (409, error)
         assert store_state(exp_dir) == before
     assert client.post("/v1/enrol", files=upload(new), data=form(replace="true"), headers=KEY).json()["replaced"]
+
+
+def test_an_enrolment_taking_the_trained_drugs_answers_is_a_409_until_forced(exp_dir: Path,  # noqa: F811
+                                                                            tmp_path: Path) -> None:
+    """The probe says the new drug's look takes the validation pills of a trained drug: 409 takes_known naming it,
+    nothing stored; force=true enrols it and the answer says what it takes."""
+    import numpy as np
+    from test_enrol import _with_probe
+
+    from pillsnap.infer.enrolment import Probe
+    from pillsnap.infer.preprocess import crop_pill, locate_pill
+    from pillsnap.metrics.novelty import ClassGaussians
+
+    predictor = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+    crops = []
+    for path in photos(tmp_path / "lookers", NEW_COLOUR, range(20, 30)):
+        image = Image.open(path).convert("RGB")
+        crops.append(crop_pill(image, locate_pill(image), predictor.crop_margin))
+    whiten = ClassGaussians.load(exp_dir / "checkpoints" / "unknown_features.npz").whiten
+    _with_probe(exp_dir, Probe(predictor.forward(crops)[1].numpy() @ whiten, np.zeros(10, np.int64),
+                               np.full(10, 0.6, np.float32), np.ones(10, bool)))
+
+    def load() -> Predictor:
+        return Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+
+    service = PredictionService(load, ImageLimits(min_side=32))
+    service.setup()
+    new = photos(tmp_path / "new", NEW_COLOUR, range(5))
+    with TestClient(create_app(service, ServeSettings(), api_key="k")) as client:
+        refused = client.post("/v1/enrol", files=upload(new), data=form(), headers=KEY)
+        assert (refused.status_code, refused.json()["error"]) == (409, "takes_known"), refused.text
+        assert "K-000001" in refused.json()["detail"] and store_state(exp_dir) is None
+        forced = client.post("/v1/enrol", files=upload(new), data=form(force="true"), headers=KEY)
+        assert forced.status_code == 200 and forced.json()["takes_known"]["refused"] is True

@@ -298,6 +298,22 @@ def test_candidates_likelihoods_from_the_lines_read():
     assert ImprintReader(models=FakeModels()).read(_pill_crop(35), ["AB12"]).likelihoods == {}  # no probabilities
 
 
+def test_the_readers_own_reading_is_measured_as_an_imprint_where_the_recogniser_can():
+    """read_likelihood comes from the recogniser's reading_log_likelihood when it has one (the pooled measure), the
+    candidates' likelihoods from log_likelihoods either way."""
+    seen = []
+
+    class Pooling(ProbModels):
+        def reading_log_likelihood(self, lines, text):
+            seen.append(text)
+            return -0.5
+
+    plain = ImprintReader(models=ProbModels()).read(_pill_crop(35), candidates=["AB12", "ZIBV"])
+    pooled = ImprintReader(models=Pooling()).read(_pill_crop(35), candidates=["AB12", "ZIBV"])
+    assert pooled.read_likelihood == -0.5 and plain.read_likelihood != -0.5 and "AB12" in seen
+    assert pooled.likelihoods == plain.likelihoods
+
+
 def test_the_reader_picks_by_the_text_else_by_the_likelihoods():
     """The candidate a read fits: the text decides where it matches one; where it matches none, the strictly
     likeliest candidate on the lines; never by the likelihoods while a candidate could not be measured."""

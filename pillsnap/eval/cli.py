@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="config file (default: EXP/config.yaml, the run's resolved config)")
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N: where latencies are measured (default: the device the run "
-                             "trained on, when this machine has it)")
+                             "trained on, when this machine has it); with --final, where the test split runs "
+                             "(default: cuda when available)")
     parser.add_argument("--final", action="store_true",
                         help="the final test evaluation of a Stage 4 run instead (the test split, which training "
                              "opens once after Stage 4): writes EXP/reports/final_test_results.json")
