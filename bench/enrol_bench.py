@@ -6,7 +6,7 @@ drug is compared with the time to answer one photo, and with a whole `pillsnap e
     .venv/bin/python bench/enrol_bench.py --exp runs/demo/exp [--photos 5 --threads 2]
 
 `--scale`: no experiment; what enrol() adds at the design's sizes (5,000 trained drugs, 1,280 features, the
-calibration's 10,000-crop probe, 2 per drug, 20 drugs enrolled before, the new drug a look-alike of one): the
+calibration's 25,000-crop probe, 5 per drug, 20 drugs enrolled before, the new drug a look-alike of one): the
 measure of what a new drug would take from the trained drugs (pillsnap.infer.enrolment.taken_from_trained),
 against the unknown-pill score of the same crops against the same means (ClassGaussians.score, the baseline), and
 the process's peak RSS.
@@ -64,7 +64,7 @@ def scale(threads: int) -> None:
     rng = np.random.default_rng(0)
     drugs, dims = 5000, 1280
     gaussians = ClassGaussians(rng.normal(size=(drugs, dims)).astype(np.float32), np.eye(dims, dtype=np.float32) * 0.1)
-    labels = np.repeat(np.arange(drugs), PROBE_CROPS // drugs)  # 2 crops of each drug, near its mean
+    labels = np.repeat(np.arange(drugs), PROBE_CROPS // drugs)  # 5 crops of each drug, near its mean
     probe = Probe(gaussians.means[labels] + rng.normal(size=(len(labels), dims)).astype(np.float32),
                   labels, rng.uniform(0.3, 1.0, len(labels)).astype(np.float32), rng.random(len(labels)) < 0.9)
     before = Enrolled()

@@ -1,5 +1,5 @@
 """The recogniser's own reading, the reference the candidates' likelihoods are measured against, measured as an
-imprint (a character outside 0-9A-Z counts as any such character: RapidOcrModels.reading_log_likelihood) against
+imprint (characters outside 0-9A-Z count as "something else": RapidOcrModels.reading_log_likelihood) against
 the exact string's likelihood (the reader before), on a trained experiment's photos in the same run.
 
 1. The experiment's validation crops through calibration's answers (pillsnap.eval.answer_calibration), once per

@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -108,9 +109,11 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
                                                                    choice=choice, assume_yes=assume_yes))
     exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
     if code == EXIT_OK and trainer is None and final_test_owed(exp, stage) is None and not final_test_written(exp):
-        # already trained, its final test never written: a torchrun restart after the test failed, or a rerun
-        LOGGER.error("this Stage 4 run has no final test evaluation yet: pillsnap evaluate --exp %s --final",
-                     shlex.quote(str(exp)))
+        # already trained, its final test never written: a torchrun restart after the work after training failed,
+        # or a rerun; every rank fails the same way, rank 0 says what is left
+        if os.environ.get("RANK", "0") == "0":
+            LOGGER.error("this Stage 4 run has no final test evaluation yet; finish with: %s",
+                         finish_command(exp, stage))
         return 1
     return code
 

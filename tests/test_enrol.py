@@ -358,6 +358,14 @@ def test_an_enrolment_that_takes_trained_drugs_answers_needs_force(exp_dir: Path
     takes = enrol(Predictor(exp_dir, calibrated, device="cpu"), new_drug(), new)["takes_known"]
     assert takes == {"measured": False, "why": f"{exp_dir / 'checkpoints' / PROBE_FILE} is missing or not the file "
                                                "the calibration names"}
+    # a probe of an older layout, named by its hash: not measured, and no traceback (nor a 500 over the API)
+    remove(exp_dir, NEW_CODE)
+    older = exp_dir / "checkpoints" / PROBE_FILE
+    np.savez(str(older), features=own, labels=np.zeros(10, np.int64))
+    stored = json.loads((exp_dir / "checkpoints" / "calibration.json").read_text(encoding="utf-8"))
+    save_json(exp_dir / "checkpoints" / "calibration.json", {**stored, "validation_probe_sha256": file_sha256(older)})
+    takes = enrol(Predictor(exp_dir, calibrated, device="cpu"), new_drug(), new)["takes_known"]
+    assert not takes["measured"] and "cannot be read as a probe" in takes["why"]
 
 
 def test_the_refusal_rule_counts_two_crops_and_a_quarter_of_a_drug_or_one_percent() -> None:

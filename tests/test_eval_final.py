@@ -1,5 +1,6 @@
 """Final test evaluation: runs only on request (or after stage 4), reads the test split, writes the verdict."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def test_final_evaluation_after_training(synth_cfg):
     from pillsnap.cli import main as cli
 
     assert cli(["evaluate", "--exp", str(exp), "--final"]) == 2
+    # nor a config of another stage given with --cfg: the run's metrics say which stage it trained
+    staged = Path(exp) / "stage4.yaml"
+    staged.write_text((Path(exp) / "config.yaml").read_text(encoding="utf-8").replace(
+        "current_stage: 1", "current_stage: 4"), encoding="utf-8")
+    assert "current_stage: 4" in staged.read_text(encoding="utf-8")
+    assert cli(["evaluate", "--exp", str(exp), "--final", "--cfg", str(staged)]) == 2
     assert not (Path(exp) / "reports" / "final_test_results.json").exists()
     result = final_test_evaluation(cfg)
     saved = read_json(Path(exp) / "reports" / "final_test_results.json")
@@ -54,7 +61,8 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
     caplog.clear()
     cfg.train.resume = "last"  # what a torchrun restart resumes from
     assert main(cfg) == 1
-    assert f"no final test evaluation yet: pillsnap evaluate --exp {cfg.paths.exp_dir} --final" in caplog.text
+    assert "no final test evaluation yet; finish with: " in caplog.text
+    assert f"pillsnap evaluate --exp {cfg.paths.exp_dir} --final" in caplog.text
     monkeypatch.chdir(tmp_path)
     exp = str(cfg.paths.exp_dir)
     for refused in (["--stage", "2"], ["--device", "nonsense"], ["data.progressive_validation.current_stage=1"],
@@ -69,6 +77,8 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
     assert again["test_results"] == first["test_results"] and again["recommendation"] == first["recommendation"]
     assert f"final test evaluation: {again['recommendation']}" in capsys.readouterr().out
     assert main(cfg) == 0  # trained, and tested: nothing owed
+    os.utime(results, (0, 0))  # a copy that lost the file times: the results name the metrics they followed
+    assert main(cfg) == 0
     # a run stopped by its time cap is not tested, by training or by the command
     metrics = Path(exp) / "reports" / "metrics.json"
     metrics.write_text(metrics.read_text(encoding="utf-8").replace('"completed"', '"time_capped"'), encoding="utf-8")

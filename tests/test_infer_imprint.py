@@ -261,6 +261,18 @@ def test_a_reading_counts_its_other_characters_as_any_other_character():
     assert models.reading_log_likelihood([probs], "A司.B") == models.reading_log_likelihood([probs], "A.B")
     assert models.reading_log_likelihood([probs], "ＡB") == pytest.approx(exact[0])
     assert models.reading_log_likelihood([probs], "ß") == models.reading_log_likelihood([probs], ".")
+    # others with blanks between them are spelled one each (one token would have to cover the blanks), and never
+    # below the exact string; a circled 1 is a 1, its probability too
+    models = _vocabulary_models("A.B①1")
+    sure = 0.999
+    path = [0, 1, 0, 2, 0, 2, 0, 3, 0]  # "A", ".", ".", "B" with a blank between each
+    probs = np.full((len(path), 6), (1 - sure) / 5)
+    probs[np.arange(len(path)), path] = sure
+    spaced = models.reading_log_likelihood([probs], "A..B")
+    assert spaced > -0.1 and spaced >= models.log_likelihoods([probs], ["A..B"])[0]
+    circled = np.full((3, 6), 0.01)
+    circled[[0, 1, 2], [1, 4, 0]] = 0.95  # "A", "①", blank
+    assert models.reading_log_likelihood([circled], "A①") > models.log_likelihoods([circled], ["A1"])[0]
 
 
 CHARS = {c: i + 1 for i, c in enumerate("AB12ZIBV9")}

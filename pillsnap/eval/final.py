@@ -55,14 +55,16 @@ def _goals(test: dict) -> dict:
 def final_test_owed(exp_dir: str | Path, stage: int) -> str | None:
     """None when the run may have its final test evaluation: a Stage 4 run with a classifier that trained all it
     meant to (completed or early stopped; not stopped by its time cap, whose minimums were not met, nor cut short);
-    else why not. Training, its hints and `pillsnap evaluate --final` ask the same."""
+    else why not. `stage`: the config's; the stage its metrics.json records counts too (a --cfg of another stage
+    does not make a Stage 2 run a Stage 4 one). Training, its hints and `pillsnap evaluate --final` ask the same."""
     exp = Path(exp_dir)
     try:
-        status = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8")).get("status")
+        metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        status = None
-    if stage != 4:
-        return f"it is a Stage {stage} run: the test split is opened once, after Stage 4"
+        metrics = {}
+    status, recorded = metrics.get("status"), (metrics.get("stage") or {}).get("current_stage", stage)
+    if stage != 4 or recorded != 4:
+        return f"it is a Stage {recorded if recorded != 4 else stage} run: the test split is opened once, after Stage 4"
     if not (exp / "checkpoints" / "classification_best.pt").is_file():
         return "it has no classifier (classification_best.pt) to test"
     if status not in COMPLETED_STATUSES:
@@ -72,10 +74,21 @@ def final_test_owed(exp_dir: str | Path, stage: int) -> str | None:
 
 
 def final_test_written(exp_dir: str | Path) -> bool:
-    """Whether the run's final test results were written after its training last ended."""
+    """Whether the run's final test results are of its training as it last ended: they name the metrics.json they
+    followed by its SHA-256 (file times do not survive every copy); results without it, by the files' times."""
+    from pillsnap.models.export import file_sha256
+
     reports = Path(exp_dir) / "reports"
     results, metrics = reports / "final_test_results.json", reports / "metrics.json"
-    return results.is_file() and metrics.is_file() and results.stat().st_mtime >= metrics.stat().st_mtime
+    if not (results.is_file() and metrics.is_file()):
+        return False
+    try:
+        named = json.loads(results.read_text(encoding="utf-8")).get("metrics_sha256")
+    except (OSError, ValueError):
+        return False
+    if named is None:
+        return results.stat().st_mtime >= metrics.stat().st_mtime
+    return named == file_sha256(metrics)
 
 
 def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:
@@ -109,6 +122,10 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
               "ready_for_production": ready,
               "improvements": [] if ready else [f"{k}: {g['value']} < {g['target']}" for k, g in goals.items()
                                                 if isinstance(g, dict) and not g["met"]]}
+    if metrics_path.is_file():  # which training these results follow (final_test_written)
+        from pillsnap.models.export import file_sha256
+
+        result["metrics_sha256"] = file_sha256(metrics_path)
     save_json(exp_dir / "reports" / "final_test_results.json", result)
     LOGGER.info("final test evaluation: %s -> %s", result["recommendation"],
                 exp_dir / "reports" / "final_test_results.json")

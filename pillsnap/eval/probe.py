@@ -4,6 +4,7 @@ calibration."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,8 @@ from pillsnap.eval.outputs import eval_loader, model_outputs
 from pillsnap.infer.enrolment import Probe, probe_rows
 from pillsnap.metrics.calibration import calibrated_probs
 from pillsnap.utils.images import DECODE_ERRORS
+
+LOGGER = logging.getLogger(__name__)
 
 
 class InferenceCrops(Dataset):
@@ -56,6 +59,9 @@ def build_probe(model: Any, dataset: Any, sources: np.ndarray | None, temperatur
     single = np.zeros(len(dataset), bool) if sources is None else np.asarray(sources) == "single"
     crops = InferenceCrops(dataset, rows, single, bool(cfg.inference.single_locate), float(cfg.inference.single_crop))
     labels, log_probs, features = model_outputs(model, eval_loader(crops, cfg), device)
+    if len(labels) < len(rows):
+        LOGGER.warning("calibration: %d of the probe's %d validation photos could not be read (left out of the "
+                       "enrolment check's probe)", len(rows) - len(labels), len(rows))
     probs = calibrated_probs(log_probs, temperature)
     return Probe((features @ gaussians.whiten).astype(np.float32), labels, probs.max(1).astype(np.float32),
                  probs.argmax(1) == labels)

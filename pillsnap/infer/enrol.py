@@ -298,9 +298,9 @@ def takes_known(predictor: Any, gaussians: Any, before: Enrolled, after: Enrolle
 def _takes_message(code: str, takes: dict) -> str:
     return (f"enrolling {code} would take answers from the trained drugs: {takes['crops']} of the {takes['of']} "
             f"validation pills they answer right ({takes['share']:.1%}) would be answered as {code} by their look, "
-            f"{takes['drug_crops']} of {takes['drug_of']} of {takes['mapping_code']} ({takes['name'] or 'no name'}); "
-            f"an enrolment may take {TAKEN_MIN_CROPS - 1} of them, or more only while that is under a quarter of "
-            f"every drug's and {TAKEN_SHARE:.0%} of all; check the photos and the code, or enrol anyway with --force")
+            f"most of them ({takes['drug_crops']} of {takes['drug_of']}) of {takes['mapping_code']} "
+            f"({takes['name'] or 'no name'}); {TAKEN_MIN_CROPS} or more taken that are a quarter of one drug's or "
+            f"{TAKEN_SHARE:.0%} of all is too many: check the photos and the code, or enrol anyway with --force")
 
 
 

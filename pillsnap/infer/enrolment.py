@@ -238,8 +238,9 @@ def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray
 
 PROBE_FILE = "validation_probe.npz"  # in checkpoints/, named in calibration.json by hash
 # Validation crops kept per trained drug: all of them up to PROBE_CROPS in all, at least PROBE_MIN_PER_DRUG each
-# (at 5,000 drugs: 2 each, 26 MB of EfficientNetV2-S features as float16)
-PROBE_CROPS, PROBE_MIN_PER_DRUG = 10_000, 2
+# (at 5,000 drugs: 5 each, 64 MB of EfficientNetV2-S features as float16). With 5, a drug that takes a third of one
+# trained drug's pills is refused about half the time (2 or more of its 5 taken), one that takes them all always.
+PROBE_CROPS, PROBE_MIN_PER_DRUG = 25_000, 5
 # An enrolment is refused (unless forced) when it would answer at least TAKEN_MIN_CROPS of the trained drugs'
 # right probe crops as itself and those are a quarter of one drug's, or 1 % of all: what a drug added without
 # retraining may cost the drugs the classifier was trained on.
@@ -295,11 +296,14 @@ def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[Probe
     missing or not the one the calibration names."""
     name = (calibration or {}).get("validation_probe_file")
     if not name:
-        return None, "the calibration predates the probe"
+        return None, "the calibration has no probe (made before it, or from a data set without photos)"
     path = Path(ckpt_dir) / str(name)
     if not path.is_file() or file_sha256(path) != calibration.get("validation_probe_sha256"):
         return None, f"{path} is missing or not the file the calibration names"
-    return Probe.load(path), None
+    try:
+        return Probe.load(path), None
+    except (KeyError, ValueError, OSError) as err:  # an older probe's layout: recalibrating writes this one's
+        return None, f"{path} cannot be read as a probe ({err}): recalibrate (pillsnap calibrate --exp EXP)"
 
 
 def _squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:

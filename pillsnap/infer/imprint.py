@@ -54,8 +54,8 @@ class ImprintRead:
     the natural log of the probability that the lines read say exactly it (the best line, or the lines together,
     at the best turn for it). A garbled read still says which candidate the strokes fit: "F" is far likelier
     under "F7" than under "76". `read_likelihood`: the same for the recogniser's own reading, what the candidates
-    are measured against (a candidate far below it is not on the pill), measured as an imprint: a character outside
-    the imprint alphabet counts as any such character (pillsnap.infer.ocr.RapidOcrModels.reading_log_likelihood)."""
+    are measured against (a candidate far below it is not on the pill), measured as an imprint: characters outside
+    the imprint alphabet count as "something else" (pillsnap.infer.ocr.RapidOcrModels.reading_log_likelihood)."""
 
     text: str
     score: float

@@ -108,31 +108,47 @@ class RapidOcrModels:
         return ctc_log_likelihoods(np.stack(columns, 1), [[where.get(c, -1) for c in t] for t in texts])
 
     def reading_log_likelihood(self, lines: Sequence[np.ndarray], text: str) -> float:
-        """ln P(text | lines) for the recogniser's own reading of the lines, as an imprint: like log_likelihoods,
-        but a run of characters outside IMPRINT_ALPHABET (a dot, glyphs read from a logo's strokes) counts as
-        "something else" there, whichever glyphs. What a reading says about an imprint is which imprint characters
-        stand where, and that something else stands between them; the recogniser spreads "something else" over
-        thousands of glyphs, so the likelihood of the exact string would sit far below what the lines say, and
-        every candidate imprint would look close to it. A character is taken in its compatibility form ("Ａ" is A)."""
+        """ln P(text | lines) for the recogniser's own reading of the lines, as an imprint: its characters outside
+        IMPRINT_ALPHABET (a dot, glyphs read from a logo's strokes) count as "something else" there, whichever
+        glyphs. What a reading says about an imprint is which imprint characters stand where, and that something
+        else stands between them; the recogniser spreads "something else" over thousands of glyphs, so the
+        likelihood of the exact string would sit far below what the lines say, and every candidate imprint would
+        look close to it. A character counts in its compatibility form (a full-width A, a circled 1 are A and 1),
+        its probability too (_imprint_forms). A run of other characters is spelled either as one "something else"
+        (adjacent glyphs: CTC would need a blank between two of the same label) or one each (glyphs with blanks
+        between): the likelier of the two, and never less than the exact string."""
         probs = np.concatenate(lines)
-        labels: list[str | None] = []  # imprint characters, None for a run of others
+        mapped = []
         for char in "".join(text.split()):
-            mapped = unicodedata.normalize("NFKC", char).upper()
-            mapped = mapped if len(mapped) == 1 and mapped in IMPRINT_ALPHABET else None
-            if mapped is not None or not labels or labels[-1] is not None:
-                labels.append(mapped)
-        chars = sorted({c for c in labels if c is not None})
+            form = unicodedata.normalize("NFKC", char).upper()
+            mapped.append(form if len(form) == 1 and form in IMPRINT_ALPHABET else None)
+        chars = sorted({c for c in mapped if c is not None})
+        forms = self._imprint_forms()
         blank = probs[:, [0, *self._spaces]].sum(1)
-        imprint = probs[:, sorted({i for c in IMPRINT_ALPHABET for i in self._forms(c)})].sum(1)
-        columns = [blank] + [probs[:, self._forms(c)].sum(1) for c in chars] + [np.maximum(1.0 - blank - imprint, 0.0)]
-        where = {c: k + 1 for k, c in enumerate(chars)}
-        other = len(chars) + 1
-        return ctc_log_likelihoods(np.stack(columns, 1), [[other if c is None else where[c] for c in labels]])[0]
+        imprint = probs[:, sorted({i for cols in forms.values() for i in cols})].sum(1)
+        columns = [blank] + [probs[:, forms[c]].sum(1) for c in chars] + [np.maximum(1.0 - blank - imprint, 0.0)]
+        where, other = {c: k + 1 for k, c in enumerate(chars)}, len(chars) + 1
+        each = [other if c is None else where[c] for c in mapped]
+        runs = [label for k, label in enumerate(each) if label != other or k == 0 or each[k - 1] != other]
+        pooled = ctc_log_likelihoods(np.stack(columns, 1), [each, runs])
+        return max(*pooled, self.log_likelihoods(lines, [text])[0])
+
+    def _imprint_forms(self) -> dict[str, list[int]]:
+        """Each imprint character's columns: every character of the recogniser's whose compatibility form,
+        upper-cased, is it (both cases, full width, circled and superscript digits)."""
+        if not hasattr(self, "_imprint_forms_of"):
+            out: dict[str, list[int]] = {c: [] for c in IMPRINT_ALPHABET}
+            for char, index in self._index.items():
+                form = unicodedata.normalize("NFKC", char).upper()
+                if len(form) == 1 and form in out:
+                    out[form].append(index)
+            self._imprint_forms_of = {c: sorted(v) for c, v in out.items()}
+        return self._imprint_forms_of
 
     def _forms(self, char: str) -> list[int]:
         """The recogniser's columns for every form of a character: upper and lower case, full width."""
         if char not in self._forms_of:
-            forms = {char, char.upper(), char.lower()}
+            forms = {f for f in (char, char.upper(), char.lower()) if len(f) == 1}  # "ß".upper() is "SS"
             forms |= {chr(ord(f) + 0xFEE0) for f in forms if "!" <= f <= "~"}  # ASCII's full-width forms
             self._forms_of[char] = sorted(self._index[f] for f in forms if f in self._index)
         return self._forms_of[char]
