@@ -130,8 +130,10 @@ class RapidOcrModels:
         where, other = {c: k + 1 for k, c in enumerate(chars)}, len(chars) + 1
         each = [other if c is None else where[c] for c in mapped]
         runs = [label for k, label in enumerate(each) if label != other or k == 0 or each[k - 1] != other]
-        pooled = ctc_log_likelihoods(np.stack(columns, 1), [each, runs])
-        return max(*pooled, self.log_likelihoods(lines, [text])[0])
+        pooled = max(ctc_log_likelihoods(np.stack(columns, 1), [each] if runs == each else [each, runs]))
+        if None not in mapped:  # imprint characters only: their pooled columns hold the exact ones
+            return pooled
+        return max(pooled, self.log_likelihoods(lines, [text])[0])
 
     def _imprint_forms(self) -> dict[str, list[int]]:
         """Each imprint character's columns: every character of the recogniser's whose compatibility form,
