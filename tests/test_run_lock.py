@@ -42,9 +42,17 @@ def hold_in_another_process(lock: Path) -> subprocess.Popen:
 FORKING_HOLDER = """
 import multiprocessing as mp, sys, time
 from pillsnap.utils.locks import file_lock
+
+def worker(ready):
+    ready.set()  # the child runs: its fork hooks (which let go of the lock) ran before any of its own code
+    time.sleep(600)
+
 with file_lock(sys.argv[1]):
-    child = mp.get_context("fork").Process(target=time.sleep, args=(600,))  # as a loader worker is started
+    fork = mp.get_context("fork")
+    ready = fork.Event()
+    child = fork.Process(target=worker, args=(ready,))  # as a loader worker is started
     child.start()
+    ready.wait(60)  # on a loaded machine the child may not have run yet when its pid is known
     print(child.pid, flush=True)
     time.sleep(600)
 """
