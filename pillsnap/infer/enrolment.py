@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pillsnap.metrics.novelty import ClassGaussians
+from pillsnap.metrics.novelty import ClassGaussians, squared_distances
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import atomic_path, read_json, save_json
 from pillsnap.utils.locks import file_lock
@@ -200,13 +200,15 @@ class EnrolledSpace:
                    spread, float(softness))
 
     def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(trained [N, C], enrolled [N, E]) squared distances; an enrolled drug's are divided by 1 + 1/n, the
-        extra spread of a mean estimated from n photos, so that a far trained mean and a near enrolled one
-        compare fairly."""
-        whole = ClassGaussians(np.concatenate([self.gaussians.means, self.means]), self.gaussians.whiten)
-        d = whole.distances(features)
-        c = len(self.gaussians.means)
-        return d[:, :c], d[:, c:] / (1.0 + 1.0 / self.n_photos)[None]
+        """(trained [N, C], enrolled [N, E]) squared distances of raw features (enrolled_distances)."""
+        z = np.asarray(features, np.float32) @ self.gaussians.whiten
+        return squared_distances(z, self.gaussians.means), self.enrolled_distances(z)
+
+    def enrolled_distances(self, z: np.ndarray) -> np.ndarray:
+        """[N, E] squared distances of whitened rows to the enrolled means, each divided by 1 + 1/n, the extra
+        spread of a mean estimated from n photos, so that a far trained mean and a near enrolled one compare
+        fairly."""
+        return squared_distances(z, self.means) / (1.0 + 1.0 / self.n_photos)[None]
 
     def merge(self, probs: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [N, C+E], unknown-pill distances [N]) from the classifier's calibrated probabilities
@@ -306,37 +308,28 @@ def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[Probe
         return None, f"{path} cannot be read as a probe ({err}): recalibrate (pillsnap calibrate --exp EXP)"
 
 
-def _squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:
-    return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ means.T + (means * means).sum(1)[None], 0.0)
-
-
 def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled, after: Enrolled, code: str,
                        threshold: float | None) -> np.ndarray:
     """[N] bool: the probe's crops answered right by the trained classifier with the `before` enrolments that the
     `after` enrolments would answer as `code` instead, by their look (the imprint is not read here): the new drug
     takes more probability than the classifier's top drug keeps, and more than any other enrolled drug (as
     EnrolledSpace.merge gives it). Only the crops not far nearer their own drug than the new one are measured."""
-    space = EnrolledSpace.build(gaussians, after, threshold)
-    new_mean = space.means[after.find(code)]
-    own = gaussians.means[probe.labels]
-    scale = 1.0 + 1.0 / float(space.n_photos[after.find(code)])  # as EnrolledSpace.distances scales it
-    d_new = ((probe.whitened - new_mean) ** 2).sum(1) / scale
-    d_own = ((probe.whitened - own) ** 2).sum(1)
+    space, index = EnrolledSpace.build(gaussians, after, threshold), after.find(code)
+    d_new = space.enrolled_distances(probe.whitened)[:, index]
+    d_own = ((probe.whitened - gaussians.means[probe.labels]) ** 2).sum(1)
     rows = np.flatnonzero(probe.right & (d_new - d_own < CANDIDATE_MARGIN * space.softness))
     taken = np.zeros(len(probe.labels), bool)
     if not len(rows):
         return taken
     z, top = probe.whitened[rows], probe.top[rows]
     right = np.ones(len(rows), bool)
-    trained = _squared_distances(z, gaussians.means)
+    trained = squared_distances(z, gaussians.means)  # once, for the enrolments before and after
     if before.drugs:
         prior = EnrolledSpace.build(gaussians, before, threshold)
-        q = enrolled_posterior(trained, _squared_distances(z, prior.means) / (1.0 + 1.0 / prior.n_photos)[None],
-                               prior.softness)
+        q = enrolled_posterior(trained, prior.enrolled_distances(z), prior.softness)
         right = top * (1.0 - q.sum(1)) >= q.max(1)
-    q = enrolled_posterior(trained, _squared_distances(z, space.means) / (1.0 + 1.0 / space.n_photos)[None],
-                           space.softness)
-    new = q[:, after.find(code)]
+    q = enrolled_posterior(trained, space.enrolled_distances(z), space.softness)
+    new = q[:, index]
     taken[rows] = right & (new > top * (1.0 - q.sum(1))) & (new >= q.max(1))
     return taken
 

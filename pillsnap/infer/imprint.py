@@ -326,7 +326,7 @@ class ImprintReader:
                     continue
                 frames = [probs for _, probs in group]
                 if hasattr(self.models, "reading_log_likelihood"):
-                    *values, = self.models.log_likelihoods(frames, texts)
+                    values = self.models.log_likelihoods(frames, texts)
                     mine = self.models.reading_log_likelihood(frames, said)
                 else:
                     *values, mine = self.models.log_likelihoods(frames, [*texts, said])

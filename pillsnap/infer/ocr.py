@@ -125,7 +125,7 @@ class RapidOcrModels:
         chars = sorted({c for c in mapped if c is not None})
         forms = self._imprint_forms()
         blank = probs[:, [0, *self._spaces]].sum(1)
-        imprint = probs[:, sorted({i for cols in forms.values() for i in cols})].sum(1)
+        imprint = probs[:, forms["*"]].sum(1)
         columns = [blank] + [probs[:, forms[c]].sum(1) for c in chars] + [np.maximum(1.0 - blank - imprint, 0.0)]
         where, other = {c: k + 1 for k, c in enumerate(chars)}, len(chars) + 1
         each = [other if c is None else where[c] for c in mapped]
@@ -137,7 +137,7 @@ class RapidOcrModels:
 
     def _imprint_forms(self) -> dict[str, list[int]]:
         """Each imprint character's columns: every character of the recogniser's whose compatibility form,
-        upper-cased, is it (both cases, full width, circled and superscript digits)."""
+        upper-cased, is it (both cases, full width, circled and superscript digits); "*": all of them."""
         if not hasattr(self, "_imprint_forms_of"):
             out: dict[str, list[int]] = {c: [] for c in IMPRINT_ALPHABET}
             for char, index in self._index.items():
@@ -145,6 +145,7 @@ class RapidOcrModels:
                 if len(form) == 1 and form in out:
                     out[form].append(index)
             self._imprint_forms_of = {c: sorted(v) for c, v in out.items()}
+            self._imprint_forms_of["*"] = sorted(i for v in out.values() for i in v)
         return self._imprint_forms_of
 
     def _forms(self, char: str) -> list[int]:

@@ -17,6 +17,12 @@ import numpy as np
 
 CHUNK_ROWS = 4096  # feature rows per block when fitting and scoring (bounds memory at thousands of classes)
 
+
+def squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of each whitened row of `z` [N, D'] to every mean [M, D']: [N, M]."""
+    return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ means.T + (means * means).sum(1)[None], 0.0)
+
+
 @dataclass(frozen=True)
 class ClassGaussians:
     """Class means and the whitening of the shared covariance, kept in whitened space: `means` [C, D'] are the
@@ -48,9 +54,7 @@ class ClassGaussians:
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of `features` [N, D] to every class mean: [N, C]."""
-        z = np.asarray(features, np.float32) @ self.whiten
-        return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ self.means.T
-                          + (self.means * self.means).sum(1)[None], 0.0)
+        return squared_distances(np.asarray(features, np.float32) @ self.whiten, self.means)
 
     def score(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """Distance to the nearest known class, per row: larger is more likely an unknown pill. In blocks of `chunk`
