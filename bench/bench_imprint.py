@@ -72,7 +72,7 @@ def make_samples(n_classes: int, angles: int, scale: float, seed: int) -> list[S
 def make_baseline(spec: str, num_classes: int, exp: str | None) -> tuple[str, Callable[[Image.Image], object]]:
     """A classifier call on one crop: `backbone:size` with random weights, or the classifier of `exp`."""
     if exp:
-        from pillsnap.infer.pipeline import find_checkpoints
+        from pillsnap.infer.artefacts import find_checkpoints
         from pillsnap.models.classifier import load_classifier_for_inference
 
         model, snapshot = load_classifier_for_inference(find_checkpoints(exp)[0])

@@ -53,9 +53,15 @@ def configure_logging(verbose: bool = False, level: str | None = None) -> None:
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command at the process boundary: a config problem or a missing file is one clear line, exit code 2."""
     from pillsnap.config import ConfigError
+    from pillsnap.utils.devices import DeviceError, resolve_device
 
     try:
+        if getattr(args, "device", None):
+            resolve_device(args.device)  # a device this machine lacks: said before anything loads
         return int(func(args) or 0)
+    except DeviceError as err:
+        logging.getLogger("pillsnap").error("%s", err)
+        return 2
     except ConfigError as err:
         logging.getLogger("pillsnap").error("config error: %s", err)
         return 2

@@ -103,12 +103,12 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     are whole: training_ended says so)."""
     from pillsnap.engine.run import run_training
     from pillsnap.engine.trainer import EXIT_OK
-    from pillsnap.eval.final import final_test_owed, final_test_written
+    from pillsnap.eval.final import final_test_missing
 
     code, trainer = run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
                                                                    choice=choice, assume_yes=assume_yes))
     exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
-    if code == EXIT_OK and trainer is None and final_test_owed(exp, stage) is None and not final_test_written(exp):
+    if code == EXIT_OK and trainer is None and final_test_missing(exp, stage):
         # already trained, its final test never written: a torchrun restart after the work after training failed,
         # or a rerun; every rank fails the same way, rank 0 says what is left
         if os.environ.get("RANK", "0") == "0":
@@ -177,14 +177,14 @@ def _final_test(trainer: Any) -> int:
 def finish_command(exp_dir: str | Path, stage: int) -> str:
     """The commands that do the work after training of a run interrupted in it: the calibration (with a classifier
     to calibrate), the stage's evaluation and, after a whole Stage 4, the final test evaluation."""
-    from pillsnap.eval.final import final_test_owed, final_test_written
+    from pillsnap.eval.final import final_test_missing
 
     exp = Path(exp_dir)
     steps = []
     if (exp / "checkpoints" / "classification_best.pt").is_file():
         steps.append(f"pillsnap calibrate --exp {shlex.quote(str(exp))}")
     steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
-    if final_test_owed(exp, stage) is None and not final_test_written(exp):
+    if final_test_missing(exp, stage):
         steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --final")
     return " && ".join(steps)
 

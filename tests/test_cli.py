@@ -46,3 +46,28 @@ def test_missing_experiment_is_a_clear_exit_code_2(tmp_path, caplog):
     code = main(["serve", "--cfg", str(ROOT / "config.yaml"), "--exp", str(tmp_path / "no_exp")])
     assert code == 2
     assert "No classifier checkpoint" in caplog.text
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path, caplog, monkeypatch):
+    """Every command with --device refuses a device this machine does not have in one line, exit 2, before any
+    model, config or experiment is read (the experiment here does not even exist)."""
+    import torch
+
+    from pillsnap.utils import DeviceError, resolve_device
+
+    for command in (["predict", "--exp", str(tmp_path), "x.png"], ["calibrate", "--exp", str(tmp_path)],
+                    ["evaluate", "--exp", str(tmp_path)], ["serve", "--exp", str(tmp_path)]):
+        caplog.clear()
+        assert main([*command, "--device", "gpu0"]) == 2
+        assert "device 'gpu0': not a device (cpu, cuda, cuda:N)" in caplog.text and "Traceback" not in caplog.text
+    assert main(["predict", "--exp", str(tmp_path), "x.png", "--device", "meta"]) == 2
+    assert "PillSnap runs on cpu or cuda" in caplog.text
+    # a machine with one CUDA device: cuda and cuda:0 are it, cuda:1 is not there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert str(resolve_device("cuda:0")) == "cuda:0" and str(resolve_device("cuda")) == "cuda"
+    with pytest.raises(DeviceError, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device on this machine"):
+        resolve_device("cuda")

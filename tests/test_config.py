@@ -138,6 +138,7 @@ def test_stage_settings():
     # a list's numbers, each with its place
     ("train.interleave_ratio=[1,-1]", "train.interleave_ratio[1]=-1 is out of range: it must be >= 0"),
     ("dataloader.autotune_candidates=[4,-2,8]", "dataloader.autotune_candidates[1]=-2 is out of range"),
+    ("data.crop_jitter.shift=0.3", "data.crop_jitter.shift=0.3 is out of range: it must be >= 0 and <= 0.25"),
 ])
 def test_a_number_out_of_its_range_is_refused_naming_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

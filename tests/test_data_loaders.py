@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -248,3 +249,71 @@ def test_loader_workers_freeze_what_they_inherit(synth_cfg, kind):
     loader.collate_fn = frozen_in_worker(loader.collate_fn)
     batch, frozen = next(iter(loader))
     assert batch is not None and frozen > 1000  # the inherited heap (torch, pandas, ...), not a handful of objects
+
+
+def _pill_crop(side: int = 80, margin: float = 0.15) -> Image.Image:
+    """A square training crop as crop_box cuts it: a red pill filling 1 / (1 + 2 margin) of it on a grey backdrop
+    whose left half is lighter than its right, so a mirrored border can be told from padding."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (side, side), (150, 150, 150))
+    ImageDraw.Draw(image).rectangle((0, 0, side // 2, side), fill=(200, 200, 200))
+    pill = side / (1 + 2 * margin)
+    lo = (side - pill) / 2
+    ImageDraw.Draw(image).ellipse((lo, lo, lo + pill, lo + pill), fill=(220, 30, 30))
+    return image
+
+
+def _red_centre(image: Image.Image) -> tuple[float, float, float]:
+    """The red pill's centre (x, y) and its width, in pixels."""
+    red = np.asarray(image)[..., 0].astype(int) - np.asarray(image)[..., 1] > 100
+    ys, xs = np.nonzero(red)
+    return xs.mean(), ys.mean(), xs.max() - xs.min() + 1
+
+
+def test_box_jitter_moves_and_resizes_the_crop_within_its_bounds_and_mirrors_the_backdrop():
+    """A jittered training crop is a square grown or shrunk by at most 1 + scale and moved by at most shift x the
+    pill's size; where it reaches past the crop, the backdrop is mirrored, never black; no jitter is the crop."""
+    from pillsnap.data.datasets import BoxJitter
+
+    crop, margin = _pill_crop(), 0.15
+    pill = 80 / (1 + 2 * margin)
+    assert BoxJitter(0.0, 0.0, margin)(crop) is crop
+    torch.manual_seed(0)
+    jitter = BoxJitter(0.2, 0.1, margin)
+    sides, offsets = [], []
+    for _ in range(200):
+        out = jitter(crop)
+        assert out.width == out.height
+        sides.append(out.width / 80)
+        x, y, width = _red_centre(out)
+        assert width <= pill + 2  # cut, not resized: the pill keeps its pixels
+        if width >= pill - 1:  # the whole pill inside: its centre is where the box moved it
+            offsets.append(((out.width / 2 - x) / pill, (out.height / 2 - y) / pill))
+        assert (np.asarray(out).sum(-1) > 0).all()  # nothing black: the border is mirrored
+    sides, offsets = np.array(sides), np.abs(np.array(offsets))
+    assert sides.min() >= 1 / 1.2 - 0.02 and sides.max() <= 1.2 + 0.02 and sides.std() > 0.05
+    assert len(offsets) > 100 and offsets.max() <= 0.1 + 0.03 and offsets.max() > 0.05
+    torch.manual_seed(0)
+    assert [jitter(crop).size for _ in range(5)] == [(round(s * 80),) * 2 for s in sides[:5]]  # torch's RNG
+
+
+def test_training_crops_are_jittered_as_configured_and_evaluation_crops_never(manifest_dir):
+    """data.crop_jitter reaches the training data set's transform; validation, test and the evaluation views of the
+    training set keep the labelled box's crop."""
+    from pillsnap.config import load_config
+    from pillsnap.data.datasets import BoxJitter
+    from pillsnap.data.loaders import _classification_datasets
+
+    rows = load_manifest(manifest_dir)
+    rows = rows[rows.image_type == "single"].copy()
+    cfg = load_config(None, ["data.crop_jitter.scale=0.3", "data.crop_jitter.shift=0.05", "model.image_size=32"],
+                      dotenv_path=None)
+    datasets = _classification_datasets(rows, sorted(rows.mapping_code.unique()), cfg)
+
+    def jitters(dataset):
+        return [step for step in dataset.transform.transforms if isinstance(step, BoxJitter)]
+
+    assert jitters(datasets["train"]) == [BoxJitter(0.3, 0.05, float(cfg.data.crop_margin))]
+    assert not jitters(datasets["val"]) and not jitters(datasets["test"])
+    assert not jitters(datasets["train"].evaluation_view())

@@ -106,6 +106,53 @@ def test_a_run_already_at_its_epochs_says_so_and_exits_0(tmp_path, caplog):
     assert read_json(exp / "reports" / "metrics.json") == before  # nothing trained, nothing rewritten
 
 
+def test_a_run_that_stopped_early_trains_no_more_on_resume_and_finishes_again(tmp_path, monkeypatch):
+    """An early-stopped run resumed (a torchrun restart after the work after training failed, or a rerun) trains
+    nothing more, its rebuilt patience spent, and runs the work after training again (the calibration here). A
+    raised patience, or early stopping turned off, trains on from where it stopped."""
+    import pillsnap.train
+
+    exp = tmp_path / "exp"
+    stopping = ("train.epochs=4", "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000")
+    assert train(make_cfg(exp, *stopping), fake_build_loaders) == 0  # no epoch after the first can improve by 1000
+    before = read_json(exp / "reports" / "metrics.json")
+    assert before["status"] == "early_stopped" and before["epoch"] == 2
+    weights = (exp / "checkpoints" / "classification_last.pt").read_bytes()
+    calibrated = []
+    monkeypatch.setattr(pillsnap.train, "calibrate", lambda trainer, build: calibrated.append(trainer.start_epoch))
+    assert train(make_cfg(exp, *stopping, "train.resume=last"), fake_build_loaders) == 0
+    after = read_json(exp / "reports" / "metrics.json")
+    assert (after["status"], after["epoch"], after["history"]) == ("early_stopped", 2, before["history"])
+    assert (exp / "checkpoints" / "classification_last.pt").read_bytes() == weights  # not trained
+    assert calibrated == [2]  # the work after training ran again
+    for more in ("train.early_stopping.patience=2", "train.early_stopping.enabled=false"):
+        code, trainer = run_training(make_cfg(exp, "train.epochs=4", "train.early_stopping.min_delta=1000", more,
+                                              "train.resume=last"), fake_build_loaders)
+        assert code == 0 and trainer.start_epoch == 2 and read_json(exp / "reports" / "metrics.json")["epoch"] > 2
+        save_json(exp / "reports" / "metrics.json", before)  # back to the stopped run for the next case
+        (exp / "checkpoints" / "classification_last.pt").write_bytes(weights)
+        (exp / "checkpoints" / "last.pt").unlink(missing_ok=True)
+
+
+def test_an_early_stopped_task_of_an_interleaved_run_stays_stopped_while_the_other_trains_on(tmp_path):
+    """Interleaved, the task whose patience was spent is not trained again by a resume; the other trains on."""
+    exp = tmp_path / "exp"
+    overrides = ("train.strategy=interleaved", "train.max_steps_per_epoch=2", "train.warmup_steps=0",
+                 "train.early_stopping.patience=1")
+    assert run_training(make_cfg(exp, *overrides, "train.epochs=2", "train.early_stopping.patience=100"),
+                        loaders_with_detection)[0] == 0
+    # the history as if the detector's mAP fell at epoch 2 (its patience of 1 spent) and the classifier improved
+    metrics = read_json(exp / "reports" / "metrics.json")
+    for record, (det, cls) in zip(metrics["history"], ((0.5, 0.1), (0.1, 0.5)), strict=True):
+        record["detection"]["mAP@0.5"], record["classification"]["macro_f1"] = det, cls
+    save_json(exp / "reports" / "metrics.json", metrics)
+    code, trainer = run_training(make_cfg(exp, *overrides, "train.epochs=3", "train.resume=last"),
+                                 loaders_with_detection)
+    assert code == 0 and trainer.stopped >= {"detection"} and "classification" in trainer.tasks
+    assert load_ckpt(exp / "checkpoints" / "detection_last.pt")["epoch"] == 2  # not trained again
+    assert load_ckpt(exp / "checkpoints" / "classification_last.pt")["epoch"] == 3
+
+
 def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
     exp = tmp_path / "exp"
     assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0

@@ -87,6 +87,22 @@ def test_calibration_with_held_out_classes(tmp_path):
     assert report["unknown_eval_by_rule"]["feature_distance"] == unknown
     assert set(report["unknown_eval_by_rule"]) == {"feature_distance", "probability"}
     assert load_calibration(exp / "checkpoints", exp / "checkpoints" / "classification_best.pt") == stored
+    # fit on the validation photos cut as inference cuts them (each single-pill photo where its pill is located),
+    # not at the labelled boxes the validation of training uses
+    from pillsnap.data import build_dataloaders_twostage
+    from pillsnap.eval.outputs import eval_loader, inference_crops, model_outputs
+    from pillsnap.eval.unknown_calibration import crop_sources
+    from pillsnap.metrics.calibration import fit_temperature
+    from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
+
+    val_set = build_dataloaders_twostage(cfg).cls_val.dataset
+    model = WithFeatures(load_classifier_for_inference(exp / "checkpoints" / "classification_best.pt", "cpu")[0])
+    cut = {name: model_outputs(model.eval(), eval_loader(crops, cfg), "cpu") for name, crops in (
+        ("inference", inference_crops(val_set, crop_sources(val_set, load_manifest(manifest_dir)), cfg)),
+        ("labelled", val_set))}
+    temperatures = {name: fit_temperature(out[1], out[0]) for name, out in cut.items()}
+    assert stored["temperature"] == pytest.approx(temperatures["inference"], rel=1e-6)
+    assert stored["temperature"] != pytest.approx(temperatures["labelled"], rel=1e-3)
     # the validation crops an enrolment's cost to the trained drugs is measured on, named by hash
     from pillsnap.infer.enrolment import Probe, load_probe
 
@@ -190,8 +206,8 @@ def test_the_probe_cuts_crops_as_inference_does(tmp_path):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from pillsnap.eval.probe import InferenceCrops
-    from pillsnap.infer.preprocess import single_photo_crop
+    from pillsnap.eval.outputs import InferenceCrops
+    from pillsnap.infer.preprocess import load_image, single_photo_crop
 
     photo = tmp_path / "single.png"
     image = Image.new("RGB", (120, 160), (190, 190, 185))
@@ -206,9 +222,18 @@ def test_the_probe_cuts_crops_as_inference_does(tmp_path):
     dataset = type("Set", (), {"rows": Rows(), "crop_margin": 0.15, "labels": np.array([3, 5]),
                                "transform": staticmethod(lambda crop: crop),
                                "load_crop": lambda self, index: boxed})()
-    crops = InferenceCrops(dataset, np.array([0, 1]), np.array([True, False]), locate=True, fraction=0.35)
+    crops = InferenceCrops(dataset, np.array([True, False]), locate=True, fraction=0.35)
     cut, label, _ = crops[0]
-    want = single_photo_crop(Image.open(photo).convert("RGB"), 0.15, True, 0.35)[0]
+    want = single_photo_crop(load_image(str(photo))[0], 0.15, True, 0.35)[0]  # the predictor's own decode
     assert label == 3 and cut.size == want.size and np.array_equal(np.asarray(cut), np.asarray(want))
     assert cut.size != (120, 160) and cut.size != (7, 7)  # located: neither the whole photo nor the box crop
     assert crops[1][0] is boxed and crops[1][1] == 5
+    # a photo whose EXIF says "turn me" is cut upright, as the predictor decodes it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    image.save(photo, format="PNG", exif=exif)
+    cut = InferenceCrops(dataset, np.array([True, False]), locate=True, fraction=0.35)[0][0]
+    want = single_photo_crop(load_image(str(photo))[0], 0.15, True, 0.35)[0]
+    stored = single_photo_crop(Image.open(photo).convert("RGB"), 0.15, True, 0.35)[0]  # not turned
+    assert np.array_equal(np.asarray(cut), np.asarray(want)) and not np.array_equal(np.asarray(cut),
+                                                                                    np.asarray(stored))

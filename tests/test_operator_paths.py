@@ -67,7 +67,7 @@ def test_serve_reads_the_runs_own_config_from_another_directory(tmp_path, elsewh
 
     exp = saved_run(tmp_path / "project", {"exp_dir": "runs/x/exp"}, serving={"port": 8123})
     seen = {}
-    monkeypatch.setattr("pillsnap.infer.pipeline.find_checkpoints", lambda exp_dir: seen.update(exp=exp_dir))
+    monkeypatch.setattr("pillsnap.infer.artefacts.find_checkpoints", lambda exp_dir: seen.update(exp=exp_dir))
     monkeypatch.setattr("pillsnap.serve.cli.build_service", lambda exp_dir, cfg, device=None: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(port=port))
     monkeypatch.delenv("PILLSNAP_API_KEY", raising=False)

@@ -168,14 +168,14 @@ def test_connection_cap_refuses_new_requests_past_it() -> None:
 def test_serve_applies_the_connection_settings(tmp_path, monkeypatch) -> None:
     import uvicorn
 
-    import pillsnap.infer.pipeline
+    import pillsnap.infer.artefacts
     import pillsnap.serve.cli
     from pillsnap.cli import main as cli_main
     from pillsnap.serve.service import PredictionService
 
     config = Path(__file__).resolve().parents[1] / "config.yaml"
     exp_dir = tmp_path / "exp"  # no models are loaded: uvicorn.run is replaced
-    monkeypatch.setattr(pillsnap.infer.pipeline, "find_checkpoints", lambda exp: None)
+    monkeypatch.setattr(pillsnap.infer.artefacts, "find_checkpoints", lambda exp: None)
     monkeypatch.setattr(pillsnap.serve.cli, "build_service",
                         lambda *a: PredictionService(FakePredictor, ServeSettings().image_limits))
     monkeypatch.chdir(tmp_path)

@@ -43,6 +43,8 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("data.val_ratio", Range(0, 1, high_open=True, what="a share of the photos")),
     ("data.test_ratio", Range(0, 1, high_open=True, what="a share of the photos")),
     ("data.crop_margin", NOT_NEGATIVE),
+    ("data.crop_jitter.scale", Range(0, 0.5, what="a share of the crop's side")),
+    ("data.crop_jitter.shift", Range(0, 0.25, what="a share of the pill's size")),
     ("data.detection_singles", NOT_NEGATIVE),
     ("data.scan_workers", Range(0, what="0 = all cores")),
     ("data.progressive_validation.current_stage", Range(1, 4, what="stages 1-4")),

@@ -36,12 +36,46 @@ def crop_box(width: int, height: int, bbox: Sequence[int], margin: float) -> tup
     return left, top, left + side, top + side
 
 
-def classification_transform(image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL crop -> float tensor [3, S, S], ImageNet-normalised; `train` adds light rotation and colour jitter.
+class BoxJitter(NamedTuple):
+    """A training crop cut at a box a little off the labelled one, as inference's boxes are: a located pill's box
+    takes in its shadow, a detector's box is loose or tight. The crop (the labelled box's square grown by `margin`
+    per side, as crop_box cuts it) is grown or shrunk by a factor up to 1 + `scale` either way and moved by up to
+    `shift` x the pill's size on each axis; where the new square reaches past the crop, the crop's own border is
+    mirrored, as far as the margin's backdrop goes (the square is kept within that)."""
+
+    scale: float
+    shift: float
+    margin: float
+
+    def __call__(self, crop: Image.Image) -> Image.Image:
+        if self.scale <= 0 and self.shift <= 0:
+            return crop
+        width, height = crop.size
+        grow = float(np.exp((2 * torch.rand(()).item() - 1) * np.log1p(self.scale)))
+        pill = min(width, height) / (1 + 2 * self.margin)
+        dx, dy = ((2 * torch.rand(2) - 1) * self.shift * pill).tolist()
+        # the margin's backdrop is all that may be mirrored: a mirror reaching further would copy the pill's edge
+        room = max(0, int((min(width, height) - pill) / 2) - 1)
+        side = min(max(1, int(round(min(width, height) * grow))), min(width, height) + 2 * room)
+        left = int(np.clip(round(width / 2 + dx - side / 2), -room, width + room - side))
+        top = int(np.clip(round(height / 2 + dy - side / 2), -room, height + room - side))
+        pad = max(0, -left, -top, left + side - width, top + side - height)
+        if pad:
+            crop = Image.fromarray(np.pad(np.asarray(crop.convert("RGB")), ((pad, pad), (pad, pad), (0, 0)),
+                                          mode="reflect"))
+        return crop.crop((left + pad, top + pad, left + pad + side, top + pad + side))
+
+
+def classification_transform(image_size: int, train: bool,
+                             jitter: BoxJitter | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL crop -> float tensor [3, S, S], ImageNet-normalised; `train` adds light rotation and colour jitter, and
+    the crop's box moved and resized by `jitter` (BoxJitter) first.
 
     Inference uses the train=False variant, so serving sees exactly the validation preprocessing.
     """
     steps: list[Callable] = [T.Resize((image_size, image_size), antialias=True)]
+    if train and jitter is not None:
+        steps.insert(0, jitter)
     if train:
         # No flips: a mirrored imprint is a different-looking pill. Real photos already cover 0-340 deg azimuth.
         steps += [T.RandomRotation(15, fill=0), T.ColorJitter(0.2, 0.2, 0.15, 0.02)]
@@ -151,16 +185,17 @@ class ClassificationDataset(Dataset):
     that fails to decode becomes None.
 
     `cache` (pillsnap.data.cache.CachedCrops) serves pre-cropped, pre-resized uint8 crops instead of PNGs.
+    `jitter` (scale, shift): with `train`, each crop's box moved and resized at random (BoxJitter).
     """
 
     def __init__(self, rows: pd.DataFrame, class_to_idx: dict[str, int], image_size: int, train: bool,
-                 crop_margin: float = 0.15, cache: Any = None) -> None:
+                 crop_margin: float = 0.15, cache: Any = None, jitter: tuple[float, float] = (0.0, 0.0)) -> None:
         unknown = sorted(set(rows["mapping_code"]) - set(class_to_idx))
         if unknown:
             raise ValueError(f"Rows with codes missing from the class list: {unknown[:5]}")
         self.rows = CropTable.from_frame(rows)
         self.labels = rows["mapping_code"].map(class_to_idx).to_numpy(dtype=np.int64)
-        self.transform = classification_transform(image_size, train)
+        self.transform = classification_transform(image_size, train, BoxJitter(*jitter, crop_margin))
         self.image_size, self.crop_margin, self.cache = image_size, crop_margin, cache
         self.cache_slots = None if cache is None else cache.slots(self.rows.column("label_path"))
 

@@ -194,7 +194,8 @@ def _classification_datasets(rows: pd.DataFrame, class_names: list[str],
     index = {code: i for i, code in enumerate(class_names)}
     cache = _cache_for(rows, cfg)
     size, margin = int(cfg.model.image_size), float(cfg.data.crop_margin)
-    return {s: ClassificationDataset(rows[rows["split"] == s], index, size, s == "train", margin, cache)
+    jitter = float(cfg.data.crop_jitter.scale), float(cfg.data.crop_jitter.shift)
+    return {s: ClassificationDataset(rows[rows["split"] == s], index, size, s == "train", margin, cache, jitter)
             for s in ("train", "val", "test")}
 
 

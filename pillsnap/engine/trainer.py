@@ -173,6 +173,13 @@ class Trainer:
             if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
                 self.es_state[name] = new_early_stopping_state()
                 self._start_fresh(name, task)
+            elif es.enabled and self.es_state[name]["bad_epochs"] >= int(es.patience):
+                # it had stopped early: a resume (a torchrun restart after the work after training failed) keeps
+                # it stopped rather than training it on until the rebuilt patience stops it again (fit)
+                self.stopped.add(name)
+                self.logger.info("%s stopped early before this resume (%d epochs without improvement, "
+                                 "train.early_stopping.patience=%s): it stays stopped", name,
+                                 self.es_state[name]["bad_epochs"], es.patience)
 
     def _resumed_progress(self, ckpts: dict[str, dict]) -> EpochProgress | None:
         """The position inside the next epoch that the restored checkpoints were saved at (see save_progress), when
@@ -351,6 +358,12 @@ class Trainer:
                                 "is trained (raise data.progressive_validation.stage_%d.time_limit_hours to train "
                                 "on)", self.stage, self.stage_cfg.get("time_limit_hours"), self.stage)
             self.status = "time_capped"
+            self._share_counts()
+            return self._finish(epoch)
+        if self.start_epoch > 0 and set(self.tasks) <= self.stopped:
+            # every task had stopped early: nothing more is trained, and the run ends as it did (or, killed before
+            # its end, as it would have), so the work after training runs (again, after a restart where it failed)
+            self.logger.warning("every task had stopped early by epoch %d: nothing more is trained", epoch)
             self._share_counts()
             return self._finish(epoch)
         try:

@@ -66,8 +66,9 @@ def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = 
     cannot be read: the box check is then off, and the rest of the calibration is kept."""
     from omegaconf import OmegaConf
 
+    from pillsnap.infer.artefacts import find_checkpoints
     from pillsnap.infer.box_check import check_box_settings
-    from pillsnap.infer.pipeline import Predictor, find_checkpoints
+    from pillsnap.infer.pipeline import Predictor
     from pillsnap.models.export import file_sha256
 
     check_box_settings(cfg.inference.get("box_check") or {})  # a wrong setting is the user's to fix, said as such

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from pillsnap.eval.answer_calibration import answer_calibration, set_summary
 from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
-from pillsnap.eval.outputs import eval_loader, model_outputs
+from pillsnap.eval.outputs import eval_loader, inference_crops, model_outputs
 from pillsnap.eval.probe import build_probe
 from pillsnap.eval.unknown_calibration import (
     crop_sources,
@@ -83,7 +83,7 @@ def _temperature(model: Any, loader: Any, device: Any) -> tuple[Validation, dict
 class UnknownRules(NamedTuple):
     """The unknown-pill rules fit on the validation answers: the class Gaussians (on `n_fit` training crops), each
     rule's validation scores and threshold, per crop source too (`by_source`; `scored`: each scored crop's source,
-    None when not known), which answers were right, and the manifest and crop sources they came from."""
+    None when not known) and which answers were right."""
 
     gaussians: ClassGaussians
     n_fit: int
@@ -92,13 +92,12 @@ class UnknownRules(NamedTuple):
     thresholds: dict[str, float | None]
     by_source: dict[str, dict[str, float | None]] | None
     scored: np.ndarray | None
-    sources: np.ndarray | None
-    manifest: Any
 
 
-def _unknown_rules(model: Any, loaders: Any, val: Validation, cfg: DictConfig, keep: float,
-                   device: Any) -> UnknownRules:
-    """Fit the class Gaussians on the training crops and each rule's threshold on the validation answers."""
+def _unknown_rules(model: Any, loaders: Any, val: Validation, cfg: DictConfig, keep: float, device: Any,
+                   sources: np.ndarray | None) -> UnknownRules:
+    """Fit the class Gaussians on the training crops and each rule's threshold on the validation answers (`sources`:
+    each one's crop source, None: not known)."""
     fit_view = loaders.cls_train.dataset.evaluation_view(int(cfg.inference.unknown_fit_per_class),
                                                          int(cfg.train.seed))
     fit_labels, _, fit_features = model_outputs(model, eval_loader(fit_view, cfg), device, keep_log_probs=False)
@@ -107,29 +106,29 @@ def _unknown_rules(model: Any, loaders: Any, val: Validation, cfg: DictConfig, k
     val_distances = gaussians.score(val.features)
     val_scores = {name: unknown_scores(name, val.probs, val_distances) for name in UNKNOWN_RULES}
     thresholds = rule_thresholds(val_scores, correct, keep)
-    manifest = load_manifest_if_any(cfg)
-    sources = crop_sources(loaders.cls_val.dataset, manifest)  # per crop of the data set (the answers index it)
     scored = sources  # per crop scored: the same, unless photos failed to decode and left fewer
     if sources is not None and len(sources) != len(val.labels):
         LOGGER.warning("calibration: %d of %d validation crops could not be decoded; one unknown-pill threshold "
                        "serves both crop sources", len(sources) - len(val.labels), len(sources))
         scored = None
     return UnknownRules(gaussians, int(len(fit_labels)), val_scores, correct, thresholds,
-                        source_thresholds(val_scores, correct, keep, scored, thresholds), scored, sources, manifest)
+                        source_thresholds(val_scores, correct, keep, scored, thresholds), scored)
 
 
 def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callable[[DictConfig], Any] | None = None,
                          keep_correct: float | None = None, device: Any = None) -> dict:
     """Fit and store the calibration of EXP's classification_best.pt; returns the report (also in reports/).
 
-    The temperature is fit on the validation split. The class Gaussians of the feature_distance rule are fit on up
-    to inference.unknown_fit_per_class training crops per class (without augmentation). Each unknown-pill rule's
-    threshold keeps `keep_correct` of the right validation answers, and both rules are measured on the classes
-    held out of the stage; inference uses the one inference.unknown_rule names. With inference.imprint.enabled,
-    `answers` measures the final answers (after the imprint evidence) on up to ANSWER_CROPS validation crops, and
-    with inference.imprint.unknown_check too, `unknown_eval_answers` the final answers' unknown-pill decision on the
-    held-out drugs' photos (answers_unknown_report). With a detector, `box_check` holds its confidences in the
-    labelled pills of the validation combination photos (pillsnap.eval.box_calibration)."""
+    Everything is fit on the validation split's crops cut as inference cuts them (InferenceCrops: a single-pill
+    photo where its pill is located), starting with the temperature. The class Gaussians of the feature_distance
+    rule are fit on up to inference.unknown_fit_per_class training crops per class (without augmentation). Each
+    unknown-pill rule's threshold keeps `keep_correct` of the right validation answers, and both rules are measured
+    on the classes held out of the stage; inference uses the one inference.unknown_rule names. With
+    inference.imprint.enabled, `answers` measures the final answers (after the imprint evidence) on up to
+    ANSWER_CROPS validation crops, and with inference.imprint.unknown_check too, `unknown_eval_answers` the final
+    answers' unknown-pill decision on the held-out drugs' photos (answers_unknown_report). With a detector,
+    `box_check` holds its confidences in the labelled pills of the validation combination photos
+    (pillsnap.eval.box_calibration)."""
     from pillsnap.data import build_dataloaders_twostage
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
@@ -143,10 +142,16 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         raise ValueError("no validation split to calibrate on: raise data.val_ratio")
     keep = float(cfg.inference.unknown_keep_correct if keep_correct is None else keep_correct)
     model = WithFeatures(load_classifier_for_inference(ckpt, device)[0]).eval()
-    val, figures = _temperature(model, loaders.cls_val, device)
+    manifest = load_manifest_if_any(cfg)
+    sources = crop_sources(loaders.cls_val.dataset, manifest)  # per crop of the data set (the answers index it)
+    # Everything inference applies is fit on the crops inference makes: a single-pill photo where its pill is
+    # located, not at the annotators' box (the validation of training, and its early stopping, use those).
+    crops = inference_crops(loaders.cls_val.dataset, sources, cfg)
+    val, figures = _temperature(model, loaders.cls_val if crops is loaders.cls_val.dataset
+                                else eval_loader(crops, cfg), device)
 
-    rules = _unknown_rules(model, loaders, val, cfg, keep, device)
-    thresholds, by_source, manifest = rules.thresholds, rules.by_source, rules.manifest
+    rules = _unknown_rules(model, loaders, val, cfg, keep, device, sources)
+    thresholds, by_source = rules.thresholds, rules.by_source
     # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
     stored = {"temperature": val.temperature, "unknown_rule": rule, "unknown_thresholds": thresholds,
               "unknown_thresholds_by_source": by_source,
@@ -156,45 +161,46 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     report = {**stored, **figures}
     held_out = None if manifest is None else held_out_loader(cfg, set(loaders.meta["class_names"]), manifest)
     if held_out is not None:
+        held_classes = len(set(held_out.dataset.rows.column("mapping_code")))
+        held_out = eval_loader(inference_crops(held_out.dataset, np.full(len(held_out.dataset), "single"), cfg), cfg)
         # The held-out photos are single-pill photos: they are compared with the known drugs' single-pill crops,
         # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
         _, held_log_p, held_features = model_outputs(model, held_out, device)
         report.update(held_out_report(
             rule, (held_log_p, held_features), val.temperature, rules.gaussians, rules.val_scores, rules.correct,
             np.ones(len(rules.correct), bool) if rules.scored is None else rules.scored == "single", thresholds,
-            thresholds if by_source is None else by_source["single"],
-            len(set(held_out.dataset.rows.column("mapping_code")))))
-    _answers(model, loaders, val.temperature, rule, rules, keep, held_out, cfg, stored, report)
+            thresholds if by_source is None else by_source["single"], held_classes))
+    _answers(model, crops, sources, loaders.meta, val.temperature, rule, rules, keep, held_out, cfg, stored, report)
     boxes = calibrate_boxes(cfg, exp_dir, manifest, device)  # the detector's confidences, for the box check
     if boxes is not None:
         stored["box_check"] = boxes
         report["box_check"] = box_summary(boxes, cfg.inference)
-    # what an enrolment would take from the trained drugs is measured on a few validation crops of each, as
-    # inference cuts them
-    probe = build_probe(model, loaders.cls_val.dataset, rules.sources, val.temperature, rules.gaussians, cfg, device)
+    # what an enrolment would take from the trained drugs is measured on a few of these validation crops of each
+    probe = build_probe(model, crops, val.labels, val.features, val.probs, rules.gaussians, cfg, device,
+                        val.temperature)
     report["validation_probe_crops"] = None if probe is None else int(len(probe.labels))
     _write(exp_dir, stored, report, rules.gaussians, probe)
     return report
 
 
-def _answers(model: Any, loaders: Any, temperature: float, rule: str, rules: UnknownRules, keep: float,
-             held_out: Any, cfg: DictConfig, stored: dict, report: dict) -> None:
-    """The answers inference gives, the unknown-pill rule in force: their accuracy and ECE after the imprint
-    evidence, the evidence's scale, and the scores the prediction sets are calibrated on, into `stored` (what
-    inference reads) and `report`. Nothing to answer with a tensor-only data set (no photos)."""
+def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, temperature: float, rule: str,
+             rules: UnknownRules, keep: float, held_out: Any, cfg: DictConfig, stored: dict, report: dict) -> None:
+    """The answers inference gives on the validation crops (`dataset`, cut as inference cuts them), the unknown-pill
+    rule in force: their accuracy and ECE after the imprint evidence, the evidence's scale, and the scores the
+    prediction sets are calibrated on, into `stored` (what inference reads) and `report`. Nothing to answer with a
+    tensor-only data set (no photos)."""
     from pillsnap.infer.thresholds import WEIGHTS
 
     outcome = {"answers": None, "evidence_scale": 1.0, "prediction_sets": None}
-    dataset = loaders.cls_val.dataset
     if hasattr(dataset, "load_crop"):
         by_source = rules.by_source
         unknown = UnknownAnswer(rule, rules.thresholds[rule], rules.gaussians, None if by_source is None else {
             source: values[rule] for source, values in by_source.items()}) if keep > 0 else None
         outcome = answer_calibration(
-            model, dataset, temperature, list(loaders.meta["class_names"]), dict(loaders.meta.get("class_map") or {}),
+            model, dataset, temperature, list(meta["class_names"]), dict(meta.get("class_map") or {}),
             int(cfg.inference.topk), int(cfg.inference.imprint.threads),
             read_imprints=bool(cfg.inference.imprint.enabled), check_unknown=bool(cfg.inference.imprint.unknown_check),
-            held_out=None if held_out is None else held_out.dataset, unknown=unknown, sources=rules.sources,
+            held_out=None if held_out is None else held_out.dataset, unknown=unknown, sources=sources,
             seed=int(cfg.train.seed))
     if outcome["answers"] is not None:
         report["answers"] = outcome["answers"]

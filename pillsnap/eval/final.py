@@ -91,6 +91,11 @@ def final_test_written(exp_dir: str | Path) -> bool:
     return named == file_sha256(metrics)
 
 
+def final_test_missing(exp_dir: str | Path, stage: int) -> bool:
+    """Whether the run owes its final test (final_test_owed) and its results are not written yet."""
+    return final_test_owed(exp_dir, stage) is None and not final_test_written(exp_dir)
+
+
 def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:
     """Evaluate classification_best.pt / detection_best.pt on the test split; write final_test_results.json.
     `device`: where (default: cuda when available)."""

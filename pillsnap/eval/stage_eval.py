@@ -47,13 +47,7 @@ def evaluation_device(summary: dict, requested: str | None = None) -> Any:
     from pillsnap.utils import resolve_device
 
     if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError as err:  # torch's own message lists every device type it knows
-            raise ValueError(f"--device {requested}: not a device (cpu, cuda, cuda:N)") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device on this machine (use --device cpu)")
-        return device
+        return resolve_device(requested)  # a device this machine lacks: a DeviceError that says so
     trained = str((summary.get("system") or {}).get("device") or "")
     if trained.startswith("cuda") and torch.cuda.is_available():
         return torch.device(trained)

@@ -1,6 +1,7 @@
-"""The files fit for a classifier at the end of training that inference reads: calibration.json (temperature and
-unknown-pill thresholds) and unknown_features.npz (the class Gaussians of the feature_distance rule). Each is bound
-to the weights it was fit on by a hash: a stale file is reported and skipped, never silently used.
+"""The files of a run that inference reads: its checkpoints and classes.json, and the files fit for the classifier
+at the end of training: calibration.json (temperature, unknown-pill thresholds, prediction-set scores) and
+unknown_features.npz (the class Gaussians of the feature_distance rule). Each fit file is bound to the weights it
+was fit on by a hash: a stale file is reported and skipped, never silently used.
 
 pillsnap.eval.calibration fits and writes them; this module only reads them, so inference needs nothing from eval.
 """
@@ -10,14 +11,39 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json
 
 LOGGER = logging.getLogger(__name__)
+CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
+DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
 FEATURES_FILE = "unknown_features.npz"  # beside it: the class Gaussians the feature_distance rule measures against
+
+
+def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def find_checkpoints(exp_dir: str | Path) -> tuple[Path, Path | None]:
+    """(classifier, detector or None) checkpoints of an experiment, best before last; no classifier is an error."""
+    ckpt_dir = Path(exp_dir) / "checkpoints"
+    cls_path = _first_existing(ckpt_dir, CLASSIFIER_CKPTS)
+    if cls_path is None:
+        raise FileNotFoundError(f"No classifier checkpoint in {ckpt_dir} (looked for "
+                                f"{', '.join(CLASSIFIER_CKPTS)}); train first (pillsnap train / pillsnap demo)")
+    return cls_path, _first_existing(ckpt_dir, DETECTOR_CKPTS)
+
+
+def load_classes(path: Path) -> tuple[list[str], dict]:
+    """(class names in the classifier's order, class map) from the classes.json the trainer writes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the trainer writes it next to the checkpoints")
+    data = read_json(path)
+    return list(data["class_names"]), dict(data.get("class_map") or {})
 
 
 def _upgrade(stored: dict, path: Path) -> dict:
@@ -103,3 +129,50 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
                       f"{'on' if stored.get('imprint_check') else 'off'} and it is now "
                       f"{'on' if imprint_check else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
     return conformal_threshold(scores_from_json(stored["scores"][check_set_method(method)]), coverage), None
+
+
+def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading: bool,
+                        imprint_check: bool) -> Any:
+    """The prediction-set rule (pillsnap.infer.answer.SetRule) at inference.prediction_set's coverage (`settings`),
+    from the scores calibrated for these weights; None without them (answers carry no set, said once in the
+    log). Settings that make no sense are a ValueError whether or not there is a calibration."""
+    from pillsnap.infer.answer import SetRule
+    from pillsnap.metrics.conformal import check_set_method
+
+    method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
+    fill = settings.get("fill_to_coverage", True)
+    if not isinstance(fill, bool):
+        raise ValueError(f"inference.prediction_set.fill_to_coverage must be true or false, got {fill!r}")
+    if calibration is None:
+        return None
+    threshold, problem = load_set_rule(calibration, method, coverage, imprint_reading, imprint_check)
+    if problem:
+        LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
+        return None
+    return SetRule(method, coverage, threshold, fill=fill)
+
+
+def load_calibration_for(ckpt_dir: Path, classifier: Path, sha256: str) -> dict | None:
+    """The calibration fit for the classifier file `classifier` (load_calibration), or None, said once in the log:
+    probabilities are then raw softmax and no pill is answered as unknown."""
+    calibration = load_calibration(ckpt_dir, classifier, sha256)
+    if calibration is None:
+        LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered as "
+                    "unknown", classifier.name)
+    return calibration
+
+
+def configured_unknown_rule(calibration: dict | None, ckpt_dir: Path, settings: Any) -> Any:
+    """The unknown-pill rule inference.unknown_rule names (`settings`: the inference section) with the threshold
+    calibrated for it, per crop source too (pillsnap.infer.unknown.UnknownAnswer); off without a calibration or
+    with inference.unknown_keep_correct at 0."""
+    from pillsnap.infer.unknown import UnknownAnswer
+
+    rule = str(settings.unknown_rule)
+    if calibration is None or float(settings.unknown_keep_correct) <= 0:
+        return UnknownAnswer(rule, None)
+    threshold, gaussians = load_unknown_rule(ckpt_dir, calibration, rule)
+    by_source = unknown_thresholds_by_source(calibration, rule) if threshold is not None else None
+    return UnknownAnswer(rule, threshold, gaussians, by_source)

@@ -313,7 +313,7 @@ def stored_sha(ckpt_dir: Path) -> str | None:
 def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None) -> dict:
     """Remove an enrolled drug (from a stale store too: that is how one is cleared). EnrolmentError when `code` is
     not enrolled. A running predictor stops answering it on its next photo."""
-    from pillsnap.infer.pipeline import find_checkpoints
+    from pillsnap.infer.artefacts import find_checkpoints
 
     ckpt_dir = Path(exp_dir) / "checkpoints"
     classifier = classifier or find_checkpoints(exp_dir)[0]
@@ -338,7 +338,7 @@ def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None)
 def listing(exp_dir: str | Path, classifier: str | Path | None = None) -> dict:
     """The enrolled drugs (`drugs`) and, when the store was made for other weights, `stale` with the reason (its
     drugs are listed but not answered)."""
-    from pillsnap.infer.pipeline import find_checkpoints
+    from pillsnap.infer.artefacts import find_checkpoints
 
     ckpt_dir = Path(exp_dir) / "checkpoints"
     classifier = classifier or find_checkpoints(exp_dir)[0]

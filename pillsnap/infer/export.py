@@ -58,7 +58,7 @@ def _summary(entry: dict) -> str:
 def export_experiment(exp_dir: Path, cfg: Any, images: list[str] | None = None, samples: int = 8,
                       opset: int = 17) -> dict:
     """Export both models, check parity, write parity.json (always) and export.json (when parity holds)."""
-    from pillsnap.infer.pipeline import find_checkpoints
+    from pillsnap.infer.artefacts import find_checkpoints
     from pillsnap.models.export import EXPORT_DIR, EXPORT_META, PARITY_REPORT
     from pillsnap.utils import ensure_dir, save_json
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 # single: classify the whole photo as one pill; combo: detect pills, classify each; auto: the detector looks at every
 # photo and the answer is single only when it sees one pill that agrees with the whole-photo answer (decide_route).
 INFERENCE_MODES = ("single", "combo", "auto")
@@ -117,3 +119,28 @@ def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single
     pills = [pill for pill, box in zip(pills, doubted, strict=True) if not box]
     reasons += [reason for reason, field in PILL_HARD_CASES if any(_says(pill, field) for pill in pills)]
     return reasons
+
+
+SAME_PILL_SHARE = 0.5  # a doubted box lying this much inside another counted box is a faint second box of that pill
+
+
+def _share_inside(box: np.ndarray, outer: np.ndarray) -> float:
+    """The share of xyxy `box`'s area inside xyxy `outer`."""
+    w = max(0.0, min(box[2], outer[2]) - max(box[0], outer[0]))
+    h = max(0.0, min(box[3], outer[3]) - max(box[1], outer[1]))
+    return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
+
+
+def distinct_pills(dets: np.ndarray, doubts: Sequence[str | None]) -> list[int]:
+    """The detected boxes ([N, 5] x, y, w, h, confidence) that are distinct pills: every box the detector is sure
+    of (`doubts` None), then the boxes that may hold no pill (most confident first) unless one lies mostly
+    (SAME_PILL_SHARE) inside a box counted before: a faint second box of that pill. Nothing is hidden by this: it
+    only counts pills for routing."""
+    from pillsnap.utils.boxes import xywh_to_xyxy
+
+    boxes = xywh_to_xyxy(np.asarray(dets[:, :4], float))
+    counted = [i for i, doubt in enumerate(doubts) if doubt is None]
+    for i in sorted((i for i, doubt in enumerate(doubts) if doubt is not None), key=lambda i: -dets[i, 4]):
+        if all(_share_inside(boxes[i], boxes[k]) < SAME_PILL_SHARE for k in counted):
+            counted.append(i)
+    return counted

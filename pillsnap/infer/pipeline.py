@@ -23,58 +23,37 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pillsnap.infer.answer import Classified, SetRule, UnknownRule, classifier_candidates, decide_answer
+from pillsnap.infer.answer import Classified, UnknownRule, classifier_candidates, decide_answer
+from pillsnap.infer.artefacts import (
+    DETECTOR_CKPTS,
+    configured_set_rule,
+    configured_unknown_rule,
+    find_checkpoints,
+    load_calibration_for,
+    load_classes,
+)
 from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
-from pillsnap.infer.gating import NO_SURE_PILL, GatingDecision, check_mode, decide_route, hard_case_reasons
+from pillsnap.infer.gating import (
+    NO_SURE_PILL,
+    GatingDecision,
+    check_mode,
+    decide_route,
+    distinct_pills,
+    hard_case_reasons,
+)
 from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, single_photo_crop, unletterbox_boxes
 from pillsnap.infer.thresholds import calibrated_evidence, fit_without
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
-from pillsnap.utils import read_json, resolve_device
+from pillsnap.utils import resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
-CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
-DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
-SAME_PILL_SHARE = 0.5  # a doubted box lying this much inside another counted box is a faint second box of that pill
-
-
-def _share_inside(box: np.ndarray, outer: np.ndarray) -> float:
-    """The share of xyxy `box`'s area inside xyxy `outer`."""
-    w = max(0.0, min(box[2], outer[2]) - max(box[0], outer[0]))
-    h = max(0.0, min(box[3], outer[3]) - max(box[1], outer[1]))
-    return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
-
-
-def _distinct(dets: np.ndarray, doubts: Sequence[str | None]) -> list[int]:
-    """The boxes that are distinct pills: every box the detector is sure of, then the boxes that may hold no pill
-    (most confident first) unless one lies mostly (SAME_PILL_SHARE) inside a box counted before: a faint second box
-    of that pill. Nothing is hidden by this: it only counts pills for routing."""
-    boxes = xywh_to_xyxy(np.asarray(dets[:, :4], float))
-    counted = [i for i, doubt in enumerate(doubts) if doubt is None]
-    for i in sorted((i for i, doubt in enumerate(doubts) if doubt is not None), key=lambda i: -dets[i, 4]):
-        if all(_share_inside(boxes[i], boxes[k]) < SAME_PILL_SHARE for k in counted):
-            counted.append(i)
-    return counted
-
-
-def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def find_checkpoints(exp_dir: str | Path) -> tuple[Path, Path | None]:
-    """(classifier, detector or None) checkpoints of an experiment, best before last; no classifier is an error."""
-    ckpt_dir = Path(exp_dir) / "checkpoints"
-    cls_path = _first_existing(ckpt_dir, CLASSIFIER_CKPTS)
-    if cls_path is None:
-        raise FileNotFoundError(f"No classifier checkpoint in {ckpt_dir} (looked for "
-                                f"{', '.join(CLASSIFIER_CKPTS)}); train first (pillsnap train / pillsnap demo)")
-    return cls_path, _first_existing(ckpt_dir, DETECTOR_CKPTS)
 
 
 def _default_cfg(exp_dir: str | Path | None = None) -> Any:
@@ -109,14 +88,16 @@ class Predictor:
         self.classifier_path, self.detector_path = find_checkpoints(self.exp_dir)
         self.export: dict | None = None  # export.json when the onnx backend runs
         image_size = self._load_classifier()
-        self.class_names, self.class_map = self._load_classes(ckpt_dir / "classes.json")
+        self.class_names, self.class_map = load_classes(ckpt_dir / "classes.json")
         self._check_classes(self.classifier_path, image_size)
-        self.calibration = self._load_calibration()
+        self.calibration = (load_calibration_for(self.exp_dir / "checkpoints", self.classifier_path,
+                                                 self.classifier_sha256) if self.settings.calibration else None)
         self.unknown = self._unknown_rule()
         self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         imprint = self.settings.imprint
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
-        self.set_rule = self._set_rule(bool(imprint.enabled))
+        self.set_rule = configured_set_rule(self.calibration, self.settings.prediction_set, bool(imprint.enabled),
+                                            self.check_unknown)
         # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
         # what they say (pillsnap.eval.answer_calibration.fit_evidence_scale), and the thresholds its sets were fit with
         self.weights, self.thresholds = calibrated_evidence(self.calibration)
@@ -172,19 +153,6 @@ class Predictor:
         self.crop_margin = float(snapshot.get("data", {}).get("crop_margin", self.cfg.data.crop_margin))
         return int(snapshot["model"]["image_size"])
 
-    def _load_calibration(self) -> dict | None:
-        """Temperature and unknown-pill rule fit for these weights at the end of training (None: raw softmax,
-        no unknown answers, said once in the log)."""
-        if not self.settings.calibration:
-            return None
-        from pillsnap.infer.artefacts import load_calibration
-
-        calibration = load_calibration(self.exp_dir / "checkpoints", self.classifier_path, self.classifier_sha256)
-        if calibration is None:
-            LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered "
-                        "as unknown", self.classifier_path.name)
-        return calibration
-
     @cached_property
     def classifier_sha256(self) -> str:
         """The classifier file's SHA-256, hashed once (what calibration and enrolments are bound to)."""
@@ -205,52 +173,19 @@ class Predictor:
         return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     def _unknown_rule(self) -> UnknownAnswer:
-        """The configured unknown-pill rule with the threshold calibrated for it (off without calibration, with
-        inference.unknown_keep_correct at 0, or where the export lacks the features the rule needs)."""
-        from pillsnap.infer.artefacts import load_unknown_rule, unknown_thresholds_by_source
-
-        rule = str(self.settings.unknown_rule)
-        if self.calibration is None or float(self.settings.unknown_keep_correct) <= 0:
-            return UnknownAnswer(rule, None)
-        threshold, gaussians = load_unknown_rule(self.exp_dir / "checkpoints", self.calibration, rule)
-        by_source = unknown_thresholds_by_source(self.calibration, rule) if threshold is not None else None
-        if rule == "feature_distance" and self.export is not None and len(self.classifier.output_names) < 2:
+        """The configured unknown-pill rule with its calibrated threshold (configured_unknown_rule), off where the
+        ONNX export lacks the features the rule needs."""
+        unknown = configured_unknown_rule(self.calibration, self.exp_dir / "checkpoints", self.settings)
+        if (unknown.rule == "feature_distance" and unknown.threshold is not None and self.export is not None
+                and len(self.classifier.output_names) < 2):
             LOGGER.warning("the ONNX classifier in %s has no features output (exported by an older PillSnap): no "
                            "pill is answered as unknown; run `pillsnap export --exp %s`", self.classifier.path,
                            self.exp_dir)
-            threshold = None
-        return UnknownAnswer(rule, threshold, gaussians, by_source)
+            return UnknownAnswer(unknown.rule, None)
+        return unknown
 
     def _answer_rules(self, unknown: UnknownAnswer) -> dict[str, UnknownRule]:
         return {source: unknown.for_answer(len(self.class_names), source) for source in CROP_SOURCES}
-
-    def _set_rule(self, imprint_reading: bool) -> SetRule | None:
-        """The prediction-set rule at inference.prediction_set.coverage, from the scores calibrated for these
-        weights (None without them: answers carry no set, said once in the log)."""
-        from pillsnap.infer.artefacts import load_set_rule
-        from pillsnap.metrics.conformal import check_set_method
-
-        settings = self.settings.prediction_set
-        method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
-        if not 0.0 < coverage < 1.0:
-            raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
-        fill = settings.get("fill_to_coverage", True)
-        if not isinstance(fill, bool):
-            raise ValueError(f"inference.prediction_set.fill_to_coverage must be true or false, got {fill!r}")
-        if self.calibration is None:
-            return None
-        threshold, problem = load_set_rule(self.calibration, method, coverage, imprint_reading, self.check_unknown)
-        if problem:
-            LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
-            return None
-        return SetRule(method, coverage, threshold, fill=fill)
-
-    @staticmethod
-    def _load_classes(path: Path) -> tuple[list[str], dict]:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the trainer writes it next to the checkpoints")
-        data = read_json(path)
-        return list(data["class_names"]), dict(data.get("class_map") or {})
 
     @torch.no_grad()
     def _check_classes(self, cls_path: Path, image_size: int) -> None:
@@ -421,7 +356,7 @@ class Predictor:
                hints: Hints | None) -> tuple[GatingDecision, list]:
         """Route on the classifier's view (no evidence yet), then answer only the pills of the chosen path.
 
-        Auto routes on the distinct pills the detector saw (_distinct): a faint second box of a pill does not
+        Auto routes on the distinct pills the detector saw (distinct_pills): a faint second box of a pill does not
         make a photo one of several. A photo of several goes to combo, where every box is answered (a box that may
         hold no pill as "maybe no pill"). When the one pill seen is a box that may hold none, away from the
         whole-photo pill, the whole-photo answer stands, flagged, and the box is answered beside it."""
@@ -431,7 +366,7 @@ class Predictor:
         if mode == "combo" or (mode == "auto" and self.has_detector):
             dets = self.detect(image, conf)
         doubts = self._doubts(dets, conf)
-        seen = None if dets is None else _distinct(dets, doubts) if mode == "auto" else list(range(len(dets)))
+        seen = None if dets is None else distinct_pills(dets, doubts) if mode == "auto" else list(range(len(dets)))
         one_box = mode == "auto" and seen is not None and len(seen) == 1
         agrees = self._agrees(image, whole, dets[seen[0]]) if one_box else None
         decision = decide_route(mode, conf_single, None if seen is None else len(seen), threshold, agrees,

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pillsnap.config import load_cli_config
-    from pillsnap.infer.pipeline import find_checkpoints
+    from pillsnap.infer.artefacts import find_checkpoints
     from pillsnap.serve.app import create_app
     from pillsnap.serve.auth import resolve_api_key
     from pillsnap.serve.limits import uvicorn_limits

@@ -189,9 +189,3 @@ def memory_snapshot() -> dict[str, float]:
     return {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mb": round(peak_rss, 1),
             "peak_cuda_mem_mb": round(CUDA_PEAKS.peak_mb(), 1)}
 
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """'cuda' when available unless `device` says otherwise."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,117 @@
+"""Calibration fit on the validation photos cut as inference cuts them (a single-pill photo where its pill is
+located: pillsnap.eval.outputs.InferenceCrops, this code) against calibration fit on the labelled boxes (before),
+on a trained experiment, in the same run.
+
+1. Calibration once per cut: the temperature, the validation answers' ECE and its floor, the unknown-pill
+   thresholds and the held-out drugs' unknown-pill answers (AUROC, rejected shares).
+2. The experiment's test photos through the pipeline in auto mode under each calibration (one thread): single-photo
+   accuracy, the combination photos, the prediction sets (coverage, mean size, sure share and accuracy) and the
+   ECE of the named test pills' stated probabilities (known drugs; on single photos and on all), with its sampling
+   floor: whether a probability means on test photos what calibration says it means.
+
+The experiment's calibration files are rewritten; the last pass leaves this code's.
+
+    .venv/bin/python bench/calibration_crops.py --exp runs/demo/exp
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ARMS = ("labelled boxes (before)", "as inference cuts (now)")
+
+
+@contextlib.contextmanager
+def cut_at_boxes(before: bool) -> Iterator[None]:
+    """Calibration's validation crops at the labelled boxes (`before`) or as inference cuts them (this code)."""
+    from pillsnap.eval import calibration
+
+    saved = calibration.inference_crops
+    if before:
+        calibration.inference_crops = lambda dataset, sources, cfg: dataset
+    try:
+        yield
+    finally:
+        calibration.inference_crops = saved
+
+
+def calibrate(cfg, before: bool) -> dict:
+    from pillsnap.eval import calibration
+
+    with cut_at_boxes(before):
+        report = calibration.calibrate_classifier(cfg, cfg.paths.exp_dir)
+    answers, unknown = report.get("answers") or {}, report.get("unknown_eval_answers") or {}
+    by_source = report["unknown_thresholds_by_source"] or {}
+    figures = {"temperature": report["temperature"], "ece": answers.get("ece"),
+               "ece_floor": answers.get("ece_sampling_floor"), "accuracy": answers.get("accuracy"),
+               "single_threshold": (by_source.get("single") or {}).get(report["unknown_rule"]),
+               "auroc": unknown.get("auroc"), "unknown_rejected": unknown.get("unknown_rejected"),
+               "known_rejected": unknown.get("known_rejected")}
+    return figures
+
+
+def test_figures(cfg) -> tuple[dict, list[dict]]:
+    import torch
+
+    from pillsnap.data import load_manifest
+    from pillsnap.data.stages import select_stage
+    from pillsnap.eval.pipeline_eval import _photo_outcome, photo_groups, set_figures
+    from pillsnap.infer.pipeline import Predictor
+    from pillsnap.metrics.calibration import ece_of, ece_sampling_floor
+
+    torch.set_num_threads(1)
+    photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
+    predictor = Predictor(cfg.paths.exp_dir, cfg, "cpu")
+    known = set(predictor.class_names)
+    done = [_photo_outcome(photo, predictor.predict(photo["image_path"], mode="auto"), known) for photo in photos]
+    combos = [o for o in done if o["image_type"] != "single"]
+    figures = {"single": float(np.mean([o["all_right"] for o in done if o["image_type"] == "single"])),
+               "combo_all_right": float(np.mean([o["all_right"] for o in combos])),
+               "combo_pills": float(np.mean([p["right"] for o in combos for p in o["pills"]])),
+               **{k: set_figures(done)[k] for k in ("coverage", "mean_set_size", "sure_share", "sure_accuracy")}}
+    for name, kinds in (("single", ("single",)), ("all", ("single", "combination"))):
+        named = [p for o in done if o["image_type"] in kinds for p in o["pills"] if p["known"] and p["named"]]
+        confidence = np.array([p["topk"][0][1] for p in named])
+        right = np.array([p["right"] for p in named])
+        figures[f"test_ece_{name}"] = ece_of(confidence, right)
+        figures[f"test_ece_{name}_floor"] = ece_sampling_floor(confidence)
+    return figures, done
+
+
+def main() -> None:
+    from pillsnap.config import load_run_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", required=True, help="a trained experiment (its calibration files are rewritten)")
+    args = parser.parse_args()
+    cfg = load_run_config(args.exp, [], None, required=("manifest_dir",))
+    results: dict[str, dict] = {}
+    outcomes = {}
+    for name in ARMS:
+        validation = calibrate(cfg, name == ARMS[0])
+        test, outcomes[name] = test_figures(cfg)
+        results[name] = {**validation, **test}
+    for name, values in results.items():
+        print(name)
+        print("  " + "  ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in values.items()))
+    before, now = results.values()
+    print("ratio (now / before): " + ", ".join(
+        f"{k} {now[k] / before[k]:.3f}x" for k in ("single", "combo_pills", "mean_set_size", "sure_share",
+                                                  "test_ece_single", "test_ece_all") if before[k]))
+    changed = 0
+    for old, new in zip(*outcomes.values(), strict=True):
+        for p, q in zip(old["pills"], new["pills"], strict=True):
+            if p["right"] != q["right"] or p["set"] != q["set"] or p["named"] != q["named"]:
+                changed += 1
+                print(f"  {Path(new['image_path']).name} {p['code']}: right {p['right']} -> {q['right']}, named "
+                      f"{p['named']} -> {q['named']}, set {len(p['set'] or [])} -> {len(q['set'] or [])}")
+    print(f"pills answered differently: {changed}")
+
+
+if __name__ == "__main__":
+    main()
