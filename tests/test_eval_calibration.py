@@ -109,6 +109,14 @@ def test_calibration_with_held_out_classes(tmp_path):
     probe, why = load_probe(exp / "checkpoints", stored)
     assert why is None and len(probe.labels) == report["validation_probe_crops"] == report["n_val"]
     assert ((probe.top > 0) & (probe.top <= 1)).all() and set(probe.labels.tolist()) <= set(range(4))
+    import numpy as np
+
+    from pillsnap.metrics.novelty import ClassGaussians
+
+    whiten = ClassGaussians.load(exp / "checkpoints" / FEATURES_FILE).whiten  # the probe: those same crops
+    # stored in float16: a hundredth on features of ~10
+    assert np.abs(probe.whitened - cut["inference"][2] @ whiten).max() < 0.05
+    assert np.abs(probe.whitened - cut["labelled"][2] @ whiten).max() > 0.5
     probe_path = exp / "checkpoints" / stored["validation_probe_file"]
     saved = probe_path.read_bytes()
     Probe(probe.whitened[:2], probe.labels[:2], probe.top[:2], probe.right[:2]).save(probe_path)

@@ -286,6 +286,14 @@ def test_the_evaluation_device_and_refusals():
         assert str(evaluation_device({"system": {"device": "cuda:0"}})) == "cpu"  # reported as not comparable
 
 
+def test_a_run_trained_on_a_gpu_this_machine_lacks_is_evaluated_on_one_it_has(monkeypatch):
+    """A run trained on cuda:3 evaluated on a one-GPU machine goes to its GPU, cuda, not to a device it lacks."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert str(evaluation_device({"system": {"device": "cuda:3"}})) == "cuda"
+    assert str(evaluation_device({"system": {"device": "cuda:0"}})) == "cuda:0"
+
+
 def test_evaluating_another_stage_than_the_run_trained_is_refused(synth_cfg, tmp_path, caplog):
     from omegaconf import OmegaConf
 

@@ -50,7 +50,9 @@ def evaluation_device(summary: dict, requested: str | None = None) -> Any:
         return resolve_device(requested)  # a device this machine lacks: a DeviceError that says so
     trained = str((summary.get("system") or {}).get("device") or "")
     if trained.startswith("cuda") and torch.cuda.is_available():
-        return torch.device(trained)
+        # the run's own GPU where this machine has it (cuda:3 trained, one GPU here: cuda)
+        device = torch.device(trained)
+        return device if device.index is None or device.index < torch.cuda.device_count() else torch.device("cuda")
     if trained.startswith("cuda"):
         LOGGER.warning("the run trained on %s but this machine has no CUDA device: latencies are measured on the "
                        "CPU and reported as not comparable to the GPU targets", trained)
