@@ -395,7 +395,7 @@ def test_a_save_due_inside_an_accumulation_window_is_made_when_it_closes(tmp_pat
 
 
 def test_positions_of_two_tasks_with_a_nan_loss_are_still_one_save():
-    from pillsnap.engine.trainer import _same_save
+    from pillsnap.engine.checkpointing import same_save as _same_save
 
     saved = {"epoch": 2, "loss_sum": {"detection": float("nan")}, "rng": [{"torch": torch.zeros(3)}]}
     assert _same_save({**saved, "rng": [{"torch": torch.ones(3)}]}, saved)

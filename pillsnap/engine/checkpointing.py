@@ -10,6 +10,7 @@ sees every task at one and the same epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -173,3 +174,56 @@ def saved_peak_lr(ckpt: dict) -> float | None:
     if (ckpt.get("oom_state") or {}).get("sched_mode") == "by_samples":
         return None
     return float(ckpt["scheduler_state"]["base_lrs"][0])
+
+
+def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
+                    logger: logging.Logger) -> dict[str, tuple[Path, dict]]:
+    """The checkpoints to restore of those `found` per task: with train.resume=PATH (`resume`), the tasks' files of
+    that file's epoch only.
+
+    `best` files of two tasks are rarely of one epoch; restoring both would give one task a schedule and an
+    early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
+    (with a warning naming both epochs); last.pt or train.resume=last keep every task."""
+    if str(resume) == "last" or len(found) < 2:
+        return found
+    given = Path(str(resume)).resolve()
+    anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
+    if anchor is None:
+        return found
+    kept = {}
+    for name, (path, ckpt) in found.items():
+        if int(ckpt["epoch"]) == int(anchor["epoch"]):
+            kept[name] = (path, ckpt)
+        else:
+            logger.warning("%s is from epoch %d, not epoch %d like %s: %s starts fresh (resume from the last "
+                           "checkpoints, or their last files, to keep every task)", path, int(ckpt["epoch"]),
+                           int(anchor["epoch"]), given.name, name)
+    return kept
+
+
+def resumed_progress(ckpts: dict[str, dict], start_epoch: int, logger: logging.Logger) -> Any:
+    """The position inside the next epoch (pillsnap.engine.loop.EpochProgress) that the restored checkpoints
+    `ckpts` were saved at (Trainer.save_progress), when every task it names was restored from one and the same
+    save; else None (the epoch after `start_epoch` starts over)."""
+    from pillsnap.engine.loop import EpochProgress
+
+    saved = next((c["progress"] for c in ckpts.values() if c.get("progress")), None)
+    if saved is None:
+        return None
+    progress = EpochProgress.from_dict(saved)
+    whole = all(name in ckpts and same_save(ckpts[name].get("progress"), saved) for name in progress.drawn)
+    if progress.epoch != start_epoch + 1 or not whole:
+        logger.warning("the checkpoints' position inside epoch %d is not theirs all (another save's, or of another "
+                       "epoch than %d): epoch %d starts over", progress.epoch, start_epoch + 1, start_epoch + 1)
+        return None
+    return progress
+
+
+def same_save(a: dict | None, b: dict) -> bool:
+    """Whether two checkpoints' positions come from one save. Compared as JSON text: a NaN loss is not equal to
+    itself but reads the same; the random states (tensors, each file its own copy) are left out."""
+    return a is not None and _position_text(a) == _position_text(b)
+
+
+def _position_text(progress: dict) -> str:
+    return json.dumps({k: v for k, v in progress.items() if k != "rng"}, sort_keys=True)

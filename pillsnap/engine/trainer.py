@@ -7,7 +7,6 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -144,7 +143,7 @@ class Trainer:
                 continue
             if path is not None:
                 found[name] = (path, load_ckpt(path, map_location=self.device))
-        restored = self._same_generation(found)
+        restored = ck.same_generation(self.cfg.train.resume, found, self.logger)
         for name, (path, ckpt) in restored.items():
             task = self.tasks[name]
             task.load_checkpoint_state(ckpt, origin=str(path))
@@ -160,7 +159,8 @@ class Trainer:
         self.tb.purge_from(self.state.global_step + 1)
         self.start_epoch = self.epoch_done = max(epochs.values())
         self.history = ck.previous_history(self.exp_dir / "reports" / "metrics.json", self.start_epoch)
-        self.progress = self._resumed_progress({name: ckpt for name, (_, ckpt) in restored.items()})
+        self.progress = ck.resumed_progress({name: ckpt for name, (_, ckpt) in restored.items()}, self.start_epoch,
+                                            self.logger)
         # the stage clock goes on from the save inside the epoch, else from the last whole epoch's record
         self.state.clock_offset = (float(self.progress.elapsed_s) if self.progress is not None else
                                    float(self.history[-1].get("elapsed_s") or 0.0) if self.history else 0.0)
@@ -180,43 +180,6 @@ class Trainer:
                 self.logger.info("%s stopped early before this resume (%d epochs without improvement, "
                                  "train.early_stopping.patience=%s): it stays stopped", name,
                                  self.es_state[name]["bad_epochs"], es.patience)
-
-    def _resumed_progress(self, ckpts: dict[str, dict]) -> EpochProgress | None:
-        """The position inside the next epoch that the restored checkpoints were saved at (see save_progress), when
-        every task it names was restored from one and the same save; else None (the epoch starts over)."""
-        saved = next((c["progress"] for c in ckpts.values() if c.get("progress")), None)
-        if saved is None:
-            return None
-        progress = EpochProgress.from_dict(saved)
-        whole = all(name in ckpts and _same_save(ckpts[name].get("progress"), saved) for name in progress.drawn)
-        if progress.epoch != self.start_epoch + 1 or not whole:
-            self.logger.warning("the checkpoints' position inside epoch %d is not theirs all (another save's, or "
-                                "of another epoch than %d): epoch %d starts over", progress.epoch,
-                                self.start_epoch + 1, self.start_epoch + 1)
-            return None
-        return progress
-
-    def _same_generation(self, found: dict[str, tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
-        """The checkpoints to restore: with train.resume=PATH, the tasks' files of that file's epoch only.
-
-        `best` files of two tasks are rarely of one epoch; restoring both would give one task a schedule and an
-        early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
-        (with a warning naming both epochs); last.pt or train.resume=last keep every task."""
-        if str(self.cfg.train.resume) == "last" or len(found) < 2:
-            return found
-        given = Path(str(self.cfg.train.resume)).resolve()
-        anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
-        if anchor is None:
-            return found
-        kept = {}
-        for name, (path, ckpt) in found.items():
-            if int(ckpt["epoch"]) == int(anchor["epoch"]):
-                kept[name] = (path, ckpt)
-            else:
-                self.logger.warning("%s is from epoch %d, not epoch %d like %s: %s starts fresh (resume from the "
-                                    "last checkpoints, or their last files, to keep every task)", path,
-                                    int(ckpt["epoch"]), int(anchor["epoch"]), given.name, name)
-        return kept
 
     def _start_fresh(self, name: str, task: Task) -> None:
         """A task with no checkpoint in a resumed run: its schedule spans the epochs it has left, not all of them."""
@@ -512,16 +475,6 @@ class Trainer:
                             "(--resume) continues", epoch, self._committed())
         self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
         return EXIT_INTERRUPTED
-
-
-def _same_save(a: dict | None, b: dict) -> bool:
-    """Whether two checkpoints' positions come from one save. Compared as JSON text: a NaN loss is not equal to
-    itself but reads the same; the random states (tensors, each file its own copy) are left out."""
-    return a is not None and _position_text(a) == _position_text(b)
-
-
-def _position_text(progress: dict) -> str:
-    return json.dumps({k: v for k, v in progress.items() if k != "rng"}, sort_keys=True)
 
 
 def _steps_text(progress: EpochProgress) -> str:
