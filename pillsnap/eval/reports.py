@@ -180,7 +180,7 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    title = f"Reliability on the validation split ({total} crops)"
+    title = f"Reliability on the validation split ({total} crops, cut as inference cuts them)"
     if floor is not None:
         title += f"\nECE of a perfectly calibrated model this size: about {floor:.2f}"
     ax.set_title(title, fontsize=10)
