@@ -120,11 +120,17 @@ def test_a_run_that_stopped_early_trains_no_more_on_resume_and_finishes_again(tm
     weights = (exp / "checkpoints" / "classification_last.pt").read_bytes()
     calibrated = []
     monkeypatch.setattr(pillsnap.train, "calibrate", lambda trainer, build: calibrated.append(trainer.start_epoch))
-    assert train(make_cfg(exp, *stopping, "train.resume=last"), fake_build_loaders) == 0
+    # the last validation ended past the stage's time cap: the restart's start-up must not make it a time cap
+    capped = {**before, "history": [*before["history"][:-1], {**before["history"][-1], "elapsed_s": 3700.0}]}
+    save_json(exp / "reports" / "metrics.json", capped)
+    cap = "data.progressive_validation.stage_1.time_limit_hours=1.0"
+    assert train(make_cfg(exp, *stopping, cap, "train.resume=last"), fake_build_loaders) == 0
     after = read_json(exp / "reports" / "metrics.json")
-    assert (after["status"], after["epoch"], after["history"]) == ("early_stopped", 2, before["history"])
+    assert (after["status"], after["epoch"], after["history"]) == ("early_stopped", 2, capped["history"])
+    assert after["system"] == before["system"]  # the training's memory peaks, not the restart's
     assert (exp / "checkpoints" / "classification_last.pt").read_bytes() == weights  # not trained
     assert calibrated == [2]  # the work after training ran again
+    save_json(exp / "reports" / "metrics.json", before)  # the run as it stopped, its clock well inside the cap
     for more in ("train.early_stopping.patience=2", "train.early_stopping.enabled=false"):
         code, trainer = run_training(make_cfg(exp, "train.epochs=4", "train.early_stopping.min_delta=1000", more,
                                               "train.resume=last"), fake_build_loaders)
@@ -132,6 +138,33 @@ def test_a_run_that_stopped_early_trains_no_more_on_resume_and_finishes_again(tm
         save_json(exp / "reports" / "metrics.json", before)  # back to the stopped run for the next case
         (exp / "checkpoints" / "classification_last.pt").write_bytes(weights)
         (exp / "checkpoints" / "last.pt").unlink(missing_ok=True)
+
+
+def test_an_epoch_without_the_monitored_metric_counts_against_patience_on_resume_as_it_did_live(tmp_path, caplog):
+    """A validation that lacks the monitored metric is no improvement, live and when a resume replays the history:
+    a run stopped that way stays stopped (it trained no further epoch), and the stop's log line says so."""
+    exp = tmp_path / "exp"
+    typo = ("train.epochs=3", "train.early_stopping.patience=1", "train.early_stopping.monitor=macro_f1_typo")
+    with caplog.at_level(logging.INFO):
+        code, trainer = run_training(make_cfg(exp, *typo), fake_build_loaders)
+    assert code == 0 and trainer.stopped == {"classification"}
+    assert "early stopping classification at epoch 1 (macro_f1_typo best none (never measured))" in caplog.text
+    code, trainer = run_training(make_cfg(exp, *typo, "train.resume=last"), fake_build_loaders)
+    assert code == 0 and trainer.stopped == {"classification"}
+    assert load_ckpt(exp / "checkpoints" / "classification_last.pt")["epoch"] == 1
+
+
+def test_a_path_to_a_last_file_keeps_every_task_a_best_file_only_its_epochs(tmp_path):
+    from pillsnap.engine.checkpointing import same_generation
+
+    logger = logging.getLogger("test")
+    found = {"classification": (tmp_path / "classification_last.pt", {"epoch": 9}),
+             "detection": (tmp_path / "detection_last.pt", {"epoch": 5})}
+    assert same_generation(str(tmp_path / "classification_last.pt"), found, logger) == found
+    assert same_generation(str(tmp_path / "last.pt"), found, logger) == found
+    best = {"classification": (tmp_path / "classification_best.pt", {"epoch": 9}),
+            "detection": (tmp_path / "detection_best.pt", {"epoch": 5})}
+    assert list(same_generation(str(tmp_path / "classification_best.pt"), best, logger)) == ["classification"]
 
 
 def test_an_early_stopped_task_of_an_interleaved_run_stays_stopped_while_the_other_trains_on(tmp_path):

@@ -147,11 +147,14 @@ def resume_source(resume: Any, ckpt_dir: str | Path, task: str, specs: Sequence[
     return path
 
 
+def previous_summary(metrics_json: Path) -> dict:
+    """An earlier run's metrics.json ({} when there is none)."""
+    return read_json(metrics_json) if metrics_json.is_file() else {}
+
+
 def previous_history(metrics_json: Path, upto_epoch: int) -> list[dict]:
     """Epoch records of an earlier run, cut at the resumed epoch (later ones are being redone)."""
-    if not metrics_json.is_file():
-        return []
-    history = read_json(metrics_json).get("history", [])
+    history = previous_summary(metrics_json).get("history", [])
     return [h for h in history if int(h.get("epoch", 0)) <= upto_epoch]
 
 
@@ -159,9 +162,11 @@ def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: st
     """Rebuild the early-stopping state (best, bad epochs) from the history so patience survives a resume."""
     state = new_early_stopping_state()
     for record in history:
-        value = (record.get(task) or {}).get(monitor)
-        if value is not None:
-            early_stopping(state, float(value), mode, patience=10**9, min_delta=min_delta)
+        if task not in record:  # an epoch this task did not train
+            continue
+        value = (record[task] or {}).get(monitor)  # missing: no improvement, as the live check counts it (NaN)
+        early_stopping(state, float("nan") if value is None else float(value), mode, patience=10**9,
+                       min_delta=min_delta)
     return state
 
 
@@ -184,9 +189,9 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
     `best` files of two tasks are rarely of one epoch; restoring both would give one task a schedule and an
     early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
     (with a warning naming both epochs); last.pt or train.resume=last keep every task."""
-    if str(resume) == "last" or len(found) < 2:
-        return found
     given = Path(str(resume)).resolve()
+    if str(resume) == "last" or len(found) < 2 or given.name == "last.pt" or given.name.endswith("_last.pt"):
+        return found
     anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
     if anchor is None:
         return found

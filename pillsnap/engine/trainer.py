@@ -108,6 +108,7 @@ class Trainer:
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
+        self.trained_nothing = False  # a resumed run whose every task had stopped early
         self.status = "running"
         self.samples_over_ranks: dict[str, int] = {}  # under DDP: every rank's samples, summed (_share_counts)
         self.recovery_read = False  # an OOM recovery file was read at start; rank 0 removes it after a commit
@@ -223,8 +224,9 @@ class Trainer:
                                            float(es.min_delta))
             if stop and es.enabled:
                 self.stopped.add(name)
-                self.logger.info("early stopping %s at epoch %d (%s best %.4f)", name, epoch, task.monitor,
-                                 self.es_state[name]["best"])
+                best = self.es_state[name]["best"]
+                self.logger.info("early stopping %s at epoch %d (%s best %s)", name, epoch, task.monitor,
+                                 "none (never measured)" if best is None else f"{best:.4f}")
             record[name] = {**val[name], **train[name], "lr": task.lr}
             saves.append(ck.Save(name, ("last", "best") if is_best else ("last",), self._state(name, epoch),
                                  task.spec.checkpoint_aliases))
@@ -275,6 +277,9 @@ class Trainer:
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
         out["system"] = {"device": str(self.device), **memory_snapshot()}
+        if self.trained_nothing:
+            earlier = ck.previous_summary(self.exp_dir / "reports" / "metrics.json").get("system")
+            out["system"] = earlier or out["system"]
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
@@ -314,6 +319,14 @@ class Trainer:
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at()})
         epoch = self.start_epoch
+        if self.start_epoch > 0 and set(self.tasks) <= self.stopped:
+            # every task had stopped early: nothing more is trained, and the run ends as it did (or, killed before
+            # its end, as it would have), so the work after training runs (again, after a restart where it failed).
+            # Before the time cap's check: the restart's own start-up must not turn an early stop into a time cap.
+            self.logger.warning("every task had stopped early by epoch %d: nothing more is trained", epoch)
+            self._share_counts()
+            self.trained_nothing = True  # metrics.json keeps the training's memory peaks, not this process's
+            return self._finish(epoch)
         if (self.start_epoch > 0 or self.progress is not None) and self.runner.time_capped():
             # A run that resumes a spent stage clock (say a torchrun restart after exit code 4) trains no more:
             # training on until the first check would turn a failed time cap into a pass.
@@ -321,12 +334,6 @@ class Trainer:
                                 "is trained (raise data.progressive_validation.stage_%d.time_limit_hours to train "
                                 "on)", self.stage, self.stage_cfg.get("time_limit_hours"), self.stage)
             self.status = "time_capped"
-            self._share_counts()
-            return self._finish(epoch)
-        if self.start_epoch > 0 and set(self.tasks) <= self.stopped:
-            # every task had stopped early: nothing more is trained, and the run ends as it did (or, killed before
-            # its end, as it would have), so the work after training runs (again, after a restart where it failed)
-            self.logger.warning("every task had stopped early by epoch %d: nothing more is trained", epoch)
             self._share_counts()
             return self._finish(epoch)
         try:

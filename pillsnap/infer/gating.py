@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # single: classify the whole photo as one pill; combo: detect pills, classify each; auto: the detector looks at every
 # photo and the answer is single only when it sees one pill that agrees with the whole-photo answer (decide_route).
@@ -136,6 +138,8 @@ def distinct_pills(dets: np.ndarray, doubts: Sequence[str | None]) -> list[int]:
     of (`doubts` None), then the boxes that may hold no pill (most confident first) unless one lies mostly
     (SAME_PILL_SHARE) inside a box counted before: a faint second box of that pill. Nothing is hidden by this: it
     only counts pills for routing."""
+    import numpy as np
+
     from pillsnap.utils.boxes import xywh_to_xyxy
 
     boxes = xywh_to_xyxy(np.asarray(dets[:, :4], float))
