@@ -188,7 +188,8 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
 
     `best` files of two tasks are rarely of one epoch; restoring both would give one task a schedule and an
     early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
-    (with a warning naming both epochs); last.pt or train.resume=last keep every task."""
+    (with a warning naming both epochs); a path to a last file (last.pt, TASK_last.pt) or train.resume=last keep
+    every task."""
     given = Path(str(resume)).resolve()
     if str(resume) == "last" or len(found) < 2 or given.name == "last.pt" or given.name.endswith("_last.pt"):
         return found
