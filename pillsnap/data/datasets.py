@@ -51,12 +51,13 @@ class BoxJitter(NamedTuple):
         if self.scale <= 0 and self.shift <= 0:
             return crop
         width, height = crop.size
+        short = min(width, height)
         grow = float(np.exp((2 * torch.rand(()).item() - 1) * np.log1p(self.scale)))
-        pill = min(width, height) / (1 + 2 * self.margin)
+        pill = short / (1 + 2 * self.margin)
         dx, dy = ((2 * torch.rand(2) - 1) * self.shift * pill).tolist()
         # the margin's backdrop is all that may be mirrored: a mirror reaching further would copy the pill's edge
-        room = max(0, int((min(width, height) - pill) / 2) - 1)
-        side = min(max(1, int(round(min(width, height) * grow))), min(width, height) + 2 * room)
+        room = max(0, int((short - pill) / 2) - 1)
+        side = min(max(1, int(round(short * grow))), short + 2 * room)
         left = int(np.clip(round(width / 2 + dx - side / 2), -room, width + room - side))
         top = int(np.clip(round(height / 2 + dy - side / 2), -room, height + room - side))
         pad = max(0, -left, -top, left + side - width, top + side - height)

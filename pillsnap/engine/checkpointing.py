@@ -190,8 +190,10 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
     early-stopping history of epochs its weights never saw. A task whose file is of another epoch starts fresh
     (with a warning naming both epochs); a path to a last file (last.pt, TASK_last.pt) or train.resume=last keep
     every task."""
+    if str(resume) == "last" or len(found) < 2:
+        return found
     given = Path(str(resume)).resolve()
-    if str(resume) == "last" or len(found) < 2 or given.name == "last.pt" or given.name.endswith("_last.pt"):
+    if given.name == "last.pt" or given.name.endswith("_last.pt"):
         return found
     anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
     if anchor is None:

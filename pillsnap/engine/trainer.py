@@ -108,7 +108,9 @@ class Trainer:
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
-        self.trained_nothing = False  # a resumed run whose every task had stopped early
+        # a resumed run whose every task had stopped early trains nothing: its metrics.json keeps the training's
+        # memory peaks (the stage report's GPU-memory advice reads them), not the restart's
+        self.earlier_system: dict | None = None
         self.status = "running"
         self.samples_over_ranks: dict[str, int] = {}  # under DDP: every rank's samples, summed (_share_counts)
         self.recovery_read = False  # an OOM recovery file was read at start; rank 0 removes it after a commit
@@ -276,10 +278,7 @@ class Trainer:
                 out[name] = {k: last.get(k) for k in task.spec.summary_keys}
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
-        out["system"] = {"device": str(self.device), **memory_snapshot()}
-        if self.trained_nothing:
-            earlier = ck.previous_summary(self.exp_dir / "reports" / "metrics.json").get("system")
-            out["system"] = earlier or out["system"]
+        out["system"] = self.earlier_system or {"device": str(self.device), **memory_snapshot()}
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
@@ -325,7 +324,7 @@ class Trainer:
             # Before the time cap's check: the restart's own start-up must not turn an early stop into a time cap.
             self.logger.warning("every task had stopped early by epoch %d: nothing more is trained", epoch)
             self._share_counts()
-            self.trained_nothing = True  # metrics.json keeps the training's memory peaks, not this process's
+            self.earlier_system = ck.previous_summary(self.exp_dir / "reports" / "metrics.json").get("system")
             return self._finish(epoch)
         if (self.start_epoch > 0 or self.progress is not None) and self.runner.time_capped():
             # A run that resumes a spent stage clock (say a torchrun restart after exit code 4) trains no more:

@@ -123,11 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_final(args: argparse.Namespace) -> int:
     """`pillsnap evaluate --final`: the test split, for a run that owes it (pillsnap.eval.final.final_test_owed: a
-    Stage 4 run that trained all it meant to, by its own saved config), on the device asked for (checked before
-    anything loads), holding the experiment folder like any evaluation."""
+    Stage 4 run that trained all it meant to, by its own saved config), on the device asked for (pillsnap.cli
+    checks it before any command), holding the experiment folder like any evaluation."""
     from pillsnap.engine.run import hold_experiment
     from pillsnap.eval.final import final_test_evaluation, final_test_owed, final_test_written
-    from pillsnap.eval.stage_eval import evaluation_device
     from pillsnap.utils.locks import BusyError
 
     log = logging.getLogger("pillsnap")
@@ -140,10 +139,6 @@ def run_final(args: argparse.Namespace) -> int:
         log.error("evaluate --final: --yes, --choice and a stage override do not apply: the final test has no "
                   "advisor, and the run's stage is the one it trained")
         return 2
-    try:
-        device = str(evaluation_device({}, args.device)) if args.device else None
-    except ValueError as err:  # not a device, or no CUDA here: said before anything loads
-        return _refused("evaluate --final", err)
     if not exp.is_dir():
         log.error("evaluate --final: %s: no such experiment folder", exp)
         return 2
@@ -157,7 +152,7 @@ def run_final(args: argparse.Namespace) -> int:
             if final_test_written(exp):
                 log.warning("evaluate --final: %s has its final test results already; evaluating the same "
                             "checkpoints again", exp)
-            result = final_test_evaluation(cfg, device=device)
+            result = final_test_evaluation(cfg, device=args.device)  # checked before any command (pillsnap.cli)
     except BusyError as err:  # a config error has the command line's own line; anything else its traceback
         return _refused("evaluate --final", err)
     print(f"final test evaluation: {result['recommendation']} -> {exp / 'reports' / 'final_test_results.json'}")

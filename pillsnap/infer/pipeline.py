@@ -90,8 +90,8 @@ class Predictor:
         image_size = self._load_classifier()
         self.class_names, self.class_map = load_classes(ckpt_dir / "classes.json")
         self._check_classes(self.classifier_path, image_size)
-        self.calibration = (load_calibration_for(self.exp_dir / "checkpoints", self.classifier_path,
-                                                 self.classifier_sha256) if self.settings.calibration else None)
+        self.calibration = (load_calibration_for(ckpt_dir, self.classifier_path, self.classifier_sha256)
+                            if self.settings.calibration else None)
         self.unknown = self._unknown_rule()
         self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         imprint = self.settings.imprint

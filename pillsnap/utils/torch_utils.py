@@ -188,4 +188,3 @@ def memory_snapshot() -> dict[str, float]:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mb": round(peak_rss, 1),
             "peak_cuda_mem_mb": round(CUDA_PEAKS.peak_mb(), 1)}
-
