@@ -59,7 +59,8 @@ class InferenceCrops(Dataset):
     (pillsnap.infer.preprocess.single_photo_crop: where the pill is located on its backdrop, else a centred
     square), a pill of a combination photo at its labelled box (the detector's box stands in for it). The data
     set's crops are cut at the labelled boxes, which inference never sees: a located box takes in the pill's
-    shadow, and a classifier is less right there (on the demo's validation photos, 0.605 against 0.763).
+    shadow, and a classifier is less right there (bench/crop_jitter.py: 0.646 against 0.759 on the demo's single
+    test photos).
     `labels`, `transform`, `load_crop` and (x, label, info) items like the data set's; None for a photo that fails
     to decode."""
 
