@@ -120,8 +120,8 @@ def ensure_manifests(cfg: Any) -> dict:
 
 
 def training_done(exp_dir: Path) -> bool:
-    from pillsnap.eval.gates import COMPLETED_STATUSES
     from pillsnap.utils import read_json
+    from pillsnap.utils.run_status import COMPLETED_STATUSES
 
     metrics = exp_dir / "reports" / "metrics.json"
     if not metrics.is_file() or not (exp_dir / "checkpoints" / "classification_best.pt").is_file():

@@ -1,12 +1,16 @@
 """Training entry point: `python -m pillsnap.train --cfg config.yaml [dotted.key=value ...]` (= `pillsnap train`).
 
-Runs the engine, then what a finished run owes its user: the classifier's report plots from the validated
-weights and, after the last stage, the one evaluation on the test split. One run per experiment folder: a second
+Runs the engine, then what a finished run owes its user (the work after training): the classifier's report plots
+from the validated weights, its calibration, the stage's evaluation and, after the last stage, the one evaluation on
+the test split. Each step records itself done in reports/after_training.json: a run resumed with nothing left to
+train (a torchrun restart after a step failed, a rerun) does the steps left, and nothing twice. One run per
+experiment folder: a second
 one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 1 any other error, 2 a
 config, resume or input error or a folder in use, 3 out of memory (for good; under torchrun, a restart applies
 the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or SIGTERM; the last
 lines say how to resume, or how to finish the work after training). A final test evaluation after Stage 4 that
-fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap evaluate --final).
+fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap evaluate --final;
+a resume runs it too).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -55,6 +58,7 @@ def probability_tasks(trainer: Any) -> list[Any]:
 
 def write_reports(trainer: Any) -> list[Path]:
     """Confusion matrix and ROC/PR curves of the validated classifier weights, into reports/."""
+    from pillsnap.eval.after_training import mark_done
     from pillsnap.eval.reports import write_classification_reports
 
     paths: list[Path] = []
@@ -62,6 +66,7 @@ def write_reports(trainer: Any) -> list[Path]:
         y_true, y_prob = task.predict_val()
         paths += write_classification_reports(y_true, y_prob, task.class_names(), trainer.exp_dir / "reports")
         LOGGER.info("reports: %s", ", ".join(p.name for p in paths) or "none (no validation data)")
+    mark_done(trainer.exp_dir, "reports")
     return paths
 
 
@@ -69,6 +74,7 @@ def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict 
     """Temperature and unknown-pill threshold of the best classifier, fit on the validation split (with the box
     check of the detector). A run that trained only the detector calibrates its box check again, into the
     classifier's calibration."""
+    from pillsnap.eval.after_training import mark_done
     from pillsnap.eval.calibration import calibrate_classifier, load_manifest_if_any
 
     if any(task.val_loader is not None for task in probability_tasks(trainer)):
@@ -77,6 +83,7 @@ def calibrate(trainer: Any, build_loaders: Callable[[Any], Any] | None) -> dict 
         from pillsnap.eval.box_calibration import refresh_box_check
 
         refresh_box_check(trainer.cfg, trainer.exp_dir, load_manifest_if_any(trainer.cfg), trainer.device)
+    mark_done(trainer.exp_dir, "calibration")
     return None
 
 
@@ -102,27 +109,16 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
     cap failed, 130 interrupted). An interrupt in the work after training raises KeyboardInterrupt (the checkpoints
     are whole: training_ended says so)."""
     from pillsnap.engine.run import run_training
-    from pillsnap.engine.trainer import EXIT_OK
-    from pillsnap.eval.final import final_test_missing
 
-    code, trainer = run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
-                                                                   choice=choice, assume_yes=assume_yes))
-    exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
-    if code == EXIT_OK and trainer is None and final_test_missing(exp, stage):
-        # already trained, its final test never written: a torchrun restart after the work after training failed,
-        # or a rerun; every rank fails the same way, rank 0 says what is left
-        if os.environ.get("RANK", "0") == "0":
-            LOGGER.error("this Stage 4 run has no final test evaluation yet; finish with: %s",
-                         finish_command(exp, stage))
-        return 1
-    return code
+    return run_training(cfg, build_loaders, after=partial(_after_training, build_loaders=build_loaders,
+                                                          choice=choice, assume_yes=assume_yes))[0]
 
 
 def training_ended(exp_dir: str | Path, since: float) -> bool:
     """Whether a run interrupted now had already ended its training on its own: its reports/metrics.json, written
     since `since`, says completed, early stop or time cap. Then the checkpoints are whole, a resume would only say
     "already trained", and what is left is the work after training. scripts/train.sh asks the same."""
-    from pillsnap.eval.gates import FINISHED_STATUSES
+    from pillsnap.utils.run_status import FINISHED_STATUSES
 
     path = Path(exp_dir) / "reports" / "metrics.json"
     try:
@@ -138,22 +134,36 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
                     assume_yes: bool) -> int:
     from pillsnap.engine.run import run_logging
     from pillsnap.engine.trainer import EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_TIME_CAP
-    from pillsnap.eval.final import final_test_owed
+    from pillsnap.eval.after_training import AfterTrainingRecord
+    from pillsnap.eval.final import final_test_missing
 
     if code == EXIT_INTERRUPTED:
         return code
     if code == EXIT_OOM and trainer.info.enabled:  # stopped for a torchrun restart: no reports on a full GPU
         return code
+    record = AfterTrainingRecord.of(trainer.exp_dir)
+    steps = {"reports": True, "calibration": True,
+             "stage_evaluation": code in (EXIT_OK, EXIT_TIME_CAP) and bool(trainer.cfg.train.stage_evaluation),
+             # bound to the training by its own results (final_test_written)
+             "final_test": code == EXIT_OK and final_test_missing(trainer.exp_dir, trainer.stage)}
+    left = [step for step, owed in steps.items() if owed and (step == "final_test" or record.owes(step))]
     # The run's log files again: the calibration and the stage decision belong in logs/pillsnap.log too.
     with run_logging(trainer.exp_dir, True):
-        write_reports(trainer)
-        calibrate(trainer, build_loaders)
+        done = [step for step in record.done if step not in left]
+        if done:
+            LOGGER.warning("work after this training already done: %s (%s); %s", ", ".join(done), record.path,
+                           f"left: {', '.join(left)}" if left else "nothing is left to do")
+        # each step records itself done (after_training.mark_done), so a failure in a later one keeps it
+        if "reports" in left:
+            write_reports(trainer)
+        if "calibration" in left:
+            calibrate(trainer, build_loaders)
         link_stage_checkpoints(trainer)
-        if code in (EXIT_OK, EXIT_TIME_CAP) and trainer.cfg.train.stage_evaluation:
+        if "stage_evaluation" in left:
             from pillsnap.eval.stage_eval import evaluate_stage
 
             evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
-        if code == EXIT_OK and final_test_owed(trainer.exp_dir, trainer.stage) is None:
+        if "final_test" in left:
             code = _final_test(trainer)
     return code
 
@@ -175,15 +185,19 @@ def _final_test(trainer: Any) -> int:
 
 
 def finish_command(exp_dir: str | Path, stage: int) -> str:
-    """The commands that do the work after training of a run interrupted in it: the calibration (with a classifier
-    to calibrate), the stage's evaluation and, after a whole Stage 4, the final test evaluation."""
+    """The commands that do the work after training left by a run interrupted in it: the calibration (with a
+    classifier to calibrate), the stage's evaluation and, after a whole Stage 4, the final test evaluation; those
+    already done for this training (reports/after_training.json) are left out."""
+    from pillsnap.eval.after_training import AfterTrainingRecord
     from pillsnap.eval.final import final_test_missing
 
     exp = Path(exp_dir)
+    record = AfterTrainingRecord.of(exp)
     steps = []
-    if (exp / "checkpoints" / "classification_best.pt").is_file():
+    if (exp / "checkpoints" / "classification_best.pt").is_file() and record.owes("calibration"):
         steps.append(f"pillsnap calibrate --exp {shlex.quote(str(exp))}")
-    steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
+    if record.owes("stage_evaluation"):
+        steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
     if final_test_missing(exp, stage):
         steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --final")
     return " && ".join(steps)
@@ -246,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
         return code
     exp, stage = cfg.paths.exp_dir, int(cfg.data.progressive_validation.current_stage)
     if training_ended(exp, started):  # the steps cut short are run on their own instead of a resume
-        LOGGER.warning("interrupted after training; finish with: %s", finish_command(exp, stage))
+        # a resume trains nothing and does the steps left, the report plots too (they have no command of their own)
+        left, resume = finish_command(exp, stage), resume_command(args)
+        LOGGER.warning("interrupted after training; finish with: %s", f"{left} (or: {resume})" if left else resume)
     else:  # a resume with no checkpoints yet starts fresh, so the hint always holds
         LOGGER.warning("interrupted; resume with: %s", resume_command(args))
     return code

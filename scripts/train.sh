@@ -111,7 +111,7 @@ case $rc in
   4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2
      verdict ;;
   130) if trained_before_interrupt; then
-         # the checkpoints are whole: a resume would only say "already trained"; the run named what is left
+         # the checkpoints are whole: the run named what finishes the steps left (a resume does them too)
          echo "train.sh: interrupted after training; finish with the commands above" >&2
        else
          echo "train.sh: interrupted; resume with: $(resume_command)" >&2

@@ -19,6 +19,7 @@ from pillsnap.engine import ClassificationTask, DetectionTask
 from pillsnap.engine.checkpointing import checkpoint_beside
 from pillsnap.engine.run import run_training
 from pillsnap.engine.trainer import EXIT_INTERRUPTED
+from pillsnap.eval.after_training import mark_done
 from pillsnap.train import resume_command, train
 from pillsnap.utils import load_ckpt, save_json
 
@@ -258,9 +259,10 @@ def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, 
 
 
 def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypatch, caplog, tmp_path):
-    """Ctrl-C during the calibration or the stage evaluation: the checkpoints are complete, so a resume would only
-    say "already trained"; the hint names the commands that finish the cut-short steps. Told apart by the run's
-    own metrics.json: written by this run, with its training ended (training_ended)."""
+    """Ctrl-C during the calibration or the stage evaluation: the checkpoints are complete; the hint names the
+    commands that finish the steps left (those done for this training left out), and the resume that does the same.
+    Told apart from an interrupt in training by the run's own metrics.json: written by this run, with its training
+    ended (training_ended)."""
     from omegaconf import OmegaConf
 
     import pillsnap.config
@@ -284,8 +286,17 @@ def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypat
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "checkpoints" / "classification_best.pt").write_bytes(b"a classifier to calibrate")
     assert pillsnap.train.run(args) == 130
-    assert f"pillsnap calibrate --exp {exp} && pillsnap evaluate --exp {exp} --stage 2" in caplog.text
-    assert "train.resume=last" not in caplog.text
+    resume = "pillsnap train --cfg c.yaml train.resume=last"
+    assert (f"interrupted after training; finish with: pillsnap calibrate --exp {exp} && pillsnap evaluate --exp "
+            f"{exp} --stage 2 (or: {resume})") in caplog.text
+    caplog.clear()
+    mark_done(exp, "calibration")  # the calibration was done before the interrupt
+    assert pillsnap.train.run(args) == 130
+    assert f"finish with: pillsnap evaluate --exp {exp} --stage 2 (or: {resume})" in caplog.text
+    mark_done(exp, "stage_evaluation")
+    caplog.clear()
+    assert pillsnap.train.run(args) == 130  # what is left (the report plots) has no command of its own
+    assert f"interrupted after training; finish with: {resume}" in caplog.text
     for status in ("interrupted", None):  # a second Ctrl-C while saving; one while setting up (an older file)
         caplog.clear()
         monkeypatch.setattr(pillsnap.train, "train", interrupted_with(status))

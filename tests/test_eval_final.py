@@ -57,12 +57,18 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
 
     first = read_json(results)
     results.unlink()
-    # a rerun (a torchrun restart after the test failed) finds the run trained, and its final test owed: exit 1
+    # a rerun (a torchrun restart after the test failed) finds the run trained and its final test owed: it runs the
+    # final test alone, not the calibration and the stage evaluation already done for this training
     caplog.clear()
+    reports = Path(cfg.paths.exp_dir) / "reports"
+    done_before = {name: (reports / name).stat().st_mtime_ns for name in ("calibration.json", "reliability.png")}
     cfg.train.resume = "last"  # what a torchrun restart resumes from
-    assert main(cfg) == 1
-    assert "no final test evaluation yet; finish with: " in caplog.text
-    assert f"pillsnap evaluate --exp {cfg.paths.exp_dir} --final" in caplog.text
+    assert main(cfg) == 0
+    assert read_json(results)["test_results"] == first["test_results"]
+    assert {name: (reports / name).stat().st_mtime_ns for name in done_before} == done_before
+    assert "work after this training already done: reports, calibration (" in caplog.text
+    assert "left: final_test" in caplog.text
+    results.unlink()
     monkeypatch.chdir(tmp_path)
     exp = str(cfg.paths.exp_dir)
     for refused in (["--stage", "2"], ["--device", "nonsense"], ["data.progressive_validation.current_stage=1"],
@@ -76,9 +82,12 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
     again = read_json(results)
     assert again["test_results"] == first["test_results"] and again["recommendation"] == first["recommendation"]
     assert f"final test evaluation: {again['recommendation']}" in capsys.readouterr().out
-    assert main(cfg) == 0  # trained, and tested: nothing owed
+    tested = results.stat().st_mtime_ns
+    caplog.clear()
+    assert main(cfg) == 0  # trained, and tested: nothing owed, the test split not opened again
+    assert results.stat().st_mtime_ns == tested and "nothing is left to do" in caplog.text
     os.utime(results, (0, 0))  # a copy that lost the file times: the results name the metrics they followed
-    assert main(cfg) == 0
+    assert main(cfg) == 0 and results.stat().st_mtime == 0  # not evaluated again
     # a run stopped by its time cap is not tested, by training or by the command
     metrics = Path(exp) / "reports" / "metrics.json"
     metrics.write_text(metrics.read_text(encoding="utf-8").replace('"completed"', '"time_capped"'), encoding="utf-8")

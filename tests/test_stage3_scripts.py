@@ -122,7 +122,7 @@ def test_train_sh_on_a_held_folder_stops_before_writing_to_its_logs(synth_root, 
 ])
 def test_train_sh_after_an_interrupt_says_resume_or_finish_as_the_run_did(tmp_path, status, said):
     """Exit 130 both ways: interrupted in training (resume), or in the work after it, where the checkpoints are
-    whole and a resume would only say "already trained" (the run printed the commands that finish it). The run is
+    whole and the run printed the commands that finish the steps left. The run is
     a stand-in for `python -m pillsnap.train` that writes its metrics.json and exits 130; the rest is the real
     script."""
     exp = tmp_path / "exp"

@@ -136,7 +136,8 @@ class MetricsFilesCallback(Callback):
         self._append("oom", event)
 
     def on_train_end(self, summary: dict) -> None:
-        save_json(self.json_path, summary)
+        # a run that trains nothing and ends as its training did leaves the file as it was (Trainer.summary)
+        save_json(self.json_path, summary, keep_same=True)
         self._append("end", {"status": summary.get("status")})
 
 

@@ -108,15 +108,16 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
                  callbacks: list[Callback] | None = None,
                  task_types: Sequence[type[Task]] = DEFAULT_TASKS,
                  after: Callable[[int, Trainer], int] | None = None) -> tuple[int, Trainer | None]:
-    """Run training per `cfg`; returns (exit code, the Trainer or None when it did not train).
+    """Run training per `cfg`; returns (exit code, the Trainer or None when it could not start).
 
-    Exit codes: 0 ok (also: already trained to the planned epochs), 2 config/resume error or an experiment folder
-    another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart), 4 time cap failed,
-    130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to pillsnap.data.build_dataloaders_twostage;
-    `callbacks` are added to the rank-0 defaults; `task_types` are the Task classes the run may train; `after(code,
-    trainer)`: rank 0's work once the process group is gone (reports, calibration, the stage decision), still
-    holding the folder and with SIGTERM still an interrupt; it returns the run's exit code. Under `torchrun` every
-    rank runs this; only rank 0 writes files (and a rank that runs out of memory, its recovery file).
+    Exit codes: 0 ok (also: a resume with nothing left to train, Trainer.trains_nothing), 2 config/resume error or
+    an experiment folder another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart),
+    4 time cap failed, 130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to
+    pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
+    Task classes the run may train; `after(code, trainer)`: rank 0's work once the process group is gone (reports,
+    calibration, the stage decision), still holding the folder and with SIGTERM still an interrupt; it returns the
+    run's exit code. Under `torchrun` every rank runs this; only rank 0 writes files (and a rank that runs out of
+    memory, its recovery file).
     """
     info = init_distributed(float(cfg.train.get("ddp_timeout_minutes", 120)))
     cfg = _prepare_cfg(cfg)
@@ -180,9 +181,12 @@ def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: 
     except KeyboardInterrupt:
         logger.warning("interrupted before training started")
         return EXIT_INTERRUPTED, None
-    if trainer.already_trained() and not trainer.runner.time_capped():  # a spent clock: fit reports the verdict
-        logger.warning("already trained to epoch %d; raise --epochs (train.epochs=%s now) to continue",
-                       trainer.start_epoch, cfg.train.epochs)
+    why = trainer.trains_nothing()
+    if why is not None and not trainer.has_record():
+        # checkpoints resumed from another folder (or a folder whose reports were removed): no training of this
+        # folder to end, and nothing of it to finish
+        logger.warning("%s; %s records no training to finish: nothing is trained or written",
+                       why, Path(cfg.paths.exp_dir) / "reports" / "metrics.json")
         return EXIT_OK, None
     return trainer.fit(), trainer
 

@@ -48,6 +48,7 @@ from pillsnap.utils import (
     memory_snapshot,
     resolve_device,
 )
+from pillsnap.utils.run_status import FINISHED_STATUSES
 
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 # The tasks a run may train, in the order of a sequential run; each decides from the config and loaders whether
@@ -108,9 +109,10 @@ class Trainer:
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
-        # a resumed run whose every task had stopped early trains nothing: its metrics.json keeps the training's
-        # memory peaks (the stage report's GPU-memory advice reads them), not the restart's
-        self.earlier_system: dict | None = None
+        # a resumed run that trains nothing more (trains_nothing): the record of the training it resumed. Its
+        # metrics.json stays as it was, or, where that training was cut before its end, keeps the training's memory
+        # peaks (the stage report's GPU-memory advice reads them), not the restart's
+        self.earlier: dict | None = None
         self.status = "running"
         self.samples_over_ranks: dict[str, int] = {}  # under DDP: every rank's samples, summed (_share_counts)
         self.recovery_read = False  # an OOM recovery file was read at start; rank 0 removes it after a commit
@@ -190,9 +192,24 @@ class Trainer:
         task.build_schedule(left)
         self.logger.info("%s starts fresh: its schedule spans its %d remaining epoch(s)", name, left)
 
-    def already_trained(self) -> bool:
-        """A resumed run whose checkpoints are already at the last planned epoch."""
-        return self.start_epoch > 0 and self.start_epoch >= len(self.plan)
+    def trains_nothing(self) -> str | None:
+        """Why a resumed run trains nothing more, or None when it trains: its checkpoints are at the last planned
+        epoch, every task had stopped early, or the runs it resumes spent the stage's time cap. Such a run ends as
+        its training did (or, cut before its end, as it would have), and the work after training left runs."""
+        if self.start_epoch == 0 and self.progress is None:
+            return None
+        if self.start_epoch >= len(self.plan) and self.progress is None:
+            return (f"already trained to epoch {self.start_epoch}; raise --epochs (train.epochs="
+                    f"{self.cfg.train.epochs} now) to continue")
+        if set(self.tasks) <= self.stopped:
+            return f"every task had stopped early by epoch {self.start_epoch}: nothing more is trained"
+        if self.runner.time_capped():
+            # training on until the first check would turn a failed time cap (a torchrun restart after exit code
+            # 4) into a pass
+            return (f"stage {self.stage}: its time cap ({self.stage_cfg.get('time_limit_hours')} h) was spent by the "
+                    "runs this one resumes; nothing more is trained (raise data.progressive_validation.stage_"
+                    f"{self.stage}.time_limit_hours to train on)")
+        return None
 
     # ---- validation, checkpoints, stopping --------------------------------------------------------------------------
     def validate(self, epoch: int, active: list[str]) -> dict[str, dict]:
@@ -270,7 +287,11 @@ class Trainer:
         return round(self.state.elapsed(), 2)
 
     def summary(self, epoch: int) -> dict:
-        """reports/metrics.json: latest metrics per task, history, stage/time-cap verdict, status."""
+        """reports/metrics.json: latest metrics per task, history, stage/time-cap verdict, status. A run that trains
+        nothing keeps the record of the training it resumed as it was, where this run ends as that one did (the same
+        status, epoch, history and time-cap verdict): what follows the training (the work after it, its final test)
+        names the record by its bytes."""
+        earlier = self.earlier or {}
         out: dict[str, Any] = {"epoch": epoch, "status": self.status}
         for name, task in self.tasks.items():
             last = next((h[name] for h in reversed(self.history) if name in h), None)
@@ -278,14 +299,16 @@ class Trainer:
                 out[name] = {k: last.get(k) for k in task.spec.summary_keys}
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
-        out["system"] = self.earlier_system or {"device": str(self.device), **memory_snapshot()}
+        out["system"] = earlier.get("system") or {"device": str(self.device), **memory_snapshot()}
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
             out["stage"]["time_cap"] = self.time_cap_verdict()
         out["history"] = self.history
-        return out
+        alike = self.ended_before(earlier) and earlier["status"] == self.status and epoch == self.start_epoch
+        return earlier if alike and (earlier.get("stage") or {}).get("time_cap") == out["stage"].get("time_cap") \
+            else out
 
     def samples_seen(self, name: str) -> int:
         """The samples task `name` trained on, on every rank together (each rank counts its own shard)."""
@@ -318,21 +341,11 @@ class Trainer:
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at()})
         epoch = self.start_epoch
-        if self.start_epoch > 0 and set(self.tasks) <= self.stopped:
-            # every task had stopped early: nothing more is trained, and the run ends as it did (or, killed before
-            # its end, as it would have), so the work after training runs (again, after a restart where it failed).
-            # Before the time cap's check: the restart's own start-up must not turn an early stop into a time cap.
-            self.logger.warning("every task had stopped early by epoch %d: nothing more is trained", epoch)
-            self._share_counts()
-            self.earlier_system = ck.previous_summary(self.exp_dir / "reports" / "metrics.json").get("system")
-            return self._finish(epoch)
-        if (self.start_epoch > 0 or self.progress is not None) and self.runner.time_capped():
-            # A run that resumes a spent stage clock (say a torchrun restart after exit code 4) trains no more:
-            # training on until the first check would turn a failed time cap into a pass.
-            self.logger.warning("stage %d: its time cap (%s h) was spent by the runs this one resumes; nothing more "
-                                "is trained (raise data.progressive_validation.stage_%d.time_limit_hours to train "
-                                "on)", self.stage, self.stage_cfg.get("time_limit_hours"), self.stage)
-            self.status = "time_capped"
+        why = self.trains_nothing()
+        if why is not None:
+            self.logger.warning("%s", why)
+            self.earlier = ck.previous_summary(self.exp_dir / "reports" / "metrics.json")
+            self.status = self._ended_as(self.earlier)
             self._share_counts()
             return self._finish(epoch)
         try:
@@ -350,6 +363,29 @@ class Trainer:
         except KeyboardInterrupt:
             return self._interrupted(epoch)
         return self._finish(epoch)
+
+    def _ended_as(self, earlier: dict) -> str:
+        """The status of a run that trains nothing (trains_nothing): with epochs left to train, its spent time cap;
+        else its training's, where that training ended on its own at the resumed epoch, or (cut before its end)
+        what it would have ended as. So a restart's own start-up never turns a finished run or an early stop into
+        a time cap."""
+        if self.start_epoch < len(self.plan) and not set(self.tasks) <= self.stopped:
+            return "time_capped"
+        if self.ended_before(earlier):
+            return str(earlier["status"])
+        return self.status
+
+    def ended_before(self, earlier: dict) -> bool:
+        """Whether `earlier` (a metrics.json) records a training that ended on its own at or past the resumed epoch:
+        the training this run resumes, ended (`--only`, or a lower train.epochs, resumes it at an earlier epoch)."""
+        return earlier.get("status") in FINISHED_STATUSES and int(earlier.get("epoch") or 0) >= self.start_epoch
+
+    def has_record(self) -> bool:
+        """Whether this folder records the training this run resumes: its metrics.json reaches the resumed epoch, or
+        the run goes on inside an epoch. Checkpoints resumed from another folder, or a folder whose reports were
+        removed, have none."""
+        return self.progress is not None or (
+            bool(self.history) and int(self.history[-1].get("epoch") or 0) == self.start_epoch)
 
     def _run_epoch(self, epoch: int, active: list[str], progress: EpochProgress | None = None) -> None:
         seed_epoch(int(self.cfg.train.seed), epoch, [self.tasks[t].train_loader for t in active])
@@ -372,12 +408,12 @@ class Trainer:
 
     def _finish(self, epoch: int) -> int:
         code = EXIT_OK
+        if self.status == "running":
+            self.status = "early_stopped" if self.stopped else "completed"
         if self.status == "time_capped":
             verdict = self.summary(epoch)["stage"]["time_cap"]
             self.logger.info("stage %d time cap reached: %s", self.stage, verdict)
             code = EXIT_OK if verdict["success"] else EXIT_TIME_CAP
-        else:
-            self.status = "early_stopped" if self.stopped else "completed"
         self.callbacks.fire("on_train_end", self.summary(epoch))
         return code
 

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import DictConfig
 
+from pillsnap.eval.after_training import mark_done
 from pillsnap.eval.answer_calibration import answer_calibration, set_summary
 from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
 from pillsnap.eval.outputs import eval_loader, inference_crops, model_outputs
@@ -180,6 +181,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
                         val.temperature)
     report["validation_probe_crops"] = None if probe is None else int(len(probe.labels))
     _write(exp_dir, stored, report, rules.gaussians, probe)
+    mark_done(exp_dir, "calibration")
     return report
 
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pillsnap.eval.after_training import mark_done
 from pillsnap.eval.criteria import BUSINESS_GOALS
-from pillsnap.eval.gates import COMPLETED_STATUSES
 from pillsnap.metrics.names import final_test_name
 from pillsnap.utils import read_json, resolve_device, save_json
+from pillsnap.utils.run_status import COMPLETED_STATUSES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
 
         result["metrics_sha256"] = file_sha256(metrics_path)
     save_json(exp_dir / "reports" / "final_test_results.json", result)
+    mark_done(exp_dir, "final_test")
     LOGGER.info("final test evaluation: %s -> %s", result["recommendation"],
                 exp_dir / "reports" / "final_test_results.json")
     return result

@@ -18,6 +18,7 @@ from typing import Any
 
 from pillsnap.eval.criteria import ADVISOR, EXTERNAL_CHECKS, TIME_CAP_CHECKS, StageCriteria, Target, stage_criteria
 from pillsnap.eval.suggestions import FALLBACK, action_for, suggestions_for
+from pillsnap.utils.run_status import FINISHED_STATUSES
 
 
 def metric(results: dict | None, path: str) -> float | None:
@@ -65,8 +66,6 @@ def required_samples(t: StageCriteria, results: dict) -> int:
 
 
 # How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.
-COMPLETED_STATUSES = ("completed", "early_stopped")  # trained all it meant to
-FINISHED_STATUSES = (*COMPLETED_STATUSES, "time_capped")
 
 
 def gate_checks(stage: int, results: dict, baseline: dict | None = None) -> list[GateCheck]:

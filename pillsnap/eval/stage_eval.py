@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pillsnap.eval import stage_measure as sm
+from pillsnap.eval.after_training import mark_done
 from pillsnap.eval.criteria import stage_criteria
 from pillsnap.eval.gates import stage_decision, verdict_line
 from pillsnap.eval.latency import device_name
@@ -230,6 +231,7 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
                            "target_devices": {t.path: t.device for t in criteria.targets if t.device}},
               "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_json(path, report)
+    mark_done(exp_dir, "stage_evaluation")
     append_jsonl(exp_dir / "reports" / "metrics.jsonl", {
         "type": "stage_evaluation", "time": round(time.time(), 3), "stage": stage, "status": decision["status"],
         "recommendation": decision["recommendation"], "action": decision["action"], "reasons": decision["reasons"],
@@ -246,9 +248,13 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
 
 def finished_line(exp_dir: str | Path, stage: int, since: float = 0.0) -> str:
     """What scripts/train.sh prints last: training finished, the stage decision, the next step (the evaluation
-    written since `since`, a Unix time; an older one belongs to another run)."""
+    written since `since`, a Unix time, or recorded done for this training, reports/after_training.json; another
+    one belongs to another run)."""
+    from pillsnap.eval.after_training import AfterTrainingRecord
+
     path = evaluation_path(exp_dir, stage)
-    if not path.is_file() or path.stat().st_mtime < since:
+    recorded = path.is_file() and not AfterTrainingRecord.of(exp_dir).owes("stage_evaluation")
+    if not path.is_file() or (path.stat().st_mtime < since and not recorded):
         return (f"training finished; stage {stage} not evaluated (train.stage_evaluation is off or it failed); "
                 f"next step: pillsnap evaluate --exp {exp_dir} --stage {stage}")
     return f"training finished; {verdict_line(read_json(path))}"

@@ -17,9 +17,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.eval.criteria import ADVISOR, GPU, stage_criteria
-from pillsnap.eval.gates import COMPLETED_STATUSES
 from pillsnap.eval.latency import SAMPLES, loader_items, measure, passes, take
 from pillsnap.utils import read_json
+from pillsnap.utils.run_status import COMPLETED_STATUSES
 
 LOGGER = logging.getLogger(__name__)
 PIPELINE_SAMPLES = 10  # photos timed through the whole pipeline (each one a detector and several classifier calls)

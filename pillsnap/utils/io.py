@@ -95,9 +95,17 @@ def save_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as UTF-8 JSON (Korean unescaped), atomically."""
-    save_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+def save_json(path: str | Path, obj: Any, keep_same: bool = False) -> None:
+    """Write `obj` as UTF-8 JSON (Korean unescaped), atomically. `keep_same`: a file that already holds exactly
+    that text is left as it is, its time kept."""
+    text = json.dumps(obj, ensure_ascii=False, indent=2, default=str)
+    if keep_same:
+        try:
+            if Path(path).read_text(encoding="utf-8") == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+    save_text(path, text)
 
 
 def read_json(path: str | Path) -> Any:
