@@ -100,7 +100,9 @@ def measure(exp_dir: Path, cfg: Any, items: list[dict]) -> dict[str, dict]:
     for cut in ("labelled", "moved", "inference"):
         chosen = [item for item in items if cut in item["crops"]]
         logits = predictor.forward([item["crops"][cut] for item in chosen])[0].float().cpu()
-        probs = torch.softmax(logits / predictor.temperature, -1).numpy()
+        sources = ["single" if item["source"] == "single" else "combination" for item in chosen]
+        probs = torch.softmax(logits / torch.as_tensor(predictor.temperatures.per_row(sources),
+                                                       dtype=torch.float32)[:, None], -1).numpy()
         right = np.array([names[k] == item["code"] for k, item in zip(probs.argmax(1), chosen, strict=True)])
         single = np.array([item["source"] == "single" for item in chosen])
         figures[cut] = {"n": len(chosen), "accuracy": float(right.mean()),

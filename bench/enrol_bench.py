@@ -106,9 +106,11 @@ def probe_against_test(cfg, photos: int) -> None:
     trained = list(predictor.trained[0])
     crops = known_crops(manifest, set(trained), predictor.crop_margin, seed=int(cfg.train.seed))
     images = [crop for crop, _, _ in crops]
-    before = predictor.classify(images)
+    sources = ["single" if kind == "single" else "combination" for _, _, kind in crops]
+    before = predictor.classify(images, sources)
     logits, features = predictor.forward(images)
-    probs = torch.softmax(logits.float() / predictor.temperature, -1).numpy()
+    probs = torch.softmax(logits.float() / torch.as_tensor(predictor.temperatures.per_row(sources),
+                                                           dtype=torch.float32)[:, None], -1).numpy()
     labels = np.array([trained.index(code) for _, code, _ in crops])
     ckpt = predictor.exp_dir / "checkpoints"
     gaussians, threshold = trained_gaussians(ckpt, predictor.calibration)
@@ -118,7 +120,7 @@ def probe_against_test(cfg, photos: int) -> None:
     class_map = {c["mapping_code"]: c for c in read_json(Path(cfg.paths.manifest_dir) / "class_map.json")["classes"]}
     _enrol_all(predictor, plan, class_map)
     try:
-        after = predictor.classify(images)
+        after = predictor.classify(images, sources)
         flips = sum(b.topk[0]["mapping_code"] == code and a.topk[0]["mapping_code"] != code
                     for b, a, (_, code, _) in zip(before, after, crops, strict=True))
         store = read_store(ckpt, predictor.classifier_path)

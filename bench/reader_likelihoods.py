@@ -66,9 +66,10 @@ def read_answers(run: Run, dataset, limit: int, sources) -> tuple[np.ndarray, li
     """The crops calibration would answer (spread_sample: `limit` drawn with train.seed), read once as inference
     reads with the imprint check on; returns (their indices in `dataset`, the answers)."""
     from pillsnap.eval.answer_calibration import spread_sample, val_answers
+    from pillsnap.infer.artefacts import Temperatures
 
     indices = spread_sample(len(dataset), limit, int(run.cfg.train.seed))
-    return indices, val_answers(run.model, dataset, float(run.cal["temperature"]), run.names, run.class_map,
+    return indices, val_answers(run.model, dataset, Temperatures.from_stored(run.cal), run.names, run.class_map,
                                  int(run.cfg.inference.topk), 1, indices, True, run.unknown, sources,
                                  check_unknown=True)
 

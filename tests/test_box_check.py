@@ -346,3 +346,49 @@ def test_sets_are_filled_as_configured_and_the_evaluation_redraws_them_alike(tmp
     assert set_figures(with_sets(outcome, "lac", 0.1))["coverage"] == 0.0
     redrawn = set_figures(with_sets(outcome, "lac", 0.1, fill_to=0.95))
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 3.0 and redrawn["sure_share"] == 0.0
+
+
+def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their_labels(tmp_path: Path, caplog):
+    """Calibration cuts a combination photo's pills where the detector finds them: each labelled pill takes the box
+    that overlaps it (IoU 0.5, most confident first); a pill the detector misses, or on a photo that cannot be read,
+    keeps its labelled box (not in the map), and is counted. Single-pill photos are not asked about."""
+    import pandas as pd
+
+    from pillsnap.data.datasets import CropTable
+    from pillsnap.eval.box_calibration import detector_boxes
+
+    photo = pill_photo(tmp_path / "three.png", [(10, 10, 30, 24), (70, 20, 30, 24), (40, 100, 30, 24)])
+    labelled = [(10, 10, 30, 24), (70, 20, 30, 24), (40, 100, 30, 24), (5, 5, 20, 20), (30, 40, 50, 50)]
+    paths = [str(photo)] * 3 + [str(tmp_path / "gone.png"), str(photo)]
+    rows = pd.DataFrame({"image_path": paths, "label_path": [f"l{i}.json" for i in range(5)],
+                         "mapping_code": ["K-000001"] * 5, **{k: [b[i] for b in labelled] for i, k in
+                                                                enumerate(("bbox_x", "bbox_y", "bbox_w", "bbox_h"))}})
+    dataset = type("Set", (), {"rows": CropTable.from_frame(rows)})()
+    sources = np.array(["combination"] * 4 + ["single"])
+    seen = []
+
+    def detect(image, conf):
+        seen.append((image.size, conf))
+        return np.array([[12, 11, 30, 24, 0.9],    # pill 0, moved a little
+                         [40, 102, 32, 22, 0.8],   # pill 2
+                         [72, 60, 30, 24, 0.7],    # below pill 1, overlapping it too little
+                         [11, 10, 30, 25, 0.3]])   # a second box on pill 0: taken by the surer one
+
+    with caplog.at_level(logging.WARNING, logger="pillsnap"):
+        boxes, counts = detector_boxes(detect, dataset, sources, 0.25)
+    assert seen == [((120, 160), 0.25)]  # one photo, at the inference threshold; the single photo not asked
+    assert sorted(boxes) == [0, 2]
+    assert boxes[0].tolist() == [12, 11, 30, 24] and boxes[2].tolist() == [40, 102, 32, 22]
+    assert counts == {"pills": 4, "at_detector_boxes": 2, "missed": 1, "unreadable": 1, "match_iou": 0.5,
+                      "conf_threshold": 0.25}
+    assert "gone.png" in caplog.text
+
+    def broken(image, conf):
+        raise RuntimeError("Error(s) in loading state_dict")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pillsnap"):
+        assert detector_boxes(broken, dataset, sources, 0.25) == ({}, None)
+    assert "cut at their labelled boxes" in caplog.text and "state_dict" in caplog.text
+    assert detector_boxes(None, dataset, sources, 0.25) == ({}, None)  # no detector
+    assert detector_boxes(detect, dataset, np.array(["single"] * 5), 0.25) == ({}, None)  # no combination pill

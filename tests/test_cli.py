@@ -69,5 +69,11 @@ def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path,
     with pytest.raises(DeviceError, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
         resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
     with pytest.raises(DeviceError, match="no CUDA device on this machine"):
         resolve_device("cuda")
+    # a CPU-only torch cannot see a GPU that may well be there: the message says which it is
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match=r"is a CPU-only build; install a CUDA build of torch"):
+        resolve_device("cuda:0")
+    assert str(resolve_device("cpu")) == "cpu"

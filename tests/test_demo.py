@@ -35,6 +35,11 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     box_check = read_json(exp / "checkpoints" / "calibration.json")["box_check"]
     assert box_check["detector_sha256"] == file_sha256(exp / "checkpoints" / "detection_best.pt")
     assert box_check["photos"] > 0 and box_check["pill_confidences"] == sorted(box_check["pill_confidences"])
+    # the validation combination pills asked of this detector, each cut at the box it found where it found one, and
+    # a temperature per crop source
+    cut = summary["calibration"]["combination_boxes"]
+    assert cut["pills"] > 0 and f"{cut['at_detector_boxes']} of {cut['pills']} combination pills cut at" in out
+    assert set(summary["calibration"]["temperature_by_source"]) == {"single", "combination"}
     threshold = summary["calibration"]["box_check"]["conf_threshold"]  # the bound is drawn from the pills it keeps
     assert summary["calibration"]["box_check"]["pills"] == sum(c >= threshold for c in box_check["pill_confidences"])
     doubted = auto["doubted_boxes"]

@@ -207,6 +207,24 @@ def test_outputs_fill_arrays_of_the_data_sets_size_and_trim_what_failed_to_decod
     assert [a.shape for a in _outputs(model, empty, "cpu")] == [(0,), (0, 0), (0, 0)]
 
 
+def _two_crops_of(photo):
+    """A crop data set of two rows of `photo` (labels 3 and 5) whose own crop is a 7x7 black square (returned too):
+    what InferenceCrops cuts anew is told from what it takes from the data set."""
+    import numpy as np
+    from PIL import Image
+
+    boxed = Image.new("RGB", (7, 7), (0, 0, 0))
+
+    class Rows:
+        def __getitem__(self, index):
+            return type("Row", (), {"image_path": str(photo)})()
+
+    dataset = type("Set", (), {"rows": Rows(), "crop_margin": 0.15, "labels": np.array([3, 5]),
+                               "transform": staticmethod(lambda crop: crop),
+                               "load_crop": lambda self, index: boxed})()
+    return dataset, boxed
+
+
 def test_the_probe_cuts_crops_as_inference_does(tmp_path):
     """The enrolment probe's single-pill photos are cut as the single path cuts them (the pill located on its
     backdrop, else a centred square), not at the labelled box the classifier's data set uses; a combination
@@ -221,15 +239,7 @@ def test_the_probe_cuts_crops_as_inference_does(tmp_path):
     image = Image.new("RGB", (120, 160), (190, 190, 185))
     ImageDraw.Draw(image).ellipse((30, 50, 80, 90), fill=(200, 40, 120))
     image.save(photo)
-    boxed = Image.new("RGB", (7, 7), (0, 0, 0))
-
-    class Rows:
-        def __getitem__(self, index):
-            return type("Row", (), {"image_path": str(photo)})()
-
-    dataset = type("Set", (), {"rows": Rows(), "crop_margin": 0.15, "labels": np.array([3, 5]),
-                               "transform": staticmethod(lambda crop: crop),
-                               "load_crop": lambda self, index: boxed})()
+    dataset, boxed = _two_crops_of(photo)
     crops = InferenceCrops(dataset, np.array([True, False]), locate=True, fraction=0.35)
     cut, label, _ = crops[0]
     want = single_photo_crop(load_image(str(photo))[0], 0.15, True, 0.35)[0]  # the predictor's own decode
@@ -245,3 +255,29 @@ def test_the_probe_cuts_crops_as_inference_does(tmp_path):
     stored = single_photo_crop(Image.open(photo).convert("RGB"), 0.15, True, 0.35)[0]  # not turned
     assert np.array_equal(np.asarray(cut), np.asarray(want)) and not np.array_equal(np.asarray(cut),
                                                                                     np.asarray(stored))
+
+
+def test_a_combination_pill_is_cut_at_the_detector_box_it_was_matched_to(tmp_path):
+    """InferenceCrops cuts a combination photo's pill at the detector's box given for its row, from the photo at
+    full resolution in the frame its labels are in (the box was found there), as the combo path cuts it; a pill with
+    no detector box is the data set's own crop."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from pillsnap.eval.outputs import InferenceCrops
+    from pillsnap.infer.preprocess import crop_pill
+
+    photo = tmp_path / "combo.png"
+    image = Image.new("RGB", (200, 160), (190, 190, 185))
+    ImageDraw.Draw(image).ellipse((30, 50, 80, 90), fill=(200, 40, 120))
+    ImageDraw.Draw(image).rectangle((120, 30, 170, 60), fill=(40, 120, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a turn the predictor would apply to a photo of a person; labelled data keeps its frame
+    image.save(photo, format="PNG", exif=exif)
+    dataset, boxed = _two_crops_of(photo)
+    box = np.array([118.0, 27.0, 55.0, 36.0])
+    crops = InferenceCrops(dataset, np.array([False, False]), locate=True, fraction=0.35, detected={1: box})
+    assert crops[0][0] is boxed and crops[0][1] == 3  # no detector box: the data set's crop
+    cut, label, _ = crops[1]
+    want = crop_pill(image, box, 0.15)
+    assert label == 5 and np.array_equal(np.asarray(cut), np.asarray(want))

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pillsnap.infer.artefacts import Temperatures
 from pillsnap.infer.unknown import UnknownAnswer
 from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
 from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity, scores_from_json, scores_to_json
@@ -39,12 +40,12 @@ class ValAnswer(NamedTuple):
     source: str | None = None  # single | combination (pillsnap.infer.unknown.CROP_SOURCES); None: not known
 
 
-def val_answers(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict, topk: int,
-                 threads: int, indices: np.ndarray, reading: bool, unknown: UnknownAnswer,
-                 sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
-    """The crops of `dataset` at `indices` through the classifier and, where inference would read (the
-    contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on record), the reader (the
-    costly part, done once; the answers are then pure functions of these)."""
+def val_answers(model: Any, dataset: Any, temperatures: Temperatures, class_names: list[str], class_map: dict,
+                topk: int, threads: int, indices: np.ndarray, reading: bool, unknown: UnknownAnswer,
+                sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
+    """The crops of `dataset` at `indices` through the classifier (each at its source's temperature) and, where
+    inference would read (the contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on
+    record), the reader (the costly part, done once; the answers are then pure functions of these)."""
     import torch
 
     from pillsnap.infer.answer import Classified, classifier_candidates
@@ -59,14 +60,14 @@ def val_answers(model: Any, dataset: Any, temperature: float, class_names: list[
         except DECODE_ERRORS as err:
             LOGGER.warning("calibration: skipping an undecodable validation crop (%s)", err)
             continue
+        source = None if sources is None else str(sources[index])
         with torch.no_grad():
             logits, feats = model(dataset.transform(crop)[None].to(device))
-        probs = torch.softmax(logits.float() / temperature, -1).cpu().numpy()
+        probs = torch.softmax(logits.float() / temperatures.of(source), -1).cpu().numpy()
         score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
         candidates, reserve = classifier_candidates(probs, topk, class_names, class_map)[0]
         read = evidence.read(crop, candidates) if reading else None
-        out.append(ValAnswer(Classified(candidates, score, reserve), read, class_names[label],
-                             None if sources is None else str(sources[index])))
+        out.append(ValAnswer(Classified(candidates, score, reserve), read, class_names[label], source))
     return out
 
 
@@ -101,10 +102,11 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
 
     return float(min(EVIDENCE_SCALES, key=nll_at))
 
-def answer_calibration(model: Any, dataset: Any, temperature: float, class_names: list[str], class_map: dict,
-                       topk: int, threads: int = 0, limit: int = ANSWER_CROPS, read_imprints: bool = True,
-                       unknown: UnknownAnswer | None = None, sources: np.ndarray | None = None,
-                       check_unknown: bool = False, held_out: Any = None, seed: int = 0) -> dict:
+def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatures, class_names: list[str],
+                       class_map: dict, topk: int, threads: int = 0, limit: int = ANSWER_CROPS,
+                       read_imprints: bool = True, unknown: UnknownAnswer | None = None,
+                       sources: np.ndarray | None = None, check_unknown: bool = False, held_out: Any = None,
+                       seed: int = 0) -> dict:
     """The final answers on `limit` validation crops drawn at random with `seed` (spread_sample; all of them when
     there are fewer), as inference makes them (the imprint read where the contenders' imprints differ, then the
     posterior of pillsnap.infer.answer).
@@ -122,11 +124,12 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     from pillsnap.infer.matching import KnownImprints
     from pillsnap.infer.thresholds import WEIGHTS
 
+    temperatures = temperature if isinstance(temperature, Temperatures) else Temperatures(float(temperature))
     reading = read_imprints and Evidence(class_map, read_imprints=read_imprints).reader() is not None
     check_unknown = check_unknown and reading
     known = KnownImprints(class_map) if check_unknown else None
     unknown = unknown or UnknownAnswer("probability", None)
-    items = val_answers(model, dataset, temperature, class_names, class_map, topk, threads,
+    items = val_answers(model, dataset, temperatures, class_names, class_map, topk, threads,
                         spread_sample(len(dataset), limit, seed), reading, unknown, sources, check_unknown)
     scale = fit_evidence_scale(items, class_map)
 
@@ -141,7 +144,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float, class_names
     unknown_answers = None
     if held_out is not None and len(held_out) and check_unknown:
         # the held-out reads never fit a candidate: every turn is tried
-        held_items = val_answers(model, held_out, temperature, class_names, class_map, topk, threads,
+        held_items = val_answers(model, held_out, temperatures, class_names, class_map, topk, threads,
                                  spread_sample(len(held_out), limit, seed), reading, unknown,
                                  np.full(len(held_out), "single"), check_unknown)
         unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))

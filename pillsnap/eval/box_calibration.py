@@ -1,5 +1,7 @@
-"""Calibrating the box check (pillsnap.infer.box_check): the detector's confidence in each labelled pill of the
-validation combination photos, bound to the detector's weights by their hash and stored in calibration.json."""
+"""The detector in calibration: the box check's calibration (pillsnap.infer.box_check), the detector's confidence
+in each labelled pill of the validation combination photos, bound to the detector's weights by their hash and
+stored in calibration.json; and the detector's boxes of those pills, where calibration cuts them as inference does
+(pillsnap.eval.outputs.InferenceCrops)."""
 
 from __future__ import annotations
 
@@ -60,15 +62,81 @@ def validation_combinations(manifest: Any, limit: int, seed: int = 0) -> list[di
     return photo_groups(rows[rows["image_path"].isin(chosen)], "val")
 
 
-def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = None) -> dict | None:
-    """The box check's calibration for EXP's detector on the manifest's validation combination photos, with the
-    detector's SHA-256. None without a detector or such photos, and (said in the log) when the detector or a photo
-    cannot be read: the box check is then off, and the rest of the calibration is kept."""
+def detector_of(cfg: Any, exp_dir: str | Path, device: Any = None) -> Callable[[Any, float], np.ndarray] | None:
+    """EXP's detector as inference runs it (`detect(image, conf_threshold)` -> [N, 5] xywh + confidence, with the
+    inference settings' NMS), in torch and with no calibration applied; None without a detector checkpoint, or
+    (said in the log) when the predictor cannot be built. The detector is loaded at the first call: errors reading
+    it come from there (detector_boxes and calibrate_boxes say so and go on without it)."""
     from omegaconf import OmegaConf
 
     from pillsnap.infer.artefacts import find_checkpoints
-    from pillsnap.infer.box_check import check_box_settings
     from pillsnap.infer.pipeline import Predictor
+
+    if find_checkpoints(exp_dir)[1] is None:
+        return None
+    run_cfg = OmegaConf.merge(cfg, {"inference": {"backend": "torch", "calibration": False,
+                                                  "hard_cases": {"enabled": False}}})
+    try:
+        return Predictor(exp_dir, run_cfg, None if device is None else str(device)).detect
+    except (OSError, RuntimeError, ValueError) as err:
+        LOGGER.warning("calibration: the detector is left out of the calibration (no box check, combination pills "
+                       "at their labelled boxes): %s: %s", type(err).__name__, err)
+        return None
+
+
+def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: Any, sources: np.ndarray | None,
+                   conf_threshold: float) -> tuple[dict[int, np.ndarray], dict | None]:
+    """The detector's box of each pill of a combination photo in the crop data set `dataset` (its rows whose
+    `sources` is "combination"): each photo, decoded in the frame its labels are in, through `detect` at the
+    inference threshold, and the boxes matched to the labelled ones as the pipeline's evaluation matches them (IoU
+    MATCH_IOU, most confident first). Returns {row: [x, y, w, h]} and the counts: the pills, those at a detector
+    box, those the detector missed and those on photos that could not be read (both stay at their labelled boxes).
+    ({}, None) without a detector, such pills, or (said in the log) a detector that cannot be run."""
+    from tqdm import tqdm
+
+    from pillsnap.data.datasets import LABELLED
+    from pillsnap.utils.images import DECODE_ERRORS, read_image
+
+    members: dict[str, list[int]] = {}
+    if detect is not None and sources is not None and hasattr(dataset, "rows"):
+        for row, (path, source) in enumerate(zip(dataset.rows.column("image_path"), sources, strict=True)):
+            if source == "combination":
+                members.setdefault(path, []).append(row)
+    if not members:
+        return {}, None
+    boxes: dict[int, np.ndarray] = {}
+    unreadable = 0
+    try:
+        for path, rows in tqdm(members.items(), desc="calibration: detector boxes", unit="photo", leave=False,
+                               disable=None):
+            try:
+                image = read_image(path, LABELLED)
+            except DECODE_ERRORS as err:  # its pills stay at their labelled boxes (and fail there, if they do)
+                LOGGER.warning("calibration: detector boxes: skipped %s (%s)", path, err)
+                unreadable += len(rows)
+                continue
+            dets = detect(image, conf_threshold)
+            labelled = np.array([[r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h] for r in dataset.rows[rows]], float)
+            found = match_in_confidence_order(xywh_to_xyxy(labelled), xywh_to_xyxy(dets[:, :4]), dets[:, 4],
+                                              MATCH_IOU)
+            boxes.update({rows[t]: dets[f, :4].astype(float) for t, f in found.items()})
+    except (OSError, RuntimeError, ValueError) as err:  # the detector cannot be loaded or run
+        LOGGER.warning("calibration: combination pills are cut at their labelled boxes, not the detector's, which "
+                       "cannot be run (%s: %s)", type(err).__name__, err)
+        return {}, None
+    pills = sum(map(len, members.values()))
+    return boxes, {"pills": pills, "at_detector_boxes": len(boxes), "missed": pills - len(boxes) - unreadable,
+                   "unreadable": unreadable, "match_iou": MATCH_IOU, "conf_threshold": conf_threshold}
+
+
+def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = None,
+                    detect: Callable[[Any, float], np.ndarray] | None = None) -> dict | None:
+    """The box check's calibration for EXP's detector (`detect`: detector_of's, loaded here by default) on the
+    manifest's validation combination photos, with the detector's SHA-256. None without a detector or such
+    photos, and (said in the log) when the detector or a photo cannot be read: the box check is then off, and the
+    rest of the calibration is kept."""
+    from pillsnap.infer.artefacts import find_checkpoints
+    from pillsnap.infer.box_check import check_box_settings
     from pillsnap.models.export import file_sha256
 
     check_box_settings(cfg.inference.get("box_check") or {})  # a wrong setting is the user's to fix, said as such
@@ -76,11 +144,11 @@ def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = 
     photos = [] if manifest is None else validation_combinations(manifest, BOX_CHECK_PHOTOS, int(cfg.train.seed))
     if detector is None or not photos:
         return None
-    run_cfg = OmegaConf.merge(cfg, {"inference": {"backend": "torch", "calibration": False,
-                                                  "hard_cases": {"enabled": False}}})
+    detect = detect or detector_of(cfg, exp_dir, device)
+    if detect is None:
+        return None
     try:
-        predictor = Predictor(exp_dir, run_cfg, None if device is None else str(device))
-        stored = box_confidences(predictor.detect, photos)
+        stored = box_confidences(detect, photos)
     except (OSError, RuntimeError, ValueError) as err:  # the detector cannot be loaded or run
         LOGGER.warning("calibration: the box check is not calibrated, so detector boxes are not checked for holding "
                        "a pill (%s: %s)", type(err).__name__, err)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from pillsnap.eval.after_training import mark_done
 from pillsnap.eval.answer_calibration import answer_calibration, set_summary
-from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes
+from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes, detector_boxes, detector_of
 from pillsnap.eval.outputs import eval_loader, inference_crops, model_outputs
 from pillsnap.eval.probe import build_probe
 from pillsnap.eval.unknown_calibration import (
@@ -27,10 +27,10 @@ from pillsnap.eval.unknown_calibration import (
     source_thresholds,
     unknown_line,
 )
-from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE
+from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, Temperatures
 from pillsnap.infer.enrolment import PROBE_FILE, Probe
 from pillsnap.infer.thresholds import READING_REFERENCE
-from pillsnap.infer.unknown import UnknownAnswer
+from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import (
     calibrated_probs,
     ece_sampling_floor,
@@ -44,6 +44,9 @@ from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
 
 LOGGER = logging.getLogger(__name__)
+# validation crops of a source below which it takes the temperature fit over all crops (a fit on a few dozen crops
+# is mostly noise)
+MIN_SOURCE_CROPS = 50
 
 
 def load_manifest_if_any(cfg: DictConfig) -> Any:
@@ -56,29 +59,43 @@ def load_manifest_if_any(cfg: DictConfig) -> Any:
 
 
 class Validation(NamedTuple):
-    """The classifier on the validation split: labels, log-probabilities, features, the temperature fit on them
-    and the calibrated probabilities."""
+    """The classifier on the validation split: labels, log-probabilities, features, the temperatures fit on them
+    and the probabilities calibrated by them (each crop at its source's)."""
 
     labels: np.ndarray
     log_probs: np.ndarray
     features: np.ndarray
-    temperature: float
+    temperatures: Temperatures
     probs: np.ndarray
 
 
-def _temperature(model: Any, loader: Any, device: Any) -> tuple[Validation, dict]:
-    """The validation outputs with the temperature fit on them, and the report's figures before and after it."""
+def fit_temperatures(log_p: np.ndarray, labels: np.ndarray, sources: np.ndarray | None) -> Temperatures:
+    """The temperature over every crop and, where `sources` names each crop's source and a source has
+    MIN_SOURCE_CROPS crops, one fit on that source's crops alone (else the overall one stands for it)."""
+    overall = fit_temperature(log_p, labels)
+    if sources is None or len(sources) != len(labels):  # not known, or photos failed to decode and left fewer
+        return Temperatures(overall)
+    return Temperatures(overall, {source: fit_temperature(log_p[sources == source], labels[sources == source])
+                                  if (sources == source).sum() >= MIN_SOURCE_CROPS else overall
+                                  for source in CROP_SOURCES})
+
+
+def _temperature(model: Any, loader: Any, device: Any, sources: np.ndarray | None) -> tuple[Validation, dict]:
+    """The validation outputs with the temperatures fit on them (`sources`: each crop's source, None: not known),
+    and the report's figures before and after them."""
     labels, log_p, features = model_outputs(model, loader, device)
-    temperature = fit_temperature(log_p, labels)
+    temperatures = fit_temperatures(log_p, labels, sources)
+    per_row = (temperatures.per_row(sources) if temperatures.by_source is not None and sources is not None
+               else temperatures.overall)
     raw = calibrated_probs(log_p, 1.0)
     figures = {"ece_before": expected_calibration_error(raw, labels), "bins_before": reliability_bins(raw, labels)}
     del raw  # one [N, C] array at a time: at 5,000 classes each is gigabytes
-    cal = calibrated_probs(log_p, temperature)
-    figures = {"nll_before": nll(log_p, labels), "nll_after": nll(log_p, labels, temperature),
+    cal = calibrated_probs(log_p, per_row)
+    figures = {"nll_before": nll(log_p, labels), "nll_after": nll(log_p, labels, per_row),
                "ece_before": figures["ece_before"], "ece_after": expected_calibration_error(cal, labels),
                "ece_sampling_floor": ece_sampling_floor(cal.max(axis=1)),
                "bins_before": figures["bins_before"], "bins_after": reliability_bins(cal, labels)}
-    return Validation(labels, log_p, features, temperature, cal), figures
+    return Validation(labels, log_p, features, temperatures, cal), figures
 
 
 class UnknownRules(NamedTuple):
@@ -146,15 +163,20 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     manifest = load_manifest_if_any(cfg)
     sources = crop_sources(loaders.cls_val.dataset, manifest)  # per crop of the data set (the answers index it)
     # Everything inference applies is fit on the crops inference makes: a single-pill photo where its pill is
-    # located, not at the annotators' box (the validation of training, and its early stopping, use those).
-    crops = inference_crops(loaders.cls_val.dataset, sources, cfg)
+    # located, a pill of a combination photo at the detector's box, not at the annotators' boxes (the validation of
+    # training, and its early stopping, use those).
+    detect = detector_of(cfg, exp_dir, device)
+    detected, cut = detector_boxes(detect, loaders.cls_val.dataset, sources, float(cfg.inference.conf_threshold))
+    crops = inference_crops(loaders.cls_val.dataset, sources, cfg, detected)
     val, figures = _temperature(model, loaders.cls_val if crops is loaders.cls_val.dataset
-                                else eval_loader(crops, cfg), device)
+                                else eval_loader(crops, cfg), device, sources)
 
     rules = _unknown_rules(model, loaders, val, cfg, keep, device, sources)
     thresholds, by_source = rules.thresholds, rules.by_source
     # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
-    stored = {"temperature": val.temperature, "unknown_rule": rule, "unknown_thresholds": thresholds,
+    stored = {"temperature": val.temperatures.overall,
+              "temperature_by_source": None if val.temperatures.by_source is None else dict(val.temperatures.by_source),
+              "unknown_rule": rule, "unknown_thresholds": thresholds,
               "unknown_thresholds_by_source": by_source,
               "unknown_rule_description": UNKNOWN_RULES[rule],
               "unknown_keep_correct": keep, "features_file": FEATURES_FILE, "classifier_sha256": file_sha256(ckpt),
@@ -168,24 +190,27 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
         _, held_log_p, held_features = model_outputs(model, held_out, device)
         report.update(held_out_report(
-            rule, (held_log_p, held_features), val.temperature, rules.gaussians, rules.val_scores, rules.correct,
+            rule, (held_log_p, held_features), val.temperatures.of("single"), rules.gaussians, rules.val_scores,
+            rules.correct,
             np.ones(len(rules.correct), bool) if rules.scored is None else rules.scored == "single", thresholds,
             thresholds if by_source is None else by_source["single"], held_classes))
-    _answers(model, crops, sources, loaders.meta, val.temperature, rule, rules, keep, held_out, cfg, stored, report)
-    boxes = calibrate_boxes(cfg, exp_dir, manifest, device)  # the detector's confidences, for the box check
+    _answers(model, crops, sources, loaders.meta, val.temperatures, rule, rules, keep, held_out, cfg, stored, report)
+    if cut is not None:
+        report["combination_boxes"] = cut
+    boxes = calibrate_boxes(cfg, exp_dir, manifest, device, detect)  # the detector's confidences, for the box check
     if boxes is not None:
         stored["box_check"] = boxes
         report["box_check"] = box_summary(boxes, cfg.inference)
     # what an enrolment would take from the trained drugs is measured on a few of these validation crops of each
     probe = build_probe(model, crops, val.labels, val.features, val.probs, rules.gaussians, cfg, device,
-                        val.temperature)
+                        val.temperatures.overall)
     report["validation_probe_crops"] = None if probe is None else int(len(probe.labels))
     _write(exp_dir, stored, report, rules.gaussians, probe)
     mark_done(exp_dir, "calibration")
     return report
 
 
-def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, temperature: float, rule: str,
+def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, temperatures: Temperatures, rule: str,
              rules: UnknownRules, keep: float, held_out: Any, cfg: DictConfig, stored: dict, report: dict) -> None:
     """The answers inference gives on the validation crops (`dataset`, cut as inference cuts them), the unknown-pill
     rule in force: their accuracy and ECE after the imprint evidence, the evidence's scale, and the scores the
@@ -199,7 +224,7 @@ def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, t
         unknown = UnknownAnswer(rule, rules.thresholds[rule], rules.gaussians, None if by_source is None else {
             source: values[rule] for source, values in by_source.items()}) if keep > 0 else None
         outcome = answer_calibration(
-            model, dataset, temperature, list(meta["class_names"]), dict(meta.get("class_map") or {}),
+            model, dataset, temperatures, list(meta["class_names"]), dict(meta.get("class_map") or {}),
             int(cfg.inference.topk), int(cfg.inference.imprint.threads),
             read_imprints=bool(cfg.inference.imprint.enabled), check_unknown=bool(cfg.inference.imprint.unknown_check),
             held_out=None if held_out is None else held_out.dataset, unknown=unknown, sources=sources,
@@ -233,12 +258,18 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
         stored["validation_probe_sha256"] = file_sha256(probe.save(exp_dir / "checkpoints" / PROBE_FILE))
     save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
     save_json(exp_dir / "reports" / "calibration.json", report)
-    temperature = stored["temperature"]
-    plot_reliability(report["bins_before"], report["bins_after"], temperature, exp_dir / "reports" / "reliability.png",
-                     (report["ece_before"], report["ece_after"]), report.get("answers"), report["ece_sampling_floor"])
-    LOGGER.info("calibration: temperature %.3f, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
-                temperature, report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"],
-                stored["unknown_rule"], unknown_line(report.get("unknown_eval")))
+    temperatures = Temperatures.from_stored(stored)
+    plot_reliability(report["bins_before"], report["bins_after"], temperatures.text(2),
+                     exp_dir / "reports" / "reliability.png", (report["ece_before"], report["ece_after"]),
+                     report.get("answers"), report["ece_sampling_floor"])
+    LOGGER.info("calibration: temperature %s, ECE %.4f -> %.4f, NLL %.4f -> %.4f; unknown pills by %s%s",
+                temperatures.text(), report["ece_before"], report["ece_after"], report["nll_before"],
+                report["nll_after"], stored["unknown_rule"], unknown_line(report.get("unknown_eval")))
+    cut = report.get("combination_boxes")
+    if cut:
+        LOGGER.info("calibration: %d of %d validation combination pills cut at the detector's boxes (%d missed by it "
+                    "and %d on unreadable photos: at their labelled boxes)", cut["at_detector_boxes"], cut["pills"],
+                    cut["missed"], cut["unreadable"])
     if report.get("box_check"):
         LOGGER.info("calibration: %s", box_line(report["box_check"]))
     sets = report.get("prediction_sets")

@@ -84,8 +84,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
             report = calibrate_classifier(_run_config(exp, args.cfg, args.overrides), exp, device=args.device)
     except (ValueError, BusyError) as err:  # no validation split, an unknown unknown_rule; a folder in use
         return _refused("calibrate", err)
-    print(f"temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; "
-          f"unknown pills by {report['unknown_rule']} -> {exp / 'checkpoints' / 'calibration.json'}")
+    from pillsnap.infer.artefacts import Temperatures
+
+    print(f"temperature {Temperatures.from_stored(report).text()}, ECE {report['ece_before']:.4f} -> "
+          f"{report['ece_after']:.4f}; unknown pills by {report['unknown_rule']} -> "
+          f"{exp / 'checkpoints' / 'calibration.json'}")
     return 0
 
 

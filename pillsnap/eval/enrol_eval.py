@@ -58,8 +58,10 @@ def crop_figures(predictor: Any, crops: list[tuple[Any, str, str]], batch: int =
     withheld: dict[str, list[bool]] = {}
     for start in range(0, len(crops), batch):
         chunk = crops[start:start + batch]
-        for (_, code, kind), out in zip(chunk, predictor.classify([c for c, _, _ in chunk]), strict=True):
-            threshold = predictor.unknown_rules["single" if kind == "single" else "combination"].threshold
+        sources = ["single" if kind == "single" else "combination" for _, _, kind in chunk]
+        for (_, code, kind), source, out in zip(chunk, sources, predictor.classify([c for c, _, _ in chunk], sources),
+                                                strict=True):
+            threshold = predictor.unknown_rules[source].threshold
             right.setdefault(kind, []).append(out.topk[0]["mapping_code"] == code)
             withheld.setdefault(kind, []).append(threshold is not None and out.unknown_score is not None
                                                  and out.unknown_score > threshold)

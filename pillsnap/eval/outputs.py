@@ -57,18 +57,19 @@ class InferenceCrops(Dataset):
     """The crops of a classification data set (those at `positions`, all by default) cut as inference cuts them: a
     single-pill photo (`single`, per row of the data set) as the single path does
     (pillsnap.infer.preprocess.single_photo_crop: where the pill is located on its backdrop, else a centred
-    square), a pill of a combination photo at its labelled box (the detector's box stands in for it). The data
-    set's crops are cut at the labelled boxes, which inference never sees: a located box takes in the pill's
-    shadow, and a classifier is less right there (bench/crop_jitter.py: 0.646 against 0.759 on the demo's single
-    test photos).
+    square), a pill of a combination photo at the detector's box (`detected`, per row: eval/box_calibration.py
+    detector_boxes), else (no detector, or a pill it missed) at its labelled box. The data set's crops are cut at
+    the labelled boxes, which inference never sees: a located box takes in the pill's shadow, and a classifier is
+    less right there (bench/crop_jitter.py: 0.646 against 0.759 on the demo's single test photos).
     `labels`, `transform`, `load_crop` and (x, label, info) items like the data set's; None for a photo that fails
     to decode."""
 
     def __init__(self, dataset: Any, single: np.ndarray, locate: bool, fraction: float,
-                 positions: np.ndarray | None = None) -> None:
+                 positions: np.ndarray | None = None, detected: dict[int, np.ndarray] | None = None) -> None:
         self.dataset, self.single, self.locate, self.fraction = dataset, np.asarray(single, bool), locate, fraction
         self.positions = np.arange(len(self.single)) if positions is None else np.asarray(positions, np.int64)
         self.labels, self.transform = np.asarray(dataset.labels)[self.positions], dataset.transform
+        self.detected = detected or {}
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -78,7 +79,15 @@ class InferenceCrops(Dataset):
 
         row = int(self.positions[index])
         if not self.single[row]:
-            return self.dataset.load_crop(row)
+            box = self.detected.get(row)
+            if box is None:
+                return self.dataset.load_crop(row)
+            from pillsnap.data.datasets import LABELLED
+            from pillsnap.infer.preprocess import crop_pill
+            from pillsnap.utils.images import read_image
+
+            # full resolution, in the frame the detector's box was found in (its labels' frame)
+            return crop_pill(read_image(self.dataset.rows[row].image_path, LABELLED), box, self.dataset.crop_margin)
         # decoded as inference decodes it, turned upright by its EXIF orientation: no labelled box is used here
         image = load_image(self.dataset.rows[row].image_path)[0]
         return single_photo_crop(image, self.dataset.crop_margin, self.locate, self.fraction)[0]
@@ -91,11 +100,13 @@ class InferenceCrops(Dataset):
         return self.transform(crop), int(self.labels[index]), {}
 
 
-def inference_crops(dataset: Any, sources: np.ndarray | None, cfg: Any) -> Any:
+def inference_crops(dataset: Any, sources: np.ndarray | None, cfg: Any,
+                    detected: dict[int, np.ndarray] | None = None) -> Any:
     """`dataset` cut as inference cuts it (InferenceCrops; `sources`: each crop's "single" | "combination", None:
-    not known, every crop at its box), under the config's single-path settings; a data set of tensors, with no
-    photos to cut, as it is."""
+    not known, every crop at its box; `detected`: the detector's boxes of combination pills, by row), under the
+    config's single-path settings; a data set of tensors, with no photos to cut, as it is."""
     if not hasattr(dataset, "load_crop"):
         return dataset
     single = np.zeros(len(dataset), bool) if sources is None else np.asarray(sources) == "single"
-    return InferenceCrops(dataset, single, bool(cfg.inference.single_locate), float(cfg.inference.single_crop))
+    return InferenceCrops(dataset, single, bool(cfg.inference.single_locate), float(cfg.inference.single_crop),
+                          detected=detected)

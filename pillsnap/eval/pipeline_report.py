@@ -150,9 +150,15 @@ def _example_lines(example: dict) -> list[str]:
 def _calibration_lines(cal: dict) -> list[str]:
     if not cal:
         return ["calibration not fitted (no validation split)"]
-    lines = [f"validation  calibration: temperature={cal['temperature']:.2f} ECE {_fmt(cal['ece_before'])} -> "
-             f"{_fmt(cal['ece_after'])} over {cal['n_val']} crops (a perfectly calibrated model: "
-             f"{_fmt(cal.get('ece_sampling_floor'))}); unknown pill by {cal['unknown_rule']}"]
+    from pillsnap.infer.artefacts import Temperatures
+
+    cut = cal.get("combination_boxes")
+    cut_text = (f"; {cut['at_detector_boxes']} of {cut['pills']} combination pills cut at the detector's boxes"
+                if cut else "")
+    lines = [f"validation  calibration: temperature={Temperatures.from_stored(cal).text(2)} ECE "
+             f"{_fmt(cal['ece_before'])} -> {_fmt(cal['ece_after'])} over {cal['n_val']} crops (a perfectly "
+             f"calibrated model: {_fmt(cal.get('ece_sampling_floor'))}){cut_text}; unknown pill by "
+             f"{cal['unknown_rule']}"]
     answers = cal.get("answers")
     if answers:
         lines.append(f"validation  answers after the imprint evidence: accuracy={_fmt(answers['accuracy'])} "

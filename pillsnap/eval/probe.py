@@ -29,7 +29,8 @@ def build_probe(model: Any, crops: Any, labels: np.ndarray, features: np.ndarray
     if len(labels) == len(crops):
         labels, features, probs = labels[rows], features[rows], probs[rows]
     else:
-        again = InferenceCrops(crops.dataset, crops.single, crops.locate, crops.fraction, crops.positions[rows])
+        again = InferenceCrops(crops.dataset, crops.single, crops.locate, crops.fraction, crops.positions[rows],
+                               crops.detected)
         labels, log_probs, features = model_outputs(model, eval_loader(again, cfg), device)
         LOGGER.warning("calibration: %d of the probe's %d validation photos could not be read (left out of the "
                        "enrolment check's probe)", len(rows) - len(labels), len(rows))

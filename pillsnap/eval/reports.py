@@ -156,7 +156,7 @@ def write_classification_reports(y_true: np.ndarray, y_prob: np.ndarray, class_n
     return paths + plot_roc_pr_curves(y_true, y_prob, out_dir)
 
 
-def plot_reliability(before: list[dict], after: list[dict], temperature: float, out_path: Path,
+def plot_reliability(before: list[dict], after: list[dict], temperature: float | str, out_path: Path,
                      eces: tuple[float, float] | None = None, answers: dict | None = None,
                      floor: float | None = None) -> Path:
     """Reliability diagram: accuracy against confidence per bin (marker area: photos in the bin), before and after
@@ -165,7 +165,8 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
-    labels = ["raw softmax", f"temperature {temperature:.2f}"]
+    labels = ["raw softmax", f"temperature {temperature:.2f}" if isinstance(temperature, float)
+              else f"temperature {temperature}"]
     if eces is not None:
         labels = [f"{label} (ECE {ece:.3f})" for label, ece in zip(labels, eces, strict=True)]
     total = max(sum(b["count"] for b in before), 1)

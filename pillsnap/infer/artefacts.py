@@ -9,9 +9,12 @@ pillsnap.eval.calibration fits and writes them; this module only reads them, so 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
 from pillsnap.models.export import file_sha256
@@ -70,6 +73,40 @@ def load_calibration(ckpt_dir: str | Path, classifier: str | Path, classifier_sh
                        "(recalibrate: pillsnap calibrate --exp EXP)", path)
         return None
     return stored if isinstance(stored.get("unknown_thresholds"), dict) else _upgrade(stored, path)
+
+
+@dataclass(frozen=True)
+class Temperatures:
+    """The calibration's temperature: one fit on every validation crop (`overall`) and, where calibration had enough
+    crops of each source (pillsnap.infer.unknown.CROP_SOURCES), one per source (`by_source`): a single-pill photo's
+    crop and a detector's crop of a combination photo are not equally right at the same top score, so one
+    temperature for both leaves each off (bench/calibration_crops.py)."""
+
+    overall: float = 1.0
+    by_source: Mapping[str, float] | None = None
+
+    @classmethod
+    def from_stored(cls, calibration: Mapping | None) -> Temperatures:
+        """From a loaded calibration (None: uncalibrated, 1.0); one written before per-source temperatures has
+        the one."""
+        if not calibration:
+            return cls()
+        by_source = calibration.get("temperature_by_source")
+        return cls(float(calibration["temperature"]),
+                   {k: float(v) for k, v in by_source.items()} if isinstance(by_source, Mapping) else None)
+
+    def of(self, source: str | None) -> float:
+        """The temperature for a crop from `source` (None, or a source without its own: the overall one)."""
+        return float((self.by_source or {}).get(source, self.overall)) if source is not None else self.overall
+
+    def per_row(self, sources: Sequence[str | None]) -> np.ndarray:
+        """One temperature per crop, by each one's source."""
+        return np.array([self.of(source) for source in sources], dtype=np.float64)
+
+    def text(self, digits: int = 3) -> str:
+        """'0.800 (single 0.750, combination 0.900)', or the one temperature alone."""
+        by_source = ", ".join(f"{k} {v:.{digits}f}" for k, v in (self.by_source or {}).items())
+        return f"{self.overall:.{digits}f}" + (f" ({by_source})" if by_source else "")
 
 
 def unknown_thresholds_by_source(calibration: dict, rule: str) -> dict[str, float | None] | None:

@@ -26,6 +26,7 @@ from PIL import Image
 from pillsnap.infer.answer import Classified, UnknownRule, classifier_candidates, decide_answer
 from pillsnap.infer.artefacts import (
     DETECTOR_CKPTS,
+    Temperatures,
     configured_set_rule,
     configured_unknown_rule,
     find_checkpoints,
@@ -169,8 +170,9 @@ class Predictor:
         return box_check_for(self.calibration, self.detector_path, *self.box_settings)
 
     @property
-    def temperature(self) -> float:
-        return float(self.calibration["temperature"]) if self.calibration else 1.0
+    def temperatures(self) -> Temperatures:
+        """The calibration's temperatures, per crop source where it fit them (1.0 uncalibrated)."""
+        return Temperatures.from_stored(self.calibration)
 
     def _unknown_rule(self) -> UnknownAnswer:
         """The configured unknown-pill rule with its calibrated threshold (configured_unknown_rule), off where the
@@ -274,15 +276,19 @@ class Predictor:
         return self.classifier(x)
 
     @torch.no_grad()
-    def classify(self, crops: list[Image.Image]) -> list[Classified]:
-        """Each crop's top-k (mapping_code, name, probability; best first, probabilities calibrated) and how
-        unknown it looks under the run's unknown-pill rule; enrolled drugs among them (infer/enrolment.py)."""
+    def classify(self, crops: list[Image.Image], source: str | Sequence[str] | None = None) -> list[Classified]:
+        """Each crop's top-k (mapping_code, name, probability; best first, probabilities calibrated at the
+        temperature of its crop source: "single" or "combination", one for all or one per crop; None: the overall
+        one) and how unknown it looks under the run's unknown-pill rule; enrolled drugs among them
+        (infer/enrolment.py)."""
         if not crops:
             return []
         self.refresh_enrolment()
         space = self.enrolled  # read once: a reload on another thread swaps it whole
         logits, features = self.forward(crops)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
+        sources = [source] * len(crops) if source is None or isinstance(source, str) else list(source)
+        temperature = torch.as_tensor(self.temperatures.per_row(sources), dtype=torch.float32)[:, None]
+        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1).numpy()
         feats = None if features is None else features.float().cpu().numpy()
         names, distances = self.trained[0], None
         if space is not None and feats is not None:
@@ -321,7 +327,7 @@ class Predictor:
         square."""
         crop, box, located = single_photo_crop(image, self.crop_margin, bool(self.settings.single_locate),
                                                float(self.settings.single_crop))
-        return WholePhoto(crop, box, located, self.classify([crop])[0])
+        return WholePhoto(crop, box, located, self.classify([crop], "single")[0])
 
     def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:
         return [self._answer(whole.crop, whole.box, whole.classified, None, hints)]
@@ -337,7 +343,8 @@ class Predictor:
         """Each detected box's answer; `doubts`: why a box may hold no pill (None: it holds one)."""
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
         return [self._answer(crop, box, classified, float(conf), hints, doubt)
-                for crop, box, classified, conf, doubt in zip(crops, dets[:, :4], self.classify(crops), dets[:, 4],
+                for crop, box, classified, conf, doubt in zip(crops, dets[:, :4], self.classify(crops, "combination"),
+                                                              dets[:, 4],
                                                               doubts, strict=True)]
 
     def _agrees(self, image: Image.Image, whole: WholePhoto, det: np.ndarray) -> bool:
@@ -349,7 +356,7 @@ class Predictor:
         if whole.located:
             iou = box_iou_xyxy(xywh_to_xyxy(np.asarray([whole.box], float)), xywh_to_xyxy(det[None, :4]))[0, 0]
             return bool(iou >= AGREEMENT_IOU)
-        crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)])[0].topk[0]
+        crop_top = self.classify([crop_pill(image, det[:4], self.crop_margin)], "combination")[0].topk[0]
         return crop_top["mapping_code"] == whole.classified.topk[0]["mapping_code"]
 
     def _route(self, image: Image.Image, mode: str, conf: float, whole: WholePhoto | None,

@@ -11,16 +11,20 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 CHUNK_ROWS = 4096  # rows per block of the [N, classes] arrays (bounds the temporaries at thousands of classes)
 
 
-def nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float = 1.0, chunk: int = CHUNK_ROWS) -> float:
-    """Mean negative log-likelihood of `y_true` under softmax(log_probs / temperature).
+def nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float | np.ndarray = 1.0,
+        chunk: int = CHUNK_ROWS) -> float:
+    """Mean negative log-likelihood of `y_true` under softmax(log_probs / temperature) (`temperature`: one, or one
+    per row).
 
     `log_probs` may be logits or log-probabilities: dividing either by T gives the same softmax. Computed in blocks
     of `chunk` rows: the temperature search calls it some 30 times, and whole-array temporaries of a validation
     split at 5,000 classes are gigabytes each.
     """
     total = 0.0
+    per_row = np.ndim(temperature) > 0
     for start in range(0, len(y_true), chunk):
-        scaled = log_softmax(log_probs[start:start + chunk] / temperature, axis=1)
+        t = np.asarray(temperature)[start:start + chunk, None] if per_row else temperature
+        scaled = log_softmax(log_probs[start:start + chunk] / t, axis=1)
         total += float(scaled[np.arange(len(scaled)), y_true[start:start + chunk]].sum())
     return -total / len(y_true) if len(y_true) else float("nan")
 
@@ -34,12 +38,15 @@ def fit_temperature(log_probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def calibrated_probs(log_probs: np.ndarray, temperature: float, chunk: int = CHUNK_ROWS) -> np.ndarray:
-    """softmax(log_probs / temperature), filled in blocks of `chunk` rows (no whole-array temporaries)."""
+def calibrated_probs(log_probs: np.ndarray, temperature: float | np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
+    """softmax(log_probs / temperature), filled in blocks of `chunk` rows (no whole-array temporaries);
+    `temperature` one for every row or one per row ([N])."""
     log_probs = np.asarray(log_probs)
     out = np.empty(log_probs.shape, np.result_type(log_probs.dtype, np.float32))
+    per_row = np.ndim(temperature) > 0
     for start in range(0, len(log_probs), chunk):
-        out[start:start + chunk] = softmax(log_probs[start:start + chunk] / temperature, axis=1)
+        t = np.asarray(temperature)[start:start + chunk, None] if per_row else temperature
+        out[start:start + chunk] = softmax(log_probs[start:start + chunk] / t, axis=1)
     return out
 
 

@@ -27,6 +27,9 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise DeviceError(f"device {device!r}: not a device (cpu, cuda, cuda:N)") from err
     if chosen.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r}: PillSnap runs on cpu or cuda")
+    if chosen.type == "cuda" and torch.version.cuda is None:  # a GPU may be there: this torch cannot use it
+        raise DeviceError(f"device {device!r}: this torch {torch.__version__} is a CPU-only build; install a CUDA "
+                          "build of torch (pytorch.org) to use the GPU, or use cpu")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: no CUDA device on this machine (use cpu)")
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():

@@ -1,0 +1,82 @@
+"""One temperature per crop source: calibration fits it on each source's validation crops where it has enough of
+them, and inference applies to a crop the temperature of the path that cut it (single photo or detector box)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_infer_pipeline import _calibration, _cfg, make_exp_dir
+
+from pillsnap.eval.calibration import MIN_SOURCE_CROPS, fit_temperatures
+from pillsnap.infer.artefacts import Temperatures
+from pillsnap.infer.pipeline import Predictor
+from pillsnap.metrics.calibration import calibrated_probs, fit_temperature, nll
+from pillsnap.utils import save_json
+
+
+def _crops(n: int, right: float, sharpness: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities over 4 classes whose top class is the label on `right` of the rows, each `sharpness` sure."""
+    labels = rng.integers(0, 4, n)
+    top = np.where(rng.random(n) < right, labels, (labels + 1) % 4)
+    logits = rng.normal(0, 0.3, (n, 4))
+    logits[np.arange(n), top] += sharpness
+    return logits, labels
+
+
+def test_each_source_gets_the_temperature_its_own_crops_call_for():
+    rng = np.random.default_rng(0)
+    single = _crops(200, right=0.95, sharpness=2.0, rng=rng)  # right nearly always, but not that sure: T < 1
+    combination = _crops(200, right=0.6, sharpness=4.0, rng=rng)  # wrong often, and sure anyway: T > 1
+    log_p = np.concatenate([single[0], combination[0]])
+    labels = np.concatenate([single[1], combination[1]])
+    sources = np.array(["single"] * 200 + ["combination"] * 200)
+    fitted = fit_temperatures(log_p, labels, sources)
+    assert fitted.overall == pytest.approx(fit_temperature(log_p, labels))
+    assert fitted.by_source["single"] == pytest.approx(fit_temperature(*single))
+    assert fitted.by_source["combination"] == pytest.approx(fit_temperature(*combination))
+    assert fitted.by_source["single"] < 1.0 < fitted.by_source["combination"]
+    # each crop at its source's temperature: a lower NLL than one temperature for all
+    per_row = fitted.per_row(sources)
+    assert nll(log_p, labels, per_row) < nll(log_p, labels, fitted.overall)
+    probs = calibrated_probs(log_p, per_row)
+    assert np.allclose(probs[:200], calibrated_probs(single[0], fitted.by_source["single"]))
+    assert np.allclose(probs[200:], calibrated_probs(combination[0], fitted.by_source["combination"]))
+    # a source with too few crops takes the overall temperature; sources unknown or misaligned (photos that failed
+    # to decode): the overall one alone
+    few = np.array(["single"] * (400 - MIN_SOURCE_CROPS + 1) + ["combination"] * (MIN_SOURCE_CROPS - 1))
+    assert fit_temperatures(log_p, labels, few).by_source["combination"] == fitted.overall
+    assert fit_temperatures(log_p, labels, None) == Temperatures(fitted.overall)
+    assert fit_temperatures(log_p, labels, sources[:-1]) == Temperatures(fitted.overall)
+
+
+def test_a_stored_calibration_gives_each_crop_its_source_temperature():
+    both = Temperatures.from_stored({"temperature": 2.0, "temperature_by_source": {"single": 0.5,
+                                                                                   "combination": 3.0}})
+    assert (both.of("single"), both.of("combination"), both.of(None)) == (0.5, 3.0, 2.0)
+    assert both.per_row(["combination", "single", None]).tolist() == [3.0, 0.5, 2.0]
+    older = Temperatures.from_stored({"temperature": 2.0})  # written before per-source temperatures
+    assert (older.of("single"), older.of("combination")) == (2.0, 2.0)
+    assert Temperatures.from_stored(None).of("single") == 1.0  # uncalibrated
+
+
+def test_the_predictor_calibrates_a_crop_at_the_temperature_of_the_path_that_cut_it(tmp_path: Path):
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    ckpts = root / "checkpoints"
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "temperature": 1.0,
+                                           "temperature_by_source": {"single": 0.5, "combination": 4.0}})
+    predictor = Predictor(root, _cfg(root), device="cpu")
+    crop = Image.new("RGB", (64, 64), (200, 40, 120))
+    logits = predictor.forward([crop])[0].float()
+
+    def top(temperature: float) -> float:
+        return float(torch.softmax(logits / temperature, -1).max())
+
+    for source, temperature in (("single", 0.5), ("combination", 4.0), (None, 1.0)):
+        got = predictor.classify([crop], source)[0].topk[0]["probability"]
+        assert got == pytest.approx(top(temperature), rel=1e-5), source
+    mixed = predictor.classify([crop, crop], ["combination", "single"])
+    assert [c.topk[0]["probability"] for c in mixed] == pytest.approx([top(4.0), top(0.5)], rel=1e-5)
