@@ -1,8 +1,10 @@
-"""Calibration fit on the validation photos cut as inference cuts them, with a temperature per crop source (this
-code: pillsnap.eval.outputs.InferenceCrops cuts a single-pill photo where its pill is located and a combination
-photo's pill at the detector's box; pillsnap.eval.calibration.fit_temperatures fits a temperature on each source's
-crops) against the code before it (combination pills at their labelled boxes, one temperature for every crop), each
-change alone, and every crop at its labelled box (the code before that), on a trained experiment, in the same run.
+"""Calibration fit on the validation photos cut as inference cuts them, with a temperature and an evidence scale per
+crop source (this code: pillsnap.eval.outputs.InferenceCrops cuts a single-pill photo where its pill is located and
+a combination photo's pill at the detector's box; pillsnap.eval.calibration.fit_temperatures and
+pillsnap.eval.answer_calibration.fit_evidence_scales fit each on a source's own crops) against the code before it
+(combination pills at their labelled boxes, one temperature and one evidence scale for every crop), the changes one
+after the other, and every crop at its labelled box (the code before that), on a trained experiment, in the same
+run.
 
 1. Calibration once per arm: the temperatures, the validation answers' ECE and its floor, the unknown-pill
    thresholds and the held-out drugs' unknown-pill answers (AUROC, rejected shares); with the detector's boxes,
@@ -26,36 +28,42 @@ from pathlib import Path
 
 import numpy as np
 
-# (single photos located, combination pills at the detector's boxes, a temperature per crop source)
+# (single photos located, combination pills at the detector's boxes, a temperature and an evidence scale per crop
+# source)
 ARMS = {"every crop at its labelled box, one temperature": (False, False, False),
         "labelled boxes, one temperature (before)": (True, False, False),
         "detector boxes, one temperature": (True, True, False),
-        "labelled boxes, temperature per source": (True, False, True),
-        "detector boxes, temperature per source (now)": (True, True, True)}
+        "detector boxes, temperature per source, one evidence scale": (True, True, "temperature"),
+        "detector boxes, temperature and evidence scale per source (now)": (True, True, True)}
 BEFORE = "labelled boxes, one temperature (before)"
 
 
 @contextlib.contextmanager
 def cut_as(arm: str) -> Iterator[None]:
     """Calibration as the arm says: single photos where the pill is located or at their labelled boxes,
-    combination pills at the detector's boxes or at their labelled boxes, one temperature per crop source or one
-    for all."""
+    combination pills at the detector's boxes or at their labelled boxes, a temperature and an evidence scale per
+    crop source or one for all."""
+    from pillsnap.eval import answer_calibration as answers
     from pillsnap.eval import calibration
     from pillsnap.infer.artefacts import Temperatures
     from pillsnap.metrics.calibration import fit_temperature
 
     located, detector, per_source = ARMS[arm]
-    saved = calibration.inference_crops, calibration.detector_boxes, calibration.fit_temperatures
+    saved = (calibration.inference_crops, calibration.detector_boxes, calibration.fit_temperatures,
+             answers.fit_evidence_scales)
     if not located:
         calibration.inference_crops = lambda dataset, sources, cfg, detected=None: dataset
     if not detector:
         calibration.detector_boxes = lambda *args, **kwargs: ({}, None)
     if not per_source:
         calibration.fit_temperatures = lambda log_p, labels, sources: Temperatures(fit_temperature(log_p, labels))
+    if per_source is not True:
+        answers.fit_evidence_scales = lambda items, class_map: (answers.fit_evidence_scale(items, class_map), None)
     try:
         yield
     finally:
-        calibration.inference_crops, calibration.detector_boxes, calibration.fit_temperatures = saved
+        (calibration.inference_crops, calibration.detector_boxes, calibration.fit_temperatures,
+         answers.fit_evidence_scales) = saved
 
 
 def calibrate(cfg, arm: str) -> dict:
@@ -69,7 +77,10 @@ def calibrate(cfg, arm: str) -> dict:
     by_temperature = report.get("temperature_by_source") or {}
     figures = {"temperature": report["temperature"], "temperature_single": by_temperature.get("single"),
                "temperature_combination": by_temperature.get("combination"),
-               "evidence_scale": report.get("evidence_scale"), "ece": answers.get("ece"),
+               "evidence_scale": report.get("evidence_scale"),
+               "evidence_scale_single": (report.get("evidence_scale_by_source") or {}).get("single"),
+               "evidence_scale_combination": (report.get("evidence_scale_by_source") or {}).get("combination"),
+               "ece": answers.get("ece"),
                "ece_floor": answers.get("ece_sampling_floor"), "accuracy": answers.get("accuracy"),
                "single_threshold": (by_source.get("single") or {}).get(report["unknown_rule"]),
                "combination_threshold": (by_source.get("combination") or {}).get(report["unknown_rule"]),

@@ -197,6 +197,43 @@ def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
     assert fit_evidence_scale([ValAnswer(_classified(0.9, 0.1), None, "K-000001")], CLASS_MAP) == 1.0
 
 
+def test_each_crop_source_gets_the_evidence_scale_its_own_reads_call_for() -> None:
+    """Reads always right on single photos and wrong a third of the time on detector crops: each source's scale is
+    fit on its own reads (the overall one between them), a source with too few reads takes the overall one, and
+    items of unknown source give no per-source scales. Inference weighs a crop's read by its source's scale, an
+    older calibration's by the one."""
+    from pillsnap.eval.answer_calibration import MIN_SOURCE_READS, ValAnswer, fit_evidence_scale, fit_evidence_scales
+    from pillsnap.infer.thresholds import WEIGHTS, calibrated_evidence
+
+    def items(wrong_every: int, source: str | None, n: int = 40) -> list[ValAnswer]:
+        out = []
+        for i in range(n):
+            truth = "K-000001" if i % 2 else "K-000002"
+            other = "K-000002" if truth == "K-000001" else "K-000001"
+            said = other if wrong_every and i % wrong_every == 0 else truth
+            read = ImprintRead(CLASS_MAP[said]["print_front"], 0.9, 0.0, 0.1, True)
+            out.append(ValAnswer(_classified(0.5, 0.49, 0.01), read, truth, source))
+        return out
+
+    single, combination = items(0, "single"), items(3, "combination")
+    overall, by_source = fit_evidence_scales(single + combination, CLASS_MAP)
+    assert overall == fit_evidence_scale(single + combination, CLASS_MAP)
+    assert by_source == {"single": fit_evidence_scale(single, CLASS_MAP),
+                         "combination": fit_evidence_scale(combination, CLASS_MAP)}
+    assert by_source["combination"] <= overall < by_source["single"]
+    few = items(3, "combination", MIN_SOURCE_READS - 1)
+    assert fit_evidence_scales(single + few, CLASS_MAP)[1]["combination"] == fit_evidence_scale(single + few,
+                                                                                                 CLASS_MAP)
+    assert fit_evidence_scales(items(0, None), CLASS_MAP)[1] is None
+    stored = {"evidence_scale": 1.0, "evidence_scale_by_source": {"single": 2.0, "combination": 0.5}}
+    assert calibrated_evidence(stored, "single")[0].imprint == pytest.approx(WEIGHTS.imprint * 2.0)
+    assert calibrated_evidence(stored, "combination")[0].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    assert calibrated_evidence(stored)[0].imprint == pytest.approx(WEIGHTS.imprint)
+    assert calibrated_evidence({"evidence_scale": 0.5}, "single")[0].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    with pytest.raises(ValueError, match="evidence_scale_by_source.single must be a number"):
+        calibrated_evidence({"evidence_scale_by_source": {"single": "big"}}, "single")
+
+
 def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:
     """Reads too garbled to match either twin's imprint ("Q"), whose likelihoods always favour the right twin by
     2 nats: the fit trusts them fully; without the likelihoods the reads say nothing, every scale fits alike and

@@ -416,7 +416,8 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5})
     with caplog.at_level("WARNING"):
         old = Predictor(root, _cfg(root), device="cpu")
-    assert old.weights.likelihood == 0.0 and old.weights.imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    assert old.weights["single"].likelihood == 0.0
+    assert old.weights["single"].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
     assert old.thresholds.foreign_likelihood_gap == math.inf  # its sets were calibrated without that path
     assert "predates the candidates' likelihoods" in caplog.text
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 0.5, "likelihood_weight": 2.0,
@@ -424,7 +425,7 @@ def test_a_calibration_from_before_the_likelihoods_is_answered_without_them(tmp_
     caplog.clear()
     with caplog.at_level("WARNING"):
         fitted = Predictor(root, _cfg(root), device="cpu")
-    assert (fitted.weights.likelihood, fitted.weights.likelihood_cap) == (1.0, 5.0)  # 2.0 at the scale 0.5
+    assert (fitted.weights["single"].likelihood, fitted.weights["single"].likelihood_cap) == (1.0, 5.0)  # 2.0 at 0.5
     assert "fit against the recogniser's reading as an exact string" in caplog.text  # no reading_reference
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 2.0, "imprint_recall": True,
                                            "reading_reference": "imprint"})

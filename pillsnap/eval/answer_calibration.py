@@ -11,13 +11,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pillsnap.infer.artefacts import Temperatures
-from pillsnap.infer.unknown import UnknownAnswer
+from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
 from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity, scores_from_json, scores_to_json
 from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
 ANSWER_CROPS = 500  # validation crops whose answers are measured with the imprint evidence (each may be read: ~0.1 s)
+MIN_SOURCE_READS = 30  # reads of a crop source below which it takes the evidence scale fit over every read
 
 
 def spread_sample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -102,6 +103,22 @@ def fit_evidence_scale(items: list[ValAnswer], class_map: dict, base: Any = None
 
     return float(min(EVIDENCE_SCALES, key=nll_at))
 
+
+def fit_evidence_scales(items: list[ValAnswer], class_map: dict) -> tuple[float, dict[str, float] | None]:
+    """The evidence scale over every answer (fit_evidence_scale) and one per crop source (None where the items'
+    sources are not known): a source with MIN_SOURCE_READS reads gets its own, fit on them, else the overall one.
+    A reader's word weighs differently on a whole single-pill photo and on a detector's crop of a combination
+    photo, as the classifier's temperature does."""
+    overall = fit_evidence_scale(items, class_map)
+    if any(item.source is None for item in items):
+        return overall, None
+    by_source = {}
+    for source in CROP_SOURCES:
+        own = [item for item in items if item.source == source]
+        reads = sum(item.read is not None for item in own)
+        by_source[source] = fit_evidence_scale(own, class_map) if reads >= MIN_SOURCE_READS else overall
+    return overall, by_source
+
 def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatures, class_names: list[str],
                        class_map: dict, topk: int, threads: int = 0, limit: int = ANSWER_CROPS,
                        read_imprints: bool = True, unknown: UnknownAnswer | None = None,
@@ -131,37 +148,44 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
     unknown = unknown or UnknownAnswer("probability", None)
     items = val_answers(model, dataset, temperatures, class_names, class_map, topk, threads,
                         spread_sample(len(dataset), limit, seed), reading, unknown, sources, check_unknown)
-    scale = fit_evidence_scale(items, class_map)
+    scale, scale_by_source = fit_evidence_scales(items, class_map)
+
+    def scaled(source: str | None) -> Any:
+        """The weights a crop from `source` is answered with."""
+        return WEIGHTS.with_read_scaled((scale_by_source or {}).get(source, scale))
 
     def answered(weights: Any, items: list[ValAnswer] = items, known: Any = known) -> list:
-        # `known` set: the imprint check on (the answers of inference.imprint.unknown_check)
+        # `weights(source)`: per crop source; `known` set: the imprint check on (inference.imprint.unknown_check)
         return [decide_answer(item.classified, class_map, item.read, None,
-                              unknown.for_answer(len(class_names), item.source), weights=weights, known=known)
+                              unknown.for_answer(len(class_names), item.source), weights=weights(item.source),
+                              known=known)
                 for item in items]
 
-    weights = WEIGHTS.with_read_scaled(scale)
-    answers = answered(weights)
+    answers = answered(scaled)
     unknown_answers = None
     if held_out is not None and len(held_out) and check_unknown:
         # the held-out reads never fit a candidate: every turn is tried
         held_items = val_answers(model, held_out, temperatures, class_names, class_map, topk, threads,
                                  spread_sample(len(held_out), limit, seed), reading, unknown,
                                  np.full(len(held_out), "single"), check_unknown)
-        unknown_answers = answers_unknown_report(answers, items, answered(weights, held_items))
+        unknown_answers = answers_unknown_report(answers, items, answered(scaled, held_items))
         # Inference without the check: the same reads, kept only where the contenders differ by imprint
         unknown_answers["without_imprint_check"] = answers_unknown_report(
-            answered(weights, _gated(items, class_map), None), items,
-            answered(weights, _gated(held_items, class_map), None))
+            answered(scaled, _gated(items, class_map), None), items,
+            answered(scaled, _gated(held_items, class_map), None))
     set_scores = _set_scores(answers, items)
     figures = None
     if reading:
         figures = {**_answer_figures(answers, items), "evidence_scale": scale,
-                   "unscaled": {k: v for k, v in _answer_figures(answered(WEIGHTS), items).items() if k != "bins"}}
+                   "evidence_scale_by_source": scale_by_source,
+                   "unscaled": {k: v for k, v in _answer_figures(answered(lambda source: WEIGHTS), items).items()
+                                if k != "bins"}}
     sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
             "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
             "imprint_reading": reading, "imprint_check": check_unknown,
             "unknown_rule": unknown.rule if unknown.active else None}
-    return {"evidence_scale": scale, "answers": figures, "prediction_sets": sets, "unknown_answers": unknown_answers}
+    return {"evidence_scale": scale, "evidence_scale_by_source": scale_by_source, "answers": figures,
+            "prediction_sets": sets, "unknown_answers": unknown_answers}
 
 
 def _set_scores(answers: list, items: list[ValAnswer]) -> dict[str, list[float]]:

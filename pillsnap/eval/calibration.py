@@ -218,7 +218,7 @@ def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, t
     tensor-only data set (no photos)."""
     from pillsnap.infer.thresholds import WEIGHTS
 
-    outcome = {"answers": None, "evidence_scale": 1.0, "prediction_sets": None}
+    outcome = {"answers": None, "evidence_scale": 1.0, "evidence_scale_by_source": None, "prediction_sets": None}
     if hasattr(dataset, "load_crop"):
         by_source = rules.by_source
         unknown = UnknownAnswer(rule, rules.thresholds[rule], rules.gaussians, None if by_source is None else {
@@ -234,6 +234,7 @@ def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, t
     if outcome.get("unknown_answers") is not None:
         report["unknown_eval_answers"] = outcome["unknown_answers"]
     stored["evidence_scale"] = report["evidence_scale"] = outcome["evidence_scale"]
+    stored["evidence_scale_by_source"] = report["evidence_scale_by_source"] = outcome["evidence_scale_by_source"]
     # the weights the scale and the sets were fit with: an older calibration, fit without the candidates'
     # likelihoods, is answered without them (pillsnap.infer.pipeline)
     stored["likelihood_weight"], stored["likelihood_cap"] = WEIGHTS.likelihood, WEIGHTS.likelihood_cap

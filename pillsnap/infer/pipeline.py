@@ -99,9 +99,11 @@ class Predictor:
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = configured_set_rule(self.calibration, self.settings.prediction_set, bool(imprint.enabled),
                                             self.check_unknown)
-        # the imprint read's weights, scaled where calibration fit them so that the answers' probabilities mean
-        # what they say (pillsnap.eval.answer_calibration.fit_evidence_scale), and the thresholds its sets were fit with
-        self.weights, self.thresholds = calibrated_evidence(self.calibration)
+        # the imprint read's weights per crop source, scaled where calibration fit them so that the answers'
+        # probabilities mean what they say (pillsnap.eval.answer_calibration.fit_evidence_scales), and the thresholds
+        # its sets were fit with
+        self.thresholds = calibrated_evidence(self.calibration)[1]
+        self.weights = {source: calibrated_evidence(self.calibration, source)[0] for source in CROP_SOURCES}
         missing = fit_without(self.calibration) if imprint.enabled else ()
         if "likelihoods" in missing:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
@@ -317,9 +319,10 @@ class Predictor:
                 hints: Hints | None, box_doubt: str | None = None) -> dict:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
-        rule = self.unknown_rules["single" if det_conf is None else "combination"]
-        answer = decide_answer(classified, self.class_map, read, hints, rule, self.thresholds, self.weights,
-                               self.set_rule, self.known_imprints, one_pill=det_conf is None, box_doubt=box_doubt)
+        source = "single" if det_conf is None else "combination"
+        answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rules[source], self.thresholds,
+                               self.weights[source], self.set_rule, self.known_imprints, one_pill=det_conf is None,
+                               box_doubt=box_doubt)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:

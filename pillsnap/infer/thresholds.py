@@ -96,22 +96,24 @@ class RerankWeights:
 THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
 
 
-def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, AnswerThresholds]:
+def calibrated_evidence(calibration: Mapping | None,
+                        source: str | None = None) -> tuple[RerankWeights, AnswerThresholds]:
     """The evidence weights and thresholds a calibration's evidence scale and prediction sets were fit with, the
-    weights scaled by its `evidence_scale`. One made before the candidates' likelihoods counted (no
+    weights scaled by its `evidence_scale`, or for a crop from `source` (single, combination) by that source's
+    where it fit one (`evidence_scale_by_source`). One made before the candidates' likelihoods counted (no
     `likelihood_weight`) was fit without them: its answers are made without them, in the re-ranking and in the
     imprint check. One made before drugs below the top-k could be brought back by their imprint (no
     `imprint_recall: true`) is answered with the top-k alone. Without a calibration, the policy's own."""
     calibration = calibration or {}
     missing = fit_without(calibration)
 
-    def number(key: str, default: float) -> float:
-        value = calibration.get(key)
+    def number(key: str, default: float, within: Mapping = calibration, name: str | None = None) -> float:
+        value = within.get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"calibration.json: {key} must be a number, got {value!r} (recalibrate: pillsnap "
-                             f"calibrate --exp EXP)")
+            raise ValueError(f"calibration.json: {name or key} must be a number, got {value!r} (recalibrate: "
+                             f"pillsnap calibrate --exp EXP)")
         return float(value)
 
     stale = "likelihoods" in missing
@@ -120,7 +122,11 @@ def calibrated_evidence(calibration: Mapping | None) -> tuple[RerankWeights, Ans
     thresholds = replace(THRESHOLDS, foreign_likelihood_gap=math.inf) if stale else THRESHOLDS
     if "recall" in missing:  # no drug is kept aside
         thresholds = replace(thresholds, recall_min_probability=math.inf)
-    return weights.with_read_scaled(number("evidence_scale", 1.0) or 1.0), thresholds  # 0: never fit, as before
+    scale = number("evidence_scale", 1.0)
+    by_source = calibration.get("evidence_scale_by_source")
+    if source is not None and isinstance(by_source, Mapping):
+        scale = number(source, scale, by_source, f"evidence_scale_by_source.{source}")
+    return weights.with_read_scaled(scale or 1.0), thresholds  # 0: never fit, as before
 
 
 # How the recogniser's own reading, which the candidates' likelihoods are measured against, is measured: "imprint"
