@@ -109,7 +109,7 @@ def probe_against_test(cfg, photos: int) -> None:
     sources = ["single" if kind == "single" else "combination" for _, _, kind in crops]
     before = predictor.classify(images, sources)
     logits, features = predictor.forward(images)
-    probs = torch.softmax(logits.float() / torch.as_tensor(predictor.temperatures.per_row(sources),
+    probs = torch.softmax(logits.float().cpu() / torch.as_tensor(predictor.temperatures.per_row(sources),
                                                            dtype=torch.float32)[:, None], -1).numpy()
     labels = np.array([trained.index(code) for _, code, _ in crops])
     ckpt = predictor.exp_dir / "checkpoints"

@@ -74,6 +74,10 @@ def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path,
         resolve_device("cuda")
     # a CPU-only torch cannot see a GPU that may well be there: the message says which it is
     monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     with pytest.raises(DeviceError, match=r"is a CPU-only build; install a CUDA build of torch"):
         resolve_device("cuda:0")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build drives an AMD GPU as "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert str(resolve_device("cuda:0")) == "cuda:0"
     assert str(resolve_device("cpu")) == "cpu"

@@ -257,7 +257,7 @@ def test_the_probe_cuts_crops_as_inference_does(tmp_path):
                                                                                     np.asarray(stored))
 
 
-def test_a_combination_pill_is_cut_at_the_detector_box_it_was_matched_to(tmp_path):
+def test_a_combination_pill_is_cut_at_the_detector_box_it_was_matched_to(tmp_path, monkeypatch):
     """InferenceCrops cuts a combination photo's pill at the detector's box given for its row, from the photo at
     full resolution in the frame its labels are in (the box was found there), as the combo path cuts it; a pill with
     no detector box is the data set's own crop."""
@@ -281,3 +281,14 @@ def test_a_combination_pill_is_cut_at_the_detector_box_it_was_matched_to(tmp_pat
     cut, label, _ = crops[1]
     want = crop_pill(image, box, 0.15)
     assert label == 5 and np.array_equal(np.asarray(cut), np.asarray(want))
+    # a photo's pills come one after the other: it is decoded once for them
+    import pillsnap.utils.images
+
+    decoded = []
+    read_image = pillsnap.utils.images.read_image
+    monkeypatch.setattr(pillsnap.utils.images, "read_image", lambda *a, **k: (decoded.append(a[0]),
+                                                                            read_image(*a, **k))[1])
+    other = np.array([28.0, 48.0, 55.0, 45.0])
+    both = InferenceCrops(dataset, np.array([False, False]), locate=True, fraction=0.35, detected={0: other, 1: box})
+    assert np.array_equal(np.asarray(both[0][0]), np.asarray(crop_pill(image, other, 0.15)))
+    assert np.array_equal(np.asarray(both[1][0]), np.asarray(want)) and decoded == [str(photo)]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from test_infer_pipeline import _calibration, _cfg, make_exp_dir
 
-from pillsnap.eval.calibration import MIN_SOURCE_CROPS, fit_temperatures
+from pillsnap.eval.calibration import MIN_SOURCE_CROPS, MIN_SOURCE_WRONG, fit_temperatures
 from pillsnap.infer.artefacts import Temperatures
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.metrics.calibration import calibrated_probs, fit_temperature, nll
@@ -49,6 +49,13 @@ def test_each_source_gets_the_temperature_its_own_crops_call_for():
     # to decode): the overall one alone
     few = np.array(["single"] * (400 - MIN_SOURCE_CROPS + 1) + ["combination"] * (MIN_SOURCE_CROPS - 1))
     assert fit_temperatures(log_p, labels, few).by_source["combination"] == fitted.overall
+    # a source nearly always right: its own fit would run to the temperature's lower bound (every answer 1.0)
+    sure = _crops(200, right=1.0, sharpness=4.0, rng=rng)
+    sure[0][:MIN_SOURCE_WRONG - 1, sure[1][:MIN_SOURCE_WRONG - 1]] -= 10.0  # a few wrong
+    mixed = (np.concatenate([sure[0], combination[0]]), np.concatenate([sure[1], combination[1]]))
+    assert (mixed[0][:200].argmax(1) != mixed[1][:200]).sum() == MIN_SOURCE_WRONG - 1
+    fewer_wrong = fit_temperatures(*mixed, sources).by_source
+    assert fewer_wrong["single"] == fit_temperature(*mixed) and fewer_wrong["combination"] != fewer_wrong["single"]
     assert fit_temperatures(log_p, labels, None) == Temperatures(fitted.overall)
     assert fit_temperatures(log_p, labels, sources[:-1]) == Temperatures(fitted.overall)
 
@@ -80,3 +87,32 @@ def test_the_predictor_calibrates_a_crop_at_the_temperature_of_the_path_that_cut
         assert got == pytest.approx(top(temperature), rel=1e-5), source
     mixed = predictor.classify([crop, crop], ["combination", "single"])
     assert [c.topk[0]["probability"] for c in mixed] == pytest.approx([top(4.0), top(0.5)], rel=1e-5)
+    with pytest.raises(ValueError, match="1 crop sources for 2 crops"):
+        predictor.classify([crop, crop], ["single"])
+
+
+def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkeypatch):
+    """The single path classifies its whole-photo crop as "single"; the combo path its detector crops, and the
+    check of one detected pill against the whole photo, as "combination"."""
+    import numpy as np
+    from test_infer_pipeline import pill_photo
+
+    root = make_exp_dir(tmp_path / "exp")
+    predictor = Predictor(root, _cfg(root, "inference.single_locate=false"), device="cpu")
+    photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(
+        [[10, 10, 30, 24, 0.9], [70, 100, 30, 24, 0.8]], float))
+    seen: list = []
+    classify = predictor.classify
+    monkeypatch.setattr(predictor, "classify", lambda crops, source=None: (seen.append((len(crops), source)),
+                                                                         classify(crops, source))[1])
+    predictor.predict(str(photo), mode="single")
+    assert seen == [(1, "single")]
+    seen.clear()
+    predictor.predict(str(photo), mode="combo")
+    assert (2, "combination") in seen and all(source in ("single", "combination") for _, source in seen)
+    one = np.array([[10, 10, 30, 24, 0.9]], float)  # one pill found, on a photo not located: checked as a crop
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: one)
+    seen.clear()
+    predictor.predict(str(photo), mode="auto")
+    assert seen[0] == (1, "single") and (1, "combination") in seen[1:]

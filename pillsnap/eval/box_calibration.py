@@ -64,24 +64,34 @@ def validation_combinations(manifest: Any, limit: int, seed: int = 0) -> list[di
 
 def detector_of(cfg: Any, exp_dir: str | Path, device: Any = None) -> Callable[[Any, float], np.ndarray] | None:
     """EXP's detector as inference runs it (`detect(image, conf_threshold)` -> [N, 5] xywh + confidence, with the
-    inference settings' NMS), in torch and with no calibration applied; None without a detector checkpoint, or
-    (said in the log) when the predictor cannot be built. The detector is loaded at the first call: errors reading
-    it come from there (detector_boxes and calibrate_boxes say so and go on without it)."""
+    inference settings' NMS), in torch and with no calibration applied; None without a detector checkpoint. The
+    models are loaded at the first call, so a run with no photo to detect on loads nothing; an error loading them
+    is raised there, and again at every later call (detector_boxes and calibrate_boxes each say what they lose and
+    go on without it)."""
     from omegaconf import OmegaConf
 
     from pillsnap.infer.artefacts import find_checkpoints
-    from pillsnap.infer.pipeline import Predictor
 
     if find_checkpoints(exp_dir)[1] is None:
         return None
     run_cfg = OmegaConf.merge(cfg, {"inference": {"backend": "torch", "calibration": False,
                                                   "hard_cases": {"enabled": False}}})
-    try:
-        return Predictor(exp_dir, run_cfg, None if device is None else str(device)).detect
-    except (OSError, RuntimeError, ValueError) as err:
-        LOGGER.warning("calibration: the detector is left out of the calibration (no box check, combination pills "
-                       "at their labelled boxes): %s: %s", type(err).__name__, err)
-        return None
+    loaded: dict[str, Any] = {}
+
+    def detect(image: Any, conf_threshold: float) -> np.ndarray:
+        if "error" in loaded:
+            raise loaded["error"]
+        if "predictor" not in loaded:
+            from pillsnap.infer.pipeline import Predictor
+
+            try:
+                loaded["predictor"] = Predictor(exp_dir, run_cfg, None if device is None else str(device))
+            except (OSError, RuntimeError, ValueError) as err:
+                loaded["error"] = err
+                raise
+        return loaded["predictor"].detect(image, conf_threshold)
+
+    return detect
 
 
 def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: Any, sources: np.ndarray | None,

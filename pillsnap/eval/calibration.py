@@ -44,9 +44,11 @@ from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
 
 LOGGER = logging.getLogger(__name__)
-# validation crops of a source below which it takes the temperature fit over all crops (a fit on a few dozen crops
-# is mostly noise)
+# A source takes the temperature fit over all crops unless it has this many validation crops (a fit on a few dozen
+# is mostly noise) and this many wrong top-1 answers among them (with next to none, the NLL keeps falling as the
+# temperature does, and the fit runs to its lower bound: every answer of that path would say 1.0).
 MIN_SOURCE_CROPS = 50
+MIN_SOURCE_WRONG = 5
 
 
 def load_manifest_if_any(cfg: DictConfig) -> Any:
@@ -71,12 +73,15 @@ class Validation(NamedTuple):
 
 def fit_temperatures(log_p: np.ndarray, labels: np.ndarray, sources: np.ndarray | None) -> Temperatures:
     """The temperature over every crop and, where `sources` names each crop's source and a source has
-    MIN_SOURCE_CROPS crops, one fit on that source's crops alone (else the overall one stands for it)."""
+    MIN_SOURCE_CROPS crops with MIN_SOURCE_WRONG wrong top-1 answers, one fit on that source's crops alone (else the
+    overall one stands for it)."""
     overall = fit_temperature(log_p, labels)
     if sources is None or len(sources) != len(labels):  # not known, or photos failed to decode and left fewer
         return Temperatures(overall)
+    wrong = log_p.argmax(axis=1) != labels
     return Temperatures(overall, {source: fit_temperature(log_p[sources == source], labels[sources == source])
-                                  if (sources == source).sum() >= MIN_SOURCE_CROPS else overall
+                                  if (sources == source).sum() >= MIN_SOURCE_CROPS
+                                  and wrong[sources == source].sum() >= MIN_SOURCE_WRONG else overall
                                   for source in CROP_SOURCES})
 
 
@@ -197,7 +202,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     _answers(model, crops, sources, loaders.meta, val.temperatures, rule, rules, keep, held_out, cfg, stored, report)
     if cut is not None:
         report["combination_boxes"] = cut
-    boxes = calibrate_boxes(cfg, exp_dir, manifest, device, detect)  # the detector's confidences, for the box check
+    # the detector's confidences, for the box check (not with a detector that could not be run above)
+    boxes = None if detect is None else calibrate_boxes(cfg, exp_dir, manifest, device, detect)
     if boxes is not None:
         stored["box_check"] = boxes
         report["box_check"] = box_summary(boxes, cfg.inference)

@@ -70,6 +70,7 @@ class InferenceCrops(Dataset):
         self.positions = np.arange(len(self.single)) if positions is None else np.asarray(positions, np.int64)
         self.labels, self.transform = np.asarray(dataset.labels)[self.positions], dataset.transform
         self.detected = detected or {}
+        self._photo: tuple[str, Image.Image] | None = None  # the last photo cut at detector boxes: its pills follow
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -86,8 +87,12 @@ class InferenceCrops(Dataset):
             from pillsnap.infer.preprocess import crop_pill
             from pillsnap.utils.images import read_image
 
-            # full resolution, in the frame the detector's box was found in (its labels' frame)
-            return crop_pill(read_image(self.dataset.rows[row].image_path, LABELLED), box, self.dataset.crop_margin)
+            # full resolution, in the frame the detector's box was found in (its labels' frame); a photo's pills
+            # come one after the other, so it is decoded once for them
+            path = self.dataset.rows[row].image_path
+            if self._photo is None or self._photo[0] != path:
+                self._photo = (path, read_image(path, LABELLED))
+            return crop_pill(self._photo[1], box, self.dataset.crop_margin)
         # decoded as inference decodes it, turned upright by its EXIF orientation: no labelled box is used here
         image = load_image(self.dataset.rows[row].image_path)[0]
         return single_photo_crop(image, self.dataset.crop_margin, self.locate, self.fraction)[0]

@@ -289,6 +289,8 @@ class Predictor:
         space = self.enrolled  # read once: a reload on another thread swaps it whole
         logits, features = self.forward(crops)
         sources = [source] * len(crops) if source is None or isinstance(source, str) else list(source)
+        if len(sources) != len(crops):
+            raise ValueError(f"classify: {len(sources)} crop sources for {len(crops)} crops")
         temperature = torch.as_tensor(self.temperatures.per_row(sources), dtype=torch.float32)[:, None]
         probs = torch.softmax(logits.float().cpu() / temperature, dim=-1).numpy()
         feats = None if features is None else features.float().cpu().numpy()

@@ -27,7 +27,8 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise DeviceError(f"device {device!r}: not a device (cpu, cuda, cuda:N)") from err
     if chosen.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r}: PillSnap runs on cpu or cuda")
-    if chosen.type == "cuda" and torch.version.cuda is None:  # a GPU may be there: this torch cannot use it
+    if chosen.type == "cuda" and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        # a GPU may well be there: this torch cannot use it (a ROCm build drives AMD GPUs as "cuda")
         raise DeviceError(f"device {device!r}: this torch {torch.__version__} is a CPU-only build; install a CUDA "
                           "build of torch (pytorch.org) to use the GPU, or use cpu")
     if chosen.type == "cuda" and not torch.cuda.is_available():
