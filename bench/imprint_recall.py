@@ -37,7 +37,7 @@ def answers(cfg, exp: Path, limit: int) -> dict:
 
     run = open_run(cfg, exp)
     unknown, names, class_map = run.unknown, run.names, run.class_map
-    weights, thresholds = calibrated_evidence(run.cal)
+    thresholds = calibrated_evidence(run.cal)[1]
     known = KnownImprints(class_map)
     sets = {"validation": read_validation(run, limit)[1]}
     held = read_held_out(run, limit)
@@ -51,7 +51,8 @@ def answers(cfg, exp: Path, limit: int) -> dict:
             for item in items:
                 classified = item.classified if way == "with" else item.classified._replace(reserve=())
                 answer = decide_answer(classified, class_map, item.read, None,
-                                       unknown.for_answer(len(names), item.source), thresholds, weights, known=known)
+                                       unknown.for_answer(len(names), item.source), thresholds,
+                                       calibrated_evidence(run.cal, item.source)[0], known=known)
                 top = answer.candidates[0] if answer.candidates else {}
                 rows.append((not answer.unknown and top.get("mapping_code") == item.truth, answer.unknown,
                              bool(top.get("recalled_by_imprint")) and not answer.unknown))

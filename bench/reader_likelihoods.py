@@ -145,12 +145,12 @@ def unknown_pills(run: Run, known_items: list, limit: int) -> dict:
     if held_items is None:
         return {}
     names, class_map, cal, unknown = run.names, run.class_map, run.cal, run.unknown
-    weights, thresholds = calibrated_evidence(cal)
+    thresholds = calibrated_evidence(cal)[1]
     imprints = KnownImprints(class_map)
 
-    def answered(items, thresholds):
+    def answered(items, thresholds):  # each crop weighed with its source's evidence scale, as inference does
         return [decide_answer(item.classified, class_map, item.read, None, unknown.for_answer(len(names), item.source),
-                              thresholds, weights, known=imprints) for item in items]
+                              thresholds, calibrated_evidence(cal, item.source)[0], known=imprints) for item in items]
 
     out = {}
     for name, chosen in (("with", thresholds), ("without", dataclasses.replace(thresholds,
@@ -188,9 +188,10 @@ def test_photos(cfg, exp: Path, weight: float, split: str) -> dict:
 
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), split)
     on, off = Predictor(str(exp), cfg, "cpu"), Predictor(str(exp), cfg, "cpu")
-    scale = on.weights.imprint / WEIGHTS.imprint  # the run's evidence scale, kept for both
-    on.weights = dataclasses.replace(on.weights, likelihood=weight * scale)
-    off.weights = dataclasses.replace(off.weights, likelihood=0.0)
+    for source, kept in on.weights.items():  # each crop source's evidence scale, kept for both
+        scale = kept.imprint / WEIGHTS.imprint
+        on.weights[source] = dataclasses.replace(kept, likelihood=weight * scale)
+        off.weights[source] = dataclasses.replace(off.weights[source], likelihood=0.0)
     return {"photos": len(photos), **alternate(photos, {"on": on, "off": off})}
 
 

@@ -197,41 +197,72 @@ def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:
     assert fit_evidence_scale([ValAnswer(_classified(0.9, 0.1), None, "K-000001")], CLASS_MAP) == 1.0
 
 
+def _twin_reads(wrong_every: int, source: str | None, n: int = 40) -> list:
+    """Validation answers between twins told apart by the front imprint, read wrong every `wrong_every`-th time (0:
+    never), from crop source `source`."""
+    from pillsnap.eval.answer_calibration import ValAnswer
+
+    out = []
+    for i in range(n):
+        truth = "K-000001" if i % 2 else "K-000002"
+        other = "K-000002" if truth == "K-000001" else "K-000001"
+        said = other if wrong_every and i % wrong_every == 0 else truth
+        read = ImprintRead(CLASS_MAP[said]["print_front"], 0.9, 0.0, 0.1, True)
+        out.append(ValAnswer(_classified(0.5, 0.49, 0.01), read, truth, source))
+    return out
+
+
 def test_each_crop_source_gets_the_evidence_scale_its_own_reads_call_for() -> None:
     """Reads always right on single photos and wrong a third of the time on detector crops: each source's scale is
     fit on its own reads (the overall one between them), a source with too few reads takes the overall one, and
     items of unknown source give no per-source scales. Inference weighs a crop's read by its source's scale, an
-    older calibration's by the one."""
-    from pillsnap.eval.answer_calibration import MIN_SOURCE_READS, ValAnswer, fit_evidence_scale, fit_evidence_scales
+    older calibration's by the one; a malformed or negative scale is a ValueError naming it."""
+    from pillsnap.eval.answer_calibration import MIN_SOURCE_READS, fit_evidence_scale, fit_evidence_scales
     from pillsnap.infer.thresholds import WEIGHTS, calibrated_evidence
 
-    def items(wrong_every: int, source: str | None, n: int = 40) -> list[ValAnswer]:
-        out = []
-        for i in range(n):
-            truth = "K-000001" if i % 2 else "K-000002"
-            other = "K-000002" if truth == "K-000001" else "K-000001"
-            said = other if wrong_every and i % wrong_every == 0 else truth
-            read = ImprintRead(CLASS_MAP[said]["print_front"], 0.9, 0.0, 0.1, True)
-            out.append(ValAnswer(_classified(0.5, 0.49, 0.01), read, truth, source))
-        return out
-
-    single, combination = items(0, "single"), items(3, "combination")
+    single, combination = _twin_reads(0, "single"), _twin_reads(3, "combination")
     overall, by_source = fit_evidence_scales(single + combination, CLASS_MAP)
     assert overall == fit_evidence_scale(single + combination, CLASS_MAP)
     assert by_source == {"single": fit_evidence_scale(single, CLASS_MAP),
                          "combination": fit_evidence_scale(combination, CLASS_MAP)}
     assert by_source["combination"] <= overall < by_source["single"]
-    few = items(3, "combination", MIN_SOURCE_READS - 1)
-    assert fit_evidence_scales(single + few, CLASS_MAP)[1]["combination"] == fit_evidence_scale(single + few,
-                                                                                                 CLASS_MAP)
-    assert fit_evidence_scales(items(0, None), CLASS_MAP)[1] is None
+    # too few reads of a source: the overall scale, not the one its own few reads would give
+    doubted, few = _twin_reads(3, "single"), _twin_reads(0, "combination", MIN_SOURCE_READS - 1)
+    own, pooled = fit_evidence_scale(few, CLASS_MAP), fit_evidence_scale(doubted + few, CLASS_MAP)
+    assert own != pooled and fit_evidence_scales(doubted + few, CLASS_MAP)[1]["combination"] == pooled
+    assert fit_evidence_scales(_twin_reads(0, None), CLASS_MAP)[1] is None
     stored = {"evidence_scale": 1.0, "evidence_scale_by_source": {"single": 2.0, "combination": 0.5}}
     assert calibrated_evidence(stored, "single")[0].imprint == pytest.approx(WEIGHTS.imprint * 2.0)
     assert calibrated_evidence(stored, "combination")[0].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
     assert calibrated_evidence(stored)[0].imprint == pytest.approx(WEIGHTS.imprint)
     assert calibrated_evidence({"evidence_scale": 0.5}, "single")[0].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
-    with pytest.raises(ValueError, match="evidence_scale_by_source.single must be a number"):
-        calibrated_evidence({"evidence_scale_by_source": {"single": "big"}}, "single")
+    assert calibrated_evidence({"evidence_scale": 0.5, "evidence_scale_by_source": {"single": None}},
+                               "single")[0].imprint == pytest.approx(WEIGHTS.imprint * 0.5)
+    for broken, said in (({"single": "big"}, "evidence_scale_by_source.single must be a number"),
+                         ({"single": -10.0}, "must not be negative"), ([2.0, 0.5], "must map crop sources")):
+        with pytest.raises(ValueError, match=said):
+            calibrated_evidence({"evidence_scale_by_source": broken}, "single")
+
+
+def test_calibration_answers_each_crop_with_its_source_evidence_scale(monkeypatch) -> None:
+    """The answers calibration fits the sets on are made as inference makes them: each crop's read weighed by its
+    source's evidence scale."""
+    import pillsnap.eval.answer_calibration as calibration
+    import pillsnap.infer.answer
+    from pillsnap.infer.thresholds import WEIGHTS
+
+    items = _twin_reads(0, "single") + _twin_reads(3, "combination")
+    monkeypatch.setattr(calibration, "val_answers", lambda *args, **kwargs: items)
+    weighed: list[float] = []
+    decide = pillsnap.infer.answer.decide_answer
+    monkeypatch.setattr(pillsnap.infer.answer, "decide_answer",
+                        lambda *args, **kwargs: (weighed.append(kwargs["weights"].imprint), decide(*args, **kwargs))[1])
+    out = calibration.answer_calibration(_SaysDrugA(), list(range(len(items))), 1.0, ["K-000001", "K-000002"],
+                                         CLASS_MAP, topk=2, limit=len(items), read_imprints=False,
+                                         sources=np.array([item.source for item in items]))
+    scales = out["evidence_scale_by_source"]
+    assert scales["single"] != scales["combination"]
+    assert weighed[:len(items)] == [pytest.approx(WEIGHTS.imprint * scales[item.source]) for item in items]
 
 
 def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:

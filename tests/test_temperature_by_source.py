@@ -68,6 +68,14 @@ def test_a_stored_calibration_gives_each_crop_its_source_temperature():
     older = Temperatures.from_stored({"temperature": 2.0})  # written before per-source temperatures
     assert (older.of("single"), older.of("combination")) == (2.0, 2.0)
     assert Temperatures.from_stored(None).of("single") == 1.0  # uncalibrated
+    partial = Temperatures.from_stored({"temperature": 2.0, "temperature_by_source": {"single": None}})
+    assert partial.of("single") == 2.0
+    for broken, said in (({"temperature": 0.0}, "temperature must be a positive number"),
+                         ({"temperature": 1.0, "temperature_by_source": {"single": "hot"}},
+                          "temperature_by_source.single must be a positive number"),
+                         ({"temperature": 1.0, "temperature_by_source": [0.5]}, "must map crop sources")):
+        with pytest.raises(ValueError, match=said):
+            Temperatures.from_stored(broken)
 
 
 def test_the_predictor_calibrates_a_crop_at_the_temperature_of_the_path_that_cut_it(tmp_path: Path):
@@ -97,9 +105,19 @@ def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkey
     import numpy as np
     from test_infer_pipeline import pill_photo
 
+    import pillsnap.infer.pipeline
+    from pillsnap.infer.thresholds import WEIGHTS
+
     root = make_exp_dir(tmp_path / "exp")
+    ckpts = root / "checkpoints"
+    save_json(ckpts / "calibration.json", {**_calibration(ckpts), "evidence_scale": 1.0,
+                                           "evidence_scale_by_source": {"single": 0.25, "combination": 2.0}})
     predictor = Predictor(root, _cfg(root, "inference.single_locate=false"), device="cpu")
     photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    weighed: list[float] = []  # each answer's read weighed by its path's evidence scale
+    decide = pillsnap.infer.pipeline.decide_answer
+    monkeypatch.setattr(pillsnap.infer.pipeline, "decide_answer",
+                        lambda *args, **kwargs: (weighed.append(args[6].imprint), decide(*args, **kwargs))[1])
     monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(
         [[10, 10, 30, 24, 0.9], [70, 100, 30, 24, 0.8]], float))
     seen: list = []
@@ -107,10 +125,12 @@ def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkey
     monkeypatch.setattr(predictor, "classify", lambda crops, source=None: (seen.append((len(crops), source)),
                                                                          classify(crops, source))[1])
     predictor.predict(str(photo), mode="single")
-    assert seen == [(1, "single")]
+    assert seen == [(1, "single")] and weighed == [pytest.approx(WEIGHTS.imprint * 0.25)]
     seen.clear()
+    weighed.clear()
     predictor.predict(str(photo), mode="combo")
     assert (2, "combination") in seen and all(source in ("single", "combination") for _, source in seen)
+    assert weighed == [pytest.approx(WEIGHTS.imprint * 2.0)] * 2
     one = np.array([[10, 10, 30, 24, 0.9]], float)  # one pill found, on a photo not located: checked as a crop
     monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: one)
     seen.clear()

@@ -65,9 +65,9 @@ def validation_combinations(manifest: Any, limit: int, seed: int = 0) -> list[di
 def detector_of(cfg: Any, exp_dir: str | Path, device: Any = None) -> Callable[[Any, float], np.ndarray] | None:
     """EXP's detector as inference runs it (`detect(image, conf_threshold)` -> [N, 5] xywh + confidence, with the
     inference settings' NMS), in torch and with no calibration applied; None without a detector checkpoint. The
-    models are loaded at the first call, so a run with no photo to detect on loads nothing; an error loading them
-    is raised there, and again at every later call (detector_boxes and calibrate_boxes each say what they lose and
-    go on without it)."""
+    models are loaded at the first call, so a run with no photo to detect on loads nothing; an error building the
+    predictor is raised there and again at every later call, one reading the detector's weights at each call
+    (detector_boxes and calibrate_boxes each say what they lose and go on without it)."""
     from omegaconf import OmegaConf
 
     from pillsnap.infer.artefacts import find_checkpoints

@@ -202,7 +202,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     _answers(model, crops, sources, loaders.meta, val.temperatures, rule, rules, keep, held_out, cfg, stored, report)
     if cut is not None:
         report["combination_boxes"] = cut
-    # the detector's confidences, for the box check (not with a detector that could not be run above)
+    # the detector's confidences, for the box check (none without a detector checkpoint)
     boxes = None if detect is None else calibrate_boxes(cfg, exp_dir, manifest, device, detect)
     if boxes is not None:
         stored["box_check"] = boxes

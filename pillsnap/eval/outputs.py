@@ -89,10 +89,10 @@ class InferenceCrops(Dataset):
 
             # full resolution, in the frame the detector's box was found in (its labels' frame); a photo's pills
             # come one after the other, so it is decoded once for them
-            path = self.dataset.rows[row].image_path
-            if self._photo is None or self._photo[0] != path:
-                self._photo = (path, read_image(path, LABELLED))
-            return crop_pill(self._photo[1], box, self.dataset.crop_margin)
+            path, photo = self.dataset.rows[row].image_path, self._photo
+            if photo is None or photo[0] != path:
+                photo = self._photo = (path, read_image(path, LABELLED))
+            return crop_pill(photo[1], box, self.dataset.crop_margin)
         # decoded as inference decodes it, turned upright by its EXIF orientation: no labelled box is used here
         image = load_image(self.dataset.rows[row].image_path)[0]
         return single_photo_crop(image, self.dataset.crop_margin, self.locate, self.fraction)[0]

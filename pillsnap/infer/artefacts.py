@@ -92,8 +92,12 @@ class Temperatures:
         if not calibration:
             return cls()
         by_source = calibration.get("temperature_by_source")
-        return cls(float(calibration["temperature"]),
-                   {k: float(v) for k, v in by_source.items()} if isinstance(by_source, Mapping) else None)
+        if by_source is not None and not isinstance(by_source, Mapping):
+            raise ValueError(f"calibration.json: temperature_by_source must map crop sources to temperatures, got "
+                             f"{by_source!r} (recalibrate: pillsnap calibrate --exp EXP)")
+        return cls(_temperature(calibration.get("temperature"), "temperature"),
+                   None if by_source is None else {k: _temperature(v, f"temperature_by_source.{k}")
+                                                   for k, v in by_source.items() if v is not None})
 
     def of(self, source: str | None) -> float:
         """The temperature for a crop from `source` (None, or a source without its own: the overall one)."""
@@ -107,6 +111,14 @@ class Temperatures:
         """'0.800 (single 0.750, combination 0.900)', or the one temperature alone."""
         by_source = ", ".join(f"{k} {v:.{digits}f}" for k, v in (self.by_source or {}).items())
         return f"{self.overall:.{digits}f}" + (f" ({by_source})" if by_source else "")
+
+
+def _temperature(value: Any, name: str) -> float:
+    """A stored temperature: a positive finite number, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"calibration.json: {name} must be a positive number, got {value!r} (recalibrate: "
+                         "pillsnap calibrate --exp EXP)")
+    return float(value)
 
 
 def unknown_thresholds_by_source(calibration: dict, rule: str) -> dict[str, float | None] | None:

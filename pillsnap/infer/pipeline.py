@@ -104,6 +104,7 @@ class Predictor:
         # its sets were fit with
         self.thresholds = calibrated_evidence(self.calibration)[1]
         self.weights = {source: calibrated_evidence(self.calibration, source)[0] for source in CROP_SOURCES}
+        self.temperatures  # noqa: B018 - a malformed temperature fails here, at start-up, not at the first photo
         missing = fit_without(self.calibration) if imprint.enabled else ()
         if "likelihoods" in missing:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "

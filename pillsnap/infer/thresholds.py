@@ -124,8 +124,14 @@ def calibrated_evidence(calibration: Mapping | None,
         thresholds = replace(thresholds, recall_min_probability=math.inf)
     scale = number("evidence_scale", 1.0)
     by_source = calibration.get("evidence_scale_by_source")
-    if source is not None and isinstance(by_source, Mapping):
+    if by_source is not None and not isinstance(by_source, Mapping):
+        raise ValueError(f"calibration.json: evidence_scale_by_source must map crop sources to scales, got "
+                         f"{by_source!r} (recalibrate: pillsnap calibrate --exp EXP)")
+    if source is not None and by_source is not None:
         scale = number(source, scale, by_source, f"evidence_scale_by_source.{source}")
+    if scale < 0:  # a negative weight would turn a read against the drug it names
+        raise ValueError(f"calibration.json: the evidence scale must not be negative, got {scale} (recalibrate: "
+                         "pillsnap calibrate --exp EXP)")
     return weights.with_read_scaled(scale or 1.0), thresholds  # 0: never fit, as before
 
 
