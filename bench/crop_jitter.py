@@ -89,10 +89,8 @@ def pills(cfg: Any, workdir: Path) -> list[dict]:
 
 
 def measure(exp_dir: Path, cfg: Any, items: list[dict]) -> dict[str, dict]:
-    import torch
-
     from pillsnap.infer.pipeline import Predictor
-    from pillsnap.metrics.calibration import ece_of
+    from pillsnap.metrics.calibration import calibrated_probs, ece_of
 
     predictor = Predictor(exp_dir, cfg, "cpu")
     names = list(predictor.class_names)
@@ -101,8 +99,7 @@ def measure(exp_dir: Path, cfg: Any, items: list[dict]) -> dict[str, dict]:
         chosen = [item for item in items if cut in item["crops"]]
         logits = predictor.forward([item["crops"][cut] for item in chosen])[0].float().cpu()
         sources = ["single" if item["source"] == "single" else "combination" for item in chosen]
-        probs = torch.softmax(logits / torch.as_tensor(predictor.temperatures.per_row(sources),
-                                                       dtype=torch.float32)[:, None], -1).numpy()
+        probs = calibrated_probs(logits.numpy(), predictor.temperatures.per_row(sources))
         right = np.array([names[k] == item["code"] for k, item in zip(probs.argmax(1), chosen, strict=True)])
         single = np.array([item["source"] == "single" for item in chosen])
         figures[cut] = {"n": len(chosen), "accuracy": float(right.mean()),

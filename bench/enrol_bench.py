@@ -99,6 +99,7 @@ def probe_against_test(cfg, photos: int) -> None:
     from pillsnap.infer.enrol import remove
     from pillsnap.infer.enrolment import Probe, load_probe, read_store, taken_from_trained, trained_gaussians
     from pillsnap.infer.pipeline import Predictor
+    from pillsnap.metrics.calibration import calibrated_probs
     from pillsnap.utils import read_json
 
     manifest = load_manifest(cfg.paths.manifest_dir)
@@ -109,8 +110,7 @@ def probe_against_test(cfg, photos: int) -> None:
     sources = ["single" if kind == "single" else "combination" for _, _, kind in crops]
     before = predictor.classify(images, sources)
     logits, features = predictor.forward(images)
-    probs = torch.softmax(logits.float().cpu() / torch.as_tensor(predictor.temperatures.per_row(sources),
-                                                           dtype=torch.float32)[:, None], -1).numpy()
+    probs = calibrated_probs(logits.float().cpu().numpy(), predictor.temperatures.per_row(sources))
     labels = np.array([trained.index(code) for _, code, _ in crops])
     ckpt = predictor.exp_dir / "checkpoints"
     gaussians, threshold = trained_gaussians(ckpt, predictor.calibration)

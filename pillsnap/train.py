@@ -116,8 +116,9 @@ def train(cfg: Any, build_loaders: Callable[[Any], Any] | None = None, choice: i
 
 def training_ended(exp_dir: str | Path, since: float) -> bool:
     """Whether a run interrupted now had already ended its training on its own: its reports/metrics.json, written
-    since `since`, says completed, early stop or time cap. Then the checkpoints are whole, a resume would only say
-    "already trained", and what is left is the work after training. scripts/train.sh asks the same."""
+    since `since`, says completed, early stop or time cap. Then the checkpoints are whole and what is left is the
+    work after training (its commands, or a resume, which trains nothing and does the steps left). scripts/train.sh
+    asks the same."""
     from pillsnap.utils.run_status import FINISHED_STATUSES
 
     path = Path(exp_dir) / "reports" / "metrics.json"

@@ -119,6 +119,7 @@ def fit_evidence_scales(items: list[ValAnswer], class_map: dict) -> tuple[float,
         by_source[source] = fit_evidence_scale(own, class_map) if reads >= MIN_SOURCE_READS else overall
     return overall, by_source
 
+
 def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatures, class_names: list[str],
                        class_map: dict, topk: int, threads: int = 0, limit: int = ANSWER_CROPS,
                        read_imprints: bool = True, unknown: UnknownAnswer | None = None,

@@ -104,7 +104,8 @@ class Predictor:
         # its sets were fit with
         self.thresholds = calibrated_evidence(self.calibration)[1]
         self.weights = {source: calibrated_evidence(self.calibration, source)[0] for source in CROP_SOURCES}
-        self.temperatures  # noqa: B018 - a malformed temperature fails here, at start-up, not at the first photo
+        # the temperatures per crop source, read once (a malformed one fails here, at start-up)
+        self.temperatures = Temperatures.from_stored(self.calibration)
         missing = fit_without(self.calibration) if imprint.enabled else ()
         if "likelihoods" in missing:
             LOGGER.warning("predictor: the calibration predates the candidates' likelihoods as imprint evidence; "
@@ -171,11 +172,6 @@ class Predictor:
         if self.detector_path is None:
             return None
         return box_check_for(self.calibration, self.detector_path, *self.box_settings)
-
-    @property
-    def temperatures(self) -> Temperatures:
-        """The calibration's temperatures, per crop source where it fit them (1.0 uncalibrated)."""
-        return Temperatures.from_stored(self.calibration)
 
     def _unknown_rule(self) -> UnknownAnswer:
         """The configured unknown-pill rule with its calibrated threshold (configured_unknown_rule), off where the
