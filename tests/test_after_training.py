@@ -92,6 +92,11 @@ def test_a_restart_after_a_failed_step_does_the_steps_left_and_a_second_one_noth
     assert train(make_cfg(exp, *overrides, "train.resume=last"), fake_build_loaders) == 0
     assert steps.calls == [] and read_bytes(exp) == trained
     assert "nothing is left to do" in caplog.text
+    # the stage's checkpoint names, linked again by each restart, leave no temporary link behind (which the next
+    # start would call "left by an interrupted save")
+    ckpts = exp / "checkpoints"
+    assert (ckpts / "stage1_classification_best.pt").samefile(ckpts / "classification_best.pt")
+    assert not list(ckpts.glob(".*.link.tmp")) and "left by an interrupted save" not in caplog.text
     # scripts/train.sh's last line: the stage decision this training's record names, though written before this run
     assert finished_line(exp, 1, since=time.time()) == (
         "training finished; stage 1 decision GO (proceed); next step: train stage 2")

@@ -44,7 +44,10 @@ def ckpt_path(ckpt_dir: str | Path, task: str, kind: str) -> Path:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src`: a hard link, or a copy where the file system has none (FAT, some
-    network shares). Replaces `dst` atomically."""
+    network shares). Replaces `dst` atomically. Already linked (a rerun of the work after training), nothing is
+    done: renaming a second link of one file onto it does nothing, and would leave the temporary link behind."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
