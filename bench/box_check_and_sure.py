@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,8 @@ def main() -> None:
         print("no calibrated prediction sets: pillsnap calibrate --exp EXP")
         return
     outcomes = on["outcomes"]
-    for name, fill_to in (("filled to the coverage", rule.coverage), ("not filled", None)):
-        f = set_figures(with_sets(outcomes, rule.method, rule.threshold, fill_to))
+    for name, fill in (("filled to the coverage", True), ("not filled", False)):
+        f = set_figures(with_sets(outcomes, replace(rule, fill=fill)))
         print(f"  sets {rule.method} at {rule.coverage:.2f}, {name:<22} coverage {f['coverage']:.3f} over "
               f"{f['named']} pills named | mean size {f['mean_set_size']:.3f} | sure share {f['sure_share']:.3f}, "
               f"right {f['sure_accuracy']:.3f}")

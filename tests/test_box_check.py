@@ -343,8 +343,8 @@ def test_sets_are_filled_as_configured_and_the_evaluation_redraws_them_alike(tmp
     outcome = [{"pills": [{"code": "K-2", "known": True, "answered": True, "named": True, "right": False,
                            "set": ["K-1"], "covered": False, "topk": [(c["mapping_code"], c["probability"])
                                                                       for c in lone]}]}]
-    assert set_figures(with_sets(outcome, "lac", 0.1))["coverage"] == 0.0
-    redrawn = set_figures(with_sets(outcome, "lac", 0.1, fill_to=0.95))
+    assert set_figures(with_sets(outcome, SetRule("lac", 0.95, 0.1)))["coverage"] == 0.0
+    redrawn = set_figures(with_sets(outcome, SetRule("lac", 0.95, 0.1, fill=True)))
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 3.0 and redrawn["sure_share"] == 0.0
 
 

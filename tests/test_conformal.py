@@ -163,17 +163,18 @@ def test_an_unknown_pill_has_an_empty_set_and_no_probability() -> None:
 def test_set_rule_from_a_calibration_is_refused_when_reading_differs() -> None:
     calibration = {"prediction_sets": {"scores": {"aps": [0.5, 0.9, None, 0.7], "lac": [0.1, 0.2, None, 0.3]},
                                        "imprint_reading": True, "n": 4}}
-    threshold, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=True)
-    assert problem is None and threshold == 0.9  # 3rd smallest of 4
-    threshold, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=False)
-    assert threshold is None and "imprint reading on" in problem
+    rule, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=True)
+    assert problem is None and rule.threshold == 0.9 and rule.by_source is None  # 3rd smallest of 4
+    rule, problem = load_set_rule(calibration, "aps", 0.5, imprint_reading=False)
+    assert rule is None and "imprint reading on" in problem
     assert load_set_rule({}, "aps", 0.9, True)[1].startswith("the calibration has no prediction-set scores")
     # the imprint check withholds answers and reads every pill: sets calibrated without it (older files: no key)
     # are refused with it on, and the other way round; with reading off the check cannot run and is not asked
-    threshold, problem = load_set_rule(calibration, "aps", 0.5, True, imprint_check=True)
-    assert threshold is None and "imprint check (inference.imprint.unknown_check) off and it is now on" in problem
+    rule, problem = load_set_rule(calibration, "aps", 0.5, True, imprint_check=True)
+    assert rule is None and "imprint check (inference.imprint.unknown_check) off and it is now on" in problem
     checked = {"prediction_sets": {**calibration["prediction_sets"], "imprint_check": True}}
-    assert load_set_rule(checked, "aps", 0.5, True, imprint_check=True) == (0.9, None)
+    rule, problem = load_set_rule(checked, "aps", 0.5, True, imprint_check=True)
+    assert problem is None and rule.threshold == 0.9
     assert load_set_rule(checked, "aps", 0.5, True, imprint_check=False)[0] is None
 
 
@@ -263,6 +264,22 @@ def test_calibration_answers_each_crop_with_its_source_evidence_scale(monkeypatc
     scales = out["evidence_scale_by_source"]
     assert scales["single"] != scales["combination"]
     assert weighed[:len(items)] == [pytest.approx(WEIGHTS.imprint * scales[item.source]) for item in items]
+    # each scored answer keeps its source, so that inference can give each source its own set threshold
+    sets = out["prediction_sets"]
+    assert sets["sources"] == [item.source for item in items] and len(sets["scores"]["lac"]) == len(items)
+    # a withheld answer is not scored, and its source is left out with it: the two lists stay aligned
+    from pillsnap.infer.unknown import UnknownAnswer
+
+    unsure = [item._replace(classified=item.classified._replace(unknown_score=0.9), read=None) if i % 4 == 0
+              else item for i, item in enumerate(items)]  # unread: a read of the top drug would overrule the rule
+    monkeypatch.setattr(calibration, "val_answers", lambda *args, **kwargs: unsure)
+    withheld = calibration.answer_calibration(
+        _SaysDrugA(), list(range(len(items))), 1.0, ["K-000001", "K-000002"], CLASS_MAP, topk=2, limit=len(items),
+        read_imprints=False, unknown=UnknownAnswer("probability", 0.5),
+        sources=np.array([item.source for item in items]))["prediction_sets"]
+    kept = [item.source for i, item in enumerate(items) if i % 4]
+    assert withheld["withheld_unknown"] == len(items) - len(kept) > 0
+    assert withheld["sources"] == kept and len(withheld["scores"]["lac"]) == len(kept)
 
 
 def test_the_evidence_scale_weighs_the_candidates_likelihoods_too() -> None:
@@ -363,6 +380,7 @@ def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> N
                              read_imprints=False, seed=3)
     scores = out["prediction_sets"]["scores"]["lac"]
     assert out["prediction_sets"]["n"] == len(scores) == 20
+    assert out["prediction_sets"]["sources"] is None  # the crops' sources were not given
     wrong = sum(score > 0.5 for score in scores)  # drug B's crops: the right drug holds 0.01
     assert 5 <= wrong <= 15, scores  # about half, as in the whole set (a hypergeometric draw)
     again = answer_calibration(_SaysDrugA(), crops, 1.0, ["K-000001", "K-000002"], {}, topk=2, limit=20,

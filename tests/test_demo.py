@@ -40,6 +40,14 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     cut = summary["calibration"]["combination_boxes"]
     assert cut["pills"] > 0 and f"{cut['at_detector_boxes']} of {cut['pills']} combination pills cut at" in out
     assert set(summary["calibration"]["temperature_by_source"]) == {"single", "combination"}
+    # the prediction sets: each calibration answer's crop source kept, the test coverage said per source, and the
+    # other choice of inference.prediction_set.by_source drawn on the same answers
+    sets = read_json(exp / "checkpoints" / "calibration.json")["prediction_sets"]
+    assert len(sets["sources"]) == len(sets["scores"]["lac"]) and set(sets["sources"]) <= {"single", "combination"}
+    by_source = auto["prediction_sets"]["by_source"]
+    assert "single" in by_source and set(by_source) <= {"single", "combination"}
+    assert "lac one threshold" in auto["prediction_sets_by_method"]
+    assert f"single photos {by_source['single']['coverage']:.3f} of {by_source['single']['named']}" in out
     threshold = summary["calibration"]["box_check"]["conf_threshold"]  # the bound is drawn from the pills it keeps
     assert summary["calibration"]["box_check"]["pills"] == sum(c >= threshold for c in box_check["pill_confidences"])
     doubted = auto["doubted_boxes"]

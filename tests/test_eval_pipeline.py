@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups, set_figures, with_sets
+from pillsnap.infer.answer import SetRule
 
 
 def _manifest() -> pd.DataFrame:
@@ -70,7 +71,7 @@ def test_set_figures_match_pills_by_box_and_count_an_empty_set_right_for_an_unle
     # c.png pill by pill: K-000002 right, K-000001 answered K-000002; the photo as a whole is wrong
     assert figures["combo_pill_accuracy"] == 0.5 and figures["combo_all_right_rate"] == 0.0
     outcomes = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["outcomes"]
-    redrawn = set_figures(with_sets(outcomes, "lac", 0.7))  # 1 - 0.4 <= 0.7: both candidates in every set
+    redrawn = set_figures(with_sets(outcomes, SetRule("lac", 0.95, 0.7)))  # 1 - 0.4 <= 0.7: both in every set
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 2.0
 
 

@@ -6,14 +6,22 @@ training. pillsnap.eval.calibration stores what this fits."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from pillsnap.infer.artefacts import Temperatures
+from pillsnap.infer.artefacts import MIN_SOURCE_SET_ANSWERS, Temperatures
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
-from pillsnap.metrics.conformal import SET_METHODS, conformal_threshold, nonconformity, scores_from_json, scores_to_json
+from pillsnap.metrics.conformal import (
+    SET_METHODS,
+    conformal_threshold,
+    group_thresholds,
+    nonconformity,
+    scores_from_json,
+    scores_to_json,
+)
 from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
@@ -181,7 +189,10 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
                    "evidence_scale_by_source": scale_by_source,
                    "unscaled": {k: v for k, v in _answer_figures(answered(lambda source: WEIGHTS), items).items()
                                 if k != "bins"}}
+    # each scored answer's crop source, so that inference can give each source its own threshold
+    scored_sources = [item.source for answer, item in zip(answers, items, strict=True) if not answer.unknown]
     sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
+            "sources": scored_sources if sources is not None else None,
             "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
             "imprint_reading": reading, "imprint_check": check_unknown,
             "unknown_rule": unknown.rule if unknown.active else None}
@@ -246,15 +257,32 @@ def _answer_figures(answers: list, items: list[ValAnswer]) -> dict:
             "bins": bins_of(confidence, correct)}
 
 
-def set_summary(sets: dict, method: str, coverage: float) -> dict:
+def set_summary(sets: dict, method: str, coverage: float, by_source: bool = True) -> dict:
     """The calibrated set rule at `coverage` and what it gives on the calibration answers themselves (coverage
     there is at least `coverage` by construction: the honest figure is on held-out photos). The conformal sets
-    before inference.prediction_set.fill_to_coverage fills them: filled, they only grow."""
+    before inference.prediction_set.fill_to_coverage fills them: filled, they only grow. With `by_source`, the
+    thresholds of the crop sources with enough answers of their own (pillsnap.infer.artefacts.load_set_rule) and
+    each source's count."""
     scores = scores_from_json(sets["scores"][method])
     threshold = conformal_threshold(scores, coverage) if len(scores) else np.inf
+    sources = sets.get("sources")
+    own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if by_source and sources else {}
     return {"method": method, "coverage": coverage, "threshold": finite(threshold), "n": sets["n"],
+            "threshold_by_source": own or None,
+            "n_by_source": None if sources is None else dict(sorted(Counter(map(str, sources)).items())),
             "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
             "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None}
+
+
+def own_thresholds_text(summary: dict) -> str:
+    """set_summary's thresholds per crop source, for a log line: each source's own, or that it takes the one
+    over all answers (too few of its own)."""
+    counts, own = summary.get("n_by_source") or {}, summary.get("threshold_by_source") or {}
+    if not counts:
+        return ""
+    parts = [f"{source} {own[source]:.4f} ({n} answers)" if source in own else f"{source}: the one above ({n} answers)"
+             for source, n in counts.items()]
+    return "; per crop source: " + ", ".join(parts)
 
 
 def finite(value: float) -> float | None:

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pillsnap.eval.after_training import mark_done
-from pillsnap.eval.answer_calibration import answer_calibration, set_summary
+from pillsnap.eval.answer_calibration import answer_calibration, own_thresholds_text, set_summary
 from pillsnap.eval.box_calibration import box_line, box_summary, calibrate_boxes, detector_boxes, detector_of
 from pillsnap.eval.outputs import eval_loader, inference_crops, model_outputs
 from pillsnap.eval.probe import build_probe
@@ -249,8 +249,9 @@ def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, t
     stored["reading_reference"] = READING_REFERENCE
     if outcome["prediction_sets"] is not None:
         stored["prediction_sets"] = outcome["prediction_sets"]
-        report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(cfg.inference.prediction_set.method),
-                                                float(cfg.inference.prediction_set.coverage))
+        settings = cfg.inference.prediction_set
+        report["prediction_sets"] = set_summary(outcome["prediction_sets"], str(settings.method),
+                                                float(settings.coverage), bool(settings.get("by_source", True)))
 
 
 def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians, probe: Probe | None) -> None:
@@ -282,6 +283,6 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
     sets = report.get("prediction_sets")
     if sets:
         LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: "
-                    "threshold %s", sets["method"], sets["coverage"], sets["n"],
+                    "threshold %s%s", sets["method"], sets["coverage"], sets["n"],
                     "none (too few answers: every candidate is in the set)" if sets["threshold"] is None
-                    else f"{sets['threshold']:.4f}")
+                    else f"{sets['threshold']:.4f}", own_thresholds_text(sets))

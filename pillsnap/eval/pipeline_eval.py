@@ -96,23 +96,24 @@ def _pill_outcomes(photo: dict, result: dict, known: set[str] | None, match: dic
             "code": code, "known": is_known, "answered": pill is not None, "named": named, "doubted": doubted,
             "right": named and pill["mapping_code"] == code if is_known else pill is not None and not named
             and not doubted, "set": members, "covered": covered,
+            # the crop source its answer was made from: the whole photo (no detector confidence) or a detector box
+            "source": None if pill is None else "single" if pill.get("det_confidence") is None else "combination",
             "topk": [] if pill is None else [(c["mapping_code"], c["probability"]) for c in pill.get("topk", [])]})
     return outcomes
 
 
-def with_sets(outcomes: list[dict], method: str, threshold: float, fill_to: float | None = None) -> list[dict]:
-    """The outcomes with each named pill's set drawn again from its candidates under another set rule (the
-    candidates' probabilities are the answer's own, so this is the set that rule would have given); `fill_to`:
-    filled to that probability mass (pillsnap.infer.answer.SetRule)."""
-    from pillsnap.metrics.conformal import set_size
-
+def with_sets(outcomes: list[dict], rule: Any) -> list[dict]:
+    """The outcomes with each named pill's set drawn again from its candidates under another set rule
+    (pillsnap.infer.answer.SetRule, at the threshold of the pill's crop source): the candidates' probabilities are
+    the answer's own, so this is the set that rule would have given."""
     redrawn = []
     for outcome in outcomes:
         pills = []
         for pill in outcome.get("pills", []):
             if pill["named"] and pill["set"] is not None:
                 codes = [code for code, _ in pill["topk"]]
-                members = codes[:set_size(method, [p for _, p in pill["topk"]], threshold, fill_to)]
+                members = codes[:rule.for_source(pill.get("source")).size(
+                    [{"probability": p} for _, p in pill["topk"]])]
                 pill = {**pill, "set": members, "covered": pill["code"] in members}
             pills.append(pill)
         redrawn.append({**outcome, "pills": pills})
@@ -124,23 +125,32 @@ def set_figures(outcomes: list[dict]) -> dict:
     set). `coverage`: a known drug answered by name has it in its set (the guarantee's own terms); `coverage_all`:
     of every known pill, a withheld or missed one counting as not covered; `sure_share` / `sure_accuracy`: one-drug
     sets among the named answers, and how often that drug is right; `unknown_empty`: pills of untrained drugs
-    given an empty set."""
+    given an empty set. `by_source`: the named pills' figures per crop source, which each source's own threshold is
+    calibrated to."""
     pills = [p for o in outcomes for p in o.get("pills", [])]
     known = [p for p in pills if p["known"]]
     if not known or all(p["set"] is None for p in pills if p["answered"]):
         return {}
     named = [p for p in known if p["named"] and p["set"] is not None]
-    sure = [p for p in named if len(p["set"]) == 1]
     unknown = [p for p in pills if not p["known"] and p["answered"] and not p.get("doubted") and p["set"] is not None]
-    return {"pills": len(pills), "known_pills": len(known), "named": len(named),
-            "coverage": _rate([p["covered"] for p in named]),
+    sources = sorted({p["source"] for p in named if p.get("source")})
+    by_source = {source: {"named": len(mine), **_named_figures(mine)}
+                 for source in sources for mine in [[p for p in named if p.get("source") == source]]}
+    return {"pills": len(pills), "known_pills": len(known), "named": len(named), **_named_figures(named),
             "coverage_all": _rate([bool(p["covered"]) for p in known]),
-            "mean_set_size": float(np.mean([len(p["set"]) for p in named])) if named else None,
-            "sure_share": _rate([len(p["set"]) == 1 for p in named]),
-            "sure_accuracy": _rate([p["right"] for p in sure]),
             "withheld_known": _rate([p["answered"] and not p["named"] and not p.get("doubted") for p in known]),
             "doubted_known": _rate([bool(p.get("doubted")) for p in known]),
-            "unknown_pills": len(unknown), "unknown_empty": _rate([p["covered"] for p in unknown])}
+            "unknown_pills": len(unknown), "unknown_empty": _rate([p["covered"] for p in unknown]),
+            "by_source": by_source or None}
+
+
+def _named_figures(named: list[dict]) -> dict:
+    """Coverage, set size and sure answers of pills answered by name."""
+    sure = [p for p in named if len(p["set"]) == 1]
+    return {"coverage": _rate([p["covered"] for p in named]),
+            "mean_set_size": float(np.mean([len(p["set"]) for p in named])) if named else None,
+            "sure_share": _rate([len(p["set"]) == 1 for p in named]),
+            "sure_accuracy": _rate([p["right"] for p in sure])}
 
 
 def _rate(values: list[bool]) -> float | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pillsnap.eval.answer_calibration import finite
 from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups, set_figures, with_sets
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
@@ -111,23 +112,32 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
 
 def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
     """The test pills' set figures under each conformal method at the configured coverage, from the same answers
-    (what choosing the other inference.prediction_set.method would have given)."""
+    (what choosing another inference.prediction_set.method, fill_to_coverage or by_source would have given)."""
+    from dataclasses import replace
+
     from pillsnap.infer.artefacts import load_set_rule
     from pillsnap.metrics.conformal import SET_METHODS
 
     if predictor.set_rule is None:
         return {}
     rule, reading = predictor.set_rule, bool(predictor.settings.imprint.enabled)
+    per_source = bool(predictor.settings.prediction_set.get("by_source", True))
+
+    def figures(method: str, fill: bool, by_source: bool) -> dict:
+        # the predictor's own set rule loaded, so every method's scores are there
+        loaded, _ = load_set_rule(predictor.calibration, method, rule.coverage, reading, predictor.check_unknown,
+                                  fill, by_source)
+        return {"threshold": finite(loaded.threshold), "threshold_by_source": loaded.by_source,
+                **set_figures(with_sets(outcomes, replace(loaded, fill=fill)))}
+
     by_method = {}
-    for method in SET_METHODS:  # the predictor's own set rule loaded, so every method's scores are there
-        threshold, _ = load_set_rule(predictor.calibration, method, rule.coverage, reading, predictor.check_unknown)
-        shown = threshold if np.isfinite(threshold) else None
-        # the configured inference.prediction_set.fill_to_coverage, then the other choice, on the same answers
+    for method in SET_METHODS:  # the configured fill_to_coverage, then the other choice
         for fill in (rule.fill, not rule.fill):
             other = f"filled to {rule.coverage:.2f}" if fill else "not filled"
-            key = method if fill == rule.fill else f"{method} {other}"
-            by_method[key] = {"threshold": shown, **set_figures(with_sets(outcomes, method, threshold,
-                                                                          rule.coverage if fill else None))}
+            by_method[method if fill == rule.fill else f"{method} {other}"] = figures(method, fill, per_source)
+    # the configured method with one threshold over both crop sources, or one per source
+    by_method[f"{rule.method} {'one threshold' if per_source else 'per source'}"] = figures(rule.method, rule.fill,
+                                                                                          not per_source)
     return by_method
 
 
@@ -186,6 +196,9 @@ def _calibration_lines(cal: dict) -> list[str]:
     return lines
 
 
+SOURCE_NAMES = {"single": "single photos", "combination": "combination pills"}
+
+
 def _set_lines(auto: dict, calibrated: dict) -> list[str]:
     sets = auto.get("prediction_sets") or {}
     if not sets:
@@ -194,10 +207,15 @@ def _set_lines(auto: dict, calibrated: dict) -> list[str]:
                        f"{_fmt(f.get('sure_share'))} right {_fmt(f.get('sure_accuracy'))}"
                        for method, f in (auto.get("prediction_sets_by_method") or {}).items()
                        if method != calibrated.get("method"))
+    own = calibrated.get("threshold_by_source") or {}
+    per_source = ", ".join(f"{SOURCE_NAMES.get(source, source)} {_fmt(f['coverage'])} of {f['named']}"
+                           f"{'' if source in own else ' (threshold over all answers)'}"
+                           for source, f in (sets.get("by_source") or {}).items())
     return [f"test        prediction sets ({calibrated.get('method')}, {_fmt(calibrated.get('coverage'))} asked, "
             f"calibrated on {calibrated.get('n')} validation answers): coverage={_fmt(sets['coverage'])} over "
-            f"{sets['named']} pills named ({_fmt(sets['coverage_all'])} of all {sets['known_pills']} known pills, "
-            f"{_fmt(sets['withheld_known'])} withheld as unknown) | mean set size={_fmt(sets['mean_set_size'])}",
+            f"{sets['named']} pills named{f' ({per_source})' if per_source else ''}, "
+            f"{_fmt(sets['coverage_all'])} of all {sets['known_pills']} known pills "
+            f"({_fmt(sets['withheld_known'])} withheld as unknown) | mean set size={_fmt(sets['mean_set_size'])}",
             f"test        sure (one-drug) answers: share={_fmt(sets['sure_share'])} accuracy="
             f"{_fmt(sets['sure_accuracy'])} | pills of untrained drugs with an empty set: "
             f"{_fmt(sets['unknown_empty'])} of {sets['unknown_pills']}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -58,7 +58,9 @@ class UnknownRule:
 class SetRule:
     """The prediction-set rule calibrated for these weights: the conformal score (pillsnap.metrics.conformal), the
     coverage asked for and the threshold calibrated for it (infinity: too few calibration answers for that coverage,
-    every candidate is in the set).
+    every candidate is in the set). `by_source`: the thresholds calibrated on one crop source's answers alone
+    ("single", "combination"), so that each path keeps the coverage on its own; a source without one takes
+    `threshold`, calibrated on every answer.
 
     With `fill`, a set also holds candidates, best first, until their probabilities add up to the coverage: the
     conformal set holds the right drug that often over all answers, but a lone drug at probability 0.6 is not one a
@@ -69,9 +71,15 @@ class SetRule:
     coverage: float
     threshold: float
     fill: bool = False
+    by_source: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         check_set_method(self.method)
+
+    def for_source(self, source: str | None) -> SetRule:
+        """The rule a crop from `source` is answered with: its source's threshold where there is one."""
+        threshold = (self.by_source or {}).get(source) if source is not None else None
+        return self if threshold is None else replace(self, threshold=threshold, by_source=None)
 
     def size(self, candidates: Sequence[Mapping]) -> int:
         return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold,

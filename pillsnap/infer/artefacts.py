@@ -158,13 +158,19 @@ def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[Cl
     return ClassGaussians.load(path), path, None
 
 
+MIN_SOURCE_SET_ANSWERS = 50  # a crop source's own set threshold needs this many of its answers named by calibration
+
+
 def load_set_rule(calibration: dict | None, method: str, coverage: float, imprint_reading: bool,
-                  imprint_check: bool = False) -> tuple[float | None, str | None]:
-    """(threshold, None) of the prediction-set rule `method` at `coverage` from a loaded calibration, or (None, why
-    there is none). The scores were measured on answers made with or without imprint reading, and with reading on,
-    with or without the imprint check (every pill read, some withheld); answers made the other way have other
-    probabilities, so their sets would not keep the coverage."""
-    from pillsnap.metrics.conformal import check_set_method, conformal_threshold, scores_from_json
+                  imprint_check: bool = False, fill: bool = False, by_source: bool = True) -> tuple[Any, str | None]:
+    """(the prediction-set rule `method` at `coverage` from a loaded calibration (pillsnap.infer.answer.SetRule),
+    None) or (None, why there is none). With `by_source`, a crop source with at least MIN_SOURCE_SET_ANSWERS
+    calibration answers gets its own threshold (metrics.conformal.group_thresholds); calibrations that did not
+    record each answer's source have one threshold. The scores were measured on answers made with or without
+    imprint reading, and with reading on, with or without the imprint check (every pill read, some withheld);
+    answers made the other way have other probabilities, so their sets would not keep the coverage."""
+    from pillsnap.infer.answer import SetRule
+    from pillsnap.metrics.conformal import check_set_method, conformal_threshold, group_thresholds, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
     if not stored:
@@ -177,7 +183,13 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
         return None, (f"the prediction sets were calibrated with the imprint check (inference.imprint.unknown_check) "
                       f"{'on' if stored.get('imprint_check') else 'off'} and it is now "
                       f"{'on' if imprint_check else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
-    return conformal_threshold(scores_from_json(stored["scores"][check_set_method(method)]), coverage), None
+    scores = scores_from_json(stored["scores"][check_set_method(method)])
+    sources = stored.get("sources") if by_source else None
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(scores)):
+        raise ValueError(f"calibration.json: prediction_sets.sources must name the crop source of each of the "
+                         f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
+    own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
+    return SetRule(method, coverage, conformal_threshold(scores, coverage), fill=fill, by_source=own or None), None
 
 
 def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading: bool,
@@ -185,22 +197,22 @@ def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading
     """The prediction-set rule (pillsnap.infer.answer.SetRule) at inference.prediction_set's coverage (`settings`),
     from the scores calibrated for these weights; None without them (answers carry no set, said once in the
     log). Settings that make no sense are a ValueError whether or not there is a calibration."""
-    from pillsnap.infer.answer import SetRule
     from pillsnap.metrics.conformal import check_set_method
 
     method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
     if not 0.0 < coverage < 1.0:
         raise ValueError(f"inference.prediction_set.coverage must be between 0 and 1, got {coverage}")
-    fill = settings.get("fill_to_coverage", True)
-    if not isinstance(fill, bool):
-        raise ValueError(f"inference.prediction_set.fill_to_coverage must be true or false, got {fill!r}")
+    fill, by_source = settings.get("fill_to_coverage", True), settings.get("by_source", True)
+    for key, value in (("fill_to_coverage", fill), ("by_source", by_source)):
+        if not isinstance(value, bool):
+            raise ValueError(f"inference.prediction_set.{key} must be true or false, got {value!r}")
     if calibration is None:
         return None
-    threshold, problem = load_set_rule(calibration, method, coverage, imprint_reading, imprint_check)
+    rule, problem = load_set_rule(calibration, method, coverage, imprint_reading, imprint_check, fill, by_source)
     if problem:
         LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
         return None
-    return SetRule(method, coverage, threshold, fill=fill)
+    return rule
 
 
 def load_calibration_for(ckpt_dir: Path, classifier: Path, sha256: str) -> dict | None:

@@ -99,6 +99,8 @@ class Predictor:
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
         self.set_rule = configured_set_rule(self.calibration, self.settings.prediction_set, bool(imprint.enabled),
                                             self.check_unknown)
+        self.set_rules = {source: None if self.set_rule is None else self.set_rule.for_source(source)
+                          for source in CROP_SOURCES}  # each crop source's own threshold where calibration has one
         # the imprint read's weights per crop source, scaled where calibration fit them so that the answers'
         # probabilities mean what they say (pillsnap.eval.answer_calibration.fit_evidence_scales), and the thresholds
         # its sets were fit with
@@ -320,8 +322,8 @@ class Predictor:
         read = self.evidence.read(crop, classified.topk)
         source = "single" if det_conf is None else "combination"
         answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rules[source], self.thresholds,
-                               self.weights[source], self.set_rule, self.known_imprints, one_pill=det_conf is None,
-                               box_doubt=box_doubt)
+                               self.weights[source], self.set_rules[source], self.known_imprints,
+                               one_pill=det_conf is None, box_doubt=box_doubt)
         return {"bbox": [int(round(v)) for v in bbox], "det_confidence": det_conf, **answer.to_dict()}
 
     def _whole_photo(self, image: Image.Image) -> WholePhoto:

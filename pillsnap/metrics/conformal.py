@@ -70,6 +70,24 @@ def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
     return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
 
 
+def group_thresholds(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
+                     min_count: int) -> dict[str, float]:
+    """Each group's own threshold at `coverage` (Mondrian conformal prediction: sets calibrated on a group's answers
+    hold the right class at least that often on that group's new answers, not only over all groups), for the groups
+    with at least `min_count` scores and a finite threshold; scores of no group (None) are left out."""
+    labels = np.asarray([None if g is None else str(g) for g in groups], object)
+    values = np.asarray(scores, np.float64)
+    if len(labels) != len(values):
+        raise ValueError(f"{len(values)} scores but {len(labels)} groups")
+    thresholds = {}
+    for group in sorted({g for g in labels if g is not None}):
+        own = values[labels == group]
+        threshold = conformal_threshold(own, coverage) if len(own) >= min_count else math.inf
+        if math.isfinite(threshold):
+            thresholds[group] = threshold
+    return thresholds
+
+
 def lower_bound(scores: Sequence[float], miss_rate: float) -> float:
     """A one-sided conformal bound: a new score exchangeable with these falls below it with probability at most
     `miss_rate`. The floor((n + 1) * miss_rate)-th smallest score; minus infinity (nothing falls below) when there
