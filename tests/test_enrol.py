@@ -490,3 +490,33 @@ def test_the_enrolment_measure_is_bounded_on_a_real_sized_data_set() -> None:
     few = _plan(manifest[manifest["mapping_code"] < "K-000013"], trained, per_drug=5, seed=0, drugs=20, answered=200)
     assert sorted(few) == ["K-000010", "K-000011", "K-000012"]  # fewer than the bound: every one, every photo
     assert all(len(others) == 95 for _, others in few.values())
+
+
+def test_a_trained_drug_with_no_training_crop_shifts_no_mean(tmp_path: Path) -> None:
+    """A drug in the classifier's class list with crops only in validation (a drug seen only in combination photos
+    whose groups all went to val and test) has no mean to fit. The means keep saying which drug each is: a probe
+    crop is measured against its own drug's mean, not its neighbour's (before, every later drug was off by one and
+    the last one's crops raised IndexError, so every enrolment failed), and the look-alike names the right drug."""
+    from pillsnap.infer.enrol import Neighbours
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]])
+    labels = np.repeat([0, 2, 3], 40)  # drug 1 has no training crop
+    gaussians = ClassGaussians.fit(centres[labels] + rng.normal(0, 1, (len(labels), 2)), labels)
+    assert list(gaussians.class_ids) == [0, 2, 3] and list(gaussians.rows_of(np.array([3, 1, 0]))) == [2, -1, 0]
+    again = ClassGaussians.load(gaussians.save(tmp_path / "features.npz"))
+    assert list(again.class_ids) == [0, 2, 3] and np.array_equal(again.means, gaussians.means)
+    # the crops of the last drug and of the drug with no mean, answered right; the new drug far from both
+    whitened = (centres[[3, 3, 1]] @ gaussians.whiten).astype(np.float32)
+    probe = Probe(whitened, np.array([3, 3, 1]), np.full(3, 0.9, np.float32), np.ones(3, bool))
+    far = ({"mapping_code": "K-900001", "n_photos": 5, "spread": 1.0}, np.array([-500.0, -500.0], np.float32))
+    assert not taken_from_trained(probe, gaussians, Enrolled(), Enrolled().with_drug(*far), "K-900001", 10.0).any()
+    near_last = ({"mapping_code": "K-900002", "n_photos": 5, "spread": 1.0}, np.array([50.5, 50.0], np.float32))
+    taken = taken_from_trained(probe, gaussians, Enrolled(), Enrolled().with_drug(*near_last), "K-900002", 10.0)
+    assert taken[:2].tolist() == [False, False]  # drug 3's crops lie at its own mean, nearer than the new drug's
+    neighbours = Neighbours(gaussians, Enrolled(), ["K-0", "K-1", "K-2", "K-3"], skip="")
+    nearest, _ = neighbours(centres[[3]])
+    assert neighbours.codes[int(nearest[0])] == "K-3"
+    # a file from before the classes were kept: a mean for every drug, in order
+    np.savez(tmp_path / "old.npz", means=gaussians.means, whiten=gaussians.whiten)
+    assert ClassGaussians.load(tmp_path / "old.npz").classes is None

@@ -5,6 +5,7 @@ measuring parts on their own (memory bounded whatever the split's size, the run'
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import types
 from pathlib import Path
@@ -353,3 +354,83 @@ def test_photos_by_kind_keep_to_the_number_asked_and_pass_on_unused_quota():
     assert weights.sum() == pytest.approx(1.0) and len(set(drawn["image_path"])) == 8
     assert len(sample_by_kind(photos, 0, seed=0)[0]) == 0 and len(sample_by_kind(photos, 1, seed=0)[0]) == 1
     assert len(sample_by_kind(photos.iloc[:0], 5, seed=0)[0]) == 0
+
+
+def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp_path, monkeypatch, caplog):
+    """A batch whose every crop failed to decode (None, as data.datasets.safe_collate gives it) is skipped as
+    validation skips it: the rest of the split is measured, not the whole measurement lost (which read as 0 samples
+    and 0 coverage: NO_GO). A photo of the pipeline's sample that cannot be read is left out of its timing."""
+    data = CountingCrops(40)
+
+    def with_a_lost_batch(items: list) -> tuple | None:
+        # the second batch (crops 8-15; the first crop's value is 8 % 7) is undecodable in every pass
+        return None if items[0][0][0, 0, 0] == 1 else crop_batch(items)
+
+    loaders = types.SimpleNamespace(cls_val=DataLoader(data, batch_size=8, collate_fn=with_a_lost_batch),
+                                    meta={"num_classes": 4})
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
+    figures = stage_measure.classifier_figures(model, loaders, "cpu")
+    assert figures["n_eval_samples"] == 32 and figures["n_eval_available"] == 40  # the second batch of 8 lost
+    assert figures["class_coverage"] == 1.0 and "per_class_min_acc" in figures and figures["latency"].samples > 0
+
+    import pandas as pd
+    from PIL import Image
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (i * 40, 90, 90)).save(paths[-1])
+    paths[2].write_bytes(b"not a png")
+    rows = pd.DataFrame({"split": "val", "photo_id": [str(p) for p in paths], "image_type": "single",
+                         "image_path": [str(p) for p in paths]})
+    timed: list = []
+
+    class Timed:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def predict(self, image, mode):
+            timed.append(image.size)
+
+    monkeypatch.setattr("pillsnap.infer.pipeline.Predictor", Timed)
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(seed=0))
+    latency = stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
+    assert latency is not None and math.isfinite(latency.p95_ms) and latency.samples == 3
+    assert "pipeline latency: skipped" in caplog.text and "2.png" in caplog.text
+
+
+def test_the_quality_figures_are_those_of_the_best_checkpoint_not_the_last_epoch(tmp_path, caplog):
+    """After an early stop the last epoch is not the best, and everything after training (calibration, the stage
+    measurements, the final test) uses the best checkpoints: the stage gate, the final test's val-minus-test gap and
+    the demo's headline read the validation figures of the epoch each best checkpoint holds."""
+    import logging
+
+    from pillsnap.utils import save_ckpt
+
+    ckpts = tmp_path / "checkpoints"
+
+    def checkpoint(name: str, epoch: int) -> None:
+        save_ckpt(ckpts / name, {"model_state": {}, "optimizer_state": {}, "scheduler_state": {}, "scaler_state": {},
+                                 "epoch": epoch, "best_metric": 0.0, "config_snapshot": {}})
+
+    history = [{"epoch": e, "classification": {"acc": a, "macro_f1": f, "top5": 0.9, "val_loss": 1.0, "n": 10},
+                "detection": {"mAP@0.5": m, "mAP@0.5:0.95": m / 2, "precision": 1.0, "recall": 1.0}}
+               for e, a, f, m in ((1, 0.5, 0.4, 0.3), (2, 0.8, 0.75, 0.6), (3, 0.7, 0.6, 0.7))]
+    summary = {"epoch": 3, "status": "early_stopped", "history": history,
+               "classification": {"acc": 0.7, "macro_f1": 0.6, "top5": 0.9, "val_loss": 1.0},
+               "detection": {"mAP@0.5": 0.7, "mAP@0.5:0.95": 0.35, "precision": 1.0, "recall": 1.0}}
+    checkpoint("classification_best.pt", 2)
+    checkpoint("detection_best.pt", 3)
+    with caplog.at_level(logging.INFO, logger="pillsnap"):
+        best = stage_measure.best_checkpoint_metrics(summary, ckpts)
+    assert best["classification"] == {"acc": 0.8, "macro_f1": 0.75, "top5": 0.9, "val_loss": 1.0}
+    assert best["detection"] == summary["detection"] and best["validated_epochs"] == {"classification": 2,
+                                                                                       "detection": 3}
+    assert summary["classification"]["acc"] == 0.7  # the record itself is left as it was
+    assert "classification validation metrics of epoch 2, the best checkpoint's (the last epoch was 3)" in caplog.text
+    # an epoch the history does not hold (a history cut back by a resume), or no checkpoint: the last epoch's
+    checkpoint("classification_best.pt", 9)
+    kept = stage_measure.best_checkpoint_metrics(summary, ckpts)
+    assert kept["classification"] == summary["classification"] and "epoch 9, which metrics.json" in caplog.text
+    (ckpts / "detection_best.pt").unlink()
+    assert stage_measure.best_checkpoint_metrics(summary, ckpts)["validated_epochs"] == {}

@@ -136,3 +136,43 @@ def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkey
     seen.clear()
     predictor.predict(str(photo), mode="auto")
     assert seen[0] == (1, "single") and (1, "combination") in seen[1:]
+
+
+def test_a_crop_that_fails_to_decode_leaves_the_per_source_calibration_in_place(caplog):
+    """One unreadable validation photo among thousands used to misalign the crops' sources with the outputs, and
+    calibration fell back to one temperature and one unknown-pill threshold for both sources. The outputs say which
+    crop each row is (InferenceCrops numbers them), so the sources follow the rows that are left."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from pillsnap.data.datasets import safe_collate
+    from pillsnap.eval.calibration import _temperature
+    from pillsnap.eval.outputs import model_outputs
+
+    rng = np.random.default_rng(0)
+    single, combination = _crops(120, 0.9, 2.0, rng), _crops(120, 0.6, 4.0, rng)
+    logits = np.concatenate([single[0], combination[0]]).astype(np.float32)
+    labels = np.concatenate([single[1], combination[1]])
+    sources = np.array(["single"] * 120 + ["combination"] * 120)
+    broken = {7, 130, 131}
+
+    class Numbered(Dataset):  # as InferenceCrops gives its crops: the row in the meta, None where it fails
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int):
+            return None if i in broken else (torch.tensor([float(i)]), int(labels[i]), {"row": i})
+
+    class Outputs(torch.nn.Module):  # the crop's own log-probabilities and a feature, as WithFeatures gives them
+        def forward(self, x: torch.Tensor):
+            rows = x[:, 0].long()
+            return torch.from_numpy(logits)[rows], x
+
+    loader = DataLoader(Numbered(), batch_size=16, collate_fn=safe_collate)
+    out = model_outputs(Outputs(), loader, "cpu")
+    kept = np.array([i for i in range(len(labels)) if i not in broken])
+    assert list(out.rows) == list(kept) and list(out.labels) == list(labels[kept])
+    val, _ = _temperature(Outputs(), loader, "cpu", sources)
+    assert list(val.sources) == list(sources[kept]) and len(val.sources) == len(val.labels)
+    assert val.temperatures.by_source is not None  # both sources keep their own temperature
+    assert val.temperatures.by_source == fit_temperatures(out.log_probs, out.labels, sources[kept]).by_source
+    assert "3 of 240 validation crops could not be decoded" in caplog.text

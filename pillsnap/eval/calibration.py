@@ -62,13 +62,15 @@ def load_manifest_if_any(cfg: DictConfig) -> Any:
 
 class Validation(NamedTuple):
     """The classifier on the validation split: labels, log-probabilities, features, the temperatures fit on them
-    and the probabilities calibrated by them (each crop at its source's)."""
+    and the probabilities calibrated by them (each crop at its source's), and each row's crop source (None: not
+    known), rows of crops that failed to decode left out of all of them."""
 
     labels: np.ndarray
     log_probs: np.ndarray
     features: np.ndarray
     temperatures: Temperatures
     probs: np.ndarray
+    sources: np.ndarray | None
 
 
 def fit_temperatures(log_p: np.ndarray, labels: np.ndarray, sources: np.ndarray | None) -> Temperatures:
@@ -88,7 +90,12 @@ def fit_temperatures(log_p: np.ndarray, labels: np.ndarray, sources: np.ndarray 
 def _temperature(model: Any, loader: Any, device: Any, sources: np.ndarray | None) -> tuple[Validation, dict]:
     """The validation outputs with the temperatures fit on them (`sources`: each crop's source, None: not known),
     and the report's figures before and after them."""
-    labels, log_p, features = model_outputs(model, loader, device)
+    labels, log_p, features, rows = model_outputs(model, loader, device)
+    if sources is not None and len(labels) != len(sources):
+        # photos that failed to decode left no row: their sources go with them (the rows say which are left)
+        LOGGER.warning("calibration: %d of %d validation crops could not be decoded and are left out",
+                       len(sources) - len(labels), len(sources))
+        sources = None if rows is None else np.asarray(sources)[rows]
     temperatures = fit_temperatures(log_p, labels, sources)
     per_row = (temperatures.per_row(sources) if temperatures.by_source is not None and sources is not None
                else temperatures.overall)
@@ -100,7 +107,7 @@ def _temperature(model: Any, loader: Any, device: Any, sources: np.ndarray | Non
                "ece_before": figures["ece_before"], "ece_after": expected_calibration_error(cal, labels),
                "ece_sampling_floor": ece_sampling_floor(cal.max(axis=1)),
                "bins_before": figures["bins_before"], "bins_after": reliability_bins(cal, labels)}
-    return Validation(labels, log_p, features, temperatures, cal), figures
+    return Validation(labels, log_p, features, temperatures, cal, sources), figures
 
 
 class UnknownRules(NamedTuple):
@@ -123,7 +130,7 @@ def _unknown_rules(model: Any, loaders: Any, val: Validation, cfg: DictConfig, k
     each one's crop source, None: not known)."""
     fit_view = loaders.cls_train.dataset.evaluation_view(int(cfg.inference.unknown_fit_per_class),
                                                          int(cfg.train.seed))
-    fit_labels, _, fit_features = model_outputs(model, eval_loader(fit_view, cfg), device, keep_log_probs=False)
+    fit_labels, _, fit_features, _ = model_outputs(model, eval_loader(fit_view, cfg), device, keep_log_probs=False)
     gaussians = ClassGaussians.fit(fit_features, fit_labels)
     correct = val.probs.argmax(axis=1) == val.labels
     val_distances = gaussians.score(val.features)
@@ -176,7 +183,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     val, figures = _temperature(model, loaders.cls_val if crops is loaders.cls_val.dataset
                                 else eval_loader(crops, cfg), device, sources)
 
-    rules = _unknown_rules(model, loaders, val, cfg, keep, device, sources)
+    rules = _unknown_rules(model, loaders, val, cfg, keep, device, val.sources)
     thresholds, by_source = rules.thresholds, rules.by_source
     # One threshold per rule: the single `unknown_threshold` of older files is only read (pillsnap.infer.artefacts).
     stored = {"temperature": val.temperatures.overall,
@@ -193,7 +200,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
         held_out = eval_loader(inference_crops(held_out.dataset, np.full(len(held_out.dataset), "single"), cfg), cfg)
         # The held-out photos are single-pill photos: they are compared with the known drugs' single-pill crops,
         # under the single-pill threshold (and, for the record, with every validation crop under the one threshold).
-        _, held_log_p, held_features = model_outputs(model, held_out, device)
+        _, held_log_p, held_features, _ = model_outputs(model, held_out, device)
         report.update(held_out_report(
             rule, (held_log_p, held_features), val.temperatures.of("single"), rules.gaussians, rules.val_scores,
             rules.correct,

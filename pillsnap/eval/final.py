@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from pillsnap.eval.after_training import mark_done
 from pillsnap.eval.criteria import BUSINESS_GOALS
+from pillsnap.eval.stage_measure import best_checkpoint_metrics
 from pillsnap.metrics.names import final_test_name
 from pillsnap.utils import read_json, resolve_device, save_json
 from pillsnap.utils.run_status import COMPLETED_STATUSES
@@ -114,7 +115,8 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
     if det_test is not None and (ckpts / "detection_best.pt").is_file():
         test["detection"] = _test_detection(ckpts / "detection_best.pt", det_test, device, cfg)
     metrics_path = exp_dir / "reports" / "metrics.json"
-    val = read_json(metrics_path) if metrics_path.is_file() else {}
+    # the validation figures of the same weights (the best checkpoints), not of the last epoch
+    val = best_checkpoint_metrics(read_json(metrics_path), ckpts) if metrics_path.is_file() else {}
     gaps = {f"{section}.{k}": round(float(val[section][k]) - float(v), 4)
             for section, block in test.items() for k, v in block.items()
             if isinstance(v, float) and isinstance(val.get(section, {}).get(k), (int, float))}

@@ -45,9 +45,11 @@ def take(items: Iterable[Any], n: int) -> list[Any]:
 
 
 def loader_items(loader: Iterable[Any], split: Callable[[Any], Iterable[Any]]) -> Iterator[Any]:
-    """Single inputs, one batch of `loader` at a time (`split` turns a batch into its items)."""
+    """Single inputs, one batch of `loader` at a time (`split` turns a batch into its items); a batch whose every
+    item failed to decode (None: data.datasets.safe_collate) gives none."""
     for batch in loader:
-        yield from split(batch)
+        if batch is not None:
+            yield from split(batch)
 
 
 def synchronizer(device: Any) -> Callable[[], None]:

@@ -4,7 +4,7 @@ calibration fits on."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -16,21 +16,32 @@ from pillsnap.utils.images import DECODE_ERRORS
 EVAL_BATCH = 64
 
 
-def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = True,
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, log-probabilities, pre-logit features) of a WithFeatures model over a loader, in fp32.
+class Outputs(NamedTuple):
+    """A model's outputs over a loader, one row per crop that decoded: `rows` says which crop of the data set each
+    row is (None where the data set does not say: InferenceCrops does)."""
+
+    labels: np.ndarray
+    log_probs: np.ndarray
+    features: np.ndarray
+    rows: np.ndarray | None
+
+
+def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = True) -> Outputs:
+    """(labels, log-probabilities, pre-logit features, rows) of a WithFeatures model over a loader, in fp32.
 
     Filled into arrays of the data set's size as the batches come (RowFiller), not gathered and concatenated: at
     Stage 4 the validation log-probabilities are 1.7 GB and the fit crops' features 1.8 GB. Photos that failed to
-    decode leave fewer rows than the data set has. keep_log_probs=False returns an empty [N, 0] array instead: with
-    5,000 classes the log-probabilities of the training crops the class Gaussians are fit on would take gigabytes
-    and nothing reads them."""
+    decode leave fewer rows than the data set has; `rows` then says which are left, so that what is known per crop
+    (its source) can follow. keep_log_probs=False returns an empty [N, 0] array instead: with 5,000 classes the
+    log-probabilities of the training crops the class Gaussians are fit on would take gigabytes and nothing reads
+    them."""
     import torch
 
     from pillsnap.utils.arrays import RowFiller
 
     size = len(loader.dataset)
-    labels, log_probs, features = RowFiller(size), RowFiller(size), RowFiller(size)
+    labels, log_probs, features, rows = RowFiller(size), RowFiller(size), RowFiller(size), RowFiller(size)
+    numbered = True
     with torch.no_grad():
         for batch in loader:
             if batch is None:  # every photo of the batch failed to decode
@@ -40,7 +51,12 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
             log_probs.add(torch.log_softmax(logits.float(), dim=-1).cpu().numpy() if keep_log_probs
                           else np.zeros((len(logits), 0), np.float32))
             features.add(feats.float().cpu().numpy())
-    return labels.result((0,), np.int64), log_probs.result((0, 0)), features.result((0, 0))
+            meta = batch[2] if len(batch) > 2 else None
+            numbered = numbered and isinstance(meta, dict) and "row" in meta
+            if numbered:
+                rows.add(np.asarray(meta["row"], np.int64))
+    return Outputs(labels.result((0,), np.int64), log_probs.result((0, 0)), features.result((0, 0)),
+                   rows.result((0,), np.int64) if numbered else None)
 
 
 def eval_loader(dataset: Any, cfg: Any) -> Any:
@@ -97,12 +113,12 @@ class InferenceCrops(Dataset):
         image = load_image(self.dataset.rows[row].image_path)[0]
         return single_photo_crop(image, self.dataset.crop_margin, self.locate, self.fraction)[0]
 
-    def __getitem__(self, index: int) -> tuple[Any, int, dict[str, str]] | None:
+    def __getitem__(self, index: int) -> tuple[Any, int, dict[str, int]] | None:
         try:
             crop = self.load_crop(index)
         except DECODE_ERRORS:
             return None
-        return self.transform(crop), int(self.labels[index]), {}
+        return self.transform(crop), int(self.labels[index]), {"row": index}  # model_outputs' rows
 
 
 def inference_crops(dataset: Any, sources: np.ndarray | None, cfg: Any,

@@ -13,6 +13,7 @@ import numpy as np
 
 from pillsnap.eval.answer_calibration import finite
 from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups, set_figures, with_sets
+from pillsnap.eval.stage_measure import best_checkpoint_metrics
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
 
@@ -90,7 +91,9 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     calibration = exp_dir / "reports" / "calibration.json"
     auto["prediction_sets_by_method"] = _sets_by_method(predictor, auto["outcomes"])
     summary = {
-        "validation": read_json(exp_dir / "reports" / "metrics.json"),
+        # the validation figures of the weights evaluated here (the best checkpoints), not of the last epoch
+        "validation": best_checkpoint_metrics(read_json(exp_dir / "reports" / "metrics.json"),
+                                              exp_dir / "checkpoints"),
         "calibration": {k: v for k, v in read_json(calibration).items() if not k.startswith("bins_")}
         if calibration.is_file() else {},
         "test": {
@@ -239,11 +242,16 @@ def format_headline(summary: dict) -> str:
     cls, det = val.get("classification") or {}, val.get("detection") or {}
     auto, combo, dmap = test["auto"], test["combo_mode"], test["detection"]
     plain = test.get("auto_without_imprint_reading") or {}
+    epochs = val.get("validated_epochs") or {}
+
+    def at(task: str) -> str:  # the epoch of the best checkpoint whose figures these are
+        return f" (epoch {epochs[task]} of {val.get('epoch')})" if task in epochs else ""
+
     lines = [
         "", "=== PillSnap demo: headline figures ===",
-        f"validation  classifier accuracy={_fmt(cls.get('acc'))} macro_F1={_fmt(cls.get('macro_f1'))} "
-        f"top5={_fmt(cls.get('top5'))} | detector mAP@0.5={_fmt(det.get('mAP@0.5'))} "
-        f"mAP@0.5:0.95={_fmt(det.get('mAP@0.5:0.95'))}",
+        f"validation  classifier{at('classification')} accuracy={_fmt(cls.get('acc'))} "
+        f"macro_F1={_fmt(cls.get('macro_f1'))} top5={_fmt(cls.get('top5'))} | detector{at('detection')} "
+        f"mAP@0.5={_fmt(det.get('mAP@0.5'))} mAP@0.5:0.95={_fmt(det.get('mAP@0.5:0.95'))}",
         f"test        auto routing accuracy={_fmt(auto.get('routing_accuracy'))} over {auto.get('num_photos')} photos"
         f" | single-photo accuracy (auto)={_fmt(auto.get('single_accuracy'))} "
         f"({_fmt(plain.get('single_accuracy'))} without imprint reading)",

@@ -31,7 +31,7 @@ def build_probe(model: Any, crops: Any, labels: np.ndarray, features: np.ndarray
     else:
         again = InferenceCrops(crops.dataset, crops.single, crops.locate, crops.fraction, crops.positions[rows],
                                crops.detected)
-        labels, log_probs, features = model_outputs(model, eval_loader(again, cfg), device)
+        labels, log_probs, features, _ = model_outputs(model, eval_loader(again, cfg), device)
         LOGGER.warning("calibration: %d of the probe's %d validation photos could not be read (left out of the "
                        "enrolment check's probe)", len(rows) - len(labels), len(rows))
         probs = calibrated_probs(log_probs, temperature)

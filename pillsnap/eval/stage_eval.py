@@ -109,8 +109,9 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
 
     exp_dir = Path(exp_dir)
     ckpts = exp_dir / "checkpoints"
-    summary = _run_summary(exp_dir, int(cfg.data.progressive_validation.current_stage))
-    run = sm.run_figures(summary, sm.read_stream(exp_dir / "reports" / "metrics.jsonl"))
+    recorded = _run_summary(exp_dir, int(cfg.data.progressive_validation.current_stage))
+    run = sm.run_figures(recorded, sm.read_stream(exp_dir / "reports" / "metrics.jsonl"))
+    summary = sm.best_checkpoint_metrics(recorded, ckpts)  # the quality figures of the weights evaluated here
     on = evaluation_device(summary, device)
     loaders = (build_loaders or build_dataloaders_twostage)(cfg)
     det_ckpt = ckpts / "detection_best.pt" if (ckpts / "detection_best.pt").is_file() else None

@@ -48,6 +48,41 @@ def safely(name: str, fn: Callable[[], Any], default: Any) -> Any:
 
 
 # ---- what the run recorded ------------------------------------------------------------------------------------------
+BEST_CHECKPOINTS = {"classification": "classification_best.pt", "detection": "detection_best.pt"}
+
+
+def best_checkpoint_metrics(summary: dict, ckpt_dir: Path) -> dict:
+    """metrics.json (`summary`) with each task's validation metrics taken from the epoch its best checkpoint holds
+    (its history record), not from the last epoch: everything after training (calibration, the stage measurements,
+    the final test, the export) uses the best checkpoints, and after an early stop the last epoch is not the best.
+    `validated_epochs` names the epoch of each. A task whose checkpoint cannot be read or whose epoch is not in the
+    history keeps the last epoch's metrics (said in the log)."""
+    from pillsnap.utils import load_ckpt
+
+    out, epochs = dict(summary), {}
+    for task, name in BEST_CHECKPOINTS.items():
+        last, path = summary.get(task), Path(ckpt_dir) / name
+        if not isinstance(last, dict) or not path.is_file():
+            continue
+        try:
+            epoch = int(load_ckpt(path, map_location="cpu")["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            LOGGER.warning("%s: cannot tell its epoch (%s); the last epoch's validation metrics stand for it", name,
+                           err)
+            continue
+        record = next((h[task] for h in summary.get("history") or [] if h.get("epoch") == epoch and task in h), None)
+        if record is None:
+            LOGGER.warning("%s holds epoch %d, which metrics.json does not record; the last epoch's validation "
+                           "metrics stand for it", name, epoch)
+            continue
+        out[task], epochs[task] = {k: record.get(k) for k in last}, epoch
+        if epoch != summary.get("epoch"):
+            LOGGER.info("%s validation metrics of epoch %d, the best checkpoint's (the last epoch was %s)", task,
+                        epoch, summary.get("epoch"))
+    out["validated_epochs"] = epochs
+    return out
+
+
 def loss_variance(steps: list[dict]) -> float | None:
     """Variance of the classifier's logged training loss over its last epoch (the design's convergence figure)."""
     cls = [r for r in steps if r.get("task", "classification") == "classification"]
@@ -112,13 +147,16 @@ def load_models(cls_ckpt: Path, det_ckpt: Path | None, device: Any) -> dict:
 
 
 def _predictions(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and predicted classes over the whole loader, one batch in memory at a time."""
+    """Labels and predicted classes over the whole loader, one batch in memory at a time; a batch whose every crop
+    failed to decode (None: data.datasets.safe_collate said which) is skipped, as validation skips it."""
     import torch
 
     y_true: list[int] = []
     y_pred: list[int] = []
     with torch.no_grad():
         for batch in loader:
+            if batch is None:
+                continue
             logits = model(batch[0].to(device))
             y_pred += logits.argmax(dim=1).tolist()  # lists: small arrays kept between batches fragment the heap
             y_true += np.asarray(batch[1]).tolist()
@@ -187,13 +225,21 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     """The whole auto-mode pipeline (decode, classify, detect when routed) on a few of the stage's val photos."""
     from pillsnap.data import read_image
     from pillsnap.infer.pipeline import Predictor
+    from pillsnap.utils.images import DECODE_ERRORS
 
     photos, weights = _pipeline_photos(rows, int(cfg.train.seed))
-    if not photos:
+    images, kept = [], []
+    for path, weight in zip(photos, weights, strict=True):
+        try:
+            images.append(read_image(path))
+        except DECODE_ERRORS as err:  # a damaged photo is left out of the sample, not timed as a failure
+            LOGGER.warning("stage evaluation: pipeline latency: skipped %s (%s)", path, err)
+            continue
+        kept.append(weight)
+    if not images:
         return None
     predictor = Predictor(exp_dir, cfg, device=str(device))
-    images = [read_image(p) for p in photos]
-    return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU), weights=weights)
+    return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
 
 
 def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float]]:

@@ -171,7 +171,8 @@ class Neighbours:
         n = np.asarray([enrolled.drugs[i]["n_photos"] for i in keep], np.float64)
         self.scale = np.concatenate([np.ones(len(gaussians.means)), 1.0 + 1.0 / n])
         self.space = ClassGaussians(np.concatenate(means).astype(np.float32), gaussians.whiten)
-        self.codes = trained + [enrolled.codes[i] for i in keep]
+        # the trained drugs with a mean (one with no training crop has none), then the enrolled
+        self.codes = [trained[c] for c in gaussians.class_ids] + [enrolled.codes[i] for i in keep]
 
     def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index of the nearest existing drug, its distance) per row."""

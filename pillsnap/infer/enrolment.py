@@ -316,7 +316,9 @@ def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled
     EnrolledSpace.merge gives it). Only the crops not far nearer their own drug than the new one are measured."""
     space, index = EnrolledSpace.build(gaussians, after, threshold), after.find(code)
     d_new = space.enrolled_distances(probe.whitened)[:, index]
-    d_own = ((probe.whitened - gaussians.means[probe.labels]) ** 2).sum(1)
+    own = gaussians.rows_of(probe.labels)  # a drug with no training crop has no mean: every crop of it is measured
+    d_own = np.full(len(own), np.inf)
+    d_own[own >= 0] = ((probe.whitened[own >= 0] - gaussians.means[own[own >= 0]]) ** 2).sum(1)
     rows = np.flatnonzero(probe.right & (d_new - d_own < CANDIDATE_MARGIN * space.softness))
     taken = np.zeros(len(probe.labels), bool)
     if not len(rows):

@@ -25,15 +25,31 @@ def squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassGaussians:
-    """Class means and the whitening of the shared covariance, kept in whitened space: `means` [C, D'] are the
-    class means times `whiten` [D, D'], so a distance is one matrix product and a nearest-mean search."""
+    """Class means and the whitening of the shared covariance, kept in whitened space: `means` [M, D'] are the
+    class means times `whiten` [D, D'], so a distance is one matrix product and a nearest-mean search. `classes`
+    [M]: the class of each mean (a class with no crop to fit on has none); None: mean i is class i's."""
 
     means: np.ndarray
     whiten: np.ndarray
+    classes: np.ndarray | None = None
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        """The class of each mean row."""
+        return np.arange(len(self.means)) if self.classes is None else self.classes
+
+    def rows_of(self, labels: np.ndarray) -> np.ndarray:
+        """The mean row of each class in `labels`; -1 for a class with no mean."""
+        labels = np.asarray(labels, np.int64)
+        ids = self.class_ids
+        lookup = np.full(max(int(ids.max(initial=-1)), int(labels.max(initial=-1))) + 1, -1, np.int64)
+        lookup[ids] = np.arange(len(ids))
+        return lookup[labels] if len(labels) else np.zeros(0, np.int64)
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, chunk: int = CHUNK_ROWS) -> ClassGaussians:
-        """Fit on features [N, D] with class labels [N]: one mean per class present, one shared covariance.
+        """Fit on features [N, D] with class labels [N]: one mean per class present (`classes` says which), one
+        shared covariance.
 
         Streams `features` in blocks of `chunk` rows and keeps only per-class sums and the D x D scatter of the
         residuals: at 5,000 classes the calibration fits on some 350,000 crops, where float64 copies of the whole
@@ -50,7 +66,8 @@ class ClassGaussians:
         eigval, eigvec = np.linalg.eigh(covariance)
         cutoff = eigval.max() * len(eigval) * np.finfo(np.float64).eps  # pinvh's: null directions weigh nothing
         whiten = eigvec * np.where(eigval > cutoff, 1.0 / np.sqrt(np.clip(eigval, cutoff, None)), 0.0)
-        return cls((means @ whiten).astype(np.float32), whiten.astype(np.float32))
+        present = None if np.array_equal(classes, np.arange(len(classes))) else classes.astype(np.int64)
+        return cls((means @ whiten).astype(np.float32), whiten.astype(np.float32), present)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of `features` [N, D] to every class mean: [N, C]."""
@@ -70,13 +87,17 @@ class ClassGaussians:
 
         path = Path(path)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, means=self.means, whiten=self.whiten)
+            np.savez(fh, means=self.means, whiten=self.whiten, classes=self.class_ids)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ClassGaussians:
-        with np.load(path) as data:
-            return cls(data["means"], data["whiten"])
+        with np.load(path) as data:  # files from before `classes` was kept have a mean for every class
+            classes = np.asarray(data["classes"], np.int64) if "classes" in data.files else None
+            means, whiten = data["means"], data["whiten"]
+        if classes is not None and np.array_equal(classes, np.arange(len(means))):
+            classes = None
+        return cls(means, whiten, classes)
 
 
 def _class_sums(features: np.ndarray, index: np.ndarray, n_classes: int, chunk: int) -> np.ndarray:
