@@ -519,4 +519,23 @@ def test_a_trained_drug_with_no_training_crop_shifts_no_mean(tmp_path: Path) -> 
     assert neighbours.codes[int(nearest[0])] == "K-3"
     # a file from before the classes were kept: a mean for every drug, in order
     np.savez(tmp_path / "old.npz", means=gaussians.means, whiten=gaussians.whiten)
-    assert ClassGaussians.load(tmp_path / "old.npz").classes is None
+    old = ClassGaussians.load(tmp_path / "old.npz")
+    assert old.classes is None and old.knows_classes(3) and not old.knows_classes(4)
+    assert gaussians.knows_classes(4) and again.knows_classes(4)
+    # such a file, fit on 3 of 4 trained drugs, cannot say which drug each mean is: enrolment asks to recalibrate
+    import types
+
+    import pillsnap.infer.enrol as enrol_module
+    from pillsnap.infer.enrol import _check_request
+
+    predictor = types.SimpleNamespace(trained=(["K-0", "K-1", "K-2", "K-3"], {}), exp_dir=tmp_path, calibration={})
+    enrol_module_trained = enrol_module.trained_gaussians
+    try:
+        enrol_module.trained_gaussians = lambda ckpt_dir, calibration: (old, 10.0)
+        info, photos = DrugInfo.parse("K-900001", "new drug"), [tmp_path / f"{i}.png" for i in range(5)]
+        with pytest.raises(EnrolmentError, match="do not say which drug each is .* recalibrate"):
+            _check_request(predictor, info, photos)
+        enrol_module.trained_gaussians = lambda ckpt_dir, calibration: (again, 10.0)
+        assert _check_request(predictor, info, photos)[0] is again
+    finally:
+        enrol_module.trained_gaussians = enrol_module_trained

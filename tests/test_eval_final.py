@@ -1,5 +1,6 @@
 """Final test evaluation: runs only on request (or after stage 4), reads the test split, writes the verdict."""
 
+import json
 import os
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 from pillsnap.eval.final import final_test_evaluation
 from pillsnap.train import train as main
-from pillsnap.utils import read_json
+from pillsnap.utils import load_ckpt, read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,15 @@ def test_final_evaluation_after_training(synth_cfg):
     assert goal["target"] == 0.92 and goal["met"] == (cls["macro_f1"] >= 0.92)
     assert result["ready_for_production"] == result["business_goals"]["overall_target_met"]
     assert "classification.accuracy" in result["val_minus_test"]
+    # the gap is that of the tested weights, the best checkpoint's epoch, not the last epoch's figures
+    metrics_path = Path(exp) / "reports" / "metrics.json"
+    metrics = read_json(metrics_path)
+    epoch = load_ckpt(Path(exp) / "checkpoints" / "classification_best.pt")["epoch"]
+    best = next(h["classification"]["acc"] for h in metrics["history"] if h["epoch"] == epoch)
+    metrics["classification"]["acc"] = 0.123  # as if a later, worse epoch had ended the run
+    metrics_path.write_text(json.dumps(metrics), encoding="utf-8")
+    again = final_test_evaluation(cfg)
+    assert again["val_minus_test"]["classification.accuracy"] == pytest.approx(round(best - cls["accuracy"], 4))
 
 
 def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys, caplog):

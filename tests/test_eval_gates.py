@@ -230,6 +230,10 @@ def test_a_real_stage_1_split_can_meet_the_sample_floor():
     assert "need >= 812" in stage_decision(1, part)["reasons"][0]
     big = with_(PASSING, n_eval_samples=2500, n_eval_available=9000)
     assert simple_stage_evaluation(1, big)[0]  # a large split: the design's 2,000 is the floor
+    # a crop that cannot be decoded cannot be evaluated: every crop that can be read is the floor
+    damaged = with_(PASSING, n_eval_samples=811, n_eval_available=812, n_eval_undecodable=1)
+    assert simple_stage_evaluation(1, damaged) == (True, [])
+    assert simple_stage_evaluation(1, with_(damaged, n_eval_samples=700))[1] == ["NOT_ENOUGH_SAMPLES"]
 
 
 def test_stage_3_follows_its_own_detection_floor():

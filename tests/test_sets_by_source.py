@@ -85,10 +85,10 @@ def test_the_stored_sources_give_each_source_its_threshold_at_any_coverage() -> 
     assert dict(few.by_source) == {"single": 0.05} and few.for_source("combination").threshold == 0.9
     older = {"prediction_sets": {k: v for k, v in calibration["prediction_sets"].items() if k != "sources"}}
     assert load_set_rule(older, "lac", 0.95, False)[0].by_source is None  # calibrated before sources were kept
-    for broken in ("single", ["single"] * 3):
+    for broken in ("single", ["single"] * 3, [1] * 120):  # a damaged file: no sets, said why (not a crash)
         bad = {"prediction_sets": {**calibration["prediction_sets"], "sources": broken}}
-        with pytest.raises(ValueError, match="prediction_sets.sources must name the crop source of each of the 120"):
-            load_set_rule(bad, "lac", 0.95, False)
+        rule, problem = load_set_rule(bad, "lac", 0.95, False)
+        assert rule is None and "prediction_sets.sources does not name the crop source of each of the 120" in problem
     summary = set_summary(calibration["prediction_sets"], "lac", 0.95)
     assert summary["threshold_by_source"] == {"combination": 0.9, "single": 0.05}
     assert summary["n_by_source"] == {"combination": 60, "single": 60}
@@ -130,3 +130,19 @@ def test_the_evaluation_redraws_and_reports_sets_per_source() -> None:
                                               "sure_accuracy": 0.0}
     assert figures["by_source"]["combination"]["coverage"] == 1.0
     assert figures["by_source"]["combination"]["mean_set_size"] == 2.0
+
+
+def test_the_headline_names_the_sources_the_predictor_gave_their_own_threshold() -> None:
+    """The test coverage per source, each marked by the rule the predictor applied (not by what calibration would
+    have given at its own settings)."""
+    from pillsnap.eval.pipeline_report import _set_lines
+
+    figures = {"coverage": 0.99, "mean_set_size": 1.5, "sure_share": 0.6, "sure_accuracy": 1.0}
+    auto = {"prediction_sets": {**figures, "named": 100, "coverage_all": 0.98, "known_pills": 102,
+                                "withheld_known": 0.02, "unknown_empty": 1.0, "unknown_pills": 3,
+                                "by_source": {"single": {**figures, "named": 60}, "combination": {**figures,
+                                                                                                  "named": 40}}},
+            "sources_with_own_threshold": ["single"]}
+    line = _set_lines(auto, {"method": "lac", "coverage": 0.95, "n": 120, "threshold_by_source": {
+        "single": 0.1, "combination": 0.2}})[0]
+    assert "single photos 0.990 of 60, combination pills 0.990 of 40 (threshold over all answers)" in line

@@ -107,7 +107,13 @@ def test_a_regression_against_the_previous_evaluation_is_named(trained, tmp_path
     acc = previous["results"]["classification"]["acc"]
     previous["results"]["classification"]["acc"] = acc + 0.10  # the last evaluation of this stage was better
     path.write_text(json.dumps(previous), encoding="utf-8")
+    # a last epoch unlike the best checkpoint's (as after an early stop): the gate reads the best checkpoint's epoch
+    metrics_path = exp / "reports" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics["classification"]["acc"] = 0.123
+    metrics_path.write_text(json.dumps(metrics), encoding="utf-8")
     report = evaluate_stage(cfg, exp, choice=2)
+    assert report["results"]["classification"]["acc"] == pytest.approx(acc) != 0.123
     assert "REGRESSION_TOO_LARGE" in report["go_no_go"]["reasons"] and report["go_no_go"]["go"] is False
     assert any(r.startswith("REGRESSION_TOO_LARGE: classification.acc ") for r in report["reasons"])
     assert report["baseline"] == {"classification.acc": pytest.approx(acc + 0.10)}
@@ -371,6 +377,7 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
     figures = stage_measure.classifier_figures(model, loaders, "cpu")
     assert figures["n_eval_samples"] == 32 and figures["n_eval_available"] == 40  # the second batch of 8 lost
+    assert figures["n_eval_undecodable"] == 8 and "8 of 40 validation crops could not be decoded" in caplog.text
     assert figures["class_coverage"] == 1.0 and "per_class_min_acc" in figures and figures["latency"].samples > 0
 
     import pandas as pd
@@ -397,6 +404,16 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     latency = stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
     assert latency is not None and math.isfinite(latency.p95_ms) and latency.samples == 3
     assert "pipeline latency: skipped" in caplog.text and "2.png" in caplog.text
+    # each kind keeps its share of the split: the unreadable single photo's weight goes to the other single ones
+    rows.loc[3, "image_type"] = "combination"
+    weighed: list = []
+    monkeypatch.setattr(stage_measure, "measure", lambda fn, images, device, passes, weights: weighed.append(
+        (len(images), weights)))
+    drawn, drawn_weights = stage_measure._pipeline_photos(rows, 0)
+    stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
+    combination = sum(w for p, w in zip(drawn, drawn_weights, strict=True) if p.endswith("3.png"))
+    (n, weights), = weighed
+    assert n == 3 and sum(weights) == pytest.approx(1.0) and combination in weights
 
 
 def test_the_quality_figures_are_those_of_the_best_checkpoint_not_the_last_epoch(tmp_path, caplog):

@@ -93,8 +93,10 @@ def _temperature(model: Any, loader: Any, device: Any, sources: np.ndarray | Non
     labels, log_p, features, rows = model_outputs(model, loader, device)
     if sources is not None and len(labels) != len(sources):
         # photos that failed to decode left no row: their sources go with them (the rows say which are left)
-        LOGGER.warning("calibration: %d of %d validation crops could not be decoded and are left out",
-                       len(sources) - len(labels), len(sources))
+        LOGGER.warning("calibration: %d of %d validation crops could not be decoded and are left out%s",
+                       len(sources) - len(labels), len(sources), "" if rows is not None else
+                       " (this data set does not say which: one temperature and one unknown-pill threshold serve "
+                       "both crop sources)")
         sources = None if rows is None else np.asarray(sources)[rows]
     temperatures = fit_temperatures(log_p, labels, sources)
     per_row = (temperatures.per_row(sources) if temperatures.by_source is not None and sources is not None

@@ -4,8 +4,9 @@ the stage's targets, the optimisation advisor, and the one verdict that reconcil
 `results` is nested by section with PillSnap's metric keys (see eval/stage_eval.py for how a run fills it):
 {"classification": {"acc": ...}, "detection": {"mAP@0.5": ...}, "system": {...}, "optimization": {...},
 "advanced": {...}, "mandatory_checks": {"pipeline_complete": True, ...}, "latency_p95_ms": ..., "n_eval_samples": ...,
-"n_eval_available": ..., "class_coverage": ..., "no_crashes": ..., "memory_stable": ..., "repeated_oom": ...,
-"nan_loss": ..., "data_corruption_rate": ..., "time_cap": {"success": ...} or None, "device": "cpu" | "cuda:0"}.
+"n_eval_available": ..., "n_eval_undecodable": ..., "class_coverage": ..., "no_crashes": ..., "memory_stable": ...,
+"repeated_oom": ..., "nan_loss": ..., "data_corruption_rate": ..., "time_cap": {"success": ...} or None,
+"device": "cpu" | "cuda:0"}.
 A figure whose target holds for another device class than `device` is "not comparable": reported with its value
 and device, and left out of both the gate and the score.
 """
@@ -59,10 +60,12 @@ def _latency_check(t: StageCriteria, results: dict) -> GateCheck:
 
 
 def required_samples(t: StageCriteria, results: dict) -> int:
-    """The design's sample floor, or every crop of the validation split when the split holds fewer (a real stage 1
-    or 2 split is smaller than the design's figure: see docs/DESIGN_MAP.md)."""
+    """The design's sample floor, or every crop of the validation split that can be read when the split holds fewer
+    (a real stage 1 or 2 split is smaller than the design's figure: see docs/DESIGN_MAP.md)."""
     available = results.get("n_eval_available")
-    return t.min_eval_samples if available is None else min(t.min_eval_samples, int(available))
+    if available is None:
+        return t.min_eval_samples
+    return min(t.min_eval_samples, int(available) - int(results.get("n_eval_undecodable") or 0))
 
 
 # How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.

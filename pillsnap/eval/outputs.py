@@ -17,8 +17,8 @@ EVAL_BATCH = 64
 
 
 class Outputs(NamedTuple):
-    """A model's outputs over a loader, one row per crop that decoded: `rows` says which crop of the data set each
-    row is (None where the data set does not say: InferenceCrops does)."""
+    """A model's outputs over a loader, one row per crop that decoded: `rows` says which item of the loader's data
+    set each row is (None where the data set does not say: InferenceCrops does, by its own positions)."""
 
     labels: np.ndarray
     log_probs: np.ndarray

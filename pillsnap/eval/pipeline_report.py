@@ -90,6 +90,8 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
                               _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
     auto["prediction_sets_by_method"] = _sets_by_method(predictor, auto["outcomes"])
+    # the crop sources answered with their own set threshold (the rest with the one over all answers)
+    auto["sources_with_own_threshold"] = sorted((predictor.set_rule and predictor.set_rule.by_source) or {})
     summary = {
         # the validation figures of the weights evaluated here (the best checkpoints), not of the last epoch
         "validation": best_checkpoint_metrics(read_json(exp_dir / "reports" / "metrics.json"),
@@ -128,8 +130,10 @@ def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
 
     def figures(method: str, fill: bool, by_source: bool) -> dict:
         # the predictor's own set rule loaded, so every method's scores are there
-        loaded, _ = load_set_rule(predictor.calibration, method, rule.coverage, reading, predictor.check_unknown,
-                                  fill, by_source)
+        loaded, problem = load_set_rule(predictor.calibration, method, rule.coverage, reading,
+                                        predictor.check_unknown, fill, by_source)
+        if loaded is None:
+            return {"problem": problem}
         return {"threshold": finite(loaded.threshold), "threshold_by_source": loaded.by_source,
                 **set_figures(with_sets(outcomes, replace(loaded, fill=fill)))}
 
@@ -206,11 +210,15 @@ def _set_lines(auto: dict, calibrated: dict) -> list[str]:
     sets = auto.get("prediction_sets") or {}
     if not sets:
         return ["test        prediction sets: none (no calibrated set scores; pillsnap calibrate --exp EXP)"]
-    others = "; ".join(f"{method}: coverage {_fmt(f.get('coverage'))} mean size {_fmt(f.get('mean_set_size'))} sure "
-                       f"{_fmt(f.get('sure_share'))} right {_fmt(f.get('sure_accuracy'))}"
-                       for method, f in (auto.get("prediction_sets_by_method") or {}).items()
+    def other(method: str, f: dict) -> str:
+        if "problem" in f:  # a rule the calibration cannot give
+            return f"{method}: {f['problem']}"
+        return (f"{method}: coverage {_fmt(f.get('coverage'))} mean size {_fmt(f.get('mean_set_size'))} sure "
+                f"{_fmt(f.get('sure_share'))} right {_fmt(f.get('sure_accuracy'))}")
+
+    others = "; ".join(other(method, f) for method, f in (auto.get("prediction_sets_by_method") or {}).items()
                        if method != calibrated.get("method"))
-    own = calibrated.get("threshold_by_source") or {}
+    own = auto.get("sources_with_own_threshold") or ()
     per_source = ", ".join(f"{SOURCE_NAMES.get(source, source)} {_fmt(f['coverage'])} of {f['named']}"
                            f"{'' if source in own else ' (threshold over all answers)'}"
                            for source, f in (sets.get("by_source") or {}).items())

@@ -148,6 +148,7 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
         "mandatory_checks": checks,
         "latency_p95_ms": latency if latency is not None else math.inf,
         "n_eval_samples": cls.get("n_eval_samples", 0), "n_eval_available": cls.get("n_eval_available"),
+        "n_eval_undecodable": cls.get("n_eval_undecodable"),
         "class_coverage": cls.get("class_coverage", 0.0),
         "no_crashes": summary.get("status") != "oom_emergency_exit" and not run["nan_loss"],
         "memory_growth": run["memory_growth"], "memory_stable": run["memory_stable"],

@@ -65,7 +65,7 @@ def best_checkpoint_metrics(summary: dict, ckpt_dir: Path) -> dict:
         if not isinstance(last, dict) or not path.is_file():
             continue
         try:
-            epoch = int(load_ckpt(path, map_location="cpu")["epoch"])
+            epoch = int(load_ckpt(path, map_location="cpu", mmap=True)["epoch"])  # the weights are not read
         except (OSError, ValueError, KeyError, TypeError) as err:
             LOGGER.warning("%s: cannot tell its epoch (%s); the last epoch's validation metrics stand for it", name,
                            err)
@@ -174,8 +174,14 @@ def classifier_figures(model: Any, loaders: Any, device: Any) -> dict:
         return {}
     y_true, y_pred = _predictions(model, loaders.cls_val, device)
     present = np.unique(y_true)
-    out: dict[str, Any] = {"n_eval_samples": len(y_true), "n_eval_available": len(loaders.cls_val.dataset),
+    available = len(loaders.cls_val.dataset)
+    out: dict[str, Any] = {"n_eval_samples": len(y_true), "n_eval_available": available,
+                           # the whole split is measured: what it lacks could not be decoded
+                           "n_eval_undecodable": available - len(y_true),
                            "class_coverage": len(present) / max(int(loaders.meta["num_classes"]), 1)}
+    if len(y_true) < available:
+        LOGGER.warning("stage evaluation: %d of %d validation crops could not be decoded and are left out",
+                       available - len(y_true), available)
     if len(present):
         out["per_class_min_f1"] = float(f1_score(y_true, y_pred, labels=present, average=None,
                                                  zero_division=0).min())
@@ -228,7 +234,8 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     from pillsnap.utils.images import DECODE_ERRORS
 
     photos, weights = _pipeline_photos(rows, int(cfg.train.seed))
-    images, kept = [], []
+    kind_of = dict(zip(rows["image_path"].astype(str), rows["image_type"].fillna(""), strict=True))
+    images, kept, kinds = [], [], []
     for path, weight in zip(photos, weights, strict=True):
         try:
             images.append(read_image(path))
@@ -236,8 +243,17 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
             LOGGER.warning("stage evaluation: pipeline latency: skipped %s (%s)", path, err)
             continue
         kept.append(weight)
+        kinds.append(kind_of.get(path, ""))
     if not images:
         return None
+    # each kind keeps its share of the split: a skipped photo's weight goes to the others of its kind
+    for kind in set(kind_of.get(p, "") for p in photos):
+        share, left = (sum(w for p, w in zip(photos, weights, strict=True) if kind_of.get(p, "") == kind),
+                       sum(w for w, k in zip(kept, kinds, strict=True) if k == kind))
+        if left == 0:
+            LOGGER.warning("stage evaluation: pipeline latency: no %s photo of the sample could be read; the p95 "
+                           "leaves them out", kind or "unlabelled")
+        kept = [w * share / left if k == kind and left else w for w, k in zip(kept, kinds, strict=True)]
     predictor = Predictor(exp_dir, cfg, device=str(device))
     return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
 

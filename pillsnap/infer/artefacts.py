@@ -185,9 +185,10 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
                       f"{'on' if imprint_check else 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
     scores = scores_from_json(stored["scores"][check_set_method(method)])
     sources = stored.get("sources") if by_source else None
-    if sources is not None and (not isinstance(sources, list) or len(sources) != len(scores)):
-        raise ValueError(f"calibration.json: prediction_sets.sources must name the crop source of each of the "
-                         f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(scores)
+                                or not all(s is None or isinstance(s, str) for s in sources)):
+        return None, (f"calibration.json: prediction_sets.sources does not name the crop source of each of the "
+                      f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
     own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
     return SetRule(method, coverage, conformal_threshold(scores, coverage), fill=fill, by_source=own or None), None
 

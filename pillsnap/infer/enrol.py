@@ -216,6 +216,11 @@ def _check_request(predictor: Any, info: DrugInfo, photos: list[Photo]) -> tuple
     if gaussians is None:
         raise EnrolmentError(f"{ckpt_dir} has no calibration with class Gaussians for this classifier: enrolled "
                              "drugs are placed among them (pillsnap calibrate --exp EXP)", "not_calibrated")
+    if not gaussians.knows_classes(len(trained_names)):
+        raise EnrolmentError(f"{ckpt_dir}: the class Gaussians hold {len(gaussians.means)} means for "
+                             f"{len(trained_names)} trained drugs and do not say which drug each is (a file from an "
+                             "older PillSnap, fit with a drug that had no training crop): recalibrate "
+                             "(pillsnap calibrate --exp EXP)", "not_calibrated")
     return gaussians, threshold
 
 

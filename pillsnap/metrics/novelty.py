@@ -38,6 +38,12 @@ class ClassGaussians:
         """The class of each mean row."""
         return np.arange(len(self.means)) if self.classes is None else self.classes
 
+    def knows_classes(self, num_classes: int) -> bool:
+        """Whether each mean's class is known for a classifier of `num_classes`: a file from before `classes` was
+        kept holds a mean per class present in its fit, so with fewer means than classes it cannot say which is
+        which."""
+        return self.classes is not None or len(self.means) == num_classes
+
     def rows_of(self, labels: np.ndarray) -> np.ndarray:
         """The mean row of each class in `labels`; -1 for a class with no mean."""
         labels = np.asarray(labels, np.int64)
@@ -92,7 +98,7 @@ class ClassGaussians:
 
     @classmethod
     def load(cls, path: str | Path) -> ClassGaussians:
-        with np.load(path) as data:  # files from before `classes` was kept have a mean for every class
+        with np.load(path) as data:  # files from before `classes` was kept: mean i is class i's (knows_classes)
             classes = np.asarray(data["classes"], np.int64) if "classes" in data.files else None
             means, whiten = data["means"], data["whiten"]
         if classes is not None and np.array_equal(classes, np.arange(len(means))):

@@ -136,15 +136,16 @@ def save_ckpt(path: str | Path, obj: dict) -> None:
         torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
 
 
-def load_ckpt(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by save_ckpt; a missing or foreign file gives a clear error."""
+def load_ckpt(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint written by save_ckpt; a missing or foreign file gives a clear error. `mmap`: the tensors
+    are mapped from the file, not read (to look at a checkpoint's fields without reading its weights)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises many unrelated types for a corrupt file
         raise ValueError(f"Cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_REQUIRED_KEYS):
