@@ -69,3 +69,23 @@ def move_combinations(root: Path, folders: list[str], part: str) -> None:
             target = root / part / kind / f"V{tag}_1_조합" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), target)
+
+
+def split_partitions(root: Path, every: int = 2) -> int:
+    """Move every `every`-th photo of each single-pill code folder of a synthetic tree, with its label, into AI
+    Hub's Validation partition under the same code folder name, as AI Hub ships a drug's Training and Validation
+    photos (VS_/VL_ zips beside TS_/TL_); returns how many photos moved."""
+    import re
+
+    moved = 0
+    for folder in sorted(p for p in root.rglob("K-*") if p.is_dir() and re.fullmatch(r"K-\d{6}", p.name)):
+        for photo in sorted(folder.glob("*.png"))[::every]:
+            label = next(root.rglob(f"{folder.name}_json/{photo.stem}.json"))
+            base = root / "2.Validation"
+            for source, target in ((photo, base / "원천데이터" / "단일경구약제 5000종" / "VS_1_단일" / folder.name),
+                                   (label, base / "라벨링데이터" / "단일경구약제 5000종" / "VL_1_단일" /
+                                    f"{folder.name}_json")):
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(source), target / source.name)
+            moved += 1
+    return moved

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from aihub_trees import move_combinations
+from aihub_trees import move_combinations, split_partitions
 
 from pillsnap.data.scan import load_manifest, scan_dataset
 from pillsnap.data.splits import TEST, TRAIN, VAL, _draw, assign_splits
@@ -55,6 +55,37 @@ def test_aihub_validation_partition_is_the_test_split(shots_root, tmp_path):
     assert report["split"]["aihub_validation_is_test"] == {"single": False, "combination": True}
     singles = manifest[manifest["image_type"] == "single"]  # no single-pill Validation photos: drawn as usual
     assert set(singles["split"]) == {"train", "val", "test"}
+
+
+def test_a_drug_with_photos_in_both_aihub_partitions_pairs_each_label_with_its_own_partition(shots_root, tmp_path):
+    """AI Hub ships a drug's Training and Validation photos in separate zips under the same code folder, each
+    partition with its own labels. Each label folder looks for its photos in its own partition: none of them is
+    then an 'image without label' (before, every photo of the other partition was counted as one: about all 2.6 M
+    of the real set), and each row's photo lies in its label's partition."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shots_root, root)
+    moved = split_partitions(root)
+    assert moved >= 8
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    manifest = load_manifest(tmp_path / "m")
+    singles = manifest[manifest["image_type"] == "single"]
+    assert report["image_without_label"] == 0 and len(singles) == 8 * 6
+    assert (singles["aihub_part"] == "Validation").sum() == moved
+    in_validation = singles["image_path"].str.contains("2.Validation")
+    assert (in_validation == (singles["aihub_part"] == "Validation")).all()
+    # a photo of the Validation partition whose label is lost is still counted, in its own partition
+    sorted(root.rglob("VL_1_단일/*_json/*.json"))[0].unlink()
+    again = scan_dataset(root, tmp_path / "m2", workers=1, progress=False)
+    assert again["image_without_label"] == 1
+    # ... and so are the Validation photos of a drug whose Validation labels are all missing (its Training labels
+    # look in the Training partition only)
+    lost = sorted(root.rglob("VL_1_단일/*_json"))[-1]  # not the folder of the label deleted above
+    photos = len(list((root / "2.Validation" / "원천데이터" / "단일경구약제 5000종" / "VS_1_단일" /
+                       lost.name[:-5]).glob("*.png")))
+    shutil.rmtree(lost)
+    assert scan_dataset(root, tmp_path / "m3", workers=1, progress=False)["image_without_label"] == 1 + photos
 
 
 def groups(rows: list[tuple[int, str, int, int]]) -> pd.DataFrame:

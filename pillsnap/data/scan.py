@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pillsnap.data.scan_checks import PHOTO_REASONS
 from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
 from pillsnap.data.scan_layout import diagnose, layout_of
-from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, make_tasks
+from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, make_tasks, photo_locations
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 
@@ -128,12 +128,16 @@ def _class_map(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
-    """Images in folders that have no label folder at all (folders with labels are counted by the workers)."""
+    """Images in code folders that no label folder looks in: a code with no label folder at all, or a partition of
+    AI Hub's with photos of a code and no labels of it (the photos a label folder looks in, photo_locations, are
+    counted by the workers)."""
+    looked_in = {(folder[:-5], loc) for label, folder, _ in found.label_folders if folder[:-5] in labelled_folders
+                 for loc in photo_locations(label, found.image_folders.get(folder[:-5], ()))}
     total = 0
     for folder, locations in found.image_folders.items():
-        if folder in labelled_folders:
-            continue
         for loc in locations:
+            if (folder, loc) in looked_in:
+                continue
             if loc.is_zip or loc.flat:
                 total += found.image_counts.get((loc.container, folder), 0)
             else:

@@ -11,6 +11,7 @@ import os
 import re
 import zipfile
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -219,6 +220,14 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
     return found
 
 
+def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Location, ...]:
+    """Where a label folder's photos are looked up: the photo locations of its code folder in its own AI Hub
+    partition where there are any (AI Hub ships a drug's Training and Validation photos in separate zips under the
+    same code folder, each labelled in its own partition's label zip), else all of them."""
+    own = tuple(loc for loc in images if loc.part == label.part)
+    return own or tuple(images)
+
+
 def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
     """Group consecutive label folders of one container into chunks of about `chunk_files` label files
     (16x that inside a zip: each chunk makes a worker read the label and image zip directories, ~0.1 s per 20K
@@ -234,7 +243,7 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
             return
         loc = current[0][0]
         folders = tuple(f for _, f, _ in current)
-        images = {f[:-5]: tuple(found.image_folders.get(f[:-5], ())) for f in folders}
+        images = {f[:-5]: photo_locations(loc, found.image_folders.get(f[:-5], ())) for f in folders}
         digest = hashlib.sha1(f"{loc}|{'|'.join(folders)}".encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current)))
         current.clear()
