@@ -66,6 +66,9 @@ def test_onnx_backend_answers_like_torch(exported: Path, tmp_path: Path) -> None
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
     assert onnx_pills[0]["edi_codes"][0].startswith("64")
     assert predictor.model_files()["classifier"].name == "classifier.onnx"
+    from pillsnap.serve.service import describe_models
+
+    assert describe_models(predictor)["onnx_providers"] == ["CPUExecutionProvider"]  # what /version says it runs on
 
 
 def test_onnx_backend_without_export_names_the_command(tmp_path: Path) -> None:
@@ -109,3 +112,19 @@ def test_predict_cli_and_api_on_the_onnx_backend(exported: Path, tmp_path: Path,
     assert resp.json()["pills"][0]["mapping_code"] == cli_answer["pills"][0]["mapping_code"]
     assert version["backend"] == "onnx" and version["models"]["classifier"]["file"] == "classifier.onnx"
     assert version["models"]["detector"]["sha256"] == file_sha256(exported / "export" / "detector.onnx")
+
+
+def test_an_onnx_backend_asked_for_cuda_without_a_cuda_onnxruntime_says_it_runs_on_the_cpu(monkeypatch, caplog):
+    """The `onnxruntime` wheel has no CUDA provider: asked for cuda, the ONNX models run on the CPU, and the log says
+    so (before: silently, while /version said cuda)."""
+    import onnxruntime as ort
+
+    from pillsnap.models.export import onnx_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers("cuda:0") == ["CPUExecutionProvider"]
+    assert "no CUDA provider" in caplog.text and "onnxruntime-gpu" in caplog.text
+    caplog.clear()
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"] and not caplog.text
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"] and not caplog.text

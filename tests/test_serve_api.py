@@ -96,6 +96,7 @@ def test_health_ready_and_version(tmp_path) -> None:
     assert version["package"] == "pillsnap" and version["version"] and version["git_sha"]
     assert version["num_classes"] == 2 and version["backend"] == "torch" and version["calibration"] is None
     assert version["prediction_set"] is None and version["box_check"] == {"active": False}  # nothing calibrated
+    assert version["onnx_providers"] is None  # the torch backend
     assert version["models"]["classifier"] == {"file": weights.name, "bytes": 7,
                                                "sha256": hashlib.sha256(b"weights").hexdigest()}
 

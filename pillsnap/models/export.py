@@ -70,11 +70,18 @@ def export_classifier_onnx(model: nn.Module, out_path: str | Path, image_size: i
 
 
 def onnx_providers(device: str | torch.device = "cpu") -> list[str]:
-    """CUDA first when asked for and available in this onnxruntime build, CPU always as the fallback."""
+    """CUDA first when asked for and available in this onnxruntime build, CPU always as the fallback. Asked for
+    CUDA where this onnxruntime has none (the `onnxruntime` wheel is CPU-only; `onnxruntime-gpu` has CUDA), the
+    log says the models run on the CPU."""
     import onnxruntime as ort
 
-    wanted = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else []
-    return [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+    cuda = str(device).startswith("cuda")
+    if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        LOGGER.warning("onnx: %s was asked for, but this onnxruntime has no CUDA provider (%s): the ONNX models "
+                       "run on the CPU; install onnxruntime-gpu, or use inference.backend=torch", device,
+                       ", ".join(ort.get_available_providers()))
+        cuda = False
+    return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
 class OnnxModel:
@@ -94,6 +101,7 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = torch.get_num_threads()  # one thread budget for both runtimes
         self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
+        self.providers = self.session.get_providers()  # what it runs on (onnxruntime may drop one it cannot start)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

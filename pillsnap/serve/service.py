@@ -125,7 +125,8 @@ class PredictionService:
 def describe_models(predictor: PredictorLike) -> dict:
     """What /version reports about the models: backend, class count, each file with its SHA-256, the calibration
     (temperature, unknown-pill thresholds; null when the run was not calibrated), the unknown-pill rule in force
-    (its threshold is null and `active` false when it is off), the prediction-set rule and the box check."""
+    (its threshold is null and `active` false when it is off), the prediction-set rule, the box check and, with the
+    onnx backend, the onnxruntime providers the classifier runs on (null with torch)."""
     from pillsnap.models.export import file_sha256
 
     files = predictor.model_files()
@@ -136,7 +137,9 @@ def describe_models(predictor: PredictorLike) -> dict:
             "calibration": getattr(predictor, "calibration", None),
             "unknown_rule": _unknown_rule(getattr(predictor, "unknown", None)),
             "prediction_set": _set_rule(getattr(predictor, "set_rule", None)),
-            "box_check": _box_check(predictor)}
+            "box_check": _box_check(predictor),
+            # with the onnx backend, what onnxruntime runs the classifier on (it falls back to the CPU silently)
+            "onnx_providers": getattr(getattr(predictor, "classifier", None), "providers", None)}
 
 
 def _set_rule(rule: Any) -> dict | None:
