@@ -129,7 +129,7 @@ def test_enrolled_drug_is_answered_by_name_with_its_attributes(predictor: Predic
     assert known["mapping_code"] != NEW_CODE  # a trained drug's photo is not taken by the new one
 
 
-def test_list_remove_and_restart(exp_dir: Path, predictor: Predictor, tmp_path: Path) -> None:
+def test_list_remove_and_restart(exp_dir: Path, predictor: Predictor, tmp_path: Path, monkeypatch) -> None:
     enrol(predictor, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))
     probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
     restarted = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
@@ -137,7 +137,19 @@ def test_list_remove_and_restart(exp_dir: Path, predictor: Predictor, tmp_path: 
     listed = listing(exp_dir)
     assert listed["stale"] is None and [d["mapping_code"] for d in listed["drugs"]] == [NEW_CODE]
     assert listed["drugs"][0]["n_photos"] == 5
-    assert remove(exp_dir, NEW_CODE) == {"removed": NEW_CODE, "name": "새약 10mg"}
+    # a served predictor holds its classifier's hash: listing and removing do not hash the checkpoint again
+    import pillsnap.infer.enrolment as enrolment_module
+    import pillsnap.models.export as export_module
+
+    hashed: list = []
+    sha = restarted.classifier_sha256
+    for module in (enrolment_module, export_module):
+        monkeypatch.setattr(module, "file_sha256", lambda path, f=module.file_sha256: (hashed.append(path), f(path))[1])
+    assert listing(exp_dir, restarted.classifier_path, sha) == listed
+    assert remove(exp_dir, NEW_CODE, restarted.classifier_path, sha) == {"removed": NEW_CODE, "name": "새약 10mg"}
+    # the store's own small feature file is hashed, the weights are not
+    assert hashed and not any(Path(p).suffix == ".pt" for p in hashed)
+    monkeypatch.undo()
     assert listing(exp_dir)["drugs"] == []
     assert answer(restarted, probe)["mapping_code"] != NEW_CODE  # the running one drops it on its next photo
     assert NEW_CODE not in restarted.class_names and restarted.class_names == CODES

@@ -316,16 +316,18 @@ def stored_sha(ckpt_dir: Path) -> str | None:
     return read_json(path).get("classifier_sha256") if path.is_file() else None
 
 
-def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None) -> dict:
+def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None,
+           classifier_sha: str | None = None) -> dict:
     """Remove an enrolled drug (from a stale store too: that is how one is cleared). EnrolmentError when `code` is
-    not enrolled. A running predictor stops answering it on its next photo."""
+    not enrolled. A running predictor stops answering it on its next photo. `classifier_sha`: the classifier file's
+    SHA-256 where the caller holds it (a served predictor does: the checkpoint is not hashed again)."""
     from pillsnap.infer.artefacts import find_checkpoints
 
     ckpt_dir = Path(exp_dir) / "checkpoints"
     classifier = classifier or find_checkpoints(exp_dir)[0]
     with store_lock(ckpt_dir):
         try:
-            enrolled, sha = read_store(ckpt_dir, classifier), None
+            enrolled, sha = read_store(ckpt_dir, classifier, classifier_sha), classifier_sha
         except StaleEnrolment:
             sha = stored_sha(ckpt_dir)
             enrolled = read_store(ckpt_dir, classifier, sha)
@@ -341,14 +343,14 @@ def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None)
     return {"removed": code, "name": enrolled.drugs[index]["name"]}
 
 
-def listing(exp_dir: str | Path, classifier: str | Path | None = None) -> dict:
+def listing(exp_dir: str | Path, classifier: str | Path | None = None, classifier_sha: str | None = None) -> dict:
     """The enrolled drugs (`drugs`) and, when the store was made for other weights, `stale` with the reason (its
-    drugs are listed but not answered)."""
+    drugs are listed but not answered). `classifier_sha`: as remove's."""
     from pillsnap.infer.artefacts import find_checkpoints
 
     ckpt_dir = Path(exp_dir) / "checkpoints"
     classifier = classifier or find_checkpoints(exp_dir)[0]
     try:
-        return {"drugs": summary(read_store(ckpt_dir, classifier).drugs), "stale": None}
+        return {"drugs": summary(read_store(ckpt_dir, classifier, classifier_sha).drugs), "stale": None}
     except StaleEnrolment as err:
         return {"drugs": summary(read_store(ckpt_dir, classifier, stored_sha(ckpt_dir)).drugs), "stale": str(err)}

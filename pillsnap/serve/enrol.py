@@ -59,7 +59,7 @@ def _remove_job(state: Any, code: str) -> dict:
 
     predictor = _predictor(state)
     try:
-        result = remove(predictor.exp_dir, code, predictor.classifier_path)
+        result = remove(predictor.exp_dir, code, predictor.classifier_path, predictor.classifier_sha256)
     except EnrolmentError as err:
         raise _rejected(err) from err
     predictor.refresh_enrolment()
@@ -70,7 +70,7 @@ def _list_job(state: Any) -> dict:
     from pillsnap.infer.enrol import listing
 
     predictor = _predictor(state)
-    return listing(predictor.exp_dir, predictor.classifier_path)
+    return listing(predictor.exp_dir, predictor.classifier_path, predictor.classifier_sha256)
 
 
 def add_enrol_routes(app: FastAPI, state: Any, read_upload: Callable[..., Any]) -> None:
