@@ -186,6 +186,38 @@ def test_cli_predict_missing_image_fails(exp_dir: Path, tmp_path: Path) -> None:
     assert cli_main(["predict", str(tmp_path / "nope.png"), "--exp", str(exp_dir)]) == 1
 
 
+def test_cli_predict_reads_folders_and_keeps_what_it_answered_when_interrupted(exp_dir: Path, tmp_path: Path,
+                                                                               capsys, monkeypatch) -> None:
+    """A folder is its photos (subfolders too, in name order; other files left out); every answer is printed as it
+    is made, so an interrupt keeps the answers given (still one valid JSON list); an empty folder is an error entry
+    naming it; a photo the models fail on (a RuntimeError) costs only its own answer."""
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    photos = [pill_photo(folder / name, [(45, 60, 30, 24)]) for name in ("b.png", "more/a.JPG")]
+    (folder / "notes.txt").write_text("not a photo", encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    args = ["--exp", str(exp_dir), "--mode", "single", "--json"]
+    assert cli_main(["predict", str(folder), str(tmp_path / "empty"), *args]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out] == [str(photos[0]), str(photos[1]), str(tmp_path / "empty")]
+    assert all(len(r["pills"]) == 1 for r in out[:2]) and "no photos" in out[2]["error"]
+    calls = []
+
+    def flaky(self, image, **kwargs):
+        calls.append(kwargs["name"])
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Predictor, "predict", flaky)
+    assert cli_main(["predict", str(folder), str(photos[0]), *args]) == 130
+    out = json.loads(capsys.readouterr().out)  # what was answered before the interrupt, as valid JSON
+    assert len(out) == 1 and out[0]["error_type"] == "RuntimeError" and len(calls) == 2
+    calls.clear()
+    assert cli_main(["predict", str(folder), *args[:-1]]) == 130  # the text output ends there too
+    assert capsys.readouterr().out.startswith(f"{photos[0]}: ERROR CUDA out of memory")
+
+
 def test_letterbox_roundtrip_and_locate() -> None:
     image = Image.new("RGB", (100, 200), (150, 150, 150))
     tensor, scale, pad = letterbox(image, 64)

@@ -1,4 +1,8 @@
-"""`pillsnap predict IMAGE... --exp EXP_DIR [--mode auto] [--json]`: the two-stage pipeline from the command line."""
+"""`pillsnap predict IMAGE... --exp EXP_DIR [--mode auto] [--json]`: the two-stage pipeline from the command line.
+
+An IMAGE may be a folder: its photos (and those of its subfolders) are answered in name order. Each answer is
+printed as soon as it is made (with --json, as one element of the JSON list), so an interrupted run keeps what it
+answered; a photo that cannot be answered gets its own error entry and the others go on."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ LOGGER = logging.getLogger("pillsnap.predict")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="identify the pills in photos", description=__doc__)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image paths (or zip:<zip>!<member>)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image paths, folders of photos, or zip:<zip>!<member>")
     parser.add_argument("--exp", default=None, help="experiment dir with checkpoints/ (default: paths.exp_dir)")
     parser.add_argument("--mode", choices=INFERENCE_MODES, default=None,
                         help=f"{' | '.join(INFERENCE_MODES)} (default: inference.mode)")
@@ -93,14 +98,63 @@ def load_photo(path: str, limits: Any) -> Any:
     return read_image(path, limits)
 
 
+def photo_paths(paths: list[str]) -> list[str]:
+    """The photos to answer: each path as given, a folder replaced by its photos (PHOTO_SUFFIXES, subfolders too,
+    in name order). A folder with none stays as given, so that it is answered with an error naming it."""
+    from pathlib import Path
+
+    from pillsnap.utils.images import PHOTO_SUFFIXES
+
+    out: list[str] = []
+    for path in paths:
+        if not path.startswith("zip:") and Path(path).is_dir():
+            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+            out += found or [path]
+        else:
+            out.append(path)
+    return out
+
+
 def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any, hints: Any = None) -> dict:
-    """One photo's result, or its own error entry: a bad file never costs the other files their answers."""
+    """One photo's result, or its own error entry: a bad file, or a photo the models fail on (a RuntimeError, e.g.
+    out of GPU memory), never costs the other files their answers."""
+    from pathlib import Path
+
     try:
+        if not path.startswith("zip:") and Path(path).is_dir():
+            raise FileNotFoundError(f"no photos ({', '.join(_suffixes())}) in folder {path}")
         image = load_photo(path, limits)
         return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path, hints=hints)
-    except (ValueError, OSError) as err:  # OSError covers a missing file and every ImageError of the decoder
+    except (ValueError, OSError, RuntimeError) as err:  # OSError covers a missing file and every decoder ImageError
         LOGGER.error("predict: %s: %s", path, err)
         return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
+
+
+def _suffixes() -> tuple[str, ...]:
+    from pillsnap.utils.images import PHOTO_SUFFIXES
+
+    return PHOTO_SUFFIXES
+
+
+class Printer:
+    """Each result printed as soon as it is made: text blocks, or the elements of one JSON list (closed by
+    `close`, also after an interrupt, so what was printed stays valid JSON)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json, self.count = as_json, 0
+
+    def add(self, result: dict) -> None:
+        if self.as_json:
+            body = json.dumps(result, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+            print(("[\n  " if not self.count else ",\n  ") + body, end="", flush=True)
+        else:
+            print(format_result(result) if "error" not in result else f"{result['image']}: ERROR {result['error']}",
+                  flush=True)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.as_json:
+            print("[]" if not self.count else "\n]", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,10 +170,22 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOGGER.error("predict: %s", err)
         return 2
+    from tqdm import tqdm
+
     limits = ImageLimits(int(cfg.serving.max_image_pixels), int(cfg.serving.min_image_side))
-    results = [predict_one(predictor, image, args, limits, None if hints.empty() else hints) for image in args.images]
-    if args.json:
-        print(json.dumps(results, ensure_ascii=False, indent=2))
-    else:
-        print("\n".join(format_result(r) if "error" not in r else f"{r['image']}: ERROR {r['error']}" for r in results))
-    return 1 if any("error" in r for r in results) else 0
+    paths = photo_paths(args.images)
+    printer, failed = Printer(args.json), 0
+    try:
+        # a progress bar on stderr when there are several photos and a terminal to show it on
+        for path in tqdm(paths, desc="predict", unit="photo", disable=None if len(paths) > 1 else True,
+                         leave=False):
+            result = predict_one(predictor, path, args, limits, None if hints.empty() else hints)
+            failed += "error" in result
+            printer.add(result)
+    except KeyboardInterrupt:
+        printer.close()
+        LOGGER.error("predict: interrupted after %d of %d photos (their answers are above)", printer.count,
+                     len(paths))
+        return 130
+    printer.close()
+    return 1 if failed else 0

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 from pillsnap.infer.hard_cases import KeptFiles, for_request  # PIL only: no model code
 from pillsnap.serve.errors import RequestRejected, image_error_status
-from pillsnap.utils.images import ImageError, ImageLimits, decode_image
+from pillsnap.utils.images import PHOTO_SUFFIXES, ImageError, ImageLimits, decode_image
 
 LOGGER = logging.getLogger(__name__)
 GIT_SHA_ENV = "PILLSNAP_GIT_SHA"  # set in images built without .git
-UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+UPLOAD_SUFFIXES = PHOTO_SUFFIXES
 
 
 @dataclass(frozen=True)

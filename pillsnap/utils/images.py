@@ -34,6 +34,8 @@ PIL_DECODE_ERRORS = (*DECODE_ERRORS, RuntimeError, SyntaxError, struct.error, In
 # Formats a photo arrives in. Naming them keeps PIL from handing an upload to a plugin that shells out
 # (EPS runs Ghostscript) or parses exotic containers nobody photographs pills with.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "TIFF", "GIF")  # JPEG covers phones' multi-picture MPO
+# File names of those formats (a folder given to `pillsnap predict` is read for these)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 TRANSPARENT_BACKDROP = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
