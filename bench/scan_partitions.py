@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scan import _cpu_seconds, _labels  # noqa: E402  (the bench folder is not a package)
 
-from pillsnap.data import scan_walk  # noqa: E402
-from pillsnap.data.scan import scan_dataset  # noqa: E402
+from pillsnap.data import scan, scan_walk  # noqa: E402
 
 VALIDATION_EVERY = 8
 
@@ -57,17 +56,17 @@ def make_partitions(root: Path, n_files: int, per_class: int) -> int:
     return validation
 
 
-def scan(root: Path, out: Path, workers: int, old_pairing: bool) -> dict:
+def scan_once(root: Path, out: Path, workers: int, old_pairing: bool) -> dict:
     saved = scan_walk.photo_locations
-    if old_pairing:  # every partition's photos of the code, as before
-        scan_walk.photo_locations = lambda label, images: tuple(images)
+    if old_pairing:  # every partition's photos of the code, as before (in the tasks and in the unlabelled count)
+        scan_walk.photo_locations = scan.photo_locations = lambda label, images: tuple(images)
     try:
         cpu, start = _cpu_seconds(), time.perf_counter()
-        report = scan_dataset(root, out, workers=workers, progress=False)
+        report = scan.scan_dataset(root, out, workers=workers, progress=False)
         return {"wall_s": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
                 "kept": report["records_kept"], "image_without_label": report["image_without_label"]}
     finally:
-        scan_walk.photo_locations = saved
+        scan_walk.photo_locations = scan.photo_locations = saved
 
 
 def main() -> None:
@@ -84,7 +83,7 @@ def main() -> None:
         results = {}
         for name, old in (("each partition's own photos (now)", False), ("both partitions' photos (before)", True),
                           ("each partition's own photos (now, again)", False)):
-            results[name] = scan(root, Path(tmp) / f"m_{len(results)}", args.workers, old)
+            results[name] = scan_once(root, Path(tmp) / f"m_{len(results)}", args.workers, old)
             r = results[name]
             print(f"  {name:<42} wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  records kept {r['kept']}  "
                   f"photos without a label {r['image_without_label']}")

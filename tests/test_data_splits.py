@@ -108,3 +108,16 @@ def test_draw_gives_exact_shares_for_single_photo_groups_and_keeps_train():
     small = _draw(np.array([5, 5, 5]), (0.15, 0.15))
     assert sorted(small.tolist()) == [TRAIN, VAL, TEST]  # at least one group each, train keeps one
     assert _draw(np.array([4, 4]), (0.15, 0.15)).tolist().count(TRAIN) >= 1
+
+
+def test_photo_locations_leave_out_only_the_other_named_partition():
+    from pillsnap.data.scan_walk import Location, photo_locations
+
+    training = Location("/d/1.Training/라벨링데이터/TL_1_단일.zip", True)
+    ts = Location("/d/1.Training/원천데이터/TS_1_단일.zip", True)
+    vs = Location("/d/2.Validation/원천데이터/VS_1_단일.zip", True)
+    extracted = Location("/d/photos_extracted", False)  # no partition in its name: always looked in
+    assert (training.part, ts.part, vs.part, extracted.part) == ("Training", "Training", "Validation", "")
+    assert photo_locations(training, [ts, vs, extracted]) == (ts, extracted)
+    assert photo_locations(training, [vs, extracted]) == (vs, extracted)  # none of its own: every location
+    assert photo_locations(Location("/d/labels", False), [ts, vs]) == (ts, vs)  # a label of no named partition

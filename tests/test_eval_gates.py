@@ -234,6 +234,12 @@ def test_a_real_stage_1_split_can_meet_the_sample_floor():
     damaged = with_(PASSING, n_eval_samples=811, n_eval_available=812, n_eval_undecodable=1)
     assert simple_stage_evaluation(1, damaged) == (True, [])
     assert simple_stage_evaluation(1, with_(damaged, n_eval_samples=700))[1] == ["NOT_ENOUGH_SAMPLES"]
+    # ... up to the share of unreadable data the advisor tolerates (1 %): a split that mostly failed is not evaluated
+    lost = with_(PASSING, n_eval_samples=3, n_eval_available=5000, n_eval_undecodable=4997)
+    assert simple_stage_evaluation(1, lost) == (False, ["NOT_ENOUGH_SAMPLES"])
+    small = with_(PASSING, n_eval_samples=1490, n_eval_available=1500, n_eval_undecodable=10)  # 10 within 1 %
+    assert simple_stage_evaluation(1, small)[0]
+    assert not simple_stage_evaluation(1, with_(small, n_eval_samples=1400, n_eval_undecodable=100))[0]
 
 
 def test_stage_3_follows_its_own_detection_floor():

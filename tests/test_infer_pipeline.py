@@ -195,6 +195,7 @@ def test_cli_predict_reads_folders_and_keeps_what_it_answered_when_interrupted(e
     (folder / "more").mkdir(parents=True)
     photos = [pill_photo(folder / name, [(45, 60, 30, 24)]) for name in ("b.png", "more/a.JPG")]
     (folder / "notes.txt").write_text("not a photo", encoding="utf-8")
+    (folder / "._b.png").write_bytes(b"macOS resource fork")  # a hidden file: not a photo of the folder
     (tmp_path / "empty").mkdir()
     args = ["--exp", str(exp_dir), "--mode", "single", "--json"]
     assert cli_main(["predict", str(folder), str(tmp_path / "empty"), *args]) == 1
@@ -206,16 +207,28 @@ def test_cli_predict_reads_folders_and_keeps_what_it_answered_when_interrupted(e
     def flaky(self, image, **kwargs):
         calls.append(kwargs["name"])
         if len(calls) == 1:
-            raise RuntimeError("CUDA out of memory")
+            raise torch.OutOfMemoryError("CUDA out of memory")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Predictor, "predict", flaky)
     assert cli_main(["predict", str(folder), str(photos[0]), *args]) == 130
     out = json.loads(capsys.readouterr().out)  # what was answered before the interrupt, as valid JSON
-    assert len(out) == 1 and out[0]["error_type"] == "RuntimeError" and len(calls) == 2
+    assert len(out) == 1 and out[0]["error_type"] == "OutOfMemoryError" and len(calls) == 2
     calls.clear()
     assert cli_main(["predict", str(folder), *args[:-1]]) == 130  # the text output ends there too
     assert capsys.readouterr().out.startswith(f"{photos[0]}: ERROR CUDA out of memory")
+
+    def faulty(self, image, **kwargs):  # any other failure of the models is a fault: the run stops on it
+        calls.append(kwargs["name"])
+        if len(calls) > 1:
+            raise RuntimeError("shape mismatch")
+        return {"image": kwargs["name"], "mode_used": "single", "pills": []}
+
+    calls.clear()
+    monkeypatch.setattr(Predictor, "predict", faulty)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli_main(["predict", str(folder), *args])
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == [str(photos[0])]  # still valid JSON
 
 
 def test_letterbox_roundtrip_and_locate() -> None:
@@ -509,3 +522,28 @@ def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_p
     save_json(ckpts / "calibration.json", {**_calibration(ckpts), "likelihood_weight": 1.0, "imprint_recall": "yes"})
     with pytest.raises(ValueError, match="calibration.json: imprint_recall must be true or false, got 'yes'"):
         Predictor(root, _cfg(root), device="cpu")
+
+
+def test_a_ctrl_c_during_a_write_lands_after_it(monkeypatch) -> None:
+    """A write blocked on a full pipe and cut by Ctrl-C would leave half a JSON element before the list is closed:
+    the interrupt is held back until the element is written."""
+    import os
+    import signal
+
+    from pillsnap.infer import cli
+
+    written: list[str] = []
+
+    def interrupted_print(*parts, end="\n", **kwargs):
+        text = " ".join(map(str, parts)) + end
+        written.append(text[:5])
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the first write
+        written.append(text[5:])
+
+    monkeypatch.setattr(cli, "print", interrupted_print, raising=False)
+    printer = cli.Printer(True)
+    with pytest.raises(KeyboardInterrupt):
+        printer.add({"image": "a.png", "pills": [{"name": "약"}]})
+    printer.close()
+    assert json.loads("".join(written)) == [{"image": "a.png", "pills": [{"name": "약"}]}]

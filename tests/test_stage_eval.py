@@ -451,3 +451,18 @@ def test_the_quality_figures_are_those_of_the_best_checkpoint_not_the_last_epoch
     assert kept["classification"] == summary["classification"] and "epoch 9, which metrics.json" in caplog.text
     (ckpts / "detection_best.pt").unlink()
     assert stage_measure.best_checkpoint_metrics(summary, ckpts)["validated_epochs"] == {}
+
+
+def test_the_epoch_of_a_checkpoint_in_the_old_serialization_is_read_too(tmp_path):
+    """A checkpoint saved without the zip serialization cannot be memory-mapped: it is read whole instead of the
+    quality figures falling back to the last epoch's."""
+    from pillsnap.utils import load_ckpt
+
+    state = {"model_state": {"w": torch.zeros(2)}, "optimizer_state": {}, "scheduler_state": {}, "scaler_state": {},
+             "epoch": 7, "best_metric": 0.5, "config_snapshot": {}}
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    torch.save(state, tmp_path / "new.pt")
+    assert load_ckpt(tmp_path / "old.pt", mmap=True)["epoch"] == load_ckpt(tmp_path / "new.pt", mmap=True)["epoch"] == 7
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Cannot read checkpoint"):
+        load_ckpt(tmp_path / "bad.pt", mmap=True)

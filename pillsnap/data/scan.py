@@ -32,7 +32,7 @@ from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
-STATE_VERSION = 2  # 2: label checks, split groups, AI Hub partition columns
+STATE_VERSION = 3  # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition
 
 
 class ScanError(ValueError):

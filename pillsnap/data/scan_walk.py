@@ -221,11 +221,14 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
 
 
 def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Location, ...]:
-    """Where a label folder's photos are looked up: the photo locations of its code folder in its own AI Hub
-    partition where there are any (AI Hub ships a drug's Training and Validation photos in separate zips under the
-    same code folder, each labelled in its own partition's label zip), else all of them."""
-    own = tuple(loc for loc in images if loc.part == label.part)
-    return own or tuple(images)
+    """Where a label folder's photos are looked up: the photo locations of its code folder, less those of AI Hub's
+    other partition where its own has some (AI Hub ships a drug's Training and Validation photos in separate zips
+    under the same code folder, each labelled in its own partition's label zip). A location whose partition cannot
+    be told (an extracted folder with no partition name) is always looked in."""
+    if not label.part:
+        return tuple(images)
+    own = tuple(loc for loc in images if loc.part in (label.part, ""))
+    return own if any(loc.part == label.part for loc in own) else tuple(images)
 
 
 def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:

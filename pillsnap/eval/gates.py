@@ -60,12 +60,15 @@ def _latency_check(t: StageCriteria, results: dict) -> GateCheck:
 
 
 def required_samples(t: StageCriteria, results: dict) -> int:
-    """The design's sample floor, or every crop of the validation split that can be read when the split holds fewer
-    (a real stage 1 or 2 split is smaller than the design's figure: see docs/DESIGN_MAP.md)."""
+    """The design's sample floor, or every crop of the validation split when the split holds fewer (a real stage 1
+    or 2 split is smaller than the design's figure: see docs/DESIGN_MAP.md). Crops that could not be decoded are
+    forgiven up to the share of unreadable data the advisor tolerates (ADVISOR.max_corruption_rate), no more: a
+    split that mostly failed to decode is not evaluated."""
     available = results.get("n_eval_available")
     if available is None:
         return t.min_eval_samples
-    return min(t.min_eval_samples, int(available) - int(results.get("n_eval_undecodable") or 0))
+    forgiven = min(int(results.get("n_eval_undecodable") or 0), int(ADVISOR.max_corruption_rate * int(available)))
+    return min(t.min_eval_samples, int(available) - forgiven)
 
 
 # How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.

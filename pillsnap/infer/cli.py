@@ -7,8 +7,10 @@ answered; a photo that cannot be answered gets its own error entry and the other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from pillsnap.infer.gating import INFERENCE_MODES  # pure Python, so `pillsnap --help` stays torch-free
@@ -100,7 +102,8 @@ def load_photo(path: str, limits: Any) -> Any:
 
 def photo_paths(paths: list[str]) -> list[str]:
     """The photos to answer: each path as given, a folder replaced by its photos (PHOTO_SUFFIXES, subfolders too,
-    in name order). A folder with none stays as given, so that it is answered with an error naming it."""
+    in name order; hidden files such as macOS's `._IMG.JPG` left out). A folder with none stays as given, so that
+    it is answered with an error naming it."""
     from pathlib import Path
 
     from pillsnap.utils.images import PHOTO_SUFFIXES
@@ -108,7 +111,8 @@ def photo_paths(paths: list[str]) -> list[str]:
     out: list[str] = []
     for path in paths:
         if not path.startswith("zip:") and Path(path).is_dir():
-            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES
+                           and not p.name.startswith(".") and p.is_file())
             out += found or [path]
         else:
             out.append(path)
@@ -116,16 +120,18 @@ def photo_paths(paths: list[str]) -> list[str]:
 
 
 def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any, hints: Any = None) -> dict:
-    """One photo's result, or its own error entry: a bad file, or a photo the models fail on (a RuntimeError, e.g.
-    out of GPU memory), never costs the other files their answers."""
+    """One photo's result, or its own error entry: a bad file, or a photo the device has no memory for, never costs
+    the other files their answers (any other failure of the models is a fault, and stops the run)."""
     from pathlib import Path
+
+    from torch import OutOfMemoryError
 
     try:
         if not path.startswith("zip:") and Path(path).is_dir():
             raise FileNotFoundError(f"no photos ({', '.join(_suffixes())}) in folder {path}")
         image = load_photo(path, limits)
         return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path, hints=hints)
-    except (ValueError, OSError, RuntimeError) as err:  # OSError covers a missing file and every decoder ImageError
+    except (ValueError, OSError, OutOfMemoryError) as err:  # OSError: a missing file and every decoder ImageError
         LOGGER.error("predict: %s: %s", path, err)
         return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
 
@@ -136,6 +142,30 @@ def _suffixes() -> tuple[str, ...]:
     return PHOTO_SUFFIXES
 
 
+@contextlib.contextmanager
+def whole_writes() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back while the block runs and handled as it would have been when it ends: a write
+    blocked on a full pipe is not cut in half. Only the main thread can set a signal handler; elsewhere nothing is
+    held."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt here
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 class Printer:
     """Each result printed as soon as it is made: text blocks, or the elements of one JSON list (closed by
     `close`, also after an interrupt, so what was printed stays valid JSON)."""
@@ -144,13 +174,14 @@ class Printer:
         self.as_json, self.count = as_json, 0
 
     def add(self, result: dict) -> None:
-        if self.as_json:
-            body = json.dumps(result, ensure_ascii=False, indent=2).replace("\n", "\n  ")
-            print(("[\n  " if not self.count else ",\n  ") + body, end="", flush=True)
-        else:
-            print(format_result(result) if "error" not in result else f"{result['image']}: ERROR {result['error']}",
-                  flush=True)
-        self.count += 1
+        with whole_writes():  # Ctrl-C lands after the element, never inside it
+            if self.as_json:
+                body = json.dumps(result, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+                print(("[\n  " if not self.count else ",\n  ") + body, end="", flush=True)
+            else:
+                print(format_result(result) if "error" not in result else f"{result['image']}: ERROR "
+                      f"{result['error']}", flush=True)
+            self.count += 1
 
     def close(self) -> None:
         if self.as_json:
@@ -187,5 +218,8 @@ def run(args: argparse.Namespace) -> int:
         LOGGER.error("predict: interrupted after %d of %d photos (their answers are above)", printer.count,
                      len(paths))
         return 130
+    except BaseException:  # a fault of the models: the answers printed so far stay readable
+        printer.close()
+        raise
     printer.close()
     return 1 if failed else 0

@@ -145,7 +145,12 @@ def load_ckpt(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except RuntimeError:  # mapped only from the zip serialization (torch.save's default since 1.6): read it
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many unrelated types for a corrupt file
         raise ValueError(f"Cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_REQUIRED_KEYS):
