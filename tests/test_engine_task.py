@@ -219,3 +219,25 @@ def test_fake_detection_batches_match_the_loader_contract():
     batch = fake_det_batch(np.random.default_rng(0), 3)
     assert batch["img"].dtype == torch.uint8 and batch["img"].shape == (3, 3, 64, 64)
     assert batch["bboxes"].shape[1] == 4 and len(batch["cls"]) == len(batch["batch_idx"])
+
+
+def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):
+    """The checkpoint's knobs are what OOM recovery chose for the batch its run was configured with. Resumed with
+    another batch size (the Stage 3 script's --batch-size, then --resume alone), they would cut every new batch into
+    the old size's chunks, each an optimizer step, and run the schedule out early: the configured batch is trained.
+    Resumed with the same batch, OOM recovery's choice is kept."""
+    first = classification_task(tmp_path / "a", "train.batch_size=8")
+    first.knobs.batch_size, first.knobs.grad_accum = 4, 2  # as OOM recovery leaves them
+    ckpt = first.checkpoint_state(epoch=1, best_metric=None)
+    assert ckpt["oom_state"]["configured_batch_size"] == 8
+    same = classification_task(tmp_path / "b", "train.batch_size=8")
+    same.load_checkpoint_state(ckpt)
+    assert (same.knobs.batch_size, same.knobs.grad_accum) == (4, 2)
+    other = classification_task(tmp_path / "c", "train.batch_size=12")
+    other.load_checkpoint_state(ckpt)
+    assert (other.knobs.batch_size, other.knobs.grad_accum) == (12, 1)
+    assert "configured as 12 x 1, the checkpoint's run as 8 x 1" in caplog.text
+    older = {**ckpt, "oom_state": {k: v for k, v in ckpt["oom_state"].items() if not k.startswith("configured")}}
+    kept = classification_task(tmp_path / "d", "train.batch_size=12")
+    kept.load_checkpoint_state(older)  # a checkpoint from before the configured batch was kept: as before
+    assert (kept.knobs.batch_size, kept.knobs.grad_accum) == (4, 2)

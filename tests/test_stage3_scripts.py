@@ -83,6 +83,13 @@ def test_a_short_stage_run_with_logs_and_its_evaluation(synth_root, manifest_dir
     assert "train.sh: latest metrics: " + str(exp / "reports" / "metrics.json") in proc.stdout
     assert f"train.sh: training finished; stage 1 decision {report['status']} ({report['recommendation']}); " \
            f"next step: {report['action']}" in proc.stdout
+    # --resume without --epochs keeps the run's own plan (1 epoch), not the script's default for a new run (18):
+    # nothing is left to train, and the finished run stays as it was
+    before = (exp / "reports" / "metrics.json").read_bytes()
+    again = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--stage", "1", "--resume", "--yes",
+                "--skip-checks", *tiny(synth_root, manifest_dir, exp))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "epochs=1 " in again.stderr and (exp / "reports" / "metrics.json").read_bytes() == before
 
 
 @pytest.mark.slow

@@ -89,6 +89,9 @@ class Task(ABC):
             self.knobs.grad_accum = batch_choice.grad_accum
             if batch_choice.force_fp16:
                 self._escalate_to_fp16()
+        # what the config (and the auto batch search) asked for, before any OOM recovery: a checkpoint keeps it, so
+        # that a resume tells recovery's choices from a batch the user changed since
+        self.configured_knobs = (self.knobs.batch_size, self.knobs.grad_accum)
         self.global_batch_at_start = self.knobs.batch_size * self.knobs.grad_accum
         self.build_schedule(self.epochs())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
@@ -416,7 +419,9 @@ class Task(ABC):
             "scheduler_state": self.scheduler.state_dict(), "scaler_state": self.scaler.state_dict(),
             "epoch": int(epoch), "best_metric": best_metric, "config_snapshot": self.config_snapshot(),
             "ema_state": None if self.ema is None else self.ema.module.state_dict(),
-            "oom_state": {**asdict(self.knobs), "sched_mode": self.sched_mode, "sched_credit": self._sched_credit},
+            "oom_state": {**asdict(self.knobs), "sched_mode": self.sched_mode, "sched_credit": self._sched_credit,
+                          "configured_batch_size": self.configured_knobs[0],
+                          "configured_grad_accum": self.configured_knobs[1]},
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
                            "classes_seen": sorted(self.classes_seen)},
@@ -472,7 +477,15 @@ class Task(ABC):
             group["lr"] = base * factor(step)
 
     def _restore_oom_state(self, state: dict) -> None:
-        # A resumed run keeps what OOM recovery chose; the scaled lr comes back with the optimizer and scheduler.
+        # A resumed run keeps what OOM recovery chose for the batch it was configured with; the scaled lr comes back
+        # with the optimizer and scheduler. A batch configured differently since (train.batch_size, --batch-size,
+        # grad accumulation) is the user's choice: it is trained as configured, not cut to the old run's chunks.
+        saved = (state.get("configured_batch_size"), state.get("configured_grad_accum"))
+        if saved[0] is not None and (int(saved[0]), int(saved[1] or 1)) != self.configured_knobs:
+            LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
+                           "configured (what OOM recovery had chosen for the old batch is not kept)", self.name,
+                           *self.configured_knobs, int(saved[0]), int(saved[1] or 1))
+            return
         for key in ("batch_size", "grad_accum"):
             if key in state:
                 setattr(self.knobs, key, int(state[key]))

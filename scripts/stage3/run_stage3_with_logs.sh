@@ -39,7 +39,9 @@ LOG="$EXP_DIR/logs/stage3_$(date +%Y%m%d_%H%M%S).log"
 echo "run_stage3_with_logs: log level $LEVEL; session log $LOG"
 
 export PILLSNAP_LOG_LEVEL="$LEVEL"
-bash "$HERE/train_stage3_two_stage.sh" --log-level "$LEVEL" "${ARGS[@]}" 2>&1 | tee -a "$LOG"
+# the tee ignores Ctrl-C and SIGTERM (as train.sh's do), so the trainer's last lines (the interrupt, the resume
+# command) still reach the console and the session log
+bash "$HERE/train_stage3_two_stage.sh" --log-level "$LEVEL" "${ARGS[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$LOG")
 rc=${PIPESTATUS[0]}
 echo "run_stage3_with_logs: exit code $rc; session log $LOG"
 exit "$rc"

@@ -2,7 +2,7 @@
 # Stage 3 two-stage training: classifier + detector, interleaved, after pre-flight checks (manifest, disk, GPU).
 # Works for any stage (--stage N); logs go to {exp_dir}/logs/train.out|err; the stage ends with its evaluation.
 # Usage: bash scripts/stage3/train_stage3_two_stage.sh [options] [key=value ...]
-#   --epochs N           classification epochs (default 18)
+#   --epochs N           classification epochs (default 18; a resume keeps the run's own unless given)
 #   --batch-size N       classifier batch size          --det-batch-size N  detector batch size
 #   --lr LR              classifier peak learning rate
 #   --resume             continue from the last checkpoints (more --epochs than the run had: extend it)
@@ -21,7 +21,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 CFG="$ROOT/config.yaml"
 STAGE=3
-EPOCHS=18
+EPOCHS=""  # 18 for a new run; a resume keeps the epochs its run planned unless --epochs is given
 MIN_FREE_GB="${PILLSNAP_MIN_FREE_GB:-10}"
 CHECKS=1
 PASS=()
@@ -52,11 +52,25 @@ while [ $# -gt 0 ]; do
     *) echo "train_stage3: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-OVERRIDES=("data.progressive_validation.current_stage=$STAGE" "train.epochs=$EPOCHS" "${OVERRIDES[@]}")
+OVERRIDES=("data.progressive_validation.current_stage=$STAGE" "${OVERRIDES[@]}")
 
 [ -x "$PY" ] || fail "$PY is missing" "bash scripts/setup_venv.sh"
 [ -f "$CFG" ] || fail "config file $CFG not found" "pass --cfg path/to/config.yaml"
 cd "$ROOT"
+if [ -z "$EPOCHS" ]; then
+  EPOCHS=18
+  case " ${PASS[*]-} " in
+    *" --resume "*|*" --checkpoint "*)  # the run's own plan (its saved config.yaml), not the default for a new run
+      EPOCHS="$("$PY" -c 'import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from pillsnap.config import load_config
+run = Path(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir) / "config.yaml"
+print(int(OmegaConf.load(run).train.epochs) if run.is_file() else 18)' "$CFG" "${OVERRIDES[@]}")" \
+        || fail "the config does not load" "run: python -m pillsnap.train --cfg $CFG --check" ;;
+  esac
+fi
+OVERRIDES=("train.epochs=$EPOCHS" "${OVERRIDES[@]}")
 
 if [ "$CHECKS" = 1 ]; then
   echo "train_stage3: pre-flight checks (stage $STAGE)"
