@@ -90,6 +90,9 @@ def test_a_short_stage_run_with_logs_and_its_evaluation(synth_root, manifest_dir
                 "--skip-checks", *tiny(synth_root, manifest_dir, exp))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "epochs=1 " in again.stderr and (exp / "reports" / "metrics.json").read_bytes() == before
+    as_key = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--stage", "1", "--yes", "--skip-checks",
+                 *tiny(synth_root, manifest_dir, exp), "train.resume=last")  # the resume as a config key
+    assert as_key.returncode == 0 and "epochs=1 " in as_key.stderr
 
 
 @pytest.mark.slow

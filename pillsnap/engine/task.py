@@ -85,13 +85,13 @@ class Task(ABC):
         self.optimizer = build_optimizer(self.raw_model.parameters(), *self.lr_and_weight_decay())
         loader_bs = int(getattr(train_loader, "batch_size", None) or self.configured_batch_size())
         self.knobs = OomKnobs(loader_bs, max(1, int(cfg.train.grad_accum_steps)))
+        # the batch the user configured (not the auto batch search's pick, which may differ between two starts of
+        # one run): a checkpoint keeps it, so that a resume tells OOM recovery's choices from a batch changed since
+        self.configured_knobs = (self.configured_batch_size(), self.knobs.grad_accum)
         if batch_choice is not None:
             self.knobs.grad_accum = batch_choice.grad_accum
             if batch_choice.force_fp16:
                 self._escalate_to_fp16()
-        # what the config (and the auto batch search) asked for, before any OOM recovery: a checkpoint keeps it, so
-        # that a resume tells recovery's choices from a batch the user changed since
-        self.configured_knobs = (self.knobs.batch_size, self.knobs.grad_accum)
         self.global_batch_at_start = self.knobs.batch_size * self.knobs.grad_accum
         self.build_schedule(self.epochs())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
@@ -480,19 +480,26 @@ class Task(ABC):
         # A resumed run keeps what OOM recovery chose for the batch it was configured with; the scaled lr comes back
         # with the optimizer and scheduler. A batch configured differently since (train.batch_size, --batch-size,
         # grad accumulation) is the user's choice: it is trained as configured, not cut to the old run's chunks.
+        # The fp16 switch does not depend on the batch: it is kept either way.
+        if state.get("did_amp_escalate"):
+            self._escalate_to_fp16()
         saved = (state.get("configured_batch_size"), state.get("configured_grad_accum"))
         if saved[0] is not None and (int(saved[0]), int(saved[1] or 1)) != self.configured_knobs:
+            # recovery's learning-rate cut came back with the scheduler: the configured batch trains at the
+            # configured peak
+            peak = self.lr_and_weight_decay()[0]
+            if self.peak_lr:
+                self._scale_lr(peak / self.peak_lr)  # every group by the same factor, as recovery cut them
+            self._follow_schedule()
             LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
-                           "configured (what OOM recovery had chosen for the old batch is not kept)", self.name,
-                           *self.configured_knobs, int(saved[0]), int(saved[1] or 1))
+                           "configured at peak lr %.2e (what OOM recovery had chosen for the old batch is not kept)",
+                           self.name, *self.configured_knobs, int(saved[0]), int(saved[1] or 1), peak)
             return
         for key in ("batch_size", "grad_accum"):
             if key in state:
                 setattr(self.knobs, key, int(state[key]))
         self.sched_mode = str(state.get("sched_mode", self.sched_mode))
         self._sched_credit = float(state.get("sched_credit", 0.0))
-        if state.get("did_amp_escalate"):
-            self._escalate_to_fp16()
 
     def epoch_trained(self, epoch: int) -> None:  # noqa: B027 (an optional hook, no-op by default)
         """Called on every rank after each epoch this task trained, before validation (which may run on rank 0

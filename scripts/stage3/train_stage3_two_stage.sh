@@ -58,17 +58,29 @@ OVERRIDES=("data.progressive_validation.current_stage=$STAGE" "${OVERRIDES[@]}")
 [ -f "$CFG" ] || fail "config file $CFG not found" "pass --cfg path/to/config.yaml"
 cd "$ROOT"
 if [ -z "$EPOCHS" ]; then
-  EPOCHS=18
-  case " ${PASS[*]-} " in
-    *" --resume "*|*" --checkpoint "*)  # the run's own plan (its saved config.yaml), not the default for a new run
-      EPOCHS="$("$PY" -c 'import sys
+  # a new run trains 18 epochs; a resumed one keeps its own plan: the checkpoint's (--checkpoint, train.resume=PATH)
+  # or that of the run in exp_dir (--resume, train.resume=last)
+  RESUME=()
+  for ((i = 0; i < ${#PASS[@]}; i++)); do
+    case "${PASS[$i]}" in
+      --resume) RESUME=("train.resume=last") ;;
+      --checkpoint) RESUME=("train.resume=${PASS[$((i + 1))]}") ;;
+    esac
+  done
+  EPOCHS="$("$PY" -c 'import sys
 from pathlib import Path
 from omegaconf import OmegaConf
 from pillsnap.config import load_config
-run = Path(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir) / "config.yaml"
-print(int(OmegaConf.load(run).train.epochs) if run.is_file() else 18)' "$CFG" "${OVERRIDES[@]}")" \
-        || fail "the config does not load" "run: python -m pillsnap.train --cfg $CFG --check" ;;
-  esac
+from pillsnap.utils import load_ckpt
+cfg = load_config(sys.argv[1], sys.argv[2:])
+resume, run = str(cfg.train.resume or ""), Path(cfg.paths.exp_dir) / "config.yaml"
+if resume not in ("", "last", "False", "false") and Path(resume).is_file():
+    print(int(load_ckpt(resume, mmap=True)["config_snapshot"]["train"]["epochs"]))
+elif resume in ("last",) and run.is_file():
+    print(int(OmegaConf.load(run).train.epochs))
+else:
+    print(18)' "$CFG" "${OVERRIDES[@]}" "${RESUME[@]}")" \
+    || fail "the epochs of the run to resume cannot be read (see above)" "pass --epochs N"
 fi
 OVERRIDES=("train.epochs=$EPOCHS" "${OVERRIDES[@]}")
 
