@@ -331,11 +331,12 @@ def test_the_pipeline_latency_is_the_splits_own_p95():
     rows = pd.DataFrame({"split": "val", "photo_id": [f"p{i}" for i in range(100)],
                          "image_type": ["single"] * 90 + ["combination"] * 10,
                          "image_path": [f"/{'s' if i < 90 else 'c'}/{i}.png" for i in range(100)]})
-    photos, weights = stage_measure._pipeline_photos(rows, seed=0)
+    photos, weights, kinds = stage_measure._pipeline_photos(rows, seed=0)
     assert sum(p.startswith("/c/") for p in photos) == sum(p.startswith("/s/") for p in photos) == 5
     assert sum(weights) == pytest.approx(1.0)
     assert sum(w for p, w in zip(photos, weights, strict=True) if p.startswith("/c/")) == pytest.approx(0.1)
-    assert stage_measure._pipeline_photos(rows, seed=0) == (photos, weights)
+    assert stage_measure._pipeline_photos(rows, seed=0) == (photos, weights, kinds)
+    assert kinds == ["combination" if p.startswith("/c/") else "single" for p in photos]
     # single photos take 50 ms, combination photos 200-240 ms: 10 % of the split is slower than 200 ms, so the
     # split's p95 lies among the combination photos, its median among the single ones
     times = [50.0 if p.startswith("/s/") else 200.0 + 10 * i for i, p in enumerate(photos)]
@@ -343,7 +344,7 @@ def test_the_pipeline_latency_is_the_splits_own_p95():
     assert weighted_percentile(times, weights, 50) == 50.0
     assert weighted_percentile([3.0, 1.0, 2.0], [1, 1, 1], 50) == 2.0
     only_single = rows[rows["image_type"] == "single"]
-    photos, weights = stage_measure._pipeline_photos(only_single, seed=0)
+    photos, weights, _ = stage_measure._pipeline_photos(only_single, seed=0)
     assert len(photos) == stage_measure.PIPELINE_SAMPLES and sum(weights) == pytest.approx(1.0)
 
 
@@ -409,7 +410,7 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     weighed: list = []
     monkeypatch.setattr(stage_measure, "measure", lambda fn, images, device, passes, weights: weighed.append(
         (len(images), weights)))
-    drawn, drawn_weights = stage_measure._pipeline_photos(rows, 0)
+    drawn, drawn_weights, _ = stage_measure._pipeline_photos(rows, 0)
     stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
     combination = sum(w for p, w in zip(drawn, drawn_weights, strict=True) if p.endswith("3.png"))
     (n, weights), = weighed

@@ -11,17 +11,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pillsnap.infer.artefacts import MIN_SOURCE_SET_ANSWERS, Temperatures
+from pillsnap.infer.artefacts import Temperatures, set_thresholds
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
-from pillsnap.metrics.conformal import (
-    SET_METHODS,
-    conformal_threshold,
-    group_thresholds,
-    nonconformity,
-    scores_from_json,
-    scores_to_json,
-)
+from pillsnap.metrics.conformal import SET_METHODS, nonconformity, scores_from_json, scores_to_json
 from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
@@ -264,9 +257,8 @@ def set_summary(sets: dict, method: str, coverage: float, by_source: bool = True
     thresholds of the crop sources with enough answers of their own (pillsnap.infer.artefacts.load_set_rule) and
     each source's count."""
     scores = scores_from_json(sets["scores"][method])
-    threshold = conformal_threshold(scores, coverage) if len(scores) else np.inf
     sources = sets.get("sources")
-    own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if by_source and sources else {}
+    threshold, own = set_thresholds(scores, sources if by_source else None, coverage)
     return {"method": method, "coverage": coverage, "threshold": finite(threshold), "n": sets["n"],
             "threshold_by_source": own or None,
             "n_by_source": None if sources is None else dict(sorted(Counter(map(str, sources)).items())),

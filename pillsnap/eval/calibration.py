@@ -138,13 +138,8 @@ def _unknown_rules(model: Any, loaders: Any, val: Validation, cfg: DictConfig, k
     val_distances = gaussians.score(val.features)
     val_scores = {name: unknown_scores(name, val.probs, val_distances) for name in UNKNOWN_RULES}
     thresholds = rule_thresholds(val_scores, correct, keep)
-    scored = sources  # per crop scored: the same, unless photos failed to decode and left fewer
-    if sources is not None and len(sources) != len(val.labels):
-        LOGGER.warning("calibration: %d of %d validation crops could not be decoded; one unknown-pill threshold "
-                       "serves both crop sources", len(sources) - len(val.labels), len(sources))
-        scored = None
     return UnknownRules(gaussians, int(len(fit_labels)), val_scores, correct, thresholds,
-                        source_thresholds(val_scores, correct, keep, scored, thresholds), scored)
+                        source_thresholds(val_scores, correct, keep, sources, thresholds), sources)
 
 
 def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callable[[DictConfig], Any] | None = None,

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.infer.preprocess import load_image
+from pillsnap.infer.unknown import crop_source
 from pillsnap.metrics.detection import evaluate_detection_metrics, match_boxes, match_in_confidence_order
 from pillsnap.utils.boxes import xywh_to_xyxy
 
@@ -97,7 +98,7 @@ def _pill_outcomes(photo: dict, result: dict, known: set[str] | None, match: dic
             "right": named and pill["mapping_code"] == code if is_known else pill is not None and not named
             and not doubted, "set": members, "covered": covered,
             # the crop source its answer was made from: the whole photo (no detector confidence) or a detector box
-            "source": None if pill is None else "single" if pill.get("det_confidence") is None else "combination",
+            "source": None if pill is None else crop_source(pill.get("det_confidence")),
             "topk": [] if pill is None else [(c["mapping_code"], c["probability"]) for c in pill.get("topk", [])]})
     return outcomes
 
@@ -133,10 +134,9 @@ def set_figures(outcomes: list[dict]) -> dict:
         return {}
     named = [p for p in known if p["named"] and p["set"] is not None]
     unknown = [p for p in pills if not p["known"] and p["answered"] and not p.get("doubted") and p["set"] is not None]
-    sources = sorted({p["source"] for p in named if p.get("source")})
-    by_source = {source: {"named": len(mine), **_named_figures(mine)}
-                 for source in sources for mine in [[p for p in named if p.get("source") == source]]}
-    return {"pills": len(pills), "known_pills": len(known), "named": len(named), **_named_figures(named),
+    by_source = {source: _named_figures([p for p in named if p.get("source") == source])
+                 for source in sorted({p["source"] for p in named if p.get("source")})}
+    return {"pills": len(pills), "known_pills": len(known), **_named_figures(named),
             "coverage_all": _rate([bool(p["covered"]) for p in known]),
             "withheld_known": _rate([p["answered"] and not p["named"] and not p.get("doubted") for p in known]),
             "doubted_known": _rate([bool(p.get("doubted")) for p in known]),
@@ -145,9 +145,9 @@ def set_figures(outcomes: list[dict]) -> dict:
 
 
 def _named_figures(named: list[dict]) -> dict:
-    """Coverage, set size and sure answers of pills answered by name."""
+    """How many pills were answered by name, and their sets' coverage, size and sure answers."""
     sure = [p for p in named if len(p["set"]) == 1]
-    return {"coverage": _rate([p["covered"] for p in named]),
+    return {"named": len(named), "coverage": _rate([p["covered"] for p in named]),
             "mean_set_size": float(np.mean([len(p["set"]) for p in named])) if named else None,
             "sure_share": _rate([len(p["set"]) == 1 for p in named]),
             "sure_accuracy": _rate([p["right"] for p in sure])}

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,39 +234,39 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.utils.images import DECODE_ERRORS
 
-    photos, weights = _pipeline_photos(rows, int(cfg.train.seed))
-    kind_of = dict(zip(rows["image_path"].astype(str), rows["image_type"].fillna(""), strict=True))
-    images, kept, kinds = [], [], []
-    for path, weight in zip(photos, weights, strict=True):
+    photos, weights, kinds = _pipeline_photos(rows, int(cfg.train.seed))
+    share, left = defaultdict(float), defaultdict(float)  # each kind's weight in the sample, and once read
+    images, kept = [], []
+    for path, weight, kind in zip(photos, weights, kinds, strict=True):
+        share[kind] += weight
         try:
             images.append(read_image(path))
         except DECODE_ERRORS as err:  # a damaged photo is left out of the sample, not timed as a failure
             LOGGER.warning("stage evaluation: pipeline latency: skipped %s (%s)", path, err)
             continue
-        kept.append(weight)
-        kinds.append(kind_of.get(path, ""))
+        kept.append((weight, kind))
+        left[kind] += weight
     if not images:
         return None
+    for kind in sorted(set(share) - set(left)):
+        LOGGER.warning("stage evaluation: pipeline latency: no %s photo of the sample could be read; the p95 "
+                       "leaves them out", kind or "unlabelled")
     # each kind keeps its share of the split: a skipped photo's weight goes to the others of its kind
-    for kind in set(kind_of.get(p, "") for p in photos):
-        share, left = (sum(w for p, w in zip(photos, weights, strict=True) if kind_of.get(p, "") == kind),
-                       sum(w for w, k in zip(kept, kinds, strict=True) if k == kind))
-        if left == 0:
-            LOGGER.warning("stage evaluation: pipeline latency: no %s photo of the sample could be read; the p95 "
-                           "leaves them out", kind or "unlabelled")
-        kept = [w * share / left if k == kind and left else w for w, k in zip(kept, kinds, strict=True)]
+    kept = [weight * share[kind] / left[kind] for weight, kind in kept]
     predictor = Predictor(exp_dir, cfg, device=str(device))
     return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
 
 
-def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float]]:
+def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float], list[str]]:
     """PIPELINE_SAMPLES validation photos, as many of each kind (single, combination) drawn at random, each
-    weighted by its kind's share of the split (data.stages.sample_by_kind): the p95 is then the split's."""
+    weighted by its kind's share of the split (data.stages.sample_by_kind): the p95 is then the split's. Returns
+    their paths, weights and kinds."""
     from pillsnap.data.stages import sample_by_kind
 
     val = rows[rows["split"] == "val"].drop_duplicates("photo_id")
     drawn, weights = sample_by_kind(val, PIPELINE_SAMPLES, seed)
-    return drawn["image_path"].astype(str).tolist(), weights.tolist()
+    return (drawn["image_path"].astype(str).tolist(), weights.tolist(),
+            drawn["image_type"].fillna("").astype(str).tolist())
 
 
 def onnx_exports(models: dict) -> bool:

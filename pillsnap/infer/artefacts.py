@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pillsnap.infer.thresholds import stored_number
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
 from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json
@@ -95,8 +96,8 @@ class Temperatures:
         if by_source is not None and not isinstance(by_source, Mapping):
             raise ValueError(f"calibration.json: temperature_by_source must map crop sources to temperatures, got "
                              f"{by_source!r} (recalibrate: pillsnap calibrate --exp EXP)")
-        return cls(_temperature(calibration.get("temperature"), "temperature"),
-                   None if by_source is None else {k: _temperature(v, f"temperature_by_source.{k}")
+        return cls(stored_number(calibration.get("temperature"), "temperature", positive=True),
+                   None if by_source is None else {k: stored_number(v, f"temperature_by_source.{k}", positive=True)
                                                    for k, v in by_source.items() if v is not None})
 
     def of(self, source: str | None) -> float:
@@ -111,14 +112,6 @@ class Temperatures:
         """'0.800 (single 0.750, combination 0.900)', or the one temperature alone."""
         by_source = ", ".join(f"{k} {v:.{digits}f}" for k, v in (self.by_source or {}).items())
         return f"{self.overall:.{digits}f}" + (f" ({by_source})" if by_source else "")
-
-
-def _temperature(value: Any, name: str) -> float:
-    """A stored temperature: a positive finite number, else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"calibration.json: {name} must be a positive number, got {value!r} (recalibrate: "
-                         "pillsnap calibrate --exp EXP)")
-    return float(value)
 
 
 def unknown_thresholds_by_source(calibration: dict, rule: str) -> dict[str, float | None] | None:
@@ -161,6 +154,16 @@ def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[Cl
 MIN_SOURCE_SET_ANSWERS = 50  # a crop source's own set threshold needs this many of its answers named by calibration
 
 
+def set_thresholds(scores: np.ndarray, sources: Sequence[str | None] | None,
+                   coverage: float) -> tuple[float, dict[str, float]]:
+    """The conformal threshold over every scored answer at `coverage` and, where `sources` names each answer's crop
+    source, the own thresholds of the sources with MIN_SOURCE_SET_ANSWERS answers (metrics.conformal)."""
+    from pillsnap.metrics.conformal import conformal_threshold, group_thresholds
+
+    own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
+    return conformal_threshold(scores, coverage), own
+
+
 def load_set_rule(calibration: dict | None, method: str, coverage: float, imprint_reading: bool,
                   imprint_check: bool = False, fill: bool = False, by_source: bool = True) -> tuple[Any, str | None]:
     """(the prediction-set rule `method` at `coverage` from a loaded calibration (pillsnap.infer.answer.SetRule),
@@ -170,7 +173,7 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
     imprint reading, and with reading on, with or without the imprint check (every pill read, some withheld);
     answers made the other way have other probabilities, so their sets would not keep the coverage."""
     from pillsnap.infer.answer import SetRule
-    from pillsnap.metrics.conformal import check_set_method, conformal_threshold, group_thresholds, scores_from_json
+    from pillsnap.metrics.conformal import check_set_method, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
     if not stored:
@@ -189,8 +192,8 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
                                 or not all(s is None or isinstance(s, str) for s in sources)):
         return None, (f"calibration.json: prediction_sets.sources does not name the crop source of each of the "
                       f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
-    own = group_thresholds(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
-    return SetRule(method, coverage, conformal_threshold(scores, coverage), fill=fill, by_source=own or None), None
+    threshold, own = set_thresholds(scores, sources, coverage)
+    return SetRule(method, coverage, threshold, fill=fill, by_source=own or None), None
 
 
 def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading: bool,

@@ -100,6 +100,12 @@ def load_photo(path: str, limits: Any) -> Any:
     return read_image(path, limits)
 
 
+def _is_folder(path: str) -> bool:
+    from pathlib import Path
+
+    return not path.startswith("zip:") and Path(path).is_dir()
+
+
 def photo_paths(paths: list[str]) -> list[str]:
     """The photos to answer: each path as given, a folder replaced by its photos (PHOTO_SUFFIXES, subfolders too,
     in name order; hidden files such as macOS's `._IMG.JPG` left out). A folder with none stays as given, so that
@@ -110,7 +116,7 @@ def photo_paths(paths: list[str]) -> list[str]:
 
     out: list[str] = []
     for path in paths:
-        if not path.startswith("zip:") and Path(path).is_dir():
+        if _is_folder(path):
             found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES
                            and not p.name.startswith(".") and p.is_file())
             out += found or [path]
@@ -122,24 +128,18 @@ def photo_paths(paths: list[str]) -> list[str]:
 def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any, hints: Any = None) -> dict:
     """One photo's result, or its own error entry: a bad file, or a photo the device has no memory for, never costs
     the other files their answers (any other failure of the models is a fault, and stops the run)."""
-    from pathlib import Path
-
     from torch import OutOfMemoryError
 
+    from pillsnap.utils.images import PHOTO_SUFFIXES
+
     try:
-        if not path.startswith("zip:") and Path(path).is_dir():
-            raise FileNotFoundError(f"no photos ({', '.join(_suffixes())}) in folder {path}")
+        if _is_folder(path):  # photo_paths left it: it holds no photo
+            raise FileNotFoundError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in folder {path}")
         image = load_photo(path, limits)
         return predictor.predict(image, mode=args.mode, conf_threshold=args.conf, name=path, hints=hints)
     except (ValueError, OSError, OutOfMemoryError) as err:  # OSError: a missing file and every decoder ImageError
         LOGGER.error("predict: %s: %s", path, err)
         return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
-
-
-def _suffixes() -> tuple[str, ...]:
-    from pillsnap.utils.images import PHOTO_SUFFIXES
-
-    return PHOTO_SUFFIXES
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from pillsnap.infer.hard_cases import HardCaseLog
 from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, single_photo_crop, unletterbox_boxes
 from pillsnap.infer.thresholds import calibrated_evidence, fit_without
-from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
+from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer, crop_source
 from pillsnap.utils import resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
@@ -320,7 +320,7 @@ class Predictor:
                 hints: Hints | None, box_doubt: str | None = None) -> dict:
         """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
         read = self.evidence.read(crop, classified.topk)
-        source = "single" if det_conf is None else "combination"
+        source = crop_source(det_conf)
         answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rules[source], self.thresholds,
                                self.weights[source], self.set_rules[source], self.known_imprints,
                                one_pill=det_conf is None, box_doubt=box_doubt)

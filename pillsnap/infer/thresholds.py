@@ -96,6 +96,16 @@ class RerankWeights:
 THRESHOLDS, WEIGHTS = AnswerThresholds(), RerankWeights()
 
 
+def stored_number(value: object, name: str, positive: bool = False) -> float:
+    """A number read from calibration.json: finite (and above zero with `positive`), else a ValueError naming
+    `name`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise ValueError(f"calibration.json: {name} must be a {'positive ' if positive else ''}number, got {value!r} "
+                         "(recalibrate: pillsnap calibrate --exp EXP)")
+    return float(value)
+
+
 def calibrated_evidence(calibration: Mapping | None,
                         source: str | None = None) -> tuple[RerankWeights, AnswerThresholds]:
     """The evidence weights and thresholds a calibration's evidence scale and prediction sets were fit with, the
@@ -109,12 +119,7 @@ def calibrated_evidence(calibration: Mapping | None,
 
     def number(key: str, default: float, within: Mapping = calibration, name: str | None = None) -> float:
         value = within.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"calibration.json: {name or key} must be a number, got {value!r} (recalibrate: "
-                             f"pillsnap calibrate --exp EXP)")
-        return float(value)
+        return default if value is None else stored_number(value, name or key)
 
     stale = "likelihoods" in missing
     weights = replace(WEIGHTS, likelihood=0.0 if stale else number("likelihood_weight", WEIGHTS.likelihood),

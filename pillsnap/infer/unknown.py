@@ -51,3 +51,8 @@ class UnknownAnswer:
 
 
 CROP_SOURCES = ("single", "combination")  # a whole single-pill photo's crop; a detector's crop of a combination
+
+
+def crop_source(det_confidence: float | None) -> str:
+    """The crop source of a pill's answer: a whole-photo answer has no detector confidence, a detector's crop has."""
+    return "single" if det_confidence is None else "combination"

@@ -67,7 +67,10 @@ if [ -z "$EPOCHS" ]; then
       --checkpoint) RESUME=("train.resume=${PASS[$((i + 1))]}") ;;
     esac
   done
-  EPOCHS="$("$PY" -c 'import sys
+  RESUMING=${#RESUME[@]}
+  for o in "${OVERRIDES[@]}"; do case "$o" in train.resume=*) RESUMING=1 ;; esac; done
+  EPOCHS=18  # a new run's, without starting Python to find it out
+  [ "$RESUMING" = 0 ] || EPOCHS="$("$PY" -c 'import sys
 from pathlib import Path
 from omegaconf import OmegaConf
 from pillsnap.config import load_config
@@ -76,7 +79,7 @@ cfg = load_config(sys.argv[1], sys.argv[2:])
 resume, run = str(cfg.train.resume or ""), Path(cfg.paths.exp_dir) / "config.yaml"
 if resume not in ("", "last", "False", "false") and Path(resume).is_file():
     print(int(load_ckpt(resume, mmap=True)["config_snapshot"]["train"]["epochs"]))
-elif resume in ("last",) and run.is_file():
+elif resume == "last" and run.is_file():
     print(int(OmegaConf.load(run).train.epochs))
 else:
     print(18)' "$CFG" "${OVERRIDES[@]}" "${RESUME[@]}")" \
