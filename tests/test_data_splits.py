@@ -88,6 +88,20 @@ def test_a_drug_with_photos_in_both_aihub_partitions_pairs_each_label_with_its_o
     assert scan_dataset(root, tmp_path / "m3", workers=1, progress=False)["image_without_label"] == 1 + photos
 
 
+@pytest.mark.parametrize(("path", "part"), [
+    ("/d/2.Validation/원천데이터/단일경구약제 5000종/VS_1_단일/K-000001/a.png", "Validation"),
+    ("/d/라벨링데이터/VL_10_조합.zip", "Validation"), ("/d/TS_3_단일/K-000001", "Training"),
+    ("/d/training/TL_81_단일/K-000001_json", "Training"), ("/d/TL_2.zip", "Training"),
+    ("/d/1.Training/VS_1_단일/K-000001", "Validation"),  # the nearest name that says wins
+    ("/d/tl_backup/K-000001", ""), ("/d/ts_old/K-000001", ""), ("/d/vs_code/K-000001", ""),
+    ("/d/my_training_set/K-000001", ""),
+])
+def test_the_aihub_partition_is_read_from_its_own_folder_and_zip_names(path, part):
+    from pillsnap.data.scan_walk import aihub_part
+
+    assert aihub_part(path) == part
+
+
 def groups(rows: list[tuple[int, str, int, int]]) -> pd.DataFrame:
     """(hash, stratum, photos, AI Hub Validation photos) -> the frame assign_splits takes."""
     frame = pd.DataFrame(rows, columns=["key", "stratum", "photos", "aihub_val"]).set_index("key")

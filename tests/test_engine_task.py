@@ -231,17 +231,22 @@ def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):
     first.knobs.batch_size, first.knobs.grad_accum = 4, 1  # as OOM recovery leaves them, with its lr cut
     first._scale_lr(0.5)
     first.sched_mode, first.knobs.did_amp_escalate = "by_samples", True
+    for _ in range(6):  # 6 optimizer steps of the configured 8 photos, 2 of them at recovery's 4 a step
+        first.scheduler.step()
+    first.samples_seen = 48
     ckpt = first.checkpoint_state(epoch=1, best_metric=None)
     assert ckpt["oom_state"]["configured_batch_size"] == 8
     same = classification_task(tmp_path / "b", "train.batch_size=8")
     same.load_checkpoint_state(ckpt)
     assert (same.knobs.batch_size, same.knobs.grad_accum, same.sched_mode) == (4, 1, "by_samples")
+    assert same.scheduler.last_epoch == 6 and same.samples_seen == 48
     assert same.peak_lr == pytest.approx(peak * 0.5)  # recovery's choices, lr cut included, stand
     other = classification_task(tmp_path / "c", "train.batch_size=12")
     other.load_checkpoint_state(ckpt)
     assert (other.knobs.batch_size, other.knobs.grad_accum, other.sched_mode) == (12, 1, "steps")
     assert other.peak_lr == pytest.approx(peak)  # the configured batch at the configured peak
     step = other.scheduler.last_epoch
+    assert step == 4  # the 48 photos trained so far are 4 steps of the new 12-photo batch, not the old run's 6
     assert other.optimizer.param_groups[0]["lr"] == pytest.approx(peak * other.scheduler.lr_lambdas[0](step))
     assert other.knobs.did_amp_escalate  # the fp16 switch does not depend on the batch
     assert "configured as 12 x 1, the checkpoint's run as 8 x 1" in caplog.text

@@ -231,6 +231,22 @@ def test_cli_predict_reads_folders_and_keeps_what_it_answered_when_interrupted(e
     assert [r["image"] for r in json.loads(capsys.readouterr().out)] == [str(photos[0])]  # still valid JSON
 
 
+def test_a_folder_of_photos_follows_symlinked_subfolders_once(tmp_path: Path) -> None:
+    """A linked subfolder (photos kept elsewhere, e.g. on another disk) counts; a link back up the tree or a second
+    link to one folder does not answer its photos twice or loop; hidden folders (.thumbnails) are left out."""
+    from pillsnap.infer.cli import photo_paths
+
+    folder, elsewhere = tmp_path / "photos", tmp_path / "disk2" / "day2"
+    for where in (folder, elsewhere, folder / ".thumbnails"):
+        where.mkdir(parents=True)
+    for photo in (folder / "a.png", elsewhere / "b.jpg", folder / ".thumbnails" / "a.png"):
+        photo.write_bytes(b"x")
+    (folder / "day2").symlink_to(elsewhere)
+    (folder / "again").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(folder)
+    assert photo_paths([str(folder)]) == [str(folder / "a.png"), str(folder / "again" / "b.jpg")]
+
+
 def test_letterbox_roundtrip_and_locate() -> None:
     image = Image.new("RGB", (100, 200), (150, 150, 150))
     tensor, scale, pad = letterbox(image, 64)

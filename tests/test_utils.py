@@ -163,6 +163,21 @@ def test_try_torch_compile_modes_and_fallback(monkeypatch, caplog):
     assert "falling back to eager" in caplog.text
 
 
+@pytest.mark.slow
+def test_a_batch_of_another_size_leaves_the_full_batches_on_their_own_graph():
+    """One odd batch (a photo dropped as undecodable) gets a graph of its own; with torch's default it would turn
+    the batch dimension dynamic, and every later full batch would run the dynamic graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = try_torch_compile(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), "reduce-overhead")
+    for n in (8, 7, 8, 6, 8):
+        model(torch.randn(n, 16)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 3  # one per size, each static (the default: 2, the second dynamic)
+    torch._dynamo.reset()
+
+
 class FakeAllocator:
     """torch.cuda's peak statistics, for a machine without a GPU: `use(mb)` allocates and frees at once."""
 

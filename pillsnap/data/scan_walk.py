@@ -23,9 +23,10 @@ from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
 ZIP_CHUNK_FACTOR = 16
-# Folder and zip names that carry AI Hub's own partition: `1.Training`, `2.Validation`, `TL_3_단일`, `VS_1_조합`.
-_VALIDATION_RE = re.compile(r"^(\d+\.)?validation$|^v[sl]_", re.IGNORECASE)
-_TRAINING_RE = re.compile(r"^(\d+\.)?training$|^t[sl]_", re.IGNORECASE)
+# Folder and zip names that carry AI Hub's own partition: `1.Training`, `2.Validation`, `TL_3_단일`, `VS_1_조합`
+# (a number after the prefix, so that a user's own `tl_backup` or `ts_old` says nothing).
+_VALIDATION_RE = re.compile(r"^(\d+\.)?validation$|^v[sl]_\d+(_|\.zip$|$)", re.IGNORECASE)
+_TRAINING_RE = re.compile(r"^(\d+\.)?training$|^t[sl]_\d+(_|\.zip$|$)", re.IGNORECASE)
 
 
 def aihub_part(path: str) -> str:

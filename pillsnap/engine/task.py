@@ -435,6 +435,10 @@ class Task(ABC):
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         counters = ckpt.get("task_state") or {}
+        self.optimizer_steps = int(counters.get("optimizer_steps", 0))
+        self.samples_seen = int(counters.get("samples_seen", 0))
+        self.micro_step = int(counters.get("micro_step", 0))
+        self.classes_seen = set(counters.get("classes_seen", ()))
         self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()
         self._restore_oom_state(ckpt.get("oom_state") or {})
@@ -442,10 +446,6 @@ class Task(ABC):
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:
             self.ema.module.load_state_dict(ckpt["ema_state"])
-        self.optimizer_steps = int(counters.get("optimizer_steps", 0))
-        self.samples_seen = int(counters.get("samples_seen", 0))
-        self.micro_step = int(counters.get("micro_step", 0))
-        self.classes_seen = set(counters.get("classes_seen", ()))
 
     def _apply_configured_lr(self, saved_peak: float | None) -> None:
         """The optimizer and schedule come back with the checkpoint's peak lr; when the config now asks for another
@@ -490,10 +490,16 @@ class Task(ABC):
             peak = self.lr_and_weight_decay()[0]
             if self.peak_lr:
                 self._scale_lr(peak / self.peak_lr)  # every group by the same factor, as recovery cut them
+            # The schedule counts optimizer steps of the configured batch: the old run's count is in steps of its
+            # batch, so the position is where the samples trained so far would have brought the new batch.
+            old_step = self.scheduler.last_epoch
+            if self.samples_seen:
+                self.scheduler.last_epoch = round(self.samples_seen / self.global_batch_at_start)
             self._follow_schedule()
             LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
-                           "configured at peak lr %.2e (what OOM recovery had chosen for the old batch is not kept)",
-                           self.name, *self.configured_knobs, int(saved[0]), int(saved[1] or 1), peak)
+                           "configured at peak lr %.2e from schedule step %d (step %d of the old batch; what OOM "
+                           "recovery had chosen for the old batch is not kept)", self.name, *self.configured_knobs,
+                           int(saved[0]), int(saved[1] or 1), peak, self.scheduler.last_epoch, old_step)
             return
         for key in ("batch_size", "grad_accum"):
             if key in state:

@@ -107,22 +107,34 @@ def _is_folder(path: str) -> bool:
 
 
 def photo_paths(paths: list[str]) -> list[str]:
-    """The photos to answer: each path as given, a folder replaced by its photos (PHOTO_SUFFIXES, subfolders too,
-    in name order; hidden files such as macOS's `._IMG.JPG` left out). A folder with none stays as given, so that
-    it is answered with an error naming it."""
-    from pathlib import Path
-
-    from pillsnap.utils.images import PHOTO_SUFFIXES
-
+    """The photos to answer: each path as given, a folder replaced by its photos (PHOTO_SUFFIXES, subfolders and
+    symlinked subfolders too, each real folder once, in name order; hidden files and folders such as macOS's
+    `._IMG.JPG` left out). A folder with none stays as given, so that it is answered with an error naming it."""
     out: list[str] = []
     for path in paths:
         if _is_folder(path):
-            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES
-                           and not p.name.startswith(".") and p.is_file())
-            out += found or [path]
+            out += _photos_under(path) or [path]
         else:
             out.append(path)
     return out
+
+
+def _photos_under(folder: str) -> list[str]:
+    import os
+
+    from pillsnap.utils.images import PHOTO_SUFFIXES
+
+    found, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # name order: the first link to a folder wins
+        found += [os.path.join(here, f) for f in files if not f.startswith(".")
+                  and os.path.splitext(f)[1].lower() in PHOTO_SUFFIXES and os.path.isfile(os.path.join(here, f))]
+    return sorted(found)
 
 
 def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any, hints: Any = None) -> dict:

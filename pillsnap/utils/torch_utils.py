@@ -82,13 +82,17 @@ def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
 
     Compilation is lazy, so errors usually surface at the first call: engine/compiling.py warms the compiled
     model up on a training chunk and falls back there.
+
+    The graphs are specialised to each batch size (dynamic=False). Training batches are all one size; with torch's
+    default, one batch of another size (a batch that lost an undecodable photo, an OOM recovery chunk) compiles a
+    graph for any size, and every later batch runs that one instead of the one tuned for the real size.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"torch_compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "none":
         return model
     try:
-        return torch.compile(model, mode=mode)
+        return torch.compile(model, mode=mode, dynamic=False)
     except Exception as err:  # compile backends fail in many ways; eager always works
         LOGGER.warning("torch.compile(mode=%s) failed, falling back to eager: %s", mode, err)
         return model
