@@ -185,6 +185,12 @@ def test_an_early_stopped_task_of_an_interleaved_run_stays_stopped_while_the_oth
     assert code == 0 and trainer.stopped >= {"detection"} and "classification" in trainer.tasks
     assert load_ckpt(exp / "checkpoints" / "detection_last.pt")["epoch"] == 2  # not trained again
     assert load_ckpt(exp / "checkpoints" / "classification_last.pt")["epoch"] == 3
+    # the dashboard's stream says so: the resume's start record and each epoch record name the stopped task
+    stream = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in stream if r["type"] == "start"][-1]
+    assert resumed["stopped_early"] == ["detection"] and resumed["last_epochs"] == {"classification": 3,
+                                                                                   "detection": 3}
+    assert "detection" in [r["stopped_early"] for r in stream if r["type"] == "epoch"][-1]
 
 
 def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
@@ -355,3 +361,27 @@ def test_compile_is_announced_warmed_up_and_falls_back_to_eager(tmp_path, monkey
     for name, tensor in reference.raw_model.state_dict().items():  # the warm-up left weights and BN stats alone
         assert torch.equal(tensor, task.raw_model.state_dict()[name]), name
     assert all(p.grad is None for p in task.raw_model.parameters())
+
+
+def test_tensorboard_shows_one_run_after_a_fresh_start_and_after_a_resume(tmp_path):
+    """A fresh run in a folder with a run before it hides that run's curves (its files stay); a resume hides what
+    the resumed run redoes. Read back as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    overrides = ("train.max_steps_per_epoch=3", "train.step_log_interval=1", "train.warmup_steps=0")
+
+    def curve(tag: str) -> list[int]:
+        events = EventAccumulator(str(exp / "tb"))
+        events.Reload()
+        return [e.step for e in events.Scalars(tag)]
+
+    assert run_training(make_cfg(exp, *overrides, "train.epochs=2"), fake_build_loaders)[0] == 0
+    first = curve("train/loss")
+    assert first == sorted(first) and len(first) == 6
+    assert run_training(make_cfg(exp, *overrides, "train.epochs=1"), fake_build_loaders)[0] == 0  # fresh again
+    assert curve("train/loss") == first[:3]  # this run's 3 steps only, not drawn over the first run's 6
+    assert len(list((exp / "tb").glob("events.out.tfevents.*"))) >= 2  # the first run's file is kept
+    assert run_training(make_cfg(exp, *overrides, "train.epochs=2", "train.resume=last"),
+                        fake_build_loaders)[0] == 0
+    assert curve("train/loss") == first  # resumed after epoch 1: epoch 2 once

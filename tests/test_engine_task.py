@@ -221,6 +221,38 @@ def test_fake_detection_batches_match_the_loader_contract():
     assert batch["bboxes"].shape[1] == 4 and len(batch["cls"]) == len(batch["batch_idx"])
 
 
+def test_a_resume_on_another_number_of_ranks_goes_on_where_its_samples_bring_the_schedule(tmp_path, caplog):
+    """A checkpoint of a 2-rank run counts each rank's optimizer steps (half the samples each); resumed on one GPU,
+    where an epoch takes twice the steps, the schedule goes on at the samples trained so far, not at the old count
+    (half as far). Resumed on 2 ranks again it goes on exactly where it stopped."""
+    from pillsnap.engine.distributed import DistInfo
+
+    first = classification_task(tmp_path / "a", "train.batch_size=8")
+    first.info = DistInfo(rank=0, world_size=2)
+    for _ in range(3):
+        first.scheduler.step()
+    first.samples_seen = 48  # every rank's: 3 steps of 8 photos on each of 2 ranks
+    ckpt = first.checkpoint_state(epoch=1, best_metric=None)
+    assert ckpt["task_state"]["world_size"] == 2
+    alone = classification_task(tmp_path / "b", "train.batch_size=8")
+    alone.load_checkpoint_state(ckpt)
+    assert alone.scheduler.last_epoch == 6 and "not the checkpoint's step 3 (2 rank(s))" in caplog.text
+    lr = alone.optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(alone.peak_lr * alone.scheduler.lr_lambdas[0](6))
+    again = classification_task(tmp_path / "c", "train.batch_size=8")
+    again.info = DistInfo(rank=1, world_size=2)
+    again.load_checkpoint_state(ckpt)
+    assert again.scheduler.last_epoch == 3
+    spread = classification_task(tmp_path / "e", "train.batch_size=8")  # and the one-GPU run's on 2 ranks: back
+    spread.info = DistInfo(rank=0, world_size=2)
+    spread.load_checkpoint_state(alone.checkpoint_state(epoch=1, best_metric=None))
+    assert spread.scheduler.last_epoch == 3
+    older = {**ckpt, "task_state": {k: v for k, v in ckpt["task_state"].items() if k != "world_size"}}
+    unknown = classification_task(tmp_path / "d", "train.batch_size=8")
+    unknown.load_checkpoint_state(older)  # a checkpoint that does not say its ranks: as before
+    assert unknown.scheduler.last_epoch == 3
+
+
 def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):
     """The checkpoint's knobs are what OOM recovery chose for the batch its run was configured with. Resumed with
     another batch size (the Stage 3 script's --batch-size, then --resume alone), they would cut every new batch into

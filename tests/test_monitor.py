@@ -59,14 +59,30 @@ def test_incremental_read_leaves_partial_line(tmp_path):
     assert read_new_records(tmp_path / "missing.jsonl", 7) == ([], 7)
 
 
+def test_a_long_stream_is_read_in_bounded_bites_and_shown_whole(tmp_path, monkeypatch):
+    """A stream of hundreds of MB is not read into memory at once: each poll takes a bounded bite (here 4 KB), and
+    one refresh applies them all, one after the other."""
+    from pillsnap.monitor import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "READ_LIMIT", 4096)
+    path = tmp_path / "reports" / "metrics.jsonl"
+    write(path, start(t=0), *(step(i, 1 + i // 100, i % 100 + 1, steps=100) for i in range(400)))
+    assert path.stat().st_size > 10 * 4096
+    records, offset = read_new_records(path, 0, 4096)
+    assert 0 < offset <= 4096 and len(records) < 50
+    live = LiveRun(tmp_path)
+    live.refresh()
+    assert live.state.records == 401 and live.follower.offset == path.stat().st_size
+
+
 def test_follower_waits_for_a_missing_file_then_reads_it(tmp_path):
     path = tmp_path / "reports" / "metrics.jsonl"
     follower = StreamFollower(path)
-    assert follower.poll() == ([], False)
+    assert follower.poll() == ([], False, False)
     write(path, start())
     chunk = follower.poll()
     assert [r["type"] for r in chunk.records] == ["start"] and not chunk.reset
-    assert follower.poll() == ([], False)
+    assert follower.poll() == ([], False, False)
 
 
 def test_follower_starts_over_when_the_file_is_truncated(tmp_path):
@@ -91,7 +107,7 @@ def test_follower_starts_over_when_the_file_is_replaced(tmp_path):
     chunk = follower.poll()
     assert chunk.reset and len(chunk.records) == 3 and chunk.records[0]["stage"] == 4
     path.unlink()
-    assert follower.poll() == ([], False)  # gone (a run being set up): nothing new, nothing reset
+    assert follower.poll() == ([], False, False)  # gone (a run being set up): nothing new, nothing reset
 
 
 # ---------- state ----------
@@ -133,6 +149,30 @@ def test_eta_unknown_until_two_steps_and_zero_when_finished():
     state.apply(val(9, 1, acc=0.5))
     task = state.snapshot()["tasks"]["classification"]
     assert task["finished"] and task["eta"] == 0.0
+
+
+def test_a_task_done_before_the_run_is_finished_and_leaves_the_run_eta():
+    """The classifier stops early after epoch 2 of 4 while the detector goes on (or the plan gives it fewer
+    epochs): it shows as done, and the run's ETA is the detector's alone, not the classifier's frozen at its last
+    step."""
+    state = MonitorState()
+    state.apply_all([start(t=0), step(10, 1, 10), step(10, 1, 10, task="detection"), val(11, 1, acc=0.5),
+                     {"type": "epoch", "epoch": 1, "stopped_early": []}, step(20, 2, 10),
+                     step(20, 2, 10, task="detection"), val(21, 2, acc=0.5),
+                     {"type": "epoch", "epoch": 2, "stopped_early": ["classification"]},
+                     step(25, 3, 10, task="detection")])
+    snap = state.snapshot()
+    cls = snap["tasks"]["classification"]
+    assert cls["finished"] and cls["stopped_early"] and cls["eta"] == 0.0
+    assert snap["run"]["eta"] == pytest.approx(snap["tasks"]["detection"]["eta"]) and snap["run"]["eta"] < 10
+    planned = MonitorState()  # the plan trains the classifier in epochs 1-2 only: done once epoch 2 is validated
+    planned.apply_all([{**start(t=0), "last_epochs": {"classification": 2, "detection": 4}}, step(10, 1, 10),
+                       val(11, 1, acc=0.5), step(20, 2, 10), val(21, 2, acc=0.5)])
+    cls = planned.snapshot()["tasks"]["classification"]
+    assert cls["finished"] and not cls["stopped_early"] and cls["max_epochs"] == 2
+    resumed = MonitorState()  # a resume says which tasks had stopped before it
+    resumed.apply_all([{**start(t=0, start_epoch=2), "stopped_early": ["classification"]}])
+    assert resumed.snapshot()["tasks"]["classification"]["finished"]
 
 
 def test_resume_drops_the_redone_epoch_and_restarts_the_eta_clock():
@@ -234,6 +274,9 @@ def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_pat
     os.utime(evaluation, (400, 400))  # `pillsnap evaluate` rewrote the file later
     live.refresh()
     assert live.snapshot()["evaluation"]["status"] == "GO"
+    write(stream, start(t=500, stage=3))  # a fresh run in the folder: neither verdict is of this run
+    live.refresh()
+    assert live.snapshot()["evaluation"] is None
 
 
 # ---------- app ----------

@@ -246,6 +246,24 @@ def test_the_runs_figures_include_the_advanced_metrics():
     assert on_cpu["memory_peak_over_avg"] == pytest.approx(105 / np.mean([100, 104, 105]))
 
 
+def test_the_runs_figures_are_of_this_run_not_of_earlier_runs_in_the_folder(tmp_path):
+    """A fresh run appends to the metrics.jsonl of the runs before it in the folder: their NaN loss, OOMs and
+    throughput are not this run's (they made a clean run NO_GO on NAN_LOSS); a resume's records are."""
+    def step(loss, throughput):
+        return {"type": "step", "task": "classification", "epoch": 1, "loss": loss, "data_time": 0.01,
+                "throughput": throughput}
+
+    stream = tmp_path / "metrics.jsonl"
+    records = [{"type": "start", "start_epoch": 0}, step(float("nan"), 20.0), {"type": "oom", "action": "gave_up"},
+               {"type": "start", "start_epoch": 0, "resumed_at": None}, step(1.0, 150.0),
+               {"type": "start", "start_epoch": 1}, step(0.9, 160.0)]
+    stream.write_text("".join(json.dumps(r) + "\n" for r in records) + '[1, 2]\n{"type": "st', encoding="utf-8")
+    this_run = stage_measure.read_stream(stream)
+    assert [r.get("loss") for r in this_run if r["type"] == "step"] == [1.0, 0.9]  # the resume's steps count
+    run = stage_measure.run_figures({}, this_run)
+    assert not run["nan_loss"] and run["repeated_oom"] == 0 and run["throughput_img_s"] == 155.0
+
+
 def test_memory_peak_over_average_is_taken_per_task():
     """Interleaved steps of a detector needing 3 GB and a classifier needing 9.5 GB are not a spike: each task's
     steps are held to its own mean (mixed, 9500 / 6250 = 1.52 failed Stage 2's 1.5)."""

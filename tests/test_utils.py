@@ -68,6 +68,11 @@ def test_append_jsonl(tmp_path):
     append_jsonl(path, {"step": 1})
     append_jsonl(path, {"step": 2})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 3, "lo')  # cut off by a crash or a full disk
+    append_jsonl(path, {"type": "start", "note": "한글"})  # the resume's start record is not glued to it
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[2] == '{"step": 3, "lo' and json.loads(lines[3]) == {"type": "start", "note": "한글"}
 
 
 def test_ckpt_roundtrip_and_schema(tmp_path):

@@ -130,7 +130,7 @@ class MetricsFilesCallback(Callback):
 
     def on_epoch_end(self, epoch: int, summary: dict) -> None:
         save_json(self.json_path, summary)
-        self._append("epoch", {"epoch": epoch})
+        self._append("epoch", {"epoch": epoch, "stopped_early": summary.get("stopped_early", [])})
 
     def on_oom(self, event: dict) -> None:
         self._append("oom", event)

@@ -423,6 +423,7 @@ class Task(ABC):
                           "configured_batch_size": self.configured_knobs[0],
                           "configured_grad_accum": self.configured_knobs[1]},
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
+                           "world_size": self.info.world_size,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
                            "classes_seen": sorted(self.classes_seen)},
         }
@@ -441,7 +442,10 @@ class Task(ABC):
         self.classes_seen = set(counters.get("classes_seen", ()))
         self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()
-        self._restore_oom_state(ckpt.get("oom_state") or {})
+        batch_changed = self._restore_oom_state(ckpt.get("oom_state") or {})
+        ranks = int(counters.get("world_size") or self.info.world_size)
+        if batch_changed or ranks != self.info.world_size:
+            self._reposition_schedule(ranks)
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:
@@ -476,11 +480,11 @@ class Task(ABC):
                                        self.scheduler.lr_lambdas, strict=True):
             group["lr"] = base * factor(step)
 
-    def _restore_oom_state(self, state: dict) -> None:
+    def _restore_oom_state(self, state: dict) -> bool:
         # A resumed run keeps what OOM recovery chose for the batch it was configured with; the scaled lr comes back
         # with the optimizer and scheduler. A batch configured differently since (train.batch_size, --batch-size,
         # grad accumulation) is the user's choice: it is trained as configured, not cut to the old run's chunks.
-        # The fp16 switch does not depend on the batch: it is kept either way.
+        # The fp16 switch does not depend on the batch: it is kept either way. True when the batch was changed.
         if state.get("did_amp_escalate"):
             self._escalate_to_fp16()
         saved = (state.get("configured_batch_size"), state.get("configured_grad_accum"))
@@ -490,22 +494,32 @@ class Task(ABC):
             peak = self.lr_and_weight_decay()[0]
             if self.peak_lr:
                 self._scale_lr(peak / self.peak_lr)  # every group by the same factor, as recovery cut them
-            # The schedule counts optimizer steps of the configured batch: the old run's count is in steps of its
-            # batch, so the position is where the samples trained so far would have brought the new batch.
-            old_step = self.scheduler.last_epoch
-            if self.samples_seen:
-                self.scheduler.last_epoch = round(self.samples_seen / self.global_batch_at_start)
             self._follow_schedule()
             LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
-                           "configured at peak lr %.2e from schedule step %d (step %d of the old batch; what OOM "
-                           "recovery had chosen for the old batch is not kept)", self.name, *self.configured_knobs,
-                           int(saved[0]), int(saved[1] or 1), peak, self.scheduler.last_epoch, old_step)
-            return
+                           "configured at peak lr %.2e (what OOM recovery had chosen for the old batch is not kept)",
+                           self.name, *self.configured_knobs, int(saved[0]), int(saved[1] or 1), peak)
+            return True
         for key in ("batch_size", "grad_accum"):
             if key in state:
                 setattr(self.knobs, key, int(state[key]))
         self.sched_mode = str(state.get("sched_mode", self.sched_mode))
         self._sched_credit = float(state.get("sched_credit", 0.0))
+        return False
+
+    def _reposition_schedule(self, saved_ranks: int) -> None:
+        """The schedule counts optimizer steps of this run's batch over this run's ranks. Resumed with another
+        configured batch or another number of ranks, the checkpoint's step count is in steps of the old ones (a
+        longer step count than the new schedule plans runs it out early): go on from where the samples trained so
+        far (every rank's, as the checkpoint counts them) bring the new batch."""
+        if not self.samples_seen:
+            return
+        old_step = self.scheduler.last_epoch
+        self.scheduler.last_epoch = round(self.samples_seen / (self.global_batch_at_start * self.info.world_size))
+        self._sched_credit = 0.0
+        self._follow_schedule()
+        LOGGER.warning("%s: the schedule goes on from step %d (%d samples at %d x %d on %d rank(s)), not the "
+                       "checkpoint's step %d (%d rank(s))", self.name, self.scheduler.last_epoch, self.samples_seen,
+                       self.knobs.batch_size, self.knobs.grad_accum, self.info.world_size, old_step, saved_ranks)
 
     def epoch_trained(self, epoch: int) -> None:  # noqa: B027 (an optional hook, no-op by default)
         """Called on every rank after each epoch this task trained, before validation (which may run on rank 0

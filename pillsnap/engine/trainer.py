@@ -128,6 +128,12 @@ class Trainer:
             return [[name] for name, n in epochs.items() for _ in range(n)]
         return [[name for name, n in epochs.items() if n > i] for i in range(max(epochs.values(), default=0))]
 
+    def last_epochs(self) -> dict[str, int]:
+        """The last epoch the plan trains each task in (a task with fewer epochs, or the first of a sequential
+        run, is done before the run is)."""
+        return {name: max((i + 1 for i, tasks in enumerate(self.plan) if name in tasks), default=0)
+                for name in self.tasks}
+
     def trains(self, name: str) -> bool:
         """Whether the plan trains task `name` in any epoch."""
         return any(name in epoch for epoch in self.plan)
@@ -298,6 +304,7 @@ class Trainer:
             if last is not None:
                 out[name] = {k: last.get(k) for k in task.spec.summary_keys}
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
+        out["stopped_early"] = sorted(self.stopped)
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
         out["system"] = earlier.get("system") or {"device": str(self.device), **memory_snapshot()}
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
@@ -339,7 +346,9 @@ class Trainer:
         if self.info.is_main:
             ck.write_classes_json(self.store.dir, self.meta)
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
-                                               "start_epoch": self.start_epoch, "resumed_at": self._resumed_at()})
+                                               "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
+                                               "last_epochs": self.last_epochs(),
+                                               "stopped_early": sorted(self.stopped)})
         epoch = self.start_epoch
         why = self.trains_nothing()
         if why is not None:

@@ -20,21 +20,29 @@ from omegaconf import DictConfig
 from pillsnap.eval.criteria import ADVISOR, GPU, stage_criteria
 from pillsnap.eval.latency import SAMPLES, loader_items, measure, passes, take
 from pillsnap.utils import read_json
-from pillsnap.utils.run_status import COMPLETED_STATUSES
+from pillsnap.utils.run_status import COMPLETED_STATUSES, is_fresh_start
 
 LOGGER = logging.getLogger(__name__)
 PIPELINE_SAMPLES = 10  # photos timed through the whole pipeline (each one a detector and several classifier calls)
 
 
 def read_stream(path: Path) -> list[dict]:
+    """The records of metrics.jsonl that are this run's: from its last fresh start on (resumes included). Earlier
+    runs in the same folder append to the same file, and their NaN losses, OOMs and throughput are not this run's."""
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the rest still counts
+    records: list[dict] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: the rest still counts
+            if not isinstance(record, dict):
+                continue
+            if is_fresh_start(record):
+                records.clear()
+            records.append(record)
     return records
 
 

@@ -61,6 +61,9 @@ class LiveRun:
         with self._lock:
             chunk = self.follower.poll()
             self.state.apply_all(chunk.records, reset=chunk.reset)
+            while chunk.more:  # a long stream, read in bounded bites: each applied before the next is read
+                chunk = self.follower.poll()
+                self.state.apply_all(chunk.records, reset=chunk.reset)
             if self._read_evaluation_file():
                 self.state.version += 1
             trainer = trainer_process(self.exp_dir)
@@ -104,6 +107,9 @@ class LiveRun:
         badge over an older "proceed"); for the same stage the older fills in only the details (measured results,
         criteria) the newer lacks."""
         from_file = self._file_eval[2] if self._file_eval else None
+        started = self.state.run.get("started")
+        if from_file is not None and isinstance(started, (int, float)) and from_file["time"] < started:
+            from_file = None  # written before this run started: another run's verdict (or the one before a resume)
         candidates = sorted((e for e in (from_stream, from_file) if e), key=lambda e: e.get("time") or 0)
         if len(candidates) == 2 and candidates[0].get("stage") == candidates[1].get("stage"):
             details = {k: v for k, v in candidates[0].items() if k not in VERDICT_KEYS}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pillsnap.utils.run_status import is_fresh_start
+
 TRAIN_COLUMNS = ("x", "epoch", "loss", "lr", "throughput", "data_time", "compute_time", "cuda_mem")
 NOT_METRICS = {"type", "time", "task", "epoch", "n", "num_images", "num_targets", "num_predictions"}
 # The validation metric a task's "best" badge follows: the first one present (the trainer's defaults).
@@ -92,6 +94,8 @@ class TaskState:
     val: dict[int, dict] = field(default_factory=dict)
     last_step: dict | None = None
     anchor: tuple[float, float] | None = None  # (time, progress) of the first step since the run (re)started
+    last_epoch: int | None = None  # the last epoch the run plans to train this task in (start record)
+    stopped_early: bool = False
 
     def __post_init__(self) -> None:
         self.train = Table(TRAIN_COLUMNS, self.max_rows)
@@ -118,10 +122,13 @@ class TaskState:
 
     @property
     def max_epochs(self) -> int | None:
-        return self.last_step.get("max_epochs") if self.last_step else None
+        """The last epoch this task trains in: the plan's for it where the start record says, else the run's."""
+        return self.last_epoch or (self.last_step.get("max_epochs") if self.last_step else None)
 
     def finished(self) -> bool:
-        return bool(self.max_epochs) and max(self.val, default=0) >= self.max_epochs
+        """Trained all it will: its last planned epoch validated, or stopped early (the run may go on with the
+        other task)."""
+        return self.stopped_early or (bool(self.max_epochs) and max(self.val, default=0) >= self.max_epochs)
 
     def eta(self) -> float | None:
         """Seconds left, from this task's average pace since its first step of this run: the pace includes
@@ -148,7 +155,8 @@ class TaskState:
         epochs = sorted(self.val)
         names = sorted({k for v in self.val.values() for k in v if k != "time"})
         return {
-            "name": self.name, "epoch": last.get("epoch"), "max_epochs": last.get("max_epochs"),
+            "name": self.name, "epoch": last.get("epoch"), "max_epochs": self.max_epochs,
+            "stopped_early": self.stopped_early,
             "step": last.get("step"), "steps": last.get("steps"), "global_step": last.get("global_step"),
             "progress": clean(progress_of(last)) if last else None, "eta": clean(self.eta()),
             "finished": self.finished(), "last": clean(last),
@@ -202,7 +210,7 @@ class MonitorState:
     def _on_start(self, record: dict) -> None:
         start_epoch = int(record.get("start_epoch") or 0)
         inside = record.get("resumed_at") or {}  # a resume inside epoch start_epoch + 1: epochs done per task
-        if start_epoch == 0 and not inside:
+        if is_fresh_start(record):
             self.reset()  # a fresh run appends to the same file: its history is not this run's
         else:
             self.run["resumes"] += 1
@@ -214,6 +222,9 @@ class MonitorState:
                         ended=None, epoch=start_epoch or None)
         for name in self.run["tasks"]:
             self.task(name)
+        for name, last in (record.get("last_epochs") or {}).items():
+            self.task(name).last_epoch = int(last) or None
+        self._stopped(record)
 
     def _on_step(self, record: dict) -> None:
         self.task(record.get("task", "classification")).add_step(record)
@@ -225,6 +236,11 @@ class MonitorState:
 
     def _on_epoch(self, record: dict) -> None:
         self.run["epoch"] = record.get("epoch")
+        self._stopped(record)
+
+    def _stopped(self, record: dict) -> None:
+        for name, task in self.tasks.items():
+            task.stopped_early = name in (record.get("stopped_early") or ())
 
     def _on_oom(self, record: dict) -> None:
         task = self.tasks.get(record.get("task", ""))

@@ -12,13 +12,22 @@ from typing import NamedTuple
 LOGGER = logging.getLogger(__name__)
 
 
-def read_new_records(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Records appended since byte `offset`, and the new offset. A trailing partial line is left for next time."""
+READ_LIMIT = 8 << 20  # bytes read per poll: a stream of hundreds of MB is taken in bounded bites
+
+
+def read_new_records(path: str | Path, offset: int = 0, limit: int = READ_LIMIT) -> tuple[list[dict], int]:
+    """Records appended since byte `offset` (whole lines of at most about `limit` bytes), and the new offset. A
+    trailing partial line is left for next time; so is what lies past the limit (the offset says how far it got)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
-            chunk = fh.read()
+            chunk = fh.read(limit)
+            while chunk and b"\n" not in chunk and len(chunk) % limit == 0:  # one line longer than the limit
+                more = fh.read(limit)
+                if not more:
+                    break
+                chunk += more
     except FileNotFoundError:
         return [], offset
     end = chunk.rfind(b"\n") + 1  # only whole lines; a writer may be mid-line
@@ -47,6 +56,7 @@ class Chunk(NamedTuple):
 
     records: list[dict]
     reset: bool
+    more: bool = False  # the read stopped at its limit: poll again for the rest
 
 
 class StreamFollower:
@@ -59,8 +69,13 @@ class StreamFollower:
 
     def poll(self) -> Chunk:
         reset = self._check_replaced()
-        records, self.offset = read_new_records(self.path, self.offset)
-        return Chunk(records, reset)
+        start = self.offset
+        records, self.offset = read_new_records(self.path, self.offset, READ_LIMIT)
+        try:  # a read that got this far stopped at its limit, not at the end (metrics lines are short)
+            more = self.offset - start >= READ_LIMIT // 2 and os.stat(self.path).st_size > self.offset
+        except FileNotFoundError:
+            more = False
+        return Chunk(records, reset, more)
 
     def _check_replaced(self) -> bool:
         """True when the file is no longer the one read so far: another inode (a new run wrote a new file), or

@@ -118,10 +118,17 @@ def read_json(path: str | Path) -> Any:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line (a whole line per write, so a tailing reader never sees half a record)."""
+    """Append one JSON line (a whole line per write, so a tailing reader never sees half a record). A file whose
+    last line was cut off (a crash or a full disk mid-write) gets its line ended first, so that the cut line stays
+    the only one lost instead of swallowing this record too."""
     ensure_dir(Path(path).parent)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    with open(path, "a+b") as fh:
+        if fh.tell():  # appending: the position is the end
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                line = b"\n" + line
+        fh.write(line)
 
 
 def save_ckpt(path: str | Path, obj: dict) -> None:

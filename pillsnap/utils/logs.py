@@ -130,8 +130,9 @@ class TBWriter:
 
     def purge_from(self, step: int) -> None:
         """A resumed run goes on at `step`: TensorBoard hides what earlier runs logged at this step or later (the
-        work the resume redoes), instead of drawing both runs' points over each other."""
-        if self._writer is None or step <= 0:
+        work the resume redoes), instead of drawing both runs' points over each other. A fresh run in a folder
+        that has runs before it purges from 0: their curves are hidden, their files kept."""
+        if self._writer is None or step < 0:
             return
         from torch.utils.tensorboard import SummaryWriter
 

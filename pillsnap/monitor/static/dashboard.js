@@ -193,7 +193,7 @@ function updatePanel(panel, t) {
 // Counts down between updates; frozen once the run is no longer running.
 function renderTaskEta(panel, t) {
   const eta = panel.root.querySelector(".task-eta"), running = isRunning(page.state);
-  if (t.finished) eta.innerHTML = `<span class="muted">finished</span>`;
+  if (t.finished) eta.innerHTML = `<span class="muted">${t.stopped_early ? "stopped early" : "finished"}</span>`;
   else if (isNum(t.eta) && running) {
     const left = Math.max(0, t.eta - (serverNow() - (t.last.time || serverNow())));
     eta.innerHTML = `<span class="muted">ETA</span> ${Fmt.dur(left)}`;
