@@ -32,6 +32,15 @@ def test_metrics_match_sklearn(seed):
     assert m["confidence"] == pytest.approx(prob.max(1).mean()) and m["n"] == len(y_true)
 
 
+def test_macro_f1_is_over_the_classes_the_split_has_crops_of():
+    """4 classes with crops, all right but one crop answered as class 9, which the split has no crop of: macro-F1 is
+    over the 4 (the wrong answer costs class 0's recall), not over 5 with a 0 for class 9."""
+    y_true, y_pred = np.array([0, 0, 1, 2, 3]), np.array([9, 0, 1, 2, 3])
+    m = evaluate_classification_metrics(y_true, y_pred)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro"))
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 3) / 4)
+
+
 def test_topk_above_class_count_is_clipped_and_probs_are_optional():
     y_true, prob = np.array([0, 1, 2]), np.eye(3)[[1, 1, 0]]
     m = evaluate_classification_metrics(y_true, prob.argmax(1), prob, topk=(1, 5))

@@ -105,7 +105,8 @@ def test_a_regression_against_the_previous_evaluation_is_named(trained, tmp_path
     path = exp / "reports" / "stage_1_evaluation.json"
     previous = json.loads(path.read_text(encoding="utf-8"))
     acc = previous["results"]["classification"]["acc"]
-    previous["results"]["classification"]["acc"] = acc + 0.10  # the last evaluation of this stage was better
+    previous["results"]["classification"]["acc"] = acc + 0.10  # the last evaluation of this stage was better...
+    previous["classifier_sha256"] = "0" * 64  # ... and of other weights
     path.write_text(json.dumps(previous), encoding="utf-8")
     # a last epoch unlike the best checkpoint's (as after an early stop): the gate reads the best checkpoint's epoch
     metrics_path = exp / "reports" / "metrics.json"
@@ -118,6 +119,10 @@ def test_a_regression_against_the_previous_evaluation_is_named(trained, tmp_path
     assert any(r.startswith("REGRESSION_TOO_LARGE: classification.acc ") for r in report["reasons"])
     assert report["baseline"] == {"classification.acc": pytest.approx(acc + 0.10)}
     assert report["choice"]["option"] == 2 and report["choice"]["how"] == "--choice"
+    # `pillsnap evaluate` again on the same weights: judged against the same baseline, not against itself
+    again = evaluate_stage(cfg, exp, choice=2)
+    assert again["classifier_sha256"] == report["classifier_sha256"] != "0" * 64
+    assert again["baseline"] == report["baseline"] and "REGRESSION_TOO_LARGE" in again["go_no_go"]["reasons"]
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -20,6 +20,7 @@ class Target:
     threshold: float
     higher_is_better: bool = True
     quality: bool = False  # a model-quality figure: one far below target caps the recommendation
+    one_class: bool = False  # a per-class floor: at zero it is one class failing, not the model failing to learn
     device: str | None = None  # the device class the threshold holds for (None: any device)
 
     def ratio(self, value: float) -> float:
@@ -79,7 +80,7 @@ BUSINESS_GOALS = {"classification.macro_f1": 0.92, "detection.mAP@0.5": 0.85}
 
 
 def _quality(path: str, threshold: float) -> Target:
-    return Target(path, threshold, quality=True)
+    return Target(path, threshold, quality=True, one_class=".per_class_" in path)
 
 
 def _at_most(path: str, threshold: float, device: str | None = None) -> Target:

@@ -225,7 +225,7 @@ def evaluate_and_recommend(stage: int, results: dict) -> dict:
     if failed:
         return _verdict("WARN_STOP", "mandatory_check_failed", stage, score, reasons, suggestions, unmeasured,
                         incomparable)
-    if any(t.quality and measured[t.path] == 0.0 for t in unmet):
+    if any(t.quality and not t.one_class and measured[t.path] == 0.0 for t in unmet):
         return _verdict("WARN_STOP", "model_not_learning", stage, score, reasons, suggestions, unmeasured,
                         incomparable)
     weak = any(t.quality and measured[t.path] < ADVISOR.weak_share for t in unmet)

@@ -30,7 +30,8 @@ from pillsnap.utils import append_jsonl, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
 # the per-class floors: the lowest F1, the lowest accuracy after shrinkage (the one gated) and the lowest observed
-PER_CLASS_KEYS = ("per_class_min_f1", "per_class_min_acc", "per_class_min_acc_observed")
+PER_CLASS_KEYS = ("per_class_min_f1", "per_class_min_f1_observed", "per_class_f1_classes", "per_class_min_acc",
+                  "per_class_min_acc_observed")
 
 
 class StageMismatchError(ValueError):
@@ -203,6 +204,28 @@ def format_decision(decision: dict) -> str:
 
 
 # ---- the whole evaluation -------------------------------------------------------------------------------------------
+def classifier_identity(exp_dir: Path) -> str | None:
+    """The SHA-256 of the classifier checkpoint the evaluation judges (None without one)."""
+    from pillsnap.models.export import file_sha256
+
+    best = exp_dir / "checkpoints" / "classification_best.pt"
+    return file_sha256(best) if best.is_file() else None
+
+
+def regression_baseline(previous: dict | None, weights: str | None) -> dict | None:
+    """What the regression check compares this evaluation's accuracy with: the stage's previous evaluation, of other
+    weights. The same weights evaluated again (`pillsnap evaluate` run twice) keep the baseline they were judged
+    against: otherwise the second run compares them with themselves, and a regression the first run found is gone.
+    A report from before weights were recorded counts as other weights."""
+    if not previous:
+        return None
+    if weights is not None and previous.get("classifier_sha256") == weights:
+        acc = (previous.get("baseline") or {}).get("classification.acc")
+        return None if acc is None else {"classification": {"acc": acc}}
+    return previous.get("results")
+
+
+
 def evaluate_stage(cfg: DictConfig, exp_dir: str | Path | None = None, choice: int | None = None,
                    assume_yes: bool = False, ask: Callable[[str], str] | None = None,
                    build_loaders: Callable[[DictConfig], Any] | None = None, device: str | None = None) -> dict:
@@ -220,7 +243,8 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
     stage = int(cfg.data.progressive_validation.current_stage)
     path = evaluation_path(exp_dir, stage)
     previous = read_json(path) if path.is_file() else None
-    baseline = (previous or {}).get("results")
+    weights = classifier_identity(exp_dir)
+    baseline = regression_baseline(previous, weights)
     results = collect_results(cfg, exp_dir, build_loaders, device)
     decision = stage_decision(stage, results, baseline)
     LOGGER.info("%s", format_decision(decision))
@@ -231,7 +255,7 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
               "criteria": {"mandatory_checks": list(criteria.mandatory_checks),
                            "targets": {t.path: t.threshold for t in criteria.targets},
                            "target_devices": {t.path: t.device for t in criteria.targets if t.device}},
-              "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "classifier_sha256": weights, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_json(path, report)
     mark_done(exp_dir, "stage_evaluation")
     append_jsonl(exp_dir / "reports" / "metrics.jsonl", {

@@ -172,12 +172,38 @@ def _predictions(model: Any, loader: Any, device: Any) -> tuple[np.ndarray, np.n
     return np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
 
 
-def classifier_figures(model: Any, loaders: Any, device: Any) -> dict:
-    """Per-class floors, samples and coverage over the validation split; latency per crop on a bounded sample."""
-    import torch
+MIN_F1_CROPS = 5  # validation crops a class needs for its F1 to count in the lowest one
+
+
+def per_class_floors(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """The lowest class F1 and accuracy of a validation pass, as the stage holds them to a floor.
+
+    F1: the lowest over classes with at least MIN_F1_CROPS crops. Drugs seen mostly in combination photos have one
+    or two validation crops, and one wrong answer gives such a class F1 0: the observed lowest over every class
+    (`per_class_min_f1_observed`) is then 0 for nearly any classifier at 1,000 classes of uneven counts.
+    Accuracy (a class's recall): with ~15 crops a class the lowest observed one measures the noise (a classifier
+    right on 97 % of every class shows ~0.72 at 5,000 classes, bench/per_class_floor.py), so the floor is the lowest
+    after empirical-Bayes shrinkage; the observed one is beside it."""
     from sklearn.metrics import f1_score
 
     from pillsnap.metrics.classification import shrunken_rates
+
+    present = np.unique(y_true)
+    if not len(present):
+        return {}
+    counts = np.bincount(y_true)
+    f1 = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
+    judged = counts[present] >= MIN_F1_CROPS
+    right = np.bincount(y_true[y_true == y_pred], minlength=len(counts))[present]
+    return {"per_class_min_f1": float((f1[judged] if judged.any() else f1).min()),
+            "per_class_min_f1_observed": float(f1.min()), "per_class_f1_classes": int(judged.sum()),
+            "per_class_min_acc": float(shrunken_rates(right, counts[present]).min()),
+            "per_class_min_acc_observed": float((right / counts[present]).min())}
+
+
+def classifier_figures(model: Any, loaders: Any, device: Any) -> dict:
+    """Per-class floors, samples and coverage over the validation split; latency per crop on a bounded sample."""
+    import torch
 
     if loaders.cls_val is None:
         return {}
@@ -191,16 +217,7 @@ def classifier_figures(model: Any, loaders: Any, device: Any) -> dict:
     if len(y_true) < available:
         LOGGER.warning("stage evaluation: %d of %d validation crops could not be decoded and are left out",
                        available - len(y_true), available)
-    if len(present):
-        out["per_class_min_f1"] = float(f1_score(y_true, y_pred, labels=present, average=None,
-                                                 zero_division=0).min())
-        # A class's accuracy is its recall. With ~15 crops a class, the lowest observed one measures the noise (a
-        # classifier right on 97 % of every class shows ~0.72 at 5,000 classes, bench/per_class_floor.py), so the
-        # floor the stage is held to is the lowest after empirical-Bayes shrinkage; the observed one is beside it.
-        counts = np.bincount(y_true)
-        right = np.bincount(y_true[y_true == y_pred], minlength=len(counts))[present]
-        out["per_class_min_acc"] = float(shrunken_rates(right, counts[present]).min())
-        out["per_class_min_acc_observed"] = float((right / counts[present]).min())
+    out.update(per_class_floors(y_true, y_pred))
     crops = take(loader_items(loaders.cls_val, lambda batch: (x[None].to(device) for x in batch[0])), SAMPLES)
     with torch.no_grad():
         out["latency"] = measure(model, crops, device, passes(device, GPU))
