@@ -4,7 +4,6 @@ the targets and checks, and the combined GO/NO_GO honours the time-cap rule."""
 import math
 
 import numpy as np
-
 import pytest
 
 from pillsnap.eval.criteria import ADVISOR, BUSINESS_GOALS, STAGES, StageCriteria, Target, stage_criteria
