@@ -21,6 +21,31 @@ def test_confusion_matrix_png(tmp_path):
         plot_confusion_matrix(np.eye(2), ["a", "b", "c"], tmp_path / "bad.png")
 
 
+def test_per_class_tables_name_the_failing_drug_and_the_confused_pair(tmp_path):
+    """At thousands of classes the confusion picture shows neither; per_class.csv lists the classes worst first and
+    top_confusions.csv the most frequent wrong answers, and the confusion matrix is left as it was."""
+    import csv
+
+    from pillsnap.eval.reports import write_per_class_tables
+
+    rng = np.random.default_rng(0)
+    n = 300
+    cm = np.diag(rng.integers(10, 20, n)).astype(np.int64)
+    cm[5, 5], cm[5, 6] = 2, 12  # K-000005 is mostly answered as its twin K-000006
+    cm[7, 9] = 3
+    before = cm.copy()
+    names = [f"K-{i:06d}" for i in range(n)]
+    per_class, confusions = write_per_class_tables(cm, names, tmp_path)
+    assert np.array_equal(cm, before)
+    rows = list(csv.DictReader(open(per_class, encoding="utf-8")))
+    assert len(rows) == n and rows[0]["class"] == "K-000005" and rows[0]["crops"] == "14" and rows[0]["right"] == "2"
+    assert rows[1]["class"] == "K-000007" and float(rows[0]["accuracy_shrunken"]) < float(rows[-1]["accuracy_shrunken"])
+    top = list(csv.DictReader(open(confusions, encoding="utf-8")))
+    assert [(r["true_class"], r["answered_class"], r["crops"]) for r in top] == [("K-000005", "K-000006", "12"),
+                                                                               ("K-000007", "K-000009", "3")]
+    assert top[0]["share_of_true_class"] == f"{12 / 14:.4f}"
+
+
 def test_roc_pr_curves(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 40)

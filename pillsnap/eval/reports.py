@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pillsnap.utils import ensure_dir, save_json
+from pillsnap.utils import atomic_path, ensure_dir, save_json
 
 MAX_LABELED_CLASSES = 50  # beyond this, tick labels are unreadable; the matrix is still drawn
 MAX_CURVE_NEGATIVES = 2_000_000  # micro ROC/PR: past this many negative scores a weighted sample stands in
@@ -153,7 +153,53 @@ def write_classification_reports(y_true: np.ndarray, y_prob: np.ndarray, class_n
         names = [str(i) for i in labels]
     cm = confusion_matrix(y_true, y_prob.argmax(axis=1), labels=labels)
     paths = [plot_confusion_matrix(cm, names, Path(out_dir) / "confusion_matrix.png")]
+    paths += write_per_class_tables(cm, names, out_dir)
     return paths + plot_roc_pr_curves(y_true, y_prob, out_dir)
+
+
+TOP_CONFUSIONS = 200  # rows of top_confusions.csv
+
+
+def write_per_class_tables(cm: np.ndarray, class_names: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """per_class.csv (each class with validation crops: crops, right, precision, recall, F1 and the accuracy after
+    empirical-Bayes shrinkage the stage's per-class floor uses, worst first) and top_confusions.csv (the most
+    frequent wrong answers: true class, answered class, crops, share of the true class's crops). At thousands of
+    classes the confusion matrix's picture cannot show which drug fails or which two are confused; these can."""
+    import csv
+
+    from pillsnap.metrics.classification import shrunken_rates
+
+    out_dir = ensure_dir(Path(out_dir))
+    support, answered, right = cm.sum(axis=1), cm.sum(axis=0), np.diagonal(cm).copy()
+    present = np.flatnonzero(support)
+    shrunk = shrunken_rates(right[present], support[present])
+    precision = np.divide(right, answered, out=np.zeros(len(right)), where=answered > 0)
+    recall = np.divide(right, support, out=np.zeros(len(right)), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(right)),
+                   where=precision + recall > 0)
+    per_class = Path(out_dir) / "per_class.csv"
+    with atomic_path(per_class) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "crops", "right", "precision", "recall", "f1", "accuracy_shrunken"])
+        for i in np.lexsort((recall[present], shrunk)):  # worst first
+            c = present[i]
+            writer.writerow([class_names[c], int(support[c]), int(right[c]), f"{precision[c]:.4f}",
+                             f"{recall[c]:.4f}", f"{f1[c]:.4f}", f"{shrunk[i]:.4f}"])
+    np.fill_diagonal(cm, 0)  # in place (the matrix may be 5,000 x 5,000): restored below
+    try:
+        flat = cm.ravel()
+        wrong = np.flatnonzero(flat)  # at most one entry per crop: far fewer than classes squared
+        top = wrong[np.argsort(-flat[wrong], kind="stable")[:TOP_CONFUSIONS]]
+        rows = [(int(t) // cm.shape[1], int(t) % cm.shape[1], int(flat[t])) for t in top]
+    finally:
+        np.fill_diagonal(cm, right)
+    confusions = Path(out_dir) / "top_confusions.csv"
+    with atomic_path(confusions) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["true_class", "answered_class", "crops", "share_of_true_class"])
+        for t, a, n in rows:
+            writer.writerow([class_names[t], class_names[a], n, f"{n / support[t]:.4f}"])
+    return [per_class, confusions]
 
 
 def plot_reliability(before: list[dict], after: list[dict], temperature: float | str, out_path: Path,
