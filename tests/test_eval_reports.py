@@ -37,10 +37,10 @@ def test_per_class_tables_name_the_failing_drug_and_the_confused_pair(tmp_path):
     names = [f"K-{i:06d}" for i in range(n)]
     per_class, confusions = write_per_class_tables(cm, names, tmp_path)
     assert np.array_equal(cm, before)
-    rows = list(csv.DictReader(open(per_class, encoding="utf-8")))
+    rows = list(csv.DictReader(per_class.read_text(encoding="utf-8").splitlines()))
     assert len(rows) == n and rows[0]["class"] == "K-000005" and rows[0]["crops"] == "14" and rows[0]["right"] == "2"
     assert rows[1]["class"] == "K-000007" and float(rows[0]["accuracy_shrunken"]) < float(rows[-1]["accuracy_shrunken"])
-    top = list(csv.DictReader(open(confusions, encoding="utf-8")))
+    top = list(csv.DictReader(confusions.read_text(encoding="utf-8").splitlines()))
     assert [(r["true_class"], r["answered_class"], r["crops"]) for r in top] == [("K-000005", "K-000006", "12"),
                                                                                ("K-000007", "K-000009", "3")]
     assert top[0]["share_of_true_class"] == f"{12 / 14:.4f}"
