@@ -391,6 +391,25 @@ def test_sets_are_calibrated_on_crops_drawn_from_the_whole_validation_set() -> N
     assert list(spread_sample(7, 20, seed=3)) == list(range(7))  # fewer than the limit: every crop, in order
 
 
+def test_each_crop_source_gets_enough_of_the_draw_for_its_own_threshold() -> None:
+    """At Stage 4 the combination pills are ~9 % of the validation crops: a plain draw of 500 names about 45 of
+    them, fewer than the 50 their own set threshold needs. Drawn by source, each gets at least SOURCE_FLOOR (all of
+    it when it has fewer), at random within it, and the rest goes by share."""
+    from pillsnap.eval.answer_calibration import SOURCE_FLOOR, spread_sample
+
+    sources = np.where(np.random.default_rng(0).random(85_000) < 0.09, "combination", "single")
+    plain = [int((sources[spread_sample(len(sources), 500, seed)] == "combination").sum()) for seed in range(20)]
+    assert np.median(plain) < 50
+    for seed in range(5):
+        chosen = spread_sample(len(sources), 500, seed, sources)
+        assert len(np.unique(chosen)) == 500 and list(chosen) == sorted(chosen)
+        assert (sources[chosen] == "combination").sum() >= SOURCE_FLOOR
+    few = np.array(["combination"] * 40 + ["single"] * 2000)
+    chosen = spread_sample(len(few), 500, 0, few)
+    assert len(chosen) == 500 and (few[chosen] == "combination").sum() == 40  # all of a small source
+    assert set(spread_sample(len(few), 500, 1, few)) != set(chosen)  # the singles drawn at random
+
+
 def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
     from pillsnap.eval.answer_calibration import answer_calibration
 
