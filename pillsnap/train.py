@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -233,8 +234,15 @@ def train_detection_stage(cfg: Any, build_loaders: Callable[[Any], Any] | None =
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues an interrupted run from its last checkpoints."""
-    parts = [*str(getattr(args, "prog", "python -m pillsnap.train")).split(), "--cfg", args.cfg]
+    """The command line that continues an interrupted run from its last checkpoints: under torchrun, a torchrun
+    command with this node's number of processes (a plain `python -m pillsnap.train` would resume on one GPU)."""
+    launcher = str(getattr(args, "prog", "python -m pillsnap.train")).split()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        nodes = int(os.environ.get("WORLD_SIZE") or per_node) // max(per_node, 1)
+        launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node",
+                    str(per_node), "-m", "pillsnap.train"]
+    parts = [*launcher, "--cfg", args.cfg]
     if args.only:
         parts += ["--only", args.only]
     parts += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=last"]
@@ -263,9 +271,11 @@ def run(args: argparse.Namespace) -> int:
     if training_ended(exp, started):  # the steps cut short are run on their own instead of a resume
         # a resume trains nothing and does the steps left, the report plots too (they have no command of their own)
         left, resume = finish_command(exp, stage), resume_command(args)
-        LOGGER.warning("interrupted after training; finish with: %s", f"{left} (or: {resume})" if left else resume)
+        hint = ("interrupted after training; finish with: %s", f"{left} (or: {resume})" if left else resume)
     else:  # a resume with no checkpoints yet starts fresh, so the hint always holds
-        LOGGER.warning("interrupted; resume with: %s", resume_command(args))
+        hint = ("interrupted; resume with: %s", resume_command(args))
+    if int(os.environ.get("RANK") or 0) == 0:  # once, not from every rank of a torchrun job
+        LOGGER.warning(*hint)
     return code
 
 

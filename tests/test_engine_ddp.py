@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fakes import loaders_with_detection, make_cfg
+from fakes import fake_build_loaders, loaders_with_detection, make_cfg
 
 
 def free_port() -> int:
@@ -109,6 +109,47 @@ def test_a_batch_lost_on_one_rank_is_skipped_by_every_rank(tmp_path):
     assert r0["samples"] == r1["samples"] == 32
     for name, tensor in r0["state"].items():
         assert torch.equal(tensor, r1["state"][name]), f"{name} differs between ranks"
+
+
+def compile_worker(rank: int, world: int, port: int, root: str, resume: bool) -> None:
+    from pillsnap.engine import compiling
+    from pillsnap.engine.run import run_training
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    tried = []
+
+    def warm_up(task, model):  # rank 0's compiler works (nothing is compiled here); rank 1 has no C++ compiler
+        tried.append(type(getattr(model, "_orig_mod", model)).__name__)  # what torch.compile wrapped
+        if rank == 1:
+            raise RuntimeError("no C++ compiler")
+
+    compiling.warm_up = warm_up
+    overrides = ("train.deterministic=true", "train.max_steps_per_epoch=2", "train.ddp_timeout_minutes=1",
+                 "optimization.torch_compile=reduce-overhead")
+    # resumed, each rank from its own folder: rank 1 (which wrote nothing) as a node without rank 0's
+    overrides += ("train.epochs=2", "train.resume=last") if resume else ("train.epochs=1",)
+    code, trainer = run_training(make_cfg(Path(root) / f"exp_rank{rank}", *overrides), fake_build_loaders)
+    model = None if trainer is None else trainer.tasks["classification"].model
+    torch.save({"code": code, "eager": not isinstance(model, torch._dynamo.eval_frame.OptimizedModule),
+                "tried": tried}, Path(root) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_every_rank_trains_compiled_or_every_rank_eager_and_resumes_alike_or_not_at_all(tmp_path):
+    """A rank whose compile warm-up fails trains eager; the others must too (compiled and eager replicas would
+    call their collectives out of step: a crash under gloo, a hang under NCCL), and the warm-up runs outside the
+    DDP wrapper, without collectives. Ranks that find different checkpoints to resume from refuse to start."""
+    mp.spawn(compile_worker, args=(2, free_port(), str(tmp_path), False), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["code"] == r1["code"] == 0 and r0["eager"] and r1["eager"]
+    assert r0["tried"] == r1["tried"] == ["EfficientNet"]  # the compiled bare model, not the DDP wrapper
+    mp.spawn(compile_worker, args=(2, free_port(), str(tmp_path), True), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["code"] == r1["code"] == 2  # EXIT_CONFIG on both, with a line naming what each rank found
+    log = (tmp_path / "exp_rank0" / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+    assert "found different checkpoints to resume from (epoch, step per rank: 0: 1, 2, 1: 0, 0)" in log
 
 
 def test_ranks_wait_for_each_other_as_long_as_the_config_says(monkeypatch):

@@ -252,6 +252,16 @@ def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, 
     args = argparse.Namespace(prog="pillsnap train", cfg="my cfg.yaml", only=None, check=False, choice=None,
                               yes=False, overrides=["train.epochs=5", "train.resume=/x/best.pt"])
     assert resume_command(args) == "pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last"
+    # under torchrun: a torchrun command with as many processes (a plain command would resume on one GPU)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_command(args) == ("torchrun --nproc_per_node 4 -m pillsnap.train --cfg 'my cfg.yaml' "
+                                    "train.epochs=5 train.resume=last")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert resume_command(args).startswith("torchrun --nnodes 2 --nproc_per_node 4 -m pillsnap.train ")
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
 
     import pillsnap.config
     import pillsnap.train

@@ -286,3 +286,29 @@ def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):
     kept = classification_task(tmp_path / "d", "train.batch_size=12")
     kept.load_checkpoint_state(older)  # a checkpoint from before the configured batch was kept: as before
     assert (kept.knobs.batch_size, kept.knobs.grad_accum) == (4, 1)
+
+
+def test_the_detector_clips_as_ultralytics_does_over_every_ranks_batch(tmp_path):
+    """ultralytics clips at 10 the gradient of a loss summed over the images of a step, every rank's under DDP; our
+    loss is the mean over the global batch of all ranks, so the clip is 10 over that many images."""
+    from pillsnap.engine.distributed import DistInfo
+
+    task = detection_task(tmp_path, "train.detection.batch_size=4", "train.grad_accum_steps=2")
+    alone = task.grad_clip()
+    assert alone == pytest.approx(10.0 / (task.knobs.batch_size * task.knobs.grad_accum))
+    task.info = DistInfo(rank=1, world_size=4)
+    assert task.grad_clip() == pytest.approx(alone / 4)
+
+
+def test_each_rank_draws_its_own_augmentation_and_an_epoch_replays_its_draws():
+    from pillsnap.engine.trainer import seed_epoch
+
+    def draws(rank: int, epoch: int = 3) -> list[float]:
+        seed_epoch(7, epoch, [], rank)
+        return torch.rand(4).tolist()
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)  # a resumed epoch replays them
+    assert draws(0) != draws(1) and draws(1) != draws(2)  # under DDP each rank flips and crops on its own
+    assert draws(0, epoch=4) != draws(0)
+    seed_epoch(7, 3, [])
+    assert torch.rand(4).tolist() == draws(0)  # a single process draws as before

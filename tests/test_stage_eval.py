@@ -246,6 +246,9 @@ def test_the_runs_figures_include_the_advanced_metrics():
     assert run["loss_variance"] == pytest.approx(np.var([1.0, 1.2, 0.8]))  # the last epoch only
     assert run["memory_peak_over_avg"] == pytest.approx(2000 / 1250)
     assert run["global_batch"] == 32 and run["gpu_memory_gb"] == 2.0 and run["memory_stable"]
+    on_4_gpus = {**summary, "batch": {"classification": {"batch_size": 16, "grad_accum": 2, "world_size": 4}}}
+    assert stage_measure.run_figures(on_4_gpus, steps)["global_batch"] == 128  # every rank's
+    assert stage_measure.run_figures(on_4_gpus, steps)["rank_batch"] == 32
     on_cpu = stage_measure.run_figures({**summary, "system": {"device": "cpu"}},
                                        [{**r, "cuda_mem": 0.0} for r in steps])
     assert on_cpu["memory_peak_over_avg"] == pytest.approx(105 / np.mean([100, 104, 105]))
@@ -298,9 +301,11 @@ def test_class_balance_counts_the_drugs_the_classifier_trains_on(synth_cfg):
 
 
 def test_auto_batch_success_when_the_search_ran_or_the_configured_batch_trained_whole(synth_cfg):
-    run = {"global_batch": 4}
+    run = {"rank_batch": 4, "global_batch": 4}
     assert stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {}}, run)  # off (the default), batch 4 kept
-    assert not stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {}}, {"global_batch": 2})  # cut by OOM
+    assert not stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {}}, {"rank_batch": 2, "global_batch": 2})
+    # on 2 ranks the job's global batch is twice a rank's: a rank's batch cut by OOM is still a cut
+    assert not stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {}}, {"rank_batch": 2, "global_batch": 4})
     assert stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {"classification": {"batch_size": 96}}}, run)
     assert not stage_measure.auto_batch_ok(synth_cfg, {"auto_batch": {"classification": {"batch_size": 0}}}, run)
 

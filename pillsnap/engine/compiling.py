@@ -7,8 +7,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import torch.distributed as dist
 from torch import nn
 
+from pillsnap.engine.distributed import DistInfo, any_rank
 from pillsnap.utils import is_out_of_memory, try_torch_compile
 
 if TYPE_CHECKING:
@@ -28,20 +30,37 @@ def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
                 "max-autotune)", task.name, mode)
     start = time.monotonic()
     compiled = try_torch_compile(model, mode)
-    if compiled is model:
-        return model
-    try:
-        warm_up(task, compiled)
-    except Exception as err:  # compile backends fail in many ways (no C++ compiler, unsupported op); eager works
-        if is_out_of_memory(err):  # the training loop's OOM recovery deals with memory, not the compiler
-            LOGGER.warning("%s: the compile warm-up ran out of memory (%s); compiling at the first steps instead",
-                           task.name, err)
-            return compiled
-        LOGGER.warning("%s: torch.compile(mode=%s) failed in its warm-up, training eager instead: %s",
-                       task.name, mode, err)
+    ranks = _process_group()
+    # Under DDP the warm-up runs a compiled copy of the bare model: through the DDP wrapper it would broadcast
+    # buffers and all-reduce gradients, and a rank whose compile fails would leave the others waiting in those
+    # collectives (a crash under gloo, a hang under NCCL). Every rank then trains compiled, or every rank eager.
+    trial = compiled if ranks.world_size == 1 or compiled is model else try_torch_compile(task.raw_model, mode)
+    failed = compiled is model or trial is task.raw_model
+    if not failed:
+        try:
+            warm_up(task, trial)
+        except Exception as err:  # compile backends fail in many ways (no C++ compiler, unsupported op); eager works
+            if is_out_of_memory(err):  # the training loop's OOM recovery deals with memory, not the compiler
+                LOGGER.warning("%s: the compile warm-up ran out of memory (%s); compiling at the first steps "
+                               "instead", task.name, err)
+            else:
+                LOGGER.warning("%s: torch.compile(mode=%s) failed in its warm-up, training eager instead: %s",
+                               task.name, mode, err)
+                failed = True
+    if ranks.world_size > 1 and any_rank(ranks, failed, task.device) and not failed:
+        LOGGER.warning("%s: torch.compile failed on another rank: every rank trains eager", task.name)
+        failed = True
+    if failed:
         return model
     LOGGER.info("%s: torch.compile warm-up done in %.1f s", task.name, time.monotonic() - start)
     return compiled
+
+
+def _process_group() -> DistInfo:
+    """The ranks of the process group, when one is up (the task's own DistInfo is set after it is built)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistInfo()
 
 
 def warm_up(task: Task, model: nn.Module) -> None:

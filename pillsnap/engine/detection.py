@@ -21,8 +21,9 @@ from pillsnap.models.detector import build_yolo_model, postprocess_detections
 from pillsnap.utils.boxes import cxcywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
-# ultralytics' own trainer clips at 10 the gradient of a loss summed over the images of the accumulation window;
-# our loss is the mean over the global batch, so the same clip is 10 / global batch.
+# ultralytics' own trainer clips at 10 the gradient of a loss summed over the images of the accumulation window (and,
+# under DDP, over every rank's: it scales the loss by the world size before DDP averages the gradients); our loss
+# is the mean over the global batch of all ranks, so the same clip is 10 / (batch x accumulation x ranks).
 ULTRALYTICS_GRAD_CLIP = 10.0
 EMPTY_METRICS = {"mAP@0.5": 0.0, "mAP@0.5:0.95": 0.0, "precision": 0.0, "recall": 0.0}
 
@@ -161,7 +162,7 @@ class DetectionTask(Task):
 
     def clip_norm(self, configured: float) -> float:
         # ultralytics' own norm for its loss scale, whatever train.grad_clip (which only switches clipping on/off)
-        return ULTRALYTICS_GRAD_CLIP / (self.knobs.batch_size * self.knobs.grad_accum)
+        return ULTRALYTICS_GRAD_CLIP / (self.knobs.batch_size * self.knobs.grad_accum * self.info.world_size)
 
     def lr_and_weight_decay(self) -> tuple[float, float]:
         return float(self.section.lr), float(self.section.weight_decay)

@@ -176,6 +176,7 @@ def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: 
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
         trainer.resume_newer_than = older_before  # another task's last file may be an older run's
         trainer.resume()
+        trainer.check_resumed_alike()
         trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
     except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
         logger.error("cannot start training: %s", err)

@@ -41,7 +41,7 @@ from pillsnap.engine.oom import (
     save_recovery,
 )
 from pillsnap.engine.spec import specs_by_name
-from pillsnap.engine.task import Task
+from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import (
     TBWriter,
     load_ckpt,
@@ -56,9 +56,14 @@ EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 13
 DEFAULT_TASKS: tuple[type[Task], ...] = (ClassificationTask, DetectionTask)
 
 
-def seed_epoch(seed: int, epoch: int, loaders: list[Any]) -> None:
-    """Seed every RNG from (seed, epoch) so a resumed epoch replays the same shuffle, augmentation and dropout."""
-    s = seed * 1000 + epoch
+RANK_SEED_STRIDE = 1_000_003  # a prime: rank r's seeds are (seed, epoch)'s plus r times it
+
+
+def seed_epoch(seed: int, epoch: int, loaders: list[Any], rank: int = 0) -> None:
+    """Seed every RNG from (seed, epoch, rank) so a resumed epoch replays the same shuffle, augmentation and
+    dropout. Each rank gets its own augmentation and dropout draws (the same on every rank would flip, crop and
+    drop alike at each batch position of every shard); the shards' shuffle comes from the sampler's own seed."""
+    s = seed * 1000 + epoch + rank * RANK_SEED_STRIDE
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -133,6 +138,19 @@ class Trainer:
         run, is done before the run is)."""
         return {name: max((i + 1 for i, tasks in enumerate(self.plan) if name in tasks), default=0)
                 for name in self.tasks}
+
+    def check_resumed_alike(self) -> None:
+        """Under DDP every rank must go on from the same training: a node that cannot see rank 0's checkpoints (no
+        folder shared by the nodes) would start fresh while the others resume, train other weights and hang at
+        the end. Raises ResumeMismatchError naming what each rank found."""
+        if not self.info.enabled:
+            return
+        found = all_ranks(self.info, (self.start_epoch, self.state.global_step))
+        if any(state != found[0] for state in found):
+            raise ResumeMismatchError(
+                "the ranks found different checkpoints to resume from (epoch, step per rank: "
+                f"{', '.join(f'{r}: {e}, {g}' for r, (e, g) in enumerate(found))}): every rank must see the run's "
+                f"folder {self.exp_dir} (shared by every node), or start fresh")
 
     def trains(self, name: str) -> bool:
         """Whether the plan trains task `name` in any epoch."""
@@ -307,7 +325,8 @@ class Trainer:
         out["stopped_early"] = sorted(self.stopped)
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
         out["system"] = earlier.get("system") or {"device": str(self.device), **memory_snapshot()}
-        out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name)}
+        out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name),
+                               "world_size": self.info.world_size}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
@@ -397,7 +416,7 @@ class Trainer:
             bool(self.history) and int(self.history[-1].get("epoch") or 0) == self.start_epoch)
 
     def _run_epoch(self, epoch: int, active: list[str], progress: EpochProgress | None = None) -> None:
-        seed_epoch(int(self.cfg.train.seed), epoch, [self.tasks[t].train_loader for t in active])
+        seed_epoch(int(self.cfg.train.seed), epoch, [self.tasks[t].train_loader for t in active], self.info.rank)
         if progress is not None and progress.epoch != epoch:
             progress = None
         self.callbacks.fire("on_epoch_start", epoch, {
@@ -457,7 +476,7 @@ class Trainer:
         self.logger.error(
             "%s: under DDP one rank cannot replay a step alone, so the run stops. Saved the recovery (%s) to %s: "
             "every rank applies it when the run starts again from the checkpoints (%s). torchrun --max-restarts=N "
-            "restarts it by itself; by hand, run the same command with --resume last.",
+            "restarts it by itself; by hand, run the same torchrun command with train.resume=last.",
             err, err.decision.describe(), path, self._committed())
         self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
         return EXIT_OOM

@@ -134,7 +134,9 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
         "memory_growth": growth, "memory_stable": growth is None or growth <= ADVISOR.memory_growth_limit,
         "peak_rss_mb": system.get("peak_rss_mb"),
         "gpu_memory_gb": (system.get("peak_cuda_mem_mb") or 0) / 1024 if "cuda" in str(system.get("device")) else None,
-        "batch_size": batch.get("batch_size"), "global_batch": batch_size * (batch.get("grad_accum") or 1),
+        # per rank and over the job (a torchrun run's global batch is every rank's)
+        "batch_size": batch.get("batch_size"), "rank_batch": batch_size * (batch.get("grad_accum") or 1),
+        "global_batch": batch_size * (batch.get("grad_accum") or 1) * int(batch.get("world_size") or 1),
         "samples_seen": batch.get("samples_seen"),
         "loss_variance": loss_variance(steps), "memory_peak_over_avg": memory_peak_over_avg(steps, history),
     }
@@ -347,7 +349,7 @@ def auto_batch_ok(cfg: DictConfig, summary: dict, run: dict) -> bool:
     global batch was not cut by OOM fallbacks (micro-batching keeps it). See docs/DESIGN_MAP.md."""
     if summary.get("auto_batch"):
         return all((found or {}).get("batch_size") for found in summary["auto_batch"].values())
-    return bool(run["global_batch"]) and run["global_batch"] >= int(cfg.train.batch_size)
+    return bool(run["rank_batch"]) and run["rank_batch"] >= int(cfg.train.batch_size)  # train.batch_size is a rank's
 
 
 def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, models: dict,
