@@ -268,3 +268,20 @@ def test_joining_a_process_group_someone_else_started(monkeypatch):
     info = distributed.init_distributed(30)
     assert info.world_size == 2 and made["backend"] == "gloo" and distributed._WAIT_GROUP == "the wait group"
     monkeypatch.setattr(distributed, "_WAIT_GROUP", None)
+
+
+def test_the_other_ranks_of_a_job_say_only_warnings_and_errors(tmp_path):
+    import logging
+
+    from pillsnap.engine.run import run_logging
+
+    root = logging.getLogger("pillsnap")
+    before = root.level
+    root.setLevel(logging.INFO)  # as the command line sets it
+    try:
+        with run_logging(tmp_path, enabled=False):  # rank 1's run
+            child = logging.getLogger("pillsnap.engine.trainer")
+            assert not child.isEnabledFor(logging.INFO) and child.isEnabledFor(logging.WARNING)
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)

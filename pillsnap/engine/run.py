@@ -43,8 +43,13 @@ LOGGER = logging.getLogger(__name__)
 @contextmanager
 def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
     """Console + logs/pillsnap.log + logs/train.out (INFO) + logs/train.err (WARNING); handlers removed at the end.
-    Under scripts/train.sh the process's own streams are written to train.out/err, so no handlers are added."""
+    Under scripts/train.sh the process's own streams are written to train.out/err, so no handlers are added.
+    The other ranks of a torchrun job (`enabled` False) say only warnings and errors: every rank repeating rank 0's
+    progress lines would bury them."""
     logger = build_logger(exp_dir) if enabled else logging.getLogger("pillsnap")
+    level = logger.level
+    if not enabled:
+        logger.setLevel(max(logging.WARNING, level))
     added = []
     if enabled and not streams_are_logs():
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,6 +62,7 @@ def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
     try:
         yield logger
     finally:
+        logger.setLevel(level)
         logs_dir = str((exp_dir / "logs").resolve())
         for handler in list(logger.handlers):
             if handler in added or str(getattr(handler, "baseFilename", "")).startswith(logs_dir):
