@@ -249,8 +249,18 @@ def test_a_resume_on_another_number_of_ranks_goes_on_where_its_samples_bring_the
     assert spread.scheduler.last_epoch == 3
     older = {**ckpt, "task_state": {k: v for k, v in ckpt["task_state"].items() if k != "world_size"}}
     unknown = classification_task(tmp_path / "d", "train.batch_size=8")
-    unknown.load_checkpoint_state(older)  # a checkpoint that does not say its ranks: as before
+    unknown.load_checkpoint_state(older)  # a checkpoint that does not say its ranks: one rank is assumed
     assert unknown.scheduler.last_epoch == 3
+    unknown.samples_seen = 24
+    older_one = {**unknown.checkpoint_state(epoch=1, best_metric=None)}
+    older_one["task_state"] = {k: v for k, v in older_one["task_state"].items() if k != "world_size"}
+    spread_older = classification_task(tmp_path / "f", "train.batch_size=8")  # an older one-GPU run on 2 ranks
+    spread_older.info = DistInfo(rank=0, world_size=2)
+    spread_older.load_checkpoint_state(older_one)
+    assert spread_older.scheduler.last_epoch == 2  # 24 samples at 8 a rank on 2 ranks (rounded from 1.5)
+    exact = classification_task(tmp_path / "g", "train.batch_size=8")  # and on one process: as it was
+    exact.load_checkpoint_state(older_one)
+    assert exact.scheduler.last_epoch == 3
 
 
 def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):

@@ -170,6 +170,12 @@ def test_a_task_done_before_the_run_is_finished_and_leaves_the_run_eta():
                        val(11, 1, acc=0.5), step(20, 2, 10), val(21, 2, acc=0.5)])
     cls = planned.snapshot()["tasks"]["classification"]
     assert cls["finished"] and not cls["stopped_early"] and cls["max_epochs"] == 2
+    restarted = MonitorState()  # a torchrun restart before the first checkpoint: the same job, not a new run
+    restarted.apply_all([start(t=0), {"type": "oom", "task": "classification"}, {**start(t=5), "restart": 1},
+                         {"type": "stage_evaluation", "stage": 2, "status": "NO_GO", "time": 6}])
+    assert len(restarted.snapshot()["oom"]) == 1
+    restarted.apply({**start(t=9, start_epoch=2)})  # resumed after that evaluation: its verdict is not this one's
+    assert restarted.snapshot()["evaluation"] is None
     resumed = MonitorState()  # a resume says which tasks had stopped before it
     resumed.apply_all([{**start(t=0, start_epoch=2), "stopped_early": ["classification"]}])
     assert resumed.snapshot()["tasks"]["classification"]["finished"]

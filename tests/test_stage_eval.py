@@ -264,12 +264,13 @@ def test_the_runs_figures_are_of_this_run_not_of_earlier_runs_in_the_folder(tmp_
     stream = tmp_path / "metrics.jsonl"
     records = [{"type": "start", "start_epoch": 0}, step(float("nan"), 20.0), {"type": "oom", "action": "gave_up"},
                {"type": "start", "start_epoch": 0, "resumed_at": None}, step(1.0, 150.0),
-               {"type": "start", "start_epoch": 1}, step(0.9, 160.0)]
+               {"type": "start", "start_epoch": 1}, step(0.9, 160.0), {"type": "oom", "action": "gave_up"},
+               {"type": "start", "start_epoch": 0, "restart": 1}]  # a torchrun restart: the same job
     stream.write_text("".join(json.dumps(r) + "\n" for r in records) + '[1, 2]\n{"type": "st', encoding="utf-8")
     this_run = stage_measure.read_stream(stream)
     assert [r.get("loss") for r in this_run if r["type"] == "step"] == [1.0, 0.9]  # the resume's steps count
     run = stage_measure.run_figures({}, this_run)
-    assert not run["nan_loss"] and run["repeated_oom"] == 0 and run["throughput_img_s"] == 155.0
+    assert not run["nan_loss"] and run["repeated_oom"] == 1 and run["throughput_img_s"] == 155.0
 
 
 def test_memory_peak_over_average_is_taken_per_task():

@@ -83,10 +83,13 @@ class EpochProgress:
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def rng_of(self, rank: int, world_size: int) -> dict:
-        """Rank `rank`'s random states; rank 0's when the run was saved with another number of ranks."""
+        """Rank `rank`'s random states. Saved with another number of ranks: rank 0's for rank 0, none for the others
+        (they keep their own epoch seeds: rank 0's states on every rank would draw alike on every rank)."""
         if not self.rng:
             return {}
-        return self.rng[rank] if len(self.rng) == world_size else self.rng[0]
+        if len(self.rng) == world_size:
+            return self.rng[rank]
+        return self.rng[0] if rank == 0 else {}
 
     @classmethod
     def going_on(cls, epoch: int, tasks: list[str], saved: EpochProgress | None) -> EpochProgress:

@@ -176,8 +176,8 @@ def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: 
                    build_loaders: BuildLoaders, callbacks: list[Callback] | None,
                    task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
     restarted, older_before = settle_restart(cfg, info, logger)
-    if not cfg.train.resume and any(tb.log_dir.glob("events.out.tfevents.*")):
-        tb.purge_from(0)  # a fresh run where runs were before: TensorBoard shows this one alone
+    if not cfg.train.resume:
+        tb.purge_from(0)  # a fresh run: TensorBoard shows this one alone, not over the folder's earlier runs
     try:
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
         trainer.resume_newer_than = older_before  # another task's last file may be an older run's

@@ -443,7 +443,8 @@ class Task(ABC):
         self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()
         batch_changed = self._restore_oom_state(ckpt.get("oom_state") or {})
-        ranks = int(counters.get("world_size") or self.info.world_size)
+        # a checkpoint from before ranks were recorded: its samples are every rank's already; one rank is assumed
+        ranks = int(counters.get("world_size") or 1)
         if batch_changed or ranks != self.info.world_size:
             self._reposition_schedule(ranks)
         if ckpt.get("scaler_state") and self.scaler.is_enabled():

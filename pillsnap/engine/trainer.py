@@ -8,6 +8,7 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -367,7 +368,8 @@ class Trainer:
         self.callbacks.fire("on_train_start", {"tasks": list(self.tasks), "epochs": len(self.plan), "stage": self.stage,
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
                                                "last_epochs": self.last_epochs(),
-                                               "stopped_early": sorted(self.stopped)})
+                                               "stopped_early": sorted(self.stopped),
+                                               "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)})
         epoch = self.start_epoch
         why = self.trains_nothing()
         if why is not None:

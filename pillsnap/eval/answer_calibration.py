@@ -146,10 +146,12 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
                        class_map: dict, topk: int, threads: int = 0, limit: int = ANSWER_CROPS,
                        read_imprints: bool = True, unknown: UnknownAnswer | None = None,
                        sources: np.ndarray | None = None, check_unknown: bool = False, held_out: Any = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, by_source: bool = True) -> dict:
     """The final answers on `limit` validation crops drawn at random with `seed` (spread_sample; all of them when
-    there are fewer), as inference makes them (the imprint read where the contenders' imprints differ, then the
-    posterior of pillsnap.infer.answer).
+    there are fewer; with `by_source`, inference.prediction_set.by_source, each crop source gets its floor of them,
+    so that each can have its own set threshold and evidence scale: the figures over every answer are then of that
+    mix; without it, one threshold serves every pill and the draw is plain), as inference makes them (the imprint
+    read where the contenders' imprints differ, then the posterior of pillsnap.infer.answer).
 
     Returns `evidence_scale` (fit_evidence_scale; 1.0 without reads), `answers` (the top answers' accuracy and ECE
     at that scale, and at 1.0 under `unscaled`; None without the imprint reader, rapidocr-onnxruntime, or with
@@ -170,7 +172,8 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
     known = KnownImprints(class_map) if check_unknown else None
     unknown = unknown or UnknownAnswer("probability", None)
     items = val_answers(model, dataset, temperatures, class_names, class_map, topk, threads,
-                        spread_sample(len(dataset), limit, seed, sources), reading, unknown, sources, check_unknown)
+                        spread_sample(len(dataset), limit, seed, sources if by_source else None), reading, unknown,
+                        sources, check_unknown)
     scale, scale_by_source = fit_evidence_scales(items, class_map)
 
     def scaled(source: str | None) -> Any:

@@ -214,6 +214,7 @@ class MonitorState:
             self.reset()  # a fresh run appends to the same file: its history is not this run's
         else:
             self.run["resumes"] += 1
+            self.evaluation = None  # the verdict of the training before the resume: this one is not decided yet
             for name, task in self.tasks.items():
                 task.rewind(start_epoch, inside.get(name))
         self.run.update(status="running", stage=record.get("stage"), tasks=list(record.get("tasks", [])),

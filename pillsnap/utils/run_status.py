@@ -6,6 +6,8 @@ FINISHED_STATUSES = (*COMPLETED_STATUSES, "time_capped")  # ended on its own (no
 
 
 def is_fresh_start(record: dict) -> bool:
-    """Whether a metrics.jsonl record is the start of a new run (not a resume): a new run appends to the file its
-    folder's earlier runs wrote, so what came before it is not this run's."""
-    return record.get("type") == "start" and not int(record.get("start_epoch") or 0) and not record.get("resumed_at")
+    """Whether a metrics.jsonl record is the start of a new run (not a resume, nor a torchrun restart of the same
+    job, even one before its first checkpoint): a new run appends to the file its folder's earlier runs wrote, so
+    what came before it is not this run's."""
+    return (record.get("type") == "start" and not int(record.get("start_epoch") or 0) and not record.get("resumed_at")
+            and not int(record.get("restart") or 0))  # a torchrun restart goes on with its job, checkpoints or not
