@@ -283,5 +283,8 @@ def test_the_other_ranks_of_a_job_say_only_warnings_and_errors(tmp_path):
             child = logging.getLogger("pillsnap.engine.trainer")
             assert not child.isEnabledFor(logging.INFO) and child.isEnabledFor(logging.WARNING)
         assert root.level == logging.INFO
+        with run_logging(tmp_path, enabled=True):  # rank 0's (or one process's) run: its level is left as set
+            pass
+        assert root.level == logging.INFO
     finally:
         root.setLevel(before)

@@ -47,9 +47,9 @@ def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
     The other ranks of a torchrun job (`enabled` False) say only warnings and errors: every rank repeating rank 0's
     progress lines would bury them."""
     logger = build_logger(exp_dir) if enabled else logging.getLogger("pillsnap")
-    level = logger.level
+    saved_level = logger.level
     if not enabled:
-        logger.setLevel(max(logging.WARNING, level))
+        logger.setLevel(max(logging.WARNING, saved_level))
     added = []
     if enabled and not streams_are_logs():
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,7 +62,7 @@ def run_logging(exp_dir: Path, enabled: bool) -> Iterator[logging.Logger]:
     try:
         yield logger
     finally:
-        logger.setLevel(level)
+        logger.setLevel(saved_level)
         logs_dir = str((exp_dir / "logs").resolve())
         for handler in list(logger.handlers):
             if handler in added or str(getattr(handler, "baseFilename", "")).startswith(logs_dir):
