@@ -17,10 +17,15 @@ from pillsnap.engine.distributed import DistInfo, broadcast_object
 from pillsnap.utils.io import read_json, save_json
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's processes (0: its first start, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def restarted_by_torchrun() -> bool:
     """Whether torchrun restarted this run's processes after a failure (--max-restarts): each restart must go on
     from the checkpoints, not train over them from scratch."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return restart_count() > 0
 
 
 JOB_MARKER = "torchrun_job.json"  # beside the checkpoints: when this torchrun job first started, and its run id

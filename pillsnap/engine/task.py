@@ -495,7 +495,6 @@ class Task(ABC):
             peak = self.lr_and_weight_decay()[0]
             if self.peak_lr:
                 self._scale_lr(peak / self.peak_lr)  # every group by the same factor, as recovery cut them
-            self._follow_schedule()
             LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
                            "configured at peak lr %.2e (what OOM recovery had chosen for the old batch is not kept)",
                            self.name, *self.configured_knobs, int(saved[0]), int(saved[1] or 1), peak)

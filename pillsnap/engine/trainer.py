@@ -8,7 +8,6 @@ interleaving) are pure functions in their own modules. The trainer only speaks t
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -41,6 +40,7 @@ from pillsnap.engine.oom import (
     recovered_state,
     save_recovery,
 )
+from pillsnap.engine.restart import restart_count
 from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import (
@@ -369,7 +369,7 @@ class Trainer:
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
                                                "last_epochs": self.last_epochs(),
                                                "stopped_early": sorted(self.stopped),
-                                               "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)})
+                                               "restart": restart_count()})
         epoch = self.start_epoch
         why = self.trains_nothing()
         if why is not None:

@@ -167,16 +167,13 @@ def write_per_class_tables(cm: np.ndarray, class_names: Sequence[str], out_dir: 
     classes the confusion matrix's picture cannot show which drug fails or which two are confused; these can."""
     import csv
 
-    from pillsnap.metrics.classification import shrunken_rates
+    from pillsnap.metrics.classification import per_class_rates, shrunken_rates
 
     out_dir = ensure_dir(Path(out_dir))
     support, answered, right = cm.sum(axis=1), cm.sum(axis=0), np.diagonal(cm).copy()
     present = np.flatnonzero(support)
     shrunk = shrunken_rates(right[present], support[present])
-    precision = np.divide(right, answered, out=np.zeros(len(right)), where=answered > 0)
-    recall = np.divide(right, support, out=np.zeros(len(right)), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(right)),
-                   where=precision + recall > 0)
+    precision, recall, f1 = per_class_rates(right, support, answered)
     per_class = Path(out_dir) / "per_class.csv"
     with atomic_path(per_class) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

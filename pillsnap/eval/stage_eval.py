@@ -225,7 +225,6 @@ def regression_baseline(previous: dict | None, weights: str | None) -> dict | No
     return previous.get("results")
 
 
-
 def evaluate_stage(cfg: DictConfig, exp_dir: str | Path | None = None, choice: int | None = None,
                    assume_yes: bool = False, ask: Callable[[str], str] | None = None,
                    build_loaders: Callable[[DictConfig], Any] | None = None, device: str | None = None) -> dict:

@@ -186,17 +186,16 @@ def per_class_floors(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     Accuracy (a class's recall): with ~15 crops a class the lowest observed one measures the noise (a classifier
     right on 97 % of every class shows ~0.72 at 5,000 classes, bench/per_class_floor.py), so the floor is the lowest
     after empirical-Bayes shrinkage; the observed one is beside it."""
-    from sklearn.metrics import f1_score
-
-    from pillsnap.metrics.classification import shrunken_rates
+    from pillsnap.metrics.classification import per_class_rates, shrunken_rates
 
     present = np.unique(y_true)
     if not len(present):
         return {}
-    counts = np.bincount(y_true)
-    f1 = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
+    size = max(int(y_true.max()), int(y_pred.max(initial=0))) + 1
+    counts = np.bincount(y_true, minlength=size)
+    right = np.bincount(y_true[y_true == y_pred], minlength=size)[present]
+    f1 = per_class_rates(right, counts[present], np.bincount(y_pred, minlength=size)[present])[2]
     judged = counts[present] >= MIN_F1_CROPS
-    right = np.bincount(y_true[y_true == y_pred], minlength=len(counts))[present]
     return {"per_class_min_f1": float((f1[judged] if judged.any() else f1).min()),
             "per_class_min_f1_observed": float(f1.min()), "per_class_f1_classes": int(judged.sum()),
             "per_class_min_acc": float(shrunken_rates(right, counts[present]).min()),

@@ -72,6 +72,18 @@ def metrics_from_hits(y_true: np.ndarray, y_pred: np.ndarray, hits: Mapping[int,
     return out
 
 
+def per_class_rates(right: np.ndarray, crops: np.ndarray, answered: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each class's precision, recall and F1 from its right answers, its crops and the answers naming it (0 where a
+    figure has nothing to divide by, as sklearn's zero_division=0)."""
+    right, crops, answered = (np.asarray(a, np.float64) for a in (right, crops, answered))
+    precision = np.divide(right, answered, out=np.zeros(len(right)), where=answered > 0)
+    recall = np.divide(right, crops, out=np.zeros(len(right)), where=crops > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(right)),
+                   where=precision + recall > 0)
+    return precision, recall, f1
+
+
 def shrunken_rates(successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
     """Each group's rate (a class's accuracy: right answers over its crops) shrunk toward the rate over all groups
     by empirical Bayes: a beta prior fit to the groups by the method of moments, the binomial noise of each group's
