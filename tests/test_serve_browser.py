@@ -103,6 +103,26 @@ def test_hint_fields_are_sent_with_the_photo(page, tmp_path: Path) -> None:
     assert len(sent) == 2 and 'name="shape"' not in sent[1].decode("utf-8", "replace")  # "any" sends nothing
 
 
+def test_a_heic_photo_is_shown_through_the_server_and_answered(page, tmp_path: Path) -> None:
+    """Chromium cannot show HEIC (iPhones' format): the page shows the server's JPEG of it, boxes on top."""
+    from PIL import Image
+    from test_utils_images import heic
+
+    photo = tmp_path / "IMG_0001.HEIC"
+    photo.write_bytes(heic(Image.open(pill_photo(tmp_path / "pill.png", [(45, 60, 30, 24)]))))
+    page.click("text=single pill")
+    with page.expect_response("**/v1/preview", timeout=60_000) as shown, \
+            page.expect_response("**/v1/predict", timeout=60_000) as answer:
+        page.set_input_files("#file", str(photo))
+    assert shown.value.status == 200 and answer.value.status == 200
+    page.wait_for_selector(".pill .name", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('photo').naturalWidth > 0", timeout=30_000)
+    width, height = answer.value.json()["image_size"]
+    assert page.eval_on_selector("#photo", "img => [img.naturalWidth, img.naturalHeight]") == [width, height]
+    assert page.locator("#boxes rect").count() == 1
+    page.screenshot(path=str(tmp_path / "heic.png"))
+
+
 def _pill(code: str | None, probability: float, bbox: list[int], unknown: bool = False) -> dict:
     order = sorted(CODES, key=lambda c: c != code)  # the answer first
     topk = [{"mapping_code": c, "name": f"drug {c[-1]}", "edi_codes": [], "probability": p}

@@ -215,3 +215,45 @@ def test_hard_case_record_points_at_the_kept_upload(exp_dir: Path, tmp_path: Pat
     assert Path(record["image"]).parent == run_dir / "hard_cases" / "uploads" and record["image"].endswith(".png")
     assert record["request_id"] == resp.json()["request_id"]
     assert Path(record["image"]).read_bytes() == data
+
+
+def test_a_heic_phone_photo_is_answered_upright_and_previewed_as_jpeg(api) -> None:
+    """iPhones save HEIC: the API answers it like a JPEG, and /v1/preview gives the page a JPEG it can show (no
+    browser but Safari shows HEIC), upright and at most 1600 px."""
+    from test_utils_images import heic
+
+    stored = Image.new("RGB", (2400, 1200), (0, 0, 230))
+    stored.paste((230, 0, 0), (0, 0, 1200, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = heic(stored, exif=exif.tobytes())
+    client, fake = api
+    resp = post(client, "IMG_0001.HEIC", photo)
+    assert resp.status_code == 200 and resp.json()["image_size"] == [1200, 2400]
+    assert fake.seen[-1]["pixels"][100, 600, 0] > 180  # red on top: the frame people see
+    seen = len(fake.seen)
+    shown = client.post("/v1/preview", files={"file": ("IMG_0001.HEIC", photo, "image/heic")}, headers=KEY)
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+    preview = Image.open(io.BytesIO(shown.content))
+    assert (preview.format, preview.size) == ("JPEG", (800, 1600))
+    assert preview.getpixel((400, 200))[0] > 180 and preview.getpixel((400, 1400))[2] > 180
+    assert len(fake.seen) == seen  # a preview runs no model
+    broken = client.post("/v1/preview", files={"file": ("cut.heic", photo[:300], "image/heic")}, headers=KEY)
+    assert broken.status_code == 400 and broken.json()["error"] == "image_unreadable"
+    assert "cut.heic" in broken.json()["detail"] and "damaged HEIC" in broken.json()["detail"]
+    assert client.post("/v1/preview", files={"file": ("IMG_0001.HEIC", photo, "image/heic")}).status_code == 401
+    empty = client.post("/v1/preview", files={"file": ("e.heic", b"", "image/heic")}, headers=KEY)
+    assert empty.status_code == 400 and empty.json()["error"] == "empty_upload"
+
+
+def test_predict_cli_reads_heic_photos_in_a_folder(exp_dir: Path, tmp_path: Path, capsys) -> None:
+    from test_utils_images import heic
+
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    png = pill_photo(folder / "a.png", [(45, 60, 30, 24)])
+    (folder / "b.HEIC").write_bytes(heic(Image.open(png)))
+    assert cli_main(["predict", str(folder), "--exp", str(exp_dir), "--mode", "single", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [Path(r["image"]).name for r in results] == ["a.png", "b.HEIC"]
+    assert [len(r["pills"]) for r in results] == [1, 1] and results[1]["image_size"] == results[0]["image_size"]

@@ -182,3 +182,49 @@ def test_every_plugin_failure_becomes_an_image_error(monkeypatch, raised: Except
     with pytest.raises(ImageError, match="Cannot read image photo.png") as err:
         decode_image(encode(Image.new("RGB", (8, 8))), "photo.png")
     assert err.value.__cause__ is raised
+
+
+def heic(image: Image.Image, **params) -> bytes:
+    """`image` encoded as HEIC (HEVC), the format iPhones save photos in."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(image).save(buf, quality=90, **params)
+    return buf.getvalue()
+
+
+def test_a_heic_photo_is_read_upright_once() -> None:
+    stored = Image.new("RGB", (64, 32), (0, 0, 230))
+    stored.paste((230, 0, 0), (0, 0, 32, 32))  # left half red, as stored by the camera
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": libheif turns it, the EXIF tag must not turn it again
+    image = decode_image(heic(stored, exif=exif.tobytes()), "IMG_0001.HEIC")
+    assert (image.mode, image.size) == ("RGB", (32, 64))
+    top, bottom = np.asarray(image)[8, 16], np.asarray(image)[56, 16]
+    assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]  # the stored left side is now on top
+
+
+def test_a_heic_photo_over_the_limit_is_refused_before_decoding(monkeypatch) -> None:
+    data = heic(Image.new("RGB", (64, 48), (10, 200, 10)))
+    from pillow_heif.as_plugin import HeifImageFile
+
+    decoded = []
+    monkeypatch.setattr(HeifImageFile, "load", lambda self: decoded.append(self.size))
+    with pytest.raises(ImageTooLarge, match=r"IMG\.HEIC is 64x48"):
+        decode_image(data, "IMG.HEIC", ImageLimits(max_pixels=64 * 48 - 1))
+    assert decoded == []
+
+
+def test_a_damaged_heic_and_a_missing_reader_are_named(monkeypatch) -> None:
+    data = heic(Image.new("RGB", (64, 48), (10, 200, 10)))
+    with pytest.raises(ImageError, match=r"Cannot read image cut\.heic: a damaged HEIC/HEIF file"):
+        decode_image(data[:300], "cut.heic")
+    zeroed = data[:-64] + bytes(64)
+    with pytest.raises(ImageError, match=r"Cannot read image zeroed\.heic: "):
+        decode_image(zeroed, "zeroed.heic")
+    from pillsnap.utils import images
+
+    monkeypatch.setattr(images, "_heif_plugin", lambda: False)  # a venv without pillow-heif
+    with pytest.raises(ImageError, match=r"Cannot read image IMG\.HEIC: it is a HEIC/HEIF photo, .*pip install "
+                                         r"pillow-heif"):
+        decode_image(data, "IMG.HEIC")
+    assert decode_image(encode(Image.new("RGB", (8, 8)))).size == (8, 8)  # other formats never ask for it

@@ -193,7 +193,7 @@ def parse_hints(imprint: str | None, color: str | None, shape: str | None) -> Hi
 
 
 def _add_predict_routes(app: FastAPI, state: AppState) -> None:
-    file_field = File(..., description="the photo (JPEG, PNG, WebP, AVIF, BMP, TIFF or GIF)")
+    file_field = File(..., description="the photo (JPEG, PNG, WebP, AVIF, HEIC, BMP, TIFF or GIF)")
     mode_field = Form(Mode("auto"), description="single | combo | auto")
     imprint_field = Form(None, description="hint: the text printed or engraved on the pill (either side)")
     color_field = Form(None, description="hint: colour(s), e.g. white, 하양, 'white, red'")
@@ -216,6 +216,14 @@ def _add_predict_routes(app: FastAPI, state: AppState) -> None:
               summary="Identify the pills in one photo (use /v1/predict)")
     async def predict_legacy(request: Request, file: UploadFile = file_field, mode: Mode = mode_field) -> dict:
         return await predict_one(request, file, mode, None)
+
+    @app.post("/v1/preview", responses={200: {"content": {"image/jpeg": {}}, "description": "the photo as a JPEG"},
+                                        **ERROR_RESPONSES}, response_class=Response,
+              summary="The photo upright, as a JPEG at most 1600 px (for browsers that cannot show HEIC)")
+    async def preview(request: Request, file: UploadFile = file_field) -> Response:
+        upload = await _read_upload(file, request, state.settings)
+        return Response(await state.run_job("preview", request, state.service.preview, upload),
+                        media_type="image/jpeg")
 
     @app.post("/v1/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
               summary="Identify the pills in several photos; a bad photo gets its own error entry")

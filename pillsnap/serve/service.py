@@ -7,6 +7,7 @@ Everything here runs on an InferenceRunner worker thread, never on the event loo
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import platform
@@ -24,6 +25,7 @@ from pillsnap.utils.images import PHOTO_SUFFIXES, ImageError, ImageLimits, decod
 LOGGER = logging.getLogger(__name__)
 GIT_SHA_ENV = "PILLSNAP_GIT_SHA"  # set in images built without .git
 UPLOAD_SUFFIXES = PHOTO_SUFFIXES
+PREVIEW_SIDE = 1600  # px on the long side of the page's preview of a photo the browser cannot show
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,7 @@ class PredictionService:
         decoder refuses and RequestRejected for an empty one."""
         if self.predictor is None:
             raise NotReady()
-        if not upload.data:
-            raise RequestRejected(400, f"Empty upload {upload.filename!r}: send the photo's bytes in the form field",
-                                  "empty_upload")
-        image = decode_image(upload.data, repr(upload.filename), self.limits)
+        image = self._decode(upload)
         reference = self._upload_path(upload)
         with for_request(upload.request_id):  # the hard-case record names the request
             result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename,
@@ -96,6 +95,21 @@ class PredictionService:
         if reference is not None and self.uploads is not None and result.get("hard_case"):
             self.uploads.keep(reference, upload.data)
         return result
+
+    def preview(self, upload: Upload, side: int = PREVIEW_SIDE) -> bytes:
+        """The upright photo as a JPEG at most `side` px on its long side, for a browser that cannot show the
+        upload itself (HEIC outside Safari). Raises what `predict` raises for the photo; needs no model."""
+        image = self._decode(upload)
+        image.thumbnail((side, side))
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+
+    def _decode(self, upload: Upload) -> Any:
+        if not upload.data:
+            raise RequestRejected(400, f"Empty upload {upload.filename!r}: send the photo's bytes in the form field",
+                                  "empty_upload")
+        return decode_image(upload.data, repr(upload.filename), self.limits)
 
     def predict_many(self, uploads: list[Upload], mode: str, hints: Any = None) -> list[dict]:
         """One result per upload; a refused photo gets its own error entry and the others are still answered."""

@@ -7,6 +7,7 @@ without paying for torch.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -34,8 +35,13 @@ PIL_DECODE_ERRORS = (*DECODE_ERRORS, RuntimeError, SyntaxError, struct.error, In
 # Formats a photo arrives in. Naming them keeps PIL from handing an upload to a plugin that shells out
 # (EPS runs Ghostscript) or parses exotic containers nobody photographs pills with.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "TIFF", "GIF")  # JPEG covers phones' multi-picture MPO
+# HEIC, the format iPhones save photos in, is read by pillow-heif, loaded only when a file's header says HEIF
+HEIF_FORMAT = "HEIF"
+# The ISO media brands of HEIF stills and sequences (HEVC-coded); "mif1"/"msf1" are shared with AVIF, whose own
+# plugin is tried first
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
 # File names of those formats (a folder given to `pillsnap predict` is read for these)
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".heic", ".heif", ".bmp", ".tif", ".tiff", ".gif")
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 TRANSPARENT_BACKDROP = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
@@ -103,12 +109,38 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
+def is_heif(head: bytes) -> bool:
+    """Whether bytes start like a HEIF file (an ISO media `ftyp` box with a HEIF brand)."""
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+@functools.cache
+def _heif_plugin() -> bool:
+    """Register pillow-heif's opener once per process; False when it is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    # a photo's thumbnails, depth maps and auxiliary images are never used: not decoded
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    return True
+
+
+def _formats_for(head: bytes) -> tuple[str, ...]:
+    if not is_heif(head):
+        return PHOTO_FORMATS
+    if not _heif_plugin():
+        raise ImageError("it is a HEIC/HEIF photo, and pillow-heif, which reads them, is not installed: "
+                         "pip install pillow-heif, or convert the photo to JPEG")
+    return (*PHOTO_FORMATS, HEIF_FORMAT)
+
+
 def _pil_open(fp: io.BytesIO) -> Image.Image:
     # ultralytics replaces PIL.Image.open with a wrapper that tries to pip-install pi-heif when a file is not
     # identified; a corrupt pill photo must simply fail (and be dropped), so use PIL's own opener.
     patches = sys.modules.get("ultralytics.utils.patches")
     opener = getattr(patches, "_image_open", None) or Image.open
-    return opener(fp, formats=PHOTO_FORMATS)
+    return opener(fp, formats=_formats_for(fp.getbuffer()[:12].tobytes()))
 
 
 def _clean(err: BaseException) -> str:
@@ -167,7 +199,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
-    image = _pil_open(io.BytesIO(data))
+    try:
+        image = _pil_open(io.BytesIO(data))
+    except ImageError as err:
+        raise ImageError(f"Cannot read image {name}: {err}") from err
     check_image_size(image.size, name, limits)  # from the header: nothing is decoded yet
     image.load()
     return to_rgb(_apply_orientation(image, name) if limits.upright else image)
@@ -185,7 +220,10 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAU
     except Image.DecompressionBombError as err:  # PIL's own ceiling, above any sane max_pixels
         raise ImageTooLarge(f"Image {name} is too large to decode: {_clean(err)}") from err
     except UnidentifiedImageError as err:
-        raise ImageError(f"Cannot read image {name}: not a supported image file ({', '.join(PHOTO_FORMATS)}); "
+        if is_heif(data[:12]):  # the header says HEIF, the body is not readable
+            raise ImageError(f"Cannot read image {name}: a damaged HEIC/HEIF file") from err
+        raise ImageError(f"Cannot read image {name}: not a supported image file "
+                         f"({', '.join((*PHOTO_FORMATS, 'HEIC'))}); "
                          f"convert it, e.g. to JPEG") from err
     except PIL_DECODE_ERRORS as err:
         raise ImageError(f"Cannot read image {name}: {_clean(err)}") from err
