@@ -21,6 +21,7 @@ def free_port() -> int:
 
 
 def worker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.loop import EpochRunner
     from pillsnap.engine.run import run_training
 
     torch.set_num_threads(1)
@@ -28,10 +29,23 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     cfg = make_cfg(Path(root) / f"exp_rank{rank}", "train.epochs=2", "train.deterministic=true",
                    "train.strategy=interleaved")
+    losses: list[tuple[int, str, float]] = []  # (epoch, task, loss) of each of this rank's steps
+    runner_epoch, runner_step, epoch_now = EpochRunner.train_one_epoch, EpochRunner.guarded_step, [0]
+
+    def recording_epoch(self, epoch, *args):
+        epoch_now[0] = epoch
+        return runner_epoch(self, epoch, *args)
+
+    def recording_step(self, name, batch):
+        out = runner_step(self, name, batch)
+        losses.append((epoch_now[0], name, out.loss))
+        return out
+
+    EpochRunner.train_one_epoch, EpochRunner.guarded_step = recording_epoch, recording_step
     code, trainer = run_training(cfg, partial(loaders_with_detection, det_batches=4))
     tasks = trainer.tasks
     # Written by the test, not the library: each rank's final weights and the samples it trained on.
-    torch.save({"code": code, "steps": trainer.state.global_step,
+    torch.save({"code": code, "steps": trainer.state.global_step, "losses": losses, "history": trainer.history,
                 "detector_epochs": tasks["detection"].epochs_trained,
                 **{name: {"state": task.raw_model.state_dict(), "samples": task.samples_seen,
                           "ema": task.ema.module.state_dict()} for name, task in tasks.items()}},
@@ -53,6 +67,15 @@ def test_two_cpu_ranks_agree_on_both_models_and_only_rank0_writes(tmp_path):
         for key in ("state", "ema"):
             for name, tensor in r0[task][key].items():
                 assert torch.equal(tensor, r1[task][key][name]), f"{task} {key} {name} differs between ranks"
+    # the history's training loss is the mean over every rank's steps, each rank having trained its own shard
+    steps = r0["losses"] + r1["losses"]
+    for record in r0["history"]:
+        for task in ("classification", "detection"):
+            mine = [loss for epoch, name, loss in steps if (epoch, name) == (record["epoch"], task)]
+            assert len(mine) == 2 * record[task]["steps"]
+            assert record[task]["train_loss"] == pytest.approx(sum(mine) / len(mine), rel=1e-9)
+    assert [h["classification"]["train_loss"] for h in r0["history"]] == [
+        h["classification"]["train_loss"] for h in r1["history"]]
     assert (tmp_path / "exp_rank0" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "exp_rank0" / "reports" / "metrics.json").is_file()
     assert not any(p.is_file() for p in (tmp_path / "exp_rank1").rglob("*"))

@@ -86,6 +86,16 @@ def any_rank(info: DistInfo, flag: bool, device: Any) -> bool:
     return bool(box.item())
 
 
+def sum_over_ranks(info: DistInfo, values: list[float], device: Any) -> list[float]:
+    """Each of `values` summed over every rank (float64, so that long sums keep their digits); the values
+    themselves in a single process. Every rank must call it at the same point."""
+    if not info.enabled:
+        return list(values)
+    box = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(box)
+    return box.tolist()
+
+
 def broadcast_object(info: DistInfo, obj: Any) -> Any:
     """Rank 0's `obj` on every rank (so that all ranks take the same early-stop/best decisions)."""
     if not info.enabled:

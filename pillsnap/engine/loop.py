@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.engine.callbacks import CallbackList
-from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object
+from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object, sum_over_ranks
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
@@ -279,8 +279,14 @@ class EpochRunner:
                 break
             if any(todo.values()):  # the epoch's last step needs none: its end is committed
                 self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)
-        return {name: {"train_loss": progress.loss_sum[name] / max(progress.done[name], 1),
-                       "steps": progress.done[name]} for name in active}
+        return {name: self._epoch_loss(name, progress) for name in active}
+
+    def _epoch_loss(self, name: str, progress: EpochProgress) -> dict:
+        """The epoch's mean training loss over every rank's steps (each rank trains its own shard), and this
+        rank's step count."""
+        loss_sum, steps = sum_over_ranks(self.info, [progress.loss_sum[name], float(progress.done[name])],
+                                         self.tasks[name].device)
+        return {"train_loss": loss_sum / max(steps, 1.0), "steps": progress.done[name]}
 
 
 def _batch_size(loader: object) -> int:
