@@ -207,6 +207,10 @@ def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
     assert metrics["status"] == "time_capped" and metrics["epoch"] == 1 and len(metrics["history"]) == 1
     assert trainer.tasks["classification"].samples_seen == 48 and code == 4
     assert metrics["stage"]["elapsed_s"] >= 1000.0 and metrics["history"][-1]["elapsed_s"] >= 1000.0
+    # the dashboard reads the stage clock at each start from the stream: 0 for the fresh run, 1000 s at the resume
+    starts = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "start"]
+    assert starts[0]["elapsed_s"] < 60 and 1000.0 <= starts[-1]["elapsed_s"] < 1060
 
 
 def interrupt(how: str):

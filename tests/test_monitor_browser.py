@@ -131,6 +131,23 @@ def test_page_survives_the_stream_being_replaced(dashboard, page):
     page.wait_for_selector("#task-detection", state="detached", timeout=WAIT_MS)
 
 
+def test_elapsed_after_a_resume_is_the_stage_clock(dashboard, page):
+    """A run resumed 10 minutes ago after 2 hours of earlier runs: Elapsed reads the stage's 2 h 10 m, which the
+    time cap counts, not the resumed run's 10 minutes."""
+    exp, url = dashboard
+    now = time.time()
+    first = synthetic_run(now - 9000, epochs=4, done_epochs=1.5, stage=3)
+    resumed = {"type": "start", "time": now - 600, "tasks": ["classification", "detection"], "epochs": 4,
+               "stage": 3, "start_epoch": 1, "elapsed_s": 7200.0}
+    append(exp / "reports" / "metrics.jsonl", *first, resumed,
+           {**next(r for r in reversed(first) if r["type"] == "step"), "time": now - 5, "epoch": 2})
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-resumes').textContent.startsWith('resumed')",
+                           timeout=WAIT_MS)
+    assert page.inner_text("#run-elapsed") == "2 h 10 m"
+    assert page.inner_text("#run-started").startswith("2 h 00 m before this run, which started ")
+
+
 def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
     """Three minutes without a record: with the trainer's process alive (a long validation, a checkpoint) the page
     says so instead of asking; once the process that held the folder has ended without an end record (a kill, a

@@ -369,7 +369,8 @@ class Trainer:
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
                                                "last_epochs": self.last_epochs(),
                                                "stopped_early": sorted(self.stopped),
-                                               "restart": restart_count()})
+                                               "restart": restart_count(),
+                                               "elapsed_s": self.state.elapsed()})  # the stage clock: earlier runs
         epoch = self.start_epoch
         why = self.trains_nothing()
         if why is not None:

@@ -179,8 +179,8 @@ class MonitorState:
         """Forget everything: the stream was replaced, or a new run (not a resume) started."""
         self.tasks: dict[str, TaskState] = {}
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
-                          "start_epoch": None, "inside_epoch": None, "started": None, "ended": None,
-                          "last_time": None, "resumes": 0}
+                          "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
+                          "ended": None, "last_time": None, "resumes": 0}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0
@@ -220,7 +220,7 @@ class MonitorState:
         self.run.update(status="running", stage=record.get("stage"), tasks=list(record.get("tasks", [])),
                         epochs=record.get("epochs"), start_epoch=start_epoch,
                         inside_epoch=start_epoch + 1 if inside else None, started=record.get("time"),
-                        ended=None, epoch=start_epoch or None)
+                        elapsed_before=float(record.get("elapsed_s") or 0.0), ended=None, epoch=start_epoch or None)
         for name in self.run["tasks"]:
             self.task(name)
         for name, last in (record.get("last_epochs") or {}).items():

@@ -113,8 +113,11 @@ function renderRun(s) {
   $("run-epoch").textContent = current ? `${current} / ${total || "?"}` : "—";
   $("run-epoch-sub").textContent = run.epoch ? `${run.epoch} completed` : (current ? "first epoch" : "");
   const end = run.ended || (isRunning(s) ? now : run.last_time);
-  $("run-elapsed").textContent = run.started ? Fmt.dur(end - run.started) : "—";
-  $("run-started").textContent = run.started ? "started " + Fmt.clock(run.started) : "";
+  // the stage's clock, as the time cap counts it: the runs before a resume, then this one
+  const before = run.elapsed_before || 0;
+  $("run-elapsed").textContent = run.started ? Fmt.dur(before + end - run.started) : "—";
+  $("run-started").textContent = !run.started ? "" : before > 0 ?
+    `${Fmt.dur(before)} before this run, which started ${Fmt.clock(run.started)}` : "started " + Fmt.clock(run.started);
   renderEta(run, now, isRunning(s));
 }
 
