@@ -61,6 +61,13 @@ def test_trainer_interleaved_writes_both_checkpoints_and_resumes(tmp_path: Path,
     metrics = read_json(tmp_path / "reports" / "metrics.json")
     assert set(metrics["detection"]) >= {"mAP@0.5", "mAP@0.5:0.95", "precision", "recall"}
     assert load_ckpt(ckpts / "detection_last.pt")["global_step"] == 6  # 3 detection + 3 classification steps
+    # each task's batch size is its own curve: the classifier's under the design's bare tag, the detector's under det/
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("perf/batch_size")] == [8]
+    assert [e.value for e in events.Scalars("det/perf/batch_size")] == [2]
 
     cfg2 = make_cfg(tmp_path, *overrides, "train.epochs=2", "train.resume=last")
     assert train_main(cfg2, build_loaders=loaders_with_detection) == 0

@@ -96,12 +96,14 @@ class TensorBoardCallback(Callback):
         self.tb.flush()
 
     def on_oom(self, event: dict) -> None:
-        self.tb.add_scalar("oom/retries", event["retries"], event["global_step"])
-        self.tb.add_scalar("perf/batch_size", event["state"]["batch_size"], event["global_step"])
+        p = lookup(self.specs, event["task"]).tb
+        self.tb.add_scalar(p + "oom/retries", event["retries"], event["global_step"])
+        self.tb.add_scalar(p + "perf/batch_size", event["state"]["batch_size"], event["global_step"])
 
     def on_epoch_start(self, epoch: int, info: dict) -> None:
-        self.tb.add_scalar("perf/mem_ratio", info.get("mem_ratio", 0.0), epoch)
-        self.tb.add_scalar("perf/batch_size", info.get("batch_size", 0), epoch)
+        self.tb.add_scalar("perf/mem_ratio", info.get("mem_ratio", 0.0), epoch)  # the device's, not a task's
+        for task, batch_size in info.get("batch_sizes", {}).items():  # each task's under its own prefix
+            self.tb.add_scalar(lookup(self.specs, task).tb + "perf/batch_size", batch_size, epoch)
 
     def on_train_end(self, summary: dict) -> None:
         self.tb.flush()

@@ -425,6 +425,7 @@ class Trainer:
         self.callbacks.fire("on_epoch_start", epoch, {
             "total_steps": sum(self.tasks[t].steps_per_epoch() for t in active), "max_epochs": len(self.plan),
             "batch_size": self.tasks[active[0]].knobs.batch_size,
+            "batch_sizes": {t: self.tasks[t].knobs.batch_size for t in active},
             "steps_done": sum(progress.drawn.get(t, 0) for t in active) if progress else 0})
         train = self.runner.train_one_epoch(epoch, active, progress)
         for name in active:
