@@ -62,7 +62,7 @@ def test_cli_entry_point_recovers_from_an_injected_oom(synth_root, manifest_dir,
     proc = subprocess.run([sys.executable, "-m", "pillsnap.train", "--cfg", str(repo / "config.yaml"), *overrides],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "OOM Recovery S2: micro-batching bs=2 accum=2" in proc.stderr
+    assert "OOM Recovery S2: Microbatching bs=2, accum=2 (global batch preserved: 4)" in proc.stderr
     ooms = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             if '"oom"' in line]
     assert ooms[-1]["action"] == "applied" and ooms[-1]["state"]["batch_size"] == 2

@@ -64,7 +64,8 @@ def test_oom_machine_s3_scales_lr_linearly():
                                              "emergency_exit"]
     s3 = decisions[2]
     assert (s3.batch_size, s3.grad_accum) == (1, 4) and s3.lr_scale == pytest.approx(0.5)
-    assert s3.describe() == "OOM Recovery S3: global batch -> 4 lr_scale=0.5000 by-samples scheduling"
+    assert s3.describe() == ("OOM Recovery S3: Global batch change G_old=8→G_new=4, lr_scale=0.5000, "
+                             "by_samples scheduling")
     assert "min_batch" in decisions[3].reason
 
 

@@ -39,17 +39,19 @@ class OomDecision:
     grad_accum: int = 0
     lr_scale: float = 1.0  # global_batch_change: the learning rate follows the global batch (linear rule)
     reason: str = ""
+    global_batch_before: int = 0  # the re-batching actions: batch_size x grad_accum before them
 
     def describe(self) -> str:
-        """One log line (the wording of the design's recovery log)."""
+        """One log line, in the design's words for the recovery log."""
+        g_old, g_new = self.global_batch_before, self.batch_size * self.grad_accum
         if self.action == "amp_fp16":
-            return "OOM Recovery S1: escalating AMP to fp16 (schedules preserved)"
+            return "OOM Recovery S1: Escalating to fp16 (preserving schedules)"
         if self.action == "microbatching":
-            return (f"OOM Recovery S2: micro-batching bs={self.batch_size} accum={self.grad_accum} "
-                    "(global batch preserved)")
+            return (f"OOM Recovery S2: Microbatching bs={self.batch_size}, accum={self.grad_accum} "
+                    f"(global batch preserved: {g_old or g_new})")
         if self.action == "global_batch_change":
-            return (f"OOM Recovery S3: global batch -> {self.batch_size * self.grad_accum} "
-                    f"lr_scale={self.lr_scale:.4f} by-samples scheduling")
+            return (f"OOM Recovery S3: Global batch change G_old={g_old or '?'}→G_new={g_new}, "
+                    f"lr_scale={self.lr_scale:.4f}, by_samples scheduling")
         return f"OOM Recovery: giving up after {self.retries - 1} retries ({self.reason or 'max_retries'})"
 
 
@@ -76,12 +78,13 @@ def oom_recovery_state_machine(retries: int, current_state: Mapping[str, Any], o
     accum_new = min(math.ceil(g_old / bs_new), max_accum)
     g_new = bs_new * accum_new
     if g_new == g_old and (bs_new, accum_new) != (bs, accum):
-        return OomDecision("microbatching", retries, bs_new, accum_new)
+        return OomDecision("microbatching", retries, bs_new, accum_new, global_batch_before=g_old)
     if g_new >= g_old:
         # Nothing smaller is allowed (min_batch and max_grad_accum reached): recovery cannot help.
         return OomDecision("emergency_exit", retries, reason=f"min_batch={min_bs} and max_grad_accum={max_accum} "
                                                              "reached")
-    return OomDecision("global_batch_change", retries, bs_new, accum_new, lr_scale=g_new / g_old)
+    return OomDecision("global_batch_change", retries, bs_new, accum_new, lr_scale=g_new / g_old,
+                       global_batch_before=g_old)
 
 
 # Under DDP a rank that runs out of memory cannot replay its step alone (see engine.loop.RankOutOfMemory): the run
@@ -116,7 +119,8 @@ class SavedRecovery:
         bs_was, accum_was = int(self.made_for["batch_size"]), int(self.made_for["grad_accum"])
         if (bs, accum) != (bs_was, accum_was):
             action = "microbatching" if bs * accum == bs_was * accum_was else "global_batch_change"
-            steps.append(OomDecision(action, self.retries, bs, accum, lr_scale=self.lr_scale))
+            steps.append(OomDecision(action, self.retries, bs, accum, lr_scale=self.lr_scale,
+                                     global_batch_before=bs_was * accum_was))
         return steps
 
 
