@@ -195,3 +195,14 @@ def test_every_number_in_the_config_has_a_range_and_every_range_a_key():
     assert [k for k in numbers if range_of(k) is None and not k.endswith("seed")] == []
     keys = _leaf_keys(cfg) + ["train.stage_overrides.stage_4.batch_size_override"]  # a key no default sets
     assert [p for p, _ in RANGES if not any(fnmatchcase(k, p) for k in keys)] == []
+
+
+def test_tf32_must_agree_where_both_models_train():
+    """TF32 is one process-wide switch in PyTorch: a detector section saying otherwise would silently decide it for
+    the classifier too."""
+    with pytest.raises(ConfigError, match=r"train\.classification\.tf32 \(true\) and train\.detection\.tf32 \(false\) "
+                                          r"differ.*set both the same"):
+        load_config(CONFIG, ["train.detection.tf32=false"], dotenv_path=None)
+    assert not load_config(CONFIG, ["train.detection.tf32=false", "train.classification.tf32=false"],
+                           dotenv_path=None).train.detection.tf32
+    assert load_config(CONFIG, ["train.detection.tf32=false", "train.strategy=classification"], dotenv_path=None)

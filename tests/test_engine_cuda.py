@@ -44,13 +44,20 @@ def test_cuda_step_uses_amp_scaler_policy_and_fused_adamw(tmp_path, amp_dtype):
     assert task.validate(1)["n"] == 16
 
 
-def test_s1_escalation_switches_bf16_to_fp16_with_a_scaler(tmp_path):
-    cfg = make_cfg(tmp_path, "train.classification.amp_dtype=bf16")
+def test_s1_escalation_switches_fp32_to_fp16_with_a_scaler_and_leaves_bf16_as_it_is(tmp_path):
+    """S1 halves the activations of a task in fp32; one already in bf16 autocast has half-size activations, so it
+    stays bf16 (only the flag is set) and recovery goes on to S2."""
+    cfg = make_cfg(tmp_path, "train.classification.amp=false")
     train, val, *_, meta = fake_build_loaders(cfg)
     task = ClassificationTask(cfg, train, val, meta, "cuda")
+    assert not task.precision.autocast and task.fp16_saves_memory
     task.apply_oom_decision(OomDecision("amp_fp16", 1))
     assert task.precision.dtype == torch.float16 and task.scaler.is_enabled() and task.knobs.did_amp_escalate
     task.train_step(next(iter(train)))
+    bf16 = classification_task(tmp_path / "bf16", "train.classification.amp_dtype=bf16")
+    assert not bf16.fp16_saves_memory
+    bf16.apply_oom_decision(OomDecision("amp_fp16", 1))
+    assert bf16.precision.dtype == torch.bfloat16 and not bf16.scaler.is_enabled() and bf16.knobs.did_amp_escalate
 
 
 @pytest.mark.usefixtures("tf32_flags")

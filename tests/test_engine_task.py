@@ -60,6 +60,29 @@ def test_bf16_autocast_on_cpu_trains_in_bf16_and_validates_in_fp32(tmp_path, mak
     assert set(seen) == {torch.float32}  # validation is fp32 whatever the training precision
 
 
+@pytest.mark.parametrize(("make", "precision"), [(classification_task, "fp32"), (classification_task, "bf16"),
+                                                 (detection_task, "fp32")])
+def test_a_nan_gradient_without_a_scaler_skips_the_step_and_keeps_the_weights(tmp_path, caplog, make, precision):
+    """fp32 and bf16 train without a gradient scaler: a NaN gradient (a NaN loss) is skipped as the scaler would
+    skip it, instead of making every weight NaN; the EMA does not average that step, the schedule goes on."""
+    section = "classification" if make is classification_task else "detection"
+    extra = ("train.cpu_amp=true", f"train.{section}.amp_dtype=bf16") if precision == "bf16" else ()
+    task = make(tmp_path, *extra, "train.ema.decay=0.5")
+    assert not task.scaler.is_enabled()
+    weight = next(p for p in task.raw_model.parameters() if p.ndim == 4)
+    ema_weight = next(p for p in task.ema.module.parameters() if p.ndim == 4)
+    before, ema_before, lr_before = weight.detach().clone(), ema_weight.detach().clone(), task.lr
+    hook = weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    task.train_step(first_batch(task))
+    hook.remove()
+    assert torch.equal(before, weight) and torch.equal(ema_before, ema_weight)
+    assert all(torch.isfinite(p).all() for p in task.raw_model.parameters())
+    assert task.skipped_steps == 1 and task.lr != lr_before  # the schedule follows the samples
+    assert "non-finite gradients (norm nan): optimizer step skipped" in caplog.text
+    task.train_step(first_batch(task))  # the next step trains as usual
+    assert not torch.equal(before, weight) and not torch.equal(ema_before, ema_weight) and task.skipped_steps == 1
+
+
 @pytest.mark.parametrize("make", [classification_task, detection_task])
 def test_fp16_on_cpu_uses_the_gradient_scaler_which_skips_a_step_with_inf_gradients(tmp_path, make):
     section = "classification" if make is classification_task else "detection"

@@ -40,6 +40,7 @@ def test_all_checks_pass_and_the_stage_is_go():
     decision = stage_decision(1, PASSING)
     assert decision["status"] == "GO" and decision["recommendation"] == "RECOMMEND_PROCEED"
     assert decision["advisor"]["reason"] == "all_targets_met" and decision["reasons"] == []
+    assert (decision["advisor"]["color"], decision["advisor"]["message"]) == ("🟢", "Stage 1: every target met")
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -188,6 +189,7 @@ def test_a_failed_gate_turns_proceed_into_optimize_with_what_to_change():
     assert decision["status"] == "NO_GO" and decision["recommendation"] == "SUGGEST_OPTIMIZE"
     assert decision["reason"] == "go_no_go_failed" and decision["advisor"]["recommendation"] == "SUGGEST_OPTIMIZE"
     assert decision["advisor"]["score_recommendation"] == "RECOMMEND_PROCEED"
+    assert decision["advisor"]["color"] == "🟡" != evaluate_and_recommend(1, few)["color"]  # the final verdict's
     assert decision["reasons"] == ["NOT_ENOUGH_SAMPLES: 500 validation samples evaluated (need >= 2000, the design "
                                    "asks 2000)"]
     assert "data.val_ratio" in decision["suggestions"][0] and "data.val_ratio" in decision["action"]

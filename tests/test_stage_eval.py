@@ -86,6 +86,9 @@ def test_the_end_of_run_evaluation_measures_decides_and_reports(trained):
     assert any(r.startswith("TARGET_NOT_MET: detection.mAP@0.5") for r in report["reasons"])
     assert "train.detection" in report["action"] and report["suggestions"]
     assert report["choice"] == {"option": 1, "text": report["advisor"]["user_options"][0], "how": "--yes"}
+    # the design's advisor keys: its colour and message, and the user's choice as the option typed
+    assert (report["advisor"]["color"], report["advisor"]["message"]) == ("🔴", "Stage 1: performance very low")
+    assert report["user_choice"] == "1"
     streamed = [r for r in read_jsonl(exp / "reports" / "metrics.jsonl") if r["type"] == "stage_evaluation"]
     assert streamed[-1]["status"] == "NO_GO" and streamed[-1]["reasons"] == report["reasons"]
     assert streamed[-1]["action"] == report["action"] and streamed[-1]["choice"] == report["choice"]
@@ -118,7 +121,7 @@ def test_a_regression_against_the_previous_evaluation_is_named(trained, tmp_path
     assert "REGRESSION_TOO_LARGE" in report["go_no_go"]["reasons"] and report["go_no_go"]["go"] is False
     assert any(r.startswith("REGRESSION_TOO_LARGE: classification.acc ") for r in report["reasons"])
     assert report["baseline"] == {"classification.acc": pytest.approx(acc + 0.10)}
-    assert report["choice"]["option"] == 2 and report["choice"]["how"] == "--choice"
+    assert report["choice"]["option"] == 2 and report["choice"]["how"] == "--choice" and report["user_choice"] == "2"
     # `pillsnap evaluate` again on the same weights: judged against the same baseline, not against itself
     again = evaluate_stage(cfg, exp, choice=2)
     assert again["classifier_sha256"] == report["classifier_sha256"] != "0" * 64

@@ -116,6 +116,18 @@ def check_ranges(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(bad) + ".")
 
 
+def _check_tf32(cfg: DictConfig) -> None:
+    """TF32 is one switch for the whole process in PyTorch: when both models train, their sections must agree (else
+    the one built last would decide for both without a word)."""
+    if str(cfg.train.strategy) == "classification":
+        return
+    cls, det = bool(cfg.train.classification.tf32), bool(cfg.train.detection.tf32)
+    if cls != det:
+        raise ConfigError(f"train.classification.tf32 ({str(cls).lower()}) and train.detection.tf32 "
+                          f"({str(det).lower()}) differ, but TF32 is one switch for the whole process in PyTorch "
+                          f"and both models train (train.strategy={cfg.train.strategy}): set both the same")
+
+
 def _check_oom_section(user_cfg: DictConfig, origin: str) -> None:
     oom = OmegaConf.select(user_cfg, "train.oom")
     for key in REQUIRED_OOM_KEYS:
@@ -229,6 +241,7 @@ def load_config(
     check_ranges(cfg)
     _check_oom_section(cfg, "the merged config")
     _check_stage_overrides(cfg)
+    _check_tf32(cfg)
     drop_overridden(cfg, _leaf_keys(cli))
     _absolute_paths(cfg, cli, Path(paths_base) if paths_base is not None else Path.cwd())
     if dotenv_path is not None:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -98,7 +99,7 @@ class Task(ABC):
         self.ema = self._build_ema()
         self.fake_oom = FakeOOM.from_env()
         self.sched_mode = "steps"  # "by_samples" after an OOM changed the global batch
-        self.micro_step = self.optimizer_steps = self.samples_seen = 0
+        self.micro_step = self.optimizer_steps = self.samples_seen = self.skipped_steps = 0
         self.classes_seen: set[int] = set()  # filled by tasks whose batches carry class labels
         self.info = DistInfo()  # the run's ranks (the trainer sets them under torchrun)
         self._window_chunks = self._window_samples = 0
@@ -278,28 +279,50 @@ class Task(ABC):
 
     def _optimizer_step(self) -> None:
         clip = self.grad_clip()
+        norm = None
         if clip:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips a step whose gradients overflowed and lowers its scale (usual in the first steps)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        else:
+            # fp32 and bf16 have no scaler: a NaN or infinite gradient (a NaN loss) would make every weight NaN, so
+            # such a step is skipped as the scaler would. Under DDP the gradients are already averaged over the
+            # ranks, so every rank skips alike. The step's loss is still logged, and the stage gate still sees it.
+            if norm is None:
+                norm = nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
+            stepped = bool(torch.isfinite(norm))
+            if stepped:
+                self.optimizer.step()
+            else:
+                self.skipped_steps += 1
+                LOGGER.warning("%s: non-finite gradients (norm %s): optimizer step skipped, weights kept (%d so far)",
+                               self.name, float(norm), self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=bool(self.cfg.train.zero_grad_set_to_none))
-        self._step_scheduler(self._window_samples)
+        self._step_scheduler(self._window_samples)  # the schedule follows the samples, stepped or not
         self.optimizer_steps += 1
-        if self.ema is not None:
+        if self.ema is not None and stepped:  # the average of weights that did not move would only lag
             self.ema.update(self.raw_model, step=self.optimizer_steps)
         self._window_chunks = self._window_samples = 0
 
     def _step_scheduler(self, samples: int) -> None:
-        if self.sched_mode == "steps":
-            self.scheduler.step()
-            return
-        # After an OOM shrank the global batch: one schedule step per original global batch of samples, so the
-        # schedule still ends where the epochs end.
-        self._sched_credit += samples / self.global_batch_at_start
-        while self._sched_credit >= 1.0 - 1e-9:
-            self.scheduler.step()
-            self._sched_credit -= 1.0
+        # torch warns when the schedule steps before the optimizer ever did: here that is a skipped first step
+        # (fp16 overflow, non-finite gradients), and the schedule follows the samples on purpose
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            if self.sched_mode == "steps":
+                self.scheduler.step()
+                return
+            # After an OOM shrank the global batch: one schedule step per original global batch of samples, so the
+            # schedule still ends where the epochs end.
+            self._sched_credit += samples / self.global_batch_at_start
+            while self._sched_credit >= 1.0 - 1e-9:
+                self.scheduler.step()
+                self._sched_credit -= 1.0
 
     # ---- OOM recovery --------------------------------------------------------------------------------------------
     def oom_state(self) -> dict:

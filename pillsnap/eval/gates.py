@@ -183,11 +183,21 @@ def _options(recommendation: str, stage: int) -> list[str]:
     }[recommendation]
 
 
+def headline(recommendation: str, reason: str, stage: int) -> dict[str, str]:
+    """The advisor's `color` and `message`: the one line the terminal shows above the options."""
+    if recommendation == "RECOMMEND_PROCEED":
+        return {"color": "🟢", "message": f"Stage {stage}: every target met" if reason == "all_targets_met" else
+                f"Stage {stage}: performance sufficient to proceed"}
+    return {"SUGGEST_OPTIMIZE": {"color": "🟡", "message": f"Stage {stage}: below target; optimisation recommended"},
+            "WARN_STOP": {"color": "🔴", "message": f"Stage {stage}: performance very low"},
+            "CRITICAL_FAILURE": {"color": "🔴", "message": f"Stage {stage}: the run failed"}}[recommendation]
+
+
 def _verdict(recommendation: str, reason: str, stage: int, score: float, reasons: list[str],
              suggestions: list[str], unmeasured: list[str], incomparable: list[dict]) -> dict:
-    return {"recommendation": recommendation, "reason": reason, "performance_score": round(score, 4),
-            "reasons": reasons, "suggestions": suggestions, "unmeasured": unmeasured,
-            "not_comparable": incomparable, "user_options": _options(recommendation, stage)}
+    return {"recommendation": recommendation, "reason": reason, **headline(recommendation, reason, stage),
+            "performance_score": round(score, 4), "reasons": reasons, "suggestions": suggestions,
+            "unmeasured": unmeasured, "not_comparable": incomparable, "user_options": _options(recommendation, stage)}
 
 
 def _score_recommendation(score: float, weak: bool) -> tuple[str, str]:
@@ -265,8 +275,9 @@ def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> d
         ordered = gate_advice + suggestions if reason == "go_no_go_failed" else suggestions + gate_advice
         suggestions = list(dict.fromkeys(ordered)) or [FALLBACK]
     status = "GO" if recommendation == "RECOMMEND_PROCEED" else "NO_GO"
-    verdict = {**advice, "recommendation": recommendation, "reason": reason, "suggestions": suggestions,
-               "user_options": _options(recommendation, stage), "score_recommendation": advice["recommendation"]}
+    verdict = {**advice, "recommendation": recommendation, "reason": reason, **headline(recommendation, reason, stage),
+               "suggestions": suggestions, "user_options": _options(recommendation, stage),
+               "score_recommendation": advice["recommendation"]}
     gate_notes = [_note(latency_target(stage_criteria(stage)), results.get("latency_p95_ms"), results.get("device"))
                   for c in checks if not c.comparable]
     return {"stage": stage, "status": status, "rule": rule, "recommendation": recommendation, "reason": reason,

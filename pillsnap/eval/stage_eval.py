@@ -194,7 +194,7 @@ def format_decision(decision: dict) -> str:
     advisor = decision["advisor"]
     lines = [f"Stage {decision['stage']} evaluation: {decision['status']} — {decision['recommendation']} "
              f"(performance score {advisor['performance_score']:.3f})",
-             f"  next step: {decision.get('action') or '-'}"]
+             f"  {advisor['color']} {advisor['message']}", f"  next step: {decision.get('action') or '-'}"]
     lines += [f"  reason: {r}" for r in decision["reasons"]] or ["  all checks and targets met"]
     lines += [f"  {_note(n)}" for n in decision.get("not_comparable", [])
               if isinstance(n.get("value"), (int, float)) and math.isfinite(n["value"])]
@@ -248,7 +248,8 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
     decision = stage_decision(stage, results, baseline)
     LOGGER.info("%s", format_decision(decision))
     criteria = stage_criteria(stage)
-    report = {**decision, "choice": choose(decision, choice, assume_yes, ask), "results": results,
+    chosen = choose(decision, choice, assume_yes, ask)
+    report = {**decision, "choice": chosen, "user_choice": str(chosen["option"]), "results": results,
               "baseline": None if baseline is None else {"classification.acc": (baseline.get("classification") or
                                                                                  {}).get("acc")},
               "criteria": {"mandatory_checks": list(criteria.mandatory_checks),

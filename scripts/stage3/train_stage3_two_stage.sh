@@ -103,11 +103,19 @@ print(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir)' "$CFG" "${OVERRIDES
             "free disk space, set paths.exp_dir=... on a larger disk, or lower --min-free-gb"
   echo "OK   disk: ${FREE_GB} GB free at $EXP_DIR"
   if command -v nvidia-smi >/dev/null 2>&1; then
-    GPU_FREE_MB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1 | tr -d ' ')
-    [ "${GPU_FREE_MB:-0}" -ge 4096 ] \
-      || fail "the GPU has ${GPU_FREE_MB:-0} MB free (need 4096 MB)" \
-              "stop other GPU jobs (nvidia-smi lists them) or lower --batch-size / --det-batch-size"
-    echo "OK   GPU: ${GPU_FREE_MB} MB free"
+    # the design's check: each GPU less than 20 % used before training starts (another job on it would leave the
+    # auto batch search and the run too little memory)
+    GPUS=$(nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader,nounits | tr -d ' ') \
+      || fail "nvidia-smi cannot read the GPUs' memory" "check the driver (nvidia-smi), or --skip-checks"
+    [ -n "$GPUS" ] || fail "nvidia-smi lists no GPU" "check the driver (nvidia-smi), or --skip-checks"
+    while IFS=, read -r INDEX USED TOTAL; do
+      case "$USED$TOTAL" in *[!0-9]*|"") fail "nvidia-smi gave no memory figures for GPU $INDEX ($USED of $TOTAL)" \
+                                             "check the driver (nvidia-smi), or --skip-checks" ;; esac
+      [ "$TOTAL" -gt 0 ] && [ $((100 * USED)) -lt $((20 * TOTAL)) ] \
+        || fail "GPU $INDEX is already $((100 * USED / (TOTAL > 0 ? TOTAL : 1))) % used (${USED} of ${TOTAL} MB; the stage needs it under 20 %)" \
+                "stop the other jobs on it (nvidia-smi lists them), or choose free GPUs with CUDA_VISIBLE_DEVICES"
+      echo "OK   GPU $INDEX: ${USED} of ${TOTAL} MB used"
+    done <<< "$GPUS"
   else
     echo "NOTE GPU: none found (nvidia-smi absent): training runs on the CPU, slowly"
   fi
