@@ -29,8 +29,10 @@ def tiny(synth_root: Path, manifest_dir: Path, exp: Path) -> list[str]:
             "data.progressive_validation.stage_1.max_samples=1000"]
 
 
-def run(*cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(*cmd: str, timeout: int = 600, path: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if path is not None:  # a folder of stand-in commands first on the PATH
+        env["PATH"] = f"{path}{os.pathsep}{env['PATH']}"
     env.pop("PILLSNAP_LOG_LEVEL", None)
     return subprocess.run(list(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -64,6 +66,27 @@ def test_pre_flight_stops_with_the_fix(synth_root, tmp_path):
     proc = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--min-free-gb", "100000000",
                *tiny(synth_root, tmp_path / "no_manifest", tmp_path / "exp"), "--skip-checks", "--bogus")
     assert proc.returncode == 2 and "unknown argument '--bogus'" in proc.stderr
+
+
+@pytest.mark.parametrize(("gpus", "said"), [
+    ("0, 512, 81559\n1, 20000, 81559", ("OK   GPU 0: 512 of 81559 MB used", "GPU 1 is already 24 % used "
+                                        "(20000 of 81559 MB; the stage needs it under 20 %)")),
+    ("0, [N/A], [N/A]", ("nvidia-smi gave no memory figures for GPU 0",)),
+])
+def test_pre_flight_wants_every_gpu_under_a_fifth_used(manifest_dir, tmp_path, gpus, said):
+    """The design's check before a stage: each GPU under 20 % used (another job on one would starve the run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\ncase \"$*\" in *index,memory.used,memory.total*) printf '{gpus}\\n' ;; "
+                    "*) exit 1 ;; esac\n", encoding="utf-8")
+    fake.chmod(0o755)
+    proc = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--stage", "1", "--min-free-gb", "0",
+               *tiny(tmp_path, manifest_dir, tmp_path / "exp"), path=bin_dir)
+    assert proc.returncode == 2 and "PRE-FLIGHT FAILED" in proc.stderr, proc.stdout + proc.stderr
+    for words in said:
+        assert words in proc.stdout + proc.stderr
+    assert not (tmp_path / "exp" / "logs").exists()  # stopped before training wrote anything
 
 
 @pytest.mark.slow
