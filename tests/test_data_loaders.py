@@ -127,13 +127,17 @@ class FakeTB:
 
 
 def test_autotune_picks_the_fastest_candidate(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     delays = {4: 0.004, 8: 0.0005, 12: 0.003, 32: 0.0}
     tb = FakeTB()
     best = autotune_num_workers(lambda n: FakeLoader(delays[n]), [4, 8, 12, 32], warmup=1, steps=4, tb=tb)
     assert best == 8  # 32 exceeds the core count and is not tried
     assert tb.scalars["perf/num_workers"] == [(8, 0)]
     assert len(tb.scalars["perf/autotune_data_time_ms"]) == 3
+    tried: list[int] = []  # interleaved: two training loaders share the 16 cores, so 12 is not tried either
+    autotune_num_workers(lambda n: tried.append(n) or FakeLoader(delays[n]), [4, 8, 12, 32], warmup=1, steps=4,
+                         loaders_together=2)
+    assert tried == [4, 8]
 
 
 def test_the_detector_also_sees_single_pill_photos_in_train_and_val_only(synth_cfg):
@@ -190,11 +194,15 @@ def test_evaluation_view_draws_up_to_per_class_rows_of_every_class_once():
 def test_loader_workers_are_capped_to_this_ranks_share_of_the_cores(monkeypatch):
     from pillsnap.data import loaders
 
-    monkeypatch.setattr(loaders.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(loaders.os, "cpu_count", lambda: 64)  # the host's: a container may use fewer
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert loaders._workers_for_this_rank(8) == 4 and loaders._workers_for_this_rank(2) == 2
+    assert loaders._workers_for_this_rank(8, loaders_together=2) == 2  # interleaved: both models' loaders at once
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loaders._workers_for_this_rank(8) == 8 and loaders._workers_for_this_rank(0) == 0
+    assert loaders._workers_for_this_rank(16, loaders_together=2) == 8
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set())
     monkeypatch.setattr(loaders.os, "cpu_count", lambda: None)
     assert loaders._workers_for_this_rank(8) == 1
 

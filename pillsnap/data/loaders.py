@@ -55,31 +55,43 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
     return sum(waits) / max(1, len(waits))
 
 
-def _cores_for_this_rank() -> int:
-    """This rank's share of the machine's cores (torchrun starts LOCAL_WORLD_SIZE ranks on one machine)."""
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's cpuset, which os.cpu_count ignores)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _cores_for_this_rank(loaders_together: int = 1) -> int:
+    """This rank's share of the usable cores for each of `loaders_together` training loaders drawing at once
+    (torchrun starts LOCAL_WORLD_SIZE ranks on one machine; interleaved training keeps the classifier's and the
+    detector's workers busy together)."""
     ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    return max((os.cpu_count() or 1) // ranks, 1)
+    return max(_usable_cores() // (ranks * max(loaders_together, 1)), 1)
 
 
-def _workers_for_this_rank(workers: int) -> int:
-    """dataloader.num_workers, at most this rank's share of the cores (a stage override of 8 on a box of 16 cores
-    and 4 GPUs would start 8 classification and 8 detection workers on each rank, 64 processes on 16 cores)."""
-    cap = _cores_for_this_rank()
+def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
+    """dataloader.num_workers, at most this rank's share of the cores for each loader (a stage override of 8 on a
+    box of 16 cores and 4 GPUs would start 8 classification and 8 detection workers on each rank, 64 processes on
+    16 cores)."""
+    cap = _cores_for_this_rank(loaders_together)
     if workers > cap:
-        LOGGER.info("dataloader.num_workers=%d capped to %d: %d cores for %d rank(s) on this machine", workers, cap,
-                    os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        LOGGER.info("dataloader.num_workers=%d capped to %d: %d usable cores for %d rank(s) on this machine and %d "
+                    "training loader(s) each", workers, cap, _usable_cores(),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), loaders_together)
         return cap
     return workers
 
 
 def autotune_num_workers(build_loader_fn: Callable[[int], Any], candidates: Sequence[int], warmup: int, steps: int,
-                         tb: Any = None) -> int:
+                         tb: Any = None, loaders_together: int = 1) -> int:
     """Pick the worker count with the lowest mean data time; logged and written to TB perf/num_workers.
 
     Candidates above this rank's share of the cores are dropped (more workers than cores only adds contention; under
     torchrun the other ranks' loaders share the machine); ties go to the smaller count.
     """
-    cores = _cores_for_this_rank()
+    cores = _cores_for_this_rank(loaders_together)
     tried = sorted({int(c) for c in candidates if 0 <= int(c) <= cores}) or [min(cores, max(0, min(candidates)))]
     results: dict[int, float] = {}
     for workers in tried:
@@ -226,11 +238,12 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
     datasets = _classification_datasets(cls_rows, class_names, cfg)
     if not len(datasets["train"]):
         raise _no_training_rows(cfg, manifest_dir)
-    workers = _workers_for_this_rank(int(cfg.dataloader.num_workers))
+    together = 2 if str(cfg.train.strategy) == "interleaved" else 1  # both models' training loaders draw at once
+    workers = _workers_for_this_rank(int(cfg.dataloader.num_workers), together)
     if cfg.dataloader.autotune_workers:
         workers = autotune_num_workers(
             lambda n: _classification_loader(datasets["train"], cfg, True, n), cfg.dataloader.autotune_candidates,
-            int(cfg.dataloader.autotune_warmup), int(cfg.dataloader.autotune_steps), tb=tb)
+            int(cfg.dataloader.autotune_warmup), int(cfg.dataloader.autotune_steps), tb=tb, loaders_together=together)
     cls = {s: _classification_loader(d, cfg, s == "train", workers) if len(d) else None for s, d in datasets.items()}
     if not build_test:
         cls["test"] = None
