@@ -195,17 +195,19 @@ def against(value: float, target: float, higher_is_better: bool = False) -> dict
 
 
 def latency_models(ctx: Ctx, targets: dict, sync: Callable[[], None]) -> dict:
-    """Classifier and detector alone, as built by pillsnap.models: fp32 (how the predictor runs them) and bf16."""
+    """Classifier and detector alone, as built by pillsnap.models: fp32 in the contiguous (NCHW) layout, which is
+    how the predictor runs them, and bf16; the classifier also in channels_last, the layout training uses, to say
+    whether the predictor should switch."""
     import torch
 
     from pillsnap.models import build_classification_model, build_yolo_model
     from pillsnap.models.detector import postprocess_detections, raw_detector_output
 
     s, dev, out = ctx.size, ctx.device, {}
-    classifier = build_classification_model(s.backbone, s.latency_classes, channels_last=True).to(dev).eval()
+    classifier = build_classification_model(s.backbone, s.latency_classes, channels_last=False).to(dev).eval()
     bf16 = torch.autocast(ctx.device, dtype=torch.bfloat16)
     for batch in (1, 64):
-        x = torch.randn(batch, 3, s.image, s.image, device=dev).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, s.image, s.image, device=dev)
         reps = s.reps if batch == 1 else min(s.reps, 20)
         fp32 = median_ms(lambda x=x, m=classifier: m(x), reps, sync)
         with bf16:
@@ -217,6 +219,11 @@ def latency_models(ctx: Ctx, targets: dict, sync: Callable[[], None]) -> dict:
             thr = round(64_000 / fp32, 1)
             out["classifier_b64"] = {"img_s": thr, "img_s_bf16": round(64_000 / half, 1),
                                      **against(thr, targets["production.throughput_img_s"], True)}
+    classifier = classifier.to(memory_format=torch.channels_last)
+    for batch, key in ((1, "classifier_b1"), (64, "classifier_b64")):
+        x = torch.randn(batch, 3, s.image, s.image, device=dev).contiguous(memory_format=torch.channels_last)
+        ms = median_ms(lambda x=x, m=classifier: m(x), s.reps if batch == 1 else min(s.reps, 20), sync)
+        out[key].update({"ms_channels_last": ms} if batch == 1 else {"img_s_channels_last": round(64_000 / ms, 1)})
     del classifier
     det = build_yolo_model(s.detector, 1).to(dev).eval()
     x = torch.rand(1, 3, s.det_image, s.det_image, device=dev)
