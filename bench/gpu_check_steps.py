@@ -383,3 +383,8 @@ def step_ddp(ctx: Ctx) -> dict:
                       f"restarts {drill.get('restarts')}, exit {drill.get('exit_code')}, {wall} s")
     out["ok"] = out["ok"] and drill["ok"]
     return out
+
+
+if __name__ == "__main__":  # a part of bench/gpu_check.py, not a command of its own
+    print(__doc__.strip() + "\n\nRun the GPU check with: bash bench/gpu_check.sh [--dry-run] (--help for more)")
+    sys.exit(0 if sys.argv[1:] in ([], ["-h"], ["--help"]) else 2)

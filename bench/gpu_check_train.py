@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -246,3 +247,8 @@ def step_oom_recovery(ctx: Ctx) -> dict:
     out["summary"] = (f"{len(applied)} recoveries, bs {ctx.size.oom_batch} -> {final.get('batch_size')} x accum "
                       f"{final.get('grad_accum')}, {len(rec.steps)}/3 steps trained")
     return out
+
+
+if __name__ == "__main__":  # a part of bench/gpu_check.py, not a command of its own
+    print(__doc__.strip() + "\n\nRun the GPU check with: bash bench/gpu_check.sh [--dry-run] (--help for more)")
+    sys.exit(0 if sys.argv[1:] in ([], ["-h"], ["--help"]) else 2)

@@ -3,6 +3,19 @@
 # Usage: bash scripts/setup_venv.sh            (PYTHON=python3.11 to choose the interpreter)
 set -euo pipefail
 
+case "${1:-}" in
+  -h|--help)
+    cat <<'EOF'
+Usage: bash scripts/setup_venv.sh
+Creates .venv at the repository root (if missing) and installs PillSnap editable with its dev tools
+(pip install -e .[dev]; torch and torchvision are pinned in pyproject.toml). Safe to re-run: an existing
+.venv is reused. Takes no options; PYTHON=python3.11 chooses the interpreter.
+EOF
+    exit 0 ;;
+  "") ;;
+  *) echo "setup_venv: ERROR: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"

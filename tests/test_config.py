@@ -108,7 +108,12 @@ def test_stage_overrides_applied_without_mutating_input():
     assert cfg.train.batch_size == 32
     staged3 = apply_stage_overrides(cfg, 3)
     assert staged3.optimization.torch_compile == "max-autotune" and staged3.optimization.channels_last is True
+    assert staged3.train.auto_batch_vram_headroom == 0.92 and cfg.train.auto_batch_vram_headroom == 0.88
     assert apply_stage_overrides(cfg, 1) is cfg
+    given = load_config(CONFIG, ["train.auto_batch_vram_headroom=0.8"], dotenv_path=None)  # the command line wins
+    assert apply_stage_overrides(given, 4).train.auto_batch_vram_headroom == 0.8
+    with pytest.raises(ConfigError, match="auto_batch_vram_headroom"):
+        load_config(CONFIG, ["train.stage_overrides.stage_3.auto_batch_vram_headroom=1.5"], dotenv_path=None)
 
 
 def test_unknown_stage_override_key():

@@ -97,6 +97,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("train.early_stopping.min_delta", NOT_NEGATIVE),
     ("train.stage_overrides.*.num_workers_override", NOT_NEGATIVE),
     ("train.stage_overrides.*.batch_size_override", AT_LEAST_1),
+    ("train.stage_overrides.*.auto_batch_vram_headroom", OPEN_SHARE),
     ("loss.label_smoothing", Range(0, 1, high_open=True, what="a share below 1")),
     ("inference.conf_threshold", PROBABILITY),
     ("inference.iou_threshold", PROBABILITY),

@@ -20,6 +20,8 @@ STAGE_OVERRIDE_TARGETS = {
     "compile_mode": "optimization.torch_compile",
     "memory_format": "optimization.channels_last",
     "num_workers_override": "dataloader.num_workers",
+    # the design's large-data optimisation for stages 3-4: the auto batch search may fill 92 % of the GPU's memory
+    "auto_batch_vram_headroom": "train.auto_batch_vram_headroom",
 }
 
 
@@ -28,6 +30,8 @@ def _converted(key: str, value: object) -> object:
         return value == "channels_last"
     if key == "compile_mode":
         return str(value)
+    if key == "auto_batch_vram_headroom":
+        return float(value)  # type: ignore[arg-type]
     return int(value)  # type: ignore[call-overload]
 
 

@@ -2,7 +2,7 @@
 # Stage 3 two-stage training: classifier + detector, interleaved, after pre-flight checks (manifest, disk, GPU).
 # Works for any stage (--stage N); logs go to {exp_dir}/logs/train.out|err; the stage ends with its evaluation.
 # Usage: bash scripts/stage3/train_stage3_two_stage.sh [options] [key=value ...]
-#   --epochs N           classification epochs (default 18; a resume keeps the run's own unless given)
+#   --epochs N           epochs of both models (default 18; a resume keeps the run's own unless given)
 #   --batch-size N       classifier batch size          --det-batch-size N  detector batch size
 #   --lr LR              classifier peak learning rate
 #   --resume             continue from the last checkpoints (more --epochs than the run had: extend it)
