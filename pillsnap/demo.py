@@ -150,7 +150,7 @@ def ensure_calibrated(cfg: Any) -> None:
     from pillsnap.eval.box_calibration import refresh_box_check
     from pillsnap.eval.calibration import calibrate_classifier, load_manifest_if_any
     from pillsnap.infer.artefacts import load_calibration
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
     calibration = load_calibration(ckpt_dir, ckpt_dir / "classification_best.pt")

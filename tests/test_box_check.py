@@ -22,8 +22,8 @@ from pillsnap.infer.cli import answer_text
 from pillsnap.infer.gating import decide_route, hard_case_reasons
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.metrics.conformal import lower_bound
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
+from pillsnap.utils.io import file_sha256
 
 
 @pytest.mark.parametrize("miss_rate", [0.02, 0.05, 0.2])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pillsnap.cli import main as cli_main
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json
+from pillsnap.utils.io import file_sha256
 
 
 @pytest.mark.slow

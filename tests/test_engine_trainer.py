@@ -58,7 +58,8 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path, monkeypatch):
     assert os.path.samefile(ckpts / "best.pt", ckpts / "last.pt") == (best_epoch == 2)
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(
         ["best.pt", "last.pt", "classification_best.pt", "classification_last.pt", "classes.json",
-         "stage1_classification_best.pt", "calibration.json", "unknown_features.npz"])
+         "stage1_classification_best.pt", "calibration.json",
+         json.loads((ckpts / "calibration.json").read_text(encoding="utf-8"))["features_file"]])
     ckpt = load_ckpt(ckpts / "last.pt")
     assert set(ckpt) == {*CKPT_REQUIRED_KEYS, "ema_state", "global_step", "schema_version", "oom_state", "task_state"}
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_infer_pipeline import CODES, _cfg, make_exp_dir
+from test_infer_pipeline import CODES, _cfg, features_of, make_exp_dir
 
 from pillsnap.cli import main as cli_main
 from pillsnap.infer.enrol import DrugInfo, enrol, listing, look_alike, remove
@@ -32,8 +32,8 @@ from pillsnap.infer.enrolment import (
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.infer.preprocess import crop_pill, locate_pill
 from pillsnap.metrics.novelty import ClassGaussians
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
+from pillsnap.utils.io import file_sha256
 
 TRAINED_COLOURS = [(200, 40, 120), (40, 160, 60), (40, 60, 200)]  # K-000001..3
 NEW_COLOUR, NEW_CODE = (230, 200, 30), "K-900001"
@@ -334,7 +334,7 @@ def test_an_enrolment_that_takes_trained_drugs_answers_needs_force(exp_dir: Path
     share and the drug named and nothing written, unless forced; the report says what was taken either way."""
     predictor = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
     new = photos(tmp_path / "new", NEW_COLOUR, range(5))
-    whiten = ClassGaussians.load(exp_dir / "checkpoints" / "unknown_features.npz").whiten
+    whiten = ClassGaussians.load(features_of(exp_dir)).whiten
 
     def features(paths: list[Path]) -> np.ndarray:  # whitened, as calibration keeps the probe
         crops = []

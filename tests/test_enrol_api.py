@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_enrol import NEW_CODE, NEW_COLOUR, base_exp, exp_dir, photos, pill, store_state  # noqa: F401 - fixtures
-from test_infer_pipeline import _cfg
+from test_infer_pipeline import _cfg, features_of
 
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.serve.app import create_app
@@ -118,7 +118,7 @@ def test_an_enrolment_taking_the_trained_drugs_answers_is_a_409_until_forced(exp
     for path in photos(tmp_path / "lookers", NEW_COLOUR, range(20, 30)):
         image = Image.open(path).convert("RGB")
         crops.append(crop_pill(image, locate_pill(image), predictor.crop_margin))
-    whiten = ClassGaussians.load(exp_dir / "checkpoints" / "unknown_features.npz").whiten
+    whiten = ClassGaussians.load(features_of(exp_dir)).whiten
     _with_probe(exp_dir, Probe(predictor.forward(crops)[1].numpy() @ whiten, np.zeros(10, np.int64),
                                np.full(10, 0.6, np.float32), np.ones(10, bool)))
 

@@ -17,6 +17,7 @@ from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, load_calib
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.infer.thresholds import WEIGHTS
 from pillsnap.train import train
+from pillsnap.utils.io import file_sha256
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -64,7 +65,12 @@ def test_calibration_with_held_out_classes(tmp_path):
     thresholds = stored["unknown_thresholds"]
     assert 0 <= thresholds["probability"] <= 1 and thresholds["feature_distance"] > 0
     assert "unknown_threshold" not in stored  # the one-threshold format of older runs is read, no longer written
-    assert (exp / "checkpoints" / FEATURES_FILE).is_file()
+    assert stored["features_file"].startswith("unknown_features-")  # named by its hash, not the fixed name of old
+    assert not (exp / "checkpoints" / FEATURES_FILE).exists()
+    assert file_sha256(exp / "checkpoints" / stored["features_file"]) == stored["features_sha256"]
+    # only the files the calibration names are in the folder (no staged or stray ones)
+    assert [p.name for p in (exp / "checkpoints").glob("unknown_features-*.npz")] == [stored["features_file"]]
+    assert [p.name for p in (exp / "checkpoints").glob("validation_probe-*.npz")] == [stored["validation_probe_file"]]
     assert report["nll_after"] <= report["nll_before"] + 1e-9  # fit on these very photos: never worse
     assert (exp / "reports" / "reliability.png").stat().st_size > 0
     answers = report["answers"]  # the final answers, after the imprint evidence, on every validation crop
@@ -113,7 +119,7 @@ def test_calibration_with_held_out_classes(tmp_path):
 
     from pillsnap.metrics.novelty import ClassGaussians
 
-    whiten = ClassGaussians.load(exp / "checkpoints" / FEATURES_FILE).whiten  # the probe: those same crops
+    whiten = ClassGaussians.load(exp / "checkpoints" / stored["features_file"]).whiten  # the probe: those same crops
     # stored in float16: a hundredth on features of ~10
     assert np.abs(probe.whitened - cut["inference"][2] @ whiten).max() < 0.05
     assert np.abs(probe.whitened - cut["labelled"][2] @ whiten).max() > 0.5
@@ -293,3 +299,37 @@ def test_a_combination_pill_is_cut_at_the_detector_box_it_was_matched_to(tmp_pat
     both = InferenceCrops(dataset, np.array([False, False]), locate=True, fraction=0.35, detected={0: other, 1: box})
     assert np.array_equal(np.asarray(both[0][0]), np.asarray(crop_pill(image, other, 0.15)))
     assert np.array_equal(np.asarray(both[1][0]), np.asarray(want)) and decoded == [str(photo)]
+
+
+def test_a_calibration_killed_before_its_json_leaves_the_old_pair_whole(tmp_path, monkeypatch):
+    """The class Gaussians are written under a name of their own hash before calibration.json names them: a kill in
+    between leaves the old calibration naming its own file, whole, so the unknown-pill rule stays on (before, the
+    new file overwrote the old one's fixed name, and the rule went off until a new calibration)."""
+    import numpy as np
+
+    from pillsnap.eval import calibration
+    from pillsnap.infer.artefacts import load_class_gaussians
+    from pillsnap.metrics.novelty import ClassGaussians
+    from pillsnap.utils import save_json
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    rng = np.random.default_rng(0)
+    old = ClassGaussians.fit(rng.normal(size=(40, 6)), np.arange(40) % 4)
+    old.save(ckpts / FEATURES_FILE)  # as an older PillSnap wrote it, under the fixed name
+    stored = {"features_file": FEATURES_FILE, "features_sha256": file_sha256(ckpts / FEATURES_FILE)}
+    save_json(ckpts / CALIBRATION_FILE, stored)
+
+    def killed(path, obj, **kwargs):
+        if str(path).endswith(CALIBRATION_FILE):
+            raise KeyboardInterrupt("killed")
+        return save_json(path, obj, **kwargs)
+
+    monkeypatch.setattr(calibration, "save_json", killed)
+    new = ClassGaussians.fit(rng.normal(size=(40, 6)) + 5, np.arange(40) % 4)
+    with pytest.raises(KeyboardInterrupt):
+        calibration._write(tmp_path, {}, {}, new, None)
+    still = json.loads((ckpts / CALIBRATION_FILE).read_text(encoding="utf-8"))
+    gaussians, _, problem = load_class_gaussians(ckpts, still)
+    assert problem is None and np.array_equal(gaussians.means, old.means)
+    assert [p.name for p in ckpts.glob("unknown_features-*.npz")] != []  # the new one waits, named by its hash

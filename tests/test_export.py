@@ -16,10 +16,10 @@ from pillsnap.cli import main as cli_main
 from pillsnap.config import load_config
 from pillsnap.infer import export as export_cmd
 from pillsnap.infer.pipeline import Predictor
-from pillsnap.models.export import file_sha256
 from pillsnap.serve.app import create_app
 from pillsnap.serve.cli import build_service
 from pillsnap.utils import save_json
+from pillsnap.utils.io import file_sha256
 
 
 def cfg_for(exp_dir: Path, *overrides: str):

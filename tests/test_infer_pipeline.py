@@ -33,6 +33,14 @@ def _ckpt(model: torch.nn.Module, cfg) -> dict:
             "epoch": 1, "best_metric": 0.0, "config_snapshot": config_to_dict(cfg)}
 
 
+def features_of(exp_dir: Path) -> Path:
+    """The class Gaussians' file the run's calibration names (unknown_features-<hash>.npz)."""
+    import json
+
+    ckpts = Path(exp_dir) / "checkpoints"
+    return ckpts / json.loads((ckpts / "calibration.json").read_text(encoding="utf-8"))["features_file"]
+
+
 def make_exp_dir(root: Path, with_detector: bool = True) -> Path:
     cfg = _cfg(root)
     ckpts = root / "checkpoints"
@@ -257,7 +265,7 @@ def test_letterbox_roundtrip_and_locate() -> None:
 
 
 def _calibration(ckpts: Path, **thresholds: float | None) -> dict:
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     return {"temperature": 1.0, "unknown_thresholds": {"probability": None, "feature_distance": None, **thresholds},
             "classifier_sha256": file_sha256(ckpts / "classification_best.pt")}
@@ -300,7 +308,7 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     """Class Gaussians fit on the features of green pills: another green pill is answered, a magenta one (a
     drug the model never saw) is unknown, with the nearest known drugs still listed."""
     from pillsnap.metrics.novelty import ClassGaussians
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     root = make_exp_dir(tmp_path / "exp", with_detector=False)
     ckpts = root / "checkpoints"

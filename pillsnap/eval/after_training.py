@@ -31,7 +31,7 @@ class AfterTrainingRecord:
     def of(cls, exp_dir: str | Path) -> AfterTrainingRecord:
         """The record of the run's training as its metrics.json now stands (no steps done where the file is
         missing, unreadable or of another training)."""
-        from pillsnap.models.export import file_sha256
+        from pillsnap.utils.io import file_sha256
 
         reports = Path(exp_dir) / "reports"
         metrics = reports / "metrics.json"

@@ -147,7 +147,7 @@ def calibrate_boxes(cfg: Any, exp_dir: str | Path, manifest: Any, device: Any = 
     rest of the calibration is kept."""
     from pillsnap.infer.artefacts import find_checkpoints
     from pillsnap.infer.box_check import check_box_settings
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     check_box_settings(cfg.inference.get("box_check") or {})  # a wrong setting is the user's to fix, said as such
     detector = find_checkpoints(exp_dir)[1]

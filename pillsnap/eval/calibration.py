@@ -27,8 +27,8 @@ from pillsnap.eval.unknown_calibration import (
     source_thresholds,
     unknown_line,
 )
-from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, Temperatures
-from pillsnap.infer.enrolment import PROBE_FILE, Probe
+from pillsnap.infer.artefacts import CALIBRATION_FILE, FEATURES_FILE, FEATURES_PREFIX, Temperatures
+from pillsnap.infer.enrolment import PROBE_FILE, PROBE_PREFIX, Probe
 from pillsnap.infer.thresholds import READING_REFERENCE
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import (
@@ -40,8 +40,8 @@ from pillsnap.metrics.calibration import (
     reliability_bins,
 )
 from pillsnap.metrics.novelty import UNKNOWN_RULES, ClassGaussians, check_unknown_rule, unknown_scores
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import save_json
+from pillsnap.utils.io import file_sha256, prune_hashed, write_hashed
 
 LOGGER = logging.getLogger(__name__)
 # A source takes the temperature fit over all crops unless it has this many validation crops (a fit on a few dozen
@@ -188,7 +188,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
               "unknown_rule": rule, "unknown_thresholds": thresholds,
               "unknown_thresholds_by_source": by_source,
               "unknown_rule_description": UNKNOWN_RULES[rule],
-              "unknown_keep_correct": keep, "features_file": FEATURES_FILE, "classifier_sha256": file_sha256(ckpt),
+              "unknown_keep_correct": keep, "classifier_sha256": file_sha256(ckpt),
               "n_val": int(len(val.labels)), "n_features_fit": rules.n_fit}
     report = {**stored, **figures}
     held_out = None if manifest is None else held_out_loader(cfg, set(loaders.meta["class_names"]), manifest)
@@ -263,12 +263,22 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
     last, naming the files' hashes; then the report, its reliability diagram and the log's summary."""
     from pillsnap.eval.reports import plot_reliability
 
-    stored["features_sha256"] = file_sha256(gaussians.save(exp_dir / "checkpoints" / FEATURES_FILE))
+    ckpt_dir = exp_dir / "checkpoints"
+    # each data file under a name of its own hash, then the JSON naming them, then the files it no longer names
+    # (utils.io.write_hashed): a kill in between leaves the old calibration or the new one whole, never a JSON
+    # naming a file fit with other thresholds (which would turn the unknown-pill rule off)
+    features, stored["features_sha256"] = write_hashed(ckpt_dir, FEATURES_PREFIX, ".npz", gaussians.save)
+    stored["features_file"] = report["features_file"] = features.name
     report["features_sha256"] = stored["features_sha256"]
+    kept = [features]
     if probe is not None:
-        stored["validation_probe_file"] = PROBE_FILE
-        stored["validation_probe_sha256"] = file_sha256(probe.save(exp_dir / "checkpoints" / PROBE_FILE))
-    save_json(exp_dir / "checkpoints" / CALIBRATION_FILE, stored)
+        probe_file, stored["validation_probe_sha256"] = write_hashed(ckpt_dir, PROBE_PREFIX, ".npz", probe.save)
+        stored["validation_probe_file"] = probe_file.name
+        kept.append(probe_file)
+    save_json(ckpt_dir / CALIBRATION_FILE, stored)
+    for prefix, legacy in ((FEATURES_PREFIX, FEATURES_FILE), (PROBE_PREFIX, PROBE_FILE)):
+        prune_hashed(ckpt_dir, prefix, ".npz", kept)
+        (ckpt_dir / legacy).unlink(missing_ok=True)  # the fixed name older versions wrote
     save_json(exp_dir / "reports" / "calibration.json", report)
     temperatures = Temperatures.from_stored(stored)
     plot_reliability(report["bins_before"], report["bins_after"], temperatures.text(2),

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "calibrate", help="fit the best classifier's temperature and unknown-pill rules again",
         description="Fit EXP/checkpoints/classification_best.pt's temperature on the validation split and both "
                     "unknown-pill rules (feature distance, probability), measured on the classes held out of the "
-                    "stage; writes EXP/checkpoints/calibration.json, unknown_features.npz and "
+                    "stage; writes EXP/checkpoints/calibration.json, unknown_features-<hash>.npz and "
                     "EXP/reports/calibration.json, reliability.png. Training does this at its end.")
     calibrate.add_argument("--exp", required=True, help="experiment directory (paths.exp_dir of the run)")
     calibrate.add_argument("--cfg", default=None,

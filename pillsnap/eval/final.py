@@ -107,7 +107,7 @@ def final_test_owed(exp_dir: str | Path, stage: int) -> str | None:
 def final_test_written(exp_dir: str | Path) -> bool:
     """Whether the run's final test results are of its training as it last ended: they name the metrics.json they
     followed by its SHA-256 (file times do not survive every copy); results without it, by the files' times."""
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     reports = Path(exp_dir) / "reports"
     results, metrics = reports / "final_test_results.json", reports / "metrics.json"
@@ -162,7 +162,7 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
               "improvements": [] if ready else [f"{k}: {g['value']} < {g['target']}" for k, g in goals.items()
                                                 if isinstance(g, dict) and not g["met"]]}
     if metrics_path.is_file():  # which training these results follow (final_test_written)
-        from pillsnap.models.export import file_sha256
+        from pillsnap.utils.io import file_sha256
 
         result["metrics_sha256"] = file_sha256(metrics_path)
     save_json(exp_dir / "reports" / "final_test_results.json", result)

@@ -206,7 +206,7 @@ def format_decision(decision: dict) -> str:
 # ---- the whole evaluation -------------------------------------------------------------------------------------------
 def classifier_identity(exp_dir: Path) -> str | None:
     """The SHA-256 of the classifier checkpoint the evaluation judges (None without one)."""
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     best = exp_dir / "checkpoints" / "classification_best.pt"
     return file_sha256(best) if best.is_file() else None

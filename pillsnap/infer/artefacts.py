@@ -1,6 +1,6 @@
 """The files of a run that inference reads: its checkpoints and classes.json, and the files fit for the classifier
 at the end of training: calibration.json (temperature, unknown-pill thresholds, prediction-set scores) and
-unknown_features.npz (the class Gaussians of the feature_distance rule). Each fit file is bound to the weights it
+unknown_features-<hash>.npz (the class Gaussians of the feature_distance rule). Each fit file is bound to the weights it
 was fit on by a hash: a stale file is reported and skipped, never silently used.
 
 pillsnap.eval.calibration fits and writes them; this module only reads them, so inference needs nothing from eval.
@@ -18,14 +18,17 @@ import numpy as np
 
 from pillsnap.infer.thresholds import stored_number
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import read_json
+from pillsnap.utils.io import file_sha256
 
 LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
 DETECTOR_CKPTS = ("detection_best.pt", "detection_last.pt")
 CALIBRATION_FILE = "calibration.json"  # in checkpoints/, beside the classifier it was fit for
-FEATURES_FILE = "unknown_features.npz"  # beside it: the class Gaussians the feature_distance rule measures against
+# beside it: the class Gaussians the feature_distance rule measures against, in unknown_features-<hash>.npz as
+# calibration.json's `features_file` names it (FEATURES_FILE: the fixed name of calibrations written before)
+FEATURES_PREFIX = "unknown_features-"
+FEATURES_FILE = "unknown_features.npz"
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:

@@ -95,7 +95,7 @@ def box_check_for(calibration: Mapping | None, detector_path: str | Path, enable
                   miss_rate: float) -> BoxCheck | None:
     """The box check for the detector at `detector_path`; None when it is off or cannot be had (said once in the
     log, with what to do)."""
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     if not enabled or calibration is None:
         return None

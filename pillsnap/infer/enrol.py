@@ -336,7 +336,7 @@ def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None,
             listed = ", ".join(enrolled.codes) or "none"
             raise EnrolmentError(f"{code} is not enrolled (enrolled: {listed})", "not_enrolled")
         if sha is None:
-            from pillsnap.models.export import file_sha256
+            from pillsnap.utils.io import file_sha256
 
             sha = file_sha256(classifier)
         write_store(ckpt_dir, sha, enrolled.without(code))

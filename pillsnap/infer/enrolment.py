@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pillsnap.metrics.novelty import ClassGaussians, squared_distances
-from pillsnap.models.export import file_sha256
 from pillsnap.utils import atomic_path, read_json, save_json
+from pillsnap.utils.io import file_sha256, prune_hashed, write_hashed
 from pillsnap.utils.locks import file_lock
 
 LOGGER = logging.getLogger(__name__)
@@ -141,18 +141,16 @@ def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str
 def write_store(ckpt_dir: str | Path, classifier_sha: str, enrolled: Enrolled) -> Path:
     """Commit `enrolled` (the protocol at the top of this module); returns enrolment.json's path."""
     ckpt_dir = Path(ckpt_dir)
-    staged = ckpt_dir / f"{FEATURES_PREFIX}staged.npz"
-    with atomic_path(staged) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, codes=np.asarray(enrolled.codes, dtype=str), means=enrolled.means)
-    digest = file_sha256(staged)
-    features = ckpt_dir / f"{FEATURES_PREFIX}{digest[:16]}.npz"
-    os.replace(staged, features)
+
+    def write(path: Path) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, codes=np.asarray(enrolled.codes, dtype=str), means=enrolled.means)
+
+    features, digest = write_hashed(ckpt_dir, FEATURES_PREFIX, ".npz", write)
     save_json(ckpt_dir / ENROLMENT_FILE, {"version": STORE_VERSION, "classifier_sha256": classifier_sha,
                                           "features_file": features.name, "features_sha256": digest,
                                           "drugs": list(enrolled.drugs)})
-    for old in ckpt_dir.glob(f"{FEATURES_PREFIX}*.npz"):  # after the commit: files no store names any more
-        if old != features:
-            old.unlink(missing_ok=True)
+    prune_hashed(ckpt_dir, FEATURES_PREFIX, ".npz", [features])  # after the commit: files no store names any more
     return ckpt_dir / ENROLMENT_FILE
 
 
@@ -238,7 +236,9 @@ def merge_posterior(probs: np.ndarray, trained: np.ndarray, enrolled: np.ndarray
 
 # ---- what an enrolment would cost the trained drugs ---------------------------------------------------------------
 
-PROBE_FILE = "validation_probe.npz"  # in checkpoints/, named in calibration.json by hash
+# in checkpoints/, as validation_probe-<hash>.npz, named in calibration.json (PROBE_FILE: older calibrations' name)
+PROBE_PREFIX = "validation_probe-"
+PROBE_FILE = "validation_probe.npz"
 # Validation crops kept per trained drug: all of them up to PROBE_CROPS in all, at least PROBE_MIN_PER_DRUG each
 # (at 5,000 drugs: 5 each, 64 MB of EfficientNetV2-S features as float16). With 5, a drug that takes a third of one
 # trained drug's pills is refused about half the time (2 or more of its 5 taken), one that takes them all always.

@@ -163,7 +163,7 @@ class Predictor:
     @cached_property
     def classifier_sha256(self) -> str:
         """The classifier file's SHA-256, hashed once (what calibration and enrolments are bound to)."""
-        from pillsnap.models.export import file_sha256
+        from pillsnap.utils.io import file_sha256
 
         return file_sha256(self.classifier_path)
 

@@ -9,7 +9,6 @@ checksums of the checkpoints they came from) and parity.json (written by `pillsn
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -19,21 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from pillsnap.utils.io import file_sha256
+
 LOGGER = logging.getLogger(__name__)
 ONNX_INPUT, ONNX_OUTPUT = "images", "output0"
 CLASSIFIER_OUTPUTS = ("logits", "features")  # features: what the "unknown pill" rule measures distances on
 EXPORT_DIR = "export"
 CLASSIFIER_ONNX, DETECTOR_ONNX = "classifier.onnx", "detector.onnx"
 EXPORT_META, PARITY_REPORT = "export.json", "parity.json"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_onnx(model: nn.Module, out_path: str | Path, image_size: int, output_names: tuple[str, ...] = (ONNX_OUTPUT,),

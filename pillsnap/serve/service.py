@@ -141,7 +141,7 @@ def describe_models(predictor: PredictorLike) -> dict:
     (temperature, unknown-pill thresholds; null when the run was not calibrated), the unknown-pill rule in force
     (its threshold is null and `active` false when it is off), the prediction-set rule, the box check and, with the
     onnx backend, the onnxruntime providers the classifier runs on (null with torch)."""
-    from pillsnap.models.export import file_sha256
+    from pillsnap.utils.io import file_sha256
 
     files = predictor.model_files()
     return {"backend": predictor.backend, "device": str(getattr(predictor, "device", "cpu")),

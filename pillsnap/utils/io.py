@@ -3,10 +3,11 @@ power cut never leaves half a file under the final name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# A JSON that names a data file by its hash (a calibration and its class Gaussians, an enrolment store and its
+# means) is replaced together with that file in three steps, so that a reader never finds the JSON naming a file
+# that is not the one it names: (1) `write_hashed` writes the new file under a name of its own hash, beside the old
+# one; (2) the caller commits the JSON naming it (save_json, atomic); (3) `prune_hashed` removes the files the JSON
+# no longer names. A kill at any point leaves the old pair or the new pair whole, plus at most a stray file.
+def write_hashed(folder: str | Path, prefix: str, suffix: str, write: Callable[[Path], object]) -> tuple[Path, str]:
+    """`write(path)` fills `{prefix}staged{suffix}` (atomically, as the writer likes), which is then renamed
+    `{prefix}{sha256[:16]}{suffix}`; returns (that file, its SHA-256)."""
+    folder = Path(folder)
+    staged = folder / f"{prefix}staged{suffix}"
+    write(staged)
+    digest = file_sha256(staged)
+    final = folder / f"{prefix}{digest[:16]}{suffix}"
+    os.replace(staged, final)
+    fsync_path(folder)
+    return final, digest
+
+
+def prune_hashed(folder: str | Path, prefix: str, suffix: str, keep: Iterable[Path] = ()) -> None:
+    """After the JSON is committed: remove every `{prefix}*{suffix}` file but `keep` (nothing names them now)."""
+    kept = {Path(k).name for k in keep}
+    for old in Path(folder).glob(f"{prefix}*{suffix}"):
+        if old.name not in kept:
+            old.unlink(missing_ok=True)
 
 
 class DiskSpaceError(ValueError):
