@@ -202,12 +202,18 @@ def test_every_number_in_the_config_has_a_range_and_every_range_a_key():
     assert [p for p, _ in RANGES if not any(fnmatchcase(k, p) for k in keys)] == []
 
 
-def test_tf32_must_agree_where_both_models_train():
+def test_tf32_must_agree_where_both_models_train(tmp_path):
     """TF32 is one process-wide switch in PyTorch: a detector section saying otherwise would silently decide it for
-    the classifier too."""
+    the classifier too. Refused when a run trains (one line, exit 2), never when a trained run's config is read."""
+    from pillsnap.config import check_tf32
+    from pillsnap.train import main as train_main
+
+    differ = load_config(CONFIG, ["train.detection.tf32=false"], dotenv_path=None)  # reading it is fine
     with pytest.raises(ConfigError, match=r"train\.classification\.tf32 \(true\) and train\.detection\.tf32 \(false\) "
                                           r"differ.*set both the same"):
-        load_config(CONFIG, ["train.detection.tf32=false"], dotenv_path=None)
-    assert not load_config(CONFIG, ["train.detection.tf32=false", "train.classification.tf32=false"],
-                           dotenv_path=None).train.detection.tf32
-    assert load_config(CONFIG, ["train.detection.tf32=false", "train.strategy=classification"], dotenv_path=None)
+        check_tf32(differ)
+    check_tf32(load_config(CONFIG, ["train.detection.tf32=false", "train.classification.tf32=false"],
+                           dotenv_path=None))
+    check_tf32(load_config(CONFIG, ["train.detection.tf32=false", "train.strategy=classification"], dotenv_path=None))
+    assert train_main(["--cfg", str(CONFIG), "train.detection.tf32=false", f"paths.exp_dir={tmp_path / 'exp'}"]) == 2
+    assert not (tmp_path / "exp").exists()  # refused before anything was written

@@ -255,6 +255,14 @@ def test_the_runs_figures_include_the_advanced_metrics():
     on_cpu = stage_measure.run_figures({**summary, "system": {"device": "cpu"}},
                                        [{**r, "cuda_mem": 0.0} for r in steps])
     assert on_cpu["memory_peak_over_avg"] == pytest.approx(105 / np.mean([100, 104, 105]))
+    assert not run["nan_loss"] and run["skipped_steps"] == 0
+    # a NaN step between two logged steps is skipped (the weights and the logged losses stay finite), but its
+    # epoch's mean training loss is NaN: the gate still sees it
+    history = [{"classification": {"train_loss": 2.0, "skipped_steps": 0}},
+               {"classification": {"train_loss": float("nan"), "skipped_steps": 1},
+                "detection": {"train_loss": 3.0, "skipped_steps": 2}}]
+    skipped = stage_measure.run_figures({**summary, "history": history}, steps)
+    assert skipped["nan_loss"] and skipped["skipped_steps"] == 3
 
 
 def test_the_runs_figures_are_of_this_run_not_of_earlier_runs_in_the_folder(tmp_path):

@@ -116,9 +116,10 @@ def check_ranges(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(bad) + ".")
 
 
-def _check_tf32(cfg: DictConfig) -> None:
+def check_tf32(cfg: DictConfig) -> None:
     """TF32 is one switch for the whole process in PyTorch: when both models train, their sections must agree (else
-    the one built last would decide for both without a word)."""
+    the one built last would decide for both without a word). Checked when a run trains, not when a trained run's
+    config is read (for serving, evaluation), which training never uses again."""
     if str(cfg.train.strategy) == "classification":
         return
     cls, det = bool(cfg.train.classification.tf32), bool(cfg.train.detection.tf32)
@@ -241,7 +242,6 @@ def load_config(
     check_ranges(cfg)
     _check_oom_section(cfg, "the merged config")
     _check_stage_overrides(cfg)
-    _check_tf32(cfg)
     drop_overridden(cfg, _leaf_keys(cli))
     _absolute_paths(cfg, cli, Path(paths_base) if paths_base is not None else Path.cwd())
     if dotenv_path is not None:

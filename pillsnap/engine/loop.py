@@ -286,7 +286,8 @@ class EpochRunner:
         rank's step count."""
         loss_sum, steps = sum_over_ranks(self.info, [progress.loss_sum[name], float(progress.done[name])],
                                          self.tasks[name].device)
-        return {"train_loss": loss_sum / max(steps, 1.0), "steps": progress.done[name]}
+        return {"train_loss": loss_sum / max(steps, 1.0), "steps": progress.done[name],
+                "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
 
 
 def _batch_size(loader: object) -> int:

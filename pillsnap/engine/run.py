@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pillsnap.config import apply_stage_overrides, check_ranges
+from pillsnap.config import apply_stage_overrides, check_ranges, check_tf32
 from pillsnap.engine.build import BuildLoaders
 from pillsnap.engine.callbacks import Callback
 from pillsnap.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
@@ -80,6 +80,7 @@ def default_build_loaders(cfg: DictConfig, tb: TBWriter | None = None) -> Any:
 def _prepare_cfg(cfg: DictConfig) -> DictConfig:
     cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
     check_ranges(cfg)  # what the stage's overrides set, and a config changed after it was loaded
+    check_tf32(cfg)
     set_seed(int(cfg.train.seed), bool(cfg.train.deterministic))
     return cfg
 

@@ -34,6 +34,10 @@ from pillsnap.engine.spec import TaskSpec
 from pillsnap.utils import release_cuda_cache
 
 LOGGER = logging.getLogger(__name__)
+# torch warns when a schedule steps before its optimizer ever did: here that is a skipped first step (an fp16
+# overflow, non-finite gradients), and the schedule follows the samples on purpose. Set once: a filter set around
+# each step would reset Python's record of warnings already shown, and every "once" warning would repeat.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
 
 class ResumeMismatchError(ValueError):
@@ -310,19 +314,15 @@ class Task(ABC):
         self._window_chunks = self._window_samples = 0
 
     def _step_scheduler(self, samples: int) -> None:
-        # torch warns when the schedule steps before the optimizer ever did: here that is a skipped first step
-        # (fp16 overflow, non-finite gradients), and the schedule follows the samples on purpose
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            if self.sched_mode == "steps":
-                self.scheduler.step()
-                return
-            # After an OOM shrank the global batch: one schedule step per original global batch of samples, so the
-            # schedule still ends where the epochs end.
-            self._sched_credit += samples / self.global_batch_at_start
-            while self._sched_credit >= 1.0 - 1e-9:
-                self.scheduler.step()
-                self._sched_credit -= 1.0
+        if self.sched_mode == "steps":
+            self.scheduler.step()
+            return
+        # After an OOM shrank the global batch: one schedule step per original global batch of samples, so the
+        # schedule still ends where the epochs end.
+        self._sched_credit += samples / self.global_batch_at_start
+        while self._sched_credit >= 1.0 - 1e-9:
+            self.scheduler.step()
+            self._sched_credit -= 1.0
 
     # ---- OOM recovery --------------------------------------------------------------------------------------------
     def oom_state(self) -> dict:
@@ -446,7 +446,7 @@ class Task(ABC):
                           "configured_batch_size": self.configured_knobs[0],
                           "configured_grad_accum": self.configured_knobs[1]},
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
-                           "world_size": self.info.world_size,
+                           "world_size": self.info.world_size, "skipped_steps": self.skipped_steps,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
                            "classes_seen": sorted(self.classes_seen)},
         }
@@ -462,6 +462,7 @@ class Task(ABC):
         self.optimizer_steps = int(counters.get("optimizer_steps", 0))
         self.samples_seen = int(counters.get("samples_seen", 0))
         self.micro_step = int(counters.get("micro_step", 0))
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.classes_seen = set(counters.get("classes_seen", ()))
         self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()

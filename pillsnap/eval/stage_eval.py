@@ -153,7 +153,7 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
         "class_coverage": cls.get("class_coverage", 0.0),
         "no_crashes": summary.get("status") != "oom_emergency_exit" and not run["nan_loss"],
         "memory_growth": run["memory_growth"], "memory_stable": run["memory_stable"],
-        "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"],
+        "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"], "skipped_steps": run["skipped_steps"],
         "data_corruption_rate": sm.corruption_rate(cfg), "time_cap": (summary.get("stage") or {}).get("time_cap"),
         "run_status": summary.get("status"),
     }

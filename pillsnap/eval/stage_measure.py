@@ -119,8 +119,12 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
     """Figures from reports/metrics.json and metrics.jsonl: training throughput, data time, OOM, NaN, memory."""
     steps = [r for r in stream if r.get("type") == "step"]
     cls_thr = [r["throughput"] for r in steps if r.get("task") == "classification" and r.get("throughput")]
-    losses = [r.get("loss") for r in steps] + [(summary.get("classification") or {}).get("val_loss")]
     history = summary.get("history", [])
+    # the logged steps, the validation loss, and each epoch's mean training loss, which a NaN step anywhere in the
+    # epoch makes NaN (such a step is skipped, so the weights, and the later logged losses, stay finite)
+    losses = ([r.get("loss") for r in steps] + [(summary.get("classification") or {}).get("val_loss")]
+              + [h[t].get("train_loss") for h in history for t in ("classification", "detection")
+                 if isinstance(h.get(t), dict)])
     rss = [h.get("rss_mb") for h in history if h.get("rss_mb")]
     growth = rss[-1] / rss[1] if len(rss) >= 3 else None  # epoch 2 on: the first epoch still allocates
     system = summary.get("system") or {}
@@ -130,7 +134,10 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
         "throughput_img_s": float(np.median(cls_thr)) if cls_thr else None,
         "data_loading_s": float(np.mean([r["data_time"] for r in steps])) if steps else None,
         "repeated_oom": sum(1 for r in stream if r.get("type") == "oom" and r.get("action") != "applied"),
-        "nan_loss": any(isinstance(v, float) and math.isnan(v) for v in losses if v is not None),
+        "nan_loss": any(isinstance(v, float) and not math.isfinite(v) for v in losses if v is not None),
+        # steps skipped for non-finite gradients without a loss scaler (a run's counts, both tasks)
+        "skipped_steps": sum(int(h[t].get("skipped_steps") or 0) for h in history[-1:]
+                             for t in ("classification", "detection") if isinstance(h.get(t), dict)),
         "memory_growth": growth, "memory_stable": growth is None or growth <= ADVISOR.memory_growth_limit,
         "peak_rss_mb": system.get("peak_rss_mb"),
         "gpu_memory_gb": (system.get("peak_cuda_mem_mb") or 0) / 1024 if "cuda" in str(system.get("device")) else None,
