@@ -26,6 +26,7 @@ class FakeClassificationTask:
         self.train_loader = [0] * steps
         self.order = order
         self.device = torch.device("cpu")
+        self.skipped_steps = 0
 
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)

@@ -16,6 +16,7 @@ class FakeTask:
     def __init__(self, name: str, steps: int) -> None:
         self.name, self.steps, self.calls = name, steps, 0
         self.device = torch.device("cpu")
+        self.skipped_steps = 0  # steps skipped for non-finite gradients (none here)
         self.spec = {"detection": DetectionTask.spec, "classification": ClassificationTask.spec}[name]
         self.train_loader = list(range(steps + 5))
 

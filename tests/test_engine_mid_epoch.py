@@ -15,7 +15,7 @@ from pillsnap.data.samplers import EpochSampler
 from pillsnap.engine.distributed import DistInfo, shard_loader
 from pillsnap.engine.run import run_training
 from pillsnap.engine.trainer import EXIT_INTERRUPTED
-from pillsnap.utils import load_ckpt, save_ckpt
+from pillsnap.utils import load_ckpt, read_json, save_ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVERY_LOG_STEP = "train.checkpoint_interval_minutes=1e-9"  # due at every check (every step_log_interval steps)
@@ -261,6 +261,12 @@ def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(
     for name, tensor in whole[0]["state"].items():
         assert torch.equal(resumed[0]["state"][name], tensor), name
         assert torch.equal(resumed[1]["state"][name], tensor), name
+    # the resumed epoch's mean training loss is the unbroken one's: the save kept every rank's loss so far, which
+    # rank 0 carries on (before, rank 0's own part stood for every rank's)
+    def last_loss(exp: str) -> float:
+        return read_json(tmp_path / exp / "reports" / "metrics.json")["history"][-1]["classification"]["train_loss"]
+
+    assert last_loss("broken") == pytest.approx(last_loss("whole"), rel=1e-6)
 
 
 def test_tensorboard_hides_the_steps_a_resume_redoes(tmp_path):

@@ -63,8 +63,9 @@ class EpochProgress:
     """How far a run has come inside an epoch: saved with a checkpoint written part-way through it, so that a
     resume goes on from there instead of redoing the epoch. Per task: the batches drawn from its loader and the
     sampler indices they took on all ranks together (a resume skips those, so a changed batch size or number of
-    ranks still lands on the same photo), the steps trained and their summed loss (the epoch's mean train loss goes
-    on); the stage clock; each rank's host random states (the model's dropout and, without loader workers, the
+    ranks still lands on the same photo), the steps trained, and the summed loss of every rank's steps with their
+    count (saved as totals over the ranks, which rank 0 carries on a resume: the epoch's mean train loss goes on);
+    the stage clock; each rank's host random states (the model's dropout and, without loader workers, the
     augmentation continue as they would have)."""
 
     epoch: int
@@ -72,6 +73,7 @@ class EpochProgress:
     indices: dict[str, int] = field(default_factory=dict)
     done: dict[str, int] = field(default_factory=dict)
     loss_sum: dict[str, float] = field(default_factory=dict)
+    loss_steps: dict[str, int] = field(default_factory=dict)  # the steps loss_sum sums (older saves: none)
     elapsed_s: float = 0.0
     rng: list[dict] = field(default_factory=list)  # host_rng_states() of each rank, in rank order
 
@@ -99,7 +101,19 @@ class EpochProgress:
         for counts in (progress.drawn, progress.indices, progress.done):
             counts.update({n: int(counts.get(n, 0)) for n in tasks})
         progress.loss_sum.update({n: float(progress.loss_sum.get(n, 0.0)) for n in tasks})
+        # a save from before loss_steps: its loss_sum was rank 0's own steps'
+        progress.loss_steps.update({n: int(progress.loss_steps.get(n, progress.done[n])) for n in tasks})
         return progress
+
+    def over_ranks(self, info: DistInfo, device: object) -> EpochProgress:
+        """A copy whose loss sums and counts are every rank's together (call it on every rank at once)."""
+        names = sorted(self.loss_sum)
+        totals = sum_over_ranks(info, [v for n in names for v in (self.loss_sum[n], float(self.loss_steps[n]))],
+                                device)
+        copy = EpochProgress.from_dict(self.as_dict())
+        copy.loss_sum = {n: totals[2 * i] for i, n in enumerate(names)}
+        copy.loss_steps = {n: round(totals[2 * i + 1]) for i, n in enumerate(names)}
+        return copy
 
 
 def record_due(step: int, steps: int, cfg: DictConfig) -> bool:
@@ -244,6 +258,9 @@ class EpochRunner:
         """Interleave the active tasks' steps (train.interleave_ratio); returns mean train loss per task. `resume`:
         where a checkpoint saved inside this epoch left it (the epoch goes on from there)."""
         progress = EpochProgress.going_on(epoch, active, resume)
+        if self.info.rank != 0:  # rank 0 carries the saved totals of every rank's loss; the others start from none
+            progress.loss_sum = dict.fromkeys(active, 0.0)
+            progress.loss_steps = dict.fromkeys(active, 0)
         self.last_checkpoint, self.save_pending = time.monotonic(), False  # the last epoch's end was committed
         left = {name: self._position(name, progress) for name in active}
         steps = {name: progress.done[name] + left[name] for name in active}  # as the log line counts them
@@ -272,6 +289,7 @@ class EpochRunner:
             progress.done[name] += 1
             self.state.global_step += 1
             progress.loss_sum[name] += out.loss
+            progress.loss_steps[name] += 1
             step = progress.done[name]
             self.callbacks.fire("on_step_end", self._step_record(name, epoch, step, steps[name], out, timer))
             due = record_due(step, steps[name], self.cfg)
@@ -284,7 +302,7 @@ class EpochRunner:
     def _epoch_loss(self, name: str, progress: EpochProgress) -> dict:
         """The epoch's mean training loss over every rank's steps (each rank trains its own shard), and this
         rank's step count."""
-        loss_sum, steps = sum_over_ranks(self.info, [progress.loss_sum[name], float(progress.done[name])],
+        loss_sum, steps = sum_over_ranks(self.info, [progress.loss_sum[name], float(progress.loss_steps[name])],
                                          self.tasks[name].device)
         return {"train_loss": loss_sum / max(steps, 1.0), "steps": progress.done[name],
                 "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run

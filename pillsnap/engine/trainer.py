@@ -295,7 +295,8 @@ class Trainer:
         `last` checkpoint, still of the last whole epoch (`epoch` = epoch_done), with `progress`, where a resume
         goes on. `best` is left alone: nothing was validated. Called on every rank at the same step."""
         self._share_counts()
-        saved = EpochProgress.from_dict(progress.as_dict())  # a copy: the epoch goes on changing `progress`
+        # a copy (the epoch goes on changing `progress`), with the loss of every rank's steps
+        saved = progress.over_ranks(self.info, self.tasks[next(iter(progress.drawn))].device)
         saved.rng = all_ranks(self.info, progress.rng[0])  # each rank's own random states
         if self.info.is_main:
             where = {"progress": saved.as_dict()}
