@@ -137,15 +137,20 @@ def test_elapsed_after_a_resume_is_the_stage_clock(dashboard, page):
     exp, url = dashboard
     now = time.time()
     first = synthetic_run(now - 9000, epochs=4, done_epochs=1.5, stage=3)
+    first[0]["elapsed_s"] = 12.0  # a fresh run's start record: its own set-up time on the clock, nothing before it
+    append(exp / "reports" / "metrics.jsonl", *first)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-started').textContent.startsWith('started ')",
+                           timeout=WAIT_MS)
     resumed = {"type": "start", "time": now - 600, "tasks": ["classification", "detection"], "epochs": 4,
                "stage": 3, "start_epoch": 1, "elapsed_s": 7200.0}
-    append(exp / "reports" / "metrics.jsonl", *first, resumed,
+    append(exp / "reports" / "metrics.jsonl", resumed,
            {**next(r for r in reversed(first) if r["type"] == "step"), "time": now - 5, "epoch": 2})
-    page.goto(url)
     page.wait_for_function("document.querySelector('#run-resumes').textContent.startsWith('resumed')",
                            timeout=WAIT_MS)
     assert page.inner_text("#run-elapsed") == "2 h 10 m"
-    assert page.inner_text("#run-started").startswith("2 h 00 m before this run, which started ")
+    assert page.inner_text("#run-started").startswith("resumed ") and page.inner_text("#run-started").endswith(
+        " at 2 h 00 m on the stage's clock")
 
 
 def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):

@@ -68,25 +68,48 @@ def test_pre_flight_stops_with_the_fix(synth_root, tmp_path):
     assert proc.returncode == 2 and "unknown argument '--bogus'" in proc.stderr
 
 
-@pytest.mark.parametrize(("gpus", "said"), [
-    ("0, 512, 81559\n1, 20000, 81559", ("OK   GPU 0: 512 of 81559 MB used", "GPU 1 is already 24 % used "
-                                        "(20000 of 81559 MB; the stage needs it under 20 %)")),
-    ("0, [N/A], [N/A]", ("nvidia-smi gave no memory figures for GPU 0",)),
-])
-def test_pre_flight_wants_every_gpu_under_a_fifth_used(manifest_dir, tmp_path, gpus, said):
-    """The design's check before a stage: each GPU under 20 % used (another job on one would starve the run)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "nvidia-smi"
-    fake.write_text(f"#!/bin/sh\ncase \"$*\" in *index,memory.used,memory.total*) printf '{gpus}\\n' ;; "
-                    "*) exit 1 ;; esac\n", encoding="utf-8")
+def fake_nvidia_smi(folder: Path, gpus: dict[str, str]) -> Path:
+    """A stand-in nvidia-smi answering the pre-flight's memory query: one line per GPU of `gpus` (index -> "used,
+    total"), or only those `-i` names."""
+    folder.mkdir(exist_ok=True)
+    lines = {index: f"{index}, {figures}" for index, figures in gpus.items()}
+    every = "\\n".join(lines.values())
+    picked = "".join(f"  *'-i {index} '*) printf '{line}\\n' ;;\n" for index, line in lines.items())
+    fake = folder / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\ncase \"$* \" in\n{picked}  *index,memory.used,memory.total*) printf '{every}\\n' ;;"
+                    "\n  *) exit 1 ;;\nesac\n", encoding="utf-8")
     fake.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize(("gpus", "visible", "said"), [
+    ({"0": "512, 81559", "1": "20000, 81559"}, None,
+     ("OK   GPU 0: 512 of 81559 MB used",
+      "GPU 1 is already 24 % used (20000 of 81559 MB; the stage needs it under 20 %)")),
+    ({"0": "[N/A], [N/A]"}, None, ("nvidia-smi gave no memory figures for GPU 0",)),
+    ({"0": "70000, 81559", "1": "100, 81559"}, "1", ("OK   GPU 1: 100 of 81559 MB used",)),  # only the run's GPUs
+    ({"0": "70000, 81559"}, "MIG-4f6c2a1e-aaaa-bbbb-cccc-0123456789ab", ("NOTE GPU: MIG slices",)),
+])
+def test_pre_flight_wants_the_runs_gpus_under_a_fifth_used(manifest_dir, tmp_path, monkeypatch, gpus, visible, said):
+    """The design's check before a stage: each GPU the run uses under 20 % used (another job on one would starve
+    the run); the other GPUs of a shared machine are none of its business."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    # the run itself stops at once after the checks (TF32 set two ways), so that no training starts here
     proc = run("bash", str(STAGE3 / "train_stage3_two_stage.sh"), "--stage", "1", "--min-free-gb", "0",
-               *tiny(tmp_path, manifest_dir, tmp_path / "exp"), path=bin_dir)
-    assert proc.returncode == 2 and "PRE-FLIGHT FAILED" in proc.stderr, proc.stdout + proc.stderr
+               *tiny(tmp_path, manifest_dir, tmp_path / "exp"), "train.detection.tf32=false",
+               path=fake_nvidia_smi(tmp_path / "bin", gpus))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
     for words in said:
-        assert words in proc.stdout + proc.stderr
-    assert not (tmp_path / "exp" / "logs").exists()  # stopped before training wrote anything
+        assert words in out
+    passed = "PRE-FLIGHT FAILED" not in out
+    assert passed == (visible is not None), out
+    assert ("GPU 0" in out) == (visible is None), out  # a GPU the run does not use is not checked
+    if passed:
+        assert "train.detection.tf32 (false) differ" in out  # the run started, and stopped on its config
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "TIFF", "GIF")  # JPEG co
 HEIF_FORMAT = "HEIF"
 # The ISO media brands of HEIF stills and sequences (HEVC-coded); "mif1"/"msf1" are shared with AVIF, whose own
 # plugin is tried first
-HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+SHARED_BRANDS = (b"mif1", b"msf1")
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", *SHARED_BRANDS)
 # File names of those formats (a folder given to `pillsnap predict` is read for these)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".heic", ".heif", ".bmp", ".tif", ".tiff", ".gif")
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -130,6 +131,8 @@ def _formats_for(head: bytes) -> tuple[str, ...]:
     if not is_heif(head):
         return PHOTO_FORMATS
     if not _heif_plugin():
+        if head[8:12] in SHARED_BRANDS:  # may be an AVIF, which Pillow reads itself
+            return PHOTO_FORMATS
         raise ImageError("it is a HEIC/HEIF photo, and pillow-heif, which reads them, is not installed: "
                          "pip install pillow-heif, or convert the photo to JPEG")
     return (*PHOTO_FORMATS, HEIF_FORMAT)

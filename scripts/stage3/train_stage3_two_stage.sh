@@ -102,10 +102,24 @@ print(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir)' "$CFG" "${OVERRIDES
     || fail "only ${FREE_GB} GB free at $EXP_DIR (need ${MIN_FREE_GB} GB for checkpoints and logs)" \
             "free disk space, set paths.exp_dir=... on a larger disk, or lower --min-free-gb"
   echo "OK   disk: ${FREE_GB} GB free at $EXP_DIR"
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  # the GPUs the run will use: those CUDA_VISIBLE_DEVICES names (as indices or UUIDs; nvidia-smi counts in PCI bus
+  # order, so set CUDA_DEVICE_ORDER=PCI_BUS_ID for indices to mean the same GPUs), else every GPU
+  GPU_SELECT=()
+  GPU_CHECK=1
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    case "$CUDA_VISIBLE_DEVICES" in
+      ""|-1) echo "NOTE GPU: CUDA_VISIBLE_DEVICES names none: training runs on the CPU, slowly"; GPU_CHECK=0 ;;
+      *MIG-*) echo "NOTE GPU: MIG slices in CUDA_VISIBLE_DEVICES: a slice's own memory use is not checked"; GPU_CHECK=0 ;;
+      *) GPU_SELECT=(-i "$CUDA_VISIBLE_DEVICES") ;;
+    esac
+  fi
+  if [ "$GPU_CHECK" = 0 ]; then
+    :
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     # the design's check: each GPU less than 20 % used before training starts (another job on it would leave the
     # auto batch search and the run too little memory)
-    GPUS=$(nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader,nounits | tr -d ' ') \
+    GPUS=$(nvidia-smi "${GPU_SELECT[@]}" --query-gpu=index,memory.used,memory.total --format=csv,noheader,nounits \
+           | tr -d ' ') \
       || fail "nvidia-smi cannot read the GPUs' memory" "check the driver (nvidia-smi), or --skip-checks"
     [ -n "$GPUS" ] || fail "nvidia-smi lists no GPU" "check the driver (nvidia-smi), or --skip-checks"
     while IFS=, read -r INDEX USED TOTAL; do

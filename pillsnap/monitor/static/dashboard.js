@@ -113,11 +113,12 @@ function renderRun(s) {
   $("run-epoch").textContent = current ? `${current} / ${total || "?"}` : "—";
   $("run-epoch-sub").textContent = run.epoch ? `${run.epoch} completed` : (current ? "first epoch" : "");
   const end = run.ended || (isRunning(s) ? now : run.last_time);
-  // the stage's clock, as the time cap counts it: the runs before a resume, then this one
+  // the stage's clock, as the time cap counts it: read when this run started (after a resume, the earlier runs'
+  // time; its own set-up too), then this run's time since
   const before = run.elapsed_before || 0;
   $("run-elapsed").textContent = run.started ? Fmt.dur(before + end - run.started) : "—";
-  $("run-started").textContent = !run.started ? "" : before > 0 ?
-    `${Fmt.dur(before)} before this run, which started ${Fmt.clock(run.started)}` : "started " + Fmt.clock(run.started);
+  $("run-started").textContent = !run.started ? "" : run.resumes && before > 0 ?
+    `resumed ${Fmt.clock(run.started)} at ${Fmt.dur(before)} on the stage's clock` : "started " + Fmt.clock(run.started);
   renderEta(run, now, isRunning(s));
 }
 
