@@ -16,6 +16,7 @@ from pillsnap.metrics.conformal import (
     SET_METHODS,
     conformal_threshold,
     coverage_report,
+    no_threshold_reason,
     nonconformity,
     set_size,
 )
@@ -176,6 +177,25 @@ def test_set_rule_from_a_calibration_is_refused_when_reading_differs() -> None:
     rule, problem = load_set_rule(checked, "aps", 0.5, True, imprint_check=True)
     assert problem is None and rule.threshold == 0.9
     assert load_set_rule(checked, "aps", 0.5, True, imprint_check=False)[0] is None
+
+
+def test_no_set_claims_a_coverage_its_candidates_cannot_give() -> None:
+    """Sets hold only the top-k candidates: where the right drug is outside them in more answers than the coverage
+    may leave out (1 in 12 at 5,000 drugs, top-5), or where there are too few answers, no set is at that coverage,
+    so answers carry none and the reason names the cause (before, every candidate went in, 'at 95 %')."""
+    missing = [None if i % 12 == 0 else 0.1 + 0.001 * i for i in range(400)]  # 34 of 400 outside the top-k
+    calibration = {"prediction_sets": {"scores": {"lac": missing}, "imprint_reading": True, "n": 400}}
+    rule, problem = load_set_rule(calibration, "lac", 0.95, imprint_reading=True)
+    assert rule is None and problem == ("no set at 95% coverage: the candidates (inference.topk) miss the right drug "
+                                        "in 8.5% of the 400 calibration answers, more than the 5% that 95% coverage "
+                                        "may leave out: raise inference.topk or lower inference.prediction_set."
+                                        "coverage")
+    rule, problem = load_set_rule(calibration, "lac", 0.9, imprint_reading=True)  # 10 % may be left out: fine
+    assert problem is None and math.isfinite(rule.threshold)
+    few = {"prediction_sets": {"scores": {"lac": [0.1, 0.2, 0.3, 0.4]}, "imprint_reading": True, "n": 4}}
+    assert load_set_rule(few, "lac", 0.9, imprint_reading=True)[1] == (
+        "no set at 90% coverage: 4 calibration answers are too few for 90% coverage (at least 9 are needed)")
+    assert no_threshold_reason([0.1] * 9, 0.9) is None  # ceil(10 * 0.9) = 9: the 9th smallest
 
 
 def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:

@@ -14,7 +14,13 @@ import numpy as np
 from pillsnap.infer.artefacts import Temperatures, set_thresholds
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer
 from pillsnap.metrics.calibration import bins_of, ece_of, ece_sampling_floor
-from pillsnap.metrics.conformal import SET_METHODS, nonconformity, scores_from_json, scores_to_json
+from pillsnap.metrics.conformal import (
+    SET_METHODS,
+    no_threshold_reason,
+    nonconformity,
+    scores_from_json,
+    scores_to_json,
+)
 from pillsnap.utils.images import DECODE_ERRORS
 
 LOGGER = logging.getLogger(__name__)
@@ -287,7 +293,8 @@ def set_summary(sets: dict, method: str, coverage: float, by_source: bool = True
             "threshold_by_source": own or None,
             "n_by_source": None if sources is None else dict(sorted(Counter(map(str, sources)).items())),
             "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
-            "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None}
+            "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None,
+            "no_threshold": no_threshold_reason(scores, coverage)}
 
 
 def own_thresholds_text(summary: dict) -> str:

@@ -298,5 +298,5 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
     if sets:
         LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: "
                     "threshold %s%s", sets["method"], sets["coverage"], sets["n"],
-                    "none (too few answers: every candidate is in the set)" if sets["threshold"] is None
+                    f"none, so answers carry no set: {sets['no_threshold']}" if sets["threshold"] is None
                     else f"{sets['threshold']:.4f}", own_thresholds_text(sets))

@@ -57,10 +57,10 @@ class UnknownRule:
 @dataclass(frozen=True)
 class SetRule:
     """The prediction-set rule calibrated for these weights: the conformal score (pillsnap.metrics.conformal), the
-    coverage asked for and the threshold calibrated for it (infinity: too few calibration answers for that coverage,
-    every candidate is in the set). `by_source`: the thresholds calibrated on one crop source's answers alone
-    ("single", "combination"), so that each path keeps the coverage on its own; a source without one takes
-    `threshold`, calibrated on every answer.
+    coverage asked for and the threshold calibrated for it (always finite: where the calibration gives none, too
+    few answers or candidates that miss the right drug too often, there is no rule and answers carry no set).
+    `by_source`: the thresholds calibrated on one crop source's answers alone ("single", "combination"), so that
+    each path keeps the coverage on its own; a source without one takes `threshold`, calibrated on every answer.
 
     With `fill`, a set also holds candidates, best first, until their probabilities add up to the coverage: the
     conformal set holds the right drug that often over all answers, but a lone drug at probability 0.6 is not one a

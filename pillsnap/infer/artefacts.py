@@ -176,7 +176,7 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
     imprint reading, and with reading on, with or without the imprint check (every pill read, some withheld);
     answers made the other way have other probabilities, so their sets would not keep the coverage."""
     from pillsnap.infer.answer import SetRule
-    from pillsnap.metrics.conformal import check_set_method, scores_from_json
+    from pillsnap.metrics.conformal import check_set_method, no_threshold_reason, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
     if not stored:
@@ -195,6 +195,9 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
                                 or not all(s is None or isinstance(s, str) for s in sources)):
         return None, (f"calibration.json: prediction_sets.sources does not name the crop source of each of the "
                       f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
+    problem = no_threshold_reason(scores, coverage)
+    if problem is not None:  # sets of every candidate would claim a coverage they do not have
+        return None, f"no set at {coverage:.0%} coverage: {problem}"
     threshold, own = set_thresholds(scores, sources, coverage)
     return SetRule(method, coverage, threshold, fill=fill, by_source=own or None), None
 

@@ -70,6 +70,25 @@ def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
     return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
 
 
+def no_threshold_reason(scores: Sequence[float], coverage: float) -> str | None:
+    """Why the scores give no finite threshold at `coverage` (None when they do): too few of them, or the right
+    class outside the candidates (an infinite score) in more of them than the coverage may leave out. Either way
+    no set of those candidates holds the right class that often, so none may claim to."""
+    values = np.asarray(scores, np.float64)
+    if math.isfinite(conformal_threshold(values, coverage)):
+        return None
+    n = len(values)
+    if math.ceil((n + 1) * coverage) > n:
+        needed = n + 1
+        while math.ceil((needed + 1) * coverage) > needed:  # the rank rule's own arithmetic, floats and all
+            needed += 1
+        return f"{n} calibration answers are too few for {coverage:.0%} coverage (at least {needed} are needed)"
+    missed = float(np.mean(~np.isfinite(values)))
+    return (f"the candidates (inference.topk) miss the right drug in {missed:.1%} of the {n} calibration answers, "
+            f"more than the {1 - coverage:.0%} that {coverage:.0%} coverage may leave out: raise inference.topk or "
+            f"lower inference.prediction_set.coverage")
+
+
 def group_thresholds(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
                      min_count: int) -> dict[str, float]:
     """Each group's own threshold at `coverage` (Mondrian conformal prediction: sets calibrated on a group's answers
