@@ -118,6 +118,28 @@ def test_auto_consults_the_real_detector_on_every_photo(predictor: Predictor, tm
     assert result["num_pills"] == result["num_detections"]
 
 
+def test_a_photo_of_many_boxes_answers_the_most_confident_max_pills_and_says_so(exp_dir: Path, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """An untrained detector at a tiny threshold boxes everything: only inference.max_pills boxes, the most
+    confident, are answered, and the answer says there may be more (a flag and a hard case); the crops go through
+    the classifier in chunks, with the answers of one batch."""
+    from pillsnap.infer import pipeline
+
+    photo = pill_photo(tmp_path / "heap.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
+    every = Predictor(exp_dir, _cfg(exp_dir), device="cpu").detect(Image.open(photo).convert("RGB"), 0.0001)
+    assert len(every) > 3
+    capped = Predictor(exp_dir, _cfg(exp_dir, "inference.max_pills=3"), device="cpu")
+    result = capped.predict(photo, mode="combo", conf_threshold=0.0001)
+    assert result["num_detections"] == result["num_pills"] == 3
+    assert sorted(p["det_confidence"] for p in result["pills"]) == pytest.approx(sorted(every[:, 4])[-3:], abs=1e-6)
+    assert "pill_limit_reached" in result["flags"] and "pill_limit_reached" in result["hard_case"]
+    crops = [Image.open(photo).convert("RGB").crop((i, i, i + 30, i + 30)) for i in range(5)]
+    whole_logits, whole_features = capped.forward(crops)
+    monkeypatch.setattr(pipeline, "FORWARD_CHUNK", 2)  # 2 + 2 + 1
+    logits, features = capped.forward(crops)
+    assert torch.allclose(logits, whole_logits, atol=1e-5) and torch.allclose(features, whole_features, atol=1e-5)
+
+
 def test_one_detected_pill_must_agree_with_the_whole_photo_answer(predictor: Predictor, tmp_path: Path,
                                                                   monkeypatch) -> None:
     photo = pill_photo(tmp_path / "one.png", [(45, 60, 30, 24)])

@@ -103,6 +103,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("inference.iou_threshold", PROBABILITY),
     ("inference.single_confidence_threshold", PROBABILITY),
     ("inference.topk", AT_LEAST_1),
+    ("inference.max_pills", AT_LEAST_1),
     ("inference.unknown_keep_correct", Range(0, 1, what="a share; 0 = off")),
     ("inference.unknown_fit_per_class", Range(2, what="crops per class")),
     ("inference.prediction_set.coverage", Range(0, 1, low_open=True, high_open=True, what="a coverage level")),

@@ -23,6 +23,9 @@ NO_PILL_DETECTED = "no_pill_detected"  # flag: the detector saw no pill; the who
 # stands, flagged, and the box is answered beside it
 NO_SURE_PILL = "no_sure_pill_detected"
 DETECTOR_UNAVAILABLE = "detector_unavailable"  # flag: no trained detector, so nothing could hide-check the photo
+# flag and hard case: the detector found inference.max_pills boxes, so there may be more than were answered (only
+# the most confident that many are): a photo of a blister pack or a heap, not of the few pills a person holds
+PILL_LIMIT = "pill_limit_reached"
 LOW_SINGLE_CONFIDENCE = "low_single_confidence"  # hard case: a single answer below hard_cases.single_confidence_below
 # Hard cases read off the answered pills: (reason, the pill's field that says so).
 PILL_HARD_CASES = (("unknown_pill", "unknown"), ("imprint_unresolved", "imprint_unresolved"),
@@ -111,7 +114,7 @@ def hard_case_reasons(decision: GatingDecision, pills: Sequence[Mapping], single
     reasons = []
     if decision.fallback_reason == DETECTOR_DISAGREES:
         reasons.append(DETECTOR_DISAGREES)
-    reasons += [flag for flag in (NO_PILL_DETECTED, NO_SURE_PILL) if flag in decision.flags]
+    reasons += [flag for flag in (NO_PILL_DETECTED, NO_SURE_PILL, PILL_LIMIT) if flag in decision.flags]
     low = decision.single_confidence is not None and decision.single_confidence < single_conf_below
     if decision.mode_used == "single" and low:
         reasons.append(LOW_SINGLE_CONFIDENCE)

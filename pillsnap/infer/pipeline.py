@@ -37,6 +37,7 @@ from pillsnap.infer.box_check import BoxCheck, box_check_for, check_box_settings
 from pillsnap.infer.evidence import Evidence
 from pillsnap.infer.gating import (
     NO_SURE_PILL,
+    PILL_LIMIT,
     GatingDecision,
     check_mode,
     decide_route,
@@ -54,6 +55,7 @@ from pillsnap.utils.boxes import xywh_to_xyxy
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
+FORWARD_CHUNK = 16  # crops through the classifier at once (a 384 px crop holds ~25 MB of activations on a CPU)
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
 
@@ -81,6 +83,8 @@ class Predictor:
         self.exp_dir = Path(exp_dir)
         self.cfg = cfg if cfg is not None else _default_cfg(exp_dir)
         self.settings = self.cfg.inference
+        # the detector's boxes answered per photo at most (a run's config from before the key: NMS's own 300)
+        self.max_pills = int(self.settings.get("max_pills", 300))
         self.device = resolve_device(device)
         self.backend = str(self.settings.backend)
         if self.backend not in BACKENDS:
@@ -273,8 +277,10 @@ class Predictor:
     def forward(self, crops: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The classifier's logits [N, C] and pre-logit features [N, D] (None: this backend gives none) of the crops,
         each transformed as the classifier was evaluated in training."""
-        x = torch.stack([self.transform(c) for c in crops]).to(self.device)
-        return self.classifier(x)
+        outputs = [self.classifier(torch.stack([self.transform(c) for c in crops[i:i + FORWARD_CHUNK]]).to(self.device))
+                   for i in range(0, len(crops), FORWARD_CHUNK)]  # a photo of many pills: memory of one chunk at a time
+        logits = torch.cat([out[0] for out in outputs])
+        return logits, None if outputs[0][1] is None else torch.cat([out[1] for out in outputs])
 
     @torch.no_grad()
     def classify(self, crops: list[Image.Image], source: str | Sequence[str] | None = None) -> list[Classified]:
@@ -311,7 +317,8 @@ class Predictor:
         model = self.detector  # also sets det_image_size from the checkpoint
         tensor, scale, pad = letterbox(image, self.det_image_size)
         raw = forward(tensor) if forward is not None else raw_detector_output(model, tensor.to(self.device))
-        dets = postprocess_detections(raw, conf_threshold, float(self.settings.iou_threshold))[0].numpy()
+        dets = postprocess_detections(raw, conf_threshold, float(self.settings.iou_threshold),
+                                      max_det=self.max_pills)[0].numpy()
         boxes = unletterbox_boxes(dets[:, :4], scale, pad, image.size)
         out = np.concatenate([boxes, dets[:, 4:5]], 1) if len(dets) else np.zeros((0, 5))
         return out[np.argsort(out[:, 0], kind="stable")]
@@ -384,6 +391,8 @@ class Predictor:
                                 has_detector=self.has_detector)
         decision = replace(decision, num_detections=None if dets is None else len(dets),
                            num_doubted=sum(doubt is not None for doubt in doubts))
+        if dets is not None and len(dets) >= self.max_pills:  # there may be more than were answered
+            decision = replace(decision, flags=(*decision.flags, PILL_LIMIT))
         if decision.mode_used == "single":
             return decision, self._single(whole, hints)
         if dets is None:  # auto fell back but no detector was trained: keep the whole-image answer

@@ -87,7 +87,9 @@ class Prediction(BaseModel):
                                                                 "no_sure_pill_detected (auto: the one box found may "
                                                                 "hold no pill and is not where the whole-photo pill "
                                                                 "is; that answer stands, the box beside it) | "
-                                                                "detector_unavailable (the run has no detector)")
+                                                                "detector_unavailable (the run has no detector) | "
+                                                                "pill_limit_reached (inference.max_pills boxes found: "
+                                                                "only the most confident that many are answered)")
     calibrated: bool = Field(False, description="probabilities are temperature-calibrated")
     num_pills: int
     image_size: list[int] = Field(description="[width, height] of the upright photo")
