@@ -194,16 +194,16 @@ def test_evaluation_view_draws_up_to_per_class_rows_of_every_class_once():
 def test_loader_workers_are_capped_to_this_ranks_share_of_the_cores(monkeypatch):
     from pillsnap.data import loaders
 
-    monkeypatch.setattr(loaders.os, "cpu_count", lambda: 64)  # the host's: a container may use fewer
-    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # the host's: a container may use fewer
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert loaders._workers_for_this_rank(8) == 4 and loaders._workers_for_this_rank(2) == 2
     assert loaders._workers_for_this_rank(8, loaders_together=2) == 2  # interleaved: both models' loaders at once
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loaders._workers_for_this_rank(8) == 8 and loaders._workers_for_this_rank(0) == 0
     assert loaders._workers_for_this_rank(16, loaders_together=2) == 8
-    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set())
-    monkeypatch.setattr(loaders.os, "cpu_count", lambda: None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set())
+    monkeypatch.setattr("os.cpu_count", lambda: None)
     assert loaders._workers_for_this_rank(8) == 1
 
 

@@ -421,6 +421,8 @@ def test_enrol_cli(exp_dir: Path, tmp_path: Path, capsys, caplog) -> None:
     base = ["enrol", "--exp", str(exp_dir)]
     assert cli_main([*base, "--code", NEW_CODE, "--name", "새약", "--color", "노랑", *new]) == 0
     assert f"enrolled {NEW_CODE} 새약 from 5 photos" in capsys.readouterr().out
+    # enrolling answers nobody: no word about prediction sets (nor a "recalibrate" for nothing wrong)
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "prediction set" in r.getMessage()]
     assert cli_main([*base, "--list", "--json"]) == 0
     assert [d["mapping_code"] for d in json.loads(capsys.readouterr().out)["drugs"]] == [NEW_CODE]
     caplog.clear()

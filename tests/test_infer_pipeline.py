@@ -420,6 +420,9 @@ def test_cli_lines_say_unknown_and_what_would_settle_a_look_alike():
     assert "photograph the other side" in lines[5]
     sure = {**result["pills"][1], "probability": 0.99997, "imprint_unresolved": False}
     assert "p=>0.999" in format_result({**result, "pills": [sure]})  # a posterior is never shown as certainty
+    unlikely = {**sure, "probability": 0.0003}  # a 5,000-drug answer spread thin: never shown as impossible
+    assert "p=<0.001" in format_result({**result, "single_confidence": 0.0002, "pills": [unlikely]})
+    assert "single_conf=<0.001" in format_result({**result, "single_confidence": 0.0002, "pills": [unlikely]})
     sets = {**sure, "prediction_set": near, "set_coverage": 0.95, "sure": False,
             "set_note": "one of K-000002 or K-000001 (at 95% confidence): photograph the other side of the pill"}
     lines = format_result({**result, "pills": [sets, {**sure, "prediction_set": near[:1], "sure": True,
@@ -593,3 +596,17 @@ def test_a_ctrl_c_during_a_write_lands_after_it(monkeypatch) -> None:
         printer.add({"image": "a.png", "pills": [{"name": "약"}]})
     printer.close()
     assert json.loads("".join(written)) == [{"image": "a.png", "pills": [{"name": "약"}]}]
+
+
+def test_an_uncalibrated_run_says_what_it_does_without_its_calibration(exp_dir: Path, caplog) -> None:
+    """No calibration: raw probabilities, no prediction sets, no unknown pill by its look; the imprint check, which
+    needs none, still answers unknown by the imprint, and the log says so rather than 'no pill is unknown'."""
+    with caplog.at_level("INFO", logger="pillsnap.infer.artefacts"):
+        Predictor(exp_dir, _cfg(exp_dir), device="cpu")
+    said = [r.getMessage() for r in caplog.records if "no calibration" in r.getMessage()]
+    assert len(said) == 1 and "answers carry no prediction set" in said[0]
+    assert "the imprint check still answers a pill whose imprint no look-alike carries as unknown" in said[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pillsnap.infer.artefacts"):
+        Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.unknown_check=false"), device="cpu")
+    assert "imprint check" not in " ".join(r.getMessage() for r in caplog.records)

@@ -20,6 +20,7 @@ from pillsnap.data.datasets import ClassificationDataset, compute_class_weights,
 from pillsnap.data.samplers import EpochSampler
 from pillsnap.data.scan import load_class_map, load_manifest
 from pillsnap.data.stages import classification_rows, select_stage
+from pillsnap.utils.devices import usable_cores
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,20 +56,12 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
     return sum(waits) / max(1, len(waits))
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (a container's or taskset's cpuset, which os.cpu_count ignores)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _cores_for_this_rank(loaders_together: int = 1) -> int:
     """This rank's share of the usable cores for each of `loaders_together` training loaders drawing at once
     (torchrun starts LOCAL_WORLD_SIZE ranks on one machine; interleaved training keeps the classifier's and the
     detector's workers busy together)."""
     ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    return max(_usable_cores() // (ranks * max(loaders_together, 1)), 1)
+    return max(usable_cores() // (ranks * max(loaders_together, 1)), 1)
 
 
 def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
@@ -78,7 +71,7 @@ def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
     cap = _cores_for_this_rank(loaders_together)
     if workers > cap:
         LOGGER.info("dataloader.num_workers=%d capped to %d: %d usable cores for %d rank(s) on this machine and %d "
-                    "training loader(s) each", workers, cap, _usable_cores(),
+                    "training loader(s) each", workers, cap, usable_cores(),
                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")), loaders_together)
         return cap
     return workers

@@ -225,13 +225,16 @@ def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading
     return rule
 
 
-def load_calibration_for(ckpt_dir: Path, classifier: Path, sha256: str) -> dict | None:
+def load_calibration_for(ckpt_dir: Path, classifier: Path, sha256: str, imprint_check: bool = False) -> dict | None:
     """The calibration fit for the classifier file `classifier` (load_calibration), or None, said once in the log:
-    probabilities are then raw softmax and no pill is answered as unknown."""
+    probabilities are then raw softmax, answers carry no prediction set, and no pill is answered as unknown by its
+    look (by its imprint it still is, with the imprint check on: `imprint_check`)."""
     calibration = load_calibration(ckpt_dir, classifier, sha256)
     if calibration is None:
-        LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax and no pill is answered as "
-                    "unknown", classifier.name)
+        LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax, answers carry no prediction "
+                    "set, and no pill is answered as unknown by its look%s (pillsnap calibrate --exp EXP fits them)",
+                    classifier.name, "; the imprint check still answers a pill whose imprint no look-alike "
+                    "carries as unknown" if imprint_check else "")
     return calibration
 
 

@@ -42,12 +42,18 @@ def format_result(result: dict) -> str:
     """Human-readable lines for one prediction."""
     conf = result["single_confidence"]
     head = (f"{result['image']}: mode_used={result['mode_used']} pills={result['num_pills']} "
-            f"single_conf={'-' if conf is None else f'{conf:.3f}'} fallback={result['fallback_reason'] or '-'}")
+            f"single_conf={'-' if conf is None else probability_text(conf)} "
+            f"fallback={result['fallback_reason'] or '-'}")
     lines = [head]
     for i, pill in enumerate(result["pills"], start=1):
         lines.append(f"  #{i} {answer_text(pill)} bbox={pill['bbox']}")
         lines += [f"     {note}" for note in _notes(pill)]
     return "\n".join(lines)
+
+
+def probability_text(p: float) -> str:
+    """Three decimals, never "1.000" nor "0.000": a probability that rounds to either is said as beyond it."""
+    return ">0.999" if p >= 0.9995 else "<0.001" if p < 0.0005 else f"{p:.3f}"
 
 
 def answer_text(pill: dict) -> str:
@@ -58,7 +64,7 @@ def answer_text(pill: dict) -> str:
         what = "maybe no pill" if pill.get("unknown_by") == "box" else "unknown pill"
         return f"{what} (nearest known: {nearest})"
     p = pill["probability"]
-    text = f"{pill['mapping_code']} {pill['name']} p={f'{p:.3f}' if p < 0.9995 else '>0.999'}"  # never "1.000"
+    text = f"{pill['mapping_code']} {pill['name']} p={probability_text(p)}"
     if pill.get("sure") is not None:  # a calibrated prediction set: sure, or how many drugs are left open
         level = f"{pill['set_coverage']:.0%}"
         size = len(pill["prediction_set"])

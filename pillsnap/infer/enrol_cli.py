@@ -110,7 +110,7 @@ def _act(args: argparse.Namespace, cfg: Any) -> dict:
     from pillsnap.infer.pipeline import Predictor
 
     cfg.inference.imprint.enabled = False  # enrolling reads no imprint: the reader need not load
-    predictor = Predictor(cfg.paths.exp_dir, cfg, args.device)
+    predictor = Predictor(cfg.paths.exp_dir, cfg, args.device, sets=False)  # it answers nobody: no sets
     return enrolling.enrol(predictor, info, photos, replace=args.replace, force=args.force)
 
 

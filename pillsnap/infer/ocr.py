@@ -5,13 +5,14 @@ the likelihood of any text under the recogniser's per-frame probabilities (CTC).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import unicodedata
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from pillsnap.utils.devices import usable_cores
 
 # RapidOCR's recogniser reads lines scaled to this height (its model's input), padded to at least a width
 # (rec_width; REC_WIDTH by default: imprints are short, 2-8 characters).
@@ -194,7 +195,7 @@ def _session(path: Any, threads: int) -> Any:
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Always an explicit count: with 0, ONNX Runtime pins one thread to each core, and next to torch's threads
     # that made the classifier 10x slower.
-    opts.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads if threads > 0 else min(4, usable_cores())
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -79,7 +79,9 @@ class WholePhoto(NamedTuple):
 class Predictor:
     """Loaded models + settings for one experiment directory ({exp_dir}/checkpoints/*.pt, classes.json)."""
 
-    def __init__(self, exp_dir: str | Path, cfg: Any = None, device: str | None = None) -> None:
+    def __init__(self, exp_dir: str | Path, cfg: Any = None, device: str | None = None, sets: bool = True) -> None:
+        """`sets`: build the prediction-set rule (False for a predictor that only measures features, as enrolling
+        does with imprint reading off: the sets, calibrated with reading on, would be refused with a warning)."""
         self.exp_dir = Path(exp_dir)
         self.cfg = cfg if cfg is not None else _default_cfg(exp_dir)
         self.settings = self.cfg.inference
@@ -95,14 +97,14 @@ class Predictor:
         image_size = self._load_classifier()
         self.class_names, self.class_map = load_classes(ckpt_dir / "classes.json")
         self._check_classes(self.classifier_path, image_size)
-        self.calibration = (load_calibration_for(ckpt_dir, self.classifier_path, self.classifier_sha256)
-                            if self.settings.calibration else None)
-        self.unknown = self._unknown_rule()
-        self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         imprint = self.settings.imprint
         self.check_unknown = bool(imprint.enabled) and bool(imprint.unknown_check)
-        self.set_rule = configured_set_rule(self.calibration, self.settings.prediction_set, bool(imprint.enabled),
-                                            self.check_unknown)
+        self.calibration = (load_calibration_for(ckpt_dir, self.classifier_path, self.classifier_sha256,
+                                                 self.check_unknown) if self.settings.calibration else None)
+        self.unknown = self._unknown_rule()
+        self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
+        self.set_rule = configured_set_rule(self.calibration if sets else None, self.settings.prediction_set,
+                                            bool(imprint.enabled), self.check_unknown)
         self.set_rules = {source: None if self.set_rule is None else self.set_rule.for_source(source)
                           for source in CROP_SOURCES}  # each crop source's own threshold where calibration has one
         # the imprint read's weights per crop source, scaled where calibration fit them so that the answers'

@@ -3,10 +3,19 @@ torch only when called, so that the CLI can check --device before any command wi
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's cpuset, which os.cpu_count ignores)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 class DeviceError(ValueError):
