@@ -110,8 +110,8 @@ def main() -> None:
           f"photo {on['ms_per_photo'] / off['ms_per_photo']:.2f}x")
 
     rule = predictors["box check on"].set_rule
-    if rule is None:
-        print("no calibrated prediction sets: pillsnap calibrate --exp EXP")
+    if rule is None:  # the predictor's log said why (no scores, too few answers, a top-k that misses too often)
+        print("no prediction sets for this run: see the predictor's warning above")
         return
     outcomes = on["outcomes"]
     for name, fill in (("filled to the coverage", True), ("not filled", False)):

@@ -99,8 +99,10 @@ def main() -> None:
     reading = bool(cfg.inference.imprint.enabled)
     figures = {}
     for name, by_source in (("one threshold (before)", False), ("per source (now)", True)):
-        rule, _ = load_set_rule(predictor.calibration, str(settings.method), float(settings.coverage), reading,
-                                predictor.check_unknown, bool(settings.fill_to_coverage), by_source)
+        rule, problem = load_set_rule(predictor.calibration, str(settings.method), float(settings.coverage), reading,
+                                      predictor.check_unknown, bool(settings.fill_to_coverage), by_source)
+        if rule is None:
+            raise SystemExit(f"no prediction sets: {problem}")
         figures[name] = set_figures(with_sets(outcomes, rule))
         print(f"  {name}: thresholds {rule.threshold:.4f}"
               f"{'' if not rule.by_source else ' ' + str({k: round(v, 4) for k, v in rule.by_source.items()})}")

@@ -250,9 +250,10 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pillsnap.config import load_config
+    from pillsnap.config import check_tf32, load_config
 
     cfg = load_config(args.cfg, args.overrides)
+    check_tf32(cfg)  # what the run would refuse at its start, said before anything is built
     if args.check:
         from omegaconf import OmegaConf
 

@@ -50,9 +50,10 @@ done
 cd "$ROOT"
 RESOLVED="$("$PY" - "$CFG" "${OVERRIDES[@]}" <<'PY'
 import sys
-from pillsnap.config import ConfigError, load_config
+from pillsnap.config import ConfigError, check_tf32, load_config
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
+    check_tf32(cfg)
 except ConfigError as err:
     sys.exit(f"train.sh: config error: {err}")
 # A folder another run holds: said here, before this run's output is appended to that run's log files.

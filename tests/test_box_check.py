@@ -181,7 +181,7 @@ def test_a_predictor_doubts_a_box_under_the_bound_calibrated_for_its_detector(tm
 
     def answers(*overrides: str, conf_threshold: float | None = None) -> dict:
         predictor = Predictor(root, _cfg(root, *overrides), device="cpu")
-        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: boxes)
         return predictor.predict(photo, mode="combo", conf_threshold=conf_threshold)
 
     def doubted(result: dict) -> list[bool]:
@@ -295,7 +295,7 @@ def test_auto_counts_distinct_pills_and_never_folds_faint_ones_into_one_answer(t
         [90, 130, 20, 20, 0.4]
 
     def answer(*boxes: list) -> dict:
-        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(boxes, float))
+        monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: np.array(boxes, float))
         return predictor.predict(photo, mode="auto")
 
     # one sure box on the pill and a faint second box of it: one pill, answered whole

@@ -217,3 +217,4 @@ def test_tf32_must_agree_where_both_models_train(tmp_path):
     check_tf32(load_config(CONFIG, ["train.detection.tf32=false", "train.strategy=classification"], dotenv_path=None))
     assert train_main(["--cfg", str(CONFIG), "train.detection.tf32=false", f"paths.exp_dir={tmp_path / 'exp'}"]) == 2
     assert not (tmp_path / "exp").exists()  # refused before anything was written
+    assert train_main(["--cfg", str(CONFIG), "--check", "train.detection.tf32=false"]) == 2  # --check says so too

@@ -186,9 +186,9 @@ def test_no_set_claims_a_coverage_its_candidates_cannot_give() -> None:
     missing = [None if i % 12 == 0 else 0.1 + 0.001 * i for i in range(400)]  # 34 of 400 outside the top-k
     calibration = {"prediction_sets": {"scores": {"lac": missing}, "imprint_reading": True, "n": 400}}
     rule, problem = load_set_rule(calibration, "lac", 0.95, imprint_reading=True)
-    assert rule is None and problem == ("no set at 95% coverage: the candidates (inference.topk) miss the right drug "
-                                        "in 8.5% of the 400 calibration answers, more than the 5% that 95% coverage "
-                                        "may leave out: raise inference.topk or lower inference.prediction_set."
+    assert rule is None and problem == ("no set at 95% coverage: the candidates (inference.topk) hold the right drug "
+                                        "in 366 of the 400 calibration answers (8.5% missed), and 95% coverage needs "
+                                        "it in at least 381: raise inference.topk or lower inference.prediction_set."
                                         "coverage")
     rule, problem = load_set_rule(calibration, "lac", 0.9, imprint_reading=True)  # 10 % may be left out: fine
     assert problem is None and math.isfinite(rule.threshold)
@@ -196,6 +196,19 @@ def test_no_set_claims_a_coverage_its_candidates_cannot_give() -> None:
     assert load_set_rule(few, "lac", 0.9, imprint_reading=True)[1] == (
         "no set at 90% coverage: 4 calibration answers are too few for 90% coverage (at least 9 are needed)")
     assert no_threshold_reason([0.1] * 9, 0.9) is None  # ceil(10 * 0.9) = 9: the 9th smallest
+    # a crop source with answers enough of its own whose candidates miss too often gets no set, even where the
+    # threshold over every answer is finite: that one would give its sets a coverage its own answers lack
+    sharp = [0.05] * 300  # single photos: always found
+    spread = [None if i % 10 == 0 else 0.2 for i in range(100)]  # combination pills: 10 % outside the top-k
+    mixed = {"prediction_sets": {"scores": {"lac": sharp + spread}, "imprint_reading": True, "n": 400,
+                                 "sources": ["single"] * 300 + ["combination"] * 100}}
+    rule, problem = load_set_rule(mixed, "lac", 0.95, imprint_reading=True)
+    assert problem is None and math.isfinite(rule.threshold)  # 10 of 400 missed over all: within the 5 %
+    assert rule.for_source("combination") is None and "hold the right drug in 90 of the 100" in rule.refused[
+        "combination"]
+    assert rule.for_source("single").threshold == 0.05
+    plain, _ = load_set_rule(mixed, "lac", 0.95, imprint_reading=True, by_source=False)
+    assert plain.refused is None and plain.for_source("combination") is plain  # one threshold for every pill
 
 
 def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:

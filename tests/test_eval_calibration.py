@@ -337,3 +337,9 @@ def test_a_calibration_killed_before_its_json_leaves_the_old_pair_whole(tmp_path
     gaussians, _, problem = load_class_gaussians(ckpts, still)
     assert problem is None and np.array_equal(gaussians.means, old.means)
     assert [p.name for p in ckpts.glob("unknown_features-*.npz")] != []  # the new one waits, named by its hash
+    # a reader whose file a committing calibration removes between its checks says "missing", never raises
+    def removed(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(ClassGaussians, "load", removed)
+    assert load_class_gaussians(ckpts, still)[2] == "missing"

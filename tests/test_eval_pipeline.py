@@ -73,6 +73,9 @@ def test_set_figures_match_pills_by_box_and_count_an_empty_set_right_for_an_unle
     outcomes = evaluate_pipeline(MissingPredictor(), photos, "auto", known={"K-000001", "K-000002"})["outcomes"]
     redrawn = set_figures(with_sets(outcomes, SetRule("lac", 0.95, 0.7)))  # 1 - 0.4 <= 0.7: both in every set
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 2.0
+    # a crop source refused its sets: its pills carry none, the other source's keep theirs
+    refused = set_figures(with_sets(outcomes, SetRule("lac", 0.95, 0.7, refused={"combination": "misses"})))
+    assert set(refused["by_source"]) == {"single"} and refused["named"] == redrawn["by_source"]["single"]["named"]
 
 
 def test_the_headline_says_what_the_imprint_check_adds_and_what_it_costs():

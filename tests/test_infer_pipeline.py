@@ -97,7 +97,7 @@ def test_auto_multi_object_hint_routes_to_combo_without_a_hard_case(predictor: P
                                                                      monkeypatch) -> None:
     photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
     boxes = np.array([[70, 100, 30, 24, 0.9], [10, 10, 30, 24, 0.8]], dtype=float)
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: boxes)
     predictor.settings.single_confidence_threshold = 0.0  # whatever the classifier says, it is "confident"
     before = _records(predictor)
     result = predictor.predict(photo, mode="auto")
@@ -133,6 +133,8 @@ def test_a_photo_of_many_boxes_answers_the_most_confident_max_pills_and_says_so(
     assert result["num_detections"] == result["num_pills"] == 3
     assert sorted(p["det_confidence"] for p in result["pills"]) == pytest.approx(sorted(every[:, 4])[-3:], abs=1e-6)
     assert "pill_limit_reached" in result["flags"] and "pill_limit_reached" in result["hard_case"]
+    # measuring the detector (mAP, the box check's calibration) keeps every box NMS keeps: the cap is answering's
+    assert len(capped.detect(Image.open(photo).convert("RGB"), 0.0001)) == len(every)
     crops = [Image.open(photo).convert("RGB").crop((i, i, i + 30, i + 30)) for i in range(5)]
     whole_logits, whole_features = capped.forward(crops)
     monkeypatch.setattr(pipeline, "FORWARD_CHUNK", 2)  # 2 + 2 + 1
@@ -145,14 +147,14 @@ def test_one_detected_pill_must_agree_with_the_whole_photo_answer(predictor: Pre
     photo = pill_photo(tmp_path / "one.png", [(45, 60, 30, 24)])
     located = predictor.predict(photo, mode="single")["pills"][0]["bbox"]
     same_place = np.array([[*located, 0.9]], dtype=float)
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: same_place)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: same_place)
     predictor.settings.single_confidence_threshold = 0.0
     result = predictor.predict(photo, mode="auto")
     assert (result["mode_used"], result["num_detections"], result["flags"]) == ("single", 1, [])
     predictor.settings.single_confidence_threshold = 1.01  # not confident, but the detector confirmed the pill
     assert predictor.predict(photo, mode="auto")["mode_used"] == "single"
     elsewhere = np.array([[0, 0, 20, 20, 0.9]], dtype=float)  # one box, but not where the whole-photo pill is
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: elsewhere)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: elsewhere)
     predictor.settings.single_confidence_threshold = 0.0
     result = predictor.predict(photo, mode="auto")
     assert (result["mode_used"], result["fallback_reason"]) == ("combo", "detector_disagrees")
@@ -161,7 +163,7 @@ def test_one_detected_pill_must_agree_with_the_whole_photo_answer(predictor: Pre
 
 
 def test_no_detected_pill_is_flagged(predictor: Predictor, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.zeros((0, 5)))
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: np.zeros((0, 5)))
     result = predictor.predict(pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)]), mode="auto")
     assert result["mode_used"] == "single" and result["flags"] == ["no_pill_detected"]
     assert "no_pill_detected" in result["hard_case"]
@@ -443,7 +445,7 @@ def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, 
     """Routing looks at the classifier alone: a photo routed to combo is not read as a whole first."""
     photo = pill_photo(tmp_path / "two.png", [(10, 10, 30, 24), (70, 100, 30, 24)])
     boxes = np.array([[70, 100, 30, 24, 0.9], [10, 10, 30, 24, 0.8]], dtype=float)
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: boxes)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: boxes)
     predictor.settings.single_confidence_threshold = 0.0
     crops = []
 

@@ -146,3 +146,8 @@ def test_the_headline_names_the_sources_the_predictor_gave_their_own_threshold()
     line = _set_lines(auto, {"method": "lac", "coverage": 0.95, "n": 120, "threshold_by_source": {
         "single": 0.1, "combination": 0.2}})[0]
     assert "single photos 0.990 of 60, combination pills 0.990 of 40 (threshold over all answers)" in line
+    # no sets on the test photos: the headline says the calibration's own reason, not "recalibrate"
+    why = "the candidates (inference.topk) miss the right drug in 8.5% of the 400 calibration answers, ..."
+    assert _set_lines({"prediction_sets": {}}, {"method": "lac", "no_threshold": why}) == [
+        f"test        prediction sets: none ({why})"]
+    assert "pillsnap calibrate" in _set_lines({"prediction_sets": {}}, {})[0]  # no scores at all

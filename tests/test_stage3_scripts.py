@@ -88,6 +88,7 @@ def fake_nvidia_smi(folder: Path, gpus: dict[str, str]) -> Path:
       "GPU 1 is already 24 % used (20000 of 81559 MB; the stage needs it under 20 %)")),
     ({"0": "[N/A], [N/A]"}, None, ("nvidia-smi gave no memory figures for GPU 0",)),
     ({"0": "70000, 81559", "1": "100, 81559"}, "1", ("OK   GPU 1: 100 of 81559 MB used",)),  # only the run's GPUs
+    ({"0": "70000, 81559", "1": "100, 81559"}, "1,-1,0", ("OK   GPU 1: 100 of 81559 MB used",)),  # CUDA stops at -1
     ({"0": "70000, 81559"}, "MIG-4f6c2a1e-aaaa-bbbb-cccc-0123456789ab", ("NOTE GPU: MIG slices",)),
 ])
 def test_pre_flight_wants_the_runs_gpus_under_a_fifth_used(manifest_dir, tmp_path, monkeypatch, gpus, visible, said):

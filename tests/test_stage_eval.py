@@ -260,7 +260,8 @@ def test_the_runs_figures_include_the_advanced_metrics():
     # epoch's mean training loss is NaN: the gate still sees it
     history = [{"classification": {"train_loss": 2.0, "skipped_steps": 0}},
                {"classification": {"train_loss": float("nan"), "skipped_steps": 1},
-                "detection": {"train_loss": 3.0, "skipped_steps": 2}}]
+                "detection": {"train_loss": 3.0, "skipped_steps": 2}},
+               {"classification": {"train_loss": 1.5, "skipped_steps": 1}}]  # the detector stopped early
     skipped = stage_measure.run_figures({**summary, "history": history}, steps)
     assert skipped["nan_loss"] and skipped["skipped_steps"] == 3
 

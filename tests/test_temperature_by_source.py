@@ -118,7 +118,7 @@ def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkey
     decide = pillsnap.infer.pipeline.decide_answer
     monkeypatch.setattr(pillsnap.infer.pipeline, "decide_answer",
                         lambda *args, **kwargs: (weighed.append(args[6].imprint), decide(*args, **kwargs))[1])
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: np.array(
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: np.array(
         [[10, 10, 30, 24, 0.9], [70, 100, 30, 24, 0.8]], float))
     seen: list = []
     classify = predictor.classify
@@ -132,7 +132,7 @@ def test_each_path_of_the_pipeline_names_its_crops_source(tmp_path: Path, monkey
     assert (2, "combination") in seen and all(source in ("single", "combination") for _, source in seen)
     assert weighed == [pytest.approx(WEIGHTS.imprint * 2.0)] * 2
     one = np.array([[10, 10, 30, 24, 0.9]], float)  # one pill found, on a photo not located: checked as a crop
-    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None: one)
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: one)
     seen.clear()
     predictor.predict(str(photo), mode="auto")
     assert seen[0] == (1, "single") and (1, "combination") in seen[1:]

@@ -111,10 +111,12 @@ def with_sets(outcomes: list[dict], rule: Any) -> list[dict]:
     for outcome in outcomes:
         pills = []
         for pill in outcome.get("pills", []):
-            if pill["named"] and pill["set"] is not None:
+            source_rule = rule.for_source(pill.get("source"))
+            if pill["named"] and pill["set"] is not None and source_rule is None:  # that source's pills get none
+                pill = {**pill, "set": None, "covered": None}
+            elif pill["named"] and pill["set"] is not None:
                 codes = [code for code, _ in pill["topk"]]
-                members = codes[:rule.for_source(pill.get("source")).size(
-                    [{"probability": p} for _, p in pill["topk"]])]
+                members = codes[:source_rule.size([{"probability": p} for _, p in pill["topk"]])]
                 pill = {**pill, "set": members, "covered": pill["code"] in members}
             pills.append(pill)
         redrawn.append({**outcome, "pills": pills})

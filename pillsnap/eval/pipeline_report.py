@@ -209,7 +209,8 @@ SOURCE_NAMES = {"single": "single photos", "combination": "combination pills"}
 def _set_lines(auto: dict, calibrated: dict) -> list[str]:
     sets = auto.get("prediction_sets") or {}
     if not sets:
-        return ["test        prediction sets: none (no calibrated set scores; pillsnap calibrate --exp EXP)"]
+        why = calibrated.get("no_threshold") or "no calibrated set scores; pillsnap calibrate --exp EXP"
+        return [f"test        prediction sets: none ({why})"]
     def other(method: str, f: dict) -> str:
         if "problem" in f:  # a rule the calibration cannot give
             return f"{method}: {f['problem']}"

@@ -135,9 +135,10 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
         "data_loading_s": float(np.mean([r["data_time"] for r in steps])) if steps else None,
         "repeated_oom": sum(1 for r in stream if r.get("type") == "oom" and r.get("action") != "applied"),
         "nan_loss": any(isinstance(v, float) and not math.isfinite(v) for v in losses if v is not None),
-        # steps skipped for non-finite gradients without a loss scaler (a run's counts, both tasks)
-        "skipped_steps": sum(int(h[t].get("skipped_steps") or 0) for h in history[-1:]
-                             for t in ("classification", "detection") if isinstance(h.get(t), dict)),
+        # steps skipped for non-finite gradients without a loss scaler: each task's count in the last epoch it
+        # trained (a task that stopped early is not in the last record)
+        "skipped_steps": sum(next((int(h[t].get("skipped_steps") or 0) for h in reversed(history)
+                                   if isinstance(h.get(t), dict)), 0) for t in ("classification", "detection")),
         "memory_growth": growth, "memory_stable": growth is None or growth <= ADVISOR.memory_growth_limit,
         "peak_rss_mb": system.get("peak_rss_mb"),
         "gpu_memory_gb": (system.get("peak_cuda_mem_mb") or 0) / 1024 if "cuda" in str(system.get("device")) else None,

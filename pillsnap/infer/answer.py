@@ -60,7 +60,9 @@ class SetRule:
     coverage asked for and the threshold calibrated for it (always finite: where the calibration gives none, too
     few answers or candidates that miss the right drug too often, there is no rule and answers carry no set).
     `by_source`: the thresholds calibrated on one crop source's answers alone ("single", "combination"), so that
-    each path keeps the coverage on its own; a source without one takes `threshold`, calibrated on every answer.
+    each path keeps the coverage on its own; a source without one takes `threshold`, calibrated on every answer,
+    unless `refused` names it: a source with answers enough of its own whose candidates miss the right drug too
+    often for the coverage gets no set (the reason is the value).
 
     With `fill`, a set also holds candidates, best first, until their probabilities add up to the coverage: the
     conformal set holds the right drug that often over all answers, but a lone drug at probability 0.6 is not one a
@@ -72,14 +74,18 @@ class SetRule:
     threshold: float
     fill: bool = False
     by_source: Mapping[str, float] | None = None
+    refused: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         check_set_method(self.method)
 
-    def for_source(self, source: str | None) -> SetRule:
-        """The rule a crop from `source` is answered with: its source's threshold where there is one."""
+    def for_source(self, source: str | None) -> SetRule | None:
+        """The rule a crop from `source` is answered with: its source's threshold where there is one; None for a
+        source `refused` (its answers carry no set)."""
+        if source is not None and source in (self.refused or {}):
+            return None
         threshold = (self.by_source or {}).get(source) if source is not None else None
-        return self if threshold is None else replace(self, threshold=threshold, by_source=None)
+        return self if threshold is None else replace(self, threshold=threshold, by_source=None, refused=None)
 
     def size(self, candidates: Sequence[Mapping]) -> int:
         return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold,

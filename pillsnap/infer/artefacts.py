@@ -147,11 +147,12 @@ def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[Cl
     """(the class Gaussians the calibration was fit with, their file, None), or (None, the file, what is wrong with
     it: missing, or not the file the calibration names by hash)."""
     path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    if not path.is_file():
+    try:  # a calibration committing beside this reader may remove the file between any two of these steps
+        if file_sha256(path) != calibration.get("features_sha256"):
+            return None, path, "not the file fit with these thresholds"
+        return ClassGaussians.load(path), path, None
+    except (FileNotFoundError, IsADirectoryError):
         return None, path, "missing"
-    if file_sha256(path) != calibration.get("features_sha256"):
-        return None, path, "not the file fit with these thresholds"
-    return ClassGaussians.load(path), path, None
 
 
 MIN_SOURCE_SET_ANSWERS = 50  # a crop source's own set threshold needs this many of its answers named by calibration
@@ -176,7 +177,7 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
     imprint reading, and with reading on, with or without the imprint check (every pill read, some withheld);
     answers made the other way have other probabilities, so their sets would not keep the coverage."""
     from pillsnap.infer.answer import SetRule
-    from pillsnap.metrics.conformal import check_set_method, no_threshold_reason, scores_from_json
+    from pillsnap.metrics.conformal import check_set_method, group_refusals, no_threshold_reason, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
     if not stored:
@@ -199,7 +200,8 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
     if problem is not None:  # sets of every candidate would claim a coverage they do not have
         return None, f"no set at {coverage:.0%} coverage: {problem}"
     threshold, own = set_thresholds(scores, sources, coverage)
-    return SetRule(method, coverage, threshold, fill=fill, by_source=own or None), None
+    refused = group_refusals(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
+    return SetRule(method, coverage, threshold, fill=fill, by_source=own or None, refused=refused or None), None
 
 
 def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading: bool,
@@ -222,6 +224,8 @@ def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading
     if problem:
         LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
         return None
+    for source, reason in (rule.refused or {}).items():
+        LOGGER.warning("predictor: %s pills carry no prediction set: %s", source, reason)
     return rule
 
 

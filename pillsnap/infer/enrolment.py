@@ -300,10 +300,16 @@ def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[Probe
     if not name:
         return None, "the calibration has no probe (made before it, or from a data set without photos)"
     path = Path(ckpt_dir) / str(name)
-    if not path.is_file() or file_sha256(path) != calibration.get("validation_probe_sha256"):
+    try:  # a calibration committing beside this reader may remove the file between the check and the read
+        named = path.is_file() and file_sha256(path) == calibration.get("validation_probe_sha256")
+    except FileNotFoundError:
+        named = False
+    if not named:
         return None, f"{path} is missing or not the file the calibration names"
     try:
         return Probe.load(path), None
+    except FileNotFoundError:
+        return None, f"{path} is missing or not the file the calibration names"
     except (KeyError, ValueError, OSError) as err:  # an older probe's layout: recalibrating writes this one's
         return None, f"{path} cannot be read as a probe ({err}): recalibrate (pillsnap calibrate --exp EXP)"
 

@@ -55,6 +55,7 @@ from pillsnap.utils.boxes import xywh_to_xyxy
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
+NMS_MAX_DET = 300  # boxes the shared NMS keeps at most (ultralytics' own default), for measuring the detector
 FORWARD_CHUNK = 16  # crops through the classifier at once (a 384 px crop holds ~25 MB of activations on a CPU)
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
@@ -310,8 +311,10 @@ class Predictor:
         return [Classified(topk, score, reserve) for (topk, reserve), score in zip(tops, scores, strict=True)]
 
     @torch.no_grad()
-    def detect(self, image: Image.Image, conf_threshold: float, forward: Any = None) -> np.ndarray:
-        """Pill boxes [N, 5] (x, y, w, h in image pixels, confidence), left to right, via the shared NMS.
+    def detect(self, image: Image.Image, conf_threshold: float, forward: Any = None, max_det: int = NMS_MAX_DET
+               ) -> np.ndarray:
+        """Pill boxes [N, 5] (x, y, w, h in image pixels, confidence), left to right, via the shared NMS, the
+        `max_det` most confident at most (answering passes inference.max_pills; measuring keeps NMS's own 300).
 
         `forward` (letterboxed images -> raw output) replaces the torch detector, e.g. an OnnxDetector."""
         from pillsnap.models.detector import postprocess_detections, raw_detector_output
@@ -320,7 +323,7 @@ class Predictor:
         tensor, scale, pad = letterbox(image, self.det_image_size)
         raw = forward(tensor) if forward is not None else raw_detector_output(model, tensor.to(self.device))
         dets = postprocess_detections(raw, conf_threshold, float(self.settings.iou_threshold),
-                                      max_det=self.max_pills)[0].numpy()
+                                      max_det=max_det)[0].numpy()
         boxes = unletterbox_boxes(dets[:, :4], scale, pad, image.size)
         out = np.concatenate([boxes, dets[:, 4:5]], 1) if len(dets) else np.zeros((0, 5))
         return out[np.argsort(out[:, 0], kind="stable")]
@@ -384,7 +387,7 @@ class Predictor:
         conf_single = whole.classified.topk[0]["probability"] if whole else None
         dets = None
         if mode == "combo" or (mode == "auto" and self.has_detector):
-            dets = self.detect(image, conf)
+            dets = self.detect(image, conf, max_det=self.max_pills)
         doubts = self._doubts(dets, conf)
         seen = None if dets is None else distinct_pills(dets, doubts) if mode == "auto" else list(range(len(dets)))
         one_box = mode == "auto" and seen is not None and len(seen) == 1

@@ -78,15 +78,16 @@ def no_threshold_reason(scores: Sequence[float], coverage: float) -> str | None:
     if math.isfinite(conformal_threshold(values, coverage)):
         return None
     n = len(values)
-    if math.ceil((n + 1) * coverage) > n:
+    rank = math.ceil((n + 1) * coverage)
+    if rank > n:
         needed = n + 1
         while math.ceil((needed + 1) * coverage) > needed:  # the rank rule's own arithmetic, floats and all
             needed += 1
         return f"{n} calibration answers are too few for {coverage:.0%} coverage (at least {needed} are needed)"
-    missed = float(np.mean(~np.isfinite(values)))
-    return (f"the candidates (inference.topk) miss the right drug in {missed:.1%} of the {n} calibration answers, "
-            f"more than the {1 - coverage:.0%} that {coverage:.0%} coverage may leave out: raise inference.topk or "
-            f"lower inference.prediction_set.coverage")
+    found = int(np.isfinite(values).sum())
+    return (f"the candidates (inference.topk) hold the right drug in {found} of the {n} calibration answers "
+            f"({1 - found / n:.1%} missed), and {coverage:.0%} coverage needs it in at least {rank}: raise "
+            f"inference.topk or lower inference.prediction_set.coverage")
 
 
 def group_thresholds(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
@@ -105,6 +106,22 @@ def group_thresholds(scores: Sequence[float], groups: Sequence[str | None], cove
         if math.isfinite(threshold):
             thresholds[group] = threshold
     return thresholds
+
+
+def group_refusals(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
+                   min_count: int) -> dict[str, str]:
+    """The groups with `min_count` scores of their own that still give no threshold at `coverage` (their candidates
+    miss the right class too often), each with why: the threshold over every group would give their sets a
+    coverage their own answers do not have, so they get none."""
+    labels = np.asarray([None if g is None else str(g) for g in groups], object)
+    values = np.asarray(scores, np.float64)
+    refused = {}
+    for group in sorted({g for g in labels if g is not None}):
+        own = values[labels == group]
+        reason = no_threshold_reason(own, coverage) if len(own) >= min_count else None
+        if reason is not None:
+            refused[group] = reason
+    return refused
 
 
 def lower_bound(scores: Sequence[float], miss_rate: float) -> float:

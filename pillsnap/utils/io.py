@@ -82,14 +82,20 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 # one; (2) the caller commits the JSON naming it (save_json, atomic); (3) `prune_hashed` removes the files the JSON
 # no longer names. A kill at any point leaves the old pair or the new pair whole, plus at most a stray file.
 def write_hashed(folder: str | Path, prefix: str, suffix: str, write: Callable[[Path], object]) -> tuple[Path, str]:
-    """`write(path)` fills `{prefix}staged{suffix}` (atomically, as the writer likes), which is then renamed
-    `{prefix}{sha256[:16]}{suffix}`; returns (that file, its SHA-256)."""
-    folder = Path(folder)
-    staged = folder / f"{prefix}staged{suffix}"
-    write(staged)
-    digest = file_sha256(staged)
-    final = folder / f"{prefix}{digest[:16]}{suffix}"
-    os.replace(staged, final)
+    """`write(path)` fills a staged file of its own (hidden, so that no prune takes it), which is then renamed
+    `{prefix}{sha256[:16]}{suffix}`; returns (that file, its SHA-256). The folder's JSON has one writer at a time
+    (the run's lock); a staged name of its own keeps another writer's file from being hashed as this one's."""
+    folder = ensure_dir(folder)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{prefix}staged-", suffix=suffix)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        write(staged)
+        digest = file_sha256(staged)
+        final = folder / f"{prefix}{digest[:16]}{suffix}"
+        os.replace(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)  # gone already unless writing failed
     fsync_path(folder)
     return final, digest
 

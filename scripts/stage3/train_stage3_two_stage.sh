@@ -107,10 +107,12 @@ print(load_config(sys.argv[1], sys.argv[2:]).paths.exp_dir)' "$CFG" "${OVERRIDES
   GPU_SELECT=()
   GPU_CHECK=1
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    case "$CUDA_VISIBLE_DEVICES" in
-      ""|-1) echo "NOTE GPU: CUDA_VISIBLE_DEVICES names none: training runs on the CPU, slowly"; GPU_CHECK=0 ;;
+    VISIBLE="${CUDA_VISIBLE_DEVICES// /}"
+    VISIBLE="${VISIBLE%%,-*}"  # CUDA reads the list up to its first negative entry
+    case "$VISIBLE" in
+      ""|-*) echo "NOTE GPU: CUDA_VISIBLE_DEVICES names none: training runs on the CPU, slowly"; GPU_CHECK=0 ;;
       *MIG-*) echo "NOTE GPU: MIG slices in CUDA_VISIBLE_DEVICES: a slice's own memory use is not checked"; GPU_CHECK=0 ;;
-      *) GPU_SELECT=(-i "$CUDA_VISIBLE_DEVICES") ;;
+      *) GPU_SELECT=(-i "$VISIBLE") ;;
     esac
   fi
   if [ "$GPU_CHECK" = 0 ]; then
