@@ -120,13 +120,16 @@ def check_tf32(cfg: DictConfig) -> None:
     """TF32 is one switch for the whole process in PyTorch: when both models train, their sections must agree (else
     the one built last would decide for both without a word). Checked when a run trains, not when a trained run's
     config is read (for serving, evaluation), which training never uses again."""
-    if str(cfg.train.strategy) == "classification":
+    strategy = str(OmegaConf.select(cfg, "train.strategy", default="interleaved"))
+    if strategy == "classification":
         return
-    cls, det = bool(cfg.train.classification.tf32), bool(cfg.train.detection.tf32)
+    # a key a partial config lacks takes the default (true): only two values given and different are refused
+    cls, det = (bool(OmegaConf.select(cfg, f"train.{task}.tf32", default=True)) for task in ("classification",
+                                                                                              "detection"))
     if cls != det:
         raise ConfigError(f"train.classification.tf32 ({str(cls).lower()}) and train.detection.tf32 "
                           f"({str(det).lower()}) differ, but TF32 is one switch for the whole process in PyTorch "
-                          f"and both models train (train.strategy={cfg.train.strategy}): set both the same")
+                          f"and both models train (train.strategy={strategy}): set both the same")
 
 
 def _check_oom_section(user_cfg: DictConfig, origin: str) -> None:
