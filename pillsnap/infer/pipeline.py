@@ -49,13 +49,13 @@ from pillsnap.infer.matching import Hints, KnownImprints
 from pillsnap.infer.preprocess import crop_pill, letterbox, load_image, single_photo_crop, unletterbox_boxes
 from pillsnap.infer.thresholds import calibrated_evidence, fit_without
 from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer, crop_source
+from pillsnap.models.detector import NMS_MAX_DET
 from pillsnap.utils import resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx")
 WARM_UP_PX = 256  # the blank photo warm_up runs through every model: any size works, this one is cheap
-NMS_MAX_DET = 300  # boxes the shared NMS keeps at most (ultralytics' own default), for measuring the detector
 FORWARD_CHUNK = 16  # crops through the classifier at once (a 384 px crop holds ~25 MB of activations on a CPU)
 AGREEMENT_IOU = 0.5  # the detected box and the single path's located pill must overlap this much to be one pill
 
@@ -86,8 +86,8 @@ class Predictor:
         self.exp_dir = Path(exp_dir)
         self.cfg = cfg if cfg is not None else _default_cfg(exp_dir)
         self.settings = self.cfg.inference
-        # the detector's boxes answered per photo at most (a run's config from before the key: NMS's own 300)
-        self.max_pills = int(self.settings.get("max_pills", 300))
+        # the detector's boxes answered per photo at most (a run's config from before the key: NMS's own)
+        self.max_pills = int(self.settings.get("max_pills", NMS_MAX_DET))
         self.device = resolve_device(device)
         self.backend = str(self.settings.backend)
         if self.backend not in BACKENDS:

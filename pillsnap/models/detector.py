@@ -21,6 +21,7 @@ from torch import nn
 from pillsnap.utils.offline import offline_reason, ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
+NMS_MAX_DET = 300  # boxes NMS keeps per image at most (ultralytics' own default)
 PILL_CLASS_NAMES = {0: "pill"}
 ASSETS_HOST = "https://github.com"  # ultralytics' COCO weights (yolo11m.pt) are GitHub release assets
 
@@ -133,7 +134,7 @@ def postprocess_detections(
     raw: torch.Tensor | np.ndarray | tuple,
     conf_threshold: float,
     iou_threshold: float,
-    max_det: int = 300,
+    max_det: int = NMS_MAX_DET,
 ) -> list[torch.Tensor]:
     """NMS over raw [B, 4+nc, A] output (torch or numpy): per image an [N, 6] float tensor (x1,y1,x2,y2,conf,cls)."""
     ultralytics_offline()
