@@ -259,8 +259,8 @@ class EpochRunner:
         where a checkpoint saved inside this epoch left it (the epoch goes on from there)."""
         progress = EpochProgress.going_on(epoch, active, resume)
         if self.info.rank != 0:  # rank 0 carries the saved totals of every rank's loss; the others start from none
-            progress.loss_sum = dict.fromkeys(active, 0.0)
-            progress.loss_steps = dict.fromkeys(active, 0)
+            progress.loss_sum = dict.fromkeys(progress.loss_sum, 0.0)  # the same tasks on every rank: over_ranks
+            progress.loss_steps = dict.fromkeys(progress.loss_steps, 0)  # sums them in one list
         self.last_checkpoint, self.save_pending = time.monotonic(), False  # the last epoch's end was committed
         left = {name: self._position(name, progress) for name in active}
         steps = {name: progress.done[name] + left[name] for name in active}  # as the log line counts them
@@ -297,15 +297,12 @@ class EpochRunner:
                 break
             if any(todo.values()):  # the epoch's last step needs none: its end is committed
                 self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)
-        return {name: self._epoch_loss(name, progress) for name in active}
-
-    def _epoch_loss(self, name: str, progress: EpochProgress) -> dict:
-        """The epoch's mean training loss over every rank's steps (each rank trains its own shard), and this
-        rank's step count."""
-        loss_sum, steps = sum_over_ranks(self.info, [progress.loss_sum[name], float(progress.loss_steps[name])],
-                                         self.tasks[name].device)
-        return {"train_loss": loss_sum / max(steps, 1.0), "steps": progress.done[name],
-                "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
+        # the epoch's mean training loss over every rank's steps (each rank trains its own shard), in one sum
+        totals = progress.over_ranks(self.info, next(iter(self.tasks.values())).device)
+        return {name: {"train_loss": totals.loss_sum[name] / max(totals.loss_steps[name], 1),
+                       "steps": progress.done[name],  # this rank's
+                       "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
+                for name in active}
 
 
 def _batch_size(loader: object) -> int:
