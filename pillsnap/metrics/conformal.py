@@ -18,7 +18,7 @@ coverage). A right class outside the candidates scores infinity: no threshold co
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -90,22 +90,27 @@ def no_threshold_reason(scores: Sequence[float], coverage: float) -> str | None:
             f"inference.topk or lower inference.prediction_set.coverage")
 
 
+def _own_scores(scores: Sequence[float], groups: Sequence[str | None],
+                min_count: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(group, its scores) for each group with at least `min_count` scores, in name order; scores of no group
+    (None) are left out."""
+    labels = np.asarray([None if g is None else str(g) for g in groups], object)
+    values = np.asarray(scores, np.float64)
+    if len(labels) != len(values):
+        raise ValueError(f"{len(values)} scores but {len(labels)} groups")
+    for group in sorted({g for g in labels if g is not None}):
+        own = values[labels == group]
+        if len(own) >= min_count:
+            yield group, own
+
+
 def group_thresholds(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
                      min_count: int) -> dict[str, float]:
     """Each group's own threshold at `coverage` (Mondrian conformal prediction: sets calibrated on a group's answers
     hold the right class at least that often on that group's new answers, not only over all groups), for the groups
     with at least `min_count` scores and a finite threshold; scores of no group (None) are left out."""
-    labels = np.asarray([None if g is None else str(g) for g in groups], object)
-    values = np.asarray(scores, np.float64)
-    if len(labels) != len(values):
-        raise ValueError(f"{len(values)} scores but {len(labels)} groups")
-    thresholds = {}
-    for group in sorted({g for g in labels if g is not None}):
-        own = values[labels == group]
-        threshold = conformal_threshold(own, coverage) if len(own) >= min_count else math.inf
-        if math.isfinite(threshold):
-            thresholds[group] = threshold
-    return thresholds
+    thresholds = {group: conformal_threshold(own, coverage) for group, own in _own_scores(scores, groups, min_count)}
+    return {group: t for group, t in thresholds.items() if math.isfinite(t)}
 
 
 def group_refusals(scores: Sequence[float], groups: Sequence[str | None], coverage: float,
@@ -113,15 +118,8 @@ def group_refusals(scores: Sequence[float], groups: Sequence[str | None], covera
     """The groups with `min_count` scores of their own that still give no threshold at `coverage` (their candidates
     miss the right class too often), each with why: the threshold over every group would give their sets a
     coverage their own answers do not have, so they get none."""
-    labels = np.asarray([None if g is None else str(g) for g in groups], object)
-    values = np.asarray(scores, np.float64)
-    refused = {}
-    for group in sorted({g for g in labels if g is not None}):
-        own = values[labels == group]
-        reason = no_threshold_reason(own, coverage) if len(own) >= min_count else None
-        if reason is not None:
-            refused[group] = reason
-    return refused
+    reasons = {group: no_threshold_reason(own, coverage) for group, own in _own_scores(scores, groups, min_count)}
+    return {group: reason for group, reason in reasons.items() if reason is not None}
 
 
 def lower_bound(scores: Sequence[float], miss_rate: float) -> float:
