@@ -139,11 +139,11 @@ def test_list_remove_and_restart(exp_dir: Path, predictor: Predictor, tmp_path: 
     assert listed["drugs"][0]["n_photos"] == 5
     # a served predictor holds its classifier's hash: listing and removing do not hash the checkpoint again
     import pillsnap.infer.enrolment as enrolment_module
-    import pillsnap.models.export as export_module
+    import pillsnap.utils.io as io_module  # where hashing lives (the store's file is read by utils.io.read_hashed)
 
     hashed: list = []
     sha = restarted.classifier_sha256
-    for module in (enrolment_module, export_module):
+    for module in (enrolment_module, io_module):
         monkeypatch.setattr(module, "file_sha256", lambda path, f=module.file_sha256: (hashed.append(path), f(path))[1])
     assert listing(exp_dir, restarted.classifier_path, sha) == listed
     assert remove(exp_dir, NEW_CODE, restarted.classifier_path, sha) == {"removed": NEW_CODE, "name": "새약 10mg"}

@@ -19,7 +19,7 @@ import numpy as np
 from pillsnap.infer.thresholds import stored_number
 from pillsnap.metrics.novelty import ClassGaussians, check_unknown_rule
 from pillsnap.utils import read_json
-from pillsnap.utils.io import file_sha256
+from pillsnap.utils.io import file_sha256, read_hashed
 
 LOGGER = logging.getLogger(__name__)
 CLASSIFIER_CKPTS = ("classification_best.pt", "best.pt", "classification_last.pt", "last.pt")
@@ -147,12 +147,8 @@ def load_class_gaussians(ckpt_dir: str | Path, calibration: Mapping) -> tuple[Cl
     """(the class Gaussians the calibration was fit with, their file, None), or (None, the file, what is wrong with
     it: missing, or not the file the calibration names by hash)."""
     path = Path(ckpt_dir) / str(calibration.get("features_file") or FEATURES_FILE)
-    try:  # a calibration committing beside this reader may remove the file between any two of these steps
-        if file_sha256(path) != calibration.get("features_sha256"):
-            return None, path, "not the file fit with these thresholds"
-        return ClassGaussians.load(path), path, None
-    except (FileNotFoundError, IsADirectoryError):
-        return None, path, "missing"
+    gaussians, problem = read_hashed(path, calibration.get("features_sha256"), ClassGaussians.load)
+    return gaussians, path, "not the file fit with these thresholds" if problem == "not named" else problem
 
 
 MIN_SOURCE_SET_ANSWERS = 50  # a crop source's own set threshold needs this many of its answers named by calibration

@@ -30,7 +30,7 @@ import numpy as np
 
 from pillsnap.metrics.novelty import ClassGaussians, squared_distances
 from pillsnap.utils import atomic_path, read_json, save_json
-from pillsnap.utils.io import file_sha256, prune_hashed, write_hashed
+from pillsnap.utils.io import file_sha256, prune_hashed, read_hashed, write_hashed
 from pillsnap.utils.locks import file_lock
 
 LOGGER = logging.getLogger(__name__)
@@ -127,11 +127,16 @@ def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str
     features = ckpt_dir / str(stored.get("features_file", ""))
     if not stored.get("drugs"):
         return Enrolled()
-    if not features.is_file() or file_sha256(features) != stored.get("features_sha256"):
+
+    def load(file: Path) -> tuple[np.ndarray, list[str]]:
+        with np.load(file) as data:
+            return np.asarray(data["means"], np.float32), [str(c) for c in data["codes"]]
+
+    loaded, problem = read_hashed(features, stored.get("features_sha256"), load)
+    if problem is not None:
         raise EnrolmentError(f"{features} is missing or not the file {path} names: remove {path} and enrol again",
                              "store_broken")
-    with np.load(features) as data:
-        means, codes_stored = np.asarray(data["means"], np.float32), [str(c) for c in data["codes"]]
+    means, codes_stored = loaded
     if codes_stored != [d["mapping_code"] for d in stored["drugs"]]:
         raise EnrolmentError(f"{features} and {path} list different drugs: remove {path} and enrol again",
                              "store_broken")
@@ -300,18 +305,11 @@ def load_probe(ckpt_dir: str | Path, calibration: Mapping | None) -> tuple[Probe
     if not name:
         return None, "the calibration has no probe (made before it, or from a data set without photos)"
     path = Path(ckpt_dir) / str(name)
-    try:  # a calibration committing beside this reader may remove the file between the check and the read
-        named = path.is_file() and file_sha256(path) == calibration.get("validation_probe_sha256")
-    except FileNotFoundError:
-        named = False
-    if not named:
-        return None, f"{path} is missing or not the file the calibration names"
     try:
-        return Probe.load(path), None
-    except FileNotFoundError:
-        return None, f"{path} is missing or not the file the calibration names"
+        probe, problem = read_hashed(path, calibration.get("validation_probe_sha256"), Probe.load)
     except (KeyError, ValueError, OSError) as err:  # an older probe's layout: recalibrating writes this one's
         return None, f"{path} cannot be read as a probe ({err}): recalibrate (pillsnap calibrate --exp EXP)"
+    return (probe, None) if problem is None else (None, f"{path} is missing or not the file the calibration names")
 
 
 def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled, after: Enrolled, code: str,

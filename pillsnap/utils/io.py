@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 CKPT_REQUIRED_KEYS = (
     "model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch", "best_metric", "config_snapshot",
@@ -18,6 +18,7 @@ CKPT_REQUIRED_KEYS = (
 CKPT_OPTIONAL_KEYS = ("ema_state", "schema_version", "rng_state", "global_step", "oom_state", "task_state",
                       "progress")
 CKPT_SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -98,6 +99,19 @@ def write_hashed(folder: str | Path, prefix: str, suffix: str, write: Callable[[
         staged.unlink(missing_ok=True)  # gone already unless writing failed
     fsync_path(folder)
     return final, digest
+
+
+def read_hashed(path: str | Path, sha256: str | None, load: Callable[[Path], T]) -> tuple[T | None, str | None]:
+    """(load(path), None) for the file a JSON names with its SHA-256, else (None, "missing") or (None, "not named":
+    another file under that name). A commit beside this reader may prune the file between any two of these steps:
+    that reads as missing, never as an error."""
+    path = Path(path)
+    try:
+        if file_sha256(path) != sha256:
+            return None, "not named"
+        return load(path), None
+    except (FileNotFoundError, IsADirectoryError):
+        return None, "missing"
 
 
 def prune_hashed(folder: str | Path, prefix: str, suffix: str, keep: Iterable[Path] = ()) -> None:
