@@ -155,6 +155,9 @@ def test_unreadable_and_unsupported_files_give_clean_errors(tmp_path) -> None:
         decode_image(truncated, "truncated.jpg")
     with pytest.raises(OSError, match="missing.png"):  # ImageError is an OSError: loaders keep dropping them
         read_image(str(tmp_path / "missing.png"))
+    (tmp_path / "empty.jpg").write_bytes(b"")  # an interrupted copy: said as empty, not as an unknown format
+    with pytest.raises(ImageError, match=r"empty.jpg: the file is empty \(0 bytes\)"):
+        read_image(str(tmp_path / "empty.jpg"))
 
 
 def corrupt_avif() -> bytes:

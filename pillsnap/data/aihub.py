@@ -52,6 +52,11 @@ LABEL_DIR_RE = re.compile(r"^(K-\d{6}(?:-\d{6}){0,3})_json$")
 STEM_RE = re.compile(r"^(K-\d{6}(?:-\d{6}){0,3})_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)$")
 # Invisible characters seen at the end of real names (U+00A0, U+3000) besides ordinary whitespace.
 _STRIP_CHARS = " \t\r\n\u00a0\u3000\ufeff"
+# The manifest keeps sizes and boxes as int32 and camera angles as int16: a label or file name past these is broken.
+INT32_MAX = 2**31 - 1
+INT16_MAX = 2**15 - 1
+# A lone UTF-16 surrogate (JSON's "\ud83d" escape without its pair): Python reads it, but no file can hold it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class LabelError(ValueError):
@@ -109,9 +114,10 @@ class LabelRecord:
 
 def clean_text(value: Any) -> str:
     """`None` -> "", otherwise the string with real-data trailing/leading invisible whitespace removed."""
-    if type(value) is str:
-        return value.strip(_STRIP_CHARS)
-    return "" if value is None else str(value).strip(_STRIP_CHARS)
+    text = value if type(value) is str else "" if value is None else str(value)
+    if not text.isascii() and _LONE_SURROGATE.search(text):
+        text = _LONE_SURROGATE.sub("\ufffd", text)
+    return text.strip(_STRIP_CHARS)
 
 
 def split_codes(folder: str) -> tuple[str, ...]:
@@ -131,6 +137,8 @@ def parse_file_name(name: str) -> FileNameInfo:
     if not match:
         raise ValueError(f"Not an AI Hub file name (K-code + 7 numeric fields): {name!r}")
     folder, drug_s, back, ddir, light, la, lo, size = match.groups()
+    if max(int(la), int(lo)) > INT16_MAX:
+        raise ValueError(f"Not an AI Hub file name (camera angle {la}/{lo} out of range): {name!r}")
     return FileNameInfo(stem, split_codes(folder), drug_s, back, ddir, light, int(la), int(lo), int(size))
 
 
@@ -139,8 +147,19 @@ def _as_int(value: Any, name: str) -> int:
         return value
     try:
         return int(round(float(value)))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: "inf", or 1e400 read as infinity
         raise LabelError("bad_field", f"{name}={value!r} is not a number") from err
+
+
+def _lenient_int(value: Any, unreadable: int) -> int:
+    """A field nothing depends on (the file name is the truth for the camera angles; the image id is unused): a
+    missing value is 0, one that is not a number is `unreadable`, never a reason to drop the label."""
+    if not value:
+        return 0
+    try:
+        return _as_int(value, "")
+    except LabelError:
+        return unreadable
 
 
 def _split_list(value: Any) -> list[str]:
@@ -239,18 +258,19 @@ def parse_label(data: Any, with_info: bool = True) -> LabelRecord:
     if not CODE_RE.match(code):
         raise LabelError("bad_code", f"mapping code {code!r} is not K- + 6 digits")
     width, height = _as_int(image.get("width"), "width"), _as_int(image.get("height"), "height")
-    if width <= 0 or height <= 0:
+    if not (0 < width <= INT32_MAX and 0 < height <= INT32_MAX):
         raise LabelError("bad_field", f"image size {width}x{height}")
     file_name = clean_text(image.get("file_name") or image.get("imgfile"))
     if not file_name:
         raise LabelError("bad_schema", "images[0].file_name is missing")
     return LabelRecord(
         file_name=file_name, mapping_code=code, width=width, height=height,
-        bbox=_check_bbox(ann.get("bbox"), width, height), image_id=_as_int(image.get("id", 0), "id"),
+        bbox=_check_bbox(ann.get("bbox"), width, height), image_id=_lenient_int(image.get("id"), 0),
         drug_dir=clean_text(image.get("drug_dir")), back_color=clean_text(image.get("back_color")),
         light_color=clean_text(image.get("light_color")),
-        camera_la=_as_int(image.get("camera_la") or 0, "camera_la"),
-        camera_lo=_as_int(image.get("camera_lo") or 0, "camera_lo"), info=class_info(image) if with_info else {},
+        # -1 where the JSON's angle is not a number: counted as an attribute mismatch with the file name
+        camera_la=_lenient_int(image.get("camera_la"), -1), camera_lo=_lenient_int(image.get("camera_lo"), -1),
+        info=class_info(image) if with_info else {},
         n_boxes=len(data["annotations"]),
     )
 

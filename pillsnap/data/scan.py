@@ -27,12 +27,14 @@ from tqdm import tqdm
 from pillsnap.data.scan_checks import PHOTO_REASONS
 from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
 from pillsnap.data.scan_layout import diagnose, layout_of
-from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, make_tasks, photo_locations
+from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, make_tasks, photo_locations
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
-STATE_VERSION = 3  # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition
+# 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
+# folder read once
+STATE_VERSION = 4
 
 
 class ScanError(ValueError):
@@ -142,15 +144,16 @@ def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
                 total += found.image_counts.get((loc.container, folder), 0)
             else:
                 names = os.listdir(os.path.join(loc.container, folder))
-                total += sum(1 for n in names if n.endswith(".png") and not n.endswith("index.png"))
+                total += sum(1 for n in names if is_image(n))
     return total
 
 
 SKIP_REASONS = ("bad_json", "bad_schema", "bad_field", "bad_code", "bad_file_name", "bbox_outside_image",
                 "bbox_zero_size", "missing_image", "file_name_mismatch", "code_not_in_folder", "unreadable")
 # Counters of the workers that are not skip reasons (kept records, photos, label checks).
-_NON_SKIP = {"label_files", "kept", "image_without_label", "photos_single", "photos_combination",
-             "incomplete_gt_photos", "box_issue_rows", "attribute_mismatch", "multi_valued_colour", *PHOTO_REASONS}
+_NON_SKIP = {"label_files", "kept", "duplicate_label_files", "image_without_label", "photos_single",
+             "photos_combination", "incomplete_gt_photos", "box_issue_rows", "attribute_mismatch",
+             "multi_valued_colour", *PHOTO_REASONS}
 
 
 def _total_counts(stats: list[dict[str, Any]]) -> Counter:
@@ -186,6 +189,10 @@ def _report(counts: Counter, found: Discovery, labelled: set[str], splits: Count
         "image_without_label": counts["image_without_label"] + _unlabelled_images(found, labelled),
         "photos": {"single": counts["photos_single"], "combination": counts["photos_combination"]},
         "incomplete_gt_photos": counts["incomplete_gt_photos"], "classes": n_classes,
+        # what was not read: zips that cannot be opened (their labels and photos are missing from the manifest),
+        # and label files found again in a second copy of their folder (read once)
+        "unreadable_zips": found.unreadable_zips, "duplicate_label_files": counts["duplicate_label_files"],
+        "duplicate_label_folders": len(found.label_copies),
         "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
         "photos_per_split": {kind: {k: splits.get(f"{kind}:{k}", 0) for k in ("train", "val", "test")}
                              for kind in ("single", "combination")},
@@ -270,6 +277,14 @@ def _log_report(report: dict[str, Any], seconds: float) -> None:
         LOGGER.info("scan: label checks %s; photos with broken or missing boxes are left out of detection "
                     "training, pills with a doubtful box out of classification", flagged)
     LOGGER.info("scan: photos per split %s (split groups: %s)", report["photos_per_split"], report["split"])
+    if report["duplicate_label_files"]:
+        LOGGER.warning("scan: %d label files were found again in another copy of their folder (%d folders: a zip "
+                       "kept beside its extracted folder?) and read once", report["duplicate_label_files"],
+                       report["duplicate_label_folders"])
+    if report["unreadable_zips"]:
+        LOGGER.warning("scan: %d zips could not be read, and their labels and photos are not in the manifest "
+                       "(download them again): %s", len(report["unreadable_zips"]),
+                       ", ".join(report["unreadable_zips"]))
 
 
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:

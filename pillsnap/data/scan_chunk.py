@@ -18,7 +18,16 @@ import pyarrow.parquet as pq
 
 from pillsnap.data import aihub
 from pillsnap.data.scan_checks import PhotoCheck, check_photo
-from pillsnap.data.scan_walk import ChunkTask, Location, flat_image_folder, flat_member, is_image, split_member
+from pillsnap.data.scan_walk import (
+    ChunkTask,
+    Location,
+    flat_image_folder,
+    flat_member,
+    is_image,
+    is_label_file,
+    is_macos_metadata,
+    split_member,
+)
 from pillsnap.data.stages import stable_hash
 from pillsnap.utils import atomic_path, save_json
 from pillsnap.utils.zips import ZipEntry, read_central_directory, read_member
@@ -37,18 +46,19 @@ SPLIT_KEY = "split_key"  # hash of split_group, only in the parts: the merge tur
 PART_SCHEMA = MANIFEST_SCHEMA.append(pa.field(SPLIT_KEY, pa.int64()))
 
 
-@lru_cache(maxsize=2)  # chunks are sorted by container: a worker needs one label zip at a time
+# Chunks are sorted by container: a worker needs one label zip at a time, its photos' zips, and rarely a copy of it.
+@lru_cache(maxsize=4)
 def _zip_entries(path: str) -> dict[str, ZipEntry]:
     return read_central_directory(path)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def _zip_members(path: str) -> dict[str, list[str]]:
     """Zip file members grouped by their code folder (flat photos under `prefix + folder` too); cached: one zip
     serves many chunks in a worker."""
     grouped: dict[str, list[str]] = defaultdict(list)
     for name in _zip_entries(path):
-        where = split_member(name) or flat_member(name)
+        where = None if is_macos_metadata(name) else split_member(name) or flat_member(name)
         if where is not None and not name.endswith("/"):
             grouped[where[0] + where[1]].append(name)
     return grouped
@@ -74,12 +84,12 @@ def _label_members(loc: Location, folder: str) -> list[str]:
     """Label files of one `K-x_json` folder, relative to the location (single: flat; combination: per pill)."""
     if loc.is_zip:
         names = _zip_members(loc.container).get(loc.prefix + folder, [])
-        return sorted(n[len(loc.prefix):] for n in names if n.endswith(".json"))
+        return sorted(n[len(loc.prefix):] for n in names if is_label_file(n))
     base = os.path.join(loc.container, folder)
     out = []
     for dirpath, _, files in os.walk(base):
         rel = os.path.relpath(dirpath, loc.container)
-        out.extend(f"{rel}/{f}".replace(os.sep, "/") for f in files if f.endswith(".json"))
+        out.extend(f"{rel}/{f}".replace(os.sep, "/") for f in files if is_label_file(f))
     return sorted(out)
 
 
@@ -151,7 +161,8 @@ def _parse_one(loc: Location, member: str, info: aihub.FileNameInfo, state: _Chu
         raise aihub.LabelError("unreadable", f"{member}: {err}") from err
     data = aihub.decode_label(raw)
     rec = aihub.parse_label(data, with_info=False)
-    if rec.file_name.rsplit(".", 1)[0] != info.stem:
+    # the file's own name: a label may give it under a folder (`K-x/K-x_0_2_0_2_70_000_200.png`, or with "\\")
+    if rec.file_name.replace("\\", "/").rpartition("/")[2].rsplit(".", 1)[0] != info.stem:
         raise aihub.LabelError("file_name_mismatch", f"{member} describes {rec.file_name}")
     if rec.mapping_code not in info.codes:
         raise aihub.LabelError("code_not_in_folder", f"{rec.mapping_code} not in folder codes {info.codes}")
@@ -163,12 +174,15 @@ def _parse_one(loc: Location, member: str, info: aihub.FileNameInfo, state: _Chu
     return rec
 
 
-def _parse_records(state: _ChunkState, loc: Location, members: list[str],
-                   info: aihub.FileNameInfo) -> list[tuple[str, aihub.LabelRecord]]:
+LabelFile = tuple[Location, str]  # where a label file is, and its path there (`K-x_json/...json`)
+
+
+def _parse_records(state: _ChunkState, members: list[LabelFile],
+                   info: aihub.FileNameInfo) -> list[tuple[LabelFile, aihub.LabelRecord]]:
     records = []
-    for member in members:
+    for loc, member in members:
         try:
-            records.append((member, _parse_one(loc, member, info, state)))
+            records.append(((loc, member), _parse_one(loc, member, info, state)))
         except aihub.LabelError as err:
             state.counts[err.reason] += 1
             LOGGER.debug("skip %s: %s", member, err)
@@ -190,8 +204,7 @@ def _count_checks(state: _ChunkState, info: aihub.FileNameInfo, records: list[ai
     counts["photos_combination" if info.is_combination else "photos_single"] += 1
 
 
-def _process_photo(state: _ChunkState, loc: Location, stem: str, members: list[str],
-                   images: dict[str, Location]) -> None:
+def _process_photo(state: _ChunkState, stem: str, members: list[LabelFile], images: dict[str, Location]) -> None:
     try:
         info = aihub.parse_file_name(stem)
     except ValueError:
@@ -201,15 +214,30 @@ def _process_photo(state: _ChunkState, loc: Location, stem: str, members: list[s
     if image_loc is None:
         state.counts["missing_image"] += len(members)  # labels whose photo is absent
         return
-    records = _parse_records(state, loc, members, info)
+    records = _parse_records(state, members, info)
     if not records:
         return
     check = check_photo(info.codes, [r for _, r in records])
     image_path = image_loc.path(f"{info.folder}/{stem}.png")
-    for (member, rec), issue in zip(records, check.issues, strict=True):
+    for ((loc, member), rec), issue in zip(records, check.issues, strict=True):
         state.add(rec, info, (image_path, loc.path(member)), loc, check.incomplete, issue)
     state.counts["kept"] += len(records)
     _count_checks(state, info, [r for _, r in records], check)
+
+
+def _label_files(task: ChunkTask, folder: str, counts: Counter) -> list[LabelFile]:
+    """The label files of one folder: the chunk's own, then those only another copy of the folder holds (the
+    same files in two copies are read once and counted as `duplicate_label_files`)."""
+    files = [(task.location, member) for member in _label_members(task.location, folder)]
+    seen = {member for _, member in files}
+    for copy in task.copies.get(folder, ()):
+        for member in _label_members(copy, folder):
+            if member in seen:
+                counts["duplicate_label_files"] += 1
+            else:
+                seen.add(member)
+                files.append((copy, member))
+    return files
 
 
 def process_chunk(task: ChunkTask, parts_dir: str, seed: int) -> dict[str, Any]:
@@ -218,12 +246,12 @@ def process_chunk(task: ChunkTask, parts_dir: str, seed: int) -> dict[str, Any]:
     for folder in task.folders:
         image_folder = folder[: -len("_json")]
         images = _image_names(task.images.get(image_folder, ()), image_folder)
-        by_stem: dict[str, list[str]] = defaultdict(list)
-        for member in _label_members(task.location, folder):
-            by_stem[member.rpartition("/")[2][:-5]].append(member)
+        by_stem: dict[str, list[LabelFile]] = defaultdict(list)
+        for loc, member in _label_files(task, folder, state.counts):
+            by_stem[member.rpartition("/")[2][:-5]].append((loc, member))
         state.counts["label_files"] += sum(len(v) for v in by_stem.values())
         for stem, members in sorted(by_stem.items()):
-            _process_photo(state, task.location, stem, members, images)
+            _process_photo(state, stem, members, images)
         state.counts["image_without_label"] += len({n[:-4] for n in images} - set(by_stem))
     table = state.table(seed)
     with atomic_path(Path(parts_dir) / f"part-{task.task_id}.parquet") as tmp:

@@ -23,6 +23,7 @@ from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
 ZIP_CHUNK_FACTOR = 16
+UNREADABLE_ZIP = "unreadable_zip"
 # Folder and zip names that carry AI Hub's own partition: `1.Training`, `2.Validation`, `TL_3_단일`, `VS_1_조합`
 # (a number after the prefix, so that a user's own `tl_backup` or `ts_old` says nothing).
 _VALIDATION_RE = re.compile(r"^(\d+\.)?validation$|^v[sl]_\d+(_|\.zip$|$)", re.IGNORECASE)
@@ -77,6 +78,10 @@ class Discovery:
     image_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (zip or flat dir, folder) -> photos
     flat_dirs: set[str] = field(default_factory=set)  # containers of flat photos (competition layout)
     other: Counter = field(default_factory=Counter)  # zips, PNG and JSON files outside the layouts
+    unreadable_zips: list[str] = field(default_factory=list)
+    # A label folder found again in the same AI Hub partition (a zip kept beside its extracted folder, a zip
+    # downloaded twice): (the location scanned, folder) -> the other copies, read only for files the first lacks.
+    label_copies: dict[tuple[Location, str], tuple[Location, ...]] = field(default_factory=dict)
 
     @property
     def code_image_folders(self) -> int:
@@ -90,10 +95,17 @@ class ChunkTask:
     folders: tuple[str, ...]
     images: dict[str, tuple[Location, ...]]
     n_files: int
+    copies: dict[str, tuple[Location, ...]] = field(default_factory=dict)  # folder -> its other copies
+
+
+def is_macos_metadata(name: str) -> bool:
+    """macOS's copies of file metadata: `._<name>` beside each file, and a `__MACOSX/` tree in zips made on a
+    Mac. They carry the real names, so they would be counted as broken labels and unlabelled photos."""
+    return name.rpartition("/")[2].startswith("._") or name.startswith("__MACOSX/") or "/__MACOSX/" in name
 
 
 def is_image(name: str) -> bool:
-    return name.endswith(".png") and not name.endswith("index.png")
+    return name.endswith(".png") and not name.endswith("index.png") and not is_macos_metadata(name)
 
 
 @lru_cache(maxsize=65536)
@@ -143,10 +155,13 @@ def zip_folders(path: str) -> ZipFolders:
     label_counts, image_counts, flat_counts, other = Counter(), Counter(), Counter(), Counter()
     try:
         members = read_central_directory(path)
-    except (zipfile.BadZipFile, OSError) as err:
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as err:  # cut short, not a zip, a name not in UTF-8
         LOGGER.warning("skipping unreadable zip %s: %s", path, err)
-        return ZipFolders([], [], [], Counter({"unreadable_zip": 1}))
+        return ZipFolders([], [], [], Counter({UNREADABLE_ZIP: 1}))
     for member in members:
+        if is_macos_metadata(member):
+            other["macOS metadata"] += 1
+            continue
         where = split_member(member)
         if where is None:
             flat = flat_member(member)
@@ -162,8 +177,12 @@ def zip_folders(path: str) -> ZipFolders:
                                                                                  flat_counts)), other)
 
 
+def is_label_file(name: str) -> bool:
+    return name.endswith(".json") and not is_macos_metadata(name)
+
+
 def _count_label_files(path: str) -> int:
-    return sum(len([f for f in files if f.endswith(".json")]) for _, _, files in os.walk(path))
+    return sum(len([f for f in files if is_label_file(f)]) for _, _, files in os.walk(path))
 
 
 def _walk_dir(current: str, found: Discovery, stack: list[str], zips: list[str]) -> None:
@@ -171,7 +190,9 @@ def _walk_dir(current: str, found: Discovery, stack: list[str], zips: list[str])
         entries = sorted(entries, key=lambda e: e.name)
     flat: Counter = Counter()
     for entry in entries:
-        if entry.is_dir():
+        if is_macos_metadata(entry.name) or entry.name == "__MACOSX":
+            found.other["macOS metadata"] += 1
+        elif entry.is_dir():
             if aihub.LABEL_DIR_RE.match(entry.name):
                 found.label_folders.append((Location(current, False), entry.name, _count_label_files(entry.path)))
             elif aihub.IMAGE_DIR_RE.match(entry.name):
@@ -200,6 +221,8 @@ def _add_zip(found: Discovery, path: str, folders: ZipFolders) -> None:
         found.image_counts[(path, folder)] = found.image_counts.get((path, folder), 0) + n
         found.flat_dirs.add(f"{path}!{prefix}")
     found.label_folders.extend((Location(path, True, prefix), folder, n) for prefix, folder, n in folders.labels)
+    if folders.other[UNREADABLE_ZIP]:
+        found.unreadable_zips.append(path)
     found.other.update({f"in zips: {k}": v for k, v in folders.other.items()})
 
 
@@ -218,7 +241,32 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
     for path, folders in zip(zips, (pool.map if pool else map)(zip_folders, zips), strict=True):
         _add_zip(found, path, folders)
     found.label_folders.sort(key=lambda t: (t[0].container, t[0].prefix, t[1]))
+    _merge_copies(found)
     return found
+
+
+def _merge_copies(found: Discovery) -> None:
+    """One entry per label folder and AI Hub partition: a folder found in several places (a zip kept beside its
+    extracted folder) is scanned from the copy with the most files, an extracted one before a zip, and the other
+    copies are kept in `label_copies` (each file is read once, from the first copy that has it). Scanned as two
+    folders, every pill would be counted twice and every photo's boxes drawn twice in the detector's labels."""
+    copies: dict[tuple[str, str], list[tuple[Location, str, int]]] = defaultdict(list)
+    for item in found.label_folders:
+        copies[(item[0].part, item[1])].append(item)
+    kept = []
+    for item in found.label_folders:
+        group = copies[(item[0].part, item[1])]
+        first = max(group, key=lambda t: (t[2], not t[0].is_zip))  # max keeps the earliest of equals
+        if item is not first:
+            continue
+        kept.append(item)
+        if len(group) > 1:
+            others = tuple(t[0] for t in group if t is not first)
+            found.label_copies[(first[0], first[1])] = others
+            LOGGER.warning("label folder %s is in %d places of the same partition: scanned from %s, each file "
+                           "once (also in %s)", first[1], len(group), first[0].container,
+                           ", ".join(loc.container for loc in others))
+    found.label_folders = kept
 
 
 def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Location, ...]:
@@ -248,8 +296,10 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
         loc = current[0][0]
         folders = tuple(f for _, f, _ in current)
         images = {f[:-5]: photo_locations(loc, found.image_folders.get(f[:-5], ())) for f in folders}
-        digest = hashlib.sha1(f"{loc}|{'|'.join(folders)}".encode()).hexdigest()[:16]
-        tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current)))
+        copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
+        key = f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))
         current.clear()
 
     for item in found.label_folders:

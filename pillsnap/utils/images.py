@@ -216,6 +216,8 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAU
 
     Raises ImageTooLarge / ImageTooSmall outside `limits` (checked before decoding), else ImageError naming
     `name` for anything that is not a readable photo."""
+    if not data:  # a zero-byte file (an interrupted copy or download) is not an unknown format
+        raise ImageError(f"Cannot read image {name}: the file is empty (0 bytes)")
     try:
         return _decode(data, name, limits)
     except ImageError:

@@ -1,0 +1,174 @@
+"""Ingestion of trees as people keep them and labels as they break: zips kept beside their extracted folders, cut
+zips, macOS metadata files, and label fields no writer should produce but a 2.6 M-file data set will hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pillsnap.data import aihub
+from pillsnap.data.scan import load_manifest, scan_dataset
+from pillsnap.data.synth import generate_dataset
+from pillsnap.utils.zips import read_central_directory
+
+ROWS = ["photo_id", "mapping_code", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "split"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> tuple[Path, dict, object]:
+    """A small synthetic tree, extracted, and its scan."""
+    base = tmp_path_factory.mktemp("quirks")
+    generate_dataset(base / "data", num_classes=3, per_class=3, combo=3, seed=5, image_scale=0.05, workers=1,
+                     progress=False)
+    report = scan_dataset(base / "data", base / "m", workers=1, progress=False)
+    return base / "data", report, load_manifest(base / "m")
+
+
+def zip_beside(folder: Path) -> Path:
+    """`folder` zipped as AI Hub zips are (members relative to it: `K-x_json/...`), next to it as `<folder>.zip`."""
+    target = folder.with_suffix(".zip")
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            zf.write(path, path.relative_to(folder).as_posix())
+    return target
+
+
+def partition_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_dir() and p.name[:3] in ("TL_", "TS_"))
+
+
+def rows(frame) -> list[tuple]:
+    return sorted(map(tuple, frame[ROWS].astype(str).to_numpy()))
+
+
+def test_zips_kept_beside_their_extracted_folders_are_read_once(plain, tmp_path) -> None:
+    data, before, manifest = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    for folder in partition_folders(root):
+        zip_beside(folder)
+    report = scan_dataset(root, tmp_path / "m", workers=2, chunk_files=4, progress=False)
+    assert report["records_kept"] == before["records_kept"] and report["label_files"] == before["label_files"]
+    assert report["duplicate_label_files"] == before["label_files"]
+    assert report["duplicate_label_folders"] == len([p for p in root.rglob("*_json") if p.is_dir()]) > 0
+    assert rows(load_manifest(tmp_path / "m")) == rows(manifest)  # every pill once: one box per pill for YOLO
+
+
+def test_a_partly_extracted_folder_is_completed_from_its_zip(plain, tmp_path) -> None:
+    data, before, manifest = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    for folder in partition_folders(root):
+        zip_beside(folder)
+    labels = sorted(p for p in root.rglob("*.json") if "TL_" in str(p))
+    for path in labels[::2]:  # an unzip stopped half-way
+        path.unlink()
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["records_kept"] == before["records_kept"]
+    assert report["duplicate_label_files"] == len(labels) - len(labels[::2])
+    assert rows(load_manifest(tmp_path / "m")) == rows(manifest)
+
+
+def test_an_unreadable_zip_is_named_in_the_report(plain, tmp_path, caplog) -> None:
+    data, before, _ = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    first = partition_folders(root)[0]
+    cut = zip_beside(first)
+    shutil.rmtree(first)
+    cut.write_bytes(cut.read_bytes()[:-30])  # a download cut short: no end of central directory
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["unreadable_zips"] == [str(cut.resolve())]
+    assert 0 < report["records_kept"] < before["records_kept"]
+    assert "could not be read" in caplog.text and cut.name in caplog.text
+
+
+def test_a_zip_name_flagged_utf8_but_not_utf8_is_an_unreadable_zip(plain, tmp_path) -> None:
+    data, before, _ = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    bad = root / "TL_9_단일.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("readme_abcd.txt", b"notes")
+    raw = bytearray(bad.read_bytes().replace(b"abcd", "안내".encode("cp949")))  # a name in cp949 ...
+    for header, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.find(header) + flags_at
+        raw[at:at + 2] = struct.pack("<H", struct.unpack_from("<H", raw, at)[0] | 0x800)  # ... flagged UTF-8
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UnicodeDecodeError):
+        read_central_directory(str(bad))
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["unreadable_zips"] == [str(bad.resolve())]
+    assert report["records_kept"] == before["records_kept"]
+
+
+def test_macos_metadata_files_are_not_labels_or_photos(plain, tmp_path) -> None:
+    data, before, manifest = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        (path.parent / f"._{path.name}").write_bytes(b"\0\5\26\7 Mac OS X metadata")
+    folder = partition_folders(root)[0]
+    with zipfile.ZipFile(folder.with_suffix(".zip"), "w") as zf:  # zipped on a Mac: __MACOSX/ beside the files
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            zf.write(path, f"__MACOSX/{name}" if path.name.startswith("._") else name)
+    shutil.rmtree(folder)
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["label_files"] == before["label_files"] and report["records_kept"] == before["records_kept"]
+    assert report["image_without_label"] == 0 and report["records_skipped"] == 0
+    assert rows(load_manifest(tmp_path / "m")) == rows(manifest)
+
+
+def test_a_label_naming_its_photo_under_a_folder_is_kept(plain, tmp_path) -> None:
+    data, before, _ = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    for path in root.rglob("*.json"):
+        label = json.loads(path.read_text(encoding="utf-8"))
+        image = label["images"][0]
+        image["file_name"] = f"{path.parent.name.removesuffix('_json')}\\{image['file_name']}"
+        path.write_text(json.dumps(label, ensure_ascii=False), encoding="utf-8")
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["records_kept"] == before["records_kept"] and report["skipped"]["file_name_mismatch"] == 0
+
+
+def label() -> dict:
+    fields = {k: "" for k in aihub.IMAGE_KEYS if k != "id"}
+    fields.update(file_name="K-000030_0_2_0_1_90_300_200.png", width=976, height=1280, drug_N="K-000030",
+                  dl_mapping_code="K-000030", camera_la=90, camera_lo=300)
+    return aihub.build_label(fields, (356, 540, 200, 200), 1, 1)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["images"][0].update(width="inf"),
+    lambda d: d["images"][0].update(width=3_000_000_000, height=3_000_000_000),  # past the manifest's int32
+    lambda d: d["annotations"][0].update(bbox=[1e400, 0, 10, 10]),  # json reads 1e400 as infinity
+])
+def test_numbers_no_manifest_can_hold_are_bad_fields(mutate) -> None:
+    data = label()
+    mutate(data)
+    with pytest.raises(aihub.LabelError) as err:
+        aihub.parse_label(data)
+    assert err.value.reason == "bad_field"
+
+
+def test_fields_nothing_depends_on_never_drop_a_label() -> None:
+    data = label()
+    data["images"][0].update(id="img_001", camera_la="90도")
+    rec = aihub.parse_label(data)
+    assert rec.image_id == 0 and rec.camera_la == -1  # the file name's 90 is kept; the JSON's is a mismatch
+    assert aihub.attribute_mismatches(rec, aihub.parse_file_name(rec.file_name)) == ["camera_la"]
+    data["images"][0].update(id=None, camera_la=None)
+    assert aihub.parse_label(data).camera_la == 0
+
+
+def test_a_lone_surrogate_is_replaced_so_the_class_map_can_be_written(tmp_path) -> None:
+    data = json.loads('{"name": "\\ud83d\\uc57d \\ud83d\\ude00"}')  # a cut emoji, a whole one
+    info = aihub.class_info({"dl_name": data["name"]})
+    assert info["name"] == "\ufffd약 \U0001f600"
+    (tmp_path / "x.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+
+
+def test_a_camera_angle_past_the_manifest_column_is_a_bad_file_name() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        aihub.parse_file_name("K-000030_0_2_0_1_90_40000_200.png")
