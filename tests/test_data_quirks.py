@@ -172,3 +172,15 @@ def test_a_lone_surrogate_is_replaced_so_the_class_map_can_be_written(tmp_path) 
 def test_a_camera_angle_past_the_manifest_column_is_a_bad_file_name() -> None:
     with pytest.raises(ValueError, match="out of range"):
         aihub.parse_file_name("K-000030_0_2_0_1_90_40000_200.png")
+
+
+def test_a_copy_extracted_outside_the_partition_folders_keeps_the_partition(plain, tmp_path) -> None:
+    data, before, manifest = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    for folder in partition_folders(root):
+        if folder.name.startswith("TL_"):  # labels unzipped again into a folder that names no partition
+            shutil.copytree(folder, root / "unzipped", dirs_exist_ok=True)
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["records_kept"] == before["records_kept"] and report["duplicate_label_files"] > 0
+    scanned = load_manifest(tmp_path / "m")
+    assert rows(scanned) == rows(manifest) and set(scanned["aihub_part"]) == {"Training"}
