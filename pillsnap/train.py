@@ -7,10 +7,10 @@ train (a torchrun restart after a step failed, a rerun) does the steps left, and
 experiment folder: a second
 one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 1 any other error, 2 a
 config, resume or input error or a folder in use, 3 out of memory (for good; under torchrun, a restart applies
-the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C or SIGTERM; the last
-lines say how to resume, or how to finish the work after training). A final test evaluation after Stage 4 that
-fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap evaluate --final;
-a resume runs it too).
+the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C, SIGTERM, SIGHUP or
+SIGUSR1; the last lines say how to resume, or how to finish the work after training). A final test evaluation
+after Stage 4 that fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap
+evaluate --final; a resume runs it too).
 """
 
 from __future__ import annotations

@@ -83,11 +83,21 @@ echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 # live and appended to its file, so a crash's traceback lands in train.err too. The tee processes ignore Ctrl-C
 # and SIGTERM (they are in the same process group): they end when Python closes the streams, so the run's last
 # lines (status, resume hint) still reach the files and the console.
+# The trainer runs in the background so that this script can pass on a stop sent to it alone (`kill`, `timeout`, a
+# supervisor stopping the script): run in the foreground, it would be left training with the GPU and the folder's
+# lock while the script died. Ctrl-C becomes a SIGTERM too (bash starts background commands with SIGINT ignored).
 export PILLSNAP_STREAMS_ARE_LOGS=1
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
-  > >(trap '' INT TERM; exec tee -a "$EXP_DIR/logs/train.out") \
-  2> >(trap '' INT TERM; exec tee -a "$EXP_DIR/logs/train.err" >&2)
-rc=$?
+  > >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.out") \
+  2> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2) &
+TRAINER=$!
+trap 'kill -TERM "$TRAINER" 2>/dev/null' INT TERM HUP USR1
+while :; do  # a trapped signal ends `wait` early: wait again until the trainer has ended
+  wait "$TRAINER"
+  rc=$?
+  kill -0 "$TRAINER" 2>/dev/null || break
+done
+trap - INT TERM HUP USR1
 wait  # let the tee processes flush before the summary line
 # The last line says one thing: how training ended and, when the stage was evaluated, its decision and the next
 # step, read from the evaluation this run wrote (an older file belongs to another run).

@@ -74,3 +74,31 @@ def test_a_subset_of_a_cached_dataset_reads_its_own_rows_crops(manifest_dir, tmp
     for i, row in enumerate(part.rows):
         assert np.array_equal(np.asarray(part.load_crop(i)), np.asarray(cache.get(row.label_path)))
         assert part.labels[i] == index[row.mapping_code]
+
+
+def test_a_second_builder_waits_for_the_first_and_adds_only_what_is_missing(manifest_dir, tmp_path, caplog):
+    """Two experiments share paths.cache_dir by default: two builders at once numbered their shards from the same
+    index and wrote over each other's, so an index could name another row's crop under a label."""
+    import threading
+
+    from pillsnap.data.cache import BUILD_LOCK, _add_missing
+    from pillsnap.utils.locks import file_lock
+
+    caplog.set_level("INFO", logger="pillsnap.data.cache")
+    rows = singles(manifest_dir)
+    root = cache_root(tmp_path, 24, 0.15)
+    built = []
+    waiter = threading.Thread(target=lambda: built.append(build_cache(rows.head(12), tmp_path, 24, 0.15, workers=1)))
+    with file_lock(root / BUILD_LOCK, role="cache"):  # another run is adding its crops
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive() and not built  # it waits instead of writing beside the other
+        _add_missing(rows.head(5), root, 24, 0.15, workers=1, progress=False)  # what the other run adds
+    waiter.join(timeout=60)
+    assert built and len(built[0]) == 12
+    assert "is being added to by another process" in caplog.text
+    assert len(np.load(root / "shard_00000.npy", mmap_mode="r")) == 5  # the other's shard, kept
+    assert len(np.load(root / "shard_00001.npy", mmap_mode="r")) == 7  # only what was still missing
+    for row in rows.head(12).itertuples():
+        expected = np.asarray(pill_crop(row, 0.15).resize((24, 24), Image.BILINEAR))
+        assert np.array_equal(np.asarray(built[0].get(row.label_path)), expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.images import DECODE_ERRORS
 from pillsnap.utils.io import check_free_space
+from pillsnap.utils.locks import BusyError, file_lock
 
 LOGGER = logging.getLogger(__name__)
+BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
 
 
@@ -115,8 +118,24 @@ def _save_index(root: Path, index: dict[str, tuple[int, int]]) -> None:
 
 def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop_margin: float,
                 workers: int = 0, progress: bool = False) -> CachedCrops:
-    """Make sure every row (the classifier's manifest rows) has a cached crop; returns the read side."""
+    """Make sure every row (the classifier's manifest rows) has a cached crop; returns the read side.
+
+    One process at a time adds to a cache (two experiments share `paths.cache_dir` by default): two builders
+    would each number their shards from the same index and write over each other's, and an index would then
+    name another row's crop under a label, silently. A second builder waits, then adds only what is still
+    missing."""
     root = ensure_dir(cache_root(cache_dir, image_size, crop_margin))
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(root / BUILD_LOCK, role="cache"))
+        except BusyError as err:
+            LOGGER.info("the crop cache %s is being added to by another process (%s): waiting for it", root, err)
+            held.enter_context(file_lock(root / BUILD_LOCK, wait=True, role="cache"))
+        return _add_missing(rows, root, image_size, crop_margin, workers, progress)
+
+
+def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: float, workers: int,
+                 progress: bool) -> CachedCrops:
     if not (root / "meta.json").is_file():
         save_json(root / "meta.json", {"image_size": image_size, "crop_margin": crop_margin, "format": "npy"})
     cache = CachedCrops(root)

@@ -1,5 +1,5 @@
 """The training process around a run: the experiment folder held for this process alone, the run's log files,
-SIGTERM as an interrupt, the process group joined and left, and the exit code.
+every stop signal as an interrupt, the process group joined and left, and the exit code.
 
 `run_training` is the engine's entry point (`pillsnap train` adds the work after training, pillsnap/train.py); the
 run itself (build, resume, epochs, checkpoints) is `Trainer` in engine/trainer.py.
@@ -8,8 +8,6 @@ run itself (build, resume, epochs, checkpoints) is `Trainer` in engine/trainer.p
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -36,6 +34,7 @@ from pillsnap.utils import TBWriter, build_logger, ensure_dir, set_seed
 from pillsnap.utils.io import save_text
 from pillsnap.utils.locks import RUN_LOCK, BusyError, file_lock
 from pillsnap.utils.logs import streams_are_logs
+from pillsnap.utils.signals import stops_as_interrupt
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,23 +85,6 @@ def _prepare_cfg(cfg: DictConfig) -> DictConfig:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a `kill`, a scheduler's stop) ends the run the way Ctrl-C does: status, logs and resume hint."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def hold_experiment(exp_dir: str | Path, role: str = "train") -> Iterator[None]:
     """The experiment folder for this process alone (its run.lock); BusyError names the process that holds it.
     Two runs writing one folder would interleave their checkpoints, logs and history. `role` ("train",
@@ -119,10 +101,10 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
 
     Exit codes: 0 ok (also: a resume with nothing left to train, Trainer.trains_nothing), 2 config/resume error or
     an experiment folder another run holds, 3 OOM give-up (under DDP: any OOM, its recovery saved for the restart),
-    4 time cap failed, 130 interrupted (Ctrl-C / SIGTERM). `build_loaders(cfg)` defaults to
+    4 time cap failed, 130 interrupted (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1). `build_loaders(cfg)` defaults to
     pillsnap.data.build_dataloaders_twostage; `callbacks` are added to the rank-0 defaults; `task_types` are the
     Task classes the run may train; `after(code, trainer)`: rank 0's work once the process group is gone (reports,
-    calibration, the stage decision), still holding the folder and with SIGTERM still an interrupt; it returns the
+    calibration, the stage decision), still holding the folder and with a stop still an interrupt; it returns the
     run's exit code. Under `torchrun` every rank runs this; only rank 0 writes files (and a rank that runs out of
     memory, its recovery file).
     """
@@ -143,7 +125,7 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
                              "another folder (paths.exp_dir=...)", busy)
             cleanup(info)
             return EXIT_CONFIG, None
-        with sigterm_as_interrupt():
+        with stops_as_interrupt():
             code, trainer = _train_in(exp_dir, cfg, info, build_loaders, callbacks, task_types)
             if after is not None and trainer is not None and info.is_main:
                 code = after(code, trainer)

@@ -50,6 +50,7 @@ from pillsnap.utils import (
     resolve_device,
 )
 from pillsnap.utils.run_status import FINISHED_STATUSES
+from pillsnap.utils.signals import held_signals
 
 EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 # The tasks a run may train, in the order of a sequential run; each decides from the config and loaders whether
@@ -278,9 +279,10 @@ class Trainer:
         # metrics.json before the checkpoints: a kill in between leaves a history that resume cuts back to the
         # committed epoch, never a committed epoch missing from the history.
         self.callbacks.fire("on_epoch_end", epoch, self.summary(epoch))
-        if self.info.is_main:
-            self._commit(epoch, saves)
-        self.epoch_done, self.progress = epoch, None
+        with held_signals(doing="writing the epoch's checkpoints"):  # an interrupt lands after both, never between
+            if self.info.is_main:
+                self._commit(epoch, saves)
+            self.epoch_done, self.progress = epoch, None
         self._rebase_recovery()
 
     def _commit(self, epoch: int, saves: list[ck.Save]) -> None:
@@ -298,14 +300,16 @@ class Trainer:
         # a copy (the epoch goes on changing `progress`), with the loss of every rank's steps
         saved = progress.over_ranks(self.info, self.tasks[next(iter(progress.drawn))].device)
         saved.rng = all_ranks(self.info, progress.rng[0])  # each rank's own random states
+        with held_signals(doing="writing the checkpoints"):  # an interrupt lands after both, never between
+            if self.info.is_main:
+                where = {"progress": saved.as_dict()}
+                saves = [ck.Save(name, ("last",), {**self._state(name, self.epoch_done), **where},
+                                 self.tasks[name].spec.checkpoint_aliases) for name in progress.drawn]
+                self._commit(self.epoch_done, saves)
+            self.progress = saved  # committed
         if self.info.is_main:
-            where = {"progress": saved.as_dict()}
-            saves = [ck.Save(name, ("last",), {**self._state(name, self.epoch_done), **where},
-                             self.tasks[name].spec.checkpoint_aliases) for name in progress.drawn]
-            self._commit(self.epoch_done, saves)
             self.logger.info("checkpoint inside epoch %d saved, after %s (train.checkpoint_interval_minutes=%s)",
                              progress.epoch, _steps_text(progress), self.cfg.train.checkpoint_interval_minutes)
-        self.progress = saved  # committed
         self._rebase_recovery()
         barrier(self.info)  # the other ranks wait for the save here (the wait group's timeout), not in a step's NCCL
 
@@ -394,6 +398,9 @@ class Trainer:
             return self._emergency(epoch, err)
         except KeyboardInterrupt:
             return self._interrupted(epoch)
+        except Exception:
+            self._crashed(epoch)
+            raise
         return self._finish(epoch)
 
     def _ended_as(self, earlier: dict) -> str:
@@ -540,6 +547,19 @@ class Trainer:
             return f"epoch {self.epoch_done}"
         inside = f"{_steps_text(self.progress)} of epoch {self.progress.epoch}"
         return f"epoch {self.epoch_done} and {inside}" if self.epoch_done else inside
+
+    def _crashed(self, epoch: int) -> None:
+        """An error no recovery handles (a full disk, a bug, a dead data source): the run's own log gets it with
+        its traceback and metrics.json says "crashed" where the checkpoints stand, as after an interrupt; the error
+        then goes on up. Without this a crash reached the console alone and metrics.json still said "running"."""
+        self.status = "crashed"
+        self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
+        self.logger.exception("training crashed during epoch %d; the checkpoints hold %s, where train.resume=last "
+                              "(--resume) continues once the cause is fixed", epoch, self._committed())
+        try:
+            self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
+        except Exception as err:  # the disk that failed the run may fail its end record too: keep the first error
+            self.logger.error("the end of the run could not be recorded either: %s", err)
 
     def _interrupted(self, epoch: int) -> int:
         """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""

@@ -151,7 +151,7 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
         "n_eval_samples": cls.get("n_eval_samples", 0), "n_eval_available": cls.get("n_eval_available"),
         "n_eval_undecodable": cls.get("n_eval_undecodable"),
         "class_coverage": cls.get("class_coverage", 0.0),
-        "no_crashes": summary.get("status") != "oom_emergency_exit" and not run["nan_loss"],
+        "no_crashes": summary.get("status") not in ("oom_emergency_exit", "crashed") and not run["nan_loss"],
         "memory_growth": run["memory_growth"], "memory_stable": run["memory_stable"],
         "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"], "skipped_steps": run["skipped_steps"],
         "data_corruption_rate": sm.corruption_rate(cfg), "time_cap": (summary.get("stage") or {}).get("time_cap"),

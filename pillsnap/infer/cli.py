@@ -7,13 +7,13 @@ answered; a photo that cannot be answered gets its own error entry and the other
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
+import signal
 from typing import Any
 
 from pillsnap.infer.gating import INFERENCE_MODES  # pure Python, so `pillsnap --help` stays torch-free
+from pillsnap.utils.signals import held_signals
 
 LOGGER = logging.getLogger("pillsnap.predict")
 
@@ -160,30 +160,6 @@ def predict_one(predictor: Any, path: str, args: argparse.Namespace, limits: Any
         return {"image": path, "error": str(err), "error_type": type(err).__name__, "mode_used": None, "pills": []}
 
 
-@contextlib.contextmanager
-def whole_writes() -> Iterator[None]:
-    """Ctrl-C (SIGINT) held back while the block runs and handled as it would have been when it ends: a write
-    blocked on a full pipe is not cut in half. Only the main thread can set a signal handler; elsewhere nothing is
-    held."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        if callable(previous):
-            previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt here
-        elif previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
-
-
 class Printer:
     """Each result printed as soon as it is made: text blocks, or the elements of one JSON list (closed by
     `close`, also after an interrupt, so what was printed stays valid JSON)."""
@@ -192,7 +168,7 @@ class Printer:
         self.as_json, self.count = as_json, 0
 
     def add(self, result: dict) -> None:
-        with whole_writes():  # Ctrl-C lands after the element, never inside it
+        with held_signals((signal.SIGINT,)):  # Ctrl-C lands after the element, never inside it
             if self.as_json:
                 body = json.dumps(result, ensure_ascii=False, indent=2).replace("\n", "\n  ")
                 print(("[\n  " if not self.count else ",\n  ") + body, end="", flush=True)

@@ -1,6 +1,6 @@
 """Core utilities, one module per concern: files and checkpoints (io), logging (logs), torch settings
 (torch_utils), image reading (images), box formats (boxes), keeping ultralytics offline (offline), arrays
-filled batch by batch (arrays) and one writer at a time (locks).
+filled batch by batch (arrays), one writer at a time (locks) and stop signals (signals).
 
 The lowest layer: nothing here imports another part of pillsnap. Names resolve lazily so that torch-free
 users (the data scan, the CLI's --help, the HTTP app's image decoding) do not import torch.
@@ -24,6 +24,7 @@ _EXPORTS = {
     "pillsnap.utils.offline": ("ultralytics_offline",),
     "pillsnap.utils.arrays": ("RowFiller",),
     "pillsnap.utils.locks": ("BusyError", "file_lock", "holder_alive", "read_holder"),
+    "pillsnap.utils.signals": ("STOP_SIGNALS", "held_signals", "stops_as_interrupt"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

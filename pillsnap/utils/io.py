@@ -196,7 +196,34 @@ def save_ckpt(path: str | Path, obj: dict) -> None:
     import torch  # lazily: JSON-only users (the data scan) should not pay for importing torch
 
     with atomic_path(path) as tmp:
-        torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
+        try:
+            torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
+        except (RuntimeError, OSError) as err:
+            raise _disk_full_or(err, path) from err
+
+
+# Free space under which a failed write is put down to a full disk: torch's writer reports ENOSPC as "basic_ios::
+# clear: iostream error" and "unexpected pos", which name neither the file nor the disk.
+FULL_DISK_BYTES = 64 * 2**20
+
+
+def _disk_full_or(err: Exception, path: str | Path) -> Exception:
+    """`err` itself, or, when the disk `path` is on is (nearly) full, an ENOSPC OSError that says so (measured
+    while the partial file still holds its space)."""
+    import errno
+    import shutil
+
+    if isinstance(err, OSError) and err.errno not in (None, errno.ENOSPC, errno.EDQUOT):
+        return err
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return err
+    if free >= FULL_DISK_BYTES:
+        return err
+    return OSError(errno.ENOSPC, f"Checkpoint {path} could not be written: the disk holding it is full "
+                                 f"({_size(free)} free); make room there (old experiments, *_emergency.pt, "
+                                 f"stage*_best.pt) and resume")
 
 
 def load_ckpt(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:

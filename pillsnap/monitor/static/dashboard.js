@@ -14,7 +14,7 @@ const TASKS = {
   },
 };
 const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "completed", early_stopped: "early stop",
-                     time_capped: "time cap", oom_emergency_exit: "OOM exit", interrupted: "interrupted",
+                     time_capped: "time cap", oom_emergency_exit: "OOM exit", interrupted: "interrupted", crashed: "crashed",
                      finished: "finished", gone: "stopped"};
 const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
                      global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};

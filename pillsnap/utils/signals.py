@@ -1,0 +1,96 @@
+"""Stop signals: handled as an interrupt (a status, a resume hint) instead of the default sudden death, and held back
+while something must be written whole.
+
+Only the main thread can set a signal handler; elsewhere both contexts do nothing. A signal the process was started
+with ignored stays ignored: `nohup` ignores SIGHUP, and bash starts a script's background commands with SIGINT
+ignored (scripts/train.sh passes Ctrl-C on to its trainer as SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+LOGGER = logging.getLogger(__name__)
+
+# What ends a run from outside: Ctrl-C; `kill`, a scheduler's stop, torchrun ending its workers (TERM); a closed
+# terminal or ssh session (HUP); SLURM's warning before the end of a job's time (`--signal=USR1@N`).
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name))
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _handled(signums: tuple[signal.Signals, ...]) -> tuple[signal.Signals, ...]:
+    return tuple(signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN)
+
+
+@contextmanager
+def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """The first stop signal ends the block the way Ctrl-C does (KeyboardInterrupt): the run says how it ended and
+    how to resume, where the default action would kill it without a word. Later ones are logged and ignored: a stop
+    often comes twice (`timeout` and SLURM signal the whole process group, and scripts/train.sh passes the same
+    stop on), and a second interrupt would cut short the saving of the run's state that the first one began."""
+    if not _in_main_thread():
+        yield
+        return
+    stopping: list[str] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stopping:
+            LOGGER.warning("%s received while stopping on %s: ignored (SIGKILL stops at once, losing what is not "
+                           "saved)", name, stopping[0])
+            return
+        stopping.append(name)
+        raise KeyboardInterrupt(f"signal {name}")
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in _handled(signums)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str = "") -> Iterator[None]:
+    """The signals are held back while the block runs and handled, the first of them, as they would have been
+    when it ends: a checkpoint commit, or a write to a full pipe, is never cut in half. `doing` ("writing the
+    checkpoints") is logged when a signal arrives, so that the wait is not taken for a hang."""
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if not caught and doing:
+            LOGGER.warning("%s received: %s first", signal.Signals(signum).name, doing)
+        caught.append((signum, frame))
+
+    previous = {signum: signal.signal(signum, hold) for signum in _handled(signums)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if caught:
+        _deliver(*caught[0], previous[caught[0][0]])
+
+
+def _deliver(signum: int, frame: FrameType | None, handler: Any) -> None:
+    """What `handler` (the one in place before the hold) would have done with the signal."""
+    if callable(handler):
+        handler(signum, frame)  # Python's own SIGINT handler raises KeyboardInterrupt here
+    elif handler in (signal.SIG_DFL, None):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)  # the default action, now that the handler is back
