@@ -247,26 +247,33 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
 
 def _merge_copies(found: Discovery) -> None:
     """One entry per label folder and AI Hub partition: a folder found in several places (a zip kept beside its
-    extracted folder) is scanned from the copy with the most files, an extracted one before a zip, and the other
-    copies are kept in `label_copies` (each file is read once, from the first copy that has it). Scanned as two
-    folders, every pill would be counted twice and every photo's boxes drawn twice in the detector's labels."""
-    copies: dict[tuple[str, str], list[tuple[Location, str, int]]] = defaultdict(list)
+    extracted folder, an unzip stopped half-way) is scanned from one copy and the others are kept in `label_copies`
+    (each file is read once, from the first copy that has it). Scanned as two folders, every pill would be counted
+    twice and every photo's boxes drawn twice in the detector's labels.
+
+    A copy in no named partition (extracted somewhere else) joins the folder's copies when they all lie in one
+    partition. The copy scanned is one in a named partition (its rows keep `aihub_part`), then the one with the most
+    files, then an extracted one (faster to read than a zip)."""
+    by_folder: dict[str, list[tuple[Location, str, int]]] = defaultdict(list)
     for item in found.label_folders:
-        copies[(item[0].part, item[1])].append(item)
-    kept = []
-    for item in found.label_folders:
-        group = copies[(item[0].part, item[1])]
-        first = max(group, key=lambda t: (t[2], not t[0].is_zip))  # max keeps the earliest of equals
-        if item is not first:
-            continue
-        kept.append(item)
+        by_folder[item[1]].append(item)
+    groups: dict[tuple[str, str], list[tuple[Location, str, int]]] = defaultdict(list)
+    for folder, items in by_folder.items():
+        named = {loc.part for loc, _, _ in items if loc.part}
+        for item in items:
+            groups[(item[0].part or (next(iter(named)) if len(named) == 1 else ""), folder)].append(item)
+    kept, example = [], ""
+    for group in groups.values():
+        first = max(group, key=lambda t: (bool(t[0].part), t[2], not t[0].is_zip))  # max keeps the earliest
+        kept.append(first)
         if len(group) > 1:
             others = tuple(t[0] for t in group if t is not first)
             found.label_copies[(first[0], first[1])] = others
-            LOGGER.warning("label folder %s is in %d places of the same partition: scanned from %s, each file "
-                           "once (also in %s)", first[1], len(group), first[0].container,
-                           ", ".join(loc.container for loc in others))
-    found.label_folders = kept
+            example = example or f"{first[1]} in {first[0].container} and {others[0].container}"
+    if found.label_copies:
+        LOGGER.warning("%d label folders are in more than one place of the same partition (e.g. %s): each is "
+                       "scanned once, every file from the first copy that has it", len(found.label_copies), example)
+    found.label_folders = sorted(kept, key=lambda t: (t[0].container, t[0].prefix, t[1]))
 
 
 def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Location, ...]:
