@@ -81,24 +81,37 @@ echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 
 # The process's own streams are the logs: progress on stdout, warnings/errors/tracebacks on stderr, each shown
 # live and appended to its file, so a crash's traceback lands in train.err too. The tee processes ignore Ctrl-C
-# and SIGTERM (they are in the same process group): they end when Python closes the streams, so the run's last
-# lines (status, resume hint) still reach the files and the console.
+# and SIGTERM: they end when the trainer's streams close, so the run's last lines (status, resume hint) still
+# reach the files and the console, and the script waits for them before its summary line.
+export PILLSNAP_STREAMS_ARE_LOGS=1
+exec {OUT_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.out")
+OUT_TEE=$!
+exec {ERR_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2)
+ERR_TEE=$!
 # The trainer runs in the background so that this script can pass on a stop sent to it alone (`kill`, `timeout`, a
 # supervisor stopping the script): run in the foreground, it would be left training with the GPU and the folder's
 # lock while the script died. Ctrl-C becomes a SIGTERM too (bash starts background commands with SIGINT ignored).
-export PILLSNAP_STREAMS_ARE_LOGS=1
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
-  > >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.out") \
-  2> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2) &
+  >&"$OUT_FD" 2>&"$ERR_FD" {OUT_FD}>&- {ERR_FD}>&- &
 TRAINER=$!
 trap 'kill -TERM "$TRAINER" 2>/dev/null' INT TERM HUP USR1
-while :; do  # a trapped signal ends `wait` early: wait again until the trainer has ended
+while :; do
   wait "$TRAINER"
   rc=$?
-  kill -0 "$TRAINER" 2>/dev/null || break
+  kill -0 "$TRAINER" 2>/dev/null && continue  # a trapped signal ended the wait early: the trainer goes on
+  if [ "$rc" -gt 128 ]; then  # ... or the trainer ended just then: its own status, where bash kept it
+    wait "$TRAINER"
+    last=$?
+    [ "$last" -ne 127 ] && rc=$last
+  fi
+  break
 done
 trap - INT TERM HUP USR1
-wait  # let the tee processes flush before the summary line
+exec {OUT_FD}>&- {ERR_FD}>&-
+for _ in $(seq 100); do  # up to 10 s for the tees to write the last lines (a stray child may hold the pipes)
+  kill -0 "$OUT_TEE" 2>/dev/null || kill -0 "$ERR_TEE" 2>/dev/null || break
+  sleep 0.1
+done
 # The last line says one thing: how training ended and, when the stage was evaluated, its decision and the next
 # step, read from the evaluation this run wrote (an older file belongs to another run).
 verdict() {

@@ -102,3 +102,21 @@ def test_a_second_builder_waits_for_the_first_and_adds_only_what_is_missing(mani
     for row in rows.head(12).itertuples():
         expected = np.asarray(pill_crop(row, 0.15).resize((24, 24), Image.BILINEAR))
         assert np.array_equal(np.asarray(built[0].get(row.label_path)), expected)
+
+
+def test_a_complete_cache_is_read_without_writing_and_an_incomplete_read_only_one_is_named(manifest_dir, tmp_path,
+                                                                                          monkeypatch):
+    import os
+
+    import pytest
+
+    rows = singles(manifest_dir)
+    build_cache(rows.head(6), tmp_path, 24, 0.15, workers=1)
+    root = cache_root(tmp_path, 24, 0.15)
+    (root / "build.lock").unlink()
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
+    assert len(build_cache(rows.head(6), tmp_path, 24, 0.15, workers=1)) == 6  # a teammate's cache, read only
+    assert not (root / "build.lock").exists()
+    with pytest.raises(ValueError, match="lacks crops of these rows and its folder cannot be written"):
+        build_cache(rows.head(8), tmp_path, 24, 0.15, workers=1)

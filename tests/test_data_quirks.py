@@ -85,22 +85,38 @@ def test_an_unreadable_zip_is_named_in_the_report(plain, tmp_path, caplog) -> No
     assert "could not be read" in caplog.text and cut.name in caplog.text
 
 
-def test_a_zip_name_flagged_utf8_but_not_utf8_is_an_unreadable_zip(plain, tmp_path) -> None:
+def test_a_member_name_flagged_utf8_but_not_utf8_does_not_lose_its_zip(plain, tmp_path) -> None:
     data, before, _ = plain
     root = shutil.copytree(data, tmp_path / "data")
-    bad = root / "TL_9_단일.zip"
-    with zipfile.ZipFile(bad, "w") as zf:
+    first = partition_folders(root)[0]
+    labels = zip_beside(first)
+    shutil.rmtree(first)
+    with zipfile.ZipFile(labels, "a") as zf:
         zf.writestr("readme_abcd.txt", b"notes")
-    raw = bytearray(bad.read_bytes().replace(b"abcd", "안내".encode("cp949")))  # a name in cp949 ...
-    for header, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = raw.find(header) + flags_at
+    raw = bytearray(labels.read_bytes().replace(b"abcd", "안내".encode("cp949")))  # a name in cp949 ...
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):
+        at = raw.rfind(header) + (6 if header == b"PK\x03\x04" else 8)
         raw[at:at + 2] = struct.pack("<H", struct.unpack_from("<H", raw, at)[0] | 0x800)  # ... flagged UTF-8
-    bad.write_bytes(bytes(raw))
+    labels.write_bytes(bytes(raw))
     with pytest.raises(UnicodeDecodeError):
-        read_central_directory(str(bad))
+        zipfile.ZipFile(labels).namelist()  # the standard library refuses the whole zip
+    assert "readme_" in "".join(read_central_directory(str(labels)))
     report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
-    assert report["unreadable_zips"] == [str(bad.resolve())]
-    assert report["records_kept"] == before["records_kept"]
+    assert report["unreadable_zips"] == [] and report["records_kept"] == before["records_kept"]
+
+
+def test_other_partition_labels_unzipped_outside_the_partition_folders_find_their_photos(plain, tmp_path) -> None:
+    """Validation labels unzipped into a folder of their own, beside the Training labels of the same drugs:
+    the folders are merged as copies, and each label's photo is still found in the Validation photos."""
+    from aihub_trees import split_partitions
+
+    data, before, _ = plain
+    root = shutil.copytree(data, tmp_path / "data")
+    assert split_partitions(root) > 0
+    validation = next(root.rglob("VL_1_단일"))
+    shutil.move(str(validation), root / "labels_val")
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["records_kept"] == before["records_kept"] and report["skipped"]["missing_image"] == 0
 
 
 def test_macos_metadata_files_are_not_labels_or_photos(plain, tmp_path) -> None:

@@ -60,6 +60,11 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     kinds = [e["image_type"] for e in summary["examples"]]
     assert kinds == ["single", "combination"]
     assert all("mode_used" in e["result"] and e["result"]["pills"] is not None for e in summary["examples"])
+    # the versions the figures were measured with: a fresh environment's newer renderer or decoder moves them
+    import torch
+
+    assert summary["environment"]["torch"] == torch.__version__.split("+")[0]
+    assert f"environment python {summary['environment']['python']} torch " in out
 
     ckpt = exp / "checkpoints" / "classification_best.pt"
     before = ckpt.stat().st_mtime_ns

@@ -30,7 +30,16 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(caplog) -> None:
+def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(capfd) -> None:
+    # as a terminal starts Python (pytest started in a script's background has SIGINT ignored, which stays so)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _each_stop_signal(capfd)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _each_stop_signal(capfd) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
         with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name), stops_as_interrupt():
             os.kill(os.getpid(), signum)
@@ -44,7 +53,7 @@ def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(c
             done.append("the block ran to its end")
         done.append("not reached")
     assert done == ["the block ran to its end"]
-    assert "SIGTERM received: writing the checkpoints first" in caplog.text
+    assert "pillsnap: SIGTERM received: writing the checkpoints first" in capfd.readouterr().err
     with pytest.raises(KeyboardInterrupt), stops_as_interrupt():
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -53,7 +62,8 @@ def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(c
             os.kill(os.getpid(), signal.SIGUSR1)  # stopping already: logged, not a second interrupt
             done.append("stopped cleanly")
             raise
-    assert done[-1] == "stopped cleanly" and "SIGUSR1 received while stopping on SIGTERM: ignored" in caplog.text
+    assert done[-1] == "stopped cleanly"
+    assert "SIGUSR1 received while stopping on SIGTERM: ignored" in capfd.readouterr().err
 
 
 def test_a_signal_the_process_was_started_ignoring_stays_ignored() -> None:

@@ -123,8 +123,17 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     One process at a time adds to a cache (two experiments share `paths.cache_dir` by default): two builders
     would each number their shards from the same index and write over each other's, and an index would then
     name another row's crop under a label, silently. A second builder waits, then adds only what is still
-    missing."""
-    root = ensure_dir(cache_root(cache_dir, image_size, crop_margin))
+    missing. A cache that lacks nothing is only read, and may be read-only (a teammate's, a shared mount)."""
+    root = cache_root(cache_dir, image_size, crop_margin)
+    if (root / "meta.json").is_file():
+        cache = CachedCrops(root)
+        if rows["label_path"].isin(cache.index).all():
+            return cache
+    ensure_dir(root)
+    if not os.access(root, os.W_OK):
+        raise ValueError(f"the crop cache {root} lacks crops of these rows and its folder cannot be written: "
+                         "point paths.cache_dir at a folder of your own, or train from the photos "
+                         "(data.cache.enabled=false)")
     with ExitStack() as held:
         try:
             held.enter_context(file_lock(root / BUILD_LOCK, role="cache"))

@@ -8,7 +8,7 @@ import logging
 import os
 import zipfile
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,19 @@ def _flat_dir(path: str) -> dict[str, list[str]]:
     return grouped
 
 
-@lru_cache(maxsize=2)
+_FDS: OrderedDict[str, int] = OrderedDict()  # the zips a worker reads labels from, the most recent last
+
+
 def _raw_fd(path: str) -> int:
-    return os.open(path, os.O_RDONLY)  # read with os.pread only: safe to share across fork
+    """An open descriptor of `path`, read with os.pread only (safe to share across fork); at most 4 are kept open,
+    the least recently used closed (a folder's copies in other zips must not leak one per read)."""
+    fd = _FDS.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        while len(_FDS) >= 4:
+            os.close(_FDS.popitem(last=False)[1])
+    _FDS[path] = fd
+    return fd
 
 
 def _label_members(loc: Location, folder: str) -> list[str]:

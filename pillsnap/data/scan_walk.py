@@ -252,8 +252,10 @@ def _merge_copies(found: Discovery) -> None:
     twice and every photo's boxes drawn twice in the detector's labels.
 
     A copy in no named partition (extracted somewhere else) joins the folder's copies when they all lie in one
-    partition. The copy scanned is one in a named partition (its rows keep `aihub_part`), then the one with the most
-    files, then an extracted one (faster to read than a zip)."""
+    partition; its files may still be the other partition's labels (Validation labels unzipped into a folder of
+    their own), so the photos of a folder with copies are looked up wherever any of its copies would look
+    (`make_tasks`). The copy scanned is one in a named partition (its rows keep `aihub_part`), then the one with the
+    most files, then an extracted one (faster to read than a zip)."""
     by_folder: dict[str, list[tuple[Location, str, int]]] = defaultdict(list)
     for item in found.label_folders:
         by_folder[item[1]].append(item)
@@ -271,8 +273,8 @@ def _merge_copies(found: Discovery) -> None:
             found.label_copies[(first[0], first[1])] = others
             example = example or f"{first[1]} in {first[0].container} and {others[0].container}"
     if found.label_copies:
-        LOGGER.warning("%d label folders are in more than one place of the same partition (e.g. %s): each is "
-                       "scanned once, every file from the first copy that has it", len(found.label_copies), example)
+        LOGGER.warning("%d label folders are in more than one place (e.g. %s): each is scanned once, every file "
+                       "from the first copy that has it", len(found.label_copies), example)
     found.label_folders = sorted(kept, key=lambda t: (t[0].container, t[0].prefix, t[1]))
 
 
@@ -285,6 +287,14 @@ def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Locati
         return tuple(images)
     own = tuple(loc for loc in images if loc.part in (label.part, ""))
     return own if any(loc.part == label.part for loc in own) else tuple(images)
+
+
+def _looked_in(found: Discovery, labels: tuple[Location, ...], folder: str) -> tuple[Location, ...]:
+    """Where the photos of a label folder's copies are looked up: each copy's own places, the first copy's first."""
+    places: dict[Location, None] = {}
+    for label in labels:
+        places.update(dict.fromkeys(photo_locations(label, found.image_folders.get(folder, ()))))
+    return tuple(places)
 
 
 def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
@@ -302,8 +312,8 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
             return
         loc = current[0][0]
         folders = tuple(f for _, f, _ in current)
-        images = {f[:-5]: photo_locations(loc, found.image_folders.get(f[:-5], ())) for f in folders}
         copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
+        images = {f[:-5]: _looked_in(found, (loc, *copies.get(f, ())), f[:-5]) for f in folders}
         key = f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))

@@ -16,6 +16,7 @@ from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_
 from pillsnap.eval.stage_measure import best_checkpoint_metrics
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
+from pillsnap.utils.logs import package_versions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
         "paths": {name: str(exp_dir / name) for name in ("checkpoints", "logs", "tb", "reports", "export",
                                                          "hard_cases")},
         "elapsed_s": round(time.perf_counter() - started, 1),
+        "environment": package_versions(),  # what the figures were measured with (utils.logs.FIGURE_PACKAGES)
     }
     summary["validation"].pop("history", None)
     save_json(exp_dir / "reports" / "demo_summary.json", summary)
@@ -283,6 +285,8 @@ def format_headline(summary: dict) -> str:
     lines.append("examples (predict_pipeline, mode=auto):")
     for example in summary["examples"]:
         lines += _example_lines(example)
+    if summary.get("environment"):
+        lines.append("environment " + " ".join(f"{k} {v}" for k, v in summary["environment"].items()))
     lines.append("where things are:")
     lines += [f"  {name:<12}{path}" for name, path in summary["paths"].items()]
     lines.append(f"  tensorboard --logdir {summary['paths']['tb']}")

@@ -161,6 +161,27 @@ class TBWriter:
             self._writer = None
 
 
+# The packages a run's figures depend on beyond torch (pinned): the data generator draws with Pillow and NumPy, the
+# detector trains through ultralytics and OpenCV, the classifier comes from timm, imprints are read with onnxruntime.
+# Two demos in one environment give the same figures; a fresh environment with newer versions may not.
+FIGURE_PACKAGES = ("torch", "torchvision", "timm", "ultralytics", "numpy", "pillow", "opencv-python",
+                   "onnxruntime", "rapidocr-onnxruntime")
+
+
+def package_versions(names: tuple[str, ...] = FIGURE_PACKAGES) -> dict[str, str]:
+    """{"python": "3.11.2", "torch": "2.14.1", ...}: the installed version of each package ("-" when missing)."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "-"
+    return versions
+
+
 def get_git_sha(cwd: str | Path | None = None) -> str:
     """Short git SHA of `cwd` (default: this process's directory), or 'nogit'."""
     try:

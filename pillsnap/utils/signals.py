@@ -8,16 +8,13 @@ ignored (scripts/train.sh passes Ctrl-C on to its trainer as SIGTERM).
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any
-
-LOGGER = logging.getLogger(__name__)
 
 # What ends a run from outside: Ctrl-C; `kill`, a scheduler's stop, torchrun ending its workers (TERM); a closed
 # terminal or ssh session (HUP); SLURM's warning before the end of a job's time (`--signal=USR1@N`).
@@ -27,6 +24,14 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def _say(text: str) -> None:
+    """A line on stderr from inside a signal handler. Not through logging: the signal may have landed inside a
+    write to the same stream, and writing to it again there raises "reentrant call" in the middle of the very
+    write (a checkpoint commit) the handler protects."""
+    with suppress(OSError):
+        os.write(2, f"pillsnap: {text}\n".encode(errors="replace"))
 
 
 def _handled(signums: tuple[signal.Signals, ...]) -> tuple[signal.Signals, ...]:
@@ -47,8 +52,8 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
     def interrupt(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stopping:
-            LOGGER.warning("%s received while stopping on %s: ignored (SIGKILL stops at once, losing what is not "
-                           "saved)", name, stopping[0])
+            _say(f"{name} received while stopping on {stopping[0]}: ignored (SIGKILL stops at once, losing what "
+                 "is not saved)")
             return
         stopping.append(name)
         raise KeyboardInterrupt(f"signal {name}")
@@ -73,7 +78,7 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
 
     def hold(signum: int, frame: FrameType | None) -> None:
         if not caught and doing:
-            LOGGER.warning("%s received: %s first", signal.Signals(signum).name, doing)
+            _say(f"{signal.Signals(signum).name} received: {doing} first")
         caught.append((signum, frame))
 
     previous = {signum: signal.signal(signum, hold) for signum in _handled(signums)}

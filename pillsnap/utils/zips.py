@@ -41,7 +41,12 @@ def _from_zipfile(path: str) -> dict[str, ZipEntry]:
 def _decode_name(raw: bytes, flags: int) -> str:
     if raw.isascii():  # every AI Hub member name (K-codes); ASCII is the same in UTF-8 and cp437, and faster
         return raw.decode("ascii")
-    return raw.decode("utf-8" if flags & _UTF8_FLAG else "cp437")
+    if flags & _UTF8_FLAG:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:  # a name flagged UTF-8 that is not (a readme in cp949): never a K-code member
+            pass
+    return raw.decode("cp437")
 
 
 def read_central_directory(path: str) -> dict[str, ZipEntry]:
