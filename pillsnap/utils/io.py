@@ -199,7 +199,10 @@ def save_ckpt(path: str | Path, obj: dict) -> None:
         try:
             torch.save({**obj, "schema_version": CKPT_SCHEMA_VERSION}, tmp)
         except (RuntimeError, OSError) as err:
-            raise _disk_full_or(err, path) from err
+            full = _disk_full_or(err, path)
+            if full is err:
+                raise
+            raise full from err
 
 
 # Free space under which a failed write is put down to a full disk: torch's writer reports ENOSPC as "basic_ios::
