@@ -58,19 +58,15 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         stopping.append(name)
         raise KeyboardInterrupt(f"signal {name}")
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in _handled(signums)}
-    try:
+    with _handling(signums, interrupt):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextmanager
 def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str = "") -> Iterator[None]:
     """The signals are held back while the block runs and handled, the first of them, as they would have been
     when it ends: a checkpoint commit, or a write to a full pipe, is never cut in half. `doing` ("writing the
-    checkpoints") is logged when a signal arrives, so that the wait is not taken for a hang."""
+    checkpoints") is said on stderr when a signal arrives, so that the wait is not taken for a hang."""
     if not _in_main_thread():
         yield
         return
@@ -81,14 +77,21 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
             _say(f"{signal.Signals(signum).name} received: {doing} first")
         caught.append((signum, frame))
 
-    previous = {signum: signal.signal(signum, hold) for signum in _handled(signums)}
-    try:
+    with _handling(signums, hold) as previous:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     if caught:
         _deliver(*caught[0], previous[caught[0][0]])
+
+
+@contextmanager
+def _handling(signums: tuple[signal.Signals, ...], handler: Any) -> Iterator[dict[int, Any]]:
+    """`handler` for each of `signums` not ignored, for the block; yields the handlers it replaced, put back after."""
+    previous = {signum: signal.signal(signum, handler) for signum in _handled(signums)}
+    try:
+        yield previous
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
 def _deliver(signum: int, frame: FrameType | None, handler: Any) -> None:
