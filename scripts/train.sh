@@ -86,15 +86,16 @@ echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 export PILLSNAP_STREAMS_ARE_LOGS=1
 exec {OUT_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.out")
 OUT_TEE=$!
-exec {ERR_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2)
+exec {ERR_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2 {OUT_FD}>&-)
 ERR_TEE=$!
 # The trainer runs in the background so that this script can pass on a stop sent to it alone (`kill`, `timeout`, a
 # supervisor stopping the script): run in the foreground, it would be left training with the GPU and the folder's
 # lock while the script died. Ctrl-C becomes a SIGTERM too (bash starts background commands with SIGINT ignored).
+TRAINER=""
+trap '[ -n "$TRAINER" ] && kill -TERM "$TRAINER" 2>/dev/null' INT TERM HUP USR1  # set first: no gap for a stop
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
   >&"$OUT_FD" 2>&"$ERR_FD" {OUT_FD}>&- {ERR_FD}>&- &
 TRAINER=$!
-trap 'kill -TERM "$TRAINER" 2>/dev/null' INT TERM HUP USR1
 while :; do
   wait "$TRAINER"
   rc=$?

@@ -105,18 +105,41 @@ def test_a_member_name_flagged_utf8_but_not_utf8_does_not_lose_its_zip(plain, tm
     assert report["unreadable_zips"] == [] and report["records_kept"] == before["records_kept"]
 
 
-def test_other_partition_labels_unzipped_outside_the_partition_folders_find_their_photos(plain, tmp_path) -> None:
-    """Validation labels unzipped into a folder of their own, beside the Training labels of the same drugs:
-    the folders are merged as copies, and each label's photo is still found in the Validation photos."""
+@pytest.fixture
+def split_tree(plain, tmp_path) -> tuple[Path, dict, object]:
+    """The small tree with every other single-pill photo and label in AI Hub's Validation partition under the same
+    code folders (as AI Hub ships them), and its scan."""
     from aihub_trees import split_partitions
 
-    data, before, _ = plain
-    root = shutil.copytree(data, tmp_path / "data")
+    root = shutil.copytree(plain[0], tmp_path / "split")
     assert split_partitions(root) > 0
-    validation = next(root.rglob("VL_1_단일"))
-    shutil.move(str(validation), root / "labels_val")
+    report = scan_dataset(root, tmp_path / "m_split", workers=1, progress=False)
+    assert report["duplicate_label_folders"] == 0  # AI Hub's own pairing of the partitions is no duplicate
+    return root, report, load_manifest(tmp_path / "m_split")
+
+
+def same_rows(frame) -> list[tuple]:
+    return sorted(map(tuple, frame[[*ROWS, "aihub_part"]].astype(str).to_numpy()))
+
+
+def test_other_partition_labels_unzipped_outside_the_partition_folders(split_tree, tmp_path) -> None:
+    """Validation labels unzipped into a folder of their own: each label still finds its photo, and its row keeps
+    the photo's partition, so the split still takes AI Hub's Validation as test."""
+    root, before, manifest = split_tree
+    shutil.move(str(next(root.rglob("VL_1_단일"))), root / "labels_val")
     report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
     assert report["records_kept"] == before["records_kept"] and report["skipped"]["missing_image"] == 0
+    assert same_rows(load_manifest(tmp_path / "m")) == same_rows(manifest)
+    assert report["split"]["aihub_validation_is_test"] == before["split"]["aihub_validation_is_test"]
+
+
+def test_a_copy_of_one_partitions_labels_beside_both_partitions_is_read_once(split_tree, tmp_path) -> None:
+    root, before, manifest = split_tree
+    shutil.copytree(next(root.rglob("TL_1_단일")), root / "mylabels")  # `unzip -d mylabels TL_1_단일.zip`
+    report = scan_dataset(root, tmp_path / "m", workers=2, chunk_files=3, progress=False)
+    assert report["records_kept"] == before["records_kept"] and report["image_without_label"] == 0
+    assert report["duplicate_label_files"] > 0 and report["duplicate_label_folders"] > 0
+    assert same_rows(load_manifest(tmp_path / "m")) == same_rows(manifest)
 
 
 def test_macos_metadata_files_are_not_labels_or_photos(plain, tmp_path) -> None:

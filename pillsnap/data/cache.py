@@ -129,7 +129,11 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
         cache = CachedCrops(root)
         if rows["label_path"].isin(cache.index).all():
             return cache
-    ensure_dir(root)
+    try:
+        ensure_dir(root)
+    except OSError as err:
+        raise ValueError(f"the crop cache folder {root} cannot be created ({err.strerror}): point paths.cache_dir "
+                         "at a folder of your own, or train from the photos (data.cache.enabled=false)") from err
     if not os.access(root, os.W_OK):
         raise ValueError(f"the crop cache {root} lacks crops of these rows and its folder cannot be written: "
                          "point paths.cache_dir at a folder of your own, or train from the photos "

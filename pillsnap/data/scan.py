@@ -27,14 +27,14 @@ from tqdm import tqdm
 from pillsnap.data.scan_checks import PHOTO_REASONS
 from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
 from pillsnap.data.scan_layout import diagnose, layout_of
-from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, make_tasks, photo_locations
+from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, looked_in, make_tasks
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 
 LOGGER = logging.getLogger(__name__)
 # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
-# folder read once
-STATE_VERSION = 4
+# folder read once; 5: copies merged over the partitions, their photos looked up wherever any copy would look
+STATE_VERSION = 5
 
 
 class ScanError(ValueError):
@@ -133,12 +133,12 @@ def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
     """Images in code folders that no label folder looks in: a code with no label folder at all, or a partition of
     AI Hub's with photos of a code and no labels of it (the photos a label folder looks in, photo_locations, are
     counted by the workers)."""
-    looked_in = {(folder[:-5], loc) for label, folder, _ in found.label_folders if folder[:-5] in labelled_folders
-                 for loc in photo_locations(label, found.image_folders.get(folder[:-5], ()))}
+    seen = {(folder[:-5], loc) for label, folder, _ in found.label_folders if folder[:-5] in labelled_folders
+            for loc in looked_in(found, label, folder[:-5])}
     total = 0
     for folder, locations in found.image_folders.items():
         for loc in locations:
-            if (folder, loc) in looked_in:
+            if (folder, loc) in seen:
                 continue
             if loc.is_zip or loc.flat:
                 total += found.image_counts.get((loc.container, folder), 0)
@@ -192,7 +192,7 @@ def _report(counts: Counter, found: Discovery, labelled: set[str], splits: Count
         # what was not read: zips that cannot be opened (their labels and photos are missing from the manifest),
         # and label files found again in a second copy of their folder (read once)
         "unreadable_zips": found.unreadable_zips, "duplicate_label_files": counts["duplicate_label_files"],
-        "duplicate_label_folders": len(found.label_copies),
+        "duplicate_label_folders": found.duplicate_folders,
         "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
         "photos_per_split": {kind: {k: splits.get(f"{kind}:{k}", 0) for k in ("train", "val", "test")}
                              for kind in ("single", "combination")},
@@ -283,7 +283,7 @@ def _log_report(report: dict[str, Any], seconds: float) -> None:
                        report["duplicate_label_folders"])
     if report["unreadable_zips"]:
         LOGGER.warning("scan: %d zips could not be read, and their labels and photos are not in the manifest "
-                       "(download them again): %s", len(report["unreadable_zips"]),
+                       "(a download cut short? see the warning for each): %s", len(report["unreadable_zips"]),
                        ", ".join(report["unreadable_zips"]))
 
 

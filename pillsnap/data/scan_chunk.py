@@ -46,13 +46,14 @@ SPLIT_KEY = "split_key"  # hash of split_group, only in the parts: the merge tur
 PART_SCHEMA = MANIFEST_SCHEMA.append(pa.field(SPLIT_KEY, pa.int64()))
 
 
-# Chunks are sorted by container: a worker needs one label zip at a time, its photos' zips, and rarely a copy of it.
-@lru_cache(maxsize=4)
+# Chunks are sorted by container: a worker needs one label zip at a time, its photos' zips, and the zips of the
+# folders' copies (AI Hub's other partition: a VL_ zip beside a TL_ one, and its VS_ photos).
+@lru_cache(maxsize=6)
 def _zip_entries(path: str) -> dict[str, ZipEntry]:
     return read_central_directory(path)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=6)
 def _zip_members(path: str) -> dict[str, list[str]]:
     """Zip file members grouped by their code folder (flat photos under `prefix + folder` too); cached: one zip
     serves many chunks in a worker."""
@@ -150,12 +151,12 @@ class _ChunkState:
         self.classes: dict[str, dict[str, Any]] = {}
 
     def add(self, rec: aihub.LabelRecord, info: aihub.FileNameInfo, paths: tuple[str, str], source: Location,
-            incomplete: bool, issue: str) -> None:
+            part: str, incomplete: bool, issue: str) -> None:
         x, y, w, h = rec.bbox
         drug_dir, back, light, la, lo = aihub.file_name_attributes(info, rec)  # the file name is the truth
         self.rows.append((paths[0], paths[1], rec.mapping_code, "combination" if info.is_combination else "single",
                           source.source, "", info.stem, rec.width, rec.height, x, y, w, h, incomplete, drug_dir,
-                          back, light, la, lo, issue, split_group(info), source.part))
+                          back, light, la, lo, issue, split_group(info), part))
 
     def table(self, seed: int) -> pa.Table:
         columns = list(zip(*self.rows, strict=True)) if self.rows else [[] for _ in MANIFEST_SCHEMA.names]
@@ -230,7 +231,9 @@ def _process_photo(state: _ChunkState, stem: str, members: list[LabelFile], imag
     check = check_photo(info.codes, [r for _, r in records])
     image_path = image_loc.path(f"{info.folder}/{stem}.png")
     for ((loc, member), rec), issue in zip(records, check.issues, strict=True):
-        state.add(rec, info, (image_path, loc.path(member)), loc, check.incomplete, issue)
+        # a label copy in no named partition (unzipped into a folder of its own) takes its photo's partition
+        state.add(rec, info, (image_path, loc.path(member)), loc, loc.part or image_loc.part, check.incomplete,
+                  issue)
     state.counts["kept"] += len(records)
     _count_checks(state, info, [r for _, r in records], check)
 

@@ -79,9 +79,10 @@ class Discovery:
     flat_dirs: set[str] = field(default_factory=set)  # containers of flat photos (competition layout)
     other: Counter = field(default_factory=Counter)  # zips, PNG and JSON files outside the layouts
     unreadable_zips: list[str] = field(default_factory=list)
-    # A label folder found again in the same AI Hub partition (a zip kept beside its extracted folder, a zip
-    # downloaded twice): (the location scanned, folder) -> the other copies, read only for files the first lacks.
+    # A label folder found in several places (both AI Hub partitions, a zip kept beside its extracted folder):
+    # (the location scanned, folder) -> the other copies, read only for files the first lacks.
     label_copies: dict[tuple[Location, str], tuple[Location, ...]] = field(default_factory=dict)
+    duplicate_folders: int = 0  # folders among those with copies found again in one partition (see _merge_copies)
 
     @property
     def code_image_folders(self) -> int:
@@ -246,35 +247,35 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
 
 
 def _merge_copies(found: Discovery) -> None:
-    """One entry per label folder and AI Hub partition: a folder found in several places (a zip kept beside its
-    extracted folder, an unzip stopped half-way) is scanned from one copy and the others are kept in `label_copies`
-    (each file is read once, from the first copy that has it). Scanned as two folders, every pill would be counted
-    twice and every photo's boxes drawn twice in the detector's labels.
+    """One entry per label folder: a folder found in several places is scanned from one copy, and the others are
+    kept in `label_copies`; each file is read once, from the first copy that has it, and keeps its own copy's
+    partition. AI Hub itself ships a drug's labels in both partitions (a TL_ and a VL_ zip), whose files differ; a
+    copy of the same files (a zip kept beside its extracted folder, a zip downloaded twice, an unzip stopped half-way
+    or made into a folder of its own) is read once instead of being counted twice, every pill two rows and every
+    photo's boxes drawn twice in the detector's labels. The photos of a folder with copies are looked up wherever any
+    of its copies would look (`looked_in`).
 
-    A copy in no named partition (extracted somewhere else) joins the folder's copies when they all lie in one
-    partition; its files may still be the other partition's labels (Validation labels unzipped into a folder of
-    their own), so the photos of a folder with copies are looked up wherever any of its copies would look
-    (`make_tasks`). The copy scanned is one in a named partition (its rows keep `aihub_part`), then the one with the
-    most files, then an extracted one (faster to read than a zip)."""
+    The copy scanned is one in a named partition, then the one with the most files, then an extracted one (faster
+    to read than a zip). `duplicate_folders` counts the folders found again within one partition, or outside the
+    partition folders: AI Hub's own pairing of the two partitions is not a duplicate."""
     by_folder: dict[str, list[tuple[Location, str, int]]] = defaultdict(list)
     for item in found.label_folders:
         by_folder[item[1]].append(item)
-    groups: dict[tuple[str, str], list[tuple[Location, str, int]]] = defaultdict(list)
-    for folder, items in by_folder.items():
-        named = {loc.part for loc, _, _ in items if loc.part}
-        for item in items:
-            groups[(item[0].part or (next(iter(named)) if len(named) == 1 else ""), folder)].append(item)
     kept, example = [], ""
-    for group in groups.values():
+    for group in by_folder.values():
         first = max(group, key=lambda t: (bool(t[0].part), t[2], not t[0].is_zip))  # max keeps the earliest
         kept.append(first)
-        if len(group) > 1:
-            others = tuple(t[0] for t in group if t is not first)
-            found.label_copies[(first[0], first[1])] = others
+        if len(group) == 1:
+            continue
+        others = tuple(t[0] for t in group if t is not first)
+        found.label_copies[(first[0], first[1])] = others
+        parts = [loc.part for loc, _, _ in group]
+        if "" in parts or len(set(parts)) < len(parts):
+            found.duplicate_folders += 1
             example = example or f"{first[1]} in {first[0].container} and {others[0].container}"
-    if found.label_copies:
+    if found.duplicate_folders:
         LOGGER.warning("%d label folders are in more than one place (e.g. %s): each is scanned once, every file "
-                       "from the first copy that has it", len(found.label_copies), example)
+                       "from the first copy that has it", found.duplicate_folders, example)
     found.label_folders = sorted(kept, key=lambda t: (t[0].container, t[0].prefix, t[1]))
 
 
@@ -289,8 +290,10 @@ def photo_locations(label: Location, images: Sequence[Location]) -> tuple[Locati
     return own if any(loc.part == label.part for loc in own) else tuple(images)
 
 
-def _looked_in(found: Discovery, labels: tuple[Location, ...], folder: str) -> tuple[Location, ...]:
-    """Where the photos of a label folder's copies are looked up: each copy's own places, the first copy's first."""
+def looked_in(found: Discovery, label: Location, folder: str) -> tuple[Location, ...]:
+    """Where the photos of label folder `folder` (`K-x`, scanned from `label`) are looked up: each of its copies' own
+    places (photo_locations), the scanned copy's first."""
+    labels = (label, *found.label_copies.get((label, f"{folder}_json"), ()))
     places: dict[Location, None] = {}
     for label in labels:
         places.update(dict.fromkeys(photo_locations(label, found.image_folders.get(folder, ()))))
@@ -313,7 +316,7 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
         loc = current[0][0]
         folders = tuple(f for _, f, _ in current)
         copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
-        images = {f[:-5]: _looked_in(found, (loc, *copies.get(f, ())), f[:-5]) for f in folders}
+        images = {f[:-5]: looked_in(found, loc, f[:-5]) for f in folders}
         key = f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))

@@ -165,11 +165,12 @@ class TBWriter:
 # detector trains through ultralytics and OpenCV, the classifier comes from timm, imprints are read with onnxruntime.
 # Two demos in one environment give the same figures; a fresh environment with newer versions may not.
 FIGURE_PACKAGES = ("torch", "torchvision", "timm", "ultralytics", "numpy", "pillow", "opencv-python",
-                   "onnxruntime", "rapidocr-onnxruntime")
+                   "opencv-python-headless", "onnxruntime", "rapidocr-onnxruntime")
 
 
 def package_versions(names: tuple[str, ...] = FIGURE_PACKAGES) -> dict[str, str]:
-    """{"python": "3.11.2", "torch": "2.14.1", ...}: the installed version of each package ("-" when missing)."""
+    """{"python": "3.11.2", "torch": "2.14.1", ...}: the installed version of each package (those not installed are
+    left out)."""
     import platform
     from importlib import metadata
 
@@ -177,8 +178,8 @@ def package_versions(names: tuple[str, ...] = FIGURE_PACKAGES) -> dict[str, str]
     for name in names:
         try:
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "-"
+        except metadata.PackageNotFoundError:  # left out: e.g. one of OpenCV's two wheels
+            continue
     return versions
 
 
