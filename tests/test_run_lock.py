@@ -150,8 +150,11 @@ def test_waiting_for_a_lock_queues_behind_its_holder(tmp_path):
         started = time.monotonic()
         subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
         with file_lock(lock, wait=True):
-            assert holder.poll() is not None  # it got the lock only once the holder was gone
-        assert time.monotonic() - started > 0.5
+            got = time.monotonic() - started
+            # it got the lock only once the holder was gone (its lock goes as it exits, a moment before the
+            # process has ended: wait for that instead of polling once)
+            assert holder.wait(timeout=10) is not None
+        assert got > 0.5  # the holder is killed after 1 s
     finally:
         holder.kill()
         holder.wait()
