@@ -7,6 +7,11 @@ CPU time, label files kept, and photos reported without a label.
 Label files and empty photo members only (the scan never decodes a photo), 1 in 8 photos in the Validation
 partition (the real set: 0.16 M of 2.63 M).
 
+Since a label folder's copies in both partitions are scanned as one folder (scan_walk._merge_copies), whose photos
+are looked up wherever any copy would look, the "before" arm no longer reproduces the old pairing: compare the
+"now" arm across commits instead (`PYTHONPATH=<worktree of the other commit> .venv/bin/python
+bench/scan_partitions.py`).
+
     .venv/bin/python bench/scan_partitions.py --labels 40000
 """
 
