@@ -54,6 +54,7 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
     """Run a command at the process boundary: a config problem or a missing file is one clear line, exit code 2."""
     from pillsnap.config import ConfigError
     from pillsnap.utils.devices import DeviceError, resolve_device
+    from pillsnap.utils.logs import LOGGED
 
     try:
         if getattr(args, "device", None):
@@ -68,6 +69,10 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
     except FileNotFoundError as err:  # e.g. `pillsnap serve` on an experiment with no checkpoints
         logging.getLogger("pillsnap").error("%s", err)
         return 2
+    except Exception as err:
+        if getattr(err, LOGGED, False):  # its traceback is in the log already (a training crash): not twice
+            return 1
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

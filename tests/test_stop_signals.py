@@ -168,3 +168,31 @@ def test_train_sh_passes_a_stop_sent_to_it_alone_on_to_the_trainer(tmp_path) -> 
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the script's processes
     assert got.read_text().strip() == "TERM"
     assert proc.returncode == 130 and "train.sh: interrupted; resume with:" in err.strip().splitlines()[-1]
+
+
+def test_the_command_line_exits_1_on_a_crash_without_a_second_traceback(tmp_path) -> None:
+    """The run's log holds the crash's traceback: `pillsnap train` (run_command) says nothing more and exits 1;
+    an error nobody logged still goes up with its traceback."""
+    import argparse
+
+    from pillsnap.cli import run_command
+
+    def gone(batch: int) -> None:
+        raise RuntimeError("the photo server went away")
+
+    def crashing_train(args: argparse.Namespace) -> int:
+        def build(cfg):
+            loaders = fake_build_loaders(cfg)
+            return loaders._replace(cls_train=StoppingLoader(loaders.cls_train, 3, gone))
+
+        return run_training(make_cfg(tmp_path / "exp", "train.epochs=2"), build)[0]
+
+    assert run_command(crashing_train, argparse.Namespace()) == 1  # returned: no second traceback from Python
+    log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+    assert log.count("Traceback (most recent call last)") == 1 and "the photo server went away" in log
+
+    def bug(args: argparse.Namespace) -> int:
+        raise RuntimeError("not logged by anyone")
+
+    with pytest.raises(RuntimeError, match="not logged by anyone"):
+        run_command(bug, argparse.Namespace())

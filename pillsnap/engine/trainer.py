@@ -49,6 +49,7 @@ from pillsnap.utils import (
     memory_snapshot,
     resolve_device,
 )
+from pillsnap.utils.logs import LOGGED
 from pillsnap.utils.run_status import FINISHED_STATUSES
 from pillsnap.utils.signals import held_signals
 
@@ -398,8 +399,9 @@ class Trainer:
             return self._emergency(epoch, err)
         except KeyboardInterrupt:
             return self._interrupted(epoch)
-        except Exception:
+        except Exception as err:
             self._crashed(epoch)
+            setattr(err, LOGGED, True)  # the command line exits 1 without printing the traceback again
             raise
         return self._finish(epoch)
 

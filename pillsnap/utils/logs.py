@@ -17,6 +17,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The chosen level travels in the environment, so that every logger of this process and of the processes it
 # starts (DDP ranks, loader workers, scripts) follows --log-level / -v.
 LOG_LEVEL_ENV = "PILLSNAP_LOG_LEVEL"
+LOGGED = "pillsnap_logged"  # set (True) on an exception whose traceback a run's log already holds
 # Set by scripts/train.sh, which writes the process's stdout and stderr to logs/train.out and train.err: progress
 # then goes to stdout and warnings, errors and tracebacks to stderr, and the trainer adds no file handlers of its own.
 STREAMS_ARE_LOGS_ENV = "PILLSNAP_STREAMS_ARE_LOGS"
