@@ -120,25 +120,3 @@ def test_a_complete_cache_is_read_without_writing_and_an_incomplete_read_only_on
     assert not (root / "build.lock").exists()
     with pytest.raises(ValueError, match="lacks crops of these rows and its folder cannot be written"):
         build_cache(rows.head(8), tmp_path, 24, 0.15, workers=1)
-
-
-def test_a_photo_that_cannot_be_decoded_is_tried_once_and_a_read_only_cache_holding_it_is_read(
-        manifest_dir, tmp_path, monkeypatch):
-    import os
-
-    import pytest
-
-    from pillsnap.data import cache as cache_module
-
-    rows = singles(manifest_dir).head(6).copy()
-    rows.iloc[2, rows.columns.get_loc("image_path")] = str(tmp_path / "gone.png")
-    built = build_cache(rows, tmp_path, 24, 0.15, workers=1)
-    assert len(built) == 5 and rows.iloc[2].label_path in built
-    with pytest.raises(KeyError, match="could not be decoded when the cache was built"):
-        built.get(rows.iloc[2].label_path)
-    decoded = []
-    monkeypatch.setattr(cache_module, "pill_crop", lambda row, margin: decoded.append(row) or None)
-    writable = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
-    again = build_cache(rows, tmp_path, 24, 0.15, workers=1)  # read-only now: read, nothing decoded again
-    assert len(again) == 5 and not decoded

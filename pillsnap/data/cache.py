@@ -44,8 +44,7 @@ class CachedCrops:
         self._shards: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        """Crops held (rows whose photo could not be decoded are in the index without one)."""
-        return sum(1 for shard, _ in self.index.values() if shard >= 0)
+        return len(self.index)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -160,25 +159,18 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     index = dict(cache.index)
     shard = 1 + max((s for s, _ in index.values()), default=-1)
     job, workers = _CropJob(image_size, crop_margin), workers or os.cpu_count() or 1
-    keys, arrays, failed = [], [], []
+    keys, arrays = [], []
     for key, arr in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
                          total=len(missing), desc="cache", unit="crop", disable=not progress):
-        if arr is None:
-            failed.append(key)
-        else:
+        if arr is not None:
             keys.append(key)
             arrays.append(arr)
         if len(arrays) == SHARD_ROWS:
             shard = _flush(root, shard, keys, arrays, index, image_size)
     if arrays:
         _flush(root, shard, keys, arrays, index, image_size)
-    if failed:  # in the index without a crop: tried once, not again at every run (remove the cache to retry)
-        index.update(dict.fromkeys(failed, (-1, -1)))
-        _save_index(root, index)
-    cache = CachedCrops(root)
-    LOGGER.info("cache %s: %d crops added, %d photos could not be decoded (%d crops in all)", root,
-                len(missing) - len(failed), len(failed), len(cache))
-    return cache
+    LOGGER.info("cache %s: %d crops added (%d in all)", root, len(missing), len(index))
+    return CachedCrops(root)
 
 
 def check_space(root: Path, crops: int, image_size: int) -> None:
