@@ -33,9 +33,10 @@ from pillsnap.data import scan, scan_walk  # noqa: E402
 VALIDATION_EVERY = 8
 
 
-def make_partitions(root: Path, n_files: int, per_class: int) -> int:
+def make_partitions(root: Path, n_files: int, per_class: int, interleave: int = 0) -> int:
     """TL/TS zips under 1.Training and VL/VS zips under 2.Validation (50 codes a zip, every code in both);
-    returns how many photos are in the Validation partition."""
+    returns how many photos are in the Validation partition. `interleave` N: the Validation zips hold the codes
+    dealt round N zips (code i in VL_{i % N + 1}), so consecutive codes of a Training zip lie in different ones."""
     zips: dict[tuple[str, int], zipfile.ZipFile] = {}
 
     def zip_of(part: str, kind: str, k: int) -> zipfile.ZipFile:
@@ -54,6 +55,8 @@ def make_partitions(root: Path, n_files: int, per_class: int) -> int:
         k = codes.setdefault(code, len(codes) // 50 + 1)
         part = "2.Validation" if n % VALIDATION_EVERY == 0 else "1.Training"
         validation += part == "2.Validation"
+        if part == "2.Validation" and interleave:
+            k = list(codes).index(code) % interleave + 1
         zip_of(part, "라벨링데이터", k).writestr(f"{code}_json/{stem}.json", raw)
         zip_of(part, "원천데이터", k).writestr(f"{code}/{stem}.png", b"")
     for handle in zips.values():
@@ -79,10 +82,12 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=40000, help="label files in all (default 40,000)")
     parser.add_argument("--per-class", type=int, default=200, help="photos per drug (default 200)")
     parser.add_argument("--workers", type=int, default=2, help="scan workers (default 2)")
+    parser.add_argument("--interleave", type=int, default=0,
+                        help="deal the codes round this many Validation zips (default 0: VL_k holds TL_k's codes)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scan_partitions_") as tmp:
         root = Path(tmp) / "data"
-        validation = make_partitions(root, args.labels, args.per_class)
+        validation = make_partitions(root, args.labels, args.per_class, args.interleave)
         print(f"{args.labels} labels, {validation} of them in the Validation partition, every code in both; "
               f"{args.workers} workers")
         results = {}

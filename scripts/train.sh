@@ -92,10 +92,16 @@ ERR_TEE=$!
 # supervisor stopping the script): run in the foreground, it would be left training with the GPU and the folder's
 # lock while the script died. Ctrl-C becomes a SIGTERM too (bash starts background commands with SIGINT ignored).
 TRAINER=""
-trap '[ -n "$TRAINER" ] && kill -TERM "$TRAINER" 2>/dev/null' INT TERM HUP USR1  # set first: no gap for a stop
+STOP=""
+stop() {  # a stop before the trainer's pid is known is passed on as soon as it is
+  STOP=1
+  [ -n "$TRAINER" ] && kill -TERM "$TRAINER" 2>/dev/null
+}
+trap stop INT TERM HUP USR1
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
   >&"$OUT_FD" 2>&"$ERR_FD" {OUT_FD}>&- {ERR_FD}>&- &
 TRAINER=$!
+[ -n "$STOP" ] && kill -TERM "$TRAINER" 2>/dev/null
 while :; do
   wait "$TRAINER"
   rc=$?

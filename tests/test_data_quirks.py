@@ -223,3 +223,16 @@ def test_a_copy_extracted_outside_the_partition_folders_keeps_the_partition(plai
     assert report["records_kept"] == before["records_kept"] and report["duplicate_label_files"] > 0
     scanned = load_manifest(tmp_path / "m")
     assert rows(scanned) == rows(manifest) and set(scanned["aihub_part"]) == {"Training"}
+
+
+def test_a_label_of_the_same_name_in_both_partitions_is_read_once_and_counted_apart(split_tree, tmp_path) -> None:
+    root, before, _ = split_tree
+    training = next(root.rglob("TL_1_단일"))
+    validation = next(root.rglob("VL_1_단일"))
+    label = next(training.rglob("*.json"))
+    twin = validation / label.relative_to(training)
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(label, twin)  # the same photo name labelled in the other partition too
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["duplicate_label_files_across_partitions"] == 1 and report["duplicate_label_files"] == 0
+    assert report["records_kept"] == before["records_kept"]

@@ -61,9 +61,9 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     assert kinds == ["single", "combination"]
     assert all("mode_used" in e["result"] and e["result"]["pills"] is not None for e in summary["examples"])
     # the versions the figures were measured with: a fresh environment's newer renderer or decoder moves them
-    from importlib.metadata import version
+    import torch
 
-    assert summary["environment"]["torch"] == version("torch")
+    assert summary["environment"]["torch"].split("+")[0] == torch.__version__.split("+")[0]  # wheels differ on "+cpu"
     assert f"environment python {summary['environment']['python']} torch " in out
 
     ckpt = exp / "checkpoints" / "classification_best.pt"

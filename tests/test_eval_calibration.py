@@ -155,7 +155,7 @@ def test_calibration_with_held_out_classes(tmp_path):
     # went from >= 0.7 to 0.5 with a new environment's package versions and the same code (two known crops of
     # another side and light lie farther out than every held-out crop). The demo measures it on 76 known and 120
     # held-out photos; here the calibrated rule is checked to be the one the predictor applies.
-    assert unknown["known"] == 4 and unknown["unknown"] == 12 and 0.0 <= unknown["auroc"] <= 1.0
+    assert unknown["known"] == 4 and unknown["unknown"] == 12  # every held-out photo scored against them
     assert rate["held_out"] > 0 and abs(rate["held_out"] - final["unknown_rejected"]) <= 0.1, (rate, final)
     pills = [p for path in held_out for p in predictor.predict(path, mode="single")["pills"]]
     assert predictor.set_rule is not None and predictor.set_rule.method == "lac"

@@ -31,6 +31,10 @@ BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding cro
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
 
 
+class CacheError(ValueError):
+    """A crop cache that cannot be made or added to (its folder cannot be created or written): one line."""
+
+
 class CachedCrops:
     """Read side of the cache: `get(label_path)` -> PIL RGB crop of size image_size (KeyError if absent)."""
 
@@ -132,10 +136,10 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     try:
         ensure_dir(root)
     except OSError as err:
-        raise ValueError(f"the crop cache folder {root} cannot be created ({err.strerror}): point paths.cache_dir "
+        raise CacheError(f"the crop cache folder {root} cannot be created ({err.strerror}): point paths.cache_dir "
                          "at a folder of your own, or train from the photos (data.cache.enabled=false)") from err
     if not os.access(root, os.W_OK):
-        raise ValueError(f"the crop cache {root} lacks crops of these rows and its folder cannot be written: "
+        raise CacheError(f"the crop cache {root} lacks crops of these rows and its folder cannot be written: "
                          "point paths.cache_dir at a folder of your own, or train from the photos "
                          "(data.cache.enabled=false)")
     with ExitStack() as held:

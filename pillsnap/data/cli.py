@@ -77,15 +77,17 @@ def run_manifest(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from pillsnap.data.cache import build_cache
+    from pillsnap.data.cache import CacheError, build_cache
     from pillsnap.data.scan import load_manifest
     from pillsnap.data.stages import classification_rows, select_stage
+    from pillsnap.utils.io import DiskSpaceError
+
     cfg = _load_cfg(args)
     rows = classification_rows(select_stage(load_manifest(cfg.paths.manifest_dir), cfg))
     try:
         cache = build_cache(rows, cfg.paths.cache_dir, int(cfg.model.image_size),
                             float(cfg.data.crop_margin), workers=args.workers)
-    except ValueError as err:  # a disk too small (DiskSpaceError), a cache folder that cannot be written
+    except (DiskSpaceError, CacheError) as err:  # a disk too small, a cache folder that cannot be written
         LOGGER.error("%s", err)
         return 2
     _print({"cache_dir": str(cache.root), "crops": len(cache), "image_size": cache.image_size})

@@ -151,7 +151,8 @@ def _unlabelled_images(found: Discovery, labelled_folders: set[str]) -> int:
 SKIP_REASONS = ("bad_json", "bad_schema", "bad_field", "bad_code", "bad_file_name", "bbox_outside_image",
                 "bbox_zero_size", "missing_image", "file_name_mismatch", "code_not_in_folder", "unreadable")
 # Counters of the workers that are not skip reasons (kept records, photos, label checks).
-_NON_SKIP = {"label_files", "kept", "duplicate_label_files", "image_without_label", "photos_single",
+_NON_SKIP = {"label_files", "kept", "duplicate_label_files", "duplicate_label_files_across_partitions",
+             "image_without_label", "photos_single",
              "photos_combination", "incomplete_gt_photos", "box_issue_rows", "attribute_mismatch",
              "multi_valued_colour", *PHOTO_REASONS}
 
@@ -193,6 +194,7 @@ def _report(counts: Counter, found: Discovery, labelled: set[str], splits: Count
         # and label files found again in a second copy of their folder (read once)
         "unreadable_zips": found.unreadable_zips, "duplicate_label_files": counts["duplicate_label_files"],
         "duplicate_label_folders": found.duplicate_folders,
+        "duplicate_label_files_across_partitions": counts["duplicate_label_files_across_partitions"],
         "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
         "photos_per_split": {kind: {k: splits.get(f"{kind}:{k}", 0) for k in ("train", "val", "test")}
                              for kind in ("single", "combination")},
@@ -281,6 +283,9 @@ def _log_report(report: dict[str, Any], seconds: float) -> None:
         LOGGER.warning("scan: %d label files were found again in another copy of their folder (%d folders: a zip "
                        "kept beside its extracted folder?) and read once", report["duplicate_label_files"],
                        report["duplicate_label_folders"])
+    if report["duplicate_label_files_across_partitions"]:
+        LOGGER.warning("scan: %d label files have the same name in both AI Hub partitions and were read once, from "
+                       "the first copy holding them", report["duplicate_label_files_across_partitions"])
     if report["unreadable_zips"]:
         LOGGER.warning("scan: %d zips could not be read, and their labels and photos are not in the manifest "
                        "(a download cut short? see the warning for each): %s", len(report["unreadable_zips"]),

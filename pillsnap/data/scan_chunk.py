@@ -242,21 +242,26 @@ def _label_files(task: ChunkTask, folder: str, counts: Counter) -> list[LabelFil
     """The label files of one folder: the chunk's own, then those only another copy of the folder holds (the
     same files in two copies are read once and counted as `duplicate_label_files`)."""
     files = [(task.location, member) for member in _label_members(task.location, folder)]
-    seen = {member for _, member in files}
+    seen = {member: task.location.part for _, member in files}
     for copy in task.copies.get(folder, ()):
         for member in _label_members(copy, folder):
-            if member in seen:
-                counts["duplicate_label_files"] += 1
-            else:
-                seen.add(member)
+            if member not in seen:
+                seen[member] = copy.part
                 files.append((copy, member))
+            elif copy.part and seen[member] and copy.part != seen[member]:
+                # the same photo name in both of AI Hub's partitions: read once, counted apart (not seen so far)
+                counts["duplicate_label_files_across_partitions"] += 1
+            else:
+                counts["duplicate_label_files"] += 1
     return files
 
 
 def process_chunk(task: ChunkTask, parts_dir: str, seed: int) -> dict[str, Any]:
     """Parse one chunk of label folders, write `part-<id>.parquet` + `.json` stats; return the stats."""
     state = _ChunkState()
-    for folder in task.folders:
+    # The folders grouped by where their copies are (AI Hub's other partition: a drug's VL_ zip and its photos'
+    # VS_ zip): folder after folder alternating between such zips would read their indexes again every time.
+    for folder in sorted(task.folders, key=lambda f: tuple(loc.container for loc in task.copies.get(f, ()))):
         image_folder = folder[: -len("_json")]
         images = _image_names(task.images.get(image_folder, ()), image_folder)
         by_stem: dict[str, list[LabelFile]] = defaultdict(list)

@@ -264,15 +264,17 @@ def _merge_copies(found: Discovery) -> None:
     kept, example = [], ""
     for group in by_folder.values():
         first = max(group, key=lambda t: (bool(t[0].part), t[2], not t[0].is_zip))  # max keeps the earliest
-        kept.append(first)
+        # the chunk's size and the progress bar count every copy's files: each is read or checked
+        kept.append((first[0], first[1], sum(t[2] for t in group)))
         if len(group) == 1:
             continue
         others = tuple(t[0] for t in group if t is not first)
         found.label_copies[(first[0], first[1])] = others
         parts = [loc.part for loc, _, _ in group]
-        if "" in parts or len(set(parts)) < len(parts):
+        again = [loc for loc in others if not loc.part or parts.count(loc.part) > 1]
+        if again:
             found.duplicate_folders += 1
-            example = example or f"{first[1]} in {first[0].container} and {others[0].container}"
+            example = example or f"{first[1]} again in {again[0].container}"
     if found.duplicate_folders:
         LOGGER.warning("%d label folders are in more than one place (e.g. %s): each is scanned once, every file "
                        "from the first copy that has it", found.duplicate_folders, example)
