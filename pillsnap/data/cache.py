@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
+from pillsnap.utils.devices import usable_cores
 from pillsnap.utils.images import DECODE_ERRORS
 from pillsnap.utils.io import check_free_space
 from pillsnap.utils.locks import BusyError, file_lock
@@ -29,6 +30,9 @@ from pillsnap.utils.locks import BusyError, file_lock
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
+
+
+OWN_FOLDER = "point paths.cache_dir at a folder of your own, or train from the photos (data.cache.enabled=false)"
 
 
 class CacheError(ValueError):
@@ -136,12 +140,10 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     try:
         ensure_dir(root)
     except OSError as err:
-        raise CacheError(f"the crop cache folder {root} cannot be created ({err.strerror}): point paths.cache_dir "
-                         "at a folder of your own, or train from the photos (data.cache.enabled=false)") from err
+        raise CacheError(f"the crop cache folder {root} cannot be created ({err.strerror}): {OWN_FOLDER}") from err
     if not os.access(root, os.W_OK):
         raise CacheError(f"the crop cache {root} lacks crops of these rows and its folder cannot be written: "
-                         "point paths.cache_dir at a folder of your own, or train from the photos "
-                         "(data.cache.enabled=false)")
+                         f"{OWN_FOLDER}")
     with ExitStack() as held:
         try:
             held.enter_context(file_lock(root / BUILD_LOCK, role="cache"))
@@ -162,7 +164,7 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     check_space(root, len(missing), image_size)
     index = dict(cache.index)
     shard = 1 + max((s for s, _ in index.values()), default=-1)
-    job, workers = _CropJob(image_size, crop_margin), workers or os.cpu_count() or 1
+    job, workers = _CropJob(image_size, crop_margin), workers or usable_cores()
     keys, arrays = [], []
     for key, arr in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
                          total=len(missing), desc="cache", unit="crop", disable=not progress):

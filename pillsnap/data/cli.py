@@ -108,7 +108,7 @@ def _add_synth(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--zip", action="store_true", help="write TS_/TL_ zips instead of extracted folders")
     p.add_argument("--image-scale", type=float, default=0.25, help="photo scale vs the real 976x1280 (0.25: 244x320)")
-    p.add_argument("--workers", type=int, default=0, help="render processes (0 = all cores)")
+    p.add_argument("--workers", type=int, default=0, help="render processes (0 = every usable core)")
     p.set_defaults(func=run_synth)
 
 
@@ -146,7 +146,7 @@ def _add_cache(sub: Any) -> None:
                        description="Decode, crop and resize the stage's classifier pills once into memory-mapped "
                                    "shards under paths.cache_dir (used when data.cache.enabled=true).")
     _cfg_args(p)
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = every usable core)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.image_size=224")
     p.set_defaults(func=run_cache)
 

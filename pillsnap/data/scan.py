@@ -30,6 +30,7 @@ from pillsnap.data.scan_layout import diagnose, layout_of
 from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, looked_in, make_tasks
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
+from pillsnap.utils.devices import usable_cores
 
 LOGGER = logging.getLogger(__name__)
 # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
@@ -206,15 +207,16 @@ def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *
                  resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Scan an AI Hub tree into manifests under `out_dir`; returns the scan report (also scan_report.json).
 
-    `workers` = 0 uses every core, 1 parses in this process. Bad records are skipped and counted by reason,
-    label checks flag records (label_checks). With `resume`, chunks finished by an interrupted scan with the same
-    settings are not parsed again. Raises ScanError, a one-line diagnosis, when nothing could be kept.
+    `workers` = 0 uses every usable core (the process's CPU affinity), 1 parses in this process. Bad records are
+    skipped and counted by reason, label checks flag records (label_checks). With `resume`, chunks finished by an
+    interrupted scan with the same settings are not parsed again. Raises ScanError, a one-line diagnosis, when
+    nothing could be kept.
     """
     if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
         raise ValueError(f"val_ratio={val_ratio} and test_ratio={test_ratio} must be in [0, 1) with sum < 1")
     start = time.perf_counter()
     out_dir = ensure_dir(out_dir)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     pool = ProcessPoolExecutor(workers, mp_context=get_context("fork")) if workers > 1 else None
     try:
         report = _scan(data_root, out_dir, pool, workers, start, split_seed, val_ratio, test_ratio, chunk_files,

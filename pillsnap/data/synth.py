@@ -9,7 +9,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import random
 import time
 import zipfile
@@ -27,6 +26,7 @@ from pillsnap.data import aihub
 from pillsnap.data.synth_pill import LOGO_STYLES, LOGO_WORD, SCORE_WORD, PillLook, imprint_parts
 from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo, style_of
 from pillsnap.data.synth_style import PhotoStyle
+from pillsnap.utils.devices import usable_cores
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
@@ -415,7 +415,7 @@ def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, comb
     """Write a synthetic AI Hub tree (single + combination photos, one label JSON per pill) under `out_dir`.
 
     `image_scale` shrinks the 976x1280 photos (0.25 -> 244x320); label width/height/bbox describe the
-    written image. `workers` = 0 uses every core; 1 renders in this process. `placeholder_images` writes flat
+    written image. `workers` = 0 uses every usable core; 1 renders in this process. `placeholder_images` writes flat
     photos with the boxes on a grid instead of drawing pills (same layout and labels, for scale rehearsals; always
     in this process). Returns a summary dict.
     """
@@ -426,7 +426,7 @@ def generate_dataset(out_dir: str | Path, num_classes: int, per_class: int, comb
     jobs = list(_single_jobs(classes, per_class, seed))
     jobs += list(_combo_jobs(classes, combo, seed, len(jobs)))
     writer, index_written = _Writer(out_dir, zip_output), set()
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     n_labels = 0
     try:
         made = (_placeholders(jobs, classes, image_scale) if placeholder_images

@@ -550,12 +550,17 @@ class Trainer:
         inside = f"{_steps_text(self.progress)} of epoch {self.progress.epoch}"
         return f"epoch {self.epoch_done} and {inside}" if self.epoch_done else inside
 
+    def _stopped_at_commit(self, status: str) -> None:
+        """A run that stops before its end ("interrupted", "crashed") records where its checkpoints stand: a stop
+        between metrics.json and the checkpoint commit leaves the uncommitted epoch in the history."""
+        self.status = status
+        self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
+
     def _crashed(self, epoch: int) -> None:
         """An error no recovery handles (a full disk, a bug, a dead data source): the run's own log gets it with
         its traceback and metrics.json says "crashed" where the checkpoints stand, as after an interrupt; the error
         then goes on up. Without this a crash reached the console alone and metrics.json still said "running"."""
-        self.status = "crashed"
-        self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
+        self._stopped_at_commit("crashed")
         self.logger.exception("training crashed during epoch %d; the checkpoints hold %s, where train.resume=last "
                               "(--resume) continues once the cause is fixed", epoch, self._committed())
         try:
@@ -565,9 +570,7 @@ class Trainer:
 
     def _interrupted(self, epoch: int) -> int:
         """Ctrl-C or SIGTERM: metrics.json says "interrupted"; the committed checkpoints are where resume starts."""
-        self.status = "interrupted"
-        # An interrupt between metrics.json and the checkpoint commit leaves the uncommitted epoch in the history.
-        self.history = [record for record in self.history if int(record["epoch"]) <= self.epoch_done]
+        self._stopped_at_commit("interrupted")
         self.logger.warning("interrupted during epoch %d; the checkpoints hold %s, where train.resume=last "
                             "(--resume) continues", epoch, self._committed())
         self.callbacks.fire("on_train_end", self.summary(self.epoch_done))
