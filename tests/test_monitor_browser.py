@@ -153,6 +153,21 @@ def test_elapsed_after_a_resume_is_the_stage_clock(dashboard, page):
         " at 2 h 00 m on the stage's clock")
 
 
+def test_a_crashed_run_is_shown_as_crashed_with_no_decision_pending(dashboard, page):
+    """A run whose end record says "crashed": a red badge, and no stage decision said to be on its way (before,
+    "Pending ... when the stage run ends" for a run that had ended)."""
+    exp, url = dashboard
+    now = time.time()
+    records = synthetic_run(now - 600, epochs=4, done_epochs=2, stage=1)
+    append(exp / "reports" / "metrics.jsonl", *records, {"type": "end", "time": now - 60, "status": "crashed",
+                                                         "epoch": 2})
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-status').textContent === 'crashed'", timeout=WAIT_MS)
+    assert "crashed" in page.get_attribute("#run-status", "class")
+    assert page.inner_text("#gonogo").lower() == "none"
+    assert page.inner_text("#evaluation").startswith("No decision: the run stopped before its end.")
+
+
 def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
     """Three minutes without a record: with the trainer's process alive (a long validation, a checkpoint) the page
     says so instead of asking; once the process that held the folder has ended without an end record (a kill, a

@@ -63,7 +63,7 @@ function onState(state) {
   $("stream-missing").style.display = state.stream_exists ? "none" : "";
   $("foot-stream").textContent = "following " + state.stream;
   $("foot-records").textContent = `${state.records.toLocaleString("en")} records`;
-  renderEvaluation(state.evaluation);
+  renderEvaluation(state.evaluation, stoppedShort(state));
   renderOom(state.oom);
   renderTasks(state);
   tick();
@@ -84,6 +84,9 @@ function tick() {
 // The stream says "running" but the process that held the folder has ended: killed or crashed, no end record.
 const trainerGone = s => s.run.status === "running" && !!s.trainer && s.trainer.alive === false;
 const isRunning = s => s.run.status === "running" && !trainerGone(s);
+// A run that stopped before its end: no stage decision comes until a resume finishes it.
+const STOPPED_SHORT = ["interrupted", "crashed", "oom_emergency_exit"];
+const stoppedShort = s => trainerGone(s) || STOPPED_SHORT.includes(s.run.status);
 
 function renderRun(s) {
   const run = s.run, now = serverNow(), trainer = s.trainer, gone = trainerGone(s);
@@ -265,14 +268,16 @@ function updateCharts(panel, t) {
 }
 
 // ---------- side panels ----------
-function renderEvaluation(ev) {
+function renderEvaluation(ev, stopped) {
   const card = $("gonogo-card"), badge = $("gonogo"), sub = $("gonogo-sub"), box = $("evaluation");
   if (!ev) {
     card.className = "card gonogo";
     badge.className = "badge";
-    badge.textContent = "pending";
-    sub.textContent = "decided when the stage run ends";
-    box.innerHTML = `<p class="muted">Pending: the Go/No-Go decision and its reasons appear when the stage run ends.</p>`;
+    badge.textContent = stopped ? "none" : "pending";
+    sub.textContent = stopped ? "the run stopped before its end" : "decided when the stage run ends";
+    box.innerHTML = stopped
+      ? `<p class="muted">No decision: the run stopped before its end. Resume it (train.resume=last); the Go/No-Go decision comes when it ends.</p>`
+      : `<p class="muted">Pending: the Go/No-Go decision and its reasons appear when the stage run ends.</p>`;
     return;
   }
   const status = String(ev.status || "unknown");
