@@ -120,3 +120,23 @@ def test_a_complete_cache_is_read_without_writing_and_an_incomplete_read_only_on
     assert not (root / "build.lock").exists()
     with pytest.raises(ValueError, match="lacks crops of these rows and its folder cannot be written"):
         build_cache(rows.head(8), tmp_path, 24, 0.15, workers=1)
+
+
+def test_a_cache_built_by_a_pool_during_training_ends_its_workers_quietly(manifest_dir, tmp_path, capfd):
+    """Training builds the cache under its stop handlers (stops_as_interrupt). The pool's workers inherited them,
+    so the SIGTERM with which a pool ends its workers raised KeyboardInterrupt in each: two tracebacks at every
+    build, and once a worker that lived on with the training waiting on it for good. A worker now leaves Ctrl-C to
+    the trainer and dies at a termination."""
+    import pandas as pd
+
+    from pillsnap.utils.signals import stops_as_interrupt
+
+    rows = load_manifest(manifest_dir)
+    rows = pd.concat([rows.assign(label_path=rows["label_path"] + f"#{i}") for i in range(3)], ignore_index=True)
+    assert len(rows) >= 64  # below 64 rows the cache is built in this process
+    for build in range(3):
+        with stops_as_interrupt():
+            cache = build_cache(rows, tmp_path / f"c{build}", 24, 0.15, workers=2)
+        assert len(cache) == len(rows)
+    err = capfd.readouterr().err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-2000:]

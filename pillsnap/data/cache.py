@@ -26,6 +26,7 @@ from pillsnap.utils.devices import usable_cores
 from pillsnap.utils.images import DECODE_ERRORS
 from pillsnap.utils.io import check_free_space
 from pillsnap.utils.locks import BusyError, file_lock
+from pillsnap.utils.signals import pool_worker_signals
 
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
@@ -103,7 +104,7 @@ def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
     if workers <= 1 or len(items) < 64:
         yield from map(job, items)
         return
-    with get_context("fork").Pool(workers) as pool:
+    with get_context("fork").Pool(workers, initializer=pool_worker_signals) as pool:
         yield from pool.imap(job, items, chunksize=16)
 
 

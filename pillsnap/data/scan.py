@@ -31,6 +31,7 @@ from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, lo
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
+from pillsnap.utils.signals import pool_worker_signals
 
 LOGGER = logging.getLogger(__name__)
 # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
@@ -217,7 +218,8 @@ def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *
     start = time.perf_counter()
     out_dir = ensure_dir(out_dir)
     workers = workers or usable_cores()
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork")) if workers > 1 else None
+    pool = None if workers <= 1 else ProcessPoolExecutor(workers, mp_context=get_context("fork"),
+                                                         initializer=pool_worker_signals)
     try:
         report = _scan(data_root, out_dir, pool, workers, start, split_seed, val_ratio, test_ratio, chunk_files,
                        resume, progress)

@@ -27,6 +27,7 @@ from pillsnap.data.synth_pill import LOGO_STYLES, LOGO_WORD, SCORE_WORD, PillLoo
 from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo, style_of
 from pillsnap.data.synth_style import PhotoStyle
 from pillsnap.utils.devices import usable_cores
+from pillsnap.utils.signals import pool_worker_signals
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
@@ -351,6 +352,11 @@ def _init_worker(classes: list[DrugClass]) -> None:
     _WORKER_CLASSES = classes
 
 
+def _init_pool_worker(classes: list[DrugClass]) -> None:
+    pool_worker_signals()
+    _init_worker(classes)
+
+
 class _Writer:
     """Writes images and labels into the extracted tree or into TS_/TL_ zips (members as in the real zips)."""
 
@@ -459,7 +465,7 @@ def _rendered(jobs: list[PhotoJob], classes: list[DrugClass], image_scale: float
         _init_worker(classes)
         yield from (_render_job(job, image_scale) for job in jobs)
         return
-    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(classes,)) as pool:
+    with get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=(classes,)) as pool:
         yield from pool.imap(_RenderJob(image_scale), jobs, chunksize=8)
 
 

@@ -62,6 +62,16 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         yield
 
 
+def pool_worker_signals() -> None:
+    """A process pool's worker, at its start: Ctrl-C is left to the parent, which stops the pool, and a termination
+    ends the worker at once. A forked worker inherits the parent's handlers: under stops_as_interrupt, the SIGTERM
+    with which a pool ends its workers raised KeyboardInterrupt in each, which printed a traceback at every normal
+    end of the pool and could leave a worker waiting on the pool's queue, with the parent waiting on it for good.
+    A signal ignored in the parent (`nohup`) stays ignored: a worker dying of it would leave its task unfinished."""
+    for signum in _handled(STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
+
+
 @contextmanager
 def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str = "") -> Iterator[None]:
     """The signals are held back while the block runs and handled, the first of them, as they would have been
