@@ -196,3 +196,35 @@ def test_the_command_line_exits_1_on_a_crash_without_a_second_traceback(tmp_path
 
     with pytest.raises(RuntimeError, match="not logged by anyone"):
         run_command(bug, argparse.Namespace())
+
+
+def test_a_stop_sent_to_the_whole_process_group_interrupts_a_run_with_loader_workers(synth_cfg, tmp_path) -> None:
+    """`timeout`, SLURM and `kill -- -PGID` stop every process of the group, the DataLoader workers too. torch's
+    handler made a worker die of that SIGTERM, and the trainer's loader raised "DataLoader worker is killed by
+    signal" inside the trainer's own interrupt: exit 1, a traceback, metrics.json left at "running". The workers
+    now end quietly and the run ends as interrupted, with the resume line."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(synth_cfg, "train.epochs", 500)
+    OmegaConf.update(synth_cfg, "train.strategy", "classification")
+    for key, value in {"num_workers": 2, "persistent_workers": True}.items():
+        OmegaConf.update(synth_cfg, f"dataloader.{key}", value)
+    cfg_path = tmp_path / "cfg.yaml"
+    OmegaConf.save(synth_cfg, cfg_path)
+    exp = Path(synth_cfg.paths.exp_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "pillsnap.train", "--cfg", str(cfg_path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log, deadline = exp / "logs" / "pillsnap.log", time.monotonic() + 240
+        while not (log.is_file() and "[val] classification e=2" in log.read_text(encoding="utf-8")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert read_json(exp / "reports" / "metrics.json")["status"] == "interrupted"
+    assert "train.resume=last" in err.strip().splitlines()[-1]

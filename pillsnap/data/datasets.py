@@ -19,6 +19,7 @@ from torchvision import transforms as T
 
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
 from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, read_image
+from pillsnap.utils.signals import loader_worker_signals
 
 LOGGER = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -250,8 +251,11 @@ def worker_init(worker_id: int) -> None:
     A worker is forked with the trainer's memory shared, page by page, until either writes to a page. A full
     collection writes to every object it examines, so each worker would soon hold its own copy of the trainer's
     whole Python heap (torch, timm, the manifest's objects). Frozen objects are never examined; the worker's own
-    objects are collected as before. Freezing moves lists, not objects, so it costs nothing."""
+    objects are collected as before. Freezing moves lists, not objects, so it costs nothing.
+
+    A stop signal then ends the worker quietly, as its trainer stops (utils.signals.loader_worker_signals)."""
     gc.freeze()
+    loader_worker_signals()
 
 
 def safe_collate(batch: list[Any]) -> Any:

@@ -24,7 +24,8 @@ _EXPORTS = {
     "pillsnap.utils.offline": ("ultralytics_offline",),
     "pillsnap.utils.arrays": ("RowFiller",),
     "pillsnap.utils.locks": ("BusyError", "file_lock", "holder_alive", "read_holder"),
-    "pillsnap.utils.signals": ("STOP_SIGNALS", "held_signals", "pool_worker_signals", "stops_as_interrupt"),
+    "pillsnap.utils.signals": ("STOP_SIGNALS", "held_signals", "loader_worker_signals", "pool_worker_signals",
+                                "stops_as_interrupt"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

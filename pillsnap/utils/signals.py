@@ -72,6 +72,20 @@ def pool_worker_signals() -> None:
         signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
 
 
+def loader_worker_signals() -> None:
+    """A DataLoader worker, at its start: a stop signal ends it quietly (KeyboardInterrupt, which torch's worker
+    loop takes as its end, exiting 0). torch's own handler made a worker die of a SIGTERM its trainer had not sent,
+    and the trainer's loader then raised "DataLoader worker is killed by signal: Terminated" inside the trainer's
+    own interrupt: a stop sent to the whole process group (`timeout`, SLURM, `kill -- -PGID`) ended a run with
+    loader workers as a crash, with its status left at "running". A signal ignored in the trainer stays ignored."""
+
+    def end(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for signum in _handled(STOP_SIGNALS):
+        signal.signal(signum, end)
+
+
 @contextmanager
 def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str = "") -> Iterator[None]:
     """The signals are held back while the block runs and handled, the first of them, as they would have been
