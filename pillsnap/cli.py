@@ -51,10 +51,12 @@ def configure_logging(verbose: bool = False, level: str | None = None) -> None:
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a command at the process boundary: a config problem or a missing file is one clear line, exit code 2."""
+    """Run a command at the process boundary: a config problem or a missing file is one clear line, exit code 2;
+    Ctrl-C is one line too, exit code 130 (`pillsnap train` says how to resume before that)."""
     from pillsnap.config import ConfigError
     from pillsnap.utils.devices import DeviceError, resolve_device
     from pillsnap.utils.logs import LOGGED
+    from pillsnap.utils.signals import EXIT_INTERRUPTED
 
     try:
         if getattr(args, "device", None):
@@ -69,6 +71,9 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
     except FileNotFoundError as err:  # e.g. `pillsnap serve` on an experiment with no checkpoints
         logging.getLogger("pillsnap").error("%s", err)
         return 2
+    except KeyboardInterrupt:  # a traceback here would only show where the command happened to be
+        logging.getLogger("pillsnap").error("interrupted")
+        return EXIT_INTERRUPTED
     except Exception as err:
         if getattr(err, LOGGED, False):  # its traceback is in the log already (a training crash): not twice
             return 1

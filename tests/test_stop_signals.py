@@ -228,3 +228,19 @@ def test_a_stop_sent_to_the_whole_process_group_interrupts_a_run_with_loader_wor
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert read_json(exp / "reports" / "metrics.json")["status"] == "interrupted"
     assert "train.resume=last" in err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(caplog) -> None:
+    """`pillsnap data scan` (or evaluate, calibrate, ...) stopped with Ctrl-C printed a traceback of wherever it
+    happened to be and died of SIGINT; it now says so in one line and exits 130, as `pillsnap train` does."""
+    import argparse
+    import logging
+
+    from pillsnap.cli import run_command
+
+    def scan(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    with caplog.at_level(logging.INFO):
+        assert run_command(scan, argparse.Namespace()) == EXIT_INTERRUPTED == 130
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["interrupted"]

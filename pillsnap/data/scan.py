@@ -223,6 +223,11 @@ def scan_dataset(data_root: str | Path, out_dir: str | Path, workers: int = 0, *
     try:
         report = _scan(data_root, out_dir, pool, workers, start, split_seed, val_ratio, test_ratio, chunk_files,
                        resume, progress)
+    except KeyboardInterrupt:
+        if pool is not None:  # its workers leave Ctrl-C to this process (utils.signals.pool_worker_signals)
+            LOGGER.warning("scan interrupted: the chunks being read finish and are kept, so that a rerun resumes "
+                           "after them")
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -51,9 +51,9 @@ from pillsnap.utils import (
 )
 from pillsnap.utils.logs import LOGGED
 from pillsnap.utils.run_status import FINISHED_STATUSES
-from pillsnap.utils.signals import held_signals
+from pillsnap.utils.signals import EXIT_INTERRUPTED, held_signals
 
-EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_CONFIG, EXIT_OOM, EXIT_TIME_CAP = 0, 2, 3, 4
 # The tasks a run may train, in the order of a sequential run; each decides from the config and loaders whether
 # it trains (Task.wanted).
 DEFAULT_TASKS: tuple[type[Task], ...] = (ClassificationTask, DetectionTask)

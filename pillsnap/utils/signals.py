@@ -20,6 +20,7 @@ from typing import Any
 # terminal or ssh session (HUP); SLURM's warning before the end of a job's time (`--signal=USR1@N`).
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name))
+EXIT_INTERRUPTED = 130  # a command's exit code after a stop (128 + SIGINT, as shells report Ctrl-C)
 
 
 def _in_main_thread() -> bool:
