@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -122,21 +125,49 @@ def test_a_complete_cache_is_read_without_writing_and_an_incomplete_read_only_on
         build_cache(rows.head(8), tmp_path, 24, 0.15, workers=1)
 
 
-def test_a_cache_built_by_a_pool_during_training_ends_its_workers_quietly(manifest_dir, tmp_path, capfd):
-    """Training builds the cache under its stop handlers (stops_as_interrupt). The pool's workers inherited them,
-    so the SIGTERM with which a pool ends its workers raised KeyboardInterrupt in each: two tracebacks at every
-    build, and once a worker that lived on with the training waiting on it for good. A worker now leaves Ctrl-C to
-    the trainer and dies at a termination."""
-    import pandas as pd
+def test_a_stop_to_the_whole_group_during_a_cache_build_ends_it_quietly(manifest_dir, tmp_path):
+    """Training builds the cache under its stop handlers (stops_as_interrupt), and a stop sent to the whole process
+    group (`timeout`, SLURM) reaches the pool's workers too. Inheriting the trainer's handlers, each printed a
+    KeyboardInterrupt traceback; killed at once instead, one holding the pool's queue lock would leave the trainer
+    waiting for it for good. The workers now leave quietly and the build ends as interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    from pillsnap.utils.signals import stops_as_interrupt
+    script = f"""
+import sys, time
+import pandas as pd
+from pillsnap.data import cache
+from pillsnap.data.scan import load_manifest
+from pillsnap.utils.signals import stops_as_interrupt
 
-    rows = load_manifest(manifest_dir)
-    rows = pd.concat([rows.assign(label_path=rows["label_path"] + f"#{i}") for i in range(3)], ignore_index=True)
-    assert len(rows) >= 64  # below 64 rows the cache is built in this process
-    for build in range(3):
-        with stops_as_interrupt():
-            cache = build_cache(rows, tmp_path / f"c{build}", 24, 0.15, workers=2)
-        assert len(cache) == len(rows)
-    err = capfd.readouterr().err
-    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-2000:]
+crop = cache._CropJob.__call__
+cache._CropJob.__call__ = lambda job, row: (time.sleep(0.02), crop(job, row))[1]  # a build that takes a while
+rows = load_manifest({str(manifest_dir)!r})
+rows = pd.concat([rows.assign(label_path=rows["label_path"] + f"#{{i}}") for i in range(20)], ignore_index=True)
+print("building", flush=True)
+try:
+    with stops_as_interrupt():
+        cache.build_cache(rows, {str(tmp_path)!r}, 24, 0.15, workers=2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("built", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "building", proc.stderr.read()
+        time.sleep(1.5)  # the pool is started and reading
+        os.killpg(proc.pid, signal.SIGTERM)  # the builder and its workers
+        out, err = proc.communicate(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no worker is left behind
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out.split() == ["interrupted"] and proc.returncode == 130, (out, err[-2000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]

@@ -244,3 +244,4 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(caplog) -> None:
     with caplog.at_level(logging.INFO):
         assert run_command(scan, argparse.Namespace()) == EXIT_INTERRUPTED == 130
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["interrupted"]
+

@@ -106,6 +106,8 @@ def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
         return
     with get_context("fork").Pool(workers, initializer=pool_worker_signals) as pool:
         yield from pool.imap(job, items, chunksize=16)
+        pool.close()  # done: the workers leave on their own; leaving the block (an error, a stop) ends them
+        pool.join()
 
 
 def _write_shard(root: Path, shard: int, arrays: list[np.ndarray], size: int) -> None:

@@ -253,7 +253,7 @@ def worker_init(worker_id: int) -> None:
     whole Python heap (torch, timm, the manifest's objects). Frozen objects are never examined; the worker's own
     objects are collected as before. Freezing moves lists, not objects, so it costs nothing.
 
-    A stop signal then ends the worker quietly, as its trainer stops (utils.signals.loader_worker_signals)."""
+    Ctrl-C, SIGHUP and SIGUSR1 then end the worker quietly, once (utils.signals.loader_worker_signals)."""
     gc.freeze()
     loader_worker_signals()
 

@@ -467,6 +467,8 @@ def _rendered(jobs: list[PhotoJob], classes: list[DrugClass], image_scale: float
         return
     with get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=(classes,)) as pool:
         yield from pool.imap(_RenderJob(image_scale), jobs, chunksize=8)
+        pool.close()  # done: the workers leave on their own; leaving the block (an error, a stop) ends them
+        pool.join()
 
 
 class _RenderJob:

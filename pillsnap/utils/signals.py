@@ -44,7 +44,13 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
     """The first stop signal ends the block the way Ctrl-C does (KeyboardInterrupt): the run says how it ended and
     how to resume, where the default action would kill it without a word. Later ones are logged and ignored: a stop
     often comes twice (`timeout` and SLURM signal the whole process group, and scripts/train.sh passes the same
-    stop on), and a second interrupt would cut short the saving of the run's state that the first one began."""
+    stop on), and a second interrupt would cut short the saving of the run's state that the first one began.
+
+    From the first stop on, for good, the ends of this process's children are expected, not errors: torch's
+    DataLoader watches its workers through SIGCHLD and raised "DataLoader worker is killed by signal: Terminated"
+    inside the interrupt (or at the process's exit) when a stop sent to the whole process group (`timeout`, SLURM,
+    `kill -- -PGID`) ended them too, so that a run with loader workers ended as a crash with its status left at
+    "running"."""
     if not _in_main_thread():
         yield
         return
@@ -57,34 +63,71 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
                  "is not saved)")
             return
         stopping.append(name)
+        _expect_children_to_end()
         raise KeyboardInterrupt(f"signal {name}")
 
-    with _handling(signums, interrupt):
-        yield
+    try:
+        with _handling(signums, interrupt):
+            yield
+    finally:
+        if not stopping:  # after a stop, for good: the dead workers' loaders end only as the process exits
+            _watch_children_again()
+
+
+_SET_ASIDE: list[Any] = []  # the SIGCHLD handler (torch's) set aside by a stop held back (held_signals)
+
+
+def _expect_children_to_end() -> None:
+    """From a stop on, this process's children ending is expected, not an error: torch's SIGCHLD handler, which
+    raises as soon as a loader worker has died of a signal, is set aside (see stops_as_interrupt)."""
+    child_ended = getattr(signal, "SIGCHLD", None)
+    if child_ended is not None and not _SET_ASIDE and callable(signal.getsignal(child_ended)):
+        # a handler that does nothing, not SIG_DFL: a SIGCHLD already caught but not yet handled would find no
+        # handler and Python would print "Signal 17 ignored due to race condition"
+        _SET_ASIDE.append(signal.signal(child_ended, _child_ended))
+
+
+def _child_ended(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD after a stop: the children are being stopped too."""
+
+
+def _watch_children_again() -> None:
+    if _SET_ASIDE:
+        signal.signal(signal.SIGCHLD, _SET_ASIDE.pop())
+
+
+def _leave_at_first(signums: tuple[signal.Signals, ...], leaving: BaseException) -> None:
+    """Each of `signums` (those not ignored) raises `leaving` in this process, once: the others are ignored from
+    then on, so that a second stop cannot cut the way out short."""
+    signums = _handled(signums)
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        for other in signums:
+            signal.signal(other, signal.SIG_IGN)
+        raise leaving
+
+    for signum in signums:
+        signal.signal(signum, leave)
 
 
 def pool_worker_signals() -> None:
-    """A process pool's worker, at its start: Ctrl-C is left to the parent, which stops the pool, and a termination
-    ends the worker at once. A forked worker inherits the parent's handlers: under stops_as_interrupt, the SIGTERM
-    with which a pool ends its workers raised KeyboardInterrupt in each, which printed a traceback at every normal
-    end of the pool and could leave a worker waiting on the pool's queue, with the parent waiting on it for good.
-    A signal ignored in the parent (`nohup`) stays ignored: a worker dying of it would leave its task unfinished."""
-    for signum in _handled(STOP_SIGNALS):
-        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
+    """A process pool's worker, at its start (the crop cache's, the scan's, the generator's). Ctrl-C is left to the
+    parent, which ends the pool. Any other stop ends the worker by SystemExit (exit code 130, without a traceback),
+    which releases the locks it holds on the pool's queues on its way out: killed while holding one, a worker left
+    the parent's Pool.terminate waiting for that lock for good. A forked worker inherited the trainer's handlers
+    instead (stops_as_interrupt), whose KeyboardInterrupt printed a traceback per worker. A signal ignored in the
+    parent (`nohup`) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _leave_at_first(tuple(s for s in STOP_SIGNALS if s != signal.SIGINT), SystemExit(EXIT_INTERRUPTED))
 
 
 def loader_worker_signals() -> None:
-    """A DataLoader worker, at its start: a stop signal ends it quietly (KeyboardInterrupt, which torch's worker
-    loop takes as its end, exiting 0). torch's own handler made a worker die of a SIGTERM its trainer had not sent,
-    and the trainer's loader then raised "DataLoader worker is killed by signal: Terminated" inside the trainer's
-    own interrupt: a stop sent to the whole process group (`timeout`, SLURM, `kill -- -PGID`) ended a run with
-    loader workers as a crash, with its status left at "running". A signal ignored in the trainer stays ignored."""
-
-    def end(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    for signum in _handled(STOP_SIGNALS):
-        signal.signal(signum, end)
+    """A DataLoader worker, at its start: Ctrl-C, SIGHUP and SIGUSR1 end it quietly, once (KeyboardInterrupt, which
+    torch's worker loop takes as its end). SIGTERM stays torch's: a worker exits at once when its trainer ends it,
+    even one stuck in native code, and dies of anyone else's (the trainer, stopping, no longer takes that for an
+    error: stops_as_interrupt). A signal ignored in the trainer stays ignored."""
+    _leave_at_first(tuple(s for s in STOP_SIGNALS if s != signal.SIGTERM), KeyboardInterrupt("stopped"))
 
 
 @contextmanager
@@ -101,6 +144,7 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
         if not caught and doing:
             _say(f"{signal.Signals(signum).name} received: {doing} first")
         caught.append((signum, frame))
+        _expect_children_to_end()  # the stop's children may end while the block finishes
 
     with _handling(signums, hold) as previous:
         yield
