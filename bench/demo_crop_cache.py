@@ -56,7 +56,7 @@ def run_arm(workdir: Path, cache: bool, epochs: int) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="a demo work directory (its data and manifests)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs each arm trains (the demo trains 20)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs each arm trains (the demo trains 36)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each training both arms")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()

@@ -19,13 +19,13 @@ from pillsnap.utils.locks import BusyError, file_lock
 
 LOGGER = logging.getLogger("pillsnap.demo")
 
-# Synthetic data and training sizes per profile. default: about 6 minutes on 2 CPU cores; tiny: about 1 minute.
+# Synthetic data and training sizes per profile. default: about 7 minutes on 2 CPU cores; tiny: about 1 minute.
 # Each generates two classes more than the stage trains on: their pills are the "unknown pill" test. The default
 # profile's photos are at half the real size (488 x 640): the classifier sees 64 px crops either way, but the imprint
 # reader needs the pixels (at quarter size it read 75 % of look-alike twins apart, at half size 89 %). Both read the
-# classifier's crops from the crop cache: decoding and cutting each photo at every step took 56 % of a step, and
-# the default profile spends the time saved on epochs (36 instead of 20, in about the same time;
-# bench/demo_crop_cache.py).
+# classifier's crops from the crop cache: decoding and cutting each photo at every step took 56 % of a step
+# (bench/demo_crop_cache.py: the classifier's training 1.78x as fast). The default profile spends the time saved on
+# 36 epochs instead of 20; the detector, which the cache does not speed up, trains them too.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "synth": {"num_classes": 10, "per_class": 60, "combo": 120, "image_scale": 0.5},
@@ -106,9 +106,27 @@ def ensure_data(cfg: Any, args: argparse.Namespace) -> None:
         LOGGER.info("data: reusing %s", root)
         return
     spec = PROFILES["tiny" if args.tiny else "default"]["synth"]
+    _drop_derived(cfg, Path(args.workdir))
     LOGGER.info("data: generating %s under %s", spec, root)
     summary = generate_dataset(root, seed=int(cfg.train.seed), workers=1, **spec)
     save_json(root / DATA_MARKER, summary)
+
+
+def _drop_derived(cfg: Any, workdir: Path) -> None:
+    """New data makes what was made from the old data wrong without a sign: the manifests (boxes, splits) and the
+    crop cache (keyed by label path, and the new photos have the old paths) are removed before it is generated.
+    Only folders inside the work directory; a trained experiment is left and named."""
+    import shutil
+
+    inside = workdir.resolve()
+    for name in ("manifest_dir", "cache_dir"):
+        folder = Path(cfg.paths[name]).resolve()
+        if folder.is_dir() and inside in folder.parents:
+            LOGGER.warning("data: removing %s, made from the data generated before", folder)
+            shutil.rmtree(folder)
+    if (Path(cfg.paths.exp_dir) / "checkpoints").is_dir():
+        LOGGER.warning("data: %s was trained on the data generated before: its figures will be of that data "
+                       "(remove it to train on the new data)", cfg.paths.exp_dir)
 
 
 def ensure_manifests(cfg: Any) -> dict:

@@ -99,3 +99,29 @@ def test_a_second_demo_in_the_same_workdir_is_refused_before_it_writes(tmp_path:
     assert f"{tmp_path / DEMO_LOCK} is held by pid {holder.pid}" in caplog.text
     assert "another demo is working in" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == [DEMO_LOCK]
+
+
+def test_new_data_removes_what_was_made_from_the_old(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Data generated again (its marker gone) under the same paths: the manifests and the crop cache, keyed by label
+    path, would serve the old boxes and pixels without a sign. They are removed first; a folder outside the work
+    directory is not touched, and a trained experiment is left and named."""
+    import argparse
+
+    import pillsnap.data
+    from pillsnap.demo import demo_config, ensure_data
+
+    workdir, outside = tmp_path / "demo", tmp_path / "team_cache"
+    args = argparse.Namespace(workdir=str(workdir), tiny=True, data_root=None, cfg="none.yaml", overrides=[])
+    made = {name: workdir / name / "made.txt" for name in ("manifests", "cache", "exp/checkpoints")}
+    for path in [*made.values(), outside / "made.txt"]:
+        path.parent.mkdir(parents=True)
+        path.write_text("old")
+    monkeypatch.setattr(pillsnap.data, "generate_dataset", lambda root, **kwargs: {"classes": 0})
+    with caplog.at_level(logging.WARNING):
+        ensure_data(demo_config(args), args)
+    assert not made["manifests"].exists() and not made["cache"].exists() and made["exp/checkpoints"].exists()
+    assert "was trained on the data generated before" in caplog.text
+    (workdir / "data" / "synth_summary.json").unlink()
+    args.overrides = [f"paths.cache_dir={outside}"]
+    ensure_data(demo_config(args), args)
+    assert (outside / "made.txt").exists()
