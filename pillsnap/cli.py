@@ -72,7 +72,7 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         logging.getLogger("pillsnap").error("%s", err)
         return 2
     except KeyboardInterrupt:  # a traceback here would only show where the command happened to be
-        logging.getLogger("pillsnap").error("interrupted")
+        logging.getLogger("pillsnap").warning("interrupted")  # also how a server stopped with Ctrl-C ends
         return EXIT_INTERRUPTED
     except Exception as err:
         if getattr(err, LOGGED, False):  # its traceback is in the log already (a training crash): not twice

@@ -115,15 +115,18 @@ def ensure_data(cfg: Any, args: argparse.Namespace) -> None:
 def _drop_derived(cfg: Any, workdir: Path) -> None:
     """New data makes what was made from the old data wrong without a sign: the manifests (boxes, splits) and the
     crop cache (keyed by label path, and the new photos have the old paths) are removed before it is generated.
-    Only folders inside the work directory; a trained experiment is left and named."""
+    Only the demo's own folders (`manifests`, `cache` in the work directory, as configured and not links); one
+    configured elsewhere, or a link, is named instead, and so is a trained experiment."""
     import shutil
 
-    inside = workdir.resolve()
-    for name in ("manifest_dir", "cache_dir"):
-        folder = Path(cfg.paths[name]).resolve()
-        if folder.is_dir() and inside in folder.parents:
+    for name, own in (("manifest_dir", workdir / "manifests"), ("cache_dir", workdir / "cache")):
+        folder = Path(cfg.paths[name])
+        if folder.absolute() == own.absolute() and folder.is_dir() and not folder.is_symlink():
             LOGGER.warning("data: removing %s, made from the data generated before", folder)
             shutil.rmtree(folder)
+        elif folder.exists():
+            LOGGER.warning("data: %s may hold what was made from the data generated before (paths.%s is not the "
+                           "demo's own folder, so it is left): remove it if so", folder, name)
     if (Path(cfg.paths.exp_dir) / "checkpoints").is_dir():
         LOGGER.warning("data: %s was trained on the data generated before: its figures will be of that data "
                        "(remove it to train on the new data)", cfg.paths.exp_dir)

@@ -145,6 +145,8 @@ from pillsnap.utils.signals import stops_as_interrupt
 
 crop = cache._CropJob.__call__
 cache._CropJob.__call__ = lambda job, row: (time.sleep(0.02), crop(job, row))[1]  # a build that takes a while
+start = cache.pool_worker_signals
+cache.pool_worker_signals = lambda: (start(), print("worker", flush=True))  # says when a worker is ready
 rows = load_manifest({str(manifest_dir)!r})
 rows = pd.concat([rows.assign(label_path=rows["label_path"] + f"#{{i}}") for i in range(20)], ignore_index=True)
 print("building", flush=True)
@@ -160,7 +162,8 @@ print("built", flush=True)
                             text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "building", proc.stderr.read()
-        time.sleep(1.5)  # the pool is started and reading
+        assert [proc.stdout.readline().strip() for _ in range(2)] == ["worker", "worker"], proc.stderr.read()
+        time.sleep(0.5)  # both workers cutting crops
         os.killpg(proc.pid, signal.SIGTERM)  # the builder and its workers
         out, err = proc.communicate(timeout=60)
         time.sleep(0.5)

@@ -122,6 +122,12 @@ def test_new_data_removes_what_was_made_from_the_old(tmp_path: Path, monkeypatch
     assert not made["manifests"].exists() and not made["cache"].exists() and made["exp/checkpoints"].exists()
     assert "was trained on the data generated before" in caplog.text
     (workdir / "data" / "synth_summary.json").unlink()
-    args.overrides = [f"paths.cache_dir={outside}"]
+    (workdir / "cache").symlink_to(outside)  # the demo's cache linked to a folder elsewhere: named, not emptied
+    caplog.clear()
     ensure_data(demo_config(args), args)
-    assert (outside / "made.txt").exists()
+    assert (outside / "made.txt").exists() and f"{workdir / 'cache'} may hold what was made" in caplog.text
+    args.overrides = [f"paths.cache_dir={outside}"]  # configured elsewhere: likewise
+    (workdir / "data" / "synth_summary.json").unlink()
+    caplog.clear()
+    ensure_data(demo_config(args), args)
+    assert (outside / "made.txt").exists() and f"{outside} may hold what was made" in caplog.text

@@ -55,8 +55,11 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         yield
         return
     stopping: list[str] = []
+    owner = os.getpid()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:  # a child forked before it set its own handlers (a pool's worker)
+            return _default_action(signum)
         name = signal.Signals(signum).name
         if stopping:
             _say(f"{name} received while stopping on {stopping[0]}: ignored (SIGKILL stops at once, losing what "
@@ -74,7 +77,18 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
             _watch_children_again()
 
 
-_SET_ASIDE: list[Any] = []  # the SIGCHLD handler (torch's) set aside by a stop held back (held_signals)
+def _default_action(signum: int) -> None:
+    """What the signal does to a process that never set a handler: a child forked from a stopping run (a pool's
+    replacement worker) before its own start set its handlers must end at its pool's SIGTERM, not copy the run's
+    "already stopping, ignored" and wait for good on a queue lock the pool holds."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+# The SIGCHLD handler (torch's) set aside by a stop. After a stop it stays aside for the rest of the process (torch
+# installs its handler once): a dead worker is then found by the loader's own liveness check, about 5 s later; a
+# later stops_as_interrupt block ending without a stop puts it back.
+_SET_ASIDE: list[Any] = []
 
 
 def _expect_children_to_end() -> None:
@@ -139,8 +153,11 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
         yield
         return
     caught: list[tuple[int, FrameType | None]] = []
+    owner = os.getpid()
 
     def hold(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            return _default_action(signum)
         if not caught and doing:
             _say(f"{signal.Signals(signum).name} received: {doing} first")
         caught.append((signum, frame))
