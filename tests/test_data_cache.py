@@ -145,8 +145,9 @@ from pillsnap.utils.signals import stops_as_interrupt
 
 crop = cache._CropJob.__call__
 cache._CropJob.__call__ = lambda job, row: (time.sleep(0.02), crop(job, row))[1]  # a build that takes a while
-start = cache.pool_worker_signals
-cache.pool_worker_signals = lambda: (start(), print("worker", flush=True))  # says when a worker is ready
+from pillsnap.utils import pools
+start = pools.pool_worker_signals
+pools.pool_worker_signals = lambda: (start(), print("worker", flush=True))  # says when a worker is ready
 rows = load_manifest({str(manifest_dir)!r})
 rows = pd.concat([rows.assign(label_path=rows["label_path"] + f"#{{i}}") for i in range(20)], ignore_index=True)
 print("building", flush=True)

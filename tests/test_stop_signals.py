@@ -201,8 +201,8 @@ def test_the_command_line_exits_1_on_a_crash_without_a_second_traceback(tmp_path
 def test_a_stop_sent_to_the_whole_process_group_interrupts_a_run_with_loader_workers(synth_cfg, tmp_path) -> None:
     """`timeout`, SLURM and `kill -- -PGID` stop every process of the group, the DataLoader workers too. torch's
     handler made a worker die of that SIGTERM, and the trainer's loader raised "DataLoader worker is killed by
-    signal" inside the trainer's own interrupt: exit 1, a traceback, metrics.json left at "running". The workers
-    now end quietly and the run ends as interrupted, with the resume line."""
+    signal" inside the trainer's own interrupt: exit 1, a traceback, metrics.json left at "running". The trainer,
+    stopping, now expects its workers to end, and the run ends as interrupted, with the resume line."""
     from omegaconf import OmegaConf
 
     OmegaConf.update(synth_cfg, "train.epochs", 500)

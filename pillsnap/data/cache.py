@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pillsnap.utils.devices import usable_cores
 from pillsnap.utils.images import DECODE_ERRORS
 from pillsnap.utils.io import check_free_space
 from pillsnap.utils.locks import BusyError, file_lock
-from pillsnap.utils.signals import pool_worker_signals
+from pillsnap.utils.pools import forked_imap
 
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
@@ -104,10 +103,7 @@ def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
     if workers <= 1 or len(items) < 64:
         yield from map(job, items)
         return
-    with get_context("fork").Pool(workers, initializer=pool_worker_signals) as pool:
-        yield from pool.imap(job, items, chunksize=16)
-        pool.close()  # done: the workers leave on their own; leaving the block (an error, a stop) ends them
-        pool.join()
+    yield from forked_imap(job, items, workers, chunksize=16)
 
 
 def _write_shard(root: Path, shard: int, arrays: list[np.ndarray], size: int) -> None:

@@ -15,7 +15,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from pillsnap.data.synth_pill import LOGO_STYLES, LOGO_WORD, SCORE_WORD, PillLoo
 from pillsnap.data.synth_render import FULL_H, FULL_W, PhotoConditions, render_photo, style_of
 from pillsnap.data.synth_style import PhotoStyle
 from pillsnap.utils.devices import usable_cores
-from pillsnap.utils.signals import pool_worker_signals
+from pillsnap.utils.pools import forked_imap
 
 LOGGER = logging.getLogger(__name__)
 ROOT_NAME = "166.약품식별 인공지능 개발을 위한 경구약제 이미지 데이터"
@@ -352,11 +351,6 @@ def _init_worker(classes: list[DrugClass]) -> None:
     _WORKER_CLASSES = classes
 
 
-def _init_pool_worker(classes: list[DrugClass]) -> None:
-    pool_worker_signals()
-    _init_worker(classes)
-
-
 class _Writer:
     """Writes images and labels into the extracted tree or into TS_/TL_ zips (members as in the real zips)."""
 
@@ -465,10 +459,8 @@ def _rendered(jobs: list[PhotoJob], classes: list[DrugClass], image_scale: float
         _init_worker(classes)
         yield from (_render_job(job, image_scale) for job in jobs)
         return
-    with get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=(classes,)) as pool:
-        yield from pool.imap(_RenderJob(image_scale), jobs, chunksize=8)
-        pool.close()  # done: the workers leave on their own; leaving the block (an error, a stop) ends them
-        pool.join()
+    yield from forked_imap(_RenderJob(image_scale), jobs, workers, chunksize=8, initializer=_init_worker,
+                           initargs=(classes,))
 
 
 class _RenderJob:

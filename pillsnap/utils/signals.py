@@ -55,11 +55,8 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         yield
         return
     stopping: list[str] = []
-    owner = os.getpid()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != owner:  # a child forked before it set its own handlers (a pool's worker)
-            return _default_action(signum)
         name = signal.Signals(signum).name
         if stopping:
             _say(f"{name} received while stopping on {stopping[0]}: ignored (SIGKILL stops at once, losing what "
@@ -131,8 +128,7 @@ def pool_worker_signals() -> None:
     the parent's Pool.terminate waiting for that lock for good. A forked worker inherited the trainer's handlers
     instead (stops_as_interrupt), whose KeyboardInterrupt printed a traceback per worker. A signal ignored in the
     parent (`nohup`) stays ignored."""
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _leave_at_first(tuple(s for s in STOP_SIGNALS if s != signal.SIGINT), SystemExit(EXIT_INTERRUPTED))
 
 
@@ -153,11 +149,8 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
         yield
         return
     caught: list[tuple[int, FrameType | None]] = []
-    owner = os.getpid()
 
     def hold(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != owner:
-            return _default_action(signum)
         if not caught and doing:
             _say(f"{signal.Signals(signum).name} received: {doing} first")
         caught.append((signum, frame))
@@ -171,8 +164,17 @@ def held_signals(signums: tuple[signal.Signals, ...] = STOP_SIGNALS, doing: str 
 
 @contextmanager
 def _handling(signums: tuple[signal.Signals, ...], handler: Any) -> Iterator[dict[int, Any]]:
-    """`handler` for each of `signums` not ignored, for the block; yields the handlers it replaced, put back after."""
-    previous = {signum: signal.signal(signum, handler) for signum in _handled(signums)}
+    """`handler` for each of `signums` not ignored, for the block; yields the handlers it replaced, put back after.
+    The handler is this process's: a child forked inside the block (a pool's worker, before its own start sets its
+    handlers) takes the signal's default action instead."""
+    owner = os.getpid()
+
+    def own(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            return _default_action(signum)
+        return handler(signum, frame)
+
+    previous = {signum: signal.signal(signum, own) for signum in _handled(signums)}
     try:
         yield previous
     finally:
