@@ -13,7 +13,7 @@ from pillsnap.utils.io import file_sha256
 
 
 @pytest.mark.slow
-def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
+def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypatch) -> None:
     workdir = tmp_path / "demo"
     assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
@@ -70,8 +70,26 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog) -> None:
     before = ckpt.stat().st_mtime_ns
     (exp / "checkpoints" / "calibration.json").unlink()  # e.g. a run trained by an older PillSnap
     caplog.clear()
+    import time
+
+    import pillsnap.demo
+
+    enrol, ended = pillsnap.demo.enrolment_figures, []
+
+    def slow_enrolment(*args, **kwargs):  # the last phase made to take a second: the demo's clock must hold it
+        figures = enrol(*args, **kwargs)
+        time.sleep(1.0)
+        ended.append(time.perf_counter())
+        return figures
+
+    monkeypatch.setattr(pillsnap.demo, "enrolment_figures", slow_enrolment)
+    started = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="pillsnap"):
         assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
+    summary = read_json(exp / "reports" / "demo_summary.json")
+    # (less the command line's own start, well under the second slept)
+    assert summary["elapsed_s"] >= ended[0] - started - 0.5 and "enrolment" in summary
+    assert f"done in {summary['elapsed_s']:.0f} s" in capsys.readouterr().out  # the figure the file keeps
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "data: reusing" in messages and "scan: reusing" in messages and "train: reusing" in messages
     assert ckpt.stat().st_mtime_ns == before
