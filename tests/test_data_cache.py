@@ -175,3 +175,42 @@ print("built", flush=True)
             os.killpg(proc.pid, signal.SIGKILL)
     assert out.split() == ["interrupted"] and proc.returncode == 130, (out, err[-2000:])
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+
+
+def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lacking_only_it_is_used(
+        manifest_dir, tmp_path, monkeypatch, caplog):
+    """At full scale a few photos of millions are broken. The cache used to forget that it had tried them: every
+    build decoded them again, and a teammate's read-only cache lacking only their crops was refused outright."""
+    import os
+    import shutil
+
+    from pillsnap.data.datasets import ClassificationDataset
+
+    rows = singles(manifest_dir).head(6).copy()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good_photo = rows.iloc[2]["image_path"]
+    rows.iloc[2, rows.columns.get_loc("image_path")] = str(broken)
+    key = rows.iloc[2]["label_path"]
+    caplog.set_level("INFO", logger="pillsnap.data.cache")
+    cache = build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    assert len(cache) == 5 and cache.unreadable == {key} and key not in cache
+    assert "5 crops added (5 in all); 1 photos could not be decoded" in caplog.text
+    index = {code: i for i, code in enumerate(sorted(rows["mapping_code"].unique()))}
+    dataset = ClassificationDataset(rows, index, 24, False, 0.15, cache)
+    assert dataset[2] is None and dataset[3] is not None  # training leaves it out, and only it
+
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
+    caplog.clear()
+    read_only = build_cache(rows, tmp_path, 24, 0.15, workers=1)  # a teammate's cache: used, the row named
+    assert len(read_only) == 5 and "cannot be written, and 1 of these rows have no crop in it" in caplog.text
+    with pytest.raises(ValueError, match="lacks crops of these rows"):  # a row never tried still needs a build
+        build_cache(singles(manifest_dir).head(8), tmp_path, 24, 0.15, workers=1)
+
+    monkeypatch.setattr(os, "access", writable)
+    shutil.copyfile(good_photo, broken)  # the photo fetched again: the next build that can write takes it
+    mended = build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    assert len(mended) == 6 and not mended.unreadable
+    expected = np.asarray(pill_crop(rows.iloc[2], 0.15).resize((24, 24), Image.BILINEAR))
+    assert np.array_equal(np.asarray(mended.get(key)), expected)

@@ -2,7 +2,9 @@
 .npy shards, so that training reads a slice of a page-cached file instead of decoding a 976x1280 PNG.
 
 Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
-the index are decoded) and each shard is written to a temp file and moved into place.
+the index are decoded) and each shard is written to a temp file and moved into place. A row whose photo cannot be
+decoded is kept in the index as unreadable (shard -1): training leaves it out, a later build that can write tries it
+again, and a read-only cache lacking only such rows is used as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pillsnap.utils.pools import forked_imap
 
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
+UNREADABLE = (-1, -1)  # the slot of a row whose photo could not be decoded
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
 
 
@@ -40,15 +43,17 @@ class CacheError(ValueError):
 
 
 class CachedCrops:
-    """Read side of the cache: `get(label_path)` -> PIL RGB crop of size image_size (KeyError if absent)."""
+    """Read side of the cache: `get(label_path)` -> PIL RGB crop of size image_size (KeyError if absent).
+    `index`: the rows with a crop; `unreadable`: the rows whose photos could not be decoded when it was built."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         meta = read_json(self.root / "meta.json")
         self.image_size = int(meta["image_size"])
         index = pd.read_parquet(self.root / "index.parquet") if (self.root / "index.parquet").is_file() else None
-        self.index: dict[str, tuple[int, int]] = {} if index is None else {
-            k: (int(s), int(o)) for k, s, o in zip(index["key"], index["shard"], index["offset"], strict=True)}
+        entries = [] if index is None else list(zip(index["key"], index["shard"], index["offset"], strict=True))
+        self.index: dict[str, tuple[int, int]] = {k: (int(s), int(o)) for k, s, o in entries if s >= 0}
+        self.unreadable: frozenset[str] = frozenset(k for k, s, _ in entries if s < 0)
         self._shards: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -60,8 +65,7 @@ class CachedCrops:
     def slots(self, keys: Sequence[str]) -> np.ndarray:
         """(shard, offset) of each key as an int array [n, 2]; (-1, -1) where the key has no crop. A dataset looks
         its rows up once, so that its loader workers read array slots instead of this dict (see CropTable)."""
-        missing = (-1, -1)
-        return np.array([self.index.get(key, missing) for key in keys], dtype=np.int64).reshape(len(keys), 2)
+        return np.array([self.index.get(key, UNREADABLE) for key in keys], dtype=np.int64).reshape(len(keys), 2)
 
     def read(self, shard: int, offset: int) -> Image.Image:
         """The crop at a slot from `slots`; KeyError for a key that had none."""
@@ -116,9 +120,11 @@ def _write_shard(root: Path, shard: int, arrays: list[np.ndarray], size: int) ->
         del out
 
 
-def _save_index(root: Path, index: dict[str, tuple[int, int]]) -> None:
-    frame = pd.DataFrame({"key": list(index), "shard": [v[0] for v in index.values()],
-                          "offset": [v[1] for v in index.values()]})
+def _save_index(root: Path, index: dict[str, tuple[int, int]], unreadable: set[str]) -> None:
+    """The crops' slots, and each unreadable row at shard -1, in one file written atomically."""
+    entries = {**dict.fromkeys(sorted(unreadable), UNREADABLE), **index}
+    frame = pd.DataFrame({"key": list(entries), "shard": [v[0] for v in entries.values()],
+                          "offset": [v[1] for v in entries.values()]})
     with atomic_path(root / "index.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
 
@@ -134,7 +140,13 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     root = cache_root(cache_dir, image_size, crop_margin)
     if (root / "meta.json").is_file():
         cache = CachedCrops(root)
-        if rows["label_path"].isin(cache.index).all():
+        lacking = rows.loc[~rows["label_path"].isin(cache.index), "label_path"]
+        if lacking.empty:
+            return cache
+        if lacking.isin(cache.unreadable).all() and not os.access(root, os.W_OK):
+            LOGGER.warning("the crop cache %s cannot be written, and %d of these rows have no crop in it: their "
+                           "photos could not be decoded when it was built. Training leaves them out",
+                           root, lacking.nunique())
             return cache
     try:
         ensure_dir(root)
@@ -161,20 +173,29 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     if missing.empty:
         return cache
     check_space(root, len(missing), image_size)
-    index = dict(cache.index)
+    index, unreadable = dict(cache.index), set(cache.unreadable)
     shard = 1 + max((s for s, _ in index.values()), default=-1)
     job, workers = _CropJob(image_size, crop_margin), workers or usable_cores()
     keys, arrays = [], []
     for key, arr in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
                          total=len(missing), desc="cache", unit="crop", disable=not progress):
-        if arr is not None:
-            keys.append(key)
-            arrays.append(arr)
+        if arr is None:
+            unreadable.add(key)
+            continue
+        unreadable.discard(key)
+        keys.append(key)
+        arrays.append(arr)
         if len(arrays) == SHARD_ROWS:
-            shard = _flush(root, shard, keys, arrays, index, image_size)
+            shard = _flush(root, shard, keys, arrays, index, unreadable, image_size)
     if arrays:
-        _flush(root, shard, keys, arrays, index, image_size)
-    LOGGER.info("cache %s: %d crops added (%d in all)", root, len(missing), len(index))
+        _flush(root, shard, keys, arrays, index, unreadable, image_size)
+    else:  # nothing left to write but what could not be read
+        _save_index(root, index, unreadable)
+    added = len(index) - len(cache.index)
+    failed = missing["label_path"].isin(unreadable).sum()
+    LOGGER.info("cache %s: %d crops added (%d in all)%s", root, added, len(index),
+                f"; {failed} photos could not be decoded: left out of training, tried again at the next build"
+                if failed else "")
     return CachedCrops(root)
 
 
@@ -185,10 +206,10 @@ def check_space(root: Path, crops: int, image_size: int) -> None:
 
 
 def _flush(root: Path, shard: int, keys: list[str], arrays: list[np.ndarray],
-           index: dict[str, tuple[int, int]], size: int) -> int:
+           index: dict[str, tuple[int, int]], unreadable: set[str], size: int) -> int:
     _write_shard(root, shard, arrays, size)
     index.update({k: (shard, i) for i, k in enumerate(keys)})
-    _save_index(root, index)  # after the shard: an index never points at a shard that is not there
+    _save_index(root, index, unreadable)  # after the shard: an index never points at a shard that is not there
     keys.clear()
     arrays.clear()
     return shard + 1

@@ -90,7 +90,8 @@ def run_cache(args: argparse.Namespace) -> int:
     except (DiskSpaceError, CacheError) as err:  # a disk too small, a cache folder that cannot be written
         LOGGER.error("%s", err)
         return 2
-    _print({"cache_dir": str(cache.root), "crops": len(cache), "image_size": cache.image_size})
+    _print({"cache_dir": str(cache.root), "crops": len(cache), "unreadable": len(cache.unreadable),
+            "image_size": cache.image_size})
     return 0
 
 
