@@ -43,7 +43,8 @@ def test_synth_then_scan_then_cache(tmp_path, capsys, monkeypatch):
     assert run(["data", "cache", "--workers", "1", "paths.manifest_dir=m", "paths.cache_dir=c",
                 "model.image_size=16"]) == 0
     # single-pill photos and, with data.combo_crops (the default), the soundly boxed pills of combinations
-    assert json.loads(capsys.readouterr().out)["crops"] == report["records_kept"] > 12
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["crops"] == report["records_kept"] > 12 and printed["unreadable"] == 0
 
 
 def test_a_cache_that_would_fill_the_disk_is_refused_before_a_byte_is_written(manifest_dir, tmp_path, monkeypatch,

@@ -206,6 +206,25 @@ def test_early_stopping_counts_patience_and_min_delta():
         early_stopping(state, 1.0, "up", 3)
 
 
+def test_a_tie_on_the_monitored_metric_goes_to_the_better_tie_break_and_a_resume_replays_it():
+    """A detector's mAP@0.5 reaches 1.0 on a small validation set early (the demo: epoch 13 of 36) while its boxes
+    go on tightening (mAP@0.5:0.95 0.83 -> 0.91): the first epoch at 1.0 stayed the best checkpoint for good."""
+    from pillsnap.engine.checkpointing import replay_early_stopping
+
+    epochs = [(0.9, 0.5), (1.0, 0.6), (1.0, 0.7), (1.0, 0.65), (0.99, 0.9), (1.0, 0.7)]
+    state = new_early_stopping_state()
+    results = [early_stopping(state, m, "max", patience=3, tie_break=t) for m, t in epochs]
+    assert [best for _, best in results] == [True, True, True, False, False, False]  # never a lower mAP@0.5
+    assert [stop for stop, _ in results] == [False] * 5 + [True]  # a tighter tie resets the patience
+    assert state["best"] == 1.0 and state["tie_break"] == 0.7
+    state = new_early_stopping_state()
+    assert [early_stopping(state, m, "max", 2)[1] for m, _ in epochs] == [True, True, False, False, False, False]
+    history = [{"epoch": i + 1, "detection": {"mAP@0.5": m, "mAP@0.5:0.95": t}} for i, (m, t) in enumerate(epochs)]
+    replayed = replay_early_stopping(history[:4], "detection", "mAP@0.5", "max", 0.0, "mAP@0.5:0.95")
+    assert replayed == {"best": 1.0, "tie_break": 0.7, "bad_epochs": 1}
+    assert early_stopping(replayed, 1.0, "max", 2, tie_break=0.71) == (False, True)  # resumed: the tie still counts
+
+
 def test_time_cap_rule_needs_permission_samples_and_classes():
     stage = {"allow_success_on_time_cap": True, "min_samples_required": 100, "min_class_coverage": 5}
     assert time_cap_success(stage, 100, 5)["success"]

@@ -161,15 +161,18 @@ def previous_history(metrics_json: Path, upto_epoch: int) -> list[dict]:
     return [h for h in history if int(h.get("epoch", 0)) <= upto_epoch]
 
 
-def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: str, min_delta: float) -> dict:
-    """Rebuild the early-stopping state (best, bad epochs) from the history so patience survives a resume."""
+def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: str, min_delta: float,
+                          tie_break: str | None = None) -> dict:
+    """Rebuild the early-stopping state (best, its tie-break metric, bad epochs) from the history so patience
+    survives a resume."""
     state = new_early_stopping_state()
     for record in history:
         if task not in record:  # an epoch this task did not train
             continue
         value = (record[task] or {}).get(monitor)  # missing: no improvement, as the live check counts it (NaN)
+        second = (record[task] or {}).get(tie_break) if tie_break else None
         early_stopping(state, float("nan") if value is None else float(value), mode, patience=10**9,
-                       min_delta=min_delta)
+                       min_delta=min_delta, tie_break=None if second is None else float(second))
     return state
 
 

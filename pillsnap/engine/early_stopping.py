@@ -8,8 +8,8 @@ from typing import Any
 
 
 def new_early_stopping_state() -> dict:
-    """Initial state for early_stopping: no best yet, no bad epochs."""
-    return {"best": None, "bad_epochs": 0}
+    """Initial state for early_stopping: no best yet (nor its tie-break metric), no bad epochs."""
+    return {"best": None, "tie_break": None, "bad_epochs": 0}
 
 
 def is_improvement(metric: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -24,15 +24,22 @@ def is_improvement(metric: float, best: float | None, mode: str, min_delta: floa
 
 
 def early_stopping(
-    state: dict, metric: float, mode: str = "max", patience: int = 7, min_delta: float = 0.0
+    state: dict, metric: float, mode: str = "max", patience: int = 7, min_delta: float = 0.0,
+    tie_break: float | None = None,
 ) -> tuple[bool, bool]:
     """Record one epoch's `metric` in `state` (updated in place); return (stop, is_best).
 
-    stop is True once `patience` consecutive epochs passed without improvement.
+    stop is True once `patience` consecutive epochs passed without improvement. `tie_break`: a second metric in the
+    same direction that decides between epochs whose `metric` is exactly the best's (a detector's mAP@0.5 reaches
+    1.0 on a small validation set while its boxes still tighten); beating the best's counts as an improvement.
     """
-    improved = is_improvement(metric, state.get("best"), mode, min_delta)
+    best = state.get("best")
+    improved = is_improvement(metric, best, mode, min_delta)
+    if not improved and tie_break is not None and best is not None and metric == best:
+        improved = is_improvement(tie_break, state.get("tie_break"), mode, 0.0)
     if improved:
         state["best"], state["bad_epochs"] = float(metric), 0
+        state["tie_break"] = None if tie_break is None or math.isnan(tie_break) else float(tie_break)
     else:
         state["bad_epochs"] = int(state.get("bad_epochs", 0)) + 1
     return state["bad_epochs"] >= patience, improved

@@ -179,6 +179,12 @@ class Task(ABC):
     def mode(self) -> str:
         """"max" or "min" for `monitor`."""
 
+    @property
+    def tie_break(self) -> str | None:
+        """A validation metric in `mode`'s direction that decides between epochs whose `monitor` is exactly the
+        best's (None: the first such epoch stays the best)."""
+        return None
+
     @abstractmethod
     def check_compatible(self, ckpt: dict, origin: str) -> None:
         """Raise ResumeMismatchError when a checkpoint holds another model than this run builds (before loading it)."""

@@ -201,7 +201,7 @@ class Trainer:
         es = self.cfg.train.early_stopping
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
-                                                           float(es.min_delta))
+                                                           float(es.min_delta), task.tie_break)
             if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
                 self.es_state[name] = new_early_stopping_state()
                 self._start_fresh(name, task)
@@ -266,8 +266,9 @@ class Trainer:
         for name in active:
             task = self.tasks[name]
             metric = float(val[name].get(task.monitor, float("nan")))
+            second = val[name].get(task.tie_break) if task.tie_break else None
             stop, is_best = early_stopping(self.es_state[name], metric, task.mode, int(es.patience),
-                                           float(es.min_delta))
+                                           float(es.min_delta), None if second is None else float(second))
             if stop and es.enabled:
                 self.stopped.add(name)
                 best = self.es_state[name]["best"]
