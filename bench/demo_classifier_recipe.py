@@ -16,40 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+
+from demo_arms import train_in_scratch
 
 FIGURES = ("best_acc", "best_f1", "min_val_loss", "last5_acc", "last5_loss", "seconds")
 
 
-def arm_config(workdir: Path, out: Path, overrides: list[str], seed: int) -> Any:
-    from omegaconf import OmegaConf
-
-    from pillsnap.demo import demo_config
-
-    args = argparse.Namespace(workdir=str(workdir), tiny=False, data_root=None, cfg="config.yaml",
-                              overrides=[*overrides, f"train.seed={seed}"])
-    cfg = demo_config(args)
-    for key, value in {"paths.exp_dir": str(out / "exp"), "train.strategy": "classification",
-                       "train.stage_evaluation": False}.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
-
-
 def run_arm(workdir: Path, overrides: list[str], seed: int) -> dict:
     """One training run's validation figures (see the module's docstring) and its seconds."""
-    from pillsnap.engine.run import run_training
-
-    with tempfile.TemporaryDirectory(prefix="bench_demo_recipe_") as tmp:
-        cfg = arm_config(workdir, Path(tmp), overrides, seed)
-        start = time.perf_counter()
-        code, trainer = run_training(cfg)
-        seconds = time.perf_counter() - start
-        if code != 0 or trainer is None:
-            raise SystemExit(f"training ended with exit code {code}")
-        epochs = [record["classification"] for record in trainer.history]
+    seconds, epochs = train_in_scratch(workdir, [*overrides, f"train.seed={seed}"])
     best = max(epochs, key=lambda e: e["macro_f1"])
     last = epochs[-5:]
     return {"best_epoch": epochs.index(best) + 1, "best_acc": best["acc"], "best_f1": best["macro_f1"],

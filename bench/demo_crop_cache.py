@@ -16,41 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+
+from demo_arms import train_in_scratch
 
 ARMS = {"photos": False, "cache": True}
 
 
-def arm_config(workdir: Path, out: Path, cache: bool, epochs: int) -> Any:
-    from omegaconf import OmegaConf
-
-    from pillsnap.demo import demo_config
-
-    args = argparse.Namespace(workdir=str(workdir), tiny=False, data_root=None, cfg="config.yaml", overrides=[])
-    cfg = demo_config(args)
-    for key, value in {"paths.exp_dir": str(out / "exp"), "paths.cache_dir": str(out / "cache"),
-                       "data.cache.enabled": cache, "train.strategy": "classification", "train.epochs": epochs,
-                       "train.stage_evaluation": False}.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
-
-
 def run_arm(workdir: Path, cache: bool, epochs: int) -> tuple[float, dict]:
     """Seconds from building the loaders (and the cache) to the last epoch's end, and its validation figures."""
-    from pillsnap.engine.run import run_training
-
-    with tempfile.TemporaryDirectory(prefix="bench_demo_cache_") as tmp:
-        cfg = arm_config(workdir, Path(tmp), cache, epochs)
-        start = time.perf_counter()
-        code, trainer = run_training(cfg)
-        seconds = time.perf_counter() - start
-        if code != 0 or trainer is None:
-            raise SystemExit(f"training ended with exit code {code}")
-        figures = trainer.history[-1]["classification"]
-    return seconds, {key: round(float(figures[key]), 6) for key in ("val_loss", "acc", "macro_f1")}
+    seconds, epochs_seen = train_in_scratch(workdir, settings={
+        "paths.cache_dir": "{scratch}/cache", "data.cache.enabled": cache, "train.epochs": epochs})
+    return seconds, {key: round(float(epochs_seen[-1][key]), 6) for key in ("val_loss", "acc", "macro_f1")}
 
 
 def main() -> None:

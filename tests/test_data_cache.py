@@ -179,11 +179,14 @@ print("built", flush=True)
 
 def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lacking_only_it_is_used(
         manifest_dir, tmp_path, monkeypatch, caplog):
-    """At full scale a few photos of millions are broken. The cache used to forget that it had tried them: every
-    build decoded them again, and a teammate's read-only cache lacking only their crops was refused outright."""
+    """At full scale a few photos of millions are broken. The cache kept no record of the rows it could not cut:
+    a teammate's read-only cache lacking only their crops was refused outright (and the log counted them as
+    added). Now they are recorded, a read-only cache lacking no more than a sliver of the rows as unreadable is
+    used, and a build that can write tries them again."""
     import os
     import shutil
 
+    import pillsnap.data.cache as cache_module
     from pillsnap.data.datasets import ClassificationDataset
 
     rows = singles(manifest_dir).head(6).copy()
@@ -195,13 +198,16 @@ def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lackin
     caplog.set_level("INFO", logger="pillsnap.data.cache")
     cache = build_cache(rows, tmp_path, 24, 0.15, workers=1)
     assert len(cache) == 5 and cache.unreadable == {key} and key not in cache
-    assert "5 crops added (5 in all); 1 photos could not be decoded" in caplog.text
+    assert "5 crops added (5 in all); 1 could not be cut, their 1 photos undecodable" in caplog.text
     index = {code: i for i, code in enumerate(sorted(rows["mapping_code"].unique()))}
     dataset = ClassificationDataset(rows, index, 24, False, 0.15, cache)
     assert dataset[2] is None and dataset[3] is not None  # training leaves it out, and only it
 
     writable = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
+    with pytest.raises(ValueError, match="lacks crops of these rows"):  # 1 of 6 rows: more than a sliver
+        build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    monkeypatch.setattr(cache_module, "UNREADABLE_LIMIT", 0.2)  # as 1 of 100 rows would be at the default 1 %
     caplog.clear()
     read_only = build_cache(rows, tmp_path, 24, 0.15, workers=1)  # a teammate's cache: used, the row named
     assert len(read_only) == 5 and "cannot be written, and 1 of these rows have no crop in it" in caplog.text
@@ -214,3 +220,23 @@ def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lackin
     assert len(mended) == 6 and not mended.unreadable
     expected = np.asarray(pill_crop(rows.iloc[2], 0.15).resize((24, 24), Image.BILINEAR))
     assert np.array_equal(np.asarray(mended.get(key)), expected)
+
+
+def test_a_cache_built_while_no_photo_could_be_read_records_them_and_is_not_taken_read_only(
+        manifest_dir, tmp_path, monkeypatch):
+    """Built while the photos were out of reach (a share not mounted), every row is unreadable: recorded as such,
+    and a reader that cannot write is refused instead of training on nothing."""
+    import os
+
+    rows = singles(manifest_dir).head(4).copy()
+    rows["image_path"] = str(tmp_path / "not_mounted" / "photo.png")
+    cache = build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    root = cache_root(tmp_path, 24, 0.15)
+    assert len(cache) == 0 and CachedCrops(root).unreadable == set(rows["label_path"])
+    before = (root / "index.parquet").stat().st_mtime_ns
+    build_cache(rows, tmp_path, 24, 0.15, workers=1)  # tried again, nothing changed: the index is left alone
+    assert (root / "index.parquet").stat().st_mtime_ns == before
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
+    with pytest.raises(ValueError, match="lacks crops of these rows"):
+        build_cache(rows, tmp_path, 24, 0.15, workers=1)

@@ -4,7 +4,7 @@
 Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
 the index are decoded) and each shard is written to a temp file and moved into place. A row whose photo cannot be
 decoded is kept in the index as unreadable (shard -1): training leaves it out, a later build that can write tries it
-again, and a read-only cache lacking only such rows is used as it is.
+again, and a read-only cache lacking only such rows, no more than UNREADABLE_LIMIT of those asked, is used as it is.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from pillsnap.utils.pools import forked_imap
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
 UNREADABLE = (-1, -1)  # the slot of a row whose photo could not be decoded
+# A read-only cache may lack at most this share of the rows asked of it as unreadable (the share of unreadable data
+# the stage advisor tolerates): more than that, the photos were more likely out of reach when it was built (a share
+# not mounted) than broken, and training on what is left would be training on a part of the data without a word.
+UNREADABLE_LIMIT = 0.01
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
 
 
@@ -136,14 +140,17 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     One process at a time adds to a cache (two experiments share `paths.cache_dir` by default): two builders
     would each number their shards from the same index and write over each other's, and an index would then
     name another row's crop under a label, silently. A second builder waits, then adds only what is still
-    missing. A cache that lacks nothing is only read, and may be read-only (a teammate's, a shared mount)."""
+    missing. A cache that lacks nothing is only read, and may be read-only (a teammate's, a shared mount); so may
+    one that lacks only rows recorded as unreadable, no more than UNREADABLE_LIMIT of them."""
     root = cache_root(cache_dir, image_size, crop_margin)
     if (root / "meta.json").is_file():
         cache = CachedCrops(root)
         lacking = rows.loc[~rows["label_path"].isin(cache.index), "label_path"]
         if lacking.empty:
             return cache
-        if lacking.isin(cache.unreadable).all() and not os.access(root, os.W_OK):
+        usable = lacking.isin(cache.unreadable).all() and lacking.nunique() <= UNREADABLE_LIMIT * rows[
+            "label_path"].nunique()
+        if usable and not os.access(root, os.W_OK):
             LOGGER.warning("the crop cache %s cannot be written, and %d of these rows have no crop in it: their "
                            "photos could not be decoded when it was built. Training leaves them out",
                            root, lacking.nunique())
@@ -189,13 +196,12 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
             shard = _flush(root, shard, keys, arrays, index, unreadable, image_size)
     if arrays:
         _flush(root, shard, keys, arrays, index, unreadable, image_size)
-    else:  # nothing left to write but what could not be read
+    elif unreadable != cache.unreadable:  # nothing left to write but what could not be read
         _save_index(root, index, unreadable)
-    added = len(index) - len(cache.index)
-    failed = missing["label_path"].isin(unreadable).sum()
-    LOGGER.info("cache %s: %d crops added (%d in all)%s", root, added, len(index),
-                f"; {failed} photos could not be decoded: left out of training, tried again at the next build"
-                if failed else "")
+    failed = missing[missing["label_path"].isin(unreadable)]
+    LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(index) - len(cache.index), len(index),
+                f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos undecodable: left "
+                "out of training, tried again at the next build" if len(failed) else "")
     return CachedCrops(root)
 
 
