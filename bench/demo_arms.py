@@ -36,7 +36,7 @@ def train_in_scratch(workdir: Path, overrides: Sequence[str] = (),
     from pillsnap.engine.run import run_training
 
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
-        own = {key: value.format(scratch=tmp) if isinstance(value, str) else value
+        own = {key: value.replace("{scratch}", tmp) if isinstance(value, str) else value
                for key, value in (settings or {}).items()}
         cfg = classifier_config(workdir, Path(tmp), overrides, own)
         start = time.perf_counter()

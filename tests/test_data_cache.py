@@ -205,8 +205,8 @@ def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lackin
 
     writable = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
-    with pytest.raises(ValueError, match="lacks crops of these rows"):  # 1 of 6 rows: more than a sliver
-        build_cache(rows, tmp_path, 24, 0.15, workers=1)
+    with pytest.raises(ValueError, match=r"1 of these rows \(16.7%\) have no crop .* more than the 1% a cache may"):
+        build_cache(rows, tmp_path, 24, 0.15, workers=1)  # 1 of 6 rows: more than a sliver
     monkeypatch.setattr(cache_module, "UNREADABLE_LIMIT", 0.2)  # as 1 of 100 rows would be at the default 1 %
     caplog.clear()
     read_only = build_cache(rows, tmp_path, 24, 0.15, workers=1)  # a teammate's cache: used, the row named
@@ -223,20 +223,26 @@ def test_a_photo_that_cannot_be_decoded_is_recorded_and_a_read_only_cache_lackin
 
 
 def test_a_cache_built_while_no_photo_could_be_read_records_them_and_is_not_taken_read_only(
-        manifest_dir, tmp_path, monkeypatch):
+        manifest_dir, tmp_path, monkeypatch, caplog):
     """Built while the photos were out of reach (a share not mounted), every row is unreadable: recorded as such,
     and a reader that cannot write is refused instead of training on nothing."""
     import os
 
+    from pillsnap.data.cache import UNREADABLE_LIMIT
+    from pillsnap.eval.criteria import ADVISOR
+
+    assert ADVISOR.max_corruption_rate == UNREADABLE_LIMIT  # the share of unreadable data a stage tolerates
     rows = singles(manifest_dir).head(4).copy()
     rows["image_path"] = str(tmp_path / "not_mounted" / "photo.png")
+    caplog.set_level("INFO", logger="pillsnap.data.cache")
     cache = build_cache(rows, tmp_path, 24, 0.15, workers=1)
     root = cache_root(tmp_path, 24, 0.15)
     assert len(cache) == 0 and CachedCrops(root).unreadable == set(rows["label_path"])
-    before = (root / "index.parquet").stat().st_mtime_ns
+    assert "4 of the 4 rows asked could not be cut" in caplog.text  # a warning, not only the count
+    before = (root / "index.parquet").stat().st_ino  # the index is replaced whole when it is written
     build_cache(rows, tmp_path, 24, 0.15, workers=1)  # tried again, nothing changed: the index is left alone
-    assert (root / "index.parquet").stat().st_mtime_ns == before
+    assert (root / "index.parquet").stat().st_ino == before
     writable = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
-    with pytest.raises(ValueError, match="lacks crops of these rows"):
+    with pytest.raises(ValueError, match="4 of these rows .*were the photos out of reach then"):
         build_cache(rows, tmp_path, 24, 0.15, workers=1)

@@ -223,6 +223,16 @@ def test_a_tie_on_the_monitored_metric_goes_to_the_better_tie_break_and_a_resume
     replayed = replay_early_stopping(history[:4], "detection", "mAP@0.5", "max", 0.0, "mAP@0.5:0.95")
     assert replayed == {"best": 1.0, "tie_break": 0.7, "bad_epochs": 1}
     assert early_stopping(replayed, 1.0, "max", 2, tie_break=0.71) == (False, True)  # resumed: the tie still counts
+    # with min_delta, an epoch no worse on the monitor but short of improving on it by min_delta is told apart by
+    # the tie-break, which must improve by min_delta too
+    state = new_early_stopping_state()
+    picks = [early_stopping(state, m, "max", 3, 0.01, tie_break=t)[1]
+             for m, t in [(0.9, 0.5), (0.905, 0.9), (0.905, 0.905), (0.9, 0.99), (0.914, 0.95), (0.94, 0.1)]]
+    assert picks == [True, True, False, False, True, True] and state == {"best": 0.94, "tie_break": 0.1,
+                                                                          "bad_epochs": 0}
+    from pillsnap.engine.detection import EMPTY_METRICS, DetectionTask
+
+    assert DetectionTask.tie_break.fget(None) in EMPTY_METRICS  # a key its validation gives
 
 
 def test_time_cap_rule_needs_permission_samples_and_classes():

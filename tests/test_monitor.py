@@ -130,6 +130,20 @@ def test_state_builds_per_task_series_and_validation_history():
     assert cls["last"]["loss"] == 1.0 and cls["epoch"] == 2 and cls["step"] == 5 and cls["progress"] == 1.5
 
 
+def test_the_best_badge_picks_among_equal_epochs_as_the_trainer_does():
+    """The detector's epochs equal on mAP@0.5 go to the higher mAP@0.5:0.95 (its best checkpoint's rule), then the
+    first; a classifier's equal epochs to the first, as the trainer keeps its best."""
+    state = MonitorState()
+    det = [{"mAP@0.5": 0.9, "mAP@0.5:0.95": 0.5}, {"mAP@0.5": 1.0, "mAP@0.5:0.95": 0.6},
+           {"mAP@0.5": 1.0, "mAP@0.5:0.95": 0.8}, {"mAP@0.5": 1.0, "mAP@0.5:0.95": 0.7},
+           {"mAP@0.5": 1.0, "mAP@0.5:0.95": 0.8}]
+    state.apply_all([start(), *(val(10 + e, e, task="detection", **m) for e, m in enumerate(det, start=1)),
+                     val(20, 1, macro_f1=0.5), val(21, 2, macro_f1=0.7), val(22, 3, macro_f1=0.7)])
+    tasks = state.snapshot()["tasks"]
+    assert tasks["detection"]["best"] == {"metric": "mAP@0.5", "value": 1.0, "epoch": 3}
+    assert tasks["classification"]["best"] == {"metric": "macro_f1", "value": 0.7, "epoch": 2}
+
+
 def test_eta_from_the_pace_since_the_first_step():
     state = MonitorState()
     state.apply_all([start(t=0), step(100, 1, 1), step(190, 1, 10)])  # 0.9 epoch in 90 s: 100 s per epoch

@@ -148,9 +148,13 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
         lacking = rows.loc[~rows["label_path"].isin(cache.index), "label_path"]
         if lacking.empty:
             return cache
-        usable = lacking.isin(cache.unreadable).all() and lacking.nunique() <= UNREADABLE_LIMIT * rows[
-            "label_path"].nunique()
-        if usable and not os.access(root, os.W_OK):
+        if lacking.isin(cache.unreadable).all() and not os.access(root, os.W_OK):
+            share = lacking.nunique() / rows["label_path"].nunique()
+            if share > UNREADABLE_LIMIT:
+                raise CacheError(f"the crop cache {root} cannot be written, and {lacking.nunique()} of these rows "
+                                 f"({share:.1%}) have no crop in it: their photos could not be decoded when it was "
+                                 f"built, more than the {UNREADABLE_LIMIT:.0%} a cache may lack (were the photos out "
+                                 f"of reach then?). Build it again where they can be read, or {OWN_FOLDER}")
             LOGGER.warning("the crop cache %s cannot be written, and %d of these rows have no crop in it: their "
                            "photos could not be decoded when it was built. Training leaves them out",
                            root, lacking.nunique())
@@ -202,6 +206,10 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(index) - len(cache.index), len(index),
                 f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos undecodable: left "
                 "out of training, tried again at the next build" if len(failed) else "")
+    if len(failed) > UNREADABLE_LIMIT * rows["label_path"].nunique():
+        LOGGER.warning("cache %s: %d of the %d rows asked could not be cut, more than the %.0f%% of unreadable data "
+                       "a stage tolerates: were the photos out of reach?", root, len(failed),
+                       rows["label_path"].nunique(), 100 * UNREADABLE_LIMIT)
     return CachedCrops(root)
 
 

@@ -30,13 +30,15 @@ def early_stopping(
     """Record one epoch's `metric` in `state` (updated in place); return (stop, is_best).
 
     stop is True once `patience` consecutive epochs passed without improvement. `tie_break`: a second metric in the
-    same direction that decides between epochs whose `metric` is exactly the best's (a detector's mAP@0.5 reaches
-    1.0 on a small validation set while its boxes still tighten); beating the best's counts as an improvement.
+    same direction that decides between epochs whose `metric` is no worse than the best's but short of improving on
+    it by `min_delta` (a detector's mAP@0.5 reaches 1.0 on a small validation set while its boxes still tighten);
+    beating the best's by `min_delta` counts as an improvement. A lower `metric` never wins.
     """
     best = state.get("best")
     improved = is_improvement(metric, best, mode, min_delta)
-    if not improved and tie_break is not None and best is not None and metric == best:
-        improved = is_improvement(tie_break, state.get("tie_break"), mode, 0.0)
+    no_worse = best is not None and (metric >= best if mode == "max" else metric <= best)  # False for NaN
+    if not improved and tie_break is not None and no_worse:
+        improved = is_improvement(tie_break, state.get("tie_break"), mode, min_delta)
     if improved:
         state["best"], state["bad_epochs"] = float(metric), 0
         state["tie_break"] = None if tie_break is None or math.isnan(tie_break) else float(tie_break)

@@ -10,8 +10,10 @@ from pillsnap.utils.run_status import is_fresh_start
 
 TRAIN_COLUMNS = ("x", "epoch", "loss", "lr", "throughput", "data_time", "compute_time", "cuda_mem")
 NOT_METRICS = {"type", "time", "task", "epoch", "n", "num_images", "num_targets", "num_predictions"}
-# The validation metric a task's "best" badge follows: the first one present (the trainer's defaults).
+# The validation metric a task's "best" badge follows: the first one present (the trainer's defaults). Among epochs
+# equal on it, as the trainer picks its best checkpoint: the higher tie-break metric (the detector's), then the first.
 BEST_METRIC = {"classification": ("macro_f1", "acc"), "detection": ("mAP@0.5",)}
+TIE_BREAK = {"detection": "mAP@0.5:0.95"}
 MAX_OOM_EVENTS = 50
 
 
@@ -143,11 +145,13 @@ class TaskState:
         return max(0.0, (self.max_epochs - progress_of(self.last_step)) * elapsed / done)
 
     def best(self) -> dict | None:
+        tie = TIE_BREAK.get(self.name)
         for metric in BEST_METRIC.get(self.name, ()):
-            scored = [(v[metric], e) for e, v in self.val.items() if isinstance(v.get(metric), (int, float))]
+            scored = [(v[metric], _finite(v.get(tie)), -e) for e, v in self.val.items()
+                      if isinstance(v.get(metric), (int, float))]
             if scored:
-                value, epoch = max(scored)
-                return {"metric": metric, "value": clean(value), "epoch": epoch}
+                value, _, epoch = max(scored)
+                return {"metric": metric, "value": clean(value), "epoch": -epoch}
         return None
 
     def snapshot(self) -> dict:
@@ -267,3 +271,10 @@ class MonitorState:
                 "run": clean({**self.run, "eta": self.eta()}),
                 "tasks": {name: task.snapshot() for name, task in self.tasks.items()},
                 "oom": clean(self.oom), "evaluation": clean(self.evaluation)}
+
+
+def _finite(value: object) -> float:
+    """A number to rank by; anything else (missing, NaN, text) ranks below every number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return -math.inf
