@@ -31,12 +31,16 @@ def read_json(path: Path) -> dict:
 
 
 def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(capfd) -> None:
-    # as a terminal starts Python (pytest started in a script's background has SIGINT ignored, which stays so)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # as a terminal starts Python: pytest started in a script's background has SIGINT ignored, and under nohup
+    # SIGHUP, and a signal ignored from the start stays so (the test below)
+    terminal = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                signal.SIGHUP: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in terminal.items()}
     try:
         _each_stop_signal(capfd)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _each_stop_signal(capfd) -> None:
