@@ -149,15 +149,15 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
         if lacking.empty:
             return cache
         if lacking.isin(cache.unreadable).all() and not os.access(root, os.W_OK):
-            share = lacking.nunique() / rows["label_path"].nunique()
+            count = lacking.nunique()
+            share = count / rows["label_path"].nunique()
             if share > UNREADABLE_LIMIT:
-                raise CacheError(f"the crop cache {root} cannot be written, and {lacking.nunique()} of these rows "
+                raise CacheError(f"the crop cache {root} cannot be written, and {count} of these rows "
                                  f"({share:.1%}) have no crop in it: their photos could not be decoded when it was "
                                  f"built, more than the {UNREADABLE_LIMIT:.0%} a cache may lack (were the photos out "
                                  f"of reach then?). Build it again where they can be read, or {OWN_FOLDER}")
             LOGGER.warning("the crop cache %s cannot be written, and %d of these rows have no crop in it: their "
-                           "photos could not be decoded when it was built. Training leaves them out",
-                           root, lacking.nunique())
+                           "photos could not be decoded when it was built. Training leaves them out", root, count)
             return cache
     try:
         ensure_dir(root)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state
+from pillsnap.engine.early_stopping import judge_epoch, new_early_stopping_state
 from pillsnap.engine.spec import TaskSpec
 from pillsnap.utils import read_json, save_ckpt, save_json
 from pillsnap.utils.io import fsync_path
@@ -169,10 +169,7 @@ def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: st
     for record in history:
         if task not in record:  # an epoch this task did not train
             continue
-        value = (record[task] or {}).get(monitor)  # missing: no improvement, as the live check counts it (NaN)
-        second = (record[task] or {}).get(tie_break) if tie_break else None
-        early_stopping(state, float("nan") if value is None else float(value), mode, patience=10**9,
-                       min_delta=min_delta, tie_break=None if second is None else float(second))
+        judge_epoch(state, record[task] or {}, monitor, mode, 10**9, min_delta, tie_break)  # as the live check does
     return state
 
 

@@ -47,6 +47,16 @@ def early_stopping(
     return state["bad_epochs"] >= patience, improved
 
 
+def judge_epoch(state: dict, metrics: Mapping[str, Any], monitor: str, mode: str, patience: int, min_delta: float,
+                tie_break: str | None = None) -> tuple[bool, bool]:
+    """early_stopping on one epoch's validation `metrics` (live, or a history record replayed on resume): `monitor`
+    missing is no improvement (NaN); the `tie_break` metric missing decides nothing."""
+    value = metrics.get(monitor)
+    second = metrics.get(tie_break) if tie_break else None
+    return early_stopping(state, float("nan") if value is None else float(value), mode, patience, min_delta,
+                          None if second is None else float(second))
+
+
 def time_cap_reached(elapsed_s: float, time_limit_hours: float | None) -> bool:
     """Whether the stage's wall-clock cap is spent (a missing or non-positive cap never triggers)."""
     return bool(time_limit_hours) and time_limit_hours > 0 and elapsed_s >= time_limit_hours * 3600.0

@@ -181,8 +181,8 @@ class Task(ABC):
 
     @property
     def tie_break(self) -> str | None:
-        """A validation metric in `mode`'s direction that decides between epochs whose `monitor` is exactly the
-        best's (None: the first such epoch stays the best)."""
+        """A validation metric in `mode`'s direction that decides between epochs no worse on `monitor` than the
+        best but short of improving on it (early_stopping); None: the first best epoch stays the best."""
         return None
 
     @abstractmethod

@@ -31,7 +31,7 @@ from pillsnap.engine.distributed import (
     broadcast_object,
     device_for,
 )
-from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_success
+from pillsnap.engine.early_stopping import judge_epoch, new_early_stopping_state, time_cap_success
 from pillsnap.engine.loop import EmergencyExit, EpochProgress, EpochRunner, RankOutOfMemory, RunState
 from pillsnap.engine.oom import (
     RECOVERY_FILE,
@@ -265,10 +265,8 @@ class Trainer:
         saves = []
         for name in active:
             task = self.tasks[name]
-            metric = float(val[name].get(task.monitor, float("nan")))
-            second = val[name].get(task.tie_break) if task.tie_break else None
-            stop, is_best = early_stopping(self.es_state[name], metric, task.mode, int(es.patience),
-                                           float(es.min_delta), None if second is None else float(second))
+            stop, is_best = judge_epoch(self.es_state[name], val[name], task.monitor, task.mode, int(es.patience),
+                                        float(es.min_delta), task.tie_break)
             if stop and es.enabled:
                 self.stopped.add(name)
                 best = self.es_state[name]["best"]
