@@ -13,7 +13,13 @@ import torch
 from pillsnap.engine.callbacks import format_train_line
 from pillsnap.engine.classification import ClassificationTask
 from pillsnap.engine.detection import DetectionTask
-from pillsnap.engine.early_stopping import early_stopping, new_early_stopping_state, time_cap_reached, time_cap_success
+from pillsnap.engine.early_stopping import (
+    describe_best,
+    early_stopping,
+    new_early_stopping_state,
+    time_cap_reached,
+    time_cap_success,
+)
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import FakeOOM, OomDecision, auto_find_batch_size, oom_recovery_state_machine
 from pillsnap.engine.optim import warmup_cosine_factor
@@ -233,6 +239,11 @@ def test_a_tie_on_the_monitored_metric_goes_to_the_better_tie_break_and_a_resume
     from pillsnap.engine.detection import EMPTY_METRICS, DetectionTask
 
     assert DetectionTask.tie_break.fget(None) in EMPTY_METRICS  # a key its validation gives
+    # the early-stop log line says which of the tied epochs is the best
+    tied = {"best": 1.0, "tie_break": 0.7, "bad_epochs": 3}
+    assert describe_best(tied, "mAP@0.5", "mAP@0.5:0.95") == "mAP@0.5 best 1.0000 (mAP@0.5:0.95 0.7000)"
+    assert describe_best({**tied, "tie_break": None}, "mAP@0.5", "mAP@0.5:0.95") == "mAP@0.5 best 1.0000"
+    assert describe_best(tied, "acc", None) == "acc best 1.0000"
 
 
 def test_time_cap_rule_needs_permission_samples_and_classes():

@@ -57,6 +57,15 @@ def judge_epoch(state: dict, metrics: Mapping[str, Any], monitor: str, mode: str
                           None if second is None else float(second))
 
 
+def describe_best(state: Mapping[str, Any], monitor: str, tie_break: str | None = None) -> str:
+    """The best epoch's value for a log line: "mAP@0.5 best 1.0000 (mAP@0.5:0.95 0.9170)", the tie-break metric
+    shown where it was recorded (epochs tied on the monitored metric were told apart by it)."""
+    best, second = state.get("best"), state.get("tie_break")
+    if best is None:
+        return f"{monitor} best none (never measured)"
+    return f"{monitor} best {best:.4f}" + (f" ({tie_break} {second:.4f})" if tie_break and second is not None else "")
+
+
 def time_cap_reached(elapsed_s: float, time_limit_hours: float | None) -> bool:
     """Whether the stage's wall-clock cap is spent (a missing or non-positive cap never triggers)."""
     return bool(time_limit_hours) and time_limit_hours > 0 and elapsed_s >= time_limit_hours * 3600.0

@@ -31,7 +31,7 @@ from pillsnap.engine.distributed import (
     broadcast_object,
     device_for,
 )
-from pillsnap.engine.early_stopping import judge_epoch, new_early_stopping_state, time_cap_success
+from pillsnap.engine.early_stopping import describe_best, judge_epoch, new_early_stopping_state, time_cap_success
 from pillsnap.engine.loop import EmergencyExit, EpochProgress, EpochRunner, RankOutOfMemory, RunState
 from pillsnap.engine.oom import (
     RECOVERY_FILE,
@@ -210,8 +210,9 @@ class Trainer:
                 # it stopped rather than training it on until the rebuilt patience stops it again (fit)
                 self.stopped.add(name)
                 self.logger.info("%s stopped early before this resume (%d epochs without improvement, "
-                                 "train.early_stopping.patience=%s): it stays stopped", name,
-                                 self.es_state[name]["bad_epochs"], es.patience)
+                                 "train.early_stopping.patience=%s, %s): it stays stopped", name,
+                                 self.es_state[name]["bad_epochs"], es.patience,
+                                 describe_best(self.es_state[name], task.monitor, task.tie_break))
 
     def _start_fresh(self, name: str, task: Task) -> None:
         """A task with no checkpoint in a resumed run: its schedule spans the epochs it has left, not all of them."""
@@ -269,9 +270,8 @@ class Trainer:
                                         float(es.min_delta), task.tie_break)
             if stop and es.enabled:
                 self.stopped.add(name)
-                best = self.es_state[name]["best"]
-                self.logger.info("early stopping %s at epoch %d (%s best %s)", name, epoch, task.monitor,
-                                 "none (never measured)" if best is None else f"{best:.4f}")
+                self.logger.info("early stopping %s at epoch %d (%s)", name, epoch,
+                                 describe_best(self.es_state[name], task.monitor, task.tie_break))
             record[name] = {**val[name], **train[name], "lr": task.lr}
             saves.append(ck.Save(name, ("last", "best") if is_best else ("last",), self._state(name, epoch),
                                  task.spec.checkpoint_aliases))
