@@ -416,6 +416,41 @@ def test_stale_enrolment_is_refused_with_a_clear_message(predictor: Predictor, e
     assert listing(exp_dir)["drugs"] == []
 
 
+@pytest.mark.parametrize("content", ['{"classifier_sha256": "x", "drugs": [', '["x"]', '{"drugs": [{"name": "a"}]}'])
+def test_a_broken_store_is_named_and_left_alone_and_answers_go_on(predictor: Predictor, exp_dir: Path,
+                                                                   tmp_path: Path, content: str, caplog,
+                                                                   capsys) -> None:
+    """A truncated or hand-edited enrolment.json: every prediction failed (a 500 at the API) and `pillsnap enrol
+    --list` printed a traceback. Now answers go on without the enrolled drugs, each enrolment action refuses with
+    one line naming the file, and the file is left as it was."""
+    store = exp_dir / "checkpoints" / ENROLMENT_FILE
+    store.write_text(content, encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        restarted = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.enabled=false"), device="cpu")
+        assert answer(restarted, pill(tmp_path / "p.png", NEW_COLOUR, 1))["mapping_code"] != NEW_CODE
+    assert any(str(store) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    for act in (lambda: listing(exp_dir), lambda: remove(exp_dir, NEW_CODE),
+                lambda: enrol(restarted, new_drug(), photos(tmp_path / "new", NEW_COLOUR, range(5)))):
+        with pytest.raises(EnrolmentError, match="enrolment.json") as err:
+            act()
+        assert err.value.kind == "store_broken"
+    caplog.clear()
+    assert cli_main(["enrol", "--exp", str(exp_dir), "--list"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(store) in errors[0] and "Traceback" not in capsys.readouterr().err
+    assert store.read_text(encoding="utf-8") == content
+
+
+def test_too_many_photos_are_refused_before_any_is_decoded(exp_dir: Path, tmp_path: Path, caplog) -> None:
+    new = [str(p) for p in photos(tmp_path / "new", NEW_COLOUR, range(10))]
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a photo")
+    assert cli_main(["enrol", "--exp", str(exp_dir), "--code", NEW_CODE, "--name", "x", *new, str(junk)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "11 photo(s) given" in errors[0]
+    assert store_state(exp_dir) is None
+
+
 def test_enrol_cli(exp_dir: Path, tmp_path: Path, capsys, caplog) -> None:
     new = [str(p) for p in photos(tmp_path / "new", NEW_COLOUR, range(5))]
     base = ["enrol", "--exp", str(exp_dir)]

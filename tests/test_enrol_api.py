@@ -81,8 +81,10 @@ def test_bad_enrolments_are_4xx_json_and_change_nothing(client: TestClient, exp_
     Image.new("RGB", (120, 160), (190, 190, 185)).save(buf, format="PNG")
     blank = tmp_path / "blank.png"
     blank.write_bytes(buf.getvalue())
+    eleven = photos(tmp_path / "eleven", NEW_COLOUR, range(10))
     cases = [
         (upload(new[:2]), form(), 422, "photo_count"),
+        (upload([*eleven, junk]), form(), 422, "photo_count"),  # counted before any photo is decoded
         (upload(new), form(code="K-000001"), 409, "trained_class"),
         (upload(new), form(code="nope"), 422, "bad_field"),
         (upload(new), form(shape="blob"), 422, "bad_field"),
@@ -134,3 +136,28 @@ def test_an_enrolment_taking_the_trained_drugs_answers_is_a_409_until_forced(exp
         assert "K-000001" in refused.json()["detail"] and store_state(exp_dir) is None
         forced = client.post("/v1/enrol", files=upload(new), data=form(force="true"), headers=KEY)
         assert forced.status_code == 200 and forced.json()["takes_known"]["refused"] is True
+
+
+def test_a_broken_enrolment_store_is_a_409_and_predictions_go_on(client: TestClient, exp_dir: Path,  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    store = exp_dir / "checkpoints" / "enrolment.json"
+    store.write_text('{"classifier_sha256": "x", "drugs": [', encoding="utf-8")
+    listed = client.get("/v1/enrol", headers=KEY)
+    assert (listed.status_code, listed.json()["error"]) == (409, "store_broken")
+    probe = pill(tmp_path / "probe.png", NEW_COLOUR, 42, "rectangle")
+    answer = client.post("/v1/predict", files={"file": ("probe.png", probe.read_bytes(), "image/png")},
+                         data={"mode": "single"}, headers=KEY)
+    assert answer.status_code == 200 and answer.json()["pills"]
+    made = client.post("/v1/enrol", files=upload(photos(tmp_path / "new", NEW_COLOUR, range(5))), data=form(),
+                       headers=KEY)
+    assert (made.status_code, made.json()["error"]) == (409, "store_broken")
+    assert store.read_text(encoding="utf-8") == '{"classifier_sha256": "x", "drugs": ['
+
+
+def test_the_enrol_body_limit_holds_the_most_photos_an_enrolment_takes() -> None:
+    from pillsnap.infer.enrol import MAX_PHOTOS
+    from pillsnap.serve.settings import ENROL_MAX_PHOTOS, MULTIPART_SLACK
+
+    settings = ServeSettings(max_upload_mb=1, max_batch_files=2)
+    assert ENROL_MAX_PHOTOS == MAX_PHOTOS
+    assert settings.body_limit("/v1/enrol") == MAX_PHOTOS * 2**20 + MULTIPART_SLACK

@@ -201,12 +201,18 @@ def _lookalike_message(found: dict) -> str:
             f"photos ({found['own_distance']:.0f}); check the code and the photos, or enrol anyway with --force")
 
 
+def check_photo_count(n: int) -> None:
+    """EnrolmentError ("photo_count") unless `n` photos are enough and not too many: asked before any photo is
+    decoded, so that hundreds given by mistake are refused at once, not after decoding them all."""
+    if not MIN_PHOTOS <= n <= MAX_PHOTOS:
+        raise EnrolmentError(f"{n} photo(s) given: enrolling needs {MIN_PHOTOS} to {MAX_PHOTOS} photos of the drug",
+                             "photo_count")
+
+
 def _check_request(predictor: Any, info: DrugInfo, photos: list[Photo]) -> tuple[Any, float | None]:
     """The checks that need no store: photo count, a trained code, a calibration to place the drug in. Returns
     the trained class Gaussians and the feature-distance threshold."""
-    if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
-        raise EnrolmentError(f"{len(photos)} photo(s) given: enrolling needs {MIN_PHOTOS} to {MAX_PHOTOS} photos of "
-                             "the drug", "photo_count")
+    check_photo_count(len(photos))
     trained_names, trained_map = predictor.trained[0], predictor.trained[1]
     if info.code in trained_names:
         raise EnrolmentError(f"{info.code} is a trained class ({trained_map[info.code].get('name', '')}): it is "

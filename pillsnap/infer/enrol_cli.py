@@ -103,10 +103,8 @@ def _act(args: argparse.Namespace, cfg: Any) -> dict:
         return enrolling.remove(cfg.paths.exp_dir, args.remove.strip())
     info = enrolling.DrugInfo.parse(args.code, args.name, args.imprint_front, args.imprint_back, args.color,
                                     args.shape)
+    enrolling.check_photo_count(len(args.photos))  # before any photo is decoded or a model loads
     photos = _load_photos(args.photos, cfg)
-    if not enrolling.MIN_PHOTOS <= len(photos) <= enrolling.MAX_PHOTOS:  # before the models load
-        raise enrolling.EnrolmentError(f"{len(photos)} photo(s) given: enrolling needs {enrolling.MIN_PHOTOS} to "
-                                       f"{enrolling.MAX_PHOTOS} photos of the drug", "photo_count")
     from pillsnap.infer.pipeline import Predictor
 
     cfg.inference.imprint.enabled = False  # enrolling reads no imprint: the reader need not load

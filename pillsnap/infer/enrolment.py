@@ -111,6 +111,23 @@ def store_stamp(ckpt_dir: str | Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _stored(path: Path) -> dict:
+    """enrolment.json's content, checked for the shape this module writes; EnrolmentError ("store_broken") naming
+    the problem when it is not (a truncated or hand-edited file): inference then answers without enrolled drugs,
+    and the file is left as it is for its owner to mend or remove."""
+    try:
+        stored = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise EnrolmentError(f"{path} cannot be read ({err}): mend it, or remove it and enrol the drugs again",
+                             "store_broken") from err
+    drugs = stored.get("drugs", []) if isinstance(stored, dict) else None
+    if not isinstance(drugs, list) or not all(isinstance(d, dict) and isinstance(d.get("mapping_code"), str)
+                                              for d in drugs):
+        raise EnrolmentError(f"{path} is not an enrolment store (an object whose 'drugs' list has a mapping_code "
+                             "for each drug): mend it, or remove it and enrol the drugs again", "store_broken")
+    return stored
+
+
 def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str | None = None) -> Enrolled:
     """The enrolled drugs of `classifier` (none when there is no store). StaleEnrolment when the store was made for
     other weights; EnrolmentError when its feature file is missing or not the one it names."""
@@ -118,8 +135,8 @@ def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str
     path = ckpt_dir / ENROLMENT_FILE
     if not path.is_file():
         return Enrolled()
-    stored = read_json(path)
-    codes = ", ".join(d.get("mapping_code", "?") for d in stored.get("drugs", []))
+    stored = _stored(path)
+    codes = ", ".join(d["mapping_code"] for d in stored["drugs"])
     if stored.get("classifier_sha256") != (classifier_sha or file_sha256(classifier)):
         raise StaleEnrolment(f"{path} was made for other classifier weights (the model was retrained since): its "
                              f"drugs ({codes}) are not answered; enrol them again from their photos after removing "

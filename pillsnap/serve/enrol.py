@@ -32,13 +32,14 @@ def _predictor(state: Any) -> Any:
 
 def _enrol_job(state: Any, uploads: list, fields: dict) -> dict:
     """Decode the photos with the server's limits, then enrol (on a worker thread)."""
-    from pillsnap.infer.enrol import DrugInfo, Photo, enrol
+    from pillsnap.infer.enrol import DrugInfo, Photo, check_photo_count, enrol
     from pillsnap.infer.enrolment import EnrolmentError
 
     predictor = _predictor(state)
     try:
         info = DrugInfo.parse(fields["code"], fields["name"], fields["imprint_front"], fields["imprint_back"],
                               fields["color"], fields["shape"])
+        check_photo_count(len(uploads))  # before decoding any
         photos = []
         for upload in uploads:
             if not upload.data:
@@ -68,9 +69,13 @@ def _remove_job(state: Any, code: str) -> dict:
 
 def _list_job(state: Any) -> dict:
     from pillsnap.infer.enrol import listing
+    from pillsnap.infer.enrolment import EnrolmentError
 
     predictor = _predictor(state)
-    return listing(predictor.exp_dir, predictor.classifier_path, predictor.classifier_sha256)
+    try:
+        return listing(predictor.exp_dir, predictor.classifier_path, predictor.classifier_sha256)
+    except EnrolmentError as err:  # a broken store
+        raise _rejected(err) from err
 
 
 def add_enrol_routes(app: FastAPI, state: Any, read_upload: Callable[..., Any]) -> None:
