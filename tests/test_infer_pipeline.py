@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,19 @@ def test_no_detected_pill_is_flagged(predictor: Predictor, tmp_path: Path, monke
     result = predictor.predict(pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)]), mode="auto")
     assert result["mode_used"] == "single" and result["flags"] == ["no_pill_detected"]
     assert "no_pill_detected" in result["hard_case"]
+
+
+def test_a_hard_case_that_cannot_be_logged_still_gets_its_answer(predictor: Predictor, tmp_path: Path,
+                                                                  monkeypatch, caplog) -> None:
+    """A full disk or a read-only experiment folder: the hard-case record is lost, never the answer."""
+    monkeypatch.setattr(predictor, "detect", lambda image, conf, forward=None, max_det=300: np.zeros((0, 5)))
+    shutil.rmtree(predictor.hard_cases.root, ignore_errors=True)
+    predictor.hard_cases.root.write_text("a file where the folder should be", encoding="utf-8")
+    photo = pill_photo(tmp_path / "p.png", [(45, 60, 30, 24)])
+    with caplog.at_level(logging.WARNING):
+        results = [predictor.predict(photo, mode="auto") for _ in range(3)]
+    assert all("no_pill_detected" in r["hard_case"] and r["pills"] for r in results)
+    assert len([r for r in caplog.records if "hard case not logged" in r.getMessage()]) == 1
 
 
 def test_combo_without_detector_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import threading
 from pathlib import Path
 
@@ -29,7 +30,7 @@ KEY = {"X-API-Key": "k"}
 class FakePredictor:
     """Stands in for pillsnap.infer.Predictor: records what it was given; `gate` holds each prediction until set."""
 
-    backend, device, class_names = "torch", "cpu", ["K-000001", "K-000002"]
+    backend, device, class_names, has_detector = "torch", "cpu", ["K-000001", "K-000002"], True
 
     def __init__(self, files: dict[str, Path] | None = None, gate: threading.Event | None = None,
                  hard_case: list[str] | None = None, fail: Exception | None = None) -> None:
@@ -345,6 +346,29 @@ def test_hard_case_uploads_are_kept_and_referenced(tmp_path) -> None:
     [kept] = (tmp_path / "uploads").iterdir()  # named by the server (test_serve_hardcases.py)
     assert kept.suffix == ".png" and fake.seen[-1]["name"] == str(kept)  # the record points at the kept upload
     assert kept.read_bytes() == data
+
+
+def test_a_hard_case_upload_that_cannot_be_kept_still_gets_its_answer(tmp_path, caplog) -> None:
+    """A full disk or a read-only uploads folder made the whole prediction a 500."""
+    fake = FakePredictor(hard_case=["low_single_confidence"])
+    (tmp_path / "uploads").write_text("a file where the folder should be", encoding="utf-8")
+    with TestClient(make_app(fake, uploads_dir=tmp_path / "uploads")) as client, caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            answer = client.post("/v1/predict", files=photo("pill.png", png_bytes()), headers=KEY)
+            assert answer.status_code == 200 and answer.json()["pills"][0]["mapping_code"] == "K-000001"
+    warned = [r.getMessage() for r in caplog.records if "not kept" in r.getMessage()]
+    assert len(warned) == 1 and "pill.png" in warned[0]  # said once, not at every request
+
+
+def test_combo_mode_on_a_model_without_a_detector_is_a_409(client, fake) -> None:
+    fake.has_detector = False
+    answer = client.post("/v1/predict", files=photo("pill.png", png_bytes()), data={"mode": "combo"}, headers=KEY)
+    assert (answer.status_code, answer.json()["error"]) == (409, "no_detector") and not fake.seen
+    batch = client.post("/v1/predict/batch", files=[("files", ("a.png", png_bytes(), "image/png"))],
+                        data={"mode": "combo"}, headers=KEY).json()["results"]
+    assert (batch[0]["status"], batch[0]["error"]) == (409, "no_detector")
+    assert client.post("/v1/predict", files=photo("pill.png", png_bytes()), data={"mode": "auto"},
+                       headers=KEY).status_code == 200
 
 
 def test_docs_and_page_work_offline(client) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from pillsnap.infer.hard_cases import KeptFiles, for_request  # PIL only: no model code
 from pillsnap.serve.errors import RequestRejected, image_error_status
 from pillsnap.utils.images import PHOTO_SUFFIXES, ImageError, ImageLimits, decode_image
+from pillsnap.utils.logs import warn_first
 
 LOGGER = logging.getLogger(__name__)
 GIT_SHA_ENV = "PILLSNAP_GIT_SHA"  # set in images built without .git
@@ -43,6 +44,7 @@ class PredictorLike(Protocol):
 
     backend: str
     class_names: list[str]
+    has_detector: bool
 
     def predict(self, image: Any, mode: str | None = None, conf_threshold: float | None = None,
                 name: str | None = None, hints: Any = None) -> dict: ...
@@ -65,6 +67,7 @@ class PredictionService:
         self._load_predictor = load_predictor
         self.limits = limits
         self.uploads = uploads  # None: hard cases are not logged, so uploads are never kept
+        self._keep_failures = 0  # hard-case uploads in a row that could not be kept
         self.predictor: PredictorLike | None = None
         self.info: dict = {}
 
@@ -87,13 +90,23 @@ class PredictionService:
         decoder refuses and RequestRejected for an empty one."""
         if self.predictor is None:
             raise NotReady()
+        if mode == "combo" and not self.predictor.has_detector:
+            raise RequestRejected(409, "This model has no detector, and combo mode needs one: send mode=auto or "
+                                  "single (a photo of one pill)", "no_detector")
         image = self._decode(upload)
         reference = self._upload_path(upload)
         with for_request(upload.request_id):  # the hard-case record names the request
             result = self.predictor.predict(image, mode=mode, name=str(reference) if reference else upload.filename,
                                             hints=hints)
         if reference is not None and self.uploads is not None and result.get("hard_case"):
-            self.uploads.keep(reference, upload.data)
+            try:
+                self.uploads.keep(reference, upload.data)
+            except OSError as err:  # a full disk or a read-only folder loses the kept photo, never the answer
+                self._keep_failures = warn_first(LOGGER, self._keep_failures,
+                                                 f"upload {upload.filename!r} of a hard case not kept ({err}): the "
+                                                 "answer is given")
+            else:
+                self._keep_failures = 0
         return result
 
     def preview(self, upload: Upload, side: int = PREVIEW_SIDE) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def set_log_level(level: str) -> None:
     logging.getLogger("pillsnap").setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def warn_first(logger: logging.Logger, failures: int, message: str) -> int:
+    """One more failure in a run of `failures` alike (a full disk fails every request the same way): warn with
+    `message` at the 1st, 10th, 100th ... of them, so that the log says it without flooding; returns the new count
+    (the caller sets it back to 0 on a success)."""
+    failures += 1
+    if math.log10(failures).is_integer():
+        logger.warning("%s%s", message, "" if failures == 1 else f" ({failures} times in a row)")
+    return failures
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
