@@ -235,3 +235,20 @@ def test_a_damaged_heic_and_a_missing_reader_are_named(monkeypatch) -> None:
         avif = encode(Image.new("RGB", (16, 16), (200, 40, 120)), "AVIF")
         assert avif[4:8] == b"ftyp"
         assert decode_image(avif[:8] + b"mif1" + avif[12:], "shared.avif").size == (16, 16)
+
+
+def test_a_pil_image_given_to_inference_is_read_as_its_file_would_be() -> None:
+    """Predictor.predict takes PIL images too: they went through PIL's convert("RGB") (transparency on black,
+    16-bit grey clipped to white) with no EXIF turn, so the same photo answered differently by path and by image."""
+    from pillsnap.infer.preprocess import load_image
+
+    stored = Image.new("RGB", (40, 20), (0, 0, 230))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    phone = Image.open(io.BytesIO(encode(stored, "JPEG", exif=exif, quality=95)))
+    assert load_image(phone)[0].size == (20, 40) and phone.size == (40, 20)  # turned, the caller's image kept
+    assert load_image(load_image(phone)[0])[0].size == (20, 40)  # an image already turned is not turned again
+    grey16 = Image.open(io.BytesIO(encode(Image.fromarray(np.full((40, 40), 128 * 257, dtype=np.uint16)))))
+    assert load_image(grey16)[0].getpixel((0, 0)) == (128, 128, 128)
+    clear = Image.new("RGBA", (40, 40), (10, 200, 30, 0))
+    assert load_image(clear)[0].getpixel((0, 0)) == (255, 255, 255)

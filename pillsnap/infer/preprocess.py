@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.utils.boxes import xyxy_to_xywh
-from pillsnap.utils.images import read_image
+from pillsnap.utils.images import read_image, to_rgb, upright_copy
 
 if TYPE_CHECKING:
     import torch
@@ -20,14 +20,16 @@ LETTERBOX_FILL = (114, 114, 114)  # ultralytics' padding grey, so the detector s
 
 
 def load_image(image: Any) -> tuple[Image.Image, str | None]:
-    """(RGB PIL image, its name) from a path / 'zip:<zip>!<member>' string, a PIL image or an HxWx3 uint8 array."""
+    """(RGB PIL image, its name) from a path / 'zip:<zip>!<member>' string, a PIL image or an HxWx3 uint8 array.
+    A PIL image is read as a file would be (EXIF orientation, any mode to RGB), without changing the caller's."""
     if isinstance(image, (str, Path)):
         text = str(image)
         if not text.startswith("zip:") and not Path(text).is_file():
             raise FileNotFoundError(f"Image not found: {text}")
         return read_image(text).convert("RGB"), text
-    if isinstance(image, Image.Image):
-        return image.convert("RGB"), getattr(image, "filename", None) or None
+    if isinstance(image, Image.Image):  # decoded as a file is: upright, transparency on white, 16-bit rescaled
+        name = getattr(image, "filename", None) or None
+        return to_rgb(upright_copy(image, name or "<image>")), name
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"array images must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")

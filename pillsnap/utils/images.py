@@ -163,6 +163,16 @@ def check_image_size(size: tuple[int, int], name: str, limits: ImageLimits = DEF
                             f"at least {limits.min_side} px); send the original photo, not a thumbnail")
 
 
+def upright_copy(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """A caller's PIL image turned the way its EXIF orientation says (Image.open does not), as a copy: the caller's
+    image is left as it was. One already turned (ImageOps.exif_transpose drops the tag) is not turned again."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error) as err:  # a corrupt EXIF block
+        LOGGER.warning("ignoring the unreadable EXIF orientation of %s: %s", name, _clean(err))
+        return image
+
+
 def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
     """Turn the pixels the way the camera's EXIF orientation says, so that boxes are in the frame people see."""
     try:
