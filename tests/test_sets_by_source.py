@@ -5,17 +5,24 @@ its own source's threshold."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from test_infer_pipeline import _calibration, _cfg, make_exp_dir, pill_photo
 
 from pillsnap.eval.answer_calibration import own_thresholds_text, set_summary
 from pillsnap.eval.pipeline_eval import set_figures, with_sets
 from pillsnap.infer.answer import SetRule
-from pillsnap.infer.artefacts import MIN_SOURCE_SET_ANSWERS, load_set_rule
+from pillsnap.infer.artefacts import (
+    MIN_SOURCE_SET_ANSWERS,
+    configured_set_rule,
+    configured_unknown_rule,
+    load_set_rule,
+)
 from pillsnap.infer.pipeline import Predictor
 from pillsnap.metrics.conformal import conformal_threshold, group_thresholds, nonconformity, set_size
 from pillsnap.utils import save_json
@@ -151,3 +158,30 @@ def test_the_headline_names_the_sources_the_predictor_gave_their_own_threshold()
     assert _set_lines({"prediction_sets": {}}, {"method": "lac", "no_threshold": why}) == [
         f"test        prediction sets: none ({why})"]
     assert "pillsnap calibrate" in _set_lines({"prediction_sets": {}}, {})[0]  # no scores at all
+
+
+def test_sets_answered_otherwise_than_calibrated_are_dropped_and_a_changed_keep_share_is_said(caplog) -> None:
+    """The set scores were measured on answers with inference.topk candidates, withheld by the unknown-pill rule in
+    force: `--set inference.topk=1` cut every set to one candidate while each still said 95 % coverage."""
+    calibration = _stored(0.05, 0.9)
+    calibration["prediction_sets"].update(topk=5, unknown_rule="feature_distance")
+    settings = OmegaConf.create({"method": "lac", "coverage": 0.95})
+    with caplog.at_level(logging.WARNING):
+        assert configured_set_rule(calibration, settings, False, False, 5, "feature_distance") is not None
+        assert not caplog.records
+        assert configured_set_rule(calibration, settings, False, False, 1, "feature_distance") is None
+        assert configured_set_rule(calibration, settings, False, False, 5, None) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert "calibrated with inference.topk 5 and it is now 1" in said[0]
+    assert "calibrated with the unknown-pill rule in force feature_distance and it is now off" in said[1]
+    older = {"prediction_sets": {k: v for k, v in calibration["prediction_sets"].items()
+                                 if k not in ("topk", "unknown_rule")}}
+    assert configured_set_rule(older, settings, False, False, 1, None) is not None  # not recorded: not checked
+    caplog.clear()
+    inference = OmegaConf.create({"unknown_rule": "probability", "unknown_keep_correct": 0.99})
+    stored = {"unknown_keep_correct": 0.95, "unknown_thresholds": {"probability": 0.4}}
+    with caplog.at_level(logging.WARNING):
+        assert configured_unknown_rule(stored, Path("."), inference).threshold == 0.4
+        configured_unknown_rule(stored, Path("."), OmegaConf.merge(inference, {"unknown_keep_correct": 0.95}))
+    [warned] = [r.getMessage() for r in caplog.records]
+    assert "calibrated to keep 0.95 of the right answers and inference.unknown_keep_correct is now 0.99" in warned

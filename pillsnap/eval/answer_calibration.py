@@ -217,7 +217,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
     sets = {"scores": {method: scores_to_json(scores) for method, scores in set_scores.items()},
             "sources": scored_sources if sources is not None else None,
             "n": len(set_scores["aps"]), "withheld_unknown": sum(a.unknown for a in answers),
-            "imprint_reading": reading, "imprint_check": check_unknown,
+            "imprint_reading": reading, "imprint_check": check_unknown, "topk": topk,
             "unknown_rule": unknown.rule if unknown.active else None}
     return {"evidence_scale": scale, "evidence_scale_by_source": scale_by_source, "answers": figures,
             "prediction_sets": sets, "unknown_answers": unknown_answers}

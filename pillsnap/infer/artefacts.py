@@ -9,6 +9,7 @@ pillsnap.eval.calibration fits and writes them; this module only reads them, so 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,10 +202,12 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
 
 
 def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading: bool,
-                        imprint_check: bool) -> Any:
+                        imprint_check: bool, topk: int | None = None, unknown_rule: str | None = None) -> Any:
     """The prediction-set rule (pillsnap.infer.answer.SetRule) at inference.prediction_set's coverage (`settings`),
     from the scores calibrated for these weights; None without them (answers carry no set, said once in the
-    log). Settings that make no sense are a ValueError whether or not there is a calibration."""
+    log). Settings that make no sense are a ValueError whether or not there is a calibration. The scores were
+    measured on answers with `topk` candidates, withheld by the unknown-pill rule `unknown_rule` (None: off):
+    answered otherwise (fewer candidates cut the sets short), they carry no set."""
     from pillsnap.metrics.conformal import check_set_method
 
     method, coverage = check_set_method(str(settings.method)), float(settings.coverage)
@@ -217,6 +220,12 @@ def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading
     if calibration is None:
         return None
     rule, problem = load_set_rule(calibration, method, coverage, imprint_reading, imprint_check, fill, by_source)
+    stored = calibration.get("prediction_sets") or {}
+    for key, now in (("topk", topk), ("unknown_rule", unknown_rule)):
+        if not problem and key in stored and stored[key] != now:  # older calibrations did not record them
+            name = "inference.topk" if key == "topk" else "the unknown-pill rule in force"
+            problem = (f"the prediction sets were calibrated with {name} {stored[key] or 'off'} and it is now "
+                       f"{now or 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
     if problem:
         LOGGER.warning("predictor: answers carry no prediction set: %s", problem)
         return None
@@ -244,9 +253,14 @@ def configured_unknown_rule(calibration: dict | None, ckpt_dir: Path, settings: 
     with inference.unknown_keep_correct at 0."""
     from pillsnap.infer.unknown import UnknownAnswer
 
-    rule = str(settings.unknown_rule)
-    if calibration is None or float(settings.unknown_keep_correct) <= 0:
+    rule, keep = str(settings.unknown_rule), float(settings.unknown_keep_correct)
+    if calibration is None or keep <= 0:
         return UnknownAnswer(rule, None)
+    calibrated = calibration.get("unknown_keep_correct")
+    if calibrated is not None and not math.isclose(float(calibrated), keep):
+        LOGGER.warning("predictor: the unknown-pill thresholds were calibrated to keep %.3g of the right answers and "
+                       "inference.unknown_keep_correct is now %.3g: the calibrated thresholds stay in force "
+                       "(recalibrate to apply it: pillsnap calibrate --exp EXP)", float(calibrated), keep)
     threshold, gaussians = load_unknown_rule(ckpt_dir, calibration, rule)
     by_source = unknown_thresholds_by_source(calibration, rule) if threshold is not None else None
     return UnknownAnswer(rule, threshold, gaussians, by_source)

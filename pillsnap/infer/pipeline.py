@@ -106,7 +106,8 @@ class Predictor:
         self.unknown = self._unknown_rule()
         self.unknown_rules = self._answer_rules(self.unknown)  # what each pill's answer applies, by crop source
         self.set_rule = configured_set_rule(self.calibration if sets else None, self.settings.prediction_set,
-                                            bool(imprint.enabled), self.check_unknown)
+                                            bool(imprint.enabled), self.check_unknown, int(self.settings.topk),
+                                            self.unknown.rule if self.unknown.active else None)
         self.set_rules = {source: None if self.set_rule is None else self.set_rule.for_source(source)
                           for source in CROP_SOURCES}  # each crop source's own threshold where calibration has one
         # the imprint read's weights per crop source, scaled where calibration fit them so that the answers'
