@@ -240,10 +240,11 @@ def load_calibration_for(ckpt_dir: Path, classifier: Path, sha256: str, imprint_
     look (by its imprint it still is, with the imprint check on: `imprint_check`)."""
     calibration = load_calibration(ckpt_dir, classifier, sha256)
     if calibration is None:
-        LOGGER.info("predictor: no calibration for %s: probabilities are raw softmax, answers carry no prediction "
-                    "set, and no pill is answered as unknown by its look%s (pillsnap calibrate --exp EXP fits them)",
-                    classifier.name, "; the imprint check still answers a pill whose imprint no look-alike "
-                    "carries as unknown" if imprint_check else "")
+        # a warning: such a predictor names a drug for whatever it is shown (a blank photo, a coin)
+        LOGGER.warning("predictor: no calibration for %s: probabilities are raw softmax, answers carry no "
+                       "prediction set, and no pill is answered as unknown by its look%s (pillsnap calibrate --exp "
+                       "EXP fits them)", classifier.name, "; the imprint check still answers a pill whose imprint no "
+                       "look-alike carries as unknown" if imprint_check else "")
     return calibration
 
 
