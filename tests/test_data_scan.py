@@ -240,3 +240,25 @@ def test_zip_directory_reader_matches_zipfile(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:-30])
     with pytest.raises(zipfile.BadZipFile):
         read_central_directory(str(corrupt))
+
+
+def test_folders_whose_names_are_not_utf8_are_left_out_and_named(broken_root, tmp_path, caplog):
+    """A tree a Windows archive extracted in cp949 (단일 as b'\\xb4\\xdc\\xc0\\xcf'): the scan stopped with
+    UnicodeEncodeError in Arrow. Now such folders are left out with a warning that names them and says the fix."""
+    cp949 = os.fsdecode("단일".encode("cp949"))
+    bad = broken_root / "원천데이터" / f"TS_2_{cp949}"
+    png(bad / "K-000004" / "K-000004_0_2_0_1_90_000_200.png")
+    write(broken_root / "라벨링데이터" / f"TL_2_{cp949}" / "K-000004_json" / "K-000004_0_2_0_1_90_000_200.json",
+          label_bytes("K-000004_0_2_0_1_90_000_200", "K-000004"))
+    with caplog.at_level("WARNING"):
+        report = scan_dataset(broken_root, tmp_path / "out", workers=1, progress=False)
+    assert report["records_kept"] == 3 and "K-000004" not in set(load_class_map(tmp_path / "out"))
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and "2 folder(s)" in warned[0] and r"\xb4\xdc\xc0\xcf" in warned[0]
+    only_bad = tmp_path / "only_bad"
+    write(only_bad / f"TL_{cp949}" / "K-000004_json" / "K-000004_0_2_0_1_90_000_200.json",
+          label_bytes("K-000004_0_2_0_1_90_000_200", "K-000004"))
+    with pytest.raises(ValueError, match="not UTF-8.*convmv"):
+        scan_dataset(only_bad, tmp_path / "out2", workers=1, progress=False)
+    with pytest.raises(ValueError, match="data root .* not UTF-8"):
+        scan_dataset(only_bad / f"TL_{cp949}", tmp_path / "out3", workers=1, progress=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pillsnap.data.scan_walk import Discovery
+from pillsnap.data.scan_walk import NOT_UTF8_FIX, Discovery, shown_path
 
 AIHUB, COMPETITION = "aihub", "competition"
 EXPECTED = ("the AI Hub layout (photos in K-XXXXXX/ folders beside K-XXXXXX_json/ label folders, extracted or in "
@@ -48,6 +48,9 @@ def _found_text(found: Discovery) -> str:
 
 def _nearest(found: Discovery, skipped: Counter) -> str:
     head = "Nearest recognised layout:"
+    if not found.label_folders and found.not_utf8:
+        return (f"{head} none readable: {len(found.not_utf8)} folder(s) or file(s) have names that are not UTF-8 "
+                f"(e.g. {shown_path(found.not_utf8[0])}): {NOT_UTF8_FIX}")
     if not found.label_folders:
         if found.code_image_folders or found.flat_dirs:
             return (f"{head} the competition/AI Hub layout without its labels: photos are there but no "

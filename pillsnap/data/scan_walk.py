@@ -83,6 +83,9 @@ class Discovery:
     # (the location scanned, folder) -> the other copies, read only for files the first lacks.
     label_copies: dict[tuple[Location, str], tuple[Location, ...]] = field(default_factory=dict)
     duplicate_folders: int = 0  # folders among those with copies found again in one partition (see _merge_copies)
+    # folders and files whose names are not UTF-8 (a tree a Windows archive put in cp949): left unscanned, since
+    # the manifest (Arrow, UTF-8) cannot hold their paths
+    not_utf8: list[str] = field(default_factory=list)
 
     @property
     def code_image_folders(self) -> int:
@@ -186,12 +189,33 @@ def _count_label_files(path: str) -> int:
     return sum(len([f for f in files if is_label_file(f)]) for _, _, files in os.walk(path))
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a name read from the file system is UTF-8 (Python hands undecodable bytes over as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: str) -> str:
+    """A path for a message: its bytes where its name is not UTF-8 (surrogates cannot be printed or logged)."""
+    return path if is_utf8(path) else repr(os.fsencode(path))
+
+
+NOT_UTF8_FIX = ("rename them to UTF-8 (e.g. `convmv -f cp949 -t utf-8 -r --notest DIR`, or extract the archive again "
+                "with `unzip -O cp949`) and scan again")
+
+
 def _walk_dir(current: str, found: Discovery, stack: list[str], zips: list[str]) -> None:
     with os.scandir(current) as entries:
         entries = sorted(entries, key=lambda e: e.name)
     flat: Counter = Counter()
     for entry in entries:
-        if is_macos_metadata(entry.name) or entry.name == "__MACOSX":
+        if not is_utf8(entry.name):
+            found.not_utf8.append(entry.path)
+            found.other["names not UTF-8"] += 1
+        elif is_macos_metadata(entry.name) or entry.name == "__MACOSX":
             found.other["macOS metadata"] += 1
         elif entry.is_dir():
             if aihub.LABEL_DIR_RE.match(entry.name):
@@ -234,10 +258,16 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a directory")
+    top = str(root.resolve())
+    if not is_utf8(top):
+        raise ValueError(f"data root {shown_path(top)} has a name that is not UTF-8: {NOT_UTF8_FIX}")
     found, zips = Discovery(), []
-    stack = [str(root.resolve())]
+    stack = [top]
     while stack:
         _walk_dir(stack.pop(), found, stack, zips)
+    if found.not_utf8:
+        LOGGER.warning("scan: %d folder(s) or file(s) have names that are not UTF-8 and are left out with all they "
+                       "hold (e.g. %s): %s", len(found.not_utf8), shown_path(found.not_utf8[0]), NOT_UTF8_FIX)
     found.other["zip"] = len(zips)
     for path, folders in zip(zips, (pool.map if pool else map)(zip_folders, zips), strict=True):
         _add_zip(found, path, folders)
