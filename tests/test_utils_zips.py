@@ -81,3 +81,20 @@ def test_a_zip_cut_short_after_indexing_gives_the_error_loaders_drop(tmp_path):
     index.close()
     with pytest.raises(ValueError, match="closed"):
         index.read("K-000001/a.png")
+
+
+def test_a_member_in_a_compression_zipfile_cannot_read_gives_the_error_loaders_drop(tmp_path):
+    """Deflate64 (method 9: Windows' own zipper past 2 GB): zipfile raises NotImplementedError, which killed the
+    loader worker instead of dropping the photo."""
+    from pillsnap.utils.images import DECODE_ERRORS
+
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("K-000002/b.png", b"stored bytes", compress_type=zipfile.ZIP_STORED)
+    raw = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # the method in both headers
+        at = raw.find(signature) + offset
+        raw[at:at + 2] = (9).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DECODE_ERRORS, match="method 9"):
+        read_bytes(f"zip:{path}!K-000002/b.png")

@@ -137,8 +137,12 @@ class ZipIndex:
             raise KeyError(f"there is no item named {name!r} in the archive {self.path}")
         entry = ZipEntry(*(int(v) for v in self.fields[at]))
         if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # bzip2, lzma: zipfile's own
-            with zipfile.ZipFile(self.path) as opened:
-                return opened.read(name)
+            try:
+                with zipfile.ZipFile(self.path) as opened:
+                    return opened.read(name)
+            except NotImplementedError as err:  # Deflate64 (a zip Windows wrote over 2 GB) and rarer methods
+                raise zipfile.BadZipFile(f"{name} in {self.path}: {err} (method {entry.compress_type}); extract the "
+                                         "zip with a tool that reads it, or zip it again with plain deflate") from err
         if self._fd is None:
             raise ValueError(f"{self.path}: the zip index was closed")
         return read_member(self._fd, entry, name)
