@@ -83,3 +83,23 @@ def test_disabled_progressive_validation_uses_everything():
     manifest = fake_manifest()
     cfg = load_config(None, ["data.progressive_validation.enabled=false"], dotenv_path=None)
     assert len(select_stage(manifest, cfg)) == len(manifest)
+
+
+def test_a_class_with_no_training_row_is_never_a_classifier_output(caplog):
+    """A drug seen only in combination photos, all of them held out (val/test): it was drawn as a stage class, an
+    output the classifier never trained and a test class always wrong."""
+    manifest = fake_manifest()
+    held_out = pd.DataFrame([{"mapping_code": "K-099999", "photo_id": "combo_x", "split": split,
+                              "image_type": "combination"} for split in ("test", "test")]
+                            + [{"mapping_code": "K-000001", "photo_id": "combo_x", "split": "test",
+                                "image_type": "combination"}])
+    manifest = pd.concat([manifest, held_out], ignore_index=True)
+    drawn = select_stage(manifest, cfg_for({1: (10_000, 31)}), 1)  # room for every class
+    classes = set(drawn.loc[drawn["stage_class"], "mapping_code"])
+    assert len(classes) == 30 and "K-099999" not in classes
+    assert "combo_x" in set(drawn["photo_id"])  # the photo still serves the detector
+    cfg = load_config(None, ["data.progressive_validation.enabled=false"], dotenv_path=None)
+    with caplog.at_level("WARNING"):
+        everything = select_stage(manifest, cfg)
+    assert "K-099999" not in set(everything.loc[everything["stage_class"], "mapping_code"])
+    assert len(everything) == len(manifest) and "1 class(es) have no training row" in caplog.text

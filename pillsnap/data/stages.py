@@ -90,7 +90,8 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     """Rows of `manifest` used by `stage` (default data.progressive_validation.current_stage), with a bool column
     `stage_class`: the row is one of the stage's classifier rows (see classification_candidates).
 
-    Classes are drawn from the classifier candidates (so a class seen only in combination photos can be one).
+    Classes are drawn from the classifier candidates with a training row (so a class seen only in combination
+    photos can be one), and a class left with none after sampling is not a stage class (_trained).
     Single-pill rows: `max_classes` classes, about `max_samples / max_classes` photos per class (split shares
     kept). Combination rows: photos with at least one stage class, at most `max_samples` photos; their pills of
     stage classes classify when `data.combo_crops` is on. With progressive validation disabled every row is used.
@@ -99,10 +100,15 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     if not candidates.any():
         raise _no_classification_rows(cfg, manifest)
     if not cfg.data.progressive_validation.enabled:
-        return manifest.assign(stage_class=candidates.to_numpy()).reset_index(drop=True)
+        stage_class = _trained(manifest, candidates, stage)
+        return manifest.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
     settings = stage_settings(cfg, stage)
     seed = int(cfg.data.split_seed)
-    classes = stage_classes(manifest.loc[candidates, "mapping_code"], int(settings.max_classes), seed)
+    # drawn among the drugs with a training row: one seen only in a held-out combination photo would be an output
+    # the classifier never trains and a test class always wrong
+    trainable = candidates & manifest["split"].eq("train")
+    classes = stage_classes(manifest.loc[trainable if trainable.any() else candidates, "mapping_code"],
+                            int(settings.max_classes), seed)
     per_class = max(1, math.ceil(int(settings.max_samples) / len(classes)))
     singles = manifest[(manifest["image_type"] == "single") & manifest["mapping_code"].isin(classes)]
     chosen = _sample_singles(singles, per_class, seed)
@@ -112,8 +118,23 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
                 stage or cfg.data.progressive_validation.current_stage, len(classes), len(chosen), per_class,
                 combos["photo_id"].nunique())
     rows = pd.concat([chosen, combos]).sort_index()
-    stage_class = candidates.loc[rows.index] & rows["mapping_code"].isin(classes)
+    stage_class = _trained(rows, candidates.loc[rows.index] & rows["mapping_code"].isin(classes), stage)
     return rows.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
+
+
+def _trained(rows: pd.DataFrame, stage_class: pd.Series, stage: int | None) -> pd.Series:
+    """`stage_class` without the classes that kept no training row (their only photos held out, or sampled away
+    with the stage's combination photos), said in the log: such a class would be a classifier output never
+    trained, and every one of its validation and test pills wrong. Their photos still serve the detector."""
+    codes = rows["mapping_code"]
+    trained = set(codes[stage_class & rows["split"].eq("train")])
+    untrained = stage_class & ~codes.isin(trained)
+    if untrained.any():
+        left = sorted(codes[untrained].unique())
+        LOGGER.warning("stage %s: %d class(es) have no training row among the stage's rows and are left out of the "
+                       "classifier (their %d held-out pill(s) serve detection only): %s%s", stage or "-", len(left),
+                       int(untrained.sum()), ", ".join(left[:10]), " ..." if len(left) > 10 else "")
+    return stage_class & ~untrained
 
 
 def sample_by_kind(photos: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
