@@ -115,6 +115,29 @@ def test_a_group_follows_most_of_its_photos_across_the_aihub_partition():
     assert summary["aihub_validation_photos_not_in_test"] == 1
 
 
+def test_aihub_validation_that_cannot_be_a_test_split_falls_back_to_drawing_it(caplog):
+    """How AI Hub assigned photos to its Validation partition is not known. Scattered through sweeps (one photo of
+    18), every group followed its Training photos and test came out empty; whole other drugs, test held classes
+    with no training photo. Either way test is now drawn, with a warning and the reason in the report."""
+    scattered = groups([(i, "c", 18, 1) for i in range(1, 21)])
+    with caplog.at_level("WARNING"):
+        splits, summary = assign_splits(scattered, 0.15, 0.15)
+    assert (splits == TEST).sum() >= 3 and (splits == TRAIN).sum() >= 10
+    assert "under half" in summary["aihub_validation_not_usable"]["combination"] and "cannot be its test" in caplog.text
+    assert summary["aihub_validation_is_test"] == {"combination": False}
+    other_drugs = pd.concat([groups([(i * 10 + j, f"K-00000{i}", 6, 6 if i >= 4 else 0) for j in range(4)])
+                             for i in range(1, 6)]).assign(image_type="single")
+    splits, summary = assign_splits(other_drugs, 0.15, 0.15)
+    assert "drugs with no Training photo" in summary["aihub_validation_not_usable"]["single"]
+    by_drug = pd.DataFrame({"code": splits, "drug": other_drugs.loc[splits.index, "stratum"]})
+    assert (by_drug.groupby("drug")["code"].apply(lambda c: (c == TRAIN).any())).all()  # every drug trains
+    sweeps = pd.concat([groups([(i * 10 + j, f"K-00000{i}", 6, 6 if j == 0 else 0) for j in range(4)])
+                        for i in range(1, 6)]).assign(image_type="single")
+    splits, summary = assign_splits(sweeps, 0.15, 0.15)  # whole sweeps held out, as we expect of AI Hub
+    assert summary["aihub_validation_not_usable"] == {} and summary["aihub_validation_is_test"] == {"single": True}
+    assert set(splits.index[splits == TEST]) == {i * 10 for i in range(1, 6)}
+
+
 def test_draw_gives_exact_shares_for_single_photo_groups_and_keeps_train():
     codes = _draw(np.ones(20, dtype=int), (0.15, 0.15))
     assert (codes == TEST).sum() == 3 and (codes == VAL).sum() == 3 and (codes == TRAIN).sum() == 14

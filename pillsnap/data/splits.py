@@ -74,21 +74,55 @@ def _assign_stratum(group: pd.DataFrame, honour: bool, val_ratio: float,
     return group.index.to_numpy(), codes
 
 
+def _assign_kind(of_kind: pd.DataFrame, honour: bool, val_ratio: float,
+                 test_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(group hashes, split codes) of one image type, stratum by stratum."""
+    parts = [_assign_stratum(group, honour, val_ratio, test_ratio) for _, group in of_kind.groupby("stratum")]
+    return np.concatenate([k for k, _ in parts]), np.concatenate([c for _, c in parts])
+
+
+def unusable_test(of_kind: pd.DataFrame, keys: np.ndarray, codes: np.ndarray, test_ratio: float) -> str | None:
+    """Why AI Hub's Validation groups cannot be a kind's test split, or None when they can: they hold under half
+    the photos `test_ratio` asks (Validation photos scattered through sweeps of mostly Training photos follow
+    their groups out of test), or most of their photos are of classes with no training group (AI Hub held out
+    other drugs, not other photos of the same drugs: a test of classes the classifier never trains)."""
+    frame = of_kind.loc[keys].assign(code=codes)
+    in_test = frame["code"].eq(TEST)
+    total, held = int(frame["photos"].sum()), int(frame.loc[in_test, "photos"].sum())
+    if held < 0.5 * test_ratio * total:
+        return (f"its Validation groups hold {held} of {total} photos, under half the {test_ratio:g} "
+                "data.test_ratio asks")
+    trained = set(frame.loc[frame["code"].eq(TRAIN), "stratum"])
+    untrained = int(frame.loc[in_test & ~frame["stratum"].isin(trained), "photos"].sum())
+    if of_kind["image_type"].iloc[0] == "single" and 2 * untrained > held:
+        return f"{untrained} of its {held} Validation photos are of drugs with no Training photo"
+    return None
+
+
 def assign_splits(groups: pd.DataFrame, val_ratio: float, test_ratio: float) -> tuple[pd.Series, dict]:
     """Split code (0 train, 1 val, 2 test) per split group hash, and a summary of the rule applied."""
-    keys, codes, honoured = [], [], {}
+    keys, codes, honoured, fallback = [], [], {}, {}
     for kind, of_kind in groups.groupby("image_type"):
         honour = bool(of_kind["aihub_val"].sum() > 0)
+        k, c = _assign_kind(of_kind, honour, val_ratio, test_ratio)
+        why = unusable_test(of_kind, k, c, test_ratio) if honour and test_ratio > 0 else None
+        if why is not None:  # drawn as for data without AI Hub's partition
+            LOGGER.warning("split: AI Hub's Validation photos of the %s kind cannot be its test split (%s): test is "
+                           "drawn from all its groups (data.test_ratio=%g) instead", kind, why, test_ratio)
+            fallback[str(kind)] = why
+            honour = False
+            k, c = _assign_kind(of_kind, honour, val_ratio, test_ratio)
         honoured[str(kind)] = honour
-        for _, group in of_kind.groupby("stratum"):
-            k, c = _assign_stratum(group, honour, val_ratio, test_ratio)
-            keys.append(k)
-            codes.append(c)
+        keys.append(k)
+        codes.append(c)
     series = pd.Series(np.concatenate(codes) if codes else np.zeros(0, np.int8),
                        index=np.concatenate(keys) if keys else np.zeros(0, np.int64))
     moved = int(groups.loc[series.index[series.to_numpy() != TEST], "aihub_val"].sum()) if len(series) else 0
+    if fallback:  # the Validation photos of a kind drawn as usual are not "moved out of test"
+        drawn = groups["image_type"].astype(str).isin(list(fallback)).reindex(series.index).to_numpy()
+        moved = int(groups.loc[series.index[(series.to_numpy() != TEST) & ~drawn], "aihub_val"].sum())
     summary = {"groups": int(len(groups)), "aihub_validation_is_test": honoured,
-               "aihub_validation_photos_not_in_test": moved}
+               "aihub_validation_photos_not_in_test": moved, "aihub_validation_not_usable": fallback}
     if moved:
         LOGGER.warning("split: %d AI Hub Validation photos share a split group with more Training photos and "
                        "follow their group out of the test split", moved)
