@@ -262,3 +262,34 @@ def test_folders_whose_names_are_not_utf8_are_left_out_and_named(broken_root, tm
         scan_dataset(only_bad, tmp_path / "out2", workers=1, progress=False)
     with pytest.raises(ValueError, match="data root .* not UTF-8"):
         scan_dataset(only_bad / f"TL_{cp949}", tmp_path / "out3", workers=1, progress=False)
+
+
+def test_a_scan_resumed_after_a_broken_photo_zip_was_replaced_reads_its_photos(tmp_path, monkeypatch):
+    """A scan interrupted while a photo zip was still half downloaded, resumed once it was whole, kept the chunks
+    it had finished with every photo of that zip missing (a chunk's id did not depend on where its photos lie)."""
+    from pillsnap.data.synth import generate_dataset
+
+    root = tmp_path / "zipped"
+    generate_dataset(root, num_classes=3, per_class=3, combo=2, seed=2, image_scale=0.05, workers=1, progress=False,
+                     zip_output=True)
+    whole = scan_dataset(root, tmp_path / "whole", workers=1, progress=False)
+    photos = sorted(p for p in root.rglob("*.zip") if p.name.startswith("TS_"))
+    saved = {p: p.read_bytes() for p in photos}
+    for path, data in saved.items():
+        path.write_bytes(data[: len(data) // 2])  # still downloading
+    calls, real = [], scan_chunk.process_chunk
+
+    def stops_at_the_second(task, parts_dir, seed):
+        calls.append(task.task_id)
+        if len(calls) == 2:
+            raise MachineDown
+        return real(task, parts_dir, seed)
+
+    monkeypatch.setattr("pillsnap.data.scan.process_chunk", stops_at_the_second)
+    with pytest.raises(MachineDown):
+        scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    for path, data in saved.items():
+        path.write_bytes(data)  # the download finished
+    monkeypatch.setattr("pillsnap.data.scan.process_chunk", real)
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    assert report["records_kept"] == whole["records_kept"] and not report["skipped"].get("missing_image")

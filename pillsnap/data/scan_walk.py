@@ -332,6 +332,18 @@ def looked_in(found: Discovery, label: Location, folder: str) -> tuple[Location,
     return tuple(places)
 
 
+def _stamp(loc: Location, folder: str) -> str:
+    """What changes when the photos a chunk looks up change: the size and time of their zip, or the time of their
+    folder (a file added or removed). Part of the chunk's id, so that an interrupted scan resumed after a broken
+    or half-downloaded photo zip was replaced reads that chunk again instead of keeping its missing photos."""
+    path = loc.container if loc.is_zip or loc.flat else os.path.join(loc.container, folder)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}" if loc.is_zip else str(st.st_mtime_ns)
+
+
 def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
     """Group consecutive label folders of one container into chunks of about `chunk_files` label files
     (16x that inside a zip: each chunk makes a worker read the label and image zip directories, ~0.1 s per 20K
@@ -349,7 +361,8 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
         folders = tuple(f for _, f, _ in current)
         copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
         images = {f[:-5]: looked_in(found, loc, f[:-5]) for f in folders}
-        key = f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
+        key = (f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
+               + f"|{[(f, [(str(at), _stamp(at, f)) for at in places]) for f, places in sorted(images.items())]}")
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))
         current.clear()
