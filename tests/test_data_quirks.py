@@ -201,6 +201,27 @@ def test_fields_nothing_depends_on_never_drop_a_label() -> None:
     assert aihub.parse_label(data).camera_la == 0
 
 
+def test_unattested_photo_codes_keep_the_labels_own_words_and_are_never_a_mismatch() -> None:
+    """Only some file-name codes have a real spelling we have seen (back_color 2 = 연회색 배경, ...); the others'
+    words are our own. A real label writing its own word for back_color 0, or our word for code 1 at code 0, was
+    stored as our word and counted as a disagreement with its file name."""
+    data = label()
+    data["images"][0].update(file_name="K-000030_0_0_0_0_90_300_200.png", back_color="검정 배경", light_color="백색광",
+                             drug_dir="앞면")
+    rec = aihub.parse_label(data)
+    info = aihub.parse_file_name(rec.file_name)
+    assert aihub.file_name_attributes(info, rec)[:3] == ("앞면", "검정 배경", "백색광")
+    assert aihub.attribute_mismatches(rec, info) == []
+    data["images"][0].update(back_color="청색 배경")  # our made-up word for code 1, on a code-0 photo
+    assert aihub.attribute_mismatches(aihub.parse_label(data), info) == []
+    data["images"][0].update(file_name="K-000030_0_2_1_1_90_300_200.png", back_color="", drug_dir="앞면",
+                             light_color="주광색")
+    rec = aihub.parse_label(data)
+    info = aihub.parse_file_name(rec.file_name)
+    assert aihub.file_name_attributes(info, rec)[:3] == ("뒷면", "연회색 배경", "주광색")  # attested: the file name's
+    assert aihub.attribute_mismatches(rec, info) == ["drug_dir"]
+
+
 def test_a_lone_surrogate_is_replaced_so_the_class_map_can_be_written(tmp_path) -> None:
     data = json.loads('{"name": "\\ud83d\\uc57d \\ud83d\\ude00"}')  # a cut emoji, a whole one
     info = aihub.class_info({"dl_name": data["name"]})

@@ -32,11 +32,11 @@ LIGHT_COLOR = {"0": "백색", "1": "주광색", "2": "주백색"}
 CAMERA_LA = (60, 70, 75, 90)
 CAMERA_LO = tuple(range(0, 360, 20))
 # JSON text -> file-name code, for checking a label's attributes against its file name (the source of truth).
-TEXT_TO_CODE = {
-    "drug_dir": {v: k for k, v in DRUG_DIR.items()},
-    "back_color": {v: k for k, v in BACK_COLOR.items()},
-    "light_color": {v: k for k, v in LIGHT_COLOR.items()},
-}
+# Only the attested words: a real label may spell an unattested code otherwise, or give our made-up word to
+# another code, and neither may be read as a disagreement with its file name.
+ATTESTED = {"drug_dir": ("0", "1"), "back_color": ("2",), "light_color": ("1", "2")}
+_WORDS = {"drug_dir": DRUG_DIR, "back_color": BACK_COLOR, "light_color": LIGHT_COLOR}
+TEXT_TO_CODE = {name: {_WORDS[name][code]: code for code in codes} for name, codes in ATTESTED.items()}
 
 # The label vocabulary (drug_shape, color_class1/2, form_code_name: the MFDS pill-identification scheme), the one
 # home of these words: the synthetic generator draws from it and the hint parser (pillsnap.infer.matching) maps
@@ -201,10 +201,15 @@ def attribute_mismatches(rec: LabelRecord, info: FileNameInfo) -> list[str]:
 
 
 def file_name_attributes(info: FileNameInfo, rec: LabelRecord) -> tuple[str, str, str, int, int]:
-    """(drug_dir, back_color, light_color, camera_la, camera_lo) to keep: the file name's codes as text (the
-    JSON's text for a code we have no name for), and its camera angles."""
-    return (DRUG_DIR.get(info.drug_dir) or rec.drug_dir, BACK_COLOR.get(info.back_color) or rec.back_color,
-            LIGHT_COLOR.get(info.light_color) or rec.light_color, info.camera_la, info.camera_lo)
+    """(drug_dir, back_color, light_color, camera_la, camera_lo) to keep: the file name's codes as the real labels
+    spell them (the JSON's own text for a code whose real spelling is not attested; our word only where the JSON
+    gives none), and its camera angles."""
+    def text(name: str, code: str, given: str) -> str:
+        words = _WORDS[name]
+        return words[code] if code in ATTESTED[name] else given or words.get(code, "")
+
+    return (text("drug_dir", info.drug_dir, rec.drug_dir), text("back_color", info.back_color, rec.back_color),
+            text("light_color", info.light_color, rec.light_color), info.camera_la, info.camera_lo)
 
 
 def class_info(image: dict[str, Any]) -> dict[str, Any]:
