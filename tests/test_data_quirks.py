@@ -214,6 +214,10 @@ def test_unattested_photo_codes_keep_the_labels_own_words_and_are_never_a_mismat
     assert aihub.attribute_mismatches(rec, info) == []
     data["images"][0].update(back_color="청색 배경")  # our made-up word for code 1, on a code-0 photo
     assert aihub.attribute_mismatches(aihub.parse_label(data), info) == []
+    data["images"][0].update(back_color="연회색 배경")  # another code's real word: a mismatch, not kept
+    rec = aihub.parse_label(data)
+    assert aihub.attribute_mismatches(rec, info) == ["back_color"]
+    assert aihub.file_name_attributes(info, rec)[1] == "검은색 배경"
     data["images"][0].update(file_name="K-000030_0_2_1_1_90_300_200.png", back_color="", drug_dir="앞면",
                              light_color="주광색")
     rec = aihub.parse_label(data)

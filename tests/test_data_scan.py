@@ -260,23 +260,33 @@ def test_folders_whose_names_are_not_utf8_are_left_out_and_named(broken_root, tm
           label_bytes("K-000004_0_2_0_1_90_000_200", "K-000004"))
     with pytest.raises(ValueError, match="not UTF-8.*convmv"):
         scan_dataset(only_bad, tmp_path / "out2", workers=1, progress=False)
-    with pytest.raises(ValueError, match="data root .* not UTF-8"):
-        scan_dataset(only_bad / f"TL_{cp949}", tmp_path / "out3", workers=1, progress=False)
+    from pillsnap.cli import main as cli_main
+
+    caplog.clear()
+    assert cli_main(["data", "scan", "--data-root", str(only_bad / f"TL_{cp949}"), "--out", str(tmp_path / "o3")]) == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "data root" in error and "not UTF-8" in error and "\n" not in error  # one line, no traceback
 
 
-def test_a_scan_resumed_after_a_broken_photo_zip_was_replaced_reads_its_photos(tmp_path, monkeypatch):
-    """A scan interrupted while a photo zip was still half downloaded, resumed once it was whole, kept the chunks
-    it had finished with every photo of that zip missing (a chunk's id did not depend on where its photos lie)."""
+def test_a_scan_resumed_after_a_photo_zip_changed_reads_again_only_the_chunks_that_use_it(tmp_path, monkeypatch):
+    """A scan interrupted while a photo zip was still downloading (readable, photos missing), resumed once it was
+    whole, kept the chunks it had finished with those photos missing: a chunk's id did not depend on its photos."""
+    import zipfile
+
+    from pillsnap.data.scan_walk import discover, make_tasks
     from pillsnap.data.synth import generate_dataset
 
     root = tmp_path / "zipped"
     generate_dataset(root, num_classes=3, per_class=3, combo=2, seed=2, image_scale=0.05, workers=1, progress=False,
                      zip_output=True)
     whole = scan_dataset(root, tmp_path / "whole", workers=1, progress=False)
-    photos = sorted(p for p in root.rglob("*.zip") if p.name.startswith("TS_"))
-    saved = {p: p.read_bytes() for p in photos}
-    for path, data in saved.items():
-        path.write_bytes(data[: len(data) // 2])  # still downloading
+    single = next(p for p in root.rglob("TS_*.zip") if "단일" in p.name)
+    saved = single.read_bytes()
+    with zipfile.ZipFile(single) as zf:  # the single-pill photo zip, short of one photo
+        members = [(i, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(single, "w") as zf:
+        for info, data in members[:-1]:
+            zf.writestr(info, data)
     calls, real = [], scan_chunk.process_chunk
 
     def stops_at_the_second(task, parts_dir, seed):
@@ -288,8 +298,19 @@ def test_a_scan_resumed_after_a_broken_photo_zip_was_replaced_reads_its_photos(t
     monkeypatch.setattr("pillsnap.data.scan.process_chunk", stops_at_the_second)
     with pytest.raises(MachineDown):
         scan_dataset(root, tmp_path / "m", workers=1, progress=False)
-    for path, data in saved.items():
-        path.write_bytes(data)  # the download finished
-    monkeypatch.setattr("pillsnap.data.scan.process_chunk", real)
+    done = calls[0]  # the combination chunk (its label zip sorts first), whose photos did not change
+    single.write_bytes(saved)  # the download finished
+    calls.clear()
+    monkeypatch.setattr("pillsnap.data.scan.process_chunk",
+                        lambda task, *args: calls.append(task.task_id) or real(task, *args))
     report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
     assert report["records_kept"] == whole["records_kept"] and not report["skipped"].get("missing_image")
+    assert len(calls) == 1 and done not in calls  # the finished chunk is kept, the changed one read again
+    # one photo zip changed: only the chunks whose photos it holds get another id
+    ids = {t.location.container: t.task_id for t in make_tasks(discover(root), 2000)}
+    assert ids == {t.location.container: t.task_id for t in make_tasks(discover(root), 2000)}  # nothing changed
+    with zipfile.ZipFile(single, "a") as zf:
+        zf.writestr("K-999999/extra.txt", b"x")
+    after = {t.location.container: t.task_id for t in make_tasks(discover(root), 2000)}
+    changed = {container for container in ids if ids[container] != after[container]}
+    assert changed and all("단일" in Path(c).name for c in changed) and len(changed) < len(ids)

@@ -123,7 +123,10 @@ def test_aihub_validation_that_cannot_be_a_test_split_falls_back_to_drawing_it(c
     with caplog.at_level("WARNING"):
         splits, summary = assign_splits(scattered, 0.15, 0.15)
     assert (splits == TEST).sum() >= 3 and (splits == TRAIN).sum() >= 10
-    assert "under half" in summary["aihub_validation_not_usable"]["combination"] and "cannot be its test" in caplog.text
+    assert "under the 5.0% a test split needs" in summary["aihub_validation_not_usable"]["combination"]
+    assert "cannot be its test" in caplog.text
+    whole = groups([(i, "c", 9, 9 if i % 12 == 0 else 0) for i in range(1, 121)])  # 8 % whole groups
+    assert assign_splits(whole, 0.15, 0.25)[1]["aihub_validation_is_test"] == {"combination": True}
     assert summary["aihub_validation_is_test"] == {"combination": False}
     other_drugs = pd.concat([groups([(i * 10 + j, f"K-00000{i}", 6, 6 if i >= 4 else 0) for j in range(4)])
                              for i in range(1, 6)]).assign(image_type="single")

@@ -161,3 +161,7 @@ def test_the_enrol_body_limit_holds_the_most_photos_an_enrolment_takes() -> None
     settings = ServeSettings(max_upload_mb=1, max_batch_files=2)
     assert ENROL_MAX_PHOTOS == MAX_PHOTOS
     assert settings.body_limit("/v1/enrol") == MAX_PHOTOS * 2**20 + MULTIPART_SLACK
+    # a budget that holds a batch but not ten photos still starts: an enrolment gets what the budget holds
+    tight = ServeSettings(max_upload_mb=10, max_batch_files=8, max_inflight_upload_mb=90)
+    tight.check()
+    assert tight.body_limit("/v1/enrol") == 90 * 2**20

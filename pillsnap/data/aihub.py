@@ -206,7 +206,9 @@ def file_name_attributes(info: FileNameInfo, rec: LabelRecord) -> tuple[str, str
     gives none), and its camera angles."""
     def text(name: str, code: str, given: str) -> str:
         words = _WORDS[name]
-        return words[code] if code in ATTESTED[name] else given or words.get(code, "")
+        if code in ATTESTED[name] or not given or given in TEXT_TO_CODE[name]:  # never another code's real word
+            return words.get(code, given or "")
+        return given
 
     return (text("drug_dir", info.drug_dir, rec.drug_dir), text("back_color", info.back_color, rec.back_color),
             text("light_color", info.light_color, rec.light_color), info.camera_la, info.camera_lo)

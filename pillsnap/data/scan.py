@@ -7,7 +7,6 @@ merged with a deterministic train/val/test split of whole groups of near-duplica
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from pillsnap.data.scan_checks import PHOTO_REASONS
 from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
 from pillsnap.data.scan_layout import diagnose, layout_of
-from pillsnap.data.scan_walk import ChunkTask, Discovery, discover, is_image, looked_in, make_tasks
+from pillsnap.data.scan_walk import ChunkTask, Discovery, ScanError, discover, is_image, looked_in, make_tasks
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
@@ -36,11 +35,7 @@ from pillsnap.utils.signals import pool_worker_signals
 LOGGER = logging.getLogger(__name__)
 # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
 # folder read once; 5: copies merged over the partitions, their photos looked up wherever any copy would look
-STATE_VERSION = 5
-
-
-class ScanError(ValueError):
-    """A scan that cannot give a usable manifest; the message is the one-line diagnosis."""
+STATE_VERSION = 6
 
 
 def _state_matches(state_path: Path, expected: dict[str, Any]) -> bool:
@@ -53,13 +48,21 @@ def _state_matches(state_path: Path, expected: dict[str, Any]) -> bool:
     return all(state.get(k) == v for k, v in expected.items())
 
 
-def _prepare_parts(out_dir: Path, expected: dict[str, Any], resume: bool) -> Path:
+def _prepare_parts(out_dir: Path, expected: dict[str, Any], resume: bool, task_ids: set[str]) -> Path:
+    """The parts folder, with the parts of an interrupted scan with the same settings kept where their chunk is still
+    one of `task_ids` (a chunk whose labels or photos changed since has another id, and its part goes)."""
     parts = out_dir / "parts"
     state_path = out_dir / "scan_state.json"
     if not (resume and _state_matches(state_path, expected)) and parts.exists():
         LOGGER.info("starting a fresh scan (no matching state in %s)", out_dir)
         shutil.rmtree(parts)
     ensure_dir(parts)
+    stale = [p for p in parts.glob("part-*") if p.name.split(".")[0].removeprefix("part-") not in task_ids]
+    if stale:
+        LOGGER.info("resuming: %d part file(s) of chunks whose labels or photos changed since are read again",
+                    len(stale))
+        for path in stale:
+            path.unlink()
     save_json(state_path, {**expected, "status": "running"})
     return parts
 
@@ -242,10 +245,8 @@ def _scan(data_root: str | Path, out_dir: Path, pool: ProcessPoolExecutor | None
     if not found.label_folders:
         raise ScanError(diagnose(str(data_root), found) + " (No AI Hub label folders K-XXXXXX_json were found.)")
     tasks = make_tasks(found, chunk_files)
-    expected = {"version": STATE_VERSION, "data_root": str(Path(data_root).resolve()), "tasks": len(tasks),
-                "split_seed": split_seed,
-                "task_ids_hash": hashlib.sha1("".join(t.task_id for t in tasks).encode()).hexdigest()}
-    parts = _prepare_parts(out_dir, expected, resume)
+    expected = {"version": STATE_VERSION, "data_root": str(Path(data_root).resolve()), "split_seed": split_seed}
+    parts = _prepare_parts(out_dir, expected, resume, {t.task_id for t in tasks})
     _run_tasks(tasks, parts, pool, workers, progress, split_seed)
     part_files = [parts / f"part-{t.task_id}.parquet" for t in tasks]
     stats = [read_json(parts / f"part-{t.task_id}.json") for t in tasks]

@@ -22,6 +22,10 @@ from pillsnap.data import aihub
 from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
+
+
+class ScanError(ValueError):
+    """A scan that cannot give a usable manifest; the message is the one-line diagnosis."""
 ZIP_CHUNK_FACTOR = 16
 UNREADABLE_ZIP = "unreadable_zip"
 # Folder and zip names that carry AI Hub's own partition: `1.Training`, `2.Validation`, `TL_3_단일`, `VS_1_조합`
@@ -260,7 +264,7 @@ def discover(data_root: str | Path, pool: Executor | None = None) -> Discovery:
         raise FileNotFoundError(f"data root {root} does not exist or is not a directory")
     top = str(root.resolve())
     if not is_utf8(top):
-        raise ValueError(f"data root {shown_path(top)} has a name that is not UTF-8: {NOT_UTF8_FIX}")
+        raise ScanError(f"data root {shown_path(top)} has a name that is not UTF-8: {NOT_UTF8_FIX}")
     found, zips = Discovery(), []
     stack = [top]
     while stack:
@@ -333,9 +337,10 @@ def looked_in(found: Discovery, label: Location, folder: str) -> tuple[Location,
 
 
 def _stamp(loc: Location, folder: str) -> str:
-    """What changes when the photos a chunk looks up change: the size and time of their zip, or the time of their
-    folder (a file added or removed). Part of the chunk's id, so that an interrupted scan resumed after a broken
-    or half-downloaded photo zip was replaced reads that chunk again instead of keeping its missing photos."""
+    """What changes when the labels or photos of code folder `folder` at `loc` change: the size and time of their
+    zip, or the time of their folder (a file added or removed). Part of the chunk's id, so that an interrupted scan
+    resumed after a broken or half-downloaded zip was replaced reads that chunk again instead of keeping its
+    missing photos."""
     path = loc.container if loc.is_zip or loc.flat else os.path.join(loc.container, folder)
     try:
         st = os.stat(path)
@@ -361,7 +366,8 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
         folders = tuple(f for _, f, _ in current)
         copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
         images = {f[:-5]: looked_in(found, loc, f[:-5]) for f in folders}
-        key = (f"{loc}|{'|'.join(folders)}" + (f"|{sorted(copies.items())}" if copies else "")
+        key = (f"{loc}|{'|'.join(f'{f}:{_stamp(loc, f)}' for f in folders)}"
+               + (f"|{sorted(copies.items())}" if copies else "")
                + f"|{[(f, [(str(at), _stamp(at, f)) for at in places]) for f, places in sorted(images.items())]}")
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))

@@ -114,12 +114,15 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     chosen = _sample_singles(singles, per_class, seed)
     combos = _sample_combinations(manifest[manifest["image_type"] == "combination"], set(classes),
                                   int(settings.max_samples), seed)
-    LOGGER.info("stage %s: %d classes, %d single rows (<= %d per class), %d combination photos",
-                stage or cfg.data.progressive_validation.current_stage, len(classes), len(chosen), per_class,
-                combos["photo_id"].nunique())
     rows = pd.concat([chosen, combos]).sort_index()
     stage_class = _trained(rows, candidates.loc[rows.index] & rows["mapping_code"].isin(classes), stage)
+    LOGGER.info("stage %s: %d classes, %d single rows (<= %d per class), %d combination photos",
+                stage or cfg.data.progressive_validation.current_stage, rows.loc[stage_class, "mapping_code"].nunique(),
+                len(chosen), per_class, combos["photo_id"].nunique())
     return rows.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
+
+
+_SAID: set[tuple] = set()  # the warnings _trained gave in this process
 
 
 def _trained(rows: pd.DataFrame, stage_class: pd.Series, stage: int | None) -> pd.Series:
@@ -131,6 +134,10 @@ def _trained(rows: pd.DataFrame, stage_class: pd.Series, stage: int | None) -> p
     untrained = stage_class & ~codes.isin(trained)
     if untrained.any():
         left = sorted(codes[untrained].unique())
+        said = (stage, len(rows), tuple(left))
+        if said in _SAID:  # the loaders, the stage evaluation and the reports each select the stage
+            return stage_class & ~untrained
+        _SAID.add(said)
         LOGGER.warning("stage %s: %d class(es) have no training row among the stage's rows and are left out of the "
                        "classifier (their %d held-out pill(s) serve detection only): %s%s", stage or "-", len(left),
                        int(untrained.sum()), ", ".join(left[:10]), " ..." if len(left) > 10 else "")

@@ -120,12 +120,18 @@ def _stored(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise EnrolmentError(f"{path} cannot be read ({err}): mend it, or remove it and enrol the drugs again",
                              "store_broken") from err
-    drugs = stored.get("drugs", []) if isinstance(stored, dict) else None
-    if not isinstance(drugs, list) or not all(isinstance(d, dict) and isinstance(d.get("mapping_code"), str)
-                                              for d in drugs):
-        raise EnrolmentError(f"{path} is not an enrolment store (an object whose 'drugs' list has a mapping_code "
-                             "for each drug): mend it, or remove it and enrol the drugs again", "store_broken")
+    drugs = stored.get("drugs") if isinstance(stored, dict) else None
+    if not isinstance(drugs, list) or not all(_sound_entry(d) for d in drugs):
+        raise EnrolmentError(f"{path} is not an enrolment store (an object whose 'drugs' list gives each drug's "
+                             "mapping_code, name and n_photos): mend it, or remove it and enrol the drugs again",
+                             "store_broken")
     return stored
+
+
+def _sound_entry(drug: object) -> bool:
+    """Whether a stored drug has the fields answers and listings read without a default."""
+    return (isinstance(drug, dict) and isinstance(drug.get("mapping_code"), str) and isinstance(drug.get("name"), str)
+            and type(drug.get("n_photos")) is int and drug["n_photos"] > 0)
 
 
 def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str | None = None) -> Enrolled:

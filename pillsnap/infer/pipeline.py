@@ -417,6 +417,10 @@ class Predictor:
                 name: str | None = None, hints: Hints | None = None) -> dict:
         """Predict the pills in one photo (path, zip:<zip>!<member>, PIL image or HxWx3 uint8 array).
 
+        A PIL image is read as its file would be: turned by its EXIF orientation tag (Image.open leaves it to the
+        caller), so an image turned by hand with transpose/rotate, which keep the tag, should have the tag dropped
+        first (ImageOps.exif_transpose turns and drops it).
+
         `name` is what the result and its hard-case record call the image (e.g. where the API kept an upload);
         by default the path, or None for in-memory images. `hints` (what the user sees on the pill: imprint,
         colour, shape) re-rank every pill's candidates; an answer they contradict says so (hints_conflict)."""

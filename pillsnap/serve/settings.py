@@ -36,10 +36,11 @@ class ServeSettings:
 
     def body_limit(self, path: str) -> int:
         """Most bytes a request body to `path` may carry: one photo, max_batch_files photos for a batch, or the
-        most photos an enrolment takes."""
+        most photos an enrolment takes (as many as the upload budget holds, where it holds fewer)."""
         path = path.rstrip("/")
-        files = (self.max_batch_files if path.endswith("/batch") else ENROL_MAX_PHOTOS if path == "/v1/enrol"
-                 else 1)
+        if path == "/v1/enrol":
+            return min(ENROL_MAX_PHOTOS * self.max_file_bytes + MULTIPART_SLACK, self.max_inflight_upload_bytes)
+        files = self.max_batch_files if path.endswith("/batch") else 1
         return files * self.max_file_bytes + MULTIPART_SLACK
 
     @classmethod
@@ -66,8 +67,7 @@ class ServeSettings:
         if min(self.header_timeout_s, self.keep_alive_s, self.max_connections) <= 0:
             raise ConfigError("serving.header_timeout_s, serving.keep_alive_s and serving.max_connections must be "
                               "positive")
-        largest = max(self.body_limit("/v1/predict/batch"), self.body_limit("/v1/enrol"))
-        if self.max_inflight_upload_bytes < largest:  # else a full batch or enrolment could never be accepted
+        batch = self.body_limit("/v1/predict/batch")
+        if self.max_inflight_upload_bytes < batch:  # else a full batch could never be accepted
             raise ConfigError(f"serving.max_inflight_upload_mb ({self.max_inflight_upload_mb:g}) must hold one full "
-                              f"batch or enrolment: at least {largest / 2**20:.1f} (max_upload_mb x the larger of "
-                              f"max_batch_files and the {ENROL_MAX_PHOTOS} photos of an enrolment, + slack)")
+                              f"batch: at least {batch / 2**20:.1f} (max_batch_files x max_upload_mb + slack)")
