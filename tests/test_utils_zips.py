@@ -98,3 +98,37 @@ def test_a_member_in_a_compression_zipfile_cannot_read_gives_the_error_loaders_d
     path.write_bytes(bytes(raw))
     with pytest.raises(DECODE_ERRORS, match="method 9"):
         read_bytes(f"zip:{path}!K-000002/b.png")
+
+
+def test_a_real_zip64_archive_is_read_by_our_own_parser_and_a_misflagged_name_costs_that_member(tmp_path,
+                                                                                                  monkeypatch):
+    """The 13-95 GB photo zips are zip64 (sizes, offsets and the end record past 32 bits). They went through
+    zipfile's parser, which refuses the whole archive for one member name flagged UTF-8 that is not (a readme
+    in cp949): a 95 GB zip of photos unreadable for its readme."""
+    from pillsnap.utils.zips import read_central_directory
+
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 8)  # what zipfile writes past 4 GB, written here past 8 bytes
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme_AAAA.txt", b"cp949 readme", compress_type=zipfile.ZIP_STORED)
+        for i, (name, data) in enumerate(MEMBERS.items()):
+            zf.writestr(name, data, compress_type=(zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)[i % 2])
+    monkeypatch.undo()
+    raw = bytearray(path.read_bytes())
+    assert zipfile.stringEndArchive64 in raw and b"\xff\xff\xff\xff" in raw  # a zip64 end record and marked fields
+    with zipfile.ZipFile(path) as zf:
+        assert {i.filename: zf.read(i) for i in zf.infolist() if i.filename in MEMBERS} == MEMBERS
+    index = ZipIndex(str(path))
+    assert all(index.read(name) == data for name, data in MEMBERS.items())
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the readme's name in cp949, flagged UTF-8
+        at = raw.find(signature)
+        raw[at + flags:at + flags + 2] = (int.from_bytes(raw[at + flags:at + flags + 2], "little") | 0x800).to_bytes(
+            2, "little")
+    while (at := raw.find(b"readme_AAAA")) >= 0:
+        raw[at:at + 11] = b"readme_" + "설명".encode("cp949")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UnicodeDecodeError):
+        zipfile.ZipFile(path)
+    assert set(MEMBERS) <= set(read_central_directory(str(path)))
+    assert all(ZipIndex(str(path)).read(name) == data for name, data in MEMBERS.items())

@@ -3,7 +3,8 @@ zip's members for reading photos out of it.
 
 zipfile builds a ZipInfo object per member (~10 us) and a ZipExtFile per read (~12 us); the label zips hold
 ~20-30K members of ~2.7 KB each, so that Python overhead outweighs the JSON parsing. Zip64 archives (the
-13-95 GB image zips) and anything unusual fall back to zipfile's own parsing. A ZipFile kept open also keeps every
+13-95 GB image zips) are read the same way, so that a member name flagged UTF-8 that is not (a readme in cp949)
+costs that member, not the whole zip as in zipfile. A ZipFile kept open also keeps every
 member's ZipInfo: the real training photos lie in ~90 zips of ~30,000 members, and every data-loader worker that
 kept them all open held gigabytes; ZipIndex keeps a zip's names and offsets in a few numpy arrays instead.
 """
@@ -32,12 +33,6 @@ class ZipEntry(NamedTuple):
     flag_bits: int
 
 
-def _from_zipfile(path: str) -> dict[str, ZipEntry]:
-    with zipfile.ZipFile(path) as zf:
-        return {i.filename: ZipEntry(i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits)
-                for i in zf.infolist()}
-
-
 def _decode_name(raw: bytes, flags: int) -> str:
     if raw.isascii():  # every AI Hub member name (K-codes); ASCII is the same in UTF-8 and cp437, and faster
         return raw.decode("ascii")
@@ -55,26 +50,48 @@ def read_central_directory(path: str) -> dict[str, ZipEntry]:
         end = zipfile._EndRecData(fh)  # the stdlib's EOCD search (handles comments and the zip64 locator)
         if not end:
             raise zipfile.BadZipFile(f"{path} is not a zip file")
+        size, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]  # zip64's own where the archive has them
+        cd_end = end[zipfile._ECD_LOCATION]  # the directory ends where the end records begin
         if end[0] == zipfile.stringEndArchive64:
-            return _from_zipfile(path)
-        size, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]
-        fh.seek(end[zipfile._ECD_LOCATION] - size)  # not `offset`: a zip may be appended to other data
+            cd_end -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        fh.seek(cd_end - size)  # not `offset`: a zip may be appended to other data
         data = fh.read(size)
     entries: dict[str, ZipEntry] = {}
-    concat = end[zipfile._ECD_LOCATION] - size - offset  # bytes prepended to the archive, as zipfile computes it
+    concat = cd_end - size - offset  # bytes prepended to the archive, as zipfile computes it
     pos, unpack, head = 0, _CENTRAL.unpack_from, _CENTRAL.size
-    while pos < len(data):
-        cd = unpack(data, pos)
-        if cd[0] != b"PK\x01\x02":
-            raise zipfile.BadZipFile(f"bad central directory in {path}")
-        name_end = pos + head + cd[12]
-        raw_name = data[pos + head:name_end]
-        if _ZIP64_MARK in (cd[10], cd[11], cd[18]):
-            return _from_zipfile(path)
-        name = _decode_name(raw_name, cd[5])
-        entries[name] = ZipEntry(cd[18] + concat, cd[10], cd[6], cd[9], cd[5])
-        pos = name_end + cd[13] + cd[14]
+    try:
+        while pos < len(data):
+            cd = unpack(data, pos)
+            if cd[0] != b"PK\x01\x02":
+                raise zipfile.BadZipFile(f"bad central directory in {path}")
+            name_end = pos + head + cd[12]
+            compress_size, header_offset = cd[10], cd[18]
+            if _ZIP64_MARK in (cd[10], cd[11], cd[18]):  # the 13-95 GB photo zips: sizes or offsets past 4 GB
+                compress_size, header_offset = _zip64_fields(data[name_end:name_end + cd[13]], cd)
+            entries[_decode_name(data[pos + head:name_end], cd[5])] = ZipEntry(
+                header_offset + concat, compress_size, cd[6], cd[9], cd[5])
+            pos = name_end + cd[13] + cd[14]
+    except struct.error as err:
+        raise zipfile.BadZipFile(f"bad central directory in {path} ({err})") from err
     return entries
+
+
+def _zip64_fields(extra: bytes, cd: tuple) -> tuple[int, int]:
+    """(compressed size, local header offset) of a central directory record whose 32-bit fields are marked as
+    kept in its zip64 extra field (id 1), which holds the marked ones of: size, compressed size, offset."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        kind, length = struct.unpack_from("<HH", extra, pos)
+        if kind == 1:
+            values = list(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
+            marked = [cd[i] == _ZIP64_MARK for i in (11, 10, 18)]  # size, compressed size, offset: in this order
+            if sum(marked) > len(values):
+                break
+            compress_size = values[marked[0]] if marked[1] else cd[10]
+            offset = values[marked[0] + marked[1]] if marked[2] else cd[18]
+            return compress_size, offset
+        pos += 4 + length
+    raise zipfile.BadZipFile("a zip64 record without its sizes in a zip64 extra field")
 
 
 def read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
