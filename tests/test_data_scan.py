@@ -314,3 +314,20 @@ def test_a_scan_resumed_after_a_photo_zip_changed_reads_again_only_the_chunks_th
     after = {t.location.container: t.task_id for t in make_tasks(discover(root), 2000)}
     changed = {container for container in ids if ids[container] != after[container]}
     assert changed and all("단일" in Path(c).name for c in changed) and len(changed) < len(ids)
+
+
+def test_a_chunk_id_follows_its_label_folders_and_their_copies(synth_root, tmp_path):
+    """A chunk reads a drug's labels from each partition's copy of its folder (AI Hub ships both): a copy changed
+    between an interrupted scan and its resume must make the chunk be read again."""
+    from aihub_trees import split_partitions
+
+    from pillsnap.data.scan_walk import discover, make_tasks
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    assert split_partitions(root) > 0
+    before = {t.task_id for t in make_tasks(discover(root), 2000)}
+    assert before == {t.task_id for t in make_tasks(discover(root), 2000)}
+    copy = next(p for p in root.rglob("VL_1_단일/K-*_json"))
+    next(copy.glob("*.json")).unlink()  # the copy lost a label: its folder changed
+    assert {t.task_id for t in make_tasks(discover(root), 2000)} != before

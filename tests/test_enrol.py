@@ -418,7 +418,9 @@ def test_stale_enrolment_is_refused_with_a_clear_message(predictor: Predictor, e
 
 @pytest.mark.parametrize("content", ['{"classifier_sha256": "x", "drugs": [', '["x"]', '{"drugs": [{"name": "a"}]}',
                                      '{"classifier_sha256": "x"}',
-                                     '{"drugs": [{"mapping_code": "K-900001", "name": "a"}]}'])
+                                     '{"drugs": [{"mapping_code": "K-900001", "name": "a"}]}',
+                                     '{"drugs": [{"mapping_code": "K-900001", "name": "a", "n_photos": 5, '
+                                     '"spread": null}]}'])
 def test_a_broken_store_is_named_and_left_alone_and_answers_go_on(predictor: Predictor, exp_dir: Path,
                                                                    tmp_path: Path, content: str, caplog,
                                                                    capsys) -> None:

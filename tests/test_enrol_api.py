@@ -4,6 +4,7 @@ key, 4xx JSON for bad input with nothing changed, and the served model answering
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -154,14 +155,17 @@ def test_a_broken_enrolment_store_is_a_409_and_predictions_go_on(client: TestCli
     assert store.read_text(encoding="utf-8") == '{"classifier_sha256": "x", "drugs": ['
 
 
-def test_the_enrol_body_limit_holds_the_most_photos_an_enrolment_takes() -> None:
-    from pillsnap.infer.enrol import MAX_PHOTOS
-    from pillsnap.serve.settings import ENROL_MAX_PHOTOS, MULTIPART_SLACK
+def test_the_enrol_body_limit_holds_the_most_photos_an_enrolment_takes(caplog) -> None:
+    from pillsnap.infer.enrol import MAX_PHOTOS, MIN_PHOTOS
+    from pillsnap.serve.settings import ENROL_MAX_PHOTOS, ENROL_MIN_PHOTOS, MULTIPART_SLACK
 
     settings = ServeSettings(max_upload_mb=1, max_batch_files=2)
-    assert ENROL_MAX_PHOTOS == MAX_PHOTOS
+    assert (ENROL_MIN_PHOTOS, ENROL_MAX_PHOTOS) == (MIN_PHOTOS, MAX_PHOTOS)
     assert settings.body_limit("/v1/enrol") == MAX_PHOTOS * 2**20 + MULTIPART_SLACK
     # a budget that holds a batch but not ten photos still starts: an enrolment gets what the budget holds
     tight = ServeSettings(max_upload_mb=10, max_batch_files=8, max_inflight_upload_mb=90)
     tight.check()
     assert tight.body_limit("/v1/enrol") == 90 * 2**20
+    with caplog.at_level(logging.WARNING):
+        ServeSettings(max_upload_mb=10, max_batch_files=1, max_inflight_upload_mb=20).check()
+    assert "fewer than the 3 photos" in caplog.text

@@ -132,3 +132,34 @@ def test_a_real_zip64_archive_is_read_by_our_own_parser_and_a_misflagged_name_co
         zipfile.ZipFile(path)
     assert set(MEMBERS) <= set(read_central_directory(str(path)))
     assert all(ZipIndex(str(path)).read(name) == data for name, data in MEMBERS.items())
+
+
+def test_damaged_zip64_records_cost_their_member_or_give_the_damaged_archive_error(tmp_path, monkeypatch):
+    """Zip64 fields are 64-bit: a damaged one sent a seek or a read past any file (ValueError, MemoryError,
+    OverflowError: a scan or loader worker killed), or lost the whole archive for one member's record."""
+    from pillsnap.utils.zips import read_central_directory
+
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 8)
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in MEMBERS.items():
+            zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+    monkeypatch.undo()
+    raw = bytes(path.read_bytes())
+    first = raw.find(b"PK\x01\x02")
+    extra_at = first + 46 + int.from_bytes(raw[first + 28:first + 30], "little")  # after the first record's name
+    assert raw[extra_at:extra_at + 2] == b"\x01\x00"  # its zip64 extra field
+    lost_extra = bytearray(raw)
+    lost_extra[extra_at:extra_at + 2] = b"\x99\x99"
+    huge_size = bytearray(raw)
+    huge_size[extra_at + 4 + 8:extra_at + 4 + 16] = (2**63).to_bytes(8, "little")  # size, then compressed size
+    for damaged in (lost_extra, huge_size):
+        path.write_bytes(bytes(damaged))
+        assert set(read_central_directory(str(path))) == set(MEMBERS) - {next(iter(MEMBERS))}
+        assert ZipIndex(str(path)).read("K-000002/b.png") == MEMBERS["K-000002/b.png"]
+    huge_directory = bytearray(raw)
+    end64 = raw.rfind(zipfile.stringEndArchive64)
+    huge_directory[end64 + 40:end64 + 48] = (2**64 - 1).to_bytes(8, "little")  # its central directory's size
+    path.write_bytes(bytes(huge_directory))
+    with pytest.raises(zipfile.BadZipFile, match="central directory"):
+        read_central_directory(str(path))

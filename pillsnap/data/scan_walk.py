@@ -367,7 +367,8 @@ def make_tasks(found: Discovery, chunk_files: int) -> list[ChunkTask]:
         copies = {f: found.label_copies[(loc, f)] for f in folders if (loc, f) in found.label_copies}
         images = {f[:-5]: looked_in(found, loc, f[:-5]) for f in folders}
         key = (f"{loc}|{'|'.join(f'{f}:{_stamp(loc, f)}' for f in folders)}"
-               + (f"|{sorted(copies.items())}" if copies else "")
+               + (f"|{[(f, [(str(c), _stamp(c, f)) for c in at]) for f, at in sorted(copies.items())]}"
+                  if copies else "")
                + f"|{[(f, [(str(at), _stamp(at, f)) for at in places]) for f, places in sorted(images.items())]}")
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         tasks.append(ChunkTask(digest, loc, folders, images, sum(n for _, _, n in current), copies))

@@ -131,7 +131,8 @@ def _stored(path: Path) -> dict:
 def _sound_entry(drug: object) -> bool:
     """Whether a stored drug has the fields answers and listings read without a default."""
     return (isinstance(drug, dict) and isinstance(drug.get("mapping_code"), str) and isinstance(drug.get("name"), str)
-            and type(drug.get("n_photos")) is int and drug["n_photos"] > 0)
+            and type(drug.get("n_photos")) is int and drug["n_photos"] > 0
+            and ("spread" not in drug or type(drug["spread"]) in (int, float)))
 
 
 def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str | None = None) -> Enrolled:

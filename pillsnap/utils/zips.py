@@ -11,6 +11,7 @@ kept them all open held gigabytes; ZipIndex keeps a zip's names and offsets in a
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zipfile
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+LOGGER = logging.getLogger(__name__)
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header (46 bytes)
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # local file header (30 bytes)
 _ZIP64_MARK = 0xFFFFFFFF
@@ -54,31 +56,52 @@ def read_central_directory(path: str) -> dict[str, ZipEntry]:
         cd_end = end[zipfile._ECD_LOCATION]  # the directory ends where the end records begin
         if end[0] == zipfile.stringEndArchive64:
             cd_end -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        if not 0 <= size <= cd_end or not 0 <= offset <= cd_end - size:  # zip64's are 64-bit: any value
+            raise zipfile.BadZipFile(f"bad offset or size of the central directory in {path}")
         fh.seek(cd_end - size)  # not `offset`: a zip may be appended to other data
         data = fh.read(size)
     entries: dict[str, ZipEntry] = {}
     concat = cd_end - size - offset  # bytes prepended to the archive, as zipfile computes it
-    pos, unpack, head = 0, _CENTRAL.unpack_from, _CENTRAL.size
+    pos, unpack, head, lost = 0, _CENTRAL.unpack_from, _CENTRAL.size, []
     try:
         while pos < len(data):
             cd = unpack(data, pos)
             if cd[0] != b"PK\x01\x02":
                 raise zipfile.BadZipFile(f"bad central directory in {path}")
             name_end = pos + head + cd[12]
-            compress_size, header_offset = cd[10], cd[18]
-            if _ZIP64_MARK in (cd[10], cd[11], cd[18]):  # the 13-95 GB photo zips: sizes or offsets past 4 GB
-                compress_size, header_offset = _zip64_fields(data[name_end:name_end + cd[13]], cd)
-            entries[_decode_name(data[pos + head:name_end], cd[5])] = ZipEntry(
-                header_offset + concat, compress_size, cd[6], cd[9], cd[5])
+            name = _decode_name(data[pos + head:name_end], cd[5])
             pos = name_end + cd[13] + cd[14]
+            at = _member_place(data[name_end:name_end + cd[13]], cd, concat, cd_end - size)
+            if at is None:  # that member is lost, not the whole zip
+                lost.append(name)
+                continue
+            entries[name] = ZipEntry(at[1], at[0], cd[6], cd[9], cd[5])
     except struct.error as err:
         raise zipfile.BadZipFile(f"bad central directory in {path} ({err})") from err
+    if lost:
+        LOGGER.warning("%s: %d member(s) with a damaged directory record left out (e.g. %s)", path, len(lost), lost[0])
     return entries
 
 
-def _zip64_fields(extra: bytes, cd: tuple) -> tuple[int, int]:
+def _member_place(extra: bytes, cd: tuple, concat: int, cd_start: int) -> tuple[int, int] | None:
+    """(compressed size, local header offset in the file) of one central directory record, or None where they are
+    damaged: a zip64 record without its extra field, or a member that would not lie before the directory."""
+    compress_size, header_offset = cd[10], cd[18]
+    if _ZIP64_MARK in (cd[10], cd[11], cd[18]):  # the 13-95 GB photo zips: sizes or offsets past 4 GB
+        found = _zip64_fields(extra, cd)
+        if found is None:
+            return None
+        compress_size, header_offset = found
+    header_offset += concat
+    if header_offset < 0 or header_offset + _LOCAL.size + compress_size > cd_start:
+        return None
+    return compress_size, header_offset
+
+
+def _zip64_fields(extra: bytes, cd: tuple) -> tuple[int, int] | None:
     """(compressed size, local header offset) of a central directory record whose 32-bit fields are marked as
-    kept in its zip64 extra field (id 1), which holds the marked ones of: size, compressed size, offset."""
+    kept in its zip64 extra field (id 1), which holds the marked ones of: size, compressed size, offset; None
+    where the field is missing or short."""
     pos = 0
     while pos + 4 <= len(extra):
         kind, length = struct.unpack_from("<HH", extra, pos)
@@ -86,12 +109,12 @@ def _zip64_fields(extra: bytes, cd: tuple) -> tuple[int, int]:
             values = list(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
             marked = [cd[i] == _ZIP64_MARK for i in (11, 10, 18)]  # size, compressed size, offset: in this order
             if sum(marked) > len(values):
-                break
+                return None
             compress_size = values[marked[0]] if marked[1] else cd[10]
             offset = values[marked[0] + marked[1]] if marked[2] else cd[18]
             return compress_size, offset
         pos += 4 + length
-    raise zipfile.BadZipFile("a zip64 record without its sizes in a zip64 extra field")
+    return None
 
 
 def read_member(fd: int, entry: ZipEntry, name: str) -> bytes:
@@ -126,6 +149,8 @@ class ZipIndex:
     in one int64 array (about 100 bytes a member where a ZipFile holds a ~500-byte ZipInfo and its strings), and one
     descriptor read with os.pread, so the index may be shared across fork. A missing member raises KeyError, as
     zipfile does; a damaged one zipfile.BadZipFile."""
+
+    _fd: int | None = None  # until opened: an index whose zip could not be read closes nothing
 
     def __init__(self, path: str) -> None:
         entries = read_central_directory(path)
