@@ -207,7 +207,7 @@ def ensure_onnx(exp_dir: Path, device: str | None) -> Path | None:
     return export_detector_onnx(model, out, detector_settings(snapshot)[1])
 
 
-def enrolment_figures(cfg: Any, device: str | None) -> dict | None:
+def enrolment_figures(cfg: Any, device: str | None, before: Any = None) -> dict | None:
     """The held-out drugs enrolled, measured and removed again (pillsnap.eval.enrol_eval); None when every drug was
     trained, {"skipped": why} (said in the log) when the run cannot enrol, e.g. it has no calibration to place the
     drugs in."""
@@ -215,7 +215,7 @@ def enrolment_figures(cfg: Any, device: str | None) -> dict | None:
     from pillsnap.infer.enrolment import EnrolmentError
 
     try:
-        return evaluate_enrolment(cfg, device)
+        return evaluate_enrolment(cfg, device, before=before)
     except EnrolmentError as err:
         LOGGER.warning("enrolment: not measured: %s", err)
         return {"skipped": str(err)}
@@ -256,9 +256,9 @@ def _run(args: argparse.Namespace, cfg: Any, start: float) -> int:
     phase("5/6 evaluate the pipeline on held-out photos")
     from pillsnap.eval.pipeline_report import evaluate_and_report, format_headline
 
-    summary = evaluate_and_report(cfg, onnx_path, args.device, start)
+    summary, auto = evaluate_and_report(cfg, onnx_path, args.device, start)
     phase("6/6 enrol the held-out drugs from 5 photos each (no retraining) and answer their other photos")
-    summary["enrolment"] = enrolment_figures(cfg, args.device)
+    summary["enrolment"] = enrolment_figures(cfg, args.device, auto)  # its "before" is the auto pass's answers
     # the whole demo's time, enrolment included (the summary written before enrolment has the time up to then)
     summary["elapsed_s"] = round(time.perf_counter() - start, 1)
     _add_to_summary(Path(cfg.paths.exp_dir), {key: summary[key] for key in ("enrolment", "elapsed_s")})

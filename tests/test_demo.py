@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,9 +15,17 @@ from pillsnap.utils.io import file_sha256
 
 @pytest.mark.slow
 def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypatch) -> None:
+    import pillsnap.eval.enrol_eval as enrol_eval
+
     workdir = tmp_path / "demo"
+    calls, enrol_all, answer = [], enrol_eval._enrol_all, enrol_eval.evaluate_pipeline
+    monkeypatch.setattr(enrol_eval, "_enrol_all", lambda *a: calls.append("enrol") or enrol_all(*a))
+    monkeypatch.setattr(enrol_eval, "evaluate_pipeline", lambda *a, **k: calls.append("answer") or answer(*a, **k))
     assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
+    # the enrolment's "before" is the evaluation's own auto pass, not the same photos answered again
+    assert calls and calls[0] == "enrol"
+    monkeypatch.undo()
     assert "headline figures" in out and "auto routing accuracy" in out and "tensorboard --logdir" in out
     assert "without imprint reading" in out and "unknown-pill AUROC" in out
 
@@ -56,6 +65,12 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypa
     assert summary["test"]["detection"]["onnx"]["mAP@0.5"] == pytest.approx(
         summary["test"]["detection"]["torch"]["mAP@0.5"], abs=1e-3)
     assert summary["overlays"] and all(Path(p).stat().st_size > 0 for p in summary["overlays"])
+    # the hard-case log holds the evaluation's first pass, each photo once: not the later passes over the same
+    # photos, nor the stage evaluation's latency sample (in-memory photos, logged without a name)
+    records = [r for path in sorted((exp / "hard_cases").glob("*.jsonl"))
+               for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
+    images = [r["image"] for r in records]
+    assert records and None not in images and len(images) == len(set(images))
     assert (exp / "reports" / "confusion_matrix.png").is_file()
     kinds = [e["image_type"] for e in summary["examples"]]
     assert kinds == ["single", "combination"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups
+from pillsnap.eval.pipeline_eval import Answered, evaluate_pipeline, photo_groups, without_hard_cases
 
 LOGGER = logging.getLogger(__name__)
 ENROL_PHOTOS = 5  # photos each held-out drug is enrolled from: the issue's figure
@@ -120,10 +120,12 @@ def _enrol_all(predictor: Any, plan: dict, class_map: dict) -> list[dict]:
 
 
 def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENROL_PHOTOS,
-                       keep: bool = False) -> dict | None:
+                       keep: bool = False, before: Answered | None = None) -> dict | None:
     """Enrol the manifest's held-out drugs into EXP from `per_drug` photos each and measure; None when the run
     trained on every drug. The enrolments are removed afterwards unless `keep`, so that the experiment answers as
-    trained (and a rerun measures the same thing)."""
+    trained (and a rerun measures the same thing). `before`: the test split's auto answers already made with this
+    configuration (the demo's evaluation), used where they were judged against the trained drugs alone instead of
+    answering the same photos again. Its predictor logs no hard case: these are not a user's photos."""
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
     from pillsnap.infer.enrol import remove
@@ -131,7 +133,7 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
     from pillsnap.utils import read_json
 
     manifest = load_manifest(cfg.paths.manifest_dir)
-    predictor = Predictor(cfg.paths.exp_dir, cfg, device)
+    predictor = Predictor(cfg.paths.exp_dir, without_hard_cases(cfg), device)
     trained = set(predictor.trained[0])
     plan = _plan(manifest, trained, per_drug, int(cfg.train.seed))
     if not plan:
@@ -139,7 +141,8 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
     class_map_path = Path(cfg.paths.manifest_dir) / "class_map.json"
     class_map = {c["mapping_code"]: c for c in read_json(class_map_path)["classes"]} if class_map_path.is_file() else {}
     test = photo_groups(select_stage(manifest, cfg), "test")
-    before = evaluate_pipeline(predictor, test, "auto", None, trained)
+    same = before is not None and before.known == trained and len(before.result["outcomes"]) == len(test)
+    before = before.result if same else evaluate_pipeline(predictor, test, "auto", None, trained)
     crops = known_crops(manifest, trained, predictor.crop_margin, seed=int(cfg.train.seed))
     crops_before = crop_figures(predictor, crops)
     enrolled = _enrol_all(predictor, plan, class_map)

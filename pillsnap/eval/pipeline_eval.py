@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,21 @@ from pillsnap.metrics.detection import evaluate_detection_metrics, match_boxes, 
 from pillsnap.utils.boxes import xywh_to_xyxy
 
 LOGGER = logging.getLogger(__name__)
+
+
+class Answered(NamedTuple):
+    """An evaluate_pipeline result (with its per-photo outcomes) and the drugs its answers were judged against."""
+
+    result: dict
+    known: frozenset[str]
+
+
+def without_hard_cases(cfg: Any) -> Any:
+    """A copy of `cfg` whose predictor logs no hard case: an evaluation's or a measurement's predictions are not a
+    user's, and logged they filled the run's hard-case log with its own test photos, some a dozen times over."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"inference": {"hard_cases": {"enabled": False}}})
 
 
 def photo_groups(manifest: pd.DataFrame, split: str = "test") -> list[dict]:

@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 
 from pillsnap.eval.answer_calibration import finite
-from pillsnap.eval.pipeline_eval import detection_map, evaluate_pipeline, photo_groups, set_figures, with_sets
+from pillsnap.eval.pipeline_eval import (
+    Answered,
+    detection_map,
+    evaluate_pipeline,
+    photo_groups,
+    set_figures,
+    with_sets,
+    without_hard_cases,
+)
 from pillsnap.eval.stage_measure import best_checkpoint_metrics
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
@@ -68,10 +76,12 @@ def _overlays(predictor: Any, photos: list[dict], out_dir: Path, limit: int = 4)
     return [str(path) for path in plot_detection_results(images, preds, out_dir)]
 
 
-def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, started: float) -> dict:
+def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None,
+                        started: float) -> tuple[dict, Answered]:
     """Evaluate on the test split (auto routing, single accuracy, all-pills-right on combinations, each with and
     without imprint reading; test mAP in torch and ONNX); writes {exp_dir}/reports/demo_summary.json and returns the
-    summary."""
+    summary, with the auto pass's answers (their outcomes, and the drugs they were judged against) for a later
+    measure of the same photos to start from (pillsnap.eval.enrol_eval)."""
     from pillsnap.data import load_manifest
     from pillsnap.data.stages import select_stage
     from pillsnap.infer.pipeline import Predictor
@@ -79,14 +89,14 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
 
     exp_dir = Path(cfg.paths.exp_dir)
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
-    predictor = Predictor(exp_dir, cfg, device)
+    predictor = Predictor(exp_dir, copy.deepcopy(cfg), device)  # its settings change below, the caller's do not
     known = set(predictor.class_names)
     auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"), known)
+    predictor.settings.hard_cases.enabled = False  # the first pass logged them; the passes below answer them again
     combos = [p for p in photos if p["image_type"] != "single"]
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
-    without_ocr = copy.deepcopy(cfg)
+    without_ocr = without_hard_cases(cfg)
     without_ocr.inference.imprint.enabled = False
-    without_ocr.inference.hard_cases.enabled = False  # the first pass logged them
     plain = evaluate_pipeline(Predictor(exp_dir, without_ocr, device), photos, "auto",
                               _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
@@ -114,7 +124,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None, st
     }
     summary["validation"].pop("history", None)
     save_json(exp_dir / "reports" / "demo_summary.json", summary)
-    return summary
+    return summary, Answered(auto, frozenset(known))
 
 
 def _sets_by_method(predictor: Any, outcomes: list[dict]) -> dict:
