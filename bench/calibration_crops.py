@@ -126,7 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", required=True, help="a trained experiment (its calibration files are rewritten)")
     args = parser.parse_args()
-    cfg = load_run_config(args.exp, [], None, required=("manifest_dir",))
+    # its predictions are not a user's: they stay out of the run's hard-case log
+    cfg = load_run_config(args.exp, ["inference.hard_cases.enabled=false"], None, required=("manifest_dir",))
     results: dict[str, dict] = {}
     outcomes = {}
     for name in ARMS:

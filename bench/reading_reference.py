@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--exp", required=True, help="a trained experiment (its calibration files are rewritten)")
     parser.add_argument("--skip-validation", action="store_true", help="test photos only, calibration as it is")
     args = parser.parse_args()
-    cfg = load_run_config(args.exp, [], None, required=("manifest_dir",))
+    # its predictions are not a user's: they stay out of the run's hard-case log
+    cfg = load_run_config(args.exp, ["inference.hard_cases.enabled=false"], None, required=("manifest_dir",))
 
     def show(title: str, figures: dict[str, dict]) -> None:
         print(title)

@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--exp", required=True, help="a trained experiment (its calibration files are rewritten)")
     parser.add_argument("--draws", type=int, default=200, help="calibrations drawn in the rehearsal (default 200)")
     args = parser.parse_args()
-    cfg = load_run_config(args.exp, [], None, required=("manifest_dir",))
+    # its predictions are not a user's: they stay out of the run's hard-case log
+    cfg = load_run_config(args.exp, ["inference.hard_cases.enabled=false"], None, required=("manifest_dir",))
     settings = cfg.inference.prediction_set
     report = calibrate_classifier(cfg, cfg.paths.exp_dir)
     sets = report.get("prediction_sets")

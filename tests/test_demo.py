@@ -67,8 +67,7 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypa
     assert summary["overlays"] and all(Path(p).stat().st_size > 0 for p in summary["overlays"])
     # the hard-case log holds the evaluation's first pass, each photo once: not the later passes over the same
     # photos, nor the stage evaluation's latency sample (in-memory photos, logged without a name)
-    records = [r for path in sorted((exp / "hard_cases").glob("*.jsonl"))
-               for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
+    records = hard_case_records(exp)
     images = [r["image"] for r in records]
     assert records and None not in images and len(images) == len(set(images))
     assert (exp / "reports" / "confusion_matrix.png").is_file()
@@ -109,6 +108,12 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypa
     assert "data: reusing" in messages and "scan: reusing" in messages and "train: reusing" in messages
     assert ckpt.stat().st_mtime_ns == before
     assert (exp / "checkpoints" / "calibration.json").is_file()  # calibrated again, not trained again
+    assert hard_case_records(exp) == records  # a rerun answers the same photos: it logs none of them again
+
+
+def hard_case_records(exp: Path) -> list[dict]:
+    return [r for path in sorted((exp / "hard_cases").glob("*.jsonl"))
+            for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
 
 
 def test_demo_bad_data_root_is_named(tmp_path: Path, caplog) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SYNTH_CLASSES
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -435,14 +436,14 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     timed: list = []
 
     class Timed:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
+        def __init__(self, exp_dir, cfg, device=None) -> None:
+            assert not cfg.inference.hard_cases.enabled  # a measurement's photos are not a user's hard cases
 
         def predict(self, image, mode):
             timed.append(image.size)
 
     monkeypatch.setattr("pillsnap.infer.pipeline.Predictor", Timed)
-    cfg = types.SimpleNamespace(train=types.SimpleNamespace(seed=0))
+    cfg = OmegaConf.create({"train": {"seed": 0}, "inference": {"hard_cases": {"enabled": True}}})
     latency = stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
     assert latency is not None and math.isfinite(latency.p95_ms) and latency.samples == 3
     assert "pipeline latency: skipped" in caplog.text and "2.png" in caplog.text

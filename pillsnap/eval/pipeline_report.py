@@ -22,6 +22,7 @@ from pillsnap.eval.pipeline_eval import (
     without_hard_cases,
 )
 from pillsnap.eval.stage_measure import best_checkpoint_metrics
+from pillsnap.infer.hard_cases import HARD_CASES_DIR
 from pillsnap.utils.boxes import xywh_to_xyxy
 from pillsnap.utils.images import read_image
 from pillsnap.utils.logs import package_versions
@@ -90,9 +91,13 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None,
     exp_dir = Path(cfg.paths.exp_dir)
     photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
     predictor = Predictor(exp_dir, copy.deepcopy(cfg), device)  # its settings change below, the caller's do not
+    # the first pass fills an empty hard-case log, to show what one holds; a rerun's, or the passes below over the
+    # same photos, would only repeat them
+    predictor.settings.hard_cases.enabled = bool(cfg.inference.hard_cases.enabled) and not any(
+        (exp_dir / HARD_CASES_DIR).glob("*.jsonl"))
     known = set(predictor.class_names)
     auto = evaluate_pipeline(predictor, photos, "auto", _progress("auto"), known)
-    predictor.settings.hard_cases.enabled = False  # the first pass logged them; the passes below answer them again
+    predictor.settings.hard_cases.enabled = False
     combos = [p for p in photos if p["image_type"] != "single"]
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
     without_ocr = without_hard_cases(cfg)
