@@ -627,3 +627,13 @@ def test_an_uncalibrated_run_says_what_it_does_without_its_calibration(exp_dir: 
     with caplog.at_level("INFO", logger="pillsnap.infer.artefacts"):
         Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.unknown_check=false"), device="cpu")
     assert "imprint check" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_predictor_without_a_calibration_for_its_weights_warns(tmp_path: Path, caplog) -> None:
+    """Without a calibration no pill is answered as unknown by its look: such a predictor names a drug for whatever
+    it is shown (a blank photo, a coin), and said so only at INFO."""
+    root = make_exp_dir(tmp_path / "exp", with_detector=False)
+    with caplog.at_level(logging.WARNING):
+        Predictor(root, _cfg(root), device="cpu")
+    [warned] = [r.getMessage() for r in caplog.records if "no calibration for" in r.getMessage()]
+    assert "no pill is answered as unknown by its look" in warned and "pillsnap calibrate" in warned
