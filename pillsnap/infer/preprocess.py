@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.utils.boxes import xyxy_to_xywh
-from pillsnap.utils.images import read_image, to_rgb, upright_copy
+from pillsnap.utils.images import read_image, to_rgb, upright
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ def load_image(image: Any) -> tuple[Image.Image, str | None]:
         return read_image(text).convert("RGB"), text
     if isinstance(image, Image.Image):  # decoded as a file is: upright, transparency on white, 16-bit rescaled
         name = getattr(image, "filename", None) or None
-        return to_rgb(upright_copy(image, name or "<image>")), name
+        return to_rgb(upright(image, name or "<image>")), name
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"array images must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")

@@ -163,23 +163,17 @@ def check_image_size(size: tuple[int, int], name: str, limits: ImageLimits = DEF
                             f"at least {limits.min_side} px); send the original photo, not a thumbnail")
 
 
-def upright_copy(image: Image.Image, name: str = "<image>") -> Image.Image:
-    """A caller's PIL image turned the way its EXIF orientation says (Image.open does not), as a copy: the caller's
-    image is left as it was. One already turned (ImageOps.exif_transpose drops the tag) is not turned again."""
+def upright(image: Image.Image, name: str = "<image>", in_place: bool = False) -> Image.Image:
+    """The image turned the way the camera's EXIF orientation says (Image.open does not), so that boxes are in the
+    frame people see: `image` itself when `in_place` (no copy of a large photo without the tag; a photo we decoded),
+    else a copy, the caller's image left as it was. One already turned (exif_transpose drops the tag) is not turned
+    again; an unreadable EXIF block is ignored, with a warning."""
     try:
-        return ImageOps.exif_transpose(image)
+        turned = ImageOps.exif_transpose(image, in_place=in_place)
     except (SyntaxError, ValueError, TypeError, KeyError, struct.error) as err:  # a corrupt EXIF block
         LOGGER.warning("ignoring the unreadable EXIF orientation of %s: %s", name, _clean(err))
         return image
-
-
-def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
-    """Turn the pixels the way the camera's EXIF orientation says, so that boxes are in the frame people see."""
-    try:
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large photo without the tag
-    except (SyntaxError, ValueError, TypeError, KeyError, struct.error) as err:  # a corrupt EXIF block
-        LOGGER.warning("ignoring the unreadable EXIF orientation of %s: %s", name, _clean(err))
-    return image
+    return image if in_place else turned
 
 
 def _rescale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
@@ -218,7 +212,7 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
         raise ImageError(f"Cannot read image {name}: {err}") from err
     check_image_size(image.size, name, limits)  # from the header: nothing is decoded yet
     image.load()
-    return to_rgb(_apply_orientation(image, name) if limits.upright else image)
+    return to_rgb(upright(image, name, in_place=True) if limits.upright else image)
 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
