@@ -156,11 +156,10 @@ def test_a_broken_enrolment_store_is_a_409_and_predictions_go_on(client: TestCli
 
 
 def test_the_enrol_body_limit_holds_the_most_photos_an_enrolment_takes(caplog) -> None:
-    from pillsnap.infer.enrol import MAX_PHOTOS, MIN_PHOTOS
-    from pillsnap.serve.settings import ENROL_MAX_PHOTOS, ENROL_MIN_PHOTOS, MULTIPART_SLACK
+    from pillsnap.infer.enrol import MAX_PHOTOS
+    from pillsnap.serve.settings import MULTIPART_SLACK
 
     settings = ServeSettings(max_upload_mb=1, max_batch_files=2)
-    assert (ENROL_MIN_PHOTOS, ENROL_MAX_PHOTOS) == (MIN_PHOTOS, MAX_PHOTOS)
     assert settings.body_limit("/v1/enrol") == MAX_PHOTOS * 2**20 + MULTIPART_SLACK
     # a budget that holds a batch but not ten photos still starts: an enrolment gets what the budget holds
     tight = ServeSettings(max_upload_mb=10, max_batch_files=8, max_inflight_upload_mb=90)

@@ -6,12 +6,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pillsnap.infer.enrol import MAX_PHOTOS, MIN_PHOTOS  # the photos an enrolment takes
 from pillsnap.utils.images import ImageLimits
 
 LOGGER = logging.getLogger(__name__)
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file bytes
-# the fewest and most photos an enrolment takes (pillsnap.infer.enrol.MIN_PHOTOS, MAX_PHOTOS, held equal by a test)
-ENROL_MIN_PHOTOS, ENROL_MAX_PHOTOS = 3, 10
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class ServeSettings:
         most photos an enrolment takes (as many as the upload budget holds, where it holds fewer)."""
         path = path.rstrip("/")
         if path == "/v1/enrol":
-            return min(ENROL_MAX_PHOTOS * self.max_file_bytes + MULTIPART_SLACK, self.max_inflight_upload_bytes)
+            return min(MAX_PHOTOS * self.max_file_bytes + MULTIPART_SLACK, self.max_inflight_upload_bytes)
         files = self.max_batch_files if path.endswith("/batch") else 1
         return files * self.max_file_bytes + MULTIPART_SLACK
 
@@ -74,8 +73,8 @@ class ServeSettings:
         if self.max_inflight_upload_bytes < batch:  # else a full batch could never be accepted
             raise ConfigError(f"serving.max_inflight_upload_mb ({self.max_inflight_upload_mb:g}) must hold one full "
                               f"batch: at least {batch / 2**20:.1f} (max_batch_files x max_upload_mb + slack)")
-        fewest = ENROL_MIN_PHOTOS * self.max_file_bytes + MULTIPART_SLACK
+        fewest = MIN_PHOTOS * self.max_file_bytes + MULTIPART_SLACK
         if self.body_limit("/v1/enrol") < fewest:
             LOGGER.warning("serving.max_inflight_upload_mb (%g) holds fewer than the %d photos of max_upload_mb (%g) "
                            "an enrolment needs: enrolments of full-size photos get 413; raise it to at least %.1f",
-                           self.max_inflight_upload_mb, ENROL_MIN_PHOTOS, self.max_upload_mb, fewest / 2**20)
+                           self.max_inflight_upload_mb, MIN_PHOTOS, self.max_upload_mb, fewest / 2**20)
