@@ -206,10 +206,11 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(index) - len(cache.index), len(index),
                 f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos undecodable: left "
                 "out of training, tried again at the next build" if len(failed) else "")
-    if len(failed) > UNREADABLE_LIMIT * rows["label_path"].nunique():
+    asked = rows["label_path"].nunique()
+    if len(failed) > UNREADABLE_LIMIT * asked:
         LOGGER.warning("cache %s: %d of the %d rows asked could not be cut, more than the %.0f%% of unreadable data "
-                       "a stage tolerates: were the photos out of reach?", root, len(failed),
-                       rows["label_path"].nunique(), 100 * UNREADABLE_LIMIT)
+                       "a stage tolerates: were the photos out of reach?", root, len(failed), asked,
+                       100 * UNREADABLE_LIMIT)
     return CachedCrops(root)
 
 

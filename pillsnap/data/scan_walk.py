@@ -22,10 +22,6 @@ from pillsnap.data import aihub
 from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
-
-
-class ScanError(ValueError):
-    """A scan that cannot give a usable manifest; the message is the one-line diagnosis."""
 ZIP_CHUNK_FACTOR = 16
 UNREADABLE_ZIP = "unreadable_zip"
 # Folder and zip names that carry AI Hub's own partition: `1.Training`, `2.Validation`, `TL_3_단일`, `VS_1_조합`
@@ -42,6 +38,10 @@ def aihub_part(path: str) -> str:
         if _TRAINING_RE.match(name):
             return "Training"
     return ""
+
+
+class ScanError(ValueError):
+    """A scan that cannot give a usable manifest; the message is the one-line diagnosis."""
 
 
 @dataclass(frozen=True)

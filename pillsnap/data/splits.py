@@ -105,7 +105,7 @@ def unusable_test(of_kind: pd.DataFrame, keys: np.ndarray, codes: np.ndarray, te
 
 def assign_splits(groups: pd.DataFrame, val_ratio: float, test_ratio: float) -> tuple[pd.Series, dict]:
     """Split code (0 train, 1 val, 2 test) per split group hash, and a summary of the rule applied."""
-    keys, codes, honoured, fallback = [], [], {}, {}
+    keys, codes, honoured, fallback, moved = [], [], {}, {}, 0
     for kind, of_kind in groups.groupby("image_type"):
         honour = bool(of_kind["aihub_val"].sum() > 0)
         k, c = _assign_kind(of_kind, honour, val_ratio, test_ratio)
@@ -117,14 +117,12 @@ def assign_splits(groups: pd.DataFrame, val_ratio: float, test_ratio: float) -> 
             honour = False
             k, c = _assign_kind(of_kind, honour, val_ratio, test_ratio)
         honoured[str(kind)] = honour
+        if honour:  # Validation photos that followed their group out of test (a kind drawn as usual moves none)
+            moved += int(of_kind.loc[k[c != TEST], "aihub_val"].sum())
         keys.append(k)
         codes.append(c)
     series = pd.Series(np.concatenate(codes) if codes else np.zeros(0, np.int8),
                        index=np.concatenate(keys) if keys else np.zeros(0, np.int64))
-    moved = int(groups.loc[series.index[series.to_numpy() != TEST], "aihub_val"].sum()) if len(series) else 0
-    if fallback:  # the Validation photos of a kind drawn as usual are not "moved out of test"
-        drawn = groups["image_type"].astype(str).isin(list(fallback)).reindex(series.index).to_numpy()
-        moved = int(groups.loc[series.index[(series.to_numpy() != TEST) & ~drawn], "aihub_val"].sum())
     summary = {"groups": int(len(groups)), "aihub_validation_is_test": honoured,
                "aihub_validation_photos_not_in_test": moved, "aihub_validation_not_usable": fallback}
     if moved:

@@ -142,8 +142,8 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
     class_map_path = Path(cfg.paths.manifest_dir) / "class_map.json"
     class_map = {c["mapping_code"]: c for c in read_json(class_map_path)["classes"]} if class_map_path.is_file() else {}
     test = photo_groups(select_stage(manifest, cfg), "test")
-    same = before is not None and before.known == trained and [o["image_path"] for o in before.result["outcomes"]] \
-        == [p["image_path"] for p in test]
+    same = (before is not None and before.known == trained
+            and [o["image_path"] for o in before.result["outcomes"]] == [p["image_path"] for p in test])
     before = before.result if same else evaluate_pipeline(predictor, test, "auto", None, trained)
     crops = known_crops(manifest, trained, predictor.crop_margin, seed=int(cfg.train.seed))
     crops_before = crop_figures(predictor, crops)

@@ -221,9 +221,9 @@ def configured_set_rule(calibration: dict | None, settings: Any, imprint_reading
         return None
     rule, problem = load_set_rule(calibration, method, coverage, imprint_reading, imprint_check, fill, by_source)
     stored = calibration.get("prediction_sets") or {}
-    for key, now in (("topk", topk), ("unknown_rule", unknown_rule)):
+    for key, name, now in (("topk", "inference.topk", topk), ("unknown_rule", "the unknown-pill rule in force",
+                                                                   unknown_rule)):
         if not problem and key in stored and stored[key] != now:  # older calibrations did not record them
-            name = "inference.topk" if key == "topk" else "the unknown-pill rule in force"
             problem = (f"the prediction sets were calibrated with {name} {stored[key] or 'off'} and it is now "
                        f"{now or 'off'} (recalibrate: pillsnap calibrate --exp EXP)")
     if problem:
