@@ -360,6 +360,19 @@ def test_a_hard_case_upload_that_cannot_be_kept_still_gets_its_answer(tmp_path, 
     assert len(warned) == 1 and "pill.png" in warned[0]  # said once, not at every request
 
 
+def test_a_run_of_failures_is_warned_at_the_1st_10th_100th_and_again_after_a_success(caplog) -> None:
+    from pillsnap.utils.logs import FailureRun
+
+    run = FailureRun(logging.getLogger("pillsnap.test"))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(100):
+            run.failed("disk full")
+        run.passed()
+        run.failed("disk full")
+    assert [r.getMessage() for r in caplog.records] == [
+        "disk full", "disk full (10 times in a row)", "disk full (100 times in a row)", "disk full"]
+
+
 def test_combo_mode_on_a_model_without_a_detector_is_a_409(client, fake) -> None:
     fake.has_detector = False
     answer = client.post("/v1/predict", files=photo("pill.png", png_bytes()), data={"mode": "combo"}, headers=KEY)

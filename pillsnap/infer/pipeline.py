@@ -52,7 +52,7 @@ from pillsnap.infer.unknown import CROP_SOURCES, UnknownAnswer, crop_source
 from pillsnap.models.detector import NMS_MAX_DET
 from pillsnap.utils import resolve_device
 from pillsnap.utils.boxes import xywh_to_xyxy
-from pillsnap.utils.logs import warn_first
+from pillsnap.utils.logs import FailureRun
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx")
@@ -140,7 +140,7 @@ class Predictor:
         self.det_image_size = 0  # the detector's input size, read from its checkpoint when it loads
         self.box_settings = check_box_settings(self.settings.get("box_check") or {})  # (enabled, miss rate)
         self.hard_cases = HardCaseLog.from_config(self.exp_dir, self.settings.hard_cases)
-        self._hard_case_failures = 0  # hard cases in a row that could not be logged
+        self._hard_case_failures = FailureRun(LOGGER)  # hard cases that could not be logged
         if not self.settings.lazy_load_detector:
             self.detector  # noqa: B018 - load now rather than on the first combo photo
         # (class names, class map) as trained; enrolled drugs (infer/enrolment.py) join them
@@ -448,11 +448,10 @@ class Predictor:
             try:
                 self.hard_cases.write(result, reasons, image)
             except OSError as err:  # a full disk or a read-only folder loses the record, never the answer
-                self._hard_case_failures = warn_first(LOGGER, self._hard_case_failures,
-                                                      f"hard case not logged ({err}): the answer is given; check "
-                                                      "that inference.hard_cases' folder can be written")
+                self._hard_case_failures.failed(f"hard case not logged ({err}): the answer is given; check that "
+                                                "inference.hard_cases' folder can be written")
             else:
-                self._hard_case_failures = 0
+                self._hard_case_failures.passed()
 
 
 _PREDICTORS: dict[tuple[str, str], Predictor] = {}

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from pillsnap.infer.hard_cases import KeptFiles, for_request  # PIL only: no model code
 from pillsnap.serve.errors import RequestRejected, image_error_status
 from pillsnap.utils.images import PHOTO_SUFFIXES, ImageError, ImageLimits, decode_image
-from pillsnap.utils.logs import warn_first
+from pillsnap.utils.logs import FailureRun
 
 LOGGER = logging.getLogger(__name__)
 GIT_SHA_ENV = "PILLSNAP_GIT_SHA"  # set in images built without .git
@@ -67,7 +67,7 @@ class PredictionService:
         self._load_predictor = load_predictor
         self.limits = limits
         self.uploads = uploads  # None: hard cases are not logged, so uploads are never kept
-        self._keep_failures = 0  # hard-case uploads in a row that could not be kept
+        self._keep_failures = FailureRun(LOGGER)  # hard-case uploads that could not be kept
         self.predictor: PredictorLike | None = None
         self.info: dict = {}
 
@@ -102,11 +102,10 @@ class PredictionService:
             try:
                 self.uploads.keep(reference, upload.data)
             except OSError as err:  # a full disk or a read-only folder loses the kept photo, never the answer
-                self._keep_failures = warn_first(LOGGER, self._keep_failures,
-                                                 f"upload {upload.filename!r} of a hard case not kept ({err}): the "
-                                                 "answer is given")
+                self._keep_failures.failed(f"upload {upload.filename!r} of a hard case not kept ({err}): the answer "
+                                           "is given")
             else:
-                self._keep_failures = 0
+                self._keep_failures.passed()
         return result
 
     def preview(self, upload: Upload, side: int = PREVIEW_SIDE) -> bytes:

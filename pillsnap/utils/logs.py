@@ -69,14 +69,20 @@ def set_log_level(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def warn_first(logger: logging.Logger, failures: int, message: str) -> int:
-    """One more failure in a run of `failures` alike (a full disk fails every request the same way): warn with
-    `message` at the 1st, 10th, 100th ... of them, so that the log says it without flooding; returns the new count
-    (the caller sets it back to 0 on a success)."""
-    failures += 1
-    if math.log10(failures).is_integer():
-        logger.warning("%s%s", message, "" if failures == 1 else f" ({failures} times in a row)")
-    return failures
+class FailureRun:
+    """Failures alike in a row (a full disk fails every request the same way): `failed` warns at the 1st, 10th,
+    100th ... of them, so that the log says it without flooding; `passed` starts the count again."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.count = logger, 0
+
+    def failed(self, message: str) -> None:
+        self.count += 1
+        if math.log10(self.count).is_integer():
+            self.logger.warning("%s%s", message, "" if self.count == 1 else f" ({self.count} times in a row)")
+
+    def passed(self) -> None:
+        self.count = 0
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
