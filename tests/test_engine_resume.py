@@ -213,6 +213,34 @@ def test_the_stage_clock_and_time_cap_count_the_earlier_runs(tmp_path):
     assert starts[0]["elapsed_s"] < 60 and 1000.0 <= starts[-1]["elapsed_s"] < 1060
 
 
+def test_an_epoch_the_time_cap_cut_short_is_finished_by_a_resume_with_a_raised_cap(tmp_path):
+    """The cap ends epoch 1 after 2 of its 6 steps (checked every 2 steps). Its `last` checkpoint stays where the
+    cap cut it, so that raising the cap and resuming trains the 4 steps left before epoch 2; committing the
+    part-epoch as whole made that resume skip them."""
+    exp = tmp_path / "exp"
+    stage = "data.progressive_validation.stage_1"
+    cut = [f"{stage}.time_limit_hours=1.0e-9", f"{stage}.allow_success_on_time_cap=true",
+           f"{stage}.min_samples_required=8", f"{stage}.min_class_coverage=1"]
+    assert run_training(make_cfg(exp, *cut), fake_build_loaders)[0] == 0
+    metrics = read_json(exp / "reports" / "metrics.json")
+    assert metrics["status"] == "time_capped" and metrics["epoch"] == 1  # the stage's verdict reads the cut epoch
+    ckpt = exp / "checkpoints"
+    last, best = load_ckpt(ckpt / "classification_last.pt"), load_ckpt(ckpt / "classification_best.pt")
+    assert last["epoch"] == 0 and last["progress"]["epoch"] == 1 and last["progress"]["done"] == {"classification": 2}
+    assert best["epoch"] == 1  # validated: what the work after training evaluates
+    assert "time cap (1e-09 h) cut it short" in (exp / "logs" / "pillsnap.log").read_text(encoding="utf-8")
+
+    code, trainer = run_training(make_cfg(exp, f"{stage}.time_limit_hours=1.0", "train.resume=last"),
+                                 fake_build_loaders)
+    assert code == 0 and trainer.status == "completed"
+    assert trainer.tasks["classification"].samples_seen == 2 * 48  # two whole epochs, none of epoch 1 skipped
+    stream = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = max(i for i, r in enumerate(stream) if r["type"] == "start")
+    steps = [(r["epoch"], r["step"]) for r in stream[resumed_at:] if r["type"] == "step"]
+    assert steps[0] == (1, 4) and steps.count((1, 6)) == steps.count((2, 6)) == 1  # steps logged every 2
+    assert [h["epoch"] for h in read_json(exp / "reports" / "metrics.json")["history"]] == [1, 2]
+
+
 def interrupt(how: str):
     """Ctrl-C, or a SIGTERM sent to the run (what the kernel would run, without risking the test process)."""
 

@@ -140,6 +140,9 @@ class EpochRunner:
         self.checkpoint_interval_s = 60.0 * float(minutes or 0.0)
         self.last_checkpoint = time.monotonic()
         self.save_pending = False  # a save came due with gradients half accumulated: it is made once they are not
+        # where the stage's time cap cut the last epoch short (None: it ran to its end). The trainer's `last`
+        # checkpoint goes on from there, so that a resume with a raised cap trains the rest of the epoch
+        self.cut_short: EpochProgress | None = None
 
     def time_capped(self, device: object = None) -> bool:
         """Whether the stage's clock has run out, by rank 0's clock, so that every rank leaves the epoch at the same
@@ -262,6 +265,7 @@ class EpochRunner:
             progress.loss_sum = dict.fromkeys(progress.loss_sum, 0.0)  # the same tasks on every rank: over_ranks
             progress.loss_steps = dict.fromkeys(progress.loss_steps, 0)  # sums them in one list
         self.last_checkpoint, self.save_pending = time.monotonic(), False  # the last epoch's end was committed
+        self.cut_short = None
         left = {name: self._position(name, progress) for name in active}
         steps = {name: progress.done[name] + left[name] for name in active}  # as the log line counts them
         iters = {name: iter(self.tasks[name].train_loader) for name in active}
@@ -294,6 +298,10 @@ class EpochRunner:
             self.callbacks.fire("on_step_end", self._step_record(name, epoch, step, steps[name], out, timer))
             due = record_due(step, steps[name], self.cfg)
             if due and self.time_capped(self.tasks[name].device):
+                if any(todo.values()):
+                    # a window of accumulated gradients still open is dropped, its batches counted as drawn
+                    progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
+                    self.cut_short = progress
                 break
             if any(todo.values()):  # the epoch's last step needs none: its end is committed
                 self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)

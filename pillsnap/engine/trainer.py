@@ -259,8 +259,11 @@ class Trainer:
         state["task_state"] = {**state["task_state"], "samples_seen": self.samples_seen(name)}
         return {**state, "global_step": self.state.global_step}
 
-    def end_epoch(self, epoch: int, active: list[str], train: dict, val: dict) -> None:
-        """Early stopping per task, the epoch's history record and metrics.json, then one checkpoint generation."""
+    def end_epoch(self, epoch: int, active: list[str], train: dict, val: dict, cut_short: bool = False) -> None:
+        """Early stopping per task, the epoch's history record and metrics.json, then one checkpoint generation.
+        `cut_short`: the time cap ended the epoch before its last step. Its `last` checkpoints stay those saved where
+        it was cut (still of the last whole epoch), and only a better `best` is written: committing the part-epoch
+        as whole would have a resume with a raised cap skip the rest of it."""
         es = self.cfg.train.early_stopping
         record: dict[str, Any] = {"epoch": epoch, "elapsed_s": self.elapsed(), **memory_snapshot()}
         saves = []
@@ -273,16 +276,18 @@ class Trainer:
                 self.logger.info("early stopping %s at epoch %d (%s)", name, epoch,
                                  describe_best(self.es_state[name], task.monitor, task.tie_break))
             record[name] = {**val[name], **train[name], "lr": task.lr}
-            saves.append(ck.Save(name, ("last", "best") if is_best else ("last",), self._state(name, epoch),
-                                 task.spec.checkpoint_aliases))
+            kinds = [kind for kind, due in (("last", not cut_short), ("best", is_best)) if due]
+            if kinds:
+                saves.append(ck.Save(name, tuple(kinds), self._state(name, epoch), task.spec.checkpoint_aliases))
         self.history.append(record)
         # metrics.json before the checkpoints: a kill in between leaves a history that resume cuts back to the
         # committed epoch, never a committed epoch missing from the history.
         self.callbacks.fire("on_epoch_end", epoch, self.summary(epoch))
         with held_signals(doing="writing the epoch's checkpoints"):  # an interrupt lands after both, never between
-            if self.info.is_main:
+            if self.info.is_main and saves:
                 self._commit(epoch, saves)
-            self.epoch_done, self.progress = epoch, None
+            if not cut_short:
+                self.epoch_done, self.progress = epoch, None
         self._rebase_recovery()
 
     def _commit(self, epoch: int, saves: list[ck.Save]) -> None:
@@ -292,10 +297,11 @@ class Trainer:
             (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
             self.recovery_read = False
 
-    def save_progress(self, progress: EpochProgress) -> None:
-        """A checkpoint inside an epoch (train.checkpoint_interval_minutes): every task training in it commits its
-        `last` checkpoint, still of the last whole epoch (`epoch` = epoch_done), with `progress`, where a resume
-        goes on. `best` is left alone: nothing was validated. Called on every rank at the same step."""
+    def save_progress(self, progress: EpochProgress, why: str | None = None) -> None:
+        """A checkpoint inside an epoch (train.checkpoint_interval_minutes, or `why`: where the time cap cut it):
+        every task training in it commits its `last` checkpoint, still of the last whole epoch (`epoch` =
+        epoch_done), with `progress`, where a resume goes on. `best` is left alone: nothing was validated. Called on
+        every rank at the same step."""
         self._share_counts()
         # a copy (the epoch goes on changing `progress`), with the loss of every rank's steps
         saved = progress.over_ranks(self.info, self.tasks[next(iter(progress.drawn))].device)
@@ -308,8 +314,8 @@ class Trainer:
                 self._commit(self.epoch_done, saves)
             self.progress = saved  # committed
         if self.info.is_main:
-            self.logger.info("checkpoint inside epoch %d saved, after %s (train.checkpoint_interval_minutes=%s)",
-                             progress.epoch, _steps_text(progress), self.cfg.train.checkpoint_interval_minutes)
+            self.logger.info("checkpoint inside epoch %d saved, after %s (%s)", progress.epoch, _steps_text(progress),
+                             why or f"train.checkpoint_interval_minutes={self.cfg.train.checkpoint_interval_minutes}")
         self._rebase_recovery()
         barrier(self.info)  # the other ranks wait for the save here (the wait group's timeout), not in a step's NCCL
 
@@ -441,10 +447,14 @@ class Trainer:
             self.tasks[name].epoch_trained(epoch)
             if self.info.enabled:
                 self.tasks[name].sync_replicas()
+        cut = self.runner.cut_short
+        if cut is not None:  # before validation: a kill during it keeps where the cap cut the epoch
+            self.save_progress(cut, why=f"the stage's time cap ({self.stage_cfg.get('time_limit_hours')} h) cut "
+                                        "it short; a resume with a raised cap trains the rest of the epoch")
         self._share_counts()
         if self.runner.time_capped():
             self.status = "time_capped"
-        self.end_epoch(epoch, active, train, self.validate(epoch, active))
+        self.end_epoch(epoch, active, train, self.validate(epoch, active), cut_short=cut is not None)
         barrier(self.info)
 
     def _finish(self, epoch: int) -> int:
