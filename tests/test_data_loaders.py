@@ -86,6 +86,25 @@ def test_safe_collate_drops_undecodable_samples(manifest_dir, tmp_path, caplog):
     assert safe_collate([None, None]) is None
 
 
+def test_a_training_batch_keeps_its_size_when_a_photo_is_undecodable(synth_cfg, manifest_dir, tmp_path):
+    """A compiled model has static shapes: a training batch one sample short would compile it again (minutes at
+    max-autotune, with the other DDP ranks waiting). Copies of the readable samples fill it; validation keeps each
+    crop once."""
+    cls_train, cls_val = build_dataloaders_twostage(synth_cfg)[:2]
+    rows = load_manifest(manifest_dir)
+    rows = rows[rows.image_type == "single"].head(4).copy()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows.iloc[2, rows.columns.get_loc("image_path")] = str(broken)
+    ds = ClassificationDataset(rows, {c: i for i, c in enumerate(sorted(rows.mapping_code.unique()))}, 32, False)
+    samples = [ds[i] for i in range(4)]
+    images, labels, info = cls_train.collate_fn(samples)
+    assert images.shape == (4, 3, 32, 32) and str(broken) not in info["image_path"]
+    assert info["image_path"][3] == info["image_path"][0] and torch.equal(images[3], images[0])
+    assert cls_val.collate_fn(samples)[0].shape == (3, 3, 32, 32)
+    assert cls_train.collate_fn([None] * 4) is None  # nothing to copy: the trainer skips the step
+
+
 def test_classification_transform_is_normalised():
     image = Image.new("RGB", (50, 70), (124, 116, 104))  # ~ ImageNet mean colour
     x = classification_transform(48, train=False)(image)

@@ -258,13 +258,21 @@ def worker_init(worker_id: int) -> None:
     loader_worker_signals()
 
 
-def safe_collate(batch: list[Any]) -> Any:
-    """default_collate without the samples a dataset returned as None (undecodable); None if all failed."""
+def safe_collate(batch: list[Any], fill: bool = False) -> Any:
+    """default_collate without the samples a dataset returned as None (undecodable); None if all failed.
+
+    `fill` (training batches): copies of the batch's readable samples take the dropped ones' places, so that the
+    batch keeps its size. A compiled model has static shapes: each new batch size compiles it again, for minutes
+    under max-autotune, while under DDP the other ranks wait in the gradient exchange (NCCL's timeout). Evaluation
+    keeps each crop once."""
     kept = [item for item in batch if item is not None]
     if len(kept) < len(batch):
-        LOGGER.warning("safe_collate: dropped %d undecodable sample(s) of %d", len(batch) - len(kept), len(batch))
+        LOGGER.warning("safe_collate: dropped %d undecodable sample(s) of %d%s", len(batch) - len(kept), len(batch),
+                       "; copies of readable ones take their places" if fill and kept else "")
     if not kept:
         return None
+    if fill:
+        kept += [kept[i % len(kept)] for i in range(len(batch) - len(kept))]
     return default_collate(kept)
 
 

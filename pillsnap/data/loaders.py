@@ -4,6 +4,7 @@ Test loaders are only built when the final evaluation asks (build_test=True).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -110,7 +111,7 @@ def _classification_loader(dataset: ClassificationDataset, cfg: DictConfig, trai
     generator = torch.Generator().manual_seed(seed)  # the workers' seeds; the order is the sampler's
     return DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed=seed) if train else None,
-        num_workers=num_workers, collate_fn=safe_collate,
+        num_workers=num_workers, collate_fn=functools.partial(safe_collate, fill=True) if train else safe_collate,
         pin_memory=bool(dl.pin_memory) and torch.cuda.is_available(), generator=generator, worker_init_fn=worker_init,
         # drop_last on a train set smaller than one batch would leave an epoch with no step at all
         drop_last=train and bool(dl.drop_last) and len(dataset) >= batch_size, **kwargs,
