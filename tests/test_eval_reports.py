@@ -21,6 +21,24 @@ def test_confusion_matrix_png(tmp_path):
         plot_confusion_matrix(np.eye(2), ["a", "b", "c"], tmp_path / "bad.png")
 
 
+def test_a_confusion_picture_of_thousands_of_classes_shows_the_most_confused_ones(tmp_path):
+    """5,000 classes in 2,000 pixels average every confusion away: past 50 classes the picture shows, labelled, the
+    classes with the most wrong answers (as the true class or the one answered)."""
+    from pillsnap.eval.reports import MAX_LABELED_CLASSES, most_confused_classes
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    cm = np.diag(rng.integers(20, 40, n)).astype(np.int64)
+    for true in range(100, 196, 2):  # 96 classes with 1 to 3 wrong answers each: more than the picture holds
+        cm[true, true + 1] = 1 + true % 3
+    cm[2900, 17], cm[5, 6], cm[1234, 2345] = 30, 12, 9
+    shown = most_confused_classes(cm, MAX_LABELED_CLASSES)
+    assert len(shown) == MAX_LABELED_CLASSES and list(shown) == sorted(shown)
+    assert {2900, 17, 1234, 2345, 5, 6} <= set(shown.tolist())  # the heaviest first, whichever end of the list
+    path = plot_confusion_matrix(cm, [f"K-{i:06d}" for i in range(n)], tmp_path / "cm.png")
+    assert 500 < Image.open(path).size[0] <= 2000
+
+
 def test_per_class_tables_name_the_failing_drug_and_the_confused_pair(tmp_path):
     """At thousands of classes the confusion picture shows neither; per_class.csv lists the classes worst first and
     top_confusions.csv the most frequent wrong answers, and the confusion matrix is left as it was."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from pillsnap.utils import atomic_path, ensure_dir, save_json
 
-MAX_LABELED_CLASSES = 50  # beyond this, tick labels are unreadable; the matrix is still drawn
+MAX_LABELED_CLASSES = 50  # classes a confusion-matrix picture shows, labelled: past this, the most confused ones
 MAX_CURVE_NEGATIVES = 2_000_000  # micro ROC/PR: past this many negative scores a weighted sample stands in
 
 
@@ -27,23 +27,39 @@ def pyplot() -> Any:
     return plt
 
 
+def most_confused_classes(cm: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of the `k` classes with the most wrong answers, as the true class or the one answered."""
+    cm = np.asarray(cm)
+    wrong = cm.sum(axis=0) + cm.sum(axis=1) - 2 * np.diagonal(cm)
+    return np.sort(np.argsort(-wrong, kind="stable")[:k])
+
+
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], out_path: str | Path) -> Path:
-    """Row-normalised confusion matrix as PNG; class labels shown up to MAX_LABELED_CLASSES."""
-    cm = np.asarray(cm, dtype=float)
+    """Row-normalised confusion matrix as PNG, labelled. Past MAX_LABELED_CLASSES classes it shows the classes with
+    the most wrong answers: 5,000 classes in 2,000 pixels would average every single confusion away into what
+    looks like a clean diagonal."""
+    cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names):
         raise ValueError(f"confusion matrix {cm.shape} does not match {len(class_names)} class names")
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    title = "Confusion matrix (row-normalised)"
+    shown = np.arange(len(class_names))
+    if len(class_names) > MAX_LABELED_CLASSES:
+        shown = most_confused_classes(cm, MAX_LABELED_CLASSES)
+        title = (f"Confusion matrix: the {len(shown)} of {len(class_names)} classes with the most wrong answers\n"
+                 "(rows normalised over all of each class's crops; answers outside these classes not drawn)")
+    rows = cm.sum(axis=1, keepdims=True)[shown].astype(float)
+    part = cm[np.ix_(shown, shown)].astype(float)
+    norm = np.divide(part, rows, out=np.zeros_like(part), where=rows > 0)
+    names = [class_names[i] for i in shown]
     plt = pyplot()
-    size = min(4 + 0.25 * len(class_names), 20)
+    size = min(4 + 0.25 * len(names), 20)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if len(class_names) <= MAX_LABELED_CLASSES:
-        ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (row-normalised)")
+    ax.set_title(title, fontsize=9 if len(shown) < len(class_names) else None)
     out_path = Path(out_path)
     ensure_dir(out_path.parent)
     fig.tight_layout()
