@@ -347,3 +347,39 @@ def test_a_calibration_killed_before_its_json_leaves_the_old_pair_whole(tmp_path
 
     monkeypatch.setattr(ClassGaussians, "load", removed)
     assert load_class_gaussians(ckpts, still)[2] == "missing"
+
+
+def test_the_probe_takes_calibrations_answers_or_reads_its_crops_again_when_some_failed(monkeypatch):
+    """Calibration keeps each crop's answer and top probability, not the [N, C] probabilities (2.8 GB at 5,000
+    classes): the probe takes its rows of them, or, where photos failed to decode and the outputs no longer line
+    up with the crops, its crops' fresh outputs at the overall temperature."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from pillsnap.eval import probe as probe_module
+    from pillsnap.eval.calibration import Validation
+    from pillsnap.eval.outputs import InferenceCrops
+    from pillsnap.infer.artefacts import Temperatures
+
+    class Data:
+        labels = np.repeat(np.arange(3), 4)
+        transform = None
+
+    crops = InferenceCrops(Data(), np.ones(12, bool), locate=False, fraction=1.0)
+    gaussians = type("G", (), {"whiten": np.eye(2, dtype=np.float32)})()
+    cfg = OmegaConf.create({"train": {"seed": 0}, "dataloader": {"num_workers": 0}})
+    top = np.linspace(0.3, 0.9, 12)
+    answers = np.where(np.arange(12) % 3 == 0, 2, Data.labels)
+    val = Validation(Data.labels, np.arange(24, dtype=np.float32).reshape(12, 2), Temperatures(2.0), top, answers,
+                     None)
+    probe = probe_module.build_probe(None, crops, val, gaussians, cfg, "cpu")
+    assert np.allclose(probe.top, top) and np.array_equal(probe.right, answers == Data.labels)
+
+    log_p = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    monkeypatch.setattr(probe_module, "model_outputs",
+                        lambda *a, **k: (np.array([0, 1]), log_p, np.zeros((2, 2), np.float32), None))
+    monkeypatch.setattr(probe_module, "eval_loader", lambda dataset, cfg: dataset)
+    short = val._replace(labels=val.labels[:11])  # a photo failed: 11 outputs for 12 crops
+    probe = probe_module.build_probe(None, crops, short, gaussians, cfg, "cpu")
+    expected = np.exp(log_p / 2.0) / np.exp(log_p / 2.0).sum(axis=1, keepdims=True)
+    assert np.allclose(probe.top, expected.max(axis=1), atol=1e-6) and probe.right.tolist() == [True, False]

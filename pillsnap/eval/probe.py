@@ -16,24 +16,24 @@ from pillsnap.metrics.calibration import calibrated_probs
 LOGGER = logging.getLogger(__name__)
 
 
-def build_probe(model: Any, crops: Any, labels: np.ndarray, features: np.ndarray, probs: np.ndarray, gaussians: Any,
-                cfg: DictConfig, device: Any, temperature: float) -> Probe | None:
-    """The probe of the validation crops `crops` (InferenceCrops) from calibration's outputs on them (`labels`,
-    pre-logit `features`, calibrated `probs`): the features of a few crops of each drug whitened in the class
-    Gaussians' space, each crop's drug, the top probability and whether it was right. Where some photos failed to
-    decode, the outputs no longer line up with the crops: the probe's crops go through the classifier again (at
-    `temperature`), those that decode. None for a data set of tensors, with no photos."""
+def build_probe(model: Any, crops: Any, val: Any, gaussians: Any, cfg: DictConfig, device: Any) -> Probe | None:
+    """The probe of the validation crops `crops` (InferenceCrops) from calibration's outputs on them (`val`, an
+    eval.calibration.Validation: labels, pre-logit features, each crop's calibrated answer and top probability): the
+    features of a few crops of each drug whitened in the class Gaussians' space, each crop's drug, the top
+    probability and whether it was right. Where some photos failed to decode, the outputs no longer line up with the
+    crops: the probe's crops go through the classifier again (at the overall temperature), those that decode. None
+    for a data set of tensors, with no photos."""
     if not isinstance(crops, InferenceCrops):
         return None
     rows = probe_rows(crops.labels, int(cfg.train.seed))
-    if len(labels) == len(crops):
-        labels, features, probs = labels[rows], features[rows], probs[rows]
+    if len(val.labels) == len(crops):
+        labels, features, top, answers = val.labels[rows], val.features[rows], val.top_probs[rows], val.answers[rows]
     else:
         again = InferenceCrops(crops.dataset, crops.single, crops.locate, crops.fraction, crops.positions[rows],
                                crops.detected)
         labels, log_probs, features, _ = model_outputs(model, eval_loader(again, cfg), device)
         LOGGER.warning("calibration: %d of the probe's %d validation photos could not be read (left out of the "
                        "enrolment check's probe)", len(rows) - len(labels), len(rows))
-        probs = calibrated_probs(log_probs, temperature)
-    return Probe((features @ gaussians.whiten).astype(np.float32), labels, probs.max(1).astype(np.float32),
-                 probs.argmax(1) == labels)
+        probs = calibrated_probs(log_probs, val.temperatures.overall)
+        top, answers = probs.max(1), probs.argmax(1)
+    return Probe((features @ gaussians.whiten).astype(np.float32), labels, top.astype(np.float32), answers == labels)
