@@ -304,3 +304,24 @@ def test_every_lazy_export_is_the_object_it_names_not_a_module():
             getattr(package, export)
         for export in package.__all__:  # again: every submodule is imported by now
             assert not isinstance(getattr(package, export), types.ModuleType), f"{name}.{export} is a module"
+
+
+def test_progress_off_a_terminal_is_a_log_line_at_the_interval_with_what_is_left(monkeypatch, caplog):
+    """A logged run (train.sh, nohup) has no terminal for a bar: a long pass says how far it is in the log."""
+    import io
+    import logging
+    import sys
+
+    from pillsnap.utils import logs
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    clock = iter(float(t) for t in range(0, 1000, 25))  # each item takes 25 s
+    monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
+    logger = logging.getLogger("pillsnap.test_progress")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        assert list(logs.progress(range(10), 10, "calibration: detector boxes", "photos", logger)) == list(range(10))
+    lines = [r.getMessage() for r in caplog.records]
+    # 25 s a photo, a line once 60 s have passed since the last: after photos 3, 6 and 9 (none after the last)
+    assert lines == ["calibration: detector boxes: 3/10 photos, 0.04/s, about 3 min left",
+                     "calibration: detector boxes: 6/10 photos, 0.04/s, about 2 min left",
+                     "calibration: detector boxes: 9/10 photos, 0.04/s, about 25 s left"]

@@ -102,10 +102,9 @@ def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: A
     MATCH_IOU, most confident first). Returns {row: [x, y, w, h]} and the counts: the pills, those at a detector
     box, those the detector missed and those on photos that could not be read (both stay at their labelled boxes).
     ({}, None) without a detector, such pills, or (said in the log) a detector that cannot be run."""
-    from tqdm import tqdm
-
     from pillsnap.data.datasets import LABELLED
     from pillsnap.utils.images import DECODE_ERRORS, read_image
+    from pillsnap.utils.logs import progress
 
     members: dict[str, list[int]] = {}
     if detect is not None and sources is not None and hasattr(dataset, "rows"):
@@ -117,8 +116,7 @@ def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: A
     boxes: dict[int, np.ndarray] = {}
     unreadable = 0
     try:
-        for path, rows in tqdm(members.items(), desc="calibration: detector boxes", unit="photo", leave=False,
-                               disable=None):
+        for path, rows in progress(members.items(), len(members), "calibration: detector boxes", "photos", LOGGER):
             try:
                 image = read_image(path, LABELLED)
             except DECODE_ERRORS as err:  # its pills stay at their labelled boxes (and fail there, if they do)

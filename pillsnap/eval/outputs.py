@@ -4,6 +4,7 @@ calibration fits on."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from pillsnap.utils.images import DECODE_ERRORS
 
+LOGGER = logging.getLogger(__name__)
 # Forward passes only, no gradients: a batch this size fits any device at the classifier's input size.
 EVAL_BATCH = 64
 
@@ -38,12 +40,14 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
     import torch
 
     from pillsnap.utils.arrays import RowFiller
+    from pillsnap.utils.logs import progress
 
     size = len(loader.dataset)
     labels, log_probs, features, rows = RowFiller(size), RowFiller(size), RowFiller(size), RowFiller(size)
     numbered = True
     with torch.no_grad():
-        for batch in loader:
+        for batch in progress(loader, len(loader) if hasattr(loader, "__len__") else 0, "classifier pass", "batches",
+                              LOGGER):
             if batch is None:  # every photo of the batch failed to decode
                 continue
             logits, feats = model(batch[0].to(device))

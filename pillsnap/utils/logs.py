@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pillsnap.utils.io import ensure_dir
 
+T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The chosen level travels in the environment, so that every logger of this process and of the processes it
@@ -83,6 +85,28 @@ class FailureRun:
 
     def passed(self) -> None:
         self.count = 0
+
+
+def progress(items: Iterable[T], total: int, desc: str, unit: str, logger: logging.Logger,
+             every_s: float = 60.0) -> Iterator[T]:
+    """`items`, with their progress shown: a tqdm bar on a terminal, else (a logged run: train.sh, nohup, a job
+    scheduler) a line in the log every `every_s` seconds (`desc: 1200/18000 photos, 20.1/s, about 14 min left`).
+    A pass of the work after training over a Stage 4 split takes tens of minutes, and was silent in the log.
+    `total` 0: not known (a bar without an end; no log lines)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total or None, desc=desc, unit=unit, leave=False)
+        return
+    start = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            last, rate = now, done / max(now - start, 1e-9)
+            left = (total - done) / rate
+            logger.info("%s: %d/%d %s, %.3g/s, about %s left", desc, done, total, unit, rate,
+                        f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s")
 
 
 def build_logger(exp_dir: str | Path, name: str = "pillsnap") -> logging.Logger:
