@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pillsnap.config import load_config
 from pillsnap.data.loaders import Loaders
+from pillsnap.infer.evidence import Evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -128,3 +129,11 @@ class StoppingLoader:
             if self.served == self.at:
                 self.stop(self.served)
             yield batch
+
+
+class StandInEvidence:
+    """Stands in for a predictor's evidence step (pillsnap.infer.evidence.Evidence): a subclass gives read(crop,
+    topk); the pills of a photo are read through Evidence's own read_all, one after another."""
+
+    parallel = 1
+    read_all = Evidence.read_all

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import StandInEvidence
 from PIL import Image, ImageDraw
 from test_infer_pipeline import CODES, _cfg, features_of, make_exp_dir
 
@@ -505,7 +506,7 @@ def test_the_imprint_check_knows_an_enrolled_drugs_imprints(exp_dir: Path, predi
     served = Predictor(exp_dir, _cfg(exp_dir, "inference.imprint.unknown_check=true"), device="cpu")
     assert served.check_unknown and "NEW" not in served.known_imprints.sides
 
-    class Reads:  # stands in for the reader
+    class Reads(StandInEvidence):  # stands in for the reader
         text = "NEW"
 
         def read(self, crop, topk):

@@ -3,6 +3,7 @@ so no OCR runs here); what the read does to the answer is pillsnap.infer.answer'
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from pillsnap.infer.evidence import Evidence
@@ -66,3 +67,29 @@ def test_the_unknown_check_reads_every_pill_whose_top_drug_has_an_imprint_on_rec
     plain = Evidence({"K-000009": {"print_front": "", "print_back": "마크"}}, read_imprints=True, check_unknown=True)
     plain._reader = FakeReader("XY")
     assert plain.read(CROP, topk(("K-000009", 0.9))) is None  # nothing on record to hold a read against
+
+
+def test_the_pills_of_a_photo_are_read_side_by_side_and_answered_in_their_order():
+    """A read is ~130 ms of ONNX Runtime and OpenCV, which release the GIL: a 4-pill photo's reads one after another
+    made its answer 4 reads long. With 2 at once, two reads meet (a barrier that a reader alone would wait at until
+    it breaks); the reads come back in the pills' order, a pill whose read cannot change its answer with none."""
+    import threading
+
+    ev, _ = evidence("", parallel=2)
+    met = threading.Barrier(2, timeout=10)
+
+    def read(crop, candidates):
+        if crop.size[0] == 40:
+            return None
+        met.wait()  # raises BrokenBarrierError when the other read never comes
+        return ImprintRead(f"{crop.size[0]}", 0.9, 0.0, 0.01, True, None, None)
+
+    ev.read = read
+    crops = [Image.new("RGB", (w, w)) for w in (30, 40, 50)]
+    reads = ev.read_all(crops, [topk(("K-000001", 0.5))] * 3)
+    assert [r and r.text for r in reads] == ["30", None, "50"]
+    serial, _ = evidence("", parallel=1)
+    serial.read = read
+    met = threading.Barrier(2, timeout=0.5)
+    with pytest.raises(threading.BrokenBarrierError):  # one at a time: the first read waits alone
+        serial.read_all(crops, [topk(("K-000001", 0.5))] * 3)

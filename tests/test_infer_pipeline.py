@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import StandInEvidence
 from PIL import Image, ImageDraw
 
 from pillsnap.cli import main as cli_main
@@ -375,7 +376,7 @@ def test_a_pill_unlike_every_known_one_is_answered_unknown_by_feature_distance(t
     assert Predictor(root, _cfg(root), device="cpu").unknown.active is False
     from pillsnap.infer.imprint import ImprintRead
 
-    class ReadButMatchedNothing:  # the evidence step read an imprint no candidate has
+    class ReadButMatchedNothing(StandInEvidence):  # the evidence step read an imprint no candidate has
         def read(self, crop, topk):
             return ImprintRead("HC078", 0.9, 0.0, 0.01, True)
 
@@ -464,7 +465,7 @@ def test_auto_reads_imprints_only_on_the_pills_it_answers(predictor: Predictor, 
     predictor.settings.single_confidence_threshold = 0.0
     crops = []
 
-    class CountingReader:
+    class CountingReader(StandInEvidence):
         def read(self, crop, topk):
             crops.append(crop.size)
             return None
@@ -495,7 +496,7 @@ def test_the_imprint_check_answers_a_foreign_imprint_unknown_and_follows_its_con
                                                                                               "EF3"), strict=True))}})
     photo = pill_photo(tmp_path / "one.png", [(40, 60, 40, 30)])
 
-    class Reads:  # stands in for the reader: a confident, legible read no known drug carries
+    class Reads(StandInEvidence):  # stands in for the reader: a confident, legible read no known drug carries
         def __init__(self, text: str) -> None:
             self.text, self.calls = text, 0
 
@@ -566,7 +567,7 @@ def test_a_drug_below_the_top_k_comes_back_when_its_imprint_is_read_surely(tmp_p
     last = classified.reserve[-1]["mapping_code"]
     imprint = {"K-000001": "AB1", "K-000002": "CD2", "K-000003": "EF3"}[last]
 
-    class Reads:
+    class Reads(StandInEvidence):
         def read(self, crop, topk):
             return ImprintRead(imprint, 0.97, 0.0, 0.01, True)
 

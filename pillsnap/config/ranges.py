@@ -109,6 +109,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("inference.prediction_set.coverage", Range(0, 1, low_open=True, high_open=True, what="a coverage level")),
     ("inference.box_check.miss_rate", Range(0, 1, low_open=True, high_open=True, what="a miss rate")),
     ("inference.imprint.threads", Range(0, what="0 = the machine's cores")),
+    ("inference.imprint.parallel_reads", Range(0, what="0 = the cores over the threads per read")),
     ("inference.single_crop", OPEN_SHARE),
     ("inference.hard_cases.single_confidence_below", Range(0, what="a probability; above 1: every photo")),
     ("inference.hard_cases.max_files", AT_LEAST_1),

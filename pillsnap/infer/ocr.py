@@ -24,6 +24,7 @@ DET_STRIDE = 32  # the text detector's input sides must be multiples of its stri
 # The characters an imprint is compared in (pillsnap.infer.matching.normalize_imprint keeps these and Hangul, which
 # this recogniser does not know): a reading's other characters count as "something else" (reading_log_likelihood).
 IMPRINT_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_THREADS = 4  # ONNX Runtime threads a read takes when not told (inference.imprint.threads 0)
 _ENGINES: dict[tuple[int, int], Any] = {}
 _ENGINE_LOCK = threading.Lock()
 
@@ -185,6 +186,11 @@ def ctc_log_likelihoods(probs: np.ndarray, labels: Sequence[Sequence[int]]) -> l
     return out
 
 
+def read_threads(threads: int) -> int:
+    """The ONNX Runtime threads of a read: `threads`, or (0) the machine's cores, at most MAX_THREADS."""
+    return threads if threads > 0 else min(MAX_THREADS, usable_cores())
+
+
 def _session(path: Any, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -195,7 +201,7 @@ def _session(path: Any, threads: int) -> Any:
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Always an explicit count: with 0, ONNX Runtime pins one thread to each core, and next to torch's threads
     # that made the classifier 10x slower.
-    opts.intra_op_num_threads = threads if threads > 0 else min(4, usable_cores())
+    opts.intra_op_num_threads = read_threads(threads)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

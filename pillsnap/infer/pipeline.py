@@ -132,7 +132,7 @@ class Predictor:
         # is (set again when enrolments change)
         self.known_imprints: KnownImprints | None = None
         self.evidence = Evidence(self.class_map, bool(imprint.enabled), int(imprint.threads), self.thresholds,
-                                 self.check_unknown)
+                                 self.check_unknown, int(imprint.get("parallel_reads", 0) or 0))
         from pillsnap.data import classification_transform
 
         self.transform = classification_transform(image_size, train=False)
@@ -331,10 +331,10 @@ class Predictor:
         out = np.concatenate([boxes, dets[:, 4:5]], 1) if len(dets) else np.zeros((0, 5))
         return out[np.argsort(out[:, 0], kind="stable")]
 
-    def _answer(self, crop: Image.Image, bbox: Any, classified: Classified, det_conf: float | None,
+    def _answer(self, read: Any, bbox: Any, classified: Classified, det_conf: float | None,
                 hints: Hints | None, box_doubt: str | None = None) -> dict:
-        """One pill's answer (infer/answer.py), its imprint read first where a read can change it."""
-        read = self.evidence.read(crop, classified.topk)
+        """One pill's answer (infer/answer.py), given its imprint `read` (evidence.read: None where a read cannot
+        change the answer)."""
         source = crop_source(det_conf)
         answer = decide_answer(classified, self.class_map, read, hints, self.unknown_rules[source], self.thresholds,
                                self.weights[source], self.set_rules[source], self.known_imprints,
@@ -349,7 +349,8 @@ class Predictor:
         return WholePhoto(crop, box, located, self.classify([crop], "single")[0])
 
     def _single(self, whole: WholePhoto, hints: Hints | None) -> list[dict]:
-        return [self._answer(whole.crop, whole.box, whole.classified, None, hints)]
+        read = self.evidence.read(whole.crop, whole.classified.topk)
+        return [self._answer(read, whole.box, whole.classified, None, hints)]
 
     def _doubts(self, dets: np.ndarray | None, conf_threshold: float) -> list[str | None]:
         """Per detected box, why it may hold no pill (infer/box_check.py), or None."""
@@ -361,10 +362,11 @@ class Predictor:
                doubts: Sequence[str | None]) -> list[dict]:
         """Each detected box's answer; `doubts`: why a box may hold no pill (None: it holds one)."""
         crops = [crop_pill(image, d[:4], self.crop_margin) for d in dets]
-        return [self._answer(crop, box, classified, float(conf), hints, doubt)
-                for crop, box, classified, conf, doubt in zip(crops, dets[:, :4], self.classify(crops, "combination"),
-                                                              dets[:, 4],
-                                                              doubts, strict=True)]
+        classified = self.classify(crops, "combination")
+        reads = self.evidence.read_all(crops, [c.topk for c in classified])  # the pills read side by side
+        return [self._answer(read, box, pill, float(conf), hints, doubt)
+                for read, box, pill, conf, doubt in zip(reads, dets[:, :4], classified, dets[:, 4], doubts,
+                                                        strict=True)]
 
     def _agrees(self, image: Image.Image, whole: WholePhoto, det: np.ndarray) -> bool:
         """Does the one detected pill confirm the whole-photo answer? Where the single path located its pill: the
