@@ -327,3 +327,19 @@ def test_class_weights_are_suggested_only_where_the_classes_are_unbalanced():
         decision = stage_decision(1, results)
         assert decision["status"] == "NO_GO" and decision["suggestions"]
         assert (weights in decision["suggestions"]) == suggested, (ratio, decision["suggestions"])
+
+
+def test_a_pipeline_slow_for_its_imprint_reads_is_told_so_not_to_shrink_the_models():
+    """On a GPU the models take ~10 ms of a photo and each imprint read ~130 ms of CPU: a p95 over the target there
+    is the reads', and a smaller backbone or an fp16 export would not move it."""
+    def slow(without_reading: float) -> list[str]:
+        latency = {"pipeline": {"p95_ms": 540.0}, "pipeline_without_imprint": {"p95_ms": without_reading}}
+        results = with_(PASSING, device="cuda:0", latency_p95_ms=540.0, latency=latency)
+        decision = stage_decision(1, results)
+        assert decision["status"] == "NO_GO" and any(r.startswith("LATENCY_P95_TOO_HIGH") for r in decision["reasons"])
+        return decision["suggestions"]
+
+    reads = slow(62.0)
+    assert "Imprint reading takes most" in reads[0] and "inference.imprint.parallel_reads" in reads[0]
+    assert "Imprint reading takes most" not in " ".join(slow(400.0))  # the models' own time: the usual advice
+    assert any("Speed up inference" in tip for tip in slow(400.0))

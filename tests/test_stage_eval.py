@@ -438,15 +438,23 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     class Timed:
         def __init__(self, exp_dir, cfg, device=None) -> None:
             assert not cfg.inference.hard_cases.enabled  # a measurement's photos are not a user's hard cases
+            self.reads = cfg.inference.imprint.enabled
 
         def predict(self, image, mode):
-            timed.append(image.size)
+            timed.append((image.size, self.reads))
 
     monkeypatch.setattr("pillsnap.infer.pipeline.Predictor", Timed)
-    cfg = OmegaConf.create({"train": {"seed": 0}, "inference": {"hard_cases": {"enabled": True}}})
-    latency = stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
+    cfg = OmegaConf.create({"train": {"seed": 0}, "inference": {"hard_cases": {"enabled": True},
+                                                               "imprint": {"enabled": True}}})
+    figures = stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
+    latency = figures["pipeline"]
     assert latency is not None and math.isfinite(latency.p95_ms) and latency.samples == 3
     assert "pipeline latency: skipped" in caplog.text and "2.png" in caplog.text
+    # the same photos again with imprint reading off: whether the reads are what misses the target
+    assert figures["pipeline_without_imprint"].samples == 3 and {reads for _, reads in timed} == {True, False}
+    assert cfg.inference.imprint.enabled  # the caller's settings are left as they were
+    cfg.inference.imprint.enabled = False
+    assert stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")["pipeline_without_imprint"] is None
     # each kind keeps its share of the split: the unreadable single photo's weight goes to the other single ones
     rows.loc[3, "image_type"] = "combination"
     weighed: list = []
@@ -455,7 +463,7 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     drawn, drawn_weights, _ = stage_measure._pipeline_photos(rows, 0)
     stage_measure.pipeline_latency(cfg, tmp_path, rows, "cpu")
     combination = sum(w for p, w in zip(drawn, drawn_weights, strict=True) if p.endswith("3.png"))
-    (n, weights), = weighed
+    (n, weights), = weighed  # imprint reading is off: one figure
     assert n == 3 and sum(weights) == pytest.approx(1.0) and combination in weights
 
 

@@ -128,13 +128,16 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
     checks = sm.mandatory_checks(cfg, exp_dir, summary, run, models,
                                  lambda: sm.safely("ONNX export", lambda: sm.onnx_exports(models), False), imbalance)
     detection = {k: (summary.get("detection") or {}).get(k) for k in DETECTION_KEYS} if det_ckpt else {}
-    latency = None if pipeline is None else pipeline.p95_ms
+    reading = None if pipeline is None else pipeline["pipeline"]
+    unread = None if pipeline is None else pipeline["pipeline_without_imprint"]
+    latency = None if reading is None else reading.p95_ms
     return {
         "device": str(on), "device_name": device_name(on),
         "training_device": (summary.get("system") or {}).get("device"),
         "latency": {"classification": cls.get("latency") and cls["latency"].as_dict(),
                     "detection": det.get("latency") and det["latency"].as_dict(),
-                    "pipeline": pipeline and pipeline.as_dict()},
+                    "pipeline": reading and reading.as_dict(),
+                    "pipeline_without_imprint": unread and unread.as_dict()},
         "classification": {**(summary.get("classification") or {}),
                            **{k: cls.get(k) for k in PER_CLASS_KEYS},
                            "inference_time_ms": _latency_ms(cls)},

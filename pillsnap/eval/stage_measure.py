@@ -262,8 +262,11 @@ def stage_rows(cfg: DictConfig) -> Any:
     return select_stage(load_manifest(cfg.paths.manifest_dir), cfg)
 
 
-def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> Any:
-    """The whole auto-mode pipeline (decode, classify, detect when routed) on a few of the stage's val photos."""
+def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> dict[str, Any] | None:
+    """The whole auto-mode pipeline (decode, classify, detect when routed, read imprints) on a few of the stage's
+    val photos: {"pipeline": its Latency, "pipeline_without_imprint": the same photos with imprint reading off
+    (None where it is off anyway)}. The reads are ~130 ms of CPU each; the second figure says whether they are what
+    misses the stage's target, so that the advice names them rather than the models."""
     from pillsnap.data import read_image
     from pillsnap.eval.pipeline_eval import without_hard_cases
     from pillsnap.infer.pipeline import Predictor
@@ -289,8 +292,17 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     # each kind keeps its share of the split: a skipped photo's weight goes to the others of its kind
     kept = [weight * share[kind] / left[kind] for weight, kind in kept]
     # hard cases not logged: a measurement's photos are not a user's (logging one costs a few ms, on hard cases only)
-    predictor = Predictor(exp_dir, without_hard_cases(cfg), device=str(device))
-    return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
+    cfg = without_hard_cases(cfg)
+    figures: dict[str, Any] = {"pipeline_without_imprint": None}
+    for name, reading in (("pipeline", True), ("pipeline_without_imprint", False)):
+        if not reading and not cfg.inference.imprint.enabled:
+            break
+        settings = cfg.copy()
+        settings.inference.imprint.enabled = reading and bool(cfg.inference.imprint.enabled)
+        predictor = Predictor(exp_dir, settings, device=str(device))
+        figures[name] = measure(lambda image, p=predictor: p.predict(image, "auto"), images, device,
+                                passes(device, GPU), weights=kept)
+    return figures
 
 
 def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float], list[str]]:

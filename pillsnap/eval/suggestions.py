@@ -13,6 +13,10 @@ _CLASSIFIER = "Regularise the classifier (loss.label_smoothing, train.ema.enable
 _IMBALANCE = "Counter class imbalance (loss.use_class_weights=true)"
 _LATENCY = "Speed up inference: serve the ONNX export (pillsnap export) in fp16, or a smaller model.backbone / " \
            "model.image_size"
+_READS = "Imprint reading takes most of the pipeline's time (reports' latency.pipeline_without_imprint): serve " \
+         "on more CPU cores (inference.imprint.parallel_reads reads a photo's pills at once), or read only where " \
+         "the contenders' imprints differ (inference.imprint.unknown_check=false, which gives up the imprint check " \
+         "of unknown pills)"
 _BATCH = "Raise train.batch_size (or train.classification.auto_batch_tune=true on a GPU)"
 _THROUGHPUT = "Raise throughput: train.classification.amp, optimization.channels_last, optimization.torch_compile, " \
               "dataloader.num_workers"
@@ -90,6 +94,14 @@ def _code(reason: str) -> str:
     return rest.strip() if head == "MANDATORY_CHECK_FAILED" else head.strip()
 
 
+def _reads_dominate(results: dict) -> bool:
+    """Whether imprint reading makes more than half of the pipeline's p95 (the same photos timed without it)."""
+    latency = results.get("latency") or {}
+    reading, unread = (latency.get(k) or {} for k in ("pipeline", "pipeline_without_imprint"))
+    return bool(reading.get("p95_ms") and unread.get("p95_ms") is not None
+                and unread["p95_ms"] < 0.5 * reading["p95_ms"])
+
+
 def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], reasons: list[str]) -> list[str]:
     """The knobs for every reason code and unmet target path, without repeats, in the order found."""
     out: list[str] = []
@@ -98,6 +110,8 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
         if code == "pipeline_complete" and results.get("run_status") == "time_capped":
             out.append(_time_cap_tip(results.get("time_cap") or {}))
             continue
+        if code == "LATENCY_P95_TOO_HIGH" and _reads_dominate(results):
+            out.append(_READS)
         out += _BY_CODE.get(code, ())
     for path in unmet:
         found = next((tips for prefix, tips in _BY_TARGET if path.startswith(prefix)), ())
