@@ -344,3 +344,32 @@ def test_training_crops_are_jittered_as_configured_and_evaluation_crops_never(ma
     assert jitters(datasets["train"]) == [BoxJitter(0.3, 0.05, float(cfg.data.crop_margin))]
     assert not jitters(datasets["val"]) and not jitters(datasets["test"])
     assert not jitters(datasets["train"].evaluation_view())
+
+
+def test_loaders_fit_their_batches_in_flight_to_the_shared_memory(synth_cfg, monkeypatch, caplog):
+    """Loader workers hand their batches over in /dev/shm: a container's default 64 MB holds one 32 x 384 px float32
+    batch (57 MB), and 8 workers at prefetch 4 died of a bus error after the run's whole start-up. The prefetch is
+    lowered first, then the workers, and the log says how to give the container more."""
+    from omegaconf import OmegaConf
+
+    from pillsnap.data import loaders
+
+    cfg = OmegaConf.create({"train": {"batch_size": 32, "detection": {"batch_size": 16}, "strategy": "interleaved"},
+                            "model": {"image_size": 384, "det_image_size": 640},
+                            "dataloader": {"prefetch_factor": 4}})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    mb = 2**20
+    for shm, expected in ((16 * 1024 * mb, (8, 4)), (1024 * mb, (5, 1)), (64 * mb, (0, 1)), (None, (8, 4))):
+        monkeypatch.setattr(loaders, "_shared_memory_size", lambda shm=shm: shm)
+        assert loaders._fit_shared_memory(cfg, 8, 2) == expected, shm
+    assert "--shm-size" in caplog.text and "/dev/shm holds 64 MB" in caplog.text
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on the machine share it
+    monkeypatch.setattr(loaders, "_shared_memory_size", lambda: 8 * 1024 * mb)
+    assert loaders._fit_shared_memory(cfg, 8, 2) == (8, 1)  # alone on the machine: (8, 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+
+    # the loaders are built with what fits; the configuration is left as it was
+    monkeypatch.setattr(loaders, "_shared_memory_size", lambda: 1)
+    small = OmegaConf.merge(synth_cfg, {"dataloader": {"num_workers": 2, "prefetch_factor": 3}})
+    cls_train, cls_val = loaders.build_dataloaders_twostage(small)[:2]
+    assert cls_train.num_workers == cls_val.num_workers == 0 and small.dataloader.prefetch_factor == 3

@@ -4,6 +4,7 @@ Test loaders are only built when the final evaluation asks (build_test=True).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -24,6 +25,7 @@ from pillsnap.data.stages import classification_rows, select_stage
 from pillsnap.utils.devices import usable_cores
 
 LOGGER = logging.getLogger(__name__)
+SHM_SHARE = 0.5  # of /dev/shm, what the loaders' batches in flight may fill (other processes use it too)
 
 
 class Loaders(NamedTuple):
@@ -212,6 +214,54 @@ def _no_training_rows(cfg: DictConfig, manifest_dir: Path) -> ValueError:
                       f"sizes (data.progressive_validation.stage_{stage})")
 
 
+def _shared_memory_size() -> int | None:
+    """Bytes of /dev/shm, where loader workers hand their batches to the trainer (None where there is none)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return st.f_blocks * st.f_frsize
+
+
+def _batches_in_flight(cfg: DictConfig, together: int) -> Callable[[int, int], int]:
+    """Bytes the training loaders' batches in flight hold in /dev/shm with `w` workers at prefetch `p`: each worker
+    holds `p` float32 classification batches (57 MB each at 32 x 384 px) and, training interleaved, ultralytics'
+    two uint8 detection batches; every rank on the machine shares it."""
+    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    cls_batch = int(cfg.train.batch_size) * 3 * int(cfg.model.image_size) ** 2 * 4
+    det_batch = int(cfg.train.detection.batch_size) * 3 * int(cfg.model.det_image_size) ** 2 if together > 1 else 0
+    return lambda w, p: ranks * w * (p * cls_batch + 2 * det_batch)
+
+
+def _fit_shared_memory(cfg: DictConfig, workers: int, together: int) -> tuple[int, int]:
+    """(num_workers, prefetch_factor) whose batches in flight fill at most SHM_SHARE of /dev/shm, lowering the
+    prefetch first, then the workers. A container's default 64 MB fills at the first batches, and the workers died
+    of a bus error after the run's whole start-up."""
+    prefetch, size = int(cfg.dataloader.prefetch_factor), _shared_memory_size()
+    if not workers or size is None:
+        return workers, prefetch
+    need, budget = _batches_in_flight(cfg, together), SHM_SHARE * size
+    fitted_w, fitted_p = workers, prefetch
+    while fitted_p > 1 and need(fitted_w, fitted_p) > budget:
+        fitted_p -= 1
+    while fitted_w > 0 and need(fitted_w, fitted_p) > budget:
+        fitted_w -= 1
+    if (fitted_w, fitted_p) != (workers, prefetch):
+        LOGGER.warning("/dev/shm holds %.0f MB, where loader workers hand over their batches: %d rank(s) x %d "
+                       "workers x prefetch %d need %.0f MB. Loading with %d workers, prefetch %d; give the "
+                       "container more shared memory (docker run --shm-size=16g, or --ipc=host) to load with all of "
+                       "them", size / 2**20, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1), workers, prefetch,
+                       need(workers, prefetch) / 2**20, fitted_w, fitted_p)
+    return fitted_w, fitted_p
+
+
+def _fits_shared_memory(cfg: DictConfig, workers: int, together: int) -> bool:
+    """Whether `workers` at the configured prefetch fit (_fit_shared_memory): the worker autotune tries no more."""
+    size = _shared_memory_size()
+    return size is None or _batches_in_flight(cfg, together)(workers, int(cfg.dataloader.prefetch_factor)) <= \
+        SHM_SHARE * size
+
+
 def _sizes(datasets: dict[str, ClassificationDataset], rows: pd.DataFrame, data_yaml: Path | None) -> dict[str, int]:
     from_combos = rows[rows["image_type"] == "combination"]
     return ({f"cls_{s}": len(d) for s, d in datasets.items()}
@@ -233,10 +283,15 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
     if not len(datasets["train"]):
         raise _no_training_rows(cfg, manifest_dir)
     together = 2 if str(cfg.train.strategy) == "interleaved" else 1  # both models' training loaders draw at once
-    workers = _workers_for_this_rank(int(cfg.dataloader.num_workers), together)
+    workers, prefetch = _fit_shared_memory(cfg, _workers_for_this_rank(int(cfg.dataloader.num_workers), together),
+                                           together)
+    if prefetch != int(cfg.dataloader.prefetch_factor):
+        cfg = copy.deepcopy(cfg)
+        cfg.dataloader.prefetch_factor = prefetch
     if cfg.dataloader.autotune_workers:
+        candidates = [n for n in cfg.dataloader.autotune_candidates if _fits_shared_memory(cfg, int(n), together)]
         workers = autotune_num_workers(
-            lambda n: _classification_loader(datasets["train"], cfg, True, n), cfg.dataloader.autotune_candidates,
+            lambda n: _classification_loader(datasets["train"], cfg, True, n), candidates or [workers],
             int(cfg.dataloader.autotune_warmup), int(cfg.dataloader.autotune_steps), tb=tb, loaders_together=together)
     cls = {s: _classification_loader(d, cfg, s == "train", workers) if len(d) else None for s, d in datasets.items()}
     if not build_test:
