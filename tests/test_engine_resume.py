@@ -427,3 +427,27 @@ def test_tensorboard_shows_one_run_after_a_fresh_start_and_after_a_resume(tmp_pa
     assert run_training(make_cfg(exp, *overrides, "train.epochs=2", "train.resume=last"),
                         fake_build_loaders)[0] == 0
     assert curve("train/loss") == first  # resumed after epoch 1: epoch 2 once
+
+
+def test_where_the_starting_weights_came_from_is_recorded_and_a_resume_keeps_its_checkpoints(tmp_path):
+    """Offline with nothing cached, a pretrained backbone starts from random weights with one warning among many
+    log lines; metrics.json says so per task (system.init_weights), and the stage's advice names it first. A
+    resume's weights are its checkpoint's, so it keeps their origin, not its own start-up's."""
+    from pillsnap.utils import save_ckpt
+
+    exp = tmp_path / "exp"
+    assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0  # the suite is offline
+    origin = read_json(exp / "reports" / "metrics.json")["system"]["init_weights"]["classification"]
+    assert origin.startswith("random: pretrained test_efficientnet weights could not be fetched")
+    last = exp / "checkpoints" / "classification_last.pt"
+    assert load_ckpt(last)["task_state"]["weights_origin"] == origin
+    ckpt = load_ckpt(last)
+    ckpt["task_state"]["weights_origin"] = "pretrained test_efficientnet (timm)"  # as if it had started online
+    save_ckpt(last, ckpt)
+    assert run_training(make_cfg(exp, "train.epochs=2", "train.resume=last"), fake_build_loaders)[0] == 0
+    assert read_json(exp / "reports" / "metrics.json")["system"]["init_weights"] == {
+        "classification": "pretrained test_efficientnet (timm)"}
+    fresh = tmp_path / "fresh"
+    assert run_training(make_cfg(fresh, "train.epochs=1", "model.pretrained=false"), fake_build_loaders)[0] == 0
+    assert read_json(fresh / "reports" / "metrics.json")["system"]["init_weights"] == {
+        "classification": "random (model.pretrained=false)"}

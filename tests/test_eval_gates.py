@@ -343,3 +343,18 @@ def test_a_pipeline_slow_for_its_imprint_reads_is_told_so_not_to_shrink_the_mode
     assert "Imprint reading takes most" in reads[0] and "inference.imprint.parallel_reads" in reads[0]
     assert "Imprint reading takes most" not in " ".join(slow(400.0))  # the models' own time: the usual advice
     assert any("Speed up inference" in tip for tip in slow(400.0))
+
+
+def test_a_model_that_trained_from_random_weights_where_pretrained_were_asked_for_is_named_first():
+    """An offline GPU box trains a 5,000-class model from scratch for hours and "looks fine"; training longer, the
+    usual advice for an accuracy shortfall, would not make up for the missing pretrained weights."""
+    results = with_(PASSING, classification={"acc": 0.5}, init_weights={
+        "classification": "random: pretrained tf_efficientnetv2_s weights could not be fetched (offline)",
+        "detection": "file /root/.cache/yolo11m.pt"})
+    tips = stage_decision(1, results)["suggestions"]
+    assert tips[0].startswith("The classification model trained from random weights (pretrained "
+                              "tf_efficientnetv2_s weights could not be fetched (offline))")
+    assert "model.weights_path" in tips[0]
+    assert not any("detection model trained from random" in tip for tip in tips)
+    asked_for = with_(results, init_weights={"classification": "random (model.pretrained=false)"})
+    assert not any("random weights" in tip for tip in stage_decision(1, asked_for)["suggestions"])

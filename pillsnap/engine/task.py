@@ -32,6 +32,7 @@ from pillsnap.engine.optim import build_optimizer, build_scheduler
 from pillsnap.engine.precision import Precision, resolve_precision
 from pillsnap.engine.spec import TaskSpec
 from pillsnap.utils import release_cuda_cache
+from pillsnap.utils.offline import WEIGHTS_ORIGIN
 
 LOGGER = logging.getLogger(__name__)
 # torch warns when a schedule steps before its optimizer ever did: here that is a skipped first step (an fp16
@@ -86,6 +87,8 @@ class Task(ABC):
         self.device = torch.device(device)
         self.precision = resolve_precision(section, self.device, bool(cfg.train.cpu_amp))
         self.raw_model = self.build_model().to(self.device)
+        # where the weights training starts from came from (a resume keeps its checkpoint's: those are its weights)
+        self.weights_origin: str | None = getattr(self.raw_model, WEIGHTS_ORIGIN, None)
         self.model = self._distribute(self.raw_model)
         self.optimizer = build_optimizer(self.raw_model.parameters(), *self.lr_and_weight_decay())
         loader_bs = int(getattr(train_loader, "batch_size", None) or self.configured_batch_size())
@@ -454,7 +457,7 @@ class Task(ABC):
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
                            "world_size": self.info.world_size, "skipped_steps": self.skipped_steps,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
-                           "classes_seen": sorted(self.classes_seen)},
+                           "classes_seen": sorted(self.classes_seen), "weights_origin": self.weights_origin},
         }
 
     def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
@@ -470,6 +473,7 @@ class Task(ABC):
         self.micro_step = int(counters.get("micro_step", 0))
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.classes_seen = set(counters.get("classes_seen", ()))
+        self.weights_origin = counters.get("weights_origin")  # an older checkpoint does not say
         self._apply_configured_lr(saved_peak_lr(ckpt))
         self._follow_schedule()
         batch_changed = self._restore_oom_state(ckpt.get("oom_state") or {})

@@ -336,7 +336,9 @@ class Trainer:
         out["best"] = {name: s["best"] for name, s in self.es_state.items()}
         out["stopped_early"] = sorted(self.stopped)
         out["stage"] = {"current_stage": self.stage, "elapsed_s": self.elapsed()}
-        out["system"] = earlier.get("system") or {"device": str(self.device), **memory_snapshot()}
+        out["system"] = earlier.get("system") or {
+            "device": str(self.device), **memory_snapshot(),
+            "init_weights": {name: task.weights_origin for name, task in self.tasks.items()}}
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name),
                                "world_size": self.info.world_size}
                         for name, task in self.tasks.items()}

@@ -159,6 +159,7 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
         "repeated_oom": run["repeated_oom"], "nan_loss": run["nan_loss"], "skipped_steps": run["skipped_steps"],
         "data_corruption_rate": sm.corruption_rate(cfg), "time_cap": (summary.get("stage") or {}).get("time_cap"),
         "run_status": summary.get("status"),
+        "init_weights": (recorded.get("system") or {}).get("init_weights") or {},
     }
 
 

@@ -5,6 +5,7 @@ next step. Plain text in, plain text out."""
 from __future__ import annotations
 
 from pillsnap.eval.criteria import ADVISOR
+from pillsnap.utils.offline import RANDOM_UNWANTED
 
 _DETECTOR = "Tune the detector: train.detection.lr, more detection steps (train.interleave_ratio), more " \
             "train.detection.epochs"
@@ -88,6 +89,15 @@ def _time_cap_tip(time_cap: dict) -> str:
             "machine not shared with other jobs)")
 
 
+def _random_start_tip(task: str, origin: str) -> str:
+    """A model that trained from random weights where pretrained ones were asked for: whatever else falls short
+    follows from it, and training longer would not make it up."""
+    key = "model.detector_weights" if task == "detection" else "model.weights_path"
+    return (f"The {task} model trained from random weights ({origin[len(RANDOM_UNWANTED):]}): get the pretrained "
+            f"weights (run once with network access, they are cached; or download them and set {key}), then "
+            "retrain the stage")
+
+
 def _code(reason: str) -> str:
     """"MANDATORY_CHECK_FAILED: onnx_conversion_success" -> the check; "REPEATED_OOM: 6 ..." -> REPEATED_OOM."""
     head, _, rest = reason.partition(":")
@@ -104,7 +114,8 @@ def _reads_dominate(results: dict) -> bool:
 
 def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], reasons: list[str]) -> list[str]:
     """The knobs for every reason code and unmet target path, without repeats, in the order found."""
-    out: list[str] = []
+    out = [_random_start_tip(task, origin) for task, origin in (results.get("init_weights") or {}).items()
+           if str(origin or "").startswith(RANDOM_UNWANTED)]
     for reason in reasons:
         code = _code(reason)
         if code == "pipeline_complete" and results.get("run_status") == "time_capped":

@@ -13,7 +13,7 @@ from torch import nn
 
 from pillsnap.utils import load_ckpt
 from pillsnap.utils.io import select_inference_state
-from pillsnap.utils.offline import offline_reason
+from pillsnap.utils.offline import RANDOM_UNWANTED, mark_weights, offline_reason
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,10 +42,12 @@ def build_classification_model(
         raise ValueError(f"Unknown timm backbone {backbone!r}. Similar names: {close}")
     if weights_path:
         model = _from_local_file(backbone, num_classes, Path(weights_path))
+        mark_weights(model, f"file {weights_path}")
     elif pretrained:
         model = _from_hub(backbone, num_classes)
     else:
         model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        mark_weights(model, "random (model.pretrained=false)")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -91,8 +93,11 @@ def _from_hub(backbone: str, num_classes: int) -> nn.Module:
         LOGGER.warning("classifier: could not fetch pretrained %s weights (%s; none cached): training from random "
                        "init. To use them, run once with network access (they are cached) or download them and set "
                        "model.weights_path.", backbone, reason)
-        return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        mark_weights(model, f"{RANDOM_UNWANTED}pretrained {backbone} weights could not be fetched ({reason})")
+        return model
     LOGGER.info("classifier: pretrained %s weights loaded (head: %d classes, fresh)", backbone, num_classes)
+    mark_weights(model, f"pretrained {backbone} (timm)")
     return model
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pillsnap.utils.offline import offline_reason, ultralytics_offline
+from pillsnap.utils.offline import RANDOM_UNWANTED, mark_weights, offline_reason, ultralytics_offline
 
 LOGGER = logging.getLogger(__name__)
 NMS_MAX_DET = 300  # boxes NMS keeps per image at most (ultralytics' own default)
@@ -120,6 +120,10 @@ def build_yolo_model(
     source = fetch_detector_weights(weights) if weights else None
     if source is not None:
         load_matching_weights(model, _state_dict_from_file(source))
+        mark_weights(model, f"file {source}")
+    else:
+        mark_weights(model, f"{RANDOM_UNWANTED}{weights} could not be fetched" if weights
+                     else "random (model.pretrained=false)")
     LOGGER.debug("built %s (nc=%d)", model_size, num_classes)
     return model
 

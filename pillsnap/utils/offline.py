@@ -9,6 +9,16 @@ import os
 import threading
 
 LOGGER = logging.getLogger(__name__)
+# What a built model's starting weights were, as an attribute of the model (a task keeps it in its checkpoints and
+# metrics.json in system.init_weights); the text starts with RANDOM_UNWANTED where pretrained weights were asked for
+# and could not be had, which the stage evaluation's advice names before anything else.
+WEIGHTS_ORIGIN = "pillsnap_weights"
+RANDOM_UNWANTED = "random: "
+
+
+def mark_weights(model: object, origin: str) -> None:
+    """Record where `model`'s starting weights came from (WEIGHTS_ORIGIN)."""
+    setattr(model, WEIGHTS_ORIGIN, origin)
 
 
 def ultralytics_offline() -> None:
