@@ -103,6 +103,8 @@ def test_a_training_batch_keeps_its_size_when_a_photo_is_undecodable(synth_cfg, 
     assert info["image_path"][3] == info["image_path"][0] and torch.equal(images[3], images[0])
     assert cls_val.collate_fn(samples)[0].shape == (3, 3, 32, 32)
     assert cls_train.collate_fn([None] * 4) is None  # nothing to copy: the trainer skips the step
+    assert cls_train.collate_fn([samples[0], None, None, None]) is None  # one sample would weigh four times
+    assert cls_val.collate_fn([samples[0], None, None, None])[0].shape == (1, 3, 32, 32)
 
 
 def test_classification_transform_is_normalised():

@@ -241,6 +241,43 @@ def test_an_epoch_the_time_cap_cut_short_is_finished_by_a_resume_with_a_raised_c
     assert [h["epoch"] for h in read_json(exp / "reports" / "metrics.json")["history"]] == [1, 2]
 
 
+def test_a_cut_epochs_best_is_judged_again_on_resume_and_its_own_metrics_stand_for_it(tmp_path):
+    """The cut epoch validated best and wrote `best`; the resumed run finishes that epoch. The history it replays
+    ends before the epoch, so the cut weights' metrics (kept in their checkpoint) are judged too: a finished epoch
+    no better does not replace them, and the work after training reports their metrics, not the finished epoch's
+    recorded under the same number. Detection counts the cut epoch as trained only once it is finished."""
+    from pillsnap.engine.checkpointing import CUT_SHORT_METRICS
+    from pillsnap.eval.stage_measure import best_checkpoint_metrics
+    from pillsnap.utils import save_ckpt
+
+    exp = tmp_path / "exp"
+    stage = "data.progressive_validation.stage_1"
+    common = ["train.strategy=interleaved", "train.interleave_ratio=[1,1]"]
+    cut = [f"{stage}.time_limit_hours=1.0e-9", f"{stage}.allow_success_on_time_cap=true",
+           f"{stage}.min_samples_required=1", f"{stage}.min_class_coverage=1"]
+    run_training(make_cfg(exp, *common, *cut), loaders_with_detection)
+    ckpt = exp / "checkpoints"
+    det_last = load_ckpt(ckpt / "detection_last.pt")
+    assert det_last["epoch"] == 0 and det_last["task_state"]["epochs_trained"] == 0  # epoch 1 not yet whole
+    best = load_ckpt(ckpt / "classification_best.pt")
+    cut_metrics = best["task_state"][CUT_SHORT_METRICS]
+    recorded = read_json(exp / "reports" / "metrics.json")["history"][-1]["classification"]
+    assert best["epoch"] == 1 and cut_metrics == {k: recorded[k] for k in cut_metrics}
+    # as if the cut weights had validated perfectly: no finished epoch can beat them
+    best["task_state"][CUT_SHORT_METRICS] = {**cut_metrics, "acc": 1.0, "macro_f1": 1.0, "val_loss": 0.0}
+    save_ckpt(ckpt / "classification_best.pt", best)
+
+    code, trainer = run_training(make_cfg(exp, *common, f"{stage}.time_limit_hours=1.0", "train.resume=last"),
+                                 loaders_with_detection)
+    assert code == 0 and trainer.es_state["classification"]["best"] == 1.0
+    assert load_ckpt(ckpt / "detection_last.pt")["task_state"]["epochs_trained"] == 2
+    kept = load_ckpt(ckpt / "classification_best.pt")
+    assert kept["epoch"] == 1 and kept["task_state"][CUT_SHORT_METRICS]["acc"] == 1.0  # not replaced
+    summary = read_json(exp / "reports" / "metrics.json")
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert best_checkpoint_metrics(summary, ckpt)["classification"]["acc"] == 1.0
+
+
 def interrupt(how: str):
     """Ctrl-C, or a SIGTERM sent to the run (what the kernel would run, without risking the test process)."""
 

@@ -341,6 +341,7 @@ def test_a_pipeline_slow_for_its_imprint_reads_is_told_so_not_to_shrink_the_mode
 
     reads = slow(62.0)
     assert "Imprint reading takes most" in reads[0] and "inference.imprint.parallel_reads" in reads[0]
+    assert not any("Speed up inference" in tip for tip in reads)  # not the models: they take ~10 ms of it
     assert "Imprint reading takes most" not in " ".join(slow(400.0))  # the models' own time: the usual advice
     assert any("Speed up inference" in tip for tip in slow(400.0))
 

@@ -263,12 +263,16 @@ def safe_collate(batch: list[Any], fill: bool = False) -> Any:
 
     `fill` (training batches): copies of the batch's readable samples take the dropped ones' places, so that the
     batch keeps its size. A compiled model has static shapes: each new batch size compiles it again, for minutes
-    under max-autotune, while under DDP the other ranks wait in the gradient exchange (NCCL's timeout). Evaluation
-    keeps each crop once."""
+    under max-autotune, while under DDP the other ranks wait in the gradient exchange (NCCL's timeout). A batch
+    less than half readable is None instead (the trainer skips the step): copies would weigh its few samples many
+    times over. Evaluation keeps each crop once."""
     kept = [item for item in batch if item is not None]
+    if fill and 2 * len(kept) < len(batch):
+        kept = []
     if len(kept) < len(batch):
         LOGGER.warning("safe_collate: dropped %d undecodable sample(s) of %d%s", len(batch) - len(kept), len(batch),
-                       "; copies of readable ones take their places" if fill and kept else "")
+                       "; copies of readable ones take their places" if fill and kept else
+                       "; the batch is skipped" if fill else "")
     if not kept:
         return None
     if fill:

@@ -25,6 +25,9 @@ from pillsnap.utils.io import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 JOURNAL = ".commit.json"
+# In a checkpoint's task_state: the validation metrics of an epoch the stage's time cap cut short, whose weights a
+# best checkpoint may hold while the history records that epoch only once it is finished (by a resume)
+CUT_SHORT_METRICS = "cut_short_metrics"
 
 
 class Save(NamedTuple):

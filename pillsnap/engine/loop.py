@@ -279,13 +279,13 @@ class EpochRunner:
             timer.data_done()
             progress.drawn[name] += 1
             progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
-            # every sample of a batch undecodable (safe_collate said which): nothing to learn. Under DDP every rank
+            # a batch less than half readable (safe_collate said which): nothing worth learning. Under DDP every rank
             # skips the step together, else the others would wait for this rank's gradients
             lost = batch is None
             if self.info.enabled:
                 lost = any_rank(self.info, lost, self.tasks[name].device)
             if lost:
-                self.logger.warning("%s: skipped a batch with no readable sample%s (epoch %d)", name,
+                self.logger.warning("%s: skipped a batch less than half readable%s (epoch %d)", name,
                                     "" if batch is None else " on another rank", epoch)
                 continue
             out = self.guarded_step(name, batch)

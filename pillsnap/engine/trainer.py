@@ -202,6 +202,10 @@ class Trainer:
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
                                                            float(es.min_delta), task.tie_break)
+            cut = self._cut_best_metrics(name)
+            if cut is not None:  # the epoch the time cap cut short left the best weights: judged as it was live
+                judge_epoch(self.es_state[name], cut, task.monitor, task.mode, 10**9, float(es.min_delta),
+                            task.tie_break)
             if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
                 self.es_state[name] = new_early_stopping_state()
                 self._start_fresh(name, task)
@@ -213,6 +217,21 @@ class Trainer:
                                  "train.early_stopping.patience=%s, %s): it stays stopped", name,
                                  self.es_state[name]["bad_epochs"], es.patience,
                                  describe_best(self.es_state[name], task.monitor, task.tie_break))
+
+    def _cut_best_metrics(self, name: str) -> dict | None:
+        """The validation metrics of task `name`'s best checkpoint where it holds the epoch this run goes on inside,
+        which the time cap had cut short (the history a resume replays ends before that epoch), else None."""
+        path = ck.ckpt_path(self.store.dir, name, "best")
+        if self.progress is None or not path.is_file():
+            return None
+        try:
+            best = load_ckpt(path, map_location="cpu", mmap=True)  # the weights are not read
+        except (OSError, RuntimeError, ValueError) as err:
+            self.logger.warning("%s: cannot read its best checkpoint %s (%s)", name, path, err)
+            return None
+        if int(best.get("epoch", -1)) != self.progress.epoch:
+            return None
+        return (best.get("task_state") or {}).get(ck.CUT_SHORT_METRICS)
 
     def _start_fresh(self, name: str, task: Task) -> None:
         """A task with no checkpoint in a resumed run: its schedule spans the epochs it has left, not all of them."""
@@ -277,8 +296,12 @@ class Trainer:
                                  describe_best(self.es_state[name], task.monitor, task.tie_break))
             record[name] = {**val[name], **train[name], "lr": task.lr}
             kinds = [kind for kind, due in (("last", not cut_short), ("best", is_best)) if due]
+            state = self._state(name, epoch)
+            if cut_short:  # a resume that finishes the epoch judges it against these (resume), and the work
+                # after training reads them if they stay the best (stage_measure.best_checkpoint_metrics)
+                state["task_state"] = {**state["task_state"], ck.CUT_SHORT_METRICS: dict(val[name])}
             if kinds:
-                saves.append(ck.Save(name, tuple(kinds), self._state(name, epoch), task.spec.checkpoint_aliases))
+                saves.append(ck.Save(name, tuple(kinds), state, task.spec.checkpoint_aliases))
         self.history.append(record)
         # metrics.json before the checkpoints: a kill in between leaves a history that resume cuts back to the
         # committed epoch, never a committed epoch missing from the history.
@@ -445,14 +468,15 @@ class Trainer:
             "batch_sizes": {t: self.tasks[t].knobs.batch_size for t in active},
             "steps_done": sum(progress.drawn.get(t, 0) for t in active) if progress else 0})
         train = self.runner.train_one_epoch(epoch, active, progress)
+        cut = self.runner.cut_short
+        if cut is not None:  # saved as it was cut (before the epoch's end hooks count it) and before validation,
+            # which a kill may interrupt
+            self.save_progress(cut, why=f"the stage's time cap ({self.stage_cfg.get('time_limit_hours')} h) cut "
+                                        "it short; a resume with a raised cap trains the rest of the epoch")
         for name in active:
             self.tasks[name].epoch_trained(epoch)
             if self.info.enabled:
                 self.tasks[name].sync_replicas()
-        cut = self.runner.cut_short
-        if cut is not None:  # before validation: a kill during it keeps where the cap cut the epoch
-            self.save_progress(cut, why=f"the stage's time cap ({self.stage_cfg.get('time_limit_hours')} h) cut "
-                                        "it short; a resume with a raised cap trains the rest of the epoch")
         self._share_counts()
         if self.runner.time_capped():
             self.status = "time_capped"

@@ -66,6 +66,7 @@ def best_checkpoint_metrics(summary: dict, ckpt_dir: Path) -> dict:
     the final test, the export) uses the best checkpoints, and after an early stop the last epoch is not the best.
     `validated_epochs` names the epoch of each. A task whose checkpoint cannot be read or whose epoch is not in the
     history keeps the last epoch's metrics (said in the log)."""
+    from pillsnap.engine.checkpointing import CUT_SHORT_METRICS
     from pillsnap.utils import load_ckpt
 
     out, epochs = dict(summary), {}
@@ -74,12 +75,16 @@ def best_checkpoint_metrics(summary: dict, ckpt_dir: Path) -> dict:
         if not isinstance(last, dict) or not path.is_file():
             continue
         try:
-            epoch = int(load_ckpt(path, map_location="cpu", mmap=True)["epoch"])  # the weights are not read
+            ckpt = load_ckpt(path, map_location="cpu", mmap=True)  # the weights are not read
+            epoch = int(ckpt["epoch"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             LOGGER.warning("%s: cannot tell its epoch (%s); the last epoch's validation metrics stand for it", name,
                            err)
             continue
-        record = next((h[task] for h in summary.get("history") or [] if h.get("epoch") == epoch and task in h), None)
+        # weights of an epoch the time cap cut short carry their own metrics: a resume that finished the epoch
+        # recorded the whole epoch's under the same number
+        record = (ckpt.get("task_state") or {}).get(CUT_SHORT_METRICS) or next(
+            (h[task] for h in summary.get("history") or [] if h.get("epoch") == epoch and task in h), None)
         if record is None:
             LOGGER.warning("%s holds epoch %d, which metrics.json does not record; the last epoch's validation "
                            "metrics stand for it", name, epoch)

@@ -122,10 +122,13 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
             out.append(_time_cap_tip(results.get("time_cap") or {}))
             continue
         if code == "LATENCY_P95_TOO_HIGH" and _reads_dominate(results):
-            out.append(_READS)
+            out.append(_READS)  # a smaller model or an fp16 export would not move it
+            continue
         out += _BY_CODE.get(code, ())
     for path in unmet:
         found = next((tips for prefix, tips in _BY_TARGET if path.startswith(prefix)), ())
+        if path == "production.inference_latency_ms" and _reads_dominate(results):  # the pipeline's p95, too
+            found = (_READS,)
         out += found
         if path.startswith("detection.") and ratios.get(path, 1.0) < ADVISOR.suggest_share and found == (_DETECTOR,):
             out.append(_AUGMENT)

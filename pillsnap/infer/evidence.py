@@ -4,6 +4,7 @@ answer (pillsnap.infer.ranking.should_read_imprint), by a reader loaded on the f
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,8 +23,9 @@ LOGGER = logging.getLogger(__name__)
 class Evidence:
     """Per predictor: the class map, whether to read imprints (and whether every pill whose top candidate has an
     imprint on record, for the imprint check: `check_unknown`), and the reader (loaded on the first read).
-    `parallel`: the pills of one photo read at once (read_all), each on its own `threads` OCR threads; 0: the
-    machine's cores over the threads per read."""
+    `parallel`: the pills of one photo read at once (read_all), each on its own `threads` OCR threads (one set of
+    OCR sessions per reading thread: pillsnap.infer.ocr.get_models); 0: the machine's cores over the threads per
+    read. The predictor's one pool serves every serving thread."""
 
     def __init__(self, class_map: Mapping[str, Mapping], read_imprints: bool, threads: int = 0,
                  thresholds: AnswerThresholds = THRESHOLDS, check_unknown: bool = False, parallel: int = 0) -> None:
@@ -32,6 +34,7 @@ class Evidence:
         self._reader: Any = None
         self.parallel = parallel if parallel > 0 else max(1, usable_cores() // read_threads(threads))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def reader(self) -> Any:
         """The imprint reader, or None (with one warning) when rapidocr-onnxruntime is not installed."""
@@ -53,8 +56,9 @@ class Evidence:
         release the GIL: the pills of a combination photo, read one after another, made its answer 4 reads long."""
         if self.parallel <= 1 or len(crops) < 2:
             return [self.read(crop, topk) for crop, topk in zip(crops, topks, strict=True)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="pillsnap-read")
+        with self._pool_lock:  # serving threads share the predictor
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="pillsnap-read")
         return list(self._pool.map(self.read, crops, topks))
 
     def read(self, crop: Image.Image, topk: Sequence[Mapping]) -> Any:

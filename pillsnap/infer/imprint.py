@@ -190,9 +190,10 @@ def pick_candidate(text: str, matched: str | None, similarity: float | None, lik
 
 
 class ImprintReader:
-    """Reads imprints on pill crops. The OCR models load on the first read and are shared by every reader of the
-    process; `models` replaces them (any object with pillsnap.infer.ocr.RapidOcrModels' `text_map` and
-    `recognise`)."""
+    """Reads imprints on pill crops. The OCR models load on a thread's first read, one set per thread that reads
+    (pillsnap.infer.ocr.get_models: reads side by side each run on their own ONNX Runtime threads), shared by every
+    reader of the process; `models` replaces them (any object with pillsnap.infer.ocr.RapidOcrModels' `text_map`
+    and `recognise`)."""
 
     def __init__(self, settings: ReaderSettings | None = None, models: Any = None) -> None:
         self.settings = settings or ReaderSettings()
@@ -200,9 +201,9 @@ class ImprintReader:
 
     @property
     def models(self) -> Any:
-        if self._models is None:
-            self._models = get_models(self.settings.threads, self.settings.rec_width)
-        return self._models
+        if self._models is not None:
+            return self._models
+        return get_models(self.settings.threads, self.settings.rec_width)
 
     def read(self, crop: Image.Image, candidates: Sequence[str] = ()) -> ImprintRead:
         """Read the imprint on one pill crop (the pill on its plain backdrop, as the pipeline crops it).

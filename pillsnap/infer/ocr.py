@@ -25,7 +25,7 @@ DET_STRIDE = 32  # the text detector's input sides must be multiples of its stri
 # this recogniser does not know): a reading's other characters count as "something else" (reading_log_likelihood).
 IMPRINT_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MAX_THREADS = 4  # ONNX Runtime threads a read takes when not told (inference.imprint.threads 0)
-_ENGINES: dict[tuple[int, int], Any] = {}
+_ENGINES: dict[tuple[int, int, int], Any] = {}
 _ENGINE_LOCK = threading.Lock()
 
 
@@ -146,8 +146,9 @@ class RapidOcrModels:
                 form = unicodedata.normalize("NFKC", char).upper()
                 if len(form) == 1 and form in out:
                     out[form].append(index)
-            self._imprint_forms_of = {c: sorted(v) for c, v in out.items()}
-            self._imprint_forms_of["*"] = sorted(i for v in out.values() for i in v)
+            forms = {c: sorted(v) for c, v in out.items()}
+            forms["*"] = sorted(i for v in out.values() for i in v)
+            self._imprint_forms_of = forms  # whole when another thread sees it
         return self._imprint_forms_of
 
     def _forms(self, char: str) -> list[int]:
@@ -206,10 +207,16 @@ def _session(path: Any, threads: int) -> Any:
 
 
 def get_models(threads: int = 0, rec_width: int = REC_WIDTH) -> RapidOcrModels:
-    """The OCR models, loaded once per setting and shared by every reader of the process (~0.5 s to load)."""
+    """The OCR models of this thread, loaded on its first read per setting (~0.5 s, ~60 MB) and shared by every
+    reader of the process. One set per reading thread: concurrent runs of one ONNX Runtime session share its one
+    pool of `threads` threads, so reads side by side (Evidence.read_all) or in several serving threads would take
+    turns on it."""
+    key = (threads, rec_width, threading.get_ident())
     with _ENGINE_LOCK:
-        key = (threads, rec_width)
-        if key not in _ENGINES:
-            _ENGINES[key] = RapidOcrModels(threads, rec_width)
-        return _ENGINES[key]
+        models = _ENGINES.get(key)
+    if models is None:  # loaded outside the lock: other threads load theirs at the same time
+        models = RapidOcrModels(threads, rec_width)
+        with _ENGINE_LOCK:
+            models = _ENGINES.setdefault(key, models)
+    return models
 
