@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,13 +74,19 @@ def test_read_image_from_zip_and_error_names_path(synth_root, tmp_path):
         read_image(str(tmp_path / "missing.png"))
 
 
-def test_safe_collate_drops_undecodable_samples(manifest_dir, tmp_path, caplog):
+def four_crops_one_broken(manifest_dir: Path, tmp_path: Path, at: int) -> tuple[ClassificationDataset, Path]:
+    """A data set of 4 single-pill crops whose `at`-th photo is not a PNG, and that photo."""
     rows = load_manifest(manifest_dir)
     rows = rows[rows.image_type == "single"].head(4).copy()
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    rows.iloc[1, rows.columns.get_loc("image_path")] = str(broken)
+    rows.iloc[at, rows.columns.get_loc("image_path")] = str(broken)
     ds = ClassificationDataset(rows, {c: i for i, c in enumerate(sorted(rows.mapping_code.unique()))}, 32, False)
+    return ds, broken
+
+
+def test_safe_collate_drops_undecodable_samples(manifest_dir, tmp_path, caplog):
+    ds, broken = four_crops_one_broken(manifest_dir, tmp_path, 1)
     batch = safe_collate([ds[i] for i in range(4)])
     assert batch[0].shape == (3, 3, 32, 32) and str(broken) not in batch[2]["image_path"]
     assert "broken.png" in caplog.text
@@ -91,12 +98,7 @@ def test_a_training_batch_keeps_its_size_when_a_photo_is_undecodable(synth_cfg, 
     max-autotune, with the other DDP ranks waiting). Copies of the readable samples fill it; validation keeps each
     crop once."""
     cls_train, cls_val = build_dataloaders_twostage(synth_cfg)[:2]
-    rows = load_manifest(manifest_dir)
-    rows = rows[rows.image_type == "single"].head(4).copy()
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    rows.iloc[2, rows.columns.get_loc("image_path")] = str(broken)
-    ds = ClassificationDataset(rows, {c: i for i, c in enumerate(sorted(rows.mapping_code.unique()))}, 32, False)
+    ds, broken = four_crops_one_broken(manifest_dir, tmp_path, 2)
     samples = [ds[i] for i in range(4)]
     images, labels, info = cls_train.collate_fn(samples)
     assert images.shape == (4, 3, 32, 32) and str(broken) not in info["image_path"]
