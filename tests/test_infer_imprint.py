@@ -405,3 +405,44 @@ def test_recognise_reads_as_rapidocr_does():
     theirs, _ = models._ocr.text_rec(lines)
     assert [(r.text, round(r.score, 4)) for r in ours] == [(t, round(float(c), 4)) for t, c, *_ in theirs]
     assert ours[0].text == "AB12" and all(r.probs.shape[1] == len(models._index) + 1 for r in ours)
+
+
+def test_reads_at_the_same_time_each_lease_their_own_ocr_models_and_later_reads_reuse_them(monkeypatch):
+    """Concurrent runs of one ONNX Runtime session take turns on its one thread pool: reads side by side each lease
+    a set of models of their own, and the sets stay for later reads (as many as were ever in use at once), whatever
+    thread reads next; a set per thread would load again for every new serving thread and never be freed."""
+    import threading
+
+    from pillsnap.infer import ocr
+
+    made = []
+
+    class Fake:
+        def __init__(self, threads, rec_width):
+            made.append(self)
+
+    monkeypatch.setattr(ocr, "RapidOcrModels", Fake)
+    met, seen = threading.Barrier(2, timeout=10), []
+
+    def read():
+        with ocr.lease_models(threads=91) as models:
+            met.wait()  # both hold a set at once
+            with ocr.lease_models(threads=91) as again:  # nested: the thread's own
+                seen.append((models, again, ocr.get_models(threads=91)))
+
+    workers = [threading.Thread(target=read) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(made) == 2 and seen[0][0] is not seen[1][0]
+    assert all(models is again is inside for models, again, inside in seen)
+    def read_later():
+        with ocr.lease_models(threads=91) as models:
+            seen.append(models)
+
+    later = threading.Thread(target=read_later)
+    later.start()
+    later.join()
+    assert len(made) == 2 and seen[-1] in made  # a new thread reuses a free set
+    assert ocr.get_models(threads=91) in made and len(made) == 2  # outside a read: the first set, none loaded

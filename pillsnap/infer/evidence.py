@@ -23,8 +23,8 @@ LOGGER = logging.getLogger(__name__)
 class Evidence:
     """Per predictor: the class map, whether to read imprints (and whether every pill whose top candidate has an
     imprint on record, for the imprint check: `check_unknown`), and the reader (loaded on the first read).
-    `parallel`: the pills of one photo read at once (read_all), each on its own `threads` OCR threads (one set of
-    OCR sessions per reading thread: pillsnap.infer.ocr.get_models); 0: the machine's cores over the threads per
+    `parallel`: the pills of one photo read at once (read_all), each on its own `threads` OCR threads (each read
+    leases its own OCR sessions: pillsnap.infer.ocr.lease_models); 0: the machine's cores over the threads per
     read. The predictor's one pool serves every serving thread."""
 
     def __init__(self, class_map: Mapping[str, Mapping], read_imprints: bool, threads: int = 0,

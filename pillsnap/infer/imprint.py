@@ -33,7 +33,7 @@ from pillsnap.infer.imprint_geometry import (
     turn,
 )
 from pillsnap.infer.matching import imprint_key, imprint_similarity, normalize_imprint
-from pillsnap.infer.ocr import REC_WIDTH, get_models
+from pillsnap.infer.ocr import REC_WIDTH, get_models, lease_models
 from pillsnap.infer.preprocess import pill_mask
 from pillsnap.infer.thresholds import THRESHOLDS
 
@@ -190,10 +190,10 @@ def pick_candidate(text: str, matched: str | None, similarity: float | None, lik
 
 
 class ImprintReader:
-    """Reads imprints on pill crops. The OCR models load on a thread's first read, one set per thread that reads
-    (pillsnap.infer.ocr.get_models: reads side by side each run on their own ONNX Runtime threads), shared by every
-    reader of the process; `models` replaces them (any object with pillsnap.infer.ocr.RapidOcrModels' `text_map`
-    and `recognise`)."""
+    """Reads imprints on pill crops. Each read leases a set of OCR models of its own (pillsnap.infer.ocr.lease_models:
+    reads side by side each run on their own ONNX Runtime threads), loaded at the first read that finds none free
+    and shared by every reader of the process; `models` replaces them (any object with
+    pillsnap.infer.ocr.RapidOcrModels' `text_map` and `recognise`)."""
 
     def __init__(self, settings: ReaderSettings | None = None, models: Any = None) -> None:
         self.settings = settings or ReaderSettings()
@@ -210,6 +210,12 @@ class ImprintReader:
 
         `candidates`: imprints of the classes in the running (e.g. the top-k's print_front/print_back); the
         reading that fits one of them best wins, and a close fit ends the search early."""
+        if self._models is not None:
+            return self._read(crop, candidates)
+        with lease_models(self.settings.threads, self.settings.rec_width):  # `models` is this set during the read
+            return self._read(crop, candidates)
+
+    def _read(self, crop: Image.Image, candidates: Sequence[str]) -> ImprintRead:
         start = time.perf_counter()
         rgb = _work_image(crop, self.settings.work_px, self.settings.contrast_clip)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])

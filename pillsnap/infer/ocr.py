@@ -4,10 +4,11 @@ the likelihood of any text under the recogniser's per-frame probabilities (CTC).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,7 +26,9 @@ DET_STRIDE = 32  # the text detector's input sides must be multiples of its stri
 # this recogniser does not know): a reading's other characters count as "something else" (reading_log_likelihood).
 IMPRINT_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MAX_THREADS = 4  # ONNX Runtime threads a read takes when not told (inference.imprint.threads 0)
-_ENGINES: dict[tuple[int, int, int], Any] = {}
+# per setting (threads, rec_width): the model sets loaded, and those not leased now
+_SETS: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
+_LEASES = threading.local()  # a thread's leased set during its read
 _ENGINE_LOCK = threading.Lock()
 
 
@@ -207,16 +210,42 @@ def _session(path: Any, threads: int) -> Any:
 
 
 def get_models(threads: int = 0, rec_width: int = REC_WIDTH) -> RapidOcrModels:
-    """The OCR models of this thread, loaded on its first read per setting (~0.5 s, ~60 MB) and shared by every
-    reader of the process. One set per reading thread: concurrent runs of one ONNX Runtime session share its one
-    pool of `threads` threads, so reads side by side (Evidence.read_all) or in several serving threads would take
-    turns on it."""
-    key = (threads, rec_width, threading.get_ident())
+    """OCR models of this setting: the set the calling thread has leased for its read (lease_models), else the
+    process's first set, loaded on first use (~0.5 s and ~60 MB)."""
+    leased = getattr(_LEASES, "models", None)
+    if leased is not None and leased[0] == (threads, rec_width):
+        return leased[1]
     with _ENGINE_LOCK:
-        models = _ENGINES.get(key)
-    if models is None:  # loaded outside the lock: other threads load theirs at the same time
+        loaded, free = _SETS.setdefault((threads, rec_width), ([], []))
+        if not loaded:
+            loaded.append(RapidOcrModels(threads, rec_width))
+            free.append(loaded[0])
+        return loaded[0]
+
+
+@contextlib.contextmanager
+def lease_models(threads: int = 0, rec_width: int = REC_WIDTH) -> Iterator[RapidOcrModels]:
+    """A set of OCR models for this thread alone while the block runs (a read): a free one, or one loaded now.
+    Concurrent runs of one ONNX Runtime session take turns on its one pool of `threads` threads, so reads side by
+    side (Evidence.read_all) or in several serving threads each need a set; the sets stay loaded for the next
+    reads, as many as were ever in use at once. Nested in a lease, the thread's own set."""
+    key = (threads, rec_width)
+    leased = getattr(_LEASES, "models", None)
+    if leased is not None and leased[0] == key:
+        yield leased[1]
+        return
+    with _ENGINE_LOCK:
+        loaded, free = _SETS.setdefault(key, ([], []))
+        models = free.pop() if free else None
+    if models is None:  # loaded outside the lock: other threads lease theirs meanwhile
         models = RapidOcrModels(threads, rec_width)
         with _ENGINE_LOCK:
-            models = _ENGINES.setdefault(key, models)
-    return models
+            loaded.append(models)
+    _LEASES.models = (key, models)
+    try:
+        yield models
+    finally:
+        _LEASES.models = leased
+        with _ENGINE_LOCK:
+            free.append(models)
 
