@@ -276,6 +276,12 @@ def test_a_cut_epochs_best_is_judged_again_on_resume_and_its_own_metrics_stand_f
     summary = read_json(exp / "reports" / "metrics.json")
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert best_checkpoint_metrics(summary, ckpt)["classification"]["acc"] == 1.0
+    # the finished epoch's record keeps the cut part's metrics: a later resume replays them too
+    assert summary["history"][0]["classification"][CUT_SHORT_METRICS]["acc"] == 1.0
+    code, trainer = run_training(make_cfg(exp, *common, f"{stage}.time_limit_hours=1.0", "train.epochs=3",
+                                          "train.resume=last"), loaders_with_detection)
+    assert code == 0 and trainer.es_state["classification"]["best"] == 1.0
+    assert load_ckpt(ckpt / "classification_best.pt")["task_state"][CUT_SHORT_METRICS]["acc"] == 1.0
 
 
 def interrupt(how: str):

@@ -26,7 +26,8 @@ from pillsnap.utils.io import fsync_path
 LOGGER = logging.getLogger(__name__)
 JOURNAL = ".commit.json"
 # In a checkpoint's task_state: the validation metrics of an epoch the stage's time cap cut short, whose weights a
-# best checkpoint may hold while the history records that epoch only once it is finished (by a resume)
+# best checkpoint may hold while the history records that epoch only once it is finished (by a resume); that
+# epoch's record then keeps them under this key, in the task's entry, for later resumes to replay
 CUT_SHORT_METRICS = "cut_short_metrics"
 
 
@@ -172,6 +173,9 @@ def replay_early_stopping(history: list[dict], task: str, monitor: str, mode: st
     for record in history:
         if task not in record:  # an epoch this task did not train
             continue
+        cut = (record[task] or {}).get(CUT_SHORT_METRICS)
+        if cut:  # the part of this epoch a time cap had cut short was judged first, live
+            judge_epoch(state, cut, monitor, mode, 10**9, min_delta, tie_break)
         judge_epoch(state, record[task] or {}, monitor, mode, 10**9, min_delta, tie_break)  # as the live check does
     return state
 

@@ -117,6 +117,9 @@ class Trainer:
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
         self.stopped: set[str] = set()
+        # per task, the validation metrics of the part of epoch progress.epoch that a time cap cut short, where its
+        # weights are the best (resume): the finished epoch's record keeps them
+        self.cut_best: dict[str, dict] = {}
         # a resumed run that trains nothing more (trains_nothing): the record of the training it resumed. Its
         # metrics.json stays as it was, or, where that training was cut before its end, keeps the training's memory
         # peaks (the stage report's GPU-memory advice reads them), not the restart's
@@ -202,10 +205,13 @@ class Trainer:
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
                                                            float(es.min_delta), task.tie_break)
-            cut = self._cut_best_metrics(name)
-            if cut is not None:  # the epoch the time cap cut short left the best weights: judged as it was live
+            # rank 0 reads it for every rank: a rank that could not would judge otherwise and stop other tasks
+            cut = broadcast_object(self.info, self._cut_best_metrics(name) if self.info.is_main else None)
+            if cut is not None:  # the epoch the time cap cut short left the best weights: judged as it was live,
+                # and kept in that epoch's record once it is finished (end_epoch), where later resumes replay it
                 judge_epoch(self.es_state[name], cut, task.monitor, task.mode, 10**9, float(es.min_delta),
                             task.tie_break)
+                self.cut_best[name] = cut
             if name not in epochs:  # no weights restored: earlier epochs' best says nothing about this model
                 self.es_state[name] = new_early_stopping_state()
                 self._start_fresh(name, task)
@@ -295,6 +301,8 @@ class Trainer:
                 self.logger.info("early stopping %s at epoch %d (%s)", name, epoch,
                                  describe_best(self.es_state[name], task.monitor, task.tie_break))
             record[name] = {**val[name], **train[name], "lr": task.lr}
+            if not cut_short and name in self.cut_best and self.progress is not None and self.progress.epoch == epoch:
+                record[name][ck.CUT_SHORT_METRICS] = self.cut_best.pop(name)
             kinds = [kind for kind, due in (("last", not cut_short), ("best", is_best)) if due]
             state = self._state(name, epoch)
             if cut_short:  # a resume that finishes the epoch judges it against these (resume), and the work
