@@ -101,8 +101,9 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path: Path, capsys, caplog, monkeypa
     with caplog.at_level(logging.INFO, logger="pillsnap"):
         assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 0
     summary = read_json(exp / "reports" / "demo_summary.json")
-    # (less the command line's own start, well under the second slept)
-    assert summary["elapsed_s"] >= ended[0] - started - 0.5 and "enrolment" in summary
+    # less the command line's own start before the demo's clock (0.5 s on a loaded CI machine): a clock stopped
+    # before the last phase would be short by the whole second slept and more
+    assert summary["elapsed_s"] >= ended[0] - started - 0.9 and "enrolment" in summary
     assert f"done in {summary['elapsed_s']:.0f} s" in capsys.readouterr().out  # the figure the file keeps
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "data: reusing" in messages and "scan: reusing" in messages and "train: reusing" in messages
