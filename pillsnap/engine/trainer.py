@@ -205,8 +205,9 @@ class Trainer:
         for name, task in self.tasks.items():
             self.es_state[name] = ck.replay_early_stopping(self.history, name, task.monitor, task.mode,
                                                            float(es.min_delta), task.tie_break)
-            # rank 0 reads it for every rank: a rank that could not would judge otherwise and stop other tasks
-            cut = broadcast_object(self.info, self._cut_best_metrics(name) if self.info.is_main else None)
+            # read by every rank, as each reads its last checkpoints (check_resumed_alike: every rank sees the
+            # run's folder); no collective here, where ranks that found different checkpoints must still meet it
+            cut = self._cut_best_metrics(name)
             if cut is not None:  # the epoch the time cap cut short left the best weights: judged as it was live,
                 # and kept in that epoch's record once it is finished (end_epoch), where later resumes replay it
                 judge_epoch(self.es_state[name], cut, task.monitor, task.mode, 10**9, float(es.min_delta),
