@@ -50,6 +50,13 @@ def latency_target(t: StageCriteria) -> Target:
     return Target("latency_p95_ms", t.max_latency_ms, higher_is_better=False, device=t.latency_device)
 
 
+def pipeline_targets(t: StageCriteria) -> dict[str, float]:
+    """The stage's targets for the whole pipeline's p95: the gate's, and the production latency target's."""
+    return {"LATENCY_P95_TOO_HIGH": float(t.max_latency_ms),
+            **{target.path: float(target.threshold) for target in t.targets
+               if target.path == "production.inference_latency_ms"}}
+
+
 def _latency_check(t: StageCriteria, results: dict) -> GateCheck:
     device = results.get("device")
     p95 = float(results.get("latency_p95_ms", math.inf) or math.inf)
@@ -231,7 +238,7 @@ def evaluate_and_recommend(stage: int, results: dict) -> dict:
     unmeasured = [t.path for t in criteria.targets if t.path not in measured and t.path not in skipped]
     unmet = [t for t in criteria.targets if measured.get(t.path, 1.0) < 1.0]
     reasons = failed + [f"TARGET_NOT_MET: {t.describe(metric(results, t.path))}" for t in unmet] + unverified
-    suggestions = suggestions_for(results, [t.path for t in unmet], measured, failed)
+    suggestions = suggestions_for(results, [t.path for t in unmet], measured, failed, pipeline_targets(criteria))
     if failed:
         return _verdict("WARN_STOP", "mandatory_check_failed", stage, score, reasons, suggestions, unmeasured,
                         incomparable)
@@ -270,7 +277,8 @@ def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> d
         if gate_failed and recommendation == "RECOMMEND_PROCEED":
             recommendation, reason = "SUGGEST_OPTIMIZE", "go_no_go_failed"
     if recommendation != "RECOMMEND_PROCEED":
-        gate_advice = suggestions_for(results, [], {}, [c.code for c in gate_failed])
+        gate_advice = suggestions_for(results, [], {}, [c.code for c in gate_failed],
+                                      pipeline_targets(stage_criteria(stage)))
         # What stopped the stage comes first: the gate when the score alone would have proceeded.
         ordered = gate_advice + suggestions if reason == "go_no_go_failed" else suggestions + gate_advice
         suggestions = list(dict.fromkeys(ordered)) or [FALLBACK]

@@ -104,16 +104,25 @@ def _code(reason: str) -> str:
     return rest.strip() if head == "MANDATORY_CHECK_FAILED" else head.strip()
 
 
-def _reads_dominate(results: dict) -> bool:
-    """Whether imprint reading makes more than half of the pipeline's p95 (the same photos timed without it)."""
+def _pipeline_tips(results: dict, target_ms: float | None) -> tuple[str, ...]:
+    """What speeds up the pipeline's p95: where imprint reading makes more than half of it (the same photos timed
+    without it), the reads first, and the models' own speed only where the pipeline without reading would still
+    miss `target_ms` (None: not known, the reads alone); else the models' speed."""
     latency = results.get("latency") or {}
     reading, unread = (latency.get(k) or {} for k in ("pipeline", "pipeline_without_imprint"))
-    return bool(reading.get("p95_ms") and unread.get("p95_ms") is not None
-                and unread["p95_ms"] < 0.5 * reading["p95_ms"])
+    if not (reading.get("p95_ms") and unread.get("p95_ms") is not None
+            and unread["p95_ms"] < 0.5 * reading["p95_ms"]):
+        return (_LATENCY,)
+    return (_READS, _LATENCY) if target_ms is not None and unread["p95_ms"] > target_ms else (_READS,)
 
 
-def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], reasons: list[str]) -> list[str]:
-    """The knobs for every reason code and unmet target path, without repeats, in the order found."""
+def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], reasons: list[str],
+                    latency_targets: dict[str, float] | None = None) -> list[str]:
+    """The knobs for every reason code and unmet target path, without repeats, in the order found.
+    `latency_targets`: the pipeline's p95 targets by reason code or path (LATENCY_P95_TOO_HIGH,
+    production.inference_latency_ms), which decide whether faster models would still be needed without the
+    imprint reads."""
+    targets = latency_targets or {}
     out = [_random_start_tip(task, origin) for task, origin in (results.get("init_weights") or {}).items()
            if str(origin or "").startswith(RANDOM_UNWANTED)]
     for reason in reasons:
@@ -121,14 +130,14 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
         if code == "pipeline_complete" and results.get("run_status") == "time_capped":
             out.append(_time_cap_tip(results.get("time_cap") or {}))
             continue
-        if code == "LATENCY_P95_TOO_HIGH" and _reads_dominate(results):
-            out.append(_READS)  # a smaller model or an fp16 export would not move it
+        if code == "LATENCY_P95_TOO_HIGH":
+            out += _pipeline_tips(results, targets.get(code))
             continue
         out += _BY_CODE.get(code, ())
     for path in unmet:
         found = next((tips for prefix, tips in _BY_TARGET if path.startswith(prefix)), ())
-        if path == "production.inference_latency_ms" and _reads_dominate(results):  # the pipeline's p95, too
-            found = (_READS,)
+        if path == "production.inference_latency_ms":  # the pipeline's p95, too
+            found = _pipeline_tips(results, targets.get(path))
         out += found
         if path.startswith("detection.") and ratios.get(path, 1.0) < ADVISOR.suggest_share and found == (_DETECTOR,):
             out.append(_AUGMENT)
