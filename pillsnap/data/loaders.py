@@ -59,12 +59,16 @@ def _timed_batches(loader: Any, warmup: int, steps: int) -> float:
     return sum(waits) / max(1, len(waits))
 
 
+def _ranks_on_this_machine() -> int:
+    """The ranks torchrun starts on this machine (LOCAL_WORLD_SIZE; 1 without torchrun): they share its cores and
+    its /dev/shm."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
 def _cores_for_this_rank(loaders_together: int = 1) -> int:
     """This rank's share of the usable cores for each of `loaders_together` training loaders drawing at once
-    (torchrun starts LOCAL_WORLD_SIZE ranks on one machine; interleaved training keeps the classifier's and the
-    detector's workers busy together)."""
-    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    return max(usable_cores() // (ranks * max(loaders_together, 1)), 1)
+    (interleaved training keeps the classifier's and the detector's workers busy together)."""
+    return max(usable_cores() // (_ranks_on_this_machine() * max(loaders_together, 1)), 1)
 
 
 def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
@@ -74,8 +78,8 @@ def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
     cap = _cores_for_this_rank(loaders_together)
     if workers > cap:
         LOGGER.info("dataloader.num_workers=%d capped to %d: %d usable cores for %d rank(s) on this machine and %d "
-                    "training loader(s) each", workers, cap, usable_cores(),
-                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), loaders_together)
+                    "training loader(s) each", workers, cap, usable_cores(), _ranks_on_this_machine(),
+                    loaders_together)
         return cap
     return workers
 
@@ -227,7 +231,7 @@ def _batches_in_flight(cfg: DictConfig, together: int) -> Callable[[int, int], i
     """Bytes the training loaders' batches in flight hold in /dev/shm with `w` workers at prefetch `p`: each worker
     holds `p` float32 classification batches (57 MB each at 32 x 384 px) and, training interleaved, ultralytics'
     two uint8 detection batches; every rank on the machine shares it."""
-    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    ranks = _ranks_on_this_machine()
     cls_batch = int(cfg.train.batch_size) * 3 * int(cfg.model.image_size) ** 2 * 4
     det_batch = int(cfg.train.detection.batch_size) * 3 * int(cfg.model.det_image_size) ** 2 if together > 1 else 0
     return lambda w, p: ranks * w * (p * cls_batch + 2 * det_batch)
@@ -250,7 +254,7 @@ def _fit_shared_memory(cfg: DictConfig, workers: int, together: int) -> tuple[in
         LOGGER.warning("/dev/shm holds %.0f MB, where loader workers hand over their batches: %d rank(s) x %d "
                        "workers x prefetch %d need %.0f MB. Loading with %d workers, prefetch %d; give the "
                        "container more shared memory (docker run --shm-size=16g, or --ipc=host) to load with all of "
-                       "them", size / 2**20, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1), workers, prefetch,
+                       "them", size / 2**20, _ranks_on_this_machine(), workers, prefetch,
                        need(workers, prefetch) / 2**20, fitted_w, fitted_p)
     return fitted_w, fitted_p
 
