@@ -319,7 +319,7 @@ def test_progress_off_a_terminal_is_a_log_line_at_the_interval_with_what_is_left
     monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
     logger = logging.getLogger("pillsnap.test_progress")
     with caplog.at_level(logging.INFO, logger=logger.name):
-        assert list(logs.progress(range(10), 10, "calibration: detector boxes", "photos", logger)) == list(range(10))
+        assert list(logs.progress(range(10), "calibration: detector boxes", "photos", logger)) == list(range(10))
     lines = [r.getMessage() for r in caplog.records]
     # 25 s a photo, a line once 60 s have passed since the last: after photos 3, 6 and 9 (none after the last)
     assert lines == ["calibration: detector boxes: 3/10 photos, 0.04/s, about 3 min left",

@@ -116,7 +116,7 @@ def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: A
     boxes: dict[int, np.ndarray] = {}
     unreadable = 0
     try:
-        for path, rows in progress(members.items(), len(members), "calibration: detector boxes", "photos", LOGGER):
+        for path, rows in progress(members.items(), "calibration: detector boxes", "photos", LOGGER):
             try:
                 image = read_image(path, LABELLED)
             except DECODE_ERRORS as err:  # its pills stay at their labelled boxes (and fail there, if they do)

@@ -46,8 +46,7 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
     labels, log_probs, features, rows = RowFiller(size), RowFiller(size), RowFiller(size), RowFiller(size)
     numbered = True
     with torch.no_grad():
-        for batch in progress(loader, len(loader) if hasattr(loader, "__len__") else 0, "classifier pass", "batches",
-                              LOGGER):
+        for batch in progress(loader, "classifier pass", "batches", LOGGER):
             if batch is None:  # every photo of the batch failed to decode
                 continue
             logits, feats = model(batch[0].to(device))

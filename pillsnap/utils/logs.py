@@ -87,12 +87,15 @@ class FailureRun:
         self.count = 0
 
 
-def progress(items: Iterable[T], total: int, desc: str, unit: str, logger: logging.Logger,
-             every_s: float = 60.0) -> Iterator[T]:
+def progress(items: Iterable[T], desc: str, unit: str, logger: logging.Logger, every_s: float = 60.0) -> Iterator[T]:
     """`items`, with their progress shown: a tqdm bar on a terminal, else (a logged run: train.sh, nohup, a job
     scheduler) a line in the log every `every_s` seconds (`desc: 1200/18000 photos, 20.1/s, about 14 min left`).
     A pass of the work after training over a Stage 4 split takes tens of minutes, and was silent in the log.
-    `total` 0: not known (a bar without an end; no log lines)."""
+    Items without a length: a bar without an end, no log lines."""
+    try:
+        total = len(items)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a loader over a data set of unknown length
+        total = 0
     if sys.stderr.isatty():
         from tqdm import tqdm
 
