@@ -38,6 +38,13 @@ def without_hard_cases(cfg: Any) -> Any:
     return OmegaConf.merge(cfg, {"inference": {"hard_cases": {"enabled": False}}})
 
 
+def without_imprint_reading(cfg: Any) -> Any:
+    """A copy of `cfg` whose predictor reads no imprint: what the answers, or the time, owe to the reads."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"inference": {"imprint": {"enabled": False}}})
+
+
 def photo_groups(manifest: pd.DataFrame, split: str = "test") -> list[dict]:
     """One entry per photo of `split`: image_path, image_type, codes and xywh boxes of its labelled pills."""
     rows = manifest[manifest["split"] == split]

@@ -20,6 +20,7 @@ from pillsnap.eval.pipeline_eval import (
     set_figures,
     with_sets,
     without_hard_cases,
+    without_imprint_reading,
 )
 from pillsnap.eval.stage_measure import best_checkpoint_metrics
 from pillsnap.infer.hard_cases import HARD_CASES_DIR
@@ -100,10 +101,8 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None,
     predictor.settings.hard_cases.enabled = False
     combos = [p for p in photos if p["image_type"] != "single"]
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
-    without_ocr = without_hard_cases(cfg)
-    without_ocr.inference.imprint.enabled = False
-    plain = evaluate_pipeline(Predictor(exp_dir, without_ocr, device), photos, "auto",
-                              _progress("auto without imprint reading"), known)
+    unread = Predictor(exp_dir, without_imprint_reading(without_hard_cases(cfg)), device)
+    plain = evaluate_pipeline(unread, photos, "auto", _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
     auto["prediction_sets_by_method"] = _sets_by_method(predictor, auto["outcomes"])
     # the crop sources answered with their own set threshold (the rest with the one over all answers)

@@ -273,7 +273,7 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     (None where it is off anyway)}. The reads are ~130 ms of CPU each; the second figure says whether they are what
     misses the stage's target, so that the advice names them rather than the models."""
     from pillsnap.data import read_image
-    from pillsnap.eval.pipeline_eval import without_hard_cases
+    from pillsnap.eval.pipeline_eval import without_hard_cases, without_imprint_reading
     from pillsnap.infer.pipeline import Predictor
     from pillsnap.utils.images import DECODE_ERRORS
 
@@ -298,15 +298,13 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     kept = [weight * share[kind] / left[kind] for weight, kind in kept]
     # hard cases not logged: a measurement's photos are not a user's (logging one costs a few ms, on hard cases only)
     cfg = without_hard_cases(cfg)
-    figures: dict[str, Any] = {"pipeline_without_imprint": None}
-    for name, reading in (("pipeline", True), ("pipeline_without_imprint", False)):
-        if not reading and not cfg.inference.imprint.enabled:
-            break
-        settings = cfg.copy()
-        settings.inference.imprint.enabled = reading and bool(cfg.inference.imprint.enabled)
-        predictor = Predictor(exp_dir, settings, device=str(device))
-        figures[name] = measure(lambda image, p=predictor: p.predict(image, "auto"), images, device,
-                                passes(device, GPU), weights=kept)
+    runs = {"pipeline": cfg,
+            "pipeline_without_imprint": without_imprint_reading(cfg) if cfg.inference.imprint.enabled else None}
+    figures: dict[str, Any] = {}
+    for name, settings in runs.items():
+        predictor = None if settings is None else Predictor(exp_dir, settings, device=str(device))
+        figures[name] = None if predictor is None else measure(
+            lambda image, p=predictor: p.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
     return figures
 
 
