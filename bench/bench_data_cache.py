@@ -1,7 +1,10 @@
-"""Classification sample throughput: crop cache (uint8 memory-mapped shards) vs raw PNG decode + crop + resize.
+"""Classification sample cost: the crop caches (npy, jpeg) vs decoding, cropping and resizing the photo, and the
+training transform's colour jitter (ours vs torchvision's).
 
-Both paths go through the same ClassificationDataset and validation transform (ToTensor + ImageNet normalisation
-at model.image_size), one process, one thread, warm page cache; the ratio is measured in one run.
+Every arm goes through the same ClassificationDataset, one process, one thread, warm page cache; the arms take turns
+round by round and each arm's median round is reported, so the ratios are measured in one run on the same machine.
+"Stage 3-4 before" is what a Stage 3-4 training sample cost before these changes (the photo decoded for each crop,
+torchvision's ColorJitter); "after" is the stage's default now (the JPEG cache, our ColorJitter).
 
     .venv/bin/python bench/bench_data_cache.py --images 160 --image-scale 1.0 --image-size 384
 """
@@ -9,24 +12,36 @@ at model.image_size), one process, one thread, warm page cache; the ratio is mea
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torchvision import transforms as T
 
 from pillsnap.data.cache import build_cache
-from pillsnap.data.datasets import ClassificationDataset
+from pillsnap.data.datasets import ClassificationDataset, ColorJitter
 from pillsnap.data.scan import load_manifest, scan_dataset
 from pillsnap.data.synth import generate_dataset
 
 
-def images_per_second(dataset: ClassificationDataset, passes: int) -> float:
+def seconds_per_sample(dataset: ClassificationDataset) -> float:
     start = time.perf_counter()
-    for _ in range(passes):
-        for i in range(len(dataset)):
-            assert dataset[i] is not None
-    return passes * len(dataset) / (time.perf_counter() - start)
+    for i in range(len(dataset)):
+        assert dataset[i] is not None
+    return (time.perf_counter() - start) / len(dataset)
+
+
+def with_torchvision_jitter(dataset: ClassificationDataset) -> ClassificationDataset:
+    """The dataset with torchvision's own ColorJitter (same factors) in place of ours."""
+    old = copy.copy(dataset)
+    steps = [T.ColorJitter(s.brightness, s.contrast, s.saturation, s.hue) if isinstance(s, ColorJitter) else s
+             for s in dataset.transform.transforms]
+    assert steps != dataset.transform.transforms, "the training transform has no ColorJitter"
+    old.transform = T.Compose(steps)
+    return old
 
 
 def main() -> None:
@@ -34,7 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160, help="single-pill photos (8 classes)")
     parser.add_argument("--image-scale", type=float, default=1.0, help="1.0 = real 976x1280 photos")
     parser.add_argument("--image-size", type=int, default=384, help="classifier input size (model.image_size)")
-    parser.add_argument("--passes", type=int, default=2, help="passes over the data per path")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each arm passes over the data once a round")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
@@ -43,19 +58,48 @@ def main() -> None:
         scan_dataset(root, manifests, progress=False)
         rows = load_manifest(manifests)
         index = {c: i for i, c in enumerate(sorted(rows["mapping_code"].unique()))}
-        start = time.perf_counter()
-        cache = build_cache(rows, Path(tmp) / "cache", args.image_size, 0.15)
-        build_s = time.perf_counter() - start
-        raw = ClassificationDataset(rows, index, args.image_size, train=False)
-        cached = ClassificationDataset(rows, index, args.image_size, train=False, cache=cache)
-        images_per_second(cached, 1)  # touch every page once, like a second epoch would
-        raw_ips, cached_ips = images_per_second(raw, args.passes), images_per_second(cached, args.passes)
+        caches, built = {}, {}
+        for fmt in ("npy", "jpeg"):
+            start = time.perf_counter()
+            caches[fmt] = build_cache(rows, Path(tmp) / "cache", args.image_size, 0.15, workers=1, fmt=fmt)
+            built[fmt] = time.perf_counter() - start
+        shards = {fmt: sum(p.stat().st_size for p in cache.root.glob("shard_*")) / len(cache)
+                  for fmt, cache in caches.items()}
+
+        def dataset(train: bool, cache: str | None) -> ClassificationDataset:
+            return ClassificationDataset(rows, index, args.image_size, train, 0.15, caches.get(cache))
+
+        arms = {
+            "val: photo decoded": dataset(False, None),
+            "val: npy cache": dataset(False, "npy"),
+            "val: jpeg cache": dataset(False, "jpeg"),
+            "train: photo decoded, torchvision jitter (stage 3-4 before)": with_torchvision_jitter(dataset(True, None)),
+            "train: npy cache, torchvision jitter": with_torchvision_jitter(dataset(True, "npy")),
+            "train: npy cache, our jitter": dataset(True, "npy"),
+            "train: jpeg cache, our jitter (stage 3-4 now)": dataset(True, "jpeg"),
+        }
+        for arm in arms.values():  # every page touched once, as after a first epoch
+            seconds_per_sample(arm)
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(args.rounds):
+            for name, arm in arms.items():
+                times[name].append(seconds_per_sample(arm))
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     width, height = round(976 * args.image_scale), round(1280 * args.image_scale)
-    print(f"{len(rows)} photos {width}x{height} -> {args.image_size}px crops, 1 thread")
-    print(f"raw PNG decode+crop+resize: {raw_ips:8.1f} img/s")
-    print(f"cached uint8 shards:        {cached_ips:8.1f} img/s")
-    print(f"ratio cached/raw: {cached_ips / raw_ips:.1f}x (goal >= 5x); "
-          f"cache build {build_s:.1f}s (one-off, all cores)")
+    print(f"{len(rows)} photos {width}x{height} -> {args.image_size} px crops, 1 thread, median of {args.rounds} "
+          "rounds, arms taking turns")
+    for name, value in ms.items():
+        print(f"  {name:<62} {value:7.2f} ms a sample  {1000 / value:7.1f} /s")
+    print(f"bytes a crop: npy {shards['npy'] / 1024:.1f} KB, jpeg {shards['jpeg'] / 1024:.1f} KB "
+          f"({shards['npy'] / shards['jpeg']:.1f}x smaller); building each (1 process): npy {built['npy']:.1f} s, "
+          f"jpeg {built['jpeg']:.1f} s")
+    before = ms["train: photo decoded, torchvision jitter (stage 3-4 before)"]
+    now = ms["train: jpeg cache, our jitter (stage 3-4 now)"]
+    print(f"val, npy cache / photo decoded: {ms['val: photo decoded'] / ms['val: npy cache']:.1f}x; "
+          f"jpeg cache / photo decoded: {ms['val: photo decoded'] / ms['val: jpeg cache']:.1f}x")
+    print(f"train, our jitter / torchvision's (npy cache): "
+          f"{ms['train: npy cache, torchvision jitter'] / ms['train: npy cache, our jitter']:.2f}x")
+    print(f"a stage 3-4 training sample, now / before: {before / now:.2f}x ({before:.1f} -> {now:.1f} ms)")
 
 
 if __name__ == "__main__":

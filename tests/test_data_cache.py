@@ -246,3 +246,91 @@ def test_a_cache_built_while_no_photo_could_be_read_records_them_and_is_not_take
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
     with pytest.raises(ValueError, match="4 of these rows .*were the photos out of reach then"):
         build_cache(rows, tmp_path, 24, 0.15, workers=1)
+
+
+def test_jpeg_cache_holds_the_crop_within_a_grey_level_in_its_own_folder(manifest_dir, tmp_path):
+    """Stages 3-4 cache their crops as JPEGs (13x smaller than npy): the same crop, to JPEG's rounding, and the two
+    formats never share a folder, so switching formats never reads one as the other."""
+    from pillsnap.data.cache import JPEG_QUALITY
+
+    rows = singles(manifest_dir).head(10)
+    npy = build_cache(rows, tmp_path, 48, 0.15, workers=1)
+    jpeg = build_cache(rows, tmp_path, 48, 0.15, workers=1, fmt="jpeg")
+    assert jpeg.root == cache_root(tmp_path, 48, 0.15, "jpeg") != npy.root
+    assert jpeg.root.name.endswith(f"_jpeg{JPEG_QUALITY}") and jpeg.format == "jpeg" and npy.format == "npy"
+    assert sorted(p.name for p in jpeg.root.glob("shard_*")) == ["shard_00000.jpegs"]
+    assert len(jpeg) == 10 and set(jpeg.index) == set(npy.index)
+    sizes = [slot[2] for slot in jpeg.index.values()]
+    assert sum(sizes) == (jpeg.root / "shard_00000.jpegs").stat().st_size
+    assert sum(sizes) < 10 * 48 * 48 * 3 / 2  # well under the npy cache's bytes
+    for key in rows["label_path"]:
+        a, b = np.asarray(npy.get(key), float), np.asarray(jpeg.get(key), float)
+        assert b.shape == (48, 48, 3) and 0 < np.abs(a - b).mean() < 2.5  # JPEG, not a copy, and close to it
+
+
+def test_a_dataset_reads_the_jpeg_cache_and_drops_a_damaged_crop(manifest_dir, tmp_path):
+    from pillsnap.data.datasets import ClassificationDataset
+
+    rows = singles(manifest_dir).head(8)
+    cache = build_cache(rows.head(5), tmp_path, 32, 0.15, workers=1, fmt="jpeg")
+    first = (cache.root / "shard_00000.jpegs").stat().st_mtime_ns
+    cache = build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")  # incremental: a second shard
+    assert (cache.root / "shard_00000.jpegs").stat().st_mtime_ns == first and len(cache) == 8
+    assert (cache.root / "shard_00001.jpegs").is_file()
+    index = {code: i for i, code in enumerate(sorted(rows["mapping_code"].unique()))}
+    dataset = ClassificationDataset(rows, index, 32, False, 0.15, cache)
+    assert dataset.cache_slots.shape == (8, 3) and all(dataset[i] is not None for i in range(8))
+    shard, offset, nbytes = cache.index[rows["label_path"].iloc[6]]
+    with open(cache.root / f"shard_{shard:05d}.jpegs", "r+b") as fh:  # a damaged disk block
+        fh.seek(offset)
+        fh.write(b"\0" * nbytes)
+    again = ClassificationDataset(rows, index, 32, False, 0.15, CachedCrops(cache.root))
+    assert again[6] is None and again[7] is not None and again[5] is not None
+    with pytest.raises(OSError, match="shard_00001.jpegs at byte .*rebuild the cache"):
+        again.load_crop(6)
+
+
+def test_a_jpeg_cache_checks_the_disk_at_its_first_shard_before_writing_it(manifest_dir, tmp_path, monkeypatch):
+    """A JPEG's size is known once it is encoded: the first shard's crops size the whole build, with room to
+    spare, before a byte is written."""
+    from pillsnap.data import cache as cache_module
+    from pillsnap.utils.io import DiskSpaceError
+
+    asked = []
+
+    def refuse(directory, need, what, remedy):
+        asked.append((need, what))
+        raise DiskSpaceError(f"{what} needs {need} bytes")
+
+    monkeypatch.setattr(cache_module, "check_free_space", refuse)
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
+    rows = singles(manifest_dir).head(10)
+    with pytest.raises(DiskSpaceError, match="10 crops of 32 px; .* KB a crop in its first 4"):
+        build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
+    root = cache_root(tmp_path, 32, 0.15, "jpeg")
+    assert not list(root.glob("shard_*")) and not (root / "index.parquet").exists()
+    monkeypatch.setattr(cache_module, "check_free_space", lambda *a: asked.append(a[1:3]))
+    cache = build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
+    first_four = sum(cache.index[k][2] for k in rows["label_path"].head(4))
+    assert len(asked) == 2 and asked[1][0] == int(10 * first_four / 4 * cache_module.JPEG_SIZE_SPARE)
+
+
+def test_stages_3_and_4_read_a_jpeg_cache_unless_the_command_line_says_otherwise(synth_cfg):
+    from pillsnap.config import apply_stage_overrides, load_config
+
+    for stage in (3, 4):
+        staged = apply_stage_overrides(synth_cfg, stage)
+        assert staged.data.cache.enabled is True and staged.data.cache.format == "jpeg"
+    assert apply_stage_overrides(synth_cfg, 2).data.cache.enabled is False
+    given = load_config(None, ["data.cache.format=npy", "data.progressive_validation.current_stage=3"],
+                        dotenv_path=None)
+    kept = apply_stage_overrides(given, 3)
+    assert kept.data.cache.enabled is True and kept.data.cache.format == "npy"  # the command line wins
+    staged = apply_stage_overrides(synth_cfg, 3)
+    staged.data.progressive_validation.current_stage = 3
+    staged.dataloader.num_workers = 0  # the stage's 8 workers are not what this test is about
+    loaders = build_dataloaders_twostage(OmegaConf.merge(staged, {"train": {"strategy": "classification"}}))
+    train = loaders[0].dataset
+    assert train.cache is not None and train.cache.format == "jpeg" and train.cache_slots.shape[1] == 3
+    x, _, _ = next(iter(loaders[0]))
+    assert x.shape == (4, 3, 32, 32)

@@ -45,6 +45,13 @@ def test_synth_then_scan_then_cache(tmp_path, capsys, monkeypatch):
     # single-pill photos and, with data.combo_crops (the default), the soundly boxed pills of combinations
     printed = json.loads(capsys.readouterr().out)
     assert printed["crops"] == report["records_kept"] > 12 and printed["unreadable"] == 0
+    assert printed["format"] == "npy"
+    # at stage 3 the command builds what training there reads: the JPEG cache
+    assert run(["data", "cache", "--workers", "1", "paths.manifest_dir=m", "paths.cache_dir=c",
+                "model.image_size=16", "data.progressive_validation.current_stage=3"]) == 0
+    staged = json.loads(capsys.readouterr().out)
+    assert staged["format"] == "jpeg" and staged["crops"] == printed["crops"]
+    assert staged["cache_dir"] != printed["cache_dir"]
 
 
 def test_a_cache_that_would_fill_the_disk_is_refused_before_a_byte_is_written(manifest_dir, tmp_path, monkeypatch,

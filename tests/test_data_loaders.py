@@ -117,6 +117,45 @@ def test_classification_transform_is_normalised():
     assert y.shape == (3, 48, 48)
 
 
+def colourful(size: int = 64) -> Image.Image:
+    """Every hue at several saturations and brightnesses: where a hue shift shows."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    hsv = np.stack([x, 0.3 + 0.7 * y, 0.4 + 0.6 * (1 - y)], -1)
+    return Image.fromarray((hsv * 255).astype(np.uint8), "HSV").convert("RGB")
+
+
+@pytest.mark.parametrize("hue", [0.02, -0.02, 0.3, -0.45])
+def test_shift_hue_turns_the_hue_as_torchvision_does(hue):
+    from torchvision.transforms import functional as TF
+
+    from pillsnap.data.datasets import shift_hue
+
+    image = colourful()
+    ours, theirs = np.asarray(shift_hue(image, hue), float), np.asarray(TF.adjust_hue(image, hue), float)
+    unturned = np.abs(np.asarray(image, float) - theirs).mean()
+    assert np.abs(ours - theirs).mean() < min(1.5, unturned / 2)  # the same turn, to a grey level or so
+    assert shift_hue(image.convert("L"), hue).mode == "L"  # a grey image has no hue: left to torchvision
+
+
+def test_colour_jitter_draws_as_torchvisions_and_differs_only_by_the_hue_rounding():
+    """The same random numbers give the same factors in the same order: training with it is torchvision's jitter
+    (which spent half of a cached crop's time in PIL's HSV conversion), not another augmentation."""
+    from torchvision import transforms as T
+
+    from pillsnap.data.datasets import ColorJitter
+
+    image = colourful()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        theirs = np.asarray(T.ColorJitter(0.2, 0.2, 0.15, 0.02)(image), float)
+        after_theirs = torch.rand(1)
+        torch.manual_seed(seed)
+        ours = np.asarray(ColorJitter(0.2, 0.2, 0.15, 0.02)(image), float)
+        assert torch.equal(torch.rand(1), after_theirs)
+        assert np.abs(ours - theirs).mean() < 1.5 and np.abs(ours - np.asarray(image, float)).mean() > 2
+    assert any(isinstance(step, ColorJitter) for step in classification_transform(48, train=True).transforms)
+
+
 def test_crop_box_is_square_with_margin_and_inside():
     assert crop_box(100, 100, (40, 40, 20, 10), 0.5) == (30, 25, 70, 65)
     left, top, right, bottom = crop_box(100, 120, (90, 0, 10, 30), 0.15)

@@ -22,13 +22,21 @@ STAGE_OVERRIDE_TARGETS = {
     "num_workers_override": "dataloader.num_workers",
     # the design's large-data optimisation for stages 3-4: the auto batch search may fill 92 % of the GPU's memory
     "auto_batch_vram_headroom": "train.auto_batch_vram_headroom",
+    # stages 3-4 read the classifier's crops from a JPEG crop cache: decoding a whole photo for each crop would keep
+    # the GPU waiting, and the npy cache would take 221 GB at Stage 4
+    "cache_enabled": "data.cache.enabled",
+    "cache_format": "data.cache.format",
 }
 
 
 def _converted(key: str, value: object) -> object:
     if key == "memory_format":
         return value == "channels_last"
-    if key == "compile_mode":
+    if key == "cache_enabled":
+        if not isinstance(value, bool):
+            raise ValueError(f"train.stage_overrides: cache_enabled must be true or false, not {value!r}")
+        return value
+    if key in ("compile_mode", "cache_format"):
         return str(value)
     if key == "auto_batch_vram_headroom":
         return float(value)  # type: ignore[arg-type]

@@ -1,5 +1,10 @@
-"""Preprocessed crop cache: each classifier row (a pill) decoded, cropped and resized once into uint8 memory-mapped
-.npy shards, so that training reads a slice of a page-cached file instead of decoding a 976x1280 PNG.
+"""Preprocessed crop cache: each classifier row (a pill) decoded, cropped and resized once into shards, so that
+training reads a small piece of a page-cached file instead of decoding a 976x1280 PNG.
+
+Two formats (`data.cache.format`): `npy`, uint8 memory-mapped .npy shards (the fastest read, S x S x 3 bytes a crop:
+221 GB for Stage 4's 500,000 crops of 384 px), and `jpeg`, each crop a JPEG (quality JPEG_QUALITY, full-resolution
+colour) in shards of concatenated bytes, about 13x smaller (~33 KB a 384 px crop of the synthetic photos: Stage 4's
+in ~17 GB, which the page cache holds) for ~1 ms of decoding a crop (bench/bench_data_cache.py).
 
 Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
 the index are decoded) and each shard is written to a temp file and moved into place. A row whose photo cannot be
@@ -9,6 +14,7 @@ again, and a read-only cache lacking only such rows, no more than UNREADABLE_LIM
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -24,19 +30,28 @@ from tqdm import tqdm
 from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
-from pillsnap.utils.images import DECODE_ERRORS
+from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, decode_image
 from pillsnap.utils.io import check_free_space
 from pillsnap.utils.locks import BusyError, file_lock
 from pillsnap.utils.pools import forked_imap
 
 LOGGER = logging.getLogger(__name__)
 BUILD_LOCK = "build.lock"  # in a cache's folder: held by the process adding crops to it
-UNREADABLE = (-1, -1)  # the slot of a row whose photo could not be decoded
+UNREADABLE = (-1, -1, 0)  # the slot (shard, offset, bytes) of a row whose photo could not be decoded
 # A read-only cache may lack at most this share of the rows asked of it as unreadable (the share of unreadable data
 # the stage advisor tolerates): more than that, the photos were more likely out of reach when it was built (a share
 # not mounted) than broken, and training on what is left would be training on a part of the data without a word.
 UNREADABLE_LIMIT = 0.01
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
+FORMATS = ("npy", "jpeg")
+RAW = ImageLimits(upright=False)  # a cached JPEG is read as it was written
+# Quality 95 with colour kept at full resolution (no 4:2:0 subsampling): a pill's colour and the thin strokes of
+# its imprint are what tell drugs apart. It changes a crop by 0.7 grey levels on average (bench/bench_data_cache.py),
+# less than the colour jitter of training does.
+JPEG_QUALITY = 95
+# A JPEG cache's size is known only once crops are encoded: its disk check counts the first shard's mean crop size
+# over every crop to add, with this to spare for photos that compress worse than the first ones.
+JPEG_SIZE_SPARE = 1.25
 
 
 OWN_FOLDER = "point paths.cache_dir at a folder of your own, or train from the photos (data.cache.enabled=false)"
@@ -48,17 +63,22 @@ class CacheError(ValueError):
 
 class CachedCrops:
     """Read side of the cache: `get(label_path)` -> PIL RGB crop of size image_size (KeyError if absent).
-    `index`: the rows with a crop; `unreadable`: the rows whose photos could not be decoded when it was built."""
+    `index`: the rows with a crop, each at its slot (shard, offset, bytes: the row in an npy shard, or where its
+    JPEG lies in a jpeg shard); `unreadable`: the rows whose photos could not be decoded when it was built."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         meta = read_json(self.root / "meta.json")
         self.image_size = int(meta["image_size"])
+        self.format = str(meta.get("format", "npy"))
         index = pd.read_parquet(self.root / "index.parquet") if (self.root / "index.parquet").is_file() else None
-        entries = [] if index is None else list(zip(index["key"], index["shard"], index["offset"], strict=True))
-        self.index: dict[str, tuple[int, int]] = {k: (int(s), int(o)) for k, s, o in entries if s >= 0}
-        self.unreadable: frozenset[str] = frozenset(k for k, s, _ in entries if s < 0)
-        self._shards: dict[int, np.ndarray] = {}
+        entries = [] if index is None else list(zip(
+            index["key"], index["shard"], index["offset"],
+            index["nbytes"] if "nbytes" in index else np.zeros(len(index), np.int64), strict=True))
+        self.index: dict[str, tuple[int, int, int]] = {k: (int(s), int(o), int(n)) for k, s, o, n in entries
+                                                       if s >= 0}
+        self.unreadable: frozenset[str] = frozenset(k for k, s, _, _ in entries if s < 0)
+        self._shards: dict[int, Any] = {}  # opened in the process that reads: a memory map or a file descriptor
 
     def __len__(self) -> int:
         return len(self.index)
@@ -67,14 +87,22 @@ class CachedCrops:
         return key in self.index
 
     def slots(self, keys: Sequence[str]) -> np.ndarray:
-        """(shard, offset) of each key as an int array [n, 2]; (-1, -1) where the key has no crop. A dataset looks
-        its rows up once, so that its loader workers read array slots instead of this dict (see CropTable)."""
-        return np.array([self.index.get(key, UNREADABLE) for key in keys], dtype=np.int64).reshape(len(keys), 2)
+        """The slot of each key as an int array [n, 3]; UNREADABLE where the key has no crop. A dataset looks its
+        rows up once, so that its loader workers read array slots instead of this dict (see CropTable)."""
+        return np.array([self.index.get(key, UNREADABLE) for key in keys], dtype=np.int64).reshape(len(keys), 3)
 
-    def read(self, shard: int, offset: int) -> Image.Image:
-        """The crop at a slot from `slots`; KeyError for a key that had none."""
+    def read(self, shard: int, offset: int, nbytes: int = 0) -> Image.Image:
+        """The crop at a slot from `slots`; KeyError for a key that had none. A JPEG that cannot be decoded (a
+        damaged shard) raises what a broken photo raises, so the dataset drops its sample."""
         if shard < 0:
             raise KeyError("no cached crop for this row (it could not be decoded when the cache was built)")
+        if self.format == "jpeg":
+            if shard not in self._shards:
+                self._shards[shard] = os.open(self.root / f"shard_{shard:05d}.jpegs", os.O_RDONLY)
+            data = os.pread(self._shards[shard], nbytes, offset)
+            # an ImageError (an OSError: the dataset drops the sample) for damaged bytes, never PIL's many kinds
+            return decode_image(data, f"{self.root / f'shard_{shard:05d}.jpegs'} at byte {offset} (rebuild the "
+                                      "cache)", RAW)
         if shard not in self._shards:
             self._shards[shard] = np.load(self.root / f"shard_{shard:05d}.npy", mmap_mode="r")
         return Image.fromarray(np.ascontiguousarray(self._shards[shard][offset]), "RGB")
@@ -83,27 +111,36 @@ class CachedCrops:
         return self.read(*self.index[key])
 
     def __getstate__(self) -> dict[str, Any]:
-        # Memory maps are reopened lazily in each DataLoader worker instead of being pickled.
+        # Memory maps and file descriptors are opened again, lazily, in each DataLoader worker instead of being
+        # pickled (a descriptor number means nothing in another process).
         return {**self.__dict__, "_shards": {}}
 
 
-def cache_root(cache_dir: str | Path, image_size: int, crop_margin: float) -> Path:
-    return Path(cache_dir) / f"crops_s{image_size}_m{crop_margin:g}"
+def cache_root(cache_dir: str | Path, image_size: int, crop_margin: float, fmt: str = "npy") -> Path:
+    """The folder of the cache of crops of this size and margin in format `fmt` (each format has its own)."""
+    name = f"crops_s{image_size}_m{crop_margin:g}"
+    return Path(cache_dir) / (name if fmt == "npy" else f"{name}_{fmt}{JPEG_QUALITY}")
 
 
 class _CropJob:
-    """Picklable worker: one manifest row -> uint8 [S, S, 3] crop, or None when it cannot be decoded."""
+    """Picklable worker: one manifest row -> its crop, uint8 [S, S, 3] (npy) or a JPEG's bytes (jpeg), or None when
+    it cannot be decoded."""
 
-    def __init__(self, image_size: int, crop_margin: float) -> None:
-        self.image_size, self.crop_margin = image_size, crop_margin
+    def __init__(self, image_size: int, crop_margin: float, fmt: str = "npy") -> None:
+        self.image_size, self.crop_margin, self.fmt = image_size, crop_margin, fmt
 
-    def __call__(self, row: Any) -> np.ndarray | None:
+    def __call__(self, row: Any) -> np.ndarray | bytes | None:
         try:
             crop = pill_crop(row, self.crop_margin)
         except DECODE_ERRORS as err:
             LOGGER.warning("cache: skipping undecodable %s: %s", row.image_path, err)
             return None
-        return np.asarray(crop.resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.uint8)
+        crop = crop.resize((self.image_size, self.image_size), Image.BILINEAR)
+        if self.fmt == "jpeg":
+            out = io.BytesIO()
+            crop.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+            return out.getvalue()
+        return np.asarray(crop, dtype=np.uint8)
 
 
 def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
@@ -114,35 +151,44 @@ def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:
     yield from forked_imap(job, items, workers, chunksize=16)
 
 
-def _write_shard(root: Path, shard: int, arrays: list[np.ndarray], size: int) -> None:
-    path = root / f"shard_{shard:05d}.npy"
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(arrays), size, size, 3))
-        for i, arr in enumerate(arrays):
+def _write_shard(root: Path, shard: int, crops: list[Any], size: int, fmt: str) -> list[tuple[int, int]]:
+    """One shard of `crops` written atomically; (offset, bytes) of each crop in it."""
+    if fmt == "jpeg":
+        with atomic_path(root / f"shard_{shard:05d}.jpegs") as tmp:
+            Path(tmp).write_bytes(b"".join(crops))
+        ends = np.cumsum([len(c) for c in crops]).tolist()
+        return [(end - len(c), len(c)) for end, c in zip(ends, crops, strict=True)]
+    with atomic_path(root / f"shard_{shard:05d}.npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), size, size, 3))
+        for i, arr in enumerate(crops):
             out[i] = arr
         out.flush()
         del out
+    return [(i, 0) for i in range(len(crops))]
 
 
-def _save_index(root: Path, index: dict[str, tuple[int, int]], unreadable: set[str]) -> None:
+def _save_index(root: Path, index: dict[str, tuple[int, int, int]], unreadable: set[str]) -> None:
     """The crops' slots, and each unreadable row at shard -1, in one file written atomically."""
     entries = {**dict.fromkeys(sorted(unreadable), UNREADABLE), **index}
     frame = pd.DataFrame({"key": list(entries), "shard": [v[0] for v in entries.values()],
-                          "offset": [v[1] for v in entries.values()]})
+                          "offset": [v[1] for v in entries.values()], "nbytes": [v[2] for v in entries.values()]})
     with atomic_path(root / "index.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
 
 
 def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop_margin: float,
-                workers: int = 0, progress: bool = False) -> CachedCrops:
-    """Make sure every row (the classifier's manifest rows) has a cached crop; returns the read side.
+                workers: int = 0, progress: bool = False, fmt: str = "npy") -> CachedCrops:
+    """Make sure every row (the classifier's manifest rows) has a cached crop in format `fmt` (FORMATS); returns
+    the read side.
 
     One process at a time adds to a cache (two experiments share `paths.cache_dir` by default): two builders
     would each number their shards from the same index and write over each other's, and an index would then
     name another row's crop under a label, silently. A second builder waits, then adds only what is still
     missing. A cache that lacks nothing is only read, and may be read-only (a teammate's, a shared mount); so may
     one that lacks only rows recorded as unreadable, no more than UNREADABLE_LIMIT of them."""
-    root = cache_root(cache_dir, image_size, crop_margin)
+    if fmt not in FORMATS:
+        raise CacheError(f"data.cache.format={fmt!r} is not a crop cache format: use one of {', '.join(FORMATS)}")
+    root = cache_root(cache_dir, image_size, crop_margin, fmt)
     if (root / "meta.json").is_file():
         cache = CachedCrops(root)
         lacking = rows.loc[~rows["label_path"].isin(cache.index), "label_path"]
@@ -172,34 +218,45 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
         except BusyError as err:
             LOGGER.info("the crop cache %s is being added to by another process (%s): waiting for it", root, err)
             held.enter_context(file_lock(root / BUILD_LOCK, wait=True, role="cache"))
-        return _add_missing(rows, root, image_size, crop_margin, workers, progress)
+        return _add_missing(rows, root, image_size, crop_margin, workers, progress, fmt)
 
 
 def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: float, workers: int,
-                 progress: bool) -> CachedCrops:
+                 progress: bool, fmt: str = "npy") -> CachedCrops:
     if not (root / "meta.json").is_file():
-        save_json(root / "meta.json", {"image_size": image_size, "crop_margin": crop_margin, "format": "npy"})
+        meta = {"image_size": image_size, "crop_margin": crop_margin, "format": fmt}
+        save_json(root / "meta.json", {**meta, "quality": JPEG_QUALITY} if fmt == "jpeg" else meta)
     cache = CachedCrops(root)
     missing = rows[~rows["label_path"].isin(cache.index)].drop_duplicates("label_path")
     if missing.empty:
         return cache
-    check_space(root, len(missing), image_size)
+    if fmt == "npy":  # known before anything is decoded; a JPEG cache's once its first shard is encoded
+        check_space(root, len(missing), image_size * image_size * 3, image_size)
+    sized = fmt == "npy"
     index, unreadable = dict(cache.index), set(cache.unreadable)
-    shard = 1 + max((s for s, _ in index.values()), default=-1)
-    job, workers = _CropJob(image_size, crop_margin), workers or usable_cores()
-    keys, arrays = [], []
-    for key, arr in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
-                         total=len(missing), desc="cache", unit="crop", disable=not progress):
-        if arr is None:
+    shard = 1 + max((slot[0] for slot in index.values()), default=-1)
+    job, workers = _CropJob(image_size, crop_margin, fmt), workers or usable_cores()
+    keys: list[str] = []
+    crops: list[Any] = []
+    to_write = len(missing)  # crops not yet written, for the JPEG cache's disk check at its first shard
+    for key, crop in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
+                          total=len(missing), desc="cache", unit="crop", disable=not progress):
+        if crop is None:
             unreadable.add(key)
+            to_write -= 1
             continue
         unreadable.discard(key)
         keys.append(key)
-        arrays.append(arr)
-        if len(arrays) == SHARD_ROWS:
-            shard = _flush(root, shard, keys, arrays, index, unreadable, image_size)
-    if arrays:
-        _flush(root, shard, keys, arrays, index, unreadable, image_size)
+        crops.append(crop)
+        if len(crops) == SHARD_ROWS:
+            if not sized:
+                sized = _check_jpeg_space(root, crops, to_write, image_size)
+            to_write -= len(crops)
+            shard = _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
+    if crops:
+        if not sized:
+            _check_jpeg_space(root, crops, to_write, image_size)
+        _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
     elif unreadable != cache.unreadable:  # nothing left to write but what could not be read
         _save_index(root, index, unreadable)
     failed = missing[missing["label_path"].isin(unreadable)]
@@ -214,17 +271,28 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     return CachedCrops(root)
 
 
-def check_space(root: Path, crops: int, image_size: int) -> None:
-    """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB."""
-    check_free_space(root, crops * image_size * image_size * 3, f"the crop cache ({crops:,} crops of {image_size} px)",
+def check_space(root: Path, crops: int, crop_bytes: float, image_size: int, estimated: str = "") -> None:
+    """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB as npy."""
+    check_free_space(root, int(crops * crop_bytes), f"the crop cache ({crops:,} crops of {image_size} px{estimated})",
                      "point paths.cache_dir at a larger disk, or train from the photos (data.cache.enabled=false)")
 
 
-def _flush(root: Path, shard: int, keys: list[str], arrays: list[np.ndarray],
-           index: dict[str, tuple[int, int]], unreadable: set[str], size: int) -> int:
-    _write_shard(root, shard, arrays, size)
-    index.update({k: (shard, i) for i, k in enumerate(keys)})
+def _check_jpeg_space(root: Path, crops: list[bytes], to_write: int, image_size: int) -> bool:
+    """The disk check of a JPEG cache's build, at its first shard, before anything is written: the shard's crops
+    tell how large the `to_write` crops will be."""
+    mean = sum(map(len, crops)) / len(crops)
+    check_space(root, to_write, mean * JPEG_SIZE_SPARE, image_size,
+                f"; {mean / 1024:.0f} KB a crop in its first {len(crops):,}, counted with {JPEG_SIZE_SPARE - 1:.0%} "
+                "to spare")
+    return True
+
+
+def _flush(root: Path, shard: int, keys: list[str], crops: list[Any], index: dict[str, tuple[int, int, int]],
+           unreadable: set[str], size: int, fmt: str) -> int:
+    """Write one shard of `crops` (under `keys`) and then the index."""
+    places = _write_shard(root, shard, crops, size, fmt)
+    index.update({k: (shard, offset, nbytes) for k, (offset, nbytes) in zip(keys, places, strict=True)})
     _save_index(root, index, unreadable)  # after the shard: an index never points at a shard that is not there
     keys.clear()
-    arrays.clear()
+    crops.clear()
     return shard + 1

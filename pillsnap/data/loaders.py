@@ -135,12 +135,10 @@ def _class_meta(rows: pd.DataFrame, manifest_dir: Path) -> tuple[list[str], dict
 def _cache_for(rows: pd.DataFrame, cfg: DictConfig) -> Any:
     if not cfg.data.cache.enabled:
         return None
-    if cfg.data.cache.format != "npy":
-        raise ValueError(f"data.cache.format={cfg.data.cache.format!r} is not supported: use 'npy' "
-                         "(memory-mapped uint8 shards)")
     from pillsnap.data.cache import build_cache
 
-    return build_cache(rows, cfg.paths.cache_dir, int(cfg.model.image_size), float(cfg.data.crop_margin))
+    return build_cache(rows, cfg.paths.cache_dir, int(cfg.model.image_size), float(cfg.data.crop_margin),
+                       fmt=str(cfg.data.cache.format))
 
 
 def _yolo_dir(cfg: DictConfig) -> Path:
