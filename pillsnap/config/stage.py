@@ -54,7 +54,7 @@ def apply_stage_overrides(cfg: DictConfig, current_stage: int) -> DictConfig:
     for key, target in STAGE_OVERRIDE_TARGETS.items():
         if key in overrides:
             OmegaConf.update(cfg, target, _converted(key, overrides[key]))
-            applied.append(f"{target.rsplit('.', 1)[1]}: {OmegaConf.select(cfg, target)}")
+            applied.append(f"{target.split('.', 1)[1]}: {OmegaConf.select(cfg, target)}")
     LOGGER.info("Stage %d overrides applied: %s", current_stage, ", ".join(applied))
     return cfg
 
