@@ -71,9 +71,9 @@ def cache_index_only(keys: list[str], image):  # noqa: ANN001, ANN201 (the cache
 
     class IndexOnly(CachedCrops):
         def __init__(self) -> None:  # no folder to read: the index is made here
-            self.index = {key: (i // 2048, i % 2048) for i, key in enumerate(keys)}
+            self.index = {key: (i // 2048, i % 2048, 0) for i, key in enumerate(keys)}
 
-        def read(self, shard: int, offset: int):  # noqa: ANN202
+        def read(self, shard: int, offset: int, nbytes: int = 0):  # noqa: ANN202
             return image
 
     return IndexOnly()

@@ -218,3 +218,10 @@ def test_tf32_must_agree_where_both_models_train(tmp_path):
     assert train_main(["--cfg", str(CONFIG), "train.detection.tf32=false", f"paths.exp_dir={tmp_path / 'exp'}"]) == 2
     assert not (tmp_path / "exp").exists()  # refused before anything was written
     assert train_main(["--cfg", str(CONFIG), "--check", "train.detection.tf32=false"]) == 2  # --check says so too
+
+
+@pytest.mark.parametrize(("override", "named"), [("cache_enabled='yes please'", "must be true or false"),
+                                                 ("batch_size_override=many", "many")])
+def test_a_stage_override_value_the_stage_could_not_apply_stops_the_config_load(override, named):
+    with pytest.raises(ConfigError, match=f"train.stage_overrides.stage_3.{override.split('=')[0]}=.*{named}"):
+        load_config(CONFIG, [f"train.stage_overrides.stage_3.{override}"], dotenv_path=None)

@@ -290,29 +290,42 @@ def test_a_dataset_reads_the_jpeg_cache_and_drops_a_damaged_crop(manifest_dir, t
         again.load_crop(6)
 
 
-def test_a_jpeg_cache_checks_the_disk_at_its_first_shard_before_writing_it(manifest_dir, tmp_path, monkeypatch):
+def test_a_jpeg_cache_checks_the_disk_before_each_shard_at_the_mean_size_so_far(manifest_dir, tmp_path,
+                                                                                monkeypatch):
     """A JPEG's size is known once it is encoded: the first shard's crops size the whole build, with room to
-    spare, before a byte is written."""
+    spare, before a byte is written; each later shard checks the crops left at the mean size so far, and a build
+    stopped there keeps its shards for the next one."""
     from pillsnap.data import cache as cache_module
     from pillsnap.utils.io import DiskSpaceError
 
-    asked = []
+    calls = []
 
-    def refuse(directory, need, what, remedy):
-        asked.append((need, what))
-        raise DiskSpaceError(f"{what} needs {need} bytes")
+    def disk(refuse_at: int):
+        def check(directory, need, what, remedy):
+            calls.append((need, what))
+            if len(calls) == refuse_at:
+                raise DiskSpaceError(f"{what} needs {need} bytes")
+        return check
 
-    monkeypatch.setattr(cache_module, "check_free_space", refuse)
     monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
     rows = singles(manifest_dir).head(10)
-    with pytest.raises(DiskSpaceError, match="10 crops of 32 px; .* KB a crop in its first 4"):
-        build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
     root = cache_root(tmp_path, 32, 0.15, "jpeg")
-    assert not list(root.glob("shard_*")) and not (root / "index.parquet").exists()
-    monkeypatch.setattr(cache_module, "check_free_space", lambda *a: asked.append(a[1:3]))
-    cache = build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
-    first_four = sum(cache.index[k][2] for k in rows["label_path"].head(4))
-    assert len(asked) == 2 and asked[1][0] == int(10 * first_four / 4 * cache_module.JPEG_SIZE_SPARE)
+    monkeypatch.setattr(cache_module, "check_free_space", disk(refuse_at=1))
+    with pytest.raises(DiskSpaceError, match="10 crops of 32 px; .* KB a crop in the 4 encoded so far"):
+        build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
+    assert not list(root.glob("shard_*")) and not (root / "index.parquet").exists()  # nothing written
+    calls.clear()
+    monkeypatch.setattr(cache_module, "check_free_space", disk(refuse_at=2))
+    with pytest.raises(DiskSpaceError, match="6 crops of 32 px; .* KB a crop in the 8 encoded so far"):
+        build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")
+    assert len(CachedCrops(root)) == 4  # the first shard stays, indexed
+    calls.clear()
+    monkeypatch.setattr(cache_module, "check_free_space", disk(refuse_at=0))
+    cache = build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt="jpeg")  # adds the 6 left: two shards
+    assert len(cache) == 10 and [int(what.split("(")[1].split()[0]) for _, what in calls] == [6, 2]
+    sizes = [cache.index[k][2] for k in rows["label_path"]]
+    mean_first = sum(sizes[4:8]) / 4
+    assert calls[0][0] == int(6 * (mean_first * cache_module.JPEG_SIZE_SPARE))
 
 
 def test_stages_3_and_4_read_a_jpeg_cache_unless_the_command_line_says_otherwise(synth_cfg):

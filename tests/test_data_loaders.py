@@ -156,6 +156,15 @@ def test_colour_jitter_draws_as_torchvisions_and_differs_only_by_the_hue_roundin
     assert any(isinstance(step, ColorJitter) for step in classification_transform(48, train=True).transforms)
 
 
+def test_colour_jitter_turns_the_hue_through_opencv(monkeypatch):
+    from pillsnap.data import datasets
+
+    turned = []
+    monkeypatch.setattr(datasets, "shift_hue", lambda image, factor: turned.append(factor) or image)
+    datasets.ColorJitter(hue=0.02)(colourful())
+    assert len(turned) == 1 and abs(turned[0]) <= 0.02
+
+
 def test_crop_box_is_square_with_margin_and_inside():
     assert crop_box(100, 100, (40, 40, 20, 10), 0.5) == (30, 25, 70, 65)
     left, top, right, bottom = crop_box(100, 120, (90, 0, 10, 30), 0.15)

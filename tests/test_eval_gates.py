@@ -362,3 +362,14 @@ def test_a_model_that_trained_from_random_weights_where_pretrained_were_asked_fo
     assert not any("detection model trained from random" in tip for tip in tips)
     asked_for = with_(results, init_weights={"classification": "random (model.pretrained=false)"})
     assert not any("random weights" in tip for tip in stage_decision(1, asked_for)["suggestions"])
+
+
+def test_a_slow_loader_is_told_to_use_the_crop_cache_only_where_the_run_had_none():
+    from pillsnap.eval.suggestions import suggestions_for
+
+    slow = ADVISOR.data_loading_slow_s + 1
+    plain = suggestions_for({"system": {"data_loading_s": slow, "crop_cache": None}}, [], {}, [])
+    cached = suggestions_for({"system": {"data_loading_s": slow, "crop_cache": "jpeg"}}, [], {}, [])
+    assert any("data.cache.enabled=true" in tip for tip in plain)
+    assert not any("data.cache.enabled=true" in tip for tip in cached)
+    assert any("already come from the crop cache" in tip for tip in cached) and len(cached) == len(plain)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pillsnap.config.ranges import out_of_range
-from pillsnap.config.stage import STAGE_OVERRIDE_TARGETS, drop_overridden
+from pillsnap.config.stage import STAGE_OVERRIDE_TARGETS, converted_override, drop_overridden
 
 LOGGER = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -150,6 +150,10 @@ def _check_stage_overrides(cfg: DictConfig) -> None:
                     f"Unknown stage override 'train.stage_overrides.{stage}.{key}'."
                     f"{_suggest(key, STAGE_OVERRIDE_KEYS)}"
                 )
+            try:  # a value the stage could not apply stops the command now, not when the stage starts
+                converted_override(key, overrides[key])
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"train.stage_overrides.{stage}.{key}={overrides[key]!r}: {err}") from err
 
 
 def _read_yaml(path: Path) -> DictConfig:

@@ -29,12 +29,13 @@ STAGE_OVERRIDE_TARGETS = {
 }
 
 
-def _converted(key: str, value: object) -> object:
+def converted_override(key: str, value: object) -> object:
+    """A stage override's value as its config key takes it; ValueError or TypeError for one it cannot take."""
     if key == "memory_format":
         return value == "channels_last"
     if key == "cache_enabled":
         if not isinstance(value, bool):
-            raise ValueError(f"train.stage_overrides: cache_enabled must be true or false, not {value!r}")
+            raise ValueError("must be true or false")
         return value
     if key in ("compile_mode", "cache_format"):
         return str(value)
@@ -53,7 +54,7 @@ def apply_stage_overrides(cfg: DictConfig, current_stage: int) -> DictConfig:
     applied = []
     for key, target in STAGE_OVERRIDE_TARGETS.items():
         if key in overrides:
-            OmegaConf.update(cfg, target, _converted(key, overrides[key]))
+            OmegaConf.update(cfg, target, converted_override(key, overrides[key]))
             applied.append(f"{target.split('.', 1)[1]}: {OmegaConf.select(cfg, target)}")
     LOGGER.info("Stage %d overrides applied: %s", current_stage, ", ".join(applied))
     return cfg

@@ -3,8 +3,8 @@ training reads a small piece of a page-cached file instead of decoding a 976x128
 
 Two formats (`data.cache.format`): `npy`, uint8 memory-mapped .npy shards (the fastest read, S x S x 3 bytes a crop:
 221 GB for Stage 4's 500,000 crops of 384 px), and `jpeg`, each crop a JPEG (quality JPEG_QUALITY, full-resolution
-colour) in shards of concatenated bytes, about 13x smaller (~33 KB a 384 px crop of the synthetic photos: Stage 4's
-in ~17 GB, which the page cache holds) for ~1 ms of decoding a crop (bench/bench_data_cache.py).
+colour) in shards of concatenated bytes, about 14x smaller (~31 KB a 384 px crop of the synthetic photos: Stage 4's
+in ~16 GB, which the page cache holds) for ~1 ms of decoding a crop (bench/bench_data_cache.py).
 
 Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
 the index are decoded) and each shard is written to a temp file and moved into place. A row whose photo cannot be
@@ -49,8 +49,9 @@ RAW = ImageLimits(upright=False)  # a cached JPEG is read as it was written
 # its imprint are what tell drugs apart. It changes a crop by 0.7 grey levels on average (bench/bench_data_cache.py),
 # less than the colour jitter of training does.
 JPEG_QUALITY = 95
-# A JPEG cache's size is known only once crops are encoded: its disk check counts the first shard's mean crop size
-# over every crop to add, with this to spare for photos that compress worse than the first ones.
+# A JPEG cache's size is known only once crops are encoded: each shard, before it is written, checks the disk for
+# the crops still to write at the mean size of those encoded so far, with this to spare (the rows come class by
+# class, and the first classes' photos may compress better than the rest).
 JPEG_SIZE_SPARE = 1.25
 
 
@@ -78,7 +79,9 @@ class CachedCrops:
         self.index: dict[str, tuple[int, int, int]] = {k: (int(s), int(o), int(n)) for k, s, o, n in entries
                                                        if s >= 0}
         self.unreadable: frozenset[str] = frozenset(k for k, s, _, _ in entries if s < 0)
-        self._shards: dict[int, Any] = {}  # opened in the process that reads: a memory map or a file descriptor
+        # opened where they are read, once each: npy memory maps, or (jpeg) unbuffered files read by os.pread, which
+        # keeps no position, so forked loader workers may share one. Both close when the reader is collected.
+        self._shards: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -98,8 +101,10 @@ class CachedCrops:
             raise KeyError("no cached crop for this row (it could not be decoded when the cache was built)")
         if self.format == "jpeg":
             if shard not in self._shards:
-                self._shards[shard] = os.open(self.root / f"shard_{shard:05d}.jpegs", os.O_RDONLY)
-            data = os.pread(self._shards[shard], nbytes, offset)
+                opened = open(self.root / f"shard_{shard:05d}.jpegs", "rb", buffering=0)  # noqa: SIM115
+                if self._shards.setdefault(shard, opened) is not opened:  # another thread opened it first
+                    opened.close()
+            data = os.pread(self._shards[shard].fileno(), nbytes, offset)
             # an ImageError (an OSError: the dataset drops the sample) for damaged bytes, never PIL's many kinds
             return decode_image(data, f"{self.root / f'shard_{shard:05d}.jpegs'} at byte {offset} (rebuild the "
                                       "cache)", RAW)
@@ -111,8 +116,8 @@ class CachedCrops:
         return self.read(*self.index[key])
 
     def __getstate__(self) -> dict[str, Any]:
-        # Memory maps and file descriptors are opened again, lazily, in each DataLoader worker instead of being
-        # pickled (a descriptor number means nothing in another process).
+        # Memory maps and files are opened again, lazily, where it is unpickled (a spawned worker) instead of being
+        # pickled.
         return {**self.__dict__, "_shards": {}}
 
 
@@ -232,7 +237,7 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
         return cache
     if fmt == "npy":  # known before anything is decoded; a JPEG cache's once its first shard is encoded
         check_space(root, len(missing), image_size * image_size * 3, image_size)
-    sized = fmt == "npy"
+    encoded = [0, 0]  # JPEG crops encoded by this build, and their bytes: the disk check's estimate
     index, unreadable = dict(cache.index), set(cache.unreadable)
     shard = 1 + max((slot[0] for slot in index.values()), default=-1)
     job, workers = _CropJob(image_size, crop_margin, fmt), workers or usable_cores()
@@ -249,13 +254,13 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
         keys.append(key)
         crops.append(crop)
         if len(crops) == SHARD_ROWS:
-            if not sized:
-                sized = _check_jpeg_space(root, crops, to_write, image_size)
+            if fmt == "jpeg":
+                _check_jpeg_space(root, crops, encoded, to_write, image_size)
             to_write -= len(crops)
             shard = _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
     if crops:
-        if not sized:
-            _check_jpeg_space(root, crops, to_write, image_size)
+        if fmt == "jpeg":
+            _check_jpeg_space(root, crops, encoded, to_write, image_size)
         _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
     elif unreadable != cache.unreadable:  # nothing left to write but what could not be read
         _save_index(root, index, unreadable)
@@ -277,14 +282,17 @@ def check_space(root: Path, crops: int, crop_bytes: float, image_size: int, esti
                      "point paths.cache_dir at a larger disk, or train from the photos (data.cache.enabled=false)")
 
 
-def _check_jpeg_space(root: Path, crops: list[bytes], to_write: int, image_size: int) -> bool:
-    """The disk check of a JPEG cache's build, at its first shard, before anything is written: the shard's crops
-    tell how large the `to_write` crops will be."""
-    mean = sum(map(len, crops)) / len(crops)
+def _check_jpeg_space(root: Path, crops: list[bytes], encoded: list[int], to_write: int, image_size: int) -> None:
+    """The disk check of a JPEG cache's build before each shard is written (`crops`, the shard's, are added to
+    `encoded`: the count and bytes of the crops this build encoded): the `to_write` crops left, this shard's among
+    them, at the mean size so far. The first check comes before anything is written; a later one stops a build
+    whose photos compress worse than its first ones, with the shards written so far kept for the next build."""
+    encoded[0] += len(crops)
+    encoded[1] += sum(map(len, crops))
+    mean = encoded[1] / encoded[0]
     check_space(root, to_write, mean * JPEG_SIZE_SPARE, image_size,
-                f"; {mean / 1024:.0f} KB a crop in its first {len(crops):,}, counted with {JPEG_SIZE_SPARE - 1:.0%} "
-                "to spare")
-    return True
+                f"; {mean / 1024:.0f} KB a crop in the {encoded[0]:,} encoded so far, counted with "
+                f"{JPEG_SIZE_SPARE - 1:.0%} to spare")
 
 
 def _flush(root: Path, shard: int, keys: list[str], crops: list[Any], index: dict[str, tuple[int, int, int]],

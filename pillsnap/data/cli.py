@@ -149,7 +149,7 @@ def _add_cache(sub: Any) -> None:
     p = sub.add_parser("cache", help="build the crop cache for the current stage",
                        description="Decode, crop and resize the stage's classifier pills once into shards under "
                                    "paths.cache_dir (used when data.cache.enabled=true), in data.cache.format: npy "
-                                   "(uint8, memory-mapped) or jpeg (about 13x smaller; the stage 3-4 default).")
+                                   "(uint8, memory-mapped) or jpeg (about 14x smaller; the stage 3-4 default).")
     _cfg_args(p)
     p.add_argument("--workers", type=int, default=0, help="processes (0 = every usable core)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.image_size=224")

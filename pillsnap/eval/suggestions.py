@@ -23,6 +23,8 @@ _THROUGHPUT = "Raise throughput: train.classification.amp, optimization.channels
               "dataloader.num_workers"
 _LOADER = "Tune dataloader.num_workers (dataloader.autotune_workers=true)"
 _CACHE = "Enable the preprocessed cache (data.cache.enabled=true)"
+_CACHED_LOADER = "The crops already come from the crop cache: the loader's own work is what waits (its colour " \
+                 "jitter, the tensors); raise dataloader.num_workers, or give the run more CPU cores"
 _MEMORY = "Memory grew across epochs: lower dataloader.num_workers and dataloader.prefetch_factor"
 _CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr, prefer bf16 " \
          "(train.classification.amp_dtype=bf16)"
@@ -149,6 +151,8 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
         out.append(_GPU_MEMORY)
     if ((results.get("system") or {}).get("data_loading_s") or 0) > ADVISOR.data_loading_slow_s:
         out += [_LOADER, _CACHE]
+    if (results.get("system") or {}).get("crop_cache"):  # the run read its crops from a cache already
+        out = [_CACHED_LOADER if tip == _CACHE else tip for tip in out]
     return list(dict.fromkeys(out))
 
 
