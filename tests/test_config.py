@@ -221,6 +221,8 @@ def test_tf32_must_agree_where_both_models_train(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "named"), [("cache_enabled='yes please'", "must be true or false"),
+                                                 ("cache_format=lmdb", "must be one of npy, jpeg"),
+                                                 ("detection_export=png", "must be one of photos, jpeg"),
                                                  ("batch_size_override=many", "many")])
 def test_a_stage_override_value_the_stage_could_not_apply_stops_the_config_load(override, named):
     with pytest.raises(ConfigError, match=f"train.stage_overrides.stage_3.{override.split('=')[0]}=.*{named}"):

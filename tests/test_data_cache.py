@@ -347,3 +347,13 @@ def test_stages_3_and_4_read_a_jpeg_cache_unless_the_command_line_says_otherwise
     assert train.cache is not None and train.cache.format == "jpeg" and train.cache_slots.shape[1] == 3
     x, _, _ = next(iter(loaders[0]))
     assert x.shape == (4, 3, 32, 32)
+
+
+def test_stages_3_and_4_export_the_detector_photos_as_resized_jpegs(synth_cfg):
+    from pillsnap.config import apply_stage_overrides
+    from pillsnap.data.loaders import _yolo_dir
+
+    assert synth_cfg.data.detection_export == "photos" and _yolo_dir(synth_cfg).name == "yolo_stage_1"
+    staged = apply_stage_overrides(synth_cfg, 3)
+    staged.data.progressive_validation.current_stage = 3
+    assert staged.data.detection_export == "jpeg" and _yolo_dir(staged).name == "yolo_stage_3_jpeg64"

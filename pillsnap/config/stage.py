@@ -26,7 +26,14 @@ STAGE_OVERRIDE_TARGETS = {
     # the GPU waiting, and the npy cache would take 221 GB at Stage 4
     "cache_enabled": "data.cache.enabled",
     "cache_format": "data.cache.format",
+    # and the detector's photos resized to its input size as JPEGs (decoding four 976x1280 PNGs per mosaic image
+    # was most of a detector training image's cost)
+    "detection_export": "data.detection_export",
 }
+# The values two keys take (checked when the config loads, where a stage sets them, and where they are used)
+CACHE_FORMATS = ("npy", "jpeg")  # data.cache.format
+DETECTION_EXPORTS = ("photos", "jpeg")  # data.detection_export
+_CHOICES = {"cache_format": CACHE_FORMATS, "detection_export": DETECTION_EXPORTS}
 
 
 def converted_override(key: str, value: object) -> object:
@@ -37,7 +44,11 @@ def converted_override(key: str, value: object) -> object:
         if not isinstance(value, bool):
             raise ValueError("must be true or false")
         return value
-    if key in ("compile_mode", "cache_format"):
+    if key in _CHOICES:
+        if str(value) not in _CHOICES[key]:
+            raise ValueError(f"must be one of {', '.join(_CHOICES[key])}")
+        return str(value)
+    if key == "compile_mode":
         return str(value)
     if key == "auto_batch_vram_headroom":
         return float(value)  # type: ignore[arg-type]

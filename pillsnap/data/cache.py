@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pillsnap.config.stage import CACHE_FORMATS
 from pillsnap.data.datasets import crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
@@ -43,7 +44,7 @@ UNREADABLE = (-1, -1, 0)  # the slot (shard, offset, bytes) of a row whose photo
 # not mounted) than broken, and training on what is left would be training on a part of the data without a word.
 UNREADABLE_LIMIT = 0.01
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
-FORMATS = ("npy", "jpeg")
+FORMATS = CACHE_FORMATS
 RAW = ImageLimits(upright=False)  # a cached JPEG is read as it was written
 # Quality 95 with colour kept at full resolution (no 4:2:0 subsampling): a pill's colour and the thin strokes of
 # its imprint are what tell drugs apart. It changes a crop by 0.7 grey levels on average (bench/bench_data_cache.py),

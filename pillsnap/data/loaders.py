@@ -144,6 +144,8 @@ def _cache_for(rows: pd.DataFrame, cfg: DictConfig) -> Any:
 def _yolo_dir(cfg: DictConfig) -> Path:
     pv = cfg.data.progressive_validation
     tag = f"stage_{pv.current_stage}" if pv.enabled else "all"
+    if cfg.data.detection_export == "jpeg":  # photos resized to the detector's size: an export per size
+        tag += f"_jpeg{int(cfg.model.det_image_size)}"
     return Path(cfg.paths.cache_dir) / f"yolo_{tag}"
 
 
@@ -171,7 +173,8 @@ def _detection_loaders(rows: pd.DataFrame, cfg: DictConfig, build_test: bool,
     from pillsnap.data.yolo import build_detection_loader, count_images, export_yolo
 
     singles = detection_singles(rows, float(cfg.data.detection_singles), int(cfg.data.split_seed))
-    data_yaml = export_yolo(pd.concat([combos, singles]), _yolo_dir(cfg), include_single=True)
+    data_yaml = export_yolo(pd.concat([combos, singles]), _yolo_dir(cfg), include_single=True,
+                            image_format=str(cfg.data.detection_export), image_size=int(cfg.model.det_image_size))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaders = []
     for split in ("train", "val", "test"):

@@ -1,9 +1,15 @@
 """The one YOLO export (images + labels txt + data.yaml, one class `pill`) and detection loaders built with
 ultralytics' own dataset, augmentation and collate. Export is idempotent: unchanged files are not rewritten.
+
+The export's images are the photos themselves (`photos`: linked, or copied out of zips), or (`jpeg`,
+data.detection_export) each photo resized to the detector's input size and stored as a JPEG: ultralytics resizes
+every photo it loads to that size anyway, and decoding a 976x1280 PNG, four per mosaic, was most of a detector
+training image's cost (bench/detection_data.py). Labels are relative to the image's size, so they are the same.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import uuid
@@ -17,15 +23,24 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pillsnap.config.stage import DETECTION_EXPORTS
 from pillsnap.utils import atomic_path, ensure_dir
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
-from pillsnap.utils.images import read_bytes, split_zip_path
+from pillsnap.utils.devices import usable_cores
+from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, read_bytes, read_image, split_zip_path
 from pillsnap.utils.io import check_free_space, save_text
 from pillsnap.utils.offline import ultralytics_offline
+from pillsnap.utils.pools import forked_imap
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 NAMES = {0: "pill"}
+IMAGE_FORMATS = DETECTION_EXPORTS  # data.detection_export
+SUFFIX = {"photos": ".png", "jpeg": ".jpg"}
+JPEG_QUALITY = 95  # as the crop cache's: full-resolution colour
+# The disk an export of resized JPEGs may take, as a share of its pixels' raw bytes: quality-95 JPEGs of the
+# synthetic photos take ~0.1 of them; real photos, noisier, more.
+JPEG_SHARE_OF_RAW = 0.3
 
 
 def _label_texts(photos: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -67,11 +82,61 @@ def _place_image(source: str, dest: Path) -> bool:
     return True
 
 
-def _check_copy_space(rows: pd.DataFrame, out_dir: Path) -> None:
-    """Photos inside zips are copied out (the others are linked): refuse an export whose copies would not fit on
-    the disk, measured from the zips' own directories before anything is written (a Stage 4 export of the zipped
-    real data copies tens of thousands of 976 x 1280 photos)."""
+class _ResizeJob:
+    """Picklable worker: a photo's path -> its JPEG bytes at `size` px on the longer side (never enlarged), in the
+    frame its labels are in (no EXIF turn); None for a photo that cannot be decoded."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, path: str) -> bytes | None:
+        from PIL import Image
+
+        try:
+            image = read_image(path, ImageLimits(upright=False))
+        except DECODE_ERRORS as err:
+            LOGGER.warning("YOLO export: skipping undecodable %s: %s", path, err)
+            return None
+        scale = self.size / max(image.size)
+        if scale < 1:
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BILINEAR)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return out.getvalue()
+
+
+def _resized_jpegs(jobs: list[tuple[str, Path]], size: int) -> int:
+    """Write each (photo, destination) job's resized JPEG, in every usable core; returns how many photos could
+    not be decoded (left out, their labels too)."""
+    job, paths = _ResizeJob(size), [source for source, _ in jobs]
+    results = map(job, paths) if len(jobs) < 16 else forked_imap(job, paths, usable_cores(), chunksize=4)
+    failed = 0
+    for (_, dest), data in zip(jobs, results, strict=True):
+        if data is None:
+            failed += 1
+            continue
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(data)
+    return failed
+
+
+def _check_copy_space(rows: pd.DataFrame, out_dir: Path, image_format: str = "photos", size: int = 640) -> None:
+    """Refuse an export whose files would not fit on the disk, before anything is written: the photos inside zips
+    copied out (the others are linked), measured from the zips' own directories (a Stage 4 export of the zipped
+    real data copies tens of thousands of 976 x 1280 photos); or, for resized JPEGs, estimated from the photos'
+    sizes (JPEG_SHARE_OF_RAW of their resized pixels)."""
     photos = rows.drop_duplicates("photo_id")
+    if image_format == "jpeg":
+        scale = np.minimum(1.0, size / photos[["width", "height"]].max(axis=1).to_numpy(float))
+        missing = [not (out_dir / "images" / split / f"{pid}.jpg").is_file()
+                   for pid, split in zip(photos["photo_id"], photos["split"], strict=True)]
+        raw = (photos["width"].to_numpy(float) * scale) * (photos["height"].to_numpy(float) * scale) * 3
+        need = int((raw * np.asarray(missing, bool)).sum() * JPEG_SHARE_OF_RAW)
+        if need:
+            check_free_space(out_dir, need, f"the detection export ({sum(missing):,} photos as {size} px JPEGs)",
+                             "point paths.cache_dir at a larger disk")
+        return
     zipped = photos[photos["image_path"].astype(str).str.startswith("zip:")]
     need = 0
     by_zip: dict[str, list[str]] = {}
@@ -92,24 +157,33 @@ def _check_copy_space(rows: pd.DataFrame, out_dir: Path) -> None:
 def _remove_stale(directory: Path, keep: set[str]) -> int:
     removed = 0
     for path in directory.iterdir():
-        if path.name not in keep and path.suffix in (".png", ".txt"):
+        if path.name not in keep and path.suffix in (".png", ".jpg", ".txt"):
             path.unlink()
             removed += 1
     return removed
 
 
-def _export_split(photos: pd.DataFrame, out_dir: Path, split: str) -> dict[str, int]:
+def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format: str = "photos",
+                  size: int = 640) -> dict[str, int]:
     images, labels = ensure_dir(out_dir / "images" / split), ensure_dir(out_dir / "labels" / split)
-    written = 0
-    names = set()
-    for photo_id, image_path, text in _label_texts(photos):
-        names.add(photo_id)
-        written += _place_image(image_path, images / f"{photo_id}.png")
-        written += _write_if_changed(labels / f"{photo_id}.txt", text)
-    removed = _remove_stale(images, {f"{n}.png" for n in names}) + _remove_stale(labels, {f"{n}.txt" for n in names})
+    suffix = SUFFIX[image_format]
+    entries = _label_texts(photos)
+    failed = 0
+    if image_format == "jpeg":  # photos not yet resized; one that cannot be decoded is left out, label and all
+        jobs = [(path, images / f"{pid}{suffix}") for pid, path, _ in entries
+                if not (images / f"{pid}{suffix}").is_file()]
+        failed = _resized_jpegs(jobs, size)
+        written = len(jobs) - failed
+        entries = [entry for entry in entries if (images / f"{entry[0]}{suffix}").is_file()]
+    else:
+        written = sum(_place_image(path, images / f"{pid}{suffix}") for pid, path, _ in entries)
+    names = {pid for pid, _, _ in entries}
+    written += sum(_write_if_changed(labels / f"{pid}.txt", text) for pid, _, text in entries)
+    removed = (_remove_stale(images, {f"{n}{suffix}" for n in names})
+               + _remove_stale(labels, {f"{n}.txt" for n in names}))
     if written or removed:  # ultralytics' label cache would otherwise describe the previous export
         (out_dir / "labels" / f"{split}.cache").unlink(missing_ok=True)
-    return {"photos": len(names), "written": written, "removed": removed}
+    return {"photos": len(names), "written": written, "removed": removed, "undecodable": failed}
 
 
 def _log_left_out(rows: pd.DataFrame) -> None:
@@ -119,20 +193,23 @@ def _log_left_out(rows: pd.DataFrame) -> None:
 
 
 def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = False,
-                include_incomplete: bool = False) -> Path:
+                include_incomplete: bool = False, image_format: str = "photos", image_size: int = 640) -> Path:
     """Export the rows' photos (combination; optionally single) per split to YOLO format; returns data.yaml.
+    `image_format` (IMAGE_FORMATS): the photos as they are, or resized to `image_size` px as JPEGs.
 
     Photos flagged `incomplete_gt` are left out by default: an unlabelled pill would be taught as background, a
     copied box as a pill where there is none.
     """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"data.detection_export={image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
     out_dir = ensure_dir(Path(out_dir).resolve())
     keep = rows["image_type"].eq("combination") | (include_single & rows["image_type"].eq("single"))
     if not include_incomplete:
         _log_left_out(rows[keep & rows["incomplete_gt"].astype(bool)])
         keep &= ~rows["incomplete_gt"].astype(bool)
     rows = rows[keep]
-    _check_copy_space(rows, out_dir)
-    summary = {s: _export_split(rows[rows["split"] == s], out_dir, s) for s in SPLITS}
+    _check_copy_space(rows, out_dir, image_format, image_size)
+    summary = {s: _export_split(rows[rows["split"] == s], out_dir, s, image_format, image_size) for s in SPLITS}
     data = {"path": str(out_dir), **{s: f"images/{s}" for s in SPLITS}, "nc": 1, "names": NAMES}
     data_yaml = out_dir / "data.yaml"
     _write_if_changed(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -143,7 +220,7 @@ def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = 
 def count_images(data_yaml: str | Path, split: str) -> int:
     data = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
     folder = Path(data["path"]) / data[split]
-    return sum(1 for p in folder.glob("*.png")) if folder.is_dir() else 0
+    return sum(1 for p in folder.iterdir() if p.suffix in (".png", ".jpg")) if folder.is_dir() else 0
 
 
 def _hyp(image_size: int, batch_size: int, workers: int, augment: Mapping[str, Any] | None) -> Any:
