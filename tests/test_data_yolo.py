@@ -120,9 +120,12 @@ def test_jpeg_export_resizes_each_photo_to_the_detector_size_with_the_same_label
     small = export_yolo(rows, tmp_path / "jpeg", image_format="jpeg", image_size=96)
     for split in ("train", "val", "test"):
         assert count_images(small, split) == count_images(plain, split)
-    photo = rows.iloc[0]
-    image = tmp_path / "jpeg" / "images" / photo.split / f"{photo.photo_id}.jpg"
-    assert not image.is_symlink() and not list((tmp_path / "jpeg").rglob("*.png"))
+    photo = rows[rows.split == "train"].iloc[0]
+    image = tmp_path / "jpeg" / "images" / "train" / f"{photo.photo_id}.jpg"
+    assert not image.is_symlink() and not list((tmp_path / "jpeg" / "images" / "train").glob("*.png"))
+    # validation and test keep the photos themselves: the mAP they give is on the photos, as at stages 1-2
+    held = [p for split in ("val", "test") for p in (tmp_path / "jpeg" / "images" / split).iterdir()]
+    assert held and all(p.suffix == ".png" and p.is_symlink() for p in held)
     with Image.open(image) as opened:
         assert opened.format == "JPEG" and max(opened.size) == 96
         assert abs(opened.size[0] / opened.size[1] - photo.width / photo.height) < 0.02
@@ -131,16 +134,17 @@ def test_jpeg_export_resizes_each_photo_to_the_detector_size_with_the_same_label
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "jpeg").rglob("*") if p.is_file()}
     export_yolo(rows, tmp_path / "jpeg", image_format="jpeg", image_size=96)  # nothing is resized again
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "jpeg").rglob("*") if p.is_file()}
-    big = export_yolo(rows.head(3), tmp_path / "big", image_format="jpeg", image_size=4000)  # never enlarged
+    train = rows[rows.split == "train"]
+    big = export_yolo(train.head(3), tmp_path / "big", image_format="jpeg", image_size=4000)  # never enlarged
     with Image.open(next((tmp_path / "big" / "images").rglob("*.jpg"))) as opened:
         assert opened.size == (int(photo.width), int(photo.height))
-    assert sum(count_images(big, s) for s in ("train", "val", "test")) == rows.head(3)["photo_id"].nunique()
+    assert count_images(big, "train") == train.head(3)["photo_id"].nunique()
     batch = next(iter(build_detection_loader(small, "train", 96, 2, 0, train=True)))
     assert batch["img"].shape[-1] == 96 and len(batch["bboxes"]) > 0
 
 
 def test_jpeg_export_leaves_an_undecodable_photo_out_with_its_label(manifest_dir, tmp_path):
-    rows = combos(manifest_dir).copy()
+    rows = combos(manifest_dir).assign(split="train")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     first = rows.photo_id.iloc[0]
@@ -162,5 +166,6 @@ def test_a_jpeg_export_that_would_fill_the_disk_is_refused_before_a_photo_is_wri
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(DiskSpaceError, match="photos as 96 px JPEGs"):
-        export_yolo(combos(manifest_dir), tmp_path / "yolo", image_format="jpeg", image_size=96)
+        export_yolo(combos(manifest_dir).assign(split="train"), tmp_path / "yolo", image_format="jpeg",
+                    image_size=96)
     assert not list((tmp_path / "yolo").rglob("*.jpg"))

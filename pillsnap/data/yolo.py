@@ -2,9 +2,11 @@
 ultralytics' own dataset, augmentation and collate. Export is idempotent: unchanged files are not rewritten.
 
 The export's images are the photos themselves (`photos`: linked, or copied out of zips), or (`jpeg`,
-data.detection_export) each photo resized to the detector's input size and stored as a JPEG: ultralytics resizes
-every photo it loads to that size anyway, and decoding a 976x1280 PNG, four per mosaic, was most of a detector
+data.detection_export) the training split's photos resized to the detector's input size and stored as JPEGs:
+ultralytics resizes every photo it loads to that size anyway, and decoding a 976x1280 PNG was most of a detector
 training image's cost (bench/detection_data.py). Labels are relative to the image's size, so they are the same.
+Validation and test keep the photos as they are: they are read once an epoch, and the mAP they report is the
+detector's on the photos themselves, as at stages 1-2.
 """
 
 from __future__ import annotations
@@ -121,37 +123,46 @@ def _resized_jpegs(jobs: list[tuple[str, Path]], size: int) -> int:
     return failed
 
 
-def _check_copy_space(rows: pd.DataFrame, out_dir: Path, image_format: str = "photos", size: int = 640) -> None:
-    """Refuse an export whose files would not fit on the disk, before anything is written: the photos inside zips
-    copied out (the others are linked), measured from the zips' own directories (a Stage 4 export of the zipped
-    real data copies tens of thousands of 976 x 1280 photos); or, for resized JPEGs, estimated from the photos'
-    sizes (JPEG_SHARE_OF_RAW of their resized pixels)."""
-    photos = rows.drop_duplicates("photo_id")
-    if image_format == "jpeg":
-        scale = np.minimum(1.0, size / photos[["width", "height"]].max(axis=1).to_numpy(float))
-        missing = [not (out_dir / "images" / split / f"{pid}.jpg").is_file()
-                   for pid, split in zip(photos["photo_id"], photos["split"], strict=True)]
-        raw = (photos["width"].to_numpy(float) * scale) * (photos["height"].to_numpy(float) * scale) * 3
-        need = int((raw * np.asarray(missing, bool)).sum() * JPEG_SHARE_OF_RAW)
-        if need:
-            check_free_space(out_dir, need, f"the detection export ({sum(missing):,} photos as {size} px JPEGs)",
-                             "point paths.cache_dir at a larger disk")
-        return
+def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
+    """(bytes, photos) of the photos inside zips not yet copied out, measured from the zips' own directories."""
     zipped = photos[photos["image_path"].astype(str).str.startswith("zip:")]
-    need = 0
     by_zip: dict[str, list[str]] = {}
     for photo_id, split, path in zip(zipped["photo_id"], zipped["split"], zipped["image_path"].astype(str),
                                      strict=True):
         if not (out_dir / "images" / split / f"{photo_id}.png").is_file():
             archive, member = split_zip_path(path)
             by_zip.setdefault(archive, []).append(member)
+    need = 0
     for archive, members in by_zip.items():
         with zipfile.ZipFile(archive) as opened:
             need += sum(opened.getinfo(member).file_size for member in members)
-    if need:
-        check_free_space(out_dir, need, f"the detection export ({sum(map(len, by_zip.values())):,} photos copied "
-                         "out of zips)", "point paths.cache_dir at a larger disk, or extract the zips once and scan "
-                         "the extracted tree (photos on disk are linked, not copied)")
+    return need, sum(map(len, by_zip.values()))
+
+
+def _resized_bytes(photos: pd.DataFrame, out_dir: Path, size: int) -> tuple[int, int]:
+    """(bytes, photos) of the resized JPEGs not yet written, estimated at JPEG_SHARE_OF_RAW of their pixels."""
+    scale = np.minimum(1.0, size / photos[["width", "height"]].max(axis=1).to_numpy(float))
+    missing = np.array([not (out_dir / "images" / split / f"{pid}.jpg").is_file()
+                        for pid, split in zip(photos["photo_id"], photos["split"], strict=True)], bool)
+    raw = photos["width"].to_numpy(float) * scale * photos["height"].to_numpy(float) * scale * 3
+    return int((raw * missing).sum() * JPEG_SHARE_OF_RAW), int(missing.sum())
+
+
+def _check_copy_space(rows: pd.DataFrame, out_dir: Path, image_format: str = "photos", size: int = 640) -> None:
+    """Refuse an export whose files would not fit on the disk, before anything is written: the photos inside zips
+    copied out (the others are linked; a Stage 4 export of the zipped real data copies tens of thousands of
+    976 x 1280 photos) and, with `image_format` jpeg, the training photos' resized JPEGs."""
+    photos = rows.drop_duplicates("photo_id")
+    resized = photos["split"].eq("train") if image_format == "jpeg" else np.zeros(len(photos), bool)
+    copied, n_copied = _zip_copies(photos[~resized], out_dir)
+    written, n_written = _resized_bytes(photos[resized], out_dir, size) if resized.any() else (0, 0)
+    if copied + written:
+        parts = [f"{n:,} photos {what}" for n, what in ((n_copied, "copied out of zips"),
+                                                       (n_written, f"as {size} px JPEGs")) if n]
+        check_free_space(out_dir, copied + written, f"the detection export ({', '.join(parts)})",
+                         "point paths.cache_dir at a larger disk" + (", or extract the zips once and scan the "
+                                                                     "extracted tree (photos on disk are linked, not "
+                                                                     "copied)" if n_copied else ""))
 
 
 def _remove_stale(directory: Path, keep: set[str]) -> int:
@@ -195,7 +206,8 @@ def _log_left_out(rows: pd.DataFrame) -> None:
 def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = False,
                 include_incomplete: bool = False, image_format: str = "photos", image_size: int = 640) -> Path:
     """Export the rows' photos (combination; optionally single) per split to YOLO format; returns data.yaml.
-    `image_format` (IMAGE_FORMATS): the photos as they are, or resized to `image_size` px as JPEGs.
+    `image_format` (IMAGE_FORMATS): the photos as they are, or the training split's resized to `image_size` px as
+    JPEGs (validation and test keep the photos).
 
     Photos flagged `incomplete_gt` are left out by default: an unlabelled pill would be taught as background, a
     copied box as a pill where there is none.
@@ -209,7 +221,8 @@ def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = 
         keep &= ~rows["incomplete_gt"].astype(bool)
     rows = rows[keep]
     _check_copy_space(rows, out_dir, image_format, image_size)
-    summary = {s: _export_split(rows[rows["split"] == s], out_dir, s, image_format, image_size) for s in SPLITS}
+    summary = {s: _export_split(rows[rows["split"] == s], out_dir, s, image_format if s == "train" else "photos",
+                                image_size) for s in SPLITS}
     data = {"path": str(out_dir), **{s: f"images/{s}" for s in SPLITS}, "nc": 1, "names": NAMES}
     data_yaml = out_dir / "data.yaml"
     _write_if_changed(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
