@@ -1,7 +1,7 @@
 """The detector's training data cost: a sample of ultralytics' training loader (mosaic, HSV, flips, scale, as
 train.detection.augment sets them) from the export's photos as they are (real-size 976x1280 PNGs) vs from the
 same photos resized to the detector's size and stored as JPEGs, as the export writes them with
-data.detection_export.format=jpeg.
+data.detection_export=jpeg.
 
 One process, one thread, no loader workers (the cost a worker pays), warm page cache; the arms take turns round by
 round over the same photos and each arm's median is reported. Each round builds its loaders afresh: ultralytics

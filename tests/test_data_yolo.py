@@ -108,6 +108,14 @@ def test_photos_copied_out_of_zips_must_fit_on_the_disk(tmp_path, monkeypatch):
     assert len(copied) == rows["photo_id"].nunique() and not any(p.is_symlink() for p in copied)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     export_yolo(rows, tmp_path / "yolo")  # everything is there: nothing to copy, nothing to refuse
+    # a zip fetched again (a new time): its photos are copied out again, the disk asked first
+    archive = rows["image_path"].iloc[0][len("zip:"):].split("!")[0]
+    os.utime(archive, ns=(1, 1))
+    with pytest.raises(DiskSpaceError, match="copied out of zips"):
+        export_yolo(rows, tmp_path / "yolo")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    export_yolo(rows, tmp_path / "yolo")
+    assert all(p.stat().st_mtime_ns == 1 for p in (tmp_path / "yolo").rglob("*.png"))
 
 
 def test_jpeg_export_resizes_each_photo_to_the_detector_size_with_the_same_labels(manifest_dir, tmp_path):
@@ -169,3 +177,37 @@ def test_a_jpeg_export_that_would_fill_the_disk_is_refused_before_a_photo_is_wri
         export_yolo(combos(manifest_dir).assign(split="train"), tmp_path / "yolo", image_format="jpeg",
                     image_size=96)
     assert not list((tmp_path / "yolo").rglob("*.jpg"))
+
+
+def test_a_resized_jpeg_or_zip_copy_is_made_again_when_its_photo_changes(manifest_dir, tmp_path):
+    """Data generated again under the same names (a new synthetic seed) must not leave the old pixels under the new
+    labels: a file made from a photo carries the photo's time and is made again when that differs."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    rows = combos(manifest_dir).assign(split="train").copy()
+    first = rows.photo_id.iloc[0]
+    photo = tmp_path / "photo.png"
+    shutil.copy(rows.loc[rows.photo_id == first, "image_path"].iloc[0], photo)
+    rows.loc[rows.photo_id == first, "image_path"] = str(photo)
+    export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
+    made = tmp_path / "yolo" / "images" / "train" / f"{first}.jpg"
+    before = np.asarray(Image.open(made), float)
+    others = {p: p.stat().st_mtime_ns for p in made.parent.iterdir() if p != made}
+    Image.fromarray(255 - np.asarray(Image.open(photo).convert("RGB"))).save(photo)  # new pixels, same name
+    export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
+    assert np.abs(np.asarray(Image.open(made), float) - (255 - before)).mean() < 4  # the new photo's pixels
+    assert others == {p: p.stat().st_mtime_ns for p in made.parent.iterdir() if p != made}  # the rest untouched
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n no longer a photo")  # a photo replaced by a broken one: left out
+    export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
+    assert not made.exists() and not (tmp_path / "yolo" / "labels" / "train" / f"{first}.txt").exists()
+
+
+def test_a_jpeg_export_of_photos_out_of_reach_stops_instead_of_training_no_detector(manifest_dir, tmp_path):
+    import pytest
+
+    rows = combos(manifest_dir).assign(split="train", image_path=str(tmp_path / "gone" / "photo.png"))
+    with pytest.raises(ValueError, match="none of the .* training photos could be decoded"):
+        export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)

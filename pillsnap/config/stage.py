@@ -26,8 +26,8 @@ STAGE_OVERRIDE_TARGETS = {
     # the GPU waiting, and the npy cache would take 221 GB at Stage 4
     "cache_enabled": "data.cache.enabled",
     "cache_format": "data.cache.format",
-    # and the detector's photos resized to its input size as JPEGs (decoding four 976x1280 PNGs per mosaic image
-    # was most of a detector training image's cost)
+    # and the detector's training photos resized to its input size as JPEGs (decoding a 976x1280 PNG was most of a
+    # detector training image's cost)
     "detection_export": "data.detection_export",
 }
 # The values two keys take (checked when the config loads, where a stage sets them, and where they are used)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import uuid
 import zipfile
@@ -66,13 +67,38 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+def _source_time(source: str) -> int | None:
+    """The modification time (ns) of a photo, or of the zip holding it; None when it cannot be reached. A file made
+    from a photo (a copy out of a zip, a resized JPEG) is given this time, and made again when the photo's differs:
+    data generated or fetched again under the same names must not leave its old pixels under new labels."""
+    try:
+        return os.stat(split_zip_path(source)[0] if source.startswith("zip:") else source).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _made_from(dest: Path, source: str) -> bool:
+    """Whether `dest` was made from `source` as it now is (see _source_time)."""
+    try:
+        return dest.stat().st_mtime_ns == _source_time(source)
+    except OSError:
+        return False
+
+
+def _stamp(dest: Path, source: str) -> None:
+    stamp = _source_time(source)
+    if stamp is not None:
+        os.utime(dest, ns=(stamp, stamp))
+
+
 def _place_image(source: str, dest: Path) -> bool:
     """Symlink a plain file (cheap); copy a zip member out once. Returns True when something was written."""
     if source.startswith("zip:"):
-        if dest.is_file():
+        if dest.is_file() and _made_from(dest, source):
             return False
         with atomic_path(dest) as tmp:
             tmp.write_bytes(read_bytes(source))
+        _stamp(dest, source)
         return True
     if dest.is_symlink() and os.readlink(dest) == source:
         return False
@@ -85,42 +111,44 @@ def _place_image(source: str, dest: Path) -> bool:
 
 
 class _ResizeJob:
-    """Picklable worker: a photo's path -> its JPEG bytes at `size` px on the longer side (never enlarged), in the
-    frame its labels are in (no EXIF turn); None for a photo that cannot be decoded."""
+    """Picklable worker: a (photo, destination) job -> the photo written to the destination as a JPEG at `size` px
+    on the longer side, resized as ultralytics resizes what it loads (OpenCV, linear, its rounding; never enlarged),
+    in the frame its labels are in (no EXIF turn) and stamped with the photo's time; False for a photo that cannot be
+    decoded. Each worker writes its own files: the parent holds no images."""
 
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(self, path: str) -> bytes | None:
+    def __call__(self, job: tuple[str, Path]) -> bool:
+        import cv2
         from PIL import Image
 
+        source, dest = job
         try:
-            image = read_image(path, ImageLimits(upright=False))
-        except DECODE_ERRORS as err:
-            LOGGER.warning("YOLO export: skipping undecodable %s: %s", path, err)
-            return None
-        scale = self.size / max(image.size)
+            pixels = np.asarray(read_image(source, ImageLimits(upright=False)))
+        except DECODE_ERRORS as err:  # left out; a JPEG made from what the photo was before goes too
+            LOGGER.warning("YOLO export: skipping undecodable %s: %s", source, err)
+            dest.unlink(missing_ok=True)
+            return False
+        height, width = pixels.shape[:2]
+        scale = self.size / max(height, width)
         if scale < 1:
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.BILINEAR)
+            size = (min(math.ceil(width * scale), self.size), min(math.ceil(height * scale), self.size))
+            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
         out = io.BytesIO()
-        image.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-        return out.getvalue()
+        Image.fromarray(pixels).save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(out.getvalue())
+        _stamp(dest, source)
+        return True
 
 
 def _resized_jpegs(jobs: list[tuple[str, Path]], size: int) -> int:
     """Write each (photo, destination) job's resized JPEG, in every usable core; returns how many photos could
     not be decoded (left out, their labels too)."""
-    job, paths = _ResizeJob(size), [source for source, _ in jobs]
-    results = map(job, paths) if len(jobs) < 16 else forked_imap(job, paths, usable_cores(), chunksize=4)
-    failed = 0
-    for (_, dest), data in zip(jobs, results, strict=True):
-        if data is None:
-            failed += 1
-            continue
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(data)
-    return failed
+    job = _ResizeJob(size)
+    done = map(job, jobs) if len(jobs) < 16 else forked_imap(job, jobs, usable_cores(), chunksize=4)
+    return sum(not made for made in done)
 
 
 def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
@@ -129,7 +157,7 @@ def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
     by_zip: dict[str, list[str]] = {}
     for photo_id, split, path in zip(zipped["photo_id"], zipped["split"], zipped["image_path"].astype(str),
                                      strict=True):
-        if not (out_dir / "images" / split / f"{photo_id}.png").is_file():
+        if not _made_from(out_dir / "images" / split / f"{photo_id}.png", path):
             archive, member = split_zip_path(path)
             by_zip.setdefault(archive, []).append(member)
     need = 0
@@ -142,8 +170,9 @@ def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
 def _resized_bytes(photos: pd.DataFrame, out_dir: Path, size: int) -> tuple[int, int]:
     """(bytes, photos) of the resized JPEGs not yet written, estimated at JPEG_SHARE_OF_RAW of their pixels."""
     scale = np.minimum(1.0, size / photos[["width", "height"]].max(axis=1).to_numpy(float))
-    missing = np.array([not (out_dir / "images" / split / f"{pid}.jpg").is_file()
-                        for pid, split in zip(photos["photo_id"], photos["split"], strict=True)], bool)
+    missing = np.array([not _made_from(out_dir / "images" / split / f"{pid}.jpg", str(path))
+                        for pid, split, path in zip(photos["photo_id"], photos["split"], photos["image_path"],
+                                                    strict=True)], bool)
     raw = photos["width"].to_numpy(float) * scale * photos["height"].to_numpy(float) * scale * 3
     return int((raw * missing).sum() * JPEG_SHARE_OF_RAW), int(missing.sum())
 
@@ -182,7 +211,7 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format:
     failed = 0
     if image_format == "jpeg":  # photos not yet resized; one that cannot be decoded is left out, label and all
         jobs = [(path, images / f"{pid}{suffix}") for pid, path, _ in entries
-                if not (images / f"{pid}{suffix}").is_file()]
+                if not _made_from(images / f"{pid}{suffix}", path)]
         failed = _resized_jpegs(jobs, size)
         written = len(jobs) - failed
         entries = [entry for entry in entries if (images / f"{entry[0]}{suffix}").is_file()]
@@ -223,11 +252,28 @@ def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = 
     _check_copy_space(rows, out_dir, image_format, image_size)
     summary = {s: _export_split(rows[rows["split"] == s], out_dir, s, image_format if s == "train" else "photos",
                                 image_size) for s in SPLITS}
+    _check_unreadable(summary["train"], out_dir)
     data = {"path": str(out_dir), **{s: f"images/{s}" for s in SPLITS}, "nc": 1, "names": NAMES}
     data_yaml = out_dir / "data.yaml"
     _write_if_changed(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     LOGGER.info("YOLO export %s: %s", out_dir, summary)
     return data_yaml
+
+
+def _check_unreadable(train: dict[str, int], out_dir: Path) -> None:
+    """Photos of the training split that could not be decoded for the resized export: a warning past the share of
+    unreadable data a stage tolerates, an error when none could be (the photos out of reach: a disk not mounted, a
+    zip moved), since the detector would otherwise not train at all and nothing would say so."""
+    from pillsnap.data.cache import UNREADABLE_LIMIT
+
+    failed, asked = train["undecodable"], train["undecodable"] + train["photos"]
+    if failed and not train["photos"]:
+        raise ValueError(f"the detection export {out_dir}: none of the {failed:,} training photos could be decoded "
+                         "(the log names each): are the photos in reach under paths.data_root?")
+    if failed > UNREADABLE_LIMIT * asked:
+        LOGGER.warning("YOLO export %s: %d of the %d training photos could not be decoded, more than the %.0f%% of "
+                       "unreadable data a stage tolerates: were the photos out of reach? They are tried again at the "
+                       "next export", out_dir, failed, asked, 100 * UNREADABLE_LIMIT)
 
 
 def count_images(data_yaml: str | Path, split: str) -> int:
