@@ -47,6 +47,22 @@ def test_both_tasks_implement_the_whole_contract():
         assert issubclass(cls, Task) and not inspect.isabstract(cls), cls
 
 
+def test_the_classes_seen_are_read_from_the_batch_the_loader_gave_not_the_devices_copy(tmp_path, monkeypatch):
+    """Reading labels back from the GPU after a step would make the host wait for the step at every step."""
+    task = classification_task(tmp_path)
+    batch = first_batch(task)
+    moved = []
+    real = task.to_device
+    monkeypatch.setattr(task, "to_device", lambda b: moved.append(real(b)) or moved[-1])
+    given = []
+    monkeypatch.setattr(task, "on_batch_trained", lambda b: given.append(b))
+    task.train_step(batch)
+    assert given == [batch] and given[0] is batch and moved and moved[0] is not batch
+    task = classification_task(tmp_path)
+    task.train_step(batch)
+    assert task.classes_seen == set(batch[1].tolist())
+
+
 @pytest.mark.parametrize("make", [classification_task, detection_task])
 def test_bf16_autocast_on_cpu_trains_in_bf16_and_validates_in_fp32(tmp_path, make):
     section = "classification" if make is classification_task else "detection"

@@ -203,7 +203,8 @@ class Task(ABC):
         return configured
 
     def on_batch_trained(self, batch: Any) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
-        """Bookkeeping after a whole loader batch was trained (e.g. the classes seen); none by default."""
+        """Bookkeeping after a whole loader batch was trained (e.g. the classes seen), given the batch as its loader
+        gave it (on the host); none by default."""
 
     def predict_val(self) -> tuple[Any, Any]:
         """(y_true, y_prob) of the validated weights on the validation split, for tasks whose spec says
@@ -263,7 +264,7 @@ class Task(ABC):
     def train_step(self, batch: Any) -> StepOutput:
         """One loader batch, in chunks of knobs.batch_size; the optimizer steps every knobs.grad_accum chunks."""
         self.model.train()
-        batch = self.to_device(batch)
+        given, batch = batch, self.to_device(batch)
         n = self.batch_len(batch)
         global_batch = self.knobs.batch_size * self.knobs.grad_accum
         total = torch.zeros((), device=self.device)
@@ -282,7 +283,7 @@ class Task(ABC):
             if self._window_chunks >= self.knobs.grad_accum:
                 self._optimizer_step()
         self.samples_seen += n
-        self.on_batch_trained(batch)
+        self.on_batch_trained(given)  # as the loader gave it: reading the device's copy would wait for the GPU
         return StepOutput(float(total.item()) / max(n, 1), self.lr, n)
 
     @property
