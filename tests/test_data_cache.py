@@ -357,3 +357,50 @@ def test_stages_3_and_4_export_the_detector_photos_as_resized_jpegs(synth_cfg):
     staged = apply_stage_overrides(synth_cfg, 3)
     staged.data.progressive_validation.current_stage = 3
     assert staged.data.detection_export == "jpeg" and _yolo_dir(staged).name == "yolo_stage_3_jpeg64"
+
+
+@pytest.mark.parametrize("fmt", ["npy", "jpeg"])
+def test_a_row_whose_box_changed_is_cut_again_and_a_read_only_cache_then_refused(manifest_dir, tmp_path, fmt,
+                                                                                 monkeypatch):
+    """A label file corrected under the same name (AI Hub's misplaced boxes fixed in a later release) must not keep
+    serving the crop cut at the old box."""
+    import os
+
+    from pillsnap.data.cache import CacheError
+
+    rows = singles(manifest_dir).head(6).reset_index(drop=True)
+    cache = build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt=fmt)
+    key = rows.label_path.iloc[2]
+    old = np.asarray(cache.get(key), float)
+    others = {k: cache.index[k] for k in rows.label_path if k != key}
+    moved = rows.copy()
+    moved.loc[2, "bbox_x"] += moved.loc[2, "bbox_w"] // 2
+    assert cache.cut_elsewhere(moved).tolist() == [False, False, True, False, False, False]
+    again = build_cache(moved, tmp_path, 32, 0.15, workers=1, fmt=fmt)
+    expected = np.asarray(pill_crop(moved.iloc[2], 0.15).resize((32, 32), Image.BILINEAR), float)
+    assert np.abs(np.asarray(again.get(key), float) - expected).mean() < 2.5 < np.abs(old - expected).mean()
+    assert {k: again.index[k] for k in others} == others and not again.cut_elsewhere(moved).any()
+    assert not CachedCrops(again.root).cut_elsewhere(moved).any()  # kept in the index for the next build
+    assert not build_cache(moved, tmp_path, 32, 0.15, workers=1, fmt=fmt).cut_elsewhere(moved).any()
+    writable = os.access  # a teammate's cache, read only: the row's crop is out of date and cannot be cut again
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else writable(path, mode))
+    with pytest.raises(CacheError, match="lacks crops of these rows and its folder cannot be written"):
+        build_cache(rows, tmp_path, 32, 0.15, workers=1, fmt=fmt)
+    assert len(build_cache(moved, tmp_path, 32, 0.15, workers=1, fmt=fmt)) == 6  # up to date: read as it is
+
+
+def test_an_index_from_before_boxes_were_kept_trusts_its_crops_and_learns_them_at_its_next_build(manifest_dir,
+                                                                                                   tmp_path):
+    import pandas as pd
+
+    rows = singles(manifest_dir).head(4).reset_index(drop=True)
+    cache = build_cache(rows.head(3), tmp_path, 24, 0.15, workers=1)
+    index = cache.root / "index.parquet"
+    pd.read_parquet(index)[["key", "shard", "offset"]].to_parquet(index, index=False)  # an older PillSnap's
+    assert not CachedCrops(cache.root).cut_elsewhere(rows).any()
+    slots = dict(CachedCrops(cache.root).index)
+    grown = build_cache(rows, tmp_path, 24, 0.15, workers=1)  # adds row 3 only, the others as they were
+    assert {k: grown.index[k] for k in slots} == slots and len(grown) == 4
+    saved = pd.read_parquet(index).set_index("key")
+    assert saved.loc[rows.label_path.iloc[3], "bbox_w"] == rows.bbox_w.iloc[3]
+    assert saved.loc[rows.label_path.iloc[0], ["bbox_x", "bbox_w"]].isna().all()  # not known: still trusted

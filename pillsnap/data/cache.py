@@ -6,8 +6,9 @@ Two formats (`data.cache.format`): `npy`, uint8 memory-mapped .npy shards (the f
 colour) in shards of concatenated bytes, about 14x smaller (~31 KB a 384 px crop of the synthetic photos: Stage 4's
 in ~16 GB, which the page cache holds) for ~1 ms of decoding a crop (bench/bench_data_cache.py).
 
-Keyed by the manifest row's `label_path` (unique per row); building is incremental (only rows missing from
-the index are decoded) and each shard is written to a temp file and moved into place. A row whose photo cannot be
+Keyed by the manifest row's `label_path` (unique per row), with the box each crop was cut at: building is
+incremental (only rows missing from the index, or whose box has changed since, are decoded: a label file corrected
+under the same name) and each shard is written to a temp file and moved into place. A row whose photo cannot be
 decoded is kept in the index as unreadable (shard -1): training leaves it out, a later build that can write tries it
 again, and a read-only cache lacking only such rows, no more than UNREADABLE_LIMIT of those asked, is used as it is.
 """
@@ -24,11 +25,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from pillsnap.config.stage import CACHE_FORMATS
-from pillsnap.data.datasets import crop_rows, pill_crop
+from pillsnap.data.datasets import BOX, crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
 from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, decode_image
@@ -116,6 +118,16 @@ class CachedCrops:
     def get(self, key: str) -> Image.Image:
         return self.read(*self.index[key])
 
+    def cut_elsewhere(self, rows: pd.DataFrame) -> np.ndarray:
+        """Which rows have a crop cut at another box than the row's own (a label file corrected since, under the same
+        name): such a crop is not the row's. An index from before boxes were kept trusts its crops."""
+        saved = _saved_boxes(self.root)
+        if saved.empty or rows.empty:
+            return np.zeros(len(rows), bool)
+        known = saved.reindex(rows["label_path"]).to_numpy(float)
+        now = rows[list(BOX)].to_numpy(float)
+        return ~np.isnan(known).any(axis=1) & ~np.isclose(known, now, rtol=0, atol=1e-6).all(axis=1)
+
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps and files are opened again, lazily, where it is unpickled (a spawned worker) instead of being
         # pickled.
@@ -173,11 +185,23 @@ def _write_shard(root: Path, shard: int, crops: list[Any], size: int, fmt: str) 
     return [(i, 0) for i in range(len(crops))]
 
 
-def _save_index(root: Path, index: dict[str, tuple[int, int, int]], unreadable: set[str]) -> None:
-    """The crops' slots, and each unreadable row at shard -1, in one file written atomically."""
+def _saved_boxes(root: Path) -> pd.DataFrame:
+    """The box each indexed crop was cut at, by key (empty for an index from before boxes were kept)."""
+    path = root / "index.parquet"
+    columns = pq.read_schema(path).names if path.is_file() else []
+    if not set(BOX) <= set(columns):
+        return pd.DataFrame(columns=list(BOX), dtype=float)
+    return pd.read_parquet(path, columns=["key", *BOX]).set_index("key")
+
+
+def _save_index(root: Path, index: dict[str, tuple[int, int, int]], unreadable: set[str],
+                boxes: pd.DataFrame) -> None:
+    """The crops' slots and the boxes they were cut at (`boxes`, by key), and each unreadable row at shard -1, in
+    one file written atomically."""
     entries = {**dict.fromkeys(sorted(unreadable), UNREADABLE), **index}
     frame = pd.DataFrame({"key": list(entries), "shard": [v[0] for v in entries.values()],
                           "offset": [v[1] for v in entries.values()], "nbytes": [v[2] for v in entries.values()]})
+    frame[list(BOX)] = boxes.reindex(frame["key"]).to_numpy(float) if len(frame) else np.zeros((0, len(BOX)))
     with atomic_path(root / "index.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
 
@@ -197,7 +221,7 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     root = cache_root(cache_dir, image_size, crop_margin, fmt)
     if (root / "meta.json").is_file():
         cache = CachedCrops(root)
-        lacking = rows.loc[~rows["label_path"].isin(cache.index), "label_path"]
+        lacking = rows.loc[~rows["label_path"].isin(cache.index) | cache.cut_elsewhere(rows), "label_path"]
         if lacking.empty:
             return cache
         if lacking.isin(cache.unreadable).all() and not os.access(root, os.W_OK):
@@ -233,9 +257,11 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
         meta = {"image_size": image_size, "crop_margin": crop_margin, "format": fmt}
         save_json(root / "meta.json", {**meta, "quality": JPEG_QUALITY} if fmt == "jpeg" else meta)
     cache = CachedCrops(root)
-    missing = rows[~rows["label_path"].isin(cache.index)].drop_duplicates("label_path")
+    missing = rows[~rows["label_path"].isin(cache.index) | cache.cut_elsewhere(rows)].drop_duplicates("label_path")
     if missing.empty:
         return cache
+    # the boxes the crops are (or will be) cut at: this build's rows' own over those kept before
+    boxes = missing.set_index("label_path")[list(BOX)].astype(float).combine_first(_saved_boxes(root))
     if fmt == "npy":  # known before anything is decoded; a JPEG cache's once its first shard is encoded
         check_space(root, len(missing), image_size * image_size * 3, image_size)
     encoded = [0, 0]  # JPEG crops encoded by this build, and their bytes: the disk check's estimate
@@ -249,6 +275,7 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
                           total=len(missing), desc="cache", unit="crop", disable=not progress):
         if crop is None:
             unreadable.add(key)
+            index.pop(key, None)  # a crop cut at the row's old box is not its crop
             to_write -= 1
             continue
         unreadable.discard(key)
@@ -258,13 +285,13 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
             if fmt == "jpeg":
                 _check_jpeg_space(root, crops, encoded, to_write, image_size)
             to_write -= len(crops)
-            shard = _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
+            shard = _flush(root, shard, keys, crops, index, unreadable, image_size, fmt, boxes)
     if crops:
         if fmt == "jpeg":
             _check_jpeg_space(root, crops, encoded, to_write, image_size)
-        _flush(root, shard, keys, crops, index, unreadable, image_size, fmt)
-    elif unreadable != cache.unreadable:  # nothing left to write but what could not be read
-        _save_index(root, index, unreadable)
+        _flush(root, shard, keys, crops, index, unreadable, image_size, fmt, boxes)
+    elif unreadable != cache.unreadable or len(index) != len(cache.index):  # nothing written but what failed
+        _save_index(root, index, unreadable, boxes)
     failed = missing[missing["label_path"].isin(unreadable)]
     LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(index) - len(cache.index), len(index),
                 f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos undecodable: left "
@@ -297,11 +324,11 @@ def _check_jpeg_space(root: Path, crops: list[bytes], encoded: list[int], to_wri
 
 
 def _flush(root: Path, shard: int, keys: list[str], crops: list[Any], index: dict[str, tuple[int, int, int]],
-           unreadable: set[str], size: int, fmt: str) -> int:
+           unreadable: set[str], size: int, fmt: str, boxes: pd.DataFrame) -> int:
     """Write one shard of `crops` (under `keys`) and then the index."""
     places = _write_shard(root, shard, crops, size, fmt)
     index.update({k: (shard, offset, nbytes) for k, (offset, nbytes) in zip(keys, places, strict=True)})
-    _save_index(root, index, unreadable)  # after the shard: an index never points at a shard that is not there
+    _save_index(root, index, unreadable, boxes)  # after the shard: an index never points at a shard not there
     keys.clear()
     crops.clear()
     return shard + 1

@@ -136,7 +136,7 @@ class CropRow(NamedTuple):
 
 
 _TEXT = ("image_path", "label_path", "mapping_code")
-_BOX = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
+BOX = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")  # a crop's box in its manifest row
 
 
 class CropTable:
@@ -155,7 +155,7 @@ class CropTable:
     @classmethod
     def from_frame(cls, rows: pd.DataFrame) -> CropTable:
         texts = {name: pa.array(rows[name].astype("string"), type=pa.large_string()) for name in _TEXT}
-        boxes = rows[list(_BOX)].to_numpy(dtype=np.float64).reshape(len(rows), len(_BOX))
+        boxes = rows[list(BOX)].to_numpy(dtype=np.float64).reshape(len(rows), len(BOX))
         return cls(texts, boxes)
 
     def __len__(self) -> int:
