@@ -389,6 +389,36 @@ def test_a_row_whose_box_changed_is_cut_again_and_a_read_only_cache_then_refused
     assert len(build_cache(moved, tmp_path, 32, 0.15, workers=1, fmt=fmt)) == 6  # up to date: read as it is
 
 
+def test_a_rebuild_of_moved_boxes_stopped_part_way_leaves_no_old_crop_under_a_new_box(manifest_dir, tmp_path,
+                                                                                         monkeypatch):
+    from pillsnap.data import cache as cache_module
+
+    rows = singles(manifest_dir).head(6).reset_index(drop=True)
+    build_cache(rows, tmp_path, 24, 0.15, workers=1, fmt="jpeg")
+    moved = rows.copy()
+    moved.loc[:3, "bbox_x"] += moved.loc[:3, "bbox_w"] // 2
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 2)
+    real, calls = cache_module._write_shard, []
+
+    def stopped(*args):  # the second shard's write is where the run was killed
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(cache_module, "_write_shard", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(moved, tmp_path, 24, 0.15, workers=1, fmt="jpeg")
+    half = CachedCrops(cache_root(tmp_path, 24, 0.15, "jpeg"))
+    assert len(half) == 4 and not half.cut_elsewhere(moved[moved.label_path.isin(half.index)]).any()
+    monkeypatch.setattr(cache_module, "_write_shard", real)
+    done = build_cache(moved, tmp_path, 24, 0.15, workers=1, fmt="jpeg")
+    assert len(done) == 6 and not done.cut_elsewhere(moved).any()
+    for i in range(4):
+        expected = np.asarray(pill_crop(moved.iloc[i], 0.15).resize((24, 24), Image.BILINEAR), float)
+        assert np.abs(np.asarray(done.get(moved.label_path.iloc[i]), float) - expected).mean() < 3
+
+
 def test_an_index_from_before_boxes_were_kept_trusts_its_crops_and_learns_them_at_its_next_build(manifest_dir,
                                                                                                    tmp_path):
     import pandas as pd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import yaml
 
@@ -108,14 +109,12 @@ def test_photos_copied_out_of_zips_must_fit_on_the_disk(tmp_path, monkeypatch):
     assert len(copied) == rows["photo_id"].nunique() and not any(p.is_symlink() for p in copied)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     export_yolo(rows, tmp_path / "yolo")  # everything is there: nothing to copy, nothing to refuse
-    # a zip fetched again (a new time): its photos are copied out again, the disk asked first
+    # a zip fetched again (another time): its photos are copied out again, each in its own file's place (no more
+    # disk asked), and carry the zip's time
     archive = rows["image_path"].iloc[0][len("zip:"):].split("!")[0]
-    os.utime(archive, ns=(1, 1))
-    with pytest.raises(DiskSpaceError, match="copied out of zips"):
-        export_yolo(rows, tmp_path / "yolo")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    os.utime(archive, ns=(10**9, 10**9))
     export_yolo(rows, tmp_path / "yolo")
-    assert all(p.stat().st_mtime_ns == 1 for p in (tmp_path / "yolo").rglob("*.png"))
+    assert all(p.stat().st_mtime_ns == 10**9 for p in (tmp_path / "yolo").rglob("*.png"))
 
 
 def test_jpeg_export_resizes_each_photo_to_the_detector_size_with_the_same_labels(manifest_dir, tmp_path):
@@ -134,9 +133,12 @@ def test_jpeg_export_resizes_each_photo_to_the_detector_size_with_the_same_label
     # validation and test keep the photos themselves: the mAP they give is on the photos, as at stages 1-2
     held = [p for split in ("val", "test") for p in (tmp_path / "jpeg" / "images" / split).iterdir()]
     assert held and all(p.suffix == ".png" and p.is_symlink() for p in held)
-    with Image.open(image) as opened:
-        assert opened.format == "JPEG" and max(opened.size) == 96
-        assert abs(opened.size[0] / opened.size[1] - photo.width / photo.height) < 0.02
+    with Image.open(image) as opened:  # ultralytics' own sizes: the longer side to 96, the other rounded up
+        import math
+
+        scale = 96 / max(photo.width, photo.height)
+        assert opened.format == "JPEG" and opened.size == (min(math.ceil(photo.width * scale), 96),
+                                                           min(math.ceil(photo.height * scale), 96))
     for label in (tmp_path / "photos" / "labels").rglob("*.txt"):
         assert (tmp_path / "jpeg" / "labels" / label.parent.name / label.name).read_text() == label.read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "jpeg").rglob("*") if p.is_file()}
@@ -197,10 +199,13 @@ def test_a_resized_jpeg_or_zip_copy_is_made_again_when_its_photo_changes(manifes
     before = np.asarray(Image.open(made), float)
     others = {p: p.stat().st_mtime_ns for p in made.parent.iterdir() if p != made}
     Image.fromarray(255 - np.asarray(Image.open(photo).convert("RGB"))).save(photo)  # new pixels, same name
+    later = made.stat().st_mtime_ns + 10**10  # fetched again later (a time apart, whatever the clock's grain)
+    os.utime(photo, ns=(later, later))
     export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
     assert np.abs(np.asarray(Image.open(made), float) - (255 - before)).mean() < 4  # the new photo's pixels
     assert others == {p: p.stat().st_mtime_ns for p in made.parent.iterdir() if p != made}  # the rest untouched
     photo.write_bytes(b"\x89PNG\r\n\x1a\n no longer a photo")  # a photo replaced by a broken one: left out
+    os.utime(photo, ns=(later + 10**10, later + 10**10))
     export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
     assert not made.exists() and not (tmp_path / "yolo" / "labels" / "train" / f"{first}.txt").exists()
 
@@ -211,3 +216,18 @@ def test_a_jpeg_export_of_photos_out_of_reach_stops_instead_of_training_no_detec
     rows = combos(manifest_dir).assign(split="train", image_path=str(tmp_path / "gone" / "photo.png"))
     with pytest.raises(ValueError, match="none of the .* training photos could be decoded"):
         export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
+
+
+def test_photos_out_of_reach_leave_an_existing_jpeg_export_as_it_is(manifest_dir, tmp_path):
+    """A data disk not mounted says nothing about the files made from its photos: they are kept, not deleted."""
+    import shutil
+
+    rows = combos(manifest_dir).assign(split="train").copy()
+    shutil.copytree(Path(rows.image_path.iloc[0]).parents[2], tmp_path / "data")
+    old_root = str(Path(rows.image_path.iloc[0]).parents[2])
+    rows["image_path"] = rows.image_path.str.replace(old_root, str(tmp_path / "data"), regex=False)
+    data_yaml = export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64)
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "yolo").rglob("*") if p.is_file()}
+    (tmp_path / "data").rename(tmp_path / "unmounted")
+    assert export_yolo(rows, tmp_path / "yolo", image_format="jpeg", image_size=64) == data_yaml
+    assert made == {p: p.stat().st_mtime_ns for p in (tmp_path / "yolo").rglob("*") if p.is_file()}

@@ -257,16 +257,20 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
         meta = {"image_size": image_size, "crop_margin": crop_margin, "format": fmt}
         save_json(root / "meta.json", {**meta, "quality": JPEG_QUALITY} if fmt == "jpeg" else meta)
     cache = CachedCrops(root)
-    missing = rows[~rows["label_path"].isin(cache.index) | cache.cut_elsewhere(rows)].drop_duplicates("label_path")
+    moved = cache.cut_elsewhere(rows)
+    missing = rows[~rows["label_path"].isin(cache.index) | moved].drop_duplicates("label_path")
     if missing.empty:
         return cache
-    # the boxes the crops are (or will be) cut at: this build's rows' own over those kept before
+    # the boxes the crops are (or will be) cut at: this build's rows' own over those kept before; a row is in the
+    # saved index only once its crop is, so the box saved with a slot is always the one it was cut at
     boxes = missing.set_index("label_path")[list(BOX)].astype(float).combine_first(_saved_boxes(root))
     if fmt == "npy":  # known before anything is decoded; a JPEG cache's once its first shard is encoded
         check_space(root, len(missing), image_size * image_size * 3, image_size)
     encoded = [0, 0]  # JPEG crops encoded by this build, and their bytes: the disk check's estimate
     index, unreadable = dict(cache.index), set(cache.unreadable)
     shard = 1 + max((slot[0] for slot in index.values()), default=-1)
+    for key in rows.loc[moved, "label_path"]:  # cut at an old box: not the row's crop, even if this build stops
+        index.pop(key, None)
     job, workers = _CropJob(image_size, crop_margin, fmt), workers or usable_cores()
     keys: list[str] = []
     crops: list[Any] = []
@@ -275,7 +279,6 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
                           total=len(missing), desc="cache", unit="crop", disable=not progress):
         if crop is None:
             unreadable.add(key)
-            index.pop(key, None)  # a crop cut at the row's old box is not its crop
             to_write -= 1
             continue
         unreadable.discard(key)

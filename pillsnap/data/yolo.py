@@ -77,18 +77,25 @@ def _source_time(source: str) -> int | None:
         return None
 
 
+# Times are compared within this much: a folder on a file system keeping coarser times than the photos' (FAT 2 s,
+# some network file systems 1 s) would otherwise make every file again at every export.
+STAMP_TOLERANCE_NS = 2_000_000_000
+
+
 def _made_from(dest: Path, source: str) -> bool:
-    """Whether `dest` was made from `source` as it now is (see _source_time)."""
+    """Whether `dest` was made from `source` as it now is (see _source_time). A photo out of reach (a data disk not
+    mounted) says nothing about the file made from it: a file there is kept."""
     try:
-        return dest.stat().st_mtime_ns == _source_time(source)
+        made = dest.stat().st_mtime_ns
     except OSError:
         return False
-
-
-def _stamp(dest: Path, source: str) -> None:
     stamp = _source_time(source)
+    return stamp is None or abs(made - stamp) <= STAMP_TOLERANCE_NS
+
+
+def _stamp(path: Path, stamp: int | None) -> None:
     if stamp is not None:
-        os.utime(dest, ns=(stamp, stamp))
+        os.utime(path, ns=(stamp, stamp))
 
 
 def _place_image(source: str, dest: Path) -> bool:
@@ -96,9 +103,10 @@ def _place_image(source: str, dest: Path) -> bool:
     if source.startswith("zip:"):
         if dest.is_file() and _made_from(dest, source):
             return False
+        stamp = _source_time(source)  # before reading: a zip replaced meanwhile is copied again next time
         with atomic_path(dest) as tmp:
             tmp.write_bytes(read_bytes(source))
-        _stamp(dest, source)
+            _stamp(tmp, stamp)  # on the temp file: the file in place always carries its time
         return True
     if dest.is_symlink() and os.readlink(dest) == source:
         return False
@@ -124,11 +132,13 @@ class _ResizeJob:
         from PIL import Image
 
         source, dest = job
+        stamp = _source_time(source)  # before reading: a photo replaced meanwhile is made again next time
         try:
             pixels = np.asarray(read_image(source, ImageLimits(upright=False)))
-        except DECODE_ERRORS as err:  # left out; a JPEG made from what the photo was before goes too
+        except DECODE_ERRORS as err:
             LOGGER.warning("YOLO export: skipping undecodable %s: %s", source, err)
-            dest.unlink(missing_ok=True)
+            if stamp is not None:  # the photo is there and broken: a JPEG of what it was before goes too
+                dest.unlink(missing_ok=True)
             return False
         height, width = pixels.shape[:2]
         scale = self.size / max(height, width)
@@ -139,7 +149,7 @@ class _ResizeJob:
         Image.fromarray(pixels).save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
         with atomic_path(dest) as tmp:
             tmp.write_bytes(out.getvalue())
-        _stamp(dest, source)
+            _stamp(tmp, stamp)
         return True
 
 
@@ -157,7 +167,7 @@ def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
     by_zip: dict[str, list[str]] = {}
     for photo_id, split, path in zip(zipped["photo_id"], zipped["split"], zipped["image_path"].astype(str),
                                      strict=True):
-        if not _made_from(out_dir / "images" / split / f"{photo_id}.png", path):
+        if not (out_dir / "images" / split / f"{photo_id}.png").is_file():  # one made again replaces itself
             archive, member = split_zip_path(path)
             by_zip.setdefault(archive, []).append(member)
     need = 0
@@ -170,9 +180,8 @@ def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
 def _resized_bytes(photos: pd.DataFrame, out_dir: Path, size: int) -> tuple[int, int]:
     """(bytes, photos) of the resized JPEGs not yet written, estimated at JPEG_SHARE_OF_RAW of their pixels."""
     scale = np.minimum(1.0, size / photos[["width", "height"]].max(axis=1).to_numpy(float))
-    missing = np.array([not _made_from(out_dir / "images" / split / f"{pid}.jpg", str(path))
-                        for pid, split, path in zip(photos["photo_id"], photos["split"], photos["image_path"],
-                                                    strict=True)], bool)
+    missing = np.array([not (out_dir / "images" / split / f"{pid}.jpg").is_file()  # one made again replaces itself
+                        for pid, split in zip(photos["photo_id"], photos["split"], strict=True)], bool)
     raw = photos["width"].to_numpy(float) * scale * photos["height"].to_numpy(float) * scale * 3
     return int((raw * missing).sum() * JPEG_SHARE_OF_RAW), int(missing.sum())
 
