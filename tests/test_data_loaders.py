@@ -268,14 +268,28 @@ def test_loader_workers_are_capped_to_this_ranks_share_of_the_cores(monkeypatch)
     monkeypatch.setattr("os.cpu_count", lambda: 64)  # the host's: a container may use fewer
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert loaders._workers_for_this_rank(8) == 4 and loaders._workers_for_this_rank(2) == 2
-    assert loaders._workers_for_this_rank(8, loaders_together=2) == 2  # interleaved: both models' loaders at once
+    assert loaders.workers_for_this_rank(8) == 4 and loaders.workers_for_this_rank(2) == 2
+    assert loaders.workers_for_this_rank(8, loaders_together=2) == 2  # interleaved: both models' loaders at once
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert loaders._workers_for_this_rank(8) == 8 and loaders._workers_for_this_rank(0) == 0
-    assert loaders._workers_for_this_rank(16, loaders_together=2) == 8
+    assert loaders.workers_for_this_rank(8) == 8 and loaders.workers_for_this_rank(0) == 0
+    assert loaders.workers_for_this_rank(16, loaders_together=2) == 8
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set())
     monkeypatch.setattr("os.cpu_count", lambda: None)
-    assert loaders._workers_for_this_rank(8) == 1
+    assert loaders.workers_for_this_rank(8) == 1
+
+
+def test_the_default_eight_workers_are_capped_for_the_passes_after_training_too(monkeypatch):
+    """The default is the design's 8 loader workers; a laptop's 2 cores get 2, for training and for the
+    calibration and evaluation passes alike."""
+    from pillsnap.config import load_config
+    from pillsnap.eval.outputs import eval_loader
+
+    cfg = load_config(None, dotenv_path=None)
+    assert cfg.dataloader.num_workers == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert eval_loader(list(range(10)), cfg).num_workers == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    assert eval_loader(list(range(10)), cfg).num_workers == 8
 
 
 def test_crop_table_rows_as_the_former_list_gave_them():

@@ -71,7 +71,7 @@ def _cores_for_this_rank(loaders_together: int = 1) -> int:
     return max(usable_cores() // (_ranks_on_this_machine() * max(loaders_together, 1)), 1)
 
 
-def _workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
+def workers_for_this_rank(workers: int, loaders_together: int = 1) -> int:
     """dataloader.num_workers, at most this rank's share of the cores for each loader (a stage override of 8 on a
     box of 16 cores and 4 GPUs would start 8 classification and 8 detection workers on each rank, 64 processes on
     16 cores)."""
@@ -288,7 +288,7 @@ def build_dataloaders_twostage(cfg: DictConfig, build_test: bool = False, tb: An
     if not len(datasets["train"]):
         raise _no_training_rows(cfg, manifest_dir)
     together = 2 if str(cfg.train.strategy) == "interleaved" else 1  # both models' training loaders draw at once
-    workers, prefetch = _fit_shared_memory(cfg, _workers_for_this_rank(int(cfg.dataloader.num_workers), together),
+    workers, prefetch = _fit_shared_memory(cfg, workers_for_this_rank(int(cfg.dataloader.num_workers), together),
                                            together)
     if prefetch != int(cfg.dataloader.prefetch_factor):
         cfg = copy.deepcopy(cfg)

@@ -63,13 +63,15 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
 
 
 def eval_loader(dataset: Any, cfg: Any) -> Any:
-    """A loader over `dataset` in its order, in EVAL_BATCH batches, photos that fail to decode left out."""
+    """A loader over `dataset` in its order, in EVAL_BATCH batches, photos that fail to decode left out; with
+    dataloader.num_workers workers, at most this rank's share of the cores, as the training loaders."""
     from torch.utils.data import DataLoader
 
     from pillsnap.data.datasets import safe_collate
+    from pillsnap.data.loaders import workers_for_this_rank
 
     return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, collate_fn=safe_collate,
-                      num_workers=int(cfg.dataloader.num_workers))
+                      num_workers=workers_for_this_rank(int(cfg.dataloader.num_workers)))
 
 
 class InferenceCrops(Dataset):
