@@ -121,12 +121,7 @@ class CachedCrops:
     def cut_elsewhere(self, rows: pd.DataFrame) -> np.ndarray:
         """Which rows have a crop cut at another box than the row's own (a label file corrected since, under the same
         name): such a crop is not the row's. An index from before boxes were kept trusts its crops."""
-        saved = _saved_boxes(self.root)
-        if saved.empty or rows.empty:
-            return np.zeros(len(rows), bool)
-        known = saved.reindex(rows["label_path"]).to_numpy(float)
-        now = rows[list(BOX)].to_numpy(float)
-        return ~np.isnan(known).any(axis=1) & ~np.isclose(known, now, rtol=0, atol=1e-6).all(axis=1)
+        return _moved(_saved_boxes(self.root), rows)
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps and files are opened again, lazily, where it is unpickled (a spawned worker) instead of being
@@ -194,6 +189,16 @@ def _saved_boxes(root: Path) -> pd.DataFrame:
     return pd.read_parquet(path, columns=["key", *BOX]).set_index("key")
 
 
+def _moved(saved: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Which `rows` have a box other than the one `saved` (_saved_boxes) says their crop was cut at; a row whose box
+    is not known (an older index) is trusted."""
+    if saved.empty or rows.empty:
+        return np.zeros(len(rows), bool)
+    known = saved.reindex(rows["label_path"]).to_numpy(float)
+    now = rows[list(BOX)].to_numpy(float)
+    return ~np.isnan(known).any(axis=1) & ~np.isclose(known, now, rtol=0, atol=1e-6).all(axis=1)
+
+
 def _save_index(root: Path, index: dict[str, tuple[int, int, int]], unreadable: set[str],
                 boxes: pd.DataFrame) -> None:
     """The crops' slots and the boxes they were cut at (`boxes`, by key), and each unreadable row at shard -1, in
@@ -257,48 +262,31 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
         meta = {"image_size": image_size, "crop_margin": crop_margin, "format": fmt}
         save_json(root / "meta.json", {**meta, "quality": JPEG_QUALITY} if fmt == "jpeg" else meta)
     cache = CachedCrops(root)
-    moved = cache.cut_elsewhere(rows)
+    saved = _saved_boxes(root)
+    moved = _moved(saved, rows)
     missing = rows[~rows["label_path"].isin(cache.index) | moved].drop_duplicates("label_path")
     if missing.empty:
         return cache
     # the boxes the crops are (or will be) cut at: this build's rows' own over those kept before; a row is in the
     # saved index only once its crop is, so the box saved with a slot is always the one it was cut at
-    boxes = missing.set_index("label_path")[list(BOX)].astype(float).combine_first(_saved_boxes(root))
+    boxes = missing.set_index("label_path")[list(BOX)].astype(float).combine_first(saved)
     if fmt == "npy":  # known before anything is decoded; a JPEG cache's once its first shard is encoded
         check_space(root, len(missing), image_size * image_size * 3, image_size)
-    encoded = [0, 0]  # JPEG crops encoded by this build, and their bytes: the disk check's estimate
-    index, unreadable = dict(cache.index), set(cache.unreadable)
-    shard = 1 + max((slot[0] for slot in index.values()), default=-1)
-    for key in rows.loc[moved, "label_path"]:  # cut at an old box: not the row's crop, even if this build stops
-        index.pop(key, None)
+    shards = _Shards(root, image_size, fmt, cache, boxes, rows.loc[moved, "label_path"], len(missing))
     job, workers = _CropJob(image_size, crop_margin, fmt), workers or usable_cores()
-    keys: list[str] = []
-    crops: list[Any] = []
-    to_write = len(missing)  # crops not yet written, for the JPEG cache's disk check at its first shard
     for key, crop in tqdm(zip(missing["label_path"], _crops(missing, job, workers), strict=True),
                           total=len(missing), desc="cache", unit="crop", disable=not progress):
         if crop is None:
-            unreadable.add(key)
-            to_write -= 1
-            continue
-        unreadable.discard(key)
-        keys.append(key)
-        crops.append(crop)
-        if len(crops) == SHARD_ROWS:
-            if fmt == "jpeg":
-                _check_jpeg_space(root, crops, encoded, to_write, image_size)
-            to_write -= len(crops)
-            shard = _flush(root, shard, keys, crops, index, unreadable, image_size, fmt, boxes)
-    if crops:
-        if fmt == "jpeg":
-            _check_jpeg_space(root, crops, encoded, to_write, image_size)
-        _flush(root, shard, keys, crops, index, unreadable, image_size, fmt, boxes)
-    elif unreadable != cache.unreadable or len(index) != len(cache.index):  # nothing written but what failed
-        _save_index(root, index, unreadable, boxes)
-    failed = missing[missing["label_path"].isin(unreadable)]
-    LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(index) - len(cache.index), len(index),
-                f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos undecodable: left "
-                "out of training, tried again at the next build" if len(failed) else "")
+            shards.skip(key)
+        else:
+            shards.add(key, crop)
+    shards.flush()
+    if shards.changed:  # nothing left to write but what could not be read
+        shards.save_index()
+    failed = missing[missing["label_path"].isin(shards.unreadable)]
+    LOGGER.info("cache %s: %d crops added (%d in all)%s", root, len(shards.index) - len(cache.index),
+                len(shards.index), f"; {len(failed)} could not be cut, their {failed['image_path'].nunique()} photos "
+                "undecodable: left out of training, tried again at the next build" if len(failed) else "")
     asked = rows["label_path"].nunique()
     if len(failed) > UNREADABLE_LIMIT * asked:
         LOGGER.warning("cache %s: %d of the %d rows asked could not be cut, more than the %.0f%% of unreadable data "
@@ -307,31 +295,68 @@ def _add_missing(rows: pd.DataFrame, root: Path, image_size: int, crop_margin: f
     return CachedCrops(root)
 
 
+class _Shards:
+    """The crops a build adds to a cache, a shard at a time: each shard is written, then the index, so that an index
+    never points at a shard that is not there. Before each shard of a JPEG cache the disk is checked for the
+    `to_write` crops left, at the mean size of those encoded so far (a JPEG's size is known only once it is encoded):
+    the first check comes before anything is written, a later one stops a build whose photos compress worse than
+    its first, with the shards written so far kept for the next build. `moved`: rows whose crop was cut at an old
+    box, taken out of the index at once, so that a build that stops never leaves them indexed."""
+
+    def __init__(self, root: Path, size: int, fmt: str, cache: CachedCrops, boxes: pd.DataFrame,
+                 moved: Sequence[str], to_write: int) -> None:
+        self.root, self.size, self.fmt, self.boxes, self.to_write = root, size, fmt, boxes, to_write
+        self.index, self.unreadable = dict(cache.index), set(cache.unreadable)
+        self.next_shard = 1 + max((slot[0] for slot in self.index.values()), default=-1)
+        for key in moved:
+            self.index.pop(key, None)
+        self.changed = len(self.index) != len(cache.index)  # the index to save holds something the saved one lacks
+        self.keys: list[str] = []
+        self.crops: list[Any] = []
+        self.encoded = self.encoded_bytes = 0
+
+    def skip(self, key: str) -> None:
+        """A row whose photo could not be decoded: recorded as unreadable."""
+        self.changed |= key not in self.unreadable
+        self.unreadable.add(key)
+        self.to_write -= 1
+
+    def add(self, key: str, crop: Any) -> None:
+        self.unreadable.discard(key)
+        self.keys.append(key)
+        self.crops.append(crop)
+        if len(self.crops) == SHARD_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the crops added since the last shard, if any, as a shard, then the index."""
+        if not self.crops:
+            return
+        if self.fmt == "jpeg":
+            self._check_jpeg_space()
+        places = _write_shard(self.root, self.next_shard, self.crops, self.size, self.fmt)
+        self.index.update({k: (self.next_shard, offset, nbytes)
+                           for k, (offset, nbytes) in zip(self.keys, places, strict=True)})
+        self.save_index()
+        self.to_write -= len(self.crops)
+        self.next_shard += 1
+        self.keys.clear()
+        self.crops.clear()
+
+    def save_index(self) -> None:
+        _save_index(self.root, self.index, self.unreadable, self.boxes)
+        self.changed = False
+
+    def _check_jpeg_space(self) -> None:
+        self.encoded += len(self.crops)
+        self.encoded_bytes += sum(map(len, self.crops))
+        mean = self.encoded_bytes / self.encoded
+        check_space(self.root, self.to_write, mean * JPEG_SIZE_SPARE, self.size,
+                    f"; {mean / 1024:.0f} KB a crop in the {self.encoded:,} encoded so far, counted with "
+                    f"{JPEG_SIZE_SPARE - 1:.0%} to spare")
+
+
 def check_space(root: Path, crops: int, crop_bytes: float, image_size: int, estimated: str = "") -> None:
     """Refuse a cache that would fill its disk: at Stage 4, 500,000 crops of 384 px are 221 GB as npy."""
     check_free_space(root, int(crops * crop_bytes), f"the crop cache ({crops:,} crops of {image_size} px{estimated})",
                      "point paths.cache_dir at a larger disk, or train from the photos (data.cache.enabled=false)")
-
-
-def _check_jpeg_space(root: Path, crops: list[bytes], encoded: list[int], to_write: int, image_size: int) -> None:
-    """The disk check of a JPEG cache's build before each shard is written (`crops`, the shard's, are added to
-    `encoded`: the count and bytes of the crops this build encoded): the `to_write` crops left, this shard's among
-    them, at the mean size so far. The first check comes before anything is written; a later one stops a build
-    whose photos compress worse than its first ones, with the shards written so far kept for the next build."""
-    encoded[0] += len(crops)
-    encoded[1] += sum(map(len, crops))
-    mean = encoded[1] / encoded[0]
-    check_space(root, to_write, mean * JPEG_SIZE_SPARE, image_size,
-                f"; {mean / 1024:.0f} KB a crop in the {encoded[0]:,} encoded so far, counted with "
-                f"{JPEG_SIZE_SPARE - 1:.0%} to spare")
-
-
-def _flush(root: Path, shard: int, keys: list[str], crops: list[Any], index: dict[str, tuple[int, int, int]],
-           unreadable: set[str], size: int, fmt: str, boxes: pd.DataFrame) -> int:
-    """Write one shard of `crops` (under `keys`) and then the index."""
-    places = _write_shard(root, shard, crops, size, fmt)
-    index.update({k: (shard, offset, nbytes) for k, (offset, nbytes) in zip(keys, places, strict=True)})
-    _save_index(root, index, unreadable, boxes)  # after the shard: an index never points at a shard not there
-    keys.clear()
-    crops.clear()
-    return shard + 1
