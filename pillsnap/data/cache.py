@@ -15,7 +15,6 @@ again, and a read-only cache lacking only such rows, no more than UNREADABLE_LIM
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from pillsnap.config.stage import CACHE_FORMATS
 from pillsnap.data.datasets import BOX, crop_rows, pill_crop
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
-from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, decode_image
+from pillsnap.utils.images import DECODE_ERRORS, JPEG_QUALITY, ImageLimits, decode_image, jpeg_bytes
 from pillsnap.utils.io import check_free_space
 from pillsnap.utils.locks import BusyError, file_lock
 from pillsnap.utils.pools import forked_imap
@@ -48,10 +47,6 @@ UNREADABLE_LIMIT = 0.01
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
 FORMATS = CACHE_FORMATS
 RAW = ImageLimits(upright=False)  # a cached JPEG is read as it was written
-# Quality 95 with colour kept at full resolution (no 4:2:0 subsampling): a pill's colour and the thin strokes of
-# its imprint are what tell drugs apart. It changes a crop by 0.7 grey levels on average (bench/bench_data_cache.py),
-# less than the colour jitter of training does.
-JPEG_QUALITY = 95
 # A JPEG cache's size is known only once crops are encoded: each shard, before it is written, checks the disk for
 # the crops still to write at the mean size of those encoded so far, with this to spare (the rows come class by
 # class, and the first classes' photos may compress better than the rest).
@@ -149,11 +144,7 @@ class _CropJob:
             LOGGER.warning("cache: skipping undecodable %s: %s", row.image_path, err)
             return None
         crop = crop.resize((self.image_size, self.image_size), Image.BILINEAR)
-        if self.fmt == "jpeg":
-            out = io.BytesIO()
-            crop.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-            return out.getvalue()
-        return np.asarray(crop, dtype=np.uint8)
+        return jpeg_bytes(crop) if self.fmt == "jpeg" else np.asarray(crop, dtype=np.uint8)
 
 
 def _crops(rows: pd.DataFrame, job: _CropJob, workers: int) -> Any:

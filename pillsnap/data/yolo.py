@@ -11,7 +11,6 @@ detector's on the photos themselves, as at stages 1-2.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from pillsnap.config.stage import DETECTION_EXPORTS
 from pillsnap.utils import atomic_path, ensure_dir
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
 from pillsnap.utils.devices import usable_cores
-from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, read_bytes, read_image, split_zip_path
+from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, jpeg_bytes, read_bytes, read_image, split_zip_path
 from pillsnap.utils.io import check_free_space, save_text
 from pillsnap.utils.offline import ultralytics_offline
 from pillsnap.utils.pools import forked_imap
@@ -40,7 +39,6 @@ SPLITS = ("train", "val", "test")
 NAMES = {0: "pill"}
 IMAGE_FORMATS = DETECTION_EXPORTS  # data.detection_export
 SUFFIX = {"photos": ".png", "jpeg": ".jpg"}
-JPEG_QUALITY = 95  # as the crop cache's: full-resolution colour
 # The disk an export of resized JPEGs may take, as a share of its pixels' raw bytes: quality-95 JPEGs of the
 # synthetic photos take ~0.1 of them; real photos, noisier, more.
 JPEG_SHARE_OF_RAW = 0.3
@@ -145,20 +143,18 @@ class _ResizeJob:
         if scale < 1:
             size = (min(math.ceil(width * scale), self.size), min(math.ceil(height * scale), self.size))
             pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
-        out = io.BytesIO()
-        Image.fromarray(pixels).save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
         with atomic_path(dest) as tmp:
-            tmp.write_bytes(out.getvalue())
+            tmp.write_bytes(jpeg_bytes(Image.fromarray(pixels)))
             _stamp(tmp, stamp)
         return True
 
 
-def _resized_jpegs(jobs: list[tuple[str, Path]], size: int) -> int:
-    """Write each (photo, destination) job's resized JPEG, in every usable core; returns how many photos could
-    not be decoded (left out, their labels too)."""
+def _resized_jpegs(jobs: list[tuple[str, Path]], size: int) -> set[Path]:
+    """Write each (photo, destination) job's resized JPEG, in every usable core; returns the destinations of the
+    photos that could not be decoded (none is left there: their photos are left out, labels too)."""
     job = _ResizeJob(size)
     done = map(job, jobs) if len(jobs) < 16 else forked_imap(job, jobs, usable_cores(), chunksize=4)
-    return sum(not made for made in done)
+    return {dest for (_, dest), made in zip(jobs, done, strict=True) if not made}
 
 
 def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
@@ -217,13 +213,13 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format:
     images, labels = ensure_dir(out_dir / "images" / split), ensure_dir(out_dir / "labels" / split)
     suffix = SUFFIX[image_format]
     entries = _label_texts(photos)
-    failed = 0
+    failed: set[Path] = set()
     if image_format == "jpeg":  # photos not yet resized; one that cannot be decoded is left out, label and all
         jobs = [(path, images / f"{pid}{suffix}") for pid, path, _ in entries
                 if not _made_from(images / f"{pid}{suffix}", path)]
         failed = _resized_jpegs(jobs, size)
-        written = len(jobs) - failed
-        entries = [entry for entry in entries if (images / f"{entry[0]}{suffix}").is_file()]
+        written = len(jobs) - len(failed)
+        entries = [entry for entry in entries if images / f"{entry[0]}{suffix}" not in failed]
     else:
         written = sum(_place_image(path, images / f"{pid}{suffix}") for pid, path, _ in entries)
     names = {pid for pid, _, _ in entries}
@@ -232,7 +228,7 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format:
                + _remove_stale(labels, {f"{n}.txt" for n in names}))
     if written or removed:  # ultralytics' label cache would otherwise describe the previous export
         (out_dir / "labels" / f"{split}.cache").unlink(missing_ok=True)
-    return {"photos": len(names), "written": written, "removed": removed, "undecodable": failed}
+    return {"photos": len(names), "written": written, "removed": removed, "undecodable": len(failed)}
 
 
 def _log_left_out(rows: pd.DataFrame) -> None:
