@@ -298,14 +298,14 @@ def pipeline_latency(cfg: DictConfig, exp_dir: Path, rows: Any, device: Any) -> 
     kept = [weight * share[kind] / left[kind] for weight, kind in kept]
     # hard cases not logged: a measurement's photos are not a user's (logging one costs a few ms, on hard cases only)
     cfg = without_hard_cases(cfg)
-    runs = {"pipeline": cfg,
-            "pipeline_without_imprint": without_imprint_reading(cfg) if cfg.inference.imprint.enabled else None}
-    figures: dict[str, Any] = {}
-    for name, settings in runs.items():
-        predictor = None if settings is None else Predictor(exp_dir, settings, device=str(device))
-        figures[name] = None if predictor is None else measure(
-            lambda image, p=predictor: p.predict(image, "auto"), images, device, passes(device, GPU), weights=kept)
-    return figures
+
+    def timed(settings: DictConfig) -> Any:
+        predictor = Predictor(exp_dir, settings, device=str(device))
+        return measure(lambda image: predictor.predict(image, "auto"), images, device, passes(device, GPU),
+                       weights=kept)
+
+    return {"pipeline": timed(cfg),
+            "pipeline_without_imprint": timed(without_imprint_reading(cfg)) if cfg.inference.imprint.enabled else None}
 
 
 def _pipeline_photos(rows: Any, seed: int) -> tuple[list[str], list[float], list[str]]:
