@@ -45,7 +45,6 @@ UNREADABLE = (-1, -1, 0)  # the slot (shard, offset, bytes) of a row whose photo
 # not mounted) than broken, and training on what is left would be training on a part of the data without a word.
 UNREADABLE_LIMIT = 0.01
 SHARD_ROWS = 2048  # 2048 x 384 x 384 x 3 = 0.9 GB per shard at full size: big sequential files, few of them
-FORMATS = CACHE_FORMATS
 RAW = ImageLimits(upright=False)  # a cached JPEG is read as it was written
 # A JPEG cache's size is known only once crops are encoded: each shard, before it is written, checks the disk for
 # the crops still to write at the mean size of those encoded so far, with this to spare (the rows come class by
@@ -204,7 +203,7 @@ def _save_index(root: Path, index: dict[str, tuple[int, int, int]], unreadable: 
 
 def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop_margin: float,
                 workers: int = 0, progress: bool = False, fmt: str = "npy") -> CachedCrops:
-    """Make sure every row (the classifier's manifest rows) has a cached crop in format `fmt` (FORMATS); returns
+    """Make sure every row (the classifier's manifest rows) has a cached crop in format `fmt` (CACHE_FORMATS); returns
     the read side.
 
     One process at a time adds to a cache (two experiments share `paths.cache_dir` by default): two builders
@@ -212,8 +211,8 @@ def build_cache(rows: pd.DataFrame, cache_dir: str | Path, image_size: int, crop
     name another row's crop under a label, silently. A second builder waits, then adds only what is still
     missing. A cache that lacks nothing is only read, and may be read-only (a teammate's, a shared mount); so may
     one that lacks only rows recorded as unreadable, no more than UNREADABLE_LIMIT of them."""
-    if fmt not in FORMATS:
-        raise CacheError(f"data.cache.format={fmt!r} is not a crop cache format: use one of {', '.join(FORMATS)}")
+    if fmt not in CACHE_FORMATS:
+        raise CacheError(f"data.cache.format={fmt!r} is not a crop cache format: use one of {', '.join(CACHE_FORMATS)}")
     root = cache_root(cache_dir, image_size, crop_margin, fmt)
     if (root / "meta.json").is_file():
         cache = CachedCrops(root)

@@ -37,7 +37,6 @@ from pillsnap.utils.pools import forked_imap
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 NAMES = {0: "pill"}
-IMAGE_FORMATS = DETECTION_EXPORTS  # data.detection_export
 SUFFIX = {"photos": ".png", "jpeg": ".jpg"}
 # The disk an export of resized JPEGs may take, as a share of its pixels' raw bytes: quality-95 JPEGs of the
 # synthetic photos take ~0.1 of them; real photos, noisier, more.
@@ -240,14 +239,14 @@ def _log_left_out(rows: pd.DataFrame) -> None:
 def export_yolo(rows: pd.DataFrame, out_dir: str | Path, include_single: bool = False,
                 include_incomplete: bool = False, image_format: str = "photos", image_size: int = 640) -> Path:
     """Export the rows' photos (combination; optionally single) per split to YOLO format; returns data.yaml.
-    `image_format` (IMAGE_FORMATS): the photos as they are, or the training split's resized to `image_size` px as
+    `image_format` (DETECTION_EXPORTS): the photos as they are, or the training split's resized to `image_size` px as
     JPEGs (validation and test keep the photos).
 
     Photos flagged `incomplete_gt` are left out by default: an unlabelled pill would be taught as background, a
     copied box as a pill where there is none.
     """
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"data.detection_export={image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
+    if image_format not in DETECTION_EXPORTS:
+        raise ValueError(f"data.detection_export={image_format!r}: use one of {', '.join(DETECTION_EXPORTS)}")
     out_dir = ensure_dir(Path(out_dir).resolve())
     keep = rows["image_type"].eq("combination") | (include_single & rows["image_type"].eq("single"))
     if not include_incomplete:
