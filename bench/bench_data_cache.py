@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision import transforms as T
 
@@ -44,6 +45,22 @@ def with_torchvision_jitter(dataset: ClassificationDataset) -> ClassificationDat
     return old
 
 
+def pixel_gaps(caches: dict, keys: list[str]) -> dict[str, float]:
+    """Mean absolute difference in grey levels: each JPEG-cached crop against its npy crop, and our jitter against
+    torchvision's on the npy crops, the same random numbers drawn for both."""
+    jpeg = [np.abs(np.asarray(caches["jpeg"].get(k), float) - np.asarray(caches["npy"].get(k), float)).mean()
+            for k in keys]
+    ours, theirs = ColorJitter(0.2, 0.2, 0.15, 0.02), T.ColorJitter(0.2, 0.2, 0.15, 0.02)
+    jitter = []
+    for seed, key in enumerate(keys):
+        crop = caches["npy"].get(key)
+        torch.manual_seed(seed)
+        a = np.asarray(ours(crop), float)
+        torch.manual_seed(seed)
+        jitter.append(np.abs(a - np.asarray(theirs(crop), float)).mean())
+    return {"jpeg vs npy crop": float(np.mean(jpeg)), "our jitter vs torchvision's": float(np.mean(jitter))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=160, help="single-pill photos (8 classes)")
@@ -65,6 +82,7 @@ def main() -> None:
             built[fmt] = time.perf_counter() - start
         shards = {fmt: sum(p.stat().st_size for p in cache.root.glob("shard_*")) / len(cache)
                   for fmt, cache in caches.items()}
+        gaps = pixel_gaps(caches, list(rows["label_path"]))
 
         def dataset(train: bool, cache: str | None) -> ClassificationDataset:
             return ClassificationDataset(rows, index, args.image_size, train, 0.15, caches.get(cache))
@@ -93,6 +111,7 @@ def main() -> None:
     print(f"bytes a crop: npy {shards['npy'] / 1024:.1f} KB, jpeg {shards['jpeg'] / 1024:.1f} KB "
           f"({shards['npy'] / shards['jpeg']:.1f}x smaller); building each (1 process): npy {built['npy']:.1f} s, "
           f"jpeg {built['jpeg']:.1f} s")
+    print("pixels, mean |difference|: " + "; ".join(f"{name} {value:.2f} grey levels" for name, value in gaps.items()))
     before = ms["train: photo decoded, torchvision jitter (stage 3-4 before)"]
     now = ms["train: jpeg cache, our jitter (stage 3-4 now)"]
     print(f"val, npy cache / photo decoded: {ms['val: photo decoded'] / ms['val: npy cache']:.1f}x; "
