@@ -21,13 +21,15 @@ from pillsnap.data import (
     read_image,
     safe_collate,
 )
+from pillsnap.data.datasets import normalise
 from pillsnap.data.scan import load_manifest
+from pillsnap.engine.classification import to_input
 
 
 def test_classification_batches_and_meta(synth_cfg):
     cls_train, cls_val, cls_test, det_train, det_val, det_test, meta = build_dataloaders_twostage(synth_cfg)
     x, y, info = next(iter(cls_train))
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64  # normalised on the device
     assert set(info) == {"image_path", "mapping_code"} and len(info["mapping_code"]) == 4
     assert [meta["class_names"][i] for i in y.tolist()] == info["mapping_code"]
     assert meta["num_classes"] == 6 and meta["class_names"] == sorted(meta["class_names"])
@@ -112,9 +114,21 @@ def test_a_training_batch_keeps_its_size_when_a_photo_is_undecodable(synth_cfg, 
 def test_classification_transform_is_normalised():
     image = Image.new("RGB", (50, 70), (124, 116, 104))  # ~ ImageNet mean colour
     x = classification_transform(48, train=False)(image)
-    assert x.shape == (3, 48, 48) and x.abs().max() < 0.05
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and x.abs().max() < 0.05
     y = classification_transform(48, train=True)(image)
-    assert y.shape == (3, 48, 48)
+    assert y.shape == (3, 48, 48) and y.dtype == torch.uint8  # pixels: the device normalises them
+    assert normalise(y).dtype == torch.float32 and normalise(y)[:, 20:28, 20:28].abs().max() < 0.6  # jittered colour
+
+
+def test_training_crops_are_normalised_on_the_device_as_evaluation_normalises_them():
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    evaluated = classification_transform(40, train=False)(Image.fromarray(pixels))  # no resize at its own size
+    raw = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+    for channels_last in (False, True):
+        x = to_input(raw, torch.device("cpu"), channels_last)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert torch.allclose(x[0], evaluated, atol=1e-5)
+    assert to_input(evaluated[None], torch.device("cpu"), False).data_ptr() == evaluated.data_ptr()  # float: as it is
 
 
 def colourful(size: int = 64) -> Image.Image:

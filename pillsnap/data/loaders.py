@@ -229,11 +229,12 @@ def _shared_memory_size() -> int | None:
 
 
 def _batches_in_flight(cfg: DictConfig, together: int) -> Callable[[int, int], int]:
-    """Bytes the training loaders' batches in flight hold in /dev/shm with `w` workers at prefetch `p`: each worker
-    holds `p` float32 classification batches (57 MB each at 32 x 384 px) and, training interleaved, ultralytics'
-    two uint8 detection batches; every rank on the machine shares it."""
+    """Bytes the loaders' batches in flight hold in /dev/shm with `w` workers at prefetch `p`: each classifier worker
+    holds `p` batches, float32 ones while validating (57 MB each at 32 x 384 px; training's uint8 ones are a
+    quarter of that) and, training interleaved, ultralytics' two uint8 detection batches, which its workers keep
+    ready through the validation too; every rank on the machine shares it."""
     ranks = _ranks_on_this_machine()
-    cls_batch = int(cfg.train.batch_size) * 3 * int(cfg.model.image_size) ** 2 * 4
+    cls_batch = int(cfg.train.batch_size) * 3 * int(cfg.model.image_size) ** 2 * 4  # a validation batch, the larger
     det_batch = int(cfg.train.detection.batch_size) * 3 * int(cfg.model.det_image_size) ** 2 if together > 1 else 0
     return lambda w, p: ranks * w * (p * cls_batch + 2 * det_batch)
 

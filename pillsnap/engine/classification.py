@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pillsnap.data.datasets import normalise
 from pillsnap.engine.distributed import eval_share, gather_to_main
 from pillsnap.engine.oom import BatchChoice
 from pillsnap.engine.optim import build_criterion_classification
@@ -34,9 +35,12 @@ def resolve_num_classes(cfg: DictConfig, meta: dict) -> int:
 
 
 def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Images moved to `device`, in channels_last memory format when the model uses it."""
+    """Images moved to `device`, in channels_last memory format when the model uses it, and normalised there when
+    they came as uint8 (training batches: data.datasets.normalise)."""
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # before the float conversion: a quarter of the bytes
+    return normalise(x)
 
 
 @torch.no_grad()
