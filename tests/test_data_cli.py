@@ -99,6 +99,8 @@ def test_manifest_writes_the_stage_train_and_val_rows(manifest_dir, tmp_path, ca
     stage_codes = set(pd.read_csv(tmp_path / "stage" / "manifest_train.csv").query("image_type == 'single'")
                       ["mapping_code"])
     assert len(stage_codes) == 3 < load_manifest(manifest_dir)["mapping_code"].nunique()
+    # the line counts the classes the stage classifies, not every drug its combination photos show
+    assert "3 classes to classify" in lines[0] and "other drugs' pills in its combination photos" in lines[0]
 
 
 def test_manifest_without_a_scan_is_one_line_exit_2(tmp_path, monkeypatch, caplog):

@@ -331,3 +331,20 @@ def test_a_chunk_id_follows_its_label_folders_and_their_copies(synth_root, tmp_p
     copy = next(p for p in root.rglob("VL_1_단일/K-*_json"))
     next(copy.glob("*.json")).unlink()  # the copy lost a label: its folder changed
     assert {t.task_id for t in make_tasks(discover(root), 2000)} != before
+
+
+def test_a_drug_filed_in_another_drugs_folders_keeps_the_path_its_photo_has(tmp_path):
+    """A photo and its label filed under another code's folders (K-000031's in K-000030/, K-000030_json/): the row is
+    the photo's own drug at the path where the photo lies, not at the path its name would give (which does not
+    exist, so that training dropped it every epoch and the detector's export failed on it)."""
+    root = tmp_path / "data"
+    img, lab = root / "원천데이터" / "TS_1_단일" / "K-000030", root / "라벨링데이터" / "TL_1_단일" / "K-000030_json"
+    for code in ("K-000030", "K-000031"):
+        for lo in range(0, 100, 20):
+            stem = f"{code}_0_2_0_1_90_{lo:03d}_200"
+            png(img / f"{stem}.png")
+            write(lab / f"{stem}.json", label_bytes(stem, code))
+    report = scan_dataset(root, tmp_path / "m", workers=1, progress=False)
+    rows = load_manifest(tmp_path / "m")
+    assert report["records_kept"] == 10 and set(rows["mapping_code"]) == {"K-000030", "K-000031"}
+    assert all(Path(path).is_file() for path in rows["image_path"])

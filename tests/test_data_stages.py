@@ -103,3 +103,20 @@ def test_a_class_with_no_training_row_is_never_a_classifier_output(caplog):
         everything = select_stage(manifest, cfg)
     assert "K-099999" not in set(everything.loc[everything["stage_class"], "mapping_code"])
     assert len(everything) == len(manifest) and "1 class(es) have no training row" in caplog.text
+
+
+def test_stage_size_counts_the_photos_trained_and_validated_on(caplog):
+    """The design's stage sizes are train + val (Stage 3: 81,475 + 18,525 = 100,000); the test split is held back
+    until the end and comes on top, in its own proportion. Taken out of `max_samples`, it left Stage 3 85,000."""
+    split = ["test"] * 3 + ["val"] * 3 + ["train"] * 14
+    manifest = pd.DataFrame([{"mapping_code": f"K-{c + 1:06d}", "photo_id": f"K-{c + 1:06d}_{i}",
+                              "image_type": "single", "split": split[i % 20]}
+                             for c in range(10) for i in range(200)])  # 15 % test, 15 % val, 70 % train
+    chosen = select_stage(manifest, cfg_for({1: (1000, 10)}), 1)
+    splits = chosen[chosen.image_type == "single"]["split"].value_counts()
+    assert 1000 <= splits["train"] + splits["val"] <= 1000 + 2 * 10  # per class, each split's share rounded up
+    assert abs(splits["test"] / (splits["train"] + splits["val"]) - 15 / 85) < 0.02
+    assert "asks for" not in caplog.text
+    fewer = select_stage(manifest, cfg_for({1: (1000, 40)}), 1)  # only 10 drugs: each takes a larger share
+    assert "stage 1 asks for 40 classes; the data has 10" in caplog.text
+    assert fewer[fewer.split != "test"].shape[0] >= 1000

@@ -215,7 +215,11 @@ def _count_checks(state: _ChunkState, info: aihub.FileNameInfo, records: list[ai
     counts["photos_combination" if info.is_combination else "photos_single"] += 1
 
 
-def _process_photo(state: _ChunkState, stem: str, members: list[LabelFile], images: dict[str, Location]) -> None:
+def _process_photo(state: _ChunkState, stem: str, members: list[LabelFile], images: dict[str, Location],
+                   image_folder: str) -> None:
+    """One photo's label files -> its rows; the photo is looked up in `image_folder` (the label folder's own photo
+    folder), and its path is where it was found, also when its name says another folder (a drug filed in
+    another drug's folders)."""
     try:
         info = aihub.parse_file_name(stem)
     except ValueError:
@@ -229,7 +233,7 @@ def _process_photo(state: _ChunkState, stem: str, members: list[LabelFile], imag
     if not records:
         return
     check = check_photo(info.codes, [r for _, r in records])
-    image_path = image_loc.path(f"{info.folder}/{stem}.png")
+    image_path = image_loc.path(f"{image_folder}/{stem}.png")
     for ((loc, member), rec), issue in zip(records, check.issues, strict=True):
         # a label copy in no named partition (unzipped into a folder of its own) takes its photo's partition
         state.add(rec, info, (image_path, loc.path(member)), loc, loc.part or image_loc.part, check.incomplete,
@@ -269,7 +273,7 @@ def process_chunk(task: ChunkTask, parts_dir: str, seed: int) -> dict[str, Any]:
             by_stem[member.rpartition("/")[2][:-5]].append((loc, member))
         state.counts["label_files"] += sum(len(v) for v in by_stem.values())
         for stem, members in sorted(by_stem.items()):
-            _process_photo(state, stem, members, images)
+            _process_photo(state, stem, members, images, image_folder)
         state.counts["image_without_label"] += len({n[:-4] for n in images} - set(by_stem))
     table = state.table(seed)
     with atomic_path(Path(parts_dir) / f"part-{task.task_id}.parquet") as tmp:

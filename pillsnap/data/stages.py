@@ -49,10 +49,14 @@ def _take_per_group(frame: pd.DataFrame, keys: list[str], quota_of: pd.Series, s
 
 
 def _sample_singles(singles: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
-    # Each split keeps its share of the class quota, so val/test stay proportional and stratified.
-    class_size = singles.groupby("mapping_code")["photo_id"].transform("size")
+    """Up to `per_class` training and validation photos of each class, each split its share of them, and the test
+    split's photos in the same proportion on top: the design's stage sizes count the photos a stage trains and
+    validates on (Stage 3: 81,475 + 18,525), and the test split is held back until the end."""
     split_size = singles.groupby(["mapping_code", "split"])["photo_id"].transform("size")
-    quota = np.ceil(per_class * split_size / class_size).clip(upper=split_size).astype(int)
+    used = singles["split"].ne("test").groupby(singles["mapping_code"]).transform("sum")
+    # a class held out whole (test only) keeps its test share of the quota as it had
+    used = used.where(used > 0, split_size)
+    quota = np.ceil(per_class * split_size / used).clip(upper=split_size).astype(int)
     return _take_per_group(singles, ["mapping_code", "split"], quota, seed)
 
 
@@ -92,9 +96,10 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
 
     Classes are drawn from the classifier candidates with a training row (so a class seen only in combination
     photos can be one), and a class left with none after sampling is not a stage class (_trained).
-    Single-pill rows: `max_classes` classes, about `max_samples / max_classes` photos per class (split shares
-    kept). Combination rows: photos with at least one stage class, at most `max_samples` photos; their pills of
-    stage classes classify when `data.combo_crops` is on. With progressive validation disabled every row is used.
+    Single-pill rows: `max_classes` classes, about `max_samples / max_classes` training and validation photos per
+    class (split shares kept), and test photos in proportion on top. Combination rows: photos with at least one
+    stage class, at most `max_samples` photos; their pills of stage classes classify when `data.combo_crops` is on.
+    With progressive validation disabled every row is used.
     """
     candidates = classification_candidates(manifest, cfg)
     if not candidates.any():
@@ -109,6 +114,10 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     trainable = candidates & manifest["split"].eq("train")
     classes = stage_classes(manifest.loc[trainable if trainable.any() else candidates, "mapping_code"],
                             int(settings.max_classes), seed)
+    if len(classes) < int(settings.max_classes):  # AI Hub's "5,000 kinds" hold about 4,500 drugs with photos
+        LOGGER.warning("stage %s asks for %d classes; the data has %d with a training row: the stage trains on "
+                       "those, each with a larger share of max_samples", stage or
+                       cfg.data.progressive_validation.current_stage, int(settings.max_classes), len(classes))
     per_class = max(1, math.ceil(int(settings.max_samples) / len(classes)))
     singles = manifest[(manifest["image_type"] == "single") & manifest["mapping_code"].isin(classes)]
     chosen = _sample_singles(singles, per_class, seed)

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import uuid
-import zipfile
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -33,6 +32,7 @@ from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, jpeg_bytes, read_b
 from pillsnap.utils.io import check_free_space, save_text
 from pillsnap.utils.offline import ultralytics_offline
 from pillsnap.utils.pools import forked_imap
+from pillsnap.utils.zips import read_central_directory
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -165,11 +165,18 @@ def _zip_copies(photos: pd.DataFrame, out_dir: Path) -> tuple[int, int]:
         if not (out_dir / "images" / split / f"{photo_id}.png").is_file():  # one made again replaces itself
             archive, member = split_zip_path(path)
             by_zip.setdefault(archive, []).append(member)
-    need = 0
+    need, count = 0, 0
     for archive, members in by_zip.items():
-        with zipfile.ZipFile(archive) as opened:
-            need += sum(opened.getinfo(member).file_size for member in members)
-    return need, sum(map(len, by_zip.values()))
+        # the zip's directory as the loaders read it (a name flagged UTF-8 that is not costs that member, where
+        # zipfile refuses the archive); a PNG's stored size is its size, and deflate barely shrinks one
+        try:
+            entries = read_central_directory(archive)
+        except DECODE_ERRORS:  # out of reach or broken: its photos are left out when placed, each named
+            continue
+        found = [entries[member] for member in members if member in entries]  # the others are left out when placed
+        need += sum(entry.compress_size for entry in found)
+        count += len(found)
+    return need, count
 
 
 def _resized_bytes(photos: pd.DataFrame, out_dir: Path, size: int) -> tuple[int, int]:
@@ -218,9 +225,15 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format:
                 if not _made_from(images / f"{pid}{suffix}", path)]
         failed = _resized_jpegs(jobs, size)
         written = len(jobs) - len(failed)
-        entries = [entry for entry in entries if images / f"{entry[0]}{suffix}" not in failed]
     else:
-        written = sum(_place_image(path, images / f"{pid}{suffix}") for pid, path, _ in entries)
+        written = 0
+        for pid, path, _ in entries:
+            try:
+                written += _place_image(path, images / f"{pid}{suffix}")
+            except DECODE_ERRORS as err:  # a zip member gone or damaged since the scan: as an undecodable photo
+                LOGGER.warning("YOLO export: skipping unreadable %s: %s", path, err)
+                failed.add(images / f"{pid}{suffix}")
+    entries = [entry for entry in entries if images / f"{entry[0]}{suffix}" not in failed]
     names = {pid for pid, _, _ in entries}
     written += sum(_write_if_changed(labels / f"{pid}.txt", text) for pid, _, text in entries)
     removed = (_remove_stale(images, {f"{n}{suffix}" for n in names})
