@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -230,7 +231,8 @@ def _export_split(photos: pd.DataFrame, out_dir: Path, split: str, image_format:
         for pid, path, _ in entries:
             try:
                 written += _place_image(path, images / f"{pid}{suffix}")
-            except DECODE_ERRORS as err:  # a zip member gone or damaged since the scan: as an undecodable photo
+            except (KeyError, zipfile.BadZipFile, FileNotFoundError) as err:  # a zip or member gone or damaged
+                # since the scan: as an undecodable photo (a disk that fills up while copying still stops the export)
                 LOGGER.warning("YOLO export: skipping unreadable %s: %s", path, err)
                 failed.add(images / f"{pid}{suffix}")
     entries = [entry for entry in entries if images / f"{entry[0]}{suffix}" not in failed]
