@@ -126,6 +126,24 @@ def test_a_real_cuda_oom_is_recovered_by_micro_batching(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compiled_classifier_accumulates_gradients_over_chunks(tmp_path, mode, tf32_flags):
+    """With CUDA graphs, the second chunk's backward overwrote the first one's gradients and torch stopped the run
+    (pytorch/pytorch#169545); training compiles without them. The accumulated step moves the weights as eager does."""
+    plain = ("train.grad_accum_steps=2", "train.ema.enabled=false", "train.classification.amp=false",
+             "train.classification.tf32=false")
+    compiled = classification_task(tmp_path, f"optimization.torch_compile={mode}", *plain)
+    eager = classification_task(tmp_path, *plain)
+    assert hasattr(compiled.model, "_orig_mod"), "torch.compile fell back to eager"
+    eager.raw_model.load_state_dict(compiled.raw_model.state_dict())
+    for batch in list(compiled.train_loader)[:3]:
+        assert math.isfinite(compiled.train_step(batch).loss) and math.isfinite(eager.train_step(batch).loss)
+    for (name, a), b in zip(compiled.raw_model.state_dict().items(), eager.raw_model.state_dict().values(),
+                            strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), name
+
+
 def test_compiled_classifier_announces_itself_and_trains(tmp_path, caplog):
     caplog.set_level("INFO", logger="pillsnap")
     task = classification_task(tmp_path, "optimization.torch_compile=reduce-overhead")

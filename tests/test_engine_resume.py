@@ -494,3 +494,25 @@ def test_where_the_starting_weights_came_from_is_recorded_and_a_resume_keeps_its
     assert run_training(make_cfg(fresh, "train.epochs=1", "model.pretrained=false"), fake_build_loaders)[0] == 0
     assert read_json(fresh / "reports" / "metrics.json")["system"]["init_weights"] == {
         "classification": "random (model.pretrained=false)"}
+
+
+def test_training_compiles_without_cuda_graphs(monkeypatch, caplog, tmp_path):
+    """A CUDA graph's outputs are overwritten by its next replay, and an optimizer step's first gradient is one of
+    them: with gradients accumulated over chunks (grad_accum_steps, an OOM recovery) torch stopped the run. Both
+    configured modes compile for training without CUDA graphs; max-autotune keeps its kernel tuning."""
+    from pillsnap.utils import torch_utils
+
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: asked.append(kwargs) or model)
+    for mode in ("max-autotune", "reduce-overhead"):
+        torch_utils.try_torch_compile(nn.Linear(2, 2), mode)
+    assert [kwargs["mode"] for kwargs in asked] == ["max-autotune-no-cudagraphs", "default"]
+    from torch._inductor import list_mode_options
+
+    assert all(not list_mode_options(kwargs["mode"]).get("triton.cudagraphs") for kwargs in asked)
+    assert list_mode_options(asked[0]["mode"])["max_autotune"]
+    with caplog.at_level(logging.INFO):
+        ClassificationTask(make_cfg(tmp_path, "optimization.torch_compile=max-autotune"),
+                           *fake_build_loaders(make_cfg(tmp_path))[:2], fake_build_loaders(make_cfg(tmp_path)).meta,
+                           "cpu")
+    assert "training compiles as mode=max-autotune-no-cudagraphs" in caplog.text

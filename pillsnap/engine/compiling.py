@@ -12,6 +12,7 @@ from torch import nn
 
 from pillsnap.engine.distributed import DistInfo, any_rank
 from pillsnap.utils import is_out_of_memory, try_torch_compile
+from pillsnap.utils.torch_utils import TRAINING_COMPILE_MODES
 
 if TYPE_CHECKING:
     from pillsnap.engine.task import Task
@@ -27,7 +28,9 @@ def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
     if not task.compile_model or mode == "none":
         return model
     LOGGER.info("compiling the %s model with torch.compile(mode=%s): the first steps take longer (minutes for "
-                "max-autotune)", task.name, mode)
+                "max-autotune); training compiles as mode=%s, without CUDA graphs, whose outputs the next step "
+                "overwrites, the gradients accumulated over chunks among them", task.name, mode,
+                TRAINING_COMPILE_MODES[mode])
     start = time.monotonic()
     compiled = try_torch_compile(model, mode)
     ranks = _process_group()

@@ -14,6 +14,12 @@ from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 COMPILE_MODES = ("none", "reduce-overhead", "max-autotune")
+# torch's mode each one trains with: the same, without CUDA graphs. A CUDA graph's outputs are overwritten by its next
+# replay, and a parameter's first gradient of an optimizer step is such an output, which autograd keeps as .grad:
+# the next chunk's backward overwrites it, and torch stops the run ("accessing gradient tensor output of CUDAGraphs
+# that has been overwritten", pytorch/pytorch#169545). Training accumulates gradients over chunks whenever
+# train.grad_accum_steps > 1, the auto batch search picks less than the batch, or an OOM recovery splits it.
+TRAINING_COMPILE_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
@@ -86,13 +92,16 @@ def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
     The graphs are specialised to each batch size (dynamic=False). Training batches are all one size; with torch's
     default, one batch of another size (a batch that lost an undecodable photo, an OOM recovery chunk) compiles a
     graph for any size, and every later batch runs that one instead of the one tuned for the real size.
+
+    The model is compiled for training, without CUDA graphs (TRAINING_COMPILE_MODES): max-autotune keeps its
+    tuned kernels, reduce-overhead, CUDA graphs and nothing else, compiles as torch's default.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"torch_compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "none":
         return model
     try:
-        return torch.compile(model, mode=mode, dynamic=False)
+        return torch.compile(model, mode=TRAINING_COMPILE_MODES[mode], dynamic=False)
     except Exception as err:  # compile backends fail in many ways; eager always works
         LOGGER.warning("torch.compile(mode=%s) failed, falling back to eager: %s", mode, err)
         return model
