@@ -4,7 +4,8 @@ training transform's colour jitter (ours vs torchvision's).
 Every arm goes through the same ClassificationDataset, one process, one thread, warm page cache; the arms take turns
 round by round and each arm's median round is reported, so the ratios are measured in one run on the same machine.
 "Stage 3-4 before" is what a Stage 3-4 training sample cost before these changes (the photo decoded for each crop,
-torchvision's ColorJitter); "after" is the stage's default now (the JPEG cache, our ColorJitter).
+torchvision's ColorJitter, the crop normalised to float32 in the worker); "now" is the stage's default now (the JPEG
+cache, our ColorJitter, uint8 pixels normalised on the GPU: bench/uint8_batches.py measures that part alone).
 
     .venv/bin/python bench/bench_data_cache.py --images 160 --image-scale 1.0 --image-size 384
 """
@@ -23,7 +24,7 @@ import torch
 from torchvision import transforms as T
 
 from pillsnap.data.cache import build_cache
-from pillsnap.data.datasets import ClassificationDataset, ColorJitter
+from pillsnap.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ClassificationDataset, ColorJitter
 from pillsnap.data.scan import load_manifest, scan_dataset
 from pillsnap.data.synth import generate_dataset
 
@@ -35,12 +36,16 @@ def seconds_per_sample(dataset: ClassificationDataset) -> float:
     return (time.perf_counter() - start) / len(dataset)
 
 
-def with_torchvision_jitter(dataset: ClassificationDataset) -> ClassificationDataset:
-    """The dataset with torchvision's own ColorJitter (same factors) in place of ours."""
+def with_torchvision_jitter(dataset: ClassificationDataset, as_float: bool = False) -> ClassificationDataset:
+    """The dataset with torchvision's own ColorJitter (same factors) in place of ours; `as_float`: its crops also
+    ImageNet-normalised float32 in the worker, as training crops were before they left the workers as uint8."""
     old = copy.copy(dataset)
     steps = [T.ColorJitter(s.brightness, s.contrast, s.saturation, s.hue) if isinstance(s, ColorJitter) else s
              for s in dataset.transform.transforms]
     assert steps != dataset.transform.transforms, "the training transform has no ColorJitter"
+    if as_float:
+        assert isinstance(steps[-1], T.PILToTensor), "the training transform no longer ends in uint8 pixels"
+        steps[-1:] = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     old.transform = T.Compose(steps)
     return old
 
@@ -91,10 +96,11 @@ def main() -> None:
             "val: photo decoded": dataset(False, None),
             "val: npy cache": dataset(False, "npy"),
             "val: jpeg cache": dataset(False, "jpeg"),
-            "train: photo decoded, torchvision jitter (stage 3-4 before)": with_torchvision_jitter(dataset(True, None)),
+            "train: photo decoded, torchvision jitter, float (stage 3-4 before)":
+                with_torchvision_jitter(dataset(True, None), as_float=True),
             "train: npy cache, torchvision jitter": with_torchvision_jitter(dataset(True, "npy")),
             "train: npy cache, our jitter": dataset(True, "npy"),
-            "train: jpeg cache, our jitter (stage 3-4 now)": dataset(True, "jpeg"),
+            "train: jpeg cache, our jitter, uint8 (stage 3-4 now)": dataset(True, "jpeg"),
         }
         for arm in arms.values():  # every page touched once, as after a first epoch
             seconds_per_sample(arm)
@@ -112,8 +118,8 @@ def main() -> None:
           f"({shards['npy'] / shards['jpeg']:.1f}x smaller); building each (1 process): npy {built['npy']:.1f} s, "
           f"jpeg {built['jpeg']:.1f} s")
     print("pixels, mean |difference|: " + "; ".join(f"{name} {value:.2f} grey levels" for name, value in gaps.items()))
-    before = ms["train: photo decoded, torchvision jitter (stage 3-4 before)"]
-    now = ms["train: jpeg cache, our jitter (stage 3-4 now)"]
+    before = ms["train: photo decoded, torchvision jitter, float (stage 3-4 before)"]
+    now = ms["train: jpeg cache, our jitter, uint8 (stage 3-4 now)"]
     print(f"val, npy cache / photo decoded: {ms['val: photo decoded'] / ms['val: npy cache']:.1f}x; "
           f"jpeg cache / photo decoded: {ms['val: photo decoded'] / ms['val: jpeg cache']:.1f}x")
     print(f"train, our jitter / torchvision's (npy cache): "
