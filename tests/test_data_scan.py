@@ -255,6 +255,8 @@ def test_folders_whose_names_are_not_utf8_are_left_out_and_named(broken_root, tm
     assert report["records_kept"] == 3 and "K-000004" not in set(load_class_map(tmp_path / "out"))
     warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
     assert len(warned) == 1 and "2 folder(s)" in warned[0] and r"\xb4\xdc\xc0\xcf" in warned[0]
+    assert len(report["names_not_utf8"]) == 2 and all(r"\xb4\xdc\xc0\xcf" in name for name in report["names_not_utf8"])
+    assert json.loads((tmp_path / "out" / "scan_report.json").read_text())["names_not_utf8"] == report["names_not_utf8"]
     only_bad = tmp_path / "only_bad"
     write(only_bad / f"TL_{cp949}" / "K-000004_json" / "K-000004_0_2_0_1_90_000_200.json",
           label_bytes("K-000004_0_2_0_1_90_000_200", "K-000004"))

@@ -26,7 +26,16 @@ from tqdm import tqdm
 from pillsnap.data.scan_checks import PHOTO_REASONS
 from pillsnap.data.scan_chunk import MANIFEST_SCHEMA, process_chunk
 from pillsnap.data.scan_layout import diagnose, layout_of
-from pillsnap.data.scan_walk import ChunkTask, Discovery, ScanError, discover, is_image, looked_in, make_tasks
+from pillsnap.data.scan_walk import (
+    ChunkTask,
+    Discovery,
+    ScanError,
+    discover,
+    is_image,
+    looked_in,
+    make_tasks,
+    shown_path,
+)
 from pillsnap.data.splits import assign_splits, collect_groups, with_split
 from pillsnap.utils import atomic_path, ensure_dir, read_json, save_json
 from pillsnap.utils.devices import usable_cores
@@ -197,7 +206,10 @@ def _report(counts: Counter, found: Discovery, labelled: set[str], splits: Count
         "incomplete_gt_photos": counts["incomplete_gt_photos"], "classes": n_classes,
         # what was not read: zips that cannot be opened (their labels and photos are missing from the manifest),
         # and label files found again in a second copy of their folder (read once)
-        "unreadable_zips": found.unreadable_zips, "duplicate_label_files": counts["duplicate_label_files"],
+        "unreadable_zips": found.unreadable_zips,
+        # folders, zips and files left out because their names are not UTF-8 (a Windows archive's cp949), named
+        "names_not_utf8": [shown_path(path) for path in found.not_utf8],
+        "duplicate_label_files": counts["duplicate_label_files"],
         "duplicate_label_folders": found.duplicate_folders,
         "duplicate_label_files_across_partitions": counts["duplicate_label_files_across_partitions"],
         "rows_per_split": {k: splits.get(k, 0) for k in ("train", "val", "test")},
