@@ -496,3 +496,24 @@ def test_the_time_cap_vote_between_steps_waits_on_the_steps_own_clock(tmp_path):
     run_ranks(step_vote_worker, (2, free_port(), str(tmp_path)), timeout=120)
     assert [outcome(tmp_path, r)["error"] for r in (0, 1)] == [None, None]
     assert outcome(tmp_path, 0)["capped"] is outcome(tmp_path, 1)["capped"] is False
+
+
+def restart_worker(rank: int, world: int, port: int, root: str, epochs: int, counts: tuple[str, ...]) -> None:
+    from pillsnap.engine.run import run_training
+
+    start_rank(rank, world, port, TORCHELASTIC_RUN_ID="job-1", TORCHELASTIC_RESTART_COUNT=counts[rank])
+    code, trainer = run_training(make_cfg(Path(root) / "exp", f"train.epochs={epochs}"), fake_build_loaders)
+    record(root, rank, code=code, start_epoch=trainer.start_epoch if trainer else None)
+
+
+def test_a_restart_that_one_node_counts_and_another_does_not_resumes_on_every_rank(tmp_path):
+    """torchrun counts restarts per node: a node that replaced a failed one starts at 0 while the others count 1.
+    Rank 0 at 0 went on while rank 1 waited in the restart's broadcast (a hang), and would have started the job
+    over, its checkpoints overwritten. A restart any rank counts is one on every rank."""
+    run_ranks(restart_worker, (2, free_port(), str(tmp_path), 1, ("0", "0")))  # the job's first start: epoch 1
+    assert outcome(tmp_path, 0)["code"] == outcome(tmp_path, 1)["code"] == 0
+    run_ranks(restart_worker, (2, free_port(), str(tmp_path), 2, ("0", "1")), timeout=120)  # rank 0's node is new
+    for rank in (0, 1):
+        assert outcome(tmp_path, rank) == {"code": 0, "start_epoch": 1}, rank  # resumed, not started over
+    log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text()
+    assert "torchrun restart 1: resuming the last checkpoints" in log

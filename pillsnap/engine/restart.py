@@ -13,19 +13,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pillsnap.engine import checkpointing as ck
-from pillsnap.engine.distributed import DistInfo, broadcast_object
+from pillsnap.engine.distributed import DistInfo, all_ranks, broadcast_object
 from pillsnap.utils.io import read_json, save_json
 
 
 def restart_count() -> int:
     """How many times torchrun has restarted this job's processes (0: its first start, or no torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def restarted_by_torchrun() -> bool:
-    """Whether torchrun restarted this run's processes after a failure (--max-restarts): each restart must go on
-    from the checkpoints, not train over them from scratch."""
-    return restart_count() > 0
 
 
 JOB_MARKER = "torchrun_job.json"  # beside the checkpoints: when this torchrun job first started, and its run id
@@ -75,9 +69,15 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
     """Before the trainer starts: on a torchrun restart, set cfg.train.resume as rank 0 decides (after completing
     any checkpoint commit a kill left half done) and log why; at a job's first start, mark it (and warn when its
     restarts could not reconnect). Returns (restarted, the time before which `last` files are an older run's: set
-    only when the restart resumes `last` of its own accord, not when the job was started with train.resume=last)."""
+    only when the restart resumes `last` of its own accord, not when the job was started with train.resume=last).
+
+    A restart is one when any rank's torchrun counts it: each node's agent keeps its own count, and a node that
+    replaced a failed one starts at 0 while the others count 1. Every rank takes the same branch, so rank 0's
+    decision reaches all of them (one rank in the restart's broadcast and another past it waited for good, and a
+    rank 0 on the new node would have started the job over, its checkpoints overwritten)."""
     ckpt_dir = Path(cfg.paths.exp_dir) / "checkpoints"
-    if not restarted_by_torchrun():
+    count = max(all_ranks(info, restart_count()))
+    if not count:
         if "TORCHELASTIC_RUN_ID" in os.environ and info.is_main:
             mark_torchrun_job(ckpt_dir)
             if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and \
@@ -97,5 +97,5 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
             mark_torchrun_job(ckpt_dir)  # is the job's first to run, and its own restarts must find its mark
     resume, why, job_started = broadcast_object(info, decided)  # every rank resumes the same way
     cfg.train.resume = resume
-    logger.warning("torchrun restart %s: %s", os.environ["TORCHELASTIC_RESTART_COUNT"], why)
+    logger.warning("torchrun restart %s: %s", count, why)
     return True, job_started if resume == "last" and str(configured) != "last" else None
