@@ -517,3 +517,24 @@ def test_a_restart_that_one_node_counts_and_another_does_not_resumes_on_every_ra
         assert outcome(tmp_path, rank) == {"code": 0, "start_epoch": 1}, rank  # resumed, not started over
     log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text()
     assert "torchrun restart 1: resuming the last checkpoints" in log
+
+
+def turn_taker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.distributed import cleanup, init_distributed, main_rank_first
+
+    start_rank(rank, world, port)
+    info = init_distributed(timeout_minutes=1)
+    with main_rank_first(info):
+        time.sleep(2.0 if rank else 0.0)  # the other rank's turn takes a while (Stage 4's loaders)
+        block_end = time.time()
+    record(root, rank, block_end=block_end, left=time.time())
+    cleanup(info)
+
+
+def test_no_rank_leaves_its_turn_before_the_last_rank_has_run_its_block(tmp_path):
+    """Rank 0 left main_rank_first as the last rank began its block, and met it next in a collective of the default
+    group (DDP's construction), under NCCL's 10-minute watchdog rather than train.ddp_timeout_minutes."""
+    run_ranks(turn_taker, (2, free_port(), str(tmp_path)), timeout=60)
+    first, last = outcome(tmp_path, 0), outcome(tmp_path, 1)
+    assert last["block_end"] >= first["block_end"] + 2.0  # rank 1's turn came after rank 0's
+    assert first["left"] >= last["block_end"]

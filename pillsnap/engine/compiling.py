@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from torch import nn
 
-from pillsnap.engine.distributed import DistInfo, any_rank
+from pillsnap.engine.distributed import DistInfo, all_ranks
 from pillsnap.utils import is_out_of_memory, try_torch_compile
 from pillsnap.utils.torch_utils import TRAINING_COMPILE_MODES
 
@@ -50,7 +50,9 @@ def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
                 LOGGER.warning("%s: torch.compile(mode=%s) failed in its warm-up, training eager instead: %s",
                                task.name, mode, err)
                 failed = True
-    if ranks.world_size > 1 and any_rank(ranks, failed, task.device) and not failed:
+    # on the wait group (train.ddp_timeout_minutes): a rank whose compile failed at once waits here for the others'
+    # whole max-autotune compile, which outlasts NCCL's 10-minute watchdog
+    if ranks.world_size > 1 and any(all_ranks(ranks, failed)) and not failed:
         LOGGER.warning("%s: torch.compile failed on another rank: every rank trains eager", task.name)
         failed = True
     if failed:

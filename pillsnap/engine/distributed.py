@@ -132,7 +132,10 @@ def main_rank_first(info: DistInfo) -> Iterator[None]:
     try:
         yield
     finally:
-        for _ in range(2 - turn):
+        # one turn more than there are: no rank leaves before the last has run its block. Rank 0 left as the last
+        # began, and met them next in a collective of the default group (DDP's construction), under NCCL's
+        # 10-minute watchdog instead of train.ddp_timeout_minutes, while 7 ranks built Stage 4's loaders
+        for _ in range(3 - turn):
             barrier(info)
 
 
