@@ -246,13 +246,16 @@ OOM_CFG = ("train.oom.escalate_to_fp16=false", "train.oom.max_grad_accum=1", "tr
            "train.deterministic=true", "train.ddp_timeout_minutes=1")
 
 
-def oom_worker(rank: int, world: int, port: int, root: str, attempt: int, oom_at: str) -> None:
+def oom_worker(rank: int, world: int, port: int, root: str, attempt: int, oom_at: str, blind: bool = False) -> None:
+    from pillsnap.engine import trainer as trainer_module
     from pillsnap.engine.oom import FAKE_OOM_ENV
     from pillsnap.engine.run import run_training
 
     env = {"TORCHELASTIC_RUN_ID": "oom-job", "TORCHELASTIC_RESTART_COUNT": str(attempt)}
     if rank == 1 and oom_at:
         env[FAKE_OOM_ENV] = oom_at
+    if rank == 1 and blind:  # a rank that cannot see the file (a node with a folder of its own)
+        trainer_module.load_recovery = lambda ckpt_dir: {}
     start_rank(rank, world, port, **env)
     cfg = make_cfg(Path(root) / "exp", "train.epochs=2", *OOM_CFG)
     try:
@@ -294,7 +297,8 @@ def test_an_oom_on_one_rank_stops_the_run_and_every_rank_applies_its_recovery_on
     assert entry["epoch"] == 1 and entry["made_for"]["batch_size"] == 8  # still the checkpoint's knobs
     assert entry["knobs"]["batch_size"] == 2 and entry["lr_scale"] == pytest.approx(0.25) and entry["retries"] == 2
 
-    run_ranks(oom_worker, (2, free_port(), root, 2, ""))
+    # rank 1 cannot read the file itself: rank 0's reading reaches it (ranks reading it each could part their knobs)
+    run_ranks(oom_worker, (2, free_port(), root, 2, "", True))
     r0, r1 = outcome(tmp_path, 0), outcome(tmp_path, 1)
     log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text()
     assert "applying the OOM recovery rank 1 saved at epoch 1" in log and "torchrun restart 2" in log

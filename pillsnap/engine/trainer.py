@@ -543,13 +543,28 @@ class Trainer:
         """The knobs now in force are the ones a saved OOM recovery starts from (at the start, and after commits)."""
         self.recovery_base = {name: (task.oom_state(), 1.0) for name, task in self.tasks.items()}
 
+    def _saved_recovery(self) -> dict:
+        """The saved OOM recovery as rank 0 reads it, on every rank: each rank reading the file itself could find
+        it gone (rank 0 removes it when the run does not resume) or not see it at all (a node with its own folder),
+        and ranks applying different knobs wait on each other in the first step. A broken file stops every rank."""
+        found: Any = None
+        if self.info.is_main:
+            try:
+                found = load_recovery(self.store.dir)
+            except ValueError as err:
+                found = str(err)
+        found = broadcast_object(self.info, found)
+        if isinstance(found, str):
+            raise ValueError(found)
+        return found
+
     def apply_saved_recovery(self, resuming: bool) -> None:
         """Every rank applies the OOM recovery saved when a DDP run stopped (RankOutOfMemory), for each task whose
         state is the one it was saved from: a run that resumes (or a torchrun restart), at the epoch it was saved
         at, with the knobs it was made for; one that gave up stops the start (ValueError). A task in another state
         warns and leaves it, and rank 0 removes the file once a checkpoint is committed; a run that neither
         resumes nor restarts removes it at once (a later restart of that run must not find it)."""
-        saved_tasks = load_recovery(self.store.dir)
+        saved_tasks = self._saved_recovery()
         if saved_tasks and not resuming and self.info.is_main:
             (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
         for name, saved in saved_tasks.items():
