@@ -542,3 +542,32 @@ def test_no_rank_leaves_its_turn_before_the_last_rank_has_run_its_block(tmp_path
     first, last = outcome(tmp_path, 0), outcome(tmp_path, 1)
     assert last["block_end"] >= first["block_end"] + 2.0  # rank 1's turn came after rank 0's
     assert first["left"] >= last["block_end"]
+
+
+def after_worker(rank: int, world: int, port: int, root: str) -> None:
+    from pillsnap.engine.run import run_training
+
+    start_rank(rank, world, port, LOCAL_WORLD_SIZE=str(world))
+
+    def after(code, trainer):
+        from pillsnap.data.loaders import workers_for_this_rank
+
+        record(root, rank, seen=os.environ["LOCAL_WORLD_SIZE"], workers=workers_for_this_rank(64))
+        return code
+
+    code, _ = run_training(make_cfg(Path(root) / "exp", "train.epochs=1"), fake_build_loaders, after=after)
+    if rank:
+        record(root, rank, code=code)
+    else:
+        record(root, rank, code=code, **outcome(Path(root), 0), restored=os.environ["LOCAL_WORLD_SIZE"])
+
+
+def test_the_work_after_training_has_the_machine_to_itself(tmp_path):
+    """Rank 0 calibrates and evaluates alone once the other ranks have left; its loaders kept one rank's share of the
+    cores (LOCAL_WORLD_SIZE), one worker a loader for 8 ranks on 16 cores."""
+    from pillsnap.utils.devices import usable_cores
+
+    run_ranks(after_worker, (2, free_port(), str(tmp_path)))
+    first = outcome(tmp_path, 0)
+    assert first["code"] == outcome(tmp_path, 1)["code"] == 0 and "seen" not in outcome(tmp_path, 1)
+    assert first["seen"] == "1" and first["workers"] == usable_cores() and first["restored"] == "2"

@@ -8,6 +8,7 @@ run itself (build, resume, epochs, checkpoints) is `Trainer` in engine/trainer.p
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -128,8 +129,24 @@ def run_training(cfg: DictConfig, build_loaders: BuildLoaders | None = None,
         with stops_as_interrupt():
             code, trainer = _train_in(exp_dir, cfg, info, build_loaders, callbacks, task_types)
             if after is not None and trainer is not None and info.is_main:
-                code = after(code, trainer)
+                with _alone_on_the_machine(info):
+                    code = after(code, trainer)
             return code, trainer
+
+
+@contextmanager
+def _alone_on_the_machine(info: DistInfo) -> Iterator[None]:
+    """Rank 0's work after training runs once the other ranks have left, so the machine's cores and /dev/shm are its
+    own: its loaders (calibration, the stage evaluation, the final test) would otherwise keep the share of one rank
+    of LOCAL_WORLD_SIZE (1 worker a loader for 8 ranks on 16 cores)."""
+    saved = os.environ.get("LOCAL_WORLD_SIZE")
+    if info.enabled and saved is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_WORLD_SIZE"] = saved
 
 
 def _train_in(exp_dir: Path, cfg: DictConfig, info: DistInfo, build_loaders: BuildLoaders | None,
