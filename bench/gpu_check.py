@@ -48,7 +48,8 @@ STEPS = (
     Step("ddp", 150, ("synthetic_data",), "torchrun --nproc_per_node=N interleaved run, then an OOM on rank 1 "
                                           "brought back by a torchrun restart (skipped with one GPU)"),
     Step("train_max_autotune", 200, ("synthetic_data",), "as train_reduce_overhead with torch.compile max-autotune "
-                                                          "(gets what is left of the budget)"),
+                                                          "and gradients accumulated over 2 chunks (gets what is "
+                                                          "left of the budget)"),
 )
 DRY_BUDGETS = {"environment": 30, "cuda_tests": 60, "synthetic_data": 30, "train_reduce_overhead": 60,
                "latency": 60, "auto_batch": 45, "oom_recovery": 45, "ddp": 150, "train_max_autotune": 60}

@@ -142,6 +142,8 @@ def train_run(ctx: Ctx, mode: str) -> dict:
     # The dry run stops after max_steps; on a GPU the engine's stage time cap ends the run (the epochs are a bound).
     steps = [f"train.max_steps_per_epoch={ctx.size.max_steps}", "train.epochs=1"] if ctx.size.max_steps else \
         ["train.epochs=100"]
+    if mode == "max-autotune":  # Stage 3-4's mode, with gradients accumulated over two chunks (as after an OOM
+        steps.append("train.grad_accum_steps=2")  # recovery), which CUDA graphs could not train
     cfg = ctx.cfg(exp, "train.strategy=interleaved", f"optimization.torch_compile={compile_mode}",
                   "optimization.channels_last=true", "train.classification.amp_dtype=bf16",
                   "train.detection.amp_dtype=bf16", "train.classification.tf32=true", "train.detection.tf32=true",
