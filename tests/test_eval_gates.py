@@ -373,3 +373,21 @@ def test_a_slow_loader_is_told_to_use_the_crop_cache_only_where_the_run_had_none
     assert any("data.cache.enabled=true" in tip for tip in plain)
     assert not any("data.cache.enabled=true" in tip for tip in cached)
     assert any("already come from the crop cache" in tip for tip in cached) and len(cached) == len(plain)
+
+
+def test_a_stage_the_time_cap_stopped_without_its_rule_is_no_go_at_every_stage():
+    """A run the time cap stopped trained less than its stage planned: unless the stage's time-cap rule holds, it
+    is NO_GO whatever its checks, and told to raise the cap, not to read train.err. Before, stage 4 (no mandatory
+    check noticed the cap) gave GO, and stage 3 a crash's advice."""
+    for stage in (3, 4):
+        checks = {c: True for c in STAGES[stage].mandatory_checks}
+        capped = with_(PASSING, mandatory_checks=checks, run_status="time_capped",
+                       time_cap={"success": False, "reasons": ["TIME_CAP_SUCCESS_NOT_ALLOWED"]})
+        decision = stage_decision(stage, capped)
+        assert decision["status"] == "NO_GO" and "TIME_CAP_REACHED" in decision["go_no_go"]["reasons"], stage
+        tips = " ".join(decision["suggestions"])
+        assert "time_limit_hours" in tips and "train.err" not in tips, tips
+        allowed = stage_decision(stage, with_(capped, time_cap={"success": True}))
+        assert "TIME_CAP_REACHED" not in allowed["go_no_go"]["reasons"]
+        assert "TIME_CAP_REACHED" not in stage_decision(stage, with_(capped, run_status="completed"))["go_no_go"][
+            "reasons"]

@@ -521,3 +521,27 @@ def test_the_epoch_of_a_checkpoint_in_the_old_serialization_is_read_too(tmp_path
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="Cannot read checkpoint"):
         load_ckpt(tmp_path / "bad.pt", mmap=True)
+
+
+def test_the_scale_checks_need_the_stages_classes_and_stage_4_a_whole_epoch(synth_cfg):
+    """Stage 3's scalability check and stage 4's "whole data set processed" read what the run trained on: both need
+    the stage's min_class_coverage classes (before, only the time-cap rule read it: a tenth of the drugs passed),
+    and stage 4 a whole epoch's samples, not the 0.6 of an epoch its min_samples_required is. A run stopped by the
+    time cap is still a stable one (the gate's TIME_CAP_REACHED says it ran out of time)."""
+    from omegaconf import OmegaConf
+
+    def checks(stage: int, samples: int, classes: int, status: str = "completed") -> dict:
+        cfg = OmegaConf.merge(synth_cfg, {"data": {"progressive_validation": {"current_stage": stage}}})
+        run = {"samples_seen": samples, "classes_seen": classes, "global_batch": 64, "memory_growth": 1.0,
+               "memory_stable": True, "nan_loss": False, "rank_batch": 64}
+        return stage_measure.mandatory_checks(cfg, Path("."), {"status": status}, run, {"classifier": object()},
+                                              lambda: True, 1.0, train_rows=400_000)
+
+    assert checks(3, 60_000, 1000)["scalability_test_pass"]
+    assert not checks(3, 60_000, 100)["scalability_test_pass"]  # samples enough, a tenth of the drugs
+    assert not checks(3, 10_000, 1000)["scalability_test_pass"]
+    assert checks(3, 60_000, 1000, "time_capped")["stability_test_pass"]
+    assert not checks(3, 60_000, 1000, "crashed")["stability_test_pass"]
+    assert checks(4, 400_000 - 64, 4500)["full_dataset_processing"]  # the last, dropped batch forgiven
+    assert not checks(4, 260_000, 4500)["full_dataset_processing"]  # past min_samples_required, not an epoch
+    assert not checks(4, 800_000, 3000)["full_dataset_processing"]

@@ -81,6 +81,18 @@ def required_samples(t: StageCriteria, results: dict) -> int:
 # How a run that reached its end leaves metrics.json; "running" and "interrupted" runs are not judged as done.
 
 
+def _time_cap_check(results: dict) -> GateCheck:
+    """A run the stage's time cap stopped passes only by the stage's time-cap rule (allowed, and its minimums met):
+    otherwise it trained less than the stage planned, and its figures are a part run's. Before, such a run got GO
+    at stage 4 (no mandatory check noticed) and a crash's advice at stage 3."""
+    if results.get("run_status") != "time_capped":
+        return GateCheck("TIME_CAP_REACHED", True, f"run status {results.get('run_status')}")
+    verdict = results.get("time_cap") or {}
+    why = "its success rule met" if verdict.get("success") else \
+        ", ".join(verdict.get("reasons") or []) or "the stage's minimums unmet"
+    return GateCheck("TIME_CAP_REACHED", bool(verdict.get("success")), f"the stage's time cap stopped training ({why})")
+
+
 def gate_checks(stage: int, results: dict, baseline: dict | None = None) -> list[GateCheck]:
     """Every check of the simple gate, passed or not."""
     t = stage_criteria(stage)
@@ -105,6 +117,7 @@ def gate_checks(stage: int, results: dict, baseline: dict | None = None) -> list
         GateCheck("RUN_NOT_FINISHED", results.get("run_status") in (None, *FINISHED_STATUSES),
                   f"run status {results.get('run_status')} (a stage is judged on a run that ended: "
                   f"{', '.join(FINISHED_STATUSES)})"),
+        _time_cap_check(results),
         GateCheck("MEMORY_UNSTABLE", bool(results.get("memory_stable", False)),
                   f"RSS growth {results.get('memory_growth')} (at most {ADVISOR.memory_growth_limit:g}x)"),
     ]

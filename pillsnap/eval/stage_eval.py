@@ -126,7 +126,8 @@ def collect_results(cfg: DictConfig, exp_dir: str | Path, build_loaders: Callabl
         if rows is not None else None
     imbalance = sm.safely("class balance", lambda: sm.class_imbalance(rows), None) if rows is not None else None
     checks = sm.mandatory_checks(cfg, exp_dir, summary, run, models,
-                                 lambda: sm.safely("ONNX export", lambda: sm.onnx_exports(models), False), imbalance)
+                                 lambda: sm.safely("ONNX export", lambda: sm.onnx_exports(models), False), imbalance,
+                                 (loaders.meta.get("sizes") or {}).get("cls_train"))
     detection = {k: (summary.get("detection") or {}).get(k) for k in DETECTION_KEYS} if det_ckpt else {}
     reading = None if pipeline is None else pipeline["pipeline"]
     unread = None if pipeline is None else pipeline["pipeline_without_imprint"]

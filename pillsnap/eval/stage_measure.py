@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from pillsnap.eval.criteria import ADVISOR, GPU, stage_criteria
 from pillsnap.eval.latency import SAMPLES, loader_items, measure, passes, take
 from pillsnap.utils import read_json
-from pillsnap.utils.run_status import COMPLETED_STATUSES, is_fresh_start
+from pillsnap.utils.run_status import COMPLETED_STATUSES, FINISHED_STATUSES, is_fresh_start
 
 LOGGER = logging.getLogger(__name__)
 PIPELINE_SAMPLES = 10  # photos timed through the whole pipeline (each one a detector and several classifier calls)
@@ -150,7 +150,7 @@ def run_figures(summary: dict, stream: list[dict]) -> dict:
         # per rank and over the job (a torchrun run's global batch is every rank's)
         "batch_size": batch.get("batch_size"), "rank_batch": batch_size * (batch.get("grad_accum") or 1),
         "global_batch": batch_size * (batch.get("grad_accum") or 1) * int(batch.get("world_size") or 1),
-        "samples_seen": batch.get("samples_seen"),
+        "samples_seen": batch.get("samples_seen"), "classes_seen": batch.get("classes_seen"),
         "loss_variance": loss_variance(steps), "memory_peak_over_avg": memory_peak_over_avg(steps, history),
     }
 
@@ -377,16 +377,26 @@ def auto_batch_ok(cfg: DictConfig, summary: dict, run: dict) -> bool:
 
 
 def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, models: dict,
-                     onnx_ok: Callable[[], bool], imbalance: float | None) -> dict[str, bool | None]:
+                     onnx_ok: Callable[[], bool], imbalance: float | None,
+                     train_rows: int | None = None) -> dict[str, bool | None]:
     """The current stage's mandatory checks (None: not something a training run can check). Each design check is
-    a function, so only the stage's own run: parsing TensorBoard files costs time."""
+    a function, so only the stage's own run: parsing TensorBoard files costs time.
+
+    The scale checks read what the run trained on. Scalability (stage 3): the stage's minimums, both of them, the
+    samples (`min_samples_required`) and the classes (`min_class_coverage`, which only the time-cap rule read
+    before, so a run that saw a tenth of the stage's drugs passed). The whole data set processed (stage 4): a
+    whole epoch's samples over the stage's `train_rows` (one batch short: the last one may be dropped), and the
+    classes; counting only the minimum passed it after 0.6 of an epoch."""
     import psutil
 
     status = summary.get("status")
     time_cap = (summary.get("stage") or {}).get("time_cap") or {}
     stage = int(cfg.data.progressive_validation.current_stage)
-    enough_samples = (run["samples_seen"] or 0) >= int(cfg.data.progressive_validation[f"stage_{stage}"]
-                                                       .min_samples_required)
+    sizes = cfg.data.progressive_validation[f"stage_{stage}"]
+    samples = run["samples_seen"] or 0
+    enough_classes = (run.get("classes_seen") or 0) >= int(sizes.min_class_coverage)
+    enough_samples = samples >= int(sizes.min_samples_required) and enough_classes
+    whole_epoch = train_rows is not None and samples >= train_rows - run["global_batch"] and enough_classes
     finished = status in COMPLETED_STATUSES
     ram_mb = psutil.virtual_memory().total / 2**20
     checks: dict[str, Callable[[], bool | None]] = {
@@ -401,8 +411,10 @@ def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, m
         "scalability_test_pass": lambda: enough_samples,
         "multi_batch_processing": lambda: run["global_batch"] >= ADVISOR.multi_batch_size,
         "memory_leak_test": lambda: run["memory_growth"] is not None and run["memory_stable"],
-        "stability_test_pass": lambda: finished and not run["nan_loss"],
-        "full_dataset_processing": lambda: enough_samples,
+        # stable: ended on its own, the stage's time cap included (that a run ran out of time is the gate's
+        # TIME_CAP_REACHED), with no NaN loss
+        "stability_test_pass": lambda: status in FINISHED_STATUSES and not run["nan_loss"],
+        "full_dataset_processing": lambda: whole_epoch,
         "production_api_deployment": lambda: None, "cloudflare_tunnel_setup": lambda: None,
         "automated_monitoring": lambda: None,
     }

@@ -30,7 +30,8 @@ _CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr
          "(train.classification.amp_dtype=bf16)"
 
 _GPU_MEMORY = "Reduce train.batch_size or model.image_size (GPU memory use is high)"
-_MIN_SAMPLES = "Train on the stage's min_samples_required: more train.epochs or a longer time_limit_hours"
+_MIN_SAMPLES = "Train on the stage's min_samples_required samples of min_class_coverage classes: more " \
+               "train.epochs or a longer time_limit_hours (data.progressive_validation.stage_N)"
 
 # By the start of a target's path: the first match names the knobs.
 _BY_TARGET = (
@@ -76,7 +77,8 @@ _BY_CODE = {
     "memory_optimization_working": ("Peak RSS came close to the machine's RAM: lower dataloader.num_workers or "
                                     "disable data.cache",),
     "scalability_test_pass": (_MIN_SAMPLES,),
-    "full_dataset_processing": (_MIN_SAMPLES,),
+    "full_dataset_processing": ("Train at least one whole epoch over the stage's training photos (more "
+                                "train.epochs or a longer time_limit_hours), with min_class_coverage classes",),
     "multi_batch_processing": (f"Train with a global batch of at least {ADVISOR.multi_batch_size} "
                                "(train.batch_size x gradient accumulation)",),
     "memory_leak_test": (_MEMORY,), "stability_test_pass": (_CRASH,),
@@ -129,7 +131,7 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
            if str(origin or "").startswith(RANDOM_UNWANTED)]
     for reason in reasons:
         code = _code(reason)
-        if code == "pipeline_complete" and results.get("run_status") == "time_capped":
+        if code in ("pipeline_complete", "TIME_CAP_REACHED") and results.get("run_status") == "time_capped":
             out.append(_time_cap_tip(results.get("time_cap") or {}))
             continue
         if code == "LATENCY_P95_TOO_HIGH":
