@@ -119,7 +119,7 @@ def step_cuda_tests(ctx: Ctx) -> dict:
     import xml.etree.ElementTree as ET
 
     xml = ctx.work / "cuda_tests.xml"
-    # Not the slow compile test: the training steps compile the real models.
+    # Not the slow compile tests: the training steps compile the real models (max-autotune with accumulation).
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
            "tests/test_engine_cuda.py", f"--junitxml={xml}"]
     xml.unlink(missing_ok=True)

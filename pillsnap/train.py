@@ -60,11 +60,14 @@ def probability_tasks(trainer: Any) -> list[Any]:
 def write_reports(trainer: Any) -> list[Path]:
     """Confusion matrix and ROC/PR curves of the validated classifier weights, into reports/."""
     from pillsnap.eval.after_training import mark_done
+    from pillsnap.eval.outputs import eval_loader
     from pillsnap.eval.reports import write_classification_reports
 
     paths: list[Path] = []
     for task in probability_tasks(trainer):
-        y_true, y_prob = task.predict_val()
+        # a loader of its own: the training's was sized for one rank of many, and this pass has the machine alone
+        loader = None if task.val_loader is None else eval_loader(task.val_loader.dataset, trainer.cfg)
+        y_true, y_prob = task.predict_val(loader)
         paths += write_classification_reports(y_true, y_prob, task.class_names(), trainer.exp_dir / "reports")
         LOGGER.info("reports: %s", ", ".join(p.name for p in paths) or "none (no validation data)")
     mark_done(trainer.exp_dir, "reports")

@@ -130,7 +130,8 @@ def test_compiled_classifier_accumulates_gradients_over_chunks(tmp_path, tf32_fl
     """With CUDA graphs, the second chunk's backward overwrote the first one's gradients and torch stopped the run
     (pytorch/pytorch#169545); training compiles without them. The accumulated step moves the weights as eager does.
     (reduce-overhead was CUDA graphs alone; max-autotune, whose compile takes minutes, is trained with accumulation
-    by bench/gpu_check.py's train_max_autotune step.)"""
+    by bench/gpu_check.py's train_max_autotune step, which also stands for this test there: its cuda_tests step
+    leaves the compile tests out, marked slow, to keep within its minute.)"""
     mode = "reduce-overhead"
     plain = ("train.grad_accum_steps=2", "train.ema.enabled=false", "train.classification.amp=false",
              "train.classification.tf32=false")
@@ -146,6 +147,7 @@ def test_compiled_classifier_accumulates_gradients_over_chunks(tmp_path, tf32_fl
             assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), name
 
 
+@pytest.mark.slow
 def test_compiled_classifier_announces_itself_and_trains(tmp_path, caplog):
     caplog.set_level("INFO", logger="pillsnap")
     task = classification_task(tmp_path, "optimization.torch_compile=reduce-overhead")

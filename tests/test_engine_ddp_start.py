@@ -521,6 +521,11 @@ def test_a_restart_that_one_node_counts_and_another_does_not_resumes_on_every_ra
         assert outcome(tmp_path, rank) == {"code": 0, "start_epoch": 1}, rank  # resumed, not started over
     log = (tmp_path / "exp" / "logs" / "pillsnap.log").read_text()
     assert "torchrun restart 1: resuming the last checkpoints" in log
+    # rank 0 (counting 0) records the restart the ranks agreed on: a record of 0 reads as a fresh start, and the
+    # evaluation and the monitor would drop what the job's earlier attempt recorded
+    starts = [json.loads(line) for line in (tmp_path / "exp" / "reports" / "metrics.jsonl").read_text().splitlines()
+              if '"type": "start"' in line or '"type":"start"' in line]
+    assert [s["restart"] for s in starts] == [0, 1]
 
 
 def turn_taker(rank: int, world: int, port: int, root: str) -> None:

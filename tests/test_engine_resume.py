@@ -516,3 +516,11 @@ def test_training_compiles_without_cuda_graphs(monkeypatch, caplog, tmp_path):
                            *fake_build_loaders(make_cfg(tmp_path))[:2], fake_build_loaders(make_cfg(tmp_path)).meta,
                            "cpu")
     assert "training compiles as mode=max-autotune-no-cudagraphs" in caplog.text
+
+
+def test_a_mistyped_compile_mode_is_one_line_and_exit_2(tmp_path, caplog):
+    from pillsnap.engine.run import run_training
+
+    code, _ = run_training(make_cfg(tmp_path, "optimization.torch_compile=max_autotune"), fake_build_loaders)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and any("optimization.torch_compile must be one of" in e and "max_autotune" in e for e in errors)

@@ -72,8 +72,8 @@ class BoxJitter(NamedTuple):
 def shift_hue(image: Image.Image, hue_factor: float) -> Image.Image:
     """torchvision's adjust_hue for an RGB PIL image (the hue turned by `hue_factor` of the circle, in the same
     256 steps), through OpenCV's HSV conversion: PIL's was most of the colour jitter's cost, and a cached training
-    crop takes 3.5 ms with this one against 7.4 ms (bench/bench_data_cache.py). The two differ by 0.4 grey levels on
-    average (the same bench); PIL's own round trip through HSV moves a crop about as much."""
+    crop takes 2.65 ms with this one against 6.56 ms (bench/bench_data_cache.py, uint8 crops). The two differ by
+    0.4 grey levels on average (the same bench); PIL's own round trip through HSV moves a crop about as much."""
     if image.mode != "RGB":
         return TF.adjust_hue(image, hue_factor)
     import cv2

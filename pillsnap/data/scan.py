@@ -43,8 +43,9 @@ from pillsnap.utils.signals import pool_worker_signals
 
 LOGGER = logging.getLogger(__name__)
 # 2: label checks, split groups, AI Hub partition columns; 3: photos paired in their partition; 4: copies of a label
-# folder read once; 5: copies merged over the partitions, their photos looked up wherever any copy would look
-STATE_VERSION = 6
+# folder read once; 5: copies merged over the partitions, their photos looked up wherever any copy would look;
+# 6: chunks stamped by their zips and folders; 7: a photo's path is the folder it was found in, not its name's
+STATE_VERSION = 7
 
 
 def _state_matches(state_path: Path, expected: dict[str, Any]) -> bool:

@@ -258,10 +258,11 @@ class ClassificationTask(Task):
     def class_names(self) -> list[str]:
         return list(self.meta.get("class_names") or [])
 
-    def predict_val(self) -> tuple[np.ndarray, np.ndarray]:
-        """(y_true, y_prob) of the validated weights on the validation split (empty without one)."""
+    def predict_val(self, loader: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(y_true, y_prob) of the validated weights on the validation split (empty without one), through `loader`
+        (default: the task's validation loader)."""
         if self.val_loader is None:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.num_classes), dtype=np.float32)
-        y_true, y_prob, _ = predict_classification(self.eval_model(), self.val_loader, self.criterion, self.device,
-                                                   self.channels_last)
+        y_true, y_prob, _ = predict_classification(self.eval_model(), loader or self.val_loader, self.criterion,
+                                                   self.device, self.channels_last)
         return y_true, y_prob

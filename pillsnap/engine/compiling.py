@@ -12,7 +12,7 @@ from torch import nn
 
 from pillsnap.engine.distributed import DistInfo, all_ranks
 from pillsnap.utils import is_out_of_memory, try_torch_compile
-from pillsnap.utils.torch_utils import TRAINING_COMPILE_MODES
+from pillsnap.utils.torch_utils import training_compile_mode
 
 if TYPE_CHECKING:
     from pillsnap.engine.task import Task
@@ -30,7 +30,7 @@ def compile_for_training(task: Task, model: nn.Module) -> nn.Module:
     LOGGER.info("compiling the %s model with torch.compile(mode=%s): the first steps take longer (minutes for "
                 "max-autotune); training compiles as mode=%s, without CUDA graphs, whose outputs the next step "
                 "overwrites, the gradients accumulated over chunks among them", task.name, mode,
-                TRAINING_COMPILE_MODES[mode])
+                training_compile_mode(mode))
     start = time.monotonic()
     compiled = try_torch_compile(model, mode)
     ranks = _process_group()

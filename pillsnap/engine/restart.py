@@ -65,11 +65,12 @@ def resume_for_restart(resume: Any, ckpt_dir: Path, job_started: float | None) -
 SEPARATE_STORES_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> tuple[bool, float | None]:
+def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> tuple[int, float | None]:
     """Before the trainer starts: on a torchrun restart, set cfg.train.resume as rank 0 decides (after completing
     any checkpoint commit a kill left half done) and log why; at a job's first start, mark it (and warn when its
-    restarts could not reconnect). Returns (restarted, the time before which `last` files are an older run's: set
-    only when the restart resumes `last` of its own accord, not when the job was started with train.resume=last).
+    restarts could not reconnect). Returns (the restart, 0 at the job's first start, the time before which `last`
+    files are an older run's: set only when the restart resumes `last` of its own accord, not when the job was
+    started with train.resume=last).
 
     A restart is one when any rank's torchrun counts it: each node's agent keeps its own count, and a node that
     replaced a failed one starts at 0 while the others count 1. Every rank takes the same branch, so rank 0's
@@ -86,7 +87,7 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
                                "restarted rank can read the previous attempt's address from the shared "
                                "rendezvous store); launch with %s=1 torchrun ... (bench/torchrun_restart.py)",
                                SEPARATE_STORES_ENV)
-        return False, None
+        return 0, None
     configured = cfg.train.resume
     decided = None
     if info.is_main:
@@ -98,4 +99,4 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
     resume, why, job_started = broadcast_object(info, decided)  # every rank resumes the same way
     cfg.train.resume = resume
     logger.warning("torchrun restart %s: %s", count, why)
-    return True, job_started if resume == "last" and str(configured) != "last" else None
+    return count, job_started if resume == "last" and str(configured) != "last" else None

@@ -175,15 +175,16 @@ def _train_in(exp_dir: Path, cfg: DictConfig, info: DistInfo, build_loaders: Bui
 def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: TBWriter,
                    build_loaders: BuildLoaders, callbacks: list[Callback] | None,
                    task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
-    restarted, older_before = settle_restart(cfg, info, logger)
+    restart, older_before = settle_restart(cfg, info, logger)
     if not cfg.train.resume:
         tb.purge_from(0)  # a fresh run: TensorBoard shows this one alone, not over the folder's earlier runs
     try:
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
         trainer.resume_newer_than = older_before  # another task's last file may be an older run's
+        trainer.restart = restart
         trainer.resume()
         trainer.check_resumed_alike()
-        trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restarted)
+        trainer.apply_saved_recovery(resuming=bool(cfg.train.resume) or restart > 0)
     except (ResumeMismatchError, FileNotFoundError, ValueError) as err:
         logger.error("cannot start training: %s", err)
         return EXIT_CONFIG, None

@@ -206,9 +206,10 @@ class Task(ABC):
         """Bookkeeping after a whole loader batch was trained (e.g. the classes seen), given the batch as its loader
         gave it (on the host); none by default."""
 
-    def predict_val(self) -> tuple[Any, Any]:
-        """(y_true, y_prob) of the validated weights on the validation split, for tasks whose spec says
-        class_probabilities (the report plots and calibration use them)."""
+    def predict_val(self, loader: Any = None) -> tuple[Any, Any]:
+        """(y_true, y_prob) of the validated weights on the validation split, through `loader` (default: the task's
+        validation loader), for tasks whose spec says class_probabilities (the report plots and calibration use
+        them)."""
         raise NotImplementedError(f"{self.name}: its validation gives no class probabilities")
 
     def class_names(self) -> list[str]:

@@ -40,7 +40,6 @@ from pillsnap.engine.oom import (
     recovered_state,
     save_recovery,
 )
-from pillsnap.engine.restart import restart_count
 from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import (
@@ -116,6 +115,7 @@ class Trainer:
         self.progress: EpochProgress | None = None
         self.es_state = {name: new_early_stopping_state() for name in self.tasks}
         self.resume_newer_than: float | None = None  # a torchrun restart: ignore last files from before the job
+        self.restart = 0  # torchrun's restart of this job, as the ranks agreed (engine.restart.settle_restart)
         self.stopped: set[str] = set()
         # per task, the validation metrics of the part of epoch progress.epoch that a time cap cut short, where its
         # weights are the best (resume): the finished epoch's record keeps them
@@ -372,7 +372,7 @@ class Trainer:
             "device": str(self.device), **memory_snapshot(),
             "init_weights": {name: task.weights_origin for name, task in self.tasks.items()}}
         out["batch"] = {name: {**asdict(task.knobs), "samples_seen": self.samples_seen(name),
-                               "world_size": self.info.world_size}
+                               "classes_seen": len(task.classes_seen), "world_size": self.info.world_size}
                         for name, task in self.tasks.items()}
         out["auto_batch"] = self.auto_batch
         if self.status == "time_capped":
@@ -414,7 +414,7 @@ class Trainer:
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
                                                "last_epochs": self.last_epochs(),
                                                "stopped_early": sorted(self.stopped),
-                                               "restart": restart_count(),
+                                               "restart": self.restart,
                                                "elapsed_s": self.state.elapsed()})  # the stage clock: earlier runs
         epoch = self.start_epoch
         why = self.trains_nothing()

@@ -83,6 +83,13 @@ def enable_tf32(flag: bool) -> None:
     torch.set_float32_matmul_precision("high" if flag else "highest")
 
 
+def training_compile_mode(mode: str) -> str:
+    """torch's mode that training compiles `mode` (one of COMPILE_MODES other than none) as; ValueError otherwise."""
+    if mode not in TRAINING_COMPILE_MODES:
+        raise ValueError(f"optimization.torch_compile must be one of {COMPILE_MODES}, got {mode!r}")
+    return TRAINING_COMPILE_MODES[mode]
+
+
 def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
     """torch.compile with one of COMPILE_MODES; on failure warn and return the eager model.
 
@@ -96,12 +103,11 @@ def try_torch_compile(model: nn.Module, mode: str) -> nn.Module:
     The model is compiled for training, without CUDA graphs (TRAINING_COMPILE_MODES): max-autotune keeps its
     tuned kernels, reduce-overhead, CUDA graphs and nothing else, compiles as torch's default.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"torch_compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "none":
         return model
+    torch_mode = training_compile_mode(mode)
     try:
-        return torch.compile(model, mode=TRAINING_COMPILE_MODES[mode], dynamic=False)
+        return torch.compile(model, mode=torch_mode, dynamic=False)
     except Exception as err:  # compile backends fail in many ways; eager always works
         LOGGER.warning("torch.compile(mode=%s) failed, falling back to eager: %s", mode, err)
         return model
