@@ -393,3 +393,21 @@ def test_an_imprint_the_recogniser_reads_surely_and_no_candidate_fits_is_foreign
     plain = {**class_map, "K-000011": {"print_front": "마크 F7", "print_back": ""}}
     assert not decide_answer(twins, plain, sure, None, OFF, known=KnownImprints(plain)).unknown
     assert not decide_answer(twins, class_map, sure, None, OFF).unknown  # the imprint check off
+
+
+def test_a_typed_imprint_brings_back_a_look_alike_ranked_below_the_top_k():
+    """Among thousands of drugs a look-alike group outnumbers the top-k: the drug whose imprint a pharmacist types,
+    ranked 4th by a classifier that keeps 3, comes back and is the answer. Before, only a read could bring it back,
+    and the typed imprint, like none of the top-k's, answered "unknown pill", naming that very drug as one the pill
+    does not look like. On a photo of several pills the typed imprint may describe another: it recalls nothing."""
+    class_map = {**CLASS_MAP, "K-000004": {"print_front": "TYL500"}}
+    (top, reserve), = classifier_candidates(np.array([[0.6, 0.3, 0.0925, 0.0075]]), 3,
+                                            ["K-000002", "K-000001", "K-000003", "K-000004"], class_map)
+    pill, known = Classified(top, None, reserve), KnownImprints(class_map)
+    answer = decide_answer(pill, class_map, None, Hints(imprint="tyl 500"), OFF, known=known)
+    out = answer.to_dict()
+    assert out["mapping_code"] == "K-000004" and not answer.unknown and out["topk"][0]["recalled_by_imprint"]
+    several = decide_answer(pill, class_map, None, Hints(imprint="TYL500"), OFF, known=known, one_pill=False)
+    assert [c["mapping_code"] for c in several.candidates] == [c["mapping_code"] for c in top]
+    ruled_out = decide_answer(Classified(top, None), class_map, None, Hints(imprint="TYL500"), OFF, known=known)
+    assert ruled_out.unknown and "the imprint of K-000004" in ruled_out.unknown_reason  # not in the reserve

@@ -112,25 +112,33 @@ def classifier_candidates(probs: np.ndarray, k: int, class_names: Sequence[str],
 
 
 def recalled_candidates(read: ImprintRead | None, classified: Classified, class_map: Mapping[str, Mapping],
-                        thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
-    """The drugs of a pill's reserve (Classified.reserve) whose imprint the read is: read surely (foreign_read_chars,
-    recall_read_score), like none of the top-k's imprints (imprint_accept) and as like one of the drug's as
-    conclusive_read. Each is marked `recalled_by_imprint`."""
-    if read is None or read.score < thresholds.recall_read_score or \
-            len(read.normalized) < thresholds.foreign_read_chars or not classified.reserve:
+                        thresholds: AnswerThresholds = THRESHOLDS, typed: str = "") -> tuple[dict, ...]:
+    """The drugs of a pill's reserve (Classified.reserve) whose imprint the pill carries: the imprint `typed` in
+    (normalised; the user's word for it), else the read, when read surely (foreign_read_chars, recall_read_score);
+    like none of the top-k's imprints (imprint_accept) and as like one of the drug's as conclusive_read. Each is
+    marked `recalled_by_imprint`. A typed imprint recalls as a sure read does: among thousands of drugs a look-alike
+    group outnumbers the top-k, and the drug whose imprint a pharmacist typed, ranked 6th, was answered "unknown
+    pill", named in the reason as a drug it does not look like."""
+    if typed:
+        text = typed
+    elif read is None or read.score < thresholds.recall_read_score or \
+            len(read.normalized) < thresholds.foreign_read_chars:
         return ()
-    if _like_any(read.text, class_entries(classified.topk, class_map), thresholds.imprint_accept):
+    else:
+        text = read.text
+    if not classified.reserve or _like_any(text, class_entries(classified.topk, class_map), thresholds.imprint_accept):
         return ()
     return tuple({**c, "recalled_by_imprint": True}
                  for c, entry in zip(classified.reserve, class_entries(classified.reserve, class_map), strict=True)
-                 if _like_any(read.text, [entry], thresholds.conclusive_read))
+                 if _like_any(text, [entry], thresholds.conclusive_read))
 
 
 def answer_candidates(classified: Classified, read: ImprintRead | None, class_map: Mapping[str, Mapping],
-                      thresholds: AnswerThresholds = THRESHOLDS) -> tuple[dict, ...]:
-    """The candidates a pill's answer weighs: the classifier's top-k, then any drug of its reserve the imprint read
-    brings back (recalled_candidates). Copies: the answer adds to them."""
-    return tuple(dict(c) for c in classified.topk) + recalled_candidates(read, classified, class_map, thresholds)
+                      thresholds: AnswerThresholds = THRESHOLDS, typed: str = "") -> tuple[dict, ...]:
+    """The candidates a pill's answer weighs: the classifier's top-k, then any drug of its reserve the typed or read
+    imprint brings back (recalled_candidates). Copies: the answer adds to them."""
+    return tuple(dict(c) for c in classified.topk) + recalled_candidates(read, classified, class_map, thresholds,
+                                                                         typed)
 
 
 def _candidate(code: str, probability: float, class_map: Mapping[str, Mapping] | None) -> dict:
@@ -364,7 +372,10 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     either, before the other rules, unless its imprint reads as the top candidate's: a pill's imprint on it is
     what proves it a pill. With a calibrated `set_rule`, the answer carries its prediction set."""
     hints = None if hints is None or hints.empty() else hints
-    topk = answer_candidates(classified, read, class_map, thresholds)
+    typed = normalize_imprint(hints.imprint) if hints is not None else ""
+    # an imprint typed in speaks for the pill only when the photo shows one (on a photo of several it may describe
+    # another)
+    topk = answer_candidates(classified, read, class_map, thresholds, typed if one_pill else "")
     if read is None and hints is None:
         ranked = Reranked(list(topk), False)
     else:
@@ -379,7 +390,6 @@ def decide_answer(classified: Classified, class_map: Mapping[str, Mapping], read
     if reason is None and not conclusive:
         reason = unknown_reason(unknown, classified.unknown_score)
         unknown_by = "look" if reason else None
-    typed = normalize_imprint(hints.imprint) if hints is not None else ""
     if reason is None and known is not None:
         reason = foreign_imprint(read, typed if one_pill else "", candidates, class_map, known, thresholds)
         unknown_by = "imprint" if reason else None
