@@ -593,3 +593,13 @@ def test_a_trained_drug_with_no_training_crop_shifts_no_mean(tmp_path: Path) -> 
         assert _check_request(predictor, info, photos)[0] is again
     finally:
         enrol_module.trained_gaussians = enrol_module_trained
+
+
+def test_messages_name_a_few_enrolled_codes_and_count_the_rest() -> None:
+    """A log line, an error or a 404 body that named each of thousands of enrolled drugs ran to tens of kB."""
+    from pillsnap.infer.enrolment import listed_codes
+
+    codes = [f"K-9{i:05d}" for i in range(3000)]
+    said = listed_codes(codes)
+    assert said.startswith("K-900000, K-900001") and said.endswith("... (3,000 in all)") and len(said) < 150
+    assert listed_codes(codes[:2]) == "K-900000, K-900001" and listed_codes([]) == "none"

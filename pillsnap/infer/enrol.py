@@ -29,6 +29,7 @@ from pillsnap.infer.enrolment import (
     class_map_entry,
     drug_spread,
     leave_one_out_distances,
+    listed_codes,
     load_probe,
     read_store,
     refuses,
@@ -339,8 +340,7 @@ def remove(exp_dir: str | Path, code: str, classifier: str | Path | None = None,
             enrolled = read_store(ckpt_dir, classifier, sha)
         index = enrolled.find(code)
         if index is None:
-            listed = ", ".join(enrolled.codes) or "none"
-            raise EnrolmentError(f"{code} is not enrolled (enrolled: {listed})", "not_enrolled")
+            raise EnrolmentError(f"{code} is not enrolled (enrolled: {listed_codes(enrolled.codes)})", "not_enrolled")
         if sha is None:
             from pillsnap.utils.io import file_sha256
 

@@ -66,6 +66,16 @@ class StaleEnrolment(EnrolmentError):
         super().__init__(message, "stale")
 
 
+def listed_codes(codes: Sequence[str], shown: int = 10) -> str:
+    """Enrolled codes for a message: the first `shown` and how many in all (a log line, an error or a 404 body
+    that named each of thousands of enrolled drugs ran to tens of kilobytes)."""
+    codes = list(codes)
+    if not codes:
+        return "none"
+    head = ", ".join(codes[:shown])
+    return head if len(codes) <= shown else f"{head}, ... ({len(codes):,} in all)"
+
+
 @dataclass(frozen=True)
 class Enrolled:
     """The enrolled drugs as stored: class-map entries (with `n_photos`, `spread`, `photos`) and their raw feature
@@ -143,7 +153,7 @@ def read_store(ckpt_dir: str | Path, classifier: str | Path, classifier_sha: str
     if not path.is_file():
         return Enrolled()
     stored = _stored(path)
-    codes = ", ".join(d["mapping_code"] for d in stored["drugs"])
+    codes = listed_codes([d["mapping_code"] for d in stored["drugs"]])
     if stored.get("classifier_sha256") != (classifier_sha or file_sha256(classifier)):
         raise StaleEnrolment(f"{path} was made for other classifier weights (the model was retrained since): its "
                              f"drugs ({codes}) are not answered; enrol them again from their photos after removing "
@@ -231,11 +241,11 @@ class EnrolledSpace:
         z = np.asarray(features, np.float32) @ self.gaussians.whiten
         return squared_distances(z, self.gaussians.means), self.enrolled_distances(z)
 
-    def enrolled_distances(self, z: np.ndarray) -> np.ndarray:
-        """[N, E] squared distances of whitened rows to the enrolled means, each divided by 1 + 1/n, the extra
-        spread of a mean estimated from n photos, so that a far trained mean and a near enrolled one compare
-        fairly."""
-        return squared_distances(z, self.means) / (1.0 + 1.0 / self.n_photos)[None]
+    def enrolled_distances(self, z: np.ndarray, which: slice = slice(None)) -> np.ndarray:
+        """[N, E] squared distances of whitened rows to the enrolled means (those of `which`), each divided by
+        1 + 1/n, the extra spread of a mean estimated from n photos, so that a far trained mean and a near enrolled
+        one compare fairly."""
+        return squared_distances(z, self.means[which]) / (1.0 + 1.0 / self.n_photos[which])[None]
 
     def merge(self, probs: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [N, C+E], unknown-pill distances [N]) from the classifier's calibrated probabilities
@@ -343,7 +353,8 @@ def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled
     takes more probability than the classifier's top drug keeps, and more than any other enrolled drug (as
     EnrolledSpace.merge gives it). Only the crops not far nearer their own drug than the new one are measured."""
     space, index = EnrolledSpace.build(gaussians, after, threshold), after.find(code)
-    d_new = space.enrolled_distances(probe.whitened)[:, index]
+    # the new drug's column alone: every enrolled drug's over the whole probe took seconds with thousands enrolled
+    d_new = space.enrolled_distances(probe.whitened, slice(index, index + 1))[:, 0]
     own = gaussians.rows_of(probe.labels)  # a drug with no training crop has no mean: every crop of it is measured
     d_own = np.full(len(own), np.inf)
     d_own[own >= 0] = ((probe.whitened[own >= 0] - gaussians.means[own[own >= 0]]) ** 2).sum(1)

@@ -258,7 +258,7 @@ class Predictor:
         """Pick up drugs enrolled or removed since the last call (pillsnap enrol, the API; infer/enrolment.py):
         classify calls it, so a served model answers them without a restart. One stat per call; the store is
         read again only when it was committed since. True when the enrolled drugs changed."""
-        from pillsnap.infer.enrolment import load_space, store_stamp
+        from pillsnap.infer.enrolment import listed_codes, load_space, store_stamp
 
         ckpt_dir = self.exp_dir / "checkpoints"
         stamp = store_stamp(ckpt_dir)
@@ -276,7 +276,7 @@ class Predictor:
         self.unknown_rules = self._answer_rules(self.unknown)
         if drugs:
             LOGGER.info("predictor: %d enrolled drug(s) answered: %s", len(drugs),
-                        ", ".join(d["mapping_code"] for d in drugs))
+                        listed_codes([d["mapping_code"] for d in drugs]))
         return True
 
     @torch.no_grad()
