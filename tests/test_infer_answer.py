@@ -411,3 +411,15 @@ def test_a_typed_imprint_brings_back_a_look_alike_ranked_below_the_top_k():
     assert [c["mapping_code"] for c in several.candidates] == [c["mapping_code"] for c in top]
     ruled_out = decide_answer(Classified(top, None), class_map, None, Hints(imprint="TYL500"), OFF, known=known)
     assert ruled_out.unknown and "the imprint of K-000004" in ruled_out.unknown_reason  # not in the reserve
+
+
+def test_the_top_k_from_a_partition_is_the_stable_sorts_ties_included():
+    """A full stable sort of 5,000 classes for every crop cost more than the rest of the candidates' work; the
+    partition keeps its order exactly, ties in class order (probabilities underflowed to 0 among them)."""
+    from pillsnap.infer.answer import _best
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        row = np.round(rng.random(int(rng.integers(1, 60))) ** 4, 1).astype(np.float32)  # many equal values, zeros
+        for m in (1, 5, 25, 100):
+            assert _best(row, m).tolist() == np.argsort(-row, kind="stable")[:m].tolist()

@@ -10,6 +10,7 @@ feature dimensions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import numpy as np
 CHUNK_ROWS = 4096  # feature rows per block when fitting and scoring (bounds memory at thousands of classes)
 
 
-def squared_distances(z: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distance of each whitened row of `z` [N, D'] to every mean [M, D']: [N, M]."""
-    return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ means.T + (means * means).sum(1)[None], 0.0)
+def squared_distances(z: np.ndarray, means: np.ndarray, mean_norms: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distance of each whitened row of `z` [N, D'] to every mean [M, D']: [N, M]. `mean_norms`:
+    the means' squared norms [M], when kept (ClassGaussians.mean_norms: 5,000 x 1,280 summed again at every call)."""
+    norms = (means * means).sum(1) if mean_norms is None else mean_norms
+    return np.maximum((z * z).sum(1, keepdims=True) - 2.0 * z @ means.T + norms[None], 0.0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class ClassGaussians:
     means: np.ndarray
     whiten: np.ndarray
     classes: np.ndarray | None = None
+
+    @functools.cached_property
+    def mean_norms(self) -> np.ndarray:
+        """The means' squared norms [M], once (squared_distances)."""
+        return (self.means * self.means).sum(1)
 
     @property
     def class_ids(self) -> np.ndarray:
@@ -77,7 +85,7 @@ class ClassGaussians:
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of `features` [N, D] to every class mean: [N, C]."""
-        return squared_distances(np.asarray(features, np.float32) @ self.whiten, self.means)
+        return squared_distances(np.asarray(features, np.float32) @ self.whiten, self.means, self.mean_norms)
 
     def score(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """Distance to the nearest known class, per row: larger is more likely an unknown pill. In blocks of `chunk`
