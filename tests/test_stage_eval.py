@@ -545,3 +545,15 @@ def test_the_scale_checks_need_the_stages_classes_and_stage_4_a_whole_epoch(synt
     assert checks(4, 400_000 - 64, 4500)["full_dataset_processing"]  # the last, dropped batch forgiven
     assert not checks(4, 260_000, 4500)["full_dataset_processing"]  # past min_samples_required, not an epoch
     assert not checks(4, 800_000, 3000)["full_dataset_processing"]
+
+
+def test_a_previous_evaluation_of_another_split_is_no_regression_baseline(caplog):
+    """An old smoke test in the same folder (0.99 on 39 crops) said a real run's 0.88 had regressed."""
+    from pillsnap.eval.stage_eval import regression_baseline
+
+    smoke = {"results": {"classification": {"acc": 0.99}, "n_eval_available": 39}, "classifier_sha256": "a" * 64}
+    assert regression_baseline(smoke, "b" * 64, {"n_eval_available": 18_525}) is None
+    assert "another validation split (39 crops, now 18525)" in caplog.text
+    assert regression_baseline(smoke, "b" * 64, {"n_eval_available": 39}) == smoke["results"]
+    older = {"results": {"classification": {"acc": 0.99}}}  # a report from before the split size was kept
+    assert regression_baseline(older, "b" * 64, {"n_eval_available": 39}) == older["results"]

@@ -218,12 +218,20 @@ def classifier_identity(exp_dir: Path) -> str | None:
     return file_sha256(best) if best.is_file() else None
 
 
-def regression_baseline(previous: dict | None, weights: str | None) -> dict | None:
+def regression_baseline(previous: dict | None, weights: str | None, results: dict | None = None) -> dict | None:
     """What the regression check compares this evaluation's accuracy with: the stage's previous evaluation, of other
     weights. The same weights evaluated again (`pillsnap evaluate` run twice) keep the baseline they were judged
     against: otherwise the second run compares them with themselves, and a regression the first run found is gone.
-    A report from before weights were recorded counts as other weights."""
+    A report from before weights were recorded counts as other weights. One that measured another validation split
+    than `results` (another number of crops: a smoke test or a synthetic rehearsal in the same folder) is no
+    baseline: an accuracy of 0.99 on 39 crops said a real run's 0.88 had regressed."""
     if not previous:
+        return None
+    then = (previous.get("results") or {}).get("n_eval_available")
+    now = (results or {}).get("n_eval_available")
+    if then is not None and now is not None and then != now:
+        LOGGER.warning("the stage's previous evaluation measured another validation split (%s crops, now %s): no "
+                       "regression check against it", then, now)
         return None
     if weights is not None and previous.get("classifier_sha256") == weights:
         acc = (previous.get("baseline") or {}).get("classification.acc")
@@ -249,8 +257,8 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
     path = evaluation_path(exp_dir, stage)
     previous = read_json(path) if path.is_file() else None
     weights = classifier_identity(exp_dir)
-    baseline = regression_baseline(previous, weights)
     results = collect_results(cfg, exp_dir, build_loaders, device)
+    baseline = regression_baseline(previous, weights, results)
     decision = stage_decision(stage, results, baseline)
     LOGGER.info("%s", format_decision(decision))
     criteria = stage_criteria(stage)
