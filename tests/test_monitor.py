@@ -404,11 +404,45 @@ def test_gpu_memory_through_nvml_and_no_driver(monkeypatch):
     assert nvml_reader()() == [{"index": 0, "name": "NVIDIA H200", "mem_used_gb": 2.0, "mem_total_gb": 8.0,
                                 "mem_percent": 25.0, "util_percent": 55}]
 
+    def not_supported(handle):
+        raise NVMLError("Not Supported")
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetUtilizationRates", not_supported)  # a MIG-partitioned GPU
+    assert nvml_reader()()[0]["mem_used_gb"] == 2.0 and nvml_reader()()[0]["util_percent"] is None
+
     def no_driver():
         raise NVMLError("Driver Not Loaded")
 
     monkeypatch.setattr(fake, "nvmlInit", no_driver)
     assert nvml_reader() is None
+
+
+def test_a_gpu_reading_that_hangs_holds_back_no_training_update(tmp_path, monkeypatch):
+    """NVML has no timeout: a reading stuck for 20 s held the state's updates back for as long (each poll waited
+    for the sample). The sample is taken beside them; the page gets it when it comes."""
+    import threading
+
+    released = threading.Event()
+
+    def stuck_gpus(self):
+        released.wait(30)
+        return [], "GPU reading stuck (test)"
+
+    monkeypatch.setattr(SystemProbe, "_gpus", stuck_gpus)
+    client = TestClient(create_dashboard(tmp_path, poll_s=0.05, system_s=0.05))
+    stream = tmp_path / "reports" / "metrics.jsonl"
+    try:
+        with client.websocket_connect("/ws") as ws:
+            assert ws.receive_json()["kind"] == "state"
+            write(stream, start(), step(1, 1, 1, loss=0.4321))
+            msg = ws.receive_json()  # the new step, while the GPU reading still hangs
+            assert msg["kind"] == "state" and msg["data"]["tasks"]["classification"]["last"]["loss"] == 0.4321
+            released.set()
+            while (msg := ws.receive_json())["kind"] != "system":
+                pass
+            assert msg["data"]["gpu_note"] == "GPU reading stuck (test)"
+    finally:
+        released.set()
 
 
 def test_exp_defaults_to_the_configs_exp_dir(tmp_path):

@@ -27,17 +27,22 @@ def dumps(message: dict) -> str:
 
 
 async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s: float, system_s: float) -> None:
-    """Send the state whenever it changed (checked every `poll_s`) and a system sample every `system_s`."""
+    """Send the state whenever it changed (checked every `poll_s`) and a system sample every `system_s`. The sample
+    is taken beside the state's updates, not between them: a GPU reading that hangs (NVML has no timeout) held the
+    training's updates back for as long as it hung."""
     loop = asyncio.get_running_loop()
     sent_version, next_system = None, 0.0
+    sampling: asyncio.Future | None = None
     while True:
         version = await asyncio.to_thread(live.refresh)  # file reads off the event loop
         if version != sent_version:
             await ws.send_text(dumps({"kind": "state", "data": await asyncio.to_thread(live.snapshot)}))
             sent_version = version
-        if loop.time() >= next_system:
-            await ws.send_text(dumps({"kind": "system", "data": await asyncio.to_thread(probe.sample)}))
-            next_system = loop.time() + system_s
+        if sampling is None and loop.time() >= next_system:
+            sampling = asyncio.ensure_future(asyncio.to_thread(probe.sample))
+        if sampling is not None and sampling.done():
+            await ws.send_text(dumps({"kind": "system", "data": sampling.result()}))
+            sampling, next_system = None, loop.time() + system_s
         await asyncio.sleep(poll_s)
 
 

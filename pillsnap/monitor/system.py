@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import psutil
 
+from pillsnap.utils.logs import FailureRun
+
 LOGGER = logging.getLogger(__name__)
 GiB = 1024**3
 SMI_QUERY = "index,name,memory.used,memory.total,utilization.gpu"
@@ -58,7 +60,10 @@ def nvml_gpu(pynvml: ModuleType, index: int) -> dict:
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
     name = pynvml.nvmlDeviceGetName(handle)
-    util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+    try:
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+    except pynvml.NVMLError:  # "Not Supported" on a MIG-partitioned GPU: the memory is still worth showing
+        util = None
     return gpu_entry(index, name if isinstance(name, str) else name.decode(), mem.used, mem.total, util)
 
 
@@ -107,6 +112,7 @@ class SystemProbe:
         self._gpu_checked = False
         self._last: tuple[float, dict] | None = None
         self._lock = threading.Lock()
+        self._gpu_failures = FailureRun(LOGGER)  # the 1st, 10th, 100th failed reading in a row, not every one
         # CPU % is measured between two readings of the CPU times, kept here: psutil's own cpu_percent(None)
         # keeps its last reading per thread, and the web server samples from whichever worker thread is free.
         self._cpu_times = (time.monotonic(), psutil.cpu_times())
@@ -154,7 +160,9 @@ class SystemProbe:
         if self._gpu_reader is None:
             return [], "no NVIDIA GPU found (NVML and nvidia-smi unavailable)"
         try:
-            return self._gpu_reader(), None
+            gpus = self._gpu_reader()
         except (GpuReadError, ValueError) as err:  # a driver hiccup must not take the dashboard down
-            LOGGER.warning("reading GPU memory failed: %s", err)
+            self._gpu_failures.failed(f"reading GPU memory failed: {err}")
             return [], f"GPU reading failed: {err}"
+        self._gpu_failures.passed()
+        return gpus, None
