@@ -156,6 +156,23 @@ def test_eta_from_the_pace_since_the_first_step():
     assert state.snapshot()["run"]["eta"] is None and state.snapshot()["run"]["status"] == "early_stopped"
 
 
+def test_the_eta_says_when_the_stages_time_cap_ends_the_run_first():
+    """Stage 3 caps a run at 8 h, stage 4 at 48: an ETA past the cap said nothing until the verdict. The start
+    record carries the cap; the title says how long is left on it, and when it comes before the ETA."""
+    from pillsnap.monitor.terminal import cap_note
+
+    state = MonitorState()
+    state.apply_all([{**start(t=0), "time_limit_hours": 0.1}, step(100, 1, 1), step(190, 1, 10)])  # a 360 s cap
+    run = state.snapshot()["run"]
+    assert run["time_limit_s"] == pytest.approx(360.0) and run["eta"] == pytest.approx(300.0)
+    assert cap_note(run, now=190) == " (the 6m00s time cap ends it first, in 2m50s)"
+    state.apply({**start(t=0), "time_limit_hours": 1.0})  # a fresh run with an hour: the ETA comes first
+    state.apply_all([step(100, 1, 1), step(190, 1, 10)])
+    assert cap_note(state.snapshot()["run"], now=190) == " (time cap in 56m50s)"
+    state.apply({**start(t=0), "time_limit_hours": None})
+    assert state.snapshot()["run"]["time_limit_s"] is None and cap_note(state.snapshot()["run"]) == ""
+
+
 def test_eta_unknown_until_two_steps_and_zero_when_finished():
     state = MonitorState()
     state.apply_all([start(epochs=1), step(5, 1, 3, epochs=1)])

@@ -217,6 +217,7 @@ def test_realistic_run_renders_every_panel(dashboard, page, tmp_path):
     page.wait_for_function("document.querySelectorAll('.task').length === 2", timeout=WAIT_MS)
     page.wait_for_function("document.querySelector('#system .meter') !== null", timeout=WAIT_MS)
     assert page.inner_text("#run-epoch") == "9 / 18"
+    assert " · cap in 6 h " in page.inner_text("#run-finish")  # stage 3's 8 h, an hour and some spent
     assert page.inner_text("#oom-count") == "1"
     assert "micro-batching" in page.inner_text("#oom")
     for task in ("classification", "detection"):
@@ -236,6 +237,21 @@ def test_realistic_run_renders_every_panel(dashboard, page, tmp_path):
     page.wait_for_timeout(500)  # let the bars' width transition finish
     page.screenshot(path=target, full_page=True)
     assert Path(target).stat().st_size > 50_000
+
+
+def test_an_eta_past_the_stages_time_cap_is_flagged(dashboard, page, tmp_path):
+    """A run that will not finish within its stage's cap says so beside the ETA, from the start record's cap, not
+    only in the verdict after the cap has stopped it."""
+    exp, url = dashboard
+    records = synthetic_run(time.time(), epochs=18, done_epochs=8.45, stage=3)
+    records[0]["time_limit_hours"] = 1.5  # about 65 min spent, about 70 to go
+    append(exp / "reports" / "metrics.jsonl", *records)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-finish').textContent.includes('cap')", timeout=WAIT_MS)
+    finish = page.locator("#run-finish")
+    assert finish.inner_text().startswith("cap (1 h 30 m) ends it in ")
+    assert "warn" in (finish.get_attribute("class") or "")
+    page.screenshot(path=str(os.environ.get("PILLSNAP_CAP_SCREENSHOT") or tmp_path / "cap.png"))
 
 
 # ---------- a realistic synthetic stream (a Stage-3-like GPU run), as the trainer writes it ----------
@@ -278,7 +294,8 @@ def synthetic_run(end: float, epochs: int, done_epochs: float, stage: int, log_e
     rng = random.Random(0)
     cls_steps, det_steps, step_s, val_s = 637, 160, 0.36, 95
     records: list[dict] = [{"type": "start", "time": 0.0, "tasks": ["classification", "detection"],
-                            "epochs": epochs, "stage": stage, "start_epoch": 0}]
+                            "epochs": epochs, "stage": stage, "start_epoch": 0,
+                            "time_limit_hours": {1: 0.5, 2: 2.0, 3: 8.0, 4: 48.0}[stage]}]
     t, gstep = 30.0, 0
     for epoch in range(1, int(done_epochs) + 2):
         for i in range(1, cls_steps + 1):

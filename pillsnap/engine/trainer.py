@@ -414,6 +414,7 @@ class Trainer:
                                                "start_epoch": self.start_epoch, "resumed_at": self._resumed_at(),
                                                "last_epochs": self.last_epochs(),
                                                "stopped_early": sorted(self.stopped),
+                                               "time_limit_hours": self.stage_cfg.get("time_limit_hours"),
                                                "restart": self.restart,
                                                "elapsed_s": self.state.elapsed()})  # the stage clock: earlier runs
         epoch = self.start_epoch

@@ -184,7 +184,7 @@ class MonitorState:
         self.tasks: dict[str, TaskState] = {}
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
                           "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
-                          "ended": None, "last_time": None, "resumes": 0}
+                          "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0
@@ -224,7 +224,8 @@ class MonitorState:
         self.run.update(status="running", stage=record.get("stage"), tasks=list(record.get("tasks", [])),
                         epochs=record.get("epochs"), start_epoch=start_epoch,
                         inside_epoch=start_epoch + 1 if inside else None, started=record.get("time"),
-                        elapsed_before=float(record.get("elapsed_s") or 0.0), ended=None, epoch=start_epoch or None)
+                        elapsed_before=float(record.get("elapsed_s") or 0.0), ended=None, epoch=start_epoch or None,
+                        time_limit_s=_seconds(record.get("time_limit_hours")))
         for name in self.run["tasks"]:
             self.task(name)
         for name, last in (record.get("last_epochs") or {}).items():
@@ -271,6 +272,12 @@ class MonitorState:
                 "run": clean({**self.run, "eta": self.eta()}),
                 "tasks": {name: task.snapshot() for name, task in self.tasks.items()},
                 "oom": clean(self.oom), "evaluation": clean(self.evaluation)}
+
+
+def _seconds(hours: object) -> float | None:
+    """A time cap in hours as seconds; None for none (or not a positive number)."""
+    value = finite_or_none(hours)
+    return 3600.0 * value if value is not None and value > 0 else None
 
 
 def _finite(value: object) -> float:

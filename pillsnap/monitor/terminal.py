@@ -37,8 +37,22 @@ def title(snap: dict) -> str:
     status = run["status"]
     if trainer_gone(snap):  # killed or crashed: no end record
         status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
-    return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}  "
-            f"Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
+    return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}"
+            f"{cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
+
+
+def cap_note(run: dict, now: float | None = None) -> str:
+    """What the stage's time cap says beside the ETA of a running run: when it comes first, that it ends the run
+    (an 8 or 48 h cap, an ETA past it, and nothing said until the verdict), else how long is left on it."""
+    limit, started = run.get("time_limit_s"), run.get("started")
+    if limit is None or started is None or run.get("status") != "running":
+        return ""
+    now = time.time() if now is None else now
+    left = limit - (run.get("elapsed_before") or 0.0) - (now - started)
+    eta = run.get("eta")
+    if eta is not None and eta - (now - (run.get("last_time") or now)) > left:
+        return f" (the {duration(limit)} time cap ends it first, in {duration(max(left, 0.0))})"
+    return f" (time cap in {duration(max(left, 0.0))})"
 
 
 def render(snap: dict) -> Table:

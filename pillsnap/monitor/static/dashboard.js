@@ -126,15 +126,23 @@ function renderRun(s) {
 }
 
 function renderEta(run, now, running) {
-  let eta = null, sub = "";
+  let eta = null, sub = "", capFirst = false;
+  // the stage's time cap, on the stage's clock: a run whose ETA lies past it is ended by the cap
+  const capLeft = isNum(run.time_limit_s) && run.started ?
+    run.time_limit_s - (run.elapsed_before || 0) - (now - run.started) : null;
   if (running && isNum(run.eta)) {
     eta = Math.max(0, run.eta - (now - run.last_time));
-    sub = "finishes ≈ " + Fmt.clock(now + eta);
+    capFirst = capLeft !== null && eta > capLeft;
+    sub = capFirst ? `cap (${Fmt.dur(run.time_limit_s)}) ends it in ${Fmt.dur(Math.max(0, capLeft))}` :
+      capLeft !== null ? `ends ≈ ${Fmt.clock(now + eta)} · cap in ${Fmt.dur(capLeft)}` : "finishes ≈ " + Fmt.clock(now + eta);
   } else if (running) sub = "after a few steps";
   else if (run.ended) sub = "ended " + Fmt.clock(run.ended);
   else if (run.last_time) sub = "last step " + Fmt.clock(run.last_time);
   $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.ended ? "done" : "—");
   $("run-finish").textContent = sub;
+  $("run-finish").classList.toggle("warn", capFirst);
+  $("run-finish").title = capFirst ? "the stage's time cap (data.progressive_validation.stage_N.time_limit_hours) " +
+    "comes before this ETA: the run will stop there, short of its epochs" : "";
 }
 
 // ---------- tasks ----------
