@@ -65,7 +65,8 @@ def write_reports(trainer: Any) -> list[Path]:
 
     paths: list[Path] = []
     for task in probability_tasks(trainer):
-        # a loader of its own: the training's was sized for one rank of many, and this pass has the machine alone
+        # a loader of its own, sized as the loaders of the work after training are (run_training's after-work
+        # counts this process alone on the machine; the training's was sized for one rank of many)
         loader = None if task.val_loader is None else eval_loader(task.val_loader.dataset, trainer.cfg)
         y_true, y_prob = task.predict_val(loader)
         paths += write_classification_reports(y_true, y_prob, task.class_names(), trainer.exp_dir / "reports")

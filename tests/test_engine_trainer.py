@@ -190,6 +190,19 @@ def test_stage_time_cap_stops_and_applies_the_success_rule(tmp_path, allow, code
     assert verdict["samples_seen"] == 16 and verdict["success"] is (allow == "true")
 
 
+def test_a_cap_that_falls_in_the_last_epochs_last_steps_leaves_the_run_complete(tmp_path):
+    """The clock is asked at log steps and at an epoch's last step: a cap spent by then in the last planned epoch
+    cut nothing, and the run is complete, not time-capped (whose stage the gate would judge as one that trained
+    less than it planned)."""
+    exp = tmp_path / "exp"
+    pv = "data.progressive_validation.stage_1."
+    cfg = make_cfg(exp, "train.epochs=1", "train.step_log_interval=1000", f"{pv}time_limit_hours=1.0e-9",
+                   f"{pv}allow_success_on_time_cap=false")
+    assert main(cfg, fake_build_loaders) == 0
+    metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["status"] == "completed" and metrics["epoch"] == 1 and "time_cap" not in metrics["stage"]
+
+
 def test_resume_last_without_checkpoint_starts_fresh_and_empty_data_is_named(tmp_path):
     exp = tmp_path / "exp"
     assert main(make_cfg(exp, "train.epochs=1", "train.resume=last"), fake_build_loaders) == 0

@@ -423,3 +423,5 @@ def test_the_top_k_from_a_partition_is_the_stable_sorts_ties_included():
         row = np.round(rng.random(int(rng.integers(1, 60))) ** 4, 1).astype(np.float32)  # many equal values, zeros
         for m in (1, 5, 25, 100):
             assert _best(row, m).tolist() == np.argsort(-row, kind="stable")[:m].tolist()
+    for row in (np.full(8, np.nan, np.float32), np.array([0.2, np.nan, 0.7, np.nan, np.nan], np.float32)):
+        assert _best(row, 3).tolist() == np.argsort(-row, kind="stable")[:3].tolist()  # NaN: the sort's order

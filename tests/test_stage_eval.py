@@ -530,7 +530,7 @@ def test_the_scale_checks_need_the_stages_classes_and_stage_4_a_whole_epoch(synt
     time cap is still a stable one (the gate's TIME_CAP_REACHED says it ran out of time)."""
     from omegaconf import OmegaConf
 
-    def checks(stage: int, samples: int, classes: int, status: str = "completed") -> dict:
+    def checks(stage: int, samples: int, classes: int | None, status: str = "completed") -> dict:
         cfg = OmegaConf.merge(synth_cfg, {"data": {"progressive_validation": {"current_stage": stage}}})
         run = {"samples_seen": samples, "classes_seen": classes, "global_batch": 64, "memory_growth": 1.0,
                "memory_stable": True, "nan_loss": False, "rank_batch": 64}
@@ -545,6 +545,8 @@ def test_the_scale_checks_need_the_stages_classes_and_stage_4_a_whole_epoch(synt
     assert checks(4, 400_000 - 64, 4500)["full_dataset_processing"]  # the last, dropped batch forgiven
     assert not checks(4, 260_000, 4500)["full_dataset_processing"]  # past min_samples_required, not an epoch
     assert not checks(4, 800_000, 3000)["full_dataset_processing"]
+    # a metrics.json from before classes_seen was kept: judged on the samples alone, not failed for a missing count
+    assert checks(3, 60_000, None)["scalability_test_pass"] and checks(4, 400_000, None)["full_dataset_processing"]
 
 
 def test_a_previous_evaluation_of_another_split_is_no_regression_baseline(caplog):
@@ -557,3 +559,10 @@ def test_a_previous_evaluation_of_another_split_is_no_regression_baseline(caplog
     assert regression_baseline(smoke, "b" * 64, {"n_eval_available": 39}) == smoke["results"]
     older = {"results": {"classification": {"acc": 0.99}}}  # a report from before the split size was kept
     assert regression_baseline(older, "b" * 64, {"n_eval_available": 39}) == older["results"]
+    # the same weights evaluated again keep their baseline only where it measured this split: a report written
+    # before splits were kept carries the smoke test's 0.99 on as "the baseline" of the real run's weights
+    inherited = {"results": {"n_eval_available": 18_525}, "classifier_sha256": "b" * 64,
+                 "baseline": {"classification.acc": 0.99}}
+    assert regression_baseline(inherited, "b" * 64, {"n_eval_available": 18_525}) is None
+    inherited["baseline"]["n_eval_available"] = 18_525
+    assert regression_baseline(inherited, "b" * 64, {"n_eval_available": 18_525})["classification"]["acc"] == 0.99

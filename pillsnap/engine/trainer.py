@@ -488,7 +488,10 @@ class Trainer:
             if self.info.enabled:
                 self.tasks[name].sync_replicas()
         self._share_counts()
-        if self.runner.time_capped():
+        capped = self.runner.time_capped()  # asked of every rank alike (a vote under DDP)
+        # a cap that fell in the last planned epoch's last logging window cut nothing: the run is complete, not
+        # capped (the stage would have been judged as one that trained less than it planned)
+        if capped and (cut is not None or epoch < len(self.plan)):
             self.status = "time_capped"
         self.end_epoch(epoch, active, train, self.validate(epoch, active), cut_short=cut is not None)
         barrier(self.info)

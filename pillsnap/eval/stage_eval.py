@@ -227,15 +227,20 @@ def regression_baseline(previous: dict | None, weights: str | None, results: dic
     baseline: an accuracy of 0.99 on 39 crops said a real run's 0.88 had regressed."""
     if not previous:
         return None
-    then = (previous.get("results") or {}).get("n_eval_available")
     now = (results or {}).get("n_eval_available")
+    if weights is not None and previous.get("classifier_sha256") == weights:
+        kept = previous.get("baseline") or {}
+        acc, then = kept.get("classification.acc"), kept.get("n_eval_available")
+        if acc is not None and now is not None and then != now:  # unrecorded: a baseline kept before splits were
+            LOGGER.warning("the baseline these weights were judged against measured another validation split (%s "
+                           "crops, now %s): no regression check against it", then, now)
+            return None
+        return None if acc is None else {"classification": {"acc": acc}, "n_eval_available": then}
+    then = (previous.get("results") or {}).get("n_eval_available")
     if then is not None and now is not None and then != now:
         LOGGER.warning("the stage's previous evaluation measured another validation split (%s crops, now %s): no "
                        "regression check against it", then, now)
         return None
-    if weights is not None and previous.get("classifier_sha256") == weights:
-        acc = (previous.get("baseline") or {}).get("classification.acc")
-        return None if acc is None else {"classification": {"acc": acc}}
     return previous.get("results")
 
 
@@ -265,7 +270,8 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
     chosen = choose(decision, choice, assume_yes, ask)
     report = {**decision, "choice": chosen, "user_choice": str(chosen["option"]), "results": results,
               "baseline": None if baseline is None else {"classification.acc": (baseline.get("classification") or
-                                                                                 {}).get("acc")},
+                                                                                 {}).get("acc"),
+                                                         "n_eval_available": baseline.get("n_eval_available")},
               "criteria": {"mandatory_checks": list(criteria.mandatory_checks),
                            "targets": {t.path: t.threshold for t in criteria.targets},
                            "target_devices": {t.path: t.device for t in criteria.targets if t.device}},

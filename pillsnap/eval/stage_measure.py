@@ -394,7 +394,10 @@ def mandatory_checks(cfg: DictConfig, exp_dir: Path, summary: dict, run: dict, m
     stage = int(cfg.data.progressive_validation.current_stage)
     sizes = cfg.data.progressive_validation[f"stage_{stage}"]
     samples = run["samples_seen"] or 0
-    enough_classes = (run.get("classes_seen") or 0) >= int(sizes.min_class_coverage)
+    # a metrics.json from before classes_seen was kept: the time cap's count where there is one, else the classes go
+    # unjudged (a finished run would otherwise fail for a count that was never written)
+    classes = run.get("classes_seen") if run.get("classes_seen") is not None else time_cap.get("classes_seen")
+    enough_classes = classes is None or classes >= int(sizes.min_class_coverage)
     enough_samples = samples >= int(sizes.min_samples_required) and enough_classes
     whole_epoch = train_rows is not None and samples >= train_rows - run["global_batch"] and enough_classes
     finished = status in COMPLETED_STATUSES

@@ -117,6 +117,8 @@ def _best(row: np.ndarray, m: int) -> np.ndarray:
     if m >= len(row):
         return np.argsort(-row, kind="stable")
     kth = row[np.argpartition(-row, m - 1)[m - 1]]  # the m-th largest value
+    if np.isnan(kth):  # fewer than m numbers: the sort's own order, NaN last
+        return np.argsort(-row, kind="stable")[:m]
     tied_or_above = np.flatnonzero(row >= kth)  # in index order: the stable sort keeps it among equals
     return tied_or_above[np.argsort(-row[tied_or_above], kind="stable")][:m]
 

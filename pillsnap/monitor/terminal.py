@@ -38,7 +38,8 @@ def title(snap: dict) -> str:
     if trainer_gone(snap):  # killed or crashed: no end record
         status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
     return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}"
-            f"{cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  last record {duration(age)} ago")
+            f"{'' if trainer_gone(snap) else cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  "
+            f"last record {duration(age)} ago")
 
 
 def cap_note(run: dict, now: float | None = None) -> str:
