@@ -125,7 +125,9 @@ def test_a_regression_against_the_previous_evaluation_is_named(trained, tmp_path
     assert report["results"]["classification"]["acc"] == pytest.approx(acc) != 0.123
     assert "REGRESSION_TOO_LARGE" in report["go_no_go"]["reasons"] and report["go_no_go"]["go"] is False
     assert any(r.startswith("REGRESSION_TOO_LARGE: classification.acc ") for r in report["reasons"])
-    assert report["baseline"] == {"classification.acc": pytest.approx(acc + 0.10)}
+    # the baseline keeps the split it measured: the same weights evaluated again keep it only on that split
+    assert report["baseline"] == {"classification.acc": pytest.approx(acc + 0.10),
+                                  "n_eval_available": report["results"]["n_eval_available"]}
     assert report["choice"]["option"] == 2 and report["choice"]["how"] == "--choice" and report["user_choice"] == "2"
     # `pillsnap evaluate` again on the same weights: judged against the same baseline, not against itself
     again = evaluate_stage(cfg, exp, choice=2)
