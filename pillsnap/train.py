@@ -23,7 +23,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -161,17 +162,42 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
                            f"left: {', '.join(left)}" if left else "nothing is left to do")
         # each step records itself done (after_training.mark_done), so a failure in a later one keeps it
         if "reports" in left:
-            write_reports(trainer)
+            with after_training_phase(trainer.exp_dir, "reports"):
+                write_reports(trainer)
         if "calibration" in left:
-            calibrate(trainer, build_loaders)
+            with after_training_phase(trainer.exp_dir, "calibration"):
+                calibrate(trainer, build_loaders)
         link_stage_checkpoints(trainer)
         if "stage_evaluation" in left:
             from pillsnap.eval.stage_eval import evaluate_stage
 
-            evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
+            with after_training_phase(trainer.exp_dir, "stage_evaluation"):
+                evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
         if "final_test" in left:
-            code = _final_test(trainer)
+            with after_training_phase(trainer.exp_dir, "final_test"):
+                code = _final_test(trainer)
     return code
+
+
+@contextmanager
+def after_training_phase(exp_dir: Path, step: str) -> Iterator[None]:
+    """A step of the work after training, told to the stream (metrics.jsonl: `after_training` records, `event`
+    start, then done or failed) so that the dashboard shows it: at Stage 4 the calibration, the evaluation and the
+    final test take hours after the `end` record, and the page said "completed", decision "pending", throughout."""
+    from pillsnap.utils import append_jsonl
+
+    stream = Path(exp_dir) / "reports" / "metrics.jsonl"
+
+    def tell(event: str) -> None:
+        append_jsonl(stream, {"type": "after_training", "time": round(time.time(), 3), "step": step, "event": event})
+
+    tell("start")
+    try:
+        yield
+    except BaseException:
+        tell("failed")
+        raise
+    tell("done")
 
 
 def _final_test(trainer: Any) -> int:

@@ -540,3 +540,32 @@ def test_terminal_stops_following_a_run_whose_trainer_is_gone(tmp_path, monkeypa
 
     monkeypatch.setattr(monitor_cli.time, "sleep", kept_following)
     assert monitor_cli.run_terminal(exp, 0.01) == 0
+
+
+def test_the_work_after_training_is_shown_until_its_verdict(tmp_path):
+    """At Stage 4 the calibration, the evaluation and the final test take hours after the end record: the page
+    said "completed", decision "pending", throughout, and `--terminal` stopped following at the end record."""
+    from pillsnap.monitor.terminal import after_training_under_way
+    from pillsnap.train import after_training_phase
+
+    exp = tmp_path / "exp"
+    write(exp / "reports" / "metrics.jsonl", start(), step(1, 1, 1), {"type": "end", "time": 2, "status": "completed"})
+    with after_training_phase(exp, "reports"):
+        pass
+    with after_training_phase(exp, "calibration"):
+        live = LiveRun(exp)
+        live.refresh()
+        snap = live.snapshot()
+        assert snap["run"]["status"] == "completed" and snap["run"]["after"]["step"] == "calibration"
+        assert after_training_under_way(snap) and "Go/No-Go pending (after training: calibration)" in title(snap)
+    with pytest.raises(RuntimeError), after_training_phase(exp, "stage_evaluation"):
+        raise RuntimeError("the evaluation failed")
+    live.refresh()
+    snap = live.snapshot()
+    assert not after_training_under_way(snap) and snap["run"]["after"] == {
+        "step": "stage_evaluation", "since": snap["run"]["after"]["since"], "failed": True}
+    assert "the work after training failed at stage_evaluation" in title(snap)
+    events = [(r["step"], r["event"]) for r in map(json.loads, (exp / "reports" / "metrics.jsonl").read_text()
+                                                   .splitlines()) if r["type"] == "after_training"]
+    assert events == [("reports", "start"), ("reports", "done"), ("calibration", "start"), ("calibration", "done"),
+                      ("stage_evaluation", "start"), ("stage_evaluation", "failed")]

@@ -254,6 +254,21 @@ def test_an_eta_past_the_stages_time_cap_is_flagged(dashboard, page, tmp_path):
     page.screenshot(path=str(os.environ.get("PILLSNAP_CAP_SCREENSHOT") or tmp_path / "cap.png"))
 
 
+def test_the_work_after_training_shows_on_the_go_no_go_card(dashboard, page):
+    """Training ended; the calibration is under way (hours at Stage 4): the card names it instead of "decided when
+    the stage run ends"."""
+    exp, url = dashboard
+    records = synthetic_run(time.time() - 60, epochs=2, done_epochs=2, stage=4)
+    records += [{"type": "end", "time": time.time() - 50, "status": "completed"},
+                {"type": "after_training", "time": time.time() - 40, "step": "calibration", "event": "start"}]
+    append(exp / "reports" / "metrics.jsonl", *records)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#gonogo-sub').textContent.includes('after training')",
+                           timeout=WAIT_MS)
+    assert page.inner_text("#gonogo-sub") == "after training: calibration" and page.inner_text("#gonogo") == "PENDING"
+    assert "calibration is under way since" in page.inner_text("#evaluation")
+
+
 # ---------- a realistic synthetic stream (a Stage-3-like GPU run), as the trainer writes it ----------
 
 def lr_at(progress: float, epochs: int, base: float, warmup: float = 0.5) -> float:

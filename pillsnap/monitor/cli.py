@@ -107,7 +107,7 @@ def run_terminal(exp: Path, interval: float) -> int:
     from rich.live import Live
 
     from pillsnap.monitor.live import LiveRun
-    from pillsnap.monitor.terminal import render, trainer_gone
+    from pillsnap.monitor.terminal import after_training_under_way, render, trainer_gone
 
     live = LiveRun(exp)
     live.refresh()
@@ -117,7 +117,9 @@ def run_terminal(exp: Path, interval: float) -> int:
                 live.refresh()
                 snap = live.snapshot()
                 screen.update(render(snap))
-                if snap["run"]["status"] not in ("running", "waiting") or trainer_gone(snap):
+                # the work after training goes on past the end record: followed until its verdict
+                ended = snap["run"]["status"] not in ("running", "waiting") and not after_training_under_way(snap)
+                if ended or trainer_gone(snap):
                     break
                 time.sleep(interval)
     except KeyboardInterrupt:

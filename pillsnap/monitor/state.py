@@ -184,7 +184,7 @@ class MonitorState:
         self.tasks: dict[str, TaskState] = {}
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
                           "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
-                          "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None}
+                          "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None, "after": None}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0
@@ -225,7 +225,7 @@ class MonitorState:
                         epochs=record.get("epochs"), start_epoch=start_epoch,
                         inside_epoch=start_epoch + 1 if inside else None, started=record.get("time"),
                         elapsed_before=float(record.get("elapsed_s") or 0.0), ended=None, epoch=start_epoch or None,
-                        time_limit_s=_seconds(record.get("time_limit_hours")))
+                        time_limit_s=_seconds(record.get("time_limit_hours")), after=None)
         for name in self.run["tasks"]:
             self.task(name)
         for name, last in (record.get("last_epochs") or {}).items():
@@ -256,6 +256,17 @@ class MonitorState:
 
     def _on_end(self, record: dict) -> None:
         self.run.update(status=record.get("status") or "finished", ended=record.get("time"))
+
+    def _on_after_training(self, record: dict) -> None:
+        """The work after training (reports, calibration, the stage's evaluation, the final test): the step under
+        way and since when, or the one that failed; None once a step is done."""
+        event = record.get("event")
+        if event == "start":
+            self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": False}
+        elif event == "failed":
+            self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": True}
+        else:
+            self.run["after"] = None
 
     def _on_stage_evaluation(self, record: dict) -> None:
         self.evaluation = {**record, "source": "stream"}

@@ -27,10 +27,22 @@ def trainer_gone(snap: dict) -> bool:
     return snap["run"]["status"] == "running" and bool(trainer) and trainer.get("alive") is False
 
 
+def after_training_under_way(snap: dict) -> bool:
+    """Whether a step of the work after training is under way (started, neither done nor failed) and its process,
+    where the folder names it, is alive."""
+    after, trainer = snap["run"].get("after"), snap.get("trainer")
+    return bool(after) and not after.get("failed") and not (trainer and trainer.get("alive") is False)
+
+
 def title(snap: dict) -> str:
     run, evaluation = snap["run"], snap["evaluation"]
     age = time.time() - run["last_time"] if run["last_time"] else None
+    after = run.get("after")
     decision = "pending"
+    if after_training_under_way(snap):
+        decision = f"pending (after training: {after['step']})"
+    elif after and after.get("failed"):
+        decision = f"none (the work after training failed at {after['step']})"
     if evaluation:  # the one verdict: decision and recommendation of the same evaluation
         decision = evaluation.get("status", "?") + (f" ({evaluation['recommendation']})"
                                                     if evaluation.get("recommendation") else "")

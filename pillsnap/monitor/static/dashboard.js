@@ -63,7 +63,7 @@ function onState(state) {
   $("stream-missing").style.display = state.stream_exists ? "none" : "";
   $("foot-stream").textContent = "following " + state.stream;
   $("foot-records").textContent = `${state.records.toLocaleString("en")} records`;
-  renderEvaluation(state.evaluation, stoppedShort(state));
+  renderEvaluation(state.evaluation, stoppedShort(state), state.run.after, state.trainer);
   renderOom(state.oom);
   renderTasks(state);
   tick();
@@ -276,8 +276,35 @@ function updateCharts(panel, t) {
 }
 
 // ---------- side panels ----------
-function renderEvaluation(ev, stopped) {
+// What the work after training (reports, calibration, the stage's evaluation, the final test) is doing, if anything:
+// at Stage 4 it takes hours after the training's end record.
+const AFTER_TEXT = {reports: "the validation reports", calibration: "calibration",
+                    stage_evaluation: "the stage's evaluation", final_test: "the final test"};
+
+function afterTraining(after, trainer) {
+  if (!after) return null;
+  const what = AFTER_TEXT[after.step] || after.step, since = isNum(after.since) ? Fmt.clock(after.since) : "?";
+  if (after.failed) return {badge: "none", sub: `${what} failed`,
+    text: `The work after training failed at ${what} (${since}); the checkpoints are whole. Finish it with ` +
+          "pillsnap calibrate / pillsnap evaluate --exp EXP (logs/pillsnap.log says why it failed)."};
+  if (trainer && trainer.alive === false) return {badge: "none", sub: `stopped during ${what}`,
+    text: `The trainer ended during ${what} (since ${since}) without finishing it. Finish it with ` +
+          "pillsnap calibrate / pillsnap evaluate --exp EXP."};
+  return {badge: "pending", sub: `after training: ${after.step.replace("stage_", "").replace("_", " ")}`,
+          text: `Training has ended; ${what} is under way since ${since}. The Go/No-Go decision comes after it.`};
+}
+
+function renderEvaluation(ev, stopped, after, trainer) {
   const card = $("gonogo-card"), badge = $("gonogo"), sub = $("gonogo-sub"), box = $("evaluation");
+  const working = ev ? null : afterTraining(after, trainer);
+  if (working) {
+    card.className = "card gonogo";
+    badge.className = "badge";
+    badge.textContent = working.badge;
+    sub.textContent = working.sub;
+    box.replaceChildren(Object.assign(document.createElement("p"), {className: "muted", textContent: working.text}));
+    return;
+  }
   if (!ev) {
     card.className = "card gonogo";
     badge.className = "badge";
