@@ -227,21 +227,23 @@ def regression_baseline(previous: dict | None, weights: str | None, results: dic
     baseline: an accuracy of 0.99 on 39 crops said a real run's 0.88 had regressed."""
     if not previous:
         return None
-    now = (results or {}).get("n_eval_available")
-    if weights is not None and previous.get("classifier_sha256") == weights:
+    same_weights = weights is not None and previous.get("classifier_sha256") == weights
+    if same_weights:
         kept = previous.get("baseline") or {}
-        acc, then = kept.get("classification.acc"), kept.get("n_eval_available")
-        if acc is not None and now is not None and then != now:  # unrecorded: a baseline kept before splits were
-            LOGGER.warning("the baseline these weights were judged against measured another validation split (%s "
-                           "crops, now %s): no regression check against it", then, now)
+        if kept.get("classification.acc") is None:
             return None
-        return None if acc is None else {"classification": {"acc": acc}, "n_eval_available": then}
-    then = (previous.get("results") or {}).get("n_eval_available")
-    if then is not None and now is not None and then != now:
-        LOGGER.warning("the stage's previous evaluation measured another validation split (%s crops, now %s): no "
-                       "regression check against it", then, now)
+        then = kept.get("n_eval_available")
+        baseline = {"classification": {"acc": kept["classification.acc"]}, "n_eval_available": then}
+    else:
+        baseline = previous.get("results")
+        then = (baseline or {}).get("n_eval_available")
+    now = (results or {}).get("n_eval_available")
+    # another split, or (kept for the same weights) one not recorded, as kept before splits were
+    if now is not None and then != now and (then is not None or same_weights):
+        LOGGER.warning("the baseline measured another validation split (%s crops, now %s): no regression check "
+                       "against it", then, now)
         return None
-    return previous.get("results")
+    return baseline
 
 
 def evaluate_stage(cfg: DictConfig, exp_dir: str | Path | None = None, choice: int | None = None,

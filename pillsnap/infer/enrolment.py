@@ -239,7 +239,7 @@ class EnrolledSpace:
     def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(trained [N, C], enrolled [N, E]) squared distances of raw features (enrolled_distances)."""
         z = np.asarray(features, np.float32) @ self.gaussians.whiten
-        return squared_distances(z, self.gaussians.means, self.gaussians.mean_norms), self.enrolled_distances(z)
+        return self.gaussians.whitened_distances(z), self.enrolled_distances(z)
 
     def enrolled_distances(self, z: np.ndarray, which: slice = slice(None)) -> np.ndarray:
         """[N, E] squared distances of whitened rows to the enrolled means (those of `which`), each divided by
@@ -364,7 +364,7 @@ def taken_from_trained(probe: Probe, gaussians: ClassGaussians, before: Enrolled
         return taken
     z, top = probe.whitened[rows], probe.top[rows]
     right = np.ones(len(rows), bool)
-    trained = squared_distances(z, gaussians.means, gaussians.mean_norms)  # once, for the enrolments before and after
+    trained = gaussians.whitened_distances(z)  # once, for the enrolments before and after
     if before.drugs:
         prior = EnrolledSpace.build(gaussians, before, threshold)
         q = enrolled_posterior(trained, prior.enrolled_distances(z), prior.softness)

@@ -85,7 +85,11 @@ class ClassGaussians:
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of `features` [N, D] to every class mean: [N, C]."""
-        return squared_distances(np.asarray(features, np.float32) @ self.whiten, self.means, self.mean_norms)
+        return self.whitened_distances(np.asarray(features, np.float32) @ self.whiten)
+
+    def whitened_distances(self, z: np.ndarray) -> np.ndarray:
+        """Squared distance of each whitened row of `z` [N, D'] to every class mean: [N, C]."""
+        return squared_distances(z, self.means, self.mean_norms)
 
     def score(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """Distance to the nearest known class, per row: larger is more likely an unknown pill. In blocks of `chunk`

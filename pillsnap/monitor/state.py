@@ -261,12 +261,8 @@ class MonitorState:
         """The work after training (reports, calibration, the stage's evaluation, the final test): the step under
         way and since when, or the one that failed; None once a step is done."""
         event = record.get("event")
-        if event == "start":
-            self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": False}
-        elif event == "failed":
-            self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": True}
-        else:
-            self.run["after"] = None
+        self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": event == "failed"} \
+            if event in ("start", "failed") else None
 
     def _on_stage_evaluation(self, record: dict) -> None:
         self.evaluation = {**record, "source": "stream"}
