@@ -144,6 +144,31 @@ def test_a_stage_manifest_leaves_the_other_stages_pre_flight_intact(manifest_dir
         assert not failed, failed
 
 
+def test_pre_flight_stops_a_stage_whose_gate_needs_more_classes_than_the_data_holds(manifest_dir, capsys):
+    """Stage 3's gate fails a run that trained fewer than min_class_coverage (800) classes: the pre-flight says so
+    before hours of training, and at stage 1, where only a time-capped run needs them, it only notes it."""
+    from pillsnap.eval.criteria import needs_class_minimum
+
+    assert [needs_class_minimum(stage) for stage in (1, 2, 3, 4)] == [False, False, True, True]
+    script = REPO / "scripts" / "stage3" / "validate_stage3_manifest.py"
+    sized = [f"paths.manifest_dir={manifest_dir}", f"data.progressive_validation.stage_3.max_classes={SYNTH_CLASSES}"]
+    proc = subprocess.run([sys.executable, str(script), "--stage", "3", *sized], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (f"FAIL stage classes: {SYNTH_CLASSES} classes to train, the stage's gate needs 800 (min_class_coverage"
+            in proc.stdout), proc.stdout
+    assert "stage_3.min_class_coverage" in proc.stdout
+    rehearsal = subprocess.run([sys.executable, str(script), "--stage", "3", *sized,
+                                f"data.progressive_validation.stage_3.min_class_coverage={SYNTH_CLASSES}"],
+                               capture_output=True, text=True, timeout=120)
+    assert rehearsal.returncode == 0 and "OK   stage classes" in rehearsal.stdout, rehearsal.stdout
+    stage1 = subprocess.run([sys.executable, str(script), "--stage", "1", f"paths.manifest_dir={manifest_dir}",
+                             f"data.progressive_validation.stage_1.max_classes={SYNTH_CLASSES}"],
+                            capture_output=True, text=True, timeout=120)
+    assert stage1.returncode == 0, stage1.stdout
+    assert "a run the time cap stops needs 30 (min_class_coverage)" in stage1.stdout
+
+
 def test_setup_venv_from_the_design_path_builds_the_root_venv(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts" / "core").mkdir(parents=True)

@@ -56,6 +56,31 @@ def _splits(stage_rows: pd.DataFrame) -> list[Finding]:
     ]
 
 
+def _stage_size(settings: DictConfig, stage: int, stage_rows: pd.DataFrame, class_minimum: bool) -> list[Finding]:
+    """The classes the stage's classifier trains and its photos against what the stage asks. Too few classes fail
+    where the stage's gate needs `min_class_coverage` of them trained (`class_minimum`: stages 3-4), so that the
+    run is stopped before hours of training that could only end NO_GO; elsewhere they are noted."""
+    trains = stage_rows["stage_class"] & stage_rows["split"].eq("train")
+    classes = int(stage_rows.loc[trains, "mapping_code"].nunique())
+    need, asked = int(settings.min_class_coverage), int(settings.max_classes)
+    short = classes < need
+    if short and class_minimum:
+        detail = (f"{classes} classes to train, the stage's gate needs {need} (min_class_coverage; "
+                  f"max_classes asks {asked})")
+    elif short and bool(settings.allow_success_on_time_cap):
+        detail = (f"{classes} classes to train (max_classes asks {asked}); a run the time cap stops needs {need} "
+                  "(min_class_coverage) to count as a success")
+    else:
+        detail = f"{classes} classes to train (max_classes asks {asked}; min_class_coverage {need})"
+    singles = stage_rows["image_type"].eq("single") & stage_rows["split"].isin(("train", "val"))
+    photos, asked_photos = int(stage_rows.loc[singles, "photo_id"].nunique()), int(settings.max_samples)
+    return [Finding(not (short and class_minimum), "stage classes", detail,
+                    f"scan the whole data set (pillsnap data scan), or for a smaller rehearsal lower "
+                    f"data.progressive_validation.stage_{stage}.min_class_coverage"),
+            Finding(True, "stage photos", f"{photos} single-pill train+val photos (max_samples asks {asked_photos})"
+                    + ("" if photos >= 0.9 * asked_photos else ": the data holds no more of these classes"))]
+
+
 def _files(stage_rows: pd.DataFrame) -> Finding:
     paths = stage_rows["image_path"].drop_duplicates()
     sample = paths.sample(min(SAMPLE_FILES, len(paths)), random_state=0) if len(paths) else paths
@@ -85,9 +110,12 @@ def _stage_files(manifest_dir: Path, stage_rows: pd.DataFrame) -> list[Finding]:
     return findings
 
 
-def check_stage_manifest(cfg: DictConfig, stage: int | None = None) -> list[Finding]:
-    """Findings for the manifest under paths.manifest_dir and the rows `stage` selects (default: current)."""
+def check_stage_manifest(cfg: DictConfig, stage: int | None = None, class_minimum: bool = False) -> list[Finding]:
+    """Findings for the manifest under paths.manifest_dir and the rows `stage` selects (default: current);
+    `class_minimum`: the stage's gate needs its `min_class_coverage` classes trained (eval.criteria's
+    needs_class_minimum), so fewer fail here."""
     from pillsnap.data.scan import load_manifest
+    from pillsnap.config import stage_settings
     from pillsnap.data.stages import select_stage
 
     manifest_dir = Path(cfg.paths.manifest_dir)
@@ -105,6 +133,8 @@ def check_stage_manifest(cfg: DictConfig, stage: int | None = None) -> list[Find
         return [*findings, Finding(False, "stage selection", str(err), "check data.progressive_validation")]
     findings += [_codes(rows), Finding(len(stage_rows) > 0, "stage rows", f"{len(stage_rows)} rows selected",
                                        "check data.progressive_validation.stage_N sizes")]
-    stage_dir = stage_manifest_dir(manifest_dir, cfg.data.progressive_validation.current_stage if stage is None
-                                   else stage)
-    return findings + _splits(stage_rows) + [_files(stage_rows)] + _stage_files(stage_dir, stage_rows)
+    number = int(cfg.data.progressive_validation.current_stage if stage is None else stage)
+    size = (_stage_size(stage_settings(cfg, number), number, stage_rows, class_minimum)
+            if cfg.data.progressive_validation.enabled and len(stage_rows) else [])
+    return (findings + _splits(stage_rows) + size + [_files(stage_rows)]
+            + _stage_files(stage_manifest_dir(manifest_dir, number), stage_rows))

@@ -145,8 +145,17 @@ EXTERNAL_CHECKS = frozenset({"production_api_deployment", "cloudflare_tunnel_set
 # Mandatory checks of a time-capped stage 1 that still counts as a success (the design's time-cap rule).
 TIME_CAP_CHECKS = ("pipeline_complete", "classification_model_loading")
 
+# Mandatory checks that a run passes only having trained the stage's `min_class_coverage` classes (stage_measure).
+CLASS_MINIMUM_CHECKS = frozenset({"scalability_test_pass", "full_dataset_processing"})
+
 
 def stage_criteria(stage: int) -> StageCriteria:
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage}; expected one of {sorted(STAGES)}")
     return STAGES[stage]
+
+
+def needs_class_minimum(stage: int) -> bool:
+    """Whether the stage's gate fails any run that trained fewer than its `min_class_coverage` classes (at stages
+    1-2 only a time-capped run needs them)."""
+    return bool(CLASS_MINIMUM_CHECKS & set(stage_criteria(stage).mandatory_checks))

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Check that a stage's manifest is fit to train on: the manifest and its columns, drug codes, the stage's train
-and val rows, val classes seen in training, image files on disk, and the per-stage manifest_{train,val}.csv.
+and val rows, val classes seen in training, the classes the stage trains (too few for its gate fail at stages
+3-4), image files on disk, and the per-stage manifest_{train,val}.csv.
 Each failure says how to fix it. Exit code 0 when every check passes, 1 otherwise, 2 on a config error.
 
 Usage: python scripts/stage3/validate_stage3_manifest.py [--cfg config.yaml] [--stage 3] [--json] [key=value ...]
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pillsnap.config import ConfigError, load_config
     from pillsnap.data.manifest_check import check_stage_manifest
+    from pillsnap.eval.criteria import needs_class_minimum
 
     try:
         overrides = [*args.overrides, f"data.progressive_validation.current_stage={args.stage}"]
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"validate_stage3_manifest: config error: {err}", file=sys.stderr)
         return 2
-    findings = check_stage_manifest(cfg, args.stage)
+    findings = check_stage_manifest(cfg, args.stage, class_minimum=needs_class_minimum(args.stage))
     if args.json:
         print(json.dumps([f.__dict__ for f in findings], ensure_ascii=False, indent=2))
     else:
