@@ -114,8 +114,8 @@ def check_stage_manifest(cfg: DictConfig, stage: int | None = None, class_minimu
     """Findings for the manifest under paths.manifest_dir and the rows `stage` selects (default: current);
     `class_minimum`: the stage's gate needs its `min_class_coverage` classes trained (eval.criteria's
     needs_class_minimum), so fewer fail here."""
-    from pillsnap.data.scan import load_manifest
     from pillsnap.config import stage_settings
+    from pillsnap.data.scan import load_manifest
     from pillsnap.data.stages import select_stage
 
     manifest_dir = Path(cfg.paths.manifest_dir)
