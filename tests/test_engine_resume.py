@@ -166,6 +166,11 @@ def test_a_path_to_a_last_file_keeps_every_task_a_best_file_only_its_epochs(tmp_
     best = {"classification": (tmp_path / "classification_best.pt", {"epoch": 9}),
             "detection": (tmp_path / "detection_best.pt", {"epoch": 5})}
     assert list(same_generation(str(tmp_path / "classification_best.pt"), best, logger)) == ["classification"]
+    # best.pt, the design's name, is a hard link to a task's best file: that task's epoch decides there too
+    for name in ("classification_best.pt", "detection_best.pt"):
+        (tmp_path / name).write_bytes(name.encode())
+    os.link(tmp_path / "classification_best.pt", tmp_path / "best.pt")
+    assert list(same_generation(str(tmp_path / "best.pt"), best, logger)) == ["classification"]
 
 
 def test_an_early_stopped_task_of_an_interleaved_run_stays_stopped_while_the_other_trains_on(tmp_path):

@@ -205,7 +205,8 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
     given = Path(str(resume)).resolve()
     if given.name == "last.pt" or given.name.endswith("_last.pt"):
         return found
-    anchor = next((ckpt for path, ckpt in found.values() if path.resolve() == given), None)
+    # best.pt is a hard link to a task's best file: the same file, though no path resolves to the other
+    anchor = next((ckpt for path, ckpt in found.values() if _same_file(path, given)), None)
     if anchor is None:
         return found
     kept = {}
@@ -217,6 +218,13 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
                            "checkpoints, or their last files, to keep every task)", path, int(ckpt["epoch"]),
                            int(anchor["epoch"]), given.name, name)
     return kept
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone: not the same file
+        return a.resolve() == b.resolve()
 
 
 def resumed_progress(ckpts: dict[str, dict], start_epoch: int, logger: logging.Logger) -> Any:
