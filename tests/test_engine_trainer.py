@@ -140,6 +140,29 @@ def test_resume_with_another_model_stops_with_a_friendly_error(tmp_path, caplog,
     assert main(make_cfg(exp, "train.resume=" + str(tmp_path / "nope.pt")), fake_build_loaders) == EXIT_CONFIG
 
 
+def test_resume_on_other_drugs_of_the_same_count_stops_with_a_friendly_error(tmp_path):
+    """A rescan or another split seed can give a stage as many classes, but other drugs or another order: resuming
+    would teach each output row another drug's name, and the run's classes.json would no longer be its best.pt's."""
+    import fakes
+
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.epochs=1"), fake_build_loaders) == 0
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["task_state"]["class_names_sha256"]
+
+    def swapped(cfg):
+        loaders = fake_build_loaders(cfg)
+        names = list(reversed(loaders.meta["class_names"]))
+        return loaders._replace(meta={**fakes.fake_meta(), "class_names": names})
+
+    assert main(make_cfg(exp, "train.epochs=2", "train.resume=last"), swapped) == EXIT_CONFIG
+    err = (exp / "logs" / "train.err").read_text(encoding="utf-8")
+    assert "Cannot resume" in err and "not this run's 4 drugs in the same order" in err
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["epoch"] == 1  # nothing trained on, nothing overwritten
+    classes = json.loads((exp / "checkpoints" / "classes.json").read_text(encoding="utf-8"))["class_names"]
+    assert classes == fakes.fake_meta()["class_names"]
+    assert main(make_cfg(exp, "train.epochs=2", "train.resume=last"), fake_build_loaders) == 0
+
+
 def test_injected_oom_is_recovered_and_the_run_finishes(tmp_path, monkeypatch):
     # OOM #1 -> S1 fp16 autocast; #2 -> S2 bs 4 x2; #3 -> S2 bs 2 x4; #4 -> S3 bs 1 x4 (max_grad_accum=4), lr halved.
     # The task trains in fp32 on a CPU that may autocast (train.cpu_amp), so that S1 has memory to save.

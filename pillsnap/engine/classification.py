@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -151,6 +152,12 @@ def validate_classification(model: nn.Module, loader: Any, criterion: nn.Module,
     return validation_metrics(validation_rows(model, loader, criterion, device, channels_last, topk), topk)
 
 
+def class_names_digest(names: list[str]) -> str:
+    """Which drugs, in which order, a classifier's output rows are (a checkpoint keeps it to refuse a resume on
+    other classes of the same count)."""
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+
+
 class ClassificationTask(Task):
     """The pill classifier with its criterion; everything else comes from Task. It owns the design's bare names:
     last.pt/best.pt, unprefixed TensorBoard tags and log line; its samples and classes drive the time-cap rule."""
@@ -244,6 +251,11 @@ class ClassificationTask(Task):
         snap["model"]["num_classes"] = self.num_classes  # resolved, so inference and resume know it
         return snap
 
+    def checkpoint_state(self, epoch: int, best_metric: float | None) -> dict:
+        state = super().checkpoint_state(epoch, best_metric)
+        state["task_state"]["class_names_sha256"] = class_names_digest(self.class_names())
+        return state
+
     def check_compatible(self, ckpt: dict, origin: str) -> None:
         old = (ckpt.get("config_snapshot") or {}).get("model", {})
         old_bb, old_n = old.get("backbone"), int(old.get("num_classes") or 0)
@@ -253,6 +265,15 @@ class ClassificationTask(Task):
                 f"Cannot resume from {origin}: it was trained with backbone '{old_bb}' and {old_n} classes, but this "
                 f"run uses backbone '{backbone}' and {self.num_classes} classes. Resume with the original "
                 "model.backbone / stage, or start fresh with train.resume=null (or another paths.exp_dir).")
+        # As many classes, but other drugs or another order (a rescan that found more drugs, another
+        # data.split_seed): each output row would go on learning another drug's name. Older checkpoints kept no
+        # digest and are taken on the count.
+        digest = (ckpt.get("task_state") or {}).get("class_names_sha256")
+        if digest is not None and digest != class_names_digest(self.class_names()):
+            raise ResumeMismatchError(
+                f"Cannot resume from {origin}: its {old_n} classes are not this run's {self.num_classes} drugs in the "
+                "same order (the manifest was rescanned, or data.split_seed or the stage's classes changed since). "
+                "Resume on the manifest and config it was trained on, or start fresh with train.resume=null.")
 
     # ---- reports ---------------------------------------------------------------------------------------------------
     def class_names(self) -> list[str]:
