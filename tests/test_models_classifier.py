@@ -96,6 +96,27 @@ def test_a_local_weights_file_that_does_not_fit_is_named(tmp_path):
         build_classification_model("test_efficientnet", 4, weights_path=tmp_path / "other.pth")
 
 
+def test_a_file_timm_reads_nothing_from_is_refused_not_trained_from_random_init(tmp_path):
+    """timm loads a file whose head differs without strictness: weights it cannot find (here under another key)
+    would leave the backbone at its random init, with only a warning in timm's log."""
+    torch.save({"weights": build_classification_model("test_efficientnet", 10).state_dict()}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"left \d+ of \d+ randomly initialised 'test_efficientnet' backbone"):
+        build_classification_model("test_efficientnet", 4, weights_path=tmp_path / "w.pth")
+
+
+def test_an_earlier_stages_checkpoint_starts_the_next_stage_from_its_validated_weights(tmp_path):
+    """model.weights_path=<stage 3>/checkpoints/best.pt: the backbone from the checkpoint's validated (EMA)
+    weights, a fresh head for the next stage's classes."""
+    raw, ema = build_classification_model("test_efficientnet", 5), build_classification_model("test_efficientnet", 5)
+    write_ckpt(tmp_path / "best.pt", raw, ema, "ema")
+    model = build_classification_model("test_efficientnet", 9, weights_path=tmp_path / "best.pt")
+    assert torch.equal(model.conv_stem.weight, ema.conv_stem.weight)
+    assert not torch.equal(model.conv_stem.weight, raw.conv_stem.weight)
+    assert model.get_classifier().out_features == 9
+    with pytest.raises(ValueError, match="a PillSnap checkpoint of backbone 'test_efficientnet', not 'test_resnet'"):
+        build_classification_model("test_resnet", 9, weights_path=tmp_path / "best.pt")
+
+
 def write_ckpt(path, model, ema_model, validate):
     snapshot = {"model": {"backbone": "test_efficientnet", "num_classes": 5}, "train": {"ema": {"validate": validate}}}
     save_ckpt(path, {"model_state": model.state_dict(), "optimizer_state": {}, "scheduler_state": {},

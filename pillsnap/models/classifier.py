@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,17 +54,76 @@ def build_classification_model(
 
 
 def _from_local_file(backbone: str, num_classes: int, path: Path) -> nn.Module:
+    """The backbone's weights from `path`, a head of `num_classes` fresh: a timm/ImageNet weights file (through
+    timm's loader) or a PillSnap checkpoint (an earlier stage's best.pt: its validated weights). Every backbone
+    weight must come from the file: timm loads a file whose head differs without strictness, so a file it cannot
+    read (a checkpoint's weights under `model_state`) would leave the model at its random init, silently."""
     import timm
 
     if not path.is_file():
         raise FileNotFoundError(f"model.weights_path does not exist: {path}")
-    try:
-        model = timm.create_model(backbone, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay={"file": str(path)})
-    except RuntimeError as err:  # timm's strict load names the keys that do not fit
-        raise ValueError(f"model.weights_path {path} does not fit backbone {backbone!r}: {err}") from err
-    LOGGER.info("classifier: %s backbone weights from %s (head: %d classes, fresh)", backbone, path, num_classes)
+    fresh = [_seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), seed)
+             for seed in (0, 1)]
+    checkpoint = _pillsnap_checkpoint(path)
+    if checkpoint is not None:
+        model = _seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), 0)
+        _load_backbone(model, checkpoint, backbone, path)
+    else:
+        try:
+            model = _seeded(lambda: timm.create_model(backbone, pretrained=True, num_classes=num_classes,
+                                                      pretrained_cfg_overlay={"file": str(path)}), 0)
+        except RuntimeError as err:  # timm's load names the keys that do not fit
+            raise ValueError(f"model.weights_path {path} does not fit backbone {backbone!r}: {err}") from err
+    # A weight drawn at random (it differs between two seeds' inits) and still equal to seed 0's, the seed the
+    # model was built with, was not loaded. Weights set to a constant (a norm layer's ones) cannot be told apart.
+    head = _head_prefixes(model)
+    init = [dict(f.named_parameters()) for f in fresh]
+    drawn = [(name, p) for name, p in model.named_parameters()
+             if not name.startswith(head) and not torch.equal(init[0][name], init[1][name])]
+    unloaded = [name for name, p in drawn if torch.equal(p, init[0][name])]
+    if unloaded:
+        raise ValueError(f"model.weights_path {path} left {len(unloaded)} of {len(drawn)} randomly initialised "
+                         f"{backbone!r} backbone weights at their init (e.g. {', '.join(unloaded[:3])}): it is not "
+                         "weights of this backbone timm can read, nor a PillSnap checkpoint of it")
+    LOGGER.info("classifier: %s backbone weights from %s%s (head: %d classes, fresh)", backbone, path,
+                " (a PillSnap checkpoint)" if checkpoint is not None else "", num_classes)
     return model
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _pillsnap_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at `path` when it is one of PillSnap's (weights under `model_state`), else None."""
+    try:
+        ckpt = load_ckpt(path, map_location="cpu", mmap=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint load_ckpt reads (safetensors, a bare state dict): timm's
+        return None
+    return ckpt if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state"), dict) else None
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "classifier"
+    names = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    return tuple(f"{name}." for name in names)
+
+
+def _load_backbone(model: nn.Module, ckpt: dict, backbone: str, path: Path) -> None:
+    """A PillSnap checkpoint's validated weights into `model`, all but the head (another stage's classes)."""
+    trained = ((ckpt.get("config_snapshot") or {}).get("model") or {}).get("backbone")
+    if trained is not None and trained != backbone:
+        raise ValueError(f"model.weights_path {path} is a PillSnap checkpoint of backbone {trained!r}, not "
+                         f"{backbone!r}: set model.backbone={trained}, or give weights of {backbone!r}")
+    head = _head_prefixes(model)
+    state = {k: v for k, v in select_inference_state(ckpt).items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if not k.startswith(head)]
+    if left or unexpected:
+        raise ValueError(f"model.weights_path {path} does not fit backbone {backbone!r}: missing "
+                         f"{left[:3]}, unexpected {unexpected[:3]}")
 
 
 @contextlib.contextmanager
