@@ -209,6 +209,19 @@ def test_no_set_claims_a_coverage_its_candidates_cannot_give() -> None:
     assert rule.for_source("single").threshold == 0.05
     plain, _ = load_set_rule(mixed, "lac", 0.95, imprint_reading=True, by_source=False)
     assert plain.refused is None and plain.for_source("combination") is plain  # one threshold for every pill
+    # The draw gives combination crops a larger share than they have (a third, against a tenth at Stage 4): when
+    # their misses put the answers over all sources past the coverage, single photos keep their own sets
+    worse = [None if i % 16 < 3 else 0.2 for i in range(160)]  # 30 of 160 outside the top-k: 30 of 460 in all
+    pooled = {"prediction_sets": {"scores": {"lac": sharp + worse}, "imprint_reading": True, "n": 460,
+                                  "sources": ["single"] * 300 + ["combination"] * 160}}
+    rule, problem = load_set_rule(pooled, "lac", 0.95, imprint_reading=True)
+    assert problem is None and rule.for_source("single").threshold == 0.05
+    assert rule.for_source("combination") is None and rule.for_source(None) is None  # no finite threshold for them
+    assert "hold the right drug in 130 of the 160" in rule.refused["combination"]
+    alone = {"prediction_sets": {**pooled["prediction_sets"], "sources": ["single"] * 300 + [None] * 160}}
+    rule, _ = load_set_rule(alone, "lac", 0.95, imprint_reading=True)  # the combination crops' source unknown
+    assert rule.for_source("combination") is None and "over every calibration answer" in rule.refused["combination"]
+    assert load_set_rule(pooled, "lac", 0.95, imprint_reading=True, by_source=False)[0] is None
 
 
 def test_the_imprint_weight_is_fit_to_how_often_reads_are_right() -> None:

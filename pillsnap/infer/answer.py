@@ -57,8 +57,9 @@ class UnknownRule:
 @dataclass(frozen=True)
 class SetRule:
     """The prediction-set rule calibrated for these weights: the conformal score (pillsnap.metrics.conformal), the
-    coverage asked for and the threshold calibrated for it (always finite: where the calibration gives none, too
-    few answers or candidates that miss the right drug too often, there is no rule and answers carry no set).
+    coverage asked for and the threshold calibrated for it over every answer (where the calibration gives none, too
+    few answers or candidates that miss the right drug too often, there is no rule and answers carry no set, unless
+    sources have thresholds of their own: then the others are `refused`, and a crop of no known source gets none).
     `by_source`: the thresholds calibrated on one crop source's answers alone ("single", "combination"), so that
     each path keeps the coverage on its own; a source without one takes `threshold`, calibrated on every answer,
     unless `refused` names it: a source with answers enough of its own whose candidates miss the right drug too
@@ -85,7 +86,9 @@ class SetRule:
         if source is not None and source in (self.refused or {}):
             return None
         threshold = (self.by_source or {}).get(source) if source is not None else None
-        return self if threshold is None else replace(self, threshold=threshold, by_source=None, refused=None)
+        if threshold is None:
+            return self if math.isfinite(self.threshold) else None
+        return replace(self, threshold=threshold, by_source=None, refused=None)
 
     def size(self, candidates: Sequence[Mapping]) -> int:
         return set_size(self.method, [float(c.get("probability") or 0.0) for c in candidates], self.threshold,

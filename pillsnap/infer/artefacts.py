@@ -174,6 +174,7 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
     imprint reading, and with reading on, with or without the imprint check (every pill read, some withheld);
     answers made the other way have other probabilities, so their sets would not keep the coverage."""
     from pillsnap.infer.answer import SetRule
+    from pillsnap.infer.unknown import CROP_SOURCES
     from pillsnap.metrics.conformal import check_set_method, group_refusals, no_threshold_reason, scores_from_json
 
     stored = (calibration or {}).get("prediction_sets")
@@ -193,11 +194,17 @@ def load_set_rule(calibration: dict | None, method: str, coverage: float, imprin
                                 or not all(s is None or isinstance(s, str) for s in sources)):
         return None, (f"calibration.json: prediction_sets.sources does not name the crop source of each of the "
                       f"{len(scores)} scored answers (recalibrate: pillsnap calibrate --exp EXP)")
-    problem = no_threshold_reason(scores, coverage)
-    if problem is not None:  # sets of every candidate would claim a coverage they do not have
-        return None, f"no set at {coverage:.0%} coverage: {problem}"
     threshold, own = set_thresholds(scores, sources, coverage)
     refused = group_refusals(scores, sources, coverage, MIN_SOURCE_SET_ANSWERS) if sources is not None else {}
+    problem = no_threshold_reason(scores, coverage)
+    if problem is not None and not own:  # sets of every candidate would claim a coverage they do not have
+        return None, f"no set at {coverage:.0%} coverage: {problem}"
+    if problem is not None:
+        # The threshold over every answer serves only the sources without one of their own: they get none. The
+        # answers of one source whose candidates miss too often (detector crops, drawn at a larger share than
+        # they have) must not take the sets away from a source calibrated on its own.
+        refused = {**{source: f"no set at {coverage:.0%} coverage: over every calibration answer, {problem}"
+                      for source in CROP_SOURCES if source not in own}, **refused}
     return SetRule(method, coverage, threshold, fill=fill, by_source=own or None, refused=refused or None), None
 
 
