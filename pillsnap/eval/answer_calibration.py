@@ -303,7 +303,8 @@ def own_thresholds_text(summary: dict) -> str:
     counts, own = summary.get("n_by_source") or {}, summary.get("threshold_by_source") or {}
     if not counts:
         return ""
-    parts = [f"{source} {own[source]:.4f} ({n} answers)" if source in own else f"{source}: the one above ({n} answers)"
+    pooled = "the one above" if summary.get("threshold") is not None else "none"
+    parts = [f"{source} {own[source]:.4f} ({n} answers)" if source in own else f"{source}: {pooled} ({n} answers)"
              for source, n in counts.items()]
     return "; per crop source: " + ", ".join(parts)
 

@@ -299,5 +299,7 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
     if sets:
         LOGGER.info("calibration: prediction sets (%s) at coverage %.2f from %d validation answers named: "
                     "threshold %s%s", sets["method"], sets["coverage"], sets["n"],
-                    f"none, so answers carry no set: {sets['no_threshold']}" if sets["threshold"] is None
+                    (f"none over every answer ({sets['no_threshold']}), so "
+                     + ("only the crop sources with their own carry sets" if sets.get("threshold_by_source")
+                        else "answers carry no set")) if sets["threshold"] is None
                     else f"{sets['threshold']:.4f}", own_thresholds_text(sets))
