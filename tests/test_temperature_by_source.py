@@ -176,3 +176,24 @@ def test_a_crop_that_fails_to_decode_leaves_the_per_source_calibration_in_place(
     assert val.temperatures.by_source is not None  # both sources keep their own temperature
     assert val.temperatures.by_source == fit_temperatures(out.log_probs, out.labels, sources[kept]).by_source
     assert "3 of 240 validation crops could not be decoded" in caplog.text
+
+
+def test_a_classifier_with_non_finite_outputs_is_refused_not_calibrated_into_no_unknown_rule():
+    """One NaN feature row made the class Gaussians all NaN, every distance NaN and the stored threshold null: the
+    unknown-pill rule was off at inference with nothing said. Broken weights now stop the calibration by name."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pillsnap.eval.outputs import model_outputs
+
+    x = torch.randn(20, 4)
+    x[5, 2] = float("nan")
+
+    class Outputs(torch.nn.Module):
+        def forward(self, batch: torch.Tensor):
+            return batch, batch
+
+    loader = DataLoader(TensorDataset(x, torch.zeros(20, dtype=torch.int64)), batch_size=8)
+    with pytest.raises(ValueError, match=r"non-finite outputs \(NaN or infinity\) for 1 of 20 crops"):
+        model_outputs(Outputs(), loader, "cpu")
+    x[5, 2] = 0.0
+    assert model_outputs(Outputs(), loader, "cpu").features.shape == (20, 4)

@@ -44,12 +44,13 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
 
     size = len(loader.dataset)
     labels, log_probs, features, rows = RowFiller(size), RowFiller(size), RowFiller(size), RowFiller(size)
-    numbered = True
+    numbered, broken = True, 0
     with torch.no_grad():
         for batch in progress(loader, "classifier pass", "batches", LOGGER):
             if batch is None:  # every photo of the batch failed to decode
                 continue
             logits, feats = model(batch[0].to(device))
+            broken += int((~torch.isfinite(logits).all(dim=1) | ~torch.isfinite(feats).all(dim=1)).sum())
             labels.add(np.asarray(batch[1], np.int64))
             log_probs.add(torch.log_softmax(logits.float(), dim=-1).cpu().numpy() if keep_log_probs
                           else np.zeros((len(logits), 0), np.float32))
@@ -58,6 +59,9 @@ def model_outputs(model: Any, loader: Any, device: Any, keep_log_probs: bool = T
             numbered = numbered and isinstance(meta, dict) and "row" in meta
             if numbered:
                 rows.add(np.asarray(meta["row"], np.int64))
+    if broken:  # one NaN feature row makes the class Gaussians all NaN, and the unknown-pill rule then silently off
+        raise ValueError(f"the classifier gave non-finite outputs (NaN or infinity) for {broken} of {labels.filled} "
+                         "crops: its weights are broken (see the training log for a NaN loss); nothing is fit on them")
     return Outputs(labels.result((0,), np.int64), log_probs.result((0, 0)), features.result((0, 0)),
                    rows.result((0,), np.int64) if numbered else None)
 
