@@ -529,3 +529,21 @@ def test_a_mistyped_compile_mode_is_one_line_and_exit_2(tmp_path, caplog):
     code, _ = run_training(make_cfg(tmp_path, "optimization.torch_compile=max_autotune"), fake_build_loaders)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert code == 2 and any("optimization.torch_compile must be one of" in e and "max_autotune" in e for e in errors)
+
+
+def test_a_resume_whose_epochs_have_fewer_steps_goes_on_from_the_same_share_of_the_schedule(tmp_path, caplog):
+    """The stage's data resampled, or train.max_steps_per_epoch changed, between the run and its resume: the
+    schedule's step count is in the old epochs' steps. Taken as it was, half as many steps an epoch put the resumed
+    run at the schedule's end, every remaining step at a learning rate of 0."""
+    exp = tmp_path / "exp"
+    base = ("train.warmup_steps=0", "train.epochs=2")
+    assert run_training(make_cfg(exp, *base, "train.max_steps_per_epoch=4"), fake_build_loaders)[0] == 0
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["task_state"]["steps_per_epoch"] == 4
+    with caplog.at_level(logging.WARNING):
+        code, _ = run_training(make_cfg(exp, "train.warmup_steps=0", "train.epochs=4", "train.max_steps_per_epoch=2",
+                                        "train.resume=last"), fake_build_loaders)
+    assert code == 0 and "an epoch is now 2 steps, 4 when checkpointed: the schedule goes on from step 4" in caplog.text
+    steps = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["lr"] for r in steps if r.get("type") == "step" and r.get("epoch") == 3]
+    assert resumed and min(resumed) > 1e-3  # halfway through a cosine from 0.01, not at its end
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["scheduler_state"]["last_epoch"] == 8

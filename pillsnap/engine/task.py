@@ -459,7 +459,8 @@ class Task(ABC):
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
                            "world_size": self.info.world_size, "skipped_steps": self.skipped_steps,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
-                           "classes_seen": sorted(self.classes_seen), "weights_origin": self.weights_origin},
+                           "classes_seen": sorted(self.classes_seen), "weights_origin": self.weights_origin,
+                           "steps_per_epoch": self.steps_per_epoch()},
         }
 
     def load_checkpoint_state(self, ckpt: dict, origin: str = "checkpoint") -> None:
@@ -483,6 +484,8 @@ class Task(ABC):
         ranks = int(counters.get("world_size") or 1)
         if batch_changed or ranks != self.info.world_size:
             self._reposition_schedule(ranks)
+        elif counters.get("steps_per_epoch") and int(counters["steps_per_epoch"]) != self.steps_per_epoch():
+            self._rescale_schedule(int(counters["steps_per_epoch"]))
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:
@@ -556,6 +559,18 @@ class Task(ABC):
         LOGGER.warning("%s: the schedule goes on from step %d (%d samples at %d x %d on %d rank(s)), not the "
                        "checkpoint's step %d (%d rank(s))", self.name, self.scheduler.last_epoch, self.samples_seen,
                        self.knobs.batch_size, self.knobs.grad_accum, self.info.world_size, old_step, saved_ranks)
+
+    def _rescale_schedule(self, saved_steps: int) -> None:
+        """The checkpoint's epochs had `saved_steps` steps and this run's have another number (the stage's data
+        rescanned or resampled, train.max_steps_per_epoch changed): the schedule, rebuilt over this run's epochs,
+        goes on from the same share of each epoch, not from the old step count (half as many steps an epoch left
+        every remaining step at the schedule's end, a learning rate of 0)."""
+        old_step = self.scheduler.last_epoch
+        self.scheduler.last_epoch = round(old_step * self.steps_per_epoch() / saved_steps)
+        self._sched_credit = 0.0
+        self._follow_schedule()
+        LOGGER.warning("%s: an epoch is now %d steps, %d when checkpointed: the schedule goes on from step %d, not "
+                       "%d", self.name, self.steps_per_epoch(), saved_steps, self.scheduler.last_epoch, old_step)
 
     def epoch_trained(self, epoch: int) -> None:  # noqa: B027 (an optional hook, no-op by default)
         """Called on every rank after each epoch this task trained, before validation (which may run on rank 0
