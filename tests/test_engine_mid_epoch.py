@@ -35,15 +35,15 @@ class Jittered(Dataset):
         return x + 0.3 * torch.randn(3, 1, 1), y, path
 
 
-def epoch_sampler_loaders(cfg, stop_at: int | None = None):
+def epoch_sampler_loaders(cfg, stop_at: int | None = None, stop=None):
     """fake_build_loaders with the classification train loader on an EpochSampler, as the real builder makes it, over
-    jittered images; `stop_at`: a Ctrl-C when the run asks for that batch (counted over the run)."""
+    jittered images; `stop_at`: a Ctrl-C (or `stop`) when the run asks for that batch (counted over the run)."""
     loaders = fake_build_loaders(cfg)
     data = Jittered(loaders.cls_train.dataset)
     train = DataLoader(data, batch_size=int(cfg.train.batch_size), sampler=EpochSampler(data, seed=int(cfg.train.seed)),
                        drop_last=True, collate_fn=collate, num_workers=0)
     if stop_at is not None:
-        train = StoppingLoader(train, stop_at, ctrl_c)
+        train = StoppingLoader(train, stop_at, stop or ctrl_c)
     return loaders._replace(cls_train=train)
 
 
@@ -131,6 +131,81 @@ class StepLog:
 
     def on_step_end(self, record: dict) -> None:
         self.out.append((record["epoch"], record["step"]))
+
+
+def sigterm(batch: int = 0) -> None:
+    """SIGTERM as the kernel delivers it: the handler the run installed, called where the run is (it returns)."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    assert callable(handler), "SIGTERM would kill the process without a word"
+    handler(signal.SIGTERM, None)
+
+
+class StopAfterStep(StepLog):
+    """A SIGTERM while the step (`epoch`, `step`) trains: after its batch was drawn."""
+
+    def __init__(self, out: list, epoch: int, step: int) -> None:
+        super().__init__(out)
+        self.at = (epoch, step)
+
+    def on_step_end(self, record: dict) -> None:
+        super().on_step_end(record)
+        if (record["epoch"], record["step"]) == self.at:
+            sigterm()
+
+
+@pytest.mark.parametrize(("where", "saved_steps", "resumed_steps"), [
+    ("drawing step 5", 5, [(2, 6)]),  # the batch being drawn is trained, then the place saved
+    ("training step 6", 6, []),  # the epoch's last step: its end would be committed only after validation
+])
+def test_a_stop_signal_saves_the_epochs_place_and_the_resume_ends_as_the_unbroken_run(tmp_path, capfd, where,
+                                                                                      saved_steps, resumed_steps):
+    """A pre-emption's SIGTERM (or SLURM's warning, or Ctrl-C) lost everything trained since the last checkpoint,
+    up to train.checkpoint_interval_minutes (30) of a GPU's work: the run now saves its place at the next step,
+    then stops; here with no interval saves at all."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_training(make_cfg(whole, "train.epochs=2"), epoch_sampler_loaders)[0] == 0
+    if where == "drawing step 5":
+        build, callbacks = lambda cfg: epoch_sampler_loaders(cfg, stop_at=11, stop=sigterm), []
+    else:
+        build, callbacks = epoch_sampler_loaders, [StopAfterStep([], 2, 6)]
+    code, trainer = run_training(make_cfg(broken, "train.epochs=2"), build, callbacks=callbacks)
+    assert code == EXIT_INTERRUPTED and trainer.status == "interrupted"
+    assert "SIGTERM received: saving the training's place after this step" in capfd.readouterr().err
+    assert saved_positions(broken) == [(2, saved_steps)]
+    last = load_ckpt(broken / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["done"] == {"classification": saved_steps}
+    steps = []
+    code, _ = run_training(make_cfg(broken, "train.epochs=2", "train.resume=last"), epoch_sampler_loaders,
+                           callbacks=[StepLog(steps)])
+    assert code == 0 and steps == resumed_steps
+    mine, theirs = (load_ckpt(d / "checkpoints" / "last.pt") for d in (broken, whole))
+    assert mine["epoch"] == theirs["epoch"] == 2 and mine["global_step"] == theirs["global_step"] == 12
+    for key in ("model_state", "ema_state"):
+        assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), key
+
+
+def test_the_same_stop_again_at_once_is_its_copy_and_later_stops_without_the_save(monkeypatch, capfd):
+    """`timeout`, SLURM and scripts/train.sh send a stop twice at once: the copy is ignored. Sent again seconds
+    later it is a person insisting: the run stops where it is."""
+    from pillsnap.utils import signals
+
+    clock = [100.0]
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    with pytest.raises(KeyboardInterrupt, match="again: stopping now"), signals.stops_as_interrupt(), \
+            signals.stops_at_safe_points():
+        sigterm()
+        assert signals.stop_requested() == "SIGTERM"
+        sigterm()  # the copy
+        assert "ignored" in capfd.readouterr().err and signals.stop_requested() == "SIGTERM"
+        clock[0] += signals.STOP_AGAIN_S + 1
+        sigterm()
+    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"), signals.stops_as_interrupt():
+        with signals.stops_at_safe_points():
+            sigterm()  # noted, and never acted on inside: it raises as the block ends
+    with pytest.raises(KeyboardInterrupt), signals.stops_as_interrupt():
+        sigterm()  # outside the training's steps: at once, as before
 
 
 def test_checkpoints_inside_an_epoch_wait_for_the_accumulated_gradients(tmp_path):

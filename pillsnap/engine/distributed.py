@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -79,11 +79,16 @@ def any_rank(info: DistInfo, flag: bool, device: Any) -> bool:
     """Whether `flag` holds on any rank (every rank gets the same answer); the flag itself in a single process.
     For decisions every rank must take together, such as skipping a step: a rank that skips alone leaves the
     others waiting in the gradient all-reduce."""
+    return any_ranks(info, [flag], device)[0]
+
+
+def any_ranks(info: DistInfo, flags: Sequence[bool], device: Any) -> list[bool]:
+    """Each of `flags` as any_rank answers it, in one all-reduce."""
     if not info.enabled:
-        return flag
-    box = torch.tensor([int(flag)], device=device)
+        return [bool(f) for f in flags]
+    box = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
+    return [bool(v) for v in box.tolist()]
 
 
 def sum_over_ranks(info: DistInfo, values: list[float], device: Any) -> list[float]:

@@ -8,17 +8,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.engine.callbacks import CallbackList
-from pillsnap.engine.distributed import DistInfo, any_rank, broadcast_object, sum_over_ranks
+from pillsnap.engine.distributed import DistInfo, any_rank, any_ranks, broadcast_object, sum_over_ranks
 from pillsnap.engine.early_stopping import time_cap_reached
 from pillsnap.engine.interleave import interleave_schedule
 from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
 from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
 from pillsnap.utils import CUDA_PEAKS, StepTimer, host_rng_states, is_out_of_memory, restore_host_rng
+from pillsnap.utils.signals import acting_on_stop, stop_requested, stops_at_safe_points
 
 LOGGER = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class EpochRunner:
     def __init__(self, tasks: dict[str, Task], cfg: DictConfig, state: RunState | None = None,
                  callbacks: CallbackList | None = None, logger: logging.Logger | None = None,
                  info: DistInfo | None = None, time_limit_hours: float | None = None, max_epochs: int = 1,
-                 save_progress: Callable[[EpochProgress], None] | None = None) -> None:
+                 save_progress: Callable[..., None] | None = None) -> None:
         self.tasks, self.cfg = tasks, cfg
         self.state = state or RunState()
         self.callbacks = callbacks or CallbackList()
@@ -273,20 +275,54 @@ class EpochRunner:
             restore_host_rng(progress.rng_of(self.info.rank, self.info.world_size))
         timer = StepTimer()
         todo = dict(left)
-        for name in self._schedule(active, left, progress):
+        with stops_at_safe_points():
+            self._steps(epoch, active, progress, steps, iters, todo, timer, self._schedule(active, left, progress))
+        # the epoch's mean training loss over every rank's steps (each rank trains its own shard), in one sum
+        totals = progress.over_ranks(self.info, next(iter(self.tasks.values())).device)
+        return {name: {"train_loss": totals.loss_sum[name] / max(totals.loss_steps[name], 1),
+                       "steps": progress.done[name],  # this rank's
+                       "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
+                for name in active}
+
+    def _stop_here(self, progress: EpochProgress, cause: BaseException | None = None) -> NoReturn:
+        """A stop signal noted while training (utils.signals.stops_at_safe_points): save the epoch's place, as a
+        checkpoint inside it, and stop. A window of accumulated gradients still open is dropped, its batches counted
+        as drawn (as where the time cap cuts an epoch)."""
+        name = acting_on_stop()
+        if self.save_progress is not None and any(progress.done.values()):
+            progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
+            self.save_progress(progress, why=f"{name} received")
+        raise KeyboardInterrupt(f"signal {name}: the epoch's place saved") from cause
+
+    def _steps(self, epoch: int, active: list[str], progress: EpochProgress, steps: dict[str, int],
+               iters: dict[str, Iterator], todo: dict[str, int], timer: StepTimer, order: Iterator[str]) -> None:
+        """The epoch's steps in `order`, from where `progress` left it."""
+        for name in order:
             todo[name] -= 1
-            batch = next(iters[name])
+            try:
+                batch = next(iters[name])
+            except Exception as err:
+                if stop_requested() is None:
+                    raise
+                # the stop ended the loader's workers too (sent to the whole process group): stop where it was
+                # (under DDP without the save, which every rank must make together)
+                if self.info.enabled:
+                    raise KeyboardInterrupt(f"signal {acting_on_stop()}") from err
+                self._stop_here(progress, err)
             timer.data_done()
+            # a batch less than half readable (safe_collate said which): nothing worth learning. Under DDP every rank
+            # skips the step together, else the others would wait for this rank's gradients; and every rank saves
+            # its place together when any of them was told to stop
+            lost, stop = batch is None, stop_requested() is not None
+            if self.info.enabled:
+                lost, stop = any_ranks(self.info, [lost, stop], self.tasks[name].device)
             progress.drawn[name] += 1
             progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
-            # a batch less than half readable (safe_collate said which): nothing worth learning. Under DDP every rank
-            # skips the step together, else the others would wait for this rank's gradients
-            lost = batch is None
-            if self.info.enabled:
-                lost = any_rank(self.info, lost, self.tasks[name].device)
             if lost:
                 self.logger.warning("%s: skipped a batch less than half readable%s (epoch %d)", name,
                                     "" if batch is None else " on another rank", epoch)
+                if stop:
+                    self._stop_here(progress)
                 continue
             out = self.guarded_step(name, batch)
             timer.compute_done()
@@ -296,6 +332,8 @@ class EpochRunner:
             progress.loss_steps[name] += 1
             step = progress.done[name]
             self.callbacks.fire("on_step_end", self._step_record(name, epoch, step, steps[name], out, timer))
+            if stop:  # the batch drawn is trained first: its draw moved the random states the save keeps
+                self._stop_here(progress)
             due = record_due(step, steps[name], self.cfg)
             if due and self.time_capped(self.tasks[name].device):
                 if any(todo.values()):
@@ -305,12 +343,12 @@ class EpochRunner:
                 break
             if any(todo.values()):  # the epoch's last step needs none: its end is committed
                 self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)
-        # the epoch's mean training loss over every rank's steps (each rank trains its own shard), in one sum
-        totals = progress.over_ranks(self.info, next(iter(self.tasks.values())).device)
-        return {name: {"train_loss": totals.loss_sum[name] / max(totals.loss_steps[name], 1),
-                       "steps": progress.done[name],  # this rank's
-                       "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
-                for name in active}
+        # a stop noted in the epoch's last step: its end would be committed only after validation
+        stop = stop_requested() is not None
+        if self.info.enabled:
+            stop = any_rank(self.info, stop, next(iter(self.tasks.values())).device)
+        if stop:
+            self._stop_here(progress)
 
 
 def _batch_size(loader: object) -> int:

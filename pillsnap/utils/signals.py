@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
@@ -21,6 +22,25 @@ from typing import Any
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name))
 EXIT_INTERRUPTED = 130  # a command's exit code after a stop (128 + SIGINT, as shells report Ctrl-C)
+
+
+# A stop that lands while the training steps (stops_at_safe_points) is noted, not raised: the loop saves its place
+# at the next step and then stops. The same stop often comes twice at once (`timeout` and SLURM signal the whole
+# process group, scripts/train.sh passes it on); one that comes again this much later is a person insisting: it
+# raises at once, without the save.
+STOP_AGAIN_S = 5.0
+
+
+class _Deferral:
+    """Whether the training steps take stops at their safe points now (a depth), and the stop noted there."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.noted: str | None = None
+        self.noted_at = 0.0
+
+
+_DEFERRAL = _Deferral()
 
 
 def _in_main_thread() -> bool:
@@ -55,15 +75,25 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         yield
         return
     stopping: list[str] = []
+    _DEFERRAL.__init__()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        deferred = _DEFERRAL.noted is not None and _DEFERRAL.depth > 0
+        if stopping and deferred and time.monotonic() - _DEFERRAL.noted_at > STOP_AGAIN_S:
+            _DEFERRAL.noted = None
+            raise KeyboardInterrupt(f"signal {name}, again: stopping now, without saving the training's place")
         if stopping:
             _say(f"{name} received while stopping on {stopping[0]}: ignored (SIGKILL stops at once, losing what "
                  "is not saved)")
             return
         stopping.append(name)
         _expect_children_to_end()
+        if _DEFERRAL.depth > 0:
+            _DEFERRAL.noted, _DEFERRAL.noted_at = name, time.monotonic()
+            _say(f"{name} received: saving the training's place after this step, then stopping (the same signal "
+                 f"again, {STOP_AGAIN_S:g} s or more from now, stops at once without saving)")
+            return
         raise KeyboardInterrupt(f"signal {name}")
 
     try:
@@ -72,6 +102,38 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
     finally:
         if not stopping:  # after a stop, for good: the dead workers' loaders end only as the process exits
             _watch_children_again()
+
+
+@contextmanager
+def stops_at_safe_points() -> Iterator[None]:
+    """Inside the block (the training's steps, within stops_as_interrupt), the first stop signal does not raise
+    where it lands: it is noted, and the block asks `stop_requested()` between steps, saves its place and raises
+    KeyboardInterrupt itself (a pre-emption, SLURM's warning or `kill` lost up to train.checkpoint_interval_minutes
+    of training). A stop noted and not acted on when the block ends raises then. Outside the block, and where
+    stops are not handled (another thread), nothing changes."""
+    if not _in_main_thread():
+        yield
+        return
+    _DEFERRAL.depth += 1
+    try:
+        yield
+    finally:
+        _DEFERRAL.depth -= 1
+    noted = _DEFERRAL.noted
+    if noted is not None and _DEFERRAL.depth == 0:
+        _DEFERRAL.noted = None
+        raise KeyboardInterrupt(f"signal {noted}")
+
+
+def stop_requested() -> str | None:
+    """The stop signal noted inside stops_at_safe_points and not yet acted on (its name), else None."""
+    return _DEFERRAL.noted
+
+
+def acting_on_stop() -> str:
+    """The noted stop's name, now taken: the caller raises KeyboardInterrupt after saving its place."""
+    noted, _DEFERRAL.noted = _DEFERRAL.noted, None
+    return noted or "stop"
 
 
 def _default_action(signum: int) -> None:
