@@ -201,9 +201,9 @@ def test_the_same_stop_again_at_once_is_its_copy_and_later_stops_without_the_sav
         assert "ignored" in capfd.readouterr().err and signals.stop_requested() == "SIGTERM"
         clock[0] += signals.STOP_AGAIN_S + 1
         sigterm()
-    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"), signals.stops_as_interrupt():
-        with signals.stops_at_safe_points():
-            sigterm()  # noted, and never acted on inside: it raises as the block ends
+    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"), signals.stops_as_interrupt(), \
+            signals.stops_at_safe_points():
+        sigterm()  # noted, and never acted on inside: it raises as the block ends
     with pytest.raises(KeyboardInterrupt), signals.stops_as_interrupt():
         sigterm()  # outside the training's steps: at once, as before
 
