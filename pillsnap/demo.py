@@ -121,14 +121,18 @@ def _drop_derived(cfg: Any, workdir: Path) -> None:
     configured elsewhere, or a link, is named instead, and so is a trained experiment."""
     import shutil
 
+    # the manifests are the generated data's only when their scan read it (check_workdir stopped at another's)
+    scanned = _scanned_root(Path(cfg.paths.manifest_dir)) is not None
     for name, own in (("manifest_dir", workdir / "manifests"), ("cache_dir", workdir / "cache")):
         folder = Path(cfg.paths[name])
-        if folder.absolute() == own.absolute() and folder.is_dir() and not folder.is_symlink():
+        if (folder.absolute() == own.absolute() and folder.is_dir() and not folder.is_symlink()
+                and (scanned or not any(folder.iterdir()))):
             LOGGER.warning("data: removing %s, made from the data generated before", folder)
             shutil.rmtree(folder)
         elif folder.exists():
             LOGGER.warning("data: %s may hold what was made from the data generated before (paths.%s is not the "
-                           "demo's own folder, so it is left): remove it if so", folder, name)
+                           "demo's own folder, or not known to be made from its data, so it is left): remove it if "
+                           "so", folder, name)
     if (Path(cfg.paths.exp_dir) / "checkpoints").is_dir():
         LOGGER.warning("data: %s was trained on the data generated before: its figures will be of that data "
                        "(remove it to train on the new data)", cfg.paths.exp_dir)
@@ -240,7 +244,44 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _scanned_root(manifest_dir: Path) -> str | None:
+    """The data root the scan in `manifest_dir` read (its report, or the state of one under way), None when none."""
+    from pillsnap.utils import read_json
+
+    for name in ("scan_report.json", "scan_state.json"):
+        try:
+            root = read_json(manifest_dir / name).get("data_root")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if root:
+            return str(root)
+    return None
+
+
+def check_workdir(cfg: Any) -> None:
+    """ValueError when the demo's folders hold another data set's work: a scan of other data in its manifest
+    folder, or a run trained on other data in its experiment folder. The config's defaults are the demo's folders
+    (runs/demo/...), so a real data set's scan and training land there unless moved; the demo regenerating its
+    data deleted that scan and its crop cache, and evaluated a finished real run as its own."""
+    from omegaconf import OmegaConf
+
+    ours = str(Path(cfg.paths.data_root).resolve())
+    manifests, exp = Path(cfg.paths.manifest_dir), Path(cfg.paths.exp_dir)
+    scanned = _scanned_root(manifests)
+    if scanned is not None and scanned != ours:
+        raise ValueError(f"{manifests} holds a scan of {scanned}, not of the demo's data ({ours}): give the demo "
+                         "another --workdir, or keep that data set's manifests elsewhere (paths.manifest_dir)")
+    try:
+        trained = OmegaConf.select(OmegaConf.load(exp / "config.yaml"), "paths.data_root")
+    except (OSError, ValueError):  # no run there yet, or an unreadable config
+        trained = None
+    if trained and str(Path(str(trained)).resolve()) != ours:
+        raise ValueError(f"{exp} holds a run trained on {trained}, not on the demo's data ({ours}): give the demo "
+                         "another --workdir, or keep that run elsewhere (paths.exp_dir)")
+
+
 def _run(args: argparse.Namespace, cfg: Any, start: float) -> int:
+    check_workdir(cfg)
     phase("1/6 data")
     ensure_data(cfg, args)
     phase("2/6 scan")

@@ -155,6 +155,8 @@ def test_new_data_removes_what_was_made_from_the_old(tmp_path: Path, monkeypatch
     for path in [*made.values(), outside / "made.txt"]:
         path.parent.mkdir(parents=True)
         path.write_text("old")
+    # the manifests are of the generated data: their scan read the demo's data folder
+    (workdir / "manifests" / "scan_report.json").write_text(json.dumps({"data_root": str((workdir / "data").resolve())}))
     monkeypatch.setattr(pillsnap.data, "generate_dataset", lambda root, **kwargs: {"classes": 0})
     with caplog.at_level(logging.WARNING):
         ensure_data(demo_config(args), args)
@@ -170,3 +172,29 @@ def test_new_data_removes_what_was_made_from_the_old(tmp_path: Path, monkeypatch
     caplog.clear()
     ensure_data(demo_config(args), args)
     assert (outside / "made.txt").exists() and f"{outside} may hold what was made" in caplog.text
+
+
+def test_a_real_data_sets_scan_or_run_in_the_demos_folders_is_left_whole_and_named(tmp_path: Path, caplog) -> None:
+    """The config's defaults are the demo's folders (runs/demo/...): a real data set's scan (hours at 2.6 M labels)
+    and runs land there unless moved. The demo, generating its data, deleted that scan and its crop cache, and then
+    evaluated a finished real run as its own; it now stops before it writes, naming the folder."""
+    from pillsnap.demo import DEMO_LOCK
+
+    workdir = tmp_path / "demo"
+    (workdir / "manifests").mkdir(parents=True)
+    (workdir / "cache").mkdir()
+    (workdir / "cache" / "crops.bin").write_text("hours of crops")
+    (workdir / "manifests" / "scan_report.json").write_text(json.dumps({"data_root": "/data/aihub"}))
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 2
+    assert "holds a scan of /data/aihub, not of the demo's data" in caplog.text
+    assert sorted(p.name for p in workdir.iterdir() if p.name != DEMO_LOCK) == ["cache", "manifests"]
+    assert (workdir / "cache" / "crops.bin").is_file() and (workdir / "manifests" / "scan_report.json").is_file()
+    (workdir / "manifests" / "scan_report.json").unlink()
+    (workdir / "exp").mkdir()
+    (workdir / "exp" / "config.yaml").write_text("paths:\n  data_root: /data/aihub\n")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["demo", "--tiny", "--workdir", str(workdir)]) == 2
+    assert "holds a run trained on /data/aihub, not on the demo's data" in caplog.text
+    assert (workdir / "cache" / "crops.bin").is_file() and not (workdir / "data").exists()
