@@ -156,7 +156,8 @@ def test_new_data_removes_what_was_made_from_the_old(tmp_path: Path, monkeypatch
         path.parent.mkdir(parents=True)
         path.write_text("old")
     # the manifests are of the generated data: their scan read the demo's data folder
-    (workdir / "manifests" / "scan_report.json").write_text(json.dumps({"data_root": str((workdir / "data").resolve())}))
+    report = {"data_root": str((workdir / "data").resolve())}
+    (workdir / "manifests" / "scan_report.json").write_text(json.dumps(report))
     monkeypatch.setattr(pillsnap.data, "generate_dataset", lambda root, **kwargs: {"classes": 0})
     with caplog.at_level(logging.WARNING):
         ensure_data(demo_config(args), args)
