@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train PillSnap (the design's scripts/train.sh): checks the config, prepares exp_dir, writes the run's stdout and
 # stderr to {exp_dir}/logs/train.out and train.err (still shown live), and explains the exit code.
-# Usage: bash scripts/train.sh [--cfg config.yaml] [--stage N] [--epochs N] [--batch-size N] [--resume]
+# Usage: bash scripts/train.sh [--cfg FILE] [--stage N] [--epochs N] [--batch-size N] [--resume]
 #                              [--checkpoint PATH] [--yes | --choice N] [--log-level LEVEL] [key=value ...]
+#   --cfg FILE         the config (default: the repository's config.yaml, whatever folder you call from)
 #   --resume           continue from the last checkpoints (more --epochs than the run had: extend it)
 #   --checkpoint PATH  resume from this checkpoint file (the classifier's; the detector's file beside it too)
 #   --yes, --choice N  answer the end-of-stage advisor without being asked
@@ -15,14 +16,16 @@ CFG="config.yaml"
 OVERRIDES=()
 EXTRA=()
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 resume_command() {  # this command line again, continuing from the last checkpoints instead of where it began
+  # from any folder: the script and the config by their absolute paths (the config as this run read it)
   local out=() skip=0 a
   for a in "${ARGS[@]}"; do
     if [ "$skip" = 1 ]; then skip=0; continue; fi
-    case "$a" in --checkpoint) skip=1 ;; --resume|train.resume=*) ;; *) out+=("$a") ;; esac
+    case "$a" in --checkpoint|--cfg) skip=1 ;; --resume|train.resume=*) ;; *) out+=("$a") ;; esac
   done
-  printf '%q ' bash scripts/train.sh "${out[@]}"; printf -- '--resume\n'
+  printf '%q ' bash "$ROOT/scripts/train.sh" --cfg "$(cd "$ROOT" && cd "$(dirname "$CFG")" && pwd)/$(basename "$CFG")" \
+    "${out[@]}"; printf -- '--resume\n'
 }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "train.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 

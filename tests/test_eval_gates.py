@@ -2,6 +2,7 @@
 the targets and checks, and the combined GO/NO_GO honours the time-cap rule."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,24 @@ def test_a_stage_the_time_cap_stopped_without_its_rule_is_no_go_at_every_stage()
         assert "TIME_CAP_REACHED" not in allowed["go_no_go"]["reasons"]
         assert "TIME_CAP_REACHED" not in stage_decision(stage, with_(capped, run_status="completed"))["go_no_go"][
             "reasons"]
+
+
+def test_a_gos_next_step_continues_from_any_folder_into_a_folder_of_its_own(tmp_path):
+    """The next step read 'bash scripts/train.sh --stage 2': the repository's config from the repository's root,
+    whatever config and folders the run had, and by default into the same folder, replacing the stage's
+    checkpoints. It now names the run's saved config, the script by its path and a folder for the next stage."""
+    import shlex
+
+    from pillsnap.config import load_config
+    from pillsnap.eval.suggestions import next_stage_command
+
+    exp = tmp_path / "runs" / "stage1" / "exp"
+    decision = stage_decision(1, PASSING, exp_dir=exp)
+    assert decision["status"] == "GO"
+    command = decision["action"].removeprefix("proceed to stage 2 (").removesuffix(")")
+    words = shlex.split(command)
+    assert words[:2] == ["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "train.sh")]
+    assert words[2:] == ["--cfg", str(exp / "config.yaml"), "--stage", "2",
+                         f"paths.exp_dir={tmp_path / 'runs' / 'stage2' / 'exp'}", "train.resume=null"]
+    load_config(None, words[-2:], dotenv_path=None)  # the overrides it names are the config's
+    assert shlex.split(next_stage_command(3, tmp_path / "my run"))[-2] == f"paths.exp_dir={tmp_path / 'my run'}_stage4"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,7 +175,7 @@ def test_train_sh_on_a_held_folder_stops_before_writing_to_its_logs(synth_root, 
 
 @pytest.mark.parametrize(("status", "said"), [
     ("completed", "train.sh: interrupted after training; finish with the commands above"),
-    ("interrupted", "train.sh: interrupted; resume with: bash scripts/train.sh --cfg {cfg} --epochs 3 "
+    ("interrupted", "train.sh: interrupted; resume with: bash {root}/scripts/train.sh --cfg {cfg} --epochs 3 "
                     "paths.exp_dir={exp} --resume"),
 ])
 def test_train_sh_after_an_interrupt_says_resume_or_finish_as_the_run_did(tmp_path, status, said):
@@ -192,7 +193,11 @@ def test_train_sh_after_an_interrupt_says_resume_or_finish_as_the_run_did(tmp_pa
                     f'  echo \'{{"status": "{status}"}}\' > {exp}/reports/metrics.json; exit 130\nfi\n'
                     f'exec {REPO / ".venv" / "bin" / "python"} "$@"\n')
     fake.chmod(0o755)
-    proc = run("bash", str(root / "scripts" / "train.sh"), "--cfg", str(REPO / "config.yaml"), "--epochs", "3",
-               f"paths.exp_dir={exp}")
+    # from another folder, with the config named relative to it: the resume line works from anywhere
+    (tmp_path / "work").mkdir()
+    shutil.copy(REPO / "config.yaml", tmp_path / "work" / "my.yaml")
+    proc = subprocess.run(["bash", str(root / "scripts" / "train.sh"), "--cfg", "my.yaml", "--epochs", "3",
+                           f"paths.exp_dir={exp}"], cwd=tmp_path / "work", capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 130, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == said.format(cfg=REPO / "config.yaml", exp=exp)
+    assert proc.stderr.strip().splitlines()[-1] == said.format(root=root, cfg=tmp_path / "work" / "my.yaml", exp=exp)

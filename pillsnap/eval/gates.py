@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pillsnap.eval.criteria import ADVISOR, EXTERNAL_CHECKS, TIME_CAP_CHECKS, StageCriteria, Target, stage_criteria
@@ -273,11 +274,11 @@ def _time_cap_go(stage: int, results: dict, advice: dict) -> bool:
             and all(checks.get(c) is True for c in TIME_CAP_CHECKS))
 
 
-def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> dict:
+def stage_decision(stage: int, results: dict, baseline: dict | None = None, exp_dir: Path | None = None) -> dict:
     """One verdict: GO exactly when the recommendation is RECOMMEND_PROCEED. The advisor's recommendation stands
     unless the simple gate fails, which turns a score-based "proceed" into SUGGEST_OPTIMIZE naming what to change;
     a time-capped stage 1 meeting the time-cap rule proceeds on its own checks. Every reason carries its value and
-    threshold; `action` is the one next step."""
+    threshold; `action` is the one next step (`exp_dir`: the run's folder, which a GO's next stage starts from)."""
     checks = gate_checks(stage, results, baseline)
     gate_failed = [c for c in checks if not c.ok]
     advice = evaluate_and_recommend(stage, results)
@@ -302,7 +303,7 @@ def stage_decision(stage: int, results: dict, baseline: dict | None = None) -> d
     gate_notes = [_note(latency_target(stage_criteria(stage)), results.get("latency_p95_ms"), results.get("device"))
                   for c in checks if not c.comparable]
     return {"stage": stage, "status": status, "rule": rule, "recommendation": recommendation, "reason": reason,
-            "action": action_for(status, recommendation, stage, suggestions),
+            "action": action_for(status, recommendation, stage, suggestions, exp_dir),
             "reasons": [c.reason for c in gate_failed] + advice["reasons"], "suggestions": suggestions,
             "not_comparable": gate_notes + advice["not_comparable"],
             "go_no_go": {"go": not gate_failed, "reasons": [c.code for c in gate_failed],

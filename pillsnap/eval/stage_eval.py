@@ -266,7 +266,7 @@ def _evaluate(cfg: DictConfig, exp_dir: Path, choice: int | None, assume_yes: bo
     weights = classifier_identity(exp_dir)
     results = collect_results(cfg, exp_dir, build_loaders, device)
     baseline = regression_baseline(previous, weights, results)
-    decision = stage_decision(stage, results, baseline)
+    decision = stage_decision(stage, results, baseline, exp_dir)
     LOGGER.info("%s", format_decision(decision))
     criteria = stage_criteria(stage)
     chosen = choose(decision, choice, assume_yes, ask)

@@ -4,6 +4,10 @@ next step. Plain text in, plain text out."""
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 from pillsnap.eval.criteria import ADVISOR
 from pillsnap.utils.offline import RANDOM_UNWANTED
 
@@ -158,10 +162,30 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
     return list(dict.fromkeys(out))
 
 
-def action_for(status: str, recommendation: str, stage: int, suggestions: list[str]) -> str:
-    """The one next step of a verdict."""
+def next_stage_command(stage: int, exp_dir: str | Path | None) -> str:
+    """The command that trains the stage after `stage` from the run in `exp_dir`: its saved config (absolute paths),
+    into a folder of its own (training there would replace this stage's checkpoints and reports), run from any
+    folder. Without the run's folder, the plain form."""
+    nxt = stage + 1
+    if exp_dir is None:
+        return f"bash scripts/train.sh --stage {nxt}"
+    exp = Path(exp_dir).absolute()
+    # runs/stage1/exp -> runs/stage2/exp (the last such name in the path), else exp -> exp_stage2
+    found = list(re.finditer(rf"stage_?{stage}(?!\d)", str(exp)))
+    target = (f"{str(exp)[:found[-1].end() - len(str(stage))]}{nxt}{str(exp)[found[-1].end():]}" if found
+              else f"{exp}_stage{nxt}")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.sh"
+    head = f"bash {shlex.quote(str(script))}" if script.is_file() else "pillsnap train"
+    stage_arg = f"--stage {nxt}" if script.is_file() else f"data.progressive_validation.current_stage={nxt}"
+    return (f"{head} --cfg {shlex.quote(str(exp / 'config.yaml'))} {stage_arg} "
+            f"{shlex.quote(f'paths.exp_dir={target}')} train.resume=null")
+
+
+def action_for(status: str, recommendation: str, stage: int, suggestions: list[str],
+               exp_dir: str | Path | None = None) -> str:
+    """The one next step of a verdict (`exp_dir`: the run's folder, which the next stage's command starts from)."""
     if status == "GO":
-        return (f"proceed to stage {stage + 1} (bash scripts/train.sh --stage {stage + 1})" if stage < 4
+        return (f"proceed to stage {stage + 1} ({next_stage_command(stage, exp_dir)})" if stage < 4
                 else "stage 4 passed: read reports/final_test_results.json, the final test evaluation")
     first = suggestions[0] if suggestions else FALLBACK
     if recommendation == "CRITICAL_FAILURE":
