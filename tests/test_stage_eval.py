@@ -442,9 +442,12 @@ def test_an_undecodable_batch_or_photo_is_left_out_of_the_stage_measurements(tmp
     timed: list = []
 
     class Timed:
-        def __init__(self, exp_dir, cfg, device=None) -> None:
+        def __init__(self, exp_dir, cfg, device=None, sets=True) -> None:
             assert not cfg.inference.hard_cases.enabled  # a measurement's photos are not a user's hard cases
             self.reads = cfg.inference.imprint.enabled
+            # sets calibrated with reading on would be refused without it, with a warning to recalibrate about
+            # this measurement, not the run
+            assert sets == self.reads
 
         def predict(self, image, mode):
             timed.append((image.size, self.reads))
