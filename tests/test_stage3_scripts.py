@@ -201,3 +201,19 @@ def test_train_sh_after_an_interrupt_says_resume_or_finish_as_the_run_did(tmp_pa
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == said.format(root=root, cfg=tmp_path / "work" / "my.yaml", exp=exp)
+
+
+def test_the_python_scripts_run_under_the_projects_venv_when_started_with_another_python(tmp_path):
+    """`python scripts/stage3/validate_stage3_manifest.py` (the docs' form) with a python outside the venv ended in
+    a ModuleNotFoundError traceback; the script now starts again under .venv/bin/python."""
+    import shutil
+
+    other = shutil.which("python3", path="/usr/bin:/bin")
+    if other is None or subprocess.run([other, "-c", "import pillsnap"], cwd=tmp_path,
+                                       capture_output=True).returncode == 0:
+        pytest.skip("no python without pillsnap on this machine")
+    proc = subprocess.run([other, str(STAGE3 / "validate_stage3_manifest.py"), "--stage", "3", "--json",
+                           f"paths.manifest_dir={tmp_path / 'none'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and json.loads(proc.stdout)[0]["check"] == "manifest"

@@ -30,4 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from _venv import use_project_python  # beside this script
+
+    use_project_python()
     sys.exit(main())
