@@ -52,6 +52,10 @@ def test_synth_then_scan_then_cache(tmp_path, capsys, monkeypatch):
     staged = json.loads(capsys.readouterr().out)
     assert staged["format"] == "jpeg" and staged["crops"] == printed["crops"]
     assert staged["cache_dir"] != printed["cache_dir"]
+    # --stage, as `data manifest`, `evaluate` and the scripts take it: the same stage's cache (already built)
+    assert run(["data", "cache", "--stage", "3", "--workers", "1", "paths.manifest_dir=m", "paths.cache_dir=c",
+                "model.image_size=16"]) == 0
+    assert json.loads(capsys.readouterr().out) == staged
 
 
 def test_a_cache_that_would_fill_the_disk_is_refused_before_a_byte_is_written(manifest_dir, tmp_path, monkeypatch,

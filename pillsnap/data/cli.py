@@ -86,14 +86,18 @@ def run_manifest(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    # the stage's own settings, as training applies them: stages 3-4 cache their crops as JPEGs
+    from omegaconf import OmegaConf
+
     from pillsnap.config import apply_stage_overrides
     from pillsnap.data.cache import CacheError, build_cache
     from pillsnap.data.scan import load_manifest
     from pillsnap.data.stages import classification_rows, select_stage
     from pillsnap.utils.io import DiskSpaceError
 
-    # the stage's own settings, as training applies them: stages 3-4 cache their crops as JPEGs
     cfg = _load_cfg(args)
+    if args.stage is not None:  # as the training of that stage will select it
+        OmegaConf.update(cfg, "data.progressive_validation.current_stage", int(args.stage))
     cfg = apply_stage_overrides(cfg, int(cfg.data.progressive_validation.current_stage))
     rows = classification_rows(select_stage(load_manifest(cfg.paths.manifest_dir), cfg))
     try:
@@ -155,11 +159,13 @@ def _add_manifest(sub: Any) -> None:
 
 
 def _add_cache(sub: Any) -> None:
-    p = sub.add_parser("cache", help="build the crop cache for the current stage",
+    p = sub.add_parser("cache", help="build the crop cache for a stage",
                        description="Decode, crop and resize the stage's classifier pills once into shards under "
                                    "paths.cache_dir (used when data.cache.enabled=true), in data.cache.format: npy "
                                    "(uint8, memory-mapped) or jpeg (about 14x smaller; the stage 3-4 default).")
     _cfg_args(p)
+    p.add_argument("--stage", type=int, default=None, choices=(1, 2, 3, 4),
+                   help="stage 1-4 (default: data.progressive_validation.current_stage)")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = every usable core)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.image_size=224")
     p.set_defaults(func=run_cache)
