@@ -4,8 +4,8 @@
 #
 # Device run (one GPU, <= 8 min), from the repo root:
 #   1. here, once (needs the package registry):   bash bench/gpu_check.sh --fetch-wheels
-#   2. on the device machine, carrying .whl:      bash bench/gpu_check.sh
-#      (the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560))
+#   2. on the GPU machine, with the repo and its .whl folder copied there (it needs no network):
+#                                                 bash bench/gpu_check.sh
 #   The JSON goes to $OUT/gpu_check.json when $OUT is set (the device tool sets it), else --out, else
 #   runs/gpu_check.json; the console log also goes to $OUT/gpu_check.log and the steps' logs to
 #   $OUT/gpu_check_logs.tar.gz.

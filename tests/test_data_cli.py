@@ -114,3 +114,8 @@ def test_manifest_without_a_scan_is_one_line_exit_2(tmp_path, monkeypatch, caplo
     assert cli_main(["data", "manifest", f"paths.manifest_dir={tmp_path / 'none'}"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= 40]
     assert len(errors) == 1 and "pillsnap data scan" in errors[0] and "\n" not in errors[0]
+
+
+def test_synth_with_a_count_out_of_range_is_one_line_and_exit_2(tmp_path, caplog):
+    assert run(["data", "synth", "--out", str(tmp_path / "d"), "--classes", "0"]) == 2
+    assert "synth: num_classes must be >= 1, got 0" in caplog.text and "Traceback" not in caplog.text
