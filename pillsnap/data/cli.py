@@ -125,7 +125,8 @@ def _add_synth(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (becomes paths.data_root)")
     p.add_argument("--classes", type=int, default=50, help="number of drug classes (K-codes)")
     p.add_argument("--per-class", type=int, default=40, help="single-pill photos per class")
-    p.add_argument("--combo", type=int, default=200, help="combination photos (3-4 pills each, fewer with fewer classes)")
+    p.add_argument("--combo", type=int, default=200,
+                   help="combination photos (3-4 pills each, fewer with fewer classes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--zip", action="store_true", help="write TS_/TL_ zips instead of extracted folders")
     p.add_argument("--image-scale", type=float, default=0.25, help="photo scale vs the real 976x1280 (0.25: 244x320)")
