@@ -469,3 +469,29 @@ def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
                              topk=2, limit=20, read_imprints=False, seed=0)
     assert out["prediction_sets"]["n"] == 9  # 10 crops, one left out
     assert "undecodable validation crop" in caplog.text and "truncated" in caplog.text
+
+
+def test_the_draw_grows_with_the_split_and_the_report_says_how_far_its_coverage_may_fall() -> None:
+    """500 answers at any stage: at Stage 4 about 150 detector crops set their own threshold, whose coverage fell
+    below 93 % in one calibration of nine. The draw now grows with the split, each source's floor with it, and the
+    summary gives the coverage the threshold keeps in 19 calibrations of 20 (Beta(k, n + 1 - k))."""
+    from scipy.stats import beta
+
+    from pillsnap.eval.answer_calibration import answer_crops, set_summary, spread_sample
+    from pillsnap.metrics.conformal import coverage_low
+
+    assert [answer_crops(n) for n in (300, 5_000, 25_000, 75_000, 500_000)] == [500, 500, 1000, 3000, 3000]
+    sources = np.array(["single"] * 68_250 + ["combination"] * 6_750)  # Stage 4's 9 % combination crops
+    drawn = sources[spread_sample(len(sources), answer_crops(len(sources)), 0, sources)]
+    assert 750 <= (drawn == "combination").sum() < 1000 and len(drawn) == 3000  # 150 in a draw of 500
+    rank = math.ceil(151 * 0.95)
+    assert coverage_low(150, 0.95) == pytest.approx(beta.ppf(0.05, rank, 151 - rank))
+    assert coverage_low(150, 0.95) < 0.93 < coverage_low(2000, 0.95) < 0.95  # the spread shrinks with the draw
+    assert coverage_low(10, 0.95) is None  # too few for a threshold at all
+    rng = np.random.default_rng(0)
+    sets = {"scores": {"lac": list(rng.uniform(0, 1, 400))}, "n": 400, "withheld_unknown": 0, "imprint_reading": True,
+            "sources": ["single"] * 300 + ["combination"] * 100}
+    summary = set_summary(sets, "lac", 0.95)
+    assert summary["coverage_5th_percentile"] == coverage_low(400, 0.95)
+    assert summary["coverage_5th_percentile_by_source"] == {"combination": coverage_low(100, 0.95),
+                                                            "single": coverage_low(300, 0.95)}

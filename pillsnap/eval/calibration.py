@@ -302,4 +302,7 @@ def _write(exp_dir: Path, stored: dict, report: dict, gaussians: ClassGaussians,
                     (f"none over every answer ({sets['no_threshold']}), so "
                      + ("only the crop sources with their own carry sets" if sets.get("threshold_by_source")
                         else "answers carry no set")) if sets["threshold"] is None
-                    else f"{sets['threshold']:.4f}", own_thresholds_text(sets))
+                    else f"{sets['threshold']:.4f}" + (f" (its coverage at least {sets['coverage_5th_percentile']:.3f} "
+                                                       "in 19 calibrations of 20)"
+                                                       if sets.get("coverage_5th_percentile") else ""),
+                    own_thresholds_text(sets))

@@ -70,6 +70,19 @@ def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
     return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
 
 
+def coverage_low(n: int, coverage: float, chance: float = 0.05) -> float | None:
+    """The coverage a set threshold calibrated on `n` answers falls below only with probability `chance` (over
+    calibration draws): split conformal's coverage, given the calibration answers, follows Beta(k, n + 1 - k) with k
+    the threshold's rank (Vovk 2012; Angelopoulos & Bates 2021, section 3.2). The guarantee `coverage` is the mean
+    of that law; a small calibration spreads it. None when `n` gives no threshold."""
+    from scipy.stats import beta
+
+    rank = math.ceil((n + 1) * coverage)
+    if n < 1 or rank > n:
+        return None
+    return float(beta.ppf(chance, rank, n + 1 - rank))
+
+
 def no_threshold_reason(scores: Sequence[float], coverage: float) -> str | None:
     """Why the scores give no finite threshold at `coverage` (None when they do): too few of them, or the right
     class outside the candidates (an infinite score) in more of them than the coverage may leave out. Either way
