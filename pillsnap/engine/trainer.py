@@ -333,7 +333,9 @@ class Trainer:
         """A checkpoint inside an epoch (train.checkpoint_interval_minutes, or `why`: where the time cap cut it):
         every task training in it commits its `last` checkpoint, still of the last whole epoch (`epoch` =
         epoch_done), with `progress`, where a resume goes on. `best` is left alone: nothing was validated. Called on
-        every rank at the same step."""
+        every rank at the same step. One the disk has no room for is skipped (rank 0 decides for all)."""
+        if not broadcast_object(self.info, self._room_for_progress(progress) if self.info.is_main else None):
+            return
         self._share_counts()
         # a copy (the epoch goes on changing `progress`), with the loss of every rank's steps
         saved = progress.over_ranks(self.info, self.tasks[next(iter(progress.drawn))].device)
@@ -350,6 +352,25 @@ class Trainer:
                              why or f"train.checkpoint_interval_minutes={self.cfg.train.checkpoint_interval_minutes}")
         self._rebase_recovery()
         barrier(self.info)  # the other ranks wait for the save here (the wait group's timeout), not in a step's NCCL
+
+    def _room_for_progress(self, progress: EpochProgress) -> bool:
+        """Whether the disk has room for a generation of the tasks' `last` files as large as the ones there now: a
+        checkpoint inside the epoch that fills it crashed the run (and under torchrun's restarts, again every
+        interval). Skipped, the last commit stays where a resume goes on, and the run says so."""
+        import shutil
+
+        from pillsnap.utils.io import SPACE_MARGIN
+
+        files = [self.store.dir / f"{name}_last.pt" for name in progress.drawn]
+        need = int(SPACE_MARGIN * sum(f.stat().st_size for f in files if f.is_file()))
+        free = shutil.disk_usage(self.store.dir).free
+        if need <= free:
+            return True
+        self.logger.warning("checkpoint inside epoch %d skipped: it needs about %.1f GB under %s and %.1f GB are "
+                            "free; the last commit (%s) stays where a resume goes on. Free space before the epoch "
+                            "ends: its commit needs as much", progress.epoch, need / 1e9, self.store.dir, free / 1e9,
+                            self._committed())
+        return False
 
     def elapsed(self) -> float:
         return round(self.state.elapsed(), 2)
