@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -253,3 +254,22 @@ def test_resuming_a_finished_run_with_more_epochs_follows_the_longer_schedule(tm
     assert lrs[0] > 0.001 and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] == 0.0
     history = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_resume_from_the_emergency_checkpoint_goes_on_inside_the_epoch_it_stopped(tmp_path, monkeypatch, caplog):
+    """OOM recovery gave up at epoch 2, step 4 (the 10th step): the emergency checkpoint holds weights that trained
+    3 steps of epoch 2. Labelled epoch 1 with no place, a resume from it (the file train.sh names) trained epoch 2
+    whole again over them, 2 steps past the schedule's end; it now goes on from step 4."""
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_STEPS", "9,10")
+    exp = tmp_path / "exp"
+    assert main(make_cfg(exp, "train.oom.max_retries=1", "train.epochs=2"), fake_build_loaders) == EXIT_OOM
+    emergency = exp / "checkpoints" / "classification_emergency.pt"
+    saved = load_ckpt(emergency)
+    assert saved["epoch"] == 1 and saved["progress"]["epoch"] == 2 and saved["progress"]["done"] == {
+        "classification": 3}
+    monkeypatch.delenv("PILLSNAP_FAKE_OOM_STEPS")
+    with caplog.at_level(logging.INFO):
+        assert main(make_cfg(exp, "train.epochs=2", f"train.resume={emergency}"), fake_build_loaders) == 0
+    assert "resuming inside epoch 2, after 4 classification steps" in caplog.text  # the OOM's batch left out
+    last = load_ckpt(exp / "checkpoints" / "last.pt")
+    assert last["task_state"]["optimizer_steps"] == 11 and last["scheduler_state"]["last_epoch"] == 11

@@ -145,6 +145,7 @@ class EpochRunner:
         # where the stage's time cap cut the last epoch short (None: it ran to its end). The trainer's `last`
         # checkpoint goes on from there, so that a resume with a raised cap trains the rest of the epoch
         self.cut_short: EpochProgress | None = None
+        self.current: EpochProgress | None = None  # the epoch under way's place (an emergency checkpoint keeps it)
 
     def time_capped(self, device: object = None) -> bool:
         """Whether the stage's clock has run out, by rank 0's clock, so that every rank leaves the epoch at the same
@@ -263,6 +264,7 @@ class EpochRunner:
         """Interleave the active tasks' steps (train.interleave_ratio); returns mean train loss per task. `resume`:
         where a checkpoint saved inside this epoch left it (the epoch goes on from there)."""
         progress = EpochProgress.going_on(epoch, active, resume)
+        self.current = progress
         if self.info.rank != 0:  # rank 0 carries the saved totals of every rank's loss; the others start from none
             progress.loss_sum = dict.fromkeys(progress.loss_sum, 0.0)  # the same tasks on every rank: over_ranks
             progress.loss_steps = dict.fromkeys(progress.loss_steps, 0)  # sums them in one list
@@ -283,6 +285,16 @@ class EpochRunner:
                        "steps": progress.done[name],  # this rank's
                        "skipped_steps": self.tasks[name].skipped_steps}  # non-finite gradients, so far in the run
                 for name in active}
+
+    def place(self) -> EpochProgress | None:
+        """The epoch under way's place with the clock and random states of now, for a checkpoint saved outside the
+        steps (the emergency one); None before any step of it (a single process's: under DDP the ranks would have
+        to join theirs)."""
+        progress = self.current
+        if progress is None or self.info.enabled or not any(progress.done.values()):
+            return None
+        progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
+        return progress
 
     def _stop_here(self, progress: EpochProgress, cause: BaseException | None = None) -> NoReturn:
         """A stop signal noted while training (utils.signals.stops_at_safe_points): save the epoch's place, as a

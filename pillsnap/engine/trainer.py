@@ -536,9 +536,15 @@ class Trainer:
             self._save_recovery(err.task, self.tasks[err.task].oom_state(), self.recovery_base[err.task][1],
                                 err.retries, gave_up=True)
         if self.info.is_main:
-            # epoch-1: the interrupted epoch is incomplete, so a resume from here redoes it.
+            # epoch-1, the last whole epoch, and the place inside this one where the weights are: a resume from here
+            # goes on from it (the batch the OOM stopped and an open window of accumulated gradients dropped), as
+            # from a checkpoint inside the epoch; before, it trained the epoch again over weights that had trained
+            # part of it, past the schedule's end
             done = max(epoch - 1, 0)
-            self.store.commit(done, [ck.Save(name, ("emergency",), self._state(name, done)) for name in self.tasks])
+            place = self.runner.place()
+            where = {} if place is None else {"progress": place.as_dict()}
+            self.store.commit(done, [ck.Save(name, ("emergency",), {**self._state(name, done), **where})
+                                     for name in self.tasks])
             self.logger.error("emergency checkpoints written: %s",
                               ", ".join(str(ck.ckpt_path(self.store.dir, n, "emergency")) for n in self.tasks))
         self.logger.error("training stopped: %s. Lower train.batch_size or model.image_size and resume.", reason)
