@@ -215,6 +215,12 @@ def test_trainer_applies_the_auto_batch_choice(tmp_path, monkeypatch):
     assert code == 0 and (task.knobs.batch_size, task.knobs.grad_accum) == (4, 2)
     assert task.train_loader.batch_size == 4 and trainer.cfg.train.batch_size == 4
     assert task.global_batch_at_start == 8  # the global batch the config asked for is kept
+    # the checkpoint keeps the batch the user configured, not the search's pick: a resume whose search picks
+    # another size (another GPU) is not taken for a batch changed by the user, which dropped OOM recovery's choices
+    from pillsnap.utils import load_ckpt
+
+    oom_state = load_ckpt(tmp_path / "checkpoints" / "classification_last.pt")["oom_state"]
+    assert (oom_state["configured_batch_size"], oom_state["batch_size"]) == (8, 4)
     # batches sized to fill 88% of the GPU are not warned about at 80% every epoch (the memory warning's limit)
     watch = trainer.callbacks.of_type(MemoryWatchCallback)
     assert [w.ratio for w in watch] == [0.88] and "auto_batch_vram_headroom" in watch[0].limit_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -119,6 +120,7 @@ class TaskBuilder:
                 int(sections[task_type].auto_batch_max), float(self.cfg.train.auto_batch_vram_headroom)))
             del task
             release_cuda_cache()  # the probe's weights, optimizer state and cached blocks are not the next one's
+            choice = dataclasses.replace(choice, configured=int(OmegaConf.select(self.cfg, spec.batch_key)))
             OmegaConf.update(self.cfg, spec.batch_key, choice.batch_size)
             self.tb.add_scalar(f"{spec.tb}perf/auto_batch_found", choice.batch_size, 0)
             self.logger.info("%s auto batch: %s=%d, grad_accum %d, fp16 forced: %s", spec.name, spec.batch_key,

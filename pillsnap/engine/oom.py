@@ -168,6 +168,7 @@ class BatchChoice:
     grad_accum: int = 1
     force_fp16: bool = False
     trials: list[tuple[int, bool, str]] = field(default_factory=list)  # (batch, fp16, "fits"|"oom"|"over headroom")
+    configured: int | None = None  # the batch the config asked for before the search wrote its pick there
 
 
 def _try(trial: Callable[[int, bool], Any], bs: int, fp16: bool, headroom: float, mem_ratio: Callable[[], float],

@@ -95,7 +95,8 @@ class Task(ABC):
         self.knobs = OomKnobs(loader_bs, max(1, int(cfg.train.grad_accum_steps)))
         # the batch the user configured (not the auto batch search's pick, which may differ between two starts of
         # one run): a checkpoint keeps it, so that a resume tells OOM recovery's choices from a batch changed since
-        self.configured_knobs = (self.configured_batch_size(), self.knobs.grad_accum)
+        configured = batch_choice.configured if batch_choice is not None else None
+        self.configured_knobs = (configured or self.configured_batch_size(), self.knobs.grad_accum)
         if batch_choice is not None:
             self.knobs.grad_accum = batch_choice.grad_accum
             if batch_choice.force_fp16:
