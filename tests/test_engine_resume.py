@@ -547,3 +547,21 @@ def test_a_resume_whose_epochs_have_fewer_steps_goes_on_from_the_same_share_of_t
     resumed = [r["lr"] for r in steps if r.get("type") == "step" and r.get("epoch") == 3]
     assert resumed and min(resumed) > 1e-3  # halfway through a cosine from 0.01, not at its end
     assert load_ckpt(exp / "checkpoints" / "last.pt")["scheduler_state"]["last_epoch"] == 8
+
+
+def test_a_fresh_run_in_a_folder_holding_another_run_says_what_it_replaces(tmp_path, caplog):
+    """Stage 2 trained with the documented command landed in stage 1's folder and replaced its best.pt,
+    calibration and reports without a word; a fresh run now names what it finds there, once, before it starts."""
+    exp = tmp_path / "exp"
+    with caplog.at_level(logging.WARNING):
+        assert run_training(make_cfg(exp, "train.epochs=1"), fake_build_loaders)[0] == 0
+    assert "this fresh run replaces" not in caplog.text  # an empty folder: nothing to say
+    with caplog.at_level(logging.WARNING):
+        assert run_training(make_cfg(exp, "train.epochs=1", "data.progressive_validation.current_stage=2"),
+                            fake_build_loaders)[0] == 0
+    assert f"{exp} holds stage 1's run, trained to epoch 1: this fresh run replaces" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_training(make_cfg(exp, "train.epochs=2", "train.resume=last",
+                                     "data.progressive_validation.current_stage=2"), fake_build_loaders)[0] == 0
+    assert "this fresh run replaces" not in caplog.text  # a resume goes on with it

@@ -220,6 +220,24 @@ def same_generation(resume: Any, found: dict[str, tuple[Path, dict]],
     return kept
 
 
+def earlier_run(ckpt_dir: Path) -> str | None:
+    """What an earlier run left in `ckpt_dir` ("stage 1's run, trained to epoch 12"), None when it holds no last
+    checkpoint: a fresh run there replaces its checkpoints, classes.json and reports as it goes."""
+    from pillsnap.utils import load_ckpt
+
+    found = sorted(ckpt_dir.glob("*_last.pt")) if ckpt_dir.is_dir() else []
+    for path in found:
+        try:
+            ckpt = load_ckpt(path, mmap=True)
+        except (OSError, ValueError, RuntimeError):
+            continue
+        stage = ((((ckpt.get("config_snapshot") or {}).get("data") or {}).get("progressive_validation") or {})
+                 .get("current_stage"))
+        label = "an earlier run" if stage is None else f"stage {stage}'s run"
+        return f"{label}, trained to epoch {int(ckpt.get('epoch') or 0)}"
+    return f"checkpoints of an earlier run ({found[0].name})" if found else None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pillsnap.config import apply_stage_overrides, check_ranges, check_tf32
+from pillsnap.engine import checkpointing as ck
 from pillsnap.engine.build import BuildLoaders
 from pillsnap.engine.callbacks import Callback
 from pillsnap.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
@@ -177,6 +178,12 @@ def _start_and_fit(cfg: DictConfig, info: DistInfo, logger: logging.Logger, tb: 
                    task_types: Sequence[type[Task]]) -> tuple[int, Trainer | None]:
     restart, older_before = settle_restart(cfg, info, logger)
     if not cfg.train.resume:
+        earlier = ck.earlier_run(Path(cfg.paths.exp_dir) / "checkpoints") if info.is_main else None
+        if earlier is not None:
+            logger.warning("%s holds %s: this fresh run replaces its last and best checkpoints, classes.json and "
+                           "reports as it goes (stage links such as stage1_classification_best.pt stay). To keep "
+                           "it, give this run its own paths.exp_dir; to go on with it, train.resume=last",
+                           cfg.paths.exp_dir, earlier)
         tb.purge_from(0)  # a fresh run: TensorBoard shows this one alone, not over the folder's earlier runs
     try:
         trainer = Trainer(cfg, info, logger, tb, build_loaders, callbacks, task_types)
