@@ -6,7 +6,7 @@
 #   --cfg FILE         the config (default: the repository's config.yaml, whatever folder you call from)
 #   --resume           continue from the last checkpoints (more --epochs than the run had: extend it)
 #   --checkpoint PATH  resume from this checkpoint file (the classifier's; the detector's file beside it too)
-#   --yes, --choice N  answer the end-of-stage advisor without being asked
+#   --yes, --choice N  the end-of-stage advisor's answer (the script never asks: without them, its default)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
