@@ -413,3 +413,12 @@ def test_a_gos_next_step_continues_from_any_folder_into_a_folder_of_its_own(tmp_
                          f"paths.exp_dir={tmp_path / 'runs' / 'stage2' / 'exp'}", "train.resume=null"]
     load_config(None, words[-2:], dotenv_path=None)  # the overrides it names are the config's
     assert shlex.split(next_stage_command(3, tmp_path / "my run"))[-2] == f"paths.exp_dir={tmp_path / 'my run'}_stage4"
+
+
+def test_a_memory_check_on_too_few_epochs_says_it_was_not_measured_not_that_memory_grew():
+    from pillsnap.eval.suggestions import suggestions_for
+
+    unmeasured = suggestions_for({"memory_growth": None}, [], {}, ["MANDATORY_CHECK_FAILED: memory_leak_test"])
+    grew = suggestions_for({"memory_growth": 1.4}, [], {}, ["MANDATORY_CHECK_FAILED: memory_leak_test"])
+    assert "3 or more (train.epochs)" in unmeasured[0] and "Memory grew" not in unmeasured[0]
+    assert grew[0].startswith("Memory grew across epochs")

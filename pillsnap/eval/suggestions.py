@@ -30,6 +30,8 @@ _CACHE = "Enable the preprocessed cache (data.cache.enabled=true)"
 _CACHED_LOADER = "The crops already come from the crop cache: the loader's own work is what waits (its colour " \
                  "jitter, the tensors); raise dataloader.num_workers, or give the run more CPU cores"
 _MEMORY = "Memory grew across epochs: lower dataloader.num_workers and dataloader.prefetch_factor"
+_MEMORY_UNMEASURED = ("Memory growth is measured from epoch 2 to the last, so over 3 epochs at least: train the "
+                      "stage for 3 or more (train.epochs)")
 _CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr, prefer bf16 " \
          "(train.classification.amp_dtype=bf16)"
 
@@ -140,6 +142,9 @@ def suggestions_for(results: dict, unmet: list[str], ratios: dict[str, float], r
             continue
         if code == "LATENCY_P95_TOO_HIGH":
             out += _pipeline_tips(results, targets.get(code))
+            continue
+        if code == "memory_leak_test" and results.get("memory_growth") is None:
+            out.append(_MEMORY_UNMEASURED)  # too few epochs to measure: it did not grow, it was not measured
             continue
         out += _BY_CODE.get(code, ())
     for path in unmet:
