@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -257,3 +258,22 @@ def test_predict_cli_reads_heic_photos_in_a_folder(exp_dir: Path, tmp_path: Path
     results = json.loads(capsys.readouterr().out)
     assert [Path(r["image"]).name for r in results] == ["a.png", "b.HEIC"]
     assert [len(r["pills"]) for r in results] == [1, 1] and results[1]["image_size"] == results[0]["image_size"]
+
+
+def test_serve_on_a_taken_port_is_one_line_before_the_models_load(exp_dir: Path, caplog) -> None:
+    """It announced 'PillSnap on http://...' and loaded the models before uvicorn failed to listen (exit 3)."""
+    import socket
+
+    from pillsnap.cli import main
+    from pillsnap.serve.cli import port_in_use
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port) is not None
+        with caplog.at_level(logging.INFO):
+            assert main(["serve", "--exp", str(exp_dir), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    assert f"serve: cannot listen on 127.0.0.1:{port}" in caplog.text and "PillSnap on" not in caplog.text
+    assert "NO API KEY" not in caplog.text  # stopped before anything else was said or set up
+    assert port_in_use("127.0.0.1", port) is None  # free again

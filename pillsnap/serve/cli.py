@@ -44,6 +44,24 @@ def warn_without_key(host: str, port: int) -> None:
                    "(environment or .env) or serving.api_key_file.\n%s", banner, host, port, banner)
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host`:`port` cannot be listened on (taken, or not an address of this machine), None when it can."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return f"unknown host ({err})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no bar
+        try:
+            probe.bind(address)
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -60,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings.from_config(cfg.serving)
     api_key = resolve_api_key(cfg.serving)
     host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
+    busy = port_in_use(host, port)  # said before the models load and the address is announced
+    if busy is not None:
+        LOGGER.error("serve: cannot listen on %s:%d: %s (another server there? choose another with --port)", host,
+                     port, busy)
+        return 2
     if api_key is None:
         warn_without_key(host, port)
     app = create_app(build_service(exp_dir, cfg, args.device), settings, api_key)
