@@ -7,7 +7,7 @@
 #   --lr LR              classifier peak learning rate
 #   --resume             continue from the last checkpoints (more --epochs than the run had: extend it)
 #   --checkpoint PATH    resume from this checkpoint file (the detector from its file beside it)
-#   --stage N            stage to train (default 3)     --cfg FILE          config file (default config.yaml)
+#   --stage N            stage to train (default 3)     --cfg FILE          config (default: the repository's config.yaml)
 #   --yes | --choice N   answer the end-of-stage advisor without being asked
 #   --log-level LEVEL    DEBUG | INFO | WARNING | ERROR
 #   --min-free-gb N      pre-flight: free disk needed at exp_dir (default 10)
