@@ -367,3 +367,21 @@ def test_each_rank_draws_its_own_augmentation_and_an_epoch_replays_its_draws():
     assert draws(0, epoch=4) != draws(0)
     seed_epoch(7, 3, [])
     assert torch.rand(4).tolist() == draws(0)  # a single process draws as before
+
+
+def test_a_resume_whose_auto_batch_search_picks_another_size_trains_this_runs_batch(tmp_path, monkeypatch):
+    """The first start's GPU fitted 8 x 1, the resume's 4 x 2: the resume trains 4 x 2 to the end of its schedule,
+    not the checkpoint's 8 x 1 over batches of 4 (every optimizer step on half a global batch, the schedule spent
+    at 60 % of the run)."""
+    from pillsnap.engine.run import run_training
+
+    exp = tmp_path / "exp"
+    common = ("train.classification.auto_batch_tune=true", "train.batch_size=8", "train.classification.auto_batch_max=8",
+              "train.warmup_steps=0")
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "1000")
+    assert run_training(make_cfg(exp, *common, "train.epochs=1"), fake_build_loaders)[0] == 0
+    monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "4")
+    code, trainer = run_training(make_cfg(exp, *common, "train.epochs=3", "train.resume=last"), fake_build_loaders)
+    task = trainer.tasks["classification"]
+    assert code == 0 and (task.train_loader.batch_size, task.knobs.batch_size, task.knobs.grad_accum) == (4, 4, 2)
+    assert task.scheduler.last_epoch == 3 * -(-task.steps_per_epoch() // 2)  # the schedule's end, not past it

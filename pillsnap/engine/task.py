@@ -92,6 +92,7 @@ class Task(ABC):
         self.model = self._distribute(self.raw_model)
         self.optimizer = build_optimizer(self.raw_model.parameters(), *self.lr_and_weight_decay())
         loader_bs = int(getattr(train_loader, "batch_size", None) or self.configured_batch_size())
+        self.loader_batch = loader_bs
         self.knobs = OomKnobs(loader_bs, max(1, int(cfg.train.grad_accum_steps)))
         # the batch the user configured (not the auto batch search's pick, which may differ between two starts of
         # one run): a checkpoint keeps it, so that a resume tells OOM recovery's choices from a batch changed since
@@ -456,7 +457,7 @@ class Task(ABC):
             "ema_state": None if self.ema is None else self.ema.module.state_dict(),
             "oom_state": {**asdict(self.knobs), "sched_mode": self.sched_mode, "sched_credit": self._sched_credit,
                           "configured_batch_size": self.configured_knobs[0],
-                          "configured_grad_accum": self.configured_knobs[1]},
+                          "configured_grad_accum": self.configured_knobs[1], "loader_batch_size": self.loader_batch},
             "task_state": {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
                            "world_size": self.info.world_size, "skipped_steps": self.skipped_steps,
                            "micro_step": self.micro_step, "peak_lr": self.lr_and_weight_decay()[0],
@@ -529,15 +530,20 @@ class Task(ABC):
         if state.get("did_amp_escalate"):
             self._escalate_to_fp16()
         saved = (state.get("configured_batch_size"), state.get("configured_grad_accum"))
-        if saved[0] is not None and (int(saved[0]), int(saved[1] or 1)) != self.configured_knobs:
+        # the loader's batch, which the auto batch search may pick otherwise on another start (another GPU): the
+        # old run's chunks would not divide this loader's batches, nor its accumulation match the schedule
+        loader = state.get("loader_batch_size")
+        loader_changed = loader is not None and int(loader) != self.loader_batch
+        if loader_changed or (saved[0] is not None and (int(saved[0]), int(saved[1] or 1)) != self.configured_knobs):
             # recovery's learning-rate cut came back with the scheduler: the configured batch trains at the
             # configured peak
             peak = self.lr_and_weight_decay()[0]
             if self.peak_lr:
                 self._scale_lr(peak / self.peak_lr)  # every group by the same factor, as recovery cut them
-            LOGGER.warning("%s: the batch is configured as %d x %d, the checkpoint's run as %d x %d: training as "
-                           "configured at peak lr %.2e (what OOM recovery had chosen for the old batch is not kept)",
-                           self.name, *self.configured_knobs, int(saved[0]), int(saved[1] or 1), peak)
+            LOGGER.warning("%s: the batch is configured as %d x %d (batches of %d), the checkpoint's run as %s x %s "
+                           "(batches of %s): training as set now at peak lr %.2e (what OOM recovery had chosen for "
+                           "the old batch is not kept)", self.name, *self.configured_knobs, self.loader_batch,
+                           saved[0], saved[1] or 1, state.get("loader_batch_size", "?"), peak)
             return True
         for key in ("batch_size", "grad_accum"):
             if key in state:
