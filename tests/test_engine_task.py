@@ -376,8 +376,8 @@ def test_a_resume_whose_auto_batch_search_picks_another_size_trains_this_runs_ba
     from pillsnap.engine.run import run_training
 
     exp = tmp_path / "exp"
-    common = ("train.classification.auto_batch_tune=true", "train.batch_size=8", "train.classification.auto_batch_max=8",
-              "train.warmup_steps=0")
+    common = ("train.classification.auto_batch_tune=true", "train.batch_size=8",
+              "train.classification.auto_batch_max=8", "train.warmup_steps=0")
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "1000")
     assert run_training(make_cfg(exp, *common, "train.epochs=1"), fake_build_loaders)[0] == 0
     monkeypatch.setenv("PILLSNAP_FAKE_OOM_MAX_BATCH", "4")

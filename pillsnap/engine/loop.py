@@ -129,7 +129,7 @@ class EpochRunner:
     def __init__(self, tasks: dict[str, Task], cfg: DictConfig, state: RunState | None = None,
                  callbacks: CallbackList | None = None, logger: logging.Logger | None = None,
                  info: DistInfo | None = None, time_limit_hours: float | None = None, max_epochs: int = 1,
-                 save_progress: Callable[..., None] | None = None) -> None:
+                 save_progress: Callable[..., bool] | None = None) -> None:
         self.tasks, self.cfg = tasks, cfg
         self.state = state or RunState()
         self.callbacks = callbacks or CallbackList()
@@ -301,26 +301,28 @@ class EpochRunner:
         checkpoint inside it, and stop. A window of accumulated gradients still open is dropped, its batches counted
         as drawn (as where the time cap cuts an epoch)."""
         name = acting_on_stop()
+        saved = False
         if self.save_progress is not None and any(progress.done.values()):
             progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
-            self.save_progress(progress, why=f"{name} received")
-        raise KeyboardInterrupt(f"signal {name}: the epoch's place saved") from cause
+            saved = self.save_progress(progress, why=f"{name} received") is not False
+        raise KeyboardInterrupt(f"signal {name}" + (": the epoch's place saved" if saved else "")) from cause
 
     def _steps(self, epoch: int, active: list[str], progress: EpochProgress, steps: dict[str, int],
                iters: dict[str, Iterator], todo: dict[str, int], timer: StepTimer, order: Iterator[str]) -> None:
         """The epoch's steps in `order`, from where `progress` left it."""
         for name in order:
             todo[name] -= 1
+            drew = True
             try:
                 batch = next(iters[name])
             except Exception as err:
                 if stop_requested() is None:
                     raise
-                # the stop ended the loader's workers too (sent to the whole process group): stop where it was
-                # (under DDP without the save, which every rank must make together)
-                if self.info.enabled:
-                    raise KeyboardInterrupt(f"signal {acting_on_stop()}") from err
-                self._stop_here(progress, err)
+                # the stop ended the loader's workers too (sent to the whole process group): stop where it was;
+                # under DDP through the vote below, so that every rank saves together
+                if not self.info.enabled:
+                    self._stop_here(progress, err)
+                batch, drew = None, False
             timer.data_done()
             # a batch less than half readable (safe_collate said which): nothing worth learning. Under DDP every rank
             # skips the step together, else the others would wait for this rank's gradients; and every rank saves
@@ -328,8 +330,9 @@ class EpochRunner:
             lost, stop = batch is None, stop_requested() is not None
             if self.info.enabled:
                 lost, stop = any_ranks(self.info, [lost, stop], self.tasks[name].device)
-            progress.drawn[name] += 1
-            progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
+            if drew:
+                progress.drawn[name] += 1
+                progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
             if lost:
                 self.logger.warning("%s: skipped a batch less than half readable%s (epoch %d)", name,
                                     "" if batch is None else " on another rank", epoch)

@@ -329,13 +329,13 @@ class Trainer:
             (self.store.dir / RECOVERY_FILE).unlink(missing_ok=True)
             self.recovery_read = False
 
-    def save_progress(self, progress: EpochProgress, why: str | None = None) -> None:
+    def save_progress(self, progress: EpochProgress, why: str | None = None) -> bool:
         """A checkpoint inside an epoch (train.checkpoint_interval_minutes, or `why`: where the time cap cut it):
         every task training in it commits its `last` checkpoint, still of the last whole epoch (`epoch` =
         epoch_done), with `progress`, where a resume goes on. `best` is left alone: nothing was validated. Called on
         every rank at the same step. One the disk has no room for is skipped (rank 0 decides for all)."""
         if not broadcast_object(self.info, self._room_for_progress(progress) if self.info.is_main else None):
-            return
+            return False
         self._share_counts()
         # a copy (the epoch goes on changing `progress`), with the loss of every rank's steps
         saved = progress.over_ranks(self.info, self.tasks[next(iter(progress.drawn))].device)
@@ -352,6 +352,7 @@ class Trainer:
                              why or f"train.checkpoint_interval_minutes={self.cfg.train.checkpoint_interval_minutes}")
         self._rebase_recovery()
         barrier(self.info)  # the other ranks wait for the save here (the wait group's timeout), not in a step's NCCL
+        return True
 
     def _room_for_progress(self, progress: EpochProgress) -> bool:
         """Whether the disk has room for a generation of the tasks' `last` files as large as the ones there now: a
@@ -361,8 +362,11 @@ class Trainer:
 
         from pillsnap.utils.io import SPACE_MARGIN
 
+        # as large as the last files there, or, before any, the weights with Adam's two moments and the EMA
         files = [self.store.dir / f"{name}_last.pt" for name in progress.drawn]
-        need = int(SPACE_MARGIN * sum(f.stat().st_size for f in files if f.is_file()))
+        weights = sum(4 * sum(p.numel() * p.element_size() for p in self.tasks[name].raw_model.parameters())
+                      for name in progress.drawn)
+        need = int(SPACE_MARGIN * max(sum(f.stat().st_size for f in files if f.is_file()), weights))
         free = shutil.disk_usage(self.store.dir).free
         if need <= free:
             return True

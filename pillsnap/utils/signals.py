@@ -38,6 +38,7 @@ class _Deferral:
         self.depth = 0
         self.noted: str | None = None
         self.noted_at = 0.0
+        self.acting = False  # the noted stop taken: its save under way (a stop again may still cut it short)
 
 
 _DEFERRAL = _Deferral()
@@ -79,9 +80,13 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        deferred = _DEFERRAL.noted is not None and _DEFERRAL.depth > 0
-        if stopping and deferred and time.monotonic() - _DEFERRAL.noted_at > STOP_AGAIN_S:
-            _DEFERRAL.noted = None
+        pending = _DEFERRAL.noted is not None or _DEFERRAL.acting
+        if stopping and pending and _DEFERRAL.depth == 0:
+            # noted in the steps, which an error then left before acting on it: nothing defers it any more
+            _DEFERRAL.noted, _DEFERRAL.acting = None, False
+            raise KeyboardInterrupt(f"signal {name}")
+        if stopping and pending and time.monotonic() - _DEFERRAL.noted_at > STOP_AGAIN_S:
+            _DEFERRAL.noted, _DEFERRAL.acting = None, False
             raise KeyboardInterrupt(f"signal {name}, again: stopping now, without saving the training's place")
         if stopping:
             _say(f"{name} received while stopping on {stopping[0]}: ignored (SIGKILL stops at once, losing what "
@@ -100,6 +105,7 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         with _handling(signums, interrupt):
             yield
     finally:
+        _DEFERRAL.__init__()  # a stop noted in this block is this block's
         if not stopping:  # after a stop, for good: the dead workers' loaders end only as the process exits
             _watch_children_again()
 
@@ -119,6 +125,8 @@ def stops_at_safe_points() -> Iterator[None]:
         yield
     finally:
         _DEFERRAL.depth -= 1
+        if _DEFERRAL.depth == 0:  # a stop acted on has stopped the steps: later ones are ignored, as at any stop
+            _DEFERRAL.acting = False
     noted = _DEFERRAL.noted
     if noted is not None and _DEFERRAL.depth == 0:
         _DEFERRAL.noted = None
@@ -131,8 +139,9 @@ def stop_requested() -> str | None:
 
 
 def acting_on_stop() -> str:
-    """The noted stop's name, now taken: the caller raises KeyboardInterrupt after saving its place."""
-    noted, _DEFERRAL.noted = _DEFERRAL.noted, None
+    """The noted stop's name, now taken: the caller raises KeyboardInterrupt after saving its place (the same
+    signal again, STOP_AGAIN_S after the first, still stops the save where it is)."""
+    noted, _DEFERRAL.noted, _DEFERRAL.acting = _DEFERRAL.noted, None, True
     return noted or "stop"
 
 
