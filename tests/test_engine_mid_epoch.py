@@ -532,3 +532,20 @@ def test_a_stop_noted_in_steps_an_error_then_left_still_stops_at_the_next_signal
             raise RuntimeError("the step's own error")
         sigterm()  # outside the steps now: it stops
     assert signals.stop_requested() is None  # and nothing is left noted for the next run in this process
+
+
+def test_a_resume_inside_an_epoch_whose_epochs_grew_ends_at_its_schedules_end(tmp_path):
+    """Saved inside epoch 2 after 3 of its 4 steps, resumed with 6 steps an epoch (max_steps_per_epoch raised): the
+    whole epoch before scales to 6 steps, the 3 taken inside count as they are, and the run ends exactly at the
+    rebuilt schedule's end (scaling all 7 put it past, the last steps at lr 0)."""
+    exp = tmp_path / "exp"
+    base = ("train.warmup_steps=0", "train.epochs=2")
+    code, _ = run_training(make_cfg(exp, *base, "train.max_steps_per_epoch=4"), epoch_sampler_loaders,
+                           callbacks=[StopAfterStep([], 2, 2)])  # noted in step 2, saved after step 3
+    saved = load_ckpt(exp / "checkpoints" / "last.pt")
+    assert code == EXIT_INTERRUPTED and saved["progress"]["done"] == {"classification": 3}
+    assert saved["scheduler_state"]["last_epoch"] == 7
+    code, trainer = run_training(make_cfg(exp, *base, "train.max_steps_per_epoch=6", "train.resume=last"),
+                                 epoch_sampler_loaders)
+    assert code == 0
+    assert load_ckpt(exp / "checkpoints" / "last.pt")["scheduler_state"]["last_epoch"] == 12  # 2 epochs x 6 steps

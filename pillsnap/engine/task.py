@@ -487,7 +487,8 @@ class Task(ABC):
         if batch_changed or ranks != self.info.world_size:
             self._reposition_schedule(ranks)
         elif counters.get("steps_per_epoch") and int(counters["steps_per_epoch"]) != self.steps_per_epoch():
-            self._rescale_schedule(int(counters["steps_per_epoch"]))
+            done = int(((ckpt.get("progress") or {}).get("done") or {}).get(self.name, 0))
+            self._rescale_schedule(int(counters["steps_per_epoch"]), done // max(self.knobs.grad_accum, 1))
         if ckpt.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler_state"])
         if self.ema is not None and ckpt.get("ema_state") is not None:
@@ -567,13 +568,15 @@ class Task(ABC):
                        "checkpoint's step %d (%d rank(s))", self.name, self.scheduler.last_epoch, self.samples_seen,
                        self.knobs.batch_size, self.knobs.grad_accum, self.info.world_size, old_step, saved_ranks)
 
-    def _rescale_schedule(self, saved_steps: int) -> None:
+    def _rescale_schedule(self, saved_steps: int, inside: int = 0) -> None:
         """The checkpoint's epochs had `saved_steps` steps and this run's have another number (the stage's data
         rescanned or resampled, train.max_steps_per_epoch changed): the schedule, rebuilt over this run's epochs,
-        goes on from the same share of each epoch, not from the old step count (half as many steps an epoch left
-        every remaining step at the schedule's end, a learning rate of 0)."""
+        goes on from the same share of the whole epochs, not from the old step count (half as many steps an epoch
+        left every remaining step at the schedule's end, a learning rate of 0). The `inside` optimizer steps of a
+        checkpoint saved inside an epoch count as they are: the epoch goes on after them."""
         old_step = self.scheduler.last_epoch
-        self.scheduler.last_epoch = round(old_step * self.steps_per_epoch() / saved_steps)
+        inside = min(inside, old_step)
+        self.scheduler.last_epoch = round((old_step - inside) * self.steps_per_epoch() / saved_steps) + inside
         self._sched_credit = 0.0
         self._follow_schedule()
         LOGGER.warning("%s: an epoch is now %d steps, %d when checkpointed: the schedule goes on from step %d, not "
