@@ -270,10 +270,11 @@ def check_workdir(cfg: Any) -> None:
     scanned = _scanned_root(manifests)
     if scanned is not None and scanned != ours:
         raise ValueError(f"{manifests} holds a scan of {scanned}, not of the demo's data ({ours}): give the demo "
-                         "another --workdir, or keep that data set's manifests elsewhere (paths.manifest_dir)")
+                         "another --workdir, or keep that data set's manifests elsewhere (paths.manifest_dir); if it "
+                         "is an older demo's (a moved folder), remove it")
     try:
         trained = OmegaConf.select(OmegaConf.load(exp / "config.yaml"), "paths.data_root")
-    except (OSError, ValueError):  # no run there yet, or an unreadable config
+    except Exception:  # noqa: BLE001 - no run there yet, or a config that does not parse: nothing to compare
         trained = None
     if trained and str(Path(str(trained)).resolve()) != ours:
         raise ValueError(f"{exp} holds a run trained on {trained}, not on the demo's data ({ours}): give the demo "

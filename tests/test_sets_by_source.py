@@ -185,3 +185,15 @@ def test_sets_answered_otherwise_than_calibrated_are_dropped_and_a_changed_keep_
         configured_unknown_rule(stored, Path("."), OmegaConf.merge(inference, {"unknown_keep_correct": 0.95}))
     [warned] = [r.getMessage() for r in caplog.records]
     assert "calibrated to keep 0.95 of the right answers and inference.unknown_keep_correct is now 0.99" in warned
+
+
+def test_version_names_the_sources_whose_pills_carry_no_set() -> None:
+    """Where a source's candidates miss the right drug too often for the coverage (or only its own threshold
+    would do and it has none) its pills carry no set: GET /version says which, besides the sources with their own."""
+    from pillsnap.infer.answer import SetRule
+    from pillsnap.serve.service import _set_rule
+
+    rule = SetRule("lac", 0.95, float("inf"), by_source={"single": 0.05}, refused={"combination": "misses"})
+    shown = _set_rule(rule)
+    assert shown["sources_with_own_threshold"] == ["single"] and shown["sources_without_set"] == ["combination"]
+    assert _set_rule(SetRule("lac", 0.95, 0.2))["sources_without_set"] == []

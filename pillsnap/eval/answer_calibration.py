@@ -307,8 +307,9 @@ def set_summary(sets: dict, method: str, coverage: float, by_source: bool = True
             "n_by_source": None if sources is None else dict(sorted(Counter(map(str, sources)).items())),
             "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
             "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None,
-            # the coverage these answers' threshold gives new ones in 19 calibrations of 20 (the mean is `coverage`)
-            "coverage_5th_percentile": coverage_low(len(scores), coverage),
+            # the coverage these answers' threshold gives new ones in 19 calibrations of 20 (on average at least
+            # `coverage`)
+            "coverage_5th_percentile": coverage_low(len(scores), coverage) if np.isfinite(threshold) else None,
             "coverage_5th_percentile_by_source": None if not own else {
                 source: coverage_low(int(counts[source]), coverage) for source in own},
             "no_threshold": no_threshold_reason(scores, coverage)}

@@ -153,8 +153,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     rule are fit on up to inference.unknown_fit_per_class training crops per class (without augmentation). Each
     unknown-pill rule's threshold keeps `keep_correct` of the right validation answers, and both rules are measured
     on the classes held out of the stage; inference uses the one inference.unknown_rule names. With
-    inference.imprint.enabled, `answers` measures the final answers (after the imprint evidence) on up to
-    ANSWER_CROPS validation crops, and with inference.imprint.unknown_check too, `unknown_eval_answers` the final
+    inference.imprint.enabled, `answers` measures the final answers (after the imprint evidence) on answer_crops
+    of the validation crops, and with inference.imprint.unknown_check too, `unknown_eval_answers` the final
     answers' unknown-pill decision on the held-out drugs' photos (answers_unknown_report). With a detector,
     `box_check` holds its confidences in the labelled pills of the validation combination photos
     (pillsnap.eval.box_calibration)."""

@@ -30,8 +30,9 @@ _CACHE = "Enable the preprocessed cache (data.cache.enabled=true)"
 _CACHED_LOADER = "The crops already come from the crop cache: the loader's own work is what waits (its colour " \
                  "jitter, the tensors); raise dataloader.num_workers, or give the run more CPU cores"
 _MEMORY = "Memory grew across epochs: lower dataloader.num_workers and dataloader.prefetch_factor"
-_MEMORY_UNMEASURED = ("Memory growth is measured from epoch 2 to the last, so over 3 epochs at least: train the "
-                      "stage for 3 or more (train.epochs)")
+_MEMORY_UNMEASURED = ("Memory growth is measured from epoch 2 to the last, and fewer than 3 epochs were trained: "
+                      "train 3 or more (train.epochs; a time_limit_hours or early stopping that ends the run sooner "
+                      "stops it too)")
 _CRASH = "The run crashed or hit a NaN loss: read logs/train.err, lower train.lr, prefer bf16 " \
          "(train.classification.amp_dtype=bf16)"
 
@@ -175,10 +176,14 @@ def next_stage_command(stage: int, exp_dir: str | Path | None) -> str:
     if exp_dir is None:
         return f"bash scripts/train.sh --stage {nxt}"
     exp = Path(exp_dir).absolute()
-    # runs/stage1/exp -> runs/stage2/exp (the last such name in the path), else exp -> exp_stage2
-    found = list(re.finditer(rf"stage_?{stage}(?!\d)", str(exp)))
-    target = (f"{str(exp)[:found[-1].end() - len(str(stage))]}{nxt}{str(exp)[found[-1].end():]}" if found
-              else f"{exp}_stage{nxt}")
+    # runs/stage1/exp -> runs/stage2/exp, runs/stage_1 -> runs/stage_2 (the folder or its parent, named so whole),
+    # else exp -> exp_stage2
+    parts = list(exp.parts)
+    named = next((i for i in (len(parts) - 1, len(parts) - 2)
+                  if i > 0 and re.fullmatch(rf"stage_?{stage}", parts[i])), None)
+    if named is not None:
+        parts[named] = parts[named][:-len(str(stage))] + str(nxt)
+    target = str(Path(*parts)) if named is not None else f"{exp}_stage{nxt}"
     script = Path(__file__).resolve().parents[2] / "scripts" / "train.sh"
     head = f"bash {shlex.quote(str(script))}" if script.is_file() else "pillsnap train"
     stage_arg = f"--stage {nxt}" if script.is_file() else f"data.progressive_validation.current_stage={nxt}"

@@ -73,8 +73,8 @@ def conformal_threshold(scores: Sequence[float], coverage: float) -> float:
 def coverage_low(n: int, coverage: float, chance: float = 0.05) -> float | None:
     """The coverage a set threshold calibrated on `n` answers falls below only with probability `chance` (over
     calibration draws): split conformal's coverage, given the calibration answers, follows Beta(k, n + 1 - k) with k
-    the threshold's rank (Vovk 2012; Angelopoulos & Bates 2021, section 3.2). The guarantee `coverage` is the mean
-    of that law; a small calibration spreads it. None when `n` gives no threshold."""
+    the threshold's rank (Vovk 2012; Angelopoulos & Bates 2021, section 3.2). Its mean, k / (n + 1), is at least
+    `coverage` (the guarantee); a small calibration spreads it. None when `n` gives no threshold."""
     from scipy.stats import beta
 
     rank = math.ceil((n + 1) * coverage)

@@ -48,17 +48,19 @@ def port_in_use(host: str, port: int) -> str | None:
     """Why `host`:`port` cannot be listened on (taken, or not an address of this machine), None when it can."""
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:  # "" is every interface, as uvicorn takes it
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
         return f"unknown host ({err})"
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no bar
-        try:
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no bar
+            if family == socket.AF_INET6:  # as asyncio's server binds IPv6: an IPv4 listener is no bar
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
-        except OSError as err:
-            return err.strerror or str(err)
+    except OSError as err:  # taken, or an address family this machine lacks
+        return err.strerror or str(err)
     return None
 
 

@@ -170,11 +170,13 @@ def describe_models(predictor: PredictorLike) -> dict:
 
 def _set_rule(rule: Any) -> dict | None:
     """The prediction-set rule in force (null: answers carry no set), with the crop sources calibrated to keep the
-    coverage on their own answers (the others keep it over all answers)."""
+    coverage on their own answers, and those whose answers carry no set (their candidates miss the right drug too
+    often); the others keep it over all answers."""
     if rule is None:
         return None
     return {"method": rule.method, "coverage": rule.coverage, "filled_to_coverage": rule.fill,
-            "sources_with_own_threshold": sorted(rule.by_source or {})}
+            "sources_with_own_threshold": sorted(rule.by_source or {}),
+            "sources_without_set": sorted(rule.refused or {})}
 
 
 def _box_check(predictor: Any) -> dict:
