@@ -62,19 +62,21 @@ def _from_local_file(backbone: str, num_classes: int, path: Path) -> nn.Module:
 
     if not path.is_file():
         raise FileNotFoundError(f"model.weights_path does not exist: {path}")
-    fresh = [_seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), seed)
-             for seed in (0, 1)]
+    # the seed the model is built with comes from the run's own generator (train.seed decides the fresh head)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    fresh = [_seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), s)
+             for s in (seed, seed + 1)]
     checkpoint = _pillsnap_checkpoint(path)
     if checkpoint is not None:
-        model = _seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), 0)
+        model = _seeded(lambda: timm.create_model(backbone, pretrained=False, num_classes=num_classes), seed)
         _load_backbone(model, checkpoint, backbone, path)
     else:
         try:
             model = _seeded(lambda: timm.create_model(backbone, pretrained=True, num_classes=num_classes,
-                                                      pretrained_cfg_overlay={"file": str(path)}), 0)
+                                                      pretrained_cfg_overlay={"file": str(path)}), seed)
         except RuntimeError as err:  # timm's load names the keys that do not fit
             raise ValueError(f"model.weights_path {path} does not fit backbone {backbone!r}: {err}") from err
-    # A weight drawn at random (it differs between two seeds' inits) and still equal to seed 0's, the seed the
+    # A weight drawn at random (it differs between two seeds' inits) and still equal to the first's, the seed the
     # model was built with, was not loaded. Weights set to a constant (a norm layer's ones) cannot be told apart.
     head = _head_prefixes(model)
     init = [dict(f.named_parameters()) for f in fresh]
