@@ -132,3 +132,15 @@ def test_inference_loader_picks_ema_weights_when_they_were_validated(tmp_path, v
     expected = ema if expect_ema else raw
     assert not model.training and snapshot["model"]["num_classes"] == 5
     assert torch.equal(model.conv_stem.weight, expected.conv_stem.weight)
+
+
+def test_a_local_files_fresh_head_follows_the_runs_seed(tmp_path):
+    """The checks that every backbone weight loaded build the model under a seed: drawn from the run's generator,
+    so the fresh head follows train.seed as without a file (not the same head for every seed)."""
+    torch.save(build_classification_model("test_efficientnet", 10).state_dict(), tmp_path / "w.pth")
+    heads = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        heads.append(build_classification_model("test_efficientnet", 4, weights_path=tmp_path / "w.pth")
+                     .get_classifier().weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
