@@ -336,8 +336,9 @@ def test_a_resume_with_another_batch_trains_it_as_configured(tmp_path, caplog):
     assert step == 4  # the 48 photos trained so far are 4 steps of the new 12-photo batch, not the old run's 6
     assert other.optimizer.param_groups[0]["lr"] == pytest.approx(peak * other.scheduler.lr_lambdas[0](step))
     assert other.knobs.did_amp_escalate  # the fp16 switch does not depend on the batch
-    assert "configured as 12 x 1, the checkpoint's run as 8 x 1" in caplog.text
-    older = {**ckpt, "oom_state": {k: v for k, v in ckpt["oom_state"].items() if not k.startswith("configured")}}
+    assert "configured as 12 x 1 (batches of 12), the checkpoint's run as 8 x 1 (batches of 8)" in caplog.text
+    older = {**ckpt, "oom_state": {k: v for k, v in ckpt["oom_state"].items()
+                                   if not k.startswith("configured") and k != "loader_batch_size"}}
     kept = classification_task(tmp_path / "d", "train.batch_size=12")
     kept.load_checkpoint_state(older)  # a checkpoint from before the configured batch was kept: as before
     assert (kept.knobs.batch_size, kept.knobs.grad_accum) == (4, 1)
