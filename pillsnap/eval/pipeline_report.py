@@ -101,7 +101,8 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None,
     predictor.settings.hard_cases.enabled = False
     combos = [p for p in photos if p["image_type"] != "single"]
     combo = evaluate_pipeline(predictor, combos, "combo", _progress("combo"), known) if predictor.has_detector else {}
-    unread = Predictor(exp_dir, without_imprint_reading(without_hard_cases(cfg)), device)
+    # no sets: calibrated with reading on, they would be refused with a warning to recalibrate about this pass
+    unread = Predictor(exp_dir, without_imprint_reading(without_hard_cases(cfg)), device, sets=False)
     plain = evaluate_pipeline(unread, photos, "auto", _progress("auto without imprint reading"), known)
     calibration = exp_dir / "reports" / "calibration.json"
     auto["prediction_sets_by_method"] = _sets_by_method(predictor, auto["outcomes"])
