@@ -473,7 +473,7 @@ def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
 
 def test_the_draw_grows_with_the_split_and_the_report_says_how_far_its_coverage_may_fall() -> None:
     """500 answers at any stage: at Stage 4 about 150 detector crops set their own threshold, whose coverage fell
-    below 93 % in one calibration of nine. The draw now grows with the split, each source's floor with it, and the
+    below 93 % in one calibration of eleven. The draw now grows with the split, each source's floor with it, and the
     summary gives the coverage the threshold keeps in 19 calibrations of 20 (Beta(k, n + 1 - k))."""
     from scipy.stats import beta
 

@@ -35,8 +35,8 @@ SOURCE_FLOOR = 150  # crops of each crop source in the draw, where it has that m
 def answer_crops(n: int) -> int:
     """How many of `n` validation crops the answers are calibrated on: ANSWER_CROPS, and on a large split one in
     25 up to MAX_ANSWER_CROPS (Stage 4's 75,000 crops: 3,000). The coverage that a set threshold calibrated on m
-    answers gives spreads by about sqrt(0.05 * 0.95 / m): on 150 detector crops a run fell below 93 % one time in
-    nine; each answer may cost an imprint read (~0.1 s), minutes at Stage 4."""
+    answers gives spreads by about sqrt(0.05 * 0.95 / m): on 150 detector crops it falls below 93 % in one
+    calibration of eleven; each answer may cost an imprint read (~0.1 s), minutes at Stage 4."""
     return int(min(MAX_ANSWER_CROPS, max(ANSWER_CROPS, n // 25)))
 
 
