@@ -59,6 +59,13 @@ def test_detector_weights_from_a_local_file_load_what_fits(tmp_path):
     assert torch.equal(model.state_dict()[first], source.state_dict()[first])
 
 
+def test_detector_weights_of_another_model_size_are_refused_not_left_mostly_random(tmp_path):
+    source = build_yolo_model("yolo11n", num_classes=1)
+    torch.save({"model": source}, tmp_path / "yolo11n.pt")
+    with pytest.raises(ValueError, match=r"fits \d+ of the detector's \d+ tensors: weights of another model"):
+        build_yolo_model("yolo11s", weights=tmp_path / "yolo11n.pt")
+
+
 def test_batch_targets_to_pixels() -> None:
     batch = {"img": torch.zeros(2, 3, 40, 80), "bboxes": torch.tensor([[0.5, 0.5, 0.25, 0.5]]),
              "cls": torch.zeros(1, 1), "batch_idx": torch.tensor([1.0])}

@@ -84,10 +84,19 @@ def fetch_detector_weights(spec: str | Path) -> Path | None:
         return None
 
 
-def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Copy tensors whose name and shape match (a COCO 80-class head is skipped for our 1-class head)."""
+MIN_MATCHED_SHARE = 0.9  # of the model's tensors a weights file must fill (COCO's 80-class head leaves out ~1 %)
+
+
+def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> int:
+    """Copy tensors whose name and shape match (a COCO 80-class head is skipped for our 1-class head). A file that
+    fills fewer than MIN_MATCHED_SHARE of the model's tensors is refused (ValueError): the weights of another
+    model size (yolo11n's for yolo11m) matched a handful of tensors and left the rest at random init, with only
+    this function's count in the log to say so."""
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < MIN_MATCHED_SHARE * len(own):
+        raise ValueError(f"model.detector_weights {source} fits {len(matched)} of the detector's {len(own)} tensors: "
+                         "weights of another model (check model.detector, e.g. yolo11m, against the file's size)")
     model.load_state_dict(matched, strict=False)
     LOGGER.info("detector: loaded %d/%d tensors from weights", len(matched), len(own))
     return len(matched)
@@ -119,7 +128,7 @@ def build_yolo_model(
     model.names = dict(PILL_CLASS_NAMES) if num_classes == 1 else {i: str(i) for i in range(num_classes)}
     source = fetch_detector_weights(weights) if weights else None
     if source is not None:
-        load_matching_weights(model, _state_dict_from_file(source))
+        load_matching_weights(model, _state_dict_from_file(source), str(source))
         mark_weights(model, f"file {source}")
     else:
         mark_weights(model, f"{RANDOM_UNWANTED}{weights} could not be fetched" if weights
