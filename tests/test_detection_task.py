@@ -62,7 +62,7 @@ def test_detector_weights_from_a_local_file_load_what_fits(tmp_path):
 def test_detector_weights_of_another_model_size_are_refused_not_left_mostly_random(tmp_path):
     source = build_yolo_model("yolo11n", num_classes=1)
     torch.save({"model": source}, tmp_path / "yolo11n.pt")
-    with pytest.raises(ValueError, match=r"fits \d+ of the detector's \d+ tensors: weights of another model"):
+    with pytest.raises(ValueError, match=r"fits \d+ of the \d+ tensors before the detector's head: weights of"):
         build_yolo_model("yolo11s", weights=tmp_path / "yolo11n.pt")
 
 

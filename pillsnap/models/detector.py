@@ -84,19 +84,24 @@ def fetch_detector_weights(spec: str | Path) -> Path | None:
         return None
 
 
-MIN_MATCHED_SHARE = 0.9  # of the model's tensors a weights file must fill (COCO's 80-class head leaves out ~1 %)
+MIN_MATCHED_SHARE = 0.9  # of the backbone's and neck's tensors a weights file must fill (all, from a fitting one)
 
 
 def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> int:
-    """Copy tensors whose name and shape match (a COCO 80-class head is skipped for our 1-class head). A file that
-    fills fewer than MIN_MATCHED_SHARE of the model's tensors is refused (ValueError): the weights of another
-    model size (yolo11n's for yolo11m) matched a handful of tensors and left the rest at random init, with only
-    this function's count in the log to say so."""
+    """Copy tensors whose name and shape match (a COCO 80-class head is skipped for our 1-class head: its class
+    branch is sized by the class count). A file that fills fewer than MIN_MATCHED_SHARE of the tensors before the
+    head is refused (ValueError): the weights of another model size (yolo11n's for yolo11s) matched a handful and
+    left the rest at random init, with only this function's count in the log to say so."""
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(matched) < MIN_MATCHED_SHARE * len(own):
-        raise ValueError(f"model.detector_weights {source} fits {len(matched)} of the detector's {len(own)} tensors: "
-                         "weights of another model (check model.detector, e.g. yolo11m, against the file's size)")
+    layers = getattr(model, "model", None)
+    head = f"model.{len(layers) - 1}." if isinstance(layers, nn.Sequential) else None  # the Detect layer's names
+    body = [k for k in own if head is None or not k.startswith(head)]
+    filled = sum(k in matched for k in body)
+    if filled < MIN_MATCHED_SHARE * len(body):
+        raise ValueError(f"model.detector_weights {source} fits {filled} of the {len(body)} tensors before the "
+                         "detector's head: weights of another model (check model.detector, e.g. yolo11m, against "
+                         "the file's size)")
     model.load_state_dict(matched, strict=False)
     LOGGER.info("detector: loaded %d/%d tensors from weights", len(matched), len(own))
     return len(matched)
