@@ -220,10 +220,14 @@ class EpochRunner:
         if not self.save_pending or any(self.tasks[n].accumulating for n in training):
             return
         self.save_pending = False
-        # this rank's random states; the trainer gathers every rank's
-        progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
-        self.save_progress(progress)
+        self.save_progress(self._stamped(progress))
         self.last_checkpoint = time.monotonic()
+
+    def _stamped(self, progress: EpochProgress) -> EpochProgress:
+        """`progress` with the stage clock and this rank's random states of now, as a save keeps them (the trainer
+        gathers every rank's)."""
+        progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
+        return progress
 
     def _position(self, name: str, progress: EpochProgress) -> int:
         """Start task `name`'s loader where `progress` left it; returns the steps left in the epoch. A loader whose
@@ -293,8 +297,7 @@ class EpochRunner:
         progress = self.current
         if progress is None or self.info.enabled or not any(progress.done.values()):
             return None
-        progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
-        return progress
+        return self._stamped(progress)
 
     def _stop_here(self, progress: EpochProgress, cause: BaseException | None = None) -> NoReturn:
         """A stop signal noted while training (utils.signals.stops_at_safe_points): save the epoch's place, as a
@@ -303,8 +306,7 @@ class EpochRunner:
         name = acting_on_stop()
         saved = False
         if self.save_progress is not None and any(progress.done.values()):
-            progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
-            saved = self.save_progress(progress, why=f"{name} received") is not False
+            saved = self.save_progress(self._stamped(progress), why=f"{name} received")
         raise KeyboardInterrupt(f"signal {name}" + (": the epoch's place saved" if saved else "")) from cause
 
     def _steps(self, epoch: int, active: list[str], progress: EpochProgress, steps: dict[str, int],
@@ -353,8 +355,7 @@ class EpochRunner:
             if due and self.time_capped(self.tasks[name].device):
                 if any(todo.values()):
                     # a window of accumulated gradients still open is dropped, its batches counted as drawn
-                    progress.elapsed_s, progress.rng = self.state.elapsed(), [host_rng_states()]
-                    self.cut_short = progress
+                    self.cut_short = self._stamped(progress)
                 break
             if any(todo.values()):  # the epoch's last step needs none: its end is committed
                 self._checkpoint_inside(progress, [n for n in active if todo[n]], self.tasks[name].device, due)

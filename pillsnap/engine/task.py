@@ -544,7 +544,7 @@ class Task(ABC):
             LOGGER.warning("%s: the batch is configured as %d x %d (batches of %d), the checkpoint's run as %s x %s "
                            "(batches of %s): training as set now at peak lr %.2e (what OOM recovery had chosen for "
                            "the old batch is not kept)", self.name, *self.configured_knobs, self.loader_batch,
-                           saved[0], saved[1] or 1, state.get("loader_batch_size", "?"), peak)
+                           saved[0], saved[1] or 1, "?" if loader is None else loader, peak)
             return True
         for key in ("batch_size", "grad_accum"):
             if key in state:
@@ -560,13 +560,17 @@ class Task(ABC):
         far (every rank's, as the checkpoint counts them) bring the new batch."""
         if not self.samples_seen:
             return
-        old_step = self.scheduler.last_epoch
-        self.scheduler.last_epoch = round(self.samples_seen / (self.global_batch_at_start * self.info.world_size))
-        self._sched_credit = 0.0
-        self._follow_schedule()
+        old_step = self._move_schedule(round(self.samples_seen / (self.global_batch_at_start * self.info.world_size)))
         LOGGER.warning("%s: the schedule goes on from step %d (%d samples at %d x %d on %d rank(s)), not the "
                        "checkpoint's step %d (%d rank(s))", self.name, self.scheduler.last_epoch, self.samples_seen,
                        self.knobs.batch_size, self.knobs.grad_accum, self.info.world_size, old_step, saved_ranks)
+
+    def _move_schedule(self, step: int) -> int:
+        """Go on with the schedule from `step` (its rate set now); returns the step it was at."""
+        old_step, self.scheduler.last_epoch = self.scheduler.last_epoch, step
+        self._sched_credit = 0.0
+        self._follow_schedule()
+        return old_step
 
     def _rescale_schedule(self, saved_steps: int, inside: int = 0) -> None:
         """The checkpoint's epochs had `saved_steps` steps and this run's have another number (the stage's data
@@ -576,9 +580,7 @@ class Task(ABC):
         checkpoint saved inside an epoch count as they are: the epoch goes on after them."""
         old_step = self.scheduler.last_epoch
         inside = min(inside, old_step)
-        self.scheduler.last_epoch = round((old_step - inside) * self.steps_per_epoch() / saved_steps) + inside
-        self._sched_credit = 0.0
-        self._follow_schedule()
+        self._move_schedule(round((old_step - inside) * self.steps_per_epoch() / saved_steps) + inside)
         LOGGER.warning("%s: an epoch is now %d steps, %d when checkpointed: the schedule goes on from step %d, not "
                        "%d", self.name, self.steps_per_epoch(), saved_steps, self.scheduler.last_epoch, old_step)
 

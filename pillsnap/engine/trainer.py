@@ -358,18 +358,16 @@ class Trainer:
         """Whether the disk has room for a generation of the tasks' `last` files as large as the ones there now: a
         checkpoint inside the epoch that fills it crashed the run (and under torchrun's restarts, again every
         interval). Skipped, the last commit stays where a resume goes on, and the run says so."""
-        import shutil
-
-        from pillsnap.utils.io import SPACE_MARGIN
+        from pillsnap.utils.io import space_short
 
         # as large as the last files there, or, before any, the weights with Adam's two moments and the EMA
         files = [self.store.dir / f"{name}_last.pt" for name in progress.drawn]
         weights = sum(4 * sum(p.numel() * p.element_size() for p in self.tasks[name].raw_model.parameters())
                       for name in progress.drawn)
-        need = int(SPACE_MARGIN * max(sum(f.stat().st_size for f in files if f.is_file()), weights))
-        free = shutil.disk_usage(self.store.dir).free
-        if need <= free:
+        short = space_short(self.store.dir, max(sum(f.stat().st_size for f in files if f.is_file()), weights))
+        if short is None:
             return True
+        need, free = short
         self.logger.warning("checkpoint inside epoch %d skipped: it needs about %.1f GB under %s and %.1f GB are "
                             "free; the last commit (%s) stays where a resume goes on. Free space before the epoch "
                             "ends: its commit needs as much", progress.epoch, need / 1e9, self.store.dir, free / 1e9,

@@ -304,7 +304,7 @@ def set_summary(sets: dict, method: str, coverage: float, by_source: bool = True
     counts = Counter(map(str, sources or ()))
     return {"method": method, "coverage": coverage, "threshold": finite(threshold), "n": sets["n"],
             "threshold_by_source": own or None,
-            "n_by_source": None if sources is None else dict(sorted(Counter(map(str, sources)).items())),
+            "n_by_source": None if sources is None else dict(sorted(counts.items())),
             "withheld_unknown": sets["withheld_unknown"], "imprint_reading": sets["imprint_reading"],
             "calibration_coverage": float(np.mean(scores <= threshold)) if len(scores) else None,
             # the coverage these answers' threshold gives new ones in 19 calibrations of 20 (on average at least

@@ -129,16 +129,23 @@ class DiskSpaceError(ValueError):
 SPACE_MARGIN = 1.05  # headers, indexes, and room for the checkpoints and logs that share the disk
 
 
-def check_free_space(directory: str | Path, need: int, what: str, remedy: str) -> None:
-    """Refuse to start writing `need` bytes of `what` under `directory` when its disk has less free (with
-    SPACE_MARGIN to spare): a disk that fills mid-run also fails the checkpoints and logs written beside it."""
+def space_short(directory: str | Path, need: int) -> tuple[int, int] | None:
+    """(bytes needed with SPACE_MARGIN to spare, bytes free) when writing `need` bytes under `directory` would not
+    fit on its disk, else None."""
     import shutil
 
     need = int(need * SPACE_MARGIN)
     free = shutil.disk_usage(directory).free
-    if need > free:
-        raise DiskSpaceError(f"{what} needs {_size(need)} under {directory}, but only {_size(free)} are free "
-                             f"there: {remedy}")
+    return (need, free) if need > free else None
+
+
+def check_free_space(directory: str | Path, need: int, what: str, remedy: str) -> None:
+    """Refuse to start writing `need` bytes of `what` under `directory` when its disk has less free (with
+    SPACE_MARGIN to spare): a disk that fills mid-run also fails the checkpoints and logs written beside it."""
+    short = space_short(directory, need)
+    if short is not None:
+        raise DiskSpaceError(f"{what} needs {_size(short[0])} under {directory}, but only {_size(short[1])} are "
+                             f"free there: {remedy}")
 
 
 def _size(size: int) -> str:
