@@ -259,32 +259,40 @@ def test_a_position_of_another_epoch_is_not_taken_and_a_best_file_starts_the_epo
     assert code == 0 and "epoch 2 starts over" in caplog.text and steps[0] == (2, 1)
 
 
-class _CtrlCAtBatch:
-    """fakes' collate, but the `at`-th batch a rank asks for is a Ctrl-C (on every rank at the same batch, as a
-    scheduler's SIGTERM reaches every rank)."""
+class _StopAtBatch:
+    """fakes' collate, but when a rank asks for its `at`-th batch: a Ctrl-C raised there (on every rank at the same
+    batch), or with `signal_rank`, a real SIGTERM sent to that rank's own process only (a node's pre-emption, or
+    `kill` of one worker, reaches some ranks and not others)."""
 
-    def __init__(self, at: int | None) -> None:
-        self.at, self.calls = at, 0
+    def __init__(self, at: int | None, rank: int = 0, signal_rank: int | None = None) -> None:
+        self.at, self.calls, self.rank, self.signal_rank = at, 0, rank, signal_rank
 
     def __call__(self, items):
         self.calls += 1
         if self.calls == self.at:
-            raise KeyboardInterrupt
+            if self.signal_rank is None:
+                raise KeyboardInterrupt
+            if self.rank == self.signal_rank:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGTERM)
         return collate(items)
 
 
-def ddp_loaders(cfg, stop_at: int | None = None):
+def ddp_loaders(cfg, stop_at: int | None = None, rank: int = 0, signal_rank: int | None = None):
     """96 jittered images on an EpochSampler (6 steps a rank and epoch over 2 ranks, at batch 8)."""
     from fakes import ColourDataset
 
     loaders = fake_build_loaders(cfg)
     data = Jittered(ColourDataset(24, int(cfg.model.image_size), seed=1))
     train = DataLoader(data, batch_size=int(cfg.train.batch_size), sampler=EpochSampler(data, seed=int(cfg.train.seed)),
-                       drop_last=True, collate_fn=_CtrlCAtBatch(stop_at), num_workers=0)
+                       drop_last=True, collate_fn=_StopAtBatch(stop_at, rank, signal_rank), num_workers=0)
     return loaders._replace(cls_train=train)
 
 
-def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, resume: bool, out: str) -> None:
+def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, resume: bool, out: str,
+               signal_rank: int | None = None, interval_saves: bool = True) -> None:
     import os
     from functools import partial
     from pathlib import Path
@@ -293,8 +301,8 @@ def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     cfg = make_cfg(Path(exp), "train.epochs=2", "train.deterministic=true", "train.step_log_interval=1",
-                   EVERY_LOG_STEP, *(["train.resume=last"] if resume else []))
-    code, trainer = run_training(cfg, partial(ddp_loaders, stop_at=stop_at))
+                   *([EVERY_LOG_STEP] if interval_saves else []), *(["train.resume=last"] if resume else []))
+    code, trainer = run_training(cfg, partial(ddp_loaders, stop_at=stop_at, rank=rank, signal_rank=signal_rank))
     task = trainer.tasks["classification"]
     torch.save({"code": code, "state": task.raw_model.state_dict(), "steps": trainer.state.global_step},
                Path(out) / f"rank{rank}.pt")
@@ -342,6 +350,35 @@ def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(
         return read_json(tmp_path / exp / "reports" / "metrics.json")["history"][-1]["classification"]["train_loss"]
 
     assert last_loss("broken") == pytest.approx(last_loss("whole"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_saves_every_ranks_place_together_and_the_resume_ends_as_the_unbroken_run(
+        tmp_path):
+    """A SIGTERM that reaches one rank only, while it draws a batch: every rank trains that step, saves its place
+    at the same step (the ranks vote on the stop with the step's lost-batch vote) and stops; the resume ends with
+    the unbroken run's weights. No interval saves here: the only checkpoint inside the epoch is the stop's."""
+    import torch.multiprocessing as mp
+    from test_engine_ddp import free_port
+
+    def spawn(exp, name, stop_at=None, resume=False, signal_rank=None):
+        out = tmp_path / name
+        out.mkdir()
+        mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / exp), stop_at, resume, str(out), signal_rank,
+                                   False), nprocs=2, join=True)
+        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    whole = spawn("whole", "whole")
+    broken = spawn("broken", "broken", stop_at=9, signal_rank=1)  # rank 1 only, drawing step 3 of epoch 2
+    assert [r["code"] for r in broken] == [EXIT_INTERRUPTED] * 2
+    assert saved_positions(tmp_path / "broken") == [(2, 3)]  # rank 0 saves for both, after the step in hand
+    last = load_ckpt(tmp_path / "broken" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["done"] == {"classification": 3}
+    resumed = spawn("broken", "resumed", resume=True)
+    assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == whole[0]["steps"] == 12
+    for name, tensor in whole[0]["state"].items():
+        assert torch.equal(resumed[0]["state"][name], tensor), name
+        assert torch.equal(resumed[1]["state"][name], tensor), name
 
 
 def test_tensorboard_hides_the_steps_a_resume_redoes(tmp_path):
