@@ -1,16 +1,16 @@
 """Training entry point: `python -m pillsnap.train --cfg config.yaml [dotted.key=value ...]` (= `pillsnap train`).
 
-Runs the engine, then what a finished run owes its user (the work after training): the classifier's report plots
-from the validated weights, its calibration, the stage's evaluation and, after the last stage, the one evaluation on
+Runs the engine, then what a finished run owes its user (the work after training): the classifier's calibration,
+its report plots from the validated weights, the stage's evaluation and, after the last stage, the one evaluation on
 the test split. Each step records itself done in reports/after_training.json: a run resumed with nothing left to
-train (a torchrun restart after a step failed, a rerun) does the steps left, and nothing twice. One run per
-experiment folder: a second
-one on a folder in use is refused, naming the first (its run.lock). Exit codes: 0 done, 1 any other error, 2 a
-config, resume or input error or a folder in use, 3 out of memory (for good; under torchrun, a restart applies
-the recovery it saved), 4 the stage's time cap without its minimums, 130 interrupted (Ctrl-C, SIGTERM, SIGHUP or
-SIGUSR1; the last lines say how to resume, or how to finish the work after training). A final test evaluation
-after Stage 4 that fails leaves the checkpoints whole and exits 1, naming the command that runs it again (pillsnap
-evaluate --final; a resume runs it too).
+train (a torchrun restart, a rerun) does the steps left, and nothing twice. A step that fails (a photo, a device, a
+plot) costs that step, not the others, except that the stage evaluation and the final test wait for a calibration
+that failed. One run per experiment folder: a second one on a folder in use is refused, naming the first (its
+run.lock). Exit codes: 0 done, 1 any other error, 2 a config, resume or input error or a folder in use, 3 out of
+memory (for good; under torchrun, a restart applies the recovery it saved), 4 the stage's time cap without its
+minimums, 5 trained and saved but a step of the work after training failed (the log names the commands that finish
+it; a resume does them too), 130 interrupted (Ctrl-C, SIGTERM, SIGHUP or SIGUSR1; the last lines say how to resume,
+or how to finish the work after training).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 LOGGER = logging.getLogger(__name__)
+# training finished and saved, but a step of the work after it failed (the log names the commands that finish it)
+EXIT_AFTER_TRAINING = 5
+# the steps measured through the calibrated answers: a calibration that failed leaves them for after it
+AFTER_CALIBRATION = ("stage_evaluation", "final_test")
 ONLY = {"classification": {"train.strategy": "classification"},
         # sequential with no classification epochs: the detector alone, for train.detection.epochs
         "detection": {"train.strategy": "sequential", "train.epochs": 0}}
@@ -149,34 +153,49 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
     if code == EXIT_OOM and trainer.info.enabled:  # stopped for a torchrun restart: no reports on a full GPU
         return code
     record = AfterTrainingRecord.of(trainer.exp_dir)
-    steps = {"reports": True, "calibration": True,
+    steps = {"calibration": True, "reports": True,
              "stage_evaluation": code in (EXIT_OK, EXIT_TIME_CAP) and bool(trainer.cfg.train.stage_evaluation),
              # bound to the training by its own results (final_test_written)
              "final_test": code == EXIT_OK and final_test_missing(trainer.exp_dir, trainer.stage)}
     left = [step for step, owed in steps.items() if owed and (step == "final_test" or record.owes(step))]
+    work = {"calibration": lambda: calibrate(trainer, build_loaders),
+            "reports": lambda: write_reports(trainer),
+            "stage_evaluation": lambda: _evaluate_stage(trainer, build_loaders, choice, assume_yes),
+            "final_test": lambda: _final_test(trainer)}
+    failed: list[str] = []
     # The run's log files again: the calibration and the stage decision belong in logs/pillsnap.log too.
     with run_logging(trainer.exp_dir, True):
         done = [step for step in record.done if step not in left]
         if done:
             LOGGER.warning("work after this training already done: %s (%s); %s", ", ".join(done), record.path,
                            f"left: {', '.join(left)}" if left else "nothing is left to do")
-        # each step records itself done (after_training.mark_done), so a failure in a later one keeps it
-        if "reports" in left:
-            with after_training_phase(trainer.exp_dir, "reports"):
-                write_reports(trainer)
-        if "calibration" in left:
-            with after_training_phase(trainer.exp_dir, "calibration"):
-                calibrate(trainer, build_loaders)
-        link_stage_checkpoints(trainer)
-        if "stage_evaluation" in left:
-            from pillsnap.eval.stage_eval import evaluate_stage
-
-            with after_training_phase(trainer.exp_dir, "stage_evaluation"):
-                evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
-        if "final_test" in left:
-            with after_training_phase(trainer.exp_dir, "final_test"):
-                code = _final_test(trainer)
+        for step in left:
+            if step in AFTER_CALIBRATION and "calibration" in failed:
+                continue  # measured through the calibrated answers: it waits for the calibration
+            # each step records itself done (after_training.mark_done), so a failure in a later one keeps it
+            try:
+                with after_training_phase(trainer.exp_dir, step):
+                    work[step]()
+            except Exception:  # a photo, a device, a plot: the training is saved; the other steps still run
+                LOGGER.exception("%s after training failed", step.replace("_", " "))
+                failed.append(step)
+            if step == "calibration":
+                link_stage_checkpoints(trainer)  # the stage's names for its best weights, whatever came of it
+        if failed:
+            rest = finish_command(trainer.exp_dir, trainer.stage)
+            LOGGER.error("training finished and its checkpoints are whole, but the work after it failed in: %s "
+                         "(the error above); finish it with: %s", ", ".join(failed),
+                         " or ".join(filter(None, [rest, "the same training command with train.resume=last (it "
+                                                         "trains nothing and does every step left)"])))
+            return EXIT_AFTER_TRAINING if code == EXIT_OK else code  # a time cap's 4 says more
     return code
+
+
+def _evaluate_stage(trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
+                    assume_yes: bool) -> None:
+    from pillsnap.eval.stage_eval import evaluate_stage
+
+    evaluate_stage(trainer.cfg, trainer.exp_dir, choice, assume_yes, build_loaders=build_loaders)
 
 
 @contextmanager
@@ -200,20 +219,11 @@ def after_training_phase(exp_dir: Path, step: str) -> Iterator[None]:
     tell("done")
 
 
-def _final_test(trainer: Any) -> int:
-    """The test split, once, after the last stage. Hours of photos at Stage 4: a photo or a device that fails it
-    costs the evaluation, not the run (its checkpoints are whole), and the log names the command that runs it
-    again."""
-    from pillsnap.engine.trainer import EXIT_OK
+def _final_test(trainer: Any) -> None:
+    """The test split, once, after the last stage."""
     from pillsnap.eval.final import final_test_evaluation
 
-    try:
-        final_test_evaluation(trainer.cfg, device=str(trainer.device))
-    except Exception:  # whatever stopped it (a photo, the device), training is done and saved
-        LOGGER.exception("final test evaluation failed; the checkpoints are whole: run it again with: pillsnap "
-                         "evaluate --exp %s --final", shlex.quote(str(trainer.exp_dir)))
-        return 1
-    return EXIT_OK
+    final_test_evaluation(trainer.cfg, device=str(trainer.device))
 
 
 def finish_command(exp_dir: str | Path, stage: int) -> str:

@@ -144,6 +144,8 @@ case $rc in
   3) echo "train.sh: FAILED: OOM recovery exhausted; emergency checkpoint in $EXP_DIR/checkpoints" >&2 ;;
   4) echo "train.sh: stopped at the stage time cap without meeting its minimums (see $EXP_DIR/reports)" >&2
      verdict ;;
+  5) echo "train.sh: training finished and saved, but a step of the work after it failed; finish with the commands above" >&2
+     verdict ;;
   130) if trained_before_interrupt; then
          # the checkpoints are whole: the run named what finishes the steps left (a resume does them too)
          echo "train.sh: interrupted after training; finish with the commands above" >&2

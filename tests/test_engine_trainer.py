@@ -76,7 +76,7 @@ def test_run_writes_checkpoints_logs_metrics_and_tb(tmp_path, monkeypatch):
     assert {r["type"] for r in stream} == {"start", "step", "val", "epoch", "end", "after_training"}
     # the work after training, told to the dashboard step by step (this run evaluates no stage)
     assert [(r["step"], r["event"]) for r in stream if r["type"] == "after_training"] == [
-        ("reports", "start"), ("reports", "done"), ("calibration", "start"), ("calibration", "done")]
+        ("calibration", "start"), ("calibration", "done"), ("reports", "start"), ("reports", "done")]
     assert all(r["time"] > 1.7e9 for r in stream) and stream[0]["type"] == "start" and stream[0]["stage"] == 1
     assert sum(r["type"] == "step" for r in stream) == 6  # every 2nd of 6 steps, two epochs
 

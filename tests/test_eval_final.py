@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pillsnap.eval.after_training import AfterTrainingRecord
 from pillsnap.eval.final import final_test_evaluation
 from pillsnap.train import train as main
 from pillsnap.utils import load_ckpt, read_json
@@ -81,7 +82,7 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
     assert main(cfg) == 0
     assert read_json(results)["test_results"] == first["test_results"]
     assert {name: (reports / name).stat().st_mtime_ns for name in done_before} == done_before
-    assert "work after this training already done: reports, calibration (" in caplog.text
+    assert "work after this training already done: calibration, reports (" in caplog.text
     assert "left: final_test" in caplog.text
     results.unlink()
     monkeypatch.chdir(tmp_path)
@@ -112,9 +113,9 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
 
 
 def test_a_failed_final_evaluation_costs_the_evaluation_not_the_run(tmp_path, monkeypatch, caplog):
-    """A photo or a device that fails the test split after Stage 4: exit 1, the log names the command that runs it
+    """A photo or a device that fails the test split after Stage 4: exit 5, the log names the command that runs it
     again; nothing is raised past the run, whose checkpoints are whole."""
-    from types import SimpleNamespace
+    from fakes import fake_build_loaders, make_cfg
 
     from pillsnap import train
 
@@ -122,10 +123,13 @@ def test_a_failed_final_evaluation_costs_the_evaluation_not_the_run(tmp_path, mo
         raise OSError("test photo 1234.png: truncated")
 
     monkeypatch.setattr("pillsnap.eval.final.final_test_evaluation", broken)
-    trainer = SimpleNamespace(cfg=None, device="cpu", exp_dir=tmp_path / "exp")
-    assert train._final_test(trainer) == 1
-    assert f"run it again with: pillsnap evaluate --exp {tmp_path / 'exp'} --final" in caplog.text
+    monkeypatch.setattr("pillsnap.eval.final.final_test_missing", lambda exp_dir, stage: True)
+    exp = tmp_path / "exp"
+    assert train.train(make_cfg(exp, "train.epochs=1"), fake_build_loaders) == train.EXIT_AFTER_TRAINING
+    assert "the work after it failed in: final_test" in caplog.text
+    assert f"pillsnap evaluate --exp {exp} --final" in caplog.text
     assert "truncated" in caplog.text  # what went wrong, with its traceback, in the run's log
+    assert AfterTrainingRecord.of(exp).done == ["calibration", "reports"]
 
 
 @pytest.mark.parametrize(("stage", "status", "classifier", "want"), [

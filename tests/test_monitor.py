@@ -284,6 +284,26 @@ def test_table_thins_evenly_and_stays_bounded():
     assert all(x < 50 for x in table.columns["x"])
 
 
+@pytest.mark.parametrize("at", [0, 37, 63, 99])
+def test_a_thinned_loss_chart_still_shows_a_spike_and_a_nan_loss_where_they_were(at):
+    """At a multi-day run's stride (256 at Stage 4) a loss spike or a NaN loss minutes long fell between the kept
+    rows: each kept row now stands for the worst of the rows since the one before it."""
+    for bad in (9.0, float("nan")):
+        table = Table(("x", "loss", "lr"), max_rows=8, peak=("loss",))
+        for i in range(100):
+            table.append({"x": float(i), "loss": bad if i == at else 1.0, "lr": 0.1})
+        xs, losses = table.columns["x"], table.columns["loss"]
+        shown = [x for x, loss in zip(xs, losses, strict=True) if loss != 1.0]
+        if at > xs[-1]:  # after the last kept row: carried to the next one
+            assert shown == [] and table._pending["loss"] == (None if bad != bad else bad)
+            continue
+        assert len(shown) == 1, losses
+        assert losses[xs.index(shown[0])] == (None if bad != bad else bad)
+        # at the first kept row at or after it, a stride's width at most
+        assert at <= shown[0] < at + table.stride
+        assert table.columns["lr"] == [0.1] * len(xs)  # the other columns are sampled, as before
+
+
 # ---------- evaluation file ----------
 
 def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_path):

@@ -16,7 +16,7 @@ from pillsnap.utils import save_json
 
 AFTER_TRAINING_FILE = "after_training.json"
 # in the order the work after training runs them
-STEPS = ("reports", "calibration", "stage_evaluation", "final_test")
+STEPS = ("calibration", "reports", "stage_evaluation", "final_test")
 
 
 @dataclass

@@ -51,22 +51,38 @@ def progress_of(step: dict) -> float:
 class Table:
     """Columns that share one row index, thinned by half whenever they pass `max_rows`, so a week-long run still
     ships a few hundred points per chart; after thinning only every `stride`-th new row is kept, so the density
-    stays even along the x axis."""
+    stays even along the x axis. A `peak` column keeps the worst of the rows it stands for (the largest value, a gap
+    where any was NaN or infinite): at a stride of 256 a loss spike or a NaN loss minutes long otherwise fell between
+    the kept rows and never reached the chart."""
 
-    def __init__(self, columns: tuple[str, ...], max_rows: int) -> None:
+    def __init__(self, columns: tuple[str, ...], max_rows: int, peak: tuple[str, ...] = ()) -> None:
         self.columns: dict[str, list] = {c: [] for c in columns}
         self.max_rows, self.stride, self._seen = max_rows, 1, 0
+        self.peak = tuple(c for c in peak if c in self.columns)
+        self._pending: dict[str, float | None] = {}  # the peak columns' worst since the last kept row
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
 
     def append(self, row: dict) -> None:
         self._seen += 1
+        for name in self.peak:
+            self._pending[name] = _worse(self._pending.get(name, math.nan), finite_or_none(row.get(name)))
         if (self._seen - 1) % self.stride:
             return
         for name, values in self.columns.items():
-            values.append(finite_or_none(row.get(name)))
+            values.append(_shown(self._pending[name]) if name in self._pending else finite_or_none(row.get(name)))
+        self._pending.clear()
         if len(self) > self.max_rows:
+            # A kept row stands for the rows since the one kept before it: a dropped row's worst goes to the next
+            # row kept, or, for the last row, to the next one appended (a gap, a NaN loss, still wins).
+            for name in self.peak:
+                values = self.columns[name]
+                for i in range(1, len(values), 2):
+                    if i + 1 < len(values):
+                        values[i + 1] = _worse(values[i], values[i + 1])
+                    else:
+                        self._pending[name] = values[i]
             for values in self.columns.values():
                 del values[1::2]
             self.stride *= 2
@@ -84,6 +100,7 @@ class Table:
             keep = [i for i, e in enumerate(self.columns["epoch"]) if e is None or e <= epoch]
         for name, values in self.columns.items():
             self.columns[name] = [values[i] for i in keep]
+        self._pending.clear()  # the worst of rows the resume redoes
 
 
 @dataclass
@@ -100,7 +117,7 @@ class TaskState:
     stopped_early: bool = False
 
     def __post_init__(self) -> None:
-        self.train = Table(TRAIN_COLUMNS, self.max_rows)
+        self.train = Table(TRAIN_COLUMNS, self.max_rows, peak=("loss",))
 
     def add_step(self, record: dict) -> None:
         progress = progress_of(record)
@@ -258,7 +275,7 @@ class MonitorState:
         self.run.update(status=record.get("status") or "finished", ended=record.get("time"))
 
     def _on_after_training(self, record: dict) -> None:
-        """The work after training (reports, calibration, the stage's evaluation, the final test): the step under
+        """The work after training (calibration, reports, the stage's evaluation, the final test): the step under
         way and since when, or the one that failed; None once a step is done."""
         event = record.get("event")
         self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": event == "failed"} \
@@ -279,6 +296,21 @@ class MonitorState:
                 "run": clean({**self.run, "eta": self.eta()}),
                 "tasks": {name: task.snapshot() for name, task in self.tasks.items()},
                 "oom": clean(self.oom), "evaluation": clean(self.evaluation)}
+
+
+# A peak column's values while rows are merged: a number, None for a NaN or infinite value (which wins), NaN for
+# nothing merged yet.
+def _worse(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    if math.isnan(a):
+        return b
+    return a if math.isnan(b) else max(a, b)
+
+
+def _shown(value: float | None) -> float | None:
+    """A merged peak as a chart point: a gap for a NaN loss or for no value at all."""
+    return None if value is None or math.isnan(value) else value
 
 
 def _seconds(hours: object) -> float | None:

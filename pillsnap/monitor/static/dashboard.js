@@ -276,7 +276,7 @@ function updateCharts(panel, t) {
 }
 
 // ---------- side panels ----------
-// What the work after training (reports, calibration, the stage's evaluation, the final test) is doing, if anything:
+// What the work after training (calibration, reports, the stage's evaluation, the final test) is doing, if anything:
 // at Stage 4 it takes hours after the training's end record.
 const AFTER_TEXT = {reports: "the validation reports", calibration: "calibration",
                     stage_evaluation: "the stage's evaluation", final_test: "the final test"};
