@@ -562,6 +562,50 @@ def test_terminal_stops_following_a_run_whose_trainer_is_gone(tmp_path, monkeypa
     assert monitor_cli.run_terminal(exp, 0.01) == 0
 
 
+def test_torchruns_restart_after_an_oom_is_followed_as_the_same_run_and_rates_are_the_jobs(tmp_path, monkeypatch):
+    """Under torchrun --max-restarts a rank's OOM ends the processes with an end record, and torchrun starts them
+    again by itself: `--terminal` stopped following there and the page said "OOM exit, resume it yourself". The
+    step records are rank 0's own: the page called one GPU's images a second the run's."""
+    import time
+
+    from rich.console import Console
+
+    import pillsnap.monitor.cli as monitor_cli
+
+    now = time.time()
+    ddp = {"world_size": 8, "max_restarts": 1}
+    state = MonitorState()
+    state.apply_all([{**start(t=now), **ddp}, step(now + 1, 1, 1),
+                     {"type": "end", "time": now + 2, "status": "oom_emergency_exit"}])
+    snap = {**state.snapshot(), "exp": "exp"}
+    assert snap["run"]["status"] == "restarting"
+    assert snap["run"]["restarting"] == {"after": "oom_emergency_exit", "next": 1, "max": 1}
+    assert "restarting (after oom_emergency_exit: torchrun's restart 1 of 1)" in title(snap)
+    console = Console(width=160, record=True)
+    console.print(render(snap))
+    assert "640.0" in console.export_text()  # 80 img/s on rank 0, eight ranks stepping together
+    # the restart comes back; its own OOM, with no restart left, is the run's end
+    state.apply_all([{**start(t=now + 3, start_epoch=1), **ddp, "restart": 1}, step(now + 4, 2, 1),
+                     {"type": "end", "time": now + 5, "status": "oom_emergency_exit"}])
+    assert state.snapshot()["run"]["status"] == "oom_emergency_exit"
+
+    exp = tmp_path / "exp"
+    stream = exp / "reports" / "metrics.jsonl"
+    write(stream, {**start(t=now), **ddp}, step(now + 1, 1, 1),
+          {"type": "end", "time": now + 2, "status": "oom_emergency_exit"})
+    waits = []
+
+    def restarted(seconds):  # while the table waits, torchrun's restart starts and ends the run
+        waits.append(seconds)
+        if len(waits) > 1:
+            raise AssertionError("kept following a run that has ended")
+        write(stream, {**start(t=now + 3, start_epoch=1), **ddp, "restart": 1}, step(now + 4, 2, 1),
+              {"type": "end", "time": now + 5, "status": "completed"})
+
+    monkeypatch.setattr(monitor_cli.time, "sleep", restarted)
+    assert monitor_cli.run_terminal(exp, 0.01) == 0 and len(waits) == 1
+
+
 def test_the_work_after_training_is_shown_until_its_verdict(tmp_path):
     """At Stage 4 the calibration, the evaluation and the final test take hours after the end record: the page
     said "completed", decision "pending", throughout, and `--terminal` stopped following at the end record."""
@@ -589,3 +633,14 @@ def test_the_work_after_training_is_shown_until_its_verdict(tmp_path):
                                                    .splitlines()) if r["type"] == "after_training"]
     assert events == [("reports", "start"), ("reports", "done"), ("calibration", "start"), ("calibration", "done"),
                       ("stage_evaluation", "start"), ("stage_evaluation", "failed")]
+    # a step that fails costs that step only: the next one done does not hide it, a later run's does
+    with after_training_phase(exp, "final_test"):
+        pass
+    live.refresh()
+    snap = live.snapshot()
+    assert snap["run"]["after"] is None and snap["run"]["after_failed"] == ["stage_evaluation"]
+    assert "the work after training failed at stage_evaluation" in title(snap)
+    with after_training_phase(exp, "stage_evaluation"):
+        pass
+    live.refresh()
+    assert live.snapshot()["run"]["after_failed"] == []

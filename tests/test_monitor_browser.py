@@ -269,6 +269,47 @@ def test_the_work_after_training_shows_on_the_go_no_go_card(dashboard, page):
     assert "calibration is under way since" in page.inner_text("#evaluation")
 
 
+def test_a_step_of_the_work_after_training_that_failed_stays_on_the_card_beside_the_verdict(dashboard, page):
+    """The report plots failed, the stage evaluation went on and decided: the card gives the verdict and says what
+    is still to finish (the step under way, the only thing shown before, was the evaluation, done)."""
+    exp, url = dashboard
+    now = time.time()
+    records = synthetic_run(now - 60, epochs=2, done_epochs=2, stage=1)
+    records += [{"type": "end", "time": now - 50, "status": "completed"},
+                *({"type": "after_training", "time": now - 45 + i, "step": step, "event": event}
+                  for i, (step, event) in enumerate([("calibration", "start"), ("calibration", "done"),
+                                                     ("reports", "start"), ("reports", "failed"),
+                                                     ("stage_evaluation", "start"), ("stage_evaluation", "done")])),
+                {"type": "stage_evaluation", "time": now - 30, "stage": 1, "status": "GO",
+                 "recommendation": "PROCEED", "action": "train stage 2"}]
+    append(exp / "reports" / "metrics.jsonl", *records)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#gonogo').textContent === 'GO'", timeout=WAIT_MS)
+    assert "The work after training failed at the validation reports" in page.inner_text("#evaluation")
+
+
+def test_an_eight_rank_job_shows_the_jobs_throughput_and_torchruns_restart(dashboard, page, tmp_path):
+    """The step records are rank 0's: the page showed one GPU's images a second as the run's. An OOM under
+    torchrun --max-restarts ends the processes, which torchrun starts again: the page said "OOM exit"."""
+    exp, url = dashboard
+    now = time.time()
+    records = synthetic_run(now - 60, epochs=4, done_epochs=1.5, stage=3)
+    shift = now - 60 - records[-1]["time"]
+    for record in records:
+        record["time"] += shift
+    records[0].update(world_size=8, max_restarts=2)
+    rank0 = next(r for r in reversed(records) if r["type"] == "step" and r["task"] == "classification")
+    append(exp / "reports" / "metrics.jsonl", *records,
+           {"type": "end", "time": now - 50, "status": "oom_emergency_exit"})
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-status').textContent === 'restarting'", timeout=WAIT_MS)
+    assert "torchrun starts the job again by itself (restart 1 of 2)" in page.inner_text("#run-alert")
+    assert "with the recovery the OOM saved" in page.inner_text("#run-alert")
+    kpi = page.inner_text("#kpi-classification-throughput").replace(",", "").removesuffix("img/s")
+    assert float(kpi) == pytest.approx(8 * rank0["throughput"], rel=0.01)
+    page.screenshot(path=str(tmp_path / "restarting.png"), full_page=True)
+
+
 # ---------- a realistic synthetic stream (a Stage-3-like GPU run), as the trainer writes it ----------
 
 def lr_at(progress: float, epochs: int, base: float, warmup: float = 0.5) -> float:

@@ -22,6 +22,11 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+def max_restarts() -> int:
+    """How many restarts torchrun allows this job (its --max-restarts; 0 without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) if "TORCHELASTIC_RUN_ID" in os.environ else 0
+
+
 JOB_MARKER = "torchrun_job.json"  # beside the checkpoints: when this torchrun job first started, and its run id
 
 
@@ -81,8 +86,7 @@ def settle_restart(cfg: DictConfig, info: DistInfo, logger: logging.Logger) -> t
     if not count:
         if "TORCHELASTIC_RUN_ID" in os.environ and info.is_main:
             mark_torchrun_job(ckpt_dir)
-            if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and \
-                    os.environ.get(SEPARATE_STORES_ENV) != "1":
+            if max_restarts() > 0 and os.environ.get(SEPARATE_STORES_ENV) != "1":
                 logger.warning("torchrun --max-restarts: its restarts may never reconnect in this PyTorch (a "
                                "restarted rank can read the previous attempt's address from the shared "
                                "rendezvous store); launch with %s=1 torchrun ... (bench/torchrun_restart.py)",

@@ -40,6 +40,7 @@ from pillsnap.engine.oom import (
     recovered_state,
     save_recovery,
 )
+from pillsnap.engine.restart import max_restarts
 from pillsnap.engine.spec import specs_by_name
 from pillsnap.engine.task import ResumeMismatchError, Task
 from pillsnap.utils import (
@@ -439,6 +440,9 @@ class Trainer:
                                                "stopped_early": sorted(self.stopped),
                                                "time_limit_hours": self.stage_cfg.get("time_limit_hours"),
                                                "restart": self.restart,
+                                               # the step records are rank 0's own (its batch, its time)
+                                               "world_size": self.info.world_size,
+                                               "max_restarts": max_restarts(),  # torchrun's --max-restarts
                                                "elapsed_s": self.state.elapsed()})  # the stage clock: earlier runs
         epoch = self.start_epoch
         why = self.trains_nothing()

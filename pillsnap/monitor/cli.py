@@ -118,7 +118,9 @@ def run_terminal(exp: Path, interval: float) -> int:
                 snap = live.snapshot()
                 screen.update(render(snap))
                 # the work after training goes on past the end record: followed until its verdict
-                ended = snap["run"]["status"] not in ("running", "waiting") and not after_training_under_way(snap)
+                # and torchrun's restart after a rank's OOM is the same run going on
+                ended = snap["run"]["status"] not in ("running", "waiting", "restarting") and \
+                    not after_training_under_way(snap)
                 if ended or trainer_gone(snap):
                     break
                 time.sleep(interval)

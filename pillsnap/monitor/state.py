@@ -15,6 +15,8 @@ NOT_METRICS = {"type", "time", "task", "epoch", "n", "num_images", "num_targets"
 BEST_METRIC = {"classification": ("macro_f1", "acc"), "detection": ("mAP@0.5",)}
 TIE_BREAK = {"detection": "mAP@0.5:0.95"}
 MAX_OOM_EVENTS = 50
+# the ends after which torchrun, with restarts left, starts the job's processes again (a worker's non-zero exit)
+RESTARTED_STATUSES = ("oom_emergency_exit", "crashed")
 
 
 def clean(value: object) -> object:
@@ -201,7 +203,8 @@ class MonitorState:
         self.tasks: dict[str, TaskState] = {}
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
                           "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
-                          "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None, "after": None}
+                          "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None, "after": None,
+                    "after_failed": [], "world_size": 1, "restart": 0, "max_restarts": 0, "restarting": None}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0
@@ -242,7 +245,9 @@ class MonitorState:
                         epochs=record.get("epochs"), start_epoch=start_epoch,
                         inside_epoch=start_epoch + 1 if inside else None, started=record.get("time"),
                         elapsed_before=float(record.get("elapsed_s") or 0.0), ended=None, epoch=start_epoch or None,
-                        time_limit_s=_seconds(record.get("time_limit_hours")), after=None)
+                        time_limit_s=_seconds(record.get("time_limit_hours")), after=None, after_failed=[],
+                        world_size=int(record.get("world_size") or 1), restart=int(record.get("restart") or 0),
+                        max_restarts=int(record.get("max_restarts") or 0), restarting=None)
         for name in self.run["tasks"]:
             self.task(name)
         for name, last in (record.get("last_epochs") or {}).items():
@@ -272,13 +277,25 @@ class MonitorState:
         del self.oom[:-MAX_OOM_EVENTS]
 
     def _on_end(self, record: dict) -> None:
-        self.run.update(status=record.get("status") or "finished", ended=record.get("time"))
+        status = record.get("status") or "finished"
+        self.run.update(status=status, ended=record.get("time"))
+        if status in RESTARTED_STATUSES and self.run["restart"] < self.run["max_restarts"]:
+            # torchrun starts the job again by itself (a rank's OOM saved its recovery for it): not an end
+            self.run.update(status="restarting", restarting={
+                "after": status, "next": self.run["restart"] + 1, "max": self.run["max_restarts"]})
 
     def _on_after_training(self, record: dict) -> None:
         """The work after training (calibration, reports, the stage's evaluation, the final test): the step under
-        way and since when, or the one that failed; None once a step is done."""
-        event = record.get("event")
-        self.run["after"] = {"step": record.get("step"), "since": record.get("time"), "failed": event == "failed"} \
+        way and since when, or the one that failed; None once a step is done. A step that fails costs that step
+        only and the others go on, so the steps that failed are kept apart (`after_failed`) until a later run
+        does them."""
+        event, step = record.get("event"), record.get("step")
+        failed = self.run["after_failed"]
+        if event == "failed" and step not in failed:
+            failed.append(step)
+        elif event == "done" and step in failed:
+            failed.remove(step)
+        self.run["after"] = {"step": step, "since": record.get("time"), "failed": event == "failed"} \
             if event in ("start", "failed") else None
 
     def _on_stage_evaluation(self, record: dict) -> None:

@@ -43,10 +43,17 @@ def title(snap: dict) -> str:
         decision = f"pending (after training: {after['step']})"
     elif after and after.get("failed"):
         decision = f"none (the work after training failed at {after['step']})"
+    elif run.get("after_failed"):
+        decision = f"none (the work after training failed at {', '.join(run['after_failed'])})"
     if evaluation:  # the one verdict: decision and recommendation of the same evaluation
         decision = evaluation.get("status", "?") + (f" ({evaluation['recommendation']})"
                                                     if evaluation.get("recommendation") else "")
+        if run.get("after_failed"):
+            decision += f"; the work after training failed at {', '.join(run['after_failed'])}"
     status = run["status"]
+    if run.get("restarting"):
+        again = run["restarting"]
+        status = f"restarting (after {again['after']}: torchrun's restart {again['next']} of {again['max']})"
     if trainer_gone(snap):  # killed or crashed: no end record
         status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
     return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}"
@@ -68,6 +75,12 @@ def cap_note(run: dict, now: float | None = None) -> str:
     return f" (time cap in {duration(max(left, 0.0))})"
 
 
+def _job_rate(rank0: object, snap: dict) -> object:
+    """The job's images a second: the step records are rank 0's, and DDP's ranks step together on equal batches."""
+    ranks = int(snap["run"].get("world_size") or 1)
+    return rank0 * ranks if isinstance(rank0, (int, float)) else rank0
+
+
 def render(snap: dict) -> Table:
     table = Table(title=title(snap))
     for col in ("task", "epoch", "step", "loss", "lr", "img/s", "data %", "validation", "ETA"):
@@ -78,7 +91,7 @@ def render(snap: dict) -> Table:
         shown = " ".join(f"{k}={number(val[k], '.3f')}" for k in VAL_SHOWN.get(name, ()) if k in val)
         table.add_row(name, f"{task['epoch'] or '—'}/{task['max_epochs'] or '—'}",
                       f"{task['step'] or '—'}/{task['steps'] or '—'}", number(last.get("loss")),
-                      number(last.get("lr"), ".2e"), number(last.get("throughput"), ".1f"),
+                      number(last.get("lr"), ".2e"), number(_job_rate(last.get("throughput"), snap), ".1f"),
                       f"{100 * last['data_time'] / total:.0f}" if total else "—", shown or "—",
                       "done" if task["finished"] else "stopped" if trainer_gone(snap) else duration(task["eta"]))
     if not snap["tasks"]:

@@ -15,7 +15,7 @@ const TASKS = {
 };
 const STATUS_TEXT = {waiting: "waiting", running: "running", completed: "completed", early_stopped: "early stop",
                      time_capped: "time cap", oom_emergency_exit: "OOM exit", interrupted: "interrupted", crashed: "crashed",
-                     finished: "finished", gone: "stopped"};
+                     finished: "finished", gone: "stopped", restarting: "restarting"};
 const OOM_ACTIONS = {amp_fp16: "switched to fp16 autocast", microbatching: "micro-batching (same global batch)",
                      global_batch_change: "smaller global batch, LR scaled", emergency_exit: "gave up: emergency checkpoint"};
 const STALE_AFTER_S = 120;      // no record for this long while running: say so
@@ -63,7 +63,7 @@ function onState(state) {
   $("stream-missing").style.display = state.stream_exists ? "none" : "";
   $("foot-stream").textContent = "following " + state.stream;
   $("foot-records").textContent = `${state.records.toLocaleString("en")} records`;
-  renderEvaluation(state.evaluation, stoppedShort(state), state.run.after, state.trainer);
+  renderEvaluation(state.evaluation, stoppedShort(state), state.run.after, state.trainer, state.run.after_failed);
   renderOom(state.oom);
   renderTasks(state);
   tick();
@@ -102,8 +102,12 @@ function renderRun(s) {
   updated.title = trainer ? `the trainer: pid ${trainer.pid} on ${trainer.host}, ${trainer.command || "?"}` : "";
   if (quiet && alive) updated.textContent = `quiet for ${Fmt.dur(age)}; trainer alive${hung ? ": hung?" : ""}`;
   else if (quiet && !gone) updated.textContent += " — is the trainer alive?";
-  const alert = $("run-alert");
-  alert.hidden = !gone;
+  const alert = $("run-alert"), again = run.restarting;
+  alert.hidden = !gone && !again;
+  alert.classList.toggle("expected", !!again && !gone);
+  if (again) alert.textContent = `After ${STATUS_TEXT[again.after] || again.after}, torchrun starts the job again ` +
+    `by itself (restart ${again.next} of ${again.max}): it goes on from the last checkpoints` +
+    (again.after === "oom_emergency_exit" ? ", with the recovery the OOM saved" : "") + ". The page follows it.";
   if (gone) alert.textContent = `The trainer (pid ${trainer.pid} on ${trainer.host}: ${trainer.command || "?"}) ` +
     `has ended without an end record: it was killed or crashed; its last record came ${Fmt.ago(age)}. ` +
     "Its last checkpoints are where train.resume=last (--resume) goes on.";
@@ -138,7 +142,8 @@ function renderEta(run, now, running) {
   } else if (running) sub = "after a few steps";
   else if (run.ended) sub = "ended " + Fmt.clock(run.ended);
   else if (run.last_time) sub = "last step " + Fmt.clock(run.last_time);
-  $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.ended ? "done" : "—");
+  if (run.restarting) sub = "after torchrun's restart";
+  $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.restarting ? "—" : run.ended ? "done" : "—");
   $("run-finish").textContent = sub;
   $("run-finish").classList.toggle("warn", capFirst);
   $("run-finish").title = capFirst ? "the stage's time cap (data.progressive_validation.stage_N.time_limit_hours) " +
@@ -201,7 +206,7 @@ function updatePanel(panel, t) {
   root.querySelector(".run-fill").style.width = (100 * runFrac).toFixed(1) + "%";
   root.querySelector(".epoch-pct").textContent = t.epoch ? Math.round(100 * epochFrac) + " %" : "";
   root.querySelector(".run-pct").textContent = t.epoch ? Math.round(100 * runFrac) + " %" : "";
-  root.querySelector(".kpis").replaceChildren(...kpis(t).map(k => kpiEl(t.name, k)));
+  root.querySelector(".kpis").replaceChildren(...kpis(t, page.state.run.world_size || 1).map(k => kpiEl(t.name, k)));
   updateCharts(panel, t);
 }
 
@@ -216,7 +221,8 @@ function renderTaskEta(panel, t) {
 }
 
 // The headline numbers of a task: training first, then validation, then speed.
-function kpis(t) {
+// Under torchrun the step records are rank 0's own: its throughput, its data wait, its CUDA memory.
+function kpis(t, ranks) {
   const last = t.last || {}, lv = t.last_val || {}, info = taskInfo(t.name);
   const out = [{key: "loss", label: "train loss", value: Fmt.num(last.loss), bad: typeof last.loss === "string",
                 hint: last.global_step ? `global step ${last.global_step}` : ""}];
@@ -229,11 +235,15 @@ function kpis(t) {
   }
   if (!t.last_val) out.push({key: "val", label: "validation", value: "—", hint: "after epoch 1"});
   out.push({key: "lr", label: "learning rate", value: Fmt.lr(last.lr)});
-  out.push({key: "throughput", label: "throughput", value: Fmt.rate(last.throughput), unit: "img/s"});
+  out.push(ranks > 1 && isNum(last.throughput)
+    ? {key: "throughput", label: "throughput", value: Fmt.rate(ranks * last.throughput), unit: "img/s",
+       hint: `${ranks} ranks × ${Fmt.rate(last.throughput)}`}
+    : {key: "throughput", label: "throughput", value: Fmt.rate(last.throughput), unit: "img/s"});
   const total = (last.data_time || 0) + (last.compute_time || 0);
   out.push({key: "data_share", label: "data wait", value: total ? Math.round(100 * last.data_time / total) : "—",
             unit: total ? "%" : "", hint: total ? `${Fmt.ms(last.data_time)} of ${Fmt.ms(total)}` : ""});
-  if (last.cuda_mem > 0) out.push({key: "cuda_mem", label: "CUDA memory", value: Fmt.mb(last.cuda_mem), hint: "allocated by trainer"});
+  if (last.cuda_mem > 0) out.push({key: "cuda_mem", label: "CUDA memory", value: Fmt.mb(last.cuda_mem),
+                                   hint: ranks > 1 ? "rank 0's" : "allocated by trainer"});
   return out;
 }
 
@@ -266,7 +276,9 @@ function updateCharts(panel, t) {
   }
   panel.val.update(metrics, domain);
   panel.lr.update([{name: "learning rate", color: "#d29922", x: tr.x, y: tr.lr, hideLegend: true}], domain);
-  panel.thr.update([{name: "images / s", color: "#39c5cf", x: tr.x, y: tr.throughput, hideLegend: true}], domain);
+  const ranks = page.state.run.world_size || 1;  // the step records are rank 0's
+  panel.thr.update([{name: "images / s", color: "#39c5cf", x: tr.x, y: tr.throughput.map(v => (isNum(v) ? ranks * v : null)),
+                     hideLegend: true}], domain);
   const ms = ys => ys.map(v => (isNum(v) ? 1000 * v : null));
   const total = tr.data_time.map((d, i) => (isNum(d) && isNum(tr.compute_time[i]) ? 1000 * (d + tr.compute_time[i]) : null));
   // Lightly smoothed: per-step timings jitter, and what matters is the share of the step spent waiting for data.
@@ -281,7 +293,14 @@ function updateCharts(panel, t) {
 const AFTER_TEXT = {reports: "the validation reports", calibration: "calibration",
                     stage_evaluation: "the stage's evaluation", final_test: "the final test"};
 
-function afterTraining(after, trainer) {
+// The steps that failed, named for a person (the others went on: each step fails alone).
+function failedSteps(failed) { return (failed || []).map(step => AFTER_TEXT[step] || step).join(", "); }
+
+function afterTraining(after, trainer, failed) {
+  if (!after && failed && failed.length) return {badge: "none", sub: `${failedSteps(failed)} failed`,
+    text: `The work after training failed at ${failedSteps(failed)}; the other steps went on and the checkpoints ` +
+          "are whole. Finish it with the commands logs/pillsnap.log names (pillsnap calibrate / pillsnap evaluate " +
+          "--exp EXP), or run the training again with train.resume=last."};
   if (!after) return null;
   const what = AFTER_TEXT[after.step] || after.step, since = isNum(after.since) ? Fmt.clock(after.since) : "?";
   if (after.failed) return {badge: "none", sub: `${what} failed`,
@@ -294,9 +313,9 @@ function afterTraining(after, trainer) {
           text: `Training has ended; ${what} is under way since ${since}. The Go/No-Go decision comes after it.`};
 }
 
-function renderEvaluation(ev, stopped, after, trainer) {
+function renderEvaluation(ev, stopped, after, trainer, failed) {
   const card = $("gonogo-card"), badge = $("gonogo"), sub = $("gonogo-sub"), box = $("evaluation");
-  const working = ev ? null : afterTraining(after, trainer);
+  const working = ev ? null : afterTraining(after, trainer, failed);
   if (working) {
     card.className = "card gonogo";
     badge.className = "badge";
@@ -329,6 +348,8 @@ function renderEvaluation(ev, stopped, after, trainer) {
   head.querySelector(".when").textContent = `stage ${ev.stage ?? "?"} · ${Fmt.clock(ev.time)}`;
   // One verdict: the badge, the recommendation and the next step all come from the same evaluation.
   if (ev.action) addLine(box, "next", `Next step: ${ev.action}`);
+  if (failed && failed.length) addLine(box, "warn", `The work after training failed at ${failedSteps(failed)}: ` +
+    "finish it with the commands logs/pillsnap.log names, or run the training again with train.resume=last.");
   const score = ev.performance_score ?? ev.advisor?.performance_score;
   if (isNum(score)) addLine(box, "score", `performance score ${score.toFixed(3)}`);
   const reasons = ev.reasons && ev.reasons.length ? ev.reasons : ["all checks and targets met"];
