@@ -471,6 +471,63 @@ def test_an_undecodable_validation_crop_is_skipped_not_fatal(caplog) -> None:
     assert "undecodable validation crop" in caplog.text and "truncated" in caplog.text
 
 
+def test_answers_in_batches_with_reads_side_by_side_are_the_answers_one_crop_at_a_time(monkeypatch) -> None:
+    """At Stage 4 the 3,000 calibration answers went one crop a forward pass, each read waiting for the one before:
+    half an hour on one read's threads. Batched, with the reads side by side, each crop keeps its own output, its
+    own source's temperature, its own read, and the order of the draw (a broken photo left out)."""
+    import threading
+
+    import torch
+
+    import pillsnap.eval.answer_calibration as calibration
+    from pillsnap.infer.artefacts import Temperatures
+    from pillsnap.infer.evidence import Evidence
+    from pillsnap.infer.unknown import UnknownAnswer
+
+    class Shades(_OrderedCrops):
+        def load_crop(self, index: int):
+            from PIL import Image
+
+            if index == 5:
+                raise OSError("image file is truncated")
+            return Image.new("RGB", (8, 8), (index * 3, 0, 0))
+
+        def transform(self, crop):
+            return torch.full((3, 8, 8), crop.getpixel((0, 0))[0] / 255.0)
+
+    class ByShade(_SaysDrugA):
+        def __call__(self, x):
+            shade = x.mean(dim=(1, 2, 3))
+            return torch.stack([shade * 4, 1 - shade * 4], dim=1), x.flatten(1)[:, :4]
+
+    threads: set[str] = set()
+
+    def read(self, crop, topk):  # a read that names its crop, and where it ran
+        threads.add(threading.current_thread().name)
+        return f"shade {crop.getpixel((0, 0))[0]} of {topk[0]['mapping_code']}"
+
+    monkeypatch.setattr(Evidence, "read", read)
+    data, names = Shades(per_class=20), ["K-000001", "K-000002"]
+    sources = np.array(["single", "combination"] * 20)
+    temperatures = Temperatures(1.0, {"single": 0.5, "combination": 2.0})
+    indices = np.array([30, 2, 5, 17, 9, 33, 0])
+
+    def answers(batch: int, parallel: int):
+        monkeypatch.setattr(calibration, "ANSWER_BATCH", batch)
+        out = calibration.val_answers(ByShade(), data, temperatures, names, {}, 2, 1, indices, True,
+                                      UnknownAnswer("probability", None), sources, parallel=parallel)
+        return [([(c["mapping_code"], round(c["probability"], 6)) for c in a.classified.topk], a.read, a.truth,
+                 a.source) for a in out]
+
+    alone = answers(1, 1)
+    assert [a[1] for a in alone] == [f"shade {i * 3} of {a[0][0][0]}" for i, a in zip([30, 2, 17, 9, 33, 0], alone,
+                                                                                       strict=True)]
+    assert not any(name.startswith("pillsnap-read") for name in threads)
+    threads.clear()
+    assert answers(4, 2) == alone
+    assert any(name.startswith("pillsnap-read") for name in threads)  # read side by side
+
+
 def test_the_draw_grows_with_the_split_and_the_report_says_how_far_its_coverage_may_fall() -> None:
     """500 answers at any stage: at Stage 4 about 150 detector crops set their own threshold, whose coverage fell
     below 93 % in one calibration of eleven. The draw now grows with the split, each source's floor with it, and the

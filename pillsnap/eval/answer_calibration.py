@@ -79,34 +79,55 @@ class ValAnswer(NamedTuple):
     source: str | None = None  # single | combination (pillsnap.infer.unknown.CROP_SOURCES); None: not known
 
 
+ANSWER_BATCH = 32  # validation crops classified in one forward pass, their imprints read side by side
+
+
 def val_answers(model: Any, dataset: Any, temperatures: Temperatures, class_names: list[str], class_map: dict,
                 topk: int, threads: int, indices: np.ndarray, reading: bool, unknown: UnknownAnswer,
-                sources: np.ndarray | None = None, check_unknown: bool = False) -> list[ValAnswer]:
+                sources: np.ndarray | None = None, check_unknown: bool = False,
+                parallel: int = 0) -> list[ValAnswer]:
     """The crops of `dataset` at `indices` through the classifier (each at its source's temperature) and, where
     inference would read (the contenders' imprints differ; with `check_unknown`, any top-1 with an imprint on
-    record), the reader (the costly part, done once; the answers are then pure functions of these)."""
+    record), the reader (the costly part, done once; the answers are then pure functions of these). Crops go
+    through the classifier ANSWER_BATCH at a time and their reads run `parallel` at once (0: the machine's cores
+    over the threads a read takes, as inference reads a photo's pills): one crop at a time, Stage 4's 3,000 answers
+    and their reads took half an hour on one read's threads while the other cores and the GPU waited."""
     import torch
 
     from pillsnap.infer.answer import Classified, classifier_candidates
     from pillsnap.infer.evidence import Evidence
+    from pillsnap.utils.logs import progress
 
-    evidence = Evidence(class_map, read_imprints=reading, threads=threads, check_unknown=check_unknown)
+    evidence = Evidence(class_map, read_imprints=reading, threads=threads, check_unknown=check_unknown,
+                        parallel=parallel)
     device = next(model.parameters()).device
+    indices = [int(i) for i in indices]
     out = []
-    for index in (int(i) for i in indices):
-        try:
-            crop, label = dataset.load_crop(index), int(dataset.labels[index])  # decoded once: model and reader
-        except DECODE_ERRORS as err:
-            LOGGER.warning("calibration: skipping an undecodable validation crop (%s)", err)
+    batches = [indices[i:i + ANSWER_BATCH] for i in range(0, len(indices), ANSWER_BATCH)]
+    for batch in progress(batches, "calibration: validation answers", "batches", LOGGER):
+        crops, labels, kept = [], [], []
+        for index in batch:
+            try:
+                crops.append(dataset.load_crop(index))  # decoded once: model and reader
+            except DECODE_ERRORS as err:
+                LOGGER.warning("calibration: skipping an undecodable validation crop (%s)", err)
+                continue
+            labels.append(int(dataset.labels[index]))
+            kept.append(index)
+        if not kept:
             continue
-        source = None if sources is None else str(sources[index])
         with torch.no_grad():
-            logits, feats = model(dataset.transform(crop)[None].to(device))
-        probs = torch.softmax(logits.float() / temperatures.of(source), -1).cpu().numpy()
-        score = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())[0]
-        candidates, reserve = classifier_candidates(probs, topk, class_names, class_map)[0]
-        read = evidence.read(crop, candidates) if reading else None
-        out.append(ValAnswer(Classified(candidates, score, reserve), read, class_names[label], source))
+            logits, feats = model(torch.stack([dataset.transform(crop) for crop in crops]).to(device))
+        batch_sources = [None if sources is None else str(sources[index]) for index in kept]
+        scale = torch.tensor([temperatures.of(source) for source in batch_sources], device=logits.device)
+        probs = torch.softmax(logits.float() / scale[:, None], -1).cpu().numpy()
+        scores = unknown.scores(probs, None if feats is None else feats.float().cpu().numpy())
+        classified = classifier_candidates(probs, topk, class_names, class_map)
+        reads = evidence.read_all(crops, [candidates for candidates, _ in classified]) if reading else \
+            [None] * len(crops)
+        out += [ValAnswer(Classified(candidates, score, reserve), read, class_names[label], source)
+                for (candidates, reserve), score, read, label, source
+                in zip(classified, scores, reads, labels, batch_sources, strict=True)]
     return out
 
 
@@ -162,7 +183,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
                        class_map: dict, topk: int, threads: int = 0, limit: int | None = None,
                        read_imprints: bool = True, unknown: UnknownAnswer | None = None,
                        sources: np.ndarray | None = None, check_unknown: bool = False, held_out: Any = None,
-                       seed: int = 0, by_source: bool = True) -> dict:
+                       seed: int = 0, by_source: bool = True, parallel: int = 0) -> dict:
     """The final answers on `limit` (default: answer_crops of the split) validation crops drawn at random with
     `seed` (spread_sample; all of them when
     there are fewer; with `by_source`, inference.prediction_set.by_source, each crop source gets its floor of them,
@@ -191,7 +212,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
     limit = answer_crops(len(dataset)) if limit is None else limit
     items = val_answers(model, dataset, temperatures, class_names, class_map, topk, threads,
                         spread_sample(len(dataset), limit, seed, sources if by_source else None), reading, unknown,
-                        sources, check_unknown)
+                        sources, check_unknown, parallel)
     scale, scale_by_source = fit_evidence_scales(items, class_map)
 
     def scaled(source: str | None) -> Any:
@@ -211,7 +232,7 @@ def answer_calibration(model: Any, dataset: Any, temperature: float | Temperatur
         # the held-out reads never fit a candidate: every turn is tried
         held_items = val_answers(model, held_out, temperatures, class_names, class_map, topk, threads,
                                  spread_sample(len(held_out), limit, seed), reading, unknown,
-                                 np.full(len(held_out), "single"), check_unknown)
+                                 np.full(len(held_out), "single"), check_unknown, parallel)
         unknown_answers = answers_unknown_report(answers, items, answered(scaled, held_items))
         # Inference without the check: the same reads, kept only where the contenders differ by imprint
         unknown_answers["without_imprint_check"] = answers_unknown_report(

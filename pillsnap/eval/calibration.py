@@ -239,7 +239,8 @@ def _answers(model: Any, dataset: Any, sources: np.ndarray | None, meta: dict, t
             int(cfg.inference.topk), int(cfg.inference.imprint.threads),
             read_imprints=bool(cfg.inference.imprint.enabled), check_unknown=bool(cfg.inference.imprint.unknown_check),
             held_out=None if held_out is None else held_out.dataset, unknown=unknown, sources=sources,
-            seed=int(cfg.train.seed), by_source=bool(cfg.inference.prediction_set.get("by_source", True)))
+            seed=int(cfg.train.seed), by_source=bool(cfg.inference.prediction_set.get("by_source", True)),
+            parallel=int(cfg.inference.imprint.get("parallel_reads", 0)))  # reads side by side, as inference
     if outcome["answers"] is not None:
         report["answers"] = outcome["answers"]
     if outcome.get("unknown_answers") is not None:
