@@ -274,19 +274,54 @@ def train_detection_stage(cfg: Any, build_loaders: Callable[[Any], Any] | None =
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues an interrupted run from its last checkpoints: under torchrun, a torchrun
+    """The command line that continues an interrupted run from its last checkpoints, from the folder it was started
+    in (`cd` first: a relative --cfg or path override read from elsewhere named another config, or an empty folder
+    where the resume started afresh). Under torchrun, the launcher's own command with its options (restarts,
+    forwarded signals, rendezvous), read from the process that started this one where it can be; else a torchrun
     command with this node's number of processes (a plain `python -m pillsnap.train` would resume on one GPU)."""
     launcher = str(getattr(args, "prog", "python -m pillsnap.train")).split()
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-        nodes = int(os.environ.get("WORLD_SIZE") or per_node) // max(per_node, 1)
-        launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node",
-                    str(per_node), "-m", "pillsnap.train"]
+        launcher = _torchrun_launcher() or _plain_torchrun()
     parts = [*launcher, "--cfg", args.cfg]
     if args.only:
         parts += ["--only", args.only]
     parts += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=last"]
-    return shlex.join(parts)
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(parts)}"
+
+
+def _plain_torchrun() -> list[str]:
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    nodes = int(os.environ.get("WORLD_SIZE") or per_node) // max(per_node, 1)
+    return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node", str(per_node), "-m",
+            "pillsnap.train"]
+
+
+def _torchrun_launcher(cmdline: Path | None = None) -> list[str] | None:
+    """torchrun's part of the command that started this rank (its options, up to `-m pillsnap.train`), with the
+    store setting a restart needs (engine.restart.SEPARATE_STORES_ENV) in front; None where the parent process is
+    not a torchrun of `-m pillsnap.train` that this process can read."""
+    from pillsnap.engine.restart import SEPARATE_STORES_ENV
+
+    try:
+        argv = (cmdline or Path(f"/proc/{os.getppid()}/cmdline")).read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    argv = argv.rstrip("\0").split("\0")
+    for i, (flag, module) in enumerate(zip(argv, argv[1:], strict=False)):
+        if flag == "-m" and module == "pillsnap.train":
+            entry = i
+            break
+    else:
+        return None
+    if any(Path(a).name == "torchrun" for a in argv[:2]):
+        start = next(k for k, a in enumerate(argv[:2]) if Path(a).name == "torchrun")
+        launcher = ["torchrun", *argv[start + 1:entry]]
+    elif argv[1:3] == ["-m", "torch.distributed.run"]:
+        launcher = argv[:entry]
+    else:
+        return None
+    store = os.environ.get(SEPARATE_STORES_ENV)
+    return ([f"{SEPARATE_STORES_ENV}={store}"] if store else []) + launcher + ["-m", "pillsnap.train"]
 
 
 def run(args: argparse.Namespace) -> int:

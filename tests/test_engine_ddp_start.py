@@ -549,6 +549,27 @@ def test_no_rank_leaves_its_turn_before_the_last_rank_has_run_its_block(tmp_path
     assert first["left"] >= last["block_end"]
 
 
+def test_a_stop_in_a_ranks_turn_leaves_without_waiting_for_the_others_and_an_error_lets_them_go(monkeypatch):
+    """A stop during set-up (the crop cache at Stage 3-4 takes a while): rank 0 waited in the turns left, met the
+    ranks that had already left, and gloo's "Connection closed by peer" replaced the stop, a crash with no resume
+    line. An error still lets the other ranks go (they meet it too)."""
+    import pillsnap.engine.distributed as distributed
+    from pillsnap.engine.distributed import DistInfo, main_rank_first
+
+    waits = []
+    monkeypatch.setattr(distributed, "barrier", lambda info: waits.append(info.rank))
+    with pytest.raises(KeyboardInterrupt), main_rank_first(DistInfo(rank=0, world_size=2)):
+        raise KeyboardInterrupt
+    assert waits == []
+    with pytest.raises(OSError), main_rank_first(DistInfo(rank=0, world_size=2)):
+        raise OSError("disk full")
+    assert waits == [0, 0, 0]
+    waits.clear()
+    with main_rank_first(DistInfo(rank=1, world_size=2, local_rank=1)):
+        assert waits == [1, 1]  # its turn
+    assert waits == [1, 1, 1]
+
+
 def after_worker(rank: int, world: int, port: int, root: str) -> None:
     from pillsnap.engine.run import run_training
 

@@ -186,6 +186,32 @@ def test_a_stop_signal_saves_the_epochs_place_and_the_resume_ends_as_the_unbroke
         assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), key
 
 
+def test_a_rank_whose_torchrun_launcher_died_saves_its_place_and_stops(tmp_path, monkeypatch, capfd):
+    """torchrun dies of a signal it does not pass on (SLURM's SIGUSR1 sent to its process group), of SIGKILL or with
+    its session: its ranks trained on, detached and holding the folder, until a time limit killed them with nothing
+    saved. A rank now takes its launcher's end (it became another process's child) as a stop."""
+    import os
+
+    from pillsnap.utils import signals
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    parent = [os.getppid()]
+    monkeypatch.setattr(signals.os, "getppid", lambda: parent[0])
+
+    class LauncherDiesAt(StepLog):
+        def on_step_end(self, record: dict) -> None:
+            super().on_step_end(record)
+            if (record["epoch"], record["step"]) == (2, 3):
+                parent[0] = 1  # adopted by init
+
+    exp = tmp_path / "exp"
+    code, trainer = run_training(make_cfg(exp, "train.epochs=2"), epoch_sampler_loaders,
+                                 callbacks=[LauncherDiesAt([])])
+    assert code == EXIT_INTERRUPTED and trainer.status == "interrupted"
+    assert "torchrun, this rank's launcher, has ended: saving the training's place" in capfd.readouterr().err
+    assert saved_positions(exp) == [(2, 4)]  # the next step, as for a signal noted while drawing
+
+
 def test_the_same_stop_again_at_once_is_its_copy_and_later_stops_without_the_save(monkeypatch, capfd):
     """`timeout`, SLURM and scripts/train.sh send a stop twice at once: the copy is ignored. Sent again seconds
     later it is a person insisting: the run stops where it is."""
@@ -264,8 +290,8 @@ class _StopAtBatch:
     batch), or with `signal_rank`, a real SIGTERM sent to that rank's own process only (a node's pre-emption, or
     `kill` of one worker, reaches some ranks and not others)."""
 
-    def __init__(self, at: int | None, rank: int = 0, signal_rank: int | None = None) -> None:
-        self.at, self.calls, self.rank, self.signal_rank = at, 0, rank, signal_rank
+    def __init__(self, at: int | None, rank: int = 0, signal_rank: int | None = None, fail_draw: bool = False) -> None:
+        self.at, self.calls, self.rank, self.signal_rank, self.fail_draw = at, 0, rank, signal_rank, fail_draw
 
     def __call__(self, items):
         self.calls += 1
@@ -277,22 +303,25 @@ class _StopAtBatch:
                 import signal
 
                 os.kill(os.getpid(), signal.SIGTERM)
+                if self.fail_draw:  # the stop ended the loader's workers too, as a process group's stop does
+                    raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
         return collate(items)
 
 
-def ddp_loaders(cfg, stop_at: int | None = None, rank: int = 0, signal_rank: int | None = None):
+def ddp_loaders(cfg, stop_at: int | None = None, rank: int = 0, signal_rank: int | None = None,
+                fail_draw: bool = False):
     """96 jittered images on an EpochSampler (6 steps a rank and epoch over 2 ranks, at batch 8)."""
     from fakes import ColourDataset
 
     loaders = fake_build_loaders(cfg)
     data = Jittered(ColourDataset(24, int(cfg.model.image_size), seed=1))
     train = DataLoader(data, batch_size=int(cfg.train.batch_size), sampler=EpochSampler(data, seed=int(cfg.train.seed)),
-                       drop_last=True, collate_fn=_StopAtBatch(stop_at, rank, signal_rank), num_workers=0)
+                       drop_last=True, collate_fn=_StopAtBatch(stop_at, rank, signal_rank, fail_draw), num_workers=0)
     return loaders._replace(cls_train=train)
 
 
 def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, resume: bool, out: str,
-               signal_rank: int | None = None, interval_saves: bool = True) -> None:
+               signal_rank: int | None = None, interval_saves: bool = True, fail_draw: bool = False) -> None:
     import os
     from functools import partial
     from pathlib import Path
@@ -302,7 +331,8 @@ def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, 
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     cfg = make_cfg(Path(exp), "train.epochs=2", "train.deterministic=true", "train.step_log_interval=1",
                    *([EVERY_LOG_STEP] if interval_saves else []), *(["train.resume=last"] if resume else []))
-    code, trainer = run_training(cfg, partial(ddp_loaders, stop_at=stop_at, rank=rank, signal_rank=signal_rank))
+    code, trainer = run_training(cfg, partial(ddp_loaders, stop_at=stop_at, rank=rank, signal_rank=signal_rank,
+                                              fail_draw=fail_draw))
     task = trainer.tasks["classification"]
     torch.save({"code": code, "state": task.raw_model.state_dict(), "steps": trainer.state.global_step},
                Path(out) / f"rank{rank}.pt")
@@ -379,6 +409,33 @@ def test_a_stop_signal_to_one_rank_saves_every_ranks_place_together_and_the_resu
     for name, tensor in whole[0]["state"].items():
         assert torch.equal(resumed[0]["state"][name], tensor), name
         assert torch.equal(resumed[1]["state"][name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_without_a_data_warning(tmp_path,
+                                                                                                      capfd):
+    """A process group's stop ends the loader's workers too: the rank's draw fails. Every rank still saves its place
+    together and stops; neither says its batch was unreadable (every stop of a run with workers said so)."""
+    import torch.multiprocessing as mp
+    from test_engine_ddp import free_port
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / "exp"), 9, False, str(out), 1, False, True), nprocs=2,
+             join=True)
+    codes = [torch.load(out / f"rank{r}.pt", weights_only=False)["code"] for r in range(2)]
+    assert codes == [EXIT_INTERRUPTED] * 2
+    assert saved_positions(tmp_path / "exp") == [(2, 2)]  # the steps trained before the failed draw
+    err = capfd.readouterr().err
+    assert "SIGTERM received: saving the training's place" in err and "half readable" not in err
+    # the batch rank 0 drew in that step was not trained: the resume draws it again (as rank 1's), none is lost
+    assert load_ckpt(tmp_path / "exp" / "checkpoints" / "last.pt")["progress"]["drawn"] == {"classification": 2}
+    again = tmp_path / "again"
+    again.mkdir()
+    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / "exp"), None, True, str(again), None, False), nprocs=2,
+             join=True)
+    resumed = [torch.load(again / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == 12
 
 
 def test_tensorboard_hides_the_steps_a_resume_redoes(tmp_path):

@@ -331,27 +331,47 @@ def test_the_resume_command_repeats_the_run_with_train_resume_last(monkeypatch, 
 
     args = argparse.Namespace(prog="pillsnap train", cfg="my cfg.yaml", only=None, check=False, choice=None,
                               yes=False, overrides=["train.epochs=5", "train.resume=/x/best.pt"])
-    assert resume_command(args) == "pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last"
+    # from the folder the run started in: a relative --cfg read elsewhere is another file (or none)
+    monkeypatch.chdir(tmp_path)
+    here = f"cd {tmp_path} && "
+    assert resume_command(args) == here + "pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last"
     # under torchrun: a torchrun command with as many processes (a plain command would resume on one GPU)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resume_command(args) == ("torchrun --nproc_per_node 4 -m pillsnap.train --cfg 'my cfg.yaml' "
-                                    "train.epochs=5 train.resume=last")
+    assert resume_command(args) == here + ("torchrun --nproc_per_node 4 -m pillsnap.train --cfg 'my cfg.yaml' "
+                                           "train.epochs=5 train.resume=last")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert resume_command(args).startswith("torchrun --nnodes 2 --nproc_per_node 4 -m pillsnap.train ")
-    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+    assert resume_command(args).startswith(here + "torchrun --nnodes 2 --nproc_per_node 4 -m pillsnap.train ")
+    # the launcher's own options, where its command line can be read: its restarts, the signals it passes on
+    import pillsnap.train
+
+    launched = tmp_path / "cmdline"
+    launched.write_bytes(b"\0".join([b"/venv/bin/python", b"/venv/bin/torchrun", b"--max-restarts", b"3",
+                                      b"--signals-to-handle=SIGTERM,SIGUSR1", b"--nproc_per_node", b"4", b"-m",
+                                      b"pillsnap.train", b"--cfg", b"my cfg.yaml", b"train.epochs=5"]) + b"\0")
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    assert pillsnap.train._torchrun_launcher(launched) == [
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "torchrun", "--max-restarts", "3",
+        "--signals-to-handle=SIGTERM,SIGUSR1", "--nproc_per_node", "4", "-m", "pillsnap.train"]
+    launched.write_bytes(b"\0".join([b"/usr/bin/python3", b"-m", b"torch.distributed.run", b"--nproc_per_node",
+                                      b"2", b"-m", b"pillsnap.train", b"--cfg", b"c.yaml"]))
+    assert pillsnap.train._torchrun_launcher(launched)[1:] == [
+        "/usr/bin/python3", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pillsnap.train"]
+    launched.write_bytes(b"\0".join([b"bash", b"job.sh"]))  # not torchrun: the plain command above
+    assert pillsnap.train._torchrun_launcher(launched) is None
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         monkeypatch.delenv(name)
 
     import pillsnap.config
-    import pillsnap.train
 
     cfg = OmegaConf.create({"paths": {"exp_dir": str(tmp_path)}, "data": {"progressive_validation": {
         "current_stage": 1}}})
     monkeypatch.setattr(pillsnap.config, "load_config", lambda *a, **k: cfg)
     monkeypatch.setattr(pillsnap.train, "train", lambda *a, **k: 130)
     assert pillsnap.train.run(args) == 130
-    assert "resume with: pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last" in caplog.text
+    assert f"resume with: cd {tmp_path} && pillsnap train --cfg 'my cfg.yaml' train.epochs=5 train.resume=last" in \
+        caplog.text
 
 
 def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypatch, caplog, tmp_path):
@@ -382,7 +402,7 @@ def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypat
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "checkpoints" / "classification_best.pt").write_bytes(b"a classifier to calibrate")
     assert pillsnap.train.run(args) == 130
-    resume = "pillsnap train --cfg c.yaml train.resume=last"
+    resume = f"cd {os.getcwd()} && pillsnap train --cfg c.yaml train.resume=last"
     assert (f"interrupted after training; finish with: pillsnap calibrate --exp {exp} && pillsnap evaluate --exp "
             f"{exp} --stage 2 (or: {resume})") in caplog.text
     caplog.clear()
@@ -399,7 +419,7 @@ def test_an_interrupt_after_training_names_the_steps_left_not_a_resume(monkeypat
         if status is None:
             os.utime(exp / "reports" / "metrics.json", (1.0, 1.0))
         assert pillsnap.train.run(args) == 130
-        assert "resume with: pillsnap train --cfg c.yaml train.resume=last" in caplog.text
+        assert f"resume with: {resume}" in caplog.text
         assert "pillsnap calibrate" not in caplog.text
 
 

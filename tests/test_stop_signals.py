@@ -34,7 +34,7 @@ def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(c
     # as a terminal starts Python: pytest started in a script's background has SIGINT ignored, and under nohup
     # SIGHUP, and a signal ignored from the start stays so (the test below)
     terminal = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
-                signal.SIGHUP: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL}
+                signal.SIGHUP: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL, signal.SIGQUIT: signal.SIG_DFL}
     previous = {signum: signal.signal(signum, handler) for signum, handler in terminal.items()}
     try:
         _each_stop_signal(capfd)
@@ -44,7 +44,7 @@ def test_each_stop_signal_interrupts_once_and_a_held_one_lands_after_the_block(c
 
 
 def _each_stop_signal(capfd) -> None:
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT, signal.SIGINT):
         with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name), stops_as_interrupt():
             os.kill(os.getpid(), signum)
             time.sleep(1)  # the interrupt comes at once: never reached

@@ -136,12 +136,23 @@ def main_rank_first(info: DistInfo) -> Iterator[None]:
         barrier(info)
     try:
         yield
-    finally:
-        # one turn more than there are: no rank leaves before the last has run its block. Rank 0 left as the last
-        # began, and met them next in a collective of the default group (DDP's construction), under NCCL's
-        # 10-minute watchdog instead of train.ddp_timeout_minutes, while 7 ranks built Stage 4's loaders
-        for _ in range(3 - turn):
-            barrier(info)
+    except KeyboardInterrupt:
+        # a stop: this rank leaves now (the others leave on their own copy of it, or find this one gone). Waiting
+        # in the turns left met the ranks that had already left, and gloo's "Connection closed by peer" replaced the
+        # stop: rank 0 ended as a crash with a traceback and no resume line
+        raise
+    except BaseException:
+        _let_the_others_go(info, turn)
+        raise
+    _let_the_others_go(info, turn)
+
+
+def _let_the_others_go(info: DistInfo, turn: int) -> None:
+    # one turn more than there are: no rank leaves before the last has run its block. Rank 0 left as the last
+    # began, and met them next in a collective of the default group (DDP's construction), under NCCL's 10-minute
+    # watchdog instead of train.ddp_timeout_minutes, while 7 ranks built Stage 4's loaders
+    for _ in range(3 - turn):
+        barrier(info)
 
 
 def gather_to_main(info: DistInfo, obj: Any) -> list[Any] | None:

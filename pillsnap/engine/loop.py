@@ -20,7 +20,7 @@ from pillsnap.engine.oom import OomDecision, oom_recovery_state_machine
 from pillsnap.engine.spec import interleave_shares, spec_of
 from pillsnap.engine.task import StepOutput, Task
 from pillsnap.utils import CUDA_PEAKS, StepTimer, host_rng_states, is_out_of_memory, restore_host_rng
-from pillsnap.utils.signals import acting_on_stop, stop_requested, stops_at_safe_points
+from pillsnap.utils.signals import LAUNCHER_GONE, acting_on_stop, stop_requested, stops_at_safe_points
 
 LOGGER = logging.getLogger(__name__)
 
@@ -304,10 +304,12 @@ class EpochRunner:
         checkpoint inside it, and stop. A window of accumulated gradients still open is dropped, its batches counted
         as drawn (as where the time cap cuts an epoch)."""
         name = acting_on_stop()
+        why = name if name == LAUNCHER_GONE else f"{name} received"
         saved = False
         if self.save_progress is not None and any(progress.done.values()):
-            saved = self.save_progress(self._stamped(progress), why=f"{name} received")
-        raise KeyboardInterrupt(f"signal {name}" + (": the epoch's place saved" if saved else "")) from cause
+            saved = self.save_progress(self._stamped(progress), why=why)
+        raise KeyboardInterrupt(("" if name == LAUNCHER_GONE else "signal ") + name +
+                                (": the epoch's place saved" if saved else "")) from cause
 
     def _steps(self, epoch: int, active: list[str], progress: EpochProgress, steps: dict[str, int],
                iters: dict[str, Iterator], todo: dict[str, int], timer: StepTimer, order: Iterator[str]) -> None:
@@ -332,14 +334,16 @@ class EpochRunner:
             lost, stop = batch is None, stop_requested() is not None
             if self.info.enabled:
                 lost, stop = any_ranks(self.info, [lost, stop], self.tasks[name].device)
+            if lost and stop:
+                # a stop, and a rank without its batch (the stop ended its loader's workers too, or it was
+                # unreadable): nothing is trained, and the place saved leaves the batch to draw again, here too
+                self._stop_here(progress)
             if drew:
                 progress.drawn[name] += 1
                 progress.indices[name] += _batch_size(self.tasks[name].train_loader) * self.info.world_size
             if lost:
                 self.logger.warning("%s: skipped a batch less than half readable%s (epoch %d)", name,
                                     "" if batch is None else " on another rank", epoch)
-                if stop:
-                    self._stop_here(progress)
                 continue
             out = self.guarded_step(name, batch)
             timer.compute_done()

@@ -18,9 +18,11 @@ from types import FrameType
 from typing import Any
 
 # What ends a run from outside: Ctrl-C; `kill`, a scheduler's stop, torchrun ending its workers (TERM); a closed
-# terminal or ssh session (HUP); SLURM's warning before the end of a job's time (`--signal=USR1@N`).
+# terminal or ssh session (HUP); SLURM's warning before the end of a job's time (`--signal=USR1@N`); Ctrl-\ and
+# torchrun passing on a SIGQUIT it was sent (one of the four it forwards by default), which killed the ranks with
+# nothing saved.
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name))
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGQUIT") if hasattr(signal, name))
 EXIT_INTERRUPTED = 130  # a command's exit code after a stop (128 + SIGINT, as shells report Ctrl-C)
 
 
@@ -42,6 +44,12 @@ class _Deferral:
 
 
 _DEFERRAL = _Deferral()
+# Under torchrun each rank is its launcher's child. A launcher that dies (of a signal it does not pass on, such as
+# SLURM's SIGUSR1 sent to its process group; of SIGKILL; with its node's session) leaves its ranks training on,
+# detached and holding the folder, until a time limit kills them with nothing saved: the training's steps take the
+# launcher's end as a stop (stop_requested). Its pid when the run started; empty outside torchrun.
+_LAUNCHER: list[int] = []
+LAUNCHER_GONE = "torchrun, this rank's launcher, has ended"
 
 
 def _in_main_thread() -> bool:
@@ -77,6 +85,7 @@ def stops_as_interrupt(signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> It
         return
     stopping: list[str] = []
     _DEFERRAL.__init__()
+    _LAUNCHER[:] = [os.getppid()] if "TORCHELASTIC_RUN_ID" in os.environ else []
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -134,7 +143,12 @@ def stops_at_safe_points() -> Iterator[None]:
 
 
 def stop_requested() -> str | None:
-    """The stop signal noted inside stops_at_safe_points and not yet acted on (its name), else None."""
+    """The stop signal noted inside stops_at_safe_points and not yet acted on (its name), else None. Under torchrun
+    the end of the launcher counts as one (LAUNCHER_GONE): its ranks are then another process's children."""
+    if _DEFERRAL.noted is None and _LAUNCHER and _DEFERRAL.depth > 0 and os.getppid() != _LAUNCHER[0]:
+        _LAUNCHER.clear()
+        _DEFERRAL.noted, _DEFERRAL.noted_at = LAUNCHER_GONE, time.monotonic()
+        _say(f"{LAUNCHER_GONE}: saving the training's place after this step, then stopping")
     return _DEFERRAL.noted
 
 
