@@ -306,6 +306,38 @@ def test_a_thinned_loss_chart_still_shows_a_spike_and_a_nan_loss_where_they_were
 
 # ---------- evaluation file ----------
 
+def test_the_runs_eta_says_it_leaves_out_a_task_that_has_not_started():
+    """train.strategy=sequential: 50 classifier epochs, then the detector's. The ETA was the classifier's alone, said
+    as the run's (20 h where 45 h were left); it is now given as a lower bound naming the task left out."""
+    state = MonitorState()
+    state.apply_all([{**start(t=0, epochs=100), "last_epochs": {"classification": 50, "detection": 100}},
+                     step(0, 1, 1, epochs=50), step(1800, 1, 10, epochs=50)])
+    snap = {**state.snapshot(), "exp": "exp"}
+    assert snap["run"]["eta_waiting"] == ["detection"] and snap["run"]["eta"] > 0
+    assert "ETA >= " in title(snap) and "(not counting detection: no step yet)" in title(snap)
+    state.apply(step(1900, 1, 1, task="detection", epochs=100))  # both under way: the slower one's, as before
+    assert state.snapshot()["run"]["eta_waiting"] == []
+
+
+def test_a_stream_that_lost_its_start_record_takes_the_stage_from_the_runs_config(tmp_path):
+    """A metrics.jsonl truncated or rotated during a Stage 4 run has no start record: the page showed the newest
+    evaluation file of any stage (stage 1's, in a folder reused) as this run's verdict."""
+    reports = tmp_path / "reports"
+    write(reports / "metrics.jsonl", step(1000, 97, 3))
+    (reports / "stage_1_evaluation.json").write_text(json.dumps({"stage": 1, "status": "NO_GO"}))
+    (tmp_path / "config.yaml").write_text("data:\n  progressive_validation:\n    current_stage: 4\n")
+    live = LiveRun(tmp_path)
+    live.refresh()
+    assert live.snapshot()["run"]["stage"] is None and live.snapshot()["evaluation"] is None
+    (reports / "stage_4_evaluation.json").write_text(json.dumps({"stage": 4, "status": "GO"}))
+    live.refresh()
+    assert live.snapshot()["evaluation"]["status"] == "GO"
+    (tmp_path / "config.yaml").unlink()  # no config either: the newest file, as before
+    os.utime(reports / "stage_1_evaluation.json", (2e9, 2e9))
+    live.refresh()
+    assert live.snapshot()["evaluation"]["stage"] == 1
+
+
 def test_live_run_reads_the_stage_evaluation_file_and_prefers_the_newest(tmp_path):
     stream = tmp_path / "reports" / "metrics.jsonl"
     write(stream, start(t=100, stage=3))

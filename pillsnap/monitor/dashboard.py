@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -34,12 +35,14 @@ async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s:
     sent_version, next_system = None, 0.0
     sampling: asyncio.Future | None = None
     while True:
+        # the sample first: a first read of a multi-day stream takes seconds, and the page said "no word from the
+        # server" meanwhile
+        if sampling is None and loop.time() >= next_system:
+            sampling = asyncio.ensure_future(asyncio.to_thread(probe.sample))
         version = await asyncio.to_thread(live.refresh)  # file reads off the event loop
         if version != sent_version:
             await ws.send_text(dumps({"kind": "state", "data": await asyncio.to_thread(live.snapshot)}))
             sent_version = version
-        if sampling is None and loop.time() >= next_system:
-            sampling = asyncio.ensure_future(asyncio.to_thread(probe.sample))
         if sampling is not None and sampling.done():
             await ws.send_text(dumps({"kind": "system", "data": sampling.result()}))
             sampling, next_system = None, loop.time() + system_s
@@ -56,6 +59,9 @@ async def until_closed(ws: WebSocket) -> None:
 def create_dashboard(exp_dir: str | Path, poll_s: float = 1.0, system_s: float = 2.0) -> FastAPI:
     """Dashboard app following {exp_dir}/reports/metrics.jsonl (which need not exist yet)."""
     live = LiveRun(exp_dir)
+    # the stream read once now, not when the first page asks: after days unwatched, 250 MB of records took the
+    # first visitor 10 s
+    threading.Thread(target=live.refresh, name="pillsnap-monitor-load", daemon=True).start()
     probe = SystemProbe(exp_dir)
     app = FastAPI(title="PillSnap monitor", docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

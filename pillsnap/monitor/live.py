@@ -25,12 +25,28 @@ def stream_path(exp_dir: str | Path) -> Path:
 
 
 def evaluation_path(exp_dir: str | Path, stage: int | None) -> Path | None:
-    """reports/stage_{stage}_evaluation.json; with no stage known yet, the newest such file."""
+    """reports/stage_{stage}_evaluation.json; with no stage known (no start record, none in the run's saved
+    config.yaml), the newest such file."""
     reports = Path(exp_dir) / "reports"
+    if stage is None:
+        stage = config_stage(exp_dir)
     if stage is not None:
         return reports / f"stage_{stage}_evaluation.json"
     found = sorted(reports.glob("stage_*_evaluation.json"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
+
+
+def config_stage(exp_dir: str | Path) -> int | None:
+    """The stage the run's saved config.yaml trains (data.progressive_validation.current_stage), None without one.
+    A stream truncated or rotated has lost its start record: the newest evaluation file of any stage (an earlier
+    stage's, in a folder reused) was shown as this run's verdict."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(exp_dir) / "config.yaml").read_text(encoding="utf-8"))
+        return int(saved["data"]["progressive_validation"]["current_stage"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
 
 
 def trainer_process(exp_dir: str | Path) -> dict | None:

@@ -302,15 +302,22 @@ class MonitorState:
         self.evaluation = {**record, "source": "stream"}
 
     def eta(self) -> float | None:
-        """The run's: tasks are interleaved, so it ends with its slowest task."""
+        """The run's: tasks are interleaved, so it ends with its slowest task. A task with no step yet has no pace
+        and is left out (eta_waiting names it): under train.strategy=sequential the detector's epochs come after
+        the classifier's, and the ETA is then the classifier's alone, a lower bound."""
         if self.run["status"] != "running":
             return None
         etas = [t.eta() for t in self.tasks.values() if t.last_step is not None]
         return max(etas) if etas and None not in etas else None
 
+    def eta_waiting(self) -> list[str]:
+        """The tasks the run's ETA leaves out: planned, not finished, and with no step of this run yet."""
+        return [name for name, task in self.tasks.items()
+                if name in self.run["tasks"] and task.last_step is None and not task.finished()]
+
     def snapshot(self) -> dict:
         return {"version": self.version, "records": self.records,
-                "run": clean({**self.run, "eta": self.eta()}),
+                "run": clean({**self.run, "eta": self.eta(), "eta_waiting": self.eta_waiting()}),
                 "tasks": {name: task.snapshot() for name, task in self.tasks.items()},
                 "oom": clean(self.oom), "evaluation": clean(self.evaluation)}
 

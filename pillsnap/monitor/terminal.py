@@ -56,7 +56,10 @@ def title(snap: dict) -> str:
         status = f"restarting (after {again['after']}: torchrun's restart {again['next']} of {again['max']})"
     if trainer_gone(snap):  # killed or crashed: no end record
         status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
-    return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {duration(run['eta'])}"
+    eta = duration(run["eta"])
+    if run["eta"] is not None and run.get("eta_waiting"):  # a lower bound: a task with no step yet has no pace
+        eta = f">= {eta} (not counting {', '.join(run['eta_waiting'])}: no step yet)"
+    return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {eta}"
             f"{'' if trainer_gone(snap) else cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  "
             f"last record {duration(age)} ago")
 

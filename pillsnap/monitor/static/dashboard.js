@@ -143,7 +143,12 @@ function renderEta(run, now, running) {
   else if (run.ended) sub = "ended " + Fmt.clock(run.ended);
   else if (run.last_time) sub = "last step " + Fmt.clock(run.last_time);
   if (run.restarting) sub = "after torchrun's restart";
-  $("run-eta").textContent = eta !== null ? Fmt.dur(eta) : (run.restarting ? "—" : run.ended ? "done" : "—");
+  // a task with no step yet has no pace (the detector under train.strategy=sequential): the ETA is a lower bound
+  const waiting = eta !== null ? (run.eta_waiting || []) : [];
+  if (waiting.length && !capFirst) sub = "not counting the " + waiting.map(t => (TASKS[t] || {label: t}).label.toLowerCase()).join(", ") +
+    " (no step yet)";
+  $("run-eta").textContent = eta !== null ? (waiting.length ? "≥ " : "") + Fmt.dur(eta) :
+    (run.restarting ? "—" : run.ended ? "done" : "—");
   $("run-finish").textContent = sub;
   $("run-finish").classList.toggle("warn", capFirst);
   $("run-finish").title = capFirst ? "the stage's time cap (data.progressive_validation.stage_N.time_limit_hours) " +
