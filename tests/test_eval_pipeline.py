@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pillsnap.eval.pipeline_eval import evaluate_pipeline, photo_groups, set_figures, with_sets
+from pillsnap.eval.pipeline_eval import drawn_test_photos, evaluate_pipeline, photo_groups, set_figures, with_sets
 from pillsnap.infer.answer import SetRule
 
 
@@ -43,6 +43,22 @@ def test_photo_groups_keep_one_entry_per_photo_of_the_split():
     photos = photo_groups(_manifest(), "test")
     assert [p["image_path"] for p in photos] == ["a.png", "b.png", "c.png"]
     assert photos[2]["codes"] == ["K-000001", "K-000002"] and photos[2]["boxes"].shape == (2, 4)
+
+
+def test_the_demo_measures_at_most_a_draw_of_the_test_photos_the_same_for_every_measure():
+    """A demo on a real tree at Stage 4 answered its 45,000-90,000 test photos five times over (8-22 h)."""
+    rows = [{"image_path": f"{i:03d}.png", "image_type": "combination" if i % 10 == 0 else "single",
+             "mapping_code": "K-000001", "split": "test" if i % 7 else "val", "bbox_x": 0, "bbox_y": 0, "bbox_w": 9,
+             "bbox_h": 9} for i in range(400)]
+    manifest = pd.DataFrame(rows)
+    whole = photo_groups(manifest, "test")
+    assert [p["image_path"] for p in drawn_test_photos(manifest, seed=3, limit=1000)] == [
+        p["image_path"] for p in whole]  # a split within the limit: all of it
+    drawn = drawn_test_photos(manifest, seed=3, limit=100)
+    paths = [p["image_path"] for p in drawn]
+    assert len(drawn) == 100 and paths == sorted(paths) and set(paths) < {p["image_path"] for p in whole}
+    assert [p["image_path"] for p in drawn_test_photos(manifest, seed=3, limit=100)] == paths  # the same draw
+    assert 3 <= sum(p["image_type"] == "combination" for p in drawn) <= 20  # in their own proportion (~10 %)
 
 
 def test_figures_count_an_unknown_answer_right_only_for_an_unlearnt_class():

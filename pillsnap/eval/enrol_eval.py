@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from pillsnap.eval.pipeline_eval import Answered, evaluate_pipeline, photo_groups, without_hard_cases
+from pillsnap.eval.pipeline_eval import (
+    Answered,
+    drawn_test_photos,
+    evaluate_pipeline,
+    photo_groups,
+    without_hard_cases,
+)
 
 LOGGER = logging.getLogger(__name__)
 ENROL_PHOTOS = 5  # photos each held-out drug is enrolled from: the figure
@@ -141,7 +147,7 @@ def evaluate_enrolment(cfg: Any, device: str | None = None, per_drug: int = ENRO
         return None
     class_map_path = Path(cfg.paths.manifest_dir) / "class_map.json"
     class_map = {c["mapping_code"]: c for c in read_json(class_map_path)["classes"]} if class_map_path.is_file() else {}
-    test = photo_groups(select_stage(manifest, cfg), "test")
+    test = drawn_test_photos(select_stage(manifest, cfg), int(cfg.train.seed))  # the demo's draw
     same = (before is not None and before.known == trained
             and [o["image_path"] for o in before.result["outcomes"]] == [p["image_path"] for p in test])
     before = before.result if same else evaluate_pipeline(predictor, test, "auto", None, trained)

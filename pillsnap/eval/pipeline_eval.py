@@ -59,6 +59,23 @@ def photo_groups(manifest: pd.DataFrame, split: str = "test") -> list[dict]:
     return photos
 
 
+# Test photos the demo's closing evaluation answers at most (each pass through the whole pipeline, imprint reads
+# included, ~0.3 s a photo): a demo on a real tree at Stage 4 went through 45,000-90,000 test photos five times,
+# 8-22 h. 2,000 photos drawn at random keep each figure within about 0.01-0.02 of the whole split's.
+MAX_TEST_PHOTOS = 2000
+
+
+def drawn_test_photos(stage_rows: pd.DataFrame, seed: int, limit: int = MAX_TEST_PHOTOS) -> list[dict]:
+    """photo_groups of the test split, at most `limit` of them drawn at random with `seed` (in path order; the same
+    draw for every measure of one run, so that their answers can be reused), the kinds in their own proportions."""
+    photos = photo_groups(stage_rows, "test")
+    if len(photos) <= limit:
+        return photos
+    keep = np.sort(np.random.default_rng(seed).choice(len(photos), size=limit, replace=False))
+    LOGGER.info("the pipeline is measured on %d of the %d test photos, drawn at random", limit, len(photos))
+    return [photos[i] for i in keep]
+
+
 UNKNOWN = "unknown"  # how an "unknown pill" answer (mapping_code null) and a pill of an untrained class compare
 NO_PILL = "no pill"  # how a box answered "maybe no pill" compares: like nothing that was labelled
 

@@ -15,8 +15,8 @@ from pillsnap.eval.answer_calibration import finite
 from pillsnap.eval.pipeline_eval import (
     Answered,
     detection_map,
+    drawn_test_photos,
     evaluate_pipeline,
-    photo_groups,
     set_figures,
     with_sets,
     without_hard_cases,
@@ -90,7 +90,7 @@ def evaluate_and_report(cfg: Any, onnx_path: Path | None, device: str | None,
     from pillsnap.utils import read_json, save_json
 
     exp_dir = Path(cfg.paths.exp_dir)
-    photos = photo_groups(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), "test")
+    photos = drawn_test_photos(select_stage(load_manifest(cfg.paths.manifest_dir), cfg), int(cfg.train.seed))
     predictor = Predictor(exp_dir, copy.deepcopy(cfg), device)  # its settings change below, the caller's do not
     # the first pass fills an empty hard-case log, to show what one holds; a rerun's, or the passes below over the
     # same photos, would only repeat them
