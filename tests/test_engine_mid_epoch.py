@@ -88,7 +88,8 @@ def test_a_run_killed_inside_an_epoch_goes_on_from_its_last_save_and_ends_as_the
     settings = ("train.epochs=2", EVERY_LOG_STEP)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_training(make_cfg(whole, *settings), epoch_sampler_loaders)[0] == 0
-    assert saved_positions(whole) == [(1, 2), (1, 4), (2, 2), (2, 4)]  # never at an epoch's last step
+    # at the epoch's last step only once its steps are done, before validation (a stop there redoes no step)
+    assert saved_positions(whole) == [(1, 2), (1, 4), (1, 6), (2, 2), (2, 4), (2, 6)]
 
     code, _ = run_training(make_cfg(broken, *settings), lambda cfg: epoch_sampler_loaders(cfg, stop_at=11))
     assert code == EXIT_INTERRUPTED
@@ -212,6 +213,36 @@ def test_a_rank_whose_torchrun_launcher_died_saves_its_place_and_stops(tmp_path,
     assert saved_positions(exp) == [(2, 4)]  # the next step, as for a signal noted while drawing
 
 
+def test_a_stop_during_validation_resumes_with_the_epochs_steps_done_and_validates_again(tmp_path, capfd):
+    """A stop during a Stage 4 validation (minutes) sent the resume back to the last save inside the epoch, up to
+    train.checkpoint_interval_minutes of every GPU's steps to train again: the epoch's place is now saved when its
+    steps are done, before validation, so the resume trains no step and ends as the unbroken run."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    interval = "train.checkpoint_interval_minutes=1e-9"
+    assert run_training(make_cfg(whole, "train.epochs=2", interval), epoch_sampler_loaders)[0] == 0
+    val_batches = len(fake_build_loaders(make_cfg(whole, "train.epochs=2")).cls_val)
+
+    def stop_in_second_validation(cfg):
+        loaders = epoch_sampler_loaders(cfg)
+        return loaders._replace(cls_val=StoppingLoader(loaders.cls_val, val_batches + 1, lambda n: sigterm()))
+
+    code, _ = run_training(make_cfg(broken, "train.epochs=2", interval), stop_in_second_validation)
+    assert code == EXIT_INTERRUPTED
+    assert load_ckpt(broken / "checkpoints" / "last.pt")["progress"]["done"] == {"classification": 6}
+    steps = []
+    code, _ = run_training(make_cfg(broken, "train.epochs=2", interval, "train.resume=last"), epoch_sampler_loaders,
+                           callbacks=[StepLog(steps)])
+    assert code == 0 and steps == []  # validated again, nothing trained again
+    mine, theirs = (load_ckpt(d / "checkpoints" / "last.pt") for d in (broken, whole))
+    assert mine["epoch"] == theirs["epoch"] == 2 and mine["global_step"] == theirs["global_step"] == 12
+    for key in ("model_state", "ema_state"):
+        assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), key
+    # with the default interval, tiny epochs never save before validation (a tenth of 30 min is far off)
+    quiet = tmp_path / "quiet"
+    assert run_training(make_cfg(quiet, "train.epochs=1"), epoch_sampler_loaders)[0] == 0
+    assert saved_positions(quiet) == []
+
+
 def test_the_same_stop_again_at_once_is_its_copy_and_later_stops_without_the_save(monkeypatch, capfd):
     """`timeout`, SLURM and scripts/train.sh send a stop twice at once: the copy is ignored. Sent again seconds
     later it is a person insisting: the run stops where it is."""
@@ -238,7 +269,7 @@ def test_checkpoints_inside_an_epoch_wait_for_the_accumulated_gradients(tmp_path
     exp = tmp_path / "exp"
     assert run_training(make_cfg(exp, "train.epochs=1", "train.grad_accum_steps=2", "train.step_log_interval=1",
                                  EVERY_LOG_STEP), epoch_sampler_loaders)[0] == 0
-    assert saved_positions(exp) == [(1, 2), (1, 4)]
+    assert saved_positions(exp) == [(1, 2), (1, 4), (1, 6)]  # the last: the steps done, before validation
 
 
 def test_a_loader_that_cannot_skip_trains_the_steps_left_from_a_fresh_pass(tmp_path, caplog):
@@ -354,7 +385,7 @@ def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(
 
     whole = spawn("whole", "whole")
     assert [r["code"] for r in whole] == [0, 0]
-    assert saved_positions(tmp_path / "whole") == [(1, n) for n in range(1, 6)] + [(2, n) for n in range(1, 6)]
+    assert saved_positions(tmp_path / "whole") == [(1, n) for n in range(1, 7)] + [(2, n) for n in range(1, 7)]
     broken = spawn("broken", "broken", stop_at=9)  # epoch 2, batch 3 on each rank
     assert [r["code"] for r in broken] == [EXIT_INTERRUPTED] * 2
     assert load_ckpt(tmp_path / "broken" / "checkpoints" / "last.pt")["progress"]["done"] == {"classification": 2}
@@ -566,7 +597,7 @@ def test_a_save_due_inside_an_accumulation_window_is_made_when_it_closes(tmp_pat
                                                      collate_fn=collate))
 
     assert run_training(make_cfg(exp, "train.epochs=1", "train.grad_accum_steps=2", EVERY_LOG_STEP), build)[0] == 0
-    assert saved_positions(exp) == [(1, 4), (1, 6), (1, 10)]
+    assert saved_positions(exp) == [(1, 4), (1, 6), (1, 10), (1, 12)]
 
 
 def test_positions_of_two_tasks_with_a_nan_loss_are_still_one_save():

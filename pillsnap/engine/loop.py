@@ -223,6 +223,21 @@ class EpochRunner:
         self.save_progress(self._stamped(progress))
         self.last_checkpoint = time.monotonic()
 
+    def save_before_validation(self, device: object) -> None:
+        """The epoch's steps done: its place saved before validation when the last save is older than a tenth of
+        train.checkpoint_interval_minutes (3 min at the default 30; never in the demo's seconds-long epochs). A
+        stop or crash during a Stage 4 validation (minutes, rank 0 alone for part of it) sent the resume back to
+        the last save inside the epoch, up to the whole interval of every GPU's steps to train again; now it
+        validates again. Not after the time cap cut the epoch short (saved already)."""
+        progress = self.current
+        if self.save_progress is None or self.checkpoint_interval_s <= 0 or progress is None or \
+                self.cut_short is not None:
+            return
+        old = time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s / 10
+        if any_rank(self.info, old and self.info.is_main, device):  # rank 0's clock, for every rank
+            self.save_progress(self._stamped(progress), why="its steps done, before validation")
+            self.last_checkpoint = time.monotonic()
+
     def _stamped(self, progress: EpochProgress) -> EpochProgress:
         """`progress` with the stage clock and this rank's random states of now, as a save keeps them (the trainer
         gathers every rank's)."""

@@ -510,6 +510,8 @@ class Trainer:
             # which a kill may interrupt
             self.save_progress(cut, why=f"the stage's time cap ({self.stage_cfg.get('time_limit_hours')} h) cut "
                                         "it short; a resume with a raised cap trains the rest of the epoch")
+        else:
+            self.runner.save_before_validation(next(iter(self.tasks.values())).device)
         for name in active:
             self.tasks[name].epoch_trained(epoch)
             if self.info.enabled:
