@@ -9,8 +9,8 @@ that failed. One run per experiment folder: a second one on a folder in use is r
 run.lock). Exit codes: 0 done, 1 any other error, 2 a config, resume or input error or a folder in use, 3 out of
 memory (for good; under torchrun, a restart applies the recovery it saved), 4 the stage's time cap without its
 minimums, 5 trained and saved but a step of the work after training failed (the log names the commands that finish
-it; a resume does them too), 130 interrupted (Ctrl-C, SIGTERM, SIGHUP or SIGUSR1; the last lines say how to resume,
-or how to finish the work after training).
+it; a resume does them too), 130 interrupted (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1 or SIGQUIT; the last lines say how
+to resume, or how to finish the work after training).
 """
 
 from __future__ import annotations
@@ -169,9 +169,12 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
         if done:
             LOGGER.warning("work after this training already done: %s (%s); %s", ", ".join(done), record.path,
                            f"left: {', '.join(left)}" if left else "nothing is left to do")
+        link_stage_checkpoints(trainer)  # the stage's names for its best weights, whatever the steps left do
+        waiting: list[str] = []
         for step in left:
             if step in AFTER_CALIBRATION and "calibration" in failed:
-                continue  # measured through the calibrated answers: it waits for the calibration
+                waiting.append(step)  # measured through the calibrated answers: it waits for the calibration
+                continue
             # each step records itself done (after_training.mark_done), so a failure in a later one keeps it
             try:
                 with after_training_phase(trainer.exp_dir, step):
@@ -179,16 +182,29 @@ def _after_training(code: int, trainer: Any, build_loaders: Callable[[Any], Any]
             except Exception:  # a photo, a device, a plot: the training is saved; the other steps still run
                 LOGGER.exception("%s after training failed", step.replace("_", " "))
                 failed.append(step)
-            if step == "calibration":
-                link_stage_checkpoints(trainer)  # the stage's names for its best weights, whatever came of it
         if failed:
-            rest = finish_command(trainer.exp_dir, trainer.stage)
             LOGGER.error("training finished and its checkpoints are whole, but the work after it failed in: %s "
-                         "(the error above); finish it with: %s", ", ".join(failed),
-                         " or ".join(filter(None, [rest, "the same training command with train.resume=last (it "
-                                                         "trains nothing and does every step left)"])))
+                         "(the error above)%s; finish it with: %s", ", ".join(failed),
+                         f", and {', '.join(waiting)} waited for the calibration" if waiting else "",
+                         _finish_line(trainer.exp_dir, trainer.stage, failed + waiting))
             return EXIT_AFTER_TRAINING if code == EXIT_OK else code  # a time cap's 4 says more
     return code
+
+
+def _finish_line(exp_dir: Path, stage: int, steps: list[str]) -> str:
+    """The commands that do `steps` of the work after training, and the resume that does them all (the report
+    plots have no command of their own)."""
+    from pillsnap.eval.after_training import STEPS
+
+    exp = shlex.quote(str(exp_dir))
+    commands = {"calibration": f"pillsnap calibrate --exp {exp}",
+                "stage_evaluation": f"pillsnap evaluate --exp {exp} --stage {stage}",
+                "final_test": f"pillsnap evaluate --exp {exp} --final"}
+    resume = "the same training command with train.resume=last (it trains nothing and does every step left)"
+    named = [commands[step] for step in STEPS if step in steps and step in commands]
+    if "reports" in steps or not named:
+        return resume + (f"; or, for the other steps: {' && '.join(named)}" if named else "")
+    return f"{' && '.join(named)} (or {resume})"
 
 
 def _evaluate_stage(trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,

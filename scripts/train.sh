@@ -87,9 +87,9 @@ echo "train.sh: exp_dir=$EXP_DIR (logs: $EXP_DIR/logs/train.out, train.err)"
 # and SIGTERM: they end when the trainer's streams close, so the run's last lines (status, resume hint) still
 # reach the files and the console, and the script waits for them before its summary line.
 export PILLSNAP_STREAMS_ARE_LOGS=1
-exec {OUT_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.out")
+exec {OUT_FD}> >(trap '' INT TERM HUP QUIT; exec tee -a "$EXP_DIR/logs/train.out")
 OUT_TEE=$!
-exec {ERR_FD}> >(trap '' INT TERM HUP; exec tee -a "$EXP_DIR/logs/train.err" >&2 {OUT_FD}>&-)
+exec {ERR_FD}> >(trap '' INT TERM HUP QUIT; exec tee -a "$EXP_DIR/logs/train.err" >&2 {OUT_FD}>&-)
 ERR_TEE=$!
 # The trainer runs in the background so that this script can pass on a stop sent to it alone (`kill`, `timeout`, a
 # supervisor stopping the script): run in the foreground, it would be left training with the GPU and the folder's
@@ -100,7 +100,7 @@ stop() {  # a stop before the trainer's pid is known is passed on as soon as it 
   STOP=1
   [ -n "$TRAINER" ] && kill -TERM "$TRAINER" 2>/dev/null
 }
-trap stop INT TERM HUP USR1
+trap stop INT TERM HUP USR1 QUIT
 "$PY" -m pillsnap.train --cfg "$CFG" "${EXTRA[@]}" "${OVERRIDES[@]}" \
   >&"$OUT_FD" 2>&"$ERR_FD" {OUT_FD}>&- {ERR_FD}>&- &
 TRAINER=$!

@@ -71,6 +71,9 @@ def test_a_restart_after_a_failed_step_does_the_steps_left_and_a_second_one_noth
     assert train(make_cfg(exp, *overrides), fake_build_loaders) == EXIT_AFTER_TRAINING
     assert steps.calls == ["calibration", "reports"]
     assert "truncated" in caplog.text and "the work after it failed in: calibration" in caplog.text
+    assert "stage_evaluation waited for the calibration" in caplog.text
+    assert f"finish it with: pillsnap calibrate --exp {exp} && pillsnap evaluate --exp {exp} --stage 1 (or " in \
+        caplog.text
     metrics = json.loads((exp / "reports" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["status"] == status
     assert AfterTrainingRecord.of(exp).done == ["reports"]
@@ -120,7 +123,9 @@ def test_a_step_that_fails_costs_that_step_and_the_resume_does_it_alone(tmp_path
     assert steps.calls == ["calibration", "reports", "stage_evaluation"]
     assert AfterTrainingRecord.of(exp).done == ["calibration", "stage_evaluation"]
     assert "the work after it failed in: reports" in caplog.text and "no space left on device" in caplog.text
-    assert "train.resume=last" in caplog.text  # the report plots have no command of their own
+    # the report plots have no command of their own: the resume, not `pillsnap evaluate` (done already)
+    assert "finish it with: the same training command with train.resume=last" in caplog.text
+    assert "pillsnap evaluate" not in caplog.text
     ckpts = exp / "checkpoints"
     assert (ckpts / "stage1_classification_best.pt").samefile(ckpts / "classification_best.pt")
     stream = [json.loads(line) for line in (exp / "reports" / "metrics.jsonl").read_text(encoding="utf-8")
@@ -132,6 +137,28 @@ def test_a_step_that_fails_costs_that_step_and_the_resume_does_it_alone(tmp_path
     steps = Steps(monkeypatch)
     assert train(make_cfg(exp, *overrides, "train.resume=last"), fake_build_loaders) == 0
     assert steps.calls == ["reports"] and (exp / "reports" / "confusion_matrix.png").is_file()
+
+
+def test_the_stages_checkpoint_names_come_though_the_calibration_was_done_by_hand(tmp_path, monkeypatch):
+    """Ctrl-C during the calibration, `pillsnap calibrate` by hand, then the resume for the report plots: the stage's
+    names for its best weights (stage1_*_best.pt) were made only after a calibration in the same process."""
+    exp = tmp_path / "exp"
+    steps = Steps(monkeypatch)
+
+    def interrupted(trainer, build_loaders):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pillsnap.train, "calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(exp, "train.epochs=1"), fake_build_loaders)
+    for alias in (exp / "checkpoints").glob("stage1_*"):
+        alias.unlink()  # as a run interrupted before the links were made
+    mark_done(exp, "calibration")  # pillsnap calibrate, by hand
+    monkeypatch.setattr(pillsnap.train, "calibrate", steps.calibrate)
+    assert train(make_cfg(exp, "train.epochs=1", "train.resume=last"), fake_build_loaders) == 0
+    assert steps.calls == ["reports"]
+    assert (exp / "checkpoints" / "stage1_classification_best.pt").samefile(
+        exp / "checkpoints" / "classification_best.pt")
 
 
 def test_a_run_that_trains_on_owes_all_its_work_after_training_again(tmp_path, monkeypatch):

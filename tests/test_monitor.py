@@ -287,24 +287,81 @@ def test_table_thins_evenly_and_stays_bounded():
 @pytest.mark.parametrize("at", [0, 37, 63, 99])
 def test_a_thinned_loss_chart_still_shows_a_spike_and_a_nan_loss_where_they_were(at):
     """At a multi-day run's stride (256 at Stage 4) a loss spike or a NaN loss minutes long fell between the kept
-    rows: each kept row now stands for the worst of the rows since the one before it."""
+    rows: the peak column's rows stand for the worst of the rows since the one before, while the loss itself stays
+    sampled (the worst of every row lifted a flat loss of 1.0 +- 0.25 to 1.7 on the chart)."""
     for bad in (9.0, float("nan")):
-        table = Table(("x", "loss", "lr"), max_rows=8, peak=("loss",))
+        table = Table(("x", "loss", "lr"), max_rows=8, peaks={"loss_peak": "loss"})
         for i in range(100):
-            table.append({"x": float(i), "loss": bad if i == at else 1.0, "lr": 0.1})
-        xs, losses = table.columns["x"], table.columns["loss"]
-        shown = [x for x, loss in zip(xs, losses, strict=True) if loss != 1.0]
+            table.append({"x": float(i), "loss": bad if i == at else 1.0 + 0.25 * (-1) ** i, "lr": 0.1})
+        xs, peaks = table.columns["x"], table.columns["loss_peak"]
+        want = None if bad != bad else bad
+        shown = [x for x, peak in zip(xs, peaks, strict=True) if peak == want]
         if at > xs[-1]:  # after the last kept row: carried to the next one
-            assert shown == [] and table._pending["loss"] == (None if bad != bad else bad)
+            assert shown == [] and table._pending["loss_peak"] == want
             continue
-        assert len(shown) == 1, losses
-        assert losses[xs.index(shown[0])] == (None if bad != bad else bad)
-        # at the first kept row at or after it, a stride's width at most
-        assert at <= shown[0] < at + table.stride
-        assert table.columns["lr"] == [0.1] * len(xs)  # the other columns are sampled, as before
+        assert len(shown) == 1, peaks
+        assert at <= shown[0] < at + table.stride  # at the first kept row at or after it, a stride's width at most
+        # the loss as sampled: the kept rows' own values, neither lifted by their neighbours nor the spike's
+        assert table.columns["loss"] == [want if x == at else 1.0 + 0.25 * (-1) ** int(x) for x in xs]
+        assert table.columns["lr"] == [0.1] * len(xs)
 
 
-# ---------- evaluation file ----------
+def test_a_resume_keeps_a_spike_before_where_it_goes_on_and_forgets_one_it_redoes():
+    table = Table(("x", "epoch", "loss"), max_rows=8, peaks={"loss_peak": "loss"})
+    for i in range(58):  # stride 8 by now; row 57 pending
+        table.append({"x": i / 10, "epoch": 1 + i // 10, "loss": 9.0 if i == 57 else 1.0})
+    assert table.stride == 8 and table._pending["loss_peak"] == 9.0
+    table.drop_after_epoch(5, upto=5.8)  # the spike at 5.7 came before the resume's place: it stays
+    assert table._pending["loss_peak"] == 9.0
+    table.drop_after_epoch(5, upto=5.65)  # redone by the resume: forgotten
+    assert table._pending == {}
+
+
+def test_the_page_hears_from_the_server_while_a_long_stream_is_first_read(tmp_path):
+    """After days unwatched the first read of a 250 MB stream takes seconds: the pushes waited on it, system
+    samples too, and the page said "no word from the server"."""
+    import asyncio
+    import threading
+    import time
+
+    from pillsnap.monitor.dashboard import push_updates
+
+    write(tmp_path / "reports" / "metrics.jsonl", start(t=1.0))
+    live = LiveRun(tmp_path)
+    sent: list[tuple[str, float]] = []
+
+    class Page:
+        async def send_text(self, text):
+            sent.append((json.loads(text)["kind"], time.monotonic()))
+
+    class Probe:
+        def sample(self):
+            return {"cpu_percent": 1.0}
+
+    reading = threading.Event()
+
+    def slow_first_read():
+        with live._lock:  # as the read the server starts with holds it
+            reading.set()
+            time.sleep(1.5)
+        live.refresh()
+
+    async def watch():
+        reader = threading.Thread(target=slow_first_read)
+        reader.start()
+        reading.wait()
+        started = time.monotonic()
+        task = asyncio.ensure_future(push_updates(Page(), live, Probe(), poll_s=0.05, system_s=10))
+        await asyncio.sleep(2.5)
+        task.cancel()
+        reader.join()
+        return started
+
+    started = asyncio.run(watch())
+    kinds = [kind for kind, _ in sent]
+    assert kinds[:2] == ["system", "state"]
+    assert sent[0][1] - started < 1.0  # the sample came while the stream was still being read
+
 
 def test_the_runs_eta_says_it_leaves_out_a_task_that_has_not_started():
     """train.strategy=sequential: 50 classifier epochs, then the detector's. The ETA was the classifier's alone, said
@@ -317,6 +374,10 @@ def test_the_runs_eta_says_it_leaves_out_a_task_that_has_not_started():
     assert "ETA >= " in title(snap) and "(not counting detection: no step yet)" in title(snap)
     state.apply(step(1900, 1, 1, task="detection", epochs=100))  # both under way: the slower one's, as before
     assert state.snapshot()["run"]["eta_waiting"] == []
+    alone = MonitorState()  # `--only detection`: the classifier is planned no epoch, not waited for
+    alone.apply_all([{**start(t=0, epochs=10), "last_epochs": {"classification": 0, "detection": 10}},
+                     step(0, 1, 1, task="detection", epochs=10), step(60, 1, 5, task="detection", epochs=10)])
+    assert alone.snapshot()["run"]["eta_waiting"] == []
 
 
 def test_a_stream_that_lost_its_start_record_takes_the_stage_from_the_runs_config(tmp_path):
@@ -620,6 +681,15 @@ def test_torchruns_restart_after_an_oom_is_followed_as_the_same_run_and_rates_ar
     state.apply_all([{**start(t=now + 3, start_epoch=1), **ddp, "restart": 1}, step(now + 4, 2, 1),
                      {"type": "end", "time": now + 5, "status": "oom_emergency_exit"}])
     assert state.snapshot()["run"]["status"] == "oom_emergency_exit"
+    # a restart that never comes (a set-up error, a rendezvous that never completes): stopped, after a grace
+    from pillsnap.monitor.terminal import RESTART_GRACE_S, trainer_gone
+
+    waiting = MonitorState()
+    ended = now - RESTART_GRACE_S - 10
+    waiting.apply_all([{**start(t=ended), **ddp}, {"type": "end", "time": ended, "status": "crashed"}])
+    gone = {**waiting.snapshot(), "exp": "exp", "trainer": {"pid": 1, "alive": False}}
+    assert not trainer_gone(gone, now=ended + 60) and trainer_gone(gone, now=ended + RESTART_GRACE_S + 1)
+    assert "torchrun's restart 1 has not come" in title(gone)
 
     exp = tmp_path / "exp"
     stream = exp / "reports" / "metrics.jsonl"
@@ -661,6 +731,9 @@ def test_the_work_after_training_is_shown_until_its_verdict(tmp_path):
     assert not after_training_under_way(snap) and snap["run"]["after"] == {
         "step": "stage_evaluation", "since": snap["run"]["after"]["since"], "failed": True}
     assert "the work after training failed at stage_evaluation" in title(snap)
+    # each step fails alone: while the trainer still holds the folder the next one comes, and --terminal follows
+    assert after_training_under_way({**snap, "trainer": {"pid": 1, "alive": True}})
+    assert not after_training_under_way({**snap, "trainer": {"pid": 1, "alive": False}})
     events = [(r["step"], r["event"]) for r in map(json.loads, (exp / "reports" / "metrics.jsonl").read_text()
                                                    .splitlines()) if r["type"] == "after_training"]
     assert events == [("reports", "start"), ("reports", "done"), ("calibration", "start"), ("calibration", "done"),

@@ -35,12 +35,12 @@ async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s:
     sent_version, next_system = None, 0.0
     sampling: asyncio.Future | None = None
     while True:
-        # the sample first: a first read of a multi-day stream takes seconds, and the page said "no word from the
-        # server" meanwhile
         if sampling is None and loop.time() >= next_system:
             sampling = asyncio.ensure_future(asyncio.to_thread(probe.sample))
-        version = await asyncio.to_thread(live.refresh)  # file reads off the event loop
-        if version != sent_version:
+        # file reads off the event loop; not waiting on another thread's read (the first of a multi-day stream
+        # takes seconds, and the page said "no word from the server" meanwhile: the samples go on)
+        version = await asyncio.to_thread(live.refresh, False)
+        if version is not None and version != sent_version:
             await ws.send_text(dumps({"kind": "state", "data": await asyncio.to_thread(live.snapshot)}))
             sent_version = version
         if sampling is not None and sampling.done():

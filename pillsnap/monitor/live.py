@@ -72,21 +72,29 @@ class LiveRun:
         self._file_eval: tuple[Path, float, dict] | None = None  # path, mtime, content of the evaluation file
         self._trainer: dict | None = None  # trainer_process as of the last refresh
 
-    def refresh(self) -> int:
-        """Read what is new; returns the state's version (unchanged when nothing is)."""
-        with self._lock:
+    def refresh(self, wait: bool = True) -> int | None:
+        """Read what is new; returns the state's version (unchanged when nothing is). `wait` False: None at once
+        while another thread reads (the first read of a multi-day stream takes seconds)."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
+            return self._refresh()
+        finally:
+            self._lock.release()
+
+    def _refresh(self) -> int:
+        chunk = self.follower.poll()
+        self.state.apply_all(chunk.records, reset=chunk.reset)
+        while chunk.more:  # a long stream, read in bounded bites: each applied before the next is read
             chunk = self.follower.poll()
             self.state.apply_all(chunk.records, reset=chunk.reset)
-            while chunk.more:  # a long stream, read in bounded bites: each applied before the next is read
-                chunk = self.follower.poll()
-                self.state.apply_all(chunk.records, reset=chunk.reset)
-            if self._read_evaluation_file():
-                self.state.version += 1
-            trainer = trainer_process(self.exp_dir)
-            if trainer != self._trainer:  # its process ended (or another took the folder): a new state to push
-                self._trainer = trainer
-                self.state.version += 1
-            return self.state.version
+        if self._read_evaluation_file():
+            self.state.version += 1
+        trainer = trainer_process(self.exp_dir)
+        if trainer != self._trainer:  # its process ended (or another took the folder): a new state to push
+            self._trainer = trainer
+            self.state.version += 1
+        return self.state.version
 
     def snapshot(self) -> dict:
         """The state as of the last refresh."""

@@ -53,38 +53,42 @@ def progress_of(step: dict) -> float:
 class Table:
     """Columns that share one row index, thinned by half whenever they pass `max_rows`, so a week-long run still
     ships a few hundred points per chart; after thinning only every `stride`-th new row is kept, so the density
-    stays even along the x axis. A `peak` column keeps the worst of the rows it stands for (the largest value, a gap
-    where any was NaN or infinite): at a stride of 256 a loss spike or a NaN loss minutes long otherwise fell between
-    the kept rows and never reached the chart."""
+    stays even along the x axis. `peaks` ({column: source column}): a column that keeps the worst of the source's
+    values over the rows its row stands for (the largest, a gap where any was NaN or infinite), beside the source
+    sampled as it was: at a stride of 256 a loss spike or a NaN loss minutes long fell between the kept rows and
+    never reached the chart."""
 
-    def __init__(self, columns: tuple[str, ...], max_rows: int, peak: tuple[str, ...] = ()) -> None:
-        self.columns: dict[str, list] = {c: [] for c in columns}
+    def __init__(self, columns: tuple[str, ...], max_rows: int, peaks: dict[str, str] | None = None) -> None:
+        self.peaks = dict(peaks or {})
+        self.columns: dict[str, list] = {c: [] for c in (*columns, *self.peaks)}
         self.max_rows, self.stride, self._seen = max_rows, 1, 0
-        self.peak = tuple(c for c in peak if c in self.columns)
-        self._pending: dict[str, float | None] = {}  # the peak columns' worst since the last kept row
+        self._pending: dict[str, float | None] = {}  # each peak column's worst since the last kept row
+        self._pending_x = -math.inf  # the furthest x among those rows
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
 
     def append(self, row: dict) -> None:
         self._seen += 1
-        for name in self.peak:
-            self._pending[name] = _worse(self._pending.get(name, math.nan), finite_or_none(row.get(name)))
+        for name, source in self.peaks.items():
+            self._pending[name] = _worse(self._pending.get(name, math.nan), finite_or_none(row.get(source)))
+        self._pending_x = max(self._pending_x, _finite(row.get("x")))
         if (self._seen - 1) % self.stride:
             return
         for name, values in self.columns.items():
-            values.append(_shown(self._pending[name]) if name in self._pending else finite_or_none(row.get(name)))
+            values.append(_shown(self._pending[name]) if name in self.peaks else finite_or_none(row.get(name)))
         self._pending.clear()
+        self._pending_x = -math.inf
         if len(self) > self.max_rows:
             # A kept row stands for the rows since the one kept before it: a dropped row's worst goes to the next
             # row kept, or, for the last row, to the next one appended (a gap, a NaN loss, still wins).
-            for name in self.peak:
+            for name in self.peaks:
                 values = self.columns[name]
                 for i in range(1, len(values), 2):
                     if i + 1 < len(values):
                         values[i + 1] = _worse(values[i], values[i + 1])
                     else:
-                        self._pending[name] = values[i]
+                        self._pending[name], self._pending_x = values[i], _finite(self.columns["x"][i])
             for values in self.columns.values():
                 del values[1::2]
             self.stride *= 2
@@ -102,7 +106,9 @@ class Table:
             keep = [i for i, e in enumerate(self.columns["epoch"]) if e is None or e <= epoch]
         for name, values in self.columns.items():
             self.columns[name] = [values[i] for i in keep]
-        self._pending.clear()  # the worst of rows the resume redoes
+        if self._pending_x > (epoch if upto is None else upto) + 1e-9:
+            self._pending.clear()  # the worst of rows the resume redoes
+            self._pending_x = -math.inf
 
 
 @dataclass
@@ -119,7 +125,7 @@ class TaskState:
     stopped_early: bool = False
 
     def __post_init__(self) -> None:
-        self.train = Table(TRAIN_COLUMNS, self.max_rows, peak=("loss",))
+        self.train = Table(TRAIN_COLUMNS, self.max_rows, peaks={"loss_peak": "loss"})
 
     def add_step(self, record: dict) -> None:
         progress = progress_of(record)
@@ -204,7 +210,8 @@ class MonitorState:
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
                           "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
                           "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None, "after": None,
-                    "after_failed": [], "world_size": 1, "restart": 0, "max_restarts": 0, "restarting": None}
+                    "after_failed": [], "world_size": 1, "restart": 0, "max_restarts": 0, "restarting": None,
+                    "last_epochs": {}}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0
@@ -250,8 +257,9 @@ class MonitorState:
                         max_restarts=int(record.get("max_restarts") or 0), restarting=None)
         for name in self.run["tasks"]:
             self.task(name)
-        for name, last in (record.get("last_epochs") or {}).items():
-            self.task(name).last_epoch = int(last) or None
+        self.run["last_epochs"] = {name: int(last) for name, last in (record.get("last_epochs") or {}).items()}
+        for name, last in self.run["last_epochs"].items():
+            self.task(name).last_epoch = last or None
         self._stopped(record)
 
     def _on_step(self, record: dict) -> None:
@@ -311,9 +319,11 @@ class MonitorState:
         return max(etas) if etas and None not in etas else None
 
     def eta_waiting(self) -> list[str]:
-        """The tasks the run's ETA leaves out: planned, not finished, and with no step of this run yet."""
+        """The tasks the run's ETA leaves out: planned (the start record gives them epochs: `--only detection`
+        plans none for the classifier), not finished, and with no step of this run yet."""
         return [name for name, task in self.tasks.items()
-                if name in self.run["tasks"] and task.last_step is None and not task.finished()]
+                if name in self.run["tasks"] and task.last_step is None and not task.finished()
+                and self.run["last_epochs"].get(name) != 0]
 
     def snapshot(self) -> dict:
         return {"version": self.version, "records": self.records,

@@ -21,17 +21,30 @@ def number(value: object, spec: str = ".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value if value is not None else "—")
 
 
-def trainer_gone(snap: dict) -> bool:
-    """The stream says "running" but the process that held the folder for training has ended (no end record)."""
-    trainer = snap.get("trainer")
-    return snap["run"]["status"] == "running" and bool(trainer) and trainer.get("alive") is False
+# How long after an end record torchrun's restart may take to start the trainer again (its new rank 0 takes the
+# folder early in its start) before the job counts as stopped: a restart that fails before its start record (a
+# set-up error, a rendezvous that never completes, torchrun killed) left the run "restarting" for good.
+RESTART_GRACE_S = 300.0
+
+
+def trainer_gone(snap: dict, now: float | None = None) -> bool:
+    """The stream says "running" but the process that held the folder for training has ended (no end record), or
+    torchrun's restart, expected after an end record, has not come within RESTART_GRACE_S."""
+    trainer, run = snap.get("trainer"), snap["run"]
+    ended = bool(trainer) and trainer.get("alive") is False
+    if run["status"] == "restarting":
+        return ended and (now or time.time()) - (run.get("ended") or 0) > RESTART_GRACE_S
+    return run["status"] == "running" and ended
 
 
 def after_training_under_way(snap: dict) -> bool:
-    """Whether a step of the work after training is under way (started, neither done nor failed) and its process,
-    where the folder names it, is alive."""
+    """Whether the work after training goes on: a step started (neither done nor failed) and its process, where
+    the folder names it, alive; or a step that failed while the trainer still holds the folder (each step fails
+    alone: the next one comes)."""
     after, trainer = snap["run"].get("after"), snap.get("trainer")
-    return bool(after) and not after.get("failed") and not (trainer and trainer.get("alive") is False)
+    if not after or (trainer and trainer.get("alive") is False):
+        return False
+    return not after.get("failed") or bool(trainer and trainer.get("alive") is True)
 
 
 def title(snap: dict) -> str:
@@ -54,7 +67,9 @@ def title(snap: dict) -> str:
     if run.get("restarting"):
         again = run["restarting"]
         status = f"restarting (after {again['after']}: torchrun's restart {again['next']} of {again['max']})"
-    if trainer_gone(snap):  # killed or crashed: no end record
+    if trainer_gone(snap) and run.get("restarting"):
+        status = f"stopped (torchrun's restart {run['restarting']['next']} has not come)"
+    elif trainer_gone(snap):  # killed or crashed: no end record
         status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
     eta = duration(run["eta"])
     if run["eta"] is not None and run.get("eta_waiting"):  # a lower bound: a task with no step yet has no pace

@@ -81,8 +81,12 @@ function tick() {
   }
 }
 
-// The stream says "running" but the process that held the folder has ended: killed or crashed, no end record.
-const trainerGone = s => s.run.status === "running" && !!s.trainer && s.trainer.alive === false;
+// The stream says "running" but the process that held the folder has ended: killed or crashed, no end record. Or
+// torchrun's restart, expected after an end record, has not come within RESTART_GRACE_S (it failed to start).
+const RESTART_GRACE_S = 300;
+const ended = s => !!s.trainer && s.trainer.alive === false;
+const restartOverdue = s => s.run.status === "restarting" && ended(s) && serverNow() - (s.run.ended || 0) > RESTART_GRACE_S;
+const trainerGone = s => (s.run.status === "running" && ended(s)) || restartOverdue(s);
 const isRunning = s => s.run.status === "running" && !trainerGone(s);
 // A run that stopped before its end: no stage decision comes until a resume finishes it.
 const STOPPED_SHORT = ["interrupted", "crashed", "oom_emergency_exit"];
@@ -105,10 +109,13 @@ function renderRun(s) {
   const alert = $("run-alert"), again = run.restarting;
   alert.hidden = !gone && !again;
   alert.classList.toggle("expected", !!again && !gone);
-  if (again) alert.textContent = `After ${STATUS_TEXT[again.after] || again.after}, torchrun starts the job again ` +
+  if (again && gone) alert.textContent = `torchrun's restart ${again.next} of ${again.max} has not come within ` +
+    `${Fmt.dur(RESTART_GRACE_S)} of the ${STATUS_TEXT[again.after] || again.after}: the job has stopped. Its last ` +
+    "checkpoints are where train.resume=last (--resume) goes on.";
+  else if (again) alert.textContent = `After ${STATUS_TEXT[again.after] || again.after}, torchrun starts the job again ` +
     `by itself (restart ${again.next} of ${again.max}): it goes on from the last checkpoints` +
     (again.after === "oom_emergency_exit" ? ", with the recovery the OOM saved" : "") + ". The page follows it.";
-  if (gone) alert.textContent = `The trainer (pid ${trainer.pid} on ${trainer.host}: ${trainer.command || "?"}) ` +
+  else if (gone) alert.textContent = `The trainer (pid ${trainer.pid} on ${trainer.host}: ${trainer.command || "?"}) ` +
     `has ended without an end record: it was killed or crashed; its last record came ${Fmt.ago(age)}. ` +
     "Its last checkpoints are where train.resume=last (--resume) goes on.";
   $("run-stage").textContent = run.stage ? "Stage " + run.stage : "—";
@@ -269,7 +276,10 @@ function updateCharts(panel, t) {
   const tr = t.train, info = taskInfo(t.name), val = t.val;
   const xMax = Math.max(1, Math.ceil(Math.max(t.progress || 0, ...val.epoch, ...tr.x.filter(isNum)) - 1e-9));
   const domain = [0, xMax];
-  const loss = [{name: "train (raw)", color: info.accent, x: tr.x, y: tr.loss, width: 1.2, faint: true, hideLegend: true},
+  // faint: the highest loss of the steps each point stands for (a spike or a NaN, a gap, still shows once the
+  // points are thinned); bold: the loss as sampled, smoothed (the highest would lift it)
+  const loss = [{name: "train (highest)", color: info.accent, x: tr.x, y: tr.loss_peak || tr.loss, width: 1.2, faint: true,
+                 hideLegend: true},
                 {name: "train", color: info.accent, x: tr.x, y: PillCharts.smooth(tr.loss, 0.6), width: 2.2}];
   if (val.val_loss) loss.push({name: "validation", color: "#f778ba", x: val.epoch, y: val.val_loss, dots: true});
   panel.loss.update(loss, domain);
