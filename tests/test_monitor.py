@@ -690,6 +690,18 @@ def test_torchruns_restart_after_an_oom_is_followed_as_the_same_run_and_rates_ar
     gone = {**waiting.snapshot(), "exp": "exp", "trainer": {"pid": 1, "alive": False}}
     assert not trainer_gone(gone, now=ended + 60) and trainer_gone(gone, now=ended + RESTART_GRACE_S + 1)
     assert "torchrun's restart 1 has not come" in title(gone)
+    # no end record at all (rank 0 killed waiting in a collective after another rank's OOM, under NCCL): a restart
+    # may come while torchrun has restarts left, for the same grace
+    from pillsnap.monitor.terminal import restart_may_come
+
+    silent = MonitorState()
+    silent.apply_all([{**start(t=now - 30), **ddp}, step(now - 20, 1, 1)])
+    killed = {**silent.snapshot(), "exp": "exp", "trainer": {"pid": 1, "alive": False}}
+    assert restart_may_come(killed) and not trainer_gone(killed)
+    assert "restarting? (the trainer ended without an end record" in title(killed)
+    assert trainer_gone(killed, now=now + RESTART_GRACE_S)
+    spent = {**killed, "run": {**killed["run"], "restart": 1}}  # no restart left: stopped at once
+    assert trainer_gone(spent) and not restart_may_come(spent)
 
     exp = tmp_path / "exp"
     stream = exp / "reports" / "metrics.jsonl"

@@ -197,6 +197,33 @@ def test_page_tells_a_quiet_trainer_from_one_that_is_gone(dashboard, page):
         page.screenshot(path=os.environ["PILLSNAP_DASHBOARD_GONE_SCREENSHOT"], full_page=False)
 
 
+def test_a_trainer_gone_with_torchrun_restarts_left_is_a_restart_that_may_come(dashboard, page):
+    """Under NCCL an OOM on another rank ends rank 0 without an end record (it waits in a collective until torchrun
+    kills it), and torchrun starts the job again: the page said "stopped" and --terminal quit meanwhile."""
+    import socket
+    import subprocess
+    import sys
+
+    exp, url = dashboard
+    records = synthetic_run(time.time() - 20, epochs=4, done_epochs=1.5, stage=3)
+    records[0].update(world_size=2, max_restarts=1)
+    append(exp / "reports" / "metrics.jsonl", *records)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (exp / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "role": "train",
+                                              "since": "now", "since_unix": time.time(),
+                                              "command": "torchrun ..."}), encoding="utf-8")
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#run-status').textContent === 'restarting?'", timeout=WAIT_MS)
+    assert "torchrun has restarts left (1 of 1)" in page.inner_text("#run-alert")
+    restart = {**records[0], "time": time.time(), "start_epoch": 1, "restart": 1}
+    append(exp / "reports" / "metrics.jsonl", restart, {**records[-1], "time": time.time()})
+    (exp / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "role": "train",
+                                              "since": "now", "since_unix": time.time(),
+                                              "command": "torchrun ..."}), encoding="utf-8")
+    page.wait_for_function("document.querySelector('#run-status').textContent === 'running'", timeout=WAIT_MS)
+    assert not page.is_visible("#run-alert")
+
+
 def test_page_asks_whether_a_trainer_alive_but_silent_for_an_hour_hangs(dashboard, page):
     import socket
 

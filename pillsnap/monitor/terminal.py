@@ -34,7 +34,17 @@ def trainer_gone(snap: dict, now: float | None = None) -> bool:
     ended = bool(trainer) and trainer.get("alive") is False
     if run["status"] == "restarting":
         return ended and (now or time.time()) - (run.get("ended") or 0) > RESTART_GRACE_S
-    return run["status"] == "running" and ended
+    return run["status"] == "running" and ended and not restart_may_come(snap, now)
+
+
+def restart_may_come(snap: dict, now: float | None = None) -> bool:
+    """The trainer ended without an end record while torchrun has restarts left, within RESTART_GRACE_S of its last
+    record: how an OOM on another rank ends rank 0 under NCCL (it waits in a collective until torchrun kills it),
+    before torchrun starts the job again."""
+    trainer, run = snap.get("trainer"), snap["run"]
+    return (run["status"] == "running" and bool(trainer) and trainer.get("alive") is False
+            and int(run.get("restart") or 0) < int(run.get("max_restarts") or 0)
+            and (now or time.time()) - (run.get("last_time") or 0) <= RESTART_GRACE_S)
 
 
 def after_training_under_way(snap: dict) -> bool:
@@ -67,6 +77,9 @@ def title(snap: dict) -> str:
     if run.get("restarting"):
         again = run["restarting"]
         status = f"restarting (after {again['after']}: torchrun's restart {again['next']} of {again['max']})"
+    elif restart_may_come(snap):
+        status = (f"restarting? (the trainer ended without an end record; torchrun may start the job again: restart "
+                  f"{int(run.get('restart') or 0) + 1} of {run['max_restarts']})")
     if trainer_gone(snap) and run.get("restarting"):
         status = f"stopped (torchrun's restart {run['restarting']['next']} has not come)"
     elif trainer_gone(snap):  # killed or crashed: no end record

@@ -86,8 +86,12 @@ function tick() {
 const RESTART_GRACE_S = 300;
 const ended = s => !!s.trainer && s.trainer.alive === false;
 const restartOverdue = s => s.run.status === "restarting" && ended(s) && serverNow() - (s.run.ended || 0) > RESTART_GRACE_S;
-const trainerGone = s => (s.run.status === "running" && ended(s)) || restartOverdue(s);
-const isRunning = s => s.run.status === "running" && !trainerGone(s);
+// Ended without an end record while torchrun has restarts left, lately: how an OOM on another rank ends rank 0
+// under NCCL (waiting in a collective until torchrun kills it), before torchrun starts the job again.
+const restartMayCome = s => s.run.status === "running" && ended(s) && (s.run.restart || 0) < (s.run.max_restarts || 0) &&
+  serverNow() - (s.run.last_time || 0) <= RESTART_GRACE_S;
+const trainerGone = s => (s.run.status === "running" && ended(s) && !restartMayCome(s)) || restartOverdue(s);
+const isRunning = s => s.run.status === "running" && !trainerGone(s) && !restartMayCome(s);
 // A run that stopped before its end: no stage decision comes until a resume finishes it.
 const STOPPED_SHORT = ["interrupted", "crashed", "oom_emergency_exit"];
 const stoppedShort = s => trainerGone(s) || STOPPED_SHORT.includes(s.run.status);
@@ -95,8 +99,9 @@ const stoppedShort = s => trainerGone(s) || STOPPED_SHORT.includes(s.run.status)
 function renderRun(s) {
   const run = s.run, now = serverNow(), trainer = s.trainer, gone = trainerGone(s);
   const status = $("run-status");
-  status.textContent = STATUS_TEXT[gone ? "gone" : run.status] || run.status;
-  status.className = "badge " + (gone ? "oom_emergency_exit" : run.status);
+  const maybe = restartMayCome(s);
+  status.textContent = maybe ? "restarting?" : STATUS_TEXT[gone ? "gone" : run.status] || run.status;
+  status.className = "badge " + (gone ? "oom_emergency_exit" : maybe ? "restarting" : run.status);
   const age = run.last_time ? now - run.last_time : null;
   const updated = $("run-updated");
   updated.textContent = run.last_time ? "last record " + Fmt.ago(age) : "no records yet";
@@ -107,9 +112,13 @@ function renderRun(s) {
   if (quiet && alive) updated.textContent = `quiet for ${Fmt.dur(age)}; trainer alive${hung ? ": hung?" : ""}`;
   else if (quiet && !gone) updated.textContent += " — is the trainer alive?";
   const alert = $("run-alert"), again = run.restarting;
-  alert.hidden = !gone && !again;
-  alert.classList.toggle("expected", !!again && !gone);
-  if (again && gone) alert.textContent = `torchrun's restart ${again.next} of ${again.max} has not come within ` +
+  alert.hidden = !gone && !again && !maybe;
+  alert.classList.toggle("expected", (!!again || maybe) && !gone);
+  if (maybe) alert.textContent = `The trainer (pid ${trainer.pid} on ${trainer.host}) has ended without an end ` +
+    `record, and torchrun has restarts left (${(run.restart || 0) + 1} of ${run.max_restarts}): an out-of-memory ` +
+    "error on another rank ends rank 0 this way, and torchrun starts the job again from the last checkpoints. The " +
+    `page follows it; with no restart ${Fmt.dur(RESTART_GRACE_S)} after its last record, the run counts as stopped.`;
+  else if (again && gone) alert.textContent = `torchrun's restart ${again.next} of ${again.max} has not come within ` +
     `${Fmt.dur(RESTART_GRACE_S)} of the ${STATUS_TEXT[again.after] || again.after}: the job has stopped. Its last ` +
     "checkpoints are where train.resume=last (--resume) goes on.";
   else if (again) alert.textContent = `After ${STATUS_TEXT[again.after] || again.after}, torchrun starts the job again ` +
