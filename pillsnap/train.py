@@ -196,15 +196,20 @@ def _finish_line(exp_dir: Path, stage: int, steps: list[str]) -> str:
     plots have no command of their own)."""
     from pillsnap.eval.after_training import STEPS
 
-    exp = shlex.quote(str(exp_dir))
-    commands = {"calibration": f"pillsnap calibrate --exp {exp}",
-                "stage_evaluation": f"pillsnap evaluate --exp {exp} --stage {stage}",
-                "final_test": f"pillsnap evaluate --exp {exp} --final"}
+    commands = _step_commands(exp_dir, stage)
     resume = "the same training command with train.resume=last (it trains nothing and does every step left)"
     named = [commands[step] for step in STEPS if step in steps and step in commands]
     if "reports" in steps or not named:
         return resume + (f"; or, for the other steps: {' && '.join(named)}" if named else "")
     return f"{' && '.join(named)} (or {resume})"
+
+
+def _step_commands(exp_dir: str | Path, stage: int) -> dict[str, str]:
+    """The command that does each step of the work after training that has one (the report plots have none)."""
+    exp = shlex.quote(str(exp_dir))
+    return {"calibration": f"pillsnap calibrate --exp {exp}",
+            "stage_evaluation": f"pillsnap evaluate --exp {exp} --stage {stage}",
+            "final_test": f"pillsnap evaluate --exp {exp} --final"}
 
 
 def _evaluate_stage(trainer: Any, build_loaders: Callable[[Any], Any] | None, choice: int | None,
@@ -250,14 +255,14 @@ def finish_command(exp_dir: str | Path, stage: int) -> str:
     from pillsnap.eval.final import final_test_missing
 
     exp = Path(exp_dir)
-    record = AfterTrainingRecord.of(exp)
+    record, commands = AfterTrainingRecord.of(exp), _step_commands(exp, stage)
     steps = []
     if (exp / "checkpoints" / "classification_best.pt").is_file() and record.owes("calibration"):
-        steps.append(f"pillsnap calibrate --exp {shlex.quote(str(exp))}")
+        steps.append(commands["calibration"])
     if record.owes("stage_evaluation"):
-        steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --stage {stage}")
+        steps.append(commands["stage_evaluation"])
     if final_test_missing(exp, stage):
-        steps.append(f"pillsnap evaluate --exp {shlex.quote(str(exp))} --final")
+        steps.append(commands["final_test"])
     return " && ".join(steps)
 
 
@@ -329,8 +334,8 @@ def _torchrun_launcher(cmdline: Path | None = None) -> list[str] | None:
             break
     else:
         return None
-    if any(Path(a).name == "torchrun" for a in argv[:2]):
-        start = next(k for k, a in enumerate(argv[:2]) if Path(a).name == "torchrun")
+    start = next((k for k, a in enumerate(argv[:2]) if Path(a).name == "torchrun"), None)
+    if start is not None:
         launcher = ["torchrun", *argv[start + 1:entry]]
     elif argv[1:3] == ["-m", "torch.distributed.run"]:
         launcher = argv[:entry]

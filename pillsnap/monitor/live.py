@@ -26,10 +26,8 @@ def stream_path(exp_dir: str | Path) -> Path:
 
 def evaluation_path(exp_dir: str | Path, stage: int | None) -> Path | None:
     """reports/stage_{stage}_evaluation.json; with no stage known (no start record, none in the run's saved
-    config.yaml), the newest such file."""
+    config.yaml: config_stage), the newest such file."""
     reports = Path(exp_dir) / "reports"
-    if stage is None:
-        stage = config_stage(exp_dir)
     if stage is not None:
         return reports / f"stage_{stage}_evaluation.json"
     found = sorted(reports.glob("stage_*_evaluation.json"), key=lambda p: p.stat().st_mtime)
@@ -71,6 +69,7 @@ class LiveRun:
         self._lock = threading.Lock()
         self._file_eval: tuple[Path, float, dict] | None = None  # path, mtime, content of the evaluation file
         self._trainer: dict | None = None  # trainer_process as of the last refresh
+        self._saved_stage: tuple[float, int | None] | None = None  # config.yaml's mtime and the stage it names
 
     def refresh(self, wait: bool = True) -> int | None:
         """Read what is new; returns the state's version (unchanged when nothing is). `wait` False: None at once
@@ -107,7 +106,8 @@ class LiveRun:
 
     def _read_evaluation_file(self) -> bool:
         """Re-read the stage's evaluation file when it appeared or changed; True if so."""
-        path = evaluation_path(self.exp_dir, self.state.run["stage"])
+        stage = self.state.run["stage"]
+        path = evaluation_path(self.exp_dir, self._config_stage() if stage is None else stage)
         try:
             mtime = os.stat(path).st_mtime if path is not None else None
         except FileNotFoundError:
@@ -124,6 +124,16 @@ class LiveRun:
             return False
         self._file_eval = (path, mtime, clean({**content, "source": str(path), "time": mtime}))
         return True
+
+    def _config_stage(self) -> int | None:
+        """config_stage, read again only when the file changed (refresh runs every second)."""
+        try:
+            mtime = os.stat(self.exp_dir / "config.yaml").st_mtime
+        except OSError:
+            return None
+        if self._saved_stage is None or self._saved_stage[0] != mtime:
+            self._saved_stage = (mtime, config_stage(self.exp_dir))
+        return self._saved_stage[1]
 
     def _latest_evaluation(self, from_stream: dict | None) -> dict | None:
         """The newer of the stream's stage_evaluation record and the evaluation file (`pillsnap evaluate` may

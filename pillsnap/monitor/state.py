@@ -210,8 +210,8 @@ class MonitorState:
         self.run: dict = {"status": "waiting", "stage": None, "tasks": [], "epochs": None, "epoch": None,
                           "start_epoch": None, "inside_epoch": None, "started": None, "elapsed_before": 0.0,
                           "ended": None, "last_time": None, "resumes": 0, "time_limit_s": None, "after": None,
-                    "after_failed": [], "world_size": 1, "restart": 0, "max_restarts": 0, "restarting": None,
-                    "last_epochs": {}}
+                          "after_failed": [], "world_size": 1, "restart": 0, "max_restarts": 0, "restarting": None,
+                          "last_epochs": {}}
         self.oom: list[dict] = []
         self.evaluation: dict | None = None
         self.records = 0

@@ -27,22 +27,27 @@ def number(value: object, spec: str = ".4g") -> str:
 RESTART_GRACE_S = 300.0
 
 
+def _trainer_ended(snap: dict) -> bool:
+    """The process that held the folder for training has ended (where the folder names one on this machine)."""
+    trainer = snap.get("trainer")
+    return bool(trainer) and trainer.get("alive") is False
+
+
 def trainer_gone(snap: dict, now: float | None = None) -> bool:
     """The stream says "running" but the process that held the folder for training has ended (no end record), or
     torchrun's restart, expected after an end record, has not come within RESTART_GRACE_S."""
-    trainer, run = snap.get("trainer"), snap["run"]
-    ended = bool(trainer) and trainer.get("alive") is False
+    run = snap["run"]
     if run["status"] == "restarting":
-        return ended and (now or time.time()) - (run.get("ended") or 0) > RESTART_GRACE_S
-    return run["status"] == "running" and ended and not restart_may_come(snap, now)
+        return _trainer_ended(snap) and (now or time.time()) - (run.get("ended") or 0) > RESTART_GRACE_S
+    return run["status"] == "running" and _trainer_ended(snap) and not restart_may_come(snap, now)
 
 
 def restart_may_come(snap: dict, now: float | None = None) -> bool:
     """The trainer ended without an end record while torchrun has restarts left, within RESTART_GRACE_S of its last
     record: how an OOM on another rank ends rank 0 under NCCL (it waits in a collective until torchrun kills it),
     before torchrun starts the job again."""
-    trainer, run = snap.get("trainer"), snap["run"]
-    return (run["status"] == "running" and bool(trainer) and trainer.get("alive") is False
+    run = snap["run"]
+    return (run["status"] == "running" and _trainer_ended(snap)
             and int(run.get("restart") or 0) < int(run.get("max_restarts") or 0)
             and (now or time.time()) - (run.get("last_time") or 0) <= RESTART_GRACE_S)
 
@@ -52,7 +57,7 @@ def after_training_under_way(snap: dict) -> bool:
     the folder names it, alive; or a step that failed while the trainer still holds the folder (each step fails
     alone: the next one comes)."""
     after, trainer = snap["run"].get("after"), snap.get("trainer")
-    if not after or (trainer and trainer.get("alive") is False):
+    if not after or _trainer_ended(snap):
         return False
     return not after.get("failed") or bool(trainer and trainer.get("alive") is True)
 
@@ -73,22 +78,21 @@ def title(snap: dict) -> str:
                                                     if evaluation.get("recommendation") else "")
         if run.get("after_failed"):
             decision += f"; the work after training failed at {', '.join(run['after_failed'])}"
-    status = run["status"]
-    if run.get("restarting"):
-        again = run["restarting"]
+    status, gone, again = run["status"], trainer_gone(snap), run.get("restarting")
+    if gone and again:
+        status = f"stopped (torchrun's restart {again['next']} has not come)"
+    elif gone:  # killed or crashed: no end record
+        status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
+    elif again:
         status = f"restarting (after {again['after']}: torchrun's restart {again['next']} of {again['max']})"
     elif restart_may_come(snap):
         status = (f"restarting? (the trainer ended without an end record; torchrun may start the job again: restart "
                   f"{int(run.get('restart') or 0) + 1} of {run['max_restarts']})")
-    if trainer_gone(snap) and run.get("restarting"):
-        status = f"stopped (torchrun's restart {run['restarting']['next']} has not come)"
-    elif trainer_gone(snap):  # killed or crashed: no end record
-        status = f"stopped (the trainer, pid {snap['trainer']['pid']}, has ended without an end record)"
     eta = duration(run["eta"])
     if run["eta"] is not None and run.get("eta_waiting"):  # a lower bound: a task with no step yet has no pace
         eta = f">= {eta} (not counting {', '.join(run['eta_waiting'])}: no step yet)"
     return (f"PillSnap {snap['exp']}: {status}  stage {run['stage'] or '—'}  ETA {eta}"
-            f"{'' if trainer_gone(snap) else cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  "
+            f"{'' if gone else cap_note(run)}  Go/No-Go {decision}  OOM {len(snap['oom'])}  "
             f"last record {duration(age)} ago")
 
 

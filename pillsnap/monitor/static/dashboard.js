@@ -91,7 +91,7 @@ const restartOverdue = s => s.run.status === "restarting" && ended(s) && serverN
 const restartMayCome = s => s.run.status === "running" && ended(s) && (s.run.restart || 0) < (s.run.max_restarts || 0) &&
   serverNow() - (s.run.last_time || 0) <= RESTART_GRACE_S;
 const trainerGone = s => (s.run.status === "running" && ended(s) && !restartMayCome(s)) || restartOverdue(s);
-const isRunning = s => s.run.status === "running" && !trainerGone(s) && !restartMayCome(s);
+const isRunning = s => s.run.status === "running" && !ended(s);  // neither gone nor between torchrun's attempts
 // A run that stopped before its end: no stage decision comes until a resume finishes it.
 const STOPPED_SHORT = ["interrupted", "crashed", "oom_emergency_exit"];
 const stoppedShort = s => trainerGone(s) || STOPPED_SHORT.includes(s.run.status);
@@ -256,10 +256,9 @@ function kpis(t, ranks) {
   }
   if (!t.last_val) out.push({key: "val", label: "validation", value: "—", hint: "after epoch 1"});
   out.push({key: "lr", label: "learning rate", value: Fmt.lr(last.lr)});
-  out.push(ranks > 1 && isNum(last.throughput)
-    ? {key: "throughput", label: "throughput", value: Fmt.rate(ranks * last.throughput), unit: "img/s",
-       hint: `${ranks} ranks × ${Fmt.rate(last.throughput)}`}
-    : {key: "throughput", label: "throughput", value: Fmt.rate(last.throughput), unit: "img/s"});
+  const job = ranks > 1 && isNum(last.throughput);
+  out.push({key: "throughput", label: "throughput", value: Fmt.rate(job ? ranks * last.throughput : last.throughput),
+            unit: "img/s", hint: job ? `${ranks} ranks × ${Fmt.rate(last.throughput)}` : ""});
   const total = (last.data_time || 0) + (last.compute_time || 0);
   out.push({key: "data_share", label: "data wait", value: total ? Math.round(100 * last.data_time / total) : "—",
             unit: total ? "%" : "", hint: total ? `${Fmt.ms(last.data_time)} of ${Fmt.ms(total)}` : ""});
