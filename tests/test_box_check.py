@@ -348,10 +348,13 @@ def test_sets_are_filled_as_configured_and_the_evaluation_redraws_them_alike(tmp
     assert redrawn["coverage"] == 1.0 and redrawn["mean_set_size"] == 3.0 and redrawn["sure_share"] == 0.0
 
 
-def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their_labels(tmp_path: Path, caplog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their_labels(tmp_path: Path, caplog,
+                                                                                        workers: int):
     """Calibration cuts a combination photo's pills where the detector finds them: each labelled pill takes the box
     that overlaps it (IoU 0.5, most confident first); a pill the detector misses, or on a photo that cannot be read,
-    keeps its labelled box (not in the map), and is counted. Single-pill photos are not asked about."""
+    keeps its labelled box (not in the map), and is counted. Single-pill photos are not asked about. The photos are
+    decoded by loader workers (at Stage 4, tens of thousands of full-size photos) or in the process: the same."""
     import pandas as pd
 
     from pillsnap.data.datasets import CropTable
@@ -375,7 +378,7 @@ def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their
                          [11, 10, 30, 25, 0.3]])   # a second box on pill 0: taken by the surer one
 
     with caplog.at_level(logging.WARNING, logger="pillsnap"):
-        boxes, counts = detector_boxes(detect, dataset, sources, 0.25)
+        boxes, counts = detector_boxes(detect, dataset, sources, 0.25, workers)
     assert seen == [((120, 160), 0.25)]  # one photo, at the inference threshold; the single photo not asked
     assert sorted(boxes) == [0, 2]
     assert boxes[0].tolist() == [12, 11, 30, 24] and boxes[2].tolist() == [40, 102, 32, 22]
@@ -388,7 +391,7 @@ def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pillsnap"):
-        assert detector_boxes(broken, dataset, sources, 0.25) == ({}, None)
+        assert detector_boxes(broken, dataset, sources, 0.25, workers) == ({}, None)
     assert "cut at their labelled boxes" in caplog.text and "state_dict" in caplog.text
     assert detector_boxes(None, dataset, sources, 0.25) == ({}, None)  # no detector
     assert detector_boxes(detect, dataset, np.array(["single"] * 5), 0.25) == ({}, None)  # no combination pill

@@ -120,3 +120,14 @@ def test_stage_size_counts_the_photos_trained_and_validated_on(caplog):
     fewer = select_stage(manifest, cfg_for({1: (1000, 40)}), 1)  # only 10 drugs: each takes a larger share
     assert "stage 1 asks for 40 classes; the data has 10" in caplog.text
     assert fewer[fewer.split != "test"].shape[0] >= 1000
+
+
+def test_rows_come_in_the_index_order_whatever_the_frame_order():
+    """The stage is a set of rows, given in the manifest's index order: a frame whose rows are out of order (its
+    index labels kept) gives the same rows, in the same order, as the ordered one."""
+    manifest = fake_manifest(per_class=40)
+    cfg = cfg_for({1: (100, 5)})
+    expected = select_stage(manifest, cfg, 1)
+    assert len(expected) < len(manifest)  # a draw, not every row
+    shuffled = manifest.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(select_stage(shuffled, cfg, 1), expected)

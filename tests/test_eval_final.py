@@ -14,7 +14,7 @@ from pillsnap.utils import load_ckpt, read_json
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_final_evaluation_after_training(synth_cfg):
+def test_final_evaluation_after_training(synth_cfg, monkeypatch):
     cfg = synth_cfg
     cfg.train.strategy = "classification"
     assert main(cfg) == 0
@@ -56,6 +56,49 @@ def test_final_evaluation_after_training(synth_cfg):
     again = final_test_evaluation(cfg)
     assert again["val_minus_test"]["classification.accuracy"] == pytest.approx(round(best - cls["accuracy"], 4))
 
+    # A try that fails in the detector's part keeps the classifier's figures (at Stage 4, tens of minutes of passes
+    # over the test split): the next try measures the detector alone, for the same training, settings and weights.
+    from pillsnap.data import build_dataloaders_twostage
+    from pillsnap.eval import final
+
+    reports, ckpts = Path(exp) / "reports", Path(exp) / "checkpoints"
+    (reports / "final_test_results.json").unlink()
+    (ckpts / "detection_best.pt").write_bytes(b"detector weights")
+
+    def with_detector(cfg, build_test=False):
+        return build_dataloaders_twostage(cfg, build_test=build_test)._replace(det_test=["a test photo"])
+
+    def failing(*args):
+        raise OSError("detection_best.pt: truncated")
+
+    monkeypatch.setattr(final, "_test_detection", failing)
+    with pytest.raises(OSError, match="truncated"):
+        final_test_evaluation(cfg, with_detector)
+    assert not (reports / "final_test_results.json").exists() and (reports / final.PARTS_FILE).is_file()
+
+    measured = {"mAP@0.5": 0.5, "mAP@0.5:0.95": 0.3, "precision": 0.6, "recall": 0.7, "num_images": 1}
+    calls = []
+    real_classification = final._test_classification
+    monkeypatch.setattr(final, "_test_classification",
+                        lambda *args: calls.append("classification") or real_classification(*args))
+    monkeypatch.setattr(final, "_test_detection", lambda *args: calls.append("detection") or measured)
+    os.utime(ckpts / "classification_best.pt", (0, 0))  # a copy that lost its times: the same weights
+    done = final_test_evaluation(cfg, with_detector)
+    assert calls == ["detection"]  # the classifier's figures kept, not measured again
+    assert done["test_results"]["classification"] == again["test_results"]["classification"]
+    assert done["test_results"]["detection"]["mAP_0.5"] == 0.5
+    assert not (reports / final.PARTS_FILE).exists()  # the results hold them now
+    # a failed try, then other settings of the test (the single-pill crop): the classifier is measured again
+    (reports / "final_test_results.json").unlink()
+    monkeypatch.setattr(final, "_test_detection", failing)
+    with pytest.raises(OSError):
+        final_test_evaluation(cfg, with_detector)
+    calls.clear()
+    cfg.inference.single_crop = round(float(cfg.inference.single_crop) * 0.9, 3)
+    monkeypatch.setattr(final, "_test_detection", lambda *args: calls.append("detection") or measured)
+    final_test_evaluation(cfg, with_detector)
+    assert calls == ["classification", "detection"]
+
 
 def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys, caplog):
     cfg = synth_cfg
@@ -68,6 +111,12 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
 
     results = Path(cfg.paths.exp_dir) / "reports" / "final_test_results.json"
     assert results.is_file()
+    # the figures a failed try kept are the command's to take: it sees the same settings as training did
+    from pillsnap.config.run import load_run_config
+    from pillsnap.eval.final import TestParts
+
+    assert TestParts.of(Path(cfg.paths.exp_dir), cfg).settings_sha256 == TestParts.of(
+        Path(cfg.paths.exp_dir), load_run_config(cfg.paths.exp_dir)).settings_sha256
     # interrupted or failed, it runs again on its own, from the run's saved config, from another directory
     from pillsnap.cli import main as cli
 

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pillsnap.monitor.dashboard import STATIC_DIR, create_dashboard
+from pillsnap.monitor.delta import apply
 from pillsnap.monitor.live import LiveRun
 from pillsnap.monitor.state import MonitorState, Table
 from pillsnap.monitor.stream import StreamFollower, read_new_records
@@ -457,11 +458,16 @@ def test_websocket_pushes_state_system_and_new_records(tmp_path):
             kinds[msg["kind"]] = msg["data"]
         assert kinds["state"]["run"]["status"] == "waiting" and "cpu_percent" in kinds["system"]
         write(stream, start(), step(1, 1, 1, loss=0.4321))
-        for _ in range(200):  # bounded: the state arrives within a few polls
+        held = kinds["state"]
+        for _ in range(200):  # bounded: the change arrives within a few polls, as a patch of the state sent
             msg = ws.receive_json()
-            if msg["kind"] == "state" and msg["data"]["tasks"]:
-                break
-        assert msg["data"]["tasks"]["classification"]["last"]["loss"] == 0.4321
+            assert msg["kind"] != "state"  # sent whole once
+            if msg["kind"] == "patch":
+                held = apply(held, msg["data"])
+                if held["tasks"]:
+                    break
+        assert held["tasks"]["classification"]["last"]["loss"] == 0.4321
+        assert held["run"]["status"] == "running"
 
 
 # ---------- system probe and terminal ----------
@@ -563,10 +569,12 @@ def test_a_gpu_reading_that_hangs_holds_back_no_training_update(tmp_path, monkey
     stream = tmp_path / "reports" / "metrics.jsonl"
     try:
         with client.websocket_connect("/ws") as ws:
-            assert ws.receive_json()["kind"] == "state"
+            first = ws.receive_json()
+            assert first["kind"] == "state"
             write(stream, start(), step(1, 1, 1, loss=0.4321))
             msg = ws.receive_json()  # the new step, while the GPU reading still hangs
-            assert msg["kind"] == "state" and msg["data"]["tasks"]["classification"]["last"]["loss"] == 0.4321
+            assert msg["kind"] == "patch"
+            assert apply(first["data"], msg["data"])["tasks"]["classification"]["last"]["loss"] == 0.4321
             released.set()
             while (msg := ws.receive_json())["kind"] != "system":
                 pass
@@ -761,3 +769,40 @@ def test_the_work_after_training_is_shown_until_its_verdict(tmp_path):
         pass
     live.refresh()
     assert live.snapshot()["run"]["after_failed"] == []
+
+
+def test_the_page_is_sent_what_changed_and_ends_with_the_state_whole():
+    """After the first state, the server sends patches (pillsnap.monitor.delta): applied one after the other they
+    give every state exactly, through a chart thinned to half its rows, a stream replaced, keys that come and go;
+    and they are a small part of the state they bring (each step record changes a few hundred bytes of ~50 KB)."""
+    import json as json_module
+
+    from pillsnap.monitor.dashboard import state_message
+    from pillsnap.monitor.delta import apply, diff
+
+    state = MonitorState(max_rows=40)  # thinned every 40 rows: a run of 300 steps thins several times
+    records = [start(0.0, epochs=30)]
+    for epoch in range(1, 31):
+        records += [step(epoch * 10.0 + i, epoch, i, loss=1.0 / (epoch + i)) for i in range(10)]
+        records.append(val(epoch * 10.0 + 9.5, epoch, acc=0.5 + epoch / 100))
+    records.insert(150, {"type": "oom", "time": 150.0, "task": "classification", "action": "microbatching"})
+    held, whole, patched, kinds = None, 0, 0, set()
+    for index, record in enumerate(records):
+        state.apply_all([record], reset=index == 200)  # the stream replaced once
+        new = json_module.loads(json_module.dumps(state.snapshot()))
+        message = json_module.loads(state_message(held, new))
+        kinds.add(message["kind"])
+        if message["kind"] == "state":
+            held = message["data"]
+        else:
+            held = apply(held, message["data"])
+            patched += len(json_module.dumps(message))
+            whole += len(json_module.dumps({"kind": "state", "data": new}))
+        assert held == new, index
+    assert kinds == {"state", "patch"}
+    assert patched < whole / 5
+    assert state_message(held, held) is None  # nothing changed: nothing sent
+    assert diff({"a": [1, 2]}, {"a": [1, 2, 3]}) == {"~": {"a": {"+": [3]}}}
+    assert diff({"a": [1, 2]}, {"a": [2]}) == {"~": {"a": {"=": [2]}}}  # thinned: replaced whole
+    assert diff({"a": 1, "b": 2}, {"a": 1}) == {"-": ["b"]}
+    assert diff({"a": 1}, {"a": True}) == {"~": {"a": {"=": True}}}  # 1 and true differ in JSON

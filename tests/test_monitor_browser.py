@@ -117,6 +117,37 @@ def test_page_connects_and_shows_an_appended_value(dashboard, page):
     assert "latency_p95_ms 806 on cpu (the target 220 is for cuda)" in shown
 
 
+def test_the_page_built_from_patches_holds_the_servers_state(dashboard, page):
+    """After its first state the page is sent only what changed (pillsnap/monitor/delta.py) and patches the state
+    it holds: after a run's records came in bursts (its charts thinned to half their rows on the way, a stage
+    evaluation and a resume among them), what the page holds is the server's state, value for value."""
+    import urllib.request
+
+    exp, url = dashboard
+    stream = exp / "reports" / "metrics.jsonl"
+    records = synthetic_run(time.time(), epochs=12, done_epochs=11.5, stage=2)
+    append(stream, *records[:50])
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#connection').dataset.state === 'live'", timeout=WAIT_MS)
+    resume = {**records[0], "type": "start", "start_epoch": 6, "time": records[len(records) // 2]["time"]}
+    bursts = [records[50:400], records[400:len(records) // 2], [resume], records[len(records) // 2:]]
+    for burst in bursts:
+        append(stream, *burst)
+        count = sum(len(b) for b in bursts[:bursts.index(burst) + 1]) + 50
+        page.wait_for_function(f"page.state && page.state.records === {count}", timeout=WAIT_MS)
+    append(stream, {"type": "stage_evaluation", "time": time.time(), "stage": 2, "status": "GO",
+                    "recommendation": "PROCEED"})
+    page.wait_for_function("document.querySelector('#gonogo').textContent === 'GO'", timeout=WAIT_MS)
+    with urllib.request.urlopen(url + "api/state") as response:
+        server = json.loads(response.read())
+    held = page.evaluate("JSON.parse(JSON.stringify(page.state))")
+    for state in (server, held):
+        state.pop("server_time")
+    assert held == server
+    steps = sum(r["type"] == "step" and r.get("task") == "classification" for r in records)
+    assert len(held["tasks"]["classification"]["train"]["x"]) < steps  # thinned on the way
+
+
 def test_page_survives_the_stream_being_replaced(dashboard, page):
     exp, url = dashboard
     stream = exp / "reports" / "metrics.jsonl"

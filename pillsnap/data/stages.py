@@ -41,32 +41,48 @@ def stage_classes(codes: Iterable[str], max_classes: int, seed: int) -> list[str
     return sorted(ranked[:max_classes])
 
 
-def _take_per_group(frame: pd.DataFrame, keys: list[str], quota_of: pd.Series, seed: int) -> pd.DataFrame:
-    """Within each group, keep the `quota_of[group]` rows of lowest photo hash rank."""
-    ranked = frame.assign(_h=stable_hash(seed, frame["photo_id"])).sort_values(keys + ["_h"], kind="stable")
-    position = ranked.groupby(keys, sort=False).cumcount()
-    return ranked[position.to_numpy() < quota_of.loc[ranked.index].to_numpy()].drop(columns="_h")
+def _factorized(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's index into the column's distinct values (a missing value is one of them), and those values."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=False)
+    return codes, np.asarray(uniques, dtype=object)
 
 
-def _sample_singles(singles: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
-    """Up to `per_class` training and validation photos of each class, each split its share of them, and the test
-    split's photos in the same proportion on top: the design's stage sizes count the photos a stage trains and
-    validates on (Stage 3: 81,475 + 18,525), and the test split is held back until the end."""
-    split_size = singles.groupby(["mapping_code", "split"])["photo_id"].transform("size")
-    used = singles["split"].ne("test").groupby(singles["mapping_code"]).transform("sum")
+def _take_per_group(group: np.ndarray, rank: np.ndarray, quota: np.ndarray) -> np.ndarray:
+    """Positions (into the arrays) of the rows kept: within each `group`, the `quota` rows of lowest `rank`, ties in
+    row order."""
+    order = np.lexsort((np.arange(len(group)), rank, group))
+    grouped = group[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    place = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return np.sort(order[place < quota[order]])
+
+
+def _sample_singles(code: np.ndarray, split: np.ndarray, photo_rank: np.ndarray, per_class: int) -> np.ndarray:
+    """Positions of the single-pill rows kept (given each row's class code, split and photo rank): up to
+    `per_class` training and validation photos of each class, each split its share of them, and the test split's
+    photos in the same proportion on top: the design's stage sizes count the photos a stage trains and validates on
+    (Stage 3: 81,475 + 18,525), and the test split is held back until the end."""
+    split_code, split_names = _factorized(pd.Series(split))
+    group = code.astype(np.int64) * len(split_names) + split_code
+    split_size = np.bincount(group, minlength=int(group.max(initial=-1)) + 1)[group]
+    not_test = np.asarray([name != "test" for name in split_names])[split_code]
+    used = np.bincount(code, weights=not_test, minlength=int(code.max(initial=-1)) + 1)[code].astype(np.int64)
     # a class held out whole (test only) keeps its test share of the quota as it had
-    used = used.where(used > 0, split_size)
-    quota = np.ceil(per_class * split_size / used).clip(upper=split_size).astype(int)
-    return _take_per_group(singles, ["mapping_code", "split"], quota, seed)
+    used = np.where(used > 0, used, split_size)
+    quota = np.minimum(np.ceil(per_class * split_size / used), split_size).astype(int)
+    return _take_per_group(group, photo_rank, quota)
 
 
-def _sample_combinations(combos: pd.DataFrame, classes: set[str], max_photos: int, seed: int) -> pd.DataFrame:
-    # Detection is class-agnostic: a combination photo serves the stage when any of its pills is a stage class.
-    hit = combos.loc[combos["mapping_code"].isin(classes), "photo_id"].unique()  # vectorised: 1 ms per photo adds up
-    combos = combos[combos["photo_id"].isin(hit)]
-    photos = pd.Series(sorted(combos["photo_id"].unique()))
-    keep = set(photos.iloc[np.argsort(stable_hash(seed, photos), kind="stable")[:max_photos]])
-    return combos[combos["photo_id"].isin(keep)]
+def _sample_combinations(photo: np.ndarray, hit: np.ndarray, photo_ids: np.ndarray, photo_rank: np.ndarray,
+                         max_photos: int) -> np.ndarray:
+    """Positions of the combination rows kept, given each row's photo (an index into `photo_ids`, whose ranks are
+    `photo_rank`) and whether its pill is a stage class. Detection is class-agnostic: a combination photo serves the
+    stage when any of its pills is a stage class; at most `max_photos` such photos, those of lowest rank."""
+    served = np.unique(photo[hit])
+    served = served[np.argsort(photo_ids[served].astype(str), kind="stable")]  # ties in rank go by photo id
+    keep = np.zeros(len(photo_ids), dtype=bool)
+    keep[served[np.argsort(photo_rank[served], kind="stable")[:max_photos]]] = True
+    return np.flatnonzero(keep[photo])
 
 
 def classification_candidates(manifest: pd.DataFrame, cfg: DictConfig) -> pd.Series:
@@ -101,49 +117,68 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     stage class, at most `max_samples` photos; their pills of stage classes classify when `data.combo_crops` is on.
     With progressive validation disabled every row is used.
     """
-    candidates = classification_candidates(manifest, cfg)
+    candidates = classification_candidates(manifest, cfg).to_numpy(dtype=bool)
     if not candidates.any():
         raise _no_classification_rows(cfg, manifest)
+    code, class_codes = _factorized(manifest["mapping_code"])
+    split = manifest["split"].to_numpy(dtype=object)
     if not cfg.data.progressive_validation.enabled:
-        stage_class = _trained(manifest, candidates, stage)
-        return manifest.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
+        stage_class = _trained(code, class_codes, split, candidates, stage)
+        return manifest.assign(stage_class=stage_class).reset_index(drop=True)
     settings = stage_settings(cfg, stage)
     seed = int(cfg.data.split_seed)
-    # drawn among the drugs with a training row: one seen only in a held-out combination photo would be an output
-    # the classifier never trains and a test class always wrong
-    trainable = candidates & manifest["split"].eq("train")
-    classes = stage_classes(manifest.loc[trainable if trainable.any() else candidates, "mapping_code"],
-                            int(settings.max_classes), seed)
+    # Worked on per-row arrays of codes, and the frame is cut once at the end: at Stage 4's 2.6 M rows, filtering,
+    # sorting and `isin` on the frame's string columns took ~45 s and ~6 GB.
+    # Drawn among the drugs with a training row: one seen only in a held-out combination photo would be an output
+    # the classifier never trains and a test class always wrong.
+    trainable = candidates & (split == "train")
+    pool = np.unique(code[trainable if trainable.any() else candidates])
+    classes = stage_classes(class_codes[pool].tolist(), int(settings.max_classes), seed)
     if len(classes) < int(settings.max_classes):  # AI Hub's "5,000 kinds" hold about 4,500 drugs with photos
         LOGGER.warning("stage %s asks for %d classes; the data has %d with a training row: the stage trains on "
                        "those, each with a larger share of max_samples", stage or
                        cfg.data.progressive_validation.current_stage, int(settings.max_classes), len(classes))
     per_class = max(1, math.ceil(int(settings.max_samples) / len(classes)))
-    singles = manifest[(manifest["image_type"] == "single") & manifest["mapping_code"].isin(classes)]
-    chosen = _sample_singles(singles, per_class, seed)
-    combos = _sample_combinations(manifest[manifest["image_type"] == "combination"], set(classes),
-                                  int(settings.max_samples), seed)
-    rows = pd.concat([chosen, combos]).sort_index()
-    stage_class = _trained(rows, candidates.loc[rows.index] & rows["mapping_code"].isin(classes), stage)
+    in_stage = pd.Series(class_codes).isin(classes).to_numpy()[code]
+    photo, photo_ids = _factorized(manifest["photo_id"])
+    kind = manifest["image_type"]
+    singles = np.flatnonzero(kind.eq("single").to_numpy(dtype=bool) & in_stage)
+    combos = np.flatnonzero(kind.eq("combination").to_numpy(dtype=bool))
+    photo_rank = np.zeros(len(photo_ids), dtype=np.int64)  # ranked: the photos that can be drawn (Stage 1: few)
+    ranked = np.unique(np.concatenate([photo[singles], photo[combos[in_stage[combos]]]]))
+    photo_rank[ranked] = stable_hash(seed, photo_ids[ranked])
+    chosen = singles[_sample_singles(code[singles], split[singles], photo_rank[photo[singles]], per_class)]
+    kept_combos = combos[_sample_combinations(photo[combos], in_stage[combos], photo_ids, photo_rank,
+                                              int(settings.max_samples))]
+    keep = np.zeros(len(manifest), dtype=bool)
+    keep[chosen] = keep[kept_combos] = True
+    rows = manifest[keep]  # the frame cut once: each cut passes over all of its string columns
+    taken = np.flatnonzero(keep)
+    if not manifest.index.is_monotonic_increasing:  # the rows in the manifest's index order, as always
+        order = np.argsort(manifest.index.to_numpy()[taken], kind="stable")
+        rows, taken = rows.iloc[order], taken[order]
+    stage_class = _trained(code[taken], class_codes, split[taken], candidates[taken] & in_stage[taken], stage)
     LOGGER.info("stage %s: %d classes, %d single rows (<= %d per class), %d combination photos",
-                stage or cfg.data.progressive_validation.current_stage, rows.loc[stage_class, "mapping_code"].nunique(),
-                len(chosen), per_class, combos["photo_id"].nunique())
-    return rows.assign(stage_class=stage_class.to_numpy()).reset_index(drop=True)
+                stage or cfg.data.progressive_validation.current_stage, len(np.unique(code[taken][stage_class])),
+                len(chosen), per_class, len(np.unique(photo[kept_combos])))
+    return rows.assign(stage_class=stage_class).reset_index(drop=True)
 
 
 _SAID: set[tuple] = set()  # the warnings _trained gave in this process
 
 
-def _trained(rows: pd.DataFrame, stage_class: pd.Series, stage: int | None) -> pd.Series:
-    """`stage_class` without the classes that kept no training row (their only photos held out, or sampled away
-    with the stage's combination photos), said in the log: such a class would be a classifier output never
-    trained, and every one of its validation and test pills wrong. Their photos still serve the detector."""
-    codes = rows["mapping_code"]
-    trained = set(codes[stage_class & rows["split"].eq("train")])
-    untrained = stage_class & ~codes.isin(trained)
+def _trained(code: np.ndarray, class_codes: np.ndarray, split: np.ndarray, stage_class: np.ndarray,
+             stage: int | None) -> np.ndarray:
+    """`stage_class` (per row, rows given by their class `code` into `class_codes` and their split) without the
+    classes that kept no training row (their only photos held out, or sampled away with the stage's combination
+    photos), said in the log: such a class would be a classifier output never trained, and every one of its
+    validation and test pills wrong. Their photos still serve the detector."""
+    trained = np.zeros(len(class_codes), dtype=bool)
+    trained[code[stage_class & (split == "train")]] = True
+    untrained = stage_class & ~trained[code]
     if untrained.any():
-        left = sorted(codes[untrained].unique())
-        said = (stage, len(rows), tuple(left))
+        left = sorted(class_codes[np.unique(code[untrained])].tolist())
+        said = (stage, len(code), tuple(left))
         if said in _SAID:  # the loaders, the stage evaluation and the reports each select the stage
             return stage_class & ~untrained
         _SAID.add(said)

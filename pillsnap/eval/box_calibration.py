@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from pillsnap.eval.pipeline_eval import MATCH_IOU, photo_groups
 from pillsnap.infer.preprocess import load_image
@@ -94,16 +95,49 @@ def detector_of(cfg: Any, exp_dir: str | Path, device: Any = None) -> Callable[[
     return detect
 
 
+class _LabelledPhotos(Dataset):
+    """Photos decoded in the frame their labels are in, for a pass of the detector over them: (path, image, None),
+    or (path, None, why) for a photo that cannot be read. A loader's workers decode them ahead of the detector (a
+    full-size photo takes tens of milliseconds to decode, as long as the detector takes on it on a GPU)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, Any, str | None]:
+        from pillsnap.data.datasets import LABELLED
+        from pillsnap.utils.images import DECODE_ERRORS, read_image
+
+        path = self.paths[index]
+        try:
+            return path, read_image(path, LABELLED), None
+        except DECODE_ERRORS as err:
+            return path, None, str(err)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def labelled_photos(paths: list[str], workers: int) -> Any:
+    """`paths` decoded in order (_LabelledPhotos items), by `workers` loader workers (0: in this process)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(_LabelledPhotos(paths), batch_size=None, shuffle=False, num_workers=workers,
+                      collate_fn=_as_is)
+
+
 def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: Any, sources: np.ndarray | None,
-                   conf_threshold: float) -> tuple[dict[int, np.ndarray], dict | None]:
+                   conf_threshold: float, workers: int = 0) -> tuple[dict[int, np.ndarray], dict | None]:
     """The detector's box of each pill of a combination photo in the crop data set `dataset` (its rows whose
-    `sources` is "combination"): each photo, decoded in the frame its labels are in, through `detect` at the
-    inference threshold, and the boxes matched to the labelled ones as the pipeline's evaluation matches them (IoU
-    MATCH_IOU, most confident first). Returns {row: [x, y, w, h]} and the counts: the pills, those at a detector
-    box, those the detector missed and those on photos that could not be read (both stay at their labelled boxes).
-    ({}, None) without a detector, such pills, or (said in the log) a detector that cannot be run."""
-    from pillsnap.data.datasets import LABELLED
-    from pillsnap.utils.images import DECODE_ERRORS, read_image
+    `sources` is "combination"): each photo, decoded in the frame its labels are in (by `workers` loader workers,
+    0: in this process), through `detect` at the inference threshold, and the boxes matched to the labelled ones as
+    the pipeline's evaluation matches them (IoU MATCH_IOU, most confident first). Returns {row: [x, y, w, h]} and
+    the counts: the pills, those at a detector box, those the detector missed and those on photos that could not be
+    read (both stay at their labelled boxes). ({}, None) without a detector, such pills, or (said in the log) a
+    detector that cannot be run."""
     from pillsnap.utils.logs import progress
 
     members: dict[str, list[int]] = {}
@@ -115,12 +149,12 @@ def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: A
         return {}, None
     boxes: dict[int, np.ndarray] = {}
     unreadable = 0
+    photos = labelled_photos(list(members), workers)
     try:
-        for path, rows in progress(members.items(), "calibration: detector boxes", "photos", LOGGER):
-            try:
-                image = read_image(path, LABELLED)
-            except DECODE_ERRORS as err:  # its pills stay at their labelled boxes (and fail there, if they do)
-                LOGGER.warning("calibration: detector boxes: skipped %s (%s)", path, err)
+        for path, image, error in progress(photos, "calibration: detector boxes", "photos", LOGGER):
+            rows = members[path]
+            if image is None:  # its pills stay at their labelled boxes (and fail there, if they do)
+                LOGGER.warning("calibration: detector boxes: skipped %s (%s)", path, error)
                 unreadable += len(rows)
                 continue
             dets = detect(image, conf_threshold)

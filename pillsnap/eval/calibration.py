@@ -159,6 +159,7 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     `box_check` holds its confidences in the labelled pills of the validation combination photos
     (pillsnap.eval.box_calibration)."""
     from pillsnap.data import build_dataloaders_twostage
+    from pillsnap.data.loaders import workers_for_this_rank
     from pillsnap.models.classifier import WithFeatures, load_classifier_for_inference
     from pillsnap.utils import resolve_device
 
@@ -177,7 +178,8 @@ def calibrate_classifier(cfg: DictConfig, exp_dir: str | Path, build_loaders: Ca
     # located, a pill of a combination photo at the detector's box, not at the annotators' boxes (the validation of
     # training, and its early stopping, use those).
     detect = detector_of(cfg, exp_dir, device)
-    detected, cut = detector_boxes(detect, loaders.cls_val.dataset, sources, float(cfg.inference.conf_threshold))
+    detected, cut = detector_boxes(detect, loaders.cls_val.dataset, sources, float(cfg.inference.conf_threshold),
+                                   workers_for_this_rank(int(cfg.dataloader.num_workers)))
     crops = inference_crops(loaders.cls_val.dataset, sources, cfg, detected)
     val, figures = _temperature(model, loaders.cls_val if crops is loaders.cls_val.dataset
                                 else eval_loader(crops, cfg), device, sources)

@@ -3,13 +3,16 @@ figures, pillsnap.eval.pipeline_report, read its photos too, after training is o
 
 Runs once after the last stage: best checkpoints on the test loaders, val-vs-test gap (overfitting check), the
 business goals (pillsnap.eval.criteria.BUSINESS_GOALS), a recommendation, and
-{exp_dir}/reports/final_test_results.json.
+{exp_dir}/reports/final_test_results.json. Each model's figures are kept in reports/final_test_parts.json as soon as
+they are measured: at Stage 4 the classifier's passes over the test split take tens of minutes, and a try that
+fails in the detector's part (or is interrupted) does not measure them again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,9 @@ from pillsnap.utils import read_json, resolve_device, save_json
 from pillsnap.utils.run_status import COMPLETED_STATUSES
 
 LOGGER = logging.getLogger(__name__)
+PARTS_FILE = "final_test_parts.json"
+# what a model's test figures depend on besides its weights and the training they follow
+PART_SETTINGS = ("data", "model", "inference", "train.detection", "loss", "paths.manifest_dir")
 
 
 def _test_classification(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> tuple[dict, dict | None]:
@@ -127,6 +133,56 @@ def final_test_missing(exp_dir: str | Path, stage: int) -> bool:
     return final_test_owed(exp_dir, stage) is None and not final_test_written(exp_dir)
 
 
+class TestParts:
+    """The final test's figures of each model measured so far (reports/final_test_parts.json), for the training
+    whose metrics.json hashes to `metrics_sha256` under the settings that digest to `settings_sha256`."""
+
+    def __init__(self, path: Path, metrics_sha256: str | None, settings_sha256: str) -> None:
+        self.path, self.metrics_sha256, self.settings_sha256 = path, metrics_sha256, settings_sha256
+
+    @classmethod
+    def of(cls, exp_dir: Path, cfg: DictConfig) -> TestParts:
+        import hashlib
+
+        from omegaconf import OmegaConf
+
+        from pillsnap.utils.io import file_sha256
+
+        metrics = exp_dir / "reports" / "metrics.json"
+        settings = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                    for key in PART_SETTINGS if (value := OmegaConf.select(cfg, key)) is not None}
+        if "paths.manifest_dir" in settings:  # as training gave it or as a command resolves it: the same folder
+            settings["paths.manifest_dir"] = str(Path(settings["paths.manifest_dir"]).resolve())
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        return cls(exp_dir / "reports" / PARTS_FILE, file_sha256(metrics) if metrics.is_file() else None, digest)
+
+    def _read(self) -> dict:
+        try:
+            parts = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        same = (isinstance(parts, dict) and parts.get("metrics_sha256") == self.metrics_sha256
+                and parts.get("settings_sha256") == self.settings_sha256)
+        return parts if same else {}
+
+    def tested(self, part: str, ckpt: Path, test: Callable[[], Any]) -> Any:
+        """`test()`'s figures of the weights `ckpt`: kept from an earlier try of the same training, settings and
+        weights (their SHA-256), else measured now and kept at once."""
+        from pillsnap.utils.io import file_sha256
+
+        weights = file_sha256(ckpt)
+        parts = self._read()
+        kept = parts.get(part)
+        if isinstance(kept, dict) and kept.get("weights_sha256") == weights and "figures" in kept:
+            LOGGER.info("final test: the %s's figures are kept from an earlier try (%s)", part, self.path)
+            return kept["figures"]
+        figures = test()
+        parts.update(metrics_sha256=self.metrics_sha256, settings_sha256=self.settings_sha256)
+        parts[part] = {"weights_sha256": weights, "figures": figures}
+        save_json(self.path, parts)
+        return figures
+
+
 def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:
     """Evaluate classification_best.pt / detection_best.pt on the test split; write final_test_results.json.
     `device`: where (default: cuda when available)."""
@@ -139,10 +195,14 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
     loaders = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
     cls_test, det_test = loaders.cls_test, loaders.det_test
     device = resolve_device(device)
-    at_boxes, single = _test_classification(ckpts / "classification_best.pt", cls_test, device, cfg)
+    parts = TestParts.of(exp_dir, cfg)
+    cls_ckpt, det_ckpt = ckpts / "classification_best.pt", ckpts / "detection_best.pt"
+    at_boxes, single = parts.tested("classification", cls_ckpt,
+                                    lambda: list(_test_classification(cls_ckpt, cls_test, device, cfg)))
     test: dict[str, dict] = {"classification": at_boxes}
-    if det_test is not None and (ckpts / "detection_best.pt").is_file():
-        test["detection"] = _test_detection(ckpts / "detection_best.pt", det_test, device, cfg)
+    if det_test is not None and det_ckpt.is_file():
+        test["detection"] = parts.tested("detection", det_ckpt,
+                                         lambda: _test_detection(det_ckpt, det_test, device, cfg))
     metrics_path = exp_dir / "reports" / "metrics.json"
     # the validation figures of the same weights (the best checkpoints), not of the last epoch
     val = best_checkpoint_metrics(read_json(metrics_path), ckpts) if metrics_path.is_file() else {}
@@ -166,6 +226,7 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
 
         result["metrics_sha256"] = file_sha256(metrics_path)
     save_json(exp_dir / "reports" / "final_test_results.json", result)
+    parts.path.unlink(missing_ok=True)  # the results hold them now
     mark_done(exp_dir, "final_test")
     LOGGER.info("final test evaluation: %s -> %s", result["recommendation"],
                 exp_dir / "reports" / "final_test_results.json")

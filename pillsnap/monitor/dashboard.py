@@ -1,6 +1,7 @@
 """The live dashboard: a FastAPI app serving one page (HTML, CSS and JS shipped in this package, so it works
-offline) and pushing the run's state over a WebSocket whenever the metrics stream grows, plus a system sample
-every few seconds (which doubles as the heartbeat behind the page's "live" indicator)."""
+offline) and pushing the run's state over a WebSocket whenever the metrics stream grows (whole at first, then what
+changed: pillsnap.monitor.delta), plus a system sample every few seconds (which doubles as the heartbeat behind the
+page's "live" indicator)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from pillsnap.monitor.daemon import APP_NAME
+from pillsnap.monitor.delta import diff
 from pillsnap.monitor.live import LiveRun
 from pillsnap.monitor.system import SystemProbe
 
@@ -27,12 +29,21 @@ def dumps(message: dict) -> str:
     return json.dumps(message, allow_nan=False, separators=(",", ":"))
 
 
+def state_message(sent: dict | None, state: dict) -> str | None:
+    """The message that brings a page holding `sent` (None: nothing yet) to `state`: the state whole ("state"), or
+    what changed ("patch"); None when nothing did."""
+    if sent is None:
+        return dumps({"kind": "state", "data": state})
+    patch = diff(sent, state)
+    return None if patch is None else dumps({"kind": "patch", "data": patch})
+
+
 async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s: float, system_s: float) -> None:
-    """Send the state whenever it changed (checked every `poll_s`) and a system sample every `system_s`. The sample
-    is taken beside the state's updates, not between them: a GPU reading that hangs (NVML has no timeout) held the
-    training's updates back for as long as it hung."""
+    """Send the state whenever it changed (checked every `poll_s`), whole at first and then what changed, and a
+    system sample every `system_s`. The sample is taken beside the state's updates, not between them: a GPU reading
+    that hangs (NVML has no timeout) held the training's updates back for as long as it hung."""
     loop = asyncio.get_running_loop()
-    sent_version, next_system = None, 0.0
+    sent_version, sent, next_system = None, None, 0.0
     sampling: asyncio.Future | None = None
     while True:
         if sampling is None and loop.time() >= next_system:
@@ -41,8 +52,11 @@ async def push_updates(ws: WebSocket, live: LiveRun, probe: SystemProbe, poll_s:
         # takes seconds, and the page said "no word from the server" meanwhile: the samples go on)
         version = await asyncio.to_thread(live.refresh, False)
         if version is not None and version != sent_version:
-            await ws.send_text(dumps({"kind": "state", "data": await asyncio.to_thread(live.snapshot)}))
-            sent_version = version
+            state = await asyncio.to_thread(live.snapshot)
+            message = await asyncio.to_thread(state_message, sent, state)
+            if message is not None:
+                await ws.send_text(message)
+            sent_version, sent = version, state
         if sampling is not None and sampling.done():
             await ws.send_text(dumps({"kind": "system", "data": sampling.result()}))
             sampling, next_system = None, loop.time() + system_s

@@ -1,5 +1,6 @@
-// The dashboard page: one WebSocket to the monitor server, which pushes the run's state ("state") whenever the
-// metrics stream grows and a machine sample ("system") every few seconds; this file only renders them.
+// The dashboard page: one WebSocket to the monitor server, which pushes the run's state whenever the metrics stream
+// grows (whole at first, "state", then what changed, "patch": pillsnap/monitor/delta.py) and a machine sample
+// ("system") every few seconds; this file only renders them.
 "use strict";
 
 const TASKS = {
@@ -37,6 +38,7 @@ function connect(attempt = 0) {
     page.lastMessage = Date.now();
     const msg = JSON.parse(event.data);
     if (msg.kind === "state") onState(msg.data);
+    else if (msg.kind === "patch" && page.state) onState(applyPatch(page.state, msg.data));
     else if (msg.kind === "system") onSystem(msg.data);
     if ($("connection").dataset.state !== "live") setConnection("live", "live");
   };
@@ -45,6 +47,16 @@ function connect(attempt = 0) {
     setConnection("reconnecting", `reconnecting in ${wait} s…`);
     setTimeout(() => connect(attempt + 1), wait * 1000);
   };
+}
+
+// A patch from the server (pillsnap/monitor/delta.py): {"=": value} replaces, {"+": items} appends to a list,
+// {"~": {key: patch}, "-": [keys]} changes and removes a dict's keys. Applied in place; returns the new value.
+function applyPatch(value, patch) {
+  if ("=" in patch) return patch["="];
+  if ("+" in patch) { value.push(...patch["+"]); return value; }
+  for (const key of patch["-"] || []) delete value[key];
+  for (const [key, change] of Object.entries(patch["~"] || {})) value[key] = applyPatch(value[key], change);
+  return value;
 }
 
 function setConnection(state, text) {
