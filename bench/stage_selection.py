@@ -1,7 +1,7 @@
 """Stage selection at the real data's size: `select_stage` now against its version at a baseline revision (read from
 git), each in a fresh child process, the two alternating, on a manifest in the real schema with the real data's
 2.6 M rows over 5,000 drugs. Prints the time to select each stage, the child's peak RSS, and whether both versions
-chose the same rows (a hash of the whole frame).
+chose the same rows in the same order (a hash of the whole frame, row by row).
 
     .venv/bin/python bench/stage_selection.py --baseline-ref HEAD~1 [--rows 2600000 --classes 5000 --stages 1,4]
 
@@ -15,6 +15,7 @@ evaluation and the final test each select it again in a run's process.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -89,7 +90,8 @@ def child(args: argparse.Namespace) -> int:
     print(json.dumps({"load_s": loaded, "select_s": seconds, "rows": len(rows),
                       "peak_after_load_mib": rss_loaded,
                       "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "hash": str(int(pd.util.hash_pandas_object(rows, index=False).sum()))}))
+                      "hash": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+                      .hexdigest()}))
     return 0
 
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="1,4", help="stages to select, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="baseline/now pairs per stage, alternating")
     parser.add_argument("--row-group", type=int, default=100_000, help="rows per Parquet row group")
-    parser.add_argument("--work-dir", default=None, help="where the data go (default: a temporary folder)")
+    parser.add_argument("--work-dir", default=None, help="a new folder for the data (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep --work-dir")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--module", help=argparse.SUPPRESS)
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
 
+    if args.work_dir and Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
+        parser.error(f"--work-dir {args.work_dir} is not empty, and this bench deletes its folder: give a new one")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stage_selection_"))
     work.mkdir(parents=True, exist_ok=True)
     baseline = work / "stages_baseline.py"

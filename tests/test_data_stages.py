@@ -131,3 +131,18 @@ def test_rows_come_in_the_index_order_whatever_the_frame_order():
     assert len(expected) < len(manifest)  # a draw, not every row
     shuffled = manifest.sample(frac=1.0, random_state=0)
     pd.testing.assert_frame_equal(select_stage(shuffled, cfg, 1), expected)
+
+
+def test_nullable_string_columns_with_missing_values_select_as_the_manifest_would():
+    """A frame of pandas' nullable strings (pd.NA, not NaN), e.g. built by hand or read by another tool: a row with
+    no kind or no split is simply not drawn as one, as with the manifest's own string columns."""
+    manifest = fake_manifest(per_class=40)
+    manifest.loc[[3, 50], "image_type"] = None
+    manifest.loc[[7, 90], "split"] = None
+    cfg = cfg_for({1: (100, 5)})
+    expected = select_stage(manifest, cfg, 1)
+    nullable = manifest.astype({c: "string[pyarrow]" for c in ("mapping_code", "photo_id", "split", "image_type")})
+    assert nullable["image_type"].isna().sum() == 2 and nullable["image_type"].dtype != manifest["image_type"].dtype
+    drawn = select_stage(nullable, cfg, 1)
+    assert drawn["photo_id"].tolist() == expected["photo_id"].tolist()
+    assert drawn["stage_class"].tolist() == expected["stage_class"].tolist()

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from pillsnap.eval.after_training import AfterTrainingRecord
 from pillsnap.eval.final import final_test_evaluation
@@ -88,16 +89,49 @@ def test_final_evaluation_after_training(synth_cfg, monkeypatch):
     assert done["test_results"]["classification"] == again["test_results"]["classification"]
     assert done["test_results"]["detection"]["mAP_0.5"] == 0.5
     assert not (reports / final.PARTS_FILE).exists()  # the results hold them now
-    # a failed try, then other settings of the test (the single-pill crop): the classifier is measured again
+    # A failed try, then a retry with a smaller detector batch (after an OOM): the classifier's figures are kept;
+    # other settings of the classifier's test (the single-pill crop) measure it again.
+    for change, want in (("train.detection.batch_size", ["detection"]), ("inference.single_crop",
+                                                                           ["classification", "detection"])):
+        (reports / "final_test_results.json").unlink()
+        monkeypatch.setattr(final, "_test_detection", failing)
+        with pytest.raises(OSError):
+            final_test_evaluation(cfg, with_detector)
+        calls.clear()
+        OmegaConf.update(cfg, change, float(OmegaConf.select(cfg, change)) / 2)
+        monkeypatch.setattr(final, "_test_detection", lambda *args: calls.append("detection") or measured)
+        final_test_evaluation(cfg, with_detector)
+        assert calls == want, change
+    # a parts file that is not what this version writes is measured again, not trusted
     (reports / "final_test_results.json").unlink()
     monkeypatch.setattr(final, "_test_detection", failing)
     with pytest.raises(OSError):
         final_test_evaluation(cfg, with_detector)
+    kept = read_json(reports / final.PARTS_FILE)
+    kept["classification"]["figures"] = {"acc": 0.9}
+    (reports / final.PARTS_FILE).write_text(json.dumps(kept), encoding="utf-8")
     calls.clear()
-    cfg.inference.single_crop = round(float(cfg.inference.single_crop) * 0.9, 3)
     monkeypatch.setattr(final, "_test_detection", lambda *args: calls.append("detection") or measured)
     final_test_evaluation(cfg, with_detector)
     assert calls == ["classification", "detection"]
+
+
+def test_the_final_tests_kept_figures_follow_the_data_files(tmp_path):
+    """A scan that rewrites the manifest in the same folder (other test photos, another class order) makes the
+    figures kept from an earlier try stale: each part's digest names the manifest's files by their SHA-256."""
+    from pillsnap.config import load_config
+    from pillsnap.eval.final import TestParts
+
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "manifest.parquet").write_bytes(b"rows")
+    (manifests / "class_map.json").write_text('{"classes": []}', encoding="utf-8")
+    cfg = load_config(None, [f"paths.manifest_dir={manifests}"], dotenv_path=None)
+    parts = TestParts(tmp_path, cfg)
+    before = {part: parts.settings_digest(part) for part in ("classification", "detection")}
+    assert before == {part: TestParts(tmp_path, cfg).settings_digest(part) for part in before}  # stable
+    (manifests / "manifest.parquet").write_bytes(b"other rows")
+    assert all(parts.settings_digest(part) != digest for part, digest in before.items())
 
 
 def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeypatch, capsys, caplog):
@@ -107,16 +141,22 @@ def test_stage_4_run_ends_with_the_final_evaluation(synth_cfg, tmp_path, monkeyp
     cfg.train.stage_overrides.stage_4 = {}  # no max-autotune compile in a CPU test
     cfg.data.progressive_validation.stage_4.max_samples = 1000
     cfg.data.progressive_validation.stage_4.max_classes = cfg.data.progressive_validation.stage_1.max_classes
+    from pillsnap.eval.final import TestParts
+
+    digests, digest = [], TestParts.settings_digest
+    monkeypatch.setattr(TestParts, "settings_digest",
+                        lambda self, part: digests.append((part, digest(self, part))) or digests[-1][1])
     assert main(cfg) == 0
+    monkeypatch.setattr(TestParts, "settings_digest", digest)
 
     results = Path(cfg.paths.exp_dir) / "reports" / "final_test_results.json"
     assert results.is_file()
-    # the figures a failed try kept are the command's to take: it sees the same settings as training did
+    # the figures a failed try kept are the command's to take: it sees the settings training's own test saw
     from pillsnap.config.run import load_run_config
     from pillsnap.eval.final import TestParts
 
-    assert TestParts.of(Path(cfg.paths.exp_dir), cfg).settings_sha256 == TestParts.of(
-        Path(cfg.paths.exp_dir), load_run_config(cfg.paths.exp_dir)).settings_sha256
+    command = TestParts(Path(cfg.paths.exp_dir), load_run_config(cfg.paths.exp_dir))
+    assert digests and all(digest == command.settings_digest(part) for part, digest in digests)
     # interrupted or failed, it runs again on its own, from the run's saved config, from another directory
     from pillsnap.cli import main as cli
 

@@ -798,7 +798,7 @@ def test_the_page_is_sent_what_changed_and_ends_with_the_state_whole():
             held = apply(held, message["data"])
             patched += len(json_module.dumps(message))
             whole += len(json_module.dumps({"kind": "state", "data": new}))
-        assert held == new, index
+        assert json_module.dumps(held, sort_keys=True) == json_module.dumps(new, sort_keys=True), index
     assert kinds == {"state", "patch"}
     assert patched < whole / 5
     assert state_message(held, held) is None  # nothing changed: nothing sent
@@ -806,3 +806,5 @@ def test_the_page_is_sent_what_changed_and_ends_with_the_state_whole():
     assert diff({"a": [1, 2]}, {"a": [2]}) == {"~": {"a": {"=": [2]}}}  # thinned: replaced whole
     assert diff({"a": 1, "b": 2}, {"a": 1}) == {"-": ["b"]}
     assert diff({"a": 1}, {"a": True}) == {"~": {"a": {"=": True}}}  # 1 and true differ in JSON
+    assert diff({"a": [{"ok": 1}]}, {"a": [{"ok": True}]}) == {"~": {"a": {"=": [{"ok": True}]}}}  # deep down too
+    assert diff([[0]], [[False]]) == {"=": [[False]]} and diff({"a": 1.0}, {"a": 1}) is None

@@ -117,6 +117,17 @@ def test_page_connects_and_shows_an_appended_value(dashboard, page):
     assert "latency_p95_ms 806 on cpu (the target 220 is for cuda)" in shown
 
 
+def as_json(value: object) -> object:
+    """`value` compared as JSON compares: 1 and 1.0 alike (JavaScript writes 1.0 as 1), 1 and true not."""
+    if isinstance(value, dict):
+        return {key: as_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_json(item) for item in value]
+    if isinstance(value, bool):
+        return ("bool", value)
+    return float(value) if isinstance(value, (int, float)) else value
+
+
 def test_the_page_built_from_patches_holds_the_servers_state(dashboard, page):
     """After its first state the page is sent only what changed (pillsnap/monitor/delta.py) and patches the state
     it holds: after a run's records came in bursts (its charts thinned to half their rows on the way, a stage
@@ -138,12 +149,20 @@ def test_the_page_built_from_patches_holds_the_servers_state(dashboard, page):
     append(stream, {"type": "stage_evaluation", "time": time.time(), "stage": 2, "status": "GO",
                     "recommendation": "PROCEED"})
     page.wait_for_function("document.querySelector('#gonogo').textContent === 'GO'", timeout=WAIT_MS)
+    # an evaluation file holds any JSON: a value turning from 1 to true, a key named __proto__ coming in
+    evaluation = exp / "reports" / "stage_2_evaluation.json"
+    for details in ({"flags": [1]}, {"flags": [True], "__proto__": {"polluted": 1}}):
+        evaluation.write_text(json.dumps({"stage": 2, "status": "GO", "recommendation": "PROCEED",
+                                          "details": details}), encoding="utf-8")
+        want = json.dumps(details["flags"][0])
+        page.wait_for_function(f"page.state.evaluation?.details?.flags?.[0] === {want}", timeout=WAIT_MS)
+    assert page.evaluate("page.state.evaluation.details.polluted") is None  # a key, not the prototype
     with urllib.request.urlopen(url + "api/state") as response:
         server = json.loads(response.read())
-    held = page.evaluate("JSON.parse(JSON.stringify(page.state))")
+    held = json.loads(page.evaluate("JSON.stringify(page.state)"))  # as text: playwright drops a __proto__ key
     for state in (server, held):
         state.pop("server_time")
-    assert held == server
+    assert as_json(held) == as_json(server)
     steps = sum(r["type"] == "step" and r.get("task") == "classification" for r in records)
     assert len(held["tasks"]["classification"]["train"]["x"]) < steps  # thinned on the way
 

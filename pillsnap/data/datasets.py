@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from pillsnap.utils.arrays import place_in_runs
 from pillsnap.utils.boxes import xywh_to_xyxy, xyxy_to_cxcywh
 from pillsnap.utils.images import DECODE_ERRORS, ImageLimits, read_image
 from pillsnap.utils.signals import loader_worker_signals
@@ -287,10 +288,7 @@ def _first_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generato
     class is N x classes work: 350,000 rows x 5,000 classes at the last stage)."""
     order = rng.permutation(len(labels))
     order = order[np.argsort(labels[order], kind="stable")]  # grouped by class, shuffled within each class
-    grouped = labels[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, np.int64)
-    rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
-    return np.sort(order[rank < per_class])
+    return np.sort(order[place_in_runs(labels[order]) < per_class])
 
 
 def worker_init(worker_id: int) -> None:

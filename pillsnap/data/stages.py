@@ -16,6 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pillsnap.config import stage_settings
+from pillsnap.utils.arrays import place_in_runs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,10 +52,7 @@ def _take_per_group(group: np.ndarray, rank: np.ndarray, quota: np.ndarray) -> n
     """Positions (into the arrays) of the rows kept: within each `group`, the `quota` rows of lowest `rank`, ties in
     row order."""
     order = np.lexsort((np.arange(len(group)), rank, group))
-    grouped = group[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    place = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    return np.sort(order[place < quota[order]])
+    return np.sort(order[place_in_runs(group[order]) < quota[order]])
 
 
 def _sample_singles(code: np.ndarray, split: np.ndarray, photo_rank: np.ndarray, per_class: int) -> np.ndarray:
@@ -117,11 +115,11 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     stage class, at most `max_samples` photos; their pills of stage classes classify when `data.combo_crops` is on.
     With progressive validation disabled every row is used.
     """
-    candidates = classification_candidates(manifest, cfg).to_numpy(dtype=bool)
+    candidates = classification_candidates(manifest, cfg).to_numpy(dtype=bool, na_value=False)
     if not candidates.any():
         raise _no_classification_rows(cfg, manifest)
     code, class_codes = _factorized(manifest["mapping_code"])
-    split = manifest["split"].to_numpy(dtype=object)
+    split = manifest["split"].to_numpy(dtype=object, na_value=np.nan)  # pd.NA cannot be compared
     if not cfg.data.progressive_validation.enabled:
         stage_class = _trained(code, class_codes, split, candidates, stage)
         return manifest.assign(stage_class=stage_class).reset_index(drop=True)
@@ -142,8 +140,8 @@ def select_stage(manifest: pd.DataFrame, cfg: DictConfig, stage: int | None = No
     in_stage = pd.Series(class_codes).isin(classes).to_numpy()[code]
     photo, photo_ids = _factorized(manifest["photo_id"])
     kind = manifest["image_type"]
-    singles = np.flatnonzero(kind.eq("single").to_numpy(dtype=bool) & in_stage)
-    combos = np.flatnonzero(kind.eq("combination").to_numpy(dtype=bool))
+    singles = np.flatnonzero(kind.eq("single").to_numpy(dtype=bool, na_value=False) & in_stage)
+    combos = np.flatnonzero(kind.eq("combination").to_numpy(dtype=bool, na_value=False))
     photo_rank = np.zeros(len(photo_ids), dtype=np.int64)  # ranked: the photos that can be drawn (Stage 1: few)
     ranked = np.unique(np.concatenate([photo[singles], photo[combos[in_stage[combos]]]]))
     photo_rank[ranked] = stable_hash(seed, photo_ids[ranked])

@@ -6,7 +6,7 @@ stored in calibration.json; and the detector's boxes of those pills, where calib
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +121,45 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def labelled_photos(paths: list[str], workers: int) -> Any:
-    """`paths` decoded in order (_LabelledPhotos items), by `workers` loader workers (0: in this process)."""
-    from torch.utils.data import DataLoader
+class LabelledPhotos:
+    """`paths` decoded in order, in the frame their labels are in (_LabelledPhotos items), by `workers` loader
+    workers: none inside a daemonic process (a loader worker), which may not start any. Workers that fail (one
+    killed for memory, a decoder that crashes) leave the photos not yet given to be decoded in this process, said
+    in the log: the pass is not lost for them."""
 
-    return DataLoader(_LabelledPhotos(paths), batch_size=None, shuffle=False, num_workers=workers,
-                      collate_fn=_as_is)
+    def __init__(self, paths: list[str], workers: int) -> None:
+        import multiprocessing
+
+        self.photos = _LabelledPhotos(paths)
+        self.workers = 0 if multiprocessing.current_process().daemon else workers
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __iter__(self) -> Iterator[tuple[str, Any, str | None]]:
+        from torch.utils.data import DataLoader
+
+        from pillsnap.data.datasets import worker_init
+
+        given = 0
+        if self.workers:
+            loader = DataLoader(self.photos, batch_size=None, shuffle=False, num_workers=self.workers,
+                                collate_fn=_as_is, worker_init_fn=worker_init)
+            try:
+                for item in loader:
+                    yield item
+                    given += 1
+                return
+            except (OSError, RuntimeError) as err:
+                LOGGER.warning("calibration: detector boxes: the loader workers decoding the photos failed after %d "
+                               "of %d (%s: %s); the rest are decoded in this process", given, len(self),
+                               type(err).__name__, err)
+        for index in range(given, len(self)):
+            yield self.photos[index]
+
+
+class _DetectorFailed(Exception):
+    """The detector could not be loaded or run (the error is the cause)."""
 
 
 def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: Any, sources: np.ndarray | None,
@@ -149,20 +182,24 @@ def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: A
         return {}, None
     boxes: dict[int, np.ndarray] = {}
     unreadable = 0
-    photos = labelled_photos(list(members), workers)
     try:
-        for path, image, error in progress(photos, "calibration: detector boxes", "photos", LOGGER):
+        for path, image, error in progress(LabelledPhotos(list(members), workers), "calibration: detector boxes",
+                                           "photos", LOGGER):
             rows = members[path]
             if image is None:  # its pills stay at their labelled boxes (and fail there, if they do)
                 LOGGER.warning("calibration: detector boxes: skipped %s (%s)", path, error)
                 unreadable += len(rows)
                 continue
-            dets = detect(image, conf_threshold)
+            try:
+                dets = detect(image, conf_threshold)
+            except (OSError, RuntimeError, ValueError) as err:
+                raise _DetectorFailed from err
             labelled = np.array([[r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h] for r in dataset.rows[rows]], float)
             found = match_in_confidence_order(xywh_to_xyxy(labelled), xywh_to_xyxy(dets[:, :4]), dets[:, 4],
                                               MATCH_IOU)
             boxes.update({rows[t]: dets[f, :4].astype(float) for t, f in found.items()})
-    except (OSError, RuntimeError, ValueError) as err:  # the detector cannot be loaded or run
+    except _DetectorFailed as failed:
+        err = failed.__cause__
         LOGGER.warning("calibration: combination pills are cut at their labelled boxes, not the detector's, which "
                        "cannot be run (%s: %s)", type(err).__name__, err)
         return {}, None

@@ -27,8 +27,6 @@ from pillsnap.utils.run_status import COMPLETED_STATUSES
 
 LOGGER = logging.getLogger(__name__)
 PARTS_FILE = "final_test_parts.json"
-# what a model's test figures depend on besides its weights and the training they follow
-PART_SETTINGS = ("data", "model", "inference", "train.detection", "loss", "paths.manifest_dir")
 
 
 def _test_classification(ckpt: Path, loader: Any, device: Any, cfg: DictConfig) -> tuple[dict, dict | None]:
@@ -133,54 +131,77 @@ def final_test_missing(exp_dir: str | Path, stage: int) -> bool:
     return final_test_owed(exp_dir, stage) is None and not final_test_written(exp_dir)
 
 
+# What each model's test figures depend on besides its weights and the training they follow (the data's files are
+# named by their SHA-256): the settings each part reads, not the batch sizes a retry after an OOM changes.
+PART_SETTINGS = {
+    "classification": ("data", "model.backbone", "model.image_size", "loss", "inference.single_locate",
+                       "inference.single_crop"),
+    "detection": ("data", "model.detector", "model.det_image_size", "train.detection.conf_threshold",
+                  "train.detection.iou_threshold"),
+}
+DATA_FILES = ("manifest.parquet", "manifest.csv", "class_map.json")
+
+
 class TestParts:
     """The final test's figures of each model measured so far (reports/final_test_parts.json), for the training
-    whose metrics.json hashes to `metrics_sha256` under the settings that digest to `settings_sha256`."""
+    whose metrics.json hashes to `metrics_sha256`. Each part is kept with the SHA-256 of its weights and a digest of
+    what else it depends on (PART_SETTINGS, the manifest's files, PillSnap's version)."""
 
-    def __init__(self, path: Path, metrics_sha256: str | None, settings_sha256: str) -> None:
-        self.path, self.metrics_sha256, self.settings_sha256 = path, metrics_sha256, settings_sha256
+    def __init__(self, exp_dir: Path, cfg: DictConfig) -> None:
+        from pillsnap.utils.io import file_sha256
 
-    @classmethod
-    def of(cls, exp_dir: Path, cfg: DictConfig) -> TestParts:
+        metrics = exp_dir / "reports" / "metrics.json"
+        self.path, self.cfg = exp_dir / "reports" / PARTS_FILE, cfg
+        self.metrics_sha256 = file_sha256(metrics) if metrics.is_file() else None
+
+    def settings_digest(self, part: str) -> str:
+        """The digest of what `part`'s figures depend on besides its weights and the training."""
         import hashlib
 
         from omegaconf import OmegaConf
 
+        from pillsnap import __version__
         from pillsnap.utils.io import file_sha256
 
-        metrics = exp_dir / "reports" / "metrics.json"
         settings = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-                    for key in PART_SETTINGS if (value := OmegaConf.select(cfg, key)) is not None}
-        if "paths.manifest_dir" in settings:  # as training gave it or as a command resolves it: the same folder
-            settings["paths.manifest_dir"] = str(Path(settings["paths.manifest_dir"]).resolve())
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-        return cls(exp_dir / "reports" / PARTS_FILE, file_sha256(metrics) if metrics.is_file() else None, digest)
+                    for key in PART_SETTINGS[part] if (value := OmegaConf.select(self.cfg, key)) is not None}
+        manifests = Path(self.cfg.paths.manifest_dir)
+        settings["data files"] = {name: file_sha256(manifests / name) for name in DATA_FILES
+                                  if (manifests / name).is_file()}
+        settings["pillsnap"] = __version__
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
     def _read(self) -> dict:
         try:
             parts = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        same = (isinstance(parts, dict) and parts.get("metrics_sha256") == self.metrics_sha256
-                and parts.get("settings_sha256") == self.settings_sha256)
+        same = isinstance(parts, dict) and parts.get("metrics_sha256") == self.metrics_sha256
         return parts if same else {}
 
-    def tested(self, part: str, ckpt: Path, test: Callable[[], Any]) -> Any:
-        """`test()`'s figures of the weights `ckpt`: kept from an earlier try of the same training, settings and
-        weights (their SHA-256), else measured now and kept at once."""
+    def tested(self, part: str, ckpt: Path, test: Callable[[], Any], sound: Callable[[Any], bool]) -> Any:
+        """`test()`'s figures of the weights `ckpt`: kept from an earlier try of the same training, weights (their
+        SHA-256) and settings, where they are `sound` (hand-edited or of another version, they are not), else
+        measured now and kept at once."""
         from pillsnap.utils.io import file_sha256
 
-        weights = file_sha256(ckpt)
+        key = {"weights_sha256": file_sha256(ckpt), "settings_sha256": self.settings_digest(part)}
         parts = self._read()
         kept = parts.get(part)
-        if isinstance(kept, dict) and kept.get("weights_sha256") == weights and "figures" in kept:
+        if (isinstance(kept, dict) and all(kept.get(k) == v for k, v in key.items()) and "figures" in kept
+                and sound(kept["figures"])):
             LOGGER.info("final test: the %s's figures are kept from an earlier try (%s)", part, self.path)
             return kept["figures"]
         figures = test()
-        parts.update(metrics_sha256=self.metrics_sha256, settings_sha256=self.settings_sha256)
-        parts[part] = {"weights_sha256": weights, "figures": figures}
+        parts = {**self._read(), "metrics_sha256": self.metrics_sha256, part: {**key, "figures": figures}}
         save_json(self.path, parts)
         return figures
+
+
+def _classification_figures(figures: Any) -> bool:
+    """(figures at the labelled boxes, figures on the single-pill photos or None), as _test_classification gives."""
+    return (isinstance(figures, list) and len(figures) == 2 and isinstance(figures[0], dict)
+            and (figures[1] is None or isinstance(figures[1], dict)))
 
 
 def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: str | None = None) -> dict:
@@ -195,14 +216,16 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
     loaders = (build_loaders or build_dataloaders_twostage)(cfg, build_test=True)
     cls_test, det_test = loaders.cls_test, loaders.det_test
     device = resolve_device(device)
-    parts = TestParts.of(exp_dir, cfg)
+    parts = TestParts(exp_dir, cfg)
     cls_ckpt, det_ckpt = ckpts / "classification_best.pt", ckpts / "detection_best.pt"
     at_boxes, single = parts.tested("classification", cls_ckpt,
-                                    lambda: list(_test_classification(cls_ckpt, cls_test, device, cfg)))
+                                    lambda: list(_test_classification(cls_ckpt, cls_test, device, cfg)),
+                                    _classification_figures)
     test: dict[str, dict] = {"classification": at_boxes}
     if det_test is not None and det_ckpt.is_file():
         test["detection"] = parts.tested("detection", det_ckpt,
-                                         lambda: _test_detection(det_ckpt, det_test, device, cfg))
+                                         lambda: _test_detection(det_ckpt, det_test, device, cfg),
+                                         lambda figures: isinstance(figures, dict))
     metrics_path = exp_dir / "reports" / "metrics.json"
     # the validation figures of the same weights (the best checkpoints), not of the last epoch
     val = best_checkpoint_metrics(read_json(metrics_path), ckpts) if metrics_path.is_file() else {}

@@ -19,8 +19,14 @@ REPLACE, APPEND, CHANGED, REMOVED = "=", "+", "~", "-"
 
 
 def _same(old: Any, new: Any) -> bool:
-    """Equal as JSON: 1 and 1.0 are, 1 and true are not."""
-    return (isinstance(old, bool) == isinstance(new, bool)) and old == new
+    """Equal as JSON, all the way down: 1 and 1.0 are, 1 and true are not (Python's == says they are)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same(value, new[key]) for key, value in old.items())
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+        return False
+    return isinstance(old, bool) == isinstance(new, bool) and old == new
 
 
 def diff(old: Any, new: Any) -> dict | None:
@@ -41,9 +47,7 @@ def diff(old: Any, new: Any) -> dict | None:
         if all(_same(a, b) for a, b in zip(old, new, strict=False)):
             return {APPEND: new[len(old):]} if len(new) > len(old) else None
         return {REPLACE: new}
-    if type(old) is type(new) and _same(old, new):
-        return None
-    return {REPLACE: new}
+    return None if _same(old, new) else {REPLACE: new}
 
 
 def apply(value: Any, patch: dict | None) -> Any:

@@ -34,3 +34,12 @@ class RowFiller:
         if self.array is None:
             return np.zeros(empty_shape, dtype)
         return self.array[:self.filled]
+
+
+def place_in_runs(values: np.ndarray) -> np.ndarray:
+    """Each item's place (0, 1, ...) in its run of equal neighbours: for values grouped by a sort, its rank within
+    its group."""
+    if not len(values):
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    return np.arange(len(values)) - np.repeat(starts, np.diff(np.r_[starts, len(values)]))

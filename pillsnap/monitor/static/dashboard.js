@@ -38,7 +38,7 @@ function connect(attempt = 0) {
     page.lastMessage = Date.now();
     const msg = JSON.parse(event.data);
     if (msg.kind === "state") onState(msg.data);
-    else if (msg.kind === "patch" && page.state) onState(applyPatch(page.state, msg.data));
+    else if (msg.kind === "patch") onPatch(ws, msg.data);
     else if (msg.kind === "system") onSystem(msg.data);
     if ($("connection").dataset.state !== "live") setConnection("live", "live");
   };
@@ -51,12 +51,31 @@ function connect(attempt = 0) {
 
 // A patch from the server (pillsnap/monitor/delta.py): {"=": value} replaces, {"+": items} appends to a list,
 // {"~": {key: patch}, "-": [keys]} changes and removes a dict's keys. Applied in place; returns the new value.
+// Keys are defined, not assigned: a key named "__proto__" (an evaluation file holds any JSON) is a key like any.
 function applyPatch(value, patch) {
   if ("=" in patch) return patch["="];
-  if ("+" in patch) { value.push(...patch["+"]); return value; }
+  if ("+" in patch) { for (const item of patch["+"]) value.push(item); return value; }
   for (const key of patch["-"] || []) delete value[key];
-  for (const [key, change] of Object.entries(patch["~"] || {})) value[key] = applyPatch(value[key], change);
+  for (const [key, change] of Object.entries(patch["~"] || {})) {
+    const own = Object.prototype.hasOwnProperty.call(value, key) ? value[key] : undefined;
+    Object.defineProperty(value, key, {value: applyPatch(own, change), writable: true, enumerable: true,
+                                       configurable: true});
+  }
   return value;
+}
+
+// A patch the page cannot apply (none should be) leaves it out of step with the server for good: the link is
+// closed instead, and the reconnect brings the state whole.
+function onPatch(ws, patch) {
+  let state;
+  try {
+    state = applyPatch(page.state, patch);
+  } catch (err) {
+    console.error("dashboard: a patch could not be applied; reconnecting for the whole state", err);
+    ws.close();
+    return;
+  }
+  onState(state);
 }
 
 function setConnection(state, text) {
