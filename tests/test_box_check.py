@@ -354,7 +354,8 @@ def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their
     """Calibration cuts a combination photo's pills where the detector finds them: each labelled pill takes the box
     that overlaps it (IoU 0.5, most confident first); a pill the detector misses, or on a photo that cannot be read,
     keeps its labelled box (not in the map), and is counted. Single-pill photos are not asked about. The photos are
-    decoded by loader workers (at Stage 4, tens of thousands of full-size photos) or in the process: the same."""
+    decoded by threads ahead of the detector (at Stage 4, tens of thousands of full-size photos) or as needed: the
+    same."""
     import pandas as pd
 
     from pillsnap.data.datasets import CropTable
@@ -395,39 +396,3 @@ def test_the_detector_boxes_of_validation_combination_pills_are_matched_to_their
     assert "cut at their labelled boxes" in caplog.text and "state_dict" in caplog.text
     assert detector_boxes(None, dataset, sources, 0.25) == ({}, None)  # no detector
     assert detector_boxes(detect, dataset, np.array(["single"] * 5), 0.25) == ({}, None)  # no combination pill
-
-
-def test_a_decoding_worker_that_dies_is_not_the_detector_failing(tmp_path: Path, caplog, monkeypatch):
-    """A loader worker killed while decoding (for memory, by a decoder that crashes) is not a detector that cannot
-    be run: the photos not yet given are decoded in this process, every box is kept, and the log says what
-    happened. Inside a daemonic process (a loader worker), which may not start workers, none are asked for."""
-    import os
-    import types
-
-    import pandas as pd
-    from torch.utils.data import get_worker_info
-
-    from pillsnap.data.datasets import CropTable
-    from pillsnap.eval import box_calibration
-
-    box = (10, 10, 30, 24)
-    paths = [str(pill_photo(tmp_path / f"photo{i}.png", [box])) for i in range(4)]
-    rows = pd.DataFrame({"image_path": paths, "label_path": [f"l{i}.json" for i in range(4)],
-                         "mapping_code": ["K-000001"] * 4, "bbox_x": 10, "bbox_y": 10, "bbox_w": 30, "bbox_h": 24})
-    dataset = type("Set", (), {"rows": CropTable.from_frame(rows)})()
-    decode = box_calibration._LabelledPhotos.__getitem__
-
-    def dies_in_a_worker(self, index):
-        if get_worker_info() is not None and index == 2:
-            os._exit(1)
-        return decode(self, index)
-
-    monkeypatch.setattr(box_calibration._LabelledPhotos, "__getitem__", dies_in_a_worker)
-    with caplog.at_level(logging.WARNING, logger="pillsnap"):
-        boxes, counts = box_calibration.detector_boxes(lambda image, conf: np.array([[*box, 0.9]]), dataset,
-                                                       np.array(["combination"] * 4), 0.25, workers=2)
-    assert sorted(boxes) == [0, 1, 2, 3] and counts["at_detector_boxes"] == 4 and counts["unreadable"] == 0
-    assert "loader workers decoding the photos failed" in caplog.text and "cannot be run" not in caplog.text
-
-    monkeypatch.setattr("multiprocessing.current_process", lambda: types.SimpleNamespace(daemon=True))
-    assert box_calibration.LabelledPhotos(paths, 2).workers == 0

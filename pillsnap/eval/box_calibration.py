@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from pillsnap.eval.pipeline_eval import MATCH_IOU, photo_groups
 from pillsnap.infer.preprocess import load_image
@@ -95,18 +94,21 @@ def detector_of(cfg: Any, exp_dir: str | Path, device: Any = None) -> Callable[[
     return detect
 
 
-class _LabelledPhotos(Dataset):
-    """Photos decoded in the frame their labels are in, for a pass of the detector over them: (path, image, None),
-    or (path, None, why) for a photo that cannot be read. A loader's workers decode them ahead of the detector (a
-    full-size photo takes tens of milliseconds to decode, as long as the detector takes on it on a GPU)."""
+class LabelledPhotos:
+    """`paths` decoded in order, in the frame their labels are in: (path, image, None), or (path, None, why) for a
+    photo that cannot be read; by `workers` threads at most twice as many photos ahead of the one given (0: each
+    when it is asked for). A full-size photo takes tens of milliseconds to decode, as long as the detector takes on
+    it on a GPU, and PIL lets go of the GIL while it decodes. Threads rather than loader processes: a worker
+    process that died (for memory) surfaced as an error wherever the pass happened to be, the detector's call
+    among them."""
 
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[str], workers: int) -> None:
+        self.paths, self.workers = paths, max(0, int(workers))
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, Any, str | None]:
+    def decode(self, index: int) -> tuple[str, Any, str | None]:
         from pillsnap.data.datasets import LABELLED
         from pillsnap.utils.images import DECODE_ERRORS, read_image
 
@@ -116,46 +118,26 @@ class _LabelledPhotos(Dataset):
         except DECODE_ERRORS as err:
             return path, None, str(err)
 
-
-def _as_is(item: Any) -> Any:
-    return item
-
-
-class LabelledPhotos:
-    """`paths` decoded in order, in the frame their labels are in (_LabelledPhotos items), by `workers` loader
-    workers: none inside a daemonic process (a loader worker), which may not start any. Workers that fail (one
-    killed for memory, a decoder that crashes) leave the photos not yet given to be decoded in this process, said
-    in the log: the pass is not lost for them."""
-
-    def __init__(self, paths: list[str], workers: int) -> None:
-        import multiprocessing
-
-        self.photos = _LabelledPhotos(paths)
-        self.workers = 0 if multiprocessing.current_process().daemon else workers
-
-    def __len__(self) -> int:
-        return len(self.photos)
-
     def __iter__(self) -> Iterator[tuple[str, Any, str | None]]:
-        from torch.utils.data import DataLoader
+        if not self.workers:
+            for index in range(len(self)):
+                yield self.decode(index)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
 
-        from pillsnap.data.datasets import worker_init
-
-        given = 0
-        if self.workers:
-            loader = DataLoader(self.photos, batch_size=None, shuffle=False, num_workers=self.workers,
-                                collate_fn=_as_is, worker_init_fn=worker_init)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="pillsnap-decode") as pool:
+            ahead: deque = deque()
+            queued = 0
             try:
-                for item in loader:
-                    yield item
-                    given += 1
-                return
-            except (OSError, RuntimeError) as err:
-                LOGGER.warning("calibration: detector boxes: the loader workers decoding the photos failed after %d "
-                               "of %d (%s: %s); the rest are decoded in this process", given, len(self),
-                               type(err).__name__, err)
-        for index in range(given, len(self)):
-            yield self.photos[index]
+                while queued < len(self) or ahead:
+                    while queued < len(self) and len(ahead) < 2 * self.workers:
+                        ahead.append(pool.submit(self.decode, queued))
+                        queued += 1
+                    yield ahead.popleft().result()
+            finally:  # the pass stopped early: the photos not started are not decoded
+                for future in ahead:
+                    future.cancel()
 
 
 class _DetectorFailed(Exception):
@@ -165,8 +147,8 @@ class _DetectorFailed(Exception):
 def detector_boxes(detect: Callable[[Any, float], np.ndarray] | None, dataset: Any, sources: np.ndarray | None,
                    conf_threshold: float, workers: int = 0) -> tuple[dict[int, np.ndarray], dict | None]:
     """The detector's box of each pill of a combination photo in the crop data set `dataset` (its rows whose
-    `sources` is "combination"): each photo, decoded in the frame its labels are in (by `workers` loader workers,
-    0: in this process), through `detect` at the inference threshold, and the boxes matched to the labelled ones as
+    `sources` is "combination"): each photo, decoded in the frame its labels are in (by `workers` threads, 0: as
+    it is needed), through `detect` at the inference threshold, and the boxes matched to the labelled ones as
     the pipeline's evaluation matches them (IoU MATCH_IOU, most confident first). Returns {row: [x, y, w, h]} and
     the counts: the pills, those at a detector box, those the detector missed and those on photos that could not be
     read (both stay at their labelled boxes). ({}, None) without a detector, such pills, or (said in the log) a

@@ -132,20 +132,22 @@ def final_test_missing(exp_dir: str | Path, stage: int) -> bool:
 
 
 # What each model's test figures depend on besides its weights and the training they follow (the data's files are
-# named by their SHA-256): the settings each part reads, not the batch sizes a retry after an OOM changes.
+# named by their SHA-256): the settings each part reads. Not the classifier's batch size, nor the detector's in the
+# classifier's part: a retry with a smaller detector batch after an OOM keeps the classifier's figures (the
+# detector's batches pad their photos together, so its own batch size is in its part).
 PART_SETTINGS = {
     "classification": ("data", "model.backbone", "model.image_size", "loss", "inference.single_locate",
                        "inference.single_crop"),
     "detection": ("data", "model.detector", "model.det_image_size", "train.detection.conf_threshold",
-                  "train.detection.iou_threshold"),
+                  "train.detection.iou_threshold", "train.detection.batch_size"),
 }
-DATA_FILES = ("manifest.parquet", "manifest.csv", "class_map.json")
 
 
 class TestParts:
     """The final test's figures of each model measured so far (reports/final_test_parts.json), for the training
     whose metrics.json hashes to `metrics_sha256`. Each part is kept with the SHA-256 of its weights and a digest of
-    what else it depends on (PART_SETTINGS, the manifest's files, PillSnap's version)."""
+    what else it depends on (PART_SETTINGS, the manifest's files). A change to the code between tries is not seen:
+    delete the file to measure both again."""
 
     def __init__(self, exp_dir: Path, cfg: DictConfig) -> None:
         from pillsnap.utils.io import file_sha256
@@ -160,15 +162,15 @@ class TestParts:
 
         from omegaconf import OmegaConf
 
-        from pillsnap import __version__
         from pillsnap.utils.io import file_sha256
 
         settings = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
                     for key in PART_SETTINGS[part] if (value := OmegaConf.select(self.cfg, key)) is not None}
         manifests = Path(self.cfg.paths.manifest_dir)
-        settings["data files"] = {name: file_sha256(manifests / name) for name in DATA_FILES
-                                  if (manifests / name).is_file()}
-        settings["pillsnap"] = __version__
+        rows = manifests / "manifest.parquet"  # the file load_manifest reads
+        rows = rows if rows.is_file() else manifests / "manifest.csv"
+        settings["data files"] = {path.name: file_sha256(path) for path in (rows, manifests / "class_map.json")
+                                  if path.is_file()}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
     def _read(self) -> dict:

@@ -72,6 +72,7 @@ function onPatch(ws, patch) {
     state = applyPatch(page.state, patch);
   } catch (err) {
     console.error("dashboard: a patch could not be applied; reconnecting for the whole state", err);
+    page.state = null;  // not drawn half-patched meanwhile
     ws.close();
     return;
   }

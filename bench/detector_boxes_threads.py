@@ -1,17 +1,18 @@
 """The calibration's detector pass over combination photos (`eval/box_calibration.detector_boxes`: each photo
 decoded in its labels' frame, the detector run on it, its boxes matched to the labelled pills) with the photos
-decoded by loader workers against decoded one after the other in the process (the code before), alternating in the
-same run on a trained experiment's combination photos (every split's: the validation split alone holds a handful
-in the demo), with the same detector. Also the two parts alone, serially: decoding a photo and the detector on it.
+decoded by threads ahead of the detector against decoded one after the other as needed (the code before),
+alternating in the same run on a trained experiment's combination photos (every split's: the validation split
+alone holds a handful in the demo), with the same detector. Also the two parts alone, serially: decoding a photo
+and the detector on it.
 
-    .venv/bin/python bench/detector_boxes_workers.py --exp runs/demo/exp [--workers 2 --rounds 3 --scale 2]
+    .venv/bin/python bench/detector_boxes_threads.py --exp runs/demo/exp [--workers 2 --rounds 3 --scale 2]
 
 --scale 2 enlarges the demo's half-size photos to the real data's 976x1280 (PNG, as the generator writes them; the
-labelled boxes scaled with them, into a temporary folder): the decoding is what the workers take over.
+labelled boxes scaled with them, into a temporary folder): the decoding is what the threads take over.
 
 At Stage 4 the validation split holds tens of thousands of combination photos; on a GPU the detector takes about
 as long as decoding a full-size photo, so the pass is bounded by the decoding done one photo at a time. On this
-machine's two cores the detector runs on the CPU beside the workers, so the gain here is a floor.
+machine's two cores the detector runs on the CPU beside the decoding threads, so the gain here is a floor.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def enlarged(rows: Any, scale: float, folder: Path) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exp", required=True, help="a trained experiment folder (with detection_best.pt)")
-    parser.add_argument("--workers", type=int, default=2, help="loader workers decoding the photos")
+    parser.add_argument("--workers", type=int, default=2, help="threads decoding the photos")
     parser.add_argument("--rounds", type=int, default=3, help="serial/workers pairs, alternating")
     parser.add_argument("--scale", type=float, default=1.0, help="enlarge the photos by this factor first")
     args = parser.parse_args(argv)
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{counts['at_detector_boxes']} at a detector box; {args.rounds} rounds, medians")
     print(f"alone, serially: decoding {decode * 1000:.1f} ms a photo, the detector (one thread) "
           f"{detector * 1000:.1f} ms a photo")
-    print(f"pass, photos decoded in the process: {serial:.2f} s ({serial / len(paths) * 1000:.1f} ms a photo)")
-    print(f"pass, photos decoded by {args.workers} loader workers: {parallel:.2f} s "
+    print(f"pass, photos decoded as needed: {serial:.2f} s ({serial / len(paths) * 1000:.1f} ms a photo)")
+    print(f"pass, photos decoded by {args.workers} threads ahead: {parallel:.2f} s "
           f"({parallel / len(paths) * 1000:.1f} ms a photo)")
-    print(f"in the process / workers: {serial / parallel:.2f}x; same boxes: "
+    print(f"as needed / threads ahead: {serial / parallel:.2f}x; same boxes: "
           f"{'yes' if found[0] == found[args.workers] else 'NO'}")
     scratch.cleanup()
     return 0
