@@ -246,10 +246,8 @@ def final_test_evaluation(cfg: DictConfig, build_loaders: Any = None, device: st
               "ready_for_production": ready,
               "improvements": [] if ready else [f"{k}: {g['value']} < {g['target']}" for k, g in goals.items()
                                                 if isinstance(g, dict) and not g["met"]]}
-    if metrics_path.is_file():  # which training these results follow (final_test_written)
-        from pillsnap.utils.io import file_sha256
-
-        result["metrics_sha256"] = file_sha256(metrics_path)
+    if parts.metrics_sha256 is not None:  # which training these results follow (final_test_written)
+        result["metrics_sha256"] = parts.metrics_sha256
     save_json(exp_dir / "reports" / "final_test_results.json", result)
     parts.path.unlink(missing_ok=True)  # the results hold them now
     mark_done(exp_dir, "final_test")
