@@ -609,8 +609,8 @@ def test_a_ctrl_c_during_a_write_lands_after_it(monkeypatch) -> None:
 
     monkeypatch.setattr(cli, "print", interrupted_print, raising=False)
     printer = cli.Printer(True)
-    # Python's own Ctrl-C handler, as a command starts with: in the full suite an earlier test leaves another one
-    # installed (seen in CI only, not yet traced), and the held signal went to it instead of raising
+    # Python's own Ctrl-C handler, as a command started from a terminal has: a suite started in the background by a
+    # script without job control (`cmd &`) runs with SIGINT ignored, which the held block rightly leaves ignored
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
