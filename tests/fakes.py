@@ -19,6 +19,29 @@ from pillsnap.infer.evidence import Evidence
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
 
+# What a rank started by the DDP tests imports before it runs: torch, timm and the trainer take about 5 s of CPU in
+# each new process, two per test, which made those starts most of the suite's time on 2 cores.
+RANK_PRELOAD = ["torch", "timm", "pillsnap.engine.run", "pillsnap.engine.trainer", "fakes"]
+
+
+def rank_start_method(own_interpreter: bool = False) -> str:
+    """How the DDP tests start their ranks: from multiprocessing's fork server, which imports RANK_PRELOAD once and
+    forks a fresh rank from that for each start (a process that has only imported torch forks safely; no thread is
+    running in it). Each rank still sets up its own process group, signal handlers and threads, as under torchrun.
+    PILLSNAP_TEST_RANK_START=spawn starts each rank in a new interpreter instead (bench/ddp_test_starts.py).
+
+    A rank forked by the server has the server's environment, working directory and stderr, those of the moment it
+    started (during an earlier test): a test that sets any of them for its ranks (`monkeypatch`), or reads what they
+    write on stderr (`capfd`), passes own_interpreter=True and gets "spawn"."""
+    import multiprocessing
+    import os
+
+    method = "spawn" if own_interpreter else os.environ.get("PILLSNAP_TEST_RANK_START", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"PILLSNAP_TEST_RANK_START must be forkserver or spawn, got {method!r}")
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts: the first start
+    return method
+
 
 class ColourDataset(Dataset):
     """Class k is a noisy image whose channel means encode k: learnable in a few steps by a tiny model."""

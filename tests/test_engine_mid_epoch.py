@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from fakes import StoppingLoader, collate, fake_build_loaders, make_cfg
+from fakes import StoppingLoader, collate, fake_build_loaders, make_cfg, rank_start_method
 from torch.utils.data import DataLoader, Dataset
 
 from pillsnap.data.samplers import EpochSampler
@@ -379,8 +379,8 @@ def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(
     def spawn(exp, name, stop_at=None, resume=False):
         out = tmp_path / name
         out.mkdir()
-        mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / exp), stop_at, resume, str(out)), nprocs=2,
-                 join=True)
+        args = (2, free_port(), str(tmp_path / exp), stop_at, resume, str(out))
+        mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     whole = spawn("whole", "whole")
@@ -425,8 +425,8 @@ def test_a_stop_signal_to_one_rank_saves_every_ranks_place_together_and_the_resu
     def spawn(exp, name, stop_at=None, resume=False, signal_rank=None):
         out = tmp_path / name
         out.mkdir()
-        mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / exp), stop_at, resume, str(out), signal_rank,
-                                   False), nprocs=2, join=True)
+        args = (2, free_port(), str(tmp_path / exp), stop_at, resume, str(out), signal_rank, False)
+        mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     whole = spawn("whole", "whole")
@@ -452,8 +452,8 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
 
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / "exp"), 9, False, str(out), 1, False, True), nprocs=2,
-             join=True)
+    args = (2, free_port(), str(tmp_path / "exp"), 9, False, str(out), 1, False, True)
+    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method(own_interpreter=True))
     codes = [torch.load(out / f"rank{r}.pt", weights_only=False)["code"] for r in range(2)]
     assert codes == [EXIT_INTERRUPTED] * 2
     assert saved_positions(tmp_path / "exp") == [(2, 2)]  # the steps trained before the failed draw
@@ -463,8 +463,8 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
     assert load_ckpt(tmp_path / "exp" / "checkpoints" / "last.pt")["progress"]["drawn"] == {"classification": 2}
     again = tmp_path / "again"
     again.mkdir()
-    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / "exp"), None, True, str(again), None, False), nprocs=2,
-             join=True)
+    args = (2, free_port(), str(tmp_path / "exp"), None, True, str(again), None, False)
+    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
     resumed = [torch.load(again / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == 12
 
