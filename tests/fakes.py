@@ -26,13 +26,17 @@ RANK_PRELOAD = ["torch", "timm", "pillsnap.engine.run", "pillsnap.engine.trainer
 
 def rank_start_method(own_interpreter: bool = False) -> str:
     """How the DDP tests start their ranks: from multiprocessing's fork server, which imports RANK_PRELOAD once and
-    forks a fresh rank from that for each start (a process that has only imported torch forks safely; no thread is
-    running in it). Each rank still sets up its own process group, signal handlers and threads, as under torchrun.
+    forks a fresh rank from that for each start (importing torch starts no thread pool of torch's own; each rank
+    sets one intra-op thread first). Each rank still sets up its own process group, signal handlers and threads, as
+    under torchrun, and gets the test's working directory and sys.path at each start.
     PILLSNAP_TEST_RANK_START=spawn starts each rank in a new interpreter instead (bench/ddp_test_starts.py).
 
-    A rank forked by the server has the server's environment, working directory and stderr, those of the moment it
-    started (during an earlier test): a test that sets any of them for its ranks (`monkeypatch`), or reads what they
-    write on stderr (`capfd`), passes own_interpreter=True and gets "spawn"."""
+    What a forked rank takes from the server, as it was when the server started (at the session's first rank start,
+    maybe inside another test): the environment, stdout and stderr, the signals ignored. So a test that sets
+    environment variables for its ranks (`monkeypatch`) or reads what they write (`capfd`) passes
+    own_interpreter=True and gets "spawn". A forked rank's parent is the server, not pytest: if pytest is killed, its
+    ranks are not sent the SIGINT torch asks for at their parent's death, and a pair stuck in a collective waits out
+    its timeout."""
     import multiprocessing
     import os
 

@@ -453,6 +453,8 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
     out = tmp_path / "out"
     out.mkdir()
     args = (2, free_port(), str(tmp_path / "exp"), 9, False, str(out), 1, False, True)
+    # ranks of their own: the test reads what they write on stderr (capfd), and a start here may be the session's
+    # first, which would leave the fork server writing to this test's capture for good
     mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method(own_interpreter=True))
     codes = [torch.load(out / f"rank{r}.pt", weights_only=False)["code"] for r in range(2)]
     assert codes == [EXIT_INTERRUPTED] * 2
@@ -464,7 +466,7 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
     again = tmp_path / "again"
     again.mkdir()
     args = (2, free_port(), str(tmp_path / "exp"), None, True, str(again), None, False)
-    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
+    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method(own_interpreter=True))
     resumed = [torch.load(again / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == 12
 
