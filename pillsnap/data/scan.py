@@ -315,15 +315,24 @@ def _log_report(report: dict[str, Any], seconds: float) -> None:
                        ", ".join(report["unreadable_zips"]))
 
 
+def manifest_file(manifest_dir: str | Path) -> Path | None:
+    """The file load_manifest reads: manifest.parquet, else manifest.csv; None when neither is there."""
+    for name in ("manifest.parquet", "manifest.csv"):
+        if (path := Path(manifest_dir) / name).is_file():
+            return path
+    return None
+
+
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
     """The manifest written by scan_dataset (Parquet, falling back to CSV); error names the missing files."""
-    manifest_dir = Path(manifest_dir)
-    if (manifest_dir / "manifest.parquet").is_file():
-        return pq.read_table(manifest_dir / "manifest.parquet").to_pandas()
-    if (manifest_dir / "manifest.csv").is_file():
-        text = {c: str for c in ("photo_id", "box_issue", "split_group", "aihub_part")}
-        return pd.read_csv(manifest_dir / "manifest.csv", dtype=text, keep_default_na=False)
-    raise FileNotFoundError(f"No manifest.parquet or manifest.csv in {manifest_dir}: run `pillsnap data scan` first")
+    path = manifest_file(manifest_dir)
+    if path is None:
+        raise FileNotFoundError(f"No manifest.parquet or manifest.csv in {manifest_dir}: run `pillsnap data scan` "
+                                "first")
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pandas()
+    text = {c: str for c in ("photo_id", "box_issue", "split_group", "aihub_part")}
+    return pd.read_csv(path, dtype=text, keep_default_na=False)
 
 
 def write_manifest_csv(rows: pd.DataFrame, path: str | Path) -> Path:

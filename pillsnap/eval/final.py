@@ -162,15 +162,14 @@ class TestParts:
 
         from omegaconf import OmegaConf
 
+        from pillsnap.data.scan import manifest_file
         from pillsnap.utils.io import file_sha256
 
         settings = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
                     for key in PART_SETTINGS[part] if (value := OmegaConf.select(self.cfg, key)) is not None}
         manifests = Path(self.cfg.paths.manifest_dir)
-        rows = manifests / "manifest.parquet"  # the file load_manifest reads
-        rows = rows if rows.is_file() else manifests / "manifest.csv"
-        settings["data files"] = {path.name: file_sha256(path) for path in (rows, manifests / "class_map.json")
-                                  if path.is_file()}
+        files = (manifest_file(manifests), manifests / "class_map.json")
+        settings["data files"] = {path.name: file_sha256(path) for path in files if path and path.is_file()}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
     def _read(self) -> dict:
