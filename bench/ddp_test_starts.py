@@ -1,6 +1,6 @@
 """How the DDP tests start their ranks: each rank a new interpreter ("spawn": torch, timm and the trainer imported
 again, about 5 s of CPU per rank, two ranks per start) against forked from multiprocessing's fork server, which
-imported them once (tests/fakes.rank_start_method, the default). The same test files are run by pytest with
+imported them once (tests/fakes.run_ranks, the default). The same test files are run by pytest with
 PILLSNAP_TEST_RANK_START set each way, the two alternating in the same run; each run must pass.
 
     .venv/bin/python bench/ddp_test_starts.py [--rounds 1] [--files tests/test_engine_ddp.py ...]

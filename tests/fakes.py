@@ -24,12 +24,16 @@ NUM_CLASSES = 4
 RANK_PRELOAD = ["torch", "timm", "pillsnap.engine.run", "pillsnap.engine.trainer", "fakes"]
 
 
-def rank_start_method(own_interpreter: bool = False) -> str:
-    """How the DDP tests start their ranks: from multiprocessing's fork server, which imports RANK_PRELOAD once and
-    forks a fresh rank from that for each start (importing torch starts no thread pool of torch's own; each rank
-    sets one intra-op thread first). Each rank still sets up its own process group, signal handlers and threads, as
-    under torchrun, and gets the test's working directory and sys.path at each start.
-    PILLSNAP_TEST_RANK_START=spawn starts each rank in a new interpreter instead (bench/ddp_test_starts.py).
+def run_ranks(fn: Callable[..., None], args: tuple, world: int = 2, timeout: float = 240.0,
+              own_interpreter: bool = False) -> None:
+    """Start `world` DDP ranks, fn(rank, *args), and wait; ranks still running after `timeout` seconds are waiting on
+    each other for good, which fails the test (they are killed); a rank's error is raised here.
+
+    The ranks are forked from multiprocessing's fork server, which imports RANK_PRELOAD once (importing torch starts
+    no thread pool of torch's own; each rank sets one intra-op thread first). Each rank still sets up its own
+    process group, signal handlers and threads, as under torchrun, and gets the test's working directory and
+    sys.path at each start. PILLSNAP_TEST_RANK_START=spawn starts each rank in a new interpreter instead
+    (bench/ddp_test_starts.py).
 
     What a forked rank takes from the server, as it was when the server started (at the session's first rank start,
     maybe inside another test): the environment, stdout and stderr, the signals ignored. So a test that sets
@@ -39,12 +43,22 @@ def rank_start_method(own_interpreter: bool = False) -> str:
     its timeout."""
     import multiprocessing
     import os
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
 
     method = "spawn" if own_interpreter else os.environ.get("PILLSNAP_TEST_RANK_START", "forkserver")
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"PILLSNAP_TEST_RANK_START must be forkserver or spawn, got {method!r}")
     multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts: the first start
-    return method
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method=method)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"the ranks were still running after {timeout:.0f} s: they wait on each other")
 
 
 class ColourDataset(Dataset):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from fakes import fake_build_loaders, loaders_with_detection, make_cfg, rank_start_method
+from fakes import fake_build_loaders, loaders_with_detection, make_cfg, run_ranks
 
 
 def free_port() -> int:
@@ -54,8 +53,7 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_two_cpu_ranks_agree_on_both_models_and_only_rank0_writes(tmp_path):
-    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=rank_start_method())
+    run_ranks(worker, (2, free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 0
     # Per epoch and rank: 48 images / 2 ranks / batch 8 = 3 classifier steps, 4 batches / 2 ranks = 2 detector steps.
@@ -126,8 +124,7 @@ def lossy_worker(rank: int, world: int, port: int, root: str) -> None:
 def test_a_batch_lost_on_one_rank_is_skipped_by_every_rank(tmp_path):
     """A rank whose batch held no readable photo skips the step; the others skip it with it, instead of waiting
     for its gradients until the run times out (or stepping out of order)."""
-    mp.start_processes(lossy_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=rank_start_method())
+    run_ranks(lossy_worker, (2, free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 0
     assert r0["steps"] == r1["steps"] == 4  # 3 classifier steps per epoch and rank, one skipped by both, 2 epochs
@@ -166,13 +163,11 @@ def test_every_rank_trains_compiled_or_every_rank_eager_and_resumes_alike_or_not
     """A rank whose compile warm-up fails trains eager; the others must too (compiled and eager replicas would
     call their collectives out of step: a crash under gloo, a hang under NCCL), and the warm-up runs outside the
     DDP wrapper, without collectives. Ranks that find different checkpoints to resume from refuse to start."""
-    mp.start_processes(compile_worker, args=(2, free_port(), str(tmp_path), False), nprocs=2, join=True,
-                       start_method=rank_start_method())
+    run_ranks(compile_worker, (2, free_port(), str(tmp_path), False))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 0 and r0["eager"] and r1["eager"]
     assert r0["tried"] == r1["tried"] == ["EfficientNet"]  # the compiled bare model, not the DDP wrapper
-    mp.start_processes(compile_worker, args=(2, free_port(), str(tmp_path), True), nprocs=2, join=True,
-                       start_method=rank_start_method())
+    run_ranks(compile_worker, (2, free_port(), str(tmp_path), True))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 2  # EXIT_CONFIG on both, with a line naming what each rank found
     log = (tmp_path / "exp_rank0" / "logs" / "pillsnap.log").read_text(encoding="utf-8")
@@ -265,8 +260,7 @@ def test_every_rank_validates_its_share_and_rank0_reports_the_whole_split(tmp_pa
     """Under DDP each rank reads its own share of the validation split (no crop twice, none left out) and rank 0
     reports the metrics of the whole split, the same as one process validating it alone: the class-weighted loss
     too, on an odd split."""
-    mp.start_processes(sharing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=rank_start_method())
+    run_ranks(sharing_worker, (2, free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["code"] == r1["code"] == 0
     size = 15

@@ -13,24 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from fakes import fake_build_loaders, make_cfg, rank_start_method
+from fakes import fake_build_loaders, make_cfg, run_ranks
 from test_engine_ddp import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def run_ranks(fn, args: tuple, world: int = 2, timeout: float = 240.0) -> None:
-    """Start `world` processes of fn(rank, *args) and wait; ranks still running after `timeout` seconds are
-    waiting on each other for good, which fails the test (they are killed)."""
-    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False,
-                             start_method=rank_start_method())
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"the ranks were still running after {timeout:.0f} s: they wait on each other")
 
 
 def start_rank(rank: int, world: int, port: int, **env: str) -> None:

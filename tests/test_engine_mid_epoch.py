@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from fakes import StoppingLoader, collate, fake_build_loaders, make_cfg, rank_start_method
+from fakes import StoppingLoader, collate, fake_build_loaders, make_cfg, run_ranks
 from torch.utils.data import DataLoader, Dataset
 
 from pillsnap.data.samplers import EpochSampler
@@ -373,14 +373,13 @@ def ddp_worker(rank: int, world: int, port: int, exp: str, stop_at: int | None, 
 def test_two_ranks_save_inside_an_epoch_together_and_resume_as_the_unbroken_run(tmp_path):
     """Each rank draws its own shard; the saves come at the same steps on both (rank 0's clock decides), and the
     resumed run, every rank skipping the indices its own shard had drawn, ends with the unbroken run's weights."""
-    import torch.multiprocessing as mp
     from test_engine_ddp import free_port
 
     def spawn(exp, name, stop_at=None, resume=False):
         out = tmp_path / name
         out.mkdir()
         args = (2, free_port(), str(tmp_path / exp), stop_at, resume, str(out))
-        mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
+        run_ranks(ddp_worker, args)
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     whole = spawn("whole", "whole")
@@ -419,14 +418,13 @@ def test_a_stop_signal_to_one_rank_saves_every_ranks_place_together_and_the_resu
     """A SIGTERM that reaches one rank only, while it draws a batch: every rank trains that step, saves its place
     at the same step (the ranks vote on the stop with the step's lost-batch vote) and stops; the resume ends with
     the unbroken run's weights. No interval saves here: the only checkpoint inside the epoch is the stop's."""
-    import torch.multiprocessing as mp
     from test_engine_ddp import free_port
 
     def spawn(exp, name, stop_at=None, resume=False, signal_rank=None):
         out = tmp_path / name
         out.mkdir()
         args = (2, free_port(), str(tmp_path / exp), stop_at, resume, str(out), signal_rank, False)
-        mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method())
+        run_ranks(ddp_worker, args)
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     whole = spawn("whole", "whole")
@@ -447,7 +445,6 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
                                                                                                       capfd):
     """A process group's stop ends the loader's workers too: the rank's draw fails. Every rank still saves its place
     together and stops; neither says its batch was unreadable (every stop of a run with workers said so)."""
-    import torch.multiprocessing as mp
     from test_engine_ddp import free_port
 
     out = tmp_path / "out"
@@ -455,7 +452,7 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
     args = (2, free_port(), str(tmp_path / "exp"), 9, False, str(out), 1, False, True)
     # ranks of their own: the test reads what they write on stderr (capfd), and a start here may be the session's
     # first, which would leave the fork server writing to this test's capture for good
-    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method(own_interpreter=True))
+    run_ranks(ddp_worker, args, own_interpreter=True)
     codes = [torch.load(out / f"rank{r}.pt", weights_only=False)["code"] for r in range(2)]
     assert codes == [EXIT_INTERRUPTED] * 2
     assert saved_positions(tmp_path / "exp") == [(2, 2)]  # the steps trained before the failed draw
@@ -466,7 +463,7 @@ def test_a_stop_that_also_ends_one_ranks_loader_workers_saves_every_ranks_place_
     again = tmp_path / "again"
     again.mkdir()
     args = (2, free_port(), str(tmp_path / "exp"), None, True, str(again), None, False)
-    mp.start_processes(ddp_worker, args=args, nprocs=2, join=True, start_method=rank_start_method(own_interpreter=True))
+    run_ranks(ddp_worker, args, own_interpreter=True)
     resumed = [torch.load(again / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["code"] for r in resumed] == [0, 0] and resumed[0]["steps"] == 12
 
